@@ -1,0 +1,80 @@
+"""Generate (or check) the Python code for protos/ into generated/.
+
+`--out DIR` writes the code; `--check DIR` generates into a temporary folder and fails when DIR
+differs, so CI catches protos edited without regenerating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc_tools
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOS = ROOT / "protos"
+DEPS = ROOT / "build" / "proto-deps"
+WELL_KNOWN = Path(grpc_tools.__path__[0]) / "_proto"
+
+
+def generate(out: Path) -> None:
+    files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # The mypy plugins live beside this interpreter, which may not be on PATH.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [
+        sys.executable, "-m", "grpc_tools.protoc",
+        f"-I{PROTOS}", f"-I{DEPS}", f"-I{WELL_KNOWN}",
+        f"--python_out={out}", f"--grpc_python_out={out}",
+        f"--mypy_out={out}", f"--mypy_grpc_out={out}",
+        *files,
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=PROTOS, env=env)
+    # Packages need an __init__.py so setuptools installs them.
+    for pkg in {p.parent for p in out.rglob("*_pb2.py")}:
+        while pkg != out:
+            (pkg / "__init__.py").touch()
+            (pkg / "py.typed").touch()
+            pkg = pkg.parent
+
+
+def differences(a: Path, b: Path) -> list[str]:
+    cmp = filecmp.dircmp(a, b, ignore=["__pycache__"])
+    diffs = [f"only in {cmp.left}: {n}" for n in cmp.left_only]
+    diffs += [f"only in {cmp.right}: {n}" for n in cmp.right_only]
+    diffs += [f"differs: {Path(cmp.left) / n}" for n in cmp.diff_files]
+    for sub in cmp.common_dirs:
+        diffs += differences(a / sub, b / sub)
+    return diffs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--out", type=Path)
+    group.add_argument("--check", type=Path)
+    args = parser.parse_args()
+    if args.out:
+        target = args.out / "imagetasks"
+        shutil.rmtree(target, ignore_errors=True)
+        generate(args.out)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(Path(tmp))
+        diffs = differences(args.check / "imagetasks", Path(tmp) / "imagetasks")
+    if diffs:
+        print("generated/ is stale; run `make proto`:", *diffs, sep="\n  ", file=sys.stderr)
+        return 1
+    print("generated/ matches protos/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
