@@ -38,11 +38,12 @@ def generate(out: Path) -> None:
     ]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=PROTOS, env=env)
     # Packages need an __init__.py so setuptools installs them.
-    for pkg in {p.parent for p in out.rglob("*_pb2.py")}:
-        while pkg != out:
+    for leaf in {p.parent for p in out.rglob("*_pb2.py")}:
+        for pkg in (leaf, *leaf.parents):
+            if pkg == out:
+                break
             (pkg / "__init__.py").touch()
             (pkg / "py.typed").touch()
-            pkg = pkg.parent
 
 
 def differences(a: Path, b: Path) -> list[str]:

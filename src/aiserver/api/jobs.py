@@ -1,0 +1,89 @@
+"""JobService: get, list, watch and cancel jobs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from imagetasks.v1 import job_service_pb2 as jpb
+from imagetasks.v1 import job_service_pb2_grpc
+
+from aiserver.api.convert import event_to_proto, job_to_proto, state_from_proto, task_from_proto
+from aiserver.api.status import rpc
+from aiserver.errors import ErrorKind, ServiceError, invalid_argument
+from aiserver.jobs.manager import JobManager
+
+__all__ = ["JobServicer", "parse_job_name"]
+
+_JOB_NAME = re.compile(r"jobs/([A-Za-z0-9_-]{1,64})")
+MAX_PAGE = 1000
+DEFAULT_PAGE = 50
+
+
+def parse_job_name(name: str, field: str = "name") -> str:
+    m = _JOB_NAME.fullmatch(name)
+    if m is None:
+        raise invalid_argument(field, "INVALID_NAME", "expected a job name like jobs/{job}")
+    return m.group(1)
+
+
+class JobServicer(job_service_pb2_grpc.JobServiceServicer):
+    def __init__(
+        self,
+        manager: JobManager,
+        *,
+        owner_of: Callable[[Any], str] = lambda _ctx: "",
+        is_admin: Callable[[Any], bool] = lambda _ctx: True,
+    ) -> None:
+        self._manager = manager
+        self._owner_of = owner_of
+        self._is_admin = is_admin
+
+    def _scope(self, context: Any) -> str | None:
+        """The owner whose jobs the caller may touch; None lets an admin touch any."""
+        return None if self._is_admin(context) else self._owner_of(context)
+
+    @rpc
+    async def GetJob(self, request: jpb.GetJobRequest, context: Any) -> jpb.GetJobResponse:
+        job = await self._manager.get(parse_job_name(request.name), self._scope(context))
+        return jpb.GetJobResponse(job=job_to_proto(job, self._manager.queue_position(job.id)))
+
+    @rpc
+    async def ListJobs(self, request: jpb.ListJobsRequest, context: Any) -> jpb.ListJobsResponse:
+        if not 0 <= request.page_size <= MAX_PAGE:
+            raise invalid_argument("page_size", "INVALID_PAGE_SIZE", f"must be 0..{MAX_PAGE}")
+        if request.all_owners and not self._is_admin(context):
+            raise ServiceError(
+                ErrorKind.PERMISSION_DENIED, "ADMIN_ONLY", "all_owners needs an admin key"
+            )
+        owner = None if request.all_owners else self._owner_of(context)
+        jobs, token = await self._manager.list(
+            owner=owner,
+            states=[state_from_proto(s) for s in request.states],
+            task=task_from_proto(request.task),
+            tag=request.tag,
+            ref_id=request.ref_id,
+            page_size=request.page_size or DEFAULT_PAGE,
+            page_token=request.page_token,
+        )
+        return jpb.ListJobsResponse(
+            jobs=[job_to_proto(j, self._manager.queue_position(j.id)) for j in jobs],
+            next_page_token=token,
+        )
+
+    @rpc
+    async def WatchJob(
+        self, request: jpb.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jpb.WatchJobResponse]:
+        job = await self._manager.get(parse_job_name(request.name), self._scope(context))
+        async for event in self._manager.subscribe(job.id):
+            yield jpb.WatchJobResponse(
+                event=event_to_proto(event, self._manager.queue_position(job.id))
+            )
+
+    @rpc
+    async def CancelJob(self, request: jpb.CancelJobRequest, context: Any) -> jpb.CancelJobResponse:
+        job = await self._manager.cancel(parse_job_name(request.name), self._scope(context))
+        return jpb.CancelJobResponse(job=job_to_proto(job))

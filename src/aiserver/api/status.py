@@ -1,0 +1,109 @@
+"""Domain errors -> ``google.rpc.Status`` with ErrorInfo, BadRequest and RetryInfo: one place."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar, cast
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from aiserver.errors import DOMAIN, ErrorKind, ServiceError
+from aiserver.logs import request_id_var
+
+__all__ = ["rpc", "to_status_proto"]
+
+logger = logging.getLogger(__name__)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def to_status_proto(err: ServiceError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` for a domain error (also stored on failed jobs)."""
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    details = [_pack(info)]
+    if err.violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in err.violations
+            ]
+        )
+        details.append(_pack(bad))
+    if err.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(err.retry_after_s * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    return status_pb2.Status(
+        code=getattr(code_pb2, err.kind.value), message=err.message, details=details
+    )
+
+
+def _pack(msg: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(msg)
+    return packed
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, ServiceError):
+        err = exc
+        logger.info("rpc failed: %s", err)
+    else:
+        logger.exception("unexpected error", exc_info=exc)
+        err = ServiceError(ErrorKind.INTERNAL, "INTERNAL", "internal error; see the server log")
+    await context.abort_with_status(rpc_status.to_status(to_status_proto(err)))
+
+
+def _enter(context: grpc.aio.ServicerContext) -> None:
+    given = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+    # Accept a caller's id only when it is short and printable: it goes into every log line.
+    rid = given if 0 < len(given) <= 64 and given.isprintable() else uuid.uuid4().hex[:16]
+    request_id_var.set(rid)
+    context.set_trailing_metadata((("x-request-id", rid),))
+
+
+def rpc(method: _F) -> _F:
+    """Wrap a servicer method: request id, and every exception turned into a rich status.
+
+    Works for unary handlers (coroutines) and server-streaming ones (async generators).
+    """
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            _enter(context)
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (ServiceError, Exception) as exc:
+                if _is_control_flow(exc):
+                    raise
+                await _abort(context, exc)
+
+        return cast(_F, stream)
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: Any) -> Any:
+        _enter(context)
+        try:
+            return await cast(Callable[..., Awaitable[Any]], method)(self, request, context)
+        except (ServiceError, Exception) as exc:
+            if _is_control_flow(exc):
+                raise
+            await _abort(context, exc)
+
+    return cast(_F, unary)
+
+
+def _is_control_flow(exc: BaseException) -> bool:
+    # context.abort() raises AbortError; let it (and cancellation) through untouched.
+    return isinstance(exc, grpc.aio.AbortError)

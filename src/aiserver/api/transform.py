@@ -1,0 +1,125 @@
+"""TransformService: CropImage and ConvertImage, streamed in and out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from imagetasks.v1 import common_pb2, tasks_pb2, transform_service_pb2, transform_service_pb2_grpc
+
+from aiserver.api.convert import format_from_proto, format_to_proto
+from aiserver.api.status import rpc
+from aiserver.api.uploads import read_upload
+from aiserver.errors import invalid_argument
+from aiserver.imaging import EncodedImage, ImageLimits, convert, crop
+from aiserver.spool import InputSpool, SpooledFile, UploadBudget
+from aiserver.workers import BlockingPool
+
+__all__ = ["TransformServicer"]
+
+_R = TypeVar(
+    "_R", transform_service_pb2.CropImageResponse, transform_service_pb2.ConvertImageResponse
+)
+
+
+class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
+    def __init__(
+        self,
+        *,
+        spool: InputSpool,
+        pool: BlockingPool,
+        limits: ImageLimits,
+        max_upload_bytes: int,
+        chunk_bytes: int,
+    ) -> None:
+        self._spool = spool
+        self._pool = pool
+        self._limits = limits
+        self._max_upload = max_upload_bytes
+        self._chunk = chunk_bytes
+
+    @rpc
+    async def CropImage(
+        self,
+        request_iterator: AsyncIterator[transform_service_pb2.CropImageRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[transform_service_pb2.CropImageResponse]:
+        upload = await read_upload(
+            request_iterator,
+            spool=self._spool,
+            budget=UploadBudget(self._max_upload),
+            inputs=("image",),
+        )
+        try:
+            p: tasks_pb2.CropImageParams = upload.params
+            image = upload.files["image"]
+            result = await self._pool.run(
+                crop,
+                image.path,
+                x=p.x,
+                y=p.y,
+                width=p.width,
+                height=p.height,
+                output_format=format_from_proto(p.output_format, "params.output_format"),
+                quality=_quality(p),
+                limits=self._limits,
+            )
+        finally:
+            upload.discard()
+        for msg in self._reply(transform_service_pb2.CropImageResponse, result, image, "cropped"):
+            yield msg
+
+    @rpc
+    async def ConvertImage(
+        self,
+        request_iterator: AsyncIterator[transform_service_pb2.ConvertImageRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[transform_service_pb2.ConvertImageResponse]:
+        upload = await read_upload(
+            request_iterator,
+            spool=self._spool,
+            budget=UploadBudget(self._max_upload),
+            inputs=("image",),
+        )
+        try:
+            p = upload.params
+            target = format_from_proto(p.output_format, "params.output_format")
+            if target is None:
+                raise invalid_argument(
+                    "params.output_format", "MISSING_FORMAT", "output_format is required"
+                )
+            image = upload.files["image"]
+            result = await self._pool.run(
+                convert, image.path, output_format=target, quality=_quality(p), limits=self._limits
+            )
+        finally:
+            upload.discard()
+        for msg in self._reply(
+            transform_service_pb2.ConvertImageResponse, result, image, "converted"
+        ):
+            yield msg
+
+    def _reply(
+        self, response: type[_R], result: EncodedImage, source: SpooledFile, suffix: str
+    ) -> Iterator[_R]:
+        """The result as ``info`` then ``chunk`` messages."""
+        stem = Path(source.file_name).stem or "image"
+        yield response(
+            info=common_pb2.ImageInfo(
+                format=format_to_proto(result.format),
+                mime_type=result.format.mime_type,
+                width=result.width,
+                height=result.height,
+                size_bytes=len(result.data),
+                file_name=f"{stem}-{suffix}{result.format.extension}",
+            )
+        )
+        data = memoryview(result.data)
+        for start in range(0, len(data), self._chunk):
+            yield response(chunk=bytes(data[start : start + self._chunk]))
+
+
+def _quality(params: Any) -> int | None:
+    return params.quality if params.HasField("quality") else None

@@ -1,0 +1,124 @@
+"""Reading an upload stream (params first, then file chunks) into spooled files.
+
+The ordering contract is documented on ``GenerationService`` in the protos.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Collection
+from dataclasses import dataclass
+from typing import Any
+
+from aiserver.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
+from aiserver.spool import InputSpool, SpooledFile, UploadBudget
+
+__all__ = ["Upload", "read_upload"]
+
+DRAIN_SECONDS = 5.0
+DRAIN_MIN_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Upload:
+    params: Any
+    files: dict[str, SpooledFile]
+
+    def discard(self) -> None:
+        for f in self.files.values():
+            f.path.unlink(missing_ok=True)
+
+
+async def read_upload(
+    requests: AsyncIterator[Any],
+    *,
+    spool: InputSpool,
+    budget: UploadBudget,
+    inputs: Collection[str],
+) -> Upload:
+    """Read the whole stream; every input in ``inputs`` is required and must not be empty.
+
+    On any error, partial files are deleted before the error propagates.
+    """
+    writers: dict[str, Any] = {}
+    params: Any = None
+    try:
+        async for msg in requests:
+            kind = msg.WhichOneof("payload")
+            if params is None:
+                if kind != "params":
+                    raise invalid_argument(
+                        "params", "PARAMS_NOT_FIRST", "the first message must carry params"
+                    )
+                params = msg.params
+                continue
+            if kind == "params":
+                raise invalid_argument(
+                    "params", "PARAMS_REPEATED", "params may only be sent in the first message"
+                )
+            if kind != "chunk":
+                raise invalid_argument("chunk", "EMPTY_MESSAGE", "a message carried nothing")
+            chunk = msg.chunk
+            if chunk.field not in inputs:
+                raise invalid_argument(
+                    "chunk.field",
+                    "UNKNOWN_INPUT",
+                    f"unknown input {chunk.field!r}; this task takes {', '.join(inputs)}",
+                )
+            writer = writers.get(chunk.field)
+            if writer is None:
+                writer = spool.open(chunk.field, _clean_name(chunk.file_name), budget)
+                writers[chunk.field] = writer
+            writer.write(chunk.data)
+        if params is None:
+            raise invalid_argument("params", "PARAMS_NOT_FIRST", "the request stream was empty")
+        missing = [name for name in inputs if name not in writers]
+        if missing:
+            raise ServiceError(
+                ErrorKind.INVALID_ARGUMENT,
+                "MISSING_INPUT",
+                f"missing input: {', '.join(missing)}",
+                violations=tuple(FieldViolation(name, "required") for name in missing),
+                metadata={"field": ",".join(missing)},
+            )
+        files = {name: w.finish() for name, w in writers.items()}
+    except ServiceError:
+        for w in writers.values():
+            w.discard()
+        await _drain(requests, max(budget.limit, DRAIN_MIN_BYTES))
+        raise
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
+    upload = Upload(params, files)
+    empty = [name for name, f in files.items() if f.size == 0]
+    if empty:
+        upload.discard()
+        raise invalid_argument(empty[0], "EMPTY_IMAGE", f"input {empty[0]!r} is empty")
+    return upload
+
+
+async def _drain(requests: AsyncIterator[Any], max_bytes: int) -> None:
+    """Read and drop what the client is still sending, within bounds, before failing the call.
+
+    A gRPC client whose write is in flight when the server ends the call reports a local
+    INTERNAL error instead of the server's status. Draining lets a client that sends its whole
+    upload see the real reason; the bounds keep an endless sender from holding the call open.
+    """
+    seen = 0
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for msg in requests:
+                seen += msg.ByteSize()
+                if seen > max_bytes:
+                    return
+    except (TimeoutError, Exception):
+        return
+
+
+def _clean_name(name: str) -> str:
+    # Only used for display and suggested output names: keep the last path part, printable.
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if c.isprintable())[:128]
+    return base or "upload"

@@ -1,0 +1,46 @@
+"""The ``aiserver`` console script: ``aiserver serve`` starts the service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from aiserver import __version__
+from aiserver.config import load_settings
+from aiserver.logs import configure_logging
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aiserver", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the gRPC service")
+    serve_cmd.add_argument("--host", help="bind address (AISERVER_GRPC_HOST)")
+    serve_cmd.add_argument("--port", type=int, help="gRPC port (AISERVER_GRPC_PORT)")
+    serve_cmd.add_argument("--data-dir", help="data folder (AISERVER_DATA_DIR)")
+    args = parser.parse_args(argv)
+
+    overrides = {
+        key: value
+        for key, value in (
+            ("grpc_host", args.host),
+            ("grpc_port", args.port),
+            ("data_dir", args.data_dir),
+        )
+        if value is not None
+    }
+    try:
+        settings = load_settings(overrides=overrides)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"aiserver: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+
+    from aiserver.server import serve  # imported late: grpc start-up cost only for `serve`
+
+    asyncio.run(serve(settings))
+    return 0

@@ -1,0 +1,143 @@
+"""Settings: one frozen dataclass, read from the environment and an optional TOML file.
+
+Every field can be set as ``AISERVER_<FIELD>`` (upper case), e.g. ``AISERVER_GRPC_PORT=6000``,
+or in a TOML file named by ``AISERVER_CONFIG`` (keys are the field names; ComfyUI agents go in
+``[[agents]]`` tables). The environment wins over the file; the file wins over the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+__all__ = ["AgentSettings", "Settings", "load_settings"]
+
+ENV_PREFIX = "AISERVER_"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """One ComfyUI agent."""
+
+    url: str
+    """Base URL, e.g. ``http://gpu-1:8188``."""
+    name: str = ""
+    """Name shown to operators; defaults to the URL's host and port."""
+    api_key: str = ""
+    """Sent as ``Authorization: Bearer`` when set (ComfyUI behind an auth proxy)."""
+    priority: int = 0
+    """Breaks ties between equally loaded agents: higher first."""
+    max_concurrent_jobs: int = 1
+    """Jobs this agent runs at once (ComfyUI queues the rest itself)."""
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Service settings, with the embedded defaults: local disk, no GPU, no ComfyUI."""
+
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds to."""
+    grpc_port: int = 50051
+    """gRPC port; 0 picks a free one (the bound port is logged)."""
+    data_dir: Path = Path("data")
+    """Where the job database, uploads and artifacts live."""
+    public_base_url: str = ""
+    """Absolute base URL for artifact links in webhooks, e.g. ``https://img.example.com``."""
+    max_upload_bytes: int = 64 * 1024 * 1024
+    """Most bytes one request may upload, all files together."""
+    max_pixels: int = 50_000_000
+    """Most pixels of an input image (checked from its header, before decoding)."""
+    max_prompt_chars: int = 4000
+    """Longest prompt accepted."""
+    max_batch_size: int = 10
+    """Largest batch_size accepted."""
+    max_message_bytes: int = 4 * 1024 * 1024 + 64 * 1024
+    """Largest gRPC message received (uploads are chunked well under it)."""
+    chunk_bytes: int = 1024 * 1024
+    """Size of the byte chunks the server streams out."""
+    image_workers: int = 0
+    """Threads for image work (crop, convert, variants); 0 means the number of CPUs."""
+    shutdown_grace_s: float = 10.0
+    """How long in-flight calls may take to finish after SIGTERM."""
+    log_level: str = "INFO"
+    log_json: bool = False
+    """Log one JSON object per line instead of text."""
+    agents: tuple[AgentSettings, ...] = field(default_factory=tuple)
+    """ComfyUI agents. Env: ``AISERVER_AGENTS`` as comma-separated URLs or a JSON list."""
+    workflows_dir: Path | None = None
+    """A folder of workflows that add to or override the built-in ones."""
+
+    @property
+    def image_threads(self) -> int:
+        return self.image_workers or os.cpu_count() or 2
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Defaults <- TOML file (``AISERVER_CONFIG``) <- environment <- ``overrides``."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if path := env.get(f"{ENV_PREFIX}CONFIG"):
+        with open(path, "rb") as fh:
+            values.update(tomllib.load(fh))
+    for f in fields(Settings):
+        raw = env.get(f"{ENV_PREFIX}{f.name.upper()}")
+        if raw is not None:
+            values[f.name] = raw
+    values.update(overrides or {})
+    hints = get_type_hints(Settings)
+    unknown = set(values) - set(hints)
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+    parsed = {name: _coerce(name, hints[name], value) for name, value in values.items()}
+    return replace(Settings(), **parsed)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    if name == "agents":
+        return _agents(value)
+    if get_origin(hint) in (Union, types.UnionType):  # ``X | None``
+        if value in (None, ""):
+            return None
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if hint in (int, float, str):
+            return hint(value)
+        if hint is Path:
+            return Path(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"setting {name}: cannot read {value!r} as {hint.__name__}") from exc
+    raise TypeError(f"setting {name}: unsupported type {hint}")
+
+
+def _agents(value: Any) -> tuple[AgentSettings, ...]:
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return ()
+        value = json.loads(text) if text.startswith("[") else text.split(",")
+    agents = []
+    for item in value:
+        if isinstance(item, str):
+            agents.append(AgentSettings(url=item.strip()))
+        elif isinstance(item, Mapping):
+            agents.append(AgentSettings(**item))
+        else:
+            raise ValueError(f"setting agents: cannot read {item!r}")
+    return tuple(agents)

@@ -1,0 +1,1 @@
+"""Jobs: the one lifecycle every generative task goes through."""

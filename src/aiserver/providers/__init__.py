@@ -1,0 +1,1 @@
+"""Providers run jobs: ComfyUI agents (``comfy``) and the in-process engine (``local``)."""

@@ -1,0 +1,123 @@
+"""What the scheduler needs of a provider, and what a provider reports back.
+
+A provider knows nothing of gRPC or of the job store: it gets a :class:`WorkItem`, reports
+through a :class:`RunSink`, and raises :class:`aiserver.errors.ServiceError` on failure
+(:class:`ProviderUnavailable` when another provider may succeed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from aiserver.errors import ErrorKind, ServiceError
+from aiserver.jobs.model import Stage
+from aiserver.tasks import TaskKind, TaskSpec
+
+__all__ = [
+    "GeneratedImage",
+    "GeneratedText",
+    "Provider",
+    "ProviderProgress",
+    "ProviderUnavailable",
+    "RunSink",
+    "WorkInput",
+    "WorkItem",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkInput:
+    """An input file ready on local disk."""
+
+    field: str
+    path: Path
+    file_name: str
+    sha256: str
+    mime_type: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    job_id: str
+    task: TaskKind
+    spec: TaskSpec
+    inputs: Mapping[str, WorkInput]
+    attempt: int = 1
+    resume: Mapping[str, str] = field(default_factory=dict)
+    """What the provider saved with :meth:`RunSink.checkpoint` in an earlier run."""
+    exclude: frozenset[str] = frozenset()
+    """Agents that already failed this job: pick another one when retrying."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderProgress:
+    stage: Stage
+    fraction: float = 0.0
+    queue_position: int = 0
+    node: str = ""
+    node_type: str = ""
+    step: int = 0
+    max_steps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    data: bytes
+    file_name: str
+    mime_type: str
+    width: int
+    height: int
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedText:
+    text: str
+    node: str = ""
+
+
+class RunSink(Protocol):
+    """Where a running provider reports. Calls are awaited in order."""
+
+    async def progress(self, update: ProviderProgress) -> None: ...
+
+    async def image(self, image: GeneratedImage) -> None: ...
+
+    async def text(self, text: GeneratedText) -> None: ...
+
+    async def checkpoint(self, state: Mapping[str, str]) -> None:
+        """Persist what is needed to re-attach to this run after a restart."""
+        ...
+
+
+class Provider(Protocol):
+    """Something that can run jobs."""
+
+    @property
+    def name(self) -> str: ...
+
+    def can_run(self, task: TaskKind, spec: TaskSpec) -> bool:
+        """True when this provider is healthy and has what the task needs right now."""
+        ...
+
+    def load(self) -> int:
+        """Jobs running now, for least-loaded choice."""
+        ...
+
+    async def run(self, work: WorkItem, sink: RunSink) -> None:
+        """Run to completion; cancellation (``CancelledError``) must cancel remote work too."""
+        ...
+
+
+class ProviderUnavailable(ServiceError):
+    """The provider failed in a way another provider (or a later retry) may not."""
+
+    def __init__(self, message: str, *, agent: str = "") -> None:
+        super().__init__(
+            ErrorKind.UNAVAILABLE, "PROVIDER_UNAVAILABLE", message, metadata={"agent": agent}
+        )

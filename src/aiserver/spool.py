@@ -1,0 +1,104 @@
+"""Uploaded inputs, written to disk as they stream in.
+
+Bytes go to a temporary file while a SHA-256 is computed; a finished file is either moved into
+the content-addressed spool (job inputs, read later by providers) or deleted after use (light
+tasks). The byte budget is shared by all files of one request and is enforced per chunk, so an
+oversize upload is refused as soon as it passes the limit, not after it has been stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiserver.errors import ErrorKind, FieldViolation, ServiceError
+
+__all__ = ["InputSpool", "SpooledFile", "UploadBudget"]
+
+
+class UploadBudget:
+    """Bytes one request may still upload, across all its files."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, field: str, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise ServiceError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                "UPLOAD_TOO_LARGE",
+                f"upload exceeds the limit of {self.limit} bytes",
+                violations=(FieldViolation(field, f"larger than {self.limit} bytes"),),
+                metadata={"field": field, "limit_bytes": str(self.limit)},
+            )
+
+
+@dataclass(slots=True)
+class SpooledFile:
+    """A finished upload: on disk at ``path``."""
+
+    field: str
+    file_name: str
+    path: Path
+    sha256: str
+    size: int
+
+
+class _Writer:
+    def __init__(self, spool: InputSpool, field: str, file_name: str, budget: UploadBudget):
+        self.field = field
+        self.file_name = file_name
+        self._budget = budget
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self.path = spool.tmp_dir / f"{uuid.uuid4().hex}.part"
+        self._fh = self.path.open("wb")
+
+    def write(self, data: bytes) -> None:
+        self._budget.take(self.field, len(data))
+        self._hash.update(data)
+        self._size += len(data)
+        self._fh.write(data)
+
+    def finish(self) -> SpooledFile:
+        self._fh.close()
+        return SpooledFile(
+            self.field, self.file_name, self.path, self._hash.hexdigest(), self._size
+        )
+
+    def discard(self) -> None:
+        self._fh.close()
+        self.path.unlink(missing_ok=True)
+
+
+class InputSpool:
+    """A folder of uploads: ``tmp/`` for files being written, ``{sha[:2]}/{sha}`` for inputs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp_dir = root / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def open(self, field: str, file_name: str, budget: UploadBudget) -> _Writer:
+        return _Writer(self, field, file_name, budget)
+
+    def path_for(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def commit(self, spooled: SpooledFile) -> SpooledFile:
+        """Move a finished upload into the content-addressed spool (idempotent per content)."""
+        target = self.path_for(spooled.sha256)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(spooled.path, target)  # same content: replacing is harmless
+        spooled.path = target
+        return spooled
+
+    def sweep_tmp(self) -> None:
+        """Delete partial uploads left by a crash (run at start-up, before serving)."""
+        for part in self.tmp_dir.glob("*.part"):
+            part.unlink(missing_ok=True)

@@ -1,0 +1,41 @@
+"""Shared fixtures: a real service on 127.0.0.1:0 and real channels to it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from aiserver.config import load_settings
+from aiserver.server import Service
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Any:
+    base: dict[str, Any] = {"grpc_host": "127.0.0.1", "grpc_port": 0, "data_dir": tmp_path / "data"}
+    base.update(overrides)
+    return load_settings(env={}, overrides=base)
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    """Override in a test module to change the service's settings."""
+    return {}
+
+
+@pytest.fixture
+async def service(tmp_path: Path, settings_overrides: dict[str, Any]) -> AsyncIterator[Service]:
+    svc = Service(make_settings(tmp_path, **settings_overrides))
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop(grace_s=1)
+
+
+@pytest.fixture
+async def channel(service: Service) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as ch:
+        yield ch
