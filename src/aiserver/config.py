@@ -73,6 +73,24 @@ class Settings:
     """ComfyUI agents. Env: ``AISERVER_AGENTS`` as comma-separated URLs or a JSON list."""
     workflows_dir: Path | None = None
     """A folder of workflows that add to or override the built-in ones."""
+    max_attempts: int = 3
+    """Runs of one job at most when agents fail (a retry goes to another agent)."""
+    queue_timeout_s: float = 600.0
+    """A job waiting longer than this for a provider fails with DEADLINE_EXCEEDED."""
+    run_timeout_s: float = 900.0
+    """One run of a job longer than this fails with DEADLINE_EXCEEDED."""
+    webhook_secret: str = ""
+    """HMAC secret for ReplyTo webhooks (Standard Webhooks signature); empty: unsigned."""
+    webhook_allow_hosts: tuple[str, ...] = ()
+    """Hosts, IPs or CIDR ranges webhooks may reach even if private or loopback."""
+    webhook_allow_private: bool = False
+    """Let webhooks reach any private, loopback or link-local address (tests, closed nets)."""
+    variant_max_side: int = 4096
+    """Largest width or height of a variant."""
+    variant_presets: Mapping[str, str] = field(default_factory=dict)
+    """Named variant specs, e.g. ``{"thumb": "width=256"}`` (env: a JSON object)."""
+    variant_presets_only: bool = False
+    """Serve only the named presets."""
 
     @property
     def image_threads(self) -> int:
@@ -121,8 +139,16 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             return hint(value)
         if hint is Path:
             return Path(value)
+        if hint == tuple[str, ...]:
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(str(v).strip() for v in items if str(v).strip())
+        if get_origin(hint) is Mapping:
+            data = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(data, Mapping):
+                raise ValueError(value)
+            return {str(k): str(v) for k, v in data.items()}
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"setting {name}: cannot read {value!r} as {hint.__name__}") from exc
+        raise ValueError(f"setting {name}: cannot read {value!r} as {hint}") from exc
     raise TypeError(f"setting {name}: unsupported type {hint}")
 
 
@@ -132,9 +158,11 @@ def _agents(value: Any) -> tuple[AgentSettings, ...]:
         if not text:
             return ()
         value = json.loads(text) if text.startswith("[") else text.split(",")
-    agents = []
+    agents: list[AgentSettings] = []
     for item in value:
-        if isinstance(item, str):
+        if isinstance(item, AgentSettings):
+            agents.append(item)
+        elif isinstance(item, str):
             agents.append(AgentSettings(url=item.strip()))
         elif isinstance(item, Mapping):
             agents.append(AgentSettings(**item))

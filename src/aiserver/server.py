@@ -10,19 +10,49 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from imagetasks.v1 import transform_service_pb2, transform_service_pb2_grpc
+from imagetasks.v1 import (
+    artifact_service_pb2,
+    artifact_service_pb2_grpc,
+    generation_service_pb2,
+    generation_service_pb2_grpc,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    transform_service_pb2,
+    transform_service_pb2_grpc,
+)
 
+from aiserver.api.artifacts import ArtifactServicer
+from aiserver.api.generation import GenerationServicer, SubmitLimits
+from aiserver.api.jobs import JobServicer
 from aiserver.api.transform import TransformServicer
+from aiserver.artifacts import ArtifactStore, VariantCache, VariantPolicy
 from aiserver.config import Settings
 from aiserver.imaging import ImageLimits
+from aiserver.jobs.manager import JobManager
+from aiserver.jobs.model import Job
+from aiserver.jobs.scheduler import SchedulerSettings
+from aiserver.jobs.store import SqliteJobStore
+from aiserver.providers.base import Provider
+from aiserver.providers.registry import build_providers
 from aiserver.spool import InputSpool
+from aiserver.tasks import TaskKind
+from aiserver.webhooks import WebhookSender
 from aiserver.workers import BlockingPool
 
 __all__ = ["Service", "serve"]
 
 logger = logging.getLogger(__name__)
 
-_TRANSFORM = transform_service_pb2.DESCRIPTOR.services_by_name["TransformService"].full_name
+
+def _service_name(module: object, name: str) -> str:
+    return module.DESCRIPTOR.services_by_name[name].full_name  # type: ignore[attr-defined, no-any-return]
+
+
+_TRANSFORM = _service_name(transform_service_pb2, "TransformService")
+_GENERATION = _service_name(generation_service_pb2, "GenerationService")
+_JOBS = _service_name(job_service_pb2, "JobService")
+_ARTIFACTS = _service_name(artifact_service_pb2, "ArtifactService")
+HEALTH_POLL_S = 1.0
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -40,14 +70,46 @@ class Service:
         self.pool = BlockingPool(settings.image_threads)
         self.limits = ImageLimits(max_pixels=settings.max_pixels)
         self.health = health.aio.HealthServicer()
+        self.artifacts = ArtifactStore(data / "artifacts")
+        self.variants = VariantCache(self.artifacts, data / "variants", self.limits, pool=self.pool)
+        self.variant_policy = VariantPolicy(
+            settings.variant_presets,
+            presets_only=settings.variant_presets_only,
+            max_side=settings.variant_max_side,
+        )
+        self.webhooks = WebhookSender(
+            settings.webhook_secret.encode() or None,
+            allow_hosts=settings.webhook_allow_hosts,
+            allow_private=settings.webhook_allow_private,
+            public_base_url=settings.public_base_url,
+        )
+        self.providers: list[Provider] = build_providers(settings, self.pool, self.limits)
+        self.manager: JobManager | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_task: asyncio.Task[None] | None = None
 
     def _services(self) -> Sequence[str]:
-        return (_TRANSFORM,)
+        return (_TRANSFORM, _GENERATION, _JOBS, _ARTIFACTS)
 
     async def start(self) -> int:
         s = self.settings
         self.spool.sweep_tmp()
+        for provider in self.providers:
+            await provider.start()
+        store = await SqliteJobStore.open(s.data_dir / "jobs.db")
+        self.manager = manager = JobManager(
+            store,
+            self.spool,
+            self.artifacts,
+            self.providers,
+            SchedulerSettings(
+                max_attempts=s.max_attempts,
+                queue_timeout_s=s.queue_timeout_s,
+                run_timeout_s=s.run_timeout_s,
+            ),
+        )
+        manager.add_terminal_hook(self._webhook)
+        await manager.start()
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -65,6 +127,32 @@ class Service:
             ),
             server,
         )
+        generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(
+                manager=manager,
+                artifacts=self.artifacts,
+                spool=self.spool,
+                pool=self.pool,
+                limits=SubmitLimits(
+                    max_upload_bytes=s.max_upload_bytes,
+                    max_prompt_chars=s.max_prompt_chars,
+                    max_batch_size=s.max_batch_size,
+                    chunk_bytes=s.chunk_bytes,
+                    image=self.limits,
+                ),
+            ),
+            server,
+        )
+        job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(manager), server)
+        artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
+            ArtifactServicer(
+                store=self.artifacts,
+                variants=self.variants,
+                policy=self.variant_policy,
+                chunk_bytes=s.chunk_bytes,
+            ),
+            server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (*self._services(), health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
@@ -76,6 +164,8 @@ class Service:
         await self.health.set("", SERVING)
         for name in self._services():
             await self.health.set(name, SERVING)
+        await self._update_generation_health()
+        self._health_task = asyncio.create_task(self._health_loop(), name="health")
         logger.info("gRPC listening on %s:%d", s.grpc_host, self.grpc_port)
         return self.grpc_port
 
@@ -84,11 +174,35 @@ class Service:
         if self._server is None:
             return
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        if self._health_task is not None:
+            self._health_task.cancel()
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         self._server = None
+        if self.manager is not None:
+            await self.manager.stop(grace_s=1.0)
+        for provider in self.providers:
+            await provider.close()
+        await self.webhooks.close(grace_s=1.0)
+        await self.variants.close()
+        await self.artifacts.close()
         self.pool.close()
         logger.info("stopped")
+
+    async def _webhook(self, job: Job) -> None:
+        if job.reply_to:
+            self.webhooks.submit(job)
+
+    async def _update_generation_health(self) -> None:
+        assert self.manager is not None
+        able = any(self.manager.can_serve(task) for task in TaskKind)
+        await self.health.set(_GENERATION, SERVING if able else NOT_SERVING)
+
+    async def _health_loop(self) -> None:
+        # Agents come and go; the generative service's health follows whether any can serve.
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            await self._update_generation_health()
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import grpc
 from imagetasks.v1 import common_pb2, generation_service_pb2_grpc, job_pb2
@@ -23,6 +22,7 @@ from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Accepted, InputRef, OutputStored
 from aiserver.spool import InputSpool, UploadBudget
 from aiserver.tasks import TaskKind
+from aiserver.webhooks import validate_reply_to
 from aiserver.workers import BlockingPool
 
 __all__ = ["GenerationServicer", "SubmitLimits"]
@@ -190,13 +190,4 @@ def _check_options(options: common_pb2.JobOptions) -> None:
                 "INVALID_PARAMETERS",
                 f"{name} must be at most {MAX_LABEL} printable characters",
             )
-    if options.reply_to:
-        parts = urlsplit(options.reply_to)
-        if (
-            parts.scheme not in ("http", "https")
-            or not parts.hostname
-            or len(options.reply_to) > 2048
-        ):
-            raise invalid_argument(
-                "params.options.reply_to", "INVALID_REPLY_TO", "reply_to must be an http(s) URL"
-            )
+    validate_reply_to(options.reply_to, "params.options.reply_to")

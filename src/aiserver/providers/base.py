@@ -17,6 +17,7 @@ from aiserver.jobs.model import Stage
 from aiserver.tasks import TaskKind, TaskSpec
 
 __all__ = [
+    "SHUTDOWN",
     "GeneratedImage",
     "GeneratedText",
     "Provider",
@@ -101,6 +102,16 @@ class Provider(Protocol):
     @property
     def name(self) -> str: ...
 
+    async def start(self) -> None:
+        """Begin (health probes, model loading...); called once before any run."""
+        ...
+
+    async def close(self) -> None: ...
+
+    def supports(self, task: TaskKind) -> bool:
+        """Configured for this task at all, whatever its health right now."""
+        ...
+
     def can_run(self, task: TaskKind, spec: TaskSpec) -> bool:
         """True when this provider is healthy and has what the task needs right now."""
         ...
@@ -110,8 +121,17 @@ class Provider(Protocol):
         ...
 
     async def run(self, work: WorkItem, sink: RunSink) -> None:
-        """Run to completion; cancellation (``CancelledError``) must cancel remote work too."""
+        """Run to completion.
+
+        ``CancelledError`` cancels the remote work too, except when its message is
+        :data:`SHUTDOWN` (the server is stopping): then detach and leave the remote work
+        running, so the job re-attaches through its checkpoint at the next start.
+        """
         ...
+
+
+SHUTDOWN = "aiserver:shutdown"
+"""Message of the ``CancelledError`` that means "detach, the server is stopping"."""
 
 
 class ProviderUnavailable(ServiceError):

@@ -1,0 +1,179 @@
+"""One unfinished job's in-memory state, and the sink its provider reports to.
+
+:class:`AttemptSink` turns what a provider reports into stored state and events, in that
+order: an output or text is written to the store before its event goes out, a checkpoint before
+``checkpoint()`` returns. It knows the manager only through two callables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from aiserver.errors import ErrorKind, FieldViolation, ServiceError
+from aiserver.jobs.model import (
+    EventKind,
+    InputRef,
+    Job,
+    JobEvent,
+    OutputStored,
+    Progress,
+    TextProduced,
+)
+from aiserver.jobs.outputs import ArtifactWriter
+from aiserver.jobs.store import JobRecord
+from aiserver.providers.base import (
+    GeneratedImage,
+    GeneratedText,
+    ProviderProgress,
+    ProviderUnavailable,
+)
+
+__all__ = [
+    "ActiveJob",
+    "AttemptSink",
+    "CancelReason",
+    "cancelled_error",
+    "input_missing",
+    "internal_error",
+    "is_unavailable",
+]
+
+CancelReason = Literal["user", "shutdown"]
+
+
+@dataclass(eq=False, slots=True)
+class ActiveJob:
+    """An unfinished job and what is going on with it right now."""
+
+    record: JobRecord
+    controller: asyncio.Task[None] | None = None
+    run_task: asyncio.Task[None] | None = None
+    sink: AttemptSink | None = None
+    cancel_reason: CancelReason | None = None
+    finishing: bool = False  # set before the terminal write: nothing may happen after it
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    last_position: int = 0  # the queue position last published
+
+    @property
+    def job(self) -> Job:
+        return self.record.job
+
+
+Save = Callable[[ActiveJob], Awaitable[None]]
+Emit = Callable[[ActiveJob, EventKind], JobEvent | None]
+
+
+class AttemptSink:
+    """The ``RunSink`` of one attempt; calls after the attempt ended are ignored."""
+
+    def __init__(
+        self,
+        active: ActiveJob,
+        *,
+        provider: str,
+        artifacts: ArtifactWriter,
+        save: Save,
+        emit: Emit,
+        resumed: bool,
+    ) -> None:
+        self._active = active
+        self._provider = provider
+        self._artifacts = artifacts
+        self._save = save
+        self._emit = emit
+        self._resumed = resumed
+        self.closed = False
+
+    def _live(self) -> bool:
+        return not self.closed and not self._active.finishing
+
+    async def progress(self, update: ProviderProgress) -> None:
+        if not self._live():
+            return
+        fraction = update.fraction if math.isfinite(update.fraction) else 0.0
+        fraction = min(max(fraction, 0.0), 1.0)
+        self._active.job.progress = fraction
+        self._emit(
+            self._active,
+            Progress(
+                update.stage,
+                fraction=fraction,
+                queue_position=update.queue_position,
+                node=update.node,
+                node_type=update.node_type,
+                step=update.step,
+                max_steps=update.max_steps,
+                provider=self._provider,
+            ),
+        )
+
+    async def image(self, image: GeneratedImage) -> None:
+        if not self._live():
+            return
+        job = self._active.job
+        artifact = await self._artifacts.put(
+            image.data,
+            file_name=image.file_name,
+            mime_type=image.mime_type,
+            width=image.width,
+            height=image.height,
+            seed=image.seed,
+            provider=self._provider,
+            job_id=job.id,
+            owner=job.owner,
+        )
+        # Outputs are append-only per job and deduplicated by content: a re-attached run
+        # delivers again what was stored before the restart.
+        if not self._live() or any(o.sha256 == artifact.sha256 for o in job.outputs):
+            return
+        job.outputs.append(artifact)
+        await self._save(self._active)
+        self._emit(self._active, OutputStored(len(job.outputs) - 1, artifact))
+
+    async def text(self, text: GeneratedText) -> None:
+        job = self._active.job
+        if not self._live() or (self._resumed and text.text in job.texts):
+            return  # a re-attached run may deliver again what was stored before the restart
+        job.texts.append(text.text)
+        await self._save(self._active)
+        self._emit(self._active, TextProduced(len(job.texts) - 1, text.text, text.node))
+
+    async def checkpoint(self, state: Mapping[str, str]) -> None:
+        if not self._live():
+            return
+        job = self._active.job
+        job.resume = dict(state)
+        job.agent = state.get("agent", job.agent)
+        await self._save(self._active)  # stored before the provider goes on
+
+
+def cancelled_error() -> ServiceError:
+    return ServiceError(ErrorKind.CANCELLED, "JOB_CANCELLED", "the job was cancelled")
+
+
+def internal_error() -> ServiceError:
+    """What the client sees of an unexpected failure (the details go to the log)."""
+    return ServiceError(ErrorKind.INTERNAL, "INTERNAL", "the job failed with an internal error")
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """A failure another agent, provider or later attempt may not have."""
+    return isinstance(error, ProviderUnavailable) or (
+        isinstance(error, ServiceError)
+        and error.kind is ErrorKind.UNAVAILABLE
+        and error.reason == "PROVIDER_UNAVAILABLE"
+    )
+
+
+def input_missing(ref: InputRef) -> ServiceError:
+    return ServiceError(
+        ErrorKind.FAILED_PRECONDITION,
+        "INPUT_MISSING",
+        f"input {ref.field!r} is no longer in the spool",
+        violations=(FieldViolation(ref.field, "not found in the input spool"),),
+        metadata={"field": ref.field, "sha256": ref.sha256},
+    )

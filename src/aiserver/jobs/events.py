@@ -1,0 +1,403 @@
+"""Per-job event fan-out: one numbered stream per job, replayed to late subscribers.
+
+Every event of a job gets the next sequence number (from 1, no gaps). A subscriber first gets a
+replay built by :func:`replay_events` from the job record - accepted, the latest progress,
+every retry, output and text, and finished if it ended - then the live events, and the stream
+ends after Finished. A replayed event keeps its original sequence, so a subscriber always sees
+increasing numbers, and a gap means only that superseded Progress events were skipped.
+
+Memory is bounded. Each subscriber holds at most one undelivered Progress (a newer one replaces
+it) and a bounded queue of other events; a job's own memory is its "marks" (the sequence and
+time of each replayable event), dropped a grace period after the job ends. After that - or
+after a restart - the same :func:`replay_events` rebuilds the replay from the stored record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from aiserver.errors import ErrorKind, ServiceError
+from aiserver.jobs.model import (
+    Accepted,
+    EventKind,
+    Finished,
+    Job,
+    JobEvent,
+    JobState,
+    OutputStored,
+    Progress,
+    Retrying,
+    Stage,
+    TextProduced,
+)
+
+__all__ = [
+    "EventHub",
+    "Mark",
+    "ReplayLoader",
+    "Subscription",
+    "job_not_found",
+    "progress_of",
+    "replay_events",
+    "snapshot",
+    "synthesize_marks",
+]
+
+ReplayLoader = Callable[[str], Awaitable[list[JobEvent] | None]]
+"""Builds the replay of a job that has no live stream (``None``: no such job)."""
+
+
+def job_not_found(job_id: str) -> ServiceError:
+    return ServiceError(
+        ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"job {job_id!r} not found", metadata={"job": job_id}
+    )
+
+
+def snapshot(job: Job) -> Job:
+    """A copy that later changes to ``job`` do not reach (events and callers hold these)."""
+    return replace(
+        job,
+        inputs=list(job.inputs),
+        outputs=list(job.outputs),
+        texts=list(job.texts),
+        resume=dict(job.resume),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Sequence and time of a replayable event; keys: ``accepted``, ``progress``,
+    ``retry:{i}``, ``output:{i}``, ``text:{i}``, ``finished``."""
+
+    sequence: int
+    time: datetime
+
+
+def progress_of(job: Job, queue_position: int) -> Progress | None:
+    """The latest progress as far as the record knows (``None`` once the job has ended)."""
+    if job.state is JobState.QUEUED:
+        return Progress(Stage.QUEUED, queue_position=queue_position)
+    if job.state is JobState.RUNNING:
+        return Progress(Stage.RUNNING, fraction=job.progress, provider=job.provider)
+    return None
+
+
+def synthesize_marks(
+    job: Job, *, last_sequence: int, retries: Sequence[Retrying]
+) -> dict[str, Mark]:
+    """Marks for a record whose live marks are gone: numbered in the canonical order, with the
+    last event (progress or finished) at ``last_sequence`` so live numbering continues after."""
+    marks: dict[str, Mark] = {"accepted": Mark(1, job.created)}
+    keys = [f"retry:{i}" for i in range(len(retries))]
+    keys += [f"output:{i}" for i in range(len(job.outputs))]
+    keys += [f"text:{i}" for i in range(len(job.texts))]
+    for sequence, key in enumerate(keys, start=2):
+        marks[key] = Mark(sequence, job.updated)
+    last = max(last_sequence, len(keys) + 2)
+    if job.state.terminal:
+        marks["finished"] = Mark(last, job.ended or job.updated)
+    else:
+        marks["progress"] = Mark(last, job.updated)
+    return marks
+
+
+def replay_events(
+    job: Job,
+    *,
+    marks: Mapping[str, Mark],
+    retries: Sequence[Retrying],
+    progress: Progress | None,
+    queue_position: int,
+) -> list[JobEvent]:
+    """What a new subscriber is told first. Events without a mark never happened (yet)."""
+    events: list[JobEvent] = []
+
+    def add(key: str, kind: EventKind) -> None:
+        mark = marks.get(key)
+        if mark is not None:
+            events.append(JobEvent(job.id, mark.sequence, mark.time, kind))
+
+    add("accepted", Accepted(job.task, job.ref_id, queue_position))
+    if progress is not None and not job.state.terminal:
+        add("progress", progress)
+    for i, retry in enumerate(retries):
+        add(f"retry:{i}", retry)
+    for i, artifact in enumerate(job.outputs):
+        add(f"output:{i}", OutputStored(i, artifact))
+    for i, text in enumerate(job.texts):
+        add(f"text:{i}", TextProduced(i, text))
+    if job.state.terminal:
+        add("finished", Finished(snapshot(job)))
+    events.sort(key=lambda e: e.sequence)
+    return events
+
+
+class _Subscriber:
+    """One subscriber's buffer: replay, a bounded queue, and one coalesced Progress slot."""
+
+    __slots__ = (
+        "__weakref__",
+        "_clock",
+        "_interval",
+        "_last_progress",
+        "_limit",
+        "_pending",
+        "_queue",
+        "_replay",
+        "_waker",
+        "detached",
+        "done",
+    )
+
+    def __init__(self, limit: int, interval: float, clock: Callable[[], float]) -> None:
+        self._limit = limit
+        self._interval = interval
+        self._clock = clock
+        self._replay: deque[JobEvent] = deque()
+        self._queue: deque[JobEvent] = deque()
+        self._pending: JobEvent | None = None  # newest undelivered Progress
+        self._last_progress = -math.inf
+        self._waker = asyncio.Event()
+        self.detached = False  # no more live events will come
+        self.done = False  # Finished was delivered
+
+    @property
+    def buffered(self) -> int:
+        return len(self._queue) + (self._pending is not None)
+
+    def preload(self, events: Sequence[JobEvent]) -> None:
+        self._replay.extend(events)
+
+    def push(self, event: JobEvent) -> None:
+        if isinstance(event.kind, Progress):
+            self._pending = event  # supersedes any undelivered one
+        else:
+            if self._pending is not None:
+                # The latest progress goes before any other event, whatever the rate limit.
+                self._queue.append(self._pending)
+                self._pending = None
+            self._queue.append(event)
+            self._trim()
+        self._waker.set()
+
+    def detach(self) -> None:
+        self.detached = True
+        self._waker.set()
+
+    def _trim(self) -> None:
+        if len(self._queue) <= self._limit:
+            return
+        # Only Progress that a newer Progress supersedes may go; other events are bounded by
+        # the job itself (outputs <= batch size, retries <= attempts, one finish), so they stay.
+        progress = [i for i, e in enumerate(self._queue) if isinstance(e.kind, Progress)]
+        if self._pending is None and progress:
+            progress.pop()
+        drop = set(progress[: len(self._queue) - self._limit])
+        if drop:
+            self._queue = deque(e for i, e in enumerate(self._queue) if i not in drop)
+
+    def _deliver(self, event: JobEvent) -> JobEvent:
+        if isinstance(event.kind, Progress):
+            self._last_progress = self._clock()
+        elif isinstance(event.kind, Finished):
+            self.done = True
+        return event
+
+    async def next(self) -> JobEvent:
+        while True:
+            self._waker.clear()
+            if self.done:
+                raise StopAsyncIteration
+            if self._replay:
+                return self._deliver(self._replay.popleft())
+            if self._queue:
+                return self._deliver(self._queue.popleft())
+            if self._pending is not None:
+                wait = self._last_progress + self._interval - self._clock()
+                if wait <= 0:
+                    event, self._pending = self._pending, None
+                    return self._deliver(event)
+                # Rate limited: sleep until due, or until a new event flushes the slot.
+                try:
+                    async with asyncio.timeout(wait):
+                        await self._waker.wait()
+                except TimeoutError:
+                    pass
+                continue
+            if self.detached:
+                raise StopAsyncIteration
+            await self._waker.wait()
+
+
+class _Channel:
+    __slots__ = ("drop_timer", "job", "marks", "progress", "retries", "sequence", "subscribers")
+
+    def __init__(
+        self,
+        job: Job,
+        marks: dict[str, Mark],
+        retries: list[Retrying],
+        progress: Progress | None,
+        sequence: int,
+    ) -> None:
+        self.job = job  # the manager's live record: replays read its current outputs and state
+        self.marks = marks
+        self.retries = retries
+        self.progress = progress
+        self.sequence = sequence
+        # Weak: a subscriber whose iterator was dropped without aclose() goes away by itself.
+        self.subscribers: weakref.WeakSet[_Subscriber] = weakref.WeakSet()
+        self.drop_timer: asyncio.TimerHandle | None = None
+
+
+class Subscription:
+    """Async iterator of one job's events: replay, then live, ending after Finished."""
+
+    def __init__(self, hub: EventHub, job_id: str, load: ReplayLoader) -> None:
+        self._hub = hub
+        self._job_id = job_id
+        self._load = load
+        self._sub: _Subscriber | None = None
+        self._closed = False
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> JobEvent:
+        if self._sub is None:
+            if self._closed:
+                raise StopAsyncIteration
+            self._sub = await self._hub._attach(self._job_id, self._load)
+        return await self._sub.next()
+
+    @property
+    def buffered(self) -> int:
+        """Live events waiting for this subscriber (bounded; for tests and metrics)."""
+        return self._sub.buffered if self._sub is not None else 0
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._sub is not None:
+            self._hub._detach(self._job_id, self._sub)
+
+
+class EventHub:
+    """Numbering, marks and subscribers of every job with a live stream."""
+
+    def __init__(
+        self,
+        *,
+        buffer_size: int = 64,
+        progress_interval_s: float = 0.05,
+        retain_s: float = 60.0,
+        queue_position: Callable[[str], int] = lambda job_id: 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._buffer_size = buffer_size
+        self._interval = progress_interval_s
+        self._retain_s = retain_s
+        self._position = queue_position
+        self._clock = clock
+        self._channels: dict[str, _Channel] = {}
+
+    def open_new(self, job: Job) -> None:
+        """Start the stream of a job just created (its first event is sequence 1)."""
+        self._channels[job.id] = _Channel(job, {}, [], None, 0)
+
+    def open_recovered(self, job: Job, *, last_sequence: int, retries: Sequence[Retrying]) -> None:
+        """Resume the stream of a stored job after a restart; numbering continues."""
+        marks = synthesize_marks(job, last_sequence=last_sequence, retries=retries)
+        progress = progress_of(job, self._position(job.id))
+        top = max(m.sequence for m in marks.values())
+        self._channels[job.id] = _Channel(job, marks, list(retries), progress, top)
+
+    def is_open(self, job_id: str) -> bool:
+        return job_id in self._channels
+
+    def last_sequence(self, job_id: str, default: int = 0) -> int:
+        channel = self._channels.get(job_id)
+        return channel.sequence if channel is not None else default
+
+    def emit(self, job_id: str, kind: EventKind) -> JobEvent:
+        """Number ``kind``, remember it for replays and hand it to every subscriber."""
+        channel = self._channels[job_id]
+        channel.sequence += 1
+        event = JobEvent(job_id, channel.sequence, datetime.now(UTC), kind)
+        if isinstance(kind, Accepted):
+            key = "accepted"
+        elif isinstance(kind, Progress):
+            key = "progress"
+            channel.progress = kind
+        elif isinstance(kind, Retrying):
+            key = f"retry:{len(channel.retries)}"
+            channel.retries.append(kind)
+        elif isinstance(kind, OutputStored):
+            key = f"output:{kind.index}"
+        elif isinstance(kind, TextProduced):
+            key = f"text:{kind.index}"
+        else:
+            key = "finished"
+            channel.drop_timer = asyncio.get_running_loop().call_later(
+                self._retain_s, self._drop, job_id, channel
+            )
+        channel.marks[key] = Mark(event.sequence, event.time)
+        for subscriber in list(channel.subscribers):
+            subscriber.push(event)
+        return event
+
+    def replay(self, job_id: str) -> list[JobEvent] | None:
+        """The replay a subscriber attaching now would get (``None``: no live stream)."""
+        channel = self._channels.get(job_id)
+        if channel is None:
+            return None
+        return replay_events(
+            channel.job,
+            marks=channel.marks,
+            retries=channel.retries,
+            progress=channel.progress,
+            queue_position=self._position(job_id),
+        )
+
+    def subscribe(self, job_id: str, load: ReplayLoader) -> Subscription:
+        return Subscription(self, job_id, load)
+
+    def close(self) -> None:
+        """End every stream (server shutdown): subscribers finish what they hold, then stop."""
+        for channel in self._channels.values():
+            if channel.drop_timer is not None:
+                channel.drop_timer.cancel()
+            for subscriber in list(channel.subscribers):
+                subscriber.detach()
+        self._channels.clear()
+
+    async def _attach(self, job_id: str, load: ReplayLoader) -> _Subscriber:
+        subscriber = _Subscriber(self._buffer_size, self._interval, self._clock)
+        if job_id not in self._channels:
+            events = await load(job_id)
+            if job_id not in self._channels:  # still none after the await: history only
+                if events is None:
+                    raise job_not_found(job_id)
+                subscriber.preload(events)
+                subscriber.detach()
+                return subscriber
+        # No await from the replay to registering: no event is missed or delivered twice.
+        subscriber.preload(self.replay(job_id) or [])
+        self._channels[job_id].subscribers.add(subscriber)
+        return subscriber
+
+    def _detach(self, job_id: str, subscriber: _Subscriber) -> None:
+        subscriber.detach()
+        channel = self._channels.get(job_id)
+        if channel is not None:
+            channel.subscribers.discard(subscriber)
+
+    def _drop(self, job_id: str, channel: _Channel) -> None:
+        if self._channels.get(job_id) is channel:
+            del self._channels[job_id]

@@ -1,0 +1,168 @@
+"""Scheduling policy: settings, the FIFO queue, and which provider gets a job.
+
+The manager owns the loop that applies it; this module holds the parts that are plain
+decisions, testable without a running job.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from aiserver.providers.base import SHUTDOWN, Provider
+from aiserver.tasks import (
+    ImageToImageSpec,
+    ImageToTextSpec,
+    ImageUpscaleSpec,
+    ImageWithMaskSpec,
+    TaskKind,
+    TaskSpec,
+)
+
+__all__ = [
+    "SHUTDOWN",
+    "JobQueue",
+    "SchedulerSettings",
+    "could_serve",
+    "default_spec",
+    "pick_provider",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSettings:
+    """How jobs are queued, run, retried and streamed."""
+
+    max_attempts: int = 3
+    """Runs of one job at most: a ``ProviderUnavailable`` is retried until this many."""
+    queue_timeout_s: float = 600.0
+    """A job still queued after this long (since it was queued or re-queued, and since the
+    last start-up) fails with DEADLINE_EXCEEDED."""
+    run_timeout_s: float = 900.0
+    """One attempt longer than this is cancelled and the job fails with DEADLINE_EXCEEDED."""
+    cancel_timeout_s: float = 30.0
+    """How long a cancelled provider run may take to unwind before the job is marked
+    CANCELLED regardless."""
+    max_running_per_provider: int = 16
+    """Jobs handed to one provider at once (its ``load()`` counts too)."""
+    recheck_interval_s: float = 2.0
+    """With jobs waiting, how often the queue is re-examined for providers that came online
+    (everything else wakes the scheduler at once: submit, job end, cancel)."""
+    progress_max_rate_hz: float = 20.0
+    """Progress events per second per subscriber at most; 0 for no limit. The latest progress
+    is always delivered before any other event."""
+    subscriber_buffer: int = 64
+    """Undelivered events one subscriber may hold before superseded progress is dropped."""
+    history_retain_s: float = 60.0
+    """How long an ended job's live event state stays in memory; later subscribers get a
+    replay built from the stored record instead."""
+    spool_grace_s: float = 60.0
+    """Delay between a job's end and the deletion of its spooled inputs (if no unfinished job
+    uses them then): a request may have just committed the same content and not yet
+    submitted it."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.max_running_per_provider < 1:
+            raise ValueError("max_running_per_provider must be at least 1")
+        if self.subscriber_buffer < 1:
+            raise ValueError("subscriber_buffer must be at least 1")
+        for name in ("queue_timeout_s", "run_timeout_s", "cancel_timeout_s", "recheck_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def progress_interval_s(self) -> float:
+        return 1.0 / self.progress_max_rate_hz if self.progress_max_rate_hz > 0 else 0.0
+
+
+def could_serve(providers: Sequence[Provider], task: TaskKind) -> bool:
+    return any(p.supports(task) for p in providers)
+
+
+_DEFAULT_SPECS: dict[TaskKind, TaskSpec] = {
+    TaskKind.IMAGE_TO_IMAGE: ImageToImageSpec(positive_prompt="health check"),
+    TaskKind.IMAGE_WITH_MASK: ImageWithMaskSpec(positive_prompt="health check"),
+    TaskKind.IMAGE_UPSCALE: ImageUpscaleSpec(),
+    TaskKind.IMAGE_TO_TEXT: ImageToTextSpec(),
+}
+
+
+def default_spec(task: TaskKind) -> TaskSpec:
+    """A spec with default model and parameters, to ask ``can_run`` about a task in general."""
+    return _DEFAULT_SPECS[task]
+
+
+def pick_provider(
+    providers: Sequence[Provider],
+    task: TaskKind,
+    spec: TaskSpec,
+    running: Mapping[str, int],
+    capacity: int,
+) -> Provider | None:
+    """The least loaded provider that can run the task now and has room (ties: list order)."""
+    best: Provider | None = None
+    best_load = capacity
+    for provider in providers:
+        try:
+            if not provider.can_run(task, spec):
+                continue
+            # load() may lag behind jobs just handed over; our own count covers that.
+            load = max(provider.load(), running.get(provider.name, 0))
+        except Exception:
+            logger.exception("provider %s failed to report its state", provider.name)
+            continue
+        if load < best_load:
+            best, best_load = provider, load
+    return best
+
+
+class JobQueue:
+    """Queued job ids in creation order (ids sort by time), each with when it was queued.
+
+    A re-queued job (after a retry) goes back to its place by creation, ahead of newer jobs.
+    """
+
+    def __init__(self) -> None:
+        self._ids: list[str] = []
+        self._since: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._since
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._ids))  # a copy: callers remove while iterating
+
+    def push(self, job_id: str, now: float) -> None:
+        if job_id not in self._since:
+            bisect.insort(self._ids, job_id)
+            self._since[job_id] = now
+
+    def remove(self, job_id: str) -> bool:
+        if self._since.pop(job_id, None) is None:
+            return False
+        del self._ids[bisect.bisect_left(self._ids, job_id)]
+        return True
+
+    def position(self, job_id: str) -> int:
+        """1 for the next job to run, 0 when not queued."""
+        if job_id not in self._since:
+            return 0
+        return bisect.bisect_left(self._ids, job_id) + 1
+
+    def positions(self) -> dict[str, int]:
+        return {job_id: i for i, job_id in enumerate(self._ids, start=1)}
+
+    def expired(self, now: float, timeout: float) -> list[str]:
+        return [j for j in self._ids if now - self._since[j] >= timeout]
+
+    def next_deadline(self, timeout: float) -> float | None:
+        return min(self._since.values()) + timeout if self._since else None

@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import sqlite3
+import string
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from aiserver.errors import ErrorKind, FieldViolation, ServiceError
+from aiserver.jobs.ids import new_job_id
+from aiserver.jobs.model import ArtifactRef, InputRef, Job, JobState, Retrying
+from aiserver.jobs.store import JobQuery, JobRecord, SqliteJobStore
+from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, TaskKind
+from tests.jobs.helpers import Env
+
+T0 = datetime(2025, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+def make_job(
+    n: int,
+    *,
+    owner: str = "alice",
+    state: JobState = JobState.QUEUED,
+    task: TaskKind = TaskKind.IMAGE_TO_IMAGE,
+    tag: str = "",
+    ref_id: str = "",
+) -> Job:
+    created = T0 + timedelta(seconds=n)
+    job_id = new_job_id(created)
+    spec = (
+        ImageToImageSpec(positive_prompt=f"prompt {n}", seed=n)
+        if task is TaskKind.IMAGE_TO_IMAGE
+        else ImageToTextSpec()
+    )
+    return Job(
+        id=job_id,
+        task=task,
+        spec=spec,
+        state=state,
+        created=created,
+        updated=created,
+        owner=owner,
+        ref_id=ref_id or job_id,
+        tag=tag,
+    )
+
+
+async def test_record_round_trips_every_field(env: Env) -> None:
+    store = await env.store()
+    job = make_job(1, tag="t", ref_id="r-1")
+    job.reply_to = "https://example.test/hook"
+    job.inputs = [InputRef("image", "in.png", "a" * 64, 10, "image/png", 3, 4)]
+    record = JobRecord(job, 300, [Retrying(2, "agent down", "gpu-1")])
+    await store.create(record)
+
+    job.state = JobState.FAILED
+    job.provider, job.agent, job.attempts = "comfy", "gpu-2", 2
+    job.started, job.ended, job.progress = T0, T0 + timedelta(minutes=1), 0.75
+    job.outputs = [
+        ArtifactRef(
+            "artifacts/2025/05/01/" + "b" * 64 + ".png",
+            "/artifacts/2025/05/01/" + "b" * 64 + ".png",
+            "out.png",
+            "image/png",
+            8,
+            8,
+            123,
+            "b" * 64,
+            None,
+            "comfy",
+            T0,
+            job.id,
+        )
+    ]
+    job.texts = ["a caption", "ünïcode"]
+    job.resume = {"agent": "gpu-2", "prompt_id": "p-9"}
+    job.error = ServiceError(
+        ErrorKind.INVALID_ARGUMENT,
+        "INVALID_PARAMETERS",
+        "bad",
+        violations=(FieldViolation("params.seed", "too big"),),
+        metadata={"fields": "params.seed"},
+        retry_after_s=1.5,
+    )
+    await store.save(record)
+
+    loaded = await store.get(job.id)
+    assert loaded is not None
+    got = loaded.job
+    assert (got.id, got.owner, got.ref_id, got.tag, got.reply_to) == (
+        job.id,
+        "alice",
+        "r-1",
+        "t",
+        job.reply_to,
+    )
+    assert got.spec == job.spec and got.task is TaskKind.IMAGE_TO_IMAGE
+    assert (got.state, got.provider, got.agent, got.attempts) == (
+        JobState.FAILED,
+        "comfy",
+        "gpu-2",
+        2,
+    )
+    assert (got.created, got.started, got.ended, got.progress) == (
+        job.created,
+        job.started,
+        job.ended,
+        0.75,
+    )
+    assert got.inputs == job.inputs and got.outputs == job.outputs and got.texts == job.texts
+    assert got.resume == job.resume
+    assert got.error is not None
+    assert (got.error.kind, got.error.reason, got.error.message) == (
+        ErrorKind.INVALID_ARGUMENT,
+        "INVALID_PARAMETERS",
+        "bad",
+    )
+    assert tuple(got.error.violations) == (FieldViolation("params.seed", "too big"),)
+    assert dict(got.error.metadata) == {"fields": "params.seed"}
+    assert got.error.retry_after_s == 1.5
+    assert loaded.retries == [Retrying(2, "agent down", "gpu-1")]
+    assert loaded.last_sequence == 300
+    assert await store.get("missing") is None
+
+
+async def test_owner_and_ref_id_are_unique_together(env: Env) -> None:
+    store = await env.store()
+    first, existing = await store.create(JobRecord(make_job(1, ref_id="same")))
+    assert not existing
+    again, existing = await store.create(JobRecord(make_job(2, ref_id="same")))
+    assert existing and again.job.id == first.job.id
+    other, existing = await store.create(JobRecord(make_job(3, owner="bob", ref_id="same")))
+    assert not existing and other.job.id != first.job.id
+
+
+async def test_list_filters_and_pages_newest_first(env: Env) -> None:
+    store = await env.store()
+    jobs = [
+        make_job(i, owner="bob" if i % 3 == 0 else "alice", tag="red" if i % 2 else "blue")
+        for i in range(1, 11)
+    ]
+    jobs[0].state = JobState.SUCCEEDED
+    jobs[1].task = TaskKind.IMAGE_TO_TEXT
+    jobs[1].spec = ImageToTextSpec()
+    for job in jobs:
+        await store.create(JobRecord(job))
+    alice = [j.id for j in reversed(jobs) if j.owner == "alice"]
+
+    seen: list[str] = []
+    token = ""
+    while True:
+        page, token = await store.query(JobQuery(owner="alice"), page_size=3, page_token=token)
+        assert len(page) <= 3
+        seen += [j.id for j in page]
+        if not token:
+            break
+    assert seen == alice  # newest first, no duplicates, nothing missed
+
+    everyone, _ = await store.query(JobQuery(), page_size=100, page_token="")
+    assert [j.id for j in everyone] == [j.id for j in reversed(jobs)]
+    done, _ = await store.query(
+        JobQuery(states=frozenset({JobState.SUCCEEDED})), page_size=0, page_token=""
+    )
+    assert [j.id for j in done] == [jobs[0].id]
+    text, _ = await store.query(JobQuery(task=TaskKind.IMAGE_TO_TEXT), page_size=0, page_token="")
+    assert [j.id for j in text] == [jobs[1].id]
+    red, _ = await store.query(JobQuery(owner="alice", tag="red"), page_size=0, page_token="")
+    assert {j.id for j in red} == {j.id for j in jobs if j.owner == "alice" and j.tag == "red"}
+    by_ref, _ = await store.query(JobQuery(ref_id=jobs[4].ref_id), page_size=0, page_token="")
+    assert [j.id for j in by_ref] == [jobs[4].id]
+
+    # A token only continues the listing it came from: not another owner's, not a forgery.
+    _, token = await store.query(JobQuery(owner="alice"), page_size=2, page_token="")
+    for query, bad in [
+        (JobQuery(owner="bob"), token),
+        (JobQuery(owner="alice", tag="red"), token),
+        (JobQuery(owner="alice"), "bogus!"),
+        (JobQuery(owner="alice"), "eyJjIjoxfQ"),  # valid base64 JSON, wrong shape
+    ]:
+        with pytest.raises(ServiceError) as err:
+            await store.query(query, page_size=2, page_token=bad)
+        assert err.value.kind is ErrorKind.INVALID_ARGUMENT
+        assert err.value.reason == "INVALID_PAGE_TOKEN"
+
+
+async def test_unfinished_jobs_in_creation_order(env: Env) -> None:
+    store = await env.store()
+    states = [JobState.RUNNING, JobState.SUCCEEDED, JobState.QUEUED, JobState.CANCELLED]
+    jobs = [make_job(10 - i, state=s) for i, s in enumerate(states)]  # created newest first
+    for job in jobs:
+        await store.create(JobRecord(job))
+    unfinished = await store.unfinished()
+    assert [r.job.id for r in unfinished] == [jobs[2].id, jobs[0].id]
+
+
+async def test_schema_version_and_newer_database_refused(env: Env) -> None:
+    store = await env.store()
+    await store.create(JobRecord(make_job(1)))
+    await store.close()
+    again = await env.store()  # reopening an up-to-date database migrates nothing
+    assert len(await again.unfinished()) == 1
+    await again.close()
+    conn = sqlite3.connect(env.db_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        await SqliteJobStore.open(env.db_path)
+
+
+def test_job_ids_are_url_safe_and_sort_by_time() -> None:
+    base = datetime.now(UTC)
+    ids = [new_job_id(base) for _ in range(500)]  # same millisecond: still increasing
+    ids += [new_job_id(base + timedelta(seconds=1))]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    allowed = set(string.digits + string.ascii_uppercase)
+    assert all(len(i) == 26 and set(i) <= allowed for i in ids)
+    assert new_job_id(base + timedelta(days=1)) > ids[-1]
