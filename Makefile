@@ -22,15 +22,15 @@ test: $(STAMP) proto-check lint-proto lint typecheck
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests tools $(wildcard bench)
+	$(BIN)/ruff format --check src tests tools $(wildcard bench)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 fmt: $(STAMP)
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests tools $(wildcard bench)
+	$(BIN)/ruff check --fix src tests tools $(wildcard bench)
 
 # googleapis' protos come from the installed googleapis-common-protos wheel, not from git.
 build/proto-deps: $(STAMP)

@@ -23,7 +23,7 @@ def icc_fits(icc: bytes | None, mode: str) -> bool:
 def _cmyk_to_rgb(img: Image.Image, icc: bytes | None) -> Image.Image:
     if icc:
         try:
-            from PIL import ImageCms  # noqa: PLC0415 - optional, needs LittleCMS
+            from PIL import ImageCms
 
             converted = ImageCms.profileToProfile(
                 img,
