@@ -14,7 +14,12 @@ from aiserver.server import Service
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Any:
-    base: dict[str, Any] = {"grpc_host": "127.0.0.1", "grpc_port": 0, "data_dir": tmp_path / "data"}
+    base: dict[str, Any] = {
+        "grpc_host": "127.0.0.1",
+        "grpc_port": 0,
+        "http_port": 0,
+        "data_dir": tmp_path / "data",
+    }
     base.update(overrides)
     return load_settings(env={}, overrides=base)
 

@@ -22,7 +22,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_cmd.add_argument("--host", help="bind address (AISERVER_GRPC_HOST)")
     serve_cmd.add_argument("--port", type=int, help="gRPC port (AISERVER_GRPC_PORT)")
     serve_cmd.add_argument("--data-dir", help="data folder (AISERVER_DATA_DIR)")
-    args = parser.parse_args(argv)
+    serve_cmd.add_argument("--http-port", type=int, help="HTTP shim port (AISERVER_HTTP_PORT)")
+    commands.add_parser(
+        "gateway",
+        help="run the HTTP shim alone, in front of a remote gRPC target",
+        add_help=False,
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "gateway":
+        from aiserver.gateway import main as gateway_main
+
+        return gateway_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     overrides = {
         key: value
@@ -30,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("grpc_host", args.host),
             ("grpc_port", args.port),
             ("data_dir", args.data_dir),
+            ("http_port", args.http_port),
         )
         if value is not None
     }

@@ -46,6 +46,11 @@ class Settings:
     """Address the gRPC server binds to."""
     grpc_port: int = 50051
     """gRPC port; 0 picks a free one (the bound port is logged)."""
+    http_enabled: bool = True
+    """Serve the HTTP shim (AI Server's REST surface) beside gRPC, in the same process."""
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    """HTTP shim port; 0 picks a free one."""
     data_dir: Path = Path("data")
     """Where the job database, uploads and artifacts live."""
     public_base_url: str = ""

@@ -27,6 +27,7 @@ from aiserver.api.jobs import JobServicer
 from aiserver.api.transform import TransformServicer
 from aiserver.artifacts import ArtifactStore, VariantCache, VariantPolicy
 from aiserver.config import Settings
+from aiserver.gateway import Gateway, GatewaySettings
 from aiserver.imaging import ImageLimits
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Job
@@ -85,6 +86,8 @@ class Service:
         )
         self.providers: list[Provider] = build_providers(settings, self.pool, self.limits)
         self.manager: JobManager | None = None
+        self.gateway: Gateway | None = None
+        self.http_port = 0
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task[None] | None = None
 
@@ -167,6 +170,17 @@ class Service:
         await self._update_generation_health()
         self._health_task = asyncio.create_task(self._health_loop(), name="health")
         logger.info("gRPC listening on %s:%d", s.grpc_host, self.grpc_port)
+        if s.http_enabled:
+            # The shim is a gRPC client of this very server: it adds no behaviour of its own.
+            local = "127.0.0.1" if s.grpc_host in ("0.0.0.0", "::", "") else s.grpc_host
+            self.gateway = Gateway(
+                f"{local}:{self.grpc_port}",
+                host=s.http_host,
+                port=s.http_port,
+                settings=GatewaySettings.from_settings(s),
+            )
+            self.http_port = await self.gateway.start()
+            logger.info("HTTP listening on %s:%d", s.http_host, self.http_port)
         return self.grpc_port
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -177,6 +191,9 @@ class Service:
         if self._health_task is not None:
             self._health_task.cancel()
         await self.health.enter_graceful_shutdown()
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
         await self._server.stop(grace)
         self._server = None
         if self.manager is not None:

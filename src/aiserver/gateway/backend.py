@@ -1,0 +1,167 @@
+"""The gateway's settings and its side of the gRPC channel: generic calls built from descriptors,
+the metadata forwarded with each call, and request-derived facts (base URL, request id)."""
+
+from __future__ import annotations
+
+import uuid
+import weakref
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from google.protobuf import descriptor, descriptor_pool
+
+from aiserver.gateway.routes import message_class
+from aiserver.gateway.uploads import UploadLimits
+
+if TYPE_CHECKING:
+    from aiserver.config import Settings
+
+__all__ = ["REQUEST_ID", "Backend", "GatewaySettings"]
+
+REQUEST_ID = web.RequestKey("aiserver.gateway.request_id", str)
+"""Key of the request id in an aiohttp request's mapping."""
+
+_FORWARDED_HEADERS = ("authorization",)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """How the HTTP shim behaves. Limits default to the service's own defaults."""
+
+    public_base_url: str = ""
+    """Absolute base of the URLs handed out (``outputs[].url``, ``statusUrl``); empty: taken
+    from each request's scheme and Host."""
+    trust_forwarded: bool = False
+    """Take the base URL from ``X-Forwarded-Proto``/``X-Forwarded-Host`` (behind a proxy)."""
+    max_upload_bytes: int = 64 * 1024 * 1024
+    """Most file bytes one request may upload (413 past it)."""
+    max_field_bytes: int = 64 * 1024
+    """Largest single text field of a form."""
+    max_form_bytes: int = 1024 * 1024
+    """Most bytes of all text fields of a form together."""
+    max_fields: int = 256
+    chunk_bytes: int = 1024 * 1024
+    """Size of the FileChunk messages sent upstream."""
+    max_message_bytes: int = 4 * 1024 * 1024 + 64 * 1024
+    """Largest gRPC message received; also the largest JSON request body."""
+    unary_timeout_s: float = 30.0
+    """Deadline of unary calls (GetJob, ListJobs, ...)."""
+    sync_timeout_s: float | None = None
+    """Deadline of a ``Sync=true`` generation; None: as long as the job takes (the server's
+    own timeouts apply). Passing it cancels the job, as a gRPC deadline does."""
+    keepalive_s: float = 15.0
+    """An SSE comment is sent after this long without events."""
+    spool_dir: Path | None = None
+    """Where files sent before any text field are buffered; None: the system temp dir."""
+    shutdown_grace_s: float = 5.0
+    """How long in-flight requests may take to finish when the gateway stops."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> GatewaySettings:
+        """The gateway settings that match a service's settings (limits, base URL)."""
+        base = cls(
+            public_base_url=settings.public_base_url,
+            max_upload_bytes=settings.max_upload_bytes,
+            chunk_bytes=settings.chunk_bytes,
+            max_message_bytes=settings.max_message_bytes,
+            shutdown_grace_s=settings.shutdown_grace_s,
+        )
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown gateway settings: {', '.join(sorted(unknown))}")
+        return replace(base, **overrides)
+
+    @property
+    def upload_limits(self) -> UploadLimits:
+        return UploadLimits(
+            max_upload_bytes=self.max_upload_bytes,
+            max_field_bytes=self.max_field_bytes,
+            max_form_bytes=self.max_form_bytes,
+            max_fields=self.max_fields,
+            chunk_bytes=self.chunk_bytes,
+            max_message_bytes=self.max_message_bytes,
+            spool_dir=self.spool_dir,
+        )
+
+
+def valid_request_id(value: str) -> bool:
+    return 0 < len(value) <= 64 and value.isprintable() and value.isascii()
+
+
+def request_id(request: web.BaseRequest) -> str:
+    rid = request.get(REQUEST_ID)
+    if isinstance(rid, str):
+        return rid
+    given = request.headers.get("X-Request-Id", "")
+    rid = given if valid_request_id(given) else uuid.uuid4().hex[:16]
+    request[REQUEST_ID] = rid
+    return rid
+
+
+class Backend:
+    """Generic calls on one channel, by method descriptor."""
+
+    def __init__(
+        self,
+        channel: Any,
+        settings: GatewaySettings,
+        pool: descriptor_pool.DescriptorPool | None = None,
+    ) -> None:
+        self.channel = channel
+        self.settings = settings
+        self.limits = settings.upload_limits
+        self._pool = pool or descriptor_pool.Default()
+        self._callables: dict[str, Any] = {}
+        self.long_lived: weakref.WeakSet[Any] = weakref.WeakSet()
+        """Open watch streams: cancelled first when the gateway stops."""
+
+    def method(self, full_name: str) -> descriptor.MethodDescriptor:
+        return self._pool.FindMethodByName(full_name)
+
+    def callable(self, method: descriptor.MethodDescriptor) -> Any:
+        """The grpc.aio multi-callable for ``method`` (built once)."""
+        found = self._callables.get(method.full_name)
+        if found is not None:
+            return found
+        path = f"/{method.containing_service.full_name}/{method.name}"
+        req_cls = message_class(method.input_type)
+        resp_cls = message_class(method.output_type)
+        factory = {
+            (False, False): self.channel.unary_unary,
+            (False, True): self.channel.unary_stream,
+            (True, False): self.channel.stream_unary,
+            (True, True): self.channel.stream_stream,
+        }[(bool(method.client_streaming), bool(method.server_streaming))]
+        made = factory(
+            path,
+            request_serializer=req_cls.SerializeToString,
+            response_deserializer=resp_cls.FromString,
+        )
+        self._callables[method.full_name] = made
+        return made
+
+    def metadata(self, request: web.BaseRequest) -> tuple[tuple[str, str], ...]:
+        """``authorization`` and ``x-request-id`` as gRPC metadata."""
+        md = [("x-request-id", request_id(request))]
+        for name in _FORWARDED_HEADERS:
+            value = request.headers.get(name)
+            if value:
+                md.append((name, value))
+        return tuple(md)
+
+    def base_url(self, request: web.BaseRequest) -> str:
+        if self.settings.public_base_url:
+            return self.settings.public_base_url.rstrip("/")
+        scheme, host = request.scheme, request.host
+        if self.settings.trust_forwarded:
+            scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip()
+            host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
+        return f"{scheme}://{host}"
+
+    def absolute(self, request: web.BaseRequest, url: str) -> str:
+        if not url or url.startswith(("http://", "https://")):
+            return url
+        return self.base_url(request) + ("" if url.startswith("/") else "/") + url

@@ -1,0 +1,625 @@
+"""AI Server's REST surface, as calls of the gRPC contract.
+
+* ``POST /api/{Task}`` (and ServiceStack's ``/json/reply/{Task}``) for every upload RPC of the
+  contract: the generative ones (their responses carry a ``JobEvent``) and the light ones
+  (their responses are ``info`` then ``chunk``s). Generative tasks also get
+  ``/api/Queue{Task}``. Multipart only: every task takes an image.
+
+  - Generative, ``Sync=true``: the call runs with RESPONSE_MODE_SYNC and
+    OUTPUT_DELIVERY_REFERENCES (the bytes are fetched from ``/artifacts/...`` by the client,
+    not streamed twice) and answers ``{jobId, refId, jobState, status, outputs: [{fileName,
+    url}], textOutputs: [{text}], results: [{fileName, url, provider}]}`` with absolute URLs.
+    A job that failed answers the HTTP status of its error with ``responseStatus``.
+  - Generative, otherwise (or ``Queue...``): RESPONSE_MODE_ASYNC, answering at once with
+    ``{jobId, refId, jobState, status, statusUrl}``.
+  - Light (CropImage, ConvertImage): the image bytes, streamed as they come, with the
+    Content-Type the server reports.
+
+  Form fields match the params message case-insensitively (``PositivePrompt``,
+  ``positivePrompt``, ``positive_prompt``; ``RefId``/``Tag``/``ReplyTo`` reach ``options``);
+  ``Sync`` is AI Server's; fields the contract does not know are ignored, as ServiceStack
+  ignores them. Query parameters are read too (before the form's). A ``ReplyTo`` header is
+  taken when the form has none.
+* ``GET /api/GetArtifactGenerationStatus`` / ``GetTextGenerationStatus`` with ``jobId`` or
+  ``refId`` (JobService.GetJob / ListJobs).
+* ``GET /artifacts/{path}`` (ArtifactService.GetArtifact + ReadArtifact: ETag, 304, Range,
+  ``?download=true``) and ``GET /variants/{spec}/{path}`` (ArtifactService.GetVariant).
+* ``GET /api/jobs/{id}/events``: JobService.WatchJob as Server-Sent Events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import grpc
+from aiohttp import web
+from google.protobuf import descriptor
+from google.protobuf.message import Message
+from imagetasks.v1 import common_pb2, job_pb2
+
+from aiserver.gateway.backend import Backend
+from aiserver.gateway.errors import (
+    GatewayError,
+    Violation,
+    from_rpc_error,
+    from_status_proto,
+    invalid_fields,
+)
+from aiserver.gateway.fields import FieldError, FieldErrors, apply_fields, field_key, parse_bool
+from aiserver.gateway.routes import Upload, message_class, upload_of
+from aiserver.gateway.streams import event_field, first_message, stream_response, wants_sse
+from aiserver.gateway.uploads import chunk_factory, send_multipart, write
+
+__all__ = ["Compat", "CompatTask", "compat_field_name", "compat_tasks"]
+
+logger = logging.getLogger(__name__)
+
+JOB_STATES = {
+    job_pb2.Job.STATE_UNSPECIFIED: "Unknown",
+    job_pb2.Job.STATE_QUEUED: "Queued",
+    job_pb2.Job.STATE_RUNNING: "Started",
+    job_pb2.Job.STATE_SUCCEEDED: "Completed",
+    job_pb2.Job.STATE_FAILED: "Failed",
+    job_pb2.Job.STATE_CANCELLED: "Cancelled",
+}
+_TEXT_TASKS = frozenset({common_pb2.TASK_IMAGE_TO_TEXT})
+_STATUS_ROUTES = {
+    "getartifactgenerationstatus": False,
+    "gettextgenerationstatus": True,
+}
+_IMMUTABLE = "public, max-age=31536000, immutable"
+_GET_JOB = "imagetasks.v1.JobService.GetJob"
+_LIST_JOBS = "imagetasks.v1.JobService.ListJobs"
+_WATCH_JOB = "imagetasks.v1.JobService.WatchJob"
+_GET_ARTIFACT = "imagetasks.v1.ArtifactService.GetArtifact"
+_READ_ARTIFACT = "imagetasks.v1.ArtifactService.ReadArtifact"
+_GET_VARIANT = "imagetasks.v1.ArtifactService.GetVariant"
+
+
+@dataclass(frozen=True, slots=True)
+class CompatTask:
+    """One ``/api/{name}`` route: an upload RPC of the contract."""
+
+    name: str
+    method: descriptor.MethodDescriptor
+    upload: Upload
+    generative: bool
+    """The response carries a JobEvent (a job); otherwise it is ``info`` + ``chunk``s."""
+    queued: bool = False
+    """The ``Queue{Task}`` variant: never waits."""
+
+
+def compat_tasks(files: Iterable[descriptor.FileDescriptor]) -> dict[str, CompatTask]:
+    """The AI Server task routes, by lower-case name, derived from the upload RPCs."""
+    tasks: dict[str, CompatTask] = {}
+    for file in files:
+        for service in file.services_by_name.values():
+            for method in service.methods:
+                upload = upload_of(method) if method.client_streaming else None
+                if upload is None or not method.server_streaming:
+                    continue
+                out = method.output_type.fields_by_name
+                generative = event_field(method.output_type) is not None
+                if not generative and not ("info" in out and "chunk" in out):
+                    continue
+                tasks[method.name.lower()] = CompatTask(method.name, method, upload, generative)
+                if generative:
+                    queued = f"Queue{method.name}"
+                    tasks[queued.lower()] = CompatTask(queued, method, upload, True, queued=True)
+    return tasks
+
+
+def compat_field_name(path: str) -> str:
+    """A violation's proto path as AI Server names the field: ``params.width`` -> ``Width``,
+    ``params.options.ref_id`` -> ``RefId``; input names (``image``) stay."""
+    if not path.startswith("params."):
+        return path
+    rest = path.removeprefix("params.").removeprefix("options.")
+    return ".".join("".join(w[:1].upper() + w[1:] for w in p.split("_")) for p in rest.split("."))
+
+
+def content_disposition(kind: str, file_name: str) -> str:
+    plain = "".join(c for c in file_name if c.isascii() and c.isprintable() and c not in '"\\')
+    value = f'{kind}; filename="{plain or "file"}"'
+    if plain != file_name:
+        value += f"; filename*=UTF-8''{quote(file_name, safe='')}"
+    return value
+
+
+def etag_matches(header: str, etag: str) -> bool:
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """A single byte range as (first, last) inclusive; None to serve the whole (no range, a
+    syntactically invalid one, or several). Raises GatewayError 416 when it cannot be met."""
+    m = _RANGE.fullmatch(header.strip())
+    if m is None:
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first and not last:
+        return None
+    if not first:
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise _unsatisfiable(size)
+        return max(0, size - suffix), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if last and end < start:
+        return None  # invalid: ignored, the whole is served
+    if start >= size:
+        raise _unsatisfiable(size)
+    return start, min(end, size - 1)
+
+
+def _unsatisfiable(size: int) -> GatewayError:
+    return GatewayError(
+        416,
+        "RANGE_NOT_SATISFIABLE",
+        f"the range is outside the artifact's {size} bytes",
+        headers={"Content-Range": f"bytes */{size}"},
+    )
+
+
+class _Params:
+    """Builds a task's params message from form fields; remembers ``Sync``."""
+
+    def __init__(self, task: CompatTask, request: web.BaseRequest) -> None:
+        self.task = task
+        self.sync = False
+        self._reply_to = request.headers.get("ReplyTo", "")
+
+    def build(self, items: Iterable[tuple[str, str]]) -> Message:
+        task = self.task
+        msg: Message = message_class(task.upload.params)()
+        rest: list[tuple[str, str]] = []
+        errors: list[FieldError] = []
+        for name, value in items:
+            if task.generative and field_key(name) == "sync":
+                try:
+                    self.sync = bool(parse_bool(value, name))
+                except FieldError as exc:
+                    errors.append(exc)
+                continue
+            rest.append((name, value))
+        try:
+            ignored = apply_fields(msg, rest, strict=False)
+        except FieldErrors as exc:
+            errors.extend(exc.errors)
+            ignored = []
+        if errors:
+            raise invalid_fields(errors)
+        if ignored:
+            logger.debug("%s: ignored fields %s", task.name, ", ".join(ignored))
+        options_field = task.upload.params.fields_by_name.get("options")
+        if task.generative and options_field is not None:
+            options: Any = getattr(msg, options_field.name)
+            if self._reply_to and not options.reply_to:
+                options.reply_to = self._reply_to
+            sync = self.sync and not task.queued
+            options.mode = common_pb2.RESPONSE_MODE_SYNC if sync else common_pb2.RESPONSE_MODE_ASYNC
+            options.delivery = common_pb2.OUTPUT_DELIVERY_REFERENCES
+            self.sync = sync
+        return msg
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        text=json.dumps(data, ensure_ascii=False),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class Compat:
+    def __init__(self, backend: Backend, files: Iterable[descriptor.FileDescriptor]) -> None:
+        self.backend = backend
+        self.tasks = compat_tasks(files)
+
+    # --- /api/{name} ----------------------------------------------------------------------
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        key = name.lower()
+        if key in _STATUS_ROUTES:
+            if request.method not in ("GET", "HEAD", "POST"):
+                raise _not_allowed("GET, POST")
+            return await self.status(request, text=_STATUS_ROUTES[key])
+        task = self.tasks.get(key)
+        if task is None:
+            known = sorted({t.name for t in self.tasks.values()})
+            raise GatewayError(
+                404,
+                "UNKNOWN_TASK",
+                f"no task {name!r}; tasks: {', '.join(known)}",
+                meta={"task": name},
+            )
+        if request.method != "POST":
+            raise _not_allowed("POST")
+        return await self.run_task(request, task)
+
+    async def run_task(self, request: web.Request, task: CompatTask) -> web.StreamResponse:
+        if request.content_type != "multipart/form-data":
+            raise GatewayError(
+                415,
+                "UNSUPPORTED_MEDIA_TYPE",
+                f"{task.name} takes multipart/form-data with an image file, "
+                f"not {request.content_type or 'no body'}",
+            )
+        backend = self.backend
+        method = task.method
+        multicallable = backend.callable(method)
+        request_cls = message_class(method.input_type)
+        params_name = task.upload.params_field.name
+        metadata = backend.metadata(request)
+        params = _Params(task, request)
+
+        async def open_call(items: list[tuple[str, str]]) -> Any:
+            msg = params.build(items)
+            timeout = backend.settings.sync_timeout_s if params.sync else None
+            call = multicallable(metadata=metadata, timeout=timeout)
+            await write(call, request_cls(**{params_name: msg}))
+            return call
+
+        call = await send_multipart(
+            request,
+            open_call=open_call,
+            chunk_message=chunk_factory(task.upload, request_cls),
+            limits=backend.limits,
+            initial=list(request.query.items()),
+        )
+        try:
+            if task.generative:
+                return await self._generation(request, task, call, sync=params.sync)
+            return await self._image(request, call)
+        finally:
+            if not call.done():
+                call.cancel()
+
+    async def _generation(
+        self, request: web.Request, task: CompatTask, call: Any, *, sync: bool
+    ) -> web.StreamResponse:
+        first = await first_message(call, field_name=compat_field_name)
+        if first is None:
+            raise _bad_upstream("the generation stream was empty")
+        event = first.event
+        if event.WhichOneof("kind") != "accepted":
+            raise _bad_upstream("the generation stream did not start with accepted")
+        accepted = event.accepted
+        job_id = event.job.removeprefix("jobs/")
+        text = accepted.task in _TEXT_TASKS
+        if not sync:
+            await _drain(call)
+            state = "Queued"
+            if accepted.existing:
+                job = await self._get_job(request, event.job)
+                state = JOB_STATES.get(job.state, "Unknown")
+            route = "GetTextGenerationStatus" if text else "GetArtifactGenerationStatus"
+            base = self.backend.base_url(request)
+            return _json(
+                {
+                    "jobId": job_id,
+                    "refId": accepted.ref_id,
+                    "jobState": state,
+                    "status": state,
+                    "statusUrl": f"{base}/api/{route}?jobId={quote(job_id, safe='')}",
+                }
+            )
+        while True:
+            try:
+                msg = await call.read()
+            except grpc.aio.AioRpcError as err:
+                raise from_rpc_error(err, field_name=compat_field_name) from None
+            if msg is grpc.aio.EOF:
+                raise _bad_upstream("the generation stream ended before the job did")
+            if msg.event.WhichOneof("kind") == "finished":
+                job = msg.event.finished.job
+                break
+        await _drain(call)
+        body = self.job_json(request, job, outputs=True, texts=True)
+        status = 200
+        if job.HasField("error") and job.error.code != 0:
+            failure = from_status_proto(job.error, field_name=compat_field_name)
+            status, body["responseStatus"] = failure.status, failure.response_status()
+        elif job.state != job_pb2.Job.STATE_SUCCEEDED:
+            status = 500
+            body["responseStatus"] = GatewayError(
+                500, "JOB_NOT_COMPLETED", f"the job ended {body['jobState']}"
+            ).response_status()
+        return _json(body, status)
+
+    async def _image(self, request: web.Request, call: Any) -> web.StreamResponse:
+        first = await first_message(call, field_name=compat_field_name)
+        if first is None or first.WhichOneof("payload") != "info":
+            raise _bad_upstream("the transform stream did not start with info")
+        info = first.info
+        headers = {
+            "Content-Type": info.mime_type or "application/octet-stream",
+            "Content-Disposition": content_disposition("inline", info.file_name or "image"),
+            "X-Image-Width": str(info.width),
+            "X-Image-Height": str(info.height),
+        }
+        response = web.StreamResponse(status=200, headers=headers)
+        response.content_length = info.size_bytes
+        await response.prepare(request)
+        try:
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    break
+                if msg.WhichOneof("payload") == "chunk":
+                    await response.write(msg.chunk)
+        except grpc.aio.AioRpcError as err:
+            # Too late for a status: cut the connection so the client sees a short body.
+            logger.warning("transform stream failed after its headers: %s", err.details())
+            response.force_close()
+            return response
+        await response.write_eof()
+        return response
+
+    # --- status ---------------------------------------------------------------------------
+
+    async def status(self, request: web.Request, *, text: bool) -> web.Response:
+        values = await _simple_fields(request)
+        job_id = values.get("jobid", "").strip()
+        ref_id = values.get("refid", "").strip()
+        if job_id:
+            job = await self._get_job(request, job_id)
+        elif ref_id:
+            job = await self._by_ref(request, ref_id)
+        else:
+            raise GatewayError(
+                400,
+                "INVALID_PARAMETERS",
+                "give jobId or refId",
+                [
+                    Violation("JobId", "REQUIRED", "jobId or refId is required"),
+                    Violation("RefId", "REQUIRED", "jobId or refId is required"),
+                ],
+            )
+        return _json(self.job_json(request, job, outputs=not text, texts=text))
+
+    async def _get_job(self, request: web.BaseRequest, job_id: str) -> Any:
+        name = job_id if job_id.startswith("jobs/") else f"jobs/{job_id}"
+        method = self.backend.method(_GET_JOB)
+        req = message_class(method.input_type)(name=name)
+        resp = await self._unary(request, method, req)
+        return resp.job
+
+    async def _by_ref(self, request: web.BaseRequest, ref_id: str) -> Any:
+        method = self.backend.method(_LIST_JOBS)
+        req = message_class(method.input_type)(ref_id=ref_id, page_size=1)
+        resp = await self._unary(request, method, req)
+        if not resp.jobs:
+            raise GatewayError(
+                404, "JOB_NOT_FOUND", f"no job with refId {ref_id!r}", meta={"refId": ref_id}
+            )
+        return resp.jobs[0]
+
+    async def _unary(self, request: web.BaseRequest, method: Any, req: Message) -> Any:
+        try:
+            return await self.backend.callable(method)(
+                req,
+                metadata=self.backend.metadata(request),
+                timeout=self.backend.settings.unary_timeout_s,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, field_name=compat_field_name) from None
+
+    def job_json(
+        self, request: web.BaseRequest, job: Any, *, outputs: bool, texts: bool
+    ) -> dict[str, Any]:
+        state = JOB_STATES.get(job.state, "Unknown")
+        body: dict[str, Any] = {
+            "jobId": job.name.removeprefix("jobs/"),
+            "refId": job.ref_id,
+            "jobState": state,
+            "status": state,
+        }
+        if outputs:
+            absolute = self.backend.absolute
+            body["outputs"] = [
+                {"fileName": a.file_name, "url": absolute(request, a.url)} for a in job.outputs
+            ]
+            body["results"] = [
+                {"fileName": a.file_name, "url": absolute(request, a.url), "provider": a.provider}
+                for a in job.outputs
+            ]
+        if texts:
+            body["textOutputs"] = [{"text": t.text} for t in job.text_outputs]
+            if not outputs:
+                body["results"] = [{"text": t.text} for t in job.text_outputs]
+        if job.HasField("error") and job.error.code != 0:
+            err = from_status_proto(job.error, field_name=compat_field_name)
+            body["responseStatus"] = err.response_status()
+        return body
+
+    # --- artifacts, variants, events ------------------------------------------------------
+
+    async def artifact(self, request: web.Request) -> web.StreamResponse:
+        name = "artifacts/" + request.match_info["path"]
+        backend = self.backend
+        get = backend.method(_GET_ARTIFACT)
+        meta = await self._unary(request, get, message_class(get.input_type)(name=name))
+        art = meta.artifact
+        etag = f'"{art.sha256}"'
+        headers = {
+            "ETag": etag,
+            "Cache-Control": _IMMUTABLE,
+            "Accept-Ranges": "bytes",
+        }
+        if art.HasField("create_time"):
+            headers["Last-Modified"] = art.create_time.ToDatetime().strftime(
+                "%a, %d %b %Y %H:%M:%S GMT"
+            )
+        if etag_matches(request.headers.get("If-None-Match", ""), etag):
+            return web.Response(status=304, headers=headers)
+        size = art.size_bytes
+        span: tuple[int, int] | None = None
+        range_header = request.headers.get("Range")
+        if_range = request.headers.get("If-Range")
+        if range_header and (if_range is None or if_range.strip() == etag):
+            try:
+                span = parse_range(range_header, size)
+            except GatewayError as err:
+                err.headers.update(headers)
+                raise
+        download = (request.query.get("download") or "").lower() in ("true", "1", "yes")
+        headers["Content-Type"] = art.mime_type or "application/octet-stream"
+        headers["Content-Disposition"] = content_disposition(
+            "attachment" if download else "inline", art.file_name or name.rsplit("/", 1)[-1]
+        )
+        status, offset, length = 200, 0, size
+        if span is not None:
+            status, offset, length = 206, span[0], span[1] - span[0] + 1
+            headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
+        if request.method == "HEAD":
+            return await _head(request, status, headers, length)
+        read = backend.method(_READ_ARTIFACT)
+        req = message_class(read.input_type)(
+            name=name, read_offset=offset, read_limit=length if span is not None else 0
+        )
+        call = backend.callable(read)(req, metadata=backend.metadata(request))
+        return await self._relay_bytes(
+            request, call, status, headers, length, "data", read_first=True
+        )
+
+    async def variant(self, request: web.Request) -> web.StreamResponse:
+        name = "artifacts/" + request.match_info["path"]
+        backend = self.backend
+        method = backend.method(_GET_VARIANT)
+        req = message_class(method.input_type)(name=name, spec=request.match_info["spec"])
+        call = backend.callable(method)(req, metadata=backend.metadata(request))
+        try:
+            first = await first_message(call)
+            if first is None or first.WhichOneof("payload") != "info":
+                raise _bad_upstream("the variant stream did not start with info")
+            info = first.info
+            etag = f'"{info.etag}"'
+            headers = {"ETag": etag, "Cache-Control": _IMMUTABLE}
+            if etag_matches(request.headers.get("If-None-Match", ""), etag):
+                return web.Response(status=304, headers=headers)
+            download = (request.query.get("download") or "").lower() in ("true", "1", "yes")
+            headers["Content-Type"] = info.image.mime_type or "application/octet-stream"
+            headers["Content-Disposition"] = content_disposition(
+                "attachment" if download else "inline", info.image.file_name or "variant"
+            )
+            if request.method == "HEAD":
+                return await _head(request, 200, headers, info.image.size_bytes)
+            return await self._relay_bytes(
+                request, call, 200, headers, info.image.size_bytes, "chunk", read_first=False
+            )
+        finally:
+            if not call.done():
+                call.cancel()
+
+    async def _relay_bytes(
+        self,
+        request: web.Request,
+        call: Any,
+        status: int,
+        headers: dict[str, str],
+        length: int,
+        field: str,
+        *,
+        read_first: bool,
+    ) -> web.StreamResponse:
+        """Stream the bytes in ``field`` of each message. With ``read_first`` the headers go
+        only once the first message (or the call's error) is in."""
+        try:
+            first = await first_message(call) if read_first else None
+            response = web.StreamResponse(status=status, headers=headers)
+            response.content_length = length
+            await response.prepare(request)
+            try:
+                if first is not None:
+                    await response.write(getattr(first, field))
+                while True:
+                    msg = await call.read()
+                    if msg is grpc.aio.EOF:
+                        break
+                    data = getattr(msg, field)
+                    if data:
+                        await response.write(data)
+            except grpc.aio.AioRpcError as err:
+                logger.warning("byte stream failed after its headers: %s", err.details())
+                response.force_close()
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            if not call.done():
+                call.cancel()
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        backend = self.backend
+        method = backend.method(_WATCH_JOB)
+        job_id = request.match_info["id"]
+        req = message_class(method.input_type)(name=f"jobs/{job_id}")
+        call = backend.callable(method)(req, metadata=backend.metadata(request))
+        backend.long_lived.add(call)
+        return await stream_response(
+            request,
+            call,
+            sse=wants_sse(request, default=True),
+            keepalive_s=backend.settings.keepalive_s,
+        )
+
+
+async def _head(
+    request: web.Request, status: int, headers: dict[str, str], length: int
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = length
+    await response.prepare(request)
+    await response.write_eof()
+    return response
+
+
+async def _drain(call: Any) -> None:
+    """Read a stream to its end (it ends right after ``accepted``/``finished``), so that the
+    call completes instead of being cancelled; its errors no longer matter."""
+    try:
+        async with asyncio.timeout(5):
+            while await call.read() is not grpc.aio.EOF:
+                pass
+    except (grpc.aio.AioRpcError, TimeoutError):
+        pass
+
+
+def _not_allowed(allow: str) -> GatewayError:
+    return GatewayError(405, "METHOD_NOT_ALLOWED", f"use {allow}", headers={"Allow": allow})
+
+
+def _bad_upstream(message: str) -> GatewayError:
+    return GatewayError(502, "BAD_UPSTREAM", message)
+
+
+async def _simple_fields(request: web.Request) -> dict[str, str]:
+    """Query, urlencoded/multipart form or a JSON object body, by lower-case name."""
+    values = {k.lower(): v for k, v in request.query.items()}
+    if request.method == "POST" and request.can_read_body:
+        if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            form = await request.post()
+            values.update({k.lower(): v for k, v in form.items() if isinstance(v, str)})
+        elif request.content_type.endswith("json"):
+            try:
+                body = json.loads(await request.read() or b"{}")
+            except (ValueError, UnicodeDecodeError):
+                raise GatewayError(400, "INVALID_JSON", "the body is not JSON") from None
+            if isinstance(body, dict):
+                values.update({k.lower(): str(v) for k, v in body.items() if v is not None})
+    return values

@@ -1,0 +1,328 @@
+"""Request bodies -> the request stream of an upload RPC (params first, then FileChunks).
+
+``multipart/form-data`` is read part by part with aiohttp's streaming reader; nothing is held
+whole in memory:
+
+* Text fields are collected (each at most ``max_field_bytes``, all together at most
+  ``max_form_bytes``) until the first file part.
+* A file part that comes after at least one text field is *streamed*: the params message is
+  built from the fields seen so far and sent, then the file goes to the call chunk by chunk as
+  it arrives. A text field after a streamed file is refused (400 ``FIELD_AFTER_FILE``):
+  the params have already gone. AI Server's clients (ServiceStack, curl ``-F`` in order) send
+  fields first.
+* A file part that comes before any text field (a client that sends files first) is spooled
+  to an anonymous temporary file, and so is every later file, until the body ends; then the
+  params are built from all the fields and the spooled files are replayed into the call.
+* Files together may not exceed ``max_upload_bytes`` (413 ``UPLOAD_TOO_LARGE``); the server
+  enforces its own limit too and its ``UPLOAD_TOO_LARGE`` status maps to 413 as well.
+
+A part is a file when its ``Content-Disposition`` has a ``filename``; its form name, lower
+case, is the ``FileChunk.field`` (``image``, ``mask``). The server decides which inputs a task
+takes.
+
+``application/x-ndjson`` (or ``application/json``) bodies are read as grpc-gateway reads
+client streams: one JSON request message per line, in protobuf's JSON mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import tempfile
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from aiohttp import BodyPartReader, MultipartReader, web
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from aiserver.gateway.errors import GatewayError, Violation
+from aiserver.gateway.routes import Upload, message_class
+
+__all__ = [
+    "FormFields",
+    "UploadLimits",
+    "check_length",
+    "chunk_factory",
+    "finish",
+    "send_multipart",
+    "send_ndjson",
+    "too_large",
+    "write",
+]
+
+FormFields = list[tuple[str, str]]
+OpenCall = Callable[[FormFields], Awaitable[Any]]
+"""Builds the params from the fields, opens the call and writes the params message."""
+ChunkMessage = Callable[[str, bytes, str], Message]
+"""(field, data, file name) -> one request message carrying a FileChunk."""
+
+
+@dataclass(frozen=True, slots=True)
+class UploadLimits:
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_field_bytes: int = 64 * 1024
+    max_form_bytes: int = 1024 * 1024
+    max_fields: int = 256
+    chunk_bytes: int = 1024 * 1024
+    max_message_bytes: int = 4 * 1024 * 1024
+    spool_dir: Path | None = None
+
+
+def chunk_factory(upload: Upload, request_cls: Any) -> ChunkMessage:
+    """Makes the request messages that carry one FileChunk each."""
+    chunk_cls = message_class(upload.chunk)
+    name = upload.chunk_field.name
+
+    def make(field: str, data: bytes, file_name: str) -> Message:
+        msg: Message = request_cls(**{name: chunk_cls(field=field, data=data, file_name=file_name)})
+        return msg
+
+    return make
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        "UPLOAD_TOO_LARGE",
+        f"the upload is larger than {limit} bytes",
+        meta={"limit": str(limit)},
+    )
+
+
+def check_length(request: web.BaseRequest, limits: UploadLimits) -> None:
+    """Refuse a declared body that cannot fit, before reading any of it."""
+    length = request.content_length
+    if length is not None and length > limits.max_upload_bytes + limits.max_form_bytes:
+        raise too_large(limits.max_upload_bytes)
+
+
+def malformed(message: str) -> GatewayError:
+    return GatewayError(400, "MALFORMED_MULTIPART", message)
+
+
+async def write(call: Any, msg: Message) -> bool:
+    """Write one request; False when the server has already ended the call."""
+    if call.done():
+        return False
+    try:
+        await call.write(msg)
+    except Exception:
+        if call.done():
+            return False
+        raise
+    return True
+
+
+async def finish(call: Any) -> None:
+    if not call.done():
+        try:
+            await call.done_writing()
+        except Exception:
+            if not call.done():
+                raise
+
+
+class _Spooled:
+    def __init__(self, field: str, file_name: str, fh: IO[bytes]) -> None:
+        self.field = field
+        self.file_name = file_name
+        self.fh = fh
+
+
+async def send_multipart(
+    request: web.Request,
+    *,
+    open_call: OpenCall,
+    chunk_message: ChunkMessage,
+    limits: UploadLimits,
+    initial: Sequence[tuple[str, str]] = (),
+) -> Any:
+    """Read the multipart body into a new call (see the module doc); returns the call, written
+    and half-closed, or ended early by the server (its status tells why)."""
+    check_length(request, limits)
+    try:
+        reader = await request.multipart()
+    except (AssertionError, ValueError, KeyError) as exc:
+        raise malformed(f"not a multipart body: {exc}") from None
+    fields: FormFields = list(initial)
+    form_bytes = 0
+    file_bytes = 0
+    call: Any = None
+    spooled: list[_Spooled] = []
+    streaming: bool | None = None
+    ok = False
+    temp_files = contextlib.ExitStack()
+    try:
+        while True:
+            try:
+                part = await reader.next()
+            except (ValueError, AssertionError, RuntimeError) as exc:
+                raise malformed(f"malformed multipart body: {exc}") from None
+            if part is None:
+                break
+            if isinstance(part, MultipartReader):
+                raise malformed("nested multipart parts are not supported")
+            name, file_name = _disposition(part)
+            if name is None:
+                raise malformed("a part has no name")
+            if file_name is None:
+                if streaming:
+                    raise GatewayError(
+                        400,
+                        "FIELD_AFTER_FILE",
+                        f"field {name!r} came after a file; send text fields before files",
+                        [Violation(name, "FIELD_AFTER_FILE", "send text fields before files")],
+                    )
+                value = await _read_text(part, name, limits)
+                form_bytes += len(value)
+                if len(fields) >= limits.max_fields or form_bytes > limits.max_form_bytes:
+                    raise GatewayError(413, "FORM_TOO_LARGE", "too many or too large text fields")
+                fields.append((name, value))
+                continue
+            field = name.lower()
+            if streaming is None:
+                streaming = len(fields) > len(initial)
+            if streaming:
+                if call is None:
+                    call = await open_call(fields)
+                first = True
+                async for data in _chunks(part, limits):
+                    file_bytes += len(data)
+                    if file_bytes > limits.max_upload_bytes:
+                        raise too_large(limits.max_upload_bytes)
+                    if not await write(
+                        call, chunk_message(field, data, file_name if first else "")
+                    ):
+                        return call  # the server ended the call: its status says why
+                    first = False
+                if first and not await write(call, chunk_message(field, b"", file_name)):
+                    return call
+            else:
+                # Closed (and so deleted) by the exit stack in ``finally``.
+                fh = temp_files.enter_context(
+                    tempfile.TemporaryFile(dir=limits.spool_dir, prefix="aiserver-gateway-")  # noqa: SIM115
+                )
+                spooled.append(_Spooled(field, file_name, fh))
+                async for data in _chunks(part, limits):
+                    file_bytes += len(data)
+                    if file_bytes > limits.max_upload_bytes:
+                        raise too_large(limits.max_upload_bytes)
+                    await asyncio.to_thread(fh.write, data)
+        if call is None:
+            call = await open_call(fields)
+        for item in spooled:
+            await asyncio.to_thread(item.fh.seek, 0)
+            first = True
+            while data := await asyncio.to_thread(item.fh.read, limits.chunk_bytes):
+                if not await write(
+                    call, chunk_message(item.field, data, item.file_name if first else "")
+                ):
+                    return call
+                first = False
+            if first and not await write(call, chunk_message(item.field, b"", item.file_name)):
+                return call
+        await finish(call)
+        ok = True
+        return call
+    finally:
+        temp_files.close()
+        if not ok and call is not None and not call.done():
+            call.cancel()
+
+
+def _disposition(part: BodyPartReader) -> tuple[str | None, str | None]:
+    # aiohttp warns (RuntimeWarning) about odd Content-Disposition headers; the part's name
+    # is what matters, and a missing one is reported to the caller.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return part.name, part.filename
+
+
+async def _read_text(part: BodyPartReader, name: str, limits: UploadLimits) -> str:
+    data = bytearray()
+    while chunk := await _read_chunk(part, 64 * 1024):
+        data += chunk
+        if len(data) > limits.max_field_bytes:
+            raise GatewayError(
+                413,
+                "FIELD_TOO_LARGE",
+                f"field {name!r} is larger than {limits.max_field_bytes} bytes",
+                [Violation(name, "FIELD_TOO_LARGE", "too large")],
+            )
+    charset = part.get_charset("utf-8")
+    try:
+        return bytes(data).decode(charset)
+    except (LookupError, UnicodeDecodeError):
+        raise GatewayError(
+            400,
+            "INVALID_ENCODING",
+            f"field {name!r} is not valid {charset}",
+            [Violation(name, "INVALID_ENCODING", f"not valid {charset}")],
+        ) from None
+
+
+async def _read_chunk(part: BodyPartReader, size: int) -> bytes:
+    try:
+        return await part.read_chunk(size)
+    except (ValueError, AssertionError) as exc:
+        raise malformed(f"malformed multipart body: {exc}") from None
+
+
+async def _chunks(part: BodyPartReader, limits: UploadLimits) -> AsyncIterator[bytes]:
+    size = max(min(limits.chunk_bytes, limits.max_message_bytes // 2), 64 * 1024)
+    while data := await _read_chunk(part, size):
+        yield data
+
+
+async def send_ndjson(
+    request: web.Request,
+    *,
+    call: Any,
+    request_cls: Any,
+    limits: UploadLimits,
+) -> Any:
+    """Write one request message per JSON line of the body into ``call``."""
+    check_length(request, limits)
+    limit = limits.max_message_bytes * 2 + 1024
+    buffer = bytearray()
+    total = 0
+    ok = False
+    try:
+        async for data in request.content.iter_any():
+            total += len(data)
+            if total > limits.max_upload_bytes * 2 + limits.max_form_bytes:
+                raise too_large(limits.max_upload_bytes)
+            buffer += data
+            while (cut := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:cut])
+                del buffer[: cut + 1]
+                if not await _write_line(call, request_cls, line):
+                    ok = True
+                    return call
+            if len(buffer) > limit:
+                raise GatewayError(413, "MESSAGE_TOO_LARGE", "a request line is too long")
+        if not await _write_line(call, request_cls, bytes(buffer)):
+            ok = True
+            return call
+        await finish(call)
+        ok = True
+        return call
+    finally:
+        if not ok and not call.done():
+            call.cancel()
+
+
+async def _write_line(call: Any, request_cls: Any, line: bytes) -> bool:
+    if not line.strip():
+        return True
+    msg = request_cls()
+    try:
+        json_format.Parse(line, msg)
+    except (json_format.ParseError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GatewayError(400, "INVALID_JSON", f"a request line is not valid: {exc}") from None
+    return await write(call, msg)
