@@ -1,4 +1,5 @@
-"""The ``aiserver`` console script: ``aiserver serve`` starts the service."""
+"""The ``aiserver`` console script: ``serve`` runs the service, ``gateway`` the HTTP shim
+alone, and the other commands are clients of a running service (``aiserver --help``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from aiserver import __version__
+from aiserver.cli_client import add_client_commands, run_client_command
 from aiserver.config import load_settings
 from aiserver.logs import configure_logging
 
@@ -23,6 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_cmd.add_argument("--port", type=int, help="gRPC port (AISERVER_GRPC_PORT)")
     serve_cmd.add_argument("--data-dir", help="data folder (AISERVER_DATA_DIR)")
     serve_cmd.add_argument("--http-port", type=int, help="HTTP shim port (AISERVER_HTTP_PORT)")
+    add_client_commands(commands)
     commands.add_parser(
         "gateway",
         help="run the HTTP shim alone, in front of a remote gRPC target",
@@ -35,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return gateway_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command != "serve":
+        return run_client_command(args)
 
     overrides = {
         key: value

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from aiserver.artifacts.store import ArtifactStore
+from aiserver.errors import ErrorKind, ServiceError
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Finished, InputRef, Job, JobEvent, Stage
 from aiserver.jobs.scheduler import SchedulerSettings, default_spec
@@ -109,6 +110,8 @@ class ScriptedProvider:
         self.runs: list[Run] = []
         self.started: asyncio.Queue[Run] = asyncio.Queue()
         self.active = 0
+        self.refuse: ServiceError | None = None
+        """Set to make the scheduler fail this provider's jobs at once."""
 
     @property
     def name(self) -> str:
@@ -122,6 +125,15 @@ class ScriptedProvider:
 
     def load(self) -> int:
         return self.active
+
+    def refusal(self, task: TaskKind, spec: TaskSpec) -> ServiceError | None:
+        return self.refuse if task in self.tasks else None
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
     async def run(self, work: WorkItem, sink: RunSink) -> None:
         run = Run(work, sink)

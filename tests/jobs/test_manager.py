@@ -336,6 +336,20 @@ async def test_queue_timeout(env: Env) -> None:
     )
 
 
+async def test_a_job_no_provider_will_take_fails_at_once(env: Env) -> None:
+    provider = ScriptedProvider(online=False)
+    provider.refuse = ServiceError(
+        ErrorKind.FAILED_PRECONDITION, "COMFYUI_MODEL_MISSING", "no agent has model x"
+    )
+    manager = await env.manager(provider, queue_timeout_s=60)
+    job = await submit(manager, env)
+    async with asyncio.timeout(5):  # long before the queue timeout
+        final = (await collect(manager.subscribe(job.id)))[-1].kind
+    assert isinstance(final, Finished) and final.job.state is JobState.FAILED
+    assert final.job.error is provider.refuse or final.job.error == provider.refuse
+    assert provider.runs == []
+
+
 async def test_run_timeout(env: Env) -> None:
     provider = ScriptedProvider(behaviour=gated)
     manager = await env.manager(provider, run_timeout_s=0.2)

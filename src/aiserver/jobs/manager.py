@@ -58,6 +58,7 @@ from aiserver.jobs.scheduler import (
     could_serve,
     default_spec,
     pick_provider,
+    refusal,
 )
 from aiserver.jobs.store import JobQuery, JobRecord, JobStore
 from aiserver.providers.base import (
@@ -430,7 +431,12 @@ class JobManager:
                 self._providers, active.job.task, active.job.spec, self._running, capacity
             )
             if provider is None:
-                continue  # other tasks behind it may still fit elsewhere
+                # Fail at once what no provider will ever take (e.g. a model no agent has)
+                # rather than at the queue timeout; otherwise wait, others may still fit.
+                error = refusal(self._providers, active.job.task, active.job.spec)
+                if error is not None:
+                    self._finish(active, JobState.FAILED, error)
+                continue
             self._queue.remove(job_id)
             self._launch(active, provider, new_attempt=True)
             dispatched = True

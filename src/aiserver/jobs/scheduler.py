@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from aiserver.errors import ServiceError
 from aiserver.providers.base import SHUTDOWN, Provider
 from aiserver.tasks import (
     ImageToImageSpec,
@@ -28,6 +29,7 @@ __all__ = [
     "could_serve",
     "default_spec",
     "pick_provider",
+    "refusal",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,23 @@ class SchedulerSettings:
 
 def could_serve(providers: Sequence[Provider], task: TaskKind) -> bool:
     return any(p.supports(task) for p in providers)
+
+
+def refusal(providers: Sequence[Provider], task: TaskKind, spec: TaskSpec) -> ServiceError | None:
+    """An error when every provider for ``task`` refuses ``spec`` for good; None otherwise."""
+    first: ServiceError | None = None
+    for provider in providers:
+        if not provider.supports(task):
+            continue
+        try:
+            error = provider.refusal(task, spec)
+        except Exception:
+            logger.exception("provider %s failed to report its state", provider.name)
+            return None
+        if error is None:
+            return None
+        first = first or error
+    return first
 
 
 _DEFAULT_SPECS: dict[TaskKind, TaskSpec] = {

@@ -116,6 +116,12 @@ class Provider(Protocol):
         """True when this provider is healthy and has what the task needs right now."""
         ...
 
+    def refusal(self, task: TaskKind, spec: TaskSpec) -> ServiceError | None:
+        """Why this provider cannot run ``spec`` as things stand, when waiting will not help
+        (e.g. no healthy agent has the model); None when it can, or may once agents return.
+        """
+        ...
+
     def load(self) -> int:
         """Jobs running now, for least-loaded choice."""
         ...
