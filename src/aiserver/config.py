@@ -76,6 +76,8 @@ class Settings:
     """Log one JSON object per line instead of text."""
     agents: tuple[AgentSettings, ...] = field(default_factory=tuple)
     """ComfyUI agents. Env: ``AISERVER_AGENTS`` as comma-separated URLs or a JSON list."""
+    agent_probe_interval_s: float = 10.0
+    """How often an online ComfyUI agent is probed (offline ones back off from 1 s to 60 s)."""
     workflows_dir: Path | None = None
     """A folder of workflows that add to or override the built-in ones."""
     max_attempts: int = 3

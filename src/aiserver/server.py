@@ -11,6 +11,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from imagetasks.v1 import (
+    agent_service_pb2,
+    agent_service_pb2_grpc,
     artifact_service_pb2,
     artifact_service_pb2_grpc,
     generation_service_pb2,
@@ -21,6 +23,7 @@ from imagetasks.v1 import (
     transform_service_pb2_grpc,
 )
 
+from aiserver.api.agents import AgentServicer
 from aiserver.api.artifacts import ArtifactServicer
 from aiserver.api.generation import GenerationServicer, SubmitLimits
 from aiserver.api.jobs import JobServicer
@@ -53,6 +56,7 @@ _TRANSFORM = _service_name(transform_service_pb2, "TransformService")
 _GENERATION = _service_name(generation_service_pb2, "GenerationService")
 _JOBS = _service_name(job_service_pb2, "JobService")
 _ARTIFACTS = _service_name(artifact_service_pb2, "ArtifactService")
+_AGENTS = _service_name(agent_service_pb2, "AgentService")
 HEALTH_POLL_S = 1.0
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -92,7 +96,7 @@ class Service:
         self._health_task: asyncio.Task[None] | None = None
 
     def _services(self) -> Sequence[str]:
-        return (_TRANSFORM, _GENERATION, _JOBS, _ARTIFACTS)
+        return (_TRANSFORM, _GENERATION, _JOBS, _ARTIFACTS, _AGENTS)
 
     async def start(self) -> int:
         s = self.settings
@@ -155,6 +159,9 @@ class Service:
                 chunk_bytes=s.chunk_bytes,
             ),
             server,
+        )
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.providers), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (*self._services(), health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from aiserver.artifacts.store import ArtifactStore
-from aiserver.errors import ErrorKind, ServiceError
+from aiserver.errors import ServiceError
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Finished, InputRef, Job, JobEvent, Stage
 from aiserver.jobs.scheduler import SchedulerSettings, default_spec

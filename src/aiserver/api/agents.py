@@ -1,0 +1,85 @@
+"""AgentService: the providers that run jobs, as operators see them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+from imagetasks.v1 import agent_service_pb2 as agpb
+from imagetasks.v1 import agent_service_pb2_grpc
+
+from aiserver.api.convert import task_to_proto
+from aiserver.api.status import rpc
+from aiserver.errors import ErrorKind, ServiceError
+from aiserver.jobs.scheduler import default_spec
+from aiserver.providers.base import Provider
+from aiserver.providers.comfy import AgentSnapshot, AgentState, ComfyPool
+from aiserver.tasks import TaskKind
+
+__all__ = ["AgentServicer"]
+
+_STATES = {
+    AgentState.STARTING: agpb.Agent.STATE_STARTING,
+    AgentState.ONLINE: agpb.Agent.STATE_ONLINE,
+    AgentState.OFFLINE: agpb.Agent.STATE_OFFLINE,
+    AgentState.DISABLED: agpb.Agent.STATE_DISABLED,
+}
+
+
+class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
+    def __init__(
+        self,
+        providers: Sequence[Provider],
+        *,
+        is_admin: Callable[[Any], bool] = lambda _ctx: True,
+    ) -> None:
+        self._providers = providers
+        self._is_admin = is_admin
+
+    @rpc
+    async def ListAgents(
+        self, request: agpb.ListAgentsRequest, context: Any
+    ) -> agpb.ListAgentsResponse:
+        if not self._is_admin(context):
+            raise ServiceError(ErrorKind.PERMISSION_DENIED, "ADMIN_ONLY", "needs an admin key")
+        agents: list[agpb.Agent] = []
+        for provider in self._providers:
+            if isinstance(provider, ComfyPool):
+                agents.extend(_comfy_agent(s) for s in provider.snapshot())
+            else:
+                agents.append(_in_process(provider))
+        return agpb.ListAgentsResponse(agents=agents)
+
+
+def _comfy_agent(snap: AgentSnapshot) -> agpb.Agent:
+    agent = agpb.Agent(
+        name=snap.name,
+        kind=agpb.Agent.KIND_COMFYUI,
+        url=snap.url,
+        state=_STATES[snap.state],
+        priority=snap.priority,
+        max_concurrent_jobs=snap.max_concurrent_jobs,
+        running_jobs=snap.running_jobs,
+        tasks=[task_to_proto(t) for t in snap.tasks],
+        models=[f"{folder}/{name}" for folder, names in snap.models.items() for name in names],
+        last_error=snap.last_error
+        or "; ".join(f"{t.value}: {why}" for t, why in snap.unavailable.items()),
+    )
+    if snap.last_seen is not None:
+        seen = timestamp_pb2.Timestamp()
+        seen.FromDatetime(snap.last_seen)
+        agent.last_seen_time.CopyFrom(seen)
+    return agent
+
+
+def _in_process(provider: Provider) -> agpb.Agent:
+    tasks = [t for t in TaskKind if provider.supports(t)]
+    ready = any(provider.can_run(t, default_spec(t)) for t in tasks)
+    return agpb.Agent(
+        name=provider.name,
+        kind=agpb.Agent.KIND_LOCAL,
+        state=agpb.Agent.STATE_ONLINE if ready else agpb.Agent.STATE_OFFLINE,
+        running_jobs=provider.load(),
+        tasks=[task_to_proto(t) for t in tasks],
+    )

@@ -1,0 +1,494 @@
+"""A pool of ComfyUI agents, as one :class:`~aiserver.providers.base.Provider`.
+
+Each agent is probed (``/system_stats``, then ``/object_info``) when the pool starts, then every
+``probe_interval_s`` while online and with exponential backoff while offline. A successful probe
+discovers the agent's node types and model files (both ``/object_info`` combo shapes) and checks
+every workflow against them; an agent is chosen for a task only if it has the task's nodes and
+the model the spec asks for, and the reason it lacks them is kept for operators.
+
+:meth:`ComfyPool.run` picks the least-loaded capable agent (higher priority breaks ties), waits
+for a free slot when all are busy, and marks an agent offline when it fails mid-job with
+:class:`ProviderUnavailable`, which it re-raises so the scheduler can retry; ``WorkItem.exclude``
+(or the ``exclude`` argument) names agents the scheduler has already tried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
+
+import httpx
+
+from aiserver.errors import ErrorKind, ServiceError
+from aiserver.providers.base import Provider, ProviderUnavailable, RunSink, WorkItem
+from aiserver.providers.comfy.client import ComfyClient, ComfyTimeouts
+from aiserver.providers.comfy.workflows import (
+    AgentCapabilities,
+    Workflow,
+    WorkflowCatalog,
+    WorkflowCheck,
+)
+from aiserver.tasks import TaskKind, TaskSpec
+
+__all__ = ["AgentConfig", "AgentSnapshot", "AgentState", "ComfyPool", "PoolSettings"]
+
+logger = logging.getLogger(__name__)
+
+# Failures that say nothing about the agent's health: it is busy, or lost one file.
+_NOT_AGENT_FAULTS = frozenset({"queue_timeout", "output_missing"})
+_REPROBE_REASONS = frozenset({"COMFYUI_MODEL_MISSING", "COMFYUI_NODE_MISSING"})
+
+
+class AgentState(enum.Enum):
+    STARTING = "STARTING"
+    """Configured and enabled, not probed yet."""
+    ONLINE = "ONLINE"
+    OFFLINE = "OFFLINE"
+    DISABLED = "DISABLED"
+
+
+class _AgentSettingsLike(Protocol):
+    """What :meth:`AgentConfig.from_settings` reads (``aiserver.config.AgentSettings``)."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def api_key(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def max_concurrent_jobs(self) -> int: ...
+    @property
+    def enabled(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """One ComfyUI agent."""
+
+    url: str
+    """Base URL, e.g. ``http://gpu-1:8188``."""
+    name: str = ""
+    """Operator-facing name; defaults to the URL's host:port."""
+    api_key: str = field(default="", repr=False)
+    """Sent as ``Authorization: Bearer`` when set (ComfyUI behind an auth proxy)."""
+    priority: int = 0
+    """Breaks ties between equally loaded agents: higher first."""
+    max_concurrent_jobs: int = 1
+    """Jobs of this pool on the agent at once; more wait for a slot."""
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"agent url must be http(s)://host:port, got {self.url!r}")
+        if self.max_concurrent_jobs < 1:
+            raise ValueError(f"agent {self.url}: max_concurrent_jobs must be at least 1")
+        if not self.name:
+            object.__setattr__(self, "name", parts.netloc)
+
+    @classmethod
+    def from_settings(cls, settings: _AgentSettingsLike) -> AgentConfig:
+        return cls(
+            url=settings.url,
+            name=settings.name,
+            api_key=settings.api_key,
+            priority=settings.priority,
+            max_concurrent_jobs=settings.max_concurrent_jobs,
+            enabled=settings.enabled,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """How the pool watches its agents."""
+
+    probe_interval_s: float = 30.0
+    """Re-probe an online agent this often (picks up new models)."""
+    backoff_initial_s: float = 1.0
+    """First wait before re-probing an offline agent; doubles up to ``backoff_max_s``."""
+    backoff_max_s: float = 60.0
+    timeouts: ComfyTimeouts = field(default_factory=ComfyTimeouts)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSnapshot:
+    """An agent as operators see it."""
+
+    name: str
+    url: str
+    state: AgentState
+    priority: int
+    max_concurrent_jobs: int
+    running_jobs: int
+    tasks: tuple[TaskKind, ...]
+    """Tasks it can serve with their default models."""
+    unavailable: Mapping[TaskKind, str]
+    """Tasks it cannot serve (or not with their default model), and why."""
+    models: Mapping[str, tuple[str, ...]]
+    """Model files by ComfyUI folder (``checkpoints``, ``upscale_models``...)."""
+    last_error: str
+    last_seen: datetime | None
+    """When a probe last succeeded."""
+    version: str
+    """``comfyui_version`` from ``/system_stats``."""
+
+
+class _Agent:
+    def __init__(self, config: AgentConfig, client: ComfyClient) -> None:
+        self.config = config
+        self.client = client
+        self.state = AgentState.STARTING if config.enabled else AgentState.DISABLED
+        self.caps: AgentCapabilities | None = None
+        self.checks: dict[TaskKind, WorkflowCheck] = {}
+        self.running = 0
+        self.last_error = ""
+        self.last_seen: datetime | None = None
+        self.version = ""
+        self.backoff = 0.0
+        self.next_probe = 0.0
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+class ComfyPool:
+    """Several ComfyUI agents behind the Provider protocol."""
+
+    def __init__(
+        self,
+        agents: Iterable[AgentConfig],
+        workflows: WorkflowCatalog,
+        *,
+        settings: PoolSettings | None = None,
+        name: str = "comfyui",
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._name = name
+        self._workflows = workflows
+        self._settings = settings or PoolSettings()
+        self._agents: dict[str, _Agent] = {}
+        for config in agents:
+            if config.name in self._agents:
+                raise ValueError(f"two agents named {config.name!r}")
+            client = ComfyClient(
+                config.name,
+                config.url,
+                api_key=config.api_key,
+                timeouts=self._settings.timeouts,
+                transport=transport,
+            )
+            self._agents[config.name] = _Agent(config, client)
+        self._changed = asyncio.Condition()
+        self._closed = False
+
+    # ---- Provider ---------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def refusal(self, task: TaskKind, spec: TaskSpec) -> ServiceError | None:
+        """Why no agent can run ``spec`` while waiting would not help; None if one can (or an
+        agent that is down now might, once it is back)."""
+        workflow = self._workflows.find(task)
+        if workflow is None:
+            return ServiceError(
+                ErrorKind.UNIMPLEMENTED,
+                "WORKFLOW_MISSING",
+                f"no ComfyUI workflow for {task.value}",
+                metadata={"task": task.value},
+            )
+        capable, reasons = self._capable(workflow, spec, frozenset())
+        if capable:
+            return None
+        error = self._none_capable(workflow, spec, reasons, frozenset())
+        return None if isinstance(error, ProviderUnavailable) else error
+
+    def load(self) -> int:
+        return sum(agent.running for agent in self._agents.values())
+
+    def supports(self, task: TaskKind) -> bool:
+        """A workflow for ``task`` and at least one enabled agent, healthy or not."""
+        return self._workflows.find(task) is not None and any(
+            a.config.enabled for a in self._agents.values()
+        )
+
+    def can_run(self, task: TaskKind, spec: TaskSpec) -> bool:
+        workflow = self._workflows.find(task)
+        return workflow is not None and bool(self._capable(workflow, spec, frozenset())[0])
+
+    async def run(
+        self, work: WorkItem, sink: RunSink, exclude: frozenset[str] = frozenset()
+    ) -> None:
+        """Run on the best agent not in ``work.exclude | exclude``.
+
+        A ProviderUnavailable names the agent in ``metadata["agent"]``, for the next exclude.
+        """
+        exclude = work.exclude | exclude
+        workflow = self._workflows.get(work.task)
+        agent = await self._acquire(work, workflow, exclude)
+        logger.info("job %s (%s) runs on agent %s", work.job_id, work.task.value, agent.config.name)
+        try:
+            await agent.client.run(work, workflow, sink)
+        except ProviderUnavailable as exc:
+            if exc.metadata.get("cause") not in _NOT_AGENT_FAULTS:
+                await self._set_offline(agent, exc.message)
+            raise
+        except ServiceError as exc:
+            if exc.reason in _REPROBE_REASONS:
+                self._probe_soon(agent)  # its models or nodes changed since the last probe
+            raise
+        finally:
+            agent.running -= 1
+            await self._notify()
+
+    # ---- operators --------------------------------------------------------------------------
+
+    def pick(
+        self, task: TaskKind, spec: TaskSpec, exclude: frozenset[str] = frozenset()
+    ) -> str | None:
+        """The agent :meth:`run` would choose now, if one has a free slot."""
+        workflow = self._workflows.find(task)
+        if workflow is None:
+            return None
+        free = [
+            a
+            for a in self._capable(workflow, spec, exclude)[0]
+            if a.running < a.config.max_concurrent_jobs
+        ]
+        return _best(free).config.name if free else None
+
+    def snapshot(self) -> tuple[AgentSnapshot, ...]:
+        extra = self._workflows.model_inputs()
+        out = []
+        for agent in self._agents.values():
+            unavailable = {t: c.reason for t, c in agent.checks.items() if not c.ok}
+            if agent.caps is not None:
+                for task in TaskKind:
+                    if task not in agent.checks:
+                        unavailable[task] = "no workflow"
+            out.append(
+                AgentSnapshot(
+                    name=agent.config.name,
+                    url=agent.config.url,
+                    state=agent.state,
+                    priority=agent.config.priority,
+                    max_concurrent_jobs=agent.config.max_concurrent_jobs,
+                    running_jobs=agent.running,
+                    tasks=tuple(t for t, c in agent.checks.items() if c.ok),
+                    unavailable=unavailable,
+                    models=agent.caps.models_by_folder(extra) if agent.caps else {},
+                    last_error=agent.last_error,
+                    last_seen=agent.last_seen,
+                    version=agent.version,
+                )
+            )
+        return tuple(out)
+
+    async def probe(self, name: str) -> AgentSnapshot:
+        """Probe one agent now and return its state."""
+        agent = self._agents[name]
+        if agent.state is not AgentState.DISABLED:
+            await self._probe(agent)
+        return next(s for s in self.snapshot() if s.name == name)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Probe every enabled agent once (concurrently), then keep watching them."""
+        enabled = [a for a in self._agents.values() if a.state is not AgentState.DISABLED]
+        await asyncio.gather(*(self._probe(a) for a in enabled))
+        for agent in enabled:
+            agent.task = asyncio.create_task(
+                self._watch(agent), name=f"comfy-probe-{agent.config.name}"
+            )
+
+    async def close(self) -> None:
+        """Stop probing and close the clients; runs still going fail as unavailable."""
+        self._closed = True
+        tasks = [a.task for a in self._agents.values() if a.task is not None]
+        for agent in self._agents.values():
+            agent.wake.set()
+        # Let a probe in flight finish: cancelling a connect mid-way can leak its socket.
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._settings.timeouts.connect_s)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._notify()
+        for agent in self._agents.values():
+            await agent.client.aclose()
+
+    async def __aenter__(self) -> ComfyPool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- probing ------------------------------------------------------------------------------
+
+    async def _watch(self, agent: _Agent) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            wait = agent.next_probe - loop.time()
+            if wait > 0:
+                agent.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await agent.wake.wait()
+                continue
+            await self._probe(agent)
+
+    async def _probe(self, agent: _Agent) -> bool:
+        s = self._settings
+        loop = asyncio.get_running_loop()
+        try:
+            stats = await agent.client.system_stats()
+            info = await agent.client.object_info()
+        except ServiceError as exc:
+            agent.backoff = min(s.backoff_max_s, agent.backoff * 2 or s.backoff_initial_s)
+            agent.next_probe = loop.time() + agent.backoff
+            await self._set_offline(agent, exc.message, reschedule=False)
+            return False
+        caps = AgentCapabilities.from_object_info(info)
+        agent.caps = caps
+        agent.checks = self._workflows.check(caps)
+        system = stats.get("system")
+        agent.version = str(system.get("comfyui_version", "")) if isinstance(system, dict) else ""
+        agent.last_seen = datetime.now(UTC)
+        agent.backoff = 0.0
+        agent.next_probe = loop.time() + s.probe_interval_s
+        if agent.state is not AgentState.ONLINE:
+            lacking = {t.value: c.reason for t, c in agent.checks.items() if not c.ok}
+            logger.info(
+                "agent %s online (ComfyUI %s); lacking: %s",
+                agent.config.name,
+                agent.version,
+                lacking or "nothing",
+            )
+        agent.state = AgentState.ONLINE
+        await self._notify()
+        return True
+
+    async def _set_offline(self, agent: _Agent, error: str, *, reschedule: bool = True) -> None:
+        if agent.state is not AgentState.OFFLINE:
+            logger.warning("agent %s offline: %s", agent.config.name, error)
+        agent.state = AgentState.OFFLINE
+        agent.last_error = error
+        if reschedule:
+            # Start the backoff over: the next probe comes soon, then further apart.
+            agent.backoff = self._settings.backoff_initial_s
+            agent.next_probe = asyncio.get_running_loop().time() + agent.backoff
+            agent.wake.set()
+        await self._notify()
+
+    def _probe_soon(self, agent: _Agent) -> None:
+        agent.next_probe = 0.0
+        agent.wake.set()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # ---- choosing ------------------------------------------------------------------------------
+
+    def _capable(
+        self, workflow: Workflow, spec: TaskSpec, exclude: frozenset[str]
+    ) -> tuple[list[_Agent], dict[str, str]]:
+        """Online agents that can run ``spec``, and why each other agent cannot."""
+        capable, reasons = [], {}
+        for name, agent in self._agents.items():
+            if name in exclude:
+                reasons[name] = "already tried"
+            elif agent.state is not AgentState.ONLINE or agent.caps is None:
+                reasons[name] = agent.state.value.lower() + (
+                    f" ({agent.last_error})" if agent.last_error else ""
+                )
+            elif why := workflow.can_serve(agent.caps, spec):
+                reasons[name] = why
+            else:
+                capable.append(agent)
+        return capable, reasons
+
+    async def _acquire(self, work: WorkItem, workflow: Workflow, exclude: frozenset[str]) -> _Agent:
+        resumed = self._agents.get(work.resume.get("agent", ""))
+        if (
+            resumed is not None
+            and resumed.config.name not in exclude
+            and resumed.state is not AgentState.DISABLED
+            and work.resume.get("prompt_id")
+        ):
+            # Its prompt is already on that agent: follow it there, slot or not.
+            resumed.running += 1
+            return resumed
+        async with self._changed:
+            while True:
+                if self._closed:
+                    raise ProviderUnavailable("the ComfyUI pool is closed")
+                capable, reasons = self._capable(workflow, work.spec, exclude)
+                if not capable:
+                    raise self._none_capable(workflow, work.spec, reasons, exclude)
+                free = [a for a in capable if a.running < a.config.max_concurrent_jobs]
+                if free:
+                    agent = _best(free)
+                    agent.running += 1
+                    return agent
+                await self._changed.wait()
+
+    def _none_capable(
+        self,
+        workflow: Workflow,
+        spec: TaskSpec,
+        reasons: Mapping[str, str],
+        exclude: frozenset[str],
+    ) -> ServiceError:
+        detail = "; ".join(f"{name}: {why}" for name, why in reasons.items()) or "none configured"
+        # An agent that is down but could serve (or was never seen) may come back: retryable.
+        could_return = [
+            agent
+            for name, agent in self._agents.items()
+            if name not in exclude
+            and agent.state in (AgentState.STARTING, AgentState.OFFLINE)
+            and (agent.caps is None or not workflow.can_serve(agent.caps, spec))
+        ]
+        unable = [
+            reasons[name]
+            for name, agent in self._agents.items()
+            if name not in exclude and agent.state is AgentState.ONLINE
+        ]
+        if unable and not could_return:
+            models = any(why.startswith("missing models") for why in unable)
+            return ServiceError(
+                ErrorKind.FAILED_PRECONDITION,
+                "COMFYUI_MODEL_MISSING" if models else "COMFYUI_NODE_MISSING",
+                f"no ComfyUI agent can run {workflow.task.value}: {detail}",
+                metadata={"task": workflow.task.value, "agents": detail[:1000]},
+            )
+        error = ProviderUnavailable(
+            f"no ComfyUI agent available for {workflow.task.value}: {detail}"
+        )
+        error.metadata = {"agent": "", "cause": "no_agent", "agents": detail[:1000]}
+        return error
+
+
+def _best(agents: list[_Agent]) -> _Agent:
+    # Fewest running jobs; then higher priority; then name, for a stable choice.
+    return min(agents, key=lambda a: (a.running, -a.config.priority, a.config.name))
+
+
+if TYPE_CHECKING:
+
+    def _conforms(pool: ComfyPool) -> Provider:
+        return pool  # mypy proves ComfyPool satisfies the Provider protocol

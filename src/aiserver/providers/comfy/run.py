@@ -1,0 +1,527 @@
+"""One job on one agent: upload, queue, follow the websocket, recover, download.
+
+See :mod:`aiserver.providers.comfy.client` for the steps; this module is the state machine of a
+single run (:class:`Run`), driven through a :class:`~aiserver.providers.comfy.client.ComfyClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import mimetypes
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, UnidentifiedImageError
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from aiserver.errors import ErrorKind, FieldViolation, ServiceError
+from aiserver.jobs.model import Stage
+from aiserver.providers.base import (
+    SHUTDOWN,
+    GeneratedImage,
+    GeneratedText,
+    ProviderProgress,
+    ProviderUnavailable,
+    RunSink,
+    WorkItem,
+)
+from aiserver.providers.comfy.errors import execution_failure, interrupted, prompt_rejection
+from aiserver.providers.comfy.workflows import BuiltPrompt, Workflow
+
+if TYPE_CHECKING:
+    from aiserver.providers.comfy.client import ComfyClient, RemoteJob
+
+__all__ = ["Run"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Tracker:
+    """Node-level progress over the graph: never decreasing."""
+
+    def __init__(self, built: BuiltPrompt) -> None:
+        self.built = built
+        self.to_run = built.nodes_to_run
+        self.done: set[str] = set()
+        self.node = ""
+        self.step = 0
+        self.max_steps = 0
+        self.best = 0.0
+
+    def fraction(self) -> float:
+        total = max(1, len(self.to_run))
+        done = len(self.done & self.to_run)
+        current = 0.0
+        if self.node and self.node in self.to_run and self.node not in self.done:
+            current = self.step / self.max_steps if self.max_steps > 0 else 0.0
+        self.best = max(self.best, min(1.0, (done + min(current, 1.0)) / total))
+        return self.best
+
+    def start(self, node: str) -> None:
+        if self.node and self.node != node:
+            self.done.add(self.node)
+        if node != self.node:
+            self.node, self.step, self.max_steps = node, 0, 0
+
+    def progress(self, node: str, value: int, maximum: int) -> None:
+        self.start(node)
+        self.step, self.max_steps = value, maximum
+
+    def finished(self, nodes: Iterable[str]) -> None:
+        self.done.update(nodes)
+
+    def update(self, stage: Stage = Stage.RUNNING) -> ProviderProgress:
+        return ProviderProgress(
+            stage=stage,
+            fraction=self.fraction(),
+            node=self.node,
+            node_type=self.built.class_type(self.node) if self.node else "",
+            step=self.step,
+            max_steps=self.max_steps,
+        )
+
+
+class Run:
+    """The state of one run of one job on one agent."""
+
+    def __init__(
+        self,
+        client: ComfyClient,
+        work: WorkItem,
+        workflow: Workflow,
+        sink: RunSink,
+        resume: Mapping[str, str],
+    ) -> None:
+        self.c = client
+        self.work = work
+        self.workflow = workflow
+        self.sink = sink
+        self.resume = resume
+        self.client_id = resume.get("client_id") or uuid.uuid4().hex
+        self.prompt_id = resume.get("prompt_id") or str(uuid.uuid4())
+        seed = resume.get("seed", "")
+        self.seed = int(seed) if seed.isdigit() else None
+        self.ws: ClientConnection | None = None
+        self.built: BuiltPrompt | None = None
+        self.tracker: _Tracker | None = None
+        self.queued = False  # the prompt may exist on the agent
+        self.started = False
+        self.finished = False  # the agent is done with the prompt
+        self.success = False
+        self.outputs: dict[str, Any] = {}
+        self.loop = asyncio.get_running_loop()
+        self.started_at = 0.0
+        self.queued_at = 0.0
+        self.position_checked = 0.0
+        self.last_sent: ProviderProgress | None = None
+        self.best = 0.0
+
+    # -- top level --
+
+    async def execute(self) -> None:
+        try:
+            await self._execute()
+        except asyncio.CancelledError as cancel:
+            if cancel.args and cancel.args[0] == SHUTDOWN:
+                # The server is stopping: leave the prompt running; the checkpoint re-attaches.
+                logger.info("detaching from prompt %s on %s", self.prompt_id, self.c.name)
+            elif self.queued and not self.finished:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(self.c.spawn(self._abandon("cancelled")))
+            raise
+        except Exception:
+            if self.queued and not self.finished:
+                await self._abandon("failed")
+            raise
+        finally:
+            if self.ws is not None:
+                with contextlib.suppress(Exception):
+                    await self.ws.close()
+
+    async def _execute(self) -> None:
+        self.ws = await self.c.open_websocket(self.client_id)
+        attached = False
+        if self.resume.get("prompt_id"):
+            attached = await self._attach()
+            if self.finished:
+                await self._deliver()
+                return
+        if not attached:
+            await self._emit(ProviderProgress(Stage.UPLOADING))
+            uploads = await self._upload_inputs()
+            self.built = self.workflow.build(self.work, uploads, seed=self.seed)
+            self.tracker = _Tracker(self.built)
+            await self.sink.checkpoint(self._checkpoint())
+            await self._queue()
+        await self._follow()
+        await self._deliver()
+
+    def _checkpoint(self) -> dict[str, str]:
+        assert self.built is not None
+        state = {"agent": self.c.name, "prompt_id": self.prompt_id, "client_id": self.client_id}
+        if self.built.seed is not None:
+            state["seed"] = str(self.built.seed)
+        return state
+
+    async def _attach(self) -> bool:
+        """Follow a prompt an earlier process queued; False when the agent lost it."""
+        state = await self.c.remote_job(self.prompt_id)
+        if state.state == "unknown":
+            logger.info("agent %s has no prompt %s: queueing again", self.c.name, self.prompt_id)
+            return False
+        # The graph only serves tracking here: upload names do not matter, the seed does.
+        names = {name: self._upload_name(name) for name in self.work.task.inputs}
+        self.built = self.workflow.build(self.work, names, seed=self.seed)
+        self.tracker = _Tracker(self.built)
+        self.queued = True
+        logger.info("re-attached to prompt %s on %s (%s)", self.prompt_id, self.c.name, state.state)
+        await self._absorb(state)
+        return True
+
+    # -- uploading and queueing --
+
+    def _upload_name(self, name: str) -> str:
+        item = self.work.inputs[name]
+        suffix = PurePosixPath(item.file_name).suffix.lower()
+        if not suffix or len(suffix) > 6:
+            suffix = mimetypes.guess_extension(item.mime_type) or ".png"
+        job = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.work.job_id)
+        return f"{job}-{name}-{item.sha256[:8]}{suffix}"
+
+    async def _upload_inputs(self) -> dict[str, str]:
+        uploads = {}
+        for name in self.work.task.inputs:
+            item = self.work.inputs.get(name)
+            if item is None:
+                raise ServiceError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "MISSING_INPUT",
+                    f"missing input: {name}",
+                    violations=(FieldViolation(name, "required"),),
+                    metadata={"field": name},
+                )
+            data = await asyncio.to_thread(item.path.read_bytes)
+            uploaded = await self.c.upload_image(data, self._upload_name(name), item.mime_type)
+            uploads[name] = uploaded.path
+        return uploads
+
+    async def _queue(self) -> None:
+        assert self.built is not None
+        self.queued = True  # set first: a timed-out POST may still have queued it
+        body = {
+            "prompt": self.built.graph,
+            "client_id": self.client_id,
+            "prompt_id": self.prompt_id,
+        }
+        accepted, answer = await self.c.post_prompt(body)
+        if not accepted:
+            self.queued = False
+            raise prompt_rejection(answer, self.workflow, self.built.graph, self.c.name)
+        ours = {o.node for o in self.built.outputs}
+        node_errors = answer.get("node_errors") or {}
+        if isinstance(node_errors, dict) and any(
+            ours & set(entry.get("dependent_outputs", []))
+            for entry in node_errors.values()
+            if isinstance(entry, dict)
+        ):
+            # A 200 runs the valid outputs only; ours would not come.
+            raise prompt_rejection(answer, self.workflow, self.built.graph, self.c.name)
+        self.queued_at = self.loop.time()
+        logger.info(
+            "queued prompt %s on %s for job %s", self.prompt_id, self.c.name, self.work.job_id
+        )
+        await self._report_position(force=True)
+
+    # -- following --
+
+    async def _follow(self) -> None:
+        t = self.c.timeouts
+        if not self.queued_at:
+            self.queued_at = self.loop.time()
+        last_ours = last_heard = self.loop.time()
+        while not self.finished:
+            now = self.loop.time()
+            if self.started:
+                deadline = min(self.started_at + t.execution_s, last_ours + t.idle_s)
+            else:
+                deadline = self.queued_at + t.queue_wait_s
+            assert self.ws is not None
+            try:
+                async with asyncio.timeout(max(0.0, min(deadline, last_heard + t.poll_s) - now)):
+                    raw = await self.ws.recv()
+            except TimeoutError:
+                now = self.loop.time()
+                if now >= deadline:
+                    raise self._timeout_error(now, last_ours) from None
+                await self._absorb(await self.c.remote_job(self.prompt_id))
+                last_heard = now
+                continue
+            except ConnectionClosed:
+                logger.warning("websocket to %s dropped during %s", self.c.name, self.prompt_id)
+                await self._reconnect()
+                await self._absorb(await self.c.remote_job(self.prompt_id))
+                last_heard = last_ours = self.loop.time()
+                continue
+            last_heard = self.loop.time()
+            if await self._on_message(raw):
+                last_ours = last_heard
+
+    def _timeout_error(self, now: float, last_ours: float) -> ProviderUnavailable:
+        t = self.c.timeouts
+        if not self.started:
+            what, cause = f"did not start within {t.queue_wait_s:g}s", "queue_timeout"
+        elif now >= self.started_at + t.execution_s:
+            what, cause = f"did not finish within {t.execution_s:g}s", "execution_timeout"
+        else:
+            what, cause = f"sent nothing for {t.idle_s:g}s", "idle_timeout"
+        return self.c.unavailable(
+            f"prompt {self.prompt_id} {what}", cause=cause, prompt_id=self.prompt_id
+        )
+
+    async def _reconnect(self) -> None:
+        t = self.c.timeouts
+        deadline = self.loop.time() + t.reconnect_s
+        delay = t.backoff_initial_s
+        while True:
+            try:
+                self.ws = await self.c.open_websocket(self.client_id)
+                return
+            except ProviderUnavailable as exc:
+                if self.loop.time() + delay > deadline:
+                    raise self.c.unavailable(
+                        f"websocket lost and not regained within {t.reconnect_s:g}s: {exc.message}",
+                        cause="websocket",
+                        prompt_id=self.prompt_id,
+                    ) from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, t.backoff_max_s)
+
+    async def _on_message(self, raw: str | bytes) -> bool:
+        """Handle one frame; True when it was about our prompt."""
+        if isinstance(raw, bytes):
+            return self.started  # a preview frame while we run
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            logger.warning("agent %s sent a frame that is not JSON", self.c.name)
+            return False
+        kind = message.get("type") if isinstance(message, dict) else None
+        data = message.get("data") if isinstance(message, dict) else None
+        if not isinstance(data, dict):
+            return False
+        if kind == "status":
+            if not self.started:
+                await self._report_position()
+            return False
+        if data.get("prompt_id") != self.prompt_id:
+            return False
+        tracker = self.tracker
+        assert tracker is not None
+        if kind == "execution_start":
+            self._mark_started()
+        elif kind == "execution_cached":
+            self._mark_started()
+            tracker.finished(str(n) for n in data.get("nodes") or [])
+        elif kind == "executing":
+            self._mark_started()
+            node = data.get("node")
+            if node is None:  # the end marker: history is written by now
+                await self._on_end()
+                return True
+            tracker.start(str(node))
+        elif kind == "progress":
+            self._mark_started()
+            tracker.progress(
+                str(data.get("node", "")), _int(data.get("value")), _int(data.get("max"))
+            )
+        elif kind == "progress_state":
+            nodes = data.get("nodes") or {}
+            if isinstance(nodes, dict):
+                tracker.finished(
+                    str(n)
+                    for n, s in nodes.items()
+                    if isinstance(s, dict) and s.get("state") == "finished"
+                )
+        elif kind == "executed":
+            node = str(data.get("node"))
+            tracker.finished([node])
+            if isinstance(data.get("output"), dict):
+                self.outputs[node] = data["output"]
+        elif kind == "execution_success":
+            self.success = True
+            if all(o.node in self.outputs for o in self.built_outputs):
+                self.finished = True
+            return True
+        elif kind == "execution_error":
+            self.finished = True
+            raise execution_failure(data, self.c.name)
+        elif kind == "execution_interrupted":
+            self.finished = True
+            raise interrupted(data, self.c.name)
+        else:
+            return True
+        if self.started:
+            await self._emit(tracker.update())
+        return True
+
+    @property
+    def built_outputs(self) -> Sequence[Any]:
+        assert self.built is not None
+        return self.built.outputs
+
+    def _mark_started(self) -> None:
+        if not self.started:
+            self.started = True
+            self.started_at = self.loop.time()
+
+    async def _on_end(self) -> None:
+        if self.success and all(o.node in self.outputs for o in self.built_outputs):
+            self.finished = True
+            return
+        # Outcome or outputs were missed (a reconnect): history has them now.
+        state = await self.c.remote_job(self.prompt_id)
+        if state.state != "done":
+            raise self.c.unavailable(
+                f"prompt {self.prompt_id} ended but the agent reports it {state.state}",
+                cause="inconsistent",
+                prompt_id=self.prompt_id,
+            )
+        await self._absorb(state)
+
+    async def _absorb(self, state: RemoteJob) -> None:
+        """Take in what HTTP says about the prompt (after a reconnect, a poll, a resume)."""
+        if state.state == "pending":
+            if not self.started:
+                await self._report_position()
+            return
+        if state.state == "running":
+            self._mark_started()
+            return
+        if state.state == "unknown":
+            self.queued = False
+            raise self.c.unavailable(
+                f"prompt {self.prompt_id} vanished from the agent (restarted or deleted?)",
+                cause="prompt_lost",
+                prompt_id=self.prompt_id,
+            )
+        self.finished = True
+        for node, output in state.outputs.items():
+            if isinstance(output, dict):
+                self.outputs.setdefault(str(node), output)
+        if state.success:
+            self.success = True
+            return
+        for entry in state.messages:
+            if isinstance(entry, list | tuple) and len(entry) >= 2 and isinstance(entry[1], dict):
+                if entry[0] == "execution_error":
+                    raise execution_failure(entry[1], self.c.name)
+                if entry[0] == "execution_interrupted":
+                    raise interrupted(entry[1], self.c.name)
+        raise ServiceError(
+            ErrorKind.INTERNAL,
+            "COMFYUI_EXECUTION_ERROR",
+            f"ComfyUI agent {self.c.name}: prompt {self.prompt_id} failed without details",
+            metadata={"agent": self.c.name, "prompt_id": self.prompt_id},
+        )
+
+    async def _report_position(self, *, force: bool = False) -> None:
+        now = self.loop.time()
+        if not force and now - self.position_checked < 0.5:
+            return
+        self.position_checked = now
+        position = await self.c.queue_position(self.prompt_id)
+        if position is not None and not self.started:
+            await self._emit(ProviderProgress(Stage.PENDING, queue_position=position))
+
+    # -- results --
+
+    async def _deliver(self) -> None:
+        assert self.built is not None
+        images: list[dict[str, Any]] = []
+        texts: list[tuple[str, str]] = []
+        for binding in self.built.outputs:
+            output = self.outputs.get(binding.node) or {}
+            if binding.kind == "images":
+                images += [i for i in output.get("images") or [] if isinstance(i, dict)]
+            else:
+                texts += [(binding.node, str(t)) for t in output.get("text") or []]
+        if not images and not texts:
+            raise ServiceError(
+                ErrorKind.INTERNAL,
+                "COMFYUI_NO_OUTPUTS",
+                f"ComfyUI agent {self.c.name}: prompt {self.prompt_id} succeeded with no outputs",
+                metadata={"agent": self.c.name, "prompt_id": self.prompt_id},
+            )
+        if images:
+            await self._emit(ProviderProgress(Stage.DOWNLOADING, fraction=1.0))
+        for ref in images:
+            file_name = str(ref.get("filename", ""))
+            data, content_type = await self.c.view(
+                file_name, str(ref.get("subfolder", "")), str(ref.get("type", "output"))
+            )
+            mime, width, height = _describe(data, content_type)
+            await self.sink.image(
+                GeneratedImage(data, file_name, mime, width, height, seed=self.built.seed)
+            )
+        for node, text in texts:
+            await self.sink.text(GeneratedText(text, node))
+
+    async def _emit(self, update: ProviderProgress) -> None:
+        self.best = max(self.best, update.fraction)
+        if update.fraction < self.best:
+            update = ProviderProgress(
+                update.stage,
+                self.best,
+                update.queue_position,
+                update.node,
+                update.node_type,
+                update.step,
+                update.max_steps,
+            )
+        if update != self.last_sent:
+            self.last_sent = update
+            await self.sink.progress(update)
+
+    async def _abandon(self, why: str) -> None:
+        """Take our prompt off the agent: delete it if pending, interrupt it if running."""
+        try:
+            async with asyncio.timeout(self.c.timeouts.cancel_s):
+                if not self.started:
+                    await self.c.delete_pending([self.prompt_id])
+                    if (await self.c.remote_job(self.prompt_id)).state != "running":
+                        return
+                await self.c.interrupt(self.prompt_id)
+        except (ServiceError, TimeoutError) as exc:
+            logger.warning(
+                "could not withdraw prompt %s (%s) from %s: %s",
+                self.prompt_id,
+                why,
+                self.c.name,
+                exc,
+            )
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _describe(data: bytes, content_type: str) -> tuple[str, int, int]:
+    """MIME type and size of an image, from its header."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            mime = (
+                Image.MIME.get(img.format or "", "") or content_type or "application/octet-stream"
+            )
+            return mime, img.width, img.height
+    except (UnidentifiedImageError, OSError):
+        return content_type.split(";", maxsplit=1)[0] or "application/octet-stream", 0, 0

@@ -1,0 +1,379 @@
+"""ComfyPool against several stand-ins: discovery, choice, slots, failover, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiserver.errors import ErrorKind, ServiceError
+from aiserver.providers.base import SHUTDOWN, Provider, ProviderUnavailable, WorkItem
+from aiserver.providers.comfy.pool import AgentConfig, AgentState, ComfyPool, PoolSettings
+from aiserver.providers.comfy.workflows import WorkflowCatalog
+from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, ImageUpscaleSpec, TaskKind
+from tests.comfy.conftest import Spawn, StandInFactory
+from tests.comfy.helpers import FAST, RecordingSink, png, work_item, write_input
+
+SETTINGS = PoolSettings(
+    probe_interval_s=0.2, backoff_initial_s=0.05, backoff_max_s=0.2, timeouts=FAST
+)
+
+
+@pytest.fixture
+async def pools() -> AsyncIterator[list[ComfyPool]]:
+    made: list[ComfyPool] = []
+    yield made
+    for pool in made:
+        await pool.close()
+
+
+async def started(
+    pools: list[ComfyPool], catalog: WorkflowCatalog, *agents: AgentConfig, **settings: Any
+) -> ComfyPool:
+    pool = ComfyPool(agents, catalog, settings=dataclasses.replace(SETTINGS, **settings))
+    pools.append(pool)
+    async with asyncio.timeout(5):
+        await pool.start()
+    return pool
+
+
+def upscale(
+    inputs_dir: Path, job_id: str = "01JPOOLJOB0000000000000000", model: str = ""
+) -> WorkItem:
+    image = write_input(inputs_dir, "image", png(40, 30))
+    spec = ImageUpscaleSpec(model=model)
+    return work_item(TaskKind.IMAGE_UPSCALE, spec, {"image": image}, job_id=job_id)
+
+
+async def run(
+    pool: ComfyPool, work: WorkItem, exclude: frozenset[str] = frozenset()
+) -> RecordingSink:
+    sink = RecordingSink()
+    async with asyncio.timeout(10):
+        await pool.run(work, sink, exclude=exclude)
+    return sink
+
+
+async def test_discovery_and_snapshot(
+    make_standin: StandInFactory, pools: list[ComfyPool], catalog: WorkflowCatalog
+) -> None:
+    full = await make_standin()
+    bare = await make_standin(
+        missing_nodes=["Florence2Run", "DownloadAndLoadFlorence2Model"],
+        models={"checkpoints": ["other.safetensors"], "upscale_models": ["RealESRGAN_x2.pth"]},
+    )
+    pool = await started(
+        pools,
+        catalog,
+        AgentConfig(full.url, name="full", priority=2, max_concurrent_jobs=3),
+        AgentConfig(bare.url, name="bare"),
+        AgentConfig("http://127.0.0.1:9", name="off", enabled=False),
+    )
+    provider: Provider = pool  # the scheduler's protocol (mypy checks conformance in pool.py)
+    assert provider.name == "comfyui"
+    snap = {s.name: s for s in pool.snapshot()}
+    assert snap["full"].state is AgentState.ONLINE and snap["full"].version == "0.8.0"
+    assert set(snap["full"].tasks) == set(TaskKind)
+    assert snap["full"].models["upscale_models"] == (
+        "RealESRGAN_x2.pth",
+        "RealESRGAN_x4plus.pth",
+        "corrupt_for_probe.pth",
+    )
+    assert "v1-5-pruned-emaonly.safetensors" in snap["full"].models["checkpoints"]
+    assert (snap["full"].priority, snap["full"].max_concurrent_jobs) == (2, 3)
+    assert snap["full"].last_seen is not None
+    bare_snap = snap["bare"]
+    assert set(bare_snap.tasks) == {TaskKind.IMAGE_UPSCALE}
+    assert "Florence2Run" in bare_snap.unavailable[TaskKind.IMAGE_TO_TEXT]
+    assert (
+        "checkpoints/v1-5-pruned-emaonly.safetensors"
+        in bare_snap.unavailable[TaskKind.IMAGE_TO_IMAGE]
+    )
+    assert snap["off"].state is AgentState.DISABLED
+    # can_run: nodes and the model the spec asks for
+    assert pool.can_run(TaskKind.IMAGE_TO_TEXT, ImageToTextSpec())
+    assert pool.can_run(TaskKind.IMAGE_TO_IMAGE, ImageToImageSpec("x", model="other.safetensors"))
+    assert (
+        pool.pick(TaskKind.IMAGE_TO_IMAGE, ImageToImageSpec("x", model="other.safetensors"))
+        == "bare"
+    )
+    assert not pool.can_run(
+        TaskKind.IMAGE_TO_IMAGE, ImageToImageSpec("x", model="absent.safetensors")
+    )
+    assert (
+        pool.pick(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec()) == "full"
+    )  # priority breaks the tie
+
+
+async def test_runs_on_the_agent_that_has_the_model(
+    make_standin: StandInFactory, pools: list[ComfyPool], catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    a = await make_standin(models={"upscale_models": ["RealESRGAN_x2.pth"]})
+    b = await make_standin(models={"upscale_models": ["4x_special.pth"]})
+    pool = await started(pools, catalog, AgentConfig(a.url, name="a"), AgentConfig(b.url, name="b"))
+    sink = await run(pool, upscale(inputs_dir, model="4x_special.pth"))
+    assert sink.image_sizes() == [(80, 60)]
+    assert len(b.received.prompts) == 1 and a.received.prompts == []
+    with pytest.raises(ServiceError) as caught:
+        await run(pool, upscale(inputs_dir, model="absent.pth"))
+    assert (caught.value.kind, caught.value.reason) == (
+        ErrorKind.FAILED_PRECONDITION,
+        "COMFYUI_MODEL_MISSING",
+    )
+    assert "a: missing models: upscale_models/absent.pth" in caught.value.message
+
+
+async def test_failover_after_a_500(
+    make_standin: StandInFactory, pools: list[ComfyPool], catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    a = await make_standin()
+    b = await make_standin()
+    a.fail_http("/prompt")
+    pool = await started(
+        pools, catalog, AgentConfig(a.url, name="a", priority=9), AgentConfig(b.url, name="b")
+    )
+    work = upscale(inputs_dir)
+    with pytest.raises(ProviderUnavailable) as caught:
+        await run(pool, work)
+    assert caught.value.metadata["agent"] == "a"
+    tried = frozenset({caught.value.metadata["agent"]})
+    sink = await run(pool, dataclasses.replace(work, attempt=2), exclude=tried)
+    assert sink.image_sizes() == [(80, 60)] and len(b.received.prompts) == 1
+    # Marked offline at once; its probes (which /prompt failures do not affect) bring it back.
+    assert "500" in {s.name: s for s in pool.snapshot()}["a"].last_error
+    with pytest.raises(ProviderUnavailable):  # every agent tried
+        await run(pool, work, exclude=frozenset({"a", "b"}))
+
+
+async def test_agent_killed_mid_job_then_retry_elsewhere(
+    make_standin: StandInFactory,
+    pools: list[ComfyPool],
+    catalog: WorkflowCatalog,
+    inputs_dir: Path,
+    spawn: Spawn,
+) -> None:
+    a = await make_standin()
+    b = await make_standin()
+    a.hang_at("3")
+    pool = await started(
+        pools,
+        catalog,
+        AgentConfig(a.url, name="a", priority=5),
+        AgentConfig(b.url, name="b"),
+        timeouts=dataclasses.replace(FAST, reconnect_s=0.3),
+    )
+    work = upscale(inputs_dir)
+    sink = RecordingSink()
+    task = spawn(pool.run(work, sink))
+    await a.wait_for(lambda: a.running_prompt is not None)
+    assert pool.load() == 1
+    await a.kill()
+    with pytest.raises(ProviderUnavailable) as caught:
+        async with asyncio.timeout(5):
+            await task
+    assert caught.value.metadata["agent"] == "a"
+    assert pool.load() == 0
+    state = {s.name: s for s in pool.snapshot()}["a"]
+    assert state.state is AgentState.OFFLINE and state.last_error
+    retry = await run(pool, dataclasses.replace(work, attempt=2), exclude=frozenset({"a"}))
+    assert retry.image_sizes() == [(80, 60)]
+
+
+async def test_offline_agent_comes_back(
+    make_standin: StandInFactory, pools: list[ComfyPool], catalog: WorkflowCatalog
+) -> None:
+    standin = await make_standin()
+    await standin.kill()
+    pool = await started(pools, catalog, AgentConfig(standin.url, name="a"))
+    (snap,) = pool.snapshot()
+    assert snap.state is AgentState.OFFLINE and "connection" in snap.last_error.lower()
+    assert not pool.can_run(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec())
+    await standin.restart()
+    async with asyncio.timeout(5):
+        while pool.snapshot()[0].state is not AgentState.ONLINE:
+            await asyncio.sleep(0.02)
+    assert pool.can_run(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec())
+
+
+async def test_no_agent_online_is_unavailable(
+    pools: list[ComfyPool], catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    pool = await started(pools, catalog, AgentConfig("http://127.0.0.1:9", name="gone"))
+    with pytest.raises(ProviderUnavailable) as caught:
+        await run(pool, upscale(inputs_dir))
+    assert "gone: offline" in caught.value.message
+
+
+async def test_least_loaded_and_slots(
+    make_standin: StandInFactory,
+    pools: list[ComfyPool],
+    catalog: WorkflowCatalog,
+    inputs_dir: Path,
+    spawn: Spawn,
+) -> None:
+    a = await make_standin()
+    b = await make_standin()
+    a.pause_queue()
+    b.pause_queue()
+    pool = await started(
+        pools,
+        catalog,
+        AgentConfig(a.url, name="a", priority=1),
+        AgentConfig(b.url, name="b", priority=5),
+    )
+    sinks = [RecordingSink() for _ in range(3)]
+    tasks = [spawn(pool.run(upscale(inputs_dir, job_id=f"JOB{i}"), sinks[i])) for i in range(3)]
+    await a.wait_for(lambda: len(a.pending_prompts) == 1 and len(b.pending_prompts) == 1)
+    await asyncio.sleep(0.05)
+    # b first (priority), then a (least loaded); the third waits for a slot.
+    assert [s.running_jobs for s in pool.snapshot()] == [1, 1]
+    assert len(a.received.prompts) + len(b.received.prompts) == 2
+    assert b.received.prompts[0]["prompt"]["5"]["inputs"]["filename_prefix"].endswith("JOB0")
+    a.resume_queue()
+    b.resume_queue()
+    async with asyncio.timeout(10):
+        await asyncio.gather(*tasks)
+    assert len(a.received.prompts) + len(b.received.prompts) == 3
+    assert all(s.image_sizes() == [(80, 60)] for s in sinks)
+    assert pool.load() == 0
+
+
+async def test_resume_goes_to_the_named_agent(
+    make_standin: StandInFactory, pools: list[ComfyPool], catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    a = await make_standin()
+    b = await make_standin()
+    pool = await started(
+        pools, catalog, AgentConfig(a.url, name="a", priority=9), AgentConfig(b.url, name="b")
+    )
+    work = upscale(inputs_dir)
+    first = await run(pool, work)
+    resume = first.checkpoints[0]
+    assert resume["agent"] == "a"
+    again = await run(pool, dataclasses.replace(work, attempt=2, resume=resume))
+    assert again.image_sizes() == [(80, 60)]
+    assert len(a.received.prompts) == 1 and b.received.prompts == []  # recovered, not re-run
+    other = await run(pool, dataclasses.replace(work, resume=resume), exclude=frozenset({"a"}))
+    assert other.image_sizes() == [(80, 60)] and len(b.received.prompts) == 1
+
+
+async def test_api_key_is_sent_and_checked(
+    make_standin: StandInFactory, pools: list[ComfyPool], catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    standin = await make_standin(api_key="s3cret")
+    pool = await started(
+        pools,
+        catalog,
+        AgentConfig(standin.url, name="good", api_key="s3cret"),
+        AgentConfig(standin.url, name="bad", api_key="wrong"),
+    )
+    snap = {s.name: s for s in pool.snapshot()}
+    assert snap["good"].state is AgentState.ONLINE
+    assert snap["bad"].state is AgentState.OFFLINE and "api key" in snap["bad"].last_error
+    assert "s3cret" not in repr(AgentConfig(standin.url, api_key="s3cret"))
+    sink = await run(pool, upscale(inputs_dir))
+    assert sink.image_sizes() == [(80, 60)]
+    assert all(
+        h.get("authorization") in ("Bearer s3cret", "Bearer wrong")
+        for _, _, h in standin.received.requests
+    )
+
+
+def test_agent_config_validation() -> None:
+    assert AgentConfig("http://gpu-1:8188").name == "gpu-1:8188"
+    with pytest.raises(ValueError, match="http"):
+        AgentConfig("gpu-1:8188")
+    with pytest.raises(ValueError, match="max_concurrent_jobs"):
+        AgentConfig("http://gpu-1:8188", max_concurrent_jobs=0)
+    with pytest.raises(ValueError, match="two agents"):
+        ComfyPool(
+            [AgentConfig("http://a:1", name="x"), AgentConfig("http://b:1", name="x")],
+            WorkflowCatalog.load(),
+        )
+
+
+async def test_shutdown_detaches_then_the_checkpoint_reattaches(
+    make_standin: StandInFactory,
+    pools: list[ComfyPool],
+    catalog: WorkflowCatalog,
+    inputs_dir: Path,
+    spawn: Spawn,
+) -> None:
+    standin = await make_standin()
+    standin.hang_at("3")
+    pool = await started(pools, catalog, AgentConfig(standin.url, name="a"))
+    work = upscale(inputs_dir)
+    sink = RecordingSink()
+    task = spawn(pool.run(work, sink))
+    await standin.wait_for(lambda: standin.running_prompt is not None)
+    task.cancel(SHUTDOWN)
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(5):
+            await task
+    (checkpoint,) = sink.checkpoints
+    assert standin.received.interrupts == [] and standin.received.deletes == []
+    assert standin.running_prompt == checkpoint["prompt_id"]  # left running on purpose
+    # The next process: a fresh pool, the stored checkpoint.
+    later = await started(pools, catalog, AgentConfig(standin.url, name="a"))
+    again = RecordingSink()
+    resumed = spawn(later.run(dataclasses.replace(work, resume=checkpoint), again))
+    await standin.wait_for(lambda: standin.received.ws_connects.count(checkpoint["client_id"]) == 2)
+    standin.release("3")
+    async with asyncio.timeout(5):
+        await resumed
+    assert again.image_sizes() == [(80, 60)]
+    assert len(standin.received.prompts) == 1
+
+
+async def test_work_exclude_and_supports(
+    make_standin: StandInFactory, pools: list[ComfyPool], catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    a = await make_standin()
+    b = await make_standin()
+    pool = await started(
+        pools, catalog, AgentConfig(a.url, name="a", priority=9), AgentConfig(b.url, name="b")
+    )
+    work = dataclasses.replace(upscale(inputs_dir), exclude=frozenset({"a"}))
+    assert (await run(pool, work)).image_sizes() == [(80, 60)]
+    assert a.received.prompts == [] and len(b.received.prompts) == 1
+    await a.kill()
+    await b.kill()
+    assert pool.supports(TaskKind.IMAGE_TO_TEXT)  # configured, whatever the health
+    nothing = await started(pools, catalog, AgentConfig(a.url, name="a", enabled=False))
+    assert not nothing.supports(TaskKind.IMAGE_UPSCALE)
+
+
+async def test_refusal_only_when_waiting_cannot_help(
+    make_standin: StandInFactory, pools: list[ComfyPool], catalog: WorkflowCatalog
+) -> None:
+    a = await make_standin(models={"upscale_models": ["RealESRGAN_x2.pth"]})
+    pool = await started(pools, catalog, AgentConfig(a.url, name="a"))
+    assert pool.refusal(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec()) is None
+    refused = pool.refusal(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec(model="4x.pth"))
+    assert refused is not None and refused.reason == "COMFYUI_MODEL_MISSING"
+    # An agent that is down (never seen) might have it: wait rather than refuse.
+    with_down = await started(
+        pools, catalog, AgentConfig(a.url, name="a"), AgentConfig("http://127.0.0.1:9", name="b")
+    )
+    assert with_down.refusal(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec(model="4x.pth")) is None
+
+
+def test_agent_config_from_service_settings() -> None:
+    from aiserver.config import AgentSettings
+
+    settings = AgentSettings(
+        url="http://gpu-1:8188", name="gpu-1", api_key="k", priority=2, max_concurrent_jobs=3
+    )
+    config = AgentConfig.from_settings(settings)
+    assert (config.name, config.url, config.api_key, config.priority) == (
+        "gpu-1",
+        settings.url,
+        "k",
+        2,
+    )
+    assert (config.max_concurrent_jobs, config.enabled) == (3, True)
+    assert AgentConfig.from_settings(AgentSettings(url="http://h:1")).name == "h:1"
