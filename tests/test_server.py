@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from PIL import Image
 from aiserver.server import Service
 from tests.support.grpc_helpers import upload_messages
 from tests.support.images import encode, quadrant_image
+from tests.support.process import server_process
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
@@ -109,27 +109,11 @@ async def test_graceful_shutdown_finishes_in_flight_calls(service: Service) -> N
 
 
 async def test_console_script_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
-    env = {**os.environ, "AISERVER_DATA_DIR": str(tmp_path / "data"), "AISERVER_GRPC_PORT": "0"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "aiserver", "serve", env=env, stderr=subprocess.PIPE
-    )
-    assert proc.stderr is not None
-    port = 0
-    try:
-        async with asyncio.timeout(30):
-            while not port:
-                line = (await proc.stderr.readline()).decode()
-                assert line, "server exited before listening"
-                if m := re.search(r"gRPC listening on [\d.]+:(\d+)", line):
-                    port = int(m.group(1))
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+    async with server_process(tmp_path / "data") as server:
+        async with grpc.aio.insecure_channel(server.target) as ch:
             reply: Any = await health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(), timeout=5
             )
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        server.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(server.proc.wait(), 20) == 0

@@ -92,6 +92,12 @@ class Settings:
     """Hosts, IPs or CIDR ranges webhooks may reach even if private or loopback."""
     webhook_allow_private: bool = False
     """Let webhooks reach any private, loopback or link-local address (tests, closed nets)."""
+    artifact_max_age_s: float = 0.0
+    """Delete artifacts older than this (their variants too); 0 keeps them forever."""
+    artifact_max_total_bytes: int = 0
+    """Delete the oldest artifacts while the store is larger than this; 0 sets no cap."""
+    retention_interval_s: float = 3600.0
+    """How often retention runs (when one of the two limits above is set)."""
     variant_max_side: int = 4096
     """Largest width or height of a variant."""
     variant_presets: Mapping[str, str] = field(default_factory=dict)

@@ -38,6 +38,7 @@ from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import SqliteJobStore
 from aiserver.providers.base import Provider
 from aiserver.providers.registry import build_providers
+from aiserver.retention import Retention, RetentionPolicy
 from aiserver.spool import InputSpool
 from aiserver.tasks import TaskKind
 from aiserver.webhooks import WebhookSender
@@ -90,6 +91,8 @@ class Service:
         )
         self.providers: list[Provider] = build_providers(settings, self.pool, self.limits)
         self.manager: JobManager | None = None
+        self.retention: Retention | None = None
+        self.job_store: SqliteJobStore | None = None
         self.gateway: Gateway | None = None
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
@@ -103,7 +106,7 @@ class Service:
         self.spool.sweep_tmp()
         for provider in self.providers:
             await provider.start()
-        store = await SqliteJobStore.open(s.data_dir / "jobs.db")
+        self.job_store = store = await SqliteJobStore.open(s.data_dir / "jobs.db")
         self.manager = manager = JobManager(
             store,
             self.spool,
@@ -117,6 +120,17 @@ class Service:
         )
         manager.add_terminal_hook(self._webhook)
         await manager.start()
+        self.retention = Retention(
+            RetentionPolicy(
+                max_age_s=s.artifact_max_age_s or None,
+                max_total_bytes=s.artifact_max_total_bytes or None,
+                interval_s=s.retention_interval_s,
+            ),
+            self.artifacts,
+            store,
+            manager,
+        )
+        self.retention.start()
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -203,8 +217,12 @@ class Service:
             self.gateway = None
         await self._server.stop(grace)
         self._server = None
+        if self.retention is not None:
+            await self.retention.stop()
         if self.manager is not None:
             await self.manager.stop(grace_s=1.0)
+        if self.job_store is not None:
+            await self.job_store.close()
         for provider in self.providers:
             await provider.close()
         await self.webhooks.close(grace_s=1.0)

@@ -110,6 +110,7 @@ class ScriptedProvider:
         self.runs: list[Run] = []
         self.started: asyncio.Queue[Run] = asyncio.Queue()
         self.active = 0
+        self.slots = 1000
         self.refuse: ServiceError | None = None
         """Set to make the scheduler fail this provider's jobs at once."""
 
@@ -125,6 +126,9 @@ class ScriptedProvider:
 
     def load(self) -> int:
         return self.active
+
+    def capacity(self) -> int:
+        return self.slots
 
     def refusal(self, task: TaskKind, spec: TaskSpec) -> ServiceError | None:
         return self.refuse if task in self.tasks else None

@@ -303,6 +303,10 @@ class JobManager:
             await asyncio.shield(self._finish(active, JobState.CANCELLED, cancelled_error()))
         return snapshot(active.job)
 
+    def artifacts_in_use(self) -> set[str]:
+        """Names of outputs of jobs that have not ended (retention must keep them)."""
+        return {a.name for active in self._active.values() for a in active.job.outputs}
+
     def queue_position(self, job_id: str) -> int:
         """1 for the next job to be dispatched, 0 when not queued."""
         return self._queue.position(job_id)

@@ -124,19 +124,23 @@ def pick_provider(
     running: Mapping[str, int],
     capacity: int,
 ) -> Provider | None:
-    """The least loaded provider that can run the task now and has room (ties: list order)."""
+    """The least loaded provider that can run the task now and has room (ties: list order).
+
+    Room is the smaller of ``capacity`` and what the provider says it can take.
+    """
     best: Provider | None = None
-    best_load = capacity
+    best_load = 0
     for provider in providers:
         try:
             if not provider.can_run(task, spec):
                 continue
             # load() may lag behind jobs just handed over; our own count covers that.
             load = max(provider.load(), running.get(provider.name, 0))
+            room = min(capacity, provider.capacity()) - load
         except Exception:
             logger.exception("provider %s failed to report its state", provider.name)
             continue
-        if load < best_load:
+        if room > 0 and (best is None or load < best_load):
             best, best_load = provider, load
     return best
 

@@ -16,7 +16,7 @@ import binascii
 import hashlib
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +99,11 @@ class JobStore(Protocol):
 
     async def unfinished(self) -> list[JobRecord]:
         """Every QUEUED or RUNNING job, oldest first (to rebuild the queue at start-up)."""
+        ...
+
+    async def forget_outputs(self, sha256s: Collection[str]) -> int:
+        """Drop outputs with these hashes from every job (their files were deleted by
+        retention); returns how many jobs changed."""
         ...
 
     async def close(self) -> None: ...
@@ -318,6 +323,33 @@ class SqliteJobStore:
                 )
 
         await self._call(update)
+
+    async def forget_outputs(self, sha256s: Collection[str]) -> int:
+        gone = set(sha256s)
+        if not gone:
+            return 0
+
+        def rewrite() -> int:
+            changed = 0
+            conn = self._conn
+            with _transaction(conn):
+                for sha in gone:
+                    # Outputs are JSON; a LIKE on the hash finds the few rows worth decoding.
+                    rows = conn.execute(
+                        "SELECT id, outputs FROM jobs WHERE outputs LIKE ?", (f"%{sha}%",)
+                    ).fetchall()
+                    for row in rows:
+                        outputs = codec.decode_outputs(json.loads(row["outputs"]))
+                        kept = [o for o in outputs if o.sha256 not in gone]
+                        if len(kept) != len(outputs):
+                            conn.execute(
+                                "UPDATE jobs SET outputs = ? WHERE id = ?",
+                                (_dumps(codec.encode_outputs(kept)), row["id"]),
+                            )
+                            changed += 1
+            return changed
+
+        return await self._call(rewrite)
 
     async def get(self, job_id: str) -> JobRecord | None:
         def select() -> JobRecord | None:

@@ -126,6 +126,11 @@ class Provider(Protocol):
         """Jobs running now, for least-loaded choice."""
         ...
 
+    def capacity(self) -> int:
+        """Jobs it can run at once right now (e.g. the slots of its healthy agents); the
+        scheduler keeps the rest queued, with a queue position, instead of handing them over."""
+        ...
+
     async def run(self, work: WorkItem, sink: RunSink) -> None:
         """Run to completion.
 

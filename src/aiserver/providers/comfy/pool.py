@@ -216,6 +216,14 @@ class ComfyPool:
     def load(self) -> int:
         return sum(agent.running for agent in self._agents.values())
 
+    def capacity(self) -> int:
+        """Slots of the agents that are online: jobs beyond them wait in our queue."""
+        return sum(
+            agent.config.max_concurrent_jobs
+            for agent in self._agents.values()
+            if agent.state is AgentState.ONLINE
+        )
+
     def supports(self, task: TaskKind) -> bool:
         """A workflow for ``task`` and at least one enabled agent, healthy or not."""
         return self._workflows.find(task) is not None and any(

@@ -1,0 +1,79 @@
+"""Artifact retention: delete old or excess outputs without leaving references behind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from aiserver.artifacts import ArtifactStore
+from aiserver.jobs.manager import JobManager
+from aiserver.jobs.store import JobStore
+
+__all__ = ["Retention", "RetentionPolicy"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    max_age_s: float | None
+    """Delete artifacts stored longer ago than this; None keeps them."""
+    max_total_bytes: int | None
+    """Delete the oldest artifacts while the store is larger; None sets no cap."""
+    interval_s: float
+
+    @property
+    def active(self) -> bool:
+        return self.max_age_s is not None or self.max_total_bytes is not None
+
+
+class Retention:
+    """Sweeps the artifact store, then drops the swept outputs from the jobs that listed them.
+
+    Outputs of unfinished jobs are never swept. Variants of a swept artifact go with it.
+    """
+
+    def __init__(
+        self,
+        policy: RetentionPolicy,
+        artifacts: ArtifactStore,
+        jobs: JobStore,
+        manager: JobManager,
+    ) -> None:
+        self.policy = policy
+        self._artifacts = artifacts
+        self._jobs = jobs
+        self._manager = manager
+        self._task: asyncio.Task[None] | None = None
+
+    async def sweep(self) -> list[str]:
+        in_use = self._manager.artifacts_in_use()
+        deleted = await self._artifacts.sweep(
+            self.policy.max_age_s, self.policy.max_total_bytes, in_use.__contains__
+        )
+        if deleted:
+            # Names end in "{sha256}.{ext}": the hash identifies the output in job records.
+            hashes = {name.rsplit("/", 1)[-1].split(".", 1)[0] for name in deleted}
+            changed = await self._jobs.forget_outputs(hashes)
+            logger.info("retention: %d artifacts deleted, %d jobs updated", len(deleted), changed)
+        return deleted
+
+    def start(self) -> None:
+        if self.policy.active:
+            self._task = asyncio.create_task(self._loop(), name="retention")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                logger.exception(
+                    "retention sweep failed; next try in %.0f s", self.policy.interval_s
+                )
+            await asyncio.sleep(self.policy.interval_s)

@@ -1,0 +1,65 @@
+"""SIGKILL with jobs queued and running; after a restart every job reaches a terminal state."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import grpc
+from imagetasks.v1 import common_pb2, job_pb2, job_service_pb2_grpc, tasks_pb2
+from imagetasks.v1 import job_service_pb2 as jpb
+
+from tests.support.comfy_standin import ComfyStandIn
+from tests.support.generation import generate
+from tests.support.images import encode, quadrant_image
+from tests.support.process import server_process
+
+KSAMPLER = "7"  # in workflows/image_to_image.json
+
+
+async def list_jobs(target: str) -> list[job_pb2.Job]:
+    async with grpc.aio.insecure_channel(target) as ch:
+        reply = await job_service_pb2_grpc.JobServiceStub(ch).ListJobs(jpb.ListJobsRequest())
+        return list(reply.jobs)
+
+
+async def test_jobs_survive_sigkill_and_the_running_one_is_reattached(tmp_path: Path) -> None:
+    async with ComfyStandIn(tmp_path / "comfy", step_delay_s=0.01) as comfy:
+        comfy.hold_after_step(KSAMPLER, 1)
+        env = {"AISERVER_AGENTS": comfy.url, "AISERVER_AGENT_PROBE_INTERVAL_S": "0.5"}
+        data = tmp_path / "data"
+        async with server_process(data, env) as server:
+            async with grpc.aio.insecure_channel(server.target) as ch:
+                for i in range(3):
+                    params = tasks_pb2.ImageToImageParams(
+                        positive_prompt=f"job {i}",
+                        steps=2,
+                        options=common_pb2.JobOptions(
+                            mode=common_pb2.RESPONSE_MODE_ASYNC, ref_id=f"crash-{i}"
+                        ),
+                    )
+                    png = encode(quadrant_image(32 + i, 32), "PNG")
+                    got = await generate(ch, "ImageToImage", params, {"image": png})
+                    assert got.kinds == ["accepted"]
+            async with asyncio.timeout(30):
+                while comfy.running_prompt is None:  # the first job is on the agent, held
+                    await asyncio.sleep(0.02)
+            states = {j.ref_id: j.state for j in await list_jobs(server.target)}
+            assert states["crash-0"] == job_pb2.Job.STATE_RUNNING
+            assert {states["crash-1"], states["crash-2"]} == {job_pb2.Job.STATE_QUEUED}
+            server.proc.send_signal(signal.SIGKILL)
+            await server.proc.wait()
+
+        comfy.release(KSAMPLER)  # the agent finishes the prompt while no server is up
+        async with server_process(data, env) as server:
+            async with asyncio.timeout(60):
+                while True:
+                    jobs = await list_jobs(server.target)
+                    if all(j.state == job_pb2.Job.STATE_SUCCEEDED for j in jobs):
+                        break
+                    assert not any(j.state == job_pb2.Job.STATE_FAILED for j in jobs), jobs
+                    await asyncio.sleep(0.1)
+        assert len(jobs) == 3 and all(j.outputs for j in jobs)
+        # Re-attached, not re-run: ComfyUI saw each job's prompt exactly once.
+        assert len(comfy.received.prompts) == 3

@@ -1,0 +1,78 @@
+"""Retention deletes old outputs and the references to them, never those of running jobs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from imagetasks.v1 import artifact_service_pb2 as apb
+from imagetasks.v1 import artifact_service_pb2_grpc, job_service_pb2_grpc, tasks_pb2
+from imagetasks.v1 import job_service_pb2 as jpb
+
+from aiserver.retention import Retention, RetentionPolicy
+from tests.support.generation import comfy_service, generate
+from tests.support.images import encode, quadrant_image
+
+
+async def test_sweep_deletes_artifacts_and_the_job_references(tmp_path: Path) -> None:
+    async with comfy_service(tmp_path) as (service, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as ch:
+            params = tasks_pb2.ImageUpscaleParams()
+            png = encode(quadrant_image(), "PNG")
+            got = await generate(ch, "ImageUpscale", params, {"image": png})
+            job_name = got.final.name
+            artifact = got.final.outputs[0].name
+            assert service.manager is not None and service.job_store is not None
+
+            keep_all = Retention(
+                RetentionPolicy(max_age_s=3600, max_total_bytes=None, interval_s=60),
+                service.artifacts,
+                service.job_store,
+                service.manager,
+            )
+            assert await keep_all.sweep() == []
+
+            cap = Retention(
+                RetentionPolicy(max_age_s=None, max_total_bytes=1, interval_s=60),
+                service.artifacts,
+                service.job_store,
+                service.manager,
+            )
+            assert await cap.sweep() == [artifact]
+
+            jobs = job_service_pb2_grpc.JobServiceStub(ch)
+            job = (await jobs.GetJob(jpb.GetJobRequest(name=job_name))).job
+            assert list(job.outputs) == []  # no dangling reference
+            reader = artifact_service_pb2_grpc.ArtifactServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in reader.ReadArtifact(apb.ReadArtifactRequest(name=artifact)):
+                    pass
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_outputs_of_unfinished_jobs_are_protected(tmp_path: Path) -> None:
+    async with comfy_service(tmp_path) as (service, _):
+        assert service.manager is not None and service.job_store is not None
+        ref = await service.artifacts.put(
+            b"\x89PNG fake but stored",
+            file_name="x.png",
+            mime_type="image/png",
+            width=1,
+            height=1,
+            seed=None,
+            provider="test",
+            job_id="01JOB",
+            owner="",
+        )
+        in_use = {ref.name}
+        service.manager.artifacts_in_use = lambda: in_use  # type: ignore[method-assign]
+        cap = Retention(
+            RetentionPolicy(max_age_s=0.0, max_total_bytes=None, interval_s=60),
+            service.artifacts,
+            service.job_store,
+            service.manager,
+        )
+        assert await cap.sweep() == []
+        in_use.clear()
+        assert await cap.sweep() == [ref.name]
