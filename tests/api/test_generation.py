@@ -331,3 +331,32 @@ async def test_list_agents_shows_state_tasks_and_models(tmp_path: Path) -> None:
                 if {a.name: a for a in agents}["gpu-1"].state == agpb.Agent.STATE_OFFLINE:
                     break
                 await asyncio.sleep(0.05)
+
+
+async def test_reply_to_webhook_is_signed_and_retried(tmp_path: Path) -> None:
+    import json
+
+    from aiserver.webhooks import verify
+    from tests.webhooks.receiver import Receiver
+
+    secret = "whsec-test"
+    async with Receiver(500) as receiver:
+        async with (
+            comfy_service(tmp_path, webhook_secret=secret, webhook_allow_hosts=("127.0.0.1",)) as (
+                service,
+                _,
+            ),
+            channel_to(service) as ch,
+        ):
+            options = common_pb2.JobOptions(reply_to=receiver.url, ref_id="hook-1")
+            got = await generate(ch, "ImageToImage", img2img(options=options), {"image": PNG})
+            async with asyncio.timeout(30):  # first delivery answered 500, then retried
+                while len(receiver.requests) < 2:
+                    await asyncio.sleep(0.05)
+        delivered = receiver.requests[-1]
+        verify(secret.encode(), delivered.headers, delivered.body, 300)
+        body = json.loads(delivered.body)
+        assert body["state"] == "SUCCEEDED" and body["refId"] == "hook-1"
+        assert body["jobId"] == got.final.name.split("/", 1)[1]
+        assert body["outputs"][0]["url"].endswith(got.final.outputs[0].url)
+        assert receiver.requests[0].headers["webhook-id"] == delivered.headers["webhook-id"]
