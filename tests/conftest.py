@@ -19,6 +19,9 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Any:
         "grpc_port": 0,
         "http_port": 0,
         "data_dir": tmp_path / "data",
+        # Loading the CPU upscaler's model costs every service start ~0.2 s: the tests that
+        # are about it turn it on (tests/api/test_local_upscale.py).
+        "local_upscale": "off",
     }
     base.update(overrides)
     return load_settings(env={}, overrides=base)

@@ -58,7 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, json_lines=settings.log_json)
 
+    from aiserver.auth import ConfigError
     from aiserver.server import serve  # imported late: grpc start-up cost only for `serve`
 
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        print(f"aiserver: bad configuration: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -29,7 +29,7 @@ class AgentSettings:
     """Base URL, e.g. ``http://gpu-1:8188``."""
     name: str = ""
     """Name shown to operators; defaults to the URL's host and port."""
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)
     """Sent as ``Authorization: Bearer`` when set (ComfyUI behind an auth proxy)."""
     priority: int = 0
     """Breaks ties between equally loaded agents: higher first."""
@@ -78,6 +78,19 @@ class Settings:
     """ComfyUI agents. Env: ``AISERVER_AGENTS`` as comma-separated URLs or a JSON list."""
     agent_probe_interval_s: float = 10.0
     """How often an online ComfyUI agent is probed (offline ones back off from 1 s to 60 s)."""
+    local_upscale: str = "fallback"
+    """The embedded CPU upscaler (Real-ESRGAN on ncnn) for ImageUpscale: ``fallback`` (when
+    no ComfyUI agent can serve the request), ``always`` (never send upscales to ComfyUI), or
+    ``off``."""
+    local_upscale_model: str = "realesr-animevideov3-x2"
+    """``realesr-animevideov3-x2`` (fast, default), ``realesrgan-x4plus`` (general photos,
+    ~40x slower) or ``realesrgan-x4plus-anime``; the result is always exactly 2x."""
+    local_upscale_tile: int = 192
+    """Tile size in pixels: memory stays bounded, progress is reported per tile."""
+    local_upscale_jobs: int = 1
+    """Local upscales run at once; more wait in the queue."""
+    local_upscale_threads: int = 0
+    """ncnn threads per upscale; 0 means the number of CPUs."""
     workflows_dir: Path | None = None
     """A folder of workflows that add to or override the built-in ones."""
     max_attempts: int = 3
@@ -86,7 +99,7 @@ class Settings:
     """A job waiting longer than this for a provider fails with DEADLINE_EXCEEDED."""
     run_timeout_s: float = 900.0
     """One run of a job longer than this fails with DEADLINE_EXCEEDED."""
-    webhook_secret: str = ""
+    webhook_secret: str = field(default="", repr=False)
     """HMAC secret for ReplyTo webhooks (Standard Webhooks signature); empty: unsigned."""
     webhook_allow_hosts: tuple[str, ...] = ()
     """Hosts, IPs or CIDR ranges webhooks may reach even if private or loopback."""
@@ -104,6 +117,57 @@ class Settings:
     """Named variant specs, e.g. ``{"thumb": "width=256"}`` (env: a JSON object)."""
     variant_presets_only: bool = False
     """Serve only the named presets."""
+    # --- security ---------------------------------------------------------------------------
+    api_keys: str = field(default="", repr=False)
+    """API keys as ``id:key[:admin]`` entries, comma-separated (env ``AISERVER_API_KEYS``);
+    ``id:sha256=HEX[:admin]`` names a key by its SHA-256 instead. Keys are at least 16
+    characters; only their hashes are kept. No keys at all (here and in ``api_keys_file``):
+    open mode, every caller is an admin and owns everything."""
+    api_keys_file: Path | None = None
+    """A TOML (``[[keys]]`` tables) or JSON (a list, or ``{"keys": [...]}``) file of API keys:
+    ``id``, ``key`` or ``sha256`` (hex digest of the key), ``admin`` (default false). Adds to
+    ``api_keys``. Read at start-up."""
+    allow_open: bool = False
+    """Start even when bound to a non-loopback address (``grpc_host``, or ``http_host`` with
+    the HTTP shim on) without any API key. Without it such a start is refused."""
+    artifact_access: str = "private"
+    """``private``: artifacts and variants need the owner's API key (or an admin's).
+    ``signed``: their URLs (``Artifact.url``, ``VariantInfo.url``, webhooks, the HTTP shim's
+    outputs) carry ``?expires=...&signature=...`` and such a URL works without a key until it
+    expires; reads without a signature still need the owner's key."""
+    url_signing_secrets: tuple[str, ...] = field(default=(), repr=False)
+    """Secrets (at least 16 characters each, comma-separated in the environment) for signed
+    URLs: the first signs, all verify, so rotate by putting a new one first and dropping the
+    old one after ``signed_url_ttl_s``. Required with ``artifact_access = "signed"``."""
+    signed_url_ttl_s: float = 3600.0
+    """How long a signed URL stays valid (rounded up to the next minute)."""
+    # --- limits -----------------------------------------------------------------------------
+    max_active_jobs_per_key: int = 100
+    """Unfinished (queued or running) jobs one API key may have (in open mode: all callers
+    together); one more is RESOURCE_EXHAUSTED ``TOO_MANY_JOBS`` (HTTP 429). 0: no limit."""
+    rate_limit_per_s: float = 0.0
+    """Requests per second per API key (per client address in open mode, and for keyless
+    signed-URL reads; the in-process HTTP shim counts as one address); more are
+    RESOURCE_EXHAUSTED ``RATE_LIMITED`` with a retry delay (HTTP 429 + Retry-After). Health
+    checks and reflection are not counted. 0: no limit."""
+    rate_limit_burst: int = 0
+    """Requests a caller may make at once before ``rate_limit_per_s`` applies; 0: twice the
+    rate (at least 1)."""
+    max_streaming_calls: int = 1000
+    """Streaming calls (uploads, job streams, artifact reads, watches) served at once by the
+    whole server; one more is RESOURCE_EXHAUSTED ``TOO_MANY_STREAMS``. 0: no limit."""
+    max_concurrent_streams: int = 0
+    """``grpc.max_concurrent_streams``: streams one HTTP/2 connection may have open (more wait
+    in the client, they do not fail). 0: gRPC's default."""
+    # --- observability ----------------------------------------------------------------------
+    http_metrics: bool = True
+    """Serve Prometheus metrics at ``/metrics`` on the HTTP shim's port; when API keys are
+    configured, scrapes need an admin key (``Authorization: Bearer``)."""
+    metrics_port: int | None = None
+    """Also serve ``/metrics`` on a listener of its own, without authentication (0 picks a
+    free port); None: no such listener."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the ``metrics_port`` listener."""
 
     @property
     def image_threads(self) -> int:

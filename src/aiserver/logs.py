@@ -7,15 +7,22 @@ import json
 import logging
 import sys
 
-__all__ = ["configure_logging", "request_id_var"]
+__all__ = ["configure_logging", "job_id_var", "request_id_var"]
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 """The id of the call being served; set by the API layer, read by every log line."""
+
+job_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("job_id", default="")
+"""The job a log line is about: set by the job manager while it drives a job (and by the
+servicers once a call has a job), so provider and webhook logs carry it too."""
 
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        job = job_id_var.get()
+        record.job_id = job
+        record.job_tag = f" job={job}" if job else ""
         return True
 
 
@@ -28,6 +35,8 @@ class _JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "message": record.getMessage(),
         }
+        if job := getattr(record, "job_id", ""):
+            entry["job_id"] = job
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -39,7 +48,9 @@ def configure_logging(level: str, *, json_lines: bool) -> None:
     handler.setFormatter(
         _JsonFormatter()
         if json_lines
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        else logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s [%(request_id)s%(job_tag)s] %(message)s"
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

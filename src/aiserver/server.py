@@ -23,6 +23,7 @@ from imagetasks.v1 import (
     transform_service_pb2_grpc,
 )
 
+from aiserver.api import calls
 from aiserver.api.agents import AgentServicer
 from aiserver.api.artifacts import ArtifactServicer
 from aiserver.api.generation import GenerationServicer, SubmitLimits
@@ -36,9 +37,11 @@ from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Job
 from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import SqliteJobStore
+from aiserver.metrics import Metrics, MetricsServer
 from aiserver.providers.base import Provider
 from aiserver.providers.registry import build_providers
 from aiserver.retention import Retention, RetentionPolicy
+from aiserver.security import Security
 from aiserver.spool import InputSpool
 from aiserver.tasks import TaskKind
 from aiserver.webhooks import WebhookSender
@@ -68,6 +71,12 @@ class Service:
     """The whole service: start it, read ``grpc_port``, stop it."""
 
     def __init__(self, settings: Settings) -> None:
+        # First: unusable security settings (or an open service on a public address) stop
+        # here, with aiserver.auth.ConfigError, before anything is created.
+        self.security = Security.from_settings(settings)
+        self.metrics = Metrics()
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_port = 0
         self.settings = settings
         self.grpc_port = 0
         data = settings.data_dir
@@ -88,8 +97,9 @@ class Service:
             allow_hosts=settings.webhook_allow_hosts,
             allow_private=settings.webhook_allow_private,
             public_base_url=settings.public_base_url,
+            link=self.security.link if self.security.signer is not None else None,
         )
-        self.providers: list[Provider] = build_providers(settings, self.pool, self.limits)
+        self.providers: list[Provider] = build_providers(settings, self.limits)
         self.manager: JobManager | None = None
         self.retention: Retention | None = None
         self.job_store: SqliteJobStore | None = None
@@ -116,9 +126,12 @@ class Service:
                 max_attempts=s.max_attempts,
                 queue_timeout_s=s.queue_timeout_s,
                 run_timeout_s=s.run_timeout_s,
+                max_active_per_owner=s.max_active_jobs_per_key,
             ),
         )
         manager.add_terminal_hook(self._webhook)
+        manager.add_terminal_hook(self.metrics.job_finished)
+        self.metrics.watch(manager, self.providers)
         await manager.start()
         self.retention = Retention(
             RetentionPolicy(
@@ -131,13 +144,15 @@ class Service:
             manager,
         )
         self.retention.start()
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", s.max_message_bytes),
-                ("grpc.max_send_message_length", s.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        options: list[tuple[str, int]] = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        if s.max_concurrent_streams > 0:
+            options.append(("grpc.max_concurrent_streams", s.max_concurrent_streams))
+        server = grpc.aio.server(interceptors=[self.security.guard(self.metrics)], options=options)
+        link = self.security.link
         transform_service_pb2_grpc.add_TransformServiceServicer_to_server(
             TransformServicer(
                 spool=self.spool,
@@ -161,21 +176,28 @@ class Service:
                     chunk_bytes=s.chunk_bytes,
                     image=self.limits,
                 ),
+                owner_of=calls.owner_of,
+                link=link,
             ),
             server,
         )
-        job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(manager), server)
+        job_service_pb2_grpc.add_JobServiceServicer_to_server(
+            JobServicer(manager, owner_of=calls.owner_of, is_admin=calls.is_admin, link=link),
+            server,
+        )
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
             ArtifactServicer(
                 store=self.artifacts,
                 variants=self.variants,
                 policy=self.variant_policy,
                 chunk_bytes=s.chunk_bytes,
+                scope_of=calls.scope_of,
+                signer=self.security.signer,
             ),
             server,
         )
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.providers), server
+            AgentServicer(self.providers, is_admin=calls.is_admin), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (*self._services(), health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -199,9 +221,14 @@ class Service:
                 host=s.http_host,
                 port=s.http_port,
                 settings=GatewaySettings.from_settings(s),
+                metrics=self.security.metrics_handler(self.metrics) if s.http_metrics else None,
             )
             self.http_port = await self.gateway.start()
             logger.info("HTTP listening on %s:%d", s.http_host, self.http_port)
+        if s.metrics_port is not None:
+            self.metrics_server = MetricsServer(self.metrics, s.metrics_host, s.metrics_port)
+            self.metrics_port = await self.metrics_server.start()
+            logger.info("metrics on http://%s:%d/metrics", s.metrics_host, self.metrics_port)
         return self.grpc_port
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -212,6 +239,8 @@ class Service:
         if self._health_task is not None:
             self._health_task.cancel()
         await self.health.enter_graceful_shutdown()
+        if self.manager is not None:
+            self.manager.quiesce()  # no new jobs; accepted ones outlive their calls
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None
@@ -229,6 +258,9 @@ class Service:
         await self.variants.close()
         await self.artifacts.close()
         self.pool.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+            self.metrics_server = None
         logger.info("stopped")
 
     async def _webhook(self, job: Job) -> None:

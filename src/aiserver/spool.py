@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,18 @@ class InputSpool:
         self.root = root
         self.tmp_dir = root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._pins: Counter[str] = Counter()
+
+    def pinned(self, sha256: str) -> bool:
+        """True while a request holds this input between commit and job submission."""
+        return self._pins[sha256] > 0
+
+    def unpin(self, spooled: SpooledFile) -> None:
+        """The request that committed ``spooled`` is done with it (its job, if any, now
+        references it)."""
+        self._pins[spooled.sha256] -= 1
+        if self._pins[spooled.sha256] <= 0:
+            del self._pins[spooled.sha256]
 
     def open(self, field: str, file_name: str, budget: UploadBudget) -> _Writer:
         return _Writer(self, field, file_name, budget)
@@ -91,7 +104,10 @@ class InputSpool:
         return self.root / sha256[:2] / sha256
 
     def commit(self, spooled: SpooledFile) -> SpooledFile:
-        """Move a finished upload into the content-addressed spool (idempotent per content)."""
+        """Move a finished upload into the content-addressed spool (idempotent per content)
+        and pin it until :meth:`unpin`, so that a job ending meanwhile with the same input
+        does not delete it."""
+        self._pins[spooled.sha256] += 1
         target = self.path_for(spooled.sha256)
         target.parent.mkdir(exist_ok=True)
         os.replace(spooled.path, target)  # same content: replacing is harmless

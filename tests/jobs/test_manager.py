@@ -432,3 +432,22 @@ async def test_spool_deletion_waits_out_the_grace_period(env: Env) -> None:
     assert path.exists()  # a request may be about to submit the same content
     await asyncio.sleep(0.2)
     assert not path.exists()
+
+
+async def test_a_pinned_upload_survives_a_job_ending_with_the_same_bytes(env: Env) -> None:
+    from aiserver.jobs.model import InputRef
+    from aiserver.spool import UploadBudget
+
+    provider = ScriptedProvider(behaviour=gated)
+    manager = await env.manager(provider)  # spool_grace_s=0: deletion is immediate
+    writer = env.spool.open("image", "in.png", UploadBudget(1 << 20))
+    writer.write(b"same bytes")
+    pending = env.spool.commit(writer.finish())  # a request between upload and submit
+    ref = InputRef("image", "in.png", pending.sha256, pending.size, "image/png", 8, 8)
+    job = await submit(manager, env, inputs=[ref])
+    (await provider.next_run()).release.set()
+    await collect(manager.subscribe(job.id))
+    assert pending.path.exists(), "deleted while another request still held it"
+    env.spool.unpin(pending)
+    manager.discard_inputs({pending.sha256})  # that request made no job after all
+    assert not pending.path.exists()

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from imagetasks.v1 import common_pb2 as imagetasks_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$imagetasks/v1/artifact_service.proto\x12\rimagetasks.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1aimagetasks/v1/common.proto\"\"\n\x12GetArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x13GetArtifactResponse\x12)\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x17.imagetasks.v1.Artifact\"L\n\x13ReadArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bread_offset\x18\x02 \x01(\x03\x12\x12\n\nread_limit\x18\x03 \x01(\x03\"4\n\x14ReadArtifactResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\xd4\x01\n\x11GetVariantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12&\n\x03\x66it\x18\x05 \x01(\x0e\x32\x19.imagetasks.v1.VariantFit\x12*\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x1a.imagetasks.v1.ImageFormat\x12\x14\n\x07quality\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06preset\x18\x08 \x01(\tB\n\n\x08_quality\"\\\n\x12GetVariantResponse\x12*\n\x04info\x18\x01 \x01(\x0b\x32\x1a.imagetasks.v1.VariantInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"_\n\x0bVariantInfo\x12\x0c\n\x04spec\x18\x01 \x01(\t\x12\'\n\x05image\x18\x02 \x01(\x0b\x32\x18.imagetasks.v1.ImageInfo\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t*o\n\nVariantFit\x12\x1b\n\x17VARIANT_FIT_UNSPECIFIED\x10\x00\x12\x17\n\x13VARIANT_FIT_CONTAIN\x10\x01\x12\x15\n\x11VARIANT_FIT_COVER\x10\x02\x12\x14\n\x10VARIANT_FIT_FILL\x10\x03\x32\x87\x03\n\x0f\x41rtifactService\x12u\n\x0bGetArtifact\x12!.imagetasks.v1.GetArtifactRequest\x1a\".imagetasks.v1.GetArtifactResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=artifacts/**}\x12\x7f\n\x0cReadArtifact\x12\".imagetasks.v1.ReadArtifactRequest\x1a#.imagetasks.v1.ReadArtifactResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{name=artifacts/**}:read0\x01\x12|\n\nGetVariant\x12 .imagetasks.v1.GetVariantRequest\x1a!.imagetasks.v1.GetVariantResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{name=artifacts/**}:variant0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$imagetasks/v1/artifact_service.proto\x12\rimagetasks.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1aimagetasks/v1/common.proto\"F\n\x12GetArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65xpires\x18\x02 \x01(\x03\x12\x11\n\tsignature\x18\x03 \x01(\t\"@\n\x13GetArtifactResponse\x12)\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x17.imagetasks.v1.Artifact\"p\n\x13ReadArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bread_offset\x18\x02 \x01(\x03\x12\x12\n\nread_limit\x18\x03 \x01(\x03\x12\x0f\n\x07\x65xpires\x18\x04 \x01(\x03\x12\x11\n\tsignature\x18\x05 \x01(\t\"4\n\x14ReadArtifactResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\xf8\x01\n\x11GetVariantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12&\n\x03\x66it\x18\x05 \x01(\x0e\x32\x19.imagetasks.v1.VariantFit\x12*\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x1a.imagetasks.v1.ImageFormat\x12\x14\n\x07quality\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06preset\x18\x08 \x01(\t\x12\x0f\n\x07\x65xpires\x18\t \x01(\x03\x12\x11\n\tsignature\x18\n \x01(\tB\n\n\x08_quality\"\\\n\x12GetVariantResponse\x12*\n\x04info\x18\x01 \x01(\x0b\x32\x1a.imagetasks.v1.VariantInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"_\n\x0bVariantInfo\x12\x0c\n\x04spec\x18\x01 \x01(\t\x12\'\n\x05image\x18\x02 \x01(\x0b\x32\x18.imagetasks.v1.ImageInfo\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t*o\n\nVariantFit\x12\x1b\n\x17VARIANT_FIT_UNSPECIFIED\x10\x00\x12\x17\n\x13VARIANT_FIT_CONTAIN\x10\x01\x12\x15\n\x11VARIANT_FIT_COVER\x10\x02\x12\x14\n\x10VARIANT_FIT_FILL\x10\x03\x32\x87\x03\n\x0f\x41rtifactService\x12u\n\x0bGetArtifact\x12!.imagetasks.v1.GetArtifactRequest\x1a\".imagetasks.v1.GetArtifactResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=artifacts/**}\x12\x7f\n\x0cReadArtifact\x12\".imagetasks.v1.ReadArtifactRequest\x1a#.imagetasks.v1.ReadArtifactResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{name=artifacts/**}:read0\x01\x12|\n\nGetVariant\x12 .imagetasks.v1.GetVariantRequest\x1a!.imagetasks.v1.GetVariantResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{name=artifacts/**}:variant0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,22 +39,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARTIFACTSERVICE'].methods_by_name['ReadArtifact']._serialized_options = b'\202\323\344\223\002\036\022\034/v1/{name=artifacts/**}:read'
   _globals['_ARTIFACTSERVICE'].methods_by_name['GetVariant']._loaded_options = None
   _globals['_ARTIFACTSERVICE'].methods_by_name['GetVariant']._serialized_options = b'\202\323\344\223\002!\022\037/v1/{name=artifacts/**}:variant'
-  _globals['_VARIANTFIT']._serialized_start=753
-  _globals['_VARIANTFIT']._serialized_end=864
+  _globals['_VARIANTFIT']._serialized_start=861
+  _globals['_VARIANTFIT']._serialized_end=972
   _globals['_GETARTIFACTREQUEST']._serialized_start=113
-  _globals['_GETARTIFACTREQUEST']._serialized_end=147
-  _globals['_GETARTIFACTRESPONSE']._serialized_start=149
-  _globals['_GETARTIFACTRESPONSE']._serialized_end=213
-  _globals['_READARTIFACTREQUEST']._serialized_start=215
-  _globals['_READARTIFACTREQUEST']._serialized_end=291
-  _globals['_READARTIFACTRESPONSE']._serialized_start=293
-  _globals['_READARTIFACTRESPONSE']._serialized_end=345
-  _globals['_GETVARIANTREQUEST']._serialized_start=348
-  _globals['_GETVARIANTREQUEST']._serialized_end=560
-  _globals['_GETVARIANTRESPONSE']._serialized_start=562
-  _globals['_GETVARIANTRESPONSE']._serialized_end=654
-  _globals['_VARIANTINFO']._serialized_start=656
-  _globals['_VARIANTINFO']._serialized_end=751
-  _globals['_ARTIFACTSERVICE']._serialized_start=867
-  _globals['_ARTIFACTSERVICE']._serialized_end=1258
+  _globals['_GETARTIFACTREQUEST']._serialized_end=183
+  _globals['_GETARTIFACTRESPONSE']._serialized_start=185
+  _globals['_GETARTIFACTRESPONSE']._serialized_end=249
+  _globals['_READARTIFACTREQUEST']._serialized_start=251
+  _globals['_READARTIFACTREQUEST']._serialized_end=363
+  _globals['_READARTIFACTRESPONSE']._serialized_start=365
+  _globals['_READARTIFACTRESPONSE']._serialized_end=417
+  _globals['_GETVARIANTREQUEST']._serialized_start=420
+  _globals['_GETVARIANTREQUEST']._serialized_end=668
+  _globals['_GETVARIANTRESPONSE']._serialized_start=670
+  _globals['_GETVARIANTRESPONSE']._serialized_end=762
+  _globals['_VARIANTINFO']._serialized_start=764
+  _globals['_VARIANTINFO']._serialized_end=859
+  _globals['_ARTIFACTSERVICE']._serialized_start=975
+  _globals['_ARTIFACTSERVICE']._serialized_end=1366
 # @@protoc_insertion_point(module_scope)

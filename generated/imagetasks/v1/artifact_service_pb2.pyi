@@ -53,16 +53,28 @@ class GetArtifactRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`artifacts/{path}`."""
+    expires: _builtins.int
+    """Signed-URL access (when the server is configured with `artifact_access = "signed"`): the
+    `expires` query parameter of a URL the server handed out, in Unix seconds. With a valid,
+    unexpired `signature` the call needs no API key; a wrong signature or a past `expires`
+    is PERMISSION_DENIED (reason SIGNATURE_INVALID / SIGNATURE_EXPIRED).
+    """
+    signature: _builtins.str
+    """The `signature` query parameter of that URL (HMAC-SHA256 over the path and `expires`)."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        expires: _builtins.int = ...,
+        signature: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires", b"expires", "name", b"name", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -99,22 +111,34 @@ class ReadArtifactRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     READ_OFFSET_FIELD_NUMBER: _builtins.int
     READ_LIMIT_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`artifacts/{path}`."""
     read_offset: _builtins.int
     """First byte to read; beyond the end: OUT_OF_RANGE."""
     read_limit: _builtins.int
     """Most bytes to read; 0 reads to the end."""
+    expires: _builtins.int
+    """Signed-URL access (when the server is configured with `artifact_access = "signed"`): the
+    `expires` query parameter of a URL the server handed out, in Unix seconds. With a valid,
+    unexpired `signature` the call needs no API key; a wrong signature or a past `expires`
+    is PERMISSION_DENIED (reason SIGNATURE_INVALID / SIGNATURE_EXPIRED).
+    """
+    signature: _builtins.str
+    """The `signature` query parameter of that URL (HMAC-SHA256 over the path and `expires`)."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         read_offset: _builtins.int = ...,
         read_limit: _builtins.int = ...,
+        expires: _builtins.int = ...,
+        signature: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "read_limit", b"read_limit", "read_offset", b"read_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires", b"expires", "name", b"name", "read_limit", b"read_limit", "read_offset", b"read_offset", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -159,6 +183,8 @@ class GetVariantRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
     PRESET_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`artifacts/{path}` of the source."""
     spec: _builtins.str
@@ -174,6 +200,16 @@ class GetVariantRequest(_message.Message):
     """1..100 for lossy formats; unset: 80."""
     preset: _builtins.str
     """A preset name configured by the operator, instead of the fields above."""
+    expires: _builtins.int
+    """Signed-URL access (when the server is configured with `artifact_access = "signed"`): the
+    `expires` query parameter of a URL the server handed out, in Unix seconds. With a valid,
+    unexpired `signature` the call needs no API key; a wrong signature or a past `expires`
+    is PERMISSION_DENIED (reason SIGNATURE_INVALID / SIGNATURE_EXPIRED).
+    """
+    signature: _builtins.str
+    """The `signature` query parameter of that URL. A signature of the source artifact's URL
+    also grants its variants.
+    """
     def __init__(
         self,
         *,
@@ -185,10 +221,12 @@ class GetVariantRequest(_message.Message):
         format: _common_pb2.ImageFormat.ValueType = ...,
         quality: _builtins.int | None = ...,
         preset: _builtins.str = ...,
+        expires: _builtins.int = ...,
+        signature: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_quality", b"_quality", "quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_quality", b"_quality", "fit", b"fit", "format", b"format", "height", b"height", "name", b"name", "preset", b"preset", "quality", b"quality", "spec", b"spec", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_quality", b"_quality", "expires", b"expires", "fit", b"fit", "format", b"format", "height", b"height", "name", b"name", "preset", b"preset", "quality", b"quality", "signature", b"signature", "spec", b"spec", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__quality: _TypeAlias = _typing.Literal["quality"]  # noqa: Y015
     _WhichOneofArgType__quality: _TypeAlias = _typing.Literal["_quality", b"_quality"]  # noqa: Y015
@@ -238,7 +276,9 @@ class VariantInfo(_message.Message):
     etag: _builtins.str
     """A strong content hash, usable as an HTTP ETag."""
     url: _builtins.str
-    """Where to download it over HTTP: `/variants/{spec}/{path}`."""
+    """Where to download it over HTTP: `/variants/{spec}/{path}` (with `?expires=...&signature=...`
+    when the server signs URLs).
+    """
     @_builtins.property
     def image(self) -> _common_pb2.ImageInfo: ...
     def __init__(

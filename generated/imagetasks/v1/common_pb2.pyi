@@ -223,7 +223,8 @@ class Artifact(_message.Message):
     """Resource name, `artifacts/{yyyy}/{mm}/{dd}/{sha256}.{ext}`."""
     url: _builtins.str
     """Where to download it over HTTP (relative to the service's public base URL unless one is
-    configured): `/artifacts/{yyyy}/{mm}/{dd}/{sha256}.{ext}`.
+    configured): `/artifacts/{yyyy}/{mm}/{dd}/{sha256}.{ext}`, followed by
+    `?expires=...&signature=...` when the server signs URLs (then valid until `expires`).
     """
     file_name: _builtins.str
     """A friendly file name, e.g. `ImageToImage_00001.png`."""

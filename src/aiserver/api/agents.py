@@ -15,6 +15,7 @@ from aiserver.errors import ErrorKind, ServiceError
 from aiserver.jobs.scheduler import default_spec
 from aiserver.providers.base import Provider
 from aiserver.providers.comfy import AgentSnapshot, AgentState, ComfyPool
+from aiserver.providers.fallback import unwrap
 from aiserver.tasks import TaskKind
 
 __all__ = ["AgentServicer"]
@@ -44,7 +45,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         if not self._is_admin(context):
             raise ServiceError(ErrorKind.PERMISSION_DENIED, "ADMIN_ONLY", "needs an admin key")
         agents: list[agpb.Agent] = []
-        for provider in self._providers:
+        for provider in map(unwrap, self._providers):
             if isinstance(provider, ComfyPool):
                 agents.extend(_comfy_agent(s) for s in provider.snapshot())
             else:

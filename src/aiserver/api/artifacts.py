@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from imagetasks.v1 import artifact_service_pb2 as apb
 from imagetasks.v1 import artifact_service_pb2_grpc, common_pb2
 
+from aiserver.api.calls import current_principal
 from aiserver.api.convert import artifact_to_proto, format_from_proto, format_to_proto
 from aiserver.api.status import rpc
 from aiserver.artifacts import ArtifactStore, Fit, VariantCache, VariantPolicy, build_spec
+from aiserver.artifacts.links import UrlSigner
+from aiserver.auth import missing_key
 from aiserver.errors import invalid_argument
+from aiserver.logs import job_id_var
 
 __all__ = ["ArtifactServicer"]
 
@@ -33,31 +37,60 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         policy: VariantPolicy,
         chunk_bytes: int,
         scope_of: Callable[[Any], str | None] = lambda _ctx: None,
+        signer: UrlSigner | None = None,
     ) -> None:
         self._store = store
         self._variants = variants
         self._policy = policy
         self._chunk = chunk_bytes
         self._scope_of = scope_of
+        self._signer = signer
+
+    def _link(self, url: str) -> str:
+        return self._signer.sign(url) if self._signer is not None else url
+
+    def _check_key(self, request: Any) -> bool:
+        """True when the request presents a URL signature to verify (signed mode); else the
+        caller must have come with a key (the interceptor lets keyless reads through only
+        when URLs are signed)."""
+        if self._signer is not None and (request.signature or request.expires):
+            return True
+        if not current_principal().authenticated:
+            raise missing_key()
+        return False
+
+    def _scope(self, context: Any, request: Any, paths: Callable[[], Sequence[str]]) -> str | None:
+        """The owner to check (None: any): a valid signature opens the resource it signs."""
+        if self._check_key(request):
+            assert self._signer is not None
+            self._signer.verify(paths(), request.expires, request.signature)
+            return None
+        return self._scope_of(context)
+
+    def _artifact_url(self, name: str) -> str:
+        return f"{self._store.url_prefix}/{self._store.relative_path(name)}"
 
     @rpc
     async def GetArtifact(
         self, request: apb.GetArtifactRequest, context: Any
     ) -> apb.GetArtifactResponse:
-        ref = await self._store.get(request.name, self._scope_of(context))
-        return apb.GetArtifactResponse(artifact=artifact_to_proto(ref))
+        scope = self._scope(context, request, lambda: [self._artifact_url(request.name)])
+        ref = await self._store.get(request.name, scope)
+        job_id_var.set(ref.job_id)
+        return apb.GetArtifactResponse(artifact=artifact_to_proto(ref, self._link))
 
     @rpc
     async def ReadArtifact(
         self, request: apb.ReadArtifactRequest, context: Any
     ) -> AsyncIterator[apb.ReadArtifactResponse]:
+        scope = self._scope(context, request, lambda: [self._artifact_url(request.name)])
         if request.read_offset < 0 or request.read_limit < 0:
             field = "read_offset" if request.read_offset < 0 else "read_limit"
             raise invalid_argument(field, "INVALID_RANGE", f"{field} must not be negative")
         offset = request.read_offset
         async for data in self._store.read(
             request.name,
-            self._scope_of(context),
+            scope,
             request.read_offset,
             request.read_limit,
             chunk_size=self._chunk,
@@ -69,14 +102,21 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
     async def GetVariant(
         self, request: apb.GetVariantRequest, context: Any
     ) -> AsyncIterator[apb.GetVariantResponse]:
+        self._check_key(request)  # who is asking, before any parsing
         spec = self._spec(request)
-        variant = await self._variants.get(request.name, spec, self._scope_of(context))
+        scope = self._scope(
+            context,
+            request,
+            # The variant's own URL, or its source's: a link to an artifact opens its variants.
+            lambda: [self._variants.url_for(request.name, spec), self._artifact_url(request.name)],
+        )
+        variant = await self._variants.get(request.name, spec, scope)
         fmt = format_to_proto(spec.format)
         yield apb.GetVariantResponse(
             info=apb.VariantInfo(
                 spec=variant.spec,
                 etag=variant.etag,
-                url=variant.url,
+                url=self._link(variant.url),
                 image=common_pb2.ImageInfo(
                     format=fmt,
                     mime_type=variant.mime_type,
@@ -105,11 +145,13 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
             )
         if request.spec or request.preset:
             return self._policy.resolve(request.spec, preset=request.preset)
+        if request.fit not in _FITS:
+            raise invalid_argument("fit", "INVALID_VARIANT_SPEC", f"unknown fit {request.fit}")
         fmt = format_from_proto(request.format, "format")
         spec = build_spec(
             width=request.width,
             height=request.height,
-            fit=_FITS.get(request.fit, Fit.CONTAIN),
+            fit=_FITS[request.fit],
             format=fmt.name if fmt else "webp",
             quality=request.quality if request.HasField("quality") else None,
             max_side=self._policy.max_side,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +35,7 @@ from aiserver.tasks import (
 )
 
 __all__ = [
+    "Link",
     "artifact_to_proto",
     "event_to_proto",
     "format_from_proto",
@@ -199,10 +201,18 @@ def _ts(when: datetime | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
-def artifact_to_proto(ref: ArtifactRef) -> common_pb2.Artifact:
+def _same(url: str) -> str:
+    return url
+
+
+Link = Callable[[str], str]
+"""Turns an artifact's URL into the one handed out (e.g. signed); identity by default."""
+
+
+def artifact_to_proto(ref: ArtifactRef, link: Link = _same) -> common_pb2.Artifact:
     msg = common_pb2.Artifact(
         name=ref.name,
-        url=ref.url,
+        url=link(ref.url),
         file_name=ref.file_name,
         mime_type=ref.mime_type,
         width=ref.width,
@@ -218,7 +228,7 @@ def artifact_to_proto(ref: ArtifactRef) -> common_pb2.Artifact:
     return msg
 
 
-def job_to_proto(job: Job, queue_position: int = 0) -> job_pb2.Job:
+def job_to_proto(job: Job, queue_position: int = 0, link: Link = _same) -> job_pb2.Job:
     msg = job_pb2.Job(
         name=job.name,
         task=_TASKS[job.task],
@@ -235,7 +245,7 @@ def job_to_proto(job: Job, queue_position: int = 0) -> job_pb2.Job:
         update_time=_ts(job.updated),
         queue_position=queue_position,
         progress=job.progress,
-        outputs=[artifact_to_proto(a) for a in job.outputs],
+        outputs=[artifact_to_proto(a, link) for a in job.outputs],
         text_outputs=[job_pb2.TextOutput(index=i, text=t) for i, t in enumerate(job.texts)],
         reply_to=job.reply_to,
         inputs=[
@@ -257,7 +267,9 @@ def job_to_proto(job: Job, queue_position: int = 0) -> job_pb2.Job:
     return msg
 
 
-def event_to_proto(event: JobEvent, queue_position: int = 0) -> job_pb2.JobEvent:
+def event_to_proto(
+    event: JobEvent, queue_position: int = 0, link: Link = _same
+) -> job_pb2.JobEvent:
     """The wire form of a domain event; the one conversion every stream uses."""
     msg = job_pb2.JobEvent(
         job=f"jobs/{event.job_id}", sequence=event.sequence, time=_ts(event.time)
@@ -287,7 +299,7 @@ def event_to_proto(event: JobEvent, queue_position: int = 0) -> job_pb2.JobEvent
         )
     elif isinstance(kind, OutputStored):
         msg.output.CopyFrom(
-            job_pb2.OutputReady(index=kind.index, artifact=artifact_to_proto(kind.artifact))
+            job_pb2.OutputReady(index=kind.index, artifact=artifact_to_proto(kind.artifact, link))
         )
     elif isinstance(kind, TextProduced):
         msg.text_output.CopyFrom(
@@ -298,5 +310,5 @@ def event_to_proto(event: JobEvent, queue_position: int = 0) -> job_pb2.JobEvent
             job_pb2.JobRetrying(attempt=kind.attempt, reason=kind.reason, agent=kind.agent)
         )
     else:
-        msg.finished.CopyFrom(job_pb2.JobFinished(job=job_to_proto(kind.job, queue_position)))
+        msg.finished.CopyFrom(job_pb2.JobFinished(job=job_to_proto(kind.job, queue_position, link)))
     return msg

@@ -12,14 +12,15 @@ import grpc
 from imagetasks.v1 import common_pb2, generation_service_pb2_grpc, job_pb2
 from imagetasks.v1 import generation_service_pb2 as gpb
 
-from aiserver.api.convert import event_to_proto, spec_from_proto
+from aiserver.api.convert import Link, event_to_proto, spec_from_proto
 from aiserver.api.status import rpc
 from aiserver.api.uploads import Upload, read_upload
 from aiserver.artifacts.store import ArtifactStore
 from aiserver.errors import invalid_argument
-from aiserver.imaging import ImageLimits, probe
+from aiserver.imaging import ImageLimits, verify
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Accepted, InputRef, OutputStored
+from aiserver.logs import job_id_var
 from aiserver.spool import InputSpool, UploadBudget
 from aiserver.tasks import TaskKind
 from aiserver.webhooks import validate_reply_to
@@ -51,6 +52,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         pool: BlockingPool,
         limits: SubmitLimits,
         owner_of: Callable[[grpc.aio.ServicerContext], str] = lambda _ctx: "",
+        link: Link = lambda url: url,
     ) -> None:
         self._manager = manager
         self._artifacts = artifacts
@@ -58,6 +60,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         self._pool = pool
         self._limits = limits
         self._owner_of = owner_of
+        self._link = link
 
     @rpc
     async def ImageToImage(
@@ -106,43 +109,60 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         except BaseException:
             upload.discard()
             raise
-        job, existing = await self._manager.submit(
-            owner=self._owner_of(context),
-            task=task,
-            spec=spec,
-            inputs=inputs,
-            ref_id=options.ref_id,
-            tag=options.tag,
-            reply_to=options.reply_to,
-        )
+        committed = [self._spool.commit(f) for f in upload.files.values()]
+        try:
+            job, existing = await self._manager.submit(
+                owner=self._owner_of(context),
+                task=task,
+                spec=spec,
+                inputs=inputs,
+                ref_id=options.ref_id,
+                tag=options.tag,
+                reply_to=options.reply_to,
+            )
+        except BaseException:
+            for spooled in committed:
+                self._spool.unpin(spooled)
+            self._manager.discard_inputs({f.sha256 for f in committed})
+            raise
+        for spooled in committed:
+            self._spool.unpin(spooled)
+        if existing:  # the ref id named an earlier job: these bytes belong to no job
+            self._manager.discard_inputs(
+                {f.sha256 for f in committed} - {i.sha256 for i in job.inputs}
+            )
+        job_id_var.set(job.id)
         sync = options.mode != common_pb2.RESPONSE_MODE_ASYNC
         send_bytes = options.delivery != common_pb2.OUTPUT_DELIVERY_REFERENCES
         try:
             async for event in self._manager.subscribe(job.id):
                 kind = event.kind
                 if isinstance(kind, Accepted):
-                    msg = event_to_proto(event)
+                    msg = event_to_proto(event, link=self._link)
                     msg.accepted.existing = existing
                     msg.accepted.queue_position = self._manager.queue_position(job.id)
                     yield msg
                     if not sync:
                         return
                     continue
-                yield event_to_proto(event)
+                yield event_to_proto(event, link=self._link)
                 if isinstance(kind, OutputStored) and send_bytes:
                     async for chunk in self._output_chunks(event, kind):
                         yield chunk
         except asyncio.CancelledError:
-            # The caller went away (or its deadline passed): a SYNC job goes with it.
-            if sync:
+            # The caller went away (or its deadline passed): a SYNC job goes with it - unless
+            # the server is shutting down: an accepted job outlives the call then, and is
+            # finished before exit or resumed at the next start.
+            if sync and self._manager.accepting:
                 await asyncio.shield(self._cancel_quietly(job.id))
             raise
 
     async def _inputs(self, upload: Upload) -> list[InputRef]:
+        """Each input checked (decoded once: a damaged file is the caller's error, not a
+        failed job); nothing is committed to the spool yet."""
         refs = []
         for name, spooled in upload.files.items():
-            info = await self._pool.run(probe, spooled.path, self._limits.image, name)
-            self._spool.commit(spooled)
+            info = await self._pool.run(verify, spooled.path, self._limits.image, name)
             refs.append(
                 InputRef(
                     field=name,

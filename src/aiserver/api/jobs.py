@@ -10,10 +10,17 @@ import grpc
 from imagetasks.v1 import job_service_pb2 as jpb
 from imagetasks.v1 import job_service_pb2_grpc
 
-from aiserver.api.convert import event_to_proto, job_to_proto, state_from_proto, task_from_proto
+from aiserver.api.convert import (
+    Link,
+    event_to_proto,
+    job_to_proto,
+    state_from_proto,
+    task_from_proto,
+)
 from aiserver.api.status import rpc
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs.manager import JobManager
+from aiserver.logs import job_id_var
 
 __all__ = ["JobServicer", "parse_job_name"]
 
@@ -26,6 +33,7 @@ def parse_job_name(name: str, field: str = "name") -> str:
     m = _JOB_NAME.fullmatch(name)
     if m is None:
         raise invalid_argument(field, "INVALID_NAME", "expected a job name like jobs/{job}")
+    job_id_var.set(m.group(1))  # the call's log lines name the job
     return m.group(1)
 
 
@@ -36,10 +44,12 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         *,
         owner_of: Callable[[Any], str] = lambda _ctx: "",
         is_admin: Callable[[Any], bool] = lambda _ctx: True,
+        link: Link = lambda url: url,
     ) -> None:
         self._manager = manager
         self._owner_of = owner_of
         self._is_admin = is_admin
+        self._link = link
 
     def _scope(self, context: Any) -> str | None:
         """The owner whose jobs the caller may touch; None lets an admin touch any."""
@@ -48,7 +58,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     @rpc
     async def GetJob(self, request: jpb.GetJobRequest, context: Any) -> jpb.GetJobResponse:
         job = await self._manager.get(parse_job_name(request.name), self._scope(context))
-        return jpb.GetJobResponse(job=job_to_proto(job, self._manager.queue_position(job.id)))
+        return jpb.GetJobResponse(
+            job=job_to_proto(job, self._manager.queue_position(job.id), self._link)
+        )
 
     @rpc
     async def ListJobs(self, request: jpb.ListJobsRequest, context: Any) -> jpb.ListJobsResponse:
@@ -69,7 +81,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             page_token=request.page_token,
         )
         return jpb.ListJobsResponse(
-            jobs=[job_to_proto(j, self._manager.queue_position(j.id)) for j in jobs],
+            jobs=[job_to_proto(j, self._manager.queue_position(j.id), self._link) for j in jobs],
             next_page_token=token,
         )
 
@@ -80,10 +92,10 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         job = await self._manager.get(parse_job_name(request.name), self._scope(context))
         async for event in self._manager.subscribe(job.id):
             yield jpb.WatchJobResponse(
-                event=event_to_proto(event, self._manager.queue_position(job.id))
+                event=event_to_proto(event, self._manager.queue_position(job.id), self._link)
             )
 
     @rpc
     async def CancelJob(self, request: jpb.CancelJobRequest, context: Any) -> jpb.CancelJobResponse:
         job = await self._manager.cancel(parse_job_name(request.name), self._scope(context))
-        return jpb.CancelJobResponse(job=job_to_proto(job))
+        return jpb.CancelJobResponse(job=job_to_proto(job, link=self._link))

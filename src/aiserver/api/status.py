@@ -14,27 +14,47 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from aiserver.api.calls import current_call
 from aiserver.errors import DOMAIN, ErrorKind, ServiceError
 from aiserver.logs import request_id_var
 
-__all__ = ["rpc", "to_status_proto"]
+__all__ = ["abort", "request_id_of", "rpc", "to_status_proto"]
 
 logger = logging.getLogger(__name__)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+MAX_MESSAGE_CHARS = 1024
+MAX_DETAIL_CHARS = 256
+MAX_VIOLATIONS = 32
+
+
+def _clip(text: str, limit: int) -> str:
+    # Messages may quote the request; trailers are capped (16 KiB by default, both ways), and
+    # an error that cannot be delivered is worse than a shortened one.
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def to_status_proto(err: ServiceError) -> status_pb2.Status:
-    """The ``google.rpc.Status`` for a domain error (also stored on failed jobs)."""
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    """The ``google.rpc.Status`` for a domain error (also stored on failed jobs).
+
+    Texts are clipped (messages to 1024 characters, metadata and violations to 256, at most
+    32 violations), so that an error quoting a huge request still fits in the trailers."""
+    metadata = {
+        _clip(k, MAX_DETAIL_CHARS): _clip(v, MAX_DETAIL_CHARS)
+        for k, v in list(err.metadata.items())[:MAX_VIOLATIONS]
+    }
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata)
     details = [_pack(info)]
     if err.violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
+                    field=_clip(v.field, MAX_DETAIL_CHARS),
+                    description=_clip(v.description, MAX_DETAIL_CHARS),
                 )
-                for v in err.violations
+                for v in err.violations[:MAX_VIOLATIONS]
             ]
         )
         details.append(_pack(bad))
@@ -43,7 +63,9 @@ def to_status_proto(err: ServiceError) -> status_pb2.Status:
         delay.FromNanoseconds(int(err.retry_after_s * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     return status_pb2.Status(
-        code=getattr(code_pb2, err.kind.value), message=err.message, details=details
+        code=getattr(code_pb2, err.kind.value),
+        message=_clip(err.message, MAX_MESSAGE_CHARS),
+        details=details,
     )
 
 
@@ -53,20 +75,35 @@ def _pack(msg: Any) -> any_pb2.Any:
     return packed
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End the call with ``exc`` as a rich status (an unexpected exception: INTERNAL)."""
     if isinstance(exc, ServiceError):
         err = exc
         logger.info("rpc failed: %s", err)
     else:
         logger.exception("unexpected error", exc_info=exc)
         err = ServiceError(ErrorKind.INTERNAL, "INTERNAL", "internal error; see the server log")
+    info = current_call.get()
+    if info is not None:
+        info.failed(err.kind.value, err.reason)
     await context.abort_with_status(rpc_status.to_status(to_status_proto(err)))
 
 
-def _enter(context: grpc.aio.ServicerContext) -> None:
+def request_id_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's ``x-request-id`` when it is short and printable (it goes into every log
+    line), else a new one."""
     given = dict(context.invocation_metadata() or ()).get("x-request-id", "")
-    # Accept a caller's id only when it is short and printable: it goes into every log line.
-    rid = given if 0 < len(given) <= 64 and given.isprintable() else uuid.uuid4().hex[:16]
+    if isinstance(given, str) and 0 < len(given) <= 64 and given.isprintable():
+        return given
+    return uuid.uuid4().hex[:16]
+
+
+def _enter(context: grpc.aio.ServicerContext) -> None:
+    info = current_call.get()
+    if info is not None:  # the interceptor has done it
+        request_id_var.set(info.request_id)
+        return
+    rid = request_id_of(context)
     request_id_var.set(rid)
     context.set_trailing_metadata((("x-request-id", rid),))
 
@@ -87,7 +124,7 @@ def rpc(method: _F) -> _F:
             except (ServiceError, Exception) as exc:
                 if _is_control_flow(exc):
                     raise
-                await _abort(context, exc)
+                await abort(context, exc)
 
         return cast(_F, stream)
 
@@ -99,7 +136,7 @@ def rpc(method: _F) -> _F:
         except (ServiceError, Exception) as exc:
             if _is_control_flow(exc):
                 raise
-            await _abort(context, exc)
+            await abort(context, exc)
 
     return cast(_F, unary)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,18 +46,9 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
         request_iterator: AsyncIterator[transform_service_pb2.CropImageRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[transform_service_pb2.CropImageResponse]:
-        upload = await read_upload(
-            request_iterator,
-            spool=self._spool,
-            budget=UploadBudget(self._max_upload),
-            inputs=("image",),
-        )
-        try:
-            p: tasks_pb2.CropImageParams = upload.params
-            image = upload.files["image"]
-            result = await self._pool.run(
-                crop,
-                image.path,
+        def work(path: Path, p: tasks_pb2.CropImageParams) -> EncodedImage:
+            return crop(
+                path,
                 x=p.x,
                 y=p.y,
                 width=p.width,
@@ -66,9 +57,9 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
                 quality=_quality(p),
                 limits=self._limits,
             )
-        finally:
-            upload.discard()
-        for msg in self._reply(transform_service_pb2.CropImageResponse, result, image, "cropped"):
+
+        response = transform_service_pb2.CropImageResponse
+        async for msg in self._transform(request_iterator, work, response, "cropped"):
             yield msg
 
     @rpc
@@ -77,28 +68,38 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
         request_iterator: AsyncIterator[transform_service_pb2.ConvertImageRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[transform_service_pb2.ConvertImageResponse]:
-        upload = await read_upload(
-            request_iterator,
-            spool=self._spool,
-            budget=UploadBudget(self._max_upload),
-            inputs=("image",),
-        )
-        try:
-            p = upload.params
+        def work(path: Path, p: tasks_pb2.ConvertImageParams) -> EncodedImage:
             target = format_from_proto(p.output_format, "params.output_format")
             if target is None:
                 raise invalid_argument(
                     "params.output_format", "MISSING_FORMAT", "output_format is required"
                 )
-            image = upload.files["image"]
-            result = await self._pool.run(
-                convert, image.path, output_format=target, quality=_quality(p), limits=self._limits
-            )
+            return convert(path, output_format=target, quality=_quality(p), limits=self._limits)
+
+        response = transform_service_pb2.ConvertImageResponse
+        async for msg in self._transform(request_iterator, work, response, "converted"):
+            yield msg
+
+    async def _transform(
+        self,
+        requests: AsyncIterator[Any],
+        work: Callable[[Path, Any], EncodedImage],
+        response: type[_R],
+        suffix: str,
+    ) -> AsyncIterator[_R]:
+        """Read the upload, run ``work`` on it in the image pool, stream the result back."""
+        upload = await read_upload(
+            requests,
+            spool=self._spool,
+            budget=UploadBudget(self._max_upload),
+            inputs=("image",),
+        )
+        image = upload.files["image"]
+        try:
+            result = await self._pool.run(work, image.path, upload.params)
         finally:
             upload.discard()
-        for msg in self._reply(
-            transform_service_pb2.ConvertImageResponse, result, image, "converted"
-        ):
+        for msg in self._reply(response, result, image, suffix):
             yield msg
 
     def _reply(

@@ -138,6 +138,10 @@ class VariantCache:
             )
         return formats.parse_format(spec.format, "spec")
 
+    def url_for(self, name: str, spec: VariantSpec) -> str:
+        """The URL path of variant ``spec`` of ``name`` (INVALID_ARGUMENT for a bad name)."""
+        return f"{self._url_prefix}/{spec.canonical}/{self._store.relative_path(name)}"
+
     def _variant(self, ref: ArtifactRef, spec: VariantSpec, image: Path, meta: _Meta) -> Variant:
         rel = self._store.relative_path(ref.name)
         return Variant(

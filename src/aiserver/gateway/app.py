@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -36,7 +37,7 @@ from aiserver.gateway.routes import (
 from aiserver.gateway.streams import NDJSON, event_field, stream_response, wants_sse
 from aiserver.gateway.uploads import chunk_factory, send_multipart, send_ndjson, write
 
-__all__ = ["BACKEND", "OPENAPI", "ROUTES", "TASKS", "Gateway", "build_app"]
+__all__ = ["BACKEND", "OPENAPI", "ROUTES", "TASKS", "Gateway", "MetricsHandler", "build_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ ROUTES = web.AppKey("routes", RouteTable)
 TASKS = web.AppKey("compat_tasks", dict[str, CompatTask])
 OPENAPI = web.AppKey("openapi", dict[str, Any])
 _JSON_TYPES = ("application/json", "")
+
+MetricsHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+"""Serves ``GET /metrics`` (given by the service the gateway runs in)."""
 
 
 def _json_response(
@@ -96,6 +100,14 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         )
     except (asyncio.CancelledError, ConnectionError):
         raise
+    except HttpProcessingError as exc:  # aiohttp's parsers: a malformed request, not our fault
+        return error_response(
+            GatewayError(
+                exc.code if 400 <= exc.code < 500 else 400,
+                "MALFORMED_REQUEST",
+                f"malformed request ({type(exc).__name__})",
+            )
+        )
     except Exception:
         logger.exception("gateway: %s %s failed", request.method, request.path)
         return error_response(GatewayError(500, "INTERNAL", "internal error; see the gateway log"))
@@ -258,10 +270,13 @@ class _V1:
 
 
 def build_app(
-    backend: Backend, files: Sequence[descriptor.FileDescriptor] | None = None
+    backend: Backend,
+    files: Sequence[descriptor.FileDescriptor] | None = None,
+    *,
+    metrics: MetricsHandler | None = None,
 ) -> web.Application:
     """The aiohttp application for ``backend``; ``files``: the contract (default: every
-    generated ``imagetasks.v1`` module)."""
+    generated ``imagetasks.v1`` module); ``metrics``: the handler of ``/metrics``, if any."""
     files = list(files) if files is not None else contract_files()
     table = RouteTable(load_routes(files))
     compat = Compat(backend, files)
@@ -293,6 +308,8 @@ def build_app(
     app.on_response_prepare.append(_on_prepare)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/healthz", health)
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/jobs/{id}/events", compat.events)
     for prefix in ("/api", "/json/reply"):
         app.router.add_route("*", prefix + "/{name}", compat.dispatch)
@@ -300,6 +317,23 @@ def build_app(
     app.router.add_get("/variants/{spec}/{path:.+}", compat.variant)
     app.router.add_route("*", "/{tail:.*}", v1.handle)
     return app
+
+
+class _ParserErrorsAreWarnings(logging.Filter):
+    """aiohttp logs a request it cannot parse (a line too long, a bad header) as an ERROR with
+    a traceback quoting the request's bytes. It is the client's mistake, answered with a 400:
+    logged as a one-line warning instead, without the bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "malformed HTTP request refused: %s", (type(exc).__name__,)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_PARSER_FILTER = _ParserErrorsAreWarnings()
 
 
 class Gateway:
@@ -320,6 +354,7 @@ class Gateway:
         settings: GatewaySettings | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         channel: Any = None,
+        metrics: MetricsHandler | None = None,
     ) -> None:
         self.target = target
         self.host = host
@@ -327,6 +362,7 @@ class Gateway:
         self.settings = settings or GatewaySettings()
         self._credentials = credentials
         self._given_channel = channel
+        self._metrics = metrics
         self._channel: Any = None
         self._runner: web.AppRunner | None = None
         self.app: web.Application | None = None
@@ -356,9 +392,10 @@ class Gateway:
     async def start(self) -> int:
         if self._runner is not None:
             raise RuntimeError("the gateway is already started")
+        logging.getLogger("aiohttp.server").addFilter(_PARSER_FILTER)  # once: filters are a set
         self._channel = self._given_channel or self._open_channel()
         self.backend = Backend(self._channel, self.settings)
-        self.app = build_app(self.backend)
+        self.app = build_app(self.backend, metrics=self._metrics)
         self.app.on_shutdown.append(self._cancel_watches)
         runner = web.AppRunner(
             self.app,

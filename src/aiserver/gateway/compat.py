@@ -33,6 +33,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,33 @@ def content_disposition(kind: str, file_name: str) -> str:
     if plain != file_name:
         value += f"; filename*=UTF-8''{quote(file_name, safe='')}"
     return value
+
+
+def signed_access(request: web.BaseRequest) -> dict[str, Any]:
+    """``expires`` and ``signature`` of a signed URL, as request fields (empty when absent)."""
+    raw = request.query.get("expires", "")
+    signature = request.query.get("signature", "")
+    if not raw and not signature:
+        return {}
+    if raw and not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+        raise GatewayError(
+            400,
+            "INVALID_PARAMETERS",
+            "expires must be a Unix time in seconds",
+            [Violation("expires", "INVALID_PARAMETERS", "not a Unix time in seconds")],
+        )
+    return {"expires": int(raw or 0), "signature": signature}
+
+
+def cache_control(request: web.BaseRequest, signed: dict[str, Any]) -> str:
+    """Immutable content; but a response to a key must not sit in shared caches, and one to a
+    signed URL must not outlive the URL."""
+    if signed:
+        left = max(0, int(signed["expires"] - time.time()))
+        return f"public, max-age={min(left, 31536000)}, immutable"
+    if request.headers.get("Authorization"):
+        return "private, max-age=31536000, immutable"
+    return _IMMUTABLE
 
 
 def etag_matches(header: str, etag: str) -> bool:
@@ -452,13 +480,14 @@ class Compat:
     async def artifact(self, request: web.Request) -> web.StreamResponse:
         name = "artifacts/" + request.match_info["path"]
         backend = self.backend
+        signed = signed_access(request)
         get = backend.method(_GET_ARTIFACT)
-        meta = await self._unary(request, get, message_class(get.input_type)(name=name))
+        meta = await self._unary(request, get, message_class(get.input_type)(name=name, **signed))
         art = meta.artifact
         etag = f'"{art.sha256}"'
         headers = {
             "ETag": etag,
-            "Cache-Control": _IMMUTABLE,
+            "Cache-Control": cache_control(request, signed),
             "Accept-Ranges": "bytes",
         }
         if art.HasField("create_time"):
@@ -490,7 +519,7 @@ class Compat:
             return await _head(request, status, headers, length)
         read = backend.method(_READ_ARTIFACT)
         req = message_class(read.input_type)(
-            name=name, read_offset=offset, read_limit=length if span is not None else 0
+            name=name, read_offset=offset, read_limit=length if span is not None else 0, **signed
         )
         call = backend.callable(read)(req, metadata=backend.metadata(request))
         return await self._relay_bytes(
@@ -501,7 +530,8 @@ class Compat:
         name = "artifacts/" + request.match_info["path"]
         backend = self.backend
         method = backend.method(_GET_VARIANT)
-        req = message_class(method.input_type)(name=name, spec=request.match_info["spec"])
+        signed = signed_access(request)
+        req = message_class(method.input_type)(name=name, spec=request.match_info["spec"], **signed)
         call = backend.callable(method)(req, metadata=backend.metadata(request))
         try:
             first = await first_message(call)
@@ -509,7 +539,7 @@ class Compat:
                 raise _bad_upstream("the variant stream did not start with info")
             info = first.info
             etag = f'"{info.etag}"'
-            headers = {"ETag": etag, "Cache-Control": _IMMUTABLE}
+            headers = {"ETag": etag, "Cache-Control": cache_control(request, signed)}
             if etag_matches(request.headers.get("If-None-Match", ""), etag):
                 return web.Response(status=304, headers=headers)
             download = (request.query.get("download") or "").lower() in ("true", "1", "yes")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -161,8 +162,8 @@ async def send_multipart(
         while True:
             try:
                 part = await reader.next()
-            except (ValueError, AssertionError, RuntimeError) as exc:
-                raise malformed(f"malformed multipart body: {exc}") from None
+            except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
+                raise malformed(f"malformed multipart body: {_reason(exc)}") from None
             if part is None:
                 break
             if isinstance(part, MultipartReader):
@@ -233,6 +234,13 @@ async def send_multipart(
         temp_files.close()
         if not ok and call is not None and not call.done():
             call.cancel()
+
+
+def _reason(exc: BaseException) -> str:
+    # aiohttp's parser errors quote the offending bytes; say what kind of error it was only.
+    if isinstance(exc, HttpProcessingError):
+        return type(exc).__name__
+    return str(exc)
 
 
 def _disposition(part: BodyPartReader) -> tuple[str | None, str | None]:

@@ -26,6 +26,7 @@ from aiserver.imaging.transforms import (
     convert,
     crop,
     resize,
+    verify,
 )
 
 __all__ = [
@@ -48,4 +49,5 @@ __all__ = [
     "parse_format",
     "probe",
     "resize",
+    "verify",
 ]

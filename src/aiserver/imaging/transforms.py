@@ -50,6 +50,7 @@ __all__ = [
     "convert",
     "crop",
     "resize",
+    "verify",
 ]
 
 DEFAULT_QUALITY = 90
@@ -249,6 +250,16 @@ def apply_jpeg_draft(image: Image.Image, size: tuple[int, int]) -> tuple[int, in
     if image.format in ("JPEG", "MPO") and isinstance(image, ImageFile.ImageFile) and image.tile:
         image.draft(None, size)
     return image.size
+
+
+def verify(path: Path, limits: ImageLimits = DEFAULT_LIMITS, field: str = "image") -> ImageInfo:
+    """The header checks of ``probe``, then a decode of the first frame (JPEG at 1/8 scale),
+    so that truncated or corrupt data is refused (``IMAGE_TRUNCATED`` / ``IMAGE_CORRUPT``)
+    before the file is handed to a provider."""
+    with open_image_with_info(path, limits, field) as (im, info):
+        apply_jpeg_draft(im, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+        im.load()
+    return info
 
 
 # --- validation and planning ------------------------------------------------------------

@@ -61,6 +61,7 @@ from aiserver.jobs.scheduler import (
     refusal,
 )
 from aiserver.jobs.store import JobQuery, JobRecord, JobStore
+from aiserver.logs import job_id_var
 from aiserver.providers.base import (
     Provider,
     WorkInput,
@@ -117,6 +118,8 @@ class JobManager:
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._phase: Literal["new", "running", "stopping", "stopped"] = "new"
+        self._quiescing = False
+        self._creating: dict[str, int] = {}  # by owner: submissions between check and store
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -187,6 +190,16 @@ class JobManager:
         self._hub.close()
         self._phase = "stopped"
 
+    def quiesce(self) -> None:
+        """Refuse new jobs (UNAVAILABLE) from now on, ahead of :meth:`stop`: the server is
+        going down, and jobs already accepted must outlive the calls that made them."""
+        self._quiescing = True
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new jobs are taken (false once quiescing or stopping)."""
+        return self._phase == "running" and not self._quiescing
+
     def add_terminal_hook(self, hook: TerminalHook) -> None:
         """Called with the final job after it is stored and Finished is sent; a failing hook
         is logged and affects nothing else."""
@@ -206,9 +219,12 @@ class JobManager:
         reply_to: str,
     ) -> tuple[Job, bool]:
         """Queue a job; ``(job, True)`` when ``owner`` already has one with this ``ref_id``."""
-        if self._phase != "running":
+        if not self.accepting:
             raise ServiceError(
-                ErrorKind.UNAVAILABLE, "NOT_SERVING", "the job manager is not running"
+                ErrorKind.UNAVAILABLE,
+                "NOT_SERVING",
+                "the server is shutting down; try again shortly",
+                retry_after_s=1.0,
             )
         if spec.kind is not task:
             raise invalid_argument("params", "TASK_MISMATCH", f"parameters are not {task.value}")
@@ -232,6 +248,21 @@ class JobManager:
                 f"no provider is configured to run {task.value}",
                 metadata={"task": task.value},
             )
+        limit = self._settings.max_active_per_owner
+        if limit > 0 and self.active_count(owner) + self._creating.get(owner, 0) >= limit:
+            if ref_id:  # a retry of a job it already has is no new work
+                found, _ = await self._store.query(
+                    JobQuery(owner=owner, ref_id=ref_id), page_size=1, page_token=""
+                )
+                if found:
+                    return self._fresh(found[0]), True
+            raise ServiceError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                "TOO_MANY_JOBS",
+                f"at most {limit} unfinished jobs per API key; wait for some to finish",
+                metadata={"limit": str(limit)},
+                retry_after_s=self._settings.too_many_jobs_retry_s,
+            )
         create = self._create(
             owner=owner,
             task=task,
@@ -241,8 +272,15 @@ class JobManager:
             tag=tag,
             reply_to=reply_to,
         )
-        # Shielded: once stored, the job must also be queued, even if the caller goes away.
-        return await asyncio.shield(self._spawn(create, log_errors=False))
+        # Counted until stored: concurrent submissions cannot all slip under the limit.
+        self._creating[owner] = self._creating.get(owner, 0) + 1
+        try:
+            # Shielded: once stored, the job must also be queued, even if the caller goes away.
+            return await asyncio.shield(self._spawn(create, log_errors=False))
+        finally:
+            self._creating[owner] -= 1
+            if not self._creating[owner]:
+                del self._creating[owner]
 
     async def get(self, job_id: str, owner: str | None) -> Job:
         """The job (``owner`` None: any owner's); NOT_FOUND also for another owner's job."""
@@ -306,6 +344,24 @@ class JobManager:
     def artifacts_in_use(self) -> set[str]:
         """Names of outputs of jobs that have not ended (retention must keep them)."""
         return {a.name for active in self._active.values() for a in active.job.outputs}
+
+    def active_count(self, owner: str | None = None) -> int:
+        """Unfinished jobs (of ``owner``; None: of everyone)."""
+        if owner is None:
+            return len(self._active)
+        return sum(1 for a in self._active.values() if a.job.owner == owner)
+
+    def stats(self) -> dict[tuple[TaskKind, JobState], int]:
+        """Unfinished jobs by task and state (for metrics)."""
+        counts: dict[tuple[TaskKind, JobState], int] = {}
+        for active in self._active.values():
+            key = (active.job.task, active.job.state)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def queue_depth(self) -> int:
+        """Jobs waiting for a provider."""
+        return len(self._queue)
 
     def queue_position(self, job_id: str) -> int:
         """1 for the next job to be dispatched, 0 when not queued."""
@@ -469,6 +525,7 @@ class JobManager:
     async def _drive(self, active: ActiveJob, provider: Provider, new_attempt: bool) -> None:
         """Run one attempt (or resume one) and settle the job's fate."""
         job = active.job
+        job_id_var.set(job.id)  # this task's (and the provider's) log lines name the job
         try:
             if new_attempt:
                 job.attempts += 1
@@ -637,6 +694,7 @@ class JobManager:
             return
         active.finishing = True
         job = active.job
+        job_id_var.set(job.id)
         self._queue.remove(job.id)
         job.state = state
         job.error = error
@@ -678,10 +736,16 @@ class JobManager:
             self._settings.spool_grace_s, self._delete_unneeded, shas, key
         )
 
+    def discard_inputs(self, shas: set[str]) -> None:
+        """Delete spooled inputs of a request that made no job, unless a job needs them."""
+        self._delete_unneeded(shas)
+
     def _delete_unneeded(self, shas: set[str], key: str = "") -> None:
         self._deletions.pop(key, None)
         needed = {ref.sha256 for a in self._active.values() for ref in a.job.inputs}
         for sha in shas - needed:
+            if self._spool.pinned(sha):
+                continue  # a request has just uploaded the same bytes and will submit them
             path = self._spool.path_for(sha)
             try:
                 path.unlink(missing_ok=True)

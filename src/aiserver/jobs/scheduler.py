@@ -66,6 +66,11 @@ class SchedulerSettings:
     """Delay between a job's end and the deletion of its spooled inputs (if no unfinished job
     uses them then): a request may have just committed the same content and not yet
     submitted it."""
+    max_active_per_owner: int = 0
+    """Unfinished (QUEUED or RUNNING) jobs one owner may have; one more is refused with
+    RESOURCE_EXHAUSTED ``TOO_MANY_JOBS``. 0: no limit."""
+    too_many_jobs_retry_s: float = 5.0
+    """The retry delay suggested (RetryInfo) with ``TOO_MANY_JOBS``."""
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

@@ -6,17 +6,38 @@ from aiserver.config import Settings
 from aiserver.imaging import ImageLimits
 from aiserver.providers.base import Provider
 from aiserver.providers.comfy import AgentConfig, ComfyPool, PoolSettings, WorkflowCatalog
-from aiserver.workers import BlockingPool
+from aiserver.providers.fallback import Excluding, Fallback
+from aiserver.providers.local import LocalUpscaleProvider, LocalUpscaleSettings
+from aiserver.tasks import TaskKind
 
 __all__ = ["build_providers"]
 
+LOCAL_MODES = ("fallback", "always", "off")
 
-def build_providers(settings: Settings, pool: BlockingPool, limits: ImageLimits) -> list[Provider]:
-    """The ComfyUI agent pool, when agents are configured."""
-    providers: list[Provider] = []
+
+def build_providers(settings: Settings, limits: ImageLimits) -> list[Provider]:
+    """The ComfyUI agent pool (when agents are configured) and the embedded upscaler."""
+    mode = settings.local_upscale
+    if mode not in LOCAL_MODES:
+        raise ValueError(f"setting local_upscale: {mode!r} is not one of {', '.join(LOCAL_MODES)}")
+    comfy: list[Provider] = []
     if settings.agents:
         catalog = WorkflowCatalog.load(user_dir=settings.workflows_dir)
         agents = [AgentConfig.from_settings(a) for a in settings.agents]
         pool_settings = PoolSettings(probe_interval_s=settings.agent_probe_interval_s)
-        providers.append(ComfyPool(agents, catalog, settings=pool_settings))
-    return providers
+        comfy.append(ComfyPool(agents, catalog, settings=pool_settings))
+    if mode == "off":
+        return comfy
+    local = LocalUpscaleProvider(
+        LocalUpscaleSettings(
+            model=settings.local_upscale_model,
+            tile_size=settings.local_upscale_tile,
+            max_concurrent_jobs=settings.local_upscale_jobs,
+            threads=settings.local_upscale_threads,
+        ),
+        limits=limits,
+    )
+    if mode == "always":
+        upscale = frozenset({TaskKind.IMAGE_UPSCALE})
+        return [*(Excluding(p, upscale) for p in comfy), local]
+    return [*comfy, Fallback(local, comfy)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from aiserver.jobs.model import Job
@@ -11,11 +12,18 @@ from aiserver.jobs.model import Job
 __all__ = ["body_of", "message_id", "payload_of"]
 
 
-def payload_of(job: Job, public_base_url: str = "") -> dict[str, Any]:
+def _same(url: str) -> str:
+    return url
+
+
+def payload_of(
+    job: Job, public_base_url: str = "", link: Callable[[str], str] = _same
+) -> dict[str, Any]:
     """``{jobId, state, refId, tag, outputs, textOutputs, responseStatus}``.
 
-    Output URLs are made absolute with ``public_base_url`` (left relative when it is empty).
-    ``responseStatus`` is null unless the job carries an error.
+    Output URLs go through ``link`` (signed, when the server signs URLs), then are made
+    absolute with ``public_base_url`` (left relative when it is empty). ``responseStatus`` is
+    null unless the job carries an error.
     """
     base = public_base_url.rstrip("/")
     status: dict[str, Any] | None = None
@@ -36,7 +44,7 @@ def payload_of(job: Job, public_base_url: str = "") -> dict[str, Any]:
         "outputs": [
             {
                 "fileName": a.file_name,
-                "url": base + a.url if base else a.url,
+                "url": base + link(a.url) if base else link(a.url),
                 "mimeType": a.mime_type,
                 "width": a.width,
                 "height": a.height,
@@ -48,9 +56,9 @@ def payload_of(job: Job, public_base_url: str = "") -> dict[str, Any]:
     }
 
 
-def body_of(job: Job, public_base_url: str = "") -> bytes:
+def body_of(job: Job, public_base_url: str = "", link: Callable[[str], str] = _same) -> bytes:
     """The exact bytes sent (and signed): compact UTF-8 JSON."""
-    payload = payload_of(job, public_base_url)
+    payload = payload_of(job, public_base_url, link)
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 

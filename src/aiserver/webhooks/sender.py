@@ -82,6 +82,7 @@ class WebhookSender:
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
         public_base_url: str = "",
+        link: Callable[[str], str] | None = None,
         resolver: Resolver | None = None,
         on_outcome: Callable[[DeliveryOutcome], None] | None = None,
         history: int = 100,
@@ -95,6 +96,7 @@ class WebhookSender:
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._public_base_url = public_base_url
+        self._link = link
         self._on_outcome = on_outcome
         self.outcomes: collections.deque[DeliveryOutcome] = collections.deque(maxlen=history)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -126,7 +128,10 @@ class WebhookSender:
         msg_id = message_id(job)
         if not job.reply_to or not job.state.terminal:
             return self._record(DeliveryOutcome(job.id, msg_id, "", DeliveryStatus.SKIPPED, 0))
-        body = body_of(job, self._public_base_url)
+        if self._link is not None:
+            body = body_of(job, self._public_base_url, self._link)
+        else:
+            body = body_of(job, self._public_base_url)
         host = ""
         attempt = 0
         status: int | None = None

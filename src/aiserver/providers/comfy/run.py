@@ -142,8 +142,9 @@ class Run:
             raise
         finally:
             if self.ws is not None:
-                with contextlib.suppress(Exception):
-                    await self.ws.close()
+                # The close handshake can wait on unread broadcasts (up to close_timeout):
+                # the job is over, so it must not wait for it.
+                self.c.spawn(_close_quietly(self.ws))
 
     async def _execute(self) -> None:
         self.ws = await self.c.open_websocket(self.client_id)
@@ -525,3 +526,8 @@ def _describe(data: bytes, content_type: str) -> tuple[str, int, int]:
             return mime, img.width, img.height
     except (UnidentifiedImageError, OSError):
         return content_type.split(";", maxsplit=1)[0] or "application/octet-stream", 0, 0
+
+
+async def _close_quietly(ws: ClientConnection) -> None:
+    with contextlib.suppress(Exception):
+        await ws.close()

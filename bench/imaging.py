@@ -1,0 +1,330 @@
+"""Image tasks: CropImage and ConvertImage over gRPC against the same work in-process, and
+variants (cold and cached) against thumbor.
+
+- Source: a synthetic 12 MP (4000x3000) photo-like JPEG, quality 90.
+- Crop / convert: gRPC calls to the service (upload in 1 MiB chunks, result streamed back)
+  against ``aiserver.imaging.crop`` / ``convert`` called directly on the same file, in this
+  process: the same Pillow work through the same code, so the ratio is what the call around it
+  costs. Crop keeps the centre 2000x1500 (JPEG out); convert to WebP and to PNG (default
+  qualities).
+- Variants: the JPEG stored with ``service.artifacts.put``; ``width=256`` (WebP, quality 80)
+  through the HTTP route ``/variants/width=256/...`` with the cache emptied before each request
+  ("cold"), against thumbor's ``/unsafe/256x0/filters:format(webp)/<url>`` (quality 80, no
+  storage, no result storage, the JPEG fetched from a local file server). Both use JPEG draft
+  decoding. Then cached ("warm") requests: HTTP and gRPC ``GetVariant``, p50.
+
+The service runs in this process with its default image threads (one per CPU). Timed sides
+alternate within every round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+from imagetasks.v1 import (
+    artifact_service_pb2,
+    artifact_service_pb2_grpc,
+    common_pb2,
+    tasks_pb2,
+    transform_service_pb2,
+    transform_service_pb2_grpc,
+)
+
+from bench.common import (
+    LoadWatch,
+    encode,
+    ms,
+    percentile,
+    photo_like,
+    row,
+    running_service,
+    spread,
+)
+from bench.thumbor_env import Thumbor, ensure_thumbor
+
+NAME = "imaging"
+CHUNK = 1024 * 1024
+
+
+def _requests(kind: str, params: Any, data: bytes) -> list[Any]:
+    cls = getattr(transform_service_pb2, f"{kind}Request")
+    out = [cls(params=params)]
+    for i in range(0, len(data), CHUNK):
+        out.append(
+            cls(
+                chunk=common_pb2.FileChunk(
+                    field="image", data=data[i : i + CHUNK], file_name="p.jpg"
+                )
+            )
+        )
+    return out
+
+
+async def _grpc_call(method: Any, messages: list[Any]) -> int:
+    call = method()
+    for m in messages:
+        await call.write(m)
+    await call.done_writing()
+    size = 0
+    async for msg in call:
+        if msg.WhichOneof("payload") == "chunk":
+            size += len(msg.chunk)
+    return size
+
+
+async def _alternate(
+    reps: int, sides: dict[str, Callable[[], Awaitable[Any]]]
+) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {k: [] for k in sides}
+    names = list(sides)
+    for fn in sides.values():  # warm-up
+        await fn()
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            await sides[name]()
+            out[name].append(time.perf_counter() - start)
+    return out
+
+
+async def _run(quick: bool) -> dict[str, Any]:
+    from aiserver.imaging import convert, crop, parse_format
+
+    reps = 2 if quick else 7
+    warm_n = 30 if quick else 300
+    width, height = (1600, 1200) if quick else (4000, 3000)
+    notes: list[str] = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench-imaging-"))
+    jpeg = encode(photo_like(width, height, seed=3), "JPEG", quality=90)
+    source = tmp / "files" / "photo.jpg"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(jpeg)
+    figures: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    try:
+        async with running_service(tmp / "service", max_upload_bytes=256 * 1024 * 1024) as service:
+            limits = service.limits
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+            transform = transform_service_pb2_grpc.TransformServiceStub(channel)
+            cw, ch = width // 2, height // 2
+            x, y = width // 4, height // 4
+            crop_params = tasks_pb2.CropImageParams(x=x, y=y, width=cw, height=ch)
+            ops: dict[str, tuple[Any, list[Any], Callable[[], Any]]] = {
+                "crop": (
+                    transform.CropImage,
+                    _requests("CropImage", crop_params, jpeg),
+                    lambda: crop(source, x=x, y=y, width=cw, height=ch, limits=limits),
+                ),
+            }
+            for fmt, proto in (
+                ("webp", common_pb2.IMAGE_FORMAT_WEBP),
+                ("png", common_pb2.IMAGE_FORMAT_PNG),
+            ):
+                target = parse_format(fmt, "format")
+                ops[f"convert_{fmt}"] = (
+                    transform.ConvertImage,
+                    _requests(
+                        "ConvertImage", tasks_pb2.ConvertImageParams(output_format=proto), jpeg
+                    ),
+                    lambda target=target: convert(source, output_format=target, limits=limits),
+                )
+            for op, (method, messages, local) in ops.items():
+
+                async def over_grpc(method: Any = method, messages: list[Any] = messages) -> None:
+                    await _grpc_call(method, messages)
+
+                async def in_process(local: Callable[[], Any] = local) -> None:
+                    local()
+
+                t = await _alternate(reps, {"grpc": over_grpc, "in_process": in_process})
+                ratios = [p / g for g, p in zip(t["grpc"], t["in_process"], strict=True)]
+                figures[op] = {
+                    "grpc_ms": spread([ms(x) for x in t["grpc"]], 1),
+                    "in_process_ms": spread([ms(x) for x in t["in_process"]], 1),
+                    "ratio": spread(ratios, 3),
+                }
+                f = figures[op]
+                rows.append(
+                    row(
+                        f"imaging: {op} {width * height / 1e6:.0f} MP JPEG, gRPC vs in-process",
+                        f["ratio"],
+                        "x",
+                        target=0.85,
+                        baseline=f"gRPC {f['grpc_ms']['median']:.0f} ms,"
+                        f" in-process {f['in_process_ms']['median']:.0f} ms",
+                    )
+                )
+            await _variants(
+                service, channel, jpeg, source, tmp, quick, reps, warm_n, figures, rows, notes
+            )
+            await channel.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "name": NAME,
+        "about": __doc__.strip().split("\n\n")[0],
+        "setup": {
+            "source": f"{width}x{height} JPEG q90, {len(jpeg)} bytes",
+            "rounds": reps,
+            "warm_requests": warm_n,
+            "baseline_in_process": "aiserver.imaging.crop/convert called directly",
+            "ratio": "in-process time / gRPC time, per round",
+        },
+        "notes": notes,
+        "figures": figures,
+        "rows": rows,
+    }
+
+
+async def _variants(
+    service: Any,
+    channel: grpc.aio.Channel,
+    jpeg: bytes,
+    source: Path,
+    tmp: Path,
+    quick: bool,
+    reps: int,
+    warm_n: int,
+    figures: dict[str, Any],
+    rows: list[dict[str, Any]],
+    notes: list[str],
+) -> None:
+    from PIL import Image
+
+    with Image.open(source) as im:
+        width, height = im.size
+    ref = await service.artifacts.put(
+        jpeg,
+        file_name="photo.jpg",
+        mime_type="image/jpeg",
+        width=width,
+        height=height,
+        seed=None,
+        provider="bench",
+        job_id="bench",
+        owner="",
+    )
+    rel = service.artifacts.relative_path(ref.name)
+    cache = Path(service.variants.cache_root)
+    http_url = f"http://127.0.0.1:{service.http_port}/variants/width=256/{rel}"
+
+    def empty_cache() -> None:
+        shutil.rmtree(cache / ref.sha256[:2], ignore_errors=True)
+
+    async with httpx.AsyncClient(timeout=120) as client:
+
+        async def get(url: str) -> bytes:
+            response = await client.get(url)
+            response.raise_for_status()
+            return response.content
+
+        async def service_cold() -> None:
+            empty_cache()
+            await get(http_url)
+
+        sides: dict[str, Callable[[], Awaitable[Any]]] = {"service": service_cold}
+        thumbor_cm: Thumbor | None = None
+        if quick:
+            notes.append("quick mode: thumbor skipped")
+        else:
+            exe = ensure_thumbor(notes)
+            if exe is None:
+                notes.append("thumbor unavailable: cold variants measured without a baseline")
+            else:
+                thumbor_cm = Thumbor(exe, source.parent, tmp)
+        if thumbor_cm is not None:
+            await thumbor_cm.__aenter__()
+            thumb_url = thumbor_cm.url_for(source.name, "256x0/filters:format(webp)")
+            probe = await client.get(thumb_url)
+            if probe.status_code != 200 or not probe.content.startswith(b"RIFF"):
+                notes.append(f"thumbor answered {probe.status_code}: baseline dropped")
+            else:
+
+                async def thumbor_cold() -> None:
+                    await get(thumb_url)
+
+                sides["thumbor"] = thumbor_cold
+        try:
+            t = await _alternate(reps, sides)
+        finally:
+            if thumbor_cm is not None:
+                await thumbor_cm.__aexit__(None, None, None)
+        cold: dict[str, Any] = {"service_ms": spread([ms(x) for x in t["service"]], 1)}
+        if "thumbor" in t:
+            cold["thumbor_ms"] = spread([ms(x) for x in t["thumbor"]], 1)
+            cold["speedup"] = spread(
+                [b / s for s, b in zip(t["service"], t["thumbor"], strict=True)], 2
+            )
+        figures["variant_cold"] = cold
+        thumbor_note = (
+            f", thumbor {cold['thumbor_ms']['median']:.0f} ms" if "thumbor_ms" in cold else ""
+        )
+        rows.append(
+            row(
+                "imaging: cold variant width=256 webp, speed-up vs thumbor",
+                cold.get("speedup"),
+                "x",
+                target=2.0,
+                baseline=f"service {cold['service_ms']['median']:.0f} ms" + thumbor_note,
+                note="" if "speedup" in cold else "thumbor not run",
+            )
+        )
+
+        # warm: cached variant, HTTP and gRPC
+        await get(http_url)
+        stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
+        request = artifact_service_pb2.GetVariantRequest(name=ref.name, spec="width=256")
+
+        async def grpc_variant() -> None:
+            async for _ in stub.GetVariant(request):
+                pass
+
+        warm: dict[str, list[float]] = {"http": [], "grpc": []}
+        for _ in range(5):
+            await get(http_url)
+            await grpc_variant()
+        for _ in range(reps):
+            for kind in ("http", "grpc"):
+                samples = []
+                for _ in range(warm_n // reps or 1):
+                    start = time.perf_counter()
+                    if kind == "http":
+                        await get(http_url)
+                    else:
+                        await grpc_variant()
+                    samples.append(time.perf_counter() - start)
+                warm[kind].append(ms(percentile(samples, 50)))
+        figures["variant_warm_p50_ms"] = {k: spread(v, 3) for k, v in warm.items()}
+        for kind, label in (("grpc", "gRPC GetVariant"), ("http", "HTTP /variants")):
+            rows.append(
+                row(
+                    f"imaging: warm variant p50, {label}",
+                    figures["variant_warm_p50_ms"][kind],
+                    "ms",
+                    target=1.0,
+                    better="lower",
+                )
+            )
+        figures["variant_computations"] = service.variants.computations
+
+
+def run(quick: bool) -> dict[str, Any]:
+    watch = LoadWatch()
+    result = asyncio.run(_run(quick))
+    result["load"] = watch.done()
+    return result
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run("--quick" in sys.argv), indent=2))

@@ -1,0 +1,393 @@
+"""Orchestration overhead: the same ImageUpscale jobs through the service and through a minimal
+direct ComfyUI client, against the same instant ComfyUI stand-ins.
+
+- Stand-ins: ``AGENTS`` of them in one subprocess (a remote agent's CPU is not the service's),
+  no delay per step; each runs one prompt at a time, as ComfyUI does.
+- Service: its own process (:mod:`bench.service_proc`, settings from ``AISERVER_*`` as for
+  ``aiserver serve``, INFO logging to a file), SQLite job store and artifact store on (always:
+  persistence is not optional), gRPC ImageUpscale, SYNC, OUTPUT_DELIVERY_REFERENCES; every
+  agent with ``max_concurrent_jobs = 64`` so the pool does not serialise jobs.
+- Baseline: :mod:`bench.comfy_direct`, the same input and graph, round-robin over the agents.
+- Callers of both paths run in the bench process; the service's and the stand-ins' CPU time
+  is read from ``/proc`` around each segment, the callers' with ``time.process_time`` (CPU ms
+  per job: the direct client's is what the service's orchestration replaces).
+- Load: closed loop, ``N`` callers each running jobs back to back; both paths alternate within
+  every round (which goes first alternates too), and the stand-ins are reset between segments.
+
+Figures per concurrency: p50/p99 of job latency for both paths and their difference ("added"),
+jobs per second, and the delay from the agent's ``execution_success`` (timestamped in the
+stand-in process) to the caller holding the ``finished`` event (``perf_counter`` is
+CLOCK_MONOTONIC, one clock for every process of the machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from imagetasks.v1 import common_pb2, generation_service_pb2_grpc, job_pb2, tasks_pb2
+from imagetasks.v1 import generation_service_pb2 as gpb
+
+from bench.comfy_direct import DirectComfy
+from bench.common import LoadWatch, cpu_seconds, encode, ms, percentile, photo_like, row, spread
+from bench.service_proc import ServiceProcess
+from bench.standin_proc import StandIns
+
+NAME = "orchestration"
+AGENTS = 4
+LEVELS = (1, 16, 64)
+INPUT_SIDE = 32  # a tiny input: the jobs are about orchestration, not pixels
+
+JobFn = Callable[[int, bytes], Awaitable[tuple[str, float]]]
+
+
+class JobFailed(Exception):
+    """A job that ended without its output; counted, left out of the latencies."""
+
+
+class Inputs:
+    """A different tiny PNG for every job (as real traffic has), from one base image."""
+
+    def __init__(self) -> None:
+        self.base = photo_like(INPUT_SIDE, INPUT_SIDE)
+        self.counter = itertools.count(1)
+
+    def take(self, n: int) -> list[bytes]:
+        out = []
+        for _ in range(n):
+            k = next(self.counter)
+            img = self.base.copy()
+            img.putpixel((0, 0), (k & 255, (k >> 8) & 255, (k >> 16) & 255))
+            out.append(encode(img, "PNG"))
+        return out
+
+
+async def _segment(job: JobFn, concurrency: int, inputs: list[bytes]) -> dict[str, Any]:
+    """One job per input from ``concurrency`` callers: latencies, completion times by key."""
+    latencies: list[float] = []
+    done: dict[str, float] = {}
+    failed: list[str] = []
+    queue = iter(inputs)
+
+    async def caller(index: int) -> None:
+        for png in queue:
+            start = time.perf_counter()
+            try:
+                key, finished_at = await job(index, png)
+            except JobFailed as exc:
+                failed.append(str(exc))
+                continue
+            latencies.append(finished_at - start)
+            done[key] = finished_at
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    wall = time.perf_counter() - start
+    if not latencies:
+        raise RuntimeError(f"every job failed: {failed[:3]}")
+    return {
+        "latencies": latencies,
+        "done": done,
+        "failed": failed,
+        "jobs_per_s": len(latencies) / wall,
+    }
+
+
+def _service_job(channel: grpc.aio.Channel) -> JobFn:
+    stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+    params = tasks_pb2.ImageUpscaleParams(
+        options=common_pb2.JobOptions(
+            mode=common_pb2.RESPONSE_MODE_SYNC, delivery=common_pb2.OUTPUT_DELIVERY_REFERENCES
+        )
+    )
+    first = gpb.ImageUpscaleRequest(params=params)
+
+    async def job(_index: int, png: bytes) -> tuple[str, float]:
+        chunk = common_pb2.FileChunk(field="image", data=png, file_name="input.png")
+        call = stub.ImageUpscale(timeout=120)
+        await call.write(first)
+        await call.write(gpb.ImageUpscaleRequest(chunk=chunk))
+        await call.done_writing()
+        finished: Any = None
+        finished_at = 0.0
+        async for response in call:
+            if response.event.WhichOneof("kind") == "finished":
+                finished_at = time.perf_counter()
+                finished = response.event.finished.job
+        if finished is None:
+            raise JobFailed("the stream ended without a finished event")
+        if finished.state != job_pb2.Job.STATE_SUCCEEDED:
+            raise JobFailed(f"{job_pb2.Job.State.Name(finished.state)}: {finished.error.message}")
+        return finished.name.rsplit("/", 1)[-1], finished_at
+
+    return job
+
+
+def _direct_job(clients: list[DirectComfy]) -> JobFn:
+    async def job(index: int, png: bytes) -> tuple[str, float]:
+        result = await clients[index % len(clients)].upscale(png, INPUT_SIDE, INPUT_SIDE)
+        if not result.outputs:
+            raise JobFailed("no output")
+        return result.prompt_id, result.done_at
+
+    return job
+
+
+def _after_success(
+    done: dict[str, float], success: dict[str, tuple[str, float]], by_label: bool
+) -> list[float]:
+    """Seconds from ``execution_success`` to the caller holding the result, per job."""
+    sent = {(label if by_label else pid): t for pid, (label, t) in success.items()}
+    return [t - sent[key] for key, t in done.items() if key in sent]
+
+
+FIGURES = (
+    "service_p50",
+    "service_p99",
+    "direct_p50",
+    "direct_p99",
+    "added_p50",
+    "added_p99",
+    "service_jobs_per_s",
+    "direct_jobs_per_s",
+    "final_p50",
+    "final_p99",
+    "direct_after_success_p50",
+    "service_cpu_ms_per_job",
+    "standin_cpu_ms_per_job_service",
+    "standin_cpu_ms_per_job_direct",
+    "caller_cpu_ms_per_job_service",
+    "caller_cpu_ms_per_job_direct",
+)
+
+
+async def _run(quick: bool) -> dict[str, Any]:
+    reps = 2 if quick else 5
+    totals = {1: 8, 16: 32, 64: 64} if quick else {1: 60, 16: 192, 64: 384}
+    inputs = Inputs()
+    failures: dict[str, dict[str, int]] = {"service": {}, "direct": {}}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-orch-"))
+    per_level: dict[int, dict[str, list[float]]] = {n: {k: [] for k in FIGURES} for n in LEVELS}
+    unmatched = 0
+    http_per_job: dict[str, dict[str, list[float]]] = {"service": {}, "direct": {}}
+    try:
+        async with StandIns(AGENTS, tmp / "comfy") as agents:
+            env = {
+                "AISERVER_GRPC_HOST": "127.0.0.1",
+                "AISERVER_GRPC_PORT": "0",
+                "AISERVER_HTTP_ENABLED": "false",
+                "AISERVER_DATA_DIR": str(tmp / "service"),
+                "AISERVER_AGENTS": json.dumps(
+                    [
+                        {"url": url, "name": f"agent{i}", "max_concurrent_jobs": 64}
+                        for i, url in enumerate(agents.urls)
+                    ]
+                ),
+            }
+            async with ServiceProcess(env, tmp / "service.log") as service:
+                wiring = service.info["provider_wiring"]
+                clients = [DirectComfy(url) for url in agents.urls]
+                async with grpc.aio.insecure_channel(service.target) as channel:
+                    await _wait_ready(channel)
+                    paths = {"service": _service_job(channel), "direct": _direct_job(clients)}
+                    for fn in paths.values():  # warm-up: connections, caches, first imports
+                        await _segment(fn, 4, inputs.take(8))
+                    await agents.dump()
+                    await agents.reset()
+                    for rep in range(reps):
+                        for n in LEVELS:
+                            order = ["service", "direct"] if rep % 2 == 0 else ["direct", "service"]
+                            got: dict[str, dict[str, Any]] = {}
+                            for path in order:
+                                cpu_service = cpu_seconds(service.pid)
+                                cpu_agents = cpu_seconds(agents.pid)
+                                cpu_caller = time.process_time()
+                                pngs = inputs.take(totals[n])
+                                got[path] = await _segment(paths[path], n, pngs)
+                                got[path]["caller_cpu"] = time.process_time() - cpu_caller
+                                got[path]["service_cpu"] = cpu_seconds(service.pid) - cpu_service
+                                got[path]["agents_cpu"] = cpu_seconds(agents.pid) - cpu_agents
+                                success, requests = await agents.dump()
+                                got[path]["success"] = success
+                                for reason in got[path]["failed"]:
+                                    bucket = failures[path]
+                                    bucket[reason] = bucket.get(reason, 0) + 1
+                                for route, count in requests.items():
+                                    per_job = count / totals[n]
+                                    http_per_job[path].setdefault(route, []).append(per_job)
+                                await agents.reset()
+                            unmatched += _record(per_level[n], got, totals[n])
+                for c in clients:
+                    await c.aclose()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    figures: dict[str, Any] = {
+        str(n): {k: spread(v, 2) for k, v in per_level[n].items() if v} for n in LEVELS
+    }
+    # Requests the agents received per job, all levels together (the median over segments).
+    figures["agent_requests_per_job"] = {
+        path: {route: round(statistics.median(v), 2) for route, v in sorted(routes.items())}
+        for path, routes in http_per_job.items()
+    }
+    return {
+        "name": NAME,
+        "about": __doc__.strip().split("\n\n")[0],
+        "setup": {
+            "agents": AGENTS,
+            "agent_max_concurrent_jobs": 64,
+            "task": "ImageUpscale, SYNC, OUTPUT_DELIVERY_REFERENCES",
+            "input": f"{INPUT_SIDE}x{INPUT_SIDE} PNG, a different one per job",
+            "jobs_per_segment": totals,
+            "rounds": reps,
+            "provider_wiring": wiring,
+            "processes": "callers: bench process; service: bench.service_proc; stand-ins:"
+            " bench.standin_proc",
+            "finished_events_not_matched_to_a_success": unmatched,
+        },
+        "failed_jobs": failures,
+        "notes": [
+            f"{path}: {count} job(s) failed: {reason}"
+            for path, reasons in failures.items()
+            for reason, count in reasons.items()
+        ],
+        "figures": figures,
+        "rows": _rows(figures),
+    }
+
+
+async def _wait_ready(channel: grpc.aio.Channel) -> None:
+    """Until the pool has probed its agents and GenerationService reports SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service="imagetasks.v1.GenerationService")
+    async with asyncio.timeout(30):
+        while True:
+            answer = await stub.Check(request)
+            if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            await asyncio.sleep(0.2)
+
+
+def _record(f: dict[str, list[float]], got: dict[str, dict[str, Any]], total: int) -> int:
+    """Add one round of one level to ``f``; returns the finished events left unmatched."""
+    s, d = got["service"], got["direct"]
+    f["service_p50"].append(ms(percentile(s["latencies"], 50)))
+    f["service_p99"].append(ms(percentile(s["latencies"], 99)))
+    f["direct_p50"].append(ms(percentile(d["latencies"], 50)))
+    f["direct_p99"].append(ms(percentile(d["latencies"], 99)))
+    f["added_p50"].append(f["service_p50"][-1] - f["direct_p50"][-1])
+    f["added_p99"].append(f["service_p99"][-1] - f["direct_p99"][-1])
+    f["service_jobs_per_s"].append(s["jobs_per_s"])
+    f["direct_jobs_per_s"].append(d["jobs_per_s"])
+    f["service_cpu_ms_per_job"].append(ms(s["service_cpu"]) / total)
+    f["standin_cpu_ms_per_job_service"].append(ms(s["agents_cpu"]) / total)
+    f["standin_cpu_ms_per_job_direct"].append(ms(d["agents_cpu"]) / total)
+    f["caller_cpu_ms_per_job_service"].append(ms(s["caller_cpu"]) / total)
+    f["caller_cpu_ms_per_job_direct"].append(ms(d["caller_cpu"]) / total)
+    finals = _after_success(s["done"], s["success"], by_label=True)
+    if finals:
+        f["final_p50"].append(ms(percentile(finals, 50)))
+        f["final_p99"].append(ms(percentile(finals, 99)))
+    direct_after = _after_success(d["done"], d["success"], by_label=False)
+    if direct_after:
+        f["direct_after_success_p50"].append(ms(percentile(direct_after, 50)))
+    return len(s["done"]) - len(finals)
+
+
+def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    saturated = f"more jobs than the {AGENTS} agents run at once: both paths queue"
+    rows = []
+    for n in LEVELS:
+        f = figures[str(n)]
+        rows.append(
+            row(
+                f"orchestration: added p50 latency @{n}",
+                f["added_p50"],
+                "ms",
+                target=3.0,
+                better="lower",
+                baseline=f"direct {f['direct_p50']['median']:.1f} ms,"
+                f" service {f['service_p50']['median']:.1f} ms",
+                note=saturated if n > AGENTS else "",
+            )
+        )
+        rows.append(
+            row(
+                f"orchestration: added p99 latency @{n}",
+                f["added_p99"],
+                "ms",
+                better="lower",
+                baseline=f"direct {f['direct_p99']['median']:.1f} ms,"
+                f" service {f['service_p99']['median']:.1f} ms",
+            )
+        )
+    top = figures[str(LEVELS[-1])]
+    rows.append(
+        row(
+            f"orchestration: jobs/s @{LEVELS[-1]} (persistence on)",
+            top["service_jobs_per_s"],
+            "jobs/s",
+            target=300.0,
+            baseline=f"direct client {top['direct_jobs_per_s']['median']:.0f} jobs/s against"
+            " the same stand-ins",
+        )
+    )
+    cpu = top["service_cpu_ms_per_job"]
+    calls = {
+        path: sum(v for route, v in routes.items() if not route.startswith("GET /ws"))
+        for path, routes in figures["agent_requests_per_job"].items()
+    }
+    rows.append(
+        row(
+            "orchestration: service CPU per job",
+            cpu,
+            "ms",
+            better="lower",
+            baseline=f"=> at most {1000 / cpu['median']:.0f} jobs/s per busy core; the direct"
+            f" client uses {top['caller_cpu_ms_per_job_direct']['median']:.1f} ms/job, the gRPC"
+            f" caller {top['caller_cpu_ms_per_job_service']['median']:.1f}, the stand-ins"
+            f" {top['standin_cpu_ms_per_job_direct']['median']:.1f}; HTTP requests to agents"
+            f" per job: service {calls.get('service', 0):.1f}, direct {calls.get('direct', 0):.1f}",
+        )
+    )
+    for n in LEVELS:
+        f = figures[str(n)]
+        if "final_p50" not in f:
+            continue
+        after = f.get("direct_after_success_p50", {}).get("median", float("nan"))
+        rows.append(
+            row(
+                f"orchestration: execution_success -> finished p50 @{n}",
+                f["final_p50"],
+                "ms",
+                target=10.0 if n == 1 else None,
+                better="lower",
+                baseline=f"p99 {f['final_p99']['median']:.1f} ms; the direct client has its"
+                f" output {after:.1f} ms after",
+            )
+        )
+    return rows
+
+
+def run(quick: bool) -> dict[str, Any]:
+    watch = LoadWatch()
+    result = asyncio.run(_run(quick))
+    result["load"] = watch.done()
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(run("--quick" in sys.argv), indent=2))

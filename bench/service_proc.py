@@ -1,0 +1,116 @@
+"""The service in its own process, as ``aiserver serve`` runs it, for figures that need the
+server's CPU and memory apart from the caller's.
+
+    AISERVER_...=... python -m bench.service_proc
+
+Settings come from the environment exactly as for ``aiserver serve`` (logging too). The one
+difference: when the provider registry builds no ComfyUI pool from ``AISERVER_AGENTS``, one is
+added (:func:`bench.common.ensure_comfy_provider`). Prints one JSON line
+``{"grpc_port", "http_port", "pid", "provider_wiring"}`` once serving, then stops when stdin
+says ``quit`` (or closes). ``BENCH_PROFILE=FILE`` writes a cProfile dump of the server there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench import ROOT
+from bench.common import ensure_comfy_provider
+
+
+async def main() -> None:
+    from aiserver.config import load_settings
+    from aiserver.logs import configure_logging
+    from aiserver.server import Service
+
+    settings = load_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    service = Service(settings)
+    wiring = ensure_comfy_provider(service)
+    await service.start()
+    print(
+        json.dumps(
+            {
+                "grpc_port": service.grpc_port,
+                "http_port": service.http_port,
+                "pid": os.getpid(),
+                "provider_wiring": wiring,
+            }
+        ),
+        flush=True,
+    )
+    try:
+        while (await asyncio.to_thread(sys.stdin.readline)).strip() not in ("", "quit"):
+            pass
+    finally:
+        await service.stop(grace_s=1)
+
+
+class ServiceProcess:
+    """The parent's handle on a :mod:`bench.service_proc` subprocess."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        self.info: dict[str, Any] = {}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._log_fh: Any = None
+
+    @property
+    def pid(self) -> int:
+        return int(self.info["pid"])
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.info['grpc_port']}"
+
+    async def __aenter__(self) -> ServiceProcess:
+        self._log_fh = self.log.open("wb")
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, **self.env, "PYTHONPATH": path}
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.service_proc",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self._log_fh,
+            cwd=str(ROOT),
+            env=env,
+        )
+        assert self._proc.stdout is not None
+        async with asyncio.timeout(60):
+            line = await self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the service did not start; see {self.log}")
+        self.info = json.loads(line)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        proc = self._proc
+        if proc is not None:
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.write(b"quit\n")
+                proc.stdin.close()
+            try:
+                async with asyncio.timeout(20):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._log_fh is not None:
+            self._log_fh.close()
+
+
+if __name__ == "__main__":
+    if profile := os.environ.get("BENCH_PROFILE"):  # a cProfile dump of the server, for analysis
+        import cProfile
+
+        cProfile.run("asyncio.run(main())", profile)
+    else:
+        asyncio.run(main())

@@ -1,0 +1,187 @@
+"""ComfyUI stand-ins in their own process, as a remote agent would be, with timestamps.
+
+    python -m bench.standin_proc --count 4 --root DIR [--hang NODE]
+
+Prints one JSON line ``{"urls": [...]}`` when listening, then reads commands on stdin, one a
+line, and answers each with one JSON line:
+
+- ``dump``: ``{"success": {prompt_id: [label, t]}, "requests": {"GET /queue": n, ...}}``: the
+  ``time.perf_counter()`` at which each ``execution_success`` was handed to the socket since
+  the last dump (``label`` is the last part of the prompt's ``SaveImage`` filename prefix: the
+  job id of the service's prompts), and the HTTP requests (websocket upgrades included) by
+  route.
+  ``perf_counter`` is CLOCK_MONOTONIC on Linux, one clock for every process of the machine.
+- ``reset``: forgets history, recordings and files (keeps per-job costs flat across rounds).
+- ``quit``: stops.
+
+The stand-ins are "instant": no delay per sampler step or tile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench import ROOT
+from tests.support.comfy_standin import ComfyStandIn, QueueItem, Received
+
+
+class TimedStandIn(ComfyStandIn):
+    """A stand-in that notes when it sends ``execution_success``."""
+
+    def __init__(self, root: Path, **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self.success_at: dict[str, tuple[str, float]] = {}
+        self._labels: dict[str, str] = {}
+
+    async def _execute(self, item: QueueItem) -> None:
+        self._labels[item.prompt_id] = _label(item.prompt)
+        try:
+            await super()._execute(item)
+        finally:
+            self._labels.pop(item.prompt_id, None)
+
+    def _send(self, event: str, data: Any, client_id: str | None, *, guarded: bool) -> None:
+        super()._send(event, data, client_id, guarded=guarded)
+        if event == "execution_success":
+            pid = str(data.get("prompt_id"))
+            self.success_at[pid] = (self._labels.get(pid, ""), time.perf_counter())
+
+    def bench_reset(self) -> None:
+        self.received = Received()
+        self._history.clear()
+        self.success_at.clear()
+        for folder in (self.input_dir, self.output_dir, self.temp_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+def _route(method: str, path: str) -> str:
+    path = path.removeprefix("/api")
+    for prefix in ("/history/", "/jobs/", "/object_info/"):
+        if path.startswith(prefix):
+            path = prefix + "*"
+    return f"{method} {path}"
+
+
+def _label(prompt: dict[str, Any]) -> str:
+    for node in prompt.values():
+        if isinstance(node, dict) and node.get("class_type") == "SaveImage":
+            return str(node.get("inputs", {}).get("filename_prefix", "")).rsplit("/", 1)[-1]
+    return ""
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--hang", default="", help="node id at which every job waits forever")
+    args = parser.parse_args()
+    stand_ins = [TimedStandIn(args.root / f"agent{i}", step_delay_s=0.0) for i in range(args.count)]
+    for s in stand_ins:
+        await s.start()
+        if args.hang:
+            s.hang_at(args.hang, interruptible=True)
+    print(json.dumps({"urls": [s.url for s in stand_ins]}), flush=True)
+    try:
+        while True:
+            line = await asyncio.to_thread(sys.stdin.readline)
+            command = line.strip()
+            if command in ("", "quit"):
+                break
+            if command == "dump":
+                success: dict[str, Any] = {}
+                requests: Counter[str] = Counter()
+                for s in stand_ins:
+                    success.update({k: list(v) for k, v in s.success_at.items()})
+                    s.success_at.clear()
+                    requests.update(_route(method, path) for method, path, _ in s.received.requests)
+                    s.received.requests.clear()
+                print(json.dumps({"success": success, "requests": requests}), flush=True)
+            elif command == "reset":
+                for s in stand_ins:
+                    s.bench_reset()
+                print(json.dumps({"ok": True}), flush=True)
+            else:
+                print(json.dumps({"error": f"unknown command {command!r}"}), flush=True)
+    finally:
+        for s in stand_ins:
+            await s.close()
+
+
+class StandIns:
+    """The parent's handle on a :mod:`bench.standin_proc` subprocess."""
+
+    def __init__(self, count: int, root: Path, hang: str = "") -> None:
+        self.count = count
+        self.root = root
+        self.hang = hang
+        self.urls: list[str] = []
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> StandIns:
+        cmd = [sys.executable, "-m", "bench.standin_proc", "--count", str(self.count)]
+        cmd += ["--root", str(self.root)]
+        if self.hang:
+            cmd += ["--hang", self.hang]
+        self._proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=str(ROOT),
+            limit=64 * 1024 * 1024,
+        )
+        self.urls = (await self._ask(None))["urls"]
+        return self
+
+    async def _ask(self, command: str | None) -> dict[str, Any]:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        if command is not None:
+            proc.stdin.write(command.encode() + b"\n")
+            await proc.stdin.drain()
+        async with asyncio.timeout(60):
+            line = await proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the stand-in process ended")
+        return dict(json.loads(line))
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    async def dump(self) -> tuple[dict[str, tuple[str, float]], dict[str, int]]:
+        """``execution_success`` times by prompt id, and HTTP requests by route, since the
+        last dump."""
+        answer = await self._ask("dump")
+        success = {k: (str(v[0]), float(v[1])) for k, v in answer["success"].items()}
+        return success, {str(k): int(v) for k, v in answer["requests"].items()}
+
+    async def reset(self) -> None:
+        await self._ask("reset")
+
+    async def __aexit__(self, *exc: object) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.write(b"quit\n")
+            proc.stdin.close()
+        try:
+            async with asyncio.timeout(10):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,269 @@
+"""Transport: moving 64 MiB through the service against a bare grpcio bytes server.
+
+- Read: ``ArtifactService.ReadArtifact`` of a 64 MiB artifact (a 24-bit BMP of noise, put with
+  ``service.artifacts.put``), chunks of the service's ``chunk_bytes`` (1 MiB), against a bare
+  server-streaming method sending the same bytes in the same chunks from memory (raw bytes, no
+  protobuf: the floor of what grpcio can do).
+- Upload: ``TransformService.ConvertImage`` with the same file in 1 MiB chunks and no
+  ``output_format``. The server reads the whole stream (spooled to disk and hashed, as every
+  upload is) before it checks params, then answers INVALID_ARGUMENT ``MISSING_FORMAT``: the
+  upload path without any image work. Timed from the first message to the status. Against a
+  bare client-streaming method that receives the same chunks and answers their byte count.
+
+Both servers run in this process on loopback, with the same message size limits, and the
+client is the same grpc.aio channel code; the two sides alternate within every round. The
+client's request messages are built before the clock starts, for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from imagetasks.v1 import (
+    artifact_service_pb2,
+    artifact_service_pb2_grpc,
+    common_pb2,
+    tasks_pb2,
+    transform_service_pb2,
+    transform_service_pb2_grpc,
+)
+from PIL import Image
+
+from bench.common import LoadWatch, encode, row, running_service, spread
+
+NAME = "transport"
+CHUNK = 1024 * 1024
+MIB = 1024 * 1024
+
+
+def bmp_of(size_bytes: int) -> bytes:
+    """A 24-bit BMP of noise of about ``size_bytes`` (width 4096, rows to fit)."""
+    width = 4096
+    height = max(1, size_bytes // (width * 3))
+    pixels = os.urandom(width * height * 3)
+    return encode(Image.frombytes("RGB", (width, height), pixels), "BMP")
+
+
+class BareServer:
+    """The baseline: a grpcio server that streams bytes out and takes bytes in, nothing else."""
+
+    def __init__(self, data: bytes, chunk: int, max_message: int) -> None:
+        self.chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+        self.max_message = max_message
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def _read(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        for c in self.chunks:
+            yield c
+
+    async def _write(self, requests: AsyncIterator[bytes], context: Any) -> bytes:
+        total = 0
+        async for c in requests:
+            total += len(c)
+        return str(total).encode()
+
+    async def start(self) -> None:
+        options = [
+            ("grpc.max_receive_message_length", self.max_message),
+            ("grpc.max_send_message_length", self.max_message),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Bytes",
+            {
+                "Read": grpc.unary_stream_rpc_method_handler(self._read),
+                "Write": grpc.stream_unary_rpc_method_handler(self._write),
+            },
+        )
+        server.add_generic_rpc_handlers((handler,))
+        self.port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        self.server = server
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0)
+
+
+async def _service_read(stub: Any, name: str, size: int) -> float:
+    start = time.perf_counter()
+    got = 0
+    async for msg in stub.ReadArtifact(artifact_service_pb2.ReadArtifactRequest(name=name)):
+        got += len(msg.data)
+    elapsed = time.perf_counter() - start
+    if got != size:
+        raise RuntimeError(f"ReadArtifact returned {got} bytes, expected {size}")
+    return elapsed
+
+
+async def _bare_read(channel: grpc.aio.Channel, size: int) -> float:
+    call = channel.unary_stream("/bench.Bytes/Read")
+    start = time.perf_counter()
+    got = 0
+    async for data in call(b""):
+        got += len(data)
+    elapsed = time.perf_counter() - start
+    if got != size:
+        raise RuntimeError(f"bare read returned {got} bytes, expected {size}")
+    return elapsed
+
+
+async def _service_upload(stub: Any, messages: list[Any]) -> float:
+    start = time.perf_counter()
+    call = stub.ConvertImage()
+    for m in messages:
+        await call.write(m)
+    await call.done_writing()
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as err:
+        if err.code() != grpc.StatusCode.INVALID_ARGUMENT or "output_format" not in (
+            err.details() or ""
+        ):
+            raise
+    else:
+        raise RuntimeError("the upload was expected to end with MISSING_FORMAT")
+    return time.perf_counter() - start
+
+
+async def _bare_upload(channel: grpc.aio.Channel, chunks: list[bytes]) -> float:
+    method = channel.stream_unary("/bench.Bytes/Write")
+    start = time.perf_counter()
+    call = method()
+    for c in chunks:
+        await call.write(c)
+    await call.done_writing()
+    answer = await call
+    elapsed = time.perf_counter() - start
+    if int(answer) != sum(len(c) for c in chunks):
+        raise RuntimeError("bare upload lost bytes")
+    return elapsed
+
+
+async def _run(quick: bool) -> dict[str, Any]:
+    size = (8 if quick else 64) * MIB
+    reps = 3 if quick else 7
+    tmp = Path(tempfile.mkdtemp(prefix="bench-transport-"))
+    data = bmp_of(size)
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    upload_messages = [
+        transform_service_pb2.ConvertImageRequest(params=tasks_pb2.ConvertImageParams())
+    ] + [
+        transform_service_pb2.ConvertImageRequest(
+            chunk=common_pb2.FileChunk(field="image", data=c, file_name="big.bmp")
+        )
+        for c in chunks
+    ]
+    times: dict[str, list[float]] = {
+        "service_read": [],
+        "bare_read": [],
+        "service_upload": [],
+        "bare_upload": [],
+    }
+    try:
+        async with running_service(
+            tmp / "service", max_upload_bytes=size * 2, chunk_bytes=CHUNK, http_enabled=False
+        ) as service:
+            ref = await service.artifacts.put(
+                data,
+                file_name="big.bmp",
+                mime_type="image/bmp",
+                width=4096,
+                height=len(data) // (4096 * 3),
+                seed=None,
+                provider="bench",
+                job_id="bench",
+                owner="",
+            )
+            bare = BareServer(data, CHUNK, service.settings.max_message_bytes)
+            await bare.start()
+            options = [("grpc.max_receive_message_length", service.settings.max_message_bytes)]
+            async with (
+                grpc.aio.insecure_channel(
+                    f"127.0.0.1:{service.grpc_port}", options=options
+                ) as svc_channel,
+                grpc.aio.insecure_channel(f"127.0.0.1:{bare.port}", options=options) as bare_ch,
+            ):
+                artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(svc_channel)
+                transform = transform_service_pb2_grpc.TransformServiceStub(svc_channel)
+                steps = {
+                    "service_read": lambda: _service_read(artifacts, ref.name, len(data)),
+                    "bare_read": lambda: _bare_read(bare_ch, len(data)),
+                    "service_upload": lambda: _service_upload(transform, upload_messages),
+                    "bare_upload": lambda: _bare_upload(bare_ch, chunks),
+                }
+                for step in steps.values():  # warm-up
+                    await step()
+                for rep in range(reps):
+                    for kind in ("read", "upload"):
+                        pair = [f"service_{kind}", f"bare_{kind}"]
+                        for key in pair if rep % 2 == 0 else pair[::-1]:
+                            times[key].append(await steps[key]())
+            await bare.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    mb = len(data) / 1e6
+    figures: dict[str, Any] = {k: spread([mb / t for t in v], 1) for k, v in times.items()}
+    for kind in ("read", "upload"):
+        ratios = [
+            b / s for s, b in zip(times[f"service_{kind}"], times[f"bare_{kind}"], strict=True)
+        ]
+        figures[f"{kind}_ratio"] = spread(ratios, 3)
+    rows = [
+        row(
+            f"transport: ReadArtifact {size // MIB} MiB vs bare grpcio",
+            figures["read_ratio"],
+            "x",
+            target=0.9,
+            baseline=f"service {figures['service_read']['median']:.0f} MB/s,"
+            f" bare {figures['bare_read']['median']:.0f} MB/s",
+        ),
+        row(
+            f"transport: upload {size // MIB} MiB vs bare grpcio",
+            figures["upload_ratio"],
+            "x",
+            target=0.8,
+            baseline=f"service {figures['service_upload']['median']:.0f} MB/s,"
+            f" bare {figures['bare_upload']['median']:.0f} MB/s",
+            note="ConvertImage without output_format: read + spool, then MISSING_FORMAT",
+        ),
+    ]
+    return {
+        "name": NAME,
+        "about": __doc__.strip().split("\n\n")[0],
+        "setup": {
+            "bytes": len(data),
+            "chunk_bytes": CHUNK,
+            "rounds": reps,
+            "service_process": "the bench process (client and both servers)",
+            "units": "MB/s (10^6 bytes); ratio = bare time / service time, per round",
+        },
+        "figures": figures,
+        "rows": rows,
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    watch = LoadWatch()
+    result = asyncio.run(_run(quick))
+    result["load"] = watch.done()
+    return result
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run("--quick" in sys.argv), indent=2))
