@@ -12,7 +12,6 @@ from aiserver.server import Service
 from tests.support.generation import comfy_service
 
 INJECTED_FAILURE = "injected failure"
-GATEWAY_MISSING = "aiserver.gateway (the HTTP shim, being built) is not importable yet"
 _KSAMPLER = "7"  # the KSampler node of the ImageToImage workflow
 
 
@@ -40,14 +39,6 @@ async def generative_service(tmp_path: Path) -> AsyncIterator[GenServer]:
             lambda: comfy.hang_at(_KSAMPLER),
             lambda: comfy.fail_node(_KSAMPLER, "RuntimeError", INJECTED_FAILURE),
         )
-
-
-def gateway_importable() -> bool:
-    try:
-        import aiserver.gateway  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @asynccontextmanager

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.client.support import GATEWAY_MISSING, GenServer, gateway_for, gateway_importable
+from tests.client.support import GenServer, gateway_for
 from tests.client.test_cli import hooked
 from tests.client.test_node import GOOGLEAPIS, ensure_node_modules
 from tests.support.images import encode, quadrant_image
@@ -58,8 +58,6 @@ async def workdir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def gateway_port(gen: GenServer) -> AsyncIterator[int]:
-    if not gateway_importable():
-        pytest.skip(GATEWAY_MISSING)
     async with gateway_for(gen.service) as port:
         yield port
 

@@ -8,7 +8,6 @@ Queue variant polled by refId; the job's events as Server-Sent Events.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import json
 from collections.abc import AsyncIterator
@@ -23,15 +22,6 @@ from aiserver.gateway import Gateway, GatewaySettings
 from tests.gateway.conftest import curl
 from tests.support.images import encode, quadrant_image
 
-try:
-    _STANDIN = importlib.util.find_spec("tests.support.comfy_standin") is not None
-except ImportError:  # pragma: no cover - a half-written package
-    _STANDIN = False
-
-pytestmark = pytest.mark.skipif(
-    not _STANDIN, reason="the ComfyUI stand-in (tests/support/comfy_standin) is not there yet"
-)
-
 PNG = encode(quadrant_image(64, 48), "PNG")
 
 
@@ -41,10 +31,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Any]]:
     from tests.support.generation import comfy_service
 
     async with comfy_service(tmp_path) as (service, agents):
-        if not service.providers:
-            pytest.skip(
-                "aiserver.providers.registry.build_providers builds no ComfyUI provider yet"
-            )
+        assert service.providers, "the stand-in agent must give the service a provider"
         gateway = Gateway(
             f"127.0.0.1:{service.grpc_port}",
             port=0,
