@@ -156,7 +156,7 @@ def ensure_comfy_provider(service: Any) -> str:
     When the provider registry does not (yet) build a ComfyUI pool from ``settings.agents``,
     the bench adds one itself, built from the same settings, before the service starts.
     """
-    from aiserver.providers.comfy import AgentConfig, ComfyPool, WorkflowCatalog
+    from aiserver.providers.comfy import ComfyPool, WorkflowCatalog
     from aiserver.tasks import TaskKind
 
     settings = service.settings
@@ -165,7 +165,7 @@ def ensure_comfy_provider(service: Any) -> str:
     if any(p.supports(TaskKind.IMAGE_UPSCALE) for p in service.providers):
         return "registry"
     pool = ComfyPool(
-        [AgentConfig.from_settings(a) for a in settings.agents],
+        list(settings.agents),
         WorkflowCatalog.load(user_dir=settings.workflows_dir),
     )
     service.providers.append(pool)

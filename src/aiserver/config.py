@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 __all__ = ["AgentSettings", "Settings", "load_settings"]
 
@@ -34,8 +35,17 @@ class AgentSettings:
     priority: int = 0
     """Breaks ties between equally loaded agents: higher first."""
     max_concurrent_jobs: int = 1
-    """Jobs this agent runs at once (ComfyUI queues the rest itself)."""
+    """Jobs sent to this agent at once; more wait in the service's queue."""
     enabled: bool = True
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"agent url must be http(s)://host:port, got {self.url!r}")
+        if self.max_concurrent_jobs < 1:
+            raise ValueError(f"agent {self.url}: max_concurrent_jobs must be at least 1")
+        if not self.name:
+            object.__setattr__(self, "name", parts.netloc)
 
 
 @dataclass(frozen=True, slots=True)

@@ -362,18 +362,9 @@ async def test_refusal_only_when_waiting_cannot_help(
     assert with_down.refusal(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec(model="4x.pth")) is None
 
 
-def test_agent_config_from_service_settings() -> None:
-    from aiserver.config import AgentSettings
-
-    settings = AgentSettings(
-        url="http://gpu-1:8188", name="gpu-1", api_key="k", priority=2, max_concurrent_jobs=3
-    )
-    config = AgentConfig.from_settings(settings)
-    assert (config.name, config.url, config.api_key, config.priority) == (
-        "gpu-1",
-        settings.url,
-        "k",
-        2,
-    )
-    assert (config.max_concurrent_jobs, config.enabled) == (3, True)
-    assert AgentConfig.from_settings(AgentSettings(url="http://h:1")).name == "h:1"
+def test_agent_settings_are_validated_and_named() -> None:
+    assert AgentConfig(url="http://h:1").name == "h:1"
+    with pytest.raises(ValueError):
+        AgentConfig(url="ftp://h:1")
+    with pytest.raises(ValueError):
+        AgentConfig(url="http://h:1", max_concurrent_jobs=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiserver.config import Settings
 from aiserver.imaging import ImageLimits
 from aiserver.providers.base import Provider
-from aiserver.providers.comfy import AgentConfig, ComfyPool, PoolSettings, WorkflowCatalog
+from aiserver.providers.comfy import ComfyPool, PoolSettings, WorkflowCatalog
 from aiserver.providers.fallback import Excluding, Fallback
 from aiserver.providers.local import LocalUpscaleProvider, LocalUpscaleSettings
 from aiserver.tasks import TaskKind
@@ -23,9 +23,8 @@ def build_providers(settings: Settings, limits: ImageLimits) -> list[Provider]:
     comfy: list[Provider] = []
     if settings.agents:
         catalog = WorkflowCatalog.load(user_dir=settings.workflows_dir)
-        agents = [AgentConfig.from_settings(a) for a in settings.agents]
         pool_settings = PoolSettings(probe_interval_s=settings.agent_probe_interval_s)
-        comfy.append(ComfyPool(agents, catalog, settings=pool_settings))
+        comfy.append(ComfyPool(settings.agents, catalog, settings=pool_settings))
     if mode == "off":
         return comfy
     local = LocalUpscaleProvider(

@@ -21,11 +21,11 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING
 
 import httpx
 
+from aiserver.config import AgentSettings
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.providers.base import Provider, ProviderUnavailable, RunSink, WorkItem
 from aiserver.providers.comfy.client import ComfyClient, ComfyTimeouts
@@ -54,58 +54,8 @@ class AgentState(enum.Enum):
     DISABLED = "DISABLED"
 
 
-class _AgentSettingsLike(Protocol):
-    """What :meth:`AgentConfig.from_settings` reads (``aiserver.config.AgentSettings``)."""
-
-    @property
-    def url(self) -> str: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def api_key(self) -> str: ...
-    @property
-    def priority(self) -> int: ...
-    @property
-    def max_concurrent_jobs(self) -> int: ...
-    @property
-    def enabled(self) -> bool: ...
-
-
-@dataclass(frozen=True, slots=True)
-class AgentConfig:
-    """One ComfyUI agent."""
-
-    url: str
-    """Base URL, e.g. ``http://gpu-1:8188``."""
-    name: str = ""
-    """Operator-facing name; defaults to the URL's host:port."""
-    api_key: str = field(default="", repr=False)
-    """Sent as ``Authorization: Bearer`` when set (ComfyUI behind an auth proxy)."""
-    priority: int = 0
-    """Breaks ties between equally loaded agents: higher first."""
-    max_concurrent_jobs: int = 1
-    """Jobs of this pool on the agent at once; more wait for a slot."""
-    enabled: bool = True
-
-    def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"agent url must be http(s)://host:port, got {self.url!r}")
-        if self.max_concurrent_jobs < 1:
-            raise ValueError(f"agent {self.url}: max_concurrent_jobs must be at least 1")
-        if not self.name:
-            object.__setattr__(self, "name", parts.netloc)
-
-    @classmethod
-    def from_settings(cls, settings: _AgentSettingsLike) -> AgentConfig:
-        return cls(
-            url=settings.url,
-            name=settings.name,
-            api_key=settings.api_key,
-            priority=settings.priority,
-            max_concurrent_jobs=settings.max_concurrent_jobs,
-            enabled=settings.enabled,
-        )
+AgentConfig = AgentSettings
+"""One ComfyUI agent: the service's own settings type (validated on creation)."""
 
 
 @dataclass(frozen=True, slots=True)
