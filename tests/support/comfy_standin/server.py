@@ -106,6 +106,11 @@ class Received:
         raise KeyError(prompt_id)
 
 
+class NotEmulated(RuntimeError):
+    """A node the catalogue knows but the stand-in cannot run. Like any node that raises in
+    real ComfyUI, it ends the prompt with an ``execution_error`` naming this type."""
+
+
 class _Injected(Exception):
     def __init__(self, type_name: str, message: str) -> None:
         super().__init__(message)
@@ -996,7 +1001,7 @@ class ComfyStandIn:
 
         handler = NODES.get(class_type)
         if handler is None:
-            raise NotImplementedError(f"the stand-in does not emulate {class_type}")
+            raise NotEmulated(f"the stand-in does not emulate {class_type}")
         ctx = NodeContext(
             node,
             class_type,
