@@ -1,0 +1,61 @@
+"""Real backends for the conformance suites: each test gets its own database schema or folder."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+from aiserver.jobs.store import JobStore, SqliteJobStore
+from aiserver.jobs.store.postgres import PostgresJobStore
+
+PG_URL = os.environ.get("AISERVER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+class JobStoreBackend:
+    """Opens stores on one backing database (a file, or a fresh schema); drops it at the end."""
+
+    def __init__(self, kind: str, root: Path) -> None:
+        self.kind = kind
+        self.db_path = root / "jobs.sqlite3"
+        self.schema = f"t_{uuid.uuid4().hex[:16]}"
+        self.opened: list[JobStore] = []
+
+    async def open(self) -> JobStore:
+        store: JobStore
+        if self.kind == "sqlite":
+            store = await SqliteJobStore.open(self.db_path)
+        else:
+            store = await PostgresJobStore.open(PG_URL, schema=self.schema, pool_size=4)
+        self.opened.append(store)
+        return store
+
+    async def sql(self, statement: str) -> object:
+        """Run one statement on the backing database, outside any store."""
+        if self.kind == "sqlite":
+            import sqlite3
+
+            conn = sqlite3.connect(self.db_path)
+            try:
+                row = conn.execute(statement).fetchone()
+                conn.commit()
+                return None if row is None else row[0]
+            finally:
+                conn.close()
+        conn2 = await asyncpg.connect(PG_URL, server_settings={"search_path": self.schema})
+        try:
+            return await conn2.fetchval(statement)
+        finally:
+            await conn2.close()
+
+    async def close(self) -> None:
+        for store in self.opened:
+            await store.close()
+        if self.kind == "postgres":
+            conn = await asyncpg.connect(PG_URL)
+            try:
+                await conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+            finally:
+                await conn.close()
