@@ -245,7 +245,7 @@ async def test_sqlite_database_from_before_the_version_table_is_migrated(
         " retries TEXT NOT NULL, last_sequence INTEGER NOT NULL, UNIQUE (owner, ref_id)) STRICT;"
         " INSERT INTO jobs VALUES ('j1', 'alice', 'j1', 'ImageToText', '{}', 'QUEUED', '',"
         ' \'\', \'\', \'\', 0, 1, 1, NULL, NULL, 0.0, \'[{"field": "image", "file_name": "a",'
-        ' "sha256": "' + "e" * 64 + '", "size": 1, "mime_type": "image/png",'
+        ' "sha256": "' + "e" * 64 + '", "size_bytes": 1, "mime_type": "image/png",'
         " \"width\": 1, \"height\": 1}]', '[]', '[]', NULL, '{}', '[]', 0);"
         " PRAGMA user_version = 1;"
     )
