@@ -59,3 +59,32 @@ class JobStoreBackend:
                 await conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
             finally:
                 await conn.close()
+
+
+class S3Server:
+    """moto's S3-protocol server, a real HTTP server on 127.0.0.1 (a thread of this process)."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+
+    def new_bucket(self) -> str:
+        import boto3
+
+        name = f"b-{uuid.uuid4().hex[:20]}"
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1", **S3_CREDENTIALS
+        )
+        client.create_bucket(Bucket=name)
+        client.close()
+        return name
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+S3_CREDENTIALS = {"aws_access_key_id": "test-key", "aws_secret_access_key": "test-secret"}
