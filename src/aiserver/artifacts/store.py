@@ -1,10 +1,9 @@
 """Content-addressed store of job outputs, with owner-scoped metadata in SQLite.
 
-Layout under ``root``::
-
-    {yyyy}/{mm}/{dd}/{sha256}.{ext}   the bytes, named by their hash (UTC date of first put)
-    .tmp/                              files being written (same file system: atomic rename)
-    artifacts.sqlite3                  metadata (WAL)
+The bytes live in a :class:`~aiserver.blobs.BlobStore` under the key
+``{yyyy}/{mm}/{dd}/{sha256}.{ext}`` (named by their hash, UTC date of first put): by default
+the local folder ``root`` (``.tmp/`` there holds files being written), or an S3 bucket. The
+metadata index is ``root/artifacts.sqlite3`` (WAL).
 
 Identical bytes are stored once, whoever stores them and whenever: a later ``put`` of the same
 content reuses the existing file and name and only adds a reference (owner, job, file name,
@@ -17,18 +16,18 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import re
 import sqlite3
 import threading
-import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from aiserver.artifacts.locks import KeyedLock
+from aiserver.blobs import BlobStore, LocalBlobStore
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 from aiserver.jobs.model import ArtifactRef
 
@@ -127,16 +126,14 @@ class ArtifactStore:
         *,
         url_prefix: str = "/artifacts",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        blobs: BlobStore | None = None,
     ) -> None:
         self.root = root
         self.url_prefix = url_prefix.rstrip("/")
         self._clock = clock
         root.mkdir(parents=True, exist_ok=True)
         self._real_root = root.resolve(strict=True)
-        self._tmp = root / ".tmp"
-        self._tmp.mkdir(exist_ok=True)
-        for stale in self._tmp.iterdir():  # left by a crash mid-write
-            stale.unlink(missing_ok=True)
+        self.blobs: BlobStore = LocalBlobStore(root) if blobs is None else blobs
         self._db_lock = threading.Lock()
         self._conn = sqlite3.connect(
             root / "artifacts.sqlite3", check_same_thread=False, isolation_level=None
@@ -166,7 +163,8 @@ class ArtifactStore:
         return name
 
     def path_of(self, name: str) -> Path:
-        """The file of ``name`` (which need not exist), never outside ``root``.
+        """The file of ``name`` in the local folder backend (which need not exist), never
+        outside ``root``. For tests of the layout: the service reads through :attr:`blobs`.
 
         Beyond the shape check, a path whose real location differs from its lexical one (a
         symlink anywhere below ``root``) is NOT_FOUND.
@@ -284,28 +282,6 @@ class ArtifactStore:
         )
         return cur.rowcount == 1
 
-    # --- files ----------------------------------------------------------------------------
-
-    def _write_if_missing(self, path: Path, data: bytes) -> None:
-        if path.is_file():
-            return  # same name, same hash: same bytes
-        tmp = self._tmp / f"{uuid.uuid4().hex}.part"
-        try:
-            with tmp.open("xb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
     # --- public API -----------------------------------------------------------------------
 
     async def put(
@@ -337,7 +313,7 @@ class ArtifactStore:
         async with self._locks.hold(sha256):
             # An earlier put of the same bytes fixed the name (and date) for good.
             rel = await self._db(self._blob_path, sha256) or f"{now:%Y/%m/%d}/{sha256}.{ext}"
-            await asyncio.to_thread(self._write_if_missing, self.root / rel, data)
+            await self.blobs.put(rel, data)
             row = await self._db(
                 self._register,
                 rel,
@@ -382,34 +358,44 @@ class ArtifactStore:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
         ref = await self.get(name, owner)
-        path = self.path_of(ref.name)
+        rel = self.relative_path(ref.name)
+        size = await self.blobs.size(rel)
+        if size is None:
+            logger.warning("artifact %s is registered but its blob is missing", ref.name)
+            raise artifact_not_found(name)
+        if offset > size:
+            raise ServiceError(
+                # The contract says OUT_OF_RANGE; ErrorKind has no such member yet.
+                ErrorKind.INVALID_ARGUMENT,
+                "READ_OFFSET_OUT_OF_RANGE",
+                f"read_offset {offset} is beyond the end ({size} bytes)",
+                violations=(FieldViolation("read_offset", f"beyond the end ({size} bytes)"),),
+                metadata={"field": "read_offset", "size": str(size)},
+            )
+        length = size - offset if limit == 0 else min(limit, size - offset)
+        if length == 0:
+            return
+        chunks = self.blobs.read(rel, offset, length, chunk_size)
         try:
-            # O_NOFOLLOW: a symlink planted after path_of's check is still refused.
-            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            logger.warning("artifact %s is registered but unreadable: %s", ref.name, exc)
+            first = await anext(chunks)
+        except FileNotFoundError as exc:  # deleted between the size and the read
             raise artifact_not_found(name) from exc
+        except StopAsyncIteration:
+            return
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    @asynccontextmanager
+    async def source_file(self, name: str) -> AsyncIterator[Path]:
+        """A local file with the bytes of ``name`` for the ``with`` block (decoders in a
+        worker pool need a path); NOT_FOUND when it is gone."""
+        rel = self.relative_path(name)
         try:
-            size = os.fstat(fd).st_size
-            if offset > size:
-                raise ServiceError(
-                    # The contract says OUT_OF_RANGE; ErrorKind has no such member yet.
-                    ErrorKind.INVALID_ARGUMENT,
-                    "READ_OFFSET_OUT_OF_RANGE",
-                    f"read_offset {offset} is beyond the end ({size} bytes)",
-                    violations=(FieldViolation("read_offset", f"beyond the end ({size} bytes)"),),
-                    metadata={"field": "read_offset", "size": str(size)},
-                )
-            remaining = size - offset if limit == 0 else min(limit, size - offset)
-            while remaining > 0:
-                chunk = await asyncio.to_thread(os.pread, fd, min(chunk_size, remaining), offset)
-                if not chunk:
-                    break  # truncated under us: stop rather than spin
-                offset += len(chunk)
-                remaining -= len(chunk)
-                yield chunk
-        finally:
-            os.close(fd)
+            async with self.blobs.local_file(rel) as path:
+                yield path
+        except FileNotFoundError as exc:
+            raise artifact_not_found(name) from exc
 
     def add_delete_listener(self, listener: DeleteListener) -> None:
         """Have ``listener`` told of every deleted artifact (the variant cache drops its files)."""
@@ -454,15 +440,16 @@ class ArtifactStore:
         if not await self._db(self._forget, rel, blob.last_put):
             return False  # stored again meanwhile: it is new again
 
-        def remove() -> None:
-            (self.root / rel).unlink(missing_ok=True)
+        await self.blobs.delete(rel)
+
+        def tell() -> None:
             for listener in self._listeners:
                 try:
                     listener(blob.name, blob.sha256)
                 except Exception:
                     logger.exception("delete listener failed for %s", blob.name)
 
-        await asyncio.to_thread(remove)
+        await asyncio.to_thread(tell)
         return True
 
     async def close(self) -> None:
@@ -473,3 +460,4 @@ class ArtifactStore:
                 self._conn.close()
 
         await asyncio.to_thread(close)
+        await self.blobs.close()
