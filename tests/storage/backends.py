@@ -88,3 +88,45 @@ class S3Server:
 
 
 S3_CREDENTIALS = {"aws_access_key_id": "test-key", "aws_secret_access_key": "test-secret"}
+
+
+class SharedBackends:
+    """PostgreSQL + S3 for the service tests when ``AISERVER_TEST_BACKENDS=postgres+s3``:
+    each service gets a fresh schema and bucket; :meth:`close` drops the schemas."""
+
+    def __init__(self) -> None:
+        self._s3: S3Server | None = None
+        self.schemas: list[str] = []
+
+    def overrides(self) -> dict[str, str]:
+        if self._s3 is None:
+            self._s3 = S3Server()
+            # boto3 reads these in the service under test, as it would in production.
+            os.environ["AWS_ENDPOINT_URL"] = self._s3.endpoint
+            os.environ["AWS_ACCESS_KEY_ID"] = S3_CREDENTIALS["aws_access_key_id"]
+            os.environ["AWS_SECRET_ACCESS_KEY"] = S3_CREDENTIALS["aws_secret_access_key"]
+            os.environ["AWS_REGION"] = "us-east-1"
+        schema = f"t_{uuid.uuid4().hex[:16]}"
+        self.schemas.append(schema)
+        return {
+            "database_url": PG_URL,
+            "database_schema": schema,
+            "blob_url": f"s3://{self._s3.new_bucket()}/artifacts",
+        }
+
+    async def close(self) -> None:
+        if self.schemas:
+            conn = await asyncpg.connect(PG_URL)
+            try:
+                for schema in self.schemas:
+                    await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            finally:
+                await conn.close()
+        if self._s3 is not None:
+            self._s3.stop()
+
+
+SHARED_BACKENDS = (
+    SharedBackends() if os.environ.get("AISERVER_TEST_BACKENDS") == "postgres+s3" else None
+)
+"""Set when the service tests run on PostgreSQL + S3 instead of SQLite + a folder."""
