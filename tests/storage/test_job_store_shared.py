@@ -11,8 +11,17 @@ from datetime import UTC, datetime
 
 import pytest
 
+from aiserver.errors import ServiceError
 from aiserver.jobs.model import ArtifactRef, InputRef, JobState
-from aiserver.jobs.store import Announcement, JobRecord, JobStore, SqliteJobStore
+from aiserver.jobs.store import (
+    ActiveLimitReached,
+    Announcement,
+    JobQuery,
+    JobRecord,
+    JobStore,
+    LeaseLost,
+    SqliteJobStore,
+)
 from aiserver.tasks import ImageToTextSpec, TaskKind
 from tests.storage.backends import JobStoreBackend
 from tests.storage.test_job_store import make_job
@@ -256,3 +265,63 @@ async def test_sqlite_database_from_before_the_version_table_is_migrated(
     assert record is not None and record.job.spec == ImageToTextSpec()
     assert await store.inputs_in_use(["e" * 64]) == {"e" * 64}
     assert await backend.sql("SELECT max(version) FROM schema_migrations") == 2
+
+
+async def test_active_limit_is_exact_across_processes(backend: JobStoreBackend) -> None:
+    a, b = await _two(backend)
+    await a.create(JobRecord(make_job(0, state=JobState.SUCCEEDED)))  # finished: not counted
+
+    async def attempt(store: JobStore, n: int) -> bool:
+        try:
+            await store.create(JobRecord(make_job(n)), max_active=3)
+        except ActiveLimitReached:
+            return False
+        return True
+
+    made = await asyncio.gather(*(attempt(s, n) for n, s in enumerate([a, b] * 5, start=1)))
+    assert made.count(True) == 3
+    assert await a.count_active("alice") == 3
+    assert await a.create(JobRecord(make_job(50, owner="bob")), max_active=3)  # per owner
+    # A retry of a job the owner already has is no new work: answered, not refused.
+    existing = (await a.query(JobQuery(owner="alice"), page_size=1, page_token=""))[0][0]
+    again = make_job(60, ref_id=existing.ref_id)
+    found, was_there = await b.create(JobRecord(again), max_active=3)
+    assert was_there and found.job.id == existing.id
+
+
+async def test_fenced_save_refuses_a_process_that_lost_the_lease(
+    backend: JobStoreBackend,
+) -> None:
+    a, b = await _two(backend)
+    job = make_job(1)
+    record = JobRecord(job)
+    await a.create(record)
+    assert await a.claim("A", SHORT) is not None
+    job.state = JobState.RUNNING
+    await a.save(record, holder="A")
+    await asyncio.sleep(SHORT * 1.5)
+    assert await b.claim("B", 30, job_id=job.id) is not None  # taken over
+    job.progress = 0.5
+    with pytest.raises(LeaseLost):
+        await a.save(record, holder="A")
+    stored = await b.get(job.id)
+    assert stored is not None and stored.job.progress == 0.0  # A's write did not land
+    job.state = JobState.SUCCEEDED
+    await b.save(record, holder="B", outbox=[("https://example.test/h", b"done")])
+    items = await b.outbox_claim("B", 30, 10)
+    assert [(i.job_id, i.body) for i in items] == [(job.id, b"done")]
+    ghost = JobRecord(make_job(9))
+    with pytest.raises(ServiceError) as err:
+        await a.save(ghost, holder="A")
+    assert err.value.reason == "JOB_NOT_FOUND"
+
+
+async def test_claim_one_named_job(backend: JobStoreBackend) -> None:
+    store = await backend.open()
+    first, second = make_job(1), make_job(2)
+    for job in (first, second):
+        await store.create(JobRecord(job))
+    lease = await store.claim("A", 30, job_id=second.id)
+    assert lease is not None and lease.job_id == second.id
+    assert await store.claim("B", 30, job_id=second.id) is None
+    assert await store.claim("B", 30, job_id="missing") is None

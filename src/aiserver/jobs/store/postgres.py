@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Self
 
 import asyncpg
@@ -29,10 +29,12 @@ from aiserver.jobs.store.announce import AnnouncementHub, Listener
 from aiserver.jobs.store.protocol import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
+    ActiveLimitReached,
     Announcement,
     JobQuery,
     JobRecord,
     Lease,
+    LeaseLost,
     OutboxItem,
     SlotClaim,
     StoredEvent,
@@ -43,6 +45,7 @@ __all__ = ["PostgresJobStore"]
 
 logger = logging.getLogger(__name__)
 
+_OWNER_LOCK = 0x6169  # first key of per-owner create locks (pg_advisory_xact_lock(int, int))
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
@@ -103,12 +106,32 @@ class PostgresJobStore:
 
     # --- records ----------------------------------------------------------------------------
 
-    async def create(self, record: JobRecord) -> tuple[JobRecord, bool]:
+    async def create(self, record: JobRecord, *, max_active: int = 0) -> tuple[JobRecord, bool]:
         self._check()
         row = rows.row_of(record)
         shas = sorted({i.sha256 for i in record.job.inputs})
         marks = ", ".join(f"${n}" for n in range(1, len(rows.COLUMNS) + 1))
         async with self._pool.acquire() as conn, conn.transaction():
+            if max_active > 0:
+                # Creates of one owner take turns (until commit): the count stays true.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, hashtext($2))", _OWNER_LOCK, row["owner"]
+                )
+            found = await conn.fetchrow(
+                f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = $1 AND ref_id = $2",
+                row["owner"],
+                row["ref_id"],
+            )
+            if found is not None:
+                return rows.record_of(found), True
+            if max_active > 0:
+                active = await conn.fetchval(
+                    "SELECT count(*) FROM jobs WHERE owner = $1"
+                    f" AND state IN {rows.UNFINISHED_SQL}",
+                    row["owner"],
+                )
+                if active >= max_active:
+                    raise ActiveLimitReached(row["owner"])
             inserted = await conn.fetchval(
                 f"INSERT INTO jobs ({rows.SELECT_COLUMNS}) VALUES ({marks})"
                 " ON CONFLICT (owner, ref_id) DO NOTHING RETURNING id",
@@ -123,26 +146,50 @@ class PostgresJobStore:
                         shas,
                     )
                 return record, False
-            found = await conn.fetchrow(
-                f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = $1 AND ref_id = $2",
-                row["owner"],
-                row["ref_id"],
-            )
-        assert found is not None
-        return rows.record_of(found), True
-
-    async def save(self, record: JobRecord) -> None:
-        row = rows.row_of(record)
-        sets = ", ".join(f"{c} = ${n}" for n, c in enumerate(rows.MUTABLE, start=2))
-        found = await self._fetchval(
-            f"UPDATE jobs SET {sets} WHERE id = $1 RETURNING id",
-            row["id"],
-            *(row[c] for c in rows.MUTABLE),
+        # Lost a race on (owner, ref_id) with a transaction that committed meanwhile.
+        again = await self._fetchrow(
+            f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = $1 AND ref_id = $2",
+            row["owner"],
+            row["ref_id"],
         )
-        if found is None:
-            raise ServiceError(
-                ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"job {row['id']} is not stored"
+        assert again is not None
+        return rows.record_of(again), True
+
+    async def save(
+        self,
+        record: JobRecord,
+        *,
+        holder: str | None = None,
+        outbox: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        self._check()
+        row = rows.row_of(record)
+        sets = ", ".join(f"{c} = ${n}" for n, c in enumerate(rows.MUTABLE, start=3))
+        args = (row["id"], holder, *(row[c] for c in rows.MUTABLE))
+        sql = (
+            f"UPDATE jobs SET {sets} WHERE id = $1 AND ($2::text IS NULL OR lease_holder = $2)"
+            " RETURNING id"
+        )
+        if not outbox:
+            found = await self._pool.fetchval(sql, *args)
+            if found is None:
+                await self._not_saved(row["id"], holder)
+            return
+        async with self._pool.acquire() as conn, conn.transaction():
+            found = await conn.fetchval(sql, *args)
+            if found is None:
+                await self._not_saved(row["id"], holder)
+            now = _now_us()
+            await conn.executemany(
+                "INSERT INTO webhook_outbox (job_id, url, body, due_us, created_us)"
+                " VALUES ($1, $2, $3, $4, $4)",
+                [(row["id"], url, body, now) for url, body in outbox],
             )
+
+    async def _not_saved(self, job_id: str, holder: str | None) -> None:
+        if holder is not None and await self._fetchval("SELECT 1 FROM jobs WHERE id = $1", job_id):
+            raise LeaseLost(job_id)
+        raise ServiceError(ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"job {job_id} is not stored")
 
     async def forget_outputs(self, sha256s: Collection[str]) -> int:
         gone = set(sha256s)
@@ -252,7 +299,12 @@ class PostgresJobStore:
     # --- leases -----------------------------------------------------------------------------
 
     async def claim(
-        self, holder: str, lease_s: float, *, tasks: Collection[TaskKind] = ()
+        self,
+        holder: str,
+        lease_s: float,
+        *,
+        tasks: Collection[TaskKind] = (),
+        job_id: str | None = None,
     ) -> Lease | None:
         now = _now_us()
         expires = now + _us(lease_s)
@@ -264,6 +316,7 @@ class PostgresJobStore:
             f" SELECT id, lease_holder FROM jobs WHERE state IN {rows.UNFINISHED_SQL}"
             " AND (lease_holder IS NULL OR lease_expires_us < $1)"
             " AND (cardinality($4::text[]) = 0 OR task = ANY($4::text[]))"
+            " AND ($5::text IS NULL OR id = $5)"
             " ORDER BY created_us, id LIMIT 1 FOR UPDATE SKIP LOCKED)"
             " UPDATE jobs SET lease_holder = $2, lease_expires_us = $3 FROM next"
             " WHERE jobs.id = next.id RETURNING jobs.id, next.lease_holder AS previous",
@@ -271,6 +324,7 @@ class PostgresJobStore:
             holder,
             expires,
             kinds,
+            job_id,
         )
         if found is None:
             return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -22,12 +22,14 @@ from aiserver.tasks import TaskKind
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE",
+    "ActiveLimitReached",
     "Announcement",
     "AnnouncementStream",
     "JobQuery",
     "JobRecord",
     "JobStore",
     "Lease",
+    "LeaseLost",
     "OutboxItem",
     "SlotClaim",
     "StoredEvent",
@@ -35,6 +37,15 @@ __all__ = [
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500  # the one place the store reads the page-size limit from
+
+
+class ActiveLimitReached(Exception):
+    """``create`` refused: the owner already has ``max_active`` unfinished jobs."""
+
+
+class LeaseLost(Exception):
+    """A fenced ``save`` by a process that no longer holds the job's lease: another process
+    took the job over, so this one must stop driving it."""
 
 
 @dataclass(slots=True)
@@ -146,15 +157,27 @@ class JobStore(Protocol):
 
     # --- records ----------------------------------------------------------------------------
 
-    async def create(self, record: JobRecord) -> tuple[JobRecord, bool]:
+    async def create(self, record: JobRecord, *, max_active: int = 0) -> tuple[JobRecord, bool]:
         """Insert ``record``; if its (owner, ref_id) exists, return that one and ``True``.
 
         The unique constraint decides inside the insert's transaction: two processes racing
-        with one ``ref_id`` get one job."""
+        with one ``ref_id`` get one job. With ``max_active`` > 0, raises
+        :class:`ActiveLimitReached` when the owner has that many unfinished jobs (counted in
+        the same transaction, serialized per owner, so racing processes cannot overshoot)."""
         ...
 
-    async def save(self, record: JobRecord) -> None:
-        """Overwrite the stored record with ``record`` (as it is when called)."""
+    async def save(
+        self,
+        record: JobRecord,
+        *,
+        holder: str | None = None,
+        outbox: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        """Overwrite the stored record with ``record`` (as it is when called).
+
+        ``holder``: only if that process holds the job's lease (else :class:`LeaseLost`).
+        ``outbox``: webhook deliveries (url, body) queued in the same transaction, so a
+        final state is never stored without its webhook nor the other way round."""
         ...
 
     async def get(self, job_id: str) -> JobRecord | None: ...
@@ -195,12 +218,18 @@ class JobStore(Protocol):
     # --- leases -----------------------------------------------------------------------------
 
     async def claim(
-        self, holder: str, lease_s: float, *, tasks: Collection[TaskKind] = ()
+        self,
+        holder: str,
+        lease_s: float,
+        *,
+        tasks: Collection[TaskKind] = (),
+        job_id: str | None = None,
     ) -> Lease | None:
         """Lease the oldest unfinished job that nobody holds (or whose lease expired).
 
-        ``tasks`` limits the claim to jobs of these kinds (empty: any). Concurrent claims from
-        any number of processes never return the same job while its lease runs."""
+        ``tasks`` limits the claim to jobs of these kinds (empty: any); ``job_id`` to that one
+        job (to cancel a queued job nobody runs). Concurrent claims from any number of
+        processes never return the same job while its lease runs."""
         ...
 
     async def renew(self, job_id: str, holder: str, lease_s: float) -> Lease | None:

@@ -15,7 +15,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -28,10 +28,12 @@ from aiserver.jobs.store.announce import AnnouncementHub, Listener
 from aiserver.jobs.store.protocol import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
+    ActiveLimitReached,
     Announcement,
     JobQuery,
     JobRecord,
     Lease,
+    LeaseLost,
     OutboxItem,
     SlotClaim,
     StoredEvent,
@@ -95,42 +97,71 @@ class SqliteJobStore:
 
     # --- records ----------------------------------------------------------------------------
 
-    async def create(self, record: JobRecord) -> tuple[JobRecord, bool]:
+    async def create(self, record: JobRecord, *, max_active: int = 0) -> tuple[JobRecord, bool]:
         row = rows.row_of(record)
         shas = {i.sha256 for i in record.job.inputs}
 
         def insert() -> tuple[JobRecord, bool]:
             conn = self._conn
+            # BEGIN IMMEDIATE holds the write lock: the count and the insert are one step.
             with _transaction(conn):
-                placeholders = ", ".join(f":{c}" for c in rows.COLUMNS)
-                cur = conn.execute(
-                    f"INSERT INTO jobs ({rows.SELECT_COLUMNS}) VALUES ({placeholders})"
-                    " ON CONFLICT (owner, ref_id) DO NOTHING",
-                    row,
-                )
-                if cur.rowcount == 1:
-                    conn.executemany(
-                        "INSERT OR IGNORE INTO job_inputs (job_id, sha256) VALUES (?, ?)",
-                        [(row["id"], sha) for sha in shas],
-                    )
-                    return record, False
                 found = conn.execute(
                     f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = ? AND ref_id = ?",
                     (row["owner"], row["ref_id"]),
                 ).fetchone()
-            return rows.record_of(found), True
+                if found is not None:
+                    return rows.record_of(found), True
+                if max_active > 0:
+                    active = conn.execute(
+                        f"SELECT count(*) FROM jobs WHERE owner = ? AND state IN"
+                        f" {rows.UNFINISHED_SQL}",
+                        (row["owner"],),
+                    ).fetchone()[0]
+                    if active >= max_active:
+                        raise ActiveLimitReached(row["owner"])
+                placeholders = ", ".join(f":{c}" for c in rows.COLUMNS)
+                conn.execute(
+                    f"INSERT INTO jobs ({rows.SELECT_COLUMNS}) VALUES ({placeholders})", row
+                )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO job_inputs (job_id, sha256) VALUES (?, ?)",
+                    [(row["id"], sha) for sha in shas],
+                )
+            return record, False
 
         return await self._call(insert)
 
-    async def save(self, record: JobRecord) -> None:
+    async def save(
+        self,
+        record: JobRecord,
+        *,
+        holder: str | None = None,
+        outbox: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
         row = rows.row_of(record)
         sets = ", ".join(f"{c} = :{c}" for c in rows.MUTABLE)
+        fence = "" if holder is None else " AND lease_holder = :holder"
 
         def update() -> None:
-            cur = self._conn.execute(f"UPDATE jobs SET {sets} WHERE id = :id", row)
-            if cur.rowcount != 1:
-                raise ServiceError(
-                    ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"job {row['id']} is not stored"
+            conn = self._conn
+            with _transaction(conn):
+                cur = conn.execute(
+                    f"UPDATE jobs SET {sets} WHERE id = :id{fence}", {**row, "holder": holder}
+                )
+                if cur.rowcount != 1:
+                    if (
+                        holder is not None
+                        and conn.execute("SELECT 1 FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+                    ):
+                        raise LeaseLost(row["id"])
+                    raise ServiceError(
+                        ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"job {row['id']} is not stored"
+                    )
+                now = _now_us()
+                conn.executemany(
+                    "INSERT INTO webhook_outbox (job_id, url, body, due_us, created_us)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(row["id"], url, body, now, now) for url, body in outbox],
                 )
 
         await self._call(update)
@@ -277,7 +308,12 @@ class SqliteJobStore:
     # --- leases -----------------------------------------------------------------------------
 
     async def claim(
-        self, holder: str, lease_s: float, *, tasks: Collection[TaskKind] = ()
+        self,
+        holder: str,
+        lease_s: float,
+        *,
+        tasks: Collection[TaskKind] = (),
+        job_id: str | None = None,
     ) -> Lease | None:
         kinds = sorted(t.value for t in tasks)
 
@@ -293,6 +329,9 @@ class SqliteJobStore:
                 if kinds:
                     sql += f" AND task IN ({', '.join('?' * len(kinds))})"
                     args.extend(kinds)
+                if job_id is not None:
+                    sql += " AND id = ?"
+                    args.append(job_id)
                 row = conn.execute(sql + " ORDER BY created_us, id LIMIT 1", args).fetchone()
                 if row is None:
                     return None
