@@ -12,7 +12,7 @@ import pytest
 
 from aiserver.config import load_settings
 from aiserver.server import Service
-from tests.storage.backends import SHARED_BACKENDS
+from tests.storage.backends import SHARED_BACKENDS, S3Server
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Any:
@@ -29,6 +29,16 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Any:
         base.update(SHARED_BACKENDS.overrides())
     base.update(overrides)
     return load_settings(env={}, overrides=base)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3-protocol server (moto) on 127.0.0.1, for the tests that ask for one."""
+    server = S3Server()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
+import boto3
 
+from aiserver.artifacts.index import PostgresArtifactIndex
+from aiserver.artifacts.store import ArtifactStore
+from aiserver.blobs.s3 import S3BlobStore
 from aiserver.jobs.store import JobStore, SqliteJobStore
-from aiserver.jobs.store.postgres import PostgresJobStore
+from aiserver.jobs.store.postgres import PostgresJobStore, migrate
 
 PG_URL = os.environ.get("AISERVER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -71,19 +77,17 @@ class S3Server:
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
-
-    def new_bucket(self) -> str:
-        import boto3
-
-        name = f"b-{uuid.uuid4().hex[:20]}"
-        client = boto3.session.Session().client(
+        self._admin = boto3.session.Session().client(
             "s3", endpoint_url=self.endpoint, region_name="us-east-1", **S3_CREDENTIALS
         )
-        client.create_bucket(Bucket=name)
-        client.close()
+
+    def new_bucket(self) -> str:
+        name = f"b-{uuid.uuid4().hex[:20]}"
+        self._admin.create_bucket(Bucket=name)
         return name
 
     def stop(self) -> None:
+        self._admin.close()
         self._server.stop()
 
 
@@ -130,3 +134,45 @@ SHARED_BACKENDS = (
     SharedBackends() if os.environ.get("AISERVER_TEST_BACKENDS") == "postgres+s3" else None
 )
 """Set when the service tests run on PostgreSQL + S3 instead of SQLite + a folder."""
+
+
+class ArtifactSchema:
+    """One migrated schema for the artifact tests of a run (migrating per test costs ~1 s);
+    each test starts from empty tables. Dropped at the end of the run."""
+
+    def __init__(self) -> None:
+        self.name = f"t_{uuid.uuid4().hex[:16]}"
+        self.ready = False
+
+    async def fresh(self) -> str:
+        if not self.ready:
+            await migrate(PG_URL, self.name)
+            self.ready = True
+        conn = await asyncpg.connect(PG_URL, server_settings={"search_path": self.name})
+        try:
+            await conn.execute("TRUNCATE artifact_refs, artifact_blobs")
+        finally:
+            await conn.close()
+        return self.name
+
+    async def drop(self) -> None:
+        if self.ready:
+            conn = await asyncpg.connect(PG_URL)
+            try:
+                await conn.execute(f"DROP SCHEMA IF EXISTS {self.name} CASCADE")
+            finally:
+                await conn.close()
+
+
+async def shared_artifact_store(
+    root: Path, s3: S3Server, schema: ArtifactSchema, clock: Callable[[], datetime]
+) -> ArtifactStore:
+    """An ArtifactStore as coordinators share it: index in PostgreSQL, bytes in S3."""
+    blobs = S3BlobStore(
+        f"s3://{s3.new_bucket()}/artifacts",
+        endpoint_url=s3.endpoint,
+        access_key=S3_CREDENTIALS["aws_access_key_id"],
+        secret_key=S3_CREDENTIALS["aws_secret_access_key"],
+    )
+    index = await PostgresArtifactIndex.open(PG_URL, schema=await schema.fresh(), pool_size=2)
+    return ArtifactStore(root, clock=clock, blobs=blobs, index=index)

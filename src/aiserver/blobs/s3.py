@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from aiserver.blobs.protocol import DEFAULT_CHUNK_SIZE
 __all__ = ["S3BlobStore"]
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+# One session per process: it loads the service models once (~0.2 s per new session).
+_SESSION = boto3.session.Session()
+_SESSION_LOCK = threading.Lock()
 
 
 def _missing(exc: ClientError) -> bool:
@@ -49,14 +53,15 @@ class S3BlobStore:
             raise ValueError(f"blob URL {url!r}: expected s3://bucket/prefix")
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
-        self._client: Any = boto3.session.Session().client(
-            "s3",
-            endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
-            region_name=region or os.environ.get("AWS_REGION") or "us-east-1",
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            config=Config(max_pool_connections=max_connections, retries={"mode": "standard"}),
-        )
+        with _SESSION_LOCK:  # sessions are not thread-safe; their clients are
+            self._client: Any = _SESSION.client(
+                "s3",
+                endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+                region_name=region or os.environ.get("AWS_REGION") or "us-east-1",
+                aws_access_key_id=access_key,
+                aws_secret_access_key=secret_key,
+                config=Config(max_pool_connections=max_connections, retries={"mode": "standard"}),
+            )
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key

@@ -173,6 +173,30 @@ POSTGRES: tuple[str, ...] = (
     );
     CREATE INDEX webhook_outbox_due ON webhook_outbox (due_us) WHERE due_us IS NOT NULL;
     """,
+    # 3: the artifact index, next to the jobs (SQLite keeps its own file, artifacts.sqlite3)
+    """
+    CREATE TABLE artifact_blobs (
+        path TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE,
+        mime_type TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        last_put DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX artifact_blobs_last_put ON artifact_blobs (last_put);
+    CREATE TABLE artifact_refs (
+        path TEXT NOT NULL REFERENCES artifact_blobs (path) ON DELETE CASCADE,
+        owner TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        file_name TEXT NOT NULL,
+        seed BIGINT,
+        provider TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (path, owner, job_id)
+    );
+    """,
 )
 
 

@@ -75,11 +75,7 @@ class PostgresJobStore:
         """Connect to ``url``, create ``schema`` if missing, and migrate it."""
         if _SCHEMA_NAME.fullmatch(schema) is None:
             raise ValueError(f"schema {schema!r}: lower-case letters, digits and _ only")
-        first = await asyncpg.connect(url)
-        try:
-            await _migrate(first, schema)
-        finally:
-            await first.close()
+        await migrate(url, schema)
         pool = await asyncpg.create_pool(
             url, min_size=1, max_size=pool_size, server_settings={"search_path": schema}
         )
@@ -552,6 +548,17 @@ class PostgresJobStore:
             with contextlib.suppress(Exception):
                 await self._listener.close()
         await self._pool.close()
+
+
+async def migrate(url: str, schema: str) -> None:
+    """Create ``schema`` if needed and bring its tables to the newest version."""
+    if _SCHEMA_NAME.fullmatch(schema) is None:
+        raise ValueError(f"schema {schema!r}: lower-case letters, digits and _ only")
+    conn = await asyncpg.connect(url)
+    try:
+        await _migrate(conn, schema)
+    finally:
+        await conn.close()
 
 
 async def _migrate(conn: asyncpg.Connection, schema: str) -> None:
