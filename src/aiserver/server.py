@@ -30,6 +30,7 @@ from aiserver.api.generation import GenerationServicer, SubmitLimits
 from aiserver.api.jobs import JobServicer
 from aiserver.api.transform import TransformServicer
 from aiserver.artifacts import ArtifactStore, VariantCache, VariantPolicy
+from aiserver.artifacts.index import open_artifact_index
 from aiserver.blobs import open_blob_store
 from aiserver.config import Settings
 from aiserver.gateway import Gateway, GatewaySettings
@@ -87,7 +88,11 @@ class Service:
         self.limits = ImageLimits(max_pixels=settings.max_pixels)
         self.health = health.aio.HealthServicer()
         self.artifacts = ArtifactStore(
-            data / "artifacts", blobs=open_blob_store(settings.blob_url, data / "artifacts")
+            data / "artifacts",
+            blobs=open_blob_store(settings.blob_url, data / "artifacts"),
+            index=open_artifact_index(
+                settings.database_url, settings.database_schema, data / "artifacts"
+            ),
         )
         self.variants = VariantCache(self.artifacts, data / "variants", self.limits, pool=self.pool)
         self.variant_policy = VariantPolicy(

@@ -26,6 +26,7 @@ __all__ = [
     "PostgresArtifactIndex",
     "SqliteArtifactIndex",
     "StoredBlob",
+    "open_artifact_index",
 ]
 
 _P = ParamSpec("_P")
@@ -241,31 +242,46 @@ class SqliteArtifactIndex:
 
 
 class PostgresArtifactIndex:
-    """The index in the job database (tables from the job store's migrations)."""
+    """The index in the job database (tables from the job store's migrations). Connects on
+    first use, so a service can build it before its event loop runs."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def __init__(self, url: str, *, schema: str = "public", pool_size: int = 4) -> None:
+        self._url = url
+        self._schema = schema
+        self._pool_size = pool_size
+        self._pool_: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
 
     @classmethod
     async def open(cls, url: str, *, schema: str = "public", pool_size: int = 4) -> Self:
-        import asyncpg
+        index = cls(url, schema=schema, pool_size=pool_size)
+        await index._connect()
+        return index
 
-        from aiserver.jobs.store.postgres import migrate
+    async def _connect(self) -> asyncpg.Pool:
+        async with self._opening:
+            if self._pool_ is None:
+                import asyncpg
 
-        await migrate(url, schema)
-        pool = await asyncpg.create_pool(
-            url, min_size=1, max_size=pool_size, server_settings={"search_path": schema}
-        )
-        return cls(pool)
+                from aiserver.jobs.store.postgres import migrate
+
+                await migrate(self._url, self._schema)
+                self._pool_ = await asyncpg.create_pool(
+                    self._url,
+                    min_size=1,
+                    max_size=self._pool_size,
+                    server_settings={"search_path": self._schema},
+                )
+            return self._pool_
 
     async def path_of_hash(self, sha256: str) -> str | None:
-        found = await self._pool.fetchval(
+        found = await (await self._connect()).fetchval(
             "SELECT path FROM artifact_blobs WHERE sha256 = $1", sha256
         )
         return None if found is None else str(found)
 
     async def register(self, ref: NewRef) -> IndexedRef:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with (await self._connect()).acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO artifact_blobs (path, sha256, mime_type, size, width, height,"
                 " created, last_put) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)"
@@ -299,16 +315,16 @@ class PostgresArtifactIndex:
     async def lookup(
         self, path: str, owner: str | None, job_id: str | None = None
     ) -> IndexedRef | None:
-        return await self._lookup(self._pool, path, owner, job_id)
+        return await self._lookup(await self._connect(), path, owner, job_id)
 
     async def blobs(self) -> list[StoredBlob]:
-        rows = await self._pool.fetch(
+        rows = await (await self._connect()).fetch(
             "SELECT path, sha256, size, last_put FROM artifact_blobs ORDER BY last_put, path"
         )
         return [StoredBlob(f"artifacts/{r[0]}", r[1], r[2], r[3]) for r in rows]
 
     async def forget(self, path: str, last_put: float) -> bool:
-        found = await self._pool.fetchval(
+        found = await (await self._connect()).fetchval(
             "DELETE FROM artifact_blobs WHERE path = $1 AND last_put = $2 RETURNING path",
             path,
             last_put,
@@ -316,4 +332,15 @@ class PostgresArtifactIndex:
         return found is not None
 
     async def close(self) -> None:
-        await self._pool.close()
+        async with self._opening:
+            if self._pool_ is not None:
+                await self._pool_.close()
+                self._pool_ = None
+
+
+def open_artifact_index(database_url: str, schema: str, folder: Path) -> ArtifactIndex:
+    """In the PostgreSQL job database when ``database_url`` names one, else SQLite in
+    ``folder`` (the embedded default)."""
+    if database_url.startswith(("postgresql://", "postgres://")):
+        return PostgresArtifactIndex(database_url, schema=schema or "public")
+    return SqliteArtifactIndex(folder / "artifacts.sqlite3")
