@@ -83,13 +83,16 @@ class Service:
         self.grpc_port = 0
         data = settings.data_dir
         data.mkdir(parents=True, exist_ok=True)
-        self.spool = InputSpool(data / "spool")
+        blobs = open_blob_store(settings.blob_url, data / "artifacts")
+        # Inputs go to the blob store only when it is shared (S3): the folder is this
+        # process's own, and the spool already is one.
+        self.spool = InputSpool(data / "spool", shared=blobs if settings.blob_url else None)
         self.pool = BlockingPool(settings.image_threads)
         self.limits = ImageLimits(max_pixels=settings.max_pixels)
         self.health = health.aio.HealthServicer()
         self.artifacts = ArtifactStore(
             data / "artifacts",
-            blobs=open_blob_store(settings.blob_url, data / "artifacts"),
+            blobs=blobs,
             index=open_artifact_index(
                 settings.database_url, settings.database_schema, data / "artifacts"
             ),
