@@ -38,8 +38,8 @@ from aiserver.jobs.model import Job
 from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import SqliteJobStore
 from aiserver.metrics import Metrics, MetricsServer
+from aiserver.provider_config import build_providers
 from aiserver.providers.base import Provider
-from aiserver.providers.registry import build_providers
 from aiserver.retention import Retention, RetentionPolicy
 from aiserver.security import Security
 from aiserver.spool import InputSpool

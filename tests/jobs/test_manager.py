@@ -19,7 +19,7 @@ from aiserver.jobs.model import (
 )
 from aiserver.jobs.scheduler import SHUTDOWN
 from aiserver.jobs.store import JobQuery
-from aiserver.providers.base import ProviderUnavailable
+from aiserver.providers.base import Cause, ProviderUnavailable
 from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, TaskKind
 from tests.jobs.helpers import (
     Env,
@@ -254,7 +254,7 @@ async def test_unavailable_provider_is_retried_without_the_failed_agent(env: Env
     async def flaky(run: Run) -> None:
         if run.work.attempt == 1:
             await run.sink.checkpoint({"agent": "gpu-1", "prompt_id": "p1"})
-            raise ProviderUnavailable("gpu-1 went away", agent="gpu-1")
+            raise ProviderUnavailable("gpu-1 went away", agent="gpu-1", cause=Cause.CONNECTION)
         await produce_image(run)
 
     provider = ScriptedProvider(behaviour=flaky)
@@ -275,7 +275,9 @@ async def test_unavailable_provider_is_retried_without_the_failed_agent(env: Env
 async def test_max_attempts_then_failed_with_the_last_error(env: Env) -> None:
     async def down(run: Run) -> None:
         raise ProviderUnavailable(
-            f"down on attempt {run.work.attempt}", agent=f"a{run.work.attempt}"
+            f"down on attempt {run.work.attempt}",
+            agent=f"a{run.work.attempt}",
+            cause=Cause.CONNECTION,
         )
 
     provider = ScriptedProvider(behaviour=down)

@@ -14,7 +14,7 @@ from aiserver.api.status import rpc
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.jobs.scheduler import default_spec
 from aiserver.providers.base import Provider
-from aiserver.providers.comfy import AgentSnapshot, AgentState, ComfyPool
+from aiserver.providers.comfy.pool import AgentSnapshot, AgentState, ComfyPool
 from aiserver.providers.fallback import unwrap
 from aiserver.tasks import TaskKind
 

@@ -26,7 +26,7 @@ from aiserver.jobs.attempt import (
     cancelled_error,
     input_missing,
     internal_error,
-    is_unavailable,
+    retryable_failure,
 )
 from aiserver.jobs.events import (
     EventHub,
@@ -614,9 +614,8 @@ class JobManager:
             await self._finish(active, JobState.FAILED, internal_error())
         else:
             failure = run.exception()
-            if isinstance(failure, ServiceError) and is_unavailable(failure):
-                agent = failure.metadata.get("agent", "") or job.agent
-                await self._retry_or_fail(active, failure, agent=agent)
+            if (retryable := retryable_failure(failure)) is not None:
+                await self._retry_or_fail(active, retryable, agent=retryable.agent or job.agent)
             elif isinstance(failure, ServiceError):
                 await self._finish(active, JobState.FAILED, failure)
             else:
