@@ -13,8 +13,9 @@ import pytest
 
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.jobs.model import Stage
-from aiserver.providers.base import ProviderUnavailable, WorkItem
+from aiserver.providers.base import ProviderFailure, ProviderUnavailable, WorkItem
 from aiserver.providers.comfy.workflows import WorkflowCatalog, default_workflows_dir
+from aiserver.providers.failures import Cause
 from aiserver.tasks import (
     DEFAULT_NEGATIVE_PROMPT,
     ImageToImageSpec,
@@ -50,6 +51,13 @@ async def run(client: DirectAgent, catalog: WorkflowCatalog, work: WorkItem) -> 
     async with asyncio.timeout(15):
         await client.run(work, catalog.get(work.task), sink)
     return sink
+
+
+def assert_cause(error: BaseException, cause: Cause, *, lost: bool, retryable: bool) -> None:
+    """The failure's type says what the pool and the scheduler will do with it."""
+    assert isinstance(error, ProviderFailure)
+    assert (error.cause, error.agent_lost, error.retryable) == (cause, lost, retryable)
+    assert error.reached_agent and error.agent == "agent-a"
 
 
 def assert_progress_sane(sink: RecordingSink) -> None:
@@ -192,6 +200,8 @@ async def test_missing_model_is_a_clear_precondition(
     assert "not in" in error.metadata["comfy_message"]
     assert [v.field for v in error.violations] == ["params.model"]
     assert "sdxl_missing.safetensors" in error.message
+    assert_cause(error, Cause.AGENT_LACKS, lost=False, retryable=False)
+    assert isinstance(error, ProviderFailure) and error.agent_outdated
 
 
 async def test_bad_sampler_is_invalid_argument(
@@ -203,6 +213,8 @@ async def test_bad_sampler_is_invalid_argument(
     assert (error.kind, error.reason) == (ErrorKind.INVALID_ARGUMENT, "COMFYUI_PROMPT_INVALID")
     assert error.metadata["input_name"] == "sampler_name"
     assert [v.field for v in error.violations] == ["params.sampler"]
+    assert_cause(error, Cause.PROMPT_REJECTED, lost=False, retryable=False)
+    assert isinstance(error, ProviderFailure) and not error.agent_outdated
 
 
 async def test_unknown_node_type_is_node_missing(
@@ -224,6 +236,7 @@ async def test_unknown_node_type_is_node_missing(
         ErrorKind.FAILED_PRECONDITION,
         "COMFYUI_NODE_MISSING",
     )
+    assert_cause(caught.value, Cause.AGENT_LACKS, lost=False, retryable=False)
 
 
 async def test_execution_error_is_mapped(
@@ -238,6 +251,7 @@ async def test_execution_error_is_mapped(
     assert error.metadata["exception_message"] == "CUDA out of memory"
     assert (error.metadata["node_id"], error.metadata["node_type"]) == ("7", "KSampler")
     assert standin.received.interrupts == [] and standin.received.deletes == []
+    assert_cause(error, Cause.EXECUTION_ERROR, lost=False, retryable=False)
 
 
 async def test_loader_failure_is_a_precondition(
@@ -314,6 +328,7 @@ async def test_interrupted_by_someone_else_is_cancelled(
         async with asyncio.timeout(5):
             await task
     assert (caught.value.kind, caught.value.reason) == (ErrorKind.CANCELLED, "COMFYUI_INTERRUPTED")
+    assert_cause(caught.value, Cause.INTERRUPTED, lost=False, retryable=False)
 
 
 @pytest.mark.parametrize("jobs_api", [True, False])
@@ -362,6 +377,7 @@ async def test_hang_fires_the_idle_timeout(
     finally:
         await client.aclose()
     assert caught.value.metadata["cause"] == "idle_timeout"
+    assert_cause(caught.value, Cause.IDLE_TIMEOUT, lost=True, retryable=True)
     assert caught.value.metadata["agent"] == "agent-a"
     pid = caught.value.metadata["prompt_id"]
     assert standin.received.interrupts == [{"prompt_id": pid}]  # not left hogging the agent
@@ -380,6 +396,7 @@ async def test_queue_wait_timeout_withdraws_the_prompt(
     finally:
         await client.aclose()
     assert caught.value.metadata["cause"] == "queue_timeout"
+    assert_cause(caught.value, Cause.QUEUE_TIMEOUT, lost=False, retryable=True)
     assert standin.received.deletes == [caught.value.metadata["prompt_id"]]
     assert standin.pending_prompts == []
 
@@ -397,6 +414,7 @@ async def test_http_500_is_unavailable(
         await run(client, catalog, img2img(inputs_dir))
     assert caught.value.metadata["cause"] == "server_error"
     assert caught.value.metadata["status"] == "500"
+    assert_cause(caught.value, Cause.SERVER_ERROR, lost=True, retryable=True)
 
 
 async def test_killed_agent_mid_job_is_unavailable(
@@ -418,6 +436,8 @@ async def test_killed_agent_mid_job_is_unavailable(
         await client.aclose()
     assert caught.value.metadata["agent"] == "agent-a"
     assert caught.value.metadata["cause"] in ("websocket", "connection")
+    assert caught.value.cause in (Cause.WEBSOCKET, Cause.CONNECTION)
+    assert caught.value.agent_lost and caught.value.retryable
 
 
 async def test_connection_refused_is_unavailable(
@@ -430,6 +450,8 @@ async def test_connection_refused_is_unavailable(
     finally:
         await client.aclose()
     assert caught.value.kind is ErrorKind.UNAVAILABLE and caught.value.retry_after_s is None
+    assert caught.value.cause is Cause.WEBSOCKET and caught.value.agent == "gone"  # opened first
+    assert caught.value.agent_lost and caught.value.retryable
 
 
 # ---- re-attaching ----------------------------------------------------------------------------
@@ -566,3 +588,27 @@ async def test_prompt_deleted_by_someone_else_is_noticed(
         async with asyncio.timeout(5):
             await task
     assert caught.value.metadata["cause"] == "prompt_lost"
+    assert_cause(caught.value, Cause.PROMPT_LOST, lost=True, retryable=True)
+
+
+async def test_missing_output_file_is_not_the_agents_fault(
+    standin: ComfyStandIn, client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    standin.fail_http("/view", status=404)
+    with pytest.raises(ProviderUnavailable) as caught:
+        await run(client, catalog, img2img(inputs_dir))
+    assert_cause(caught.value, Cause.OUTPUT_MISSING, lost=False, retryable=True)
+
+
+async def test_refused_credentials_lose_the_agent(
+    make_standin: StandInFactory, catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    standin = await make_standin(api_key="s3cret")
+    client = DirectAgent("agent-a", standin.url)
+    try:
+        with pytest.raises(ProviderUnavailable) as caught:
+            await run(client, catalog, img2img(inputs_dir))
+    finally:
+        await client.aclose()
+    assert caught.value.metadata["status"] == "401"
+    assert_cause(caught.value, Cause.AUTH, lost=True, retryable=True)
