@@ -20,13 +20,12 @@ from aiserver.api.convert import (
 from aiserver.api.status import rpc
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs.manager import JobManager
+from aiserver.jobs.paging import page_size as checked_page_size
 from aiserver.logs import job_id_var
 
 __all__ = ["JobServicer", "parse_job_name"]
 
 _JOB_NAME = re.compile(r"jobs/([A-Za-z0-9_-]{1,64})")
-MAX_PAGE = 1000
-DEFAULT_PAGE = 50
 
 
 def parse_job_name(name: str, field: str = "name") -> str:
@@ -64,8 +63,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     @rpc
     async def ListJobs(self, request: jpb.ListJobsRequest, context: Any) -> jpb.ListJobsResponse:
-        if not 0 <= request.page_size <= MAX_PAGE:
-            raise invalid_argument("page_size", "INVALID_PAGE_SIZE", f"must be 0..{MAX_PAGE}")
+        page_size = checked_page_size(request.page_size)  # refused before the admin check
         if request.all_owners and not self._is_admin(context):
             raise ServiceError(
                 ErrorKind.PERMISSION_DENIED, "ADMIN_ONLY", "all_owners needs an admin key"
@@ -77,7 +75,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             task=task_from_proto(request.task),
             tag=request.tag,
             ref_id=request.ref_id,
-            page_size=request.page_size or DEFAULT_PAGE,
+            page_size=page_size,
             page_token=request.page_token,
         )
         return jpb.ListJobsResponse(

@@ -51,6 +51,7 @@ from aiserver.jobs.model import (
     Stage,
 )
 from aiserver.jobs.outputs import ArtifactWriter
+from aiserver.jobs.paging import page_size as checked_page_size
 from aiserver.jobs.scheduler import (
     SHUTDOWN,
     JobQueue,
@@ -307,9 +308,9 @@ class JobManager:
         page_size: int,
         page_token: str,
     ) -> tuple[builtins.list[Job], str]:
-        """Newest first, ``page_size`` 0 for the default; the token continues this listing."""
-        if page_size < 0:
-            raise invalid_argument("page_size", "INVALID_PAGE_SIZE", "must not be negative")
+        """Newest first, ``page_size`` 0 for the default (0..MAX_PAGE_SIZE, else
+        INVALID_ARGUMENT); the token continues this listing."""
+        page_size = checked_page_size(page_size)
         query = JobQuery(owner, frozenset(states), task, tag, ref_id)
         jobs, token = await self._store.query(query, page_size=page_size, page_token=page_token)
         return [self._fresh(j) for j in jobs], token
