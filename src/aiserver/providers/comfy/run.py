@@ -29,7 +29,7 @@ import io
 import logging
 import mimetypes
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -54,6 +54,7 @@ from aiserver.providers.comfy.errors import (
     prompt_rejection,
 )
 from aiserver.providers.comfy.settings import ComfyTimeouts
+from aiserver.providers.comfy.tracking import NodeTracker
 from aiserver.providers.comfy.workflows import BuiltPrompt, Workflow
 from aiserver.providers.failures import Cause, ProviderUnavailable
 from aiserver.stages import Stage
@@ -61,51 +62,6 @@ from aiserver.stages import Stage
 __all__ = ["Run"]
 
 logger = logging.getLogger(__name__)
-
-
-class _Tracker:
-    """Node-level progress over the graph: never decreasing."""
-
-    def __init__(self, built: BuiltPrompt) -> None:
-        self.built = built
-        self.to_run = built.nodes_to_run
-        self.done: set[str] = set()
-        self.node = ""
-        self.step = 0
-        self.max_steps = 0
-        self.best = 0.0
-
-    def fraction(self) -> float:
-        total = max(1, len(self.to_run))
-        done = len(self.done & self.to_run)
-        current = 0.0
-        if self.node and self.node in self.to_run and self.node not in self.done:
-            current = self.step / self.max_steps if self.max_steps > 0 else 0.0
-        self.best = max(self.best, min(1.0, (done + min(current, 1.0)) / total))
-        return self.best
-
-    def start(self, node: str) -> None:
-        if self.node and self.node != node:
-            self.done.add(self.node)
-        if node != self.node:
-            self.node, self.step, self.max_steps = node, 0, 0
-
-    def progress(self, node: str, value: int, maximum: int) -> None:
-        self.start(node)
-        self.step, self.max_steps = value, maximum
-
-    def finished(self, nodes: Iterable[str]) -> None:
-        self.done.update(nodes)
-
-    def update(self, stage: Stage = Stage.RUNNING) -> ProviderProgress:
-        return ProviderProgress(
-            stage=stage,
-            fraction=self.fraction(),
-            node=self.node,
-            node_type=self.built.class_type(self.node) if self.node else "",
-            step=self.step,
-            max_steps=self.max_steps,
-        )
 
 
 class Run:
@@ -139,7 +95,7 @@ class Run:
         self.seed = int(seed) if seed.isdigit() else None
         self.ws: AgentSocket | None = None
         self.built: BuiltPrompt | None = None
-        self.tracker: _Tracker | None = None
+        self.tracker: NodeTracker | None = None
         self.queued = False  # the prompt may exist on the agent
         self.started = False
         self.finished = False  # the agent is done with the prompt
@@ -187,7 +143,7 @@ class Run:
             await self._emit(ProviderProgress(Stage.UPLOADING))
             uploads = await self._upload_inputs()
             self.built = self.workflow.build(self.work, uploads, seed=self.seed)
-            self.tracker = _Tracker(self.built)
+            self.tracker = NodeTracker(self.built)
             await self.sink.checkpoint(self._checkpoint())
             await self._queue()
         await self._follow()
@@ -209,7 +165,7 @@ class Run:
         # The graph only serves tracking here: upload names do not matter, the seed does.
         names = {name: self._upload_name(name) for name in self.work.task.inputs}
         self.built = self.workflow.build(self.work, names, seed=self.seed)
-        self.tracker = _Tracker(self.built)
+        self.tracker = NodeTracker(self.built)
         self.queued = True
         logger.info("re-attached to prompt %s on %s (%s)", self.prompt_id, self.c.name, state.state)
         await self._absorb(state)
