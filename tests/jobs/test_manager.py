@@ -363,6 +363,15 @@ async def test_the_failures_type_decides_retrying(env: Env) -> None:
     ]
 
 
+def test_a_final_cause_is_never_unavailable() -> None:
+    """UNAVAILABLE promises a retry may succeed: a cause that says otherwise is refused."""
+    with pytest.raises(ValueError):
+        ProviderUnavailable("node 7 failed", agent="gpu-1", cause=Cause.EXECUTION_ERROR)
+    lost = ProviderUnavailable("gone", agent="gpu-1", cause=Cause.CONNECTION)
+    assert (lost.reached_agent, lost.agent_lost, lost.retryable) == (True, True, True)
+    assert lost.metadata == {"agent": "gpu-1", "cause": "connection"}
+
+
 async def test_queue_timeout(env: Env) -> None:
     manager = await env.manager(ScriptedProvider(online=False), queue_timeout_s=0.2)
     job = await submit(manager, env)
