@@ -24,11 +24,10 @@ import asyncpg
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.jobs import codec
 from aiserver.jobs.model import Job
+from aiserver.jobs.paging import page_size as _page_size
 from aiserver.jobs.store import migrations, rows
 from aiserver.jobs.store.announce import AnnouncementHub, Listener
 from aiserver.jobs.store.protocol import (
-    DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
     ActiveLimitReached,
     Announcement,
     JobQuery,
@@ -219,7 +218,7 @@ class PostgresJobStore:
     ) -> tuple[list[Job], str]:
         digest = query.digest()
         after = rows.decode_token(page_token, digest) if page_token else None
-        size = min(page_size, MAX_PAGE_SIZE) if page_size > 0 else DEFAULT_PAGE_SIZE
+        size = _page_size(page_size)
         where: list[str] = []
         args: list[Any] = []
 

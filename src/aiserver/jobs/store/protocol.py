@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from aiserver.jobs.model import Job, JobState, Retrying
+from aiserver.jobs.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from aiserver.tasks import TaskKind
 
 __all__ = [
@@ -34,9 +35,6 @@ __all__ = [
     "SlotClaim",
     "StoredEvent",
 ]
-
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500  # the one place the store reads the page-size limit from
 
 
 class ActiveLimitReached(Exception):
@@ -185,7 +183,11 @@ class JobStore(Protocol):
     async def query(
         self, query: JobQuery, *, page_size: int, page_token: str
     ) -> tuple[list[Job], str]:
-        """Newest first; returns a page and the token of the next one (``""`` at the end)."""
+        """Newest first; returns a page and the token of the next one (``""`` at the end).
+
+        ``page_size`` 0 means the default; beyond :data:`MAX_PAGE_SIZE` (or negative) it is
+        refused with INVALID_ARGUMENT, never clamped (:func:`aiserver.jobs.paging.page_size`).
+        """
         ...
 
     async def unfinished(self) -> list[JobRecord]:
