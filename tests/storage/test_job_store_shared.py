@@ -326,3 +326,27 @@ async def test_claim_one_named_job(backend: JobStoreBackend) -> None:
     assert lease is not None and lease.job_id == second.id
     assert await store.claim("B", 30, job_id=second.id) is None
     assert await store.claim("B", 30, job_id="missing") is None
+
+
+async def test_a_lost_listen_connection_comes_back_and_says_resync(
+    backend: JobStoreBackend,
+) -> None:
+    if backend.kind != "postgres":
+        return  # SQLite announces in process: there is no connection to lose
+    a, b = await _two(backend)
+    job = make_job(1)
+    await a.create(JobRecord(job))
+    heard = await b.announcements()
+    try:
+        killed = await backend.sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            f" WHERE query LIKE 'LISTEN %{backend.schema}%'"
+        )
+        assert killed == 1
+        # Whatever got through, a resync comes once LISTEN runs again; then events flow.
+        seen = await asyncio.wait_for(anext(heard), 10)
+        assert seen.kind == "resync"
+        await a.append_event(job.id, 1, "accepted", {})
+        assert await asyncio.wait_for(anext(heard), 10) == Announcement("event", job.id, 1)
+    finally:
+        await heard.aclose()

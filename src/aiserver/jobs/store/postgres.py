@@ -67,6 +67,7 @@ class PostgresJobStore:
         self._hub = AnnouncementHub()
         self._listener: asyncpg.Connection | None = None
         self._listener_lock = asyncio.Lock()
+        self._reconnect: asyncio.Future[None] | None = None
         self._closed = False
 
     @classmethod
@@ -404,7 +405,27 @@ class PostgresJobStore:
                 return
             conn = await asyncpg.connect(self._url)
             await conn.add_listener(self._channel, self._on_notify)
+            conn.add_termination_listener(self._on_listener_lost)
             self._listener = conn
+
+    def _on_listener_lost(self, _conn: object) -> None:
+        # Notifications sent while no LISTEN runs are gone: reconnect, then tell every
+        # listener to re-read what it follows ("resync").
+        if not self._closed:
+            self._reconnect = asyncio.ensure_future(self._relisten())
+
+    async def _relisten(self) -> None:
+        delay = 0.1
+        while not self._closed:
+            try:
+                await self._ensure_listener()
+            except (OSError, asyncpg.PostgresError) as exc:
+                logger.warning("LISTEN connection lost; retrying in %.1f s: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._hub.publish(Announcement("resync", ""))
+            return
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         try:
@@ -543,6 +564,8 @@ class PostgresJobStore:
             return
         self._closed = True
         self._hub.close()
+        if self._reconnect is not None:
+            self._reconnect.cancel()
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close()

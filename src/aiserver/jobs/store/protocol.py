@@ -109,7 +109,9 @@ class StoredEvent:
 class Announcement:
     """Something changed that another process may be waiting for."""
 
-    kind: Literal["event", "cancel"]
+    kind: Literal["event", "cancel", "resync"]
+    """``resync``: announcements may have been lost (the listening connection dropped and is
+    back): every consumer re-reads everything it follows."""
     job_id: str
     sequence: int = 0
     """For ``event``: the sequence just stored (a watcher reads the table from its own last)."""
