@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from aiserver.artifacts.index import NewRef
 from aiserver.artifacts.store import ArtifactStore
 from aiserver.errors import ErrorKind, ServiceError
 from tests.artifacts.helpers import Clock, put
@@ -274,3 +275,21 @@ async def test_large_artifact_round_trip(store: ArtifactStore) -> None:
     name = await put(store, data)
     assert name.endswith(hashlib.sha256(data).hexdigest() + ".png")
     assert await read_all(store, name, offset=1024 * 1024 + 5) == data[1024 * 1024 + 5 :]
+
+
+async def test_same_bytes_named_first_elsewhere_keep_the_first_name(
+    store: ArtifactStore, clock: Clock
+) -> None:
+    # Another process looked the hash up before this one registered it, on the next day:
+    # its own key loses, its copy goes, and its reference lands on the first name.
+    first = await put(store, DATA, owner="alice", job_id="j1")
+    rel = store.relative_path(first)
+    clock.advance(86400)
+    late = f"2031/05/07/{SHA}.png"
+    await store.blobs.put(late, DATA)
+    row = await store.index.register(
+        NewRef(late, SHA, "image/png", len(DATA), 1, 1, clock().timestamp(), "bob", "j2",
+               "b.png", None, "comfy")
+    )  # fmt: skip
+    assert row.path == rel and row.owner == "bob"
+    assert (await store.get(first, "bob")).job_id == "j2"

@@ -12,7 +12,7 @@ import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, Self, TypeVar
 
@@ -85,7 +85,10 @@ class ArtifactIndex(Protocol):
         ...
 
     async def register(self, ref: NewRef) -> IndexedRef:
-        """Record the blob (or refresh its ``last_put``) and the owner's reference to it."""
+        """Record the blob (or refresh its ``last_put``) and the owner's reference to it.
+
+        If the same bytes are indexed under another key already, the reference goes to that
+        key: the returned ``path`` is the one to use."""
         ...
 
     async def lookup(
@@ -181,34 +184,40 @@ class SqliteArtifactIndex:
         return None if row is None else _ref_of(row)
 
     async def register(self, ref: NewRef) -> IndexedRef:
-        def write() -> IndexedRef:
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                c.execute(
-                    "INSERT INTO blobs (path, sha256, mime_type, size, width, height, created,"
-                    " last_put) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (path) DO UPDATE SET last_put = excluded.last_put",
-                    (ref.path, ref.sha256, ref.mime_type, ref.size, ref.width, ref.height,
-                     ref.now, ref.now),
-                )  # fmt: skip
-                c.execute(
-                    "INSERT INTO refs (path, owner, job_id, file_name, seed, provider, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path, owner, job_id) DO UPDATE"
-                    " SET file_name = excluded.file_name, seed = excluded.seed,"
-                    " provider = excluded.provider, created = excluded.created",
-                    (ref.path, ref.owner, ref.job_id, ref.file_name, ref.seed, ref.provider,
-                     ref.now),
-                )  # fmt: skip
-                found = self._lookup(ref.path, ref.owner, ref.job_id)
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
+        try:
+            return await self._db(self._register, ref)
+        except sqlite3.IntegrityError:
+            first = await self.path_of_hash(ref.sha256)  # same bytes, indexed under another key
+            if first is None or first == ref.path:
                 raise
-            assert found is not None
-            return found
+            return await self._db(self._register, replace(ref, path=first))
 
-        return await self._db(write)
+    def _register(self, ref: NewRef) -> IndexedRef:
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute(
+                "INSERT INTO blobs (path, sha256, mime_type, size, width, height, created,"
+                " last_put) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (path) DO UPDATE SET last_put = excluded.last_put",
+                (ref.path, ref.sha256, ref.mime_type, ref.size, ref.width, ref.height,
+                 ref.now, ref.now),
+            )  # fmt: skip
+            c.execute(
+                "INSERT INTO refs (path, owner, job_id, file_name, seed, provider, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path, owner, job_id) DO UPDATE"
+                " SET file_name = excluded.file_name, seed = excluded.seed,"
+                " provider = excluded.provider, created = excluded.created",
+                (ref.path, ref.owner, ref.job_id, ref.file_name, ref.seed, ref.provider,
+                 ref.now),
+            )  # fmt: skip
+            found = self._lookup(ref.path, ref.owner, ref.job_id)
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        assert found is not None
+        return found
 
     async def lookup(
         self, path: str, owner: str | None, job_id: str | None = None
@@ -281,6 +290,19 @@ class PostgresArtifactIndex:
         return None if found is None else str(found)
 
     async def register(self, ref: NewRef) -> IndexedRef:
+        import asyncpg
+
+        try:
+            return await self._register(ref)
+        except asyncpg.UniqueViolationError:
+            # Another process stored the same bytes first, under another date's key: the
+            # first key is the name for good (the caller drops its own copy).
+            first = await self.path_of_hash(ref.sha256)
+            if first is None or first == ref.path:
+                raise
+            return await self._register(replace(ref, path=first))
+
+    async def _register(self, ref: NewRef) -> IndexedRef:
         async with (await self._connect()).acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO artifact_blobs (path, sha256, mime_type, size, width, height,"

@@ -189,7 +189,7 @@ class ArtifactStore:
             # An earlier put of the same bytes fixed the name (and date) for good.
             rel = await self.index.path_of_hash(sha256) or f"{now:%Y/%m/%d}/{sha256}.{ext}"
             await self.blobs.put(rel, data)
-            row = await self.index.register(
+            row: IndexedRef = await self.index.register(
                 NewRef(
                     path=rel,
                     sha256=sha256,
@@ -205,6 +205,8 @@ class ArtifactStore:
                     provider=provider,
                 )
             )
+            if row.path != rel:  # another process named these bytes first
+                await self.blobs.delete(rel)
         return self._ref(row)
 
     async def get(self, name: str, owner: str | None) -> ArtifactRef:
