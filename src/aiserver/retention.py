@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
-import uuid
 from dataclasses import dataclass
 
 from aiserver.artifacts import ArtifactStore
 from aiserver.jobs.manager import JobManager
-from aiserver.jobs.store import JobStore
+from aiserver.jobs.store import JobStore, new_holder_id
 
 __all__ = ["Retention", "RetentionPolicy"]
 
@@ -51,7 +48,7 @@ class Retention:
         self._jobs = jobs
         self._manager = manager
         self._task: asyncio.Task[None] | None = None
-        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._holder = new_holder_id()
 
     async def sweep(self) -> list[str]:
         # The database knows every process's unfinished jobs; this process's memory also

@@ -156,6 +156,14 @@ async def test_events_are_stored_in_order_and_announced(backend: JobStoreBackend
     assert [e.sequence for e in await b.events(job.id, after=2)] == [3]
     assert await b.events("missing") == []
 
+    await a.append_event(job.id, 4, "finished", {"state": "SUCCEEDED"})
+    assert await b.prune_events(job.id, "progress") == 2  # superseded progress goes
+    assert [(e.sequence, e.kind) for e in await b.events(job.id)] == [
+        (3, "progress"),
+        (4, "finished"),
+    ]
+    assert await b.prune_events(job.id, "progress") == 0
+
 
 async def test_inputs_and_artifacts_in_use_come_from_the_database(
     backend: JobStoreBackend,

@@ -22,6 +22,7 @@ from aiserver.jobs.store.protocol import (
     OutboxItem,
     SlotClaim,
     StoredEvent,
+    new_holder_id,
 )
 from aiserver.jobs.store.sqlite import SqliteJobStore
 
@@ -40,6 +41,7 @@ __all__ = [
     "SlotClaim",
     "SqliteJobStore",
     "StoredEvent",
+    "new_holder_id",
     "open_job_store",
 ]
 

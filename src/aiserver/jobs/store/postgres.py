@@ -399,6 +399,16 @@ class PostgresJobStore:
             for r in found
         ]
 
+    async def prune_events(self, job_id: str, kind: str) -> int:
+        found = await self._fetchval(
+            "WITH gone AS (DELETE FROM job_events WHERE job_id = $1 AND kind = $2 AND sequence <"
+            " (SELECT max(sequence) FROM job_events WHERE job_id = $1 AND kind = $2)"
+            " RETURNING 1) SELECT count(*) FROM gone",
+            job_id,
+            kind,
+        )
+        return int(found)
+
     async def _ensure_listener(self) -> None:
         async with self._listener_lock:
             if self._listener is not None and not self._listener.is_closed():

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,6 +37,7 @@ __all__ = [
     "OutboxItem",
     "SlotClaim",
     "StoredEvent",
+    "new_holder_id",
 ]
 
 
@@ -137,6 +141,12 @@ class SlotClaim:
     slot: int
     holder: str
     expires: datetime
+
+
+def new_holder_id() -> str:
+    """This process's name in leases: host, pid and a random part (never reused, so a restarted
+    process does not inherit its former leases)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class AnnouncementStream(Protocol):
@@ -263,6 +273,11 @@ class JobStore(Protocol):
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
         """The job's stored events with a sequence above ``after``, in order."""
+        ...
+
+    async def prune_events(self, job_id: str, kind: str) -> int:
+        """Drop the job's events of ``kind`` except the latest (superseded progress, once the
+        job finished); returns how many went."""
         ...
 
     async def announcements(self) -> AnnouncementStream:

@@ -425,6 +425,17 @@ class SqliteJobStore:
 
         return await self._call(select)
 
+    async def prune_events(self, job_id: str, kind: str) -> int:
+        def delete() -> int:
+            cur = self._conn.execute(
+                "DELETE FROM job_events WHERE job_id = ? AND kind = ? AND sequence <"
+                " (SELECT max(sequence) FROM job_events WHERE job_id = ? AND kind = ?)",
+                (job_id, kind, job_id, kind),
+            )
+            return cur.rowcount
+
+        return await self._call(delete)
+
     async def announcements(self) -> Listener:
         return self._hub.listen()
 
