@@ -16,7 +16,16 @@ Admission, in order (each refusal is a rich status, logged without any secret):
 3. the caller's request rate (per key id; per peer address in open mode or for keyless
    signed reads): RESOURCE_EXHAUSTED ``RATE_LIMITED`` with RetryInfo;
 4. for streaming calls, the server-wide number of them: RESOURCE_EXHAUSTED
-   ``TOO_MANY_STREAMS`` with RetryInfo.
+   ``TOO_MANY_STREAMS`` with RetryInfo;
+5. for client streams (uploads), the number one client address has open:
+   RESOURCE_EXHAUSTED ``TOO_MANY_UPLOADS`` with RetryInfo (loopback, where the in-process
+   HTTP shim calls from, is not capped here: the shim caps its own clients).
+
+Every request message goes through :func:`aiserver.api.malformed.tolerant`: one protobuf
+cannot parse ends the call with INVALID_ARGUMENT ``MALFORMED_MESSAGE``, never INTERNAL. A
+client stream that sends nothing for ``upload_idle_s``, or is still sending after
+``upload_total_s``, ends with DEADLINE_EXCEEDED ``UPLOAD_STALLED`` / ``UPLOAD_TOO_SLOW``
+(the servicer's upload reader then deletes what it spooled).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from typing import Any, NoReturn
 import grpc
 
 from aiserver.api.calls import CallInfo, current_call
+from aiserver.api.malformed import Malformed, tolerant
 from aiserver.api.status import abort, request_id_of
 from aiserver.auth import ANONYMOUS, KeyRing, bearer_token, invalid_key, missing_key
 from aiserver.errors import ErrorKind, ServiceError
@@ -50,6 +60,8 @@ EXEMPT_PREFIXES = (
 """Methods served to anyone, unmetered: health checks and reflection."""
 
 STREAMS_RETRY_S = 1.0
+UPLOADS_RETRY_S = 5.0
+_LOOPBACK = ("127.", "[::1]", "localhost")
 DRAIN_S = 2.0
 DRAIN_BYTES = 8 * 1024 * 1024
 
@@ -60,6 +72,34 @@ def peer_host(peer: str) -> str:
     if kind in ("ipv4", "ipv6") and ":" in rest:
         return rest.rsplit(":", 1)[0]
     return peer
+
+
+def too_many_uploads(limit: int) -> ServiceError:
+    return ServiceError(
+        ErrorKind.RESOURCE_EXHAUSTED,
+        "TOO_MANY_UPLOADS",
+        f"this client address has {limit} uploads open already; retry when one has finished",
+        metadata={"limit": str(limit)},
+        retry_after_s=UPLOADS_RETRY_S,
+    )
+
+
+def upload_stalled(idle_s: float) -> ServiceError:
+    return ServiceError(
+        ErrorKind.DEADLINE_EXCEEDED,
+        "UPLOAD_STALLED",
+        f"the upload sent nothing for {idle_s:g} s",
+        metadata={"idle_timeout_s": f"{idle_s:g}"},
+    )
+
+
+def upload_too_slow(total_s: float) -> ServiceError:
+    return ServiceError(
+        ErrorKind.DEADLINE_EXCEEDED,
+        "UPLOAD_TOO_SLOW",
+        f"the upload did not finish within {total_s:g} s",
+        metadata={"upload_timeout_s": f"{total_s:g}"},
+    )
 
 
 def too_many_streams(limit: int) -> ServiceError:
@@ -84,8 +124,15 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         max_streams: int = 0,
         keyless_methods: Collection[str] = (),
         metrics: Metrics | None = None,
+        upload_idle_s: float = 0.0,
+        upload_total_s: float = 0.0,
+        max_uploads_per_peer: int = 0,
     ) -> None:
         self.keys = keys
+        self.upload_idle_s = upload_idle_s
+        self.upload_total_s = upload_total_s
+        self.max_uploads_per_peer = max_uploads_per_peer
+        self.uploads_by_peer: dict[str, int] = {}
         self.rate = rate
         self.max_streams = max_streams
         self.keyless = frozenset(keyless_methods)
@@ -99,8 +146,10 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> Any:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or method.startswith(EXEMPT_PREFIXES):
+        if handler is None:
             return handler
+        if method.startswith(EXEMPT_PREFIXES):
+            return _parse_tolerantly(handler)
         return self._wrap(handler, method)
 
     # --- wrapping -------------------------------------------------------------------------
@@ -109,7 +158,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         name = method.lstrip("/").rsplit(".", 1)[-1]  # Service/Method
         keyless = method in self.keyless
         options = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.request_streaming and handler.response_streaming:
@@ -138,7 +187,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             failure: BaseException | None = None
             try:
                 await call.admit(request if request_stream else None)
-                request = call.requests(request) if request_stream else call.received(request)
+                request = call.requests(request) if request_stream else await call.one(request)
                 response = await inner(request, context)
                 return call.sent(response)
             except BaseException as exc:
@@ -157,7 +206,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             failure: BaseException | None = None
             try:
                 await call.admit(request if request_stream else None)
-                request = call.requests(request) if request_stream else call.received(request)
+                request = call.requests(request) if request_stream else await call.one(request)
                 result = inner(request, context)
                 if inspect.isasyncgen(result):
                     try:
@@ -179,7 +228,16 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 class _Call:
     """One call going through the guard."""
 
-    __slots__ = ("_counted", "_guard", "_keyless", "_started", "_streaming", "context", "info")
+    __slots__ = (
+        "_counted",
+        "_guard",
+        "_keyless",
+        "_peer_counted",
+        "_started",
+        "_streaming",
+        "context",
+        "info",
+    )
 
     def __init__(
         self, guard: Guard, method: str, context: Any, *, keyless: bool, streaming: bool
@@ -188,6 +246,7 @@ class _Call:
         self._keyless = keyless
         self._streaming = streaming
         self._counted = False
+        self._peer_counted = ""
         self._started = time.monotonic()
         self.context = context
         rid = request_id_of(context)
@@ -223,6 +282,13 @@ class _Call:
                 self._counted = True
                 if guard.metrics is not None:
                     guard.metrics.streams.inc()
+            if requests is not None and guard.max_uploads_per_peer:
+                host = peer_host(info.peer)
+                if not host.startswith(_LOOPBACK):
+                    if guard.uploads_by_peer.get(host, 0) >= guard.max_uploads_per_peer:
+                        raise too_many_uploads(guard.max_uploads_per_peer)
+                    guard.uploads_by_peer[host] = guard.uploads_by_peer.get(host, 0) + 1
+                    self._peer_counted = host
         except ServiceError as err:
             await self._refuse(err, requests)
 
@@ -240,12 +306,35 @@ class _Call:
             metrics.received_bytes.labels(self.info.method).inc(msg.ByteSize())
         return msg
 
-    async def _count(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        async for msg in requests:
-            yield self.received(msg)
+    async def one(self, msg: Any) -> Any:
+        if isinstance(msg, Malformed):
+            await abort(self.context, msg.error())
+        return self.received(msg)
 
-    def requests(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        return requests if self._guard.metrics is None else self._count(requests)
+    async def requests(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The client's messages, each within the idle timeout and all within the total one;
+        a malformed one raises its error where the servicer reads it."""
+        guard = self._guard
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + guard.upload_total_s if guard.upload_total_s > 0 else None
+        incoming = aiter(requests)
+        while True:
+            wait = guard.upload_idle_s if guard.upload_idle_s > 0 else None
+            if deadline is not None:
+                left = max(0.0, deadline - loop.time())
+                wait = left if wait is None else min(wait, left)
+            try:
+                async with asyncio.timeout(wait):
+                    msg = await anext(incoming)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if deadline is not None and loop.time() >= deadline:
+                    raise upload_too_slow(guard.upload_total_s) from None
+                raise upload_stalled(guard.upload_idle_s) from None
+            if isinstance(msg, Malformed):
+                raise msg.error()
+            yield self.received(msg)
 
     def sent(self, msg: Any) -> Any:
         metrics = self._guard.metrics
@@ -260,6 +349,13 @@ class _Call:
             guard.active_streams -= 1
             if guard.metrics is not None:
                 guard.metrics.streams.dec()
+        if self._peer_counted:
+            host, self._peer_counted = self._peer_counted, ""
+            left = guard.uploads_by_peer.get(host, 1) - 1
+            if left > 0:
+                guard.uploads_by_peer[host] = left
+            else:
+                guard.uploads_by_peer.pop(host, None)
         code = info.code
         if code == "OK" and failure is not None and not isinstance(failure, GeneratorExit):
             if isinstance(failure, asyncio.CancelledError):
@@ -290,6 +386,58 @@ async def _drain(requests: AsyncIterator[Any]) -> None:
                     return
     except (TimeoutError, Exception):
         return
+
+
+def _parse_tolerantly(handler: Any) -> Any:
+    """An exempt method's handler (health, reflection), with a deserializer that cannot raise
+    and a check that answers a malformed request with INVALID_ARGUMENT."""
+    deserializer = tolerant(handler.request_deserializer)
+    options = {
+        "request_deserializer": deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+
+    async def check(request: Any, context: Any) -> Any:
+        if isinstance(request, Malformed):
+            await abort(context, request.error())
+        return request
+
+    async def checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async for msg in requests:
+            yield await check(msg, context)
+
+    if handler.request_streaming and handler.response_streaming:
+        inner_ss = handler.stream_stream
+
+        def stream_stream(requests: Any, context: Any) -> Any:
+            return inner_ss(checked(requests, context), context)
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **options)
+    if handler.response_streaming:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            result = inner_us(await check(request, context), context)
+            if inspect.isasyncgen(result):
+                async for response in result:
+                    yield response
+            else:
+                await result
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **options)
+    if handler.request_streaming:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: Any) -> Any:
+            return await inner_su(checked(requests, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **options)
+    inner_uu = handler.unary_unary
+
+    async def unary_unary(request: Any, context: Any) -> Any:
+        return await inner_uu(await check(request, context), context)
+
+    return grpc.unary_unary_rpc_method_handler(unary_unary, **options)
 
 
 def _metadata(context: Any, key: str) -> str | None:

@@ -248,7 +248,26 @@ def _disposition(part: BodyPartReader) -> tuple[str | None, str | None]:
     # is what matters, and a missing one is reported to the caller.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return part.name, part.filename
+        name, file_name = part.name, part.filename
+    for label, value in (("name", name), ("filename", file_name)):
+        # aiohttp keeps undecodable header bytes as lone surrogates, which protobuf cannot
+        # encode: refuse them here, as the client's mistake they are.
+        if value is not None and not _is_utf8(value):
+            raise GatewayError(
+                400,
+                "INVALID_ENCODING",
+                f"a part's {label} is not valid UTF-8",
+                [Violation(label, "INVALID_ENCODING", "not valid UTF-8")],
+            )
+    return name, file_name
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _read_text(part: BodyPartReader, name: str, limits: UploadLimits) -> str:
