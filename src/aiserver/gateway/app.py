@@ -34,6 +34,7 @@ from aiserver.gateway.routes import (
     load_routes,
     message_class,
 )
+from aiserver.gateway.slow_clients import HeadDeadlineSite
 from aiserver.gateway.streams import NDJSON, event_field, stream_response, wants_sse
 from aiserver.gateway.uploads import chunk_factory, send_multipart, send_ndjson, write
 
@@ -62,8 +63,15 @@ def _json_response(
     )
 
 
+_CLOSE_AFTER = frozenset({408, 413})
+"""Statuses after which the rest of the request body is not read: the connection closes."""
+
+
 def error_response(err: GatewayError) -> web.Response:
-    return _json_response(err.body(), err.status, err.headers)
+    response = _json_response(err.body(), err.status, err.headers)
+    if err.status in _CLOSE_AFTER or err.headers.get("Connection") == "close":
+        response.force_close()
+    return response
 
 
 _HTTP_CODES = {
@@ -100,6 +108,12 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         )
     except (asyncio.CancelledError, ConnectionError):
         raise
+    except web.RequestPayloadError as exc:  # a body aiohttp cannot decode (bad gzip, chunks)
+        error = GatewayError(
+            400, "MALFORMED_BODY", f"the request body cannot be read: {_cause(exc)}"
+        )
+        error.headers["Connection"] = "close"
+        return error_response(error)
     except HttpProcessingError as exc:  # aiohttp's parsers: a malformed request, not our fault
         return error_response(
             GatewayError(
@@ -111,6 +125,14 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except Exception:
         logger.exception("gateway: %s %s failed", request.method, request.path)
         return error_response(GatewayError(500, "INTERNAL", "internal error; see the gateway log"))
+
+
+def _cause(exc: BaseException) -> str:
+    # aiohttp wraps the parser's error; name it, never quote the bytes.
+    inner = exc.__cause__ or (exc.args[0] if exc.args else None)
+    if isinstance(inner, BaseException):
+        return type(inner).__name__
+    return type(exc).__name__
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
@@ -186,7 +208,7 @@ class _V1:
         route = match.route
         msg: Message = message_class(route.method.input_type)()
         if route.body:
-            raw = await request.read()
+            raw = await self.backend.limits.deadline().read(request.read())
             if raw.strip():
                 ctype = request.content_type
                 if ctype not in _JSON_TYPES and not ctype.endswith("+json"):
@@ -397,15 +419,20 @@ class Gateway:
         self.backend = Backend(self._channel, self.settings)
         self.app = build_app(self.backend, metrics=self._metrics)
         self.app.on_shutdown.append(self._cancel_watches)
+        head_timeout = self.settings.header_timeout_s
         runner = web.AppRunner(
             self.app,
             handle_signals=False,
             handler_cancellation=True,
             access_log=None,
             shutdown_timeout=self.settings.shutdown_grace_s,
+            # Idle keep-alive connections, and heads after the first, wait this long at most.
+            keepalive_timeout=head_timeout if head_timeout > 0 else 75.0,
+            # After an early answer (413, 408), unread body bytes are drained this long only.
+            lingering_time=1.0,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
+        site = HeadDeadlineSite(runner, self.host, self.port, head_timeout_s=head_timeout)
         try:
             await site.start()
         except BaseException:

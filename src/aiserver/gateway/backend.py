@@ -57,6 +57,15 @@ class GatewaySettings:
     """Where files sent before any text field are buffered; None: the system temp dir."""
     shutdown_grace_s: float = 5.0
     """How long in-flight requests may take to finish when the gateway stops."""
+    body_idle_timeout_s: float = 30.0
+    """A request body that sends nothing for this long ends with 408; 0: no limit."""
+    body_timeout_s: float = 600.0
+    """A request body still arriving after this long ends with 408; 0: no limit."""
+    header_timeout_s: float = 15.0
+    """A connection's request head must arrive within this long (also the keep-alive
+    timeout between requests); 0: no limit."""
+    max_uploads_per_client: int = 16
+    """Uploads one client address may have open at once (429 + Retry-After); 0: no limit."""
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> GatewaySettings:
@@ -67,6 +76,10 @@ class GatewaySettings:
             chunk_bytes=settings.chunk_bytes,
             max_message_bytes=settings.max_message_bytes,
             shutdown_grace_s=settings.shutdown_grace_s,
+            body_idle_timeout_s=settings.upload_idle_timeout_s,
+            body_timeout_s=settings.upload_timeout_s,
+            header_timeout_s=settings.http_header_timeout_s,
+            max_uploads_per_client=settings.max_uploads_per_client,
         )
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
@@ -84,6 +97,8 @@ class GatewaySettings:
             chunk_bytes=self.chunk_bytes,
             max_message_bytes=self.max_message_bytes,
             spool_dir=self.spool_dir,
+            idle_timeout_s=self.body_idle_timeout_s,
+            total_timeout_s=self.body_timeout_s,
         )
 
 

@@ -43,6 +43,7 @@ from google.protobuf.message import Message
 
 from aiserver.gateway.errors import GatewayError, Violation
 from aiserver.gateway.routes import Upload, message_class
+from aiserver.gateway.slow_clients import BodyDeadline
 
 __all__ = [
     "FormFields",
@@ -72,6 +73,12 @@ class UploadLimits:
     chunk_bytes: int = 1024 * 1024
     max_message_bytes: int = 4 * 1024 * 1024
     spool_dir: Path | None = None
+    idle_timeout_s: float = 30.0
+    total_timeout_s: float = 600.0
+
+    def deadline(self) -> BodyDeadline:
+        """The read deadlines of one request body (408 when one passes)."""
+        return BodyDeadline(self.idle_timeout_s, self.total_timeout_s)
 
 
 def chunk_factory(upload: Upload, request_cls: Any) -> ChunkMessage:
@@ -151,6 +158,7 @@ async def send_multipart(
     except (AssertionError, ValueError, KeyError) as exc:
         raise malformed(f"not a multipart body: {exc}") from None
     fields: FormFields = list(initial)
+    deadline = limits.deadline()
     form_bytes = 0
     file_bytes = 0
     call: Any = None
@@ -161,7 +169,7 @@ async def send_multipart(
     try:
         while True:
             try:
-                part = await reader.next()
+                part = await deadline.read(reader.next())
             except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
                 raise malformed(f"malformed multipart body: {_reason(exc)}") from None
             if part is None:
@@ -179,7 +187,7 @@ async def send_multipart(
                         f"field {name!r} came after a file; send text fields before files",
                         [Violation(name, "FIELD_AFTER_FILE", "send text fields before files")],
                     )
-                value = await _read_text(part, name, limits)
+                value = await _read_text(part, name, limits, deadline)
                 form_bytes += len(value)
                 if len(fields) >= limits.max_fields or form_bytes > limits.max_form_bytes:
                     raise GatewayError(413, "FORM_TOO_LARGE", "too many or too large text fields")
@@ -192,7 +200,7 @@ async def send_multipart(
                 if call is None:
                     call = await open_call(fields)
                 first = True
-                async for data in _chunks(part, limits):
+                async for data in _chunks(part, limits, deadline):
                     file_bytes += len(data)
                     if file_bytes > limits.max_upload_bytes:
                         raise too_large(limits.max_upload_bytes)
@@ -209,7 +217,7 @@ async def send_multipart(
                     tempfile.TemporaryFile(dir=limits.spool_dir, prefix="aiserver-gateway-")  # noqa: SIM115
                 )
                 spooled.append(_Spooled(field, file_name, fh))
-                async for data in _chunks(part, limits):
+                async for data in _chunks(part, limits, deadline):
                     file_bytes += len(data)
                     if file_bytes > limits.max_upload_bytes:
                         raise too_large(limits.max_upload_bytes)
@@ -270,9 +278,11 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-async def _read_text(part: BodyPartReader, name: str, limits: UploadLimits) -> str:
+async def _read_text(
+    part: BodyPartReader, name: str, limits: UploadLimits, deadline: BodyDeadline
+) -> str:
     data = bytearray()
-    while chunk := await _read_chunk(part, 64 * 1024):
+    while chunk := await _read_chunk(part, 64 * 1024, deadline):
         data += chunk
         if len(data) > limits.max_field_bytes:
             raise GatewayError(
@@ -293,16 +303,18 @@ async def _read_text(part: BodyPartReader, name: str, limits: UploadLimits) -> s
         ) from None
 
 
-async def _read_chunk(part: BodyPartReader, size: int) -> bytes:
+async def _read_chunk(part: BodyPartReader, size: int, deadline: BodyDeadline) -> bytes:
     try:
-        return await part.read_chunk(size)
+        return await deadline.read(part.read_chunk(size))
     except (ValueError, AssertionError) as exc:
         raise malformed(f"malformed multipart body: {exc}") from None
 
 
-async def _chunks(part: BodyPartReader, limits: UploadLimits) -> AsyncIterator[bytes]:
+async def _chunks(
+    part: BodyPartReader, limits: UploadLimits, deadline: BodyDeadline
+) -> AsyncIterator[bytes]:
     size = max(min(limits.chunk_bytes, limits.max_message_bytes // 2), 64 * 1024)
-    while data := await _read_chunk(part, size):
+    while data := await _read_chunk(part, size, deadline):
         yield data
 
 
@@ -319,8 +331,9 @@ async def send_ndjson(
     buffer = bytearray()
     total = 0
     ok = False
+    deadline = limits.deadline()
     try:
-        async for data in request.content.iter_any():
+        while data := await deadline.read(request.content.readany()):
             total += len(data)
             if total > limits.max_upload_bytes * 2 + limits.max_form_bytes:
                 raise too_large(limits.max_upload_bytes)
