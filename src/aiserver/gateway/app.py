@@ -342,13 +342,14 @@ def build_app(
 
 
 class _ParserErrorsAreWarnings(logging.Filter):
-    """aiohttp logs a request it cannot parse (a line too long, a bad header) as an ERROR with
-    a traceback quoting the request's bytes. It is the client's mistake, answered with a 400:
+    """aiohttp logs a request it cannot parse (a line too long, a bad header, a body that is
+    not the gzip it claims, while draining it) as an ERROR with a traceback quoting the
+    request's bytes. It is the client's mistake, answered with a 400:
     logged as a one-line warning instead, without the bytes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
+        if isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg, record.args = "malformed HTTP request refused: %s", (type(exc).__name__,)
             record.exc_info = record.exc_text = None
