@@ -139,6 +139,18 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
     response.headers.setdefault("X-Request-Id", request_id(request))
 
 
+async def _fixed_route_methods(request: web.Request) -> list[str]:
+    """The methods the gateway's own routes (``/healthz``, ``/openapi.json``, ...) take on
+    this path: aiohttp hands a method they do not take to the catch-all, which is this one."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is request.match_info.route.resource:
+            continue
+        _, methods = await resource.resolve(request)
+        allowed |= {m for m in methods if m != "*"}
+    return sorted(allowed)
+
+
 class _V1:
     """The routes of the ``google.api.http`` annotations."""
 
@@ -149,6 +161,14 @@ class _V1:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         match, allowed = self.table.find(request.method, request.rel_url.raw_path)
         if match is None:
+            if allowed:
+                raise GatewayError(
+                    405,
+                    "METHOD_NOT_ALLOWED",
+                    f"{request.method} is not allowed on {request.path}",
+                    headers={"Allow": ", ".join(allowed)},
+                )
+            allowed = await _fixed_route_methods(request)
             if allowed:
                 raise GatewayError(
                     405,
@@ -215,14 +235,7 @@ class _V1:
                     raise GatewayError(
                         415, "UNSUPPORTED_MEDIA_TYPE", f"expected application/json, not {ctype}"
                     )
-                try:
-                    if route.body == "*":
-                        json_format.Parse(raw, msg)
-                    else:
-                        field = route.method.input_type.fields_by_name[route.body]
-                        json_format.ParseDict({field.name: json.loads(raw)}, msg)
-                except (json_format.ParseError, ValueError) as exc:
-                    raise GatewayError(400, "INVALID_JSON", str(exc)) from None
+                _parse_body(raw, msg, route.body)
         if route.body != "*":
             items = [(k, v) for k, v in request.query.items() if k != route.body]
             try:
@@ -289,6 +302,43 @@ class _V1:
             "UNSUPPORTED_MEDIA_TYPE",
             f"{route.method.name} takes {accepted}{NDJSON}, not {ctype or 'no body'}",
         )
+
+
+def _parse_body(raw: bytes, msg: Message, body: str) -> None:
+    """The JSON body into ``msg`` (all of it for ``body: "*"``, else into that field)."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GatewayError(400, "INVALID_JSON", f"the body is not valid JSON: {exc}") from None
+    if body == "*" and not isinstance(value, dict):
+        raise GatewayError(
+            400,
+            "INVALID_JSON",
+            f"the body must be a JSON object ({msg.DESCRIPTOR.name}), not {_json_kind(value)}",
+        )
+    try:
+        if body == "*":
+            json_format.ParseDict(value, msg)
+        else:
+            json_format.ParseDict({msg.DESCRIPTOR.fields_by_name[body].json_name: value}, msg)
+    except json_format.ParseError as exc:
+        raise GatewayError(400, "INVALID_JSON", _first_line(str(exc))) from None
+    except (TypeError, ValueError, AttributeError):  # protobuf's parser on odd shapes
+        raise GatewayError(
+            400, "INVALID_JSON", f"the body does not fit {msg.DESCRIPTOR.name}"
+        ) from None
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string"}.get(
+        type(value), "an array"
+    )
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "invalid JSON"
 
 
 def build_app(
