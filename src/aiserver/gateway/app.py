@@ -238,6 +238,7 @@ class _V1:
                 _parse_body(raw, msg, route.body)
         if route.body != "*":
             items = [(k, v) for k, v in request.query.items() if k != route.body]
+            _refuse_path_fields(msg, items, match.variables)
             try:
                 apply_fields(msg, items, strict=True, flat=False)
             except FieldErrors as exc:
@@ -273,6 +274,7 @@ class _V1:
 
             async def open_call(items: list[tuple[str, str]]) -> Any:
                 params: Message = params_cls()
+                _refuse_path_fields(params, items, match.variables)
                 try:
                     apply_fields(params, items, strict=True)
                 except FieldErrors as exc:
@@ -302,6 +304,21 @@ class _V1:
             "UNSUPPORTED_MEDIA_TYPE",
             f"{route.method.name} takes {accepted}{NDJSON}, not {ctype or 'no body'}",
         )
+
+
+def _refuse_path_fields(
+    msg: Message, items: Sequence[tuple[str, str]], variables: dict[str, str]
+) -> None:
+    """A field the path sets may not be given again (query or form): 400 DUPLICATE_FIELD."""
+    if not variables:
+        return
+    errors = []
+    for name, _ in items:
+        path = resolve(msg.DESCRIPTOR, name, flat=False)
+        if path is not None and ".".join(f.name for f in path) in variables:
+            errors.append(FieldError(name, "DUPLICATE_FIELD", f"{name}: already set by the path"))
+    if errors:
+        raise invalid_fields(errors)
 
 
 def _parse_body(raw: bytes, msg: Message, body: str) -> None:

@@ -214,8 +214,14 @@ class _Params:
         msg: Message = message_class(task.upload.params)()
         rest: list[tuple[str, str]] = []
         errors: list[FieldError] = []
+        syncs = 0
         for name, value in items:
             if task.generative and field_key(name) == "sync":
+                syncs += 1
+                if syncs == 2:
+                    errors.append(
+                        FieldError(name, "DUPLICATE_FIELD", f"{name}: given twice; send it once")
+                    )
                 try:
                     self.sync = bool(parse_bool(value, name))
                 except FieldError as exc:
@@ -640,16 +646,25 @@ def _bad_upstream(message: str) -> GatewayError:
 
 async def _simple_fields(request: web.Request) -> dict[str, str]:
     """Query, urlencoded/multipart form or a JSON object body, by lower-case name."""
-    values = {k.lower(): v for k, v in request.query.items()}
+    items = list(request.query.items())
     if request.method == "POST" and request.can_read_body:
         if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
             form = await request.post()
-            values.update({k.lower(): v for k, v in form.items() if isinstance(v, str)})
+            items += [(k, v) for k, v in form.items() if isinstance(v, str)]
         elif request.content_type.endswith("json"):
             try:
                 body = json.loads(await request.read() or b"{}")
             except (ValueError, UnicodeDecodeError):
                 raise GatewayError(400, "INVALID_JSON", "the body is not JSON") from None
-            if isinstance(body, dict):
-                values.update({k.lower(): str(v) for k, v in body.items() if v is not None})
+            if not isinstance(body, dict):
+                raise GatewayError(400, "INVALID_JSON", "the body must be a JSON object")
+            items += [(k, str(v)) for k, v in body.items() if v is not None]
+    values: dict[str, str] = {}
+    duplicates: list[FieldError] = []
+    for name, value in items:
+        if name.lower() in values:
+            duplicates.append(FieldError(name, "DUPLICATE_FIELD", f"{name}: given twice"))
+        values[name.lower()] = value
+    if duplicates:
+        raise invalid_fields(duplicates)
     return values

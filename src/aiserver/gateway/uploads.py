@@ -13,6 +13,7 @@ whole in memory:
 * A file part that comes before any text field (a client that sends files first) is spooled
   to an anonymous temporary file, and so is every later file, until the body ends; then the
   params are built from all the fields and the spooled files are replayed into the call.
+* One file per input: a second part for the same name is refused (400 ``DUPLICATE_FILE``).
 * Files together may not exceed ``max_upload_bytes`` (413 ``UPLOAD_TOO_LARGE``); the server
   enforces its own limit too and its ``UPLOAD_TOO_LARGE`` status maps to 413 as well.
 
@@ -159,6 +160,7 @@ async def send_multipart(
         raise malformed(f"not a multipart body: {exc}") from None
     fields: FormFields = list(initial)
     deadline = limits.deadline()
+    files_seen: set[str] = set()
     form_bytes = 0
     file_bytes = 0
     call: Any = None
@@ -194,6 +196,14 @@ async def send_multipart(
                 fields.append((name, value))
                 continue
             field = name.lower()
+            if field in files_seen:
+                raise GatewayError(
+                    400,
+                    "DUPLICATE_FILE",
+                    f"two files for {name!r}; send one file per input",
+                    [Violation(name, "DUPLICATE_FILE", "one file per input")],
+                )
+            files_seen.add(field)
             if streaming is None:
                 streaming = len(fields) > len(initial)
             if streaming:
