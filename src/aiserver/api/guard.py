@@ -389,11 +389,13 @@ async def _drain(requests: AsyncIterator[Any]) -> None:
 
 
 def _parse_tolerantly(handler: Any) -> Any:
-    """An exempt method's handler (health, reflection), with a deserializer that cannot raise
-    and a check that answers a malformed request with INVALID_ARGUMENT."""
-    deserializer = tolerant(handler.request_deserializer)
+    """An exempt method's handler (health), with a deserializer that cannot raise and a check
+    that answers a malformed request with INVALID_ARGUMENT. Client-streaming ones
+    (reflection) are left as they are: their servicer iterates its requests synchronously."""
+    if handler.request_streaming:
+        return handler
     options = {
-        "request_deserializer": deserializer,
+        "request_deserializer": tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
 
@@ -402,17 +404,6 @@ def _parse_tolerantly(handler: Any) -> Any:
             await abort(context, request.error())
         return request
 
-    async def checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-        async for msg in requests:
-            yield await check(msg, context)
-
-    if handler.request_streaming and handler.response_streaming:
-        inner_ss = handler.stream_stream
-
-        def stream_stream(requests: Any, context: Any) -> Any:
-            return inner_ss(checked(requests, context), context)
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, **options)
     if handler.response_streaming:
         inner_us = handler.unary_stream
 
@@ -425,13 +416,6 @@ def _parse_tolerantly(handler: Any) -> Any:
                 await result
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, **options)
-    if handler.request_streaming:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: Any) -> Any:
-            return await inner_su(checked(requests, context), context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **options)
     inner_uu = handler.unary_unary
 
     async def unary_unary(request: Any, context: Any) -> Any:

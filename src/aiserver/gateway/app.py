@@ -284,20 +284,22 @@ class _V1:
                 await write(call, request_cls(**{upload.params_field.name: params}))
                 return call
 
-            return await send_multipart(
-                request,
-                open_call=open_call,
-                chunk_message=chunk_factory(upload, request_cls),
-                limits=backend.limits,
-                initial=list(request.query.items()),
-            )
+            with backend.uploads.slot(request):
+                return await send_multipart(
+                    request,
+                    open_call=open_call,
+                    chunk_message=chunk_factory(upload, request_cls),
+                    limits=backend.limits,
+                    initial=list(request.query.items()),
+                )
         if ctype in (NDJSON, "application/json", "application/jsonl"):
-            return await send_ndjson(
-                request,
-                call=multicallable(metadata=metadata),
-                request_cls=request_cls,
-                limits=backend.limits,
-            )
+            with backend.uploads.slot(request):
+                return await send_ndjson(
+                    request,
+                    call=multicallable(metadata=metadata),
+                    request_cls=request_cls,
+                    limits=backend.limits,
+                )
         accepted = "multipart/form-data or " if upload is not None else ""
         raise GatewayError(
             415,

@@ -13,7 +13,7 @@ from aiohttp import web
 from google.protobuf import descriptor, descriptor_pool
 
 from aiserver.gateway.routes import message_class
-from aiserver.gateway.uploads import UploadLimits
+from aiserver.gateway.uploads import ClientUploads, UploadLimits
 
 if TYPE_CHECKING:
     from aiserver.config import Settings
@@ -128,6 +128,8 @@ class Backend:
         self.channel = channel
         self.settings = settings
         self.limits = settings.upload_limits
+        self.uploads = ClientUploads(settings.max_uploads_per_client)
+        """Uploads being read, per client address (the per-client cap)."""
         self._pool = pool or descriptor_pool.Default()
         self._callables: dict[str, Any] = {}
         self.long_lived: weakref.WeakSet[Any] = weakref.WeakSet()

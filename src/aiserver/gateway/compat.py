@@ -308,13 +308,14 @@ class Compat:
             await write(call, request_cls(**{params_name: msg}))
             return call
 
-        call = await send_multipart(
-            request,
-            open_call=open_call,
-            chunk_message=chunk_factory(task.upload, request_cls),
-            limits=backend.limits,
-            initial=list(request.query.items()),
-        )
+        with backend.uploads.slot(request):
+            call = await send_multipart(
+                request,
+                open_call=open_call,
+                chunk_message=chunk_factory(task.upload, request_cls),
+                limits=backend.limits,
+                initial=list(request.query.items()),
+            )
         try:
             if task.generative:
                 return await self._generation(request, task, call, sync=params.sync)

@@ -32,7 +32,7 @@ import contextlib
 import json
 import tempfile
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -47,6 +47,7 @@ from aiserver.gateway.routes import Upload, message_class
 from aiserver.gateway.slow_clients import BodyDeadline
 
 __all__ = [
+    "ClientUploads",
     "FormFields",
     "UploadLimits",
     "check_length",
@@ -80,6 +81,43 @@ class UploadLimits:
     def deadline(self) -> BodyDeadline:
         """The read deadlines of one request body (408 when one passes)."""
         return BodyDeadline(self.idle_timeout_s, self.total_timeout_s)
+
+
+UPLOADS_RETRY_S = 5
+
+
+class ClientUploads:
+    """Uploads open per client address, at most ``limit`` each (0: no limit): one more is 429
+    ``TOO_MANY_UPLOADS`` with ``Retry-After``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def slot(self, request: web.BaseRequest) -> Iterator[None]:
+        host = request.remote or ""
+        if not self.limit:
+            yield
+            return
+        if self.open.get(host, 0) >= self.limit:
+            raise GatewayError(
+                429,
+                "TOO_MANY_UPLOADS",
+                f"this client address has {self.limit} uploads open already; retry when one"
+                " has finished",
+                headers={"Retry-After": str(UPLOADS_RETRY_S)},
+                meta={"limit": str(self.limit)},
+            )
+        self.open[host] = self.open.get(host, 0) + 1
+        try:
+            yield
+        finally:
+            left = self.open[host] - 1
+            if left:
+                self.open[host] = left
+            else:
+                del self.open[host]
 
 
 def chunk_factory(upload: Upload, request_cls: Any) -> ChunkMessage:
