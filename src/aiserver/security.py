@@ -91,7 +91,8 @@ class Security:
         """An artifact or variant URL as handed out: signed in signed mode."""
         return self.signer.sign(url) if self.signer is not None else url
 
-    def guard(self, metrics: Metrics | None) -> Guard:
+    def guard(self, metrics: Metrics | None, *, shim_token: str = "") -> Guard:
+        """The interceptor; ``shim_token``: what the in-process HTTP shim sends to be known."""
         return Guard(
             keys=self.keys,
             rate=self.rate,
@@ -101,6 +102,7 @@ class Security:
             upload_idle_s=self.upload_idle_s,
             upload_total_s=self.upload_total_s,
             max_uploads_per_peer=self.max_uploads_per_peer,
+            shim_token=shim_token,
         )
 
     def metrics_handler(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 from collections.abc import Sequence
 
@@ -112,6 +113,8 @@ class Service:
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._shim_token = secrets.token_urlsafe(24)
+        """Known to the guard and the in-process HTTP shim only (see Guard)."""
 
     def _services(self) -> Sequence[str]:
         return (_TRANSFORM, _GENERATION, _JOBS, _ARTIFACTS, _AGENTS)
@@ -156,7 +159,8 @@ class Service:
         ]
         if s.max_concurrent_streams > 0:
             options.append(("grpc.max_concurrent_streams", s.max_concurrent_streams))
-        server = grpc.aio.server(interceptors=[self.security.guard(self.metrics)], options=options)
+        guard = self.security.guard(self.metrics, shim_token=self._shim_token)
+        server = grpc.aio.server(interceptors=[guard], options=options)
         link = self.security.link
         transform_service_pb2_grpc.add_TransformServiceServicer_to_server(
             TransformServicer(
@@ -231,7 +235,7 @@ class Service:
                 f"{local}:{self.grpc_port}",
                 host=s.http_host,
                 port=s.http_port,
-                settings=GatewaySettings.from_settings(s),
+                settings=GatewaySettings.from_settings(s, shim_token=self._shim_token),
                 metrics=self.security.metrics_handler(self.metrics) if s.http_metrics else None,
             )
             try:

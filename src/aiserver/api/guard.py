@@ -18,8 +18,8 @@ Admission, in order (each refusal is a rich status, logged without any secret):
 4. for streaming calls, the server-wide number of them: RESOURCE_EXHAUSTED
    ``TOO_MANY_STREAMS`` with RetryInfo;
 5. for client streams (uploads), the number one client address has open:
-   RESOURCE_EXHAUSTED ``TOO_MANY_UPLOADS`` with RetryInfo (loopback, where the in-process
-   HTTP shim calls from, is not capped here: the shim caps its own clients).
+   RESOURCE_EXHAUSTED ``TOO_MANY_UPLOADS`` with RetryInfo. The in-process HTTP shim, known by
+   the ``x-aiserver-shim`` token it is given, is not capped here: it caps its own clients.
 
 Every request message goes through :func:`aiserver.api.malformed.tolerant`: one protobuf
 cannot parse ends the call with INVALID_ARGUMENT ``MALFORMED_MESSAGE``, never INTERNAL. A
@@ -31,6 +31,7 @@ client stream that sends nothing for ``upload_idle_s``, or is still sending afte
 from __future__ import annotations
 
 import asyncio
+import hmac
 import inspect
 import logging
 import time
@@ -48,7 +49,7 @@ from aiserver.logs import request_id_var
 from aiserver.metrics import Metrics
 from aiserver.ratelimit import RateLimiter
 
-__all__ = ["EXEMPT_PREFIXES", "Guard", "peer_host"]
+__all__ = ["EXEMPT_PREFIXES", "SHIM_TOKEN_HEADER", "Guard", "peer_host"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ EXEMPT_PREFIXES = (
 
 STREAMS_RETRY_S = 1.0
 UPLOADS_RETRY_S = 5.0
-_LOOPBACK = ("127.", "[::1]", "localhost")
+SHIM_TOKEN_HEADER = "x-aiserver-shim"
 DRAIN_S = 2.0
 DRAIN_BYTES = 8 * 1024 * 1024
 
@@ -127,7 +128,9 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         upload_idle_s: float = 0.0,
         upload_total_s: float = 0.0,
         max_uploads_per_peer: int = 0,
+        shim_token: str = "",
     ) -> None:
+        self.shim_token = shim_token
         self.keys = keys
         self.upload_idle_s = upload_idle_s
         self.upload_total_s = upload_total_s
@@ -282,15 +285,19 @@ class _Call:
                 self._counted = True
                 if guard.metrics is not None:
                     guard.metrics.streams.inc()
-            if requests is not None and guard.max_uploads_per_peer:
+            if requests is not None and guard.max_uploads_per_peer and not self._from_shim():
                 host = peer_host(info.peer)
-                if not host.startswith(_LOOPBACK):
-                    if guard.uploads_by_peer.get(host, 0) >= guard.max_uploads_per_peer:
-                        raise too_many_uploads(guard.max_uploads_per_peer)
-                    guard.uploads_by_peer[host] = guard.uploads_by_peer.get(host, 0) + 1
-                    self._peer_counted = host
+                if guard.uploads_by_peer.get(host, 0) >= guard.max_uploads_per_peer:
+                    raise too_many_uploads(guard.max_uploads_per_peer)
+                guard.uploads_by_peer[host] = guard.uploads_by_peer.get(host, 0) + 1
+                self._peer_counted = host
         except ServiceError as err:
             await self._refuse(err, requests)
+
+    def _from_shim(self) -> bool:
+        token = self._guard.shim_token
+        given = _metadata(self.context, SHIM_TOKEN_HEADER)
+        return bool(token) and given is not None and hmac.compare_digest(given, token)
 
     async def _refuse(self, err: ServiceError, requests: AsyncIterator[Any] | None) -> NoReturn:
         if requests is not None:

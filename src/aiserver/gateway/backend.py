@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 import weakref
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,8 @@ REQUEST_ID = web.RequestKey("aiserver.gateway.request_id", str)
 """Key of the request id in an aiohttp request's mapping."""
 
 _FORWARDED_HEADERS = ("authorization",)
+SHIM_TOKEN_HEADER = "x-aiserver-shim"
+"""The metadata key ``aiserver.api.guard`` knows its in-process shim by."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,9 @@ class GatewaySettings:
     timeout between requests); 0: no limit."""
     max_uploads_per_client: int = 16
     """Uploads one client address may have open at once (429 + Retry-After); 0: no limit."""
+    shim_token: str = field(default="", repr=False)
+    """Sent as ``x-aiserver-shim`` metadata: the in-process service knows its own shim by it
+    and leaves the per-address upload cap to it (the shim caps each HTTP client instead)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> GatewaySettings:
@@ -163,6 +168,8 @@ class Backend:
     def metadata(self, request: web.BaseRequest) -> tuple[tuple[str, str], ...]:
         """``authorization`` and ``x-request-id`` as gRPC metadata."""
         md = [("x-request-id", request_id(request))]
+        if self.settings.shim_token:
+            md.append((SHIM_TOKEN_HEADER, self.settings.shim_token))
         for name in _FORWARDED_HEADERS:
             value = request.headers.get(name)
             if value:
