@@ -129,9 +129,33 @@ async def test_a_content_length_shorter_than_the_body_is_answered(
     received, _ = await _exchange(
         gateway, _head("/api/ConvertImage", len(body) - 40) + body, within=10
     )
-    # The bytes past the declared length are a second request that cannot parse: aiohttp
-    # answers 400 and closes (``_exchange`` returns only once the server closed).
-    assert received.startswith((b"HTTP/1.1 4", b"HTTP/1.0 4")), received[:200]
+    # The bytes past the declared length are a second request that cannot parse: 400 in the
+    # JSON shape, quoting nothing, and the connection closes (``_exchange`` returns only then).
+    status, doc = _status_and_body(received)
+    assert status == 400
+    assert doc["responseStatus"]["errorCode"] == "MALFORMED_REQUEST"
+    assert b"IHDR" not in received
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 TLS hello\r\n\r\n",
+        b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n",
+        b"POST /api/ConvertImage HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+        b"POST /api/ConvertImage HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=["bad header", "tls hello", "long line", "long header", "negative length", "bad chunk"],
+)
+async def test_requests_the_parser_refuses_answer_the_json_shape(
+    gateway: Gateway, data: bytes
+) -> None:
+    received, _ = await _exchange(gateway, data, within=10)
+    status, doc = _status_and_body(received)
+    assert 400 <= status < 500, received[:300]
+    assert set(doc["responseStatus"]) >= {"errorCode", "message", "errors"}
 
 
 async def test_a_huge_content_length_is_refused_and_closed_at_once(gateway: Gateway) -> None:

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aiserver.gateway.backend import Backend, GatewaySettings, request_id
 from aiserver.gateway.compat import Compat, CompatTask
+from aiserver.gateway.connections import GatewaySite
 from aiserver.gateway.errors import GatewayError, from_rpc_error, invalid_fields
 from aiserver.gateway.fields import FieldError, FieldErrors, apply_fields, assign, resolve
 from aiserver.gateway.openapi import build_openapi
@@ -34,7 +35,6 @@ from aiserver.gateway.routes import (
     load_routes,
     message_class,
 )
-from aiserver.gateway.slow_clients import HeadDeadlineSite
 from aiserver.gateway.streams import NDJSON, event_field, stream_response, wants_sse
 from aiserver.gateway.uploads import chunk_factory, send_multipart, send_ndjson, write
 
@@ -502,7 +502,7 @@ class Gateway:
             lingering_time=1.0,
         )
         await runner.setup()
-        site = HeadDeadlineSite(runner, self.host, self.port, head_timeout_s=head_timeout)
+        site = GatewaySite(runner, self.host, self.port, head_timeout_s=head_timeout)
         try:
             await site.start()
         except BaseException:

@@ -46,6 +46,7 @@ from google.protobuf.message import Message
 from imagetasks.v1 import common_pb2, job_pb2
 
 from aiserver.gateway.backend import Backend
+from aiserver.gateway.connections import BodyDeadline
 from aiserver.gateway.errors import (
     GatewayError,
     Violation,
@@ -408,7 +409,7 @@ class Compat:
     # --- status ---------------------------------------------------------------------------
 
     async def status(self, request: web.Request, *, text: bool) -> web.Response:
-        values = await _simple_fields(request)
+        values = await _simple_fields(request, self.backend.limits.deadline())
         job_id = values.get("jobid", "").strip()
         ref_id = values.get("refid", "").strip()
         if job_id:
@@ -645,16 +646,17 @@ def _bad_upstream(message: str) -> GatewayError:
     return GatewayError(502, "BAD_UPSTREAM", message)
 
 
-async def _simple_fields(request: web.Request) -> dict[str, str]:
-    """Query, urlencoded/multipart form or a JSON object body, by lower-case name."""
+async def _simple_fields(request: web.Request, deadline: BodyDeadline) -> dict[str, str]:
+    """Query, urlencoded/multipart form or a JSON object body, by lower-case name (each
+    name once: a duplicate is 400 ``DUPLICATE_FIELD``)."""
     items = list(request.query.items())
     if request.method == "POST" and request.can_read_body:
         if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-            form = await request.post()
+            form = await deadline.read(request.post())
             items += [(k, v) for k, v in form.items() if isinstance(v, str)]
         elif request.content_type.endswith("json"):
             try:
-                body = json.loads(await request.read() or b"{}")
+                body = json.loads(await deadline.read(request.read()) or b"{}")
             except (ValueError, UnicodeDecodeError):
                 raise GatewayError(400, "INVALID_JSON", "the body is not JSON") from None
             if not isinstance(body, dict):

@@ -42,9 +42,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from aiserver.gateway.connections import BodyDeadline
 from aiserver.gateway.errors import GatewayError, Violation
 from aiserver.gateway.routes import Upload, message_class
-from aiserver.gateway.slow_clients import BodyDeadline
 
 __all__ = [
     "ClientUploads",

@@ -1,10 +1,16 @@
-"""Slow and stalled HTTP clients: a deadline for a request's head, and for reading its body.
+"""HTTP connections as the gateway serves them: deadlines for slow and stalled clients, and
+requests aiohttp's parser refuses answered in the JSON error shape.
 
 aiohttp waits for a request's head (request line and headers) without a deadline: a
-connection that sends half a header holds its socket for good. :class:`HeadDeadlineSite` is
-a ``TCPSite`` whose connections are closed when their first request's head has not arrived
+connection that sends half a header holds its socket for good. :class:`GatewaySite` is a
+``TCPSite`` whose connections are closed when their first request's head has not arrived
 within ``head_timeout_s``; after a response, aiohttp's keep-alive timeout (set to the same
 value by the gateway) closes a connection whose next head does not come.
+
+A request the parser cannot read (a bad request line or header, bytes past a short
+``Content-Length`` that do not form a request) never reaches the application: aiohttp answers
+it with a plain-text page quoting the bytes. The site's connections answer it with
+``{"responseStatus": {"errorCode": "MALFORMED_REQUEST", ...}}`` instead, quoting nothing.
 
 Bodies are read by the handlers (:mod:`aiserver.gateway.uploads`); :func:`body_read` bounds
 each read by the idle timeout and the request's total deadline, and ends the request with 408.
@@ -13,14 +19,16 @@ each read by the idle timeout and the request's total deadline, and ends the req
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from aiserver.gateway.errors import GatewayError
 
-__all__ = ["BodyDeadline", "HeadDeadlineSite", "request_timeout"]
+__all__ = ["BodyDeadline", "GatewaySite", "request_timeout"]
 
 _T = TypeVar("_T")
 
@@ -59,8 +67,35 @@ class BodyDeadline:
             ) from None
 
 
-class HeadDeadlineSite(web.TCPSite):
-    """A TCP site closing connections whose first request head is late (see the module)."""
+class _JsonErrors(RequestHandler):
+    """aiohttp's connection handler, answering parser errors in the JSON error shape."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own: logs (as a warning, through the gateway's filter) and refuses to answer
+        # a request whose response has started; its plain-text page is replaced.
+        super().handle_error(request, status, exc, message)
+        if status >= 500:
+            code, text = "INTERNAL", "internal error; see the gateway log"
+        else:
+            code = "MALFORMED_REQUEST"
+            text = f"malformed request ({type(exc).__name__ if exc else 'unreadable'})"
+        body = {"responseStatus": {"errorCode": code, "message": text, "errors": []}}
+        response = web.Response(
+            status=status, text=json.dumps(body), content_type="application/json"
+        )
+        response.force_close()
+        return response
+
+
+class GatewaySite(web.TCPSite):
+    """A TCP site whose connections have a head deadline and answer parser errors in JSON
+    (see the module)."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, head_timeout_s: float):
         super().__init__(runner, host, port)
@@ -74,7 +109,9 @@ class HeadDeadlineSite(web.TCPSite):
         timeout = self._head_timeout_s
 
         def connection() -> Any:
-            handler = server()
+            # What ``server()`` makes, with JSON parser errors (the server keeps the handler
+            # options it was made with in ``_kwargs``).
+            handler = _JsonErrors(server, loop=loop, **server._kwargs)
             if timeout > 0:
                 loop.call_later(timeout, _close_if_headless, handler)
             return handler
