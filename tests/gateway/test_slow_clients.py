@@ -112,6 +112,25 @@ async def test_a_stalled_body_answers_408_and_closes(
     assert not list(service.spool.tmp_dir.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("path", "ctype", "partial"),
+    [
+        ("/v1/jobs/x:cancel", "application/json", b'{"na'),
+        ("/v1/images:convert", "application/x-ndjson", b'{"params": {}}\n{"chu'),
+        ("/api/GetArtifactGenerationStatus", "application/x-www-form-urlencoded", b"JobId="),
+        ("/api/GetArtifactGenerationStatus", "application/json", b"{"),
+    ],
+)
+async def test_a_stalled_json_or_form_body_answers_408(
+    gateway: Gateway, path: str, ctype: str, partial: bytes
+) -> None:
+    received, took = await _exchange(gateway, _head(path, 5000, ctype) + partial, within=10)
+    status, doc = _status_and_body(received)
+    assert status == 408, received[:300]
+    assert doc["responseStatus"]["errorCode"] == "UPLOAD_STALLED"
+    assert took < IDLE_S + 3
+
+
 async def test_a_content_length_longer_than_the_body_answers_408(
     gateway: Gateway, png_bytes: bytes
 ) -> None:
