@@ -12,7 +12,9 @@ documented in ``google/rpc/code.proto``, except for RESOURCE_EXHAUSTED: it is 42
 later") only when waiting can help, which the server says with ``RetryInfo`` (rate limits,
 too many jobs or streams); without it the request itself is too big (an upload, an image's
 pixels or frames, an output) and it is 413, since retrying it later cannot succeed.
-``RetryInfo`` becomes ``Retry-After``.
+An upload the server ended for stalling (DEADLINE_EXCEEDED ``UPLOAD_STALLED`` /
+``UPLOAD_TOO_SLOW``) is 408, as the shim's own body deadlines answer: the client was slow, not
+the server. ``RetryInfo`` becomes ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ HTTP_STATUS: Mapping[int, int] = {
     code_pb2.UNAVAILABLE: 503,
     code_pb2.DATA_LOSS: 500,
 }
+
+_CLIENT_TOO_SLOW = frozenset({"UPLOAD_STALLED", "UPLOAD_TOO_SLOW"})
 
 FieldName = Callable[[str], str]
 """Maps a violation's field path (``params.width``) to the name shown to the caller."""
@@ -151,6 +155,8 @@ def _build(code: int, message: str, details: Iterable[Any], field_name: FieldNam
     retry = found.get("RetryInfo")
     if code == code_pb2.RESOURCE_EXHAUSTED and retry is None:
         http = 413
+    elif code == code_pb2.DEADLINE_EXCEEDED and reason in _CLIENT_TOO_SLOW:
+        http = 408
     violations: list[Violation] = []
     bad = found.get("BadRequest")
     if bad is not None:
