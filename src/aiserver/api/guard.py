@@ -294,6 +294,16 @@ class _Call:
         except ServiceError as err:
             await self._refuse(err, requests)
 
+    def _release_upload(self) -> None:
+        if self._peer_counted:
+            guard = self._guard
+            host, self._peer_counted = self._peer_counted, ""
+            left = guard.uploads_by_peer.get(host, 1) - 1
+            if left > 0:
+                guard.uploads_by_peer[host] = left
+            else:
+                guard.uploads_by_peer.pop(host, None)
+
     def _from_shim(self) -> bool:
         token = self._guard.shim_token
         given = _metadata(self.context, SHIM_TOKEN_HEADER)
@@ -334,6 +344,7 @@ class _Call:
                 async with asyncio.timeout(wait):
                     msg = await anext(incoming)
             except StopAsyncIteration:
+                self._release_upload()  # the upload is over; its job may run on
                 return
             except TimeoutError:
                 if deadline is not None and loop.time() >= deadline:
@@ -356,13 +367,7 @@ class _Call:
             guard.active_streams -= 1
             if guard.metrics is not None:
                 guard.metrics.streams.dec()
-        if self._peer_counted:
-            host, self._peer_counted = self._peer_counted, ""
-            left = guard.uploads_by_peer.get(host, 1) - 1
-            if left > 0:
-                guard.uploads_by_peer[host] = left
-            else:
-                guard.uploads_by_peer.pop(host, None)
+        self._release_upload()
         code = info.code
         if code == "OK" and failure is not None and not isinstance(failure, GeneratorExit):
             if isinstance(failure, asyncio.CancelledError):

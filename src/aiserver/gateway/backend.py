@@ -66,7 +66,7 @@ class GatewaySettings:
     header_timeout_s: float = 15.0
     """A connection's request head must arrive within this long (also the keep-alive
     timeout between requests); 0: no limit."""
-    max_uploads_per_client: int = 16
+    max_uploads_per_client: int = 0
     """Uploads one client address may have open at once (429 + Retry-After); 0: no limit."""
     shim_token: str = field(default="", repr=False)
     """Sent as ``x-aiserver-shim`` metadata: the in-process service knows its own shim by it
