@@ -18,7 +18,7 @@ from tests.support.grpc_helpers import rich_status
 
 @pytest.fixture
 def settings_overrides() -> dict[str, Any]:
-    return {"upload_idle_timeout_s": 0.5, "upload_timeout_s": 2.5}
+    return {"upload_idle_timeout_s": 0.5, "upload_timeout_s": 2.5, "http_header_timeout_s": 0.5}
 
 
 def _params() -> Any:
@@ -80,4 +80,44 @@ async def test_a_trickling_upload_hits_the_total_deadline(
         await asyncio.gather(writer, return_exceptions=True)
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.details()
     assert rich_status(err)[1]["ErrorInfo"].reason == "UPLOAD_TOO_SLOW"
+    assert not list(service.spool.tmp_dir.iterdir())
+
+
+async def test_many_stalled_uploads_over_grpc_and_http_all_end(
+    service: Service, channel: grpc.aio.Channel
+) -> None:
+    stub = transform_service_pb2_grpc.TransformServiceStub(channel)
+    calls = [stub.ConvertImage(timeout=30) for _ in range(20)]
+    for i, call in enumerate(calls):
+        if i % 3:
+            await call.write(_params())
+        if i % 3 == 2:
+            await call.write(_chunk(b"\x00" * 3000))
+    head = (
+        b"POST /api/ConvertImage HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: multipart/form-data; boundary=B\r\nContent-Length: 100000\r\n\r\n"
+        b'--B\r\nContent-Disposition: form-data; name="OutputFormat"\r\n\r\npng\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        + b"\x00"
+        * 3000
+    )
+
+    async def stalled_http(i: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+        writer.write(head[: 40 + i * 150])  # a partial head, or a partial body
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.read(-1), 10)
+        finally:
+            writer.close()
+
+    errors, answers = await asyncio.gather(
+        asyncio.gather(*(_outcome(call) for call in calls)),
+        asyncio.gather(*(stalled_http(i) for i in range(20))),
+    )
+    assert {err.code() for err in errors} == {grpc.StatusCode.DEADLINE_EXCEEDED}
+    for answer in answers:  # closed: nothing for a partial head, else 408
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    assert any(answer.startswith(b"HTTP/1.1 408") for answer in answers)
+    await asyncio.sleep(0.3)
     assert not list(service.spool.tmp_dir.iterdir())
