@@ -41,7 +41,7 @@ from typing import Any, NoReturn
 import grpc
 
 from aiserver.api.calls import CallInfo, current_call
-from aiserver.api.malformed import Malformed, tolerant
+from aiserver.api.malformed import Malformed, tolerant, tolerant_handler
 from aiserver.api.status import abort, request_id_of
 from aiserver.auth import ANONYMOUS, KeyRing, bearer_token, invalid_key, missing_key
 from aiserver.errors import ErrorKind, ServiceError
@@ -152,7 +152,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         if method.startswith(EXEMPT_PREFIXES):
-            return _parse_tolerantly(handler)
+            return tolerant_handler(handler)
         return self._wrap(handler, method)
 
     # --- wrapping -------------------------------------------------------------------------
@@ -398,42 +398,6 @@ async def _drain(requests: AsyncIterator[Any]) -> None:
                     return
     except (TimeoutError, Exception):
         return
-
-
-def _parse_tolerantly(handler: Any) -> Any:
-    """An exempt method's handler (health), with a deserializer that cannot raise and a check
-    that answers a malformed request with INVALID_ARGUMENT. Client-streaming ones
-    (reflection) are left as they are: their servicer iterates its requests synchronously."""
-    if handler.request_streaming:
-        return handler
-    options = {
-        "request_deserializer": tolerant(handler.request_deserializer),
-        "response_serializer": handler.response_serializer,
-    }
-
-    async def check(request: Any, context: Any) -> Any:
-        if isinstance(request, Malformed):
-            await abort(context, request.error())
-        return request
-
-    if handler.response_streaming:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            result = inner_us(await check(request, context), context)
-            if inspect.isasyncgen(result):
-                async for response in result:
-                    yield response
-            else:
-                await result
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **options)
-    inner_uu = handler.unary_unary
-
-    async def unary_unary(request: Any, context: Any) -> Any:
-        return await inner_uu(await check(request, context), context)
-
-    return grpc.unary_unary_rpc_method_handler(unary_unary, **options)
 
 
 def _metadata(context: Any, key: str) -> str | None:

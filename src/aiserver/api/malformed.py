@@ -5,20 +5,24 @@ grpcio deserializes a request before any handler runs; a parse error raised ther
 ``DecodeError``, or ``UnicodeDecodeError`` for a ``string`` field that is not UTF-8 under some
 backends) would end the call with INTERNAL and an ERROR traceback. :func:`tolerant` wraps a
 deserializer so that it returns a :class:`Malformed` value instead, which the interceptor turns
-into the status. :func:`locate` walks the wire format to say which field is at fault.
+into the status (:func:`tolerant_handler` does both for a handler the interceptor otherwise
+leaves alone). :func:`locate` walks the wire format to say which field is at fault.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from google.protobuf import descriptor
 
+from aiserver.api.status import abort
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
 
-__all__ = ["Malformed", "locate", "tolerant"]
+__all__ = ["Malformed", "locate", "tolerant", "tolerant_handler"]
 
 FD = descriptor.FieldDescriptor
 _MAX_DEPTH = 32
@@ -139,3 +143,40 @@ def _check(field: FD | None, value: bytes, name: str, depth: int) -> tuple[str, 
     elif field.type == FD.TYPE_MESSAGE and depth < _MAX_DEPTH:
         return _walk(field.message_type, value, name + ".", depth + 1)
     return None
+
+
+def tolerant_handler(handler: Any) -> Any:
+    """A handler the interceptor does not otherwise wrap (health), with a deserializer that
+    cannot raise and a check that answers a malformed request with INVALID_ARGUMENT.
+    Client-streaming ones (reflection) are left as they are: their servicer iterates its
+    requests synchronously."""
+    if handler.request_streaming:
+        return handler
+    options = {
+        "request_deserializer": tolerant(handler.request_deserializer),
+        "response_serializer": handler.response_serializer,
+    }
+
+    async def check(request: Any, context: Any) -> Any:
+        if isinstance(request, Malformed):
+            await abort(context, request.error())
+        return request
+
+    if handler.response_streaming:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            result = inner_us(await check(request, context), context)
+            if inspect.isasyncgen(result):
+                async for response in result:
+                    yield response
+            else:
+                await result
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **options)
+    inner_uu = handler.unary_unary
+
+    async def unary_unary(request: Any, context: Any) -> Any:
+        return await inner_uu(await check(request, context), context)
+
+    return grpc.unary_unary_rpc_method_handler(unary_unary, **options)

@@ -27,6 +27,7 @@ from aiserver.gateway.compat import Compat, CompatTask
 from aiserver.gateway.connections import GatewaySite
 from aiserver.gateway.errors import GatewayError, from_rpc_error, invalid_fields
 from aiserver.gateway.fields import FieldError, FieldErrors, apply_fields, assign, resolve
+from aiserver.gateway.messages import parse_json_body, refuse_path_fields
 from aiserver.gateway.openapi import build_openapi
 from aiserver.gateway.routes import (
     RouteMatch,
@@ -235,10 +236,10 @@ class _V1:
                     raise GatewayError(
                         415, "UNSUPPORTED_MEDIA_TYPE", f"expected application/json, not {ctype}"
                     )
-                _parse_body(raw, msg, route.body)
+                parse_json_body(raw, msg, route.body)
         if route.body != "*":
             items = [(k, v) for k, v in request.query.items() if k != route.body]
-            _refuse_path_fields(msg, items, match.variables)
+            refuse_path_fields(msg, items, match.variables)
             try:
                 apply_fields(msg, items, strict=True, flat=False)
             except FieldErrors as exc:
@@ -274,7 +275,7 @@ class _V1:
 
             async def open_call(items: list[tuple[str, str]]) -> Any:
                 params: Message = params_cls()
-                _refuse_path_fields(params, items, match.variables)
+                refuse_path_fields(params, items, match.variables)
                 try:
                     apply_fields(params, items, strict=True)
                 except FieldErrors as exc:
@@ -306,58 +307,6 @@ class _V1:
             "UNSUPPORTED_MEDIA_TYPE",
             f"{route.method.name} takes {accepted}{NDJSON}, not {ctype or 'no body'}",
         )
-
-
-def _refuse_path_fields(
-    msg: Message, items: Sequence[tuple[str, str]], variables: dict[str, str]
-) -> None:
-    """A field the path sets may not be given again (query or form): 400 DUPLICATE_FIELD."""
-    if not variables:
-        return
-    errors = []
-    for name, _ in items:
-        path = resolve(msg.DESCRIPTOR, name, flat=False)
-        if path is not None and ".".join(f.name for f in path) in variables:
-            errors.append(FieldError(name, "DUPLICATE_FIELD", f"{name}: already set by the path"))
-    if errors:
-        raise invalid_fields(errors)
-
-
-def _parse_body(raw: bytes, msg: Message, body: str) -> None:
-    """The JSON body into ``msg`` (all of it for ``body: "*"``, else into that field)."""
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayError(400, "INVALID_JSON", f"the body is not valid JSON: {exc}") from None
-    if body == "*" and not isinstance(value, dict):
-        raise GatewayError(
-            400,
-            "INVALID_JSON",
-            f"the body must be a JSON object ({msg.DESCRIPTOR.name}), not {_json_kind(value)}",
-        )
-    try:
-        if body == "*":
-            json_format.ParseDict(value, msg)
-        else:
-            json_format.ParseDict({msg.DESCRIPTOR.fields_by_name[body].json_name: value}, msg)
-    except json_format.ParseError as exc:
-        raise GatewayError(400, "INVALID_JSON", _first_line(str(exc))) from None
-    except (TypeError, ValueError, AttributeError):  # protobuf's parser on odd shapes
-        raise GatewayError(
-            400, "INVALID_JSON", f"the body does not fit {msg.DESCRIPTOR.name}"
-        ) from None
-
-
-def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string"}.get(
-        type(value), "an array"
-    )
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else "invalid JSON"
 
 
 def build_app(
