@@ -51,3 +51,29 @@ async def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, which: str) 
     last = [line for line in err.splitlines() if line.strip()][-1]
     assert last.startswith("aiserver: cannot start:"), err
     assert str(port) in last, err
+
+
+async def test_the_standalone_gateway_on_a_port_in_use_is_one_line_and_exit_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "aiserver",
+            "gateway",
+            "--port",
+            str(port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        _, raw = await asyncio.wait_for(proc.communicate(), 60)
+    err = raw.decode()
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err, err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"aiserver gateway: cannot listen on 127.0.0.1:{port}")
+    )
