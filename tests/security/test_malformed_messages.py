@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from imagetasks.v1 import (
     agent_service_pb2,
     artifact_service_pb2,
@@ -35,7 +36,10 @@ SERVICES = [
         agent_service_pb2,
     )
     for s in module.DESCRIPTOR.services_by_name.values()
-] + [health_pb2.DESCRIPTOR.services_by_name["Health"]]
+] + [
+    health_pb2.DESCRIPTOR.services_by_name["Health"],
+    reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+]
 NOT_UTF8 = b"ok\xff\xfe\xc3("
 
 

@@ -146,12 +146,11 @@ def _check(field: FD | None, value: bytes, name: str, depth: int) -> tuple[str, 
 
 
 def tolerant_handler(handler: Any) -> Any:
-    """A handler the interceptor does not otherwise wrap (health), with a deserializer that
-    cannot raise and a check that answers a malformed request with INVALID_ARGUMENT.
-    Client-streaming ones (reflection) are left as they are: their servicer iterates its
-    requests synchronously."""
+    """A handler the interceptor does not otherwise wrap (health, reflection), with a
+    deserializer that cannot raise and a check that answers a malformed request with
+    INVALID_ARGUMENT. A synchronous client-streaming handler is left as it is."""
     if handler.request_streaming:
-        return handler
+        return _tolerant_stream_handler(handler)
     options = {
         "request_deserializer": tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
@@ -180,3 +179,36 @@ def tolerant_handler(handler: Any) -> Any:
         return await inner_uu(await check(request, context), context)
 
     return grpc.unary_unary_rpc_method_handler(unary_unary, **options)
+
+
+def _tolerant_stream_handler(handler: Any) -> Any:
+    inner = handler.stream_stream if handler.response_streaming else handler.stream_unary
+    if not (inspect.isasyncgenfunction(inner) or inspect.iscoroutinefunction(inner)):
+        return handler  # grpc runs it in a thread, on a synchronous iterator
+    options = {
+        "request_deserializer": tolerant(handler.request_deserializer),
+        "response_serializer": handler.response_serializer,
+    }
+
+    async def checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async for msg in requests:
+            if isinstance(msg, Malformed):
+                await abort(context, msg.error())
+            yield msg
+
+    if handler.response_streaming:
+
+        async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
+            result = inner(checked(requests, context), context)
+            if inspect.isasyncgen(result):
+                async for response in result:
+                    yield response
+            else:
+                await result
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **options)
+
+    async def stream_unary(requests: Any, context: Any) -> Any:
+        return await inner(checked(requests, context), context)
+
+    return grpc.stream_unary_rpc_method_handler(stream_unary, **options)
