@@ -186,3 +186,18 @@ async def test_malformed_requests_on_every_route_answer_the_json_error_shape(
                 assert res.status_code < 500
             walked += 1
     assert walked > 500
+
+
+async def test_allow_names_what_each_path_takes(gateway: Gateway, http: httpx.AsyncClient) -> None:
+    for path, allow in (
+        ("/v1/jobs/x:cancel", "POST"),  # not GET: that would be GetJob on a job "x:cancel"
+        ("/v1/jobs/x:watch", "GET, HEAD"),
+        ("/v1/jobs/x", "GET, HEAD"),
+        ("/healthz", "GET, HEAD"),
+        ("/openapi.json", "GET, HEAD"),
+    ):
+        for method in ("OPTIONS", "PUT", "DELETE") + (("GET",) if "GET" not in allow else ()):
+            res = await http.request(method, path)
+            assert res.status_code == 405, (method, path, res.text)
+            assert res.headers["allow"] == allow, (method, path)
+            assert res.json()["responseStatus"]["errorCode"] == "METHOD_NOT_ALLOWED"

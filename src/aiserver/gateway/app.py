@@ -162,6 +162,8 @@ class _V1:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         match, allowed = self.table.find(request.method, request.rel_url.raw_path)
         if match is None:
+            if "GET" in allowed:
+                allowed = sorted({*allowed, "HEAD"})  # HEAD is served as GET
             if allowed:
                 raise GatewayError(
                     405,
