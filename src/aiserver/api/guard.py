@@ -130,8 +130,8 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         max_uploads_per_peer: int = 0,
         shim_token: str = "",
     ) -> None:
-        self.shim_token = shim_token
         self.keys = keys
+        self.shim_token = shim_token
         self.upload_idle_s = upload_idle_s
         self.upload_total_s = upload_total_s
         self.max_uploads_per_peer = max_uploads_per_peer
@@ -324,6 +324,7 @@ class _Call:
         return msg
 
     async def one(self, msg: Any) -> Any:
+        """A unary call's request; a malformed one ends the call."""
         if isinstance(msg, Malformed):
             await abort(self.context, msg.error())
         return self.received(msg)
