@@ -116,7 +116,15 @@ class GatewaySite(web.TCPSite):
                 loop.call_later(timeout, _close_if_headless, handler)
             return handler
 
-        self._server = await loop.create_server(connection, self._host, self._port)
+        self._server = await loop.create_server(
+            connection,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
