@@ -5,6 +5,7 @@ nothing at all, or a trickle)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import grpc
@@ -84,8 +85,9 @@ async def test_a_trickling_upload_hits_the_total_deadline(
 
 
 async def test_many_stalled_uploads_over_grpc_and_http_all_end(
-    service: Service, channel: grpc.aio.Channel
+    service: Service, channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     stub = transform_service_pb2_grpc.TransformServiceStub(channel)
     calls = [stub.ConvertImage(timeout=30) for _ in range(20)]
     for i, call in enumerate(calls):
@@ -121,3 +123,6 @@ async def test_many_stalled_uploads_over_grpc_and_http_all_end(
     assert any(answer.startswith(b"HTTP/1.1 408") for answer in answers)
     await asyncio.sleep(0.3)
     assert not list(service.spool.tmp_dir.iterdir())
+    # Slow clients are the clients' doing: no ERROR, no traceback.
+    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, [r.getMessage() for r in bad]
