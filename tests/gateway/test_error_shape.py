@@ -4,6 +4,7 @@ walk of many malformed requests over every route, against the real service."""
 from __future__ import annotations
 
 import gzip
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -169,8 +170,9 @@ def settings_overrides() -> dict[str, Any]:
 
 
 async def test_malformed_requests_on_every_route_answer_the_json_error_shape(
-    gateway: Gateway, http: httpx.AsyncClient
+    gateway: Gateway, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     walked = 0
     for path in paths(gateway):
         for label, method, kwargs in malformed():
@@ -186,6 +188,8 @@ async def test_malformed_requests_on_every_route_answer_the_json_error_shape(
                 assert res.status_code < 500
             walked += 1
     assert walked > 500
+    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, [r.getMessage() for r in bad]
 
 
 async def test_allow_names_what_each_path_takes(gateway: Gateway, http: httpx.AsyncClient) -> None:
