@@ -368,6 +368,16 @@ class EventHub:
     def subscribe(self, job_id: str, load: ReplayLoader) -> Subscription:
         return Subscription(self, job_id, load)
 
+    def end_stream(self, job_id: str) -> None:
+        """End one job's stream without Finished (another process runs the job now): its
+        subscribers finish what they hold, then stop."""
+        channel = self._channels.pop(job_id, None)
+        if channel is not None:
+            if channel.drop_timer is not None:
+                channel.drop_timer.cancel()
+            for subscriber in list(channel.subscribers):
+                subscriber.detach()
+
     def close(self) -> None:
         """End every stream (server shutdown): subscribers finish what they hold, then stop."""
         for channel in self._channels.values():

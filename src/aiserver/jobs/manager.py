@@ -5,6 +5,13 @@ every unfinished job (the FIFO queue, the running attempts) on top of a :class:`
 is written before any event about the change goes out, so that after a crash, even a SIGKILL,
 :meth:`JobManager.start` finds every queued job and every running one with its checkpoint.
 
+On the embedded store (no ``holder``) this process owns every unfinished job. On a shared
+store (``holder`` given: several coordinators on one PostgreSQL, docs/scale-out.md) it owns
+only the jobs it holds a lease on (:mod:`.leases`): those it accepted and those it adopted
+from a process that died or stopped; every write of a held job is fenced by that lease, its
+events are also stored (:mod:`.event_log`) for watchers elsewhere (:mod:`.store_watch`), and a
+cancel reaches the holder through the store's announcements.
+
 Everything here runs on one event loop; no locks are needed, but a coroutine may be suspended
 at every ``await``, so each step re-checks whether the job was cancelled or finished meanwhile.
 """
@@ -28,6 +35,8 @@ from aiserver.jobs.attempt import (
     internal_error,
     retryable_failure,
 )
+from aiserver.jobs.event_codec import encode_event
+from aiserver.jobs.event_log import EventLog
 from aiserver.jobs.events import (
     EventHub,
     Subscription,
@@ -38,6 +47,8 @@ from aiserver.jobs.events import (
     synthesize_marks,
 )
 from aiserver.jobs.ids import new_job_id
+from aiserver.jobs.input_lifetime import InputLifetime
+from aiserver.jobs.leases import LeaseKeeper
 from aiserver.jobs.model import (
     Accepted,
     EventKind,
@@ -61,7 +72,15 @@ from aiserver.jobs.scheduler import (
     pick_provider,
     refusal,
 )
-from aiserver.jobs.store import JobQuery, JobRecord, JobStore
+from aiserver.jobs.store import (
+    ActiveLimitReached,
+    AnnouncementStream,
+    JobQuery,
+    JobRecord,
+    JobStore,
+    LeaseLost,
+)
+from aiserver.jobs.store_watch import StoreWatch
 from aiserver.logs import job_id_var
 from aiserver.providers.base import (
     Provider,
@@ -76,6 +95,9 @@ __all__ = ["SEQUENCE_BLOCK", "JobManager", "TerminalHook"]
 logger = logging.getLogger(__name__)
 
 TerminalHook = Callable[[Job], Awaitable[None]]
+JobStream = Subscription | StoreWatch
+ADOPT_BATCH = 100
+"""Jobs adopted in one pass at most (the next pass, a third of a lease later, takes more)."""
 
 SEQUENCE_BLOCK = 256
 """Event sequences reserved in the store per write. Progress events are not stored one by one;
@@ -96,7 +118,12 @@ class JobManager:
         artifacts: ArtifactWriter,
         providers: Sequence[Provider],
         settings: SchedulerSettings,
+        *,
+        holder: str | None = None,
+        lease_s: float = 30.0,
     ) -> None:
+        """``holder``: this process's name in leases on a shared store (None: the embedded
+        store, where this process owns every job)."""
         self._store = store
         self._spool = spool
         self._artifacts = artifacts
@@ -109,7 +136,20 @@ class JobManager:
         self._hooks: builtins.list[TerminalHook] = []
         self._controllers: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()  # finishes, hooks, background writes
-        self._deletions: dict[str, asyncio.TimerHandle] = {}  # by job: inputs waiting out grace
+        self._leases = (
+            LeaseKeeper(store, holder, lease_s, self._lease_lost) if holder is not None else None
+        )
+        self._log = EventLog(store) if holder is not None else None
+        self._inputs = InputLifetime(
+            spool,
+            store,
+            needed_here=self._inputs_needed,
+            ask_store=holder is not None,
+            grace_s=settings.spool_grace_s,
+            spawn=self._spawn,
+        )
+        self._listener: AnnouncementStream | None = None
+        self._shared_tasks: builtins.list[asyncio.Task[None]] = []  # adopt, cancel listener
         self._hub = EventHub(
             buffer_size=settings.subscriber_buffer,
             progress_interval_s=settings.progress_interval_s,
@@ -128,7 +168,26 @@ class JobManager:
         """Rebuild the queue from the store, hand RUNNING jobs back, start dispatching."""
         if self._phase != "new":
             raise RuntimeError("JobManager.start() may be called once")
+        if self._leases is not None:
+            self._phase = "running"
+            self._listener = await self._store.announcements()
+            self._leases.start()
+            self._shared_tasks = [
+                asyncio.create_task(self._adopt_loop(), name="job-adoption"),
+                asyncio.create_task(self._hear_cancels(self._listener), name="job-cancels"),
+            ]
+            self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="job-dispatcher")
+            logger.info("job manager started as %s (shared store)", self._leases.holder)
+            return
         records = await self._store.unfinished()
+        self._phase = "running"
+        await self._recover(records)
+        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="job-dispatcher")
+        logger.info("job manager started: %d unfinished jobs recovered", len(records))
+
+    async def _recover(self, records: Sequence[JobRecord]) -> None:
+        """Take these stored unfinished jobs on: queue the queued ones, resume or retry the
+        running ones."""
         now = time.monotonic()  # downtime does not count against the queue timeout
         for record in records:
             self._active[record.job.id] = ActiveJob(record)
@@ -138,7 +197,6 @@ class JobManager:
             self._hub.open_recovered(
                 record.job, last_sequence=record.last_sequence, retries=record.retries
             )
-        self._phase = "running"
         for record in records:
             job = record.job
             if job.state is not JobState.RUNNING:
@@ -157,8 +215,7 @@ class JobManager:
                 )
                 await self._retry_or_fail(active, interrupted, agent="")
         self._publish_positions()
-        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="job-dispatcher")
-        logger.info("job manager started: %d unfinished jobs recovered", len(records))
+        self._wake.set()
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking work; give running jobs ``grace_s`` to finish, then cancel them so that
@@ -168,9 +225,10 @@ class JobManager:
         self._phase = "stopping"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(grace_s, 0.0)
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        for task in [self._dispatcher, *self._shared_tasks]:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await _wait(self._controllers, deadline - loop.time())
         for active in self._active.values():
             if active.controller is not None and not active.controller.done():
@@ -185,9 +243,14 @@ class JobManager:
         for task in builtins.list(self._tasks):
             task.cancel()
         await _wait(self._tasks, 1.0)
-        for handle in self._deletions.values():  # pending spool deletions: kept (a sweep's job)
-            handle.cancel()
-        self._deletions.clear()
+        self._inputs.cancel_pending()
+        if self._leases is not None:
+            await self._leases.stop()
+            if self._log is not None:
+                await self._log.drain(timeout_s=2.0)
+            await self._leases.release_all()  # the others resume these jobs at once
+        if self._listener is not None:
+            await self._listener.aclose()
         self._hub.close()
         self._phase = "stopped"
 
@@ -250,20 +313,17 @@ class JobManager:
                 metadata={"task": task.value},
             )
         limit = self._settings.max_active_per_owner
-        if limit > 0 and self.active_count(owner) + self._creating.get(owner, 0) >= limit:
+        # On a shared store the count is the database's, inside the create (other processes
+        # have jobs of this owner too); here, this process's memory knows them all.
+        local_limit = limit > 0 and self._leases is None
+        if local_limit and self.active_count(owner) + self._creating.get(owner, 0) >= limit:
             if ref_id:  # a retry of a job it already has is no new work
                 found, _ = await self._store.query(
                     JobQuery(owner=owner, ref_id=ref_id), page_size=1, page_token=""
                 )
                 if found:
                     return self._fresh(found[0]), True
-            raise ServiceError(
-                ErrorKind.RESOURCE_EXHAUSTED,
-                "TOO_MANY_JOBS",
-                f"at most {limit} unfinished jobs per API key; wait for some to finish",
-                metadata={"limit": str(limit)},
-                retry_after_s=self._settings.too_many_jobs_retry_s,
-            )
+            raise self._too_many_jobs(limit)
         create = self._create(
             owner=owner,
             task=task,
@@ -282,6 +342,15 @@ class JobManager:
             self._creating[owner] -= 1
             if not self._creating[owner]:
                 del self._creating[owner]
+
+    def _too_many_jobs(self, limit: int) -> ServiceError:
+        return ServiceError(
+            ErrorKind.RESOURCE_EXHAUSTED,
+            "TOO_MANY_JOBS",
+            f"at most {limit} unfinished jobs per API key; wait for some to finish",
+            metadata={"limit": str(limit)},
+            retry_after_s=self._settings.too_many_jobs_retry_s,
+        )
 
     async def get(self, job_id: str, owner: str | None) -> Job:
         """The job (``owner`` None: any owner's); NOT_FOUND also for another owner's job."""
@@ -315,25 +384,28 @@ class JobManager:
         jobs, token = await self._store.query(query, page_size=page_size, page_token=page_token)
         return [self._fresh(j) for j in jobs], token
 
-    def subscribe(self, job_id: str) -> Subscription:
-        """Replay then live events, ending after Finished (check ownership with get first)."""
+    def subscribe(self, job_id: str) -> JobStream:
+        """Replay then live events, ending after Finished (check ownership with get first).
+
+        A job another process holds (shared store) is watched through the store."""
+        if self._leases is not None and job_id not in self._active:
+            return StoreWatch(self._store, job_id)
         return self._hub.subscribe(job_id, self._load_replay)
 
     async def cancel(self, job_id: str, owner: str | None) -> Job:
         """Cancel a queued or running job; an ended job is returned unchanged."""
         active = self._active.get(job_id)
         if active is None:
-            return await self.get(job_id, owner)
+            job = await self.get(job_id, owner)
+            if self._leases is None or job.state.terminal:
+                return job
+            active = await self._cancel_elsewhere(job_id)
+            if active is None:
+                return await self.get(job_id, owner)
         if owner is not None and active.job.owner != owner:
             raise job_not_found(job_id)
         if not active.finishing:
-            if self._queue.remove(job_id):
-                await asyncio.shield(self._finish(active, JobState.CANCELLED, cancelled_error()))
-            else:
-                # Running (or between two steps of its controller, which checks the reason).
-                active.cancel_reason = "user"
-                if active.run_task is not None:
-                    active.run_task.cancel()
+            await self._cancel_here(active)
         try:
             async with asyncio.timeout(self._settings.cancel_timeout_s):
                 await active.done.wait()
@@ -341,6 +413,34 @@ class JobManager:
             logger.warning("job %s: provider ignores cancellation; marking it cancelled", job_id)
             await asyncio.shield(self._finish(active, JobState.CANCELLED, cancelled_error()))
         return snapshot(active.job)
+
+    async def _cancel_here(self, active: ActiveJob) -> None:
+        if self._queue.remove(active.job.id):
+            await asyncio.shield(self._finish(active, JobState.CANCELLED, cancelled_error()))
+        else:
+            # Running (or between two steps of its controller, which checks the reason).
+            active.cancel_reason = "user"
+            if active.run_task is not None:
+                active.run_task.cancel()
+
+    async def _cancel_elsewhere(self, job_id: str) -> ActiveJob | None:
+        """Cancel a job this process does not hold: store the request (its holder hears the
+        announcement, an adopter reads it), take the job if nobody holds it, else wait for
+        the holder to end it. Returns the job when it was taken here."""
+        assert self._leases is not None
+        if not await self._store.request_cancel(job_id):
+            return None  # it ended meanwhile
+        adopted = await self._adopt(job_id)
+        if adopted is not None:
+            return adopted
+        try:
+            async with asyncio.timeout(self._settings.cancel_timeout_s):
+                async for event in StoreWatch(self._store, job_id, idle_recheck_s=0.5):
+                    if isinstance(event.kind, Finished):
+                        break
+        except TimeoutError:
+            logger.warning("job %s: its holder has not ended it yet; the request stays", job_id)
+        return None
 
     def artifacts_in_use(self) -> set[str]:
         """Names of outputs of jobs that have not ended (retention must keep them)."""
@@ -407,6 +507,8 @@ class JobManager:
             reply_to=reply_to,
             inputs=builtins.list(inputs),
         )
+        if self._leases is not None:
+            return await self._create_shared(job)
         stored, existing = await self._store.create(JobRecord(job, SEQUENCE_BLOCK))
         if existing:
             return self._fresh(stored.job), True
@@ -418,6 +520,120 @@ class JobManager:
         self._hub.emit(job_id, Accepted(task, job.ref_id, active.last_position))
         self._wake.set()
         return snapshot(job), False
+
+    async def _create_shared(self, job: Job) -> tuple[Job, bool]:
+        """Create, store the Accepted event, then lease the job: it is queued here. Should
+        another process's adoption pass take it first, it is queued there instead."""
+        assert self._leases is not None
+        limit = self._settings.max_active_per_owner
+        try:
+            stored, existing = await self._store.create(
+                JobRecord(job, SEQUENCE_BLOCK), max_active=limit
+            )
+        except ActiveLimitReached:
+            raise self._too_many_jobs(limit) from None
+        if existing:
+            return self._fresh(stored.job), True
+        accepted = Accepted(job.task, job.ref_id, len(self._queue) + 1)
+        kind, payload = encode_event(accepted)
+        await self._store.append_event(job.id, 1, kind, payload)
+        if await self._leases.take(job.id) is None or self._phase != "running":
+            return snapshot(job), False
+        active = ActiveJob(stored)
+        self._active[job.id] = active
+        self._queue.push(job.id, time.monotonic())
+        active.last_position = self._queue.position(job.id)
+        self._hub.open_new(job)
+        self._hub.emit(job.id, accepted)  # sequence 1, stored above
+        self._wake.set()
+        return snapshot(job), False
+
+    # --- shared store: adoption, cancels from elsewhere, lost leases ----------------------
+
+    async def _adopt_loop(self) -> None:
+        assert self._leases is not None
+        while True:
+            try:
+                for _ in range(ADOPT_BATCH):
+                    if self._phase != "running" or await self._adopt() is None:
+                        break
+            except Exception:
+                logger.exception("adoption pass failed")
+            await asyncio.sleep(self._leases.renew_every_s)
+
+    async def _adopt(self, job_id: str | None = None) -> ActiveJob | None:
+        """Lease one job nobody holds (that one, or the oldest this process can serve) and
+        take it on: queued, resumed from its checkpoint, retried, or cancelled as requested."""
+        assert self._leases is not None
+        if job_id is None:
+            tasks = [t for t in TaskKind if could_serve(self._providers, t)]
+            if not tasks:
+                return None
+            lease = await self._leases.adopt(tasks)
+        else:
+            lease = await self._leases.take(job_id)
+        if lease is None:
+            return None
+        record = await self._store.get(lease.job_id)
+        if record is None or record.job.state.terminal or lease.job_id in self._active:
+            await self._leases.release(lease.job_id)
+            return self._active.get(lease.job_id)
+        logger.info(
+            "job %s: adopted (%s)", lease.job_id, "taken over" if lease.takeover else "free"
+        )
+        cancel = await self._store.cancel_requested(lease.job_id)
+        if cancel:
+            record.job.state = JobState.QUEUED  # ended below, without running again
+        await self._recover([record])
+        active = self._active.get(lease.job_id)
+        if active is not None and cancel and not active.finishing:
+            await self._cancel_here(active)
+        return active
+
+    async def _hear_cancels(self, listener: AnnouncementStream) -> None:
+        """A cancel requested on another process reaches the job here, if held here."""
+        async for announcement in listener:
+            try:
+                if announcement.kind == "cancel":
+                    targets = [announcement.job_id]
+                elif announcement.kind == "resync":  # requests may have been missed
+                    targets = builtins.list(self._active)
+                else:
+                    continue
+                for job_id in targets:
+                    active = self._active.get(job_id)
+                    if active is None or active.finishing or active.cancel_reason == "user":
+                        continue
+                    if announcement.kind == "cancel" or await self._store.cancel_requested(job_id):
+                        logger.info("job %s: cancel requested elsewhere", job_id)
+                        await self._cancel_here(active)
+            except Exception:
+                logger.exception("handling a cancel announcement failed")
+
+    def _lease_lost(self, job_id: str) -> None:
+        active = self._active.get(job_id)
+        if active is not None:
+            self._forget(active)
+
+    def _forget(self, active: ActiveJob) -> None:
+        """Another process holds this job now: stop driving it, write nothing more."""
+        job_id = active.job.id
+        if self._active.get(job_id) is not active or active.finishing:
+            return
+        logger.warning("job %s: no longer held here; dropped", job_id)
+        active.finishing = True  # nothing may be written or emitted for it from here on
+        active.cancel_reason = "shutdown"
+        self._queue.remove(job_id)
+        if active.run_task is not None:
+            active.run_task.cancel(SHUTDOWN)
+        if self._leases is not None:
+            self._leases.drop(job_id)
+        if self._log is not None:
+            self._log.forget(job_id)
+        del self._active[job_id]
+        self._hub.end_stream(job_id)
+        active.done.set()
+        self._wake.set()
 
     def _fresh(self, job: Job) -> Job:
         """The in-memory state of an unfinished job is never older than the stored one."""
@@ -547,7 +763,7 @@ class JobManager:
                 job_id=job.id,
                 task=job.task,
                 spec=job.spec,
-                inputs=self._work_inputs(job),
+                inputs=await self._work_inputs(job),
                 attempt=job.attempts,
                 resume=dict(job.resume),
                 exclude=frozenset(r.agent for r in active.record.retries if r.agent),
@@ -571,6 +787,8 @@ class JobManager:
                 await asyncio.wait({run}, timeout=self._settings.cancel_timeout_s)
             sink.closed = True
             await self._conclude(active, run, timed_out)
+        except LeaseLost:
+            self._forget(active)
         except ServiceError as error:  # e.g. an input vanished from the spool
             await self._finish(active, JobState.FAILED, error)
         except Exception:
@@ -588,6 +806,10 @@ class JobManager:
         job = active.job
         reason = active.cancel_reason
         succeeded = run.done() and not run.cancelled() and run.exception() is None
+        lost = run.done() and not run.cancelled() and isinstance(run.exception(), LeaseLost)
+        if lost:  # a fenced write of the attempt failed: another process holds the job
+            self._forget(active)
+            return
         if reason == "shutdown" and not succeeded:
             return  # stays RUNNING in the store: resumed or retried at the next start
         if succeeded:
@@ -645,12 +867,13 @@ class JobManager:
         self._publish_positions()
         self._wake.set()
 
-    def _work_inputs(self, job: Job) -> dict[str, WorkInput]:
+    async def _work_inputs(self, job: Job) -> dict[str, WorkInput]:
         inputs: dict[str, WorkInput] = {}
         for ref in job.inputs:
-            path = self._spool.path_for(ref.sha256)
-            if not path.is_file():
-                raise input_missing(ref)
+            try:  # from the shared store when another process received the upload
+                path = await self._spool.local_path(ref.sha256)
+            except Exception:
+                raise input_missing(ref) from None
             inputs[ref.field] = WorkInput(
                 ref.field, path, ref.file_name, ref.sha256, ref.mime_type, ref.width, ref.height
             )
@@ -664,7 +887,12 @@ class JobManager:
         active.record.last_sequence = max(
             active.record.last_sequence, self._last_sequence(active) + SEQUENCE_BLOCK
         )
-        await self._store.save(active.record)
+        await self._store.save(active.record, holder=self._holder)
+
+    @property
+    def _holder(self) -> str | None:
+        """Fences every write of a held job on a shared store (``LeaseLost`` once lost)."""
+        return self._leases.holder if self._leases is not None else None
 
     def _last_sequence(self, active: ActiveJob) -> int:
         return self._hub.last_sequence(active.job.id, default=active.record.last_sequence)
@@ -677,8 +905,17 @@ class JobManager:
             # Past the stored reservation (many progress events): extend it in the background;
             # a crash before that write can at worst reuse numbers no client kept.
             active.record.last_sequence = self._hub.last_sequence(job_id) + SEQUENCE_BLOCK
-            self._spawn(self._store.save(active.record))
-        return self._hub.emit(job_id, kind)
+            self._spawn(self._save_reservation(active))
+        event = self._hub.emit(job_id, kind)
+        if self._log is not None:
+            self._log.record(event)
+        return event
+
+    async def _save_reservation(self, active: ActiveJob) -> None:
+        try:
+            await self._store.save(active.record, holder=self._holder)
+        except LeaseLost:
+            self._forget(active)
 
     def _finish(
         self, active: ActiveJob, state: JobState, error: ServiceError | None
@@ -703,16 +940,24 @@ class JobManager:
             job.progress = 1.0
         active.record.last_sequence = self._last_sequence(active) + 1
         try:
-            await self._store.save(active.record)  # first the store ...
+            await self._store.save(active.record, holder=self._holder)  # first the store ...
+        except LeaseLost:
+            active.finishing = False
+            self._forget(active)  # the holder now decides how it ends
+            return
         except Exception:
             logger.exception("job %s: could not store its end", job.id)
         final = snapshot(job)
         if self._hub.is_open(job.id):  # (not after stop() closed the streams)
-            self._hub.emit(job.id, Finished(final))  # ... then the event ...
+            event = self._hub.emit(job.id, Finished(final))  # ... then the event ...
+            if self._log is not None:
+                self._log.record(event)
         del self._active[job.id]
         active.done.set()
         logger.info("job %s %s (%s)", job.id, state.value, error or "ok")
-        self._release_inputs(job)
+        if self._leases is not None:
+            self._spawn(self._leases.release(job.id))
+        self._inputs.job_ended(job)
         self._publish_positions()
         self._wake.set()
         for hook in self._hooks:  # ... then the hooks
@@ -724,31 +969,12 @@ class JobManager:
         except Exception:
             logger.exception("terminal hook %r failed for job %s", hook, job.id)
 
-    def _release_inputs(self, job: Job) -> None:
-        """Delete this job's spool files that no unfinished job needs, after a grace period:
-        a request may have just committed the same content and be about to submit it."""
-        shas = {ref.sha256 for ref in job.inputs}
-        if self._settings.spool_grace_s <= 0:
-            self._delete_unneeded(shas)
-            return
-        key = job.id
-        self._deletions[key] = asyncio.get_running_loop().call_later(
-            self._settings.spool_grace_s, self._delete_unneeded, shas, key
-        )
-
     def discard_inputs(self, shas: set[str]) -> None:
         """Delete spooled inputs of a request that made no job, unless a job needs them."""
-        self._delete_unneeded(shas)
+        self._inputs.discard(shas)
 
-    def _delete_unneeded(self, shas: set[str], key: str = "") -> None:
-        self._deletions.pop(key, None)
-        needed = {ref.sha256 for a in self._active.values() for ref in a.job.inputs}
-        for sha in shas - needed:
-            if self._spool.pinned(sha):
-                continue  # a request has just uploaded the same bytes and will submit them
-            self._spool.delete_local(sha)
-            if self._spool.shared:
-                self._spawn(self._spool.delete_shared(sha))
+    def _inputs_needed(self) -> set[str]:
+        return {ref.sha256 for a in self._active.values() for ref in a.job.inputs}
 
     def _spawn(
         self, coro: Coroutine[Any, Any, Any], *, log_errors: bool = True

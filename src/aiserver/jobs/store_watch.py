@@ -1,0 +1,137 @@
+"""Watching a job that another process runs: replay and live events from the store.
+
+The protocol of docs/scale-out.md, "Events": listen first, then read the stored events and
+the record, then on each announcement for the job (or ``resync``, or every
+``idle_recheck_s`` as a safety net) read the rows after the last sequence seen. The stream
+ends after ``Finished``, built from the final record. A job whose record is final but whose
+``finished`` row never came (its process died between the two writes) ends after
+``settle_s`` with a Finished made from the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from datetime import UTC, datetime
+
+from aiserver.jobs.event_codec import FINISHED, decode_event
+from aiserver.jobs.events import job_not_found, snapshot
+from aiserver.jobs.model import Finished, Job, JobEvent
+from aiserver.jobs.store import Announcement, AnnouncementStream, JobStore
+
+__all__ = ["StoreWatch"]
+
+
+class StoreWatch:
+    """Async iterator of one job's events, read from the store; ends after Finished."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        *,
+        idle_recheck_s: float = 2.0,
+        settle_s: float = 3.0,
+    ) -> None:
+        self._store = store
+        self._job_id = job_id
+        self._idle_s = idle_recheck_s
+        self._settle_s = settle_s
+        self._listener: AnnouncementStream | None = None
+        self._next: asyncio.Future[Announcement] | None = None
+        self._ready: deque[JobEvent] = deque()
+        self._last = 0
+        self._started = False
+        self._done = False
+
+    def __aiter__(self) -> StoreWatch:
+        return self
+
+    @property
+    def buffered(self) -> int:
+        return len(self._ready)
+
+    async def __anext__(self) -> JobEvent:
+        if not self._started:
+            self._started = True
+            await self._start()
+        while not self._ready:
+            if self._done:
+                await self.aclose()
+                raise StopAsyncIteration
+            await self._wait()
+            await self._read()
+        return self._ready.popleft()
+
+    async def aclose(self) -> None:
+        self._done = True
+        self._ready.clear()
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            await listener.aclose()
+
+    async def _start(self) -> None:
+        # Listening before the first read: nothing committed afterwards can be missed.
+        self._listener = await self._store.announcements()
+        if await self._store.get(self._job_id) is None:
+            await self.aclose()
+            raise job_not_found(self._job_id)
+        await self._read()
+
+    async def _wait(self) -> None:
+        """Until an announcement concerns this job, or the idle recheck is due."""
+        assert self._listener is not None
+        listener = self._listener
+        try:
+            async with asyncio.timeout(self._idle_s):
+                while True:
+                    if self._next is None:
+                        self._next = asyncio.ensure_future(anext(listener))
+                    announcement = await asyncio.shield(self._next)
+                    self._next = None
+                    if announcement.job_id == self._job_id or announcement.kind == "resync":
+                        return
+        except TimeoutError:
+            return
+        except StopAsyncIteration:  # the store closed: read once more, then stop
+            self._next = None
+            self._done = True
+
+    async def _read(self) -> None:
+        rows = await self._store.events(self._job_id, after=self._last)
+        for row in rows:
+            self._last = row.sequence
+            if row.kind == FINISHED:
+                await self._finish(row.sequence, row.created)
+                return
+            kind = decode_event(row.kind, row.payload)
+            if kind is not None:
+                self._ready.append(JobEvent(self._job_id, row.sequence, row.created, kind))
+        if not rows:
+            record = await self._store.get(self._job_id)
+            if record is None:
+                self._done = True
+                return
+            job = record.job
+            ended = job.ended or job.updated
+            if job.state.terminal and _age_s(ended) >= self._settle_s:
+                sequence = max(self._last, record.last_sequence) + 1
+                self._emit_finished(job, sequence, ended)
+
+    async def _finish(self, sequence: int, when: datetime) -> None:
+        record = await self._store.get(self._job_id)
+        if record is None:
+            self._done = True
+            return
+        self._emit_finished(record.job, sequence, when)
+
+    def _emit_finished(self, job: Job, sequence: int, when: datetime) -> None:
+        self._ready.append(JobEvent(self._job_id, sequence, when, Finished(snapshot(job))))
+        self._done = True
+
+
+def _age_s(when: datetime) -> float:
+    return (datetime.now(UTC) - when).total_seconds()
