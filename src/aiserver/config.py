@@ -45,6 +45,9 @@ class Settings:
     shared by every coordinator (docs/scale-out.md). Empty: SQLite under ``data_dir``."""
     database_schema: str = "public"
     """The PostgreSQL schema of this deployment's tables (created and migrated at start)."""
+    job_lease_s: float = 30.0
+    """On PostgreSQL: how long a coordinator's hold on a job lasts without renewal (renewed
+    every third of it); a dead coordinator's jobs are taken over this long after it died."""
     blob_url: str = ""
     """``s3://bucket/prefix``: artifact bytes live there (endpoint and credentials from the
     usual ``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``,
@@ -219,6 +222,8 @@ def _check_storage_urls(settings: Settings) -> None:
         parts = urlsplit(settings.blob_url)
         if parts.scheme != "s3" or not parts.netloc:
             raise ValueError("setting blob_url: expected s3://bucket/prefix (or empty: a folder)")
+    if settings.job_lease_s < 1.0:
+        raise ValueError("setting job_lease_s: at least 1 second")
     if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", settings.database_schema):
         raise ValueError("setting database_schema: lower-case letters, digits and _ only")
 

@@ -38,7 +38,7 @@ from aiserver.imaging import ImageLimits
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Job
 from aiserver.jobs.scheduler import SchedulerSettings
-from aiserver.jobs.store import JobStore, StoreUnavailable, open_job_store
+from aiserver.jobs.store import JobStore, StoreUnavailable, new_holder_id, open_job_store
 from aiserver.metrics import Metrics, MetricsServer
 from aiserver.provider_config import build_providers
 from aiserver.providers.base import Provider
@@ -151,6 +151,9 @@ class Service:
                 run_timeout_s=s.run_timeout_s,
                 max_active_per_owner=s.max_active_jobs_per_key,
             ),
+            # PostgreSQL: several coordinators share the jobs; each holds leases on its own.
+            holder=new_holder_id() if s.database_url else None,
+            lease_s=s.job_lease_s,
         )
         manager.add_terminal_hook(self._webhook)
         manager.add_terminal_hook(self.metrics.job_finished)
