@@ -35,6 +35,7 @@ from aiserver.blobs import open_blob_store
 from aiserver.config import Settings
 from aiserver.gateway import Gateway, GatewaySettings
 from aiserver.imaging import ImageLimits
+from aiserver.jobs.agent_slots import SharedAgentSlots
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Job
 from aiserver.jobs.scheduler import SchedulerSettings
@@ -42,6 +43,7 @@ from aiserver.jobs.store import JobStore, StoreUnavailable, new_holder_id, open_
 from aiserver.metrics import Metrics, MetricsServer
 from aiserver.provider_config import build_providers
 from aiserver.providers.base import Provider
+from aiserver.providers.comfy.pool import ComfyPool
 from aiserver.retention import Retention, RetentionPolicy
 from aiserver.security import Security
 from aiserver.spool import InputSpool
@@ -119,6 +121,7 @@ class Service:
         self.manager: JobManager | None = None
         self.retention: Retention | None = None
         self.job_store: JobStore | None = None
+        self.agent_slots: SharedAgentSlots | None = None
         self.gateway: Gateway | None = None
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
@@ -140,6 +143,15 @@ class Service:
             )
         except StoreUnavailable as exc:
             raise StartupError(str(exc)) from exc
+        # PostgreSQL: several coordinators share the jobs and the agents; this process holds
+        # leases on its own jobs and on the agent slots its runs use.
+        holder = new_holder_id() if s.database_url else None
+        if holder is not None:
+            self.agent_slots = SharedAgentSlots(store, holder, s.job_lease_s)
+            for provider in self.providers:
+                if isinstance(provider, ComfyPool):
+                    provider.share_slots(self.agent_slots)
+            self.agent_slots.start()
         self.manager = manager = JobManager(
             store,
             self.spool,
@@ -151,8 +163,7 @@ class Service:
                 run_timeout_s=s.run_timeout_s,
                 max_active_per_owner=s.max_active_jobs_per_key,
             ),
-            # PostgreSQL: several coordinators share the jobs; each holds leases on its own.
-            holder=new_holder_id() if s.database_url else None,
+            holder=holder,
             lease_s=s.job_lease_s,
         )
         manager.add_terminal_hook(self._webhook)
@@ -292,6 +303,8 @@ class Service:
             await self.retention.stop()
         if self.manager is not None:
             await self.manager.stop(grace_s=1.0)
+        if self.agent_slots is not None:
+            await self.agent_slots.stop()
         if self.job_store is not None:
             await self.job_store.close()
         for provider in self.providers:

@@ -33,6 +33,7 @@ from aiserver.providers.comfy.background import Background
 from aiserver.providers.comfy.client import ComfyClient
 from aiserver.providers.comfy.run import Run
 from aiserver.providers.comfy.settings import AgentSettings, PoolSettings
+from aiserver.providers.comfy.slots import AgentSlots, LocalSlots, SlotToken
 from aiserver.providers.comfy.workflows import (
     AgentCapabilities,
     Workflow,
@@ -130,6 +131,11 @@ class ComfyPool:
         self._changed = asyncio.Condition()
         self._background = Background()
         self._closed = False
+        self._slots: AgentSlots = LocalSlots()
+
+    def share_slots(self, slots: AgentSlots) -> None:
+        """Take each agent slot from ``slots`` too: other coordinators use these agents."""
+        self._slots = slots
 
     # ---- Provider ---------------------------------------------------------------------------
 
@@ -184,7 +190,7 @@ class ComfyPool:
         """
         exclude = work.exclude | exclude
         workflow = self._workflows.get(work.task)
-        agent = await self._acquire(work, workflow, exclude)
+        agent, slot = await self._acquire(work, workflow, exclude)
         logger.info("job %s (%s) runs on agent %s", work.job_id, work.task.value, agent.config.name)
         run = Run(
             agent.client,
@@ -204,6 +210,8 @@ class ComfyPool:
             raise
         finally:
             agent.running -= 1
+            if slot is not None:
+                await self._slots.give_back(slot)
             await self._notify()
 
     # ---- operators --------------------------------------------------------------------------
@@ -378,7 +386,9 @@ class ComfyPool:
                 capable.append(agent)
         return capable, reasons
 
-    async def _acquire(self, work: WorkItem, workflow: Workflow, exclude: frozenset[str]) -> _Agent:
+    async def _acquire(
+        self, work: WorkItem, workflow: Workflow, exclude: frozenset[str]
+    ) -> tuple[_Agent, SlotToken | None]:
         resumed = self._agents.get(work.resume.get("agent", ""))
         if (
             resumed is not None
@@ -388,7 +398,8 @@ class ComfyPool:
         ):
             # Its prompt is already on that agent: follow it there, slot or not.
             resumed.running += 1
-            return resumed
+            slot = await self._slots.take(resumed.config.name, resumed.config.max_concurrent_jobs)
+            return resumed, slot
         async with self._changed:
             while True:
                 if self._closed:
@@ -399,11 +410,22 @@ class ComfyPool:
                 if not capable:
                     raise self._none_capable(workflow, work.spec, reasons, exclude)
                 free = [a for a in capable if a.running < a.config.max_concurrent_jobs]
-                if free:
+                busy_elsewhere = bool(free)
+                while free:
                     agent = _best(free)
-                    agent.running += 1
-                    return agent
-                await self._changed.wait()
+                    slot = await self._slots.take(
+                        agent.config.name, agent.config.max_concurrent_jobs
+                    )
+                    if slot is not None:
+                        agent.running += 1
+                        return agent, slot
+                    free.remove(agent)  # its slots are taken by other coordinators
+                if busy_elsewhere:  # their ends are not announced here: ask again soon
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._slots.poll_s):
+                            await self._changed.wait()
+                else:
+                    await self._changed.wait()
 
     def _none_capable(
         self,
