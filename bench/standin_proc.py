@@ -12,9 +12,12 @@ line, and answers each with one JSON line:
   route.
   ``perf_counter`` is CLOCK_MONOTONIC on Linux, one clock for every process of the machine.
 - ``reset``: forgets history, recordings and files (keeps per-job costs flat across rounds).
+- ``stats``: ``{"posted": {label: n}, "succeeded": {label: n}, "peak": [n, ...]}`` since the
+  start: prompts accepted and completed per label (a job run twice to completion shows 2),
+  and per agent the most prompts it held at once (queued or running).
 - ``quit``: stops.
 
-The stand-ins are "instant": no delay per sampler step or tile.
+The stand-ins are "instant" (no delay per sampler step or tile) unless ``--step-delay``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,17 @@ class TimedStandIn(ComfyStandIn):
         super().__init__(root, **kwargs)
         self.success_at: dict[str, tuple[str, float]] = {}
         self._labels: dict[str, str] = {}
+        self.posted: Counter[str] = Counter()
+        self.succeeded: Counter[str] = Counter()
+        self.peak = 0
+
+    def _post_prompt(self, request: Any) -> Any:
+        response = super()._post_prompt(request)
+        if response.status == 200:
+            self.posted[_label(json.loads(request.body)["prompt"])] += 1
+            held = len(self._pending) + (self._running is not None)
+            self.peak = max(self.peak, held)
+        return response
 
     async def _execute(self, item: QueueItem) -> None:
         self._labels[item.prompt_id] = _label(item.prompt)
@@ -53,6 +67,7 @@ class TimedStandIn(ComfyStandIn):
         if event == "execution_success":
             pid = str(data.get("prompt_id"))
             self.success_at[pid] = (self._labels.get(pid, ""), time.perf_counter())
+            self.succeeded[self._labels.get(pid, "")] += 1
 
     def bench_reset(self) -> None:
         self.received = Received()
@@ -83,8 +98,12 @@ async def main() -> None:
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--hang", default="", help="node id at which every job waits forever")
+    parser.add_argument("--step-delay", type=float, default=0.0, help="seconds per step")
     args = parser.parse_args()
-    stand_ins = [TimedStandIn(args.root / f"agent{i}", step_delay_s=0.0) for i in range(args.count)]
+    stand_ins = [
+        TimedStandIn(args.root / f"agent{i}", step_delay_s=args.step_delay)
+        for i in range(args.count)
+    ]
     for s in stand_ins:
         await s.start()
         if args.hang:
@@ -105,6 +124,15 @@ async def main() -> None:
                     requests.update(_route(method, path) for method, path, _ in s.received.requests)
                     s.received.requests.clear()
                 print(json.dumps({"success": success, "requests": requests}), flush=True)
+            elif command == "stats":
+                posted: Counter[str] = Counter()
+                succeeded: Counter[str] = Counter()
+                for s in stand_ins:
+                    posted.update(s.posted)
+                    succeeded.update(s.succeeded)
+                peak = [s.peak for s in stand_ins]
+                print(json.dumps({"posted": posted, "succeeded": succeeded, "peak": peak}))
+                sys.stdout.flush()
             elif command == "reset":
                 for s in stand_ins:
                     s.bench_reset()
@@ -119,10 +147,11 @@ async def main() -> None:
 class StandIns:
     """The parent's handle on a :mod:`bench.standin_proc` subprocess."""
 
-    def __init__(self, count: int, root: Path, hang: str = "") -> None:
+    def __init__(self, count: int, root: Path, hang: str = "", step_delay_s: float = 0.0) -> None:
         self.count = count
         self.root = root
         self.hang = hang
+        self.step_delay_s = step_delay_s
         self.urls: list[str] = []
         self._proc: asyncio.subprocess.Process | None = None
 
@@ -131,6 +160,8 @@ class StandIns:
         cmd += ["--root", str(self.root)]
         if self.hang:
             cmd += ["--hang", self.hang]
+        if self.step_delay_s:
+            cmd += ["--step-delay", str(self.step_delay_s)]
         self._proc = await asyncio.create_subprocess_exec(
             *cmd,
             stdin=asyncio.subprocess.PIPE,
@@ -164,6 +195,10 @@ class StandIns:
         answer = await self._ask("dump")
         success = {k: (str(v[0]), float(v[1])) for k, v in answer["success"].items()}
         return success, {str(k): int(v) for k, v in answer["requests"].items()}
+
+    async def stats(self) -> dict[str, Any]:
+        """Prompts posted and completed per label, and each agent's peak of held prompts."""
+        return await self._ask("stats")
 
     async def reset(self) -> None:
         await self._ask("reset")
