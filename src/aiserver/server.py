@@ -37,7 +37,6 @@ from aiserver.gateway import Gateway, GatewaySettings
 from aiserver.imaging import ImageLimits
 from aiserver.jobs.agent_slots import SharedAgentSlots
 from aiserver.jobs.manager import JobManager
-from aiserver.jobs.model import Job
 from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import JobStore, StoreUnavailable, new_holder_id, open_job_store
 from aiserver.metrics import Metrics, MetricsServer
@@ -49,6 +48,7 @@ from aiserver.security import Security
 from aiserver.spool import InputSpool
 from aiserver.tasks import TaskKind
 from aiserver.webhooks import WebhookSender
+from aiserver.webhooks.outbox import WebhookOutbox
 from aiserver.workers import BlockingPool
 
 __all__ = ["Service", "StartupError", "serve"]
@@ -122,6 +122,7 @@ class Service:
         self.retention: Retention | None = None
         self.job_store: JobStore | None = None
         self.agent_slots: SharedAgentSlots | None = None
+        self.outbox: WebhookOutbox | None = None
         self.gateway: Gateway | None = None
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
@@ -166,7 +167,10 @@ class Service:
             holder=holder,
             lease_s=s.job_lease_s,
         )
-        manager.add_terminal_hook(self._webhook)
+        # Webhooks go through the durable outbox: stored with the final state, sent by the
+        # process that leads the outbox role (any one of several coordinators).
+        self.outbox = WebhookOutbox(store, self.webhooks, holder or new_holder_id())
+        manager.use_outbox(self.outbox.deliveries, self.outbox.wake)
         manager.add_terminal_hook(self.metrics.job_finished)
         self.metrics.watch(manager, self.providers)
         await manager.start()
@@ -181,6 +185,7 @@ class Service:
             manager,
         )
         self.retention.start()
+        self.outbox.start()
         options: list[tuple[str, int]] = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -301,6 +306,8 @@ class Service:
         self._server = None
         if self.retention is not None:
             await self.retention.stop()
+        if self.outbox is not None:
+            await self.outbox.stop()
         if self.manager is not None:
             await self.manager.stop(grace_s=1.0)
         if self.agent_slots is not None:
@@ -317,10 +324,6 @@ class Service:
             await self.metrics_server.stop()
             self.metrics_server = None
         logger.info("stopped")
-
-    async def _webhook(self, job: Job) -> None:
-        if job.reply_to:
-            self.webhooks.submit(job)
 
     async def _update_generation_health(self) -> None:
         assert self.manager is not None

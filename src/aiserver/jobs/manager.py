@@ -95,6 +95,8 @@ __all__ = ["SEQUENCE_BLOCK", "JobManager", "TerminalHook"]
 logger = logging.getLogger(__name__)
 
 TerminalHook = Callable[[Job], Awaitable[None]]
+Deliveries = Callable[[Job], Sequence[tuple[str, bytes]]]
+"""The webhook deliveries (url, body) stored with a job's final state, in one transaction."""
 JobStream = Subscription | StoreWatch
 ADOPT_BATCH = 100
 """Jobs adopted in one pass at most (the next pass, a third of a lease later, takes more)."""
@@ -149,6 +151,8 @@ class JobManager:
             spawn=self._spawn,
         )
         self._listener: AnnouncementStream | None = None
+        self._deliveries: Deliveries = _no_deliveries
+        self._delivery_stored: Callable[[], None] = _nothing
         self._shared_tasks: builtins.list[asyncio.Task[None]] = []  # adopt, cancel listener
         self._hub = EventHub(
             buffer_size=settings.subscriber_buffer,
@@ -263,6 +267,12 @@ class JobManager:
     def accepting(self) -> bool:
         """Whether new jobs are taken (false once quiescing or stopping)."""
         return self._phase == "running" and not self._quiescing
+
+    def use_outbox(self, deliveries: Deliveries, stored: Callable[[], None]) -> None:
+        """Store ``deliveries(job)`` with each final state (the durable webhook outbox);
+        ``stored`` is called after such a write."""
+        self._deliveries = deliveries
+        self._delivery_stored = stored
 
     def add_terminal_hook(self, hook: TerminalHook) -> None:
         """Called with the final job after it is stored and Finished is sent; a failing hook
@@ -939,8 +949,12 @@ class JobManager:
         if state is JobState.SUCCEEDED:
             job.progress = 1.0
         active.record.last_sequence = self._last_sequence(active) + 1
+        deliveries = self._deliveries(job)
         try:
-            await self._store.save(active.record, holder=self._holder)  # first the store ...
+            # First the store, with the webhook in the same transaction ...
+            await self._store.save(active.record, holder=self._holder, outbox=deliveries)
+            if deliveries:
+                self._delivery_stored()
         except LeaseLost:
             active.finishing = False
             self._forget(active)  # the holder now decides how it ends
@@ -984,6 +998,14 @@ class JobManager:
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_log_failure if log_errors else _retrieve)
         return task
+
+
+def _no_deliveries(job: Job) -> Sequence[tuple[str, bytes]]:
+    return ()
+
+
+def _nothing() -> None:
+    return None
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

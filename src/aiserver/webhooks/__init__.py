@@ -1,7 +1,7 @@
 """Webhooks: signed ReplyTo deliveries of finished jobs."""
 
 from aiserver.webhooks.guard import RefusedTarget, TargetGuard, is_public, validate_reply_to
-from aiserver.webhooks.payload import body_of, message_id, payload_of
+from aiserver.webhooks.payload import body_of, message_id, message_id_for, payload_of
 from aiserver.webhooks.sender import DeliveryOutcome, DeliveryStatus, WebhookSender
 from aiserver.webhooks.signing import SignatureError, sign, signature_headers, verify
 
@@ -15,6 +15,7 @@ __all__ = [
     "body_of",
     "is_public",
     "message_id",
+    "message_id_for",
     "payload_of",
     "sign",
     "signature_headers",

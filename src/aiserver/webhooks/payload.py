@@ -9,7 +9,7 @@ from typing import Any
 
 from aiserver.jobs.model import Job
 
-__all__ = ["body_of", "message_id", "payload_of"]
+__all__ = ["body_of", "message_id", "message_id_for", "payload_of"]
 
 
 def _same(url: str) -> str:
@@ -67,5 +67,10 @@ def message_id(job: Job) -> str:
 
     Hashed so that any job id gives a short, header-safe value.
     """
-    digest = hashlib.sha256(f"{job.id}\x00{job.state.value}".encode()).hexdigest()
+    return message_id_for(job.id, job.state.value)
+
+
+def message_id_for(job_id: str, state: str) -> str:
+    """:func:`message_id` from a job id and state name (of a stored body)."""
+    digest = hashlib.sha256(f"{job_id}\x00{state}".encode()).hexdigest()
     return f"msg_{digest[:32]}"

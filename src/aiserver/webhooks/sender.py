@@ -23,7 +23,7 @@ from aiserver.webhooks.guard import RefusedTarget, Resolver, Target, TargetGuard
 from aiserver.webhooks.payload import body_of, message_id
 from aiserver.webhooks.signing import signature_headers
 
-__all__ = ["DeliveryOutcome", "DeliveryStatus", "WebhookSender"]
+__all__ = ["Attempt", "DeliveryOutcome", "DeliveryStatus", "WebhookSender"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,15 @@ class DeliveryStatus(enum.Enum):
     """The URL was not called: bad scheme or a non-public address."""
     SKIPPED = "SKIPPED"
     """No ReplyTo, or the job has not ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try: ``outcome`` when it was the last, else the delay before the next."""
+
+    outcome: DeliveryOutcome | None
+    retry_in_s: float | None = None
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,58 +137,78 @@ class WebhookSender:
         msg_id = message_id(job)
         if not job.reply_to or not job.state.terminal:
             return self._record(DeliveryOutcome(job.id, msg_id, "", DeliveryStatus.SKIPPED, 0))
-        if self._link is not None:
-            body = body_of(job, self._public_base_url, self._link)
-        else:
-            body = body_of(job, self._public_base_url)
-        host = ""
+        body = self.body(job)
         attempt = 0
-        status: int | None = None
-        detail = ""
-        while attempt < self._max_attempts:
+        while True:
             attempt += 1
-            retry_after: float | None = None
-            try:
-                target = await self._guard.check(job.reply_to)
-                host = target.url.host
-                status, retry_after = await self._post(target, msg_id, body)
-            except RefusedTarget as exc:
-                detail = exc.reason
-                if not exc.retryable:
-                    logger.warning("webhook for job %s refused: %s", job.id, exc.reason)
-                    return self._record(
+            tried = await self.attempt(job.id, msg_id, job.reply_to, body, attempt)
+            if tried.outcome is not None:
+                return tried.outcome
+            assert tried.retry_in_s is not None
+            await asyncio.sleep(tried.retry_in_s)
+
+    def body(self, job: Job) -> bytes:
+        """The bytes a finished job's ReplyTo receives (signed per attempt)."""
+        if self._link is not None:
+            return body_of(job, self._public_base_url, self._link)
+        return body_of(job, self._public_base_url)
+
+    async def attempt(
+        self, job_id: str, msg_id: str, url: str, body: bytes, attempt: int
+    ) -> Attempt:
+        """Try delivery number ``attempt`` once: a final outcome (recorded), or the delay
+        before the next try. The durable outbox drives this; :meth:`send` loops on it."""
+        host = ""
+        status: int | None = None
+        retry_after: float | None = None
+        try:
+            target = await self._guard.check(url)
+            host = target.url.host
+            status, retry_after = await self._post(target, msg_id, body)
+        except RefusedTarget as exc:
+            detail = exc.reason
+            if not exc.retryable:
+                logger.warning("webhook for job %s refused: %s", job_id, exc.reason)
+                return Attempt(
+                    self._record(
                         DeliveryOutcome(
-                            job.id, msg_id, host, DeliveryStatus.REFUSED, attempt, None, detail
+                            job_id, msg_id, host, DeliveryStatus.REFUSED, attempt, None, detail
                         )
                     )
-            except (httpx.TransportError, TimeoutError) as exc:
-                status, detail = None, type(exc).__name__
-            else:
-                detail = f"HTTP {status}"
-                if 200 <= status < 300:
-                    logger.info("webhook for job %s delivered to %s", job.id, host)
-                    return self._record(
-                        DeliveryOutcome(
-                            job.id, msg_id, host, DeliveryStatus.DELIVERED, attempt, status
-                        )
-                    )
-                if status != 429 and status < 500:
-                    break  # the receiver's final word
-            if attempt < self._max_attempts:
-                delay = self._delay(attempt, retry_after)
-                logger.info(
-                    "webhook for job %s to %s: %s; retry %d in %.2fs",
-                    job.id,
-                    host or "?",
-                    detail,
-                    attempt + 1,
-                    delay,
                 )
-                await asyncio.sleep(delay)
-        logger.warning("webhook for job %s to %s failed: %s", job.id, host or "?", detail)
-        return self._record(
-            DeliveryOutcome(job.id, msg_id, host, DeliveryStatus.FAILED, attempt, status, detail)
+        except (httpx.TransportError, TimeoutError) as exc:
+            status, detail = None, type(exc).__name__
+        else:
+            detail = f"HTTP {status}"
+            if 200 <= status < 300:
+                logger.info("webhook for job %s delivered to %s", job_id, host)
+                return Attempt(
+                    self._record(
+                        DeliveryOutcome(
+                            job_id, msg_id, host, DeliveryStatus.DELIVERED, attempt, status
+                        )
+                    )
+                )
+        final = status is not None and status != 429 and status < 500  # the receiver's word
+        if final or attempt >= self._max_attempts:
+            logger.warning("webhook for job %s to %s failed: %s", job_id, host or "?", detail)
+            return Attempt(
+                self._record(
+                    DeliveryOutcome(
+                        job_id, msg_id, host, DeliveryStatus.FAILED, attempt, status, detail
+                    )
+                )
+            )
+        delay = self._delay(attempt, retry_after)
+        logger.info(
+            "webhook for job %s to %s: %s; retry %d in %.2fs",
+            job_id,
+            host or "?",
+            detail,
+            attempt + 1,
+            delay,
         )
+        return Attempt(None, delay, detail)
 
     async def _post(self, target: Target, msg_id: str, body: bytes) -> tuple[int, float | None]:
         url = target.url

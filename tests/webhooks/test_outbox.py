@@ -1,0 +1,89 @@
+"""The durable webhook outbox on both job stores: stored deliveries survive a restart, are
+retried with backoff, and only the elected runner sends them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from aiserver.jobs.store import new_holder_id
+from aiserver.webhooks import WebhookSender, message_id_for
+from aiserver.webhooks.outbox import WebhookOutbox
+from tests.storage.backends import JobStoreBackend
+from tests.webhooks.receiver import Receiver
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStoreBackend]:
+    found = JobStoreBackend(request.param, tmp_path)
+    try:
+        yield found
+    finally:
+        await found.close()
+
+
+@pytest.fixture
+async def sender() -> AsyncIterator[WebhookSender]:
+    made = WebhookSender(b"secret", allow_hosts=("127.0.0.1",), backoff_s=0.05)
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+def _body(job_id: str) -> bytes:
+    return json.dumps({"jobId": job_id, "state": "SUCCEEDED"}).encode()
+
+
+async def test_a_stored_delivery_survives_a_restart_and_is_retried(
+    backend: JobStoreBackend, sender: WebhookSender
+) -> None:
+    async with Receiver(503) as receiver:
+        store = await backend.open()
+        await store.outbox_put("job-1", receiver.url, _body("job-1"))
+        await store.close()  # the process that stored it is gone before any try
+        reopened = await backend.open()
+        outbox = WebhookOutbox(reopened, sender, new_holder_id(), poll_s=0.05)
+        outbox.start()
+        try:
+            async with asyncio.timeout(10):  # 503, then delivered and dropped from the outbox
+                while await backend.sql("SELECT count(*) FROM webhook_outbox") != 0:
+                    await asyncio.sleep(0.05)
+        finally:
+            await outbox.stop()
+        assert len(receiver.requests) == 2
+        assert sender.outcomes[-1].attempts == 2
+        ids = {r.headers["webhook-id"] for r in receiver.requests}
+        assert ids == {message_id_for("job-1", "SUCCEEDED")}  # one id: receivers dedupe
+
+
+async def test_only_the_leader_delivers(backend: JobStoreBackend, sender: WebhookSender) -> None:
+    async with Receiver() as receiver:
+        store = await backend.open()
+        for i in range(5):
+            await store.outbox_put(f"job-{i}", receiver.url, _body(f"job-{i}"))
+        first = WebhookOutbox(store, sender, new_holder_id())
+        second = WebhookOutbox(store, sender, new_holder_id())
+        assert await first.run_once() == 5
+        await store.outbox_put("job-9", receiver.url, _body("job-9"))
+        assert await second.run_once() == 0  # the first still leads
+        assert await first.run_once() == 1
+        assert sorted(json.loads(r.body)["jobId"] for r in receiver.requests) == sorted(
+            [f"job-{i}" for i in range(5)] + ["job-9"]
+        )
+
+
+async def test_a_final_refusal_is_kept_and_not_retried(
+    backend: JobStoreBackend, sender: WebhookSender
+) -> None:
+    async with Receiver(404) as receiver:
+        store = await backend.open()
+        await store.outbox_put("job-1", receiver.url, _body("job-1"))
+        outbox = WebhookOutbox(store, sender, new_holder_id())
+        assert await outbox.run_once() == 1
+        assert await outbox.run_once() == 0
+        assert len(receiver.requests) == 1
