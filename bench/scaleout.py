@@ -1,0 +1,295 @@
+"""Scale-out: jobs/s and CPU per job for 1, 2 and 3 coordinators on PostgreSQL and for one on
+SQLite, with the database's own CPU and transactions per job.
+
+- Stand-ins: ``AGENTS`` instant ComfyUI stand-ins in one subprocess (64 slots each), shared by
+  every coordinator.
+- Coordinators: ``bench.service_proc`` processes (``aiserver serve``'s settings), each with its
+  own data folder (bytes stay in local folders: the figures are the job path's coordination,
+  not S3's). PostgreSQL: a database of the bench's own (``bench_scaleout``, so its counters
+  see no other client), a fresh schema per configuration. With 2 coordinators each is pinned
+  to its own core (``taskset -cp``); the callers and PostgreSQL float.
+- Load: closed loop, ``CALLERS`` callers per coordinator, each sending SYNC ImageUpscale jobs
+  (a different tiny PNG each) to its coordinator, back to back.
+- Figures per configuration, median of rounds: jobs/s; coordinator CPU ms per job (all
+  coordinators' ``/proc`` CPU over the jobs); PostgreSQL CPU ms per job (``/proc`` CPU of the
+  backends serving the bench's database: their connections live as long as the pools, so
+  every statement of the segment is counted; the shared background processes are not);
+  transactions per job (``pg_stat_database.xact_commit``: asyncpg runs each statement outside
+  an explicit transaction as its own, so this is the statement count, except that the
+  statements of one explicit transaction count once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+
+from bench.common import cpu_seconds, ms, row, spread
+from bench.orchestration import Inputs, _segment, _service_job, _wait_ready
+from bench.service_proc import ServiceProcess
+from bench.standin_proc import StandIns
+
+NAME = "scaleout"
+AGENTS = 4
+CALLERS = 16
+DATABASE = "bench_scaleout"
+ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+BENCH_URL = f"postgresql://postgres@127.0.0.1:5432/{DATABASE}"
+CONFIGS = (("sqlite", 1), ("postgres", 1), ("postgres", 2), ("postgres", 3))
+
+
+def run(quick: bool) -> dict[str, Any]:
+    return asyncio.run(_run(quick))
+
+
+async def _run(quick: bool) -> dict[str, Any]:
+    reps = 1 if quick else 3
+    jobs_per_process = 12 if quick else 300
+    configs = CONFIGS[:2] if quick else CONFIGS
+    await _ensure_database()
+    inputs = Inputs()
+    per_config: dict[str, dict[str, list[float]]] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scaleout-"))
+    try:
+        async with StandIns(AGENTS, tmp / "comfy") as agents:
+            for rep in range(reps):
+                for kind, count in configs:
+                    key = f"{kind}x{count}"
+                    got = await _config(
+                        tmp / f"{key}-{rep}", agents, kind, count, inputs, jobs_per_process
+                    )
+                    figures = per_config.setdefault(key, {})
+                    for name, value in got.items():
+                        figures.setdefault(name, []).append(value)
+                    await agents.reset()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    figures_out = {k: {n: spread(v, 3) for n, v in f.items()} for k, f in per_config.items()}
+    return {
+        "name": NAME,
+        "about": __doc__.strip().split("\n\n")[0],
+        "setup": {
+            "agents": AGENTS,
+            "callers_per_coordinator": CALLERS,
+            "jobs_per_coordinator": jobs_per_process,
+            "rounds": reps,
+            "task": "ImageUpscale, SYNC, OUTPUT_DELIVERY_REFERENCES, instant agents",
+            "pinning": "2 coordinators: taskset -cp 0 and 1",
+        },
+        "figures": figures_out,
+        "rows": _rows(figures_out),
+    }
+
+
+async def _ensure_database() -> None:
+    conn = await asyncpg.connect(ADMIN_URL)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
+            await conn.execute(f"CREATE DATABASE {DATABASE}")
+    finally:
+        await conn.close()
+
+
+async def _config(
+    root: Path, agents: StandIns, kind: str, count: int, inputs: Inputs, per_process: int
+) -> dict[str, float]:
+    schema = f"b_{uuid.uuid4().hex[:12]}"
+    agent_list = [
+        {"url": url, "name": f"agent{i}", "max_concurrent_jobs": 64}
+        for i, url in enumerate(agents.urls)
+    ]
+    services = []
+    before: dict[str, float] | None = None
+    after: dict[str, float] | None = None
+    for i in range(count):
+        env = {
+            "AISERVER_GRPC_HOST": "127.0.0.1",
+            "AISERVER_GRPC_PORT": "0",
+            "AISERVER_HTTP_ENABLED": "false",
+            "AISERVER_DATA_DIR": str(root / f"c{i}"),
+            "AISERVER_AGENTS": json.dumps(agent_list),
+        }
+        if kind == "postgres":
+            env |= {"AISERVER_DATABASE_URL": BENCH_URL, "AISERVER_DATABASE_SCHEMA": schema}
+        services.append(ServiceProcess(env, root.with_name(f"{root.name}-c{i}.log")))
+    await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+    try:
+        for service in services:
+            await service.__aenter__()
+        if count == 2:
+            for core, service in enumerate(services):
+                pin = await asyncio.create_subprocess_exec(
+                    "taskset", "-cp", str(core), str(service.pid), stdout=subprocess.DEVNULL
+                )
+                if await pin.wait() != 0:
+                    raise RuntimeError("taskset failed")
+        channels = [grpc.aio.insecure_channel(s.target) for s in services]
+        try:
+            for channel in channels:
+                await _wait_ready(channel)
+            jobs = [_service_job(c) for c in channels]
+            for job in jobs:  # warm-up: connections, caches, first imports
+                await _segment(job, 2, inputs.take(4))
+            before = await _settled_counters() if kind == "postgres" else None
+            cpu = [cpu_seconds(s.pid) for s in services]
+            start = time.perf_counter()
+            results = await asyncio.gather(
+                *(_segment(job, CALLERS, inputs.take(per_process)) for job in jobs)
+            )
+            wall = time.perf_counter() - start
+            used = sum(cpu_seconds(s.pid) - c for s, c in zip(services, cpu, strict=True))
+            after = await _database_counters() if kind == "postgres" else None
+        finally:
+            for channel in channels:
+                await channel.close()
+    finally:
+        for service in services:
+            await service.__aexit__()
+    if after is not None:
+        # Backends report their counters when idle (up to 10 s later) or when they exit:
+        # the coordinators' backends have exited now (shutdown statements are counted too).
+        await asyncio.sleep(0.5)
+        after |= {k: v for k, v in (await _database_counters()).items() if k != "cpu"}
+    if kind == "postgres":
+        await _drop_schema(schema)
+    done = sum(len(r["latencies"]) for r in results)
+    figures = {
+        "jobs_per_s": done / wall,
+        "coordinator_cpu_ms_per_job": ms(used) / done,
+        "failed": float(sum(len(r["failed"]) for r in results)),
+    }
+    if before is not None and after is not None:
+        figures["postgres_cpu_ms_per_job"] = ms(after["cpu"] - before["cpu"]) / done
+        figures["postgres_xacts_per_job"] = (after["xacts"] - before["xacts"]) / done
+        figures["postgres_rows_written_per_job"] = (after["written"] - before["written"]) / done
+    return figures
+
+
+async def _settled_counters() -> dict[str, float]:
+    """The counters once every backend reported what it did so far (unchanged for 1.5 s)."""
+    last = await _database_counters()
+    stable = 0
+    for _ in range(24):
+        await asyncio.sleep(0.5)
+        now = await _database_counters()
+        stable = stable + 1 if now["xacts"] == last["xacts"] else 0
+        last = now
+        if stable >= 3:
+            break
+    return last
+
+
+async def _database_counters() -> dict[str, float]:
+    conn = await asyncpg.connect(ADMIN_URL)
+    try:
+        pids = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = $1 AND backend_type = 'client backend'",
+            DATABASE,
+        )
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        stats = await conn.fetchrow(
+            "SELECT xact_commit + xact_rollback AS xacts,"
+            " tup_inserted + tup_updated + tup_deleted AS written"
+            " FROM pg_stat_database WHERE datname = $1",
+            DATABASE,
+        )
+    finally:
+        await conn.close()
+    cpu = 0.0
+    for record in pids:
+        with contextlib.suppress(OSError):  # a backend that ended meanwhile
+            cpu += cpu_seconds(int(record["pid"]))
+    assert stats is not None
+    return {"cpu": cpu, "xacts": float(stats["xacts"]), "written": float(stats["written"])}
+
+
+async def _drop_schema(schema: str) -> None:
+    conn = await asyncpg.connect(BENCH_URL)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+def _rows(figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for key, f in figures.items():
+        rows.append(row(f"scaleout {key}: jobs/s", f["jobs_per_s"], "jobs/s"))
+        rows.append(
+            row(
+                f"scaleout {key}: coordinator CPU per job",
+                f["coordinator_cpu_ms_per_job"],
+                "ms",
+                better="lower",
+            )
+        )
+        if "postgres_cpu_ms_per_job" in f:
+            rows.append(
+                row(
+                    f"scaleout {key}: PostgreSQL CPU per job",
+                    f["postgres_cpu_ms_per_job"],
+                    "ms",
+                    better="lower",
+                )
+            )
+            rows.append(
+                row(
+                    f"scaleout {key}: PostgreSQL transactions per job",
+                    f["postgres_xacts_per_job"],
+                    "xact",
+                    better="lower",
+                )
+            )
+    sqlite = figures.get("sqlitex1")
+    pg1 = figures.get("postgresx1")
+    if sqlite and pg1:
+        ratio = (
+            pg1["coordinator_cpu_ms_per_job"]["median"]
+            / sqlite["coordinator_cpu_ms_per_job"]["median"]
+        )
+        rows.append(
+            row(
+                "scaleout: coordinator CPU/job, PostgreSQL over SQLite",
+                spread([ratio], 2),
+                "x",
+                target=1.3,
+                better="lower",
+            )
+        )
+        pg_cpu = pg1["postgres_cpu_ms_per_job"]["median"]
+        coord = pg1["coordinator_cpu_ms_per_job"]["median"]
+        if pg_cpu > 0:
+            feeds = coord / pg_cpu  # coordinators at full rate one database core keeps up with
+            rows.append(
+                row(
+                    "scaleout: coordinators one PostgreSQL core can feed",
+                    spread([feeds], 1),
+                    "procs",
+                    target=20,
+                )
+            )
+    pg2 = figures.get("postgresx2")
+    if pg1 and pg2:
+        speedup = pg2["jobs_per_s"]["median"] / pg1["jobs_per_s"]["median"]
+        rows.append(
+            row(
+                "scaleout: 2 coordinators (pinned) over 1, jobs/s",
+                spread([speedup], 2),
+                "x",
+                target=1.6,
+                note="2 cores shared with callers, stand-ins and PostgreSQL: capped here",
+            )
+        )
+    return rows
