@@ -126,7 +126,11 @@ async def _config(
     await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
     try:
         for service in services:
-            await service.__aenter__()
+            try:
+                await service.__aenter__()
+            except RuntimeError as exc:
+                tail = service.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{exc}\n{tail}") from None
         if count == 2:
             for core, service in enumerate(services):
                 pin = await asyncio.create_subprocess_exec(

@@ -29,12 +29,11 @@ from typing import Any, Literal
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs.attempt import (
     ActiveJob,
-    AttemptSink,
     cancelled_error,
     input_missing,
-    internal_error,
-    retryable_failure,
 )
+from aiserver.jobs.dispatch import Dispatcher
+from aiserver.jobs.driver import AttemptDriver
 from aiserver.jobs.event_codec import encode_event
 from aiserver.jobs.event_log import EventLog
 from aiserver.jobs.events import (
@@ -57,20 +56,14 @@ from aiserver.jobs.model import (
     Job,
     JobEvent,
     JobState,
-    Progress,
-    Retrying,
-    Stage,
 )
 from aiserver.jobs.outputs import ArtifactWriter
 from aiserver.jobs.paging import page_size as checked_page_size
 from aiserver.jobs.scheduler import (
     SHUTDOWN,
-    JobQueue,
     SchedulerSettings,
     could_serve,
     default_spec,
-    pick_provider,
-    refusal,
 )
 from aiserver.jobs.store import (
     ActiveLimitReached,
@@ -84,8 +77,6 @@ from aiserver.jobs.store_watch import StoreWatch
 from aiserver.logs import job_id_var
 from aiserver.providers.base import (
     Provider,
-    WorkInput,
-    WorkItem,
 )
 from aiserver.spool import InputSpool
 from aiserver.tasks import TaskKind, TaskSpec
@@ -133,10 +124,25 @@ class JobManager:
         self._by_name = {p.name: p for p in self._providers}
         self._settings = settings
         self._active: dict[str, ActiveJob] = {}
-        self._queue = JobQueue()
-        self._running: dict[str, int] = {p.name: 0 for p in self._providers}
         self._hooks: builtins.list[TerminalHook] = []
-        self._controllers: set[asyncio.Task[None]] = set()
+        self._dispatch = Dispatcher(
+            self._providers,
+            settings,
+            self._active,
+            launch=self._launch_new,
+            finish=self._finish,
+            emit=self._emit,
+        )
+        self._driver = AttemptDriver(
+            spool,
+            artifacts,
+            settings,
+            self._dispatch,
+            save=self._save,
+            emit=self._emit,
+            finish=self._finish,
+            forget=self._forget,
+        )
         self._tasks: set[asyncio.Task[Any]] = set()  # finishes, hooks, background writes
         self._leases = (
             LeaseKeeper(store, holder, lease_s, self._lease_lost) if holder is not None else None
@@ -160,8 +166,6 @@ class JobManager:
             retain_s=settings.history_retain_s,
             queue_position=self.queue_position,
         )
-        self._wake = asyncio.Event()
-        self._dispatcher: asyncio.Task[None] | None = None
         self._phase: Literal["new", "running", "stopping", "stopped"] = "new"
         self._quiescing = False
         self._creating: dict[str, int] = {}  # by owner: submissions between check and store
@@ -180,13 +184,13 @@ class JobManager:
                 asyncio.create_task(self._adopt_loop(), name="job-adoption"),
                 asyncio.create_task(self._hear_cancels(self._listener), name="job-cancels"),
             ]
-            self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="job-dispatcher")
+            self._dispatch.start()
             logger.info("job manager started as %s (shared store)", self._leases.holder)
             return
         records = await self._store.unfinished()
         self._phase = "running"
         await self._recover(records)
-        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="job-dispatcher")
+        self._dispatch.start()
         logger.info("job manager started: %d unfinished jobs recovered", len(records))
 
     async def _recover(self, records: Sequence[JobRecord]) -> None:
@@ -196,7 +200,7 @@ class JobManager:
         for record in records:
             self._active[record.job.id] = ActiveJob(record)
             if record.job.state is JobState.QUEUED:
-                self._queue.push(record.job.id, now)
+                self._dispatch.queue.push(record.job.id, now)
         for record in records:
             self._hub.open_recovered(
                 record.job, last_sequence=record.last_sequence, retries=record.retries
@@ -210,16 +214,16 @@ class JobManager:
             if provider is not None and job.resume:
                 # Re-attach: the provider continues the same attempt from its checkpoint.
                 logger.info("job %s: resuming on %s", job.id, provider.name)
-                self._launch(active, provider, new_attempt=False)
+                self._driver.launch(active, provider, new_attempt=False)
             else:
                 interrupted = ServiceError(
                     ErrorKind.UNAVAILABLE,
                     "JOB_INTERRUPTED",
                     "the server restarted while the job was running",
                 )
-                await self._retry_or_fail(active, interrupted, agent="")
-        self._publish_positions()
-        self._wake.set()
+                await self._driver.retry_or_fail(active, interrupted, agent="")
+        self._dispatch.publish_positions()
+        self._dispatch.wake()
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking work; give running jobs ``grace_s`` to finish, then cancel them so that
@@ -229,20 +233,20 @@ class JobManager:
         self._phase = "stopping"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(grace_s, 0.0)
-        for task in [self._dispatcher, *self._shared_tasks]:
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        await _wait(self._controllers, deadline - loop.time())
+        await self._dispatch.stop()
+        for task in self._shared_tasks:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await _wait(self._driver.controllers, deadline - loop.time())
         for active in self._active.values():
             if active.controller is not None and not active.controller.done():
                 active.cancel_reason = "shutdown"
                 if active.run_task is not None:
                     active.run_task.cancel(SHUTDOWN)
-        await _wait(self._controllers, self._settings.cancel_timeout_s)
-        for task in builtins.list(self._controllers):  # providers that ignore cancellation
+        await _wait(self._driver.controllers, self._settings.cancel_timeout_s)
+        for task in builtins.list(self._driver.controllers):  # providers that ignore cancellation
             task.cancel()
-        await _wait(self._controllers, 1.0)
+        await _wait(self._driver.controllers, 1.0)
         await _wait(self._tasks, max(deadline - loop.time(), 0.1))
         for task in builtins.list(self._tasks):
             task.cancel()
@@ -425,7 +429,7 @@ class JobManager:
         return snapshot(active.job)
 
     async def _cancel_here(self, active: ActiveJob) -> None:
-        if self._queue.remove(active.job.id):
+        if self._dispatch.queue.remove(active.job.id):
             await asyncio.shield(self._finish(active, JobState.CANCELLED, cancelled_error()))
         else:
             # Running (or between two steps of its controller, which checks the reason).
@@ -472,11 +476,11 @@ class JobManager:
 
     def queue_depth(self) -> int:
         """Jobs waiting for a provider."""
-        return len(self._queue)
+        return len(self._dispatch.queue)
 
     def queue_position(self, job_id: str) -> int:
         """1 for the next job to be dispatched, 0 when not queued."""
-        return self._queue.position(job_id)
+        return self._dispatch.queue.position(job_id)
 
     def can_serve(self, task: TaskKind) -> bool:
         """Whether some provider can run ``task`` now (for health checks)."""
@@ -524,11 +528,11 @@ class JobManager:
             return self._fresh(stored.job), True
         active = ActiveJob(stored)
         self._active[job_id] = active
-        self._queue.push(job_id, time.monotonic())
-        active.last_position = self._queue.position(job_id)
+        self._dispatch.push(job_id)
+        active.last_position = self._dispatch.queue.position(job_id)
         self._hub.open_new(job)
         self._hub.emit(job_id, Accepted(task, job.ref_id, active.last_position))
-        self._wake.set()
+        self._dispatch.wake()
         return snapshot(job), False
 
     async def _create_shared(self, job: Job) -> tuple[Job, bool]:
@@ -544,18 +548,18 @@ class JobManager:
             raise self._too_many_jobs(limit) from None
         if existing:
             return self._fresh(stored.job), True
-        accepted = Accepted(job.task, job.ref_id, len(self._queue) + 1)
+        accepted = Accepted(job.task, job.ref_id, len(self._dispatch.queue) + 1)
         kind, payload = encode_event(accepted)
         await self._store.append_event(job.id, 1, kind, payload)
         if await self._leases.take(job.id) is None or self._phase != "running":
             return snapshot(job), False
         active = ActiveJob(stored)
         self._active[job.id] = active
-        self._queue.push(job.id, time.monotonic())
-        active.last_position = self._queue.position(job.id)
+        self._dispatch.push(job.id)
+        active.last_position = self._dispatch.queue.position(job.id)
         self._hub.open_new(job)
         self._hub.emit(job.id, accepted)  # sequence 1, stored above
-        self._wake.set()
+        self._dispatch.wake()
         return snapshot(job), False
 
     # --- shared store: adoption, cancels from elsewhere, lost leases ----------------------
@@ -633,7 +637,7 @@ class JobManager:
         logger.warning("job %s: no longer held here; dropped", job_id)
         active.finishing = True  # nothing may be written or emitted for it from here on
         active.cancel_reason = "shutdown"
-        self._queue.remove(job_id)
+        self._dispatch.queue.remove(job_id)
         if active.run_task is not None:
             active.run_task.cancel(SHUTDOWN)
         if self._leases is not None:
@@ -643,7 +647,10 @@ class JobManager:
         del self._active[job_id]
         self._hub.end_stream(job_id)
         active.done.set()
-        self._wake.set()
+        self._dispatch.wake()
+
+    def _launch_new(self, active: ActiveJob, provider: Provider) -> None:
+        self._driver.launch(active, provider, new_attempt=True)
 
     def _fresh(self, job: Job) -> Job:
         """The in-memory state of an unfinished job is never older than the stored one."""
@@ -663,231 +670,6 @@ class JobManager:
             progress=progress_of(job, 0),
             queue_position=0,
         )
-
-    # --- scheduling -----------------------------------------------------------------------
-
-    async def _dispatch_loop(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                self._expire_queued()
-                self._dispatch()
-            except Exception:
-                logger.exception("scheduler pass failed")
-            timeout = self._next_pass_in()
-            if timeout is None:
-                await self._wake.wait()
-                continue
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-
-    def _next_pass_in(self) -> float | None:
-        """Nothing queued: sleep until woken. Else recheck providers now and then, and wake
-        up for the earliest queue deadline."""
-        deadline = self._queue.next_deadline(self._settings.queue_timeout_s)
-        if deadline is None:
-            return None
-        until_deadline = max(deadline - time.monotonic(), 0.0)
-        return min(self._settings.recheck_interval_s, until_deadline)
-
-    def _expire_queued(self) -> None:
-        timeout = self._settings.queue_timeout_s
-        for job_id in self._queue.expired(time.monotonic(), timeout):
-            self._queue.remove(job_id)
-            error = ServiceError(
-                ErrorKind.DEADLINE_EXCEEDED,
-                "QUEUE_TIMEOUT",
-                f"no provider took the job within {timeout:g} s",
-                metadata={"queue_timeout_s": f"{timeout:g}"},
-            )
-            self._finish(self._active[job_id], JobState.FAILED, error)
-
-    def _dispatch(self) -> None:
-        if self._phase != "running":
-            return
-        capacity = self._settings.max_running_per_provider
-        dispatched = False
-        for job_id in self._queue:
-            if all(self._running[p.name] >= capacity for p in self._providers):
-                break
-            active = self._active[job_id]
-            provider = pick_provider(
-                self._providers, active.job.task, active.job.spec, self._running, capacity
-            )
-            if provider is None:
-                # Fail at once what no provider will ever take (e.g. a model no agent has)
-                # rather than at the queue timeout; otherwise wait, others may still fit.
-                error = refusal(self._providers, active.job.task, active.job.spec)
-                if error is not None:
-                    self._finish(active, JobState.FAILED, error)
-                continue
-            self._queue.remove(job_id)
-            self._launch(active, provider, new_attempt=True)
-            dispatched = True
-        if dispatched:
-            self._publish_positions()
-
-    def _publish_positions(self) -> None:
-        for job_id, position in self._queue.positions().items():
-            active = self._active[job_id]
-            if active.last_position != position:
-                active.last_position = position
-                self._emit(active, Progress(Stage.QUEUED, queue_position=position))
-
-    def _launch(self, active: ActiveJob, provider: Provider, *, new_attempt: bool) -> None:
-        self._running[provider.name] += 1  # counted now: the next pick must see it
-        active.last_position = 0
-        task = asyncio.create_task(
-            self._drive(active, provider, new_attempt), name=f"job-{active.job.id}"
-        )
-        active.controller = task
-        self._controllers.add(task)
-        task.add_done_callback(self._controllers.discard)
-
-    # --- one attempt ----------------------------------------------------------------------
-
-    async def _drive(self, active: ActiveJob, provider: Provider, new_attempt: bool) -> None:
-        """Run one attempt (or resume one) and settle the job's fate."""
-        job = active.job
-        job_id_var.set(job.id)  # this task's (and the provider's) log lines name the job
-        try:
-            if new_attempt:
-                job.attempts += 1
-                job.resume = {}
-                job.agent = ""
-                job.progress = 0.0
-            job.state = JobState.RUNNING
-            job.provider = provider.name
-            job.started = job.started or _now()
-            await self._save(active)
-            if active.cancel_reason == "shutdown":
-                return
-            if active.cancel_reason == "user":
-                await self._finish(active, JobState.CANCELLED, cancelled_error())
-                return
-            self._emit(active, Progress(Stage.PENDING, provider=provider.name))
-            work = WorkItem(
-                job_id=job.id,
-                task=job.task,
-                spec=job.spec,
-                inputs=await self._work_inputs(job),
-                attempt=job.attempts,
-                resume=dict(job.resume),
-                exclude=frozenset(r.agent for r in active.record.retries if r.agent),
-            )
-            sink = AttemptSink(
-                active,
-                provider=provider.name,
-                artifacts=self._artifacts,
-                save=self._save,
-                emit=self._emit,
-                resumed=not new_attempt,
-            )
-            active.sink = sink
-            run = asyncio.create_task(provider.run(work, sink), name=f"run-{job.id}")
-            run.add_done_callback(_retrieve)
-            active.run_task = run
-            done, _ = await asyncio.wait({run}, timeout=self._settings.run_timeout_s)
-            timed_out = not done
-            if timed_out:
-                run.cancel()
-                await asyncio.wait({run}, timeout=self._settings.cancel_timeout_s)
-            sink.closed = True
-            await self._conclude(active, run, timed_out)
-        except LeaseLost:
-            self._forget(active)
-        except ServiceError as error:  # e.g. an input vanished from the spool
-            await self._finish(active, JobState.FAILED, error)
-        except Exception:
-            logger.exception("job %s: attempt failed unexpectedly", job.id)
-            await self._finish(active, JobState.FAILED, internal_error())
-        finally:
-            self._running[provider.name] -= 1
-            if active.sink is not None:
-                active.sink.closed = True  # a provider that outlives its attempt is ignored
-            active.run_task = None
-            active.sink = None
-            self._wake.set()
-
-    async def _conclude(self, active: ActiveJob, run: asyncio.Task[None], timed_out: bool) -> None:
-        job = active.job
-        reason = active.cancel_reason
-        succeeded = run.done() and not run.cancelled() and run.exception() is None
-        lost = run.done() and not run.cancelled() and isinstance(run.exception(), LeaseLost)
-        if lost:  # a fenced write of the attempt failed: another process holds the job
-            self._forget(active)
-            return
-        if reason == "shutdown" and not succeeded:
-            return  # stays RUNNING in the store: resumed or retried at the next start
-        if succeeded:
-            if job.outputs or job.texts:
-                await self._finish(active, JobState.SUCCEEDED, None)
-            else:
-                # AI Server reports "no outputs" as success; say what happened instead.
-                error = ServiceError(
-                    ErrorKind.INTERNAL, "NO_OUTPUTS", "the provider finished without outputs"
-                )
-                await self._finish(active, JobState.FAILED, error)
-        elif reason == "user":
-            await self._finish(active, JobState.CANCELLED, cancelled_error())
-        elif timed_out:
-            timeout = self._settings.run_timeout_s
-            error = ServiceError(
-                ErrorKind.DEADLINE_EXCEEDED,
-                "RUN_TIMEOUT",
-                f"the job did not finish within {timeout:g} s",
-                metadata={"run_timeout_s": f"{timeout:g}"},
-            )
-            await self._finish(active, JobState.FAILED, error)
-        elif run.cancelled():
-            logger.error("job %s: provider %s cancelled itself", job.id, job.provider)
-            await self._finish(active, JobState.FAILED, internal_error())
-        else:
-            failure = run.exception()
-            if (retryable := retryable_failure(failure)) is not None:
-                await self._retry_or_fail(active, retryable, agent=retryable.agent or job.agent)
-            elif isinstance(failure, ServiceError):
-                await self._finish(active, JobState.FAILED, failure)
-            else:
-                logger.error("job %s: provider %s failed", job.id, job.provider, exc_info=failure)
-                await self._finish(active, JobState.FAILED, internal_error())
-
-    async def _retry_or_fail(self, active: ActiveJob, error: ServiceError, *, agent: str) -> None:
-        job = active.job
-        if job.attempts >= self._settings.max_attempts:
-            await self._finish(active, JobState.FAILED, error)
-            return
-        retry = Retrying(attempt=job.attempts + 1, reason=error.message, agent=agent)
-        active.record.retries.append(retry)
-        job.state = JobState.QUEUED
-        job.resume = {}  # the checkpoint belonged to the failed run
-        job.agent = ""
-        job.progress = 0.0
-        await self._save(active)
-        if active.cancel_reason == "user":
-            await self._finish(active, JobState.CANCELLED, cancelled_error())
-            return
-        self._emit(active, retry)
-        if active.cancel_reason == "shutdown":
-            return  # stored as QUEUED: runs at the next start
-        self._queue.push(job.id, time.monotonic())
-        self._publish_positions()
-        self._wake.set()
-
-    async def _work_inputs(self, job: Job) -> dict[str, WorkInput]:
-        inputs: dict[str, WorkInput] = {}
-        for ref in job.inputs:
-            try:  # from the shared store when another process received the upload
-                path = await self._spool.local_path(ref.sha256)
-            except Exception:
-                raise input_missing(ref) from None
-            inputs[ref.field] = WorkInput(
-                ref.field, path, ref.file_name, ref.sha256, ref.mime_type, ref.width, ref.height
-            )
-        return inputs
 
     # --- store, events, the end -----------------------------------------------------------
 
@@ -942,7 +724,7 @@ class JobManager:
         active.finishing = True
         job = active.job
         job_id_var.set(job.id)
-        self._queue.remove(job.id)
+        self._dispatch.queue.remove(job.id)
         job.state = state
         job.error = error
         job.ended = job.updated = _now()
@@ -972,8 +754,8 @@ class JobManager:
         if self._leases is not None:
             self._spawn(self._leases.release(job.id))
         self._inputs.job_ended(job)
-        self._publish_positions()
-        self._wake.set()
+        self._dispatch.publish_positions()
+        self._dispatch.wake()
         for hook in self._hooks:  # ... then the hooks
             self._spawn(self._run_hook(hook, final))
 

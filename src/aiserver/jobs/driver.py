@@ -1,0 +1,227 @@
+"""Attempt driving: one run of a job on a provider, and what its end means for the job.
+
+Each attempt runs in a task of its own (the job's *controller*): it marks the job RUNNING,
+hands the provider a :class:`~aiserver.providers.base.WorkItem` (inputs fetched from the
+shared store if only there) and an :class:`~aiserver.jobs.attempt.AttemptSink`, bounds the run
+by ``run_timeout_s``, then settles: success, a retry on another agent (queued again), a
+failure, or a cancel. Every write goes through the manager's fenced ``save``; a
+``LeaseLost`` (another process holds the job now) makes it forget the job, nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiserver.errors import ErrorKind, ServiceError
+from aiserver.jobs.attempt import (
+    ActiveJob,
+    AttemptSink,
+    Emit,
+    Save,
+    cancelled_error,
+    input_missing,
+    internal_error,
+    retryable_failure,
+)
+from aiserver.jobs.dispatch import Dispatcher, Finish
+from aiserver.jobs.model import Job, JobState, Progress, Retrying, Stage
+from aiserver.jobs.outputs import ArtifactWriter
+from aiserver.jobs.scheduler import SchedulerSettings
+from aiserver.jobs.store import LeaseLost
+from aiserver.logs import job_id_var
+from aiserver.providers.base import Provider, WorkInput, WorkItem
+from aiserver.spool import InputSpool
+
+__all__ = ["AttemptDriver"]
+
+logger = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class AttemptDriver:
+    """Launches and settles attempts; :attr:`controllers` are the tasks running them."""
+
+    def __init__(
+        self,
+        spool: InputSpool,
+        artifacts: ArtifactWriter,
+        settings: SchedulerSettings,
+        dispatcher: Dispatcher,
+        *,
+        save: Save,
+        emit: Emit,
+        finish: Finish,
+        forget: Callable[[ActiveJob], None],
+    ) -> None:
+        self._spool = spool
+        self._artifacts = artifacts
+        self._settings = settings
+        self._dispatcher = dispatcher
+        self._save = save
+        self._emit = emit
+        self._finish = finish
+        self._forget = forget
+        self.controllers: set[asyncio.Task[None]] = set()
+
+    def launch(self, active: ActiveJob, provider: Provider, *, new_attempt: bool) -> None:
+        """Run (``new_attempt``) or resume the job on ``provider`` in a task of its own."""
+        self._dispatcher.running[provider.name] += 1  # counted now: the next pick must see it
+        active.last_position = 0
+        task = asyncio.create_task(
+            self._drive(active, provider, new_attempt), name=f"job-{active.job.id}"
+        )
+        active.controller = task
+        self.controllers.add(task)
+        task.add_done_callback(self.controllers.discard)
+
+    async def _drive(self, active: ActiveJob, provider: Provider, new_attempt: bool) -> None:
+        """Run one attempt (or resume one) and settle the job's fate."""
+        job = active.job
+        job_id_var.set(job.id)  # this task's (and the provider's) log lines name the job
+        try:
+            if new_attempt:
+                job.attempts += 1
+                job.resume = {}
+                job.agent = ""
+                job.progress = 0.0
+            job.state = JobState.RUNNING
+            job.provider = provider.name
+            job.started = job.started or _now()
+            await self._save(active)
+            if active.cancel_reason == "shutdown":
+                return
+            if active.cancel_reason == "user":
+                await self._finish(active, JobState.CANCELLED, cancelled_error())
+                return
+            self._emit(active, Progress(Stage.PENDING, provider=provider.name))
+            work = WorkItem(
+                job_id=job.id,
+                task=job.task,
+                spec=job.spec,
+                inputs=await self._work_inputs(job),
+                attempt=job.attempts,
+                resume=dict(job.resume),
+                exclude=frozenset(r.agent for r in active.record.retries if r.agent),
+            )
+            sink = AttemptSink(
+                active,
+                provider=provider.name,
+                artifacts=self._artifacts,
+                save=self._save,
+                emit=self._emit,
+                resumed=not new_attempt,
+            )
+            active.sink = sink
+            run = asyncio.create_task(provider.run(work, sink), name=f"run-{job.id}")
+            run.add_done_callback(_retrieve)
+            active.run_task = run
+            done, _ = await asyncio.wait({run}, timeout=self._settings.run_timeout_s)
+            timed_out = not done
+            if timed_out:
+                run.cancel()
+                await asyncio.wait({run}, timeout=self._settings.cancel_timeout_s)
+            sink.closed = True
+            await self._conclude(active, run, timed_out)
+        except LeaseLost:
+            self._forget(active)
+        except ServiceError as error:  # e.g. an input vanished from the spool
+            await self._finish(active, JobState.FAILED, error)
+        except Exception:
+            logger.exception("job %s: attempt failed unexpectedly", job.id)
+            await self._finish(active, JobState.FAILED, internal_error())
+        finally:
+            self._dispatcher.running[provider.name] -= 1
+            if active.sink is not None:
+                active.sink.closed = True  # a provider that outlives its attempt is ignored
+            active.run_task = None
+            active.sink = None
+            self._dispatcher.wake()
+
+    async def _conclude(self, active: ActiveJob, run: asyncio.Task[None], timed_out: bool) -> None:
+        job = active.job
+        reason = active.cancel_reason
+        succeeded = run.done() and not run.cancelled() and run.exception() is None
+        lost = run.done() and not run.cancelled() and isinstance(run.exception(), LeaseLost)
+        if lost:  # a fenced write of the attempt failed: another process holds the job
+            self._forget(active)
+            return
+        if reason == "shutdown" and not succeeded:
+            return  # stays RUNNING in the store: resumed or retried at the next start
+        if succeeded:
+            if job.outputs or job.texts:
+                await self._finish(active, JobState.SUCCEEDED, None)
+            else:
+                # AI Server reports "no outputs" as success; say what happened instead.
+                error = ServiceError(
+                    ErrorKind.INTERNAL, "NO_OUTPUTS", "the provider finished without outputs"
+                )
+                await self._finish(active, JobState.FAILED, error)
+        elif reason == "user":
+            await self._finish(active, JobState.CANCELLED, cancelled_error())
+        elif timed_out:
+            timeout = self._settings.run_timeout_s
+            error = ServiceError(
+                ErrorKind.DEADLINE_EXCEEDED,
+                "RUN_TIMEOUT",
+                f"the job did not finish within {timeout:g} s",
+                metadata={"run_timeout_s": f"{timeout:g}"},
+            )
+            await self._finish(active, JobState.FAILED, error)
+        elif run.cancelled():
+            logger.error("job %s: provider %s cancelled itself", job.id, job.provider)
+            await self._finish(active, JobState.FAILED, internal_error())
+        else:
+            failure = run.exception()
+            if (retryable := retryable_failure(failure)) is not None:
+                await self.retry_or_fail(active, retryable, agent=retryable.agent or job.agent)
+            elif isinstance(failure, ServiceError):
+                await self._finish(active, JobState.FAILED, failure)
+            else:
+                logger.error("job %s: provider %s failed", job.id, job.provider, exc_info=failure)
+                await self._finish(active, JobState.FAILED, internal_error())
+
+    async def retry_or_fail(self, active: ActiveJob, error: ServiceError, *, agent: str) -> None:
+        job = active.job
+        if job.attempts >= self._settings.max_attempts:
+            await self._finish(active, JobState.FAILED, error)
+            return
+        retry = Retrying(attempt=job.attempts + 1, reason=error.message, agent=agent)
+        active.record.retries.append(retry)
+        job.state = JobState.QUEUED
+        job.resume = {}  # the checkpoint belonged to the failed run
+        job.agent = ""
+        job.progress = 0.0
+        await self._save(active)
+        if active.cancel_reason == "user":
+            await self._finish(active, JobState.CANCELLED, cancelled_error())
+            return
+        self._emit(active, retry)
+        if active.cancel_reason == "shutdown":
+            return  # stored as QUEUED: runs at the next start
+        self._dispatcher.push(job.id)
+        self._dispatcher.publish_positions()
+        self._dispatcher.wake()
+
+    async def _work_inputs(self, job: Job) -> dict[str, WorkInput]:
+        inputs: dict[str, WorkInput] = {}
+        for ref in job.inputs:
+            try:  # from the shared store when another process received the upload
+                path = await self._spool.local_path(ref.sha256)
+            except Exception:
+                raise input_missing(ref) from None
+            inputs[ref.field] = WorkInput(
+                ref.field, path, ref.file_name, ref.sha256, ref.mime_type, ref.width, ref.height
+            )
+        return inputs
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # marks it retrieved: the awaiting side reports it
