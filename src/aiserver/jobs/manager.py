@@ -551,7 +551,10 @@ class JobManager:
         accepted = Accepted(job.task, job.ref_id, len(self._dispatch.queue) + 1)
         kind, payload = encode_event(accepted)
         await self._store.append_event(job.id, 1, kind, payload)
-        if await self._leases.take(job.id) is None or self._phase != "running":
+        if await self._leases.take(job.id) is None:
+            return snapshot(job), False  # another process's adoption pass was first
+        if self._phase != "running":  # stopping meanwhile: another process will run it
+            await self._leases.release(job.id)
             return snapshot(job), False
         active = ActiveJob(stored)
         self._active[job.id] = active
@@ -588,10 +591,13 @@ class JobManager:
             lease = await self._leases.take(job_id)
         if lease is None:
             return None
+        held = self._active.get(lease.job_id)
+        if held is not None:  # its lease had lapsed unnoticed; this process still runs it
+            return held
         record = await self._store.get(lease.job_id)
-        if record is None or record.job.state.terminal or lease.job_id in self._active:
+        if record is None or record.job.state.terminal:
             await self._leases.release(lease.job_id)
-            return self._active.get(lease.job_id)
+            return None
         logger.info(
             "job %s: adopted (%s)", lease.job_id, "taken over" if lease.takeover else "free"
         )
