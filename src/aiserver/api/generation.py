@@ -202,9 +202,10 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
 
 
 def _check_options(options: common_pb2.JobOptions) -> None:
+    # Length and control characters are the contract's rules; Unicode's other unprintables
+    # (separators, format characters) are not expressible there.
     for name in ("ref_id", "tag"):
-        value = getattr(options, name)
-        if len(value) > MAX_LABEL or not value.isprintable():
+        if not getattr(options, name).isprintable():
             raise invalid_argument(
                 f"params.options.{name}",
                 "INVALID_PARAMETERS",

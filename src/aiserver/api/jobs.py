@@ -64,8 +64,6 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     @rpc
     async def ListJobs(self, request: jpb.ListJobsRequest, context: Any) -> jpb.ListJobsResponse:
-        if not 0 <= request.page_size <= MAX_PAGE:
-            raise invalid_argument("page_size", "INVALID_PAGE_SIZE", f"must be 0..{MAX_PAGE}")
         if request.all_owners and not self._is_admin(context):
             raise ServiceError(
                 ErrorKind.PERMISSION_DENIED, "ADMIN_ONLY", "all_owners needs an admin key"

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any
 
+from aiserver.api.validation import check_request
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 from aiserver.spool import InputSpool, SpooledFile, UploadBudget
 
@@ -51,6 +52,7 @@ async def read_upload(
                         "params", "PARAMS_NOT_FIRST", "the first message must carry params"
                     )
                 params = msg.params
+                check_request(params, "params.")  # before any byte is spooled
                 continue
             if kind == "params":
                 raise invalid_argument(
