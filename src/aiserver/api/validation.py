@@ -76,7 +76,8 @@ def violations_of(message: Message) -> list[tuple[str, str, str]]:
     found = []
     for v in _VALIDATOR.collect_violations(message):
         proto = v.proto
-        path = ".".join(e.field_name for e in proto.field.elements)
+        elements = proto.field.elements if proto.field is not None else []
+        path = ".".join(e.field_name for e in elements)
         found.append((path or _RULE_FIELDS.get(proto.rule_id, ""), proto.rule_id, proto.message))
     return found
 

@@ -19,6 +19,13 @@ from google.protobuf import descriptor
 from aiserver.gateway.compat import CompatTask
 from aiserver.gateway.fields import enum_of, is_map, is_repeated, msg_type, short_enum_names
 from aiserver.gateway.routes import Route, RouteKind
+from aiserver.gateway.schema_rules import (
+    field_rules,
+    is_required,
+    item_keywords,
+    rule_keywords,
+    strip_pattern_prefix,
+)
 from aiserver.gateway.streams import NDJSON, SSE, event_field
 
 __all__ = ["build_openapi"]
@@ -78,6 +85,9 @@ class _Schemas:
     def message(self, desc: descriptor.Descriptor) -> dict[str, Any]:
         props = {f.json_name: self.field(f) for f in desc.fields}
         schema: dict[str, Any] = {"type": "object", "properties": props}
+        required = [f.json_name for f in desc.fields if is_required(f)]
+        if required:
+            schema["required"] = required
         real_oneofs = [o for o in desc.oneofs if not _synthetic(o)]
         if real_oneofs:
             schema["description"] = " ".join(
@@ -95,12 +105,14 @@ class _Schemas:
         if f.type == FD.TYPE_MESSAGE:
             base = self.ref(msg_type(f))
         elif f.type == FD.TYPE_ENUM:
-            base = {"type": "string", "enum": [v.name for v in enum_of(f).values]}
+            # A required enum may not be its zero (unspecified) value.
+            values = [v for v in enum_of(f).values if v.number != 0 or not is_required(f)]
+            base = {"type": "string", "enum": [v.name for v in values]}
         else:
             base = dict(_SCALARS[f.type])
         if is_repeated(f):
-            return {"type": "array", "items": base}
-        return base
+            return {"type": "array", "items": {**base, **item_keywords(f)}}
+        return base if "$ref" in base else {**base, **rule_keywords(f)}
 
 
 def _synthetic(oneof: descriptor.OneofDescriptor) -> bool:
@@ -117,11 +129,25 @@ def _error_responses() -> dict[str, Any]:
     }
 
 
-def _path_parameters(path: str) -> list[dict[str, Any]]:
+def _path_parameters(path: str, route: Route | None = None) -> list[dict[str, Any]]:
     return [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {"name": name, "in": "path", "required": True, "schema": _path_schema(name, route)}
         for name in re.findall(r"{([^}]+)}", path)
     ]
+
+
+def _path_schema(name: str, route: Route | None) -> dict[str, Any]:
+    """A path variable's schema: the bound field's pattern without the template's literal
+    prefix (``{name=jobs/*}`` binds the id of ``jobs/{id}``)."""
+    if route is None:
+        return {"type": "string"}
+    f = route.method.input_type.fields_by_name.get(name)
+    bound = re.search("{" + re.escape(name) + r"=([^}*]*)", route.template.template)
+    rules = field_rules(f) if f is not None else None
+    if rules is None or bound is None or not rules.string.HasField("pattern"):
+        return {"type": "string"}
+    pattern = strip_pattern_prefix(rules.string.pattern, bound.group(1))
+    return {"type": "string"} if pattern is None else {"type": "string", "pattern": pattern}
 
 
 def _query_parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
@@ -163,11 +189,10 @@ def _form_schema(
                     props[name(inner)] = value_schema(inner)
             continue
         props[name(f)] = value_schema(f)
-    required = []
+    required = [name(f) for f in params.fields if is_required(f)]
     for file in files:
         props[file] = {"type": "string", "format": "binary"}
-        if file == "image":
-            required.append(file)
+        required.append(file)  # every input of a task is required (ImageWithMask: both)
     return {"type": "object", "properties": props, "required": required}
 
 
@@ -181,7 +206,7 @@ def _operation(route: Route, schemas: _Schemas, op_id: str) -> dict[str, Any]:
         "operationId": op_id,
         "tags": [method.containing_service.name],
         "summary": f"{method.containing_service.name}.{method.name} ({route.kind.value})",
-        "parameters": _path_parameters(route.template.openapi_path),
+        "parameters": _path_parameters(route.template.openapi_path, route),
     }
     if route.kind in (RouteKind.UNARY, RouteKind.SERVER_STREAM):
         op["parameters"] += _query_parameters(route, schemas) if route.body != "*" else []
@@ -193,12 +218,7 @@ def _operation(route: Route, schemas: _Schemas, op_id: str) -> dict[str, Any]:
             )
             op["requestBody"] = {"content": {"application/json": {"schema": target}}}
     else:
-        content: dict[str, Any] = {
-            NDJSON: {
-                "schema": schemas.ref(method.input_type),
-                "description": "one request message per line",
-            }
-        }
+        content: dict[str, Any] = {NDJSON: {"schema": schemas.ref(method.input_type)}}
         upload = route.upload
         if upload is not None:
             content = {
@@ -209,7 +229,12 @@ def _operation(route: Route, schemas: _Schemas, op_id: str) -> dict[str, Any]:
                 },
                 **content,
             }
-        op["requestBody"] = {"required": True, "content": content}
+        op["requestBody"] = {
+            "required": True,
+            "description": "A form with the parameters and files, or (application/x-ndjson) "
+            "one request message per line: params first, then file chunks.",
+            "content": content,
+        }
     out = schemas.ref(method.output_type)
     if route.response_body:
         out = schemas.field(method.output_type.fields_by_name[route.response_body])
@@ -255,8 +280,10 @@ def _compat_components() -> dict[str, Any]:
             "properties": {"fileName": string, "url": string, "provider": string},
         },
         "TextOutputItem": {"type": "object", "properties": {"text": string}},
+        # `results` (sync) and `statusUrl` (queued) are what tell the two answers apart.
         "GenerationResponse": {
             "type": "object",
+            "required": ["jobId", "refId", "jobState", "status", "results"],
             "properties": {
                 "jobId": string,
                 "refId": string,
@@ -270,6 +297,7 @@ def _compat_components() -> dict[str, Any]:
         },
         "QueueGenerationResponse": {
             "type": "object",
+            "required": ["jobId", "refId", "jobState", "status", "statusUrl"],
             "properties": {
                 "jobId": string,
                 "refId": string,
