@@ -275,7 +275,11 @@ def test_openapi_document_from_descriptors() -> None:
     assert job["state"]["enum"][:2] == ["STATE_UNSPECIFIED", "STATE_QUEUED"]
     assert job["createTime"] == {"type": "string", "format": "date-time"}
     artifact = doc["components"]["schemas"]["imagetasks.v1.Artifact"]["properties"]
-    assert artifact["sizeBytes"] == {"type": "string", "format": "int64"}
+    assert artifact["sizeBytes"] == {
+        "type": "string",
+        "format": "int64",
+        "pattern": "^-?[0-9]{1,18}$",
+    }
     form = paths["/api/ImageToImage"]["post"]["requestBody"]["content"]["multipart/form-data"]
     props = form["schema"]["properties"]
     assert {"PositivePrompt", "RefId", "Sync", "image"} <= set(props)

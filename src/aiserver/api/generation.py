@@ -16,7 +16,6 @@ from aiserver.api.convert import Link, event_to_proto, spec_from_proto
 from aiserver.api.status import rpc
 from aiserver.api.uploads import Upload, read_upload
 from aiserver.artifacts.store import ArtifactStore
-from aiserver.errors import invalid_argument
 from aiserver.imaging import ImageLimits, verify
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Accepted, InputRef, OutputStored
@@ -202,13 +201,5 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
 
 
 def _check_options(options: common_pb2.JobOptions) -> None:
-    # Length and control characters are the contract's rules; Unicode's other unprintables
-    # (separators, format characters) are not expressible there.
-    for name in ("ref_id", "tag"):
-        if not getattr(options, name).isprintable():
-            raise invalid_argument(
-                f"params.options.{name}",
-                "INVALID_PARAMETERS",
-                f"{name} must be at most {MAX_LABEL} printable characters",
-            )
+    # Lengths and characters of ref_id and tag are the contract's rules (checked on arrival).
     validate_reply_to(options.reply_to, "params.options.reply_to")

@@ -59,8 +59,12 @@ _REASONS: Mapping[str, Mapping[str, str]] = {
         "states": "UNKNOWN_STATE",
         "task": "UNKNOWN_TASK",
     },
-    "imagetasks.v1.ReadArtifactRequest": {"": "INVALID_RANGE"},
-    "imagetasks.v1.GetVariantRequest": {"": "INVALID_VARIANT_SPEC"},
+    "imagetasks.v1.GetArtifactRequest": {"": "INVALID_ARTIFACT_NAME"},
+    "imagetasks.v1.ReadArtifactRequest": {"": "INVALID_RANGE", "name": "INVALID_ARTIFACT_NAME"},
+    "imagetasks.v1.GetVariantRequest": {
+        "": "INVALID_VARIANT_SPEC",
+        "name": "INVALID_ARTIFACT_NAME",
+    },
 }
 
 

@@ -15,11 +15,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from google.protobuf import descriptor
+from imagetasks.v1 import artifact_service_pb2 as apb
+from imagetasks.v1 import common_pb2
+from imagetasks.v1 import job_service_pb2 as jpb
 
 from aiserver.gateway.compat import CompatTask
 from aiserver.gateway.fields import enum_of, is_map, is_repeated, msg_type, short_enum_names
 from aiserver.gateway.routes import Route, RouteKind
 from aiserver.gateway.schema_rules import (
+    excluded_enum_values,
     field_rules,
     is_required,
     item_keywords,
@@ -32,6 +36,7 @@ __all__ = ["build_openapi"]
 
 FD = descriptor.FieldDescriptor
 _REF = "#/components/schemas/"
+ARTIFACT_PATH_EXAMPLE = "2026/01/31/" + "0" * 64 + ".png"
 _ERROR = "ErrorResponse"
 
 _SCALARS: Mapping[int, dict[str, Any]] = {
@@ -42,11 +47,12 @@ _SCALARS: Mapping[int, dict[str, Any]] = {
     FD.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
     FD.TYPE_UINT32: {"type": "integer", "format": "int64", "minimum": 0},
     FD.TYPE_FIXED32: {"type": "integer", "format": "int64", "minimum": 0},
-    FD.TYPE_INT64: {"type": "string", "format": "int64"},
-    FD.TYPE_SINT64: {"type": "string", "format": "int64"},
-    FD.TYPE_SFIXED64: {"type": "string", "format": "int64"},
-    FD.TYPE_UINT64: {"type": "string", "format": "uint64"},
-    FD.TYPE_FIXED64: {"type": "string", "format": "uint64"},
+    # 64-bit integers are JSON strings of decimal digits (at most 18: always in range).
+    FD.TYPE_INT64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]{1,18}$"},
+    FD.TYPE_SINT64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]{1,18}$"},
+    FD.TYPE_SFIXED64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]{1,18}$"},
+    FD.TYPE_UINT64: {"type": "string", "format": "uint64", "pattern": "^[0-9]{1,18}$"},
+    FD.TYPE_FIXED64: {"type": "string", "format": "uint64", "pattern": "^[0-9]{1,18}$"},
     FD.TYPE_BOOL: {"type": "boolean"},
     FD.TYPE_STRING: {"type": "string"},
     FD.TYPE_BYTES: {"type": "string", "format": "byte"},
@@ -84,7 +90,12 @@ class _Schemas:
 
     def message(self, desc: descriptor.Descriptor) -> dict[str, Any]:
         props = {f.json_name: self.field(f) for f in desc.fields}
-        schema: dict[str, Any] = {"type": "object", "properties": props}
+        # The server's JSON parser refuses unknown fields: say so.
+        schema: dict[str, Any] = {
+            "type": "object",
+            "properties": props,
+            "additionalProperties": False,
+        }
         required = [f.json_name for f in desc.fields if is_required(f)]
         if required:
             schema["required"] = required
@@ -105,9 +116,9 @@ class _Schemas:
         if f.type == FD.TYPE_MESSAGE:
             base = self.ref(msg_type(f))
         elif f.type == FD.TYPE_ENUM:
-            # A required enum may not be its zero (unspecified) value.
-            values = [v for v in enum_of(f).values if v.number != 0 or not is_required(f)]
-            base = {"type": "string", "enum": [v.name for v in values]}
+            excluded = excluded_enum_values(f)  # e.g. the zero value of a required enum
+            values = [v.name for v in enum_of(f).values if v.number not in excluded]
+            base = {"type": "string", "enum": values}
         else:
             base = dict(_SCALARS[f.type])
         if is_repeated(f):
@@ -130,10 +141,15 @@ def _error_responses() -> dict[str, Any]:
 
 
 def _path_parameters(path: str, route: Route | None = None) -> list[dict[str, Any]]:
-    return [
-        {"name": name, "in": "path", "required": True, "schema": _path_schema(name, route)}
-        for name in re.findall(r"{([^}]+)}", path)
-    ]
+    params = []
+    for name in re.findall(r"{([^}]+)}", path):
+        schema = _path_schema(name, route)
+        param = {"name": name, "in": "path", "required": True, "schema": schema}
+        # A `**` variable binds slashes: an example shows it (and lets fuzzers send them).
+        if "pattern" in schema and re.search(schema["pattern"], ARTIFACT_PATH_EXAMPLE):
+            param["example"] = ARTIFACT_PATH_EXAMPLE
+        params.append(param)
+    return params
 
 
 def _path_schema(name: str, route: Route | None) -> dict[str, Any]:
@@ -177,7 +193,7 @@ def _form_schema(
         return "".join(w[:1].upper() + w[1:] for w in f.name.split("_")) if pascal else f.json_name
 
     def value_schema(f: FD) -> dict[str, Any]:
-        if f.type == FD.TYPE_ENUM:
+        if f.type == FD.TYPE_ENUM:  # forms take the short names; the zero value is "unset"
             return {"type": "string", "enum": short_enum_names(enum_of(f))}
         return schemas.field(f)
 
@@ -193,7 +209,13 @@ def _form_schema(
     for file in files:
         props[file] = {"type": "string", "format": "binary"}
         required.append(file)  # every input of a task is required (ImageWithMask: both)
-    return {"type": "object", "properties": props, "required": required}
+    return {
+        "type": "object",
+        "properties": props,
+        "required": required,
+        "additionalProperties": False,
+        "description": "Text fields first, then the files: the form is read as a stream.",
+    }
 
 
 def _files_of(method: descriptor.MethodDescriptor) -> list[str]:
@@ -309,8 +331,25 @@ def _compat_components() -> dict[str, Any]:
     }
 
 
+def _bound(f: FD, prefix: str) -> dict[str, Any]:
+    """The schema of what a compat route takes in place of ``f``'s value minus ``prefix``
+    (the job id of ``jobs/{id}``, the path of ``artifacts/{path}``)."""
+    rules = field_rules(f)
+    pattern = strip_pattern_prefix(rules.string.pattern, prefix) if rules is not None else None
+    return {"type": "string"} if pattern is None else {"type": "string", "pattern": pattern}
+
+
 def _compat_paths(tasks: Mapping[str, CompatTask], schemas: _Schemas) -> dict[str, Any]:
     paths: dict[str, Any] = {}
+    # The compat routes' parameters are the contract's fields under other names.
+    job_id = _bound(jpb.GetJobRequest.DESCRIPTOR.fields_by_name["name"], "jobs/")
+    ref_id = schemas.field(common_pb2.JobOptions.DESCRIPTOR.fields_by_name["ref_id"])
+    # An artifact's path has slashes: the example says so (and lets fuzzers send them).
+    artifact_path = {
+        "schema": _bound(apb.GetArtifactRequest.DESCRIPTOR.fields_by_name["name"], "artifacts/"),
+        "example": ARTIFACT_PATH_EXAMPLE,
+    }
+    spec = schemas.field(apb.GetVariantRequest.DESCRIPTOR.fields_by_name["spec"])
     errors = _error_responses()
     for task in sorted(tasks.values(), key=lambda t: t.name):
         form = _form_schema(task.upload.params, schemas, pascal=True, files=_files_of(task.method))
@@ -347,9 +386,11 @@ def _compat_paths(tasks: Mapping[str, CompatTask], schemas: _Schemas) -> dict[st
                 "operationId": f"Compat_{name}",
                 "tags": ["AI Server"],
                 "summary": "A job's state and " + ("text outputs" if text else "outputs"),
+                "description": "Give jobId or refId (OpenAPI 3.0 cannot require one of two "
+                "parameters; without either the answer is 400 INVALID_PARAMETERS).",
                 "parameters": [
-                    {"name": "jobId", "in": "query", "schema": {"type": "string"}},
-                    {"name": "refId", "in": "query", "schema": {"type": "string"}},
+                    {"name": "jobId", "in": "query", "schema": job_id},
+                    {"name": "refId", "in": "query", "schema": ref_id},
                 ],
                 "responses": {
                     "200": {
@@ -368,7 +409,7 @@ def _compat_paths(tasks: Mapping[str, CompatTask], schemas: _Schemas) -> dict[st
             "operationId": "Compat_JobEvents",
             "tags": ["AI Server"],
             "summary": "A job's events as Server-Sent Events (JobService.WatchJob)",
-            "parameters": _path_parameters("/api/jobs/{id}/events"),
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": job_id}],
             "responses": {
                 "200": {
                     "description": "event: <kind>, id: <sequence>, data: <JobEvent JSON>",
@@ -384,7 +425,7 @@ def _compat_paths(tasks: Mapping[str, CompatTask], schemas: _Schemas) -> dict[st
             "tags": ["AI Server"],
             "summary": "An artifact's bytes (ETag, Range, ?download=true)",
             "parameters": [
-                *_path_parameters("/artifacts/{path}"),
+                {"name": "path", "in": "path", "required": True, **artifact_path},
                 {"name": "download", "in": "query", "schema": {"type": "boolean"}},
             ],
             "responses": {
@@ -400,7 +441,10 @@ def _compat_paths(tasks: Mapping[str, CompatTask], schemas: _Schemas) -> dict[st
             "operationId": "Compat_Variant",
             "tags": ["AI Server"],
             "summary": "A resized copy of an artifact, e.g. /variants/width=256/2025/...",
-            "parameters": _path_parameters("/variants/{spec}/{path}"),
+            "parameters": [
+                {"name": "spec", "in": "path", "required": True, "schema": spec},
+                {"name": "path", "in": "path", "required": True, **artifact_path},
+            ],
             "responses": {
                 "200": {"description": "The bytes", "content": {"image/*": binary}},
                 "304": {"description": "Not modified"},

@@ -15,7 +15,14 @@ import numpy as np
 from buf.validate import validate_pb2
 from google.protobuf import descriptor
 
-__all__ = ["field_rules", "is_required", "item_keywords", "rule_keywords", "strip_pattern_prefix"]
+__all__ = [
+    "excluded_enum_values",
+    "field_rules",
+    "is_required",
+    "item_keywords",
+    "rule_keywords",
+    "strip_pattern_prefix",
+]
 
 FD = descriptor.FieldDescriptor
 
@@ -30,6 +37,16 @@ def field_rules(f: FD) -> validate_pb2.FieldRules | None:
     if not options.HasExtension(validate_pb2.field):
         return None
     return options.Extensions[validate_pb2.field]
+
+
+def excluded_enum_values(f: FD) -> set[int]:
+    """Enum numbers ``f`` (or its items) may not take: the zero value when required, and
+    ``not_in``."""
+    rules = field_rules(f)
+    if rules is None:
+        return set()
+    enum = rules.repeated.items.enum if rules.WhichOneof("type") == "repeated" else rules.enum
+    return set(enum.not_in) | ({0} if rules.required else set())
 
 
 def is_required(f: FD) -> bool:
