@@ -178,6 +178,7 @@ class Service:
                 ),
                 owner_of=calls.owner_of,
                 link=link,
+                reply_to_guard=self.webhooks.guard,
             ),
             server,
         )

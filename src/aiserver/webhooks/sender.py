@@ -110,6 +110,11 @@ class WebhookSender:
             headers={"user-agent": f"aiserver-webhooks/{__version__}"},
         )
 
+    @property
+    def guard(self) -> TargetGuard:
+        """The SSRF guard deliveries pass; submissions screen ReplyTo URLs with it too."""
+        return self._guard
+
     async def deliver(self, job: Job) -> None:
         """Send ``job``'s webhook; never raises (except cancellation)."""
         try:
