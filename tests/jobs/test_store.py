@@ -8,8 +8,8 @@ import pytest
 
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
 from aiserver.jobs.ids import new_job_id
-from aiserver.jobs.model import ArtifactRef, InputRef, Job, JobState, Retrying
-from aiserver.jobs.store import JobQuery, JobRecord, SqliteJobStore
+from aiserver.jobs.model import ArtifactRef, InputRef, Job, JobState, Retrying, WebhookDelivery
+from aiserver.jobs.store import _MIGRATIONS, JobQuery, JobRecord, SqliteJobStore
 from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, TaskKind
 from tests.jobs.helpers import Env
 
@@ -201,7 +201,7 @@ async def test_schema_version_and_newer_database_refused(env: Env) -> None:
     assert len(await again.unfinished()) == 1
     await again.close()
     conn = sqlite3.connect(env.db_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.execute("PRAGMA user_version = 99")
     conn.close()
@@ -217,3 +217,31 @@ def test_job_ids_are_url_safe_and_sort_by_time() -> None:
     allowed = set(string.digits + string.ascii_uppercase)
     assert all(len(i) == 26 and set(i) <= allowed for i in ids)
     assert new_job_id(base + timedelta(days=1)) > ids[-1]
+
+
+async def test_webhook_outcome_is_kept_apart_from_saves(env: Env) -> None:
+    store = await env.store()
+    job = make_job(1, state=JobState.SUCCEEDED)
+    await store.create(JobRecord(job))
+    delivery = WebhookDelivery("FAILED", 5, 503, "HTTP 503", T0 + timedelta(minutes=2))
+    await store.record_webhook(job.id, delivery)
+    job.progress = 1.0
+    await store.save(JobRecord(job))  # a save of the (older) record keeps the outcome
+    await store.close()
+    again = await env.store()
+    got = await again.get(job.id)
+    assert got is not None
+    assert got.job.webhook == delivery
+    assert got.job.progress == 1.0
+
+
+async def test_a_version_1_database_gains_the_webhook_column(env: Env) -> None:
+    conn = sqlite3.connect(env.db_path)
+    conn.executescript(_MIGRATIONS[0])
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    store = await env.store()
+    job = make_job(1)
+    await store.create(JobRecord(job))
+    got = await store.get(job.id)
+    assert got is not None and got.job.webhook is None

@@ -24,7 +24,7 @@ from typing import Any, Protocol, Self, TypeVar
 
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs import codec
-from aiserver.jobs.model import Job, JobState, Retrying
+from aiserver.jobs.model import Job, JobState, Retrying, WebhookDelivery
 from aiserver.tasks import TaskKind, spec_from_dict, spec_to_dict
 
 __all__ = [
@@ -106,6 +106,11 @@ class JobStore(Protocol):
         retention); returns how many jobs changed."""
         ...
 
+    async def record_webhook(self, job_id: str, delivery: WebhookDelivery) -> None:
+        """Set the job's webhook outcome, and nothing else (``save`` never writes it: the
+        delivery ends after the job, while other writers may still touch the record)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -141,12 +146,15 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_by_owner ON jobs (owner, created_us, id);
     CREATE INDEX jobs_unfinished ON jobs (created_us, id) WHERE state IN ('QUEUED', 'RUNNING');
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN webhook TEXT;  -- JSON, codec.encode_webhook; NULL: none ended
+    """,
 )
 
 _COLUMNS = (
     "id, owner, ref_id, task, spec, state, tag, reply_to, provider, agent, attempts, created_us,"
     " updated_us, started_us, ended_us, progress, inputs, outputs, texts, error, resume, retries,"
-    " last_sequence"
+    " last_sequence, webhook"
 )
 _MUTABLE = (
     "state",
@@ -197,6 +205,7 @@ def _row_of(record: JobRecord) -> dict[str, Any]:
         "resume": _dumps(job.resume),
         "retries": _dumps(codec.encode_retries(record.retries)),
         "last_sequence": record.last_sequence,
+        "webhook": _dumps(codec.encode_webhook(job.webhook)) if job.webhook else None,
     }
 
 
@@ -224,6 +233,7 @@ def _record_of(row: sqlite3.Row) -> JobRecord:
         texts=list(json.loads(row["texts"])),
         error=codec.decode_error(json.loads(row["error"])) if row["error"] else None,
         resume={str(k): str(v) for k, v in json.loads(row["resume"]).items()},
+        webhook=codec.decode_webhook(json.loads(row["webhook"])) if row["webhook"] else None,
     )
     return JobRecord(job, row["last_sequence"], codec.decode_retries(json.loads(row["retries"])))
 
@@ -350,6 +360,14 @@ class SqliteJobStore:
             return changed
 
         return await self._call(rewrite)
+
+    async def record_webhook(self, job_id: str, delivery: WebhookDelivery) -> None:
+        text = _dumps(codec.encode_webhook(delivery))
+
+        def update() -> None:
+            self._conn.execute("UPDATE jobs SET webhook = ? WHERE id = ?", (text, job_id))
+
+        await self._call(update)
 
     async def get(self, job_id: str) -> JobRecord | None:
         def select() -> JobRecord | None:
