@@ -19,6 +19,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
+from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator
 from PIL import Image
 
@@ -106,9 +107,24 @@ async def test_document_carries_the_contract_limits(shim_url: str) -> None:
     assert props["Width"]["minimum"] == 1 and props["Quality"]["maximum"] == 100
     form = paths["/api/ImageWithMask"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert {"image", "mask"} <= set(form["schema"]["required"])
-    sync, queued = (schemas[n] for n in ("GenerationResponse", "QueueGenerationResponse"))
-    assert "results" in sync["required"] and "statusUrl" not in sync["properties"]
-    assert "statusUrl" in queued["required"] and "results" not in queued["properties"]
+
+
+async def test_sync_and_queued_answers_are_told_apart(shim_url: str) -> None:
+    doc = await _document(shim_url)
+    answer = doc["paths"]["/api/ImageToImage"]["post"]["responses"]["200"]["content"]
+    one_of = answer["application/json"]["schema"]
+    # Each answer the shim gives matches exactly one branch of the oneOf.
+    sync = {"jobId": "j", "refId": "r", "jobState": "Completed", "status": "Completed"}
+    sync |= {"outputs": [], "results": [{"fileName": "a.png", "url": "/a"}], "textOutputs": []}
+    queued = {"jobId": "j", "refId": "r", "jobState": "Queued", "status": "Queued"}
+    queued |= {"statusUrl": "http://h/api/GetArtifactGenerationStatus?jobId=j"}
+    for body, branch in ((sync, "GenerationResponse"), (queued, "QueueGenerationResponse")):
+        matches = [
+            ref["$ref"].rsplit("/", 1)[1]
+            for ref in one_of["oneOf"]
+            if OAS30Validator({**ref, "components": doc["components"]}).is_valid(body)
+        ]
+        assert matches == [branch]
 
 
 @dataclass
