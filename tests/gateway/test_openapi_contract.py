@@ -33,6 +33,8 @@ EXAMPLES_PER_OPERATION = 6
 DATA_DEPENDENT = {
     "CROP_OUT_OF_BOUNDS": "the rectangle is checked against the uploaded image's size",
     "UNKNOWN_MODEL": "the models are the agents' (GET /v1/agents)",
+    "COMFYUI_MODEL_MISSING": "the models are the agents' (GET /v1/agents)",
+    "COMFYUI_PROMPT_INVALID": "sampler and scheduler names are the agent's (its /object_info)",
     "UNKNOWN_VARIANT_PRESET": "presets are the operator's",
     "VARIANT_TOO_LARGE": "the largest side is the operator's setting",
     "UNSUPPORTED_FORMAT": "AVIF needs a Pillow that writes it",
