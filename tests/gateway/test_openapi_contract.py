@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from hypothesis.errors import Unsatisfiable
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator
 from PIL import Image
+from schemathesis.specs.openapi import checks as oc
 
 from aiserver.gateway import Gateway, GatewaySettings
 from tests.support.generation import comfy_service
@@ -50,6 +52,13 @@ CROSS_FIELD = {
     ("INVALID_PARAMETERS", "/api/GetArtifactGenerationStatus"),
     ("INVALID_PARAMETERS", "/api/GetTextGenerationStatus"),
 }
+
+
+CONFORMANCE = [
+    oc.response_schema_conformance,
+    oc.status_code_conformance,
+    oc.content_type_conformance,
+]
 
 
 def _png(side: int = 64) -> bytes:
@@ -93,7 +102,9 @@ async def test_document_carries_the_contract_limits(shim_url: str) -> None:
     assert i2i["positivePrompt"]["pattern"] == "\\S"
     assert i2i["positivePrompt"]["maxLength"] == 4000
     assert 0 < i2i["denoise"]["minimum"] < 1e-30 and i2i["denoise"]["maximum"] == 1
-    assert i2i["seed"]["pattern"] == "^[0-9]{1,18}$"
+    assert re.fullmatch(i2i["seed"]["pattern"], str(2**63 - 1))
+    assert not re.fullmatch(i2i["seed"]["pattern"], str(2**63))
+    assert not re.fullmatch(i2i["seed"]["pattern"], "-1")
     convert = schemas["imagetasks.v1.ConvertImageParams"]
     assert convert["required"] == ["outputFormat"]
     assert "IMAGE_FORMAT_UNSPECIFIED" not in convert["properties"]["outputFormat"]["enum"]
@@ -180,7 +191,12 @@ def _fuzz_operation(operation: Any, base_url: str, findings: Findings) -> None:
             files = [n for n in ("image", "mask") if n in case.body]
             case.body = {k: v for k, v in case.body.items() if k not in files}
             case.body.update(dict.fromkeys(files, image))
-        _check(findings, method, path, case.call(base_url=base_url, timeout=60))
+        response = case.call(base_url=base_url, timeout=60)
+        _check(findings, method, path, response)
+        try:  # and the answer is what the document says it is
+            case.validate_response(response, checks=CONFORMANCE)
+        except AssertionError as exc:
+            findings.problems.append(f"{method} {path}: {str(exc)[:300]}")
 
     try:
         run()

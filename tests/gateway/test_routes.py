@@ -22,6 +22,7 @@ from aiserver.gateway.routes import (
     load_routes,
     parse_template,
 )
+from aiserver.gateway.schema_rules import INT64_PATTERN
 
 
 def _annotated_methods() -> list[Any]:
@@ -278,7 +279,7 @@ def test_openapi_document_from_descriptors() -> None:
     assert artifact["sizeBytes"] == {
         "type": "string",
         "format": "int64",
-        "pattern": "^-?[0-9]{1,18}$",
+        "pattern": INT64_PATTERN,
     }
     form = paths["/api/ImageToImage"]["post"]["requestBody"]["content"]["multipart/form-data"]
     props = form["schema"]["properties"]

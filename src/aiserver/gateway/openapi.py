@@ -23,6 +23,8 @@ from aiserver.gateway.compat import CompatTask
 from aiserver.gateway.fields import enum_of, is_map, is_repeated, msg_type, short_enum_names
 from aiserver.gateway.routes import Route, RouteKind
 from aiserver.gateway.schema_rules import (
+    INT64_PATTERN,
+    UINT64_PATTERN,
     excluded_enum_values,
     field_rules,
     is_required,
@@ -47,12 +49,12 @@ _SCALARS: Mapping[int, dict[str, Any]] = {
     FD.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
     FD.TYPE_UINT32: {"type": "integer", "format": "int64", "minimum": 0},
     FD.TYPE_FIXED32: {"type": "integer", "format": "int64", "minimum": 0},
-    # 64-bit integers are JSON strings of decimal digits (at most 18: always in range).
-    FD.TYPE_INT64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]{1,18}$"},
-    FD.TYPE_SINT64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]{1,18}$"},
-    FD.TYPE_SFIXED64: {"type": "string", "format": "int64", "pattern": "^-?[0-9]{1,18}$"},
-    FD.TYPE_UINT64: {"type": "string", "format": "uint64", "pattern": "^[0-9]{1,18}$"},
-    FD.TYPE_FIXED64: {"type": "string", "format": "uint64", "pattern": "^[0-9]{1,18}$"},
+    # 64-bit integers are JSON strings of decimal digits, in range.
+    FD.TYPE_INT64: {"type": "string", "format": "int64", "pattern": INT64_PATTERN},
+    FD.TYPE_SINT64: {"type": "string", "format": "int64", "pattern": INT64_PATTERN},
+    FD.TYPE_SFIXED64: {"type": "string", "format": "int64", "pattern": INT64_PATTERN},
+    FD.TYPE_UINT64: {"type": "string", "format": "uint64", "pattern": UINT64_PATTERN},
+    FD.TYPE_FIXED64: {"type": "string", "format": "uint64", "pattern": UINT64_PATTERN},
     FD.TYPE_BOOL: {"type": "boolean"},
     FD.TYPE_STRING: {"type": "string"},
     FD.TYPE_BYTES: {"type": "string", "format": "byte"},

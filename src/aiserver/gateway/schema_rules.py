@@ -16,6 +16,9 @@ from buf.validate import validate_pb2
 from google.protobuf import descriptor
 
 __all__ = [
+    "INT64_PATTERN",
+    "UINT64_PATTERN",
+    "decimal_at_most",
     "excluded_enum_values",
     "field_rules",
     "is_required",
@@ -28,7 +31,7 @@ FD = descriptor.FieldDescriptor
 
 _NUMERIC = ("int32", "sint32", "sfixed32", "uint32", "fixed32", "float", "double")
 # 64-bit integers travel as JSON strings (protobuf's JSON mapping): their rules become a
-# pattern of decimal digits, at most 18 so that every match is in range.
+# pattern of the decimal numbers in range.
 _LONG = ("int64", "sint64", "sfixed64", "uint64", "fixed64")
 
 
@@ -123,9 +126,29 @@ def _next_float32(value: float) -> float:
     return float(np.nextafter(np.float32(value), np.float32(np.inf)))
 
 
+def decimal_at_most(limit: int) -> str:
+    """A regex group for the decimal numbers 0..``limit`` (leading zeros allowed)."""
+    digits = str(limit)
+    options = [f"[0-9]{{1,{len(digits) - 1}}}"] if len(digits) > 1 else []
+    for i, d in enumerate(digits):
+        if d != "0":
+            rest = len(digits) - i - 1
+            below = "0" if d == "1" else f"[0-{int(d) - 1}]"
+            options.append(digits[:i] + below + (f"[0-9]{{{rest}}}" if rest else ""))
+    options.append(digits)
+    return "(" + "|".join(options) + ")"
+
+
+INT64_PATTERN = f"^-?0*{decimal_at_most(2**63 - 1)}$"
+UINT64_PATTERN = f"^0*{decimal_at_most(2**64 - 1)}$"
+NON_NEGATIVE_INT64_PATTERN = f"^0*{decimal_at_most(2**63 - 1)}$"
+
+
 def _long(n: Any) -> dict[str, Any]:
     low = n.gte if n.HasField("gte") else (n.gt + 1 if n.HasField("gt") else None)
-    return {"pattern": "^[0-9]{1,18}$" if low is not None and low >= 0 else "^-?[0-9]{1,18}$"}
+    return {
+        "pattern": NON_NEGATIVE_INT64_PATTERN if low is not None and low >= 0 else INT64_PATTERN
+    }
 
 
 def strip_pattern_prefix(pattern: str, prefix: str) -> str | None:
