@@ -10,22 +10,26 @@ Agent trouble (refused, 5xx, auth, timeouts, not JSON) is a
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.asyncio.client import connect
+from websockets.exceptions import WebSocketException
 
+from aiserver.providers.comfy.agent_socket import AgentSocket, SocketLost
+from aiserver.providers.comfy.channel import AgentChannel
 from aiserver.providers.comfy.errors import agent_unavailable
-from aiserver.providers.comfy.messages import Message, decode, decode_event
+from aiserver.providers.comfy.messages import Message, decode_event
 from aiserver.providers.failures import Cause, ProviderUnavailable
 
 __all__ = ["AgentSocket", "ComfyClient", "RemoteJob", "SocketLost", "UploadedFile"]
+# AgentSocket and SocketLost live in agent_socket.py; they are re-exported here for callers of
+# open_websocket.
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +83,11 @@ class ComfyClient:
             transport=transport,
         )
         self._jobs_api: bool | None = None  # /api/jobs exists (newer servers); None: unknown
+        self.channel = AgentChannel(name, self.open_websocket, uuid.uuid4().hex)
+        """The websocket shared by every run this process starts on the agent."""
 
     async def aclose(self) -> None:
+        await self.channel.aclose()
         await self._http.aclose()
 
     # ---- plain API ------------------------------------------------------------------------
@@ -261,30 +268,6 @@ class ComfyClient:
                 f"websocket failed: {type(exc).__name__}: {exc}", cause=Cause.WEBSOCKET
             ) from exc
         return AgentSocket(ws)
-
-
-class SocketLost(Exception):
-    """The websocket dropped (the agent went away, or the network did)."""
-
-
-class AgentSocket:
-    """One websocket to an agent, read as decoded messages."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self._ws = ws
-
-    async def recv(self) -> Message:
-        """The next frame; :class:`SocketLost` when the connection dropped."""
-        try:
-            frame = await self._ws.recv()
-        except ConnectionClosed as exc:
-            raise SocketLost(str(exc)) from exc
-        return decode(frame)
-
-    async def close(self) -> None:
-        """Close without waiting on the agent (errors ignored: the job is over)."""
-        with contextlib.suppress(Exception):
-            await self._ws.close()
 
 
 def _job_from_api(job: Mapping[str, Any]) -> RemoteJob:

@@ -4,7 +4,9 @@ The pool starts a :class:`Run` over an agent's transport
 (:class:`~aiserver.providers.comfy.client.ComfyClient`), with the timeouts and the background
 spawner it owns. One run:
 
-1. open ``/ws?clientId=<uuid>`` first: ComfyUI drops messages for absent clients;
+1. subscribe to the prompt id on the agent's shared websocket
+   (:class:`~aiserver.providers.comfy.channel.AgentChannel`, opened once per agent) first:
+   ComfyUI drops messages for absent clients;
 2. upload each input as ``{job_id}-{field}-{sha8}.{ext}`` (unique per job, so a resubmit never
    reuses another job's cached result, and a retry of the same job reuses its own upload);
 3. checkpoint ``{agent, prompt_id, client_id, seed}`` (the prompt id is ours, so a restart can
@@ -14,7 +16,8 @@ spawner it owns. One run:
    ``executed`` (``/history`` or ``/api/jobs`` when messages were missed);
 5. download images with ``/view``; text outputs (``{"text": [...]}``) go to the sink as text.
 
-A dropped websocket is reopened with backoff and the prompt's state read back over HTTP. When a
+A dropped websocket is reopened with backoff (once for every run on it) and each prompt's state
+read back over HTTP. Queue positions are counted by the channel, not asked per job. When a
 run is abandoned (cancelled, timed out, the agent lost), its prompt is deleted if pending and
 interrupted if running; a cancellation whose message is ``SHUTDOWN`` detaches instead, leaving
 the prompt to be re-attached after the restart. Failures are typed
@@ -45,8 +48,10 @@ from aiserver.providers.base import (
     WorkItem,
 )
 from aiserver.providers.comfy import messages as msg
+from aiserver.providers.comfy.agent_socket import SocketLost
 from aiserver.providers.comfy.background import Spawn
-from aiserver.providers.comfy.client import AgentSocket, ComfyClient, RemoteJob, SocketLost
+from aiserver.providers.comfy.channel import AgentChannel, Subscription
+from aiserver.providers.comfy.client import ComfyClient, RemoteJob
 from aiserver.providers.comfy.errors import (
     agent_unavailable,
     execution_failure,
@@ -89,11 +94,13 @@ class Run:
         self.sink = sink
         resume = work.resume if work.resume.get("agent") == client.name else {}
         self.resume = resume
-        self.client_id = resume.get("client_id") or uuid.uuid4().hex
+        self.client_id = resume.get("client_id") or client.channel.client_id
         self.prompt_id = resume.get("prompt_id") or str(uuid.uuid4())
         seed = resume.get("seed", "")
         self.seed = int(seed) if seed.isdigit() else None
-        self.ws: AgentSocket | None = None
+        self.sub: Subscription | None = None
+        self.own_channel: AgentChannel | None = None  # a re-attach under an earlier client id
+        self.attached = False
         self.built: BuiltPrompt | None = None
         self.tracker: NodeTracker | None = None
         self.queued = False  # the prompt may exist on the agent
@@ -126,13 +133,20 @@ class Run:
                 await self._abandon("failed")
             raise
         finally:
-            if self.ws is not None:
+            if self.sub is not None:
+                self.sub.close()
+            if self.own_channel is not None:
                 # The close handshake can wait on unread broadcasts (up to close_timeout):
                 # the job is over, so it must not wait for it.
-                self.spawn(self.ws.close())
+                self.spawn(self.own_channel.aclose())
 
     async def _execute(self) -> None:
-        self.ws = await self.c.open_websocket(self.client_id)
+        channel = self.c.channel
+        if self.client_id != channel.client_id:
+            # ComfyUI sends the prompt's messages to the client id it was queued with.
+            channel = AgentChannel(self.c.name, self.c.open_websocket, self.client_id)
+            self.own_channel = channel
+        self.sub = await channel.subscribe(self.prompt_id)
         attached = False
         if self.resume.get("prompt_id"):
             attached = await self._attach()
@@ -167,6 +181,7 @@ class Run:
         self.built = self.workflow.build(self.work, names, seed=self.seed)
         self.tracker = NodeTracker(self.built)
         self.queued = True
+        self.attached = True
         logger.info("re-attached to prompt %s on %s (%s)", self.prompt_id, self.c.name, state.state)
         await self._absorb(state)
         return True
@@ -238,10 +253,10 @@ class Run:
                 deadline = min(self.started_at + t.execution_s, last_ours + t.idle_s)
             else:
                 deadline = self.queued_at + t.queue_wait_s
-            assert self.ws is not None
+            assert self.sub is not None
             try:
                 async with asyncio.timeout(max(0.0, min(deadline, last_heard + t.poll_s) - now)):
-                    message = await self.ws.recv()
+                    message = await self.sub.recv()
             except TimeoutError:
                 now = self.loop.time()
                 if now >= deadline:
@@ -276,20 +291,14 @@ class Run:
 
     async def _reconnect(self) -> None:
         t = self.t
-        deadline = self.loop.time() + t.reconnect_s
-        delay = t.backoff_initial_s
-        while True:
-            try:
-                self.ws = await self.c.open_websocket(self.client_id)
-                return
-            except ProviderUnavailable as exc:
-                if self.loop.time() + delay > deadline:
-                    raise self._unavailable(
-                        f"websocket lost and not regained within {t.reconnect_s:g}s: {exc.message}",
-                        Cause.WEBSOCKET,
-                    ) from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, t.backoff_max_s)
+        assert self.sub is not None
+        try:
+            await self.sub.reopen(t.reconnect_s, t.backoff_initial_s, t.backoff_max_s)
+        except ProviderUnavailable as exc:
+            raise self._unavailable(
+                f"websocket lost and not regained within {t.reconnect_s:g}s: {exc.message}",
+                Cause.WEBSOCKET,
+            ) from exc
 
     async def _on_message(self, message: msg.Message) -> bool:
         """Handle one message; True when it was about our prompt."""
@@ -402,6 +411,13 @@ class Run:
         )
 
     async def _report_position(self, *, force: bool = False) -> None:
+        if not self.attached:  # our own prompt: the channel counts what is ahead of it
+            if self.sub is not None and not self.started:
+                await self._emit(
+                    ProviderProgress(Stage.PENDING, queue_position=self.sub.position())
+                )
+            return
+        # A prompt an earlier process queued: only the agent's queue knows its place.
         now = self.loop.time()
         if not force and now - self.position_checked < 0.5:
             return
