@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import httpx
-
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.providers.base import Provider, RunSink, WorkItem
 from aiserver.providers.comfy.background import Background
@@ -109,7 +107,6 @@ class ComfyPool:
         *,
         settings: PoolSettings | None = None,
         name: str = "comfyui",
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._name = name
         self._workflows = workflows
@@ -124,7 +121,6 @@ class ComfyPool:
                 api_key=config.api_key,
                 connect_s=self._settings.timeouts.connect_s,
                 request_s=self._settings.timeouts.request_s,
-                transport=transport,
             )
             self._agents[config.name] = _Agent(config, client)
         self._changed = asyncio.Condition()
