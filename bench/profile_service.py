@@ -95,7 +95,7 @@ async def _profile(label: str, jobs: int, concurrency: int) -> str:
                     pngs = inputs.take(jobs)
                     spy = subprocess.Popen(
                         [_py_spy(), "record", "--pid", str(service.pid), "--format", "raw"]
-                        + ["--rate", "200", "--nonblocking", "--output", str(collapsed)],
+                        + ["--rate", "200", "--gil", "--nonblocking", "--output", str(collapsed)],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
@@ -117,7 +117,7 @@ async def _profile(label: str, jobs: int, concurrency: int) -> str:
             f" ({cpu:.2f} s CPU over {wall:.1f} s wall, {done / wall:.1f} jobs/s)",
             "agent requests per job: "
             + ", ".join(f"{route} {n / max(done, 1):.2f}" for route, n in sorted(requests.items())),
-            f"py-spy samples while busy: {busy} (200 Hz, idle loop excluded)",
+            f"py-spy samples while busy: {busy} (200 Hz, the thread holding the GIL only, idle loop excluded)",
             "",
             f"top {TOP} by own samples (% of busy):",
             *(f"  {100 * n / max(busy, 1):5.1f}%  {frame}" for frame, n in own),
