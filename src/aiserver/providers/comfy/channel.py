@@ -97,6 +97,8 @@ class AgentChannel:
         self._lock = asyncio.Lock()
         self._order = itertools.count()
         self._closed = False
+        self._flags: dict[str, object] = {}
+        self._flags_seen = asyncio.Event()
 
     async def subscribe(self, prompt_id: str) -> Subscription:
         """Route ``prompt_id``'s frames to a new subscription, opening the socket if needed.
@@ -115,6 +117,19 @@ class AgentChannel:
     def unsubscribe(self, sub: Subscription) -> None:
         if self._subs.get(sub.prompt_id) is sub:
             del self._subs[sub.prompt_id]
+
+    async def frames_name_prompt(self, wait_s: float) -> bool:
+        """The agent said its binary frames carry prompt ids (``supports_preview_metadata``).
+
+        It answers our feature flags right after the socket opens; an older agent never does,
+        which costs ``wait_s`` once per channel.
+        """
+        if not self._flags_seen.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._flags_seen.wait()
+            self._flags_seen.set()  # asked once: an agent that did not answer never will
+        return self._flags.get("supports_preview_metadata") is True
 
     def ahead_of(self, sub: Subscription) -> int:
         return sum(1 for s in self._subs.values() if s.order < sub.order and not s.ended)
@@ -177,6 +192,9 @@ class AgentChannel:
                 elif isinstance(message, msg.Status):
                     for sub in list(subs.values()):
                         sub._put(message)
+                elif isinstance(message, msg.FeatureFlags):
+                    self._flags = dict(message.flags)
+                    self._flags_seen.set()
         except SocketLost as exc:
             logger.warning("websocket to %s dropped: %s", self.name, exc)
             await socket.close()

@@ -31,6 +31,7 @@ from aiserver.providers.comfy.background import Background
 from aiserver.providers.comfy.client import ComfyClient
 from aiserver.providers.comfy.run import Run
 from aiserver.providers.comfy.settings import AgentSettings, PoolSettings
+from aiserver.providers.comfy.socket_outputs import SAVE_OVER_SOCKET
 from aiserver.providers.comfy.workflows import (
     AgentCapabilities,
     Workflow,
@@ -189,6 +190,7 @@ class ComfyPool:
             sink,
             timeouts=self._settings.timeouts,
             spawn=self._background.spawn,
+            socket_outputs=self._outputs_over_websocket(agent),
         )
         try:
             await run.execute()
@@ -201,6 +203,14 @@ class ComfyPool:
         finally:
             agent.running -= 1
             await self._notify()
+
+    def _outputs_over_websocket(self, agent: _Agent) -> bool:
+        caps = agent.caps
+        return (
+            self._settings.outputs_over_websocket
+            and caps is not None
+            and SAVE_OVER_SOCKET in caps.nodes
+        )
 
     # ---- operators --------------------------------------------------------------------------
 

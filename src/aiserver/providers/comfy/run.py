@@ -14,7 +14,10 @@ spawner it owns. One run:
 4. follow the websocket's typed messages (:mod:`~aiserver.providers.comfy.messages`) for our
    ``prompt_id`` into :class:`ProviderProgress`, never decreasing; outputs come from
    ``executed`` (``/history`` or ``/api/jobs`` when messages were missed);
-5. download images with ``/view``; text outputs (``{"text": [...]}``) go to the sink as text.
+5. take images from the websocket when the outputs go over it (``socket_outputs``, see
+   :mod:`~aiserver.providers.comfy.socket_outputs`), else (or when frames were missed: a drop,
+   a re-attach) download them with ``/view``; text outputs (``{"text": [...]}``) go to the
+   sink as text.
 
 A dropped websocket is reopened with backoff (once for every run on it) and each prompt's state
 read back over HTTP. Queue positions are counted by the channel, not asked per job. When a
@@ -59,6 +62,7 @@ from aiserver.providers.comfy.errors import (
     prompt_rejection,
 )
 from aiserver.providers.comfy.settings import ComfyTimeouts
+from aiserver.providers.comfy.socket_outputs import SocketImages, over_socket
 from aiserver.providers.comfy.tracking import NodeTracker
 from aiserver.providers.comfy.workflows import BuiltPrompt, Workflow
 from aiserver.providers.failures import Cause, ProviderUnavailable
@@ -85,6 +89,7 @@ class Run:
         *,
         timeouts: ComfyTimeouts,
         spawn: Spawn,
+        socket_outputs: bool = False,
     ) -> None:
         self.c = client
         self.t = timeouts
@@ -98,6 +103,10 @@ class Run:
         self.prompt_id = resume.get("prompt_id") or str(uuid.uuid4())
         seed = resume.get("seed", "")
         self.seed = int(seed) if seed.isdigit() else None
+        # Images over the websocket when the agent can (decided once the socket is open); a
+        # re-attached prompt keeps what its checkpoint says.
+        self.socket_outputs = resume.get("outputs") == "socket" if resume else socket_outputs
+        self.images = SocketImages(frozenset())
         self.sub: Subscription | None = None
         self.own_channel: AgentChannel | None = None  # a re-attach under an earlier client id
         self.attached = False
@@ -147,27 +156,40 @@ class Run:
             channel = AgentChannel(self.c.name, self.c.open_websocket, self.client_id)
             self.own_channel = channel
         self.sub = await channel.subscribe(self.prompt_id)
+        if self.socket_outputs and not self.resume:
+            self.socket_outputs = await channel.frames_name_prompt(self.t.connect_s)
         attached = False
         if self.resume.get("prompt_id"):
             attached = await self._attach()
-            if self.finished:
-                await self._deliver()
-                return
         if not attached:
             await self._emit(ProviderProgress(Stage.UPLOADING))
-            uploads = await self._upload_inputs()
-            self.built = self.workflow.build(self.work, uploads, seed=self.seed)
-            self.tracker = NodeTracker(self.built)
-            await self.sink.checkpoint(self._checkpoint())
-            await self._queue()
-        await self._follow()
+            await self._submit()
+        if not self.finished:
+            await self._follow()
         await self._deliver()
+
+    async def _submit(self) -> None:
+        """Upload the inputs, build the graph, checkpoint, queue."""
+        uploads = await self._upload_inputs()
+        built = self.workflow.build(self.work, uploads, seed=self.seed)
+        if self.socket_outputs:
+            built = over_socket(built, self.prompt_id)
+        self._track(built)
+        await self.sink.checkpoint(self._checkpoint())
+        await self._queue()
+
+    def _track(self, built: BuiltPrompt) -> None:
+        self.built = built
+        self.tracker = NodeTracker(built)
+        self.images = SocketImages(frozenset(built.socket_outputs))
 
     def _checkpoint(self) -> dict[str, str]:
         assert self.built is not None
         state = {"agent": self.c.name, "prompt_id": self.prompt_id, "client_id": self.client_id}
         if self.built.seed is not None:
             state["seed"] = str(self.built.seed)
+        if self.built.socket_outputs:
+            state["outputs"] = "socket"
         return state
 
     async def _attach(self) -> bool:
@@ -178,8 +200,8 @@ class Run:
             return False
         # The graph only serves tracking here: upload names do not matter, the seed does.
         names = {name: self._upload_name(name) for name in self.work.task.inputs}
-        self.built = self.workflow.build(self.work, names, seed=self.seed)
-        self.tracker = NodeTracker(self.built)
+        built = self.workflow.build(self.work, names, seed=self.seed)
+        self._track(over_socket(built, self.prompt_id) if self.socket_outputs else built)
         self.queued = True
         self.attached = True
         logger.info("re-attached to prompt %s on %s (%s)", self.prompt_id, self.c.name, state.state)
@@ -303,6 +325,11 @@ class Run:
     async def _on_message(self, message: msg.Message) -> bool:
         """Handle one message; True when it was about our prompt."""
         match message:
+            case msg.Preview(prompt_id=pid, node=node) if (
+                pid == self.prompt_id and node in self.images.nodes
+            ):
+                self.images.add(message)  # an output image, sent by SaveImageWebsocket
+                return True
             case msg.Preview() | msg.Unknown(binary=True):
                 return self.started  # a preview frame while we run
             case msg.Status():
@@ -328,7 +355,11 @@ class Run:
                 tracker.start(node)
             case msg.Progress(node=node, value=value, max=maximum):
                 self._mark_started()
-                tracker.progress(node, value, maximum)
+                if node in self.images.nodes:  # SaveImageWebsocket counting its frames
+                    tracker.start(node)
+                    self.images.expect(node, maximum)
+                else:
+                    tracker.progress(node, value, maximum)
             case msg.ProgressState():
                 tracker.finished(message.finished)
             case msg.Executed(node=node, output=output):
@@ -337,7 +368,7 @@ class Run:
                     self.outputs[node] = output
             case msg.ExecutionSuccess():
                 self.success = True
-                if all(o.node in self.outputs for o in self.built_outputs):
+                if self._have_outputs():
                     self.finished = True
                 return True
             case msg.ExecutionError():
@@ -357,13 +388,17 @@ class Run:
         assert self.built is not None
         return self.built.outputs
 
+    def _have_outputs(self) -> bool:
+        """Every output node reported (``executed``)."""
+        return all(o.node in self.outputs for o in self.built_outputs)
+
     def _mark_started(self) -> None:
         if not self.started:
             self.started = True
             self.started_at = self.loop.time()
 
     async def _on_end(self) -> None:
-        if self.success and all(o.node in self.outputs for o in self.built_outputs):
+        if self.success and self._have_outputs():
             self.finished = True
             return
         # Outcome or outputs were missed (a reconnect): history has them now.
@@ -432,18 +467,30 @@ class Run:
         assert self.built is not None
         images: list[dict[str, Any]] = []
         texts: list[tuple[str, str]] = []
+        framed: list[tuple[str, int, msg.Preview]] = []
+        sent_over_socket = {bound: node for node, bound in self.built.socket_outputs.items()}
         for binding in self.built.outputs:
             output = self.outputs.get(binding.node) or {}
+            sender = sent_over_socket.get(binding.node, "")
+            if sender and self.images.node_complete(sender):
+                framed += [(binding.node, i, f) for i, f in enumerate(self.images.frames(sender))]
+                continue  # its temp file is not needed
             if binding.kind == "images":
                 images += [i for i in output.get("images") or [] if isinstance(i, dict)]
             else:
                 texts += [(binding.node, str(t)) for t in output.get("text") or []]
-        if not images and not texts:
+        if not images and not texts and not framed:
             raise ServiceError(
                 ErrorKind.INTERNAL,
                 "COMFYUI_NO_OUTPUTS",
                 f"ComfyUI agent {self.c.name}: prompt {self.prompt_id} succeeded with no outputs",
                 metadata={"agent": self.c.name, "prompt_id": self.prompt_id},
+            )
+        for node, index, frame in framed:
+            mime, width, height = _describe(frame.image, frame.mime_type)
+            name = f"{node}_{index + 1:05d}{mimetypes.guess_extension(mime) or '.png'}"
+            await self.sink.image(
+                GeneratedImage(frame.image, name, mime, width, height, seed=self.built.seed)
             )
         if images:
             await self._emit(ProviderProgress(Stage.DOWNLOADING, fraction=1.0))

@@ -77,3 +77,7 @@ class PoolSettings:
     """First wait before re-probing an offline agent; doubles up to ``backoff_max_s``."""
     backoff_max_s: float = 60.0
     timeouts: ComfyTimeouts = field(default_factory=ComfyTimeouts)
+    outputs_over_websocket: bool = False
+    """Take output images from the websocket (``SaveImageWebsocket``) where the agent has it:
+    no file left in its ``output/``, no ``/view`` per image. The service turns it on
+    (``agent_outputs_over_websocket``); off, outputs are saved files fetched with ``/view``."""
