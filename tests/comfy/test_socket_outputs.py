@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from aiserver.providers.base import SHUTDOWN, WorkItem
 from aiserver.providers.comfy.pool import AgentConfig, ComfyPool
@@ -23,6 +26,7 @@ from aiserver.providers.comfy.workflows import WorkflowCatalog
 from aiserver.tasks import ImageToImageSpec, ImageUpscaleSpec, TaskKind
 from tests.comfy.conftest import Spawn, StandInFactory
 from tests.comfy.helpers import FAST, RecordingSink, png, work_item, write_input
+from tests.comfy.test_messages import recording
 from tests.support.comfy_standin import ComfyStandIn
 
 SETTINGS = PoolSettings(
@@ -197,3 +201,29 @@ def test_socket_images_are_complete_only_with_every_announced_frame() -> None:
     images.add(Preview(b"b", "image/png", "p", "9_ws"))
     assert images.node_complete("9_ws")
     assert [f.image for f in images.frames("9_ws")] == [b"a", b"b"]
+
+
+@pytest.mark.parametrize("flags", [False, True])
+async def test_standin_orders_frame_and_progress_as_recorded(
+    make_standin: StandInFactory, flags: bool
+) -> None:
+    """With preview metadata the frame precedes its progress; without, it follows it."""
+    name = "metadata" if flags else "legacy"
+    trace = recording(f"ws_trace_saveimagewebsocket_{name}")
+    recorded = [m.get("type") or "<binary>" for m in trace["ws_messages"]]
+    expected = [k for k in recorded if k in ("progress", "<binary>")]
+    standin = await make_standin()
+    standin.add_input("probe_in_ws.png", png(40, 30))
+    body = {**trace["post_prompt_request"], "prompt_id": "p-order"}
+    kinds: list[str] = []
+    url = standin.url.replace("http://", "ws://") + f"/ws?clientId={body['client_id']}"
+    async with connect(url) as ws, httpx.AsyncClient(base_url=standin.url) as http:
+        if flags:
+            flag = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
+            await ws.send(json.dumps(flag))
+        assert (await http.post("/prompt", json=body)).status_code == 200
+        async with asyncio.timeout(10):
+            while "execution_success" not in kinds:
+                frame = await ws.recv()
+                kinds.append("<binary>" if isinstance(frame, bytes) else json.loads(frame)["type"])
+    assert [k for k in kinds if k in ("progress", "<binary>")] == expected

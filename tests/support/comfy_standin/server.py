@@ -996,8 +996,14 @@ class ComfyStandIn:
             while self._hold_at.get(node) == value and not self._interrupt:
                 await asyncio.sleep(0.005)
 
-        async def send_image(image: Image.Image) -> None:
-            self._send_binary(client, _image_frame(image, "PNG"), pid, node, "image/png", image)
+        async def send_image(image: Image.Image, value: int, maximum: int) -> None:
+            # The frame and its progress, in the order the recordings show: with preview
+            # metadata the frame comes first (saveimagewebsocket_metadata), without it after
+            # the progress (saveimagewebsocket_legacy).
+            frame = _image_frame(image, "PNG")
+            self._send_binary(client, frame, pid, node, "image/png", image, metadata=True)
+            await progress(value, maximum, None)
+            self._send_binary(client, frame, pid, node, "image/png", image, metadata=False)
 
         handler = NODES.get(class_type)
         if handler is None:
@@ -1026,12 +1032,22 @@ class ComfyStandIn:
         node: str,
         mime: str,
         image: Image.Image,
+        *,
+        metadata: bool | None = None,
     ) -> None:
+        """To the client (or everyone); ``metadata`` True/False: only to the peers that did /
+        did not ask for preview metadata."""
         targets = (
             list(self._peers.values())
             if client is None
             else [p for p in [self._peers.get(client)] if p]
         )
+        if metadata is not None:
+            targets = [
+                p
+                for p in targets
+                if bool(p.feature_flags.get("supports_preview_metadata")) is metadata
+            ]
         for peer in targets:
             if peer is None:
                 continue
