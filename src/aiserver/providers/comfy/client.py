@@ -29,6 +29,7 @@ from websockets.exceptions import WebSocketException
 from aiserver.providers.comfy.agent_socket import AgentSocket, SocketLost
 from aiserver.providers.comfy.channel import AgentChannel
 from aiserver.providers.comfy.errors import agent_unavailable
+from aiserver.providers.comfy.input_names import InputNames
 from aiserver.providers.comfy.messages import Message, decode_event
 from aiserver.providers.failures import Cause, ProviderUnavailable
 
@@ -81,10 +82,14 @@ class Reply:
         return json.loads(self.content)
 
 
-def _upload_form(data: bytes, file_name: str, mime_type: str) -> aiohttp.FormData:
+def _upload_form(
+    data: bytes, file_name: str, mime_type: str, *, overwrite: bool
+) -> aiohttp.FormData:
     form = aiohttp.FormData()
     form.add_field("image", data, filename=file_name, content_type=mime_type)
     form.add_field("type", "input")
+    if overwrite:
+        form.add_field("overwrite", "true")
     return form
 
 
@@ -110,6 +115,8 @@ class ComfyClient:
         self._jobs_api: bool | None = None  # /api/jobs exists (newer servers); None: unknown
         self.channel = AgentChannel(name, self.open_websocket, uuid.uuid4().hex)
         """The websocket shared by every run this process starts on the agent."""
+        self.input_names = InputNames()
+        """Upload names reused once their job ended (runs that opt in)."""
 
     async def aclose(self) -> None:
         self._closed = True
@@ -125,11 +132,14 @@ class ComfyClient:
     async def object_info(self) -> dict[str, Any]:
         return self._json(await self._get_ok("/object_info"), "/object_info")
 
-    async def upload_image(self, data: bytes, file_name: str, mime_type: str) -> UploadedFile:
+    async def upload_image(
+        self, data: bytes, file_name: str, mime_type: str, *, overwrite: bool = False
+    ) -> UploadedFile:
+        """``POST /upload/image``; without ``overwrite`` a clash with other bytes is renamed."""
         response = await self._request(
             "POST",
             "/upload/image",
-            data=_upload_form(data, file_name, mime_type),
+            data=_upload_form(data, file_name, mime_type, overwrite=overwrite),
         )
         if response.status_code != 200:
             raise self.unavailable(

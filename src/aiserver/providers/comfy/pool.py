@@ -191,6 +191,7 @@ class ComfyPool:
             timeouts=self._settings.timeouts,
             spawn=self._background.spawn,
             socket_outputs=self._outputs_over_websocket(agent),
+            reuse_input_names=self._settings.reuse_input_names,
         )
         try:
             await run.execute()

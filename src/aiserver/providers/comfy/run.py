@@ -8,7 +8,9 @@ spawner it owns. One run:
    (:class:`~aiserver.providers.comfy.channel.AgentChannel`, opened once per agent) first:
    ComfyUI drops messages for absent clients;
 2. upload each input as ``{job_id}-{field}-{sha8}.{ext}`` (unique per job, so a resubmit never
-   reuses another job's cached result, and a retry of the same job reuses its own upload);
+   reuses another job's cached result, and a retry of the same job reuses its own upload), or,
+   with ``reuse_input_names``, under a name of the agent's that the next job overwrites once
+   this one has ended (:mod:`~aiserver.providers.comfy.input_names`);
 3. checkpoint ``{agent, prompt_id, client_id, seed}`` (the prompt id is ours, so a restart can
    re-attach even if it happened mid-``POST``), then ``POST /prompt`` with that ``prompt_id``;
 4. follow the websocket's typed messages (:mod:`~aiserver.providers.comfy.messages`) for our
@@ -48,6 +50,7 @@ from aiserver.providers.base import (
     GeneratedText,
     ProviderProgress,
     RunSink,
+    WorkInput,
     WorkItem,
 )
 from aiserver.providers.comfy import messages as msg
@@ -90,6 +93,7 @@ class Run:
         timeouts: ComfyTimeouts,
         spawn: Spawn,
         socket_outputs: bool = False,
+        reuse_input_names: bool = False,
     ) -> None:
         self.c = client
         self.t = timeouts
@@ -107,6 +111,8 @@ class Run:
         # re-attached prompt keeps what its checkpoint says.
         self.socket_outputs = resume.get("outputs") == "socket" if resume else socket_outputs
         self.images = SocketImages(frozenset())
+        self.reuse_input_names = reuse_input_names
+        self.input_slot: int | None = None  # held from the first upload to the run's end
         self.sub: Subscription | None = None
         self.own_channel: AgentChannel | None = None  # a re-attach under an earlier client id
         self.attached = False
@@ -142,6 +148,7 @@ class Run:
                 await self._abandon("failed")
             raise
         finally:
+            self._release_inputs()
             if self.sub is not None:
                 self.sub.close()
             if self.own_channel is not None:
@@ -212,11 +219,22 @@ class Run:
 
     def _upload_name(self, name: str) -> str:
         item = self.work.inputs[name]
+        job = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.work.job_id)
+        return f"{job}-{name}-{item.sha256[:8]}{self._suffix(item)}"
+
+    @staticmethod
+    def _suffix(item: WorkInput) -> str:
         suffix = PurePosixPath(item.file_name).suffix.lower()
         if not suffix or len(suffix) > 6:
             suffix = mimetypes.guess_extension(item.mime_type) or ".png"
-        job = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.work.job_id)
-        return f"{job}-{name}-{item.sha256[:8]}{suffix}"
+        return suffix
+
+    def _release_inputs(self) -> None:
+        """The slot goes back once the prompt cannot load its inputs any more: the run ended,
+        or was abandoned (a prompt we withdraw may still start, but its result is dropped)."""
+        if self.input_slot is not None:
+            slot, self.input_slot = self.input_slot, None
+            self.c.input_names.give_back(slot)
 
     async def _upload_inputs(self) -> dict[str, str]:
         uploads = {}
@@ -231,7 +249,16 @@ class Run:
                     metadata={"field": name},
                 )
             data = await asyncio.to_thread(item.path.read_bytes)
-            uploaded = await self.c.upload_image(data, self._upload_name(name), item.mime_type)
+            if self.reuse_input_names:
+                if self.input_slot is None:
+                    self.input_slot = self.c.input_names.take()
+                file_name = self.c.input_names.name(self.input_slot, name, self._suffix(item))
+                uploaded = await self.c.upload_image(
+                    data, file_name, item.mime_type, overwrite=True
+                )
+            else:
+                file_name = self._upload_name(name)
+                uploaded = await self.c.upload_image(data, file_name, item.mime_type)
             uploads[name] = uploaded.path
         return uploads
 

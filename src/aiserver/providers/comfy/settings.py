@@ -81,3 +81,7 @@ class PoolSettings:
     """Take output images from the websocket (``SaveImageWebsocket``) where the agent has it:
     no file left in its ``output/``, no ``/view`` per image. The service turns it on
     (``agent_outputs_over_websocket``); off, outputs are saved files fetched with ``/view``."""
+    reuse_input_names: bool = False
+    """Upload inputs under names the next job overwrites once this one has ended, so the
+    agent's ``input/`` holds only the jobs in flight (:mod:`.input_names`). The service turns
+    it on (``agent_reuse_input_names``); off, every job leaves its inputs behind."""
