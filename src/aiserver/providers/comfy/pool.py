@@ -157,7 +157,7 @@ class ComfyPool:
     def capacity(self) -> int:
         """Slots of the agents that are online: jobs beyond them wait in our queue."""
         return sum(
-            agent.config.max_concurrent_jobs
+            agent.config.slots
             for agent in self._agents.values()
             if agent.state is AgentState.ONLINE
         )
@@ -222,11 +222,7 @@ class ComfyPool:
         workflow = self._workflows.find(task)
         if workflow is None:
             return None
-        free = [
-            a
-            for a in self._capable(workflow, spec, exclude)[0]
-            if a.running < a.config.max_concurrent_jobs
-        ]
+        free = [a for a in self._capable(workflow, spec, exclude)[0] if a.running < a.config.slots]
         return _best(free).config.name if free else None
 
     def snapshot(self) -> tuple[AgentSnapshot, ...]:
@@ -405,7 +401,7 @@ class ComfyPool:
                 capable, reasons = self._capable(workflow, work.spec, exclude)
                 if not capable:
                     raise self._none_capable(workflow, work.spec, reasons, exclude)
-                free = [a for a in capable if a.running < a.config.max_concurrent_jobs]
+                free = [a for a in capable if a.running < a.config.slots]
                 if free:
                     agent = _best(free)
                     agent.running += 1
