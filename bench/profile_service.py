@@ -93,9 +93,10 @@ async def _profile(label: str, jobs: int, concurrency: int) -> str:
                     await _segment(job, 4, inputs.take(16))  # warm-up
                     await agents.dump()
                     pngs = inputs.take(jobs)
-                    spy = subprocess.Popen(
-                        [_py_spy(), "record", "--pid", str(service.pid), "--format", "raw"]
-                        + ["--rate", "200", "--gil", "--nonblocking", "--output", str(collapsed)],
+                    spy = await asyncio.create_subprocess_exec(
+                        _py_spy(),
+                        *("record", "--pid", str(service.pid), "--format", "raw", "--gil"),
+                        *("--rate", "200", "--nonblocking", "--output", str(collapsed)),
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
@@ -106,7 +107,8 @@ async def _profile(label: str, jobs: int, concurrency: int) -> str:
                     wall = time.perf_counter() - started
                     cpu = cpu_seconds(service.pid) - cpu
                     spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
-                    await asyncio.to_thread(spy.wait, 30)
+                    async with asyncio.timeout(30):
+                        await spy.wait()
                     _, requests = await agents.dump()
         done = len(got["latencies"])
         busy, own, total = _top(collapsed)
@@ -117,7 +119,8 @@ async def _profile(label: str, jobs: int, concurrency: int) -> str:
             f" ({cpu:.2f} s CPU over {wall:.1f} s wall, {done / wall:.1f} jobs/s)",
             "agent requests per job: "
             + ", ".join(f"{route} {n / max(done, 1):.2f}" for route, n in sorted(requests.items())),
-            f"py-spy samples while busy: {busy} (200 Hz, the thread holding the GIL only, idle loop excluded)",
+            f"py-spy samples while busy: {busy}"
+            " (200 Hz, the thread holding the GIL only, idle loop excluded)",
             "",
             f"top {TOP} by own samples (% of busy):",
             *(f"  {100 * n / max(busy, 1):5.1f}%  {frame}" for frame, n in own),

@@ -41,8 +41,11 @@ def over_socket(built: BuiltPrompt, prompt_id: str) -> BuiltPrompt:
             continue
         if node.get("class_type") not in _FILE_SAVERS:
             continue
-        images = (node.get("inputs") or {}).get("images")
-        graph[output.node] = {"class_type": "PreviewImage", "inputs": {"images": images}}
+        inputs = dict(node.get("inputs") or {})
+        images = inputs.get("images")
+        # PreviewImage ignores filename_prefix; kept, it tells operators (and the bench)
+        # which job a prompt in the agent's queue or history belongs to.
+        graph[output.node] = {"class_type": "PreviewImage", "inputs": inputs}
         sender = f"{output.node}{SOCKET_NODE_SUFFIX}"
         graph[sender] = {
             "class_type": SAVE_OVER_SOCKET,
