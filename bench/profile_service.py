@@ -1,6 +1,6 @@
 """Where the service spends its CPU on the ComfyUI job path: py-spy on the service process.
 
-    python -m bench.profile_service LABEL [--jobs 400] [--concurrency 16]
+    python -m bench.profile_service LABEL [--jobs 400] [--concurrency 16] [--agents MODULE]
 
 The same setup as :mod:`bench.orchestration` (instant stand-ins in their own process, the
 service in its own with persistence on, gRPC ImageUpscale SYNC with references), but only the
@@ -68,11 +68,11 @@ def _top(collapsed: Path) -> tuple[int, list[tuple[str, int]], list[tuple[str, i
     return busy, own.most_common(TOP), total.most_common(TOP)
 
 
-async def _profile(label: str, jobs: int, concurrency: int) -> str:
+async def _profile(label: str, jobs: int, concurrency: int, module: str) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     collapsed = tmp / "profile.txt"
     try:
-        async with StandIns(AGENTS, tmp / "comfy") as agents:
+        async with StandIns(AGENTS, tmp / "comfy", module=module) as agents:
             env = {
                 "AISERVER_GRPC_HOST": "127.0.0.1",
                 "AISERVER_GRPC_PORT": "0",
@@ -114,7 +114,7 @@ async def _profile(label: str, jobs: int, concurrency: int) -> str:
         busy, own, total = _top(collapsed)
         lines = [
             f"profile {label}: {done} jobs ({len(got['failed'])} failed), {concurrency} callers,"
-            f" {AGENTS} instant stand-ins, gRPC ImageUpscale SYNC + references, SQLite",
+            f" {AGENTS} agents ({module}), gRPC ImageUpscale SYNC + references, SQLite",
             f"service CPU per job: {cpu * 1000 / max(done, 1):.2f} ms"
             f" ({cpu:.2f} s CPU over {wall:.1f} s wall, {done / wall:.1f} jobs/s)",
             "agent requests per job: "
@@ -138,8 +138,13 @@ def main() -> None:
     parser.add_argument("label")
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--agents",
+        default="bench.standin_proc",
+        help="bench.standin_proc (the stand-ins) or bench.fast_agent (lighter)",
+    )
     args = parser.parse_args()
-    text = asyncio.run(_profile(args.label, args.jobs, args.concurrency))
+    text = asyncio.run(_profile(args.label, args.jobs, args.concurrency, args.agents))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"profile-{args.label}.txt").write_text(text)
     print(text)
