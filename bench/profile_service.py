@@ -68,7 +68,7 @@ def _top(collapsed: Path) -> tuple[int, list[tuple[str, int]], list[tuple[str, i
     return busy, own.most_common(TOP), total.most_common(TOP)
 
 
-async def _profile(label: str, jobs: int, concurrency: int, module: str) -> str:
+async def _profile(label: str, jobs: int, concurrency: int, module: str, native: bool) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     collapsed = tmp / "profile.txt"
     try:
@@ -96,7 +96,9 @@ async def _profile(label: str, jobs: int, concurrency: int, module: str) -> str:
                     spy = await asyncio.create_subprocess_exec(
                         _py_spy(),
                         *("record", "--pid", str(service.pid), "--format", "raw", "--gil"),
-                        *("--rate", "200", "--nonblocking", "--output", str(collapsed)),
+                        *("--rate", "200", "--output", str(collapsed)),
+                        # py-spy unwinds C frames only while the process is paused.
+                        *(("--native",) if native else ("--nonblocking",)),
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
@@ -143,8 +145,9 @@ def main() -> None:
         default="bench.standin_proc",
         help="bench.standin_proc (the stand-ins) or bench.fast_agent (lighter)",
     )
+    parser.add_argument("--native", action="store_true", help="C frames too (py-spy --native)")
     args = parser.parse_args()
-    text = asyncio.run(_profile(args.label, args.jobs, args.concurrency, args.agents))
+    text = asyncio.run(_profile(args.label, args.jobs, args.concurrency, args.agents, args.native))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"profile-{args.label}.txt").write_text(text)
     print(text)

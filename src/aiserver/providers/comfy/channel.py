@@ -67,6 +67,16 @@ class Subscription:
             raise SocketLost(f"websocket to {self._channel.name} dropped")
         return item
 
+    def recv_nowait(self) -> msg.Message | None:
+        """The next message if one is waiting, else None (:class:`SocketLost` as recv)."""
+        try:
+            item = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        if isinstance(item, _Lost):
+            raise SocketLost(f"websocket to {self._channel.name} dropped")
+        return item
+
     async def reopen(self, budget_s: float, backoff_s: float, backoff_max_s: float) -> None:
         """After :class:`SocketLost`: until the shared socket is back (or the budget is spent)."""
         await self._channel.reopen(budget_s, backoff_s, backoff_max_s)

@@ -304,8 +304,12 @@ class Run:
                 deadline = self.queued_at + t.queue_wait_s
             assert self.sub is not None
             try:
-                async with asyncio.timeout(max(0.0, min(deadline, last_heard + t.poll_s) - now)):
-                    message = await self.sub.recv()
+                # Frames come in bursts: one already waiting needs no timer.
+                message = self.sub.recv_nowait()
+                if message is None:
+                    wait = max(0.0, min(deadline, last_heard + t.poll_s) - now)
+                    async with asyncio.timeout(wait):
+                        message = await self.sub.recv()
             except TimeoutError:
                 now = self.loop.time()
                 if now >= deadline:
