@@ -163,6 +163,8 @@ class AgentChannel:
         self._closed = True
         reader, socket = self._reader, self._socket
         self._reader = self._socket = None
+        for sub in list(self._subs.values()):
+            sub._put(_LOST)  # runs still on it fail now (reopen refuses), not at a timeout
         if reader is not None:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):

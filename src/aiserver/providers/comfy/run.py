@@ -164,7 +164,8 @@ class Run:
             self.own_channel = channel
         self.sub = await channel.subscribe(self.prompt_id)
         if self.socket_outputs and not self.resume:
-            self.socket_outputs = await channel.frames_name_prompt(self.t.connect_s)
+            # ComfyUI answers at once; an older agent never does (waited for once).
+            self.socket_outputs = await channel.frames_name_prompt(min(self.t.connect_s, 2.0))
         attached = False
         if self.resume.get("prompt_id"):
             attached = await self._attach()
