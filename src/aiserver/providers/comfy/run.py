@@ -81,6 +81,9 @@ class Run:
 
     ``timeouts`` bound its phases; ``spawn`` starts the clean-up that must outlive a cancelled
     run (both are the pool's). It re-attaches when ``work.resume`` names this agent.
+    ``socket_outputs`` takes output images from the websocket when the agent's frames name
+    their prompt; ``reuse_input_names`` uploads inputs under the agent's reusable names (both
+    the pool's settings, off by default).
     """
 
     def __init__(
