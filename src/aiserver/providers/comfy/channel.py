@@ -48,10 +48,11 @@ _ENDS = (msg.ExecutionSuccess, msg.ExecutionError, msg.ExecutionInterrupted)
 class Subscription:
     """One prompt's messages from its agent's shared websocket."""
 
-    def __init__(self, channel: AgentChannel, prompt_id: str, order: int) -> None:
+    def __init__(self, channel: AgentChannel, prompt_id: str) -> None:
         self._channel = channel
         self.prompt_id = prompt_id
-        self.order = order
+        self.order: int | None = None
+        """When its prompt was queued, among this channel's (None: not by this channel)."""
         self.ended = False
         """The prompt's end was seen (it no longer holds a queue position)."""
         self._queue: asyncio.Queue[msg.Message | _Lost] = asyncio.Queue()
@@ -80,6 +81,10 @@ class Subscription:
     async def reopen(self, budget_s: float, backoff_s: float, backoff_max_s: float) -> None:
         """After :class:`SocketLost`: until the shared socket is back (or the budget is spent)."""
         await self._channel.reopen(budget_s, backoff_s, backoff_max_s)
+
+    def queuing(self) -> None:
+        """Its prompt is being queued now (call before ``POST /prompt``): its place in line."""
+        self.order = self._channel.next_place()
 
     def position(self) -> int:
         """Prompts of this channel queued before ours that have not ended (running included)."""
@@ -115,7 +120,7 @@ class AgentChannel:
 
         Subscribe before queueing: ComfyUI sends nothing to a client that is not connected.
         """
-        sub = Subscription(self, prompt_id, next(self._order))
+        sub = Subscription(self, prompt_id)
         self._subs[prompt_id] = sub
         try:
             await self._ensure_open()
@@ -141,8 +146,16 @@ class AgentChannel:
             self._flags_seen.set()  # asked once: an agent that did not answer never will
         return self._flags.get("supports_preview_metadata") is True
 
+    def next_place(self) -> int:
+        return next(self._order)
+
     def ahead_of(self, sub: Subscription) -> int:
-        return sum(1 for s in self._subs.values() if s.order < sub.order and not s.ended)
+        mine = sub.order
+        return sum(
+            1
+            for s in self._subs.values()
+            if s.order is not None and not s.ended and (mine is None or s.order < mine)
+        )
 
     async def reopen(self, budget_s: float, backoff_s: float, backoff_max_s: float) -> None:
         loop = asyncio.get_running_loop()

@@ -269,6 +269,8 @@ class Run:
     async def _queue(self) -> None:
         assert self.built is not None
         self.queued = True  # set first: a timed-out POST may still have queued it
+        assert self.sub is not None
+        self.sub.queuing()
         body = {
             "prompt": self.built.graph,
             "client_id": self.client_id,
