@@ -304,7 +304,9 @@ class ComfyClient:
                 ws_url,
                 additional_headers=self._headers,
                 open_timeout=self._connect_s,
-                max_size=64 * 1024 * 1024,  # preview frames can be large
+                # Output images come as frames (SaveImageWebsocket): a frame over the limit
+                # drops the socket for every run on it, so the limit is an output's size.
+                max_size=256 * 1024 * 1024,
                 close_timeout=1,
             )
         except (OSError, TimeoutError, WebSocketException) as exc:
