@@ -227,3 +227,20 @@ async def test_standin_orders_frame_and_progress_as_recorded(
                 frame = await ws.recv()
                 kinds.append("<binary>" if isinstance(frame, bytes) else json.loads(frame)["type"])
     assert [k for k in kinds if k in ("progress", "<binary>")] == expected
+
+
+async def test_an_agent_without_preview_metadata_gets_files_and_view(
+    make_standin: StandInFactory,
+    pools: list[ComfyPool],
+    catalog: WorkflowCatalog,
+    inputs_dir: Path,
+) -> None:
+    """Frames naming no prompt cannot be routed on a shared socket: SaveImage and /view."""
+    standin = await make_standin(feature_flags=False)
+    pool = await started(pools, catalog, standin.url)
+    sink = await run(pool, upscale(inputs_dir))
+    assert sink.image_sizes() == [(80, 60)]
+    (body,) = standin.received.prompts
+    assert body["prompt"]["5"]["class_type"] == "SaveImage"
+    assert len(views(standin)) == 1
+    assert "outputs" not in sink.checkpoints[0]

@@ -130,6 +130,7 @@ class ComfyStandIn:
         step_delay_s: float = 0.001,
         missing_nodes: Sequence[str] = (),
         version: str = "0.8.0",
+        feature_flags: bool = True,
     ) -> None:
         self.root = root
         self.input_dir = root / "input"
@@ -146,6 +147,9 @@ class ComfyStandIn:
         self.jobs_api = jobs_api
         self.api_key = api_key
         self.version = version
+        self.feature_flags = feature_flags
+        """False: an older server that ignores the client's feature flags (no answer, no
+        preview metadata: binary frames are type 1 and name no prompt)."""
         self.received = Received()
         self._http = self._new_http()
         self._peers: dict[str, WsPeer] = {}
@@ -332,7 +336,7 @@ class ComfyStandIn:
         first, peer.received_first = not peer.received_first, True
         with contextlib.suppress(ValueError, AttributeError):
             message = json.loads(text)
-            if first and message.get("type") == "feature_flags":
+            if first and message.get("type") == "feature_flags" and self.feature_flags:
                 # ws_trace_upscale_model.json: the server answers with its own flags.
                 peer.feature_flags = dict(message.get("data") or {})
                 self._send_to(peer, "feature_flags", _FEATURES)
