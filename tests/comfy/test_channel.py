@@ -107,3 +107,26 @@ async def test_a_closed_client_fails_its_runs_as_unavailable(
     with pytest.raises(ProviderUnavailable) as caught:
         await client.run(work, catalog.get(work.task), RecordingSink())
     assert caught.value.cause is Cause.CLIENT_CLOSED
+
+
+async def test_an_agent_restart_loses_every_prompt_on_the_socket_and_each_run_says_so(
+    standin: ComfyStandIn,
+    client: DirectAgent,
+    catalog: WorkflowCatalog,
+    inputs_dir: Path,
+    spawn: Spawn,
+) -> None:
+    standin.hang_at("7")
+    works = jobs(inputs_dir, 2)
+    tasks = [spawn(client.run(w, catalog.get(w.task), RecordingSink())) for w in works]
+    await standin.wait_for(lambda: len(standin.received.prompts) == 2)
+    await standin.kill()
+    await standin.restart()  # same port, empty queue and history
+    for task in tasks:
+        with pytest.raises(ProviderUnavailable) as caught:
+            async with asyncio.timeout(10):
+                await task
+        assert caught.value.cause is Cause.PROMPT_LOST
+    # Both runs came back through one new socket, then asked after their own prompt.
+    socket_id = standin.received.ws_connects[0]
+    assert standin.received.ws_connects == [socket_id, socket_id]
