@@ -47,7 +47,7 @@ from aiserver.retention import Retention, RetentionPolicy
 from aiserver.security import Security
 from aiserver.spool import InputSpool
 from aiserver.tasks import TaskKind
-from aiserver.webhooks import WebhookSender
+from aiserver.webhooks import DeliveryOutcome, WebhookSender, webhook_record
 from aiserver.webhooks.outbox import WebhookOutbox
 from aiserver.workers import BlockingPool
 
@@ -168,7 +168,9 @@ class Service:
             lease_s=s.job_lease_s,
         )
         # Webhooks go through the durable outbox: stored with the final state, sent by the
-        # process that leads the outbox role (any one of several coordinators).
+        # process that leads the outbox role (any one of several coordinators), which keeps
+        # each delivery's outcome on its job.
+        self.webhooks.keep_outcome = self._keep_webhook_outcome
         self.outbox = WebhookOutbox(store, self.webhooks, holder or new_holder_id())
         manager.use_outbox(self.outbox.deliveries, self.outbox.wake)
         manager.add_terminal_hook(self.metrics.job_finished)
@@ -220,6 +222,7 @@ class Service:
                     image=self.limits,
                 ),
                 link=link,
+                reply_to_guard=self.webhooks.guard,
             ),
             server,
         )
@@ -324,6 +327,10 @@ class Service:
             await self.metrics_server.stop()
             self.metrics_server = None
         logger.info("stopped")
+
+    async def _keep_webhook_outcome(self, outcome: DeliveryOutcome) -> None:
+        if self.manager is not None:
+            await self.manager.record_webhook(outcome.job_id, webhook_record(outcome))
 
     async def _update_generation_health(self) -> None:
         assert self.manager is not None

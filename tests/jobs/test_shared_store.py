@@ -73,7 +73,7 @@ async def pair(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
 async def test_watch_and_cancel_from_the_other_coordinator(pair: Pair) -> None:
     runner = ScriptedProvider("p1", gated)
     a = await pair.manager(runner)
-    b = await pair.manager(ScriptedProvider("p1", gated, online=False))
+    b = await pair.manager(_serves_nothing())  # never adopts: the job stays on a
     job = await submit(a, pair.env)
     run = await runner.next_run()
     watch = b.subscribe(job.id)
@@ -94,7 +94,7 @@ async def test_watch_and_cancel_from_the_other_coordinator(pair: Pair) -> None:
 async def test_a_watcher_elsewhere_gets_outputs_then_finished(pair: Pair) -> None:
     runner = ScriptedProvider("p1", gated)
     a = await pair.manager(runner)
-    b = await pair.manager(ScriptedProvider("p1", online=False))
+    b = await pair.manager(_serves_nothing())
     job = await submit(a, pair.env)
     run = await runner.next_run()
     watch = b.subscribe(job.id)
@@ -131,7 +131,7 @@ async def test_a_stopped_coordinators_jobs_are_taken_over_without_a_second_run(
 async def test_an_expired_lease_is_taken_over(pair: Pair) -> None:
     a = await pair.manager(ScriptedProvider("p1", gated, online=False))
     job = await submit(a, pair.env)
-    await a._leases.stop()  # type: ignore[union-attr]  # a frozen process: no renewals
+    await _freeze(a)
     b_provider = ScriptedProvider("p1")
     b = await pair.manager(b_provider)
     final = await within(_final(b, job.id), 10)
@@ -149,6 +149,17 @@ async def test_ref_id_and_active_limit_hold_across_coordinators(pair: Pair) -> N
     with pytest.raises(Exception) as refused:
         await submit(a, pair.env, ref_id="r3")
     assert getattr(refused.value, "reason", "") == "TOO_MANY_JOBS"
+
+
+async def _freeze(manager: JobManager) -> None:
+    """As a process that stopped running (a long pause): no renewals, no adoption."""
+    await manager._leases.stop()  # type: ignore[union-attr]
+    for task in manager._shared_tasks:
+        task.cancel()
+
+
+def _serves_nothing() -> ScriptedProvider:
+    return ScriptedProvider("p1", tasks=())
 
 
 async def _final(manager: JobManager, job_id: str) -> Any:

@@ -56,6 +56,7 @@ from aiserver.jobs.model import (
     Job,
     JobEvent,
     JobState,
+    WebhookDelivery,
 )
 from aiserver.jobs.outputs import ArtifactWriter
 from aiserver.jobs.paging import page_size as checked_page_size
@@ -365,6 +366,10 @@ class JobManager:
             metadata={"limit": str(limit)},
             retry_after_s=self._settings.too_many_jobs_retry_s,
         )
+
+    async def record_webhook(self, job_id: str, delivery: WebhookDelivery) -> None:
+        """Keep how the job's ReplyTo delivery ended (GetJob shows it)."""
+        await self._store.record_webhook(job_id, delivery)
 
     async def get(self, job_id: str, owner: str | None) -> Job:
         """The job (``owner`` None: any owner's); NOT_FOUND also for another owner's job."""

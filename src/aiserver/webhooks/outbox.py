@@ -19,7 +19,7 @@ import logging
 from aiserver.jobs.model import Job
 from aiserver.jobs.store import JobStore, OutboxItem
 from aiserver.webhooks.payload import message_id_for
-from aiserver.webhooks.sender import WebhookSender
+from aiserver.webhooks.sender import DeliveryStatus, WebhookSender
 
 __all__ = ["ROLE", "WebhookOutbox"]
 
@@ -101,9 +101,14 @@ class WebhookOutbox:
             item.job_id, msg_id, item.url, item.body, item.attempts + 1
         )
         if tried.outcome is not None:
-            if tried.outcome.status.value == "DELIVERED":
+            if tried.outcome.status is DeliveryStatus.DELIVERED:
                 await self._store.outbox_done(item.id)
             else:  # kept, not due any more: an operator can look at it
                 await self._store.outbox_failed(item.id, tried.outcome.detail, None)
+            if self._sender.keep_outcome is not None:  # shown on the job (GetJob)
+                try:
+                    await self._sender.keep_outcome(tried.outcome)
+                except Exception:
+                    logger.exception("could not keep the webhook outcome of %s", item.job_id)
         else:
             await self._store.outbox_failed(item.id, tried.detail, tried.retry_in_s)

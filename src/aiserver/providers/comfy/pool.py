@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import httpx
-
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.providers.base import Provider, RunSink, WorkItem
 from aiserver.providers.comfy.background import Background
@@ -34,6 +32,7 @@ from aiserver.providers.comfy.client import ComfyClient
 from aiserver.providers.comfy.run import Run
 from aiserver.providers.comfy.settings import AgentSettings, PoolSettings
 from aiserver.providers.comfy.slots import AgentSlots, LocalSlots, SlotToken
+from aiserver.providers.comfy.socket_outputs import SAVE_OVER_SOCKET
 from aiserver.providers.comfy.workflows import (
     AgentCapabilities,
     Workflow,
@@ -110,7 +109,6 @@ class ComfyPool:
         *,
         settings: PoolSettings | None = None,
         name: str = "comfyui",
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._name = name
         self._workflows = workflows
@@ -125,7 +123,6 @@ class ComfyPool:
                 api_key=config.api_key,
                 connect_s=self._settings.timeouts.connect_s,
                 request_s=self._settings.timeouts.request_s,
-                transport=transport,
             )
             self._agents[config.name] = _Agent(config, client)
         self._changed = asyncio.Condition()
@@ -166,7 +163,7 @@ class ComfyPool:
     def capacity(self) -> int:
         """Slots of the agents that are online: jobs beyond them wait in our queue."""
         return sum(
-            agent.config.max_concurrent_jobs
+            agent.config.slots
             for agent in self._agents.values()
             if agent.state is AgentState.ONLINE
         )
@@ -199,6 +196,8 @@ class ComfyPool:
             sink,
             timeouts=self._settings.timeouts,
             spawn=self._background.spawn,
+            socket_outputs=self._outputs_over_websocket(agent),
+            reuse_input_names=self._settings.reuse_input_names,
         )
         try:
             await run.execute()
@@ -214,6 +213,14 @@ class ComfyPool:
                 await self._slots.give_back(slot)
             await self._notify()
 
+    def _outputs_over_websocket(self, agent: _Agent) -> bool:
+        caps = agent.caps
+        return (
+            self._settings.outputs_over_websocket
+            and caps is not None
+            and SAVE_OVER_SOCKET in caps.nodes
+        )
+
     # ---- operators --------------------------------------------------------------------------
 
     def pick(
@@ -223,11 +230,7 @@ class ComfyPool:
         workflow = self._workflows.find(task)
         if workflow is None:
             return None
-        free = [
-            a
-            for a in self._capable(workflow, spec, exclude)[0]
-            if a.running < a.config.max_concurrent_jobs
-        ]
+        free = [a for a in self._capable(workflow, spec, exclude)[0] if a.running < a.config.slots]
         return _best(free).config.name if free else None
 
     def snapshot(self) -> tuple[AgentSnapshot, ...]:
@@ -398,7 +401,7 @@ class ComfyPool:
         ):
             # Its prompt is already on that agent: follow it there, slot or not.
             resumed.running += 1
-            slot = await self._slots.take(resumed.config.name, resumed.config.max_concurrent_jobs)
+            slot = await self._slots.take(resumed.config.name, resumed.config.slots)
             return resumed, slot
         async with self._changed:
             while True:
@@ -409,13 +412,11 @@ class ComfyPool:
                 capable, reasons = self._capable(workflow, work.spec, exclude)
                 if not capable:
                     raise self._none_capable(workflow, work.spec, reasons, exclude)
-                free = [a for a in capable if a.running < a.config.max_concurrent_jobs]
+                free = [a for a in capable if a.running < a.config.slots]
                 busy_elsewhere = bool(free)
                 while free:
                     agent = _best(free)
-                    slot = await self._slots.take(
-                        agent.config.name, agent.config.max_concurrent_jobs
-                    )
+                    slot = await self._slots.take(agent.config.name, agent.config.slots)
                     if slot is not None:
                         agent.running += 1
                         return agent, slot
