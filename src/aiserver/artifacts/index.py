@@ -288,7 +288,7 @@ class PostgresArtifactIndex:
             if self._pool_ is None:
                 import asyncpg
 
-                from aiserver.jobs.store.postgres import migrate
+                from aiserver.jobs.store.postgres import keep_session, migrate
 
                 await migrate(self._url, self._schema)
                 self._pool_ = await asyncpg.create_pool(
@@ -296,6 +296,7 @@ class PostgresArtifactIndex:
                     min_size=1,
                     max_size=self._pool_size,
                     server_settings={"search_path": self._schema},
+                    reset=keep_session,  # no session state here (the locks have their pool)
                 )
                 self._locks = await asyncpg.create_pool(
                     self._url, min_size=0, max_size=self._pool_size
