@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aiserver.gateway.backend import Backend, GatewaySettings, request_id
 from aiserver.gateway.compat import Compat, CompatTask
+from aiserver.gateway.console import add_console_routes
 from aiserver.gateway.errors import GatewayError, from_rpc_error, invalid_fields
 from aiserver.gateway.fields import FieldError, FieldErrors, apply_fields, assign, resolve
 from aiserver.gateway.openapi import build_openapi
@@ -315,6 +316,7 @@ def build_app(
         app.router.add_route("*", prefix + "/{name}", compat.dispatch)
     app.router.add_get("/artifacts/{path:.+}", compat.artifact)
     app.router.add_get("/variants/{spec}/{path:.+}", compat.variant)
+    add_console_routes(app)
     app.router.add_route("*", "/{tail:.*}", v1.handle)
     return app
 

@@ -1,0 +1,152 @@
+// Jobs: a filtered, paged list whose unfinished rows follow their jobs' event streams.
+import { session } from "./app.js";
+import { follow, getJson, postJson } from "./api.js";
+import {
+  FINAL, TASK_VALUES, age, duration, el, progressBar, short, stateLabel, taskLabel, toast,
+} from "./ui.js";
+
+const STATES = ["STATE_QUEUED", "STATE_RUNNING", "STATE_SUCCEEDED", "STATE_FAILED", "STATE_CANCELLED"];
+const PAGE_SIZE = 20;
+// Browsers open at most six HTTP/1.1 connections per host: keep some for everything else.
+const MAX_STREAMS = 3;
+
+function select(id, label, values, current, labelOf) {
+  return el("label", { for: id }, label,
+    el("select", { id, name: id },
+      el("option", { value: "", text: "any" }),
+      values.map((v) => el("option", { value: v, selected: v === current, text: labelOf(v) }))));
+}
+
+export async function jobsPage(main, params, signal) {
+  const state = params.get("state") || "";
+  const task = params.get("task") || "";
+  const tag = params.get("tag") || "";
+  const token = params.get("page") || "";
+  const filters = el("form", { class: "filters", role: "search" },
+    select("state", "State", STATES, state, stateLabel),
+    select("task", "Task", TASK_VALUES, task, taskLabel),
+    el("label", { for: "tag" }, "Tag", el("input", { id: "tag", name: "tag", value: tag })),
+    el("button", { type: "submit", text: "Filter" }));
+  filters.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const q = new URLSearchParams();
+    for (const name of ["state", "task", "tag"]) {
+      const v = filters.elements[name].value.trim();
+      if (v) q.set(name, v);
+    }
+    location.hash = `#/jobs?${q}`;
+  });
+  for (const s of filters.querySelectorAll("select")) {
+    s.addEventListener("change", () => filters.requestSubmit());
+  }
+
+  const q = new URLSearchParams({ pageSize: String(PAGE_SIZE) });
+  if (state) q.set("states", state);
+  if (task) q.set("task", task);
+  if (tag) q.set("tag", tag);
+  if (token) q.set("pageToken", token);
+  if (session.admin) q.set("allOwners", "true");
+  const answer = await getJson(`/v1/jobs?${q}`, signal);
+  const jobs = answer.jobs || [];
+
+  const head = el("tr", {},
+    ["State", "Task", session.admin ? "Owner" : null, "Tag", "Ref id", "Age", "Duration",
+      "Agent", "Progress", ""].filter((h) => h !== null).map((h) => el("th", { scope: "col", text: h })));
+  const body = el("tbody");
+  const table = el("table", { class: "jobs" }, el("thead", {}, head), body);
+  const rows = new Map();
+  for (const job of jobs) {
+    const row = renderRow(job);
+    rows.set(job.name, row);
+    body.append(row);
+  }
+  const pager = el("nav", { class: "pager", "aria-label": "Pages of jobs" },
+    token ? el("a", { href: `#/jobs?${withPage(params, "")}`, text: "First page" }) : null,
+    answer.nextPageToken
+      ? el("a", { href: `#/jobs?${withPage(params, answer.nextPageToken)}`, text: "Next page" })
+      : null);
+  main.append(
+    el("h1", { text: "Jobs" }),
+    filters,
+    jobs.length ? el("div", { class: "scroll" }, table) : el("p", { class: "empty", text: "No jobs." }),
+    pager,
+  );
+
+  const unfinished = jobs.filter((j) => !FINAL.has(j.state)).slice(0, MAX_STREAMS);
+  for (const job of unfinished) watchRow(job, rows, signal);
+}
+
+function withPage(params, token) {
+  const q = new URLSearchParams(params);
+  if (token) q.set("page", token);
+  else q.delete("page");
+  return q.toString();
+}
+
+function renderRow(job, live = {}) {
+  const id = short(job.name);
+  const running = job.state === "STATE_RUNNING";
+  let where = "";
+  if (live.node) where = `${live.nodeType || "node"} ${live.node}`;
+  if (live.maxSteps) where += ` step ${live.step || 0}/${live.maxSteps}`;
+  const progress = running
+    ? el("span", {}, progressBar(live.fraction ?? job.progress, `progress of ${id}`),
+        el("span", { class: "where", text: where }))
+    : job.state === "STATE_QUEUED" ? `queued, position ${job.queuePosition || 0}` : "";
+  const cancel = FINAL.has(job.state) ? "" : el("button", {
+    type: "button", class: "secondary small", "data-cancel": id, text: "Cancel",
+    "aria-label": `Cancel job ${id}`,
+    onclick: async () => {
+      try {
+        await postJson(`/v1/jobs/${encodeURIComponent(id)}:cancel`, {});
+        toast(`Cancelled ${id}`);
+      } catch (err) {
+        toast(`Cancel failed: ${err.message}`);
+      }
+    },
+  });
+  return el("tr", { "data-job": id, "data-state": stateLabel(job.state) },
+    el("td", {}, el("a", { href: `#/jobs/${encodeURIComponent(id)}`, class: `state ${stateLabel(job.state)}`,
+      text: stateLabel(job.state) })),
+    el("td", { text: taskLabel(job.task) }),
+    session.admin ? el("td", { text: job.owner || "-" }) : null,
+    el("td", { text: job.tag || "" }),
+    el("td", { class: "mono", text: job.refId || "" }),
+    el("td", { text: age(job.createTime) }),
+    el("td", { text: duration(job) }),
+    el("td", { text: job.agent || job.provider || "" }),
+    el("td", { class: "progress-cell" }, progress),
+    el("td", {}, cancel));
+}
+
+async function watchRow(job, rows, signal) {
+  const id = short(job.name);
+  let current = job;
+  const replace = (next, live) => {
+    const old = rows.get(job.name);
+    const row = renderRow(next, live);
+    rows.set(job.name, row);
+    old.replaceWith(row);
+  };
+  try {
+    await follow(`/v1/jobs/${encodeURIComponent(id)}:watch`, (name, event) => {
+      if (name === "progress") {
+        const p = event.progress;
+        const stage = p.stage || "";
+        const state = stage === "STAGE_QUEUED" ? "STATE_QUEUED" : "STATE_RUNNING";
+        current = { ...current, state, progress: p.fraction || 0, queuePosition: p.queuePosition,
+          agent: p.provider || current.agent,
+          startTime: current.startTime || (state === "STATE_RUNNING" ? event.time : undefined) };
+        replace(current, p);
+      } else if (name === "retrying") {
+        current = { ...current, state: "STATE_QUEUED" };
+        replace(current, {});
+      } else if (name === "finished") {
+        current = event.finished.job;
+        replace(current, {});
+      }
+    }, signal);
+  } catch (err) {
+    if (!signal.aborted) toast(`Lost the stream of ${id}: ${err.message}`);
+  }
+}
