@@ -76,14 +76,16 @@ function inputsView(job) {
     el("h2", { text: "Inputs" }),
     el("ul", {}, inputs.map((f) => el("li", {},
       el("strong", { text: f.field }), ` ${f.fileName || ""} ${f.width || "?"}x${f.height || "?"} · ${bytes(f.sizeBytes)}`))),
-    el("pre", { class: "params", text: JSON.stringify(params, null, 2) }));
+    Object.keys(params).length
+      ? el("pre", { class: "params", text: JSON.stringify(params, null, 2) })
+      : el("p", { class: "muted", text: "Default parameters." }));
 }
 
 function summary(job) {
   const rows = [
     ["State", stateLabel(job.state)], ["Task", taskLabel(job.task)], ["Owner", job.owner || "-"],
     ["Ref id", job.refId], ["Tag", job.tag || ""], ["Agent", job.agent || job.provider || ""],
-    ["Attempts", job.attempts || 0], ["Created", job.createTime || ""], ["Duration", duration(job)],
+    ["Attempts", job.attempts || 0], ["Created", job.createTime ? new Date(job.createTime).toLocaleString() : ""], ["Duration", duration(job)],
   ];
   return el("dl", { class: "summary" }, rows.map(([k, v]) => [el("dt", { text: k }), el("dd", { text: String(v) })]));
 }

@@ -114,7 +114,7 @@ function renderRow(job, live = {}) {
     el("td", { class: "mono", text: job.refId || "" }),
     el("td", { text: age(job.createTime) }),
     el("td", { text: duration(job) }),
-    el("td", { text: job.agent || job.provider || "" }),
+    el("td", { class: "agent", text: job.agent || job.provider || "" }),
     el("td", { class: "progress-cell" }, progress),
     el("td", {}, cancel));
 }
@@ -135,7 +135,7 @@ async function watchRow(job, rows, signal) {
         const stage = p.stage || "";
         const state = stage === "STAGE_QUEUED" ? "STATE_QUEUED" : "STATE_RUNNING";
         current = { ...current, state, progress: p.fraction || 0, queuePosition: p.queuePosition,
-          agent: p.provider || current.agent,
+          agent: current.agent || p.provider,
           startTime: current.startTime || (state === "STATE_RUNNING" ? event.time : undefined) };
         replace(current, p);
       } else if (name === "retrying") {
