@@ -34,7 +34,8 @@ async def test_upscale_from_the_run_page_progress_to_done_then_output_and_varian
         """bytes => {
             const dt = new DataTransfer();
             dt.items.add(new File([new Uint8Array(bytes)], "photo.png", {type: "image/png"}));
-            document.querySelector(".drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt}));
+            const drop = new DragEvent("drop", {dataTransfer: dt});
+            document.querySelector(".drop").dispatchEvent(drop);
         }""",
         list(data),
     )
