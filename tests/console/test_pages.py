@@ -82,10 +82,12 @@ async def test_jobs_list_shows_a_running_img2img_live_and_cancels_it(
 ) -> None:
     for agent in farm.agents.values():
         agent.hold_after_step(KSAMPLER, 2)
-    done = await farm.queue("alice", "ImageUpscale", Tag="batch-7")
-    job = await farm.queue("alice", "ImageToImage", PositivePrompt="a lighthouse", Tag="batch-7")
     await console.sign_in(KEYS["ops"])
     page = console.page
+    await expect(page.locator("p.empty")).to_have_text("No jobs.")
+    # Made by another client after the page loaded: rows arrive through WatchJobs.
+    done = await farm.queue("alice", "ImageUpscale", Tag="batch-7")
+    job = await farm.queue("alice", "ImageToImage", PositivePrompt="a lighthouse", Tag="batch-7")
     row = page.locator(f"tr[data-job='{job}']")
     await expect(row).to_have_attribute("data-state", "running")
     await expect(row.locator(".where")).to_contain_text("step 2/")

@@ -1,4 +1,4 @@
-// Jobs: a filtered, paged list whose unfinished rows follow their jobs' event streams.
+// Jobs: a filtered, paged list kept live by WatchJobs (GET /v1/jobs:watch, SSE).
 import { session } from "./app.js";
 import { follow, getJson, postJson } from "./api.js";
 import {
@@ -7,8 +7,6 @@ import {
 
 const STATES = ["STATE_QUEUED", "STATE_RUNNING", "STATE_SUCCEEDED", "STATE_FAILED", "STATE_CANCELLED"];
 const PAGE_SIZE = 20;
-// Browsers open at most six HTTP/1.1 connections per host: keep some for everything else.
-const MAX_STREAMS = 3;
 
 function select(id, label, values, current, labelOf) {
   return el("label", { for: id }, label,
@@ -72,8 +70,33 @@ export async function jobsPage(main, params, signal) {
     pager,
   );
 
-  const unfinished = jobs.filter((j) => !FINAL.has(j.state)).slice(0, MAX_STREAMS);
-  for (const job of unfinished) watchRow(job, rows, signal);
+  const watch = new URLSearchParams();
+  if (task) watch.set("task", task);
+  if (tag) watch.set("tag", tag);
+  if (session.admin) watch.set("allOwners", "true");
+  // New jobs join the first page; rows elsewhere only change in place.
+  const onChange = (change) => {
+    const job = change.job;
+    const old = rows.get(job.name);
+    if (!old && (token || (state && job.state !== state))) return;
+    const row = renderRow(job, change.progress || {});
+    rows.set(job.name, row);
+    if (old) old.replaceWith(row);
+    else {
+      if (!body.isConnected) main.querySelector("p.empty")?.replaceWith(el("div", { class: "scroll" }, table));
+      body.prepend(row);
+    }
+  };
+  for (;;) {
+    try {
+      await follow(`/v1/jobs:watch?${watch}`, (_name, change) => onChange(change), signal);
+    } catch (err) {
+      if (signal.aborted) return;
+      toast(`Live updates lost (${err.message}); reconnecting`);
+    }
+    if (signal.aborted) return;
+    await new Promise((r) => setTimeout(r, 2000));
+  }
 }
 
 function withPage(params, token) {
@@ -117,36 +140,4 @@ function renderRow(job, live = {}) {
     el("td", { class: "agent", text: job.agent || job.provider || "" }),
     el("td", { class: "progress-cell" }, progress),
     el("td", {}, cancel));
-}
-
-async function watchRow(job, rows, signal) {
-  const id = short(job.name);
-  let current = job;
-  const replace = (next, live) => {
-    const old = rows.get(job.name);
-    const row = renderRow(next, live);
-    rows.set(job.name, row);
-    old.replaceWith(row);
-  };
-  try {
-    await follow(`/v1/jobs/${encodeURIComponent(id)}:watch`, (name, event) => {
-      if (name === "progress") {
-        const p = event.progress;
-        const stage = p.stage || "";
-        const state = stage === "STAGE_QUEUED" ? "STATE_QUEUED" : "STATE_RUNNING";
-        current = { ...current, state, progress: p.fraction || 0, queuePosition: p.queuePosition,
-          agent: current.agent || p.provider,
-          startTime: current.startTime || (state === "STATE_RUNNING" ? event.time : undefined) };
-        replace(current, p);
-      } else if (name === "retrying") {
-        current = { ...current, state: "STATE_QUEUED" };
-        replace(current, {});
-      } else if (name === "finished") {
-        current = event.finished.job;
-        replace(current, {});
-      }
-    }, signal);
-  } catch (err) {
-    if (!signal.aborted) toast(`Lost the stream of ${id}: ${err.message}`);
-  }
 }
