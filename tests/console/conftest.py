@@ -67,7 +67,10 @@ class Farm:
 async def start_farm(tmp_path: Path, *, keyed: bool) -> tuple[Service, dict[str, ComfyStandIn]]:
     agents = {
         "gpu-1": ComfyStandIn(tmp_path / "gpu-1", step_delay_s=0.05),
-        "gpu-2": ComfyStandIn(tmp_path / "gpu-2", step_delay_s=0.05),
+        # Lacks the captioning node: the Agents page says why it cannot serve ImageToText.
+        "gpu-2": ComfyStandIn(
+            tmp_path / "gpu-2", step_delay_s=0.05, missing_nodes=["Florence2Run"]
+        ),
     }
     for agent in agents.values():
         await agent.start()
@@ -86,7 +89,7 @@ async def start_farm(tmp_path: Path, *, keyed: bool) -> tuple[Service, dict[str,
             "grpc_port": 0,
             "http_port": 0,
             "data_dir": tmp_path / "data",
-            "local_upscale": "off",
+            "local_upscale": "fallback",  # listed on the Agents page; ComfyUI runs upscales
         },
     )
     service = Service(settings)

@@ -136,10 +136,15 @@ async def test_an_agent_goes_offline_live_when_its_standin_is_killed(
     gpu2 = page.locator("[data-agent='gpu-2']")
     await expect(gpu2.locator(".state")).to_have_text("online")
     await expect(gpu2).to_contain_text("ImageUpscale")
+    await expect(gpu2.locator(".why")).to_contain_text("ImageToText")
+    await expect(gpu2.locator(".why")).to_contain_text("Florence2Run")
+    local = page.locator("[data-agent=local]")
+    await expect(local).to_contain_text("ImageUpscale")
+    await expect(local.locator(".state")).to_have_text("online")
     requests_before = len(farm.agents["gpu-2"].received.requests)
     await farm.agents["gpu-2"].kill()
     await expect(gpu2.locator(".state")).to_have_text("offline")
-    await expect(gpu2.locator(".why")).not_to_be_empty()
+    await expect(gpu2.locator(".why")).not_to_contain_text("Florence2Run")
     await expect(page.locator("[data-agent='gpu-1'] .state")).to_have_text("online")
     assert requests_before  # the stand-in was probed by the service, not by the page
 

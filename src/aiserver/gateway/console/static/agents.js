@@ -2,7 +2,7 @@
 import { follow } from "./api.js";
 import { age, el, taskLabel } from "./ui.js";
 
-function card(agent) {
+function card(agent, opened) {
   const state = (agent.state || "").replace(/^STATE_/, "").toLowerCase();
   const max = agent.maxConcurrentJobs || 0;
   const running = agent.runningJobs || 0;
@@ -16,7 +16,7 @@ function card(agent) {
     agent.priority ? el("p", { text: `priority ${agent.priority}` }) : null,
     agent.lastError ? el("p", { class: "why", text: agent.lastError }) : null,
     agent.lastSeenTime ? el("p", { class: "muted", text: `last seen ${age(agent.lastSeenTime)} ago` }) : null,
-    models.length ? el("details", {}, el("summary", { text: `${models.length} models` }),
+    models.length ? el("details", { open: opened.has(agent.name) }, el("summary", { text: `${models.length} models` }),
       el("ul", {}, models.map((m) => el("li", { class: "mono", text: m })))) : null);
 }
 
@@ -28,7 +28,9 @@ export async function agentsPage(main, signal) {
     try {
       await follow("/v1/agents:watch", (_name, message) => {
         status.textContent = `Live · updated ${new Date().toLocaleTimeString()}`;
-        list.replaceChildren(...(message.agents || []).map(card));
+        // Redrawn whole; a model list someone opened stays open.
+        const opened = new Set([...list.querySelectorAll("details[open]")].map((d) => d.closest("[data-agent]").dataset.agent));
+        list.replaceChildren(...(message.agents || []).map((a) => card(a, opened)));
       }, signal);
     } catch (err) {
       if (signal.aborted) return;

@@ -4,7 +4,8 @@ import { follow, getJson, postForm } from "./api.js";
 import { outputsView } from "./job.js";
 import { FINAL, el, progressBar, short, stateLabel, toast } from "./ui.js";
 
-const HIDDEN = new Set(["Sync"]);
+// How the answer comes back is the console's business: it always queues, then watches.
+const HIDDEN = new Set(["Sync", "Mode", "Delivery"]);
 let operations = null;
 
 // [{key, path, summary, schema}] of POST operations that take multipart forms.
@@ -16,10 +17,13 @@ async function loadOperations(signal) {
     const form = item.post?.requestBody?.content?.["multipart/form-data"]?.schema;
     if (!form || /\/Queue[A-Z]/.test(path) || path.startsWith("/json/")) continue;
     const schema = form.$ref ? resolve(doc, form.$ref) : form;
-    ops.push({ key: path.split("/").pop(), path, summary: item.post.summary || "", schema });
+    ops.push({ key: path.split("/").pop(), path, id: item.post.operationId || "", summary: item.post.summary || "", schema });
   }
-  operations = ops;
-  return ops;
+  // A gRPC method reachable both as AI Server's /api/{Task} and as its /v1 route: one form.
+  const named = ops.filter((o) => o.path.startsWith("/api/")).map((o) => o.summary).join(" ");
+  operations = ops.filter((o) => o.path.startsWith("/api/") || !o.id.includes("_")
+    || !named.includes(`.${o.id.replace("_", ".")})`));
+  return operations;
 }
 
 function resolve(doc, ref) {
