@@ -126,6 +126,53 @@ async def test_a_failed_job_shows_its_reason_and_comfyuis_node_and_message(
     await expect(failure).to_contain_text("CUDA out of memory (stand-in)")
     await expect(failure.locator("dl.meta")).to_contain_text(KSAMPLER)
 
+    # Run again: the form comes back with the job's parameters.
+    await page.click("#run-again")
+    await expect(page.locator("#f-PositivePrompt")).to_have_value("a cat")
+    await expect(page.locator("nav.tabs a[aria-current=page]")).to_have_text("ImageToImage")
+
+
+async def test_a_light_task_answers_with_its_image(
+    console: Console, farm: Farm, tmp_path: Path
+) -> None:
+    await console.sign_in(KEYS["alice"])
+    page = console.page
+    await console.open("#/run/CropImage")
+    await page.set_input_files("#f-image", str(photo_file(tmp_path)))
+    for name, value in {"X": "8", "Y": "8", "Width": "20", "Height": "10"}.items():
+        await page.fill(f"#f-{name}", value)
+    await page.click("#run-submit")
+    result = page.locator(".result img")
+    await expect(result).to_have_attribute("src", re.compile("^blob:"))
+    await page.wait_for_function("() => document.querySelector('.result img').naturalWidth")
+    assert await result.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [20, 10]
+
+    await page.fill("#f-Width", "999")
+    await page.click("#run-submit")
+    await expect(page.locator(".result .error")).to_contain_text("CROP_OUT_OF_BOUNDS")
+    expected = [p for p in console.problems if "status of 400" in p]  # the refused crop
+    assert len(expected) == 1
+    console.problems.remove(expected[0])
+
+
+async def test_the_browser_enforces_the_policy(console: Console, farm: Farm) -> None:
+    """An inline script is refused and reported: the check every other test relies on."""
+    page = console.page
+    await console.open("#/signin")
+    await expect(page.locator("#api-key")).to_be_visible()
+    await page.evaluate(
+        """() => {
+            const s = document.createElement("script");
+            s.textContent = "window.injected = true";
+            document.body.append(s);
+        }"""
+    )
+    assert await page.evaluate("window.injected === undefined")
+    await page.wait_for_timeout(200)
+    refused = [p for p in console.problems if "Content Security Policy" in p]
+    assert refused, console.problems
+    console.problems.clear()
+
 
 async def test_an_agent_goes_offline_live_when_its_standin_is_killed(
     console: Console, farm: Farm
