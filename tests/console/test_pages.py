@@ -229,3 +229,24 @@ async def test_open_mode_needs_no_key(open_console: Console, open_farm: Farm) ->
     await expect(page.locator("#signin-link")).to_have_text("Open mode")
     await open_console.open("#/agents")
     await expect(page.locator("[data-agent='gpu-1'] .state")).to_have_text("online")
+
+
+async def test_the_job_page_follows_a_running_job_to_its_outputs(
+    console: Console, farm: Farm
+) -> None:
+    for agent in farm.agents.values():
+        agent.hold_after_step(KSAMPLER, 3)
+    job = await farm.queue("alice", "ImageToImage", PositivePrompt="a harbour", Seed="42")
+    await console.sign_in(KEYS["alice"])
+    page = console.page
+    await console.open(f"#/jobs/{job}")
+    await expect(page.locator("#job-state")).to_have_text("running")
+    await expect(page.locator("p.where")).to_contain_text("KSampler 7 step 3/")
+    timeline = page.locator("ol.timeline")
+    await expect(timeline.locator("li[data-kind=progress]")).to_have_count(1)  # collapsed
+    for agent in farm.agents.values():
+        agent.release(KSAMPLER)
+    await expect(page.locator("#job-state")).to_have_text("succeeded")
+    await expect(timeline.locator("li").last).to_have_text(re.compile("finished: succeeded"))
+    await expect(page.locator("section.outputs figure")).to_contain_text("seed 42")
+    await expect(page.locator("section.inputs pre")).to_contain_text("a harbour")

@@ -133,7 +133,11 @@ export async function jobPage(main, id, signal) {
   main.append(title, el("p", {}, state), bar, where, actions, details,
     el("section", { class: "card" }, el("h2", { text: "Timeline" }), timeline));
   await follow(`/v1/jobs/${encodeURIComponent(id)}:watch`, (name, event) => {
-    timeline.append(timelineItem(name, event));
+    // Consecutive progress collapses into its latest: the timeline stays readable.
+    const item = timelineItem(name, event);
+    const last = timeline.lastElementChild;
+    if (name === "progress" && last?.dataset.kind === "progress") last.replaceWith(item);
+    else timeline.append(item);
     if (name === "progress") {
       const p = event.progress;
       job = { ...job, progress: p.fraction || 0,
