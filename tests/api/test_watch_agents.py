@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -92,3 +93,19 @@ async def test_watch_is_for_admin_keys_and_served_by_the_shim_as_sse(
                     agents = json.loads(line[5:])["agents"]
                     assert {a["name"] for a in agents} >= {"gpu-1"}
                     break
+
+
+async def test_an_open_watch_does_not_hold_up_the_shims_shutdown(
+    farm: tuple[Service, ComfyStandIn],
+) -> None:
+    service, _ = farm
+    url = f"http://127.0.0.1:{service.http_port}/v1/agents:watch"
+    headers = {"Accept": "text/event-stream", "Authorization": f"Bearer {ADMIN}"}
+    async with httpx.AsyncClient(timeout=30) as http:
+        async with http.stream("GET", url, headers=headers) as resp:
+            assert resp.status_code == 200
+            assert service.gateway is not None
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await service.gateway.stop()  # grace: the default 10 s
+            assert loop.time() - start < 5

@@ -155,7 +155,9 @@ class _V1:
                     raise from_rpc_error(err) from None
                 return self._unary_response(resp, match)
             call = multicallable(msg, metadata=metadata)
-            if event_field(method.output_type) is not None:
+            # Streams with no end of their own (job events; WatchJobs, WatchAgents) are cut
+            # at shutdown instead of holding it up for the whole grace period.
+            if event_field(method.output_type) is not None or method.name.startswith("Watch"):
                 backend.long_lived.add(call)
         try:
             if method.server_streaming:
