@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 from playwright.async_api import expect
@@ -28,7 +30,7 @@ def viewport() -> dict[str, int]:
     return {"width": 390, "height": 844}
 
 
-async def test_every_page_fits_a_phone_width(console: Console, farm: Farm) -> None:
+async def test_every_page_fits_a_phone_width(console: Console, farm: Farm, tmp_path: Path) -> None:
     job = await farm.queue("alice", "ImageToImage", PositivePrompt="x" * 300, Tag="t" * 60)
     await console.sign_in(KEYS["ops"])
     page = console.page
@@ -40,6 +42,17 @@ async def test_every_page_fits_a_phone_width(console: Console, farm: Farm) -> No
             target,
             await page.evaluate(_WIDER),
         )
+
+    # The jobs list at phone width: each job a card of labelled lines, not a scrolled table.
+    await console.open("#/jobs")
+    row = page.locator(f"tr[data-job='{job}']")
+    box = await row.bounding_box()
+    assert box is not None and box["width"] <= 390
+    task = row.locator("td[data-label=Task]")
+    await expect(task).to_be_visible()
+    label = await task.evaluate("td => getComputedStyle(td, '::before').content")
+    assert label == '"Task: "'
+    await page.screenshot(path=str(tmp_path / "phone-jobs.png"), full_page=True)
 
 
 async def test_main_controls_are_reachable_by_keyboard_with_visible_focus(

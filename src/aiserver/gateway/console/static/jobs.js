@@ -47,9 +47,7 @@ export async function jobsPage(main, params, signal) {
   const answer = await getJson(`/v1/jobs?${q}`, signal);
   const jobs = answer.jobs || [];
 
-  const head = el("tr", {},
-    ["State", "Task", session.admin ? "Owner" : null, "Tag", "Ref id", "Age", "Duration",
-      "Agent", "Progress", ""].filter((h) => h !== null).map((h) => el("th", { scope: "col", text: h })));
+  const head = el("tr", {}, columns().map((h) => el("th", { scope: "col", text: h })));
   const body = el("tbody");
   const table = el("table", { class: "jobs" }, el("thead", {}, head), body);
   const rows = new Map();
@@ -99,6 +97,11 @@ export async function jobsPage(main, params, signal) {
   }
 }
 
+function columns() {
+  return ["State", "Task", session.admin ? "Owner" : null, "Tag", "Ref id", "Age", "Duration",
+    "Agent", "Progress", ""].filter((h) => h !== null);
+}
+
 function withPage(params, token) {
   const q = new URLSearchParams(params);
   if (token) q.set("page", token);
@@ -128,7 +131,7 @@ function renderRow(job, live = {}) {
       }
     },
   });
-  return el("tr", { "data-job": id, "data-state": stateLabel(job.state) },
+  const cells = [
     el("td", {}, el("a", { href: `#/jobs/${encodeURIComponent(id)}`, class: `state ${stateLabel(job.state)}`,
       text: stateLabel(job.state) })),
     el("td", { text: taskLabel(job.task) }),
@@ -139,5 +142,9 @@ function renderRow(job, live = {}) {
     el("td", { text: duration(job) }),
     el("td", { class: "agent", text: job.agent || job.provider || "" }),
     el("td", { class: "progress-cell" }, progress),
-    el("td", {}, cancel));
+    el("td", {}, cancel),
+  ].filter((c) => c !== null);
+  // Labels for the phone layout, where each row is a card.
+  columns().forEach((label, i) => { if (label) cells[i].dataset.label = label; });
+  return el("tr", { "data-job": id, "data-state": stateLabel(job.state) }, cells);
 }
