@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from google.protobuf import timestamp_pb2
 from imagetasks.v1 import agent_service_pb2 as agpb
 from imagetasks.v1 import agent_service_pb2_grpc
 
+from aiserver.api.calls import is_admin
 from aiserver.api.convert import task_to_proto
 from aiserver.api.status import rpc
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.jobs.scheduler import default_spec
 from aiserver.providers.base import Provider
-from aiserver.providers.comfy import AgentSnapshot, AgentState, ComfyPool
+from aiserver.providers.comfy.pool import AgentSnapshot, AgentState, ComfyPool
 from aiserver.providers.fallback import unwrap
 from aiserver.tasks import TaskKind
 
@@ -37,24 +38,21 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     def __init__(
         self,
         providers: Sequence[Provider],
-        *,
-        is_admin: Callable[[Any], bool] = lambda _ctx: True,
     ) -> None:
         self._providers = providers
-        self._is_admin = is_admin
 
     @rpc
     async def ListAgents(
         self, request: agpb.ListAgentsRequest, context: Any
     ) -> agpb.ListAgentsResponse:
-        self._check_admin(context)
+        _check_admin()
         return agpb.ListAgentsResponse(agents=self._agents())
 
     @rpc
     async def WatchAgents(
         self, request: agpb.WatchAgentsRequest, context: Any
     ) -> AsyncIterator[agpb.WatchAgentsResponse]:
-        self._check_admin(context)
+        _check_admin()
         pools = [p for p in map(unwrap, self._providers) if isinstance(p, ComfyPool)]
         last: list[agpb.Agent] | None = None
         while True:
@@ -64,10 +62,6 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 yield agpb.WatchAgentsResponse(agents=agents)
             await _next_change(pools)
 
-    def _check_admin(self, context: Any) -> None:
-        if not self._is_admin(context):
-            raise ServiceError(ErrorKind.PERMISSION_DENIED, "ADMIN_ONLY", "needs an admin key")
-
     def _agents(self) -> list[agpb.Agent]:
         agents: list[agpb.Agent] = []
         for provider in map(unwrap, self._providers):
@@ -76,6 +70,11 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             else:
                 agents.append(_in_process(provider))
         return agents
+
+
+def _check_admin() -> None:
+    if not is_admin():
+        raise ServiceError(ErrorKind.PERMISSION_DENIED, "ADMIN_ONLY", "needs an admin key")
 
 
 async def _next_change(pools: Sequence[ComfyPool]) -> None:
