@@ -208,7 +208,9 @@ async def test_sign_in_with_a_key_and_each_key_sees_its_own_jobs(
     await page.click("form.signin button[type=submit]")
     await expect(page.locator("#signin-status")).to_have_text("That key was refused.")
 
+    await expect(page.locator("#signin-link")).to_have_text("Sign in")
     await console.sign_in(KEYS["alice"])
+    await expect(page.locator("#signin-link")).to_have_text("Signed in")
     await expect(page.locator(f"tr[data-job='{mine}']")).to_be_visible()
     await expect(page.locator(f"tr[data-job='{theirs}']")).to_have_count(0)
     await expect(page.locator("th", has_text="Owner")).to_have_count(0)
@@ -217,6 +219,7 @@ async def test_sign_in_with_a_key_and_each_key_sees_its_own_jobs(
     await expect(page.locator("#main [role=status]")).to_have_text(re.compile("admin keys only"))
 
     await console.sign_in(KEYS["ops"])
+    await expect(page.locator("#signin-link")).to_have_text("Admin key")
     await expect(page.locator(f"tr[data-job='{theirs}']")).to_contain_text("bob")
     await expect(page.locator(f"tr[data-job='{mine}']")).to_contain_text("alice")
 

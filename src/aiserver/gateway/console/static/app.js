@@ -1,37 +1,11 @@
 // The console: a hash router over five pages, each a module rendering into <main>.
-import { ApiError, getJson, getKey } from "./api.js";
 import { agentsPage } from "./agents.js";
 import { jobPage } from "./job.js";
 import { jobsPage } from "./jobs.js";
 import { runPage } from "./run.js";
+import { probeSession, session } from "./session.js";
 import { signinPage } from "./signin.js";
 import { el } from "./ui.js";
-
-// What the current key may do: {admin, open}; asked of the API, never assumed.
-export const session = { admin: false, open: false, signedIn: false };
-
-export async function probeSession() {
-  session.signedIn = false;
-  session.admin = false;
-  session.open = false;
-  try {
-    await getJson("/v1/jobs?pageSize=1");
-    session.signedIn = true;
-  } catch (err) {
-    if (err instanceof ApiError && err.status === 401) return session;
-    throw err;
-  }
-  try {
-    await getJson("/v1/jobs?pageSize=1&allOwners=true");
-    session.admin = true;
-  } catch (err) {
-    if (!(err instanceof ApiError)) throw err;
-  }
-  session.open = session.admin && !getKey();
-  const link = document.getElementById("signin-link");
-  link.textContent = session.open ? "Open mode" : getKey() ? "Key" : "Sign in";
-  return session;
-}
 
 let current = null; // the page's AbortController: leaving a page closes its streams
 

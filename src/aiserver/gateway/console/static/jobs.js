@@ -1,5 +1,5 @@
 // Jobs: a filtered, paged list kept live by WatchJobs (GET /v1/jobs:watch, SSE).
-import { session } from "./app.js";
+import { session } from "./session.js";
 import { follow, getJson, postJson } from "./api.js";
 import {
   FINAL, TASK_VALUES, age, duration, el, progressBar, short, stateLabel, taskLabel, toast,

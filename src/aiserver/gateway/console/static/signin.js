@@ -1,5 +1,5 @@
 // Sign-in: an API key kept in session storage (gone when the tab closes).
-import { probeSession, session } from "./app.js";
+import { probeSession, session } from "./session.js";
 import { getKey, setKey } from "./api.js";
 import { el } from "./ui.js";
 
