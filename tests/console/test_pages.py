@@ -253,3 +253,28 @@ async def test_the_job_page_follows_a_running_job_to_its_outputs(
     await expect(timeline.locator("li").last).to_have_text(re.compile("finished: succeeded"))
     await expect(page.locator("section.outputs figure")).to_contain_text("seed 42")
     await expect(page.locator("section.inputs pre")).to_contain_text("a harbour")
+
+
+async def test_a_job_whose_agent_dies_shows_the_retry_and_finishes_elsewhere(
+    console: Console, farm: Farm
+) -> None:
+    for agent in farm.agents.values():
+        agent.hold_after_step(KSAMPLER, 2)
+    job = await farm.queue("alice", "ImageToImage", PositivePrompt="a mill")
+    await console.sign_in(KEYS["ops"])
+    page = console.page
+    await console.open(f"#/jobs/{job}")
+    await expect(page.locator("p.where")).to_contain_text("step 2/")
+    async with farm.http("ops") as http:
+        first = (await http.get(f"/v1/jobs/{job}")).json()["job"]["agent"]
+    other = next(name for name in farm.agents if name != first)
+    farm.agents[other].release(KSAMPLER)
+    await farm.agents[first].kill()
+    timeline = page.locator("ol.timeline")
+    # The run waits for its websocket to come back (30 s) before giving the job up.
+    retrying = timeline.locator("li[data-kind=retrying]")
+    await expect(retrying).to_contain_text(f"agent {first}", timeout=60_000)
+    await expect(page.locator("#job-state")).to_have_text("succeeded")
+    await expect(page.locator("dl.summary")).to_contain_text(other)
+    await expect(page.locator("dl.summary")).to_contain_text("Attempts2")
+    await expect(page.locator("section.outputs figure")).to_have_count(1)
