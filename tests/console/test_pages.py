@@ -70,7 +70,7 @@ async def test_upscale_from_the_run_page_progress_to_done_then_output_and_varian
     await page.wait_for_function(
         "() => [...document.querySelectorAll('section.outputs img')].every(i => i.naturalWidth)"
     )
-    await page.screenshot(path=str(DOCS / "console-job.png"), full_page=True)
+    await page.locator("body").screenshot(path=str(DOCS / "console-job.png"))
 
     await page.click("#run-again")
     await expect(page.locator("#run-form")).to_be_visible()
@@ -96,7 +96,7 @@ async def test_jobs_list_shows_a_running_img2img_live_and_cancels_it(
     )
     await expect(row).to_contain_text("alice")  # the admin sees owners
     agent = farm.agents[await row.locator("td.agent").inner_text()]
-    await page.screenshot(path=str(DOCS / "console-jobs.png"))
+    await page.locator("body").screenshot(path=str(DOCS / "console-jobs.png"))
     await row.get_by_role("button", name=f"Cancel job {job}").click()
     await expect(row).to_have_attribute("data-state", "cancelled")
     assert agent.received.interrupts or agent.received.deletes
