@@ -23,7 +23,8 @@ def photo_file(tmp_path: Path) -> Path:
 async def test_upscale_from_the_run_page_progress_to_done_then_output_and_variant(
     console: Console, farm: Farm, tmp_path: Path
 ) -> None:
-    farm.agents["gpu-1"].set_node_delay(UPSCALER, 1.0)
+    for agent in farm.agents.values():
+        agent.set_node_delay(UPSCALER, 1.0)
     await console.sign_in(KEYS["ops"])
     page = console.page
     await console.open("#/run")
