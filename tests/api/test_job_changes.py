@@ -63,3 +63,18 @@ async def test_progress_is_throttled_and_the_last_held_one_still_arrives() -> No
     assert [type(kind) for _id, kind in tail] == [Progress, Finished]
     assert tail[0][1].fraction == 0.9  # type: ignore[attr-defined]
     changes.close()
+
+
+async def test_a_failing_tap_neither_stops_the_job_nor_the_other_watchers() -> None:
+    hub = EventHub()
+    changes = JobChanges(lambda _job: True)
+
+    def broken(_event: object, _job: Job) -> None:
+        raise RuntimeError("a watcher's bug")
+
+    hub.tap(broken)
+    fed(hub, changes, new_job("A"))
+    event = hub.emit("A", Accepted(TaskKind.IMAGE_TO_IMAGE, "r", 0))
+    assert event.sequence == 1
+    assert [job_id for job_id, _kind in await drain(changes)] == ["A"]
+    changes.close()

@@ -15,6 +15,7 @@ after a restart - the same :func:`replay_events` rebuilds the replay from the st
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import weakref
@@ -50,6 +51,8 @@ __all__ = [
     "snapshot",
     "synthesize_marks",
 ]
+
+logger = logging.getLogger(__name__)
 
 ReplayLoader = Callable[[str], Awaitable[list[JobEvent] | None]]
 """Builds the replay of a job that has no live stream (``None``: no such job)."""
@@ -361,7 +364,10 @@ class EventHub:
         for subscriber in list(channel.subscribers):
             subscriber.push(event)
         for tap in list(self._taps):
-            tap(event, channel.job)
+            try:
+                tap(event, channel.job)
+            except Exception:  # a watcher's bug must not stop the job's own events
+                logger.exception("job %s: an event tap failed", job_id)
         return event
 
     def replay(self, job_id: str) -> list[JobEvent] | None:
