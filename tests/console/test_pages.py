@@ -96,6 +96,8 @@ async def test_jobs_list_shows_a_running_img2img_live_and_cancels_it(
         "data-state", "succeeded"
     )
     await expect(row).to_contain_text("alice")  # the admin sees owners
+    running_for = await row.locator("td.duration").inner_text()
+    await expect(row.locator("td.duration")).not_to_have_text(running_for)  # it ticks
     agent = farm.agents[await row.locator("td.agent").inner_text()]
     await page.locator("body").screenshot(path=str(DOCS / "console-jobs.png"))
     await row.get_by_role("button", name=f"Cancel job {job}").click()

@@ -85,6 +85,14 @@ export async function jobsPage(main, params, signal) {
       body.prepend(row);
     }
   };
+  // Ages and running durations move with the clock (a local tick; nothing is fetched).
+  const tick = setInterval(() => {
+    for (const row of rows.values()) {
+      row.querySelector(".age").textContent = age(row.job.createTime);
+      if (!FINAL.has(row.job.state)) row.querySelector(".duration").textContent = duration(row.job);
+    }
+  }, 1000);
+  signal.addEventListener("abort", () => clearInterval(tick));
   for (;;) {
     try {
       await follow(`/v1/jobs:watch?${watch}`, (_name, change) => onChange(change), signal);
@@ -138,13 +146,15 @@ function renderRow(job, live = {}) {
     session.admin ? el("td", { text: job.owner || "-" }) : null,
     el("td", { text: job.tag || "" }),
     el("td", { class: "mono", text: job.refId || "" }),
-    el("td", { text: age(job.createTime) }),
-    el("td", { text: duration(job) }),
+    el("td", { class: "age", text: age(job.createTime) }),
+    el("td", { class: "duration", text: duration(job) }),
     el("td", { class: "agent", text: job.agent || job.provider || "" }),
     el("td", { class: "progress-cell" }, progress),
     el("td", {}, cancel),
   ].filter((c) => c !== null);
   // Labels for the phone layout, where each row is a card.
   columns().forEach((label, i) => { if (label) cells[i].dataset.label = label; });
-  return el("tr", { "data-job": id, "data-state": stateLabel(job.state) }, cells);
+  const row = el("tr", { "data-job": id, "data-state": stateLabel(job.state) }, cells);
+  row.job = job;
+  return row;
 }
