@@ -218,6 +218,11 @@ async def test_sign_in_with_a_key_and_each_key_sees_its_own_jobs(
     await expect(page.locator(f"tr[data-job='{theirs}']")).to_have_count(0)
     await expect(page.locator("th", has_text="Owner")).to_have_count(0)
     assert await page.evaluate("sessionStorage.getItem('aiserver.apiKey')") == KEYS["alice"]
+    # Live: alice's next job appears, bob's does not.
+    bobs_next = await farm.queue("bob", "ImageUpscale")
+    alices_next = await farm.queue("alice", "ImageUpscale")
+    await expect(page.locator(f"tr[data-job='{alices_next}']")).to_be_visible()
+    await expect(page.locator(f"tr[data-job='{bobs_next}']")).to_have_count(0)
     await console.open("#/agents")
     await expect(page.locator("#main [role=status]")).to_have_text(re.compile("admin keys only"))
 
