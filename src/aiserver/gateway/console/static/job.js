@@ -1,7 +1,7 @@
 // One job: its events as a timeline, its error, inputs beside outputs, and "run again".
 import { blobUrl, follow, getJson, postJson } from "./api.js";
 import {
-  FINAL, bytes, duration, el, progressBar, short, stateLabel, taskLabel, toast,
+  FINAL, bytes, duration, el, jobLabel, progressBar, short, stateLabel, toast,
 } from "./ui.js";
 
 const THUMB = "width=256";
@@ -71,7 +71,8 @@ export function outputsView(job, signal) {
 
 function inputsView(job) {
   const inputs = job.inputs || [];
-  const params = job.imageToImage || job.imageWithMask || job.imageUpscale || job.imageToText || {};
+  const params = job.workflow?.parameters || job.imageToImage || job.imageWithMask || job.imageUpscale
+    || job.imageToText || {};
   return el("section", { class: "card inputs", "aria-label": "Inputs" },
     el("h2", { text: "Inputs" }),
     el("ul", {}, inputs.map((f) => el("li", {},
@@ -83,7 +84,7 @@ function inputsView(job) {
 
 function summary(job) {
   const rows = [
-    ["State", stateLabel(job.state)], ["Task", taskLabel(job.task)], ["Owner", job.owner || "-"],
+    ["State", stateLabel(job.state)], ["Task", jobLabel(job)], ["Owner", job.owner || "-"],
     ["Ref id", job.refId], ["Tag", job.tag || ""], ["Agent", job.agent || job.provider || ""],
     ["Attempts", job.attempts || 0], ["Created", job.createTime ? new Date(job.createTime).toLocaleString() : ""], ["Duration", duration(job)],
   ];
@@ -108,7 +109,7 @@ function timelineItem(name, event) {
 
 export async function jobPage(main, id, signal) {
   let job = (await getJson(`/v1/jobs/${encodeURIComponent(id)}`, signal)).job;
-  const title = el("h1", {}, `${taskLabel(job.task)} `, el("span", { class: "mono", text: short(job.name) }));
+  const title = el("h1", {}, `${jobLabel(job)} `, el("span", { class: "mono", text: short(job.name) }));
   const state = el("span", { id: "job-state", class: `state ${stateLabel(job.state)}`, text: stateLabel(job.state) });
   const bar = el("div", { id: "job-progress" });
   const where = el("p", { class: "where" });
@@ -127,7 +128,7 @@ export async function jobPage(main, id, signal) {
           try { job = (await postJson(`/v1/jobs/${encodeURIComponent(id)}:cancel`, {})).job; render(); }
           catch (err) { toast(`Cancel failed: ${err.message}`); }
         } }),
-      job.task ? el("a", { class: "button", id: "run-again", href: `#/run/${taskLabel(job.task)}?from=${encodeURIComponent(id)}`, text: "Run again" }) : "");
+      job.task ? el("a", { class: "button", id: "run-again", href: `#/run/${encodeURIComponent(jobLabel(job))}?from=${encodeURIComponent(id)}`, text: "Run again" }) : "");
   };
   render();
   main.append(title, el("p", {}, state), bar, where, actions, details,

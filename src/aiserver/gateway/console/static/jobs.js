@@ -1,8 +1,9 @@
 // Jobs: a filtered, paged list kept live by WatchJobs (GET /v1/jobs:watch, SSE).
 import { session } from "./session.js";
 import { follow, getJson, postJson } from "./api.js";
+import { openapi, queryEnum } from "./openapi.js";
 import {
-  FINAL, TASK_VALUES, age, duration, el, progressBar, short, stateLabel, taskLabel, toast,
+  FINAL, TASK_VALUES, age, duration, el, jobLabel, progressBar, short, stateLabel, taskLabel, toast,
 } from "./ui.js";
 
 const STATES = ["STATE_QUEUED", "STATE_RUNNING", "STATE_SUCCEEDED", "STATE_FAILED", "STATE_CANCELLED"];
@@ -20,9 +21,10 @@ export async function jobsPage(main, params, signal) {
   const task = params.get("task") || "";
   const tag = params.get("tag") || "";
   const token = params.get("page") || "";
+  const doc = await openapi(signal);
   const filters = el("form", { class: "filters", role: "search" },
-    select("state", "State", STATES, state, stateLabel),
-    select("task", "Task", TASK_VALUES, task, taskLabel),
+    select("state", "State", queryEnum(doc, "/v1/jobs", "states", STATES), state, stateLabel),
+    select("task", "Task", queryEnum(doc, "/v1/jobs", "task", TASK_VALUES), task, taskLabel),
     el("label", { for: "tag" }, "Tag", el("input", { id: "tag", name: "tag", value: tag })),
     el("button", { type: "submit", text: "Filter" }));
   filters.addEventListener("submit", (ev) => {
@@ -142,7 +144,7 @@ function renderRow(job, live = {}) {
   const cells = [
     el("td", {}, el("a", { href: `#/jobs/${encodeURIComponent(id)}`, class: `state ${stateLabel(job.state)}`,
       text: stateLabel(job.state) })),
-    el("td", { text: taskLabel(job.task) }),
+    el("td", { text: jobLabel(job) }),
     session.admin ? el("td", { text: job.owner || "-" }) : null,
     el("td", { text: job.tag || "" }),
     el("td", { class: "mono", text: job.refId || "" }),

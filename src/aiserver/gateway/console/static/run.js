@@ -2,6 +2,7 @@
 // the API publishes), built from its request schema; progress follows the job's events.
 import { follow, getJson, postForm } from "./api.js";
 import { outputsView } from "./job.js";
+import { openapi } from "./openapi.js";
 import { FINAL, el, progressBar, short, stateLabel, toast } from "./ui.js";
 
 // How the answer comes back is the console's business: it always queues, then watches.
@@ -11,7 +12,7 @@ let operations = null;
 // [{key, path, summary, schema}] of POST operations that take multipart forms.
 async function loadOperations(signal) {
   if (operations) return operations;
-  const doc = await getJson("/openapi.json", signal);
+  const doc = await openapi(signal);
   const ops = [];
   for (const [path, item] of Object.entries(doc.paths || {})) {
     const form = item.post?.requestBody?.content?.["multipart/form-data"]?.schema;
@@ -85,6 +86,7 @@ function input(name, prop, value) {
 // The parameters of an earlier job, flattened to the form's PascalCase names ("run again").
 async function earlierValues(jobId, signal) {
   const { job } = await getJson(`/v1/jobs/${encodeURIComponent(jobId)}`, signal);
+  if (job.workflow) return { ...(job.workflow.parameters || {}) }; // named as the form names them
   const params = job.imageToImage || job.imageWithMask || job.imageUpscale || job.imageToText || {};
   const values = {};
   const put = (k, v) => { values[k[0].toUpperCase() + k.slice(1)] = v; };

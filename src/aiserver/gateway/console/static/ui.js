@@ -31,7 +31,10 @@ const TASKS = {
   TASK_IMAGE_UPSCALE: "ImageUpscale",
   TASK_IMAGE_TO_TEXT: "ImageToText",
 };
-export const taskLabel = (task) => TASKS[task] || task || "";
+export const taskLabel = (task) => TASKS[task] || (task || "").replace(/^TASK_/, "").toLowerCase();
+
+// What a job runs: its task, or the workflow's name for a workflow job.
+export const jobLabel = (job) => (job.workflow?.workflow || "").replace(/^workflows\//, "") || taskLabel(job.task);
 export const TASK_VALUES = Object.keys(TASKS);
 
 export const stateLabel = (state) => (state || "").replace(/^STATE_/, "").toLowerCase();
