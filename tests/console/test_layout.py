@@ -105,6 +105,8 @@ async def test_console_responses_carry_a_strict_policy(farm: Farm) -> None:
         assert "<script>" not in page and "style=" not in page and "<style" not in page
         assert (await http.get("/console/static/../app.py")).status_code == 404
         assert (await http.get("/console/static/nope.js")).status_code == 404
+        refused = await http.post("/console")
+        assert refused.status_code == 405 and "GET" in refused.headers["allow"]
         assert (
             (await http.get("/console/static/app.js"))
             .headers["content-type"]
