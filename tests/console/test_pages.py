@@ -132,6 +132,11 @@ async def test_a_failed_job_shows_its_reason_and_comfyuis_node_and_message(
     # Run again: the form comes back with the job's parameters.
     await page.click("#run-again")
     await expect(page.locator("#f-PositivePrompt")).to_have_value("a cat")
+    # Ranges come from the OpenAPI document's form schema.
+    await expect(page.locator("#f-Steps")).to_have_attribute("max", "150")
+    await expect(page.locator(".field", has=page.locator("#f-Denoise"))).to_contain_text(
+        "more than 0, max 1"
+    )
     await expect(page.locator("nav.tabs a[aria-current=page]")).to_have_text("ImageToImage")
 
 

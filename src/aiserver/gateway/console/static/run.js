@@ -59,7 +59,9 @@ function dropZone(name, required) {
 
 function input(name, prop, value) {
   const id = `f-${name}`;
-  const hint = [prop.minimum !== undefined ? `min ${prop.minimum}` : "", prop.maximum !== undefined ? `max ${prop.maximum}` : "",
+  // An exclusive zero minimum arrives as the smallest float: say what it means.
+  const low = prop.minimum > 0 && prop.minimum < 1e-6 ? "more than 0" : `min ${prop.minimum}`;
+  const hint = [prop.minimum !== undefined ? low : "", prop.maximum !== undefined ? `max ${prop.maximum}` : "",
     prop.default !== undefined ? `default ${prop.default}` : ""].filter(Boolean).join(", ");
   const initial = value ?? prop.default;
   let control;
