@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: run test lint typecheck fmt proto proto-check lint-proto bench clean
+.PHONY: run test lint typecheck fmt proto proto-check lint-proto client-sync client-check bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ run: $(STAMP)
 	$(BIN)/aiserver serve
 
 ## test: the whole suite, plus generated-code drift, proto lint, ruff and mypy
-test: $(STAMP) proto-check lint-proto lint typecheck
+test: $(STAMP) proto-check client-check lint-proto lint typecheck
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
@@ -47,6 +47,14 @@ proto: build/proto-deps
 ## proto-check: fail when generated/ differs from what the protos produce
 proto-check: build/proto-deps
 	$(BIN)/python tools/gen_protos.py --check generated
+
+## client-sync: regenerate the blocking client (client/_sync.py) from the asyncio one
+client-sync: $(STAMP)
+	$(BIN)/python tools/gen_sync_client.py
+
+## client-check: fail when client/_sync.py differs from what client/_async.py produces
+client-check: $(STAMP)
+	$(BIN)/python tools/gen_sync_client.py --check
 
 lint-proto: build/proto-deps
 	$(BIN)/buf lint --path protos/imagetasks

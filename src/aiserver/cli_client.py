@@ -24,12 +24,17 @@ Exit codes:
 Hook into ``aiserver.cli``: ``add_client_commands(subparsers)`` before parsing, then
 ``run_client_command(args)`` for any command other than ``serve``. Nothing here imports grpc
 until a client command runs.
+
+A command's options are named as the fields of its request dataclass
+(``aiserver.client.requests``): :func:`_request` fills the dataclass from the parsed
+arguments, so a call's parameters are not listed again here.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import shutil
@@ -37,7 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 if TYPE_CHECKING:
     from aiserver.client import AsyncClient, ClientError, Event
@@ -100,6 +105,7 @@ _TASKS = ("ImageToImage", "ImageWithMask", "ImageUpscale", "ImageToText")
 _PROG = "aiserver"
 
 _Handler = Callable[[argparse.Namespace, "AsyncClient"], Coroutine[Any, Any, int]]
+_Request = TypeVar("_Request")
 
 
 def exit_code_for(code_name: str) -> int:
@@ -138,8 +144,9 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--reply-to", default="", help="URL that receives the final job (POST)")
     group.add_argument(
         "--no-wait",
-        action="store_true",
-        help="return once the job is accepted; follow it with `jobs watch`",
+        dest="wait",
+        action="store_false",
+        help="return once the job is accepted; follow it with 'aiserver jobs watch'",
     )
     group.add_argument(
         "-o",
@@ -176,30 +183,36 @@ def add_client_commands(subparsers: _Subparsers) -> None:
         parser.set_defaults(client_handler=handler)
         return parser
 
-    p = command("upscale", _cmd_upscale, "2x upscale of an image (ImageUpscale)")
+    p = command("upscale", _job_command("ImageUpscale"), "2x upscale of an image (ImageUpscale)")
     p.add_argument("image", type=Path)
     p.add_argument("--model", default="", help="upscale model; default: the server's")
     _job_options(p)
 
-    p = command("img2img", _cmd_img2img, "a new image from an image and a prompt (ImageToImage)")
+    p = command(
+        "img2img",
+        _job_command("ImageToImage"),
+        "a new image from an image and a prompt (ImageToImage)",
+    )
     p.add_argument("image", type=Path)
     _sampling_options(p)
     _job_options(p)
 
-    p = command("inpaint", _cmd_inpaint, "repaint inside a mask (ImageWithMask)")
+    p = command("inpaint", _job_command("ImageWithMask"), "repaint inside a mask (ImageWithMask)")
     p.add_argument("image", type=Path)
     p.add_argument("--mask", type=Path, required=True, help="the mask image")
     p.add_argument("--mask-channel", choices=("red", "green", "blue", "alpha"), default="red")
     _sampling_options(p)
     _job_options(p)
 
-    p = command("caption", _cmd_caption, "describe an image (ImageToText)")
+    p = command(
+        "caption", _job_command("ImageToText", texts=True), "describe an image (ImageToText)"
+    )
     p.add_argument("image", type=Path)
     p.add_argument("--model", default="", help="captioning model; default: the server's")
     p.add_argument("--prompt", default="", help="the model's task, e.g. detailed_caption")
     _job_options(p)
 
-    p = command("crop", _cmd_crop, "crop an image to a rectangle (CropImage)")
+    p = command("crop", _transform_command("CropImage"), "crop an image to a rectangle (CropImage)")
     p.add_argument("image", type=Path)
     for edge in ("x", "y", "width", "height"):
         p.add_argument(f"--{edge}", type=int, required=True)
@@ -209,7 +222,11 @@ def add_client_commands(subparsers: _Subparsers) -> None:
         "-o", "--output", required=True, metavar="PATH", help="output file, - for stdout"
     )
 
-    p = command("convert", _cmd_convert, "convert an image to another format (ConvertImage)")
+    p = command(
+        "convert",
+        _transform_command("ConvertImage"),
+        "convert an image to another format (ConvertImage)",
+    )
     p.add_argument("image", type=Path)
     p.add_argument("--format", choices=_FORMATS, required=True)
     p.add_argument("--quality", type=int, help="1..100 for lossy formats")
@@ -234,7 +251,9 @@ def add_client_commands(subparsers: _Subparsers) -> None:
     actions = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     p = actions.add_parser("list", help="jobs, newest first", parents=[common])
     p.set_defaults(client_handler=_cmd_jobs_list)
-    p.add_argument("--state", action="append", choices=_STATES, default=[], help="repeatable")
+    p.add_argument(
+        "--state", dest="states", action="append", choices=_STATES, default=[], help="repeatable"
+    )
     p.add_argument("--task", choices=_TASKS)
     p.add_argument("--tag", default="")
     p.add_argument("--ref-id", default="")
@@ -457,12 +476,14 @@ class _Outputs:
         return path
 
     async def write(self, index: int, data: bytes, last: bool) -> None:
+        from aiserver.client._io_async import sink_commit, sink_write
+
         sink = self.sinks.get(index)
         if sink is None:
             return
-        await sink.write(data)
+        await sink_write(sink, data)
         if last:
-            await sink.commit()
+            await sink_commit(sink)
             del self.sinks[index]
 
     def abort(self) -> None:
@@ -551,60 +572,27 @@ def _check_input(*paths: Path) -> None:
             raise _UsageError(f"cannot read {path}: no such file")
 
 
-def _job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "ref_id": args.ref_id,
-        "tag": args.tag,
-        "reply_to": args.reply_to,
-        "wait": not args.no_wait,
-    }
+def _request(
+    request_type: Callable[..., _Request], args: argparse.Namespace, **given: Any
+) -> _Request:
+    """``request_type`` filled from the parsed arguments named as its fields (``given`` wins)."""
+    names = inspect.signature(request_type).parameters
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return request_type(**{**values, **given})
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "model": args.model,
-        "denoise": args.denoise,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "steps": args.steps,
-        "cfg_scale": args.cfg_scale,
-        "sampler": args.sampler,
-        "scheduler": args.scheduler,
-    }
+def _job_command(request_name: str, *, texts: bool = False) -> _Handler:
+    """A generative command: ``request_name`` of ``aiserver.client.requests``, run as a job;
+    with ``texts`` its text outputs go to stdout."""
 
+    async def handler(args: argparse.Namespace, client: AsyncClient) -> int:
+        from aiserver.client import requests
 
-async def _cmd_upscale(args: argparse.Namespace, client: AsyncClient) -> int:
-    _check_input(args.image)
-    stream = client.upscale(args.image, model=args.model, **_job_kwargs(args))
-    return await _run_job(args, stream, texts_to_stdout=False)
+        request = _request(getattr(requests, request_name), args)
+        _check_input(*(path for _, path in request.inputs()))
+        return await _run_job(args, client.start(request), texts_to_stdout=texts)
 
-
-async def _cmd_img2img(args: argparse.Namespace, client: AsyncClient) -> int:
-    _check_input(args.image)
-    stream = client.image_to_image(args.image, **_sampling_kwargs(args), **_job_kwargs(args))
-    return await _run_job(args, stream, texts_to_stdout=False)
-
-
-async def _cmd_inpaint(args: argparse.Namespace, client: AsyncClient) -> int:
-    _check_input(args.image, args.mask)
-    stream = client.image_with_mask(
-        args.image,
-        args.mask,
-        mask_channel=args.mask_channel,
-        **_sampling_kwargs(args),
-        **_job_kwargs(args),
-    )
-    return await _run_job(args, stream, texts_to_stdout=False)
-
-
-async def _cmd_caption(args: argparse.Namespace, client: AsyncClient) -> int:
-    _check_input(args.image)
-    stream = client.image_to_text(
-        args.image, model=args.model, prompt=args.prompt, **_job_kwargs(args)
-    )
-    return await _run_job(args, stream, texts_to_stdout=True)
+    return handler
 
 
 # ---- light commands -------------------------------------------------------------------------
@@ -633,27 +621,18 @@ def _image_summary(info: Any, output: str) -> tuple[str, dict[str, Any]]:
     return text, data
 
 
-async def _cmd_crop(args: argparse.Namespace, client: AsyncClient) -> int:
-    _check_input(args.image)
-    result = await client.crop(
-        args.image,
-        x=args.x,
-        y=args.y,
-        width=args.width,
-        height=args.height,
-        format=args.format,
-        quality=args.quality,
-        out=_destination(args),
-    )
-    return _light_done(args, result.info)
+def _transform_command(request_name: str) -> _Handler:
+    """A light command: ``request_name`` of ``aiserver.client.requests``, written to -o."""
 
+    async def handler(args: argparse.Namespace, client: AsyncClient) -> int:
+        from aiserver.client import requests
 
-async def _cmd_convert(args: argparse.Namespace, client: AsyncClient) -> int:
-    _check_input(args.image)
-    result = await client.convert(
-        args.image, format=args.format, quality=args.quality, out=_destination(args)
-    )
-    return _light_done(args, result.info)
+        _check_input(args.image)
+        request_type = getattr(requests, request_name)
+        result = await client.transform(_request(request_type, args, out=_destination(args)))
+        return _light_done(args, result.info)
+
+    return handler
 
 
 def _light_done(args: argparse.Namespace, info: Any, **extra: Any) -> int:
@@ -666,17 +645,9 @@ def _light_done(args: argparse.Namespace, info: Any, **extra: Any) -> int:
 
 
 async def _cmd_variant(args: argparse.Namespace, client: AsyncClient) -> int:
-    result = await client.variant(
-        args.artifact,
-        spec=args.spec,
-        width=args.width,
-        height=args.height,
-        fit=args.fit,
-        format=args.format,
-        quality=args.quality,
-        preset=args.preset,
-        out=_destination(args),
-    )
+    from aiserver.client import GetVariant
+
+    result = await client.get_variant(_request(GetVariant, args, out=_destination(args)))
     info = result.info
     return _light_done(args, info.image, spec=info.spec, etag=info.etag, url=info.url)
 
@@ -731,15 +702,9 @@ def _job_details(job: Any) -> list[str]:
 
 
 async def _cmd_jobs_list(args: argparse.Namespace, client: AsyncClient) -> int:
-    page = await client.list_jobs(
-        states=args.state,
-        task=args.task,
-        tag=args.tag,
-        ref_id=args.ref_id,
-        page_size=args.page_size,
-        page_token=args.page_token,
-        all_owners=args.all_owners,
-    )
+    from aiserver.client import ListJobs
+
+    page = await client.list_page(_request(ListJobs, args))
     out = _Out(args)
     for job in page.jobs:
         out.result(_job_line(job))
