@@ -33,6 +33,10 @@ class RequestMethod(Generic[_C, _P, _R, _T]):
     def __set_name__(self, owner: type[Any], name: str) -> None:
         self._name = name
 
+    def __call__(self, client: _C, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Called on the class, like a function: ``AsyncClient.upscale(client, image)``."""
+        return self._run(client, self.request_type(*args, **kwargs))
+
     @overload
     def __get__(self, client: None, owner: type[Any]) -> RequestMethod[_C, _P, _R, _T]: ...
     @overload

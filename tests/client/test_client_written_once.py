@@ -1,0 +1,216 @@
+"""The blocking client is generated from the asyncio one, and keeps to it; its calls never
+wait forever."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from imagetasks.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+
+from aiserver.client import AsyncClient, Client, ClientError
+
+ROOT = Path(__file__).resolve().parents[2]
+GENERATOR = ROOT / "tools" / "gen_sync_client.py"
+SYNC = ROOT / "src" / "aiserver" / "client" / "_sync.py"
+
+
+def run_generator(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, GENERATOR, *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+# ---- drift ------------------------------------------------------------------------------------
+
+
+def test_the_committed_sync_client_is_what_the_generator_makes() -> None:
+    result = run_generator("--check")
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_check_fails_on_a_hand_edited_copy(tmp_path: Path) -> None:
+    edited = tmp_path / "_sync.py"
+    edited.write_text(SYNC.read_text().replace("timeout: float | None = None", "timeout=9", 1))
+    result = run_generator("--check", "--target", edited)
+    assert result.returncode == 1
+    assert "make client-sync" in result.stderr and "timeout=9" in result.stderr
+
+
+def test_the_check_fails_when_the_async_source_changed(tmp_path: Path) -> None:
+    source = tmp_path / "_async.py"
+    text = (ROOT / "src" / "aiserver" / "client" / "_async.py").read_text()
+    source.write_text(text.replace("async def get_job(", "async def fetch_job(", 1))
+    result = run_generator("--check", "--source", source)
+    assert result.returncode == 1
+    assert "+    def fetch_job(" in result.stderr
+
+
+def test_the_sync_module_has_no_asyncio_left() -> None:
+    code = SYNC.read_text()
+    assert code.startswith("# Generated from _async.py")
+    code = code.split('"""', 2)[2]  # past the module docstring, which names its source
+    for word in ("async ", "await ", "AsyncIterator", "AsyncClient", "grpc.aio", "_io_async"):
+        assert word not in code, word
+
+
+def _public(cls: type[Any]) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(getattr(cls(), name))
+        for name in dir(cls)
+        if not name.startswith("_") and callable(getattr(cls, name))
+    }
+
+
+def _blocking(annotation: Any) -> Any:
+    """An asyncio annotation in its blocking spelling (annotations are strings here)."""
+    if not isinstance(annotation, str):
+        return annotation
+    for old, new in (("AsyncIterator", "Iterator"), ("JobStream", "SyncJobStream")):
+        annotation = re.sub(rf"\b{old}\b", new, annotation)
+    return annotation
+
+
+def test_both_clients_have_the_same_methods_and_signatures() -> None:
+    aio, blocking = _public(AsyncClient), _public(Client)
+    assert set(aio) == set(blocking)
+    assert {"upscale", "image_to_image", "crop", "list_jobs", "watch_job", "start"} <= set(aio)
+    for name, signature in aio.items():
+        expected = [
+            (p.name, p.kind, p.default, _blocking(p.annotation))
+            for p in signature.parameters.values()
+        ]
+        got = [
+            (p.name, p.kind, p.default, p.annotation) for p in blocking[name].parameters.values()
+        ]
+        assert got == expected, name
+        assert _blocking(signature.return_annotation) == blocking[name].return_annotation, name
+
+
+def test_a_method_is_its_request_dataclass() -> None:
+    from aiserver.client import ImageWithMask
+
+    method = Client().image_with_mask
+    assert inspect.signature(method) == inspect.signature(ImageWithMask)
+    assert method.__doc__ == ImageWithMask.__doc__
+    assert method.__name__ == "image_with_mask"
+    with pytest.raises(TypeError):
+        Client().upscale(b"png", "positional model")  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="mask_channel"):
+        Client().image_with_mask(b"a", b"b", prompt="x", mask_channel="purple")
+
+
+# ---- deadlines ----------------------------------------------------------------------------
+
+
+class _Jobs(job_service_pb2_grpc.JobServiceServicer):
+    """GetJob reports the deadline it was given; WatchJob and CancelJob never answer."""
+
+    async def GetJob(self, request: Any, context: Any) -> Any:
+        remaining = context.time_remaining()
+        owner = "none" if remaining is None else f"{remaining:.1f}"
+        return job_service_pb2.GetJobResponse(job=job_pb2.Job(name=request.name, owner=owner))
+
+    async def CancelJob(self, request: Any, context: Any) -> Any:
+        await asyncio.Event().wait()
+
+    async def WatchJob(self, request: Any, context: Any) -> Any:
+        await asyncio.Event().wait()
+        yield job_service_pb2.WatchJobResponse()
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    job_service_pb2_grpc.add_JobServiceServicer_to_server(_Jobs(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+def _timed(call: Any) -> tuple[float, Any]:
+    started = time.monotonic()
+    try:
+        outcome = call()
+    except ClientError as err:
+        outcome = err
+    return time.monotonic() - started, outcome
+
+
+async def test_a_blocking_call_to_a_server_that_never_answers_ends_at_its_deadline(
+    target: str,
+) -> None:
+    def use() -> list[tuple[float, Any]]:
+        with Client(target, timeout=0.5) as c:
+            return [
+                _timed(lambda: c.cancel_job("x")),  # the client's deadline
+                _timed(lambda: list(c.watch_job("x", timeout=0.3))),  # the call's own
+            ]
+
+    for took, outcome in await asyncio.to_thread(use):
+        assert isinstance(outcome, ClientError)
+        assert outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert 0.2 < took < 5
+
+
+async def test_a_blocking_call_to_an_address_that_never_answers_ends_at_its_deadline() -> None:
+    # A TCP listener that accepts and never speaks: the channel never becomes ready.
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+
+        def use() -> tuple[float, Any]:
+            with Client(f"127.0.0.1:{port}") as c:
+                return _timed(lambda: c.get_job("x", timeout=0.5))
+
+        took, outcome = await asyncio.to_thread(use)
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert isinstance(outcome, ClientError)
+    assert outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert took < 5
+
+
+async def test_every_blocking_call_has_a_deadline_the_asyncio_one_only_when_asked(
+    target: str,
+) -> None:
+    def deadlines() -> list[str]:
+        with Client(target) as c, Client(target, timeout=None) as unset:
+            return [
+                c.get_job("x").owner,
+                unset.get_job("x").owner,
+                c.get_job("x", timeout=20).owner,
+            ]
+
+    # The deadline as the server sees it; grpc rounds it up on the wire.
+    default, unset, own = await asyncio.to_thread(deadlines)
+    assert 295 < float(default) <= 301.5 and 295 < float(unset) <= 301.5
+    assert 15 < float(own) <= 21.5
+    async with AsyncClient(target) as c:
+        assert (await c.get_job("x")).owner == "none"
+        assert 15 < float((await c.get_job("x", timeout=20)).owner) <= 21.5
