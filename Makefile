@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 ## run: start the service on embedded defaults (gRPC :50051, data under ./data)
 run: $(STAMP)
+	@echo 'aiserver, grpcurl and buf are in $(BIN): export PATH="$(CURDIR)/$(BIN):$$PATH"'
 	$(BIN)/aiserver serve
 
 ## test: the whole suite, plus generated-code drift, proto lint, ruff and mypy

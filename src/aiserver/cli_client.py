@@ -184,7 +184,7 @@ def add_client_commands(subparsers: _Subparsers) -> None:
         return parser
 
     p = command("upscale", _job_command("ImageUpscale"), "2x upscale of an image (ImageUpscale)")
-    p.add_argument("image", type=Path)
+    p.add_argument("image", type=Path, help="the input image file")
     p.add_argument("--model", default="", help="upscale model; default: the server's")
     _job_options(p)
 
@@ -193,12 +193,12 @@ def add_client_commands(subparsers: _Subparsers) -> None:
         _job_command("ImageToImage"),
         "a new image from an image and a prompt (ImageToImage)",
     )
-    p.add_argument("image", type=Path)
+    p.add_argument("image", type=Path, help="the input image file")
     _sampling_options(p)
     _job_options(p)
 
     p = command("inpaint", _job_command("ImageWithMask"), "repaint inside a mask (ImageWithMask)")
-    p.add_argument("image", type=Path)
+    p.add_argument("image", type=Path, help="the input image file")
     p.add_argument("--mask", type=Path, required=True, help="the mask image")
     p.add_argument("--mask-channel", choices=("red", "green", "blue", "alpha"), default="red")
     _sampling_options(p)
@@ -207,13 +207,13 @@ def add_client_commands(subparsers: _Subparsers) -> None:
     p = command(
         "caption", _job_command("ImageToText", texts=True), "describe an image (ImageToText)"
     )
-    p.add_argument("image", type=Path)
+    p.add_argument("image", type=Path, help="the input image file")
     p.add_argument("--model", default="", help="captioning model; default: the server's")
     p.add_argument("--prompt", default="", help="the model's task, e.g. detailed_caption")
     _job_options(p)
 
     p = command("crop", _transform_command("CropImage"), "crop an image to a rectangle (CropImage)")
-    p.add_argument("image", type=Path)
+    p.add_argument("image", type=Path, help="the input image file")
     for edge in ("x", "y", "width", "height"):
         p.add_argument(f"--{edge}", type=int, required=True)
     p.add_argument("--format", choices=_FORMATS, help="default: the input's")
@@ -227,7 +227,7 @@ def add_client_commands(subparsers: _Subparsers) -> None:
         _transform_command("ConvertImage"),
         "convert an image to another format (ConvertImage)",
     )
-    p.add_argument("image", type=Path)
+    p.add_argument("image", type=Path, help="the input image file")
     p.add_argument("--format", choices=_FORMATS, required=True)
     p.add_argument("--quality", type=int, help="1..100 for lossy formats")
     p.add_argument(
