@@ -44,7 +44,7 @@ from aiserver.client._io_async import (
     source_chunks,
 )
 from aiserver.client._method import RequestMethod
-from aiserver.client.errors import ClientError
+from aiserver.client.errors import ClientError, guarded
 from aiserver.client.inputs import Destination, InputSource, OutputSink
 from aiserver.client.requests import (
     ConvertImage,
@@ -134,7 +134,7 @@ class JobStream:
                 metadata=self._client._metadata,
                 timeout=self._client._deadline(request.timeout),
             )
-            try:
+            with guarded(call):
                 await send_requests(call, requests)
                 async for response in call:
                     event = event_from_proto(response.event)
@@ -143,11 +143,6 @@ class JobStream:
                     if isinstance(event, Accepted):
                         self.job_name = event.job
                     yield event
-            except grpc.RpcError as err:
-                raise ClientError.from_rpc_error(err) from None
-            finally:
-                if not call.done():
-                    call.cancel()
         finally:
             for source in sources:
                 source.close()
@@ -260,10 +255,8 @@ class AsyncClient:
         return self._stub_set
 
     async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
+        with guarded():
             return await method(request, metadata=self._metadata, timeout=self._deadline(timeout))
-        except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
 
     async def _info_then_chunks(
         self, call: Any, out: Destination | None, requests: Any = None
@@ -273,30 +266,24 @@ class AsyncClient:
         info: Any = None
         buffer = bytearray()
         try:
-            if requests is not None:
-                await send_requests(call, requests)
-            async for response in call:
-                if response.WhichOneof("payload") == "info":
-                    info = response.info
-                elif sink is not None:
-                    await sink_write(sink, response.chunk)
-                else:
-                    buffer += response.chunk
+            with guarded(call):
+                if requests is not None:
+                    await send_requests(call, requests)
+                async for response in call:
+                    if response.WhichOneof("payload") == "info":
+                        info = response.info
+                    elif sink is not None:
+                        await sink_write(sink, response.chunk)
+                    else:
+                        buffer += response.chunk
             if info is None:
                 raise ClientError(grpc.StatusCode.UNKNOWN, "the response carried no info message")
             if sink is not None:
                 await sink_commit(sink)
-        except grpc.RpcError as err:
-            if sink is not None:
-                sink.abort()
-            raise ClientError.from_rpc_error(err) from None
         except BaseException:
             if sink is not None:
                 sink.abort()
             raise
-        finally:
-            if not call.done():
-                call.cancel()
         return info, None if sink is not None else bytes(buffer)
 
     # ---- calls that take a request object ---------------------------------------------------
@@ -381,14 +368,9 @@ class AsyncClient:
         call = self._stubs().artifacts.ReadArtifact(
             request, metadata=self._metadata, timeout=self._deadline(timeout)
         )
-        try:
+        with guarded(call):
             async for response in call:
                 yield response.data
-        except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
-        finally:
-            if not call.done():
-                call.cancel()
 
     async def read_artifact(
         self, name: str, *, offset: int = 0, limit: int = 0, timeout: float | None = None
@@ -430,16 +412,11 @@ class AsyncClient:
         call = self._stubs().jobs.WatchJob(
             request, metadata=self._metadata, timeout=self._deadline(timeout)
         )
-        try:
+        with guarded(call):
             async for response in call:
                 event = event_from_proto(response.event)
                 if event is not None:
                     yield event
-        except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
-        finally:
-            if not call.done():
-                call.cancel()
 
     async def cancel_job(self, name: str, *, timeout: float | None = None) -> job_pb2.Job:
         """Cancels a queued or running job; returns it (a no-op on an ended job)."""

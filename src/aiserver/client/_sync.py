@@ -33,7 +33,7 @@ from aiserver.client._io_sync import (
     source_chunks,
 )
 from aiserver.client._method import RequestMethod
-from aiserver.client.errors import ClientError
+from aiserver.client.errors import ClientError, guarded
 from aiserver.client.inputs import Destination, InputSource, OutputSink
 from aiserver.client.requests import (
     ConvertImage,
@@ -123,7 +123,7 @@ class SyncJobStream:
                 metadata=self._client._metadata,
                 timeout=self._client._deadline(request.timeout),
             )
-            try:
+            with guarded(call):
                 send_requests(call, requests)
                 for response in call:
                     event = event_from_proto(response.event)
@@ -132,11 +132,6 @@ class SyncJobStream:
                     if isinstance(event, Accepted):
                         self.job_name = event.job
                     yield event
-            except grpc.RpcError as err:
-                raise ClientError.from_rpc_error(err) from None
-            finally:
-                if not call.done():
-                    call.cancel()
         finally:
             for source in sources:
                 source.close()
@@ -249,10 +244,8 @@ class Client:
         return self._stub_set
 
     def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
+        with guarded():
             return method(request, metadata=self._metadata, timeout=self._deadline(timeout))
-        except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
 
     def _info_then_chunks(
         self, call: Any, out: Destination | None, requests: Any = None
@@ -262,30 +255,24 @@ class Client:
         info: Any = None
         buffer = bytearray()
         try:
-            if requests is not None:
-                send_requests(call, requests)
-            for response in call:
-                if response.WhichOneof("payload") == "info":
-                    info = response.info
-                elif sink is not None:
-                    sink_write(sink, response.chunk)
-                else:
-                    buffer += response.chunk
+            with guarded(call):
+                if requests is not None:
+                    send_requests(call, requests)
+                for response in call:
+                    if response.WhichOneof("payload") == "info":
+                        info = response.info
+                    elif sink is not None:
+                        sink_write(sink, response.chunk)
+                    else:
+                        buffer += response.chunk
             if info is None:
                 raise ClientError(grpc.StatusCode.UNKNOWN, "the response carried no info message")
             if sink is not None:
                 sink_commit(sink)
-        except grpc.RpcError as err:
-            if sink is not None:
-                sink.abort()
-            raise ClientError.from_rpc_error(err) from None
         except BaseException:
             if sink is not None:
                 sink.abort()
             raise
-        finally:
-            if not call.done():
-                call.cancel()
         return info, None if sink is not None else bytes(buffer)
 
     # ---- calls that take a request object ---------------------------------------------------
@@ -370,14 +357,9 @@ class Client:
         call = self._stubs().artifacts.ReadArtifact(
             request, metadata=self._metadata, timeout=self._deadline(timeout)
         )
-        try:
+        with guarded(call):
             for response in call:
                 yield response.data
-        except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
-        finally:
-            if not call.done():
-                call.cancel()
 
     def read_artifact(
         self, name: str, *, offset: int = 0, limit: int = 0, timeout: float | None = None
@@ -417,16 +399,11 @@ class Client:
         call = self._stubs().jobs.WatchJob(
             request, metadata=self._metadata, timeout=self._deadline(timeout)
         )
-        try:
+        with guarded(call):
             for response in call:
                 event = event_from_proto(response.event)
                 if event is not None:
                     yield event
-        except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
-        finally:
-            if not call.done():
-                call.cancel()
 
     def cancel_job(self, name: str, *, timeout: float | None = None) -> job_pb2.Job:
         """Cancels a queued or running job; returns it (a no-op on an ended job)."""

@@ -10,7 +10,7 @@ client's default).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar, TypeAlias
 
@@ -123,11 +123,36 @@ def _optional(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
+class _Upload:
+    """A call that uploads (a client stream): the first message carries :meth:`params`, the
+    next ones the chunks of :meth:`inputs`. A subclass names its ``RPC`` and ``MESSAGE``."""
+
+    __slots__ = ()
+    RPC: ClassVar[str]
+    """The method that runs the request, on GenerationService or TransformService."""
+    MESSAGE: ClassVar[Callable[..., Any]]
+    """The RPC's request message type."""
+    image: Input
+
+    def params(self) -> Any:
+        raise NotImplementedError
+
+    def inputs(self) -> Sequence[tuple[str, Input]]:
+        """``(field, input)`` of each file to upload, in order."""
+        return [("image", self.image)]
+
+    def first_message(self) -> Any:
+        return self.MESSAGE(params=self.params())
+
+    def chunk_message(self, chunk: common_pb2.FileChunk) -> Any:
+        return self.MESSAGE(chunk=chunk)
+
+
 # ---- generative calls (GenerationService): a job, streamed as events ------------------------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class JobOptions:
+class JobOptions(_Upload):
     """What every generative call takes: ``ref_id`` (idempotent per API key), ``tag``,
     ``reply_to`` (a URL that receives the final job), ``wait`` (False: the stream ends once
     the job is accepted) and the call's ``timeout``."""
@@ -137,9 +162,6 @@ class JobOptions:
     reply_to: str = ""
     wait: bool = True
     timeout: float | None = None
-
-    RPC: ClassVar[str] = ""
-    """The GenerationService method that runs the request."""
 
     def _job_options(self, references_only: bool = False) -> common_pb2.JobOptions:
         return common_pb2.JobOptions(
@@ -199,18 +221,10 @@ class ImageToImage(_Sampling):
     image: Input
 
     RPC: ClassVar[str] = "ImageToImage"
+    MESSAGE = generation_service_pb2.ImageToImageRequest
 
-    def first_message(self) -> generation_service_pb2.ImageToImageRequest:
-        params = tasks_pb2.ImageToImageParams(**self._sampling())
-        return generation_service_pb2.ImageToImageRequest(params=params)
-
-    def chunk_message(
-        self, chunk: common_pb2.FileChunk
-    ) -> generation_service_pb2.ImageToImageRequest:
-        return generation_service_pb2.ImageToImageRequest(chunk=chunk)
-
-    def inputs(self) -> Sequence[tuple[str, Input]]:
-        return [("image", self.image)]
+    def params(self) -> tasks_pb2.ImageToImageParams:
+        return tasks_pb2.ImageToImageParams(**self._sampling())
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,21 +238,16 @@ class ImageWithMask(_Sampling):
     mask_channel: str = "red"
 
     RPC: ClassVar[str] = "ImageWithMask"
+    MESSAGE = generation_service_pb2.ImageWithMaskRequest
 
     def __post_init__(self) -> None:
         if self.mask_channel not in _MASK_CHANNELS:
             raise ValueError(f"mask_channel must be one of {', '.join(_MASK_CHANNELS)}")
 
-    def first_message(self) -> generation_service_pb2.ImageWithMaskRequest:
-        params = tasks_pb2.ImageWithMaskParams(
+    def params(self) -> tasks_pb2.ImageWithMaskParams:
+        return tasks_pb2.ImageWithMaskParams(
             mask_channel=_MASK_CHANNELS[self.mask_channel], **self._sampling()
         )
-        return generation_service_pb2.ImageWithMaskRequest(params=params)
-
-    def chunk_message(
-        self, chunk: common_pb2.FileChunk
-    ) -> generation_service_pb2.ImageWithMaskRequest:
-        return generation_service_pb2.ImageWithMaskRequest(chunk=chunk)
 
     def inputs(self) -> Sequence[tuple[str, Input]]:
         return [("image", self.image), ("mask", self.mask)]
@@ -254,22 +263,14 @@ class ImageUpscale(_ImageJob):
     seed: int | None = None
 
     RPC: ClassVar[str] = "ImageUpscale"
+    MESSAGE = generation_service_pb2.ImageUpscaleRequest
 
-    def first_message(self) -> generation_service_pb2.ImageUpscaleRequest:
-        params = tasks_pb2.ImageUpscaleParams(
+    def params(self) -> tasks_pb2.ImageUpscaleParams:
+        return tasks_pb2.ImageUpscaleParams(
             model=self.model,
             options=self._job_options(self.references_only),
             **_optional(seed=self.seed),
         )
-        return generation_service_pb2.ImageUpscaleRequest(params=params)
-
-    def chunk_message(
-        self, chunk: common_pb2.FileChunk
-    ) -> generation_service_pb2.ImageUpscaleRequest:
-        return generation_service_pb2.ImageUpscaleRequest(chunk=chunk)
-
-    def inputs(self) -> Sequence[tuple[str, Input]]:
-        return [("image", self.image)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,20 +284,12 @@ class ImageToText(JobOptions):
     prompt: str = ""
 
     RPC: ClassVar[str] = "ImageToText"
+    MESSAGE = generation_service_pb2.ImageToTextRequest
 
-    def first_message(self) -> generation_service_pb2.ImageToTextRequest:
-        params = tasks_pb2.ImageToTextParams(
+    def params(self) -> tasks_pb2.ImageToTextParams:
+        return tasks_pb2.ImageToTextParams(
             model=self.model, prompt=self.prompt, options=self._job_options()
         )
-        return generation_service_pb2.ImageToTextRequest(params=params)
-
-    def chunk_message(
-        self, chunk: common_pb2.FileChunk
-    ) -> generation_service_pb2.ImageToTextRequest:
-        return generation_service_pb2.ImageToTextRequest(chunk=chunk)
-
-    def inputs(self) -> Sequence[tuple[str, Input]]:
-        return [("image", self.image)]
 
 
 GenerativeRequest: TypeAlias = ImageToImage | ImageWithMask | ImageUpscale | ImageToText
@@ -306,7 +299,7 @@ GenerativeRequest: TypeAlias = ImageToImage | ImageWithMask | ImageUpscale | Ima
 
 
 @dataclass(frozen=True, slots=True)
-class CropImage:
+class CropImage(_Upload):
     """``image`` cropped to a rectangle, in ``format`` (default: the input's). With ``out``
     the bytes are written there as they arrive and ``result.data`` is None (CropImage)."""
 
@@ -322,9 +315,10 @@ class CropImage:
     timeout: float | None = None
 
     RPC: ClassVar[str] = "CropImage"
+    MESSAGE = transform_service_pb2.CropImageRequest
 
-    def first_message(self) -> transform_service_pb2.CropImageRequest:
-        params = tasks_pb2.CropImageParams(
+    def params(self) -> tasks_pb2.CropImageParams:
+        return tasks_pb2.CropImageParams(
             x=self.x,
             y=self.y,
             width=self.width,
@@ -332,17 +326,10 @@ class CropImage:
             output_format=image_format(self.format),
             **_optional(quality=self.quality),
         )
-        return transform_service_pb2.CropImageRequest(params=params)
-
-    def chunk_message(self, chunk: common_pb2.FileChunk) -> transform_service_pb2.CropImageRequest:
-        return transform_service_pb2.CropImageRequest(chunk=chunk)
-
-    def inputs(self) -> Sequence[tuple[str, Input]]:
-        return [("image", self.image)]
 
 
 @dataclass(frozen=True, slots=True)
-class ConvertImage:
+class ConvertImage(_Upload):
     """``image`` in another ``format`` (``webp``, ``png``, ``jpg``...). With ``out`` the
     bytes are written there as they arrive and ``result.data`` is None (ConvertImage)."""
 
@@ -354,20 +341,12 @@ class ConvertImage:
     timeout: float | None = None
 
     RPC: ClassVar[str] = "ConvertImage"
+    MESSAGE = transform_service_pb2.ConvertImageRequest
 
-    def first_message(self) -> transform_service_pb2.ConvertImageRequest:
-        params = tasks_pb2.ConvertImageParams(
+    def params(self) -> tasks_pb2.ConvertImageParams:
+        return tasks_pb2.ConvertImageParams(
             output_format=image_format(self.format), **_optional(quality=self.quality)
         )
-        return transform_service_pb2.ConvertImageRequest(params=params)
-
-    def chunk_message(
-        self, chunk: common_pb2.FileChunk
-    ) -> transform_service_pb2.ConvertImageRequest:
-        return transform_service_pb2.ConvertImageRequest(chunk=chunk)
-
-    def inputs(self) -> Sequence[tuple[str, Input]]:
-        return [("image", self.image)]
 
 
 TransformRequest: TypeAlias = CropImage | ConvertImage
