@@ -214,3 +214,28 @@ async def test_every_blocking_call_has_a_deadline_the_asyncio_one_only_when_aske
     async with AsyncClient(target) as c:
         assert (await c.get_job("x")).owner == "none"
         assert 15 < float((await c.get_job("x", timeout=20)).owner) <= 21.5
+
+
+def test_type_checkers_see_each_calls_parameters(tmp_path: Path) -> None:
+    snippet = tmp_path / "use_client.py"
+    snippet.write_text(
+        "from aiserver.client import AsyncClient, Client\n"
+        "async def use(a: AsyncClient, c: Client) -> None:\n"
+        "    reveal_type(c.upscale)\n"
+        "    reveal_type(a.crop)\n"
+        "    c.upscale('photo.png', modle='x')\n"
+        "    await a.crop('photo.png', x=0, y=0, width=1)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", str(snippet)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=300,
+    )
+    out = result.stdout
+    assert "-> aiserver.client._sync.SyncJobStream" in out and "model: str =" in out, out
+    assert "-> typing.Coroutine[Any, Any, aiserver.client.types.ImageResult]" in out, out
+    assert 'Unexpected keyword argument "modle"' in out, out
+    assert 'Missing named argument "height"' in out, out
