@@ -37,15 +37,31 @@ import asyncio
 import inspect
 import json
 import os
-import shutil
 import sys
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiserver.cli_output import (
+    EXIT_AUTH,
+    EXIT_INTERRUPTED,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_SERVER,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    PROG,
+    Out,
+    ProgressLine,
+    exit_code_for,
+    job_details,
+    job_line,
+    message_dict,
+)
 
 if TYPE_CHECKING:
-    from aiserver.client import AsyncClient, ClientError, Event
+    from aiserver.client import AsyncClient
     from aiserver.client.inputs import OutputSink
 
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -70,29 +86,6 @@ __all__ = [
     "run_client_command",
 ]
 
-EXIT_OK = 0
-EXIT_JOB_FAILED = 1
-EXIT_USAGE = 2
-EXIT_REFUSED = 3
-EXIT_UNAVAILABLE = 4
-EXIT_AUTH = 5
-EXIT_SERVER = 6
-EXIT_INTERRUPTED = 130
-
-_EXIT_BY_CODE = {
-    "INVALID_ARGUMENT": EXIT_REFUSED,
-    "NOT_FOUND": EXIT_REFUSED,
-    "ALREADY_EXISTS": EXIT_REFUSED,
-    "FAILED_PRECONDITION": EXIT_REFUSED,
-    "OUT_OF_RANGE": EXIT_REFUSED,
-    "RESOURCE_EXHAUSTED": EXIT_REFUSED,
-    "UNIMPLEMENTED": EXIT_REFUSED,
-    "UNAVAILABLE": EXIT_UNAVAILABLE,
-    "DEADLINE_EXCEEDED": EXIT_UNAVAILABLE,
-    "ABORTED": EXIT_UNAVAILABLE,
-    "UNAUTHENTICATED": EXIT_AUTH,
-    "PERMISSION_DENIED": EXIT_AUTH,
-}
 
 CLIENT_COMMANDS = frozenset(
     {"upscale", "img2img", "inpaint", "caption", "crop", "convert", "variant", "jobs"}
@@ -102,15 +95,9 @@ ENV_API_KEY = "AISERVER_API_KEY"
 _FORMATS = ("jpg", "jpeg", "png", "gif", "bmp", "tiff", "webp", "avif")
 _STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 _TASKS = ("ImageToImage", "ImageWithMask", "ImageUpscale", "ImageToText")
-_PROG = "aiserver"
 
 _Handler = Callable[[argparse.Namespace, "AsyncClient"], Coroutine[Any, Any, int]]
 _Request = TypeVar("_Request")
-
-
-def exit_code_for(code_name: str) -> int:
-    """The exit code for a failed call's status code name (``NOT_FOUND`` -> 3)."""
-    return _EXIT_BY_CODE.get(code_name, EXIT_SERVER)
 
 
 class _UsageError(Exception):
@@ -284,13 +271,13 @@ def run_client_command(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_dispatch(handler, args))
     except KeyboardInterrupt:
-        print(f"{_PROG}: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The client commands on their own (``python -m aiserver.cli_client``)."""
-    parser = argparse.ArgumentParser(prog=_PROG, description="imagetasks.v1 client commands")
+    parser = argparse.ArgumentParser(prog=PROG, description="imagetasks.v1 client commands")
     add_client_commands(parser.add_subparsers(dest="command", required=True))
     return run_client_command(parser.parse_args(argv))
 
@@ -298,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _dispatch(handler: _Handler, args: argparse.Namespace) -> int:
     from aiserver.client import AsyncClient, ClientError
 
-    out = _Out(args)
+    out = Out(args)
     try:
         roots = args.root_certs.read_bytes() if args.root_certs else None
     except OSError as exc:
@@ -321,130 +308,6 @@ async def _dispatch(handler: _Handler, args: argparse.Namespace) -> int:
         return out.usage(text or repr(exc))
     finally:
         await client.close()
-
-
-# ---- printing -------------------------------------------------------------------------------
-
-
-class _Out:
-    """stdout for results (or JSON), stderr for progress and errors."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.json = bool(args.json)
-        self.quiet = bool(args.quiet)
-
-    def result(self, text: str) -> None:
-        if not self.json:
-            print(text, flush=True)
-
-    def document(self, data: Any) -> None:
-        if self.json:
-            print(json.dumps(data, indent=2, ensure_ascii=False), flush=True)
-
-    def error(self, err: ClientError) -> int:
-        print(f"{_PROG}: error: {err}", file=sys.stderr, flush=True)
-        self.document({"error": err.to_dict()})
-        return exit_code_for(err.code_name)
-
-    def usage(self, text: str) -> int:
-        print(f"{_PROG}: error: {text}", file=sys.stderr, flush=True)
-        self.document({"error": {"code": "USAGE", "message": text}})
-        return EXIT_USAGE
-
-
-def _message_dict(message: Any) -> dict[str, Any]:
-    from google.protobuf import json_format
-
-    data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return data
-
-
-class ProgressLine:
-    """Job progress on ``stream``: one line redrawn in place on a terminal; otherwise plain
-    lines, progress only when the stage or node changes or another 10% is done."""
-
-    def __init__(self, stream: TextIO, *, enabled: bool = True, tty: bool | None = None) -> None:
-        self.stream = stream
-        self.enabled = enabled
-        self.tty = stream.isatty() if tty is None else tty
-        self._live = False
-        self._last_key: tuple[str, str, int] | None = None
-        self._started = time.monotonic()
-
-    def _width(self) -> int:
-        return max(20, shutil.get_terminal_size((100, 20)).columns - 1)
-
-    def live(self, text: str) -> None:
-        """The progress line (a terminal), or a plain line when worth one."""
-        if not self.enabled:
-            return
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + text[: self._width()])
-            self.stream.flush()
-            self._live = True
-
-    def line(self, text: str) -> None:
-        """A line that stays (above the live line on a terminal)."""
-        if not self.enabled:
-            return
-        if self._live:
-            self.stream.write("\r\x1b[2K")
-            self._live = False
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self._live:
-            self.stream.write("\r\x1b[2K")
-            self.stream.flush()
-            self._live = False
-
-    def event(self, event: Event) -> None:
-        from aiserver.client import (
-            Accepted,
-            Finished,
-            OutputReady,
-            Progress,
-            Retrying,
-            Stage,
-            TextOutput,
-        )
-
-        if isinstance(event, Accepted):
-            again = " (existing job for this ref id)" if event.existing else ""
-            self.line(
-                f"accepted {event.job} ({event.task}), queue position {event.queue_position}{again}"
-            )
-        elif isinstance(event, Progress):
-            percent = int(event.fraction * 100)
-            if event.stage in (Stage.QUEUED, Stage.PENDING):
-                text = f"{event.stage.value}, position {event.queue_position}"
-            else:
-                text = event.stage.value
-                if event.node_type or event.node:
-                    text += f" {event.node_type or 'node'}"
-                    text += f" (node {event.node})" if event.node else ""
-                if event.max_steps:
-                    text += f" step {event.step}/{event.max_steps}"
-            if self.tty:
-                filled = percent // 5
-                bar = "#" * filled + "." * (20 - filled)
-                self.live(f"[{bar}] {percent:3d}%  {text}  {event.job}")
-                return
-            key = (event.stage.value, event.node, percent // 10)
-            if key != self._last_key or (event.max_steps and event.step == event.max_steps):
-                self._last_key = key
-                self.line(f"{text}, {percent}%")
-        elif isinstance(event, OutputReady):
-            a = event.artifact
-            self.line(f"output {event.index}: {a.name} ({a.width}x{a.height} {a.mime_type})")
-        elif isinstance(event, TextOutput):
-            self.line(f"text {event.index}: {event.text}")
-        elif isinstance(event, Retrying):
-            self.line(f"retrying: attempt {event.attempt} failed ({event.reason})")
-        elif isinstance(event, Finished):
-            took = time.monotonic() - self._started
-            self.line(f"finished: {event.state} after {took:.1f}s")
 
 
 # ---- generative commands --------------------------------------------------------------------
@@ -501,7 +364,7 @@ async def _run_job(args: argparse.Namespace, stream: Any, *, texts_to_stdout: bo
         TextOutput,
     )
 
-    out = _Out(args)
+    out = Out(args)
     progress = ProgressLine(sys.stderr, enabled=not out.quiet)
     outputs = _Outputs(getattr(args, "output", None))
     accepted: Accepted | None = None
@@ -520,7 +383,7 @@ async def _run_job(args: argparse.Namespace, stream: Any, *, texts_to_stdout: bo
                     {
                         "index": event.index,
                         "path": str(path),
-                        "artifact": _message_dict(event.artifact),
+                        "artifact": message_dict(event.artifact),
                     }
                 )
             elif isinstance(event, OutputData):
@@ -542,7 +405,7 @@ async def _run_job(args: argparse.Namespace, stream: Any, *, texts_to_stdout: bo
             raise _UsageError("the server ended the call without accepting a job")
         # --no-wait: the job was accepted and runs on.
         out.result(accepted.job)
-        out.document({"job": accepted.job, "accepted": _message_dict(accepted.raw.accepted)})
+        out.document({"job": accepted.job, "accepted": message_dict(accepted.raw.accepted)})
         return EXIT_OK
     job = finished.final
     if texts_to_stdout:
@@ -551,7 +414,7 @@ async def _run_job(args: argparse.Namespace, stream: Any, *, texts_to_stdout: bo
     err = finished.error
     out.document(
         {
-            "job": _message_dict(job),
+            "job": message_dict(job),
             "state": finished.state,
             "files": files,
             "texts": texts,
@@ -559,7 +422,7 @@ async def _run_job(args: argparse.Namespace, stream: Any, *, texts_to_stdout: bo
         }
     )
     if err is not None:
-        print(f"{_PROG}: job {job.name} {finished.state}: {err}", file=sys.stderr, flush=True)
+        print(f"{PROG}: job {job.name} {finished.state}: {err}", file=sys.stderr, flush=True)
         return EXIT_JOB_FAILED
     for index in sorted(outputs.paths):
         out.result(str(outputs.paths[index]))
@@ -636,7 +499,7 @@ def _transform_command(request_name: str) -> _Handler:
 
 
 def _light_done(args: argparse.Namespace, info: Any, **extra: Any) -> int:
-    out = _Out(args)
+    out = Out(args)
     text, data = _image_summary(info, args.output)
     if args.output != "-":
         out.result(text)
@@ -652,67 +515,18 @@ async def _cmd_variant(args: argparse.Namespace, client: AsyncClient) -> int:
     return _light_done(args, info.image, spec=info.spec, etag=info.etag, url=info.url)
 
 
-# ---- jobs -----------------------------------------------------------------------------------
-
-
-def _job_line(job: Any) -> str:
-    from aiserver.client.types import job_state_name, task_name
-
-    created = ""
-    if job.HasField("create_time"):
-        created = job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%SZ")
-    return "  ".join(
-        [
-            job.name,
-            f"{task_name(job.task):<13}",
-            f"{job_state_name(job.state):<9}",
-            f"{int(job.progress * 100):3d}%",
-            created,
-            job.tag,
-        ]
-    ).rstrip()
-
-
-def _job_details(job: Any) -> list[str]:
-    from aiserver.client.types import job_error, job_state_name, task_name
-
-    lines = [
-        f"name:     {job.name}",
-        f"task:     {task_name(job.task)}",
-        f"state:    {job_state_name(job.state)}",
-        f"progress: {int(job.progress * 100)}%",
-    ]
-    if job.ref_id:
-        lines.append(f"ref id:   {job.ref_id}")
-    if job.tag:
-        lines.append(f"tag:      {job.tag}")
-    if job.provider:
-        agent = f" ({job.agent})" if job.agent else ""
-        lines.append(f"provider: {job.provider}{agent}")
-    if job.state == job.STATE_QUEUED:
-        lines.append(f"queue:    position {job.queue_position}")
-    for artifact in job.outputs:
-        lines.append(f"output:   {artifact.name} ({artifact.width}x{artifact.height})")
-    for text in job.text_outputs:
-        lines.append(f"text:     {text.text}")
-    err = job_error(job)
-    if err is not None:
-        lines.append(f"error:    {err}")
-    return lines
-
-
 async def _cmd_jobs_list(args: argparse.Namespace, client: AsyncClient) -> int:
     from aiserver.client import ListJobs
 
     page = await client.list_page(_request(ListJobs, args))
-    out = _Out(args)
+    out = Out(args)
     for job in page.jobs:
-        out.result(_job_line(job))
+        out.result(job_line(job))
     if page.next_page_token:
         out.result(f"(more: --page-token {page.next_page_token})")
     out.document(
         {
-            "jobs": [_message_dict(job) for job in page.jobs],
+            "jobs": [message_dict(job) for job in page.jobs],
             "next_page_token": page.next_page_token,
         }
     )
@@ -721,10 +535,10 @@ async def _cmd_jobs_list(args: argparse.Namespace, client: AsyncClient) -> int:
 
 async def _cmd_jobs_get(args: argparse.Namespace, client: AsyncClient) -> int:
     job = await client.get_job(args.name)
-    out = _Out(args)
-    for line in _job_details(job):
+    out = Out(args)
+    for line in job_details(job):
         out.result(line)
-    out.document(_message_dict(job))
+    out.document(message_dict(job))
     return EXIT_OK
 
 
@@ -732,22 +546,22 @@ async def _cmd_jobs_cancel(args: argparse.Namespace, client: AsyncClient) -> int
     from aiserver.client.types import job_state_name
 
     job = await client.cancel_job(args.name)
-    out = _Out(args)
+    out = Out(args)
     out.result(f"{job.name} {job_state_name(job.state)}")
-    out.document(_message_dict(job))
+    out.document(message_dict(job))
     return EXIT_OK
 
 
 async def _cmd_jobs_watch(args: argparse.Namespace, client: AsyncClient) -> int:
     from aiserver.client import Finished
 
-    out = _Out(args)
+    out = Out(args)
     progress = ProgressLine(sys.stderr, enabled=not out.quiet)
     finished: Finished | None = None
     try:
         async for event in client.watch_job(args.name):
             if out.json:
-                print(json.dumps(_message_dict(event.raw), ensure_ascii=False), flush=True)
+                print(json.dumps(message_dict(event.raw), ensure_ascii=False), flush=True)
             progress.event(event)
             if isinstance(event, Finished):
                 finished = event
@@ -757,7 +571,7 @@ async def _cmd_jobs_watch(args: argparse.Namespace, client: AsyncClient) -> int:
         raise _UsageError("the watch ended before the job did")
     err = finished.error
     if err is not None:
-        print(f"{_PROG}: job {finished.job} {finished.state}: {err}", file=sys.stderr, flush=True)
+        print(f"{PROG}: job {finished.job} {finished.state}: {err}", file=sys.stderr, flush=True)
         return EXIT_JOB_FAILED
     if args.output:
         outputs = _Outputs(args.output)
