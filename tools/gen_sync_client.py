@@ -52,6 +52,7 @@ _KEYWORDS = [
     (re.compile(r"\basync for\b"), "for"),
     (re.compile(r"\basync with\b"), "with"),
     (re.compile(r"\bawait "), ""),
+    (re.compile(r"\bgrpc\.aio\."), "grpc."),
 ]
 _DOCSTRING = re.compile(r'\A""".*?"""\n', re.S)
 # flake8-async's waivers mean nothing in blocking code (ruff would flag them as unused).

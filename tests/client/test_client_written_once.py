@@ -239,3 +239,26 @@ def test_type_checkers_see_each_calls_parameters(tmp_path: Path) -> None:
     assert "-> typing.Coroutine[Any, Any, aiserver.client.types.ImageResult]" in out, out
     assert 'Unexpected keyword argument "modle"' in out, out
     assert 'Missing named argument "height"' in out, out
+
+
+async def test_a_channel_handed_in_is_used_and_left_open(target: str) -> None:
+    channel = grpc.aio.insecure_channel(target)
+    try:
+        async with AsyncClient("127.0.0.1:1", channel=channel) as c:
+            assert (await c.get_job("x")).name == "jobs/x"
+        stub = job_service_pb2_grpc.JobServiceStub(channel)
+        again = await stub.GetJob(job_service_pb2.GetJobRequest(name="jobs/y"), timeout=5)
+        assert again.job.name == "jobs/y"
+    finally:
+        await channel.close()
+
+    def blocking() -> str:
+        with grpc.insecure_channel(target) as own:
+            with Client("127.0.0.1:1", channel=own) as c:
+                c.get_job("x")
+            stub = job_service_pb2_grpc.JobServiceStub(own)
+            return str(
+                stub.GetJob(job_service_pb2.GetJobRequest(name="jobs/z"), timeout=5).job.name
+            )
+
+    assert await asyncio.to_thread(blocking) == "jobs/z"

@@ -36,12 +36,13 @@ from imagetasks.v1 import (
 from aiserver.client._io_async import (
     DEFAULT_TIMEOUT,
     Stubs,
-    connect,
+    open_channel,
     open_stream,
     send_requests,
     sink_commit,
     sink_write,
     source_chunks,
+    stubs_on,
 )
 from aiserver.client._method import RequestMethod
 from aiserver.client.errors import ClientError, guarded
@@ -192,6 +193,7 @@ class AsyncClient:
 
     ``target`` is ``host:port``; ``api_key`` is sent as ``authorization: Bearer <key>``;
     ``tls=True`` (or ``root_certificates``, PEM bytes, or ``credentials``) uses TLS.
+    ``channel`` runs the calls on a channel of yours (``close()`` leaves it open).
     ``timeout`` is the default deadline in seconds of every call; a call's own ``timeout``
     overrides it. Without either, the asyncio client sets no deadline and the blocking one
     300 s (``DEFAULT_TIMEOUT``): a blocking call never waits forever. The channel opens on
@@ -210,6 +212,7 @@ class AsyncClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         metadata: Iterable[tuple[str, str]] = (),
         options: Iterable[tuple[str, Any]] = (),
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -225,7 +228,8 @@ class AsyncClient:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             *options,
         ]
-        self._channel: Any = None
+        self._channel = channel
+        self._own_channel = channel is None
         self._stub_set: Stubs | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -235,10 +239,11 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._channel is not None:
+        """Closes the channel, unless it was handed in (``channel=``)."""
+        if self._channel is not None and self._own_channel:
             await self._channel.close()
-        self._channel = None
-        self._stub_set = None
+            self._channel = None
+            self._stub_set = None
 
     # ---- plumbing -------------------------------------------------------------------------
 
@@ -251,7 +256,9 @@ class AsyncClient:
 
     def _stubs(self) -> Stubs:
         if self._stub_set is None:
-            self._channel, self._stub_set = connect(self.target, self._credentials, self._options)
+            if self._channel is None:
+                self._channel = open_channel(self.target, self._credentials, self._options)
+            self._stub_set = stubs_on(self._channel)
         return self._stub_set
 
     async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:

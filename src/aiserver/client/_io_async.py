@@ -25,12 +25,13 @@ from aiserver.client.inputs import CHUNK_SIZE, InputSource, OutputSink
 __all__ = [
     "DEFAULT_TIMEOUT",
     "Stubs",
-    "connect",
+    "open_channel",
     "open_stream",
     "send_requests",
     "sink_commit",
     "sink_write",
     "source_chunks",
+    "stubs_on",
 ]
 
 DEFAULT_TIMEOUT: float | None = None
@@ -47,17 +48,19 @@ class Stubs:
     artifacts: artifact_service_pb2_grpc.ArtifactServiceAsyncStub
 
 
-def connect(
+def open_channel(
     target: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
-) -> tuple[grpc.aio.Channel, Stubs]:
-    """A channel to ``target`` (TLS with ``credentials``) and the stubs on it."""
+) -> grpc.aio.Channel:
+    """A channel to ``target``, with TLS when there are ``credentials``."""
     if credentials is not None:
-        channel = grpc.aio.secure_channel(target, credentials, options=options)
-    else:
-        channel = grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options)
+    return grpc.aio.insecure_channel(target, options=options)
+
+
+def stubs_on(channel: grpc.aio.Channel) -> Stubs:
     # The stubs' constructors are overloaded on the channel's kind; grpc ships no
     # types here, so the checker is told which kind this is.
-    stubs = Stubs(
+    return Stubs(
         cast(
             "generation_service_pb2_grpc.GenerationServiceAsyncStub",
             generation_service_pb2_grpc.GenerationServiceStub(channel),
@@ -74,7 +77,6 @@ def connect(
             artifact_service_pb2_grpc.ArtifactServiceStub(channel),
         ),
     )
-    return channel, stubs
 
 
 def open_stream(

@@ -25,12 +25,13 @@ from aiserver.client.inputs import CHUNK_SIZE, InputSource, OutputSink
 __all__ = [
     "DEFAULT_TIMEOUT",
     "Stubs",
-    "connect",
+    "open_channel",
     "open_stream",
     "send_requests",
     "sink_commit",
     "sink_write",
     "source_chunks",
+    "stubs_on",
 ]
 
 DEFAULT_TIMEOUT: float | None = 300.0
@@ -47,21 +48,22 @@ class Stubs:
     artifacts: artifact_service_pb2_grpc.ArtifactServiceStub
 
 
-def connect(
+def open_channel(
     target: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
-) -> tuple[grpc.Channel, Stubs]:
-    """A channel to ``target`` (TLS with ``credentials``) and the stubs on it."""
+) -> grpc.Channel:
+    """A channel to ``target``, with TLS when there are ``credentials``."""
     if credentials is not None:
-        channel = grpc.secure_channel(target, credentials, options=options)
-    else:
-        channel = grpc.insecure_channel(target, options=options)
-    stubs = Stubs(
+        return grpc.secure_channel(target, credentials, options=options)
+    return grpc.insecure_channel(target, options=options)
+
+
+def stubs_on(channel: grpc.Channel) -> Stubs:
+    return Stubs(
         generation_service_pb2_grpc.GenerationServiceStub(channel),
         transform_service_pb2_grpc.TransformServiceStub(channel),
         job_service_pb2_grpc.JobServiceStub(channel),
         artifact_service_pb2_grpc.ArtifactServiceStub(channel),
     )
-    return channel, stubs
 
 
 def open_stream(

@@ -25,12 +25,13 @@ from imagetasks.v1 import (
 from aiserver.client._io_sync import (
     DEFAULT_TIMEOUT,
     Stubs,
-    connect,
+    open_channel,
     open_stream,
     send_requests,
     sink_commit,
     sink_write,
     source_chunks,
+    stubs_on,
 )
 from aiserver.client._method import RequestMethod
 from aiserver.client.errors import ClientError, guarded
@@ -181,6 +182,7 @@ class Client:
 
     ``target`` is ``host:port``; ``api_key`` is sent as ``authorization: Bearer <key>``;
     ``tls=True`` (or ``root_certificates``, PEM bytes, or ``credentials``) uses TLS.
+    ``channel`` runs the calls on a channel of yours (``close()`` leaves it open).
     ``timeout`` is the default deadline in seconds of every call; a call's own ``timeout``
     overrides it. Without either, the asyncio client sets no deadline and the blocking one
     300 s (``DEFAULT_TIMEOUT``): a blocking call never waits forever. The channel opens on
@@ -199,6 +201,7 @@ class Client:
         timeout: float | None = DEFAULT_TIMEOUT,
         metadata: Iterable[tuple[str, str]] = (),
         options: Iterable[tuple[str, Any]] = (),
+        channel: grpc.Channel | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -214,7 +217,8 @@ class Client:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             *options,
         ]
-        self._channel: Any = None
+        self._channel = channel
+        self._own_channel = channel is None
         self._stub_set: Stubs | None = None
 
     def __enter__(self) -> Client:
@@ -224,10 +228,11 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self._channel is not None:
+        """Closes the channel, unless it was handed in (``channel=``)."""
+        if self._channel is not None and self._own_channel:
             self._channel.close()
-        self._channel = None
-        self._stub_set = None
+            self._channel = None
+            self._stub_set = None
 
     # ---- plumbing -------------------------------------------------------------------------
 
@@ -240,7 +245,9 @@ class Client:
 
     def _stubs(self) -> Stubs:
         if self._stub_set is None:
-            self._channel, self._stub_set = connect(self.target, self._credentials, self._options)
+            if self._channel is None:
+                self._channel = open_channel(self.target, self._credentials, self._options)
+            self._stub_set = stubs_on(self._channel)
         return self._stub_set
 
     def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
