@@ -105,7 +105,13 @@ def test_a_method_is_its_request_dataclass() -> None:
     from aiserver.client import ImageWithMask
 
     method = Client().image_with_mask
-    assert inspect.signature(method) == inspect.signature(ImageWithMask)
+    signature = inspect.signature(method)
+    assert signature.parameters == inspect.signature(ImageWithMask).parameters
+    assert signature.return_annotation == "SyncJobStream"
+    assert inspect.signature(Client.image_with_mask).parameters.keys() == {
+        "self",
+        *signature.parameters,
+    }
     assert method.__doc__ == ImageWithMask.__doc__
     assert method.__name__ == "image_with_mask"
     with pytest.raises(TypeError):
