@@ -10,10 +10,10 @@ Why generated rather than a shared base (httpx's way): what the two clients shar
 upload and streaming code, and there asyncio and blocking code differ in keywords only, so a
 base class would still hold each streaming method twice. The few real differences (channel,
 how an upload is fed to grpc, file I/O, the default deadline) are the same names in
-``_io_async.py`` and ``_io_sync.py``. Each call's parameters are written once more compactly:
-a method is its request dataclass (``aiserver.client.requests``) through
-:class:`~aiserver.client._method.RequestMethod`, so adding a call is a dataclass and one line
-here.
+``_io_async.py`` and ``_io_sync.py``. Each call's parameters are written once too: a method
+is its request dataclass (``aiserver.client.requests``) through
+:class:`~aiserver.client._method.RequestMethod`, so adding a call is a dataclass there and one
+line here (then ``make client-sync``).
 """
 
 # ``timeout`` here is a gRPC deadline: it travels to the server, which stops the work when it
@@ -301,9 +301,11 @@ class AsyncClient:
 
     async def transform(self, request: TransformRequest) -> ImageResult:
         """A light call (TransformService): the image, or its info once written to ``out``."""
-        source = InputSource("image", request.image)
+        sources: list[InputSource] = []
         try:
-            requests = _requests(request, [source])
+            for field, value in request.inputs():
+                sources.append(InputSource(field, value))
+            requests = _requests(request, sources)
             call = open_stream(
                 getattr(self._stubs().transform, request.RPC),
                 requests,
@@ -312,7 +314,8 @@ class AsyncClient:
             )
             info, data = await self._info_then_chunks(call, request.out, requests)
         finally:
-            source.close()
+            for source in sources:
+                source.close()
         return ImageResult(ImageInfo.from_proto(info), data)
 
     async def get_variant(self, request: GetVariant) -> VariantResult:

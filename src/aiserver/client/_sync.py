@@ -290,9 +290,11 @@ class Client:
 
     def transform(self, request: TransformRequest) -> ImageResult:
         """A light call (TransformService): the image, or its info once written to ``out``."""
-        source = InputSource("image", request.image)
+        sources: list[InputSource] = []
         try:
-            requests = _requests(request, [source])
+            for field, value in request.inputs():
+                sources.append(InputSource(field, value))
+            requests = _requests(request, sources)
             call = open_stream(
                 getattr(self._stubs().transform, request.RPC),
                 requests,
@@ -301,7 +303,8 @@ class Client:
             )
             info, data = self._info_then_chunks(call, request.out, requests)
         finally:
-            source.close()
+            for source in sources:
+                source.close()
         return ImageResult(ImageInfo.from_proto(info), data)
 
     def get_variant(self, request: GetVariant) -> VariantResult:
