@@ -12,6 +12,7 @@ client's, or 300 s, so no call blocks forever.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, closing
 from typing import Any
 
 import grpc
@@ -112,18 +113,9 @@ class SyncJobStream:
         if self._consumed:
             raise RuntimeError("a SyncJobStream can be consumed only once; call the method again")
         self._consumed = True
-        request = self.request
-        sources: list[InputSource] = []
-        try:
-            for field, value in request.inputs():
-                sources.append(InputSource(field, value))
-            requests = _requests(request, sources)
-            call = open_stream(
-                getattr(self._client._stubs().generation, request.RPC),
-                requests,
-                metadata=self._client._metadata,
-                timeout=self._client._deadline(request.timeout),
-            )
+        client = self._client
+        with ExitStack() as inputs:
+            call, requests = client._open_upload(client._stubs().generation, self.request, inputs)
             with guarded(call):
                 send_requests(call, requests)
                 for response in call:
@@ -133,9 +125,6 @@ class SyncJobStream:
                     if isinstance(event, Accepted):
                         self.job_name = event.job
                     yield event
-        finally:
-            for source in sources:
-                source.close()
 
     def run(self) -> Result:
         """Consume the stream and collect its outputs (bytes in memory), texts and final job.
@@ -254,6 +243,22 @@ class Client:
         with guarded():
             return method(request, metadata=self._metadata, timeout=self._deadline(timeout))
 
+    def _open_upload(
+        self, service: Any, request: GenerativeRequest | TransformRequest, inputs: ExitStack
+    ) -> tuple[Any, Iterator[Any]]:
+        """The call of ``request`` on ``service``, and the request stream to feed it. The
+        inputs are opened at once (a missing file fails before any call) and closed by
+        ``inputs``."""
+        sources = [inputs.enter_context(closing(InputSource(f, v))) for f, v in request.inputs()]
+        requests = _requests(request, sources)
+        call = open_stream(
+            getattr(service, request.RPC),
+            requests,
+            metadata=self._metadata,
+            timeout=self._deadline(request.timeout),
+        )
+        return call, requests
+
     def _info_then_chunks(
         self, call: Any, out: Destination | None, requests: Any = None
     ) -> tuple[Any, bytes | None]:
@@ -290,21 +295,9 @@ class Client:
 
     def transform(self, request: TransformRequest) -> ImageResult:
         """A light call (TransformService): the image, or its info once written to ``out``."""
-        sources: list[InputSource] = []
-        try:
-            for field, value in request.inputs():
-                sources.append(InputSource(field, value))
-            requests = _requests(request, sources)
-            call = open_stream(
-                getattr(self._stubs().transform, request.RPC),
-                requests,
-                metadata=self._metadata,
-                timeout=self._deadline(request.timeout),
-            )
+        with ExitStack() as inputs:
+            call, requests = self._open_upload(self._stubs().transform, request, inputs)
             info, data = self._info_then_chunks(call, request.out, requests)
-        finally:
-            for source in sources:
-                source.close()
         return ImageResult(ImageInfo.from_proto(info), data)
 
     def get_variant(self, request: GetVariant) -> VariantResult:
