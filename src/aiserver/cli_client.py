@@ -61,7 +61,7 @@ from aiserver.cli_output import (
 )
 
 if TYPE_CHECKING:
-    from aiserver.client import AsyncClient
+    from aiserver.client import AsyncClient, JobStream
     from aiserver.client.inputs import OutputSink
 
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -355,7 +355,7 @@ class _Outputs:
         self.sinks.clear()
 
 
-async def _run_job(args: argparse.Namespace, stream: Any, *, texts_to_stdout: bool) -> int:
+async def _run_job(args: argparse.Namespace, stream: JobStream, *, texts_to_stdout: bool) -> int:
     from aiserver.client import (
         Accepted,
         Finished,
