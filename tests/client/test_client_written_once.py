@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -17,11 +18,14 @@ import grpc
 import pytest
 from imagetasks.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
-from aiserver.client import AsyncClient, Client, ClientError
+from aiserver.client import CHUNK_SIZE, AsyncClient, Client, ClientError
+from aiserver.server import Service
+from tests.support.images import encode, quadrant_image
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERATOR = ROOT / "tools" / "gen_sync_client.py"
 SYNC = ROOT / "src" / "aiserver" / "client" / "_sync.py"
+PNG = encode(quadrant_image(64, 48), "PNG")
 
 
 def run_generator(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -268,3 +272,38 @@ async def test_a_channel_handed_in_is_used_and_left_open(target: str) -> None:
             )
 
     assert await asyncio.to_thread(blocking) == "jobs/z"
+
+
+# ---- the blocking client reports what the server said, as the asyncio one does --------------
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_upload_bytes": 100_000}])
+async def test_blocking_calls_report_the_servers_status(service: Service, tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 * CHUNK_SIZE))  # refused while megabytes are still unsent
+    out = tmp_path / "never.png"
+
+    def use() -> list[ClientError | BaseException]:
+        outcomes: list[ClientError | BaseException] = []
+        with Client(f"127.0.0.1:{service.grpc_port}", timeout=30) as c:
+            for call in (
+                lambda: c.convert(big, format="png"),
+                lambda: c.upscale(big).run(),
+                lambda: c.crop(PNG, x=0, y=0, width=1000, height=10, out=out),
+                lambda: c.convert(tmp_path / "missing.png", format="png"),
+            ):
+                try:
+                    call()
+                except BaseException as exc:
+                    outcomes.append(exc)
+        return outcomes
+
+    too_big, too_big_job, out_of_bounds, missing = await asyncio.to_thread(use)
+    for err in (too_big, too_big_job):
+        assert isinstance(err, ClientError), repr(err)
+        assert (err.code_name, err.reason) == ("RESOURCE_EXHAUSTED", "UPLOAD_TOO_LARGE")
+    assert isinstance(out_of_bounds, ClientError)
+    assert out_of_bounds.reason == "CROP_OUT_OF_BOUNDS"
+    assert [v.field for v in out_of_bounds.field_violations] == ["params.width"]
+    assert not out.exists() and not (tmp_path / "never.png.part").exists()
+    assert isinstance(missing, FileNotFoundError)
