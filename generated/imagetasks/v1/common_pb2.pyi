@@ -115,6 +115,8 @@ class _TaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Task.ValueType],
     TASK_IMAGE_WITH_MASK: _Task.ValueType  # 2
     TASK_IMAGE_UPSCALE: _Task.ValueType  # 3
     TASK_IMAGE_TO_TEXT: _Task.ValueType  # 4
+    TASK_WORKFLOW: _Task.ValueType  # 5
+    """A named workflow (WorkflowService.RunWorkflow)."""
 
 class Task(_Task, metaclass=_TaskEnumTypeWrapper):
     """The tasks that run as jobs. (CropImage, ConvertImage and variants are synchronous
@@ -126,6 +128,8 @@ TASK_IMAGE_TO_IMAGE: Task.ValueType  # 1
 TASK_IMAGE_WITH_MASK: Task.ValueType  # 2
 TASK_IMAGE_UPSCALE: Task.ValueType  # 3
 TASK_IMAGE_TO_TEXT: Task.ValueType  # 4
+TASK_WORKFLOW: Task.ValueType  # 5
+"""A named workflow (WorkflowService.RunWorkflow)."""
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
 @_typing.final

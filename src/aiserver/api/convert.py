@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from imagetasks.v1 import common_pb2, job_pb2, tasks_pb2
 
 from aiserver.api.status import to_status_proto
@@ -31,6 +31,7 @@ from aiserver.tasks import (
     ImageWithMaskSpec,
     TaskKind,
     TaskSpec,
+    WorkflowSpec,
     spec_to_dict,
 )
 
@@ -43,6 +44,8 @@ __all__ = [
     "job_to_proto",
     "spec_from_proto",
     "state_from_proto",
+    "struct_from_dict",
+    "struct_to_dict",
     "task_from_proto",
     "task_to_proto",
 ]
@@ -90,6 +93,7 @@ _TASKS = {
     TaskKind.IMAGE_WITH_MASK: common_pb2.TASK_IMAGE_WITH_MASK,
     TaskKind.IMAGE_UPSCALE: common_pb2.TASK_IMAGE_UPSCALE,
     TaskKind.IMAGE_TO_TEXT: common_pb2.TASK_IMAGE_TO_TEXT,
+    TaskKind.WORKFLOW: common_pb2.TASK_WORKFLOW,
 }
 _TASK_KINDS: dict[int, TaskKind] = {value: kind for kind, value in _TASKS.items()}
 
@@ -153,6 +157,11 @@ def _set_optional(msg: Any, values: dict[str, Any]) -> None:
 
 def spec_to_job_params(spec: TaskSpec, job: job_pb2.Job) -> None:
     """Fill the ``params`` oneof of a Job message from its spec."""
+    if isinstance(spec, WorkflowSpec):
+        job.workflow.workflow = f"workflows/{spec.workflow}"
+        job.workflow.version = spec.version
+        job.workflow.parameters.CopyFrom(struct_from_dict(spec.params))
+        return
     values = spec_to_dict(spec)
     if isinstance(spec, ImageWithMaskSpec):
         channel = values.pop("mask_channel")
@@ -164,6 +173,18 @@ def spec_to_job_params(spec: TaskSpec, job: job_pb2.Job) -> None:
         _set_optional(job.image_upscale, values)
     else:
         _set_optional(job.image_to_text, values)
+
+
+def struct_from_dict(values: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain JSON values (numbers are floats, as in the Struct)."""
+    values: dict[str, Any] = json_format.MessageToDict(struct)
+    return values
 
 
 # --- jobs and events ---------------------------------------------------------------------

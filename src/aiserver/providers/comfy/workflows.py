@@ -588,6 +588,9 @@ class WorkflowCatalog:
             seen: dict[str, Path] = {}
             for path in sorted(folder.glob("*.binding.json")):
                 name = path.name.removesuffix(".binding.json")
+                if folder is not search[0] and _taken(path, name, loaded):
+                    logger.info("workflow %s: the user folder's binding replaces %s", name, path)
+                    continue
                 try:
                     workflow = _load_binding(path, search=search)
                     key = workflow.task.value if workflow.task is not TaskKind.WORKFLOW else ""
@@ -602,15 +605,6 @@ class WorkflowCatalog:
                         raise
                     logger.error("workflow %s not loaded: %s", path, exc)
                     broken.append(BrokenWorkflow(name, str(path), str(exc)))
-                    continue
-                taken = [
-                    w
-                    for w in loaded
-                    if w.name == workflow.name
-                    or (w.task is workflow.task and w.task is not TaskKind.WORKFLOW)
-                ]
-                if taken:
-                    logger.info("workflow %s: %s replaces %s", name, taken[0].source, path)
                     continue
                 loaded.append(workflow)
         shadowed = {w.name for w in loaded}
@@ -668,6 +662,20 @@ class WorkflowCatalog:
 
     def model_inputs(self) -> tuple[tuple[str, str, str], ...]:
         return tuple(m for wf in self._by_name.values() for m in wf.model_inputs)
+
+
+def _taken(path: Path, name: str, loaded: Sequence[Workflow]) -> bool:
+    """Whether a user workflow already has this built-in binding's name or task (then the
+    built-in one is not read: it may refer to a graph the user folder shadows)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    name = str(data.get("name") or name)
+    task = data.get("task")
+    return any(w.name == name or (task and w.task.value == task) for w in loaded)
 
 
 def workflow_from_documents(documents: Mapping[str, Any]) -> Workflow:
@@ -825,7 +833,9 @@ def _parse_binding(data: dict[str, Any], graph: Any, ctx: _Context, where: str) 
     in_graph = sorted({str(n["class_type"]) for n in graph.values()})
     declared = data.get("nodes")
     if declared is not None and sorted(set(ctx.sequence(declared, "nodes"))) != in_graph:
-        raise ctx.error(("nodes",), f"nodes must list the graph's node types: {', '.join(in_graph)}")
+        raise ctx.error(
+            ("nodes",), f"nodes must list the graph's node types: {', '.join(in_graph)}"
+        )
     description = data.get("description", "")
     return Workflow(
         task=task,
