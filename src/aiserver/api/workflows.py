@@ -82,6 +82,7 @@ class WorkflowServicer(workflow_service_pb2_grpc.WorkflowServiceServicer):
             # not change what this call runs.
             workflow = self._find(params.workflow)
             values = check_values(workflow.params, struct_to_dict(params.parameters))
+            self._refuse_if_no_agent_can(workflow, values)
             accepted.append((workflow, values))
             return workflow.input_names, workflow.required_inputs
 
@@ -97,6 +98,23 @@ class WorkflowServicer(workflow_service_pb2_grpc.WorkflowServiceServicer):
         options = upload.params.options
         async for event in self._calls.run(TaskKind.WORKFLOW, spec, options, upload, context):
             yield wpb.RunWorkflowResponse(event=event)
+
+    def _refuse_if_no_agent_can(self, workflow: Workflow, values: dict[str, Any]) -> None:
+        """FAILED_PRECONDITION when agents are online and none has what this run needs;
+        with none online the job waits for one, as any job does."""
+        agents = self._agents()
+        spec = WorkflowSpec(workflow.name, workflow.version, values)
+        reasons = {name: workflow.can_serve(caps, spec) for name, caps in agents.items()}
+        if not agents or not all(reasons.values()):
+            return
+        detail = "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
+        models = all(why.startswith("missing models") for why in reasons.values())
+        raise ServiceError(
+            ErrorKind.FAILED_PRECONDITION,
+            "COMFYUI_MODEL_MISSING" if models else "COMFYUI_NODE_MISSING",
+            f"no ComfyUI agent can run workflow {workflow.name}: {detail}",
+            metadata={"workflow": workflow.name, "agents": detail[:1000]},
+        )
 
     def _find(self, name: str) -> Workflow:
         name = name.removeprefix("workflows/")

@@ -1,0 +1,384 @@
+"""WorkflowService end to end: a workflows folder, stand-in agents, gRPC (and grpcurl)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from imagetasks.v1 import common_pb2, job_pb2, workflow_service_pb2_grpc
+from imagetasks.v1 import workflow_service_pb2 as wpb
+from PIL import Image
+
+from aiserver.providers.comfy.workflows import default_workflows_dir
+from aiserver.server import Service
+from tests.support.generation import comfy_service, run_workflow
+from tests.support.grpc_helpers import rich_status, violated_fields
+from tests.support.images import encode, quadrant_image
+
+PNG = encode(quadrant_image(64, 48), "PNG")
+SUCCEEDED = job_pb2.Job.STATE_SUCCEEDED
+GRPCURL = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "grpcurl"
+
+# A workflow no built-in task has: the image, inverted (core nodes only).
+INVERT_GRAPH = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+    "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+    "3": {
+        "class_type": "ImageScale",
+        "inputs": {
+            "image": ["2", 0],
+            "upscale_method": "bilinear",
+            "width": 0,
+            "height": 0,
+            "crop": "disabled",
+        },
+    },
+    "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}},
+}
+INVERT_BINDING = {
+    "title": "Invert",
+    "description": "negative of an image, optionally resized",
+    "graph": "invert.json",
+    "inputs": {"photo": {"node": "1", "input": "image", "kind": "image"}},
+    "params": {
+        "width": {
+            "targets": [{"node": "3", "input": "width"}],
+            "type": "integer",
+            "minimum": 0,
+            "maximum": 4096,
+            "default": 0,
+        },
+        "height": {"node": "3", "input": "height", "type": "integer", "minimum": 0, "default": 0},
+        "method": {
+            "node": "3",
+            "input": "upscale_method",
+            "type": "string",
+            "choices": ["bilinear", "lanczos"],
+        },
+    },
+    "job": [{"node": "4", "input": "filename_prefix", "format": "aiserver/{workflow}/{job_id}"}],
+    "outputs": [{"node": "4", "kind": "images"}],
+}
+
+
+def write_workflow(folder: Path, name: str, graph: Any, binding: Any) -> None:
+    (folder / f"{name}.json").write_text(json.dumps(graph, indent=1), encoding="utf-8")
+    binding = {**binding, "graph": f"{name}.json"}
+    (folder / f"{name}.binding.json").write_text(json.dumps(binding, indent=2), encoding="utf-8")
+
+
+def stub(service: Service) -> tuple[grpc.aio.Channel, Any]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+    return channel, workflow_service_pb2_grpc.WorkflowServiceStub(channel)
+
+
+async def listed(service: Service) -> dict[str, wpb.Workflow]:
+    channel, ws = stub(service)
+    async with channel:
+        answer = await ws.ListWorkflows(wpb.ListWorkflowsRequest())
+    return {w.name.removeprefix("workflows/"): w for w in answer.workflows}
+
+
+async def until_listed(service: Service, name: str, within: float = 10.0) -> wpb.Workflow:
+    async with asyncio.timeout(within):
+        while True:
+            found = (await listed(service)).get(name)
+            if found is not None:
+                return found
+            await asyncio.sleep(0.05)
+
+
+async def test_builtins_and_examples_are_listed_typed_and_available(tmp_path: Path) -> None:
+    async with comfy_service(tmp_path) as (service, _):
+        found = await listed(service)
+        assert {"image_to_image", "image_with_mask", "text_to_image", "outpaint"} <= set(found)
+        t2i = found["text_to_image"]
+        assert t2i.available and list(t2i.agents) == ["gpu-0"] and len(t2i.version) == 16
+        params = {p.name: p for p in t2i.parameters}
+        assert params["prompt"].required and params["prompt"].type == wpb.PARAMETER_TYPE_STRING
+        assert params["steps"].type == wpb.PARAMETER_TYPE_INTEGER
+        assert (params["steps"].minimum, params["steps"].maximum) == (1, 150)
+        assert params["steps"].default_value.number_value == 20
+        assert params["seed"].random
+        assert "euler" in [c.string_value for c in params["sampler"].choices]
+        assert not t2i.inputs and [o.kind for o in t2i.outputs] == [wpb.WorkflowOutput.KIND_IMAGES]
+        i2i = found["image_to_image"]
+        assert i2i.task == common_pb2.TASK_IMAGE_TO_IMAGE
+        assert [(i.name, i.kind, i.required) for i in i2i.inputs] == [
+            ("image", wpb.INPUT_KIND_IMAGE, True)
+        ]
+        channel, ws = stub(service)
+        async with channel:
+            got = await ws.GetWorkflow(wpb.GetWorkflowRequest(name="workflows/outpaint"))
+            assert got.workflow.version == found["outpaint"].version
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await ws.GetWorkflow(wpb.GetWorkflowRequest(name="workflows/nope"))
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_text_to_image_and_outpaint_examples_run(tmp_path: Path) -> None:
+    async with comfy_service(tmp_path) as (service, comfy):
+        channel, _ = stub(service)
+        async with channel:
+            got = await run_workflow(
+                channel,
+                "text_to_image",
+                {"prompt": "a red fox", "width": 100, "height": 64, "steps": 2, "seed": 7},
+                {},
+            )
+            assert got.final.state == SUCCEEDED, got.final.error
+            assert got.final.task == common_pb2.TASK_WORKFLOW
+            assert got.final.workflow.workflow == "workflows/text_to_image"
+            assert got.final.workflow.parameters["prompt"] == "a red fox"
+            (output,) = got.of("output")
+            assert output.artifact.seed == 7
+            with Image.open(io.BytesIO(got.output_bytes())) as im:
+                assert im.size == (96, 64)  # the latent rounds down to multiples of 8
+            prompt = comfy[0].received.prompts[-1]["prompt"]
+            assert prompt["2"]["inputs"]["text"] == "a red fox"
+            assert prompt["5"]["inputs"]["steps"] == 2
+            assert prompt["7"]["inputs"]["filename_prefix"].startswith("aiserver/text_to_image/")
+
+            got = await run_workflow(
+                channel,
+                "outpaint",
+                {"prompt": "more sea", "right": 32, "steps": 1},
+                {"image": PNG},
+            )
+            assert got.final.state == SUCCEEDED, got.final.error
+            with Image.open(io.BytesIO(got.output_bytes())) as im:
+                assert im.size == (96, 48)  # 64 + 32 wide
+
+
+async def test_bad_parameters_get_one_violation_each(tmp_path: Path) -> None:
+    async with comfy_service(tmp_path) as (service, comfy):
+        channel, _ = stub(service)
+        async with channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await run_workflow(
+                    channel,
+                    "text_to_image",
+                    {
+                        "colour": "red",
+                        "steps": "many",
+                        "width": 4,
+                        "cfg_scale": 1.5,
+                        "sampler": "nope",
+                        "height": 64.5,
+                    },
+                    {},
+                )
+            err = caught.value
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            _, details = rich_status(err)
+            assert details["ErrorInfo"].reason == "INVALID_PARAMETERS"
+            assert sorted(violated_fields(details)) == [
+                "parameters.colour",
+                "parameters.height",
+                "parameters.prompt",
+                "parameters.sampler",
+                "parameters.steps",
+                "parameters.width",
+            ]
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await run_workflow(channel, "no_such_flow", {}, {})
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await run_workflow(channel, "outpaint", {"prompt": "x"}, {})
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert violated_fields(rich_status(caught.value)[1]) == ["image"]
+        assert not comfy[0].received.prompts
+
+
+async def test_a_new_workflow_is_callable_without_restart_through_grpcurl(
+    tmp_path: Path,
+) -> None:
+    user = tmp_path / "workflows"
+    user.mkdir()
+    async with comfy_service(tmp_path, workflows_dir=user, workflows_poll_s=0.1) as (service, _):
+        assert "invert" not in await listed(service)
+        write_workflow(user, "invert", INVERT_GRAPH, INVERT_BINDING)
+        found = await until_listed(service, "invert")
+        assert found.available and found.title == "Invert"
+        address = f"127.0.0.1:{service.grpc_port}"
+        # grpcurl knows nothing but what reflection tells it.
+        described = await _run(
+            GRPCURL, "-plaintext", address, "describe", "imagetasks.v1.WorkflowService"
+        )
+        assert "RunWorkflow" in described
+        listing = json.loads(
+            await _run(
+                GRPCURL,
+                "-plaintext",
+                "-d",
+                "{}",
+                address,
+                "imagetasks.v1.WorkflowService/ListWorkflows",
+            )
+        )
+        assert "workflows/invert" in [w["name"] for w in listing["workflows"]]
+        first = {"params": {"workflow": "invert", "parameters": {"width": 20, "height": 10}}}
+        chunk = {"chunk": {"field": "photo", "data": base64.b64encode(PNG).decode()}}
+        stdin = json.dumps(first) + "\n" + json.dumps(chunk) + "\n"
+        out = await _run(
+            GRPCURL,
+            "-plaintext",
+            "-d",
+            "@",
+            address,
+            "imagetasks.v1.WorkflowService/RunWorkflow",
+            stdin=stdin,
+        )
+        events = [json.loads(doc)["event"] for doc in _documents(out)]
+        finished = events[-1]["finished"]["job"]
+        assert finished["state"] == "STATE_SUCCEEDED", finished
+        data = b"".join(
+            base64.b64decode(e["output_chunk"]["data"]) for e in events if "output_chunk" in e
+        )
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.size == (20, 10)
+
+
+async def test_broken_bindings_are_listed_with_file_and_line_and_others_work(
+    tmp_path: Path,
+) -> None:
+    user = tmp_path / "workflows"
+    user.mkdir()
+    write_workflow(user, "invert", INVERT_GRAPH, INVERT_BINDING)
+    bad = json.loads(json.dumps(INVERT_BINDING))
+    bad["params"]["width"]["type"] = "colour"
+    write_workflow(user, "broken", INVERT_GRAPH, bad)
+    async with comfy_service(tmp_path, workflows_dir=user, workflows_poll_s=0.1) as (service, _):
+        found = await listed(service)
+        assert found["invert"].available
+        broken = found["broken"]
+        assert not broken.available
+        text = (user / "broken.binding.json").read_text(encoding="utf-8").splitlines()
+        line = next(n for n, t in enumerate(text, 1) if '"colour"' in t)
+        assert f"broken.binding.json:{line}: params.width.type" in broken.unavailable_reason
+        channel, _ = stub(service)
+        async with channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await run_workflow(channel, "broken", {}, {"photo": PNG})
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert rich_status(caught.value)[1]["ErrorInfo"].reason == "WORKFLOW_BROKEN"
+            # A working one broken by an edit is reported; fixed, it is back.
+            (user / "invert.binding.json").write_text('{\n  "graph": 3,\n}', encoding="utf-8")
+            async with asyncio.timeout(10):
+                while (await listed(service))["invert"].available:
+                    await asyncio.sleep(0.05)
+            reason = (await listed(service))["invert"].unavailable_reason
+            assert "invert.binding.json:3" in reason
+            write_workflow(user, "invert", INVERT_GRAPH, INVERT_BINDING)
+            async with asyncio.timeout(10):
+                while not (await listed(service))["invert"].available:
+                    await asyncio.sleep(0.05)
+            got = await run_workflow(channel, "invert", {}, {"photo": PNG})
+            assert got.final.state == SUCCEEDED
+
+
+async def test_a_workflow_needing_a_node_no_agent_has(tmp_path: Path) -> None:
+    user = tmp_path / "workflows"
+    user.mkdir()
+    graph = json.loads(json.dumps(INVERT_GRAPH))
+    graph["2"] = {
+        "class_type": "ImageSharpen",
+        "inputs": {"image": ["1", 0], "sharpen_radius": 1, "sigma": 1.0, "alpha": 1.0},
+    }
+    write_workflow(user, "sharpen", graph, INVERT_BINDING)
+    async with comfy_service(tmp_path, workflows_dir=user) as (service, comfy):
+        found = (await listed(service))["sharpen"]
+        assert not found.available and not found.agents
+        assert found.unavailable_reason == "gpu-0: missing node types: ImageSharpen"
+        channel, _ = stub(service)
+        async with channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await run_workflow(channel, "sharpen", {}, {"photo": PNG})
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert rich_status(caught.value)[1]["ErrorInfo"].reason == "COMFYUI_NODE_MISSING"
+        assert not comfy[0].received.prompts
+
+
+async def test_a_job_keeps_its_version_when_the_workflow_changes(tmp_path: Path) -> None:
+    user = tmp_path / "workflows"
+    user.mkdir()
+    write_workflow(user, "invert", INVERT_GRAPH, INVERT_BINDING)
+    async with comfy_service(tmp_path, workflows_dir=user, workflows_poll_s=0.1) as (
+        service,
+        comfy,
+    ):
+        before = (await listed(service))["invert"].version
+        comfy[0].hang_at("2")
+        channel, _ = stub(service)
+        async with channel:
+            running = asyncio.create_task(
+                run_workflow(channel, "invert", {"width": 16, "height": 12}, {"photo": PNG})
+            )
+            await comfy[0].wait_for(lambda: bool(comfy[0].received.prompts))
+            # Changed while the job runs: the graph now scales with another method, and the
+            # width parameter is gone.
+            graph = json.loads(json.dumps(INVERT_GRAPH))
+            graph["3"]["inputs"]["upscale_method"] = "lanczos"
+            binding = json.loads(json.dumps(INVERT_BINDING))
+            del binding["params"]["width"]
+            write_workflow(user, "invert", graph, binding)
+            async with asyncio.timeout(10):
+                while (await listed(service))["invert"].version == before:
+                    await asyncio.sleep(0.05)
+            comfy[0].release("2")
+            got = await running
+        assert got.final.state == SUCCEEDED, got.final.error
+        assert got.final.workflow.version == before
+        first = comfy[0].received.prompts[0]["prompt"]
+        assert first["3"]["inputs"]["upscale_method"] == "bilinear"
+        with Image.open(io.BytesIO(got.output_bytes())) as im:
+            assert im.size == (16, 12)
+        async with channel_for(service) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await run_workflow(channel, "invert", {"width": 16}, {"photo": PNG})
+            assert violated_fields(rich_status(caught.value)[1]) == ["parameters.width"]
+
+
+def channel_for(service: Service) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+
+
+def test_builtin_folder_is_valid_against_the_schema() -> None:
+    # Every shipped binding loads (the catalog checks each against binding.schema.json).
+    folder = default_workflows_dir()
+    assert (folder / "binding.schema.json").is_file()
+    assert shutil.which(str(GRPCURL)), "grpcurl ships with the dev dependencies"
+
+
+async def _run(*argv: Any, stdin: str = "") -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *map(str, argv),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+def _documents(text: str) -> list[str]:
+    """grpcurl prints one pretty JSON document per message."""
+    decoder = json.JSONDecoder()
+    docs, index = [], 0
+    while index < len(text):
+        while index < len(text) and text[index].isspace():
+            index += 1
+        if index >= len(text):
+            break
+        _, end = decoder.raw_decode(text, index)
+        docs.append(text[index:end])
+        index = end
+    return docs
