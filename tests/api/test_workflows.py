@@ -382,3 +382,73 @@ def _documents(text: str) -> list[str]:
         docs.append(text[index:end])
         index = end
     return docs
+
+
+async def test_rest_lists_runs_and_documents_a_new_workflow_with_curl(tmp_path: Path) -> None:
+    user = tmp_path / "workflows"
+    user.mkdir()
+    async with comfy_service(tmp_path, workflows_dir=user, workflows_poll_s=0.1) as (service, _):
+        base = f"http://127.0.0.1:{service.http_port}"
+        write_workflow(user, "invert", INVERT_GRAPH, INVERT_BINDING)
+        await until_listed(service, "invert")
+        listing = json.loads(await _run("curl", "-sS", "--fail-with-body", f"{base}/v1/workflows"))
+        names = [w["name"] for w in listing["workflows"]]
+        assert "workflows/invert" in names and "workflows/text_to_image" in names
+        image = tmp_path / "in.png"
+        image.write_bytes(PNG)
+        body = json.loads(
+            await _run(
+                "curl",
+                "-sS",
+                "--fail-with-body",
+                "-F",
+                f"photo=@{image}",
+                "-F",
+                "Width=24",
+                "-F",
+                "height=12",
+                "-F",
+                "method=lanczos",
+                "-F",
+                "Sync=true",
+                "-F",
+                "RefId=rest-1",
+                f"{base}/api/workflows/invert",
+            )
+        )
+        assert body["jobState"] == "Completed" and body["refId"] == "rest-1"
+        out = tmp_path / "out.png"
+        await _run("curl", "-sS", "--fail-with-body", "-o", str(out), body["outputs"][0]["url"])
+        with Image.open(out) as im:
+            assert im.size == (24, 12)
+        # Wrong values come back as AI Server errors, one per field.
+        raw = await _run(
+            "curl",
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            "-F",
+            f"photo=@{image}",
+            "-F",
+            "width=wide",
+            "-F",
+            "method=nearest",
+            f"{base}/api/workflows/invert",
+        )
+        text, code = raw.rsplit("\n", 1)
+        assert code == "400"
+        fields = sorted(e["fieldName"] for e in json.loads(text)["responseStatus"]["errors"])
+        assert fields == ["parameters.method", "parameters.width"]
+        # The OpenAPI document has one typed operation per workflow, new ones included.
+        doc = json.loads(await _run("curl", "-sS", "--fail-with-body", f"{base}/openapi.json"))
+        op = doc["paths"]["/api/workflows/invert"]["post"]
+        assert op["operationId"] == "Workflow_Invert"
+        form = op["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert form["properties"]["width"]["type"] == "integer"
+        assert form["properties"]["method"]["enum"] == ["bilinear", "lanczos"]
+        assert form["properties"]["photo"]["format"] == "binary"
+        assert form["required"] == ["photo"]
+        t2i = doc["paths"]["/api/workflows/text_to_image"]["post"]
+        assert (
+            "prompt" in t2i["requestBody"]["content"]["multipart/form-data"]["schema"]["required"]
+        )
