@@ -72,6 +72,9 @@ class _Sampling:
     cfg_scale: float | None = None
     sampler: str = ""
     scheduler: str = ""
+    output_format: str = ""
+    """Stored outputs' format (``webp``...); empty: as ComfyUI saves them (PNG)."""
+    output_quality: int | None = None
 
     def _violations(self, max_prompt_chars: int, max_batch: int) -> list[FieldViolation]:
         bad: list[FieldViolation] = []
@@ -126,6 +129,8 @@ class ImageUpscaleSpec:
 
     model: str = ""
     seed: int | None = None
+    output_format: str = ""
+    output_quality: int | None = None
 
     kind = TaskKind.IMAGE_UPSCALE
 
@@ -167,6 +172,8 @@ class WorkflowSpec:
     version: str = ""
     params: dict[str, Any] = field(default_factory=dict)
     documents: dict[str, Any] = field(default_factory=dict)
+    output_format: str = ""
+    output_quality: int | None = None
 
     kind = TaskKind.WORKFLOW
 

@@ -12,13 +12,20 @@ from typing import Any
 
 import grpc
 import pytest
-from imagetasks.v1 import common_pb2, job_pb2, workflow_service_pb2_grpc
+from imagetasks.v1 import artifact_service_pb2 as apb
+from imagetasks.v1 import (
+    artifact_service_pb2_grpc,
+    common_pb2,
+    job_pb2,
+    tasks_pb2,
+    workflow_service_pb2_grpc,
+)
 from imagetasks.v1 import workflow_service_pb2 as wpb
 from PIL import Image
 
 from aiserver.providers.comfy.workflows import default_workflows_dir
 from aiserver.server import Service
-from tests.support.generation import comfy_service, run_workflow
+from tests.support.generation import comfy_service, generate, run_workflow
 from tests.support.grpc_helpers import rich_status, violated_fields
 from tests.support.images import encode, quadrant_image
 
@@ -452,3 +459,87 @@ async def test_rest_lists_runs_and_documents_a_new_workflow_with_curl(tmp_path: 
         assert (
             "prompt" in t2i["requestBody"]["content"]["multipart/form-data"]["schema"]["required"]
         )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mime", "pil"),
+    [
+        (common_pb2.IMAGE_FORMAT_UNSPECIFIED, "image/png", "PNG"),
+        (common_pb2.IMAGE_FORMAT_PNG, "image/png", "PNG"),
+        (common_pb2.IMAGE_FORMAT_WEBP, "image/webp", "WEBP"),
+        (common_pb2.IMAGE_FORMAT_JPEG, "image/jpeg", "JPEG"),
+        (common_pb2.IMAGE_FORMAT_AVIF, "image/avif", "AVIF"),
+    ],
+)
+async def test_output_format_is_applied_once_when_stored(
+    tmp_path: Path, fmt: int, mime: str, pil: str
+) -> None:
+    options = common_pb2.JobOptions(output_format=fmt, quality=70)
+    async with comfy_service(tmp_path) as (service, _), channel_for(service) as channel:
+        got = await run_workflow(
+            channel,
+            "outpaint",
+            {"prompt": "sea", "right": 16, "steps": 1},
+            {"image": PNG},
+            options=options,
+        )
+        assert got.final.state == SUCCEEDED, got.final.error
+        (output,) = got.of("output")
+        assert output.artifact.mime_type == mime
+        assert output.artifact.file_name.endswith("." + output.artifact.name.rsplit(".", 1)[1])
+        with Image.open(io.BytesIO(got.output_bytes())) as im:
+            assert (im.format, im.size) == (pil, (80, 48))
+        # Variants are made from the stored output.
+        artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
+        chunks = [
+            r
+            async for r in artifacts.GetVariant(
+                apb.GetVariantRequest(
+                    name=output.artifact.name, width=40, format=common_pb2.IMAGE_FORMAT_PNG
+                )
+            )
+        ]
+        data = b"".join(r.chunk for r in chunks if r.WhichOneof("payload") == "chunk")
+        with Image.open(io.BytesIO(data)) as im:
+            assert (im.format, im.width) == ("PNG", 40)
+
+
+async def test_builtin_task_output_format_over_grpc_and_rest(tmp_path: Path) -> None:
+    async with comfy_service(tmp_path) as (service, _), channel_for(service) as channel:
+        params = tasks_pb2.ImageToImageParams(
+            positive_prompt="a boat",
+            steps=1,
+            options=common_pb2.JobOptions(output_format=common_pb2.IMAGE_FORMAT_WEBP),
+        )
+        got = await generate(channel, "ImageToImage", params, {"image": PNG})
+        assert got.final.image_to_image.options.output_format == common_pb2.IMAGE_FORMAT_WEBP
+        with Image.open(io.BytesIO(got.output_bytes())) as im:
+            assert (im.format, im.size) == ("WEBP", (64, 48))
+        image = tmp_path / "in.png"
+        image.write_bytes(PNG)
+        base = f"http://127.0.0.1:{service.http_port}"
+        body = json.loads(
+            await _run(
+                "curl",
+                "-sS",
+                "--fail-with-body",
+                "-F",
+                f"image=@{image}",
+                "-F",
+                "PositivePrompt=a boat",
+                "-F",
+                "Steps=1",
+                "-F",
+                "OutputFormat=jpg",
+                "-F",
+                "Quality=60",
+                "-F",
+                "Sync=true",
+                f"{base}/api/ImageToImage",
+            )
+        )
+        assert body["outputs"][0]["fileName"].endswith(".jpg")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            bad = common_pb2.JobOptions(output_format=common_pb2.IMAGE_FORMAT_WEBP, quality=0)
+            await run_workflow(channel, "text_to_image", {"prompt": "x"}, {}, options=bad)
+        assert violated_fields(rich_status(caught.value)[1]) == ["params.options.quality"]

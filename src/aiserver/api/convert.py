@@ -42,6 +42,7 @@ __all__ = [
     "format_from_proto",
     "format_to_proto",
     "job_to_proto",
+    "output_encoding",
     "spec_from_proto",
     "state_from_proto",
     "struct_from_dict",
@@ -128,7 +129,19 @@ def _sampling(p: Any) -> dict[str, Any]:
         "cfg_scale": _opt(p, "cfg_scale"),
         "sampler": p.sampler,
         "scheduler": p.scheduler,
+        **output_encoding(p.options),
     }
+
+
+def output_encoding(options: common_pb2.JobOptions) -> dict[str, Any]:
+    """``output_format`` / ``output_quality`` of a spec, from the job options (checked)."""
+    fmt = format_from_proto(options.output_format, "params.options.output_format")
+    quality = options.quality if options.HasField("quality") else None
+    if quality is not None and not 1 <= quality <= 100:
+        raise invalid_argument(
+            "params.options.quality", "INVALID_QUALITY", "quality must be between 1 and 100"
+        )
+    return {"output_format": fmt.name if fmt is not None else "", "output_quality": quality}
 
 
 def spec_from_proto(kind: TaskKind, p: Any) -> TaskSpec:
@@ -145,7 +158,7 @@ def spec_from_proto(kind: TaskKind, p: Any) -> TaskSpec:
             )
         return ImageWithMaskSpec(**_sampling(p), mask_channel=channel)
     if kind is TaskKind.IMAGE_UPSCALE:
-        return ImageUpscaleSpec(model=p.model, seed=_opt(p, "seed"))
+        return ImageUpscaleSpec(model=p.model, seed=_opt(p, "seed"), **output_encoding(p.options))
     return ImageToTextSpec(model=p.model, prompt=p.prompt)
 
 
@@ -163,16 +176,26 @@ def spec_to_job_params(spec: TaskSpec, job: job_pb2.Job) -> None:
         job.workflow.parameters.CopyFrom(struct_from_dict(spec.params))
         return
     values = spec_to_dict(spec)
+    fmt, quality = values.pop("output_format", ""), values.pop("output_quality", None)
+    target: Any
     if isinstance(spec, ImageWithMaskSpec):
         channel = values.pop("mask_channel")
-        _set_optional(job.image_with_mask, values)
-        job.image_with_mask.mask_channel = _MASK_VALUES[channel]
+        target = job.image_with_mask
+        _set_optional(target, values)
+        target.mask_channel = _MASK_VALUES[channel]
     elif isinstance(spec, ImageToImageSpec):
-        _set_optional(job.image_to_image, values)
+        target = job.image_to_image
+        _set_optional(target, values)
     elif isinstance(spec, ImageUpscaleSpec):
-        _set_optional(job.image_upscale, values)
+        target = job.image_upscale
+        _set_optional(target, values)
     else:
-        _set_optional(job.image_to_text, values)
+        target = job.image_to_text
+        _set_optional(target, values)
+    if fmt:
+        target.options.output_format = format_to_proto(fmt)
+    if quality is not None:
+        target.options.quality = quality
 
 
 def struct_from_dict(values: dict[str, Any]) -> struct_pb2.Struct:

@@ -9,7 +9,7 @@ from google.protobuf import struct_pb2
 from imagetasks.v1 import common_pb2, workflow_service_pb2_grpc
 from imagetasks.v1 import workflow_service_pb2 as wpb
 
-from aiserver.api.convert import struct_to_dict, task_to_proto
+from aiserver.api.convert import output_encoding, struct_to_dict, task_to_proto
 from aiserver.api.job_calls import JobCalls
 from aiserver.api.status import rpc
 from aiserver.api.uploads import read_upload
@@ -94,8 +94,13 @@ class WorkflowServicer(workflow_service_pb2_grpc.WorkflowServiceServicer):
             inputs_of=inputs_of,
         )
         workflow, values = accepted[0]
-        spec = WorkflowSpec(workflow.name, workflow.version, values, workflow.documents)
         options = upload.params.options
+        try:
+            encoding = output_encoding(options)
+        except BaseException:
+            upload.discard()
+            raise
+        spec = WorkflowSpec(workflow.name, workflow.version, values, workflow.documents, **encoding)
         async for event in self._calls.run(TaskKind.WORKFLOW, spec, options, upload, context):
             yield wpb.RunWorkflowResponse(event=event)
 
