@@ -543,3 +543,29 @@ async def test_builtin_task_output_format_over_grpc_and_rest(tmp_path: Path) -> 
             bad = common_pb2.JobOptions(output_format=common_pb2.IMAGE_FORMAT_WEBP, quality=0)
             await run_workflow(channel, "text_to_image", {"prompt": "x"}, {}, options=bad)
         assert violated_fields(rich_status(caught.value)[1]) == ["params.options.quality"]
+
+
+async def test_async_ref_id_and_watch_work_as_for_any_job(tmp_path: Path) -> None:
+    from imagetasks.v1 import job_service_pb2 as jpb
+    from imagetasks.v1 import job_service_pb2_grpc
+
+    options = common_pb2.JobOptions(
+        ref_id="wf-1", tag="nightly", mode=common_pb2.RESPONSE_MODE_ASYNC
+    )
+    async with comfy_service(tmp_path) as (service, _), channel_for(service) as channel:
+        got = await run_workflow(
+            channel, "text_to_image", {"prompt": "a fox", "steps": 1}, {}, options=options
+        )
+        assert got.kinds == ["accepted"]
+        job = got.events[0].job
+        again = await run_workflow(
+            channel, "text_to_image", {"prompt": "a fox", "steps": 1}, {}, options=options
+        )
+        assert again.events[0].job == job and again.of("accepted")[0].existing
+        jobs = job_service_pb2_grpc.JobServiceStub(channel)
+        events = [e async for e in jobs.WatchJob(jpb.WatchJobRequest(name=job))]
+        final = events[-1].event.finished.job
+        assert final.state == SUCCEEDED and final.tag == "nightly"
+        assert final.task == common_pb2.TASK_WORKFLOW
+        listed_jobs = await jobs.ListJobs(jpb.ListJobsRequest(task=common_pb2.TASK_WORKFLOW))
+        assert [j.name for j in listed_jobs.jobs] == [job]
