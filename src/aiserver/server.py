@@ -109,7 +109,10 @@ class Service:
         # Broken workflow files are listed as unavailable, never stopping the server.
         self.workflows = WorkflowCatalog.load(user_dir=settings.workflows_dir, strict=False)
         self.workflow_watcher = WorkflowWatcher(
-            self.workflows, user_dir=settings.workflows_dir, interval_s=settings.workflows_poll_s
+            self.workflows,
+            user_dir=settings.workflows_dir,
+            interval_s=settings.workflows_poll_s,
+            on_change=self._workflows_changed,
         )
         self.providers: list[Provider] = build_providers(settings, self.limits, self.workflows)
         self.manager: JobManager | None = None
@@ -283,6 +286,17 @@ class Service:
     async def _webhook(self, job: Job) -> None:
         if job.reply_to:
             self.webhooks.submit(job)
+
+    def _workflows_changed(self, catalog: WorkflowCatalog) -> None:
+        for pool in comfy_pools(self.providers):
+            pool.recheck()
+        agents = self._agent_capabilities()
+        for workflow in catalog.workflows():
+            lacking = {
+                n: c.reason for n, caps in agents.items() if not (c := workflow.check(caps)).ok
+            }
+            if lacking:
+                logger.warning("workflow %s cannot run on: %s", workflow.name, lacking)
 
     def _agent_capabilities(self) -> dict[str, AgentCapabilities]:
         found: dict[str, AgentCapabilities] = {}

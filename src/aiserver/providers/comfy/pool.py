@@ -264,6 +264,12 @@ class ComfyPool:
     def workflows(self) -> WorkflowCatalog:
         return self._workflows
 
+    def recheck(self) -> None:
+        """Check every probed agent against the workflows again (they were reloaded)."""
+        for agent in self._agents.values():
+            if agent.caps is not None:
+                agent.checks = self._workflows.check(agent.caps)
+
     async def probe(self, name: str) -> AgentSnapshot:
         """Probe one agent now and return its state."""
         agent = self._agents[name]

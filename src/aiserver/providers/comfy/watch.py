@@ -57,11 +57,21 @@ class WorkflowWatcher:
 
     def reload_if_changed(self) -> bool:
         """Reload when a file was added, removed or changed since the last look."""
+        fresh = self._load_if_changed()
+        if fresh is None:
+            return False
+        self._apply(fresh)
+        return True
+
+    def _load_if_changed(self) -> WorkflowCatalog | None:
+        # Runs off the event loop: reading and checking files is blocking work.
         seen = self._fingerprint()
         if seen == self._seen:
-            return False
+            return None
         self._seen = seen
-        fresh = WorkflowCatalog.load(self._builtin, self._user, strict=False)
+        return WorkflowCatalog.load(self._builtin, self._user, strict=False)
+
+    def _apply(self, fresh: WorkflowCatalog) -> None:
         self._catalog.replace(fresh)
         logger.info(
             "workflows reloaded: %s; broken: %s",
@@ -70,7 +80,6 @@ class WorkflowWatcher:
         )
         if self._on_change is not None:
             self._on_change(self._catalog)
-        return True
 
     def start(self) -> None:
         if self._interval > 0 and self._task is None:
@@ -87,6 +96,8 @@ class WorkflowWatcher:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                await asyncio.to_thread(self.reload_if_changed)
+                fresh = await asyncio.to_thread(self._load_if_changed)
+                if fresh is not None:
+                    self._apply(fresh)
             except Exception:
                 logger.exception("reloading workflows failed; keeping the loaded ones")
