@@ -25,7 +25,6 @@ from imagetasks.v1 import (
     workflow_service_pb2_grpc,
 )
 
-from aiserver.api import calls
 from aiserver.api.agents import AgentServicer
 from aiserver.api.artifacts import ArtifactServicer
 from aiserver.api.generation import GenerationServicer
@@ -42,10 +41,10 @@ from aiserver.jobs.model import Job
 from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import SqliteJobStore
 from aiserver.metrics import Metrics, MetricsServer
+from aiserver.provider_config import build_providers, comfy_pools
 from aiserver.providers.base import Provider
 from aiserver.providers.comfy.watch import WorkflowWatcher
 from aiserver.providers.comfy.workflows import AgentCapabilities, WorkflowCatalog
-from aiserver.providers.registry import build_providers, comfy_pools
 from aiserver.retention import Retention, RetentionPolicy
 from aiserver.security import Security
 from aiserver.spool import InputSpool
@@ -190,7 +189,6 @@ class Service:
                 chunk_bytes=s.chunk_bytes,
                 image=self.limits,
             ),
-            owner_of=calls.owner_of,
             link=link,
         )
         generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
@@ -201,7 +199,7 @@ class Service:
         )
         self.workflow_watcher.start()
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
-            JobServicer(manager, owner_of=calls.owner_of, is_admin=calls.is_admin, link=link),
+            JobServicer(manager, link=link),
             server,
         )
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
@@ -210,13 +208,12 @@ class Service:
                 variants=self.variants,
                 policy=self.variant_policy,
                 chunk_bytes=s.chunk_bytes,
-                scope_of=calls.scope_of,
                 signer=self.security.signer,
             ),
             server,
         )
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.providers, is_admin=calls.is_admin), server
+            AgentServicer(self.providers), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (*self._services(), health.SERVICE_NAME, reflection.SERVICE_NAME)

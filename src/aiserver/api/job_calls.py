@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from imagetasks.v1 import common_pb2, job_pb2
 
+from aiserver.api import calls
 from aiserver.api.convert import Link, event_to_proto
 from aiserver.api.uploads import Upload
 from aiserver.artifacts.store import ArtifactStore
@@ -55,7 +55,6 @@ class JobCalls:
         spool: InputSpool,
         pool: BlockingPool,
         limits: SubmitLimits,
-        owner_of: Callable[[grpc.aio.ServicerContext], str] = lambda _ctx: "",
         link: Link = lambda url: url,
     ) -> None:
         self.manager = manager
@@ -63,7 +62,6 @@ class JobCalls:
         self.spool = spool
         self.pool = pool
         self.limits = limits
-        self.owner_of = owner_of
         self.link = link
 
     async def inputs(self, upload: Upload) -> list[InputRef]:
@@ -103,7 +101,7 @@ class JobCalls:
         committed = [self.spool.commit(f) for f in upload.files.values()]
         try:
             job, existing = await self.manager.submit(
-                owner=self.owner_of(context),
+                owner=calls.owner(),
                 task=task,
                 spec=spec,
                 inputs=inputs,
