@@ -81,7 +81,11 @@ class WorkflowServicer(workflow_service_pb2_grpc.WorkflowServiceServicer):
             # The workflow is pinned when the params arrive: a reload during the upload does
             # not change what this call runs.
             workflow = self._find(params.workflow)
-            values = check_values(workflow.params, struct_to_dict(params.parameters))
+            values = check_values(
+                workflow.params,
+                struct_to_dict(params.parameters),
+                max_text=self._calls.limits.max_prompt_chars,
+            )
             self._refuse_if_no_agent_can(workflow, values)
             accepted.append((workflow, values))
             return workflow.input_names, workflow.required_inputs

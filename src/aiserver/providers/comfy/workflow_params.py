@@ -57,10 +57,12 @@ def check_values(
     *,
     prefix: str = "parameters",
     from_text: bool = False,
+    max_text: int = MAX_TEXT,
 ) -> dict[str, Any]:
     """The values to run with (only those given); raise INVALID_ARGUMENT listing every problem.
 
     ``from_text``: values are form fields (strings), converted to each parameter's type.
+    ``max_text``: the longest string of a parameter whose binding names no ``max_length``.
     """
     by_name = {s.name: s for s in specs}
     bad: list[FieldViolation] = []
@@ -74,7 +76,7 @@ def check_values(
             if spec.required:
                 bad.append(FieldViolation(f"{prefix}.{spec.name}", "required"))
             continue
-        value, problem = _convert(spec, given[spec.name], from_text)
+        value, problem = _convert(spec, given[spec.name], from_text, max_text)
         if problem:
             bad.append(FieldViolation(f"{prefix}.{spec.name}", problem))
         else:
@@ -91,7 +93,7 @@ def check_values(
     return out
 
 
-def _convert(spec: ParamSpec, raw: Any, from_text: bool) -> tuple[Any, str]:
+def _convert(spec: ParamSpec, raw: Any, from_text: bool, max_text: int) -> tuple[Any, str]:
     value = _from_text(spec.type, raw) if from_text and isinstance(raw, str) else raw
     if spec.type == "boolean":
         if not isinstance(value, bool):
@@ -114,7 +116,7 @@ def _convert(spec: ParamSpec, raw: Any, from_text: bool) -> tuple[Any, str]:
     else:
         if not isinstance(value, str):
             return None, "must be a string"
-        limit = spec.max_length or MAX_TEXT
+        limit = spec.max_length or max_text
         if len(value) > limit:
             return None, f"longer than {limit} characters"
         if "\x00" in value:
