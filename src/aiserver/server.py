@@ -192,7 +192,7 @@ class Service:
             link=link,
         )
         generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(job_calls), server
+            GenerationServicer(job_calls, self.workflows), server
         )
         workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(
             WorkflowServicer(job_calls, self.workflows, self._agent_capabilities), server

@@ -75,6 +75,8 @@ class _Sampling:
     output_format: str = ""
     """Stored outputs' format (``webp``...); empty: as ComfyUI saves them (PNG)."""
     output_quality: int | None = None
+    workflow_documents: dict[str, Any] = field(default_factory=dict, repr=False)
+    """The task's bound workflow (graph and binding) as accepted: a job keeps that version."""
 
     def _violations(self, max_prompt_chars: int, max_batch: int) -> list[FieldViolation]:
         bad: list[FieldViolation] = []
@@ -131,6 +133,7 @@ class ImageUpscaleSpec:
     seed: int | None = None
     output_format: str = ""
     output_quality: int | None = None
+    workflow_documents: dict[str, Any] = field(default_factory=dict, repr=False)
 
     kind = TaskKind.IMAGE_UPSCALE
 
@@ -147,6 +150,7 @@ class ImageToTextSpec:
 
     model: str = ""
     prompt: str = ""
+    workflow_documents: dict[str, Any] = field(default_factory=dict, repr=False)
 
     kind = TaskKind.IMAGE_TO_TEXT
 

@@ -313,40 +313,74 @@ async def test_a_workflow_needing_a_node_no_agent_has(tmp_path: Path) -> None:
         assert not comfy[0].received.prompts
 
 
-async def test_a_job_keeps_its_version_when_the_workflow_changes(tmp_path: Path) -> None:
+async def test_jobs_keep_the_version_they_were_accepted_with(tmp_path: Path) -> None:
+    # The agent runs one job at a time: the first hangs, so the next ones are accepted and
+    # wait in the queue (their graphs not built yet) while the files change under them.
     user = tmp_path / "workflows"
     user.mkdir()
     write_workflow(user, "invert", INVERT_GRAPH, INVERT_BINDING)
+    builtin = default_workflows_dir()
+    shutil.copy(builtin / "image_to_image.json", user / "image_to_image.json")
+    shutil.copy(builtin / "image_to_image.binding.json", user / "image_to_image.binding.json")
     async with comfy_service(tmp_path, workflows_dir=user, workflows_poll_s=0.1) as (
         service,
         comfy,
     ):
         before = (await listed(service))["invert"].version
         comfy[0].hang_at("2")
-        channel, _ = stub(service)
-        async with channel:
-            running = asyncio.create_task(
+        async with channel_for(service) as channel:
+            blocker = asyncio.create_task(
+                run_workflow(channel, "invert", {"width": 8, "height": 8}, {"photo": PNG})
+            )
+            await comfy[0].wait_for(lambda: len(comfy[0].received.prompts) == 1)
+            queued = asyncio.create_task(
                 run_workflow(channel, "invert", {"width": 16, "height": 12}, {"photo": PNG})
             )
-            await comfy[0].wait_for(lambda: bool(comfy[0].received.prompts))
-            # Changed while the job runs: the graph now scales with another method, and the
-            # width parameter is gone.
+            typed = asyncio.create_task(
+                generate(
+                    channel,
+                    "ImageToImage",
+                    tasks_pb2.ImageToImageParams(positive_prompt="a boat", steps=1),
+                    {"image": PNG},
+                )
+            )
+            manager = service.manager
+            assert manager is not None
+            async with asyncio.timeout(10):  # both accepted, queued behind the hanging one
+                while (
+                    sum(n for (_, state), n in manager.stats().items() if state.value == "QUEUED")
+                    < 2
+                ):
+                    await asyncio.sleep(0.02)
+            # Changed now: the graph scales with another method and the width parameter is
+            # gone; the built-in task's binding samples with another sampler by default.
             graph = json.loads(json.dumps(INVERT_GRAPH))
             graph["3"]["inputs"]["upscale_method"] = "lanczos"
             binding = json.loads(json.dumps(INVERT_BINDING))
             del binding["params"]["width"]
             write_workflow(user, "invert", graph, binding)
+            i2i = user / "image_to_image.binding.json"
+            i2i.write_text(
+                i2i.read_text(encoding="utf-8").replace('"euler_ancestral"', '"heun"'),
+                encoding="utf-8",
+            )
             async with asyncio.timeout(10):
                 while (await listed(service))["invert"].version == before:
                     await asyncio.sleep(0.05)
             comfy[0].release("2")
-            got = await running
+            got, typed_got = await queued, await typed
+            await blocker
         assert got.final.state == SUCCEEDED, got.final.error
         assert got.final.workflow.version == before
-        first = comfy[0].received.prompts[0]["prompt"]
-        assert first["3"]["inputs"]["upscale_method"] == "bilinear"
+        assert typed_got.final.state == SUCCEEDED, typed_got.final.error
+        prompts = [p["prompt"] for p in comfy[0].received.prompts]
+        invert = [p for p in prompts if p.get("2", {}).get("class_type") == "ImageInvert"]
+        assert [p["3"]["inputs"]["upscale_method"] for p in invert] == ["bilinear", "bilinear"]
+        (sampled,) = [p for p in prompts if p.get("7", {}).get("class_type") == "KSampler"]
+        assert sampled["7"]["inputs"]["sampler_name"] == "euler_ancestral"
         with Image.open(io.BytesIO(got.output_bytes())) as im:
             assert im.size == (16, 12)
+        # New jobs get the new version.
         async with channel_for(service) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await run_workflow(channel, "invert", {"width": 16}, {"photo": PNG})

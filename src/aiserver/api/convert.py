@@ -176,6 +176,7 @@ def spec_to_job_params(spec: TaskSpec, job: job_pb2.Job) -> None:
         job.workflow.parameters.CopyFrom(struct_from_dict(spec.params))
         return
     values = spec_to_dict(spec)
+    values.pop("workflow_documents", None)
     fmt, quality = values.pop("output_format", ""), values.pop("output_quality", None)
     target: Any
     if isinstance(spec, ImageWithMaskSpec):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,15 +13,17 @@ from aiserver.api.convert import spec_from_proto
 from aiserver.api.job_calls import JobCalls, SubmitLimits
 from aiserver.api.status import rpc
 from aiserver.api.uploads import read_upload
+from aiserver.providers.comfy.workflows import WorkflowCatalog
 from aiserver.spool import UploadBudget
-from aiserver.tasks import TaskKind
+from aiserver.tasks import TaskKind, WorkflowSpec
 
 __all__ = ["GenerationServicer", "SubmitLimits"]
 
 
 class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, calls: JobCalls) -> None:
+    def __init__(self, calls: JobCalls, catalog: WorkflowCatalog | None = None) -> None:
         self._calls = calls
+        self._catalog = catalog
 
     @rpc
     async def ImageToImage(
@@ -63,6 +66,11 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         try:
             spec = spec_from_proto(task, upload.params)
             spec.validate(max_prompt_chars=lim.max_prompt_chars, max_batch=lim.max_batch_size)
+            # A thin typed wrapper over the task's bound workflow: the job is pinned to the
+            # version accepted now, as RunWorkflow's jobs are.
+            workflow = self._catalog.find(task) if self._catalog is not None else None
+            if workflow is not None and not isinstance(spec, WorkflowSpec):
+                spec = dataclasses.replace(spec, workflow_documents=workflow.documents)
         except BaseException:
             upload.discard()
             raise

@@ -57,6 +57,7 @@ __all__ = [
     "WorkflowFormatError",
     "combo_options",
     "default_workflows_dir",
+    "pinned_documents",
     "workflow_from_documents",
 ]
 
@@ -324,6 +325,7 @@ class Workflow:
             dict(documents) if documents is not None else {"binding": {}, "graph": self._graph}
         )
         self.version = _version(self.documents)
+        self.documents["version"] = self.version
         self.nodes = frozenset(str(n["class_type"]) for n in self._graph.values())
         self.nodes_to_run = _ancestors(self._graph, [o.node for o in self.outputs])
 
@@ -642,18 +644,19 @@ class WorkflowCatalog:
         return self._by_task.get(task)
 
     def resolve(self, task: TaskKind, spec: TaskSpec | None) -> Workflow | None:
-        """The workflow that runs ``spec``: a named run's own accepted version (rebuilt from
-        the documents it carries, whatever the folder says now), else the task's."""
-        if not isinstance(spec, WorkflowSpec):
-            return self.find(task)
-        if not spec.documents:
-            return None
-        found = self._pinned.get(spec.version)
+        """The workflow that runs ``spec``: the version it was accepted with (rebuilt from the
+        documents the job carries, whatever the folder says now), else the task's current one
+        (a job accepted before versions were pinned)."""
+        documents = pinned_documents(spec)
+        if not documents:
+            return None if isinstance(spec, WorkflowSpec) else self.find(task)
+        key = str(documents.get("version") or _version(documents))
+        found = self._pinned.get(key)
         if found is None:
-            found = workflow_from_documents(spec.documents)
+            found = workflow_from_documents(documents)
             if len(self._pinned) >= 64:
                 self._pinned.pop(next(iter(self._pinned)))
-            self._pinned[spec.version] = found
+            self._pinned[key] = found
         return found
 
     def check(self, caps: AgentCapabilities) -> dict[TaskKind, WorkflowCheck]:
@@ -676,6 +679,14 @@ def _taken(path: Path, name: str, loaded: Sequence[Workflow]) -> bool:
     name = str(data.get("name") or name)
     task = data.get("task")
     return any(w.name == name or (task and w.task.value == task) for w in loaded)
+
+
+def pinned_documents(spec: TaskSpec | None) -> dict[str, Any]:
+    """The graph and binding a job was accepted with (empty when it carries none)."""
+    if isinstance(spec, WorkflowSpec):
+        return spec.documents
+    documents: dict[str, Any] = getattr(spec, "workflow_documents", None) or {}
+    return documents
 
 
 def workflow_from_documents(documents: Mapping[str, Any]) -> Workflow:
