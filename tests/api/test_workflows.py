@@ -603,3 +603,69 @@ async def test_async_ref_id_and_watch_work_as_for_any_job(tmp_path: Path) -> Non
         assert final.task == common_pb2.TASK_WORKFLOW
         listed_jobs = await jobs.ListJobs(jpb.ListJobsRequest(task=common_pb2.TASK_WORKFLOW))
         assert [j.name for j in listed_jobs.jobs] == [job]
+
+
+async def test_cli_and_python_client_list_and_run_a_new_workflow(tmp_path: Path) -> None:
+    from aiserver.client import AsyncClient
+
+    user = tmp_path / "workflows"
+    user.mkdir()
+    work = tmp_path / "cwd"
+    work.mkdir()
+    (work / "in.png").write_bytes(PNG)
+    async with comfy_service(tmp_path, workflows_dir=user, workflows_poll_s=0.1) as (service, _):
+        server = f"127.0.0.1:{service.grpc_port}"
+        write_workflow(user, "invert", INVERT_GRAPH, INVERT_BINDING)
+        await until_listed(service, "invert")
+        code, out, err = await _cli("workflows", server, work)
+        assert code == 0, err
+        assert "invert - Invert (ready)" in out.splitlines()
+        code, out, err = await _cli("workflows invert", server, work)
+        assert code == 0 and "--param width=...  (integer; 0..4096; default 0)" in out, out
+        code, out, err = await _cli(
+            "run invert photo=@in.png --param width=20 --param height=10 -o out.png", server, work
+        )
+        assert code == 0, err
+        assert out.strip() == str(Path("out.png"))
+        with Image.open(work / "out.png") as im:
+            assert im.size == (20, 10)
+        code, out, err = await _cli(
+            "run invert photo=@in.png --param width=wide --param colour=red", server, work
+        )
+        assert code == 3, err
+        assert "parameters.width" in err and "parameters.colour" in err
+        code, _, err = await _cli("run invert photo=@missing.png", server, work)
+        assert code == 2 and "missing.png" in err
+
+        async with AsyncClient(server) as client:
+            names = [w.name for w in await client.workflows()]
+            assert "workflows/invert" in names and "workflows/outpaint" in names
+            result = await client.run_workflow(
+                "invert", {"width": 12, "height": 8}, {"photo": PNG}, output_format="webp"
+            ).run()
+            assert result.job.state == SUCCEEDED
+            with Image.open(io.BytesIO(result.outputs[0].data or b"")) as im:
+                assert (im.format, im.size) == ("WEBP", (12, 8))
+
+
+async def _cli(line: str, server: str, cwd: Path) -> tuple[int, str, str]:
+    import os
+    import shlex
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AISERVER_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aiserver",
+        *shlex.split(line),
+        "--server",
+        server,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -22,6 +22,8 @@ from imagetasks.v1 import (
     tasks_pb2,
     transform_service_pb2,
     transform_service_pb2_grpc,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
 )
 
 from aiserver.client.errors import ClientError
@@ -187,8 +189,10 @@ class JobStream:
         inputs: Sequence[tuple[str, Input]],
         *,
         timeout: float | None,
+        service: str = "generation",
     ) -> None:
         self._client = client
+        self._service = service
         self._method = method
         self._request_type = request_type
         self._params = params
@@ -209,7 +213,11 @@ class JobStream:
         try:
             for field, value in self._inputs:
                 sources.append(InputSource(field, value))
-            stub = self._client._generation()
+            stub = (
+                self._client._workflow_service()
+                if self._service == "workflows"
+                else self._client._generation()
+            )
             call = getattr(stub, self._method)(
                 metadata=self._client._metadata, timeout=self._client._deadline(self._timeout)
             )
@@ -347,6 +355,9 @@ class AsyncClient:
     def _transform(self) -> Any:
         return self._stub("transform", transform_service_pb2_grpc.TransformServiceStub)
 
+    def _workflow_service(self) -> Any:
+        return self._stub("workflows", workflow_service_pb2_grpc.WorkflowServiceStub)
+
     def _jobs(self) -> Any:
         return self._stub("jobs", job_service_pb2_grpc.JobServiceStub)
 
@@ -358,6 +369,67 @@ class AsyncClient:
             return await method(request, metadata=self._metadata, timeout=self._deadline(timeout))
         except grpc.RpcError as err:
             raise ClientError.from_rpc_error(err) from None
+
+    # ---- workflows (WorkflowService) ----------------------------------------------------------
+
+    async def workflows(
+        self, *, timeout: float | None = None
+    ) -> list[workflow_service_pb2.Workflow]:
+        """Every workflow the server has: parameters, inputs, outputs, who can run it now."""
+        response: workflow_service_pb2.ListWorkflowsResponse = await self._unary(
+            self._workflow_service().ListWorkflows,
+            workflow_service_pb2.ListWorkflowsRequest(),
+            timeout,
+        )
+        return list(response.workflows)
+
+    async def get_workflow(
+        self, name: str, *, timeout: float | None = None
+    ) -> workflow_service_pb2.Workflow:
+        """One workflow by name (``text_to_image`` or ``workflows/text_to_image``)."""
+        request = workflow_service_pb2.GetWorkflowRequest(
+            name=name if name.startswith("workflows/") else f"workflows/{name}"
+        )
+        response: workflow_service_pb2.GetWorkflowResponse = await self._unary(
+            self._workflow_service().GetWorkflow, request, timeout
+        )
+        return response.workflow
+
+    def run_workflow(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        files: Mapping[str, Input] | None = None,
+        *,
+        output_format: str | int | None = None,
+        quality: int | None = None,
+        ref_id: str = "",
+        tag: str = "",
+        reply_to: str = "",
+        wait: bool = True,
+        references_only: bool = False,
+        timeout: float | None = None,
+    ) -> JobStream:
+        """Run workflow ``name`` with ``params`` (JSON values, checked by the server against
+        the workflow's parameters) and ``files`` (input name -> path, bytes or file)."""
+        options = _options(ref_id, tag, reply_to, wait, references_only)
+        if output_format is not None:
+            options.output_format = image_format(output_format)
+        if quality is not None:
+            options.quality = quality
+        request = workflow_service_pb2.RunWorkflowParams(
+            workflow=name.removeprefix("workflows/"), options=options
+        )
+        request.parameters.update(dict(params or {}))
+        return JobStream(
+            self,
+            "RunWorkflow",
+            workflow_service_pb2.RunWorkflowRequest,
+            request,
+            list((files or {}).items()),
+            timeout=timeout,
+            service="workflows",
+        )
 
     # ---- generative tasks (GenerationService) ----------------------------------------------
 

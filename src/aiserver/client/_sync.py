@@ -7,10 +7,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from imagetasks.v1 import common_pb2, job_pb2
+from imagetasks.v1 import common_pb2, job_pb2, workflow_service_pb2
 
 from aiserver.client._async import DEFAULT_TARGET, AsyncClient, JobStream
 from aiserver.client.inputs import Destination, Input
@@ -278,6 +278,50 @@ class Client:
                 tag=tag,
                 reply_to=reply_to,
                 wait=wait,
+                timeout=timeout,
+            ),
+        )
+
+    # ---- workflows --------------------------------------------------------------------------
+
+    def workflows(self, *, timeout: float | None = None) -> list[workflow_service_pb2.Workflow]:
+        """Every workflow the server has (see :meth:`AsyncClient.workflows`)."""
+        return self._loop.call(self.aio.workflows(timeout=timeout))
+
+    def get_workflow(
+        self, name: str, *, timeout: float | None = None
+    ) -> workflow_service_pb2.Workflow:
+        return self._loop.call(self.aio.get_workflow(name, timeout=timeout))
+
+    def run_workflow(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        files: Mapping[str, Input] | None = None,
+        *,
+        output_format: str | int | None = None,
+        quality: int | None = None,
+        ref_id: str = "",
+        tag: str = "",
+        reply_to: str = "",
+        wait: bool = True,
+        references_only: bool = False,
+        timeout: float | None = None,
+    ) -> SyncJobStream:
+        """Run workflow ``name`` (see :meth:`AsyncClient.run_workflow`)."""
+        return SyncJobStream(
+            self._loop,
+            self.aio.run_workflow(
+                name,
+                params,
+                files,
+                output_format=output_format,
+                quality=quality,
+                ref_id=ref_id,
+                tag=tag,
+                reply_to=reply_to,
+                wait=wait,
+                references_only=references_only,
                 timeout=timeout,
             ),
         )
