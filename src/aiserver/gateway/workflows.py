@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -183,7 +184,7 @@ def workflow_paths(workflows: Iterable[wpb.Workflow]) -> dict[str, Any]:
         }
         paths[f"/api/workflows/{name}"] = {
             "post": {
-                "operationId": "Workflow_" + "".join(w.title() for w in name.split("_")),
+                "operationId": "Workflow_" + "".join(w.title() for w in re.split(r"[_-]", name)),
                 "tags": ["Workflows"],
                 "summary": wf.title or name,
                 "description": f"{wf.description}\n\nVersion {wf.version}.".strip(),
