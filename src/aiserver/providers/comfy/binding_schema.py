@@ -1,4 +1,5 @@
-"""The JSON Schema of bindings (``workflows/binding.schema.json``), checked at load time."""
+"""The JSON Schema of bindings (``binding.schema.json``, beside the built-in workflows),
+checked at load time."""
 
 from __future__ import annotations
 
@@ -12,28 +13,20 @@ from jsonschema.exceptions import best_match
 
 from aiserver.providers.comfy.json_lines import JsonPath
 
-__all__ = ["binding_schema", "check_binding_schema", "schema_path"]
+__all__ = ["SCHEMA_FILE", "check_binding_schema"]
 
-
-def schema_path() -> Path:
-    """``workflows/binding.schema.json`` in the repository (next to the built-in bindings)."""
-    return Path(__file__).resolve().parents[4] / "workflows" / "binding.schema.json"
+SCHEMA_FILE = "binding.schema.json"
 
 
 @functools.cache
-def binding_schema() -> dict[str, Any]:
-    schema: dict[str, Any] = json.loads(schema_path().read_text(encoding="utf-8"))
-    return schema
+def _validator(schema_path: Path) -> Draft202012Validator:
+    return Draft202012Validator(json.loads(schema_path.read_text(encoding="utf-8")))
 
 
-@functools.cache
-def _validator() -> Draft202012Validator:
-    return Draft202012Validator(binding_schema())
-
-
-def check_binding_schema(data: Any) -> tuple[JsonPath, str] | None:
-    """The most relevant schema violation (its path and message), or None."""
-    error = best_match(_validator().iter_errors(data))
+def check_binding_schema(data: Any, schema_path: Path) -> tuple[JsonPath, str] | None:
+    """The most relevant violation of the schema at ``schema_path`` (its path and message),
+    or None."""
+    error = best_match(_validator(schema_path).iter_errors(data))
     if error is None:
         return None
     return tuple(error.absolute_path), error.message

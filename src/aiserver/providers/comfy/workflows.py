@@ -28,7 +28,7 @@ from typing import Any
 
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.providers.base import WorkItem
-from aiserver.providers.comfy.binding_schema import check_binding_schema
+from aiserver.providers.comfy.binding_schema import SCHEMA_FILE, check_binding_schema
 from aiserver.providers.comfy.json_lines import JsonPath, line_of, locate
 from aiserver.providers.comfy.workflow_params import ParamSpec, infer_type
 from aiserver.tasks import (
@@ -707,7 +707,7 @@ def _load_binding(path: Path, *, search: Sequence[Path]) -> Workflow:
     text, data = _read_json(path)
     where = str(path)
     ctx = _Context(where, {}, text, locate(text))
-    problem = check_binding_schema(data)
+    problem = check_binding_schema(data, default_workflows_dir() / SCHEMA_FILE)
     if problem is not None:
         json_path, message = problem
         raise ctx.error(json_path, message)
