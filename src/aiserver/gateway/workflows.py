@@ -91,13 +91,14 @@ class WorkflowRoutes:
             await write(call, request_cls(params=msg))
             return call
 
-        call = await send_multipart(
-            request,
-            open_call=open_call,
-            chunk_message=chunk_factory(task.upload, request_cls),
-            limits=backend.limits,
-            initial=list(request.query.items()),
-        )
+        with backend.uploads.slot(request):  # the per-client upload cap, as for the tasks
+            call = await send_multipart(
+                request,
+                open_call=open_call,
+                chunk_message=chunk_factory(task.upload, request_cls),
+                limits=backend.limits,
+                initial=list(request.query.items()),
+            )
         try:
             return await self._compat._generation(request, task, call, sync=options.sync)
         finally:
