@@ -406,7 +406,7 @@ async def _run(*argv: Any, stdin: str = "") -> str:
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 60)
-    assert proc.returncode == 0, err.decode()
+    assert proc.returncode == 0, err.decode() + out.decode()
     return out.decode()
 
 

@@ -22,53 +22,58 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from imagetasks.v1 import common_pb2 as imagetasks_dot_v1_dot_common__pb2
 from imagetasks.v1 import job_pb2 as imagetasks_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$imagetasks/v1/workflow_service.proto\x12\rimagetasks.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1aimagetasks/v1/common.proto\x1a\x17imagetasks/v1/job.proto\"\x16\n\x14ListWorkflowsRequest\"C\n\x15ListWorkflowsResponse\x12*\n\tworkflows\x18\x01 \x03(\x0b\x32\x17.imagetasks.v1.Workflow\"\"\n\x12GetWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x13GetWorkflowResponse\x12)\n\x08workflow\x18\x01 \x01(\x0b\x32\x17.imagetasks.v1.Workflow\"\xc3\x02\n\x08Workflow\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x34\n\nparameters\x18\x05 \x03(\x0b\x32 .imagetasks.v1.WorkflowParameter\x12,\n\x06inputs\x18\x06 \x03(\x0b\x32\x1c.imagetasks.v1.WorkflowInput\x12.\n\x07outputs\x18\x07 \x03(\x0b\x32\x1d.imagetasks.v1.WorkflowOutput\x12\x11\n\tavailable\x18\x08 \x01(\x08\x12\x0e\n\x06\x61gents\x18\t \x03(\t\x12\x1a\n\x12unavailable_reason\x18\n \x01(\t\x12!\n\x04task\x18\x0b \x01(\x0e\x32\x13.imagetasks.v1.Task\"\xc3\x02\n\x11WorkflowParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x04type\x18\x02 \x01(\x0e\x32\x1c.imagetasks.v1.ParameterType\x12\r\n\x05title\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x10\n\x08required\x18\x05 \x01(\x08\x12-\n\rdefault_value\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x14\n\x07minimum\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\'\n\x07\x63hoices\x18\t \x03(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06random\x18\n \x01(\x08\x12\x12\n\nmax_length\x18\x0b \x01(\x05\x42\n\n\x08_minimumB\n\n\x08_maximum\"l\n\rWorkflowInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.imagetasks.v1.InputKind\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08required\x18\x04 \x01(\x08\"\x8e\x01\n\x0eWorkflowOutput\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".imagetasks.v1.WorkflowOutput.Kind\x12\x0c\n\x04node\x18\x02 \x01(\t\"<\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_IMAGES\x10\x01\x12\r\n\tKIND_TEXT\x10\x02\"~\n\x11RunWorkflowParams\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07options\x18\x0f \x01(\x0b\x32\x19.imagetasks.v1.JobOptions\"~\n\x12RunWorkflowRequest\x12\x32\n\x06params\x18\x01 \x01(\x0b\x32 .imagetasks.v1.RunWorkflowParamsH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.imagetasks.v1.FileChunkH\x00\x42\t\n\x07payload\"=\n\x13RunWorkflowResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.imagetasks.v1.JobEvent*\x9d\x01\n\rParameterType\x12\x1e\n\x1aPARAMETER_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15PARAMETER_TYPE_STRING\x10\x01\x12\x1a\n\x16PARAMETER_TYPE_INTEGER\x10\x02\x12\x19\n\x15PARAMETER_TYPE_NUMBER\x10\x03\x12\x1a\n\x16PARAMETER_TYPE_BOOLEAN\x10\x04*R\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10INPUT_KIND_IMAGE\x10\x01\x12\x13\n\x0fINPUT_KIND_MASK\x10\x02\x32\xf2\x02\n\x0fWorkflowService\x12q\n\rListWorkflows\x12#.imagetasks.v1.ListWorkflowsRequest\x1a$.imagetasks.v1.ListWorkflowsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/workflows\x12t\n\x0bGetWorkflow\x12!.imagetasks.v1.GetWorkflowRequest\x1a\".imagetasks.v1.GetWorkflowResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/{name=workflows/*}\x12v\n\x0bRunWorkflow\x12!.imagetasks.v1.RunWorkflowRequest\x1a\".imagetasks.v1.RunWorkflowResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/workflows:run:\x01*(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$imagetasks/v1/workflow_service.proto\x12\rimagetasks.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1aimagetasks/v1/common.proto\x1a\x17imagetasks/v1/job.proto\"\x16\n\x14ListWorkflowsRequest\"C\n\x15ListWorkflowsResponse\x12*\n\tworkflows\x18\x01 \x03(\x0b\x32\x17.imagetasks.v1.Workflow\"L\n\x12GetWorkflowRequest\x12\x36\n\x04name\x18\x01 \x01(\tB(\xbaH%r#2!^workflows/[a-z][a-z0-9_-]{0,62}$\"@\n\x13GetWorkflowResponse\x12)\n\x08workflow\x18\x01 \x01(\x0b\x32\x17.imagetasks.v1.Workflow\"\xc3\x02\n\x08Workflow\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x34\n\nparameters\x18\x05 \x03(\x0b\x32 .imagetasks.v1.WorkflowParameter\x12,\n\x06inputs\x18\x06 \x03(\x0b\x32\x1c.imagetasks.v1.WorkflowInput\x12.\n\x07outputs\x18\x07 \x03(\x0b\x32\x1d.imagetasks.v1.WorkflowOutput\x12\x11\n\tavailable\x18\x08 \x01(\x08\x12\x0e\n\x06\x61gents\x18\t \x03(\t\x12\x1a\n\x12unavailable_reason\x18\n \x01(\t\x12!\n\x04task\x18\x0b \x01(\x0e\x32\x13.imagetasks.v1.Task\"\xc3\x02\n\x11WorkflowParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x04type\x18\x02 \x01(\x0e\x32\x1c.imagetasks.v1.ParameterType\x12\r\n\x05title\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x10\n\x08required\x18\x05 \x01(\x08\x12-\n\rdefault_value\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x14\n\x07minimum\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\'\n\x07\x63hoices\x18\t \x03(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06random\x18\n \x01(\x08\x12\x12\n\nmax_length\x18\x0b \x01(\x05\x42\n\n\x08_minimumB\n\n\x08_maximum\"l\n\rWorkflowInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.imagetasks.v1.InputKind\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08required\x18\x04 \x01(\x08\"\x8e\x01\n\x0eWorkflowOutput\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".imagetasks.v1.WorkflowOutput.Kind\x12\x0c\n\x04node\x18\x02 \x01(\t\"<\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_IMAGES\x10\x01\x12\r\n\tKIND_TEXT\x10\x02\"\x88\x01\n\x11RunWorkflowParams\x12\x1a\n\x08workflow\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12+\n\nparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07options\x18\x0f \x01(\x0b\x32\x19.imagetasks.v1.JobOptions\"~\n\x12RunWorkflowRequest\x12\x32\n\x06params\x18\x01 \x01(\x0b\x32 .imagetasks.v1.RunWorkflowParamsH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.imagetasks.v1.FileChunkH\x00\x42\t\n\x07payload\"=\n\x13RunWorkflowResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.imagetasks.v1.JobEvent*\x9d\x01\n\rParameterType\x12\x1e\n\x1aPARAMETER_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15PARAMETER_TYPE_STRING\x10\x01\x12\x1a\n\x16PARAMETER_TYPE_INTEGER\x10\x02\x12\x19\n\x15PARAMETER_TYPE_NUMBER\x10\x03\x12\x1a\n\x16PARAMETER_TYPE_BOOLEAN\x10\x04*R\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10INPUT_KIND_IMAGE\x10\x01\x12\x13\n\x0fINPUT_KIND_MASK\x10\x02\x32\xf2\x02\n\x0fWorkflowService\x12q\n\rListWorkflows\x12#.imagetasks.v1.ListWorkflowsRequest\x1a$.imagetasks.v1.ListWorkflowsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/workflows\x12t\n\x0bGetWorkflow\x12!.imagetasks.v1.GetWorkflowRequest\x1a\".imagetasks.v1.GetWorkflowResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/{name=workflows/*}\x12v\n\x0bRunWorkflow\x12!.imagetasks.v1.RunWorkflowRequest\x1a\".imagetasks.v1.RunWorkflowResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/workflows:run:\x01*(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagetasks.v1.workflow_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GETWORKFLOWREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETWORKFLOWREQUEST'].fields_by_name['name']._serialized_options = b'\272H%r#2!^workflows/[a-z][a-z0-9_-]{0,62}$'
+  _globals['_RUNWORKFLOWPARAMS'].fields_by_name['workflow']._loaded_options = None
+  _globals['_RUNWORKFLOWPARAMS'].fields_by_name['workflow']._serialized_options = b'\272H\005r\003\030\310\001'
   _globals['_WORKFLOWSERVICE'].methods_by_name['ListWorkflows']._loaded_options = None
   _globals['_WORKFLOWSERVICE'].methods_by_name['ListWorkflows']._serialized_options = b'\202\323\344\223\002\017\022\r/v1/workflows'
   _globals['_WORKFLOWSERVICE'].methods_by_name['GetWorkflow']._loaded_options = None
   _globals['_WORKFLOWSERVICE'].methods_by_name['GetWorkflow']._serialized_options = b'\202\323\344\223\002\030\022\026/v1/{name=workflows/*}'
   _globals['_WORKFLOWSERVICE'].methods_by_name['RunWorkflow']._loaded_options = None
   _globals['_WORKFLOWSERVICE'].methods_by_name['RunWorkflow']._serialized_options = b'\202\323\344\223\002\026\"\021/v1/workflows:run:\001*'
-  _globals['_PARAMETERTYPE']._serialized_start=1590
-  _globals['_PARAMETERTYPE']._serialized_end=1747
-  _globals['_INPUTKIND']._serialized_start=1749
-  _globals['_INPUTKIND']._serialized_end=1831
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=168
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=190
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=192
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=259
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=261
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=295
-  _globals['_GETWORKFLOWRESPONSE']._serialized_start=297
-  _globals['_GETWORKFLOWRESPONSE']._serialized_end=361
-  _globals['_WORKFLOW']._serialized_start=364
-  _globals['_WORKFLOW']._serialized_end=687
-  _globals['_WORKFLOWPARAMETER']._serialized_start=690
-  _globals['_WORKFLOWPARAMETER']._serialized_end=1013
-  _globals['_WORKFLOWINPUT']._serialized_start=1015
-  _globals['_WORKFLOWINPUT']._serialized_end=1123
-  _globals['_WORKFLOWOUTPUT']._serialized_start=1126
-  _globals['_WORKFLOWOUTPUT']._serialized_end=1268
-  _globals['_WORKFLOWOUTPUT_KIND']._serialized_start=1208
-  _globals['_WORKFLOWOUTPUT_KIND']._serialized_end=1268
-  _globals['_RUNWORKFLOWPARAMS']._serialized_start=1270
-  _globals['_RUNWORKFLOWPARAMS']._serialized_end=1396
-  _globals['_RUNWORKFLOWREQUEST']._serialized_start=1398
-  _globals['_RUNWORKFLOWREQUEST']._serialized_end=1524
-  _globals['_RUNWORKFLOWRESPONSE']._serialized_start=1526
-  _globals['_RUNWORKFLOWRESPONSE']._serialized_end=1587
-  _globals['_WORKFLOWSERVICE']._serialized_start=1834
-  _globals['_WORKFLOWSERVICE']._serialized_end=2204
+  _globals['_PARAMETERTYPE']._serialized_start=1672
+  _globals['_PARAMETERTYPE']._serialized_end=1829
+  _globals['_INPUTKIND']._serialized_start=1831
+  _globals['_INPUTKIND']._serialized_end=1913
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=197
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=219
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=221
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=288
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=290
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=366
+  _globals['_GETWORKFLOWRESPONSE']._serialized_start=368
+  _globals['_GETWORKFLOWRESPONSE']._serialized_end=432
+  _globals['_WORKFLOW']._serialized_start=435
+  _globals['_WORKFLOW']._serialized_end=758
+  _globals['_WORKFLOWPARAMETER']._serialized_start=761
+  _globals['_WORKFLOWPARAMETER']._serialized_end=1084
+  _globals['_WORKFLOWINPUT']._serialized_start=1086
+  _globals['_WORKFLOWINPUT']._serialized_end=1194
+  _globals['_WORKFLOWOUTPUT']._serialized_start=1197
+  _globals['_WORKFLOWOUTPUT']._serialized_end=1339
+  _globals['_WORKFLOWOUTPUT_KIND']._serialized_start=1279
+  _globals['_WORKFLOWOUTPUT_KIND']._serialized_end=1339
+  _globals['_RUNWORKFLOWPARAMS']._serialized_start=1342
+  _globals['_RUNWORKFLOWPARAMS']._serialized_end=1478
+  _globals['_RUNWORKFLOWREQUEST']._serialized_start=1480
+  _globals['_RUNWORKFLOWREQUEST']._serialized_end=1606
+  _globals['_RUNWORKFLOWRESPONSE']._serialized_start=1608
+  _globals['_RUNWORKFLOWRESPONSE']._serialized_end=1669
+  _globals['_WORKFLOWSERVICE']._serialized_start=1916
+  _globals['_WORKFLOWSERVICE']._serialized_end=2286
 # @@protoc_insertion_point(module_scope)

@@ -376,7 +376,9 @@ class RunWorkflowParams(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
-    """The workflow's name (`text_to_image`), or its resource name (`workflows/text_to_image`)."""
+    """The workflow's name (`text_to_image`), or its resource name (`workflows/text_to_image`).
+    An unknown name is NOT_FOUND (WORKFLOW_NOT_FOUND).
+    """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """Parameter values by name, checked against the workflow's parameters."""

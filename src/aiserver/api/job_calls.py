@@ -25,14 +25,14 @@ from aiserver.jobs.model import Accepted, InputRef, OutputStored
 from aiserver.logs import job_id_var
 from aiserver.spool import InputSpool
 from aiserver.tasks import TaskKind, TaskSpec
-from aiserver.webhooks import validate_reply_to
+from aiserver.webhooks import RefusedTarget, TargetGuard, validate_reply_to
 from aiserver.workers import BlockingPool
 
 __all__ = ["JobCalls", "SubmitLimits", "check_options"]
 
 logger = logging.getLogger(__name__)
 
-MAX_LABEL = 128
+_REPLY_TO = "params.options.reply_to"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,9 @@ class JobCalls:
         pool: BlockingPool,
         limits: SubmitLimits,
         link: Link = lambda url: url,
+        reply_to_guard: TargetGuard | None = None,
     ) -> None:
+        self.reply_to_guard = reply_to_guard
         self.manager = manager
         self.artifacts = artifacts
         self.spool = spool
@@ -94,6 +96,7 @@ class JobCalls:
         """Submit ``spec`` with the upload's files (discarded on failure) and stream the job."""
         try:
             check_options(options)
+            await self._screen_reply_to(options.reply_to)
             inputs = await self.inputs(upload)
         except BaseException:
             upload.discard()
@@ -146,6 +149,17 @@ class JobCalls:
                 await asyncio.shield(self._cancel_quietly(job.id))
             raise
 
+    async def _screen_reply_to(self, url: str) -> None:
+        """Refuse now a ReplyTo that could never be delivered: the caller would not learn."""
+        if not url or self.reply_to_guard is None:
+            return
+        try:
+            await self.reply_to_guard.screen(url)
+        except RefusedTarget as exc:
+            raise invalid_argument(
+                _REPLY_TO, "INVALID_REPLY_TO", f"reply_to is refused: {exc.reason}"
+            ) from None
+
     async def _output_chunks(
         self, event: Any, output: OutputStored
     ) -> AsyncIterator[job_pb2.JobEvent]:
@@ -172,12 +186,5 @@ class JobCalls:
 
 
 def check_options(options: common_pb2.JobOptions) -> None:
-    for name in ("ref_id", "tag"):
-        value = getattr(options, name)
-        if len(value) > MAX_LABEL or not value.isprintable():
-            raise invalid_argument(
-                f"params.options.{name}",
-                "INVALID_PARAMETERS",
-                f"{name} must be at most {MAX_LABEL} printable characters",
-            )
-    validate_reply_to(options.reply_to, "params.options.reply_to")
+    # Lengths and characters of ref_id and tag are the contract's rules (checked on arrival).
+    validate_reply_to(options.reply_to, _REPLY_TO)

@@ -53,7 +53,8 @@ class WorkflowServicer(workflow_service_pb2_grpc.WorkflowServiceServicer):
         self, request: wpb.ListWorkflowsRequest, context: Any
     ) -> wpb.ListWorkflowsResponse:
         agents = self._agents()
-        found = {w.name: workflow_to_proto(w, agents) for w in self._catalog.workflows()}
+        text = self._calls.limits.max_prompt_chars
+        found = {w.name: workflow_to_proto(w, agents, text) for w in self._catalog.workflows()}
         for broken in self._catalog.broken:
             found.setdefault(broken.name, broken_to_proto(broken))
         return wpb.ListWorkflowsResponse(workflows=[found[n] for n in sorted(found)])
@@ -65,7 +66,11 @@ class WorkflowServicer(workflow_service_pb2_grpc.WorkflowServiceServicer):
         name = request.name.removeprefix("workflows/")
         workflow = self._catalog.named(name)
         if workflow is not None:
-            return wpb.GetWorkflowResponse(workflow=workflow_to_proto(workflow, self._agents()))
+            return wpb.GetWorkflowResponse(
+                workflow=workflow_to_proto(
+                    workflow, self._agents(), self._calls.limits.max_prompt_chars
+                )
+            )
         broken = next((b for b in self._catalog.broken if b.name == name), None)
         if broken is not None:
             return wpb.GetWorkflowResponse(workflow=broken_to_proto(broken))
@@ -166,14 +171,17 @@ def workflow_availability(
     return able, "; ".join(reasons) or "no ComfyUI agent online"
 
 
-def workflow_to_proto(workflow: Workflow, agents: Mapping[str, AgentCapabilities]) -> wpb.Workflow:
+def workflow_to_proto(
+    workflow: Workflow, agents: Mapping[str, AgentCapabilities], max_text: int
+) -> wpb.Workflow:
+    """``max_text``: the longest string of a parameter whose binding names no limit."""
     able, why = workflow_availability(workflow, agents)
     return wpb.Workflow(
         name=f"workflows/{workflow.name}",
         title=workflow.title,
         description=workflow.description,
         version=workflow.version,
-        parameters=[param_to_proto(p) for p in workflow.params],
+        parameters=[param_to_proto(p, max_text) for p in workflow.params],
         inputs=[
             wpb.WorkflowInput(
                 name=i.name,
@@ -203,7 +211,7 @@ def broken_to_proto(broken: BrokenWorkflow) -> wpb.Workflow:
     )
 
 
-def param_to_proto(spec: ParamSpec) -> wpb.WorkflowParameter:
+def param_to_proto(spec: ParamSpec, max_text: int) -> wpb.WorkflowParameter:
     msg = wpb.WorkflowParameter(
         name=spec.name,
         type=_TYPES[spec.type],
@@ -211,7 +219,7 @@ def param_to_proto(spec: ParamSpec) -> wpb.WorkflowParameter:
         description=spec.description,
         required=spec.required,
         random=spec.random,
-        max_length=spec.max_length or 0,
+        max_length=(spec.max_length or max_text) if spec.type == "string" else 0,
         choices=[_value(c) for c in spec.choices],
     )
     if spec.has_default and spec.default is not None:

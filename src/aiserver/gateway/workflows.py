@@ -62,7 +62,9 @@ class WorkflowRoutes:
                 f"workflow {name} takes multipart/form-data, not "
                 f"{request.content_type or 'no body'}",
             )
-        described = await self._unary(request, _GET, wpb.GetWorkflowRequest(name=name))
+        described = await self._unary(
+            request, _GET, wpb.GetWorkflowRequest(name=f"workflows/{name}")
+        )
         declared = {field_key(p.name): p for p in described.workflow.parameters}
         backend = self._backend
         task = self._compat.tasks["runworkflow"]
@@ -141,8 +143,11 @@ def _typed(kind: int, text: str) -> Any:
     return text
 
 
-def workflow_paths(workflows: Iterable[wpb.Workflow]) -> dict[str, Any]:
-    """``/api/workflows/{name}``, one typed operation per loaded workflow."""
+def workflow_paths(
+    workflows: Iterable[wpb.Workflow], options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``/api/workflows/{name}``, one typed operation per loaded workflow; ``options``: the
+    schemas of the job option fields (``RefId``...)."""
     paths: dict[str, Any] = {}
     for wf in workflows:
         if not wf.version:  # a broken file: nothing to call
@@ -160,6 +165,8 @@ def workflow_paths(workflows: Iterable[wpb.Workflow]) -> dict[str, Any]:
                 schema["maximum"] = p.maximum
             if p.max_length:
                 schema["maxLength"] = p.max_length
+            if p.type == wpb.PARAMETER_TYPE_STRING:
+                schema["pattern"] = "^[^\\x00]*$"  # no NUL character
             if p.choices:
                 schema["enum"] = [_plain(c) for c in p.choices]
             if p.HasField("default_value"):
@@ -172,9 +179,12 @@ def workflow_paths(workflows: Iterable[wpb.Workflow]) -> dict[str, Any]:
             if i.required:
                 required.append(i.name)
         props["Sync"] = {"type": "boolean", "description": "wait for the job and its outputs"}
-        for option in ("RefId", "Tag", "ReplyTo"):
-            props[option] = {"type": "string"}
-        form: dict[str, Any] = {"type": "object", "properties": props}
+        props.update(options or {})
+        form: dict[str, Any] = {
+            "type": "object",
+            "properties": props,
+            "additionalProperties": False,
+        }
         if required:
             form["required"] = required
         sync_ref = {"$ref": _REF + "GenerationResponse"}
