@@ -109,18 +109,35 @@ def compat_tasks(files: Iterable[descriptor.FileDescriptor]) -> dict[str, Compat
             if service.full_name == WORKFLOW_SERVICE:
                 continue  # its parameters are a Struct: served per workflow by gateway.workflows
             for method in service.methods:
-                upload = upload_of(method) if method.client_streaming else None
-                if upload is None or not method.server_streaming:
+                task = _task_of(method)
+                if task is None:
                     continue
-                out = method.output_type.fields_by_name
-                generative = event_field(method.output_type) is not None
-                if not generative and not ("info" in out and "chunk" in out):
-                    continue
-                tasks[method.name.lower()] = CompatTask(method.name, method, upload, generative)
-                if generative:
+                tasks[method.name.lower()] = task
+                if task.generative:
                     queued = f"Queue{method.name}"
-                    tasks[queued.lower()] = CompatTask(queued, method, upload, True, queued=True)
+                    tasks[queued.lower()] = CompatTask(queued, method, task.upload, True, True)
     return tasks
+
+
+def workflow_task(files: Iterable[descriptor.FileDescriptor]) -> CompatTask | None:
+    """RunWorkflow as a form task (``/api/workflows/{name}``), when the contract has it."""
+    for file in files:
+        service = file.services_by_name.get(WORKFLOW_SERVICE.rsplit(".", 1)[1])
+        if service is not None and service.full_name == WORKFLOW_SERVICE:
+            method = service.methods_by_name.get("RunWorkflow")
+            return _task_of(method) if method is not None else None
+    return None
+
+
+def _task_of(method: descriptor.MethodDescriptor) -> CompatTask | None:
+    upload = upload_of(method) if method.client_streaming else None
+    if upload is None or not method.server_streaming:
+        return None
+    out = method.output_type.fields_by_name
+    generative = event_field(method.output_type) is not None
+    if not generative and not ("info" in out and "chunk" in out):
+        return None
+    return CompatTask(method.name, method, upload, generative)
 
 
 def compat_field_name(path: str) -> str:
@@ -267,7 +284,10 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 class Compat:
     def __init__(self, backend: Backend, files: Iterable[descriptor.FileDescriptor]) -> None:
         self.backend = backend
+        files = list(files)
         self.tasks = compat_tasks(files)
+        self.workflow = workflow_task(files)
+        """RunWorkflow's form task: not an ``/api/{Task}`` route (see gateway.workflows)."""
 
     # --- /api/{name} ----------------------------------------------------------------------
 

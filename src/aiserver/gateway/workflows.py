@@ -53,8 +53,7 @@ class WorkflowRoutes:
     def __init__(self, backend: Backend, compat: Compat) -> None:
         self._backend = backend
         self._compat = compat
-        task = compat.tasks.get("runworkflow")
-        self._options = job_option_schemas(task) if task is not None else {}
+        self._options = job_option_schemas(compat.workflow) if compat.workflow else {}
 
     async def run(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["workflow"]
@@ -70,7 +69,8 @@ class WorkflowRoutes:
         )
         declared = {field_key(p.name): p for p in described.workflow.parameters}
         backend = self._backend
-        task = self._compat.tasks["runworkflow"]
+        task = self._compat.workflow
+        assert task is not None  # routed only when the contract has RunWorkflow
         method = task.method
         request_cls = message_class(method.input_type)
         metadata = backend.metadata(request)
