@@ -93,6 +93,7 @@ async def test_a_workflow_added_to_the_folder_runs_from_its_own_form(
     await link.click()
     await expect(page.locator("h1")).to_contain_text("postcard")
     await expect(page.locator("dl.summary")).to_contain_text("Taskpostcard")
+    await expect(page.locator("dl.summary")).to_contain_text(re.compile("Version[0-9a-f]{16}"))
     await expect(page.locator("section.inputs pre")).to_contain_text("a lighthouse at dusk")
 
     # Run again: the workflow's form, with the job's parameters and tag.
