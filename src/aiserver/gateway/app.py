@@ -315,9 +315,6 @@ class _V1:
         )
 
 
-TASKS_RUN_WORKFLOW = "runworkflow"
-
-
 def build_app(
     backend: Backend,
     files: Sequence[descriptor.FileDescriptor] | None = None,
@@ -336,7 +333,7 @@ def build_app(
     workflows = WorkflowRoutes(backend, compat)
 
     async def openapi(request: web.Request) -> web.Response:
-        if TASKS_RUN_WORKFLOW not in compat.tasks:
+        if compat.workflow is None:
             return web.Response(text=openapi_body, content_type="application/json")
         fresh = await workflows.openapi(request, document)  # follows the workflows folder
         return web.Response(
@@ -367,7 +364,7 @@ def build_app(
     if metrics is not None:
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/jobs/{id}/events", compat.events)
-    if TASKS_RUN_WORKFLOW in compat.tasks:
+    if compat.workflow is not None:
         app.router.add_post("/api/workflows/{workflow}", workflows.run)
     for prefix in ("/api", "/json/reply"):
         app.router.add_route("*", prefix + "/{name}", compat.dispatch)
