@@ -38,6 +38,15 @@ class Settings:
     """HTTP shim port; 0 picks a free one."""
     data_dir: Path = Path("data")
     """Where the job database, uploads and artifacts live."""
+    database_url: str = ""
+    """``postgresql://user@host:5432/db``: jobs, events, leases and the outbox live there,
+    shared by every coordinator (docs/scale-out.md). Empty: SQLite under ``data_dir``."""
+    database_schema: str = "public"
+    """The PostgreSQL schema of this deployment's tables (created and migrated at start)."""
+    blob_url: str = ""
+    """``s3://bucket/prefix``: artifact bytes live there (endpoint and credentials from the
+    usual ``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``). Empty: the folder ``data_dir/artifacts``."""
     public_base_url: str = ""
     """Absolute base URL for artifact links in webhooks, e.g. ``https://img.example.com``."""
     max_upload_bytes: int = 64 * 1024 * 1024
