@@ -12,6 +12,7 @@ from imagetasks.v1 import artifact_service_pb2_grpc, common_pb2
 from aiserver.api.calls import current_principal, scope
 from aiserver.api.convert import artifact_to_proto, format_from_proto, format_to_proto
 from aiserver.api.status import rpc
+from aiserver.api.wire import Encoded, bytes_message
 from aiserver.artifacts import ArtifactStore, Fit, VariantCache, VariantPolicy, build_spec
 from aiserver.artifacts.links import UrlSigner
 from aiserver.auth import missing_key
@@ -78,9 +79,9 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         return apb.GetArtifactResponse(artifact=artifact_to_proto(ref, self._link))
 
     @rpc
-    async def ReadArtifact(
+    async def ReadArtifact(  # type: ignore[override]  # messages in wire form
         self, request: apb.ReadArtifactRequest, context: Any
-    ) -> AsyncIterator[apb.ReadArtifactResponse]:
+    ) -> AsyncIterator[Encoded]:
         scope = self._scope(context, request, lambda: [self._artifact_url(request.name)])
         if request.read_offset < 0 or request.read_limit < 0:
             field = "read_offset" if request.read_offset < 0 else "read_limit"
@@ -93,7 +94,8 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
             request.read_limit,
             chunk_size=self._chunk,
         ):
-            yield apb.ReadArtifactResponse(data=data, offset=offset)
+            # data = 1, offset = 2, in wire form (aiserver.api.wire)
+            yield bytes_message(1, data, int_field=2, value=offset)
             offset += len(data)
 
     @rpc

@@ -93,6 +93,7 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
             spool=self._spool,
             budget=UploadBudget(self._max_upload),
             inputs=("image",),
+            hashed=False,  # deleted after use
         )
         image = upload.files["image"]
         try:

@@ -37,8 +37,10 @@ async def read_upload(
     spool: InputSpool,
     budget: UploadBudget,
     inputs: Collection[str],
+    hashed: bool = True,
 ) -> Upload:
     """Read the whole stream; every input in ``inputs`` is required and must not be empty.
+    ``hashed=False``: the files are used once and deleted, their SHA-256 is not needed.
 
     On any error, partial files are deleted before the error propagates.
     """
@@ -69,9 +71,9 @@ async def read_upload(
                 )
             writer = writers.get(chunk.field)
             if writer is None:
-                writer = spool.open(chunk.field, clean_name(chunk.file_name), budget)
+                writer = spool.open(chunk.field, clean_name(chunk.file_name), budget, hashed=hashed)
                 writers[chunk.field] = writer
-            writer.write(chunk.data)
+            await writer.write(chunk.data)
         if params is None:
             raise invalid_argument("params", "PARAMS_NOT_FIRST", "the request stream was empty")
         missing = [name for name in inputs if name not in writers]
@@ -83,7 +85,7 @@ async def read_upload(
                 violations=tuple(FieldViolation(name, "required") for name in missing),
                 metadata={"field": ",".join(missing)},
             )
-        files = {name: w.finish() for name, w in writers.items()}
+        files = {name: await w.finish() for name, w in writers.items()}
     except ServiceError:
         for w in writers.values():
             w.discard()

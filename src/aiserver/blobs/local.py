@@ -14,6 +14,9 @@ from aiserver.blobs.protocol import DEFAULT_CHUNK_SIZE
 
 __all__ = ["LocalBlobStore"]
 
+_INLINE_READ = 64 * 1024
+"""A read this small is done on the event loop: quicker than a thread hop."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -87,18 +90,39 @@ class LocalBlobStore:
             fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
             raise FileNotFoundError(key) from exc
+        loop = asyncio.get_running_loop()
+        ahead: asyncio.Future[bytes] | None = None
         try:
             size = os.fstat(fd).st_size
             remaining = max(0, size - offset) if length is None else min(length, size - offset)
-            while remaining > 0:
-                chunk = await asyncio.to_thread(os.pread, fd, min(chunk_size, remaining), offset)
+            if remaining <= _INLINE_READ:  # cheaper than a thread hop
+                while remaining > 0 and (chunk := os.pread(fd, min(chunk_size, remaining), offset)):
+                    offset += len(chunk)
+                    remaining -= len(chunk)
+                    yield chunk
+                return
+            if remaining > 0:
+                ahead = loop.run_in_executor(None, os.pread, fd, min(chunk_size, remaining), offset)
+            while ahead is not None:
+                # Shielded: a cancelled reader leaves the read to finish (see finally).
+                chunk = await asyncio.shield(ahead)
+                ahead = None
                 if not chunk:
                     break  # truncated under us: stop rather than spin
                 offset += len(chunk)
                 remaining -= len(chunk)
+                if remaining > 0:  # read the next chunk while the caller sends this one
+                    ahead = loop.run_in_executor(
+                        None, os.pread, fd, min(chunk_size, remaining), offset
+                    )
                 yield chunk
         finally:
-            os.close(fd)
+            if ahead is not None and not ahead.done():
+                # A read still runs in its thread: the descriptor goes when it is done, so
+                # that it cannot be reused under that read.
+                ahead.add_done_callback(lambda _: os.close(fd))
+            else:
+                os.close(fd)
 
     async def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
