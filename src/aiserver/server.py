@@ -108,6 +108,7 @@ class Service:
             presets_only=settings.variant_presets_only,
             max_side=settings.variant_max_side,
         )
+        self.variants.prerender(self.variant_policy.presets.values())  # warm from the start
         self.webhooks = WebhookSender(
             settings.webhook_secret.encode() or None,
             allow_hosts=settings.webhook_allow_hosts,

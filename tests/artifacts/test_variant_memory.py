@@ -3,6 +3,7 @@ source, checked against the owner on every request, and a torn cache file is nev
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -96,3 +97,22 @@ async def test_a_torn_cache_file_is_rendered_again(
     again = await restarted.get(source, spec, "alice")
     assert restarted.computations == 1
     assert again.data == good.data and again.path.read_bytes() == good.data
+
+
+async def test_presets_are_rendered_when_an_artifact_is_stored(
+    store: ArtifactStore, cache: VariantCache
+) -> None:
+    thumb = parse_spec("width=64")
+    cache.prerender([thumb])
+    name = await put(store, image_bytes((300, 150)), size=(300, 150))
+    for _ in range(500):
+        if cache.memory.get(_sha(name), thumb.canonical) is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert cache.computations == 1
+    first = await cache.get(name, thumb, "alice")  # the first request is warm
+    assert cache.computations == 1 and first.width == 64 and first.data is not None
+
+
+def _sha(name: str) -> str:
+    return name.rsplit("/", 1)[-1].split(".", 1)[0]

@@ -24,6 +24,7 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypedDict
@@ -164,11 +165,33 @@ class VariantCache:
         self._inflight: dict[str, asyncio.Task[Variant]] = {}
         self.computations = 0
         self.memory = MemoryLru(memory_bytes)
+        self._prerenders: set[asyncio.Task[None]] = set()
         cache_root.mkdir(parents=True, exist_ok=True)
         store.add_delete_listener(self._drop_source)
 
     def _folder(self, sha256: str) -> Path:
         return self.cache_root / sha256[:2] / sha256
+
+    def prerender(self, specs: Collection[VariantSpec]) -> None:
+        """Render ``specs`` (the presets) of every artifact as it is stored, in the
+        background, so that the first request for a preset is already warm."""
+        if not specs:
+            return
+        wanted = tuple(specs)
+
+        def stored(ref: ArtifactRef) -> None:
+            task = asyncio.get_running_loop().create_task(self._prerender(ref, wanted))
+            self._prerenders.add(task)
+            task.add_done_callback(self._prerenders.discard)
+
+        self._store.add_put_listener(stored)
+
+    async def _prerender(self, ref: ArtifactRef, specs: tuple[VariantSpec, ...]) -> None:
+        for spec in specs:
+            try:
+                await self.get(ref.name, spec, None)
+            except Exception as exc:  # e.g. deleted meanwhile; a request will say why
+                logger.debug("preset %s of %s not rendered: %s", spec.canonical, ref.name, exc)
 
     def _drop_source(self, name: str, sha256: str) -> None:
         self.memory.drop_source(sha256)
@@ -324,4 +347,7 @@ class VariantCache:
 
     async def close(self) -> None:
         """Wait for renders in progress (threads cannot be interrupted)."""
+        for task in list(self._prerenders):
+            task.cancel()
+        await asyncio.gather(*self._prerenders, return_exceptions=True)
         await asyncio.gather(*self._inflight.values(), return_exceptions=True)
