@@ -34,10 +34,14 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def bytes_message(field: int, data: bytes, *, int_field: int = 0, value: int = 0) -> Encoded:
+def bytes_message(
+    field: int, data: bytes | memoryview, *, int_field: int = 0, value: int = 0
+) -> Encoded:
     """A message with ``data`` in bytes field ``field`` and, if ``int_field``, ``value`` (an
     int64 >= 0) in that field; the encoding protobuf itself writes (zero values omitted)."""
-    parts = [_varint(field << 3 | _LEN), _varint(len(data)), data] if data else []
+    parts: list[bytes | memoryview] = []
+    if len(data):
+        parts += [_varint(field << 3 | _LEN), _varint(len(data)), data]
     if int_field and value > 0:
         parts += [_varint(int_field << 3 | _VARINT), _varint(value)]
     return Encoded(b"".join(parts))
