@@ -28,6 +28,7 @@ from aiserver.api.agents import AgentServicer
 from aiserver.api.artifacts import ArtifactServicer
 from aiserver.api.generation import GenerationServicer, SubmitLimits
 from aiserver.api.jobs import JobServicer
+from aiserver.api.local_calls import LocalCalls
 from aiserver.api.transform import TransformServicer
 from aiserver.artifacts import ArtifactStore, VariantCache, VariantPolicy
 from aiserver.artifacts.index import open_artifact_index
@@ -206,15 +207,19 @@ class Service:
             JobServicer(manager, link=link),
             server,
         )
+        artifacts = ArtifactServicer(
+            store=self.artifacts,
+            variants=self.variants,
+            policy=self.variant_policy,
+            chunk_bytes=s.chunk_bytes,
+            signer=self.security.signer,
+        )
+        artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(artifacts, server)
+        # The shim reads variants (mostly warm, a few kB) through the same guard and handler
+        # without the loopback HTTP/2 round trip.
+        local_calls = LocalCalls(guard)
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
-            ArtifactServicer(
-                store=self.artifacts,
-                variants=self.variants,
-                policy=self.variant_policy,
-                chunk_bytes=s.chunk_bytes,
-                signer=self.security.signer,
-            ),
-            server,
+            artifacts, local_calls.recorder(only=("GetVariant",))
         )
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(self.providers), server
@@ -240,7 +245,8 @@ class Service:
         self._health_task = asyncio.create_task(self._health_loop(), name="health")
         logger.info("gRPC listening on %s:%d", s.grpc_host, self.grpc_port)
         if s.http_enabled:
-            # The shim is a gRPC client of this very server: it adds no behaviour of its own.
+            # The shim is a gRPC client of this very server: it adds no behaviour of its own
+            # (its local calls run this server's own guard and handlers).
             local = "127.0.0.1" if s.grpc_host in ("0.0.0.0", "::", "") else s.grpc_host
             self.gateway = Gateway(
                 f"{local}:{self.grpc_port}",
@@ -248,6 +254,7 @@ class Service:
                 port=s.http_port,
                 settings=GatewaySettings.from_settings(s, shim_token=self._shim_token),
                 metrics=self.security.metrics_handler(self.metrics) if s.http_metrics else None,
+                local_calls=local_calls,
             )
             try:
                 self.http_port = await self.gateway.start()
