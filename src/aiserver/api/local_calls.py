@@ -197,7 +197,7 @@ class LocalCalls:
     """Server-streaming handlers served in this process; see the module docstring."""
 
     def __init__(self, interceptor: Any) -> None:
-        self._interceptor = interceptor
+        self.interceptor = interceptor
         self._handlers: dict[str, Any] = {}
 
     def recorder(self, only: Collection[str]) -> _Recorder:
@@ -216,7 +216,7 @@ class LocalCalls:
         async def continuation(_: Any) -> Any:
             return handler
 
-        return await self._interceptor.intercept_service(continuation, details)
+        return await self.interceptor.intercept_service(continuation, details)
 
     def unary_stream(
         self,
