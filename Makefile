@@ -24,7 +24,7 @@ test: $(STAMP) proto-check lint-proto lint typecheck
 ## test-shared: service tests with every service on PostgreSQL + S3 (moto) instead of the
 ## embedded SQLite + folder (docs/scale-out.md)
 test-shared: $(STAMP)
-	AISERVER_TEST_BACKENDS=postgres+s3 $(BIN)/pytest -q tests/api tests/test_server.py \
+	AISERVER_TEST_BACKENDS=postgres+s3 $(BIN)/pytest -q tests/api tests/jobs tests/test_server.py \
 	  tests/test_retention.py tests/gateway/test_artifacts_http.py tests/security/test_artifact_access.py
 
 lint: $(STAMP)

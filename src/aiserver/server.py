@@ -39,7 +39,7 @@ from aiserver.imaging import ImageLimits
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Job
 from aiserver.jobs.scheduler import SchedulerSettings
-from aiserver.jobs.store import JobStore, open_job_store
+from aiserver.jobs.store import JobStore, StoreUnavailable, open_job_store
 from aiserver.metrics import Metrics, MetricsServer
 from aiserver.provider_config import build_providers
 from aiserver.providers.base import Provider
@@ -136,9 +136,12 @@ class Service:
         self.spool.sweep_tmp()
         for provider in self.providers:
             await provider.start()
-        self.job_store = store = await open_job_store(
-            s.database_url, s.database_schema, s.data_dir / "jobs.db"
-        )
+        try:
+            self.job_store = store = await open_job_store(
+                s.database_url, s.database_schema, s.data_dir / "jobs.db"
+            )
+        except StoreUnavailable as exc:
+            raise StartupError(str(exc)) from exc
         self.manager = manager = JobManager(
             store,
             self.spool,

@@ -3,6 +3,7 @@ ranged reads, retention; and the folder's layout and path safety (``local_store`
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from pathlib import Path
@@ -293,3 +294,30 @@ async def test_same_bytes_named_first_elsewhere_keep_the_first_name(
     )  # fmt: skip
     assert row.path == rel and row.owner == "bob"
     assert (await store.get(first, "bob")).job_id == "j2"
+
+
+async def test_hold_is_exclusive_per_hash(store: ArtifactStore) -> None:
+    entered = asyncio.Event()
+
+    async def second() -> None:
+        async with store.index.hold(SHA):
+            entered.set()
+
+    async with store.index.hold(SHA):
+        waiting = asyncio.create_task(second())
+        async with store.index.hold("f" * 64):  # another hash is free
+            pass
+        await asyncio.sleep(0.3)
+        assert not entered.is_set()
+    await asyncio.wait_for(waiting, 10)
+    assert entered.is_set()
+
+
+async def test_many_concurrent_puts_finish(store: ArtifactStore) -> None:
+    # More puts than index connections: holding a hash must not starve the queries.
+    blobs = [os.urandom(64) + bytes([i]) for i in range(12)]
+    names = await asyncio.wait_for(
+        asyncio.gather(*(put(store, b, job_id=f"j{i}") for i, b in enumerate(blobs))), 60
+    )
+    assert len(set(names)) == 12
+    assert [await read_all(store, n) for n in names] == blobs

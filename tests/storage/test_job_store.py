@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import string
 from datetime import UTC, datetime, timedelta
 
@@ -234,3 +235,11 @@ async def test_page_size_is_refused_outside_its_limits_not_clamped(
             "INVALID_PAGE_SIZE",
         )
         assert caught.value.violations == (FieldViolation("page_size", "must be 0..1000"),)
+
+
+async def test_processes_starting_at_once_migrate_once(backend: JobStoreBackend) -> None:
+    stores = await asyncio.gather(*(backend.open() for _ in range(4)))
+    await stores[0].create(JobRecord(make_job(1)))
+    assert [len(await s.unfinished()) for s in stores] == [1, 1, 1, 1]
+    steps = migrations.SQLITE if backend.kind == "sqlite" else migrations.POSTGRES
+    assert await backend.sql("SELECT count(*) FROM schema_migrations") == len(steps)

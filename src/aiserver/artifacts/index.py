@@ -11,10 +11,13 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, Self, TypeVar
+
+from aiserver.artifacts.locks import KeyedLock
 
 if TYPE_CHECKING:
     import asyncpg
@@ -30,6 +33,7 @@ __all__ = [
 ]
 
 _P = ParamSpec("_P")
+_BLOB_LOCK = 0x6162  # first key of per-hash advisory locks (pg_advisory_lock(int, int))
 _T = TypeVar("_T")
 
 
@@ -101,6 +105,11 @@ class ArtifactIndex(Protocol):
         """Every blob, least recently stored first."""
         ...
 
+    def hold(self, sha256: str) -> AbstractAsyncContextManager[None]:
+        """Exclusive use of these bytes across every process sharing the index, for the
+        span of a put or a delete (so a delete never removes bytes a put just counted on)."""
+        ...
+
     async def forget(self, path: str, last_put: float) -> bool:
         """Drop the blob and its references if nobody stored it again since ``last_put``."""
         ...
@@ -147,6 +156,7 @@ class SqliteArtifactIndex:
     """The index in one SQLite file (WAL); one connection, one thread at a time."""
 
     def __init__(self, path: Path) -> None:
+        self._holds = KeyedLock()
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -224,6 +234,11 @@ class SqliteArtifactIndex:
     ) -> IndexedRef | None:
         return await self._db(self._lookup, path, owner, job_id)
 
+    @contextlib.asynccontextmanager
+    async def hold(self, sha256: str) -> AsyncIterator[None]:
+        async with self._holds.hold(sha256):  # SQLite serves one process: a lock in memory
+            yield
+
     async def blobs(self) -> list[StoredBlob]:
         def select() -> list[StoredBlob]:
             rows = self._conn.execute(
@@ -259,6 +274,7 @@ class PostgresArtifactIndex:
         self._schema = schema
         self._pool_size = pool_size
         self._pool_: asyncpg.Pool | None = None
+        self._locks: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
 
     @classmethod
@@ -280,6 +296,9 @@ class PostgresArtifactIndex:
                     min_size=1,
                     max_size=self._pool_size,
                     server_settings={"search_path": self._schema},
+                )
+                self._locks = await asyncpg.create_pool(
+                    self._url, min_size=0, max_size=self._pool_size
                 )
             return self._pool_
 
@@ -339,6 +358,22 @@ class PostgresArtifactIndex:
     ) -> IndexedRef | None:
         return await self._lookup(await self._connect(), path, owner, job_id)
 
+    @contextlib.asynccontextmanager
+    async def hold(self, sha256: str) -> AsyncIterator[None]:
+        # A session advisory lock on a connection kept for the with block. Lock connections
+        # come from their own pool: a holder also queries, and nesting two acquires from one
+        # pool would deadlock once every connection is held by a waiting holder.
+        await self._connect()
+        assert self._locks is not None
+        async with self._locks.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", _BLOB_LOCK, sha256)
+            try:
+                yield
+            finally:
+                await conn.execute(
+                    "SELECT pg_advisory_unlock($1, hashtext($2))", _BLOB_LOCK, sha256
+                )
+
     async def blobs(self) -> list[StoredBlob]:
         rows = await (await self._connect()).fetch(
             "SELECT path, sha256, size, last_put FROM artifact_blobs ORDER BY last_put, path"
@@ -358,6 +393,9 @@ class PostgresArtifactIndex:
             if self._pool_ is not None:
                 await self._pool_.close()
                 self._pool_ = None
+            if self._locks is not None:
+                await self._locks.close()
+                self._locks = None
 
 
 def open_artifact_index(database_url: str, schema: str, folder: Path) -> ArtifactIndex:

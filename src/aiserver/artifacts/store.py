@@ -190,7 +190,7 @@ class ArtifactStore:
         else:
             sha256 = hashlib.sha256(data).hexdigest()
         now = self._clock()
-        async with self._locks.hold(sha256):
+        async with self._locks.hold(sha256), self.index.hold(sha256):
             # An earlier put of the same bytes fixed the name (and date) for good.
             rel = await self.index.path_of_hash(sha256) or f"{now:%Y/%m/%d}/{sha256}.{ext}"
             await self.blobs.put(rel, data)
@@ -321,7 +321,7 @@ class ArtifactStore:
             total -= blob.size
         deleted: list[str] = []
         for blob in victims:
-            async with self._locks.hold(blob.sha256):
+            async with self._locks.hold(blob.sha256), self.index.hold(blob.sha256):
                 if await self._delete(blob):
                     deleted.append(blob.name)
         if deleted:

@@ -590,7 +590,10 @@ class _transaction:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring the schema to the newest version recorded in ``schema_migrations``."""
+    """Bring the schema to the newest version recorded in ``schema_migrations``.
+
+    Each step reads the version and applies the next step inside one ``BEGIN IMMEDIATE``
+    transaction (the write lock), so processes opening the file at once apply it once."""
     with _transaction(conn):
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations"
@@ -602,17 +605,21 @@ def _migrate(conn: sqlite3.Connection) -> None:
             "INSERT OR IGNORE INTO schema_migrations (version, applied_us) VALUES (?, ?)",
             [(v, _now_us()) for v in range(1, legacy + 1)],
         )
-    version = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
-    if version > len(migrations.SQLITE):
-        raise RuntimeError(
-            f"job database schema version {version} is newer than this server "
-            f"({len(migrations.SQLITE)}); refusing to use it"
-        )
-    for number, script in enumerate(migrations.SQLITE[version:], start=version + 1):
+    while True:
         with _transaction(conn):
-            for statement in migrations.statements(script):
+            version = conn.execute(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations"
+            ).fetchone()[0]
+            if version > len(migrations.SQLITE):
+                raise RuntimeError(
+                    f"job database schema version {version} is newer than this server "
+                    f"({len(migrations.SQLITE)}); refusing to use it"
+                )
+            if version == len(migrations.SQLITE):
+                return
+            for statement in migrations.statements(migrations.SQLITE[version]):
                 conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_migrations (version, applied_us) VALUES (?, ?)",
-                (number, _now_us()),
+                (version + 1, _now_us()),
             )
