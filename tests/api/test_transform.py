@@ -297,10 +297,10 @@ async def test_a_client_abort_mid_upload_leaves_no_spool_file(stub: Any, tmp_pat
     spool_tmp = tmp_path / "data" / "spool" / "tmp"
     call = stub.CropImage()
     await call.write(tpb.CropImageRequest(params=CROP_OK))
-    for _ in range(4):  # past the size written inline: the writer thread is running
+    for _ in range(3):  # past the size written inline: the writer thread is running
         await call.write(
             tpb.CropImageRequest(
-                chunk=common_pb2.FileChunk(field="image", data=os.urandom(200_000))
+                chunk=common_pb2.FileChunk(field="image", data=os.urandom(1 << 20))
             )
         )
     for _ in range(500):

@@ -53,9 +53,9 @@ async def test_an_oversize_upload_is_refused_on_the_chunk_that_passes_the_limit(
     tmp_path: Path,
 ) -> None:
     spool = InputSpool(tmp_path)
-    writer = spool.open("image", "a.png", UploadBudget(3 * 300_000))
+    writer = spool.open("image", "a.png", UploadBudget(3 << 20))
     for _ in range(3):
-        await writer.write(os.urandom(300_000))  # the thread runs from the second one
+        await writer.write(os.urandom(1 << 20))  # the thread runs from the third one
     assert writer._thread is not None
     with pytest.raises(ServiceError) as exc:
         await writer.write(b"x")
