@@ -36,6 +36,7 @@ from aiserver.blobs import open_blob_store
 from aiserver.config import Settings
 from aiserver.gateway import Gateway, GatewaySettings
 from aiserver.imaging import ImageLimits
+from aiserver.imaging.block_cache import keep_image_blocks
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Job
 from aiserver.jobs.scheduler import SchedulerSettings
@@ -94,6 +95,7 @@ class Service:
         # process's own, and the spool already is one.
         self.spool = InputSpool(data / "spool", shared=blobs if settings.blob_url else None)
         self.pool = BlockingPool(settings.image_threads)
+        keep_image_blocks(settings.image_block_cache_mib)
         self.limits = ImageLimits(max_pixels=settings.max_pixels)
         self.health = health.aio.HealthServicer()
         self.artifacts = ArtifactStore(
