@@ -295,8 +295,10 @@ class VariantCache:
         self, ref: ArtifactRef, spec: VariantSpec, output: formats.OutputFormat, image: Path
     ) -> Variant:
         async with self._slots:
-            # A request that missed the cache just before the last render finished lands here.
-            hit = await asyncio.to_thread(self._load, ref, spec, image)
+            # A request that missed the cache just before the last render finished lands here:
+            # memory has that render, without a thread hop to the disk. (A variant too large
+            # for memory is rendered again in that race: the same bytes, only work lost.)
+            hit = self.memory.get(ref.sha256, spec.canonical)
             if hit is not None:
                 return hit
             self.computations += 1
