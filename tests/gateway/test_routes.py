@@ -193,6 +193,8 @@ def test_compat_tasks_are_derived_from_upload_rpcs() -> None:
         "QueueImageToText",
         "QueueImageUpscale",
         "QueueImageWithMask",
+        "QueueRunWorkflow",
+        "RunWorkflow",
     ]
     assert not tasks["cropimage"].generative and tasks["queueimagetoimage"].queued
 

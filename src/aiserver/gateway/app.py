@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aiserver.gateway.backend import Backend, GatewaySettings, LocalCalls, request_id
 from aiserver.gateway.compat import Compat, CompatTask
 from aiserver.gateway.connections import GatewaySite
+from aiserver.gateway.console import add_console_routes
 from aiserver.gateway.errors import GatewayError, from_rpc_error, invalid_fields
 from aiserver.gateway.fields import FieldError, FieldErrors, apply_fields, assign, resolve
 from aiserver.gateway.messages import parse_json_body, refuse_path_fields
@@ -38,6 +39,7 @@ from aiserver.gateway.routes import (
 )
 from aiserver.gateway.streams import NDJSON, event_field, stream_response, wants_sse
 from aiserver.gateway.uploads import chunk_factory, send_multipart, send_ndjson, write
+from aiserver.gateway.workflows import WorkflowRoutes
 
 __all__ = ["BACKEND", "OPENAPI", "ROUTES", "TASKS", "Gateway", "MetricsHandler", "build_app"]
 
@@ -199,7 +201,9 @@ class _V1:
                     raise from_rpc_error(err) from None
                 return self._unary_response(resp, match)
             call = multicallable(msg, metadata=metadata)
-            if event_field(method.output_type) is not None:
+            # Streams with no end of their own (job events; WatchJobs, WatchAgents) are cut
+            # at shutdown instead of holding it up for the whole grace period.
+            if event_field(method.output_type) is not None or method.name.startswith("Watch"):
                 backend.long_lived.add(call)
         try:
             if method.server_streaming:
@@ -311,6 +315,9 @@ class _V1:
         )
 
 
+TASKS_RUN_WORKFLOW = "runworkflow"
+
+
 def build_app(
     backend: Backend,
     files: Sequence[descriptor.FileDescriptor] | None = None,
@@ -326,8 +333,15 @@ def build_app(
     document = build_openapi(table, compat.tasks)
     openapi_body = json.dumps(document, ensure_ascii=False)
 
-    async def openapi(_request: web.Request) -> web.Response:
-        return web.Response(text=openapi_body, content_type="application/json")
+    workflows = WorkflowRoutes(backend, compat)
+
+    async def openapi(request: web.Request) -> web.Response:
+        if TASKS_RUN_WORKFLOW not in compat.tasks:
+            return web.Response(text=openapi_body, content_type="application/json")
+        fresh = await workflows.openapi(request, document)  # follows the workflows folder
+        return web.Response(
+            text=json.dumps(fresh, ensure_ascii=False), content_type="application/json"
+        )
 
     async def health(request: web.Request) -> web.Response:
         stub = health_pb2_grpc.HealthStub(backend.channel)
@@ -353,10 +367,13 @@ def build_app(
     if metrics is not None:
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/jobs/{id}/events", compat.events)
+    if TASKS_RUN_WORKFLOW in compat.tasks:
+        app.router.add_post("/api/workflows/{workflow}", workflows.run)
     for prefix in ("/api", "/json/reply"):
         app.router.add_route("*", prefix + "/{name}", compat.dispatch)
     app.router.add_get("/artifacts/{path:.+}", compat.artifact)
     app.router.add_get("/variants/{spec}/{path:.+}", compat.variant)
+    add_console_routes(app)
     app.router.add_route("*", "/{tail:.*}", v1.handle)
     return app
 

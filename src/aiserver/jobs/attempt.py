@@ -23,6 +23,7 @@ from aiserver.jobs.model import (
     Progress,
     TextProduced,
 )
+from aiserver.jobs.output_encoding import encode_output
 from aiserver.jobs.outputs import ArtifactWriter
 from aiserver.jobs.store import JobRecord
 from aiserver.providers.base import (
@@ -115,6 +116,7 @@ class AttemptSink:
         if not self._live():
             return
         job = self._active.job
+        image = await encode_output(image, job.spec)
         artifact = await self._artifacts.put(
             image.data,
             file_name=image.file_name,
