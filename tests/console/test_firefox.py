@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+
 import pytest
 import pytest_asyncio
 
@@ -86,9 +87,7 @@ async def test_signs_in_follows_a_job_live_to_done_shows_its_output_and_the_agen
     await tab.wait_for(f"{q(gpu2)}?.textContent.includes('Florence2Run')")
 
 
-async def test_an_upscale_dropped_on_the_run_page_runs_to_its_output(
-    tab: Tab, farm: Farm
-) -> None:
+async def test_an_upscale_dropped_on_the_run_page_runs_to_its_output(tab: Tab, farm: Farm) -> None:
     await sign_in(tab, farm, KEYS["alice"])
     await tab.navigate(f"{farm.url}/#/run/ImageUpscale")
     await tab.wait_for(q(".drop"))
@@ -97,7 +96,8 @@ async def test_an_upscale_dropped_on_the_run_page_runs_to_its_output(
         """bytes => {
             const dt = new DataTransfer();
             dt.items.add(new File([new Uint8Array(bytes)], "photo.png", {type: "image/png"}));
-            document.querySelector(".drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt}));
+            const drop = new DragEvent("drop", {dataTransfer: dt});
+            document.querySelector(".drop").dispatchEvent(drop);
         }""",
         list(data),
     )
@@ -123,9 +123,9 @@ async def test_the_browser_enforces_the_policy_and_the_test_sees_it(
     )
     assert await tab.evaluate("window.injected === undefined")
     for _ in range(20):  # the report is an event: it may trail the refusal
-        if any("Content Security Policy" in p for p in firefox.problems(_expected)):
+        if any("Content-Security-Policy" in p for p in firefox.problems(_expected)):
             break
         await asyncio.sleep(0.05)
-    refused = [p for p in firefox.problems(_expected) if "Content Security Policy" in p]
+    refused = [p for p in firefox.problems(_expected) if "Content-Security-Policy" in p]
     assert refused, firefox.session.logs
     firefox.session.logs.clear()

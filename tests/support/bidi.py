@@ -62,13 +62,6 @@ _PREFS: dict[str, bool | int | str] = {
     "toolkit.telemetry.unified": False,
 }
 
-# Runs in each page before its own scripts. Firefox logs a CSP refusal to its web console
-# but not to BiDi's log, so the page's own violation event is turned into a console error.
-_REPORT_CSP = """() => {
-  document.addEventListener("securitypolicyviolation", e => console.error(
-    `Content Security Policy violation: ${e.violatedDirective} blocked ${e.blockedURI}`));
-}"""
-
 
 class ScriptError(Exception):
     """A script evaluated in the page threw."""
@@ -122,7 +115,7 @@ def to_local(value: Any) -> dict[str, Any]:
 
 @dataclass
 class LogEntry:
-    kind: str  # "console" or "javascript" (an uncaught error)
+    kind: str  # "console", or "javascript": an uncaught error or a CSP refusal
     level: str  # "debug", "info", "warn", "error"
     text: str
 
@@ -180,6 +173,7 @@ class Tab:
 
     session: Session
     context: str
+    user_context: str
 
     async def navigate(self, url: str) -> None:
         await self.session.send(
@@ -242,9 +236,7 @@ class Tab:
     async def type(self, selector: str, text: str) -> None:
         """Clicks into the field, then types ``text`` key by key."""
         await self.click(selector)
-        keys = [
-            {"type": kind, "value": ch} for ch in text for kind in ("keyDown", "keyUp")
-        ]
+        keys = [{"type": kind, "value": ch} for ch in text for kind in ("keyDown", "keyUp")]
         await self._act({"type": "key", "id": "keyboard", "actions": keys})
 
     async def _act(self, source: dict[str, Any]) -> None:
@@ -262,26 +254,22 @@ class Tab:
 
     async def close(self) -> None:
         await self.session.send("browsingContext.close", {"context": self.context})
+        await self.session.send("browser.removeUserContext", {"userContext": self.user_context})
 
 
 @dataclass
 class Firefox:
-    process: subprocess.Popen[bytes]
+    process: asyncio.subprocess.Process
     session: Session
 
     async def new_tab(self) -> Tab:
-        """A tab in its own user context (own cookies and storage), reporting CSP refusals."""
+        """A tab in its own user context (own cookies and storage)."""
         user_context = await self.session.send("browser.createUserContext", {})
         created = await self.session.send(
             "browsingContext.create",
             {"type": "tab", "userContext": user_context["userContext"]},
         )
-        tab = Tab(self.session, created["context"])
-        await self.session.send(
-            "script.addPreloadScript",
-            {"functionDeclaration": _REPORT_CSP, "contexts": [tab.context]},
-        )
-        return tab
+        return Tab(self.session, created["context"], user_context["userContext"])
 
     def problems(self, expected: Callable[[LogEntry], bool] = lambda _: False) -> list[str]:
         """Console errors and warnings and uncaught errors so far, less the expected ones."""
@@ -292,24 +280,20 @@ class Firefox:
         ]
 
 
-async def _listening_url(process: subprocess.Popen[bytes], timeout: float) -> str:
-    """The websocket URL from the browser's stderr line (the port is chosen by the OS).
-    The rest of stderr is left to ``_drain``."""
-    assert process.stderr is not None
-    stderr = process.stderr
-    loop = asyncio.get_running_loop()
+async def _listening_url(stderr: asyncio.StreamReader, timeout: float) -> str:
+    """The websocket URL from the browser's stderr line (the port is chosen by the OS)."""
     seen = b""
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        line = await asyncio.wait_for(
-            loop.run_in_executor(None, stderr.readline), deadline - loop.time()
-        )
-        if not line:
-            break
-        seen += line
-        if match := _LISTENING.search(line):
-            return match.group(1).decode()
+    async with asyncio.timeout(timeout):
+        while line := await stderr.readline():
+            seen += line
+            if match := _LISTENING.search(line):
+                return match.group(1).decode()
     raise RuntimeError(f"firefox did not open WebDriver BiDi: {seen.decode(errors='replace')}")
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
 
 
 @asynccontextmanager
@@ -318,19 +302,22 @@ async def launch_firefox(profile: Path, timeout: float = 30) -> AsyncIterator[Fi
     profile.mkdir(parents=True, exist_ok=True)
     (profile / "user.js").write_text(_prefs_js(_PREFS))
     env = {**os.environ, "MOZ_CRASHREPORTER_DISABLE": "1", "MOZ_HEADLESS": "1"}
-    process = subprocess.Popen(
-        [FIREFOX, "--headless", "--no-remote", "--remote-debugging-port=0"]
-        + ["--profile", str(profile), "about:blank"],
+    args = ["--headless", "--no-remote", "--remote-debugging-port=0", "--profile", str(profile)]
+    process = await asyncio.create_subprocess_exec(
+        FIREFOX,
+        *args,
+        "about:blank",
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env,
     )
-    drained: asyncio.Future[None] | None = None
+    assert process.stderr is not None
+    drained: asyncio.Task[None] | None = None
     try:
-        url = await _listening_url(process, timeout)
-        # Keep reading stderr so the browser never blocks on a full pipe.
-        drained = asyncio.get_running_loop().run_in_executor(None, _drain, process)
+        url = await _listening_url(process.stderr, timeout)
+        # Keep reading its log so the pipe never fills up and blocks the browser.
+        drained = asyncio.create_task(_drain(process.stderr))
         ws = await websockets.connect(f"{url}/session", max_size=64 * 2**20)
         session = Session(ws)
         session.start()
@@ -341,15 +328,8 @@ async def launch_firefox(profile: Path, timeout: float = 30) -> AsyncIterator[Fi
         finally:
             await session.close()
     finally:
-        process.kill()
-        process.wait(timeout=10)
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
         if drained is not None:
             await drained
-        assert process.stderr is not None
-        process.stderr.close()
-
-
-def _drain(process: subprocess.Popen[bytes]) -> None:
-    assert process.stderr is not None
-    while process.stderr.readline():
-        pass
