@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from tests.console.conftest import KEYS, Farm
+from tests.console.conftest import KEYS, KSAMPLER, Farm
 from tests.support.bidi import Firefox, LogEntry, Tab, launch_firefox
 from tests.support.images import encode, quadrant_image
 
@@ -129,3 +129,26 @@ async def test_the_browser_enforces_the_policy_and_the_test_sees_it(
     refused = [p for p in firefox.problems(_expected) if "Content-Security-Policy" in p]
     assert refused, firefox.session.logs
     firefox.session.logs.clear()
+
+
+async def test_every_run_form_renders_and_a_failed_job_shows_its_reason(
+    tab: Tab, farm: Farm
+) -> None:
+    for agent in farm.agents.values():
+        agent.fail_node(KSAMPLER, "RuntimeError", "CUDA out of memory (stand-in)")
+    job = await farm.queue("bob", "ImageToImage", PositivePrompt="a cat")
+    await sign_in(tab, farm, KEYS["bob"])
+    await tab.navigate(f"{farm.url}/#/run")
+    tasks = await tab.wait_for("[...document.querySelectorAll('nav.tabs a')].map(a => a.hash)")
+    assert "#/run/ImageUpscale" in tasks
+    for task in tasks:
+        await tab.click(f"nav.tabs a[href='{task}']")
+        await tab.wait_for(f"{q('nav.tabs a[aria-current=page]')}?.hash === '{task}'")
+        await tab.wait_for(f"{q('#run-form')} && {q('#run-submit')}")
+
+    await tab.navigate(f"{farm.url}/#/jobs/{job}")
+    failure = q("section.failure")
+    await tab.wait_for(f"{failure}?.textContent.includes('CUDA out of memory (stand-in)')")
+    assert "COMFYUI" in await tab.evaluate(f"{failure}.querySelector('.reason').textContent")
+    await tab.click("#run-again")
+    await tab.wait_for(f"{q('#f-PositivePrompt')}?.value === 'a cat'")
