@@ -202,13 +202,16 @@ class Tab:
     async def wait_for(self, expression: str, timeout: float = 15) -> Any:
         """Polls ``expression`` until it is truthy; its value."""
         deadline = time.monotonic() + timeout
+        error: ScriptError | None = None
         while True:
-            with contextlib.suppress(ScriptError):  # e.g. mid-navigation
+            try:
                 value = await self.evaluate(expression)
                 if value:
                     return value
+            except ScriptError as e:  # e.g. mid-navigation; reported if it lasts
+                error = e
             if time.monotonic() > deadline:
-                raise TimeoutError(f"still falsy after {timeout} s: {expression}")
+                raise TimeoutError(f"still falsy after {timeout} s: {expression}") from error
             await asyncio.sleep(0.1)
 
     async def _center(self, selector: str) -> tuple[int, int]:
