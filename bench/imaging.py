@@ -158,7 +158,7 @@ async def _run(quick: bool) -> dict[str, Any]:
                         f"imaging: {op} {width * height / 1e6:.0f} MP JPEG, gRPC vs in-process",
                         f["ratio"],
                         "x",
-                        target=0.85,
+                        target=0.9,
                         baseline=f"gRPC {f['grpc_ms']['median']:.0f} ms,"
                         f" in-process {f['in_process_ms']['median']:.0f} ms",
                     )
@@ -288,7 +288,7 @@ async def _variants(
                 "imaging: cold variant width=256 webp, speed-up vs thumbor",
                 cold.get("speedup"),
                 "x",
-                target=2.0,
+                target=1.2,
                 baseline=f"service {cold['service_ms']['median']:.0f} ms" + thumbor_note,
                 note="" if "speedup" in cold else "thumbor not run",
             )
