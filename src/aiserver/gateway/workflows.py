@@ -70,7 +70,7 @@ class WorkflowRoutes:
         declared = {field_key(p.name): p for p in described.workflow.parameters}
         backend = self._backend
         task = self._compat.workflow
-        assert task is not None  # routed only when the contract has RunWorkflow
+        assert task is not None, "routed only when the contract has WorkflowService"
         method = task.method
         request_cls = message_class(method.input_type)
         metadata = backend.metadata(request)
