@@ -114,7 +114,7 @@ def too_many_streams(limit: int) -> ServiceError:
     )
 
 
-class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class Guard(grpc.aio.ServerInterceptor):
     """See the module docstring. ``keyless_methods``: full method paths
     (``/imagetasks.v1.ArtifactService/ReadArtifact``) that may come without a key."""
 

@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -200,10 +200,11 @@ class LocalCalls:
         self.interceptor = interceptor
         self._handlers: dict[str, Any] = {}
 
-    def recorder(self, only: Collection[str]) -> _Recorder:
+    def recorder(self, only: Collection[str]) -> grpc.aio.Server:
         """Pass this as the server to ``add_*Servicer_to_server`` to serve the methods named
         in ``only`` (``GetVariant``) locally too."""
-        return _Recorder(self, only)
+        # Duck-typed: the generated registration calls only the two methods _Recorder has.
+        return cast("grpc.aio.Server", _Recorder(self, only))
 
     def add(self, path: str, handler: Any) -> None:
         if handler.request_streaming or not handler.response_streaming:

@@ -44,7 +44,7 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
     async def CropImage(  # type: ignore[override]  # chunks in wire form
         self,
         request_iterator: AsyncIterator[transform_service_pb2.CropImageRequest],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[transform_service_pb2.CropImageResponse | Encoded]:
         def work(path: Path, p: tasks_pb2.CropImageParams) -> EncodedImage:
             return crop(
@@ -66,7 +66,7 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
     async def ConvertImage(  # type: ignore[override]  # chunks in wire form
         self,
         request_iterator: AsyncIterator[transform_service_pb2.ConvertImageRequest],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[transform_service_pb2.ConvertImageResponse | Encoded]:
         def work(path: Path, p: tasks_pb2.ConvertImageParams) -> EncodedImage:
             target = format_from_proto(p.output_format, "params.output_format")
