@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import protovalidate
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
+from imagetasks.v1 import workflow_service_pb2 as wpb
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator
 from PIL import Image
@@ -151,6 +153,10 @@ async def test_patterns_mean_for_python_what_they_mean_for_ecma_and_re2(shim_url
     assert ref_id.is_valid("batch-7")
     assert re.search(props["RefId"]["pattern"], "batch-7\n")  # what the fuzzer drew
     assert not ref_id.is_valid("batch-7\n")
+    refused = wpb.RunWorkflowParams(workflow="text_to_image")
+    refused.options.ref_id = "batch-7\n"
+    with pytest.raises(protovalidate.ValidationError):  # as the server's rules (RE2) say
+        protovalidate.validate(refused)
     assert OAS30Validator(props["prompt"]).is_valid("two lines\nof prompt\n")
     assert not OAS30Validator(props["prompt"]).is_valid("nul \x00")
 
