@@ -104,7 +104,13 @@ class LocalUpscaleProvider:
         return self._settings.max_concurrent_jobs
 
     def refusal(self, task: TaskKind, spec: TaskSpec) -> ServiceError | None:
-        # Unknown model names are not refused here: a ComfyUI agent may have them.
+        """A model it does not have is a "no" for good: waiting never brings one. (Whether a
+        ComfyUI agent has it is the pool's say; the scheduler fails a job only when every
+        provider refuses it, with the first refusal, which is the pool's when agents exist.)"""
+        if not self.supports(task) or not isinstance(spec, ImageUpscaleSpec):
+            return None
+        if self.model_for(spec.model) is None:
+            return _unknown_model(spec.model)
         return None
 
     async def start(self) -> None:
