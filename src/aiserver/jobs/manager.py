@@ -59,6 +59,7 @@ from aiserver.jobs.scheduler import (
     default_spec,
     pick_provider,
     refusal,
+    waiting_reason,
 )
 from aiserver.jobs.store import JobQuery, JobRecord, JobStore
 from aiserver.logs import job_id_var
@@ -496,6 +497,9 @@ class JobManager:
                 error = refusal(self._providers, active.job.task, active.job.spec)
                 if error is not None:
                     self._finish(active, JobState.FAILED, error)
+                else:
+                    why = waiting_reason(self._providers, active.job.task, active.job.spec)
+                    self._set_waiting(active, why)
                 continue
             self._queue.remove(job_id)
             self._launch(active, provider, new_attempt=True)
@@ -508,11 +512,22 @@ class JobManager:
             active = self._active[job_id]
             if active.last_position != position:
                 active.last_position = position
-                self._emit(active, Progress(Stage.QUEUED, queue_position=position))
+                waiting = active.job.waiting
+                self._emit(active, Progress(Stage.QUEUED, queue_position=position, waiting=waiting))
+
+    def _set_waiting(self, active: ActiveJob, why: str) -> None:
+        """Tell watchers (events, GetJob) why a queued job is not taken, when that changes."""
+        if active.job.waiting == why:
+            return
+        active.job.waiting = why
+        position = self._queue.position(active.job.id)
+        active.last_position = position
+        self._emit(active, Progress(Stage.QUEUED, queue_position=position, waiting=why))
 
     def _launch(self, active: ActiveJob, provider: Provider, *, new_attempt: bool) -> None:
         self._running[provider.name] += 1  # counted now: the next pick must see it
         active.last_position = 0
+        active.job.waiting = ""
         task = asyncio.create_task(
             self._drive(active, provider, new_attempt), name=f"job-{active.job.id}"
         )
@@ -698,6 +713,7 @@ class JobManager:
         self._queue.remove(job.id)
         job.state = state
         job.error = error
+        job.waiting = ""
         job.ended = job.updated = _now()
         if state is JobState.SUCCEEDED:
             job.progress = 1.0

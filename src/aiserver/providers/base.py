@@ -122,6 +122,11 @@ class Provider(Protocol):
         """
         ...
 
+    def unavailable_reason(self, task: TaskKind, spec: TaskSpec) -> str:
+        """Why it cannot run ``spec`` right now, for watchers of a waiting job (e.g. which
+        agents are down); "" when it can."""
+        ...
+
     def load(self) -> int:
         """Jobs running now, for least-loaded choice."""
         ...

@@ -163,6 +163,16 @@ class ComfyPool:
         error = self._none_capable(workflow, spec, reasons, frozenset())
         return None if isinstance(error, ProviderUnavailable) else error
 
+    def unavailable_reason(self, task: TaskKind, spec: TaskSpec) -> str:
+        workflow = self._workflows.find(task)
+        if workflow is None:
+            return f"no ComfyUI workflow for {task.value}"
+        capable, reasons = self._capable(workflow, spec, frozenset())
+        if capable:
+            return ""
+        detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+        return f"no ComfyUI agent can take it now ({detail or 'none configured'})"
+
     def load(self) -> int:
         return sum(agent.running for agent in self._agents.values())
 

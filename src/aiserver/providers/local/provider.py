@@ -97,6 +97,15 @@ class LocalUpscaleProvider:
         model = self.model_for(spec.model)
         return model is not None and self._models.usable(model)
 
+    def unavailable_reason(self, task: TaskKind, spec: TaskSpec) -> str:
+        if self.can_run(task, spec) or not self.supports(task):
+            return ""
+        requested = spec.model if isinstance(spec, ImageUpscaleSpec) else ""
+        model = self.model_for(requested)
+        if model is None:
+            return f"the {self._name} upscaler has no model {requested!r}"
+        return f"the {self._name} upscaler cannot load {model.name}"
+
     def load(self) -> int:
         return self._jobs
 
