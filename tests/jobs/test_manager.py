@@ -300,7 +300,9 @@ async def test_max_attempts_then_failed_with_the_last_error(env: Env) -> None:
         ErrorKind.UNAVAILABLE,
         "PROVIDER_UNAVAILABLE",
     )
-    assert final.job.error.message == "down on attempt 3"
+    # The last error, naming the first one: the cause that started the retries.
+    assert final.job.error.message == "down on attempt 3; first failure (on a1): down on attempt 1"
+    assert final.job.error.metadata["first_failure"] == "down on attempt 1"
     assert provider.runs[-1].work.exclude == {"a1", "a2"}
 
 

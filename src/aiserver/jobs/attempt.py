@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,6 +21,7 @@ from aiserver.jobs.model import (
     JobEvent,
     OutputStored,
     Progress,
+    Retrying,
     TextProduced,
 )
 from aiserver.jobs.outputs import ArtifactWriter
@@ -40,6 +41,7 @@ __all__ = [
     "input_missing",
     "internal_error",
     "is_unavailable",
+    "with_first_cause",
 ]
 
 CancelReason = Literal["user", "shutdown"]
@@ -176,4 +178,21 @@ def input_missing(ref: InputRef) -> ServiceError:
         f"input {ref.field!r} is no longer in the spool",
         violations=(FieldViolation(ref.field, "not found in the input spool"),),
         metadata={"field": ref.field, "sha256": ref.sha256},
+    )
+
+
+def with_first_cause(error: ServiceError, retries: Sequence[Retrying]) -> ServiceError:
+    """``error`` naming the failure that started the retries too: that is the real cause, where
+    the last attempt may only have found no agent, or the queue deadline passed."""
+    if not retries or retries[0].reason in error.message:
+        return error
+    first = retries[0]
+    where = f" (on {first.agent})" if first.agent else ""
+    return ServiceError(
+        error.kind,
+        error.reason,
+        f"{error.message}; first failure{where}: {first.reason}",
+        violations=error.violations,
+        metadata={**error.metadata, "first_failure": first.reason[:1000]},
+        retry_after_s=error.retry_after_s,
     )

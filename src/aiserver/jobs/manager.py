@@ -27,6 +27,7 @@ from aiserver.jobs.attempt import (
     input_missing,
     internal_error,
     is_unavailable,
+    with_first_cause,
 )
 from aiserver.jobs.events import (
     EventHub,
@@ -477,7 +478,8 @@ class JobManager:
                 f"no provider took the job within {timeout:g} s",
                 metadata={"queue_timeout_s": f"{timeout:g}"},
             )
-            self._finish(self._active[job_id], JobState.FAILED, error)
+            active = self._active[job_id]
+            self._finish(active, JobState.FAILED, with_first_cause(error, active.record.retries))
 
     def _dispatch(self) -> None:
         if self._phase != "running":
@@ -641,7 +643,9 @@ class JobManager:
     async def _retry_or_fail(self, active: ActiveJob, error: ServiceError, *, agent: str) -> None:
         job = active.job
         if job.attempts >= self._settings.max_attempts:
-            await self._finish(active, JobState.FAILED, error)
+            await self._finish(
+                active, JobState.FAILED, with_first_cause(error, active.record.retries)
+            )
             return
         retry = Retrying(attempt=job.attempts + 1, reason=error.message, agent=agent)
         active.record.retries.append(retry)
