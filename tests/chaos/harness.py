@@ -34,7 +34,7 @@ from tests.support.generation import generate
 from tests.support.images import encode, quadrant_image
 from tests.support.server_process import REPO, ServerProcess
 
-__all__ = ["Agent", "Client", "Report", "Service", "tally"]
+__all__ = ["REPORTS", "Agent", "Client", "Report", "Service", "read_logs", "tally"]
 
 TERMINAL = {
     job_pb2.Job.STATE_SUCCEEDED,
@@ -292,6 +292,10 @@ class Report:
         }
 
 
+REPORTS: list[Report] = []
+"""Every report of this test session, for the summary at its end."""
+
+
 def tally(
     scenario: str,
     names: Iterable[str],
@@ -313,10 +317,21 @@ def tally(
         else:
             report.failed[error_reason(job)] += 1
     kills = {a.name: a.kills for a in agents}
+    ours = {n.removeprefix("jobs/") for n in names}
+    entries = [e for e in read_logs(a.log for a in agents) if e.job in ours]
     successes: dict[str, list[LogEntry]] = {}
-    for entry in read_logs(a.log for a in agents):
+    for entry in entries:
         if entry.event == "success":
             successes.setdefault(entry.job, []).append(entry)
+    succeeded = {(e.agent, e.prompt_id) for e in entries if e.event == "success"}
+    # Prompts an agent started and never finished because it was killed: the chaos that bit.
+    report.notes["prompts killed mid-run"] = sum(
+        1
+        for e in entries
+        if e.event == "start"
+        and (e.agent, e.prompt_id) not in succeeded
+        and any(k >= e.t for k in kills.get(e.agent, []))
+    )
     for name in names:
         runs = successes.get(name.removeprefix("jobs/"), [])
         # Every success but the last must be excused by its agent dying right after it.
@@ -327,4 +342,5 @@ def tally(
         ]
         if unexcused:
             report.run_twice.append(name)
+    REPORTS.append(report)
     return report

@@ -117,7 +117,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
 
 
 def check(report: Report, cluster: Cluster) -> None:
-    print(report.line())  # the figures, with -s
     with cluster.reports.open("a") as out:
         out.write(json.dumps(report.as_dict()) + "\n")
     assert report.lost == [], report.line()
