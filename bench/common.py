@@ -156,7 +156,8 @@ def ensure_comfy_provider(service: Any) -> str:
     When the provider registry does not (yet) build a ComfyUI pool from ``settings.agents``,
     the bench adds one itself, built from the same settings, before the service starts.
     """
-    from aiserver.providers.comfy import ComfyPool, WorkflowCatalog
+    from aiserver.providers.comfy.pool import ComfyPool
+    from aiserver.providers.comfy.workflows import WorkflowCatalog
     from aiserver.tasks import TaskKind
 
     settings = service.settings

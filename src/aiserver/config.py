@@ -15,37 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
-from urllib.parse import urlsplit
+
+from aiserver.providers.comfy.settings import AgentSettings
 
 __all__ = ["AgentSettings", "Settings", "load_settings"]
 
 ENV_PREFIX = "AISERVER_"
-
-
-@dataclass(frozen=True, slots=True)
-class AgentSettings:
-    """One ComfyUI agent."""
-
-    url: str
-    """Base URL, e.g. ``http://gpu-1:8188``."""
-    name: str = ""
-    """Name shown to operators; defaults to the URL's host and port."""
-    api_key: str = field(default="", repr=False)
-    """Sent as ``Authorization: Bearer`` when set (ComfyUI behind an auth proxy)."""
-    priority: int = 0
-    """Breaks ties between equally loaded agents: higher first."""
-    max_concurrent_jobs: int = 1
-    """Jobs sent to this agent at once; more wait in the service's queue."""
-    enabled: bool = True
-
-    def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"agent url must be http(s)://host:port, got {self.url!r}")
-        if self.max_concurrent_jobs < 1:
-            raise ValueError(f"agent {self.url}: max_concurrent_jobs must be at least 1")
-        if not self.name:
-            object.__setattr__(self, "name", parts.netloc)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from aiserver.jobs.model import Job, JobState
 from aiserver.jobs.scheduler import default_spec
-from aiserver.providers.comfy import AgentState, ComfyPool
+from aiserver.providers.comfy.pool import AgentState, ComfyPool
 from aiserver.providers.fallback import unwrap
 from aiserver.tasks import TaskKind
 

@@ -23,7 +23,6 @@ from imagetasks.v1 import (
     transform_service_pb2_grpc,
 )
 
-from aiserver.api import calls
 from aiserver.api.agents import AgentServicer
 from aiserver.api.artifacts import ArtifactServicer
 from aiserver.api.generation import GenerationServicer, SubmitLimits
@@ -38,8 +37,8 @@ from aiserver.jobs.model import Job
 from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import SqliteJobStore
 from aiserver.metrics import Metrics, MetricsServer
+from aiserver.provider_config import build_providers
 from aiserver.providers.base import Provider
-from aiserver.providers.registry import build_providers
 from aiserver.retention import Retention, RetentionPolicy
 from aiserver.security import Security
 from aiserver.spool import InputSpool
@@ -176,13 +175,12 @@ class Service:
                     chunk_bytes=s.chunk_bytes,
                     image=self.limits,
                 ),
-                owner_of=calls.owner_of,
                 link=link,
             ),
             server,
         )
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
-            JobServicer(manager, owner_of=calls.owner_of, is_admin=calls.is_admin, link=link),
+            JobServicer(manager, link=link),
             server,
         )
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
@@ -191,13 +189,12 @@ class Service:
                 variants=self.variants,
                 policy=self.variant_policy,
                 chunk_bytes=s.chunk_bytes,
-                scope_of=calls.scope_of,
                 signer=self.security.signer,
             ),
             server,
         )
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.providers, is_admin=calls.is_admin), server
+            AgentServicer(self.providers), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (*self._services(), health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
-from aiserver.providers.comfy.client import ComfyClient
 from aiserver.providers.comfy.workflows import WorkflowCatalog
-from tests.comfy.helpers import FAST
+from tests.comfy.helpers import DirectAgent
 from tests.support.comfy_standin import ComfyStandIn
 
 StandInFactory = Callable[..., Awaitable[ComfyStandIn]]
@@ -43,8 +42,8 @@ def catalog() -> WorkflowCatalog:
 
 
 @pytest.fixture
-async def client(standin: ComfyStandIn) -> AsyncIterator[ComfyClient]:
-    c = ComfyClient("agent-a", standin.url, timeouts=FAST)
+async def client(standin: ComfyStandIn) -> AsyncIterator[DirectAgent]:
+    c = DirectAgent("agent-a", standin.url)
     yield c
     await c.aclose()
 

@@ -15,15 +15,21 @@ from aiserver.providers.base import (
     GeneratedImage,
     GeneratedText,
     ProviderProgress,
+    RunSink,
     WorkInput,
     WorkItem,
 )
-from aiserver.providers.comfy.client import ComfyTimeouts
+from aiserver.providers.comfy.background import Background
+from aiserver.providers.comfy.client import ComfyClient
+from aiserver.providers.comfy.run import Run
+from aiserver.providers.comfy.settings import ComfyTimeouts
+from aiserver.providers.comfy.workflows import Workflow
 from aiserver.tasks import TaskKind, TaskSpec
 
 __all__ = [
     "FAST",
     "HOSTILE",
+    "DirectAgent",
     "RecordingSink",
     "png",
     "work_item",
@@ -43,6 +49,33 @@ FAST = ComfyTimeouts(
     backoff_max_s=0.2,
     cancel_s=2.0,
 )
+
+
+class DirectAgent:
+    """One agent's transport with what the pool would hand its runs (timeouts, background
+    tasks), so a test drives :class:`Run` without a pool."""
+
+    def __init__(self, name: str, url: str, *, timeouts: ComfyTimeouts = FAST) -> None:
+        self.timeouts = timeouts
+        self.transport = ComfyClient(
+            name, url, connect_s=timeouts.connect_s, request_s=timeouts.request_s
+        )
+        self.background = Background()
+
+    async def run(self, work: WorkItem, workflow: Workflow, sink: RunSink) -> None:
+        await Run(
+            self.transport,
+            work,
+            workflow,
+            sink,
+            timeouts=self.timeouts,
+            spawn=self.background.spawn,
+        ).execute()
+
+    async def aclose(self) -> None:
+        await self.background.drain()
+        await self.transport.aclose()
+
 
 #: Prompt text that breaks workflows built by text substitution.
 HOSTILE = (

@@ -1,4 +1,4 @@
-"""ComfyClient end to end against the stand-in: every task, errors, cancel, drops, re-attach."""
+"""Runs over ComfyClient against the stand-in: every task, errors, cancel, drops, re-attach."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.jobs.model import Stage
-from aiserver.providers.base import ProviderUnavailable, WorkItem
-from aiserver.providers.comfy.client import ComfyClient
+from aiserver.providers.base import ProviderFailure, ProviderUnavailable, WorkItem
 from aiserver.providers.comfy.workflows import WorkflowCatalog, default_workflows_dir
+from aiserver.providers.failures import Cause
 from aiserver.tasks import (
     DEFAULT_NEGATIVE_PROMPT,
     ImageToImageSpec,
@@ -28,6 +28,7 @@ from tests.comfy.conftest import Spawn, StandInFactory
 from tests.comfy.helpers import (
     FAST,
     HOSTILE,
+    DirectAgent,
     RecordingSink,
     decoded_size,
     png,
@@ -45,11 +46,18 @@ def img2img(inputs_dir: Path, **spec: object) -> WorkItem:
     return work_item(TaskKind.IMAGE_TO_IMAGE, ImageToImageSpec(**values), {"image": image})  # type: ignore[arg-type]
 
 
-async def run(client: ComfyClient, catalog: WorkflowCatalog, work: WorkItem) -> RecordingSink:
+async def run(client: DirectAgent, catalog: WorkflowCatalog, work: WorkItem) -> RecordingSink:
     sink = RecordingSink()
     async with asyncio.timeout(15):
         await client.run(work, catalog.get(work.task), sink)
     return sink
+
+
+def assert_cause(error: BaseException, cause: Cause, *, lost: bool, retryable: bool) -> None:
+    """The failure's type says what the pool and the scheduler will do with it."""
+    assert isinstance(error, ProviderFailure)
+    assert (error.cause, error.agent_lost, error.retryable) == (cause, lost, retryable)
+    assert error.reached_agent and error.agent == "agent-a"
 
 
 def assert_progress_sane(sink: RecordingSink) -> None:
@@ -64,7 +72,7 @@ def assert_progress_sane(sink: RecordingSink) -> None:
 
 
 async def test_image_to_image_batch(
-    standin: ComfyStandIn, client: ComfyClient, catalog: WorkflowCatalog, inputs_dir: Path
+    standin: ComfyStandIn, client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
     work = img2img(inputs_dir, batch_size=3, seed=42)
     sink = await run(client, catalog, work)
@@ -97,7 +105,7 @@ async def test_image_to_image_batch(
 
 
 async def test_random_seed_is_reported(
-    standin: ComfyStandIn, client: ComfyClient, catalog: WorkflowCatalog, inputs_dir: Path
+    standin: ComfyStandIn, client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
     sink = await run(client, catalog, img2img(inputs_dir))
     seed = standin.received.prompts[-1]["prompt"]["7"]["inputs"]["seed"]
@@ -106,7 +114,7 @@ async def test_random_seed_is_reported(
 
 
 async def test_image_with_mask_resizes_the_mask(
-    standin: ComfyStandIn, client: ComfyClient, catalog: WorkflowCatalog, inputs_dir: Path
+    standin: ComfyStandIn, client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
     image = write_input(inputs_dir, "image", png(80, 64))
     mask = write_input(inputs_dir, "mask", png(20, 16, (0, 0, 0, 0), "RGBA"))
@@ -125,7 +133,7 @@ async def test_image_with_mask_resizes_the_mask(
 @pytest.mark.parametrize("model", ["", "RealESRGAN_x4plus.pth"])
 async def test_image_upscale_is_exactly_twice(
     standin: ComfyStandIn,
-    client: ComfyClient,
+    client: DirectAgent,
     catalog: WorkflowCatalog,
     inputs_dir: Path,
     model: str,
@@ -145,7 +153,7 @@ async def test_image_upscale_is_exactly_twice(
 
 
 async def test_image_to_text_caption(
-    standin: ComfyStandIn, client: ComfyClient, catalog: WorkflowCatalog, inputs_dir: Path
+    standin: ComfyStandIn, client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
     image = write_input(inputs_dir, "image", png(96, 64, (200, 30, 30)))
     spec = ImageToTextSpec(prompt=HOSTILE)
@@ -166,7 +174,7 @@ async def test_image_to_text_caption(
 
 
 async def test_hostile_prompts_arrive_byte_identical(
-    standin: ComfyStandIn, client: ComfyClient, catalog: WorkflowCatalog, inputs_dir: Path
+    standin: ComfyStandIn, client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
     negative = HOSTILE[::-1] + '"}]},{"'
     await run(
@@ -179,7 +187,7 @@ async def test_hostile_prompts_arrive_byte_identical(
 
 
 async def test_missing_model_is_a_clear_precondition(
-    standin: ComfyStandIn, client: ComfyClient, catalog: WorkflowCatalog, inputs_dir: Path
+    standin: ComfyStandIn, client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
     with pytest.raises(ServiceError) as caught:
         await run(client, catalog, img2img(inputs_dir, model="sdxl_missing.safetensors"))
@@ -192,10 +200,12 @@ async def test_missing_model_is_a_clear_precondition(
     assert "not in" in error.metadata["comfy_message"]
     assert [v.field for v in error.violations] == ["params.model"]
     assert "sdxl_missing.safetensors" in error.message
+    assert_cause(error, Cause.AGENT_LACKS, lost=False, retryable=False)
+    assert isinstance(error, ProviderFailure) and error.agent_outdated
 
 
 async def test_bad_sampler_is_invalid_argument(
-    client: ComfyClient, catalog: WorkflowCatalog, inputs_dir: Path
+    client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
     with pytest.raises(ServiceError) as caught:
         await run(client, catalog, img2img(inputs_dir, sampler="no_such_sampler"))
@@ -203,13 +213,15 @@ async def test_bad_sampler_is_invalid_argument(
     assert (error.kind, error.reason) == (ErrorKind.INVALID_ARGUMENT, "COMFYUI_PROMPT_INVALID")
     assert error.metadata["input_name"] == "sampler_name"
     assert [v.field for v in error.violations] == ["params.sampler"]
+    assert_cause(error, Cause.PROMPT_REJECTED, lost=False, retryable=False)
+    assert isinstance(error, ProviderFailure) and not error.agent_outdated
 
 
 async def test_unknown_node_type_is_node_missing(
     make_standin: StandInFactory, catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
     standin = await make_standin(missing_nodes=["Florence2Run"])
-    client = ComfyClient("agent-a", standin.url, timeouts=FAST)
+    client = DirectAgent("agent-a", standin.url, timeouts=FAST)
     image = write_input(inputs_dir, "image", png(32, 32))
     try:
         with pytest.raises(ServiceError) as caught:
@@ -224,10 +236,11 @@ async def test_unknown_node_type_is_node_missing(
         ErrorKind.FAILED_PRECONDITION,
         "COMFYUI_NODE_MISSING",
     )
+    assert_cause(caught.value, Cause.AGENT_LACKS, lost=False, retryable=False)
 
 
 async def test_execution_error_is_mapped(
-    standin: ComfyStandIn, client: ComfyClient, catalog: WorkflowCatalog, inputs_dir: Path
+    standin: ComfyStandIn, client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
     standin.fail_node("7", "torch.OutOfMemoryError", "CUDA out of memory")
     with pytest.raises(ServiceError) as caught:
@@ -238,10 +251,11 @@ async def test_execution_error_is_mapped(
     assert error.metadata["exception_message"] == "CUDA out of memory"
     assert (error.metadata["node_id"], error.metadata["node_type"]) == ("7", "KSampler")
     assert standin.received.interrupts == [] and standin.received.deletes == []
+    assert_cause(error, Cause.EXECUTION_ERROR, lost=False, retryable=False)
 
 
 async def test_loader_failure_is_a_precondition(
-    client: ComfyClient, catalog: WorkflowCatalog, inputs_dir: Path
+    client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
     image = write_input(inputs_dir, "image", png(16, 16))
     spec = ImageUpscaleSpec(model="corrupt_for_probe.pth")
@@ -253,7 +267,7 @@ async def test_loader_failure_is_a_precondition(
 
 async def test_cancel_pending_deletes_from_the_queue(
     standin: ComfyStandIn,
-    client: ComfyClient,
+    client: DirectAgent,
     catalog: WorkflowCatalog,
     inputs_dir: Path,
     spawn: Spawn,
@@ -277,7 +291,7 @@ async def test_cancel_pending_deletes_from_the_queue(
 
 async def test_cancel_running_interrupts_that_prompt(
     standin: ComfyStandIn,
-    client: ComfyClient,
+    client: DirectAgent,
     catalog: WorkflowCatalog,
     inputs_dir: Path,
     spawn: Spawn,
@@ -299,7 +313,7 @@ async def test_cancel_running_interrupts_that_prompt(
 
 async def test_interrupted_by_someone_else_is_cancelled(
     standin: ComfyStandIn,
-    client: ComfyClient,
+    client: DirectAgent,
     catalog: WorkflowCatalog,
     inputs_dir: Path,
     spawn: Spawn,
@@ -314,6 +328,7 @@ async def test_interrupted_by_someone_else_is_cancelled(
         async with asyncio.timeout(5):
             await task
     assert (caught.value.kind, caught.value.reason) == (ErrorKind.CANCELLED, "COMFYUI_INTERRUPTED")
+    assert_cause(caught.value, Cause.INTERRUPTED, lost=False, retryable=False)
 
 
 @pytest.mark.parametrize("jobs_api", [True, False])
@@ -328,7 +343,7 @@ async def test_websocket_drop_mid_job_still_completes(
     # "9" is the SaveImage node: its executed message is lost, outputs come from HTTP.
     standin = await make_standin(jobs_api=jobs_api, step_delay_s=0.01)
     standin.drop_websockets_at(drop_at, outage_s=0.0 if drop_at == "7" else 0.2)
-    client = ComfyClient("agent-a", standin.url, timeouts=FAST)
+    client = DirectAgent("agent-a", standin.url, timeouts=FAST)
     try:
         sink = await run(client, catalog, img2img(inputs_dir, batch_size=2))
     finally:
@@ -355,13 +370,14 @@ async def test_hang_fires_the_idle_timeout(
 ) -> None:
     standin.hang_at("7")
     timeouts = dataclasses.replace(FAST, idle_s=0.4, poll_s=0.1)
-    client = ComfyClient("agent-a", standin.url, timeouts=timeouts)
+    client = DirectAgent("agent-a", standin.url, timeouts=timeouts)
     try:
         with pytest.raises(ProviderUnavailable) as caught:
             await run(client, catalog, img2img(inputs_dir))
     finally:
         await client.aclose()
     assert caught.value.metadata["cause"] == "idle_timeout"
+    assert_cause(caught.value, Cause.IDLE_TIMEOUT, lost=True, retryable=True)
     assert caught.value.metadata["agent"] == "agent-a"
     pid = caught.value.metadata["prompt_id"]
     assert standin.received.interrupts == [{"prompt_id": pid}]  # not left hogging the agent
@@ -371,7 +387,7 @@ async def test_queue_wait_timeout_withdraws_the_prompt(
     standin: ComfyStandIn, catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
     standin.set_queue_delay(30)
-    client = ComfyClient(
+    client = DirectAgent(
         "agent-a", standin.url, timeouts=dataclasses.replace(FAST, queue_wait_s=0.3)
     )
     try:
@@ -380,6 +396,7 @@ async def test_queue_wait_timeout_withdraws_the_prompt(
     finally:
         await client.aclose()
     assert caught.value.metadata["cause"] == "queue_timeout"
+    assert_cause(caught.value, Cause.QUEUE_TIMEOUT, lost=False, retryable=True)
     assert standin.received.deletes == [caught.value.metadata["prompt_id"]]
     assert standin.pending_prompts == []
 
@@ -387,7 +404,7 @@ async def test_queue_wait_timeout_withdraws_the_prompt(
 @pytest.mark.parametrize("route", ["/prompt", "/upload/image", "/view"])
 async def test_http_500_is_unavailable(
     standin: ComfyStandIn,
-    client: ComfyClient,
+    client: DirectAgent,
     catalog: WorkflowCatalog,
     inputs_dir: Path,
     route: str,
@@ -397,13 +414,14 @@ async def test_http_500_is_unavailable(
         await run(client, catalog, img2img(inputs_dir))
     assert caught.value.metadata["cause"] == "server_error"
     assert caught.value.metadata["status"] == "500"
+    assert_cause(caught.value, Cause.SERVER_ERROR, lost=True, retryable=True)
 
 
 async def test_killed_agent_mid_job_is_unavailable(
     standin: ComfyStandIn, catalog: WorkflowCatalog, inputs_dir: Path, spawn: Spawn
 ) -> None:
     standin.hang_at("7")
-    client = ComfyClient(
+    client = DirectAgent(
         "agent-a", standin.url, timeouts=dataclasses.replace(FAST, reconnect_s=0.3)
     )
     sink = RecordingSink()
@@ -418,18 +436,22 @@ async def test_killed_agent_mid_job_is_unavailable(
         await client.aclose()
     assert caught.value.metadata["agent"] == "agent-a"
     assert caught.value.metadata["cause"] in ("websocket", "connection")
+    assert caught.value.cause in (Cause.WEBSOCKET, Cause.CONNECTION)
+    assert caught.value.agent_lost and caught.value.retryable
 
 
 async def test_connection_refused_is_unavailable(
     catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
-    client = ComfyClient("gone", "http://127.0.0.1:9", timeouts=FAST)
+    client = DirectAgent("gone", "http://127.0.0.1:9", timeouts=FAST)
     try:
         with pytest.raises(ProviderUnavailable) as caught:
             await run(client, catalog, img2img(inputs_dir))
     finally:
         await client.aclose()
     assert caught.value.kind is ErrorKind.UNAVAILABLE and caught.value.retry_after_s is None
+    assert caught.value.cause is Cause.WEBSOCKET and caught.value.agent == "gone"  # opened first
+    assert caught.value.agent_lost and caught.value.retryable
 
 
 # ---- re-attaching ----------------------------------------------------------------------------
@@ -456,7 +478,7 @@ async def queue_as_an_earlier_process(
 
 async def test_reattach_to_a_prompt_still_queued(
     standin: ComfyStandIn,
-    client: ComfyClient,
+    client: DirectAgent,
     catalog: WorkflowCatalog,
     inputs_dir: Path,
     spawn: Spawn,
@@ -486,7 +508,7 @@ async def test_reattach_to_a_prompt_that_already_ended(
     first = img2img(inputs_dir)
     resume = await queue_as_an_earlier_process(standin, catalog, first, seed=11)
     await standin.wait_for(lambda: standin.history(resume["prompt_id"]) is not None)
-    client = ComfyClient("agent-a", standin.url, timeouts=FAST)
+    client = DirectAgent("agent-a", standin.url, timeouts=FAST)
     try:
         sink = await run(client, catalog, dataclasses.replace(first, resume=resume))
     finally:
@@ -497,7 +519,7 @@ async def test_reattach_to_a_prompt_that_already_ended(
 
 
 async def test_reattach_after_the_agent_forgot_queues_again(
-    standin: ComfyStandIn, client: ComfyClient, catalog: WorkflowCatalog, inputs_dir: Path
+    standin: ComfyStandIn, client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
     first = img2img(inputs_dir)
     resume = {
@@ -514,7 +536,7 @@ async def test_reattach_after_the_agent_forgot_queues_again(
 
 
 async def test_reattach_to_a_failed_prompt_raises_its_error(
-    standin: ComfyStandIn, client: ComfyClient, catalog: WorkflowCatalog, inputs_dir: Path
+    standin: ComfyStandIn, client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
     standin.fail_node("8", "RuntimeError", "decoder exploded")
     first = img2img(inputs_dir)
@@ -527,7 +549,7 @@ async def test_reattach_to_a_failed_prompt_raises_its_error(
 
 
 async def test_partly_valid_prompt_without_our_output_is_refused(
-    standin: ComfyStandIn, client: ComfyClient, tmp_path: Path, inputs_dir: Path
+    standin: ComfyStandIn, client: DirectAgent, tmp_path: Path, inputs_dir: Path
 ) -> None:
     # A user graph with a second output: ComfyUI answers 200 and runs only the valid one.
     user = tmp_path / "user"
@@ -551,7 +573,7 @@ async def test_partly_valid_prompt_without_our_output_is_refused(
 
 async def test_prompt_deleted_by_someone_else_is_noticed(
     standin: ComfyStandIn,
-    client: ComfyClient,
+    client: DirectAgent,
     catalog: WorkflowCatalog,
     inputs_dir: Path,
     spawn: Spawn,
@@ -566,3 +588,27 @@ async def test_prompt_deleted_by_someone_else_is_noticed(
         async with asyncio.timeout(5):
             await task
     assert caught.value.metadata["cause"] == "prompt_lost"
+    assert_cause(caught.value, Cause.PROMPT_LOST, lost=True, retryable=True)
+
+
+async def test_missing_output_file_is_not_the_agents_fault(
+    standin: ComfyStandIn, client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    standin.fail_http("/view", status=404)
+    with pytest.raises(ProviderUnavailable) as caught:
+        await run(client, catalog, img2img(inputs_dir))
+    assert_cause(caught.value, Cause.OUTPUT_MISSING, lost=False, retryable=True)
+
+
+async def test_refused_credentials_lose_the_agent(
+    make_standin: StandInFactory, catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    standin = await make_standin(api_key="s3cret")
+    client = DirectAgent("agent-a", standin.url)
+    try:
+        with pytest.raises(ProviderUnavailable) as caught:
+            await run(client, catalog, img2img(inputs_dir))
+    finally:
+        await client.aclose()
+    assert caught.value.metadata["status"] == "401"
+    assert_cause(caught.value, Cause.AUTH, lost=True, retryable=True)

@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from aiserver.errors import ErrorKind, ServiceError
-from aiserver.providers.base import SHUTDOWN, Provider, ProviderUnavailable, WorkItem
+from aiserver.providers.base import (
+    SHUTDOWN,
+    Cause,
+    Provider,
+    ProviderFailure,
+    ProviderUnavailable,
+    WorkItem,
+)
 from aiserver.providers.comfy.pool import AgentConfig, AgentState, ComfyPool, PoolSettings
 from aiserver.providers.comfy.workflows import WorkflowCatalog
 from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, ImageUpscaleSpec, TaskKind
@@ -206,6 +213,51 @@ async def test_no_agent_online_is_unavailable(
     with pytest.raises(ProviderUnavailable) as caught:
         await run(pool, upscale(inputs_dir))
     assert "gone: offline" in caught.value.message
+    assert caught.value.cause is Cause.NO_AGENT and caught.value.retryable
+    assert not caught.value.reached_agent and not caught.value.agent_lost
+
+
+async def test_closed_pool_is_unavailable_without_an_agent(
+    make_standin: StandInFactory, pools: list[ComfyPool], catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    standin = await make_standin()
+    pool = await started(pools, catalog, AgentConfig(standin.url, name="a"))
+    await pool.close()
+    with pytest.raises(ProviderUnavailable) as caught:
+        await run(pool, upscale(inputs_dir))
+    assert caught.value.cause is Cause.PROVIDER_CLOSED and not caught.value.reached_agent
+
+
+async def test_a_failure_that_is_not_the_agents_keeps_it_online(
+    make_standin: StandInFactory, pools: list[ComfyPool], catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    standin = await make_standin()
+    standin.fail_http("/view", status=404)
+    pool = await started(pools, catalog, AgentConfig(standin.url, name="a"))
+    with pytest.raises(ProviderUnavailable) as caught:
+        await run(pool, upscale(inputs_dir))
+    assert caught.value.cause is Cause.OUTPUT_MISSING and caught.value.agent == "a"
+    assert not caught.value.agent_lost and caught.value.retryable
+    (snap,) = pool.snapshot()
+    assert snap.state is AgentState.ONLINE and snap.last_error == ""
+
+
+async def test_an_agent_that_lost_a_model_is_probed_again(
+    make_standin: StandInFactory, pools: list[ComfyPool], catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    standin = await make_standin()
+    # Probes far apart: only the failure's type can bring the next one forward.
+    pool = await started(pools, catalog, AgentConfig(standin.url, name="a"), probe_interval_s=60)
+    assert pool.can_run(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec(model="RealESRGAN_x2.pth"))
+    standin.set_models("upscale_models", [])
+    with pytest.raises(ProviderFailure) as caught:
+        await run(pool, upscale(inputs_dir, model="RealESRGAN_x2.pth"))
+    assert caught.value.cause is Cause.AGENT_LACKS and caught.value.agent_outdated
+    assert not caught.value.retryable and not caught.value.agent_lost
+    async with asyncio.timeout(5):
+        while pool.can_run(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec(model="RealESRGAN_x2.pth")):
+            await asyncio.sleep(0.02)
+    assert pool.snapshot()[0].state is AgentState.ONLINE
 
 
 async def test_least_loaded_and_slots(

@@ -19,7 +19,7 @@ from aiserver.jobs.model import (
 )
 from aiserver.jobs.scheduler import SHUTDOWN
 from aiserver.jobs.store import JobQuery
-from aiserver.providers.base import ProviderUnavailable
+from aiserver.providers.base import Cause, ProviderFailure, ProviderUnavailable
 from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, TaskKind
 from tests.jobs.helpers import (
     Env,
@@ -263,7 +263,7 @@ async def test_unavailable_provider_is_retried_without_the_failed_agent(env: Env
     async def flaky(run: Run) -> None:
         if run.work.attempt == 1:
             await run.sink.checkpoint({"agent": "gpu-1", "prompt_id": "p1"})
-            raise ProviderUnavailable("gpu-1 went away", agent="gpu-1")
+            raise ProviderUnavailable("gpu-1 went away", agent="gpu-1", cause=Cause.CONNECTION)
         await produce_image(run)
 
     provider = ScriptedProvider(behaviour=flaky)
@@ -284,7 +284,9 @@ async def test_unavailable_provider_is_retried_without_the_failed_agent(env: Env
 async def test_max_attempts_then_failed_with_the_last_error(env: Env) -> None:
     async def down(run: Run) -> None:
         raise ProviderUnavailable(
-            f"down on attempt {run.work.attempt}", agent=f"a{run.work.attempt}"
+            f"down on attempt {run.work.attempt}",
+            agent=f"a{run.work.attempt}",
+            cause=Cause.CONNECTION,
         )
 
     provider = ScriptedProvider(behaviour=down)
@@ -333,6 +335,52 @@ async def test_errors_fail_the_job(env: Env, caplog: pytest.LogCaptureFixture) -
     logged = [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
     assert any("boom" in str(r.exc_info[1]) for r in logged if r.exc_info)
     assert [r.work.attempt for r in provider.runs] == [1, 1, 1]  # no retries for these
+
+
+async def test_the_failures_type_decides_retrying(env: Env) -> None:
+    """A retryable cause is retried, with the failure's agent excluded; a final one is not,
+    whatever its kind; and UNAVAILABLE alone (no cause) is not a reason to retry."""
+
+    async def final(run: Run) -> None:
+        raise ProviderFailure(
+            ErrorKind.INTERNAL,
+            "COMFYUI_EXECUTION_ERROR",
+            "node 7 failed",
+            cause=Cause.EXECUTION_ERROR,
+            agent="gpu-1",
+        )
+
+    async def busy_then_fine(run: Run) -> None:
+        if run.work.attempt == 1:
+            raise ProviderUnavailable("gpu-2 too busy", agent="gpu-2", cause=Cause.QUEUE_TIMEOUT)
+        await produce_image(run)
+
+    async def unavailable_without_cause(run: Run) -> None:
+        raise ServiceError(ErrorKind.UNAVAILABLE, "PROVIDER_UNAVAILABLE", "no cause given")
+
+    provider = ScriptedProvider(behaviour=final)
+    manager = await env.manager(provider)
+    results: list[Job] = []
+    for behaviour in (final, busy_then_fine, unavailable_without_cause):
+        provider.behaviour = behaviour
+        job = await submit(manager, env)
+        results.append(await final_job(manager.subscribe(job.id)))
+    assert [j.state for j in results] == [JobState.FAILED, JobState.SUCCEEDED, JobState.FAILED]
+    assert [(r.work.attempt, r.work.exclude) for r in provider.runs] == [
+        (1, frozenset()),
+        (1, frozenset()),
+        (2, frozenset({"gpu-2"})),
+        (1, frozenset()),
+    ]
+
+
+def test_a_final_cause_is_never_unavailable() -> None:
+    """UNAVAILABLE promises a retry may succeed: a cause that says otherwise is refused."""
+    with pytest.raises(ValueError):
+        ProviderUnavailable("node 7 failed", agent="gpu-1", cause=Cause.EXECUTION_ERROR)
+    lost = ProviderUnavailable("gone", agent="gpu-1", cause=Cause.CONNECTION)
+    assert (lost.reached_agent, lost.agent_lost, lost.retryable) == (True, True, True)
+    assert lost.metadata == {"agent": "gpu-1", "cause": "connection"}
 
 
 async def test_queue_timeout(env: Env) -> None:

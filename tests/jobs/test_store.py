@@ -9,6 +9,7 @@ import pytest
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
 from aiserver.jobs.ids import new_job_id
 from aiserver.jobs.model import ArtifactRef, InputRef, Job, JobState, Retrying
+from aiserver.jobs.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from aiserver.jobs.store import JobQuery, JobRecord, SqliteJobStore
 from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, TaskKind
 from tests.jobs.helpers import Env
@@ -217,3 +218,21 @@ def test_job_ids_are_url_safe_and_sort_by_time() -> None:
     allowed = set(string.digits + string.ascii_uppercase)
     assert all(len(i) == 26 and set(i) <= allowed for i in ids)
     assert new_job_id(base + timedelta(days=1)) > ids[-1]
+
+
+async def test_page_size_is_refused_outside_its_limits_not_clamped(env: Env) -> None:
+    store = await env.store()
+    for n in range(MAX_PAGE_SIZE + 1):
+        await store.create(JobRecord(make_job(n)))
+    full, token = await store.query(JobQuery(), page_size=MAX_PAGE_SIZE, page_token="")
+    assert len(full) == MAX_PAGE_SIZE == 1000 and token  # the proto's 1..1000, all of it
+    default, _ = await store.query(JobQuery(), page_size=0, page_token="")
+    assert len(default) == DEFAULT_PAGE_SIZE
+    for size in (-1, MAX_PAGE_SIZE + 1):
+        with pytest.raises(ServiceError) as caught:
+            await store.query(JobQuery(), page_size=size, page_token="")
+        assert (caught.value.kind, caught.value.reason) == (
+            ErrorKind.INVALID_ARGUMENT,
+            "INVALID_PAGE_SIZE",
+        )
+        assert caught.value.violations == (FieldViolation("page_size", "must be 0..1000"),)

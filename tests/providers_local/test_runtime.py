@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from aiserver.errors import ErrorKind, ServiceError
-from aiserver.providers.base import ProviderProgress, ProviderUnavailable
+from aiserver.providers.base import Cause, ProviderProgress, ProviderUnavailable
 from aiserver.providers.local import LocalUpscaleProvider, LocalUpscaleSettings
 from aiserver.tasks import ImageToTextSpec, ImageUpscaleSpec, TaskKind
 from tests.providers_local.helpers import RecordingSink, save, textured, work_for
@@ -199,7 +199,9 @@ async def test_a_model_that_fails_to_load(
     provider = make_provider()
     assert provider.can_run(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec())
     path = save(textured((4, 4)), tmp_path / "a.png")
-    with pytest.raises(ProviderUnavailable):
+    with pytest.raises(ProviderUnavailable) as caught:
         await provider.run(work_for(path), RecordingSink())
+    assert caught.value.cause is Cause.MODEL_LOAD and caught.value.retryable
+    assert not caught.value.reached_agent and not caught.value.agent_lost
     assert not provider.can_run(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec())
     assert not await provider.warm_up()

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import timestamp_pb2
 from imagetasks.v1 import agent_service_pb2 as agpb
 from imagetasks.v1 import agent_service_pb2_grpc
 
+from aiserver.api.calls import is_admin
 from aiserver.api.convert import task_to_proto
 from aiserver.api.status import rpc
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.jobs.scheduler import default_spec
 from aiserver.providers.base import Provider
-from aiserver.providers.comfy import AgentSnapshot, AgentState, ComfyPool
+from aiserver.providers.comfy.pool import AgentSnapshot, AgentState, ComfyPool
 from aiserver.providers.fallback import unwrap
 from aiserver.tasks import TaskKind
 
@@ -32,17 +33,14 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     def __init__(
         self,
         providers: Sequence[Provider],
-        *,
-        is_admin: Callable[[Any], bool] = lambda _ctx: True,
     ) -> None:
         self._providers = providers
-        self._is_admin = is_admin
 
     @rpc
     async def ListAgents(
         self, request: agpb.ListAgentsRequest, context: Any
     ) -> agpb.ListAgentsResponse:
-        if not self._is_admin(context):
+        if not is_admin():
             raise ServiceError(ErrorKind.PERMISSION_DENIED, "ADMIN_ONLY", "needs an admin key")
         agents: list[agpb.Agent] = []
         for provider in map(unwrap, self._providers):

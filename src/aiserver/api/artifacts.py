@@ -9,7 +9,7 @@ from typing import Any
 from imagetasks.v1 import artifact_service_pb2 as apb
 from imagetasks.v1 import artifact_service_pb2_grpc, common_pb2
 
-from aiserver.api.calls import current_principal
+from aiserver.api.calls import current_principal, scope
 from aiserver.api.convert import artifact_to_proto, format_from_proto, format_to_proto
 from aiserver.api.status import rpc
 from aiserver.artifacts import ArtifactStore, Fit, VariantCache, VariantPolicy, build_spec
@@ -36,14 +36,12 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         variants: VariantCache,
         policy: VariantPolicy,
         chunk_bytes: int,
-        scope_of: Callable[[Any], str | None] = lambda _ctx: None,
         signer: UrlSigner | None = None,
     ) -> None:
         self._store = store
         self._variants = variants
         self._policy = policy
         self._chunk = chunk_bytes
-        self._scope_of = scope_of
         self._signer = signer
 
     def _link(self, url: str) -> str:
@@ -65,7 +63,7 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
             assert self._signer is not None
             self._signer.verify(paths(), request.expires, request.signature)
             return None
-        return self._scope_of(context)
+        return scope()
 
     def _artifact_url(self, name: str) -> str:
         return f"{self._store.url_prefix}/{self._store.relative_path(name)}"

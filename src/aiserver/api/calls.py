@@ -1,16 +1,16 @@
 """Facts about the RPC being served, shared by the interceptor, ``@rpc`` and the servicers.
 
 The interceptor (:mod:`aiserver.api.guard`) sets :data:`current_call` when a call is admitted;
-it lives in the task that runs the handler, so the servicer sees it too. Without the
-interceptor (servicers built directly, as some tests do) every caller is the open-mode
-principal.
+it lives in the task that runs the handler, so the servicer sees it too. It is the one way a
+servicer learns whose call it serves (:func:`owner`, :func:`scope`, :func:`is_admin`): nothing
+is injected. Without the interceptor (servicers built directly, as some tests do) every caller
+is the open-mode principal: owner ``""``, an admin.
 """
 
 from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
-from typing import Any
 
 from aiserver.auth import OPEN, Principal
 
@@ -19,8 +19,8 @@ __all__ = [
     "current_call",
     "current_principal",
     "is_admin",
-    "owner_of",
-    "scope_of",
+    "owner",
+    "scope",
 ]
 
 
@@ -50,16 +50,16 @@ def current_principal() -> Principal:
     return OPEN if info is None else info.principal
 
 
-def owner_of(_context: Any = None) -> str:
+def owner() -> str:
     """The owner of what this call creates: the API key's id (``""`` in open mode)."""
     return current_principal().id
 
 
-def is_admin(_context: Any = None) -> bool:
+def is_admin() -> bool:
     return current_principal().admin
 
 
-def scope_of(_context: Any = None) -> str | None:
+def scope() -> str | None:
     """The owner whose resources this call may touch; None: any (admins)."""
     principal = current_principal()
     return None if principal.admin else principal.id

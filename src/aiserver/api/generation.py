@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from imagetasks.v1 import common_pb2, generation_service_pb2_grpc, job_pb2
 from imagetasks.v1 import generation_service_pb2 as gpb
 
+from aiserver.api import calls
 from aiserver.api.convert import Link, event_to_proto, spec_from_proto
 from aiserver.api.status import rpc
 from aiserver.api.uploads import Upload, read_upload
@@ -51,7 +51,6 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         spool: InputSpool,
         pool: BlockingPool,
         limits: SubmitLimits,
-        owner_of: Callable[[grpc.aio.ServicerContext], str] = lambda _ctx: "",
         link: Link = lambda url: url,
     ) -> None:
         self._manager = manager
@@ -59,7 +58,6 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         self._spool = spool
         self._pool = pool
         self._limits = limits
-        self._owner_of = owner_of
         self._link = link
 
     @rpc
@@ -112,7 +110,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         committed = [self._spool.commit(f) for f in upload.files.values()]
         try:
             job, existing = await self._manager.submit(
-                owner=self._owner_of(context),
+                owner=calls.owner(),
                 task=task,
                 spec=spec,
                 inputs=inputs,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from imagetasks.v1 import job_service_pb2 as jpb
 from imagetasks.v1 import job_service_pb2_grpc
 
+from aiserver.api import calls
 from aiserver.api.convert import (
     Link,
     event_to_proto,
@@ -20,13 +21,12 @@ from aiserver.api.convert import (
 from aiserver.api.status import rpc
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs.manager import JobManager
+from aiserver.jobs.paging import page_size as checked_page_size
 from aiserver.logs import job_id_var
 
 __all__ = ["JobServicer", "parse_job_name"]
 
 _JOB_NAME = re.compile(r"jobs/([A-Za-z0-9_-]{1,64})")
-MAX_PAGE = 1000
-DEFAULT_PAGE = 50
 
 
 def parse_job_name(name: str, field: str = "name") -> str:
@@ -42,42 +42,33 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         self,
         manager: JobManager,
         *,
-        owner_of: Callable[[Any], str] = lambda _ctx: "",
-        is_admin: Callable[[Any], bool] = lambda _ctx: True,
         link: Link = lambda url: url,
     ) -> None:
         self._manager = manager
-        self._owner_of = owner_of
-        self._is_admin = is_admin
         self._link = link
-
-    def _scope(self, context: Any) -> str | None:
-        """The owner whose jobs the caller may touch; None lets an admin touch any."""
-        return None if self._is_admin(context) else self._owner_of(context)
 
     @rpc
     async def GetJob(self, request: jpb.GetJobRequest, context: Any) -> jpb.GetJobResponse:
-        job = await self._manager.get(parse_job_name(request.name), self._scope(context))
+        job = await self._manager.get(parse_job_name(request.name), calls.scope())
         return jpb.GetJobResponse(
             job=job_to_proto(job, self._manager.queue_position(job.id), self._link)
         )
 
     @rpc
     async def ListJobs(self, request: jpb.ListJobsRequest, context: Any) -> jpb.ListJobsResponse:
-        if not 0 <= request.page_size <= MAX_PAGE:
-            raise invalid_argument("page_size", "INVALID_PAGE_SIZE", f"must be 0..{MAX_PAGE}")
-        if request.all_owners and not self._is_admin(context):
+        page_size = checked_page_size(request.page_size)  # refused before the admin check
+        if request.all_owners and not calls.is_admin():
             raise ServiceError(
                 ErrorKind.PERMISSION_DENIED, "ADMIN_ONLY", "all_owners needs an admin key"
             )
-        owner = None if request.all_owners else self._owner_of(context)
+        owner = None if request.all_owners else calls.owner()
         jobs, token = await self._manager.list(
             owner=owner,
             states=[state_from_proto(s) for s in request.states],
             task=task_from_proto(request.task),
             tag=request.tag,
             ref_id=request.ref_id,
-            page_size=request.page_size or DEFAULT_PAGE,
+            page_size=page_size,
             page_token=request.page_token,
         )
         return jpb.ListJobsResponse(
@@ -89,7 +80,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     async def WatchJob(
         self, request: jpb.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jpb.WatchJobResponse]:
-        job = await self._manager.get(parse_job_name(request.name), self._scope(context))
+        job = await self._manager.get(parse_job_name(request.name), calls.scope())
         async for event in self._manager.subscribe(job.id):
             yield jpb.WatchJobResponse(
                 event=event_to_proto(event, self._manager.queue_position(job.id), self._link)
@@ -97,5 +88,5 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     @rpc
     async def CancelJob(self, request: jpb.CancelJobRequest, context: Any) -> jpb.CancelJobResponse:
-        job = await self._manager.cancel(parse_job_name(request.name), self._scope(context))
+        job = await self._manager.cancel(parse_job_name(request.name), calls.scope())
         return jpb.CancelJobResponse(job=job_to_proto(job, link=self._link))

@@ -29,8 +29,8 @@ from aiserver.jobs.store import JobRecord
 from aiserver.providers.base import (
     GeneratedImage,
     GeneratedText,
+    ProviderFailure,
     ProviderProgress,
-    ProviderUnavailable,
 )
 
 __all__ = [
@@ -40,7 +40,7 @@ __all__ = [
     "cancelled_error",
     "input_missing",
     "internal_error",
-    "is_unavailable",
+    "retryable_failure",
     "with_first_cause",
 ]
 
@@ -162,13 +162,9 @@ def internal_error() -> ServiceError:
     return ServiceError(ErrorKind.INTERNAL, "INTERNAL", "the job failed with an internal error")
 
 
-def is_unavailable(error: BaseException) -> bool:
-    """A failure another agent, provider or later attempt may not have."""
-    return isinstance(error, ProviderUnavailable) or (
-        isinstance(error, ServiceError)
-        and error.kind is ErrorKind.UNAVAILABLE
-        and error.reason == "PROVIDER_UNAVAILABLE"
-    )
+def retryable_failure(error: BaseException | None) -> ProviderFailure | None:
+    """``error`` when its cause says another agent, provider or later attempt may succeed."""
+    return error if isinstance(error, ProviderFailure) and error.retryable else None
 
 
 def input_missing(ref: InputRef) -> ServiceError:

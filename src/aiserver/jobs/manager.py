@@ -26,7 +26,7 @@ from aiserver.jobs.attempt import (
     cancelled_error,
     input_missing,
     internal_error,
-    is_unavailable,
+    retryable_failure,
     with_first_cause,
 )
 from aiserver.jobs.events import (
@@ -52,6 +52,7 @@ from aiserver.jobs.model import (
     Stage,
 )
 from aiserver.jobs.outputs import ArtifactWriter
+from aiserver.jobs.paging import page_size as checked_page_size
 from aiserver.jobs.scheduler import (
     SHUTDOWN,
     JobQueue,
@@ -309,9 +310,9 @@ class JobManager:
         page_size: int,
         page_token: str,
     ) -> tuple[builtins.list[Job], str]:
-        """Newest first, ``page_size`` 0 for the default; the token continues this listing."""
-        if page_size < 0:
-            raise invalid_argument("page_size", "INVALID_PAGE_SIZE", "must not be negative")
+        """Newest first, ``page_size`` 0 for the default (0..MAX_PAGE_SIZE, else
+        INVALID_ARGUMENT); the token continues this listing."""
+        page_size = checked_page_size(page_size)
         query = JobQuery(owner, frozenset(states), task, tag, ref_id)
         jobs, token = await self._store.query(query, page_size=page_size, page_token=page_token)
         return [self._fresh(j) for j in jobs], token
@@ -631,9 +632,8 @@ class JobManager:
             await self._finish(active, JobState.FAILED, internal_error())
         else:
             failure = run.exception()
-            if isinstance(failure, ServiceError) and is_unavailable(failure):
-                agent = failure.metadata.get("agent", "") or job.agent
-                await self._retry_or_fail(active, failure, agent=agent)
+            if (retryable := retryable_failure(failure)) is not None:
+                await self._retry_or_fail(active, retryable, agent=retryable.agent or job.agent)
             elif isinstance(failure, ServiceError):
                 await self._finish(active, JobState.FAILED, failure)
             else:

@@ -1,7 +1,8 @@
 """Jobs and their events, as plain data.
 
 The event types map one to one onto ``imagetasks.v1.JobEvent``; ``aiserver.api.convert``
-is the only place that translates them.
+is the only place that translates them. ``Stage`` lives in :mod:`aiserver.stages`, below both
+jobs and providers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from aiserver.errors import ServiceError
+from aiserver.stages import Stage
 from aiserver.tasks import TaskKind, TaskSpec
 
 __all__ = [
@@ -40,14 +42,6 @@ class JobState(enum.Enum):
     @property
     def terminal(self) -> bool:
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-
-
-class Stage(enum.Enum):
-    QUEUED = "QUEUED"
-    UPLOADING = "UPLOADING"
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    DOWNLOADING = "DOWNLOADING"
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,8 @@ from typing import Any, Protocol, Self, TypeVar
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs import codec
 from aiserver.jobs.model import Job, JobState, Retrying
+from aiserver.jobs.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from aiserver.jobs.paging import page_size as _page_size
 from aiserver.tasks import TaskKind, spec_from_dict, spec_to_dict
 
 __all__ = [
@@ -36,8 +38,6 @@ __all__ = [
     "SqliteJobStore",
 ]
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 
 _T = TypeVar("_T")
 
@@ -94,7 +94,11 @@ class JobStore(Protocol):
     async def query(
         self, query: JobQuery, *, page_size: int, page_token: str
     ) -> tuple[list[Job], str]:
-        """Newest first; returns a page and the token of the next one (``""`` at the end)."""
+        """Newest first; returns a page and the token of the next one (``""`` at the end).
+
+        ``page_size`` 0 means the default; beyond :data:`MAX_PAGE_SIZE` (or negative) it is
+        refused with INVALID_ARGUMENT, never clamped (:func:`aiserver.jobs.paging.page_size`).
+        """
         ...
 
     async def unfinished(self) -> list[JobRecord]:
@@ -365,7 +369,7 @@ class SqliteJobStore:
     ) -> tuple[list[Job], str]:
         digest = query.digest()
         after = _decode_token(page_token, digest) if page_token else None
-        size = min(page_size, MAX_PAGE_SIZE) if page_size > 0 else DEFAULT_PAGE_SIZE
+        size = _page_size(page_size)
         where: list[str] = []
         args: list[Any] = []
         if query.owner is not None:

@@ -1,8 +1,9 @@
 """What the scheduler needs of a provider, and what a provider reports back.
 
 A provider knows nothing of gRPC or of the job store: it gets a :class:`WorkItem`, reports
-through a :class:`RunSink`, and raises :class:`aiserver.errors.ServiceError` on failure
-(:class:`ProviderUnavailable` when another provider may succeed).
+through a :class:`RunSink`, and raises :class:`aiserver.errors.ServiceError` on failure: a
+:class:`ProviderFailure` (from :mod:`aiserver.providers.failures`) when the failure has a cause
+the scheduler decides on, :class:`ProviderUnavailable` when another agent or provider may succeed.
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from aiserver.errors import ErrorKind, ServiceError
-from aiserver.jobs.model import Stage
+from aiserver.errors import ServiceError
+from aiserver.providers.failures import Cause, ProviderFailure, ProviderUnavailable
+from aiserver.stages import Stage
 from aiserver.tasks import TaskKind, TaskSpec
 
 __all__ = [
     "SHUTDOWN",
+    "Cause",
     "GeneratedImage",
     "GeneratedText",
     "Provider",
+    "ProviderFailure",
     "ProviderProgress",
     "ProviderUnavailable",
     "RunSink",
@@ -148,12 +152,3 @@ class Provider(Protocol):
 
 SHUTDOWN = "aiserver:shutdown"
 """Message of the ``CancelledError`` that means "detach, the server is stopping"."""
-
-
-class ProviderUnavailable(ServiceError):
-    """The provider failed in a way another provider (or a later retry) may not."""
-
-    def __init__(self, message: str, *, agent: str = "") -> None:
-        super().__init__(
-            ErrorKind.UNAVAILABLE, "PROVIDER_UNAVAILABLE", message, metadata={"agent": agent}
-        )

@@ -1,24 +1,6 @@
-"""ComfyUI provider: workflows (graph + binding per task), a client per agent, an agent pool."""
+"""ComfyUI provider: a transport per agent (``client``), its frames as typed ``messages``, one
+job's ``run``, the agent ``pool``, ``workflows`` (graph + binding per task) and ``settings``.
 
-from aiserver.providers.comfy.client import ComfyClient, ComfyTimeouts
-from aiserver.providers.comfy.pool import (
-    AgentConfig,
-    AgentSnapshot,
-    AgentState,
-    ComfyPool,
-    PoolSettings,
-)
-from aiserver.providers.comfy.workflows import Workflow, WorkflowCatalog, WorkflowFormatError
-
-__all__ = [
-    "AgentConfig",
-    "AgentSnapshot",
-    "AgentState",
-    "ComfyClient",
-    "ComfyPool",
-    "ComfyTimeouts",
-    "PoolSettings",
-    "Workflow",
-    "WorkflowCatalog",
-    "WorkflowFormatError",
-]
+Import from the modules: this package imports nothing, so reading the settings types (as the
+app's configuration does) does not load the HTTP stack.
+"""

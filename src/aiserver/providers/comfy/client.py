@@ -1,68 +1,33 @@
-"""A ComfyUI client for one agent: upload, queue, follow, download, cancel, recover.
+"""HTTP and websocket access to one ComfyUI agent: the transport, nothing of a run.
 
-One run (:meth:`ComfyClient.run`):
-
-1. open ``/ws?clientId=<uuid>`` first: ComfyUI drops messages for absent clients;
-2. upload each input as ``{job_id}-{field}-{sha8}.{ext}`` (unique per job, so a resubmit never
-   reuses another job's cached result, and a retry of the same job reuses its own upload);
-3. checkpoint ``{agent, prompt_id, client_id, seed}`` (the prompt id is ours, so a restart can
-   re-attach even if it happened mid-``POST``), then ``POST /prompt`` with that ``prompt_id``;
-4. follow the websocket, matching on ``prompt_id``, into :class:`ProviderProgress`; outputs come
-   from ``executed`` messages (``/history`` or ``/api/jobs`` when messages were missed);
-5. download images with ``/view``; text outputs (``{"text": [...]}``) go to the sink as text.
-
-A dropped websocket is reopened with backoff and the prompt's state read back over HTTP. When a
-run is abandoned (cancelled, timed out, the agent lost), its prompt is deleted if pending and
-interrupted if running; a cancellation whose message is ``SHUTDOWN`` detaches instead, leaving
-the prompt to be re-attached after the restart. Errors are :class:`ServiceError`; agent trouble
-(refused, 5xx, timeouts) is :class:`ProviderUnavailable` so the scheduler may retry elsewhere.
+Upload, queue, history and ``/api/jobs``, view, interrupt, queue delete, ``object_info``, and
+opening the websocket (its frames are read with :func:`~aiserver.providers.comfy.messages.decode`).
+Agent trouble (refused, 5xx, auth, timeouts, not JSON) is a
+:class:`~aiserver.providers.failures.ProviderUnavailable` naming this agent and its
+:class:`~aiserver.providers.failures.Cause`. A run over this client is
+:class:`~aiserver.providers.comfy.run.Run`, driven by the pool.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import WebSocketException
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from aiserver.providers.base import ProviderUnavailable, RunSink, WorkItem
-from aiserver.providers.comfy.run import Run
-from aiserver.providers.comfy.workflows import Workflow
+from aiserver.providers.comfy.errors import agent_unavailable
+from aiserver.providers.comfy.messages import Message, decode, decode_event
+from aiserver.providers.failures import Cause, ProviderUnavailable
 
-__all__ = ["ComfyClient", "ComfyTimeouts", "RemoteJob", "UploadedFile"]
+__all__ = ["AgentSocket", "ComfyClient", "RemoteJob", "SocketLost", "UploadedFile"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ComfyTimeouts:
-    """How long to wait for an agent, per phase. Seconds."""
-
-    connect_s: float = 5.0
-    """TCP connect and websocket handshake."""
-    request_s: float = 60.0
-    """One HTTP request, uploads and downloads included."""
-    queue_wait_s: float = 900.0
-    """A queued prompt may wait this long for ComfyUI to start it."""
-    execution_s: float = 1800.0
-    """From the start of execution to its end."""
-    idle_s: float = 180.0
-    """Longest silence from a running prompt (one CPU sampler step was seen to take 9 s)."""
-    poll_s: float = 5.0
-    """After this much websocket silence, ask over HTTP how the prompt is doing."""
-    reconnect_s: float = 30.0
-    """Budget for getting a dropped websocket back."""
-    backoff_initial_s: float = 0.1
-    """First wait between websocket reconnect attempts; doubles up to ``backoff_max_s``."""
-    backoff_max_s: float = 2.0
-    cancel_s: float = 5.0
-    """Budget for deleting or interrupting the remote prompt when a run is abandoned."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +51,8 @@ class RemoteJob:
     """``pending``, ``running``, ``done`` or ``unknown`` (the agent has never heard of it)."""
     success: bool = False
     outputs: Mapping[str, Any] = field(default_factory=dict)
-    messages: Sequence[Any] = ()
-    """History status messages: ``[event, data]`` pairs (execution_error and the like)."""
+    messages: Sequence[Message] = ()
+    """History status messages, decoded (execution_error and the like)."""
 
 
 class ComfyClient:
@@ -99,25 +64,23 @@ class ComfyClient:
         url: str,
         *,
         api_key: str = "",
-        timeouts: ComfyTimeouts | None = None,
+        connect_s: float = 5.0,
+        request_s: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = name
         self.url = url.rstrip("/")
-        self.timeouts = timeouts or ComfyTimeouts()
+        self._connect_s = connect_s
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(
             base_url=self.url,
             headers=self._headers,
-            timeout=httpx.Timeout(self.timeouts.request_s, connect=self.timeouts.connect_s),
+            timeout=httpx.Timeout(request_s, connect=connect_s),
             transport=transport,
         )
         self._jobs_api: bool | None = None  # /api/jobs exists (newer servers); None: unknown
-        self._background: set[asyncio.Task[None]] = set()
 
     async def aclose(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
         await self._http.aclose()
 
     # ---- plain API ------------------------------------------------------------------------
@@ -136,7 +99,9 @@ class ComfyClient:
             data={"type": "input"},
         )
         if response.status_code != 200:
-            raise self.unavailable(f"upload of {file_name} answered {response.status_code}")
+            raise self.unavailable(
+                f"upload of {file_name} answered {response.status_code}", cause=Cause.PROTOCOL
+            )
         body = self._json(response, "/upload/image")
         return UploadedFile(
             str(body.get("name", file_name)),
@@ -156,7 +121,9 @@ class ComfyClient:
                 error = {"error": {"type": "", "message": response.text[:500]}, "node_errors": {}}
             return False, error
         if response.status_code != 200:
-            raise self.unavailable(f"POST /prompt answered {response.status_code}")
+            raise self.unavailable(
+                f"POST /prompt answered {response.status_code}", cause=Cause.PROTOCOL
+            )
         return True, self._json(response, "/prompt")
 
     async def delete_pending(self, prompt_ids: Iterable[str]) -> None:
@@ -177,7 +144,7 @@ class ComfyClient:
         if response.status_code != 200:
             raise self.unavailable(
                 f"output {subfolder}/{filename} ({kind}) answered {response.status_code}",
-                cause="output_missing",
+                cause=Cause.OUTPUT_MISSING,
             )
         return response.content, response.headers.get("content-type", "")
 
@@ -221,31 +188,13 @@ class ComfyClient:
                 "done",
                 success=status.get("status_str") == "success",
                 outputs=entry.get("outputs") or {},
-                messages=status.get("messages") or [],
+                messages=_events(status.get("messages")),
             )
         return RemoteJob("unknown")
 
-    # ---- running a job -------------------------------------------------------------------
-
-    async def run(self, work: WorkItem, workflow: Workflow, sink: RunSink) -> None:
-        """Run ``work`` here to the end; re-attaches when ``work.resume`` names this agent."""
-        resume = work.resume if work.resume.get("agent") == self.name else {}
-        await Run(self, work, workflow, sink, resume).execute()
-
-    def unavailable(
-        self, message: str, *, cause: str = "agent", **extra: str
-    ) -> ProviderUnavailable:
-        """A retryable error naming this agent."""
-        error = ProviderUnavailable(f"ComfyUI agent {self.name}: {message}", agent=self.name)
-        error.metadata = {"agent": self.name, "url": self.url, "cause": cause, **extra}
-        return error
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run ``coro`` to the end even if the caller is cancelled (remote cleanup)."""
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+    def unavailable(self, message: str, *, cause: Cause, **extra: str) -> ProviderUnavailable:
+        """A retryable failure naming this agent."""
+        return agent_unavailable(self.name, self.url, message, cause=cause, **extra)
 
     # ---- transport -----------------------------------------------------------------------
 
@@ -253,59 +202,89 @@ class ComfyClient:
         try:
             body = response.json()
         except ValueError as exc:
-            raise self.unavailable(f"{what} did not answer JSON", cause="protocol") from exc
+            raise self.unavailable(f"{what} did not answer JSON", cause=Cause.PROTOCOL) from exc
         if not isinstance(body, dict):
-            raise self.unavailable(f"{what} answered {type(body).__name__}", cause="protocol")
+            raise self.unavailable(f"{what} answered {type(body).__name__}", cause=Cause.PROTOCOL)
         return body
 
     async def _get_ok(self, path: str) -> httpx.Response:
         response = await self._request("GET", path)
         if response.status_code != 200:
-            raise self.unavailable(f"GET {path} answered {response.status_code}")
+            raise self.unavailable(
+                f"GET {path} answered {response.status_code}", cause=Cause.PROTOCOL
+            )
         return response
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         if self._http.is_closed:
-            raise self.unavailable(f"{method} {path}: the client is closed", cause="closed")
+            raise self.unavailable(
+                f"{method} {path}: the client is closed", cause=Cause.CLIENT_CLOSED
+            )
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
-            raise self.unavailable(f"{method} {path} timed out", cause="timeout") from exc
+            raise self.unavailable(f"{method} {path} timed out", cause=Cause.TIMEOUT) from exc
         except httpx.HTTPError as exc:
             raise self.unavailable(
-                f"{method} {path} failed: {type(exc).__name__}: {exc}", cause="connection"
+                f"{method} {path} failed: {type(exc).__name__}: {exc}", cause=Cause.CONNECTION
             ) from exc
         if response.status_code >= 500:
             raise self.unavailable(
                 f"{method} {path} answered {response.status_code}: {response.text[:200]}",
-                cause="server_error",
+                cause=Cause.SERVER_ERROR,
                 status=str(response.status_code),
             )
         if response.status_code in (401, 403, 407):
             raise self.unavailable(
                 f"{method} {path} was refused ({response.status_code}): check the agent's api key",
-                cause="auth",
+                cause=Cause.AUTH,
                 status=str(response.status_code),
             )
         return response
 
-    async def open_websocket(self, client_id: str) -> ClientConnection:
+    async def open_websocket(self, client_id: str) -> AgentSocket:
+        """``/ws?clientId=``: open it before queueing, ComfyUI drops messages for absent clients."""
         parts = urlsplit(self.url)
         scheme = "wss" if parts.scheme == "https" else "ws"
         path = parts.path.rstrip("/") + "/ws"
         ws_url = urlunsplit((scheme, parts.netloc, path, f"clientId={client_id}", ""))
         try:
-            return await connect(
+            ws = await connect(
                 ws_url,
                 additional_headers=self._headers,
-                open_timeout=self.timeouts.connect_s,
+                open_timeout=self._connect_s,
                 max_size=64 * 1024 * 1024,  # preview frames can be large
                 close_timeout=1,
             )
         except (OSError, TimeoutError, WebSocketException) as exc:
             raise self.unavailable(
-                f"websocket failed: {type(exc).__name__}: {exc}", cause="websocket"
+                f"websocket failed: {type(exc).__name__}: {exc}", cause=Cause.WEBSOCKET
             ) from exc
+        return AgentSocket(ws)
+
+
+class SocketLost(Exception):
+    """The websocket dropped (the agent went away, or the network did)."""
+
+
+class AgentSocket:
+    """One websocket to an agent, read as decoded messages."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+
+    async def recv(self) -> Message:
+        """The next frame; :class:`SocketLost` when the connection dropped."""
+        try:
+            frame = await self._ws.recv()
+        except ConnectionClosed as exc:
+            raise SocketLost(str(exc)) from exc
+        return decode(frame)
+
+    async def close(self) -> None:
+        """Close without waiting on the agent (errors ignored: the job is over)."""
+        with contextlib.suppress(Exception):
+            await self._ws.close()
 
 
 def _job_from_api(job: Mapping[str, Any]) -> RemoteJob:
@@ -315,14 +294,25 @@ def _job_from_api(job: Mapping[str, Any]) -> RemoteJob:
     if status == "in_progress":
         return RemoteJob("running")
     execution = job.get("execution_status") or {}
-    messages = list(execution.get("messages") or []) if isinstance(execution, dict) else []
+    messages = _events(execution.get("messages")) if isinstance(execution, dict) else ()
     if status == "failed" and not messages and isinstance(job.get("execution_error"), dict):
-        messages = [["execution_error", job["execution_error"]]]
+        messages = (decode_event("execution_error", job["execution_error"]),)
     return RemoteJob(
         "done",
         success=status == "completed",
         outputs=job.get("outputs") or {},
         messages=messages,
+    )
+
+
+def _events(pairs: Any) -> tuple[Message, ...]:
+    """History's ``[event, data]`` pairs, decoded; other entries are skipped."""
+    if not isinstance(pairs, list):
+        return ()
+    return tuple(
+        decode_event(entry[0], entry[1])
+        for entry in pairs
+        if isinstance(entry, list | tuple) and len(entry) >= 2
     )
 
 

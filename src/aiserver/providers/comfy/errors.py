@@ -1,7 +1,8 @@
-"""ComfyUI's refusals and failures as :class:`ServiceError`.
+"""ComfyUI's refusals and failures as typed :class:`ProviderFailure`.
 
 Shapes: ``errors.json`` (``POST /prompt`` 400 bodies), ``ws_trace_exec_error.json``
-(``execution_error``) and ``ws_trace_interrupt.json`` (``execution_interrupted``).
+(``execution_error``) and ``ws_trace_interrupt.json`` (``execution_interrupted``). Each error
+names its :class:`~aiserver.providers.failures.Cause`, which the pool and the scheduler decide on.
 """
 
 from __future__ import annotations
@@ -9,18 +10,32 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from aiserver.errors import ErrorKind, FieldViolation, ServiceError
+from aiserver.errors import ErrorKind, FieldViolation
+from aiserver.providers.comfy.messages import ExecutionError, ExecutionInterrupted
+from aiserver.providers.failures import Cause, ProviderFailure, ProviderUnavailable
 
 if TYPE_CHECKING:
     from aiserver.providers.comfy.workflows import Workflow
 
-__all__ = ["execution_failure", "interrupted", "prompt_rejection"]
+__all__ = ["agent_unavailable", "execution_failure", "interrupted", "prompt_rejection"]
+
+
+def agent_unavailable(
+    agent: str, url: str, message: str, *, cause: Cause, **extra: str
+) -> ProviderUnavailable:
+    """A retryable failure naming the agent (``metadata``: agent, url, cause, ``extra``)."""
+    return ProviderUnavailable(
+        f"ComfyUI agent {agent}: {message}",
+        cause=cause,
+        agent=agent,
+        metadata={"url": url, **extra},
+    )
 
 
 def prompt_rejection(
     body: Any, workflow: Workflow | None, graph: Mapping[str, Any], agent: str
-) -> ServiceError:
-    """A ``POST /prompt`` refusal as a ServiceError (errors.json shapes).
+) -> ProviderFailure:
+    """A ``POST /prompt`` refusal (errors.json shapes).
 
     A ``value_not_in_list`` on a model input is FAILED_PRECONDITION ``COMFYUI_MODEL_MISSING``;
     an unknown node type FAILED_PRECONDITION ``COMFYUI_NODE_MISSING``; anything else
@@ -45,16 +60,20 @@ def prompt_rejection(
     if not problems:
         message = f"{error.get('message', '')} {error.get('details', '')}".strip()
         if error.get("type") == "invalid_prompt" and "does not exist" in message:
-            return ServiceError(
+            return ProviderFailure(
                 ErrorKind.FAILED_PRECONDITION,
                 "COMFYUI_NODE_MISSING",
                 f"ComfyUI agent {agent} lacks a node type: {message}",
+                cause=Cause.AGENT_LACKS,
+                agent=agent,
                 metadata={**metadata, "comfy_message": message},
             )
-        return ServiceError(
+        return ProviderFailure(
             ErrorKind.INVALID_ARGUMENT,
             "COMFYUI_PROMPT_INVALID",
             f"ComfyUI agent {agent} refused the workflow: {message or 'no reason given'}",
+            cause=Cause.PROMPT_REJECTED,
+            agent=agent,
             metadata={**metadata, "comfy_message": message},
         )
 
@@ -95,63 +114,67 @@ def prompt_rejection(
         metadata["received_value"] = str(extra["received_value"])
     if missing_models:
         value = metadata.get("received_value", "")
-        return ServiceError(
+        return ProviderFailure(
             ErrorKind.FAILED_PRECONDITION,
             "COMFYUI_MODEL_MISSING",
             f"ComfyUI agent {agent} does not have model {value!r} "
             f"({class_type}.{input_name}, node {node_id}): {comfy_message}",
+            cause=Cause.AGENT_LACKS,
+            agent=agent,
             violations=violations,
             metadata=metadata,
         )
-    return ServiceError(
+    return ProviderFailure(
         ErrorKind.INVALID_ARGUMENT,
         "COMFYUI_PROMPT_INVALID",
         f"ComfyUI agent {agent} refused the workflow at node {node_id} ({class_type}"
         f"{'.' + input_name if input_name else ''}): {comfy_message}",
+        cause=Cause.PROMPT_REJECTED,
+        agent=agent,
         violations=violations,
         metadata=metadata,
     )
 
 
-def execution_failure(data: Mapping[str, Any], agent: str) -> ServiceError:
-    """An ``execution_error`` message (ws_trace_exec_error.json) as a ServiceError.
+def execution_failure(error: ExecutionError, agent: str) -> ProviderFailure:
+    """An ``execution_error`` message (ws_trace_exec_error.json) as a failure.
 
     Loader failures and missing files are FAILED_PRECONDITION (the agent's setup), the rest
     INTERNAL; the reason is ``COMFYUI_EXECUTION_ERROR`` either way.
     """
-    node_type = str(data.get("node_type", ""))
-    exception_type = str(data.get("exception_type", ""))
-    exception_message = str(data.get("exception_message", "")).strip()
-    setup = "Loader" in node_type or exception_type.endswith("FileNotFoundError")
-    traceback = data.get("traceback")
-    last_frame = str(traceback[-1]).strip() if isinstance(traceback, list) and traceback else ""
-    return ServiceError(
+    message = error.exception_message.strip()
+    setup = "Loader" in error.node_type or error.exception_type.endswith("FileNotFoundError")
+    last_frame = error.traceback[-1].strip() if error.traceback else ""
+    return ProviderFailure(
         ErrorKind.FAILED_PRECONDITION if setup else ErrorKind.INTERNAL,
         "COMFYUI_EXECUTION_ERROR",
-        f"ComfyUI agent {agent}: node {data.get('node_id')} ({node_type}) failed: "
-        f"{exception_type}: {exception_message}",
+        f"ComfyUI agent {agent}: node {error.node_id} ({error.node_type}) failed: "
+        f"{error.exception_type}: {message}",
+        cause=Cause.EXECUTION_ERROR,
+        agent=agent,
         metadata={
             "agent": agent,
-            "prompt_id": str(data.get("prompt_id", "")),
-            "node_id": str(data.get("node_id", "")),
-            "node_type": node_type,
-            "exception_type": exception_type,
-            "exception_message": exception_message,
+            "prompt_id": error.prompt_id,
+            "node_id": error.node_id,
+            "node_type": error.node_type,
+            "exception_type": error.exception_type,
+            "exception_message": message,
             "traceback_last": last_frame[-500:],
         },
     )
 
 
-def interrupted(data: Mapping[str, Any], agent: str) -> ServiceError:
-    return ServiceError(
+def interrupted(event: ExecutionInterrupted, agent: str) -> ProviderFailure:
+    return ProviderFailure(
         ErrorKind.CANCELLED,
         "COMFYUI_INTERRUPTED",
-        f"ComfyUI agent {agent}: prompt interrupted at node {data.get('node_id')} "
-        f"({data.get('node_type')})",
+        f"ComfyUI agent {agent}: prompt interrupted at node {event.node_id} ({event.node_type})",
+        cause=Cause.INTERRUPTED,
+        agent=agent,
         metadata={
             "agent": agent,
-            "prompt_id": str(data.get("prompt_id", "")),
-            "node_id": str(data.get("node_id", "")),
-            "node_type": str(data.get("node_type", "")),
+            "prompt_id": event.prompt_id,
+            "node_id": event.node_id,
+            "node_type": event.node_type,
         },
     )

@@ -7,9 +7,11 @@ every workflow against them; an agent is chosen for a task only if it has the ta
 the model the spec asks for, and the reason it lacks them is kept for operators.
 
 :meth:`ComfyPool.run` picks the least-loaded capable agent (higher priority breaks ties), waits
-for a free slot when all are busy, and marks an agent offline when it fails mid-job with
-:class:`ProviderUnavailable`, which it re-raises so the scheduler can retry; ``WorkItem.exclude``
-(or the ``exclude`` argument) names agents the scheduler has already tried.
+for a free slot when all are busy, and drives a :class:`~aiserver.providers.comfy.run.Run` over
+that agent's transport with the pool's timeouts and background tasks. A failure's typed cause
+decides what happens to the agent: ``agent_lost`` marks it offline, ``agent_outdated`` probes it
+again; the failure is re-raised for the scheduler. ``WorkItem.exclude`` (or the ``exclude``
+argument) names agents the scheduler has already tried.
 """
 
 from __future__ import annotations
@@ -19,31 +21,30 @@ import contextlib
 import enum
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import httpx
 
-from aiserver.config import AgentSettings
 from aiserver.errors import ErrorKind, ServiceError
-from aiserver.providers.base import Provider, ProviderUnavailable, RunSink, WorkItem
-from aiserver.providers.comfy.client import ComfyClient, ComfyTimeouts
+from aiserver.providers.base import Provider, RunSink, WorkItem
+from aiserver.providers.comfy.background import Background
+from aiserver.providers.comfy.client import ComfyClient
+from aiserver.providers.comfy.run import Run
+from aiserver.providers.comfy.settings import AgentSettings, PoolSettings
 from aiserver.providers.comfy.workflows import (
     AgentCapabilities,
     Workflow,
     WorkflowCatalog,
     WorkflowCheck,
 )
+from aiserver.providers.failures import Cause, ProviderFailure, ProviderUnavailable
 from aiserver.tasks import TaskKind, TaskSpec
 
 __all__ = ["AgentConfig", "AgentSnapshot", "AgentState", "ComfyPool", "PoolSettings"]
 
 logger = logging.getLogger(__name__)
-
-# Failures that say nothing about the agent's health: it is busy, or lost one file.
-_NOT_AGENT_FAULTS = frozenset({"queue_timeout", "output_missing"})
-_REPROBE_REASONS = frozenset({"COMFYUI_MODEL_MISSING", "COMFYUI_NODE_MISSING"})
 
 
 class AgentState(enum.Enum):
@@ -55,19 +56,7 @@ class AgentState(enum.Enum):
 
 
 AgentConfig = AgentSettings
-"""One ComfyUI agent: the service's own settings type (validated on creation)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PoolSettings:
-    """How the pool watches its agents."""
-
-    probe_interval_s: float = 30.0
-    """Re-probe an online agent this often (picks up new models)."""
-    backoff_initial_s: float = 1.0
-    """First wait before re-probing an offline agent; doubles up to ``backoff_max_s``."""
-    backoff_max_s: float = 60.0
-    timeouts: ComfyTimeouts = field(default_factory=ComfyTimeouts)
+"""One ComfyUI agent (validated on creation)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +122,13 @@ class ComfyPool:
                 config.name,
                 config.url,
                 api_key=config.api_key,
-                timeouts=self._settings.timeouts,
+                connect_s=self._settings.timeouts.connect_s,
+                request_s=self._settings.timeouts.request_s,
                 transport=transport,
             )
             self._agents[config.name] = _Agent(config, client)
         self._changed = asyncio.Condition()
+        self._background = Background()
         self._closed = False
 
     # ---- Provider ---------------------------------------------------------------------------
@@ -161,7 +152,7 @@ class ComfyPool:
         if capable:
             return None
         error = self._none_capable(workflow, spec, reasons, frozenset())
-        return None if isinstance(error, ProviderUnavailable) else error
+        return None if isinstance(error, ProviderFailure) and error.retryable else error
 
     def unavailable_reason(self, task: TaskKind, spec: TaskSpec) -> str:
         workflow = self._workflows.find(task)
@@ -199,20 +190,26 @@ class ComfyPool:
     ) -> None:
         """Run on the best agent not in ``work.exclude | exclude``.
 
-        A ProviderUnavailable names the agent in ``metadata["agent"]``, for the next exclude.
+        A failure names the agent (``ProviderFailure.agent``), for the next exclude.
         """
         exclude = work.exclude | exclude
         workflow = self._workflows.get(work.task)
         agent = await self._acquire(work, workflow, exclude)
         logger.info("job %s (%s) runs on agent %s", work.job_id, work.task.value, agent.config.name)
+        run = Run(
+            agent.client,
+            work,
+            workflow,
+            sink,
+            timeouts=self._settings.timeouts,
+            spawn=self._background.spawn,
+        )
         try:
-            await agent.client.run(work, workflow, sink)
-        except ProviderUnavailable as exc:
-            if exc.metadata.get("cause") not in _NOT_AGENT_FAULTS:
+            await run.execute()
+        except ProviderFailure as exc:
+            if exc.agent_lost:
                 await self._set_offline(agent, exc.message)
-            raise
-        except ServiceError as exc:
-            if exc.reason in _REPROBE_REASONS:
+            if exc.agent_outdated:
                 self._probe_soon(agent)  # its models or nodes changed since the last probe
             raise
         finally:
@@ -295,6 +292,7 @@ class ComfyPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._notify()
+        await self._background.drain()  # withdrawals of abandoned prompts, websocket closes
         for agent in self._agents.values():
             await agent.client.aclose()
 
@@ -404,7 +402,9 @@ class ComfyPool:
         async with self._changed:
             while True:
                 if self._closed:
-                    raise ProviderUnavailable("the ComfyUI pool is closed")
+                    raise ProviderUnavailable(
+                        "the ComfyUI pool is closed", cause=Cause.PROVIDER_CLOSED
+                    )
                 capable, reasons = self._capable(workflow, work.spec, exclude)
                 if not capable:
                     raise self._none_capable(workflow, work.spec, reasons, exclude)
@@ -444,11 +444,11 @@ class ComfyPool:
                 f"no ComfyUI agent can run {workflow.task.value}: {detail}",
                 metadata={"task": workflow.task.value, "agents": detail[:1000]},
             )
-        error = ProviderUnavailable(
-            f"no ComfyUI agent available for {workflow.task.value}: {detail}"
+        return ProviderUnavailable(
+            f"no ComfyUI agent available for {workflow.task.value}: {detail}",
+            cause=Cause.NO_AGENT,
+            metadata={"agents": detail[:1000]},
         )
-        error.metadata = {"agent": "", "cause": "no_agent", "agents": detail[:1000]}
-        return error
 
 
 def _best(agents: list[_Agent]) -> _Agent:

@@ -1,7 +1,24 @@
 """One job on one agent: upload, queue, follow the websocket, recover, download.
 
-See :mod:`aiserver.providers.comfy.client` for the steps; this module is the state machine of a
-single run (:class:`Run`), driven through a :class:`~aiserver.providers.comfy.client.ComfyClient`.
+The pool starts a :class:`Run` over an agent's transport
+(:class:`~aiserver.providers.comfy.client.ComfyClient`), with the timeouts and the background
+spawner it owns. One run:
+
+1. open ``/ws?clientId=<uuid>`` first: ComfyUI drops messages for absent clients;
+2. upload each input as ``{job_id}-{field}-{sha8}.{ext}`` (unique per job, so a resubmit never
+   reuses another job's cached result, and a retry of the same job reuses its own upload);
+3. checkpoint ``{agent, prompt_id, client_id, seed}`` (the prompt id is ours, so a restart can
+   re-attach even if it happened mid-``POST``), then ``POST /prompt`` with that ``prompt_id``;
+4. follow the websocket's typed messages (:mod:`~aiserver.providers.comfy.messages`) for our
+   ``prompt_id`` into :class:`ProviderProgress`, never decreasing; outputs come from
+   ``executed`` (``/history`` or ``/api/jobs`` when messages were missed);
+5. download images with ``/view``; text outputs (``{"text": [...]}``) go to the sink as text.
+
+A dropped websocket is reopened with backoff and the prompt's state read back over HTTP. When a
+run is abandoned (cancelled, timed out, the agent lost), its prompt is deleted if pending and
+interrupted if running; a cancellation whose message is ``SHUTDOWN`` detaches instead, leaving
+the prompt to be re-attached after the restart. Failures are typed
+(:class:`~aiserver.providers.failures.ProviderFailure` and its cause).
 """
 
 from __future__ import annotations
@@ -9,87 +26,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import logging
 import mimetypes
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
 
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
-from aiserver.jobs.model import Stage
 from aiserver.providers.base import (
     SHUTDOWN,
     GeneratedImage,
     GeneratedText,
     ProviderProgress,
-    ProviderUnavailable,
     RunSink,
     WorkItem,
 )
-from aiserver.providers.comfy.errors import execution_failure, interrupted, prompt_rejection
+from aiserver.providers.comfy import messages as msg
+from aiserver.providers.comfy.background import Spawn
+from aiserver.providers.comfy.client import AgentSocket, ComfyClient, RemoteJob, SocketLost
+from aiserver.providers.comfy.errors import (
+    agent_unavailable,
+    execution_failure,
+    interrupted,
+    prompt_rejection,
+)
+from aiserver.providers.comfy.settings import ComfyTimeouts
+from aiserver.providers.comfy.tracking import NodeTracker
 from aiserver.providers.comfy.workflows import BuiltPrompt, Workflow
-
-if TYPE_CHECKING:
-    from aiserver.providers.comfy.client import ComfyClient, RemoteJob
+from aiserver.providers.failures import Cause, ProviderUnavailable
+from aiserver.stages import Stage
 
 __all__ = ["Run"]
 
 logger = logging.getLogger(__name__)
 
 
-class _Tracker:
-    """Node-level progress over the graph: never decreasing."""
-
-    def __init__(self, built: BuiltPrompt) -> None:
-        self.built = built
-        self.to_run = built.nodes_to_run
-        self.done: set[str] = set()
-        self.node = ""
-        self.step = 0
-        self.max_steps = 0
-        self.best = 0.0
-
-    def fraction(self) -> float:
-        total = max(1, len(self.to_run))
-        done = len(self.done & self.to_run)
-        current = 0.0
-        if self.node and self.node in self.to_run and self.node not in self.done:
-            current = self.step / self.max_steps if self.max_steps > 0 else 0.0
-        self.best = max(self.best, min(1.0, (done + min(current, 1.0)) / total))
-        return self.best
-
-    def start(self, node: str) -> None:
-        if self.node and self.node != node:
-            self.done.add(self.node)
-        if node != self.node:
-            self.node, self.step, self.max_steps = node, 0, 0
-
-    def progress(self, node: str, value: int, maximum: int) -> None:
-        self.start(node)
-        self.step, self.max_steps = value, maximum
-
-    def finished(self, nodes: Iterable[str]) -> None:
-        self.done.update(nodes)
-
-    def update(self, stage: Stage = Stage.RUNNING) -> ProviderProgress:
-        return ProviderProgress(
-            stage=stage,
-            fraction=self.fraction(),
-            node=self.node,
-            node_type=self.built.class_type(self.node) if self.node else "",
-            step=self.step,
-            max_steps=self.max_steps,
-        )
-
-
 class Run:
-    """The state of one run of one job on one agent."""
+    """The state of one run of one job on one agent.
+
+    ``timeouts`` bound its phases; ``spawn`` starts the clean-up that must outlive a cancelled
+    run (both are the pool's). It re-attaches when ``work.resume`` names this agent.
+    """
 
     def __init__(
         self,
@@ -97,20 +77,25 @@ class Run:
         work: WorkItem,
         workflow: Workflow,
         sink: RunSink,
-        resume: Mapping[str, str],
+        *,
+        timeouts: ComfyTimeouts,
+        spawn: Spawn,
     ) -> None:
         self.c = client
+        self.t = timeouts
+        self.spawn = spawn
         self.work = work
         self.workflow = workflow
         self.sink = sink
+        resume = work.resume if work.resume.get("agent") == client.name else {}
         self.resume = resume
         self.client_id = resume.get("client_id") or uuid.uuid4().hex
         self.prompt_id = resume.get("prompt_id") or str(uuid.uuid4())
         seed = resume.get("seed", "")
         self.seed = int(seed) if seed.isdigit() else None
-        self.ws: ClientConnection | None = None
+        self.ws: AgentSocket | None = None
         self.built: BuiltPrompt | None = None
-        self.tracker: _Tracker | None = None
+        self.tracker: NodeTracker | None = None
         self.queued = False  # the prompt may exist on the agent
         self.started = False
         self.finished = False  # the agent is done with the prompt
@@ -134,7 +119,7 @@ class Run:
                 logger.info("detaching from prompt %s on %s", self.prompt_id, self.c.name)
             elif self.queued and not self.finished:
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(self.c.spawn(self._abandon("cancelled")))
+                    await asyncio.shield(self.spawn(self._abandon("cancelled")))
             raise
         except Exception:
             if self.queued and not self.finished:
@@ -144,7 +129,7 @@ class Run:
             if self.ws is not None:
                 # The close handshake can wait on unread broadcasts (up to close_timeout):
                 # the job is over, so it must not wait for it.
-                self.c.spawn(_close_quietly(self.ws))
+                self.spawn(self.ws.close())
 
     async def _execute(self) -> None:
         self.ws = await self.c.open_websocket(self.client_id)
@@ -158,7 +143,7 @@ class Run:
             await self._emit(ProviderProgress(Stage.UPLOADING))
             uploads = await self._upload_inputs()
             self.built = self.workflow.build(self.work, uploads, seed=self.seed)
-            self.tracker = _Tracker(self.built)
+            self.tracker = NodeTracker(self.built)
             await self.sink.checkpoint(self._checkpoint())
             await self._queue()
         await self._follow()
@@ -180,7 +165,7 @@ class Run:
         # The graph only serves tracking here: upload names do not matter, the seed does.
         names = {name: self._upload_name(name) for name in self.work.task.inputs}
         self.built = self.workflow.build(self.work, names, seed=self.seed)
-        self.tracker = _Tracker(self.built)
+        self.tracker = NodeTracker(self.built)
         self.queued = True
         logger.info("re-attached to prompt %s on %s (%s)", self.prompt_id, self.c.name, state.state)
         await self._absorb(state)
@@ -243,7 +228,7 @@ class Run:
     # -- following --
 
     async def _follow(self) -> None:
-        t = self.c.timeouts
+        t = self.t
         if not self.queued_at:
             self.queued_at = self.loop.time()
         last_ours = last_heard = self.loop.time()
@@ -256,7 +241,7 @@ class Run:
             assert self.ws is not None
             try:
                 async with asyncio.timeout(max(0.0, min(deadline, last_heard + t.poll_s) - now)):
-                    raw = await self.ws.recv()
+                    message = await self.ws.recv()
             except TimeoutError:
                 now = self.loop.time()
                 if now >= deadline:
@@ -264,30 +249,33 @@ class Run:
                 await self._absorb(await self.c.remote_job(self.prompt_id))
                 last_heard = now
                 continue
-            except ConnectionClosed:
+            except SocketLost:
                 logger.warning("websocket to %s dropped during %s", self.c.name, self.prompt_id)
                 await self._reconnect()
                 await self._absorb(await self.c.remote_job(self.prompt_id))
                 last_heard = last_ours = self.loop.time()
                 continue
             last_heard = self.loop.time()
-            if await self._on_message(raw):
+            if await self._on_message(message):
                 last_ours = last_heard
 
     def _timeout_error(self, now: float, last_ours: float) -> ProviderUnavailable:
-        t = self.c.timeouts
+        t = self.t
         if not self.started:
-            what, cause = f"did not start within {t.queue_wait_s:g}s", "queue_timeout"
+            what, cause = f"did not start within {t.queue_wait_s:g}s", Cause.QUEUE_TIMEOUT
         elif now >= self.started_at + t.execution_s:
-            what, cause = f"did not finish within {t.execution_s:g}s", "execution_timeout"
+            what, cause = f"did not finish within {t.execution_s:g}s", Cause.EXECUTION_TIMEOUT
         else:
-            what, cause = f"sent nothing for {t.idle_s:g}s", "idle_timeout"
-        return self.c.unavailable(
-            f"prompt {self.prompt_id} {what}", cause=cause, prompt_id=self.prompt_id
+            what, cause = f"sent nothing for {t.idle_s:g}s", Cause.IDLE_TIMEOUT
+        return self._unavailable(f"prompt {self.prompt_id} {what}", cause)
+
+    def _unavailable(self, message: str, cause: Cause) -> ProviderUnavailable:
+        return agent_unavailable(
+            self.c.name, self.c.url, message, cause=cause, prompt_id=self.prompt_id
         )
 
     async def _reconnect(self) -> None:
-        t = self.c.timeouts
+        t = self.t
         deadline = self.loop.time() + t.reconnect_s
         delay = t.backoff_initial_s
         while True:
@@ -296,78 +284,61 @@ class Run:
                 return
             except ProviderUnavailable as exc:
                 if self.loop.time() + delay > deadline:
-                    raise self.c.unavailable(
+                    raise self._unavailable(
                         f"websocket lost and not regained within {t.reconnect_s:g}s: {exc.message}",
-                        cause="websocket",
-                        prompt_id=self.prompt_id,
+                        Cause.WEBSOCKET,
                     ) from exc
             await asyncio.sleep(delay)
             delay = min(delay * 2, t.backoff_max_s)
 
-    async def _on_message(self, raw: str | bytes) -> bool:
-        """Handle one frame; True when it was about our prompt."""
-        if isinstance(raw, bytes):
-            return self.started  # a preview frame while we run
-        try:
-            message = json.loads(raw)
-        except ValueError:
-            logger.warning("agent %s sent a frame that is not JSON", self.c.name)
-            return False
-        kind = message.get("type") if isinstance(message, dict) else None
-        data = message.get("data") if isinstance(message, dict) else None
-        if not isinstance(data, dict):
-            return False
-        if kind == "status":
-            if not self.started:
-                await self._report_position()
-            return False
-        if data.get("prompt_id") != self.prompt_id:
+    async def _on_message(self, message: msg.Message) -> bool:
+        """Handle one message; True when it was about our prompt."""
+        match message:
+            case msg.Preview() | msg.Unknown(binary=True):
+                return self.started  # a preview frame while we run
+            case msg.Status():
+                if not self.started:
+                    await self._report_position()
+                return False
+        if message.prompt_id != self.prompt_id:
             return False
         tracker = self.tracker
         assert tracker is not None
-        if kind == "execution_start":
-            self._mark_started()
-        elif kind == "execution_cached":
-            self._mark_started()
-            tracker.finished(str(n) for n in data.get("nodes") or [])
-        elif kind == "executing":
-            self._mark_started()
-            node = data.get("node")
-            if node is None:  # the end marker: history is written by now
+        match message:
+            case msg.ExecutionStart():
+                self._mark_started()
+            case msg.ExecutionCached(nodes=nodes):
+                self._mark_started()
+                tracker.finished(nodes)
+            case msg.Executing(node=None):  # the end marker: history is written by now
+                self._mark_started()
                 await self._on_end()
                 return True
-            tracker.start(str(node))
-        elif kind == "progress":
-            self._mark_started()
-            tracker.progress(
-                str(data.get("node", "")), _int(data.get("value")), _int(data.get("max"))
-            )
-        elif kind == "progress_state":
-            nodes = data.get("nodes") or {}
-            if isinstance(nodes, dict):
-                tracker.finished(
-                    str(n)
-                    for n, s in nodes.items()
-                    if isinstance(s, dict) and s.get("state") == "finished"
-                )
-        elif kind == "executed":
-            node = str(data.get("node"))
-            tracker.finished([node])
-            if isinstance(data.get("output"), dict):
-                self.outputs[node] = data["output"]
-        elif kind == "execution_success":
-            self.success = True
-            if all(o.node in self.outputs for o in self.built_outputs):
+            case msg.Executing(node=str(node)):
+                self._mark_started()
+                tracker.start(node)
+            case msg.Progress(node=node, value=value, max=maximum):
+                self._mark_started()
+                tracker.progress(node, value, maximum)
+            case msg.ProgressState():
+                tracker.finished(message.finished)
+            case msg.Executed(node=node, output=output):
+                tracker.finished([node])
+                if output is not None:
+                    self.outputs[node] = output
+            case msg.ExecutionSuccess():
+                self.success = True
+                if all(o.node in self.outputs for o in self.built_outputs):
+                    self.finished = True
+                return True
+            case msg.ExecutionError():
                 self.finished = True
-            return True
-        elif kind == "execution_error":
-            self.finished = True
-            raise execution_failure(data, self.c.name)
-        elif kind == "execution_interrupted":
-            self.finished = True
-            raise interrupted(data, self.c.name)
-        else:
-            return True
+                raise execution_failure(message, self.c.name)
+            case msg.ExecutionInterrupted():
+                self.finished = True
+                raise interrupted(message, self.c.name)
+            case _:
+                return True
         if self.started:
             await self._emit(tracker.update())
         return True
@@ -389,10 +360,9 @@ class Run:
         # Outcome or outputs were missed (a reconnect): history has them now.
         state = await self.c.remote_job(self.prompt_id)
         if state.state != "done":
-            raise self.c.unavailable(
+            raise self._unavailable(
                 f"prompt {self.prompt_id} ended but the agent reports it {state.state}",
-                cause="inconsistent",
-                prompt_id=self.prompt_id,
+                Cause.INCONSISTENT,
             )
         await self._absorb(state)
 
@@ -407,10 +377,9 @@ class Run:
             return
         if state.state == "unknown":
             self.queued = False
-            raise self.c.unavailable(
+            raise self._unavailable(
                 f"prompt {self.prompt_id} vanished from the agent (restarted or deleted?)",
-                cause="prompt_lost",
-                prompt_id=self.prompt_id,
+                Cause.PROMPT_LOST,
             )
         self.finished = True
         for node, output in state.outputs.items():
@@ -419,12 +388,12 @@ class Run:
         if state.success:
             self.success = True
             return
-        for entry in state.messages:
-            if isinstance(entry, list | tuple) and len(entry) >= 2 and isinstance(entry[1], dict):
-                if entry[0] == "execution_error":
-                    raise execution_failure(entry[1], self.c.name)
-                if entry[0] == "execution_interrupted":
-                    raise interrupted(entry[1], self.c.name)
+        for message in state.messages:
+            match message:
+                case msg.ExecutionError():
+                    raise execution_failure(message, self.c.name)
+                case msg.ExecutionInterrupted():
+                    raise interrupted(message, self.c.name)
         raise ServiceError(
             ErrorKind.INTERNAL,
             "COMFYUI_EXECUTION_ERROR",
@@ -493,7 +462,7 @@ class Run:
     async def _abandon(self, why: str) -> None:
         """Take our prompt off the agent: delete it if pending, interrupt it if running."""
         try:
-            async with asyncio.timeout(self.c.timeouts.cancel_s):
+            async with asyncio.timeout(self.t.cancel_s):
                 if not self.started:
                     await self.c.delete_pending([self.prompt_id])
                     if (await self.c.remote_job(self.prompt_id)).state != "running":
@@ -509,13 +478,6 @@ class Run:
             )
 
 
-def _int(value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
-
-
 def _describe(data: bytes, content_type: str) -> tuple[str, int, int]:
     """MIME type and size of an image, from its header."""
     try:
@@ -526,8 +488,3 @@ def _describe(data: bytes, content_type: str) -> tuple[str, int, int]:
             return mime, img.width, img.height
     except (UnidentifiedImageError, OSError):
         return content_type.split(";", maxsplit=1)[0] or "application/octet-stream", 0, 0
-
-
-async def _close_quietly(ws: ClientConnection) -> None:
-    with contextlib.suppress(Exception):
-        await ws.close()

@@ -10,8 +10,8 @@ from pathlib import Path, PurePath
 
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
 from aiserver.imaging import DEFAULT_LIMITS, ImageLimits
-from aiserver.jobs.model import Stage
 from aiserver.providers.base import (
+    Cause,
     GeneratedImage,
     ProviderProgress,
     ProviderUnavailable,
@@ -33,6 +33,7 @@ from aiserver.providers.local.upscale import (
     plan_tiles,
     resize_alpha,
 )
+from aiserver.stages import Stage
 from aiserver.tasks import ImageUpscaleSpec, TaskKind, TaskSpec
 from aiserver.workers import BlockingPool
 
@@ -178,7 +179,9 @@ class LocalUpscaleProvider:
         try:
             net = await self._pool.run(self._models.get, model)
         except ModelError as exc:
-            raise ProviderUnavailable(f"cannot load {model.name}: {exc}") from exc
+            raise ProviderUnavailable(
+                f"cannot load {model.name}: {exc}", cause=Cause.MODEL_LOAD
+            ) from exc
         source = await self._pool.run(
             decode, path, self._limits, "image", settings.max_input_pixels
         )

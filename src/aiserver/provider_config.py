@@ -1,11 +1,17 @@
-"""The providers a configuration asks for."""
+"""The providers the app's configuration asks for, each handed its own settings.
+
+It sits above :mod:`aiserver.providers` and :mod:`aiserver.config`: providers never read the
+app's settings class.
+"""
 
 from __future__ import annotations
 
 from aiserver.config import Settings
 from aiserver.imaging import ImageLimits
 from aiserver.providers.base import Provider
-from aiserver.providers.comfy import ComfyPool, PoolSettings, WorkflowCatalog
+from aiserver.providers.comfy.pool import ComfyPool
+from aiserver.providers.comfy.settings import PoolSettings
+from aiserver.providers.comfy.workflows import WorkflowCatalog
 from aiserver.providers.fallback import Excluding, Fallback
 from aiserver.providers.local import LocalUpscaleProvider, LocalUpscaleSettings
 from aiserver.tasks import TaskKind
