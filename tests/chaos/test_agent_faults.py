@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Finished, Job, JobEvent, JobState, Retrying
 from aiserver.providers.comfy.pool import AgentConfig, AgentState, ComfyPool, PoolSettings
 from aiserver.providers.comfy.workflows import WorkflowCatalog
+from aiserver.providers.failures import Cause, ProviderUnavailable
 from aiserver.tasks import ImageToImageSpec, TaskKind
 from tests.comfy.helpers import FAST, RecordingSink, png, work_item, write_input
 from tests.jobs.helpers import Env, collect, submit
@@ -117,7 +119,7 @@ async def test_while_every_online_agent_is_excluded_no_attempt_is_spent(cluster:
     await a.restart()  # soon online again, while the job's retry excludes it
     await asyncio.sleep(1.0)
     now = await manager.get(job.id, None)
-    assert not now.state.terminal and now.attempts <= 2, now.error
+    assert now.state is not JobState.FAILED and now.attempts <= 2, now.error
     final, _ = await ends(manager, job, 30)
     assert final.state is JobState.SUCCEEDED and final.attempts == 2, final.error
 
@@ -171,32 +173,37 @@ async def test_an_offline_agent_is_reprobed_within_the_probe_interval(cluster: C
     assert time.monotonic() - back <= POOL.probe_interval_s + 1.0
 
 
+async def forget_prompts(agent: ComfyStandIn) -> None:
+    """The agent forgets its queue (as after a restart, or an operator's clear) yet answers."""
+    await agent.wait_for(lambda: bool(agent.pending_prompts))
+    async with httpx.AsyncClient(base_url=agent.url) as http:
+        await http.post("/queue", json={"clear": True})
+
+
 async def test_a_vanished_prompt_leaves_the_agent_online(cluster: Cluster, tmp_path: Path) -> None:
     agent = await cluster.agent()
-    # Probes far apart: only what the run reports can change the agent's state.
-    pool = await cluster.pool(dataclasses.replace(POOL, probe_interval_s=60.0))
+    agent.pause_queue()
+    pool = await cluster.pool()
     image = write_input(tmp_path, "image", png(48, 32))
     work = work_item(TaskKind.IMAGE_TO_IMAGE, SPEC, {"image": image})
-    sink = RecordingSink()
-    run = asyncio.create_task(pool.run(work, sink))
-    await running_on(agent)
-    await agent.kill()
-    await asyncio.sleep(0.3)
-    await agent.restart()  # back soon, without the prompt
-    with pytest.raises(Exception):  # noqa: B017 - whatever says "run it again"
-        async with asyncio.timeout(20):
+    run = asyncio.create_task(pool.run(work, RecordingSink()))
+    await forget_prompts(agent)
+    with pytest.raises(ProviderUnavailable) as caught:
+        async with asyncio.timeout(10):
             await run
+    assert caught.value.cause is Cause.PROMPT_LOST and caught.value.reached_agent
+    # It answers: not offline, still a candidate for the job's next attempt.
     assert pool.snapshot()[0].state is AgentState.ONLINE, pool.snapshot()[0].last_error
-    assert pool.can_run(TaskKind.IMAGE_TO_IMAGE, SPEC)
+    assert pool.pick(TaskKind.IMAGE_TO_IMAGE, SPEC, exclude=frozenset({"agent-0"})) == "agent-0"
 
 
 async def test_a_vanished_prompt_runs_again_on_the_same_agent(cluster: Cluster) -> None:
     agent = await cluster.agent()
+    agent.pause_queue()
     manager, _ = await cluster.manager(max_attempts=2)
     job = await submit(manager, cluster.env, spec=SPEC)
-    await running_on(agent)
-    await agent.kill()
-    await asyncio.sleep(0.3)
-    await agent.restart()
-    final, _ = await ends(manager, job, 30)
+    await forget_prompts(agent)
+    agent.resume_queue()
+    final, events = await ends(manager, job, 30)
     assert final.state is JobState.SUCCEEDED and final.agent == "agent-0", final.error
+    assert final.attempts == 2 and len(retries(events)) == 1

@@ -59,6 +59,12 @@ class ActiveJob:
     finishing: bool = False  # set before the terminal write: nothing may happen after it
     done: asyncio.Event = field(default_factory=asyncio.Event)
     last_position: int = 0  # the queue position last published
+    queued_at: float = 0.0
+    """When (monotonic) it was queued, or re-queued after an attempt that reached an agent:
+    the queue deadline counts from here."""
+    not_before: float = 0.0
+    """Not dispatched before this (monotonic): set after an attempt that found no agent, so a
+    provider that keeps saying no is not asked in a loop."""
 
     @property
     def job(self) -> Job:

@@ -135,7 +135,7 @@ class JobManager:
         for record in records:
             self._active[record.job.id] = ActiveJob(record)
             if record.job.state is JobState.QUEUED:
-                self._queue.push(record.job.id, now)
+                self._enqueue(self._active[record.job.id], now)
         for record in records:
             self._hub.open_recovered(
                 record.job, last_sequence=record.last_sequence, retries=record.retries
@@ -414,7 +414,7 @@ class JobManager:
             return self._fresh(stored.job), True
         active = ActiveJob(stored)
         self._active[job_id] = active
-        self._queue.push(job_id, time.monotonic())
+        self._enqueue(active, time.monotonic())
         active.last_position = self._queue.position(job_id)
         self._hub.open_new(job)
         self._hub.emit(job_id, Accepted(task, job.ref_id, active.last_position))
@@ -491,6 +491,8 @@ class JobManager:
             if all(self._running[p.name] >= capacity for p in self._providers):
                 break
             active = self._active[job_id]
+            if active.not_before > time.monotonic():
+                continue
             provider = pick_provider(
                 self._providers, active.job.task, active.job.spec, self._running, capacity
             )
@@ -587,7 +589,7 @@ class JobManager:
                 run.cancel()
                 await asyncio.wait({run}, timeout=self._settings.cancel_timeout_s)
             sink.closed = True
-            await self._conclude(active, run, timed_out)
+            await self._conclude(active, run, timed_out, counted=new_attempt)
         except ServiceError as error:  # e.g. an input vanished from the spool
             await self._finish(active, JobState.FAILED, error)
         except Exception:
@@ -601,7 +603,9 @@ class JobManager:
             active.sink = None
             self._wake.set()
 
-    async def _conclude(self, active: ActiveJob, run: asyncio.Task[None], timed_out: bool) -> None:
+    async def _conclude(
+        self, active: ActiveJob, run: asyncio.Task[None], timed_out: bool, *, counted: bool
+    ) -> None:
         job = active.job
         reason = active.cancel_reason
         succeeded = run.done() and not run.cancelled() and run.exception() is None
@@ -633,7 +637,10 @@ class JobManager:
         else:
             failure = run.exception()
             if (retryable := retryable_failure(failure)) is not None:
-                await self._retry_or_fail(active, retryable, agent=retryable.agent or job.agent)
+                if retryable.reached_agent:
+                    await self._retry_or_fail(active, retryable, agent=retryable.agent or job.agent)
+                else:
+                    await self._requeue_unreached(active, retryable, counted=counted)
             elif isinstance(failure, ServiceError):
                 await self._finish(active, JobState.FAILED, failure)
             else:
@@ -660,9 +667,38 @@ class JobManager:
         self._emit(active, retry)
         if active.cancel_reason == "shutdown":
             return  # stored as QUEUED: runs at the next start
-        self._queue.push(job.id, time.monotonic())
+        self._enqueue(active, time.monotonic())
         self._publish_positions()
         self._wake.set()
+
+    async def _requeue_unreached(
+        self, active: ActiveJob, error: ServiceError, *, counted: bool
+    ) -> None:
+        """Back in the queue after an attempt that never reached an agent (e.g. the one online
+        went down between the pick and the run): that was no attempt, and the queue deadline
+        still counts from when the job was queued."""
+        job = active.job
+        if counted:
+            job.attempts -= 1
+        job.state = JobState.QUEUED
+        job.resume = {}
+        job.agent = ""
+        job.progress = 0.0
+        job.waiting = error.message
+        await self._save(active)
+        if active.cancel_reason == "user":
+            await self._finish(active, JobState.CANCELLED, cancelled_error())
+            return
+        if active.cancel_reason == "shutdown":
+            return
+        active.not_before = time.monotonic() + self._settings.recheck_interval_s
+        self._enqueue(active, active.queued_at)
+        self._publish_positions()
+        self._wake.set()
+
+    def _enqueue(self, active: ActiveJob, since: float) -> None:
+        active.queued_at = since
+        self._queue.push(active.job.id, since)
 
     def _work_inputs(self, job: Job) -> dict[str, WorkInput]:
         inputs: dict[str, WorkInput] = {}
