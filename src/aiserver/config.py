@@ -62,7 +62,8 @@ class Settings:
     agents: tuple[AgentSettings, ...] = field(default_factory=tuple)
     """ComfyUI agents. Env: ``AISERVER_AGENTS`` as comma-separated URLs or a JSON list."""
     agent_probe_interval_s: float = 10.0
-    """How often an online ComfyUI agent is probed (offline ones back off from 1 s to 60 s)."""
+    """How often an online ComfyUI agent is probed; offline ones back off from 1 s up to this
+    (never longer: an agent that is back is noticed within it)."""
     local_upscale: str = "fallback"
     """The embedded CPU upscaler (Real-ESRGAN on ncnn) for ImageUpscale: ``fallback`` (when
     no ComfyUI agent can serve the request), ``always`` (never send upscales to ComfyUI), or

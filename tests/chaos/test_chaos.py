@@ -199,8 +199,8 @@ async def test_both_agents_down_then_queued_jobs_run_at_once(cluster: Cluster) -
         await agent.kill()
     names = await submit_many(cluster.client, "outage", MODE.outage_jobs, MODE.rate_per_s)
     await asyncio.sleep(MODE.outage_s)
-    back = time.time()
     await asyncio.gather(*(a.start() for a in cluster.agents))
+    back = time.time()  # listening again
     jobs = await cluster.client.wait_done(names, MODE.drain_s)
     done = time.time()
     report = tally("both agents down", names, jobs, cluster.agents, started)
