@@ -10,7 +10,7 @@ import pytest
 
 from aiserver.errors import ServiceError
 from aiserver.jobs.model import Finished, JobState
-from aiserver.providers.base import Provider
+from aiserver.providers.base import Provider, ProviderUnavailable
 from aiserver.providers.comfy.pool import AgentConfig, ComfyPool, PoolSettings
 from aiserver.providers.comfy.workflows import WorkflowCatalog
 from aiserver.providers.fallback import Excluding, Fallback
@@ -18,6 +18,7 @@ from aiserver.providers.local import LocalUpscaleProvider, LocalUpscaleSettings
 from aiserver.tasks import ImageUpscaleSpec, TaskKind
 from tests.comfy.helpers import FAST
 from tests.jobs.helpers import Env, collect, submit
+from tests.providers_local.helpers import RecordingSink, save, textured, work_for
 from tests.support.comfy_standin import ComfyStandIn
 
 MISSING = "no_such_model.pth"
@@ -90,4 +91,25 @@ async def test_a_model_it_has_is_not_refused() -> None:
     provider = local()
     for model in ("", "realesrgan-x4plus", "RealESRGAN_x4plus.pth"):
         assert provider.refusal(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec(model=model)) is None
+    await provider.close()
+
+
+async def test_a_model_that_failed_to_load_is_refused_for_good(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiserver.providers.local import models
+
+    param, weights = tmp_path / "broken.param", tmp_path / "broken.bin"
+    param.write_text("not a param file\n")
+    weights.write_bytes(b"\0" * 16)
+    monkeypatch.setattr(models, "model_files", lambda model: (param, weights))
+    provider = local()
+    spec = ImageUpscaleSpec()
+    assert provider.refusal(TaskKind.IMAGE_UPSCALE, spec) is None  # not tried yet
+    path = save(textured((4, 4)), tmp_path / "a.png")
+    with pytest.raises(ProviderUnavailable):
+        await provider.run(work_for(path), RecordingSink())
+    refused = provider.refusal(TaskKind.IMAGE_UPSCALE, spec)
+    assert refused is not None and refused.reason == "LOCAL_MODEL_UNAVAILABLE"
+    assert "cannot load" in provider.unavailable_reason(TaskKind.IMAGE_UPSCALE, spec)
     await provider.close()

@@ -680,6 +680,8 @@ class JobManager:
         job = active.job
         if counted:
             job.attempts -= 1
+        if not job.attempts:
+            job.started = None  # it never started anywhere
         job.state = JobState.QUEUED
         job.resume = {}
         job.agent = ""

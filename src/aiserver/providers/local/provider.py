@@ -119,8 +119,16 @@ class LocalUpscaleProvider:
         provider refuses it, with the first refusal, which is the pool's when agents exist.)"""
         if not self.supports(task) or not isinstance(spec, ImageUpscaleSpec):
             return None
-        if self.model_for(spec.model) is None:
+        model = self.model_for(spec.model)
+        if model is None:
             return _unknown_model(spec.model)
+        if not self._models.usable(model):  # failed to load, or its files or ncnn are missing
+            return ServiceError(
+                ErrorKind.FAILED_PRECONDITION,
+                "LOCAL_MODEL_UNAVAILABLE",
+                f"the {self._name} upscaler cannot load {model.name}",
+                metadata={"model": model.name},
+            )
         return None
 
     async def start(self) -> None:
