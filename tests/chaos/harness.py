@@ -170,19 +170,20 @@ class Client:
         """Job name by ref_id, for every accepted submission."""
         self._channel: grpc.aio.Channel | None = None
         self._target = ""
+        self._old: list[grpc.aio.Channel] = []  # to a service incarnation that is gone
 
     def channel(self) -> grpc.aio.Channel:
         if self._channel is None or self._target != self.service.target:
             if self._channel is not None:
-                old = self._channel
-                asyncio.get_running_loop().create_task(old.close())
+                self._old.append(self._channel)
             self._target = self.service.target
             self._channel = grpc.aio.insecure_channel(self._target)
         return self._channel
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+        for channel in [*self._old, self._channel]:
+            if channel is not None:
+                await channel.close()
 
     async def submit(self, ref_id: str, within_s: float = 60.0) -> str:
         """The accepted job's name; resent with the same ref_id while the service is away."""
