@@ -56,7 +56,8 @@ class WorkItem:
     resume: Mapping[str, str] = field(default_factory=dict)
     """What the provider saved with :meth:`RunSink.checkpoint` in an earlier run."""
     exclude: frozenset[str] = frozenset()
-    """Agents that already failed this job: pick another one when retrying."""
+    """Agents that already failed this job: pick another one when retrying, and one of these
+    only when no other can take it (one that was lost is back only once a probe found it)."""
 
 
 @dataclass(frozen=True, slots=True)
