@@ -59,11 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, json_lines=settings.log_json)
 
     from aiserver.auth import ConfigError
-    from aiserver.server import serve  # imported late: grpc start-up cost only for `serve`
+    from aiserver.server import StartupError, serve  # late: grpc's import cost for `serve` only
 
     try:
         asyncio.run(serve(settings))
     except ConfigError as exc:
         print(f"aiserver: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
+        print(f"aiserver: cannot start: {exc}", file=sys.stderr)
         return 2
     return 0

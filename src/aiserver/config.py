@@ -142,6 +142,23 @@ class Settings:
     max_streaming_calls: int = 1000
     """Streaming calls (uploads, job streams, artifact reads, watches) served at once by the
     whole server; one more is RESOURCE_EXHAUSTED ``TOO_MANY_STREAMS``. 0: no limit."""
+    upload_idle_timeout_s: float = 30.0
+    """An upload (a gRPC client stream, or an HTTP request body) that sends nothing for this
+    long ends: DEADLINE_EXCEEDED ``UPLOAD_STALLED`` / HTTP 408, its spooled bytes deleted.
+    0: no limit."""
+    upload_timeout_s: float = 600.0
+    """Longest an upload may take from its first message (or the request's headers) to its
+    last: DEADLINE_EXCEEDED ``UPLOAD_TOO_SLOW`` / HTTP 408. 0: no limit."""
+    http_header_timeout_s: float = 15.0
+    """An HTTP connection must send a request's whole head (request line and headers) within
+    this long of opening (or of its previous response); else it is closed. 0: no limit."""
+    max_uploads_per_client: int = 0
+    """Uploads (request streams still being sent) one client address may have open at once,
+    over gRPC and over HTTP each (the in-process HTTP shim's own calls are not counted against
+    its address: it counts each HTTP client); one more is RESOURCE_EXHAUSTED
+    ``TOO_MANY_UPLOADS`` (HTTP 429 + Retry-After). 0: no limit, the default: the idle and
+    total upload timeouts already end stalled uploads, and one address may be a whole
+    network (NAT, a proxy) or a load test. Set it on a public address, e.g. 16."""
     max_concurrent_streams: int = 0
     """``grpc.max_concurrent_streams``: streams one HTTP/2 connection may have open (more wait
     in the client, they do not fail). 0: gRPC's default."""

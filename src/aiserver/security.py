@@ -36,6 +36,9 @@ class Security:
     """Set when ``artifact_access = "signed"``."""
     rate: RateLimiter | None
     max_streams: int
+    upload_idle_s: float = 0.0
+    upload_total_s: float = 0.0
+    max_uploads_per_peer: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Security:
@@ -74,19 +77,32 @@ class Security:
             exposed = exposure_problem(hosts, keys_enabled=False, allow_open=False)
             log = logger.warning if exposed else logger.info
             log("no API keys configured: open mode, every caller is an admin")
-        return cls(keys, signer, rate, settings.max_streaming_calls)
+        return cls(
+            keys,
+            signer,
+            rate,
+            settings.max_streaming_calls,
+            upload_idle_s=settings.upload_idle_timeout_s,
+            upload_total_s=settings.upload_timeout_s,
+            max_uploads_per_peer=settings.max_uploads_per_client,
+        )
 
     def link(self, url: str) -> str:
         """An artifact or variant URL as handed out: signed in signed mode."""
         return self.signer.sign(url) if self.signer is not None else url
 
-    def guard(self, metrics: Metrics | None) -> Guard:
+    def guard(self, metrics: Metrics | None, *, shim_token: str = "") -> Guard:
+        """The interceptor; ``shim_token``: what the in-process HTTP shim sends to be known."""
         return Guard(
             keys=self.keys,
             rate=self.rate,
             max_streams=self.max_streams,
             keyless_methods=SIGNED_READS if self.signer is not None else (),
             metrics=metrics,
+            upload_idle_s=self.upload_idle_s,
+            upload_total_s=self.upload_total_s,
+            max_uploads_per_peer=self.max_uploads_per_peer,
+            shim_token=shim_token,
         )
 
     def metrics_handler(
@@ -95,12 +111,19 @@ class Security:
         """``/metrics`` for the public HTTP port: an admin key when keys are configured."""
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            principal = self.keys.admits_header(request.headers.get("Authorization"))
+            header = request.headers.get("Authorization")
+            principal = self.keys.admits_header(header)
             if principal is None or not principal.admin:
+                if principal is not None:
+                    reason = "ADMIN_ONLY"  # a valid key, not an admin's
+                elif header is None:
+                    reason = "API_KEY_MISSING"
+                else:
+                    reason = "API_KEY_INVALID"
                 return web.json_response(
                     {
                         "responseStatus": {
-                            "errorCode": "API_KEY_INVALID" if principal else "ADMIN_ONLY",
+                            "errorCode": reason,
                             "message": "metrics need an admin API key",
                             "errors": [],
                         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 from collections.abc import Sequence
 
@@ -46,7 +47,7 @@ from aiserver.tasks import TaskKind
 from aiserver.webhooks import WebhookSender
 from aiserver.workers import BlockingPool
 
-__all__ = ["Service", "serve"]
+__all__ = ["Service", "StartupError", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ HEALTH_POLL_S = 1.0
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class StartupError(Exception):
+    """The service cannot start (a port in use, an address not available): one line for the
+    operator, no traceback."""
 
 
 class Service:
@@ -106,6 +112,8 @@ class Service:
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._shim_token = secrets.token_urlsafe(24)
+        """Known to the guard and the in-process HTTP shim only (see Guard)."""
 
     def _services(self) -> Sequence[str]:
         return (_TRANSFORM, _GENERATION, _JOBS, _ARTIFACTS, _AGENTS)
@@ -150,7 +158,8 @@ class Service:
         ]
         if s.max_concurrent_streams > 0:
             options.append(("grpc.max_concurrent_streams", s.max_concurrent_streams))
-        server = grpc.aio.server(interceptors=[self.security.guard(self.metrics)], options=options)
+        guard = self.security.guard(self.metrics, shim_token=self._shim_token)
+        server = grpc.aio.server(interceptors=[guard], options=options)
         link = self.security.link
         transform_service_pb2_grpc.add_TransformServiceServicer_to_server(
             TransformServicer(
@@ -199,11 +208,17 @@ class Service:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (*self._services(), health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-        self.grpc_port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        self._server = server  # from here, stop() undoes a failed start too
+        try:
+            self.grpc_port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        except RuntimeError:  # grpcio's "Failed to bind", without the reason
+            self.grpc_port = 0
         if self.grpc_port == 0:
-            raise OSError(f"cannot bind gRPC to {s.grpc_host}:{s.grpc_port}")
+            raise StartupError(
+                f"cannot listen for gRPC on {s.grpc_host}:{s.grpc_port}"
+                " (the port is in use or the address is not this machine's)"
+            )
         await server.start()
-        self._server = server
         await self.health.set("", SERVING)
         for name in self._services():
             await self.health.set(name, SERVING)
@@ -217,14 +232,25 @@ class Service:
                 f"{local}:{self.grpc_port}",
                 host=s.http_host,
                 port=s.http_port,
-                settings=GatewaySettings.from_settings(s),
+                settings=GatewaySettings.from_settings(s, shim_token=self._shim_token),
                 metrics=self.security.metrics_handler(self.metrics) if s.http_metrics else None,
             )
-            self.http_port = await self.gateway.start()
+            try:
+                self.http_port = await self.gateway.start()
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen for HTTP on {s.http_host}:{s.http_port}: {exc.strerror or exc}"
+                ) from None
             logger.info("HTTP listening on %s:%d", s.http_host, self.http_port)
         if s.metrics_port is not None:
             self.metrics_server = MetricsServer(self.metrics, s.metrics_host, s.metrics_port)
-            self.metrics_port = await self.metrics_server.start()
+            try:
+                self.metrics_port = await self.metrics_server.start()
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen for metrics on {s.metrics_host}:{s.metrics_port}:"
+                    f" {exc.strerror or exc}"
+                ) from None
             logger.info("metrics on http://%s:%d/metrics", s.metrics_host, self.metrics_port)
         return self.grpc_port
 
@@ -283,7 +309,11 @@ class Service:
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     service = Service(settings)
-    await service.start()
+    try:
+        await service.start()
+    except BaseException:
+        await service.stop(grace_s=0)
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -101,7 +101,7 @@ async def test_unknown_route_and_wrong_method(fake_http: httpx.AsyncClient) -> N
     assert res.json()["responseStatus"]["errorCode"] == "ROUTE_NOT_FOUND"
     res = await fake_http.delete("/v1/jobs/x")
     assert res.status_code == 405
-    assert res.headers["allow"] == "GET"
+    assert res.headers["allow"] == "GET, HEAD"
 
 
 async def test_metadata_is_forwarded(fake: FakeBackend, fake_http: httpx.AsyncClient) -> None:

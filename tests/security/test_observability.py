@@ -58,8 +58,14 @@ async def test_metrics_count_jobs_bytes_agents_and_refusals(tmp_path: Path) -> N
         with pytest.raises(grpc.aio.AioRpcError):
             await jobs.GetJob(jpb.GetJobRequest(name="jobs/nope"), metadata=bearer("alice"))
         # The public port wants an admin key; the metrics port answers anyone (bind it privately).
-        assert (await http.get("/metrics")).status_code == 401
-        assert (await http.get("/metrics", headers=auth("alice"))).status_code == 403
+        for headers, status, reason in (
+            ({}, 401, "API_KEY_MISSING"),
+            ({"Authorization": "Bearer not-a-key-0123456789"}, 401, "API_KEY_INVALID"),
+            (auth("alice"), 403, "ADMIN_ONLY"),
+        ):
+            res = await http.get("/metrics", headers=headers)
+            assert res.status_code == status
+            assert res.json()["responseStatus"]["errorCode"] == reason
         res = await http.get("/metrics", headers=auth("ops"))
         assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
         own = await http.get(f"http://127.0.0.1:{service.metrics_port}/metrics")

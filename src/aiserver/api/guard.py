@@ -16,12 +16,22 @@ Admission, in order (each refusal is a rich status, logged without any secret):
 3. the caller's request rate (per key id; per peer address in open mode or for keyless
    signed reads): RESOURCE_EXHAUSTED ``RATE_LIMITED`` with RetryInfo;
 4. for streaming calls, the server-wide number of them: RESOURCE_EXHAUSTED
-   ``TOO_MANY_STREAMS`` with RetryInfo.
+   ``TOO_MANY_STREAMS`` with RetryInfo;
+5. for client streams (uploads), the number one client address has open:
+   RESOURCE_EXHAUSTED ``TOO_MANY_UPLOADS`` with RetryInfo. The in-process HTTP shim, known by
+   the ``x-aiserver-shim`` token it is given, is not capped here: it caps its own clients.
+
+Every request message goes through :func:`aiserver.api.malformed.tolerant`: one protobuf
+cannot parse ends the call with INVALID_ARGUMENT ``MALFORMED_MESSAGE``, never INTERNAL. A
+client stream that sends nothing for ``upload_idle_s``, or is still sending after
+``upload_total_s``, ends with DEADLINE_EXCEEDED ``UPLOAD_STALLED`` / ``UPLOAD_TOO_SLOW``
+(the servicer's upload reader then deletes what it spooled).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import inspect
 import logging
 import time
@@ -31,6 +41,7 @@ from typing import Any, NoReturn
 import grpc
 
 from aiserver.api.calls import CallInfo, current_call
+from aiserver.api.malformed import Malformed, tolerant, tolerant_handler
 from aiserver.api.status import abort, request_id_of
 from aiserver.auth import ANONYMOUS, KeyRing, bearer_token, invalid_key, missing_key
 from aiserver.errors import ErrorKind, ServiceError
@@ -38,7 +49,7 @@ from aiserver.logs import request_id_var
 from aiserver.metrics import Metrics
 from aiserver.ratelimit import RateLimiter
 
-__all__ = ["EXEMPT_PREFIXES", "Guard", "peer_host"]
+__all__ = ["EXEMPT_PREFIXES", "SHIM_TOKEN_HEADER", "Guard", "peer_host"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +61,8 @@ EXEMPT_PREFIXES = (
 """Methods served to anyone, unmetered: health checks and reflection."""
 
 STREAMS_RETRY_S = 1.0
+UPLOADS_RETRY_S = 5.0
+SHIM_TOKEN_HEADER = "x-aiserver-shim"
 DRAIN_S = 2.0
 DRAIN_BYTES = 8 * 1024 * 1024
 
@@ -60,6 +73,34 @@ def peer_host(peer: str) -> str:
     if kind in ("ipv4", "ipv6") and ":" in rest:
         return rest.rsplit(":", 1)[0]
     return peer
+
+
+def too_many_uploads(limit: int) -> ServiceError:
+    return ServiceError(
+        ErrorKind.RESOURCE_EXHAUSTED,
+        "TOO_MANY_UPLOADS",
+        f"this client address has {limit} uploads open already; retry when one has finished",
+        metadata={"limit": str(limit)},
+        retry_after_s=UPLOADS_RETRY_S,
+    )
+
+
+def upload_stalled(idle_s: float) -> ServiceError:
+    return ServiceError(
+        ErrorKind.DEADLINE_EXCEEDED,
+        "UPLOAD_STALLED",
+        f"the upload sent nothing for {idle_s:g} s",
+        metadata={"idle_timeout_s": f"{idle_s:g}"},
+    )
+
+
+def upload_too_slow(total_s: float) -> ServiceError:
+    return ServiceError(
+        ErrorKind.DEADLINE_EXCEEDED,
+        "UPLOAD_TOO_SLOW",
+        f"the upload did not finish within {total_s:g} s",
+        metadata={"upload_timeout_s": f"{total_s:g}"},
+    )
 
 
 def too_many_streams(limit: int) -> ServiceError:
@@ -84,8 +125,17 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         max_streams: int = 0,
         keyless_methods: Collection[str] = (),
         metrics: Metrics | None = None,
+        upload_idle_s: float = 0.0,
+        upload_total_s: float = 0.0,
+        max_uploads_per_peer: int = 0,
+        shim_token: str = "",
     ) -> None:
         self.keys = keys
+        self.shim_token = shim_token
+        self.upload_idle_s = upload_idle_s
+        self.upload_total_s = upload_total_s
+        self.max_uploads_per_peer = max_uploads_per_peer
+        self.uploads_by_peer: dict[str, int] = {}
         self.rate = rate
         self.max_streams = max_streams
         self.keyless = frozenset(keyless_methods)
@@ -99,8 +149,10 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> Any:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or method.startswith(EXEMPT_PREFIXES):
+        if handler is None:
             return handler
+        if method.startswith(EXEMPT_PREFIXES):
+            return tolerant_handler(handler)
         return self._wrap(handler, method)
 
     # --- wrapping -------------------------------------------------------------------------
@@ -109,7 +161,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         name = method.lstrip("/").rsplit(".", 1)[-1]  # Service/Method
         keyless = method in self.keyless
         options = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.request_streaming and handler.response_streaming:
@@ -138,7 +190,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             failure: BaseException | None = None
             try:
                 await call.admit(request if request_stream else None)
-                request = call.requests(request) if request_stream else call.received(request)
+                request = call.requests(request) if request_stream else await call.one(request)
                 response = await inner(request, context)
                 return call.sent(response)
             except BaseException as exc:
@@ -157,7 +209,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             failure: BaseException | None = None
             try:
                 await call.admit(request if request_stream else None)
-                request = call.requests(request) if request_stream else call.received(request)
+                request = call.requests(request) if request_stream else await call.one(request)
                 result = inner(request, context)
                 if inspect.isasyncgen(result):
                     try:
@@ -179,7 +231,16 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 class _Call:
     """One call going through the guard."""
 
-    __slots__ = ("_counted", "_guard", "_keyless", "_started", "_streaming", "context", "info")
+    __slots__ = (
+        "_counted",
+        "_guard",
+        "_keyless",
+        "_peer_counted",
+        "_started",
+        "_streaming",
+        "context",
+        "info",
+    )
 
     def __init__(
         self, guard: Guard, method: str, context: Any, *, keyless: bool, streaming: bool
@@ -188,6 +249,7 @@ class _Call:
         self._keyless = keyless
         self._streaming = streaming
         self._counted = False
+        self._peer_counted = ""
         self._started = time.monotonic()
         self.context = context
         rid = request_id_of(context)
@@ -223,8 +285,29 @@ class _Call:
                 self._counted = True
                 if guard.metrics is not None:
                     guard.metrics.streams.inc()
+            if requests is not None and guard.max_uploads_per_peer and not self._from_shim():
+                host = peer_host(info.peer)
+                if guard.uploads_by_peer.get(host, 0) >= guard.max_uploads_per_peer:
+                    raise too_many_uploads(guard.max_uploads_per_peer)
+                guard.uploads_by_peer[host] = guard.uploads_by_peer.get(host, 0) + 1
+                self._peer_counted = host
         except ServiceError as err:
             await self._refuse(err, requests)
+
+    def _release_upload(self) -> None:
+        if self._peer_counted:
+            guard = self._guard
+            host, self._peer_counted = self._peer_counted, ""
+            left = guard.uploads_by_peer.get(host, 1) - 1
+            if left > 0:
+                guard.uploads_by_peer[host] = left
+            else:
+                guard.uploads_by_peer.pop(host, None)
+
+    def _from_shim(self) -> bool:
+        token = self._guard.shim_token
+        given = _metadata(self.context, SHIM_TOKEN_HEADER)
+        return bool(token) and given is not None and hmac.compare_digest(given, token)
 
     async def _refuse(self, err: ServiceError, requests: AsyncIterator[Any] | None) -> NoReturn:
         if requests is not None:
@@ -240,12 +323,37 @@ class _Call:
             metrics.received_bytes.labels(self.info.method).inc(msg.ByteSize())
         return msg
 
-    async def _count(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        async for msg in requests:
-            yield self.received(msg)
+    async def one(self, msg: Any) -> Any:
+        """A unary call's request; a malformed one ends the call."""
+        if isinstance(msg, Malformed):
+            await abort(self.context, msg.error())
+        return self.received(msg)
 
-    def requests(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        return requests if self._guard.metrics is None else self._count(requests)
+    async def requests(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The client's messages, each within the idle timeout and all within the total one;
+        a malformed one raises its error where the servicer reads it."""
+        guard = self._guard
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + guard.upload_total_s if guard.upload_total_s > 0 else None
+        incoming = aiter(requests)
+        while True:
+            wait = guard.upload_idle_s if guard.upload_idle_s > 0 else None
+            if deadline is not None:
+                left = max(0.0, deadline - loop.time())
+                wait = left if wait is None else min(wait, left)
+            try:
+                async with asyncio.timeout(wait):
+                    msg = await anext(incoming)
+            except StopAsyncIteration:
+                self._release_upload()  # the upload is over; its job may run on
+                return
+            except TimeoutError:
+                if deadline is not None and loop.time() >= deadline:
+                    raise upload_too_slow(guard.upload_total_s) from None
+                raise upload_stalled(guard.upload_idle_s) from None
+            if isinstance(msg, Malformed):
+                raise msg.error()
+            yield self.received(msg)
 
     def sent(self, msg: Any) -> Any:
         metrics = self._guard.metrics
@@ -260,6 +368,7 @@ class _Call:
             guard.active_streams -= 1
             if guard.metrics is not None:
                 guard.metrics.streams.dec()
+        self._release_upload()
         code = info.code
         if code == "OK" and failure is not None and not isinstance(failure, GeneratorExit):
             if isinstance(failure, asyncio.CancelledError):

@@ -6,14 +6,16 @@ The ordering contract is documented on ``GenerationService`` in the protos.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 from aiserver.spool import InputSpool, SpooledFile, UploadBudget
 
-__all__ = ["Upload", "read_upload"]
+__all__ = ["Upload", "clean_name", "read_upload"]
 
 DRAIN_SECONDS = 5.0
 DRAIN_MIN_BYTES = 8 * 1024 * 1024
@@ -67,7 +69,7 @@ async def read_upload(
                 )
             writer = writers.get(chunk.field)
             if writer is None:
-                writer = spool.open(chunk.field, _clean_name(chunk.file_name), budget)
+                writer = spool.open(chunk.field, clean_name(chunk.file_name), budget)
                 writers[chunk.field] = writer
             writer.write(chunk.data)
         if params is None:
@@ -117,8 +119,16 @@ async def _drain(requests: AsyncIterator[Any], max_bytes: int) -> None:
         return
 
 
-def _clean_name(name: str) -> str:
-    # Only used for display and suggested output names: keep the last path part, printable.
+def clean_name(name: str) -> str:
+    """The name an upload is known by (shown and handed back in output names): the last path
+    part, printable, with percent-escapes decoded first (so ``..%2f`` cannot hide a
+    separator), no ``%`` left, and no run of dots (so never ``..``) nor dot at either end."""
+    for _ in range(3):  # double-encoded escapes too
+        decoded = unquote(name)
+        if decoded == name:
+            break
+        name = decoded
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    base = "".join(c for c in base if c.isprintable())[:128]
+    base = "".join(c for c in base if c.isprintable() and c != "%")
+    base = re.sub(r"\.{2,}", ".", base).strip(" .")[:128]
     return base or "upload"

@@ -24,8 +24,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aiserver.gateway.backend import Backend, GatewaySettings, request_id
 from aiserver.gateway.compat import Compat, CompatTask
+from aiserver.gateway.connections import GatewaySite
 from aiserver.gateway.errors import GatewayError, from_rpc_error, invalid_fields
 from aiserver.gateway.fields import FieldError, FieldErrors, apply_fields, assign, resolve
+from aiserver.gateway.messages import parse_json_body, refuse_path_fields
 from aiserver.gateway.openapi import build_openapi
 from aiserver.gateway.routes import (
     RouteMatch,
@@ -62,8 +64,15 @@ def _json_response(
     )
 
 
+_CLOSE_AFTER = frozenset({408, 413})
+"""Statuses after which the rest of the request body is not read: the connection closes."""
+
+
 def error_response(err: GatewayError) -> web.Response:
-    return _json_response(err.body(), err.status, err.headers)
+    response = _json_response(err.body(), err.status, err.headers)
+    if err.status in _CLOSE_AFTER or err.headers.get("Connection") == "close":
+        response.force_close()
+    return response
 
 
 _HTTP_CODES = {
@@ -100,6 +109,12 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         )
     except (asyncio.CancelledError, ConnectionError):
         raise
+    except web.RequestPayloadError as exc:  # a body aiohttp cannot decode (bad gzip, chunks)
+        error = GatewayError(
+            400, "MALFORMED_BODY", f"the request body cannot be read: {_cause(exc)}"
+        )
+        error.headers["Connection"] = "close"
+        return error_response(error)
     except HttpProcessingError as exc:  # aiohttp's parsers: a malformed request, not our fault
         return error_response(
             GatewayError(
@@ -113,8 +128,28 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return error_response(GatewayError(500, "INTERNAL", "internal error; see the gateway log"))
 
 
+def _cause(exc: BaseException) -> str:
+    # aiohttp wraps the parser's error; name it, never quote the bytes.
+    inner = exc.__cause__ or (exc.args[0] if exc.args else None)
+    if isinstance(inner, BaseException):
+        return type(inner).__name__
+    return type(exc).__name__
+
+
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.setdefault("X-Request-Id", request_id(request))
+
+
+async def _fixed_route_methods(request: web.Request) -> list[str]:
+    """The methods the gateway's own routes (``/healthz``, ``/openapi.json``, ...) take on
+    this path: aiohttp hands a method they do not take to the catch-all, which is this one."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is request.match_info.route.resource:
+            continue
+        _, methods = await resource.resolve(request)
+        allowed |= {m for m in methods if m != "*"}
+    return sorted(allowed)
 
 
 class _V1:
@@ -127,6 +162,16 @@ class _V1:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         match, allowed = self.table.find(request.method, request.rel_url.raw_path)
         if match is None:
+            if "GET" in allowed:
+                allowed = sorted({*allowed, "HEAD"})  # HEAD is served as GET
+            if allowed:
+                raise GatewayError(
+                    405,
+                    "METHOD_NOT_ALLOWED",
+                    f"{request.method} is not allowed on {request.path}",
+                    headers={"Allow": ", ".join(allowed)},
+                )
+            allowed = await _fixed_route_methods(request)
             if allowed:
                 raise GatewayError(
                     405,
@@ -186,23 +231,17 @@ class _V1:
         route = match.route
         msg: Message = message_class(route.method.input_type)()
         if route.body:
-            raw = await request.read()
+            raw = await self.backend.limits.deadline().read(request.read())
             if raw.strip():
                 ctype = request.content_type
                 if ctype not in _JSON_TYPES and not ctype.endswith("+json"):
                     raise GatewayError(
                         415, "UNSUPPORTED_MEDIA_TYPE", f"expected application/json, not {ctype}"
                     )
-                try:
-                    if route.body == "*":
-                        json_format.Parse(raw, msg)
-                    else:
-                        field = route.method.input_type.fields_by_name[route.body]
-                        json_format.ParseDict({field.name: json.loads(raw)}, msg)
-                except (json_format.ParseError, ValueError) as exc:
-                    raise GatewayError(400, "INVALID_JSON", str(exc)) from None
+                parse_json_body(raw, msg, route.body)
         if route.body != "*":
             items = [(k, v) for k, v in request.query.items() if k != route.body]
+            refuse_path_fields(msg, items, match.variables)
             try:
                 apply_fields(msg, items, strict=True, flat=False)
             except FieldErrors as exc:
@@ -238,6 +277,7 @@ class _V1:
 
             async def open_call(items: list[tuple[str, str]]) -> Any:
                 params: Message = params_cls()
+                refuse_path_fields(params, items, match.variables)
                 try:
                     apply_fields(params, items, strict=True)
                 except FieldErrors as exc:
@@ -247,20 +287,22 @@ class _V1:
                 await write(call, request_cls(**{upload.params_field.name: params}))
                 return call
 
-            return await send_multipart(
-                request,
-                open_call=open_call,
-                chunk_message=chunk_factory(upload, request_cls),
-                limits=backend.limits,
-                initial=list(request.query.items()),
-            )
+            with backend.uploads.slot(request):
+                return await send_multipart(
+                    request,
+                    open_call=open_call,
+                    chunk_message=chunk_factory(upload, request_cls),
+                    limits=backend.limits,
+                    initial=list(request.query.items()),
+                )
         if ctype in (NDJSON, "application/json", "application/jsonl"):
-            return await send_ndjson(
-                request,
-                call=multicallable(metadata=metadata),
-                request_cls=request_cls,
-                limits=backend.limits,
-            )
+            with backend.uploads.slot(request):
+                return await send_ndjson(
+                    request,
+                    call=multicallable(metadata=metadata),
+                    request_cls=request_cls,
+                    limits=backend.limits,
+                )
         accepted = "multipart/form-data or " if upload is not None else ""
         raise GatewayError(
             415,
@@ -320,13 +362,14 @@ def build_app(
 
 
 class _ParserErrorsAreWarnings(logging.Filter):
-    """aiohttp logs a request it cannot parse (a line too long, a bad header) as an ERROR with
-    a traceback quoting the request's bytes. It is the client's mistake, answered with a 400:
+    """aiohttp logs a request it cannot parse (a line too long, a bad header, a body that is
+    not the gzip it claims, while draining it) as an ERROR with a traceback quoting the
+    request's bytes. It is the client's mistake, answered with a 400:
     logged as a one-line warning instead, without the bytes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
+        if isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg, record.args = "malformed HTTP request refused: %s", (type(exc).__name__,)
             record.exc_info = record.exc_text = None
@@ -397,15 +440,20 @@ class Gateway:
         self.backend = Backend(self._channel, self.settings)
         self.app = build_app(self.backend, metrics=self._metrics)
         self.app.on_shutdown.append(self._cancel_watches)
+        head_timeout = self.settings.header_timeout_s
         runner = web.AppRunner(
             self.app,
             handle_signals=False,
             handler_cancellation=True,
             access_log=None,
             shutdown_timeout=self.settings.shutdown_grace_s,
+            # Idle keep-alive connections, and heads after the first, wait this long at most.
+            keepalive_timeout=head_timeout if head_timeout > 0 else 75.0,
+            # After an early answer (413, 408), unread body bytes are drained this long only.
+            lingering_time=1.0,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
+        site = GatewaySite(runner, self.host, self.port, head_timeout_s=head_timeout)
         try:
             await site.start()
         except BaseException:

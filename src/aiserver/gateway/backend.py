@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 import weakref
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +13,7 @@ from aiohttp import web
 from google.protobuf import descriptor, descriptor_pool
 
 from aiserver.gateway.routes import message_class
-from aiserver.gateway.uploads import UploadLimits
+from aiserver.gateway.uploads import ClientUploads, UploadLimits
 
 if TYPE_CHECKING:
     from aiserver.config import Settings
@@ -24,6 +24,8 @@ REQUEST_ID = web.RequestKey("aiserver.gateway.request_id", str)
 """Key of the request id in an aiohttp request's mapping."""
 
 _FORWARDED_HEADERS = ("authorization",)
+SHIM_TOKEN_HEADER = "x-aiserver-shim"
+"""The metadata key ``aiserver.api.guard`` knows its in-process shim by."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,18 @@ class GatewaySettings:
     """Where files sent before any text field are buffered; None: the system temp dir."""
     shutdown_grace_s: float = 5.0
     """How long in-flight requests may take to finish when the gateway stops."""
+    body_idle_timeout_s: float = 30.0
+    """A request body that sends nothing for this long ends with 408; 0: no limit."""
+    body_timeout_s: float = 600.0
+    """A request body still arriving after this long ends with 408; 0: no limit."""
+    header_timeout_s: float = 15.0
+    """A connection's request head must arrive within this long (also the keep-alive
+    timeout between requests); 0: no limit."""
+    max_uploads_per_client: int = 0
+    """Uploads one client address may have open at once (429 + Retry-After); 0: no limit."""
+    shim_token: str = field(default="", repr=False)
+    """Sent as ``x-aiserver-shim`` metadata: the in-process service knows its own shim by it
+    and leaves the per-address upload cap to it (the shim caps each HTTP client instead)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> GatewaySettings:
@@ -67,6 +81,10 @@ class GatewaySettings:
             chunk_bytes=settings.chunk_bytes,
             max_message_bytes=settings.max_message_bytes,
             shutdown_grace_s=settings.shutdown_grace_s,
+            body_idle_timeout_s=settings.upload_idle_timeout_s,
+            body_timeout_s=settings.upload_timeout_s,
+            header_timeout_s=settings.http_header_timeout_s,
+            max_uploads_per_client=settings.max_uploads_per_client,
         )
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
@@ -84,6 +102,8 @@ class GatewaySettings:
             chunk_bytes=self.chunk_bytes,
             max_message_bytes=self.max_message_bytes,
             spool_dir=self.spool_dir,
+            idle_timeout_s=self.body_idle_timeout_s,
+            total_timeout_s=self.body_timeout_s,
         )
 
 
@@ -113,6 +133,8 @@ class Backend:
         self.channel = channel
         self.settings = settings
         self.limits = settings.upload_limits
+        self.uploads = ClientUploads(settings.max_uploads_per_client)
+        """Uploads being read, per client address (the per-client cap)."""
         self._pool = pool or descriptor_pool.Default()
         self._callables: dict[str, Any] = {}
         self.long_lived: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -146,6 +168,8 @@ class Backend:
     def metadata(self, request: web.BaseRequest) -> tuple[tuple[str, str], ...]:
         """``authorization`` and ``x-request-id`` as gRPC metadata."""
         md = [("x-request-id", request_id(request))]
+        if self.settings.shim_token:
+            md.append((SHIM_TOKEN_HEADER, self.settings.shim_token))
         for name in _FORWARDED_HEADERS:
             value = request.headers.get(name)
             if value:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -40,6 +41,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-timeout-s", type=float, default=defaults.sync_timeout_s)
     p.add_argument("--shutdown-grace-s", type=float, default=defaults.shutdown_grace_s)
     p.add_argument("--spool-dir", type=Path, default=defaults.spool_dir)
+    p.add_argument("--body-idle-timeout-s", type=float, default=defaults.body_idle_timeout_s)
+    p.add_argument("--body-timeout-s", type=float, default=defaults.body_timeout_s)
+    p.add_argument("--header-timeout-s", type=float, default=defaults.header_timeout_s)
+    p.add_argument("--max-uploads-per-client", type=int, default=defaults.max_uploads_per_client)
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -76,15 +81,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         credentials=credentials,
     )
 
-    async def serve() -> None:
+    async def serve() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run(gateway, stop)
+        try:
+            await gateway.start()
+        except OSError as exc:  # the port is in use, or the address is not this machine's
+            await gateway.stop()
+            print(
+                f"aiserver gateway: cannot listen on {args.host}:{args.port}:"
+                f" {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            await stop.wait()
+        finally:
+            await gateway.stop()
+        return 0
 
-    asyncio.run(serve())
-    return 0
+    return asyncio.run(serve())
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from google.protobuf.message import Message
 from imagetasks.v1 import common_pb2, job_pb2
 
 from aiserver.gateway.backend import Backend
+from aiserver.gateway.connections import BodyDeadline
 from aiserver.gateway.errors import (
     GatewayError,
     Violation,
@@ -214,8 +215,14 @@ class _Params:
         msg: Message = message_class(task.upload.params)()
         rest: list[tuple[str, str]] = []
         errors: list[FieldError] = []
+        syncs = 0
         for name, value in items:
             if task.generative and field_key(name) == "sync":
+                syncs += 1
+                if syncs == 2:
+                    errors.append(
+                        FieldError(name, "DUPLICATE_FIELD", f"{name}: given twice; send it once")
+                    )
                 try:
                     self.sync = bool(parse_bool(value, name))
                 except FieldError as exc:
@@ -302,13 +309,14 @@ class Compat:
             await write(call, request_cls(**{params_name: msg}))
             return call
 
-        call = await send_multipart(
-            request,
-            open_call=open_call,
-            chunk_message=chunk_factory(task.upload, request_cls),
-            limits=backend.limits,
-            initial=list(request.query.items()),
-        )
+        with backend.uploads.slot(request):
+            call = await send_multipart(
+                request,
+                open_call=open_call,
+                chunk_message=chunk_factory(task.upload, request_cls),
+                limits=backend.limits,
+                initial=list(request.query.items()),
+            )
         try:
             if task.generative:
                 return await self._generation(request, task, call, sync=params.sync)
@@ -401,7 +409,7 @@ class Compat:
     # --- status ---------------------------------------------------------------------------
 
     async def status(self, request: web.Request, *, text: bool) -> web.Response:
-        values = await _simple_fields(request)
+        values = await _simple_fields(request, self.backend.limits.deadline())
         job_id = values.get("jobid", "").strip()
         ref_id = values.get("refid", "").strip()
         if job_id:
@@ -638,18 +646,28 @@ def _bad_upstream(message: str) -> GatewayError:
     return GatewayError(502, "BAD_UPSTREAM", message)
 
 
-async def _simple_fields(request: web.Request) -> dict[str, str]:
-    """Query, urlencoded/multipart form or a JSON object body, by lower-case name."""
-    values = {k.lower(): v for k, v in request.query.items()}
+async def _simple_fields(request: web.Request, deadline: BodyDeadline) -> dict[str, str]:
+    """Query, urlencoded/multipart form or a JSON object body, by lower-case name (each
+    name once: a duplicate is 400 ``DUPLICATE_FIELD``)."""
+    items = list(request.query.items())
     if request.method == "POST" and request.can_read_body:
         if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-            form = await request.post()
-            values.update({k.lower(): v for k, v in form.items() if isinstance(v, str)})
+            form = await deadline.read(request.post())
+            items += [(k, v) for k, v in form.items() if isinstance(v, str)]
         elif request.content_type.endswith("json"):
             try:
-                body = json.loads(await request.read() or b"{}")
+                body = json.loads(await deadline.read(request.read()) or b"{}")
             except (ValueError, UnicodeDecodeError):
                 raise GatewayError(400, "INVALID_JSON", "the body is not JSON") from None
-            if isinstance(body, dict):
-                values.update({k.lower(): str(v) for k, v in body.items() if v is not None})
+            if not isinstance(body, dict):
+                raise GatewayError(400, "INVALID_JSON", "the body must be a JSON object")
+            items += [(k, str(v)) for k, v in body.items() if v is not None]
+    values: dict[str, str] = {}
+    duplicates: list[FieldError] = []
+    for name, value in items:
+        if name.lower() in values:
+            duplicates.append(FieldError(name, "DUPLICATE_FIELD", f"{name}: given twice"))
+        values[name.lower()] = value
+    if duplicates:
+        raise invalid_fields(duplicates)
     return values

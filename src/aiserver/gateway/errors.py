@@ -8,9 +8,13 @@ The body is ServiceStack's ``ResponseStatus``::
 
 ``errorCode`` is ``ErrorInfo.reason`` when the status carries one (else the gRPC code's name);
 ``errors`` are the ``BadRequest`` field violations. The HTTP status follows the mapping
-documented in ``google/rpc/code.proto``, except that an upload or image that is too large
-(``UPLOAD_TOO_LARGE``, ``IMAGE_TOO_MANY_PIXELS``) is 413 rather than 429: retrying the same
-request later cannot succeed. ``RetryInfo`` becomes ``Retry-After``.
+documented in ``google/rpc/code.proto``, except for RESOURCE_EXHAUSTED: it is 429 ("come back
+later") only when waiting can help, which the server says with ``RetryInfo`` (rate limits,
+too many jobs or streams); without it the request itself is too big (an upload, an image's
+pixels or frames, an output) and it is 413, since retrying it later cannot succeed.
+An upload the server ended for stalling (DEADLINE_EXCEEDED ``UPLOAD_STALLED`` /
+``UPLOAD_TOO_SLOW``) is 408, as the shim's own body deadlines answer: the client was slow, not
+the server. ``RetryInfo`` becomes ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ HTTP_STATUS: Mapping[int, int] = {
     code_pb2.DATA_LOSS: 500,
 }
 
-_TOO_LARGE = frozenset({"UPLOAD_TOO_LARGE", "IMAGE_TOO_MANY_PIXELS"})
+_CLIENT_TOO_SLOW = frozenset({"UPLOAD_STALLED", "UPLOAD_TOO_SLOW"})
 
 FieldName = Callable[[str], str]
 """Maps a violation's field path (``params.width``) to the name shown to the caller."""
@@ -148,8 +152,11 @@ def _build(code: int, message: str, details: Iterable[Any], field_name: FieldNam
     info = found.get("ErrorInfo")
     reason = info.reason if info is not None and info.reason else _code_name(code)
     http = HTTP_STATUS.get(code, 500)
-    if code == code_pb2.RESOURCE_EXHAUSTED and reason in _TOO_LARGE:
+    retry = found.get("RetryInfo")
+    if code == code_pb2.RESOURCE_EXHAUSTED and retry is None:
         http = 413
+    elif code == code_pb2.DEADLINE_EXCEEDED and reason in _CLIENT_TOO_SLOW:
+        http = 408
     violations: list[Violation] = []
     bad = found.get("BadRequest")
     if bad is not None:
@@ -157,7 +164,6 @@ def _build(code: int, message: str, details: Iterable[Any], field_name: FieldNam
             Violation(field_name(v.field), reason, v.description) for v in bad.field_violations
         ]
     headers: dict[str, str] = {}
-    retry = found.get("RetryInfo")
     if retry is not None:
         delay = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
         headers["Retry-After"] = str(max(0, math.ceil(delay)))

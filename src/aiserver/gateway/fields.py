@@ -10,8 +10,18 @@ Values are read as protobuf's JSON mapping spells scalars in strings (numbers in
 integers as strings, bytes in base64, enums by name or number, ``true``/``false``), plus what
 AI Server's clients send: any case for booleans and enum names, ``1``/``0``/``yes``/``no``, enum
 names without their type prefix (``webp`` for ``IMAGE_FORMAT_WEBP``, ``red`` for
-``MASK_CHANNEL_RED``) and the common aliases ``jpg`` and ``tif``. An empty value leaves a
-non-string field unset.
+``MASK_CHANNEL_RED``) and the common aliases ``jpg`` and ``tif``.
+
+The policy (the README's HTTP section says the same to callers), all refusals 400 naming the
+field:
+
+* Numbers are ASCII: an optional ``-`` or ``+``, digits, and for floating-point fields one
+  ``.`` and an exponent; no spaces, no ``_`` separators, no other scripts' digits (``٣``), no
+  ``nan``/``inf`` (``INVALID_VALUE``).
+* An empty value is refused for every non-string field (``INVALID_VALUE``): leave the field
+  out to mean its default. A string field may be empty.
+* A field given twice (in any spelling, in the query and the form alike) is refused
+  (``DUPLICATE_FIELD``) unless it is a list (a ``repeated`` field), which takes every value.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +67,8 @@ _INT_RANGES = {
     FD.TYPE_UINT64: (0, 2**64 - 1),
     FD.TYPE_FIXED64: (0, 2**64 - 1),
 }
+_INTEGER = re.compile(r"[-+]?[0-9]+", re.ASCII)
+_FLOAT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?", re.ASCII)
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 _ENUM_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
@@ -101,6 +114,13 @@ def apply_fields(
         key = tuple(f.full_name for f in path)
         grouped.setdefault(key, (name, path, []))[2].append(value)
     for name, path, values in grouped.values():
+        if len(values) > 1 and not is_repeated(path[-1]):
+            errors.append(
+                FieldError(
+                    name, "DUPLICATE_FIELD", f"{name}: given {len(values)} times; send it once"
+                )
+            )
+            continue
         try:
             assign(msg, path, values, name)
         except FieldError as exc:
@@ -238,29 +258,26 @@ def _scalar(f: FD, raw: str, name: str) -> Any:
     t = f.type
     if t == FD.TYPE_STRING:
         return raw
+    if not raw.strip():
+        raise FieldError(name, "INVALID_VALUE", f"{name}: empty; leave the field out instead")
     text = raw.strip()
-    if not text:
-        return None
     if t == FD.TYPE_BOOL:
         return parse_bool(text, name)
     if t in _INT_RANGES:
         lo, hi = _INT_RANGES[t]
-        try:
-            number = int(text, 10)
-        except ValueError:
-            raise FieldError(
-                name, "INVALID_VALUE", f"{name}: expected an integer, got {raw!r}"
-            ) from None
+        if not _INTEGER.fullmatch(raw):
+            raise FieldError(name, "INVALID_VALUE", f"{name}: expected an integer, got {raw!r}")
+        number = int(raw, 10)
         if not lo <= number <= hi:
             raise FieldError(name, "INVALID_VALUE", f"{name}: {number} is out of range")
         return number
     if t in (FD.TYPE_FLOAT, FD.TYPE_DOUBLE):
-        try:
-            return float(text)
-        except ValueError:
-            raise FieldError(
-                name, "INVALID_VALUE", f"{name}: expected a number, got {raw!r}"
-            ) from None
+        if not _FLOAT.fullmatch(raw):
+            raise FieldError(name, "INVALID_VALUE", f"{name}: expected a number, got {raw!r}")
+        value = float(raw)
+        if value in (float("inf"), float("-inf")):
+            raise FieldError(name, "INVALID_VALUE", f"{name}: {raw!r} is out of range")
+        return value
     if t == FD.TYPE_BYTES:
         try:
             padded = text + "=" * (-len(text) % 4)

@@ -327,9 +327,16 @@ class RouteTable:
         """The match, or None and the methods the path would allow (for a 405)."""
         method = "GET" if http_method == "HEAD" else http_method
         allowed: list[str] = []
-        for route in self.routes:
+        verb_matched = False
+        for route in self.routes:  # verbs first
             variables = route.template.match(raw_path)
             if variables is None:
+                continue
+            if route.template.verb:
+                verb_matched = True
+            elif verb_matched:
+                # ``/v1/jobs/x:cancel`` names the verb of another method: it is not also a
+                # resource named ``x:cancel`` (which would make GET GetJob on it).
                 continue
             if route.http_method == method:
                 return RouteMatch(route, variables), []

@@ -13,6 +13,7 @@ whole in memory:
 * A file part that comes before any text field (a client that sends files first) is spooled
   to an anonymous temporary file, and so is every later file, until the body ends; then the
   params are built from all the fields and the spooled files are replayed into the call.
+* One file per input: a second part for the same name is refused (400 ``DUPLICATE_FILE``).
 * Files together may not exceed ``max_upload_bytes`` (413 ``UPLOAD_TOO_LARGE``); the server
   enforces its own limit too and its ``UPLOAD_TOO_LARGE`` status maps to 413 as well.
 
@@ -31,7 +32,7 @@ import contextlib
 import json
 import tempfile
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -41,10 +42,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from aiserver.gateway.connections import BodyDeadline
 from aiserver.gateway.errors import GatewayError, Violation
 from aiserver.gateway.routes import Upload, message_class
 
 __all__ = [
+    "ClientUploads",
     "FormFields",
     "UploadLimits",
     "check_length",
@@ -72,6 +75,49 @@ class UploadLimits:
     chunk_bytes: int = 1024 * 1024
     max_message_bytes: int = 4 * 1024 * 1024
     spool_dir: Path | None = None
+    idle_timeout_s: float = 30.0
+    total_timeout_s: float = 600.0
+
+    def deadline(self) -> BodyDeadline:
+        """The read deadlines of one request body (408 when one passes)."""
+        return BodyDeadline(self.idle_timeout_s, self.total_timeout_s)
+
+
+UPLOADS_RETRY_S = 5
+
+
+class ClientUploads:
+    """Uploads open per client address, at most ``limit`` each (0: no limit): one more is 429
+    ``TOO_MANY_UPLOADS`` with ``Retry-After``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def slot(self, request: web.BaseRequest) -> Iterator[None]:
+        host = request.remote or ""
+        if not self.limit:
+            yield
+            return
+        if self.open.get(host, 0) >= self.limit:
+            raise GatewayError(
+                429,
+                "TOO_MANY_UPLOADS",
+                f"this client address has {self.limit} uploads open already; retry when one"
+                " has finished",
+                headers={"Retry-After": str(UPLOADS_RETRY_S)},
+                meta={"limit": str(self.limit)},
+            )
+        self.open[host] = self.open.get(host, 0) + 1
+        try:
+            yield
+        finally:
+            left = self.open[host] - 1
+            if left:
+                self.open[host] = left
+            else:
+                del self.open[host]
 
 
 def chunk_factory(upload: Upload, request_cls: Any) -> ChunkMessage:
@@ -151,6 +197,8 @@ async def send_multipart(
     except (AssertionError, ValueError, KeyError) as exc:
         raise malformed(f"not a multipart body: {exc}") from None
     fields: FormFields = list(initial)
+    deadline = limits.deadline()
+    files_seen: set[str] = set()
     form_bytes = 0
     file_bytes = 0
     call: Any = None
@@ -161,7 +209,7 @@ async def send_multipart(
     try:
         while True:
             try:
-                part = await reader.next()
+                part = await deadline.read(reader.next())
             except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
                 raise malformed(f"malformed multipart body: {_reason(exc)}") from None
             if part is None:
@@ -179,20 +227,28 @@ async def send_multipart(
                         f"field {name!r} came after a file; send text fields before files",
                         [Violation(name, "FIELD_AFTER_FILE", "send text fields before files")],
                     )
-                value = await _read_text(part, name, limits)
+                value = await _read_text(part, name, limits, deadline)
                 form_bytes += len(value)
                 if len(fields) >= limits.max_fields or form_bytes > limits.max_form_bytes:
                     raise GatewayError(413, "FORM_TOO_LARGE", "too many or too large text fields")
                 fields.append((name, value))
                 continue
             field = name.lower()
+            if field in files_seen:
+                raise GatewayError(
+                    400,
+                    "DUPLICATE_FILE",
+                    f"two files for {name!r}; send one file per input",
+                    [Violation(name, "DUPLICATE_FILE", "one file per input")],
+                )
+            files_seen.add(field)
             if streaming is None:
                 streaming = len(fields) > len(initial)
             if streaming:
                 if call is None:
                     call = await open_call(fields)
                 first = True
-                async for data in _chunks(part, limits):
+                async for data in _chunks(part, limits, deadline):
                     file_bytes += len(data)
                     if file_bytes > limits.max_upload_bytes:
                         raise too_large(limits.max_upload_bytes)
@@ -209,7 +265,7 @@ async def send_multipart(
                     tempfile.TemporaryFile(dir=limits.spool_dir, prefix="aiserver-gateway-")  # noqa: SIM115
                 )
                 spooled.append(_Spooled(field, file_name, fh))
-                async for data in _chunks(part, limits):
+                async for data in _chunks(part, limits, deadline):
                     file_bytes += len(data)
                     if file_bytes > limits.max_upload_bytes:
                         raise too_large(limits.max_upload_bytes)
@@ -248,12 +304,33 @@ def _disposition(part: BodyPartReader) -> tuple[str | None, str | None]:
     # is what matters, and a missing one is reported to the caller.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return part.name, part.filename
+        name, file_name = part.name, part.filename
+    for label, value in (("name", name), ("filename", file_name)):
+        # aiohttp keeps undecodable header bytes as lone surrogates, which protobuf cannot
+        # encode: refuse them here, as the client's mistake they are.
+        if value is not None and not _is_utf8(value):
+            raise GatewayError(
+                400,
+                "INVALID_ENCODING",
+                f"a part's {label} is not valid UTF-8",
+                [Violation(label, "INVALID_ENCODING", "not valid UTF-8")],
+            )
+    return name, file_name
 
 
-async def _read_text(part: BodyPartReader, name: str, limits: UploadLimits) -> str:
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+async def _read_text(
+    part: BodyPartReader, name: str, limits: UploadLimits, deadline: BodyDeadline
+) -> str:
     data = bytearray()
-    while chunk := await _read_chunk(part, 64 * 1024):
+    while chunk := await _read_chunk(part, 64 * 1024, deadline):
         data += chunk
         if len(data) > limits.max_field_bytes:
             raise GatewayError(
@@ -274,16 +351,18 @@ async def _read_text(part: BodyPartReader, name: str, limits: UploadLimits) -> s
         ) from None
 
 
-async def _read_chunk(part: BodyPartReader, size: int) -> bytes:
+async def _read_chunk(part: BodyPartReader, size: int, deadline: BodyDeadline) -> bytes:
     try:
-        return await part.read_chunk(size)
+        return await deadline.read(part.read_chunk(size))
     except (ValueError, AssertionError) as exc:
         raise malformed(f"malformed multipart body: {exc}") from None
 
 
-async def _chunks(part: BodyPartReader, limits: UploadLimits) -> AsyncIterator[bytes]:
+async def _chunks(
+    part: BodyPartReader, limits: UploadLimits, deadline: BodyDeadline
+) -> AsyncIterator[bytes]:
     size = max(min(limits.chunk_bytes, limits.max_message_bytes // 2), 64 * 1024)
-    while data := await _read_chunk(part, size):
+    while data := await _read_chunk(part, size, deadline):
         yield data
 
 
@@ -300,8 +379,9 @@ async def send_ndjson(
     buffer = bytearray()
     total = 0
     ok = False
+    deadline = limits.deadline()
     try:
-        async for data in request.content.iter_any():
+        while data := await deadline.read(request.content.readany()):
             total += len(data)
             if total > limits.max_upload_bytes * 2 + limits.max_form_bytes:
                 raise too_large(limits.max_upload_bytes)

@@ -1,0 +1,79 @@
+"""Start-up errors an operator meets: one line on stderr, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+async def serve(tmp_path: Path, **env: str) -> tuple[int, str]:
+    full_env = {
+        **os.environ,
+        "AISERVER_DATA_DIR": str(tmp_path / "data"),
+        "AISERVER_GRPC_PORT": "0",
+        "AISERVER_HTTP_PORT": "0",
+        "AISERVER_LOCAL_UPSCALE": "off",
+        **env,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aiserver",
+        "serve",
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError("the server kept running on a port in use") from None
+    return proc.returncode or 0, err.decode()
+
+
+@pytest.mark.parametrize("which", ["GRPC", "HTTP", "METRICS"])
+async def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, which: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, err = await serve(tmp_path, **{f"AISERVER_{which}_PORT": str(port)})
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("aiserver: cannot start:"), err
+    assert str(port) in last, err
+
+
+async def test_the_standalone_gateway_on_a_port_in_use_is_one_line_and_exit_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "aiserver",
+            "gateway",
+            "--port",
+            str(port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        _, raw = await asyncio.wait_for(proc.communicate(), 60)
+    err = raw.decode()
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err, err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"aiserver gateway: cannot listen on 127.0.0.1:{port}")
+    )
