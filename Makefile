@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: run test lint typecheck fmt proto proto-check lint-proto bench clean
+.PHONY: run test test-shared lint typecheck fmt proto proto-check lint-proto bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ run: $(STAMP)
 ## test: the whole suite, plus generated-code drift, proto lint, ruff and mypy
 test: $(STAMP) proto-check lint-proto lint typecheck
 	$(BIN)/pytest -q
+
+## test-shared: service tests with every service on PostgreSQL + S3 (moto) instead of the
+## embedded SQLite + folder (docs/scale-out.md)
+test-shared: $(STAMP)
+	AISERVER_TEST_BACKENDS=postgres+s3 $(BIN)/pytest -q tests/api tests/jobs tests/test_server.py \
+	  tests/test_retention.py tests/gateway/test_artifacts_http.py tests/security/test_artifact_access.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests tools $(wildcard bench)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from aiserver.config import load_settings
 from aiserver.server import Service
+from tests.storage.backends import SHARED_BACKENDS, S3Server
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Any:
@@ -23,8 +25,28 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Any:
         # are about it turn it on (tests/api/test_local_upscale.py).
         "local_upscale": "off",
     }
+    if SHARED_BACKENDS is not None:
+        base.update(SHARED_BACKENDS.overrides())
     base.update(overrides)
     return load_settings(env={}, overrides=base)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3-protocol server (moto) on 127.0.0.1, for the tests that ask for one."""
+    server = S3Server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_backends() -> Iterator[None]:
+    """Drops the schemas (and stops the S3 server) of a PostgreSQL + S3 run."""
+    yield
+    if SHARED_BACKENDS is not None:
+        asyncio.run(SHARED_BACKENDS.close())
 
 
 @pytest.fixture

@@ -77,3 +77,38 @@ async def test_the_standalone_gateway_on_a_port_in_use_is_one_line_and_exit_2() 
         .splitlines()[-1]
         .startswith(f"aiserver gateway: cannot listen on 127.0.0.1:{port}")
     )
+
+
+async def test_an_unreachable_job_database_is_one_line_without_its_password(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        rc, err = await serve(
+            tmp_path, AISERVER_DATABASE_URL=f"postgresql://u:hunter2@127.0.0.1:{port}/db"
+        )
+    assert rc == 2, err
+    assert "Traceback" not in err and "hunter2" not in err, err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("aiserver: cannot start: cannot open the job database"), err
+    assert f"postgresql://u:***@127.0.0.1:{port}/db" in last, err
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DATABASE_URL", "mysql://db/x"),
+        ("BLOB_URL", "gs://bucket/x"),
+        ("BLOB_URL", "s3:///no-bucket"),
+        ("DATABASE_SCHEMA", "Robert'); DROP"),
+    ],
+)
+async def test_bad_storage_urls_are_bad_configuration(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    rc, err = await serve(tmp_path, **{f"AISERVER_{name}": value})
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("aiserver: bad configuration:"), err
+    assert name.lower() in err, err

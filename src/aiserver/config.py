@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 from aiserver.providers.comfy.settings import AgentSettings
 
@@ -38,6 +40,15 @@ class Settings:
     """HTTP shim port; 0 picks a free one."""
     data_dir: Path = Path("data")
     """Where the job database, uploads and artifacts live."""
+    database_url: str = ""
+    """``postgresql://user@host:5432/db``: jobs, events, leases and the outbox live there,
+    shared by every coordinator (docs/scale-out.md). Empty: SQLite under ``data_dir``."""
+    database_schema: str = "public"
+    """The PostgreSQL schema of this deployment's tables (created and migrated at start)."""
+    blob_url: str = ""
+    """``s3://bucket/prefix``: artifact bytes live there (endpoint and credentials from the
+    usual ``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``). Empty: the folder ``data_dir/artifacts``."""
     public_base_url: str = ""
     """Absolute base URL for artifact links in webhooks, e.g. ``https://img.example.com``."""
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -196,7 +207,21 @@ def load_settings(
     if unknown:
         raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
     parsed = {name: _coerce(name, hints[name], value) for name, value in values.items()}
-    return replace(Settings(), **parsed)
+    settings = replace(Settings(), **parsed)
+    _check_storage_urls(settings)
+    return settings
+
+
+def _check_storage_urls(settings: Settings) -> None:
+    url = settings.database_url
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        raise ValueError("setting database_url: expected postgresql://... (or empty: SQLite)")
+    if settings.blob_url:
+        parts = urlsplit(settings.blob_url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError("setting blob_url: expected s3://bucket/prefix (or empty: a folder)")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", settings.database_schema):
+        raise ValueError("setting database_schema: lower-case letters, digits and _ only")
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:

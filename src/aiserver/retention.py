@@ -1,4 +1,6 @@
-"""Artifact retention: delete old or excess outputs without leaving references behind."""
+"""Artifact retention: delete old or excess outputs without leaving references behind.
+
+With several coordinators on one database, only the elected leader sweeps."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from dataclasses import dataclass
 
 from aiserver.artifacts import ArtifactStore
 from aiserver.jobs.manager import JobManager
-from aiserver.jobs.store import JobStore
+from aiserver.jobs.store import JobStore, new_holder_id
 
 __all__ = ["Retention", "RetentionPolicy"]
 
@@ -46,9 +48,12 @@ class Retention:
         self._jobs = jobs
         self._manager = manager
         self._task: asyncio.Task[None] | None = None
+        self._holder = new_holder_id()
 
     async def sweep(self) -> list[str]:
-        in_use = self._manager.artifacts_in_use()
+        # The database knows every process's unfinished jobs; this process's memory also
+        # knows outputs stored a moment ago and not yet saved with their job.
+        in_use = self._manager.artifacts_in_use() | await self._jobs.artifacts_in_use()
         deleted = await self._artifacts.sweep(
             self.policy.max_age_s, self.policy.max_total_bytes, in_use.__contains__
         )
@@ -69,9 +74,12 @@ class Retention:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _loop(self) -> None:
+        # One coordinator sweeps at a time: the leader lease outlives two intervals.
+        lease_s = max(30.0, self.policy.interval_s * 2.5)
         while True:
             try:
-                await self.sweep()
+                if await self._jobs.lead("retention", self._holder, lease_s):
+                    await self.sweep()
             except Exception:
                 logger.exception(
                     "retention sweep failed; next try in %.0f s", self.policy.interval_s

@@ -30,13 +30,15 @@ from aiserver.api.generation import GenerationServicer, SubmitLimits
 from aiserver.api.jobs import JobServicer
 from aiserver.api.transform import TransformServicer
 from aiserver.artifacts import ArtifactStore, VariantCache, VariantPolicy
+from aiserver.artifacts.index import open_artifact_index
+from aiserver.blobs import open_blob_store
 from aiserver.config import Settings
 from aiserver.gateway import Gateway, GatewaySettings
 from aiserver.imaging import ImageLimits
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Job
 from aiserver.jobs.scheduler import SchedulerSettings
-from aiserver.jobs.store import SqliteJobStore
+from aiserver.jobs.store import JobStore, StoreUnavailable, open_job_store
 from aiserver.metrics import Metrics, MetricsServer
 from aiserver.provider_config import build_providers
 from aiserver.providers.base import Provider
@@ -86,11 +88,20 @@ class Service:
         self.grpc_port = 0
         data = settings.data_dir
         data.mkdir(parents=True, exist_ok=True)
-        self.spool = InputSpool(data / "spool")
+        blobs = open_blob_store(settings.blob_url, data / "artifacts")
+        # Inputs go to the blob store only when it is shared (S3): the folder is this
+        # process's own, and the spool already is one.
+        self.spool = InputSpool(data / "spool", shared=blobs if settings.blob_url else None)
         self.pool = BlockingPool(settings.image_threads)
         self.limits = ImageLimits(max_pixels=settings.max_pixels)
         self.health = health.aio.HealthServicer()
-        self.artifacts = ArtifactStore(data / "artifacts")
+        self.artifacts = ArtifactStore(
+            data / "artifacts",
+            blobs=blobs,
+            index=open_artifact_index(
+                settings.database_url, settings.database_schema, data / "artifacts"
+            ),
+        )
         self.variants = VariantCache(self.artifacts, data / "variants", self.limits, pool=self.pool)
         self.variant_policy = VariantPolicy(
             settings.variant_presets,
@@ -107,7 +118,7 @@ class Service:
         self.providers: list[Provider] = build_providers(settings, self.limits)
         self.manager: JobManager | None = None
         self.retention: Retention | None = None
-        self.job_store: SqliteJobStore | None = None
+        self.job_store: JobStore | None = None
         self.gateway: Gateway | None = None
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
@@ -123,7 +134,12 @@ class Service:
         self.spool.sweep_tmp()
         for provider in self.providers:
             await provider.start()
-        self.job_store = store = await SqliteJobStore.open(s.data_dir / "jobs.db")
+        try:
+            self.job_store = store = await open_job_store(
+                s.database_url, s.database_schema, s.data_dir / "jobs.db"
+            )
+        except StoreUnavailable as exc:
+            raise StartupError(str(exc)) from exc
         self.manager = manager = JobManager(
             store,
             self.spool,

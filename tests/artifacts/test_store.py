@@ -1,13 +1,16 @@
-"""ArtifactStore on real files: naming, dedup, owners, ranged reads, path safety, retention."""
+"""ArtifactStore on every backend (SQLite + folder, PostgreSQL + S3): naming, dedup, owners,
+ranged reads, retention; and the folder's layout and path safety (``local_store``)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
+from aiserver.artifacts.index import NewRef
 from aiserver.artifacts.store import ArtifactStore
 from aiserver.errors import ErrorKind, ServiceError
 from tests.artifacts.helpers import Clock, put
@@ -22,12 +25,17 @@ async def read_all(
     return b"".join([chunk async for chunk in store.read(name, owner, **kw)])
 
 
+async def stored(store: ArtifactStore, name: str) -> bool:
+    """Whether the blob of ``name`` exists, on whichever backend."""
+    return await store.blobs.size(store.relative_path(name)) is not None
+
+
 def files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".png", ".jpg"))
 
 
-async def test_put_names_file_and_metadata(store: ArtifactStore) -> None:
-    ref = await store.put(
+async def test_put_names_file_and_metadata(local_store: ArtifactStore) -> None:
+    ref = await local_store.put(
         DATA,
         file_name="cat.png",
         mime_type="image/png",
@@ -42,12 +50,12 @@ async def test_put_names_file_and_metadata(store: ArtifactStore) -> None:
     assert ref.url == f"/artifacts/2031/05/06/{SHA}.png"
     assert (ref.sha256, ref.size_bytes, ref.width, ref.height) == (SHA, len(DATA), 64, 40)
     assert (ref.seed, ref.provider, ref.job_id, ref.file_name) == (7, "comfy-1", "j1", "cat.png")
-    path = store.path_of(ref.name)
-    assert path == store.root / f"2031/05/06/{SHA}.png"
+    path = local_store.path_of(ref.name)
+    assert path == local_store.root / f"2031/05/06/{SHA}.png"
     assert path.read_bytes() == DATA
-    assert list((store.root / ".tmp").iterdir()) == []  # the temp file was renamed away
-    assert await store.get(ref.name, "alice") == ref
-    assert await store.get(ref.url, None) == ref  # URL path and admin view
+    assert list((local_store.root / ".tmp").iterdir()) == []  # the temp file was renamed away
+    assert await local_store.get(ref.name, "alice") == ref
+    assert await local_store.get(ref.url, None) == ref  # URL path and admin view
 
 
 async def test_extension_follows_mime_type(store: ArtifactStore) -> None:
@@ -58,18 +66,18 @@ async def test_extension_follows_mime_type(store: ArtifactStore) -> None:
     assert exc.value.reason == "UNSUPPORTED_MIME_TYPE"
 
 
-async def test_identical_bytes_are_stored_once(store: ArtifactStore, clock: Clock) -> None:
-    first = await put(store, DATA, owner="alice", job_id="j1")
-    path = store.path_of(first)
+async def test_identical_bytes_are_stored_once(local_store: ArtifactStore, clock: Clock) -> None:
+    first = await put(local_store, DATA, owner="alice", job_id="j1")
+    path = local_store.path_of(first)
     mtime = path.stat().st_mtime_ns
     clock.advance(3 * 86400)  # another day: still the first name
-    second = await put(store, DATA, owner="bob", job_id="j2")
-    third = await put(store, DATA, owner="alice", job_id="j3")
+    second = await put(local_store, DATA, owner="bob", job_id="j2")
+    third = await put(local_store, DATA, owner="alice", job_id="j3")
     assert first == second == third
-    assert files_under(store.root) == [path]
+    assert files_under(local_store.root) == [path]
     assert path.stat().st_mtime_ns == mtime  # not rewritten
-    assert (await store.get(first, "bob")).job_id == "j2"
-    assert (await store.get(first, "alice")).job_id == "j3"  # the owner's latest reference
+    assert (await local_store.get(first, "bob")).job_id == "j2"
+    assert (await local_store.get(first, "alice")).job_id == "j3"  # the owner's latest reference
 
 
 async def test_other_owners_artifact_is_not_found_like_a_missing_one(store: ArtifactStore) -> None:
@@ -157,47 +165,49 @@ async def test_read_rejects_bad_ranges(
 async def test_unsafe_names_are_refused(store: ArtifactStore, name: str) -> None:
     await put(store, DATA)
     for call in (
-        lambda: store.path_of(name),
+        lambda: store.relative_path(name),
         lambda: store.get(name, None),
         lambda: read_all(store, name, None),
     ):
         with pytest.raises(ServiceError) as exc:
             result = call()
-            if not isinstance(result, Path):
+            if not isinstance(result, str):
                 await result
         assert exc.value.kind in (ErrorKind.INVALID_ARGUMENT, ErrorKind.NOT_FOUND)
 
 
-async def test_symlinked_file_inside_root_is_refused(store: ArtifactStore, tmp_path: Path) -> None:
+async def test_symlinked_file_inside_root_is_refused(
+    local_store: ArtifactStore, tmp_path: Path
+) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_bytes(b"top secret")
-    name = await put(store, DATA)
-    path = store.path_of(name)
+    name = await put(local_store, DATA)
+    path = local_store.path_of(name)
     path.unlink()
     path.symlink_to(secret)  # planted inside the root, pointing outside
     with pytest.raises(ServiceError) as exc:
-        store.path_of(name)
+        local_store.path_of(name)
     assert exc.value.reason == "ARTIFACT_NOT_FOUND"
     with pytest.raises(ServiceError) as exc:
-        await read_all(store, name)
+        await read_all(local_store, name)
     assert exc.value.reason == "ARTIFACT_NOT_FOUND"
 
 
 async def test_symlinked_folder_inside_root_is_refused(
-    store: ArtifactStore, tmp_path: Path
+    local_store: ArtifactStore, tmp_path: Path
 ) -> None:
     outside = tmp_path / "outside"
     (outside / "05" / "06").mkdir(parents=True)
     (outside / "05" / "06" / f"{SHA}.png").write_bytes(b"not yours")
-    (store.root / "2032").symlink_to(outside, target_is_directory=True)
+    (local_store.root / "2032").symlink_to(outside, target_is_directory=True)
     with pytest.raises(ServiceError) as exc:
-        store.path_of(f"artifacts/2032/05/06/{SHA}.png")
+        local_store.path_of(f"artifacts/2032/05/06/{SHA}.png")
     assert exc.value.kind is ErrorKind.NOT_FOUND
 
 
-async def test_unknown_extension_is_refused(store: ArtifactStore) -> None:
+async def test_unknown_extension_is_refused(local_store: ArtifactStore) -> None:
     with pytest.raises(ServiceError) as exc:
-        store.path_of(f"artifacts/2031/05/06/{SHA}.svg")
+        local_store.path_of(f"artifacts/2031/05/06/{SHA}.svg")
     assert exc.value.reason == "INVALID_ARTIFACT_NAME"
     assert [v.field for v in exc.value.violations] == ["name"]
 
@@ -223,9 +233,9 @@ async def test_sweep_by_age_respects_protect(store: ArtifactStore, clock: Clock)
     clock.advance(30)
     deleted = await store.sweep(90, None, protect=lambda name: name == kept)
     assert deleted == [old]
-    assert not store.path_of(old).exists()
+    assert not await stored(store, old)
     for name in (kept, fresh):
-        assert store.path_of(name).exists()
+        assert await stored(store, name)
         await store.get(name, "alice")
     with pytest.raises(ServiceError) as exc:
         await store.get(old, "alice")
@@ -237,7 +247,7 @@ async def test_sweep_age_counts_from_the_latest_put(store: ArtifactStore, clock:
     clock.advance(1000)
     await put(store, DATA, job_id="j2")  # re-referenced: young again
     assert await store.sweep(500, None, protect=lambda _: False) == []
-    assert store.path_of(name).exists()
+    assert await stored(store, name)
 
 
 async def test_sweep_by_total_size_oldest_first(store: ArtifactStore, clock: Clock) -> None:
@@ -248,7 +258,7 @@ async def test_sweep_by_total_size_oldest_first(store: ArtifactStore, clock: Clo
     protected = {names[0]}
     deleted = await store.sweep(None, 200, protect=lambda n: n in protected)
     assert deleted == [names[1], names[2]]  # the oldest is protected, so the next two go
-    assert [store.path_of(n).exists() for n in names] == [True, False, False, True]
+    assert [await stored(store, n) for n in names] == [True, False, False, True]
     assert await store.sweep(None, 200, protect=lambda n: n in protected) == []
 
 
@@ -266,3 +276,48 @@ async def test_large_artifact_round_trip(store: ArtifactStore) -> None:
     name = await put(store, data)
     assert name.endswith(hashlib.sha256(data).hexdigest() + ".png")
     assert await read_all(store, name, offset=1024 * 1024 + 5) == data[1024 * 1024 + 5 :]
+
+
+async def test_same_bytes_named_first_elsewhere_keep_the_first_name(
+    store: ArtifactStore, clock: Clock
+) -> None:
+    # Another process looked the hash up before this one registered it, on the next day:
+    # its own key loses, its copy goes, and its reference lands on the first name.
+    first = await put(store, DATA, owner="alice", job_id="j1")
+    rel = store.relative_path(first)
+    clock.advance(86400)
+    late = f"2031/05/07/{SHA}.png"
+    await store.blobs.put(late, DATA)
+    row = await store.index.register(
+        NewRef(late, SHA, "image/png", len(DATA), 1, 1, clock().timestamp(), "bob", "j2",
+               "b.png", None, "comfy")
+    )  # fmt: skip
+    assert row.path == rel and row.owner == "bob"
+    assert (await store.get(first, "bob")).job_id == "j2"
+
+
+async def test_hold_is_exclusive_per_hash(store: ArtifactStore) -> None:
+    entered = asyncio.Event()
+
+    async def second() -> None:
+        async with store.index.hold(SHA):
+            entered.set()
+
+    async with store.index.hold(SHA):
+        waiting = asyncio.create_task(second())
+        async with store.index.hold("f" * 64):  # another hash is free
+            pass
+        await asyncio.sleep(0.3)
+        assert not entered.is_set()
+    await asyncio.wait_for(waiting, 10)
+    assert entered.is_set()
+
+
+async def test_many_concurrent_puts_finish(store: ArtifactStore) -> None:
+    # More puts than index connections: holding a hash must not starve the queries.
+    blobs = [os.urandom(64) + bytes([i]) for i in range(12)]
+    names = await asyncio.wait_for(
+        asyncio.gather(*(put(store, b, job_id=f"j{i}") for i, b in enumerate(blobs))), 60
+    )
+    assert len(set(names)) == 12
+    assert [await read_all(store, n) for n in names] == blobs

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 from PIL import Image
 
 from aiserver.artifacts.store import ArtifactStore
@@ -21,7 +22,8 @@ from aiserver.errors import ServiceError
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Finished, InputRef, Job, JobEvent, Stage
 from aiserver.jobs.scheduler import SchedulerSettings, default_spec
-from aiserver.jobs.store import SqliteJobStore
+from aiserver.jobs.store import JobStore, SqliteJobStore
+from aiserver.jobs.store.postgres import PostgresJobStore
 from aiserver.providers.base import (
     GeneratedImage,
     GeneratedText,
@@ -31,6 +33,7 @@ from aiserver.providers.base import (
 )
 from aiserver.spool import InputSpool
 from aiserver.tasks import ImageToImageSpec, TaskKind, TaskSpec
+from tests.storage.backends import PG_URL, SHARED_BACKENDS
 
 T = TypeVar("T")
 WAIT_S = 5.0
@@ -175,13 +178,22 @@ class Env:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.db_path = root / "jobs.sqlite3"
+        # On PostgreSQL (AISERVER_TEST_BACKENDS=postgres+s3) one schema per root, so a child
+        # process given the same root (crash_child) opens the same store.
+        self.schema = (
+            f"t_{hashlib.sha256(str(root).encode()).hexdigest()[:16]}" if SHARED_BACKENDS else ""
+        )
         self.spool = InputSpool(root / "spool")
         self.artifacts = ArtifactStore(root / "artifacts")
-        self.stores: list[SqliteJobStore] = []
+        self.stores: list[JobStore] = []
         self.managers: list[JobManager] = []
 
-    async def store(self) -> SqliteJobStore:
-        store = await SqliteJobStore.open(self.db_path)
+    async def store(self) -> JobStore:
+        store: JobStore
+        if self.schema:
+            store = await PostgresJobStore.open(PG_URL, schema=self.schema, pool_size=4)
+        else:
+            store = await SqliteJobStore.open(self.db_path)
         self.stores.append(store)
         return store
 
@@ -216,6 +228,12 @@ class Env:
         for store in self.stores:
             await store.close()
         await self.artifacts.close()
+        if self.schema:
+            conn = await asyncpg.connect(PG_URL)
+            try:
+                await conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+            finally:
+                await conn.close()
 
 
 def _spec_for(task: TaskKind) -> TaskSpec:

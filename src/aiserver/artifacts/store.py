@@ -1,10 +1,10 @@
 """Content-addressed store of job outputs, with owner-scoped metadata in SQLite.
 
-Layout under ``root``::
-
-    {yyyy}/{mm}/{dd}/{sha256}.{ext}   the bytes, named by their hash (UTC date of first put)
-    .tmp/                              files being written (same file system: atomic rename)
-    artifacts.sqlite3                  metadata (WAL)
+The bytes live in a :class:`~aiserver.blobs.BlobStore` under the key
+``{yyyy}/{mm}/{dd}/{sha256}.{ext}`` (named by their hash, UTC date of first put): by default
+the local folder ``root`` (``.tmp/`` there holds files being written), or an S3 bucket. The
+metadata is an :class:`~aiserver.artifacts.index.ArtifactIndex`: ``root/artifacts.sqlite3``
+by default, or tables in the PostgreSQL job database.
 
 Identical bytes are stored once, whoever stores them and whenever: a later ``put`` of the same
 content reuses the existing file and name and only adds a reference (owner, job, file name,
@@ -14,21 +14,23 @@ seed, provider). A name is visible to an owner only if that owner has a referenc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
-import os
 import re
-import sqlite3
-import threading
-import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
+from aiserver.artifacts.index import (
+    ArtifactIndex,
+    IndexedRef,
+    NewRef,
+    SqliteArtifactIndex,
+    StoredBlob,
+)
 from aiserver.artifacts.locks import KeyedLock
+from aiserver.blobs import BlobStore, LocalBlobStore
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 from aiserver.jobs.model import ArtifactRef
 
@@ -67,45 +69,8 @@ _REL_PATH = re.compile(
 )
 _HASH_IN_THREAD = 1024 * 1024  # hashing below this is quicker than a thread hop
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS blobs (
-    path TEXT PRIMARY KEY,            -- {yyyy}/{mm}/{dd}/{sha256}.{ext}
-    sha256 TEXT NOT NULL UNIQUE,
-    mime_type TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    created REAL NOT NULL,
-    last_put REAL NOT NULL            -- retention age counts from the latest reference
-);
-CREATE INDEX IF NOT EXISTS blobs_last_put ON blobs (last_put);
-CREATE TABLE IF NOT EXISTS refs (
-    path TEXT NOT NULL REFERENCES blobs (path) ON DELETE CASCADE,
-    owner TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    file_name TEXT NOT NULL,
-    seed INTEGER,
-    provider TEXT NOT NULL,
-    created REAL NOT NULL,
-    PRIMARY KEY (path, owner, job_id)
-);
-"""
-
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
 DeleteListener = Callable[[str, str], None]
 """Called (in a worker thread) with ``(name, sha256)`` after an artifact is deleted."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredBlob:
-    """One stored file, as retention sees it."""
-
-    name: str
-    sha256: str
-    size: int
-    last_put: float
 
 
 def artifact_not_found(name: str) -> ServiceError:
@@ -127,25 +92,18 @@ class ArtifactStore:
         *,
         url_prefix: str = "/artifacts",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        blobs: BlobStore | None = None,
+        index: ArtifactIndex | None = None,
     ) -> None:
         self.root = root
         self.url_prefix = url_prefix.rstrip("/")
         self._clock = clock
         root.mkdir(parents=True, exist_ok=True)
         self._real_root = root.resolve(strict=True)
-        self._tmp = root / ".tmp"
-        self._tmp.mkdir(exist_ok=True)
-        for stale in self._tmp.iterdir():  # left by a crash mid-write
-            stale.unlink(missing_ok=True)
-        self._db_lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            root / "artifacts.sqlite3", check_same_thread=False, isolation_level=None
+        self.blobs: BlobStore = LocalBlobStore(root) if blobs is None else blobs
+        self.index: ArtifactIndex = (
+            SqliteArtifactIndex(root / "artifacts.sqlite3") if index is None else index
         )
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.executescript(_SCHEMA)
         self._locks = KeyedLock()  # per sha256: put and sweep never interleave on one file
         self._listeners: list[DeleteListener] = []
 
@@ -166,7 +124,8 @@ class ArtifactStore:
         return name
 
     def path_of(self, name: str) -> Path:
-        """The file of ``name`` (which need not exist), never outside ``root``.
+        """The file of ``name`` in the local folder backend (which need not exist), never
+        outside ``root``. For tests of the layout: the service reads through :attr:`blobs`.
 
         Beyond the shape check, a path whose real location differs from its lexical one (a
         symlink anywhere below ``root``) is NOT_FOUND.
@@ -182,129 +141,21 @@ class ArtifactStore:
             raise artifact_not_found(name)
         return path
 
-    def _ref(self, row: sqlite3.Row) -> ArtifactRef:
-        rel: str = row["path"]
+    def _ref(self, row: IndexedRef) -> ArtifactRef:
         return ArtifactRef(
-            name=f"artifacts/{rel}",
-            url=f"{self.url_prefix}/{rel}",
-            file_name=row["file_name"],
-            mime_type=row["mime_type"],
-            width=row["width"],
-            height=row["height"],
-            size_bytes=row["size"],
-            sha256=row["sha256"],
-            seed=row["seed"],
-            provider=row["provider"],
-            created=datetime.fromtimestamp(row["ref_created"], UTC),
-            job_id=row["job_id"],
+            name=f"artifacts/{row.path}",
+            url=f"{self.url_prefix}/{row.path}",
+            file_name=row.file_name,
+            mime_type=row.mime_type,
+            width=row.width,
+            height=row.height,
+            size_bytes=row.size,
+            sha256=row.sha256,
+            seed=row.seed,
+            provider=row.provider,
+            created=datetime.fromtimestamp(row.ref_created, UTC),
+            job_id=row.job_id,
         )
-
-    # --- database -------------------------------------------------------------------------
-
-    async def _db(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        # Commits can wait on the disk; one connection, used by one thread at a time.
-        def locked() -> _T:
-            with self._db_lock:
-                return fn(*args, **kwargs)
-
-        return await asyncio.to_thread(locked)
-
-    def _blob_path(self, sha256: str) -> str | None:
-        row = self._conn.execute("SELECT path FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
-        return None if row is None else str(row["path"])
-
-    def _register(
-        self,
-        rel: str,
-        *,
-        sha256: str,
-        mime_type: str,
-        size: int,
-        width: int,
-        height: int,
-        now: float,
-        owner: str,
-        job_id: str,
-        file_name: str,
-        seed: int | None,
-        provider: str,
-    ) -> sqlite3.Row:
-        c = self._conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            c.execute(
-                "INSERT INTO blobs (path, sha256, mime_type, size, width, height, created,"
-                " last_put) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (path) DO UPDATE SET last_put = excluded.last_put",
-                (rel, sha256, mime_type, size, width, height, now, now),
-            )
-            c.execute(
-                "INSERT INTO refs (path, owner, job_id, file_name, seed, provider, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path, owner, job_id) DO UPDATE SET"
-                " file_name = excluded.file_name, seed = excluded.seed,"
-                " provider = excluded.provider, created = excluded.created",
-                (rel, owner, job_id, file_name, seed, provider, now),
-            )
-            row = self._lookup(rel, owner, job_id)
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        assert row is not None
-        return row
-
-    def _lookup(self, rel: str, owner: str | None, job_id: str | None = None) -> sqlite3.Row | None:
-        sql = (
-            "SELECT b.path, b.sha256, b.mime_type, b.size, b.width, b.height, r.owner,"
-            " r.job_id, r.file_name, r.seed, r.provider, r.created AS ref_created"
-            " FROM blobs b JOIN refs r ON r.path = b.path WHERE b.path = ?"
-        )
-        args: list[str] = [rel]
-        if owner is not None:
-            sql += " AND r.owner = ?"
-            args.append(owner)
-        if job_id is not None:
-            sql += " AND r.job_id = ?"
-            args.append(job_id)
-        row: sqlite3.Row | None = self._conn.execute(
-            sql + " ORDER BY r.created DESC LIMIT 1", args
-        ).fetchone()
-        return row
-
-    def _blobs(self) -> list[StoredBlob]:
-        rows = self._conn.execute(
-            "SELECT path, sha256, size, last_put FROM blobs ORDER BY last_put, path"
-        ).fetchall()
-        return [StoredBlob(f"artifacts/{r[0]}", r[1], r[2], r[3]) for r in rows]
-
-    def _forget(self, rel: str, last_put: float) -> bool:
-        # Only if no put re-referenced it since the sweep looked (the key lock also guards).
-        cur = self._conn.execute(
-            "DELETE FROM blobs WHERE path = ? AND last_put = ?", (rel, last_put)
-        )
-        return cur.rowcount == 1
-
-    # --- files ----------------------------------------------------------------------------
-
-    def _write_if_missing(self, path: Path, data: bytes) -> None:
-        if path.is_file():
-            return  # same name, same hash: same bytes
-        tmp = self._tmp / f"{uuid.uuid4().hex}.part"
-        try:
-            with tmp.open("xb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
     # --- public API -----------------------------------------------------------------------
 
@@ -334,31 +185,34 @@ class ArtifactStore:
         else:
             sha256 = hashlib.sha256(data).hexdigest()
         now = self._clock()
-        async with self._locks.hold(sha256):
+        async with self._locks.hold(sha256), self.index.hold(sha256):
             # An earlier put of the same bytes fixed the name (and date) for good.
-            rel = await self._db(self._blob_path, sha256) or f"{now:%Y/%m/%d}/{sha256}.{ext}"
-            await asyncio.to_thread(self._write_if_missing, self.root / rel, data)
-            row = await self._db(
-                self._register,
-                rel,
-                sha256=sha256,
-                mime_type=_MIME_TYPES[rel.rsplit(".", 1)[1]],
-                size=len(data),
-                width=width,
-                height=height,
-                now=now.timestamp(),
-                owner=owner,
-                job_id=job_id,
-                file_name=file_name,
-                seed=seed,
-                provider=provider,
+            rel = await self.index.path_of_hash(sha256) or f"{now:%Y/%m/%d}/{sha256}.{ext}"
+            await self.blobs.put(rel, data)
+            row: IndexedRef = await self.index.register(
+                NewRef(
+                    path=rel,
+                    sha256=sha256,
+                    mime_type=_MIME_TYPES[rel.rsplit(".", 1)[1]],
+                    size=len(data),
+                    width=width,
+                    height=height,
+                    now=now.timestamp(),
+                    owner=owner,
+                    job_id=job_id,
+                    file_name=file_name,
+                    seed=seed,
+                    provider=provider,
+                )
             )
+            if row.path != rel:  # another process named these bytes first
+                await self.blobs.delete(rel)
         return self._ref(row)
 
     async def get(self, name: str, owner: str | None) -> ArtifactRef:
         """Metadata of ``name`` as ``owner`` sees it (``None``: admin, any reference)."""
         rel = self.relative_path(name)
-        row = await self._db(self._lookup, rel, owner)
+        row = await self.index.lookup(rel, owner)
         if row is None:
             raise artifact_not_found(name)
         return self._ref(row)
@@ -382,34 +236,44 @@ class ArtifactStore:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
         ref = await self.get(name, owner)
-        path = self.path_of(ref.name)
+        rel = self.relative_path(ref.name)
+        size = await self.blobs.size(rel)
+        if size is None:
+            logger.warning("artifact %s is registered but its blob is missing", ref.name)
+            raise artifact_not_found(name)
+        if offset > size:
+            raise ServiceError(
+                # The contract says OUT_OF_RANGE; ErrorKind has no such member yet.
+                ErrorKind.INVALID_ARGUMENT,
+                "READ_OFFSET_OUT_OF_RANGE",
+                f"read_offset {offset} is beyond the end ({size} bytes)",
+                violations=(FieldViolation("read_offset", f"beyond the end ({size} bytes)"),),
+                metadata={"field": "read_offset", "size": str(size)},
+            )
+        length = size - offset if limit == 0 else min(limit, size - offset)
+        if length == 0:
+            return
+        chunks = self.blobs.read(rel, offset, length, chunk_size)
         try:
-            # O_NOFOLLOW: a symlink planted after path_of's check is still refused.
-            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            logger.warning("artifact %s is registered but unreadable: %s", ref.name, exc)
+            first = await anext(chunks)
+        except FileNotFoundError as exc:  # deleted between the size and the read
             raise artifact_not_found(name) from exc
+        except StopAsyncIteration:
+            return
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    @asynccontextmanager
+    async def source_file(self, name: str) -> AsyncIterator[Path]:
+        """A local file with the bytes of ``name`` for the ``with`` block (decoders in a
+        worker pool need a path); NOT_FOUND when it is gone."""
+        rel = self.relative_path(name)
         try:
-            size = os.fstat(fd).st_size
-            if offset > size:
-                raise ServiceError(
-                    # The contract says OUT_OF_RANGE; ErrorKind has no such member yet.
-                    ErrorKind.INVALID_ARGUMENT,
-                    "READ_OFFSET_OUT_OF_RANGE",
-                    f"read_offset {offset} is beyond the end ({size} bytes)",
-                    violations=(FieldViolation("read_offset", f"beyond the end ({size} bytes)"),),
-                    metadata={"field": "read_offset", "size": str(size)},
-                )
-            remaining = size - offset if limit == 0 else min(limit, size - offset)
-            while remaining > 0:
-                chunk = await asyncio.to_thread(os.pread, fd, min(chunk_size, remaining), offset)
-                if not chunk:
-                    break  # truncated under us: stop rather than spin
-                offset += len(chunk)
-                remaining -= len(chunk)
-                yield chunk
-        finally:
-            os.close(fd)
+            async with self.blobs.local_file(rel) as path:
+                yield path
+        except FileNotFoundError as exc:
+            raise artifact_not_found(name) from exc
 
     def add_delete_listener(self, listener: DeleteListener) -> None:
         """Have ``listener`` told of every deleted artifact (the variant cache drops its files)."""
@@ -427,7 +291,7 @@ class ArtifactStore:
         ``max_total_bytes``. Names for which ``protect(name)`` is true (still referenced,
         e.g. by a job that is not finished) are kept even if the budget stays exceeded.
         """
-        blobs = await self._db(self._blobs)
+        blobs = await self.index.blobs()
         now = self._clock().timestamp()
         total = sum(b.size for b in blobs)
         victims: list[StoredBlob] = []
@@ -442,7 +306,7 @@ class ArtifactStore:
             total -= blob.size
         deleted: list[str] = []
         for blob in victims:
-            async with self._locks.hold(blob.sha256):
+            async with self._locks.hold(blob.sha256), self.index.hold(blob.sha256):
                 if await self._delete(blob):
                     deleted.append(blob.name)
         if deleted:
@@ -451,25 +315,22 @@ class ArtifactStore:
 
     async def _delete(self, blob: StoredBlob) -> bool:
         rel = self.relative_path(blob.name)
-        if not await self._db(self._forget, rel, blob.last_put):
+        if not await self.index.forget(rel, blob.last_put):
             return False  # stored again meanwhile: it is new again
 
-        def remove() -> None:
-            (self.root / rel).unlink(missing_ok=True)
+        await self.blobs.delete(rel)
+
+        def tell() -> None:
             for listener in self._listeners:
                 try:
                     listener(blob.name, blob.sha256)
                 except Exception:
                     logger.exception("delete listener failed for %s", blob.name)
 
-        await asyncio.to_thread(remove)
+        await asyncio.to_thread(tell)
         return True
 
     async def close(self) -> None:
-        """Close the database; the store is unusable afterwards."""
-
-        def close() -> None:
-            with self._db_lock, contextlib.suppress(sqlite3.Error):
-                self._conn.close()
-
-        await asyncio.to_thread(close)
+        """Close the index and the blob store; the store is unusable afterwards."""
+        await self.index.close()
+        await self.blobs.close()

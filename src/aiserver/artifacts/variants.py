@@ -181,12 +181,12 @@ class VariantCache:
             if hit is not None:
                 return hit
             self.computations += 1
-            source = self._store.path_of(ref.name)
             try:
-                if self._pool is not None:
-                    meta = await self._pool.run(self._render, source, spec, output, image)
-                else:
-                    meta = await asyncio.to_thread(self._render, source, spec, output, image)
+                async with self._store.source_file(ref.name) as source:
+                    if self._pool is not None:
+                        meta = await self._pool.run(self._render, source, spec, output, image)
+                    else:
+                        meta = await asyncio.to_thread(self._render, source, spec, output, image)
             except ServiceError as exc:
                 if exc.kind is ErrorKind.NOT_FOUND:  # deleted by retention meanwhile
                     raise artifact_not_found(ref.name) from exc

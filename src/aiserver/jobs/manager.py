@@ -236,7 +236,7 @@ class JobManager:
             if name not in given:
                 raise invalid_argument(name, "INPUT_REQUIRED", f"{task.value} needs {name!r}")
         for ref in inputs:
-            if not self._spool.path_for(ref.sha256).is_file():
+            if not await self._spool.share(ref.sha256):  # before the job is stored
                 raise input_missing(ref)
         if not could_serve(self._providers, task):
             if ref_id:
@@ -804,11 +804,9 @@ class JobManager:
         for sha in shas - needed:
             if self._spool.pinned(sha):
                 continue  # a request has just uploaded the same bytes and will submit them
-            path = self._spool.path_for(sha)
-            try:
-                path.unlink(missing_ok=True)
-            except OSError:
-                logger.warning("could not delete spooled input %s", path, exc_info=True)
+            self._spool.delete_local(sha)
+            if self._spool.shared:
+                self._spawn(self._spool.delete_shared(sha))
 
     def _spawn(
         self, coro: Coroutine[Any, Any, Any], *, log_errors: bool = True

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import sqlite3
+import asyncio
 import string
 from datetime import UTC, datetime, timedelta
 
@@ -10,9 +10,9 @@ from aiserver.errors import ErrorKind, FieldViolation, ServiceError
 from aiserver.jobs.ids import new_job_id
 from aiserver.jobs.model import ArtifactRef, InputRef, Job, JobState, Retrying
 from aiserver.jobs.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
-from aiserver.jobs.store import JobQuery, JobRecord, SqliteJobStore
+from aiserver.jobs.store import JobQuery, JobRecord, migrations
 from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, TaskKind
-from tests.jobs.helpers import Env
+from tests.storage.backends import JobStoreBackend
 
 T0 = datetime(2025, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -46,8 +46,8 @@ def make_job(
     )
 
 
-async def test_record_round_trips_every_field(env: Env) -> None:
-    store = await env.store()
+async def test_record_round_trips_every_field(backend: JobStoreBackend) -> None:
+    store = await backend.open()
     job = make_job(1, tag="t", ref_id="r-1")
     job.reply_to = "https://example.test/hook"
     job.inputs = [InputRef("image", "in.png", "a" * 64, 10, "image/png", 3, 4)]
@@ -124,8 +124,8 @@ async def test_record_round_trips_every_field(env: Env) -> None:
     assert await store.get("missing") is None
 
 
-async def test_owner_and_ref_id_are_unique_together(env: Env) -> None:
-    store = await env.store()
+async def test_owner_and_ref_id_are_unique_together(backend: JobStoreBackend) -> None:
+    store = await backend.open()
     first, existing = await store.create(JobRecord(make_job(1, ref_id="same")))
     assert not existing
     again, existing = await store.create(JobRecord(make_job(2, ref_id="same")))
@@ -134,8 +134,8 @@ async def test_owner_and_ref_id_are_unique_together(env: Env) -> None:
     assert not existing and other.job.id != first.job.id
 
 
-async def test_list_filters_and_pages_newest_first(env: Env) -> None:
-    store = await env.store()
+async def test_list_filters_and_pages_newest_first(backend: JobStoreBackend) -> None:
+    store = await backend.open()
     jobs = [
         make_job(i, owner="bob" if i % 3 == 0 else "alice", tag="red" if i % 2 else "blue")
         for i in range(1, 11)
@@ -184,8 +184,8 @@ async def test_list_filters_and_pages_newest_first(env: Env) -> None:
         assert err.value.reason == "INVALID_PAGE_TOKEN"
 
 
-async def test_unfinished_jobs_in_creation_order(env: Env) -> None:
-    store = await env.store()
+async def test_unfinished_jobs_in_creation_order(backend: JobStoreBackend) -> None:
+    store = await backend.open()
     states = [JobState.RUNNING, JobState.SUCCEEDED, JobState.QUEUED, JobState.CANCELLED]
     jobs = [make_job(10 - i, state=s) for i, s in enumerate(states)]  # created newest first
     for job in jobs:
@@ -194,20 +194,17 @@ async def test_unfinished_jobs_in_creation_order(env: Env) -> None:
     assert [r.job.id for r in unfinished] == [jobs[2].id, jobs[0].id]
 
 
-async def test_schema_version_and_newer_database_refused(env: Env) -> None:
-    store = await env.store()
+async def test_schema_version_and_newer_database_refused(backend: JobStoreBackend) -> None:
+    store = await backend.open()
     await store.create(JobRecord(make_job(1)))
     await store.close()
-    again = await env.store()  # reopening an up-to-date database migrates nothing
+    again = await backend.open()  # reopening an up-to-date database migrates nothing
     assert len(await again.unfinished()) == 1
-    await again.close()
-    conn = sqlite3.connect(env.db_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    conn.execute("PRAGMA user_version = 99")
-    conn.close()
+    steps = migrations.SQLITE if backend.kind == "sqlite" else migrations.POSTGRES
+    assert await backend.sql("SELECT max(version) FROM schema_migrations") == len(steps)
+    await backend.sql("INSERT INTO schema_migrations (version, applied_us) VALUES (99, 0)")
     with pytest.raises(RuntimeError, match="newer"):
-        await SqliteJobStore.open(env.db_path)
+        await backend.open()
 
 
 def test_job_ids_are_url_safe_and_sort_by_time() -> None:
@@ -220,8 +217,10 @@ def test_job_ids_are_url_safe_and_sort_by_time() -> None:
     assert new_job_id(base + timedelta(days=1)) > ids[-1]
 
 
-async def test_page_size_is_refused_outside_its_limits_not_clamped(env: Env) -> None:
-    store = await env.store()
+async def test_page_size_is_refused_outside_its_limits_not_clamped(
+    backend: JobStoreBackend,
+) -> None:
+    store = await backend.open()
     for n in range(MAX_PAGE_SIZE + 1):
         await store.create(JobRecord(make_job(n)))
     full, token = await store.query(JobQuery(), page_size=MAX_PAGE_SIZE, page_token="")
@@ -236,3 +235,11 @@ async def test_page_size_is_refused_outside_its_limits_not_clamped(env: Env) -> 
             "INVALID_PAGE_SIZE",
         )
         assert caught.value.violations == (FieldViolation("page_size", "must be 0..1000"),)
+
+
+async def test_processes_starting_at_once_migrate_once(backend: JobStoreBackend) -> None:
+    stores = await asyncio.gather(*(backend.open() for _ in range(4)))
+    await stores[0].create(JobRecord(make_job(1)))
+    assert [len(await s.unfinished()) for s in stores] == [1, 1, 1, 1]
+    steps = migrations.SQLITE if backend.kind == "sqlite" else migrations.POSTGRES
+    assert await backend.sql("SELECT count(*) FROM schema_migrations") == len(steps)

@@ -1,0 +1,52 @@
+"""In-process fan-out of announcements: each listener gets every one from its creation on."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Self
+
+from aiserver.jobs.store.protocol import Announcement
+
+__all__ = ["AnnouncementHub", "Listener"]
+
+_QUEUE_LIMIT = 10_000  # a listener that falls this far behind loses hints, never data
+
+
+class Listener:
+    """Iterates announcements; registered at creation, so nothing published after is missed.
+    Call :meth:`aclose` (or iterate to the end) to unregister."""
+
+    def __init__(self, hub: AnnouncementHub) -> None:
+        self._hub = hub
+        self._queue: asyncio.Queue[Announcement | None] = asyncio.Queue()
+        hub._queues.add(self._queue)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Announcement:
+        item = await self._queue.get()
+        if item is None:
+            await self.aclose()
+            raise StopAsyncIteration
+        return item
+
+    async def aclose(self) -> None:
+        self._hub._queues.discard(self._queue)
+
+
+class AnnouncementHub:
+    def __init__(self) -> None:
+        self._queues: set[asyncio.Queue[Announcement | None]] = set()
+
+    def publish(self, announcement: Announcement) -> None:
+        for queue in self._queues:
+            if queue.qsize() < _QUEUE_LIMIT:
+                queue.put_nowait(announcement)
+
+    def close(self) -> None:
+        for queue in self._queues:
+            queue.put_nowait(None)
+
+    def listen(self) -> Listener:
+        return Listener(self)

@@ -1,0 +1,326 @@
+"""What a job store is: the records, the queries and the :class:`JobStore` interface.
+
+Two implementations keep the same semantics: :mod:`.sqlite` (embedded, one process) and
+:mod:`.postgres` (several processes on one database). Everything that decides correctness
+across processes - leases, the cancel request, ``ref_id`` idempotency, active-job counts,
+input references, agent slots, leadership and the webhook outbox - is answered by the store,
+never by one process's memory (docs/scale-out.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from aiserver.jobs.model import Job, JobState, Retrying
+from aiserver.jobs.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from aiserver.tasks import TaskKind
+
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "MAX_PAGE_SIZE",
+    "ActiveLimitReached",
+    "Announcement",
+    "AnnouncementStream",
+    "JobQuery",
+    "JobRecord",
+    "JobStore",
+    "Lease",
+    "LeaseLost",
+    "OutboxItem",
+    "SlotClaim",
+    "StoredEvent",
+    "new_holder_id",
+]
+
+
+class ActiveLimitReached(Exception):
+    """``create`` refused: the owner already has ``max_active`` unfinished jobs."""
+
+
+class LeaseLost(Exception):
+    """A fenced ``save`` by a process that no longer holds the job's lease: another process
+    took the job over, so this one must stop driving it."""
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """A job as stored, with what its event stream needs beyond :class:`Job`."""
+
+    job: Job
+    last_sequence: int = 0
+    """No event of the job has a higher sequence (a reservation: it may run ahead)."""
+    retries: list[Retrying] = field(default_factory=list)
+    """Every retry so far: replayed to late subscribers; failed agents are excluded."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobQuery:
+    """Filters of a job listing; empty values match everything."""
+
+    owner: str | None = None
+    """``None``: every owner's jobs (admin)."""
+    states: frozenset[JobState] = frozenset()
+    task: TaskKind | None = None
+    tag: str = ""
+    ref_id: str = ""
+
+    def digest(self) -> str:
+        """Names these filters in page tokens: a token only continues the listing it came from."""
+        canonical = json.dumps(
+            [
+                self.owner,
+                sorted(s.value for s in self.states),
+                self.task.value if self.task else None,
+                self.tag,
+                self.ref_id,
+            ]
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The right of ``holder`` to run a job until ``expires`` (renew before then)."""
+
+    job_id: str
+    holder: str
+    expires: datetime
+    takeover: bool
+    """The job had an earlier holder whose lease expired: re-attach or retry, never rerun
+    blindly (the record's ``resume`` checkpoint says where the earlier attempt was)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One job event as stored: its sequence, kind and JSON payload (the manager's codec)."""
+
+    job_id: str
+    sequence: int
+    kind: str
+    payload: Mapping[str, Any]
+    created: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """Something changed that another process may be waiting for."""
+
+    kind: Literal["event", "cancel", "resync"]
+    """``resync``: announcements may have been lost (the listening connection dropped and is
+    back): every consumer re-reads everything it follows."""
+    job_id: str
+    sequence: int = 0
+    """For ``event``: the sequence just stored (a watcher reads the table from its own last)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """A webhook delivery waiting in the durable outbox."""
+
+    id: int
+    job_id: str
+    url: str
+    body: bytes
+    attempts: int
+    """Deliveries tried before this claim."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlotClaim:
+    """One of an agent's slots, held by one process until ``expires``."""
+
+    agent: str
+    slot: int
+    holder: str
+    expires: datetime
+
+
+def new_holder_id() -> str:
+    """This process's name in leases: host, pid and a random part (never reused, so a restarted
+    process does not inherit its former leases)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class AnnouncementStream(Protocol):
+    """Announcements as they come; :meth:`aclose` stops listening."""
+
+    def __aiter__(self) -> AnnouncementStream: ...
+
+    async def __anext__(self) -> Announcement: ...
+
+    async def aclose(self) -> None: ...
+
+
+class JobStore(Protocol):
+    """Persistence of job records. Implementations keep the order of calls from one caller.
+
+    ``holder`` arguments name a process (one id per process start); lease lengths are seconds.
+    """
+
+    # --- records ----------------------------------------------------------------------------
+
+    async def create(self, record: JobRecord, *, max_active: int = 0) -> tuple[JobRecord, bool]:
+        """Insert ``record``; if its (owner, ref_id) exists, return that one and ``True``.
+
+        The unique constraint decides inside the insert's transaction: two processes racing
+        with one ``ref_id`` get one job. With ``max_active`` > 0, raises
+        :class:`ActiveLimitReached` when the owner has that many unfinished jobs (counted in
+        the same transaction, serialized per owner, so racing processes cannot overshoot)."""
+        ...
+
+    async def save(
+        self,
+        record: JobRecord,
+        *,
+        holder: str | None = None,
+        outbox: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        """Overwrite the stored record with ``record`` (as it is when called).
+
+        ``holder``: only if that process holds the job's lease (else :class:`LeaseLost`).
+        ``outbox``: webhook deliveries (url, body) queued in the same transaction, so a
+        final state is never stored without its webhook nor the other way round."""
+        ...
+
+    async def get(self, job_id: str) -> JobRecord | None: ...
+
+    async def query(
+        self, query: JobQuery, *, page_size: int, page_token: str
+    ) -> tuple[list[Job], str]:
+        """Newest first; returns a page and the token of the next one (``""`` at the end).
+
+        ``page_size`` 0 means the default; beyond :data:`MAX_PAGE_SIZE` (or negative) it is
+        refused with INVALID_ARGUMENT, never clamped (:func:`aiserver.jobs.paging.page_size`).
+        """
+        ...
+
+    async def unfinished(self) -> list[JobRecord]:
+        """Every QUEUED or RUNNING job, oldest first (to rebuild the queue at start-up)."""
+        ...
+
+    async def forget_outputs(self, sha256s: Collection[str]) -> int:
+        """Drop outputs with these hashes from every job (their files were deleted by
+        retention); returns how many jobs changed."""
+        ...
+
+    # --- queue, quotas, references ----------------------------------------------------------
+
+    async def count_active(self, owner: str | None = None) -> int:
+        """QUEUED or RUNNING jobs of ``owner`` (``None``: everyone's)."""
+        ...
+
+    async def queue_position(self, job_id: str) -> int:
+        """1-based place of a QUEUED job among QUEUED jobs, oldest first; 0 if not queued."""
+        ...
+
+    async def inputs_in_use(self, sha256s: Collection[str]) -> set[str]:
+        """Which of these input hashes an unfinished job still needs."""
+        ...
+
+    async def artifacts_in_use(self) -> set[str]:
+        """Artifact names listed as outputs by unfinished jobs (retention keeps them)."""
+        ...
+
+    # --- leases -----------------------------------------------------------------------------
+
+    async def claim(
+        self,
+        holder: str,
+        lease_s: float,
+        *,
+        tasks: Collection[TaskKind] = (),
+        job_id: str | None = None,
+    ) -> Lease | None:
+        """Lease the oldest unfinished job that nobody holds (or whose lease expired).
+
+        ``tasks`` limits the claim to jobs of these kinds (empty: any); ``job_id`` to that one
+        job (to cancel a queued job nobody runs). Concurrent claims from any number of
+        processes never return the same job while its lease runs."""
+        ...
+
+    async def renew(self, job_id: str, holder: str, lease_s: float) -> Lease | None:
+        """Extend ``holder``'s lease; ``None`` if it is not (any more) the holder."""
+        ...
+
+    async def release(self, job_id: str, holder: str) -> bool:
+        """Give the lease up (the job ended, or goes back to the queue)."""
+        ...
+
+    # --- cancel -----------------------------------------------------------------------------
+
+    async def request_cancel(self, job_id: str) -> bool:
+        """Store the cancel request and announce it; ``False`` if the job is finished or
+        unknown."""
+        ...
+
+    async def cancel_requested(self, job_id: str) -> bool: ...
+
+    # --- events -----------------------------------------------------------------------------
+
+    async def append_event(
+        self, job_id: str, sequence: int, kind: str, payload: Mapping[str, Any]
+    ) -> None:
+        """Store one event (sequences are unique per job) and announce it."""
+        ...
+
+    async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
+        """The job's stored events with a sequence above ``after``, in order."""
+        ...
+
+    async def prune_events(self, job_id: str, kind: str) -> int:
+        """Drop the job's events of ``kind`` except the latest (superseded progress, once the
+        job finished); returns how many went."""
+        ...
+
+    async def announcements(self) -> AnnouncementStream:
+        """Everything announced once this returns, by this process or any other, until the
+        store or the stream is closed.
+
+        Announcements are hints: a consumer re-reads the table, so a lost or duplicate one
+        costs latency, never correctness."""
+        ...
+
+    # --- agent slots and leadership ---------------------------------------------------------
+
+    async def claim_slot(
+        self, agent: str, capacity: int, holder: str, lease_s: float
+    ) -> SlotClaim | None:
+        """Take a free slot of ``agent`` (which admits ``capacity`` jobs across every
+        process); ``None`` when all are held."""
+        ...
+
+    async def renew_slot(self, claim: SlotClaim, lease_s: float) -> SlotClaim | None: ...
+
+    async def release_slot(self, claim: SlotClaim) -> None: ...
+
+    async def lead(self, role: str, holder: str, lease_s: float) -> bool:
+        """Become or stay the one runner of ``role`` (retention, outbox) for ``lease_s``."""
+        ...
+
+    # --- webhook outbox ---------------------------------------------------------------------
+
+    async def outbox_put(self, job_id: str, url: str, body: bytes) -> int:
+        """Queue one delivery durably; returns its id."""
+        ...
+
+    async def outbox_claim(self, holder: str, lease_s: float, limit: int) -> list[OutboxItem]:
+        """Deliveries due now, leased to ``holder`` (another process gets others)."""
+        ...
+
+    async def outbox_done(self, item_id: int) -> None:
+        """Delivered: drop it from the outbox."""
+        ...
+
+    async def outbox_failed(self, item_id: int, error: str, retry_in_s: float | None) -> None:
+        """Count a failed try; retry after ``retry_in_s``, or give up (``None``: kept, dead)."""
+        ...
+
+    async def close(self) -> None: ...

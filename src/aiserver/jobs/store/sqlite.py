@@ -1,0 +1,625 @@
+""":class:`JobStore` on one SQLite file: the embedded default, for one process.
+
+The store owns one connection that only its dedicated thread touches: every call is handed to
+that thread, so the event loop waits on a future and never on the disk (a commit in WAL mode
+with ``synchronous=NORMAL`` is ~0.1 ms, but a WAL checkpoint or a busy lock can take
+milliseconds to seconds). One thread also means writes reach the database in the order they
+were issued, which the manager relies on. Claims and slot takes run in ``BEGIN IMMEDIATE``
+transactions: the write lock makes them exclusive, as ``SKIP LOCKED`` does on PostgreSQL.
+Announcements go through an in-process hub: SQLite is one process's database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from aiserver.errors import ErrorKind, ServiceError
+from aiserver.jobs import codec
+from aiserver.jobs.model import Job
+from aiserver.jobs.paging import page_size as _page_size
+from aiserver.jobs.store import migrations, rows
+from aiserver.jobs.store.announce import AnnouncementHub, Listener
+from aiserver.jobs.store.protocol import (
+    ActiveLimitReached,
+    Announcement,
+    JobQuery,
+    JobRecord,
+    Lease,
+    LeaseLost,
+    OutboxItem,
+    SlotClaim,
+    StoredEvent,
+)
+from aiserver.tasks import TaskKind
+
+__all__ = ["SqliteJobStore"]
+
+_T = TypeVar("_T")
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _us(seconds: float) -> int:
+    return int(seconds * 1_000_000)
+
+
+class SqliteJobStore:
+    """:class:`JobStore` on one SQLite file (WAL). Create with :meth:`open`."""
+
+    def __init__(self, executor: ThreadPoolExecutor, conn: sqlite3.Connection) -> None:
+        self._executor = executor
+        self._conn = conn
+        self._closed = False
+        self._hub = AnnouncementHub()
+
+    @classmethod
+    async def open(cls, path: Path, *, busy_timeout_s: float = 5.0) -> Self:
+        """Open (and create or migrate) the database at ``path``."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstore")
+
+        def connect() -> sqlite3.Connection:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
+            try:
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode: a power cut may lose the last commits, never corrupt.
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+                conn.execute("PRAGMA foreign_keys=ON")
+                _migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(executor, connect)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(executor, conn)
+
+    async def _call(self, fn: Callable[[], _T]) -> _T:
+        if self._closed:
+            raise ServiceError(ErrorKind.UNAVAILABLE, "STORE_CLOSED", "the job store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # --- records ----------------------------------------------------------------------------
+
+    async def create(self, record: JobRecord, *, max_active: int = 0) -> tuple[JobRecord, bool]:
+        row = rows.row_of(record)
+        shas = {i.sha256 for i in record.job.inputs}
+
+        def insert() -> tuple[JobRecord, bool]:
+            conn = self._conn
+            # BEGIN IMMEDIATE holds the write lock: the count and the insert are one step.
+            with _transaction(conn):
+                found = conn.execute(
+                    f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = ? AND ref_id = ?",
+                    (row["owner"], row["ref_id"]),
+                ).fetchone()
+                if found is not None:
+                    return rows.record_of(found), True
+                if max_active > 0:
+                    active = conn.execute(
+                        f"SELECT count(*) FROM jobs WHERE owner = ? AND state IN"
+                        f" {rows.UNFINISHED_SQL}",
+                        (row["owner"],),
+                    ).fetchone()[0]
+                    if active >= max_active:
+                        raise ActiveLimitReached(row["owner"])
+                placeholders = ", ".join(f":{c}" for c in rows.COLUMNS)
+                conn.execute(
+                    f"INSERT INTO jobs ({rows.SELECT_COLUMNS}) VALUES ({placeholders})", row
+                )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO job_inputs (job_id, sha256) VALUES (?, ?)",
+                    [(row["id"], sha) for sha in shas],
+                )
+            return record, False
+
+        return await self._call(insert)
+
+    async def save(
+        self,
+        record: JobRecord,
+        *,
+        holder: str | None = None,
+        outbox: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        row = rows.row_of(record)
+        sets = ", ".join(f"{c} = :{c}" for c in rows.MUTABLE)
+        fence = "" if holder is None else " AND lease_holder = :holder"
+
+        def update() -> None:
+            conn = self._conn
+            with _transaction(conn):
+                cur = conn.execute(
+                    f"UPDATE jobs SET {sets} WHERE id = :id{fence}", {**row, "holder": holder}
+                )
+                if cur.rowcount != 1:
+                    if (
+                        holder is not None
+                        and conn.execute("SELECT 1 FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+                    ):
+                        raise LeaseLost(row["id"])
+                    raise ServiceError(
+                        ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"job {row['id']} is not stored"
+                    )
+                now = _now_us()
+                conn.executemany(
+                    "INSERT INTO webhook_outbox (job_id, url, body, due_us, created_us)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(row["id"], url, body, now, now) for url, body in outbox],
+                )
+
+        await self._call(update)
+
+    async def forget_outputs(self, sha256s: Collection[str]) -> int:
+        gone = set(sha256s)
+        if not gone:
+            return 0
+
+        def rewrite() -> int:
+            changed = 0
+            conn = self._conn
+            with _transaction(conn):
+                for sha in gone:
+                    # Outputs are JSON; a LIKE on the hash finds the few rows worth decoding.
+                    found = conn.execute(
+                        "SELECT id, outputs FROM jobs WHERE outputs LIKE ?", (f"%{sha}%",)
+                    ).fetchall()
+                    for row in found:
+                        kept = rows.without_outputs(row["outputs"], gone)
+                        if kept is not None:
+                            conn.execute(
+                                "UPDATE jobs SET outputs = ? WHERE id = ?", (kept, row["id"])
+                            )
+                            changed += 1
+            return changed
+
+        return await self._call(rewrite)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        def select() -> JobRecord | None:
+            found = self._conn.execute(
+                f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            return rows.record_of(found) if found is not None else None
+
+        return await self._call(select)
+
+    async def query(
+        self, query: JobQuery, *, page_size: int, page_token: str
+    ) -> tuple[list[Job], str]:
+        digest = query.digest()
+        after = rows.decode_token(page_token, digest) if page_token else None
+        size = _page_size(page_size)
+        where: list[str] = []
+        args: list[Any] = []
+        if query.owner is not None:
+            where.append("owner = ?")
+            args.append(query.owner)
+        if query.states:
+            states = sorted(s.value for s in query.states)
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args.extend(states)
+        if query.task is not None:
+            where.append("task = ?")
+            args.append(query.task.value)
+        if query.tag:
+            where.append("tag = ?")
+            args.append(query.tag)
+        if query.ref_id:
+            where.append("ref_id = ?")
+            args.append(query.ref_id)
+        if after is not None:
+            where.append("(created_us, id) < (?, ?)")  # keyset: stable under inserts
+            args.extend(after)
+        sql = (
+            f"SELECT {rows.SELECT_COLUMNS} FROM jobs"
+            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            " ORDER BY created_us DESC, id DESC LIMIT ?"
+        )
+        args.append(size + 1)
+
+        def select() -> tuple[list[Job], str]:
+            found = self._conn.execute(sql, args).fetchall()
+            jobs = [rows.record_of(r).job for r in found[:size]]
+            if len(found) <= size:
+                return jobs, ""
+            last = found[size - 1]
+            return jobs, rows.encode_token(last["created_us"], last["id"], digest)
+
+        return await self._call(select)
+
+    async def unfinished(self) -> list[JobRecord]:
+        def select() -> list[JobRecord]:
+            found = self._conn.execute(
+                f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE state IN {rows.UNFINISHED_SQL}"
+                " ORDER BY created_us, id"
+            ).fetchall()
+            return [rows.record_of(r) for r in found]
+
+        return await self._call(select)
+
+    # --- queue, quotas, references ----------------------------------------------------------
+
+    async def count_active(self, owner: str | None = None) -> int:
+        def count() -> int:
+            sql = f"SELECT count(*) FROM jobs WHERE state IN {rows.UNFINISHED_SQL}"
+            if owner is None:
+                return int(self._conn.execute(sql).fetchone()[0])
+            return int(self._conn.execute(sql + " AND owner = ?", (owner,)).fetchone()[0])
+
+        return await self._call(count)
+
+    async def queue_position(self, job_id: str) -> int:
+        def position() -> int:
+            row = self._conn.execute(
+                "SELECT created_us, id FROM jobs WHERE id = ? AND state = 'QUEUED'", (job_id,)
+            ).fetchone()
+            if row is None:
+                return 0
+            ahead = self._conn.execute(
+                "SELECT count(*) FROM jobs WHERE state = 'QUEUED' AND (created_us, id) < (?, ?)",
+                (row[0], row[1]),
+            ).fetchone()[0]
+            return int(ahead) + 1
+
+        return await self._call(position)
+
+    async def inputs_in_use(self, sha256s: Collection[str]) -> set[str]:
+        wanted = sorted(set(sha256s))
+        if not wanted:
+            return set()
+
+        def select() -> set[str]:
+            marks = ", ".join("?" * len(wanted))
+            found = self._conn.execute(
+                "SELECT DISTINCT i.sha256 FROM job_inputs i JOIN jobs j ON j.id = i.job_id"
+                f" WHERE i.sha256 IN ({marks}) AND j.state IN {rows.UNFINISHED_SQL}",
+                wanted,
+            ).fetchall()
+            return {r[0] for r in found}
+
+        return await self._call(select)
+
+    async def artifacts_in_use(self) -> set[str]:
+        def select() -> set[str]:
+            found = self._conn.execute(
+                f"SELECT outputs FROM jobs WHERE state IN {rows.UNFINISHED_SQL} AND outputs != '[]'"
+            ).fetchall()
+            return {name for r in found for name in rows.output_names(r[0])}
+
+        return await self._call(select)
+
+    # --- leases -----------------------------------------------------------------------------
+
+    async def claim(
+        self,
+        holder: str,
+        lease_s: float,
+        *,
+        tasks: Collection[TaskKind] = (),
+        job_id: str | None = None,
+    ) -> Lease | None:
+        kinds = sorted(t.value for t in tasks)
+
+        def take() -> Lease | None:
+            now = _now_us()
+            conn = self._conn
+            with _transaction(conn):
+                sql = (
+                    f"SELECT id, lease_holder FROM jobs WHERE state IN {rows.UNFINISHED_SQL}"
+                    " AND (lease_holder IS NULL OR lease_expires_us < ?)"
+                )
+                args: list[Any] = [now]
+                if kinds:
+                    sql += f" AND task IN ({', '.join('?' * len(kinds))})"
+                    args.extend(kinds)
+                if job_id is not None:
+                    sql += " AND id = ?"
+                    args.append(job_id)
+                row = conn.execute(sql + " ORDER BY created_us, id LIMIT 1", args).fetchone()
+                if row is None:
+                    return None
+                expires = now + _us(lease_s)
+                conn.execute(
+                    "UPDATE jobs SET lease_holder = ?, lease_expires_us = ? WHERE id = ?",
+                    (holder, expires, row[0]),
+                )
+            return Lease(row[0], holder, codec.from_micros(expires), row[1] is not None)
+
+        return await self._call(take)
+
+    async def renew(self, job_id: str, holder: str, lease_s: float) -> Lease | None:
+        def extend() -> Lease | None:
+            now = _now_us()
+            expires = now + _us(lease_s)
+            cur = self._conn.execute(
+                "UPDATE jobs SET lease_expires_us = ? WHERE id = ? AND lease_holder = ?"
+                " AND lease_expires_us >= ?",
+                (expires, job_id, holder, now),
+            )
+            if cur.rowcount != 1:
+                return None
+            return Lease(job_id, holder, codec.from_micros(expires), False)
+
+        return await self._call(extend)
+
+    async def release(self, job_id: str, holder: str) -> bool:
+        def drop() -> bool:
+            cur = self._conn.execute(
+                "UPDATE jobs SET lease_holder = NULL, lease_expires_us = NULL"
+                " WHERE id = ? AND lease_holder = ?",
+                (job_id, holder),
+            )
+            return cur.rowcount == 1
+
+        return await self._call(drop)
+
+    # --- cancel -----------------------------------------------------------------------------
+
+    async def request_cancel(self, job_id: str) -> bool:
+        def mark() -> bool:
+            cur = self._conn.execute(
+                "UPDATE jobs SET cancel_requested_us = coalesce(cancel_requested_us, ?)"
+                f" WHERE id = ? AND state IN {rows.UNFINISHED_SQL}",
+                (_now_us(), job_id),
+            )
+            return cur.rowcount == 1
+
+        marked = await self._call(mark)
+        if marked:
+            self._hub.publish(Announcement("cancel", job_id))
+        return marked
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        def select() -> bool:
+            row = self._conn.execute(
+                "SELECT cancel_requested_us FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            return row is not None and row[0] is not None
+
+        return await self._call(select)
+
+    # --- events -----------------------------------------------------------------------------
+
+    async def append_event(
+        self, job_id: str, sequence: int, kind: str, payload: Mapping[str, Any]
+    ) -> None:
+        body = rows.dumps(payload)
+
+        def insert() -> None:
+            self._conn.execute(
+                "INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (job_id, sequence, kind, body, _now_us()),
+            )
+
+        await self._call(insert)
+        self._hub.publish(Announcement("event", job_id, sequence))
+
+    async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
+        def select() -> list[StoredEvent]:
+            found = self._conn.execute(
+                "SELECT sequence, kind, payload, created_us FROM job_events"
+                " WHERE job_id = ? AND sequence > ? ORDER BY sequence",
+                (job_id, after),
+            ).fetchall()
+            return [
+                StoredEvent(job_id, r[0], r[1], json.loads(r[2]), codec.from_micros(r[3]))
+                for r in found
+            ]
+
+        return await self._call(select)
+
+    async def prune_events(self, job_id: str, kind: str) -> int:
+        def delete() -> int:
+            cur = self._conn.execute(
+                "DELETE FROM job_events WHERE job_id = ? AND kind = ? AND sequence <"
+                " (SELECT max(sequence) FROM job_events WHERE job_id = ? AND kind = ?)",
+                (job_id, kind, job_id, kind),
+            )
+            return cur.rowcount
+
+        return await self._call(delete)
+
+    async def announcements(self) -> Listener:
+        return self._hub.listen()
+
+    # --- agent slots and leadership ---------------------------------------------------------
+
+    async def claim_slot(
+        self, agent: str, capacity: int, holder: str, lease_s: float
+    ) -> SlotClaim | None:
+        def take() -> SlotClaim | None:
+            now = _now_us()
+            conn = self._conn
+            with _transaction(conn):
+                row = conn.execute(
+                    "SELECT slot FROM agent_slots WHERE agent = ? AND slot < ?"
+                    " AND (holder IS NULL OR expires_us < ?) ORDER BY slot LIMIT 1",
+                    (agent, capacity, now),
+                ).fetchone()
+                if row is None:
+                    used = conn.execute(
+                        "SELECT slot FROM agent_slots WHERE agent = ? AND slot < ?",
+                        (agent, capacity),
+                    ).fetchall()
+                    free = sorted(set(range(capacity)) - {r[0] for r in used})
+                    if not free:
+                        return None
+                    slot = free[0]
+                else:
+                    slot = row[0]
+                expires = now + _us(lease_s)
+                conn.execute(
+                    "INSERT INTO agent_slots (agent, slot, holder, expires_us) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (agent, slot) DO UPDATE SET holder = excluded.holder,"
+                    " expires_us = excluded.expires_us",
+                    (agent, slot, holder, expires),
+                )
+            return SlotClaim(agent, slot, holder, codec.from_micros(expires))
+
+        return await self._call(take)
+
+    async def renew_slot(self, claim: SlotClaim, lease_s: float) -> SlotClaim | None:
+        def extend() -> SlotClaim | None:
+            now = _now_us()
+            expires = now + _us(lease_s)
+            cur = self._conn.execute(
+                "UPDATE agent_slots SET expires_us = ? WHERE agent = ? AND slot = ?"
+                " AND holder = ? AND expires_us >= ?",
+                (expires, claim.agent, claim.slot, claim.holder, now),
+            )
+            if cur.rowcount != 1:
+                return None
+            return SlotClaim(claim.agent, claim.slot, claim.holder, codec.from_micros(expires))
+
+        return await self._call(extend)
+
+    async def release_slot(self, claim: SlotClaim) -> None:
+        def drop() -> None:
+            self._conn.execute(
+                "UPDATE agent_slots SET holder = NULL WHERE agent = ? AND slot = ? AND holder = ?",
+                (claim.agent, claim.slot, claim.holder),
+            )
+
+        await self._call(drop)
+
+    async def lead(self, role: str, holder: str, lease_s: float) -> bool:
+        def take() -> bool:
+            now = _now_us()
+            cur = self._conn.execute(
+                "INSERT INTO leaders (role, holder, expires_us) VALUES (?, ?, ?)"
+                " ON CONFLICT (role) DO UPDATE SET holder = excluded.holder,"
+                " expires_us = excluded.expires_us"
+                " WHERE leaders.holder = excluded.holder OR leaders.expires_us < ?",
+                (role, holder, now + _us(lease_s), now),
+            )
+            return cur.rowcount == 1
+
+        return await self._call(take)
+
+    # --- webhook outbox ---------------------------------------------------------------------
+
+    async def outbox_put(self, job_id: str, url: str, body: bytes) -> int:
+        def insert() -> int:
+            now = _now_us()
+            cur = self._conn.execute(
+                "INSERT INTO webhook_outbox (job_id, url, body, due_us, created_us)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (job_id, url, body, now, now),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+        return await self._call(insert)
+
+    async def outbox_claim(self, holder: str, lease_s: float, limit: int) -> list[OutboxItem]:
+        def take() -> list[OutboxItem]:
+            now = _now_us()
+            conn = self._conn
+            with _transaction(conn):
+                found = conn.execute(
+                    "SELECT id, job_id, url, body, attempts FROM webhook_outbox"
+                    " WHERE due_us IS NOT NULL AND due_us <= ?"
+                    " AND (lease_holder IS NULL OR lease_expires_us < ?)"
+                    " ORDER BY due_us, id LIMIT ?",
+                    (now, now, limit),
+                ).fetchall()
+                conn.executemany(
+                    "UPDATE webhook_outbox SET lease_holder = ?, lease_expires_us = ? WHERE id = ?",
+                    [(holder, now + _us(lease_s), r[0]) for r in found],
+                )
+            return [OutboxItem(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in found]
+
+        return await self._call(take)
+
+    async def outbox_done(self, item_id: int) -> None:
+        def drop() -> None:
+            self._conn.execute("DELETE FROM webhook_outbox WHERE id = ?", (item_id,))
+
+        await self._call(drop)
+
+    async def outbox_failed(self, item_id: int, error: str, retry_in_s: float | None) -> None:
+        due = None if retry_in_s is None else _now_us() + _us(retry_in_s)
+
+        def count() -> None:
+            self._conn.execute(
+                "UPDATE webhook_outbox SET attempts = attempts + 1, last_error = ?, due_us = ?,"
+                " lease_holder = NULL, lease_expires_us = NULL WHERE id = ?",
+                (error, due, item_id),
+            )
+
+        await self._call(count)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await self._call(self._conn.close)
+        self._closed = True
+        self._hub.close()
+        self._executor.shutdown(wait=False)
+
+
+class _transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error) on an autocommit connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        # IMMEDIATE takes the write lock up front: no upgrade deadlock with another writer.
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to the newest version recorded in ``schema_migrations``.
+
+    Each step reads the version and applies the next step inside one ``BEGIN IMMEDIATE``
+    transaction (the write lock), so processes opening the file at once apply it once."""
+    with _transaction(conn):
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations"
+            " (version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL) STRICT"
+        )
+        # Databases from before the version table counted their steps in user_version.
+        legacy = conn.execute("PRAGMA user_version").fetchone()[0]
+        conn.executemany(
+            "INSERT OR IGNORE INTO schema_migrations (version, applied_us) VALUES (?, ?)",
+            [(v, _now_us()) for v in range(1, legacy + 1)],
+        )
+    while True:
+        with _transaction(conn):
+            version = conn.execute(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations"
+            ).fetchone()[0]
+            if version > len(migrations.SQLITE):
+                raise RuntimeError(
+                    f"job database schema version {version} is newer than this server "
+                    f"({len(migrations.SQLITE)}); refusing to use it"
+                )
+            if version == len(migrations.SQLITE):
+                return
+            for statement in migrations.statements(migrations.SQLITE[version]):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, applied_us) VALUES (?, ?)",
+                (version + 1, _now_us()),
+            )

@@ -1,0 +1,58 @@
+"""Inputs through a shared blob store: a job's inputs reach whichever process runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from aiserver.blobs import BlobStore
+from aiserver.spool import InputSpool, UploadBudget
+
+
+def _upload(spool: InputSpool, data: bytes) -> str:
+    writer = spool.open("image", "in.png", UploadBudget(1 << 30))
+    writer.write(data)
+    spooled = spool.commit(writer.finish())
+    spool.unpin(spooled)
+    return spooled.sha256
+
+
+async def test_an_input_shared_by_one_process_is_found_by_another(
+    tmp_path: Path, blobs: BlobStore
+) -> None:
+    data = os.urandom(2 * 1024 * 1024 + 3)
+    here = InputSpool(tmp_path / "a", shared=blobs)
+    there = InputSpool(tmp_path / "b", shared=blobs)
+    sha = _upload(here, data)
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert not await there.share(sha)  # not shared yet: nowhere the other process can see
+    assert await here.share(sha)
+    assert await here.share(sha)  # idempotent
+    assert await there.share(sha)  # found in the shared store
+
+    path = await there.local_path(sha)
+    assert path == there.path_for(sha) and path.read_bytes() == data
+    assert list(there.tmp_dir.iterdir()) == []
+
+    here.delete_local(sha)
+    await here.delete_shared(sha)
+    there.delete_local(sha)
+    assert not await there.share(sha)
+    with pytest.raises(FileNotFoundError):
+        await there.local_path(sha)
+
+
+async def test_without_a_shared_store_the_spool_is_the_folder(tmp_path: Path) -> None:
+    spool = InputSpool(tmp_path / "spool")
+    assert not spool.shared
+    sha = _upload(spool, b"bytes")
+    assert await spool.share(sha)
+    assert await spool.local_path(sha) == spool.path_for(sha)
+    spool.delete_local(sha)
+    await spool.delete_shared(sha)  # nothing shared: nothing to do
+    assert not await spool.share(sha)
+    with pytest.raises(FileNotFoundError):
+        await spool.local_path(sha)

@@ -1,0 +1,360 @@
+"""Primitives that let several processes share one job store, on every backend.
+
+Two store instances on one database stand for two processes (on SQLite, the embedded
+single-process default, they still must agree through the file)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import UTC, datetime
+
+import pytest
+
+from aiserver.errors import ServiceError
+from aiserver.jobs.model import ArtifactRef, InputRef, JobState
+from aiserver.jobs.store import (
+    ActiveLimitReached,
+    Announcement,
+    JobQuery,
+    JobRecord,
+    JobStore,
+    LeaseLost,
+    SqliteJobStore,
+    migrations,
+)
+from aiserver.tasks import ImageToTextSpec, TaskKind
+from tests.storage.backends import JobStoreBackend
+from tests.storage.test_job_store import make_job
+
+SHORT = 0.2  # seconds: a lease that the tests let expire
+
+
+async def _two(backend: JobStoreBackend) -> tuple[JobStore, JobStore]:
+    return await backend.open(), await backend.open()
+
+
+async def test_claims_never_overlap_across_processes(backend: JobStoreBackend) -> None:
+    a, b = await _two(backend)
+    jobs = [make_job(i) for i in range(12)]
+    for job in jobs:
+        await a.create(JobRecord(job))
+    finished = make_job(99, state=JobState.SUCCEEDED)
+    await a.create(JobRecord(finished))
+
+    leases = await asyncio.gather(
+        *(store.claim(name, 30) for _ in range(10) for store, name in ((a, "A"), (b, "B")))
+    )
+    got = [lease for lease in leases if lease is not None]
+    assert len(got) == 12 and leases.count(None) == 8
+    assert sorted(lease.job_id for lease in got) == sorted(j.id for j in jobs)
+    assert not any(lease.takeover for lease in got)
+    assert await a.claim("A", 30) is None  # the finished job is never claimed
+
+
+async def test_claim_takes_the_oldest_and_filters_by_task(backend: JobStoreBackend) -> None:
+    store = await backend.open()
+    old, new = make_job(1), make_job(2, task=TaskKind.IMAGE_TO_TEXT)
+    for job in (new, old):
+        await store.create(JobRecord(job))
+    text = await store.claim("A", 30, tasks=[TaskKind.IMAGE_TO_TEXT])
+    assert text is not None and text.job_id == new.id
+    first = await store.claim("A", 30)
+    assert first is not None and first.job_id == old.id
+
+
+async def test_expired_lease_is_taken_over_and_the_old_holder_loses_it(
+    backend: JobStoreBackend,
+) -> None:
+    a, b = await _two(backend)
+    job = make_job(1, state=JobState.RUNNING)
+    await a.create(JobRecord(job))
+    lease = await a.claim("A", SHORT)
+    assert lease is not None and lease.holder == "A"
+    assert await b.claim("B", 30) is None  # held
+    renewed = await a.renew(job.id, "A", SHORT)
+    assert renewed is not None and renewed.expires >= lease.expires
+    assert await b.renew(job.id, "B", 30) is None  # not the holder
+
+    await asyncio.sleep(SHORT * 1.5)
+    taken = await b.claim("B", 30)
+    assert taken is not None and taken.job_id == job.id and taken.takeover
+    assert await a.renew(job.id, "A", 30) is None  # too late: B holds it now
+    assert not await a.release(job.id, "A")
+    assert await b.release(job.id, "B")
+    again = await a.claim("A", 30)
+    assert again is not None and not again.takeover  # released cleanly: no takeover
+
+
+async def test_active_counts_and_queue_positions(backend: JobStoreBackend) -> None:
+    store = await backend.open()
+    q1, q2 = make_job(1), make_job(3, owner="bob")
+    running = make_job(2, state=JobState.RUNNING)
+    done = make_job(4, state=JobState.FAILED)
+    for job in (q1, q2, running, done):
+        await store.create(JobRecord(job))
+    assert await store.count_active() == 3
+    assert await store.count_active("alice") == 2
+    assert await store.count_active("bob") == 1
+    assert await store.count_active("carol") == 0
+    assert [await store.queue_position(j.id) for j in (q1, q2, running, done)] == [1, 2, 0, 0]
+    assert await store.queue_position("missing") == 0
+    q1.state = JobState.RUNNING
+    await store.save(JobRecord(q1))
+    assert await store.queue_position(q2.id) == 1
+
+
+async def test_ref_id_race_between_processes_makes_one_job(backend: JobStoreBackend) -> None:
+    a, b = await _two(backend)
+    results = await asyncio.gather(
+        *(s.create(JobRecord(make_job(i, ref_id="once"))) for i, s in enumerate([a, b] * 4))
+    )
+    ids = {record.job.id for record, _ in results}
+    assert len(ids) == 1
+    assert [existing for _, existing in results].count(False) == 1
+
+
+async def test_cancel_request_is_stored_and_announced(backend: JobStoreBackend) -> None:
+    a, b = await _two(backend)
+    watcher = a if backend.kind == "sqlite" else b  # SQLite announces within its process
+    job, done = make_job(1), make_job(2, state=JobState.SUCCEEDED)
+    for j in (job, done):
+        await a.create(JobRecord(j))
+    heard = await watcher.announcements()
+    try:
+        assert not await b.cancel_requested(job.id)
+        assert await a.request_cancel(job.id)
+        assert await b.cancel_requested(job.id)
+        assert await a.request_cancel(job.id)  # idempotent
+        assert not await a.request_cancel(done.id)
+        assert not await a.request_cancel("missing")
+        first = await asyncio.wait_for(anext(heard), 5)
+        assert first == Announcement("cancel", job.id)
+    finally:
+        await heard.aclose()
+
+
+async def test_events_are_stored_in_order_and_announced(backend: JobStoreBackend) -> None:
+    a, b = await _two(backend)
+    watcher = a if backend.kind == "sqlite" else b
+    job = make_job(1)
+    await a.create(JobRecord(job))
+    heard = await watcher.announcements()
+    try:
+        for seq in (1, 2, 3):
+            await a.append_event(job.id, seq, "progress", {"fraction": seq / 4, "ü": "x"})
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+            await a.append_event(job.id, 2, "progress", {})
+        got = [await asyncio.wait_for(anext(heard), 5) for _ in range(3)]
+        assert got == [Announcement("event", job.id, s) for s in (1, 2, 3)]
+    finally:
+        await heard.aclose()
+    events = await b.events(job.id)
+    assert [(e.sequence, e.kind, dict(e.payload)) for e in events] == [
+        (s, "progress", {"fraction": s / 4, "ü": "x"}) for s in (1, 2, 3)
+    ]
+    assert [e.sequence for e in await b.events(job.id, after=2)] == [3]
+    assert await b.events("missing") == []
+
+    await a.append_event(job.id, 4, "finished", {"state": "SUCCEEDED"})
+    assert await b.prune_events(job.id, "progress") == 2  # superseded progress goes
+    assert [(e.sequence, e.kind) for e in await b.events(job.id)] == [
+        (3, "progress"),
+        (4, "finished"),
+    ]
+    assert await b.prune_events(job.id, "progress") == 0
+
+
+async def test_inputs_and_artifacts_in_use_come_from_the_database(
+    backend: JobStoreBackend,
+) -> None:
+    store = await backend.open()
+
+    def with_input(n: int, sha: str, state: JobState) -> JobRecord:
+        job = make_job(n, state=state)
+        job.inputs = [InputRef("image", "in.png", sha, 1, "image/png", 1, 1)]
+        return JobRecord(job)
+
+    live = with_input(1, "a" * 64, JobState.RUNNING)
+    await store.create(live)
+    await store.create(with_input(2, "b" * 64, JobState.SUCCEEDED))
+    assert await store.inputs_in_use(["a" * 64, "b" * 64, "c" * 64]) == {"a" * 64}
+    assert await store.inputs_in_use([]) == set()
+
+    name = "artifacts/2025/05/01/" + "d" * 64 + ".png"
+    out = ArtifactRef(
+        name, "/" + name, "o.png", "image/png", 1, 1, 1, "d" * 64, None, "comfy",
+        datetime(2025, 5, 1, tzinfo=UTC), live.job.id,
+    )  # fmt: skip
+    live.job.outputs = [out]
+    await store.save(live)
+    assert await store.artifacts_in_use() == {name}
+    live.job.state = JobState.SUCCEEDED
+    await store.save(live)
+    assert await store.artifacts_in_use() == set()
+    assert await store.inputs_in_use(["a" * 64]) == set()
+
+
+async def test_agent_slots_are_shared_by_every_process(backend: JobStoreBackend) -> None:
+    a, b = await _two(backend)
+    claims = await asyncio.gather(
+        *(s.claim_slot("gpu-1", 2, name, 30) for s, name in [(a, "A"), (b, "B")] * 5)
+    )
+    held = [c for c in claims if c is not None]
+    assert sorted(c.slot for c in held) == [0, 1]
+    assert await a.claim_slot("gpu-2", 1, "A", 30) is not None  # agents are separate
+
+    await a.release_slot(held[0])
+    retaken = await b.claim_slot("gpu-1", 2, "B", SHORT)
+    assert retaken is not None and retaken.slot == held[0].slot
+    assert await b.renew_slot(retaken, SHORT) is not None
+    assert await a.claim_slot("gpu-1", 2, "A", 30) is None
+    await asyncio.sleep(SHORT * 1.5)  # B died: its slot frees itself
+    assert await b.renew_slot(retaken, 30) is None
+    freed = await a.claim_slot("gpu-1", 2, "A", 30)
+    assert freed is not None and freed.slot == retaken.slot
+    assert await a.claim_slot("gpu-1", 3, "A", 30) is not None  # capacity grew
+
+
+async def test_one_leader_per_role_until_its_lease_lapses(backend: JobStoreBackend) -> None:
+    a, b = await _two(backend)
+    assert await a.lead("retention", "A", SHORT)
+    assert not await b.lead("retention", "B", SHORT)
+    assert await b.lead("outbox", "B", 30)  # another role
+    assert await a.lead("retention", "A", SHORT)  # renewal
+    await asyncio.sleep(SHORT * 1.5)
+    assert await b.lead("retention", "B", 30)
+    assert not await a.lead("retention", "A", 30)
+
+
+async def test_webhook_outbox_survives_and_retries(backend: JobStoreBackend) -> None:
+    a, b = await _two(backend)
+    first = await a.outbox_put("job-1", "https://example.test/h", b"\x00{}")
+    second = await a.outbox_put("job-2", "https://example.test/h", b"two")
+    await a.close()  # the process that queued them is gone; the deliveries are not
+    got = await b.outbox_claim("B", 30, 10)
+    assert [(i.id, i.job_id, i.body, i.attempts) for i in got] == [
+        (first, "job-1", b"\x00{}", 0),
+        (second, "job-2", b"two", 0),
+    ]
+    c = await backend.open()
+    assert await c.outbox_claim("C", 30, 10) == []  # leased to B
+    await b.outbox_done(first)
+    await b.outbox_failed(second, "HTTP 503", 0)
+    retry = await c.outbox_claim("C", 30, 10)
+    assert [(i.id, i.attempts) for i in retry] == [(second, 1)]
+    await c.outbox_failed(second, "HTTP 410", None)  # given up: kept, never due again
+    assert await c.outbox_claim("C", 30, 10) == []
+
+
+async def test_sqlite_database_from_before_the_version_table_is_migrated(
+    backend: JobStoreBackend,
+) -> None:
+    if backend.kind != "sqlite":
+        return  # only SQLite databases predate the version table
+    conn = sqlite3.connect(backend.db_path)
+    conn.executescript(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, owner TEXT NOT NULL, ref_id TEXT NOT NULL,"
+        " task TEXT NOT NULL, spec TEXT NOT NULL, state TEXT NOT NULL, tag TEXT NOT NULL,"
+        " reply_to TEXT NOT NULL, provider TEXT NOT NULL, agent TEXT NOT NULL,"
+        " attempts INTEGER NOT NULL, created_us INTEGER NOT NULL, updated_us INTEGER NOT NULL,"
+        " started_us INTEGER, ended_us INTEGER, progress REAL NOT NULL, inputs TEXT NOT NULL,"
+        " outputs TEXT NOT NULL, texts TEXT NOT NULL, error TEXT, resume TEXT NOT NULL,"
+        " retries TEXT NOT NULL, last_sequence INTEGER NOT NULL, UNIQUE (owner, ref_id)) STRICT;"
+        " INSERT INTO jobs VALUES ('j1', 'alice', 'j1', 'ImageToText', '{}', 'QUEUED', '',"
+        ' \'\', \'\', \'\', 0, 1, 1, NULL, NULL, 0.0, \'[{"field": "image", "file_name": "a",'
+        ' "sha256": "' + "e" * 64 + '", "size_bytes": 1, "mime_type": "image/png",'
+        " \"width\": 1, \"height\": 1}]', '[]', '[]', NULL, '{}', '[]', 0);"
+        " PRAGMA user_version = 1;"
+    )
+    conn.close()
+    store = await SqliteJobStore.open(backend.db_path)
+    backend.opened.append(store)
+    record = await store.get("j1")
+    assert record is not None and record.job.spec == ImageToTextSpec()
+    assert await store.inputs_in_use(["e" * 64]) == {"e" * 64}
+    assert await backend.sql("SELECT max(version) FROM schema_migrations") == len(migrations.SQLITE)
+
+
+async def test_active_limit_is_exact_across_processes(backend: JobStoreBackend) -> None:
+    a, b = await _two(backend)
+    await a.create(JobRecord(make_job(0, state=JobState.SUCCEEDED)))  # finished: not counted
+
+    async def attempt(store: JobStore, n: int) -> bool:
+        try:
+            await store.create(JobRecord(make_job(n)), max_active=3)
+        except ActiveLimitReached:
+            return False
+        return True
+
+    made = await asyncio.gather(*(attempt(s, n) for n, s in enumerate([a, b] * 5, start=1)))
+    assert made.count(True) == 3
+    assert await a.count_active("alice") == 3
+    assert await a.create(JobRecord(make_job(50, owner="bob")), max_active=3)  # per owner
+    # A retry of a job the owner already has is no new work: answered, not refused.
+    existing = (await a.query(JobQuery(owner="alice"), page_size=1, page_token=""))[0][0]
+    again = make_job(60, ref_id=existing.ref_id)
+    found, was_there = await b.create(JobRecord(again), max_active=3)
+    assert was_there and found.job.id == existing.id
+
+
+async def test_fenced_save_refuses_a_process_that_lost_the_lease(
+    backend: JobStoreBackend,
+) -> None:
+    a, b = await _two(backend)
+    job = make_job(1)
+    record = JobRecord(job)
+    await a.create(record)
+    assert await a.claim("A", SHORT) is not None
+    job.state = JobState.RUNNING
+    await a.save(record, holder="A")
+    await asyncio.sleep(SHORT * 1.5)
+    assert await b.claim("B", 30, job_id=job.id) is not None  # taken over
+    job.progress = 0.5
+    with pytest.raises(LeaseLost):
+        await a.save(record, holder="A")
+    stored = await b.get(job.id)
+    assert stored is not None and stored.job.progress == 0.0  # A's write did not land
+    job.state = JobState.SUCCEEDED
+    await b.save(record, holder="B", outbox=[("https://example.test/h", b"done")])
+    items = await b.outbox_claim("B", 30, 10)
+    assert [(i.job_id, i.body) for i in items] == [(job.id, b"done")]
+    ghost = JobRecord(make_job(9))
+    with pytest.raises(ServiceError) as err:
+        await a.save(ghost, holder="A")
+    assert err.value.reason == "JOB_NOT_FOUND"
+
+
+async def test_claim_one_named_job(backend: JobStoreBackend) -> None:
+    store = await backend.open()
+    first, second = make_job(1), make_job(2)
+    for job in (first, second):
+        await store.create(JobRecord(job))
+    lease = await store.claim("A", 30, job_id=second.id)
+    assert lease is not None and lease.job_id == second.id
+    assert await store.claim("B", 30, job_id=second.id) is None
+    assert await store.claim("B", 30, job_id="missing") is None
+
+
+async def test_a_lost_listen_connection_comes_back_and_says_resync(
+    backend: JobStoreBackend,
+) -> None:
+    if backend.kind != "postgres":
+        return  # SQLite announces in process: there is no connection to lose
+    a, b = await _two(backend)
+    job = make_job(1)
+    await a.create(JobRecord(job))
+    heard = await b.announcements()
+    try:
+        killed = await backend.sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            f" WHERE query LIKE 'LISTEN %{backend.schema}%'"
+        )
+        assert killed == 1
+        # Whatever got through, a resync comes once LISTEN runs again; then events flow.
+        seen = await asyncio.wait_for(anext(heard), 10)
+        assert seen.kind == "resync"
+        await a.append_event(job.id, 1, "accepted", {})
+        assert await asyncio.wait_for(anext(heard), 10) == Announcement("event", job.id, 1)
+    finally:
+        await heard.aclose()
