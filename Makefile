@@ -38,13 +38,9 @@ fmt: $(STAMP)
 	$(BIN)/ruff format src tests tools $(wildcard bench)
 	$(BIN)/ruff check --fix src tests tools $(wildcard bench)
 
-# googleapis' protos come from the installed googleapis-common-protos wheel, not from git.
-build/proto-deps: $(STAMP)
-	rm -rf build/proto-deps && mkdir -p build/proto-deps/google/api build/proto-deps/google/rpc
-	$(BIN)/python -c "import google.api, google.rpc, shutil, pathlib; \
-	api = pathlib.Path(google.api.__path__[0]); rpc = pathlib.Path(google.rpc.__path__[0]); \
-	[shutil.copy(api / f, 'build/proto-deps/google/api/') for f in ('annotations.proto', 'http.proto')]; \
-	shutil.copy(rpc / 'status.proto', 'build/proto-deps/google/rpc/')"
+# Imported protos come from installed wheels (googleapis-common-protos, protovalidate), not git.
+build/proto-deps: $(STAMP) tools/proto_deps.py
+	$(BIN)/python tools/proto_deps.py build/proto-deps
 
 ## proto: regenerate generated/ from protos/
 proto: build/proto-deps
@@ -54,8 +50,10 @@ proto: build/proto-deps
 proto-check: build/proto-deps
 	$(BIN)/python tools/gen_protos.py --check generated
 
+# buf lints the image protoc builds: validate.proto comes as a descriptor set, not a source.
 lint-proto: build/proto-deps
-	$(BIN)/buf lint --path protos/imagetasks
+	$(BIN)/python tools/gen_protos.py --image build/imagetasks.binpb
+	$(BIN)/buf lint build/imagetasks.binpb --path imagetasks --config buf.yaml
 
 ## bench: measurements against baselines, written to bench/results/
 bench: $(STAMP)

@@ -73,7 +73,7 @@ def _route(method: str, path: str) -> str:
 
 def _label(prompt: dict[str, Any]) -> str:
     for node in prompt.values():
-        if isinstance(node, dict) and node.get("class_type") == "SaveImage":
+        if isinstance(node, dict) and node.get("class_type") in ("SaveImage", "PreviewImage"):
             return str(node.get("inputs", {}).get("filename_prefix", "")).rsplit("/", 1)[-1]
     return ""
 
@@ -119,15 +119,19 @@ async def main() -> None:
 class StandIns:
     """The parent's handle on a :mod:`bench.standin_proc` subprocess."""
 
-    def __init__(self, count: int, root: Path, hang: str = "") -> None:
+    def __init__(
+        self, count: int, root: Path, hang: str = "", module: str = "bench.standin_proc"
+    ) -> None:
         self.count = count
         self.root = root
         self.hang = hang
+        self.module = module
+        """``bench.fast_agent`` for the lighter agents (the same commands)."""
         self.urls: list[str] = []
         self._proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> StandIns:
-        cmd = [sys.executable, "-m", "bench.standin_proc", "--count", str(self.count)]
+        cmd = [sys.executable, "-m", self.module, "--count", str(self.count)]
         cmd += ["--root", str(self.root)]
         if self.hang:
             cmd += ["--hang", self.hang]

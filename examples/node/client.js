@@ -86,12 +86,28 @@ function parseArgs(argv) {
   return { ...opts, command, input, output };
 }
 
+// The protos import buf/validate/validate.proto for their validation rules (the server enforces
+// them); a client needs only the messages, so that import is skipped when it is not at hand.
+const VALIDATE_PROTO = 'buf/validate/validate.proto';
+
 function loadServices(googleapis) {
-  const definition = protoLoader.loadSync(
+  const includeDirs = [PROTOS, googleapis];
+  const root = new protobuf.Root();
+  root.resolvePath = (_origin, target) => {
+    for (const dir of includeDirs) {
+      const full = path.join(dir, target);
+      if (fs.existsSync(full)) return full;
+    }
+    return target === VALIDATE_PROTO ? null : target;
+  };
+  root.loadSync(
     ['imagetasks/v1/generation_service.proto', 'imagetasks/v1/transform_service.proto'],
-    { keepCase: true, longs: String, enums: String, defaults: true, oneofs: true,
-      includeDirs: [PROTOS, googleapis] },
+    { keepCase: true },
   );
+  root.resolveAll();
+  const definition = protoLoader.fromJSON(root.toJSON(), {
+    keepCase: true, longs: String, enums: String, defaults: true, oneofs: true,
+  });
   return grpc.loadPackageDefinition(definition).imagetasks.v1;
 }
 

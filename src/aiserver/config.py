@@ -75,6 +75,12 @@ class Settings:
     agent_probe_interval_s: float = 10.0
     """How often an online ComfyUI agent is probed; offline ones back off from 1 s up to this
     (never longer: an agent that is back is noticed within it)."""
+    agent_outputs_over_websocket: bool = True
+    """Take output images from the websocket (``SaveImageWebsocket``) on agents that have it:
+    nothing is left in the agent's ``output/`` and no ``/view`` follows each job."""
+    agent_reuse_input_names: bool = True
+    """Upload inputs under names reused once their job has ended: the agent's ``input/`` holds
+    only the jobs in flight instead of a file per job ever run."""
     local_upscale: str = "fallback"
     """The embedded CPU upscaler (Real-ESRGAN on ncnn) for ImageUpscale: ``fallback`` (when
     no ComfyUI agent can serve the request), ``always`` (never send upscales to ComfyUI), or

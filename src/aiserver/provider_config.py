@@ -29,7 +29,11 @@ def build_providers(settings: Settings, limits: ImageLimits) -> list[Provider]:
     comfy: list[Provider] = []
     if settings.agents:
         catalog = WorkflowCatalog.load(user_dir=settings.workflows_dir)
-        pool_settings = PoolSettings(probe_interval_s=settings.agent_probe_interval_s)
+        pool_settings = PoolSettings(
+            probe_interval_s=settings.agent_probe_interval_s,
+            outputs_over_websocket=settings.agent_outputs_over_websocket,
+            reuse_input_names=settings.agent_reuse_input_names,
+        )
         comfy.append(ComfyPool(settings.agents, catalog, settings=pool_settings))
     if mode == "off":
         return comfy

@@ -46,7 +46,7 @@ from aiserver.retention import Retention, RetentionPolicy
 from aiserver.security import Security
 from aiserver.spool import InputSpool
 from aiserver.tasks import TaskKind
-from aiserver.webhooks import WebhookSender
+from aiserver.webhooks import DeliveryOutcome, WebhookSender, webhook_record
 from aiserver.workers import BlockingPool
 
 __all__ = ["Service", "StartupError", "serve"]
@@ -152,6 +152,7 @@ class Service:
                 max_active_per_owner=s.max_active_jobs_per_key,
             ),
         )
+        self.webhooks.keep_outcome = self._keep_webhook_outcome
         manager.add_terminal_hook(self._webhook)
         manager.add_terminal_hook(self.metrics.job_finished)
         self.metrics.watch(manager, self.providers)
@@ -201,6 +202,7 @@ class Service:
                     image=self.limits,
                 ),
                 link=link,
+                reply_to_guard=self.webhooks.guard,
             ),
             server,
         )
@@ -305,6 +307,10 @@ class Service:
     async def _webhook(self, job: Job) -> None:
         if job.reply_to:
             self.webhooks.submit(job)
+
+    async def _keep_webhook_outcome(self, outcome: DeliveryOutcome) -> None:
+        if self.manager is not None:
+            await self.manager.record_webhook(outcome.job_id, webhook_record(outcome))
 
     async def _update_generation_health(self) -> None:
         assert self.manager is not None

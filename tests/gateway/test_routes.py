@@ -22,6 +22,7 @@ from aiserver.gateway.routes import (
     load_routes,
     parse_template,
 )
+from aiserver.gateway.schema_rules import INT64_PATTERN
 
 
 def _annotated_methods() -> list[Any]:
@@ -275,7 +276,11 @@ def test_openapi_document_from_descriptors() -> None:
     assert job["state"]["enum"][:2] == ["STATE_UNSPECIFIED", "STATE_QUEUED"]
     assert job["createTime"] == {"type": "string", "format": "date-time"}
     artifact = doc["components"]["schemas"]["imagetasks.v1.Artifact"]["properties"]
-    assert artifact["sizeBytes"] == {"type": "string", "format": "int64"}
+    assert artifact["sizeBytes"] == {
+        "type": "string",
+        "format": "int64",
+        "pattern": INT64_PATTERN,
+    }
     form = paths["/api/ImageToImage"]["post"]["requestBody"]["content"]["multipart/form-data"]
     props = form["schema"]["properties"]
     assert {"PositivePrompt", "RefId", "Sync", "image"} <= set(props)

@@ -153,7 +153,9 @@ def _status(res: httpx.Response) -> dict[str, Any]:
 
 
 async def test_no_image(http: httpx.AsyncClient) -> None:
-    res = await http.post("/api/CropImage", files={"X": (None, "1"), "Width": (None, "4")})
+    # Valid parameters (they are checked first, on arrival), but no file.
+    form = {"X": (None, "1"), "Width": (None, "4"), "Height": (None, "4")}
+    res = await http.post("/api/CropImage", files=form)
     assert res.status_code == 400
     status = _status(res)
     assert status["errorCode"] == "MISSING_INPUT"

@@ -523,9 +523,9 @@ async def names_batch(ch: grpc.aio.Channel, http: httpx.AsyncClient, metadata: A
             f"options {options}",
         )
         assert reason in ("INVALID_PARAMETERS", "INVALID_REPLY_TO"), reason
-    # Private targets pass the shape check and are refused at delivery (after DNS): accepted.
+    # Private targets are refused at submission, so the caller learns (issue 16).
     for url in ("http://169.254.169.254/latest/meta-data/", "http://user:pw@[::1]:80/x"):
-        await grpc_outcome(
+        reason, _ = await grpc_outcome(
             generate(
                 ch,
                 "ImageToImage",
@@ -535,6 +535,7 @@ async def names_batch(ch: grpc.aio.Channel, http: httpx.AsyncClient, metadata: A
             ),
             url,
         )
+        assert reason == "INVALID_REPLY_TO", (url, reason)
     call = jobs.ListJobs(
         jpb.ListJobsRequest(), metadata=(*metadata, ("x-request-id", "r" * 4000)), timeout=30
     )

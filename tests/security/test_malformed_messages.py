@@ -152,7 +152,7 @@ async def test_a_malformed_message_after_good_ones_ends_an_upload(
         "CropImage"
     ]
     params = transform_service_pb2.CropImageRequest()
-    params.params.width = 4
+    params.params.width = params.params.height = 4  # valid (checked on arrival)
     good = params.SerializeToString()
     chunk = _delimited(2, _delimited(3, NOT_UTF8))  # chunk.file_name
     call = multicallable(channel, crop)

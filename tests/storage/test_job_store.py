@@ -8,7 +8,7 @@ import pytest
 
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
 from aiserver.jobs.ids import new_job_id
-from aiserver.jobs.model import ArtifactRef, InputRef, Job, JobState, Retrying
+from aiserver.jobs.model import ArtifactRef, InputRef, Job, JobState, Retrying, WebhookDelivery
 from aiserver.jobs.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from aiserver.jobs.store import JobQuery, JobRecord, migrations
 from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, TaskKind
@@ -243,3 +243,21 @@ async def test_processes_starting_at_once_migrate_once(backend: JobStoreBackend)
     assert [len(await s.unfinished()) for s in stores] == [1, 1, 1, 1]
     steps = migrations.SQLITE if backend.kind == "sqlite" else migrations.POSTGRES
     assert await backend.sql("SELECT count(*) FROM schema_migrations") == len(steps)
+
+
+async def test_webhook_outcome_is_kept_apart_from_saves(backend: JobStoreBackend) -> None:
+    store = await backend.open()
+    job = make_job(1, state=JobState.SUCCEEDED)
+    await store.create(JobRecord(job))
+    delivery = WebhookDelivery("FAILED", 5, 503, "HTTP 503", T0 + timedelta(minutes=2))
+    await store.record_webhook(job.id, delivery)
+    job.progress = 1.0
+    await store.save(JobRecord(job))  # a save of the (older) record keeps the outcome
+    await store.close()
+    again = await backend.open()
+    got = await again.get(job.id)
+    assert got is not None
+    assert got.job.webhook == delivery
+    assert got.job.progress == 1.0
+    (listed,), _ = await again.query(JobQuery(), page_size=10, page_token="")
+    assert listed.webhook == delivery

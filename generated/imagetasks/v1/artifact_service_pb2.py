@@ -22,39 +22,66 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from imagetasks.v1 import common_pb2 as imagetasks_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$imagetasks/v1/artifact_service.proto\x12\rimagetasks.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1aimagetasks/v1/common.proto\"F\n\x12GetArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65xpires\x18\x02 \x01(\x03\x12\x11\n\tsignature\x18\x03 \x01(\t\"@\n\x13GetArtifactResponse\x12)\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x17.imagetasks.v1.Artifact\"p\n\x13ReadArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bread_offset\x18\x02 \x01(\x03\x12\x12\n\nread_limit\x18\x03 \x01(\x03\x12\x0f\n\x07\x65xpires\x18\x04 \x01(\x03\x12\x11\n\tsignature\x18\x05 \x01(\t\"4\n\x14ReadArtifactResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\xf8\x01\n\x11GetVariantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12&\n\x03\x66it\x18\x05 \x01(\x0e\x32\x19.imagetasks.v1.VariantFit\x12*\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x1a.imagetasks.v1.ImageFormat\x12\x14\n\x07quality\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06preset\x18\x08 \x01(\t\x12\x0f\n\x07\x65xpires\x18\t \x01(\x03\x12\x11\n\tsignature\x18\n \x01(\tB\n\n\x08_quality\"\\\n\x12GetVariantResponse\x12*\n\x04info\x18\x01 \x01(\x0b\x32\x1a.imagetasks.v1.VariantInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"_\n\x0bVariantInfo\x12\x0c\n\x04spec\x18\x01 \x01(\t\x12\'\n\x05image\x18\x02 \x01(\x0b\x32\x18.imagetasks.v1.ImageInfo\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t*o\n\nVariantFit\x12\x1b\n\x17VARIANT_FIT_UNSPECIFIED\x10\x00\x12\x17\n\x13VARIANT_FIT_CONTAIN\x10\x01\x12\x15\n\x11VARIANT_FIT_COVER\x10\x02\x12\x14\n\x10VARIANT_FIT_FILL\x10\x03\x32\x87\x03\n\x0f\x41rtifactService\x12u\n\x0bGetArtifact\x12!.imagetasks.v1.GetArtifactRequest\x1a\".imagetasks.v1.GetArtifactResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=artifacts/**}\x12\x7f\n\x0cReadArtifact\x12\".imagetasks.v1.ReadArtifactRequest\x1a#.imagetasks.v1.ReadArtifactResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{name=artifacts/**}:read0\x01\x12|\n\nGetVariant\x12 .imagetasks.v1.GetVariantRequest\x1a!.imagetasks.v1.GetVariantResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{name=artifacts/**}:variant0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$imagetasks/v1/artifact_service.proto\x12\rimagetasks.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1aimagetasks/v1/common.proto\"\xa4\x01\n\x12GetArtifactRequest\x12j\n\x04name\x18\x01 \x01(\tB\\\xbaHYrW2U^artifacts/[0-9]{4}/[0-9]{2}/[0-9]{2}/[0-9a-f]{64}\\.(avif|bmp|gif|jpg|png|tiff|webp)$\x12\x0f\n\x07\x65xpires\x18\x02 \x01(\x03\x12\x11\n\tsignature\x18\x03 \x01(\t\"@\n\x13GetArtifactResponse\x12)\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x17.imagetasks.v1.Artifact\"\xe0\x01\n\x13ReadArtifactRequest\x12j\n\x04name\x18\x01 \x01(\tB\\\xbaHYrW2U^artifacts/[0-9]{4}/[0-9]{2}/[0-9]{2}/[0-9a-f]{64}\\.(avif|bmp|gif|jpg|png|tiff|webp)$\x12\x1c\n\x0bread_offset\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x1b\n\nread_limit\x18\x03 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x0f\n\x07\x65xpires\x18\x04 \x01(\x03\x12\x11\n\tsignature\x18\x05 \x01(\t\"4\n\x14ReadArtifactResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\x90\x08\n\x11GetVariantRequest\x12j\n\x04name\x18\x01 \x01(\tB\\\xbaHYrW2U^artifacts/[0-9]{4}/[0-9]{2}/[0-9]{2}/[0-9a-f]{64}\\.(avif|bmp|gif|jpg|png|tiff|webp)$\x12\xb0\x02\n\x04spec\x18\x02 \x01(\tB\xa1\x02\xbaH\x9d\x02r\x9a\x02\x18\x80\x01\x32\x94\x02^$|^[a-z0-9][a-z0-9_-]{0,31}$|^((width|height)=[1-9][0-9]{0,8}|fit=(contain|cover|fill)|format=(webp|jpg|jpeg|png|avif)|quality=([1-9]|[1-9][0-9]|100))(,((width|height)=[1-9][0-9]{0,8}|fit=(contain|cover|fill)|format=(webp|jpg|jpeg|png|avif)|quality=([1-9]|[1-9][0-9]|100)))*$\x12\x16\n\x05width\x18\x03 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x17\n\x06height\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x30\n\x03\x66it\x18\x05 \x01(\x0e\x32\x19.imagetasks.v1.VariantFitB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x34\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x1a.imagetasks.v1.ImageFormatB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1f\n\x07quality\x18\x07 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01H\x00\x88\x01\x01\x12\x34\n\x06preset\x18\x08 \x01(\tB$\xbaH!r\x1f\x32\x1d^$|^[a-z0-9][a-z0-9_-]{0,31}$\x12\x0f\n\x07\x65xpires\x18\t \x01(\x03\x12\x11\n\tsignature\x18\n \x01(\t:\xbb\x02\xbaH\xb7\x02\x1a\xd4\x01\n\x16variant.spec_or_fields\x12+give spec or preset, or the separate fields\x1a\x8c\x01!((this.spec != \'\' || this.preset != \'\') && (this.width != 0 || this.height != 0 || this.fit != 0 || this.format != 0 || has(this.quality)))\x1a^\n\x17variant.spec_and_preset\x12\x1dgive spec or preset, not both\x1a$this.spec == \'\' || this.preset == \'\'B\n\n\x08_quality\"\\\n\x12GetVariantResponse\x12*\n\x04info\x18\x01 \x01(\x0b\x32\x1a.imagetasks.v1.VariantInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"_\n\x0bVariantInfo\x12\x0c\n\x04spec\x18\x01 \x01(\t\x12\'\n\x05image\x18\x02 \x01(\x0b\x32\x18.imagetasks.v1.ImageInfo\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t*o\n\nVariantFit\x12\x1b\n\x17VARIANT_FIT_UNSPECIFIED\x10\x00\x12\x17\n\x13VARIANT_FIT_CONTAIN\x10\x01\x12\x15\n\x11VARIANT_FIT_COVER\x10\x02\x12\x14\n\x10VARIANT_FIT_FILL\x10\x03\x32\x87\x03\n\x0f\x41rtifactService\x12u\n\x0bGetArtifact\x12!.imagetasks.v1.GetArtifactRequest\x1a\".imagetasks.v1.GetArtifactResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=artifacts/**}\x12\x7f\n\x0cReadArtifact\x12\".imagetasks.v1.ReadArtifactRequest\x1a#.imagetasks.v1.ReadArtifactResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{name=artifacts/**}:read0\x01\x12|\n\nGetVariant\x12 .imagetasks.v1.GetVariantRequest\x1a!.imagetasks.v1.GetVariantResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{name=artifacts/**}:variant0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagetasks.v1.artifact_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GETARTIFACTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETARTIFACTREQUEST'].fields_by_name['name']._serialized_options = b'\272HYrW2U^artifacts/[0-9]{4}/[0-9]{2}/[0-9]{2}/[0-9a-f]{64}\\.(avif|bmp|gif|jpg|png|tiff|webp)$'
+  _globals['_READARTIFACTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_READARTIFACTREQUEST'].fields_by_name['name']._serialized_options = b'\272HYrW2U^artifacts/[0-9]{4}/[0-9]{2}/[0-9]{2}/[0-9a-f]{64}\\.(avif|bmp|gif|jpg|png|tiff|webp)$'
+  _globals['_READARTIFACTREQUEST'].fields_by_name['read_offset']._loaded_options = None
+  _globals['_READARTIFACTREQUEST'].fields_by_name['read_offset']._serialized_options = b'\272H\004\"\002(\000'
+  _globals['_READARTIFACTREQUEST'].fields_by_name['read_limit']._loaded_options = None
+  _globals['_READARTIFACTREQUEST'].fields_by_name['read_limit']._serialized_options = b'\272H\004\"\002(\000'
+  _globals['_GETVARIANTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETVARIANTREQUEST'].fields_by_name['name']._serialized_options = b'\272HYrW2U^artifacts/[0-9]{4}/[0-9]{2}/[0-9]{2}/[0-9a-f]{64}\\.(avif|bmp|gif|jpg|png|tiff|webp)$'
+  _globals['_GETVARIANTREQUEST'].fields_by_name['spec']._loaded_options = None
+  _globals['_GETVARIANTREQUEST'].fields_by_name['spec']._serialized_options = b'\272H\235\002r\232\002\030\200\0012\224\002^$|^[a-z0-9][a-z0-9_-]{0,31}$|^((width|height)=[1-9][0-9]{0,8}|fit=(contain|cover|fill)|format=(webp|jpg|jpeg|png|avif)|quality=([1-9]|[1-9][0-9]|100))(,((width|height)=[1-9][0-9]{0,8}|fit=(contain|cover|fill)|format=(webp|jpg|jpeg|png|avif)|quality=([1-9]|[1-9][0-9]|100)))*$'
+  _globals['_GETVARIANTREQUEST'].fields_by_name['width']._loaded_options = None
+  _globals['_GETVARIANTREQUEST'].fields_by_name['width']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_GETVARIANTREQUEST'].fields_by_name['height']._loaded_options = None
+  _globals['_GETVARIANTREQUEST'].fields_by_name['height']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_GETVARIANTREQUEST'].fields_by_name['fit']._loaded_options = None
+  _globals['_GETVARIANTREQUEST'].fields_by_name['fit']._serialized_options = b'\272H\005\202\001\002\020\001'
+  _globals['_GETVARIANTREQUEST'].fields_by_name['format']._loaded_options = None
+  _globals['_GETVARIANTREQUEST'].fields_by_name['format']._serialized_options = b'\272H\005\202\001\002\020\001'
+  _globals['_GETVARIANTREQUEST'].fields_by_name['quality']._loaded_options = None
+  _globals['_GETVARIANTREQUEST'].fields_by_name['quality']._serialized_options = b'\272H\006\032\004\030d(\001'
+  _globals['_GETVARIANTREQUEST'].fields_by_name['preset']._loaded_options = None
+  _globals['_GETVARIANTREQUEST'].fields_by_name['preset']._serialized_options = b'\272H!r\0372\035^$|^[a-z0-9][a-z0-9_-]{0,31}$'
+  _globals['_GETVARIANTREQUEST']._loaded_options = None
+  _globals['_GETVARIANTREQUEST']._serialized_options = b'\272H\267\002\032\324\001\n\026variant.spec_or_fields\022+give spec or preset, or the separate fields\032\214\001!((this.spec != \'\' || this.preset != \'\') && (this.width != 0 || this.height != 0 || this.fit != 0 || this.format != 0 || has(this.quality)))\032^\n\027variant.spec_and_preset\022\035give spec or preset, not both\032$this.spec == \'\' || this.preset == \'\''
   _globals['_ARTIFACTSERVICE'].methods_by_name['GetArtifact']._loaded_options = None
   _globals['_ARTIFACTSERVICE'].methods_by_name['GetArtifact']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/{name=artifacts/**}'
   _globals['_ARTIFACTSERVICE'].methods_by_name['ReadArtifact']._loaded_options = None
   _globals['_ARTIFACTSERVICE'].methods_by_name['ReadArtifact']._serialized_options = b'\202\323\344\223\002\036\022\034/v1/{name=artifacts/**}:read'
   _globals['_ARTIFACTSERVICE'].methods_by_name['GetVariant']._loaded_options = None
   _globals['_ARTIFACTSERVICE'].methods_by_name['GetVariant']._serialized_options = b'\202\323\344\223\002!\022\037/v1/{name=artifacts/**}:variant'
-  _globals['_VARIANTFIT']._serialized_start=861
-  _globals['_VARIANTFIT']._serialized_end=972
-  _globals['_GETARTIFACTREQUEST']._serialized_start=113
-  _globals['_GETARTIFACTREQUEST']._serialized_end=183
-  _globals['_GETARTIFACTRESPONSE']._serialized_start=185
-  _globals['_GETARTIFACTRESPONSE']._serialized_end=249
-  _globals['_READARTIFACTREQUEST']._serialized_start=251
-  _globals['_READARTIFACTREQUEST']._serialized_end=363
-  _globals['_READARTIFACTRESPONSE']._serialized_start=365
-  _globals['_READARTIFACTRESPONSE']._serialized_end=417
-  _globals['_GETVARIANTREQUEST']._serialized_start=420
-  _globals['_GETVARIANTREQUEST']._serialized_end=668
-  _globals['_GETVARIANTRESPONSE']._serialized_start=670
-  _globals['_GETVARIANTRESPONSE']._serialized_end=762
-  _globals['_VARIANTINFO']._serialized_start=764
-  _globals['_VARIANTINFO']._serialized_end=859
-  _globals['_ARTIFACTSERVICE']._serialized_start=975
-  _globals['_ARTIFACTSERVICE']._serialized_end=1366
+  _globals['_VARIANTFIT']._serialized_start=1890
+  _globals['_VARIANTFIT']._serialized_end=2001
+  _globals['_GETARTIFACTREQUEST']._serialized_start=143
+  _globals['_GETARTIFACTREQUEST']._serialized_end=307
+  _globals['_GETARTIFACTRESPONSE']._serialized_start=309
+  _globals['_GETARTIFACTRESPONSE']._serialized_end=373
+  _globals['_READARTIFACTREQUEST']._serialized_start=376
+  _globals['_READARTIFACTREQUEST']._serialized_end=600
+  _globals['_READARTIFACTRESPONSE']._serialized_start=602
+  _globals['_READARTIFACTRESPONSE']._serialized_end=654
+  _globals['_GETVARIANTREQUEST']._serialized_start=657
+  _globals['_GETVARIANTREQUEST']._serialized_end=1697
+  _globals['_GETVARIANTRESPONSE']._serialized_start=1699
+  _globals['_GETVARIANTRESPONSE']._serialized_end=1791
+  _globals['_VARIANTINFO']._serialized_start=1793
+  _globals['_VARIANTINFO']._serialized_end=1888
+  _globals['_ARTIFACTSERVICE']._serialized_start=2004
+  _globals['_ARTIFACTSERVICE']._serialized_end=2395
 # @@protoc_insertion_point(module_scope)

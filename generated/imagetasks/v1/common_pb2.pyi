@@ -142,12 +142,17 @@ class JobOptions(_message.Message):
     ref_id: _builtins.str
     """The caller's reference for the job (AI Server's `RefId`). Idempotent per owner
     (AIP-155): sending the same ref_id again returns the existing job instead of a new one.
-    At most 128 characters. Empty: the server assigns one.
+    At most 128 characters, without control, format or line-separator characters. Empty: the
+    server assigns one.
     """
     tag: _builtins.str
     """A free label (AI Server's `Tag`); ListJobs can filter by it. At most 128 characters."""
     reply_to: _builtins.str
-    """A URL that receives a POST with the job's final state (AI Server's `ReplyTo`)."""
+    """A URL that receives a POST with the job's final state (AI Server's `ReplyTo`): http or
+    https, at most 2048 characters. A host that is (or resolves to) a loopback, private,
+    link-local, shared, multicast or metadata address is refused (INVALID_REPLY_TO) unless
+    the operator allows private targets. How deliveries went: `Job.webhook`.
+    """
     mode: Global___ResponseMode.ValueType
     """Wait for the result (SYNC, default) or return once the job is accepted (ASYNC)."""
     delivery: Global___OutputDelivery.ValueType

@@ -73,6 +73,7 @@ class Job(_message.Message):
     TEXT_OUTPUTS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     REPLY_TO_FIELD_NUMBER: _builtins.int
+    WEBHOOK_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     WAITING_REASON_FIELD_NUMBER: _builtins.int
     IMAGE_TO_IMAGE_FIELD_NUMBER: _builtins.int
@@ -121,6 +122,10 @@ class Job(_message.Message):
         """Why the job FAILED or was CANCELLED; details carry ErrorInfo (reason, domain, metadata)."""
 
     @_builtins.property
+    def webhook(self) -> Global___WebhookDelivery:
+        """How the delivery to `reply_to` went; unset while none has ended (and without reply_to)."""
+
+    @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputFile]:
         """The inputs that were uploaded."""
 
@@ -154,6 +159,7 @@ class Job(_message.Message):
         text_outputs: _abc.Iterable[Global___TextOutput] | None = ...,
         error: _status_pb2.Status | None = ...,
         reply_to: _builtins.str = ...,
+        webhook: Global___WebhookDelivery | None = ...,
         inputs: _abc.Iterable[Global___InputFile] | None = ...,
         waiting_reason: _builtins.str = ...,
         image_to_image: _tasks_pb2.ImageToImageParams | None = ...,
@@ -161,15 +167,81 @@ class Job(_message.Message):
         image_upscale: _tasks_pb2.ImageUpscaleParams | None = ...,
         image_to_text: _tasks_pb2.ImageToTextParams | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image_to_image", b"image_to_image", "image_to_text", b"image_to_text", "image_upscale", b"image_upscale", "image_with_mask", b"image_with_mask", "params", b"params", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image_to_image", b"image_to_image", "image_to_text", b"image_to_text", "image_upscale", b"image_upscale", "image_with_mask", b"image_with_mask", "params", b"params", "start_time", b"start_time", "update_time", b"update_time", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image_to_image", b"image_to_image", "image_to_text", b"image_to_text", "image_upscale", b"image_upscale", "image_with_mask", b"image_with_mask", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "owner", b"owner", "params", b"params", "progress", b"progress", "provider", b"provider", "queue_position", b"queue_position", "ref_id", b"ref_id", "reply_to", b"reply_to", "start_time", b"start_time", "state", b"state", "tag", b"tag", "task", b"task", "text_outputs", b"text_outputs", "update_time", b"update_time", "waiting_reason", b"waiting_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image_to_image", b"image_to_image", "image_to_text", b"image_to_text", "image_upscale", b"image_upscale", "image_with_mask", b"image_with_mask", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "owner", b"owner", "params", b"params", "progress", b"progress", "provider", b"provider", "queue_position", b"queue_position", "ref_id", b"ref_id", "reply_to", b"reply_to", "start_time", b"start_time", "state", b"state", "tag", b"tag", "task", b"task", "text_outputs", b"text_outputs", "update_time", b"update_time", "waiting_reason", b"waiting_reason", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_params: _TypeAlias = _typing.Literal["image_to_image", "image_with_mask", "image_upscale", "image_to_text"]  # noqa: Y015
     _WhichOneofArgType_params: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_params) -> _WhichOneofReturnType_params | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """The outcome of a job's webhook (its `reply_to` POST), recorded when the delivery ends."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WebhookDelivery._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: WebhookDelivery._State.ValueType  # 0
+        STATE_DELIVERED: WebhookDelivery._State.ValueType  # 1
+        """The receiver answered 2xx."""
+        STATE_FAILED: WebhookDelivery._State.ValueType  # 2
+        """Out of attempts, or a final answer (a 4xx other than 429, a redirect)."""
+        STATE_REFUSED: WebhookDelivery._State.ValueType  # 3
+        """Never sent: the URL's host was not public when it was time to send."""
+
+    class State(_State, metaclass=_StateEnumTypeWrapper):
+        """How it ended."""
+
+    STATE_UNSPECIFIED: WebhookDelivery.State.ValueType  # 0
+    STATE_DELIVERED: WebhookDelivery.State.ValueType  # 1
+    """The receiver answered 2xx."""
+    STATE_FAILED: WebhookDelivery.State.ValueType  # 2
+    """Out of attempts, or a final answer (a 4xx other than 429, a redirect)."""
+    STATE_REFUSED: WebhookDelivery.State.ValueType  # 3
+    """Never sent: the URL's host was not public when it was time to send."""
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    state: Global___WebhookDelivery.State.ValueType
+    attempts: _builtins.int
+    """Attempts made, from 1 (a refusal counts as the attempt it stopped)."""
+    last_http_status: _builtins.int
+    """The receiver's HTTP status on the last attempt; 0 when none answered."""
+    last_error: _builtins.str
+    """What went wrong last, e.g. `HTTP 503`, `ConnectTimeout`, `address 10.0.0.7 is not public`;
+    empty when delivered.
+    """
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When the delivery ended."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___WebhookDelivery.State.ValueType = ...,
+        attempts: _builtins.int = ...,
+        last_http_status: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "end_time", b"end_time", "last_error", b"last_error", "last_http_status", b"last_http_status", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
 
 @_typing.final
 class InputFile(_message.Message):

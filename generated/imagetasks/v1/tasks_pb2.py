@@ -22,28 +22,95 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from imagetasks.v1 import common_pb2 as imagetasks_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19imagetasks/v1/tasks.proto\x12\rimagetasks.v1\x1a\x1aimagetasks/v1/common.proto\"\xe8\x02\n\x12ImageToImageParams\x12\x17\n\x0fpositive_prompt\x18\x01 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x07\x64\x65noise\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nbatch_size\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\x05steps\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x16\n\tcfg_scale\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x0f\n\x07sampler\x18\t \x01(\t\x12\x11\n\tscheduler\x18\n \x01(\t\x12*\n\x07options\x18\x0f \x01(\x0b\x32\x19.imagetasks.v1.JobOptionsB\x12\n\x10_negative_promptB\n\n\x08_denoiseB\r\n\x0b_batch_sizeB\x07\n\x05_seedB\x08\n\x06_stepsB\x0c\n\n_cfg_scale\"\x9b\x03\n\x13ImageWithMaskParams\x12\x17\n\x0fpositive_prompt\x18\x01 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x07\x64\x65noise\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nbatch_size\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\x05steps\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x16\n\tcfg_scale\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x0f\n\x07sampler\x18\t \x01(\t\x12\x11\n\tscheduler\x18\n \x01(\t\x12\x30\n\x0cmask_channel\x18\x0b \x01(\x0e\x32\x1a.imagetasks.v1.MaskChannel\x12*\n\x07options\x18\x0f \x01(\x0b\x32\x19.imagetasks.v1.JobOptionsB\x12\n\x10_negative_promptB\n\n\x08_denoiseB\r\n\x0b_batch_sizeB\x07\n\x05_seedB\x08\n\x06_stepsB\x0c\n\n_cfg_scale\"k\n\x12ImageUpscaleParams\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12*\n\x07options\x18\x0f \x01(\x0b\x32\x19.imagetasks.v1.JobOptionsB\x07\n\x05_seed\"^\n\x11ImageToTextParams\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x07options\x18\x0f \x01(\x0b\x32\x19.imagetasks.v1.JobOptions\"\x9b\x01\n\x0f\x43ropImageParams\x12\t\n\x01x\x18\x01 \x01(\x05\x12\t\n\x01y\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x31\n\routput_format\x18\x05 \x01(\x0e\x32\x1a.imagetasks.v1.ImageFormat\x12\x14\n\x07quality\x18\x06 \x01(\x05H\x00\x88\x01\x01\x42\n\n\x08_quality\"i\n\x12\x43onvertImageParams\x12\x31\n\routput_format\x18\x01 \x01(\x0e\x32\x1a.imagetasks.v1.ImageFormat\x12\x14\n\x07quality\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\n\n\x08_quality*\x88\x01\n\x0bMaskChannel\x12\x1c\n\x18MASK_CHANNEL_UNSPECIFIED\x10\x00\x12\x14\n\x10MASK_CHANNEL_RED\x10\x01\x12\x16\n\x12MASK_CHANNEL_GREEN\x10\x02\x12\x15\n\x11MASK_CHANNEL_BLUE\x10\x03\x12\x16\n\x12MASK_CHANNEL_ALPHA\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19imagetasks/v1/tasks.proto\x12\rimagetasks.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1aimagetasks/v1/common.proto\"\xa2\x04\n\x12ImageToImageParams\x12,\n\x0fpositive_prompt\x18\x01 \x01(\tB\x13\xbaH\x10r\x0b\x18\xa0\x1f\x32\x02\\S\xba\x01\x01\x00\xc8\x01\x01\x12*\n\x0fnegative_prompt\x18\x02 \x01(\tB\x0c\xbaH\tr\x07\x18\xa0\x1f\xba\x01\x01\x00H\x00\x88\x01\x01\x12(\n\x05model\x18\x03 \x01(\tB\x19\xbaH\x16r\x14\x18\x80\x02\x32\x0f^[^\\x00-\\x1f]*$\x12\'\n\x07\x64\x65noise\x18\x04 \x01(\x02\x42\x11\xbaH\x0e\n\x0c\x1d\x00\x00\x80?%\x00\x00\x00\x00@\x01H\x01\x88\x01\x01\x12\"\n\nbatch_size\x18\x05 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\n(\x01H\x02\x88\x01\x01\x12\x1a\n\x04seed\x18\x06 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00H\x03\x88\x01\x01\x12\x1e\n\x05steps\x18\x07 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x96\x01(\x01H\x04\x88\x01\x01\x12)\n\tcfg_scale\x18\x08 \x01(\x02\x42\x11\xbaH\x0e\n\x0c\x1d\x00\x00\xf0\x41-\x00\x00\x00\x00@\x01H\x05\x88\x01\x01\x12*\n\x07sampler\x18\t \x01(\tB\x19\xbaH\x16r\x14\x18\x80\x02\x32\x0f^[^\\x00-\\x1f]*$\x12,\n\tscheduler\x18\n \x01(\tB\x19\xbaH\x16r\x14\x18\x80\x02\x32\x0f^[^\\x00-\\x1f]*$\x12*\n\x07options\x18\x0f \x01(\x0b\x32\x19.imagetasks.v1.JobOptionsB\x12\n\x10_negative_promptB\n\n\x08_denoiseB\r\n\x0b_batch_sizeB\x07\n\x05_seedB\x08\n\x06_stepsB\x0c\n\n_cfg_scale\"\xdf\x04\n\x13ImageWithMaskParams\x12,\n\x0fpositive_prompt\x18\x01 \x01(\tB\x13\xbaH\x10r\x0b\x18\xa0\x1f\x32\x02\\S\xba\x01\x01\x00\xc8\x01\x01\x12*\n\x0fnegative_prompt\x18\x02 \x01(\tB\x0c\xbaH\tr\x07\x18\xa0\x1f\xba\x01\x01\x00H\x00\x88\x01\x01\x12(\n\x05model\x18\x03 \x01(\tB\x19\xbaH\x16r\x14\x18\x80\x02\x32\x0f^[^\\x00-\\x1f]*$\x12\'\n\x07\x64\x65noise\x18\x04 \x01(\x02\x42\x11\xbaH\x0e\n\x0c\x1d\x00\x00\x80?%\x00\x00\x00\x00@\x01H\x01\x88\x01\x01\x12\"\n\nbatch_size\x18\x05 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\n(\x01H\x02\x88\x01\x01\x12\x1a\n\x04seed\x18\x06 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00H\x03\x88\x01\x01\x12\x1e\n\x05steps\x18\x07 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x96\x01(\x01H\x04\x88\x01\x01\x12)\n\tcfg_scale\x18\x08 \x01(\x02\x42\x11\xbaH\x0e\n\x0c\x1d\x00\x00\xf0\x41-\x00\x00\x00\x00@\x01H\x05\x88\x01\x01\x12*\n\x07sampler\x18\t \x01(\tB\x19\xbaH\x16r\x14\x18\x80\x02\x32\x0f^[^\\x00-\\x1f]*$\x12,\n\tscheduler\x18\n \x01(\tB\x19\xbaH\x16r\x14\x18\x80\x02\x32\x0f^[^\\x00-\\x1f]*$\x12:\n\x0cmask_channel\x18\x0b \x01(\x0e\x32\x1a.imagetasks.v1.MaskChannelB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12*\n\x07options\x18\x0f \x01(\x0b\x32\x19.imagetasks.v1.JobOptionsB\x12\n\x10_negative_promptB\n\n\x08_denoiseB\r\n\x0b_batch_sizeB\x07\n\x05_seedB\x08\n\x06_stepsB\x0c\n\n_cfg_scale\"\x8f\x01\n\x12ImageUpscaleParams\x12(\n\x05model\x18\x01 \x01(\tB\x19\xbaH\x16r\x14\x18\x80\x02\x32\x0f^[^\\x00-\\x1f]*$\x12\x1a\n\x04seed\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00H\x00\x88\x01\x01\x12*\n\x07options\x18\x0f \x01(\x0b\x32\x19.imagetasks.v1.JobOptionsB\x07\n\x05_seed\"\x87\x01\n\x11ImageToTextParams\x12(\n\x05model\x18\x01 \x01(\tB\x19\xbaH\x16r\x14\x18\x80\x02\x32\x0f^[^\\x00-\\x1f]*$\x12\x1c\n\x06prompt\x18\x02 \x01(\tB\x0c\xbaH\tr\x07\x18\xa0\x1f\xba\x01\x01\x00\x12*\n\x07options\x18\x0f \x01(\x0b\x32\x19.imagetasks.v1.JobOptions\"\xda\x01\n\x0f\x43ropImageParams\x12\x12\n\x01x\x18\x01 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x12\n\x01y\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x19\n\x05width\x18\x03 \x01(\x05\x42\n\xbaH\x07\x1a\x02(\x01\xc8\x01\x01\x12\x1a\n\x06height\x18\x04 \x01(\x05\x42\n\xbaH\x07\x1a\x02(\x01\xc8\x01\x01\x12;\n\routput_format\x18\x05 \x01(\x0e\x32\x1a.imagetasks.v1.ImageFormatB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1f\n\x07quality\x18\x06 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01H\x00\x88\x01\x01\x42\n\n\x08_quality\"\x81\x01\n\x12\x43onvertImageParams\x12>\n\routput_format\x18\x01 \x01(\x0e\x32\x1a.imagetasks.v1.ImageFormatB\x0b\xbaH\x08\x82\x01\x02\x10\x01\xc8\x01\x01\x12\x1f\n\x07quality\x18\x02 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01H\x00\x88\x01\x01\x42\n\n\x08_quality*\x88\x01\n\x0bMaskChannel\x12\x1c\n\x18MASK_CHANNEL_UNSPECIFIED\x10\x00\x12\x14\n\x10MASK_CHANNEL_RED\x10\x01\x12\x16\n\x12MASK_CHANNEL_GREEN\x10\x02\x12\x15\n\x11MASK_CHANNEL_BLUE\x10\x03\x12\x16\n\x12MASK_CHANNEL_ALPHA\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagetasks.v1.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MASKCHANNEL']._serialized_start=1320
-  _globals['_MASKCHANNEL']._serialized_end=1456
-  _globals['_IMAGETOIMAGEPARAMS']._serialized_start=73
-  _globals['_IMAGETOIMAGEPARAMS']._serialized_end=433
-  _globals['_IMAGEWITHMASKPARAMS']._serialized_start=436
-  _globals['_IMAGEWITHMASKPARAMS']._serialized_end=847
-  _globals['_IMAGEUPSCALEPARAMS']._serialized_start=849
-  _globals['_IMAGEUPSCALEPARAMS']._serialized_end=956
-  _globals['_IMAGETOTEXTPARAMS']._serialized_start=958
-  _globals['_IMAGETOTEXTPARAMS']._serialized_end=1052
-  _globals['_CROPIMAGEPARAMS']._serialized_start=1055
-  _globals['_CROPIMAGEPARAMS']._serialized_end=1210
-  _globals['_CONVERTIMAGEPARAMS']._serialized_start=1212
-  _globals['_CONVERTIMAGEPARAMS']._serialized_end=1317
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['positive_prompt']._loaded_options = None
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['positive_prompt']._serialized_options = b'\272H\020r\013\030\240\0372\002\\S\272\001\001\000\310\001\001'
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['negative_prompt']._loaded_options = None
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['negative_prompt']._serialized_options = b'\272H\tr\007\030\240\037\272\001\001\000'
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['model']._loaded_options = None
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['model']._serialized_options = b'\272H\026r\024\030\200\0022\017^[^\\x00-\\x1f]*$'
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['denoise']._loaded_options = None
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['denoise']._serialized_options = b'\272H\016\n\014\035\000\000\200?%\000\000\000\000@\001'
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['batch_size']._loaded_options = None
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['batch_size']._serialized_options = b'\272H\006\032\004\030\n(\001'
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['seed']._loaded_options = None
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['seed']._serialized_options = b'\272H\004\"\002(\000'
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['steps']._loaded_options = None
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['steps']._serialized_options = b'\272H\007\032\005\030\226\001(\001'
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['cfg_scale']._loaded_options = None
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['cfg_scale']._serialized_options = b'\272H\016\n\014\035\000\000\360A-\000\000\000\000@\001'
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['sampler']._loaded_options = None
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['sampler']._serialized_options = b'\272H\026r\024\030\200\0022\017^[^\\x00-\\x1f]*$'
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['scheduler']._loaded_options = None
+  _globals['_IMAGETOIMAGEPARAMS'].fields_by_name['scheduler']._serialized_options = b'\272H\026r\024\030\200\0022\017^[^\\x00-\\x1f]*$'
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['positive_prompt']._loaded_options = None
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['positive_prompt']._serialized_options = b'\272H\020r\013\030\240\0372\002\\S\272\001\001\000\310\001\001'
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['negative_prompt']._loaded_options = None
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['negative_prompt']._serialized_options = b'\272H\tr\007\030\240\037\272\001\001\000'
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['model']._loaded_options = None
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['model']._serialized_options = b'\272H\026r\024\030\200\0022\017^[^\\x00-\\x1f]*$'
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['denoise']._loaded_options = None
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['denoise']._serialized_options = b'\272H\016\n\014\035\000\000\200?%\000\000\000\000@\001'
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['batch_size']._loaded_options = None
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['batch_size']._serialized_options = b'\272H\006\032\004\030\n(\001'
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['seed']._loaded_options = None
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['seed']._serialized_options = b'\272H\004\"\002(\000'
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['steps']._loaded_options = None
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['steps']._serialized_options = b'\272H\007\032\005\030\226\001(\001'
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['cfg_scale']._loaded_options = None
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['cfg_scale']._serialized_options = b'\272H\016\n\014\035\000\000\360A-\000\000\000\000@\001'
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['sampler']._loaded_options = None
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['sampler']._serialized_options = b'\272H\026r\024\030\200\0022\017^[^\\x00-\\x1f]*$'
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['scheduler']._loaded_options = None
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['scheduler']._serialized_options = b'\272H\026r\024\030\200\0022\017^[^\\x00-\\x1f]*$'
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['mask_channel']._loaded_options = None
+  _globals['_IMAGEWITHMASKPARAMS'].fields_by_name['mask_channel']._serialized_options = b'\272H\005\202\001\002\020\001'
+  _globals['_IMAGEUPSCALEPARAMS'].fields_by_name['model']._loaded_options = None
+  _globals['_IMAGEUPSCALEPARAMS'].fields_by_name['model']._serialized_options = b'\272H\026r\024\030\200\0022\017^[^\\x00-\\x1f]*$'
+  _globals['_IMAGEUPSCALEPARAMS'].fields_by_name['seed']._loaded_options = None
+  _globals['_IMAGEUPSCALEPARAMS'].fields_by_name['seed']._serialized_options = b'\272H\004\"\002(\000'
+  _globals['_IMAGETOTEXTPARAMS'].fields_by_name['model']._loaded_options = None
+  _globals['_IMAGETOTEXTPARAMS'].fields_by_name['model']._serialized_options = b'\272H\026r\024\030\200\0022\017^[^\\x00-\\x1f]*$'
+  _globals['_IMAGETOTEXTPARAMS'].fields_by_name['prompt']._loaded_options = None
+  _globals['_IMAGETOTEXTPARAMS'].fields_by_name['prompt']._serialized_options = b'\272H\tr\007\030\240\037\272\001\001\000'
+  _globals['_CROPIMAGEPARAMS'].fields_by_name['x']._loaded_options = None
+  _globals['_CROPIMAGEPARAMS'].fields_by_name['x']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_CROPIMAGEPARAMS'].fields_by_name['y']._loaded_options = None
+  _globals['_CROPIMAGEPARAMS'].fields_by_name['y']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_CROPIMAGEPARAMS'].fields_by_name['width']._loaded_options = None
+  _globals['_CROPIMAGEPARAMS'].fields_by_name['width']._serialized_options = b'\272H\007\032\002(\001\310\001\001'
+  _globals['_CROPIMAGEPARAMS'].fields_by_name['height']._loaded_options = None
+  _globals['_CROPIMAGEPARAMS'].fields_by_name['height']._serialized_options = b'\272H\007\032\002(\001\310\001\001'
+  _globals['_CROPIMAGEPARAMS'].fields_by_name['output_format']._loaded_options = None
+  _globals['_CROPIMAGEPARAMS'].fields_by_name['output_format']._serialized_options = b'\272H\005\202\001\002\020\001'
+  _globals['_CROPIMAGEPARAMS'].fields_by_name['quality']._loaded_options = None
+  _globals['_CROPIMAGEPARAMS'].fields_by_name['quality']._serialized_options = b'\272H\006\032\004\030d(\001'
+  _globals['_CONVERTIMAGEPARAMS'].fields_by_name['output_format']._loaded_options = None
+  _globals['_CONVERTIMAGEPARAMS'].fields_by_name['output_format']._serialized_options = b'\272H\010\202\001\002\020\001\310\001\001'
+  _globals['_CONVERTIMAGEPARAMS'].fields_by_name['quality']._loaded_options = None
+  _globals['_CONVERTIMAGEPARAMS'].fields_by_name['quality']._serialized_options = b'\272H\006\032\004\030d(\001'
+  _globals['_MASKCHANNEL']._serialized_start=1898
+  _globals['_MASKCHANNEL']._serialized_end=2034
+  _globals['_IMAGETOIMAGEPARAMS']._serialized_start=102
+  _globals['_IMAGETOIMAGEPARAMS']._serialized_end=648
+  _globals['_IMAGEWITHMASKPARAMS']._serialized_start=651
+  _globals['_IMAGEWITHMASKPARAMS']._serialized_end=1258
+  _globals['_IMAGEUPSCALEPARAMS']._serialized_start=1261
+  _globals['_IMAGEUPSCALEPARAMS']._serialized_end=1404
+  _globals['_IMAGETOTEXTPARAMS']._serialized_start=1407
+  _globals['_IMAGETOTEXTPARAMS']._serialized_end=1542
+  _globals['_CROPIMAGEPARAMS']._serialized_start=1545
+  _globals['_CROPIMAGEPARAMS']._serialized_end=1763
+  _globals['_CONVERTIMAGEPARAMS']._serialized_start=1766
+  _globals['_CONVERTIMAGEPARAMS']._serialized_end=1895
 # @@protoc_insertion_point(module_scope)

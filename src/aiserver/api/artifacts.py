@@ -82,9 +82,6 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         self, request: apb.ReadArtifactRequest, context: Any
     ) -> AsyncIterator[apb.ReadArtifactResponse]:
         scope = self._scope(context, request, lambda: [self._artifact_url(request.name)])
-        if request.read_offset < 0 or request.read_limit < 0:
-            field = "read_offset" if request.read_offset < 0 else "read_limit"
-            raise invalid_argument(field, "INVALID_RANGE", f"{field} must not be negative")
         offset = request.read_offset
         async for data in self._store.read(
             request.name,

@@ -23,6 +23,7 @@ from aiserver.jobs.model import (
     Retrying,
     Stage,
     TextProduced,
+    WebhookDelivery,
 )
 from aiserver.tasks import (
     ImageToImageSpec,
@@ -264,8 +265,20 @@ def job_to_proto(job: Job, queue_position: int = 0, link: Link = _same) -> job_p
     )
     if job.error is not None:
         msg.error.CopyFrom(to_status_proto(job.error))
+    if job.webhook is not None:
+        msg.webhook.CopyFrom(webhook_to_proto(job.webhook))
     spec_to_job_params(job.spec, msg)
     return msg
+
+
+def webhook_to_proto(delivery: WebhookDelivery) -> job_pb2.WebhookDelivery:
+    return job_pb2.WebhookDelivery(
+        state=job_pb2.WebhookDelivery.State.Value(f"STATE_{delivery.state}"),
+        attempts=delivery.attempts,
+        last_http_status=delivery.http_status or 0,
+        last_error=delivery.error,
+        end_time=_ts(delivery.ended),
+    )
 
 
 def event_to_proto(

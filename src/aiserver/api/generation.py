@@ -23,14 +23,14 @@ from aiserver.jobs.model import Accepted, InputRef, OutputStored
 from aiserver.logs import job_id_var
 from aiserver.spool import InputSpool, UploadBudget
 from aiserver.tasks import TaskKind
-from aiserver.webhooks import validate_reply_to
+from aiserver.webhooks import RefusedTarget, TargetGuard, validate_reply_to
 from aiserver.workers import BlockingPool
 
 __all__ = ["GenerationServicer", "SubmitLimits"]
 
 logger = logging.getLogger(__name__)
 
-MAX_LABEL = 128
+_REPLY_TO = "params.options.reply_to"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +52,10 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         pool: BlockingPool,
         limits: SubmitLimits,
         link: Link = lambda url: url,
+        reply_to_guard: TargetGuard | None = None,
     ) -> None:
         self._manager = manager
+        self._reply_to_guard = reply_to_guard
         self._artifacts = artifacts
         self._spool = spool
         self._pool = pool
@@ -103,6 +105,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
             spec.validate(max_prompt_chars=lim.max_prompt_chars, max_batch=lim.max_batch_size)
             options = upload.params.options
             _check_options(options)
+            await self._screen_reply_to(options.reply_to)
             inputs = await self._inputs(upload)
         except BaseException:
             upload.discard()
@@ -155,6 +158,17 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 await asyncio.shield(self._cancel_quietly(job.id))
             raise
 
+    async def _screen_reply_to(self, url: str) -> None:
+        """Refuse now a ReplyTo that could never be delivered: the caller would not learn."""
+        if not url or self._reply_to_guard is None:
+            return
+        try:
+            await self._reply_to_guard.screen(url)
+        except RefusedTarget as exc:
+            raise invalid_argument(
+                _REPLY_TO, "INVALID_REPLY_TO", f"reply_to is refused: {exc.reason}"
+            ) from None
+
     async def _inputs(self, upload: Upload) -> list[InputRef]:
         """Each input checked (decoded once: a damaged file is the caller's error, not a
         failed job); nothing is committed to the spool yet."""
@@ -200,12 +214,5 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
 
 
 def _check_options(options: common_pb2.JobOptions) -> None:
-    for name in ("ref_id", "tag"):
-        value = getattr(options, name)
-        if len(value) > MAX_LABEL or not value.isprintable():
-            raise invalid_argument(
-                f"params.options.{name}",
-                "INVALID_PARAMETERS",
-                f"{name} must be at most {MAX_LABEL} printable characters",
-            )
-    validate_reply_to(options.reply_to, "params.options.reply_to")
+    # Lengths and characters of ref_id and tag are the contract's rules (checked on arrival).
+    validate_reply_to(options.reply_to, _REPLY_TO)

@@ -11,10 +11,12 @@ from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from aiserver.api.calls import current_call
+from aiserver.api.validation import check_request
 from aiserver.errors import DOMAIN, ErrorKind, ServiceError
 from aiserver.logs import request_id_var
 
@@ -109,9 +111,11 @@ def _enter(context: grpc.aio.ServicerContext) -> None:
 
 
 def rpc(method: _F) -> _F:
-    """Wrap a servicer method: request id, and every exception turned into a rich status.
+    """Wrap a servicer method: request id, the request checked against the contract's rules
+    (:mod:`aiserver.api.validation`), and every exception turned into a rich status.
 
-    Works for unary handlers (coroutines) and server-streaming ones (async generators).
+    Works for unary handlers (coroutines) and server-streaming ones (async generators); a
+    client stream's messages are checked where they are read (``api.uploads``).
     """
     if inspect.isasyncgenfunction(method):
 
@@ -119,6 +123,8 @@ def rpc(method: _F) -> _F:
         async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
             _enter(context)
             try:
+                if isinstance(request, Message):
+                    check_request(request)
                 async for item in method(self, request, context):
                     yield item
             except (ServiceError, Exception) as exc:
@@ -132,6 +138,8 @@ def rpc(method: _F) -> _F:
     async def unary(self: Any, request: Any, context: Any) -> Any:
         _enter(context)
         try:
+            if isinstance(request, Message):
+                check_request(request)
             return await cast(Callable[..., Awaitable[Any]], method)(self, request, context)
         except (ServiceError, Exception) as exc:
             if _is_control_flow(exc):

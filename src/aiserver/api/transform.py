@@ -12,7 +12,6 @@ from imagetasks.v1 import common_pb2, tasks_pb2, transform_service_pb2, transfor
 from aiserver.api.convert import format_from_proto, format_to_proto
 from aiserver.api.status import rpc
 from aiserver.api.uploads import read_upload
-from aiserver.errors import invalid_argument
 from aiserver.imaging import EncodedImage, ImageLimits, convert, crop
 from aiserver.spool import InputSpool, SpooledFile, UploadBudget
 from aiserver.workers import BlockingPool
@@ -70,10 +69,7 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
     ) -> AsyncIterator[transform_service_pb2.ConvertImageResponse]:
         def work(path: Path, p: tasks_pb2.ConvertImageParams) -> EncodedImage:
             target = format_from_proto(p.output_format, "params.output_format")
-            if target is None:
-                raise invalid_argument(
-                    "params.output_format", "MISSING_FORMAT", "output_format is required"
-                )
+            assert target is not None  # the contract requires it (checked on arrival)
             return convert(path, output_format=target, quality=_quality(p), limits=self._limits)
 
         response = transform_service_pb2.ConvertImageResponse

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+from aiserver.api.validation import check_request
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 from aiserver.spool import InputSpool, SpooledFile, UploadBudget
 
@@ -53,6 +54,7 @@ async def read_upload(
                         "params", "PARAMS_NOT_FIRST", "the first message must carry params"
                     )
                 params = msg.params
+                check_request(params, "params.")  # before any byte is spooled
                 continue
             if kind == "params":
                 raise invalid_argument(

@@ -15,16 +15,30 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from google.protobuf import descriptor
+from imagetasks.v1 import artifact_service_pb2 as apb
+from imagetasks.v1 import common_pb2
+from imagetasks.v1 import job_service_pb2 as jpb
 
 from aiserver.gateway.compat import CompatTask
 from aiserver.gateway.fields import enum_of, is_map, is_repeated, msg_type, short_enum_names
 from aiserver.gateway.routes import Route, RouteKind
+from aiserver.gateway.schema_rules import (
+    INT64_PATTERN,
+    UINT64_PATTERN,
+    excluded_enum_values,
+    field_rules,
+    is_required,
+    item_keywords,
+    rule_keywords,
+    strip_pattern_prefix,
+)
 from aiserver.gateway.streams import NDJSON, SSE, event_field
 
 __all__ = ["build_openapi"]
 
 FD = descriptor.FieldDescriptor
 _REF = "#/components/schemas/"
+ARTIFACT_PATH_EXAMPLE = "2026/01/31/" + "0" * 64 + ".png"
 _ERROR = "ErrorResponse"
 
 _SCALARS: Mapping[int, dict[str, Any]] = {
@@ -35,11 +49,12 @@ _SCALARS: Mapping[int, dict[str, Any]] = {
     FD.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
     FD.TYPE_UINT32: {"type": "integer", "format": "int64", "minimum": 0},
     FD.TYPE_FIXED32: {"type": "integer", "format": "int64", "minimum": 0},
-    FD.TYPE_INT64: {"type": "string", "format": "int64"},
-    FD.TYPE_SINT64: {"type": "string", "format": "int64"},
-    FD.TYPE_SFIXED64: {"type": "string", "format": "int64"},
-    FD.TYPE_UINT64: {"type": "string", "format": "uint64"},
-    FD.TYPE_FIXED64: {"type": "string", "format": "uint64"},
+    # 64-bit integers are JSON strings of decimal digits, in range.
+    FD.TYPE_INT64: {"type": "string", "format": "int64", "pattern": INT64_PATTERN},
+    FD.TYPE_SINT64: {"type": "string", "format": "int64", "pattern": INT64_PATTERN},
+    FD.TYPE_SFIXED64: {"type": "string", "format": "int64", "pattern": INT64_PATTERN},
+    FD.TYPE_UINT64: {"type": "string", "format": "uint64", "pattern": UINT64_PATTERN},
+    FD.TYPE_FIXED64: {"type": "string", "format": "uint64", "pattern": UINT64_PATTERN},
     FD.TYPE_BOOL: {"type": "boolean"},
     FD.TYPE_STRING: {"type": "string"},
     FD.TYPE_BYTES: {"type": "string", "format": "byte"},
@@ -77,7 +92,15 @@ class _Schemas:
 
     def message(self, desc: descriptor.Descriptor) -> dict[str, Any]:
         props = {f.json_name: self.field(f) for f in desc.fields}
-        schema: dict[str, Any] = {"type": "object", "properties": props}
+        # The server's JSON parser refuses unknown fields: say so.
+        schema: dict[str, Any] = {
+            "type": "object",
+            "properties": props,
+            "additionalProperties": False,
+        }
+        required = [f.json_name for f in desc.fields if is_required(f)]
+        if required:
+            schema["required"] = required
         real_oneofs = [o for o in desc.oneofs if not _synthetic(o)]
         if real_oneofs:
             schema["description"] = " ".join(
@@ -95,12 +118,14 @@ class _Schemas:
         if f.type == FD.TYPE_MESSAGE:
             base = self.ref(msg_type(f))
         elif f.type == FD.TYPE_ENUM:
-            base = {"type": "string", "enum": [v.name for v in enum_of(f).values]}
+            excluded = excluded_enum_values(f)  # e.g. the zero value of a required enum
+            values = [v.name for v in enum_of(f).values if v.number not in excluded]
+            base = {"type": "string", "enum": values}
         else:
             base = dict(_SCALARS[f.type])
         if is_repeated(f):
-            return {"type": "array", "items": base}
-        return base
+            return {"type": "array", "items": {**base, **item_keywords(f)}}
+        return base if "$ref" in base else {**base, **rule_keywords(f)}
 
 
 def _synthetic(oneof: descriptor.OneofDescriptor) -> bool:
@@ -117,11 +142,30 @@ def _error_responses() -> dict[str, Any]:
     }
 
 
-def _path_parameters(path: str) -> list[dict[str, Any]]:
-    return [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-        for name in re.findall(r"{([^}]+)}", path)
-    ]
+def _path_parameters(path: str, route: Route | None = None) -> list[dict[str, Any]]:
+    params = []
+    for name in re.findall(r"{([^}]+)}", path):
+        schema = _path_schema(name, route)
+        param = {"name": name, "in": "path", "required": True, "schema": schema}
+        # A `**` variable binds slashes: an example shows it (and lets fuzzers send them).
+        if "pattern" in schema and re.search(schema["pattern"], ARTIFACT_PATH_EXAMPLE):
+            param["example"] = ARTIFACT_PATH_EXAMPLE
+        params.append(param)
+    return params
+
+
+def _path_schema(name: str, route: Route | None) -> dict[str, Any]:
+    """A path variable's schema: the bound field's pattern without the template's literal
+    prefix (``{name=jobs/*}`` binds the id of ``jobs/{id}``)."""
+    if route is None:
+        return {"type": "string"}
+    f = route.method.input_type.fields_by_name.get(name)
+    bound = re.search("{" + re.escape(name) + r"=([^}*]*)", route.template.template)
+    rules = field_rules(f) if f is not None else None
+    if rules is None or bound is None or not rules.string.HasField("pattern"):
+        return {"type": "string"}
+    pattern = strip_pattern_prefix(rules.string.pattern, bound.group(1))
+    return {"type": "string"} if pattern is None else {"type": "string", "pattern": pattern}
 
 
 def _query_parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
@@ -151,7 +195,7 @@ def _form_schema(
         return "".join(w[:1].upper() + w[1:] for w in f.name.split("_")) if pascal else f.json_name
 
     def value_schema(f: FD) -> dict[str, Any]:
-        if f.type == FD.TYPE_ENUM:
+        if f.type == FD.TYPE_ENUM:  # forms take the short names; the zero value is "unset"
             return {"type": "string", "enum": short_enum_names(enum_of(f))}
         return schemas.field(f)
 
@@ -163,12 +207,17 @@ def _form_schema(
                     props[name(inner)] = value_schema(inner)
             continue
         props[name(f)] = value_schema(f)
-    required = []
+    required = [name(f) for f in params.fields if is_required(f)]
     for file in files:
         props[file] = {"type": "string", "format": "binary"}
-        if file == "image":
-            required.append(file)
-    return {"type": "object", "properties": props, "required": required}
+        required.append(file)  # every input of a task is required (ImageWithMask: both)
+    return {
+        "type": "object",
+        "properties": props,
+        "required": required,
+        "additionalProperties": False,
+        "description": "Text fields first, then the files: the form is read as a stream.",
+    }
 
 
 def _files_of(method: descriptor.MethodDescriptor) -> list[str]:
@@ -181,7 +230,7 @@ def _operation(route: Route, schemas: _Schemas, op_id: str) -> dict[str, Any]:
         "operationId": op_id,
         "tags": [method.containing_service.name],
         "summary": f"{method.containing_service.name}.{method.name} ({route.kind.value})",
-        "parameters": _path_parameters(route.template.openapi_path),
+        "parameters": _path_parameters(route.template.openapi_path, route),
     }
     if route.kind in (RouteKind.UNARY, RouteKind.SERVER_STREAM):
         op["parameters"] += _query_parameters(route, schemas) if route.body != "*" else []
@@ -193,12 +242,7 @@ def _operation(route: Route, schemas: _Schemas, op_id: str) -> dict[str, Any]:
             )
             op["requestBody"] = {"content": {"application/json": {"schema": target}}}
     else:
-        content: dict[str, Any] = {
-            NDJSON: {
-                "schema": schemas.ref(method.input_type),
-                "description": "one request message per line",
-            }
-        }
+        content: dict[str, Any] = {NDJSON: {"schema": schemas.ref(method.input_type)}}
         upload = route.upload
         if upload is not None:
             content = {
@@ -209,7 +253,12 @@ def _operation(route: Route, schemas: _Schemas, op_id: str) -> dict[str, Any]:
                 },
                 **content,
             }
-        op["requestBody"] = {"required": True, "content": content}
+        op["requestBody"] = {
+            "required": True,
+            "description": "A form with the parameters and files, or (application/x-ndjson) "
+            "one request message per line: params first, then file chunks.",
+            "content": content,
+        }
     out = schemas.ref(method.output_type)
     if route.response_body:
         out = schemas.field(method.output_type.fields_by_name[route.response_body])
@@ -255,8 +304,10 @@ def _compat_components() -> dict[str, Any]:
             "properties": {"fileName": string, "url": string, "provider": string},
         },
         "TextOutputItem": {"type": "object", "properties": {"text": string}},
+        # `results` (sync) and `statusUrl` (queued) are what tell the two answers apart.
         "GenerationResponse": {
             "type": "object",
+            "required": ["jobId", "refId", "jobState", "status", "results"],
             "properties": {
                 "jobId": string,
                 "refId": string,
@@ -270,6 +321,7 @@ def _compat_components() -> dict[str, Any]:
         },
         "QueueGenerationResponse": {
             "type": "object",
+            "required": ["jobId", "refId", "jobState", "status", "statusUrl"],
             "properties": {
                 "jobId": string,
                 "refId": string,
@@ -281,8 +333,25 @@ def _compat_components() -> dict[str, Any]:
     }
 
 
+def _bound(f: FD, prefix: str) -> dict[str, Any]:
+    """The schema of what a compat route takes in place of ``f``'s value minus ``prefix``
+    (the job id of ``jobs/{id}``, the path of ``artifacts/{path}``)."""
+    rules = field_rules(f)
+    pattern = strip_pattern_prefix(rules.string.pattern, prefix) if rules is not None else None
+    return {"type": "string"} if pattern is None else {"type": "string", "pattern": pattern}
+
+
 def _compat_paths(tasks: Mapping[str, CompatTask], schemas: _Schemas) -> dict[str, Any]:
     paths: dict[str, Any] = {}
+    # The compat routes' parameters are the contract's fields under other names.
+    job_id = _bound(jpb.GetJobRequest.DESCRIPTOR.fields_by_name["name"], "jobs/")
+    ref_id = schemas.field(common_pb2.JobOptions.DESCRIPTOR.fields_by_name["ref_id"])
+    # An artifact's path has slashes: the example says so (and lets fuzzers send them).
+    artifact_path = {
+        "schema": _bound(apb.GetArtifactRequest.DESCRIPTOR.fields_by_name["name"], "artifacts/"),
+        "example": ARTIFACT_PATH_EXAMPLE,
+    }
+    spec = schemas.field(apb.GetVariantRequest.DESCRIPTOR.fields_by_name["spec"])
     errors = _error_responses()
     for task in sorted(tasks.values(), key=lambda t: t.name):
         form = _form_schema(task.upload.params, schemas, pascal=True, files=_files_of(task.method))
@@ -319,9 +388,11 @@ def _compat_paths(tasks: Mapping[str, CompatTask], schemas: _Schemas) -> dict[st
                 "operationId": f"Compat_{name}",
                 "tags": ["AI Server"],
                 "summary": "A job's state and " + ("text outputs" if text else "outputs"),
+                "description": "Give jobId or refId (OpenAPI 3.0 cannot require one of two "
+                "parameters; without either the answer is 400 INVALID_PARAMETERS).",
                 "parameters": [
-                    {"name": "jobId", "in": "query", "schema": {"type": "string"}},
-                    {"name": "refId", "in": "query", "schema": {"type": "string"}},
+                    {"name": "jobId", "in": "query", "schema": job_id},
+                    {"name": "refId", "in": "query", "schema": ref_id},
                 ],
                 "responses": {
                     "200": {
@@ -340,7 +411,7 @@ def _compat_paths(tasks: Mapping[str, CompatTask], schemas: _Schemas) -> dict[st
             "operationId": "Compat_JobEvents",
             "tags": ["AI Server"],
             "summary": "A job's events as Server-Sent Events (JobService.WatchJob)",
-            "parameters": _path_parameters("/api/jobs/{id}/events"),
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": job_id}],
             "responses": {
                 "200": {
                     "description": "event: <kind>, id: <sequence>, data: <JobEvent JSON>",
@@ -356,7 +427,7 @@ def _compat_paths(tasks: Mapping[str, CompatTask], schemas: _Schemas) -> dict[st
             "tags": ["AI Server"],
             "summary": "An artifact's bytes (ETag, Range, ?download=true)",
             "parameters": [
-                *_path_parameters("/artifacts/{path}"),
+                {"name": "path", "in": "path", "required": True, **artifact_path},
                 {"name": "download", "in": "query", "schema": {"type": "boolean"}},
             ],
             "responses": {
@@ -372,7 +443,10 @@ def _compat_paths(tasks: Mapping[str, CompatTask], schemas: _Schemas) -> dict[st
             "operationId": "Compat_Variant",
             "tags": ["AI Server"],
             "summary": "A resized copy of an artifact, e.g. /variants/width=256/2025/...",
-            "parameters": _path_parameters("/variants/{spec}/{path}"),
+            "parameters": [
+                {"name": "spec", "in": "path", "required": True, "schema": spec},
+                {"name": "path", "in": "path", "required": True, **artifact_path},
+            ],
             "responses": {
                 "200": {"description": "The bytes", "content": {"image/*": binary}},
                 "304": {"description": "Not modified"},

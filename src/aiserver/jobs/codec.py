@@ -11,17 +11,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
-from aiserver.jobs.model import ArtifactRef, InputRef, Retrying
+from aiserver.jobs.model import ArtifactRef, InputRef, Retrying, WebhookDelivery
 
 __all__ = [
     "decode_error",
     "decode_inputs",
     "decode_outputs",
     "decode_retries",
+    "decode_webhook",
     "encode_error",
     "encode_inputs",
     "encode_outputs",
     "encode_retries",
+    "encode_webhook",
     "from_micros",
     "to_micros",
 ]
@@ -142,3 +144,25 @@ def encode_retries(retries: Sequence[Retrying]) -> list[dict[str, Any]]:
 
 def decode_retries(data: Sequence[Mapping[str, Any]]) -> list[Retrying]:
     return [Retrying(d["attempt"], d["reason"], d.get("agent", "")) for d in data]
+
+
+def encode_webhook(delivery: WebhookDelivery) -> dict[str, Any]:
+    return {
+        "state": delivery.state,
+        "attempts": delivery.attempts,
+        "http_status": delivery.http_status,
+        "error": delivery.error,
+        "ended_us": to_micros(delivery.ended),
+    }
+
+
+def decode_webhook(data: Mapping[str, Any] | None) -> WebhookDelivery | None:
+    if data is None:
+        return None
+    return WebhookDelivery(
+        state=data["state"],
+        attempts=data["attempts"],
+        http_status=data.get("http_status"),
+        error=data.get("error", ""),
+        ended=from_micros(data["ended_us"]),
+    )

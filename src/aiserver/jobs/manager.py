@@ -50,6 +50,7 @@ from aiserver.jobs.model import (
     Progress,
     Retrying,
     Stage,
+    WebhookDelivery,
 )
 from aiserver.jobs.outputs import ArtifactWriter
 from aiserver.jobs.paging import page_size as checked_page_size
@@ -284,6 +285,10 @@ class JobManager:
             self._creating[owner] -= 1
             if not self._creating[owner]:
                 del self._creating[owner]
+
+    async def record_webhook(self, job_id: str, delivery: WebhookDelivery) -> None:
+        """Keep how the job's ReplyTo delivery ended (GetJob shows it)."""
+        await self._store.record_webhook(job_id, delivery)
 
     async def get(self, job_id: str, owner: str | None) -> Job:
         """The job (``owner`` None: any owner's); NOT_FOUND also for another owner's job."""

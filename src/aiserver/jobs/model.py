@@ -29,6 +29,7 @@ __all__ = [
     "Retrying",
     "Stage",
     "TextProduced",
+    "WebhookDelivery",
 ]
 
 
@@ -76,6 +77,19 @@ class ArtifactRef:
     job_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """How the delivery of a job's ReplyTo webhook ended."""
+
+    state: str
+    """``DELIVERED``, ``FAILED`` or ``REFUSED``."""
+    attempts: int
+    http_status: int | None
+    """The receiver's status on the last attempt; None when none answered."""
+    error: str
+    ended: datetime
+
+
 @dataclass(slots=True)
 class Job:
     """A job record, as stored."""
@@ -105,6 +119,8 @@ class Job:
     waiting: str = ""
     """While QUEUED: why no provider can take it now ("" when it only waits its turn).
     Live state, not stored: the scheduler finds it again within seconds of a restart."""
+    webhook: WebhookDelivery | None = None
+    """Set once the ReplyTo delivery has ended (written by ``JobStore.record_webhook``)."""
 
     @property
     def name(self) -> str:

@@ -2,7 +2,12 @@
 
 from aiserver.webhooks.guard import RefusedTarget, TargetGuard, is_public, validate_reply_to
 from aiserver.webhooks.payload import body_of, message_id, payload_of
-from aiserver.webhooks.sender import DeliveryOutcome, DeliveryStatus, WebhookSender
+from aiserver.webhooks.sender import (
+    DeliveryOutcome,
+    DeliveryStatus,
+    WebhookSender,
+    webhook_record,
+)
 from aiserver.webhooks.signing import SignatureError, sign, signature_headers, verify
 
 __all__ = [
@@ -20,4 +25,5 @@ __all__ = [
     "signature_headers",
     "validate_reply_to",
     "verify",
+    "webhook_record",
 ]

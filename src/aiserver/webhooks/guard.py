@@ -5,6 +5,13 @@ private, shared (CGNAT), link-local, multicast, unspecified or reserved, in IPv4
 IPv4 addresses embedded in IPv6 (mapped, 6to4, Teredo) are judged as IPv4. The sender then
 connects to the address that was checked, so a second DNS answer cannot swap it for another
 (DNS rebinding). Allow-list entries are host names, IP addresses or CIDR networks.
+
+IP literals are read in every notation a resolver accepts (``2130706433``, ``0177.0.0.1``,
+``0x7f.1``, ``127.1``, IPv6 with embedded IPv4), so an address cannot hide as a "name".
+
+The same guard screens a ReplyTo at submission (:meth:`TargetGuard.screen`): what can be told
+then (an IP literal, a name that resolves to a refused address now) is refused at once, so the
+caller learns; the check at send time stays, since a name can resolve elsewhere later.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ __all__ = [
     "Resolver",
     "Target",
     "TargetGuard",
+    "ip_literal",
     "is_public",
     "validate_reply_to",
 ]
@@ -33,6 +41,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[Sequence[IPAddress]]]
 
 MAX_URL_CHARS = 2048
+SCREEN_RESOLVE_S = 2.0
+"""How long a submission waits for DNS; a name that does not resolve in time is let through
+(the send-time check decides)."""
 
 
 class RefusedTarget(Exception):
@@ -60,6 +71,46 @@ def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     if ip.teredo is not None:
         return ip.teredo[1]  # the client's address
     return None
+
+
+def _ipv4_part(text: str) -> int | None:
+    # inet_aton(3): 0x.. hexadecimal, 0.. octal, else decimal.
+    try:
+        if text[:2].lower() == "0x":
+            return int(text[2:], 16) if text[2:] else 0
+        if len(text) > 1 and text[0] == "0":
+            return int(text[1:], 8)
+        return int(text, 10) if text.isdigit() else None
+    except ValueError:
+        return None
+
+
+def _ipv4_literal(host: str) -> ipaddress.IPv4Address | None:
+    """``host`` as inet_aton reads it: 1 to 4 parts, the last filling the remaining bytes."""
+    parts = host.split(".")
+    if not 1 <= len(parts) <= 4 or not all(parts):
+        return None
+    values = [_ipv4_part(p) for p in parts]
+    if any(v is None for v in values):
+        return None
+    numbers = [v for v in values if v is not None]
+    *head, last = numbers
+    if any(v > 255 for v in head) or last >= 256 ** (4 - len(head)):
+        return None
+    value = last
+    for i, v in enumerate(head):
+        value |= v << (8 * (3 - i))
+    return ipaddress.IPv4Address(value)
+
+
+def ip_literal(host: str) -> IPAddress | None:
+    """The address ``host`` (a URL's host, brackets removed) spells, in any notation; None
+    for a name."""
+    host = host.strip("[]").split("%", 1)[0]  # an IPv6 zone names no other host
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return _ipv4_literal(host.rstrip("."))
 
 
 def is_public(ip: IPAddress) -> bool:
@@ -153,9 +204,10 @@ class TargetGuard:
         host = parsed.host.lower().rstrip(".")
         if self.allow_private or host in self._hosts:
             return Target(parsed, None)
-        try:
-            addresses: Sequence[IPAddress] = [ipaddress.ip_address(host)]
-        except ValueError:
+        literal = ip_literal(host)
+        if literal is not None:
+            addresses: Sequence[IPAddress] = [literal]
+        else:
             port = parsed.port or (443 if parsed.scheme == "https" else 80)
             try:
                 addresses = await self._resolve(host, port)
@@ -163,7 +215,30 @@ class TargetGuard:
                 raise RefusedTarget("host does not resolve", retryable=True) from exc
         if not addresses:
             raise RefusedTarget("host does not resolve", retryable=True)
+        self._refuse_private(addresses)
+        return Target(parsed, addresses[0])
+
+    def _refuse_private(self, addresses: Sequence[IPAddress]) -> None:
         for ip in addresses:
             if not self._allowed(ip):
                 raise RefusedTarget(f"address {ip} is not public")
-        return Target(parsed, addresses[0])
+
+    async def screen(self, url: str, *, resolve_s: float = SCREEN_RESOLVE_S) -> None:
+        """The submission-time check: :class:`RefusedTarget` for a URL that cannot be called,
+        or whose host is (or now resolves to) an address the guard refuses. A name that does
+        not resolve (yet), or not within ``resolve_s``, passes: the send-time check decides."""
+        parsed = _parse(url)
+        host = parsed.host.lower().rstrip(".")
+        if self.allow_private or host in self._hosts:
+            return
+        literal = ip_literal(host)
+        if literal is not None:
+            self._refuse_private([literal])
+            return
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            async with asyncio.timeout(resolve_s):
+                addresses = await self._resolve(host, port)
+        except (OSError, TimeoutError):
+            return
+        self._refuse_private(addresses)

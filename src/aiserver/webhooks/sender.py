@@ -12,18 +12,19 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import httpx
 
 from aiserver import __version__
-from aiserver.jobs.model import Job
+from aiserver.jobs.model import Job, WebhookDelivery
 from aiserver.webhooks.guard import RefusedTarget, Resolver, Target, TargetGuard
 from aiserver.webhooks.payload import body_of, message_id
 from aiserver.webhooks.signing import signature_headers
 
-__all__ = ["DeliveryOutcome", "DeliveryStatus", "WebhookSender"]
+__all__ = ["DeliveryOutcome", "DeliveryStatus", "WebhookSender", "webhook_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,19 @@ class DeliveryOutcome:
     attempts: int
     http_status: int | None = None
     detail: str = ""
+    time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    """When the delivery ended."""
+
+
+def webhook_record(outcome: DeliveryOutcome) -> WebhookDelivery:
+    """What the job keeps of an ended delivery."""
+    return WebhookDelivery(
+        state=outcome.status.value,
+        attempts=outcome.attempts,
+        http_status=outcome.http_status,
+        error="" if outcome.status is DeliveryStatus.DELIVERED else outcome.detail,
+        ended=outcome.time,
+    )
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -85,6 +99,7 @@ class WebhookSender:
         link: Callable[[str], str] | None = None,
         resolver: Resolver | None = None,
         on_outcome: Callable[[DeliveryOutcome], None] | None = None,
+        keep_outcome: Callable[[DeliveryOutcome], Awaitable[None]] | None = None,
         history: int = 100,
     ) -> None:
         if max_attempts < 1:
@@ -98,6 +113,9 @@ class WebhookSender:
         self._public_base_url = public_base_url
         self._link = link
         self._on_outcome = on_outcome
+        self.keep_outcome = keep_outcome
+        """Awaited by :meth:`deliver` with each ended delivery (the server stores it on the
+        job); settable after construction, as the job manager starts later."""
         self.outcomes: collections.deque[DeliveryOutcome] = collections.deque(maxlen=history)
         self._tasks: set[asyncio.Task[None]] = set()
         self._client = httpx.AsyncClient(
@@ -110,10 +128,17 @@ class WebhookSender:
             headers={"user-agent": f"aiserver-webhooks/{__version__}"},
         )
 
+    @property
+    def guard(self) -> TargetGuard:
+        """The SSRF guard deliveries pass; submissions screen ReplyTo URLs with it too."""
+        return self._guard
+
     async def deliver(self, job: Job) -> None:
-        """Send ``job``'s webhook; never raises (except cancellation)."""
+        """Send ``job``'s webhook and keep its outcome; never raises (except cancellation)."""
         try:
-            await self.send(job)
+            outcome = await self.send(job)
+            if self.keep_outcome is not None and outcome.status is not DeliveryStatus.SKIPPED:
+                await self.keep_outcome(outcome)
         except Exception:
             logger.exception("webhook for job %s failed unexpectedly", job.id)
 

@@ -49,7 +49,7 @@ class NodeResult:
 
 
 ProgressFn = Callable[[int, int, Image.Image | None], Awaitable[None]]
-BinaryImageFn = Callable[[Image.Image], Awaitable[None]]
+BinaryImageFn = Callable[[Image.Image, int, int], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -62,7 +62,7 @@ class NodeContext:
     progress: ProgressFn
     """Report a step: sends progress_state + progress (+ a preview), checks for interrupts."""
     send_image: BinaryImageFn
-    """A binary image frame (SaveImageWebsocket)."""
+    """A binary image frame with its progress ``(image, step, of)`` (SaveImageWebsocket)."""
     file_hash: Callable[[str], str] = field(default=lambda name: "")
 
 
@@ -283,8 +283,7 @@ async def _preview_image(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
 async def _save_image_websocket(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
     images = i["images"]
     for step, img in enumerate(images):
-        await ctx.progress(step, len(images), None)
-        await ctx.send_image(img)
+        await ctx.send_image(img, step, len(images))
     return NodeResult(())
 
 

@@ -130,6 +130,7 @@ class ComfyStandIn:
         step_delay_s: float = 0.001,
         missing_nodes: Sequence[str] = (),
         version: str = "0.8.0",
+        feature_flags: bool = True,
     ) -> None:
         self.root = root
         self.input_dir = root / "input"
@@ -146,6 +147,9 @@ class ComfyStandIn:
         self.jobs_api = jobs_api
         self.api_key = api_key
         self.version = version
+        self.feature_flags = feature_flags
+        """False: an older server that ignores the client's feature flags (no answer, no
+        preview metadata: binary frames are type 1 and name no prompt)."""
         self.received = Received()
         self._http = self._new_http()
         self._peers: dict[str, WsPeer] = {}
@@ -338,7 +342,7 @@ class ComfyStandIn:
         first, peer.received_first = not peer.received_first, True
         with contextlib.suppress(ValueError, AttributeError):
             message = json.loads(text)
-            if first and message.get("type") == "feature_flags":
+            if first and message.get("type") == "feature_flags" and self.feature_flags:
                 # ws_trace_upscale_model.json: the server answers with its own flags.
                 peer.feature_flags = dict(message.get("data") or {})
                 self._send_to(peer, "feature_flags", _FEATURES)
@@ -1012,8 +1016,14 @@ class ComfyStandIn:
             while self._hold_at.get(node) == value and not self._interrupt:
                 await asyncio.sleep(0.005)
 
-        async def send_image(image: Image.Image) -> None:
-            self._send_binary(client, _image_frame(image, "PNG"), pid, node, "image/png", image)
+        async def send_image(image: Image.Image, value: int, maximum: int) -> None:
+            # The frame and its progress, in the order the recordings show: with preview
+            # metadata the frame comes first (saveimagewebsocket_metadata), without it after
+            # the progress (saveimagewebsocket_legacy).
+            frame = _image_frame(image, "PNG")
+            self._send_binary(client, frame, pid, node, "image/png", image, metadata=True)
+            await progress(value, maximum, None)
+            self._send_binary(client, frame, pid, node, "image/png", image, metadata=False)
 
         handler = NODES.get(class_type)
         if handler is None:
@@ -1042,12 +1052,22 @@ class ComfyStandIn:
         node: str,
         mime: str,
         image: Image.Image,
+        *,
+        metadata: bool | None = None,
     ) -> None:
+        """To the client (or everyone); ``metadata`` True/False: only to the peers that did /
+        did not ask for preview metadata."""
         targets = (
             list(self._peers.values())
             if client is None
             else [p for p in [self._peers.get(client)] if p]
         )
+        if metadata is not None:
+            targets = [
+                p
+                for p in targets
+                if bool(p.feature_flags.get("supports_preview_metadata")) is metadata
+            ]
         for peer in targets:
             if peer is None:
                 continue

@@ -93,6 +93,10 @@ SQLITE: tuple[str, ...] = (
     ) STRICT;
     CREATE INDEX webhook_outbox_due ON webhook_outbox (due_us) WHERE due_us IS NOT NULL;
     """,
+    # 3: how the job's ReplyTo delivery ended (JSON, codec.encode_webhook; NULL: not yet)
+    """
+    ALTER TABLE jobs ADD COLUMN webhook TEXT;
+    """,
 )
 
 POSTGRES: tuple[str, ...] = (
@@ -196,6 +200,10 @@ POSTGRES: tuple[str, ...] = (
         created DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (path, owner, job_id)
     );
+    """,
+    # 4: how the job's ReplyTo delivery ended (JSON, codec.encode_webhook; NULL: not yet)
+    """
+    ALTER TABLE jobs ADD COLUMN webhook TEXT;
     """,
 )
 

@@ -23,7 +23,7 @@ import asyncpg
 
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.jobs import codec
-from aiserver.jobs.model import Job
+from aiserver.jobs.model import Job, WebhookDelivery
 from aiserver.jobs.paging import page_size as _page_size
 from aiserver.jobs.store import migrations, rows
 from aiserver.jobs.store.announce import AnnouncementHub, Listener
@@ -207,6 +207,12 @@ class PostgresJobStore:
                     )
                     changed += 1
         return changed
+
+    async def record_webhook(self, job_id: str, delivery: WebhookDelivery) -> None:
+        self._check()
+        text = rows.dumps(codec.encode_webhook(delivery))
+        async with self._pool.acquire() as conn:
+            await conn.execute("UPDATE jobs SET webhook = $1 WHERE id = $2", text, job_id)
 
     async def get(self, job_id: str) -> JobRecord | None:
         found = await self._fetchrow(

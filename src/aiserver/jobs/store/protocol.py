@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from aiserver.jobs.model import Job, JobState, Retrying
+from aiserver.jobs.model import Job, JobState, Retrying, WebhookDelivery
 from aiserver.jobs.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from aiserver.tasks import TaskKind
 
@@ -209,6 +209,11 @@ class JobStore(Protocol):
     async def forget_outputs(self, sha256s: Collection[str]) -> int:
         """Drop outputs with these hashes from every job (their files were deleted by
         retention); returns how many jobs changed."""
+        ...
+
+    async def record_webhook(self, job_id: str, delivery: WebhookDelivery) -> None:
+        """Set the job's webhook outcome, and nothing else (``save`` never writes it: the
+        delivery ends after the job, while other writers may still touch the record)."""
         ...
 
     # --- queue, quotas, references ----------------------------------------------------------

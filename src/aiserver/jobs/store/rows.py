@@ -37,6 +37,7 @@ COLUMNS = (
     "resume",
     "retries",
     "last_sequence",
+    "webhook",  # written by record_webhook only: not in MUTABLE
 )
 MUTABLE = (
     "state",
@@ -96,6 +97,7 @@ def row_of(record: JobRecord) -> dict[str, Any]:
         "resume": dumps(job.resume),
         "retries": dumps(codec.encode_retries(record.retries)),
         "last_sequence": record.last_sequence,
+        "webhook": dumps(codec.encode_webhook(job.webhook)) if job.webhook else None,
     }
 
 
@@ -123,6 +125,7 @@ def record_of(row: Row) -> JobRecord:
         texts=list(json.loads(row["texts"])),
         error=codec.decode_error(json.loads(row["error"])) if row["error"] else None,
         resume={str(k): str(v) for k, v in json.loads(row["resume"]).items()},
+        webhook=codec.decode_webhook(json.loads(row["webhook"])) if row["webhook"] else None,
     )
     return JobRecord(job, row["last_sequence"], codec.decode_retries(json.loads(row["retries"])))
 

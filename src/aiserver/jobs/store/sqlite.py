@@ -22,7 +22,7 @@ from typing import Any, Self, TypeVar
 
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.jobs import codec
-from aiserver.jobs.model import Job
+from aiserver.jobs.model import Job, WebhookDelivery
 from aiserver.jobs.paging import page_size as _page_size
 from aiserver.jobs.store import migrations, rows
 from aiserver.jobs.store.announce import AnnouncementHub, Listener
@@ -189,6 +189,14 @@ class SqliteJobStore:
             return changed
 
         return await self._call(rewrite)
+
+    async def record_webhook(self, job_id: str, delivery: WebhookDelivery) -> None:
+        text = rows.dumps(codec.encode_webhook(delivery))
+
+        def update() -> None:
+            self._conn.execute("UPDATE jobs SET webhook = ? WHERE id = ?", (text, job_id))
+
+        await self._call(update)
 
     async def get(self, job_id: str) -> JobRecord | None:
         def select() -> JobRecord | None:

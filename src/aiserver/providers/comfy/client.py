@@ -1,5 +1,9 @@
 """HTTP and websocket access to one ComfyUI agent: the transport, nothing of a run.
 
+HTTP goes through aiohttp: measured against httpx on the stand-in (the same upload + GET, 8
+concurrent), aiohttp took about a third of the CPU per request, and the service pays that on
+every job.
+
 Upload, queue, history and ``/api/jobs``, view, interrupt, queue delete, ``object_info``, and
 opening the websocket (its frames are read with :func:`~aiserver.providers.comfy.messages.decode`).
 Agent trouble (refused, 5xx, auth, timeouts, not JSON) is a
@@ -10,22 +14,28 @@ Agent trouble (refused, 5xx, auth, timeouts, not JSON) is a
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
+import aiohttp
+from websockets.asyncio.client import connect
+from websockets.exceptions import WebSocketException
 
+from aiserver.providers.comfy.agent_socket import AgentSocket, SocketLost
+from aiserver.providers.comfy.channel import AgentChannel
 from aiserver.providers.comfy.errors import agent_unavailable
-from aiserver.providers.comfy.messages import Message, decode, decode_event
+from aiserver.providers.comfy.input_names import InputNames
+from aiserver.providers.comfy.messages import Message, decode_event
 from aiserver.providers.failures import Cause, ProviderUnavailable
 
-__all__ = ["AgentSocket", "ComfyClient", "RemoteJob", "SocketLost", "UploadedFile"]
+__all__ = ["AgentSocket", "ComfyClient", "RemoteJob", "Reply", "SocketLost", "UploadedFile"]
+# AgentSocket and SocketLost live in agent_socket.py; they are re-exported here for callers of
+# open_websocket.
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +65,34 @@ class RemoteJob:
     """History status messages, decoded (execution_error and the like)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An HTTP answer, read whole (the agent's answers are small, ``/view`` aside)."""
+
+    status_code: int
+    content: bytes = field(repr=False)
+    content_type: str
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        """The body as JSON; ValueError when it is not."""
+        return json.loads(self.content)
+
+
+def _upload_form(
+    data: bytes, file_name: str, mime_type: str, *, overwrite: bool
+) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("image", data, filename=file_name, content_type=mime_type)
+    form.add_field("type", "input")
+    if overwrite:
+        form.add_field("overwrite", "true")
+    return form
+
+
 class ComfyClient:
     """HTTP + websocket access to one ComfyUI agent."""
 
@@ -66,22 +104,25 @@ class ComfyClient:
         api_key: str = "",
         connect_s: float = 5.0,
         request_s: float = 60.0,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = name
         self.url = url.rstrip("/")
         self._connect_s = connect_s
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=self.url,
-            headers=self._headers,
-            timeout=httpx.Timeout(request_s, connect=connect_s),
-            transport=transport,
-        )
+        self._timeout = aiohttp.ClientTimeout(total=request_s, connect=connect_s)
+        self._http: aiohttp.ClientSession | None = None  # made on first use, inside the loop
+        self._closed = False
         self._jobs_api: bool | None = None  # /api/jobs exists (newer servers); None: unknown
+        self.channel = AgentChannel(name, self.open_websocket, uuid.uuid4().hex)
+        """The websocket shared by every run this process starts on the agent."""
+        self.input_names = InputNames()
+        """Upload names reused once their job ended (runs that opt in)."""
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        self._closed = True
+        await self.channel.aclose()
+        if self._http is not None:
+            await self._http.close()
 
     # ---- plain API ------------------------------------------------------------------------
 
@@ -91,12 +132,14 @@ class ComfyClient:
     async def object_info(self) -> dict[str, Any]:
         return self._json(await self._get_ok("/object_info"), "/object_info")
 
-    async def upload_image(self, data: bytes, file_name: str, mime_type: str) -> UploadedFile:
+    async def upload_image(
+        self, data: bytes, file_name: str, mime_type: str, *, overwrite: bool = False
+    ) -> UploadedFile:
+        """``POST /upload/image``; without ``overwrite`` a clash with other bytes is renamed."""
         response = await self._request(
             "POST",
             "/upload/image",
-            files={"image": (file_name, data, mime_type)},
-            data={"type": "input"},
+            data=_upload_form(data, file_name, mime_type, overwrite=overwrite),
         )
         if response.status_code != 200:
             raise self.unavailable(
@@ -146,7 +189,7 @@ class ComfyClient:
                 f"output {subfolder}/{filename} ({kind}) answered {response.status_code}",
                 cause=Cause.OUTPUT_MISSING,
             )
-        return response.content, response.headers.get("content-type", "")
+        return response.content, response.content_type
 
     async def queue_position(self, prompt_id: str) -> int | None:
         """Prompts ahead of ``prompt_id`` (running ones included); None if not pending."""
@@ -198,7 +241,7 @@ class ComfyClient:
 
     # ---- transport -----------------------------------------------------------------------
 
-    def _json(self, response: httpx.Response, what: str) -> dict[str, Any]:
+    def _json(self, response: Reply, what: str) -> dict[str, Any]:
         try:
             body = response.json()
         except ValueError as exc:
@@ -207,7 +250,7 @@ class ComfyClient:
             raise self.unavailable(f"{what} answered {type(body).__name__}", cause=Cause.PROTOCOL)
         return body
 
-    async def _get_ok(self, path: str) -> httpx.Response:
+    async def _get_ok(self, path: str) -> Reply:
         response = await self._request("GET", path)
         if response.status_code != 200:
             raise self.unavailable(
@@ -215,18 +258,26 @@ class ComfyClient:
             )
         return response
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        if self._http.is_closed:
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Reply:
+        if self._closed:
             raise self.unavailable(
                 f"{method} {path}: the client is closed", cause=Cause.CLIENT_CLOSED
             )
+        if self._http is None:
+            self._http = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
         try:
-            response = await self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
+            async with self._http.request(method, self.url + path, **kwargs) as answer:
+                response = Reply(
+                    answer.status, await answer.read(), answer.headers.get("content-type", "")
+                )
+        except TimeoutError as exc:
             raise self.unavailable(f"{method} {path} timed out", cause=Cause.TIMEOUT) from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
+            what = (
+                "connection failed" if isinstance(exc, aiohttp.ClientConnectionError) else "failed"
+            )
             raise self.unavailable(
-                f"{method} {path} failed: {type(exc).__name__}: {exc}", cause=Cause.CONNECTION
+                f"{method} {path} {what}: {type(exc).__name__}: {exc}", cause=Cause.CONNECTION
             ) from exc
         if response.status_code >= 500:
             raise self.unavailable(
@@ -253,7 +304,9 @@ class ComfyClient:
                 ws_url,
                 additional_headers=self._headers,
                 open_timeout=self._connect_s,
-                max_size=64 * 1024 * 1024,  # preview frames can be large
+                # Output images come as frames (SaveImageWebsocket): a frame over the limit
+                # drops the socket for every run on it, so the limit is an output's size.
+                max_size=256 * 1024 * 1024,
                 close_timeout=1,
             )
         except (OSError, TimeoutError, WebSocketException) as exc:
@@ -261,30 +314,6 @@ class ComfyClient:
                 f"websocket failed: {type(exc).__name__}: {exc}", cause=Cause.WEBSOCKET
             ) from exc
         return AgentSocket(ws)
-
-
-class SocketLost(Exception):
-    """The websocket dropped (the agent went away, or the network did)."""
-
-
-class AgentSocket:
-    """One websocket to an agent, read as decoded messages."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self._ws = ws
-
-    async def recv(self) -> Message:
-        """The next frame; :class:`SocketLost` when the connection dropped."""
-        try:
-            frame = await self._ws.recv()
-        except ConnectionClosed as exc:
-            raise SocketLost(str(exc)) from exc
-        return decode(frame)
-
-    async def close(self) -> None:
-        """Close without waiting on the agent (errors ignored: the job is over)."""
-        with contextlib.suppress(Exception):
-            await self._ws.close()
 
 
 def _job_from_api(job: Mapping[str, Any]) -> RemoteJob:

@@ -29,14 +29,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.providers.base import Provider, RunSink, WorkItem
 from aiserver.providers.comfy.background import Background
 from aiserver.providers.comfy.client import ComfyClient
 from aiserver.providers.comfy.run import Run
 from aiserver.providers.comfy.settings import AgentSettings, PoolSettings
+from aiserver.providers.comfy.socket_outputs import SAVE_OVER_SOCKET
 from aiserver.providers.comfy.workflows import (
     AgentCapabilities,
     Workflow,
@@ -117,7 +116,6 @@ class ComfyPool:
         *,
         settings: PoolSettings | None = None,
         name: str = "comfyui",
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._name = name
         self._workflows = workflows
@@ -132,7 +130,6 @@ class ComfyPool:
                 api_key=config.api_key,
                 connect_s=self._settings.timeouts.connect_s,
                 request_s=self._settings.timeouts.request_s,
-                transport=transport,
             )
             self._agents[config.name] = _Agent(config, client)
         self._changed = asyncio.Condition()
@@ -178,7 +175,7 @@ class ComfyPool:
     def capacity(self) -> int:
         """Slots of the agents that are online: jobs beyond them wait in our queue."""
         return sum(
-            agent.config.max_concurrent_jobs
+            agent.config.slots
             for agent in self._agents.values()
             if agent.state is AgentState.ONLINE
         )
@@ -213,6 +210,8 @@ class ComfyPool:
             timeouts=self._settings.timeouts,
             spawn=self._background.spawn,
             socket_lost=lambda: self._probe_soon(agent),  # dead, or a blip? ask it now
+            socket_outputs=self._outputs_over_websocket(agent),
+            reuse_input_names=self._settings.reuse_input_names,
         )
         task = asyncio.current_task()
         if task is not None:
@@ -243,6 +242,14 @@ class ComfyPool:
             agent.running -= 1
             await self._notify()
 
+    def _outputs_over_websocket(self, agent: _Agent) -> bool:
+        caps = agent.caps
+        return (
+            self._settings.outputs_over_websocket
+            and caps is not None
+            and SAVE_OVER_SOCKET in caps.nodes
+        )
+
     # ---- operators --------------------------------------------------------------------------
 
     def pick(
@@ -255,7 +262,7 @@ class ComfyPool:
         capable = self._capable(workflow, spec, exclude)[0]
         if not capable and exclude:  # as in run(): an agent that already tried, as a last resort
             capable = self._capable(workflow, spec, frozenset())[0]
-        free = [a for a in capable if a.running < a.config.max_concurrent_jobs]
+        free = [a for a in capable if a.running < a.config.slots]
         return _best(free).config.name if free else None
 
     def snapshot(self) -> tuple[AgentSnapshot, ...]:
@@ -448,7 +455,7 @@ class ComfyPool:
                     capable = self._capable(workflow, work.spec, frozenset())[0]
                 if not capable:
                     raise self._none_capable(workflow, work.spec, reasons, exclude)
-                free = [a for a in capable if a.running < a.config.max_concurrent_jobs]
+                free = [a for a in capable if a.running < a.config.slots]
                 if free:
                     agent = _best(free)
                     agent.running += 1

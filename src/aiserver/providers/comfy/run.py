@@ -4,17 +4,25 @@ The pool starts a :class:`Run` over an agent's transport
 (:class:`~aiserver.providers.comfy.client.ComfyClient`), with the timeouts and the background
 spawner it owns. One run:
 
-1. open ``/ws?clientId=<uuid>`` first: ComfyUI drops messages for absent clients;
+1. subscribe to the prompt id on the agent's shared websocket
+   (:class:`~aiserver.providers.comfy.channel.AgentChannel`, opened once per agent) first:
+   ComfyUI drops messages for absent clients;
 2. upload each input as ``{job_id}-{field}-{sha8}.{ext}`` (unique per job, so a resubmit never
-   reuses another job's cached result, and a retry of the same job reuses its own upload);
+   reuses another job's cached result, and a retry of the same job reuses its own upload), or,
+   with ``reuse_input_names``, under a name of the agent's that the next job overwrites once
+   this one has ended (:mod:`~aiserver.providers.comfy.input_names`);
 3. checkpoint ``{agent, prompt_id, client_id, seed}`` (the prompt id is ours, so a restart can
    re-attach even if it happened mid-``POST``), then ``POST /prompt`` with that ``prompt_id``;
 4. follow the websocket's typed messages (:mod:`~aiserver.providers.comfy.messages`) for our
    ``prompt_id`` into :class:`ProviderProgress`, never decreasing; outputs come from
    ``executed`` (``/history`` or ``/api/jobs`` when messages were missed);
-5. download images with ``/view``; text outputs (``{"text": [...]}``) go to the sink as text.
+5. take images from the websocket when the outputs go over it (``socket_outputs``, see
+   :mod:`~aiserver.providers.comfy.socket_outputs`), else (or when frames were missed: a drop,
+   a re-attach) download them with ``/view``; text outputs (``{"text": [...]}``) go to the
+   sink as text.
 
-A dropped websocket is reopened with backoff and the prompt's state read back over HTTP. When a
+A dropped websocket is reopened with backoff (once for every run on it) and each prompt's state
+read back over HTTP. Queue positions are counted by the channel, not asked per job. When a
 run is abandoned (cancelled, timed out, the agent lost), its prompt is deleted if pending and
 interrupted if running; a cancellation whose message is ``SHUTDOWN`` detaches instead, leaving
 the prompt to be re-attached after the restart. Failures are typed
@@ -42,11 +50,14 @@ from aiserver.providers.base import (
     GeneratedText,
     ProviderProgress,
     RunSink,
+    WorkInput,
     WorkItem,
 )
 from aiserver.providers.comfy import messages as msg
+from aiserver.providers.comfy.agent_socket import SocketLost
 from aiserver.providers.comfy.background import Spawn
-from aiserver.providers.comfy.client import AgentSocket, ComfyClient, RemoteJob, SocketLost
+from aiserver.providers.comfy.channel import AgentChannel, Subscription
+from aiserver.providers.comfy.client import ComfyClient, RemoteJob
 from aiserver.providers.comfy.errors import (
     agent_unavailable,
     execution_failure,
@@ -54,6 +65,7 @@ from aiserver.providers.comfy.errors import (
     prompt_rejection,
 )
 from aiserver.providers.comfy.settings import ComfyTimeouts
+from aiserver.providers.comfy.socket_outputs import SocketImages, over_socket
 from aiserver.providers.comfy.tracking import NodeTracker
 from aiserver.providers.comfy.workflows import BuiltPrompt, Workflow
 from aiserver.providers.failures import Cause, ProviderUnavailable
@@ -72,6 +84,9 @@ class Run:
     ``socket_lost`` is called when the websocket drops, before reconnecting: the pool checks at
     once whether the agent is still there (if not, it ends this run rather than let it wait out
     the reconnect budget).
+    ``socket_outputs`` takes output images from the websocket when the agent's frames name
+    their prompt; ``reuse_input_names`` uploads inputs under the agent's reusable names (both
+    the pool's settings, off by default).
     """
 
     def __init__(
@@ -84,6 +99,8 @@ class Run:
         timeouts: ComfyTimeouts,
         spawn: Spawn,
         socket_lost: Callable[[], None] = lambda: None,
+        socket_outputs: bool = False,
+        reuse_input_names: bool = False,
     ) -> None:
         self.c = client
         self.t = timeouts
@@ -94,11 +111,19 @@ class Run:
         self.sink = sink
         resume = work.resume if work.resume.get("agent") == client.name else {}
         self.resume = resume
-        self.client_id = resume.get("client_id") or uuid.uuid4().hex
+        self.client_id = resume.get("client_id") or client.channel.client_id
         self.prompt_id = resume.get("prompt_id") or str(uuid.uuid4())
         seed = resume.get("seed", "")
         self.seed = int(seed) if seed.isdigit() else None
-        self.ws: AgentSocket | None = None
+        # Images over the websocket when the agent can (decided once the socket is open); a
+        # re-attached prompt keeps what its checkpoint says.
+        self.socket_outputs = resume.get("outputs") == "socket" if resume else socket_outputs
+        self.images = SocketImages(frozenset())
+        self.reuse_input_names = reuse_input_names
+        self.input_slot: int | None = None  # held from the first upload to the run's end
+        self.sub: Subscription | None = None
+        self.own_channel: AgentChannel | None = None  # a re-attach under an earlier client id
+        self.attached = False
         self.built: BuiltPrompt | None = None
         self.tracker: NodeTracker | None = None
         self.queued = False  # the prompt may exist on the agent
@@ -131,34 +156,56 @@ class Run:
                 await self._abandon("failed")
             raise
         finally:
-            if self.ws is not None:
+            self._release_inputs()
+            if self.sub is not None:
+                self.sub.close()
+            if self.own_channel is not None:
                 # The close handshake can wait on unread broadcasts (up to close_timeout):
                 # the job is over, so it must not wait for it.
-                self.spawn(self.ws.close())
+                self.spawn(self.own_channel.aclose())
 
     async def _execute(self) -> None:
-        self.ws = await self.c.open_websocket(self.client_id)
+        channel = self.c.channel
+        if self.client_id != channel.client_id:
+            # ComfyUI sends the prompt's messages to the client id it was queued with.
+            channel = AgentChannel(self.c.name, self.c.open_websocket, self.client_id)
+            self.own_channel = channel
+        self.sub = await channel.subscribe(self.prompt_id)
+        if self.socket_outputs and not self.resume:
+            # ComfyUI answers at once; an older agent never does (waited for once).
+            self.socket_outputs = await channel.frames_name_prompt(min(self.t.connect_s, 2.0))
         attached = False
         if self.resume.get("prompt_id"):
             attached = await self._attach()
-            if self.finished:
-                await self._deliver()
-                return
         if not attached:
             await self._emit(ProviderProgress(Stage.UPLOADING))
-            uploads = await self._upload_inputs()
-            self.built = self.workflow.build(self.work, uploads, seed=self.seed)
-            self.tracker = NodeTracker(self.built)
-            await self.sink.checkpoint(self._checkpoint())
-            await self._queue()
-        await self._follow()
+            await self._submit()
+        if not self.finished:
+            await self._follow()
         await self._deliver()
+
+    async def _submit(self) -> None:
+        """Upload the inputs, build the graph, checkpoint, queue."""
+        uploads = await self._upload_inputs()
+        built = self.workflow.build(self.work, uploads, seed=self.seed)
+        if self.socket_outputs:
+            built = over_socket(built, self.prompt_id)
+        self._track(built)
+        await self.sink.checkpoint(self._checkpoint())
+        await self._queue()
+
+    def _track(self, built: BuiltPrompt) -> None:
+        self.built = built
+        self.tracker = NodeTracker(built)
+        self.images = SocketImages(frozenset(built.socket_outputs))
 
     def _checkpoint(self) -> dict[str, str]:
         assert self.built is not None
         state = {"agent": self.c.name, "prompt_id": self.prompt_id, "client_id": self.client_id}
         if self.built.seed is not None:
             state["seed"] = str(self.built.seed)
+        if self.built.socket_outputs:
+            state["outputs"] = "socket"
         return state
 
     async def _attach(self) -> bool:
@@ -169,9 +216,10 @@ class Run:
             return False
         # The graph only serves tracking here: upload names do not matter, the seed does.
         names = {name: self._upload_name(name) for name in self.work.task.inputs}
-        self.built = self.workflow.build(self.work, names, seed=self.seed)
-        self.tracker = NodeTracker(self.built)
+        built = self.workflow.build(self.work, names, seed=self.seed)
+        self._track(over_socket(built, self.prompt_id) if self.socket_outputs else built)
         self.queued = True
+        self.attached = True
         logger.info("re-attached to prompt %s on %s (%s)", self.prompt_id, self.c.name, state.state)
         await self._absorb(state)
         return True
@@ -180,11 +228,22 @@ class Run:
 
     def _upload_name(self, name: str) -> str:
         item = self.work.inputs[name]
+        job = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.work.job_id)
+        return f"{job}-{name}-{item.sha256[:8]}{self._suffix(item)}"
+
+    @staticmethod
+    def _suffix(item: WorkInput) -> str:
         suffix = PurePosixPath(item.file_name).suffix.lower()
         if not suffix or len(suffix) > 6:
             suffix = mimetypes.guess_extension(item.mime_type) or ".png"
-        job = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.work.job_id)
-        return f"{job}-{name}-{item.sha256[:8]}{suffix}"
+        return suffix
+
+    def _release_inputs(self) -> None:
+        """The slot goes back once the prompt cannot load its inputs any more: the run ended,
+        or was abandoned (a prompt we withdraw may still start, but its result is dropped)."""
+        if self.input_slot is not None:
+            slot, self.input_slot = self.input_slot, None
+            self.c.input_names.give_back(slot)
 
     async def _upload_inputs(self) -> dict[str, str]:
         uploads = {}
@@ -198,14 +257,25 @@ class Run:
                     violations=(FieldViolation(name, "required"),),
                     metadata={"field": name},
                 )
-            data = await asyncio.to_thread(item.path.read_bytes)
-            uploaded = await self.c.upload_image(data, self._upload_name(name), item.mime_type)
+            data = await _read_input(item)
+            if self.reuse_input_names:
+                if self.input_slot is None:
+                    self.input_slot = self.c.input_names.take()
+                file_name = self.c.input_names.name(self.input_slot, name, self._suffix(item))
+                uploaded = await self.c.upload_image(
+                    data, file_name, item.mime_type, overwrite=True
+                )
+            else:
+                file_name = self._upload_name(name)
+                uploaded = await self.c.upload_image(data, file_name, item.mime_type)
             uploads[name] = uploaded.path
         return uploads
 
     async def _queue(self) -> None:
         assert self.built is not None
         self.queued = True  # set first: a timed-out POST may still have queued it
+        assert self.sub is not None
+        self.sub.queuing()
         body = {
             "prompt": self.built.graph,
             "client_id": self.client_id,
@@ -243,10 +313,14 @@ class Run:
                 deadline = min(self.started_at + t.execution_s, last_ours + t.idle_s)
             else:
                 deadline = self.queued_at + t.queue_wait_s
-            assert self.ws is not None
+            assert self.sub is not None
             try:
-                async with asyncio.timeout(max(0.0, min(deadline, last_heard + t.poll_s) - now)):
-                    message = await self.ws.recv()
+                # Frames come in bursts: one already waiting needs no timer.
+                message = self.sub.recv_nowait()
+                if message is None:
+                    wait = max(0.0, min(deadline, last_heard + t.poll_s) - now)
+                    async with asyncio.timeout(wait):
+                        message = await self.sub.recv()
             except TimeoutError:
                 now = self.loop.time()
                 if now >= deadline:
@@ -282,24 +356,23 @@ class Run:
 
     async def _reconnect(self) -> None:
         t = self.t
-        deadline = self.loop.time() + t.reconnect_s
-        delay = t.backoff_initial_s
-        while True:
-            try:
-                self.ws = await self.c.open_websocket(self.client_id)
-                return
-            except ProviderUnavailable as exc:
-                if self.loop.time() + delay > deadline:
-                    raise self._unavailable(
-                        f"websocket lost and not regained within {t.reconnect_s:g}s: {exc.message}",
-                        Cause.WEBSOCKET,
-                    ) from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, t.backoff_max_s)
+        assert self.sub is not None
+        try:
+            await self.sub.reopen(t.reconnect_s, t.backoff_initial_s, t.backoff_max_s)
+        except ProviderUnavailable as exc:
+            raise self._unavailable(
+                f"websocket lost and not regained within {t.reconnect_s:g}s: {exc.message}",
+                Cause.WEBSOCKET,
+            ) from exc
 
     async def _on_message(self, message: msg.Message) -> bool:
         """Handle one message; True when it was about our prompt."""
         match message:
+            case msg.Preview(prompt_id=pid, node=node) if (
+                pid == self.prompt_id and node in self.images.nodes
+            ):
+                self.images.add(message)  # an output image, sent by SaveImageWebsocket
+                return True
             case msg.Preview() | msg.Unknown(binary=True):
                 return self.started  # a preview frame while we run
             case msg.Status():
@@ -325,7 +398,11 @@ class Run:
                 tracker.start(node)
             case msg.Progress(node=node, value=value, max=maximum):
                 self._mark_started()
-                tracker.progress(node, value, maximum)
+                if node in self.images.nodes:  # SaveImageWebsocket counting its frames
+                    tracker.start(node)
+                    self.images.expect(node, maximum)
+                else:
+                    tracker.progress(node, value, maximum)
             case msg.ProgressState():
                 tracker.finished(message.finished)
             case msg.Executed(node=node, output=output):
@@ -334,7 +411,7 @@ class Run:
                     self.outputs[node] = output
             case msg.ExecutionSuccess():
                 self.success = True
-                if all(o.node in self.outputs for o in self.built_outputs):
+                if self._have_outputs():
                     self.finished = True
                 return True
             case msg.ExecutionError():
@@ -354,13 +431,17 @@ class Run:
         assert self.built is not None
         return self.built.outputs
 
+    def _have_outputs(self) -> bool:
+        """Every output node reported (``executed``)."""
+        return all(o.node in self.outputs for o in self.built_outputs)
+
     def _mark_started(self) -> None:
         if not self.started:
             self.started = True
             self.started_at = self.loop.time()
 
     async def _on_end(self) -> None:
-        if self.success and all(o.node in self.outputs for o in self.built_outputs):
+        if self.success and self._have_outputs():
             self.finished = True
             return
         # Outcome or outputs were missed (a reconnect): history has them now.
@@ -408,6 +489,13 @@ class Run:
         )
 
     async def _report_position(self, *, force: bool = False) -> None:
+        if not self.attached:  # our own prompt: the channel counts what is ahead of it
+            if self.sub is not None and not self.started:
+                await self._emit(
+                    ProviderProgress(Stage.PENDING, queue_position=self.sub.position())
+                )
+            return
+        # A prompt an earlier process queued: only the agent's queue knows its place.
         now = self.loop.time()
         if not force and now - self.position_checked < 0.5:
             return
@@ -422,18 +510,30 @@ class Run:
         assert self.built is not None
         images: list[dict[str, Any]] = []
         texts: list[tuple[str, str]] = []
+        framed: list[tuple[str, int, msg.Preview]] = []
+        sent_over_socket = {bound: node for node, bound in self.built.socket_outputs.items()}
         for binding in self.built.outputs:
             output = self.outputs.get(binding.node) or {}
+            sender = sent_over_socket.get(binding.node, "")
+            if sender and self.images.node_complete(sender):
+                framed += [(binding.node, i, f) for i, f in enumerate(self.images.frames(sender))]
+                continue  # its temp file is not needed
             if binding.kind == "images":
                 images += [i for i in output.get("images") or [] if isinstance(i, dict)]
             else:
                 texts += [(binding.node, str(t)) for t in output.get("text") or []]
-        if not images and not texts:
+        if not images and not texts and not framed:
             raise ServiceError(
                 ErrorKind.INTERNAL,
                 "COMFYUI_NO_OUTPUTS",
                 f"ComfyUI agent {self.c.name}: prompt {self.prompt_id} succeeded with no outputs",
                 metadata={"agent": self.c.name, "prompt_id": self.prompt_id},
+            )
+        for node, index, frame in framed:
+            mime, width, height = _describe(frame.image, frame.mime_type)
+            name = f"{node}_{index + 1:05d}{mimetypes.guess_extension(mime) or '.png'}"
+            await self.sink.image(
+                GeneratedImage(frame.image, name, mime, width, height, seed=self.built.seed)
             )
         if images:
             await self._emit(ProviderProgress(Stage.DOWNLOADING, fraction=1.0))
@@ -484,8 +584,24 @@ class Run:
             )
 
 
+_INLINE_READ = 256 * 1024
+"""Inputs up to this size are read on the loop: a thread hop costs more than the read."""
+
+
+async def _read_input(item: WorkInput) -> bytes:
+    if item.path.stat().st_size <= _INLINE_READ:
+        return item.path.read_bytes()
+    return await asyncio.to_thread(item.path.read_bytes)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def _describe(data: bytes, content_type: str) -> tuple[str, int, int]:
     """MIME type and size of an image, from its header."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":
+        # What ComfyUI sends almost always: the size is in the first chunk, no decoder needed.
+        return "image/png", int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     try:
         with Image.open(io.BytesIO(data)) as img:
             mime = (

@@ -26,6 +26,12 @@ class AgentSettings:
     """Breaks ties between equally loaded agents: higher first."""
     max_concurrent_jobs: int = 1
     """Jobs sent to this agent at once; more wait in the service's queue."""
+    queue_ahead: int = 0
+    """Jobs sent beyond ``max_concurrent_jobs``, to wait in ComfyUI's own queue: the agent
+    starts the next prompt the moment one ends instead of idling while the service uploads
+    and queues it (ComfyUI runs one prompt at a time: ``max_concurrent_jobs=1, queue_ahead=1``
+    keeps it busy). A job waiting there can still be cancelled (deleted from the agent's
+    queue) and re-attached; it is placed only when no agent has fewer jobs."""
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -34,8 +40,15 @@ class AgentSettings:
             raise ValueError(f"agent url must be http(s)://host:port, got {self.url!r}")
         if self.max_concurrent_jobs < 1:
             raise ValueError(f"agent {self.url}: max_concurrent_jobs must be at least 1")
+        if self.queue_ahead < 0:
+            raise ValueError(f"agent {self.url}: queue_ahead must be 0 or more")
         if not self.name:
             object.__setattr__(self, "name", parts.netloc)
+
+    @property
+    def slots(self) -> int:
+        """Jobs the pool sends to this agent at once: running and queued ahead."""
+        return self.max_concurrent_jobs + self.queue_ahead
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,3 +90,11 @@ class PoolSettings:
     """First wait before re-probing an offline agent; doubles up to ``backoff_max_s``."""
     backoff_max_s: float = 60.0
     timeouts: ComfyTimeouts = field(default_factory=ComfyTimeouts)
+    outputs_over_websocket: bool = False
+    """Take output images from the websocket (``SaveImageWebsocket``) where the agent has it:
+    no file left in its ``output/``, no ``/view`` per image. The service turns it on
+    (``agent_outputs_over_websocket``); off, outputs are saved files fetched with ``/view``."""
+    reuse_input_names: bool = False
+    """Upload inputs under names the next job overwrites once this one has ended, so the
+    agent's ``input/`` holds only the jobs in flight (:mod:`.input_names`). The service turns
+    it on (``agent_reuse_input_names``); off, every job leaves its inputs behind."""

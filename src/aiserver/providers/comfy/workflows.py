@@ -18,7 +18,7 @@ import logging
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,8 @@ class BuiltPrompt:
     outputs: tuple[OutputBinding, ...]
     nodes_to_run: frozenset[str]
     """The output nodes and everything they depend on: what ComfyUI will execute."""
+    socket_outputs: Mapping[str, str] = field(default_factory=dict)
+    """``SaveImageWebsocket`` node -> the bound output it also sends (:mod:`.socket_outputs`)."""
 
     def class_type(self, node: str) -> str:
         entry = self.graph.get(node)

@@ -1,0 +1,157 @@
+"""Where the service spends its CPU on the ComfyUI job path: py-spy on the service process.
+
+    python -m bench.profile_service LABEL [--jobs 400] [--concurrency 16] [--agents MODULE]
+
+The same setup as :mod:`bench.orchestration` (instant stand-ins in their own process, the
+service in its own with persistence on, gRPC ImageUpscale SYNC with references), but only the
+service path, sampled by ``py-spy record`` for the whole measured segment. Writes
+``bench/results/profile-LABEL.txt``: the service's CPU milliseconds per job (process CPU time
+from ``/proc`` over jobs: robust to other load on the machine, unlike latency), the HTTP
+requests the agents received per job, and the profile's top functions by own and by total
+samples (idle samples, the event loop waiting in ``select``, left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+
+from bench.common import RESULTS, cpu_seconds
+from bench.orchestration import Inputs, _segment, _service_job, _wait_ready
+from bench.service_proc import ServiceProcess
+from bench.standin_proc import StandIns
+
+AGENTS = 4
+TOP = 25
+# Leaf frames of waiting: the loop in select, an idle pool thread on its queue.
+_IDLE = ("select (selectors.py", "_run_once", "_worker (concurrent/futures/thread.py:81)")
+# Frames every busy sample passes through: no information in a "total" list.
+_FRAME = ("<frozen runpy>", "asyncio/runners.py", "asyncio/base_events.py", "asyncio/events.py")
+_FRAME += ("threading.py", "bench/service_proc.py")
+
+
+def _py_spy() -> str:
+    found = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise SystemExit("py-spy is not installed: pip install -e '.[dev]'")
+    return found
+
+
+def _top(collapsed: Path) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
+    """Busy samples, and the top functions by own and by total samples."""
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    busy = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        frames = stack.split(";")
+        if any(marker in frames[-1] for marker in _IDLE):
+            continue  # the loop waiting for I/O
+        count = int(count_text)
+        busy += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            if not any(marker in frame for marker in _FRAME):
+                total[frame] += count
+    return busy, own.most_common(TOP), total.most_common(TOP)
+
+
+async def _profile(label: str, jobs: int, concurrency: int, module: str, native: bool) -> str:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+    collapsed = tmp / "profile.txt"
+    try:
+        async with StandIns(AGENTS, tmp / "comfy", module=module) as agents:
+            env = {
+                "AISERVER_GRPC_HOST": "127.0.0.1",
+                "AISERVER_GRPC_PORT": "0",
+                "AISERVER_HTTP_ENABLED": "false",
+                "AISERVER_DATA_DIR": str(tmp / "service"),
+                "AISERVER_AGENTS": json.dumps(
+                    [
+                        {"url": url, "name": f"agent{i}", "max_concurrent_jobs": 64}
+                        for i, url in enumerate(agents.urls)
+                    ]
+                ),
+            }
+            async with ServiceProcess(env, tmp / "service.log") as service:
+                inputs = Inputs()
+                async with grpc.aio.insecure_channel(service.target) as channel:
+                    await _wait_ready(channel)
+                    job = _service_job(channel)
+                    await _segment(job, 4, inputs.take(16))  # warm-up
+                    await agents.dump()
+                    pngs = inputs.take(jobs)
+                    spy = await asyncio.create_subprocess_exec(
+                        _py_spy(),
+                        *("record", "--pid", str(service.pid), "--format", "raw", "--gil"),
+                        *("--rate", "200", "--output", str(collapsed)),
+                        # py-spy unwinds C frames only while the process is paused.
+                        *(("--native",) if native else ("--nonblocking",)),
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    await asyncio.sleep(1.0)  # py-spy attaches
+                    cpu = cpu_seconds(service.pid)
+                    started = time.perf_counter()
+                    got = await _segment(job, concurrency, pngs)
+                    wall = time.perf_counter() - started
+                    cpu = cpu_seconds(service.pid) - cpu
+                    spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
+                    async with asyncio.timeout(30):
+                        await spy.wait()
+                    _, requests = await agents.dump()
+        done = len(got["latencies"])
+        busy, own, total = _top(collapsed)
+        lines = [
+            f"profile {label}: {done} jobs ({len(got['failed'])} failed), {concurrency} callers,"
+            f" {AGENTS} agents ({module}), gRPC ImageUpscale SYNC + references, SQLite",
+            f"service CPU per job: {cpu * 1000 / max(done, 1):.2f} ms"
+            f" ({cpu:.2f} s CPU over {wall:.1f} s wall, {done / wall:.1f} jobs/s)",
+            "agent requests per job: "
+            + ", ".join(f"{route} {n / max(done, 1):.2f}" for route, n in sorted(requests.items())),
+            f"py-spy samples while busy: {busy}"
+            " (200 Hz, the thread holding the GIL only, idle loop excluded)",
+            "",
+            f"top {TOP} by own samples (% of busy):",
+            *(f"  {100 * n / max(busy, 1):5.1f}%  {frame}" for frame, n in own),
+            "",
+            f"top {TOP} by total samples (% of busy):",
+            *(f"  {100 * n / max(busy, 1):5.1f}%  {frame}" for frame, n in total),
+        ]
+        return "\n".join(lines) + "\n"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("label")
+    parser.add_argument("--jobs", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--agents",
+        default="bench.standin_proc",
+        help="bench.standin_proc (the stand-ins) or bench.fast_agent (lighter)",
+    )
+    parser.add_argument("--native", action="store_true", help="C frames too (py-spy --native)")
+    args = parser.parse_args()
+    text = asyncio.run(_profile(args.label, args.jobs, args.concurrency, args.agents, args.native))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"profile-{args.label}.txt").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
