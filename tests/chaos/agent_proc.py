@@ -7,7 +7,7 @@ Every prompt it starts and every ``execution_success`` it sends is appended to `
 JSON line, written straight to the file (``O_APPEND``, no buffer), so the log survives a
 SIGKILL and spans every restart of the agent:
 ``{"agent": ..., "event": "start"|"success", "prompt_id": ..., "job": ..., "t": ...}``
-(``job`` is the job id the service puts in the ``SaveImage`` prefix; ``t`` is wall time).
+(``job`` is the job id the service puts in the output node's prefix; ``t`` is wall time).
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ class LoggedStandIn(ComfyStandIn):
 
 
 def job_label(prompt: dict[str, Any]) -> str:
-    """The last part of the ``SaveImage`` filename prefix: the service's job id."""
+    """The last part of the output node's filename prefix: the service's job id (outputs over
+    the websocket keep it on the ``PreviewImage`` beside ``SaveImageWebsocket``)."""
     for node in prompt.values():
-        if isinstance(node, dict) and node.get("class_type") == "SaveImage":
+        if isinstance(node, dict) and node.get("class_type") in ("SaveImage", "PreviewImage"):
             prefix = str(node.get("inputs", {}).get("filename_prefix", ""))
             return prefix.rsplit("/", 1)[-1]
     return ""
