@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: run test test-shared lint typecheck fmt proto proto-check lint-proto bench clean
+.PHONY: run test test-shared lint typecheck fmt proto proto-check lint-proto client-sync client-check bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 ## run: start the service on embedded defaults (gRPC :50051, data under ./data)
 run: $(STAMP)
+	@echo 'aiserver, grpcurl and buf are in $(BIN): export PATH="$(CURDIR)/$(BIN):$$PATH"'
 	$(BIN)/aiserver serve
 
 ## test: the whole suite, plus generated-code drift, proto lint, ruff and mypy
-test: $(STAMP) proto-check lint-proto lint typecheck
+test: $(STAMP) proto-check client-check lint-proto lint typecheck
 	$(BIN)/pytest -q
 
 ## test-shared: service tests with every service on PostgreSQL + S3 (moto) instead of the
@@ -49,6 +50,14 @@ proto: build/proto-deps
 ## proto-check: fail when generated/ differs from what the protos produce
 proto-check: build/proto-deps
 	$(BIN)/python tools/gen_protos.py --check generated
+
+## client-sync: regenerate the blocking client (client/_sync.py) from the asyncio one
+client-sync: $(STAMP)
+	$(BIN)/python tools/gen_sync_client.py
+
+## client-check: fail when client/_sync.py differs from what client/_async.py produces
+client-check: $(STAMP)
+	$(BIN)/python tools/gen_sync_client.py --check
 
 # buf lints the image protoc builds: validate.proto comes as a descriptor set, not a source.
 lint-proto: build/proto-deps

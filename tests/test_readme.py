@@ -39,7 +39,9 @@ async def run_block(block: str, port: int, cwd: Path) -> str:
 
 async def test_readme_grpcurl_session_works_as_written(service: Service, tmp_path: Path) -> None:
     (tmp_path / "photo.png").write_bytes(encode(quadrant_image(64, 48), "PNG"))
-    listing, crop, error = readme_blocks("Try it with grpcurl")
+    setup, listing, crop, error = readme_blocks("Try it with grpcurl")
+    assert "grpcurl" not in setup and ".venv/bin" in setup  # PATH first, then grpcurl
+    listing, crop, error = (setup + block for block in (listing, crop, error))
 
     out = await run_block(listing, service.grpc_port, tmp_path)
     assert "imagetasks.v1.TransformService" in out

@@ -15,9 +15,28 @@ from aiserver.logs import configure_logging
 
 __all__ = ["main"]
 
+# Plain text: argparse prints it as it is (the module docstring is for readers of the code).
+_DESCRIPTION = "AI Server's image tasks as a gRPC service that runs them on ComfyUI agents."
+_EPILOG = """\
+serve and gateway run servers; every other command is a client of a running
+service, found at --server HOST:PORT or $AISERVER_ADDRESS (default
+localhost:50051). Each command has its own --help.
+
+examples:
+  aiserver serve --port 50051
+  aiserver upscale photo.png -o photo-2x.png
+  aiserver convert photo.png --format webp -o photo.webp
+  aiserver jobs list --state running
+"""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aiserver", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="aiserver",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the gRPC service")

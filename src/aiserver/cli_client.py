@@ -24,23 +24,44 @@ Exit codes:
 Hook into ``aiserver.cli``: ``add_client_commands(subparsers)`` before parsing, then
 ``run_client_command(args)`` for any command other than ``serve``. Nothing here imports grpc
 until a client command runs.
+
+A command's options are named as the fields of its request dataclass
+(``aiserver.client.requests``): :func:`_request` fills the dataclass from the parsed
+arguments, so a call's parameters are not listed again here.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
-import shutil
 import sys
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiserver.cli_output import (
+    EXIT_AUTH,
+    EXIT_INTERRUPTED,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_SERVER,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    PROG,
+    Out,
+    ProgressLine,
+    exit_code_for,
+    job_details,
+    job_line,
+    message_dict,
+)
 
 if TYPE_CHECKING:
-    from aiserver.client import AsyncClient, ClientError, Event
+    from aiserver.client import AsyncClient, JobStream
     from aiserver.client.inputs import OutputSink
 
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -65,29 +86,6 @@ __all__ = [
     "run_client_command",
 ]
 
-EXIT_OK = 0
-EXIT_JOB_FAILED = 1
-EXIT_USAGE = 2
-EXIT_REFUSED = 3
-EXIT_UNAVAILABLE = 4
-EXIT_AUTH = 5
-EXIT_SERVER = 6
-EXIT_INTERRUPTED = 130
-
-_EXIT_BY_CODE = {
-    "INVALID_ARGUMENT": EXIT_REFUSED,
-    "NOT_FOUND": EXIT_REFUSED,
-    "ALREADY_EXISTS": EXIT_REFUSED,
-    "FAILED_PRECONDITION": EXIT_REFUSED,
-    "OUT_OF_RANGE": EXIT_REFUSED,
-    "RESOURCE_EXHAUSTED": EXIT_REFUSED,
-    "UNIMPLEMENTED": EXIT_REFUSED,
-    "UNAVAILABLE": EXIT_UNAVAILABLE,
-    "DEADLINE_EXCEEDED": EXIT_UNAVAILABLE,
-    "ABORTED": EXIT_UNAVAILABLE,
-    "UNAUTHENTICATED": EXIT_AUTH,
-    "PERMISSION_DENIED": EXIT_AUTH,
-}
 
 CLIENT_COMMANDS = frozenset(
     {"upscale", "img2img", "inpaint", "caption", "crop", "convert", "variant", "jobs"}
@@ -97,14 +95,9 @@ ENV_API_KEY = "AISERVER_API_KEY"
 _FORMATS = ("jpg", "jpeg", "png", "gif", "bmp", "tiff", "webp", "avif")
 _STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 _TASKS = ("ImageToImage", "ImageWithMask", "ImageUpscale", "ImageToText")
-_PROG = "aiserver"
 
 _Handler = Callable[[argparse.Namespace, "AsyncClient"], Coroutine[Any, Any, int]]
-
-
-def exit_code_for(code_name: str) -> int:
-    """The exit code for a failed call's status code name (``NOT_FOUND`` -> 3)."""
-    return _EXIT_BY_CODE.get(code_name, EXIT_SERVER)
+_Request = TypeVar("_Request")
 
 
 class _UsageError(Exception):
@@ -138,8 +131,9 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--reply-to", default="", help="URL that receives the final job (POST)")
     group.add_argument(
         "--no-wait",
-        action="store_true",
-        help="return once the job is accepted; follow it with `jobs watch`",
+        dest="wait",
+        action="store_false",
+        help="return once the job is accepted; follow it with 'aiserver jobs watch'",
     )
     group.add_argument(
         "-o",
@@ -176,31 +170,37 @@ def add_client_commands(subparsers: _Subparsers) -> None:
         parser.set_defaults(client_handler=handler)
         return parser
 
-    p = command("upscale", _cmd_upscale, "2x upscale of an image (ImageUpscale)")
-    p.add_argument("image", type=Path)
+    p = command("upscale", _job_command("ImageUpscale"), "2x upscale of an image (ImageUpscale)")
+    p.add_argument("image", type=Path, help="the input image file")
     p.add_argument("--model", default="", help="upscale model; default: the server's")
     _job_options(p)
 
-    p = command("img2img", _cmd_img2img, "a new image from an image and a prompt (ImageToImage)")
-    p.add_argument("image", type=Path)
+    p = command(
+        "img2img",
+        _job_command("ImageToImage"),
+        "a new image from an image and a prompt (ImageToImage)",
+    )
+    p.add_argument("image", type=Path, help="the input image file")
     _sampling_options(p)
     _job_options(p)
 
-    p = command("inpaint", _cmd_inpaint, "repaint inside a mask (ImageWithMask)")
-    p.add_argument("image", type=Path)
+    p = command("inpaint", _job_command("ImageWithMask"), "repaint inside a mask (ImageWithMask)")
+    p.add_argument("image", type=Path, help="the input image file")
     p.add_argument("--mask", type=Path, required=True, help="the mask image")
     p.add_argument("--mask-channel", choices=("red", "green", "blue", "alpha"), default="red")
     _sampling_options(p)
     _job_options(p)
 
-    p = command("caption", _cmd_caption, "describe an image (ImageToText)")
-    p.add_argument("image", type=Path)
+    p = command(
+        "caption", _job_command("ImageToText", texts=True), "describe an image (ImageToText)"
+    )
+    p.add_argument("image", type=Path, help="the input image file")
     p.add_argument("--model", default="", help="captioning model; default: the server's")
     p.add_argument("--prompt", default="", help="the model's task, e.g. detailed_caption")
     _job_options(p)
 
-    p = command("crop", _cmd_crop, "crop an image to a rectangle (CropImage)")
-    p.add_argument("image", type=Path)
+    p = command("crop", _transform_command("CropImage"), "crop an image to a rectangle (CropImage)")
+    p.add_argument("image", type=Path, help="the input image file")
     for edge in ("x", "y", "width", "height"):
         p.add_argument(f"--{edge}", type=int, required=True)
     p.add_argument("--format", choices=_FORMATS, help="default: the input's")
@@ -209,8 +209,12 @@ def add_client_commands(subparsers: _Subparsers) -> None:
         "-o", "--output", required=True, metavar="PATH", help="output file, - for stdout"
     )
 
-    p = command("convert", _cmd_convert, "convert an image to another format (ConvertImage)")
-    p.add_argument("image", type=Path)
+    p = command(
+        "convert",
+        _transform_command("ConvertImage"),
+        "convert an image to another format (ConvertImage)",
+    )
+    p.add_argument("image", type=Path, help="the input image file")
     p.add_argument("--format", choices=_FORMATS, required=True)
     p.add_argument("--quality", type=int, help="1..100 for lossy formats")
     p.add_argument(
@@ -234,7 +238,9 @@ def add_client_commands(subparsers: _Subparsers) -> None:
     actions = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     p = actions.add_parser("list", help="jobs, newest first", parents=[common])
     p.set_defaults(client_handler=_cmd_jobs_list)
-    p.add_argument("--state", action="append", choices=_STATES, default=[], help="repeatable")
+    p.add_argument(
+        "--state", dest="states", action="append", choices=_STATES, default=[], help="repeatable"
+    )
     p.add_argument("--task", choices=_TASKS)
     p.add_argument("--tag", default="")
     p.add_argument("--ref-id", default="")
@@ -265,13 +271,13 @@ def run_client_command(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_dispatch(handler, args))
     except KeyboardInterrupt:
-        print(f"{_PROG}: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The client commands on their own (``python -m aiserver.cli_client``)."""
-    parser = argparse.ArgumentParser(prog=_PROG, description="imagetasks.v1 client commands")
+    parser = argparse.ArgumentParser(prog=PROG, description="imagetasks.v1 client commands")
     add_client_commands(parser.add_subparsers(dest="command", required=True))
     return run_client_command(parser.parse_args(argv))
 
@@ -279,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _dispatch(handler: _Handler, args: argparse.Namespace) -> int:
     from aiserver.client import AsyncClient, ClientError
 
-    out = _Out(args)
+    out = Out(args)
     try:
         roots = args.root_certs.read_bytes() if args.root_certs else None
     except OSError as exc:
@@ -302,130 +308,6 @@ async def _dispatch(handler: _Handler, args: argparse.Namespace) -> int:
         return out.usage(text or repr(exc))
     finally:
         await client.close()
-
-
-# ---- printing -------------------------------------------------------------------------------
-
-
-class _Out:
-    """stdout for results (or JSON), stderr for progress and errors."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.json = bool(args.json)
-        self.quiet = bool(args.quiet)
-
-    def result(self, text: str) -> None:
-        if not self.json:
-            print(text, flush=True)
-
-    def document(self, data: Any) -> None:
-        if self.json:
-            print(json.dumps(data, indent=2, ensure_ascii=False), flush=True)
-
-    def error(self, err: ClientError) -> int:
-        print(f"{_PROG}: error: {err}", file=sys.stderr, flush=True)
-        self.document({"error": err.to_dict()})
-        return exit_code_for(err.code_name)
-
-    def usage(self, text: str) -> int:
-        print(f"{_PROG}: error: {text}", file=sys.stderr, flush=True)
-        self.document({"error": {"code": "USAGE", "message": text}})
-        return EXIT_USAGE
-
-
-def _message_dict(message: Any) -> dict[str, Any]:
-    from google.protobuf import json_format
-
-    data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return data
-
-
-class ProgressLine:
-    """Job progress on ``stream``: one line redrawn in place on a terminal; otherwise plain
-    lines, progress only when the stage or node changes or another 10% is done."""
-
-    def __init__(self, stream: TextIO, *, enabled: bool = True, tty: bool | None = None) -> None:
-        self.stream = stream
-        self.enabled = enabled
-        self.tty = stream.isatty() if tty is None else tty
-        self._live = False
-        self._last_key: tuple[str, str, int] | None = None
-        self._started = time.monotonic()
-
-    def _width(self) -> int:
-        return max(20, shutil.get_terminal_size((100, 20)).columns - 1)
-
-    def live(self, text: str) -> None:
-        """The progress line (a terminal), or a plain line when worth one."""
-        if not self.enabled:
-            return
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + text[: self._width()])
-            self.stream.flush()
-            self._live = True
-
-    def line(self, text: str) -> None:
-        """A line that stays (above the live line on a terminal)."""
-        if not self.enabled:
-            return
-        if self._live:
-            self.stream.write("\r\x1b[2K")
-            self._live = False
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self._live:
-            self.stream.write("\r\x1b[2K")
-            self.stream.flush()
-            self._live = False
-
-    def event(self, event: Event) -> None:
-        from aiserver.client import (
-            Accepted,
-            Finished,
-            OutputReady,
-            Progress,
-            Retrying,
-            Stage,
-            TextOutput,
-        )
-
-        if isinstance(event, Accepted):
-            again = " (existing job for this ref id)" if event.existing else ""
-            self.line(
-                f"accepted {event.job} ({event.task}), queue position {event.queue_position}{again}"
-            )
-        elif isinstance(event, Progress):
-            percent = int(event.fraction * 100)
-            if event.stage in (Stage.QUEUED, Stage.PENDING):
-                text = f"{event.stage.value}, position {event.queue_position}"
-            else:
-                text = event.stage.value
-                if event.node_type or event.node:
-                    text += f" {event.node_type or 'node'}"
-                    text += f" (node {event.node})" if event.node else ""
-                if event.max_steps:
-                    text += f" step {event.step}/{event.max_steps}"
-            if self.tty:
-                filled = percent // 5
-                bar = "#" * filled + "." * (20 - filled)
-                self.live(f"[{bar}] {percent:3d}%  {text}  {event.job}")
-                return
-            key = (event.stage.value, event.node, percent // 10)
-            if key != self._last_key or (event.max_steps and event.step == event.max_steps):
-                self._last_key = key
-                self.line(f"{text}, {percent}%")
-        elif isinstance(event, OutputReady):
-            a = event.artifact
-            self.line(f"output {event.index}: {a.name} ({a.width}x{a.height} {a.mime_type})")
-        elif isinstance(event, TextOutput):
-            self.line(f"text {event.index}: {event.text}")
-        elif isinstance(event, Retrying):
-            self.line(f"retrying: attempt {event.attempt} failed ({event.reason})")
-        elif isinstance(event, Finished):
-            took = time.monotonic() - self._started
-            self.line(f"finished: {event.state} after {took:.1f}s")
 
 
 # ---- generative commands --------------------------------------------------------------------
@@ -457,12 +339,14 @@ class _Outputs:
         return path
 
     async def write(self, index: int, data: bytes, last: bool) -> None:
+        from aiserver.client._io_async import sink_commit, sink_write
+
         sink = self.sinks.get(index)
         if sink is None:
             return
-        await sink.write(data)
+        await sink_write(sink, data)
         if last:
-            await sink.commit()
+            await sink_commit(sink)
             del self.sinks[index]
 
     def abort(self) -> None:
@@ -471,7 +355,7 @@ class _Outputs:
         self.sinks.clear()
 
 
-async def _run_job(args: argparse.Namespace, stream: Any, *, texts_to_stdout: bool) -> int:
+async def _run_job(args: argparse.Namespace, stream: JobStream, *, texts_to_stdout: bool) -> int:
     from aiserver.client import (
         Accepted,
         Finished,
@@ -480,7 +364,7 @@ async def _run_job(args: argparse.Namespace, stream: Any, *, texts_to_stdout: bo
         TextOutput,
     )
 
-    out = _Out(args)
+    out = Out(args)
     progress = ProgressLine(sys.stderr, enabled=not out.quiet)
     outputs = _Outputs(getattr(args, "output", None))
     accepted: Accepted | None = None
@@ -499,7 +383,7 @@ async def _run_job(args: argparse.Namespace, stream: Any, *, texts_to_stdout: bo
                     {
                         "index": event.index,
                         "path": str(path),
-                        "artifact": _message_dict(event.artifact),
+                        "artifact": message_dict(event.artifact),
                     }
                 )
             elif isinstance(event, OutputData):
@@ -521,7 +405,7 @@ async def _run_job(args: argparse.Namespace, stream: Any, *, texts_to_stdout: bo
             raise _UsageError("the server ended the call without accepting a job")
         # --no-wait: the job was accepted and runs on.
         out.result(accepted.job)
-        out.document({"job": accepted.job, "accepted": _message_dict(accepted.raw.accepted)})
+        out.document({"job": accepted.job, "accepted": message_dict(accepted.raw.accepted)})
         return EXIT_OK
     job = finished.final
     if texts_to_stdout:
@@ -530,7 +414,7 @@ async def _run_job(args: argparse.Namespace, stream: Any, *, texts_to_stdout: bo
     err = finished.error
     out.document(
         {
-            "job": _message_dict(job),
+            "job": message_dict(job),
             "state": finished.state,
             "files": files,
             "texts": texts,
@@ -538,7 +422,7 @@ async def _run_job(args: argparse.Namespace, stream: Any, *, texts_to_stdout: bo
         }
     )
     if err is not None:
-        print(f"{_PROG}: job {job.name} {finished.state}: {err}", file=sys.stderr, flush=True)
+        print(f"{PROG}: job {job.name} {finished.state}: {err}", file=sys.stderr, flush=True)
         return EXIT_JOB_FAILED
     for index in sorted(outputs.paths):
         out.result(str(outputs.paths[index]))
@@ -551,60 +435,27 @@ def _check_input(*paths: Path) -> None:
             raise _UsageError(f"cannot read {path}: no such file")
 
 
-def _job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "ref_id": args.ref_id,
-        "tag": args.tag,
-        "reply_to": args.reply_to,
-        "wait": not args.no_wait,
-    }
+def _request(
+    request_type: Callable[..., _Request], args: argparse.Namespace, **given: Any
+) -> _Request:
+    """``request_type`` filled from the parsed arguments named as its fields (``given`` wins)."""
+    names = inspect.signature(request_type).parameters
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return request_type(**{**values, **given})
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "model": args.model,
-        "denoise": args.denoise,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "steps": args.steps,
-        "cfg_scale": args.cfg_scale,
-        "sampler": args.sampler,
-        "scheduler": args.scheduler,
-    }
+def _job_command(request_name: str, *, texts: bool = False) -> _Handler:
+    """A generative command: ``request_name`` of ``aiserver.client.requests``, run as a job;
+    with ``texts`` its text outputs go to stdout."""
 
+    async def handler(args: argparse.Namespace, client: AsyncClient) -> int:
+        from aiserver.client import requests
 
-async def _cmd_upscale(args: argparse.Namespace, client: AsyncClient) -> int:
-    _check_input(args.image)
-    stream = client.upscale(args.image, model=args.model, **_job_kwargs(args))
-    return await _run_job(args, stream, texts_to_stdout=False)
+        request = _request(getattr(requests, request_name), args)
+        _check_input(*(path for _, path in request.inputs()))
+        return await _run_job(args, client.start(request), texts_to_stdout=texts)
 
-
-async def _cmd_img2img(args: argparse.Namespace, client: AsyncClient) -> int:
-    _check_input(args.image)
-    stream = client.image_to_image(args.image, **_sampling_kwargs(args), **_job_kwargs(args))
-    return await _run_job(args, stream, texts_to_stdout=False)
-
-
-async def _cmd_inpaint(args: argparse.Namespace, client: AsyncClient) -> int:
-    _check_input(args.image, args.mask)
-    stream = client.image_with_mask(
-        args.image,
-        args.mask,
-        mask_channel=args.mask_channel,
-        **_sampling_kwargs(args),
-        **_job_kwargs(args),
-    )
-    return await _run_job(args, stream, texts_to_stdout=False)
-
-
-async def _cmd_caption(args: argparse.Namespace, client: AsyncClient) -> int:
-    _check_input(args.image)
-    stream = client.image_to_text(
-        args.image, model=args.model, prompt=args.prompt, **_job_kwargs(args)
-    )
-    return await _run_job(args, stream, texts_to_stdout=True)
+    return handler
 
 
 # ---- light commands -------------------------------------------------------------------------
@@ -633,31 +484,22 @@ def _image_summary(info: Any, output: str) -> tuple[str, dict[str, Any]]:
     return text, data
 
 
-async def _cmd_crop(args: argparse.Namespace, client: AsyncClient) -> int:
-    _check_input(args.image)
-    result = await client.crop(
-        args.image,
-        x=args.x,
-        y=args.y,
-        width=args.width,
-        height=args.height,
-        format=args.format,
-        quality=args.quality,
-        out=_destination(args),
-    )
-    return _light_done(args, result.info)
+def _transform_command(request_name: str) -> _Handler:
+    """A light command: ``request_name`` of ``aiserver.client.requests``, written to -o."""
 
+    async def handler(args: argparse.Namespace, client: AsyncClient) -> int:
+        from aiserver.client import requests
 
-async def _cmd_convert(args: argparse.Namespace, client: AsyncClient) -> int:
-    _check_input(args.image)
-    result = await client.convert(
-        args.image, format=args.format, quality=args.quality, out=_destination(args)
-    )
-    return _light_done(args, result.info)
+        _check_input(args.image)
+        request_type = getattr(requests, request_name)
+        result = await client.transform(_request(request_type, args, out=_destination(args)))
+        return _light_done(args, result.info)
+
+    return handler
 
 
 def _light_done(args: argparse.Namespace, info: Any, **extra: Any) -> int:
-    out = _Out(args)
+    out = Out(args)
     text, data = _image_summary(info, args.output)
     if args.output != "-":
         out.result(text)
@@ -666,88 +508,25 @@ def _light_done(args: argparse.Namespace, info: Any, **extra: Any) -> int:
 
 
 async def _cmd_variant(args: argparse.Namespace, client: AsyncClient) -> int:
-    result = await client.variant(
-        args.artifact,
-        spec=args.spec,
-        width=args.width,
-        height=args.height,
-        fit=args.fit,
-        format=args.format,
-        quality=args.quality,
-        preset=args.preset,
-        out=_destination(args),
-    )
+    from aiserver.client import GetVariant
+
+    result = await client.get_variant(_request(GetVariant, args, out=_destination(args)))
     info = result.info
     return _light_done(args, info.image, spec=info.spec, etag=info.etag, url=info.url)
 
 
-# ---- jobs -----------------------------------------------------------------------------------
-
-
-def _job_line(job: Any) -> str:
-    from aiserver.client.types import job_state_name, task_name
-
-    created = ""
-    if job.HasField("create_time"):
-        created = job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%SZ")
-    return "  ".join(
-        [
-            job.name,
-            f"{task_name(job.task):<13}",
-            f"{job_state_name(job.state):<9}",
-            f"{int(job.progress * 100):3d}%",
-            created,
-            job.tag,
-        ]
-    ).rstrip()
-
-
-def _job_details(job: Any) -> list[str]:
-    from aiserver.client.types import job_error, job_state_name, task_name
-
-    lines = [
-        f"name:     {job.name}",
-        f"task:     {task_name(job.task)}",
-        f"state:    {job_state_name(job.state)}",
-        f"progress: {int(job.progress * 100)}%",
-    ]
-    if job.ref_id:
-        lines.append(f"ref id:   {job.ref_id}")
-    if job.tag:
-        lines.append(f"tag:      {job.tag}")
-    if job.provider:
-        agent = f" ({job.agent})" if job.agent else ""
-        lines.append(f"provider: {job.provider}{agent}")
-    if job.state == job.STATE_QUEUED:
-        lines.append(f"queue:    position {job.queue_position}")
-    for artifact in job.outputs:
-        lines.append(f"output:   {artifact.name} ({artifact.width}x{artifact.height})")
-    for text in job.text_outputs:
-        lines.append(f"text:     {text.text}")
-    err = job_error(job)
-    if err is not None:
-        lines.append(f"error:    {err}")
-    return lines
-
-
 async def _cmd_jobs_list(args: argparse.Namespace, client: AsyncClient) -> int:
-    page = await client.list_jobs(
-        states=args.state,
-        task=args.task,
-        tag=args.tag,
-        ref_id=args.ref_id,
-        page_size=args.page_size,
-        page_token=args.page_token,
-        all_owners=args.all_owners,
-    )
-    out = _Out(args)
+    from aiserver.client import ListJobs
+
+    page = await client.list_page(_request(ListJobs, args))
+    out = Out(args)
     for job in page.jobs:
-        out.result(_job_line(job))
+        out.result(job_line(job))
     if page.next_page_token:
         out.result(f"(more: --page-token {page.next_page_token})")
     out.document(
         {
-            "jobs": [_message_dict(job) for job in page.jobs],
+            "jobs": [message_dict(job) for job in page.jobs],
             "next_page_token": page.next_page_token,
         }
     )
@@ -756,10 +535,10 @@ async def _cmd_jobs_list(args: argparse.Namespace, client: AsyncClient) -> int:
 
 async def _cmd_jobs_get(args: argparse.Namespace, client: AsyncClient) -> int:
     job = await client.get_job(args.name)
-    out = _Out(args)
-    for line in _job_details(job):
+    out = Out(args)
+    for line in job_details(job):
         out.result(line)
-    out.document(_message_dict(job))
+    out.document(message_dict(job))
     return EXIT_OK
 
 
@@ -767,22 +546,22 @@ async def _cmd_jobs_cancel(args: argparse.Namespace, client: AsyncClient) -> int
     from aiserver.client.types import job_state_name
 
     job = await client.cancel_job(args.name)
-    out = _Out(args)
+    out = Out(args)
     out.result(f"{job.name} {job_state_name(job.state)}")
-    out.document(_message_dict(job))
+    out.document(message_dict(job))
     return EXIT_OK
 
 
 async def _cmd_jobs_watch(args: argparse.Namespace, client: AsyncClient) -> int:
     from aiserver.client import Finished
 
-    out = _Out(args)
+    out = Out(args)
     progress = ProgressLine(sys.stderr, enabled=not out.quiet)
     finished: Finished | None = None
     try:
         async for event in client.watch_job(args.name):
             if out.json:
-                print(json.dumps(_message_dict(event.raw), ensure_ascii=False), flush=True)
+                print(json.dumps(message_dict(event.raw), ensure_ascii=False), flush=True)
             progress.event(event)
             if isinstance(event, Finished):
                 finished = event
@@ -792,7 +571,7 @@ async def _cmd_jobs_watch(args: argparse.Namespace, client: AsyncClient) -> int:
         raise _UsageError("the watch ended before the job did")
     err = finished.error
     if err is not None:
-        print(f"{_PROG}: job {finished.job} {finished.state}: {err}", file=sys.stderr, flush=True)
+        print(f"{PROG}: job {finished.job} {finished.state}: {err}", file=sys.stderr, flush=True)
         return EXIT_JOB_FAILED
     if args.output:
         outputs = _Outputs(args.output)

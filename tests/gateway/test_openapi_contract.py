@@ -52,6 +52,9 @@ CROSS_FIELD = {
     ("INVALID_PARAMETERS", "/api/GetArtifactGenerationStatus"),
     ("INVALID_PARAMETERS", "/api/GetTextGenerationStatus"),
 }
+# Streams that end only when the caller leaves (WatchJobs, WatchAgents): a request cannot be
+# fuzzed to an answer; tests/api/test_watch_jobs.py and test_watch_agents.py cover them.
+ENDLESS = {"/v1/jobs:watch", "/v1/agents:watch"}
 
 
 CONFORMANCE = [
@@ -208,7 +211,7 @@ def _fuzz(doc: dict[str, Any], base_url: str, findings: Findings) -> None:
     """Run in a thread: schemathesis' calls are blocking."""
     for result in schemathesis.openapi.from_dict(doc).get_all_operations():
         operation = result.ok()
-        if operation.path != "/openapi.json":
+        if operation.path != "/openapi.json" and operation.path not in ENDLESS:
             _fuzz_operation(operation, base_url, findings)
 
 

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from imagetasks.v1 import common_pb2 as imagetasks_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!imagetasks/v1/agent_service.proto\x12\rimagetasks.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1aimagetasks/v1/common.proto\"\x13\n\x11ListAgentsRequest\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.imagetasks.v1.Agent\"\xe4\x03\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.imagetasks.v1.Agent.Kind\x12\x0b\n\x03url\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.imagetasks.v1.Agent.State\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x1b\n\x13max_concurrent_jobs\x18\x06 \x01(\x05\x12\x14\n\x0crunning_jobs\x18\x07 \x01(\x05\x12\"\n\x05tasks\x18\x08 \x03(\x0e\x32\x13.imagetasks.v1.Task\x12\x0e\n\x06models\x18\t \x03(\t\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x32\n\x0elast_seen_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATE_STARTING\x10\x01\x12\x10\n\x0cSTATE_ONLINE\x10\x02\x12\x11\n\rSTATE_OFFLINE\x10\x03\x12\x12\n\x0eSTATE_DISABLED\x10\x04\">\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_COMFYUI\x10\x01\x12\x0e\n\nKIND_LOCAL\x10\x02\x32u\n\x0c\x41gentService\x12\x65\n\nListAgents\x12 .imagetasks.v1.ListAgentsRequest\x1a!.imagetasks.v1.ListAgentsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/agentsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!imagetasks/v1/agent_service.proto\x12\rimagetasks.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1aimagetasks/v1/common.proto\"\x13\n\x11ListAgentsRequest\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.imagetasks.v1.Agent\"\x14\n\x12WatchAgentsRequest\";\n\x13WatchAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.imagetasks.v1.Agent\"\xe4\x03\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.imagetasks.v1.Agent.Kind\x12\x0b\n\x03url\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.imagetasks.v1.Agent.State\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x1b\n\x13max_concurrent_jobs\x18\x06 \x01(\x05\x12\x14\n\x0crunning_jobs\x18\x07 \x01(\x05\x12\"\n\x05tasks\x18\x08 \x03(\x0e\x32\x13.imagetasks.v1.Task\x12\x0e\n\x06models\x18\t \x03(\t\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x32\n\x0elast_seen_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATE_STARTING\x10\x01\x12\x10\n\x0cSTATE_ONLINE\x10\x02\x12\x11\n\rSTATE_OFFLINE\x10\x03\x12\x12\n\x0eSTATE_DISABLED\x10\x04\">\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_COMFYUI\x10\x01\x12\x0e\n\nKIND_LOCAL\x10\x02\x32\xe7\x01\n\x0c\x41gentService\x12\x65\n\nListAgents\x12 .imagetasks.v1.ListAgentsRequest\x1a!.imagetasks.v1.ListAgentsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/agents\x12p\n\x0bWatchAgents\x12!.imagetasks.v1.WatchAgentsRequest\x1a\".imagetasks.v1.WatchAgentsResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/agents:watch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,16 +36,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AGENTSERVICE'].methods_by_name['ListAgents']._loaded_options = None
   _globals['_AGENTSERVICE'].methods_by_name['ListAgents']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/agents'
+  _globals['_AGENTSERVICE'].methods_by_name['WatchAgents']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['WatchAgents']._serialized_options = b'\202\323\344\223\002\022\022\020/v1/agents:watch'
   _globals['_LISTAGENTSREQUEST']._serialized_start=143
   _globals['_LISTAGENTSREQUEST']._serialized_end=162
   _globals['_LISTAGENTSRESPONSE']._serialized_start=164
   _globals['_LISTAGENTSRESPONSE']._serialized_end=222
-  _globals['_AGENT']._serialized_start=225
-  _globals['_AGENT']._serialized_end=709
-  _globals['_AGENT_STATE']._serialized_start=538
-  _globals['_AGENT_STATE']._serialized_end=645
-  _globals['_AGENT_KIND']._serialized_start=647
-  _globals['_AGENT_KIND']._serialized_end=709
-  _globals['_AGENTSERVICE']._serialized_start=711
-  _globals['_AGENTSERVICE']._serialized_end=828
+  _globals['_WATCHAGENTSREQUEST']._serialized_start=224
+  _globals['_WATCHAGENTSREQUEST']._serialized_end=244
+  _globals['_WATCHAGENTSRESPONSE']._serialized_start=246
+  _globals['_WATCHAGENTSRESPONSE']._serialized_end=305
+  _globals['_AGENT']._serialized_start=308
+  _globals['_AGENT']._serialized_end=792
+  _globals['_AGENT_STATE']._serialized_start=621
+  _globals['_AGENT_STATE']._serialized_end=728
+  _globals['_AGENT_KIND']._serialized_start=730
+  _globals['_AGENT_KIND']._serialized_end=792
+  _globals['_AGENTSERVICE']._serialized_start=795
+  _globals['_AGENTSERVICE']._serialized_end=1026
 # @@protoc_insertion_point(module_scope)

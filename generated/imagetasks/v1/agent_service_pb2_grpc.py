@@ -40,6 +40,11 @@ class AgentServiceStub:
                 request_serializer=imagetasks_dot_v1_dot_agent__service__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=imagetasks_dot_v1_dot_agent__service__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.WatchAgents = channel.unary_stream(
+                '/imagetasks.v1.AgentService/WatchAgents',
+                request_serializer=imagetasks_dot_v1_dot_agent__service__pb2.WatchAgentsRequest.SerializeToString,
+                response_deserializer=imagetasks_dot_v1_dot_agent__service__pb2.WatchAgentsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -53,6 +58,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAgents(self, request, context):
+        """The providers as ListAgents answers, now and then again each time one changes (state,
+        load, tasks, models), until the caller leaves. Admin keys only when keys are on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +73,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=imagetasks_dot_v1_dot_agent__service__pb2.ListAgentsRequest.FromString,
                     response_serializer=imagetasks_dot_v1_dot_agent__service__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'WatchAgents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAgents,
+                    request_deserializer=imagetasks_dot_v1_dot_agent__service__pb2.WatchAgentsRequest.FromString,
+                    response_serializer=imagetasks_dot_v1_dot_agent__service__pb2.WatchAgentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +108,33 @@ class AgentService:
             '/imagetasks.v1.AgentService/ListAgents',
             imagetasks_dot_v1_dot_agent__service__pb2.ListAgentsRequest.SerializeToString,
             imagetasks_dot_v1_dot_agent__service__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imagetasks.v1.AgentService/WatchAgents',
+            imagetasks_dot_v1_dot_agent__service__pb2.WatchAgentsRequest.SerializeToString,
+            imagetasks_dot_v1_dot_agent__service__pb2.WatchAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

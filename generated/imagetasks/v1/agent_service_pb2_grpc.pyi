@@ -35,6 +35,10 @@ class AgentServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     ListAgents: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]
     """Every provider with its state, load and models. Admin keys only when keys are on."""
+    WatchAgents: _grpc.UnaryStreamMultiCallable[_agent_service_pb2.WatchAgentsRequest, _agent_service_pb2.WatchAgentsResponse]
+    """The providers as ListAgents answers, now and then again each time one changes (state,
+    load, tasks, models), until the caller leaves. Admin keys only when keys are on.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -43,6 +47,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListAgents: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Every provider with its state, load and models. Admin keys only when keys are on."""
+    WatchAgents: _aio.UnaryStreamMultiCallable[_agent_service_pb2.WatchAgentsRequest, _agent_service_pb2.WatchAgentsResponse]  # type: ignore[assignment]
+    """The providers as ListAgents answers, now and then again each time one changes (state,
+    load, tasks, models), until the caller leaves. Admin keys only when keys are on.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """The providers that run jobs: ComfyUI agents and the embedded local provider."""
@@ -54,5 +62,15 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.ListAgentsResponse, _abc.Awaitable[_agent_service_pb2.ListAgentsResponse]]:
         """Every provider with its state, load and models. Admin keys only when keys are on."""
+
+    @_abc_1.abstractmethod
+    def WatchAgents(
+        self,
+        request: _agent_service_pb2.WatchAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_service_pb2.WatchAgentsResponse], _abc.AsyncIterator[_agent_service_pb2.WatchAgentsResponse]]:
+        """The providers as ListAgents answers, now and then again each time one changes (state,
+        load, tasks, models), until the caller leaves. Admin keys only when keys are on.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -28,7 +28,7 @@ from imagetasks.v1 import common_pb2 as imagetasks_dot_v1_dot_common__pb2
 from imagetasks.v1 import job_pb2 as imagetasks_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fimagetasks/v1/job_service.proto\x12\rimagetasks.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1aimagetasks/v1/common.proto\x1a\x17imagetasks/v1/job.proto\"@\n\rGetJobRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xbaH\x1er\x1c\x32\x1a^jobs/[A-Za-z0-9_-]{1,64}$\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.imagetasks.v1.Job\"\xf1\x01\n\x0fListJobsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x39\n\x06states\x18\x03 \x03(\x0e\x32\x18.imagetasks.v1.Job.StateB\x0f\xbaH\x0c\x92\x01\t\"\x07\x82\x01\x04\x10\x01 \x00\x12+\n\x04task\x18\x04 \x01(\x0e\x32\x13.imagetasks.v1.TaskB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x15\n\x03tag\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x18\n\x06ref_id\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x12\n\nall_owners\x18\x07 \x01(\x08\"M\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.imagetasks.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"B\n\x0fWatchJobRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xbaH\x1er\x1c\x32\x1a^jobs/[A-Za-z0-9_-]{1,64}$\":\n\x10WatchJobResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.imagetasks.v1.JobEvent\"C\n\x10\x43\x61ncelJobRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xbaH\x1er\x1c\x32\x1a^jobs/[A-Za-z0-9_-]{1,64}$\"4\n\x11\x43\x61ncelJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.imagetasks.v1.Job2\xb2\x03\n\nJobService\x12`\n\x06GetJob\x12\x1c.imagetasks.v1.GetJobRequest\x1a\x1d.imagetasks.v1.GetJobResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/{name=jobs/*}\x12]\n\x08ListJobs\x12\x1e.imagetasks.v1.ListJobsRequest\x1a\x1f.imagetasks.v1.ListJobsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12n\n\x08WatchJob\x12\x1e.imagetasks.v1.WatchJobRequest\x1a\x1f.imagetasks.v1.WatchJobResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=jobs/*}:watch0\x01\x12s\n\tCancelJob\x12\x1f.imagetasks.v1.CancelJobRequest\x1a .imagetasks.v1.CancelJobResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=jobs/*}:cancel:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fimagetasks/v1/job_service.proto\x12\rimagetasks.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1aimagetasks/v1/common.proto\x1a\x17imagetasks/v1/job.proto\"@\n\rGetJobRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xbaH\x1er\x1c\x32\x1a^jobs/[A-Za-z0-9_-]{1,64}$\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.imagetasks.v1.Job\"\xf1\x01\n\x0fListJobsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x39\n\x06states\x18\x03 \x03(\x0e\x32\x18.imagetasks.v1.Job.StateB\x0f\xbaH\x0c\x92\x01\t\"\x07\x82\x01\x04\x10\x01 \x00\x12+\n\x04task\x18\x04 \x01(\x0e\x32\x13.imagetasks.v1.TaskB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x15\n\x03tag\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x18\n\x06ref_id\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x12\n\nall_owners\x18\x07 \x01(\x08\"M\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.imagetasks.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"B\n\x0fWatchJobRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xbaH\x1er\x1c\x32\x1a^jobs/[A-Za-z0-9_-]{1,64}$\":\n\x10WatchJobResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.imagetasks.v1.JobEvent\"V\n\x10WatchJobsRequest\x12!\n\x04task\x18\x01 \x01(\x0e\x32\x13.imagetasks.v1.Task\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x12\n\nall_owners\x18\x03 \x01(\x08\"b\n\x11WatchJobsResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.imagetasks.v1.Job\x12,\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.imagetasks.v1.JobProgress\"C\n\x10\x43\x61ncelJobRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xbaH\x1er\x1c\x32\x1a^jobs/[A-Za-z0-9_-]{1,64}$\"4\n\x11\x43\x61ncelJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.imagetasks.v1.Job2\x9c\x04\n\nJobService\x12`\n\x06GetJob\x12\x1c.imagetasks.v1.GetJobRequest\x1a\x1d.imagetasks.v1.GetJobResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/{name=jobs/*}\x12]\n\x08ListJobs\x12\x1e.imagetasks.v1.ListJobsRequest\x1a\x1f.imagetasks.v1.ListJobsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12n\n\x08WatchJob\x12\x1e.imagetasks.v1.WatchJobRequest\x1a\x1f.imagetasks.v1.WatchJobResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=jobs/*}:watch0\x01\x12h\n\tWatchJobs\x12\x1f.imagetasks.v1.WatchJobsRequest\x1a .imagetasks.v1.WatchJobsResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/jobs:watch0\x01\x12s\n\tCancelJob\x12\x1f.imagetasks.v1.CancelJobRequest\x1a .imagetasks.v1.CancelJobResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=jobs/*}:cancel:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,6 +57,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSERVICE'].methods_by_name['ListJobs']._serialized_options = b'\202\323\344\223\002\n\022\010/v1/jobs'
   _globals['_JOBSERVICE'].methods_by_name['WatchJob']._loaded_options = None
   _globals['_JOBSERVICE'].methods_by_name['WatchJob']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/{name=jobs/*}:watch'
+  _globals['_JOBSERVICE'].methods_by_name['WatchJobs']._loaded_options = None
+  _globals['_JOBSERVICE'].methods_by_name['WatchJobs']._serialized_options = b'\202\323\344\223\002\020\022\016/v1/jobs:watch'
   _globals['_JOBSERVICE'].methods_by_name['CancelJob']._loaded_options = None
   _globals['_JOBSERVICE'].methods_by_name['CancelJob']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/{name=jobs/*}:cancel:\001*'
   _globals['_GETJOBREQUEST']._serialized_start=162
@@ -71,10 +73,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHJOBREQUEST']._serialized_end=668
   _globals['_WATCHJOBRESPONSE']._serialized_start=670
   _globals['_WATCHJOBRESPONSE']._serialized_end=728
-  _globals['_CANCELJOBREQUEST']._serialized_start=730
-  _globals['_CANCELJOBREQUEST']._serialized_end=797
-  _globals['_CANCELJOBRESPONSE']._serialized_start=799
-  _globals['_CANCELJOBRESPONSE']._serialized_end=851
-  _globals['_JOBSERVICE']._serialized_start=854
-  _globals['_JOBSERVICE']._serialized_end=1288
+  _globals['_WATCHJOBSREQUEST']._serialized_start=730
+  _globals['_WATCHJOBSREQUEST']._serialized_end=816
+  _globals['_WATCHJOBSRESPONSE']._serialized_start=818
+  _globals['_WATCHJOBSRESPONSE']._serialized_end=916
+  _globals['_CANCELJOBREQUEST']._serialized_start=918
+  _globals['_CANCELJOBREQUEST']._serialized_end=985
+  _globals['_CANCELJOBRESPONSE']._serialized_start=987
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1039
+  _globals['_JOBSERVICE']._serialized_start=1042
+  _globals['_JOBSERVICE']._serialized_end=1582
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,11 @@ class JobServiceStub:
                 request_serializer=imagetasks_dot_v1_dot_job__service__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=imagetasks_dot_v1_dot_job__service__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
+        self.WatchJobs = channel.unary_stream(
+                '/imagetasks.v1.JobService/WatchJobs',
+                request_serializer=imagetasks_dot_v1_dot_job__service__pb2.WatchJobsRequest.SerializeToString,
+                response_deserializer=imagetasks_dot_v1_dot_job__service__pb2.WatchJobsResponse.FromString,
+                _registered_method=True)
         self.CancelJob = channel.unary_unary(
                 '/imagetasks.v1.JobService/CancelJob',
                 request_serializer=imagetasks_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
@@ -88,6 +93,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchJobs(self, request, context):
+        """Changes of the caller's jobs (admin keys: every owner's with `all_owners`) as they
+        happen: a job created, moved in the queue, started, advanced (progress, rate-limited per
+        job), retried or finished. Only live changes: list first (ListJobs), then watch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelJob(self, request, context):
         """Cancels a queued or running job (the ComfyUI prompt is deleted or interrupted). Cancelling
         a job that has ended is a no-op that returns it as it is.
@@ -113,6 +127,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=imagetasks_dot_v1_dot_job__service__pb2.WatchJobRequest.FromString,
                     response_serializer=imagetasks_dot_v1_dot_job__service__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'WatchJobs': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJobs,
+                    request_deserializer=imagetasks_dot_v1_dot_job__service__pb2.WatchJobsRequest.FromString,
+                    response_serializer=imagetasks_dot_v1_dot_job__service__pb2.WatchJobsResponse.SerializeToString,
             ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
@@ -203,6 +222,33 @@ class JobService:
             '/imagetasks.v1.JobService/WatchJob',
             imagetasks_dot_v1_dot_job__service__pb2.WatchJobRequest.SerializeToString,
             imagetasks_dot_v1_dot_job__service__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imagetasks.v1.JobService/WatchJobs',
+            imagetasks_dot_v1_dot_job__service__pb2.WatchJobsRequest.SerializeToString,
+            imagetasks_dot_v1_dot_job__service__pb2.WatchJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,11 @@ class JobServiceStub:
     are rate-limited per watcher; a slow watcher skips intermediate progress, never outputs or
     the final event.
     """
+    WatchJobs: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchJobsRequest, _job_service_pb2.WatchJobsResponse]
+    """Changes of the caller's jobs (admin keys: every owner's with `all_owners`) as they
+    happen: a job created, moved in the queue, started, advanced (progress, rate-limited per
+    job), retried or finished. Only live changes: list first (ListJobs), then watch.
+    """
     CancelJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_service_pb2.CancelJobResponse]
     """Cancels a queued or running job (the ComfyUI prompt is deleted or interrupted). Cancelling
     a job that has ended is a no-op that returns it as it is.
@@ -68,6 +73,11 @@ class JobServiceAsyncStub(JobServiceStub):
     bytes are never sent here (read them with ArtifactService.ReadArtifact). Progress events
     are rate-limited per watcher; a slow watcher skips intermediate progress, never outputs or
     the final event.
+    """
+    WatchJobs: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchJobsRequest, _job_service_pb2.WatchJobsResponse]  # type: ignore[assignment]
+    """Changes of the caller's jobs (admin keys: every owner's with `all_owners`) as they
+    happen: a job created, moved in the queue, started, advanced (progress, rate-limited per
+    job), retried or finished. Only live changes: list first (ListJobs), then watch.
     """
     CancelJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_service_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Cancels a queued or running job (the ComfyUI prompt is deleted or interrupted). Cancelling
@@ -106,6 +116,17 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         bytes are never sent here (read them with ArtifactService.ReadArtifact). Progress events
         are rate-limited per watcher; a slow watcher skips intermediate progress, never outputs or
         the final event.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchJobs(
+        self,
+        request: _job_service_pb2.WatchJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_job_service_pb2.WatchJobsResponse], _abc.AsyncIterator[_job_service_pb2.WatchJobsResponse]]:
+        """Changes of the caller's jobs (admin keys: every owner's with `all_owners`) as they
+        happen: a job created, moved in the queue, started, advanced (progress, rate-limited per
+        job), retried or finished. Only live changes: list first (ListJobs), then watch.
         """
 
     @_abc_1.abstractmethod

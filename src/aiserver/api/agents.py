@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -20,6 +22,9 @@ from aiserver.providers.fallback import unwrap
 from aiserver.tasks import TaskKind
 
 __all__ = ["AgentServicer"]
+
+# The local provider announces no changes of its load: it is looked at again this often.
+_REFRESH_S = 2.0
 
 _STATES = {
     AgentState.STARTING: agpb.Agent.STATE_STARTING,
@@ -40,15 +45,52 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     async def ListAgents(
         self, request: agpb.ListAgentsRequest, context: Any
     ) -> agpb.ListAgentsResponse:
-        if not is_admin():
-            raise ServiceError(ErrorKind.PERMISSION_DENIED, "ADMIN_ONLY", "needs an admin key")
+        _check_admin()
+        return agpb.ListAgentsResponse(agents=self._agents())
+
+    @rpc
+    async def WatchAgents(
+        self, request: agpb.WatchAgentsRequest, context: Any
+    ) -> AsyncIterator[agpb.WatchAgentsResponse]:
+        _check_admin()
+        pools = [p for p in map(unwrap, self._providers) if isinstance(p, ComfyPool)]
+        last: list[agpb.Agent] | None = None
+        while True:
+            agents = self._agents()
+            if agents != last:
+                last = agents
+                yield agpb.WatchAgentsResponse(agents=agents)
+            await _next_change(pools)
+
+    def _agents(self) -> list[agpb.Agent]:
         agents: list[agpb.Agent] = []
         for provider in map(unwrap, self._providers):
             if isinstance(provider, ComfyPool):
                 agents.extend(_comfy_agent(s) for s in provider.snapshot())
             else:
                 agents.append(_in_process(provider))
-        return agpb.ListAgentsResponse(agents=agents)
+        return agents
+
+
+def _check_admin() -> None:
+    if not is_admin():
+        raise ServiceError(ErrorKind.PERMISSION_DENIED, "ADMIN_ONLY", "needs an admin key")
+
+
+async def _next_change(pools: Sequence[ComfyPool]) -> None:
+    """Until a pool changes, or ``_REFRESH_S`` has passed."""
+    waits = [asyncio.ensure_future(pool.changed()) for pool in pools]
+    try:
+        if waits:
+            await asyncio.wait(waits, timeout=_REFRESH_S, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(_REFRESH_S)
+    finally:
+        for wait in waits:
+            wait.cancel()
+        for wait in waits:
+            with contextlib.suppress(asyncio.CancelledError):
+                await wait
 
 
 def _comfy_agent(snap: AgentSnapshot) -> agpb.Agent:

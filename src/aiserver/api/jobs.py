@@ -18,9 +18,11 @@ from aiserver.api.convert import (
     state_from_proto,
     task_from_proto,
 )
+from aiserver.api.job_changes import JobChanges
 from aiserver.api.status import rpc
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs.manager import JobManager
+from aiserver.jobs.model import Job, Progress
 from aiserver.jobs.paging import page_size as checked_page_size
 from aiserver.logs import job_id_var
 
@@ -85,6 +87,41 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             yield jpb.WatchJobResponse(
                 event=event_to_proto(event, self._manager.queue_position(job.id), self._link)
             )
+
+    @rpc
+    async def WatchJobs(
+        self, request: jpb.WatchJobsRequest, context: Any
+    ) -> AsyncIterator[jpb.WatchJobsResponse]:
+        if request.all_owners and not calls.is_admin():
+            raise ServiceError(
+                ErrorKind.PERMISSION_DENIED, "ADMIN_ONLY", "all_owners needs an admin key"
+            )
+        owner = None if request.all_owners else calls.owner()
+        task = task_from_proto(request.task)
+        tag = request.tag
+
+        def accept(job: Job) -> bool:
+            return (
+                (owner is None or job.owner == owner)
+                and (task is None or job.task == task)
+                and (not tag or job.tag == tag)
+            )
+
+        changes = JobChanges(accept)
+        remove = self._manager.tap(changes.offer)
+        try:
+            while True:
+                event, job = await changes.next()
+                reply = jpb.WatchJobsResponse(
+                    job=job_to_proto(job, self._manager.queue_position(job.id), self._link)
+                )
+                if isinstance(event.kind, Progress):
+                    proto = event_to_proto(event, reply.job.queue_position, self._link)
+                    reply.progress.CopyFrom(proto.progress)
+                yield reply
+        finally:
+            remove()
+            changes.close()
 
     @rpc
     async def CancelJob(self, request: jpb.CancelJobRequest, context: Any) -> jpb.CancelJobResponse:

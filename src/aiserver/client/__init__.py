@@ -13,8 +13,12 @@ blocking (:class:`Client`).
         client.convert("photo.png", format="webp", out="photo.webp")
 
 Inputs are a path, ``bytes`` or a binary file object, uploaded in 1 MiB chunks (paths are
-read chunk by chunk, never whole). Generative calls (``image_to_image``,
-``image_with_mask``, ``upscale``, ``image_to_text``) return a job stream: iterate it for
+read chunk by chunk, never whole). Each call's parameters are a frozen dataclass of
+:mod:`aiserver.client.requests` (``client.upscale(image, model=m)`` is
+``client.start(ImageUpscale(image, model=m))``). A blocking call's deadline is its
+``timeout``, else the client's, else 300 s; the asyncio client has no default deadline.
+Generative calls (``image_to_image``, ``image_with_mask``, ``upscale``, ``image_to_text``)
+return a job stream: iterate it for
 :data:`Event` dataclasses, or call ``run()`` for a :class:`Result`. Light calls (``crop``,
 ``convert``, ``variant``) return the image (or write it to ``out`` as it arrives). Jobs:
 ``get_job``, ``list_jobs``, ``iter_jobs``, ``watch_job``, ``cancel_job``; artifacts:
@@ -27,6 +31,16 @@ from aiserver.client._async import DEFAULT_TARGET, AsyncClient, JobStream
 from aiserver.client._sync import Client, SyncJobStream
 from aiserver.client.errors import ClientError, FieldViolation
 from aiserver.client.inputs import CHUNK_SIZE, Destination, Input
+from aiserver.client.requests import (
+    ConvertImage,
+    CropImage,
+    GetVariant,
+    ImageToImage,
+    ImageToText,
+    ImageUpscale,
+    ImageWithMask,
+    ListJobs,
+)
 from aiserver.client.types import (
     Accepted,
     Event,
@@ -53,15 +67,23 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ClientError",
+    "ConvertImage",
+    "CropImage",
     "Destination",
     "Event",
     "FieldViolation",
     "Finished",
+    "GetVariant",
     "ImageInfo",
     "ImageResult",
+    "ImageToImage",
+    "ImageToText",
+    "ImageUpscale",
+    "ImageWithMask",
     "Input",
     "JobPage",
     "JobStream",
+    "ListJobs",
     "Output",
     "OutputData",
     "OutputReady",

@@ -1,31 +1,67 @@
-"""``AsyncClient``: every call of the imagetasks.v1 contract, on a grpc.aio channel."""
+"""``AsyncClient``: every call of the imagetasks.v1 contract, on a grpc.aio channel.
+
+This is the client's one hand-written copy. ``tools/gen_sync_client.py`` turns it into
+``_sync.py``, the blocking :class:`~aiserver.client.Client` on a blocking grpc channel, by
+dropping ``async``/``await`` and renaming (``AsyncClient`` -> ``Client``, ``JobStream`` ->
+``SyncJobStream``, ``_io_async`` -> ``_io_sync``); ``make client-check`` (part of ``make
+test``) fails when ``_sync.py`` is not what the generator makes of this file.
+
+Why generated rather than a shared base (httpx's way): what the two clients share is the
+upload and streaming code, and there asyncio and blocking code differ in keywords only, so a
+base class would still hold each streaming method twice. The few real differences (channel,
+how an upload is fed to grpc, file I/O, the default deadline) are the same names in
+``_io_async.py`` and ``_io_sync.py``. Each call's parameters are written once too: a method
+is its request dataclass (``aiserver.client.requests``) through
+:class:`~aiserver.client._method.RequestMethod`, so adding a call is a dataclass there and one
+line here (then ``make client-sync``).
+"""
 
 # ``timeout`` here is a gRPC deadline: it travels to the server, which stops the work when it
-# passes (a SYNC job is cancelled), unlike a local ``asyncio.timeout``.
+# passes (a SYNC job is cancelled), unlike a local timeout.
 # ruff: noqa: ASYNC109
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import ExitStack, closing
 from typing import Any
 
 import grpc
 from imagetasks.v1 import (
     artifact_service_pb2,
-    artifact_service_pb2_grpc,
     common_pb2,
-    generation_service_pb2,
-    generation_service_pb2_grpc,
     job_pb2,
     job_service_pb2,
-    job_service_pb2_grpc,
-    tasks_pb2,
-    transform_service_pb2,
-    transform_service_pb2_grpc,
 )
 
-from aiserver.client.errors import ClientError
-from aiserver.client.inputs import CHUNK_SIZE, Destination, Input, InputSource, OutputSink
+from aiserver.client._io_async import (
+    DEFAULT_TIMEOUT,
+    Stubs,
+    open_channel,
+    open_stream,
+    send_requests,
+    sink_commit,
+    sink_write,
+    source_chunks,
+    stubs_on,
+)
+from aiserver.client._method import RequestMethod
+from aiserver.client.errors import ClientError, guarded
+from aiserver.client.inputs import Destination, InputSource, OutputSink
+from aiserver.client.requests import (
+    ConvertImage,
+    CropImage,
+    GenerativeRequest,
+    GetVariant,
+    ImageToImage,
+    ImageToText,
+    ImageUpscale,
+    ImageWithMask,
+    ListJobs,
+    TransformRequest,
+    artifact_name,
+    job_name,
+)
 from aiserver.client.types import (
     Accepted,
     Event,
@@ -41,7 +77,6 @@ from aiserver.client.types import (
     VariantInfo,
     VariantResult,
     event_from_proto,
-    image_format,
 )
 
 __all__ = ["DEFAULT_TARGET", "AsyncClient", "JobStream"]
@@ -49,128 +84,24 @@ __all__ = ["DEFAULT_TARGET", "AsyncClient", "JobStream"]
 DEFAULT_TARGET = "localhost:50051"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
-_MASK_CHANNELS = {
-    "red": tasks_pb2.MASK_CHANNEL_RED,
-    "green": tasks_pb2.MASK_CHANNEL_GREEN,
-    "blue": tasks_pb2.MASK_CHANNEL_BLUE,
-    "alpha": tasks_pb2.MASK_CHANNEL_ALPHA,
-}
-_FITS = {
-    "": artifact_service_pb2.VARIANT_FIT_UNSPECIFIED,
-    "contain": artifact_service_pb2.VARIANT_FIT_CONTAIN,
-    "cover": artifact_service_pb2.VARIANT_FIT_COVER,
-    "fill": artifact_service_pb2.VARIANT_FIT_FILL,
-}
-_TASKS: dict[str, common_pb2.Task.ValueType] = {
-    "imagetoimage": common_pb2.TASK_IMAGE_TO_IMAGE,
-    "img2img": common_pb2.TASK_IMAGE_TO_IMAGE,
-    "imagewithmask": common_pb2.TASK_IMAGE_WITH_MASK,
-    "inpaint": common_pb2.TASK_IMAGE_WITH_MASK,
-    "imageupscale": common_pb2.TASK_IMAGE_UPSCALE,
-    "upscale": common_pb2.TASK_IMAGE_UPSCALE,
-    "imagetotext": common_pb2.TASK_IMAGE_TO_TEXT,
-    "caption": common_pb2.TASK_IMAGE_TO_TEXT,
-}
-_STATES: dict[str, job_pb2.Job.State.ValueType] = {
-    "queued": job_pb2.Job.STATE_QUEUED,
-    "running": job_pb2.Job.STATE_RUNNING,
-    "succeeded": job_pb2.Job.STATE_SUCCEEDED,
-    "failed": job_pb2.Job.STATE_FAILED,
-    "cancelled": job_pb2.Job.STATE_CANCELLED,
-}
-MASK_CHANNELS = tuple(_MASK_CHANNELS)
-VARIANT_FITS = tuple(f for f in _FITS if f)
-TASK_NAMES = tuple(_TASKS)
-JOB_STATES = tuple(_STATES)
 
-
-def job_name(name: str) -> str:
-    """``01ABC`` or ``jobs/01ABC`` -> ``jobs/01ABC``."""
-    name = name.strip()
-    return name if name.startswith("jobs/") else f"jobs/{name}"
-
-
-def artifact_name(name: str) -> str:
-    """``artifacts/...``, ``/artifacts/...`` (an artifact URL's path) or a bare path."""
-    name = name.strip().lstrip("/")
-    return name if name.startswith("artifacts/") else f"artifacts/{name}"
-
-
-def task_value(task: str | int | None) -> common_pb2.Task.ValueType:
-    if task is None or task == "":
-        return common_pb2.TASK_UNSPECIFIED
-    if isinstance(task, int):
-        return common_pb2.Task.ValueType(task)
-    key = task.replace("_", "").replace("-", "").lower().removeprefix("task")
-    if key not in _TASKS:
-        raise ValueError(f"unknown task {task!r} (known: {', '.join(_TASKS)})")
-    return _TASKS[key]
-
-
-def state_value(state: str | int) -> job_pb2.Job.State.ValueType:
-    if isinstance(state, int):
-        return job_pb2.Job.State.ValueType(state)
-    key = state.strip().lower().removeprefix("state_")
-    if key not in _STATES:
-        raise ValueError(f"unknown job state {state!r} (known: {', '.join(_STATES)})")
-    return _STATES[key]
-
-
-def _options(ref_id: str, tag: str, reply_to: str, wait: bool, refs: bool) -> Any:
-    return common_pb2.JobOptions(
-        ref_id=ref_id,
-        tag=tag,
-        reply_to=reply_to,
-        mode=common_pb2.RESPONSE_MODE_SYNC if wait else common_pb2.RESPONSE_MODE_ASYNC,
-        delivery=(
-            common_pb2.OUTPUT_DELIVERY_REFERENCES if refs else common_pb2.OUTPUT_DELIVERY_BYTES
-        ),
-    )
-
-
-def _optional(**values: Any) -> dict[str, Any]:
-    """Only the optional fields that were given (proto3 ``optional``: unset means default)."""
-    return {key: value for key, value in values.items() if value is not None}
-
-
-async def _upload(
-    call: Any, request_type: Any, params: Any, sources: Sequence[InputSource]
-) -> None:
-    """Params first, then each input in chunks, then half-close.
-
-    Stops quietly when the server ends the call early (a rejected upload): its status is
-    read from the response side. (Handing grpc.aio a request iterator instead hides that
-    status behind a local INTERNAL error.)
-    """
-
-    async def write(message: Any) -> bool:
-        if call.done():
-            return False
-        try:
-            await call.write(message)
-        except Exception:
-            if call.done():
-                return False
-            raise
-        return True
-
-    if not await write(request_type(params=params)):
-        return
+async def _requests(
+    request: GenerativeRequest | TransformRequest, sources: Sequence[InputSource]
+) -> AsyncIterator[Any]:
+    """An upload: the params first, then each input in chunks (the contract's order)."""
+    yield request.first_message()
     for source in sources:
         first = True
-        async for data in source.chunks(CHUNK_SIZE):
+        async for data in source_chunks(source):
             chunk = common_pb2.FileChunk(
                 field=source.field, data=data, file_name=source.file_name if first else ""
             )
             first = False
-            if not await write(request_type(chunk=chunk)):
-                return
-    if not call.done():
-        await call.done_writing()
+            yield request.chunk_message(chunk)
 
 
 class JobStream:
-    """A generative call: iterate it for its events, or ``await stream.run()`` for a
+    """A generative call: iterate it for its events, or call ``run()`` for a
     :class:`Result`. The call starts when iteration starts; a stream can be consumed once.
 
     Events are :class:`Accepted`, :class:`Progress`, :class:`OutputReady`, :class:`OutputData`,
@@ -178,22 +109,10 @@ class JobStream:
     cancels the call, and with it a job that was waited for (``wait=True``).
     """
 
-    def __init__(
-        self,
-        client: AsyncClient,
-        method: str,
-        request_type: Any,
-        params: Any,
-        inputs: Sequence[tuple[str, Input]],
-        *,
-        timeout: float | None,
-    ) -> None:
+    def __init__(self, client: AsyncClient, request: GenerativeRequest) -> None:
         self._client = client
-        self._method = method
-        self._request_type = request_type
-        self._params = params
-        self._inputs = inputs
-        self._timeout = timeout
+        self.request = request
+        """The request the stream runs."""
         self._consumed = False
         self.job_name = ""
         """The job's name, ``jobs/{id}``, once the ``accepted`` event has arrived."""
@@ -205,16 +124,11 @@ class JobStream:
         if self._consumed:
             raise RuntimeError("a JobStream can be consumed only once; call the method again")
         self._consumed = True
-        sources: list[InputSource] = []
-        try:
-            for field, value in self._inputs:
-                sources.append(InputSource(field, value))
-            stub = self._client._generation()
-            call = getattr(stub, self._method)(
-                metadata=self._client._metadata, timeout=self._client._deadline(self._timeout)
-            )
-            try:
-                await _upload(call, self._request_type, self._params, sources)
+        client = self._client
+        with ExitStack() as inputs:
+            call, requests = client._open_upload(client._stubs().generation, self.request, inputs)
+            with guarded(call):
+                await send_requests(call, requests)
                 async for response in call:
                     event = event_from_proto(response.event)
                     if event is None:
@@ -222,14 +136,6 @@ class JobStream:
                     if isinstance(event, Accepted):
                         self.job_name = event.job
                     yield event
-            except grpc.RpcError as err:
-                raise ClientError.from_rpc_error(err) from None
-            finally:
-                if not call.done():
-                    call.cancel()
-        finally:
-            for source in sources:
-                source.close()
 
     async def run(self) -> Result:
         """Consume the stream and collect its outputs (bytes in memory), texts and final job.
@@ -272,13 +178,16 @@ class JobStream:
 
 
 class AsyncClient:
-    """An asyncio client of the imagetasks.v1 service.
+    """A client of the imagetasks.v1 service.
 
     ``target`` is ``host:port``; ``api_key`` is sent as ``authorization: Bearer <key>``;
     ``tls=True`` (or ``root_certificates``, PEM bytes, or ``credentials``) uses TLS.
-    ``timeout`` is the default deadline in seconds of every call (None: none). The channel
-    opens on first use, inside the running event loop; ``await client.close()`` (or
-    ``async with``) closes it. Failed calls raise :class:`ClientError`.
+    ``channel`` runs the calls on a channel of yours (``close()`` leaves it open).
+    ``timeout`` is the default deadline in seconds of every call; a call's own ``timeout``
+    overrides it. Without either, the asyncio client sets no deadline and the blocking one
+    300 s (``DEFAULT_TIMEOUT``): a blocking call never waits forever. The channel opens on
+    first use; ``close()`` (or a ``with`` block) closes it. Failed calls raise
+    :class:`ClientError`.
     """
 
     def __init__(
@@ -288,11 +197,11 @@ class AsyncClient:
         api_key: str | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
-        credentials: Any = None,
-        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         metadata: Iterable[tuple[str, str]] = (),
         options: Iterable[tuple[str, Any]] = (),
-        channel: Any = None,
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -308,9 +217,9 @@ class AsyncClient:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             *options,
         ]
-        self._channel: Any = channel
+        self._channel = channel
         self._own_channel = channel is None
-        self._stubs: dict[str, Any] = {}
+        self._stub_set: Stubs | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -319,351 +228,136 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        """Closes the channel, unless it was handed in (``channel=``)."""
         if self._channel is not None and self._own_channel:
             await self._channel.close()
-        self._channel = None
-        self._stubs.clear()
+            self._channel = None
+            self._stub_set = None
 
     # ---- plumbing -------------------------------------------------------------------------
 
     def _deadline(self, timeout: float | None) -> float | None:
-        return timeout if timeout is not None else self.timeout
+        """The call's own timeout, else the client's, else the flavour's default."""
+        for value in (timeout, self.timeout):
+            if value is not None:
+                return value
+        return DEFAULT_TIMEOUT
 
-    def _stub(self, name: str, factory: Any) -> Any:
-        if self._channel is None:
-            if self._credentials is not None:
-                self._channel = grpc.aio.secure_channel(
-                    self.target, self._credentials, options=self._options
-                )
-            else:
-                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
-        if name not in self._stubs:
-            self._stubs[name] = factory(self._channel)
-        return self._stubs[name]
-
-    def _generation(self) -> Any:
-        return self._stub("generation", generation_service_pb2_grpc.GenerationServiceStub)
-
-    def _transform(self) -> Any:
-        return self._stub("transform", transform_service_pb2_grpc.TransformServiceStub)
-
-    def _jobs(self) -> Any:
-        return self._stub("jobs", job_service_pb2_grpc.JobServiceStub)
-
-    def _artifacts(self) -> Any:
-        return self._stub("artifacts", artifact_service_pb2_grpc.ArtifactServiceStub)
+    def _stubs(self) -> Stubs:
+        if self._stub_set is None:
+            if self._channel is None:
+                self._channel = open_channel(self.target, self._credentials, self._options)
+            self._stub_set = stubs_on(self._channel)
+        return self._stub_set
 
     async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
+        with guarded():
             return await method(request, metadata=self._metadata, timeout=self._deadline(timeout))
-        except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
 
-    # ---- generative tasks (GenerationService) ----------------------------------------------
-
-    def image_to_image(
-        self,
-        image: Input,
-        *,
-        prompt: str,
-        negative_prompt: str | None = None,
-        model: str = "",
-        denoise: float | None = None,
-        batch_size: int | None = None,
-        seed: int | None = None,
-        steps: int | None = None,
-        cfg_scale: float | None = None,
-        sampler: str = "",
-        scheduler: str = "",
-        ref_id: str = "",
-        tag: str = "",
-        reply_to: str = "",
-        wait: bool = True,
-        references_only: bool = False,
-        timeout: float | None = None,
-    ) -> JobStream:
-        """A new image from ``image`` and ``prompt`` (ImageToImage)."""
-        params = tasks_pb2.ImageToImageParams(
-            positive_prompt=prompt,
-            model=model,
-            sampler=sampler,
-            scheduler=scheduler,
-            options=_options(ref_id, tag, reply_to, wait, references_only),
-            **_optional(
-                negative_prompt=negative_prompt,
-                denoise=denoise,
-                batch_size=batch_size,
-                seed=seed,
-                steps=steps,
-                cfg_scale=cfg_scale,
-            ),
+    def _open_upload(
+        self, service: Any, request: GenerativeRequest | TransformRequest, inputs: ExitStack
+    ) -> tuple[Any, AsyncIterator[Any]]:
+        """The call of ``request`` on ``service``, and the request stream to feed it. The
+        inputs are opened at once (a missing file fails before any call) and closed by
+        ``inputs``."""
+        sources = [inputs.enter_context(closing(InputSource(f, v))) for f, v in request.inputs()]
+        requests = _requests(request, sources)
+        call = open_stream(
+            getattr(service, request.RPC),
+            requests,
+            metadata=self._metadata,
+            timeout=self._deadline(request.timeout),
         )
-        return JobStream(
-            self,
-            "ImageToImage",
-            generation_service_pb2.ImageToImageRequest,
-            params,
-            [("image", image)],
-            timeout=timeout,
-        )
-
-    def image_with_mask(
-        self,
-        image: Input,
-        mask: Input,
-        *,
-        prompt: str,
-        negative_prompt: str | None = None,
-        model: str = "",
-        denoise: float | None = None,
-        batch_size: int | None = None,
-        seed: int | None = None,
-        steps: int | None = None,
-        cfg_scale: float | None = None,
-        sampler: str = "",
-        scheduler: str = "",
-        mask_channel: str = "red",
-        ref_id: str = "",
-        tag: str = "",
-        reply_to: str = "",
-        wait: bool = True,
-        references_only: bool = False,
-        timeout: float | None = None,
-    ) -> JobStream:
-        """Inpainting: ``prompt`` applies inside ``mask`` (``mask_channel``: red, green,
-        blue or alpha) only (ImageWithMask)."""
-        if mask_channel not in _MASK_CHANNELS:
-            raise ValueError(f"mask_channel must be one of {', '.join(_MASK_CHANNELS)}")
-        params = tasks_pb2.ImageWithMaskParams(
-            positive_prompt=prompt,
-            model=model,
-            sampler=sampler,
-            scheduler=scheduler,
-            mask_channel=_MASK_CHANNELS[mask_channel],
-            options=_options(ref_id, tag, reply_to, wait, references_only),
-            **_optional(
-                negative_prompt=negative_prompt,
-                denoise=denoise,
-                batch_size=batch_size,
-                seed=seed,
-                steps=steps,
-                cfg_scale=cfg_scale,
-            ),
-        )
-        return JobStream(
-            self,
-            "ImageWithMask",
-            generation_service_pb2.ImageWithMaskRequest,
-            params,
-            [("image", image), ("mask", mask)],
-            timeout=timeout,
-        )
-
-    def upscale(
-        self,
-        image: Input,
-        *,
-        model: str = "",
-        seed: int | None = None,
-        ref_id: str = "",
-        tag: str = "",
-        reply_to: str = "",
-        wait: bool = True,
-        references_only: bool = False,
-        timeout: float | None = None,
-    ) -> JobStream:
-        """A 2x upscale of ``image`` (ImageUpscale)."""
-        params = tasks_pb2.ImageUpscaleParams(
-            model=model,
-            options=_options(ref_id, tag, reply_to, wait, references_only),
-            **_optional(seed=seed),
-        )
-        return JobStream(
-            self,
-            "ImageUpscale",
-            generation_service_pb2.ImageUpscaleRequest,
-            params,
-            [("image", image)],
-            timeout=timeout,
-        )
-
-    def image_to_text(
-        self,
-        image: Input,
-        *,
-        model: str = "",
-        prompt: str = "",
-        ref_id: str = "",
-        tag: str = "",
-        reply_to: str = "",
-        wait: bool = True,
-        timeout: float | None = None,
-    ) -> JobStream:
-        """A caption of ``image`` (ImageToText); ``prompt`` is the model's task, e.g.
-        ``detailed_caption``."""
-        params = tasks_pb2.ImageToTextParams(
-            model=model, prompt=prompt, options=_options(ref_id, tag, reply_to, wait, False)
-        )
-        return JobStream(
-            self,
-            "ImageToText",
-            generation_service_pb2.ImageToTextRequest,
-            params,
-            [("image", image)],
-            timeout=timeout,
-        )
-
-    # ---- light tasks (TransformService) ----------------------------------------------------
-
-    async def crop(
-        self,
-        image: Input,
-        *,
-        x: int,
-        y: int,
-        width: int,
-        height: int,
-        format: str | int | None = None,
-        quality: int | None = None,
-        out: Destination | None = None,
-        timeout: float | None = None,
-    ) -> ImageResult:
-        """``image`` cropped to a rectangle, in ``format`` (default: the input's). With
-        ``out`` the bytes are written there as they arrive and ``result.data`` is None."""
-        params = tasks_pb2.CropImageParams(
-            x=x,
-            y=y,
-            width=width,
-            height=height,
-            output_format=image_format(format),
-            **_optional(quality=quality),
-        )
-        return await self._transform_call(
-            "CropImage", transform_service_pb2.CropImageRequest, params, image, out, timeout
-        )
-
-    async def convert(
-        self,
-        image: Input,
-        *,
-        format: str | int,
-        quality: int | None = None,
-        out: Destination | None = None,
-        timeout: float | None = None,
-    ) -> ImageResult:
-        """``image`` in another ``format`` (``webp``, ``png``, ``jpg``...). With ``out`` the
-        bytes are written there as they arrive and ``result.data`` is None."""
-        params = tasks_pb2.ConvertImageParams(
-            output_format=image_format(format), **_optional(quality=quality)
-        )
-        return await self._transform_call(
-            "ConvertImage", transform_service_pb2.ConvertImageRequest, params, image, out, timeout
-        )
-
-    async def _transform_call(
-        self,
-        method: str,
-        request_type: Any,
-        params: Any,
-        image: Input,
-        out: Destination | None,
-        timeout: float | None,
-    ) -> ImageResult:
-        sink = OutputSink(out) if out is not None else None
-        source = InputSource("image", image)
-        try:
-            call = getattr(self._transform(), method)(
-                metadata=self._metadata, timeout=self._deadline(timeout)
-            )
-            info, data = await self._info_then_chunks(
-                call, sink, upload=(request_type, params, [source])
-            )
-        except BaseException:
-            if sink is not None:
-                sink.abort()
-            raise
-        finally:
-            source.close()
-        return ImageResult(ImageInfo.from_proto(info), data)
+        return call, requests
 
     async def _info_then_chunks(
-        self,
-        call: Any,
-        sink: OutputSink | None,
-        *,
-        upload: tuple[Any, Any, Sequence[InputSource]] | None = None,
+        self, call: Any, out: Destination | None, requests: Any = None
     ) -> tuple[Any, bytes | None]:
+        """A light call's answer: one ``info`` message, then the bytes (into ``out``)."""
+        sink = OutputSink(out) if out is not None else None
         info: Any = None
         buffer = bytearray()
         try:
-            if upload is not None:
-                await _upload(call, *upload)
-            async for response in call:
-                if response.WhichOneof("payload") == "info":
-                    info = response.info
-                elif sink is not None:
-                    await sink.write(response.chunk)
-                else:
-                    buffer += response.chunk
-        except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
-        finally:
-            if not call.done():
-                call.cancel()
-        if info is None:
-            raise ClientError(grpc.StatusCode.UNKNOWN, "the response carried no info message")
-        if sink is not None:
-            await sink.commit()
-            return info, None
-        return info, bytes(buffer)
-
-    # ---- artifacts (ArtifactService) -------------------------------------------------------
-
-    async def variant(
-        self,
-        artifact: str,
-        *,
-        spec: str = "",
-        width: int = 0,
-        height: int = 0,
-        fit: str = "",
-        format: str | int | None = None,
-        quality: int | None = None,
-        preset: str = "",
-        out: Destination | None = None,
-        timeout: float | None = None,
-    ) -> VariantResult:
-        """A resized / re-encoded copy of an artifact: ``spec`` (``width=256,format=jpg``),
-        the separate fields, or a ``preset``. With ``out`` the bytes are written there."""
-        if fit not in _FITS:
-            raise ValueError(f"fit must be one of {', '.join(VARIANT_FITS)}")
-        request = artifact_service_pb2.GetVariantRequest(
-            name=artifact_name(artifact),
-            spec=spec,
-            width=width,
-            height=height,
-            fit=_FITS[fit],
-            format=image_format(format),
-            preset=preset,
-            **_optional(quality=quality),
-        )
-        sink = OutputSink(out) if out is not None else None
-        try:
-            call = self._artifacts().GetVariant(
-                request, metadata=self._metadata, timeout=self._deadline(timeout)
-            )
-            info, data = await self._info_then_chunks(call, sink)
+            with guarded(call):
+                if requests is not None:
+                    await send_requests(call, requests)
+                async for response in call:
+                    if response.WhichOneof("payload") == "info":
+                        info = response.info
+                    elif sink is not None:
+                        await sink_write(sink, response.chunk)
+                    else:
+                        buffer += response.chunk
+            if info is None:
+                raise ClientError(grpc.StatusCode.UNKNOWN, "the response carried no info message")
+            if sink is not None:
+                await sink_commit(sink)
         except BaseException:
             if sink is not None:
                 sink.abort()
             raise
+        return info, None if sink is not None else bytes(buffer)
+
+    # ---- calls that take a request object ---------------------------------------------------
+
+    def start(self, request: GenerativeRequest) -> JobStream:
+        """A generative call (GenerationService) as a :class:`JobStream`."""
+        return JobStream(self, request)
+
+    async def transform(self, request: TransformRequest) -> ImageResult:
+        """A light call (TransformService): the image, or its info once written to ``out``."""
+        with ExitStack() as inputs:
+            call, requests = self._open_upload(self._stubs().transform, request, inputs)
+            info, data = await self._info_then_chunks(call, request.out, requests)
+        return ImageResult(ImageInfo.from_proto(info), data)
+
+    async def get_variant(self, request: GetVariant) -> VariantResult:
+        """A resized / re-encoded copy of an artifact (ArtifactService.GetVariant)."""
+        call = self._stubs().artifacts.GetVariant(
+            request.message(), metadata=self._metadata, timeout=self._deadline(request.timeout)
+        )
+        info, data = await self._info_then_chunks(call, request.out)
         return VariantResult(VariantInfo.from_proto(info), data)
+
+    async def list_page(self, request: ListJobs) -> JobPage:
+        """One page of jobs, newest first (JobService.ListJobs)."""
+        response: job_service_pb2.ListJobsResponse = await self._unary(
+            self._stubs().jobs.ListJobs, request.message(), request.timeout
+        )
+        return JobPage(list(response.jobs), response.next_page_token)
+
+    async def iter_pages(self, request: ListJobs) -> AsyncIterator[job_pb2.Job]:
+        """Every matching job, newest first, page after page from ``request.page_token``."""
+        token = request.page_token
+        while True:
+            response: job_service_pb2.ListJobsResponse = await self._unary(
+                self._stubs().jobs.ListJobs, request.message(token), request.timeout
+            )
+            for job in response.jobs:
+                yield job
+            token = response.next_page_token
+            if not token:
+                return
+
+    # ---- the calls, by name: each takes its request dataclass's arguments -------------------
+
+    image_to_image = RequestMethod(ImageToImage, start)
+    image_with_mask = RequestMethod(ImageWithMask, start)
+    upscale = RequestMethod(ImageUpscale, start)
+    image_to_text = RequestMethod(ImageToText, start)
+    crop = RequestMethod(CropImage, transform)
+    convert = RequestMethod(ConvertImage, transform)
+    variant = RequestMethod(GetVariant, get_variant)
+    list_jobs = RequestMethod(ListJobs, list_page)
+    iter_jobs = RequestMethod(ListJobs, iter_pages)
+
+    # ---- artifacts (ArtifactService) -------------------------------------------------------
 
     async def get_artifact(self, name: str, *, timeout: float | None = None) -> common_pb2.Artifact:
         """An artifact's metadata."""
         request = artifact_service_pb2.GetArtifactRequest(name=artifact_name(name))
         response: artifact_service_pb2.GetArtifactResponse = await self._unary(
-            self._artifacts().GetArtifact, request, timeout
+            self._stubs().artifacts.GetArtifact, request, timeout
         )
         return response.artifact
 
@@ -674,17 +368,12 @@ class AsyncClient:
         request = artifact_service_pb2.ReadArtifactRequest(
             name=artifact_name(name), read_offset=offset, read_limit=limit
         )
-        call = self._artifacts().ReadArtifact(
+        call = self._stubs().artifacts.ReadArtifact(
             request, metadata=self._metadata, timeout=self._deadline(timeout)
         )
-        try:
+        with guarded(call):
             async for response in call:
                 yield response.data
-        except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
-        finally:
-            if not call.done():
-                call.cancel()
 
     async def read_artifact(
         self, name: str, *, offset: int = 0, limit: int = 0, timeout: float | None = None
@@ -702,8 +391,8 @@ class AsyncClient:
         sink = OutputSink(out)
         try:
             async for data in self.stream_artifact(name, timeout=timeout):
-                await sink.write(data)
-            await sink.commit()
+                await sink_write(sink, data)
+            await sink_commit(sink)
         except BaseException:
             sink.abort()
             raise
@@ -715,91 +404,27 @@ class AsyncClient:
         """One job by name (``jobs/{id}`` or ``{id}``)."""
         request = job_service_pb2.GetJobRequest(name=job_name(name))
         response: job_service_pb2.GetJobResponse = await self._unary(
-            self._jobs().GetJob, request, timeout
+            self._stubs().jobs.GetJob, request, timeout
         )
         return response.job
-
-    async def list_jobs(
-        self,
-        *,
-        states: Iterable[str | int] = (),
-        task: str | int | None = None,
-        tag: str = "",
-        ref_id: str = "",
-        page_size: int = 0,
-        page_token: str = "",
-        all_owners: bool = False,
-        timeout: float | None = None,
-    ) -> JobPage:
-        """One page of jobs, newest first. ``states``: ``queued``, ``running``,
-        ``succeeded``, ``failed``, ``cancelled``; ``task``: ``ImageToImage``, ``upscale``..."""
-        request = job_service_pb2.ListJobsRequest(
-            page_size=page_size,
-            page_token=page_token,
-            states=[state_value(s) for s in states],
-            task=task_value(task),
-            tag=tag,
-            ref_id=ref_id,
-            all_owners=all_owners,
-        )
-        response: job_service_pb2.ListJobsResponse = await self._unary(
-            self._jobs().ListJobs, request, timeout
-        )
-        return JobPage(list(response.jobs), response.next_page_token)
-
-    async def iter_jobs(
-        self,
-        *,
-        states: Iterable[str | int] = (),
-        task: str | int | None = None,
-        tag: str = "",
-        ref_id: str = "",
-        page_size: int = 0,
-        all_owners: bool = False,
-        timeout: float | None = None,
-    ) -> AsyncIterator[job_pb2.Job]:
-        """Every matching job, newest first, page after page."""
-        wanted = list(states)
-        token = ""
-        while True:
-            page = await self.list_jobs(
-                states=wanted,
-                task=task,
-                tag=tag,
-                ref_id=ref_id,
-                page_size=page_size,
-                page_token=token,
-                all_owners=all_owners,
-                timeout=timeout,
-            )
-            for job in page.jobs:
-                yield job
-            token = page.next_page_token
-            if not token:
-                return
 
     async def watch_job(self, name: str, *, timeout: float | None = None) -> AsyncIterator[Event]:
         """A job's events: its history replayed, then live events until it ends. Output
         bytes are never sent here (read them with :meth:`read_artifact`)."""
         request = job_service_pb2.WatchJobRequest(name=job_name(name))
-        call = self._jobs().WatchJob(
+        call = self._stubs().jobs.WatchJob(
             request, metadata=self._metadata, timeout=self._deadline(timeout)
         )
-        try:
+        with guarded(call):
             async for response in call:
                 event = event_from_proto(response.event)
                 if event is not None:
                     yield event
-        except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
-        finally:
-            if not call.done():
-                call.cancel()
 
     async def cancel_job(self, name: str, *, timeout: float | None = None) -> job_pb2.Job:
         """Cancels a queued or running job; returns it (a no-op on an ended job)."""
         request = job_service_pb2.CancelJobRequest(name=job_name(name))
         response: job_service_pb2.CancelJobResponse = await self._unary(
-            self._jobs().CancelJob, request, timeout
+            self._stubs().jobs.CancelJob, request, timeout
         )
         return response.job

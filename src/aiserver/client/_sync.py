@@ -1,98 +1,183 @@
-"""``Client``: the blocking client. It drives an :class:`AsyncClient` on a private event loop
-in a daemon thread, so it also works from code that already runs an event loop."""
+# Generated from _async.py by tools/gen_sync_client.py (`make client-sync`): do not edit.
+"""``Client``: every call of the imagetasks.v1 contract, on a blocking grpc channel.
+
+The blocking twin of :class:`~aiserver.client.AsyncClient`, generated from ``_async.py``
+(read that file's docstring for why). Every call has a deadline: its own ``timeout``, the
+client's, or 300 s, so no call blocks forever.
+"""
+
+# ``timeout`` here is a gRPC deadline: it travels to the server, which stops the work when it
+# passes (a SYNC job is cancelled), unlike a local timeout.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
-import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, closing
+from typing import Any
 
-from imagetasks.v1 import common_pb2, job_pb2
+import grpc
+from imagetasks.v1 import (
+    artifact_service_pb2,
+    common_pb2,
+    job_pb2,
+    job_service_pb2,
+)
 
-from aiserver.client._async import DEFAULT_TARGET, AsyncClient, JobStream
-from aiserver.client.inputs import Destination, Input
-from aiserver.client.types import Event, ImageResult, JobPage, Result, VariantResult
+from aiserver.client._io_sync import (
+    DEFAULT_TIMEOUT,
+    Stubs,
+    open_channel,
+    open_stream,
+    send_requests,
+    sink_commit,
+    sink_write,
+    source_chunks,
+    stubs_on,
+)
+from aiserver.client._method import RequestMethod
+from aiserver.client.errors import ClientError, guarded
+from aiserver.client.inputs import Destination, InputSource, OutputSink
+from aiserver.client.requests import (
+    ConvertImage,
+    CropImage,
+    GenerativeRequest,
+    GetVariant,
+    ImageToImage,
+    ImageToText,
+    ImageUpscale,
+    ImageWithMask,
+    ListJobs,
+    TransformRequest,
+    artifact_name,
+    job_name,
+)
+from aiserver.client.types import (
+    Accepted,
+    Event,
+    Finished,
+    ImageInfo,
+    ImageResult,
+    JobPage,
+    Output,
+    OutputData,
+    OutputReady,
+    Result,
+    TextOutput,
+    VariantInfo,
+    VariantResult,
+    event_from_proto,
+)
 
-__all__ = ["Client", "SyncJobStream"]
+__all__ = ["DEFAULT_TARGET", "Client", "SyncJobStream"]
 
-_T = TypeVar("_T")
+DEFAULT_TARGET = "localhost:50051"
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
-class _LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="aiserver-client", daemon=True
-        )
-        self._thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        if self.loop.is_closed():
-            coro.close()
-            raise RuntimeError("the client is closed")
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result()
-        except BaseException:
-            # KeyboardInterrupt in the caller (or the call's own error): make sure the
-            # coroutine is not left running on the loop.
-            future.cancel()
-            raise
-
-    def iterate(self, iterator: AsyncIterator[_T]) -> Iterator[_T]:
-        async def next_item() -> tuple[bool, _T | None]:
-            try:
-                return True, await iterator.__anext__()
-            except StopAsyncIteration:
-                return False, None
-
-        try:
-            while True:
-                more, item = self.call(next_item())
-                if not more:
-                    return
-                yield item  # type: ignore[misc]  # more is True: item is a _T
-        finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                # RuntimeError: already finished, or still unwinding a cancelled step.
-                with contextlib.suppress(RuntimeError, concurrent.futures.CancelledError):
-                    self.call(aclose())
-
-    def close(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.loop.close()
+def _requests(
+    request: GenerativeRequest | TransformRequest, sources: Sequence[InputSource]
+) -> Iterator[Any]:
+    """An upload: the params first, then each input in chunks (the contract's order)."""
+    yield request.first_message()
+    for source in sources:
+        first = True
+        for data in source_chunks(source):
+            chunk = common_pb2.FileChunk(
+                field=source.field, data=data, file_name=source.file_name if first else ""
+            )
+            first = False
+            yield request.chunk_message(chunk)
 
 
 class SyncJobStream:
-    """A generative call: iterate it for its events, or ``stream.run()`` for a
-    :class:`Result` (see :class:`aiserver.client.JobStream`)."""
+    """A generative call: iterate it for its events, or call ``run()`` for a
+    :class:`Result`. The call starts when iteration starts; a stream can be consumed once.
 
-    def __init__(self, loop: _LoopThread, stream: JobStream) -> None:
-        self._loop = loop
-        self._stream = stream
+    Events are :class:`Accepted`, :class:`Progress`, :class:`OutputReady`, :class:`OutputData`,
+    :class:`TextOutput`, :class:`Retrying` and :class:`Finished`. Leaving the iteration early
+    cancels the call, and with it a job that was waited for (``wait=True``).
+    """
 
-    @property
-    def job_name(self) -> str:
-        return self._stream.job_name
+    def __init__(self, client: Client, request: GenerativeRequest) -> None:
+        self._client = client
+        self.request = request
+        """The request the stream runs."""
+        self._consumed = False
+        self.job_name = ""
+        """The job's name, ``jobs/{id}``, once the ``accepted`` event has arrived."""
 
     def __iter__(self) -> Iterator[Event]:
-        return self._loop.iterate(aiter(self._stream))
+        return self._events()
+
+    def _events(self) -> Iterator[Event]:
+        if self._consumed:
+            raise RuntimeError("a SyncJobStream can be consumed only once; call the method again")
+        self._consumed = True
+        client = self._client
+        with ExitStack() as inputs:
+            call, requests = client._open_upload(client._stubs().generation, self.request, inputs)
+            with guarded(call):
+                send_requests(call, requests)
+                for response in call:
+                    event = event_from_proto(response.event)
+                    if event is None:
+                        continue
+                    if isinstance(event, Accepted):
+                        self.job_name = event.job
+                    yield event
 
     def run(self) -> Result:
-        return self._loop.call(self._stream.run())
+        """Consume the stream and collect its outputs (bytes in memory), texts and final job.
+
+        With ``wait=False`` the job is fetched once it is accepted. A job that failed is
+        still a :class:`Result` (see ``result.error`` and ``result.raise_for_state()``).
+        """
+        outputs: dict[int, Output] = {}
+        buffers: dict[int, bytearray] = {}
+        texts: list[str] = []
+        accepted: Accepted | None = None
+        finished: Finished | None = None
+        for event in self:
+            if isinstance(event, Accepted):
+                accepted = event
+            elif isinstance(event, OutputReady):
+                outputs[event.index] = Output(event.index, event.artifact)
+            elif isinstance(event, OutputData):
+                buffers.setdefault(event.index, bytearray()).extend(event.data)
+            elif isinstance(event, TextOutput):
+                texts.append(event.text)
+            elif isinstance(event, Finished):
+                finished = event
+        for index, data in buffers.items():
+            if index in outputs:
+                outputs[index].data = bytes(data)
+        if finished is not None:
+            job = finished.final
+        elif accepted is not None:
+            job = self._client.get_job(accepted.job)
+        else:
+            raise ClientError(grpc.StatusCode.UNKNOWN, "the job stream ended without any event")
+        return Result(
+            job_name=job.name,
+            job=job,
+            outputs=[outputs[i] for i in sorted(outputs)],
+            texts=texts or [t.text for t in job.text_outputs],
+            existing=accepted.existing if accepted is not None else False,
+        )
 
 
 class Client:
-    """The blocking client of the imagetasks.v1 service: the same methods as
-    :class:`AsyncClient`, returning values instead of awaitables. Use it as a context
-    manager, or call :meth:`close`."""
+    """A client of the imagetasks.v1 service.
+
+    ``target`` is ``host:port``; ``api_key`` is sent as ``authorization: Bearer <key>``;
+    ``tls=True`` (or ``root_certificates``, PEM bytes, or ``credentials``) uses TLS.
+    ``channel`` runs the calls on a channel of yours (``close()`` leaves it open).
+    ``timeout`` is the default deadline in seconds of every call; a call's own ``timeout``
+    overrides it. Without either, the asyncio client sets no deadline and the blocking one
+    300 s (``DEFAULT_TIMEOUT``): a blocking call never waits forever. The channel opens on
+    first use; ``close()`` (or a ``with`` block) closes it. Failed calls raise
+    :class:`ClientError`.
+    """
 
     def __init__(
         self,
@@ -101,23 +186,29 @@ class Client:
         api_key: str | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
-        credentials: Any = None,
-        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         metadata: Iterable[tuple[str, str]] = (),
         options: Iterable[tuple[str, Any]] = (),
+        channel: grpc.Channel | None = None,
     ) -> None:
-        self._loop = _LoopThread()
-        self.aio = AsyncClient(
-            target,
-            api_key=api_key,
-            tls=tls,
-            root_certificates=root_certificates,
-            credentials=credentials,
-            timeout=timeout,
-            metadata=metadata,
-            options=options,
-        )
-        """The underlying :class:`AsyncClient` (its calls run on this client's loop)."""
+        self.target = target
+        self.timeout = timeout
+        meta = list(metadata)
+        if api_key:
+            meta.append(("authorization", f"Bearer {api_key}"))
+        self._metadata = tuple(meta)
+        if credentials is None and (tls or root_certificates is not None):
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        self._credentials = credentials
+        self._options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *options,
+        ]
+        self._channel = channel
+        self._own_channel = channel is None
+        self._stub_set: Stubs | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -126,313 +217,201 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if not self._loop.loop.is_closed():
-            self._loop.call(self.aio.close())
-            self._loop.close()
+        """Closes the channel, unless it was handed in (``channel=``)."""
+        if self._channel is not None and self._own_channel:
+            self._channel.close()
+            self._channel = None
+            self._stub_set = None
 
-    # ---- generative tasks ------------------------------------------------------------------
+    # ---- plumbing -------------------------------------------------------------------------
 
-    def image_to_image(
-        self,
-        image: Input,
-        *,
-        prompt: str,
-        negative_prompt: str | None = None,
-        model: str = "",
-        denoise: float | None = None,
-        batch_size: int | None = None,
-        seed: int | None = None,
-        steps: int | None = None,
-        cfg_scale: float | None = None,
-        sampler: str = "",
-        scheduler: str = "",
-        ref_id: str = "",
-        tag: str = "",
-        reply_to: str = "",
-        wait: bool = True,
-        references_only: bool = False,
-        timeout: float | None = None,
-    ) -> SyncJobStream:
-        """A new image from ``image`` and ``prompt`` (ImageToImage)."""
-        return SyncJobStream(
-            self._loop,
-            self.aio.image_to_image(
-                image,
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                model=model,
-                denoise=denoise,
-                batch_size=batch_size,
-                seed=seed,
-                steps=steps,
-                cfg_scale=cfg_scale,
-                sampler=sampler,
-                scheduler=scheduler,
-                ref_id=ref_id,
-                tag=tag,
-                reply_to=reply_to,
-                wait=wait,
-                references_only=references_only,
-                timeout=timeout,
-            ),
+    def _deadline(self, timeout: float | None) -> float | None:
+        """The call's own timeout, else the client's, else the flavour's default."""
+        for value in (timeout, self.timeout):
+            if value is not None:
+                return value
+        return DEFAULT_TIMEOUT
+
+    def _stubs(self) -> Stubs:
+        if self._stub_set is None:
+            if self._channel is None:
+                self._channel = open_channel(self.target, self._credentials, self._options)
+            self._stub_set = stubs_on(self._channel)
+        return self._stub_set
+
+    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        with guarded():
+            return method(request, metadata=self._metadata, timeout=self._deadline(timeout))
+
+    def _open_upload(
+        self, service: Any, request: GenerativeRequest | TransformRequest, inputs: ExitStack
+    ) -> tuple[Any, Iterator[Any]]:
+        """The call of ``request`` on ``service``, and the request stream to feed it. The
+        inputs are opened at once (a missing file fails before any call) and closed by
+        ``inputs``."""
+        sources = [inputs.enter_context(closing(InputSource(f, v))) for f, v in request.inputs()]
+        requests = _requests(request, sources)
+        call = open_stream(
+            getattr(service, request.RPC),
+            requests,
+            metadata=self._metadata,
+            timeout=self._deadline(request.timeout),
         )
+        return call, requests
 
-    def image_with_mask(
-        self,
-        image: Input,
-        mask: Input,
-        *,
-        prompt: str,
-        negative_prompt: str | None = None,
-        model: str = "",
-        denoise: float | None = None,
-        batch_size: int | None = None,
-        seed: int | None = None,
-        steps: int | None = None,
-        cfg_scale: float | None = None,
-        sampler: str = "",
-        scheduler: str = "",
-        mask_channel: str = "red",
-        ref_id: str = "",
-        tag: str = "",
-        reply_to: str = "",
-        wait: bool = True,
-        references_only: bool = False,
-        timeout: float | None = None,
-    ) -> SyncJobStream:
-        """Inpainting inside ``mask`` (ImageWithMask)."""
-        return SyncJobStream(
-            self._loop,
-            self.aio.image_with_mask(
-                image,
-                mask,
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                model=model,
-                denoise=denoise,
-                batch_size=batch_size,
-                seed=seed,
-                steps=steps,
-                cfg_scale=cfg_scale,
-                sampler=sampler,
-                scheduler=scheduler,
-                mask_channel=mask_channel,
-                ref_id=ref_id,
-                tag=tag,
-                reply_to=reply_to,
-                wait=wait,
-                references_only=references_only,
-                timeout=timeout,
-            ),
+    def _info_then_chunks(
+        self, call: Any, out: Destination | None, requests: Any = None
+    ) -> tuple[Any, bytes | None]:
+        """A light call's answer: one ``info`` message, then the bytes (into ``out``)."""
+        sink = OutputSink(out) if out is not None else None
+        info: Any = None
+        buffer = bytearray()
+        try:
+            with guarded(call):
+                if requests is not None:
+                    send_requests(call, requests)
+                for response in call:
+                    if response.WhichOneof("payload") == "info":
+                        info = response.info
+                    elif sink is not None:
+                        sink_write(sink, response.chunk)
+                    else:
+                        buffer += response.chunk
+            if info is None:
+                raise ClientError(grpc.StatusCode.UNKNOWN, "the response carried no info message")
+            if sink is not None:
+                sink_commit(sink)
+        except BaseException:
+            if sink is not None:
+                sink.abort()
+            raise
+        return info, None if sink is not None else bytes(buffer)
+
+    # ---- calls that take a request object ---------------------------------------------------
+
+    def start(self, request: GenerativeRequest) -> SyncJobStream:
+        """A generative call (GenerationService) as a :class:`SyncJobStream`."""
+        return SyncJobStream(self, request)
+
+    def transform(self, request: TransformRequest) -> ImageResult:
+        """A light call (TransformService): the image, or its info once written to ``out``."""
+        with ExitStack() as inputs:
+            call, requests = self._open_upload(self._stubs().transform, request, inputs)
+            info, data = self._info_then_chunks(call, request.out, requests)
+        return ImageResult(ImageInfo.from_proto(info), data)
+
+    def get_variant(self, request: GetVariant) -> VariantResult:
+        """A resized / re-encoded copy of an artifact (ArtifactService.GetVariant)."""
+        call = self._stubs().artifacts.GetVariant(
+            request.message(), metadata=self._metadata, timeout=self._deadline(request.timeout)
         )
+        info, data = self._info_then_chunks(call, request.out)
+        return VariantResult(VariantInfo.from_proto(info), data)
 
-    def upscale(
-        self,
-        image: Input,
-        *,
-        model: str = "",
-        seed: int | None = None,
-        ref_id: str = "",
-        tag: str = "",
-        reply_to: str = "",
-        wait: bool = True,
-        references_only: bool = False,
-        timeout: float | None = None,
-    ) -> SyncJobStream:
-        """A 2x upscale of ``image`` (ImageUpscale)."""
-        return SyncJobStream(
-            self._loop,
-            self.aio.upscale(
-                image,
-                model=model,
-                seed=seed,
-                ref_id=ref_id,
-                tag=tag,
-                reply_to=reply_to,
-                wait=wait,
-                references_only=references_only,
-                timeout=timeout,
-            ),
+    def list_page(self, request: ListJobs) -> JobPage:
+        """One page of jobs, newest first (JobService.ListJobs)."""
+        response: job_service_pb2.ListJobsResponse = self._unary(
+            self._stubs().jobs.ListJobs, request.message(), request.timeout
         )
+        return JobPage(list(response.jobs), response.next_page_token)
 
-    def image_to_text(
-        self,
-        image: Input,
-        *,
-        model: str = "",
-        prompt: str = "",
-        ref_id: str = "",
-        tag: str = "",
-        reply_to: str = "",
-        wait: bool = True,
-        timeout: float | None = None,
-    ) -> SyncJobStream:
-        """A caption of ``image`` (ImageToText)."""
-        return SyncJobStream(
-            self._loop,
-            self.aio.image_to_text(
-                image,
-                model=model,
-                prompt=prompt,
-                ref_id=ref_id,
-                tag=tag,
-                reply_to=reply_to,
-                wait=wait,
-                timeout=timeout,
-            ),
-        )
-
-    # ---- light tasks -----------------------------------------------------------------------
-
-    def crop(
-        self,
-        image: Input,
-        *,
-        x: int,
-        y: int,
-        width: int,
-        height: int,
-        format: str | int | None = None,
-        quality: int | None = None,
-        out: Destination | None = None,
-        timeout: float | None = None,
-    ) -> ImageResult:
-        """``image`` cropped to a rectangle (CropImage)."""
-        return self._loop.call(
-            self.aio.crop(
-                image,
-                x=x,
-                y=y,
-                width=width,
-                height=height,
-                format=format,
-                quality=quality,
-                out=out,
-                timeout=timeout,
+    def iter_pages(self, request: ListJobs) -> Iterator[job_pb2.Job]:
+        """Every matching job, newest first, page after page from ``request.page_token``."""
+        token = request.page_token
+        while True:
+            response: job_service_pb2.ListJobsResponse = self._unary(
+                self._stubs().jobs.ListJobs, request.message(token), request.timeout
             )
-        )
+            for job in response.jobs:
+                yield job
+            token = response.next_page_token
+            if not token:
+                return
 
-    def convert(
-        self,
-        image: Input,
-        *,
-        format: str | int,
-        quality: int | None = None,
-        out: Destination | None = None,
-        timeout: float | None = None,
-    ) -> ImageResult:
-        """``image`` in another format (ConvertImage)."""
-        return self._loop.call(
-            self.aio.convert(image, format=format, quality=quality, out=out, timeout=timeout)
-        )
+    # ---- the calls, by name: each takes its request dataclass's arguments -------------------
 
-    # ---- artifacts -------------------------------------------------------------------------
+    image_to_image = RequestMethod(ImageToImage, start)
+    image_with_mask = RequestMethod(ImageWithMask, start)
+    upscale = RequestMethod(ImageUpscale, start)
+    image_to_text = RequestMethod(ImageToText, start)
+    crop = RequestMethod(CropImage, transform)
+    convert = RequestMethod(ConvertImage, transform)
+    variant = RequestMethod(GetVariant, get_variant)
+    list_jobs = RequestMethod(ListJobs, list_page)
+    iter_jobs = RequestMethod(ListJobs, iter_pages)
 
-    def variant(
-        self,
-        artifact: str,
-        *,
-        spec: str = "",
-        width: int = 0,
-        height: int = 0,
-        fit: str = "",
-        format: str | int | None = None,
-        quality: int | None = None,
-        preset: str = "",
-        out: Destination | None = None,
-        timeout: float | None = None,
-    ) -> VariantResult:
-        """A resized / re-encoded copy of an artifact (GetVariant)."""
-        return self._loop.call(
-            self.aio.variant(
-                artifact,
-                spec=spec,
-                width=width,
-                height=height,
-                fit=fit,
-                format=format,
-                quality=quality,
-                preset=preset,
-                out=out,
-                timeout=timeout,
-            )
-        )
+    # ---- artifacts (ArtifactService) -------------------------------------------------------
 
     def get_artifact(self, name: str, *, timeout: float | None = None) -> common_pb2.Artifact:
-        return self._loop.call(self.aio.get_artifact(name, timeout=timeout))
+        """An artifact's metadata."""
+        request = artifact_service_pb2.GetArtifactRequest(name=artifact_name(name))
+        response: artifact_service_pb2.GetArtifactResponse = self._unary(
+            self._stubs().artifacts.GetArtifact, request, timeout
+        )
+        return response.artifact
 
     def stream_artifact(
         self, name: str, *, offset: int = 0, limit: int = 0, timeout: float | None = None
     ) -> Iterator[bytes]:
-        return self._loop.iterate(
-            self.aio.stream_artifact(name, offset=offset, limit=limit, timeout=timeout)
+        """An artifact's bytes in chunks, from ``offset``, at most ``limit`` (0: all)."""
+        request = artifact_service_pb2.ReadArtifactRequest(
+            name=artifact_name(name), read_offset=offset, read_limit=limit
         )
+        call = self._stubs().artifacts.ReadArtifact(
+            request, metadata=self._metadata, timeout=self._deadline(timeout)
+        )
+        with guarded(call):
+            for response in call:
+                yield response.data
 
     def read_artifact(
         self, name: str, *, offset: int = 0, limit: int = 0, timeout: float | None = None
     ) -> bytes:
-        return self._loop.call(
-            self.aio.read_artifact(name, offset=offset, limit=limit, timeout=timeout)
-        )
+        """An artifact's bytes (in memory), from ``offset``, at most ``limit`` (0: all)."""
+        buffer = bytearray()
+        for data in self.stream_artifact(name, offset=offset, limit=limit, timeout=timeout):
+            buffer += data
+        return bytes(buffer)
 
     def save_artifact(self, name: str, out: Destination, *, timeout: float | None = None) -> int:
-        return self._loop.call(self.aio.save_artifact(name, out, timeout=timeout))
+        """Writes an artifact to ``out`` as it arrives; returns the number of bytes."""
+        sink = OutputSink(out)
+        try:
+            for data in self.stream_artifact(name, timeout=timeout):
+                sink_write(sink, data)
+            sink_commit(sink)
+        except BaseException:
+            sink.abort()
+            raise
+        return sink.size
 
-    # ---- jobs ------------------------------------------------------------------------------
+    # ---- jobs (JobService) -----------------------------------------------------------------
 
     def get_job(self, name: str, *, timeout: float | None = None) -> job_pb2.Job:
-        return self._loop.call(self.aio.get_job(name, timeout=timeout))
-
-    def list_jobs(
-        self,
-        *,
-        states: Iterable[str | int] = (),
-        task: str | int | None = None,
-        tag: str = "",
-        ref_id: str = "",
-        page_size: int = 0,
-        page_token: str = "",
-        all_owners: bool = False,
-        timeout: float | None = None,
-    ) -> JobPage:
-        return self._loop.call(
-            self.aio.list_jobs(
-                states=states,
-                task=task,
-                tag=tag,
-                ref_id=ref_id,
-                page_size=page_size,
-                page_token=page_token,
-                all_owners=all_owners,
-                timeout=timeout,
-            )
+        """One job by name (``jobs/{id}`` or ``{id}``)."""
+        request = job_service_pb2.GetJobRequest(name=job_name(name))
+        response: job_service_pb2.GetJobResponse = self._unary(
+            self._stubs().jobs.GetJob, request, timeout
         )
-
-    def iter_jobs(
-        self,
-        *,
-        states: Iterable[str | int] = (),
-        task: str | int | None = None,
-        tag: str = "",
-        ref_id: str = "",
-        page_size: int = 0,
-        all_owners: bool = False,
-        timeout: float | None = None,
-    ) -> Iterator[job_pb2.Job]:
-        return self._loop.iterate(
-            self.aio.iter_jobs(
-                states=states,
-                task=task,
-                tag=tag,
-                ref_id=ref_id,
-                page_size=page_size,
-                all_owners=all_owners,
-                timeout=timeout,
-            )
-        )
+        return response.job
 
     def watch_job(self, name: str, *, timeout: float | None = None) -> Iterator[Event]:
-        return self._loop.iterate(self.aio.watch_job(name, timeout=timeout))
+        """A job's events: its history replayed, then live events until it ends. Output
+        bytes are never sent here (read them with :meth:`read_artifact`)."""
+        request = job_service_pb2.WatchJobRequest(name=job_name(name))
+        call = self._stubs().jobs.WatchJob(
+            request, metadata=self._metadata, timeout=self._deadline(timeout)
+        )
+        with guarded(call):
+            for response in call:
+                event = event_from_proto(response.event)
+                if event is not None:
+                    yield event
 
     def cancel_job(self, name: str, *, timeout: float | None = None) -> job_pb2.Job:
-        return self._loop.call(self.aio.cancel_job(name, timeout=timeout))
+        """Cancels a queued or running job; returns it (a no-op on an ended job)."""
+        request = job_service_pb2.CancelJobRequest(name=job_name(name))
+        response: job_service_pb2.CancelJobResponse = self._unary(
+            self._stubs().jobs.CancelJob, request, timeout
+        )
+        return response.job

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-__all__ = ["ClientError", "FieldViolation", "code_name"]
+__all__ = ["ClientError", "FieldViolation", "code_name", "guarded"]
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _CODES_BY_NUMBER: dict[int, Any] = {code.value[0]: code for code in grpc.StatusCode}
@@ -147,3 +148,16 @@ class ClientError(Exception):
             if status is not None and status.code == code.value[0]:
                 return cls.from_status(status, request_id=request_id)
         return cls(code, details or "", request_id=request_id)
+
+
+@contextmanager
+def guarded(call: Any = None) -> Iterator[None]:
+    """A failed gRPC call inside raises :class:`ClientError`; leaving ``call`` (a streaming
+    call) unfinished, on an error or a consumer that stopped early, cancels it."""
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise ClientError.from_rpc_error(err) from None
+    finally:
+        if call is not None and not call.done():
+            call.cancel()

@@ -1,11 +1,11 @@
 """Upload inputs (a path, bytes, or a binary file object) read in 1 MiB chunks, and outputs
-written as their bytes arrive."""
+written as their bytes arrive. Blocking file I/O: the asyncio client runs it in a thread
+(``aiserver.client._io_async``)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, TypeAlias, runtime_checkable
 
@@ -69,7 +69,7 @@ class InputSource:
             raise TypeError(f"{field}: expected a path, bytes or a binary file, not {value!r}")
         self.file_name = file_name if file_name is not None else name
 
-    async def chunks(self, size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+    def chunks(self, size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """The file's bytes in pieces of at most ``size``; one empty piece for an empty file."""
         if self._data is not None:
             view = self._data
@@ -79,7 +79,7 @@ class InputSource:
         assert self._file is not None
         first = True
         while True:
-            data = await asyncio.to_thread(self._file.read, size)
+            data = self._file.read(size)
             if not isinstance(data, bytes | bytearray):
                 raise TypeError(f"{self.field}: the file object must be opened in binary mode")
             if not data:
@@ -118,15 +118,15 @@ class OutputSink:
     def path(self) -> Path | None:
         return self._path
 
-    async def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         if self._file is None:
             assert self._part is not None
             self._part.parent.mkdir(parents=True, exist_ok=True)
             self._file = self._part.open("wb")
-        await asyncio.to_thread(self._file.write, data)
+        self._file.write(data)
         self.size += len(data)
 
-    async def commit(self) -> None:
+    def commit(self) -> None:
         if self._path is None:
             return
         assert self._part is not None

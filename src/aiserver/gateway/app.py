@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aiserver.gateway.backend import Backend, GatewaySettings, request_id
 from aiserver.gateway.compat import Compat, CompatTask
 from aiserver.gateway.connections import GatewaySite
+from aiserver.gateway.console import add_console_routes
 from aiserver.gateway.errors import GatewayError, from_rpc_error, invalid_fields
 from aiserver.gateway.fields import FieldError, FieldErrors, apply_fields, assign, resolve
 from aiserver.gateway.messages import parse_json_body, refuse_path_fields
@@ -199,7 +200,9 @@ class _V1:
                     raise from_rpc_error(err) from None
                 return self._unary_response(resp, match)
             call = multicallable(msg, metadata=metadata)
-            if event_field(method.output_type) is not None:
+            # Streams with no end of their own (job events; WatchJobs, WatchAgents) are cut
+            # at shutdown instead of holding it up for the whole grace period.
+            if event_field(method.output_type) is not None or method.name.startswith("Watch"):
                 backend.long_lived.add(call)
         try:
             if method.server_streaming:
@@ -357,6 +360,7 @@ def build_app(
         app.router.add_route("*", prefix + "/{name}", compat.dispatch)
     app.router.add_get("/artifacts/{path:.+}", compat.artifact)
     app.router.add_get("/variants/{spec}/{path:.+}", compat.variant)
+    add_console_routes(app)
     app.router.add_route("*", "/{tail:.*}", v1.handle)
     return app
 

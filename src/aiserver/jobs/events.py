@@ -15,6 +15,7 @@ after a restart - the same :func:`replay_events` rebuilds the replay from the st
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import weakref
@@ -40,6 +41,7 @@ from aiserver.jobs.model import (
 
 __all__ = [
     "EventHub",
+    "JobTap",
     "Mark",
     "ReplayLoader",
     "Subscription",
@@ -50,8 +52,13 @@ __all__ = [
     "synthesize_marks",
 ]
 
+logger = logging.getLogger(__name__)
+
 ReplayLoader = Callable[[str], Awaitable[list[JobEvent] | None]]
 """Builds the replay of a job that has no live stream (``None``: no such job)."""
+
+JobTap = Callable[[JobEvent, Job], None]
+"""Sees every event of every job with the job's live record (read it at once, never keep it)."""
 
 
 def job_not_found(job_id: str) -> ServiceError:
@@ -306,6 +313,12 @@ class EventHub:
         self._position = queue_position
         self._clock = clock
         self._channels: dict[str, _Channel] = {}
+        self._taps: list[JobTap] = []
+
+    def tap(self, callback: JobTap) -> Callable[[], None]:
+        """Call ``callback`` on every event of every job from now on; returns its remover."""
+        self._taps.append(callback)
+        return lambda: self._taps.remove(callback)
 
     def open_new(self, job: Job) -> None:
         """Start the stream of a job just created (its first event is sequence 1)."""
@@ -350,6 +363,11 @@ class EventHub:
         channel.marks[key] = Mark(event.sequence, event.time)
         for subscriber in list(channel.subscribers):
             subscriber.push(event)
+        for tap in list(self._taps):
+            try:
+                tap(event, channel.job)
+            except Exception:  # a watcher's bug must not stop the job's own events
+                logger.exception("job %s: an event tap failed", job_id)
         return event
 
     def replay(self, job_id: str) -> list[JobEvent] | None:

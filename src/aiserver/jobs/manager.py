@@ -31,6 +31,7 @@ from aiserver.jobs.attempt import (
 )
 from aiserver.jobs.events import (
     EventHub,
+    JobTap,
     Subscription,
     job_not_found,
     progress_of,
@@ -321,6 +322,10 @@ class JobManager:
         query = JobQuery(owner, frozenset(states), task, tag, ref_id)
         jobs, token = await self._store.query(query, page_size=page_size, page_token=page_token)
         return [self._fresh(j) for j in jobs], token
+
+    def tap(self, callback: JobTap) -> Callable[[], None]:
+        """Every event of every job, with its live record, until the remover is called."""
+        return self._hub.tap(callback)
 
     def subscribe(self, job_id: str) -> Subscription:
         """Replay then live events, ending after Finished (check ownership with get first)."""

@@ -292,6 +292,11 @@ class ComfyPool:
             )
         return tuple(out)
 
+    async def changed(self) -> None:
+        """Returns at the pool's next change: an agent probed, gone offline, or freed a slot."""
+        async with self._changed:
+            await self._changed.wait()
+
     async def probe(self, name: str) -> AgentSnapshot:
         """Probe one agent now and return its state."""
         agent = self._agents[name]

@@ -80,8 +80,9 @@ _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def default_workflows_dir() -> Path:
-    """The repository's ``workflows/`` folder (``src/aiserver/providers/comfy`` -> root)."""
-    return Path(__file__).resolve().parents[4] / "workflows"
+    """The built-in workflows: ``aiserver/builtin_workflows``, which is the repository's
+    top-level ``workflows/`` (a link) in a checkout and a copy of it in an installed wheel."""
+    return (Path(__file__).resolve().parents[2] / "builtin_workflows").resolve()
 
 
 class WorkflowFormatError(ValueError):
