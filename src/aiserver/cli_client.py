@@ -1,5 +1,6 @@
 """The client commands of the ``aiserver`` console script: ``upscale``, ``img2img``,
-``inpaint``, ``caption``, ``crop``, ``convert``, ``variant`` and ``jobs``.
+``inpaint``, ``caption``, ``crop``, ``convert``, ``variant``, ``jobs``, ``workflows`` and
+``run`` (any workflow: ``aiserver run NAME image=@in.png --param steps=20``).
 
 The server address comes from ``--server`` or ``AISERVER_ADDRESS`` (default
 ``localhost:50051``), the API key from ``--api-key`` or ``AISERVER_API_KEY``. Generative
@@ -88,7 +89,18 @@ __all__ = [
 
 
 CLIENT_COMMANDS = frozenset(
-    {"upscale", "img2img", "inpaint", "caption", "crop", "convert", "variant", "jobs"}
+    {
+        "upscale",
+        "img2img",
+        "inpaint",
+        "caption",
+        "crop",
+        "convert",
+        "variant",
+        "jobs",
+        "workflows",
+        "run",
+    }
 )
 ENV_ADDRESS = "AISERVER_ADDRESS"
 ENV_API_KEY = "AISERVER_API_KEY"
@@ -233,6 +245,32 @@ def add_client_commands(subparsers: _Subparsers) -> None:
     p.add_argument(
         "-o", "--output", required=True, metavar="PATH", help="output file, - for stdout"
     )
+
+    p = command(
+        "workflows", _cmd_workflows, "the workflows the server can run, and their parameters"
+    )
+    p.add_argument("name", nargs="?", help="one workflow, with its parameters in detail")
+
+    p = command(
+        "run",
+        _cmd_run,
+        "run a workflow: aiserver run NAME image=@in.png --param steps=20 --param prompt=...",
+    )
+    p.add_argument("workflow", help="the workflow's name (aiserver workflows lists them)")
+    p.add_argument(
+        "inputs", nargs="*", metavar="INPUT=@FILE", help="the workflow's files, e.g. image=@in.png"
+    )
+    p.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a parameter, converted to the type the workflow declares; repeatable",
+    )
+    p.add_argument("--format", choices=_FORMATS, help="store the outputs in this format")
+    p.add_argument("--quality", type=int, help="1..100 for lossy formats")
+    _job_options(p)
 
     jobs = subparsers.add_parser("jobs", help="list, get, watch and cancel jobs")
     actions = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
@@ -456,6 +494,85 @@ def _job_command(request_name: str, *, texts: bool = False) -> _Handler:
         return await _run_job(args, client.start(request), texts_to_stdout=texts)
 
     return handler
+
+
+# ---- workflows --------------------------------------------------------------------------------
+
+
+def _workflow_line(workflow: Any) -> str:
+    name = workflow.name.removeprefix("workflows/")
+    state = "ready" if workflow.available else f"unavailable: {workflow.unavailable_reason}"
+    title = f" - {workflow.title}" if workflow.title else ""
+    return f"{name}{title} ({state})"
+
+
+def _parameter_line(param: Any) -> str:
+    from imagetasks.v1 import workflow_service_pb2 as wpb
+
+    kind = wpb.ParameterType.Name(param.type).removeprefix("PARAMETER_TYPE_").lower()
+    facts = [kind, "required" if param.required else ""]
+    if param.HasField("minimum") or param.HasField("maximum"):
+        low = f"{param.minimum:g}" if param.HasField("minimum") else ""
+        high = f"{param.maximum:g}" if param.HasField("maximum") else ""
+        facts.append(f"{low}..{high}")
+    if param.choices:
+        facts.append("one of " + ", ".join(_value_text(c) for c in param.choices))
+    if param.HasField("default_value"):
+        facts.append(f"default {_value_text(param.default_value)}")
+    if param.random:
+        facts.append("random when unset")
+    text = f"  --param {param.name}=...  ({'; '.join(f for f in facts if f)})"
+    return text + (f"  {param.description}" if param.description else "")
+
+
+def _value_text(value: Any) -> str:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return f"{value.number_value:g}"
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    return str(value.string_value)
+
+
+async def _cmd_workflows(args: argparse.Namespace, client: AsyncClient) -> int:
+    out = Out(args)
+    found = [await client.get_workflow(args.name)] if args.name else await client.workflows()
+    out.document({"workflows": [message_dict(w) for w in found]})
+    for workflow in found:
+        out.result(_workflow_line(workflow))
+        if args.name:
+            if workflow.description:
+                out.result(f"  {workflow.description}")
+            for item in workflow.inputs:
+                out.result(f"  {item.name}=@FILE  ({'required' if item.required else 'optional'})")
+            for param in workflow.parameters:
+                out.result(_parameter_line(param))
+    return EXIT_OK
+
+
+async def _cmd_run(args: argparse.Namespace, client: AsyncClient) -> int:
+    from aiserver.client.workflow_args import parse_assignments, parse_inputs, typed_parameters
+
+    try:
+        files = parse_inputs(args.inputs)
+        given = parse_assignments(args.param)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    _check_input(*files.values())
+    from aiserver.client.requests import RunWorkflow
+
+    workflow = await client.get_workflow(args.workflow)
+    request = _request(
+        RunWorkflow,
+        args,
+        parameters=typed_parameters(workflow.parameters, given),
+        files=dict(files),
+        output_format=args.format,
+        quality=args.quality,
+    )
+    stream = client.start(request)
+    texts = any(o.kind == o.KIND_TEXT for o in workflow.outputs)
+    return await _run_job(args, stream, texts_to_stdout=texts)
 
 
 # ---- light commands -------------------------------------------------------------------------

@@ -96,6 +96,9 @@ class Settings:
     """ncnn threads per upscale; 0 means the number of CPUs."""
     workflows_dir: Path | None = None
     """A folder of workflows that add to or override the built-in ones."""
+    workflows_poll_s: float = 2.0
+    """How often the workflow folders are checked for changes (a changed or new binding is
+    callable after at most this long, without a restart); 0 turns reloading off."""
     max_attempts: int = 3
     """Runs of one job at most when agents fail (a retry goes to another agent)."""
     queue_timeout_s: float = 600.0

@@ -6,29 +6,38 @@ app's settings class.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from aiserver.config import Settings
 from aiserver.imaging import ImageLimits
 from aiserver.providers.base import Provider
 from aiserver.providers.comfy.pool import ComfyPool
 from aiserver.providers.comfy.settings import PoolSettings
 from aiserver.providers.comfy.workflows import WorkflowCatalog
-from aiserver.providers.fallback import Excluding, Fallback
+from aiserver.providers.fallback import Excluding, Fallback, unwrap
 from aiserver.providers.local import LocalUpscaleProvider, LocalUpscaleSettings
 from aiserver.tasks import TaskKind
 
-__all__ = ["build_providers"]
+__all__ = ["build_providers", "comfy_pools"]
 
 LOCAL_MODES = ("fallback", "always", "off")
 
 
-def build_providers(settings: Settings, limits: ImageLimits) -> list[Provider]:
-    """The ComfyUI agent pool (when agents are configured) and the embedded upscaler."""
+def build_providers(
+    settings: Settings, limits: ImageLimits, catalog: WorkflowCatalog | None = None
+) -> list[Provider]:
+    """The ComfyUI agent pool (when agents are configured) and the embedded upscaler.
+
+    ``catalog``: the workflows the pool runs (kept current by a watcher); loaded strictly
+    from the settings when not given.
+    """
     mode = settings.local_upscale
     if mode not in LOCAL_MODES:
         raise ValueError(f"setting local_upscale: {mode!r} is not one of {', '.join(LOCAL_MODES)}")
     comfy: list[Provider] = []
     if settings.agents:
-        catalog = WorkflowCatalog.load(user_dir=settings.workflows_dir)
+        if catalog is None:
+            catalog = WorkflowCatalog.load(user_dir=settings.workflows_dir)
         pool_settings = PoolSettings(
             probe_interval_s=settings.agent_probe_interval_s,
             outputs_over_websocket=settings.agent_outputs_over_websocket,
@@ -50,3 +59,8 @@ def build_providers(settings: Settings, limits: ImageLimits) -> list[Provider]:
         upscale = frozenset({TaskKind.IMAGE_UPSCALE})
         return [*(Excluding(p, upscale) for p in comfy), local]
     return [*comfy, Fallback(local, comfy)]
+
+
+def comfy_pools(providers: Iterable[Provider]) -> list[ComfyPool]:
+    """The ComfyUI pools among ``providers``, also when wrapped (Excluding, Fallback)."""
+    return [p for p in map(unwrap, providers) if isinstance(p, ComfyPool)]

@@ -22,13 +22,17 @@ from imagetasks.v1 import (
     job_service_pb2_grpc,
     transform_service_pb2,
     transform_service_pb2_grpc,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
 )
 
 from aiserver.api.agents import AgentServicer
 from aiserver.api.artifacts import ArtifactServicer
-from aiserver.api.generation import GenerationServicer, SubmitLimits
+from aiserver.api.generation import GenerationServicer
+from aiserver.api.job_calls import JobCalls, SubmitLimits
 from aiserver.api.jobs import JobServicer
 from aiserver.api.transform import TransformServicer
+from aiserver.api.workflows import WorkflowServicer
 from aiserver.artifacts import ArtifactStore, VariantCache, VariantPolicy
 from aiserver.artifacts.index import open_artifact_index
 from aiserver.blobs import open_blob_store
@@ -40,12 +44,14 @@ from aiserver.jobs.model import Job
 from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import JobStore, StoreUnavailable, open_job_store
 from aiserver.metrics import Metrics, MetricsServer
-from aiserver.provider_config import build_providers
+from aiserver.provider_config import build_providers, comfy_pools
 from aiserver.providers.base import Provider
+from aiserver.providers.comfy.watch import WorkflowWatcher
+from aiserver.providers.comfy.workflows import AgentCapabilities, WorkflowCatalog
 from aiserver.retention import Retention, RetentionPolicy
 from aiserver.security import Security
 from aiserver.spool import InputSpool
-from aiserver.tasks import TaskKind
+from aiserver.tasks import BUILT_IN_TASKS
 from aiserver.webhooks import DeliveryOutcome, WebhookSender, webhook_record
 from aiserver.workers import BlockingPool
 
@@ -63,6 +69,7 @@ _GENERATION = _service_name(generation_service_pb2, "GenerationService")
 _JOBS = _service_name(job_service_pb2, "JobService")
 _ARTIFACTS = _service_name(artifact_service_pb2, "ArtifactService")
 _AGENTS = _service_name(agent_service_pb2, "AgentService")
+_WORKFLOWS = _service_name(workflow_service_pb2, "WorkflowService")
 HEALTH_POLL_S = 1.0
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -115,7 +122,15 @@ class Service:
             public_base_url=settings.public_base_url,
             link=self.security.link if self.security.signer is not None else None,
         )
-        self.providers: list[Provider] = build_providers(settings, self.limits)
+        # Broken workflow files are listed as unavailable, never stopping the server.
+        self.workflows = WorkflowCatalog.load(user_dir=settings.workflows_dir, strict=False)
+        self.workflow_watcher = WorkflowWatcher(
+            self.workflows,
+            user_dir=settings.workflows_dir,
+            interval_s=settings.workflows_poll_s,
+            on_change=self._workflows_changed,
+        )
+        self.providers: list[Provider] = build_providers(settings, self.limits, self.workflows)
         self.manager: JobManager | None = None
         self.retention: Retention | None = None
         self.job_store: JobStore | None = None
@@ -127,7 +142,7 @@ class Service:
         """Known to the guard and the in-process HTTP shim only (see Guard)."""
 
     def _services(self) -> Sequence[str]:
-        return (_TRANSFORM, _GENERATION, _JOBS, _ARTIFACTS, _AGENTS)
+        return (_TRANSFORM, _GENERATION, _JOBS, _ARTIFACTS, _AGENTS, _WORKFLOWS)
 
     async def start(self) -> int:
         s = self.settings
@@ -188,24 +203,28 @@ class Service:
             ),
             server,
         )
-        generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(
-                manager=manager,
-                artifacts=self.artifacts,
-                spool=self.spool,
-                pool=self.pool,
-                limits=SubmitLimits(
-                    max_upload_bytes=s.max_upload_bytes,
-                    max_prompt_chars=s.max_prompt_chars,
-                    max_batch_size=s.max_batch_size,
-                    chunk_bytes=s.chunk_bytes,
-                    image=self.limits,
-                ),
-                link=link,
-                reply_to_guard=self.webhooks.guard,
+        job_calls = JobCalls(
+            manager=manager,
+            artifacts=self.artifacts,
+            spool=self.spool,
+            pool=self.pool,
+            limits=SubmitLimits(
+                max_upload_bytes=s.max_upload_bytes,
+                max_prompt_chars=s.max_prompt_chars,
+                max_batch_size=s.max_batch_size,
+                chunk_bytes=s.chunk_bytes,
+                image=self.limits,
             ),
-            server,
+            link=link,
+            reply_to_guard=self.webhooks.guard,
         )
+        generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(job_calls, self.workflows), server
+        )
+        workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(
+            WorkflowServicer(job_calls, self.workflows, self._agent_capabilities), server
+        )
+        self.workflow_watcher.start()
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(manager, link=link),
             server,
@@ -287,6 +306,7 @@ class Service:
             self.gateway = None
         await self._server.stop(grace)
         self._server = None
+        await self.workflow_watcher.close()
         if self.retention is not None:
             await self.retention.stop()
         if self.manager is not None:
@@ -308,13 +328,30 @@ class Service:
         if job.reply_to:
             self.webhooks.submit(job)
 
+    def _workflows_changed(self, catalog: WorkflowCatalog) -> None:
+        for pool in comfy_pools(self.providers):
+            pool.recheck()
+        agents = self._agent_capabilities()
+        for workflow in catalog.workflows():
+            lacking = {
+                n: c.reason for n, caps in agents.items() if not (c := workflow.check(caps)).ok
+            }
+            if lacking:
+                logger.warning("workflow %s cannot run on: %s", workflow.name, lacking)
+
+    def _agent_capabilities(self) -> dict[str, AgentCapabilities]:
+        found: dict[str, AgentCapabilities] = {}
+        for pool in comfy_pools(self.providers):
+            found.update(pool.capabilities())
+        return found
+
     async def _keep_webhook_outcome(self, outcome: DeliveryOutcome) -> None:
         if self.manager is not None:
             await self.manager.record_webhook(outcome.job_id, webhook_record(outcome))
 
     async def _update_generation_health(self) -> None:
         assert self.manager is not None
-        able = any(self.manager.can_serve(task) for task in TaskKind)
+        able = any(self.manager.can_serve(task) for task in BUILT_IN_TASKS)
         await self.health.set(_GENERATION, SERVING if able else NOT_SERVING)
 
     async def _health_loop(self) -> None:

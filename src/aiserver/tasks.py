@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
 
 __all__ = [
+    "BUILT_IN_TASKS",
     "DEFAULT_NEGATIVE_PROMPT",
     "ImageToImageSpec",
     "ImageToTextSpec",
@@ -21,6 +22,7 @@ __all__ = [
     "ImageWithMaskSpec",
     "TaskKind",
     "TaskSpec",
+    "WorkflowSpec",
     "spec_from_dict",
     "spec_to_dict",
 ]
@@ -36,11 +38,24 @@ class TaskKind(enum.Enum):
     IMAGE_WITH_MASK = "ImageWithMask"
     IMAGE_UPSCALE = "ImageUpscale"
     IMAGE_TO_TEXT = "ImageToText"
+    WORKFLOW = "Workflow"
+    """A named workflow from the workflows folder; its binding says what it takes."""
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        """The upload fields this task needs, all required."""
+        """The upload fields this task always needs (a workflow's depend on its binding)."""
+        if self is TaskKind.WORKFLOW:
+            return ()
         return ("image", "mask") if self is TaskKind.IMAGE_WITH_MASK else ("image",)
+
+
+BUILT_IN_TASKS = (
+    TaskKind.IMAGE_TO_IMAGE,
+    TaskKind.IMAGE_WITH_MASK,
+    TaskKind.IMAGE_UPSCALE,
+    TaskKind.IMAGE_TO_TEXT,
+)
+"""The tasks with their own typed RPCs (each a thin wrapper over its bound workflow)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +72,11 @@ class _Sampling:
     cfg_scale: float | None = None
     sampler: str = ""
     scheduler: str = ""
+    output_format: str = ""
+    """Stored outputs' format (``webp``...); empty: as ComfyUI saves them (PNG)."""
+    output_quality: int | None = None
+    workflow_documents: dict[str, Any] = field(default_factory=dict, repr=False)
+    """The task's bound workflow (graph and binding) as accepted: a job keeps that version."""
 
     def _violations(self, max_prompt_chars: int, max_batch: int) -> list[FieldViolation]:
         bad: list[FieldViolation] = []
@@ -111,6 +131,9 @@ class ImageUpscaleSpec:
 
     model: str = ""
     seed: int | None = None
+    output_format: str = ""
+    output_quality: int | None = None
+    workflow_documents: dict[str, Any] = field(default_factory=dict, repr=False)
 
     kind = TaskKind.IMAGE_UPSCALE
 
@@ -127,6 +150,7 @@ class ImageToTextSpec:
 
     model: str = ""
     prompt: str = ""
+    workflow_documents: dict[str, Any] = field(default_factory=dict, repr=False)
 
     kind = TaskKind.IMAGE_TO_TEXT
 
@@ -140,13 +164,35 @@ class ImageToTextSpec:
         _raise_if(bad)
 
 
-TaskSpec = ImageToImageSpec | ImageWithMaskSpec | ImageUpscaleSpec | ImageToTextSpec
+@dataclass(frozen=True, slots=True)
+class WorkflowSpec:
+    """A run of a named workflow: its parameters, already checked against its binding.
+
+    ``documents`` holds the binding and graph the run was accepted with (``{"binding": ...,
+    "graph": ...}``), so a job keeps its version when the files change or the server restarts.
+    """
+
+    workflow: str = ""
+    version: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    documents: dict[str, Any] = field(default_factory=dict)
+    output_format: str = ""
+    output_quality: int | None = None
+
+    kind = TaskKind.WORKFLOW
+
+    def validate(self, *, max_prompt_chars: int, max_batch: int) -> None:
+        """Parameters are checked against the binding when the run is accepted."""
+
+
+TaskSpec = ImageToImageSpec | ImageWithMaskSpec | ImageUpscaleSpec | ImageToTextSpec | WorkflowSpec
 
 _SPEC_TYPES: dict[TaskKind, type[TaskSpec]] = {
     TaskKind.IMAGE_TO_IMAGE: ImageToImageSpec,
     TaskKind.IMAGE_WITH_MASK: ImageWithMaskSpec,
     TaskKind.IMAGE_UPSCALE: ImageUpscaleSpec,
     TaskKind.IMAGE_TO_TEXT: ImageToTextSpec,
+    TaskKind.WORKFLOW: WorkflowSpec,
 }
 
 

@@ -99,6 +99,24 @@ async def test_image_with_mask(tmp_path: Path) -> None:
         assert {"SetLatentNoiseMask", "ImageToMask"} <= classes
 
 
+async def test_image_to_image_and_inpaint_keep_the_input_size(tmp_path: Path) -> None:
+    # The VAE works on multiples of 8 (100x70 -> 96x64); the bound ImageScale gives the
+    # input's size back.
+    odd = encode(quadrant_image(100, 70), "PNG")
+    mask = encode(Image.new("RGB", (100, 70), (255, 0, 0)), "PNG")
+    inpaint = tasks_pb2.ImageWithMaskParams(positive_prompt="a red door", steps=1)
+    async with comfy_service(tmp_path) as (service, _), channel_to(service) as ch:
+        for task, params, files in (
+            ("ImageToImage", img2img(), {"image": odd}),
+            ("ImageWithMask", inpaint, {"image": odd, "mask": mask}),
+        ):
+            got = await generate(ch, task, params, files)
+            (output,) = got.of("output")
+            assert (output.artifact.width, output.artifact.height) == (100, 70), task
+            with Image.open(io.BytesIO(got.output_bytes())) as im:
+                assert im.size == (100, 70), task
+
+
 async def test_image_upscale_is_exactly_twice_the_size(tmp_path: Path) -> None:
     odd = encode(quadrant_image(37, 23), "PNG")
     async with comfy_service(tmp_path) as (service, _), channel_to(service) as ch:

@@ -122,7 +122,7 @@ def test_the_wheel_carries_the_workflows_default_workflows_dir_finds(
         "import sys; sys.path.insert(0, sys.argv[1]);"
         "from aiserver.providers.comfy.workflows import WorkflowCatalog, default_workflows_dir;"
         "import aiserver; print(aiserver.__file__); print(default_workflows_dir());"
-        "print(len(WorkflowCatalog.load().tasks))"
+        "print(len(WorkflowCatalog.load().workflows()))"
     )
     run = subprocess.run(
         [sys.executable, "-c", probe, str(tmp_path / "site")],
@@ -136,4 +136,5 @@ def test_the_wheel_carries_the_workflows_default_workflows_dir_finds(
     assert Path(package).is_relative_to(tmp_path / "site")
     assert Path(folder) == (tmp_path / "site" / "aiserver" / "builtin_workflows").resolve()
     assert sorted(p.name for p in Path(folder).glob("*.json")) == WORKFLOWS
-    assert int(loaded) == len(WORKFLOWS) // 2  # a graph and a binding per task
+    # a graph and a binding per workflow, and the bindings' JSON Schema beside them
+    assert int(loaded) == len([n for n in WORKFLOWS if n.endswith(".binding.json")])

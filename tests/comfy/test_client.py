@@ -183,7 +183,7 @@ async def test_hostile_prompts_arrive_byte_identical(
     raw = json.loads(standin.received.raw_prompts[-1])
     assert raw["prompt"]["3"]["inputs"]["text"].encode() == HOSTILE.encode()
     assert raw["prompt"]["4"]["inputs"]["text"].encode() == negative.encode()
-    assert set(raw["prompt"]) == {str(n) for n in range(1, 10)}  # no node was injected
+    assert set(raw["prompt"]) == {str(n) for n in range(1, 11)}  # no node was injected
 
 
 async def test_missing_model_is_a_clear_precondition(

@@ -21,7 +21,13 @@ from aiserver.providers.base import (
 )
 from aiserver.providers.comfy.pool import AgentConfig, AgentState, ComfyPool, PoolSettings
 from aiserver.providers.comfy.workflows import WorkflowCatalog
-from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, ImageUpscaleSpec, TaskKind
+from aiserver.tasks import (
+    BUILT_IN_TASKS,
+    ImageToImageSpec,
+    ImageToTextSpec,
+    ImageUpscaleSpec,
+    TaskKind,
+)
 from tests.comfy.conftest import Spawn, StandInFactory
 from tests.comfy.helpers import FAST, RecordingSink, png, work_item, write_input
 
@@ -84,7 +90,7 @@ async def test_discovery_and_snapshot(
     assert provider.name == "comfyui"
     snap = {s.name: s for s in pool.snapshot()}
     assert snap["full"].state is AgentState.ONLINE and snap["full"].version == "0.8.0"
-    assert set(snap["full"].tasks) == set(TaskKind)
+    assert set(snap["full"].tasks) == set(BUILT_IN_TASKS)
     assert snap["full"].models["upscale_models"] == (
         "RealESRGAN_x2.pth",
         "RealESRGAN_x4plus.pth",

@@ -353,7 +353,7 @@ async def test_previews_are_binary_frames_when_asked_for(make_standin: StandInFa
 async def test_a_node_it_cannot_emulate_fails_like_a_raising_node(
     make_standin: StandInFactory,
 ) -> None:
-    # EmptyLatentImage is in the catalogue (validation passes) but has no emulation: the
+    # ImageBlur is in the catalogue (validation passes) but has no emulation: the
     # prompt must end as a real ComfyUI prompt whose node raised, never hang or pass.
     standin = await make_standin()
     graph = {
@@ -366,7 +366,11 @@ async def test_a_node_it_cannot_emulate_fails_like_a_raising_node(
             "inputs": {"width": 64, "height": 64, "batch_size": 1},
         },
         "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
-        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}},
+        "4": {
+            "class_type": "ImageBlur",
+            "inputs": {"image": ["3", 0], "blur_radius": 1, "sigma": 1.0},
+        },
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "x"}},
     }
     ws_url = standin.url.replace("http://", "ws://") + "/ws?clientId=unemulated"
     async with connect(ws_url) as ws, httpx.AsyncClient(base_url=standin.url) as http:
@@ -375,6 +379,6 @@ async def test_a_node_it_cannot_emulate_fails_like_a_raising_node(
         assert response.status_code == 200, response.text
         messages = await collect(ws, "p-unemulated")
     (error,) = of_type(messages, "execution_error")
-    assert (error["node_id"], error["node_type"]) == ("2", "EmptyLatentImage")
+    assert (error["node_id"], error["node_type"]) == ("4", "ImageBlur")
     assert error["exception_type"].endswith("NotEmulated")
     assert "execution_success" not in types(messages)

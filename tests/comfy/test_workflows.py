@@ -19,6 +19,7 @@ from aiserver.providers.comfy.workflows import (
     default_workflows_dir,
 )
 from aiserver.tasks import (
+    BUILT_IN_TASKS,
     DEFAULT_NEGATIVE_PROMPT,
     MAX_SEED,
     ImageToImageSpec,
@@ -42,8 +43,8 @@ def image_work(inputs_dir: Path) -> WorkItem:
 
 
 def test_builtin_catalog_has_every_task(catalog: WorkflowCatalog) -> None:
-    assert set(catalog.tasks) == set(TaskKind)
-    for task in TaskKind:
+    assert set(catalog.tasks) == set(BUILT_IN_TASKS)
+    for task in BUILT_IN_TASKS:
         workflow = catalog.get(task)
         assert workflow.nodes_to_run == frozenset(workflow.graph)  # nothing dangles
         assert workflow.outputs
@@ -222,14 +223,14 @@ def test_user_folder_overrides_and_shadows(tmp_path: Path, inputs_dir: Path) -> 
         (lambda d: d["params"]["steps"].update(input="nope"), "has no input 'nope'"),
         (lambda d: d["params"]["steps"].update(input="model"), "is a link"),
         (lambda d: d["params"]["steps"].update(random=True), "only seed can be random"),
-        (lambda d: d["params"]["negative_prompt"].update(default_const="X"), "default_const"),
+        (lambda d: d["params"]["negative_prompt"].update(default_const="X"), "default_const: 'X'"),
         (lambda d: d["inputs"].clear(), "inputs.image is not bound"),
         (lambda d: d["nodes"].remove("KSampler"), "nodes must list"),
-        (lambda d: d.update(outputs=[]), "at least one output"),
-        (lambda d: d["outputs"][0].update(kind="video"), "images or text"),
+        (lambda d: d.update(outputs=[]), "outputs: [] should be non-empty"),
+        (lambda d: d["outputs"][0].update(kind="video"), "outputs[0].kind: 'video' is not one"),
         (lambda d: d["job"][0].update(format="{job_id}{secret}"), "only {job_id}"),
-        (lambda d: d.update(task="Nope"), "task must be one of"),
-        (lambda d: d.update(graph="../etc.json"), "file name next to the binding"),
+        (lambda d: d.update(task="Nope"), "task: 'Nope' is not one of"),
+        (lambda d: d.update(graph="../etc.json"), "graph: '../etc.json' does not match"),
         (lambda d: d.update(graph="absent.json"), "graph absent.json not found"),
     ],
 )

@@ -28,6 +28,8 @@ from imagetasks.v1 import (
     job_pb2,
     job_service_pb2,
     job_service_pb2_grpc,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
 )
 from PIL import Image
 
@@ -389,6 +391,16 @@ class Generation(generation_service_pb2_grpc.GenerationServiceServicer):
             yield generation_service_pb2.ImageToTextResponse(event=event)
 
 
+class Workflows(workflow_service_pb2_grpc.WorkflowServiceServicer):
+    """RunWorkflow reads the whole upload, then knows no workflow (as a server without any)."""
+
+    async def RunWorkflow(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        async for _ in request_iterator:
+            pass
+        await context.abort(grpc.StatusCode.NOT_FOUND, "the fake backend has no workflows")
+        yield workflow_service_pb2.RunWorkflowResponse()  # never reached
+
+
 class FakeBackend:
     def __init__(self) -> None:
         self.state = State()
@@ -403,6 +415,7 @@ class FakeBackend:
         generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
             Generation(self.state), server
         )
+        workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(Workflows(), server)
         self.port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         self._server = server

@@ -193,7 +193,7 @@ def test_compat_tasks_are_derived_from_upload_rpcs() -> None:
         "QueueImageToText",
         "QueueImageUpscale",
         "QueueImageWithMask",
-    ]
+    ]  # no RunWorkflow: a Struct cannot come from a flat form; /api/workflows/{name} serves it
     assert not tasks["cropimage"].generative and tasks["queueimagetoimage"].queued
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from imagetasks.v1 import common_pb2, generation_service_pb2_grpc, workflow_service_pb2_grpc
 from imagetasks.v1 import generation_service_pb2 as gpb
-from imagetasks.v1 import generation_service_pb2_grpc
+from imagetasks.v1 import workflow_service_pb2 as wpb
 
 from aiserver.config import AgentSettings
 from aiserver.server import Service
@@ -61,6 +62,28 @@ async def generate(
     stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
     call = getattr(stub, task)(timeout=timeout, metadata=metadata)
     await send_all(call, upload_messages(REQUEST_TYPES[task], params, files))
+    return await collect(call)
+
+
+async def run_workflow(
+    channel: grpc.aio.Channel,
+    name: str,
+    parameters: dict[str, Any],
+    files: dict[str, bytes],
+    *,
+    options: common_pb2.JobOptions | None = None,
+    timeout: float | None = 60,
+) -> Collected:
+    """WorkflowService.RunWorkflow, collected like :func:`generate`."""
+    params = wpb.RunWorkflowParams(workflow=name, options=options)
+    params.parameters.update(parameters)
+    call = workflow_service_pb2_grpc.WorkflowServiceStub(channel).RunWorkflow(timeout=timeout)
+    await send_all(call, upload_messages(wpb.RunWorkflowRequest, params, files))
+    return await collect(call)
+
+
+async def collect(call: Any) -> Collected:
+    """Every event of a JobEvent response stream, output bytes reassembled."""
     got = Collected()
     async for resp in call:
         event = resp.event

@@ -26,7 +26,7 @@ from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aimagetasks/v1/common.proto\x12\rimagetasks.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x04\n\nJobOptions\x12L\n\x06ref_id\x18\x01 \x01(\tB<\xbaH9r7\x18\x80\x01\x32\x32^[^\\x00-\\x1f\\x7f-\\x9f\xc2\xad\xe2\x80\x8b-\xe2\x80\x8f\xe2\x80\xa8-\xe2\x80\xae\xe2\x81\xa0-\xe2\x81\xaf\xef\xbb\xbf]*$\x12I\n\x03tag\x18\x02 \x01(\tB<\xbaH9r7\x18\x80\x01\x32\x32^[^\\x00-\\x1f\\x7f-\\x9f\xc2\xad\xe2\x80\x8b-\xe2\x80\x8f\xe2\x80\xa8-\xe2\x80\xae\xe2\x81\xa0-\xe2\x81\xaf\xef\xbb\xbf]*$\x12\xdb\x02\n\x08reply_to\x18\x03 \x01(\tB\xc8\x02\xbaH\xc4\x02r\xc1\x02\x18\x80\x10\x32\xbb\x02^$|^[hH][tT][tT][pP][sS]?://([A-Za-z0-9._~!$&\'()*+,;=:%-]*@)?(([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\\.?|\\[[0-9A-Fa-f:.]{2,45}\\])(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?([/?#][A-Za-z0-9._~!$&\'()*+,;=:@%/?#-]*)?$\x12\x33\n\x04mode\x18\x04 \x01(\x0e\x32\x1b.imagetasks.v1.ResponseModeB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x39\n\x08\x64\x65livery\x18\x05 \x01(\x0e\x32\x1d.imagetasks.v1.OutputDeliveryB\x08\xbaH\x05\x82\x01\x02\x10\x01\";\n\tFileChunk\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x11\n\tfile_name\x18\x03 \x01(\t\"\xfa\x01\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x11\n\tfile_name\x18\x03 \x01(\t\x12\x11\n\tmime_type\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x11\n\x04seed\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08provider\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03job\x18\x0c \x01(\tB\x07\n\x05_seed\"\x90\x01\n\tImageInfo\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.imagetasks.v1.ImageFormat\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x11\n\tfile_name\x18\x06 \x01(\t*^\n\x0cResponseMode\x12\x1d\n\x19RESPONSE_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12RESPONSE_MODE_SYNC\x10\x01\x12\x17\n\x13RESPONSE_MODE_ASYNC\x10\x02*l\n\x0eOutputDelivery\x12\x1f\n\x1bOUTPUT_DELIVERY_UNSPECIFIED\x10\x00\x12\x19\n\x15OUTPUT_DELIVERY_BYTES\x10\x01\x12\x1e\n\x1aOUTPUT_DELIVERY_REFERENCES\x10\x02*\xc9\x01\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x01\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x02\x12\x14\n\x10IMAGE_FORMAT_GIF\x10\x03\x12\x14\n\x10IMAGE_FORMAT_BMP\x10\x04\x12\x15\n\x11IMAGE_FORMAT_TIFF\x10\x05\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x06\x12\x15\n\x11IMAGE_FORMAT_AVIF\x10\x07*\x7f\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_IMAGE_TO_IMAGE\x10\x01\x12\x18\n\x14TASK_IMAGE_WITH_MASK\x10\x02\x12\x16\n\x12TASK_IMAGE_UPSCALE\x10\x03\x12\x16\n\x12TASK_IMAGE_TO_TEXT\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aimagetasks/v1/common.proto\x12\rimagetasks.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdd\x05\n\nJobOptions\x12L\n\x06ref_id\x18\x01 \x01(\tB<\xbaH9r7\x18\x80\x01\x32\x32^[^\\x00-\\x1f\\x7f-\\x9f\xc2\xad\xe2\x80\x8b-\xe2\x80\x8f\xe2\x80\xa8-\xe2\x80\xae\xe2\x81\xa0-\xe2\x81\xaf\xef\xbb\xbf]*$\x12I\n\x03tag\x18\x02 \x01(\tB<\xbaH9r7\x18\x80\x01\x32\x32^[^\\x00-\\x1f\\x7f-\\x9f\xc2\xad\xe2\x80\x8b-\xe2\x80\x8f\xe2\x80\xa8-\xe2\x80\xae\xe2\x81\xa0-\xe2\x81\xaf\xef\xbb\xbf]*$\x12\xdb\x02\n\x08reply_to\x18\x03 \x01(\tB\xc8\x02\xbaH\xc4\x02r\xc1\x02\x18\x80\x10\x32\xbb\x02^$|^[hH][tT][tT][pP][sS]?://([A-Za-z0-9._~!$&\'()*+,;=:%-]*@)?(([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\\.?|\\[[0-9A-Fa-f:.]{2,45}\\])(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?([/?#][A-Za-z0-9._~!$&\'()*+,;=:@%/?#-]*)?$\x12\x33\n\x04mode\x18\x04 \x01(\x0e\x32\x1b.imagetasks.v1.ResponseModeB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x39\n\x08\x64\x65livery\x18\x05 \x01(\x0e\x32\x1d.imagetasks.v1.OutputDeliveryB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12;\n\routput_format\x18\x06 \x01(\x0e\x32\x1a.imagetasks.v1.ImageFormatB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1f\n\x07quality\x18\x07 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01H\x00\x88\x01\x01\x42\n\n\x08_quality\";\n\tFileChunk\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x11\n\tfile_name\x18\x03 \x01(\t\"\xfa\x01\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x11\n\tfile_name\x18\x03 \x01(\t\x12\x11\n\tmime_type\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x11\n\x04seed\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08provider\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03job\x18\x0c \x01(\tB\x07\n\x05_seed\"\x90\x01\n\tImageInfo\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.imagetasks.v1.ImageFormat\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x11\n\tfile_name\x18\x06 \x01(\t*^\n\x0cResponseMode\x12\x1d\n\x19RESPONSE_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12RESPONSE_MODE_SYNC\x10\x01\x12\x17\n\x13RESPONSE_MODE_ASYNC\x10\x02*l\n\x0eOutputDelivery\x12\x1f\n\x1bOUTPUT_DELIVERY_UNSPECIFIED\x10\x00\x12\x19\n\x15OUTPUT_DELIVERY_BYTES\x10\x01\x12\x1e\n\x1aOUTPUT_DELIVERY_REFERENCES\x10\x02*\xc9\x01\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x01\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x02\x12\x14\n\x10IMAGE_FORMAT_GIF\x10\x03\x12\x14\n\x10IMAGE_FORMAT_BMP\x10\x04\x12\x15\n\x11IMAGE_FORMAT_TIFF\x10\x05\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x06\x12\x15\n\x11IMAGE_FORMAT_AVIF\x10\x07*\x92\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_IMAGE_TO_IMAGE\x10\x01\x12\x18\n\x14TASK_IMAGE_WITH_MASK\x10\x02\x12\x16\n\x12TASK_IMAGE_UPSCALE\x10\x03\x12\x16\n\x12TASK_IMAGE_TO_TEXT\x10\x04\x12\x11\n\rTASK_WORKFLOW\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,20 +43,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBOPTIONS'].fields_by_name['mode']._serialized_options = b'\272H\005\202\001\002\020\001'
   _globals['_JOBOPTIONS'].fields_by_name['delivery']._loaded_options = None
   _globals['_JOBOPTIONS'].fields_by_name['delivery']._serialized_options = b'\272H\005\202\001\002\020\001'
-  _globals['_RESPONSEMODE']._serialized_start=1198
-  _globals['_RESPONSEMODE']._serialized_end=1292
-  _globals['_OUTPUTDELIVERY']._serialized_start=1294
-  _globals['_OUTPUTDELIVERY']._serialized_end=1402
-  _globals['_IMAGEFORMAT']._serialized_start=1405
-  _globals['_IMAGEFORMAT']._serialized_end=1606
-  _globals['_TASK']._serialized_start=1608
-  _globals['_TASK']._serialized_end=1735
+  _globals['_JOBOPTIONS'].fields_by_name['output_format']._loaded_options = None
+  _globals['_JOBOPTIONS'].fields_by_name['output_format']._serialized_options = b'\272H\005\202\001\002\020\001'
+  _globals['_JOBOPTIONS'].fields_by_name['quality']._loaded_options = None
+  _globals['_JOBOPTIONS'].fields_by_name['quality']._serialized_options = b'\272H\006\032\004\030d(\001'
+  _globals['_RESPONSEMODE']._serialized_start=1304
+  _globals['_RESPONSEMODE']._serialized_end=1398
+  _globals['_OUTPUTDELIVERY']._serialized_start=1400
+  _globals['_OUTPUTDELIVERY']._serialized_end=1508
+  _globals['_IMAGEFORMAT']._serialized_start=1511
+  _globals['_IMAGEFORMAT']._serialized_end=1712
+  _globals['_TASK']._serialized_start=1715
+  _globals['_TASK']._serialized_end=1861
   _globals['_JOBOPTIONS']._serialized_start=108
-  _globals['_JOBOPTIONS']._serialized_end=735
-  _globals['_FILECHUNK']._serialized_start=737
-  _globals['_FILECHUNK']._serialized_end=796
-  _globals['_ARTIFACT']._serialized_start=799
-  _globals['_ARTIFACT']._serialized_end=1049
-  _globals['_IMAGEINFO']._serialized_start=1052
-  _globals['_IMAGEINFO']._serialized_end=1196
+  _globals['_JOBOPTIONS']._serialized_end=841
+  _globals['_FILECHUNK']._serialized_start=843
+  _globals['_FILECHUNK']._serialized_end=902
+  _globals['_ARTIFACT']._serialized_start=905
+  _globals['_ARTIFACT']._serialized_end=1155
+  _globals['_IMAGEINFO']._serialized_start=1158
+  _globals['_IMAGEINFO']._serialized_end=1302
 # @@protoc_insertion_point(module_scope)

@@ -115,6 +115,8 @@ class _TaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Task.ValueType],
     TASK_IMAGE_WITH_MASK: _Task.ValueType  # 2
     TASK_IMAGE_UPSCALE: _Task.ValueType  # 3
     TASK_IMAGE_TO_TEXT: _Task.ValueType  # 4
+    TASK_WORKFLOW: _Task.ValueType  # 5
+    """A named workflow (WorkflowService.RunWorkflow)."""
 
 class Task(_Task, metaclass=_TaskEnumTypeWrapper):
     """The tasks that run as jobs. (CropImage, ConvertImage and variants are synchronous
@@ -126,6 +128,8 @@ TASK_IMAGE_TO_IMAGE: Task.ValueType  # 1
 TASK_IMAGE_WITH_MASK: Task.ValueType  # 2
 TASK_IMAGE_UPSCALE: Task.ValueType  # 3
 TASK_IMAGE_TO_TEXT: Task.ValueType  # 4
+TASK_WORKFLOW: Task.ValueType  # 5
+"""A named workflow (WorkflowService.RunWorkflow)."""
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
 @_typing.final
@@ -139,6 +143,8 @@ class JobOptions(_message.Message):
     REPLY_TO_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     DELIVERY_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
     ref_id: _builtins.str
     """The caller's reference for the job (AI Server's `RefId`). Idempotent per owner
     (AIP-155): sending the same ref_id again returns the existing job instead of a new one.
@@ -157,6 +163,13 @@ class JobOptions(_message.Message):
     """Wait for the result (SYNC, default) or return once the job is accepted (ASYNC)."""
     delivery: Global___OutputDelivery.ValueType
     """Stream output bytes (default) or references only."""
+    output_format: Global___ImageFormat.ValueType
+    """The format generated images are stored in (and delivered, downloaded and varied from).
+    UNSPECIFIED: as ComfyUI saves them, PNG. WEBP, AVIF and JPEG make much smaller files.
+    Applied once, when each output is stored; the artifact's mime_type and file name follow.
+    """
+    quality: _builtins.int
+    """1..100 for the lossy formats (JPEG, WEBP, AVIF); unset: the server's default (80)."""
     def __init__(
         self,
         *,
@@ -165,12 +178,16 @@ class JobOptions(_message.Message):
         reply_to: _builtins.str = ...,
         mode: Global___ResponseMode.ValueType = ...,
         delivery: Global___OutputDelivery.ValueType = ...,
+        output_format: Global___ImageFormat.ValueType = ...,
+        quality: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_quality", b"_quality", "quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "mode", b"mode", "ref_id", b"ref_id", "reply_to", b"reply_to", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_quality", b"_quality", "delivery", b"delivery", "mode", b"mode", "output_format", b"output_format", "quality", b"quality", "ref_id", b"ref_id", "reply_to", b"reply_to", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__quality: _TypeAlias = _typing.Literal["quality"]  # noqa: Y015
+    _WhichOneofArgType__quality: _TypeAlias = _typing.Literal["_quality", b"_quality"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__quality) -> _WhichOneofReturnType__quality | None: ...
 
 Global___JobOptions: _TypeAlias = JobOptions  # noqa: Y015
 

@@ -114,14 +114,17 @@ class GenerationServiceServicer:
     """
 
     def ImageToImage(self, request_iterator, context):
-        """A new image from an image and a prompt.
+        """A new image from an image and a prompt. Each output has the input's width and height:
+        ComfyUI's VAE works on multiples of 8 (100x70 would come back 96x64), so the bound
+        workflow ends with an ImageScale to the input's size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ImageWithMask(self, request_iterator, context):
-        """Inpainting: the prompt applies inside the mask only.
+        """Inpainting: the prompt applies inside the mask only. Each output has the input image's
+        width and height (as for ImageToImage, a final ImageScale undoes the VAE's rounding).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

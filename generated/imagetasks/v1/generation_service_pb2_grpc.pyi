@@ -61,9 +61,14 @@ class GenerationServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GenerationServiceAsyncStub: ...
     ImageToImage: _grpc.StreamStreamMultiCallable[_generation_service_pb2.ImageToImageRequest, _generation_service_pb2.ImageToImageResponse]
-    """A new image from an image and a prompt."""
+    """A new image from an image and a prompt. Each output has the input's width and height:
+    ComfyUI's VAE works on multiples of 8 (100x70 would come back 96x64), so the bound
+    workflow ends with an ImageScale to the input's size.
+    """
     ImageWithMask: _grpc.StreamStreamMultiCallable[_generation_service_pb2.ImageWithMaskRequest, _generation_service_pb2.ImageWithMaskResponse]
-    """Inpainting: the prompt applies inside the mask only."""
+    """Inpainting: the prompt applies inside the mask only. Each output has the input image's
+    width and height (as for ImageToImage, a final ImageScale undoes the VAE's rounding).
+    """
     ImageUpscale: _grpc.StreamStreamMultiCallable[_generation_service_pb2.ImageUpscaleRequest, _generation_service_pb2.ImageUpscaleResponse]
     """A 2x upscale with a super-resolution model."""
     ImageToText: _grpc.StreamStreamMultiCallable[_generation_service_pb2.ImageToTextRequest, _generation_service_pb2.ImageToTextResponse]
@@ -102,9 +107,14 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ImageToImage: _aio.StreamStreamMultiCallable[_generation_service_pb2.ImageToImageRequest, _generation_service_pb2.ImageToImageResponse]  # type: ignore[assignment]
-    """A new image from an image and a prompt."""
+    """A new image from an image and a prompt. Each output has the input's width and height:
+    ComfyUI's VAE works on multiples of 8 (100x70 would come back 96x64), so the bound
+    workflow ends with an ImageScale to the input's size.
+    """
     ImageWithMask: _aio.StreamStreamMultiCallable[_generation_service_pb2.ImageWithMaskRequest, _generation_service_pb2.ImageWithMaskResponse]  # type: ignore[assignment]
-    """Inpainting: the prompt applies inside the mask only."""
+    """Inpainting: the prompt applies inside the mask only. Each output has the input image's
+    width and height (as for ImageToImage, a final ImageScale undoes the VAE's rounding).
+    """
     ImageUpscale: _aio.StreamStreamMultiCallable[_generation_service_pb2.ImageUpscaleRequest, _generation_service_pb2.ImageUpscaleResponse]  # type: ignore[assignment]
     """A 2x upscale with a super-resolution model."""
     ImageToText: _aio.StreamStreamMultiCallable[_generation_service_pb2.ImageToTextRequest, _generation_service_pb2.ImageToTextResponse]  # type: ignore[assignment]
@@ -146,7 +156,10 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_generation_service_pb2.ImageToImageRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_generation_service_pb2.ImageToImageResponse], _abc.AsyncIterator[_generation_service_pb2.ImageToImageResponse]]:
-        """A new image from an image and a prompt."""
+        """A new image from an image and a prompt. Each output has the input's width and height:
+        ComfyUI's VAE works on multiples of 8 (100x70 would come back 96x64), so the bound
+        workflow ends with an ImageScale to the input's size.
+        """
 
     @_abc_1.abstractmethod
     def ImageWithMask(
@@ -154,7 +167,9 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_generation_service_pb2.ImageWithMaskRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_generation_service_pb2.ImageWithMaskResponse], _abc.AsyncIterator[_generation_service_pb2.ImageWithMaskResponse]]:
-        """Inpainting: the prompt applies inside the mask only."""
+        """Inpainting: the prompt applies inside the mask only. Each output has the input image's
+        width and height (as for ImageToImage, a final ImageScale undoes the VAE's rounding).
+        """
 
     @_abc_1.abstractmethod
     def ImageUpscale(

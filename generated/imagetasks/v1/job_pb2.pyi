@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -80,6 +81,7 @@ class Job(_message.Message):
     IMAGE_WITH_MASK_FIELD_NUMBER: _builtins.int
     IMAGE_UPSCALE_FIELD_NUMBER: _builtins.int
     IMAGE_TO_TEXT_FIELD_NUMBER: _builtins.int
+    WORKFLOW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`jobs/{job}`."""
     task: _common_pb2.Task.ValueType
@@ -137,6 +139,8 @@ class Job(_message.Message):
     def image_upscale(self) -> _tasks_pb2.ImageUpscaleParams: ...
     @_builtins.property
     def image_to_text(self) -> _tasks_pb2.ImageToTextParams: ...
+    @_builtins.property
+    def workflow(self) -> Global___WorkflowRunParams: ...
     def __init__(
         self,
         *,
@@ -166,16 +170,49 @@ class Job(_message.Message):
         image_with_mask: _tasks_pb2.ImageWithMaskParams | None = ...,
         image_upscale: _tasks_pb2.ImageUpscaleParams | None = ...,
         image_to_text: _tasks_pb2.ImageToTextParams | None = ...,
+        workflow: Global___WorkflowRunParams | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image_to_image", b"image_to_image", "image_to_text", b"image_to_text", "image_upscale", b"image_upscale", "image_with_mask", b"image_with_mask", "params", b"params", "start_time", b"start_time", "update_time", b"update_time", "webhook", b"webhook"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image_to_image", b"image_to_image", "image_to_text", b"image_to_text", "image_upscale", b"image_upscale", "image_with_mask", b"image_with_mask", "params", b"params", "start_time", b"start_time", "update_time", b"update_time", "webhook", b"webhook", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image_to_image", b"image_to_image", "image_to_text", b"image_to_text", "image_upscale", b"image_upscale", "image_with_mask", b"image_with_mask", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "owner", b"owner", "params", b"params", "progress", b"progress", "provider", b"provider", "queue_position", b"queue_position", "ref_id", b"ref_id", "reply_to", b"reply_to", "start_time", b"start_time", "state", b"state", "tag", b"tag", "task", b"task", "text_outputs", b"text_outputs", "update_time", b"update_time", "waiting_reason", b"waiting_reason", "webhook", b"webhook"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image_to_image", b"image_to_image", "image_to_text", b"image_to_text", "image_upscale", b"image_upscale", "image_with_mask", b"image_with_mask", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "owner", b"owner", "params", b"params", "progress", b"progress", "provider", b"provider", "queue_position", b"queue_position", "ref_id", b"ref_id", "reply_to", b"reply_to", "start_time", b"start_time", "state", b"state", "tag", b"tag", "task", b"task", "text_outputs", b"text_outputs", "update_time", b"update_time", "waiting_reason", b"waiting_reason", "webhook", b"webhook", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_params: _TypeAlias = _typing.Literal["image_to_image", "image_with_mask", "image_upscale", "image_to_text"]  # noqa: Y015
+    _WhichOneofReturnType_params: _TypeAlias = _typing.Literal["image_to_image", "image_with_mask", "image_upscale", "image_to_text", "workflow"]  # noqa: Y015
     _WhichOneofArgType_params: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_params) -> _WhichOneofReturnType_params | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class WorkflowRunParams(_message.Message):
+    """What a workflow job (Task TASK_WORKFLOW) was created with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    workflow: _builtins.str
+    """`workflows/{workflow}`."""
+    version: _builtins.str
+    """The version the job runs (a hash of graph and binding), whatever the folder says later."""
+    @_builtins.property
+    def parameters(self) -> _struct_pb2.Struct:
+        """The parameters as sent (defaults are applied when the graph is built)."""
+
+    def __init__(
+        self,
+        *,
+        workflow: _builtins.str = ...,
+        version: _builtins.str = ...,
+        parameters: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "version", b"version", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkflowRunParams: _TypeAlias = WorkflowRunParams  # noqa: Y015
 
 @_typing.final
 class WebhookDelivery(_message.Message):

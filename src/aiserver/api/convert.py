@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from imagetasks.v1 import common_pb2, job_pb2, tasks_pb2
 
 from aiserver.api.status import to_status_proto
@@ -32,6 +32,7 @@ from aiserver.tasks import (
     ImageWithMaskSpec,
     TaskKind,
     TaskSpec,
+    WorkflowSpec,
     spec_to_dict,
 )
 
@@ -42,8 +43,11 @@ __all__ = [
     "format_from_proto",
     "format_to_proto",
     "job_to_proto",
+    "output_encoding",
     "spec_from_proto",
     "state_from_proto",
+    "struct_from_dict",
+    "struct_to_dict",
     "task_from_proto",
     "task_to_proto",
 ]
@@ -91,6 +95,7 @@ _TASKS = {
     TaskKind.IMAGE_WITH_MASK: common_pb2.TASK_IMAGE_WITH_MASK,
     TaskKind.IMAGE_UPSCALE: common_pb2.TASK_IMAGE_UPSCALE,
     TaskKind.IMAGE_TO_TEXT: common_pb2.TASK_IMAGE_TO_TEXT,
+    TaskKind.WORKFLOW: common_pb2.TASK_WORKFLOW,
 }
 _TASK_KINDS: dict[int, TaskKind] = {value: kind for kind, value in _TASKS.items()}
 
@@ -125,7 +130,19 @@ def _sampling(p: Any) -> dict[str, Any]:
         "cfg_scale": _opt(p, "cfg_scale"),
         "sampler": p.sampler,
         "scheduler": p.scheduler,
+        **output_encoding(p.options),
     }
+
+
+def output_encoding(options: common_pb2.JobOptions) -> dict[str, Any]:
+    """``output_format`` / ``output_quality`` of a spec, from the job options (checked)."""
+    fmt = format_from_proto(options.output_format, "params.options.output_format")
+    quality = options.quality if options.HasField("quality") else None
+    if quality is not None and not 1 <= quality <= 100:
+        raise invalid_argument(
+            "params.options.quality", "INVALID_QUALITY", "quality must be between 1 and 100"
+        )
+    return {"output_format": fmt.name if fmt is not None else "", "output_quality": quality}
 
 
 def spec_from_proto(kind: TaskKind, p: Any) -> TaskSpec:
@@ -142,7 +159,7 @@ def spec_from_proto(kind: TaskKind, p: Any) -> TaskSpec:
             )
         return ImageWithMaskSpec(**_sampling(p), mask_channel=channel)
     if kind is TaskKind.IMAGE_UPSCALE:
-        return ImageUpscaleSpec(model=p.model, seed=_opt(p, "seed"))
+        return ImageUpscaleSpec(model=p.model, seed=_opt(p, "seed"), **output_encoding(p.options))
     return ImageToTextSpec(model=p.model, prompt=p.prompt)
 
 
@@ -154,17 +171,45 @@ def _set_optional(msg: Any, values: dict[str, Any]) -> None:
 
 def spec_to_job_params(spec: TaskSpec, job: job_pb2.Job) -> None:
     """Fill the ``params`` oneof of a Job message from its spec."""
+    if isinstance(spec, WorkflowSpec):
+        job.workflow.workflow = f"workflows/{spec.workflow}"
+        job.workflow.version = spec.version
+        job.workflow.parameters.CopyFrom(struct_from_dict(spec.params))
+        return
     values = spec_to_dict(spec)
+    values.pop("workflow_documents", None)
+    fmt, quality = values.pop("output_format", ""), values.pop("output_quality", None)
+    target: Any
     if isinstance(spec, ImageWithMaskSpec):
         channel = values.pop("mask_channel")
-        _set_optional(job.image_with_mask, values)
-        job.image_with_mask.mask_channel = _MASK_VALUES[channel]
+        target = job.image_with_mask
+        _set_optional(target, values)
+        target.mask_channel = _MASK_VALUES[channel]
     elif isinstance(spec, ImageToImageSpec):
-        _set_optional(job.image_to_image, values)
+        target = job.image_to_image
+        _set_optional(target, values)
     elif isinstance(spec, ImageUpscaleSpec):
-        _set_optional(job.image_upscale, values)
+        target = job.image_upscale
+        _set_optional(target, values)
     else:
-        _set_optional(job.image_to_text, values)
+        target = job.image_to_text
+        _set_optional(target, values)
+    if fmt:
+        target.options.output_format = format_to_proto(fmt)
+    if quality is not None:
+        target.options.quality = quality
+
+
+def struct_from_dict(values: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain JSON values (numbers are floats, as in the Struct)."""
+    values: dict[str, Any] = json_format.MessageToDict(struct)
+    return values
 
 
 # --- jobs and events ---------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -38,11 +38,16 @@ async def read_upload(
     spool: InputSpool,
     budget: UploadBudget,
     inputs: Collection[str],
+    inputs_of: Callable[[Any], tuple[Collection[str], Collection[str]]] | None = None,
 ) -> Upload:
     """Read the whole stream; every input in ``inputs`` is required and must not be empty.
 
-    On any error, partial files are deleted before the error propagates.
+    ``inputs_of`` (when the inputs depend on the params, as a workflow's do) gets the params
+    as soon as they arrive and returns the accepted inputs and the required ones; it may
+    raise to refuse the params before any file is read. On any error, partial files are
+    deleted before the error propagates.
     """
+    accepted, required = inputs, inputs
     writers: dict[str, Any] = {}
     params: Any = None
     try:
@@ -55,6 +60,8 @@ async def read_upload(
                     )
                 params = msg.params
                 check_request(params, "params.")  # before any byte is spooled
+                if inputs_of is not None:
+                    accepted, required = inputs_of(params)
                 continue
             if kind == "params":
                 raise invalid_argument(
@@ -63,11 +70,12 @@ async def read_upload(
             if kind != "chunk":
                 raise invalid_argument("chunk", "EMPTY_MESSAGE", "a message carried nothing")
             chunk = msg.chunk
-            if chunk.field not in inputs:
+            if chunk.field not in accepted:
                 raise invalid_argument(
                     "chunk.field",
                     "UNKNOWN_INPUT",
-                    f"unknown input {chunk.field!r}; this task takes {', '.join(inputs)}",
+                    f"unknown input {chunk.field!r}; this task takes "
+                    + (", ".join(accepted) or "no files"),
                 )
             writer = writers.get(chunk.field)
             if writer is None:
@@ -76,7 +84,7 @@ async def read_upload(
             writer.write(chunk.data)
         if params is None:
             raise invalid_argument("params", "PARAMS_NOT_FIRST", "the request stream was empty")
-        missing = [name for name in inputs if name not in writers]
+        missing = [name for name in required if name not in writers]
         if missing:
             raise ServiceError(
                 ErrorKind.INVALID_ARGUMENT,

@@ -32,6 +32,7 @@ from imagetasks.v1 import (
     common_pb2,
     job_pb2,
     job_service_pb2,
+    workflow_service_pb2,
 )
 
 from aiserver.client._io_async import (
@@ -58,6 +59,7 @@ from aiserver.client.requests import (
     ImageUpscale,
     ImageWithMask,
     ListJobs,
+    RunWorkflow,
     TransformRequest,
     artifact_name,
     job_name,
@@ -126,7 +128,9 @@ class JobStream:
         self._consumed = True
         client = self._client
         with ExitStack() as inputs:
-            call, requests = client._open_upload(client._stubs().generation, self.request, inputs)
+            call, requests = client._open_upload(
+                getattr(client._stubs(), self.request.SERVICE), self.request, inputs
+            )
             with guarded(call):
                 await send_requests(call, requests)
                 async for response in call:
@@ -350,6 +354,7 @@ class AsyncClient:
     variant = RequestMethod(GetVariant, get_variant)
     list_jobs = RequestMethod(ListJobs, list_page)
     iter_jobs = RequestMethod(ListJobs, iter_pages)
+    run_workflow = RequestMethod(RunWorkflow, start)
 
     # ---- artifacts (ArtifactService) -------------------------------------------------------
 
@@ -397,6 +402,31 @@ class AsyncClient:
             sink.abort()
             raise
         return sink.size
+
+    # ---- workflows (WorkflowService) -------------------------------------------------------
+
+    async def workflows(
+        self, *, timeout: float | None = None
+    ) -> list[workflow_service_pb2.Workflow]:
+        """Every workflow the server has: parameters, inputs, outputs, who can run it now."""
+        response: workflow_service_pb2.ListWorkflowsResponse = await self._unary(
+            self._stubs().workflows.ListWorkflows,
+            workflow_service_pb2.ListWorkflowsRequest(),
+            timeout,
+        )
+        return list(response.workflows)
+
+    async def get_workflow(
+        self, name: str, *, timeout: float | None = None
+    ) -> workflow_service_pb2.Workflow:
+        """One workflow by name (``text_to_image`` or ``workflows/text_to_image``)."""
+        request = workflow_service_pb2.GetWorkflowRequest(
+            name=name if name.startswith("workflows/") else f"workflows/{name}"
+        )
+        response: workflow_service_pb2.GetWorkflowResponse = await self._unary(
+            self._stubs().workflows.GetWorkflow, request, timeout
+        )
+        return response.workflow
 
     # ---- jobs (JobService) -----------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from imagetasks.v1 import (
     generation_service_pb2_grpc,
     job_service_pb2_grpc,
     transform_service_pb2_grpc,
+    workflow_service_pb2_grpc,
 )
 
 from aiserver.client.inputs import CHUNK_SIZE, InputSource, OutputSink
@@ -46,6 +47,7 @@ class Stubs:
     transform: transform_service_pb2_grpc.TransformServiceAsyncStub
     jobs: job_service_pb2_grpc.JobServiceAsyncStub
     artifacts: artifact_service_pb2_grpc.ArtifactServiceAsyncStub
+    workflows: workflow_service_pb2_grpc.WorkflowServiceAsyncStub
 
 
 def open_channel(
@@ -75,6 +77,10 @@ def stubs_on(channel: grpc.aio.Channel) -> Stubs:
         cast(
             "artifact_service_pb2_grpc.ArtifactServiceAsyncStub",
             artifact_service_pb2_grpc.ArtifactServiceStub(channel),
+        ),
+        cast(
+            "workflow_service_pb2_grpc.WorkflowServiceAsyncStub",
+            workflow_service_pb2_grpc.WorkflowServiceStub(channel),
         ),
     )
 

@@ -18,6 +18,7 @@ from imagetasks.v1 import (
     generation_service_pb2_grpc,
     job_service_pb2_grpc,
     transform_service_pb2_grpc,
+    workflow_service_pb2_grpc,
 )
 
 from aiserver.client.inputs import CHUNK_SIZE, InputSource, OutputSink
@@ -46,6 +47,7 @@ class Stubs:
     transform: transform_service_pb2_grpc.TransformServiceStub
     jobs: job_service_pb2_grpc.JobServiceStub
     artifacts: artifact_service_pb2_grpc.ArtifactServiceStub
+    workflows: workflow_service_pb2_grpc.WorkflowServiceStub
 
 
 def open_channel(
@@ -63,6 +65,7 @@ def stubs_on(channel: grpc.Channel) -> Stubs:
         transform_service_pb2_grpc.TransformServiceStub(channel),
         job_service_pb2_grpc.JobServiceStub(channel),
         artifact_service_pb2_grpc.ArtifactServiceStub(channel),
+        workflow_service_pb2_grpc.WorkflowServiceStub(channel),
     )
 
 

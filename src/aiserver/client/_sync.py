@@ -21,6 +21,7 @@ from imagetasks.v1 import (
     common_pb2,
     job_pb2,
     job_service_pb2,
+    workflow_service_pb2,
 )
 
 from aiserver.client._io_sync import (
@@ -47,6 +48,7 @@ from aiserver.client.requests import (
     ImageUpscale,
     ImageWithMask,
     ListJobs,
+    RunWorkflow,
     TransformRequest,
     artifact_name,
     job_name,
@@ -115,7 +117,9 @@ class SyncJobStream:
         self._consumed = True
         client = self._client
         with ExitStack() as inputs:
-            call, requests = client._open_upload(client._stubs().generation, self.request, inputs)
+            call, requests = client._open_upload(
+                getattr(client._stubs(), self.request.SERVICE), self.request, inputs
+            )
             with guarded(call):
                 send_requests(call, requests)
                 for response in call:
@@ -339,6 +343,7 @@ class Client:
     variant = RequestMethod(GetVariant, get_variant)
     list_jobs = RequestMethod(ListJobs, list_page)
     iter_jobs = RequestMethod(ListJobs, iter_pages)
+    run_workflow = RequestMethod(RunWorkflow, start)
 
     # ---- artifacts (ArtifactService) -------------------------------------------------------
 
@@ -384,6 +389,29 @@ class Client:
             sink.abort()
             raise
         return sink.size
+
+    # ---- workflows (WorkflowService) -------------------------------------------------------
+
+    def workflows(self, *, timeout: float | None = None) -> list[workflow_service_pb2.Workflow]:
+        """Every workflow the server has: parameters, inputs, outputs, who can run it now."""
+        response: workflow_service_pb2.ListWorkflowsResponse = self._unary(
+            self._stubs().workflows.ListWorkflows,
+            workflow_service_pb2.ListWorkflowsRequest(),
+            timeout,
+        )
+        return list(response.workflows)
+
+    def get_workflow(
+        self, name: str, *, timeout: float | None = None
+    ) -> workflow_service_pb2.Workflow:
+        """One workflow by name (``text_to_image`` or ``workflows/text_to_image``)."""
+        request = workflow_service_pb2.GetWorkflowRequest(
+            name=name if name.startswith("workflows/") else f"workflows/{name}"
+        )
+        response: workflow_service_pb2.GetWorkflowResponse = self._unary(
+            self._stubs().workflows.GetWorkflow, request, timeout
+        )
+        return response.workflow
 
     # ---- jobs (JobService) -----------------------------------------------------------------
 

@@ -10,8 +10,8 @@ client's default).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import KW_ONLY, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
 from imagetasks.v1 import (
@@ -22,6 +22,7 @@ from imagetasks.v1 import (
     job_service_pb2,
     tasks_pb2,
     transform_service_pb2,
+    workflow_service_pb2,
 )
 
 from aiserver.client.inputs import Destination, Input
@@ -42,6 +43,7 @@ __all__ = [
     "ImageWithMask",
     "JobOptions",
     "ListJobs",
+    "RunWorkflow",
     "TransformRequest",
     "artifact_name",
     "job_name",
@@ -130,6 +132,8 @@ class _Upload:
     __slots__ = ()
     RPC: ClassVar[str]
     """The method that runs the request, on GenerationService or TransformService."""
+    SERVICE: ClassVar[str] = "generation"
+    """The stub that has ``RPC`` (a field of the client's stubs)."""
     MESSAGE: ClassVar[Callable[..., Any]]
     """The RPC's request message type."""
     image: Input
@@ -292,7 +296,43 @@ class ImageToText(JobOptions):
         )
 
 
-GenerativeRequest: TypeAlias = ImageToImage | ImageWithMask | ImageUpscale | ImageToText
+@dataclass(frozen=True, slots=True)
+class RunWorkflow(JobOptions):
+    """Run workflow ``workflow`` (``aiserver workflows`` lists them) with ``params`` (JSON
+    values, checked by the server against the workflow's parameters) and ``files`` (input
+    name -> path, bytes or binary file), optionally storing outputs as ``output_format``."""
+
+    workflow: str
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    files: Mapping[str, Input] = field(default_factory=dict)
+    _: KW_ONLY
+    output_format: str | int | None = None
+    quality: int | None = None
+    references_only: bool = False
+
+    RPC: ClassVar[str] = "RunWorkflow"
+    SERVICE: ClassVar[str] = "workflows"
+    MESSAGE = workflow_service_pb2.RunWorkflowRequest
+
+    def params(self) -> workflow_service_pb2.RunWorkflowParams:
+        options = self._job_options(self.references_only)
+        if self.output_format is not None:
+            options.output_format = image_format(self.output_format)
+        if self.quality is not None:
+            options.quality = self.quality
+        message = workflow_service_pb2.RunWorkflowParams(
+            workflow=self.workflow.removeprefix("workflows/"), options=options
+        )
+        message.parameters.update(dict(self.parameters))
+        return message
+
+    def inputs(self) -> Sequence[tuple[str, Input]]:
+        return list(self.files.items())
+
+
+GenerativeRequest: TypeAlias = (
+    ImageToImage | ImageWithMask | ImageUpscale | ImageToText | RunWorkflow
+)
 
 
 # ---- light calls (TransformService, ArtifactService.GetVariant): info, then the bytes -------

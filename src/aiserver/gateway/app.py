@@ -39,6 +39,7 @@ from aiserver.gateway.routes import (
 )
 from aiserver.gateway.streams import NDJSON, event_field, stream_response, wants_sse
 from aiserver.gateway.uploads import chunk_factory, send_multipart, send_ndjson, write
+from aiserver.gateway.workflows import WorkflowRoutes
 
 __all__ = ["BACKEND", "OPENAPI", "ROUTES", "TASKS", "Gateway", "MetricsHandler", "build_app"]
 
@@ -314,6 +315,9 @@ class _V1:
         )
 
 
+TASKS_RUN_WORKFLOW = "runworkflow"
+
+
 def build_app(
     backend: Backend,
     files: Sequence[descriptor.FileDescriptor] | None = None,
@@ -329,8 +333,15 @@ def build_app(
     document = build_openapi(table, compat.tasks)
     openapi_body = json.dumps(document, ensure_ascii=False)
 
-    async def openapi(_request: web.Request) -> web.Response:
-        return web.Response(text=openapi_body, content_type="application/json")
+    workflows = WorkflowRoutes(backend, compat)
+
+    async def openapi(request: web.Request) -> web.Response:
+        if TASKS_RUN_WORKFLOW not in compat.tasks:
+            return web.Response(text=openapi_body, content_type="application/json")
+        fresh = await workflows.openapi(request, document)  # follows the workflows folder
+        return web.Response(
+            text=json.dumps(fresh, ensure_ascii=False), content_type="application/json"
+        )
 
     async def health(request: web.Request) -> web.Response:
         stub = health_pb2_grpc.HealthStub(backend.channel)
@@ -356,6 +367,8 @@ def build_app(
     if metrics is not None:
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/jobs/{id}/events", compat.events)
+    if TASKS_RUN_WORKFLOW in compat.tasks:
+        app.router.add_post("/api/workflows/{workflow}", workflows.run)
     for prefix in ("/api", "/json/reply"):
         app.router.add_route("*", prefix + "/{name}", compat.dispatch)
     app.router.add_get("/artifacts/{path:.+}", compat.artifact)

@@ -98,11 +98,16 @@ class CompatTask:
     """The ``Queue{Task}`` variant: never waits."""
 
 
+WORKFLOW_SERVICE = "imagetasks.v1.WorkflowService"
+
+
 def compat_tasks(files: Iterable[descriptor.FileDescriptor]) -> dict[str, CompatTask]:
     """The AI Server task routes, by lower-case name, derived from the upload RPCs."""
     tasks: dict[str, CompatTask] = {}
     for file in files:
         for service in file.services_by_name.values():
+            if service.full_name == WORKFLOW_SERVICE:
+                continue  # its parameters are a Struct: served per workflow by gateway.workflows
             for method in service.methods:
                 upload = upload_of(method) if method.client_streaming else None
                 if upload is None or not method.server_streaming:

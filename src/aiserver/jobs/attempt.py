@@ -24,6 +24,7 @@ from aiserver.jobs.model import (
     Retrying,
     TextProduced,
 )
+from aiserver.jobs.output_encoding import encode_output
 from aiserver.jobs.outputs import ArtifactWriter
 from aiserver.jobs.store import JobRecord
 from aiserver.providers.base import (
@@ -123,6 +124,7 @@ class AttemptSink:
         if not self._live():
             return
         job = self._active.job
+        image = await encode_output(image, job.spec)
         artifact = await self._artifacts.put(
             image.data,
             file_name=image.file_name,

@@ -20,6 +20,7 @@ from aiserver.tasks import (
     ImageWithMaskSpec,
     TaskKind,
     TaskSpec,
+    WorkflowSpec,
 )
 
 __all__ = [
@@ -131,6 +132,7 @@ _DEFAULT_SPECS: dict[TaskKind, TaskSpec] = {
     TaskKind.IMAGE_WITH_MASK: ImageWithMaskSpec(positive_prompt="health check"),
     TaskKind.IMAGE_UPSCALE: ImageUpscaleSpec(),
     TaskKind.IMAGE_TO_TEXT: ImageToTextSpec(),
+    TaskKind.WORKFLOW: WorkflowSpec(),
 }
 
 

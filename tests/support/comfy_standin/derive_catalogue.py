@@ -19,9 +19,11 @@ NODES = (
     "CLIPTextEncode",
     "CheckpointLoaderSimple",
     "DownloadAndLoadFlorence2Model",
+    "EmptyLatentImage",
     "Florence2Run",
     "GetImageSize",
     "ImageInvert",
+    "ImagePadForOutpaint",
     "ImageScale",
     "ImageScaleBy",
     "ImageToMask",
@@ -40,10 +42,10 @@ NODES = (
     "UpscaleModelLoader",
     "VAEDecode",
     "VAEEncode",
-    # present but not emulated: running them fails like a broken node would
-    "EmptyLatentImage",
-    "LoraLoader",
     "VAEEncodeForInpaint",
+    # present but not emulated: running them fails like a broken node would
+    "ImageBlur",
+    "LoraLoader",
     "VAELoader",
 )
 

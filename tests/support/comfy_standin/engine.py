@@ -211,6 +211,45 @@ async def _vae_encode(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
     return NodeResult(({"samples": samples, "noise_mask": None},))
 
 
+async def _empty_latent_image(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
+    # torch.zeros([batch, 4, height // 8, width // 8]): decodes to a multiple of 8, grey.
+    size = (int(i["width"]) // 8 * 8, int(i["height"]) // 8 * 8)
+    samples = [Image.new("RGB", size, (128, 128, 128)) for _ in range(int(i["batch_size"]))]
+    return NodeResult(({"samples": samples, "noise_mask": None},))
+
+
+async def _image_pad_for_outpaint(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
+    # nodes.ImagePadForOutpaint: new area grey (0.5) and masked 1.0, the original masked 0.0
+    # (feathering softens the mask's inner edge; the stand-in keeps it hard).
+    left, top, right, bottom = (int(i[k]) for k in ("left", "top", "right", "bottom"))
+    images, masks = [], []
+    for img in i["image"]:
+        size = (img.width + left + right, img.height + top + bottom)
+        padded = Image.new("RGB", size, (128, 128, 128))
+        padded.paste(img.convert("RGB"), (left, top))
+        mask = Image.new("L", size, 255)
+        mask.paste(0, (left, top, left + img.width, top + img.height))
+        images.append(padded)
+        masks.append(mask)
+    return NodeResult((images, masks[0]))
+
+
+async def _vae_encode_for_inpaint(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
+    # nodes.VAEEncodeForInpaint: pixels cropped to multiples of 8 (centred), masked pixels set
+    # to grey before encoding, and the (grown) mask becomes the latent's noise mask.
+    samples, masks = [], []
+    mask = i["mask"][0] if isinstance(i["mask"], list) else i["mask"]
+    for img in i["pixels"]:
+        w, h = (img.width // 8) * 8, (img.height // 8) * 8
+        left, top = (img.width % 8) // 2, (img.height % 8) // 2
+        box = (left, top, left + w, top + h)
+        cropped = img.crop(box)
+        area = mask.resize(img.size).crop(box)
+        samples.append(Image.composite(Image.new("RGB", (w, h), (128, 128, 128)), cropped, area))
+        masks.append(area)
+    return NodeResult(({"samples": samples, "noise_mask": masks},))
+
+
 async def _repeat_latent_batch(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
     latent, amount = i["samples"], int(i["amount"])
     mask = latent.get("noise_mask")
@@ -416,9 +455,11 @@ NODES: Mapping[str, Node] = {
     "CLIPTextEncode": _clip_text_encode,
     "CheckpointLoaderSimple": _checkpoint,
     "DownloadAndLoadFlorence2Model": _florence_loader,
+    "EmptyLatentImage": _empty_latent_image,
     "Florence2Run": _florence_run,
     "GetImageSize": _get_image_size,
     "ImageInvert": _image_invert,
+    "ImagePadForOutpaint": _image_pad_for_outpaint,
     "ImageScale": _image_scale,
     "ImageScaleBy": _image_scale_by,
     "ImageToMask": _image_to_mask,
@@ -437,4 +478,5 @@ NODES: Mapping[str, Node] = {
     "UpscaleModelLoader": _upscale_model_loader,
     "VAEDecode": _vae_decode,
     "VAEEncode": _vae_encode,
+    "VAEEncodeForInpaint": _vae_encode_for_inpaint,
 }

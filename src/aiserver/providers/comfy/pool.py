@@ -43,7 +43,7 @@ from aiserver.providers.comfy.workflows import (
     WorkflowCheck,
 )
 from aiserver.providers.failures import Cause, ProviderFailure, ProviderUnavailable
-from aiserver.tasks import TaskKind, TaskSpec
+from aiserver.tasks import BUILT_IN_TASKS, TaskKind, TaskSpec
 
 __all__ = ["AgentConfig", "AgentSnapshot", "AgentState", "ComfyPool", "PoolSettings"]
 
@@ -145,7 +145,7 @@ class ComfyPool:
     def refusal(self, task: TaskKind, spec: TaskSpec) -> ServiceError | None:
         """Why no agent can run ``spec`` while waiting would not help; None if one can (or an
         agent that is down now might, once it is back)."""
-        workflow = self._workflows.find(task)
+        workflow = self._workflows.resolve(task, spec)
         if workflow is None:
             return ServiceError(
                 ErrorKind.UNIMPLEMENTED,
@@ -182,12 +182,12 @@ class ComfyPool:
 
     def supports(self, task: TaskKind) -> bool:
         """A workflow for ``task`` and at least one enabled agent, healthy or not."""
-        return self._workflows.find(task) is not None and any(
-            a.config.enabled for a in self._agents.values()
-        )
+        # Named workflows come and go with the folder; each run carries its own.
+        bound = task is TaskKind.WORKFLOW or self._workflows.find(task) is not None
+        return bound and any(a.config.enabled for a in self._agents.values())
 
     def can_run(self, task: TaskKind, spec: TaskSpec) -> bool:
-        workflow = self._workflows.find(task)
+        workflow = self._workflows.resolve(task, spec)
         return workflow is not None and bool(self._capable(workflow, spec, frozenset())[0])
 
     async def run(
@@ -198,7 +198,7 @@ class ComfyPool:
         A failure names the agent (``ProviderFailure.agent``), for the next exclude.
         """
         exclude = work.exclude | exclude
-        workflow = self._workflows.get(work.task)
+        workflow = self._workflows.resolve(work.task, work.spec) or self._workflows.get(work.task)
         agent = await self._acquire(work, workflow, exclude)
         name = agent.config.name
         logger.info("job %s (%s) runs on agent %s", work.job_id, work.task.value, name)
@@ -256,7 +256,7 @@ class ComfyPool:
         self, task: TaskKind, spec: TaskSpec, exclude: frozenset[str] = frozenset()
     ) -> str | None:
         """The agent :meth:`run` would choose now, if one has a free slot."""
-        workflow = self._workflows.find(task)
+        workflow = self._workflows.resolve(task, spec)
         if workflow is None:
             return None
         capable = self._capable(workflow, spec, exclude)[0]
@@ -271,7 +271,7 @@ class ComfyPool:
         for agent in self._agents.values():
             unavailable = {t: c.reason for t, c in agent.checks.items() if not c.ok}
             if agent.caps is not None:
-                for task in TaskKind:
+                for task in BUILT_IN_TASKS:
                     if task not in agent.checks:
                         unavailable[task] = "no workflow"
             out.append(
@@ -291,6 +291,24 @@ class ComfyPool:
                 )
             )
         return tuple(out)
+
+    def capabilities(self) -> dict[str, AgentCapabilities]:
+        """What each online agent has, by agent name (to check named workflows against)."""
+        return {
+            name: agent.caps
+            for name, agent in self._agents.items()
+            if agent.state is AgentState.ONLINE and agent.caps is not None
+        }
+
+    @property
+    def workflows(self) -> WorkflowCatalog:
+        return self._workflows
+
+    def recheck(self) -> None:
+        """Check every probed agent against the workflows again (they were reloaded)."""
+        for agent in self._agents.values():
+            if agent.caps is not None:
+                agent.checks = self._workflows.check(agent.caps)
 
     async def changed(self) -> None:
         """Returns at the pool's next change: an agent probed, gone offline, or freed a slot."""

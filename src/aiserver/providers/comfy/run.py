@@ -140,6 +140,10 @@ class Run:
 
     # -- top level --
 
+    def _uploaded(self) -> tuple[str, ...]:
+        # The inputs the graph reads that this run has (a workflow's may be optional).
+        return tuple(n for n in self.workflow.input_names if n in self.work.inputs)
+
     async def execute(self) -> None:
         try:
             await self._execute()
@@ -215,7 +219,7 @@ class Run:
             logger.info("agent %s has no prompt %s: queueing again", self.c.name, self.prompt_id)
             return False
         # The graph only serves tracking here: upload names do not matter, the seed does.
-        names = {name: self._upload_name(name) for name in self.work.task.inputs}
+        names = {name: self._upload_name(name) for name in self._uploaded()}
         built = self.workflow.build(self.work, names, seed=self.seed)
         self._track(over_socket(built, self.prompt_id) if self.socket_outputs else built)
         self.queued = True
@@ -247,7 +251,7 @@ class Run:
 
     async def _upload_inputs(self) -> dict[str, str]:
         uploads = {}
-        for name in self.work.task.inputs:
+        for name in self._uploaded():
             item = self.work.inputs.get(name)
             if item is None:
                 raise ServiceError(

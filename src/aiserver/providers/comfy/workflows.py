@@ -1,18 +1,22 @@
-"""ComfyUI workflows: one API-format graph plus one declarative binding per task.
+"""ComfyUI workflows: one API-format graph plus one declarative binding per workflow.
 
-A binding (``<name>.binding.json``, format in ``workflows/README.md``) says which spec field or
-input file sets which node input, the defaults, the output node(s), the models and node types
-the graph needs. :meth:`Workflow.build` places values as JSON values into a deep copy of the
-graph, never by text substitution, so any prompt text arrives exactly as given.
+A binding (``<name>.binding.json``, format and JSON Schema in ``workflows/``) names the workflow,
+types its parameters, and says which parameter or input file sets which node input(s), the
+defaults, the output node(s), the models and node types the graph needs. :meth:`Workflow.build`
+places values as JSON values into a deep copy of the graph, never by text substitution, so any
+prompt text arrives exactly as given.
 
-Workflows load from the built-in ``workflows/`` folder and an optional user folder whose bindings
-replace built-in ones task by task (and whose graphs shadow built-in graphs of the same name).
+Every binding is a named workflow callable by ``RunWorkflow``; a binding with ``task`` is also
+that built-in task's implementation. Workflows load from the built-in ``workflows/`` folder and
+an optional user folder whose bindings replace built-in ones by task and by name (and whose
+graphs shadow built-in graphs of the same file name).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -24,6 +28,9 @@ from typing import Any
 
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.providers.base import WorkItem
+from aiserver.providers.comfy.binding_schema import SCHEMA_FILE, check_binding_schema
+from aiserver.providers.comfy.json_lines import JsonPath, line_of, locate
+from aiserver.providers.comfy.workflow_params import ParamSpec, infer_type
 from aiserver.tasks import (
     DEFAULT_NEGATIVE_PROMPT,
     MAX_SEED,
@@ -33,12 +40,15 @@ from aiserver.tasks import (
     ImageWithMaskSpec,
     TaskKind,
     TaskSpec,
+    WorkflowSpec,
 )
 
 __all__ = [
     "KNOWN_MODEL_INPUTS",
     "AgentCapabilities",
+    "BrokenWorkflow",
     "BuiltPrompt",
+    "InputSpec",
     "ModelNeed",
     "OutputBinding",
     "Workflow",
@@ -47,6 +57,8 @@ __all__ = [
     "WorkflowFormatError",
     "combo_options",
     "default_workflows_dir",
+    "pinned_documents",
+    "workflow_from_documents",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,11 +83,12 @@ _SPEC_TYPES: Mapping[TaskKind, type[TaskSpec]] = {
     TaskKind.IMAGE_WITH_MASK: ImageWithMaskSpec,
     TaskKind.IMAGE_UPSCALE: ImageUpscaleSpec,
     TaskKind.IMAGE_TO_TEXT: ImageToTextSpec,
+    TaskKind.WORKFLOW: WorkflowSpec,
 }
 # Named constants a binding may use as a default (``"default_const"``).
 _CONSTANTS: Mapping[str, Any] = {"DEFAULT_NEGATIVE_PROMPT": DEFAULT_NEGATIVE_PROMPT}
 _OUTPUT_KINDS = ("images", "text")
-_JOB_FIELDS = {"job_id": "J", "task": "T", "attempt": 1}
+_JOB_FIELDS = {"job_id": "J", "task": "T", "attempt": 1, "workflow": "W"}
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -102,6 +115,18 @@ class _Param:
     default: Any = None
     has_default: bool = False
     random: bool = False
+    spec: ParamSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    """A file input of a workflow: the node input that gets the uploaded file's name."""
+
+    name: str
+    kind: str
+    """``image`` or ``mask`` (any image file; a mask is read by the graph's mask loader)."""
+    description: str = ""
+    required: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +287,7 @@ class WorkflowCheck:
 
 
 class Workflow:
-    """One task's graph and binding, validated at load time."""
+    """One graph and its binding, validated at load time."""
 
     def __init__(
         self,
@@ -277,8 +302,13 @@ class Workflow:
         models: Sequence[_ModelRef],
         source: str,
         description: str = "",
+        name: str = "",
+        title: str = "",
+        input_specs: Sequence[InputSpec] = (),
+        documents: Mapping[str, Any] | None = None,
     ) -> None:
         self.task = task
+        """The built-in task this binding implements, or WORKFLOW."""
         self._graph = copy.deepcopy(dict(graph))
         self._inputs = dict(inputs)
         self._params = tuple(params)
@@ -288,6 +318,17 @@ class Workflow:
         self._models = tuple(models)
         self.source = source
         self.description = description
+        self.name = name or task.value
+        self.title = title
+        specs = {s.name: s for s in input_specs}
+        self.input_specs = tuple(
+            specs.get(n, InputSpec(n, "mask" if n == "mask" else "image")) for n in self._inputs
+        )
+        self.documents: dict[str, Any] = copy.deepcopy(
+            dict(documents) if documents is not None else {"binding": {}, "graph": self._graph}
+        )
+        self.version = _version(self.documents)
+        self.documents["version"] = self.version
         self.nodes = frozenset(str(n["class_type"]) for n in self._graph.values())
         self.nodes_to_run = _ancestors(self._graph, [o.node for o in self.outputs])
 
@@ -295,6 +336,20 @@ class Workflow:
     def graph(self) -> dict[str, Any]:
         """A copy of the template graph."""
         return copy.deepcopy(self._graph)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The upload fields the graph reads (optional ones included)."""
+        return tuple(self._inputs)
+
+    @property
+    def required_inputs(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.input_specs if s.required)
+
+    @property
+    def params(self) -> tuple[ParamSpec, ...]:
+        """Every parameter a caller may send, typed."""
+        return tuple(p.spec for p in self._params if p.spec is not None)
 
     @property
     def model_inputs(self) -> tuple[tuple[str, str, str], ...]:
@@ -360,11 +415,14 @@ class Workflow:
 
         ``seed`` replaces a random seed (re-queueing a resumed run must reuse its seed).
         """
-        if work.task is not self.task:
+        if work.task is not self.task and work.task is not TaskKind.WORKFLOW:
             raise ValueError(f"workflow for {self.task.value} cannot build {work.task.value}")
         graph = copy.deepcopy(self._graph)
+        required = set(self.required_inputs)
         for name, target in self._inputs.items():
             if name not in uploads:
+                if name not in required:
+                    continue  # an optional input: the graph's own value stays
                 raise ServiceError(
                     ErrorKind.INVALID_ARGUMENT,
                     "MISSING_INPUT",
@@ -397,20 +455,37 @@ class Workflow:
                 job_id=_UNSAFE_NAME.sub("_", work.job_id),
                 task=self.task.value,
                 attempt=work.attempt,
+                workflow=_UNSAFE_NAME.sub("_", self.name),
             )
             _place(graph, job_value.targets, text)
         if not seed_bound:
-            spec_seed = getattr(work.spec, "seed", None)
+            spec_seed = _spec_value(work.spec, "seed")
             chosen_seed = spec_seed if isinstance(spec_seed, int) else None
         return BuiltPrompt(graph, chosen_seed, self.outputs, self.nodes_to_run)
 
     def _param_value(self, spec: TaskSpec | None, param: _Param, *, seed: int | None) -> Any:
-        value = getattr(spec, param.name) if spec is not None else None
+        value = _spec_value(spec, param.name) if spec is not None else None
         if spec is None or _is_unset(spec, param.name, value):
             if param.random:
                 return seed if seed is not None else secrets.randbelow(MAX_SEED + 1)
             return param.default if param.has_default else _UNSET
         return value
+
+
+def _spec_value(spec: TaskSpec, name: str) -> Any:
+    if isinstance(spec, WorkflowSpec):
+        return spec.params.get(name)
+    return getattr(spec, name, None)
+
+
+def _version(documents: Mapping[str, Any]) -> str:
+    """A hash of the graph and binding: what a job runs, whatever the files say later."""
+    text = json.dumps(
+        {"binding": documents.get("binding"), "graph": documents.get("graph")},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class _Unset:
@@ -425,6 +500,8 @@ def _is_unset(spec: TaskSpec, name: str, value: Any) -> bool:
     # None is unset; so is "" for string fields whose own default is "" (model, sampler...).
     if value is None:
         return True
+    if isinstance(spec, WorkflowSpec):
+        return False
     if value == "":
         default = next(f.default for f in dataclasses.fields(spec) if f.name == name)
         return default == ""
@@ -459,48 +536,101 @@ def _is_link(value: Any) -> bool:
     )
 
 
-class WorkflowCatalog:
-    """The workflow of each task: built-in ones, replaced by a user folder's bindings."""
+@dataclass(frozen=True, slots=True)
+class BrokenWorkflow:
+    """A binding that did not load: listed as unavailable, with the reason."""
 
-    def __init__(self, workflows: Iterable[Workflow]) -> None:
+    name: str
+    source: str
+    reason: str
+
+
+class WorkflowCatalog:
+    """Workflows by name, and the one implementing each built-in task.
+
+    :meth:`replace` swaps the contents in place (a reload), so holders keep one object; a job
+    never reads its workflow from here once accepted (see :meth:`resolve`).
+    """
+
+    def __init__(
+        self, workflows: Iterable[Workflow], broken: Iterable[BrokenWorkflow] = ()
+    ) -> None:
         self._by_task: dict[TaskKind, Workflow] = {}
+        self._by_name: dict[str, Workflow] = {}
         for workflow in workflows:
-            self._by_task[workflow.task] = workflow
+            if workflow.task is not TaskKind.WORKFLOW:
+                self._by_task[workflow.task] = workflow
+            self._by_name[workflow.name] = workflow
+        self.broken: tuple[BrokenWorkflow, ...] = tuple(broken)
+        self._pinned: dict[str, Workflow] = {}
 
     @classmethod
-    def load(cls, builtin_dir: Path | None = None, user_dir: Path | None = None) -> WorkflowCatalog:
-        """Read ``*.binding.json`` from both folders; a user binding replaces its task's.
+    def load(
+        cls,
+        builtin_dir: Path | None = None,
+        user_dir: Path | None = None,
+        *,
+        strict: bool = True,
+    ) -> WorkflowCatalog:
+        """Read ``*.binding.json`` from both folders; a user binding replaces the built-in one
+        of the same task or name.
 
         Graphs are looked up in the user folder first, so a user graph named like a built-in
-        one shadows it; a built-in binding whose task the user folder binds is not read at all.
+        one shadows it. ``strict``: the first bad file raises :class:`WorkflowFormatError`;
+        otherwise bad files are kept in :attr:`broken` and the others load.
         """
         builtin = builtin_dir if builtin_dir is not None else default_workflows_dir()
         if not builtin.is_dir():
             raise WorkflowFormatError(f"{builtin}: workflows folder not found")
         if user_dir is not None and not user_dir.is_dir():
-            raise WorkflowFormatError(f"{user_dir}: user workflows folder not found")
+            if strict:
+                raise WorkflowFormatError(f"{user_dir}: user workflows folder not found")
+            user_dir = None
         search = [user_dir, builtin] if user_dir is not None else [builtin]
-        by_task: dict[TaskKind, Workflow] = {}
+        loaded: list[Workflow] = []
+        broken: list[BrokenWorkflow] = []
         for folder in search:  # the user's first: what they bind is never read from built-ins
-            seen: dict[TaskKind, Path] = {}
+            seen: dict[str, Path] = {}
             for path in sorted(folder.glob("*.binding.json")):
-                task = _binding_task(path)
-                if task in seen:
-                    raise WorkflowFormatError(
-                        f"{path}: a second binding for {task.value} (first: {seen[task].name})"
-                    )
-                seen[task] = path
-                if task in by_task:
-                    logger.info(
-                        "workflow for %s: %s replaces %s", task.value, by_task[task].source, path
-                    )
+                name = path.name.removesuffix(".binding.json")
+                if folder is not search[0] and _taken(path, name, loaded):
+                    logger.info("workflow %s: the user folder's binding replaces %s", name, path)
                     continue
-                by_task[task] = _load_binding(path, search=search)
-        return cls(sorted(by_task.values(), key=lambda w: list(TaskKind).index(w.task)))
+                try:
+                    workflow = _load_binding(path, search=search)
+                    key = workflow.task.value if workflow.task is not TaskKind.WORKFLOW else ""
+                    for label in filter(None, (key, workflow.name)):
+                        if label in seen:
+                            raise WorkflowFormatError(
+                                f"{path}: a second binding for {label} (first: {seen[label].name})"
+                            )
+                        seen[label] = path
+                except WorkflowFormatError as exc:
+                    if strict:
+                        raise
+                    logger.error("workflow %s not loaded: %s", path, exc)
+                    broken.append(BrokenWorkflow(name, str(path), str(exc)))
+                    continue
+                loaded.append(workflow)
+        shadowed = {w.name for w in loaded}
+        return cls(loaded, [b for b in broken if b.name not in shadowed])
+
+    def replace(self, other: WorkflowCatalog) -> None:
+        """Take ``other``'s workflows (a reload)."""
+        self._by_task = dict(other._by_task)
+        self._by_name = dict(other._by_name)
+        self.broken = other.broken
 
     @property
     def tasks(self) -> tuple[TaskKind, ...]:
         return tuple(self._by_task)
+
+    def workflows(self) -> tuple[Workflow, ...]:
+        """Every loaded workflow, by name."""
+        return tuple(self._by_name[n] for n in sorted(self._by_name))
+
+    def named(self, name: str) -> Workflow | None:
+        return self._by_name.get(name)
 
     def get(self, task: TaskKind) -> Workflow:
         try:
@@ -516,87 +646,167 @@ class WorkflowCatalog:
     def find(self, task: TaskKind) -> Workflow | None:
         return self._by_task.get(task)
 
+    def resolve(self, task: TaskKind, spec: TaskSpec | None) -> Workflow | None:
+        """The workflow that runs ``spec``: the version it was accepted with (rebuilt from the
+        documents the job carries, whatever the folder says now), else the task's current one
+        (a job accepted before versions were pinned)."""
+        documents = pinned_documents(spec)
+        if not documents:
+            return None if isinstance(spec, WorkflowSpec) else self.find(task)
+        key = str(documents.get("version") or _version(documents))
+        found = self._pinned.get(key)
+        if found is None:
+            found = workflow_from_documents(documents)
+            if len(self._pinned) >= 64:
+                self._pinned.pop(next(iter(self._pinned)))
+            self._pinned[key] = found
+        return found
+
     def check(self, caps: AgentCapabilities) -> dict[TaskKind, WorkflowCheck]:
-        """Every workflow checked against one agent."""
+        """Every built-in task's workflow checked against one agent."""
         return {task: wf.check(caps) for task, wf in self._by_task.items()}
 
     def model_inputs(self) -> tuple[tuple[str, str, str], ...]:
-        return tuple(m for wf in self._by_task.values() for m in wf.model_inputs)
+        return tuple(m for wf in self._by_name.values() for m in wf.model_inputs)
+
+
+def _taken(path: Path, name: str, loaded: Sequence[Workflow]) -> bool:
+    """Whether a user workflow already has this built-in binding's name or task (then the
+    built-in one is not read: it may refer to a graph the user folder shadows)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    name = str(data.get("name") or name)
+    task = data.get("task")
+    return any(w.name == name or (task and w.task.value == task) for w in loaded)
+
+
+def pinned_documents(spec: TaskSpec | None) -> dict[str, Any]:
+    """The graph and binding a job was accepted with (empty when it carries none)."""
+    if isinstance(spec, WorkflowSpec):
+        return spec.documents
+    documents: dict[str, Any] = getattr(spec, "workflow_documents", None) or {}
+    return documents
+
+
+def workflow_from_documents(documents: Mapping[str, Any]) -> Workflow:
+    """A workflow rebuilt from what a job stored (``binding``, ``graph``, ``source``)."""
+    binding, graph = documents.get("binding"), documents.get("graph")
+    source = str(documents.get("source", "job"))
+    _check_graph(graph, source)
+    if not isinstance(binding, dict) or not isinstance(graph, dict):
+        raise WorkflowFormatError(f"{source}: a binding is a JSON object")
+    text = json.dumps(binding, indent=1)
+    return _parse_binding(binding, graph, _Context(source, graph, text, locate(text)), source)
 
 
 # ---- loading ----------------------------------------------------------------------------
 
 
-def _binding_task(path: Path) -> TaskKind:
-    data = _read_json(path)
-    if not isinstance(data, dict):
-        raise WorkflowFormatError(f"{path}: a binding is a JSON object")
-    try:
-        return TaskKind(data.get("task"))
-    except ValueError:
-        names = ", ".join(t.value for t in TaskKind)
-        raise WorkflowFormatError(f"{path}: task must be one of {names}") from None
-
-
 def _load_binding(path: Path, *, search: Sequence[Path]) -> Workflow:
-    data = _read_json(path)
+    text, data = _read_json(path)
     where = str(path)
-    task = _binding_task(path)
-    graph_name = data.get("graph")
-    if not isinstance(graph_name, str) or "/" in graph_name or "\\" in graph_name:
-        raise WorkflowFormatError(f"{where}: graph must be a file name next to the binding")
+    ctx = _Context(where, {}, text, locate(text))
+    problem = check_binding_schema(data, default_workflows_dir() / SCHEMA_FILE)
+    if problem is not None:
+        json_path, message = problem
+        raise ctx.error(json_path, message)
+    graph_name = data["graph"]
     graph_path = next((d / graph_name for d in search if (d / graph_name).is_file()), None)
     if graph_path is None:
-        raise WorkflowFormatError(f"{where}: graph {graph_name} not found")
-    graph = _read_json(graph_path)
+        raise ctx.error(("graph",), f"graph {graph_name} not found")
+    _, graph = _read_json(graph_path)
     _check_graph(graph, str(graph_path))
-    ctx = _Context(where, graph)
+    data.setdefault("name", path.name.removesuffix(".binding.json"))
+    return _parse_binding(data, graph, dataclasses.replace(ctx, graph=graph), where)
 
-    spec_fields = {f.name: f for f in dataclasses.fields(_SPEC_TYPES[task])}
-    inputs = {}
+
+def _parse_binding(data: dict[str, Any], graph: Any, ctx: _Context, where: str) -> Workflow:
+    task = TaskKind(data["task"]) if "task" in data else TaskKind.WORKFLOW
+    name = str(data.get("name") or task.value)
+    spec_fields = (
+        {f.name: f for f in dataclasses.fields(_SPEC_TYPES[task])}
+        if task is not TaskKind.WORKFLOW
+        else {}
+    )
+    inputs: dict[str, _Target] = {}
+    input_specs: list[InputSpec] = []
     raw_inputs = ctx.mapping(data.get("inputs", {}), "inputs")
-    for name in task.inputs:
-        if name not in raw_inputs:
-            raise WorkflowFormatError(f"{where}: inputs.{name} is not bound")
-    for name, raw in raw_inputs.items():
-        if name not in task.inputs:
-            raise WorkflowFormatError(f"{where}: inputs.{name}: {task.value} has no such input")
-        (target,) = ctx.targets(raw, f"inputs.{name}", single=True)
-        inputs[name] = target
+    for needed in task.inputs:
+        if needed not in raw_inputs:
+            raise ctx.error(("inputs",), f"inputs.{needed} is not bound")
+    for input_name, raw in raw_inputs.items():
+        if task is not TaskKind.WORKFLOW and input_name not in task.inputs:
+            raise ctx.error(("inputs", input_name), f"{task.value} has no such input")
+        (target,) = ctx.targets(raw, f"inputs.{input_name}", single=True)
+        inputs[input_name] = target
+        entry = ctx.mapping(raw, f"inputs.{input_name}")
+        input_specs.append(
+            InputSpec(
+                input_name,
+                str(entry.get("kind", "mask" if input_name == "mask" else "image")),
+                str(entry.get("description", "")),
+                entry.get("required", True) is not False or input_name in task.inputs,
+            )
+        )
 
     params = []
-    for name, raw in ctx.mapping(data.get("params", {}), "params").items():
-        if name not in spec_fields:
-            raise WorkflowFormatError(f"{where}: params.{name}: not a field of {task.value}")
-        entry = ctx.mapping(raw, f"params.{name}")
+    for param_name, raw in ctx.mapping(data.get("params", {}), "params").items():
+        if spec_fields and param_name not in spec_fields:
+            raise ctx.error(("params", param_name), f"not a field of {task.value}")
+        entry = ctx.mapping(raw, f"params.{param_name}")
         has_default = "default" in entry or "default_const" in entry
         default = entry.get("default")
         if "default_const" in entry:
             const = entry["default_const"]
             if const not in _CONSTANTS:
-                raise WorkflowFormatError(
-                    f"{where}: params.{name}.default_const: one of {', '.join(_CONSTANTS)}"
+                raise ctx.error(
+                    ("params", param_name, "default_const"), f"one of {', '.join(_CONSTANTS)}"
                 )
             default = _CONSTANTS[const]
         random = entry.get("random", False) is True
-        if random and name != "seed":
-            raise WorkflowFormatError(f"{where}: params.{name}: only seed can be random")
-        params.append(
-            _Param(name, ctx.targets(entry, f"params.{name}"), default, has_default, random)
+        if random and param_name != "seed":
+            raise ctx.error(("params", param_name, "random"), "only seed can be random")
+        targets = ctx.targets(entry, f"params.{param_name}")
+        first = targets[0]
+        graph_value = graph[first.node]["inputs"][first.input]
+        kind = entry.get("type") or infer_type(default if has_default else graph_value)
+        choices = tuple(entry.get("choices", ()))
+        if has_default and choices and default not in choices:
+            raise ctx.error(("params", param_name, "default"), "not one of the choices")
+        spec = ParamSpec(
+            name=param_name,
+            type=str(kind),
+            description=str(entry.get("description", "")),
+            title=str(entry.get("title", "")),
+            required=entry.get("required", False) is True,
+            default=default,
+            has_default=has_default,
+            random=random,
+            minimum=entry.get("minimum"),
+            maximum=entry.get("maximum"),
+            max_length=entry.get("max_length"),
+            choices=choices,
         )
+        params.append(_Param(param_name, targets, default, has_default, random, spec))
 
     sizes = []
     for i, raw in enumerate(ctx.sequence(data.get("sizes", []), "sizes")):
         entry = ctx.mapping(raw, f"sizes[{i}]")
         source, dimension = entry.get("from"), entry.get("dimension")
         multiply = entry.get("multiply", 1)
-        if source not in task.inputs:
-            raise WorkflowFormatError(f"{where}: sizes[{i}].from must name an input")
+        if source not in inputs:
+            raise ctx.error(("sizes", i, "from"), "must name an input")
         if dimension not in ("width", "height"):
-            raise WorkflowFormatError(f"{where}: sizes[{i}].dimension: width or height")
+            raise ctx.error(("sizes", i, "dimension"), "width or height")
         if not isinstance(multiply, int | float) or isinstance(multiply, bool) or multiply <= 0:
-            raise WorkflowFormatError(f"{where}: sizes[{i}].multiply: a positive number")
-        sizes.append(_Size(ctx.targets(entry, f"sizes[{i}]"), source, dimension, float(multiply)))
+            raise ctx.error(("sizes", i, "multiply"), "a positive number")
+        sizes.append(
+            _Size(ctx.targets(entry, f"sizes[{i}]"), str(source), dimension, float(multiply))
+        )
 
     job = []
     for i, raw in enumerate(ctx.sequence(data.get("job", []), "job")):
@@ -607,8 +817,9 @@ def _load_binding(path: Path, *, search: Sequence[Path]) -> Workflow:
                 raise TypeError
             fmt.format(**_JOB_FIELDS)
         except (KeyError, IndexError, ValueError, TypeError):
-            raise WorkflowFormatError(
-                f"{where}: job[{i}].format: a string using only {{job_id}}, {{task}}, {{attempt}}"
+            raise ctx.error(
+                ("job", i, "format"),
+                "a string using only {job_id}, {task}, {workflow}, {attempt}",
             ) from None
         job.append(_JobValue(ctx.targets(entry, f"job[{i}]"), fmt))
 
@@ -617,12 +828,12 @@ def _load_binding(path: Path, *, search: Sequence[Path]) -> Workflow:
         entry = ctx.mapping(raw, f"outputs[{i}]")
         node, kind = entry.get("node"), entry.get("kind")
         if not isinstance(node, str) or node not in graph:
-            raise WorkflowFormatError(f"{where}: outputs[{i}].node: not a node of the graph")
+            raise ctx.error(("outputs", i, "node"), "not a node of the graph")
         if kind not in _OUTPUT_KINDS:
-            raise WorkflowFormatError(f"{where}: outputs[{i}].kind: images or text")
-        outputs.append(OutputBinding(node, kind))
+            raise ctx.error(("outputs", i, "kind"), "images or text")
+        outputs.append(OutputBinding(node, str(kind)))
     if not outputs:
-        raise WorkflowFormatError(f"{where}: outputs: at least one output node")
+        raise ctx.error(("outputs",), "at least one output node")
 
     models = []
     for i, raw in enumerate(ctx.sequence(data.get("models", []), "models")):
@@ -630,14 +841,14 @@ def _load_binding(path: Path, *, search: Sequence[Path]) -> Workflow:
         (target,) = ctx.targets(entry, f"models[{i}]", single=True)
         folder = entry.get("folder")
         if not isinstance(folder, str) or not folder:
-            raise WorkflowFormatError(f"{where}: models[{i}].folder: a ComfyUI model folder")
+            raise ctx.error(("models", i, "folder"), "a ComfyUI model folder")
         models.append(_ModelRef(target.node, target.input, folder))
 
     in_graph = sorted({str(n["class_type"]) for n in graph.values()})
     declared = data.get("nodes")
     if declared is not None and sorted(set(ctx.sequence(declared, "nodes"))) != in_graph:
-        raise WorkflowFormatError(
-            f"{where}: nodes must list the graph's node types: {', '.join(in_graph)}"
+        raise ctx.error(
+            ("nodes",), f"nodes must list the graph's node types: {', '.join(in_graph)}"
         )
     description = data.get("description", "")
     return Workflow(
@@ -651,13 +862,20 @@ def _load_binding(path: Path, *, search: Sequence[Path]) -> Workflow:
         models=models,
         source=where,
         description=description if isinstance(description, str) else "",
+        name=name,
+        title=str(data.get("title", "")),
+        input_specs=input_specs,
+        documents={"binding": data, "graph": graph, "source": where},
     )
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> tuple[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = path.read_text(encoding="utf-8")
+        return text, json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WorkflowFormatError(f"{path}:{exc.lineno}: {exc.msg}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
         raise WorkflowFormatError(f"{path}: {exc}") from exc
 
 
@@ -678,19 +896,36 @@ def _check_graph(graph: Any, where: str) -> None:
                 )
 
 
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
 @dataclass(frozen=True, slots=True)
 class _Context:
     where: str
     graph: Mapping[str, Any]
+    text: str = ""
+    offsets: Mapping[JsonPath, int] = dataclasses.field(default_factory=dict)
+
+    def error(self, path: JsonPath, message: str) -> WorkflowFormatError:
+        """An error naming the file, the line of ``path`` and the path."""
+        line = line_of(self.text, dict(self.offsets), path)
+        dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+        return WorkflowFormatError(f"{self.where}:{line}: {dotted or '(root)'}: {message}")
+
+    def _fail(self, path: str, message: str) -> WorkflowFormatError:
+        parts: list[str | int] = [
+            int(index) if index else key for key, index in _PATH_PART.findall(path)
+        ]
+        return self.error(tuple(parts), message)
 
     def mapping(self, value: Any, path: str) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise WorkflowFormatError(f"{self.where}: {path}: a JSON object")
+            raise self._fail(path, "a JSON object")
         return value
 
     def sequence(self, value: Any, path: str) -> list[Any]:
         if not isinstance(value, list):
-            raise WorkflowFormatError(f"{self.where}: {path}: a JSON array")
+            raise self._fail(path, "a JSON array")
         return value
 
     def targets(self, entry: Any, path: str, *, single: bool = False) -> tuple[_Target, ...]:
@@ -701,16 +936,12 @@ class _Context:
             item = self.mapping(raw_item, path)
             node, name = item.get("node"), item.get("input")
             if not isinstance(node, str) or node not in self.graph:
-                raise WorkflowFormatError(f"{self.where}: {path}: node {node!r} not in the graph")
+                raise self._fail(path, f"node {node!r} not in the graph")
             if not isinstance(name, str) or name not in self.graph[node]["inputs"]:
-                raise WorkflowFormatError(
-                    f"{self.where}: {path}: node {node} has no input {name!r}"
-                )
+                raise self._fail(path, f"node {node} has no input {name!r}")
             if _is_link(self.graph[node]["inputs"][name]):
-                raise WorkflowFormatError(
-                    f"{self.where}: {path}: node {node} input {name} is a link, not a value"
-                )
+                raise self._fail(path, f"node {node} input {name} is a link, not a value")
             found.append(_Target(node, name))
         if not found or (single and len(found) != 1):
-            raise WorkflowFormatError(f"{self.where}: {path}: {'one' if single else 'a'} target")
+            raise self._fail(path, f"{'one' if single else 'a'} target")
         return tuple(found)
