@@ -4,11 +4,13 @@
   ``service.artifacts.put``), chunks of the service's ``chunk_bytes`` (1 MiB), against a bare
   server-streaming method sending the same bytes in the same chunks from memory (raw bytes, no
   protobuf: the floor of what grpcio can do).
-- Upload: ``TransformService.ConvertImage`` with the same file in 1 MiB chunks and no
-  ``output_format``. The server reads the whole stream (spooled to disk and hashed, as every
-  upload is) before it checks params, then answers INVALID_ARGUMENT ``MISSING_FORMAT``: the
-  upload path without any image work. Timed from the first message to the status. Against a
-  bare client-streaming method that receives the same chunks and answers their byte count.
+- Upload: ``TransformService.ConvertImage`` (to PNG) with the same file in 1 MiB chunks, on a
+  service whose ``max_pixels`` is below the file's pixels. The server reads the whole stream
+  (spooled to disk, as every upload is), then the header check answers RESOURCE_EXHAUSTED
+  ``IMAGE_TOO_MANY_PIXELS``: the upload path without any image work. (Params are checked on
+  arrival, so a missing ``output_format`` would measure a drain, not an upload.) Timed from
+  the first message to the status. Against a bare client-streaming method that receives the
+  same chunks and answers their byte count.
 
 Both servers run in this process on loopback, with the same message size limits, and the
 client is the same grpc.aio channel code; the two sides alternate within every round. The
@@ -128,12 +130,12 @@ async def _service_upload(stub: Any, messages: list[Any]) -> float:
         async for _ in call:
             pass
     except grpc.aio.AioRpcError as err:
-        if err.code() != grpc.StatusCode.INVALID_ARGUMENT or "output_format" not in (
+        if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or "pixels" not in (
             err.details() or ""
         ):
             raise
     else:
-        raise RuntimeError("the upload was expected to end with MISSING_FORMAT")
+        raise RuntimeError("the upload was expected to end with IMAGE_TOO_MANY_PIXELS")
     return time.perf_counter() - start
 
 
@@ -158,7 +160,9 @@ async def _run(quick: bool) -> dict[str, Any]:
     data = bmp_of(size)
     chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
     upload_messages = [
-        transform_service_pb2.ConvertImageRequest(params=tasks_pb2.ConvertImageParams())
+        transform_service_pb2.ConvertImageRequest(
+            params=tasks_pb2.ConvertImageParams(output_format=common_pb2.IMAGE_FORMAT_PNG)
+        )
     ] + [
         transform_service_pb2.ConvertImageRequest(
             chunk=common_pb2.FileChunk(field="image", data=c, file_name="big.bmp")
@@ -172,8 +176,13 @@ async def _run(quick: bool) -> dict[str, Any]:
         "bare_upload": [],
     }
     try:
+        pixels = len(data) // 3
         async with running_service(
-            tmp / "service", max_upload_bytes=size * 2, chunk_bytes=CHUNK, http_enabled=False
+            tmp / "service",
+            max_upload_bytes=size * 2,
+            chunk_bytes=CHUNK,
+            http_enabled=False,
+            max_pixels=pixels // 2,  # refused by the header check once spooled
         ) as service:
             ref = await service.artifacts.put(
                 data,
@@ -237,7 +246,7 @@ async def _run(quick: bool) -> dict[str, Any]:
             target=0.8,
             baseline=f"service {figures['service_upload']['median']:.0f} MB/s,"
             f" bare {figures['bare_upload']['median']:.0f} MB/s",
-            note="ConvertImage without output_format: read + spool, then MISSING_FORMAT",
+            note="ConvertImage: read + spool, then IMAGE_TOO_MANY_PIXELS (no image work)",
         ),
     ]
     return {

@@ -65,6 +65,9 @@ class Settings:
     """Size of the byte chunks the server streams out."""
     image_workers: int = 0
     """Threads for image work (crop, convert, variants); 0 means the number of CPUs."""
+    image_block_cache_mib: int = 128
+    """Decoded-image memory kept for reuse between images (Pillow's 16 MiB blocks): a fresh
+    48 MB buffer per 12 MP image costs about a third of a crop in page faults; 0: none."""
     shutdown_grace_s: float = 10.0
     """How long in-flight calls may take to finish after SIGTERM."""
     log_level: str = "INFO"

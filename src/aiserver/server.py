@@ -31,6 +31,7 @@ from aiserver.api.artifacts import ArtifactServicer
 from aiserver.api.generation import GenerationServicer
 from aiserver.api.job_calls import JobCalls, SubmitLimits
 from aiserver.api.jobs import JobServicer
+from aiserver.api.local_calls import LocalCalls
 from aiserver.api.transform import TransformServicer
 from aiserver.api.workflows import WorkflowServicer
 from aiserver.artifacts import ArtifactStore, VariantCache, VariantPolicy
@@ -39,6 +40,7 @@ from aiserver.blobs import open_blob_store
 from aiserver.config import Settings
 from aiserver.gateway import Gateway, GatewaySettings
 from aiserver.imaging import ImageLimits
+from aiserver.imaging.block_cache import keep_image_blocks
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Job
 from aiserver.jobs.scheduler import SchedulerSettings
@@ -100,6 +102,7 @@ class Service:
         # process's own, and the spool already is one.
         self.spool = InputSpool(data / "spool", shared=blobs if settings.blob_url else None)
         self.pool = BlockingPool(settings.image_threads)
+        keep_image_blocks(settings.image_block_cache_mib)
         self.limits = ImageLimits(max_pixels=settings.max_pixels)
         self.health = health.aio.HealthServicer()
         self.artifacts = ArtifactStore(
@@ -115,6 +118,7 @@ class Service:
             presets_only=settings.variant_presets_only,
             max_side=settings.variant_max_side,
         )
+        self.variants.prerender(self.variant_policy.presets.values())  # warm from the start
         self.webhooks = WebhookSender(
             settings.webhook_secret.encode() or None,
             allow_hosts=settings.webhook_allow_hosts,
@@ -229,15 +233,19 @@ class Service:
             JobServicer(manager, link=link),
             server,
         )
+        artifacts = ArtifactServicer(
+            store=self.artifacts,
+            variants=self.variants,
+            policy=self.variant_policy,
+            chunk_bytes=s.chunk_bytes,
+            signer=self.security.signer,
+        )
+        artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(artifacts, server)
+        # The shim reads variants (mostly warm, a few kB) through the same guard and handler
+        # without the loopback HTTP/2 round trip.
+        local_calls = LocalCalls(guard)
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
-            ArtifactServicer(
-                store=self.artifacts,
-                variants=self.variants,
-                policy=self.variant_policy,
-                chunk_bytes=s.chunk_bytes,
-                signer=self.security.signer,
-            ),
-            server,
+            artifacts, local_calls.recorder(only=("GetVariant",))
         )
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(self.providers), server
@@ -263,7 +271,8 @@ class Service:
         self._health_task = asyncio.create_task(self._health_loop(), name="health")
         logger.info("gRPC listening on %s:%d", s.grpc_host, self.grpc_port)
         if s.http_enabled:
-            # The shim is a gRPC client of this very server: it adds no behaviour of its own.
+            # The shim is a gRPC client of this very server: it adds no behaviour of its own
+            # (its local calls run this server's own guard and handlers).
             local = "127.0.0.1" if s.grpc_host in ("0.0.0.0", "::", "") else s.grpc_host
             self.gateway = Gateway(
                 f"{local}:{self.grpc_port}",
@@ -271,6 +280,7 @@ class Service:
                 port=s.http_port,
                 settings=GatewaySettings.from_settings(s, shim_token=self._shim_token),
                 metrics=self.security.metrics_handler(self.metrics) if s.http_metrics else None,
+                local_calls=local_calls,
             )
             try:
                 self.http_port = await self.gateway.start()

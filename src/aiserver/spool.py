@@ -13,11 +13,13 @@ job finds them: :meth:`InputSpool.local_path` fetches one into the local spool w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
+import threading
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +52,7 @@ class UploadBudget:
 
 @dataclass(slots=True)
 class SpooledFile:
-    """A finished upload: on disk at ``path``."""
+    """A finished upload: on disk at ``path``; ``sha256`` is empty when it was not hashed."""
 
     field: str
     file_name: str
@@ -59,31 +61,141 @@ class SpooledFile:
     size: int
 
 
+_INLINE_BYTES = 2 * 1024 * 1024
+"""Uploads up to this size (most images) are hashed and written on the event loop at the end,
+at most about 2 ms there: cheaper than starting a thread and waking it per chunk, which on a
+busy machine waits for a core each time."""
+_MAX_PENDING = 8 * 1024 * 1024
+"""Bytes handed to the writer thread and not yet written before the reader waits."""
+
+
 class _Writer:
-    def __init__(self, spool: InputSpool, field: str, file_name: str, budget: UploadBudget):
+    """One file being uploaded. Past :data:`_INLINE_BYTES` a thread of its own hashes and
+    writes the chunks (hashlib and file writes release the GIL), fed through a queue bounded
+    by :data:`_MAX_PENDING` bytes, so the event loop only hands chunks over: no thread hop per
+    chunk, no copy. The thread wakes the loop only when the reader waits for room or for the
+    end."""
+
+    def __init__(
+        self, spool: InputSpool, field: str, file_name: str, budget: UploadBudget, hashed: bool
+    ) -> None:
         self.field = field
         self.file_name = file_name
         self._budget = budget
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if hashed else None
         self._size = 0
         self.path = spool.tmp_dir / f"{uuid.uuid4().hex}.part"
         self._fh = self.path.open("wb")
+        self._held: list[bytes] = []  # before the thread starts
+        self._queue: deque[bytes | None] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending = 0
+        self._room: asyncio.Future[None] | None = None
+        self._ended: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._aborted = False
+        self._thread: threading.Thread | None = None
 
-    def write(self, data: bytes) -> None:
+    async def write(self, data: bytes) -> None:
         self._budget.take(self.field, len(data))
-        self._hash.update(data)
         self._size += len(data)
-        self._fh.write(data)
+        if self._thread is None:
+            self._held.append(data)
+            if self._size > _INLINE_BYTES:
+                self._start()
+            return
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            self._queue.append(data)
+            self._pending += len(data)
+            self._wake.notify()
+            if self._pending <= _MAX_PENDING:
+                return
+            room = self._room = asyncio.get_running_loop().create_future()
+        await room
 
-    def finish(self) -> SpooledFile:
-        self._fh.close()
-        return SpooledFile(
-            self.field, self.file_name, self.path, self._hash.hexdigest(), self._size
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ended = loop.create_future()
+        self._queue.extend(self._held)
+        self._pending = sum(len(d) for d in self._held)
+        self._held = []
+        self._thread = threading.Thread(
+            target=self._run, args=(loop,), name="upload-writer", daemon=True
         )
+        self._thread.start()
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._wake.wait()
+                data = self._queue.popleft()
+            if data is None:
+                break
+            if self._error is None and not self._aborted:
+                try:
+                    if self._hash is not None:
+                        self._hash.update(data)
+                    self._fh.write(data)
+                except BaseException as exc:  # reported to the reader at its next call
+                    self._error = exc
+            with self._lock:
+                self._pending -= len(data)
+                room = self._room if self._pending <= _MAX_PENDING // 2 else None
+                if room is not None:
+                    self._room = None
+            if room is not None:
+                _resolve(loop, room)
+        try:
+            self._fh.close()
+        except OSError as exc:
+            self._error = self._error or exc
+        if self._ended is not None:
+            _resolve(loop, self._ended)
+
+    def _stop_thread(self) -> None:
+        with self._lock:
+            self._queue.append(None)
+            self._wake.notify()
+
+    async def finish(self) -> SpooledFile:
+        if self._thread is None:
+            with self._fh:
+                for data in self._held:
+                    if self._hash is not None:
+                        self._hash.update(data)
+                    self._fh.write(data)
+            self._held = []
+        else:
+            assert self._ended is not None
+            self._stop_thread()
+            await asyncio.shield(self._ended)  # the file is closed only once it has ended
+            if self._error is not None:
+                raise self._error
+        digest = self._hash.hexdigest() if self._hash is not None else ""
+        return SpooledFile(self.field, self.file_name, self.path, digest, self._size)
 
     def discard(self) -> None:
-        self._fh.close()
+        """Drop the file, finished or not (the thread, if any, stops without writing more)."""
+        self._aborted = True
+        self._held = []
+        if self._thread is None:
+            self._fh.close()
+        elif self._ended is not None and not self._ended.done():
+            self._stop_thread()
         self.path.unlink(missing_ok=True)
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    def settle() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(settle)
 
 
 class InputSpool:
@@ -108,8 +220,12 @@ class InputSpool:
         if self._pins[spooled.sha256] <= 0:
             del self._pins[spooled.sha256]
 
-    def open(self, field: str, file_name: str, budget: UploadBudget) -> _Writer:
-        return _Writer(self, field, file_name, budget)
+    def open(
+        self, field: str, file_name: str, budget: UploadBudget, *, hashed: bool = True
+    ) -> _Writer:
+        """A writer for one uploaded file; ``hashed=False`` for files used once and deleted
+        (light tasks): their SHA-256 would cost more CPU than receiving them."""
+        return _Writer(self, field, file_name, budget, hashed)
 
     def path_for(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
@@ -118,6 +234,8 @@ class InputSpool:
         """Move a finished upload into the content-addressed spool (idempotent per content)
         and pin it until :meth:`unpin`, so that a job ending meanwhile with the same input
         does not delete it."""
+        if not spooled.sha256:
+            raise ValueError("only a hashed upload can be committed")
         self._pins[spooled.sha256] += 1
         target = self.path_for(spooled.sha256)
         target.parent.mkdir(exist_ok=True)

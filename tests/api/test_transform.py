@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 from typing import Any
@@ -290,3 +291,26 @@ async def test_bad_quality(stub: Any) -> None:
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert reason == "INVALID_QUALITY"
     assert fields == ["params.quality"]
+
+
+async def test_a_client_abort_mid_upload_leaves_no_spool_file(stub: Any, tmp_path: Any) -> None:
+    spool_tmp = tmp_path / "data" / "spool" / "tmp"
+    call = stub.CropImage()
+    await call.write(tpb.CropImageRequest(params=CROP_OK))
+    for _ in range(3):  # past the size written inline: the writer thread is running
+        await call.write(
+            tpb.CropImageRequest(
+                chunk=common_pb2.FileChunk(field="image", data=os.urandom(1 << 20))
+            )
+        )
+    for _ in range(500):
+        if list(spool_tmp.iterdir()):
+            break
+        await asyncio.sleep(0.01)
+    assert list(spool_tmp.iterdir()), "the upload should be spooled meanwhile"
+    call.cancel()
+    for _ in range(500):
+        if not list(spool_tmp.iterdir()):
+            break
+        await asyncio.sleep(0.01)
+    assert list(spool_tmp.iterdir()) == []

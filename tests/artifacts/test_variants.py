@@ -161,5 +161,5 @@ async def test_large_jpeg_is_downscaled_through_the_draft_path(
     monkeypatch.setattr(transforms, "apply_jpeg_draft", spy)
     variant = await cache.get(name, parse_spec("width=256"), "alice")
     assert (variant.width, variant.height) == (256, 192)
-    # libjpeg decoded at 1/4 scale (1000x750), never the 12 MP source.
-    assert decoded == [(1000, 750)]
+    # libjpeg decoded at 1/8 scale (500x375), never the 12 MP source.
+    assert decoded == [(500, 375)]

@@ -51,6 +51,13 @@ class Farm:
     url: str
     keys: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def workflows(self) -> Path:
+        """The operator's workflows folder (polled: a file written here is served)."""
+        folder = self.service.settings.workflows_dir
+        assert folder is not None
+        return folder
+
     def http(self, who: str | None) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {self.keys[who]}"} if who else {}
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30)
@@ -83,12 +90,16 @@ async def start_farm(tmp_path: Path, *, keyed: bool) -> tuple[Service, dict[str,
         "AISERVER_AGENT_PROBE_INTERVAL_S": "0.3",
         "AISERVER_API_KEYS": keys if keyed else "",
     }
+    workflows = tmp_path / "workflows"  # the operator's folder, empty at first
+    workflows.mkdir()
     settings = load_settings(
         env=env,
         overrides={
             "grpc_port": 0,
             "http_port": 0,
             "data_dir": tmp_path / "data",
+            "workflows_dir": workflows,
+            "workflows_poll_s": 0.1,
             "local_upscale": "fallback",  # listed on the Agents page; ComfyUI runs upscales
         },
     )

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import protovalidate
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
+from imagetasks.v1 import workflow_service_pb2 as wpb
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator
 from PIL import Image
@@ -123,6 +125,40 @@ async def test_document_carries_the_contract_limits(shim_url: str) -> None:
     assert props["Width"]["minimum"] == 1 and props["Quality"]["maximum"] == 100
     form = paths["/api/ImageWithMask"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert {"image", "mask"} <= set(form["schema"]["required"])
+
+
+def _schemas_in(node: Any) -> list[dict[str, Any]]:
+    if isinstance(node, list):
+        return [s for item in node for s in _schemas_in(item)]
+    if not isinstance(node, dict):
+        return []
+    own = [node] if isinstance(node.get("pattern"), str) else []
+    # (a `not` holds what a value may not match: not a schema's own pattern)
+    return own + [s for k, v in node.items() if k != "not" for s in _schemas_in(v)]
+
+
+async def test_patterns_mean_for_python_what_they_mean_for_ecma_and_re2(shim_url: str) -> None:
+    """Python's `$` also matches before a final newline (ECMA's and RE2's do not): every
+    end-anchored pattern comes with a ban on one, so Python fuzzers and validators agree."""
+    doc = await _document(shim_url)
+    anchored = [s for s in _schemas_in(doc) if s["pattern"].endswith("$")]
+    assert len(anchored) > 10
+    for schema in anchored:
+        assert re.search(schema["not"]["pattern"], "x\n"), schema
+    form = doc["paths"]["/api/workflows/text_to_image"]["post"]["requestBody"]["content"]
+    props = form["multipart/form-data"]["schema"]["properties"]
+    # The job options, as POST /api/workflows/{name} takes them.
+    assert {"RefId", "Tag", "ReplyTo", "OutputFormat", "Quality", "Sync"} <= set(props)
+    ref_id = OAS30Validator(props["RefId"])
+    assert ref_id.is_valid("batch-7")
+    assert re.search(props["RefId"]["pattern"], "batch-7\n")  # what the fuzzer drew
+    assert not ref_id.is_valid("batch-7\n")
+    refused = wpb.RunWorkflowParams(workflow="text_to_image")
+    refused.options.ref_id = "batch-7\n"
+    with pytest.raises(protovalidate.ValidationError):  # as the server's rules (RE2) say
+        protovalidate.validate(refused)
+    assert OAS30Validator(props["prompt"]).is_valid("two lines\nof prompt\n")
+    assert not OAS30Validator(props["prompt"]).is_valid("nul \x00")
 
 
 async def test_sync_and_queued_answers_are_told_apart(shim_url: str) -> None:

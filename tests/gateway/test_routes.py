@@ -280,6 +280,7 @@ def test_openapi_document_from_descriptors() -> None:
         "type": "string",
         "format": "int64",
         "pattern": INT64_PATTERN,
+        "not": {"pattern": "\\n$"},  # Python's `$` alone would take "12\n"
     }
     form = paths["/api/ImageToImage"]["post"]["requestBody"]["content"]["multipart/form-data"]
     props = form["schema"]["properties"]

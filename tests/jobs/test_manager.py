@@ -500,8 +500,8 @@ async def test_a_pinned_upload_survives_a_job_ending_with_the_same_bytes(env: En
     provider = ScriptedProvider(behaviour=gated)
     manager = await env.manager(provider)  # spool_grace_s=0: deletion is immediate
     writer = env.spool.open("image", "in.png", UploadBudget(1 << 20))
-    writer.write(b"same bytes")
-    pending = env.spool.commit(writer.finish())  # a request between upload and submit
+    await writer.write(b"same bytes")
+    pending = env.spool.commit(await writer.finish())  # a request between upload and submit
     ref = InputRef("image", "in.png", pending.sha256, pending.size, "image/png", 8, 8)
     job = await submit(manager, env, inputs=[ref])
     (await provider.next_run()).release.set()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -100,3 +103,39 @@ async def test_local_keys_never_leave_the_root(tmp_path: object) -> None:
     with pytest.raises(FileNotFoundError):
         await _read(store, "2031/05/x.png")
     assert await store.size("2031/05/x.png") is None
+
+
+def test_concurrent_puts_share_directory_syncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: each caller returns after a sync that began after its call, and calls
+    that arrive while a sync runs share the next one."""
+    from aiserver.blobs.local import _DirSyncs
+
+    began: list[float] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        began.append(time.monotonic())
+        time.sleep(0.05)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    syncs = _DirSyncs()
+    called: dict[int, float] = {}
+    returned: dict[int, float] = {}
+
+    def put(i: int) -> None:
+        called[i] = time.monotonic()
+        syncs.sync(tmp_path)
+        returned[i] = time.monotonic()
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(returned) == 16
+    assert len(began) <= 4, began  # 16 callers, a few syncs
+    for i in range(16):
+        assert any(called[i] <= b <= returned[i] for b in began), i

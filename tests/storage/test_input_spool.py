@@ -12,10 +12,10 @@ from aiserver.blobs import BlobStore
 from aiserver.spool import InputSpool, UploadBudget
 
 
-def _upload(spool: InputSpool, data: bytes) -> str:
+async def _upload(spool: InputSpool, data: bytes) -> str:
     writer = spool.open("image", "in.png", UploadBudget(1 << 30))
-    writer.write(data)
-    spooled = spool.commit(writer.finish())
+    await writer.write(data)
+    spooled = spool.commit(await writer.finish())
     spool.unpin(spooled)
     return spooled.sha256
 
@@ -26,7 +26,7 @@ async def test_an_input_shared_by_one_process_is_found_by_another(
     data = os.urandom(2 * 1024 * 1024 + 3)
     here = InputSpool(tmp_path / "a", shared=blobs)
     there = InputSpool(tmp_path / "b", shared=blobs)
-    sha = _upload(here, data)
+    sha = await _upload(here, data)
     assert sha == hashlib.sha256(data).hexdigest()
     assert not await there.share(sha)  # not shared yet: nowhere the other process can see
     assert await here.share(sha)
@@ -48,7 +48,7 @@ async def test_an_input_shared_by_one_process_is_found_by_another(
 async def test_without_a_shared_store_the_spool_is_the_folder(tmp_path: Path) -> None:
     spool = InputSpool(tmp_path / "spool")
     assert not spool.shared
-    sha = _upload(spool, b"bytes")
+    sha = await _upload(spool, b"bytes")
     assert await spool.share(sha)
     assert await spool.local_path(sha) == spool.path_for(sha)
     spool.delete_local(sha)

@@ -12,6 +12,7 @@ from imagetasks.v1 import artifact_service_pb2_grpc, common_pb2
 from aiserver.api.calls import current_principal, scope
 from aiserver.api.convert import artifact_to_proto, format_from_proto, format_to_proto
 from aiserver.api.status import rpc
+from aiserver.api.wire import Encoded, bytes_message
 from aiserver.artifacts import ArtifactStore, Fit, VariantCache, VariantPolicy, build_spec
 from aiserver.artifacts.links import UrlSigner
 from aiserver.auth import missing_key
@@ -78,9 +79,9 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         return apb.GetArtifactResponse(artifact=artifact_to_proto(ref, self._link))
 
     @rpc
-    async def ReadArtifact(
+    async def ReadArtifact(  # type: ignore[override]  # messages in wire form
         self, request: apb.ReadArtifactRequest, context: Any
-    ) -> AsyncIterator[apb.ReadArtifactResponse]:
+    ) -> AsyncIterator[Encoded]:
         scope = self._scope(context, request, lambda: [self._artifact_url(request.name)])
         offset = request.read_offset
         async for data in self._store.read(
@@ -90,13 +91,14 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
             request.read_limit,
             chunk_size=self._chunk,
         ):
-            yield apb.ReadArtifactResponse(data=data, offset=offset)
+            # data = 1, offset = 2, in wire form (aiserver.api.wire)
+            yield bytes_message(1, data, int_field=2, value=offset)
             offset += len(data)
 
     @rpc
-    async def GetVariant(
+    async def GetVariant(  # type: ignore[override]  # chunks in wire form
         self, request: apb.GetVariantRequest, context: Any
-    ) -> AsyncIterator[apb.GetVariantResponse]:
+    ) -> AsyncIterator[apb.GetVariantResponse | Encoded]:
         self._check_key(request)  # who is asking, before any parsing
         spec = self._spec(request)
         scope = self._scope(
@@ -122,9 +124,13 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
                 ),
             )
         )
+        if variant.data is not None:  # held in memory: no file, no thread
+            for start in range(0, len(variant.data), self._chunk):
+                yield bytes_message(2, variant.data[start : start + self._chunk])
+            return
         with variant.path.open("rb") as fh:
             while data := await asyncio.to_thread(fh.read, self._chunk):
-                yield apb.GetVariantResponse(chunk=data)
+                yield bytes_message(2, data)  # chunk = 2, in wire form
 
     def _spec(self, request: apb.GetVariantRequest) -> Any:
         has_fields = bool(

@@ -43,6 +43,7 @@ import grpc
 from aiserver.api.calls import CallInfo, current_call
 from aiserver.api.malformed import Malformed, tolerant, tolerant_handler
 from aiserver.api.status import abort, request_id_of
+from aiserver.api.wire import passing_encoded
 from aiserver.auth import ANONYMOUS, KeyRing, bearer_token, invalid_key, missing_key
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.logs import request_id_var
@@ -113,7 +114,7 @@ def too_many_streams(limit: int) -> ServiceError:
     )
 
 
-class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class Guard(grpc.aio.ServerInterceptor):
     """See the module docstring. ``keyless_methods``: full method paths
     (``/imagetasks.v1.ArtifactService/ReadArtifact``) that may come without a key."""
 
@@ -161,8 +162,10 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         name = method.lstrip("/").rsplit(".", 1)[-1]  # Service/Method
         keyless = method in self.keyless
         options = {
-            "request_deserializer": tolerant(handler.request_deserializer),
-            "response_serializer": handler.response_serializer,
+            "request_deserializer": self._counted_in(tolerant(handler.request_deserializer), name),
+            "response_serializer": self._counted_out(
+                passing_encoded(handler.response_serializer), name
+            ),
         }
         if handler.request_streaming and handler.response_streaming:
             inner = handler.stream_stream
@@ -182,6 +185,35 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self._unary(handler.unary_unary, name, keyless, request_stream=False), **options
         )
 
+    # Bytes are counted where grpc hands them over: upb's ByteSize() serializes the whole
+    # message again, a full copy of every 1 MiB chunk.
+    def _counted_in(
+        self, parse: Callable[[bytes], Any] | None, name: str
+    ) -> Callable[[bytes], Any] | None:
+        if self.metrics is None or parse is None:
+            return parse
+        counter = self.metrics.received_bytes.labels(name)
+
+        def counted(data: bytes) -> Any:
+            counter.inc(len(data))
+            return parse(data)
+
+        return counted
+
+    def _counted_out(
+        self, serialize: Callable[[Any], bytes] | None, name: str
+    ) -> Callable[[Any], bytes] | None:
+        if self.metrics is None or serialize is None:
+            return serialize
+        counter = self.metrics.sent_bytes.labels(name)
+
+        def counted(msg: Any) -> bytes:
+            data = serialize(msg)
+            counter.inc(len(data))
+            return data
+
+        return counted
+
     def _unary(
         self, inner: Callable[..., Any], name: str, keyless: bool, *, request_stream: bool
     ) -> Callable[..., Awaitable[Any]]:
@@ -192,7 +224,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await call.admit(request if request_stream else None)
                 request = call.requests(request) if request_stream else await call.one(request)
                 response = await inner(request, context)
-                return call.sent(response)
+                return response
             except BaseException as exc:
                 failure = exc
                 raise
@@ -214,7 +246,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 if inspect.isasyncgen(result):
                     try:
                         async for response in result:
-                            yield call.sent(response)
+                            yield response
                     finally:
                         await result.aclose()  # promptly, if this stream is closed early
                 else:  # a handler that writes with context.write()
@@ -317,17 +349,11 @@ class _Call:
         await abort(self.context, err)  # records the reason, logs it (never the key)
         raise AssertionError("abort returned")  # pragma: no cover
 
-    def received(self, msg: Any) -> Any:
-        metrics = self._guard.metrics
-        if metrics is not None:
-            metrics.received_bytes.labels(self.info.method).inc(msg.ByteSize())
-        return msg
-
     async def one(self, msg: Any) -> Any:
         """A unary call's request; a malformed one ends the call."""
         if isinstance(msg, Malformed):
             await abort(self.context, msg.error())
-        return self.received(msg)
+        return msg
 
     async def requests(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """The client's messages, each within the idle timeout and all within the total one;
@@ -353,13 +379,7 @@ class _Call:
                 raise upload_stalled(guard.upload_idle_s) from None
             if isinstance(msg, Malformed):
                 raise msg.error()
-            yield self.received(msg)
-
-    def sent(self, msg: Any) -> Any:
-        metrics = self._guard.metrics
-        if metrics is not None and msg is not None:
-            metrics.sent_bytes.labels(self.info.method).inc(msg.ByteSize())
-        return msg
+            yield msg
 
     def finish(self, failure: BaseException | None) -> None:
         guard, info = self._guard, self.info

@@ -80,7 +80,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     @rpc
     async def WatchJob(
-        self, request: jpb.WatchJobRequest, context: grpc.aio.ServicerContext
+        self, request: jpb.WatchJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[jpb.WatchJobResponse]:
         job = await self._manager.get(parse_job_name(request.name), calls.scope())
         async for event in self._manager.subscribe(job.id):

@@ -77,7 +77,7 @@ def _pack(msg: Any) -> any_pb2.Any:
     return packed
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
     """End the call with ``exc`` as a rich status (an unexpected exception: INTERNAL)."""
     if isinstance(exc, ServiceError):
         err = exc
@@ -91,7 +91,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort_with_status(rpc_status.to_status(to_status_proto(err)))
 
 
-def request_id_of(context: grpc.aio.ServicerContext) -> str:
+def request_id_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The caller's ``x-request-id`` when it is short and printable (it goes into every log
     line), else a new one."""
     given = dict(context.invocation_metadata() or ()).get("x-request-id", "")
@@ -100,7 +100,7 @@ def request_id_of(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex[:16]
 
 
-def _enter(context: grpc.aio.ServicerContext) -> None:
+def _enter(context: grpc.aio.ServicerContext[Any, Any]) -> None:
     info = current_call.get()
     if info is not None:  # the interceptor has done it
         request_id_var.set(info.request_id)

@@ -39,13 +39,15 @@ async def read_upload(
     budget: UploadBudget,
     inputs: Collection[str],
     inputs_of: Callable[[Any], tuple[Collection[str], Collection[str]]] | None = None,
+    hashed: bool = True,
 ) -> Upload:
     """Read the whole stream; every input in ``inputs`` is required and must not be empty.
 
     ``inputs_of`` (when the inputs depend on the params, as a workflow's do) gets the params
     as soon as they arrive and returns the accepted inputs and the required ones; it may
     raise to refuse the params before any file is read. On any error, partial files are
-    deleted before the error propagates.
+    deleted before the error propagates. ``hashed=False``: the files are used once and
+    deleted, their SHA-256 is not needed.
     """
     accepted, required = inputs, inputs
     writers: dict[str, Any] = {}
@@ -79,9 +81,9 @@ async def read_upload(
                 )
             writer = writers.get(chunk.field)
             if writer is None:
-                writer = spool.open(chunk.field, clean_name(chunk.file_name), budget)
+                writer = spool.open(chunk.field, clean_name(chunk.file_name), budget, hashed=hashed)
                 writers[chunk.field] = writer
-            writer.write(chunk.data)
+            await writer.write(chunk.data)
         if params is None:
             raise invalid_argument("params", "PARAMS_NOT_FIRST", "the request stream was empty")
         missing = [name for name in required if name not in writers]
@@ -93,7 +95,7 @@ async def read_upload(
                 violations=tuple(FieldViolation(name, "required") for name in missing),
                 metadata={"field": ",".join(missing)},
             )
-        files = {name: w.finish() for name, w in writers.items()}
+        files = {name: await w.finish() for name, w in writers.items()}
     except ServiceError:
         for w in writers.values():
             w.discard()

@@ -232,6 +232,14 @@ class SqliteArtifactIndex:
     async def lookup(
         self, path: str, owner: str | None, job_id: str | None = None
     ) -> IndexedRef | None:
+        # Every artifact and variant read asks this first. A read by key in WAL mode takes
+        # microseconds and does not wait for writers: when the connection is free it is done
+        # here, saving the thread hop (the larger cost, and most of a warm variant's).
+        if self._lock.acquire(blocking=False):
+            try:
+                return self._lookup(path, owner, job_id)
+            finally:
+                self._lock.release()
         return await self._db(self._lookup, path, owner, job_id)
 
     @contextlib.asynccontextmanager

@@ -39,6 +39,7 @@ __all__ = [
     "EXTENSIONS",
     "ArtifactStore",
     "DeleteListener",
+    "PutListener",
     "StoredBlob",
     "artifact_not_found",
 ]
@@ -71,6 +72,9 @@ _HASH_IN_THREAD = 1024 * 1024  # hashing below this is quicker than a thread hop
 
 DeleteListener = Callable[[str, str], None]
 """Called (in a worker thread) with ``(name, sha256)`` after an artifact is deleted."""
+PutListener = Callable[[ArtifactRef], None]
+"""Called (on the event loop; must not block) with each reference :meth:`ArtifactStore.put`
+returns."""
 
 
 def artifact_not_found(name: str) -> ServiceError:
@@ -106,6 +110,7 @@ class ArtifactStore:
         )
         self._locks = KeyedLock()  # per sha256: put and sweep never interleave on one file
         self._listeners: list[DeleteListener] = []
+        self._put_listeners: list[PutListener] = []
 
     # --- names and paths ------------------------------------------------------------------
 
@@ -207,7 +212,13 @@ class ArtifactStore:
             )
             if row.path != rel:  # another process named these bytes first
                 await self.blobs.delete(rel)
-        return self._ref(row)
+        ref = self._ref(row)
+        for listener in self._put_listeners:
+            try:
+                listener(ref)
+            except Exception:
+                logger.exception("put listener failed for %s", ref.name)
+        return ref
 
     async def get(self, name: str, owner: str | None) -> ArtifactRef:
         """Metadata of ``name`` as ``owner`` sees it (``None``: admin, any reference)."""
@@ -274,6 +285,10 @@ class ArtifactStore:
                 yield path
         except FileNotFoundError as exc:
             raise artifact_not_found(name) from exc
+
+    def add_put_listener(self, listener: PutListener) -> None:
+        """Have ``listener`` told of every stored artifact (preset variants are made then)."""
+        self._put_listeners.append(listener)
 
     def add_delete_listener(self, listener: DeleteListener) -> None:
         """Have ``listener`` told of every deleted artifact (the variant cache drops its files)."""

@@ -1,8 +1,16 @@
-"""Resized/re-encoded copies of stored artifacts, computed once and cached on disk.
+"""Resized/re-encoded copies of stored artifacts, computed once and cached on disk and, when
+small, in memory.
 
 Cache layout: ``{cache_root}/{sha[:2]}/{sha}/{canonical spec}.{ext}`` plus a ``.json``
-sidecar (size, dimensions, ETag) written after the image, so a hit costs no decoding and no
-hashing. Everything of one source lives in one folder, which goes when the source is deleted.
+sidecar (size, dimensions, ETag) written after the image. Everything of one source lives in
+one folder, which goes when the source is deleted. The files are not fsynced: the cache can
+always be rebuilt, and a file read back from disk is checked against its sidecar's ETag (a
+torn write after a power loss is rendered again, never served).
+
+Small variants (up to :data:`MEMORY_ITEM_BYTES`) are also kept in a least-recently-used map
+bounded by bytes, keyed by source SHA-256 and canonical spec, so a warm request reads no file.
+The owner check (an index lookup) still comes first on every request, so a deleted or
+someone else's artifact is never served from memory; deletion also drops its entries.
 """
 
 from __future__ import annotations
@@ -13,8 +21,11 @@ import json
 import logging
 import os
 import shutil
+import threading
 import uuid
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypedDict
 
@@ -26,9 +37,21 @@ from aiserver.imaging.limits import DEFAULT_LIMITS, ImageLimits
 from aiserver.jobs.model import ArtifactRef
 from aiserver.workers import BlockingPool
 
-__all__ = ["Variant", "VariantCache", "parse_spec"]
+__all__ = [
+    "MEMORY_BYTES",
+    "MEMORY_ITEM_BYTES",
+    "MemoryLru",
+    "Variant",
+    "VariantCache",
+    "parse_spec",
+]
 
 logger = logging.getLogger(__name__)
+
+MEMORY_BYTES = 64 * 1024 * 1024
+"""Default bound of the in-memory variants."""
+MEMORY_ITEM_BYTES = 1024 * 1024
+"""Larger variants are served from their file only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +71,8 @@ class Variant:
     """``{url_prefix}/{spec}/{yyyy}/{mm}/{dd}/{sha}.{ext}`` (the source's path)."""
     source: str
     """The source artifact's name."""
+    data: bytes | None = None
+    """The variant's bytes when held in memory; else read them from ``path``."""
 
 
 class _Meta(TypedDict):
@@ -59,15 +84,57 @@ class _Meta(TypedDict):
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Readers see the whole file or none; not durable (see the module docstring)."""
     tmp = path.with_name(f".{uuid.uuid4().hex}.part")
     try:
         with tmp.open("xb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class MemoryLru:
+    """Variants in memory, least recently used dropped first past ``max_bytes``.
+
+    Thread-safe: deletion listeners run in worker threads."""
+
+    def __init__(self, max_bytes: int, max_item_bytes: int = MEMORY_ITEM_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.max_item_bytes = min(max_item_bytes, max_bytes)
+        self.bytes = 0
+        self._items: OrderedDict[tuple[str, str], Variant] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, sha256: str, spec: str) -> Variant | None:
+        with self._lock:
+            found = self._items.get((sha256, spec))
+            if found is not None:
+                self._items.move_to_end((sha256, spec))
+            return found
+
+    def put(self, sha256: str, variant: Variant) -> None:
+        data = variant.data
+        if data is None or len(data) > self.max_item_bytes:
+            return
+        key = (sha256, variant.spec)
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None and old.data is not None:
+                self.bytes -= len(old.data)
+            self._items[key] = variant
+            self.bytes += len(data)
+            while self.bytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self.bytes -= len(dropped.data or b"")
+
+    def drop_source(self, sha256: str) -> None:
+        with self._lock:
+            for key in [k for k in self._items if k[0] == sha256]:
+                self.bytes -= len(self._items.pop(key).data or b"")
 
 
 class VariantCache:
@@ -87,6 +154,7 @@ class VariantCache:
         max_concurrency: int = 2,
         pool: BlockingPool | None = None,
         url_prefix: str = "/variants",
+        memory_bytes: int = MEMORY_BYTES,
     ) -> None:
         self._store = store
         self.cache_root = cache_root
@@ -96,22 +164,50 @@ class VariantCache:
         self._url_prefix = url_prefix.rstrip("/")
         self._inflight: dict[str, asyncio.Task[Variant]] = {}
         self.computations = 0
+        self.memory = MemoryLru(memory_bytes)
+        self._prerenders: set[asyncio.Task[None]] = set()
         cache_root.mkdir(parents=True, exist_ok=True)
         store.add_delete_listener(self._drop_source)
 
     def _folder(self, sha256: str) -> Path:
         return self.cache_root / sha256[:2] / sha256
 
+    def prerender(self, specs: Collection[VariantSpec]) -> None:
+        """Render ``specs`` (the presets) of every artifact as it is stored, in the
+        background, so that the first request for a preset is already warm."""
+        if not specs:
+            return
+        wanted = tuple(specs)
+
+        def stored(ref: ArtifactRef) -> None:
+            task = asyncio.get_running_loop().create_task(self._prerender(ref, wanted))
+            self._prerenders.add(task)
+            task.add_done_callback(self._prerenders.discard)
+
+        self._store.add_put_listener(stored)
+
+    async def _prerender(self, ref: ArtifactRef, specs: tuple[VariantSpec, ...]) -> None:
+        for spec in specs:
+            try:
+                await self.get(ref.name, spec, None)
+            except Exception as exc:  # e.g. deleted meanwhile; a request will say why
+                logger.debug("preset %s of %s not rendered: %s", spec.canonical, ref.name, exc)
+
     def _drop_source(self, name: str, sha256: str) -> None:
+        self.memory.drop_source(sha256)
         shutil.rmtree(self._folder(sha256), ignore_errors=True)
 
     async def get(self, name: str, spec: VariantSpec, owner: str | None) -> Variant:
         """The variant ``spec`` of artifact ``name`` as ``owner`` may see it."""
         ref = await self._store.get(name, owner)  # owner check first: no probing via variants
+        warm = self.memory.get(ref.sha256, spec.canonical)
+        if warm is not None:
+            return self._as_seen(warm, ref)
         output = self._output_format(spec)
         image = self._folder(ref.sha256) / f"{spec.canonical}{output.extension}"
         hit = await asyncio.to_thread(self._load, ref, spec, image)
         if hit is not None:
+            self.memory.put(ref.sha256, hit)
             return hit
         key = f"{ref.sha256}/{spec.canonical}"
         task = self._inflight.get(key)
@@ -120,7 +216,17 @@ class VariantCache:
             self._inflight[key] = task
             task.add_done_callback(lambda t: self._settled(key, t))
         # Shielded: one caller giving up does not cancel the others' (or the cache's) work.
-        return await asyncio.shield(task)
+        made = await asyncio.shield(task)
+        self.memory.put(ref.sha256, made)
+        return self._as_seen(made, ref)
+
+    def _as_seen(self, variant: Variant, ref: ArtifactRef) -> Variant:
+        """``variant`` (made for these bytes under any name) as a variant of ``ref``."""
+        if variant.source == ref.name:
+            return variant
+        rel = self._store.relative_path(ref.name)
+        url = f"{self._url_prefix}/{variant.spec}/{rel}"
+        return replace(variant, source=ref.name, url=url)
 
     def _settled(self, key: str, task: asyncio.Task[Variant]) -> None:
         if self._inflight.get(key) is task:
@@ -142,7 +248,14 @@ class VariantCache:
         """The URL path of variant ``spec`` of ``name`` (INVALID_ARGUMENT for a bad name)."""
         return f"{self._url_prefix}/{spec.canonical}/{self._store.relative_path(name)}"
 
-    def _variant(self, ref: ArtifactRef, spec: VariantSpec, image: Path, meta: _Meta) -> Variant:
+    def _variant(
+        self,
+        ref: ArtifactRef,
+        spec: VariantSpec,
+        image: Path,
+        meta: _Meta,
+        data: bytes | None = None,
+    ) -> Variant:
         rel = self._store.relative_path(ref.name)
         return Variant(
             path=image,
@@ -154,6 +267,7 @@ class VariantCache:
             spec=spec.canonical,
             url=f"{self._url_prefix}/{spec.canonical}/{rel}",
             source=ref.name,
+            data=data if data is not None and len(data) <= self.memory.max_item_bytes else None,
         )
 
     def _load(self, ref: ArtifactRef, spec: VariantSpec, image: Path) -> Variant | None:
@@ -168,7 +282,12 @@ class VariantCache:
             )
             if image.stat().st_size != meta["size"]:
                 return None  # sidecar of another render: make it again
-            return self._variant(ref, spec, image, meta)
+            if meta["size"] > self.memory.max_item_bytes:
+                return self._variant(ref, spec, image, meta)
+            data = image.read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta["etag"]:
+                return None  # torn by a crash (files are not fsynced): make it again
+            return self._variant(ref, spec, image, meta, data)
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -176,27 +295,31 @@ class VariantCache:
         self, ref: ArtifactRef, spec: VariantSpec, output: formats.OutputFormat, image: Path
     ) -> Variant:
         async with self._slots:
-            # A request that missed the cache just before the last render finished lands here.
-            hit = await asyncio.to_thread(self._load, ref, spec, image)
+            # A request that missed the cache just before the last render finished lands here:
+            # memory has that render, without a thread hop to the disk. (A variant too large
+            # for memory is rendered again in that race: the same bytes, only work lost.)
+            hit = self.memory.get(ref.sha256, spec.canonical)
             if hit is not None:
                 return hit
             self.computations += 1
             try:
                 async with self._store.source_file(ref.name) as source:
                     if self._pool is not None:
-                        meta = await self._pool.run(self._render, source, spec, output, image)
+                        meta, data = await self._pool.run(self._render, source, spec, output, image)
                     else:
-                        meta = await asyncio.to_thread(self._render, source, spec, output, image)
+                        meta, data = await asyncio.to_thread(
+                            self._render, source, spec, output, image
+                        )
             except ServiceError as exc:
                 if exc.kind is ErrorKind.NOT_FOUND:  # deleted by retention meanwhile
                     raise artifact_not_found(ref.name) from exc
                 raise
         logger.debug("variant %s of %s rendered", spec.canonical, ref.name)
-        return self._variant(ref, spec, image, meta)
+        return self._variant(ref, spec, image, meta, data)
 
     def _render(
         self, source: Path, spec: VariantSpec, output: formats.OutputFormat, image: Path
-    ) -> _Meta:
+    ) -> tuple[_Meta, bytes]:
         encoded = transforms.resize(
             source,
             width=spec.width,
@@ -222,8 +345,11 @@ class VariantCache:
             image.unlink(missing_ok=True)
             image.with_suffix(".json").unlink(missing_ok=True)
             raise ServiceError(ErrorKind.NOT_FOUND, "ARTIFACT_NOT_FOUND", "source deleted")
-        return meta
+        return meta, encoded.data
 
     async def close(self) -> None:
         """Wait for renders in progress (threads cannot be interrupted)."""
+        for task in list(self._prerenders):
+            task.cancel()
+        await asyncio.gather(*self._prerenders, return_exceptions=True)
         await asyncio.gather(*self._inflight.values(), return_exceptions=True)

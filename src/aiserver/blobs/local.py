@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,50 @@ from aiserver.blobs.protocol import DEFAULT_CHUNK_SIZE
 
 __all__ = ["LocalBlobStore"]
 
+_INLINE_READ = 64 * 1024
+"""A read this small is done on the event loop: quicker than a thread hop."""
+
 logger = logging.getLogger(__name__)
+
+
+class _DirSyncs:
+    """Directory fsyncs shared by concurrent writers (group commit): a caller returns once a
+    sync of its directory that began after its call has finished, so one sync covers every
+    rename made while the previous one ran (puts of one day share one folder)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._started: dict[Path, int] = {}  # syncs begun, per directory
+        self._done: dict[Path, int] = {}  # syncs finished
+        self._running: set[Path] = set()
+
+    def sync(self, folder: Path) -> None:
+        with self._lock:
+            # A sync running now may have begun before our rename: we need the next one.
+            needed = self._started.get(folder, 0) + 1
+            while True:
+                if self._done.get(folder, 0) >= needed:
+                    return
+                if folder not in self._running:
+                    break
+                self._changed.wait()
+            self._running.add(folder)
+            self._started[folder] = started = self._started.get(folder, 0) + 1
+        synced = False
+        try:
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            synced = True
+        finally:
+            with self._lock:
+                self._running.discard(folder)
+                if synced:  # else a waiter starts its own
+                    self._done[folder] = max(self._done.get(folder, 0), started)
+                self._changed.notify_all()
 
 
 class LocalBlobStore:
@@ -25,6 +69,7 @@ class LocalBlobStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._real_root = root.resolve(strict=True)
+        self._dir_syncs = _DirSyncs()
         self._tmp = root / ".tmp"
         self._tmp.mkdir(exist_ok=True)
         for stale in self._tmp.iterdir():
@@ -58,11 +103,7 @@ class LocalBlobStore:
         finally:
             tmp.unlink(missing_ok=True)
         # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        self._dir_syncs.sync(path.parent)
 
     async def put(self, key: str, data: bytes) -> None:
         await asyncio.to_thread(self._write_if_missing, key, data)
@@ -87,18 +128,39 @@ class LocalBlobStore:
             fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
             raise FileNotFoundError(key) from exc
+        loop = asyncio.get_running_loop()
+        ahead: asyncio.Future[bytes] | None = None
         try:
             size = os.fstat(fd).st_size
             remaining = max(0, size - offset) if length is None else min(length, size - offset)
-            while remaining > 0:
-                chunk = await asyncio.to_thread(os.pread, fd, min(chunk_size, remaining), offset)
+            if remaining <= _INLINE_READ:  # cheaper than a thread hop
+                while remaining > 0 and (chunk := os.pread(fd, min(chunk_size, remaining), offset)):
+                    offset += len(chunk)
+                    remaining -= len(chunk)
+                    yield chunk
+                return
+            if remaining > 0:
+                ahead = loop.run_in_executor(None, os.pread, fd, min(chunk_size, remaining), offset)
+            while ahead is not None:
+                # Shielded: a cancelled reader leaves the read to finish (see finally).
+                chunk = await asyncio.shield(ahead)
+                ahead = None
                 if not chunk:
                     break  # truncated under us: stop rather than spin
                 offset += len(chunk)
                 remaining -= len(chunk)
+                if remaining > 0:  # read the next chunk while the caller sends this one
+                    ahead = loop.run_in_executor(
+                        None, os.pread, fd, min(chunk_size, remaining), offset
+                    )
                 yield chunk
         finally:
-            os.close(fd)
+            if ahead is not None and not ahead.done():
+                # A read still runs in its thread: the descriptor goes when it is done, so
+                # that it cannot be reused under that read.
+                ahead.add_done_callback(lambda _: os.close(fd))
+            else:
+                os.close(fd)
 
     async def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from imagetasks.v1 import (
@@ -60,28 +60,14 @@ def open_channel(
 
 
 def stubs_on(channel: grpc.aio.Channel) -> Stubs:
-    # The stubs' constructors are overloaded on the channel's kind; grpc ships no
-    # types here, so the checker is told which kind this is.
+    # The generated stubs are typed per channel kind (types-grpcio): an aio channel gives
+    # the ``*AsyncStub`` types.
     return Stubs(
-        cast(
-            "generation_service_pb2_grpc.GenerationServiceAsyncStub",
-            generation_service_pb2_grpc.GenerationServiceStub(channel),
-        ),
-        cast(
-            "transform_service_pb2_grpc.TransformServiceAsyncStub",
-            transform_service_pb2_grpc.TransformServiceStub(channel),
-        ),
-        cast(
-            "job_service_pb2_grpc.JobServiceAsyncStub", job_service_pb2_grpc.JobServiceStub(channel)
-        ),
-        cast(
-            "artifact_service_pb2_grpc.ArtifactServiceAsyncStub",
-            artifact_service_pb2_grpc.ArtifactServiceStub(channel),
-        ),
-        cast(
-            "workflow_service_pb2_grpc.WorkflowServiceAsyncStub",
-            workflow_service_pb2_grpc.WorkflowServiceStub(channel),
-        ),
+        generation_service_pb2_grpc.GenerationServiceStub(channel),
+        transform_service_pb2_grpc.TransformServiceStub(channel),
+        job_service_pb2_grpc.JobServiceStub(channel),
+        artifact_service_pb2_grpc.ArtifactServiceStub(channel),
+        workflow_service_pb2_grpc.WorkflowServiceStub(channel),
     )
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -137,7 +137,10 @@ class ClientError(Exception):
         details = err.details() if hasattr(err, "details") else str(err)
         trailers: dict[str, Any] = {}
         if hasattr(err, "trailing_metadata"):
-            trailers = dict(err.trailing_metadata() or ())
+            # types-grpcio types the items as objects with .key/.value; both the sync and the
+            # aio calls hand out (key, value) pairs.
+            pairs = cast("Iterable[tuple[str, Any]]", err.trailing_metadata() or ())
+            trailers = dict(pairs)
         request_id = str(trailers.get("x-request-id", ""))
         raw = trailers.get(_STATUS_DETAILS_KEY)
         if isinstance(raw, bytes):

@@ -22,7 +22,7 @@ from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aiserver.gateway.backend import Backend, GatewaySettings, request_id
+from aiserver.gateway.backend import Backend, GatewaySettings, LocalCalls, request_id
 from aiserver.gateway.compat import Compat, CompatTask
 from aiserver.gateway.connections import GatewaySite
 from aiserver.gateway.console import add_console_routes
@@ -315,9 +315,6 @@ class _V1:
         )
 
 
-TASKS_RUN_WORKFLOW = "runworkflow"
-
-
 def build_app(
     backend: Backend,
     files: Sequence[descriptor.FileDescriptor] | None = None,
@@ -336,7 +333,7 @@ def build_app(
     workflows = WorkflowRoutes(backend, compat)
 
     async def openapi(request: web.Request) -> web.Response:
-        if TASKS_RUN_WORKFLOW not in compat.tasks:
+        if compat.workflow is None:
             return web.Response(text=openapi_body, content_type="application/json")
         fresh = await workflows.openapi(request, document)  # follows the workflows folder
         return web.Response(
@@ -367,7 +364,7 @@ def build_app(
     if metrics is not None:
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/jobs/{id}/events", compat.events)
-    if TASKS_RUN_WORKFLOW in compat.tasks:
+    if compat.workflow is not None:
         app.router.add_post("/api/workflows/{workflow}", workflows.run)
     for prefix in ("/api", "/json/reply"):
         app.router.add_route("*", prefix + "/{name}", compat.dispatch)
@@ -402,7 +399,8 @@ class Gateway:
     ``await start()`` binds and returns the port (``port=0`` picks a free one); ``await
     stop()`` stops accepting, cancels open watch streams, gives other requests
     ``settings.shutdown_grace_s`` to finish and closes the channel (unless it was given).
-    Runs in the caller's event loop; installs no signal handlers.
+    Runs in the caller's event loop; installs no signal handlers. ``local_calls``: given by
+    the service the gateway runs in, the methods it serves in process (warm variants).
     """
 
     def __init__(
@@ -415,8 +413,10 @@ class Gateway:
         credentials: grpc.ChannelCredentials | None = None,
         channel: Any = None,
         metrics: MetricsHandler | None = None,
+        local_calls: LocalCalls | None = None,
     ) -> None:
         self.target = target
+        self._local_calls = local_calls
         self.host = host
         self.port = port
         self.settings = settings or GatewaySettings()
@@ -454,7 +454,7 @@ class Gateway:
             raise RuntimeError("the gateway is already started")
         logging.getLogger("aiohttp.server").addFilter(_PARSER_FILTER)  # once: filters are a set
         self._channel = self._given_channel or self._open_channel()
-        self.backend = Backend(self._channel, self.settings)
+        self.backend = Backend(self._channel, self.settings, local=self._local_calls)
         self.app = build_app(self.backend, metrics=self._metrics)
         self.app.on_shutdown.append(self._cancel_watches)
         head_timeout = self.settings.header_timeout_s

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from google.protobuf import descriptor, descriptor_pool
@@ -18,7 +19,7 @@ from aiserver.gateway.uploads import ClientUploads, UploadLimits
 if TYPE_CHECKING:
     from aiserver.config import Settings
 
-__all__ = ["REQUEST_ID", "Backend", "GatewaySettings"]
+__all__ = ["REQUEST_ID", "Backend", "GatewaySettings", "LocalCalls"]
 
 REQUEST_ID = web.RequestKey("aiserver.gateway.request_id", str)
 """Key of the request id in an aiohttp request's mapping."""
@@ -121,15 +122,30 @@ def request_id(request: web.BaseRequest) -> str:
     return rid
 
 
+class LocalCalls(Protocol):
+    """Server-streaming methods the in-process service serves without the network, through
+    its own interceptor and handlers (``aiserver.api.local_calls``)."""
+
+    def unary_stream(
+        self,
+        path: str,
+        request_serializer: Callable[[Any], bytes],
+        response_deserializer: Callable[[bytes], Any],
+    ) -> Any | None: ...
+
+
 class Backend:
-    """Generic calls on one channel, by method descriptor."""
+    """Generic calls on one channel, by method descriptor; with ``local``, the methods it
+    serves are called in process instead (the same handlers, interceptor and messages)."""
 
     def __init__(
         self,
         channel: Any,
         settings: GatewaySettings,
         pool: descriptor_pool.DescriptorPool | None = None,
+        local: LocalCalls | None = None,
     ) -> None:
+        self.local = local
         self.channel = channel
         self.settings = settings
         self.limits = settings.upload_limits
@@ -151,6 +167,11 @@ class Backend:
         path = f"/{method.containing_service.full_name}/{method.name}"
         req_cls = message_class(method.input_type)
         resp_cls = message_class(method.output_type)
+        if self.local is not None and method.server_streaming and not method.client_streaming:
+            made = self.local.unary_stream(path, req_cls.SerializeToString, resp_cls.FromString)
+            if made is not None:
+                self._callables[method.full_name] = made
+                return made
         factory = {
             (False, False): self.channel.unary_unary,
             (False, True): self.channel.unary_stream,

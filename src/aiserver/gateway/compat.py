@@ -30,11 +30,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -101,13 +102,12 @@ class CompatTask:
 WORKFLOW_SERVICE = "imagetasks.v1.WorkflowService"
 
 
-def compat_tasks(files: Iterable[descriptor.FileDescriptor]) -> dict[str, CompatTask]:
-    """The AI Server task routes, by lower-case name, derived from the upload RPCs."""
-    tasks: dict[str, CompatTask] = {}
+def _upload_tasks(
+    files: Iterable[descriptor.FileDescriptor],
+) -> Iterator[tuple[descriptor.ServiceDescriptor, CompatTask]]:
+    """Every upload RPC whose answer is a job's events or ``info`` + ``chunk``s."""
     for file in files:
         for service in file.services_by_name.values():
-            if service.full_name == WORKFLOW_SERVICE:
-                continue  # its parameters are a Struct: served per workflow by gateway.workflows
             for method in service.methods:
                 upload = upload_of(method) if method.client_streaming else None
                 if upload is None or not method.server_streaming:
@@ -116,11 +116,30 @@ def compat_tasks(files: Iterable[descriptor.FileDescriptor]) -> dict[str, Compat
                 generative = event_field(method.output_type) is not None
                 if not generative and not ("info" in out and "chunk" in out):
                     continue
-                tasks[method.name.lower()] = CompatTask(method.name, method, upload, generative)
-                if generative:
-                    queued = f"Queue{method.name}"
-                    tasks[queued.lower()] = CompatTask(queued, method, upload, True, queued=True)
+                yield service, CompatTask(method.name, method, upload, generative)
+
+
+def compat_tasks(files: Iterable[descriptor.FileDescriptor]) -> dict[str, CompatTask]:
+    """The AI Server task routes, by lower-case name, derived from the upload RPCs.
+    WorkflowService has none: its parameters are a Struct, which a flat form cannot carry;
+    ``gateway.workflows`` serves ``/api/workflows/{name}`` with a typed form per workflow."""
+    tasks: dict[str, CompatTask] = {}
+    for service, task in _upload_tasks(files):
+        if service.full_name == WORKFLOW_SERVICE:
+            continue
+        tasks[task.name.lower()] = task
+        if task.generative:
+            queued = f"Queue{task.name}"
+            tasks[queued.lower()] = dataclasses.replace(task, name=queued, queued=True)
     return tasks
+
+
+def workflow_task(files: Iterable[descriptor.FileDescriptor]) -> CompatTask | None:
+    """RunWorkflow as an upload task, when the contract has WorkflowService."""
+    for service, task in _upload_tasks(files):
+        if service.full_name == WORKFLOW_SERVICE:
+            return task
+    return None
 
 
 def compat_field_name(path: str) -> str:
@@ -267,7 +286,10 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 class Compat:
     def __init__(self, backend: Backend, files: Iterable[descriptor.FileDescriptor]) -> None:
         self.backend = backend
+        files = list(files)
         self.tasks = compat_tasks(files)
+        self.workflow = workflow_task(files)
+        """RunWorkflow, served per workflow by ``gateway.workflows``; None without the service."""
 
     # --- /api/{name} ----------------------------------------------------------------------
 

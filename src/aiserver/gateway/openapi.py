@@ -29,12 +29,13 @@ from aiserver.gateway.schema_rules import (
     field_rules,
     is_required,
     item_keywords,
+    pattern_keywords,
     rule_keywords,
     strip_pattern_prefix,
 )
 from aiserver.gateway.streams import NDJSON, SSE, event_field
 
-__all__ = ["build_openapi"]
+__all__ = ["build_openapi", "job_option_schemas"]
 
 FD = descriptor.FieldDescriptor
 _REF = "#/components/schemas/"
@@ -50,11 +51,11 @@ _SCALARS: Mapping[int, dict[str, Any]] = {
     FD.TYPE_UINT32: {"type": "integer", "format": "int64", "minimum": 0},
     FD.TYPE_FIXED32: {"type": "integer", "format": "int64", "minimum": 0},
     # 64-bit integers are JSON strings of decimal digits, in range.
-    FD.TYPE_INT64: {"type": "string", "format": "int64", "pattern": INT64_PATTERN},
-    FD.TYPE_SINT64: {"type": "string", "format": "int64", "pattern": INT64_PATTERN},
-    FD.TYPE_SFIXED64: {"type": "string", "format": "int64", "pattern": INT64_PATTERN},
-    FD.TYPE_UINT64: {"type": "string", "format": "uint64", "pattern": UINT64_PATTERN},
-    FD.TYPE_FIXED64: {"type": "string", "format": "uint64", "pattern": UINT64_PATTERN},
+    FD.TYPE_INT64: {"type": "string", "format": "int64", **pattern_keywords(INT64_PATTERN)},
+    FD.TYPE_SINT64: {"type": "string", "format": "int64", **pattern_keywords(INT64_PATTERN)},
+    FD.TYPE_SFIXED64: {"type": "string", "format": "int64", **pattern_keywords(INT64_PATTERN)},
+    FD.TYPE_UINT64: {"type": "string", "format": "uint64", **pattern_keywords(UINT64_PATTERN)},
+    FD.TYPE_FIXED64: {"type": "string", "format": "uint64", **pattern_keywords(UINT64_PATTERN)},
     FD.TYPE_BOOL: {"type": "boolean"},
     FD.TYPE_STRING: {"type": "string"},
     FD.TYPE_BYTES: {"type": "string", "format": "byte"},
@@ -165,7 +166,9 @@ def _path_schema(name: str, route: Route | None) -> dict[str, Any]:
     if rules is None or bound is None or not rules.string.HasField("pattern"):
         return {"type": "string"}
     pattern = strip_pattern_prefix(rules.string.pattern, bound.group(1))
-    return {"type": "string"} if pattern is None else {"type": "string", "pattern": pattern}
+    return (
+        {"type": "string"} if pattern is None else {"type": "string", **pattern_keywords(pattern)}
+    )
 
 
 def _query_parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
@@ -218,6 +221,17 @@ def _form_schema(
         "additionalProperties": False,
         "description": "Text fields first, then the files: the form is read as a stream.",
     }
+
+
+# The job options a form takes beside a task's or a workflow's own parameters.
+JOB_OPTIONS = ("RefId", "Tag", "ReplyTo", "OutputFormat", "Quality")
+
+
+def job_option_schemas(task: CompatTask) -> dict[str, Any]:
+    """The job option fields of ``task``'s form (RefId...), with their contract limits: a
+    workflow's form takes them as RunWorkflow's params do."""
+    props = _form_schema(task.upload.params, _Schemas(), pascal=True, files=())["properties"]
+    return {name: props[name] for name in JOB_OPTIONS if name in props}
 
 
 def _files_of(method: descriptor.MethodDescriptor) -> list[str]:
@@ -338,7 +352,9 @@ def _bound(f: FD, prefix: str) -> dict[str, Any]:
     (the job id of ``jobs/{id}``, the path of ``artifacts/{path}``)."""
     rules = field_rules(f)
     pattern = strip_pattern_prefix(rules.string.pattern, prefix) if rules is not None else None
-    return {"type": "string"} if pattern is None else {"type": "string", "pattern": pattern}
+    return (
+        {"type": "string"} if pattern is None else {"type": "string", **pattern_keywords(pattern)}
+    )
 
 
 def _compat_paths(tasks: Mapping[str, CompatTask], schemas: _Schemas) -> dict[str, Any]:

@@ -23,6 +23,7 @@ __all__ = [
     "field_rules",
     "is_required",
     "item_keywords",
+    "pattern_keywords",
     "rule_keywords",
     "strip_pattern_prefix",
 ]
@@ -92,20 +93,39 @@ def _keywords(rules: validate_pb2.FieldRules) -> dict[str, Any]:
     return {}  # enums: the schema lists the defined values already
 
 
+# Python's `$` also matches before a final newline; ECMA's and RE2's (the server's) only at
+# the very end. Readers of the document are often Python (hypothesis, schemathesis, jsonschema
+# validators), so an end-anchored pattern also forbids a final newline, as a pattern that means
+# the same in all three (`\z` is not ECMA, lookarounds are not RE2).
+_FINAL_NEWLINE = "\\n$"
+
+
+def _ends_anchored(pattern: str) -> bool:
+    return pattern.endswith("$") and not pattern.endswith("\\$")
+
+
+def pattern_keywords(pattern: str, banned: str = "") -> dict[str, Any]:
+    """``pattern`` as JSON Schema keywords that mean for Python what it means for ECMA and
+    RE2; ``banned``: a pattern of what the string may not contain."""
+    out: dict[str, Any] = {"pattern": pattern} if pattern else {}
+    not_ = [p for p in (banned, _FINAL_NEWLINE if _ends_anchored(pattern) else "") if p]
+    if not_:
+        out["not"] = {"pattern": "|".join(not_)}
+    return out
+
+
 def _string(s: validate_pb2.StringRules) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if s.HasField("min_len"):
         out["minLength"] = s.min_len
     if s.HasField("max_len"):
         out["maxLength"] = s.max_len
-    if s.HasField("pattern"):
-        out["pattern"] = s.pattern
+    banned = ""
     if s.HasField("not_contains"):
-        escaped = "".join(
+        banned = "".join(
             re.escape(c) if c.isprintable() else f"\\u{ord(c):04x}" for c in s.not_contains
         )
-        out["not"] = {"pattern": escaped}
-    return out
+    return out | pattern_keywords(s.pattern if s.HasField("pattern") else "", banned)
 
 
 def _numeric(n: Any) -> dict[str, Any]:
@@ -146,9 +166,8 @@ NON_NEGATIVE_INT64_PATTERN = f"^0*{decimal_at_most(2**63 - 1)}$"
 
 def _long(n: Any) -> dict[str, Any]:
     low = n.gte if n.HasField("gte") else (n.gt + 1 if n.HasField("gt") else None)
-    return {
-        "pattern": NON_NEGATIVE_INT64_PATTERN if low is not None and low >= 0 else INT64_PATTERN
-    }
+    non_negative = low is not None and low >= 0
+    return pattern_keywords(NON_NEGATIVE_INT64_PATTERN if non_negative else INT64_PATTERN)
 
 
 def strip_pattern_prefix(pattern: str, prefix: str) -> str | None:

@@ -28,6 +28,7 @@ from aiserver.gateway.backend import Backend
 from aiserver.gateway.compat import Compat, _Params, compat_field_name
 from aiserver.gateway.errors import GatewayError, from_rpc_error
 from aiserver.gateway.fields import field_key
+from aiserver.gateway.openapi import job_option_schemas
 from aiserver.gateway.routes import message_class
 from aiserver.gateway.uploads import chunk_factory, send_multipart, write
 
@@ -52,6 +53,7 @@ class WorkflowRoutes:
     def __init__(self, backend: Backend, compat: Compat) -> None:
         self._backend = backend
         self._compat = compat
+        self._options = job_option_schemas(compat.workflow) if compat.workflow else {}
 
     async def run(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["workflow"]
@@ -67,7 +69,8 @@ class WorkflowRoutes:
         )
         declared = {field_key(p.name): p for p in described.workflow.parameters}
         backend = self._backend
-        task = self._compat.tasks["runworkflow"]
+        task = self._compat.workflow
+        assert task is not None, "routed only when the contract has WorkflowService"
         method = task.method
         request_cls = message_class(method.input_type)
         metadata = backend.metadata(request)
@@ -116,7 +119,7 @@ class WorkflowRoutes:
             return document
         fresh = copy.copy(document)
         fresh["paths"] = dict(
-            sorted({**document["paths"], **workflow_paths(listed.workflows)}.items())
+            sorted({**document["paths"], **workflow_paths(listed.workflows, self._options)}.items())
         )
         return fresh
 
@@ -166,7 +169,7 @@ def workflow_paths(
             if p.max_length:
                 schema["maxLength"] = p.max_length
             if p.type == wpb.PARAMETER_TYPE_STRING:
-                schema["pattern"] = "^[^\\x00]*$"  # no NUL character
+                schema["not"] = {"pattern": "\\u0000"}  # no NUL character
             if p.choices:
                 schema["enum"] = [_plain(c) for c in p.choices]
             if p.HasField("default_value"):
@@ -179,7 +182,9 @@ def workflow_paths(
             if i.required:
                 required.append(i.name)
         props["Sync"] = {"type": "boolean", "description": "wait for the job and its outputs"}
-        props.update(options or {})
+        # A parameter named like an option is the workflow's (as POST takes it).
+        taken = {field_key(n) for n in props}
+        props.update((k, v) for k, v in (options or {}).items() if field_key(k) not in taken)
         form: dict[str, Any] = {
             "type": "object",
             "properties": props,

@@ -84,11 +84,13 @@ function inputsView(job) {
 
 function summary(job) {
   const rows = [
-    ["State", stateLabel(job.state)], ["Task", jobLabel(job)], ["Owner", job.owner || "-"],
+    ["State", stateLabel(job.state)], ["Task", jobLabel(job)],
+    // A workflow job keeps the version it was accepted with, whatever the folder says now.
+    job.workflow ? ["Version", job.workflow.version || ""] : null, ["Owner", job.owner || "-"],
     ["Ref id", job.refId], ["Tag", job.tag || ""], ["Agent", job.agent || job.provider || ""],
     ["Attempts", job.attempts || 0], ["Created", job.createTime ? new Date(job.createTime).toLocaleString() : ""], ["Duration", duration(job)],
   ];
-  return el("dl", { class: "summary" }, rows.map(([k, v]) => [el("dt", { text: k }), el("dd", { text: String(v) })]));
+  return el("dl", { class: "summary" }, rows.filter(Boolean).map(([k, v]) => [el("dt", { text: k }), el("dd", { text: String(v) })]));
 }
 
 function timelineItem(name, event) {

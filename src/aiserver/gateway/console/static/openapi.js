@@ -1,10 +1,11 @@
-// The service's own description of itself, fetched once: forms and filters are built from it.
+// The service's own description of itself: forms and filters are built from it. Fetched once,
+// or again when `fresh` (its workflow operations follow the server's workflows folder).
 import { getJson } from "./api.js";
 
 let document_ = null;
 
-export async function openapi(signal) {
-  if (!document_) document_ = await getJson("/openapi.json", signal);
+export async function openapi(signal, { fresh = false } = {}) {
+  if (!document_ || fresh) document_ = await getJson("/openapi.json", signal);
   return document_;
 }
 

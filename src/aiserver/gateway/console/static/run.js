@@ -7,24 +7,26 @@ import { FINAL, el, progressBar, short, stateLabel, toast } from "./ui.js";
 
 // How the answer comes back is the console's business: it always queues, then watches.
 const HIDDEN = new Set(["Sync", "Mode", "Delivery"]);
-let operations = null;
 
-// [{key, path, summary, schema}] of POST operations that take multipart forms.
+// [{key, path, summary, schema, workflow}] of POST operations that take multipart forms, read
+// afresh on each visit: a workflow added to the server's folder appears without a restart.
 async function loadOperations(signal) {
-  if (operations) return operations;
-  const doc = await openapi(signal);
+  const doc = await openapi(signal, { fresh: true });
   const ops = [];
   for (const [path, item] of Object.entries(doc.paths || {})) {
     const form = item.post?.requestBody?.content?.["multipart/form-data"]?.schema;
     if (!form || /\/Queue[A-Z]/.test(path) || path.startsWith("/json/")) continue;
     const schema = form.$ref ? resolve(doc, form.$ref) : form;
-    ops.push({ key: path.split("/").pop(), path, id: item.post.operationId || "", summary: item.post.summary || "", schema });
+    // A free-form object (RunWorkflow's parameters) cannot come from form fields: each
+    // workflow has its own typed operation instead.
+    if (Object.values(schema.properties || {}).some((p) => p.type === "object")) continue;
+    ops.push({ key: path.split("/").pop(), path, id: item.post.operationId || "", summary: item.post.summary || "",
+      schema, workflow: path.startsWith("/api/workflows/") });
   }
   // A gRPC method reachable both as AI Server's /api/{Task} and as its /v1 route: one form.
   const named = ops.filter((o) => o.path.startsWith("/api/")).map((o) => o.summary).join(" ");
-  operations = ops.filter((o) => o.path.startsWith("/api/") || !o.id.includes("_")
+  return ops.filter((o) => o.path.startsWith("/api/") || !o.id.includes("_")
     || !named.includes(`.${o.id.replace("_", ".")})`));
-  return operations;
 }
 
 function resolve(doc, ref) {
@@ -57,7 +59,7 @@ function dropZone(name, required) {
   return el("div", { class: "field" }, el("label", { for: `f-${name}`, text: name + (required ? " *" : "") }), zone);
 }
 
-function input(name, prop, value) {
+function input(name, prop, value, required) {
   const id = `f-${name}`;
   // An exclusive zero minimum arrives as the smallest float: say what it means.
   const low = prop.minimum > 0 && prop.minimum < 1e-6 ? "more than 0" : `min ${prop.minimum}`;
@@ -76,19 +78,20 @@ function input(name, prop, value) {
       step: prop.type === "number" && !/int/.test(prop.format || "") ? "any" : "1",
       min: prop.minimum, max: prop.maximum, value: initial });
   } else if (/prompt/i.test(name)) {
-    control = el("textarea", { id, name, rows: "3" });
+    control = el("textarea", { id, name, rows: "3", required });
     if (initial !== undefined) control.value = initial;
   } else {
-    control = el("input", { id, name, value: initial, maxlength: prop.maxLength });
+    control = el("input", { id, name, value: initial, maxlength: prop.maxLength, required });
   }
-  return el("div", { class: "field" }, el("label", { for: id, text: name }), control,
+  return el("div", { class: "field" }, el("label", { for: id, text: name + (required ? " *" : "") }), control,
     hint || prop.description ? el("small", { text: [hint, prop.description].filter(Boolean).join(" · ") }) : null);
 }
 
 // The parameters of an earlier job, flattened to the form's PascalCase names ("run again").
 async function earlierValues(jobId, signal) {
   const { job } = await getJson(`/v1/jobs/${encodeURIComponent(jobId)}`, signal);
-  if (job.workflow) return { ...(job.workflow.parameters || {}) }; // named as the form names them
+  // A workflow's parameters are named as its form names them; its options are the job's.
+  if (job.workflow) return { ...(job.workflow.parameters || {}), ...(job.tag ? { Tag: job.tag } : {}) };
   const params = job.imageToImage || job.imageWithMask || job.imageUpscale || job.imageToText || {};
   const values = {};
   const put = (k, v) => { values[k[0].toUpperCase() + k.slice(1)] = v; };
@@ -103,11 +106,12 @@ async function earlierValues(jobId, signal) {
 export async function runPage(main, key, params, signal) {
   const ops = await loadOperations(signal);
   const nav = el("nav", { class: "tabs", "aria-label": "Tasks" },
-    ops.map((op) => el("a", { href: `#/run/${op.key}`, "aria-current": op.key === key ? "page" : null, text: op.key })));
+    ops.map((op) => el("a", { href: `#/run/${op.key}`, "aria-current": op.key === key ? "page" : null, text: op.key,
+      class: op.workflow ? "workflow" : null, title: op.workflow ? `workflow: ${op.summary}` : null })));
   main.append(el("h1", { text: "Run" }), nav);
   const op = ops.find((o) => o.key === key);
   if (!op) {
-    main.append(el("p", { text: "Choose a task." }));
+    main.append(el("p", { text: "Choose a task or a workflow." }));
     return;
   }
   const values = params.get("from") ? await earlierValues(params.get("from"), signal) : {};
@@ -120,7 +124,7 @@ export async function runPage(main, key, params, signal) {
     el("p", { class: "muted", text: op.summary }),
     params.get("from") ? el("p", { class: "muted", text: `Parameters of job ${params.get("from")}; choose the image again.` }) : null,
     files.map(([name]) => dropZone(name, required.has(name))),
-    el("div", { class: "grid" }, fields.map(([name, prop]) => input(name, prop, values[name]))),
+    el("div", { class: "grid" }, fields.map(([name, prop]) => input(name, prop, values[name], required.has(name)))),
     el("div", { class: "actions" }, el("button", { type: "submit", id: "run-submit", text: `Run ${op.key}` })));
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
@@ -129,6 +133,7 @@ export async function runPage(main, key, params, signal) {
       const control = form.elements[name];
       if (prop.type === "boolean") {
         if (control.checked) data.append(name, "true");
+        else if (prop.default === true) data.append(name, "false"); // unset would mean true
       } else if (control.value !== "") data.append(name, control.value);
     }
     for (const [name] of files) {

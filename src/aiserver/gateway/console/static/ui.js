@@ -30,6 +30,7 @@ const TASKS = {
   TASK_IMAGE_WITH_MASK: "ImageWithMask",
   TASK_IMAGE_UPSCALE: "ImageUpscale",
   TASK_IMAGE_TO_TEXT: "ImageToText",
+  TASK_WORKFLOW: "Workflow",
 };
 export const taskLabel = (task) => TASKS[task] || (task || "").replace(/^TASK_/, "").toLowerCase();
 

@@ -1,0 +1,87 @@
+"""The upload writer: a thread per file hashes and writes what the event loop hands over."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiserver.errors import ServiceError
+from aiserver.spool import InputSpool, UploadBudget
+
+
+async def test_a_large_upload_is_written_and_hashed_whole(tmp_path: Path) -> None:
+    spool = InputSpool(tmp_path)
+    data = os.urandom(20 * 1024 * 1024 + 17)  # past the inline size and the queue bound
+    writer = spool.open("image", "big.bin", UploadBudget(1 << 30))
+    for start in range(0, len(data), 1 << 20):
+        await writer.write(data[start : start + (1 << 20)])
+    done = await writer.finish()
+    assert done.size == len(data) and done.sha256 == hashlib.sha256(data).hexdigest()
+    assert done.path.read_bytes() == data
+    committed = spool.commit(done)
+    assert committed.path == spool.path_for(done.sha256) and committed.path.read_bytes() == data
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+async def test_a_small_upload_needs_no_thread(tmp_path: Path) -> None:
+    spool = InputSpool(tmp_path)
+    writer = spool.open("image", "small.png", UploadBudget(1 << 20))
+    await writer.write(b"abc")
+    await writer.write(b"def")
+    done = await writer.finish()
+    assert writer._thread is None
+    assert done.path.read_bytes() == b"abcdef"
+    assert done.sha256 == hashlib.sha256(b"abcdef").hexdigest()
+
+
+async def test_an_unhashed_upload_cannot_be_committed(tmp_path: Path) -> None:
+    spool = InputSpool(tmp_path)
+    writer = spool.open("image", "a.png", UploadBudget(1 << 30), hashed=False)
+    await writer.write(os.urandom(1 << 20))
+    done = await writer.finish()
+    assert done.sha256 == "" and done.size == 1 << 20
+    with pytest.raises(ValueError):
+        spool.commit(done)
+
+
+async def test_an_oversize_upload_is_refused_on_the_chunk_that_passes_the_limit(
+    tmp_path: Path,
+) -> None:
+    spool = InputSpool(tmp_path)
+    writer = spool.open("image", "a.png", UploadBudget(3 << 20))
+    for _ in range(3):
+        await writer.write(os.urandom(1 << 20))  # the thread runs from the third one
+    assert writer._thread is not None
+    with pytest.raises(ServiceError) as exc:
+        await writer.write(b"x")
+    assert exc.value.reason == "UPLOAD_TOO_LARGE"
+    writer.discard()
+    assert list(spool.tmp_dir.iterdir()) == []
+    writer._thread.join(5)
+    assert not writer._thread.is_alive()
+
+
+async def test_an_upload_abandoned_mid_stream_leaves_no_file(tmp_path: Path) -> None:
+    spool = InputSpool(tmp_path)
+    writer = spool.open("image", "a.png", UploadBudget(1 << 30))
+    blocked = asyncio.create_task(_write_forever(writer))
+    while writer._thread is None or writer._room is None:  # the queue is full: it waits
+        await asyncio.sleep(0.001)
+    blocked.cancel()  # what a client abort does to the reading handler
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    writer.discard()
+    assert list(spool.tmp_dir.iterdir()) == []
+    writer._thread.join(5)
+    assert not writer._thread.is_alive()
+
+
+async def _write_forever(writer: Any) -> None:
+    chunk = os.urandom(1 << 20)
+    while True:
+        await writer.write(chunk)
