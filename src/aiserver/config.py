@@ -79,7 +79,8 @@ class Settings:
     agents: tuple[AgentSettings, ...] = field(default_factory=tuple)
     """ComfyUI agents. Env: ``AISERVER_AGENTS`` as comma-separated URLs or a JSON list."""
     agent_probe_interval_s: float = 10.0
-    """How often an online ComfyUI agent is probed (offline ones back off from 1 s to 60 s)."""
+    """How often an online ComfyUI agent is probed; offline ones back off from 1 s up to this
+    (never longer: an agent that is back is noticed within it)."""
     agent_outputs_over_websocket: bool = True
     """Take output images from the websocket (``SaveImageWebsocket``) on agents that have it:
     nothing is left in the agent's ``output/`` and no ``/view`` follows each job."""

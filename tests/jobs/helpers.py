@@ -127,6 +127,9 @@ class ScriptedProvider:
     def can_run(self, task: TaskKind, spec: TaskSpec) -> bool:
         return self.online and task in self.tasks
 
+    def unavailable_reason(self, task: TaskKind, spec: TaskSpec) -> str:
+        return "" if self.can_run(task, spec) else f"{self._name} is offline"
+
     def load(self) -> int:
         return self.active
 

@@ -55,14 +55,23 @@ async def test_submit_runs_and_streams_every_event_in_order(env: Env) -> None:
     provider.online = True  # picked up by the periodic recheck
     events = [accepted, *await collect(sub)]
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))  # gap-free
-    assert [type(e.kind) for e in events] == [Accepted, Progress, Progress, OutputStored, Finished]
-    assert events[1].kind == Progress(Stage.PENDING, provider="p1")
-    assert events[2].kind == Progress(Stage.RUNNING, 0.5, step=1, max_steps=2, provider="p1")
+    assert [type(e.kind) for e in events] == [
+        Accepted,
+        Progress,
+        Progress,
+        Progress,
+        OutputStored,
+        Finished,
+    ]
+    # While no provider could take it, watchers were told why.
+    assert events[1].kind == Progress(Stage.QUEUED, queue_position=1, waiting="p1 is offline")
+    assert events[2].kind == Progress(Stage.PENDING, provider="p1")
+    assert events[3].kind == Progress(Stage.RUNNING, 0.5, step=1, max_steps=2, provider="p1")
     final = events[-1].kind
     assert isinstance(final, Finished)
     assert final.job.state is JobState.SUCCEEDED and final.job.attempts == 1
-    assert isinstance(events[3].kind, OutputStored)
-    assert final.job.outputs == [events[3].kind.artifact]
+    assert isinstance(events[4].kind, OutputStored)
+    assert final.job.outputs == [events[4].kind.artifact]
     assert final.job.progress == 1.0 and final.job.provider == "p1"
 
     stored = await manager.get(job.id, "alice")
@@ -293,7 +302,9 @@ async def test_max_attempts_then_failed_with_the_last_error(env: Env) -> None:
         ErrorKind.UNAVAILABLE,
         "PROVIDER_UNAVAILABLE",
     )
-    assert final.job.error.message == "down on attempt 3"
+    # The last error, naming the first one: the cause that started the retries.
+    assert final.job.error.message == "down on attempt 3; first failure (on a1): down on attempt 1"
+    assert final.job.error.metadata["first_failure"] == "down on attempt 1"
     assert provider.runs[-1].work.exclude == {"a1", "a2"}
 
 

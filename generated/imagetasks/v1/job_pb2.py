@@ -29,7 +29,7 @@ from imagetasks.v1 import common_pb2 as imagetasks_dot_v1_dot_common__pb2
 from imagetasks.v1 import tasks_pb2 as imagetasks_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imagetasks/v1/job.proto\x12\rimagetasks.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1aimagetasks/v1/common.proto\x1a\x19imagetasks/v1/tasks.proto\"\xc7\x08\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04task\x18\x02 \x01(\x0e\x32\x13.imagetasks.v1.Task\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.imagetasks.v1.Job.State\x12\x0e\n\x06ref_id\x18\x04 \x01(\t\x12\x0b\n\x03tag\x18\x05 \x01(\t\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\r\n\x05\x61gent\x18\x08 \x01(\t\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0equeue_position\x18\x0e \x01(\x05\x12\x10\n\x08progress\x18\x0f \x01(\x01\x12(\n\x07outputs\x18\x10 \x03(\x0b\x32\x17.imagetasks.v1.Artifact\x12/\n\x0ctext_outputs\x18\x11 \x03(\x0b\x32\x19.imagetasks.v1.TextOutput\x12!\n\x05\x65rror\x18\x12 \x01(\x0b\x32\x12.google.rpc.Status\x12\x10\n\x08reply_to\x18\x13 \x01(\t\x12/\n\x07webhook\x18\x15 \x01(\x0b\x32\x1e.imagetasks.v1.WebhookDelivery\x12(\n\x06inputs\x18\x14 \x03(\x0b\x32\x18.imagetasks.v1.InputFile\x12;\n\x0eimage_to_image\x18\x1e \x01(\x0b\x32!.imagetasks.v1.ImageToImageParamsH\x00\x12=\n\x0fimage_with_mask\x18\x1f \x01(\x0b\x32\".imagetasks.v1.ImageWithMaskParamsH\x00\x12:\n\rimage_upscale\x18  \x01(\x0b\x32!.imagetasks.v1.ImageUpscaleParamsH\x00\x12\x39\n\rimage_to_text\x18! \x01(\x0b\x32 .imagetasks.v1.ImageToTextParamsH\x00\x12\x34\n\x08workflow\x18\" \x01(\x0b\x32 .imagetasks.v1.WorkflowRunParamsH\x00\"\x7f\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\x12\x13\n\x0fSTATE_CANCELLED\x10\x05\x42\x08\n\x06params\"c\n\x11WorkflowRunParams\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x8e\x02\n\x0fWebhookDelivery\x12\x33\n\x05state\x18\x01 \x01(\x0e\x32$.imagetasks.v1.WebhookDelivery.State\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\x05\x12\x18\n\x10last_http_status\x18\x03 \x01(\x05\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTATE_DELIVERED\x10\x01\x12\x10\n\x0cSTATE_FAILED\x10\x02\x12\x11\n\rSTATE_REFUSED\x10\x03\"\x83\x01\n\tInputFile\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x11\n\tmime_type\x18\x05 \x01(\t\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\"7\n\nTextOutput\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\"\xaf\x03\n\x08JobEvent\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x61\x63\x63\x65pted\x18\n \x01(\x0b\x32\x1a.imagetasks.v1.JobAcceptedH\x00\x12.\n\x08progress\x18\x0b \x01(\x0b\x32\x1a.imagetasks.v1.JobProgressH\x00\x12,\n\x06output\x18\x0c \x01(\x0b\x32\x1a.imagetasks.v1.OutputReadyH\x00\x12\x32\n\x0coutput_chunk\x18\r \x01(\x0b\x32\x1a.imagetasks.v1.OutputChunkH\x00\x12\x30\n\x0btext_output\x18\x0e \x01(\x0b\x32\x19.imagetasks.v1.TextOutputH\x00\x12.\n\x08retrying\x18\x0f \x01(\x0b\x32\x1a.imagetasks.v1.JobRetryingH\x00\x12.\n\x08\x66inished\x18\x10 \x01(\x0b\x32\x1a.imagetasks.v1.JobFinishedH\x00\x42\x06\n\x04kind\"j\n\x0bJobAccepted\x12!\n\x04task\x18\x01 \x01(\x0e\x32\x13.imagetasks.v1.Task\x12\x0e\n\x06ref_id\x18\x02 \x01(\t\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\x12\x10\n\x08\x65xisting\x18\x04 \x01(\x08\"\xc1\x02\n\x0bJobProgress\x12/\n\x05stage\x18\x01 \x01(\x0e\x32 .imagetasks.v1.JobProgress.Stage\x12\x16\n\x0equeue_position\x18\x02 \x01(\x05\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x11\n\tnode_type\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x05\x12\x11\n\tmax_steps\x18\x06 \x01(\x05\x12\x10\n\x08\x66raction\x18\x07 \x01(\x01\x12\x10\n\x08provider\x18\x08 \x01(\t\"\x82\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_QUEUED\x10\x01\x12\x13\n\x0fSTAGE_UPLOADING\x10\x02\x12\x11\n\rSTAGE_PENDING\x10\x03\x12\x11\n\rSTAGE_RUNNING\x10\x04\x12\x15\n\x11STAGE_DOWNLOADING\x10\x05\"G\n\x0bOutputReady\x12\r\n\x05index\x18\x01 \x01(\x05\x12)\n\x08\x61rtifact\x18\x02 \x01(\x0b\x32\x17.imagetasks.v1.Artifact\"H\n\x0bOutputChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"=\n\x0bJobRetrying\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\".\n\x0bJobFinished\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.imagetasks.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imagetasks/v1/job.proto\x12\rimagetasks.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1aimagetasks/v1/common.proto\x1a\x19imagetasks/v1/tasks.proto\"\xdf\x08\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04task\x18\x02 \x01(\x0e\x32\x13.imagetasks.v1.Task\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.imagetasks.v1.Job.State\x12\x0e\n\x06ref_id\x18\x04 \x01(\t\x12\x0b\n\x03tag\x18\x05 \x01(\t\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\r\n\x05\x61gent\x18\x08 \x01(\t\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0equeue_position\x18\x0e \x01(\x05\x12\x10\n\x08progress\x18\x0f \x01(\x01\x12(\n\x07outputs\x18\x10 \x03(\x0b\x32\x17.imagetasks.v1.Artifact\x12/\n\x0ctext_outputs\x18\x11 \x03(\x0b\x32\x19.imagetasks.v1.TextOutput\x12!\n\x05\x65rror\x18\x12 \x01(\x0b\x32\x12.google.rpc.Status\x12\x10\n\x08reply_to\x18\x13 \x01(\t\x12/\n\x07webhook\x18\x15 \x01(\x0b\x32\x1e.imagetasks.v1.WebhookDelivery\x12(\n\x06inputs\x18\x14 \x03(\x0b\x32\x18.imagetasks.v1.InputFile\x12\x16\n\x0ewaiting_reason\x18\x19 \x01(\t\x12;\n\x0eimage_to_image\x18\x1e \x01(\x0b\x32!.imagetasks.v1.ImageToImageParamsH\x00\x12=\n\x0fimage_with_mask\x18\x1f \x01(\x0b\x32\".imagetasks.v1.ImageWithMaskParamsH\x00\x12:\n\rimage_upscale\x18  \x01(\x0b\x32!.imagetasks.v1.ImageUpscaleParamsH\x00\x12\x39\n\rimage_to_text\x18! \x01(\x0b\x32 .imagetasks.v1.ImageToTextParamsH\x00\x12\x34\n\x08workflow\x18\" \x01(\x0b\x32 .imagetasks.v1.WorkflowRunParamsH\x00\"\x7f\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\x12\x13\n\x0fSTATE_CANCELLED\x10\x05\x42\x08\n\x06params\"c\n\x11WorkflowRunParams\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x8e\x02\n\x0fWebhookDelivery\x12\x33\n\x05state\x18\x01 \x01(\x0e\x32$.imagetasks.v1.WebhookDelivery.State\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\x05\x12\x18\n\x10last_http_status\x18\x03 \x01(\x05\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTATE_DELIVERED\x10\x01\x12\x10\n\x0cSTATE_FAILED\x10\x02\x12\x11\n\rSTATE_REFUSED\x10\x03\"\x83\x01\n\tInputFile\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x11\n\tmime_type\x18\x05 \x01(\t\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\"7\n\nTextOutput\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\"\xaf\x03\n\x08JobEvent\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x61\x63\x63\x65pted\x18\n \x01(\x0b\x32\x1a.imagetasks.v1.JobAcceptedH\x00\x12.\n\x08progress\x18\x0b \x01(\x0b\x32\x1a.imagetasks.v1.JobProgressH\x00\x12,\n\x06output\x18\x0c \x01(\x0b\x32\x1a.imagetasks.v1.OutputReadyH\x00\x12\x32\n\x0coutput_chunk\x18\r \x01(\x0b\x32\x1a.imagetasks.v1.OutputChunkH\x00\x12\x30\n\x0btext_output\x18\x0e \x01(\x0b\x32\x19.imagetasks.v1.TextOutputH\x00\x12.\n\x08retrying\x18\x0f \x01(\x0b\x32\x1a.imagetasks.v1.JobRetryingH\x00\x12.\n\x08\x66inished\x18\x10 \x01(\x0b\x32\x1a.imagetasks.v1.JobFinishedH\x00\x42\x06\n\x04kind\"j\n\x0bJobAccepted\x12!\n\x04task\x18\x01 \x01(\x0e\x32\x13.imagetasks.v1.Task\x12\x0e\n\x06ref_id\x18\x02 \x01(\t\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\x12\x10\n\x08\x65xisting\x18\x04 \x01(\x08\"\xd9\x02\n\x0bJobProgress\x12/\n\x05stage\x18\x01 \x01(\x0e\x32 .imagetasks.v1.JobProgress.Stage\x12\x16\n\x0equeue_position\x18\x02 \x01(\x05\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x11\n\tnode_type\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x05\x12\x11\n\tmax_steps\x18\x06 \x01(\x05\x12\x10\n\x08\x66raction\x18\x07 \x01(\x01\x12\x10\n\x08provider\x18\x08 \x01(\t\x12\x16\n\x0ewaiting_reason\x18\t \x01(\t\"\x82\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_QUEUED\x10\x01\x12\x13\n\x0fSTAGE_UPLOADING\x10\x02\x12\x11\n\rSTAGE_PENDING\x10\x03\x12\x11\n\rSTAGE_RUNNING\x10\x04\x12\x15\n\x11STAGE_DOWNLOADING\x10\x05\"G\n\x0bOutputReady\x12\r\n\x05index\x18\x01 \x01(\x05\x12)\n\x08\x61rtifact\x18\x02 \x01(\x0b\x32\x17.imagetasks.v1.Artifact\"H\n\x0bOutputChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"=\n\x0bJobRetrying\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\".\n\x0bJobFinished\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.imagetasks.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,33 +37,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagetasks.v1.job_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOB']._serialized_start=186
-  _globals['_JOB']._serialized_end=1281
-  _globals['_JOB_STATE']._serialized_start=1144
-  _globals['_JOB_STATE']._serialized_end=1271
-  _globals['_WORKFLOWRUNPARAMS']._serialized_start=1283
-  _globals['_WORKFLOWRUNPARAMS']._serialized_end=1382
-  _globals['_WEBHOOKDELIVERY']._serialized_start=1385
-  _globals['_WEBHOOKDELIVERY']._serialized_end=1655
-  _globals['_WEBHOOKDELIVERY_STATE']._serialized_start=1567
-  _globals['_WEBHOOKDELIVERY_STATE']._serialized_end=1655
-  _globals['_INPUTFILE']._serialized_start=1658
-  _globals['_INPUTFILE']._serialized_end=1789
-  _globals['_TEXTOUTPUT']._serialized_start=1791
-  _globals['_TEXTOUTPUT']._serialized_end=1846
-  _globals['_JOBEVENT']._serialized_start=1849
-  _globals['_JOBEVENT']._serialized_end=2280
-  _globals['_JOBACCEPTED']._serialized_start=2282
-  _globals['_JOBACCEPTED']._serialized_end=2388
-  _globals['_JOBPROGRESS']._serialized_start=2391
-  _globals['_JOBPROGRESS']._serialized_end=2712
-  _globals['_JOBPROGRESS_STAGE']._serialized_start=2582
-  _globals['_JOBPROGRESS_STAGE']._serialized_end=2712
-  _globals['_OUTPUTREADY']._serialized_start=2714
-  _globals['_OUTPUTREADY']._serialized_end=2785
-  _globals['_OUTPUTCHUNK']._serialized_start=2787
-  _globals['_OUTPUTCHUNK']._serialized_end=2859
-  _globals['_JOBRETRYING']._serialized_start=2861
-  _globals['_JOBRETRYING']._serialized_end=2922
-  _globals['_JOBFINISHED']._serialized_start=2924
-  _globals['_JOBFINISHED']._serialized_end=2970
+  _globals['_JOB']._serialized_end=1305
+  _globals['_JOB_STATE']._serialized_start=1168
+  _globals['_JOB_STATE']._serialized_end=1295
+  _globals['_WORKFLOWRUNPARAMS']._serialized_start=1307
+  _globals['_WORKFLOWRUNPARAMS']._serialized_end=1406
+  _globals['_WEBHOOKDELIVERY']._serialized_start=1409
+  _globals['_WEBHOOKDELIVERY']._serialized_end=1679
+  _globals['_WEBHOOKDELIVERY_STATE']._serialized_start=1591
+  _globals['_WEBHOOKDELIVERY_STATE']._serialized_end=1679
+  _globals['_INPUTFILE']._serialized_start=1682
+  _globals['_INPUTFILE']._serialized_end=1813
+  _globals['_TEXTOUTPUT']._serialized_start=1815
+  _globals['_TEXTOUTPUT']._serialized_end=1870
+  _globals['_JOBEVENT']._serialized_start=1873
+  _globals['_JOBEVENT']._serialized_end=2304
+  _globals['_JOBACCEPTED']._serialized_start=2306
+  _globals['_JOBACCEPTED']._serialized_end=2412
+  _globals['_JOBPROGRESS']._serialized_start=2415
+  _globals['_JOBPROGRESS']._serialized_end=2760
+  _globals['_JOBPROGRESS_STAGE']._serialized_start=2630
+  _globals['_JOBPROGRESS_STAGE']._serialized_end=2760
+  _globals['_OUTPUTREADY']._serialized_start=2762
+  _globals['_OUTPUTREADY']._serialized_end=2833
+  _globals['_OUTPUTCHUNK']._serialized_start=2835
+  _globals['_OUTPUTCHUNK']._serialized_end=2907
+  _globals['_JOBRETRYING']._serialized_start=2909
+  _globals['_JOBRETRYING']._serialized_end=2970
+  _globals['_JOBFINISHED']._serialized_start=2972
+  _globals['_JOBFINISHED']._serialized_end=3018
 # @@protoc_insertion_point(module_scope)

@@ -76,6 +76,7 @@ class Job(_message.Message):
     REPLY_TO_FIELD_NUMBER: _builtins.int
     WEBHOOK_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
     IMAGE_TO_IMAGE_FIELD_NUMBER: _builtins.int
     IMAGE_WITH_MASK_FIELD_NUMBER: _builtins.int
     IMAGE_UPSCALE_FIELD_NUMBER: _builtins.int
@@ -101,6 +102,11 @@ class Job(_message.Message):
     progress: _builtins.float
     """Overall progress, 0..1."""
     reply_to: _builtins.str
+    waiting_reason: _builtins.str
+    """While the job is QUEUED: why no provider can take it now (e.g. `no ComfyUI agent can
+    take it now (gpu-1: offline (connection refused))`); empty when it only waits its turn,
+    and once it runs or ends.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -159,6 +165,7 @@ class Job(_message.Message):
         reply_to: _builtins.str = ...,
         webhook: Global___WebhookDelivery | None = ...,
         inputs: _abc.Iterable[Global___InputFile] | None = ...,
+        waiting_reason: _builtins.str = ...,
         image_to_image: _tasks_pb2.ImageToImageParams | None = ...,
         image_with_mask: _tasks_pb2.ImageWithMaskParams | None = ...,
         image_upscale: _tasks_pb2.ImageUpscaleParams | None = ...,
@@ -167,7 +174,7 @@ class Job(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image_to_image", b"image_to_image", "image_to_text", b"image_to_text", "image_upscale", b"image_upscale", "image_with_mask", b"image_with_mask", "params", b"params", "start_time", b"start_time", "update_time", b"update_time", "webhook", b"webhook", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image_to_image", b"image_to_image", "image_to_text", b"image_to_text", "image_upscale", b"image_upscale", "image_with_mask", b"image_with_mask", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "owner", b"owner", "params", b"params", "progress", b"progress", "provider", b"provider", "queue_position", b"queue_position", "ref_id", b"ref_id", "reply_to", b"reply_to", "start_time", b"start_time", "state", b"state", "tag", b"tag", "task", b"task", "text_outputs", b"text_outputs", "update_time", b"update_time", "webhook", b"webhook", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image_to_image", b"image_to_image", "image_to_text", b"image_to_text", "image_upscale", b"image_upscale", "image_with_mask", b"image_with_mask", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "owner", b"owner", "params", b"params", "progress", b"progress", "provider", b"provider", "queue_position", b"queue_position", "ref_id", b"ref_id", "reply_to", b"reply_to", "start_time", b"start_time", "state", b"state", "tag", b"tag", "task", b"task", "text_outputs", b"text_outputs", "update_time", b"update_time", "waiting_reason", b"waiting_reason", "webhook", b"webhook", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_params: _TypeAlias = _typing.Literal["image_to_image", "image_with_mask", "image_upscale", "image_to_text", "workflow"]  # noqa: Y015
     _WhichOneofArgType_params: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
@@ -499,6 +506,7 @@ class JobProgress(_message.Message):
     MAX_STEPS_FIELD_NUMBER: _builtins.int
     FRACTION_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
     stage: Global___JobProgress.Stage.ValueType
     queue_position: _builtins.int
     """Jobs ahead of this one (STAGE_QUEUED, STAGE_PENDING)."""
@@ -513,6 +521,10 @@ class JobProgress(_message.Message):
     """Overall fraction of the job done, 0..1, never decreasing within an attempt."""
     provider: _builtins.str
     """The provider or agent doing the work."""
+    waiting_reason: _builtins.str
+    """STAGE_QUEUED only: why no provider can take the job now (agents down, or none has what it
+    needs yet); empty when it only waits its turn. Sent within seconds of a change.
+    """
     def __init__(
         self,
         *,
@@ -524,10 +536,11 @@ class JobProgress(_message.Message):
         max_steps: _builtins.int = ...,
         fraction: _builtins.float = ...,
         provider: _builtins.str = ...,
+        waiting_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fraction", b"fraction", "max_steps", b"max_steps", "node", b"node", "node_type", b"node_type", "provider", b"provider", "queue_position", b"queue_position", "stage", b"stage", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fraction", b"fraction", "max_steps", b"max_steps", "node", b"node", "node_type", b"node_type", "provider", b"provider", "queue_position", b"queue_position", "stage", b"stage", "step", b"step", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

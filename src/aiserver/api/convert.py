@@ -294,6 +294,7 @@ def job_to_proto(job: Job, queue_position: int = 0, link: Link = _same) -> job_p
         outputs=[artifact_to_proto(a, link) for a in job.outputs],
         text_outputs=[job_pb2.TextOutput(index=i, text=t) for i, t in enumerate(job.texts)],
         reply_to=job.reply_to,
+        waiting_reason=job.waiting if job.state is JobState.QUEUED else "",
         inputs=[
             job_pb2.InputFile(
                 field=i.field,
@@ -353,6 +354,7 @@ def event_to_proto(
                 max_steps=kind.max_steps,
                 fraction=kind.fraction,
                 provider=kind.provider,
+                waiting_reason=kind.waiting,
             )
         )
     elif isinstance(kind, OutputStored):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,6 +21,7 @@ from aiserver.jobs.model import (
     JobEvent,
     OutputStored,
     Progress,
+    Retrying,
     TextProduced,
 )
 from aiserver.jobs.output_encoding import encode_output
@@ -41,6 +42,7 @@ __all__ = [
     "input_missing",
     "internal_error",
     "retryable_failure",
+    "with_first_cause",
 ]
 
 CancelReason = Literal["user", "shutdown"]
@@ -58,6 +60,12 @@ class ActiveJob:
     finishing: bool = False  # set before the terminal write: nothing may happen after it
     done: asyncio.Event = field(default_factory=asyncio.Event)
     last_position: int = 0  # the queue position last published
+    queued_at: float = 0.0
+    """When (monotonic) it was queued, or re-queued after an attempt that reached an agent:
+    the queue deadline counts from here."""
+    not_before: float = 0.0
+    """Not dispatched before this (monotonic): set after an attempt that found no agent, so a
+    provider that keeps saying no is not asked in a loop."""
 
     @property
     def job(self) -> Job:
@@ -174,4 +182,21 @@ def input_missing(ref: InputRef) -> ServiceError:
         f"input {ref.field!r} is no longer in the spool",
         violations=(FieldViolation(ref.field, "not found in the input spool"),),
         metadata={"field": ref.field, "sha256": ref.sha256},
+    )
+
+
+def with_first_cause(error: ServiceError, retries: Sequence[Retrying]) -> ServiceError:
+    """``error`` naming the failure that started the retries too: that is the real cause, where
+    the last attempt may only have found no agent, or the queue deadline passed."""
+    if not retries or retries[0].reason in error.message:
+        return error
+    first = retries[0]
+    where = f" (on {first.agent})" if first.agent else ""
+    return ServiceError(
+        error.kind,
+        error.reason,
+        f"{error.message}; first failure{where}: {first.reason}",
+        violations=error.violations,
+        metadata={**error.metadata, "first_failure": first.reason[:1000]},
+        retry_after_s=error.retry_after_s,
     )

@@ -15,9 +15,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from aiserver.errors import ErrorKind, ServiceError
-from aiserver.jobs.attempt import ActiveJob, Emit
+from aiserver.jobs.attempt import ActiveJob, Emit, with_first_cause
 from aiserver.jobs.model import JobState, Progress, Stage
-from aiserver.jobs.scheduler import JobQueue, SchedulerSettings, pick_provider, refusal
+from aiserver.jobs.scheduler import (
+    JobQueue,
+    SchedulerSettings,
+    pick_provider,
+    refusal,
+    waiting_reason,
+)
 from aiserver.providers.base import Provider
 
 __all__ = ["Dispatcher", "Finish", "Launch"]
@@ -66,9 +72,10 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
-    def push(self, job_id: str) -> None:
-        """Queue a job (its queue timeout counts from now)."""
-        self.queue.push(job_id, time.monotonic())
+    def enqueue(self, active: ActiveJob, since: float) -> None:
+        """Queue a job; its queue timeout counts from ``since`` (``time.monotonic()``)."""
+        active.queued_at = since
+        self.queue.push(active.job.id, since)
 
     async def _loop(self) -> None:
         while True:
@@ -107,7 +114,10 @@ class Dispatcher:
                 f"no provider took the job within {timeout:g} s",
                 metadata={"queue_timeout_s": f"{timeout:g}"},
             )
-            self._finish_job(self._active[job_id], JobState.FAILED, error)
+            active = self._active[job_id]
+            self._finish_job(
+                active, JobState.FAILED, with_first_cause(error, active.record.retries)
+            )
 
     def _dispatch(self) -> None:
         capacity = self._settings.max_running_per_provider
@@ -116,6 +126,8 @@ class Dispatcher:
             if all(self.running[p.name] >= capacity for p in self._providers):
                 break
             active = self._active[job_id]
+            if active.not_before > time.monotonic():
+                continue
             provider = pick_provider(
                 self._providers, active.job.task, active.job.spec, self.running, capacity
             )
@@ -125,6 +137,9 @@ class Dispatcher:
                 error = refusal(self._providers, active.job.task, active.job.spec)
                 if error is not None:
                     self._finish_job(active, JobState.FAILED, error)
+                else:
+                    why = waiting_reason(self._providers, active.job.task, active.job.spec)
+                    self._set_waiting(active, why)
                 continue
             self.queue.remove(job_id)
             self._launch(active, provider)
@@ -137,4 +152,16 @@ class Dispatcher:
             active = self._active[job_id]
             if active.last_position != position:
                 active.last_position = position
-                self._emit_event(active, Progress(Stage.QUEUED, queue_position=position))
+                waiting = active.job.waiting
+                self._emit_event(
+                    active, Progress(Stage.QUEUED, queue_position=position, waiting=waiting)
+                )
+
+    def _set_waiting(self, active: ActiveJob, why: str) -> None:
+        """Tell watchers (events, GetJob) why a queued job is not taken, when that changes."""
+        if active.job.waiting == why:
+            return
+        active.job.waiting = why
+        position = self.queue.position(active.job.id)
+        active.last_position = position
+        self._emit_event(active, Progress(Stage.QUEUED, queue_position=position, waiting=why))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +27,7 @@ from aiserver.jobs.attempt import (
     input_missing,
     internal_error,
     retryable_failure,
+    with_first_cause,
 )
 from aiserver.jobs.dispatch import Dispatcher, Finish
 from aiserver.jobs.model import Job, JobState, Progress, Retrying, Stage
@@ -74,6 +76,7 @@ class AttemptDriver:
         """Run (``new_attempt``) or resume the job on ``provider`` in a task of its own."""
         self._dispatcher.running[provider.name] += 1  # counted now: the next pick must see it
         active.last_position = 0
+        active.job.waiting = ""
         task = asyncio.create_task(
             self._drive(active, provider, new_attempt), name=f"job-{active.job.id}"
         )
@@ -128,7 +131,7 @@ class AttemptDriver:
                 run.cancel()
                 await asyncio.wait({run}, timeout=self._settings.cancel_timeout_s)
             sink.closed = True
-            await self._conclude(active, run, timed_out)
+            await self._conclude(active, run, timed_out, counted=new_attempt)
         except LeaseLost:
             self._forget(active)
         except ServiceError as error:  # e.g. an input vanished from the spool
@@ -144,7 +147,9 @@ class AttemptDriver:
             active.sink = None
             self._dispatcher.wake()
 
-    async def _conclude(self, active: ActiveJob, run: asyncio.Task[None], timed_out: bool) -> None:
+    async def _conclude(
+        self, active: ActiveJob, run: asyncio.Task[None], timed_out: bool, *, counted: bool
+    ) -> None:
         job = active.job
         reason = active.cancel_reason
         succeeded = run.done() and not run.cancelled() and run.exception() is None
@@ -180,7 +185,10 @@ class AttemptDriver:
         else:
             failure = run.exception()
             if (retryable := retryable_failure(failure)) is not None:
-                await self.retry_or_fail(active, retryable, agent=retryable.agent or job.agent)
+                if retryable.reached_agent:
+                    await self.retry_or_fail(active, retryable, agent=retryable.agent or job.agent)
+                else:
+                    await self._requeue_unreached(active, retryable, counted=counted)
             elif isinstance(failure, ServiceError):
                 await self._finish(active, JobState.FAILED, failure)
             else:
@@ -190,7 +198,9 @@ class AttemptDriver:
     async def retry_or_fail(self, active: ActiveJob, error: ServiceError, *, agent: str) -> None:
         job = active.job
         if job.attempts >= self._settings.max_attempts:
-            await self._finish(active, JobState.FAILED, error)
+            await self._finish(
+                active, JobState.FAILED, with_first_cause(error, active.record.retries)
+            )
             return
         retry = Retrying(attempt=job.attempts + 1, reason=error.message, agent=agent)
         active.record.retries.append(retry)
@@ -205,7 +215,34 @@ class AttemptDriver:
         self._emit(active, retry)
         if active.cancel_reason == "shutdown":
             return  # stored as QUEUED: runs at the next start
-        self._dispatcher.push(job.id)
+        self._dispatcher.enqueue(active, time.monotonic())
+        self._dispatcher.publish_positions()
+        self._dispatcher.wake()
+
+    async def _requeue_unreached(
+        self, active: ActiveJob, error: ServiceError, *, counted: bool
+    ) -> None:
+        """Back in the queue after an attempt that never reached an agent (e.g. the one online
+        went down between the pick and the run): that was no attempt, and the queue deadline
+        still counts from when the job was queued."""
+        job = active.job
+        if counted:
+            job.attempts -= 1
+        if not job.attempts:
+            job.started = None  # it never started anywhere
+        job.state = JobState.QUEUED
+        job.resume = {}
+        job.agent = ""
+        job.progress = 0.0
+        job.waiting = error.message
+        await self._save(active)
+        if active.cancel_reason == "user":
+            await self._finish(active, JobState.CANCELLED, cancelled_error())
+            return
+        if active.cancel_reason == "shutdown":
+            return
+        active.not_before = time.monotonic() + self._settings.recheck_interval_s
+        self._dispatcher.enqueue(active, active.queued_at)
         self._dispatcher.publish_positions()
         self._dispatcher.wake()
 

@@ -90,7 +90,7 @@ class Mark:
 def progress_of(job: Job, queue_position: int) -> Progress | None:
     """The latest progress as far as the record knows (``None`` once the job has ended)."""
     if job.state is JobState.QUEUED:
-        return Progress(Stage.QUEUED, queue_position=queue_position)
+        return Progress(Stage.QUEUED, queue_position=queue_position, waiting=job.waiting)
     if job.state is JobState.RUNNING:
         return Progress(Stage.RUNNING, fraction=job.progress, provider=job.provider)
     return None

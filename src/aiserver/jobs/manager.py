@@ -202,7 +202,7 @@ class JobManager:
         for record in records:
             self._active[record.job.id] = ActiveJob(record)
             if record.job.state is JobState.QUEUED:
-                self._dispatch.queue.push(record.job.id, now)
+                self._dispatch.enqueue(self._active[record.job.id], now)
         for record in records:
             self._hub.open_recovered(
                 record.job, last_sequence=record.last_sequence, retries=record.retries
@@ -540,7 +540,7 @@ class JobManager:
             return self._fresh(stored.job), True
         active = ActiveJob(stored)
         self._active[job_id] = active
-        self._dispatch.push(job_id)
+        self._dispatch.enqueue(active, time.monotonic())
         active.last_position = self._dispatch.queue.position(job_id)
         self._hub.open_new(job)
         self._hub.emit(job_id, Accepted(task, job.ref_id, active.last_position))
@@ -570,7 +570,7 @@ class JobManager:
             return snapshot(job), False
         active = ActiveJob(stored)
         self._active[job.id] = active
-        self._dispatch.push(job.id)
+        self._dispatch.enqueue(active, time.monotonic())
         active.last_position = self._dispatch.queue.position(job.id)
         self._hub.open_new(job)
         self._hub.emit(job.id, accepted)  # sequence 1, stored above
@@ -745,6 +745,8 @@ class JobManager:
         self._dispatch.queue.remove(job.id)
         job.state = state
         job.error = error
+        job.waiting = ""
+        job.waiting = ""
         job.ended = job.updated = _now()
         if state is JobState.SUCCEEDED:
             job.progress = 1.0

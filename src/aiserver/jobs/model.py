@@ -116,6 +116,9 @@ class Job:
     error: ServiceError | None = None
     resume: dict[str, str] = field(default_factory=dict)
     """Provider state needed to re-attach after a restart (e.g. agent and prompt id)."""
+    waiting: str = ""
+    """While QUEUED: why no provider can take it now ("" when it only waits its turn).
+    Live state, not stored: the scheduler finds it again within seconds of a restart."""
     webhook: WebhookDelivery | None = None
     """Set once the ReplyTo delivery has ended (written by ``JobStore.record_webhook``)."""
 
@@ -142,6 +145,8 @@ class Progress:
     step: int = 0
     max_steps: int = 0
     provider: str = ""
+    waiting: str = ""
+    """``Stage.QUEUED`` only: why no provider can take the job now."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ __all__ = [
     "default_spec",
     "pick_provider",
     "refusal",
+    "waiting_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,22 @@ def refusal(providers: Sequence[Provider], task: TaskKind, spec: TaskSpec) -> Se
             return None
         first = first or error
     return first
+
+
+def waiting_reason(providers: Sequence[Provider], task: TaskKind, spec: TaskSpec) -> str:
+    """Why no provider can take ``spec`` now, for its watchers; "" when one can (the job only
+    waits its turn)."""
+    reasons = []
+    for provider in providers:
+        try:
+            if not provider.supports(task):
+                continue
+            if provider.can_run(task, spec):
+                return ""
+            reasons.append(provider.unavailable_reason(task, spec))
+        except Exception:
+            logger.exception("provider %s failed to report its state", provider.name)
+    return "; ".join(r for r in reasons if r) or f"no provider can run {task.value} now"
 
 
 _DEFAULT_SPECS: dict[TaskKind, TaskSpec] = {

@@ -56,7 +56,8 @@ class WorkItem:
     resume: Mapping[str, str] = field(default_factory=dict)
     """What the provider saved with :meth:`RunSink.checkpoint` in an earlier run."""
     exclude: frozenset[str] = frozenset()
-    """Agents that already failed this job: pick another one when retrying."""
+    """Agents that already failed this job: pick another one when retrying, and one of these
+    only when no other can take it (one that was lost is back only once a probe found it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,11 @@ class Provider(Protocol):
         """Why this provider cannot run ``spec`` as things stand, when waiting will not help
         (e.g. no healthy agent has the model); None when it can, or may once agents return.
         """
+        ...
+
+    def unavailable_reason(self, task: TaskKind, spec: TaskSpec) -> str:
+        """Why it cannot run ``spec`` right now, for watchers of a waiting job (e.g. which
+        agents are down); "" when it can."""
         ...
 
     def load(self) -> int:

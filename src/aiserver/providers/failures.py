@@ -5,8 +5,9 @@ for the rest of the system, in three facts:
 
 - ``reached_agent``: the attempt was handed to an agent and talked to it (work may exist there);
   False when no agent was chosen at all (none online, the provider closed).
-- ``agent_lost``: the agent failed as a machine (unreachable, erroring, silent, forgot the
-  prompt): take it out of rotation until a probe brings it back.
+- ``agent_lost``: the agent failed as a machine (unreachable, erroring, silent): take it out
+  of rotation until a probe brings it back. An agent that forgot the prompt (it restarted) is
+  not lost: it is back, and the job must simply run again.
 - ``retryable``: another agent or provider, or a later attempt, may succeed with the same job.
 
 Decisions read these facts, never ``reason`` or ``metadata`` strings (metadata still carries
@@ -50,8 +51,6 @@ class Cause(enum.Enum):
     """A running prompt went silent too long."""
     EXECUTION_TIMEOUT = "execution_timeout"
     """A running prompt took too long."""
-    PROMPT_LOST = "prompt_lost"
-    """The agent no longer knows our prompt (restarted, or someone cleared its queue)."""
     INCONSISTENT = "inconsistent"
     """The agent contradicted itself about our prompt."""
     CLIENT_CLOSED = "closed"
@@ -61,6 +60,9 @@ class Cause(enum.Enum):
     """The agent was too busy to start our prompt in time."""
     OUTPUT_MISSING = "output_missing"
     """An output file the agent reported could not be downloaded."""
+    PROMPT_LOST = "prompt_lost"
+    """The agent no longer knows our prompt (it restarted, or someone cleared its queue): it
+    answers, so it is not lost; the job runs again, there or elsewhere."""
     # The job itself failed on the agent: retrying elsewhere would fail the same way.
     PROMPT_REJECTED = "prompt_rejected"
     """The agent refused the workflow as invalid."""
@@ -100,7 +102,6 @@ _AGENT_LOST = frozenset(
         Cause.WEBSOCKET,
         Cause.IDLE_TIMEOUT,
         Cause.EXECUTION_TIMEOUT,
-        Cause.PROMPT_LOST,
         Cause.INCONSISTENT,
         Cause.CLIENT_CLOSED,
     }

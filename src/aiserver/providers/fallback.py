@@ -38,6 +38,9 @@ class _Delegate:
     def refusal(self, task: TaskKind, spec: TaskSpec) -> ServiceError | None:
         return self._inner.refusal(task, spec)
 
+    def unavailable_reason(self, task: TaskKind, spec: TaskSpec) -> str:
+        return self._inner.unavailable_reason(task, spec)
+
     def load(self) -> int:
         return self._inner.load()
 
@@ -69,6 +72,11 @@ class Fallback(_Delegate):
             p.can_run(task, spec) for p in self._primaries
         )
 
+    def unavailable_reason(self, task: TaskKind, spec: TaskSpec) -> str:
+        if any(p.can_run(task, spec) for p in self._primaries):
+            return ""  # a primary takes it: this one standing back is no reason to wait
+        return self._inner.unavailable_reason(task, spec)
+
 
 class Excluding(_Delegate):
     """``inner`` without some tasks (another provider always serves those)."""
@@ -82,3 +90,6 @@ class Excluding(_Delegate):
 
     def can_run(self, task: TaskKind, spec: TaskSpec) -> bool:
         return task not in self._excluded and self._inner.can_run(task, spec)
+
+    def unavailable_reason(self, task: TaskKind, spec: TaskSpec) -> str:
+        return "" if task in self._excluded else self._inner.unavailable_reason(task, spec)

@@ -165,6 +165,7 @@ class ComfyStandIn:
         self._hold_at: dict[str, int] = {}
         self._fail_at: dict[str, tuple[str, str]] = {}
         self._node_delay: dict[str, float] = {}
+        self._repeat_steps: set[str] = set()
         self._worker: asyncio.Task[None] | None = None
         self.port = 0
 
@@ -270,6 +271,11 @@ class ComfyStandIn:
     ) -> None:
         """``node`` raises when it runs: an ``execution_error`` as in ws_trace_exec_error."""
         self._fail_at[node] = (exception_type, message)
+
+    def repeat_steps(self, node: str) -> None:
+        """``node`` reports its steps twice over (1..max, then 1..max again), as a second
+        sampler pass or the next batch of a tiled upscale does: its raw fraction drops."""
+        self._repeat_steps.add(node)
 
     def set_node_delay(self, node: str, seconds: float) -> None:
         self._node_delay[node] = seconds
@@ -983,7 +989,17 @@ class ComfyStandIn:
             else:
                 inputs[name] = value
 
+        first_pass = node in self._repeat_steps
+
         async def progress(value: int, maximum: int, preview: Image.Image | None) -> None:
+            nonlocal first_pass
+            if first_pass:  # a whole earlier pass over the same steps
+                first_pass = False
+                for earlier in range(1, maximum + 1):
+                    await report(earlier, maximum, None)
+            await report(value, maximum, preview)
+
+        async def report(value: int, maximum: int, preview: Image.Image | None) -> None:
             if self._step_delay:
                 await asyncio.sleep(self._step_delay)
             if self._interrupt:  # the progress hook checks (README: ~1 s on CPU)

@@ -1,7 +1,8 @@
 """A pool of ComfyUI agents, as one :class:`~aiserver.providers.base.Provider`.
 
 Each agent is probed (``/system_stats``, then ``/object_info``) when the pool starts, then every
-``probe_interval_s`` while online and with exponential backoff while offline. A successful probe
+``probe_interval_s`` while online and with exponential backoff (at most ``probe_interval_s``)
+while offline, and at once when a run's websocket drops. A successful probe
 discovers the agent's node types and model files (both ``/object_info`` combo shapes) and checks
 every workflow against them; an agent is chosen for a task only if it has the task's nodes and
 the model the spec asks for, and the reason it lacks them is kept for operators.
@@ -10,8 +11,11 @@ the model the spec asks for, and the reason it lacks them is kept for operators.
 for a free slot when all are busy, and drives a :class:`~aiserver.providers.comfy.run.Run` over
 that agent's transport with the pool's timeouts and background tasks. A failure's typed cause
 decides what happens to the agent: ``agent_lost`` marks it offline, ``agent_outdated`` probes it
-again; the failure is re-raised for the scheduler. ``WorkItem.exclude`` (or the ``exclude``
-argument) names agents the scheduler has already tried.
+again; the failure is re-raised for the scheduler. An agent marked offline ends the runs it had
+at once (each raises :class:`ProviderUnavailable` for a retry), so their slots do not wait out
+the websocket's reconnect budget. ``WorkItem.exclude`` (or the ``exclude`` argument) names
+agents the scheduler has already tried: they are chosen only when no other agent can take the
+job (a restarted agent is a new chance).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.providers.base import Provider, RunSink, WorkItem
@@ -97,6 +101,10 @@ class _Agent:
         self.next_probe = 0.0
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.runs: set[asyncio.Task[Any]] = set()
+        """The tasks running an attempt here (the provider's ``run`` calls)."""
+        self.evicted: set[asyncio.Task[Any]] = set()
+        """Those of ``runs`` cancelled because the agent went offline."""
 
 
 class ComfyPool:
@@ -157,6 +165,16 @@ class ComfyPool:
         error = self._none_capable(workflow, spec, reasons, frozenset())
         return None if isinstance(error, ProviderFailure) and error.retryable else error
 
+    def unavailable_reason(self, task: TaskKind, spec: TaskSpec) -> str:
+        workflow = self._workflows.find(task)
+        if workflow is None:
+            return f"no ComfyUI workflow for {task.value}"
+        capable, reasons = self._capable(workflow, spec, frozenset())
+        if capable:
+            return ""
+        detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+        return f"no ComfyUI agent can take it now ({detail or 'none configured'})"
+
     def load(self) -> int:
         return sum(agent.running for agent in self._agents.values())
 
@@ -188,7 +206,8 @@ class ComfyPool:
         exclude = work.exclude | exclude
         workflow = self._workflows.resolve(work.task, work.spec) or self._workflows.get(work.task)
         agent, slot = await self._acquire(work, workflow, exclude)
-        logger.info("job %s (%s) runs on agent %s", work.job_id, work.task.value, agent.config.name)
+        name = agent.config.name
+        logger.info("job %s (%s) runs on agent %s", work.job_id, work.task.value, name)
         run = Run(
             agent.client,
             work,
@@ -196,11 +215,26 @@ class ComfyPool:
             sink,
             timeouts=self._settings.timeouts,
             spawn=self._background.spawn,
+            socket_lost=lambda: self._probe_soon(agent),  # dead, or a blip? ask it now
             socket_outputs=self._outputs_over_websocket(agent),
             reuse_input_names=self._settings.reuse_input_names,
         )
+        task = asyncio.current_task()
+        if task is not None:
+            agent.runs.add(task)
         try:
             await run.execute()
+        except asyncio.CancelledError:
+            if task is None or task not in agent.evicted:
+                raise
+            # The agent went offline under this run (see _set_offline): give the slot back
+            # now, as a failure the scheduler retries, instead of waiting out the reconnects.
+            task.uncancel()
+            raise ProviderUnavailable(
+                f"agent {name} went offline during the job: {agent.last_error}",
+                cause=Cause.CONNECTION,
+                agent=name,
+            ) from None
         except ProviderFailure as exc:
             if exc.agent_lost:
                 await self._set_offline(agent, exc.message)
@@ -208,6 +242,9 @@ class ComfyPool:
                 self._probe_soon(agent)  # its models or nodes changed since the last probe
             raise
         finally:
+            if task is not None:
+                agent.runs.discard(task)
+                agent.evicted.discard(task)
             agent.running -= 1
             if slot is not None:
                 await self._slots.give_back(slot)
@@ -230,7 +267,10 @@ class ComfyPool:
         workflow = self._workflows.resolve(task, spec)
         if workflow is None:
             return None
-        free = [a for a in self._capable(workflow, spec, exclude)[0] if a.running < a.config.slots]
+        capable = self._capable(workflow, spec, exclude)[0]
+        if not capable and exclude:  # as in run(): an agent that already tried, as a last resort
+            capable = self._capable(workflow, spec, frozenset())[0]
+        free = [a for a in capable if a.running < a.config.slots]
         return _best(free).config.name if free else None
 
     def snapshot(self) -> tuple[AgentSnapshot, ...]:
@@ -348,7 +388,10 @@ class ComfyPool:
             stats = await agent.client.system_stats()
             info = await agent.client.object_info()
         except ServiceError as exc:
-            agent.backoff = min(s.backoff_max_s, agent.backoff * 2 or s.backoff_initial_s)
+            # Backing off spares a dead agent, but never past the probe interval: an agent that
+            # is back must be noticed as soon as an online one would be re-checked.
+            backoff = min(s.backoff_max_s, agent.backoff * 2 or s.backoff_initial_s)
+            agent.backoff = min(backoff, s.probe_interval_s)
             agent.next_probe = loop.time() + agent.backoff
             await self._set_offline(agent, exc.message, reschedule=False)
             return False
@@ -377,6 +420,13 @@ class ComfyPool:
             logger.warning("agent %s offline: %s", agent.config.name, error)
         agent.state = AgentState.OFFLINE
         agent.last_error = error
+        # Its attempts cannot go on: end them now (each raises for a retry elsewhere), the one
+        # reporting the failure aside.
+        current = asyncio.current_task()
+        for task in agent.runs - agent.evicted:
+            if task is not current:
+                agent.evicted.add(task)
+                task.cancel()
         if reschedule:
             # Start the backoff over: the next probe comes soon, then further apart.
             agent.backoff = self._settings.backoff_initial_s
@@ -433,6 +483,10 @@ class ComfyPool:
                         "the ComfyUI pool is closed", cause=Cause.PROVIDER_CLOSED
                     )
                 capable, reasons = self._capable(workflow, work.spec, exclude)
+                if not capable and exclude:
+                    # Nothing else can take it: an agent that already tried is a new chance
+                    # (an agent lost then is back only after a probe found it again).
+                    capable = self._capable(workflow, work.spec, frozenset())[0]
                 if not capable:
                     raise self._none_capable(workflow, work.spec, reasons, exclude)
                 free = [a for a in capable if a.running < a.config.slots]

@@ -37,7 +37,7 @@ import io
 import logging
 import mimetypes
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -81,6 +81,9 @@ class Run:
 
     ``timeouts`` bound its phases; ``spawn`` starts the clean-up that must outlive a cancelled
     run (both are the pool's). It re-attaches when ``work.resume`` names this agent.
+    ``socket_lost`` is called when the websocket drops, before reconnecting: the pool checks at
+    once whether the agent is still there (if not, it ends this run rather than let it wait out
+    the reconnect budget).
     ``socket_outputs`` takes output images from the websocket when the agent's frames name
     their prompt; ``reuse_input_names`` uploads inputs under the agent's reusable names (both
     the pool's settings, off by default).
@@ -95,12 +98,14 @@ class Run:
         *,
         timeouts: ComfyTimeouts,
         spawn: Spawn,
+        socket_lost: Callable[[], None] = lambda: None,
         socket_outputs: bool = False,
         reuse_input_names: bool = False,
     ) -> None:
         self.c = client
         self.t = timeouts
         self.spawn = spawn
+        self.socket_lost = socket_lost
         self.work = work
         self.workflow = workflow
         self.sink = sink
@@ -329,6 +334,7 @@ class Run:
                 continue
             except SocketLost:
                 logger.warning("websocket to %s dropped during %s", self.c.name, self.prompt_id)
+                self.socket_lost()
                 await self._reconnect()
                 await self._absorb(await self.c.remote_job(self.prompt_id))
                 last_heard = last_ours = self.loop.time()

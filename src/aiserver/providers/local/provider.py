@@ -98,6 +98,15 @@ class LocalUpscaleProvider:
         model = self.model_for(spec.model)
         return model is not None and self._models.usable(model)
 
+    def unavailable_reason(self, task: TaskKind, spec: TaskSpec) -> str:
+        if self.can_run(task, spec) or not self.supports(task):
+            return ""
+        requested = spec.model if isinstance(spec, ImageUpscaleSpec) else ""
+        model = self.model_for(requested)
+        if model is None:
+            return f"the {self._name} upscaler has no model {requested!r}"
+        return f"the {self._name} upscaler cannot load {model.name}"
+
     def load(self) -> int:
         return self._jobs
 
@@ -105,7 +114,21 @@ class LocalUpscaleProvider:
         return self._settings.max_concurrent_jobs
 
     def refusal(self, task: TaskKind, spec: TaskSpec) -> ServiceError | None:
-        # Unknown model names are not refused here: a ComfyUI agent may have them.
+        """A model it does not have is a "no" for good: waiting never brings one. (Whether a
+        ComfyUI agent has it is the pool's say; the scheduler fails a job only when every
+        provider refuses it, with the first refusal, which is the pool's when agents exist.)"""
+        if not self.supports(task) or not isinstance(spec, ImageUpscaleSpec):
+            return None
+        model = self.model_for(spec.model)
+        if model is None:
+            return _unknown_model(spec.model)
+        if not self._models.usable(model):  # failed to load, or its files or ncnn are missing
+            return ServiceError(
+                ErrorKind.FAILED_PRECONDITION,
+                "LOCAL_MODEL_UNAVAILABLE",
+                f"the {self._name} upscaler cannot load {model.name}",
+                metadata={"model": model.name},
+            )
         return None
 
     async def start(self) -> None:

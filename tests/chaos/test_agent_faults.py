@@ -1,0 +1,209 @@
+"""Agent faults, one at a time: the job manager and a real ComfyPool over stand-ins that are
+killed and restarted (issue 16, "Agent faults")."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from aiserver.jobs.manager import JobManager
+from aiserver.jobs.model import Finished, Job, JobEvent, JobState, Retrying
+from aiserver.providers.comfy.pool import AgentConfig, AgentState, ComfyPool, PoolSettings
+from aiserver.providers.comfy.workflows import WorkflowCatalog
+from aiserver.providers.failures import Cause, ProviderUnavailable
+from aiserver.tasks import ImageToImageSpec, TaskKind
+from tests.comfy.helpers import FAST, RecordingSink, png, work_item, write_input
+from tests.jobs.helpers import Env, collect, submit
+from tests.support.comfy_standin import ComfyStandIn
+
+KSAMPLER = "7"  # in workflows/image_to_image.json
+NOTICE_S = 2.5
+"""~2 s to notice a dead agent, plus slack for a loaded machine."""
+# The default reconnect window (30 s) and poll interval: a fix must not rely on short ones.
+TIMEOUTS = dataclasses.replace(FAST, reconnect_s=30.0, idle_s=60.0, execution_s=60.0, poll_s=5.0)
+POOL = PoolSettings(probe_interval_s=0.5, backoff_initial_s=0.1, timeouts=TIMEOUTS)
+
+
+@dataclasses.dataclass
+class Cluster:
+    env: Env
+    root: Path
+    agents: list[ComfyStandIn] = dataclasses.field(default_factory=list)
+    pools: list[ComfyPool] = dataclasses.field(default_factory=list)
+
+    async def agent(self, step_delay_s: float = 0.05) -> ComfyStandIn:
+        standin = ComfyStandIn(self.root / f"agent-{len(self.agents)}", step_delay_s=step_delay_s)
+        await standin.start()
+        self.agents.append(standin)
+        return standin
+
+    async def pool(self, settings: PoolSettings = POOL) -> ComfyPool:
+        configs = [AgentConfig(a.url, name=f"agent-{i}") for i, a in enumerate(self.agents)]
+        pool = ComfyPool(configs, WorkflowCatalog.load(), settings=settings)
+        self.pools.append(pool)
+        await pool.start()
+        return pool
+
+    async def manager(self, **settings: Any) -> tuple[JobManager, ComfyPool]:
+        pool = await self.pool()
+        return await self.env.manager(pool, **settings), pool  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    c = Cluster(Env(tmp_path), tmp_path)
+    try:
+        yield c
+    finally:
+        await c.env.close()
+        for pool in c.pools:
+            await pool.close()
+        for agent in c.agents:
+            await agent.close()
+
+
+SPEC = ImageToImageSpec(positive_prompt="a lighthouse", steps=10)
+
+
+async def running_on(agent: ComfyStandIn, within_s: float = 10) -> None:
+    async with asyncio.timeout(within_s):
+        while agent.running_prompt is None:
+            await asyncio.sleep(0.01)
+
+
+async def ends(manager: JobManager, job: Job, within_s: float) -> tuple[Job, list[JobEvent]]:
+    events = await collect(manager.subscribe(job.id), within_s)
+    final = events[-1].kind
+    assert isinstance(final, Finished)
+    return final.job, events
+
+
+def retries(events: list[JobEvent]) -> list[Retrying]:
+    return [e.kind for e in events if isinstance(e.kind, Retrying)]
+
+
+async def test_the_only_agent_killed_mid_job_runs_the_retry_when_back(cluster: Cluster) -> None:
+    agent = await cluster.agent()
+    manager, _ = await cluster.manager(max_attempts=2)
+    job = await submit(manager, cluster.env, spec=SPEC)
+    await running_on(agent)
+    await agent.kill()
+    await asyncio.sleep(1.0)
+    await agent.restart()  # a restarted agent is a new chance, even for the job it dropped
+    final, events = await ends(manager, job, 30)
+    assert final.state is JobState.SUCCEEDED, final.error
+    # Two attempts, each reached the agent: waiting for it to come back spent none.
+    assert final.attempts == 2 and len(retries(events)) == 1
+    assert len(agent.received.prompts) == 2  # one per attempt
+
+
+async def test_while_every_online_agent_is_excluded_no_attempt_is_spent(cluster: Cluster) -> None:
+    a = await cluster.agent()
+    b = await cluster.agent()
+    manager, pool = await cluster.manager(max_attempts=2)
+    await b.kill()  # down for the whole test
+    async with asyncio.timeout(10):
+        while {s.name: s.state for s in pool.snapshot()}["agent-1"] is not AgentState.OFFLINE:
+            await asyncio.sleep(0.02)
+    job = await submit(manager, cluster.env, spec=SPEC)
+    await running_on(a)
+    await a.kill()
+    await asyncio.sleep(0.3)
+    await a.restart()  # soon online again, while the job's retry excludes it
+    await asyncio.sleep(1.0)
+    now = await manager.get(job.id, None)
+    assert now.state is not JobState.FAILED and now.attempts <= 2, now.error
+    final, _ = await ends(manager, job, 30)
+    assert final.state is JobState.SUCCEEDED and final.attempts == 2, final.error
+
+
+async def test_the_final_error_keeps_the_first_cause(cluster: Cluster) -> None:
+    agent = await cluster.agent()
+    manager, _ = await cluster.manager(max_attempts=3, queue_timeout_s=3.0)
+    job = await submit(manager, cluster.env, spec=SPEC)
+    await running_on(agent)
+    await agent.kill()  # and never back
+    final, events = await ends(manager, job, 30)
+    assert final.state is JobState.FAILED and final.error is not None
+    first = retries(events)[0].reason
+    assert "agent-0" in first
+    assert first in final.error.message, final.error.message
+    assert final.attempts == 1  # no attempt without an agent to reach
+
+
+async def test_a_job_on_a_dead_agent_gives_its_slot_back_at_once(cluster: Cluster) -> None:
+    a = await cluster.agent()
+    b = await cluster.agent()
+    manager, _ = await cluster.manager()
+    # Both slots taken: the first job on agent-0 (preferred on ties by name), the second on B.
+    first = await submit(manager, cluster.env, spec=SPEC)
+    await running_on(a)
+    second = await submit(manager, cluster.env, spec=SPEC)
+    await running_on(b)
+    events = aiter(manager.subscribe(first.id))
+    await a.kill()  # and never back: the first job must move to B, not wait out 30 s
+    killed = time.monotonic()
+    async with asyncio.timeout(NOTICE_S):
+        async for event in events:
+            if isinstance(event.kind, Retrying):
+                break
+    final, _ = await ends(manager, first, 15)
+    assert final.state is JobState.SUCCEEDED and final.agent == "agent-1", final.error
+    assert time.monotonic() - killed < 10
+    assert (await ends(manager, second, 15))[0].state is JobState.SUCCEEDED
+
+
+async def test_an_offline_agent_is_reprobed_within_the_probe_interval(cluster: Cluster) -> None:
+    agent = await cluster.agent()
+    pool = await cluster.pool(dataclasses.replace(POOL, backoff_max_s=60.0))
+    await agent.kill()
+    await asyncio.sleep(4.0)  # unbounded, the backoff would be past 3 s by now
+    await agent.restart()
+    back = time.monotonic()
+    async with asyncio.timeout(POOL.probe_interval_s + 1.0):
+        while pool.snapshot()[0].state is not AgentState.ONLINE:
+            await asyncio.sleep(0.02)
+    assert time.monotonic() - back <= POOL.probe_interval_s + 1.0
+
+
+async def forget_prompts(agent: ComfyStandIn) -> None:
+    """The agent forgets its queue (as after a restart, or an operator's clear) yet answers."""
+    await agent.wait_for(lambda: bool(agent.pending_prompts))
+    async with httpx.AsyncClient(base_url=agent.url) as http:
+        await http.post("/queue", json={"clear": True})
+
+
+async def test_a_vanished_prompt_leaves_the_agent_online(cluster: Cluster, tmp_path: Path) -> None:
+    agent = await cluster.agent()
+    agent.pause_queue()
+    pool = await cluster.pool()
+    image = write_input(tmp_path, "image", png(48, 32))
+    work = work_item(TaskKind.IMAGE_TO_IMAGE, SPEC, {"image": image})
+    run = asyncio.create_task(pool.run(work, RecordingSink()))
+    await forget_prompts(agent)
+    with pytest.raises(ProviderUnavailable) as caught:
+        async with asyncio.timeout(10):
+            await run
+    assert caught.value.cause is Cause.PROMPT_LOST and caught.value.reached_agent
+    # It answers: not offline, still a candidate for the job's next attempt.
+    assert pool.snapshot()[0].state is AgentState.ONLINE, pool.snapshot()[0].last_error
+    assert pool.pick(TaskKind.IMAGE_TO_IMAGE, SPEC, exclude=frozenset({"agent-0"})) == "agent-0"
+
+
+async def test_a_vanished_prompt_runs_again_on_the_same_agent(cluster: Cluster) -> None:
+    agent = await cluster.agent()
+    agent.pause_queue()
+    manager, _ = await cluster.manager(max_attempts=2)
+    job = await submit(manager, cluster.env, spec=SPEC)
+    await forget_prompts(agent)
+    agent.resume_queue()
+    final, events = await ends(manager, job, 30)
+    assert final.state is JobState.SUCCEEDED and final.agent == "agent-0", final.error
+    assert final.attempts == 2 and len(retries(events)) == 1
