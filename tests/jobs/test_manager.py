@@ -293,7 +293,7 @@ async def test_max_attempts_then_failed_with_the_last_error(env: Env) -> None:
     manager = await env.manager(provider, max_attempts=3)
     job = await submit(manager, env)
     events = await collect(manager.subscribe(job.id))
-    assert [e.kind.attempt for e in events if isinstance(e.kind, Retrying)] == [2, 3]
+    assert [e.kind.attempt for e in events if isinstance(e.kind, Retrying)] == [1, 2]  # the attempt that failed
     final = events[-1].kind
     assert isinstance(final, Finished)
     assert final.job.state is JobState.FAILED and final.job.attempts == 3
