@@ -78,7 +78,7 @@ async def test_running_job_without_checkpoint_is_retried_after_restart(env: Env)
     restarted = await env.manager(new)
     events = await finished(restarted, job.id)
     retries = [e.kind for e in events if isinstance(e.kind, Retrying)]
-    assert [(r.attempt, r.agent) for r in retries] == [(2, "")]
+    assert [(r.attempt, r.agent) for r in retries] == [(1, "")]  # the attempt that failed
     final = events[-1].kind
     assert isinstance(final, Finished)
     assert final.job.state is JobState.SUCCEEDED and final.job.attempts == 2

@@ -202,7 +202,7 @@ class AttemptDriver:
                 active, JobState.FAILED, with_first_cause(error, active.record.retries)
             )
             return
-        retry = Retrying(attempt=job.attempts + 1, reason=error.message, agent=agent)
+        retry = Retrying(attempt=job.attempts, reason=error.message, agent=agent)
         active.record.retries.append(retry)
         job.state = JobState.QUEUED
         job.resume = {}  # the checkpoint belonged to the failed run
