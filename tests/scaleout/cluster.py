@@ -60,6 +60,9 @@ class Cluster:
             "AISERVER_JOB_LEASE_S": str(LEASE_S),
             "AISERVER_AGENTS": json.dumps(agents),
             "AISERVER_AGENT_PROBE_INTERVAL_S": "1",
+            # The per-key limit counts across every coordinator (the database's count): the
+            # 300 jobs of the full run are all submitted before most have finished.
+            "AISERVER_MAX_ACTIVE_JOBS_PER_KEY": "1000",
             "AWS_ENDPOINT_URL": self.s3.endpoint,
             "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
             "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
