@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: run test test-shared lint typecheck fmt proto proto-check lint-proto client-sync client-check bench clean
+.PHONY: run test test-services test-shared lint typecheck fmt proto proto-check lint-proto client-sync client-check bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ run: $(STAMP)
 	$(BIN)/aiserver serve
 
 ## test: the whole suite, plus generated-code drift, proto lint, ruff and mypy
-test: $(STAMP) proto-check client-check lint-proto lint typecheck
+test: $(STAMP) test-services proto-check client-check lint-proto lint typecheck
 	$(BIN)/pytest -q
+
+## test-services: start PostgreSQL and install the test browsers when missing (idempotent)
+test-services:
+	bash tools/test_services.sh
 
 ## test-shared: service tests with every service on PostgreSQL + S3 (moto) instead of the
 ## embedded SQLite + folder (docs/scale-out.md)
