@@ -10,6 +10,7 @@ client's default).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar, TypeAlias
@@ -125,7 +126,7 @@ def _optional(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-class _Upload:
+class _Upload(abc.ABC):
     """A call that uploads (a client stream): the first message carries :meth:`params`, the
     next ones the chunks of :meth:`inputs`. A subclass names its ``RPC`` and ``MESSAGE``."""
 
@@ -138,8 +139,9 @@ class _Upload:
     """The RPC's request message type."""
     image: Input
 
+    @abc.abstractmethod
     def params(self) -> Any:
-        raise NotImplementedError
+        """The first message's ``params``: each request type builds its own."""
 
     def inputs(self) -> Sequence[tuple[str, Input]]:
         """``(field, input)`` of each file to upload, in order."""
