@@ -42,11 +42,13 @@ def size_of(data: bytes | None) -> tuple[int, int]:
 
 
 async def wait_for_state(client: AsyncClient, name: str, state: int, limit_s: float = 20) -> None:
+    job = None
     for _ in range(int(limit_s / 0.05)):
-        if (await client.get_job(name)).state == state:
+        job = await client.get_job(name)
+        if job.state == state:
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{name} never reached state {state}")
+    raise AssertionError(f"{name} never reached state {state}: {job}")
 
 
 # ---- light calls ----------------------------------------------------------------------------

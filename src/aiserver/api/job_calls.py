@@ -141,10 +141,12 @@ class JobCalls:
                 if isinstance(kind, OutputStored) and send_bytes:
                     async for chunk in self._output_chunks(event, kind):
                         yield chunk
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             # The caller went away (or its deadline passed): a SYNC job goes with it - unless
             # the server is shutting down: an accepted job outlives the call then, and is
-            # finished before exit or resumed at the next start.
+            # finished before exit or resumed at the next start. grpc cancels the handler
+            # while it awaits (CancelledError) or closes this generator while it is suspended
+            # at a yield, its event being written (GeneratorExit): both are the caller leaving.
             if sync and self.manager.accepting:
                 await asyncio.shield(self._cancel_quietly(job.id))
             raise

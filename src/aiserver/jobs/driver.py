@@ -122,6 +122,12 @@ class AttemptDriver:
                 resumed=not new_attempt,
             )
             active.sink = sink
+            # A cancel that came while the inputs were fetched found no run task to cancel.
+            if active.cancel_reason == "shutdown":
+                return
+            if active.cancel_reason == "user":
+                await self._finish(active, JobState.CANCELLED, cancelled_error())
+                return
             run = asyncio.create_task(provider.run(work, sink), name=f"run-{job.id}")
             run.add_done_callback(_retrieve)
             active.run_task = run
