@@ -29,6 +29,7 @@ async def test_upscale_from_the_run_page_progress_to_done_then_output_and_varian
     page = console.page
     await console.open("#/run")
     await page.click("nav.tabs >> text=ImageUpscale")
+    await page.wait_for_selector(".drop")  # the form is built once /openapi.json is read
     # Dropped, as a person drags a file onto the zone.
     data = encode(quadrant_image(64, 48), "png")
     await page.evaluate(
