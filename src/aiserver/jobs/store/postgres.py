@@ -35,6 +35,7 @@ from aiserver.jobs.store.protocol import (
     Lease,
     LeaseLost,
     OutboxItem,
+    QueueRanks,
     SlotClaim,
     StoredEvent,
 )
@@ -310,6 +311,58 @@ class PostgresJobStore:
             f"SELECT outputs FROM jobs WHERE state IN {rows.UNFINISHED_SQL} AND outputs != '[]'"
         )
         return {name for r in found for name in rows.output_names(r[0])}
+
+    # --- one queue across processes: positions, work stealing -------------------------------
+
+    async def queue_ranks(
+        self, *, holder: str | None = None, job_ids: Collection[str] = ()
+    ) -> QueueRanks:
+        # One pass over the queued rows (the partial index): the ranks asked for, then the
+        # total in a row of its own (id NULL).
+        found = await self._fetch(
+            "WITH q AS (SELECT id, lease_holder,"
+            " row_number() OVER (ORDER BY created_us, id) AS pos"
+            " FROM jobs WHERE state = 'QUEUED')"
+            " SELECT id, pos FROM q WHERE lease_holder = $1 OR id = ANY($2::text[])"
+            " UNION ALL SELECT NULL, count(*) FROM q",
+            holder,
+            sorted(set(job_ids)),
+        )
+        positions = {r[0]: int(r[1]) for r in found if r[0] is not None}
+        queued = next(int(r[1]) for r in found if r[0] is None)
+        return QueueRanks(positions, queued)
+
+    async def stealable(
+        self, holder: str, *, waited_s: float, tasks: Collection[TaskKind], limit: int
+    ) -> list[tuple[JobRecord, str]]:
+        now = _now_us()
+        found = await self._fetch(
+            f"SELECT {rows.SELECT_COLUMNS}, lease_holder FROM jobs WHERE state = 'QUEUED'"
+            " AND lease_holder <> $1 AND lease_expires_us >= $2 AND updated_us < $3"
+            " AND cancel_requested_us IS NULL AND task = ANY($4::text[])"
+            " ORDER BY created_us, id LIMIT $5",
+            holder,
+            now,
+            now - _us(waited_s),
+            sorted(t.value for t in tasks),
+            limit,
+        )
+        return [(rows.record_of(r), r["lease_holder"]) for r in found]
+
+    async def steal(
+        self, job_id: str, holder: str, lease_s: float, *, from_holder: str
+    ) -> Lease | None:
+        expires = _now_us() + _us(lease_s)
+        found = await self._fetchval(
+            "UPDATE jobs SET lease_holder = $1, lease_expires_us = $2 WHERE id = $3"
+            " AND state = 'QUEUED' AND lease_holder = $4 AND cancel_requested_us IS NULL"
+            " RETURNING id",
+            holder,
+            expires,
+            job_id,
+            from_holder,
+        )
+        return None if found is None else Lease(job_id, holder, codec.from_micros(expires), False)
 
     # --- leases -----------------------------------------------------------------------------
 

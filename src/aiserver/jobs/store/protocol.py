@@ -35,6 +35,7 @@ __all__ = [
     "Lease",
     "LeaseLost",
     "OutboxItem",
+    "QueueRanks",
     "SlotClaim",
     "StoredEvent",
     "new_holder_id",
@@ -96,6 +97,16 @@ class Lease:
     takeover: bool
     """The job had an earlier holder whose lease expired: re-attach or retry, never rerun
     blindly (the record's ``resume`` checkpoint says where the earlier attempt was)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRanks:
+    """Places in the one queue every coordinator shares: QUEUED jobs, oldest first."""
+
+    positions: Mapping[str, int]
+    """1-based place of each job asked about that is QUEUED (others are left out)."""
+    queued: int
+    """QUEUED jobs in all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +243,32 @@ class JobStore(Protocol):
 
     async def artifacts_in_use(self) -> set[str]:
         """Artifact names listed as outputs by unfinished jobs (retention keeps them)."""
+        ...
+
+    # --- one queue across processes: positions, work stealing -------------------------------
+
+    async def queue_ranks(
+        self, *, holder: str | None = None, job_ids: Collection[str] = ()
+    ) -> QueueRanks:
+        """The places of the QUEUED jobs ``holder`` leases and of ``job_ids`` among every
+        QUEUED job, in one statement however many (a dispatch pass ranks all its jobs)."""
+        ...
+
+    async def stealable(
+        self, holder: str, *, waited_s: float, tasks: Collection[TaskKind], limit: int
+    ) -> list[tuple[JobRecord, str]]:
+        """The oldest QUEUED jobs (with their holder) that another live process leases but
+        has not started for ``waited_s`` (since their last write), of these ``tasks``, no
+        cancel requested: work an idle ``holder`` may take over with :meth:`steal`."""
+        ...
+
+    async def steal(
+        self, job_id: str, holder: str, lease_s: float, *, from_holder: str
+    ) -> Lease | None:
+        """Move a QUEUED job's lease from ``from_holder`` to ``holder``; ``None`` when it
+        started, ended, was cancelled or moved meanwhile. A compare-and-set on the row: the
+        old holder's next fenced write (its dispatch's ``save``) raises :class:`LeaseLost`,
+        so the job still runs once."""
         ...
 
     # --- leases -----------------------------------------------------------------------------

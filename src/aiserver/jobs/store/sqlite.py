@@ -34,6 +34,7 @@ from aiserver.jobs.store.protocol import (
     Lease,
     LeaseLost,
     OutboxItem,
+    QueueRanks,
     SlotClaim,
     StoredEvent,
 )
@@ -311,6 +312,64 @@ class SqliteJobStore:
             return {name for r in found for name in rows.output_names(r[0])}
 
         return await self._call(select)
+
+    # --- one queue across processes: positions, work stealing -------------------------------
+
+    async def queue_ranks(
+        self, *, holder: str | None = None, job_ids: Collection[str] = ()
+    ) -> QueueRanks:
+        wanted = sorted(set(job_ids))
+
+        def rank() -> QueueRanks:
+            marks = ", ".join("?" * len(wanted))
+            found = self._conn.execute(
+                "WITH q AS (SELECT id, lease_holder,"
+                " row_number() OVER (ORDER BY created_us, id) AS pos"
+                " FROM jobs WHERE state = 'QUEUED')"
+                f" SELECT id, pos FROM q WHERE lease_holder = ? OR id IN ({marks})"
+                " UNION ALL SELECT NULL, count(*) FROM q",
+                (holder, *wanted),
+            ).fetchall()
+            positions = {r[0]: int(r[1]) for r in found if r[0] is not None}
+            queued = next(int(r[1]) for r in found if r[0] is None)
+            return QueueRanks(positions, queued)
+
+        return await self._call(rank)
+
+    async def stealable(
+        self, holder: str, *, waited_s: float, tasks: Collection[TaskKind], limit: int
+    ) -> list[tuple[JobRecord, str]]:
+        kinds = sorted(t.value for t in tasks)
+
+        def select() -> list[tuple[JobRecord, str]]:
+            now = _now_us()
+            found = self._conn.execute(
+                f"SELECT {rows.SELECT_COLUMNS}, lease_holder FROM jobs WHERE state = 'QUEUED'"
+                " AND lease_holder <> ? AND lease_expires_us >= ? AND updated_us < ?"
+                " AND cancel_requested_us IS NULL"
+                f" AND task IN ({', '.join('?' * len(kinds))})"
+                " ORDER BY created_us, id LIMIT ?",
+                (holder, now, now - _us(waited_s), *kinds, limit),
+            ).fetchall()
+            return [(rows.record_of(r), r["lease_holder"]) for r in found]
+
+        return await self._call(select)
+
+    async def steal(
+        self, job_id: str, holder: str, lease_s: float, *, from_holder: str
+    ) -> Lease | None:
+        def take() -> Lease | None:
+            expires = _now_us() + _us(lease_s)
+            cur = self._conn.execute(
+                "UPDATE jobs SET lease_holder = ?, lease_expires_us = ? WHERE id = ?"
+                " AND state = 'QUEUED' AND lease_holder = ? AND cancel_requested_us IS NULL",
+                (holder, expires, job_id, from_holder),
+            )
+            if cur.rowcount != 1:
+                return None
+            return Lease(job_id, holder, codec.from_micros(expires), False)
+
+        return await self._call(take)
 
     # --- leases -----------------------------------------------------------------------------
 
