@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -116,6 +116,8 @@ class ScriptedProvider:
         self.slots = 1000
         self.refuse: ServiceError | None = None
         """Set to make the scheduler fail this provider's jobs at once."""
+        self.withdrawn: list[dict[str, str]] = []
+        """Checkpoints whose remote work the scheduler asked to withdraw."""
 
     @property
     def name(self) -> str:
@@ -144,6 +146,9 @@ class ScriptedProvider:
 
     async def close(self) -> None:
         pass
+
+    async def withdraw(self, resume: Mapping[str, str]) -> None:
+        self.withdrawn.append(dict(resume))
 
     async def run(self, work: WorkItem, sink: RunSink) -> None:
         run = Run(work, sink)

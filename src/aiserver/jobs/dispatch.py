@@ -5,6 +5,11 @@ chooses while it has room (``max_running_per_provider``, its own ``load()``), fa
 when no provider will ever take it, and fails with QUEUE_TIMEOUT when none took it in time.
 Queued jobs hear their position change. The attempts themselves are
 :mod:`aiserver.jobs.driver`'s.
+
+On a shared store (:class:`Shared`) this queue is this process's part of one queue: positions
+are places among every coordinator's queued jobs (:mod:`.shared_positions`), and a pass that
+finds this process idle - room on a provider, nothing queued - asks to steal a job another
+coordinator holds but cannot start (``steal``, the manager's: the store decides who wins).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.jobs.attempt import ActiveJob, Emit, with_first_cause
@@ -24,14 +30,29 @@ from aiserver.jobs.scheduler import (
     refusal,
     waiting_reason,
 )
+from aiserver.jobs.shared_positions import Rank, SharedPositions
 from aiserver.providers.base import Provider
+from aiserver.tasks import TaskKind, TaskSpec
 
-__all__ = ["Dispatcher", "Finish", "Launch"]
+__all__ = ["Dispatcher", "Finish", "Launch", "Shared"]
 
 logger = logging.getLogger(__name__)
 
 Finish = Callable[[ActiveJob, JobState, ServiceError | None], "asyncio.Task[None]"]
 Launch = Callable[[ActiveJob, Provider], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """The dispatcher's part in the one queue of a shared store (the manager's callables)."""
+
+    rank: Rank
+    """Places of the queued jobs held here among every queued job (one store statement)."""
+    check: Callable[[str], Awaitable[None]]
+    """A job queued here that the store no longer shows as held here: verify the lease, and
+    forget the job if another process took it."""
+    steal: Callable[[], Awaitable[bool]]
+    """Take one job another coordinator holds but has not started; whether one came."""
 
 
 class Dispatcher:
@@ -47,6 +68,7 @@ class Dispatcher:
         launch: Launch,
         finish: Finish,
         emit: Emit,
+        shared: Shared | None = None,
     ) -> None:
         self._providers = list(providers)
         self._settings = settings
@@ -59,6 +81,13 @@ class Dispatcher:
         """Attempts handed to each provider and not ended (counted at launch)."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._shared = shared
+        self._positions = (
+            SharedPositions(shared.rank, interval_s=settings.rank_interval_s)
+            if shared is not None
+            else None
+        )
+        self._next_steal = 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="job-dispatcher")
@@ -75,7 +104,51 @@ class Dispatcher:
     def enqueue(self, active: ActiveJob, since: float) -> None:
         """Queue a job; its queue timeout counts from ``since`` (``time.monotonic()``)."""
         active.queued_at = since
-        self.queue.push(active.job.id, since)
+        job_id = active.job.id
+        if job_id in self.queue:
+            return
+        self.queue.push(job_id, since)
+        if self._positions is not None:
+            self._positions.entered(job_id, self.queue)
+
+    def dequeue(self, job_id: str) -> bool:
+        """Take a job out of the queue (started, ended, moved); whether it was queued."""
+        if not self.queue.remove(job_id):
+            return False
+        if self._positions is not None:
+            self._positions.left(job_id)
+        return True
+
+    def position(self, job_id: str) -> int:
+        """1 for the next job to be dispatched (anywhere, on a shared store), 0 when not
+        queued here."""
+        if self._positions is not None:
+            return self._positions.position(job_id)
+        return self.queue.position(job_id)
+
+    def next_position(self) -> int:
+        """The position a job created now will have (for its Accepted event)."""
+        if self._positions is not None:
+            return self._positions.newest()
+        return len(self.queue) + 1
+
+    def has_room(self) -> bool:
+        """Whether some provider could take one more job now (of some task)."""
+        capacity = self._settings.max_running_per_provider
+        for provider in self._providers:
+            try:
+                load = max(provider.load(), self.running[provider.name])
+                if min(capacity, provider.capacity()) - load > 0:
+                    return True
+            except Exception:
+                logger.exception("provider %s failed to report its state", provider.name)
+        return False
+
+    def can_start(self, task: TaskKind, spec: TaskSpec) -> bool:
+        """Whether a provider would take this job now (for a job offered by another
+        coordinator: take only what runs here at once)."""
+        capacity = self._settings.max_running_per_provider
+        return pick_provider(self._providers, task, spec, self.running, capacity) is not None
 
     async def _loop(self) -> None:
         while True:
@@ -83,6 +156,8 @@ class Dispatcher:
             try:
                 self._expire_queued()
                 self._dispatch()
+                if self._shared is not None:
+                    await self._shared_pass(self._shared)
             except Exception:
                 logger.exception("scheduler pass failed")
             timeout = self._next_pass_in()
@@ -95,19 +170,38 @@ class Dispatcher:
             except TimeoutError:
                 pass
 
+    async def _shared_pass(self, shared: Shared) -> None:
+        """Rank the jobs queued here (when due), then steal while idle."""
+        positions = self._positions
+        if positions is not None and positions.due():
+            for job_id in await positions.refresh(self.queue):
+                await shared.check(job_id)
+            self.publish_positions()
+        now = time.monotonic()
+        if not self.queue and now >= self._next_steal and self.has_room():
+            self._next_steal = now + self._settings.recheck_interval_s
+            if await shared.steal():
+                self._next_steal = 0.0  # and again after dispatching it, while room lasts
+                self._wake.set()
+
     def _next_pass_in(self) -> float | None:
-        """Nothing queued: sleep until woken. Else recheck providers now and then, and wake
-        up for the earliest queue deadline."""
+        """Nothing queued: sleep until woken (on a shared store, look for work to steal
+        now and then). Else recheck providers now and then, and wake up for the earliest
+        queue deadline and the next ranking."""
         deadline = self.queue.next_deadline(self._settings.queue_timeout_s)
         if deadline is None:
+            if self._shared is not None and self.has_room():
+                return max(self._next_steal - time.monotonic(), 0.0)
             return None
         until_deadline = max(deadline - time.monotonic(), 0.0)
-        return min(self._settings.recheck_interval_s, until_deadline)
+        wait = min(self._settings.recheck_interval_s, until_deadline)
+        ranking = self._positions.next_due_in() if self._positions is not None else None
+        return wait if ranking is None else min(wait, ranking)
 
     def _expire_queued(self) -> None:
         timeout = self._settings.queue_timeout_s
         for job_id in self.queue.expired(time.monotonic(), timeout):
-            self.queue.remove(job_id)
+            self.dequeue(job_id)
             error = ServiceError(
                 ErrorKind.DEADLINE_EXCEEDED,
                 "QUEUE_TIMEOUT",
@@ -141,14 +235,15 @@ class Dispatcher:
                     why = waiting_reason(self._providers, active.job.task, active.job.spec)
                     self._set_waiting(active, why)
                 continue
-            self.queue.remove(job_id)
+            self.dequeue(job_id)
             self._launch(active, provider)
             dispatched = True
         if dispatched:
             self.publish_positions()
 
     def publish_positions(self) -> None:
-        for job_id, position in self.queue.positions().items():
+        for job_id in self.queue:
+            position = self.position(job_id)
             active = self._active[job_id]
             if active.last_position != position:
                 active.last_position = position
@@ -162,6 +257,6 @@ class Dispatcher:
         if active.job.waiting == why:
             return
         active.job.waiting = why
-        position = self.queue.position(active.job.id)
+        position = self.position(active.job.id)
         active.last_position = position
         self._emit_event(active, Progress(Stage.QUEUED, queue_position=position, waiting=why))

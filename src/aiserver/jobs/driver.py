@@ -6,6 +6,8 @@ shared store if only there) and an :class:`~aiserver.jobs.attempt.AttemptSink`, 
 by ``run_timeout_s``, then settles: success, a retry on another agent (queued again), a
 failure, or a cancel. Every write goes through the manager's fenced ``save``; a
 ``LeaseLost`` (another process holds the job now) makes it forget the job, nothing more.
+A cancel that ends a resumed attempt before its run followed the checkpoint withdraws the
+remote work the earlier process left (:meth:`AttemptDriver.withdraw`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,6 +58,7 @@ class AttemptDriver:
         artifacts: ArtifactWriter,
         settings: SchedulerSettings,
         dispatcher: Dispatcher,
+        providers: Mapping[str, Provider],
         *,
         save: Save,
         emit: Emit,
@@ -66,6 +69,7 @@ class AttemptDriver:
         self._artifacts = artifacts
         self._settings = settings
         self._dispatcher = dispatcher
+        self._providers = providers
         self._save = save
         self._emit = emit
         self._finish = finish
@@ -101,7 +105,7 @@ class AttemptDriver:
             if active.cancel_reason == "shutdown":
                 return
             if active.cancel_reason == "user":
-                await self._finish(active, JobState.CANCELLED, cancelled_error())
+                await self._cancel_unstarted(active, new_attempt)
                 return
             self._emit(active, Progress(Stage.PENDING, provider=provider.name))
             work = WorkItem(
@@ -126,7 +130,7 @@ class AttemptDriver:
             if active.cancel_reason == "shutdown":
                 return
             if active.cancel_reason == "user":
-                await self._finish(active, JobState.CANCELLED, cancelled_error())
+                await self._cancel_unstarted(active, new_attempt)
                 return
             run = asyncio.create_task(provider.run(work, sink), name=f"run-{job.id}")
             run.add_done_callback(_retrieve)
@@ -152,6 +156,24 @@ class AttemptDriver:
             active.run_task = None
             active.sink = None
             self._dispatcher.wake()
+
+    async def _cancel_unstarted(self, active: ActiveJob, new_attempt: bool) -> None:
+        """Cancelled before the run began: a resumed attempt's remote work (left by the
+        process that started it) is still out there."""
+        if not new_attempt:
+            await self.withdraw(active.job)
+        await self._finish(active, JobState.CANCELLED, cancelled_error())
+
+    async def withdraw(self, job: Job) -> None:
+        """Ask the job's provider to take off its agent the work its checkpoint names."""
+        provider = self._providers.get(job.provider)
+        if provider is None or not job.resume:
+            return
+        try:
+            async with asyncio.timeout(self._settings.cancel_timeout_s):
+                await provider.withdraw(job.resume)
+        except Exception:
+            logger.warning("job %s: could not withdraw its remote work", job.id, exc_info=True)
 
     async def _conclude(
         self, active: ActiveJob, run: asyncio.Task[None], timed_out: bool, *, counted: bool

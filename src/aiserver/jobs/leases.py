@@ -58,6 +58,10 @@ class LeaseKeeper:
             self._held.add(lease.job_id)
         return lease
 
+    def hold(self, job_id: str) -> None:
+        """Renew this job from now on (leased to this process by its ``create``)."""
+        self._held.add(job_id)
+
     def drop(self, job_id: str) -> None:
         """No longer renew this job (it ended, or was lost)."""
         self._held.discard(job_id)

@@ -32,7 +32,7 @@ from aiserver.jobs.attempt import (
     cancelled_error,
     input_missing,
 )
-from aiserver.jobs.dispatch import Dispatcher
+from aiserver.jobs.dispatch import Dispatcher, Shared
 from aiserver.jobs.driver import AttemptDriver
 from aiserver.jobs.event_codec import encode_event
 from aiserver.jobs.event_log import EventLog
@@ -73,9 +73,11 @@ from aiserver.jobs.store import (
     JobQuery,
     JobRecord,
     JobStore,
+    Lease,
     LeaseLost,
+    QueueRanks,
 )
-from aiserver.jobs.store_watch import StoreWatch
+from aiserver.jobs.store_watch import Handover, StoreWatch
 from aiserver.logs import job_id_var
 from aiserver.providers.base import (
     Provider,
@@ -90,9 +92,11 @@ logger = logging.getLogger(__name__)
 TerminalHook = Callable[[Job], Awaitable[None]]
 Deliveries = Callable[[Job], Sequence[tuple[str, bytes]]]
 """The webhook deliveries (url, body) stored with a job's final state, in one transaction."""
-JobStream = Subscription | StoreWatch
+JobStream = Subscription | StoreWatch | Handover
 ADOPT_BATCH = 100
 """Jobs adopted in one pass at most (the next pass, a third of a lease later, takes more)."""
+STEAL_LOOKAHEAD = 8
+"""Jobs offered to an idle process at once: it takes the oldest one it can start."""
 
 SEQUENCE_BLOCK = 256
 """Event sequences reserved in the store per write. Progress events are not stored one by one;
@@ -134,12 +138,14 @@ class JobManager:
             launch=self._launch_new,
             finish=self._finish,
             emit=self._emit,
+            shared=Shared(self._rank, self._check_held, self._steal) if holder else None,
         )
         self._driver = AttemptDriver(
             spool,
             artifacts,
             settings,
             self._dispatch,
+            self._by_name,
             save=self._save,
             emit=self._emit,
             finish=self._finish,
@@ -414,9 +420,16 @@ class JobManager:
         """Replay then live events, ending after Finished (check ownership with get first).
 
         A job another process holds (shared store) is watched through the store."""
-        if self._leases is not None and job_id not in self._active:
+        if self._leases is None:
+            return self._hub.subscribe(job_id, self._load_replay)
+        if job_id not in self._active:
             return StoreWatch(self._store, job_id)
-        return self._hub.subscribe(job_id, self._load_replay)
+        # Should another process take the job over, the stream goes on from the store.
+        return Handover(
+            self._hub.subscribe(job_id, self._load_replay),
+            lambda last: StoreWatch(self._store, job_id, after=last),
+            lambda: self._phase == "running" and job_id not in self._active,
+        )
 
     async def cancel(self, job_id: str, owner: str | None) -> Job:
         """Cancel a queued or running job; an ended job is returned unchanged."""
@@ -441,7 +454,7 @@ class JobManager:
         return snapshot(active.job)
 
     async def _cancel_here(self, active: ActiveJob) -> None:
-        if self._dispatch.queue.remove(active.job.id):
+        if self._dispatch.dequeue(active.job.id):
             await asyncio.shield(self._finish(active, JobState.CANCELLED, cancelled_error()))
         else:
             # Running (or between two steps of its controller, which checks the reason).
@@ -491,8 +504,24 @@ class JobManager:
         return len(self._dispatch.queue)
 
     def queue_position(self, job_id: str) -> int:
-        """1 for the next job to be dispatched, 0 when not queued."""
-        return self._dispatch.queue.position(job_id)
+        """1 for the next job to be dispatched, 0 when not queued here (on a shared store:
+        the place among every coordinator's queued jobs; :meth:`positions` also knows the
+        jobs held elsewhere)."""
+        return self._dispatch.position(job_id)
+
+    async def positions(self, jobs: Sequence[Job]) -> dict[str, int]:
+        """Queue positions of these jobs, those held by other processes included (one store
+        statement for all of them)."""
+        found = {j.id: self._dispatch.position(j.id) for j in jobs}
+        elsewhere = [
+            j.id
+            for j in jobs
+            if self._leases is not None and j.state is JobState.QUEUED and not found[j.id]
+        ]
+        if elsewhere:
+            ranks = await self._store.queue_ranks(job_ids=elsewhere)
+            found.update(ranks.positions)
+        return found
 
     def can_serve(self, task: TaskKind) -> bool:
         """Whether some provider can run ``task`` now (for health checks)."""
@@ -541,7 +570,7 @@ class JobManager:
         active = ActiveJob(stored)
         self._active[job_id] = active
         self._dispatch.enqueue(active, time.monotonic())
-        active.last_position = self._dispatch.queue.position(job_id)
+        active.last_position = self._dispatch.position(job_id)
         self._hub.open_new(job)
         self._hub.emit(job_id, Accepted(task, job.ref_id, active.last_position))
         self._dispatch.wake()
@@ -560,7 +589,7 @@ class JobManager:
             raise self._too_many_jobs(limit) from None
         if existing:
             return self._fresh(stored.job), True
-        accepted = Accepted(job.task, job.ref_id, len(self._dispatch.queue) + 1)
+        accepted = Accepted(job.task, job.ref_id, self._dispatch.next_position())
         kind, payload = encode_event(accepted)
         await self._store.append_event(job.id, 1, kind, payload)
         if await self._leases.take(job.id) is None:
@@ -571,7 +600,7 @@ class JobManager:
         active = ActiveJob(stored)
         self._active[job.id] = active
         self._dispatch.enqueue(active, time.monotonic())
-        active.last_position = self._dispatch.queue.position(job.id)
+        active.last_position = self._dispatch.position(job.id)
         self._hub.open_new(job)
         self._hub.emit(job.id, accepted)  # sequence 1, stored above
         self._dispatch.wake()
@@ -603,6 +632,12 @@ class JobManager:
             lease = await self._leases.take(job_id)
         if lease is None:
             return None
+        return await self._take_on(lease, "taken over" if lease.takeover else "free")
+
+    async def _take_on(self, lease: Lease, how: str) -> ActiveJob | None:
+        """Run a job whose lease this process just got: queued, resumed from its checkpoint,
+        retried, or cancelled as requested."""
+        assert self._leases is not None
         held = self._active.get(lease.job_id)
         if held is not None:  # its lease had lapsed unnoticed; this process still runs it
             return held
@@ -610,17 +645,63 @@ class JobManager:
         if record is None or record.job.state.terminal:
             await self._leases.release(lease.job_id)
             return None
-        logger.info(
-            "job %s: adopted (%s)", lease.job_id, "taken over" if lease.takeover else "free"
-        )
+        logger.info("job %s: adopted (%s)", lease.job_id, how)
+        # Its last holder may have stored events past its stored reservation (they are
+        # appended apart from the record): number after them, never reuse one.
+        later = await self._store.events(lease.job_id, after=record.last_sequence)
+        if later:
+            record.last_sequence = later[-1].sequence
         cancel = await self._store.cancel_requested(lease.job_id)
         if cancel:
+            # Its prompt may still be on an agent, left by a holder that died: withdraw it.
+            await self._driver.withdraw(record.job)
             record.job.state = JobState.QUEUED  # ended below, without running again
         await self._recover([record])
         active = self._active.get(lease.job_id)
         if active is not None and cancel and not active.finishing:
             await self._cancel_here(active)
         return active
+
+    async def _rank(self) -> QueueRanks:
+        assert self._leases is not None
+        return await self._store.queue_ranks(holder=self._leases.holder)
+
+    async def _check_held(self, job_id: str) -> None:
+        """A job queued here that the store's ranking no longer shows held here: forget it
+        if this process lost its lease (another coordinator stole it)."""
+        assert self._leases is not None
+        if job_id not in self._active:
+            return
+        if await self._store.renew(job_id, self._leases.holder, self._leases.lease_s) is None:
+            self._lease_lost(job_id)
+
+    async def _steal(self) -> bool:
+        """Idle here (room, nothing queued): take over the oldest job that another live
+        coordinator holds but has not started for ``steal_after_s`` and that a provider here
+        starts now. The store's compare-and-set decides: the old holder's dispatch is fenced
+        off (``LeaseLost``), so the job still runs once."""
+        assert self._leases is not None
+        if not self.accepting:
+            return False
+        tasks = [t for t in TaskKind if could_serve(self._providers, t)]
+        if not tasks:
+            return False
+        holder = self._leases.holder
+        offered = await self._store.stealable(
+            holder, waited_s=self._settings.steal_after_s, tasks=tasks, limit=STEAL_LOOKAHEAD
+        )
+        for record, previous in offered:
+            job = record.job
+            if job.id in self._active or not self._dispatch.can_start(job.task, job.spec):
+                continue
+            lease = await self._store.steal(
+                job.id, holder, self._leases.lease_s, from_holder=previous
+            )
+            if lease is None:
+                continue  # started, cancelled or taken meanwhile
+            self._leases.hold(job.id)
+            return await self._take_on(lease, f"stolen from {previous}") is not None
+        return False
 
     async def _hear_cancels(self, listener: AnnouncementStream) -> None:
         """A cancel requested on another process reaches the job here, if held here."""
@@ -655,7 +736,7 @@ class JobManager:
         logger.warning("job %s: no longer held here; dropped", job_id)
         active.finishing = True  # nothing may be written or emitted for it from here on
         active.cancel_reason = "shutdown"
-        self._dispatch.queue.remove(job_id)
+        self._dispatch.dequeue(job_id)
         if active.run_task is not None:
             active.run_task.cancel(SHUTDOWN)
         if self._leases is not None:
@@ -742,7 +823,7 @@ class JobManager:
         active.finishing = True
         job = active.job
         job_id_var.set(job.id)
-        self._dispatch.queue.remove(job.id)
+        self._dispatch.dequeue(job.id)
         job.state = state
         job.error = error
         job.waiting = ""

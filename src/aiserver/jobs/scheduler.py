@@ -73,6 +73,12 @@ class SchedulerSettings:
     RESOURCE_EXHAUSTED ``TOO_MANY_JOBS``. 0: no limit."""
     too_many_jobs_retry_s: float = 5.0
     """The retry delay suggested (RetryInfo) with ``TOO_MANY_JOBS``."""
+    steal_after_s: float = 2.0
+    """On a shared store: a queued job another live coordinator holds, not started for this
+    long, may be taken by an idle one (free slots, nothing queued; docs/scale-out.md)."""
+    rank_interval_s: float = 0.25
+    """On a shared store: how often at most the queued jobs held here are ranked among every
+    coordinator's (their queue positions)."""
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -81,7 +87,13 @@ class SchedulerSettings:
             raise ValueError("max_running_per_provider must be at least 1")
         if self.subscriber_buffer < 1:
             raise ValueError("subscriber_buffer must be at least 1")
-        for name in ("queue_timeout_s", "run_timeout_s", "cancel_timeout_s", "recheck_interval_s"):
+        for name in (
+            "queue_timeout_s",
+            "run_timeout_s",
+            "cancel_timeout_s",
+            "recheck_interval_s",
+            "rank_interval_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
@@ -204,6 +216,11 @@ class JobQueue:
         if job_id not in self._since:
             return 0
         return bisect.bisect_left(self._ids, job_id) + 1
+
+    def next_after(self, job_id: str) -> str | None:
+        """The queued job right behind ``job_id`` (None: it is the last)."""
+        i = bisect.bisect_right(self._ids, job_id)
+        return self._ids[i] if i < len(self._ids) else None
 
     def positions(self) -> dict[str, int]:
         return {job_id: i for i, job_id in enumerate(self._ids, start=1)}

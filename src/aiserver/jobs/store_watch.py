@@ -6,20 +6,25 @@ the record, then on each announcement for the job (or ``resync``, or every
 ends after ``Finished``, built from the final record. A job whose record is final but whose
 ``finished`` row never came (its process died between the two writes) ends after
 ``settle_s`` with a Finished made from the record.
+
+:class:`Handover` is the stream of a watcher on the holder: the holder's live events, and when
+the holder stops holding the job (another coordinator stole it, or its lease lapsed) the rest
+from the store, after the last sequence it delivered, so the caller's stream goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from aiserver.jobs.event_codec import FINISHED, decode_event
-from aiserver.jobs.events import job_not_found, snapshot
+from aiserver.jobs.events import Subscription, job_not_found, snapshot
 from aiserver.jobs.model import Finished, Job, JobEvent
 from aiserver.jobs.store import Announcement, AnnouncementStream, JobStore
 
-__all__ = ["StoreWatch"]
+__all__ = ["Handover", "StoreWatch"]
 
 
 class StoreWatch:
@@ -32,7 +37,9 @@ class StoreWatch:
         *,
         idle_recheck_s: float = 2.0,
         settle_s: float = 3.0,
+        after: int = 0,
     ) -> None:
+        """``after``: the last sequence the watcher has (0: replay from the first)."""
         self._store = store
         self._job_id = job_id
         self._idle_s = idle_recheck_s
@@ -40,7 +47,7 @@ class StoreWatch:
         self._listener: AnnouncementStream | None = None
         self._next: asyncio.Future[Announcement] | None = None
         self._ready: deque[JobEvent] = deque()
-        self._last = 0
+        self._last = after
         self._started = False
         self._done = False
 
@@ -135,3 +142,44 @@ class StoreWatch:
 
 def _age_s(when: datetime) -> float:
     return (datetime.now(UTC) - when).total_seconds()
+
+
+class Handover:
+    """Events of a job held here (``local``), continued from the store (``follow(last)``)
+    when ``local`` ends without Finished while ``elsewhere()`` says another process holds
+    the job now."""
+
+    def __init__(
+        self,
+        local: Subscription,
+        follow: Callable[[int], StoreWatch],
+        elsewhere: Callable[[], bool],
+    ) -> None:
+        self._local = local
+        self._follow = follow
+        self._elsewhere = elsewhere
+        self._store: StoreWatch | None = None
+        self._last = 0
+        self._finished = False
+
+    def __aiter__(self) -> Handover:
+        return self
+
+    async def __anext__(self) -> JobEvent:
+        if self._store is None:
+            try:
+                event = await anext(self._local)
+            except StopAsyncIteration:
+                if self._finished or not self._elsewhere():
+                    raise
+                self._store = self._follow(self._last)
+            else:
+                self._last = max(self._last, event.sequence)
+                self._finished = isinstance(event.kind, Finished)
+                return event
+        return await anext(self._store)
+
+    async def aclose(self) -> None:
+        await self._local.aclose()
+        if self._store is not None:
+            await self._store.aclose()

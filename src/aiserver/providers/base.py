@@ -141,6 +141,12 @@ class Provider(Protocol):
         scheduler keeps the rest queued, with a queue position, instead of handing them over."""
         ...
 
+    async def withdraw(self, resume: Mapping[str, str]) -> None:
+        """Take off its agent the remote work an earlier process left, named by the
+        checkpoint it saved (delete it if pending, interrupt it if running): its job was
+        cancelled while no process followed it. Bounded in time; nothing left is no error."""
+        ...
+
     async def run(self, work: WorkItem, sink: RunSink) -> None:
         """Run to completion.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from aiserver.errors import ServiceError
 from aiserver.providers.base import Provider, RunSink, WorkItem
@@ -55,6 +55,9 @@ class _Delegate:
 
     async def run(self, work: WorkItem, sink: RunSink) -> None:
         await self._inner.run(work, sink)
+
+    async def withdraw(self, resume: Mapping[str, str]) -> None:
+        await self._inner.withdraw(resume)
 
 
 class Fallback(_Delegate):

@@ -250,6 +250,28 @@ class ComfyPool:
                 await self._slots.give_back(slot)
             await self._notify()
 
+    async def withdraw(self, resume: Mapping[str, str]) -> None:
+        """Delete the checkpoint's prompt from its agent's queue, or interrupt it if it runs
+        (what a cancelled run does, for a prompt whose run died with its process)."""
+        agent = self._agents.get(resume.get("agent", ""))
+        prompt_id = resume.get("prompt_id", "")
+        if agent is None or not prompt_id:
+            return
+        client = agent.client
+        try:
+            async with asyncio.timeout(self._settings.timeouts.cancel_s):
+                await client.delete_pending([prompt_id])
+                if (await client.remote_job(prompt_id)).state == "running":
+                    await client.interrupt(prompt_id)
+        except (ServiceError, TimeoutError) as exc:
+            logger.warning(
+                "could not withdraw prompt %s from %s: %s", prompt_id, agent.config.name, exc
+            )
+            return
+        logger.info(
+            "withdrew prompt %s from %s (its job was cancelled)", prompt_id, agent.config.name
+        )
+
     def _outputs_over_websocket(self, agent: _Agent) -> bool:
         caps = agent.caps
         return (

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path, PurePath
 
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
@@ -129,6 +130,10 @@ class LocalUpscaleProvider:
                 f"the {self._name} upscaler cannot load {model.name}",
                 metadata={"model": model.name},
             )
+        return None
+
+    async def withdraw(self, resume: Mapping[str, str]) -> None:
+        """Runs in this process: nothing outlives it to withdraw."""
         return None
 
     async def start(self) -> None:
