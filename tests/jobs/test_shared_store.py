@@ -7,14 +7,24 @@ share one store object: its announcements are in-process, which is all SQLite se
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from aiserver.jobs.event_codec import encode_event
 from aiserver.jobs.manager import JobManager
-from aiserver.jobs.model import Accepted, Finished, JobState, OutputStored
+from aiserver.jobs.model import (
+    Accepted,
+    Finished,
+    JobEvent,
+    JobState,
+    OutputStored,
+    Progress,
+    Stage,
+)
 from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import JobStore, new_holder_id
 from aiserver.jobs.store_watch import StoreWatch
@@ -149,6 +159,117 @@ async def test_ref_id_and_active_limit_hold_across_coordinators(pair: Pair) -> N
     with pytest.raises(Exception) as refused:
         await submit(a, pair.env, ref_id="r3")
     assert getattr(refused.value, "reason", "") == "TOO_MANY_JOBS"
+
+
+async def test_queue_positions_are_places_among_every_coordinators_jobs(pair: Pair) -> None:
+    offline_a = ScriptedProvider("p1", online=False)
+    a = await pair.manager(offline_a)
+    b = await pair.manager(ScriptedProvider("p1", online=False))
+    first = await submit(a, pair.env)
+    second = await submit(b, pair.env)
+    third = await submit(a, pair.env)
+    watch_second = b.subscribe(second.id)
+    watch_third = a.subscribe(third.id)
+    await _position(watch_third, 3)  # behind b's job, though a holds only two
+    await _position(watch_second, 2)
+    assert [a.queue_position(first.id), b.queue_position(second.id)] == [1, 2]
+    # GetJob / ListJobs of a job held elsewhere: one ranking for all of them.
+    assert await b.positions([await b.get(first.id, None), await b.get(third.id, None)]) == {
+        first.id: 1,
+        third.id: 3,
+    }
+    offline_a.online = True  # a starts its oldest: everyone behind it moves up
+    await _position(watch_second, 1)
+    await _position(watch_third, 2)
+    await watch_second.aclose()
+    await watch_third.aclose()
+
+
+async def test_an_idle_coordinator_steals_waiting_work_oldest_first_and_runs_it_once(
+    pair: Pair,
+) -> None:
+    busy = ScriptedProvider("p1", gated)
+    a = await pair.manager(busy, max_running_per_provider=1, steal_after_s=0.1)
+    jobs = [await submit(a, pair.env) for _ in range(3)]
+    running_on_a = await busy.next_run()
+    watching = a.subscribe(jobs[1].id)  # a caller on a (SYNC): its stream must go on
+    assert isinstance((await within(anext(watching))).kind, Accepted)
+    idle = ScriptedProvider("p1", gated)
+    b = await pair.manager(idle, steal_after_s=0.1)
+    stolen = [await idle.next_run(), await idle.next_run()]
+    assert [r.work.job_id for r in stolen] == [jobs[1].id, jobs[2].id]  # oldest first
+    assert not any(b.queue_position(j.id) for j in jobs)
+    # a forgets them at its next ranking (they are no longer held by it): its dispatch
+    # would have been fenced off anyway.
+    await _until(lambda: a.active_count() == 1)
+    for run in [running_on_a, *stolen]:
+        run.release.set()
+    events = await collect(watching, 10)
+    finished = events[-1].kind
+    assert isinstance(finished, Finished) and finished.job.state is JobState.SUCCEEDED
+    finals = [await within(_final(b, j.id), 10) for j in jobs]
+    assert {f.state for f in finals} == {JobState.SUCCEEDED}
+    ran = [r.work.job_id for r in busy.runs + idle.runs]
+    assert sorted(ran) == sorted(j.id for j in jobs)  # each exactly once
+
+
+async def test_cancel_of_a_taken_over_job_withdraws_the_prompt_its_holder_left(
+    pair: Pair,
+) -> None:
+    first = ScriptedProvider("p1", gated)
+    a = await pair.manager(first)
+    job = await submit(a, pair.env)
+    run = await first.next_run()
+    await run.sink.checkpoint({"agent": "x", "prompt_id": "p-1"})
+    await _freeze(a)  # dies with its prompt on the agent
+    second = ScriptedProvider("p1", gated, online=False)
+    b = await pair.manager(second)
+    cancelled = await within(b.cancel(job.id, "alice"), 10)
+    assert cancelled.state is JobState.CANCELLED
+    assert second.withdrawn == [{"agent": "x", "prompt_id": "p-1"}]
+    assert second.runs == []  # not run again
+
+
+async def test_a_taker_numbers_its_events_after_those_the_dead_holder_stored(
+    pair: Pair,
+) -> None:
+    first = ScriptedProvider("p1", gated, online=True)
+    a = await pair.manager(first)
+    job = await submit(a, pair.env)
+    run = await first.next_run()
+    await run.sink.checkpoint({"agent": "x", "prompt_id": "p-1"})
+    store = a._store
+    record = await store.get(job.id)
+    assert record is not None
+    # Stored past its reservation just before it died (the reservation's save never came).
+    beyond = record.last_sequence + 8
+    kind, payload = encode_event(Progress(Stage.RUNNING, fraction=0.5))
+    for sequence in range(record.last_sequence + 1, beyond + 1):
+        await store.append_event(job.id, sequence, kind, payload)
+    await _freeze(a)
+    second = ScriptedProvider("p1")
+    b = await pair.manager(second)
+    final = await within(_final(b, job.id), 10)
+    assert final.state is JobState.SUCCEEDED
+    # Each of the taker's events got a number of its own: none was refused as a duplicate.
+    stored = await store.events(job.id)
+    assert stored[-1].kind == "finished"
+    assert "output" in [e.kind for e in stored if e.sequence > beyond]
+
+
+async def _position(events: Any, position: int) -> None:
+    """Until the stream says the job is at ``position``."""
+    async with asyncio.timeout(5):
+        async for event in events:
+            kind = event.kind
+            if isinstance(kind, Accepted | Progress) and kind.queue_position == position:
+                return
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while not condition():
+            await asyncio.sleep(0.02)
 
 
 async def _freeze(manager: JobManager) -> None:
