@@ -257,6 +257,25 @@ async def test_a_taker_numbers_its_events_after_those_the_dead_holder_stored(
     assert "output" in [e.kind for e in stored if e.sequence > beyond]
 
 
+async def test_a_tap_sees_the_jobs_every_coordinator_holds(pair: Pair) -> None:
+    runner = ScriptedProvider("p1", gated)
+    a = await pair.manager(runner)
+    b = await pair.manager(_serves_nothing())
+    seen: list[tuple[JobEvent, JobState]] = []
+    remove = b.tap(lambda event, job: seen.append((event, job.state)))
+    job = await submit(a, pair.env)
+    run = await runner.next_run()
+    run.release.set()
+    await _until(lambda: any(isinstance(e.kind, Finished) for e, _ in seen))
+    remove()
+    assert {e.job_id for e, _ in seen} == {job.id}
+    kinds = [type(e.kind) for e, _ in seen]
+    assert OutputStored in kinds and kinds[-1] is Finished
+    assert seen[-1][1] is JobState.SUCCEEDED
+    sequences = [e.sequence for e, _ in seen]
+    assert sequences == sorted(set(sequences))
+
+
 async def _position(events: Any, position: int) -> None:
     """Until the stream says the job is at ``position``."""
     async with asyncio.timeout(5):

@@ -22,7 +22,7 @@ from aiserver.api.job_changes import JobChanges
 from aiserver.api.status import rpc
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs.manager import JobManager
-from aiserver.jobs.model import Job, Progress
+from aiserver.jobs.model import Job, JobState, Progress
 from aiserver.jobs.paging import page_size as checked_page_size
 from aiserver.logs import job_id_var
 
@@ -52,9 +52,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     @rpc
     async def GetJob(self, request: jpb.GetJobRequest, context: Any) -> jpb.GetJobResponse:
         job = await self._manager.get(parse_job_name(request.name), calls.scope())
-        return jpb.GetJobResponse(
-            job=job_to_proto(job, self._manager.queue_position(job.id), self._link)
-        )
+        positions = await self._manager.positions([job])
+        return jpb.GetJobResponse(job=job_to_proto(job, positions[job.id], self._link))
 
     @rpc
     async def ListJobs(self, request: jpb.ListJobsRequest, context: Any) -> jpb.ListJobsResponse:
@@ -73,8 +72,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             page_size=page_size,
             page_token=request.page_token,
         )
+        positions = await self._manager.positions(jobs)
         return jpb.ListJobsResponse(
-            jobs=[job_to_proto(j, self._manager.queue_position(j.id), self._link) for j in jobs],
+            jobs=[job_to_proto(j, positions[j.id], self._link) for j in jobs],
             next_page_token=token,
         )
 
@@ -112,9 +112,14 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         try:
             while True:
                 event, job = await changes.next()
-                reply = jpb.WatchJobsResponse(
-                    job=job_to_proto(job, self._manager.queue_position(job.id), self._link)
-                )
+                position = self._manager.queue_position(job.id)
+                if (
+                    not position
+                    and job.state is JobState.QUEUED
+                    and isinstance(event.kind, Progress)
+                ):
+                    position = event.kind.queue_position  # held elsewhere: its holder's word
+                reply = jpb.WatchJobsResponse(job=job_to_proto(job, position, self._link))
                 if isinstance(event.kind, Progress):
                     proto = event_to_proto(event, reply.job.queue_position, self._link)
                     reply.progress.CopyFrom(proto.progress)

@@ -77,6 +77,7 @@ from aiserver.jobs.store import (
     LeaseLost,
     QueueRanks,
 )
+from aiserver.jobs.store_feed import StoreFeed
 from aiserver.jobs.store_watch import Handover, StoreWatch
 from aiserver.logs import job_id_var
 from aiserver.providers.base import (
@@ -165,6 +166,7 @@ class JobManager:
             spawn=self._spawn,
         )
         self._listener: AnnouncementStream | None = None
+        self._feed = StoreFeed(store, self._active.__contains__) if holder is not None else None
         self._deliveries: Deliveries = _no_deliveries
         self._delivery_stored: Callable[[], None] = _nothing
         self._shared_tasks: builtins.list[asyncio.Task[None]] = []  # adopt, cancel listener
@@ -267,6 +269,8 @@ class JobManager:
             await self._leases.release_all()  # the others resume these jobs at once
         if self._listener is not None:
             await self._listener.aclose()
+        if self._feed is not None:
+            await self._feed.close()
         self._hub.close()
         self._phase = "stopped"
 
@@ -413,8 +417,18 @@ class JobManager:
     def tap(self, callback: JobTap) -> Callable[[], None]:
         """Every event of every job, with its live record, until the remover is called.
 
-        On a shared store: the jobs this process holds (each coordinator taps its own)."""
-        return self._hub.tap(callback)
+        On a shared store, those of jobs held elsewhere come through the store
+        (:mod:`.store_feed`), a moment later."""
+        remove_here = self._hub.tap(callback)
+        if self._feed is None:
+            return remove_here
+        remove_elsewhere = self._feed.tap(callback)
+
+        def remove() -> None:
+            remove_here()
+            remove_elsewhere()
+
+        return remove
 
     def subscribe(self, job_id: str) -> JobStream:
         """Replay then live events, ending after Finished (check ownership with get first).

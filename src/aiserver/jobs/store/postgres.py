@@ -364,6 +364,26 @@ class PostgresJobStore:
         )
         return None if found is None else Lease(job_id, holder, codec.from_micros(expires), False)
 
+    async def records(self, job_ids: Collection[str]) -> list[JobRecord]:
+        found = await self._fetch(
+            f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE id = ANY($1::text[])",
+            sorted(set(job_ids)),
+        )
+        return [rows.record_of(r) for r in found]
+
+    async def events_after(self, after: Mapping[str, int]) -> list[StoredEvent]:
+        ids = sorted(after)
+        found = await self._fetch(
+            "SELECT e.job_id, e.sequence, e.kind, e.payload, e.created_us FROM job_events e"
+            " JOIN unnest($1::text[], $2::bigint[]) AS a (job_id, after)"
+            " ON e.job_id = a.job_id AND e.sequence > a.after ORDER BY e.job_id, e.sequence",
+            ids,
+            [after[i] for i in ids],
+        )
+        return [
+            StoredEvent(r[0], r[1], r[2], json.loads(r[3]), codec.from_micros(r[4])) for r in found
+        ]
+
     # --- leases -----------------------------------------------------------------------------
 
     async def claim(

@@ -271,6 +271,15 @@ class JobStore(Protocol):
         so the job still runs once."""
         ...
 
+    async def records(self, job_ids: Collection[str]) -> list[JobRecord]:
+        """The stored records of these jobs (unknown ids are left out), in one statement."""
+        ...
+
+    async def events_after(self, after: Mapping[str, int]) -> list[StoredEvent]:
+        """For each job in ``after``, its stored events with a sequence above the given one,
+        in (job, sequence) order: one read for a feed of many jobs' changes."""
+        ...
+
     # --- leases -----------------------------------------------------------------------------
 
     async def claim(

@@ -371,6 +371,35 @@ class SqliteJobStore:
 
         return await self._call(take)
 
+    async def records(self, job_ids: Collection[str]) -> list[JobRecord]:
+        wanted = sorted(set(job_ids))
+
+        def select() -> list[JobRecord]:
+            marks = ", ".join("?" * len(wanted))
+            found = self._conn.execute(
+                f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE id IN ({marks})", wanted
+            ).fetchall()
+            return [rows.record_of(r) for r in found]
+
+        return await self._call(select) if wanted else []
+
+    async def events_after(self, after: Mapping[str, int]) -> list[StoredEvent]:
+        def select() -> list[StoredEvent]:
+            found: list[StoredEvent] = []
+            for job_id in sorted(after):  # one thread hop for them all
+                stored = self._conn.execute(
+                    "SELECT sequence, kind, payload, created_us FROM job_events"
+                    " WHERE job_id = ? AND sequence > ? ORDER BY sequence",
+                    (job_id, after[job_id]),
+                ).fetchall()
+                found.extend(
+                    StoredEvent(job_id, r[0], r[1], json.loads(r[2]), codec.from_micros(r[3]))
+                    for r in stored
+                )
+            return found
+
+        return await self._call(select)
+
     # --- leases -----------------------------------------------------------------------------
 
     async def claim(

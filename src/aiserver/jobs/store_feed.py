@@ -1,0 +1,119 @@
+"""Every job's changes, from every coordinator, for event taps (WatchJobs, the console's list).
+
+The event hub taps only the jobs this process holds. On a shared store the others' events are
+announced (``pg_notify``) as they are stored: while at least one tap is registered, this feed
+collects the announced jobs and every ``interval_s`` reads their new events and records in two
+statements, however many jobs moved (:meth:`~aiserver.jobs.store.JobStore.events_after`,
+:meth:`~aiserver.jobs.store.JobStore.records`), then hands each event with its job to the taps.
+Nothing runs while no tap is registered. A list view tolerates what this costs in freshness:
+stored progress is already coalesced (0.5 s), and the taps throttle it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from aiserver.jobs.event_codec import FINISHED, decode_event
+from aiserver.jobs.events import JobTap, snapshot
+from aiserver.jobs.model import EventKind, Finished, JobEvent
+from aiserver.jobs.store import AnnouncementStream, JobStore
+
+__all__ = ["StoreFeed"]
+
+logger = logging.getLogger(__name__)
+
+
+class StoreFeed:
+    """Events of the jobs held elsewhere (``held_here`` says which are not), for taps."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        held_here: Callable[[str], bool],
+        *,
+        interval_s: float = 0.25,
+    ) -> None:
+        self._store = store
+        self._held_here = held_here
+        self._interval = interval_s
+        self._taps: list[JobTap] = []
+        self._task: asyncio.Task[None] | None = None
+        self._last: dict[str, int] = {}  # per job: the last sequence handed to the taps
+
+    def tap(self, callback: JobTap) -> Callable[[], None]:
+        """Call ``callback`` with each event of a job held elsewhere, from now on; returns
+        its remover."""
+        self._taps.append(callback)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="job-store-feed")
+
+        def remove() -> None:
+            self._taps.remove(callback)
+            if not self._taps and self._task is not None:
+                self._task.cancel()
+                self._task = None
+                self._last.clear()
+
+        return remove
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        listener = await self._store.announcements()
+        moved: dict[str, int] = {}  # job -> the first sequence announced since the last read
+        collect = asyncio.create_task(self._collect(listener, moved))
+        try:
+            while True:
+                await asyncio.sleep(self._interval)
+                if moved:
+                    batch = dict(moved)
+                    moved.clear()
+                    try:
+                        await self._read(batch)
+                    except Exception:
+                        logger.warning(
+                            "reading other coordinators' job changes failed", exc_info=True
+                        )
+        finally:
+            collect.cancel()
+            await asyncio.gather(collect, return_exceptions=True)
+            await listener.aclose()
+
+    async def _collect(self, listener: AnnouncementStream, moved: dict[str, int]) -> None:
+        async for announcement in listener:
+            if announcement.kind != "event" or self._held_here(announcement.job_id):
+                continue
+            job_id = announcement.job_id
+            moved[job_id] = min(moved.get(job_id, announcement.sequence), announcement.sequence)
+
+    async def _read(self, batch: dict[str, int]) -> None:
+        after = {job_id: self._last.get(job_id, first - 1) for job_id, first in batch.items()}
+        rows = await self._store.events_after(after)
+        if not rows:
+            return
+        records = {r.job.id: r for r in await self._store.records({r.job_id for r in rows})}
+        for row in rows:
+            record = records.get(row.job_id)
+            if record is None or row.sequence <= self._last.get(row.job_id, 0):
+                continue
+            self._last[row.job_id] = row.sequence
+            kind: EventKind | None
+            if row.kind == FINISHED:
+                kind = Finished(snapshot(record.job))
+                self._last.pop(row.job_id, None)
+            else:
+                kind = decode_event(row.kind, row.payload)
+            if kind is None:
+                continue
+            event = JobEvent(row.job_id, row.sequence, row.created, kind)
+            for callback in list(self._taps):
+                try:
+                    callback(event, record.job)
+                except Exception:
+                    logger.exception("job %s: an event tap failed", row.job_id)
