@@ -48,6 +48,9 @@ class Settings:
     job_lease_s: float = 30.0
     """On PostgreSQL: how long a coordinator's hold on a job lasts without renewal (renewed
     every third of it); a dead coordinator's jobs are taken over this long after it died."""
+    job_steal_after_s: float = 2.0
+    """On PostgreSQL: a queued job another live coordinator has not started for this long may
+    be taken by an idle one (free slots, nothing queued); see docs/scale-out.md."""
     blob_url: str = ""
     """``s3://bucket/prefix``: artifact bytes live there (endpoint and credentials from the
     usual ``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``,
@@ -235,6 +238,8 @@ def _check_storage_urls(settings: Settings) -> None:
         parts = urlsplit(settings.blob_url)
         if parts.scheme != "s3" or not parts.netloc:
             raise ValueError("setting blob_url: expected s3://bucket/prefix (or empty: a folder)")
+    if settings.job_steal_after_s < 0:
+        raise ValueError("setting job_steal_after_s: must not be negative")
     if settings.job_lease_s < 1.0:
         raise ValueError("setting job_lease_s: at least 1 second")
     if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", settings.database_schema):

@@ -182,6 +182,7 @@ class Service:
                 queue_timeout_s=s.queue_timeout_s,
                 run_timeout_s=s.run_timeout_s,
                 max_active_per_owner=s.max_active_jobs_per_key,
+                steal_after_s=s.job_steal_after_s,
             ),
             holder=holder,
             lease_s=s.job_lease_s,

@@ -37,12 +37,14 @@ class Cluster:
         agents: int = 2,
         max_jobs: int = 4,
         step_delay_s: float = 0.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.root = root
         self.count = coordinators
         self.schema = f"t_{uuid.uuid4().hex[:16]}"
         self.standins = StandIns(agents, root / "agents", step_delay_s=step_delay_s)
         self.max_jobs = max_jobs
+        self.extra_env = env or {}
         self.s3: S3Server | None = None
         self.bucket = ""
         self.servers: list[ServerProcess] = []
@@ -67,6 +69,7 @@ class Cluster:
             "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
             "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
             "AWS_REGION": "us-east-1",
+            **self.extra_env,
         }
 
     async def __aenter__(self) -> Cluster:
@@ -143,6 +146,21 @@ async def cancel(target: str, name: str) -> job_pb2.Job:
         stub = job_service_pb2_grpc.JobServiceStub(channel)
         reply = await stub.CancelJob(jpb.CancelJobRequest(name=name), timeout=60)
         return reply.job
+
+
+async def get_job(target: str, name: str) -> job_pb2.Job:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = job_service_pb2_grpc.JobServiceStub(channel)
+        reply = await stub.GetJob(jpb.GetJobRequest(name=name), timeout=60)
+        return reply.job
+
+
+async def watch_jobs(target: str, into: list[job_pb2.Job]) -> None:
+    """``WatchJobs`` until cancelled: each reply's job is appended to ``into``."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = job_service_pb2_grpc.JobServiceStub(channel)
+        async for reply in stub.WatchJobs(jpb.WatchJobsRequest()):
+            into.append(reply.job)
 
 
 async def list_all(target: str) -> list[job_pb2.Job]:

@@ -1,0 +1,126 @@
+"""One queue across coordinator processes (issue 17): positions among every coordinator's
+queued jobs, WatchJobs of every coordinator's jobs, cancel of a job whose holder died while
+its prompt ran, and work stealing by an idle coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+from imagetasks.v1 import job_pb2
+
+from tests.scaleout.cluster import (
+    Cluster,
+    cancel,
+    get_job,
+    submit,
+    watch,
+    watch_jobs,
+)
+
+RUNNING = job_pb2.Job.STATE_RUNNING
+SUCCEEDED = job_pb2.Job.STATE_SUCCEEDED
+CANCELLED = job_pb2.Job.STATE_CANCELLED
+
+
+def _id(name: str) -> str:
+    return name.removeprefix("jobs/")
+
+
+async def _until_job(target: str, name: str, timeout_s: float = 30, **fields: int) -> None:
+    """Until GetJob on ``target`` shows these field values."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            job = await get_job(target, name)
+            if all(getattr(job, k) == v for k, v in fields.items()):
+                return
+            await asyncio.sleep(0.1)
+
+
+async def test_positions_are_global_and_watchjobs_sees_every_coordinator(
+    tmp_path: Path,
+) -> None:
+    async with Cluster(tmp_path, coordinators=2, agents=1, max_jobs=1, step_delay_s=0.2) as c:
+        a, b = (s.target for s in c.servers)
+        seen: list[job_pb2.Job] = []
+        feed = asyncio.create_task(watch_jobs(b, seen))
+        long_a = await submit(a, 1, steps=150)
+        await _until_job(b, long_a, state=RUNNING)
+        long_b = await submit(b, 2, steps=150)  # waits on b for the agent's one slot
+        await _until_job(a, long_b, state=RUNNING)
+        short = [await submit(t, 3 + i, steps=2) for i, t in enumerate((a, b, a))]
+        # Queued on two coordinators, ranked as one queue, asked on either.
+        for position, name in enumerate(short, start=1):
+            for target in (a, b):
+                await _until_job(target, name, queue_position=position)
+        await cancel(b, long_a)
+        await cancel(a, long_b)
+        for name in short:
+            done = await watch(b, name)
+            assert done[-1].finished.job.state == SUCCEEDED
+        async with asyncio.timeout(10):
+            while {j.name for j in seen if j.state in (SUCCEEDED, CANCELLED)} != {
+                long_a,
+                long_b,
+                *short,
+            }:
+                await asyncio.sleep(0.1)
+        feed.cancel()
+        # b's list showed a's jobs queued with their place, then running, then ended.
+        assert any(j.name == short[2] and j.queue_position == 3 for j in seen)
+        assert {j.name for j in seen if j.state == RUNNING} >= {long_a, short[0], short[2]}
+
+
+async def test_cancel_after_the_holder_died_withdraws_its_running_prompt(
+    tmp_path: Path,
+) -> None:
+    async with Cluster(tmp_path, coordinators=2, agents=1, max_jobs=1, step_delay_s=0.2) as c:
+        a, b = (s.target for s in c.servers)
+        long_job = await submit(a, 1, steps=150)  # 30 s on the agent
+        async with asyncio.timeout(30):
+            while not (await c.standins.stats())["posted"].get(_id(long_job)):
+                await asyncio.sleep(0.1)
+        victim = c.servers[0]
+        victim.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        await victim.kill()
+        cancelled = await cancel(b, long_job)  # b takes it over once the lease lapses
+        assert cancelled.state == CANCELLED
+        short = await submit(b, 2, steps=2)
+        done = await watch(b, short, timeout_s=25)  # the agent is free: the prompt is gone
+        assert done[-1].finished.job.state == SUCCEEDED
+        stats = await c.standins.stats()
+        assert stats["posted"].get(_id(long_job)) == 1
+        assert not stats["succeeded"].get(_id(long_job))  # interrupted, not run to the end
+        withdrawn = [
+            e for e in c.servers[1].logs() if "withdrew prompt" in str(e.get("message", ""))
+        ]
+        assert withdrawn
+
+
+async def test_an_idle_coordinator_steals_queued_jobs_and_each_runs_once(
+    tmp_path: Path,
+) -> None:
+    async with Cluster(
+        tmp_path,
+        coordinators=2,
+        agents=2,
+        max_jobs=1,
+        step_delay_s=0.2,
+        env={"AISERVER_JOB_STEAL_AFTER_S": "1.0"},
+    ) as c:
+        a = c.servers[0].target
+        names = [await submit(a, i, steps=15) for i in range(4)]  # a starts 2, queues 2
+        watchers = [asyncio.create_task(watch(a, n)) for n in names]  # callers on a
+        results = await asyncio.gather(*watchers)
+        assert all(r[-1].finished.job.state == SUCCEEDED for r in results)
+        stolen = [
+            str(e["message"])
+            for e in c.servers[1].logs()
+            if "stolen from" in str(e.get("message", ""))
+        ]
+        assert stolen and all(_id(names[0]) not in m for m in stolen)  # not the running one
+        stats = await c.standins.stats()
+        assert sorted(stats["succeeded"]) == sorted(_id(n) for n in names)
+        assert set(stats["succeeded"].values()) == {1}  # each ran once
+        assert set(stats["posted"].values()) == {1}
