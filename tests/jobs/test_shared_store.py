@@ -230,6 +230,22 @@ async def test_cancel_of_a_taken_over_job_withdraws_the_prompt_its_holder_left(
     assert second.runs == []  # not run again
 
 
+async def test_cancel_of_a_resumed_run_withdraws_the_prompt_it_followed(pair: Pair) -> None:
+    first = ScriptedProvider("p1", gated)
+    a = await pair.manager(first)
+    job = await submit(a, pair.env)
+    run = await first.next_run()
+    await run.sink.checkpoint({"agent": "x", "prompt_id": "p-1"})
+    await _freeze(a)
+    second = ScriptedProvider("p1", gated)
+    b = await pair.manager(second)
+    resumed = await within(second.next_run(), 10)  # taken over: re-attaching
+    assert resumed.work.resume == {"agent": "x", "prompt_id": "p-1"}
+    cancelled = await within(b.cancel(job.id, "alice"))
+    assert cancelled.state is JobState.CANCELLED and resumed.cancelled
+    assert second.withdrawn == [{"agent": "x", "prompt_id": "p-1"}]
+
+
 async def test_a_taker_numbers_its_events_after_those_the_dead_holder_stored(
     pair: Pair,
 ) -> None:

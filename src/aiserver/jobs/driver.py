@@ -197,6 +197,8 @@ class AttemptDriver:
                 )
                 await self._finish(active, JobState.FAILED, error)
         elif reason == "user":
+            if not counted:  # resumed: cancelled perhaps before it re-attached to the prompt
+                await self.withdraw(job)
             await self._finish(active, JobState.CANCELLED, cancelled_error())
         elif timed_out:
             timeout = self._settings.run_timeout_s
