@@ -65,7 +65,11 @@ class StoreFeed:
             self._task = None
 
     async def _run(self) -> None:
-        listener = await self._store.announcements()
+        try:
+            listener = await self._store.announcements()
+        except Exception:  # the store is closing: the taps get what is held here only
+            logger.warning("cannot follow other coordinators' jobs", exc_info=True)
+            return
         moved: dict[str, int] = {}  # job -> the first sequence announced since the last read
         collect = asyncio.create_task(self._collect(listener, moved))
         try:
