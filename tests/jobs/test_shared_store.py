@@ -118,6 +118,22 @@ async def test_a_watcher_elsewhere_gets_outputs_then_finished(pair: Pair) -> Non
     assert finished.job.state is JobState.SUCCEEDED and len(finished.job.outputs) == 1
 
 
+async def test_watching_through_the_store_leaves_no_listener_behind(pair: Pair) -> None:
+    runner = ScriptedProvider("p1", gated)
+    a = await pair.manager(runner)
+    b = await pair.manager(_serves_nothing())
+    job = await submit(a, pair.env)
+    await runner.next_run()
+    listeners = b._store._hub._queues  # type: ignore[attr-defined]
+    before = len(listeners)
+    watch = b.subscribe(job.id)
+    await within(anext(watch))
+    await watch.aclose()  # a caller that left early
+    cancelled = await within(b.cancel(job.id, "alice"))  # waits for Finished via the store
+    assert cancelled.state is JobState.CANCELLED
+    assert len(listeners) == before
+
+
 async def test_a_stopped_coordinators_jobs_are_taken_over_without_a_second_run(
     pair: Pair,
 ) -> None:

@@ -126,8 +126,9 @@ class JobCalls:
         job_id_var.set(job.id)
         sync = options.mode != common_pb2.RESPONSE_MODE_ASYNC
         send_bytes = options.delivery != common_pb2.OUTPUT_DELIVERY_REFERENCES
+        events = self.manager.subscribe(job.id)
         try:
-            async for event in self.manager.subscribe(job.id):
+            async for event in events:
                 kind = event.kind
                 if isinstance(kind, Accepted):
                     msg = event_to_proto(event, link=self.link)
@@ -150,6 +151,8 @@ class JobCalls:
             if sync and self.manager.accepting:
                 await asyncio.shield(self._cancel_quietly(job.id))
             raise
+        finally:
+            await events.aclose()  # a watch through the store holds a listener until closed
 
     async def _screen_reply_to(self, url: str) -> None:
         """Refuse now a ReplyTo that could never be delivered: the caller would not learn."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -83,10 +84,12 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         self, request: jpb.WatchJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[jpb.WatchJobResponse]:
         job = await self._manager.get(parse_job_name(request.name), calls.scope())
-        async for event in self._manager.subscribe(job.id):
-            yield jpb.WatchJobResponse(
-                event=event_to_proto(event, self._manager.queue_position(job.id), self._link)
-            )
+        # Closed when the caller leaves too: a watch through the store holds a listener.
+        async with contextlib.aclosing(self._manager.subscribe(job.id)) as events:
+            async for event in events:
+                yield jpb.WatchJobResponse(
+                    event=event_to_proto(event, self._manager.queue_position(job.id), self._link)
+                )
 
     @rpc
     async def WatchJobs(

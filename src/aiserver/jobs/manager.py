@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -487,8 +488,12 @@ class JobManager:
         if adopted is not None:
             return adopted
         try:
-            async with asyncio.timeout(self._settings.cancel_timeout_s):
-                async for event in StoreWatch(self._store, job_id, idle_recheck_s=0.5):
+            async with (
+                asyncio.timeout(self._settings.cancel_timeout_s),
+                # Closed on the way out: its announcement listener must not outlive it.
+                contextlib.aclosing(StoreWatch(self._store, job_id, idle_recheck_s=0.5)) as watch,
+            ):
+                async for event in watch:
                     if isinstance(event.kind, Finished):
                         break
         except TimeoutError:
