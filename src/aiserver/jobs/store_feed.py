@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from aiserver.jobs.event_codec import FINISHED, decode_event
 from aiserver.jobs.events import JobTap, snapshot
@@ -23,6 +24,8 @@ from aiserver.jobs.store import AnnouncementStream, JobStore
 __all__ = ["StoreFeed"]
 
 logger = logging.getLogger(__name__)
+
+_CLOCK_SKEW = timedelta(seconds=1)
 
 
 class StoreFeed:
@@ -41,12 +44,15 @@ class StoreFeed:
         self._taps: list[JobTap] = []
         self._task: asyncio.Task[None] | None = None
         self._last: dict[str, int] = {}  # per job: the last sequence handed to the taps
+        self._since = datetime.now(UTC)
 
     def tap(self, callback: JobTap) -> Callable[[], None]:
         """Call ``callback`` with each event of a job held elsewhere, from now on; returns
         its remover."""
         self._taps.append(callback)
         if self._task is None:
+            # Other hosts' clocks may run a little behind: a second of margin.
+            self._since = datetime.now(UTC) - _CLOCK_SKEW
             self._task = asyncio.create_task(self._run(), name="job-store-feed")
 
         def remove() -> None:
@@ -70,13 +76,13 @@ class StoreFeed:
         except Exception:  # the store is closing: the taps get what is held here only
             logger.warning("cannot follow other coordinators' jobs", exc_info=True)
             return
-        moved: dict[str, int] = {}  # job -> the first sequence announced since the last read
+        moved: set[str] = set()  # jobs announced since the last read
         collect = asyncio.create_task(self._collect(listener, moved))
         try:
             while True:
                 await asyncio.sleep(self._interval)
                 if moved:
-                    batch = dict(moved)
+                    batch = set(moved)
                     moved.clear()
                     try:
                         await self._read(batch)
@@ -89,16 +95,20 @@ class StoreFeed:
             await asyncio.gather(collect, return_exceptions=True)
             await listener.aclose()
 
-    async def _collect(self, listener: AnnouncementStream, moved: dict[str, int]) -> None:
+    async def _collect(self, listener: AnnouncementStream, moved: set[str]) -> None:
         async for announcement in listener:
-            if announcement.kind != "event" or self._held_here(announcement.job_id):
-                continue
-            job_id = announcement.job_id
-            moved[job_id] = min(moved.get(job_id, announcement.sequence), announcement.sequence)
+            if announcement.kind == "event" and not self._held_here(announcement.job_id):
+                moved.add(announcement.job_id)
 
-    async def _read(self, batch: dict[str, int]) -> None:
-        after = {job_id: self._last.get(job_id, first - 1) for job_id, first in batch.items()}
-        rows = await self._store.events_after(after)
+    async def _read(self, batch: set[str]) -> None:
+        # A job seen for the first time is read whole (one announcement may stand for
+        # several rows), its rows from before the first tap left out.
+        after = {job_id: self._last.get(job_id, 0) for job_id in batch}
+        rows = [
+            r
+            for r in await self._store.events_after(after)
+            if r.job_id in self._last or r.created >= self._since
+        ]
         if not rows:
             return
         records = {r.job.id: r for r in await self._store.records({r.job_id for r in rows})}
