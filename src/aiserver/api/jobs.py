@@ -23,7 +23,7 @@ from aiserver.api.job_changes import JobChanges
 from aiserver.api.status import rpc
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs.manager import JobManager
-from aiserver.jobs.model import Job, JobState, Progress
+from aiserver.jobs.model import Accepted, Job, JobState, Progress
 from aiserver.jobs.paging import page_size as checked_page_size
 from aiserver.logs import job_id_var
 
@@ -119,7 +119,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 if (
                     not position
                     and job.state is JobState.QUEUED
-                    and isinstance(event.kind, Progress)
+                    and isinstance(event.kind, Accepted | Progress)
                 ):
                     position = event.kind.queue_position  # held elsewhere: its holder's word
                 reply = jpb.WatchJobsResponse(job=job_to_proto(job, position, self._link))
