@@ -178,8 +178,8 @@ async def test_ref_id_and_active_limit_hold_across_coordinators(pair: Pair) -> N
 
 
 async def test_queue_positions_are_places_among_every_coordinators_jobs(pair: Pair) -> None:
-    offline_a = ScriptedProvider("p1", online=False)
-    a = await pair.manager(offline_a)
+    offline_a = ScriptedProvider("p1", gated, online=False)
+    a = await pair.manager(offline_a, max_running_per_provider=1)
     b = await pair.manager(ScriptedProvider("p1", online=False))
     first = await submit(a, pair.env)
     second = await submit(b, pair.env)
@@ -194,7 +194,8 @@ async def test_queue_positions_are_places_among_every_coordinators_jobs(pair: Pa
         first.id: 1,
         third.id: 3,
     }
-    offline_a.online = True  # a starts its oldest: everyone behind it moves up
+    offline_a.online = True  # a starts its oldest (only): everyone behind it moves up
+    await offline_a.next_run()
     await _position(watch_second, 1)
     await _position(watch_third, 2)
     await watch_second.aclose()
@@ -315,6 +316,7 @@ async def _position(events: Any, position: int) -> None:
             kind = event.kind
             if isinstance(kind, Accepted | Progress) and kind.queue_position == position:
                 return
+    raise AssertionError(f"the stream ended before position {position}")
 
 
 async def _until(condition: Callable[[], bool]) -> None:
