@@ -86,9 +86,12 @@ def _route(method: str, path: str) -> str:
     return f"{method} {path}"
 
 
+_SAVERS = ("SaveImage", "SaveImageWebsocket")
+
+
 def _label(prompt: dict[str, Any]) -> str:
     for node in prompt.values():
-        if isinstance(node, dict) and node.get("class_type") in ("SaveImage", "PreviewImage"):
+        if isinstance(node, dict) and node.get("class_type") in _SAVERS:
             return str(node.get("inputs", {}).get("filename_prefix", "")).rsplit("/", 1)[-1]
     return ""
 

@@ -63,6 +63,8 @@ class RemoteJob:
     outputs: Mapping[str, Any] = field(default_factory=dict)
     messages: Sequence[Message] = ()
     """History status messages, decoded (execution_error and the like)."""
+    graph: Mapping[str, Any] | None = None
+    """The graph as queued, when the agent reports it (a prompt that has ended)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,11 +229,14 @@ class ComfyClient:
         entry = history.get(prompt_id)
         if isinstance(entry, dict):
             status = entry.get("status") or {}
+            queued = entry.get("prompt")
             return RemoteJob(
                 "done",
                 success=status.get("status_str") == "success",
                 outputs=entry.get("outputs") or {},
                 messages=_events(status.get("messages")),
+                # The queue tuple: [number, prompt_id, graph, extra_data, outputs].
+                graph=_mapping(queued[2] if isinstance(queued, list) and len(queued) > 2 else None),
             )
         return RemoteJob("unknown")
 
@@ -326,12 +331,18 @@ def _job_from_api(job: Mapping[str, Any]) -> RemoteJob:
     messages = _events(execution.get("messages")) if isinstance(execution, dict) else ()
     if status == "failed" and not messages and isinstance(job.get("execution_error"), dict):
         messages = (decode_event("execution_error", job["execution_error"]),)
+    workflow = job.get("workflow")
     return RemoteJob(
         "done",
         success=status == "completed",
         outputs=job.get("outputs") or {},
         messages=messages,
+        graph=_mapping(workflow.get("prompt") if isinstance(workflow, dict) else None),
     )
+
+
+def _mapping(value: Any) -> Mapping[str, Any] | None:
+    return value if isinstance(value, dict) else None
 
 
 def _events(pairs: Any) -> tuple[Message, ...]:

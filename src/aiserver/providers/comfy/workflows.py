@@ -342,6 +342,11 @@ class Workflow:
         """The upload fields the graph reads (optional ones included)."""
         return tuple(self._inputs)
 
+    def input_target(self, name: str) -> tuple[str, str]:
+        """``(node, input)`` that gets the uploaded file's name for the upload field ``name``."""
+        target = self._inputs[name]
+        return target.node, target.input
+
     @property
     def required_inputs(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.input_specs if s.required)
