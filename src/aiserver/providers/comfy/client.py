@@ -117,12 +117,34 @@ class ComfyClient:
         self._jobs_api: bool | None = None  # /api/jobs exists (newer servers); None: unknown
         self.channel = AgentChannel(name, self.open_websocket, uuid.uuid4().hex)
         """The websocket shared by every run this process starts on the agent."""
+        self._adopted: dict[str, tuple[AgentChannel, int]] = {}
         self.input_names = InputNames()
         """Upload names reused once their job ended (runs that opt in)."""
+
+    def adopt(self, client_id: str) -> AgentChannel:
+        """The websocket under an earlier process's ``client_id``, for the runs re-attaching to
+        its prompts: one, shared by them all (ComfyUI keeps one socket per client id; a second
+        would take the first one's messages). Hand it back with :meth:`let_go`."""
+        channel, users = self._adopted.get(client_id, (None, 0))
+        if channel is None:
+            channel = AgentChannel(self.name, self.open_websocket, client_id)
+        self._adopted[client_id] = (channel, users + 1)
+        return channel
+
+    def let_go(self, channel: AgentChannel) -> bool:
+        """A run is done with an adopted channel; True when it was the last (close it then)."""
+        _, users = self._adopted.get(channel.client_id, (channel, 1))
+        if users > 1:
+            self._adopted[channel.client_id] = (channel, users - 1)
+            return False
+        self._adopted.pop(channel.client_id, None)
+        return True
 
     async def aclose(self) -> None:
         self._closed = True
         await self.channel.aclose()
+        for channel, _ in list(self._adopted.values()):
+            await channel.aclose()
         if self._http is not None:
             await self._http.close()
 

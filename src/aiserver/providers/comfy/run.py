@@ -137,7 +137,7 @@ class Run:
         self.inputs_ours = False  # the graph loads inputs this run uploaded (and still holds)
         self.repeats = 0
         self.sub: Subscription | None = None
-        self.own_channel: AgentChannel | None = None  # a re-attach under an earlier client id
+        self.own_channel: AgentChannel | None = None  # re-attached under an earlier client id
         self.attached = False
         self.built: BuiltPrompt | None = None
         self.tracker: NodeTracker | None = None
@@ -178,7 +178,7 @@ class Run:
             self._release_inputs()
             if self.sub is not None:
                 self.sub.close()
-            if self.own_channel is not None:
+            if self.own_channel is not None and self.c.let_go(self.own_channel):
                 # The close handshake can wait on unread broadcasts (up to close_timeout):
                 # the job is over, so it must not wait for it.
                 self.spawn(self.own_channel.aclose())
@@ -187,7 +187,7 @@ class Run:
         channel = self.c.channel
         if self.client_id != channel.client_id:
             # ComfyUI sends the prompt's messages to the client id it was queued with.
-            channel = AgentChannel(self.c.name, self.c.open_websocket, self.client_id)
+            channel = self.c.adopt(self.client_id)
             self.own_channel = channel
         self.sub = await channel.subscribe(self.prompt_id)
         if self.socket_outputs and not self.resume:
