@@ -86,13 +86,28 @@ class Reply:
 
 def _upload_form(
     data: bytes, file_name: str, mime_type: str, *, overwrite: bool
-) -> aiohttp.FormData:
-    form = aiohttp.FormData()
-    form.add_field("image", data, filename=file_name, content_type=mime_type)
-    form.add_field("type", "input")
-    if overwrite:
-        form.add_field("overwrite", "true")
-    return form
+) -> tuple[bytes, str]:
+    """The ``multipart/form-data`` body of an upload, and its content type.
+
+    Written out rather than through ``aiohttp.FormData``: measured on the stand-in (300 uploads
+    of a 64 px PNG), 0.96-1.18 ms of CPU per upload, client and stand-in together, against
+    1.5-2.0 ms with FormData, and every job uploads.
+    """
+    boundary = uuid.uuid4().hex
+    # Quotes and line breaks cannot end the header early (browsers escape them the same way).
+    quoted = file_name.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
+    fields = {"type": "input", **({"overwrite": "true"} if overwrite else {})}
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="image"; filename="{quoted}"\r\n'
+        f"Content-Type: {mime_type}\r\n\r\n"
+    )
+    tail = "".join(
+        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}'
+        for name, value in fields.items()
+    )
+    body = b"".join((head.encode(), data, f"{tail}\r\n--{boundary}--\r\n".encode()))
+    return body, f"multipart/form-data; boundary={boundary}"
 
 
 class ComfyClient:
@@ -160,10 +175,9 @@ class ComfyClient:
         self, data: bytes, file_name: str, mime_type: str, *, overwrite: bool = False
     ) -> UploadedFile:
         """``POST /upload/image``; without ``overwrite`` a clash with other bytes is renamed."""
+        form, content_type = _upload_form(data, file_name, mime_type, overwrite=overwrite)
         response = await self._request(
-            "POST",
-            "/upload/image",
-            data=_upload_form(data, file_name, mime_type, overwrite=overwrite),
+            "POST", "/upload/image", data=form, headers={"Content-Type": content_type}
         )
         if response.status_code != 200:
             raise self.unavailable(
