@@ -643,6 +643,8 @@ class Run:
             await self.sink.text(GeneratedText(text, node))
 
     async def _emit(self, update: ProviderProgress) -> None:
+        if update is self.last_sent:
+            return
         self.best = max(self.best, update.fraction)
         if update.fraction < self.best:
             update = ProviderProgress(
