@@ -174,9 +174,15 @@ async def test_reattach_before_the_output_node_takes_its_frames(
     assert views(standin) == []  # the frames reached the re-attached socket
 
 
+@pytest.mark.parametrize("jobs_api", [True, False])  # the graph from /api/jobs or /history
 async def test_reattach_after_the_frames_went_out_queues_the_graph_again(
-    standin: ComfyStandIn, pools: list[ComfyPool], catalog: WorkflowCatalog, inputs_dir: Path
+    make_standin: StandInFactory,
+    pools: list[ComfyPool],
+    catalog: WorkflowCatalog,
+    inputs_dir: Path,
+    jobs_api: bool,
 ) -> None:
+    standin = await make_standin(jobs_api=jobs_api)
     pool = await started(pools, catalog, standin.url)
     work = upscale(inputs_dir)
     standin.hang_at("5")
