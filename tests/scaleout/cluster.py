@@ -38,6 +38,7 @@ class Cluster:
         max_jobs: int = 4,
         step_delay_s: float = 0.0,
         env: dict[str, str] | None = None,
+        queue_ahead: int | None = None,
     ) -> None:
         self.root = root
         self.count = coordinators
@@ -45,16 +46,20 @@ class Cluster:
         self.standins = StandIns(agents, root / "agents", step_delay_s=step_delay_s)
         self.max_jobs = max_jobs
         self.extra_env = env or {}
+        self.queue_ahead = queue_ahead
         self.s3: S3Server | None = None
         self.bucket = ""
         self.servers: list[ServerProcess] = []
 
     def env(self) -> dict[str, str]:
         assert self.s3 is not None
-        agents = [
+        agents: list[dict[str, object]] = [
             {"url": url, "name": f"agent{i}", "max_concurrent_jobs": self.max_jobs}
             for i, url in enumerate(self.standins.urls)
         ]
+        if self.queue_ahead is not None:  # else the agents' default
+            for agent in agents:
+                agent["queue_ahead"] = self.queue_ahead
         return {
             "AISERVER_DATABASE_URL": PG_URL,
             "AISERVER_DATABASE_SCHEMA": self.schema,

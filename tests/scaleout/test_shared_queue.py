@@ -41,7 +41,10 @@ async def _until_job(target: str, name: str, timeout_s: float = 30, **fields: in
 async def test_positions_are_global_and_watchjobs_sees_every_coordinator(
     tmp_path: Path,
 ) -> None:
-    async with Cluster(tmp_path, coordinators=2, agents=1, max_jobs=1, step_delay_s=0.2) as c:
+    # One prompt at a time on the agent, none queued ahead: the others wait in the service.
+    async with Cluster(
+        tmp_path, coordinators=2, agents=1, max_jobs=1, queue_ahead=0, step_delay_s=0.2
+    ) as c:
         a, b = (s.target for s in c.servers)
         seen: list[job_pb2.Job] = []
         feed = asyncio.create_task(watch_jobs(b, seen))
@@ -106,6 +109,7 @@ async def test_an_idle_coordinator_steals_queued_jobs_and_each_runs_once(
         coordinators=2,
         agents=2,
         max_jobs=1,
+        queue_ahead=0,
         step_delay_s=0.2,
         env={"AISERVER_JOB_STEAL_AFTER_S": "1.0"},
     ) as c:
