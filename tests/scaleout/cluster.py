@@ -27,7 +27,8 @@ LEASE_S = 3.0
 
 
 class Cluster:
-    """``coordinators`` services sharing ``agents`` stand-ins of ``max_jobs`` slots each."""
+    """``coordinators`` services sharing ``agents`` stand-ins, each running ``max_jobs`` prompts
+    at once with ``queue_ahead`` more waiting in its own queue (the service's default is 1)."""
 
     def __init__(
         self,
@@ -36,9 +37,9 @@ class Cluster:
         coordinators: int,
         agents: int = 2,
         max_jobs: int = 4,
+        queue_ahead: int = 1,
         step_delay_s: float = 0.0,
         env: dict[str, str] | None = None,
-        queue_ahead: int | None = None,
     ) -> None:
         self.root = root
         self.count = coordinators
@@ -53,13 +54,15 @@ class Cluster:
 
     def env(self) -> dict[str, str]:
         assert self.s3 is not None
-        agents: list[dict[str, object]] = [
-            {"url": url, "name": f"agent{i}", "max_concurrent_jobs": self.max_jobs}
+        agents = [
+            {
+                "url": url,
+                "name": f"agent{i}",
+                "max_concurrent_jobs": self.max_jobs,
+                "queue_ahead": self.queue_ahead,
+            }
             for i, url in enumerate(self.standins.urls)
         ]
-        if self.queue_ahead is not None:  # else the agents' default
-            for agent in agents:
-                agent["queue_ahead"] = self.queue_ahead
         return {
             "AISERVER_DATABASE_URL": PG_URL,
             "AISERVER_DATABASE_SCHEMA": self.schema,
