@@ -212,14 +212,17 @@ async def test_an_idle_coordinator_steals_waiting_work_oldest_first_and_runs_it_
     watching = a.subscribe(jobs[1].id)  # a caller on a (SYNC): its stream must go on
     assert isinstance((await within(anext(watching))).kind, Accepted)
     idle = ScriptedProvider("p1", gated)
-    b = await pair.manager(idle, steal_after_s=0.1)
-    stolen = [await idle.next_run(), await idle.next_run()]
-    assert [r.work.job_id for r in stolen] == [jobs[1].id, jobs[2].id]  # oldest first
-    assert not any(b.queue_position(j.id) for j in jobs)
-    # a forgets them at its next ranking (they are no longer held by it): its dispatch
-    # would have been fenced off anyway.
+    b = await pair.manager(idle, max_running_per_provider=1, steal_after_s=0.1)
+    first = await idle.next_run()  # b has room for one: the oldest waiting
+    assert first.work.job_id == jobs[1].id
+    # a forgets it at its next ranking (no longer held by it): its dispatch would have been
+    # fenced off anyway.
+    await _until(lambda: a.active_count() == 2)
+    first.release.set()  # room again on b: the next one
+    second = await within(idle.next_run(), 10)
+    assert second.work.job_id == jobs[2].id
     await _until(lambda: a.active_count() == 1)
-    for run in [running_on_a, *stolen]:
+    for run in (running_on_a, second):
         run.release.set()
     events = await collect(watching, 10)
     finished = events[-1].kind

@@ -87,8 +87,8 @@ async def test_cancel_after_the_holder_died_withdraws_its_running_prompt(
         victim = c.servers[0]
         victim.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
         await victim.kill()
-        cancelled = await cancel(b, long_job)  # b takes it over once the lease lapses
-        assert cancelled.state == CANCELLED
+        await cancel(b, long_job)  # b takes it over once the lease lapses
+        await _until_job(b, long_job, state=CANCELLED)
         short = await submit(b, 2, steps=2)
         done = await watch(b, short, timeout_s=25)  # the agent is free: the prompt is gone
         assert done[-1].finished.job.state == SUCCEEDED
