@@ -43,7 +43,7 @@ import grpc
 from aiserver.api.calls import CallInfo, current_call
 from aiserver.api.malformed import Malformed, tolerant, tolerant_handler
 from aiserver.api.status import abort, request_id_of
-from aiserver.api.wire import passing_encoded
+from aiserver.api.wire import chunk_parsing, passing_encoded
 from aiserver.auth import ANONYMOUS, KeyRing, bearer_token, invalid_key, missing_key
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.logs import request_id_var
@@ -162,7 +162,10 @@ class Guard(grpc.aio.ServerInterceptor):
         name = method.lstrip("/").rsplit(".", 1)[-1]  # Service/Method
         keyless = method in self.keyless
         options = {
-            "request_deserializer": self._counted_in(tolerant(handler.request_deserializer), name),
+            "request_deserializer": self._counted_in(
+                chunk_parsing(tolerant(handler.request_deserializer), handler.request_deserializer),
+                name,
+            ),
             "response_serializer": self._counted_out(
                 passing_encoded(handler.response_serializer), name
             ),
