@@ -3,6 +3,9 @@ same fields as protobuf reads, and protobuf's own parse for anything else."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 from google.protobuf.message import DecodeError
 from imagetasks.v1 import common_pb2, generation_service_pb2, tasks_pb2, transform_service_pb2
@@ -13,7 +16,7 @@ from aiserver.api.wire import ChunkRequest, chunk_parsing
 Convert = transform_service_pb2.ConvertImageRequest
 
 
-def _parser(cls: type) -> object:
+def _parser(cls: Any) -> Callable[[bytes], Any]:
     parse = chunk_parsing(tolerant(cls.FromString), cls.FromString)
     assert parse is not None
     return parse
@@ -32,9 +35,9 @@ def _parser(cls: type) -> object:
     ids=["all", "big, no name", "data only", "no data", "empty", "unicode name"],
 )
 @pytest.mark.parametrize("cls", [Convert, generation_service_pb2.ImageUpscaleRequest])
-def test_a_chunk_message_reads_as_protobuf_reads_it(cls: type, chunk: object) -> None:
+def test_a_chunk_message_reads_as_protobuf_reads_it(cls: Any, chunk: object) -> None:
     wire = cls(chunk=chunk).SerializeToString()
-    got = _parser(cls)(wire)  # type: ignore[operator]
+    got = _parser(cls)(wire)
     want = cls.FromString(wire)
     assert isinstance(got, ChunkRequest)
     assert got.WhichOneof("payload") == want.WhichOneof("payload") == "chunk"
@@ -68,7 +71,7 @@ def _key(number: int, wire_type: int = 2) -> bytes:
     ids=["params", "empty", "repeated field", "unknown field", "chunk twice", "params+chunk"],
 )
 def test_other_messages_are_left_to_protobuf(wire: bytes) -> None:
-    got = _parser(Convert)(wire)  # type: ignore[operator]
+    got = _parser(Convert)(wire)
     want = Convert.FromString(wire)
     assert not isinstance(got, ChunkRequest)
     assert got == want
@@ -87,7 +90,7 @@ def test_other_messages_are_left_to_protobuf(wire: bytes) -> None:
 def test_malformed_chunks_are_malformed_as_protobuf_says(wire: bytes) -> None:
     with pytest.raises(DecodeError):
         Convert.FromString(wire)
-    got = _parser(Convert)(wire)  # type: ignore[operator]
+    got = _parser(Convert)(wire)
     assert isinstance(got, Malformed)
 
 

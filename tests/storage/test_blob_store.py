@@ -176,6 +176,6 @@ async def test_a_local_read_abandoned_mid_file_closes_its_descriptor(tmp_path: P
     for _ in range(3):
         reader = store.read(KEY, chunk_size=1 << 20)
         assert len(await anext(reader)) == 1 << 20
-        await reader.aclose()
+        await reader.aclose()  # type: ignore[attr-defined]  # an async generator
     await asyncio.sleep(0.05)  # a read still in a thread closes the descriptor when done
     assert len(os.listdir("/proc/self/fd")) == before
