@@ -15,7 +15,8 @@ variants (cold and cached) against thumbor.
   WebP with less effort (``fast_encode``: method 2, thumbor Pillow's default 4; same quality
   setting, a few percent more bytes: the row's note gives both sizes). The same render called
   in-process (``aiserver.imaging.resize``, same settings) is the floor. Then cached ("warm")
-  requests: HTTP and gRPC ``GetVariant``, p50.
+  requests: HTTP and gRPC ``GetVariant``, p50, each beside its floor: the same bytes answered
+  by a bare aiohttp route (through the same httpx client) and a bare grpcio method.
 
 The service runs in this process with its default image threads (one per CPU). Timed sides
 alternate within every round.
@@ -24,10 +25,11 @@ alternate within every round.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -336,23 +338,37 @@ async def _variants(
             async for _ in stub.GetVariant(request):
                 pass
 
-        warm: dict[str, list[float]] = {"http": [], "grpc": []}
-        for _ in range(5):
-            await get(http_url)
-            await grpc_variant()
-        for _ in range(reps):
-            for kind in ("http", "grpc"):
-                samples = []
-                for _ in range(warm_n // reps or 1):
-                    start = time.perf_counter()
-                    if kind == "http":
-                        await get(http_url)
-                    else:
-                        await grpc_variant()
-                    samples.append(time.perf_counter() - start)
-                warm[kind].append(ms(percentile(samples, 50)))
+        # The floors: the same bytes from a bare aiohttp route (same httpx client) and a bare
+        # grpcio unary-stream method (same channel options), in this process.
+        body = await get(http_url)
+        async with _bare_servers(body) as (bare_http_url, bare_channel):
+            bare_call: Any = bare_channel.unary_stream("/bench.Variant/Get")
+
+            async def bare_grpc() -> None:
+                async for _ in bare_call(b""):
+                    pass
+
+            calls: dict[str, Callable[[], Awaitable[Any]]] = {
+                "http": lambda: get(http_url),
+                "grpc": grpc_variant,
+                "bare_http": lambda: get(bare_http_url),
+                "bare_grpc": bare_grpc,
+            }
+            warm: dict[str, list[float]] = {k: [] for k in calls}
+            for _ in range(5):
+                for call in calls.values():
+                    await call()
+            for _ in range(reps):
+                for kind, call in calls.items():
+                    samples = []
+                    for _ in range(warm_n // reps or 1):
+                        start = time.perf_counter()
+                        await call()
+                        samples.append(time.perf_counter() - start)
+                    warm[kind].append(ms(percentile(samples, 50)))
         figures["variant_warm_p50_ms"] = {k: spread(v, 3) for k, v in warm.items()}
         for kind, label in (("grpc", "gRPC GetVariant"), ("http", "HTTP /variants")):
+            floor = figures["variant_warm_p50_ms"][f"bare_{kind}"]["median"]
             rows.append(
                 row(
                     f"imaging: warm variant p50, {label}",
@@ -360,9 +376,50 @@ async def _variants(
                     "ms",
                     target=1.0,
                     better="lower",
+                    baseline=f"floor {floor:.2f} ms: bare "
+                    + ("aiohttp route, same httpx client" if kind == "http" else "grpcio call")
+                    + f" answering the same {len(body)} bytes",
                 )
             )
         figures["variant_computations"] = service.variants.computations
+
+
+@contextlib.asynccontextmanager
+async def _bare_servers(body: bytes) -> AsyncIterator[tuple[str, grpc.aio.Channel]]:
+    """A bare aiohttp route and a bare grpcio method that answer ``body``, nothing else."""
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="image/webp", headers={"ETag": '"x"'})
+
+    app = web.Application()
+    app.router.add_get("/v", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def answer(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        yield body
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "bench.Variant", {"Get": grpc.unary_stream_rpc_method_handler(answer)}
+            ),
+        )
+    )
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
+    try:
+        yield f"http://127.0.0.1:{port}/v", channel
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await runner.cleanup()
 
 
 def run(quick: bool) -> dict[str, Any]:
