@@ -136,8 +136,8 @@ FIGURES = (
 async def _mode(
     mode: str, quick: bool, inputs: Inputs, tmp: Path, agents: StandIns
 ) -> dict[int, dict[str, list[float]]]:
-    reps = 2 if quick else 5
-    totals = {1: 16, 16: 64} if quick else {1: 60, 16: 192}
+    reps = 1 if quick else 5
+    totals = {1: 8, 16: 32} if quick else {1: 60, 16: 192}
     per_level: dict[int, dict[str, list[float]]] = {n: {k: [] for k in FIGURES} for n in LEVELS}
     env = {
         "AISERVER_GRPC_HOST": "127.0.0.1",
@@ -231,7 +231,7 @@ async def _run(quick: bool, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
             "task": "ImageUpscale SYNC: multipart POST /api/ImageUpscale Sync=true vs gRPC"
             " SYNC + OUTPUT_DELIVERY_REFERENCES",
             "modes": list(modes),
-            "rounds": 2 if quick else 5,
+            "rounds": 1 if quick else 5,
         },
         "load": watch.done(),
         "figures": figures,
