@@ -1,14 +1,16 @@
-"""The shim reads a part's plain ``Content-Disposition`` without aiohttp's parser: for every
-header it takes that way, the name and file name are exactly aiohttp's."""
+"""The shim reads plain ``Content-Disposition`` and ``Content-Type`` headers without aiohttp's
+parsers (the costly parts of a form's CPU): for every header it reads that way, the result is
+exactly aiohttp's."""
 
 from __future__ import annotations
 
 import random
 import warnings
 
+from aiohttp.helpers import parse_content_type
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
-from aiserver.gateway.uploads import _plain_disposition
+from aiserver.gateway.uploads import _plain_disposition, media_type
 
 HEADERS = [
     'form-data; name="image"; filename="input.png"',
@@ -62,3 +64,41 @@ def test_random_headers_read_as_aiohttp_reads_them() -> None:
             taken += 1
             assert plain == _aiohttp(header), header
     assert taken > 100  # the fuzz reached the fast path
+
+
+class _Headers:
+    def __init__(self, content_type: str) -> None:
+        self.headers = {"Content-Type": content_type}
+        self.content_type = _aiohttp_media_type(content_type)
+
+
+def _aiohttp_media_type(raw: str) -> str:
+    return parse_content_type(raw)[0]
+
+
+MEDIA_TYPES = [
+    "multipart/form-data; boundary=a8f9e7d6c5",
+    "Multipart/Form-Data;boundary=x",
+    " multipart/form-data ; boundary=x",
+    "application/json",
+    "application/x-ndjson; charset=utf-8",
+    "text/plain;charset=utf-8",
+    # Left to aiohttp's parser:
+    "multipart/form-data (comment); boundary=x",
+    "multipart /form-data",
+    "multipart",
+    "",
+    "form-data",
+    '"multipart/form-data"',
+]
+
+
+def test_media_types_read_as_aiohttp_reads_them() -> None:
+    for raw in MEDIA_TYPES:
+        got = media_type(_Headers(raw))  # type: ignore[arg-type]
+        assert got == _aiohttp_media_type(raw), raw
+    rng = random.Random(15)
+    alphabet = "multipart/form-data; boundary=x\t()\"'é,"
+    for _ in range(5000):
+        raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert media_type(_Headers(raw)) == _aiohttp_media_type(raw), raw  # type: ignore[arg-type]

@@ -3,7 +3,7 @@ the metadata forwarded with each call, and request-derived facts (base URL, requ
 
 from __future__ import annotations
 
-import uuid
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -117,7 +117,7 @@ def request_id(request: web.BaseRequest) -> str:
     if isinstance(rid, str):
         return rid
     given = request.headers.get("X-Request-Id", "")
-    rid = given if valid_request_id(given) else uuid.uuid4().hex[:16]
+    rid = given if valid_request_id(given) else os.urandom(8).hex()  # uuid4: 10x the CPU
     request[REQUEST_ID] = rid
     return rid
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
-from aiohttp.hdrs import CONTENT_DISPOSITION
+from aiohttp.hdrs import CONTENT_DISPOSITION, CONTENT_TYPE
 from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -55,6 +55,7 @@ __all__ = [
     "check_length",
     "chunk_factory",
     "finish",
+    "media_type",
     "send_multipart",
     "send_ndjson",
     "too_large",
@@ -120,6 +121,21 @@ class ClientUploads:
                 self.open[host] = left
             else:
                 del self.open[host]
+
+
+_PLAIN_MEDIA_TYPE = re.compile(r"[ \t]*([A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+)[ \t]*(?:;|$)")
+
+
+def media_type(request: web.BaseRequest) -> str:
+    """``request.content_type`` (lower case, without parameters), read without the email
+    parser aiohttp uses when the type is plain: that parse costs about 0.5 ms, and a
+    multipart body's random boundary defeats aiohttp's cache of it."""
+    raw = request.headers.get(CONTENT_TYPE)
+    if raw:
+        m = _PLAIN_MEDIA_TYPE.match(raw)
+        if m is not None:
+            return m.group(1).lower()
+    return request.content_type
 
 
 def chunk_factory(upload: Upload, request_cls: Any) -> ChunkMessage:
