@@ -11,18 +11,21 @@ and over gRPC, against the same instant ComfyUI stand-ins.
   as AI Server's clients send), one keep-alive aiohttp session in the bench process; the
   answer is the job's JSON with the output URLs (the shim's SYNC + OUTPUT_DELIVERY_REFERENCES).
   gRPC: the same job, SYNC + references, the ``finished`` event (as in ``orchestration.py``).
-- Closed loop at 1 and 16 callers; both paths alternate within every round (which goes first
-  alternates too).
+- Closed loop at 1 and 16 callers. Latency: one segment per round in which the jobs
+  alternate between the paths (job k takes HTTP when k is odd), so that both see the same
+  load from the rest of a shared machine; the added p50 is HTTP's p50 minus gRPC's in that
+  segment. CPU: then one segment per path (which goes first alternates by round).
 
-Figures: p50 of each path and the added p50 (HTTP minus gRPC, same round); the shim's CPU per
-job: the service's process CPU per HTTP job minus per gRPC job (embedded), plus the gateway
-process's CPU per job (separate), all from ``/proc``. Latency is noisy on a shared machine;
-the CPU figures are not.
+Figures: p50 of each path and the added p50; the shim's CPU per job: the service's process
+CPU per HTTP job minus per gRPC job (embedded: it can be negative, the in-process calls skip
+the gRPC server's HTTP/2 work), plus the gateway process's CPU per job (separate), all from
+``/proc``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -120,6 +123,13 @@ class _Gateway:
             self._log_fh.close()
 
 
+def _jobs(quick: bool) -> tuple[dict[int, int], dict[int, int]]:
+    """Jobs per latency segment and per CPU segment, by number of callers."""
+    if quick:
+        return {1: 8, 16: 32}, {1: 8, 16: 32}
+    return {1: 60, 16: 192}, {1: 40, 16: 128}
+
+
 FIGURES = (
     "grpc_p50",
     "http_p50",
@@ -137,7 +147,7 @@ async def _mode(
     mode: str, quick: bool, inputs: Inputs, tmp: Path, agents: StandIns
 ) -> dict[int, dict[str, list[float]]]:
     reps = 1 if quick else 5
-    totals = {1: 8, 16: 32} if quick else {1: 60, 16: 192}
+    mixed, totals = _jobs(quick)
     per_level: dict[int, dict[str, list[float]]] = {n: {k: [] for k in FIGURES} for n in LEVELS}
     env = {
         "AISERVER_GRPC_HOST": "127.0.0.1",
@@ -172,6 +182,9 @@ async def _mode(
                 await agents.reset()
                 for rep in range(reps):
                     for n in LEVELS:
+                        latencies = await _mixed(paths, n, inputs.take(mixed[n]))
+                        await agents.dump()
+                        await agents.reset()
                         order = ["grpc", "http"] if rep % 2 == 0 else ["http", "grpc"]
                         got: dict[str, dict[str, Any]] = {}
                         for path in order:
@@ -186,18 +199,45 @@ async def _mode(
                             got[path]["done"] = done
                             await agents.dump()
                             await agents.reset()
-                        _record(per_level[n], got)
+                        _record(per_level[n], got, latencies)
         finally:
             if gateway is not None:
                 await gateway.__aexit__(None, None, None)
     return per_level
 
 
-def _record(figures: dict[str, list[float]], got: dict[str, dict[str, Any]]) -> None:
+async def _mixed(
+    paths: dict[str, JobFn], concurrency: int, inputs: list[bytes]
+) -> dict[str, list[float]]:
+    """Latencies by path, the jobs alternating between the paths (see the module doc)."""
+    latencies: dict[str, list[float]] = {"grpc": [], "http": []}
+    queue = iter(enumerate(inputs))
+
+    async def caller(index: int) -> None:
+        for k, png in queue:
+            path = "http" if k % 2 else "grpc"
+            start = time.perf_counter()
+            try:
+                _, done_at = await paths[path](index, png)
+            except JobFailed:
+                continue
+            latencies[path].append(done_at - start)
+
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    if not latencies["grpc"] or not latencies["http"]:
+        raise RuntimeError("every job of a path failed")
+    return latencies
+
+
+def _record(
+    figures: dict[str, list[float]],
+    got: dict[str, dict[str, Any]],
+    latencies: dict[str, list[float]],
+) -> None:
     grpc_run, http_run = got["grpc"], got["http"]
-    for path, run in got.items():
-        figures[f"{path}_p50"].append(ms(percentile(run["latencies"], 50)))
-        figures[f"{path}_p99"].append(ms(percentile(run["latencies"], 99)))
+    for path, values in latencies.items():
+        figures[f"{path}_p50"].append(ms(percentile(values, 50)))
+        figures[f"{path}_p99"].append(ms(percentile(values, 99)))
     figures["added_p50"].append(figures["http_p50"][-1] - figures["grpc_p50"][-1])
     grpc_cpu = grpc_run["service_cpu"] / grpc_run["done"]
     http_service_cpu = http_run["service_cpu"] / http_run["done"]
@@ -232,6 +272,7 @@ async def _run(quick: bool, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
             " SYNC + OUTPUT_DELIVERY_REFERENCES",
             "modes": list(modes),
             "rounds": 1 if quick else 5,
+            "jobs_per_segment": dict(zip(("latency", "cpu_per_path"), _jobs(quick), strict=True)),
         },
         "load": watch.done(),
         "figures": figures,
@@ -268,8 +309,9 @@ def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-async def _profile(label: str, jobs: int, concurrency: int, path: str) -> str:
-    """The embedded service under ``py-spy record --gil`` while ``path`` jobs run."""
+async def _profile(label: str, jobs: int, concurrency: int, path: str, mode: str) -> str:
+    """The service (embedded) or the gateway process (separate) under ``py-spy record
+    --gil`` while ``path`` jobs run."""
     from bench.profile_service import _py_spy, _top
 
     inputs = Inputs()
@@ -280,6 +322,7 @@ async def _profile(label: str, jobs: int, concurrency: int, path: str) -> str:
             env = {
                 "AISERVER_GRPC_HOST": "127.0.0.1",
                 "AISERVER_GRPC_PORT": "0",
+                "AISERVER_HTTP_ENABLED": "true" if mode == "embedded" else "false",
                 "AISERVER_HTTP_PORT": "0",
                 "AISERVER_DATA_DIR": str(tmp / "service"),
                 "AISERVER_AGENTS": json.dumps(
@@ -291,26 +334,32 @@ async def _profile(label: str, jobs: int, concurrency: int, path: str) -> str:
             }
             async with (
                 ServiceProcess(env, tmp / "service.log") as service,
+                contextlib.AsyncExitStack() as stack,
                 grpc.aio.insecure_channel(service.target) as channel,
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
             ):
                 await _wait_ready(channel)
-                base = f"http://127.0.0.1:{service.info['http_port']}"
+                pid, base = service.pid, f"http://127.0.0.1:{service.info['http_port']}"
+                if mode == "separate":
+                    gateway = await stack.enter_async_context(
+                        _Gateway(service.target, tmp / "gateway.log")
+                    )
+                    pid, base = gateway.pid, gateway.url
                 job = _http_job(session, base) if path == "http" else _service_job(channel)
                 await _segment(job, 4, inputs.take(16))
                 await agents.reset()
                 pngs = inputs.take(jobs)
                 spy = await asyncio.create_subprocess_exec(
                     _py_spy(),
-                    *("record", "--pid", str(service.pid), "--format", "raw", "--gil"),
+                    *("record", "--pid", str(pid), "--format", "raw", "--gil"),
                     *("--rate", "200", "--output", str(collapsed), "--nonblocking"),
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.DEVNULL,
                 )
                 await asyncio.sleep(1.0)  # py-spy attaches
-                cpu = cpu_seconds(service.pid)
+                cpu = cpu_seconds(pid)
                 got = await _segment(job, concurrency, pngs)
-                cpu = cpu_seconds(service.pid) - cpu
+                cpu = cpu_seconds(pid) - cpu
                 spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
                 async with asyncio.timeout(30):
                     await spy.wait()
@@ -319,8 +368,9 @@ async def _profile(label: str, jobs: int, concurrency: int, path: str) -> str:
         if keep := os.environ.get("BENCH_KEEP_PROFILE"):  # the raw stacks, for a closer look
             shutil.copy(collapsed, keep)
         lines = [
-            f"profile {label}: {done} {path} jobs, {concurrency} callers, embedded shim",
-            f"service CPU per job: {cpu * 1000 / max(done, 1):.2f} ms",
+            f"profile {label}: {done} {path} jobs, {concurrency} callers, {mode} shim",
+            f"{'service' if mode == 'embedded' else 'gateway'} process CPU per job:"
+            f" {cpu * 1000 / max(done, 1):.2f} ms",
             f"py-spy samples while busy: {busy} (200 Hz, the GIL holder, idle loop excluded)",
             "",
             "top by own samples (% of busy):",
@@ -349,13 +399,16 @@ if __name__ == "__main__":
         "--profile", metavar="LABEL", help="py-spy the embedded service instead of measuring"
     )
     parser.add_argument("--path", default="http", choices=("http", "grpc"), help="--profile's")
+    parser.add_argument("--mode", default="embedded", choices=MODES, help="--profile's")
     parser.add_argument("--jobs", type=int, default=400, help="--profile's")
     parser.add_argument("--concurrency", type=int, default=16, help="--profile's")
     args = parser.parse_args()
     if args.profile:
         from bench.common import RESULTS
 
-        text = asyncio.run(_profile(args.profile, args.jobs, args.concurrency, args.path))
+        text = asyncio.run(
+            _profile(args.profile, args.jobs, args.concurrency, args.path, args.mode)
+        )
         (RESULTS / f"profile-gateway-{args.profile}.txt").write_text(text)
         print(text)
         raise SystemExit(0)

@@ -6,6 +6,7 @@ deadline and the same end for a SYNC job whose caller leaves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -187,3 +188,28 @@ async def test_a_caller_leaving_a_sync_job_cancels_it(
             await request
     await _until_state(service, "alice", job_pb2.Job.STATE_CANCELLED)
     await _streams_closed(service)
+
+
+async def test_shutdown_never_cancels_a_sync_job_of_the_embedded_shim(tmp_path: Path) -> None:
+    async with keyed_service(tmp_path, shutdown_grace_s=0.5) as (service, comfy):
+        comfy[0].hang_at("7")
+        async with httpx.AsyncClient(base_url=http_base(service), timeout=30) as http:
+            request = asyncio.create_task(
+                http.post(
+                    "/api/ImageToImage",
+                    files={"image": ("a.png", PNG)},
+                    data={"PositivePrompt": "x", "Sync": "true"},
+                    headers=auth("alice"),
+                )
+            )
+            await _until_state(service, "alice", job_pb2.Job.STATE_RUNNING)
+            await service.stop()  # the call is cut; the accepted job is not cancelled
+            with contextlib.suppress(httpx.HTTPError):
+                await request
+        again = Service(service.settings)
+        await again.start()
+        try:
+            comfy[0].release("7")
+            await _until_state(again, "alice", job_pb2.Job.STATE_SUCCEEDED)
+        finally:
+            await again.stop(grace_s=1)
