@@ -126,7 +126,7 @@ class _Gateway:
 def _jobs(quick: bool) -> tuple[dict[int, int], dict[int, int]]:
     """Jobs per latency segment and per CPU segment, by number of callers."""
     if quick:
-        return {1: 8, 16: 32}, {1: 8, 16: 32}
+        return {1: 6, 16: 16}, {1: 6, 16: 16}
     return {1: 60, 16: 192}, {1: 40, 16: 128}
 
 
@@ -178,7 +178,7 @@ async def _mode(
                 await _wait_ready(channel)
                 paths = {"grpc": _service_job(channel), "http": _http_job(session, base)}
                 for fn in paths.values():  # warm-up: connections, caches, first imports
-                    await _segment(fn, 4, inputs.take(16))
+                    await _segment(fn, 4, inputs.take(4 if quick else 16))
                 await agents.reset()
                 for rep in range(reps):
                     for n in LEVELS:
