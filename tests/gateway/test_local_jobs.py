@@ -213,3 +213,57 @@ async def test_shutdown_never_cancels_a_sync_job_of_the_embedded_shim(tmp_path: 
             await _until_state(again, "alice", job_pb2.Job.STATE_SUCCEEDED)
         finally:
             await again.stop(grace_s=1)
+
+
+def _big_png() -> bytes:
+    """A 32 x 24 PNG of about 5.6 MB: six 0.9 MB text chunks (each within Pillow's limit)."""
+    import io
+    import os
+
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for i in range(6):
+        info.add_text(f"pad{i}", os.urandom(450_000).hex())
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(PNG)).save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+async def test_uploads_past_the_in_flight_window(tmp_path: Path) -> None:
+    big = _big_png()  # past the 4 MiB a local call holds in flight
+    assert len(big) > 5 * 1024 * 1024
+    # The embedded upscaler serves it (whether a stand-in takes inputs this large is the
+    # ComfyUI provider's business, not the shim's).
+    async with keyed_service(tmp_path, local_upscale="always") as (service, _):
+        network = Gateway(
+            f"127.0.0.1:{service.grpc_port}",
+            port=0,
+            settings=GatewaySettings.from_settings(service.settings),
+        )
+        await network.start()
+        try:
+            answers = []
+            for base in (http_base(service), network.url):
+                async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+                    res = await http.post(
+                        "/api/ImageUpscale",
+                        data={"Sync": "true"},
+                        files={"image": ("big.png", big, "image/png")},
+                        headers=auth("alice"),
+                    )
+                    assert res.status_code == 200, res.text
+                    assert res.json()["jobState"] == "Completed"
+                    # Refused at the first message while the file is still being written:
+                    # the writer is released, and the answer is the same on both shims.
+                    res = await http.post(
+                        "/api/ImageToImage",
+                        data={"Steps": "100000", "Sync": "true"},
+                        files={"image": ("big.png", big, "image/png")},
+                        headers=auth("alice"),
+                    )
+                    answers.append((res.status_code, res.json()))
+            assert answers[0][0] == 400 and answers[0] == answers[1]
+        finally:
+            await network.stop()
+        await _streams_closed(service)
