@@ -58,7 +58,7 @@ from aiserver.gateway.errors import (
 from aiserver.gateway.fields import FieldError, FieldErrors, apply_fields, field_key, parse_bool
 from aiserver.gateway.routes import Upload, message_class, upload_of
 from aiserver.gateway.streams import event_field, first_message, stream_response, wants_sse
-from aiserver.gateway.uploads import chunk_factory, send_multipart, write
+from aiserver.gateway.uploads import chunk_factory, media_type, send_multipart, write
 
 __all__ = ["Compat", "CompatTask", "compat_field_name", "compat_tasks"]
 
@@ -316,7 +316,7 @@ class Compat:
         return await self.run_task(request, task)
 
     async def run_task(self, request: web.Request, task: CompatTask) -> web.StreamResponse:
-        if request.content_type != "multipart/form-data":
+        if media_type(request) != "multipart/form-data":
             raise GatewayError(
                 415,
                 "UNSUPPORTED_MEDIA_TYPE",
