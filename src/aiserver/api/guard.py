@@ -142,6 +142,8 @@ class Guard(grpc.aio.ServerInterceptor):
         self.keyless = frozenset(keyless_methods)
         self.metrics = metrics
         self.active_streams = 0
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        """Per method: grpc's handler and this guard's wrapping of it, made once."""
 
     async def intercept_service(
         self,
@@ -152,9 +154,17 @@ class Guard(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None:
             return handler
+        # Services hand out one handler object per method: the wrapping (closures, metric
+        # children, grpc's handler tuple) is built at its first call, not at every call.
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
         if method.startswith(EXEMPT_PREFIXES):
-            return tolerant_handler(handler)
-        return self._wrap(handler, method)
+            wrapped = tolerant_handler(handler)
+        else:
+            wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     # --- wrapping -------------------------------------------------------------------------
 

@@ -88,7 +88,8 @@ class LocalBlobStore:
             raise FileNotFoundError(key)
         return path
 
-    def _write_if_missing(self, key: str, data: bytes) -> None:
+    def put_now(self, key: str, data: bytes) -> None:
+        """:meth:`put` in the calling thread (a worker's: it waits for the disk)."""
         path = self._path(key)
         if path.is_file():
             return
@@ -106,7 +107,7 @@ class LocalBlobStore:
         self._dir_syncs.sync(path.parent)
 
     async def put(self, key: str, data: bytes) -> None:
-        await asyncio.to_thread(self._write_if_missing, key, data)
+        await asyncio.to_thread(self.put_now, key, data)
 
     async def size(self, key: str) -> int | None:
         try:
