@@ -29,11 +29,12 @@ class _DirSyncs:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._started: dict[Path, int] = {}  # syncs begun, per directory
-        self._done: dict[Path, int] = {}  # syncs finished
-        self._running: set[Path] = set()
+        self._started: dict[str, int] = {}  # syncs begun, per directory
+        self._done: dict[str, int] = {}  # syncs finished
+        self._running: set[str] = set()
 
-    def sync(self, folder: Path) -> None:
+    def sync(self, path: Path) -> None:
+        folder = os.fspath(path)  # str keys: hashing a new Path object each time cost more
         with self._lock:
             # A sync running now may have begun before our rename: we need the next one.
             needed = self._started.get(folder, 0) + 1
