@@ -255,6 +255,34 @@ async def test_invalid_parameters_are_refused_before_any_work(
         assert comfy[0].received.prompts == []
 
 
+@pytest.mark.parametrize(
+    "side",
+    [
+        64,  # small: checked on the event loop
+        300,  # past the inline limit: checked in the image pool
+    ],
+)
+async def test_a_damaged_input_is_refused_before_any_work(tmp_path: Path, side: int) -> None:
+    pixels = (bytes(range(256)) * (side * side * 3 // 256 + 1))[: side * side * 3]
+    whole = encode(Image.frombytes("RGB", (side, side), pixels), "PNG")
+    async with comfy_service(tmp_path) as (service, comfy), channel_to(service) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await generate(
+                ch,
+                "ImageUpscale",
+                tasks_pb2.ImageUpscaleParams(),
+                {"image": whole[: len(whole) * 2 // 3]},
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        _, details = rich_status(caught.value)
+        assert details["ErrorInfo"].reason in ("IMAGE_TRUNCATED", "IMAGE_CORRUPT")
+        assert "image" in violated_fields(details)
+        assert comfy[0].received.prompts == []
+        # The whole file goes through.
+        got = await generate(ch, "ImageUpscale", tasks_pb2.ImageUpscaleParams(), {"image": whole})
+        assert got.final.state == SUCCEEDED
+
+
 async def test_deadline_cancels_the_comfyui_prompt(tmp_path: Path) -> None:
     async with comfy_service(tmp_path) as (service, comfy), channel_to(service) as ch:
         comfy[0].hang_at("7")  # the KSampler of the ImageToImage workflow never finishes

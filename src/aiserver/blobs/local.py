@@ -67,11 +67,12 @@ class _DirSyncs:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._started: dict[Path, int] = {}  # syncs begun, per directory
-        self._done: dict[Path, int] = {}  # syncs finished
-        self._running: set[Path] = set()
+        self._started: dict[str, int] = {}  # syncs begun, per directory
+        self._done: dict[str, int] = {}  # syncs finished
+        self._running: set[str] = set()
 
-    def sync(self, folder: Path) -> None:
+    def sync(self, path: Path) -> None:
+        folder = os.fspath(path)  # str keys: hashing a new Path object each time cost more
         with self._lock:
             # A sync running now may have begun before our rename: we need the next one.
             needed = self._started.get(folder, 0) + 1
@@ -126,7 +127,8 @@ class LocalBlobStore:
             raise FileNotFoundError(key)
         return path
 
-    def _write_if_missing(self, key: str, data: bytes) -> None:
+    def put_now(self, key: str, data: bytes) -> None:
+        """:meth:`put` in the calling thread (a worker's: it waits for the disk)."""
         path = self._path(key)
         if path.is_file():
             return
@@ -144,7 +146,7 @@ class LocalBlobStore:
         self._dir_syncs.sync(path.parent)
 
     async def put(self, key: str, data: bytes) -> None:
-        await asyncio.to_thread(self._write_if_missing, key, data)
+        await asyncio.to_thread(self.put_now, key, data)
 
     async def size(self, key: str) -> int | None:
         try:
