@@ -102,7 +102,13 @@ async def _ensure_database() -> None:
 
 
 async def _config(
-    root: Path, agents: StandIns, kind: str, count: int, inputs: Inputs, per_process: int
+    root: Path,
+    agents: StandIns,
+    kind: str,
+    count: int,
+    inputs: Inputs,
+    per_process: int,
+    census: Path | None = None,
 ) -> dict[str, float]:
     schema = f"b_{uuid.uuid4().hex[:12]}"
     agent_list = [
@@ -122,6 +128,8 @@ async def _config(
         }
         if kind == "postgres":
             env |= {"AISERVER_DATABASE_URL": BENCH_URL, "AISERVER_DATABASE_SCHEMA": schema}
+        if census is not None:
+            env["BENCH_SQL_CENSUS"] = str(census / f"c{i}.json")
         services.append(ServiceProcess(env, root.with_name(f"{root.name}-c{i}.log")))
     await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
     try:
@@ -297,3 +305,45 @@ def _rows(figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             )
         )
     return rows
+
+
+WARM_UP_JOBS = 4
+"""Jobs each coordinator runs before the measured segment (``_config``'s warm-up)."""
+
+
+async def _census(jobs: int, out: Path) -> None:
+    """Statements per job on PostgreSQL by statement, one coordinator (``bench.sql_census``):
+    the whole life of the process over its jobs, so start-up and timers count too."""
+    await _ensure_database()
+    inputs = Inputs()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-census-"))
+    try:
+        async with StandIns(AGENTS, tmp / "comfy") as agents:
+            figures = await _config(tmp / "run", agents, "postgres", 1, inputs, jobs, tmp)
+            counts = json.loads((tmp / "c0.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    total = jobs + WARM_UP_JOBS
+    per_job = {sql: round(n / total, 2) for sql, n in counts.items()}
+    report = {
+        "jobs": total,
+        "statements_per_job": round(sum(counts.values()) / total, 2),
+        "figures": figures,
+        "by_statement": per_job,
+    }
+    await asyncio.to_thread(out.write_text, json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "by_statement"}, indent=1))
+    for sql, n in per_job.items():
+        if n >= 0.05:
+            print(f"{n:6.2f}  {sql}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="statements per job on PostgreSQL")
+    parser.add_argument("label")
+    parser.add_argument("--jobs", type=int, default=300)
+    options = parser.parse_args()
+    target = Path(__file__).parent / "results" / f"sql-census-{options.label}.json"
+    asyncio.run(_census(options.jobs, target))

@@ -33,6 +33,7 @@ from aiserver.jobs.store.protocol import (
     JobRecord,
     Lease,
     LeaseLost,
+    NewEvent,
     OutboxItem,
     SlotClaim,
     StoredEvent,
@@ -96,9 +97,18 @@ class SqliteJobStore:
 
     # --- records ----------------------------------------------------------------------------
 
-    async def create(self, record: JobRecord, *, max_active: int = 0) -> tuple[JobRecord, bool]:
+    async def create(
+        self,
+        record: JobRecord,
+        *,
+        max_active: int = 0,
+        holder: str | None = None,
+        lease_s: float = 0.0,
+        events: Sequence[NewEvent] = (),
+    ) -> tuple[JobRecord, bool]:
         row = rows.row_of(record)
         shas = {i.sha256 for i in record.job.inputs}
+        stored = _event_rows(row["id"], events)
 
         def insert() -> tuple[JobRecord, bool]:
             conn = self._conn
@@ -126,9 +136,18 @@ class SqliteJobStore:
                     "INSERT OR IGNORE INTO job_inputs (job_id, sha256) VALUES (?, ?)",
                     [(row["id"], sha) for sha in shas],
                 )
+                if holder is not None:
+                    conn.execute(
+                        "UPDATE jobs SET lease_holder = ?, lease_expires_us = ? WHERE id = ?",
+                        (holder, _now_us() + _us(lease_s), row["id"]),
+                    )
+                conn.executemany(_INSERT_EVENT_SQL, stored)
             return record, False
 
-        return await self._call(insert)
+        made = await self._call(insert)
+        if not made[1]:
+            self._announce(row["id"], events)
+        return made
 
     async def save(
         self,
@@ -136,10 +155,16 @@ class SqliteJobStore:
         *,
         holder: str | None = None,
         outbox: Sequence[tuple[str, bytes]] = (),
+        events: Sequence[NewEvent] = (),
+        release: bool = False,
+        prune: str = "",
     ) -> None:
         row = rows.row_of(record)
         sets = ", ".join(f"{c} = :{c}" for c in rows.MUTABLE)
+        if release:
+            sets += ", lease_holder = NULL, lease_expires_us = NULL"
         fence = "" if holder is None else " AND lease_holder = :holder"
+        stored = _event_rows(row["id"], events)
 
         def update() -> None:
             conn = self._conn
@@ -162,8 +187,16 @@ class SqliteJobStore:
                     " VALUES (?, ?, ?, ?, ?)",
                     [(row["id"], url, body, now, now) for url, body in outbox],
                 )
+                if prune:
+                    _prune(conn, row["id"], prune)
+                conn.executemany(_INSERT_EVENT_SQL, stored)
 
         await self._call(update)
+        self._announce(row["id"], events)
+
+    def _announce(self, job_id: str, events: Sequence[NewEvent]) -> None:
+        if events:
+            self._hub.publish(Announcement("event", job_id, max(e.sequence for e in events)))
 
     async def forget_outputs(self, sha256s: Collection[str]) -> int:
         gone = set(sha256s)
@@ -366,6 +399,23 @@ class SqliteJobStore:
 
         return await self._call(extend)
 
+    async def renew_all(self, job_ids: Collection[str], holder: str, lease_s: float) -> set[str]:
+        wanted = sorted(set(job_ids))
+        if not wanted:
+            return set()
+
+        def extend() -> set[str]:
+            now = _now_us()
+            marks = ", ".join("?" * len(wanted))
+            found = self._conn.execute(
+                f"UPDATE jobs SET lease_expires_us = ? WHERE id IN ({marks})"
+                " AND lease_holder = ? AND lease_expires_us >= ? RETURNING id",
+                (now + _us(lease_s), *wanted, holder, now),
+            ).fetchall()
+            return {r[0] for r in found}
+
+        return await self._call(extend)
+
     async def release(self, job_id: str, holder: str) -> bool:
         def drop() -> bool:
             cur = self._conn.execute(
@@ -419,6 +469,18 @@ class SqliteJobStore:
         await self._call(insert)
         self._hub.publish(Announcement("event", job_id, sequence))
 
+    async def append_events(self, job_id: str, events: Sequence[NewEvent]) -> None:
+        if not events:
+            return
+        stored = _event_rows(job_id, events)
+
+        def insert() -> None:
+            with _transaction(self._conn):
+                self._conn.executemany(_INSERT_EVENT_SQL, stored)
+
+        await self._call(insert)
+        self._announce(job_id, events)
+
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
         def select() -> list[StoredEvent]:
             found = self._conn.execute(
@@ -434,15 +496,7 @@ class SqliteJobStore:
         return await self._call(select)
 
     async def prune_events(self, job_id: str, kind: str) -> int:
-        def delete() -> int:
-            cur = self._conn.execute(
-                "DELETE FROM job_events WHERE job_id = ? AND kind = ? AND sequence <"
-                " (SELECT max(sequence) FROM job_events WHERE job_id = ? AND kind = ?)",
-                (job_id, kind, job_id, kind),
-            )
-            return cur.rowcount
-
-        return await self._call(delete)
+        return await self._call(lambda: _prune(self._conn, job_id, kind))
 
     async def announcements(self) -> Listener:
         return self._hub.listen()
@@ -581,6 +635,27 @@ class SqliteJobStore:
         self._closed = True
         self._hub.close()
         self._executor.shutdown(wait=False)
+
+
+_INSERT_EVENT_SQL = (
+    "INSERT OR IGNORE INTO job_events (job_id, sequence, kind, payload, created_us)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
+"""Idempotent: a write that failed after storing its events may send them again."""
+
+
+def _event_rows(job_id: str, events: Sequence[NewEvent]) -> list[tuple[Any, ...]]:
+    now = _now_us()
+    return [(job_id, e.sequence, e.kind, rows.dumps(e.payload), now) for e in events]
+
+
+def _prune(conn: sqlite3.Connection, job_id: str, kind: str) -> int:
+    cur = conn.execute(
+        "DELETE FROM job_events WHERE job_id = ? AND kind = ? AND sequence <"
+        " (SELECT max(sequence) FROM job_events WHERE job_id = ? AND kind = ?)",
+        (job_id, kind, job_id, kind),
+    )
+    return cur.rowcount
 
 
 class _transaction:
