@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def _top(collapsed: Path) -> tuple[int, list[tuple[str, int]], list[tuple[str, i
     return busy, own.most_common(TOP), total.most_common(TOP)
 
 
-async def _profile(label: str, jobs: int, concurrency: int, module: str, native: bool) -> str:
+async def _profile(
+    label: str, jobs: int, concurrency: int, module: str, native: bool, postgres: bool
+) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     collapsed = tmp / "profile.txt"
     try:
@@ -85,6 +88,15 @@ async def _profile(label: str, jobs: int, concurrency: int, module: str, native:
                     ]
                 ),
             }
+            if postgres:  # the job store on the scale-out bench's database, a schema of its own
+                from bench import scaleout
+
+                await scaleout._ensure_database()
+                schema = f"p_{uuid.uuid4().hex[:12]}"
+                env |= {
+                    "AISERVER_DATABASE_URL": scaleout.BENCH_URL,
+                    "AISERVER_DATABASE_SCHEMA": schema,
+                }
             async with ServiceProcess(env, tmp / "service.log") as service:
                 inputs = Inputs()
                 async with grpc.aio.insecure_channel(service.target) as channel:
@@ -112,11 +124,14 @@ async def _profile(label: str, jobs: int, concurrency: int, module: str, native:
                     async with asyncio.timeout(30):
                         await spy.wait()
                     _, requests = await agents.dump()
+        if postgres:
+            await scaleout._drop_schema(schema)
         done = len(got["latencies"])
         busy, own, total = _top(collapsed)
         lines = [
             f"profile {label}: {done} jobs ({len(got['failed'])} failed), {concurrency} callers,"
-            f" {AGENTS} agents ({module}), gRPC ImageUpscale SYNC + references, SQLite",
+            f" {AGENTS} agents ({module}), gRPC ImageUpscale SYNC + references,"
+            f" {'PostgreSQL' if postgres else 'SQLite'}",
             f"service CPU per job: {cpu * 1000 / max(done, 1):.2f} ms"
             f" ({cpu:.2f} s CPU over {wall:.1f} s wall, {done / wall:.1f} jobs/s)",
             "agent requests per job: "
@@ -146,8 +161,11 @@ def main() -> None:
         help="bench.standin_proc (the stand-ins) or bench.fast_agent (lighter)",
     )
     parser.add_argument("--native", action="store_true", help="C frames too (py-spy --native)")
+    parser.add_argument("--postgres", action="store_true", help="the job store on PostgreSQL")
     args = parser.parse_args()
-    text = asyncio.run(_profile(args.label, args.jobs, args.concurrency, args.agents, args.native))
+    text = asyncio.run(
+        _profile(args.label, args.jobs, args.concurrency, args.agents, args.native, args.postgres)
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"profile-{args.label}.txt").write_text(text)
     print(text)

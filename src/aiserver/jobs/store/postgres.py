@@ -181,7 +181,7 @@ class PostgresJobStore:
         prune: str = "",
     ) -> None:
         self._check()
-        row = rows.row_of(record)
+        row = rows.mutable_row_of(record)
         now = _now_us()
         args: list[Any] = [row["id"], holder, *(row[c] for c in rows.MUTABLE)]
         sql = _save_sql(bool(events), release, bool(prune), bool(outbox))

@@ -159,7 +159,7 @@ class SqliteJobStore:
         release: bool = False,
         prune: str = "",
     ) -> None:
-        row = rows.row_of(record)
+        row = rows.mutable_row_of(record)
         sets = ", ".join(f"{c} = :{c}" for c in rows.MUTABLE)
         if release:
             sets += ", lease_holder = NULL, lease_expires_us = NULL"
