@@ -133,9 +133,10 @@ class PostgresJobStore:
         now = _now_us()
         lease = (holder, now + _us(lease_s)) if holder is not None else (None, None)
         args = [*(row[c] for c in rows.COLUMNS), *lease, shas]
-        sql = _CREATE_SQL
+        if max_active > 0:
+            args.append(max_active)
+        sql = _create_sql(max_active > 0, bool(events))
         if events:
-            sql = _CREATE_WITH_EVENTS_SQL
             args += [
                 *_event_arrays(events, now),
                 self._channel,
@@ -148,23 +149,17 @@ class PostgresJobStore:
                 return record, False
         else:
             async with self._pool.acquire() as conn, conn.transaction():
-                # Creates of one owner take turns (until commit): the count stays true.
+                # Creates of one owner take turns (until commit): the count in the insert,
+                # a statement after the lock (its own snapshot), stays true.
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock($1, hashtext($2))", _OWNER_LOCK, row["owner"]
                 )
-                active = await conn.fetchval(
-                    "SELECT count(*) FROM jobs WHERE owner = $1"
-                    f" AND state IN {rows.UNFINISHED_SQL}",
-                    row["owner"],
-                )
-                if active < max_active:
-                    if await conn.fetchval(sql, *args) is not None:
-                        return record, False
-                else:
-                    found = await conn.fetchrow(_EXISTING_SQL, row["owner"], row["ref_id"])
-                    if found is not None:  # a retry of a job it has is no new work
-                        return rows.record_of(found), True
-                    raise ActiveLimitReached(row["owner"])
+                if await conn.fetchval(sql, *args) is not None:
+                    return record, False
+                found = await conn.fetchrow(_EXISTING_SQL, row["owner"], row["ref_id"])
+                if found is not None:  # a retry of a job it has is no new work
+                    return rows.record_of(found), True
+                raise ActiveLimitReached(row["owner"])
         # (owner, ref_id) exists, maybe committed by a racing transaction meanwhile.
         again = await self._fetchrow(_EXISTING_SQL, row["owner"], row["ref_id"])
         assert again is not None
@@ -642,22 +637,41 @@ _CLAIM_SLOT_SQL = (
     " WHERE a.agent = $1 AND a.slot = free.slot RETURNING a.slot"
 )
 _EXISTING_SQL = f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = $1 AND ref_id = $2"
-_N = len(rows.COLUMNS)
-_MADE = (
-    f"WITH made AS (INSERT INTO jobs ({rows.SELECT_COLUMNS}, lease_holder, lease_expires_us)"
-    f" VALUES ({', '.join(f'${n}' for n in range(1, _N + 3))})"
-    " ON CONFLICT (owner, ref_id) DO NOTHING RETURNING id),"
-    " inputs AS (INSERT INTO job_inputs (job_id, sha256)"
-    f" SELECT made.id, unnest(${_N + 3}::text[]) FROM made ON CONFLICT DO NOTHING)"
-)
-_CREATE_SQL = _MADE + " SELECT id FROM made"
-_CREATE_WITH_EVENTS_SQL = (
-    _MADE + ", stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
-    f" SELECT made.id, e.sequence, e.kind, e.payload, ${_N + 7} FROM made,"
-    f" unnest(${_N + 4}::bigint[], ${_N + 5}::text[], ${_N + 6}::text[])"
-    " AS e(sequence, kind, payload) ON CONFLICT DO NOTHING)"
-    f" SELECT id, pg_notify(${_N + 8}, ${_N + 9}) FROM made"
-)
+
+
+@functools.cache
+def _create_sql(limited: bool, events: bool) -> str:
+    """The insert of a job with its input references and, when new, what goes with it, as
+    one statement. Parameters: the columns, the lease (holder, expiry), the input hashes,
+    then for each part present: the active limit (``limited``: inserted only while the owner
+    has fewer unfinished jobs; run under the owner's lock), the events (sequences, kinds,
+    payloads, time, channel, notice). Returns the id only when it inserted."""
+    n = len(rows.COLUMNS) + 3
+    values = ", ".join(f"${i}" for i in range(1, n))  # the columns and the lease
+    source = f"VALUES ({values})"
+    if limited:
+        n += 1
+        source = (
+            f"SELECT {values} WHERE (SELECT count(*) FROM jobs"
+            f" WHERE owner = ${rows.COLUMNS.index('owner') + 1}"
+            f" AND state IN {rows.UNFINISHED_SQL}) < ${n}"
+        )
+    sql = (
+        f"WITH made AS (INSERT INTO jobs ({rows.SELECT_COLUMNS}, lease_holder,"
+        f" lease_expires_us) {source} ON CONFLICT (owner, ref_id) DO NOTHING RETURNING id),"
+        " inputs AS (INSERT INTO job_inputs (job_id, sha256)"
+        f" SELECT made.id, unnest(${len(rows.COLUMNS) + 3}::text[]) FROM made"
+        " ON CONFLICT DO NOTHING)"
+    )
+    if not events:
+        return sql + " SELECT id FROM made"
+    return sql + (
+        ", stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
+        f" SELECT made.id, e.sequence, e.kind, e.payload, ${n + 4} FROM made,"
+        f" unnest(${n + 1}::bigint[], ${n + 2}::text[], ${n + 3}::text[])"
+        " AS e(sequence, kind, payload) ON CONFLICT DO NOTHING)"
+        f" SELECT id, pg_notify(${n + 5}, ${n + 6}) FROM made"
+    )
 
 
 def _event_arrays(events: Sequence[NewEvent], now_us: int) -> list[Any]:
