@@ -57,7 +57,7 @@ class EventLog:
         store: JobStore,
         *,
         progress_interval_s: float = 0.5,
-        event_delay_s: float = 0.25,
+        event_delay_s: float = 0.5,
     ) -> None:
         self._store = store
         self._interval = progress_interval_s
