@@ -16,6 +16,7 @@ Announcements go through an in-process hub: SQLite is one process's database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
@@ -156,38 +157,37 @@ class SqliteJobStore:
         shas = {i.sha256 for i in record.job.inputs}
         stored = _event_rows(row["id"], events)
 
+        lease = {
+            "lease_holder": holder,
+            "lease_expires_us": None if holder is None else _now_us() + _us(lease_s),
+        }
+
         def insert() -> tuple[JobRecord, bool]:
             conn = self._conn
+
+            def existing() -> tuple[JobRecord, bool] | None:
+                found = conn.execute(_EXISTING_SQL, (row["owner"], row["ref_id"])).fetchone()
+                return None if found is None else (rows.record_of(found), True)
+
             # BEGIN IMMEDIATE holds the write lock: the count and the insert are one step.
             with _transaction(conn):
-                found = conn.execute(
-                    f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = ? AND ref_id = ?",
-                    (row["owner"], row["ref_id"]),
-                ).fetchone()
-                if found is not None:
-                    return rows.record_of(found), True
                 if max_active > 0:
-                    active = conn.execute(
-                        f"SELECT count(*) FROM jobs WHERE owner = ? AND state IN"
-                        f" {rows.UNFINISHED_SQL}",
-                        (row["owner"],),
-                    ).fetchone()[0]
+                    active = conn.execute(_ACTIVE_SQL, (row["owner"],)).fetchone()[0]
                     if active >= max_active:
+                        if (made := existing()) is not None:  # a retry is no new work
+                            return made
                         raise ActiveLimitReached(row["owner"])
-                placeholders = ", ".join(f":{c}" for c in rows.COLUMNS)
-                conn.execute(
-                    f"INSERT INTO jobs ({rows.SELECT_COLUMNS}) VALUES ({placeholders})", row
-                )
-                conn.executemany(
-                    "INSERT OR IGNORE INTO job_inputs (job_id, sha256) VALUES (?, ?)",
-                    [(row["id"], sha) for sha in shas],
-                )
-                if holder is not None:
-                    conn.execute(
-                        "UPDATE jobs SET lease_holder = ?, lease_expires_us = ? WHERE id = ?",
-                        (holder, _now_us() + _us(lease_s), row["id"]),
+                if conn.execute(_CREATE_SQL, {**row, **lease}).rowcount == 0:
+                    made = existing()  # (owner, ref_id) is taken
+                    assert made is not None
+                    return made
+                if shas:
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO job_inputs (job_id, sha256) VALUES (?, ?)",
+                        [(row["id"], sha) for sha in shas],
                     )
-                conn.executemany(_INSERT_EVENT_SQL, stored)
+                if stored:
+                    conn.executemany(_INSERT_EVENT_SQL, stored)
             return record, False
 
         made = await self._call(insert, inline=True)
@@ -212,12 +212,13 @@ class SqliteJobStore:
         fence = "" if holder is None else " AND lease_holder = :holder"
         stored = _event_rows(row["id"], events)
 
+        sql = f"UPDATE jobs SET {sets} WHERE id = :id{fence}"
+        alone = not (outbox or stored or prune)  # one statement: atomic without BEGIN
+
         def update() -> None:
             conn = self._conn
-            with _transaction(conn):
-                cur = conn.execute(
-                    f"UPDATE jobs SET {sets} WHERE id = :id{fence}", {**row, "holder": holder}
-                )
+            with contextlib.nullcontext() if alone else _transaction(conn):
+                cur = conn.execute(sql, {**row, "holder": holder})
                 if cur.rowcount != 1:
                     if (
                         holder is not None
@@ -227,6 +228,8 @@ class SqliteJobStore:
                     raise ServiceError(
                         ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"job {row['id']} is not stored"
                     )
+                if alone:
+                    return
                 now = _now_us()
                 conn.executemany(
                     "INSERT INTO webhook_outbox (job_id, url, body, due_us, created_us)"
@@ -683,6 +686,13 @@ class SqliteJobStore:
         self._executor.shutdown(wait=False)
 
 
+_EXISTING_SQL = f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = ? AND ref_id = ?"
+_ACTIVE_SQL = f"SELECT count(*) FROM jobs WHERE owner = ? AND state IN {rows.UNFINISHED_SQL}"
+_CREATE_SQL = (
+    f"INSERT INTO jobs ({rows.SELECT_COLUMNS}, lease_holder, lease_expires_us)"
+    f" VALUES ({', '.join(f':{c}' for c in rows.COLUMNS)}, :lease_holder, :lease_expires_us)"
+    " ON CONFLICT (owner, ref_id) DO NOTHING"
+)
 _INSERT_EVENT_SQL = (
     "INSERT OR IGNORE INTO job_events (job_id, sequence, kind, payload, created_us)"
     " VALUES (?, ?, ?, ?, ?)"
