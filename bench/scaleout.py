@@ -155,12 +155,15 @@ async def _config(
                 await _segment(job, 2, inputs.take(4))
             before = await _settled_counters() if kind == "postgres" else None
             cpu = [cpu_seconds(s.pid) for s in services]
+            others = (cpu_seconds(agents.pid), time.process_time())
             start = time.perf_counter()
             results = await asyncio.gather(
                 *(_segment(job, CALLERS, inputs.take(per_process)) for job in jobs)
             )
             wall = time.perf_counter() - start
             used = sum(cpu_seconds(s.pid) - c for s, c in zip(services, cpu, strict=True))
+            standins = cpu_seconds(agents.pid) - others[0]
+            callers = time.process_time() - others[1]
             after = await _database_counters() if kind == "postgres" else None
         finally:
             for channel in channels:
@@ -180,6 +183,10 @@ async def _config(
         "jobs_per_s": done / wall,
         "coordinator_cpu_ms_per_job": ms(used) / done,
         "failed": float(sum(len(r["failed"]) for r in results)),
+        # The rest of the machine's work per job, for the cost-based view of scaling
+        # (docs/scale-out.md): what N coordinators on N cores would do.
+        "standin_cpu_ms_per_job": ms(standins) / done,
+        "caller_cpu_ms_per_job": ms(callers) / done,
     }
     if before is not None and after is not None:
         figures["postgres_cpu_ms_per_job"] = ms(after["cpu"] - before["cpu"]) / done
