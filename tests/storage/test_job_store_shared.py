@@ -448,3 +448,23 @@ async def test_renew_all_renews_only_what_the_holder_still_holds(
         assert await a.claim("A", 30, job_id=job.id) is not None
     assert await a.renew_all([j.id for j in jobs], "A", 30) == {j.id for j in jobs[1:]}
     assert await b.claim("B", 30, job_id=jobs[1].id) is None
+
+
+async def test_unannounced_events_are_stored_and_found_at_the_next_announcement(
+    backend: JobStoreBackend,
+) -> None:
+    a, b = await _two(backend)
+    watcher = a if backend.kind == "sqlite" else b
+    job = make_job(1)
+    record = JobRecord(job)
+    await a.create(record, holder="A", lease_s=30)
+    heard = await watcher.announcements()
+    try:
+        await a.save(record, holder="A", events=[NewEvent(2, "progress", {})], announce=False)
+        await a.append_events(job.id, [NewEvent(3, "progress", {})], announce=False)
+        await a.append_events(job.id, [NewEvent(4, "output", {})])
+        # The first announcement is the output's: the quiet rows were not announced.
+        assert await asyncio.wait_for(anext(heard), 5) == Announcement("event", job.id, 4)
+    finally:
+        await heard.aclose()
+    assert [e.sequence for e in await b.events(job.id)] == [2, 3, 4]

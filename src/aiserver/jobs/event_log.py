@@ -11,6 +11,12 @@ nobody saves is flushed on a timer: ``event_delay_s`` after a replayable event (
 output, text, retry), and at most one progress row per ``progress_interval_s`` otherwise.
 Consecutive progress events are coalesced to the latest. A write that fails puts its events
 back (the stores insert events idempotently), so a later write or the timer stores them.
+
+A write with events is announced (NOTIFY) when it holds one other than progress, or when the
+job's last announcement is ``announce_every_s`` old: watchers elsewhere read every row after
+their last at the next announcement, so progress-only writes need not wake them each time.
+Each notification costs every listening coordinator's backend a transaction: announced per
+write, a job cost 4 of them per coordinator, growing with the number of coordinators.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ __all__ = ["EventLog", "stored_event"]
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-Write = Callable[[Sequence[NewEvent]], Awaitable[_T]]
+Write = Callable[[Sequence[NewEvent], bool], Awaitable[_T]]
+"""A store write given the events to store with it and whether to announce them."""
 
 
 def stored_event(event: JobEvent) -> NewEvent:
@@ -45,6 +52,7 @@ class _JobLog:
     """Ends with the job's last write (the next one waits for it)."""
     pending: list[JobEvent] = field(default_factory=list)
     last_progress_at: float = -1e9
+    last_announced_at: float = -1e9
     timer: asyncio.TimerHandle | None = None
 
 
@@ -58,10 +66,12 @@ class EventLog:
         *,
         progress_interval_s: float = 0.5,
         event_delay_s: float = 0.5,
+        announce_every_s: float = 1.0,
     ) -> None:
         self._store = store
         self._interval = progress_interval_s
         self._delay = event_delay_s
+        self._announce_every_s = announce_every_s
         self._jobs: dict[str, _JobLog] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -99,10 +109,15 @@ class EventLog:
             if log.timer is not None:
                 log.timer.cancel()
                 log.timer = None
+            now = time.monotonic()
             if any(isinstance(e.kind, Progress) for e in taken):
-                log.last_progress_at = time.monotonic()
+                log.last_progress_at = now
+            announce = final or any(not isinstance(e.kind, Progress) for e in taken)
+            if taken and (announce or now - log.last_announced_at >= self._announce_every_s):
+                announce = True
+                log.last_announced_at = now
             try:
-                result = await write([stored_event(e) for e in taken])
+                result = await write([stored_event(e) for e in taken], announce)
             except BaseException:
                 if taken and self._jobs.get(job_id) is log:
                     log.pending[:0] = taken  # stored later (inserts are idempotent)
@@ -149,7 +164,10 @@ class EventLog:
 
         async def append() -> None:
             try:
-                await self.write(job_id, lambda events: store.append_events(job_id, events))
+                await self.write(
+                    job_id,
+                    lambda events, announce: store.append_events(job_id, events, announce=announce),
+                )
             except Exception:
                 logger.warning("could not store events of job %s", job_id, exc_info=True)
 

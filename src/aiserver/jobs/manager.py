@@ -711,7 +711,10 @@ class JobManager:
         record = active.record
         # With the events emitted since the last write, in its transaction.
         await self._log.write(
-            active.job.id, lambda events: self._store.save(record, holder=holder, events=events)
+            active.job.id,
+            lambda events, announce: self._store.save(
+                record, holder=holder, events=events, announce=announce
+            ),
         )
 
     @property
@@ -812,14 +815,14 @@ class JobManager:
         if not self._hub.is_open(final.id):  # stopped: no Finished goes out
             await self._log.write(
                 final.id,
-                lambda events: self._store.save(
-                    record, holder=holder, outbox=deliveries, events=events
+                lambda events, announce: self._store.save(
+                    record, holder=holder, outbox=deliveries, events=events, announce=announce
                 ),
             )
             return False
         finished = NewEvent(record.last_sequence, *encode_event(Finished(final)))
 
-        async def write(events: Sequence[NewEvent]) -> None:
+        async def write(events: Sequence[NewEvent], _announce: bool) -> None:
             await self._store.save(
                 record,
                 holder=holder,

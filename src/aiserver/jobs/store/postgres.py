@@ -174,12 +174,13 @@ class PostgresJobStore:
         events: Sequence[NewEvent] = (),
         release: bool = False,
         prune: str = "",
+        announce: bool = True,
     ) -> None:
         self._check()
         row = rows.mutable_row_of(record)
         now = _now_us()
         args: list[Any] = [row["id"], holder, *(row[c] for c in rows.MUTABLE)]
-        sql = _save_sql(bool(events), release, bool(prune), bool(outbox))
+        sql = _save_sql(bool(events), release, bool(prune), bool(outbox), announce)
         if events:
             args += [
                 *_event_arrays(events, now),
@@ -424,20 +425,26 @@ class PostgresJobStore:
             self._notice(Announcement("event", job_id, sequence)),
         )
 
-    async def append_events(self, job_id: str, events: Sequence[NewEvent]) -> None:
+    async def append_events(
+        self, job_id: str, events: Sequence[NewEvent], *, announce: bool = True
+    ) -> None:
         if not events:
             return
         self._check()
-        await self._pool.execute(
+        sql = (
             "WITH stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
             " SELECT $1, e.sequence, e.kind, e.payload, $5"
             " FROM unnest($2::bigint[], $3::text[], $4::text[]) AS e(sequence, kind, payload)"
             " ON CONFLICT DO NOTHING RETURNING 1)"
-            " SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored)",
+            " SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored) AND $8"
+        )
+        await self._pool.execute(
+            sql,
             job_id,
             *_event_arrays(events, _now_us()),
             self._channel,
             self._event_notice(job_id, events),
+            announce,
         )
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
@@ -685,11 +692,13 @@ def _event_arrays(events: Sequence[NewEvent], now_us: int) -> list[Any]:
 
 
 @functools.cache
-def _save_sql(events: bool, release: bool, prune: bool, outbox: bool) -> str:
+def _save_sql(events: bool, release: bool, prune: bool, outbox: bool, announce: bool) -> str:
     """The fenced update of a job and what goes with it, as one statement. Parameters: $1 id,
     $2 holder (NULL: unfenced), the mutable columns, then for each part present in order:
     events (sequences, kinds, payloads, time, channel, notice), the pruned kind, the outbox
-    (urls, bodies, time). A part runs only when the update found its row (``FROM saved``)."""
+    (urls, bodies, time). A part runs only when the update found its row (``FROM saved``).
+    Without ``announce`` the channel and notice are passed but not sent: every listening
+    backend spends a transaction on each notification it receives."""
     n = 2 + len(rows.MUTABLE)
     sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(rows.MUTABLE, start=3))
     if release:
@@ -706,7 +715,7 @@ def _save_sql(events: bool, release: bool, prune: bool, outbox: bool) -> str:
             f" unnest(${n + 1}::bigint[], ${n + 2}::text[], ${n + 3}::text[])"
             " AS e(sequence, kind, payload) ON CONFLICT DO NOTHING)"
         )
-        notify = f", pg_notify(${n + 5}, ${n + 6})"
+        notify = f", pg_notify(${n + 5}, ${n + 6})" if announce else f", ${n + 5}, ${n + 6}"
         n += 6
     if prune:
         # The statement's snapshot: rows stored by ``stored`` above are not seen (kept).

@@ -205,15 +205,17 @@ class JobStore(Protocol):
         events: Sequence[NewEvent] = (),
         release: bool = False,
         prune: str = "",
+        announce: bool = True,
     ) -> None:
         """Overwrite the stored record with ``record`` (as it is when called).
 
         ``holder``: only if that process holds the job's lease (else :class:`LeaseLost`).
         ``outbox``: webhook deliveries (url, body) queued in the same transaction, so a
         final state is never stored without its webhook nor the other way round.
-        ``events`` are stored (and announced) in the same transaction; ``release`` gives the
-        lease up with it (the job ended); ``prune`` names an event kind whose stored rows
-        other than the latest go with it (:meth:`prune_events`)."""
+        ``events`` are stored in the same transaction, and announced unless not
+        ``announce``; ``release`` gives the lease up with it (the job ended); ``prune`` names
+        an event kind whose stored rows other than the latest go with it
+        (:meth:`prune_events`)."""
         ...
 
     async def get(self, job_id: str) -> JobRecord | None: ...
@@ -306,8 +308,11 @@ class JobStore(Protocol):
         """Store one event (sequences are unique per job) and announce it."""
         ...
 
-    async def append_events(self, job_id: str, events: Sequence[NewEvent]) -> None:
-        """:meth:`append_event` of several events of one job, in one transaction."""
+    async def append_events(
+        self, job_id: str, events: Sequence[NewEvent], *, announce: bool = True
+    ) -> None:
+        """:meth:`append_event` of several events of one job, in one transaction; not
+        announced when not ``announce`` (watchers find them at the next announcement)."""
         ...
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:

@@ -204,6 +204,7 @@ class SqliteJobStore:
         events: Sequence[NewEvent] = (),
         release: bool = False,
         prune: str = "",
+        announce: bool = True,
     ) -> None:
         row = rows.mutable_row_of(record)
         sets = ", ".join(f"{c} = :{c}" for c in rows.MUTABLE)
@@ -241,7 +242,8 @@ class SqliteJobStore:
                 conn.executemany(_INSERT_EVENT_SQL, stored)
 
         await self._call(update, inline=True)
-        self._announce(row["id"], events)
+        if announce:
+            self._announce(row["id"], events)
 
     def _announce(self, job_id: str, events: Sequence[NewEvent]) -> None:
         if events:
@@ -518,7 +520,9 @@ class SqliteJobStore:
         await self._call(insert, inline=True)
         self._hub.publish(Announcement("event", job_id, sequence))
 
-    async def append_events(self, job_id: str, events: Sequence[NewEvent]) -> None:
+    async def append_events(
+        self, job_id: str, events: Sequence[NewEvent], *, announce: bool = True
+    ) -> None:
         if not events:
             return
         stored = _event_rows(job_id, events)
@@ -528,7 +532,8 @@ class SqliteJobStore:
                 self._conn.executemany(_INSERT_EVENT_SQL, stored)
 
         await self._call(insert, inline=True)
-        self._announce(job_id, events)
+        if announce:
+            self._announce(job_id, events)
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
         def select() -> list[StoredEvent]:
