@@ -16,7 +16,13 @@ SQLite, with the database's own CPU and transactions per job.
   every statement of the segment is counted; the shared background processes are not);
   transactions per job (``pg_stat_database.xact_commit``: asyncpg runs each statement outside
   an explicit transaction as its own, so this is the statement count, except that the
-  statements of one explicit transaction count once).
+  statements of one explicit transaction count once, and each listening coordinator's backend
+  spends one on every notification it receives); the stand-ins' and the callers' CPU per job
+  (the rest of the machine's work, for the cost-based view of scaling).
+
+``python -m bench.scaleout LABEL [--jobs N]`` instead runs one coordinator on PostgreSQL
+under :mod:`bench.sql_census` and writes the statements it sent per job, by statement, to
+``bench/results/sql-census-LABEL.json``.
 """
 
 from __future__ import annotations
