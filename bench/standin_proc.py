@@ -12,8 +12,10 @@ line, and answers each with one JSON line:
   route.
   ``perf_counter`` is CLOCK_MONOTONIC on Linux, one clock for every process of the machine.
 - ``reset``: forgets history, recordings and files (keeps per-job costs flat across rounds).
-- ``stats``: ``{"posted": {label: n}, "succeeded": {label: n}, "peak": [n, ...]}`` since the
-  start: prompts accepted and completed per label (a job run twice to completion shows 2),
+- ``stats``: ``{"posted": {label: n}, "succeeded": {label: n}, "repeated": {label: n},
+  "peak": [n, ...]}`` since the start: prompts accepted and completed per label (a job run
+  twice to completion shows 2), prompts the service queued again because their image frames
+  never reached it (``aiserver_recovers`` on the sender: counted here, not in the other two),
   and per agent the most prompts it held at once (queued or running).
 - ``quit``: stops.
 
@@ -45,12 +47,20 @@ class TimedStandIn(ComfyStandIn):
         self._labels: dict[str, str] = {}
         self.posted: Counter[str] = Counter()
         self.succeeded: Counter[str] = Counter()
+        self.repeated: Counter[str] = Counter()
+        self._repeats: set[str] = set()
         self.peak = 0
 
     def _post_prompt(self, request: Any) -> Any:
         response = super()._post_prompt(request)
         if response.status == 200:
-            self.posted[_label(json.loads(request.body)["prompt"])] += 1
+            body = json.loads(request.body)
+            label = _label(body["prompt"])
+            if _repeats(body["prompt"]):
+                self.repeated[label] += 1
+                self._repeats.add(str(body.get("prompt_id")))
+            else:
+                self.posted[label] += 1
             held = len(self._pending) + (self._running is not None)
             self.peak = max(self.peak, held)
         return response
@@ -67,7 +77,8 @@ class TimedStandIn(ComfyStandIn):
         if event == "execution_success":
             pid = str(data.get("prompt_id"))
             self.success_at[pid] = (self._labels.get(pid, ""), time.perf_counter())
-            self.succeeded[self._labels.get(pid, "")] += 1
+            if pid not in self._repeats:
+                self.succeeded[self._labels.get(pid, "")] += 1
 
     def bench_reset(self) -> None:
         self.received = Received()
@@ -86,9 +97,20 @@ def _route(method: str, path: str) -> str:
     return f"{method} {path}"
 
 
+_SAVERS = ("SaveImage", "SaveImageWebsocket")
+
+
+def _repeats(prompt: dict[str, Any]) -> str:
+    """The prompt id a prompt repeats for its frames (its sender's ``aiserver_recovers``)."""
+    for node in prompt.values():
+        if isinstance(node, dict) and node.get("class_type") == "SaveImageWebsocket":
+            return str(node.get("inputs", {}).get("aiserver_recovers", ""))
+    return ""
+
+
 def _label(prompt: dict[str, Any]) -> str:
     for node in prompt.values():
-        if isinstance(node, dict) and node.get("class_type") in ("SaveImage", "PreviewImage"):
+        if isinstance(node, dict) and node.get("class_type") in _SAVERS:
             return str(node.get("inputs", {}).get("filename_prefix", "")).rsplit("/", 1)[-1]
     return ""
 
@@ -127,11 +149,14 @@ async def main() -> None:
             elif command == "stats":
                 posted: Counter[str] = Counter()
                 succeeded: Counter[str] = Counter()
+                repeated: Counter[str] = Counter()
                 for s in stand_ins:
                     posted.update(s.posted)
                     succeeded.update(s.succeeded)
+                    repeated.update(s.repeated)
                 peak = [s.peak for s in stand_ins]
-                print(json.dumps({"posted": posted, "succeeded": succeeded, "peak": peak}))
+                stats = {"posted": posted, "succeeded": succeeded, "repeated": repeated}
+                print(json.dumps({**stats, "peak": peak}))
                 sys.stdout.flush()
             elif command == "reset":
                 for s in stand_ins:

@@ -1,10 +1,14 @@
-"""SIGKILL with jobs queued and running; after a restart every job reaches a terminal state."""
+"""SIGKILL with jobs queued and running; after a restart every job reaches a terminal state.
+
+The agent keeps one job queued ahead (the default ``queue_ahead=1``): at the kill one job runs
+on it, one waits in its queue and one in the service's."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 from pathlib import Path
+from typing import Any
 
 import grpc
 from imagetasks.v1 import common_pb2, job_pb2, job_service_pb2_grpc, tasks_pb2
@@ -43,15 +47,20 @@ async def test_jobs_survive_sigkill_and_the_running_one_is_reattached(tmp_path: 
                     got = await generate(ch, "ImageToImage", params, {"image": png})
                     assert got.kinds == ["accepted"]
             async with asyncio.timeout(30):
-                while comfy.running_prompt is None:  # the first job is on the agent, held
+                # The first job is on the agent, held; the second waits in the agent's queue.
+                while comfy.running_prompt is None or len(comfy.pending_prompts) != 1:
                     await asyncio.sleep(0.02)
             states = {j.ref_id: j.state for j in await list_jobs(server.target)}
-            assert states["crash-0"] == job_pb2.Job.STATE_RUNNING
-            assert {states["crash-1"], states["crash-2"]} == {job_pb2.Job.STATE_QUEUED}
+            assert states["crash-0"] == states["crash-1"] == job_pb2.Job.STATE_RUNNING
+            assert states["crash-2"] == job_pb2.Job.STATE_QUEUED
             server.proc.send_signal(signal.SIGKILL)
             await server.proc.wait()
 
-        comfy.release(KSAMPLER)  # the agent finishes the prompt while no server is up
+        queued = [body["prompt_id"] for body in comfy.received.prompts]
+        comfy.release(KSAMPLER)  # the agent runs both prompts while no server is up
+        async with asyncio.timeout(30):
+            while not all(comfy.history(pid) for pid in queued):
+                await asyncio.sleep(0.02)
         async with server_process(data, env) as server:
             async with asyncio.timeout(60):
                 while True:
@@ -61,5 +70,21 @@ async def test_jobs_survive_sigkill_and_the_running_one_is_reattached(tmp_path: 
                     assert not any(j.state == job_pb2.Job.STATE_FAILED for j in jobs), jobs
                     await asyncio.sleep(0.1)
         assert len(jobs) == 3 and all(j.outputs for j in jobs)
-        # Re-attached, not re-run: ComfyUI saw each job's prompt exactly once.
-        assert len(comfy.received.prompts) == 3
+        # Re-attached, not re-run: each job's prompt was queued once. The two that ended while
+        # no server watched sent their images to a closed socket (nothing is written to the
+        # agent's disk): each was queued again once, for its frames, naming the prompt it
+        # repeats; the third job was queued after the restart.
+        prompts = comfy.received.prompts
+        repeats = [_repeats(body) for body in prompts if _repeats(body)]
+        assert sorted(repeats) == sorted(queued)
+        assert len(prompts) == 5
+        assert not list((tmp_path / "comfy" / "temp").iterdir())
+        assert not list((tmp_path / "comfy" / "output").iterdir())
+
+
+def _repeats(body: dict[str, Any]) -> str:
+    """The prompt id a prompt repeats for its image frames (on its sender), else ""."""
+    for node in body["prompt"].values():
+        if node["class_type"] == "SaveImageWebsocket":
+            return str(node["inputs"].get("aiserver_recovers", ""))
+    return ""

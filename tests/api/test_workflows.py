@@ -314,15 +314,16 @@ async def test_a_workflow_needing_a_node_no_agent_has(tmp_path: Path) -> None:
 
 
 async def test_jobs_keep_the_version_they_were_accepted_with(tmp_path: Path) -> None:
-    # The agent runs one job at a time: the first hangs, so the next ones are accepted and
-    # wait in the queue (their graphs not built yet) while the files change under them.
+    # The agent runs one job at a time and none waits in its queue (queue_ahead=0): the first
+    # hangs, so the next ones are accepted and wait in the service's queue (their graphs not
+    # built yet) while the files change under them.
     user = tmp_path / "workflows"
     user.mkdir()
     write_workflow(user, "invert", INVERT_GRAPH, INVERT_BINDING)
     builtin = default_workflows_dir()
     shutil.copy(builtin / "image_to_image.json", user / "image_to_image.json")
     shutil.copy(builtin / "image_to_image.binding.json", user / "image_to_image.binding.json")
-    async with comfy_service(tmp_path, workflows_dir=user, workflows_poll_s=0.1) as (
+    async with comfy_service(tmp_path, workflows_dir=user, workflows_poll_s=0.1, queue_ahead=0) as (
         service,
         comfy,
     ):

@@ -6,8 +6,10 @@ Prints one JSON line ``{"url": ..., "port": ...}`` once listening, then serves u
 Every prompt it starts and every ``execution_success`` it sends is appended to ``--log`` as a
 JSON line, written straight to the file (``O_APPEND``, no buffer), so the log survives a
 SIGKILL and spans every restart of the agent:
-``{"agent": ..., "event": "start"|"success", "prompt_id": ..., "job": ..., "t": ...}``
-(``job`` is the job id the service puts in the output node's prefix; ``t`` is wall time).
+``{"agent": ..., "event": "start"|"success", "prompt_id": ..., "job": ..., "t": ...,
+"repeats": ...}`` (``job`` is the job id the service puts in the output node's prefix; ``t`` is
+wall time; ``repeats``, on a prompt the service queued again because its image frames never
+reached it, is the prompt id it repeats, else "").
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class LoggedStandIn(ComfyStandIn):
         self.agent = agent
         self._fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._jobs: dict[str, str] = {}
+        self._repeats: dict[str, str] = {}
 
     def _log(self, event: str, prompt_id: str) -> None:
         entry = {
@@ -40,11 +43,13 @@ class LoggedStandIn(ComfyStandIn):
             "prompt_id": prompt_id,
             "job": self._jobs.get(prompt_id, ""),
             "t": time.time(),
+            "repeats": self._repeats.get(prompt_id, ""),
         }
         os.write(self._fd, (json.dumps(entry) + "\n").encode())
 
     async def _execute(self, item: QueueItem) -> None:
         self._jobs[item.prompt_id] = job_label(item.prompt)
+        self._repeats[item.prompt_id] = repeated(item.prompt)
         self._log("start", item.prompt_id)
         await super()._execute(item)
 
@@ -54,11 +59,22 @@ class LoggedStandIn(ComfyStandIn):
             self._log("success", str(data.get("prompt_id", "")))
 
 
+_SAVERS = ("SaveImage", "SaveImageWebsocket")
+
+
+def repeated(prompt: dict[str, Any]) -> str:
+    """The prompt id a repeat recovers (``aiserver_recovers`` on its sender), else ""."""
+    for node in prompt.values():
+        if isinstance(node, dict) and node.get("class_type") == "SaveImageWebsocket":
+            return str(node.get("inputs", {}).get("aiserver_recovers", ""))
+    return ""
+
+
 def job_label(prompt: dict[str, Any]) -> str:
     """The last part of the output node's filename prefix: the service's job id (outputs over
-    the websocket keep it on the ``PreviewImage`` beside ``SaveImageWebsocket``)."""
+    the websocket keep it on ``SaveImageWebsocket``, which ignores it)."""
     for node in prompt.values():
-        if isinstance(node, dict) and node.get("class_type") in ("SaveImage", "PreviewImage"):
+        if isinstance(node, dict) and node.get("class_type") in _SAVERS:
             prefix = str(node.get("inputs", {}).get("filename_prefix", ""))
             return prefix.rsplit("/", 1)[-1]
     return ""

@@ -119,6 +119,8 @@ class LogEntry:
     prompt_id: str
     job: str
     t: float
+    repeats: str = ""
+    """The prompt this one repeats for its image frames (see ``agent_proc``), else ""."""
 
 
 def read_logs(paths: Iterable[Path]) -> list[LogEntry]:
@@ -131,7 +133,12 @@ def read_logs(paths: Iterable[Path]) -> list[LogEntry]:
                 data = json.loads(line)
                 entries.append(
                     LogEntry(
-                        data["agent"], data["event"], data["prompt_id"], data["job"], data["t"]
+                        data["agent"],
+                        data["event"],
+                        data["prompt_id"],
+                        data["job"],
+                        data["t"],
+                        data.get("repeats", ""),
                     )
                 )
     return sorted(entries, key=lambda e: e.t)
@@ -333,13 +340,20 @@ def tally(
         and (e.agent, e.prompt_id) not in succeeded
         and any(k >= e.t for k in kills.get(e.agent, []))
     )
+    # A prompt that ended while no service watched it is queued again for its image frames
+    # (its upstream nodes from ComfyUI's cache when still there): that success is not a run of
+    # its own.
+    repeated = {e.repeats for e in entries if e.event == "start" and e.repeats}
+    report.notes["prompts repeated for their frames"] = len(repeated)
     for name in names:
         runs = successes.get(name.removeprefix("jobs/"), [])
-        # Every success but the last must be excused by its agent dying right after it.
+        # Every success but the last must be excused by its agent dying right after it, or be
+        # one whose frames were sent again.
         unexcused = [
             r
             for r in runs[:-1]
-            if not any(r.t <= k <= r.t + KILL_EXCUSE_S for k in kills.get(r.agent, []))
+            if r.prompt_id not in repeated
+            and not any(r.t <= k <= r.t + KILL_EXCUSE_S for k in kills.get(r.agent, []))
         ]
         if unexcused:
             report.run_twice.append(name)

@@ -226,13 +226,16 @@ async def test_service_killed_with_jobs_in_flight(cluster: Cluster) -> None:
     await cluster.service.start()
     jobs = await cluster.client.wait_done(names, MODE.drain_s)
     report = tally("service killed", names, jobs, cluster.agents, started)
-    # No agent died here: a prompt is run once, re-attached after the restart, never re-run.
+    # No agent died here: a job's prompt is queued once and re-attached after the restart. One
+    # that ended while no service watched it (its image frames went to a closed socket) is
+    # queued again once for them, and only then: never a second run of a job of its own.
     ours = {n.removeprefix("jobs/") for n in names}
-    prompts = [
-        e.prompt_id
-        for e in read_logs(a.log for a in cluster.agents)
-        if e.event == "start" and e.job in ours
-    ]
+    logs = read_logs(a.log for a in cluster.agents)
+    starts = [e for e in logs if e.event == "start" and e.job in ours]
+    prompts = [e.prompt_id for e in starts if not e.repeats]
+    repeats = [e.repeats for e in starts if e.repeats]
+    ended = {e.prompt_id for e in logs if e.event == "success"}
     report.notes["prompts started"] = len(prompts)
     check(report, cluster)
     assert len(prompts) == len(set(prompts)) == len(names), report.line()
+    assert len(repeats) == len(set(repeats)) and set(repeats) <= ended, report.line()

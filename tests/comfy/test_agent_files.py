@@ -83,7 +83,8 @@ async def test_concurrent_jobs_hold_one_name_each_until_they_end(
     for work, sink in zip(works, sinks, strict=True):
         source = work.inputs["image"]  # each job got its own input, not a neighbour's
         assert sink.image_sizes() == [(2 * source.width, 2 * source.height)]
-    assert len(files(standin.input_dir)) <= 4  # the agent's slots: the most in flight at once
+    # The agent's slots (4 running + 1 queued ahead): the most in flight at once.
+    assert len(files(standin.input_dir)) <= 5
     assert files(standin.output_dir) == []
 
 
@@ -104,3 +105,32 @@ async def test_a_cancelled_job_gives_its_name_back(
         await pool.run(second, sink)
     assert sink.image_sizes() == [(42, 32)]  # its own input, though under the same name
     assert len({u.name for u in standin.received.uploads}) == 1
+
+
+async def test_many_jobs_leave_only_the_inputs_of_their_slots(
+    standin: ComfyStandIn, pool: ComfyPool, inputs_dir: Path
+) -> None:
+    """Nothing outlives its job on the agent: after 60 jobs, 8 at a time, ``output/`` and
+    ``temp/`` are empty and ``input/`` holds one file per slot (the most in flight at once),
+    which the next jobs overwrite. The stand-in writes what ComfyUI would: uploads to
+    ``input/``, ``SaveImage`` to ``output/``, ``PreviewImage`` to ``temp/``."""
+    works = upscales(inputs_dir, 60)
+    gate = asyncio.Semaphore(8)
+    peak = 0
+
+    async def one(work: WorkItem) -> RecordingSink:
+        nonlocal peak
+        sink = RecordingSink()
+        async with gate:
+            await pool.run(work, sink)
+        peak = max(peak, len(files(standin.input_dir)))
+        return sink
+
+    async with asyncio.timeout(60):
+        sinks = await asyncio.gather(*(one(w) for w in works))
+    for work, sink in zip(works, sinks, strict=True):
+        source = work.inputs["image"]
+        assert sink.image_sizes() == [(2 * source.width, 2 * source.height)]
+    assert len(standin.received.prompts) == 60
+    assert files(standin.output_dir) == files(standin.temp_dir) == []
+    assert peak <= 5 and len(files(standin.input_dir)) <= 5  # 4 running + 1 queued ahead

@@ -285,19 +285,24 @@ async def test_least_loaded_and_slots(
         AgentConfig(a.url, name="a", priority=1),
         AgentConfig(b.url, name="b", priority=5),
     )
-    sinks = [RecordingSink() for _ in range(3)]
-    tasks = [spawn(pool.run(upscale(inputs_dir, job_id=f"JOB{i}"), sinks[i])) for i in range(3)]
-    await a.wait_for(lambda: len(a.pending_prompts) == 1 and len(b.pending_prompts) == 1)
+    sinks = [RecordingSink() for _ in range(5)]
+    tasks = []
+    for i in range(5):  # one at a time: each placement sees the previous one
+        tasks.append(spawn(pool.run(upscale(inputs_dir, job_id=f"JOB{i}"), sinks[i])))
+        await asyncio.sleep(0.05)
+    await a.wait_for(lambda: len(a.pending_prompts) == 2 and len(b.pending_prompts) == 2)
     await asyncio.sleep(0.05)
-    # b first (priority), then a (least loaded); the third waits for a slot.
-    assert [s.running_jobs for s in pool.snapshot()] == [1, 1]
-    assert len(a.received.prompts) + len(b.received.prompts) == 2
-    assert b.received.prompts[0]["prompt"]["5"]["inputs"]["filename_prefix"].endswith("JOB0")
+    # Each agent has two slots (one running, one queued ahead, the default): b first
+    # (priority), then a (least loaded), then b and a again; the fifth waits for a slot.
+    assert [s.running_jobs for s in pool.snapshot()] == [2, 2]
+    assert len(a.received.prompts) + len(b.received.prompts) == 4
+    label = [p["prompt"]["5"]["inputs"]["filename_prefix"][-4:] for p in b.received.prompts]
+    assert label == ["JOB0", "JOB2"]
     a.resume_queue()
     b.resume_queue()
     async with asyncio.timeout(10):
         await asyncio.gather(*tasks)
-    assert len(a.received.prompts) + len(b.received.prompts) == 3
+    assert len(a.received.prompts) + len(b.received.prompts) == 5
     assert all(s.image_sizes() == [(80, 60)] for s in sinks)
     assert pool.load() == 0
 

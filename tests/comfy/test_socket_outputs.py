@@ -1,5 +1,5 @@
-"""Output images over the websocket (SaveImageWebsocket): no file in the agent's output/, no
-/view; a run that missed the frames downloads the temporary copy instead of queueing again."""
+"""Output images over the websocket (SaveImageWebsocket): no file in the agent's output/ or
+temp/, no /view; a run that missed the frames queues the same graph again (upstream cached)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from aiserver.providers.base import SHUTDOWN, WorkItem
 from aiserver.providers.comfy.pool import AgentConfig, ComfyPool
 from aiserver.providers.comfy.settings import PoolSettings
 from aiserver.providers.comfy.socket_outputs import (
+    RECOVERS,
     SAVE_OVER_SOCKET,
-    SOCKET_NODE_SUFFIX,
     SocketImages,
     over_socket,
 )
@@ -80,6 +80,15 @@ def views(standin: ComfyStandIn) -> list[str]:
     return [path for _, path, _ in standin.received.requests if path.endswith("/view")]
 
 
+def cached(standin: ComfyStandIn, prompt_id: str) -> list[str]:
+    """The nodes ComfyUI served from its cache for ``prompt_id`` (``execution_cached``)."""
+    return next(
+        data["nodes"]
+        for _, event, data in standin.received.sent
+        if event == "execution_cached" and data["prompt_id"] == prompt_id
+    )
+
+
 async def test_images_come_over_the_socket_and_leave_no_output_file(
     standin: ComfyStandIn, pools: list[ComfyPool], catalog: WorkflowCatalog, inputs_dir: Path
 ) -> None:
@@ -88,14 +97,14 @@ async def test_images_come_over_the_socket_and_leave_no_output_file(
     assert sink.image_sizes() == [(64, 48)] * 2
     assert {i.mime_type for i in sink.images} == {"image/png"}
     assert views(standin) == []
-    assert files(standin.output_dir) == []
-    assert len(files(standin.temp_dir)) == 2  # the copies a missed frame would be fetched from
+    assert files(standin.output_dir) == files(standin.temp_dir) == []
     (body,) = standin.received.prompts
-    assert body["prompt"]["9"]["class_type"] == "PreviewImage"
-    sender = body["prompt"]["9" + SOCKET_NODE_SUFFIX]
+    sender = body["prompt"]["9"]  # the bound output, in place of SaveImage
     assert sender["class_type"] == SAVE_OVER_SOCKET
-    assert sender["inputs"]["images"] == body["prompt"]["9"]["inputs"]["images"]
+    assert sender["inputs"]["images"] == ["10", 0]
+    assert sender["inputs"]["filename_prefix"].endswith("01JTESTJOB0000000000000000")  # the job
     assert sender["inputs"]["aiserver_run"] == body["prompt_id"]  # never a cached sender
+    assert len(body["prompt"]) == len(catalog.get(TaskKind.IMAGE_TO_IMAGE).graph)
     assert sink.checkpoints[0]["outputs"] == "socket"
     assert sink.fractions()[-1] == 1.0
 
@@ -111,21 +120,27 @@ async def test_the_same_job_twice_still_gets_its_frames(
     assert views(standin) == []
 
 
-async def test_frames_lost_in_a_drop_come_from_the_temporary_copy(
+async def test_frames_lost_in_a_drop_are_sent_again_from_the_cache(
     make_standin: StandInFactory,
     pools: list[ComfyPool],
     catalog: WorkflowCatalog,
     inputs_dir: Path,
 ) -> None:
     standin = await make_standin(step_delay_s=0.01)
-    # Just before the output nodes: the frames go out while the socket is down.
+    # Just before the output node: its frames go out while the socket is down.
     standin.drop_websockets_at("9", outage_s=0.2)
     pool = await started(pools, catalog, standin.url)
     sink = await run(pool, img2img(inputs_dir))
     assert sink.image_sizes() == [(64, 48)]
-    assert len(standin.received.prompts) == 1  # followed, never queued again
-    assert len(views(standin)) == 1
-    assert files(standin.output_dir) == []
+    first, second = standin.received.prompts
+    # The same graph under a new prompt id: everything but the sender comes from the cache.
+    assert second["prompt_id"] != first["prompt_id"]
+    assert second["prompt"]["9"]["inputs"][RECOVERS] == first["prompt_id"]
+    assert sorted(cached(standin, second["prompt_id"])) == sorted(set(first["prompt"]) - {"9"})
+    assert [c["prompt_id"] for c in sink.checkpoints] == [first["prompt_id"], second["prompt_id"]]
+    assert len(standin.received.uploads) == 1  # the input was not sent again
+    assert views(standin) == []
+    assert files(standin.output_dir) == files(standin.temp_dir) == []
 
 
 async def test_reattach_before_the_output_node_takes_its_frames(
@@ -159,9 +174,15 @@ async def test_reattach_before_the_output_node_takes_its_frames(
     assert views(standin) == []  # the frames reached the re-attached socket
 
 
-async def test_reattach_after_the_frames_went_out_downloads_the_copy(
-    standin: ComfyStandIn, pools: list[ComfyPool], catalog: WorkflowCatalog, inputs_dir: Path
+@pytest.mark.parametrize("jobs_api", [True, False])  # the graph from /api/jobs or /history
+async def test_reattach_after_the_frames_went_out_queues_the_graph_again(
+    make_standin: StandInFactory,
+    pools: list[ComfyPool],
+    catalog: WorkflowCatalog,
+    inputs_dir: Path,
+    jobs_api: bool,
 ) -> None:
+    standin = await make_standin(jobs_api=jobs_api)
     pool = await started(pools, catalog, standin.url)
     work = upscale(inputs_dir)
     standin.hang_at("5")
@@ -177,8 +198,45 @@ async def test_reattach_after_the_frames_went_out_downloads_the_copy(
     later = await started(pools, catalog, standin.url)
     again = await run(later, dataclasses.replace(work, resume=checkpoint))
     assert again.image_sizes() == [(80, 60)]
-    assert len(standin.received.prompts) == 1  # re-attached, not re-run
-    assert len(views(standin)) == 1
+    first, second = standin.received.prompts
+    # The graph that ran, read back from the agent (its input checked to be this job's), again:
+    # only the sender runs; the new prompt id is checkpointed before it is queued.
+    assert first["prompt_id"] == checkpoint["prompt_id"]
+    assert second["prompt"]["5"]["inputs"][RECOVERS] == checkpoint["prompt_id"]
+    assert {k: v for k, v in second["prompt"].items() if k != "5"} == {
+        k: v for k, v in first["prompt"].items() if k != "5"
+    }
+    assert sorted(cached(standin, second["prompt_id"])) == sorted(set(first["prompt"]) - {"5"})
+    assert again.checkpoints[-1]["prompt_id"] == second["prompt_id"]
+    assert len(standin.received.uploads) == 1
+    assert files(standin.output_dir) == files(standin.temp_dir) == []
+
+
+async def test_reattach_never_runs_another_jobs_input(
+    standin: ComfyStandIn, pools: list[ComfyPool], catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    """The ended prompt's input file was overwritten meanwhile (names are reused): the job is
+    submitted afresh with its own input and seed, never the graph over someone else's file."""
+    pool = await started(pools, catalog, standin.url)
+    work = upscale(inputs_dir)
+    standin.hang_at("5")
+    sink = RecordingSink()
+    task = asyncio.create_task(pool.run(work, sink))
+    await standin.wait_for(lambda: standin.running_prompt is not None)
+    task.cancel(SHUTDOWN)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (checkpoint,) = sink.checkpoints
+    standin.release("5")
+    await standin.wait_for(lambda: standin.history(checkpoint["prompt_id"]) is not None)
+    (upload,) = standin.received.uploads
+    standin.add_input(upload.name, png(10, 10))  # another job's input under the same name
+    later = await started(pools, catalog, standin.url)
+    again = await run(later, dataclasses.replace(work, resume=checkpoint))
+    assert again.image_sizes() == [(80, 60)]  # its own 40x30 input, upscaled
+    assert len(standin.received.prompts) == 2
+    assert len(standin.received.uploads) == 2
+    assert RECOVERS not in standin.received.prompts[1]["prompt"]["5"]["inputs"]
 
 
 def test_only_file_saving_image_outputs_are_swapped(
@@ -193,14 +251,14 @@ def test_only_file_saving_image_outputs_are_swapped(
 def test_socket_images_are_complete_only_with_every_announced_frame() -> None:
     from aiserver.providers.comfy.messages import Preview
 
-    images = SocketImages(frozenset({"9_ws"}))
-    assert not images.node_complete("9_ws")
-    images.add(Preview(b"a", "image/png", "p", "9_ws"))
-    images.expect("9_ws", 2)
-    assert not images.node_complete("9_ws")
-    images.add(Preview(b"b", "image/png", "p", "9_ws"))
-    assert images.node_complete("9_ws")
-    assert [f.image for f in images.frames("9_ws")] == [b"a", b"b"]
+    images = SocketImages(frozenset({"9"}))
+    assert not images.node_complete("9") and not images.complete()
+    images.add(Preview(b"a", "image/png", "p", "9"))
+    images.expect("9", 2)
+    assert not images.node_complete("9")
+    images.add(Preview(b"b", "image/png", "p", "9"))
+    assert images.node_complete("9") and images.complete()
+    assert [f.image for f in images.frames("9")] == [b"a", b"b"]
 
 
 @pytest.mark.parametrize("flags", [False, True])

@@ -9,9 +9,18 @@ from pathlib import Path
 
 from aiserver.jobs.manager import SEQUENCE_BLOCK, JobManager
 from aiserver.jobs.model import Accepted, Finished, JobEvent, JobState, Progress, Retrying, Stage
-from aiserver.providers.base import ProviderProgress
+from aiserver.providers.base import GeneratedImage, ProviderProgress
 from tests.jobs.crash_child import CHECKPOINT
-from tests.jobs.helpers import Env, Run, ScriptedProvider, collect, produce_image, submit, within
+from tests.jobs.helpers import (
+    Env,
+    Run,
+    ScriptedProvider,
+    collect,
+    png,
+    produce_image,
+    submit,
+    within,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,6 +75,32 @@ async def test_crash_then_restart_resumes_running_and_runs_queued(env: Env) -> N
     assert resumed_events[-1].sequence > SEQUENCE_BLOCK
     seqs = [e.sequence for e in resumed_events]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+async def test_a_resumed_run_delivering_a_stored_output_again_keeps_one(env: Env) -> None:
+    """The first holder stored the output and died before the job ended; the re-attached run
+    delivers that output again, encoded anew (other bytes, same slot): one output stays."""
+
+    async def output_then_hang(run: Run) -> None:
+        await run.sink.checkpoint(CHECKPOINT)
+        await run.sink.image(GeneratedImage(png(1), "9_00001.png", "image/png", 8, 8, seed=1))
+        run.release.set()
+        await asyncio.Event().wait()
+
+    async def deliver_again(run: Run) -> None:
+        await run.sink.image(GeneratedImage(png(2), "9_00001.png", "image/png", 8, 8, seed=1))
+
+    old = ScriptedProvider(behaviour=output_then_hang)
+    crashed = await env.manager(old)
+    job = await submit(crashed, env)
+    await within((await old.next_run()).release.wait())
+    stored = await within(env.stores[0].get(job.id))
+    assert stored is not None and len(stored.job.outputs) == 1
+
+    restarted = await env.manager(ScriptedProvider(behaviour=deliver_again))
+    final = (await finished(restarted, job.id))[-1].kind
+    assert isinstance(final, Finished) and final.job.state is JobState.SUCCEEDED
+    assert [o.sha256 for o in final.job.outputs] == [stored.job.outputs[0].sha256]
 
 
 async def test_running_job_without_checkpoint_is_retried_after_restart(env: Env) -> None:

@@ -27,7 +27,8 @@ LEASE_S = 3.0
 
 
 class Cluster:
-    """``coordinators`` services sharing ``agents`` stand-ins of ``max_jobs`` slots each."""
+    """``coordinators`` services sharing ``agents`` stand-ins, each running ``max_jobs`` prompts
+    at once with ``queue_ahead`` more waiting in its own queue (the service's default is 1)."""
 
     def __init__(
         self,
@@ -36,6 +37,7 @@ class Cluster:
         coordinators: int,
         agents: int = 2,
         max_jobs: int = 4,
+        queue_ahead: int = 1,
         step_delay_s: float = 0.0,
     ) -> None:
         self.root = root
@@ -43,6 +45,7 @@ class Cluster:
         self.schema = f"t_{uuid.uuid4().hex[:16]}"
         self.standins = StandIns(agents, root / "agents", step_delay_s=step_delay_s)
         self.max_jobs = max_jobs
+        self.queue_ahead = queue_ahead
         self.s3: S3Server | None = None
         self.bucket = ""
         self.servers: list[ServerProcess] = []
@@ -50,7 +53,12 @@ class Cluster:
     def env(self) -> dict[str, str]:
         assert self.s3 is not None
         agents = [
-            {"url": url, "name": f"agent{i}", "max_concurrent_jobs": self.max_jobs}
+            {
+                "url": url,
+                "name": f"agent{i}",
+                "max_concurrent_jobs": self.max_jobs,
+                "queue_ahead": self.queue_ahead,
+            }
             for i, url in enumerate(self.standins.urls)
         ]
         return {

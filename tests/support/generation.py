@@ -102,9 +102,14 @@ def sha256(data: bytes) -> str:
 
 @asynccontextmanager
 async def comfy_service(
-    tmp_path: Path, agents: int = 1, step_delay_s: float = 0.001, **overrides: Any
+    tmp_path: Path,
+    agents: int = 1,
+    step_delay_s: float = 0.001,
+    queue_ahead: int = 1,
+    **overrides: Any,
 ) -> AsyncIterator[tuple[Service, list[ComfyStandIn]]]:
-    """A service whose ComfyUI agents are stand-ins on loopback."""
+    """A service whose ComfyUI agents are stand-ins on loopback (``queue_ahead`` each: jobs
+    sent to wait in the agent's own queue beyond the one it runs)."""
     stand_ins = [
         ComfyStandIn(tmp_path / f"comfy{i}", step_delay_s=step_delay_s) for i in range(agents)
     ]
@@ -113,7 +118,7 @@ async def comfy_service(
     settings = make_settings(
         tmp_path,
         agents=tuple(
-            AgentSettings(url=s.url, name=f"gpu-{i}", priority=agents - i)
+            AgentSettings(url=s.url, name=f"gpu-{i}", priority=agents - i, queue_ahead=queue_ahead)
             for i, s in enumerate(stand_ins)
         ),
         **overrides,

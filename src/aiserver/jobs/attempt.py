@@ -125,6 +125,11 @@ class AttemptSink:
             return
         job = self._active.job
         image = await encode_output(image, job.spec)
+        if self._resumed and any(o.file_name == image.file_name for o in job.outputs):
+            # A re-attached run delivers again what an earlier holder stored before it died;
+            # its bytes may differ (a re-run for missed frames encodes the image again), its
+            # output slot (node and index, or ComfyUI's file name) does not.
+            return
         artifact = await self._artifacts.put(
             image.data,
             file_name=image.file_name,

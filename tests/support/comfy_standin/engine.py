@@ -5,9 +5,11 @@ depth first with a stack; ``ux_friendly_pick_node`` prefers output nodes, then n
 links before an output, else the first ready node). It reproduces the recorded orders, e.g.
 ``ws_trace_img2img.json`` 2,1,5,4,3,6,7,8 and ``ws_trace_inpaint.json`` 9,10,1,5,11,6,7,8.
 
-Cache: a node is cached when its input signature (class, widget values, ancestors' signatures,
-an input file's hash) matches a node of the previous prompt (``ws_trace_scale_cached.json``,
-``ws_trace_img2img_128.json``: ``execution_cached`` lists ["2", "3", "4"]).
+Cache: a node is cached when its input signature (class, ``IS_CHANGED``, every input value
+including ones the node does not declare, ancestors' signatures) matches a node of the previous
+prompt (``ws_trace_scale_cached.json``, ``ws_trace_img2img_128.json``: ``execution_cached``
+lists ["2", "3", "4"]). ``IS_CHANGED`` is the input file's hash for the image loaders and the
+time for ``SaveImageWebsocket`` (never cached), as in ComfyUI.
 
 Nodes are emulated cheaply with Pillow: outputs have the sizes ComfyUI would give (VAEEncode
 crops to multiples of 8, ImageUpscaleWithModel scales by the model's factor), not its pixels.
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +157,10 @@ class Signatures:
                 parts.append([name, value])
         if node["class_type"] in ("LoadImage", "LoadImageMask"):
             parts.append(self._file_hash(str(node["inputs"].get("image"))))  # IS_CHANGED
+        elif node["class_type"] == "SaveImageWebsocket":
+            # Its IS_CHANGED returns time.time() (custom_nodes/websocket_image_save.py): it is
+            # never served from the cache, and runs (sending its frames) on every prompt.
+            parts.append(time.time())
         key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         self._memo[node_id] = key
         return key

@@ -999,8 +999,10 @@ class ComfyStandIn:
                     await report(earlier, maximum, None)
             await report(value, maximum, preview)
 
-        async def report(value: int, maximum: int, preview: Image.Image | None) -> None:
-            if self._step_delay:
+        async def report(
+            value: int, maximum: int, preview: Image.Image | None, *, work: bool = True
+        ) -> None:
+            if self._step_delay and work:
                 await asyncio.sleep(self._step_delay)
             if self._interrupt:  # the progress hook checks (README: ~1 s on CPU)
                 raise Interrupted
@@ -1022,7 +1024,8 @@ class ComfyStandIn:
             # the progress (saveimagewebsocket_legacy).
             frame = _image_frame(image, "PNG")
             self._send_binary(client, frame, pid, node, "image/png", image, metadata=True)
-            await progress(value, maximum, None)
+            # Sending a frame is no sampler step: no step delay (it costs ComfyUI a PNG encode).
+            await report(value, maximum, None, work=False)
             self._send_binary(client, frame, pid, node, "image/png", image, metadata=False)
 
         handler = NODES.get(class_type)

@@ -63,6 +63,8 @@ class RemoteJob:
     outputs: Mapping[str, Any] = field(default_factory=dict)
     messages: Sequence[Message] = ()
     """History status messages, decoded (execution_error and the like)."""
+    graph: Mapping[str, Any] | None = None
+    """The graph as queued, when the agent reports it (a prompt that has ended)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +86,28 @@ class Reply:
 
 def _upload_form(
     data: bytes, file_name: str, mime_type: str, *, overwrite: bool
-) -> aiohttp.FormData:
-    form = aiohttp.FormData()
-    form.add_field("image", data, filename=file_name, content_type=mime_type)
-    form.add_field("type", "input")
-    if overwrite:
-        form.add_field("overwrite", "true")
-    return form
+) -> tuple[bytes, str]:
+    """The ``multipart/form-data`` body of an upload, and its content type.
+
+    Written out rather than through ``aiohttp.FormData``: measured on the stand-in (300 uploads
+    of a 64 px PNG), 0.96-1.18 ms of CPU per upload, client and stand-in together, against
+    1.5-2.0 ms with FormData, and every job uploads.
+    """
+    boundary = uuid.uuid4().hex
+    # Quotes and line breaks cannot end the header early (browsers escape them the same way).
+    quoted = file_name.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
+    fields = {"type": "input", **({"overwrite": "true"} if overwrite else {})}
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="image"; filename="{quoted}"\r\n'
+        f"Content-Type: {mime_type}\r\n\r\n"
+    )
+    tail = "".join(
+        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}'
+        for name, value in fields.items()
+    )
+    body = b"".join((head.encode(), data, f"{tail}\r\n--{boundary}--\r\n".encode()))
+    return body, f"multipart/form-data; boundary={boundary}"
 
 
 class ComfyClient:
@@ -115,12 +132,34 @@ class ComfyClient:
         self._jobs_api: bool | None = None  # /api/jobs exists (newer servers); None: unknown
         self.channel = AgentChannel(name, self.open_websocket, uuid.uuid4().hex)
         """The websocket shared by every run this process starts on the agent."""
+        self._adopted: dict[str, tuple[AgentChannel, int]] = {}
         self.input_names = InputNames()
         """Upload names reused once their job ended (runs that opt in)."""
+
+    def adopt(self, client_id: str) -> AgentChannel:
+        """The websocket under an earlier process's ``client_id``, for the runs re-attaching to
+        its prompts: one, shared by them all (ComfyUI keeps one socket per client id; a second
+        would take the first one's messages). Hand it back with :meth:`let_go`."""
+        channel, users = self._adopted.get(client_id, (None, 0))
+        if channel is None:
+            channel = AgentChannel(self.name, self.open_websocket, client_id)
+        self._adopted[client_id] = (channel, users + 1)
+        return channel
+
+    def let_go(self, channel: AgentChannel) -> bool:
+        """A run is done with an adopted channel; True when it was the last (close it then)."""
+        _, users = self._adopted.get(channel.client_id, (channel, 1))
+        if users > 1:
+            self._adopted[channel.client_id] = (channel, users - 1)
+            return False
+        self._adopted.pop(channel.client_id, None)
+        return True
 
     async def aclose(self) -> None:
         self._closed = True
         await self.channel.aclose()
+        for channel, _ in list(self._adopted.values()):
+            await channel.aclose()
         if self._http is not None:
             await self._http.close()
 
@@ -136,10 +175,9 @@ class ComfyClient:
         self, data: bytes, file_name: str, mime_type: str, *, overwrite: bool = False
     ) -> UploadedFile:
         """``POST /upload/image``; without ``overwrite`` a clash with other bytes is renamed."""
+        form, content_type = _upload_form(data, file_name, mime_type, overwrite=overwrite)
         response = await self._request(
-            "POST",
-            "/upload/image",
-            data=_upload_form(data, file_name, mime_type, overwrite=overwrite),
+            "POST", "/upload/image", data=form, headers={"Content-Type": content_type}
         )
         if response.status_code != 200:
             raise self.unavailable(
@@ -227,11 +265,14 @@ class ComfyClient:
         entry = history.get(prompt_id)
         if isinstance(entry, dict):
             status = entry.get("status") or {}
+            queued = entry.get("prompt")
             return RemoteJob(
                 "done",
                 success=status.get("status_str") == "success",
                 outputs=entry.get("outputs") or {},
                 messages=_events(status.get("messages")),
+                # The queue tuple: [number, prompt_id, graph, extra_data, outputs].
+                graph=_mapping(queued[2] if isinstance(queued, list) and len(queued) > 2 else None),
             )
         return RemoteJob("unknown")
 
@@ -326,12 +367,18 @@ def _job_from_api(job: Mapping[str, Any]) -> RemoteJob:
     messages = _events(execution.get("messages")) if isinstance(execution, dict) else ()
     if status == "failed" and not messages and isinstance(job.get("execution_error"), dict):
         messages = (decode_event("execution_error", job["execution_error"]),)
+    workflow = job.get("workflow")
     return RemoteJob(
         "done",
         success=status == "completed",
         outputs=job.get("outputs") or {},
         messages=messages,
+        graph=_mapping(workflow.get("prompt") if isinstance(workflow, dict) else None),
     )
+
+
+def _mapping(value: Any) -> Mapping[str, Any] | None:
+    return value if isinstance(value, dict) else None
 
 
 def _events(pairs: Any) -> tuple[Message, ...]:

@@ -207,7 +207,7 @@ class ComfyPool:
         workflow = self._workflows.resolve(work.task, work.spec) or self._workflows.get(work.task)
         agent, slot = await self._acquire(work, workflow, exclude)
         name = agent.config.name
-        logger.info("job %s (%s) runs on agent %s", work.job_id, work.task.value, name)
+        logger.debug("job %s (%s) runs on agent %s", work.job_id, work.task.value, name)
         run = Run(
             agent.client,
             work,

@@ -17,9 +17,11 @@ spawner it owns. One run:
    ``prompt_id`` into :class:`ProviderProgress`, never decreasing; outputs come from
    ``executed`` (``/history`` or ``/api/jobs`` when messages were missed);
 5. take images from the websocket when the outputs go over it (``socket_outputs``, see
-   :mod:`~aiserver.providers.comfy.socket_outputs`), else (or when frames were missed: a drop,
-   a re-attach) download them with ``/view``; text outputs (``{"text": [...]}``) go to the
-   sink as text.
+   :mod:`~aiserver.providers.comfy.socket_outputs`), else download them with ``/view``; text
+   outputs (``{"text": [...]}``) go to the sink as text. When frames were missed (a drop while
+   the sender ran, a prompt that ended while no coordinator watched it), the same graph is
+   queued again under a new prompt id (checkpointed first): upstream nodes come from
+   ComfyUI's cache when it still holds them, and nothing is ever read from the agent's disk.
 
 A dropped websocket is reopened with backoff (once for every run on it) and each prompt's state
 read back over HTTP. Queue positions are counted by the channel, not asked per job. When a
@@ -33,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import io
 import logging
 import mimetypes
@@ -65,7 +69,12 @@ from aiserver.providers.comfy.errors import (
     prompt_rejection,
 )
 from aiserver.providers.comfy.settings import ComfyTimeouts
-from aiserver.providers.comfy.socket_outputs import SocketImages, over_socket
+from aiserver.providers.comfy.socket_outputs import (
+    SocketImages,
+    again,
+    over_socket,
+    senders_in,
+)
 from aiserver.providers.comfy.tracking import NodeTracker
 from aiserver.providers.comfy.workflows import BuiltPrompt, Workflow
 from aiserver.providers.failures import Cause, ProviderUnavailable
@@ -74,6 +83,10 @@ from aiserver.stages import Stage
 __all__ = ["Run"]
 
 logger = logging.getLogger(__name__)
+
+_MAX_REPEATS = 2
+"""Times a prompt whose frames were missed is queued again before the attempt fails (retryable):
+each needs a drop or a restart of its own."""
 
 
 class Run:
@@ -121,8 +134,10 @@ class Run:
         self.images = SocketImages(frozenset())
         self.reuse_input_names = reuse_input_names
         self.input_slot: int | None = None  # held from the first upload to the run's end
+        self.inputs_ours = False  # the graph loads inputs this run uploaded (and still holds)
+        self.repeats = 0
         self.sub: Subscription | None = None
-        self.own_channel: AgentChannel | None = None  # a re-attach under an earlier client id
+        self.own_channel: AgentChannel | None = None  # re-attached under an earlier client id
         self.attached = False
         self.built: BuiltPrompt | None = None
         self.tracker: NodeTracker | None = None
@@ -163,7 +178,7 @@ class Run:
             self._release_inputs()
             if self.sub is not None:
                 self.sub.close()
-            if self.own_channel is not None:
+            if self.own_channel is not None and self.c.let_go(self.own_channel):
                 # The close handshake can wait on unread broadcasts (up to close_timeout):
                 # the job is over, so it must not wait for it.
                 self.spawn(self.own_channel.aclose())
@@ -172,7 +187,7 @@ class Run:
         channel = self.c.channel
         if self.client_id != channel.client_id:
             # ComfyUI sends the prompt's messages to the client id it was queued with.
-            channel = AgentChannel(self.c.name, self.c.open_websocket, self.client_id)
+            channel = self.c.adopt(self.client_id)
             self.own_channel = channel
         self.sub = await channel.subscribe(self.prompt_id)
         if self.socket_outputs and not self.resume:
@@ -184,13 +199,23 @@ class Run:
         if not attached:
             await self._emit(ProviderProgress(Stage.UPLOADING))
             await self._submit()
-        if not self.finished:
-            await self._follow()
+        while True:
+            if not self.finished:
+                await self._follow()
+            if self.images.complete():
+                break
+            if self.repeats >= _MAX_REPEATS:
+                raise self._unavailable(
+                    f"prompt {self.prompt_id} ended but its images never arrived",
+                    Cause.OUTPUT_MISSING,
+                )
+            await self._repeat()
         await self._deliver()
 
     async def _submit(self) -> None:
         """Upload the inputs, build the graph, checkpoint, queue."""
         uploads = await self._upload_inputs()
+        self.inputs_ours = True
         built = self.workflow.build(self.work, uploads, seed=self.seed)
         if self.socket_outputs:
             built = over_socket(built, self.prompt_id)
@@ -227,6 +252,69 @@ class Run:
         logger.info("re-attached to prompt %s on %s (%s)", self.prompt_id, self.c.name, state.state)
         await self._absorb(state)
         return True
+
+    async def _repeat(self) -> None:
+        """The prompt ended (successfully) but some of its image frames never reached us: queue
+        its graph again under a new prompt id, on this process's socket. Only the senders are
+        sure to run again (they are never cached); the rest runs again only if ComfyUI's cache
+        no longer holds it. Without a graph known to load this job's own inputs, the job is
+        submitted afresh (same seed)."""
+        assert self.built is not None
+        self.repeats += 1
+        previous = self.prompt_id
+        graph = await self._graph_to_repeat()
+        channel = self.c.channel
+        if self.sub is not None:
+            self.sub.close()
+        self.prompt_id = str(uuid.uuid4())
+        self.client_id = channel.client_id
+        self.sub = await channel.subscribe(self.prompt_id)
+        self.queued = self.started = self.finished = self.success = self.attached = False
+        self.queued_at = self.started_at = 0.0
+        self.outputs = {}
+        frames_named = await channel.frames_name_prompt(min(self.t.connect_s, 2.0))
+        senders = frozenset(self.built.socket_outputs)
+        logger.info(
+            "prompt %s on %s ended without its images reaching us: queued again as %s",
+            previous,
+            self.c.name,
+            self.prompt_id,
+        )
+        if graph is None or not frames_named or senders_in(graph, senders) != senders:
+            self.seed = self.built.seed
+            self.socket_outputs = frames_named
+            await self._submit()
+            return
+        self._track(
+            dataclasses.replace(self.built, graph=again(graph, senders, self.prompt_id, previous))
+        )
+        await self.sink.checkpoint(self._checkpoint())
+        await self._queue()
+
+    async def _graph_to_repeat(self) -> dict[str, Any] | None:
+        """The graph that ran, if it loads this job's inputs."""
+        assert self.built is not None
+        if self.inputs_ours:  # uploaded by this run, whose names no other job takes meanwhile
+            return self.built.graph
+        # Queued by an earlier process: read it back, and check that its input files are still
+        # this job's (another process may reuse names; a stale name must not run another input).
+        graph = (await self.c.remote_job(self.prompt_id)).graph
+        if graph is None:
+            return None
+        for name in self._uploaded():
+            node, field = self.workflow.input_target(name)
+            entry = graph.get(node)
+            value = entry.get("inputs", {}).get(field) if isinstance(entry, dict) else None
+            if not isinstance(value, str):
+                return None
+            subfolder, _, file_name = value.rpartition("/")
+            try:
+                data, _ = await self.c.view(file_name, subfolder, "input")
+            except ProviderUnavailable:
+                return None
+            if hashlib.sha256(data).hexdigest() != self.work.inputs[name].sha256:
+                return None
+        return dict(graph)
 
     # -- uploading and queueing --
 
@@ -436,8 +524,10 @@ class Run:
         return self.built.outputs
 
     def _have_outputs(self) -> bool:
-        """Every output node reported (``executed``)."""
-        return all(o.node in self.outputs for o in self.built_outputs)
+        """Every output node reported (``executed``); senders report nothing there (their
+        frames are checked once the prompt has ended)."""
+        senders = self.images.nodes
+        return all(o.node in self.outputs or o.node in senders for o in self.built_outputs)
 
     def _mark_started(self) -> None:
         if not self.started:
@@ -515,13 +605,12 @@ class Run:
         images: list[dict[str, Any]] = []
         texts: list[tuple[str, str]] = []
         framed: list[tuple[str, int, msg.Preview]] = []
-        sent_over_socket = {bound: node for node, bound in self.built.socket_outputs.items()}
         for binding in self.built.outputs:
             output = self.outputs.get(binding.node) or {}
-            sender = sent_over_socket.get(binding.node, "")
-            if sender and self.images.node_complete(sender):
-                framed += [(binding.node, i, f) for i, f in enumerate(self.images.frames(sender))]
-                continue  # its temp file is not needed
+            if binding.node in self.images.nodes:
+                frames = self.images.frames(binding.node)
+                framed += [(binding.node, i, f) for i, f in enumerate(frames)]
+                continue
             if binding.kind == "images":
                 images += [i for i in output.get("images") or [] if isinstance(i, dict)]
             else:
@@ -554,6 +643,8 @@ class Run:
             await self.sink.text(GeneratedText(text, node))
 
     async def _emit(self, update: ProviderProgress) -> None:
+        if update is self.last_sent:
+            return
         self.best = max(self.best, update.fraction)
         if update.fraction < self.best:
             update = ProviderProgress(

@@ -26,12 +26,13 @@ class AgentSettings:
     """Breaks ties between equally loaded agents: higher first."""
     max_concurrent_jobs: int = 1
     """Jobs sent to this agent at once; more wait in the service's queue."""
-    queue_ahead: int = 0
+    queue_ahead: int = 1
     """Jobs sent beyond ``max_concurrent_jobs``, to wait in ComfyUI's own queue: the agent
     starts the next prompt the moment one ends instead of idling while the service uploads
-    and queues it (ComfyUI runs one prompt at a time: ``max_concurrent_jobs=1, queue_ahead=1``
-    keeps it busy). A job waiting there can still be cancelled (deleted from the agent's
-    queue) and re-attached; it is placed only when no agent has fewer jobs."""
+    and queues it (ComfyUI runs one prompt at a time: ``max_concurrent_jobs=1, queue_ahead=1``,
+    the default, keeps it busy; 0 turns it off). A job waiting there can still be cancelled
+    (deleted from the agent's queue) and re-attached; it is placed only when no agent has
+    fewer jobs."""
     enabled: bool = True
 
     def __post_init__(self) -> None:

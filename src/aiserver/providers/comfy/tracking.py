@@ -22,6 +22,7 @@ class NodeTracker:
         self.step = 0
         self.max_steps = 0
         self.best = 0.0
+        self._last: ProviderProgress | None = None
 
     def fraction(self) -> float:
         total = max(1, len(self.to_run))
@@ -46,11 +47,25 @@ class NodeTracker:
         self.done.update(nodes)
 
     def update(self, stage: Stage = Stage.RUNNING) -> ProviderProgress:
-        return ProviderProgress(
+        """The progress now; the same object as last time when nothing changed (most messages
+        of a job change nothing: building a frozen dataclass per message showed in profiles)."""
+        fraction = self.fraction()
+        last = self._last
+        if (
+            last is not None
+            and last.fraction == fraction
+            and last.node == self.node
+            and last.step == self.step
+            and last.max_steps == self.max_steps
+            and last.stage is stage
+        ):
+            return last
+        self._last = ProviderProgress(
             stage=stage,
-            fraction=self.fraction(),
+            fraction=fraction,
             node=self.node,
             node_type=self.built.class_type(self.node) if self.node else "",
             step=self.step,
             max_steps=self.max_steps,
         )
+        return self._last

@@ -331,6 +331,18 @@ class Workflow:
         self.documents["version"] = self.version
         self.nodes = frozenset(str(n["class_type"]) for n in self._graph.values())
         self.nodes_to_run = _ancestors(self._graph, [o.node for o in self.outputs])
+        self._model_params = tuple(
+            (
+                ref,
+                self._graph[ref.node]["inputs"].get(ref.input),
+                tuple(
+                    p
+                    for p in self._params
+                    if any(t.node == ref.node and t.input == ref.input for t in p.targets)
+                ),
+            )
+            for ref in self._models
+        )
 
     @property
     def graph(self) -> dict[str, Any]:
@@ -341,6 +353,11 @@ class Workflow:
     def input_names(self) -> tuple[str, ...]:
         """The upload fields the graph reads (optional ones included)."""
         return tuple(self._inputs)
+
+    def input_target(self, name: str) -> tuple[str, str]:
+        """``(node, input)`` that gets the uploaded file's name for the upload field ``name``."""
+        target = self._inputs[name]
+        return target.node, target.input
 
     @property
     def required_inputs(self) -> tuple[str, ...]:
@@ -377,14 +394,15 @@ class Workflow:
 
     def models_for(self, spec: TaskSpec | None) -> tuple[ModelNeed, ...]:
         """The model files a run of ``spec`` needs (``None``: the defaults)."""
+        # Asked for every agent at every placement: the params that set each model are found
+        # once, at load.
         needs = []
-        for ref in self._models:
-            value: Any = self._graph[ref.node]["inputs"].get(ref.input)
-            for param in self._params:
-                if any(t.node == ref.node and t.input == ref.input for t in param.targets):
-                    chosen = self._param_value(spec, param, seed=0)
-                    if chosen is not _UNSET:
-                        value = chosen
+        for ref, default, params in self._model_params:
+            value = default
+            for param in params:
+                chosen = self._param_value(spec, param, seed=0)
+                if chosen is not _UNSET:
+                    value = chosen
             needs.append(
                 ModelNeed(ref.node, self._class(ref.node), ref.input, ref.folder, str(value))
             )
@@ -417,7 +435,7 @@ class Workflow:
         """
         if work.task is not self.task and work.task is not TaskKind.WORKFLOW:
             raise ValueError(f"workflow for {self.task.value} cannot build {work.task.value}")
-        graph = copy.deepcopy(self._graph)
+        graph = _copy_nodes(self._graph)
         required = set(self.required_inputs)
         for name, target in self._inputs.items():
             if name not in uploads:
@@ -508,9 +526,19 @@ def _is_unset(spec: TaskSpec, name: str, value: Any) -> bool:
     return False
 
 
+def _copy_nodes(graph: Mapping[str, Any]) -> dict[str, Any]:
+    """A graph whose node and ``inputs`` dicts are new: enough for a build, which only sets
+    inputs (values are never changed in place), at a fraction of a deep copy's cost per job.
+    Links and other leaves are the template's, shared."""
+    return {
+        node: {**entry, "inputs": dict(entry.get("inputs") or {})} for node, entry in graph.items()
+    }
+
+
 def _place(graph: dict[str, Any], targets: Iterable[_Target], value: Any) -> None:
     for target in targets:
-        graph[target.node]["inputs"][target.input] = copy.deepcopy(value)
+        copied = copy.deepcopy(value) if isinstance(value, list | dict) else value
+        graph[target.node]["inputs"][target.input] = copied
 
 
 def _ancestors(graph: Mapping[str, Any], roots: Iterable[str]) -> frozenset[str]:
