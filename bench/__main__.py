@@ -22,7 +22,15 @@ from typing import Any
 
 from bench.common import RESULTS, machine, num
 
-SCRIPTS = ("orchestration", "transport", "imaging", "memory", "upscale", "scaleout")
+SCRIPTS = (
+    "orchestration",
+    "gateway_path",
+    "transport",
+    "imaging",
+    "memory",
+    "upscale",
+    "scaleout",
+)
 
 
 def _fmt(value: dict[str, Any] | None) -> str:

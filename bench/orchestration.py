@@ -6,7 +6,10 @@ direct ComfyUI client, against the same instant ComfyUI stand-ins.
 - Service: its own process (:mod:`bench.service_proc`, settings from ``AISERVER_*`` as for
   ``aiserver serve``, INFO logging to a file), SQLite job store and artifact store on (always:
   persistence is not optional), gRPC ImageUpscale, SYNC, OUTPUT_DELIVERY_REFERENCES; every
-  agent with ``max_concurrent_jobs = 64`` so the pool does not serialise jobs.
+  agent with ``max_concurrent_jobs = 64``. The service still hands a provider at most 16 jobs
+  at once (``SchedulerSettings.max_running_per_provider``): at 64 callers 48 jobs wait in its
+  own queue, and their callers are told each change of queue position (up to 20 a second
+  each), which the direct client's callers, queued in ComfyUI, are not.
 - Baseline: :mod:`bench.comfy_direct`, the same input and graph, round-robin over the agents.
 - Callers of both paths run in the bench process; the service's and the stand-ins' CPU time
   is read from ``/proc`` around each segment, the callers' with ``time.process_time`` (CPU ms

@@ -48,10 +48,35 @@ def _py_spy() -> str:
     return found
 
 
-def _top(collapsed: Path) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
-    """Busy samples, and the top functions by own and by total samples."""
+# Areas of the code, by the innermost service frame of a sample (first match wins): who
+# owns the cost, C work run from that frame (grpc, sockets, SQLite) included.
+_AREAS = (
+    ("aiserver/jobs/store/", "job store (jobs/store)"),
+    ("aiserver/jobs/", "jobs (manager, dispatch, events)"),
+    ("aiserver/providers/", "ComfyUI provider"),
+    ("aiserver/api/", "API edge (api/)"),
+    ("aiserver/artifacts/", "artifact store"),
+    ("aiserver/blobs/", "artifact store"),
+    ("aiserver/spool.py", "upload spool"),
+    ("aiserver/", "other service code"),
+)
+
+
+def _area(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for marker, area in _AREAS:
+            if marker in frame:
+                return area
+    return "no service frame (grpc and asyncio callbacks, thread pool)"
+
+
+def _top(
+    collapsed: Path,
+) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]:
+    """Busy samples; the top functions by own and by total samples; samples by area."""
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
+    areas: Counter[str] = Counter()
     busy = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -63,14 +88,21 @@ def _top(collapsed: Path) -> tuple[int, list[tuple[str, int]], list[tuple[str, i
         count = int(count_text)
         busy += count
         own[frames[-1]] += count
+        areas[_area(frames)] += count
         for frame in set(frames):
             if not any(marker in frame for marker in _FRAME):
                 total[frame] += count
-    return busy, own.most_common(TOP), total.most_common(TOP)
+    return busy, own.most_common(TOP), total.most_common(TOP), areas.most_common()
 
 
 async def _profile(
-    label: str, jobs: int, concurrency: int, module: str, native: bool, postgres: bool
+    label: str,
+    jobs: int,
+    concurrency: int,
+    module: str,
+    native: bool,
+    raw: Path | None,
+    postgres: bool = False,
 ) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     collapsed = tmp / "profile.txt"
@@ -127,7 +159,10 @@ async def _profile(
         if postgres:
             await scaleout._drop_schema(schema)
         done = len(got["latencies"])
-        busy, own, total = _top(collapsed)
+        if raw is not None:
+            shutil.copyfile(collapsed, raw)
+        busy, own, total, areas = _top(collapsed)
+        per_job = cpu * 1000 / max(done, 1)
         lines = [
             f"profile {label}: {done} jobs ({len(got['failed'])} failed), {concurrency} callers,"
             f" {AGENTS} agents ({module}), gRPC ImageUpscale SYNC + references,"
@@ -138,6 +173,12 @@ async def _profile(
             + ", ".join(f"{route} {n / max(done, 1):.2f}" for route, n in sorted(requests.items())),
             f"py-spy samples while busy: {busy}"
             " (200 Hz, the thread holding the GIL only, idle loop excluded)",
+            "",
+            "by area (innermost service frame; % of busy, and ms of CPU per job at that share):",
+            *(
+                f"  {100 * n / max(busy, 1):5.1f}%  {per_job * n / max(busy, 1):5.2f} ms  {area}"
+                for area, n in areas
+            ),
             "",
             f"top {TOP} by own samples (% of busy):",
             *(f"  {100 * n / max(busy, 1):5.1f}%  {frame}" for frame, n in own),
@@ -161,10 +202,19 @@ def main() -> None:
         help="bench.standin_proc (the stand-ins) or bench.fast_agent (lighter)",
     )
     parser.add_argument("--native", action="store_true", help="C frames too (py-spy --native)")
+    parser.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks in this file")
     parser.add_argument("--postgres", action="store_true", help="the job store on PostgreSQL")
     args = parser.parse_args()
     text = asyncio.run(
-        _profile(args.label, args.jobs, args.concurrency, args.agents, args.native, args.postgres)
+        _profile(
+            args.label,
+            args.jobs,
+            args.concurrency,
+            args.agents,
+            args.native,
+            args.raw,
+            args.postgres,
+        )
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"profile-{args.label}.txt").write_text(text)

@@ -242,12 +242,10 @@ class Service:
             link=link,
             reply_to_guard=self.webhooks.guard,
         )
-        generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(job_calls, self.workflows), server
-        )
-        workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(
-            WorkflowServicer(job_calls, self.workflows, self._agent_capabilities), server
-        )
+        generation = GenerationServicer(job_calls, self.workflows)
+        generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(generation, server)
+        workflow = WorkflowServicer(job_calls, self.workflows, self._agent_capabilities)
+        workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(workflow, server)
         self.workflow_watcher.start()
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(manager, link=link),
@@ -261,11 +259,18 @@ class Service:
             signer=self.security.signer,
         )
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(artifacts, server)
-        # The shim reads variants (mostly warm, a few kB) through the same guard and handler
-        # without the loopback HTTP/2 round trip.
+        # The shim reads variants (mostly warm, a few kB) and runs jobs through the same guard
+        # and handlers without the loopback HTTP/2 round trip.
         local_calls = LocalCalls(guard)
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
             artifacts, local_calls.recorder(only=("GetVariant",))
+        )
+        jobs_here = ("ImageToImage", "ImageWithMask", "ImageUpscale", "ImageToText")
+        generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
+            generation, local_calls.recorder(only=jobs_here)
+        )
+        workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(
+            workflow, local_calls.recorder(only=("RunWorkflow",))
         )
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(self.providers), server

@@ -189,6 +189,12 @@ class _Writer:
         self.path.unlink(missing_ok=True)
 
 
+def _is_file(path: Path) -> bool:
+    """On the event loop: one stat of a local file takes microseconds, a thread hop for it
+    about 0.1 ms of CPU."""
+    return os.path.isfile(path)
+
+
 def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
     def settle() -> None:
         if not future.done():
@@ -252,7 +258,7 @@ class InputSpool:
 
         Without a shared store this only checks the local file."""
         path = self.path_for(sha256)
-        local = await asyncio.to_thread(path.is_file)
+        local = _is_file(path)
         if self._shared is None:
             return local
         if not local:
@@ -266,10 +272,10 @@ class InputSpool:
         claimed by another process than the one that received the upload).
         :class:`FileNotFoundError` if it exists nowhere."""
         path = self.path_for(sha256)
-        if await asyncio.to_thread(path.is_file) or self._shared is None:
-            if not path.is_file():
-                raise FileNotFoundError(sha256)
+        if _is_file(path):
             return path
+        if self._shared is None:
+            raise FileNotFoundError(sha256)
         part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
             with part.open("wb") as fh:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,20 @@ async def test_image_to_image_streams_progress_then_output_bytes(tmp_path: Path)
         final = got.final
         assert final.state == SUCCEEDED and final.agent == "gpu-0" and final.provider
         assert final.image_to_image.positive_prompt == "a lighthouse at dawn"
+
+
+async def test_an_input_of_several_megabytes_reaches_the_agent(tmp_path: Path) -> None:
+    # Incompressible pixels: about 6 MB of PNG, past aiohttp's 1 MiB inline-body limit.
+    noisy = Image.frombytes("RGB", (1400, 1400), random.Random(7).randbytes(1400 * 1400 * 3))
+    buffer = io.BytesIO()
+    noisy.save(buffer, "PNG", compress_level=0)
+    data = buffer.getvalue()
+    assert len(data) > 5_000_000
+    async with comfy_service(tmp_path) as (service, comfy), channel_to(service) as ch:
+        got = await generate(ch, "ImageToImage", img2img(), {"image": data})
+        assert got.final.state == SUCCEEDED, got.final.error
+        uploaded = [p for p in comfy[0].input_dir.iterdir() if p.is_file()]
+        assert [p.read_bytes() == data for p in uploaded] == [True]
 
 
 async def test_batch_reports_one_output_per_image_and_random_seed(tmp_path: Path) -> None:
@@ -238,6 +253,34 @@ async def test_invalid_parameters_are_refused_before_any_work(
         _, details = rich_status(caught.value)
         assert field in violated_fields(details)
         assert comfy[0].received.prompts == []
+
+
+@pytest.mark.parametrize(
+    "side",
+    [
+        64,  # small: checked on the event loop
+        300,  # past the inline limit: checked in the image pool
+    ],
+)
+async def test_a_damaged_input_is_refused_before_any_work(tmp_path: Path, side: int) -> None:
+    pixels = (bytes(range(256)) * (side * side * 3 // 256 + 1))[: side * side * 3]
+    whole = encode(Image.frombytes("RGB", (side, side), pixels), "PNG")
+    async with comfy_service(tmp_path) as (service, comfy), channel_to(service) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await generate(
+                ch,
+                "ImageUpscale",
+                tasks_pb2.ImageUpscaleParams(),
+                {"image": whole[: len(whole) * 2 // 3]},
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        _, details = rich_status(caught.value)
+        assert details["ErrorInfo"].reason in ("IMAGE_TRUNCATED", "IMAGE_CORRUPT")
+        assert "image" in violated_fields(details)
+        assert comfy[0].received.prompts == []
+        # The whole file goes through.
+        got = await generate(ch, "ImageUpscale", tasks_pb2.ImageUpscaleParams(), {"image": whole})
+        assert got.final.state == SUCCEEDED
 
 
 async def test_deadline_cancels_the_comfyui_prompt(tmp_path: Path) -> None:

@@ -224,3 +224,26 @@ def test_resize_matches_orient_then_resize(tmp_path: Path, orientation: int, fit
     assert out.size == expected.size
     diff = ImageStat.Stat(ImageChops.difference(out, expected)).mean
     assert max(diff) < 2, (w, h, diff)
+
+
+# --- encoder effort -----------------------------------------------------------------------
+
+
+def test_fast_encode_keeps_size_and_quality_of_webp(tmp_path: Path) -> None:
+    """Variants are encoded with less effort: the same pixels within WebP's quality, at the
+    same quality setting; other formats are untouched."""
+    noise = Image.effect_noise((320, 240), 40).convert("RGB")
+    source = save(Image.blend(blocks((320, 240)), noise, 0.3), tmp_path / "s.png", "png")
+    webp = fmt("webp")
+    slow = resize(source, width=160, output_format=webp, quality=80)
+    fast = resize(source, width=160, output_format=webp, quality=80, fast_encode=True)
+    assert (fast.width, fast.height) == (slow.width, slow.height) == (160, 120)
+    assert fast.data != slow.data  # a different encoder effort
+    assert 0.8 < len(fast.data) / len(slow.data) < 1.25
+    diff = ImageStat.Stat(ImageChops.difference(decode(fast.data), decode(slow.data)))
+    assert max(diff.mean) < 4  # per channel, out of 255
+    png = fmt("png")
+    assert (
+        resize(source, width=160, output_format=png, fast_encode=True).data
+        == resize(source, width=160, output_format=png).data
+    )

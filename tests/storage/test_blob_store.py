@@ -139,3 +139,43 @@ def test_concurrent_puts_share_directory_syncs(
     assert len(began) <= 4, began  # 16 callers, a few syncs
     for i in range(16):
         assert any(called[i] <= b <= returned[i] for b in began), i
+
+
+@pytest.mark.parametrize("evicted", [False, True], ids=["page cache", "disk"])
+async def test_local_reads_whole_and_ranges_from_cache_or_disk(
+    tmp_path: Path, evicted: bool
+) -> None:
+    """Chunks in the page cache are read on the event loop, others in threads one ahead:
+    the bytes are the same either way, for every range."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(3 * 1024 * 1024 + 123)
+    await store.put(KEY, data)
+
+    def evict() -> None:
+        if not evicted:
+            return
+        fd = os.open(store.root / KEY, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages are not dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    for offset, length in ((0, None), (1, None), (70_000, 2_000_000), (len(data) - 5, 100)):
+        evict()
+        chunks = [c async for c in store.read(KEY, offset, length, chunk_size=1 << 20)]
+        end = len(data) if length is None else offset + length
+        assert b"".join(chunks) == data[offset:end]
+        assert all(isinstance(c, bytes) and 0 < len(c) <= 1 << 20 for c in chunks)
+
+
+async def test_a_local_read_abandoned_mid_file_closes_its_descriptor(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    await store.put(KEY, os.urandom(4 * 1024 * 1024))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        reader = store.read(KEY, chunk_size=1 << 20)
+        assert len(await anext(reader)) == 1 << 20
+        await reader.aclose()  # type: ignore[attr-defined]  # an async generator
+    await asyncio.sleep(0.05)  # a read still in a thread closes the descriptor when done
+    assert len(os.listdir("/proc/self/fd")) == before

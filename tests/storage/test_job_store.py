@@ -10,16 +10,8 @@ from aiserver.errors import ErrorKind, FieldViolation, ServiceError
 from aiserver.jobs.ids import new_job_id
 from aiserver.jobs.model import ArtifactRef, InputRef, Job, JobState, Retrying, WebhookDelivery
 from aiserver.jobs.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
-from aiserver.jobs.store import JobQuery, JobRecord, migrations, rows
-from aiserver.tasks import (
-    ImageToImageSpec,
-    ImageToTextSpec,
-    ImageUpscaleSpec,
-    ImageWithMaskSpec,
-    TaskKind,
-    WorkflowSpec,
-    spec_to_dict,
-)
+from aiserver.jobs.store import JobQuery, JobRecord, migrations
+from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, TaskKind
 from tests.storage.backends import JobStoreBackend
 
 T0 = datetime(2025, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -269,17 +261,3 @@ async def test_webhook_outcome_is_kept_apart_from_saves(backend: JobStoreBackend
     assert got.job.progress == 1.0
     (listed,), _ = await again.query(JobQuery(), page_size=10, page_token="")
     assert listed.webhook == delivery
-
-
-def test_stored_spec_is_what_spec_to_dict_says() -> None:
-    """The store encodes specs without ``asdict``'s deep copy: the same JSON, every kind."""
-    graph = {"3": {"class_type": "KSampler", "inputs": {"seed": 1, "model": ["4", 0]}}}
-    specs = [
-        ImageToImageSpec(positive_prompt="p", seed=3, workflow_documents={"graph": graph}),
-        ImageWithMaskSpec(positive_prompt="p", mask_channel="alpha"),
-        ImageUpscaleSpec(model="m", output_quality=80),
-        ImageToTextSpec(prompt="what"),
-        WorkflowSpec(workflow="w", version="1", params={"a": [1, 2]}, documents={"g": graph}),
-    ]
-    for spec in specs:
-        assert rows.spec_json(spec) == rows.dumps(spec_to_dict(spec))

@@ -85,3 +85,25 @@ async def _write_forever(writer: Any) -> None:
     chunk = os.urandom(1 << 20)
     while True:
         await writer.write(chunk)
+
+
+async def test_a_discarded_large_upload_is_gone_at_once_and_its_descriptor_closed(
+    tmp_path: Path,
+) -> None:
+    from aiserver.api.uploads import Upload
+
+    spool = InputSpool(tmp_path)
+    files = {}
+    for name, size in (("image", 9 * 1024 * 1024), ("mask", 1000)):
+        writer = spool.open(name, f"{name}.bin", UploadBudget(1 << 30), hashed=False)
+        await writer.write(os.urandom(size))
+        files[name] = await writer.finish()
+    before = len(os.listdir("/proc/self/fd"))
+    Upload(None, files).discard()
+    assert list(spool.tmp_dir.iterdir()) == []  # the names go before discard returns
+    for _ in range(100):  # the large file's pages are freed in a worker thread
+        if len(os.listdir("/proc/self/fd")) == before:
+            break
+        await asyncio.sleep(0.01)
+    assert len(os.listdir("/proc/self/fd")) == before
+    Upload(None, files).discard()  # twice is harmless

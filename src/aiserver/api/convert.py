@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -239,12 +239,18 @@ def state_from_proto(value: int) -> JobState:
     return state
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _ts(when: datetime | None) -> timestamp_pb2.Timestamp | None:
+    # Direct fields: Timestamp.FromDatetime does the same in Python, three times slower,
+    # and a job's events carry a dozen timestamps.
     if when is None:
         return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(when)
-    return ts
+    since = when - _EPOCH if when.tzinfo is not None else when - _EPOCH.replace(tzinfo=None)
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000
+    )
 
 
 def _same(url: str) -> str:

@@ -34,6 +34,7 @@ import asyncio
 import hmac
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any, NoReturn
@@ -43,7 +44,7 @@ import grpc
 from aiserver.api.calls import CallInfo, current_call
 from aiserver.api.malformed import Malformed, tolerant, tolerant_handler
 from aiserver.api.status import abort, request_id_of
-from aiserver.api.wire import passing_encoded
+from aiserver.api.wire import chunk_parsing, passing_encoded
 from aiserver.auth import ANONYMOUS, KeyRing, bearer_token, invalid_key, missing_key
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.logs import request_id_var
@@ -142,6 +143,8 @@ class Guard(grpc.aio.ServerInterceptor):
         self.keyless = frozenset(keyless_methods)
         self.metrics = metrics
         self.active_streams = 0
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        """Per method: grpc's handler and this guard's wrapping of it, made once."""
 
     async def intercept_service(
         self,
@@ -152,9 +155,17 @@ class Guard(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None:
             return handler
+        # Services hand out one handler object per method: the wrapping (closures, metric
+        # children, grpc's handler tuple) is built at its first call, not at every call.
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
         if method.startswith(EXEMPT_PREFIXES):
-            return tolerant_handler(handler)
-        return self._wrap(handler, method)
+            wrapped = tolerant_handler(handler)
+        else:
+            wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     # --- wrapping -------------------------------------------------------------------------
 
@@ -162,7 +173,10 @@ class Guard(grpc.aio.ServerInterceptor):
         name = method.lstrip("/").rsplit(".", 1)[-1]  # Service/Method
         keyless = method in self.keyless
         options = {
-            "request_deserializer": self._counted_in(tolerant(handler.request_deserializer), name),
+            "request_deserializer": self._counted_in(
+                chunk_parsing(tolerant(handler.request_deserializer), handler.request_deserializer),
+                name,
+            ),
             "response_serializer": self._counted_out(
                 passing_encoded(handler.response_serializer), name
             ),
@@ -268,6 +282,7 @@ class _Call:
         "_guard",
         "_keyless",
         "_peer_counted",
+        "_reader",
         "_started",
         "_streaming",
         "context",
@@ -282,6 +297,7 @@ class _Call:
         self._streaming = streaming
         self._counted = False
         self._peer_counted = ""
+        self._reader: _Requests | None = None
         self._started = time.monotonic()
         self.context = context
         rid = request_id_of(context)
@@ -355,34 +371,16 @@ class _Call:
             await abort(self.context, msg.error())
         return msg
 
-    async def requests(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    def requests(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """The client's messages, each within the idle timeout and all within the total one;
         a malformed one raises its error where the servicer reads it."""
-        guard = self._guard
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + guard.upload_total_s if guard.upload_total_s > 0 else None
-        incoming = aiter(requests)
-        while True:
-            wait = guard.upload_idle_s if guard.upload_idle_s > 0 else None
-            if deadline is not None:
-                left = max(0.0, deadline - loop.time())
-                wait = left if wait is None else min(wait, left)
-            try:
-                async with asyncio.timeout(wait):
-                    msg = await anext(incoming)
-            except StopAsyncIteration:
-                self._release_upload()  # the upload is over; its job may run on
-                return
-            except TimeoutError:
-                if deadline is not None and loop.time() >= deadline:
-                    raise upload_too_slow(guard.upload_total_s) from None
-                raise upload_stalled(guard.upload_idle_s) from None
-            if isinstance(msg, Malformed):
-                raise msg.error()
-            yield msg
+        self._reader = _Requests(self, requests)
+        return self._reader
 
     def finish(self, failure: BaseException | None) -> None:
         guard, info = self._guard, self.info
+        if self._reader is not None:
+            self._reader.stop()  # a handler that stopped reading early leaves no timer
         if self._counted:
             self._counted = False
             guard.active_streams -= 1
@@ -407,6 +405,110 @@ class _Call:
         guard.metrics.rpcs.labels(info.method, code).inc()
         if info.reason:
             guard.metrics.rejected.labels(info.reason).inc()
+
+
+class _Requests:
+    """A client stream read under the upload timeouts with one timer for the whole call
+    (``asyncio.timeout`` per message cost a timer and a context each) and no generator
+    frame between the servicer and grpc's reader.
+
+    The timer fires at the earliest moment a timeout could be due; if the read then in
+    progress has waited too long, it cancels the reading task and the read raises the
+    timeout's error; otherwise it is set again for the read in progress, or left off until
+    the next read."""
+
+    __slots__ = (
+        "_call",
+        "_cancelling",
+        "_deadline",
+        "_done",
+        "_expired",
+        "_idle",
+        "_incoming",
+        "_loop",
+        "_task",
+        "_timer",
+        "_waiting_since",
+    )
+
+    def __init__(self, call: _Call, requests: AsyncIterator[Any]) -> None:
+        guard = call._guard
+        self._call = call
+        self._incoming = aiter(requests)
+        self._loop = asyncio.get_running_loop()
+        self._idle = guard.upload_idle_s if guard.upload_idle_s > 0 else None
+        total = guard.upload_total_s
+        self._deadline = self._loop.time() + total if total > 0 else None
+        self._waiting_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._cancelling = 0
+        self._expired: ServiceError | None = None
+        self._done = False
+
+    def __aiter__(self) -> _Requests:
+        return self
+
+    def _due(self, since: float) -> float:
+        due = since + self._idle if self._idle is not None else math.inf
+        return due if self._deadline is None else min(due, self._deadline)
+
+    def _check(self) -> None:
+        self._timer = None
+        since = self._waiting_since
+        if since is None or self._task is None:
+            return  # not reading now: the next read sets the timer again
+        now = self._loop.time()
+        due = self._due(since)
+        if now < due:
+            self._timer = self._loop.call_at(due, self._check)
+            return
+        guard = self._call._guard
+        if self._deadline is not None and now >= self._deadline:
+            self._expired = upload_too_slow(guard.upload_total_s)
+        else:
+            self._expired = upload_stalled(guard.upload_idle_s)
+        self._cancelling = self._task.cancelling()
+        self._task.cancel()
+
+    async def __anext__(self) -> Any:
+        if self._done:  # ended, or failed: like a finished generator
+            raise StopAsyncIteration
+        now = self._loop.time()
+        self._waiting_since = now
+        if self._timer is None and (self._idle is not None or self._deadline is not None):
+            self._task = asyncio.current_task()
+            if self._task is not None:
+                self._timer = self._loop.call_at(self._due(now), self._check)
+        try:
+            msg = await anext(self._incoming)
+        except StopAsyncIteration:
+            self.stop()
+            self._call._release_upload()  # the upload is over; its job may run on
+            raise
+        except asyncio.CancelledError:
+            self.stop()
+            task, expired = self._task, self._expired
+            # Our timer's cancel, and nobody else's since: the timeout's error instead.
+            if expired is not None and task is not None and task.uncancel() <= self._cancelling:
+                raise expired from None
+            raise
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            self._waiting_since = None
+        if isinstance(msg, Malformed):
+            self.stop()
+            raise msg.error()
+        return msg
+
+    def stop(self) -> None:
+        """No more reads: the timer goes (at the end, on an error, when the call ends)."""
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 async def _drain(requests: AsyncIterator[Any]) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from imagetasks.v1 import common_pb2, job_pb2
@@ -19,7 +20,13 @@ from aiserver.api.convert import Link, event_to_proto
 from aiserver.api.uploads import Upload
 from aiserver.artifacts.store import ArtifactStore
 from aiserver.errors import invalid_argument
-from aiserver.imaging import ImageLimits, verify
+from aiserver.imaging import (
+    ImageInfo,
+    ImageLimits,
+    apply_jpeg_draft,
+    open_image_with_info,
+    verify,
+)
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Accepted, InputRef, OutputStored
 from aiserver.logs import job_id_var
@@ -71,7 +78,11 @@ class JobCalls:
         failed job); nothing is committed to the spool yet."""
         refs = []
         for name, spooled in upload.files.items():
-            info = await self.pool.run(verify, spooled.path, self.limits.image, name)
+            info = None
+            if spooled.size <= _VERIFY_HERE_BYTES:
+                info = _verify_if_small(spooled.path, self.limits.image, name)
+            if info is None:
+                info = await self.pool.run(verify, spooled.path, self.limits.image, name)
             refs.append(
                 InputRef(
                     field=name,
@@ -185,6 +196,23 @@ class JobCalls:
             await self.manager.cancel(job_id, None)
         except Exception:
             logger.exception("cancelling job %s after the caller left", job_id)
+
+
+_VERIFY_HERE_BYTES = 256 * 1024
+_VERIFY_HERE_PIXELS = 128 * 128
+"""Inputs this small are decoded on the event loop (about 0.2-0.5 ms for a PNG here): the
+hop to the image pool and back costs about 0.1 ms of CPU by itself, as much as the decode."""
+
+
+def _verify_if_small(path: Path, limits: ImageLimits, field: str) -> ImageInfo | None:
+    """:func:`~aiserver.imaging.verify`'s checks when the header says at most
+    :data:`_VERIFY_HERE_PIXELS`; None (nothing decoded) for a larger image."""
+    with open_image_with_info(path, limits, field) as (image, info):
+        if info.width * info.height > _VERIFY_HERE_PIXELS:
+            return None
+        apply_jpeg_draft(image, (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+        image.load()
+    return info
 
 
 def check_options(options: common_pb2.JobOptions) -> None:

@@ -1,13 +1,15 @@
-"""Server-streaming calls made by the in-process HTTP shim without the network.
+"""Streaming calls made by the in-process HTTP shim without the network.
 
-A warm variant is a few kB held in memory; over loopback gRPC most of its cost is the two
-HTTP/2 stacks. :class:`LocalCalls` runs the very same handler, wrapped by the very same
-interceptor (API key, rate limit, stream count, request id, metrics) as a network call, with
-requests and responses through the same (de)serializers, and hands the shim an object that
-reads like a ``grpc.aio`` call: messages, ``grpc.aio.EOF``, and failures as
-:class:`grpc.aio.AioRpcError` with the rich status in its trailing metadata. The access rules
-are therefore the service's own, not a second implementation. Only the methods recorded with
-:meth:`LocalCalls.recorder` are served this way; every other call goes over the channel.
+A warm variant is a few kB held in memory, and a job's upload and events not much more; over
+loopback gRPC most of their cost is the two HTTP/2 stacks (for a SYNC ImageUpscale, about as
+much CPU as the HTTP request itself). :class:`LocalCalls` runs the very same handler, wrapped by
+the very same interceptor (API key, rate limit, stream count, upload caps and timeouts, request
+id, metrics) as a network call, with requests and responses through the same (de)serializers,
+and hands the shim an object that reads like a ``grpc.aio`` call: messages, ``grpc.aio.EOF``,
+and failures as :class:`grpc.aio.AioRpcError` with the rich status in its trailing metadata.
+The access rules are therefore the service's own, not a second implementation. Only the
+methods recorded with :meth:`LocalCalls.recorder` are served this way (server-streaming ones,
+and client-and-server-streaming ones: the uploads); every other call goes over the channel.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -146,6 +149,184 @@ class _LocalStreamCall:
 
 _background: set[asyncio.Task[None]] = set()
 
+_REQUEST_WINDOW_BYTES = 4 * 1024 * 1024
+"""Request bytes a local upload may have in flight before ``write`` waits for the handler
+(what HTTP/2 flow control bounds over the network)."""
+_RESPONSE_WINDOW = 8
+"""Responses the handler may run ahead of the reader."""
+
+
+class _Closed(Exception):
+    pass
+
+
+class _Pipe:
+    """A FIFO between one writer and one reader, bounded by ``limit`` units (``size`` of each
+    item), closed from either side: a waiting writer or reader wakes when it closes."""
+
+    __slots__ = ("_getter", "_items", "_limit", "_putter", "_size", "_used", "closed")
+
+    def __init__(self, limit: int, size: Callable[[Any], int]) -> None:
+        self._items: deque[Any] = deque()
+        self._limit = limit
+        self._size = size
+        self._used = 0
+        self._getter: asyncio.Future[None] | None = None
+        self._putter: asyncio.Future[None] | None = None
+        self.closed = False
+
+    async def put(self, item: Any) -> None:
+        while self._used >= self._limit and not self.closed:
+            self._putter = asyncio.get_running_loop().create_future()
+            await self._putter
+        if self.closed:
+            raise _Closed
+        self._items.append(item)
+        self._used += self._size(item)
+        _wake(self._getter)
+
+    async def get(self) -> Any:
+        """The next item; raises _Closed once closed and empty."""
+        while not self._items:
+            if self.closed:
+                raise _Closed
+            self._getter = asyncio.get_running_loop().create_future()
+            await self._getter
+        item = self._items.popleft()
+        self._used -= self._size(item)
+        _wake(self._putter)
+        return item
+
+    def close(self) -> None:
+        self.closed = True
+        _wake(self._getter)
+        _wake(self._putter)
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+class _LocalBidiCall:
+    """One client-and-server-streaming call, used like a ``grpc.aio.StreamStreamCall``
+    (``write``, ``done_writing``, ``read``, ``done``, ``cancel``).
+
+    The handler runs in a task of its own from the start, as grpc runs it, in a fresh context
+    (the interceptor's context variables stay out of the shim's request handler). Requests
+    pass through the call's serializer and the handler's deserializer, responses through the
+    handler's serializer and the call's deserializer: the handler sees what the network would
+    hand it. ``timeout`` is the call's deadline: past it the handler is cancelled and the
+    reader gets DEADLINE_EXCEEDED, as over the network."""
+
+    def __init__(
+        self,
+        calls: LocalCalls,
+        handler: Any,
+        details: _Details,
+        context: _Context,
+        request_serializer: Callable[[Any], bytes],
+        response_deserializer: Callable[[bytes], Any],
+        timeout: float | None,
+    ) -> None:
+        self._calls = calls
+        self._handler = handler
+        self._details = details
+        self._context = context
+        self._serialize = request_serializer
+        self._deserialize = response_deserializer
+        self._requests = _Pipe(_REQUEST_WINDOW_BYTES, len)
+        self._responses = _Pipe(_RESPONSE_WINDOW, lambda _: 1)
+        self._error: grpc.aio.AioRpcError | None = None
+        self._done = False
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), context=contextvars.Context())
+        self._timer = loop.call_later(timeout, self._expire) if timeout is not None else None
+
+    async def _incoming(self, parse: Callable[[bytes], Any]) -> AsyncIterator[Any]:
+        while True:
+            try:
+                raw = await self._requests.get()
+            except _Closed:
+                return
+            yield parse(raw)
+
+    async def _run(self) -> None:
+        context = self._context
+        try:
+            wrapped = await self._calls.wrap(self._handler, self._details)
+            responses = wrapped.stream_stream(self._incoming(wrapped.request_deserializer), context)
+            serialize = wrapped.response_serializer
+            try:
+                async for msg in responses:
+                    await self._responses.put(self._deserialize(serialize(msg)))
+            finally:
+                await responses.aclose()
+        except grpc.aio.AbortError:
+            self._error = context.error
+        except asyncio.CancelledError:
+            if self._error is None:
+                self._error = _status(grpc.StatusCode.CANCELLED, context, "Locally cancelled")
+            raise
+        except _Closed:  # the reader cancelled the call while a response waited
+            pass
+        except Exception as exc:  # what grpc answers an unhandled error with
+            self._error = _status(grpc.StatusCode.UNKNOWN, context, f"Unexpected {exc!r}")
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._requests.close()
+        self._responses.close()
+
+    def _expire(self) -> None:
+        if not self._done:
+            self._error = _status(
+                grpc.StatusCode.DEADLINE_EXCEEDED, self._context, "Deadline Exceeded"
+            )
+            self._task.cancel()
+            self._end()
+
+    def done(self) -> bool:
+        return self._done
+
+    async def write(self, request: Any) -> None:
+        if self._requests.closed:
+            raise asyncio.InvalidStateError("the call has ended")
+        try:
+            await self._requests.put(self._serialize(request))
+        except _Closed:
+            raise asyncio.InvalidStateError("the call has ended") from None
+
+    async def done_writing(self) -> None:
+        self._requests.close()
+
+    async def read(self) -> Any:
+        try:
+            return await self._responses.get()
+        except _Closed:
+            pass
+        if self._error is not None:
+            raise self._error
+        return grpc.aio.EOF
+
+    def cancel(self) -> bool:
+        if self._done:
+            return False
+        self._error = _status(grpc.StatusCode.CANCELLED, self._context, "Locally cancelled")
+        self._task.cancel()  # the handler's own cleanup (a SYNC job goes with its caller)
+        self._end()
+        return True
+
+
+def _status(code: grpc.StatusCode, context: _Context, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(*context.trailing), details
+    )
+
 
 class _Recorder:
     """Stands in for the server in a generated ``add_*Servicer_to_server``."""
@@ -193,8 +374,43 @@ class _MultiCallable:
         return _LocalStreamCall(start, context, self._response_deserializer)
 
 
+class _BidiMultiCallable:
+    def __init__(
+        self,
+        calls: LocalCalls,
+        path: str,
+        handler: Any,
+        request_serializer: Callable[[Any], bytes],
+        response_deserializer: Callable[[bytes], Any],
+    ) -> None:
+        self._calls = calls
+        self._path = path
+        self._handler = handler
+        self._request_serializer = request_serializer
+        self._response_deserializer = response_deserializer
+
+    def __call__(
+        self,
+        *,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
+        **_: Any,
+    ) -> _LocalBidiCall:
+        context = _Context(metadata)
+        details = _Details(self._path, context.invocation_metadata())
+        return _LocalBidiCall(
+            self._calls,
+            self._handler,
+            details,
+            context,
+            self._request_serializer,
+            self._response_deserializer,
+            timeout,
+        )
+
+
 class LocalCalls:
-    """Server-streaming handlers served in this process; see the module docstring."""
+    """Streaming handlers served in this process; see the module docstring."""
 
     def __init__(self, interceptor: Any) -> None:
         self.interceptor = interceptor
@@ -202,12 +418,12 @@ class LocalCalls:
 
     def recorder(self, only: Collection[str]) -> grpc.aio.Server:
         """Pass this as the server to ``add_*Servicer_to_server`` to serve the methods named
-        in ``only`` (``GetVariant``) locally too."""
+        in ``only`` (``GetVariant``, ``ImageUpscale``) locally too."""
         # Duck-typed: the generated registration calls only the two methods _Recorder has.
         return cast("grpc.aio.Server", _Recorder(self, only))
 
     def add(self, path: str, handler: Any) -> None:
-        if handler.request_streaming or not handler.response_streaming:
+        if not handler.response_streaming:
             raise ValueError(f"{path}: only server-streaming methods are served locally")
         self._handlers[path] = handler
 
@@ -228,6 +444,19 @@ class LocalCalls:
         """A callable like ``channel.unary_stream(path, ...)`` when ``path`` is served
         here, else ``None``."""
         handler = self._handlers.get(path)
-        if handler is None:
+        if handler is None or handler.request_streaming:
             return None
         return _MultiCallable(self, path, handler, request_serializer, response_deserializer)
+
+    def stream_stream(
+        self,
+        path: str,
+        request_serializer: Callable[[Any], bytes],
+        response_deserializer: Callable[[bytes], Any],
+    ) -> _BidiMultiCallable | None:
+        """A callable like ``channel.stream_stream(path, ...)`` when ``path`` is served
+        here, else ``None``."""
+        handler = self._handlers.get(path)
+        if handler is None or not handler.request_streaming:
+            return None
+        return _BidiMultiCallable(self, path, handler, request_serializer, response_deserializer)

@@ -1,18 +1,34 @@
-"""Byte chunks sent as protobuf messages already in wire form.
+"""Byte chunks as protobuf messages in wire form, both ways.
 
 A response carrying a 1 MiB chunk costs two copies as a message object (into the message,
 then out of it when serialized); written straight in wire form it costs one, and no upb work.
 Every handler's response serializer goes through :func:`passing_encoded` (the guard rebuilds
 every handler), which hands an :class:`Encoded` to grpc as it is.
+
+An upload's chunk messages are read the same way (:func:`chunk_parsing`): a message that is
+only a ``chunk`` is sliced out of the bytes grpc received, its ``data`` a view of them, where
+upb would copy the data into the message and ``chunk.data`` copy it out again (two copies of
+every MiB uploaded). Any other message goes to protobuf.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Encoded", "bytes_message", "passing_encoded"]
+from google.protobuf import descriptor
+
+__all__ = [
+    "ChunkRequest",
+    "Encoded",
+    "RawFileChunk",
+    "bytes_message",
+    "chunk_parsing",
+    "parse_chunk",
+    "passing_encoded",
+]
 
 _LEN = 2  # wire type of bytes fields
 _VARINT = 0
@@ -56,3 +72,118 @@ def passing_encoded(serialize: Callable[[Any], bytes] | None) -> Callable[[Any],
         return msg.data if type(msg) is Encoded else serialize(msg)
 
     return serializer
+
+
+# --- upload chunks in ------------------------------------------------------------------
+
+_CHUNK_TYPE = "imagetasks.v1.FileChunk"
+# FileChunk: field = 1, data = 2, file_name = 3, each a length-delimited field
+_FIELD, _DATA, _FILE_NAME = 1 << 3 | _LEN, 2 << 3 | _LEN, 3 << 3 | _LEN
+
+
+@dataclass(frozen=True, slots=True)
+class RawFileChunk:
+    """A ``FileChunk`` read from the wire; ``data`` is a view of the received bytes."""
+
+    field: str
+    data: memoryview
+    file_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRequest:
+    """An upload request message whose payload is a chunk: what the upload reader uses of the
+    protobuf message (``WhichOneof``, ``chunk``, ``ByteSize``)."""
+
+    chunk: RawFileChunk
+    size: int
+
+    def WhichOneof(self, group: str) -> str | None:  # protobuf's name
+        return "chunk" if group == "payload" else None
+
+    def ByteSize(self) -> int:  # protobuf's name
+        return self.size
+
+
+def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it; (-1, pos) when it does not end."""
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    return -1, pos
+
+
+def parse_chunk(data: bytes, chunk_key: int) -> ChunkRequest | None:
+    """``data`` as a message holding only the chunk field whose key (tag byte) is
+    ``chunk_key``, each FileChunk field at most once and strings valid UTF-8; ``None`` for
+    anything else (protobuf then parses it, and reports what is wrong with it)."""
+    size = len(data)
+    if size < 2 or data[0] != chunk_key:
+        return None
+    length, pos = _varint_at(data, 1)
+    if pos + length != size:
+        return None
+    view = memoryview(data)
+    texts = {_FIELD: "", _FILE_NAME: ""}
+    payload = view[0:0]
+    seen = 0
+    while pos < size:
+        key = data[pos]
+        bit = 1 << (key >> 3)
+        if key not in (_FIELD, _DATA, _FILE_NAME) or seen & bit:
+            return None  # unknown or repeated fields: protobuf's rules apply
+        seen |= bit
+        length, pos = _varint_at(data, pos + 1)
+        end = pos + length
+        if length < 0 or end > size:
+            return None
+        if key == _DATA:
+            payload = view[pos:end]
+        else:
+            try:
+                texts[key] = str(view[pos:end], "utf-8")
+            except UnicodeDecodeError:
+                return None
+        pos = end
+    return ChunkRequest(RawFileChunk(texts[_FIELD], payload, texts[_FILE_NAME]), size)
+
+
+def chunk_parsing(
+    parse: Callable[[bytes], Any] | None, from_string: Callable[[bytes], Any] | None
+) -> Callable[[bytes], Any] | None:
+    """``parse`` (``from_string``, a request type's ``FromString``, as the guard wraps it),
+    reading the messages that carry only a ``payload.chunk`` (a ``FileChunk``) without
+    protobuf; ``parse`` itself for request types with no such field."""
+    key = _chunk_key(from_string)
+    if parse is None or key is None:
+        return parse
+    others = parse
+
+    def parse_upload(data: bytes) -> Any:
+        return parse_chunk(data, key) or others(data)
+
+    return parse_upload
+
+
+@functools.cache
+def _chunk_key(from_string: Callable[[bytes], Any] | None) -> int | None:
+    """The key byte of the request type's ``payload.chunk`` FileChunk field, if it has one."""
+    message_type = getattr(getattr(from_string, "__self__", None), "DESCRIPTOR", None)
+    if not isinstance(message_type, descriptor.Descriptor):
+        return None
+    field = message_type.fields_by_name.get("chunk")
+    if (
+        field is None
+        or field.message_type is None
+        or field.message_type.full_name != _CHUNK_TYPE
+        or field.containing_oneof is None
+        or field.containing_oneof.name != "payload"
+        or field.number > 15  # a one-byte key
+    ):
+        return None
+    return int(field.number << 3 | _LEN)

@@ -172,14 +172,18 @@ class SqliteArtifactIndex:
 
         return await asyncio.to_thread(locked)
 
-    async def path_of_hash(self, sha256: str) -> str | None:
-        def select() -> str | None:
-            row = self._conn.execute(
-                "SELECT path FROM blobs WHERE sha256 = ?", (sha256,)
-            ).fetchone()
-            return None if row is None else str(row[0])
+    def _path_of_hash(self, sha256: str) -> str | None:
+        row = self._conn.execute("SELECT path FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else str(row[0])
 
-        return await self._db(select)
+    async def path_of_hash(self, sha256: str) -> str | None:
+        # A read by key, like lookup(): inline when the connection is free.
+        if self._lock.acquire(blocking=False):
+            try:
+                return self._path_of_hash(sha256)
+            finally:
+                self._lock.release()
+        return await self._db(self._path_of_hash, sha256)
 
     def _lookup(self, path: str, owner: str | None, job_id: str | None) -> IndexedRef | None:
         sql = f"{_SELECT_REF} FROM blobs b JOIN refs r ON r.path = b.path WHERE b.path = ?"
@@ -201,6 +205,13 @@ class SqliteArtifactIndex:
             if first is None or first == ref.path:
                 raise
             return await self._db(self._register, replace(ref, path=first))
+
+    def register_now(self, ref: NewRef) -> IndexedRef:
+        """:meth:`register` in the calling thread (a worker's: the commit may wait on the
+        disk), for a caller that has other blocking work to do in the same hop.
+        ``sqlite3.IntegrityError`` where :meth:`register` would look for the other key."""
+        with self._lock:
+            return self._register(ref)
 
     def _register(self, ref: NewRef) -> IndexedRef:
         c = self._conn

@@ -205,10 +205,13 @@ class VariantCache:
             return self._as_seen(warm, ref)
         output = self._output_format(spec)
         image = self._folder(ref.sha256) / f"{spec.canonical}{output.extension}"
-        hit = await asyncio.to_thread(self._load, ref, spec, image)
-        if hit is not None:
-            self.memory.put(ref.sha256, hit)
-            return hit
+        # No sidecar: never rendered here (or torn), rendered now. A stat of a cached
+        # directory entry costs microseconds, less than the thread hop that reads a sidecar.
+        if os.path.exists(image.with_suffix(".json")):  # noqa: ASYNC240
+            hit = await asyncio.to_thread(self._load, ref, spec, image)
+            if hit is not None:
+                self.memory.put(ref.sha256, hit)
+                return hit
         key = f"{ref.sha256}/{spec.canonical}"
         task = self._inflight.get(key)
         if task is None:
@@ -329,6 +332,7 @@ class VariantCache:
             quality=spec.quality if output.lossy else None,
             limits=self._limits,
             image_field="name",
+            fast_encode=True,  # a copy for display, rendered while its caller waits
         )
         meta = _Meta(
             mime_type=output.mime_type,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import io
 import logging
 import os
 import threading
@@ -17,8 +19,44 @@ __all__ = ["LocalBlobStore"]
 
 _INLINE_READ = 64 * 1024
 """A read this small is done on the event loop: quicker than a thread hop."""
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0) if hasattr(os, "preadv") else 0
+"""Linux: a read that fails instead of waiting for the disk. Bytes in the page cache (a
+recent artifact) are then read on the event loop: a 1 MiB copy costs about 0.05 ms here,
+a thread hop per chunk more than that in wake-ups and GIL hand-offs (measured on
+ReadArtifact of 64 MiB: about 30% of the service's CPU)."""
 
 logger = logging.getLogger(__name__)
+
+
+def _read_cached(fd: int, size: int, offset: int) -> bytes | None:
+    """Up to ``size`` bytes at ``offset`` if the page cache holds them; ``None`` when the read
+    would wait for the disk (or this system or file system cannot tell)."""
+    if not _NOWAIT:
+        return None
+    # Read into a BytesIO's own buffer: getvalue() then hands that buffer out as the bytes
+    # object, so the only copy is the kernel's (a bytearray would need a second one).
+    buffer = io.BytesIO()
+    buffer.seek(size - 1)
+    buffer.write(b"\0")
+    try:
+        with buffer.getbuffer() as view:
+            got = os.preadv(fd, [view], offset, _NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    buffer.truncate(got)
+    return buffer.getvalue()
+
+
+def _read_cold(fd: int, size: int, offset: int) -> bytes:
+    """A read that may wait for the disk (in a worker thread); the kernel is asked to read
+    the rest of the file ahead meanwhile."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, offset, 0, os.POSIX_FADV_SEQUENTIAL)
+    return os.pread(fd, size, offset)
 
 
 class _DirSyncs:
@@ -29,11 +67,12 @@ class _DirSyncs:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._started: dict[Path, int] = {}  # syncs begun, per directory
-        self._done: dict[Path, int] = {}  # syncs finished
-        self._running: set[Path] = set()
+        self._started: dict[str, int] = {}  # syncs begun, per directory
+        self._done: dict[str, int] = {}  # syncs finished
+        self._running: set[str] = set()
 
-    def sync(self, folder: Path) -> None:
+    def sync(self, path: Path) -> None:
+        folder = os.fspath(path)  # str keys: hashing a new Path object each time cost more
         with self._lock:
             # A sync running now may have begun before our rename: we need the next one.
             needed = self._started.get(folder, 0) + 1
@@ -88,7 +127,8 @@ class LocalBlobStore:
             raise FileNotFoundError(key)
         return path
 
-    def _write_if_missing(self, key: str, data: bytes) -> None:
+    def put_now(self, key: str, data: bytes) -> None:
+        """:meth:`put` in the calling thread (a worker's: it waits for the disk)."""
         path = self._path(key)
         if path.is_file():
             return
@@ -106,7 +146,7 @@ class LocalBlobStore:
         self._dir_syncs.sync(path.parent)
 
     async def put(self, key: str, data: bytes) -> None:
-        await asyncio.to_thread(self._write_if_missing, key, data)
+        await asyncio.to_thread(self.put_now, key, data)
 
     async def size(self, key: str) -> int | None:
         try:
@@ -139,17 +179,25 @@ class LocalBlobStore:
                     remaining -= len(chunk)
                     yield chunk
                 return
-            if remaining > 0:
-                ahead = loop.run_in_executor(None, os.pread, fd, min(chunk_size, remaining), offset)
-            while ahead is not None:
-                # Shielded: a cancelled reader leaves the read to finish (see finally).
-                chunk = await asyncio.shield(ahead)
-                ahead = None
+            while remaining > 0:
+                wanted = min(chunk_size, remaining)
+                # Once a chunk came from the disk, the rest is read in threads, one ahead.
+                from_disk = ahead is not None
+                cached = None if from_disk else _read_cached(fd, wanted, offset)
+                if cached is not None:
+                    chunk = cached
+                else:
+                    if ahead is None:
+                        from_disk = True
+                        ahead = loop.run_in_executor(None, _read_cold, fd, wanted, offset)
+                    # Shielded: a cancelled reader leaves the read to finish (see finally).
+                    chunk = await asyncio.shield(ahead)
+                    ahead = None
                 if not chunk:
                     break  # truncated under us: stop rather than spin
                 offset += len(chunk)
                 remaining -= len(chunk)
-                if remaining > 0:  # read the next chunk while the caller sends this one
+                if remaining > 0 and from_disk:  # read the next chunk while this one is sent
                     ahead = loop.run_in_executor(
                         None, os.pread, fd, min(chunk_size, remaining), offset
                     )
@@ -170,7 +218,7 @@ class LocalBlobStore:
     @contextlib.asynccontextmanager
     async def local_file(self, key: str) -> AsyncIterator[Path]:
         path = self._path(key)
-        if not await asyncio.to_thread(path.is_file):
+        if not os.path.isfile(path):  # noqa: ASYNC240  # a stat: less than a thread hop
             raise FileNotFoundError(key)
         yield path
 

@@ -38,7 +38,13 @@ from aiserver.gateway.routes import (
     message_class,
 )
 from aiserver.gateway.streams import NDJSON, event_field, stream_response, wants_sse
-from aiserver.gateway.uploads import chunk_factory, send_multipart, send_ndjson, write
+from aiserver.gateway.uploads import (
+    chunk_factory,
+    media_type,
+    send_multipart,
+    send_ndjson,
+    write,
+)
 from aiserver.gateway.workflows import WorkflowRoutes
 
 __all__ = ["BACKEND", "OPENAPI", "ROUTES", "TASKS", "Gateway", "MetricsHandler", "build_app"]
@@ -274,7 +280,7 @@ class _V1:
         route = match.route
         backend = self.backend
         request_cls = message_class(route.method.input_type)
-        ctype = request.content_type
+        ctype = media_type(request)
         upload = route.upload
         if ctype == "multipart/form-data" and upload is not None:
             params_cls = message_class(upload.params)

@@ -58,7 +58,7 @@ from aiserver.gateway.errors import (
 from aiserver.gateway.fields import FieldError, FieldErrors, apply_fields, field_key, parse_bool
 from aiserver.gateway.routes import Upload, message_class, upload_of
 from aiserver.gateway.streams import event_field, first_message, stream_response, wants_sse
-from aiserver.gateway.uploads import chunk_factory, send_multipart, write
+from aiserver.gateway.uploads import chunk_factory, media_type, send_multipart, write
 
 __all__ = ["Compat", "CompatTask", "compat_field_name", "compat_tasks"]
 
@@ -78,6 +78,8 @@ _STATUS_ROUTES = {
     "gettextgenerationstatus": True,
 }
 _IMMUTABLE = "public, max-age=31536000, immutable"
+_WHOLE_VARIANT_BYTES = 1024 * 1024
+"""Variants up to this size (those the service holds in memory) are read whole, then sent."""
 _GET_JOB = "imagetasks.v1.JobService.GetJob"
 _LIST_JOBS = "imagetasks.v1.JobService.ListJobs"
 _WATCH_JOB = "imagetasks.v1.JobService.WatchJob"
@@ -314,7 +316,7 @@ class Compat:
         return await self.run_task(request, task)
 
     async def run_task(self, request: web.Request, task: CompatTask) -> web.StreamResponse:
-        if request.content_type != "multipart/form-data":
+        if media_type(request) != "multipart/form-data":
             raise GatewayError(
                 415,
                 "UNSUPPORTED_MEDIA_TYPE",
@@ -584,6 +586,10 @@ class Compat:
             )
             if request.method == "HEAD":
                 return await _head(request, 200, headers, info.image.size_bytes)
+            if info.image.size_bytes <= _WHOLE_VARIANT_BYTES:
+                # Read whole, sent with its headers in one write (a warm variant: one chunk).
+                body = await _read_all(call, "chunk", info.image.size_bytes)
+                return web.Response(status=200, headers=headers, body=body)
             return await self._relay_bytes(
                 request, call, 200, headers, info.image.size_bytes, "chunk", read_first=False
             )
@@ -642,6 +648,18 @@ class Compat:
             sse=wants_sse(request, default=True),
             keepalive_s=backend.settings.keepalive_s,
         )
+
+
+async def _read_all(call: Any, field: str, length: int) -> bytes:
+    """The bytes in ``field`` of every message to the end of the stream (``length`` of
+    them, as announced); a failed call raises GatewayError."""
+    parts: list[bytes] = []
+    while (msg := await first_message(call)) is not None:
+        parts.append(getattr(msg, field))
+    body = b"".join(parts)
+    if len(body) != length:
+        raise _bad_upstream(f"the stream carried {len(body)} bytes, not {length}")
+    return body
 
 
 async def _head(

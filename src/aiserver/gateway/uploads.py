@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import tempfile
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.hdrs import CONTENT_DISPOSITION, CONTENT_TYPE
 from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -53,6 +55,7 @@ __all__ = [
     "check_length",
     "chunk_factory",
     "finish",
+    "media_type",
     "send_multipart",
     "send_ndjson",
     "too_large",
@@ -118,6 +121,21 @@ class ClientUploads:
                 self.open[host] = left
             else:
                 del self.open[host]
+
+
+_PLAIN_MEDIA_TYPE = re.compile(r"[ \t]*([A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+)[ \t]*(?:;|$)")
+
+
+def media_type(request: web.BaseRequest) -> str:
+    """``request.content_type`` (lower case, without parameters), read without the email
+    parser aiohttp uses when the type is plain: that parse costs about 0.5 ms, and a
+    multipart body's random boundary defeats aiohttp's cache of it."""
+    raw = request.headers.get(CONTENT_TYPE)
+    if raw:
+        m = _PLAIN_MEDIA_TYPE.match(raw)
+        if m is not None:
+            return m.group(1).lower()
+    return request.content_type
 
 
 def chunk_factory(upload: Upload, request_cls: Any) -> ChunkMessage:
@@ -299,12 +317,42 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
+_PLAIN_PARAM = re.compile(r'[ \t]*;[ \t]*([A-Za-z0-9_.-]+)="([^"\\;/][^"\\;]*|)"[ \t]*')
+"""One ``; key="value"`` of a Content-Disposition whose value aiohttp would take as it is:
+no escapes, no ``;``, no leading ``/`` (which aiohttp strips), no RFC 2231 ``key*``."""
+
+
+def _plain_disposition(header: str) -> tuple[str | None, str | None] | None:
+    """Name and file name of ``form-data; name="..."; filename="..."`` as aiohttp reads
+    them, without its parser (about 0.2 ms a call, twice per part); None for any other
+    shape, which aiohttp's parser reads."""
+    if header[:9].lower() != "form-data":
+        return None
+    params: dict[str, str] = {}
+    pos, end = 9, len(header)
+    while pos < end:
+        m = _PLAIN_PARAM.match(header, pos)
+        if m is None:
+            return None
+        key = m.group(1).lower()
+        if key in params:  # aiohttp refuses the header: its parser says how
+            return None
+        params[key] = m.group(2)
+        pos = m.end()
+    return params.get("name"), params.get("filename")
+
+
 def _disposition(part: BodyPartReader) -> tuple[str | None, str | None]:
-    # aiohttp warns (RuntimeWarning) about odd Content-Disposition headers; the part's name
-    # is what matters, and a missing one is reported to the caller.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        name, file_name = part.name, part.filename
+    header = part.headers.get(CONTENT_DISPOSITION)
+    plain = _plain_disposition(header) if header else None
+    if plain is not None:
+        name, file_name = plain
+    else:
+        # aiohttp warns (RuntimeWarning) about odd Content-Disposition headers; the part's
+        # name is what matters, and a missing one is reported to the caller.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            name, file_name = part.name, part.filename
     for label, value in (("name", name), ("filename", file_name)):
         # aiohttp keeps undecodable header bytes as lone surrogates, which protobuf cannot
         # encode: refuse them here, as the client's mistake they are.

@@ -30,7 +30,7 @@ from aiserver.gateway.errors import GatewayError, from_rpc_error
 from aiserver.gateway.fields import field_key
 from aiserver.gateway.openapi import job_option_schemas
 from aiserver.gateway.routes import message_class
-from aiserver.gateway.uploads import chunk_factory, send_multipart, write
+from aiserver.gateway.uploads import chunk_factory, media_type, send_multipart, write
 
 __all__ = ["WorkflowRoutes", "workflow_paths"]
 
@@ -57,7 +57,7 @@ class WorkflowRoutes:
 
     async def run(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["workflow"]
-        if request.content_type != "multipart/form-data":
+        if media_type(request) != "multipart/form-data":
             raise GatewayError(
                 415,
                 "UNSUPPORTED_MEDIA_TYPE",

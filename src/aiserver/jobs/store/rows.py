@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import fields
 from typing import Any, Protocol
 
 from aiserver.errors import invalid_argument
 from aiserver.jobs import codec
 from aiserver.jobs.model import Job, JobState
 from aiserver.jobs.store.protocol import JobRecord
-from aiserver.tasks import TaskKind, TaskSpec, spec_from_dict
+from aiserver.tasks import TaskKind, spec_from_dict, spec_to_dict
 
 COLUMNS = (
     "id",
@@ -71,13 +70,6 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def spec_json(spec: TaskSpec) -> str:
-    """:func:`aiserver.tasks.spec_to_dict` as JSON, without its deep copy: the fields are
-    JSON values already, and ``dataclasses.asdict`` copying the bound workflow's graph was
-    5% of an embedded service's CPU samples (``bench.profile_service``)."""
-    return dumps({f.name: getattr(spec, f.name) for f in fields(spec)})
-
-
 def row_of(record: JobRecord) -> dict[str, Any]:
     """The row of ``record`` as it is now (call on the caller's side: a snapshot)."""
     job = record.job
@@ -86,7 +78,7 @@ def row_of(record: JobRecord) -> dict[str, Any]:
         "owner": job.owner,
         "ref_id": job.ref_id,
         "task": job.task.value,
-        "spec": spec_json(job.spec),
+        "spec": dumps(spec_to_dict(job.spec)),
         "state": job.state.value,
         "tag": job.tag,
         "reply_to": job.reply_to,

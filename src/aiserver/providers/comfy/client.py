@@ -14,6 +14,7 @@ Agent trouble (refused, 5xx, auth, timeouts, not JSON) is a
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import uuid
@@ -32,6 +33,9 @@ from aiserver.providers.comfy.errors import agent_unavailable
 from aiserver.providers.comfy.input_names import InputNames
 from aiserver.providers.comfy.messages import Message, decode_event
 from aiserver.providers.failures import Cause, ProviderUnavailable
+
+_INLINE_BODY = 1 << 20
+"""Upload bodies up to this size are sent as bytes (aiohttp's own limit for that)."""
 
 __all__ = ["AgentSocket", "ComfyClient", "RemoteJob", "Reply", "SocketLost", "UploadedFile"]
 # AgentSocket and SocketLost live in agent_socket.py; they are re-exported here for callers of
@@ -176,8 +180,11 @@ class ComfyClient:
     ) -> UploadedFile:
         """``POST /upload/image``; without ``overwrite`` a clash with other bytes is renamed."""
         form, content_type = _upload_form(data, file_name, mime_type, overwrite=overwrite)
+        # aiohttp sends bytes past 1 MiB with a ResourceWarning (one write of the whole body);
+        # a file object is sent in chunks.
+        body: bytes | io.BytesIO = form if len(form) <= _INLINE_BODY else io.BytesIO(form)
         response = await self._request(
-            "POST", "/upload/image", data=form, headers={"Content-Type": content_type}
+            "POST", "/upload/image", data=body, headers={"Content-Type": content_type}
         )
         if response.status_code != 200:
             raise self.unavailable(

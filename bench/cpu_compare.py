@@ -1,0 +1,157 @@
+"""Service CPU per job of two source trees, side by side: same agents, segments alternating.
+
+    python -m bench.cpu_compare OTHER_TREE [--rounds 8] [--jobs 200] [--concurrency 16]
+        [--agents bench.fast_agent]
+
+The orchestration path of :mod:`bench.profile_service` (instant agents in their own process,
+SQLite, gRPC ImageUpscale SYNC + references), served by two service processes at once: this
+tree's and ``OTHER_TREE``'s (e.g. ``git archive main | tar -x -C /tmp/main``), each in its own
+data folder. Rounds alternate which goes first; each segment's CPU is read from ``/proc``.
+On a machine shared with other work, one service's figure moves a lot from run to run; two
+services measured in alternation see the same load, so their ratio is what to read. Prints
+per-round CPU ms per job for both and the median ratio (this tree / other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench import ROOT
+from bench.common import cpu_seconds
+from bench.orchestration import Inputs, _segment, _service_job, _wait_ready
+from bench.standin_proc import StandIns
+
+AGENTS = 4
+
+
+class _Service:
+    """``bench.service_proc`` of the source tree ``root`` (its ``src`` first on the path)."""
+
+    def __init__(self, root: Path, env: dict[str, str], log: Path) -> None:
+        self.root, self.env, self.log = root, env, log
+        self.info: dict[str, Any] = {}
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> _Service:
+        path = os.pathsep.join((str(self.root / "src"), str(self.root)))
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "bench.service_proc"),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self.log.open("wb"),
+            cwd=str(self.root),
+            env={**os.environ, **self.env, "PYTHONPATH": path},
+        )
+        assert self._proc.stdout is not None
+        async with asyncio.timeout(60):
+            line = await self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the service of {self.root} did not start; see {self.log}")
+        self.info = json.loads(line)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.write(b"quit\n")
+            proc.stdin.close()
+        try:
+            async with asyncio.timeout(20):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _compare(other: Path, rounds: int, jobs: int, concurrency: int, module: str) -> str:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-cpu-compare-"))
+    trees = {"this": ROOT, "other": other}
+    per_job: dict[str, list[float]] = {name: [] for name in trees}
+    try:
+        async with StandIns(AGENTS, tmp / "comfy", module=module) as agents:
+            agent_list = json.dumps(
+                [
+                    {"url": url, "name": f"agent{i}", "max_concurrent_jobs": 64}
+                    for i, url in enumerate(agents.urls)
+                ]
+            )
+            services = {}
+            for name, root in trees.items():
+                env = {
+                    "AISERVER_GRPC_HOST": "127.0.0.1",
+                    "AISERVER_GRPC_PORT": "0",
+                    "AISERVER_HTTP_ENABLED": "false",
+                    "AISERVER_DATA_DIR": str(tmp / f"service-{name}"),
+                    "AISERVER_AGENTS": agent_list,
+                }
+                services[name] = await _Service(root, env, tmp / f"{name}.log").__aenter__()
+            try:
+                inputs = Inputs()
+                channels = {
+                    name: grpc.aio.insecure_channel(f"127.0.0.1:{s.info['grpc_port']}")
+                    for name, s in services.items()
+                }
+                calls = {}
+                for name, channel in channels.items():
+                    await _wait_ready(channel)
+                    calls[name] = _service_job(channel)
+                    await _segment(calls[name], 4, inputs.take(16))  # warm-up
+                for r in range(rounds):
+                    order = ["this", "other"] if r % 2 == 0 else ["other", "this"]
+                    for name in order:
+                        pid = int(services[name].info["pid"])
+                        before = cpu_seconds(pid)
+                        got = await _segment(calls[name], concurrency, inputs.take(jobs))
+                        done = len(got["latencies"])
+                        per_job[name].append((cpu_seconds(pid) - before) * 1000 / max(done, 1))
+                        await agents.dump()
+                        await agents.reset()
+                for channel in channels.values():
+                    await channel.close()
+            finally:
+                for service in services.values():
+                    await service.__aexit__(None, None, None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratios = [a / b for a, b in zip(per_job["this"], per_job["other"], strict=True) if b]
+    lines = [
+        f"service CPU ms per job, {rounds} rounds x {jobs} jobs, {concurrency} callers,"
+        f" {AGENTS} agents ({module}); other = {other}",
+        "this:  " + " ".join(f"{v:.2f}" for v in per_job["this"]),
+        "other: " + " ".join(f"{v:.2f}" for v in per_job["other"]),
+        f"median this {statistics.median(per_job['this']):.2f} ms,"
+        f" other {statistics.median(per_job['other']):.2f} ms;"
+        f" ratio this/other median {statistics.median(ratios):.3f}"
+        f" [{min(ratios):.3f}..{max(ratios):.3f}]",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("other", type=Path, help="the other source tree (its src/ and bench/)")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--agents", default="bench.standin_proc")
+    args = parser.parse_args()
+    other = args.other.resolve()
+    print(asyncio.run(_compare(other, args.rounds, args.jobs, args.concurrency, args.agents)))
+
+
+if __name__ == "__main__":
+    main()
