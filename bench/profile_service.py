@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -95,7 +96,13 @@ def _top(
 
 
 async def _profile(
-    label: str, jobs: int, concurrency: int, module: str, native: bool, raw: Path | None
+    label: str,
+    jobs: int,
+    concurrency: int,
+    module: str,
+    native: bool,
+    raw: Path | None,
+    postgres: bool = False,
 ) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     collapsed = tmp / "profile.txt"
@@ -113,6 +120,15 @@ async def _profile(
                     ]
                 ),
             }
+            if postgres:  # the job store on the scale-out bench's database, a schema of its own
+                from bench import scaleout
+
+                await scaleout._ensure_database()
+                schema = f"p_{uuid.uuid4().hex[:12]}"
+                env |= {
+                    "AISERVER_DATABASE_URL": scaleout.BENCH_URL,
+                    "AISERVER_DATABASE_SCHEMA": schema,
+                }
             async with ServiceProcess(env, tmp / "service.log") as service:
                 inputs = Inputs()
                 async with grpc.aio.insecure_channel(service.target) as channel:
@@ -140,6 +156,8 @@ async def _profile(
                     async with asyncio.timeout(30):
                         await spy.wait()
                     _, requests = await agents.dump()
+        if postgres:
+            await scaleout._drop_schema(schema)
         done = len(got["latencies"])
         if raw is not None:
             shutil.copyfile(collapsed, raw)
@@ -147,7 +165,8 @@ async def _profile(
         per_job = cpu * 1000 / max(done, 1)
         lines = [
             f"profile {label}: {done} jobs ({len(got['failed'])} failed), {concurrency} callers,"
-            f" {AGENTS} agents ({module}), gRPC ImageUpscale SYNC + references, SQLite",
+            f" {AGENTS} agents ({module}), gRPC ImageUpscale SYNC + references,"
+            f" {'PostgreSQL' if postgres else 'SQLite'}",
             f"service CPU per job: {cpu * 1000 / max(done, 1):.2f} ms"
             f" ({cpu:.2f} s CPU over {wall:.1f} s wall, {done / wall:.1f} jobs/s)",
             "agent requests per job: "
@@ -184,9 +203,18 @@ def main() -> None:
     )
     parser.add_argument("--native", action="store_true", help="C frames too (py-spy --native)")
     parser.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks in this file")
+    parser.add_argument("--postgres", action="store_true", help="the job store on PostgreSQL")
     args = parser.parse_args()
     text = asyncio.run(
-        _profile(args.label, args.jobs, args.concurrency, args.agents, args.native, args.raw)
+        _profile(
+            args.label,
+            args.jobs,
+            args.concurrency,
+            args.agents,
+            args.native,
+            args.raw,
+            args.postgres,
+        )
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"profile-{args.label}.txt").write_text(text)

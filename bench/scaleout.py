@@ -16,7 +16,13 @@ SQLite, with the database's own CPU and transactions per job.
   every statement of the segment is counted; the shared background processes are not);
   transactions per job (``pg_stat_database.xact_commit``: asyncpg runs each statement outside
   an explicit transaction as its own, so this is the statement count, except that the
-  statements of one explicit transaction count once).
+  statements of one explicit transaction count once, and each listening coordinator's backend
+  spends one on every notification it receives); the stand-ins' and the callers' CPU per job
+  (the rest of the machine's work, for the cost-based view of scaling).
+
+``python -m bench.scaleout LABEL [--jobs N]`` instead runs one coordinator on PostgreSQL
+under :mod:`bench.sql_census` and writes the statements it sent per job, by statement, to
+``bench/results/sql-census-LABEL.json``.
 """
 
 from __future__ import annotations
@@ -102,7 +108,13 @@ async def _ensure_database() -> None:
 
 
 async def _config(
-    root: Path, agents: StandIns, kind: str, count: int, inputs: Inputs, per_process: int
+    root: Path,
+    agents: StandIns,
+    kind: str,
+    count: int,
+    inputs: Inputs,
+    per_process: int,
+    census: Path | None = None,
 ) -> dict[str, float]:
     schema = f"b_{uuid.uuid4().hex[:12]}"
     agent_list = [
@@ -122,6 +134,8 @@ async def _config(
         }
         if kind == "postgres":
             env |= {"AISERVER_DATABASE_URL": BENCH_URL, "AISERVER_DATABASE_SCHEMA": schema}
+        if census is not None:
+            env["BENCH_SQL_CENSUS"] = str(census / f"c{i}.json")
         services.append(ServiceProcess(env, root.with_name(f"{root.name}-c{i}.log")))
     await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
     try:
@@ -147,12 +161,15 @@ async def _config(
                 await _segment(job, 2, inputs.take(4))
             before = await _settled_counters() if kind == "postgres" else None
             cpu = [cpu_seconds(s.pid) for s in services]
+            others = (cpu_seconds(agents.pid), time.process_time())
             start = time.perf_counter()
             results = await asyncio.gather(
                 *(_segment(job, CALLERS, inputs.take(per_process)) for job in jobs)
             )
             wall = time.perf_counter() - start
             used = sum(cpu_seconds(s.pid) - c for s, c in zip(services, cpu, strict=True))
+            standins = cpu_seconds(agents.pid) - others[0]
+            callers = time.process_time() - others[1]
             after = await _database_counters() if kind == "postgres" else None
         finally:
             for channel in channels:
@@ -172,6 +189,10 @@ async def _config(
         "jobs_per_s": done / wall,
         "coordinator_cpu_ms_per_job": ms(used) / done,
         "failed": float(sum(len(r["failed"]) for r in results)),
+        # The rest of the machine's work per job, for the cost-based view of scaling
+        # (docs/scale-out.md): what N coordinators on N cores would do.
+        "standin_cpu_ms_per_job": ms(standins) / done,
+        "caller_cpu_ms_per_job": ms(callers) / done,
     }
     if before is not None and after is not None:
         figures["postgres_cpu_ms_per_job"] = ms(after["cpu"] - before["cpu"]) / done
@@ -297,3 +318,45 @@ def _rows(figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             )
         )
     return rows
+
+
+WARM_UP_JOBS = 4
+"""Jobs each coordinator runs before the measured segment (``_config``'s warm-up)."""
+
+
+async def _census(jobs: int, out: Path) -> None:
+    """Statements per job on PostgreSQL by statement, one coordinator (``bench.sql_census``):
+    the whole life of the process over its jobs, so start-up and timers count too."""
+    await _ensure_database()
+    inputs = Inputs()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-census-"))
+    try:
+        async with StandIns(AGENTS, tmp / "comfy") as agents:
+            figures = await _config(tmp / "run", agents, "postgres", 1, inputs, jobs, tmp)
+            counts = json.loads((tmp / "c0.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    total = jobs + WARM_UP_JOBS
+    per_job = {sql: round(n / total, 2) for sql, n in counts.items()}
+    report = {
+        "jobs": total,
+        "statements_per_job": round(sum(counts.values()) / total, 2),
+        "figures": figures,
+        "by_statement": per_job,
+    }
+    await asyncio.to_thread(out.write_text, json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "by_statement"}, indent=1))
+    for sql, n in per_job.items():
+        if n >= 0.05:
+            print(f"{n:6.2f}  {sql}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="statements per job on PostgreSQL")
+    parser.add_argument("label")
+    parser.add_argument("--jobs", type=int, default=300)
+    options = parser.parse_args()
+    target = Path(__file__).parent / "results" / f"sql-census-{options.label}.json"
+    asyncio.run(_census(options.jobs, target))

@@ -108,6 +108,10 @@ class ServiceProcess:
 
 
 if __name__ == "__main__":
+    if census := os.environ.get("BENCH_SQL_CENSUS"):  # statements sent, for bench.scaleout
+        from bench.sql_census import install
+
+        install(Path(census))
     if profile := os.environ.get("BENCH_PROFILE"):  # a cProfile dump of the server, for analysis
         import cProfile
 

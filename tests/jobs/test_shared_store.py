@@ -344,3 +344,25 @@ async def _final(manager: JobManager, job_id: str) -> Any:
     last = events[-1].kind
     assert isinstance(last, Finished)
     return last.job
+    return last.job
+
+
+async def test_no_adoption_pass_takes_a_job_between_its_create_and_its_creators_claim(
+    pair: Pair,
+) -> None:
+    a = await pair.manager(ScriptedProvider("p1", gated))
+    b = await pair.manager(ScriptedProvider("p1", gated))
+    store = a._store
+    create = store.create
+    adopted: list[object] = []
+
+    async def create_then_adopt(*args: Any, **kwargs: Any) -> Any:
+        found = await create(*args, **kwargs)
+        adopted.append(await b._adopt())  # b's adoption pass right after the commit
+        return found
+
+    store.create = create_then_adopt  # type: ignore[method-assign]
+    job = await submit(a, pair.env)
+    store.create = create  # type: ignore[method-assign]
+    assert adopted == [None]  # leased to its creator in the create itself
+    assert a.queue_position(job.id) or job.id in a._active

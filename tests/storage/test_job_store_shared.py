@@ -20,6 +20,7 @@ from aiserver.jobs.store import (
     JobRecord,
     JobStore,
     LeaseLost,
+    NewEvent,
     SqliteJobStore,
     migrations,
 )
@@ -358,3 +359,112 @@ async def test_a_lost_listen_connection_comes_back_and_says_resync(
         assert await asyncio.wait_for(anext(heard), 10) == Announcement("event", job.id, 1)
     finally:
         await heard.aclose()
+
+
+async def test_create_stores_its_events_and_lease_in_one_write(backend: JobStoreBackend) -> None:
+    a, b = await _two(backend)
+    watcher = a if backend.kind == "sqlite" else b
+    heard = await watcher.announcements()
+    job = make_job(1)
+    try:
+        accepted = NewEvent(1, "accepted", {"ref_id": job.ref_id})
+        _, existing = await a.create(
+            JobRecord(job), max_active=5, holder="A", lease_s=30, events=[accepted]
+        )
+        assert not existing
+        assert await asyncio.wait_for(anext(heard), 5) == Announcement("event", job.id, 1)
+    finally:
+        await heard.aclose()
+    assert [(e.sequence, e.kind) for e in await b.events(job.id)] == [(1, "accepted")]
+    assert await b.claim("B", 30, job_id=job.id) is None  # leased to A by the create
+    assert await a.renew(job.id, "A", 30) is not None
+    # A retry with the same ref_id finds the job and stores nothing, leases nothing.
+    again = make_job(2, ref_id=job.ref_id)
+    found, existing = await b.create(
+        JobRecord(again), holder="B", lease_s=30, events=[NewEvent(1, "accepted", {})]
+    )
+    assert existing and found.job.id == job.id
+    assert await b.get(again.id) is None
+    assert await a.renew(job.id, "A", 30) is not None
+
+
+async def test_save_with_events_release_and_prune_is_one_fenced_write(
+    backend: JobStoreBackend,
+) -> None:
+    a, b = await _two(backend)
+    watcher = a if backend.kind == "sqlite" else b
+    job = make_job(1)
+    record = JobRecord(job)
+    await a.create(record, holder="A", lease_s=30)
+    job.state = JobState.RUNNING
+    progress = [NewEvent(s, "progress", {"fraction": s / 10}) for s in (2, 3)]
+    heard = await watcher.announcements()
+    try:
+        await a.save(record, holder="A", events=progress)
+        assert await asyncio.wait_for(anext(heard), 5) == Announcement("event", job.id, 3)
+    finally:
+        await heard.aclose()
+    # Sent again after a write that failed late: stored once.
+    await a.append_events(job.id, [progress[1], NewEvent(4, "output", {"index": 0})])
+    assert [e.sequence for e in await b.events(job.id)] == [2, 3, 4]
+
+    job.state = JobState.SUCCEEDED
+    finished = NewEvent(5, "finished", {"state": "SUCCEEDED"})
+    with pytest.raises(LeaseLost):  # not B's job: nothing of the write lands
+        await b.save(record, holder="B", events=[finished], release=True, prune="progress")
+    assert [e.sequence for e in await b.events(job.id)] == [2, 3, 4]
+    await a.save(
+        record,
+        holder="A",
+        events=[finished],
+        release=True,
+        prune="progress",
+        outbox=[("https://example.test/h", b"done")],
+    )
+    stored = await b.get(job.id)
+    assert stored is not None and stored.job.state is JobState.SUCCEEDED
+    assert [(e.sequence, e.kind) for e in await b.events(job.id)] == [
+        (3, "progress"),
+        (4, "output"),
+        (5, "finished"),
+    ]
+    assert await a.renew(job.id, "A", 30) is None  # released with the write
+    assert [(i.job_id, i.body) for i in await b.outbox_claim("B", 30, 10)] == [(job.id, b"done")]
+
+
+async def test_renew_all_renews_only_what_the_holder_still_holds(
+    backend: JobStoreBackend,
+) -> None:
+    a, b = await _two(backend)
+    jobs = [make_job(i) for i in range(3)]
+    for job in jobs:
+        await a.create(JobRecord(job), holder="A", lease_s=SHORT)
+    assert await a.renew_all([], "A", 30) == set()
+    await asyncio.sleep(SHORT * 1.5)
+    taken = await b.claim("B", 30, job_id=jobs[0].id)  # lapsed, taken over
+    assert taken is not None and taken.takeover
+    assert await a.renew_all([j.id for j in jobs], "A", 30) == set()  # all lapsed
+    for job in jobs[1:]:
+        assert await a.claim("A", 30, job_id=job.id) is not None
+    assert await a.renew_all([j.id for j in jobs], "A", 30) == {j.id for j in jobs[1:]}
+    assert await b.claim("B", 30, job_id=jobs[1].id) is None
+
+
+async def test_unannounced_events_are_stored_and_found_at_the_next_announcement(
+    backend: JobStoreBackend,
+) -> None:
+    a, b = await _two(backend)
+    watcher = a if backend.kind == "sqlite" else b
+    job = make_job(1)
+    record = JobRecord(job)
+    await a.create(record, holder="A", lease_s=30)
+    heard = await watcher.announcements()
+    try:
+        await a.save(record, holder="A", events=[NewEvent(2, "progress", {})], announce=False)
+        await a.append_events(job.id, [NewEvent(3, "progress", {})], announce=False)
+        await a.append_events(job.id, [NewEvent(4, "output", {})])
+        # The first announcement is the output's: the quiet rows were not announced.
+        assert await asyncio.wait_for(anext(heard), 5) == Announcement("event", job.id, 4)
+    finally:
+        await heard.aclose()
+    assert [e.sequence for e in await b.events(job.id)] == [2, 3, 4]

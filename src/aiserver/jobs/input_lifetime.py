@@ -2,7 +2,8 @@
 
 On the embedded store this process knows every unfinished job. On a shared store another
 process's jobs may need the same bytes, so the database is asked too (``inputs_in_use``)
-before the shared copy is deleted.
+before the shared copy is deleted: once per ``ask_every_s`` for every input that came due
+meanwhile, not once per job (at full rate that was a statement per job).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class InputLifetime:
         ask_store: bool,
         grace_s: float,
         spawn: Spawn,
+        ask_every_s: float = 0.2,
     ) -> None:
         self._spool = spool
         self._store = store
@@ -43,6 +45,9 @@ class InputLifetime:
         self._grace_s = grace_s
         self._spawn = spawn
         self._deletions: dict[str, asyncio.TimerHandle] = {}  # by job: inputs waiting out grace
+        self._ask_every_s = ask_every_s
+        self._unasked: set[str] = set()  # to check with the store at the next ask
+        self._ask: asyncio.TimerHandle | None = None
 
     def job_ended(self, job: Job) -> None:
         """Delete this job's inputs that no unfinished job needs, after the grace period: a
@@ -63,7 +68,9 @@ class InputLifetime:
         if not unneeded:
             return
         if self._ask_store:
-            self._spawn(self._discard_unless_stored(unneeded))
+            self._unasked |= unneeded
+            if self._ask is None:
+                self._ask = asyncio.get_running_loop().call_later(self._ask_every_s, self._ask_now)
         else:
             self._delete(unneeded)
 
@@ -72,6 +79,15 @@ class InputLifetime:
         for handle in self._deletions.values():
             handle.cancel()
         self._deletions.clear()
+        if self._ask is not None:
+            self._ask.cancel()
+            self._ask = None
+        self._unasked.clear()
+
+    def _ask_now(self) -> None:
+        self._ask = None
+        shas, self._unasked = self._unasked, set()
+        self._spawn(self._discard_unless_stored(shas))
 
     async def _discard_unless_stored(self, shas: set[str]) -> None:
         in_use = await self._store.inputs_in_use(shas)

@@ -35,7 +35,7 @@ from aiserver.jobs.attempt import (
 )
 from aiserver.jobs.dispatch import Dispatcher, Shared
 from aiserver.jobs.driver import AttemptDriver
-from aiserver.jobs.event_codec import encode_event
+from aiserver.jobs.event_codec import PROGRESS, encode_event
 from aiserver.jobs.event_log import EventLog
 from aiserver.jobs.events import (
     EventHub,
@@ -76,6 +76,7 @@ from aiserver.jobs.store import (
     JobStore,
     Lease,
     LeaseLost,
+    NewEvent,
     QueueRanks,
 )
 from aiserver.jobs.store_feed import StoreFeed
@@ -157,7 +158,11 @@ class JobManager:
         self._leases = (
             LeaseKeeper(store, holder, lease_s, self._lease_lost) if holder is not None else None
         )
-        self._log = EventLog(store) if holder is not None else None
+        self._log = (
+            EventLog(store, progress_interval_s=settings.progress_interval_s)
+            if holder is not None
+            else None
+        )
         self._inputs = InputLifetime(
             spool,
             store,
@@ -596,23 +601,25 @@ class JobManager:
         return snapshot(job), False
 
     async def _create_shared(self, job: Job) -> tuple[Job, bool]:
-        """Create, store the Accepted event, then lease the job: it is queued here. Should
-        another process's adoption pass take it first, it is queued there instead."""
+        """Create the job leased to this process, with its Accepted event: it is queued here."""
         assert self._leases is not None
         limit = self._settings.max_active_per_owner
+        accepted = Accepted(job.task, job.ref_id, self._dispatch.next_position())
+        kind, payload = encode_event(accepted)
+        # One transaction: the job, its accepted event (sequence 1) and this process's lease.
         try:
             stored, existing = await self._store.create(
-                JobRecord(job, SEQUENCE_BLOCK), max_active=limit
+                JobRecord(job, SEQUENCE_BLOCK),
+                max_active=limit,
+                holder=self._leases.holder,
+                lease_s=self._leases.lease_s,
+                events=[NewEvent(1, kind, payload)],
             )
         except ActiveLimitReached:
             raise self._too_many_jobs(limit) from None
         if existing:
             return self._fresh(stored.job), True
-        accepted = Accepted(job.task, job.ref_id, self._dispatch.next_position())
-        kind, payload = encode_event(accepted)
-        await self._store.append_event(job.id, 1, kind, payload)
-        if await self._leases.take(job.id) is None:
-            return snapshot(job), False  # another process's adoption pass was first
+        self._leases.hold(job.id)
         if self._phase != "running":  # stopping meanwhile: another process will run it
             await self._leases.release(job.id)
             return snapshot(job), False
@@ -797,7 +804,18 @@ class JobManager:
         active.record.last_sequence = max(
             active.record.last_sequence, self._last_sequence(active) + SEQUENCE_BLOCK
         )
-        await self._store.save(active.record, holder=self._holder)
+        if self._log is None:
+            await self._store.save(active.record)
+            return
+        holder = self._holder
+        record = active.record
+        # With the events emitted since the last write, in its transaction.
+        await self._log.write(
+            active.job.id,
+            lambda events, announce: self._store.save(
+                record, holder=holder, events=events, announce=announce
+            ),
+        )
 
     @property
     def _holder(self) -> str | None:
@@ -823,7 +841,7 @@ class JobManager:
 
     async def _save_reservation(self, active: ActiveJob) -> None:
         try:
-            await self._store.save(active.record, holder=self._holder)
+            await self._save(active)
         except LeaseLost:
             self._forget(active)
 
@@ -852,9 +870,11 @@ class JobManager:
             job.progress = 1.0
         active.record.last_sequence = self._last_sequence(active) + 1
         deliveries = self._deliveries(job)
+        final = snapshot(job)
+        ended_in_store = False  # with its Finished event and the lease's release
         try:
             # First the store, with the webhook in the same transaction ...
-            await self._store.save(active.record, holder=self._holder, outbox=deliveries)
+            ended_in_store = await self._store_end(active, final, deliveries)
             if deliveries:
                 self._delivery_stored()
         except LeaseLost:
@@ -863,21 +883,57 @@ class JobManager:
             return
         except Exception:
             logger.exception("job %s: could not store its end", job.id)
-        final = snapshot(job)
         if self._hub.is_open(job.id):  # (not after stop() closed the streams)
             event = self._hub.emit(job.id, Finished(final))  # ... then the event ...
-            if self._log is not None:
+            if self._log is not None and not ended_in_store:
                 self._log.record(event)
         del self._active[job.id]
         active.done.set()
         logger.info("job %s %s (%s)", job.id, state.value, error or "ok")
         if self._leases is not None:
-            self._spawn(self._leases.release(job.id))
+            if ended_in_store:
+                self._leases.drop(job.id)
+            else:
+                self._spawn(self._leases.release(job.id))
         self._inputs.job_ended(job)
         self._dispatch.publish_positions()
         self._dispatch.wake()
         for hook in self._hooks:  # ... then the hooks
             self._spawn(self._run_hook(hook, final))
+
+    async def _store_end(
+        self, active: ActiveJob, final: Job, deliveries: Sequence[tuple[str, bytes]]
+    ) -> bool:
+        """The final write; on a shared store in one statement with the events not yet
+        stored, the Finished event (the sequence the hub gives it next), the lease's release
+        and the prune of superseded progress rows. Returns whether those went with it."""
+        record = active.record
+        holder = self._holder
+        if self._log is None:
+            await self._store.save(record, holder=holder, outbox=deliveries)
+            return False
+        if not self._hub.is_open(final.id):  # stopped: no Finished goes out
+            await self._log.write(
+                final.id,
+                lambda events, announce: self._store.save(
+                    record, holder=holder, outbox=deliveries, events=events, announce=announce
+                ),
+            )
+            return False
+        finished = NewEvent(record.last_sequence, *encode_event(Finished(final)))
+
+        async def write(events: Sequence[NewEvent], _announce: bool) -> None:
+            await self._store.save(
+                record,
+                holder=holder,
+                outbox=deliveries,
+                events=[*events, finished],
+                release=True,
+                prune=PROGRESS,
+            )
+
+        await self._log.write(final.id, write, final=True)
+        return True
 
     async def _run_hook(self, hook: TerminalHook, job: Job) -> None:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -34,6 +35,7 @@ from aiserver.jobs.store.protocol import (
     JobRecord,
     Lease,
     LeaseLost,
+    NewEvent,
     OutboxItem,
     QueueRanks,
     SlotClaim,
@@ -79,6 +81,7 @@ class PostgresJobStore:
         self._listener_lock = asyncio.Lock()
         self._reconnect: asyncio.Future[None] | None = None
         self._closed = False
+        self._slot_rows: set[tuple[str, int]] = set()  # (agent, capacity) known to have rows
 
     @classmethod
     async def open(cls, url: str, *, schema: str = "public", pool_size: int = 8) -> Self:
@@ -116,52 +119,50 @@ class PostgresJobStore:
 
     # --- records ----------------------------------------------------------------------------
 
-    async def create(self, record: JobRecord, *, max_active: int = 0) -> tuple[JobRecord, bool]:
+    async def create(
+        self,
+        record: JobRecord,
+        *,
+        max_active: int = 0,
+        holder: str | None = None,
+        lease_s: float = 0.0,
+        events: Sequence[NewEvent] = (),
+    ) -> tuple[JobRecord, bool]:
         self._check()
         row = rows.row_of(record)
         shas = sorted({i.sha256 for i in record.job.inputs})
-        marks = ", ".join(f"${n}" for n in range(1, len(rows.COLUMNS) + 1))
-        async with self._pool.acquire() as conn, conn.transaction():
-            if max_active > 0:
-                # Creates of one owner take turns (until commit): the count stays true.
+        now = _now_us()
+        lease = (holder, now + _us(lease_s)) if holder is not None else (None, None)
+        args = [*(row[c] for c in rows.COLUMNS), *lease, shas]
+        if max_active > 0:
+            args.append(max_active)
+        sql = _create_sql(max_active > 0, bool(events))
+        if events:
+            args += [
+                *_event_arrays(events, now),
+                self._channel,
+                self._event_notice(row["id"], events),
+            ]
+        if max_active <= 0:
+            # One statement: the insert, its input references and events (announced), and
+            # nothing when (owner, ref_id) exists.
+            if await self._fetchval(sql, *args) is not None:
+                return record, False
+        else:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # Creates of one owner take turns (until commit): the count in the insert,
+                # a statement after the lock (its own snapshot), stays true.
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock($1, hashtext($2))", _OWNER_LOCK, row["owner"]
                 )
-            found = await conn.fetchrow(
-                f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = $1 AND ref_id = $2",
-                row["owner"],
-                row["ref_id"],
-            )
-            if found is not None:
-                return rows.record_of(found), True
-            if max_active > 0:
-                active = await conn.fetchval(
-                    "SELECT count(*) FROM jobs WHERE owner = $1"
-                    f" AND state IN {rows.UNFINISHED_SQL}",
-                    row["owner"],
-                )
-                if active >= max_active:
-                    raise ActiveLimitReached(row["owner"])
-            inserted = await conn.fetchval(
-                f"INSERT INTO jobs ({rows.SELECT_COLUMNS}) VALUES ({marks})"
-                " ON CONFLICT (owner, ref_id) DO NOTHING RETURNING id",
-                *(row[c] for c in rows.COLUMNS),
-            )
-            if inserted is not None:
-                if shas:
-                    await conn.execute(
-                        "INSERT INTO job_inputs (job_id, sha256)"
-                        " SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
-                        row["id"],
-                        shas,
-                    )
-                return record, False
-        # Lost a race on (owner, ref_id) with a transaction that committed meanwhile.
-        again = await self._fetchrow(
-            f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = $1 AND ref_id = $2",
-            row["owner"],
-            row["ref_id"],
-        )
+                if await conn.fetchval(sql, *args) is not None:
+                    return record, False
+                found = await conn.fetchrow(_EXISTING_SQL, row["owner"], row["ref_id"])
+                if found is not None:  # a retry of a job it has is no new work
+                    return rows.record_of(found), True
+                raise ActiveLimitReached(row["owner"])
+        # (owner, ref_id) exists, maybe committed by a racing transaction meanwhile.
+        again = await self._fetchrow(_EXISTING_SQL, row["owner"], row["ref_id"])
         assert again is not None
         return rows.record_of(again), True
 
@@ -171,30 +172,34 @@ class PostgresJobStore:
         *,
         holder: str | None = None,
         outbox: Sequence[tuple[str, bytes]] = (),
+        events: Sequence[NewEvent] = (),
+        release: bool = False,
+        prune: str = "",
+        announce: bool = True,
     ) -> None:
         self._check()
-        row = rows.row_of(record)
-        sets = ", ".join(f"{c} = ${n}" for n, c in enumerate(rows.MUTABLE, start=3))
-        args = (row["id"], holder, *(row[c] for c in rows.MUTABLE))
-        sql = (
-            f"UPDATE jobs SET {sets} WHERE id = $1 AND ($2::text IS NULL OR lease_holder = $2)"
-            " RETURNING id"
-        )
-        if not outbox:
-            found = await self._pool.fetchval(sql, *args)
-            if found is None:
-                await self._not_saved(row["id"], holder)
-            return
-        async with self._pool.acquire() as conn, conn.transaction():
-            found = await conn.fetchval(sql, *args)
-            if found is None:
-                await self._not_saved(row["id"], holder)
-            now = _now_us()
-            await conn.executemany(
-                "INSERT INTO webhook_outbox (job_id, url, body, due_us, created_us)"
-                " VALUES ($1, $2, $3, $4, $4)",
-                [(row["id"], url, body, now) for url, body in outbox],
-            )
+        row = rows.mutable_row_of(record)
+        now = _now_us()
+        args: list[Any] = [row["id"], holder, *(row[c] for c in rows.MUTABLE)]
+        sql = _save_sql(bool(events), release, bool(prune), bool(outbox), announce)
+        if events:
+            args += [
+                *_event_arrays(events, now),
+                self._channel,
+                self._event_notice(row["id"], events),
+            ]
+        if prune:
+            args.append(prune)
+        if outbox:
+            args += [[url for url, _ in outbox], [body for _, body in outbox], now]
+        # One statement (one round trip, one transaction): the update, fenced by the lease,
+        # and whatever goes with it only when the update found its row.
+        if await self._fetchval(sql, *args) is None:
+            await self._not_saved(row["id"], holder)
+
+    def _event_notice(self, job_id: str, events: Sequence[NewEvent]) -> str:
+        # One announcement for the batch: watchers read the table from their own last.
+        return self._notice(Announcement("event", job_id, max(e.sequence for e in events)))
 
     async def _not_saved(self, job_id: str, holder: str | None) -> None:
         if holder is not None and await self._fetchval("SELECT 1 FROM jobs WHERE id = $1", job_id):
@@ -431,6 +436,20 @@ class PostgresJobStore:
         )
         return None if found is None else Lease(job_id, holder, codec.from_micros(expires), False)
 
+    async def renew_all(self, job_ids: Collection[str], holder: str, lease_s: float) -> set[str]:
+        if not job_ids:
+            return set()
+        now = _now_us()
+        found = await self._fetch(
+            "UPDATE jobs SET lease_expires_us = $1 WHERE id = ANY($2::text[])"
+            " AND lease_holder = $3 AND lease_expires_us >= $4 RETURNING id",
+            now + _us(lease_s),
+            list(job_ids),
+            holder,
+            now,
+        )
+        return {r[0] for r in found}
+
     async def release(self, job_id: str, holder: str) -> bool:
         found = await self._fetchval(
             "UPDATE jobs SET lease_holder = NULL, lease_expires_us = NULL"
@@ -477,6 +496,28 @@ class PostgresJobStore:
             _now_us(),
             self._channel,
             self._notice(Announcement("event", job_id, sequence)),
+        )
+
+    async def append_events(
+        self, job_id: str, events: Sequence[NewEvent], *, announce: bool = True
+    ) -> None:
+        if not events:
+            return
+        self._check()
+        sql = (
+            "WITH stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
+            " SELECT $1, e.sequence, e.kind, e.payload, $5"
+            " FROM unnest($2::bigint[], $3::text[], $4::text[]) AS e(sequence, kind, payload)"
+            " ON CONFLICT DO NOTHING RETURNING 1)"
+            " SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored) AND $8"
+        )
+        await self._pool.execute(
+            sql,
+            job_id,
+            *_event_arrays(events, _now_us()),
+            self._channel,
+            self._event_notice(job_id, events),
+            announce,
         )
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
@@ -555,27 +596,21 @@ class PostgresJobStore:
         self._check()
         now = _now_us()
         expires = now + _us(lease_s)
-        async with self._pool.acquire() as conn, conn.transaction():
-            # Rows for every slot exist once; then taking one is a SKIP LOCKED row claim.
-            await conn.execute(
-                "INSERT INTO agent_slots (agent, slot, holder, expires_us)"
-                " SELECT $1, s, NULL, 0 FROM generate_series(0, $2 - 1) s"
-                " ON CONFLICT DO NOTHING",
-                agent,
-                capacity,
-            )
-            found = await conn.fetchval(
-                "WITH free AS (SELECT slot FROM agent_slots WHERE agent = $1 AND slot < $2"
-                " AND (holder IS NULL OR expires_us < $3) ORDER BY slot LIMIT 1"
-                " FOR UPDATE SKIP LOCKED)"
-                " UPDATE agent_slots a SET holder = $4, expires_us = $5 FROM free"
-                " WHERE a.agent = $1 AND a.slot = free.slot RETURNING a.slot",
-                agent,
-                capacity,
-                now,
-                holder,
-                expires,
-            )
+        args = (agent, capacity, now, holder, expires)
+        # Rows for every slot exist once (made by this process's first miss, remembered);
+        # then taking one is a single SKIP LOCKED statement.
+        found = await self._fetchval(_CLAIM_SLOT_SQL, *args)
+        if found is None and (agent, capacity) not in self._slot_rows:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO agent_slots (agent, slot, holder, expires_us)"
+                    " SELECT $1, s, NULL, 0 FROM generate_series(0, $2 - 1) s"
+                    " ON CONFLICT DO NOTHING",
+                    agent,
+                    capacity,
+                )
+                found = await conn.fetchval(_CLAIM_SLOT_SQL, *args)
+            self._slot_rows.add((agent, capacity))
         if found is None:
             return None
         return SlotClaim(agent, int(found), holder, codec.from_micros(expires))
@@ -672,6 +707,105 @@ class PostgresJobStore:
             with contextlib.suppress(Exception):
                 await self._listener.close()
         await self._pool.close()
+
+
+_CLAIM_SLOT_SQL = (
+    "WITH free AS (SELECT slot FROM agent_slots WHERE agent = $1 AND slot < $2"
+    " AND (holder IS NULL OR expires_us < $3) ORDER BY slot LIMIT 1"
+    " FOR UPDATE SKIP LOCKED)"
+    " UPDATE agent_slots a SET holder = $4, expires_us = $5 FROM free"
+    " WHERE a.agent = $1 AND a.slot = free.slot RETURNING a.slot"
+)
+_EXISTING_SQL = f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = $1 AND ref_id = $2"
+
+
+@functools.cache
+def _create_sql(limited: bool, events: bool) -> str:
+    """The insert of a job with its input references and, when new, what goes with it, as
+    one statement. Parameters: the columns, the lease (holder, expiry), the input hashes,
+    then for each part present: the active limit (``limited``: inserted only while the owner
+    has fewer unfinished jobs; run under the owner's lock), the events (sequences, kinds,
+    payloads, time, channel, notice). Returns the id only when it inserted."""
+    n = len(rows.COLUMNS) + 3
+    values = ", ".join(f"${i}" for i in range(1, n))  # the columns and the lease
+    source = f"VALUES ({values})"
+    if limited:
+        n += 1
+        source = (
+            f"SELECT {values} WHERE (SELECT count(*) FROM jobs"
+            f" WHERE owner = ${rows.COLUMNS.index('owner') + 1}"
+            f" AND state IN {rows.UNFINISHED_SQL}) < ${n}"
+        )
+    sql = (
+        f"WITH made AS (INSERT INTO jobs ({rows.SELECT_COLUMNS}, lease_holder,"
+        f" lease_expires_us) {source} ON CONFLICT (owner, ref_id) DO NOTHING RETURNING id),"
+        " inputs AS (INSERT INTO job_inputs (job_id, sha256)"
+        f" SELECT made.id, unnest(${len(rows.COLUMNS) + 3}::text[]) FROM made"
+        " ON CONFLICT DO NOTHING)"
+    )
+    if not events:
+        return sql + " SELECT id FROM made"
+    return sql + (
+        ", stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
+        f" SELECT made.id, e.sequence, e.kind, e.payload, ${n + 4} FROM made,"
+        f" unnest(${n + 1}::bigint[], ${n + 2}::text[], ${n + 3}::text[])"
+        " AS e(sequence, kind, payload) ON CONFLICT DO NOTHING)"
+        f" SELECT id, pg_notify(${n + 5}, ${n + 6}) FROM made"
+    )
+
+
+def _event_arrays(events: Sequence[NewEvent], now_us: int) -> list[Any]:
+    """Events as the columns ``unnest`` takes (sequences, kinds, payloads), then the time."""
+    return [
+        [e.sequence for e in events],
+        [e.kind for e in events],
+        [rows.dumps(e.payload) for e in events],
+        now_us,
+    ]
+
+
+@functools.cache
+def _save_sql(events: bool, release: bool, prune: bool, outbox: bool, announce: bool) -> str:
+    """The fenced update of a job and what goes with it, as one statement. Parameters: $1 id,
+    $2 holder (NULL: unfenced), the mutable columns, then for each part present in order:
+    events (sequences, kinds, payloads, time, channel, notice), the pruned kind, the outbox
+    (urls, bodies, time). A part runs only when the update found its row (``FROM saved``).
+    Without ``announce`` the channel and notice are passed but not sent: every listening
+    backend spends a transaction on each notification it receives."""
+    n = 2 + len(rows.MUTABLE)
+    sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(rows.MUTABLE, start=3))
+    if release:
+        sets += ", lease_holder = NULL, lease_expires_us = NULL"
+    sql = (
+        f"WITH saved AS (UPDATE jobs SET {sets}"
+        " WHERE id = $1 AND ($2::text IS NULL OR lease_holder = $2) RETURNING id)"
+    )
+    notify = ""
+    if events:
+        sql += (
+            ", stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
+            f" SELECT saved.id, e.sequence, e.kind, e.payload, ${n + 4} FROM saved,"
+            f" unnest(${n + 1}::bigint[], ${n + 2}::text[], ${n + 3}::text[])"
+            " AS e(sequence, kind, payload) ON CONFLICT DO NOTHING)"
+        )
+        notify = f", pg_notify(${n + 5}, ${n + 6})" if announce else f", ${n + 5}, ${n + 6}"
+        n += 6
+    if prune:
+        # The statement's snapshot: rows stored by ``stored`` above are not seen (kept).
+        sql += (
+            ", pruned AS (DELETE FROM job_events WHERE job_id = $1"
+            f" AND kind = ${n + 1} AND EXISTS (SELECT 1 FROM saved) AND sequence <"
+            f" (SELECT max(sequence) FROM job_events WHERE job_id = $1 AND kind = ${n + 1}))"
+        )
+        n += 1
+    if outbox:
+        sql += (
+            ", queued AS (INSERT INTO webhook_outbox (job_id, url, body, due_us, created_us)"
+            f" SELECT saved.id, o.url, o.body, ${n + 3}, ${n + 3} FROM saved,"
+            f" unnest(${n + 1}::text[], ${n + 2}::bytea[]) AS o(url, body))"
+        )
+        n += 3
+    return sql + f" SELECT id{notify} FROM saved"
 
 
 async def migrate(url: str, schema: str) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "JobStore",
     "Lease",
     "LeaseLost",
+    "NewEvent",
     "OutboxItem",
     "QueueRanks",
     "SlotClaim",
@@ -121,6 +122,15 @@ class StoredEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to store with a write of its job (``create``, ``save``, ``append_events``)."""
+
+    sequence: int
+    kind: str
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Announcement:
     """Something changed that another process may be waiting for."""
 
@@ -178,13 +188,23 @@ class JobStore(Protocol):
 
     # --- records ----------------------------------------------------------------------------
 
-    async def create(self, record: JobRecord, *, max_active: int = 0) -> tuple[JobRecord, bool]:
+    async def create(
+        self,
+        record: JobRecord,
+        *,
+        max_active: int = 0,
+        holder: str | None = None,
+        lease_s: float = 0.0,
+        events: Sequence[NewEvent] = (),
+    ) -> tuple[JobRecord, bool]:
         """Insert ``record``; if its (owner, ref_id) exists, return that one and ``True``.
 
         The unique constraint decides inside the insert's transaction: two processes racing
         with one ``ref_id`` get one job. With ``max_active`` > 0, raises
         :class:`ActiveLimitReached` when the owner has that many unfinished jobs (counted in
-        the same transaction, serialized per owner, so racing processes cannot overshoot)."""
+        the same transaction, serialized per owner, so racing processes cannot overshoot).
+        A new job is stored with ``events`` (announced) and, with ``holder``, already leased
+        to it for ``lease_s``, all in the one transaction; an existing one is left as it is."""
         ...
 
     async def save(
@@ -193,12 +213,20 @@ class JobStore(Protocol):
         *,
         holder: str | None = None,
         outbox: Sequence[tuple[str, bytes]] = (),
+        events: Sequence[NewEvent] = (),
+        release: bool = False,
+        prune: str = "",
+        announce: bool = True,
     ) -> None:
         """Overwrite the stored record with ``record`` (as it is when called).
 
         ``holder``: only if that process holds the job's lease (else :class:`LeaseLost`).
         ``outbox``: webhook deliveries (url, body) queued in the same transaction, so a
-        final state is never stored without its webhook nor the other way round."""
+        final state is never stored without its webhook nor the other way round.
+        ``events`` are stored in the same transaction, and announced unless not
+        ``announce``; ``release`` gives the lease up with it (the job ended); ``prune`` names
+        an event kind whose stored rows other than the latest go with it
+        (:meth:`prune_events`)."""
         ...
 
     async def get(self, job_id: str) -> JobRecord | None: ...
@@ -301,6 +329,10 @@ class JobStore(Protocol):
         """Extend ``holder``'s lease; ``None`` if it is not (any more) the holder."""
         ...
 
+    async def renew_all(self, job_ids: Collection[str], holder: str, lease_s: float) -> set[str]:
+        """:meth:`renew` of many jobs in one statement; returns those still held."""
+        ...
+
     async def release(self, job_id: str, holder: str) -> bool:
         """Give the lease up (the job ended, or goes back to the queue)."""
         ...
@@ -320,6 +352,13 @@ class JobStore(Protocol):
         self, job_id: str, sequence: int, kind: str, payload: Mapping[str, Any]
     ) -> None:
         """Store one event (sequences are unique per job) and announce it."""
+        ...
+
+    async def append_events(
+        self, job_id: str, events: Sequence[NewEvent], *, announce: bool = True
+    ) -> None:
+        """:meth:`append_event` of several events of one job, in one transaction; not
+        announced when not ``announce`` (watchers find them at the next announcement)."""
         ...
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:

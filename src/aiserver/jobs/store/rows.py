@@ -101,6 +101,29 @@ def row_of(record: JobRecord) -> dict[str, Any]:
     }
 
 
+def mutable_row_of(record: JobRecord) -> dict[str, Any]:
+    """``id`` and the :data:`MUTABLE` columns of ``record`` (what a save writes): the spec
+    and inputs, encoded once at create, are not encoded again on every save."""
+    job = record.job
+    return {
+        "id": job.id,
+        "state": job.state.value,
+        "provider": job.provider,
+        "agent": job.agent,
+        "attempts": job.attempts,
+        "updated_us": codec.to_micros(job.updated),
+        "started_us": codec.to_micros(job.started) if job.started else None,
+        "ended_us": codec.to_micros(job.ended) if job.ended else None,
+        "progress": job.progress,
+        "outputs": dumps(codec.encode_outputs(job.outputs)) if job.outputs else "[]",
+        "texts": dumps(job.texts) if job.texts else "[]",
+        "error": dumps(codec.encode_error(job.error)) if job.error else None,
+        "resume": dumps(job.resume) if job.resume else "{}",
+        "retries": dumps(codec.encode_retries(record.retries)) if record.retries else "[]",
+        "last_sequence": record.last_sequence,
+    }
+
+
 def record_of(row: Row) -> JobRecord:
     task = TaskKind(row["task"])
     job = Job(

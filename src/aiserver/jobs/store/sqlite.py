@@ -1,17 +1,22 @@
 """:class:`JobStore` on one SQLite file: the embedded default, for one process.
 
-The store owns one connection that only its dedicated thread touches: every call is handed to
-that thread, so the event loop waits on a future and never on the disk (a commit in WAL mode
-with ``synchronous=NORMAL`` is ~0.1 ms, but a WAL checkpoint or a busy lock can take
-milliseconds to seconds). One thread also means writes reach the database in the order they
-were issued, which the manager relies on. Claims and slot takes run in ``BEGIN IMMEDIATE``
-transactions: the write lock makes them exclusive, as ``SKIP LOCKED`` does on PostgreSQL.
+The store owns one connection and a dedicated thread. Scans and listings are handed to that
+thread, so the event loop never waits on them. The short statements of the job path (a
+create, a save, a lease, an event: one row by key) run on the loop itself when the thread is
+idle: a commit in WAL mode with ``synchronous=NORMAL`` does not wait for the disk (~0.1 ms),
+and the hop to the thread and back cost more CPU than the statement. The one slow part of a
+commit, the WAL checkpoint, is taken off it (``wal_autocheckpoint=0``) and run in the thread
+every ``CHECKPOINT_EVERY`` writes. Calls run one at a time in the order they were issued
+(inline only when nothing is queued for the thread), which the manager relies on. Claims and
+slot takes run in ``BEGIN IMMEDIATE`` transactions: the write lock makes them exclusive, as
+``SKIP LOCKED`` does on PostgreSQL.
 Announcements go through an in-process hub: SQLite is one process's database.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
@@ -33,6 +38,7 @@ from aiserver.jobs.store.protocol import (
     JobRecord,
     Lease,
     LeaseLost,
+    NewEvent,
     OutboxItem,
     QueueRanks,
     SlotClaim,
@@ -43,6 +49,9 @@ from aiserver.tasks import TaskKind
 __all__ = ["SqliteJobStore"]
 
 _T = TypeVar("_T")
+
+CHECKPOINT_EVERY = 200
+"""Calls between two WAL checkpoints (a job is about five: the WAL stays near a few MB)."""
 
 
 def _now_us() -> int:
@@ -61,6 +70,12 @@ class SqliteJobStore:
         self._conn = conn
         self._closed = False
         self._hub = AnnouncementHub()
+        # Calls handed to the thread and calls it finished: equal when it is idle. Each is
+        # written by one thread only (the loop's, the store thread's).
+        self._submitted = 0
+        self._finished = 0
+        self._writes = 0
+        self._checkpoints: set[asyncio.Future[Any]] = set()
 
     @classmethod
     async def open(cls, path: Path, *, busy_timeout_s: float = 5.0) -> Self:
@@ -69,13 +84,16 @@ class SqliteJobStore:
 
         def connect() -> sqlite3.Connection:
             path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
+            conn = sqlite3.connect(
+                path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
             try:
                 conn.row_factory = sqlite3.Row
                 conn.execute("PRAGMA journal_mode=WAL")
                 # NORMAL in WAL mode: a power cut may lose the last commits, never corrupt.
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+                conn.execute("PRAGMA wal_autocheckpoint=0")  # see _after_write
                 conn.execute("PRAGMA foreign_keys=ON")
                 _migrate(conn)
             except BaseException:
@@ -90,46 +108,93 @@ class SqliteJobStore:
             raise
         return cls(executor, conn)
 
-    async def _call(self, fn: Callable[[], _T]) -> _T:
+    async def _call(self, fn: Callable[[], _T], *, inline: bool = False) -> _T:
+        """Run ``fn`` with the connection: on the loop when ``inline`` (a short statement)
+        and the thread has nothing queued, else in the thread after what is queued."""
         if self._closed:
             raise ServiceError(ErrorKind.UNAVAILABLE, "STORE_CLOSED", "the job store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        if inline and self._submitted == self._finished:
+            result = fn()
+            self._after_write()
+            return result
+        return await self._in_thread(fn)
+
+    async def _in_thread(self, fn: Callable[[], _T]) -> _T:
+        def run() -> _T:
+            try:
+                return fn()
+            finally:
+                self._finished += 1
+
+        self._submitted += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        finally:
+            self._after_write()
+
+    def _after_write(self) -> None:
+        self._writes += 1
+        if self._writes % CHECKPOINT_EVERY == 0 and not self._closed:
+            # PASSIVE: never waits for readers; what it cannot copy now goes next time.
+            checkpoint = self._in_thread(
+                lambda: self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            )
+            task = asyncio.ensure_future(checkpoint)
+            self._checkpoints.add(task)
+            task.add_done_callback(self._checkpoints.discard)
 
     # --- records ----------------------------------------------------------------------------
 
-    async def create(self, record: JobRecord, *, max_active: int = 0) -> tuple[JobRecord, bool]:
+    async def create(
+        self,
+        record: JobRecord,
+        *,
+        max_active: int = 0,
+        holder: str | None = None,
+        lease_s: float = 0.0,
+        events: Sequence[NewEvent] = (),
+    ) -> tuple[JobRecord, bool]:
         row = rows.row_of(record)
         shas = {i.sha256 for i in record.job.inputs}
+        stored = _event_rows(row["id"], events)
+
+        lease = {
+            "lease_holder": holder,
+            "lease_expires_us": None if holder is None else _now_us() + _us(lease_s),
+        }
 
         def insert() -> tuple[JobRecord, bool]:
             conn = self._conn
+
+            def existing() -> tuple[JobRecord, bool] | None:
+                found = conn.execute(_EXISTING_SQL, (row["owner"], row["ref_id"])).fetchone()
+                return None if found is None else (rows.record_of(found), True)
+
             # BEGIN IMMEDIATE holds the write lock: the count and the insert are one step.
             with _transaction(conn):
-                found = conn.execute(
-                    f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = ? AND ref_id = ?",
-                    (row["owner"], row["ref_id"]),
-                ).fetchone()
-                if found is not None:
-                    return rows.record_of(found), True
                 if max_active > 0:
-                    active = conn.execute(
-                        f"SELECT count(*) FROM jobs WHERE owner = ? AND state IN"
-                        f" {rows.UNFINISHED_SQL}",
-                        (row["owner"],),
-                    ).fetchone()[0]
+                    active = conn.execute(_ACTIVE_SQL, (row["owner"],)).fetchone()[0]
                     if active >= max_active:
+                        if (made := existing()) is not None:  # a retry is no new work
+                            return made
                         raise ActiveLimitReached(row["owner"])
-                placeholders = ", ".join(f":{c}" for c in rows.COLUMNS)
-                conn.execute(
-                    f"INSERT INTO jobs ({rows.SELECT_COLUMNS}) VALUES ({placeholders})", row
-                )
-                conn.executemany(
-                    "INSERT OR IGNORE INTO job_inputs (job_id, sha256) VALUES (?, ?)",
-                    [(row["id"], sha) for sha in shas],
-                )
+                if conn.execute(_CREATE_SQL, {**row, **lease}).rowcount == 0:
+                    made = existing()  # (owner, ref_id) is taken
+                    assert made is not None
+                    return made
+                if shas:
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO job_inputs (job_id, sha256) VALUES (?, ?)",
+                        [(row["id"], sha) for sha in shas],
+                    )
+                if stored:
+                    conn.executemany(_INSERT_EVENT_SQL, stored)
             return record, False
 
-        return await self._call(insert)
+        made = await self._call(insert, inline=True)
+        if not made[1]:
+            self._announce(row["id"], events)
+        return made
 
     async def save(
         self,
@@ -137,17 +202,25 @@ class SqliteJobStore:
         *,
         holder: str | None = None,
         outbox: Sequence[tuple[str, bytes]] = (),
+        events: Sequence[NewEvent] = (),
+        release: bool = False,
+        prune: str = "",
+        announce: bool = True,
     ) -> None:
-        row = rows.row_of(record)
+        row = rows.mutable_row_of(record)
         sets = ", ".join(f"{c} = :{c}" for c in rows.MUTABLE)
+        if release:
+            sets += ", lease_holder = NULL, lease_expires_us = NULL"
         fence = "" if holder is None else " AND lease_holder = :holder"
+        stored = _event_rows(row["id"], events)
+
+        sql = f"UPDATE jobs SET {sets} WHERE id = :id{fence}"
+        alone = not (outbox or stored or prune)  # one statement: atomic without BEGIN
 
         def update() -> None:
             conn = self._conn
-            with _transaction(conn):
-                cur = conn.execute(
-                    f"UPDATE jobs SET {sets} WHERE id = :id{fence}", {**row, "holder": holder}
-                )
+            with contextlib.nullcontext() if alone else _transaction(conn):
+                cur = conn.execute(sql, {**row, "holder": holder})
                 if cur.rowcount != 1:
                     if (
                         holder is not None
@@ -157,14 +230,25 @@ class SqliteJobStore:
                     raise ServiceError(
                         ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"job {row['id']} is not stored"
                     )
+                if alone:
+                    return
                 now = _now_us()
                 conn.executemany(
                     "INSERT INTO webhook_outbox (job_id, url, body, due_us, created_us)"
                     " VALUES (?, ?, ?, ?, ?)",
                     [(row["id"], url, body, now, now) for url, body in outbox],
                 )
+                if prune:
+                    _prune(conn, row["id"], prune)
+                conn.executemany(_INSERT_EVENT_SQL, stored)
 
-        await self._call(update)
+        await self._call(update, inline=True)
+        if announce:
+            self._announce(row["id"], events)
+
+    def _announce(self, job_id: str, events: Sequence[NewEvent]) -> None:
+        if events:
+            self._hub.publish(Announcement("event", job_id, max(e.sequence for e in events)))
 
     async def forget_outputs(self, sha256s: Collection[str]) -> int:
         gone = set(sha256s)
@@ -197,7 +281,7 @@ class SqliteJobStore:
         def update() -> None:
             self._conn.execute("UPDATE jobs SET webhook = ? WHERE id = ?", (text, job_id))
 
-        await self._call(update)
+        await self._call(update, inline=True)
 
     async def get(self, job_id: str) -> JobRecord | None:
         def select() -> JobRecord | None:
@@ -206,7 +290,7 @@ class SqliteJobStore:
             ).fetchone()
             return rows.record_of(found) if found is not None else None
 
-        return await self._call(select)
+        return await self._call(select, inline=True)
 
     async def query(
         self, query: JobQuery, *, page_size: int, page_token: str
@@ -437,7 +521,7 @@ class SqliteJobStore:
                 )
             return Lease(row[0], holder, codec.from_micros(expires), row[1] is not None)
 
-        return await self._call(take)
+        return await self._call(take, inline=True)
 
     async def renew(self, job_id: str, holder: str, lease_s: float) -> Lease | None:
         def extend() -> Lease | None:
@@ -452,6 +536,23 @@ class SqliteJobStore:
                 return None
             return Lease(job_id, holder, codec.from_micros(expires), False)
 
+        return await self._call(extend, inline=True)
+
+    async def renew_all(self, job_ids: Collection[str], holder: str, lease_s: float) -> set[str]:
+        wanted = sorted(set(job_ids))
+        if not wanted:
+            return set()
+
+        def extend() -> set[str]:
+            now = _now_us()
+            marks = ", ".join("?" * len(wanted))
+            found = self._conn.execute(
+                f"UPDATE jobs SET lease_expires_us = ? WHERE id IN ({marks})"
+                " AND lease_holder = ? AND lease_expires_us >= ? RETURNING id",
+                (now + _us(lease_s), *wanted, holder, now),
+            ).fetchall()
+            return {r[0] for r in found}
+
         return await self._call(extend)
 
     async def release(self, job_id: str, holder: str) -> bool:
@@ -463,7 +564,7 @@ class SqliteJobStore:
             )
             return cur.rowcount == 1
 
-        return await self._call(drop)
+        return await self._call(drop, inline=True)
 
     # --- cancel -----------------------------------------------------------------------------
 
@@ -476,7 +577,7 @@ class SqliteJobStore:
             )
             return cur.rowcount == 1
 
-        marked = await self._call(mark)
+        marked = await self._call(mark, inline=True)
         if marked:
             self._hub.publish(Announcement("cancel", job_id))
         return marked
@@ -488,7 +589,7 @@ class SqliteJobStore:
             ).fetchone()
             return row is not None and row[0] is not None
 
-        return await self._call(select)
+        return await self._call(select, inline=True)
 
     # --- events -----------------------------------------------------------------------------
 
@@ -504,8 +605,23 @@ class SqliteJobStore:
                 (job_id, sequence, kind, body, _now_us()),
             )
 
-        await self._call(insert)
+        await self._call(insert, inline=True)
         self._hub.publish(Announcement("event", job_id, sequence))
+
+    async def append_events(
+        self, job_id: str, events: Sequence[NewEvent], *, announce: bool = True
+    ) -> None:
+        if not events:
+            return
+        stored = _event_rows(job_id, events)
+
+        def insert() -> None:
+            with _transaction(self._conn):
+                self._conn.executemany(_INSERT_EVENT_SQL, stored)
+
+        await self._call(insert, inline=True)
+        if announce:
+            self._announce(job_id, events)
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
         def select() -> list[StoredEvent]:
@@ -522,15 +638,7 @@ class SqliteJobStore:
         return await self._call(select)
 
     async def prune_events(self, job_id: str, kind: str) -> int:
-        def delete() -> int:
-            cur = self._conn.execute(
-                "DELETE FROM job_events WHERE job_id = ? AND kind = ? AND sequence <"
-                " (SELECT max(sequence) FROM job_events WHERE job_id = ? AND kind = ?)",
-                (job_id, kind, job_id, kind),
-            )
-            return cur.rowcount
-
-        return await self._call(delete)
+        return await self._call(lambda: _prune(self._conn, job_id, kind), inline=True)
 
     async def announcements(self) -> Listener:
         return self._hub.listen()
@@ -569,7 +677,7 @@ class SqliteJobStore:
                 )
             return SlotClaim(agent, slot, holder, codec.from_micros(expires))
 
-        return await self._call(take)
+        return await self._call(take, inline=True)
 
     async def renew_slot(self, claim: SlotClaim, lease_s: float) -> SlotClaim | None:
         def extend() -> SlotClaim | None:
@@ -584,7 +692,7 @@ class SqliteJobStore:
                 return None
             return SlotClaim(claim.agent, claim.slot, claim.holder, codec.from_micros(expires))
 
-        return await self._call(extend)
+        return await self._call(extend, inline=True)
 
     async def release_slot(self, claim: SlotClaim) -> None:
         def drop() -> None:
@@ -593,7 +701,7 @@ class SqliteJobStore:
                 (claim.agent, claim.slot, claim.holder),
             )
 
-        await self._call(drop)
+        await self._call(drop, inline=True)
 
     async def lead(self, role: str, holder: str, lease_s: float) -> bool:
         def take() -> bool:
@@ -607,7 +715,7 @@ class SqliteJobStore:
             )
             return cur.rowcount == 1
 
-        return await self._call(take)
+        return await self._call(take, inline=True)
 
     # --- webhook outbox ---------------------------------------------------------------------
 
@@ -622,7 +730,7 @@ class SqliteJobStore:
             assert cur.lastrowid is not None
             return cur.lastrowid
 
-        return await self._call(insert)
+        return await self._call(insert, inline=True)
 
     async def outbox_claim(self, holder: str, lease_s: float, limit: int) -> list[OutboxItem]:
         def take() -> list[OutboxItem]:
@@ -648,7 +756,7 @@ class SqliteJobStore:
         def drop() -> None:
             self._conn.execute("DELETE FROM webhook_outbox WHERE id = ?", (item_id,))
 
-        await self._call(drop)
+        await self._call(drop, inline=True)
 
     async def outbox_failed(self, item_id: int, error: str, retry_in_s: float | None) -> None:
         due = None if retry_in_s is None else _now_us() + _us(retry_in_s)
@@ -660,15 +768,43 @@ class SqliteJobStore:
                 (error, due, item_id),
             )
 
-        await self._call(count)
+        await self._call(count, inline=True)
 
     async def close(self) -> None:
         if self._closed:
             return
-        await self._call(self._conn.close)
-        self._closed = True
+        self._closed = True  # calls from now on are refused; those queued run first
+        await self._in_thread(self._conn.close)
         self._hub.close()
         self._executor.shutdown(wait=False)
+
+
+_EXISTING_SQL = f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = ? AND ref_id = ?"
+_ACTIVE_SQL = f"SELECT count(*) FROM jobs WHERE owner = ? AND state IN {rows.UNFINISHED_SQL}"
+_CREATE_SQL = (
+    f"INSERT INTO jobs ({rows.SELECT_COLUMNS}, lease_holder, lease_expires_us)"
+    f" VALUES ({', '.join(f':{c}' for c in rows.COLUMNS)}, :lease_holder, :lease_expires_us)"
+    " ON CONFLICT (owner, ref_id) DO NOTHING"
+)
+_INSERT_EVENT_SQL = (
+    "INSERT OR IGNORE INTO job_events (job_id, sequence, kind, payload, created_us)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
+"""Idempotent: a write that failed after storing its events may send them again."""
+
+
+def _event_rows(job_id: str, events: Sequence[NewEvent]) -> list[tuple[Any, ...]]:
+    now = _now_us()
+    return [(job_id, e.sequence, e.kind, rows.dumps(e.payload), now) for e in events]
+
+
+def _prune(conn: sqlite3.Connection, job_id: str, kind: str) -> int:
+    cur = conn.execute(
+        "DELETE FROM job_events WHERE job_id = ? AND kind = ? AND sequence <"
+        " (SELECT max(sequence) FROM job_events WHERE job_id = ? AND kind = ?)",
+        (job_id, kind, job_id, kind),
+    )
+    return cur.rowcount
 
 
 class _transaction:

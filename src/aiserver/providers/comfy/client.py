@@ -182,9 +182,9 @@ class ComfyClient:
         form, content_type = _upload_form(data, file_name, mime_type, overwrite=overwrite)
         # aiohttp sends bytes past 1 MiB with a ResourceWarning (one write of the whole body);
         # a file object is sent in chunks.
-        body: bytes | io.BytesIO = form if len(form) <= _INLINE_BODY else io.BytesIO(form)
+        payload: bytes | io.BytesIO = form if len(form) <= _INLINE_BODY else io.BytesIO(form)
         response = await self._request(
-            "POST", "/upload/image", data=body, headers={"Content-Type": content_type}
+            "POST", "/upload/image", data=payload, headers={"Content-Type": content_type}
         )
         if response.status_code != 200:
             raise self.unavailable(

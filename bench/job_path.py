@@ -1,0 +1,189 @@
+"""The job store's share of a job: the job manager in-process on SQLite or PostgreSQL.
+
+    python -m bench.job_path [--jobs 400] [--concurrency 16] [--rounds 3]
+
+No gRPC and no ComfyUI: an instant provider reports progress, a checkpoint and one small
+image, so what is measured is the manager's path through the store (create, the running
+save, the checkpoint, the output, the end, the events, the lease) plus the artifact store's
+local put. Figures per backend, median of rounds (backends alternate within a round): process
+CPU ms per job (``time.process_time``: this process does all the client work) and, on
+PostgreSQL, the backends' CPU and transactions per job (as ``bench.scaleout`` counts them).
+The manager on PostgreSQL runs with a holder (leases, stored events), as a coordinator does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import json
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from aiserver.artifacts.store import ArtifactStore
+from aiserver.jobs.manager import JobManager
+from aiserver.jobs.model import Finished, InputRef, Stage
+from aiserver.jobs.scheduler import SchedulerSettings
+from aiserver.jobs.store import JobStore, SqliteJobStore, new_holder_id
+from aiserver.jobs.store.postgres import PostgresJobStore
+from aiserver.providers.base import GeneratedImage, ProviderProgress, RunSink, WorkItem
+from aiserver.spool import InputSpool
+from aiserver.tasks import ImageToImageSpec, TaskKind, TaskSpec
+from bench import scaleout
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (seed % 256, (seed // 256) % 256, 7)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class InstantProvider:
+    """Progress, a checkpoint and one image per run, at once."""
+
+    name = "instant"
+
+    def supports(self, task: TaskKind) -> bool:
+        return True
+
+    def can_run(self, task: TaskKind, spec: TaskSpec) -> bool:
+        return True
+
+    def unavailable_reason(self, task: TaskKind, spec: TaskSpec) -> str:
+        return ""
+
+    def load(self) -> int:
+        return 0
+
+    def capacity(self) -> int:
+        return 1000
+
+    def refusal(self, task: TaskKind, spec: TaskSpec) -> None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def run(self, work: WorkItem, sink: RunSink) -> None:
+        await sink.progress(ProviderProgress(Stage.RUNNING, 0.0))
+        await sink.checkpoint({"agent": "a", "prompt_id": work.job_id})
+        await sink.progress(ProviderProgress(Stage.RUNNING, 0.5, step=1, max_steps=2))
+        seed = int(hashlib.sha256(work.job_id.encode()).hexdigest()[:6], 16)
+        await sink.image(GeneratedImage(_png(seed), "out.png", "image/png", 8, 8, seed=seed))
+
+
+async def _round(kind: str, root: Path, jobs: int, concurrency: int) -> dict[str, float]:
+    spool = InputSpool(root / "spool")
+    artifacts = ArtifactStore(root / "artifacts")
+    data = _png(1)
+    sha = hashlib.sha256(data).hexdigest()
+    path = spool.path_for(sha)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    ref = InputRef("image", "in.png", sha, len(data), "image/png", 8, 8)
+    schema = f"j_{uuid.uuid4().hex[:12]}"
+    store: JobStore
+    holder = None
+    if kind == "postgres":
+        store = await PostgresJobStore.open(scaleout.BENCH_URL, schema=schema)
+        holder = new_holder_id()
+    else:
+        store = await SqliteJobStore.open(root / "jobs.sqlite3")
+    # As the service runs it (per-key limit 100); inputs outlive the run.
+    settings = SchedulerSettings(spool_grace_s=3600.0, max_active_per_owner=100)
+    manager = JobManager(store, spool, artifacts, [InstantProvider()], settings, holder=holder)
+    await manager.start()
+    spec = ImageToImageSpec(positive_prompt="a cat " * 20, seed=1)
+
+    async def caller(todo: Iterator[int]) -> None:
+        for _ in todo:
+            job, _ = await manager.submit(
+                owner="alice",
+                task=TaskKind.IMAGE_TO_IMAGE,
+                spec=spec,
+                inputs=[ref],
+                ref_id="",
+                tag="",
+                reply_to="",
+            )
+            async for event in manager.subscribe(job.id):
+                if isinstance(event.kind, Finished):
+                    break
+
+    try:
+        warm = iter(range(2 * concurrency))
+        await asyncio.gather(*(caller(warm) for _ in range(concurrency)))
+        todo = iter(range(jobs))
+        before = await scaleout._settled_counters() if kind == "postgres" else None
+        cpu = time.process_time()
+        await asyncio.gather(*(caller(todo) for _ in range(concurrency)))
+        cpu = time.process_time() - cpu
+        after = await scaleout._database_counters() if kind == "postgres" else None
+    finally:
+        await manager.stop(1.0)
+        await store.close()
+        await artifacts.close()
+    figures = {"cpu_ms_per_job": cpu * 1000 / jobs}
+    if before is not None and after is not None:
+        await asyncio.sleep(0.5)  # the pool's backends report when idle or gone
+        after |= {k: v for k, v in (await scaleout._database_counters()).items() if k != "cpu"}
+        figures["postgres_cpu_ms_per_job"] = (after["cpu"] - before["cpu"]) * 1000 / jobs
+        figures["postgres_xacts_per_job"] = (after["xacts"] - before["xacts"]) / jobs
+        await scaleout._drop_schema(schema)
+    return figures
+
+
+DATABASE = "bench_job_path"
+
+
+async def _main(jobs: int, concurrency: int, rounds: int) -> dict[str, Any]:
+    # scaleout's database helpers, on a database of this script's own: its counters (and
+    # backends' CPU) must see no other run.
+    scaleout.DATABASE = DATABASE
+    scaleout.BENCH_URL = scaleout.BENCH_URL.rsplit("/", 1)[0] + f"/{DATABASE}"
+    await scaleout._ensure_database()
+    got: dict[str, dict[str, list[float]]] = {}
+    for n in range(rounds):
+        for kind in ("sqlite", "postgres") if n % 2 == 0 else ("postgres", "sqlite"):
+            root = Path(tempfile.mkdtemp(prefix="bench-job-path-"))
+            try:
+                figures = await _round(kind, root, jobs, concurrency)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+            for name, value in figures.items():
+                got.setdefault(kind, {}).setdefault(name, []).append(value)
+    return {
+        kind: {name: round(statistics.median(v), 3) for name, v in figures.items()}
+        | {"rounds": {name: [round(x, 3) for x in v] for name, v in figures.items()}}
+        for kind, figures in got.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--census", type=Path, help="statements sent, by statement (JSON)")
+    args = parser.parse_args()
+    if args.census is not None:
+        from bench.sql_census import install
+
+        install(args.census)
+    print(json.dumps(asyncio.run(_main(args.jobs, args.concurrency, args.rounds)), indent=1))
+
+
+if __name__ == "__main__":
+    main()
