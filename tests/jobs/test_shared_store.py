@@ -344,7 +344,6 @@ async def _final(manager: JobManager, job_id: str) -> Any:
     last = events[-1].kind
     assert isinstance(last, Finished)
     return last.job
-    return last.job
 
 
 async def test_no_adoption_pass_takes_a_job_between_its_create_and_its_creators_claim(
