@@ -70,8 +70,10 @@ async def test_positions_are_global_and_watchjobs_sees_every_coordinator(
             }:
                 await asyncio.sleep(0.1)
         feed.cancel()
-        # b's list showed a's jobs queued with their place, running, then ended.
-        assert any(j.name == short[2] and j.queue_position == 3 for j in seen)
+        # b's list showed a's jobs queued with a place (the one its holder last stored: the
+        # exact place is GetJob's, above; a correction may ride on a later write), running,
+        # then ended.
+        assert any(j.name == short[2] and j.queue_position >= 2 for j in seen)
         assert any(j.name == long_a and j.state == RUNNING for j in seen)
 
 
