@@ -344,7 +344,9 @@ class _Recorder:
                 self._calls.add(f"/{service}/{name}", handler)
 
 
-class _MultiCallable:
+class _Method:
+    """One method of a local channel: its handler and the stub's (de)serializers."""
+
     def __init__(
         self,
         calls: LocalCalls,
@@ -359,6 +361,8 @@ class _MultiCallable:
         self._request_serializer = request_serializer
         self._response_deserializer = response_deserializer
 
+
+class _MultiCallable(_Method):
     def __call__(
         self, request: Any, *, metadata: Sequence[tuple[str, str]] = (), **_: Any
     ) -> _LocalStreamCall:
@@ -374,21 +378,7 @@ class _MultiCallable:
         return _LocalStreamCall(start, context, self._response_deserializer)
 
 
-class _BidiMultiCallable:
-    def __init__(
-        self,
-        calls: LocalCalls,
-        path: str,
-        handler: Any,
-        request_serializer: Callable[[Any], bytes],
-        response_deserializer: Callable[[bytes], Any],
-    ) -> None:
-        self._calls = calls
-        self._path = path
-        self._handler = handler
-        self._request_serializer = request_serializer
-        self._response_deserializer = response_deserializer
-
+class _BidiMultiCallable(_Method):
     def __call__(
         self,
         *,
