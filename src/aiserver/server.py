@@ -48,7 +48,6 @@ from aiserver.jobs.store import JobStore, StoreUnavailable, new_holder_id, open_
 from aiserver.metrics import Metrics, MetricsServer
 from aiserver.provider_config import build_providers, comfy_pools
 from aiserver.providers.base import Provider
-from aiserver.providers.comfy.pool import ComfyPool
 from aiserver.providers.comfy.watch import WorkflowWatcher
 from aiserver.providers.comfy.workflows import AgentCapabilities, WorkflowCatalog
 from aiserver.retention import Retention, RetentionPolicy
@@ -168,9 +167,8 @@ class Service:
         holder = new_holder_id() if s.database_url else None
         if holder is not None:
             self.agent_slots = SharedAgentSlots(store, holder, s.job_lease_s)
-            for provider in self.providers:
-                if isinstance(provider, ComfyPool):
-                    provider.share_slots(self.agent_slots)
+            for pool in comfy_pools(self.providers):  # also when wrapped (Excluding)
+                pool.share_slots(self.agent_slots)
             self.agent_slots.start()
         self.manager = manager = JobManager(
             store,
@@ -266,7 +264,7 @@ class Service:
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
             artifacts, local_calls.recorder(only=("GetVariant",))
         )
-        jobs_here = ("ImageToImage", "ImageWithMask", "ImageUpscale", "ImageToText")
+        jobs_here = tuple(task.value for task in BUILT_IN_TASKS)  # the RPC names
         generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
             generation, local_calls.recorder(only=jobs_here)
         )
