@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from aiserver.jobs.codec import decode_outputs, encode_outputs
+from aiserver.jobs.codec import decode_outputs, decode_retries, encode_outputs, encode_retries
 from aiserver.jobs.model import (
     Accepted,
     EventKind,
@@ -45,13 +45,14 @@ def encode_event(kind: EventKind) -> tuple[str, dict[str, Any]]:
             "step": kind.step,
             "max_steps": kind.max_steps,
             "provider": kind.provider,
+            "waiting": kind.waiting,
         }
     if isinstance(kind, OutputStored):
         return "output", {"index": kind.index, "artifact": encode_outputs([kind.artifact])[0]}
     if isinstance(kind, TextProduced):
         return "text", {"index": kind.index, "text": kind.text, "node": kind.node}
     if isinstance(kind, Retrying):
-        return "retrying", {"attempt": kind.attempt, "reason": kind.reason, "agent": kind.agent}
+        return "retrying", encode_retries([kind])[0]
     return FINISHED, {}
 
 
@@ -71,11 +72,12 @@ def decode_event(kind: str, payload: Mapping[str, Any]) -> EventKind | None:
             step=p["step"],
             max_steps=p["max_steps"],
             provider=p["provider"],
+            waiting=p.get("waiting", ""),  # rows stored before the field existed lack it
         )
     if kind == "output":
         return OutputStored(p["index"], decode_outputs([p["artifact"]])[0])
     if kind == "text":
         return TextProduced(p["index"], p["text"], p["node"])
     if kind == "retrying":
-        return Retrying(p["attempt"], p["reason"], p["agent"])
+        return decode_retries([p])[0]
     return None
