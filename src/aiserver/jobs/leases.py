@@ -40,9 +40,6 @@ class LeaseKeeper:
     def renew_every_s(self) -> float:
         return self.lease_s / 3
 
-    def holds(self, job_id: str) -> bool:
-        return job_id in self._held
-
     async def take(self, job_id: str) -> Lease | None:
         """Lease this job if nobody holds it (or its holder's lease lapsed)."""
         lease = await self._store.claim(self.holder, self.lease_s, job_id=job_id)

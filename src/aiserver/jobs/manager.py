@@ -864,7 +864,6 @@ class JobManager:
         job.state = state
         job.error = error
         job.waiting = ""
-        job.waiting = ""
         job.ended = job.updated = _now()
         if state is JobState.SUCCEEDED:
             job.progress = 1.0

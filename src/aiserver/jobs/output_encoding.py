@@ -11,7 +11,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from aiserver.imaging import convert, parse_format
+from aiserver.imaging import OutputFormat, convert, parse_format
 from aiserver.providers.base import GeneratedImage
 from aiserver.tasks import TaskSpec
 
@@ -24,14 +24,13 @@ async def encode_output(image: GeneratedImage, spec: TaskSpec) -> GeneratedImage
     if not name:
         return image
     fmt = parse_format(name, "params.options.output_format")
-    if fmt.mime_type == image.mime_type and getattr(spec, "output_quality", None) is None:
-        return image
     quality = getattr(spec, "output_quality", None)
-    return await asyncio.to_thread(_convert, image, name, quality)
+    if fmt.mime_type == image.mime_type and quality is None:
+        return image
+    return await asyncio.to_thread(_convert, image, fmt, quality)
 
 
-def _convert(image: GeneratedImage, name: str, quality: int | None) -> GeneratedImage:
-    fmt = parse_format(name, "params.options.output_format")
+def _convert(image: GeneratedImage, fmt: OutputFormat, quality: int | None) -> GeneratedImage:
     with tempfile.TemporaryDirectory(prefix="aiserver-output-") as folder:
         path = Path(folder) / "output"
         path.write_bytes(image.data)
