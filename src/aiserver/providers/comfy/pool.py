@@ -166,14 +166,14 @@ class ComfyPool:
         return None if isinstance(error, ProviderFailure) and error.retryable else error
 
     def unavailable_reason(self, task: TaskKind, spec: TaskSpec) -> str:
-        workflow = self._workflows.find(task)
+        # The version the job was accepted with (a workflow job has no folder default).
+        workflow = self._workflows.resolve(task, spec)
         if workflow is None:
             return f"no ComfyUI workflow for {task.value}"
         capable, reasons = self._capable(workflow, spec, frozenset())
         if capable:
             return ""
-        detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
-        return f"no ComfyUI agent can take it now ({detail or 'none configured'})"
+        return f"no ComfyUI agent can take it now ({_detail(reasons)})"
 
     def load(self) -> int:
         return sum(agent.running for agent in self._agents.values())
@@ -534,7 +534,7 @@ class ComfyPool:
         reasons: Mapping[str, str],
         exclude: frozenset[str],
     ) -> ServiceError:
-        detail = "; ".join(f"{name}: {why}" for name, why in reasons.items()) or "none configured"
+        detail = _detail(reasons)
         # An agent that is down but could serve (or was never seen) may come back: retryable.
         could_return = [
             agent
@@ -572,3 +572,8 @@ if TYPE_CHECKING:
 
     def _conforms(pool: ComfyPool) -> Provider:
         return pool  # mypy proves ComfyPool satisfies the Provider protocol
+
+
+def _detail(reasons: Mapping[str, str]) -> str:
+    """Each agent's reason for not taking a job, for an error or a waiting reason."""
+    return "; ".join(f"{name}: {why}" for name, why in reasons.items()) or "none configured"
