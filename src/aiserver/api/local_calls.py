@@ -115,11 +115,8 @@ class _LocalStreamCall:
             raise
         except Exception as exc:  # what grpc would answer an unhandled error with
             self._done = True
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNKNOWN,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(*self._context.trailing),
-                f"Unexpected {type(exc).__name__}",
+            raise _status(
+                grpc.StatusCode.UNKNOWN, self._context, f"Unexpected {type(exc).__name__}"
             ) from None
         finally:
             self._step = None
@@ -271,7 +268,10 @@ class _LocalBidiCall:
         except _Closed:  # the reader cancelled the call while a response waited
             pass
         except Exception as exc:  # what grpc answers an unhandled error with
-            self._error = _status(grpc.StatusCode.UNKNOWN, context, f"Unexpected {exc!r}")
+            # The type only, as grpc answers an unhandled error (its text is not the caller's).
+            self._error = _status(
+                grpc.StatusCode.UNKNOWN, context, f"Unexpected {type(exc).__name__}"
+            )
         finally:
             self._end()
 

@@ -36,7 +36,6 @@ __all__ = ["WorkflowRoutes", "workflow_paths"]
 
 logger = logging.getLogger(__name__)
 
-_RUN = "imagetasks.v1.WorkflowService.RunWorkflow"
 _GET = "imagetasks.v1.WorkflowService.GetWorkflow"
 _LIST = "imagetasks.v1.WorkflowService.ListWorkflows"
 _REF = "#/components/schemas/"
