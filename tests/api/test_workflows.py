@@ -23,7 +23,7 @@ from imagetasks.v1 import (
 from imagetasks.v1 import workflow_service_pb2 as wpb
 from PIL import Image
 
-from aiserver.providers.comfy.workflows import default_workflows_dir
+from aiserver.providers.comfy.workflows import WorkflowCatalog, default_workflows_dir
 from aiserver.server import Service
 from tests.support.generation import comfy_service, generate, run_workflow
 from tests.support.grpc_helpers import rich_status, violated_fields
@@ -393,9 +393,12 @@ def channel_for(service: Service) -> grpc.aio.Channel:
 
 
 def test_builtin_folder_is_valid_against_the_schema() -> None:
-    # Every shipped binding loads (the catalog checks each against binding.schema.json).
+    # Every shipped binding loads (strict: the first bad file raises), one per file.
     folder = default_workflows_dir()
     assert (folder / "binding.schema.json").is_file()
+    catalog = WorkflowCatalog.load(folder)
+    shipped = {p.name.removesuffix(".binding.json") for p in folder.glob("*.binding.json")}
+    assert {w.name for w in catalog.workflows()} == shipped
     assert shutil.which(str(GRPCURL)), "grpcurl ships with the dev dependencies"
 
 
