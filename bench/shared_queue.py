@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
 import uuid
@@ -31,25 +30,20 @@ from aiserver.jobs.model import Job, JobState
 from aiserver.jobs.store import JobRecord
 from aiserver.jobs.store.postgres import PostgresJobStore
 from aiserver.tasks import ImageToImageSpec, TaskKind
+from bench.common import cpu_seconds
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _backend_cpu_s(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 async def _measure(
     op: Callable[[], Awaitable[object]], pid: int, repeat: int
 ) -> tuple[float, float]:
     """Client and backend CPU microseconds per call of ``op``."""
-    client0, backend0 = time.process_time(), _backend_cpu_s(pid)
+    client0, backend0 = time.process_time(), cpu_seconds(pid)
     for _ in range(repeat):
         await op()
     client = (time.process_time() - client0) / repeat * 1e6
-    backend = (_backend_cpu_s(pid) - backend0) / repeat * 1e6
+    backend = (cpu_seconds(pid) - backend0) / repeat * 1e6
     return client, backend
 
 

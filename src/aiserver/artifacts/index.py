@@ -172,18 +172,22 @@ class SqliteArtifactIndex:
 
         return await asyncio.to_thread(locked)
 
+    async def _read(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        # A read by key in WAL mode takes microseconds and does not wait for writers: when
+        # the connection is free it is done here, saving the thread hop (the larger cost).
+        if self._lock.acquire(blocking=False):
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._lock.release()
+        return await self._db(fn, *args, **kwargs)
+
     def _path_of_hash(self, sha256: str) -> str | None:
         row = self._conn.execute("SELECT path FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
         return None if row is None else str(row[0])
 
     async def path_of_hash(self, sha256: str) -> str | None:
-        # A read by key, like lookup(): inline when the connection is free.
-        if self._lock.acquire(blocking=False):
-            try:
-                return self._path_of_hash(sha256)
-            finally:
-                self._lock.release()
-        return await self._db(self._path_of_hash, sha256)
+        return await self._read(self._path_of_hash, sha256)
 
     def _lookup(self, path: str, owner: str | None, job_id: str | None) -> IndexedRef | None:
         sql = f"{_SELECT_REF} FROM blobs b JOIN refs r ON r.path = b.path WHERE b.path = ?"
@@ -243,15 +247,8 @@ class SqliteArtifactIndex:
     async def lookup(
         self, path: str, owner: str | None, job_id: str | None = None
     ) -> IndexedRef | None:
-        # Every artifact and variant read asks this first. A read by key in WAL mode takes
-        # microseconds and does not wait for writers: when the connection is free it is done
-        # here, saving the thread hop (the larger cost, and most of a warm variant's).
-        if self._lock.acquire(blocking=False):
-            try:
-                return self._lookup(path, owner, job_id)
-            finally:
-                self._lock.release()
-        return await self._db(self._lookup, path, owner, job_id)
+        # Every artifact and variant read asks this first (the hop was most of a warm variant).
+        return await self._read(self._lookup, path, owner, job_id)
 
     @contextlib.asynccontextmanager
     async def hold(self, sha256: str) -> AsyncIterator[None]:
