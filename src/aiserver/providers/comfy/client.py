@@ -224,6 +224,15 @@ class ComfyClient:
             "POST", "/interrupt", json={"prompt_id": prompt_id} if prompt_id else {}
         )
 
+    async def withdraw(self, prompt_id: str, *, started: bool = False) -> None:
+        """Take a prompt off the agent: delete it while it waits in the queue, interrupt it if
+        it runs (``started``: known to run already)."""
+        if not started:
+            await self.delete_pending([prompt_id])
+            if (await self.remote_job(prompt_id)).state != "running":
+                return
+        await self.interrupt(prompt_id)
+
     async def view(self, filename: str, subfolder: str, kind: str) -> tuple[bytes, str]:
         """An output file's bytes and content type."""
         response = await self._request(

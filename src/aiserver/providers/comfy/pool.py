@@ -257,12 +257,9 @@ class ComfyPool:
         prompt_id = resume.get("prompt_id", "")
         if agent is None or not prompt_id:
             return
-        client = agent.client
         try:
             async with asyncio.timeout(self._settings.timeouts.cancel_s):
-                await client.delete_pending([prompt_id])
-                if (await client.remote_job(prompt_id)).state == "running":
-                    await client.interrupt(prompt_id)
+                await agent.client.withdraw(prompt_id)
         except (ServiceError, TimeoutError) as exc:
             logger.warning(
                 "could not withdraw prompt %s from %s: %s", prompt_id, agent.config.name, exc

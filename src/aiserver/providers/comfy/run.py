@@ -664,11 +664,7 @@ class Run:
         """Take our prompt off the agent: delete it if pending, interrupt it if running."""
         try:
             async with asyncio.timeout(self.t.cancel_s):
-                if not self.started:
-                    await self.c.delete_pending([self.prompt_id])
-                    if (await self.c.remote_job(self.prompt_id)).state != "running":
-                        return
-                await self.c.interrupt(self.prompt_id)
+                await self.c.withdraw(self.prompt_id, started=self.started)
         except (ServiceError, TimeoutError) as exc:
             logger.warning(
                 "could not withdraw prompt %s (%s) from %s: %s",
