@@ -9,27 +9,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import pytest
 from imagetasks.v1 import common_pb2, job_pb2, job_service_pb2_grpc, tasks_pb2
 from imagetasks.v1 import job_service_pb2 as jpb
 
 from aiserver.jobs.model import JobEvent, Progress, Stage
 from aiserver.tasks import TaskKind
-from tests.jobs.helpers import Env, ScriptedProvider, gated, submit, within
+from tests.jobs.helpers import Env, ScriptedProvider, env, gated, submit, within
 from tests.support.generation import comfy_service, generate
 from tests.support.images import encode, quadrant_image
 
+__all__ = ["env"]  # the fixture
+
 NOTICE_S = 2.5
 """~2 s: the scheduler's recheck interval, plus slack for a loaded machine."""
-
-
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    environment = Env(tmp_path)
-    try:
-        yield environment
-    finally:
-        await environment.close()
 
 
 async def next_waiting(events: AsyncIterator[JobEvent], seconds: float) -> Progress:

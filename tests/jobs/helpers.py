@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
+import pytest
 from PIL import Image
 
 from aiserver.artifacts.store import ArtifactStore
@@ -275,3 +276,13 @@ async def submit(
         )
     )
     return job
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    """An :class:`Env` in the test's folder, closed after it (import it to use it)."""
+    environment = Env(tmp_path)
+    try:
+        yield environment
+    finally:
+        await environment.close()

@@ -17,20 +17,13 @@ from aiserver.providers.fallback import Excluding, Fallback
 from aiserver.providers.local import LocalUpscaleProvider, LocalUpscaleSettings
 from aiserver.tasks import ImageUpscaleSpec, TaskKind
 from tests.comfy.helpers import FAST
-from tests.jobs.helpers import Env, collect, submit
+from tests.jobs.helpers import Env, collect, env, submit
 from tests.providers_local.helpers import RecordingSink, save, textured, work_for
 from tests.support.comfy_standin import ComfyStandIn
 
+__all__ = ["env"]  # the fixture
+
 MISSING = "no_such_model.pth"
-
-
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    environment = Env(tmp_path)
-    try:
-        yield environment
-    finally:
-        await environment.close()
 
 
 @pytest.fixture
