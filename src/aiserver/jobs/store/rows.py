@@ -74,29 +74,15 @@ def row_of(record: JobRecord) -> dict[str, Any]:
     """The row of ``record`` as it is now (call on the caller's side: a snapshot)."""
     job = record.job
     return {
-        "id": job.id,
+        **mutable_row_of(record),
         "owner": job.owner,
         "ref_id": job.ref_id,
         "task": job.task.value,
         "spec": dumps(spec_to_dict(job.spec)),
-        "state": job.state.value,
         "tag": job.tag,
         "reply_to": job.reply_to,
-        "provider": job.provider,
-        "agent": job.agent,
-        "attempts": job.attempts,
         "created_us": codec.to_micros(job.created),
-        "updated_us": codec.to_micros(job.updated),
-        "started_us": codec.to_micros(job.started) if job.started else None,
-        "ended_us": codec.to_micros(job.ended) if job.ended else None,
-        "progress": job.progress,
         "inputs": dumps(codec.encode_inputs(job.inputs)),
-        "outputs": dumps(codec.encode_outputs(job.outputs)),
-        "texts": dumps(job.texts),
-        "error": dumps(codec.encode_error(job.error)) if job.error else None,
-        "resume": dumps(job.resume),
-        "retries": dumps(codec.encode_retries(record.retries)),
-        "last_sequence": record.last_sequence,
         "webhook": dumps(codec.encode_webhook(job.webhook)) if job.webhook else None,
     }
 

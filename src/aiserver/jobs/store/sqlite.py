@@ -62,6 +62,21 @@ def _us(seconds: float) -> int:
     return int(seconds * 1_000_000)
 
 
+def _enter_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """``journal_mode=WAL``, waiting for other openers: the switch needs the database to
+    itself, and SQLite may answer "locked" at once (no busy handler) while another process
+    opening at the same moment holds it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SqliteJobStore:
     """:class:`JobStore` on one SQLite file (WAL). Create with :meth:`open`."""
 
@@ -89,7 +104,7 @@ class SqliteJobStore:
             )
             try:
                 conn.row_factory = sqlite3.Row
-                conn.execute("PRAGMA journal_mode=WAL")
+                _enter_wal(conn, busy_timeout_s)
                 # NORMAL in WAL mode: a power cut may lose the last commits, never corrupt.
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
