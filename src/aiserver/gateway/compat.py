@@ -35,7 +35,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -58,9 +58,23 @@ from aiserver.gateway.errors import (
 from aiserver.gateway.fields import FieldError, FieldErrors, apply_fields, field_key, parse_bool
 from aiserver.gateway.routes import Upload, message_class, upload_of
 from aiserver.gateway.streams import event_field, first_message, stream_response, wants_sse
-from aiserver.gateway.uploads import chunk_factory, media_type, send_multipart, write
+from aiserver.gateway.uploads import (
+    FormFields,
+    chunk_factory,
+    media_type,
+    send_multipart,
+    write,
+)
 
-__all__ = ["Compat", "CompatTask", "compat_field_name", "compat_tasks"]
+__all__ = [
+    "BuildParams",
+    "Compat",
+    "CompatTask",
+    "TaskParams",
+    "compat_field_name",
+    "compat_tasks",
+    "require_multipart",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +242,15 @@ def _unsatisfiable(size: int) -> GatewayError:
     )
 
 
-class _Params:
+def require_multipart(request: web.BaseRequest, what: str) -> None:
+    """415 unless the body is a multipart form; ``what``: the route's sentence about it."""
+    if media_type(request) != "multipart/form-data":
+        raise GatewayError(
+            415, "UNSUPPORTED_MEDIA_TYPE", f"{what}, not {request.content_type or 'no body'}"
+        )
+
+
+class TaskParams:
     """Builds a task's params message from form fields; remembers ``Sync``."""
 
     def __init__(self, task: CompatTask, request: web.BaseRequest) -> None:
@@ -276,6 +298,10 @@ class _Params:
         return msg
 
 
+BuildParams = Callable[[TaskParams, FormFields], Message]
+"""(the task's params builder, the form's fields) -> the params message."""
+
+
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status,
@@ -313,26 +339,27 @@ class Compat:
             )
         if request.method != "POST":
             raise _not_allowed("POST")
+        require_multipart(request, f"{task.name} takes multipart/form-data with an image file")
         return await self.run_task(request, task)
 
-    async def run_task(self, request: web.Request, task: CompatTask) -> web.StreamResponse:
-        if media_type(request) != "multipart/form-data":
-            raise GatewayError(
-                415,
-                "UNSUPPORTED_MEDIA_TYPE",
-                f"{task.name} takes multipart/form-data with an image file, "
-                f"not {request.content_type or 'no body'}",
-            )
+    async def run_task(
+        self, request: web.Request, task: CompatTask, build: BuildParams | None = None
+    ) -> web.StreamResponse:
+        """The upload call of ``task`` from a multipart form (the caller has checked the
+        media type), answered as AI Server answers. ``build`` makes the params message from
+        the form's fields (a workflow's typed parameters); by default the fields are the
+        params message's own (:class:`TaskParams`)."""
         backend = self.backend
         method = task.method
         multicallable = backend.callable(method)
         request_cls = message_class(method.input_type)
         params_name = task.upload.params_field.name
         metadata = backend.metadata(request)
-        params = _Params(task, request)
+        params = TaskParams(task, request)
+        make = build or TaskParams.build
 
         async def open_call(items: list[tuple[str, str]]) -> Any:
-            msg = params.build(items)
+            msg = make(params, items)
             timeout = backend.settings.sync_timeout_s if params.sync else None
             call = multicallable(metadata=metadata, timeout=timeout)
             await write(call, request_cls(**{params_name: msg}))
