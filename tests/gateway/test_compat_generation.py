@@ -237,3 +237,27 @@ async def test_upload_streams_through_before_the_body_ends(
     got = fake.state.uploads[-1]
     assert got.files["image"] == first + second
     assert max(got.chunk_sizes) <= 1024 * 1024 and len(got.chunk_sizes) >= 4
+
+
+@pytest.mark.parametrize("sync", ["true", "false"])
+async def test_the_answer_goes_before_the_stream_ends_which_is_still_read(
+    fake: FakeBackend, fake_http: httpx.AsyncClient, sync: str
+) -> None:
+    """The job's JSON needs nothing after ``finished`` (``accepted`` when queued): it is sent
+    before the call's status arrives, and the stream is then read to its end, not cut."""
+    fake.state.linger_s = 1.5
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    res = await fake_http.post(
+        "/api/ImageUpscale",
+        data={"Sync": sync},
+        files={"image": ("a.png", png((1, 2, 3)), "image/png")},
+    )
+    took = loop.time() - started
+    assert res.status_code == 200, res.text
+    assert res.json()["jobState"] == ("Completed" if sync == "true" else "Queued")
+    assert took < 1.0, f"the answer waited {took:.2f} s for the stream's end"
+    async with asyncio.timeout(5):
+        while not fake.state.generation_streams:
+            await asyncio.sleep(0.05)
+    assert fake.state.generation_streams == ["completed"]

@@ -394,22 +394,20 @@ class Compat:
         job_id = event.job.removeprefix("jobs/")
         text = accepted.task in _TEXT_TASKS
         if not sync:
-            await _drain(call)
             state = "Queued"
             if accepted.existing:
                 job = await self._get_job(request, event.job)
                 state = JOB_STATES.get(job.state, "Unknown")
             route = "GetTextGenerationStatus" if text else "GetArtifactGenerationStatus"
             base = self.backend.base_url(request)
-            return _json(
-                {
-                    "jobId": job_id,
-                    "refId": accepted.ref_id,
-                    "jobState": state,
-                    "status": state,
-                    "statusUrl": f"{base}/api/{route}?jobId={quote(job_id, safe='')}",
-                }
-            )
+            queued = {
+                "jobId": job_id,
+                "refId": accepted.ref_id,
+                "jobState": state,
+                "status": state,
+                "statusUrl": f"{base}/api/{route}?jobId={quote(job_id, safe='')}",
+            }
+            return await _answer_then_drain(request, _json(queued), call)
         while True:
             try:
                 msg = await call.read()
@@ -420,7 +418,6 @@ class Compat:
             if msg.event.WhichOneof("kind") == "finished":
                 job = msg.event.finished.job
                 break
-        await _drain(call)
         body = self.job_json(request, job, outputs=True, texts=True)
         status = 200
         if job.HasField("error") and job.error.code != 0:
@@ -431,7 +428,7 @@ class Compat:
             body["responseStatus"] = GatewayError(
                 500, "JOB_NOT_COMPLETED", f"the job ended {body['jobState']}"
             ).response_status()
-        return _json(body, status)
+        return await _answer_then_drain(request, _json(body, status), call)
 
     async def _image(self, request: web.Request, call: Any) -> web.StreamResponse:
         first = await first_message(call, field_name=compat_field_name)
@@ -696,6 +693,18 @@ async def _head(
     response.content_length = length
     await response.prepare(request)
     await response.write_eof()
+    return response
+
+
+async def _answer_then_drain(
+    request: web.Request, response: web.Response, call: Any
+) -> web.Response:
+    """Send ``response``, then read the stream to its end. The answer needs nothing after
+    ``finished`` (or ``accepted``); the call's status comes one more round trip later (each
+    read is a batch of gRPC's own), and the caller need not wait for it."""
+    await response.prepare(request)
+    await response.write_eof()
+    await _drain(call)
     return response
 
 
