@@ -318,6 +318,8 @@ class Compat:
         self.tasks = compat_tasks(files)
         self.workflow = workflow_task(files)
         """RunWorkflow, served per workflow by ``gateway.workflows``; None without the service."""
+        self._draining: set[asyncio.Task[None]] = set()
+        """Answered jobs' streams being read to their end (strong references to the tasks)."""
 
     # --- /api/{name} ----------------------------------------------------------------------
 
@@ -373,13 +375,28 @@ class Compat:
                 limits=backend.limits,
                 initial=list(request.query.items()),
             )
+        answered = False
         try:
-            if task.generative:
-                return await self._generation(request, task, call, sync=params.sync)
-            return await self._image(request, call)
+            if not task.generative:
+                return await self._image(request, call)
+            response = await self._generation(request, task, call, sync=params.sync)
+            self._drain_later(call)
+            answered = True
+            return response
         finally:
-            if not call.done():
+            if not answered and not call.done():
                 call.cancel()
+
+    def _drain_later(self, call: Any) -> None:
+        """Read the rest of an answered job's stream in a task of its own. The answer needs
+        nothing after ``finished`` (``accepted`` when queued); the call's status comes one
+        gRPC read later, which neither this caller nor its connection's next request need
+        wait for. The call is read to its end rather than cancelled (a cancel is the job's
+        caller leaving); a stopping gateway cancels it with the watch streams."""
+        self.backend.long_lived.add(call)
+        task = asyncio.get_running_loop().create_task(_drain(call))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
 
     async def _generation(
         self, request: web.Request, task: CompatTask, call: Any, *, sync: bool
@@ -407,7 +424,7 @@ class Compat:
                 "status": state,
                 "statusUrl": f"{base}/api/{route}?jobId={quote(job_id, safe='')}",
             }
-            return await _answer_then_drain(request, _json(queued), call)
+            return _json(queued)
         while True:
             try:
                 msg = await call.read()
@@ -428,7 +445,7 @@ class Compat:
             body["responseStatus"] = GatewayError(
                 500, "JOB_NOT_COMPLETED", f"the job ended {body['jobState']}"
             ).response_status()
-        return await _answer_then_drain(request, _json(body, status), call)
+        return _json(body, status)
 
     async def _image(self, request: web.Request, call: Any) -> web.StreamResponse:
         first = await first_message(call, field_name=compat_field_name)
@@ -696,27 +713,19 @@ async def _head(
     return response
 
 
-async def _answer_then_drain(
-    request: web.Request, response: web.Response, call: Any
-) -> web.Response:
-    """Send ``response``, then read the stream to its end. The answer needs nothing after
-    ``finished`` (or ``accepted``); the call's status comes one more round trip later (each
-    read is a batch of gRPC's own), and the caller need not wait for it."""
-    await response.prepare(request)
-    await response.write_eof()
-    await _drain(call)
-    return response
-
-
 async def _drain(call: Any) -> None:
     """Read a stream to its end (it ends right after ``accepted``/``finished``), so that the
-    call completes instead of being cancelled; its errors no longer matter."""
+    call completes instead of being cancelled; its errors no longer matter. A stream that
+    does not end within 5 s is cancelled."""
     try:
         async with asyncio.timeout(5):
             while await call.read() is not grpc.aio.EOF:
                 pass
     except (grpc.aio.AioRpcError, TimeoutError):
         pass
+    finally:
+        if not call.done():
+            call.cancel()
 
 
 def _not_allowed(allow: str) -> GatewayError:
