@@ -10,7 +10,8 @@ from ``/proc``, and their p50 (segments in turn: read the CPU, latency moves wit
 - gRPC clients (the process makes the calls): ``aio`` (``grpc.aio``, as the gateway and
   ``bench.orchestration`` call it), ``aio-minimal`` / ``aio-no-bdp`` (the same with the
   channel options ``grpc.minimal_stack`` / ``grpc.http2.bdp_probe=0``), ``aio-poll`` (with
-  ``GRPC_POLL_STRATEGY=poll``), ``sync-threads``
+  ``GRPC_POLL_STRATEGY=poll``), ``aio-async`` (RESPONSE_MODE_ASYNC: the upload and
+  ``accepted`` only, four reads fewer than SYNC's six), ``sync-threads``
   (the sync client, one thread per caller), ``sync-to-thread`` (the sync client called from
   an event loop through ``asyncio.to_thread``, as a gateway would), ``grpclib`` (pure-Python
   HTTP/2 on the event loop; ``BENCH_GRPCLIB_PATH``: a folder it is installed in).
@@ -60,6 +61,7 @@ CLIENTS = (
     "grpclib",
     "aio-uvloop",
     "aio-poll",
+    "aio-async",
 )
 SERVERS = (
     "http-echo",
@@ -86,13 +88,11 @@ _OPTIONS: dict[str, list[tuple[str, Any]]] = {
 # --- the measured processes ------------------------------------------------------------------
 
 
-def _messages(png: bytes) -> list[Any]:
+def _messages(png: bytes, mode: int = 1) -> list[Any]:
     from imagetasks.v1 import common_pb2, tasks_pb2
     from imagetasks.v1 import generation_service_pb2 as gpb
 
-    options = common_pb2.JobOptions(
-        mode=common_pb2.RESPONSE_MODE_SYNC, delivery=common_pb2.OUTPUT_DELIVERY_REFERENCES
-    )
+    options = common_pb2.JobOptions(mode=mode, delivery=common_pb2.OUTPUT_DELIVERY_REFERENCES)
     chunk = common_pb2.FileChunk(field="image", data=png, file_name="input.png")
     return [
         gpb.ImageUpscaleRequest(params=tasks_pb2.ImageUpscaleParams(options=options)),
@@ -101,16 +101,21 @@ def _messages(png: bytes) -> list[Any]:
 
 
 def _finished_job(responses: Any) -> Any:
+    """The finished job (ASYNC: the accepted event)."""
     job = None
     for response in responses:
-        if response.event.WhichOneof("kind") == "finished":
+        kind = response.event.WhichOneof("kind")
+        if kind == "finished":
             job = response.event.finished.job
+        elif kind == "accepted" and job is None:
+            job = response.event
     if job is None:
         raise RuntimeError("no finished event")
     return job
 
 
-def _aio_caller(target: str, options: list[tuple[str, Any]]) -> Any:
+def _aio_caller(target: str, options: list[tuple[str, Any]], mode: int = 1) -> Any:
+    """``mode``: RESPONSE_MODE_SYNC (1) or ASYNC (2: the stream is accepted, then its end)."""
     import grpc
     from imagetasks.v1 import generation_service_pb2_grpc
 
@@ -118,7 +123,7 @@ def _aio_caller(target: str, options: list[tuple[str, Any]]) -> Any:
     stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
 
     async def call(png: bytes) -> Any:
-        first, chunk = _messages(png)
+        first, chunk = _messages(png, mode)
         stream = stub.ImageUpscale(timeout=120)
         await stream.write(first)
         await stream.write(chunk)
@@ -210,12 +215,14 @@ def _run_client(variant: str, target: str, jobs: int) -> dict[str, Any]:
 
         elif variant == "grpclib":
             call = _grpclib_caller(target)
+        elif variant == "aio-async":
+            call = _aio_caller(target, [], mode=2)
         else:
             call = _aio_caller(target, _OPTIONS[variant])
 
         async def job(_index: int, png: bytes) -> tuple[str, float]:
             finished = await call(png)
-            return finished.name, time.perf_counter()
+            return str(id(finished)), time.perf_counter()
 
         await _segment(job, 4, warm)
         cpu, main = _own_cpu(), _main_thread_cpu()
