@@ -75,8 +75,8 @@ class PausedDeletes:
         self.reached = asyncio.Event()
         self.resume = asyncio.Event()
 
-    async def put(self, key: str, data: bytes) -> None:
-        await self.inner.put(key, data)
+    async def put(self, key: str, data: bytes, *, fresh: bool = False) -> None:
+        await self.inner.put(key, data, fresh=fresh)
 
     async def size(self, key: str) -> int | None:
         return await self.inner.size(key)

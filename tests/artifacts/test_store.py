@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -295,6 +296,18 @@ async def test_same_bytes_named_first_elsewhere_keep_the_first_name(
                clock().timestamp(), "carol", "j3", "c.webp", None, "comfy")
     )  # fmt: skip
     assert (row.path, row.mime_type, row.owner) == (rel, "image/png", "carol")
+
+
+async def test_register_says_whether_the_bytes_are_new(store: ArtifactStore, clock: Clock) -> None:
+    # Its caller then writes new bytes without looking first (on S3, a HEAD fewer).
+    new = NewRef(f"2031/05/06/{SHA}.png", SHA, "image/png", len(DATA), 1, 1,
+                 clock().timestamp(), "alice", "j1", "a.png", None, "comfy")  # fmt: skip
+    assert (await store.index.register(new)).new_blob
+    clock.advance(1)
+    again = await store.index.register(replace(new, now=clock().timestamp(), job_id="j2"))
+    assert not again.new_blob
+    found = await store.index.lookup(again.path, "alice", "j1")
+    assert found is not None and not found.new_blob  # reads never say so
 
 
 async def test_two_coordinators_put_the_same_bytes_at_once(coordinators: Coordinators) -> None:

@@ -70,6 +70,9 @@ class IndexedRef:
     seed: int | None
     provider: str
     ref_created: float
+    new_blob: bool = False
+    """Set by :meth:`ArtifactIndex.register` when its row for these bytes is new: nothing is
+    stored under ``path`` yet, most likely (no need to look before writing)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +138,10 @@ _REF_UPSERT = (
 )
 
 
-def _ref_of(row: Any) -> IndexedRef:
-    return IndexedRef(*(row[i] for i in range(12)))
+def _ref_of(row: Any, new_blob: bool = False) -> IndexedRef:
+    r = row
+    return IndexedRef(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11],
+                      new_blob)  # fmt: skip
 
 
 _SQLITE_SCHEMA = """
@@ -234,7 +239,10 @@ class SqliteArtifactIndex:
                 "INSERT INTO blobs (path, sha256, mime_type, size, width, height, created,"
                 " last_put) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (sha256) DO UPDATE SET last_put = excluded.last_put "
-                + _BLOB_RETURNING,
+                # New row: created = last_put (an old one put again at the very same
+                # instant looks new too; its caller then writes without looking first)
+                + _BLOB_RETURNING
+                + ", created = last_put",
                 (ref.path, ref.sha256, ref.mime_type, ref.size, ref.width, ref.height,
                  ref.now, ref.now),
             ).fetchone()  # fmt: skip
@@ -248,7 +256,7 @@ class SqliteArtifactIndex:
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        return IndexedRef(*blob, *mine)
+        return _ref_of(blob[:6] + mine, bool(blob[6]))
 
     async def lookup(
         self, path: str, owner: str | None, job_id: str | None = None
@@ -292,10 +300,11 @@ class SqliteArtifactIndex:
 _PG_REGISTER = (
     "WITH b AS (INSERT INTO artifact_blobs (path, sha256, mime_type, size, width, height,"
     " created, last_put) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)"
-    f" ON CONFLICT (sha256) DO UPDATE SET last_put = excluded.last_put {_BLOB_RETURNING}),"
+    f" ON CONFLICT (sha256) DO UPDATE SET last_put = excluded.last_put {_BLOB_RETURNING},"
+    " xmax = 0 AS inserted),"  # an updated row has the updater's id in xmax
     " r AS (INSERT INTO artifact_refs (path, owner, job_id, file_name, seed, provider, created)"
     f" SELECT path, $8, $9, $10, $11, $12, $7 FROM b{_REF_UPSERT} {_REF_RETURNING})"
-    f" SELECT {_REF_COLUMNS} FROM b, r"
+    f" SELECT {_REF_COLUMNS}, b.inserted FROM b, r"
 )
 
 
@@ -342,7 +351,7 @@ class PostgresArtifactIndex:
             ref.owner, ref.job_id, ref.file_name, ref.seed, ref.provider,
         )  # fmt: skip
         assert row is not None  # both inserts return their row (DO UPDATE has no WHERE)
-        return _ref_of(row)
+        return _ref_of(row, row[12])
 
     async def lookup(
         self, path: str, owner: str | None, job_id: str | None = None

@@ -217,9 +217,10 @@ class ArtifactStore:
             row = await index.register_and_write(new, lambda key: blobs.put_now(key, data))
         else:
             row = await index.register(new)
-            # After the row (write-once: known bytes cost a look): a retention delete of
-            # these bytes finished before the register returned, so this write stays.
-            await blobs.put(row.path, data)
+            # After the row: a retention delete of these bytes finished before the register
+            # returned, so this write stays. Write-once: known bytes cost a look, new ones
+            # are written without (on S3 a HEAD fewer).
+            await blobs.put(row.path, data, fresh=row.new_blob)
         ref = self._ref(row)
         for listener in self._put_listeners:
             try:
