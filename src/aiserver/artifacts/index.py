@@ -117,7 +117,10 @@ class ArtifactIndex(Protocol):
     async def forget(self, path: str, sha256: str, last_put: float, drop: Drop) -> bool:
         """Drop the blob and its references if nobody stored it again since ``last_put``,
         and its bytes with ``drop``: a :meth:`register` of the same bytes, from any process,
-        returns only once ``drop`` is done, so its caller's write comes after the delete."""
+        returns only once ``drop`` is done, so its caller's write comes after the delete.
+
+        An error of ``drop`` propagates; PostgreSQL then keeps the row (the next sweep tries
+        again), SQLite has dropped it already (the bytes stay unindexed, as before)."""
         ...
 
     async def close(self) -> None: ...
