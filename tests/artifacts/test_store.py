@@ -381,6 +381,27 @@ async def test_a_delete_after_a_put_refreshed_the_blob_keeps_it(
     assert await read_all(a, name) == DATA
 
 
+async def test_a_failed_byte_delete_keeps_the_row_on_postgres(
+    coordinators: Coordinators, clock: Clock
+) -> None:
+    # PostgreSQL deletes the row in the transaction that deletes the bytes: a failure there
+    # rolls it back. SQLite has committed its delete by then (the bytes stay unindexed).
+    a = await coordinators.open(clock)
+    name = await put(a, DATA)
+    [blob] = await a.index.blobs()
+
+    async def fail() -> None:
+        raise OSError("the bucket said no")
+
+    with pytest.raises(OSError):
+        await a.index.forget(a.relative_path(name), blob.sha256, blob.last_put, fail)
+    kept = await a.index.lookup(a.relative_path(name), "alice") is not None
+    assert kept == (coordinators.index_kind == "postgres")
+    assert await stored(a, name)  # the drop never ran
+    if kept:
+        assert await read_all(a, name) == DATA
+
+
 async def test_a_put_writes_the_bytes_its_row_lacks(
     coordinators: Coordinators, clock: Clock
 ) -> None:
