@@ -422,3 +422,18 @@ async def test_many_concurrent_puts_finish(store: ArtifactStore) -> None:
     )
     assert len(set(names)) == 12
     assert [await read_all(store, n) for n in names] == blobs
+
+
+async def test_sweep_keeps_fresh_blobs_whatever_the_limits(
+    store: ArtifactStore, clock: Clock
+) -> None:
+    old = await put(store, b"old" * 10, job_id="j1")
+    clock.advance(120)
+    young = await put(store, b"young" * 10, job_id="j2")
+    clock.advance(30)
+    # Both over the size cap and the age limit; only the blob older than fresh_s goes.
+    deleted = await store.sweep(10, 0, protect=lambda _: False, fresh_s=60)
+    assert deleted == [old]
+    assert await stored(store, young)
+    clock.advance(31)
+    assert await store.sweep(10, 0, protect=lambda _: False, fresh_s=60) == [young]

@@ -309,12 +309,16 @@ class ArtifactStore:
         max_age_s: float | None,
         max_total_bytes: int | None,
         protect: Callable[[str], bool],
+        *,
+        fresh_s: float = 0.0,
     ) -> list[str]:
         """Delete artifacts, least recently stored first; return the deleted names.
 
         First everything older than ``max_age_s``, then more until the total size is at most
         ``max_total_bytes``. Names for which ``protect(name)`` is true (still referenced,
-        e.g. by a job that is not finished) are kept even if the budget stays exceeded.
+        e.g. by a job that is not finished) are kept even if the budget stays exceeded, and
+        so are blobs stored less than ``fresh_s`` ago: with several coordinators an output
+        another one just stored is not in any job record until that job's next save.
         """
         blobs = await self.index.blobs()
         now = self._clock().timestamp()
@@ -325,7 +329,7 @@ class ArtifactStore:
             too_big = max_total_bytes is not None and total > max_total_bytes
             if not (too_old or too_big):
                 break  # oldest first: the rest are newer, and the total only shrinks
-            if protect(blob.name):
+            if protect(blob.name) or now - blob.last_put < fresh_s:
                 continue
             victims.append(blob)
             total -= blob.size
