@@ -135,13 +135,10 @@ def _sampling(p: Any) -> dict[str, Any]:
 
 
 def output_encoding(options: common_pb2.JobOptions) -> dict[str, Any]:
-    """``output_format`` / ``output_quality`` of a spec, from the job options (checked)."""
+    """``output_format`` / ``output_quality`` of a spec, from job options the contract's rules
+    have passed (:func:`~aiserver.api.validation.check_request`: quality is 1..100)."""
     fmt = format_from_proto(options.output_format, "params.options.output_format")
     quality = options.quality if options.HasField("quality") else None
-    if quality is not None and not 1 <= quality <= 100:
-        raise invalid_argument(
-            "params.options.quality", "INVALID_QUALITY", "quality must be between 1 and 100"
-        )
     return {"output_format": fmt.name if fmt is not None else "", "output_quality": quality}
 
 

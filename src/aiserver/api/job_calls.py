@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from imagetasks.v1 import common_pb2, job_pb2
+from PIL import ImageFile
 
 from aiserver.api import calls
 from aiserver.api.convert import Link, event_to_proto
@@ -78,10 +79,9 @@ class JobCalls:
         failed job); nothing is committed to the spool yet."""
         refs = []
         for name, spooled in upload.files.items():
-            info = None
             if spooled.size <= _VERIFY_HERE_BYTES:
-                info = _verify_if_small(spooled.path, self.limits.image, name)
-            if info is None:
+                info = await self._verify_small_file(spooled.path, name)
+            else:
                 info = await self.pool.run(verify, spooled.path, self.limits.image, name)
             refs.append(
                 InputRef(
@@ -95,6 +95,17 @@ class JobCalls:
                 )
             )
         return refs
+
+    async def _verify_small_file(self, path: Path, field: str) -> ImageInfo:
+        """:func:`~aiserver.imaging.verify`'s checks for a file of at most
+        :data:`_VERIFY_HERE_BYTES`: its header read once, here; the decode here too when the
+        header says at most :data:`_VERIFY_HERE_PIXELS`, else in the image pool."""
+        with open_image_with_info(path, self.limits.image, field) as (image, info):
+            if info.width * info.height <= _VERIFY_HERE_PIXELS:
+                _decode_first_frame(image)
+            else:
+                await self.pool.run(_decode_first_frame, image)
+        return info
 
     async def run(
         self,
@@ -207,15 +218,10 @@ _VERIFY_HERE_PIXELS = 128 * 128
 hop to the image pool and back costs about 0.1 ms of CPU by itself, as much as the decode."""
 
 
-def _verify_if_small(path: Path, limits: ImageLimits, field: str) -> ImageInfo | None:
-    """:func:`~aiserver.imaging.verify`'s checks when the header says at most
-    :data:`_VERIFY_HERE_PIXELS`; None (nothing decoded) for a larger image."""
-    with open_image_with_info(path, limits, field) as (image, info):
-        if info.width * info.height > _VERIFY_HERE_PIXELS:
-            return None
-        apply_jpeg_draft(image, (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
-        image.load()
-    return info
+def _decode_first_frame(image: ImageFile.ImageFile) -> None:
+    """:func:`~aiserver.imaging.verify`'s decode (JPEG at 1/8 scale) of an open image."""
+    apply_jpeg_draft(image, (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+    image.load()
 
 
 def check_options(options: common_pb2.JobOptions) -> None:
