@@ -211,9 +211,13 @@ class _Subscriber:
             self._queue = deque(e for i, e in enumerate(self._queue) if i not in drop)
 
     def _deliver(self, event: JobEvent) -> JobEvent:
-        if isinstance(event.kind, Progress):
+        kind = event.kind
+        # The rate limit's window also opens with Accepted: a progress that a newer one
+        # supersedes within the job's first interval (a provider picked, then running at
+        # once) is not worth a message of its own.
+        if isinstance(kind, (Progress, Accepted)):
             self._last_progress = self._clock()
-        elif isinstance(event.kind, Finished):
+        elif isinstance(kind, Finished):
             self.done = True
         return event
 
@@ -231,12 +235,15 @@ class _Subscriber:
                 if wait <= 0:
                     event, self._pending = self._pending, None
                     return self._deliver(event)
-                # Rate limited: sleep until due, or until a new event flushes the slot.
+                # Rate limited: sleep until due, or until a new event flushes the slot. A
+                # plain timer that sets the waker: asyncio.timeout adds a context manager and,
+                # when it expires, cancels this task to wake it (an exception through every
+                # frame of the stream's handler).
+                timer = asyncio.get_running_loop().call_later(wait, self._waker.set)
                 try:
-                    async with asyncio.timeout(wait):
-                        await self._waker.wait()
-                except TimeoutError:
-                    pass
+                    await self._waker.wait()
+                finally:
+                    timer.cancel()
                 continue
             if self.detached:
                 raise StopAsyncIteration
