@@ -278,3 +278,35 @@ async def test_a_rate_limited_progress_arrives_when_its_interval_ends() -> None:
     got = await within(anext(sub))
     assert got.kind == Progress(Stage.PENDING, provider="p")
     assert 0.04 <= loop.time() - start < 0.5  # held for the interval, then sent on its own
+
+
+async def test_a_replayed_latest_progress_gives_way_to_a_newer_one_within_the_interval() -> None:
+    # The creating call subscribes just after its job was picked (PENDING in the replay);
+    # the job runs at once: the caller is told RUNNING, not both.
+    hub = EventHub(progress_interval_s=0.05)
+    job = new_job()
+    hub.open_new(job)
+    hub.emit(job.id, Accepted(job.task, "r", 0))
+    hub.emit(job.id, Progress(Stage.PENDING, provider="p"))
+    sub = hub.subscribe(job.id, no_history)
+    assert isinstance((await within(anext(sub))).kind, Accepted)
+    rest_task = asyncio.create_task(collect(sub))
+    await asyncio.sleep(0.01)
+    hub.emit(job.id, progress(0.5))
+    add_output(hub, job, 0)
+    finish(hub, job)
+    rest = await within(rest_task)
+    assert kinds(rest)[0] == progress(0.5)
+    assert [e.sequence for e in rest] == [3, 4, 5]
+
+
+async def test_a_replayed_latest_progress_arrives_when_nothing_newer_comes() -> None:
+    hub = EventHub(progress_interval_s=0.05)
+    job = new_job()
+    hub.open_new(job)
+    hub.emit(job.id, Accepted(job.task, "r", 0))
+    hub.emit(job.id, Progress(Stage.PENDING, provider="p"))
+    sub = hub.subscribe(job.id, no_history)
+    await within(anext(sub))
+    got = await within(anext(sub))
+    assert (got.sequence, got.kind) == (2, Progress(Stage.PENDING, provider="p"))
