@@ -6,9 +6,11 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
 from aiserver.jobs.model import Stage
 from aiserver.providers.base import ProviderUnavailable, WorkItem
+from aiserver.providers.comfy.client import ComfyClient
 from aiserver.providers.comfy.workflows import WorkflowCatalog
 from aiserver.providers.failures import Cause
 from aiserver.tasks import ImageToImageSpec, TaskKind
@@ -130,3 +132,22 @@ async def test_an_agent_restart_loses_every_prompt_on_the_socket_and_each_run_sa
     # Both runs came back through one new socket, then asked after their own prompt.
     socket_id = standin.received.ws_connects[0]
     assert standin.received.ws_connects == [socket_id, socket_id]
+
+
+async def test_the_websocket_is_opened_without_compression() -> None:
+    """Frames are small JSON and already-compressed images: inflating each one only cost CPU
+    (and the agent the deflate of every image it sends), so no permessage-deflate is offered."""
+    offered: list[str | None] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        offered.append(ws.request.headers.get("Sec-WebSocket-Extensions"))
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        agent = ComfyClient("plain", f"http://127.0.0.1:{port}")
+        socket = await agent.open_websocket("c1")
+        await socket.close()
+        await agent.aclose()
+    assert offered == [None]

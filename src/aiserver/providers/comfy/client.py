@@ -365,6 +365,10 @@ class ComfyClient:
                 # drops the socket for every run on it, so the limit is an output's size.
                 max_size=256 * 1024 * 1024,
                 close_timeout=1,
+                # No permessage-deflate: the frames are small JSON and already-compressed
+                # images, and inflating each one cost the service CPU per frame (and the agent
+                # the deflate of every output image it sends).
+                compression=None,
             )
         except (OSError, TimeoutError, WebSocketException) as exc:
             raise self.unavailable(
