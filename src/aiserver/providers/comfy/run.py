@@ -226,7 +226,7 @@ class Run:
     def _track(self, built: BuiltPrompt) -> None:
         self.built = built
         self.tracker = NodeTracker(built)
-        self.images = SocketImages(frozenset(built.socket_outputs))
+        self.images = SocketImages(built.socket_outputs)
 
     def _checkpoint(self) -> dict[str, str]:
         assert self.built is not None
@@ -273,7 +273,7 @@ class Run:
         self.queued_at = self.started_at = 0.0
         self.outputs = {}
         frames_named = await channel.frames_name_prompt(min(self.t.connect_s, 2.0))
-        senders = frozenset(self.built.socket_outputs)
+        senders = self.built.socket_outputs
         logger.info(
             "prompt %s on %s ended without its images reaching us: queued again as %s",
             previous,
