@@ -10,6 +10,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from aiserver.jobs.model import Stage
 from aiserver.providers.base import ProviderUnavailable, WorkItem
+from aiserver.providers.comfy import messages as msg
+from aiserver.providers.comfy.channel import Subscription
 from aiserver.providers.comfy.client import ComfyClient
 from aiserver.providers.comfy.workflows import WorkflowCatalog
 from aiserver.providers.failures import Cause
@@ -151,3 +153,36 @@ async def test_the_websocket_is_opened_without_compression() -> None:
         await socket.close()
         await agent.aclose()
     assert offered == [None]
+
+
+def drained(sub: Subscription) -> list[msg.Message]:
+    out = []
+    while (message := sub.recv_nowait()) is not None:
+        out.append(message)
+    return out
+
+
+async def test_a_subscription_hears_the_queue_until_its_prompt_starts_and_waits_to_deadlines(
+    standin: ComfyStandIn, client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    loop = asyncio.get_running_loop()
+    channel = client.transport.channel
+    waiting = await channel.subscribe("prompt-waiting")
+    running = await channel.subscribe("prompt-running")
+    running.started()
+    (work,) = jobs(inputs_dir, 1)
+    async with asyncio.timeout(10):
+        job = asyncio.create_task(client.run(work, catalog.get(work.task), RecordingSink()))
+        # A far deadline: the message comes first (its timer stays set, for the next wait).
+        assert isinstance(await waiting.recv(loop.time() + 30), msg.Status)
+        await job
+    assert any(isinstance(m, msg.Status) for m in drained(waiting))  # the queue emptied
+    assert drained(running) == []  # started: queue changes are not its business
+    # A nearer deadline than the timer left set: it still times out at its own.
+    asked = loop.time()
+    async with asyncio.timeout(3):
+        with pytest.raises(TimeoutError):
+            await waiting.recv(asked + 0.05)
+    assert 0.05 <= loop.time() - asked < 1.0
+    waiting.close()
+    running.close()
