@@ -216,9 +216,13 @@ async def test_a_big_body_arrives_whole() -> None:
     assert server.requests[0].body == body
 
 
-async def test_a_refused_connection_and_a_non_http_answer() -> None:
+async def test_a_refused_connection_a_bad_url_and_a_non_http_answer() -> None:
     agent = http("http://127.0.0.1:9")
     with pytest.raises(ConnectFailed, match="ConnectionRefusedError"):
+        await agent.request("GET", "/system_stats")
+    await agent.close()
+    agent = http("http://127.0.0.1:99999")  # the agent is unreachable, not the service broken
+    with pytest.raises(ConnectFailed, match="99999"):
         await agent.request("GET", "/system_stats")
     await agent.close()
     async with serving(lambda r: b"SSH-2.0-OpenSSH\r\n\r\n") as server:

@@ -290,16 +290,21 @@ class AgentHttp:
         self, url: str, *, headers: dict[str, str], connect_s: float, request_s: float
     ) -> None:
         parts = urlsplit(url)
+        self._invalid = ""  # why no request can be made (told at each, as a failed connect)
+        try:
+            port = parts.port
+        except ValueError as exc:
+            port, self._invalid = None, f"the agent's URL {url!r}: {exc}"
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        self._host = parts.hostname
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+            self._invalid = f"the agent's URL {url!r} is not http(s)://host[:port]"
+        self._host = parts.hostname or ""
+        self._port = port or (443 if parts.scheme == "https" else 80)
         self._ssl: ssl.SSLContext | None = (
             ssl.create_default_context() if parts.scheme == "https" else None
         )
         self._base = parts.path.rstrip("/")
         host = f"[{self._host}]" if ":" in self._host else self._host
-        default_port = parts.port is None or parts.port == (443 if self._ssl else 80)
+        default_port = port is None or port == (443 if self._ssl else 80)
         fixed = {"Host": host if default_port else f"{host}:{self._port}"}
         if parts.username is not None and not any(k.lower() == "authorization" for k in headers):
             user = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
@@ -365,6 +370,8 @@ class AgentHttp:
     ) -> tuple[_Connection, bool]:
         if self._closed:
             raise ConnectFailed("the client is closed")
+        if self._invalid:
+            raise ConnectFailed(self._invalid)
         now = time.monotonic()
         while self._idle and not fresh:
             conn = self._idle.pop()
