@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import pytest
 
 from aiserver.errors import ServiceError
-from aiserver.jobs.model import ArtifactRef, InputRef, JobState
+from aiserver.jobs.model import ArtifactRef, InputRef, Job, JobState
 from aiserver.jobs.store import (
     ActiveLimitReached,
     Announcement,
@@ -468,3 +468,114 @@ async def test_unannounced_events_are_stored_and_found_at_the_next_announcement(
     finally:
         await heard.aclose()
     assert [e.sequence for e in await b.events(job.id)] == [2, 3, 4]
+
+
+def _grouped(store: JobStore) -> int:
+    """Writes a PostgreSQL store stored in groups (group commit); SQLite has none."""
+    return sum(
+        getattr(store, name).grouped for name in ("_saves", "_creates") if hasattr(store, name)
+    )
+
+
+async def test_concurrent_saves_are_each_fenced_with_their_own_events(
+    backend: JobStoreBackend,
+) -> None:
+    """Many saves at once (on PostgreSQL they meet in group statements): each one lands or
+    fails by its own lease, and carries only its own events, prune, release and outbox."""
+    a, b = await _two(backend)
+    mine = [make_job(i) for i in range(12)]
+    theirs = [make_job(i) for i in range(20, 24)]
+    records = {j.id: JobRecord(j) for j in [*mine, *theirs]}
+    await asyncio.gather(
+        *(a.create(records[j.id], holder="A", lease_s=30) for j in mine),
+        *(a.create(records[j.id], holder="B", lease_s=30) for j in theirs),
+    )
+    for j in mine:
+        await a.append_events(j.id, [NewEvent(s, "progress", {"s": s}) for s in (2, 3)])
+    ghost = JobRecord(make_job(40))
+
+    async def save(record: JobRecord) -> str:
+        job = record.job
+        n = int(job.spec.seed)  # type: ignore[union-attr]
+        job.state = JobState.SUCCEEDED if n % 2 else JobState.RUNNING
+        job.progress = n / 100
+        final = n % 2 == 1
+        try:
+            await a.save(
+                record,
+                holder="A",
+                events=[NewEvent(10 + n, "finished" if final else "output", {"n": n})],
+                release=final,
+                prune="progress" if final else "",
+                outbox=[(f"https://example.test/{n}", str(n).encode())] if final else [],
+            )
+        except LeaseLost:
+            return "lost"
+        except ServiceError as exc:
+            return exc.reason
+        return "saved"
+
+    results = await asyncio.gather(*(save(records[j.id]) for j in [*mine, *theirs]), save(ghost))
+    assert results == ["saved"] * len(mine) + ["lost"] * len(theirs) + ["JOB_NOT_FOUND"]
+    if backend.kind == "postgres":
+        assert _grouped(a) > 0  # they did meet
+    for j in mine:
+        stored = await b.get(j.id)
+        n = int(j.spec.seed)  # type: ignore[union-attr]
+        assert stored is not None and stored.job.progress == n / 100
+        kinds = [(e.sequence, e.kind) for e in await b.events(j.id)]
+        if n % 2:
+            assert kinds == [(3, "progress"), (10 + n, "finished")]  # 2 pruned
+            assert await a.renew(j.id, "A", 30) is None  # released
+        else:
+            assert kinds == [(2, "progress"), (3, "progress"), (10 + n, "output")]
+            assert await a.renew(j.id, "A", 30) is not None
+    for j in theirs:
+        stored = await b.get(j.id)
+        assert stored is not None and stored.job.state is JobState.QUEUED
+        assert await b.events(j.id) == []
+    bodies = sorted(i.body for i in await b.outbox_claim("B", 30, 100))
+    assert bodies == sorted(str(n).encode() for n in range(12) if n % 2)
+
+
+async def test_concurrent_creates_keep_the_limit_and_ref_ids(backend: JobStoreBackend) -> None:
+    """Many creates at once (grouped on PostgreSQL): the per-owner limit counts the
+    group's own creates, a ref_id made twice makes one job, events and inputs go in."""
+    a, b = await _two(backend)
+    await a.create(JobRecord(make_job(0)), holder="A", lease_s=30)  # alice has one already
+    sha = "f" * 64
+
+    async def create(job: Job, max_active: int) -> str:
+        job.inputs = [InputRef("image", "in.png", sha, 3, "image/png", 1, 1)]
+        try:
+            found, existing = await a.create(
+                JobRecord(job),
+                max_active=max_active,
+                holder="A",
+                lease_s=30,
+                events=[NewEvent(1, "accepted", {"ref_id": job.ref_id})],
+            )
+        except ActiveLimitReached:
+            return "limit"
+        return f"existing {found.job.id}" if existing else "made"
+
+    alice = [make_job(i) for i in range(1, 9)]
+    bob = [make_job(i, owner="bob") for i in range(10, 14)]
+    twins = [make_job(i, owner="carol", ref_id="same") for i in range(20, 23)]
+    results = await asyncio.gather(
+        *(create(j, 4) for j in alice), *(create(j, 0) for j in bob), *(create(j, 0) for j in twins)
+    )
+    assert sorted(results[: len(alice)]) == ["limit"] * 5 + ["made"] * 3  # 1 + 3 = 4
+    assert results[len(alice) : len(alice) + len(bob)] == ["made"] * len(bob)
+    made_twin = [t for t, r in zip(twins, results[-3:], strict=True) if r == "made"]
+    assert len(made_twin) == 1
+    assert sorted(results[-3:]) == [f"existing {made_twin[0].id}"] * 2 + ["made"]
+    if backend.kind == "postgres":
+        assert _grouped(a) > 0
+    assert await b.count_active("alice") == 4
+    for job in [*alice, *bob, *made_twin]:
+        if await b.get(job.id) is None:
+            continue  # refused by the limit
+        assert [e.kind for e in await b.events(job.id)] == ["accepted"]
+        assert await b.claim("B", 30, job_id=job.id) is None  # leased to A
+    assert await b.inputs_in_use([sha]) == {sha}

@@ -28,6 +28,15 @@ from aiserver.jobs.model import Job, WebhookDelivery
 from aiserver.jobs.paging import page_size as _page_size
 from aiserver.jobs.store import migrations, rows
 from aiserver.jobs.store.announce import AnnouncementHub, Listener
+from aiserver.jobs.store.group_commit import GroupCommit
+from aiserver.jobs.store.group_sql import (
+    PendingCreate,
+    PendingSave,
+    group_create_args,
+    group_create_sql,
+    group_save_args,
+    group_save_sql,
+)
 from aiserver.jobs.store.protocol import (
     ActiveLimitReached,
     Announcement,
@@ -82,6 +91,9 @@ class PostgresJobStore:
         self._reconnect: asyncio.Future[None] | None = None
         self._closed = False
         self._slot_rows: set[tuple[str, int]] = set()  # (agent, capacity) known to have rows
+        # Writes of several jobs that meet go in one statement (group_commit.py).
+        self._saves = GroupCommit(self._save_one, self._save_group, lambda s: s.job_id)
+        self._creates = GroupCommit(self._create_one, self._create_group, lambda c: c.key)
 
     @classmethod
     async def open(cls, url: str, *, schema: str = "public", pool_size: int = 8) -> Self:
@@ -130,24 +142,34 @@ class PostgresJobStore:
     ) -> tuple[JobRecord, bool]:
         self._check()
         row = rows.row_of(record)
-        shas = sorted({i.sha256 for i in record.job.inputs})
-        now = _now_us()
-        lease = (holder, now + _us(lease_s)) if holder is not None else (None, None)
-        args = [*(row[c] for c in rows.COLUMNS), *lease, shas]
-        if max_active > 0:
-            args.append(max_active)
-        sql = _create_sql(max_active > 0, bool(events))
-        if events:
-            args += [
-                *_event_arrays(events, now),
-                self._channel,
-                self._event_notice(row["id"], events),
-            ]
-        if max_active <= 0:
+        events_notice = self._event_notice(row["id"], events) if events else None
+        item = PendingCreate(
+            record,
+            row,
+            sorted({i.sha256 for i in record.job.inputs}),
+            holder,
+            _now_us() + _us(lease_s) if holder is not None else None,
+            max(max_active, 0),
+            events,
+            events_notice,
+        )
+        made = await self._creates.write(item)
+        return made if made is not None else await self._create_one(item)
+
+    async def _create_one(self, item: PendingCreate) -> tuple[JobRecord, bool]:
+        self._check()
+        row = item.row
+        args = [*(row[c] for c in rows.COLUMNS), item.holder, item.expires_us, list(item.shas)]
+        if item.max_active > 0:
+            args.append(item.max_active)
+        sql = _create_sql(item.max_active > 0, bool(item.events))
+        if item.events:
+            args += [*_event_arrays(item.events, _now_us()), self._channel, item.notice]
+        if item.max_active <= 0:
             # One statement: the insert, its input references and events (announced), and
             # nothing when (owner, ref_id) exists.
             if await self._fetchval(sql, *args) is not None:
-                return record, False
+                return item.record, False
         else:
             async with self._pool.acquire() as conn, conn.transaction():
                 # Creates of one owner take turns (until commit): the count in the insert,
@@ -156,7 +178,7 @@ class PostgresJobStore:
                     "SELECT pg_advisory_xact_lock($1, hashtext($2))", _OWNER_LOCK, row["owner"]
                 )
                 if await conn.fetchval(sql, *args) is not None:
-                    return record, False
+                    return item.record, False
                 found = await conn.fetchrow(_EXISTING_SQL, row["owner"], row["ref_id"])
                 if found is not None:  # a retry of a job it has is no new work
                     return rows.record_of(found), True
@@ -165,6 +187,29 @@ class PostgresJobStore:
         again = await self._fetchrow(_EXISTING_SQL, row["owner"], row["ref_id"])
         assert again is not None
         return rows.record_of(again), True
+
+    async def _create_group(
+        self, group: Sequence[PendingCreate]
+    ) -> list[tuple[JobRecord, bool] | None]:
+        """Several creates in one statement; ``None`` for each that did not go in (a lone
+        create answers it: an existing ``ref_id`` or the limit)."""
+        self._check()
+        args = group_create_args(group, _now_us(), self._channel)
+        owners = sorted({c.row["owner"] for c in group if c.max_active > 0})
+        if not owners:
+            found = await self._pool.fetch(group_create_sql(), *args)
+        else:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # Every owner's lock, in one order (by key: a group takes several).
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, k) FROM (SELECT DISTINCT hashtext(o) AS k"
+                    " FROM unnest($2::text[]) AS o ORDER BY k) AS keys",
+                    _OWNER_LOCK,
+                    owners,
+                )
+                found = await conn.fetch(group_create_sql(), *args)
+        made = {r[0] for r in found}
+        return [(c.record, False) if c.row["id"] in made else None for c in group]
 
     async def save(
         self,
@@ -178,24 +223,43 @@ class PostgresJobStore:
         announce: bool = True,
     ) -> None:
         self._check()
-        row = rows.mutable_row_of(record)
+        notice = self._event_notice(record.job.id, events) if events else None
+        item = PendingSave(
+            rows.mutable_row_of(record),
+            holder,
+            events,
+            release,
+            prune,
+            outbox,
+            notice if announce else None,
+        )
+        if not await self._saves.write(item):
+            await self._not_saved(item.job_id, holder)
+
+    async def _save_one(self, item: PendingSave) -> bool:
+        """One save as one statement (one round trip, one transaction): the update, fenced
+        by the lease, and whatever goes with it only when the update found its row."""
+        self._check()
+        row = item.row
         now = _now_us()
-        args: list[Any] = [row["id"], holder, *(row[c] for c in rows.MUTABLE)]
-        sql = _save_sql(bool(events), release, bool(prune), bool(outbox), announce)
-        if events:
-            args += [
-                *_event_arrays(events, now),
-                self._channel,
-                self._event_notice(row["id"], events),
-            ]
-        if prune:
-            args.append(prune)
-        if outbox:
-            args += [[url for url, _ in outbox], [body for _, body in outbox], now]
-        # One statement (one round trip, one transaction): the update, fenced by the lease,
-        # and whatever goes with it only when the update found its row.
-        if await self._fetchval(sql, *args) is None:
-            await self._not_saved(row["id"], holder)
+        args: list[Any] = [row["id"], item.holder, *(row[c] for c in rows.MUTABLE)]
+        sql = _save_sql(
+            bool(item.events), item.release, bool(item.prune), bool(item.outbox), bool(item.notice)
+        )
+        if item.events:
+            args += [*_event_arrays(item.events, now), self._channel, item.notice or ""]
+        if item.prune:
+            args.append(item.prune)
+        if item.outbox:
+            args += [[url for url, _ in item.outbox], [body for _, body in item.outbox], now]
+        return await self._fetchval(sql, *args) is not None
+
+    async def _save_group(self, group: Sequence[PendingSave]) -> list[bool]:
+        """Several saves as one statement (``group_commit.py``): the ids of the rows saved."""
+        self._check()
+        args = group_save_args(group, _now_us(), self._channel)
+        saved = {r[0] for r in await self._pool.fetch(group_save_sql(), *args)}
+        return [s.job_id in saved for s in group]
 
     def _event_notice(self, job_id: str, events: Sequence[NewEvent]) -> str:
         # One announcement for the batch: watchers read the table from their own last.
@@ -440,8 +504,11 @@ class PostgresJobStore:
         if not job_ids:
             return set()
         now = _now_us()
+        # Rows locked in id order, as a group save locks them: no deadlock between the two.
         found = await self._fetch(
-            "UPDATE jobs SET lease_expires_us = $1 WHERE id = ANY($2::text[])"
+            "WITH locked AS MATERIALIZED (SELECT id FROM jobs WHERE id = ANY($2::text[])"
+            " ORDER BY id FOR UPDATE)"
+            " UPDATE jobs SET lease_expires_us = $1 WHERE id IN (SELECT id FROM locked)"
             " AND lease_holder = $3 AND lease_expires_us >= $4 RETURNING id",
             now + _us(lease_s),
             list(job_ids),
