@@ -473,7 +473,9 @@ async def test_unannounced_events_are_stored_and_found_at_the_next_announcement(
 def _grouped(store: JobStore) -> int:
     """Writes a PostgreSQL store stored in groups (group commit); SQLite has none."""
     return sum(
-        getattr(store, name).grouped for name in ("_saves", "_creates") if hasattr(store, name)
+        getattr(store, name).grouped
+        for name in ("_saves", "_creates", "_slot_claims", "_slot_releases")
+        if hasattr(store, name)
     )
 
 
@@ -486,6 +488,7 @@ async def test_concurrent_saves_are_each_fenced_with_their_own_events(
     mine = [make_job(i) for i in range(12)]
     theirs = [make_job(i) for i in range(20, 24)]
     records = {j.id: JobRecord(j) for j in [*mine, *theirs]}
+    number = {j.id: n for n, j in enumerate(mine)}
     await asyncio.gather(
         *(a.create(records[j.id], holder="A", lease_s=30) for j in mine),
         *(a.create(records[j.id], holder="B", lease_s=30) for j in theirs),
@@ -496,7 +499,7 @@ async def test_concurrent_saves_are_each_fenced_with_their_own_events(
 
     async def save(record: JobRecord) -> str:
         job = record.job
-        n = int(job.spec.seed)  # type: ignore[union-attr]
+        n = number.get(job.id, 99)
         job.state = JobState.SUCCEEDED if n % 2 else JobState.RUNNING
         job.progress = n / 100
         final = n % 2 == 1
@@ -521,7 +524,7 @@ async def test_concurrent_saves_are_each_fenced_with_their_own_events(
         assert _grouped(a) > 0  # they did meet
     for j in mine:
         stored = await b.get(j.id)
-        n = int(j.spec.seed)  # type: ignore[union-attr]
+        n = number[j.id]
         assert stored is not None and stored.job.progress == n / 100
         kinds = [(e.sequence, e.kind) for e in await b.events(j.id)]
         if n % 2:
@@ -579,3 +582,32 @@ async def test_concurrent_creates_keep_the_limit_and_ref_ids(backend: JobStoreBa
         assert [e.kind for e in await b.events(job.id)] == ["accepted"]
         assert await b.claim("B", 30, job_id=job.id) is None  # leased to A
     assert await b.inputs_in_use([sha]) == {sha}
+
+
+async def test_concurrent_slot_claims_and_releases_never_over_admit(
+    backend: JobStoreBackend,
+) -> None:
+    """Claims and releases at once (grouped on PostgreSQL): each agent's slots go to one
+    claimant each, never more than its capacity; releases free exactly their own slots."""
+    a, b = await _two(backend)
+    for agent in ("gpu-1", "gpu-2"):  # the agents' rows exist (made by a first miss)
+        first = await a.claim_slot(agent, 3, "A", 30)
+        assert first is not None
+        await a.release_slot(first)
+    other = await b.claim_slot("gpu-1", 3, "B", 30)  # another process holds one of gpu-1's
+    assert other is not None
+    wanted = ["gpu-1"] * 5 + ["gpu-2"] * 5 + ["gpu-3"] * 2  # gpu-3: rows not made yet
+    claims = await asyncio.gather(*(a.claim_slot(agent, 3, "A", 30) for agent in wanted))
+    held = [c for c in claims if c is not None]
+    by_agent = {
+        agent: sorted(c.slot for c in held if c.agent == agent)
+        for agent in ("gpu-1", "gpu-2", "gpu-3")
+    }
+    assert by_agent == {"gpu-1": [1, 2], "gpu-2": [0, 1, 2], "gpu-3": [0, 1]}
+    assert all(c.holder == "A" for c in held)
+    if backend.kind == "postgres":
+        assert _grouped(a) > 0
+    await asyncio.gather(*(a.release_slot(c) for c in held))
+    again = await asyncio.gather(*(a.claim_slot("gpu-1", 3, "A", 30) for _ in range(3)))
+    assert sorted(c.slot for c in again if c is not None) == [1, 2]  # B keeps slot 0
+    assert await b.renew_slot(other, 30) is not None

@@ -12,8 +12,11 @@ from aiserver.jobs.store import rows
 from aiserver.jobs.store.protocol import JobRecord, NewEvent
 
 __all__ = [
+    "GROUP_SLOT_CLAIM_SQL",
+    "GROUP_SLOT_RELEASE_SQL",
     "PendingCreate",
     "PendingSave",
+    "PendingSlotClaim",
     "group_create_args",
     "group_create_sql",
     "group_save_args",
@@ -228,3 +231,33 @@ def group_create_args(group: Sequence[PendingCreate], now_us: int, channel: str)
         now_us,
         channel,
     ]
+
+
+@dataclass(eq=False, slots=True)
+class PendingSlotClaim:
+    """A slot wanted on ``agent`` (one of its first ``capacity``)."""
+
+    agent: str
+    capacity: int
+    holder: str
+    lease_s: float
+
+
+GROUP_SLOT_CLAIM_SQL = (
+    # Per agent, as many free slots as the group wants there (SKIP LOCKED: never waits).
+    "WITH want AS (SELECT agent, capacity, count(*) AS n"
+    " FROM unnest($1::text[], $2::integer[]) AS w(agent, capacity) GROUP BY agent, capacity),"
+    " free AS (SELECT s.agent, s.slot FROM want, LATERAL (SELECT agent, slot FROM agent_slots"
+    " WHERE agent = want.agent AND slot < want.capacity AND (holder IS NULL OR expires_us < $3)"
+    " ORDER BY slot LIMIT want.n FOR UPDATE SKIP LOCKED) AS s)"
+    " UPDATE agent_slots a SET holder = $4, expires_us = $5 FROM free"
+    " WHERE a.agent = free.agent AND a.slot = free.slot RETURNING a.agent, a.slot"
+)
+"""Several slot claims of one holder as one statement: the (agent, slot) pairs taken."""
+
+GROUP_SLOT_RELEASE_SQL = (
+    "UPDATE agent_slots a SET holder = NULL"
+    " FROM unnest($1::text[], $2::integer[], $3::text[]) AS v(agent, slot, holder)"
+    " WHERE a.agent = v.agent AND a.slot = v.slot AND a.holder = v.holder"
+)
+"""Several slot releases as one statement (each row only by its own holder)."""

@@ -30,8 +30,11 @@ from aiserver.jobs.store import migrations, rows
 from aiserver.jobs.store.announce import AnnouncementHub, Listener
 from aiserver.jobs.store.group_commit import GroupCommit
 from aiserver.jobs.store.group_sql import (
+    GROUP_SLOT_CLAIM_SQL,
+    GROUP_SLOT_RELEASE_SQL,
     PendingCreate,
     PendingSave,
+    PendingSlotClaim,
     group_create_args,
     group_create_sql,
     group_save_args,
@@ -94,6 +97,10 @@ class PostgresJobStore:
         # Writes of several jobs that meet go in one statement (group_commit.py).
         self._saves = GroupCommit(self._save_one, self._save_group, lambda s: s.job_id)
         self._creates = GroupCommit(self._create_one, self._create_group, lambda c: c.key)
+        self._slot_claims = GroupCommit(self._claim_slot_one, self._claim_slot_group, id)
+        self._slot_releases = GroupCommit(
+            self._release_slot_one, self._release_slot_group, lambda c: (c.agent, c.slot)
+        )
 
     @classmethod
     async def open(cls, url: str, *, schema: str = "public", pool_size: int = 8) -> Self:
@@ -661,26 +668,60 @@ class PostgresJobStore:
         self, agent: str, capacity: int, holder: str, lease_s: float
     ) -> SlotClaim | None:
         self._check()
+        item = PendingSlotClaim(agent, capacity, holder, lease_s)
+        found = await self._slot_claims.write(item)
+        if found is None and (agent, capacity) not in self._slot_rows:
+            found = await self._claim_slot_one(item)  # makes the agent's rows first
+        return found
+
+    async def _claim_slot_one(self, item: PendingSlotClaim) -> SlotClaim | None:
+        self._check()
         now = _now_us()
-        expires = now + _us(lease_s)
-        args = (agent, capacity, now, holder, expires)
+        expires = now + _us(item.lease_s)
+        args = (item.agent, item.capacity, now, item.holder, expires)
         # Rows for every slot exist once (made by this process's first miss, remembered);
         # then taking one is a single SKIP LOCKED statement.
         found = await self._fetchval(_CLAIM_SLOT_SQL, *args)
-        if found is None and (agent, capacity) not in self._slot_rows:
+        if found is None and (item.agent, item.capacity) not in self._slot_rows:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(
                     "INSERT INTO agent_slots (agent, slot, holder, expires_us)"
                     " SELECT $1, s, NULL, 0 FROM generate_series(0, $2 - 1) s"
                     " ON CONFLICT DO NOTHING",
-                    agent,
-                    capacity,
+                    item.agent,
+                    item.capacity,
                 )
                 found = await conn.fetchval(_CLAIM_SLOT_SQL, *args)
-            self._slot_rows.add((agent, capacity))
+            self._slot_rows.add((item.agent, item.capacity))
         if found is None:
             return None
-        return SlotClaim(agent, int(found), holder, codec.from_micros(expires))
+        return SlotClaim(item.agent, int(found), item.holder, codec.from_micros(expires))
+
+    async def _claim_slot_group(self, group: Sequence[PendingSlotClaim]) -> list[SlotClaim | None]:
+        """Several claims in one statement; a claim the group could not serve gets ``None``
+        (the agent is full, or its rows are not made yet: ``claim_slot`` sees to that)."""
+        self._check()
+        if len({(c.holder, c.lease_s) for c in group}) > 1:  # one process has one holder
+            return [await self._claim_slot_one(c) for c in group]
+        now = _now_us()
+        expires = now + _us(group[0].lease_s)
+        found = await self._pool.fetch(
+            GROUP_SLOT_CLAIM_SQL,
+            [c.agent for c in group],
+            [c.capacity for c in group],
+            now,
+            group[0].holder,
+            expires,
+        )
+        taken: dict[str, list[int]] = {}
+        for r in sorted(found, key=lambda r: (r[0], r[1])):
+            taken.setdefault(r[0], []).append(int(r[1]))
+        at = codec.from_micros(expires)
+        results: list[SlotClaim | None] = []
+        for c in group:
+            slots = taken.get(c.agent)
+            results.append(SlotClaim(c.agent, slots.pop(0), c.holder, at) if slots else None)
+        return results
 
     async def renew_slot(self, claim: SlotClaim, lease_s: float) -> SlotClaim | None:
         now = _now_us()
@@ -699,12 +740,28 @@ class PostgresJobStore:
         return SlotClaim(claim.agent, claim.slot, claim.holder, codec.from_micros(expires))
 
     async def release_slot(self, claim: SlotClaim) -> None:
+        self._check()
+        await self._slot_releases.write(claim)
+
+    async def _release_slot_one(self, claim: SlotClaim) -> None:
         await self._fetchval(
             "UPDATE agent_slots SET holder = NULL WHERE agent = $1 AND slot = $2 AND holder = $3",
             claim.agent,
             claim.slot,
             claim.holder,
         )
+
+    async def _release_slot_group(self, group: Sequence[SlotClaim]) -> list[None]:
+        self._check()
+        # Each row is changed only by its own holder's release: no two groups wait on
+        # each other's rows, and claims skip locked rows.
+        await self._pool.execute(
+            GROUP_SLOT_RELEASE_SQL,
+            [c.agent for c in group],
+            [c.slot for c in group],
+            [c.holder for c in group],
+        )
+        return [None] * len(group)
 
     async def lead(self, role: str, holder: str, lease_s: float) -> bool:
         now = _now_us()
