@@ -611,3 +611,56 @@ async def test_concurrent_slot_claims_and_releases_never_over_admit(
     again = await asyncio.gather(*(a.claim_slot("gpu-1", 3, "A", 30) for _ in range(3)))
     assert sorted(c.slot for c in again if c is not None) == [1, 2]  # B keeps slot 0
     assert await b.renew_slot(other, 30) is not None
+
+
+async def test_events_are_announced_only_while_another_coordinator_listens(
+    backend: JobStoreBackend,
+) -> None:
+    """A coordinator alone announces no events (its watchers read memory; each
+    notification costs every listening backend a transaction); one that starts listening
+    is seen within a second. Cancels are announced always. An outside connection, not
+    counted as a coordinator, hears what is sent."""
+    if backend.kind != "postgres":
+        return  # SQLite announces in process: nothing is sent anywhere
+    import asyncpg
+
+    from tests.storage.backends import PG_URL
+
+    a = await backend.open()
+    own = await a.announcements()  # every coordinator listens (cancels, watchers)
+    outside = await asyncpg.connect(PG_URL)
+    heard: list[str] = []
+    await outside.add_listener(f"aiserver_{backend.schema}", lambda *args: heard.append(args[3]))
+    job = make_job(1)
+    record = JobRecord(job)
+
+    async def write(sequence: int) -> None:
+        await a.save(record, holder="A", events=[NewEvent(sequence, "output", {})])
+
+    try:
+        await a.create(record, holder="A", lease_s=30, events=[NewEvent(1, "accepted", {})])
+        await asyncio.sleep(0.3)  # not counted yet at the create: announced; counted since
+        assert len(heard) == 1
+        await write(2)
+        await asyncio.sleep(0.3)
+        assert len(heard) == 1  # alone: not announced ...
+        assert [e.sequence for e in await a.events(job.id)] == [1, 2]  # ... but stored
+        assert await a.request_cancel(job.id)
+        await asyncio.sleep(0.3)
+        assert len(heard) == 2 and '"cancel"' in heard[1]
+
+        b = await backend.open()
+        other = await b.announcements()  # another coordinator listens now
+        try:
+            await asyncio.sleep(1.1)
+            await write(3)  # (starts the count)
+            await asyncio.sleep(0.3)
+            await write(4)
+            seen = await asyncio.wait_for(anext(other), 5)
+            while seen != Announcement("event", job.id, 4):
+                seen = await asyncio.wait_for(anext(other), 5)
+        finally:
+            await other.aclose()
+    finally:
+        await own.aclose()
+        await outside.close()
