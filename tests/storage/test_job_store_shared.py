@@ -664,3 +664,19 @@ async def test_events_are_announced_only_while_another_coordinator_listens(
     finally:
         await own.aclose()
         await outside.close()
+
+
+async def test_concurrent_slot_claims_with_a_changed_capacity_stay_below_their_own(
+    backend: JobStoreBackend,
+) -> None:
+    """Claims on one agent meeting while its capacity changes (2, then 4): each claim's slot
+    is below the capacity it asked with, and no slot goes twice."""
+    store = await backend.open()
+    first = await store.claim_slot("gpu", 4, "A", 30)  # the rows exist
+    assert first is not None
+    await store.release_slot(first)
+    capacities = [4, 2, 4, 2, 4, 2]
+    claims = await asyncio.gather(*(store.claim_slot("gpu", c, "A", 30) for c in capacities))
+    taken = [(c, claim.slot) for c, claim in zip(capacities, claims, strict=True) if claim]
+    assert all(slot < capacity for capacity, slot in taken)
+    assert len({slot for _, slot in taken}) == len(taken) == 4

@@ -303,7 +303,7 @@ class PostgresJobStore:
         return await self._fetchval(sql, *args) is not None
 
     async def _save_group(self, group: Sequence[PendingSave]) -> list[bool]:
-        """Several saves as one statement (``group_commit.py``): the ids of the rows saved."""
+        """Several saves as one statement (``group_commit.py``): whether each was saved."""
         self._check()
         args = group_save_args(group, _now_us(), self._channel)
         saved = {r[0] for r in await self._pool.fetch(group_save_sql(), *args)}
@@ -327,7 +327,9 @@ class PostgresJobStore:
         changed = 0
         async with self._pool.acquire() as conn, conn.transaction():
             found = await conn.fetch(
-                "SELECT id, outputs FROM jobs WHERE outputs LIKE ANY($1::text[]) FOR UPDATE",
+                # In id order, as group saves and renew_all lock rows: no deadlock with them.
+                "SELECT id, outputs FROM jobs WHERE outputs LIKE ANY($1::text[])"
+                " ORDER BY id FOR UPDATE",
                 patterns,
             )
             for row in found:
@@ -744,7 +746,10 @@ class PostgresJobStore:
         """Several claims in one statement; a claim the group could not serve gets ``None``
         (the agent is full, or its rows are not made yet: ``claim_slot`` sees to that)."""
         self._check()
-        if len({(c.holder, c.lease_s) for c in group}) > 1:  # one process has one holder
+        capacities = {c.agent: c.capacity for c in group}
+        if len({(c.holder, c.lease_s) for c in group}) > 1 or any(
+            capacities[c.agent] != c.capacity for c in group
+        ):  # one process has one holder; an agent's capacity changed between two claims
             return [await self._claim_slot_one(c) for c in group]
         now = _now_us()
         expires = now + _us(group[0].lease_s)
