@@ -648,16 +648,23 @@ async def test_events_are_announced_only_while_another_coordinator_listens(
         assert await a.request_cancel(job.id)
         await asyncio.sleep(0.3)
         assert len(heard) == 2 and '"cancel"' in heard[1]
+        await asyncio.sleep(2.2)  # idle: the count is too old to trust
+        await write(3)
+        await asyncio.sleep(0.3)
+        assert len(heard) == 3  # announced (and counted again: still alone)
+        await write(4)
+        await asyncio.sleep(0.3)
+        assert len(heard) == 3
 
         b = await backend.open()
         other = await b.announcements()  # another coordinator listens now
         try:
             await asyncio.sleep(1.1)
-            await write(3)  # (starts the count)
+            await write(5)  # (starts the count)
             await asyncio.sleep(0.3)
-            await write(4)
+            await write(6)
             seen = await asyncio.wait_for(anext(other), 5)
-            while seen != Announcement("event", job.id, 4):
+            while seen != Announcement("event", job.id, 6):
                 seen = await asyncio.wait_for(anext(other), 5)
         finally:
             await other.aclose()

@@ -92,7 +92,7 @@ class PostgresJobStore:
         # see whether any other listens (pg_stat_activity) before announcing events.
         self._listen_name = f"aiserver-listen:{schema}"[:63]
         self._others_listen = True  # until counted: announce
-        self._others_counted = -1e9
+        self._others_counted = -1e9  # when the last count came back
         self._others_count: asyncio.Task[None] | None = None
         self._hub = AnnouncementHub()
         self._listener: asyncpg.Connection | None = None
@@ -145,14 +145,14 @@ class PostgresJobStore:
         costs every listening backend a transaction and this process a wake-up (measured:
         0.5 ms of coordinator CPU and 0.8 transactions per job alone, bench/README.md);
         alone, a coordinator's watchers read its jobs from memory. A coordinator that
-        starts listening is seen within a second; its watchers re-read the table every
-        2 s while idle anyway, so an announcement missed meanwhile costs latency, never
-        an event. Cancels are always announced."""
+        starts listening is seen within a second (a count older than 2 s is not trusted);
+        its watchers re-read the table every 2 s while idle anyway, so an announcement
+        missed meanwhile costs latency, never an event. Cancels are always announced."""
         now = time.monotonic()
         if self._others_count is None and now - self._others_counted >= 1.0:
-            self._others_counted = now
             self._others_count = asyncio.get_running_loop().create_task(self._count_others())
-        return self._others_listen
+        # A count older than that (this store was idle) is not trusted: announce.
+        return self._others_listen or now - self._others_counted > 2.0
 
     async def _count_others(self) -> None:
         try:
@@ -168,6 +168,7 @@ class PostgresJobStore:
         except Exception:
             self._others_listen = True
         finally:
+            self._others_counted = time.monotonic()
             self._others_count = None
 
     def _notice(self, announcement: Announcement) -> str:
