@@ -119,6 +119,29 @@ async def test_a_pass_while_no_provider_has_room_looks_at_new_jobs_only(env: Env
         (await provider.next_run()).release.set()
 
 
+async def test_a_provider_with_room_that_cannot_take_them_does_not_rescan_the_queue(
+    env: Env,
+) -> None:
+    # A local fallback has room while the ComfyUI pool is full: the waiting jobs are not the
+    # fallback's, and asking again on every pass cost a check of every agent per job.
+    busy = _CountingProvider()
+    busy.slots = 1
+    idle = ScriptedProvider("p2", tasks=[TaskKind.IMAGE_TO_TEXT])
+    manager = await env.manager(busy, idle, recheck_interval_s=30)
+    await submit(manager, env, spec=ImageToImageSpec(positive_prompt="running"))
+    run = await busy.next_run()
+    for i in range(6):
+        await submit(manager, env, spec=ImageToImageSpec(positive_prompt=f"q{i}"))
+        await asyncio.sleep(0.02)
+    assert {k: v for k, v in busy.refusals_asked.items() if k != "running"} == {
+        f"q{i}": 1 for i in range(6)
+    }
+    run.release.set()  # room on the busy one again: the next job starts there
+    (await busy.next_run()).release.set()
+    for _ in range(5):
+        (await busy.next_run()).release.set()
+
+
 async def final_state(manager: JobManager, job_id: str) -> JobState:
     events = await within(collect(manager.subscribe(job_id)))
     final = events[-1].kind

@@ -97,11 +97,13 @@ class Dispatcher:
         """The queue changed since positions were last published."""
         self._publish_due = math.inf
         """When the earliest move held back by ``position_interval_s`` is due."""
-        self._examined: set[str] = set()
-        """Queued jobs a pass has looked at (refusal, waiting reason) since ``_examined_until``
-        was set: while no provider has room, a pass looks at the others only, so that a pass
-        costs the new jobs, not the whole queue, and still fails at once what no provider
-        will ever take."""
+        self._examined: dict[str, frozenset[str]] = {}
+        """Queued jobs a pass found no provider for (and asked for a refusal and a waiting
+        reason) since ``_examined_until``, with the providers that had room then. A later
+        pass skips such a job while no other provider has room: with a deep queue each pass
+        costs the new jobs, not the whole queue (a ComfyUI pool's ``can_run`` checks every
+        agent, a fallback's asks its primaries too), and what no provider will ever take still
+        fails at once."""
         self._examined_until = 0.0
 
     def start(self) -> None:
@@ -133,7 +135,7 @@ class Dispatcher:
         if not self.queue.remove(job_id):
             return False
         self._announced.pop(job_id, None)
-        self._examined.discard(job_id)
+        self._examined.pop(job_id, None)
         self._moved = True
         if self._positions is not None:
             self._positions.left(job_id)
@@ -154,15 +156,20 @@ class Dispatcher:
 
     def has_room(self) -> bool:
         """Whether some provider could take one more job now (of some task)."""
+        return bool(self._with_room())
+
+    def _with_room(self) -> frozenset[str]:
+        """The providers that could take one more job now (of some task), by name."""
         capacity = self._settings.running_bound
+        names = []
         for provider in self._providers:
             try:
                 load = max(provider.load(), self.running[provider.name])
                 if min(capacity, provider.capacity()) - load > 0:
-                    return True
+                    names.append(provider.name)
             except Exception:
                 logger.exception("provider %s failed to report its state", provider.name)
-        return False
+        return frozenset(names)
 
     def can_start(self, task: TaskKind, spec: TaskSpec) -> bool:
         """Whether a provider would take this job now (for a job offered by another
@@ -245,14 +252,14 @@ class Dispatcher:
         if now >= self._examined_until:  # reasons and refusals can change with the agents
             self._examined.clear()
             self._examined_until = now + self._settings.recheck_interval_s
-        room = self.has_room()
+        room = self._with_room()
         for job_id in self.queue:
-            if not room and job_id in self._examined:
-                continue  # nothing starts now: only new jobs are looked at (refusals, reasons)
+            tried = self._examined.get(job_id)
+            if tried is not None and room <= tried:
+                continue  # no provider has room that had none when this job was looked at
             active = self._active[job_id]
             if active.not_before > now:
                 continue
-            self._examined.add(job_id)
             provider = pick_provider(
                 self._providers, active.job.task, active.job.spec, self.running, capacity
             )
@@ -265,11 +272,12 @@ class Dispatcher:
                 else:
                     why = waiting_reason(self._providers, active.job.task, active.job.spec)
                     self._set_waiting(active, why)
+                self._examined[job_id] = room
                 continue
             self.dequeue(job_id)
             self._launch(active, provider)
             dispatched = True
-            room = self.has_room()
+            room = self._with_room()
         if dispatched:
             self.publish_positions()
 

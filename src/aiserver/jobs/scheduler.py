@@ -185,15 +185,16 @@ def pick_provider(
     best_load = 0
     for provider in providers:
         try:
-            if not provider.can_run(task, spec):
-                continue
             # load() may lag behind jobs just handed over; our own count covers that.
             load = max(provider.load(), running.get(provider.name, 0))
-            room = min(capacity, provider.capacity()) - load
+            if min(capacity, provider.capacity()) - load <= 0:
+                continue  # asked first: can_run may check every agent (and a fallback's primaries)
+            if not provider.can_run(task, spec):
+                continue
         except Exception:
             logger.exception("provider %s failed to report its state", provider.name)
             continue
-        if room > 0 and (best is None or load < best_load):
+        if best is None or load < best_load:
             best, best_load = provider, load
     return best
 
