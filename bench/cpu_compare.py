@@ -19,64 +19,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import grpc
 
 from bench import ROOT
 from bench.common import cpu_seconds
 from bench.orchestration import Inputs, _segment, _service_job, _wait_ready
+from bench.service_proc import ServiceProcess
 from bench.standin_proc import StandIns
 
 AGENTS = 4
-
-
-class _Service:
-    """``bench.service_proc`` of the source tree ``root`` (its ``src`` first on the path)."""
-
-    def __init__(self, root: Path, env: dict[str, str], log: Path) -> None:
-        self.root, self.env, self.log = root, env, log
-        self.info: dict[str, Any] = {}
-        self._proc: asyncio.subprocess.Process | None = None
-
-    async def __aenter__(self) -> _Service:
-        path = os.pathsep.join((str(self.root / "src"), str(self.root)))
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *("-m", "bench.service_proc"),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=self.log.open("wb"),
-            cwd=str(self.root),
-            env={**os.environ, **self.env, "PYTHONPATH": path},
-        )
-        assert self._proc.stdout is not None
-        async with asyncio.timeout(60):
-            line = await self._proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the service of {self.root} did not start; see {self.log}")
-        self.info = json.loads(line)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.write(b"quit\n")
-            proc.stdin.close()
-        try:
-            async with asyncio.timeout(20):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
 async def _compare(
@@ -102,12 +58,11 @@ async def _compare(
                     "AISERVER_DATA_DIR": str(tmp / f"service-{name}"),
                     "AISERVER_AGENTS": agent_list,
                 }
-                services[name] = await _Service(root, env, tmp / f"{name}.log").__aenter__()
+                services[name] = await ServiceProcess(env, tmp / f"{name}.log", root).__aenter__()
             try:
                 inputs = Inputs()
                 channels = {
-                    name: grpc.aio.insecure_channel(f"127.0.0.1:{s.info['grpc_port']}")
-                    for name, s in services.items()
+                    name: grpc.aio.insecure_channel(s.target) for name, s in services.items()
                 }
                 calls = {}
                 for name, channel in channels.items():
@@ -117,7 +72,7 @@ async def _compare(
                 for r in range(rounds):
                     order = ["this", "other"] if r % 2 == 0 else ["other", "this"]
                     for name in order:
-                        pid = int(services[name].info["pid"])
+                        pid = services[name].pid
                         before = cpu_seconds(pid)
                         got = await _segment(calls[name], concurrency, inputs.take(jobs))
                         done = len(got["latencies"])

@@ -37,6 +37,7 @@ from aiohttp import WSMsgType, web
 from PIL import Image
 
 from tests.support.comfy_standin.catalogue import Catalogue
+from tests.support.prompt_marks import job_label
 
 _FEATURES = {"supports_preview_metadata": True, "max_upload_size": 104857600}
 _MODELS = {"upscale_models": ["RealESRGAN_x2.pth"], "checkpoints": []}
@@ -224,7 +225,7 @@ class FastAgent:
             "meta": {},
         }
         await emit("execution_success", {"timestamp": _ms()})
-        self.success_at[pid] = (_label(graph), time.perf_counter())
+        self.success_at[pid] = (job_label(graph), time.perf_counter())
         await self._broadcast_status()
         await emit("executing", {"node": None})
 
@@ -300,15 +301,6 @@ def _meta_frame(pid: str, node: str, png: bytes) -> bytes:
 
 def _legacy_frame(png: bytes) -> bytes:
     return (1).to_bytes(4, "big") + (2).to_bytes(4, "big") + png
-
-
-def _label(graph: dict[str, Any]) -> str:
-    """The job id the service puts last in ``filename_prefix`` (the direct client: its label)."""
-    for entry in graph.values():
-        prefix = entry.get("inputs", {}).get("filename_prefix")
-        if isinstance(prefix, str):
-            return prefix.rsplit("/", 1)[-1]
-    return ""
 
 
 async def main() -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from bench import ROOT
 from bench.callers import Callers
 from bench.common import cpu_seconds, ms
-from bench.cpu_compare import _Service
+from bench.service_proc import ServiceProcess
 from bench.standin_proc import StandIns
 
 AGENTS = 4
@@ -47,7 +47,7 @@ async def _compare(other: Path, rounds: int, levels: list[int], jobs: int, agent
                     for i, url in enumerate(agents.urls)
                 ]
             )
-            services: dict[str, _Service] = {}
+            services: dict[str, ServiceProcess] = {}
             callers: dict[str, Callers] = {}
             try:
                 for name, root in trees.items():
@@ -58,16 +58,15 @@ async def _compare(other: Path, rounds: int, levels: list[int], jobs: int, agent
                         "AISERVER_DATA_DIR": str(tmp / f"service-{name}"),
                         "AISERVER_AGENTS": agent_list,
                     }
-                    service = _Service(root, env, tmp / f"{name}.log")
+                    service = ServiceProcess(env, tmp / f"{name}.log", root)
                     services[name] = await service.__aenter__()
                     callers[name] = await Callers(tmp / f"callers-{name}.log").__aenter__()
-                    port = service.info["grpc_port"]
-                    await callers[name].ask({"service": f"127.0.0.1:{port}"})
+                    await callers[name].ask({"service": service.target})
                 for r in range(rounds):
                     order = ["this", "other"] if r % 2 == 0 else ["other", "this"]
                     for n in levels:
                         for name in order:
-                            pid = int(services[name].info["pid"])
+                            pid = services[name].pid
                             before = (
                                 cpu_seconds(pid),
                                 callers[name].cpu_seconds(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -76,3 +77,27 @@ async def test_outputs_of_unfinished_jobs_are_protected(tmp_path: Path) -> None:
         assert await cap.sweep() == []
         in_use.clear()
         assert await cap.sweep() == [ref.name]
+
+
+async def test_the_service_sweep_keeps_an_output_stored_within_two_leases(tmp_path: Path) -> None:
+    # Another coordinator's output is in no job record until its job's save: the service's
+    # sweep keeps every blob younger than two job leases, whatever the size cap says.
+    async with comfy_service(
+        tmp_path, artifact_max_total_bytes=1, retention_interval_s=3600.0, job_lease_s=1.0
+    ) as (service, _):
+        assert service.retention is not None
+        assert service.retention.policy.fresh_s == 2.0
+        ref = await service.artifacts.put(
+            b"\x89PNG an output whose job is not saved yet",
+            file_name="x.png",
+            mime_type="image/png",
+            width=1,
+            height=1,
+            seed=None,
+            provider="test",
+            job_id="01OTHER",
+            owner="",
+        )
+        assert await service.retention.sweep() == []
+        await asyncio.sleep(2.1)
+        assert await service.retention.sweep() == [ref.name]

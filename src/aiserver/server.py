@@ -199,6 +199,9 @@ class Service:
                 max_age_s=s.artifact_max_age_s or None,
                 max_total_bytes=s.artifact_max_total_bytes or None,
                 interval_s=s.retention_interval_s,
+                # Past two leases a job that stored an output has saved it, or has lost its
+                # lease and will be run again (a new put makes the blob fresh again).
+                fresh_s=2 * s.job_lease_s,
             ),
             self.artifacts,
             store,

@@ -22,6 +22,7 @@ import uuid
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from aiserver.blobs import BlobStore
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
@@ -52,13 +53,17 @@ class UploadBudget:
 
 @dataclass(slots=True)
 class SpooledFile:
-    """A finished upload: on disk at ``path``; ``sha256`` is empty when it was not hashed."""
+    """A finished upload: on disk at ``path``, or in ``data``; ``sha256`` is empty when it
+    was not hashed."""
 
     field: str
     file_name: str
     path: Path
     sha256: str
     size: int
+    data: bytes | None = None
+    """The bytes of a small upload used once (not hashed): held in memory, nothing is
+    written at ``path``."""
 
 
 _INLINE_BYTES = 2 * 1024 * 1024
@@ -74,7 +79,12 @@ class _Writer:
     writes the chunks (hashlib and file writes release the GIL), fed through a queue bounded
     by :data:`_MAX_PENDING` bytes, so the event loop only hands chunks over: no thread hop per
     chunk, no copy. The thread wakes the loop only when the reader waits for room or for the
-    end."""
+    end.
+
+    The file is created only when bytes go to disk. A small upload used once (not hashed: a
+    crop's or conversion's input) never does: it is handed over in memory. Creating, writing
+    and deleting its file cost 0.5-1 ms of the event loop per call on a busy disk (measured
+    on a 1.2 MB JPEG), as much as receiving it."""
 
     def __init__(
         self, spool: InputSpool, field: str, file_name: str, budget: UploadBudget, hashed: bool
@@ -85,7 +95,7 @@ class _Writer:
         self._hash = hashlib.sha256() if hashed else None
         self._size = 0
         self.path = spool.tmp_dir / f"{uuid.uuid4().hex}.part"
-        self._fh = self.path.open("wb")
+        self._on_disk = False  # the file has been created
         self._held: list[bytes] = []  # before the thread starts
         self._queue: deque[bytes | None] = deque()
         self._lock = threading.Lock()
@@ -117,17 +127,19 @@ class _Writer:
         await room
 
     def _start(self) -> None:
+        self._on_disk = True
+        fh = self.path.open("wb")
         loop = asyncio.get_running_loop()
         self._ended = loop.create_future()
         self._queue.extend(self._held)
         self._pending = sum(len(d) for d in self._held)
         self._held = []
         self._thread = threading.Thread(
-            target=self._run, args=(loop,), name="upload-writer", daemon=True
+            target=self._run, args=(loop, fh), name="upload-writer", daemon=True
         )
         self._thread.start()
 
-    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _run(self, loop: asyncio.AbstractEventLoop, fh: BinaryIO) -> None:
         while True:
             with self._lock:
                 while not self._queue:
@@ -139,7 +151,7 @@ class _Writer:
                 try:
                     if self._hash is not None:
                         self._hash.update(data)
-                    self._fh.write(data)
+                    fh.write(data)
                 except BaseException as exc:  # reported to the reader at its next call
                     self._error = exc
             with self._lock:
@@ -150,7 +162,7 @@ class _Writer:
             if room is not None:
                 _resolve(loop, room)
         try:
-            self._fh.close()
+            fh.close()
         except OSError as exc:
             self._error = self._error or exc
         if self._ended is not None:
@@ -162,12 +174,17 @@ class _Writer:
             self._wake.notify()
 
     async def finish(self) -> SpooledFile:
+        if self._thread is None and self._hash is None:  # small, used once: kept in memory
+            data = b"".join(self._held)
+            self._held = []
+            return SpooledFile(self.field, self.file_name, self.path, "", self._size, data)
         if self._thread is None:
-            with self._fh:
+            self._on_disk = True
+            with self.path.open("wb") as fh:
                 for data in self._held:
                     if self._hash is not None:
                         self._hash.update(data)
-                    self._fh.write(data)
+                    fh.write(data)
             self._held = []
         else:
             assert self._ended is not None
@@ -182,11 +199,10 @@ class _Writer:
         """Drop the file, finished or not (the thread, if any, stops without writing more)."""
         self._aborted = True
         self._held = []
-        if self._thread is None:
-            self._fh.close()
-        elif self._ended is not None and not self._ended.done():
+        if self._thread is not None and self._ended is not None and not self._ended.done():
             self._stop_thread()
-        self.path.unlink(missing_ok=True)
+        if self._on_disk:
+            self.path.unlink(missing_ok=True)
 
 
 def _is_file(path: Path) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from aiserver.errors import ServiceError
 from aiserver.imaging import DEFAULT_LIMITS, EncodedImage, convert, crop
 
 from .testkit import (
@@ -69,6 +70,21 @@ def test_crop_defaults_to_input_format(tmp_path: Path, src: str) -> None:
     result = crop(path, x=0, y=0, width=10, height=5)
     assert result.format == fmt(src)
     assert decode(result.data).format == fmt(src).pil_format
+
+
+@pytest.mark.parametrize("src", FORMAT_NAMES)
+def test_an_image_in_memory_reads_as_its_file(tmp_path: Path, src: str) -> None:
+    path = save(blocks(), tmp_path / f"in.{src}", src)
+    data = path.read_bytes()
+    cropped = crop(data, x=16, y=12, width=40, height=30)
+    assert cropped == crop(path, x=16, y=12, width=40, height=30)
+    assert convert(data, output_format=fmt("png")) == convert(path, output_format=fmt("png"))
+
+
+def test_empty_bytes_are_an_empty_image() -> None:
+    with pytest.raises(ServiceError) as exc:
+        crop(b"", x=0, y=0, width=1, height=1)
+    assert exc.value.reason == "EMPTY_IMAGE"
 
 
 def test_crop_whole_image(tmp_path: Path) -> None:

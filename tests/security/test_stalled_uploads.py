@@ -41,7 +41,7 @@ async def _outcome(call: Any) -> grpc.aio.AioRpcError:
     return caught.value
 
 
-@pytest.mark.parametrize("sent", ["nothing", "params", "partial chunk"])
+@pytest.mark.parametrize("sent", ["nothing", "params", "small partial chunk", "partial chunk"])
 async def test_a_stalled_upload_ends_and_its_spool_file_is_gone(
     service: Service, channel: grpc.aio.Channel, sent: str
 ) -> None:
@@ -49,8 +49,12 @@ async def test_a_stalled_upload_ends_and_its_spool_file_is_gone(
     call = stub.ConvertImage(timeout=30)
     if sent != "nothing":
         await call.write(_params())
-    if sent == "partial chunk":
+    if sent == "small partial chunk":  # a crop's or conversion's small input stays in memory
         await call.write(_chunk(b"\x89PNG\r\n\x1a\n" + b"\x00" * 5000))
+        await asyncio.sleep(0.2)
+        assert not list(service.spool.tmp_dir.iterdir())
+    if sent == "partial chunk":  # past the in-memory size: spooled as it arrives
+        await call.write(_chunk(b"\x89PNG\r\n\x1a\n" + b"\x00" * (3 << 20)))
         await asyncio.sleep(0.2)
         assert list(service.spool.tmp_dir.iterdir()), "the chunk should be spooled meanwhile"
     started = asyncio.get_running_loop().time()

@@ -107,3 +107,40 @@ async def test_a_discarded_large_upload_is_gone_at_once_and_its_descriptor_close
         await asyncio.sleep(0.01)
     assert len(os.listdir("/proc/self/fd")) == before
     Upload(None, files).discard()  # twice is harmless
+
+
+async def test_a_small_upload_used_once_never_touches_the_disk(tmp_path: Path) -> None:
+    from aiserver.api.uploads import Upload
+
+    spool = InputSpool(tmp_path)
+    writer = spool.open("image", "a.jpg", UploadBudget(1 << 30), hashed=False)
+    data = os.urandom((1 << 20) + 5)
+    await writer.write(memoryview(data)[: 1 << 20])  # chunks arrive as views of the message
+    await writer.write(memoryview(data)[1 << 20 :])
+    assert list(spool.tmp_dir.iterdir()) == []
+    done = await writer.finish()
+    assert done.data == data and done.size == len(data) and done.sha256 == ""
+    assert list(spool.tmp_dir.iterdir()) == [] and not done.path.exists()
+    Upload(None, {"image": done}).discard()
+    writer.discard()  # harmless
+
+
+async def test_a_large_upload_used_once_is_spooled(tmp_path: Path) -> None:
+    spool = InputSpool(tmp_path)
+    writer = spool.open("image", "a.bmp", UploadBudget(1 << 30), hashed=False)
+    data = os.urandom(3 << 20)
+    for start in range(0, len(data), 1 << 20):
+        await writer.write(data[start : start + (1 << 20)])
+    done = await writer.finish()
+    assert done.data is None and done.path.read_bytes() == data
+
+
+async def test_a_finished_small_upload_is_deleted_by_discard(tmp_path: Path) -> None:
+    # read_upload discards every writer when a later file fails: one already written too.
+    spool = InputSpool(tmp_path)
+    writer = spool.open("image", "small.png", UploadBudget(1 << 20))
+    await writer.write(b"abc")
+    done = await writer.finish()
+    assert done.path.exists() and done.data is None
+    writer.discard()
+    assert list(spool.tmp_dir.iterdir()) == []

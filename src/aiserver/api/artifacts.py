@@ -13,13 +13,26 @@ from aiserver.api.calls import current_principal, scope
 from aiserver.api.convert import artifact_to_proto, format_from_proto, format_to_proto
 from aiserver.api.status import rpc
 from aiserver.api.wire import Encoded, bytes_message
-from aiserver.artifacts import ArtifactStore, Fit, VariantCache, VariantPolicy, build_spec
+from aiserver.artifacts import (
+    ArtifactStore,
+    Fit,
+    Variant,
+    VariantCache,
+    VariantPolicy,
+    VariantSpec,
+    build_spec,
+)
 from aiserver.artifacts.links import UrlSigner
 from aiserver.auth import missing_key
 from aiserver.errors import invalid_argument
 from aiserver.logs import job_id_var
 
 __all__ = ["ArtifactServicer"]
+
+_CACHED_INFOS = 4096
+"""GetVariant info messages kept in wire form (a few hundred bytes each)."""
+_CACHED_SPECS = 1024
+"""Resolved variant spec strings kept (the policy is fixed for the server's life)."""
 
 _FITS = {
     apb.VARIANT_FIT_UNSPECIFIED: Fit.CONTAIN,
@@ -44,6 +57,8 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         self._policy = policy
         self._chunk = chunk_bytes
         self._signer = signer
+        self._infos: dict[tuple[str, ...], Encoded] = {}
+        self._specs: dict[tuple[str, str], VariantSpec] = {}
 
     def _link(self, url: str) -> str:
         return self._signer.sign(url) if self._signer is not None else url
@@ -108,14 +123,38 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
             lambda: [self._variants.url_for(request.name, spec), self._artifact_url(request.name)],
         )
         variant = await self._variants.get(request.name, spec, scope)
-        fmt = format_to_proto(spec.format)
-        yield apb.GetVariantResponse(
+        yield self._info(variant, spec.format)
+        if variant.data is not None:  # held in memory: no file, no thread
+            for start in range(0, len(variant.data), self._chunk):
+                yield bytes_message(2, variant.data[start : start + self._chunk])
+            return
+        with variant.path.open("rb") as fh:
+            while data := await asyncio.to_thread(fh.read, self._chunk):
+                yield bytes_message(2, data)  # chunk = 2, in wire form
+
+    def _info(self, variant: Variant, fmt: str) -> apb.GetVariantResponse | Encoded:
+        """GetVariant's first message. Unsigned, it depends only on the variant as served
+        (bytes, spec, URL), so a warm variant's is kept in wire form: building and serializing
+        the nested messages cost more than the rest of the handler."""
+        if self._signer is not None:  # a signed URL carries its expiry: made per call
+            return self._info_message(variant, fmt)
+        key = (variant.etag, variant.spec, fmt, variant.url, variant.path.name)
+        found = self._infos.get(key)
+        if found is None:
+            if len(self._infos) >= _CACHED_INFOS:
+                self._infos.clear()  # bounded; rebuilt from the warm ones on their next call
+            found = Encoded(self._info_message(variant, fmt).SerializeToString())
+            self._infos[key] = found
+        return found
+
+    def _info_message(self, variant: Variant, fmt: str) -> apb.GetVariantResponse:
+        return apb.GetVariantResponse(
             info=apb.VariantInfo(
                 spec=variant.spec,
                 etag=variant.etag,
                 url=self._link(variant.url),
                 image=common_pb2.ImageInfo(
-                    format=fmt,
+                    format=format_to_proto(fmt),
                     mime_type=variant.mime_type,
                     width=variant.width,
                     height=variant.height,
@@ -124,13 +163,6 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
                 ),
             )
         )
-        if variant.data is not None:  # held in memory: no file, no thread
-            for start in range(0, len(variant.data), self._chunk):
-                yield bytes_message(2, variant.data[start : start + self._chunk])
-            return
-        with variant.path.open("rb") as fh:
-            while data := await asyncio.to_thread(fh.read, self._chunk):
-                yield bytes_message(2, data)  # chunk = 2, in wire form
 
     def _spec(self, request: apb.GetVariantRequest) -> Any:
         has_fields = bool(
@@ -145,7 +177,14 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
                 "spec", "INVALID_VARIANT_SPEC", "give spec or preset, or the separate fields"
             )
         if request.spec or request.preset:
-            return self._policy.resolve(request.spec, preset=request.preset)
+            key = (request.spec, request.preset)
+            found = self._specs.get(key)
+            if found is None:  # parsed once per string; errors are not kept (raised each time)
+                found = self._policy.resolve(request.spec, preset=request.preset)
+                if len(self._specs) >= _CACHED_SPECS:
+                    self._specs.clear()
+                self._specs[key] = found
+            return found
         if request.fit not in _FITS:
             raise invalid_argument("fit", "INVALID_VARIANT_SPEC", f"unknown fit {request.fit}")
         fmt = format_from_proto(request.format, "format")

@@ -46,7 +46,7 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
         request_iterator: AsyncIterator[transform_service_pb2.CropImageRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[transform_service_pb2.CropImageResponse | Encoded]:
-        def work(path: Path, p: tasks_pb2.CropImageParams) -> EncodedImage:
+        def work(path: Path | bytes, p: tasks_pb2.CropImageParams) -> EncodedImage:
             return crop(
                 path,
                 x=p.x,
@@ -68,7 +68,7 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
         request_iterator: AsyncIterator[transform_service_pb2.ConvertImageRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[transform_service_pb2.ConvertImageResponse | Encoded]:
-        def work(path: Path, p: tasks_pb2.ConvertImageParams) -> EncodedImage:
+        def work(path: Path | bytes, p: tasks_pb2.ConvertImageParams) -> EncodedImage:
             target = format_from_proto(p.output_format, "params.output_format")
             assert target is not None  # the contract requires it (checked on arrival)
             return convert(path, output_format=target, quality=_quality(p), limits=self._limits)
@@ -80,7 +80,7 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
     async def _transform(
         self,
         requests: AsyncIterator[Any],
-        work: Callable[[Path, Any], EncodedImage],
+        work: Callable[[Path | bytes, Any], EncodedImage],
         response: type[_R],
         suffix: str,
     ) -> AsyncIterator[_R | Encoded]:
@@ -93,8 +93,9 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
             hashed=False,  # deleted after use
         )
         image = upload.files["image"]
+        source = image.data if image.data is not None else image.path  # small: in memory
         try:
-            result = await self._pool.run(work, image.path, upload.params)
+            result = await self._pool.run(work, source, upload.params)
         finally:
             upload.discard()
         for msg in self._reply(response, result, image, suffix):

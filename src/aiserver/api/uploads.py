@@ -32,7 +32,8 @@ class Upload:
 
     def discard(self) -> None:
         for f in self.files.values():
-            _remove(f.path, f.size)
+            if f.data is None:  # else held in memory: no file
+                _remove(f.path, f.size)
 
 
 _FREE_IN_THREAD = 8 * 1024 * 1024

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import io
 import os
 import re
 import struct
@@ -277,7 +278,11 @@ def check_frame_size(size: tuple[int, int], limits: ImageLimits, field: str) -> 
 # --- opening ----------------------------------------------------------------------------
 
 
-def _open_file(path: Path, field: str) -> IO[bytes]:
+def _open_file(path: Path | bytes, field: str) -> IO[bytes]:
+    if isinstance(path, bytes):  # an upload held in memory
+        if not path:
+            raise field_error(ErrorKind.INVALID_ARGUMENT, field, "EMPTY_IMAGE", "image is empty")
+        return io.BytesIO(path)
     try:
         fp = path.open("rb")
     except FileNotFoundError as exc:
@@ -378,9 +383,10 @@ def _inspect(im: ImageFile.ImageFile, limits: ImageLimits, field: str) -> ImageI
 
 @contextmanager
 def open_image_with_info(
-    path: Path, limits: ImageLimits, field: str = "image"
+    path: Path | bytes, limits: ImageLimits, field: str = "image"
 ) -> Iterator[tuple[ImageFile.ImageFile, ImageInfo]]:
-    """Open ``path`` and yield the lazily-decoded image with its checked header info.
+    """Open ``path`` (a file, or the image's bytes) and yield the lazily-decoded image with
+    its checked header info.
 
     Pillow errors raised inside the ``with`` block (decoding, seeking, cropping) are turned
     into ``IMAGE_TRUNCATED``/``IMAGE_CORRUPT``/``IMAGE_TOO_MANY_PIXELS`` on ``field``, so

@@ -104,7 +104,7 @@ class _Plan:
 
 
 def crop(
-    path: Path,
+    path: Path | bytes,
     *,
     x: int,
     y: int,
@@ -166,7 +166,7 @@ def crop(
 
 
 def convert(
-    path: Path,
+    path: Path | bytes,
     *,
     output_format: OutputFormat,
     quality: int | None = None,
@@ -442,7 +442,7 @@ def _decode_animation(
 
 
 def _transform(
-    path: Path,
+    path: Path | bytes,
     *,
     planner: Callable[[ImageInfo], _Plan],
     output_format: OutputFormat | None,
