@@ -142,6 +142,26 @@ async def test_a_provider_with_room_that_cannot_take_them_does_not_rescan_the_qu
         (await busy.next_run()).release.set()
 
 
+async def test_a_waiting_job_is_looked_at_again_when_a_provider_gains_capacity(
+    env: Env,
+) -> None:
+    busy = ScriptedProvider(behaviour=gated)
+    busy.slots = 1
+    other = ScriptedProvider("p2", tasks=[TaskKind.IMAGE_TO_TEXT])
+    manager = await env.manager(busy, other, recheck_interval_s=30)
+    await submit(manager, env)
+    run = await busy.next_run()
+    waiting = await submit(manager, env)
+    await asyncio.sleep(0.05)  # looked at once: p2 has room but does not run it
+    assert manager.queue_position(waiting.id) == 1
+    # An agent comes online on p2 with what the job needs: its capacity changes with it.
+    other.tasks = frozenset(TaskKind)
+    other.slots = 2
+    await submit(manager, env, task=TaskKind.IMAGE_TO_TEXT)  # any pass
+    assert (await final_state(manager, waiting.id)) is JobState.SUCCEEDED  # long before 30 s
+    run.release.set()
+
+
 async def final_state(manager: JobManager, job_id: str) -> JobState:
     events = await within(collect(manager.subscribe(job_id)))
     final = events[-1].kind

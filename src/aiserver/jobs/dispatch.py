@@ -97,13 +97,13 @@ class Dispatcher:
         """The queue changed since positions were last published."""
         self._publish_due = math.inf
         """When the earliest move held back by ``position_interval_s`` is due."""
-        self._examined: dict[str, frozenset[str]] = {}
+        self._examined: dict[str, frozenset[tuple[str, int]]] = {}
         """Queued jobs a pass found no provider for (and asked for a refusal and a waiting
-        reason) since ``_examined_until``, with the providers that had room then. A later
-        pass skips such a job while no other provider has room: with a deep queue each pass
-        costs the new jobs, not the whole queue (a ComfyUI pool's ``can_run`` checks every
-        agent, a fallback's asks its primaries too), and what no provider will ever take still
-        fails at once."""
+        reason) since ``_examined_until``, with the providers that had room then (and their
+        capacities). A later pass skips such a job while no other provider has room and none
+        changed its capacity (agents online): with a deep queue each pass costs the new jobs,
+        not the whole queue (a ComfyUI pool's ``can_run`` checks every agent, a fallback's
+        asks its primaries too), and what no provider will ever take still fails at once."""
         self._examined_until = 0.0
 
     def start(self) -> None:
@@ -158,18 +158,20 @@ class Dispatcher:
         """Whether some provider could take one more job now (of some task)."""
         return bool(self._with_room())
 
-    def _with_room(self) -> frozenset[str]:
-        """The providers that could take one more job now (of some task), by name."""
-        capacity = self._settings.running_bound
-        names = []
+    def _with_room(self) -> frozenset[tuple[str, int]]:
+        """The providers that could take one more job now (of some task), by name, each with
+        its capacity (which an agent coming online or going away changes)."""
+        bound = self._settings.running_bound
+        found = []
         for provider in self._providers:
             try:
                 load = max(provider.load(), self.running[provider.name])
-                if min(capacity, provider.capacity()) - load > 0:
-                    names.append(provider.name)
+                capacity = provider.capacity()
+                if min(bound, capacity) - load > 0:
+                    found.append((provider.name, capacity))
             except Exception:
                 logger.exception("provider %s failed to report its state", provider.name)
-        return frozenset(names)
+        return frozenset(found)
 
     def can_start(self, task: TaskKind, spec: TaskSpec) -> bool:
         """Whether a provider would take this job now (for a job offered by another
