@@ -173,7 +173,7 @@ async def test_chunked_and_close_delimited_bodies_are_read_whole() -> None:
 async def test_an_answer_in_many_tiny_reads_and_after_an_interim_one() -> None:
     chunked = (
         b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n"
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Head: h\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Head:  h \t\r\n\r\n"
         b"5\r\nhello\r\n7\r\n, world\r\n0\r\nX-Head: trailer\r\n\r\n"
     )
     async with serving(lambda r: chunked if "chunked" in r.line else ok()) as server:

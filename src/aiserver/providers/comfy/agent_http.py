@@ -193,7 +193,8 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._status == 0:  # not the trailers of a chunked body
-            self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+            # llhttp drops the whitespace before a value, not the one after it.
+            self._headers[name.decode("latin-1").lower()] = value.decode("latin-1").rstrip()
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
