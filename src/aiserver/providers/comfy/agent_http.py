@@ -10,7 +10,7 @@ short hand parser let through (a chunk longer than its size said, ``Content-Leng
 with chunked, two lengths) at no more CPU. Measured (2,000 sequential ``POST /prompt`` and
 ``/upload/image`` to an aiohttp server, process CPU, 12 interleaved rounds): the hand parser
 46.7 µs per request (42.7..58.7), llhttp 43.9 (40.7..57.5), ratio 0.94 (0.83..1.05); ``h11``
-(pure Python) 119 (113..129), ratio 2.5.
+(pure Python) 119 (113..129), ratio 2.5. The parsing alone is 2.6 µs per answer (by hand 3.5).
 
 What it does: ``GET`` and ``POST`` with a bytes body, over ``http`` or ``https`` (the system's
 certificate store, as aiohttp), answers read whole (``Content-Length``, chunked, or up to the
