@@ -449,6 +449,28 @@ async def test_terminal_hooks_run_after_store_and_event(env: Env) -> None:
     assert (await final_job(manager.subscribe(second.id))).state is JobState.SUCCEEDED
 
 
+async def test_a_plain_function_hook_runs_when_the_job_ends(env: Env) -> None:
+    # Plain functions (the metrics hook) run at once, without a task per job.
+    manager = await env.manager(ScriptedProvider())
+    seen: list[tuple[str, JobState]] = []
+
+    def recording(job: Job) -> None:
+        seen.append((job.id, job.state))
+
+    def failing(job: Job) -> None:
+        raise RuntimeError("metrics down")
+
+    manager.add_terminal_hook(failing)
+    manager.add_terminal_hook(recording)
+    job = await submit(manager, env)
+    events = await collect(manager.subscribe(job.id))
+    assert isinstance(events[-1].kind, Finished)
+    assert seen == [(job.id, JobState.SUCCEEDED)]
+    second = await submit(manager, env)  # a failing hook breaks nothing
+    assert (await final_job(manager.subscribe(second.id))).state is JobState.SUCCEEDED
+    assert seen[-1] == (second.id, JobState.SUCCEEDED)
+
+
 async def test_spool_files_are_deleted_when_no_unfinished_job_needs_them(env: Env) -> None:
     provider = ScriptedProvider(behaviour=gated)
     manager = await env.manager(provider)

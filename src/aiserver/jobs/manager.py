@@ -92,7 +92,8 @@ __all__ = ["SEQUENCE_BLOCK", "JobManager", "TerminalHook"]
 
 logger = logging.getLogger(__name__)
 
-TerminalHook = Callable[[Job], Awaitable[None]]
+TerminalHook = Callable[[Job], Awaitable[None] | None]
+"""A plain function runs at once (no task of its own per job); a coroutine function in a task."""
 Deliveries = Callable[[Job], Sequence[tuple[str, bytes]]]
 """The webhook deliveries (url, body) stored with a job's final state, in one transaction."""
 JobStream = Subscription | StoreWatch | Handover
@@ -898,7 +899,7 @@ class JobManager:
         self._dispatch.publish_positions()
         self._dispatch.wake()
         for hook in self._hooks:  # ... then the hooks
-            self._spawn(self._run_hook(hook, final))
+            self._run_hook(hook, final)
 
     async def _store_end(
         self, active: ActiveJob, final: Job, deliveries: Sequence[tuple[str, bytes]]
@@ -934,9 +935,18 @@ class JobManager:
         await self._log.write(final.id, write, final=True)
         return True
 
-    async def _run_hook(self, hook: TerminalHook, job: Job) -> None:
+    def _run_hook(self, hook: TerminalHook, job: Job) -> None:
         try:
-            await hook(job)
+            pending = hook(job)
+        except Exception:
+            logger.exception("terminal hook %r failed for job %s", hook, job.id)
+            return
+        if pending is not None:
+            self._spawn(self._await_hook(hook, pending, job))
+
+    async def _await_hook(self, hook: TerminalHook, pending: Awaitable[None], job: Job) -> None:
+        try:
+            await pending
         except Exception:
             logger.exception("terminal hook %r failed for job %s", hook, job.id)
 
