@@ -51,6 +51,8 @@ class Scripted:
     requests: list[Request] = field(default_factory=list)
     connections: int = 0
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    piece: int = 0
+    """If set, answers are written this many bytes at a time, each after a pause."""
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -64,8 +66,11 @@ class Scripted:
                 reply = self.answer(request)
                 if reply is None:
                     break
-                writer.write(reply)
-                await writer.drain()
+                for start in range(0, len(reply), self.piece or len(reply)):
+                    if self.piece:
+                        await asyncio.sleep(0.002)  # each piece its own segment and read
+                    writer.write(reply[start : start + (self.piece or len(reply))])
+                    await writer.drain()
                 if reply.startswith(b"HTTP/1.0"):
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -165,6 +170,77 @@ async def test_chunked_and_close_delimited_bodies_are_read_whole() -> None:
     assert server.connections == 2  # the body ended with its connection: not reused
 
 
+async def test_an_answer_in_many_tiny_reads_and_after_an_interim_one() -> None:
+    chunked = (
+        b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Head:  h \t\r\n\r\n"
+        b"5\r\nhello\r\n7\r\n, world\r\n0\r\nX-Head: trailer\r\n\r\n"
+    )
+    async with serving(lambda r: chunked if "chunked" in r.line else ok()) as server:
+        server.piece = 3
+        agent = http(server.url)
+        try:
+            for path in ("/chunked", "/length", "/chunked"):
+                answer = await agent.request("GET", path)
+                assert answer.status == 200
+                if path == "/chunked":
+                    assert answer.body == b"hello, world"
+                    # The interim answer's headers and the trailers are not the answer's.
+                    assert answer.headers["x-head"] == "h" and "x-interim" not in answer.headers
+                else:
+                    assert answer.body == b'{"ok": true}'
+        finally:
+            await agent.close()
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        # The chunk's data is not followed by CRLF: its size lied.
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+            "malformed",
+        ),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n", "malformed"),
+        # Two framings (a response-splitting vector): which one the agent meant is unknown.
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n",
+            "not an HTTP answer",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello, ",
+            "not an HTTP answer",
+        ),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\nContent-Length: 0\r\n\r\n", "not an HTTP answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: five\r\n\r\nhello", "not an HTTP answer"),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000, "head is too long"),
+    ],
+    ids=[
+        "chunk-overrun",
+        "chunk-size",
+        "length-and-chunked",
+        "two-lengths",
+        "no-colon",
+        "bad-length",
+        "long-head",
+    ],
+)
+async def test_malformed_answers_fail_the_exchange_and_drop_the_connection(
+    reply: bytes, error: str
+) -> None:
+    async with serving(lambda r: ok() if "fine" in r.line else reply) as server:
+        agent = http(server.url)
+        try:
+            with pytest.raises(ExchangeFailed, match=error):
+                await agent.request("POST", "/prompt", body=b"{}")
+            assert (await agent.request("GET", "/fine")).status == 200
+        finally:
+            await agent.close()
+    assert server.connections == 2  # the broken stream was not reused
+
+
 async def test_a_get_on_a_connection_the_agent_closed_is_sent_again() -> None:
     async with serving(lambda r: ok()) as server:
         agent = http(server.url)
@@ -214,6 +290,18 @@ async def test_a_big_body_arrives_whole() -> None:
             await agent.close()
     assert answer.body == str(len(body)).encode()
     assert server.requests[0].body == body
+
+
+async def test_a_big_answer_arrives_whole() -> None:
+    body = bytes(range(256)) * 8_000  # 2 MB: many reads, the first one with the head
+    async with serving(lambda r: ok(body)) as server:
+        agent = http(server.url)
+        try:
+            for _ in range(2):
+                assert (await agent.request("GET", "/view")).body == body
+        finally:
+            await agent.close()
+    assert server.connections == 1
 
 
 async def test_a_refused_connection_a_bad_url_and_a_non_http_answer() -> None:
