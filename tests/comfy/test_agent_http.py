@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import ipaddress
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from aiserver.providers.comfy import agent_http
 from aiserver.providers.comfy.agent_http import AgentHttp, ConnectFailed, ExchangeFailed
 from aiserver.providers.comfy.client import ComfyClient
 from aiserver.providers.failures import Cause, ProviderUnavailable
@@ -416,3 +420,80 @@ async def test_https_verifies_the_agents_certificate(
         server.close()
         scripted.drop_connections()
     assert scripted.requests[0].header("host") == url.removeprefix("https://")
+
+
+async def test_a_host_the_resolver_cannot_encode_is_a_failed_connect() -> None:
+    # A label over 63 characters passes URL parsing; IDNA refuses it with a ValueError, which
+    # must be a failed connect (a probe loop only survives the client's own failures).
+    agent = http(f"http://{'a' * 64}.example:8188")
+    try:
+        with pytest.raises(ConnectFailed, match=r"idna|label"):
+            await agent.request("GET", "/system_stats")
+    finally:
+        await agent.close()
+
+
+async def test_a_close_delimited_body_cut_by_a_reset_fails() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n\r\n" + b"x" * 1000)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset, not the close that ends such a body
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    agent = http(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        with pytest.raises(ExchangeFailed):
+            await agent.request("GET", "/view")
+    finally:
+        await agent.close()
+        server.close()
+
+
+async def test_a_timeout_while_the_body_is_written_leaves_no_unretrieved_error() -> None:
+    # The agent takes the connection and reads nothing: the 8 MB body never fits, the
+    # deadline fails the exchange while it waits to write; nothing may be left unretrieved.
+    held: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    agent = http(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", request_s=0.3)
+    try:
+        with pytest.raises(TimeoutError):
+            await agent.request("POST", "/upload/image", body=b"\0" * 8_000_000)
+        await asyncio.sleep(0.05)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+        await agent.close()
+        for writer in held:
+            writer.close()
+        server.close()
+    assert unhandled == []
+
+
+async def test_idle_connections_past_their_age_are_closed_under_the_newest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(agent_http, "IDLE_REUSE_S", 0.5)
+    async with serving(lambda r: ok()) as server:
+        agent = http(server.url)
+        try:
+            await asyncio.gather(*(agent.request("GET", "/a") for _ in range(2)))
+            assert len(agent._open) == 2
+            await asyncio.sleep(0.3)
+            await agent.request("GET", "/b")  # the newest idle one, reused
+            await asyncio.sleep(0.3)  # the other has been idle 0.6 s now
+            await agent.request("GET", "/c")
+            assert len(agent._open) == 1
+        finally:
+            await agent.close()

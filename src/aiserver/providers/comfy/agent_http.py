@@ -114,11 +114,11 @@ class _Connection(asyncio.Protocol):
             self._fail(ExchangeFailed("the answer's head is too long"))
 
     def eof_received(self) -> bool | None:
-        self._end_of_stream()
+        self._end_of_stream(clean=True)
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._end_of_stream()
+        self._end_of_stream(clean=exc is None)
         waiter, self._writable = self._writable, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(ExchangeFailed("the agent closed the connection"))
@@ -165,7 +165,9 @@ class _Connection(asyncio.Protocol):
             return await self._answer
         finally:
             timer.cancel()
-            self._answer = None
+            answer, self._answer = self._answer, None
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # failed while the body was written: already raised
 
     def _time_out(self) -> None:
         for waiter in (self._answer, self._writable):
@@ -227,12 +229,12 @@ class _Connection(asyncio.Protocol):
         if self._answer is not None and not self._answer.done():
             self._answer.set_result(answer)
 
-    def _end_of_stream(self) -> None:
+    def _end_of_stream(self, *, clean: bool) -> None:
         self.lost = True
         self.keep_alive = False
         if self._answer is None or self._answer.done():
             return
-        if self._to_close:
+        if self._to_close and clean:  # a reset cuts a close-delimited body short
             self._done()
         else:
             self._fail(ExchangeFailed("the agent closed the connection before answering"))
@@ -307,7 +309,8 @@ class AgentHttp:
             self._drop(conn)
             if not (reused and method == "GET" and not conn.answered):
                 raise
-            # The agent had closed this idle connection: the request never reached it.
+            # No byte of an answer came on a reused connection: most likely the agent had
+            # closed it while idle. A GET may be sent again (if it did arrive, it is read-only).
             conn, _ = await self._connection(deadline, fresh=True)
             try:
                 answer = await conn.exchange(data, body, deadline)
@@ -335,9 +338,13 @@ class AgentHttp:
         if self._invalid:
             raise ConnectFailed(self._invalid)
         now = time.monotonic()
+        # The oldest idle connections sit at the bottom of the stack: past IDLE_REUSE_S they
+        # go, even while the newest keep being reused.
+        while self._idle and now - self._idle[0].idle_since >= IDLE_REUSE_S:
+            self._drop(self._idle.pop(0))
         while self._idle and not fresh:
             conn = self._idle.pop()
-            if conn.keep_alive and not conn.lost and now - conn.idle_since < IDLE_REUSE_S:
+            if conn.keep_alive and not conn.lost:
                 return conn, True
             self._drop(conn)
         loop = asyncio.get_running_loop()
@@ -350,7 +357,7 @@ class AgentHttp:
                     ssl=self._ssl,
                     server_hostname=self._host if self._ssl else None,
                 )
-        except OSError as exc:  # ssl.SSLError included
+        except (OSError, ValueError) as exc:  # ssl.SSLError; a host IDNA cannot encode
             raise ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
         if self._closed:
             conn.close()
