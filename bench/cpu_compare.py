@@ -1,7 +1,7 @@
 """Service CPU per job of two source trees, side by side: same agents, segments alternating.
 
     python -m bench.cpu_compare OTHER_TREE [--rounds 8] [--jobs 200] [--concurrency 16]
-        [--agents bench.fast_agent]
+        [--agents bench.fast_agent] [--agent-jobs 64]
 
 The orchestration path of :mod:`bench.profile_service` (instant agents in their own process,
 SQLite, gRPC ImageUpscale SYNC + references), served by two service processes at once: this
@@ -10,6 +10,8 @@ data folder. Rounds alternate which goes first; each segment's CPU is read from 
 On a machine shared with other work, one service's figure moves a lot from run to run; two
 services measured in alternation see the same load, so their ratio is what to read. Prints
 per-round CPU ms per job for both and the median ratio (this tree / other).
+``--agent-jobs`` is each agent's ``max_concurrent_jobs`` (``queue_ahead`` 1): e.g. 3 makes the
+4 agents take 16 jobs at once, so that 64 callers keep 48 waiting in the service's queue.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from bench.standin_proc import StandIns
 AGENTS = 4
 
 
-async def _compare(other: Path, rounds: int, jobs: int, concurrency: int, module: str) -> str:
+async def _compare(
+    other: Path, rounds: int, jobs: int, concurrency: int, module: str, agent_jobs: int
+) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="bench-cpu-compare-"))
     trees = {"this": ROOT, "other": other}
     per_job: dict[str, list[float]] = {name: [] for name in trees}
@@ -41,7 +45,7 @@ async def _compare(other: Path, rounds: int, jobs: int, concurrency: int, module
         async with StandIns(AGENTS, tmp / "comfy", module=module) as agents:
             agent_list = json.dumps(
                 [
-                    {"url": url, "name": f"agent{i}", "max_concurrent_jobs": 64}
+                    {"url": url, "name": f"agent{i}", "max_concurrent_jobs": agent_jobs}
                     for i, url in enumerate(agents.urls)
                 ]
             )
@@ -85,7 +89,7 @@ async def _compare(other: Path, rounds: int, jobs: int, concurrency: int, module
     ratios = [a / b for a, b in zip(per_job["this"], per_job["other"], strict=True) if b]
     lines = [
         f"service CPU ms per job, {rounds} rounds x {jobs} jobs, {concurrency} callers,"
-        f" {AGENTS} agents ({module}); other = {other}",
+        f" {AGENTS} agents ({module}, max_concurrent_jobs {agent_jobs}); other = {other}",
         "this:  " + " ".join(f"{v:.2f}" for v in per_job["this"]),
         "other: " + " ".join(f"{v:.2f}" for v in per_job["other"]),
         f"median this {statistics.median(per_job['this']):.2f} ms,"
@@ -103,9 +107,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--agents", default="bench.standin_proc")
+    parser.add_argument("--agent-jobs", type=int, default=64)
     args = parser.parse_args()
     other = args.other.resolve()
-    print(asyncio.run(_compare(other, args.rounds, args.jobs, args.concurrency, args.agents)))
+    print(
+        asyncio.run(
+            _compare(other, args.rounds, args.jobs, args.concurrency, args.agents, args.agent_jobs)
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from aiserver.artifacts import ArtifactStore
+from aiserver.artifacts.store import SWEEP_FRESH_S
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.store import JobStore, new_holder_id
 
@@ -24,10 +25,10 @@ class RetentionPolicy:
     max_total_bytes: int | None
     """Delete the oldest artifacts while the store is larger; None sets no cap."""
     interval_s: float
-    fresh_s: float = 0.0
-    """Blobs stored less than this long ago are kept whatever the limits: an output another
-    coordinator just stored is in no job record until that job's next save (its holder's
-    memory knows it, the leader's does not)."""
+    fresh_s: float = SWEEP_FRESH_S
+    """Blobs stored less than this long ago are kept whatever the limits: a put writes its
+    bytes after its row, and an output another coordinator just stored is in no job record
+    until that job's next save (its holder's memory knows it, the leader's does not)."""
 
     @property
     def active(self) -> bool:

@@ -233,7 +233,7 @@ async def test_sweep_by_age_respects_protect(store: ArtifactStore, clock: Clock)
     clock.advance(60)
     fresh = await put(store, b"fresh" * 10)
     clock.advance(30)
-    deleted = await store.sweep(90, None, protect=lambda name: name == kept)
+    deleted = await store.sweep(90, None, protect=lambda name: name == kept, fresh_s=0)
     assert deleted == [old]
     assert not await stored(store, old)
     for name in (kept, fresh):
@@ -248,7 +248,7 @@ async def test_sweep_age_counts_from_the_latest_put(store: ArtifactStore, clock:
     name = await put(store, DATA, job_id="j1")
     clock.advance(1000)
     await put(store, DATA, job_id="j2")  # re-referenced: young again
-    assert await store.sweep(500, None, protect=lambda _: False) == []
+    assert await store.sweep(500, None, protect=lambda _: False, fresh_s=0) == []
     assert await stored(store, name)
 
 
@@ -258,15 +258,15 @@ async def test_sweep_by_total_size_oldest_first(store: ArtifactStore, clock: Clo
         names.append(await put(store, bytes([i]) * 100, job_id=f"j{i}"))
         clock.advance(10)
     protected = {names[0]}
-    deleted = await store.sweep(None, 200, protect=lambda n: n in protected)
+    deleted = await store.sweep(None, 200, protect=lambda n: n in protected, fresh_s=0)
     assert deleted == [names[1], names[2]]  # the oldest is protected, so the next two go
     assert [await stored(store, n) for n in names] == [True, False, False, True]
-    assert await store.sweep(None, 200, protect=lambda n: n in protected) == []
+    assert await store.sweep(None, 200, protect=lambda n: n in protected, fresh_s=0) == []
 
 
 async def test_put_after_sweep_stores_again(store: ArtifactStore, clock: Clock) -> None:
     name = await put(store, DATA)
-    assert await store.sweep(None, 0, protect=lambda _: False) == [name]
+    assert await store.sweep(None, 0, protect=lambda _: False, fresh_s=0) == [name]
     clock.advance(86400)
     again = await put(store, DATA)
     assert again != name and again.startswith("artifacts/2031/05/07/")
@@ -349,7 +349,7 @@ async def test_a_put_racing_a_retention_delete_keeps_its_bytes(
     a = await coordinators.open(clock, wrap=pause)
     b = await coordinators.open(clock)
     name = await put(a, DATA, job_id="j1")
-    sweep = asyncio.create_task(a.sweep(None, 0, protect=lambda _: False))
+    sweep = asyncio.create_task(a.sweep(None, 0, protect=lambda _: False, fresh_s=0))
     await asyncio.wait_for(paused[0].reached.wait(), 10)
     again = asyncio.create_task(put(b, DATA, job_id="j2"))
     await asyncio.sleep(0.3)  # B's put goes as far as it can meanwhile
@@ -437,3 +437,58 @@ async def test_sweep_keeps_fresh_blobs_whatever_the_limits(
     assert await stored(store, young)
     clock.advance(31)
     assert await store.sweep(10, 0, protect=lambda _: False, fresh_s=60) == [young]
+
+
+class _PausedPuts(PausedDeletes):
+    """Its puts wait for ``resume`` (``reached`` set then), or fail when ``fail`` is set."""
+
+    fail = False
+
+    async def put(self, key: str, data: bytes, *, fresh: bool = False) -> None:
+        self.reached.set()
+        await self.resume.wait()
+        if self.fail:
+            raise OSError("the disk is full")
+        await self.inner.put(key, data, fresh=fresh)
+
+
+async def test_a_sweep_while_a_put_writes_keeps_its_row(
+    coordinators: Coordinators, clock: Clock
+) -> None:
+    # A's put registered the row and is still writing; B's retention (cap 0) runs then. With
+    # the default freshness the new row stays: deleting it would leave A's bytes unindexed and
+    # its reference dangling.
+    paused: list[_PausedPuts] = []
+
+    def pause(blobs: BlobStore) -> BlobStore:
+        paused.append(_PausedPuts(blobs))
+        return paused[-1]
+
+    a = await coordinators.open(clock, wrap=pause)
+    b = await coordinators.open(clock)
+    writing = asyncio.create_task(put(a, DATA, job_id="j1"))
+    await asyncio.wait_for(paused[0].reached.wait(), 10)
+    if a.index.__class__.__name__.startswith("Sqlite") and coordinators.blob_kind == "folder":
+        paused[0].resume.set()  # one process, local folder: the write is under the row's lock
+    assert await b.sweep(None, 0, protect=lambda _: False) == []
+    paused[0].resume.set()
+    name = await asyncio.wait_for(writing, 10)
+    assert (await b.get(name, "alice")).job_id == "j1"
+    assert await read_all(b, name) == DATA
+
+
+async def test_a_put_whose_write_fails_takes_back_its_new_row(
+    coordinators: Coordinators, clock: Clock
+) -> None:
+    failing: list[_PausedPuts] = []
+
+    def fail(blobs: BlobStore) -> BlobStore:
+        failing.append(_PausedPuts(blobs))
+        failing[-1].fail = True
+        failing[-1].resume.set()
+        return failing[-1]
+
+    a = await coordinators.open(clock, wrap=fail)
+    with pytest.raises(OSError):
+        await put(a, DATA, job_id="j1")
+    assert await a.index.blobs() == []  # no row whose bytes never came

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import ipaddress
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from aiserver.providers.comfy import agent_http
 from aiserver.providers.comfy.agent_http import AgentHttp, ConnectFailed, ExchangeFailed
 from aiserver.providers.comfy.client import ComfyClient
 from aiserver.providers.failures import Cause, ProviderUnavailable
@@ -51,6 +55,8 @@ class Scripted:
     requests: list[Request] = field(default_factory=list)
     connections: int = 0
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    piece: int = 0
+    """If set, answers are written this many bytes at a time, each after a pause."""
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -64,8 +70,11 @@ class Scripted:
                 reply = self.answer(request)
                 if reply is None:
                     break
-                writer.write(reply)
-                await writer.drain()
+                for start in range(0, len(reply), self.piece or len(reply)):
+                    if self.piece:
+                        await asyncio.sleep(0.002)  # each piece its own segment and read
+                    writer.write(reply[start : start + (self.piece or len(reply))])
+                    await writer.drain()
                 if reply.startswith(b"HTTP/1.0"):
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -165,6 +174,77 @@ async def test_chunked_and_close_delimited_bodies_are_read_whole() -> None:
     assert server.connections == 2  # the body ended with its connection: not reused
 
 
+async def test_an_answer_in_many_tiny_reads_and_after_an_interim_one() -> None:
+    chunked = (
+        b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Head:  h \t\r\n\r\n"
+        b"5\r\nhello\r\n7\r\n, world\r\n0\r\nX-Head: trailer\r\n\r\n"
+    )
+    async with serving(lambda r: chunked if "chunked" in r.line else ok()) as server:
+        server.piece = 3
+        agent = http(server.url)
+        try:
+            for path in ("/chunked", "/length", "/chunked"):
+                answer = await agent.request("GET", path)
+                assert answer.status == 200
+                if path == "/chunked":
+                    assert answer.body == b"hello, world"
+                    # The interim answer's headers and the trailers are not the answer's.
+                    assert answer.headers["x-head"] == "h" and "x-interim" not in answer.headers
+                else:
+                    assert answer.body == b'{"ok": true}'
+        finally:
+            await agent.close()
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        # The chunk's data is not followed by CRLF: its size lied.
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+            "malformed",
+        ),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n", "malformed"),
+        # Two framings (a response-splitting vector): which one the agent meant is unknown.
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n",
+            "not an HTTP answer",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello, ",
+            "not an HTTP answer",
+        ),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\nContent-Length: 0\r\n\r\n", "not an HTTP answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: five\r\n\r\nhello", "not an HTTP answer"),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000, "head is too long"),
+    ],
+    ids=[
+        "chunk-overrun",
+        "chunk-size",
+        "length-and-chunked",
+        "two-lengths",
+        "no-colon",
+        "bad-length",
+        "long-head",
+    ],
+)
+async def test_malformed_answers_fail_the_exchange_and_drop_the_connection(
+    reply: bytes, error: str
+) -> None:
+    async with serving(lambda r: ok() if "fine" in r.line else reply) as server:
+        agent = http(server.url)
+        try:
+            with pytest.raises(ExchangeFailed, match=error):
+                await agent.request("POST", "/prompt", body=b"{}")
+            assert (await agent.request("GET", "/fine")).status == 200
+        finally:
+            await agent.close()
+    assert server.connections == 2  # the broken stream was not reused
+
+
 async def test_a_get_on_a_connection_the_agent_closed_is_sent_again() -> None:
     async with serving(lambda r: ok()) as server:
         agent = http(server.url)
@@ -214,6 +294,18 @@ async def test_a_big_body_arrives_whole() -> None:
             await agent.close()
     assert answer.body == str(len(body)).encode()
     assert server.requests[0].body == body
+
+
+async def test_a_big_answer_arrives_whole() -> None:
+    body = bytes(range(256)) * 8_000  # 2 MB: many reads, the first one with the head
+    async with serving(lambda r: ok(body)) as server:
+        agent = http(server.url)
+        try:
+            for _ in range(2):
+                assert (await agent.request("GET", "/view")).body == body
+        finally:
+            await agent.close()
+    assert server.connections == 1
 
 
 async def test_a_refused_connection_a_bad_url_and_a_non_http_answer() -> None:
@@ -328,3 +420,80 @@ async def test_https_verifies_the_agents_certificate(
         server.close()
         scripted.drop_connections()
     assert scripted.requests[0].header("host") == url.removeprefix("https://")
+
+
+async def test_a_host_the_resolver_cannot_encode_is_a_failed_connect() -> None:
+    # A label over 63 characters passes URL parsing; IDNA refuses it with a ValueError, which
+    # must be a failed connect (a probe loop only survives the client's own failures).
+    agent = http(f"http://{'a' * 64}.example:8188")
+    try:
+        with pytest.raises(ConnectFailed, match=r"idna|label"):
+            await agent.request("GET", "/system_stats")
+    finally:
+        await agent.close()
+
+
+async def test_a_close_delimited_body_cut_by_a_reset_fails() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n\r\n" + b"x" * 1000)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset, not the close that ends such a body
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    agent = http(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        with pytest.raises(ExchangeFailed):
+            await agent.request("GET", "/view")
+    finally:
+        await agent.close()
+        server.close()
+
+
+async def test_a_timeout_while_the_body_is_written_leaves_no_unretrieved_error() -> None:
+    # The agent takes the connection and reads nothing: the 8 MB body never fits, the
+    # deadline fails the exchange while it waits to write; nothing may be left unretrieved.
+    held: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    agent = http(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", request_s=0.3)
+    try:
+        with pytest.raises(TimeoutError):
+            await agent.request("POST", "/upload/image", body=b"\0" * 8_000_000)
+        await asyncio.sleep(0.05)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+        await agent.close()
+        for writer in held:
+            writer.close()
+        server.close()
+    assert unhandled == []
+
+
+async def test_idle_connections_past_their_age_are_closed_under_the_newest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(agent_http, "IDLE_REUSE_S", 0.5)
+    async with serving(lambda r: ok()) as server:
+        agent = http(server.url)
+        try:
+            await asyncio.gather(*(agent.request("GET", "/a") for _ in range(2)))
+            assert len(agent._open) == 2
+            await asyncio.sleep(0.3)
+            await agent.request("GET", "/b")  # the newest idle one, reused
+            await asyncio.sleep(0.3)  # the other has been idle 0.6 s now
+            await agent.request("GET", "/c")
+            assert len(agent._open) == 1
+        finally:
+            await agent.close()

@@ -535,3 +535,27 @@ async def test_a_pinned_upload_survives_a_job_ending_with_the_same_bytes(env: En
     env.spool.unpin(pending)
     manager.discard_inputs({pending.sha256})  # that request made no job after all
     assert not pending.path.exists()
+
+
+async def test_a_submission_right_after_anothers_create_counts_it_once(env: Env) -> None:
+    # A created job is in the active set from the moment its create returns; it must no longer
+    # be counted as "being created" too, or a submission that checks the per-owner limit in
+    # that moment is refused with room left (seen at 64 concurrent callers).
+    manager = await env.manager(ScriptedProvider("p1", gated), max_active_per_owner=3)
+    await submit(manager, env)
+    store = manager._store
+    create = store.create
+    late: list[asyncio.Task[object]] = []
+
+    async def create_then_submit(*args: object, **kwargs: object) -> object:
+        result = await create(*args, **kwargs)  # type: ignore[arg-type]
+        if not late:  # the next submission starts while this one's caller is still waiting
+            asyncio.get_running_loop().call_soon(
+                lambda: late.append(asyncio.create_task(submit(manager, env)))
+            )
+        return result
+
+    store.create = create_then_submit  # type: ignore[method-assign]
+    await submit(manager, env)  # the second of three allowed
+    third = await within(late[0])  # the third: 2 unfinished before it, room for one more
+    assert third.state is JobState.QUEUED

@@ -37,6 +37,8 @@ __all__ = [
     "open_artifact_index",
 ]
 
+_DROP_S = 30.0
+"""The longest a PostgreSQL delete keeps its blob's row locked while the bytes are deleted."""
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -387,7 +389,10 @@ class PostgresArtifactIndex:
             )
             if found is None:
                 return False
-            await drop()
+            # Bounded: the row lock stalls every register of these bytes, on any process.
+            # Past the bound the delete rolls back (the row stays) and the next sweep retries.
+            async with asyncio.timeout(_DROP_S):
+                await drop()
         return True
 
     async def close(self) -> None:

@@ -12,8 +12,10 @@ seed, provider). A name is visible to an owner only if that owner has a referenc
 
 A put registers first (one statement, which names the key) and writes the bytes after; a
 retention delete removes the row and then the bytes before any register of the same bytes can
-return (see :mod:`aiserver.artifacts.index`), so a put never ends with its bytes deleted under
-it, on one process or several.
+return (see :mod:`aiserver.artifacts.index`), and a sweep never deletes a blob registered less
+than ``fresh_s`` ago (longer than any put takes from its register to the end of its write), so
+a put never ends with its bytes deleted under it, or written after its row was deleted, on one
+process or several.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from aiserver.jobs.model import ArtifactRef
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "EXTENSIONS",
+    "SWEEP_FRESH_S",
     "ArtifactStore",
     "DeleteListener",
     "PutListener",
@@ -73,6 +76,9 @@ _REL_PATH = re.compile(
     + r")"
 )
 _HASH_IN_THREAD = 1024 * 1024  # hashing below this is quicker than a thread hop
+SWEEP_FRESH_S = 60.0
+"""A sweep's default: blobs registered less than this long ago are kept (far longer than a
+put takes from its register to the end of its write)."""
 
 DeleteListener = Callable[[str, str], None]
 """Called (in a worker thread) with ``(name, sha256)`` after an artifact is deleted."""
@@ -219,9 +225,15 @@ class ArtifactStore:
         else:
             row = await index.register(new)
             # After the row: a retention delete of these bytes finished before the register
-            # returned, so this write stays. Write-once: known bytes cost a look, new ones
-            # are written without (on S3 a HEAD fewer).
-            await blobs.put(row.path, data, fresh=row.new_blob)
+            # returned, and none starts before the row is fresh_s old, so this write stays.
+            # Write-once: known bytes cost a look, new ones are written without (on S3 a
+            # HEAD fewer).
+            try:
+                await blobs.put(row.path, data, fresh=row.new_blob)
+            except BaseException:
+                if row.new_blob:  # a row this put made, whose bytes never came: take it back
+                    await self._forget_unwritten(row.path, row.sha256, new.now)
+                raise
         ref = self._ref(row)
         for listener in self._put_listeners:
             try:
@@ -310,15 +322,16 @@ class ArtifactStore:
         max_total_bytes: int | None,
         protect: Callable[[str], bool],
         *,
-        fresh_s: float = 0.0,
+        fresh_s: float = SWEEP_FRESH_S,
     ) -> list[str]:
         """Delete artifacts, least recently stored first; return the deleted names.
 
         First everything older than ``max_age_s``, then more until the total size is at most
         ``max_total_bytes``. Names for which ``protect(name)`` is true (still referenced,
         e.g. by a job that is not finished) are kept even if the budget stays exceeded, and
-        so are blobs stored less than ``fresh_s`` ago: with several coordinators an output
-        another one just stored is not in any job record until that job's next save.
+        so are blobs stored less than ``fresh_s`` ago: a put writes its bytes after its row
+        (a delete in between would leave bytes no row lists), and with several coordinators
+        an output another one just stored is in no job record until that job's next save.
         """
         blobs = await self.index.blobs()
         now = self._clock().timestamp()
@@ -340,6 +353,15 @@ class ArtifactStore:
         if deleted:
             logger.info("retention deleted %d artifacts", len(deleted))
         return deleted
+
+    async def _forget_unwritten(self, path: str, sha256: str, last_put: float) -> None:
+        async def nothing() -> None:
+            return None
+
+        try:  # best effort, even when cancelled: a row left here is swept as a missing blob
+            await asyncio.shield(self.index.forget(path, sha256, last_put, nothing))
+        except Exception:
+            logger.exception("could not take back the row of unwritten blob %s", path)
 
     async def _delete(self, blob: StoredBlob) -> bool:
         rel = self.relative_path(blob.name)

@@ -365,16 +365,14 @@ class JobManager:
             ref_id=ref_id,
             tag=tag,
             reply_to=reply_to,
+            counted=local_limit,
         )
-        # Counted until stored: concurrent submissions cannot all slip under the limit.
-        self._creating[owner] = self._creating.get(owner, 0) + 1
-        try:
-            # Shielded: once stored, the job must also be queued, even if the caller goes away.
-            return await asyncio.shield(self._spawn(create, log_errors=False))
-        finally:
-            self._creating[owner] -= 1
-            if not self._creating[owner]:
-                del self._creating[owner]
+        if local_limit:
+            # Counted until it is in _active (where active_count sees it): concurrent
+            # submissions cannot all slip under the limit, nor is one counted twice.
+            self._creating[owner] = self._creating.get(owner, 0) + 1
+        # Shielded: once stored, the job must also be queued, even if the caller goes away.
+        return await asyncio.shield(self._spawn(create, log_errors=False))
 
     def _too_many_jobs(self, limit: int) -> ServiceError:
         return ServiceError(
@@ -562,6 +560,38 @@ class JobManager:
     # --- submit and replay ----------------------------------------------------------------
 
     async def _create(
+        self,
+        *,
+        owner: str,
+        task: TaskKind,
+        spec: TaskSpec,
+        inputs: Sequence[InputRef],
+        ref_id: str,
+        tag: str,
+        reply_to: str,
+        counted: bool = False,
+    ) -> tuple[Job, bool]:
+        try:
+            return await self._create_job(
+                owner=owner,
+                task=task,
+                spec=spec,
+                inputs=inputs,
+                ref_id=ref_id,
+                tag=tag,
+                reply_to=reply_to,
+            )
+        finally:
+            # In the step that put the job in _active (no await between): never counted
+            # twice, never missing from both.
+            if counted:
+                left = self._creating[owner] - 1
+                if left:
+                    self._creating[owner] = left
+                else:
+                    del self._creating[owner]
+
+    async def _create_job(
         self,
         *,
         owner: str,
