@@ -10,6 +10,10 @@ against. It does what a hand-written script does, and nothing more:
 No retries, no progress tracking, no persistence. (Step 5's ``/view`` is there because the
 service downloads and stores every output too; without it the comparison would charge the
 service for a download the baseline never makes.)
+
+Its HTTP and websocket are aiohttp's, as the service's are: with httpx and websockets the
+client itself cost 4-7 ms of CPU per job at 16-64 callers (the service 5), so the baseline's
+throughput measured the bench's client, not ComfyUI or the agents.
 """
 
 from __future__ import annotations
@@ -21,8 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-from websockets.asyncio.client import connect
+import aiohttp
 
 from bench import ROOT
 
@@ -40,20 +43,21 @@ class DirectResult:
 
 
 class DirectComfy:
-    """One agent, shared by concurrent callers (one HTTP connection pool)."""
+    """One agent, shared by concurrent callers (one HTTP connection pool). Create it in the
+    event loop that uses it."""
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         self.ws_url = "ws" + self.url.removeprefix("http") + "/ws"
-        self.http = httpx.AsyncClient(
-            base_url=self.url,
-            timeout=60,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
+        self.http = aiohttp.ClientSession(
+            self.url,
+            connector=aiohttp.TCPConnector(limit=256),
+            timeout=aiohttp.ClientTimeout(total=60),
         )
         self.graph = json.loads(UPSCALE_GRAPH.read_text())
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        await self.http.close()
 
     def upscale_graph(self, image_name: str, width: int, height: int, label: str) -> Any:
         graph = copy.deepcopy(self.graph)
@@ -67,27 +71,27 @@ class DirectComfy:
         client_id = uuid.uuid4().hex
         prompt_id = str(uuid.uuid4())
         label = uuid.uuid4().hex
-        async with connect(
-            f"{self.ws_url}?clientId={client_id}", max_size=None, max_queue=None
-        ) as ws:
-            up = await self.http.post(
-                "/upload/image",
-                files={"image": (f"{label}.png", png, "image/png")},
-                data={"type": "input"},
-            )
-            up.raise_for_status()
-            name = up.json()["name"]
+        async with self.http.ws_connect(f"/ws?clientId={client_id}", max_msg_size=0) as ws:
+            form = aiohttp.FormData()
+            form.add_field("image", png, filename=f"{label}.png", content_type="image/png")
+            form.add_field("type", "input")
+            async with self.http.post("/upload/image", data=form) as up:
+                up.raise_for_status()
+                name = (await up.json())["name"]
             body = {
                 "prompt": self.upscale_graph(name, width, height, label),
                 "client_id": client_id,
                 "prompt_id": prompt_id,
             }
-            queued = await self.http.post("/prompt", json=body)
-            queued.raise_for_status()
-            async for raw in ws:
-                if isinstance(raw, bytes):
+            async with self.http.post("/prompt", json=body) as queued:
+                queued.raise_for_status()
+                await queued.read()
+            async for frame in ws:
+                if frame.type is aiohttp.WSMsgType.BINARY:
                     continue
-                message = json.loads(raw)
+                if frame.type is not aiohttp.WSMsgType.TEXT:
+                    raise RuntimeError(f"the agent's websocket ended: {frame.type.name}")
+                message = json.loads(frame.data)
                 data = message.get("data") or {}
                 if data.get("prompt_id") != prompt_id:
                     continue
@@ -96,18 +100,13 @@ class DirectComfy:
                 if message.get("type") == "executing" and data.get("node") is None:
                     break
             end_marker_at = time.perf_counter()
-        history = (await self.http.get(f"/history/{prompt_id}")).json()[prompt_id]
+        async with self.http.get(f"/history/{prompt_id}") as answer:
+            history = (await answer.json())[prompt_id]
         outputs = []
         for output in history["outputs"].values():
             for image in output.get("images", []):
-                view = await self.http.get(
-                    "/view",
-                    params={
-                        "filename": image["filename"],
-                        "subfolder": image["subfolder"],
-                        "type": image["type"],
-                    },
-                )
-                view.raise_for_status()
-                outputs.append(view.content)
+                params = {k: image[k] for k in ("filename", "subfolder", "type")}
+                async with self.http.get("/view", params=params) as view:
+                    view.raise_for_status()
+                    outputs.append(await view.read())
         return DirectResult(prompt_id, outputs, time.perf_counter(), end_marker_at)

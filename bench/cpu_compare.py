@@ -1,7 +1,7 @@
 """Service CPU per job of two source trees, side by side: same agents, segments alternating.
 
     python -m bench.cpu_compare OTHER_TREE [--rounds 8] [--jobs 200] [--concurrency 16]
-        [--agents bench.fast_agent]
+        [--agents bench.fast_agent] [--agent-jobs 64]
 
 The orchestration path of :mod:`bench.profile_service` (instant agents in their own process,
 SQLite, gRPC ImageUpscale SYNC + references), served by two service processes at once: this
@@ -10,6 +10,8 @@ data folder. Rounds alternate which goes first; each segment's CPU is read from 
 On a machine shared with other work, one service's figure moves a lot from run to run; two
 services measured in alternation see the same load, so their ratio is what to read. Prints
 per-round CPU ms per job for both and the median ratio (this tree / other).
+``--agent-jobs`` is each agent's ``max_concurrent_jobs`` (``queue_ahead`` 1): e.g. 3 makes the
+4 agents take 16 jobs at once, so that 64 callers keep 48 waiting in the service's queue.
 """
 
 from __future__ import annotations
@@ -17,67 +19,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import grpc
 
 from bench import ROOT
 from bench.common import cpu_seconds
 from bench.orchestration import Inputs, _segment, _service_job, _wait_ready
+from bench.service_proc import ServiceProcess
 from bench.standin_proc import StandIns
 
 AGENTS = 4
 
 
-class _Service:
-    """``bench.service_proc`` of the source tree ``root`` (its ``src`` first on the path)."""
-
-    def __init__(self, root: Path, env: dict[str, str], log: Path) -> None:
-        self.root, self.env, self.log = root, env, log
-        self.info: dict[str, Any] = {}
-        self._proc: asyncio.subprocess.Process | None = None
-
-    async def __aenter__(self) -> _Service:
-        path = os.pathsep.join((str(self.root / "src"), str(self.root)))
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *("-m", "bench.service_proc"),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=self.log.open("wb"),
-            cwd=str(self.root),
-            env={**os.environ, **self.env, "PYTHONPATH": path},
-        )
-        assert self._proc.stdout is not None
-        async with asyncio.timeout(60):
-            line = await self._proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the service of {self.root} did not start; see {self.log}")
-        self.info = json.loads(line)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.write(b"quit\n")
-            proc.stdin.close()
-        try:
-            async with asyncio.timeout(20):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-
-async def _compare(other: Path, rounds: int, jobs: int, concurrency: int, module: str) -> str:
+async def _compare(
+    other: Path, rounds: int, jobs: int, concurrency: int, module: str, agent_jobs: int
+) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="bench-cpu-compare-"))
     trees = {"this": ROOT, "other": other}
     per_job: dict[str, list[float]] = {name: [] for name in trees}
@@ -85,7 +45,7 @@ async def _compare(other: Path, rounds: int, jobs: int, concurrency: int, module
         async with StandIns(AGENTS, tmp / "comfy", module=module) as agents:
             agent_list = json.dumps(
                 [
-                    {"url": url, "name": f"agent{i}", "max_concurrent_jobs": 64}
+                    {"url": url, "name": f"agent{i}", "max_concurrent_jobs": agent_jobs}
                     for i, url in enumerate(agents.urls)
                 ]
             )
@@ -98,12 +58,11 @@ async def _compare(other: Path, rounds: int, jobs: int, concurrency: int, module
                     "AISERVER_DATA_DIR": str(tmp / f"service-{name}"),
                     "AISERVER_AGENTS": agent_list,
                 }
-                services[name] = await _Service(root, env, tmp / f"{name}.log").__aenter__()
+                services[name] = await ServiceProcess(env, tmp / f"{name}.log", root).__aenter__()
             try:
                 inputs = Inputs()
                 channels = {
-                    name: grpc.aio.insecure_channel(f"127.0.0.1:{s.info['grpc_port']}")
-                    for name, s in services.items()
+                    name: grpc.aio.insecure_channel(s.target) for name, s in services.items()
                 }
                 calls = {}
                 for name, channel in channels.items():
@@ -113,7 +72,7 @@ async def _compare(other: Path, rounds: int, jobs: int, concurrency: int, module
                 for r in range(rounds):
                     order = ["this", "other"] if r % 2 == 0 else ["other", "this"]
                     for name in order:
-                        pid = int(services[name].info["pid"])
+                        pid = services[name].pid
                         before = cpu_seconds(pid)
                         got = await _segment(calls[name], concurrency, inputs.take(jobs))
                         done = len(got["latencies"])
@@ -130,7 +89,7 @@ async def _compare(other: Path, rounds: int, jobs: int, concurrency: int, module
     ratios = [a / b for a, b in zip(per_job["this"], per_job["other"], strict=True) if b]
     lines = [
         f"service CPU ms per job, {rounds} rounds x {jobs} jobs, {concurrency} callers,"
-        f" {AGENTS} agents ({module}); other = {other}",
+        f" {AGENTS} agents ({module}, max_concurrent_jobs {agent_jobs}); other = {other}",
         "this:  " + " ".join(f"{v:.2f}" for v in per_job["this"]),
         "other: " + " ".join(f"{v:.2f}" for v in per_job["other"]),
         f"median this {statistics.median(per_job['this']):.2f} ms,"
@@ -148,9 +107,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--agents", default="bench.standin_proc")
+    parser.add_argument("--agent-jobs", type=int, default=64)
     args = parser.parse_args()
     other = args.other.resolve()
-    print(asyncio.run(_compare(other, args.rounds, args.jobs, args.concurrency, args.agents)))
+    print(
+        asyncio.run(
+            _compare(other, args.rounds, args.jobs, args.concurrency, args.agents, args.agent_jobs)
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -73,9 +73,11 @@ def _http_job(session: aiohttp.ClientSession, base: str) -> JobFn:
 class _Gateway:
     """``aiserver gateway`` in its own process."""
 
-    def __init__(self, target: str, log: Path) -> None:
+    def __init__(self, target: str, log: Path, root: Path | None = None) -> None:
         self.target = target
         self.log = log
+        self.root = root
+        """Another source tree to run the gateway from (its ``src`` first on the path)."""
         self.port = free_port()
         self._proc: asyncio.subprocess.Process | None = None
         self._log_fh: Any = None
@@ -91,7 +93,8 @@ class _Gateway:
 
     async def __aenter__(self) -> _Gateway:
         self._log_fh = self.log.open("wb")
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        first = [str(self.root / "src"), str(self.root)] if self.root else [str(ROOT)]
+        path = os.pathsep.join(p for p in (*first, os.environ.get("PYTHONPATH", "")) if p)
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             *("-m", "aiserver", "gateway", "--target", self.target, "--port", str(self.port)),
@@ -364,7 +367,7 @@ async def _profile(label: str, jobs: int, concurrency: int, path: str, mode: str
                 async with asyncio.timeout(30):
                     await spy.wait()
         done = len(got["latencies"])
-        busy, own, total = _top(collapsed)
+        busy, own, total, _areas = _top(collapsed)
         if keep := os.environ.get("BENCH_KEEP_PROFILE"):  # the raw stacks, for a closer look
             shutil.copy(collapsed, keep)
         lines = [

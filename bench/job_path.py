@@ -1,6 +1,6 @@
 """The job store's share of a job: the job manager in-process on SQLite or PostgreSQL.
 
-    python -m bench.job_path [--jobs 400] [--concurrency 16] [--rounds 3]
+    python -m bench.job_path [--jobs 400] [--concurrency 16] [--rounds 3] [--pg-artifacts]
 
 No gRPC and no ComfyUI: an instant provider reports progress, a checkpoint and one small
 image, so what is measured is the manager's path through the store (create, the running
@@ -8,7 +8,9 @@ save, the checkpoint, the output, the end, the events, the lease) plus the artif
 local put. Figures per backend, median of rounds (backends alternate within a round): process
 CPU ms per job (``time.process_time``: this process does all the client work) and, on
 PostgreSQL, the backends' CPU and transactions per job (as ``bench.scaleout`` counts them).
-The manager on PostgreSQL runs with a holder (leases, stored events), as a coordinator does.
+The manager on PostgreSQL runs with a holder (leases, stored events), as a coordinator does;
+``--pg-artifacts`` puts its artifact index in the job schema too, as a coordinator has it
+(the bytes stay in a local folder).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 from PIL import Image
 
+from aiserver.artifacts.index import PostgresArtifactIndex
 from aiserver.artifacts.store import ArtifactStore
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Finished, InputRef, Stage
@@ -84,9 +87,10 @@ class InstantProvider:
         await sink.image(GeneratedImage(_png(seed), "out.png", "image/png", 8, 8, seed=seed))
 
 
-async def _round(kind: str, root: Path, jobs: int, concurrency: int) -> dict[str, float]:
+async def _round(
+    kind: str, root: Path, jobs: int, concurrency: int, pg_artifacts: bool = False
+) -> dict[str, float]:
     spool = InputSpool(root / "spool")
-    artifacts = ArtifactStore(root / "artifacts")
     data = _png(1)
     sha = hashlib.sha256(data).hexdigest()
     path = spool.path_for(sha)
@@ -101,6 +105,10 @@ async def _round(kind: str, root: Path, jobs: int, concurrency: int) -> dict[str
         holder = new_holder_id()
     else:
         store = await SqliteJobStore.open(root / "jobs.sqlite3")
+    index = None
+    if kind == "postgres" and pg_artifacts:
+        index = PostgresArtifactIndex(scaleout.BENCH_URL, schema=schema)
+    artifacts = ArtifactStore(root / "artifacts", index=index)
     # As the service runs it (per-key limit 100); inputs outlive the run.
     settings = SchedulerSettings(spool_grace_s=3600.0, max_active_per_owner=100)
     manager = JobManager(store, spool, artifacts, [InstantProvider()], settings, holder=holder)
@@ -148,7 +156,7 @@ async def _round(kind: str, root: Path, jobs: int, concurrency: int) -> dict[str
 DATABASE = "bench_job_path"
 
 
-async def _main(jobs: int, concurrency: int, rounds: int) -> dict[str, Any]:
+async def _main(jobs: int, concurrency: int, rounds: int, pg_artifacts: bool) -> dict[str, Any]:
     # scaleout's database helpers, on a database of this script's own: its counters (and
     # backends' CPU) must see no other run.
     scaleout.DATABASE = DATABASE
@@ -159,7 +167,7 @@ async def _main(jobs: int, concurrency: int, rounds: int) -> dict[str, Any]:
         for kind in ("sqlite", "postgres") if n % 2 == 0 else ("postgres", "sqlite"):
             root = Path(tempfile.mkdtemp(prefix="bench-job-path-"))
             try:
-                figures = await _round(kind, root, jobs, concurrency)
+                figures = await _round(kind, root, jobs, concurrency, pg_artifacts)
             finally:
                 shutil.rmtree(root, ignore_errors=True)
             for name, value in figures.items():
@@ -177,12 +185,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--census", type=Path, help="statements sent, by statement (JSON)")
+    parser.add_argument(
+        "--pg-artifacts", action="store_true", help="the artifact index in PostgreSQL too"
+    )
     args = parser.parse_args()
     if args.census is not None:
         from bench.sql_census import install
 
         install(args.census)
-    print(json.dumps(asyncio.run(_main(args.jobs, args.concurrency, args.rounds)), indent=1))
+    figures = asyncio.run(_main(args.jobs, args.concurrency, args.rounds, args.pg_artifacts))
+    print(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

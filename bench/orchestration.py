@@ -6,14 +6,14 @@ direct ComfyUI client, against the same instant ComfyUI stand-ins.
 - Service: its own process (:mod:`bench.service_proc`, settings from ``AISERVER_*`` as for
   ``aiserver serve``, INFO logging to a file), SQLite job store and artifact store on (always:
   persistence is not optional), gRPC ImageUpscale, SYNC, OUTPUT_DELIVERY_REFERENCES; every
-  agent with ``max_concurrent_jobs = 64``. The service still hands a provider at most 16 jobs
-  at once (``SchedulerSettings.max_running_per_provider``): at 64 callers 48 jobs wait in its
-  own queue, and their callers are told each change of queue position (up to 20 a second
-  each), which the direct client's callers, queued in ComfyUI, are not.
+  agent with ``max_concurrent_jobs = 64``: the service hands each agent as many jobs as its
+  slots, so at 64 callers every job waits on an agent, as the direct client's do in ComfyUI
+  (before 2026-12-07 a fixed bound of 16 per provider kept 48 in the service's own queue).
 - Baseline: :mod:`bench.comfy_direct`, the same input and graph, round-robin over the agents.
 - Callers of both paths run in the bench process; the service's and the stand-ins' CPU time
   is read from ``/proc`` around each segment, the callers' with ``time.process_time`` (CPU ms
-  per job: the direct client's is what the service's orchestration replaces).
+  per job: the direct client's is what the service's orchestration replaces). The
+  light-agents rows (:func:`_light_agents`) run their callers in a process of their own.
 - Load: closed loop, ``N`` callers each running jobs back to back; both paths alternate within
   every round (which goes first alternates too), and the stand-ins are reset between segments.
 
@@ -26,125 +26,48 @@ CLOCK_MONOTONIC, one clock for every process of the machine).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
-from imagetasks.v1 import common_pb2, generation_service_pb2_grpc, job_pb2, tasks_pb2
-from imagetasks.v1 import generation_service_pb2 as gpb
 
+from bench.callers import Callers
+from bench.client_loop import (
+    INPUT_SIDE,
+    Inputs,
+    JobFailed,
+    JobFn,
+    _direct_job,
+    _segment,
+    _service_job,
+    _wait_ready,
+)
 from bench.comfy_direct import DirectComfy
-from bench.common import LoadWatch, cpu_seconds, encode, ms, percentile, photo_like, row, spread
+from bench.common import LoadWatch, cpu_seconds, ms, percentile, row, spread
 from bench.service_proc import ServiceProcess
 from bench.standin_proc import StandIns
 
 NAME = "orchestration"
 AGENTS = 4
 LEVELS = (1, 16, 64)
-INPUT_SIDE = 32  # a tiny input: the jobs are about orchestration, not pixels
 
-JobFn = Callable[[int, bytes], Awaitable[tuple[str, float]]]
-
-
-class JobFailed(Exception):
-    """A job that ended without its output; counted, left out of the latencies."""
-
-
-class Inputs:
-    """A different tiny PNG for every job (as real traffic has), from one base image."""
-
-    def __init__(self, side: int = INPUT_SIDE) -> None:
-        self.side = side
-        self.base = photo_like(side, side)
-        self.counter = itertools.count(1)
-
-    def take(self, n: int) -> list[bytes]:
-        out = []
-        for _ in range(n):
-            k = next(self.counter)
-            img = self.base.copy()
-            img.putpixel((0, 0), (k & 255, (k >> 8) & 255, (k >> 16) & 255))
-            out.append(encode(img, "PNG"))
-        return out
-
-
-async def _segment(job: JobFn, concurrency: int, inputs: list[bytes]) -> dict[str, Any]:
-    """One job per input from ``concurrency`` callers: latencies, completion times by key."""
-    latencies: list[float] = []
-    done: dict[str, float] = {}
-    failed: list[str] = []
-    queue = iter(inputs)
-
-    async def caller(index: int) -> None:
-        for png in queue:
-            start = time.perf_counter()
-            try:
-                key, finished_at = await job(index, png)
-            except JobFailed as exc:
-                failed.append(str(exc))
-                continue
-            latencies.append(finished_at - start)
-            done[key] = finished_at
-
-    start = time.perf_counter()
-    await asyncio.gather(*(caller(i) for i in range(concurrency)))
-    wall = time.perf_counter() - start
-    if not latencies:
-        raise RuntimeError(f"every job failed: {failed[:3]}")
-    return {
-        "latencies": latencies,
-        "done": done,
-        "failed": failed,
-        "jobs_per_s": len(latencies) / wall,
-    }
-
-
-def _service_job(channel: grpc.aio.Channel) -> JobFn:
-    stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
-    params = tasks_pb2.ImageUpscaleParams(
-        options=common_pb2.JobOptions(
-            mode=common_pb2.RESPONSE_MODE_SYNC, delivery=common_pb2.OUTPUT_DELIVERY_REFERENCES
-        )
-    )
-    first = gpb.ImageUpscaleRequest(params=params)
-
-    async def job(_index: int, png: bytes) -> tuple[str, float]:
-        chunk = common_pb2.FileChunk(field="image", data=png, file_name="input.png")
-        call = stub.ImageUpscale(timeout=120)
-        await call.write(first)
-        await call.write(gpb.ImageUpscaleRequest(chunk=chunk))
-        await call.done_writing()
-        finished: Any = None
-        finished_at = 0.0
-        async for response in call:
-            if response.event.WhichOneof("kind") == "finished":
-                finished_at = time.perf_counter()
-                finished = response.event.finished.job
-        if finished is None:
-            raise JobFailed("the stream ended without a finished event")
-        if finished.state != job_pb2.Job.STATE_SUCCEEDED:
-            raise JobFailed(f"{job_pb2.Job.State.Name(finished.state)}: {finished.error.message}")
-        return finished.name.rsplit("/", 1)[-1], finished_at
-
-    return job
-
-
-def _direct_job(clients: list[DirectComfy], side: int = INPUT_SIDE) -> JobFn:
-    async def job(index: int, png: bytes) -> tuple[str, float]:
-        result = await clients[index % len(clients)].upscale(png, side, side)
-        if not result.outputs:
-            raise JobFailed("no output")
-        return result.prompt_id, result.done_at
-
-    return job
+__all__ = [  # the client side lives in bench.client_loop; other scripts import it from here
+    "INPUT_SIDE",
+    "Inputs",
+    "JobFailed",
+    "JobFn",
+    "_direct_job",
+    "_segment",
+    "_service_job",
+    "_wait_ready",
+    "run",
+]
 
 
 def _after_success(
@@ -233,7 +156,7 @@ async def _run(quick: bool) -> dict[str, Any]:
                             unmatched += _record(per_level[n], got, totals[n])
                 for c in clients:
                     await c.aclose()
-        light = await _light_agents(quick, inputs, tmp)
+        light = await _light_agents(quick, tmp, failures)
         real = await _real_comfy(quick, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -276,19 +199,23 @@ async def _run(quick: bool) -> dict[str, Any]:
     }
 
 
-async def _light_agents(quick: bool, inputs: Inputs, tmp: Path) -> dict[str, list[float]]:
-    """Jobs/s and CPU per job at the top level against :mod:`bench.fast_agent` agents, which
-    answer in a fraction of a stand-in's time (the stand-ins top out near 55 jobs/s)."""
-    n = LEVELS[-1]
-    total = 64 if quick else 640
+LIGHT_LEVELS = (16, 64)
+
+
+async def _light_agents(
+    quick: bool, tmp: Path, failures: dict[str, dict[str, int]]
+) -> dict[str, list[float]]:
+    """Jobs/s and CPU per job at 16 and 64 callers against :mod:`bench.fast_agent` agents,
+    which answer in a fraction of a stand-in's time (the stand-ins top out near 55 jobs/s).
+
+    The callers of both paths run in a process of their own (:mod:`bench.callers`), so that
+    what each process spends per job is read from ``/proc`` alike: the service, the agents and
+    the callers (the gRPC client for the service, :mod:`bench.comfy_direct` for the direct
+    path) share the machine's cores, and the throughput row is only the service's when the
+    other two are small."""
+    total = {16: 32, 64: 64} if quick else {16: 320, 64: 640}
     reps = 1 if quick else 5
-    got: dict[str, list[float]] = {
-        "service_jobs_per_s": [],
-        "direct_jobs_per_s": [],
-        "service_cpu_ms_per_job": [],
-        "agents_cpu_ms_per_job_service": [],
-        "agents_cpu_ms_per_job_direct": [],
-    }
+    got: dict[str, list[float]] = {}
     async with StandIns(AGENTS, tmp / "fast", module="bench.fast_agent") as agents:
         env = {
             "AISERVER_GRPC_HOST": "127.0.0.1",
@@ -297,37 +224,51 @@ async def _light_agents(quick: bool, inputs: Inputs, tmp: Path) -> dict[str, lis
             "AISERVER_DATA_DIR": str(tmp / "service-fast"),
             "AISERVER_AGENTS": json.dumps(
                 [
-                    {"url": url, "name": f"fast{i}", "max_concurrent_jobs": n}
+                    {"url": url, "name": f"fast{i}", "max_concurrent_jobs": LIGHT_LEVELS[-1]}
                     for i, url in enumerate(agents.urls)
                 ]
             ),
         }
-        async with ServiceProcess(env, tmp / "service-fast.log") as service:
-            clients = [DirectComfy(url) for url in agents.urls]
-            async with grpc.aio.insecure_channel(service.target) as channel:
-                await _wait_ready(channel)
-                paths = {"service": _service_job(channel), "direct": _direct_job(clients)}
-                for fn in paths.values():
-                    await _segment(fn, 4, inputs.take(8))
-                for rep in range(reps):
-                    order = ["service", "direct"] if rep % 2 == 0 else ["direct", "service"]
+        async with (
+            ServiceProcess(env, tmp / "service-fast.log") as service,
+            Callers(tmp / "callers-fast.log") as callers,
+        ):
+            await callers.ask({"service": service.target})  # connects and warms up
+            await callers.ask({"direct": agents.urls})
+            await agents.dump()
+            await agents.reset()
+            for rep in range(reps):
+                order = ["service", "direct"] if rep % 2 == 0 else ["direct", "service"]
+                for n in LIGHT_LEVELS:
                     for path in order:
-                        cpu_service = cpu_seconds(service.pid)
-                        cpu_agents = cpu_seconds(agents.pid)
-                        result = await _segment(paths[path], n, inputs.take(total))
-                        done = len(result["latencies"])
-                        got[f"{path}_jobs_per_s"].append(result["jobs_per_s"])
-                        got[f"agents_cpu_ms_per_job_{path}"].append(
-                            ms(cpu_seconds(agents.pid) - cpu_agents) / done
+                        before = {
+                            "service": cpu_seconds(service.pid),
+                            "agents": cpu_seconds(agents.pid),
+                            "callers": callers.cpu_seconds(),
+                        }
+                        result = await callers.ask(
+                            {"run": path, "concurrency": n, "jobs": total[n]}
                         )
+                        done = len(result["latencies"])
+                        for reason in result["failed"]:
+                            bucket = failures.setdefault(f"light {path} @{n}", {})
+                            bucket[reason] = bucket.get(reason, 0) + 1
+                        spent = {
+                            "service": cpu_seconds(service.pid) - before["service"],
+                            "agents": cpu_seconds(agents.pid) - before["agents"],
+                            "callers": callers.cpu_seconds() - before["callers"],
+                        }
+                        figures = {
+                            f"{path}_jobs_per_s_{n}": result["jobs_per_s"],
+                            f"agents_cpu_ms_per_job_{path}_{n}": ms(spent["agents"]) / done,
+                            f"callers_cpu_ms_per_job_{path}_{n}": ms(spent["callers"]) / done,
+                        }
                         if path == "service":
-                            got["service_cpu_ms_per_job"].append(
-                                ms(cpu_seconds(service.pid) - cpu_service) / done
-                            )
+                            figures[f"service_cpu_ms_per_job_{n}"] = ms(spent["service"]) / done
+                        for key, value in figures.items():
+                            got.setdefault(key, []).append(value)
                         await agents.dump()
                         await agents.reset()
-            for c in clients:
-                await c.aclose()
     return got
 
 
@@ -381,20 +322,6 @@ async def _real_comfy(quick: bool, tmp: Path) -> dict[str, list[float]] | None:
                     got[f"{p}_jobs_per_s_16"].append(result["jobs_per_s"])
         await client.aclose()
     return got
-
-
-async def _wait_ready(channel: grpc.aio.Channel) -> None:
-    """Until the pool has probed its agents and GenerationService reports SERVING."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    stub = health_pb2_grpc.HealthStub(channel)
-    request = health_pb2.HealthCheckRequest(service="imagetasks.v1.GenerationService")
-    async with asyncio.timeout(30):
-        while True:
-            answer = await stub.Check(request)
-            if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-            await asyncio.sleep(0.2)
 
 
 def _record(f: dict[str, list[float]], got: dict[str, dict[str, Any]], total: int) -> int:
@@ -473,19 +400,7 @@ def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
     rows += _real_rows(figures.get("real_comfyui"))
-    light = figures["light_agents"]
-    rows.append(
-        row(
-            f"orchestration: jobs/s @{LEVELS[-1]}, light agents (persistence on)",
-            light["service_jobs_per_s"],
-            "jobs/s",
-            target=300.0,
-            baseline=f"direct client {light['direct_jobs_per_s']['median']:.0f} jobs/s against"
-            f" the same {AGENTS} bench.fast_agent agents; service CPU"
-            f" {light['service_cpu_ms_per_job']['median']:.1f} ms/job",
-            note="2 cores shared by the service, the agents and the callers",
-        )
-    )
+    rows += _light_rows(figures["light_agents"])
     cpu = top["service_cpu_ms_per_job"]
     calls = {
         path: sum(v for route, v in routes.items() if not route.startswith("GET /ws"))
@@ -519,6 +434,42 @@ def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
                 better="lower",
                 baseline=f"p99 {f['final_p99']['median']:.1f} ms; the direct client has its"
                 f" output {after:.1f} ms after",
+            )
+        )
+    return rows
+
+
+def _light_rows(light: dict[str, Any]) -> list[dict[str, Any]]:
+    """The throughput row at the top level, and each level's CPU per job by process."""
+
+    def med(key: str) -> float:
+        return float(light[key]["median"]) if key in light else float("nan")
+
+    top = LIGHT_LEVELS[-1]
+    rows = [
+        row(
+            f"orchestration: jobs/s @{top}, light agents (persistence on)",
+            light[f"service_jobs_per_s_{top}"],
+            "jobs/s",
+            target=300.0,
+            baseline=f"direct client {med(f'direct_jobs_per_s_{top}'):.0f} jobs/s against"
+            f" the same {AGENTS} bench.fast_agent agents",
+            note="2 cores shared by the service, the agents and the callers (own process)",
+        )
+    ]
+    for n in LIGHT_LEVELS:
+        rows.append(
+            row(
+                f"orchestration: service CPU per job @{n}, light agents",
+                light[f"service_cpu_ms_per_job_{n}"],
+                "ms",
+                better="lower",
+                baseline=f"service {med(f'service_jobs_per_s_{n}'):.0f} jobs/s, direct"
+                f" {med(f'direct_jobs_per_s_{n}'):.0f}; the bench's own CPU per job: gRPC"
+                f" callers {med(f'callers_cpu_ms_per_job_service_{n}'):.2f} ms, agents"
+                f" {med(f'agents_cpu_ms_per_job_service_{n}'):.2f}; direct client"
+                f" {med(f'callers_cpu_ms_per_job_direct_{n}'):.2f}, agents"
+                f" {med(f'agents_cpu_ms_per_job_direct_{n}'):.2f}",
             )
         )
     return rows

@@ -52,11 +52,14 @@ async def main() -> None:
 
 
 class ServiceProcess:
-    """The parent's handle on a :mod:`bench.service_proc` subprocess."""
+    """The parent's handle on a :mod:`bench.service_proc` subprocess, of the source tree
+    ``root`` (this one by default; its ``src`` first on the path, e.g. an exported ``main``
+    for :mod:`bench.cpu_compare`)."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, root: Path = ROOT) -> None:
         self.env = env
         self.log = log
+        self.root = root
         self.info: dict[str, Any] = {}
         self._proc: asyncio.subprocess.Process | None = None
         self._log_fh: Any = None
@@ -71,7 +74,8 @@ class ServiceProcess:
 
     async def __aenter__(self) -> ServiceProcess:
         self._log_fh = self.log.open("wb")
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        first = (str(self.root / "src"), str(self.root), os.environ.get("PYTHONPATH", ""))
+        path = os.pathsep.join(p for p in first if p)
         env = {**os.environ, **self.env, "PYTHONPATH": path}
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -80,14 +84,14 @@ class ServiceProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=self._log_fh,
-            cwd=str(ROOT),
+            cwd=str(self.root),
             env=env,
         )
         assert self._proc.stdout is not None
         async with asyncio.timeout(60):
             line = await self._proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the service did not start; see {self.log}")
+            raise RuntimeError(f"the service of {self.root} did not start; see {self.log}")
         self.info = json.loads(line)
         return self
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from bench import ROOT
 from tests.support.comfy_standin import ComfyStandIn, QueueItem, Received
+from tests.support.prompt_marks import job_label, repeated
 
 
 class TimedStandIn(ComfyStandIn):
@@ -55,8 +56,8 @@ class TimedStandIn(ComfyStandIn):
         response = super()._post_prompt(request)
         if response.status == 200:
             body = json.loads(request.body)
-            label = _label(body["prompt"])
-            if _repeats(body["prompt"]):
+            label = job_label(body["prompt"])
+            if repeated(body["prompt"]):
                 self.repeated[label] += 1
                 self._repeats.add(str(body.get("prompt_id")))
             else:
@@ -66,7 +67,7 @@ class TimedStandIn(ComfyStandIn):
         return response
 
     async def _execute(self, item: QueueItem) -> None:
-        self._labels[item.prompt_id] = _label(item.prompt)
+        self._labels[item.prompt_id] = job_label(item.prompt)
         try:
             await super()._execute(item)
         finally:
@@ -95,24 +96,6 @@ def _route(method: str, path: str) -> str:
         if path.startswith(prefix):
             path = prefix + "*"
     return f"{method} {path}"
-
-
-_SAVERS = ("SaveImage", "SaveImageWebsocket")
-
-
-def _repeats(prompt: dict[str, Any]) -> str:
-    """The prompt id a prompt repeats for its frames (its sender's ``aiserver_recovers``)."""
-    for node in prompt.values():
-        if isinstance(node, dict) and node.get("class_type") == "SaveImageWebsocket":
-            return str(node.get("inputs", {}).get("aiserver_recovers", ""))
-    return ""
-
-
-def _label(prompt: dict[str, Any]) -> str:
-    for node in prompt.values():
-        if isinstance(node, dict) and node.get("class_type") in _SAVERS:
-            return str(node.get("inputs", {}).get("filename_prefix", "")).rsplit("/", 1)[-1]
-    return ""
 
 
 async def main() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
-from typing import Any
 
 import grpc
 from imagetasks.v1 import common_pb2, job_pb2, job_service_pb2_grpc, tasks_pb2
@@ -18,6 +17,7 @@ from tests.support.comfy_standin import ComfyStandIn
 from tests.support.generation import generate
 from tests.support.images import encode, quadrant_image
 from tests.support.process import server_process
+from tests.support.prompt_marks import repeated
 
 KSAMPLER = "7"  # in workflows/image_to_image.json
 
@@ -75,16 +75,8 @@ async def test_jobs_survive_sigkill_and_the_running_one_is_reattached(tmp_path: 
         # agent's disk): each was queued again once, for its frames, naming the prompt it
         # repeats; the third job was queued after the restart.
         prompts = comfy.received.prompts
-        repeats = [_repeats(body) for body in prompts if _repeats(body)]
+        repeats = [repeated(body["prompt"]) for body in prompts if repeated(body["prompt"])]
         assert sorted(repeats) == sorted(queued)
         assert len(prompts) == 5
         assert not list((tmp_path / "comfy" / "temp").iterdir())
         assert not list((tmp_path / "comfy" / "output").iterdir())
-
-
-def _repeats(body: dict[str, Any]) -> str:
-    """The prompt id a prompt repeats for its image frames (on its sender), else ""."""
-    for node in body["prompt"].values():
-        if node["class_type"] == "SaveImageWebsocket":
-            return str(node["inputs"].get("aiserver_recovers", ""))
-    return ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -26,7 +27,7 @@ async def test_sweep_deletes_artifacts_and_the_job_references(tmp_path: Path) ->
             assert service.manager is not None and service.job_store is not None
 
             keep_all = Retention(
-                RetentionPolicy(max_age_s=3600, max_total_bytes=None, interval_s=60),
+                RetentionPolicy(max_age_s=3600, max_total_bytes=None, interval_s=60, fresh_s=0.0),
                 service.artifacts,
                 service.job_store,
                 service.manager,
@@ -34,7 +35,7 @@ async def test_sweep_deletes_artifacts_and_the_job_references(tmp_path: Path) ->
             assert await keep_all.sweep() == []
 
             cap = Retention(
-                RetentionPolicy(max_age_s=None, max_total_bytes=1, interval_s=60),
+                RetentionPolicy(max_age_s=None, max_total_bytes=1, interval_s=60, fresh_s=0.0),
                 service.artifacts,
                 service.job_store,
                 service.manager,
@@ -68,7 +69,7 @@ async def test_outputs_of_unfinished_jobs_are_protected(tmp_path: Path) -> None:
         in_use = {ref.name}
         service.manager.artifacts_in_use = lambda: in_use  # type: ignore[method-assign]
         cap = Retention(
-            RetentionPolicy(max_age_s=0.0, max_total_bytes=None, interval_s=60),
+            RetentionPolicy(max_age_s=0.0, max_total_bytes=None, interval_s=60, fresh_s=0.0),
             service.artifacts,
             service.job_store,
             service.manager,
@@ -76,3 +77,33 @@ async def test_outputs_of_unfinished_jobs_are_protected(tmp_path: Path) -> None:
         assert await cap.sweep() == []
         in_use.clear()
         assert await cap.sweep() == [ref.name]
+
+
+async def test_the_service_sweep_keeps_a_fresh_output_whatever_the_cap(tmp_path: Path) -> None:
+    # A put writes its bytes after its row, and another coordinator's output is in no job
+    # record until its job's save: the service's sweep keeps every blob younger than
+    # max(SWEEP_FRESH_S, two job leases), even under a cap of one byte.
+    async with comfy_service(
+        tmp_path, artifact_max_total_bytes=1, retention_interval_s=3600.0, job_lease_s=40.0
+    ) as (service, _):
+        assert service.retention is not None and service.manager is not None
+        assert service.retention.policy.fresh_s == 80.0
+        ref = await service.artifacts.put(
+            b"\x89PNG an output whose job is not saved yet",
+            file_name="x.png",
+            mime_type="image/png",
+            width=1,
+            height=1,
+            seed=None,
+            provider="test",
+            job_id="01OTHER",
+            owner="",
+        )
+        assert await service.retention.sweep() == []
+        stale = Retention(
+            replace(service.retention.policy, fresh_s=0.0),
+            service.artifacts,
+            service.job_store,
+            service.manager,
+        )
+        assert await stale.sweep() == [ref.name]

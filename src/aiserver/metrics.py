@@ -97,8 +97,8 @@ class Metrics:
             self._live = _LiveState(manager, providers)
             self.registry.register(self._live)
 
-    async def job_finished(self, job: Job) -> None:
-        """A job manager terminal hook."""
+    def job_finished(self, job: Job) -> None:
+        """A job manager terminal hook (a plain function: run at once, no task per job)."""
         task = job.task.value
         self.jobs_finished.labels(task, job.state.value).inc()
         if job.started is not None:

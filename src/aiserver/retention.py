@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from aiserver.artifacts import ArtifactStore
+from aiserver.artifacts.store import SWEEP_FRESH_S
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.store import JobStore, new_holder_id
 
@@ -24,6 +25,10 @@ class RetentionPolicy:
     max_total_bytes: int | None
     """Delete the oldest artifacts while the store is larger; None sets no cap."""
     interval_s: float
+    fresh_s: float = SWEEP_FRESH_S
+    """Blobs stored less than this long ago are kept whatever the limits: a put writes its
+    bytes after its row, and an output another coordinator just stored is in no job record
+    until that job's next save (its holder's memory knows it, the leader's does not)."""
 
     @property
     def active(self) -> bool:
@@ -55,7 +60,10 @@ class Retention:
         # knows outputs stored a moment ago and not yet saved with their job.
         in_use = self._manager.artifacts_in_use() | await self._jobs.artifacts_in_use()
         deleted = await self._artifacts.sweep(
-            self.policy.max_age_s, self.policy.max_total_bytes, in_use.__contains__
+            self.policy.max_age_s,
+            self.policy.max_total_bytes,
+            in_use.__contains__,
+            fresh_s=self.policy.fresh_s,
         )
         if deleted:
             # Names end in "{sha256}.{ext}": the hash identifies the output in job records.

@@ -36,6 +36,7 @@ from aiserver.api.transform import TransformServicer
 from aiserver.api.workflows import WorkflowServicer
 from aiserver.artifacts import ArtifactStore, VariantCache, VariantPolicy
 from aiserver.artifacts.index import open_artifact_index
+from aiserver.artifacts.store import SWEEP_FRESH_S
 from aiserver.blobs import open_blob_store
 from aiserver.config import Settings
 from aiserver.gateway import Gateway, GatewaySettings
@@ -199,6 +200,9 @@ class Service:
                 max_age_s=s.artifact_max_age_s or None,
                 max_total_bytes=s.artifact_max_total_bytes or None,
                 interval_s=s.retention_interval_s,
+                # Past two leases a job that stored an output has saved it, or has lost its
+                # lease and will be run again (a new put makes the blob fresh again).
+                fresh_s=max(SWEEP_FRESH_S, 2 * s.job_lease_s),
             ),
             self.artifacts,
             store,

@@ -283,6 +283,30 @@ async def test_a_damaged_input_is_refused_before_any_work(tmp_path: Path, side: 
         assert got.final.state == SUCCEEDED
 
 
+async def test_an_input_past_the_inline_pixels_has_its_header_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 200x200 px in a few kB: small enough to open on the event loop, too many pixels to
+    # decode there. The header read on the loop serves the image pool's decode too.
+    from aiserver.imaging import safe_open
+
+    reads: list[str] = []
+    identify = safe_open._identify
+
+    def counted(fp: Any, field: str, *args: Any) -> Any:
+        reads.append(field)
+        return identify(fp, field, *args)
+
+    monkeypatch.setattr(safe_open, "_identify", counted)
+    image = encode(quadrant_image(200, 200), "PNG")
+    assert len(image) < 256 * 1024
+    async with comfy_service(tmp_path) as (service, _), channel_to(service) as ch:
+        got = await generate(ch, "ImageUpscale", tasks_pb2.ImageUpscaleParams(), {"image": image})
+        assert got.final.state == SUCCEEDED
+        assert got.final.inputs[0].width == 200
+    assert reads == ["image"]
+
+
 async def test_deadline_cancels_the_comfyui_prompt(tmp_path: Path) -> None:
     async with comfy_service(tmp_path) as (service, comfy), channel_to(service) as ch:
         comfy[0].hang_at("7")  # the KSampler of the ImageToImage workflow never finishes

@@ -13,8 +13,8 @@ import pytest
 from imagetasks.v1 import agent_service_pb2 as agpb
 from imagetasks.v1 import agent_service_pb2_grpc
 
-from aiserver.config import load_settings
 from aiserver.server import Service
+from tests.conftest import make_settings
 from tests.support.comfy_standin import ComfyStandIn
 
 ADMIN = "ops-key-0123456789abcdef"
@@ -24,13 +24,12 @@ USER = "alice-key-0123456789abcdef"
 @pytest.fixture
 async def farm(tmp_path: Path) -> AsyncIterator[tuple[Service, ComfyStandIn]]:
     async with ComfyStandIn(tmp_path / "gpu") as gpu:
-        settings = load_settings(
-            env={
-                "AISERVER_AGENTS": json.dumps([{"name": "gpu-1", "url": gpu.url}]),
-                "AISERVER_AGENT_PROBE_INTERVAL_S": "0.2",
-                "AISERVER_API_KEYS": f"ops:{ADMIN}:admin,alice:{USER}",
-            },
-            overrides={"grpc_port": 0, "http_port": 0, "data_dir": tmp_path / "data"},
+        settings = make_settings(
+            tmp_path,
+            agents=json.dumps([{"name": "gpu-1", "url": gpu.url}]),
+            agent_probe_interval_s="0.2",
+            api_keys=f"ops:{ADMIN}:admin,alice:{USER}",
+            local_upscale="fallback",  # listed as the second provider
         )
         service = Service(settings)
         await service.start()

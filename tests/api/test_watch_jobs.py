@@ -13,8 +13,8 @@ import pytest
 from imagetasks.v1 import common_pb2, job_pb2, job_service_pb2_grpc
 from imagetasks.v1 import job_service_pb2 as jpb
 
-from aiserver.config import load_settings
 from aiserver.server import Service
+from tests.conftest import make_settings
 from tests.support.comfy_standin import ComfyStandIn
 from tests.support.images import encode, quadrant_image
 
@@ -26,15 +26,7 @@ KEYS["bob"] = "bob-key-0123456789abcdef"
 async def service(tmp_path: Path) -> AsyncIterator[Service]:
     async with ComfyStandIn(tmp_path / "gpu", step_delay_s=0.02) as gpu:
         keys = f"ops:{KEYS['ops']}:admin,alice:{KEYS['alice']},bob:{KEYS['bob']}"
-        settings = load_settings(
-            env={"AISERVER_AGENTS": gpu.url, "AISERVER_API_KEYS": keys},
-            overrides={
-                "grpc_port": 0,
-                "http_port": 0,
-                "data_dir": tmp_path / "data",
-                "local_upscale": "off",
-            },
-        )
+        settings = make_settings(tmp_path, agents=gpu.url, api_keys=keys)
         svc = Service(settings)
         await svc.start()
         try:

@@ -25,6 +25,7 @@ from PIL import Image
 
 from aiserver.providers.comfy.workflows import WorkflowCatalog, default_workflows_dir
 from aiserver.server import Service
+from tests.client.cli_run import run as run_cli
 from tests.support.generation import comfy_service, generate, run_workflow
 from tests.support.grpc_helpers import rich_status, violated_fields
 from tests.support.images import encode, quadrant_image
@@ -621,24 +622,28 @@ async def test_cli_and_python_client_list_and_run_a_new_workflow(tmp_path: Path)
         server = f"127.0.0.1:{service.grpc_port}"
         write_workflow(user, "invert", INVERT_GRAPH, INVERT_BINDING)
         await until_listed(service, "invert")
-        code, out, err = await _cli("workflows", server, work)
+        code, out, err = await run_cli("workflows", cwd=work, server=server)
         assert code == 0, err
         assert "invert - Invert (ready)" in out.splitlines()
-        code, out, err = await _cli("workflows invert", server, work)
+        code, out, err = await run_cli("workflows invert", cwd=work, server=server)
         assert code == 0 and "--param width=...  (integer; 0..4096; default 0)" in out, out
-        code, out, err = await _cli(
-            "run invert photo=@in.png --param width=20 --param height=10 -o out.png", server, work
+        code, out, err = await run_cli(
+            "run invert photo=@in.png --param width=20 --param height=10 -o out.png",
+            cwd=work,
+            server=server,
         )
         assert code == 0, err
         assert out.strip() == str(Path("out.png"))
         with Image.open(work / "out.png") as im:
             assert im.size == (20, 10)
-        code, out, err = await _cli(
-            "run invert photo=@in.png --param width=wide --param colour=red", server, work
+        code, out, err = await run_cli(
+            "run invert photo=@in.png --param width=wide --param colour=red",
+            cwd=work,
+            server=server,
         )
         assert code == 3, err
         assert "parameters.width" in err and "parameters.colour" in err
-        code, _, err = await _cli("run invert photo=@missing.png", server, work)
+        code, _, err = await run_cli("run invert photo=@missing.png", cwd=work, server=server)
         assert code == 2 and "missing.png" in err
 
         async with AsyncClient(server) as client:
@@ -650,26 +655,3 @@ async def test_cli_and_python_client_list_and_run_a_new_workflow(tmp_path: Path)
             assert result.job.state == SUCCEEDED
             with Image.open(io.BytesIO(result.outputs[0].data or b"")) as im:
                 assert (im.format, im.size) == ("WEBP", (12, 8))
-
-
-async def _cli(line: str, server: str, cwd: Path) -> tuple[int, str, str]:
-    import os
-    import shlex
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AISERVER_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "aiserver",
-        *shlex.split(line),
-        "--server",
-        server,
-        cwd=cwd,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from aiserver.artifacts.store import ArtifactStore
-from tests.artifacts.helpers import Clock
+from tests.artifacts.helpers import Clock, Coordinators
 from tests.storage.backends import ArtifactSchema, shared_artifact_store
 
 
@@ -57,3 +57,20 @@ async def local_store(tmp_path: Path, clock: Clock) -> AsyncIterator[ArtifactSto
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture(params=["sqlite+folder", "sqlite+s3", "postgres+folder", "postgres+s3"])
+async def coordinators(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Coordinators]:
+    """Stores sharing one index and one blob store, on every pair of backends."""
+    kind = str(request.param)
+    s3 = request.getfixturevalue("s3_server") if kind.endswith("s3") else None
+    schema = None
+    if kind.startswith("postgres"):
+        schema = await request.getfixturevalue("artifact_schema").fresh()
+    shared = Coordinators(kind, tmp_path / "store", s3, schema)
+    try:
+        yield shared
+    finally:
+        await shared.close()

@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from aiserver.artifacts.index import NewRef
 from aiserver.artifacts.store import ArtifactStore
+from aiserver.blobs import BlobStore
 from aiserver.errors import ErrorKind, ServiceError
-from tests.artifacts.helpers import Clock, put
+from tests.artifacts.helpers import Clock, Coordinators, PausedDeletes, put
 
 DATA = bytes(range(256)) * 40  # 10240 bytes
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -231,7 +233,7 @@ async def test_sweep_by_age_respects_protect(store: ArtifactStore, clock: Clock)
     clock.advance(60)
     fresh = await put(store, b"fresh" * 10)
     clock.advance(30)
-    deleted = await store.sweep(90, None, protect=lambda name: name == kept)
+    deleted = await store.sweep(90, None, protect=lambda name: name == kept, fresh_s=0)
     assert deleted == [old]
     assert not await stored(store, old)
     for name in (kept, fresh):
@@ -246,7 +248,7 @@ async def test_sweep_age_counts_from_the_latest_put(store: ArtifactStore, clock:
     name = await put(store, DATA, job_id="j1")
     clock.advance(1000)
     await put(store, DATA, job_id="j2")  # re-referenced: young again
-    assert await store.sweep(500, None, protect=lambda _: False) == []
+    assert await store.sweep(500, None, protect=lambda _: False, fresh_s=0) == []
     assert await stored(store, name)
 
 
@@ -256,15 +258,15 @@ async def test_sweep_by_total_size_oldest_first(store: ArtifactStore, clock: Clo
         names.append(await put(store, bytes([i]) * 100, job_id=f"j{i}"))
         clock.advance(10)
     protected = {names[0]}
-    deleted = await store.sweep(None, 200, protect=lambda n: n in protected)
+    deleted = await store.sweep(None, 200, protect=lambda n: n in protected, fresh_s=0)
     assert deleted == [names[1], names[2]]  # the oldest is protected, so the next two go
     assert [await stored(store, n) for n in names] == [True, False, False, True]
-    assert await store.sweep(None, 200, protect=lambda n: n in protected) == []
+    assert await store.sweep(None, 200, protect=lambda n: n in protected, fresh_s=0) == []
 
 
 async def test_put_after_sweep_stores_again(store: ArtifactStore, clock: Clock) -> None:
     name = await put(store, DATA)
-    assert await store.sweep(None, 0, protect=lambda _: False) == [name]
+    assert await store.sweep(None, 0, protect=lambda _: False, fresh_s=0) == [name]
     clock.advance(86400)
     again = await put(store, DATA)
     assert again != name and again.startswith("artifacts/2031/05/07/")
@@ -281,43 +283,212 @@ async def test_large_artifact_round_trip(store: ArtifactStore) -> None:
 async def test_same_bytes_named_first_elsewhere_keep_the_first_name(
     store: ArtifactStore, clock: Clock
 ) -> None:
-    # Another process looked the hash up before this one registered it, on the next day:
-    # its own key loses, its copy goes, and its reference lands on the first name.
+    # The same bytes on a later day: the reference lands on the first name, and no copy is
+    # written under the new day's key (the register names the key before any write).
     first = await put(store, DATA, owner="alice", job_id="j1")
     rel = store.relative_path(first)
     clock.advance(86400)
-    late = f"2031/05/07/{SHA}.png"
-    await store.blobs.put(late, DATA)
-    row = await store.index.register(
-        NewRef(late, SHA, "image/png", len(DATA), 1, 1, clock().timestamp(), "bob", "j2",
-               "b.png", None, "comfy")
-    )  # fmt: skip
-    assert row.path == rel and row.owner == "bob"
+    assert await put(store, DATA, owner="bob", job_id="j2") == first
     assert (await store.get(first, "bob")).job_id == "j2"
+    assert await store.blobs.size(f"2031/05/07/{SHA}.png") is None
+    row = await store.index.register(
+        NewRef(f"2031/05/08/{SHA}.webp", SHA, "image/webp", len(DATA), 1, 1,
+               clock().timestamp(), "carol", "j3", "c.webp", None, "comfy")
+    )  # fmt: skip
+    assert (row.path, row.mime_type, row.owner) == (rel, "image/png", "carol")
 
 
-async def test_hold_is_exclusive_per_hash(store: ArtifactStore) -> None:
-    entered = asyncio.Event()
+async def test_register_says_whether_the_bytes_are_new(store: ArtifactStore, clock: Clock) -> None:
+    # Its caller then writes new bytes without looking first (on S3, a HEAD fewer).
+    new = NewRef(f"2031/05/06/{SHA}.png", SHA, "image/png", len(DATA), 1, 1,
+                 clock().timestamp(), "alice", "j1", "a.png", None, "comfy")  # fmt: skip
+    assert (await store.index.register(new)).new_blob
+    clock.advance(1)
+    again = await store.index.register(replace(new, now=clock().timestamp(), job_id="j2"))
+    assert not again.new_blob
+    found = await store.index.lookup(again.path, "alice", "j1")
+    assert found is not None and not found.new_blob  # reads never say so
 
-    async def second() -> None:
-        async with store.index.hold(SHA):
-            entered.set()
 
-    async with store.index.hold(SHA):
-        waiting = asyncio.create_task(second())
-        async with store.index.hold("f" * 64):  # another hash is free
-            pass
-        await asyncio.sleep(0.3)
-        assert not entered.is_set()
-    await asyncio.wait_for(waiting, 10)
-    assert entered.is_set()
+async def test_two_coordinators_put_the_same_bytes_at_once(coordinators: Coordinators) -> None:
+    # Clocks a day apart, so each would name new bytes differently: one blob row, the bytes
+    # under the one key, every reference on it.
+    early, late = Clock(), Clock()
+    late.advance(86400)
+    a, b = await coordinators.open(early), await coordinators.open(late)
+    data = os.urandom(50_000)
+    names = await asyncio.wait_for(
+        asyncio.gather(*(put(s, data, job_id=f"{i}-{n}") for i in range(10) for n, s in
+                         (("a", a), ("b", b)))),
+        60,
+    )  # fmt: skip
+    assert len(set(names)) == 1
+    name = names[0]
+    assert [blob.name for blob in await b.index.blobs()] == [name]
+    sha = hashlib.sha256(data).hexdigest()
+    keys = {f"2031/05/06/{sha}.png", f"2031/05/07/{sha}.png"}
+    assert [await a.blobs.size(k) for k in sorted(keys - {a.relative_path(name)})] == [None]
+    for i in range(10):
+        for n in "ab":
+            assert await a.index.lookup(a.relative_path(name), "alice", f"{i}-{n}") is not None
+    assert await read_all(b, name) == data
+
+
+async def test_a_put_racing_a_retention_delete_keeps_its_bytes(
+    coordinators: Coordinators, clock: Clock
+) -> None:
+    # Coordinator A's retention deletes the blob; while its bytes are being deleted (the
+    # row is gone already), B puts the same bytes. B's put must end with its reference and
+    # its bytes in place: not skip its write because the old bytes are still there.
+    paused: list[PausedDeletes] = []
+
+    def pause(blobs: BlobStore) -> BlobStore:
+        paused.append(PausedDeletes(blobs))
+        return paused[-1]
+
+    a = await coordinators.open(clock, wrap=pause)
+    b = await coordinators.open(clock)
+    name = await put(a, DATA, job_id="j1")
+    sweep = asyncio.create_task(a.sweep(None, 0, protect=lambda _: False, fresh_s=0))
+    await asyncio.wait_for(paused[0].reached.wait(), 10)
+    again = asyncio.create_task(put(b, DATA, job_id="j2"))
+    await asyncio.sleep(0.3)  # B's put goes as far as it can meanwhile
+    paused[0].resume.set()
+    assert await asyncio.wait_for(sweep, 10) == [name]
+    assert await asyncio.wait_for(again, 10) == name  # the same day: the same key again
+    assert (await b.get(name, "alice")).job_id == "j2"
+    assert await read_all(b, name) == DATA
+
+
+async def test_a_delete_after_a_put_refreshed_the_blob_keeps_it(
+    coordinators: Coordinators, clock: Clock
+) -> None:
+    # Retention listed the blob, then another coordinator stored the bytes again: the delete
+    # must see the newer put and leave row and bytes alone.
+    a, b = await coordinators.open(clock), await coordinators.open(clock)
+    name = await put(a, DATA, job_id="j1")
+    [listed] = await a.index.blobs()
+    clock.advance(5)
+    await put(b, DATA, job_id="j2")
+    dropped: list[str] = []
+
+    async def drop() -> None:
+        dropped.append(listed.name)
+
+    rel = a.relative_path(name)
+    assert not await a.index.forget(rel, listed.sha256, listed.last_put, drop)
+    assert dropped == []
+    assert await read_all(a, name) == DATA
+
+
+async def test_a_failed_byte_delete_keeps_the_row_on_postgres(
+    coordinators: Coordinators, clock: Clock
+) -> None:
+    # PostgreSQL deletes the row in the transaction that deletes the bytes: a failure there
+    # rolls it back. SQLite has committed its delete by then (the bytes stay unindexed).
+    a = await coordinators.open(clock)
+    name = await put(a, DATA)
+    [blob] = await a.index.blobs()
+
+    async def fail() -> None:
+        raise OSError("the bucket said no")
+
+    with pytest.raises(OSError):
+        await a.index.forget(a.relative_path(name), blob.sha256, blob.last_put, fail)
+    kept = await a.index.lookup(a.relative_path(name), "alice") is not None
+    assert kept == (coordinators.index_kind == "postgres")
+    assert await stored(a, name)  # the drop never ran
+    if kept:
+        assert await read_all(a, name) == DATA
+
+
+async def test_a_put_writes_the_bytes_its_row_lacks(
+    coordinators: Coordinators, clock: Clock
+) -> None:
+    # As after a coordinator died between a register and its write: the next put of the
+    # same bytes writes them.
+    a = await coordinators.open(clock)
+    name = await put(a, DATA, job_id="j1")
+    await a.blobs.delete(a.relative_path(name))
+    assert await put(a, DATA, job_id="j2") == name
+    assert await read_all(a, name) == DATA
 
 
 async def test_many_concurrent_puts_finish(store: ArtifactStore) -> None:
-    # More puts than index connections: holding a hash must not starve the queries.
+    # More puts than index connections: none may wait for a connection another holds.
     blobs = [os.urandom(64) + bytes([i]) for i in range(12)]
     names = await asyncio.wait_for(
         asyncio.gather(*(put(store, b, job_id=f"j{i}") for i, b in enumerate(blobs))), 60
     )
     assert len(set(names)) == 12
     assert [await read_all(store, n) for n in names] == blobs
+
+
+async def test_sweep_keeps_fresh_blobs_whatever_the_limits(
+    store: ArtifactStore, clock: Clock
+) -> None:
+    old = await put(store, b"old" * 10, job_id="j1")
+    clock.advance(120)
+    young = await put(store, b"young" * 10, job_id="j2")
+    clock.advance(30)
+    # Both over the size cap and the age limit; only the blob older than fresh_s goes.
+    deleted = await store.sweep(10, 0, protect=lambda _: False, fresh_s=60)
+    assert deleted == [old]
+    assert await stored(store, young)
+    clock.advance(31)
+    assert await store.sweep(10, 0, protect=lambda _: False, fresh_s=60) == [young]
+
+
+class _PausedPuts(PausedDeletes):
+    """Its puts wait for ``resume`` (``reached`` set then), or fail when ``fail`` is set."""
+
+    fail = False
+
+    async def put(self, key: str, data: bytes, *, fresh: bool = False) -> None:
+        self.reached.set()
+        await self.resume.wait()
+        if self.fail:
+            raise OSError("the disk is full")
+        await self.inner.put(key, data, fresh=fresh)
+
+
+async def test_a_sweep_while_a_put_writes_keeps_its_row(
+    coordinators: Coordinators, clock: Clock
+) -> None:
+    # A's put registered the row and is still writing; B's retention (cap 0) runs then. With
+    # the default freshness the new row stays: deleting it would leave A's bytes unindexed and
+    # its reference dangling.
+    paused: list[_PausedPuts] = []
+
+    def pause(blobs: BlobStore) -> BlobStore:
+        paused.append(_PausedPuts(blobs))
+        return paused[-1]
+
+    a = await coordinators.open(clock, wrap=pause)
+    b = await coordinators.open(clock)
+    writing = asyncio.create_task(put(a, DATA, job_id="j1"))
+    await asyncio.wait_for(paused[0].reached.wait(), 10)
+    if a.index.__class__.__name__.startswith("Sqlite") and coordinators.blob_kind == "folder":
+        paused[0].resume.set()  # one process, local folder: the write is under the row's lock
+    assert await b.sweep(None, 0, protect=lambda _: False) == []
+    paused[0].resume.set()
+    name = await asyncio.wait_for(writing, 10)
+    assert (await b.get(name, "alice")).job_id == "j1"
+    assert await read_all(b, name) == DATA
+
+
+async def test_a_put_whose_write_fails_takes_back_its_new_row(
+    coordinators: Coordinators, clock: Clock
+) -> None:
+    failing: list[_PausedPuts] = []
+
+    def fail(blobs: BlobStore) -> BlobStore:
+        failing.append(_PausedPuts(blobs))
+        failing[-1].fail = True
+        failing[-1].resume.set()
+        return failing[-1]
+
+    a = await coordinators.open(clock, wrap=fail)
+    with pytest.raises(OSError):
+        await put(a, DATA, job_id="j1")
+    assert await a.index.blobs() == []  # no row whose bytes never came

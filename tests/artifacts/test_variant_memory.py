@@ -77,7 +77,7 @@ async def test_retention_drops_the_variants_held_in_memory(
     await cache.get(source, parse_spec("width=30"), "alice")
     await cache.get(source, parse_spec("width=40"), "alice")
     assert len(cache.memory) == 2 and cache.memory.bytes > 0
-    assert await store.sweep(None, 0, protect=lambda _: False) == [source]
+    assert await store.sweep(None, 0, protect=lambda _: False, fresh_s=0) == [source]
     assert len(cache.memory) == 0 and cache.memory.bytes == 0
     with pytest.raises(ServiceError) as exc:
         await cache.get(source, parse_spec("width=30"), "alice")

@@ -136,7 +136,7 @@ async def test_retention_removes_variants(
 ) -> None:
     variant = await cache.get(source, parse_spec("width=30"), "alice")
     assert variant.path.exists()
-    assert await store.sweep(None, 0, protect=lambda _: False) == [source]
+    assert await store.sweep(None, 0, protect=lambda _: False, fresh_s=0) == [source]
     assert not variant.path.exists()
     assert not variant.path.parent.exists()
     with pytest.raises(ServiceError) as exc:

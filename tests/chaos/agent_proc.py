@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.comfy_standin import ComfyStandIn, QueueItem
+from tests.support.prompt_marks import job_label, repeated
 
 
 class LoggedStandIn(ComfyStandIn):
@@ -33,7 +34,7 @@ class LoggedStandIn(ComfyStandIn):
         super().__init__(root, **kwargs)
         self.agent = agent
         self._fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._jobs: dict[str, str] = {}
+        self._job_of: dict[str, str] = {}
         self._repeats: dict[str, str] = {}
 
     def _log(self, event: str, prompt_id: str) -> None:
@@ -41,14 +42,14 @@ class LoggedStandIn(ComfyStandIn):
             "agent": self.agent,
             "event": event,
             "prompt_id": prompt_id,
-            "job": self._jobs.get(prompt_id, ""),
+            "job": self._job_of.get(prompt_id, ""),
             "t": time.time(),
             "repeats": self._repeats.get(prompt_id, ""),
         }
         os.write(self._fd, (json.dumps(entry) + "\n").encode())
 
     async def _execute(self, item: QueueItem) -> None:
-        self._jobs[item.prompt_id] = job_label(item.prompt)
+        self._job_of[item.prompt_id] = job_label(item.prompt)
         self._repeats[item.prompt_id] = repeated(item.prompt)
         self._log("start", item.prompt_id)
         await super()._execute(item)
@@ -57,27 +58,6 @@ class LoggedStandIn(ComfyStandIn):
         super()._send(event, data, client_id, guarded=guarded)
         if event == "execution_success" and isinstance(data, dict):
             self._log("success", str(data.get("prompt_id", "")))
-
-
-_SAVERS = ("SaveImage", "SaveImageWebsocket")
-
-
-def repeated(prompt: dict[str, Any]) -> str:
-    """The prompt id a repeat recovers (``aiserver_recovers`` on its sender), else ""."""
-    for node in prompt.values():
-        if isinstance(node, dict) and node.get("class_type") == "SaveImageWebsocket":
-            return str(node.get("inputs", {}).get("aiserver_recovers", ""))
-    return ""
-
-
-def job_label(prompt: dict[str, Any]) -> str:
-    """The last part of the output node's filename prefix: the service's job id (outputs over
-    the websocket keep it on ``SaveImageWebsocket``, which ignores it)."""
-    for node in prompt.values():
-        if isinstance(node, dict) and node.get("class_type") in _SAVERS:
-            prefix = str(node.get("inputs", {}).get("filename_prefix", ""))
-            return prefix.rsplit("/", 1)[-1]
-    return ""
 
 
 async def main() -> None:

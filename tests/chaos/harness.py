@@ -2,8 +2,8 @@
 
 - :class:`Agent`: one ``tests.chaos.agent_proc`` process; SIGKILL it and start it again on the
   same port. Every incarnation appends to one prompt log.
-- :class:`Service`: ``aiserver serve`` (``tests.support.server_process``) over one data
-  directory, pointed at the agents; SIGKILL it and start it again.
+- the service: a :class:`~tests.support.server_process.ServerProcess` (``aiserver serve``)
+  over one data directory, pointed at the agents; SIGKILL it and start it again.
 - :class:`Client`: submits ImageToImage jobs (async mode, a ``ref_id`` each, resent until
   accepted, so a submission that met a dead service is retried idempotently) and reads their
   states with ListJobs.
@@ -34,7 +34,7 @@ from tests.support.generation import generate
 from tests.support.images import encode, quadrant_image
 from tests.support.server_process import REPO, ServerProcess
 
-__all__ = ["REPORTS", "Agent", "Client", "Report", "Service", "read_logs", "tally"]
+__all__ = ["REPORTS", "Agent", "Client", "Report", "read_logs", "tally"]
 
 TERMINAL = {
     job_pb2.Job.STATE_SUCCEEDED,
@@ -144,32 +144,10 @@ def read_logs(paths: Iterable[Path]) -> list[LogEntry]:
     return sorted(entries, key=lambda e: e.t)
 
 
-class Service:
-    """``aiserver serve`` on one data directory; SIGKILL and start again at will."""
-
-    def __init__(self, data_dir: Path, env: Mapping[str, str]) -> None:
-        self.process = ServerProcess(data_dir, dict(env))
-
-    @property
-    def target(self) -> str:
-        return self.process.target
-
-    async def start(self) -> None:
-        await self.process.start()
-
-    async def kill(self) -> None:
-        await self.process.kill()
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.process.stop(timeout_s=30)
-        await self.process.kill()
-
-
 class Client:
     """Submits jobs and reads their states through whatever service incarnation is up."""
 
-    def __init__(self, service: Service, tag: str, steps: int) -> None:
+    def __init__(self, service: ServerProcess, tag: str, steps: int) -> None:
         self.service = service
         self.tag = tag
         self.steps = steps

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import Agent, Client, Report, Service, read_logs, tally
+from tests.chaos.harness import Agent, Client, Report, read_logs, tally
+from tests.support.server_process import ServerProcess
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ pytestmark = pytest.mark.timeout(MODE.test_timeout_s)
 @dataclass
 class Cluster:
     agents: list[Agent]
-    service: Service
+    service: ServerProcess
     client: Client
     reports: Path
 
@@ -95,7 +96,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         Agent(f"agent-{i}", tmp_path / f"agent-{i}", tmp_path / f"agent-{i}.log", MODE.step_delay_s)
         for i in range(2)
     ]
-    service: Service | None = None
+    service: ServerProcess | None = None
     client: Client | None = None
     try:
         await asyncio.gather(*(a.start() for a in agents))
@@ -104,7 +105,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             "AISERVER_AGENT_PROBE_INTERVAL_S": str(PROBE_INTERVAL_S),
             "AISERVER_MAX_ACTIVE_JOBS_PER_KEY": "0",
         }
-        service = Service(tmp_path / "data", env)
+        service = ServerProcess(tmp_path / "data", env)
         await service.start()
         client = Client(service, tag="chaos", steps=MODE.steps)
         yield Cluster(agents, service, client, tmp_path / "reports.jsonl")

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.client.cli_run import hooked
 from tests.client.support import GenServer, gateway_for
-from tests.client.test_cli import hooked
 from tests.client.test_node import GOOGLEAPIS, ensure_node_modules
 from tests.support.images import encode, quadrant_image
 

@@ -6,9 +6,13 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
 from aiserver.jobs.model import Stage
 from aiserver.providers.base import ProviderUnavailable, WorkItem
+from aiserver.providers.comfy import messages as msg
+from aiserver.providers.comfy.channel import Subscription
+from aiserver.providers.comfy.client import ComfyClient
 from aiserver.providers.comfy.workflows import WorkflowCatalog
 from aiserver.providers.failures import Cause
 from aiserver.tasks import ImageToImageSpec, TaskKind
@@ -130,3 +134,55 @@ async def test_an_agent_restart_loses_every_prompt_on_the_socket_and_each_run_sa
     # Both runs came back through one new socket, then asked after their own prompt.
     socket_id = standin.received.ws_connects[0]
     assert standin.received.ws_connects == [socket_id, socket_id]
+
+
+async def test_the_websocket_is_opened_without_compression() -> None:
+    """Frames are small JSON and already-compressed images: inflating each one only cost CPU
+    (and the agent the deflate of every image it sends), so no permessage-deflate is offered."""
+    offered: list[str | None] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        offered.append(ws.request.headers.get("Sec-WebSocket-Extensions"))
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        agent = ComfyClient("plain", f"http://127.0.0.1:{port}")
+        socket = await agent.open_websocket("c1")
+        await socket.close()
+        await agent.aclose()
+    assert offered == [None]
+
+
+def drained(sub: Subscription) -> list[msg.Message]:
+    out = []
+    while (message := sub.recv_nowait()) is not None:
+        out.append(message)
+    return out
+
+
+async def test_a_subscription_hears_the_queue_until_its_prompt_starts_and_waits_to_deadlines(
+    standin: ComfyStandIn, client: DirectAgent, catalog: WorkflowCatalog, inputs_dir: Path
+) -> None:
+    loop = asyncio.get_running_loop()
+    channel = client.transport.channel
+    waiting = await channel.subscribe("prompt-waiting")
+    running = await channel.subscribe("prompt-running")
+    running.started()
+    (work,) = jobs(inputs_dir, 1)
+    async with asyncio.timeout(10):
+        job = asyncio.create_task(client.run(work, catalog.get(work.task), RecordingSink()))
+        # A far deadline: the message comes first (its timer stays set, for the next wait).
+        assert isinstance(await waiting.recv(loop.time() + 30), msg.Status)
+        await job
+    assert any(isinstance(m, msg.Status) for m in drained(waiting))  # the queue emptied
+    assert drained(running) == []  # started: queue changes are not its business
+    # A nearer deadline than the timer left set: it still times out at its own.
+    asked = loop.time()
+    async with asyncio.timeout(3):
+        with pytest.raises(TimeoutError):
+            await waiting.recv(asked + 0.05)
+    assert 0.05 <= loop.time() - asked < 1.0
+    waiting.close()
+    running.close()

@@ -245,7 +245,12 @@ def test_only_file_saving_image_outputs_are_swapped(
     image = write_input(tmp_path, "image", png(16, 16))
     work = work_item(TaskKind.IMAGE_TO_TEXT, None, {"image": image})  # type: ignore[arg-type]
     built = catalog.get(TaskKind.IMAGE_TO_TEXT).build(work, {"image": "x.png"})
-    assert over_socket(built, "p").socket_outputs == {}  # text outputs stay
+    assert over_socket(built, "p").socket_outputs == frozenset()  # text outputs stay
+    work = upscale(tmp_path)
+    built = catalog.get(TaskKind.IMAGE_UPSCALE).build(work, {"image": "x.png"})
+    sent = over_socket(built, "p")
+    assert sent.socket_outputs == frozenset({"5"})  # the bound SaveImage, by node id
+    assert sent.graph["5"]["class_type"] == "SaveImageWebsocket"
 
 
 def test_socket_images_are_complete_only_with_every_announced_frame() -> None:

@@ -98,6 +98,10 @@ class State:
     """Uploads as they arrive (params in, chunks still coming)."""
     metadata: list[dict[str, str]] = field(default_factory=list)
     counter: int = 0
+    linger_s: float = 0.0
+    """A generation stream stays open this long after its last event, before its status."""
+    generation_streams: list[str] = field(default_factory=list)
+    """How each generation stream ended: ``completed`` or ``cancelled`` (by the client)."""
 
     def add_artifact(self, data: bytes, file_name: str, job: str) -> Any:
         sha = hashlib.sha256(data).hexdigest()
@@ -366,29 +370,41 @@ class Generation(generation_service_pb2_grpc.GenerationServiceServicer):
                 )
         return out
 
+    async def _linger(self) -> None:
+        try:
+            await asyncio.sleep(self.state.linger_s)
+        except asyncio.CancelledError:
+            self.state.generation_streams.append("cancelled")
+            raise
+        self.state.generation_streams.append("completed")
+
     async def ImageToImage(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         for event in await self._run(
             "ImageToImage", common_pb2.TASK_IMAGE_TO_IMAGE, request_iterator, context
         ):
             yield generation_service_pb2.ImageToImageResponse(event=event)
+        await self._linger()
 
     async def ImageWithMask(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         for event in await self._run(
             "ImageWithMask", common_pb2.TASK_IMAGE_WITH_MASK, request_iterator, context
         ):
             yield generation_service_pb2.ImageWithMaskResponse(event=event)
+        await self._linger()
 
     async def ImageUpscale(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         for event in await self._run(
             "ImageUpscale", common_pb2.TASK_IMAGE_UPSCALE, request_iterator, context
         ):
             yield generation_service_pb2.ImageUpscaleResponse(event=event)
+        await self._linger()
 
     async def ImageToText(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         for event in await self._run(
             "ImageToText", common_pb2.TASK_IMAGE_TO_TEXT, request_iterator, context
         ):
             yield generation_service_pb2.ImageToTextResponse(event=event)
+        await self._linger()
 
 
 class Workflows(workflow_service_pb2_grpc.WorkflowServiceServicer):

@@ -237,3 +237,49 @@ async def test_upload_streams_through_before_the_body_ends(
     got = fake.state.uploads[-1]
     assert got.files["image"] == first + second
     assert max(got.chunk_sizes) <= 1024 * 1024 and len(got.chunk_sizes) >= 4
+
+
+@pytest.mark.parametrize("sync", ["true", "false"])
+async def test_the_answer_goes_before_the_stream_ends_which_is_still_read(
+    fake: FakeBackend, fake_http: httpx.AsyncClient, sync: str
+) -> None:
+    """The job's JSON needs nothing after ``finished`` (``accepted`` when queued): it is sent
+    before the call's status arrives, the connection's next request is not held up by that
+    wait either, and each stream is then read to its end, not cut."""
+    fake.state.linger_s = 1.5
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for _ in range(2):  # one keep-alive connection (httpx's pool), one request after another
+        res = await fake_http.post(
+            "/api/ImageUpscale",
+            data={"Sync": sync},
+            files={"image": ("a.png", png((1, 2, 3)), "image/png")},
+        )
+        assert res.status_code == 200, res.text
+        assert res.json()["jobState"] == ("Completed" if sync == "true" else "Queued")
+    took = loop.time() - started
+    assert took < 1.2, f"the answers waited {took:.2f} s for their streams' ends"
+    async with asyncio.timeout(5):
+        while len(fake.state.generation_streams) < 2:
+            await asyncio.sleep(0.05)
+    assert fake.state.generation_streams == ["completed", "completed"]
+
+
+async def test_a_stopping_gateway_cancels_the_streams_it_still_reads(
+    fake: FakeBackend, fake_gateway: Gateway, fake_http: httpx.AsyncClient
+) -> None:
+    fake.state.linger_s = 30
+    res = await fake_http.post(
+        "/api/ImageUpscale",
+        data={"Sync": "true"},
+        files={"image": ("a.png", png((1, 2, 3)), "image/png")},
+    )
+    assert res.status_code == 200 and res.json()["jobState"] == "Completed"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(5):
+        await fake_gateway.stop()
+        while not fake.state.generation_streams:
+            await asyncio.sleep(0.05)
+    assert fake.state.generation_streams == ["cancelled"]
+    assert loop.time() - started < 3  # by the stop, not by the drain's own 5 s limit

@@ -197,3 +197,50 @@ async def test_bad_generation_params_are_400(stack: tuple[Gateway, Any]) -> None
         assert res.status_code == 400, res.text
         fields = {e["fieldName"] for e in res.json()["responseStatus"]["errors"]}
         assert fields & {"PositivePrompt", "Denoise"}
+
+
+async def test_a_workflow_runs_through_the_task_routes_upload(
+    stack: tuple[Gateway, Any], tmp_path: Path
+) -> None:
+    """``/api/workflows/{name}`` is the task routes' upload path with typed parameters: the
+    same answer, options, refusals and per-form checks (one implementation)."""
+    gateway, comfy = stack
+    image = tmp_path / "in.png"
+    image.write_bytes(PNG)
+    url = f"{gateway.url}/api/workflows/outpaint"
+    res = await curl(
+        f"{url}?RefId=wf-1",  # query parameters are read, as for the tasks
+        *("-F", "prompt=a sea", "-F", "Right=16", "-F", "steps=1", "-F", "Sync=true"),
+        *("-F", f"image=@{image};filename=in.png"),
+        tmp_path=tmp_path,
+    )
+    assert res.status == 200, res.body
+    body = json.loads(res.body)
+    assert body["jobState"] == "Completed" and body["refId"] == "wf-1", body
+    assert body["outputs"][0]["url"].startswith(f"{gateway.url}/artifacts/")
+    pad = next(
+        n
+        for n in comfy.received.prompts[-1]["prompt"].values()
+        if n["class_type"] == "ImagePadForOutpaint"
+    )
+    assert pad["inputs"]["right"] == 16  # typed: the form's text became the declared integer
+    # Sync given twice, a field after the file, a JSON body: the task routes' answers.
+    twice = await curl(
+        url,
+        *("-F", "prompt=x", "-F", "Sync=true", "-F", "sync=false"),
+        *("-F", f"image=@{image}"),
+        tmp_path=tmp_path,
+    )
+    assert twice.status == 400
+    assert json.loads(twice.body)["responseStatus"]["errors"][0]["errorCode"] == "DUPLICATE_FIELD"
+    late = await curl(
+        url, *("-F", "prompt=x", "-F", f"image=@{image}", "-F", "steps=2"), tmp_path=tmp_path
+    )
+    assert late.status == 400
+    assert json.loads(late.body)["responseStatus"]["errorCode"] == "FIELD_AFTER_FILE"
+    async with httpx.AsyncClient() as client:
+        wrong = await client.post(url, json={"prompt": "x"})
+    assert wrong.status_code == 415
+    assert wrong.json()["responseStatus"]["message"] == (
+        "workflow outpaint takes multipart/form-data, not application/json"
+    )

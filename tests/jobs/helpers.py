@@ -51,9 +51,9 @@ async def collect(events: AsyncIterator[JobEvent], seconds: float = WAIT_S) -> l
         return [e async for e in events]
 
 
-async def final_job(events: AsyncIterator[JobEvent]) -> Job:
+async def final_job(events: AsyncIterator[JobEvent], seconds: float = WAIT_S) -> Job:
     """The job in the last event of a stream, which must be Finished."""
-    last = (await collect(events))[-1].kind
+    last = (await collect(events, seconds))[-1].kind
     assert isinstance(last, Finished)
     return last.job
 

@@ -242,3 +242,71 @@ async def test_close_ends_every_stream() -> None:
     await asyncio.sleep(0.01)
     hub.close()
     assert await within(waiter) == []
+
+
+async def test_a_progress_superseded_within_the_first_interval_after_accepted_is_skipped() -> None:
+    # A provider picked (PENDING), then running at once: one progress message, not two; the
+    # sequence gap is the documented sign of a skipped progress.
+    hub = EventHub(progress_interval_s=0.05)
+    job = new_job()
+    hub.open_new(job)
+    hub.emit(job.id, Accepted(job.task, "r", 0))
+    sub = hub.subscribe(job.id, no_history)
+    assert isinstance((await within(anext(sub))).kind, Accepted)
+    rest_task = asyncio.create_task(collect(sub))
+    hub.emit(job.id, Progress(Stage.PENDING, provider="p"))
+    await asyncio.sleep(0.01)  # the subscriber is waiting: it could send PENDING now
+    hub.emit(job.id, progress(0.5))
+    add_output(hub, job, 0)
+    finish(hub, job)
+    rest = await within(rest_task)
+    assert kinds(rest)[0] == progress(0.5)
+    assert [type(k) for k in kinds(rest)] == [Progress, OutputStored, Finished]
+    assert [e.sequence for e in rest] == [3, 4, 5]
+
+
+async def test_a_rate_limited_progress_arrives_when_its_interval_ends() -> None:
+    hub = EventHub(progress_interval_s=0.05)
+    job = new_job()
+    hub.open_new(job)
+    hub.emit(job.id, Accepted(job.task, "r", 0))
+    sub = hub.subscribe(job.id, no_history)
+    await within(anext(sub))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    hub.emit(job.id, Progress(Stage.PENDING, provider="p"))
+    got = await within(anext(sub))
+    assert got.kind == Progress(Stage.PENDING, provider="p")
+    assert 0.04 <= loop.time() - start < 0.5  # held for the interval, then sent on its own
+
+
+async def test_a_replayed_latest_progress_gives_way_to_a_newer_one_within_the_interval() -> None:
+    # The creating call subscribes just after its job was picked (PENDING in the replay);
+    # the job runs at once: the caller is told RUNNING, not both.
+    hub = EventHub(progress_interval_s=0.05)
+    job = new_job()
+    hub.open_new(job)
+    hub.emit(job.id, Accepted(job.task, "r", 0))
+    hub.emit(job.id, Progress(Stage.PENDING, provider="p"))
+    sub = hub.subscribe(job.id, no_history)
+    assert isinstance((await within(anext(sub))).kind, Accepted)
+    rest_task = asyncio.create_task(collect(sub))
+    await asyncio.sleep(0.01)
+    hub.emit(job.id, progress(0.5))
+    add_output(hub, job, 0)
+    finish(hub, job)
+    rest = await within(rest_task)
+    assert kinds(rest)[0] == progress(0.5)
+    assert [e.sequence for e in rest] == [3, 4, 5]
+
+
+async def test_a_replayed_latest_progress_arrives_when_nothing_newer_comes() -> None:
+    hub = EventHub(progress_interval_s=0.05)
+    job = new_job()
+    hub.open_new(job)
+    hub.emit(job.id, Accepted(job.task, "r", 0))
+    hub.emit(job.id, Progress(Stage.PENDING, provider="p"))
+    sub = hub.subscribe(job.id, no_history)
+    await within(anext(sub))
+    got = await within(anext(sub))
+    assert (got.sequence, got.kind) == (2, Progress(Stage.PENDING, provider="p"))

@@ -449,6 +449,28 @@ async def test_terminal_hooks_run_after_store_and_event(env: Env) -> None:
     assert (await final_job(manager.subscribe(second.id))).state is JobState.SUCCEEDED
 
 
+async def test_a_plain_function_hook_runs_when_the_job_ends(env: Env) -> None:
+    # Plain functions (the metrics hook) run at once, without a task per job.
+    manager = await env.manager(ScriptedProvider())
+    seen: list[tuple[str, JobState]] = []
+
+    def recording(job: Job) -> None:
+        seen.append((job.id, job.state))
+
+    def failing(job: Job) -> None:
+        raise RuntimeError("metrics down")
+
+    manager.add_terminal_hook(failing)
+    manager.add_terminal_hook(recording)
+    job = await submit(manager, env)
+    events = await collect(manager.subscribe(job.id))
+    assert isinstance(events[-1].kind, Finished)
+    assert seen == [(job.id, JobState.SUCCEEDED)]
+    second = await submit(manager, env)  # a failing hook breaks nothing
+    assert (await final_job(manager.subscribe(second.id))).state is JobState.SUCCEEDED
+    assert seen[-1] == (second.id, JobState.SUCCEEDED)
+
+
 async def test_spool_files_are_deleted_when_no_unfinished_job_needs_them(env: Env) -> None:
     provider = ScriptedProvider(behaviour=gated)
     manager = await env.manager(provider)
@@ -513,3 +535,27 @@ async def test_a_pinned_upload_survives_a_job_ending_with_the_same_bytes(env: En
     env.spool.unpin(pending)
     manager.discard_inputs({pending.sha256})  # that request made no job after all
     assert not pending.path.exists()
+
+
+async def test_a_submission_right_after_anothers_create_counts_it_once(env: Env) -> None:
+    # A created job is in the active set from the moment its create returns; it must no longer
+    # be counted as "being created" too, or a submission that checks the per-owner limit in
+    # that moment is refused with room left (seen at 64 concurrent callers).
+    manager = await env.manager(ScriptedProvider("p1", gated), max_active_per_owner=3)
+    await submit(manager, env)
+    store = manager._store
+    create = store.create
+    late: list[asyncio.Task[object]] = []
+
+    async def create_then_submit(*args: object, **kwargs: object) -> object:
+        result = await create(*args, **kwargs)  # type: ignore[arg-type]
+        if not late:  # the next submission starts while this one's caller is still waiting
+            asyncio.get_running_loop().call_soon(
+                lambda: late.append(asyncio.create_task(submit(manager, env)))
+            )
+        return result
+
+    store.create = create_then_submit  # type: ignore[method-assign]
+    await submit(manager, env)  # the second of three allowed
+    third = await within(late[0])  # the third: 2 unfinished before it, room for one more
+    assert third.state is JobState.QUEUED

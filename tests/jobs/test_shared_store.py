@@ -28,7 +28,16 @@ from aiserver.jobs.model import (
 from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import JobStore, new_holder_id
 from aiserver.jobs.store_watch import StoreWatch
-from tests.jobs.helpers import FAST, Env, ScriptedProvider, collect, gated, submit, within
+from tests.jobs.helpers import (
+    FAST,
+    Env,
+    ScriptedProvider,
+    collect,
+    final_job,
+    gated,
+    submit,
+    within,
+)
 from tests.storage.backends import JobStoreBackend
 
 
@@ -146,7 +155,9 @@ async def test_a_stopped_coordinators_jobs_are_taken_over_without_a_second_run(
     await a.stop(0.0)  # running job interrupted: RUNNING with its checkpoint, released
     second = ScriptedProvider("p1")
     b = await pair.manager(second)
-    done = [await within(_final(b, job_id), 10) for job_id in (running.id, queued.id)]
+    done = [
+        await within(final_job(b.subscribe(job_id), 10), 10) for job_id in (running.id, queued.id)
+    ]
     assert [j.state for j in done] == [JobState.SUCCEEDED, JobState.SUCCEEDED]
     resumed = next(r for r in second.runs if r.work.job_id == running.id)
     assert resumed.work.resume == {"agent": "x", "prompt_id": "p-1"}  # re-attached
@@ -160,7 +171,7 @@ async def test_an_expired_lease_is_taken_over(pair: Pair) -> None:
     await _freeze(a)
     b_provider = ScriptedProvider("p1")
     b = await pair.manager(b_provider)
-    final = await within(_final(b, job.id), 10)
+    final = await within(final_job(b.subscribe(job.id), 10), 10)
     assert final.state is JobState.SUCCEEDED
     assert [r.work.job_id for r in b_provider.runs] == [job.id]
 
@@ -227,7 +238,7 @@ async def test_an_idle_coordinator_steals_waiting_work_oldest_first_and_runs_it_
     events = await collect(watching, 10)
     finished = events[-1].kind
     assert isinstance(finished, Finished) and finished.job.state is JobState.SUCCEEDED
-    finals = [await within(_final(b, j.id), 10) for j in jobs]
+    finals = [await within(final_job(b.subscribe(j.id), 10), 10) for j in jobs]
     assert {f.state for f in finals} == {JobState.SUCCEEDED}
     ran = [r.work.job_id for r in busy.runs + idle.runs]
     assert sorted(ran) == sorted(j.id for j in jobs)  # each exactly once
@@ -285,7 +296,7 @@ async def test_a_taker_numbers_its_events_after_those_the_dead_holder_stored(
     await _freeze(a)
     second = ScriptedProvider("p1")
     b = await pair.manager(second)
-    final = await within(_final(b, job.id), 10)
+    final = await within(final_job(b.subscribe(job.id), 10), 10)
     assert final.state is JobState.SUCCEEDED
     # Each of the taker's events got a number of its own: none was refused as a duplicate.
     stored = await store.events(job.id)
@@ -337,13 +348,6 @@ async def _freeze(manager: JobManager) -> None:
 
 def _serves_nothing() -> ScriptedProvider:
     return ScriptedProvider("p1", tasks=())
-
-
-async def _final(manager: JobManager, job_id: str) -> Any:
-    events = await collect(manager.subscribe(job_id), 10)
-    last = events[-1].kind
-    assert isinstance(last, Finished)
-    return last.job
 
 
 async def test_no_adoption_pass_takes_a_job_between_its_create_and_its_creators_claim(

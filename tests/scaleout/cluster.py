@@ -171,6 +171,21 @@ async def watch_jobs(target: str, into: list[job_pb2.Job]) -> None:
             into.append(reply.job)
 
 
+def job_id(name: str) -> str:
+    """The job id in a job's resource name (``jobs/{id}``): the label the stand-ins count by."""
+    return name.removeprefix("jobs/")
+
+
+async def until_job(target: str, name: str, timeout_s: float = 30, **fields: int) -> None:
+    """Until GetJob on ``target`` shows these field values."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            job = await get_job(target, name)
+            if all(getattr(job, k) == v for k, v in fields.items()):
+                return
+            await asyncio.sleep(0.1)
+
+
 async def list_all(target: str) -> list[job_pb2.Job]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = job_service_pb2_grpc.JobServiceStub(channel)

@@ -19,8 +19,10 @@ from tests.scaleout.cluster import (
     Cluster,
     cancel,
     full_mode,
+    job_id,
     list_all,
     submit,
+    until_job,
     watch,
     watch_to_the_end,
 )
@@ -28,25 +30,12 @@ from tests.scaleout.cluster import (
 SUCCEEDED = job_pb2.Job.STATE_SUCCEEDED
 
 
-def _id(name: str) -> str:
-    return name.removeprefix("jobs/")
-
-
-async def _until_state(target: str, name: str, state: int, timeout_s: float = 60) -> None:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            jobs = {j.name: j for j in await list_all(target)}
-            if name in jobs and jobs[name].state == state:
-                return
-            await asyncio.sleep(0.1)
-
-
 async def test_submit_on_a_watch_on_b_cancel_on_c_list_from_any(tmp_path: Path) -> None:
     async with Cluster(tmp_path, coordinators=3, agents=1, max_jobs=1, step_delay_s=0.2) as c:
         a, b, cc = (s.target for s in c.servers)
         long_job = await submit(a, 1, steps=150)
         watching = asyncio.create_task(watch(b, long_job))
-        await _until_state(cc, long_job, job_pb2.Job.STATE_RUNNING)
+        await until_job(cc, long_job, 60, state=job_pb2.Job.STATE_RUNNING)
         cancelled = await cancel(cc, long_job)
         assert cancelled.state == job_pb2.Job.STATE_CANCELLED
         events = await asyncio.wait_for(watching, 60)
@@ -66,8 +55,8 @@ async def test_submit_on_a_watch_on_b_cancel_on_c_list_from_any(tmp_path: Path) 
             states = {j.name: j.state for j in await list_all(target)}
             assert states == {long_job: job_pb2.Job.STATE_CANCELLED, short_job: SUCCEEDED}
         stats = await c.standins.stats()
-        assert stats["succeeded"].get(_id(short_job)) == 1
-        assert stats["posted"].get(_id(long_job), 0) <= 1  # interrupted, never sent again
+        assert stats["succeeded"].get(job_id(short_job)) == 1
+        assert stats["posted"].get(job_id(long_job), 0) <= 1  # interrupted, never sent again
 
 
 async def test_jobs_spread_over_three_survive_a_sigkill_and_none_runs_twice(
@@ -109,7 +98,7 @@ async def test_jobs_spread_over_three_survive_a_sigkill_and_none_runs_twice(
         completed = stats["succeeded"]
         twice = {k: n for k, n in completed.items() if n > 1}
         assert not twice, f"run to completion more than once: {twice}"
-        assert sorted(completed) == sorted(_id(n) for n in names)
+        assert sorted(completed) == sorted(job_id(n) for n in names)
         # A prompt that ended while its coordinator was dead was queued again for its image
         # frames (nothing is kept on the agent's disk), once at most.
         assert all(n == 1 for n in stats["repeated"].values()), stats["repeated"]

@@ -13,8 +13,9 @@ from imagetasks.v1 import job_pb2
 from tests.scaleout.cluster import (
     Cluster,
     cancel,
-    get_job,
+    job_id,
     submit,
+    until_job,
     watch,
     watch_jobs,
 )
@@ -22,20 +23,6 @@ from tests.scaleout.cluster import (
 RUNNING = job_pb2.Job.STATE_RUNNING
 SUCCEEDED = job_pb2.Job.STATE_SUCCEEDED
 CANCELLED = job_pb2.Job.STATE_CANCELLED
-
-
-def _id(name: str) -> str:
-    return name.removeprefix("jobs/")
-
-
-async def _until_job(target: str, name: str, timeout_s: float = 30, **fields: int) -> None:
-    """Until GetJob on ``target`` shows these field values."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            job = await get_job(target, name)
-            if all(getattr(job, k) == v for k, v in fields.items()):
-                return
-            await asyncio.sleep(0.1)
 
 
 async def test_positions_are_global_and_watchjobs_sees_every_coordinator(
@@ -49,14 +36,14 @@ async def test_positions_are_global_and_watchjobs_sees_every_coordinator(
         seen: list[job_pb2.Job] = []
         feed = asyncio.create_task(watch_jobs(b, seen))
         long_a = await submit(a, 1, steps=150)
-        await _until_job(b, long_a, state=RUNNING)
+        await until_job(b, long_a, state=RUNNING)
         long_b = await submit(b, 2, steps=150)  # waits on b for the agent's one slot
-        await _until_job(a, long_b, state=RUNNING)
+        await until_job(a, long_b, state=RUNNING)
         short = [await submit(t, 3 + i, steps=2) for i, t in enumerate((a, b, a))]
         # Queued on two coordinators, ranked as one queue, asked on either.
         for position, name in enumerate(short, start=1):
             for target in (a, b):
-                await _until_job(target, name, queue_position=position)
+                await until_job(target, name, queue_position=position)
         await cancel(b, long_a)
         await cancel(a, long_b)
         for name in short:
@@ -84,19 +71,19 @@ async def test_cancel_after_the_holder_died_withdraws_its_running_prompt(
         a, b = (s.target for s in c.servers)
         long_job = await submit(a, 1, steps=150)  # 30 s on the agent
         async with asyncio.timeout(30):
-            while not (await c.standins.stats())["posted"].get(_id(long_job)):
+            while not (await c.standins.stats())["posted"].get(job_id(long_job)):
                 await asyncio.sleep(0.1)
         victim = c.servers[0]
         victim.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
         await victim.kill()
         await cancel(b, long_job)  # b takes it over once the lease lapses
-        await _until_job(b, long_job, state=CANCELLED)
+        await until_job(b, long_job, state=CANCELLED)
         short = await submit(b, 2, steps=2)
         done = await watch(b, short, timeout_s=25)  # the agent is free: the prompt is gone
         assert done[-1].finished.job.state == SUCCEEDED
         stats = await c.standins.stats()
-        assert stats["posted"].get(_id(long_job)) == 1
-        assert not stats["succeeded"].get(_id(long_job))  # interrupted, not run to the end
+        assert stats["posted"].get(job_id(long_job)) == 1
+        assert not stats["succeeded"].get(job_id(long_job))  # interrupted, not run to the end
         withdrawn = [
             e for e in c.servers[1].logs() if "withdrew prompt" in str(e.get("message", ""))
         ]
@@ -125,8 +112,8 @@ async def test_an_idle_coordinator_steals_queued_jobs_and_each_runs_once(
             for e in c.servers[1].logs()
             if "stolen from" in str(e.get("message", ""))
         ]
-        assert stolen and all(_id(names[0]) not in m for m in stolen)  # not the running one
+        assert stolen and all(job_id(names[0]) not in m for m in stolen)  # not the running one
         stats = await c.standins.stats()
-        assert sorted(stats["succeeded"]) == sorted(_id(n) for n in names)
+        assert sorted(stats["succeeded"]) == sorted(job_id(n) for n in names)
         assert set(stats["succeeded"].values()) == {1}  # each ran once
         assert set(stats["posted"].values()) == {1}

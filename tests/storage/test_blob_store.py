@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from aiserver.blobs import BlobStore, LocalBlobStore
+from aiserver.blobs.s3 import S3BlobStore
 
 KEY = "2031/05/06/" + "a" * 64 + ".png"
 
@@ -40,6 +41,21 @@ async def test_a_key_keeps_its_first_bytes(blobs: BlobStore) -> None:
     await blobs.put(KEY, b"first")
     await blobs.put(KEY, b"second, longer")  # content-addressed callers never do this
     assert await _read(blobs, KEY) == b"first"
+
+
+async def test_a_fresh_put_writes_without_looking_on_s3(blobs: BlobStore) -> None:
+    # fresh: the caller has just indexed these bytes as new. S3 skips its HEAD (a request's
+    # client CPU); the folder keeps its look (a stat).
+    calls: list[str] = []
+    if isinstance(blobs, S3BlobStore):
+        blobs._client.meta.events.register(
+            "before-call.s3", lambda model, **_: calls.append(model.name)
+        )
+    await blobs.put(KEY, b"new bytes", fresh=True)
+    await blobs.put(KEY.replace("a", "b"), b"other bytes")
+    assert await _read(blobs, KEY) == b"new bytes"
+    if isinstance(blobs, S3BlobStore):
+        assert calls[:3] == ["PutObject", "HeadObject", "PutObject"]
 
 
 async def test_missing_blobs(blobs: BlobStore) -> None:

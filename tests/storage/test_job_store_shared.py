@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import pytest
 
 from aiserver.errors import ServiceError
-from aiserver.jobs.model import ArtifactRef, InputRef, JobState
+from aiserver.jobs.model import ArtifactRef, InputRef, Job, JobState
 from aiserver.jobs.store import (
     ActiveLimitReached,
     Announcement,
@@ -468,3 +468,222 @@ async def test_unannounced_events_are_stored_and_found_at_the_next_announcement(
     finally:
         await heard.aclose()
     assert [e.sequence for e in await b.events(job.id)] == [2, 3, 4]
+
+
+def _grouped(store: JobStore) -> int:
+    """Writes a PostgreSQL store stored in groups (group commit); SQLite has none."""
+    return sum(
+        getattr(store, name).grouped
+        for name in ("_saves", "_creates", "_slot_claims", "_slot_releases")
+        if hasattr(store, name)
+    )
+
+
+async def test_concurrent_saves_are_each_fenced_with_their_own_events(
+    backend: JobStoreBackend,
+) -> None:
+    """Many saves at once (on PostgreSQL they meet in group statements): each one lands or
+    fails by its own lease, and carries only its own events, prune, release and outbox."""
+    a, b = await _two(backend)
+    mine = [make_job(i) for i in range(12)]
+    theirs = [make_job(i) for i in range(20, 24)]
+    records = {j.id: JobRecord(j) for j in [*mine, *theirs]}
+    number = {j.id: n for n, j in enumerate(mine)}
+    await asyncio.gather(
+        *(a.create(records[j.id], holder="A", lease_s=30) for j in mine),
+        *(a.create(records[j.id], holder="B", lease_s=30) for j in theirs),
+    )
+    for j in mine:
+        await a.append_events(j.id, [NewEvent(s, "progress", {"s": s}) for s in (2, 3)])
+    ghost = JobRecord(make_job(40))
+
+    async def save(record: JobRecord) -> str:
+        job = record.job
+        n = number.get(job.id, 99)
+        job.state = JobState.SUCCEEDED if n % 2 else JobState.RUNNING
+        job.progress = n / 100
+        final = n % 2 == 1
+        try:
+            await a.save(
+                record,
+                holder="A",
+                events=[NewEvent(10 + n, "finished" if final else "output", {"n": n})],
+                release=final,
+                prune="progress" if final else "",
+                outbox=[(f"https://example.test/{n}", str(n).encode())] if final else [],
+            )
+        except LeaseLost:
+            return "lost"
+        except ServiceError as exc:
+            return exc.reason
+        return "saved"
+
+    results = await asyncio.gather(*(save(records[j.id]) for j in [*mine, *theirs]), save(ghost))
+    assert results == ["saved"] * len(mine) + ["lost"] * len(theirs) + ["JOB_NOT_FOUND"]
+    if backend.kind == "postgres":
+        assert _grouped(a) > 0  # they did meet
+    for j in mine:
+        stored = await b.get(j.id)
+        n = number[j.id]
+        assert stored is not None and stored.job.progress == n / 100
+        kinds = [(e.sequence, e.kind) for e in await b.events(j.id)]
+        if n % 2:
+            assert kinds == [(3, "progress"), (10 + n, "finished")]  # 2 pruned
+            assert await a.renew(j.id, "A", 30) is None  # released
+        else:
+            assert kinds == [(2, "progress"), (3, "progress"), (10 + n, "output")]
+            assert await a.renew(j.id, "A", 30) is not None
+    for j in theirs:
+        stored = await b.get(j.id)
+        assert stored is not None and stored.job.state is JobState.QUEUED
+        assert await b.events(j.id) == []
+    bodies = sorted(i.body for i in await b.outbox_claim("B", 30, 100))
+    assert bodies == sorted(str(n).encode() for n in range(12) if n % 2)
+
+
+async def test_concurrent_creates_keep_the_limit_and_ref_ids(backend: JobStoreBackend) -> None:
+    """Many creates at once (grouped on PostgreSQL): the per-owner limit counts the
+    group's own creates, a ref_id made twice makes one job, events and inputs go in."""
+    a, b = await _two(backend)
+    await a.create(JobRecord(make_job(0)), holder="A", lease_s=30)  # alice has one already
+    sha = "f" * 64
+
+    async def create(job: Job, max_active: int) -> str:
+        job.inputs = [InputRef("image", "in.png", sha, 3, "image/png", 1, 1)]
+        try:
+            found, existing = await a.create(
+                JobRecord(job),
+                max_active=max_active,
+                holder="A",
+                lease_s=30,
+                events=[NewEvent(1, "accepted", {"ref_id": job.ref_id})],
+            )
+        except ActiveLimitReached:
+            return "limit"
+        return f"existing {found.job.id}" if existing else "made"
+
+    alice = [make_job(i) for i in range(1, 9)]
+    bob = [make_job(i, owner="bob") for i in range(10, 14)]
+    twins = [make_job(i, owner="carol", ref_id="same") for i in range(20, 23)]
+    results = await asyncio.gather(
+        *(create(j, 4) for j in alice), *(create(j, 0) for j in bob), *(create(j, 0) for j in twins)
+    )
+    assert sorted(results[: len(alice)]) == ["limit"] * 5 + ["made"] * 3  # 1 + 3 = 4
+    assert results[len(alice) : len(alice) + len(bob)] == ["made"] * len(bob)
+    made_twin = [t for t, r in zip(twins, results[-3:], strict=True) if r == "made"]
+    assert len(made_twin) == 1
+    assert sorted(results[-3:]) == [f"existing {made_twin[0].id}"] * 2 + ["made"]
+    if backend.kind == "postgres":
+        assert _grouped(a) > 0
+    assert await b.count_active("alice") == 4
+    for job in [*alice, *bob, *made_twin]:
+        if await b.get(job.id) is None:
+            continue  # refused by the limit
+        assert [e.kind for e in await b.events(job.id)] == ["accepted"]
+        assert await b.claim("B", 30, job_id=job.id) is None  # leased to A
+    assert await b.inputs_in_use([sha]) == {sha}
+
+
+async def test_concurrent_slot_claims_and_releases_never_over_admit(
+    backend: JobStoreBackend,
+) -> None:
+    """Claims and releases at once (grouped on PostgreSQL): each agent's slots go to one
+    claimant each, never more than its capacity; releases free exactly their own slots."""
+    a, b = await _two(backend)
+    for agent in ("gpu-1", "gpu-2"):  # the agents' rows exist (made by a first miss)
+        first = await a.claim_slot(agent, 3, "A", 30)
+        assert first is not None
+        await a.release_slot(first)
+    other = await b.claim_slot("gpu-1", 3, "B", 30)  # another process holds one of gpu-1's
+    assert other is not None
+    wanted = ["gpu-1"] * 5 + ["gpu-2"] * 5 + ["gpu-3"] * 2  # gpu-3: rows not made yet
+    claims = await asyncio.gather(*(a.claim_slot(agent, 3, "A", 30) for agent in wanted))
+    held = [c for c in claims if c is not None]
+    by_agent = {
+        agent: sorted(c.slot for c in held if c.agent == agent)
+        for agent in ("gpu-1", "gpu-2", "gpu-3")
+    }
+    assert by_agent == {"gpu-1": [1, 2], "gpu-2": [0, 1, 2], "gpu-3": [0, 1]}
+    assert all(c.holder == "A" for c in held)
+    if backend.kind == "postgres":
+        assert _grouped(a) > 0
+    await asyncio.gather(*(a.release_slot(c) for c in held))
+    again = await asyncio.gather(*(a.claim_slot("gpu-1", 3, "A", 30) for _ in range(3)))
+    assert sorted(c.slot for c in again if c is not None) == [1, 2]  # B keeps slot 0
+    assert await b.renew_slot(other, 30) is not None
+
+
+async def test_events_are_announced_only_while_another_coordinator_listens(
+    backend: JobStoreBackend,
+) -> None:
+    """A coordinator alone announces no events (its watchers read memory; each
+    notification costs every listening backend a transaction); one that starts listening
+    is seen within a second. Cancels are announced always. An outside connection, not
+    counted as a coordinator, hears what is sent."""
+    if backend.kind != "postgres":
+        return  # SQLite announces in process: nothing is sent anywhere
+    import asyncpg
+
+    from tests.storage.backends import PG_URL
+
+    a = await backend.open()
+    own = await a.announcements()  # every coordinator listens (cancels, watchers)
+    outside = await asyncpg.connect(PG_URL)
+    heard: list[str] = []
+    await outside.add_listener(f"aiserver_{backend.schema}", lambda *args: heard.append(args[3]))
+    job = make_job(1)
+    record = JobRecord(job)
+
+    async def write(sequence: int) -> None:
+        await a.save(record, holder="A", events=[NewEvent(sequence, "output", {})])
+
+    try:
+        await a.create(record, holder="A", lease_s=30, events=[NewEvent(1, "accepted", {})])
+        await asyncio.sleep(0.3)  # not counted yet at the create: announced; counted since
+        assert len(heard) == 1
+        await write(2)
+        await asyncio.sleep(0.3)
+        assert len(heard) == 1  # alone: not announced ...
+        assert [e.sequence for e in await a.events(job.id)] == [1, 2]  # ... but stored
+        assert await a.request_cancel(job.id)
+        await asyncio.sleep(0.3)
+        assert len(heard) == 2 and '"cancel"' in heard[1]
+        await asyncio.sleep(2.2)  # idle: the count is too old to trust
+        await write(3)
+        await asyncio.sleep(0.3)
+        assert len(heard) == 3  # announced (and counted again: still alone)
+        await write(4)
+        await asyncio.sleep(0.3)
+        assert len(heard) == 3
+
+        b = await backend.open()
+        other = await b.announcements()  # another coordinator listens now
+        try:
+            await asyncio.sleep(1.1)
+            await write(5)  # (starts the count)
+            await asyncio.sleep(0.3)
+            await write(6)
+            seen = await asyncio.wait_for(anext(other), 5)
+            while seen != Announcement("event", job.id, 6):
+                seen = await asyncio.wait_for(anext(other), 5)
+        finally:
+            await other.aclose()
+    finally:
+        await own.aclose()
+        await outside.close()
+
+
+async def test_concurrent_slot_claims_with_a_changed_capacity_stay_below_their_own(
+    backend: JobStoreBackend,
+) -> None:
+    """Claims on one agent meeting while its capacity changes (2, then 4): each claim's slot
+    is below the capacity it asked with, and no slot goes twice."""
+    store = await backend.open()
+    first = await store.claim_slot("gpu", 4, "A", 30)  # the rows exist
+    assert first is not None
+    await store.release_slot(first)
+    capacities = [4, 2, 4, 2, 4, 2]
+    claims = await asyncio.gather(*(store.claim_slot("gpu", c, "A", 30) for c in capacities))
+    taken = [(c, claim.slot) for c, claim in zip(capacities, claims, strict=True) if claim]
+    assert all(slot < capacity for capacity, slot in taken)
+    assert len({slot for _, slot in taken}) == len(taken) == 4

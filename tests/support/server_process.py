@@ -155,8 +155,12 @@ class ServerProcess:
     async def __aenter__(self) -> ServerProcess:
         return await self.start()
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def close(self) -> None:
+        """Stop it gracefully if it runs (killed when that fails or takes over 30 s)."""
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(Exception):
                 await self.stop(timeout_s=30)
         await self.kill()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

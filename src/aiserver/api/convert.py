@@ -135,13 +135,10 @@ def _sampling(p: Any) -> dict[str, Any]:
 
 
 def output_encoding(options: common_pb2.JobOptions) -> dict[str, Any]:
-    """``output_format`` / ``output_quality`` of a spec, from the job options (checked)."""
+    """``output_format`` / ``output_quality`` of a spec, from job options the contract's rules
+    have passed (:func:`~aiserver.api.validation.check_request`: quality is 1..100)."""
     fmt = format_from_proto(options.output_format, "params.options.output_format")
     quality = options.quality if options.HasField("quality") else None
-    if quality is not None and not 1 <= quality <= 100:
-        raise invalid_argument(
-            "params.options.quality", "INVALID_QUALITY", "quality must be between 1 and 100"
-        )
     return {"output_format": fmt.name if fmt is not None else "", "output_quality": quality}
 
 
@@ -240,17 +237,26 @@ def state_from_proto(value: int) -> JobState:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAIVE_EPOCH = _EPOCH.replace(tzinfo=None)
+
+
+def _set_ts(field: timestamp_pb2.Timestamp, when: datetime | None) -> None:
+    # Direct fields: Timestamp.FromDatetime does the same in Python, three times slower,
+    # and a job's events carry a dozen timestamps. Set in place: a Timestamp built apart
+    # is copied again into its field.
+    if when is None:
+        return
+    since = when - (_EPOCH if when.tzinfo is not None else _NAIVE_EPOCH)
+    field.seconds = since.days * 86400 + since.seconds
+    field.nanos = since.microseconds * 1000
 
 
 def _ts(when: datetime | None) -> timestamp_pb2.Timestamp | None:
-    # Direct fields: Timestamp.FromDatetime does the same in Python, three times slower,
-    # and a job's events carry a dozen timestamps.
     if when is None:
         return None
-    since = when - _EPOCH if when.tzinfo is not None else when - _EPOCH.replace(tzinfo=None)
-    return timestamp_pb2.Timestamp(
-        seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000
-    )
+    stamp = timestamp_pb2.Timestamp()
+    _set_ts(stamp, when)
+    return stamp
 
 
 def _same(url: str) -> str:
@@ -260,60 +266,66 @@ def _same(url: str) -> str:
 Link = Callable[[str], str]
 """Turns an artifact's URL into the one handed out (e.g. signed); identity by default."""
 
+# Messages are filled in place (``into``): a message passed to a constructor or to CopyFrom
+# is copied whole, and the finished event's Job was copied twice that way on every job.
 
-def artifact_to_proto(ref: ArtifactRef, link: Link = _same) -> common_pb2.Artifact:
-    msg = common_pb2.Artifact(
-        name=ref.name,
-        url=link(ref.url),
-        file_name=ref.file_name,
-        mime_type=ref.mime_type,
-        width=ref.width,
-        height=ref.height,
-        size_bytes=ref.size_bytes,
-        sha256=ref.sha256,
-        provider=ref.provider,
-        create_time=_ts(ref.created),
-        job=f"jobs/{ref.job_id}",
-    )
+
+def artifact_to_proto(
+    ref: ArtifactRef, link: Link = _same, into: common_pb2.Artifact | None = None
+) -> common_pb2.Artifact:
+    msg = common_pb2.Artifact() if into is None else into
+    msg.name = ref.name
+    msg.url = link(ref.url)
+    msg.file_name = ref.file_name
+    msg.mime_type = ref.mime_type
+    msg.width = ref.width
+    msg.height = ref.height
+    msg.size_bytes = ref.size_bytes
+    msg.sha256 = ref.sha256
+    msg.provider = ref.provider
+    _set_ts(msg.create_time, ref.created)
+    msg.job = f"jobs/{ref.job_id}"
     if ref.seed is not None:
         msg.seed = ref.seed
     return msg
 
 
-def job_to_proto(job: Job, queue_position: int = 0, link: Link = _same) -> job_pb2.Job:
-    msg = job_pb2.Job(
-        name=job.name,
-        task=_TASKS[job.task],
-        state=_STATES[job.state],
-        ref_id=job.ref_id,
-        tag=job.tag,
-        owner=job.owner,
-        provider=job.provider,
-        agent=job.agent,
-        attempts=job.attempts,
-        create_time=_ts(job.created),
-        start_time=_ts(job.started),
-        end_time=_ts(job.ended),
-        update_time=_ts(job.updated),
-        queue_position=queue_position,
-        progress=job.progress,
-        outputs=[artifact_to_proto(a, link) for a in job.outputs],
-        text_outputs=[job_pb2.TextOutput(index=i, text=t) for i, t in enumerate(job.texts)],
-        reply_to=job.reply_to,
-        waiting_reason=job.waiting if job.state is JobState.QUEUED else "",
-        inputs=[
-            job_pb2.InputFile(
-                field=i.field,
-                file_name=i.file_name,
-                size_bytes=i.size_bytes,
-                sha256=i.sha256,
-                mime_type=i.mime_type,
-                width=i.width,
-                height=i.height,
-            )
-            for i in job.inputs
-        ],
-    )
+def job_to_proto(
+    job: Job, queue_position: int = 0, link: Link = _same, into: job_pb2.Job | None = None
+) -> job_pb2.Job:
+    msg = job_pb2.Job() if into is None else into
+    msg.name = job.name
+    msg.task = _TASKS[job.task]
+    msg.state = _STATES[job.state]
+    msg.ref_id = job.ref_id
+    msg.tag = job.tag
+    msg.owner = job.owner
+    msg.provider = job.provider
+    msg.agent = job.agent
+    msg.attempts = job.attempts
+    _set_ts(msg.create_time, job.created)
+    _set_ts(msg.start_time, job.started)
+    _set_ts(msg.end_time, job.ended)
+    _set_ts(msg.update_time, job.updated)
+    msg.queue_position = queue_position
+    msg.progress = job.progress
+    for artifact in job.outputs:
+        artifact_to_proto(artifact, link, msg.outputs.add())
+    for i, text in enumerate(job.texts):
+        msg.text_outputs.add(index=i, text=text)
+    msg.reply_to = job.reply_to
+    if job.state is JobState.QUEUED:
+        msg.waiting_reason = job.waiting
+    for ref in job.inputs:
+        msg.inputs.add(
+            field=ref.field,
+            file_name=ref.file_name,
+            size_bytes=ref.size_bytes,
+            sha256=ref.sha256,
+            mime_type=ref.mime_type,
+            width=ref.width,
+            height=ref.height,
+        )
     if job.error is not None:
         msg.error.CopyFrom(to_status_proto(job.error))
     if job.webhook is not None:
@@ -333,48 +345,53 @@ def webhook_to_proto(delivery: WebhookDelivery) -> job_pb2.WebhookDelivery:
 
 
 def event_to_proto(
-    event: JobEvent, queue_position: int = 0, link: Link = _same
+    event: JobEvent,
+    queue_position: int = 0,
+    link: Link = _same,
+    into: job_pb2.JobEvent | None = None,
 ) -> job_pb2.JobEvent:
     """The wire form of a domain event; the one conversion every stream uses."""
-    msg = job_pb2.JobEvent(
-        job=f"jobs/{event.job_id}", sequence=event.sequence, time=_ts(event.time)
-    )
+    msg = job_pb2.JobEvent() if into is None else into
+    msg.job = f"jobs/{event.job_id}"
+    msg.sequence = event.sequence
+    _set_ts(msg.time, event.time)
     kind = event.kind
-    if isinstance(kind, Accepted):
-        msg.accepted.CopyFrom(
-            job_pb2.JobAccepted(
-                task=_TASKS[kind.task],
-                ref_id=kind.ref_id,
-                queue_position=kind.queue_position,
-                existing=kind.existing,
-            )
-        )
-    elif isinstance(kind, Progress):
-        msg.progress.CopyFrom(
-            job_pb2.JobProgress(
-                stage=_STAGES[kind.stage],
-                queue_position=kind.queue_position,
-                node=kind.node,
-                node_type=kind.node_type,
-                step=kind.step,
-                max_steps=kind.max_steps,
-                fraction=kind.fraction,
-                provider=kind.provider,
-                waiting_reason=kind.waiting,
-            )
-        )
+    if isinstance(kind, Progress):
+        progress = msg.progress
+        progress.SetInParent()  # present in the oneof even when every field is a default
+        progress.stage = _STAGES[kind.stage]
+        progress.queue_position = kind.queue_position
+        progress.node = kind.node
+        progress.node_type = kind.node_type
+        progress.step = kind.step
+        progress.max_steps = kind.max_steps
+        progress.fraction = kind.fraction
+        progress.provider = kind.provider
+        progress.waiting_reason = kind.waiting
+    elif isinstance(kind, Accepted):
+        accepted = msg.accepted
+        accepted.SetInParent()
+        accepted.task = _TASKS[kind.task]
+        accepted.ref_id = kind.ref_id
+        accepted.queue_position = kind.queue_position
+        accepted.existing = kind.existing
     elif isinstance(kind, OutputStored):
-        msg.output.CopyFrom(
-            job_pb2.OutputReady(index=kind.index, artifact=artifact_to_proto(kind.artifact, link))
-        )
+        output = msg.output
+        output.SetInParent()
+        output.index = kind.index
+        artifact_to_proto(kind.artifact, link, output.artifact)
     elif isinstance(kind, TextProduced):
-        msg.text_output.CopyFrom(
-            job_pb2.TextOutput(index=kind.index, text=kind.text, node=kind.node)
-        )
+        text = msg.text_output
+        text.SetInParent()
+        text.index = kind.index
+        text.text = kind.text
+        text.node = kind.node
     elif isinstance(kind, Retrying):
-        msg.retrying.CopyFrom(
-            job_pb2.JobRetrying(attempt=kind.attempt, reason=kind.reason, agent=kind.agent)
-        )
+        retrying = msg.retrying
+        retrying.SetInParent()
+        retrying.attempt = kind.attempt
+        retrying.reason = kind.reason
+        retrying.agent = kind.agent
     else:
-        msg.finished.CopyFrom(job_pb2.JobFinished(job=job_to_proto(kind.job, queue_position, link)))
+        job_to_proto(kind.job, queue_position, link, msg.finished.job)
     return msg

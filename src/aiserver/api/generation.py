@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from imagetasks.v1 import generation_service_pb2 as gpb
-from imagetasks.v1 import generation_service_pb2_grpc, job_pb2
+from imagetasks.v1 import generation_service_pb2_grpc
 
 from aiserver.api.convert import spec_from_proto
-from aiserver.api.job_calls import JobCalls, SubmitLimits
+from aiserver.api.job_calls import EventCarrier, JobCalls, SubmitLimits
 from aiserver.api.status import rpc
 from aiserver.api.uploads import read_upload
 from aiserver.providers.comfy.workflows import WorkflowCatalog
@@ -18,6 +18,8 @@ from aiserver.spool import UploadBudget
 from aiserver.tasks import TaskKind, WorkflowSpec
 
 __all__ = ["GenerationServicer", "SubmitLimits"]
+
+_C = TypeVar("_C", bound=EventCarrier)
 
 
 class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
@@ -29,33 +31,45 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     async def ImageToImage(
         self, request_iterator: AsyncIterator[gpb.ImageToImageRequest], context: Any
     ) -> AsyncIterator[gpb.ImageToImageResponse]:
-        async for event in self._run(TaskKind.IMAGE_TO_IMAGE, request_iterator, context):
-            yield gpb.ImageToImageResponse(event=event)
+        async for response in self._run(
+            TaskKind.IMAGE_TO_IMAGE, request_iterator, context, gpb.ImageToImageResponse
+        ):
+            yield response
 
     @rpc
     async def ImageWithMask(
         self, request_iterator: AsyncIterator[gpb.ImageWithMaskRequest], context: Any
     ) -> AsyncIterator[gpb.ImageWithMaskResponse]:
-        async for event in self._run(TaskKind.IMAGE_WITH_MASK, request_iterator, context):
-            yield gpb.ImageWithMaskResponse(event=event)
+        async for response in self._run(
+            TaskKind.IMAGE_WITH_MASK, request_iterator, context, gpb.ImageWithMaskResponse
+        ):
+            yield response
 
     @rpc
     async def ImageUpscale(
         self, request_iterator: AsyncIterator[gpb.ImageUpscaleRequest], context: Any
     ) -> AsyncIterator[gpb.ImageUpscaleResponse]:
-        async for event in self._run(TaskKind.IMAGE_UPSCALE, request_iterator, context):
-            yield gpb.ImageUpscaleResponse(event=event)
+        async for response in self._run(
+            TaskKind.IMAGE_UPSCALE, request_iterator, context, gpb.ImageUpscaleResponse
+        ):
+            yield response
 
     @rpc
     async def ImageToText(
         self, request_iterator: AsyncIterator[gpb.ImageToTextRequest], context: Any
     ) -> AsyncIterator[gpb.ImageToTextResponse]:
-        async for event in self._run(TaskKind.IMAGE_TO_TEXT, request_iterator, context):
-            yield gpb.ImageToTextResponse(event=event)
+        async for response in self._run(
+            TaskKind.IMAGE_TO_TEXT, request_iterator, context, gpb.ImageToTextResponse
+        ):
+            yield response
 
     async def _run(
-        self, task: TaskKind, requests: AsyncIterator[Any], context: Any
-    ) -> AsyncIterator[job_pb2.JobEvent]:
+        self,
+        task: TaskKind,
+        requests: AsyncIterator[Any],
+        context: Any,
+        carrier: Callable[[], _C],
+    ) -> AsyncIterator[_C]:
         lim = self._calls.limits
         upload = await read_upload(
             requests,
@@ -74,5 +88,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         except BaseException:
             upload.discard()
             raise
-        async for event in self._calls.run(task, spec, upload.params.options, upload, context):
-            yield event
+        async for response in self._calls.run(
+            task, spec, upload.params.options, upload, context, carrier
+        ):
+            yield response

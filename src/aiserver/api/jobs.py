@@ -54,7 +54,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     async def GetJob(self, request: jpb.GetJobRequest, context: Any) -> jpb.GetJobResponse:
         job = await self._manager.get(parse_job_name(request.name), calls.scope())
         positions = await self._manager.positions([job])
-        return jpb.GetJobResponse(job=job_to_proto(job, positions[job.id], self._link))
+        reply = jpb.GetJobResponse()
+        job_to_proto(job, positions[job.id], self._link, reply.job)
+        return reply
 
     @rpc
     async def ListJobs(self, request: jpb.ListJobsRequest, context: Any) -> jpb.ListJobsResponse:
@@ -87,9 +89,10 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         # Closed when the caller leaves too: a watch through the store holds a listener.
         async with contextlib.aclosing(self._manager.subscribe(job.id)) as events:
             async for event in events:
-                yield jpb.WatchJobResponse(
-                    event=event_to_proto(event, self._manager.queue_position(job.id), self._link)
-                )
+                reply = jpb.WatchJobResponse()
+                position = self._manager.queue_position(job.id)
+                event_to_proto(event, position, self._link, reply.event)
+                yield reply
 
     @rpc
     async def WatchJobs(
@@ -122,7 +125,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                     and isinstance(event.kind, Accepted | Progress)
                 ):
                     position = event.kind.queue_position  # held elsewhere: its holder's word
-                reply = jpb.WatchJobsResponse(job=job_to_proto(job, position, self._link))
+                reply = jpb.WatchJobsResponse()
+                job_to_proto(job, position, self._link, reply.job)
                 if isinstance(event.kind, Progress):
                     proto = event_to_proto(event, reply.job.queue_position, self._link)
                     reply.progress.CopyFrom(proto.progress)

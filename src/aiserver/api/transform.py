@@ -14,7 +14,7 @@ from aiserver.api.status import rpc
 from aiserver.api.uploads import read_upload
 from aiserver.api.wire import Encoded, bytes_message
 from aiserver.imaging import EncodedImage, ImageLimits, convert, crop
-from aiserver.spool import InputSpool, SpooledFile, UploadBudget
+from aiserver.spool import InputSpool, UploadBudget
 from aiserver.workers import BlockingPool
 
 __all__ = ["TransformServicer"]
@@ -93,19 +93,22 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
             hashed=False,  # deleted after use
         )
         image = upload.files["image"]
+        file_name = image.file_name
         source = image.data if image.data is not None else image.path  # small: in memory
         try:
             result = await self._pool.run(work, source, upload.params)
         finally:
             upload.discard()
-        for msg in self._reply(response, result, image, suffix):
+            image.data = None  # the input is not held while a slow caller reads the result
+            del source
+        for msg in self._reply(response, result, file_name, suffix):
             yield msg
 
     def _reply(
-        self, response: type[_R], result: EncodedImage, source: SpooledFile, suffix: str
+        self, response: type[_R], result: EncodedImage, file_name: str, suffix: str
     ) -> Iterator[_R | Encoded]:
         """The result as ``info`` then ``chunk`` messages."""
-        stem = Path(source.file_name).stem or "image"
+        stem = Path(file_name).stem or "image"
         yield response(
             info=common_pb2.ImageInfo(
                 format=format_to_proto(result.format),

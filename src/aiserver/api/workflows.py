@@ -110,8 +110,10 @@ class WorkflowServicer(workflow_service_pb2_grpc.WorkflowServiceServicer):
             upload.discard()
             raise
         spec = WorkflowSpec(workflow.name, workflow.version, values, workflow.documents, **encoding)
-        async for event in self._calls.run(TaskKind.WORKFLOW, spec, options, upload, context):
-            yield wpb.RunWorkflowResponse(event=event)
+        async for response in self._calls.run(
+            TaskKind.WORKFLOW, spec, options, upload, context, wpb.RunWorkflowResponse
+        ):
+            yield response
 
     def _refuse_if_no_agent_can(self, workflow: Workflow, values: dict[str, Any]) -> None:
         """FAILED_PRECONDITION when agents are online and none has what this run needs;

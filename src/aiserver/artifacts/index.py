@@ -3,6 +3,12 @@
 Two twins with one behaviour: :class:`SqliteArtifactIndex` (the embedded default, its own file
 ``artifacts.sqlite3`` beside the blobs, as before) and :class:`PostgresArtifactIndex` (tables
 ``artifact_blobs`` and ``artifact_refs`` in the job database, migrated with the jobs).
+
+A put and a retention delete of the same bytes never lose them, whichever processes run them:
+:meth:`ArtifactIndex.register` is one statement and the caller writes the bytes after it;
+:meth:`ArtifactIndex.forget` deletes the bytes before a register of the same hash can return
+(PostgreSQL: the deleted row stays locked until the bytes are gone, and an insert of a
+conflicting key waits for that lock; SQLite serves one process: a lock in memory).
 """
 
 from __future__ import annotations
@@ -11,9 +17,8 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, Self, TypeVar
 
@@ -32,9 +37,13 @@ __all__ = [
     "open_artifact_index",
 ]
 
+_DROP_S = 30.0
+"""The longest a PostgreSQL delete keeps its blob's row locked while the bytes are deleted."""
 _P = ParamSpec("_P")
-_BLOB_LOCK = 0x6162  # first key of per-hash advisory locks (pg_advisory_lock(int, int))
 _T = TypeVar("_T")
+
+Drop = Callable[[], Awaitable[None]]
+"""Deletes a blob's bytes (:meth:`ArtifactIndex.forget` calls it at the right moment)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +72,15 @@ class IndexedRef:
     seed: int | None
     provider: str
     ref_created: float
+    new_blob: bool = False
+    """Set by :meth:`ArtifactIndex.register` when its row for these bytes is new: nothing is
+    stored under ``path`` yet, most likely (no need to look before writing)."""
 
 
 @dataclass(frozen=True, slots=True)
 class NewRef:
-    """What :meth:`ArtifactIndex.register` records."""
+    """What :meth:`ArtifactIndex.register` records. ``path`` is the key for bytes never
+    stored before; bytes indexed already keep their first key (and its MIME type)."""
 
     path: str
     sha256: str
@@ -84,15 +97,13 @@ class NewRef:
 
 
 class ArtifactIndex(Protocol):
-    async def path_of_hash(self, sha256: str) -> str | None:
-        """The key under which these bytes were first stored, if they were."""
-        ...
-
     async def register(self, ref: NewRef) -> IndexedRef:
-        """Record the blob (or refresh its ``last_put``) and the owner's reference to it.
+        """Record the blob (or refresh its ``last_put``) and the owner's reference to it, in
+        one statement. If the same bytes are indexed already, under whichever key, the
+        reference goes to that key: the returned ``path`` is where the bytes belong.
 
-        If the same bytes are indexed under another key already, the reference goes to that
-        key: the returned ``path`` is the one to use."""
+        The caller writes the bytes under the returned ``path`` afterwards (write-once per
+        key): a :meth:`forget` of these bytes has deleted them before this returns."""
         ...
 
     async def lookup(
@@ -105,26 +116,37 @@ class ArtifactIndex(Protocol):
         """Every blob, least recently stored first."""
         ...
 
-    def hold(self, sha256: str) -> AbstractAsyncContextManager[None]:
-        """Exclusive use of these bytes across every process sharing the index, for the
-        span of a put or a delete (so a delete never removes bytes a put just counted on)."""
-        ...
+    async def forget(self, path: str, sha256: str, last_put: float, drop: Drop) -> bool:
+        """Drop the blob and its references if nobody stored it again since ``last_put``,
+        and its bytes with ``drop``: a :meth:`register` of the same bytes, from any process,
+        returns only once ``drop`` is done, so its caller's write comes after the delete.
 
-    async def forget(self, path: str, last_put: float) -> bool:
-        """Drop the blob and its references if nobody stored it again since ``last_put``."""
+        An error of ``drop`` propagates; PostgreSQL then keeps the row (the next sweep tries
+        again), SQLite has dropped it already (the bytes stay unindexed, as before)."""
         ...
 
     async def close(self) -> None: ...
 
 
-_SELECT_REF = (
-    "SELECT b.path, b.sha256, b.mime_type, b.size, b.width, b.height, r.owner, r.job_id,"
-    " r.file_name, r.seed, r.provider, r.created AS ref_created"
+_REF_COLUMNS = (
+    "b.path, b.sha256, b.mime_type, b.size, b.width, b.height, r.owner, r.job_id,"
+    " r.file_name, r.seed, r.provider, r.created"
+)
+_SELECT_REF = f"SELECT {_REF_COLUMNS} AS ref_created"
+# The blob's columns a register returns (an existing row's, when the bytes are known), and
+# the reference's: together an IndexedRef, with no read-back.
+_BLOB_RETURNING = "RETURNING path, sha256, mime_type, size, width, height"
+_REF_RETURNING = "RETURNING owner, job_id, file_name, seed, provider, created"
+_REF_UPSERT = (
+    " ON CONFLICT (path, owner, job_id) DO UPDATE SET file_name = excluded.file_name,"
+    " seed = excluded.seed, provider = excluded.provider, created = excluded.created"
 )
 
 
-def _ref_of(row: Any) -> IndexedRef:
-    return IndexedRef(*(row[i] for i in range(12)))
+def _ref_of(row: Any, new_blob: bool = False) -> IndexedRef:
+    r = row
+    return IndexedRef(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11],
+                      new_blob)  # fmt: skip
 
 
 _SQLITE_SCHEMA = """
@@ -153,7 +175,10 @@ CREATE TABLE IF NOT EXISTS refs (
 
 
 class SqliteArtifactIndex:
-    """The index in one SQLite file (WAL); one connection, one thread at a time."""
+    """The index in one SQLite file (WAL); one connection, one thread at a time.
+
+    SQLite serves one process, so a register and a forget of the same bytes take turns on
+    a lock in memory (per hash)."""
 
     def __init__(self, path: Path) -> None:
         self._holds = KeyedLock()
@@ -182,13 +207,6 @@ class SqliteArtifactIndex:
                 self._lock.release()
         return await self._db(fn, *args, **kwargs)
 
-    def _path_of_hash(self, sha256: str) -> str | None:
-        row = self._conn.execute("SELECT path FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
-        return None if row is None else str(row[0])
-
-    async def path_of_hash(self, sha256: str) -> str | None:
-        return await self._read(self._path_of_hash, sha256)
-
     def _lookup(self, path: str, owner: str | None, job_id: str | None) -> IndexedRef | None:
         sql = f"{_SELECT_REF} FROM blobs b JOIN refs r ON r.path = b.path WHERE b.path = ?"
         args: list[str] = [path]
@@ -202,58 +220,54 @@ class SqliteArtifactIndex:
         return None if row is None else _ref_of(row)
 
     async def register(self, ref: NewRef) -> IndexedRef:
-        try:
+        async with self._holds.hold(ref.sha256):
             return await self._db(self._register, ref)
-        except sqlite3.IntegrityError:
-            first = await self.path_of_hash(ref.sha256)  # same bytes, indexed under another key
-            if first is None or first == ref.path:
-                raise
-            return await self._db(self._register, replace(ref, path=first))
 
-    def register_now(self, ref: NewRef) -> IndexedRef:
-        """:meth:`register` in the calling thread (a worker's: the commit may wait on the
-        disk), for a caller that has other blocking work to do in the same hop.
-        ``sqlite3.IntegrityError`` where :meth:`register` would look for the other key."""
-        with self._lock:
-            return self._register(ref)
+    async def register_and_write(self, ref: NewRef, write_now: Callable[[str], None]) -> IndexedRef:
+        """:meth:`register`, then ``write_now(path)`` in the same worker thread (the commit
+        and a folder's write each wait on the disk; a thread hop costs about 0.1 ms of CPU)."""
+
+        def register_and_write() -> IndexedRef:
+            with self._lock:
+                row = self._register(ref)
+            write_now(row.path)
+            return row
+
+        async with self._holds.hold(ref.sha256):
+            return await asyncio.to_thread(register_and_write)
 
     def _register(self, ref: NewRef) -> IndexedRef:
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            c.execute(
+            blob = c.execute(
                 "INSERT INTO blobs (path, sha256, mime_type, size, width, height, created,"
                 " last_put) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (path) DO UPDATE SET last_put = excluded.last_put",
+                " ON CONFLICT (sha256) DO UPDATE SET last_put = excluded.last_put "
+                # New row: created = last_put (an old one put again at the very same
+                # instant looks new too; its caller then writes without looking first)
+                + _BLOB_RETURNING
+                + ", created = last_put",
                 (ref.path, ref.sha256, ref.mime_type, ref.size, ref.width, ref.height,
                  ref.now, ref.now),
-            )  # fmt: skip
-            c.execute(
+            ).fetchone()  # fmt: skip
+            mine = c.execute(
                 "INSERT INTO refs (path, owner, job_id, file_name, seed, provider, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path, owner, job_id) DO UPDATE"
-                " SET file_name = excluded.file_name, seed = excluded.seed,"
-                " provider = excluded.provider, created = excluded.created",
-                (ref.path, ref.owner, ref.job_id, ref.file_name, ref.seed, ref.provider,
+                f" VALUES (?, ?, ?, ?, ?, ?, ?){_REF_UPSERT} {_REF_RETURNING}",
+                (blob[0], ref.owner, ref.job_id, ref.file_name, ref.seed, ref.provider,
                  ref.now),
-            )  # fmt: skip
-            found = self._lookup(ref.path, ref.owner, ref.job_id)
+            ).fetchone()  # fmt: skip
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        assert found is not None
-        return found
+        return _ref_of(blob[:6] + mine, bool(blob[6]))
 
     async def lookup(
         self, path: str, owner: str | None, job_id: str | None = None
     ) -> IndexedRef | None:
         # Every artifact and variant read asks this first (the hop was most of a warm variant).
         return await self._read(self._lookup, path, owner, job_id)
-
-    @contextlib.asynccontextmanager
-    async def hold(self, sha256: str) -> AsyncIterator[None]:
-        async with self._holds.hold(sha256):  # SQLite serves one process: a lock in memory
-            yield
 
     async def blobs(self) -> list[StoredBlob]:
         def select() -> list[StoredBlob]:
@@ -264,14 +278,18 @@ class SqliteArtifactIndex:
 
         return await self._db(select)
 
-    async def forget(self, path: str, last_put: float) -> bool:
+    async def forget(self, path: str, sha256: str, last_put: float, drop: Drop) -> bool:
         def delete() -> bool:
             cur = self._conn.execute(
                 "DELETE FROM blobs WHERE path = ? AND last_put = ?", (path, last_put)
             )
             return cur.rowcount == 1
 
-        return await self._db(delete)
+        async with self._holds.hold(sha256):  # a register of these bytes waits for the drop
+            if not await self._db(delete):
+                return False
+            await drop()
+        return True
 
     async def close(self) -> None:
         def close() -> None:
@@ -279,6 +297,20 @@ class SqliteArtifactIndex:
                 self._conn.close()
 
         await asyncio.to_thread(close)
+
+
+# One statement, one round trip: the blob row (inserted, or the known bytes' row with its
+# last_put refreshed: ON CONFLICT on the hash keeps the first key) and the reference to it.
+# An insert that meets a row being deleted by an open forget waits for its commit.
+_PG_REGISTER = (
+    "WITH b AS (INSERT INTO artifact_blobs (path, sha256, mime_type, size, width, height,"
+    " created, last_put) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)"
+    f" ON CONFLICT (sha256) DO UPDATE SET last_put = excluded.last_put {_BLOB_RETURNING},"
+    " xmax = 0 AS inserted),"  # an updated row has the updater's id in xmax
+    " r AS (INSERT INTO artifact_refs (path, owner, job_id, file_name, seed, provider, created)"
+    f" SELECT path, $8, $9, $10, $11, $12, $7 FROM b{_REF_UPSERT} {_REF_RETURNING})"
+    f" SELECT {_REF_COLUMNS}, b.inserted FROM b, r"
+)
 
 
 class PostgresArtifactIndex:
@@ -290,7 +322,6 @@ class PostgresArtifactIndex:
         self._schema = schema
         self._pool_size = pool_size
         self._pool_: asyncpg.Pool | None = None
-        self._locks: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
 
     @classmethod
@@ -300,6 +331,8 @@ class PostgresArtifactIndex:
         return index
 
     async def _connect(self) -> asyncpg.Pool:
+        if self._pool_ is not None:
+            return self._pool_
         async with self._opening:
             if self._pool_ is None:
                 import asyncpg
@@ -312,55 +345,23 @@ class PostgresArtifactIndex:
                     min_size=1,
                     max_size=self._pool_size,
                     server_settings={"search_path": self._schema},
-                    reset=keep_session,  # no session state here (the locks have their pool)
-                )
-                self._locks = await asyncpg.create_pool(
-                    self._url, min_size=0, max_size=self._pool_size
+                    reset=keep_session,  # no session state: no advisory locks, no LISTEN
                 )
             return self._pool_
 
-    async def path_of_hash(self, sha256: str) -> str | None:
-        found = await (await self._connect()).fetchval(
-            "SELECT path FROM artifact_blobs WHERE sha256 = $1", sha256
-        )
-        return None if found is None else str(found)
-
     async def register(self, ref: NewRef) -> IndexedRef:
-        import asyncpg
+        row = await (await self._connect()).fetchrow(
+            _PG_REGISTER,
+            ref.path, ref.sha256, ref.mime_type, ref.size, ref.width, ref.height, ref.now,
+            ref.owner, ref.job_id, ref.file_name, ref.seed, ref.provider,
+        )  # fmt: skip
+        assert row is not None  # both inserts return their row (DO UPDATE has no WHERE)
+        return _ref_of(row, row[12])
 
-        try:
-            return await self._register(ref)
-        except asyncpg.UniqueViolationError:
-            # Another process stored the same bytes first, under another date's key: the
-            # first key is the name for good (the caller drops its own copy).
-            first = await self.path_of_hash(ref.sha256)
-            if first is None or first == ref.path:
-                raise
-            return await self._register(replace(ref, path=first))
-
-    async def _register(self, ref: NewRef) -> IndexedRef:
-        async with (await self._connect()).acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO artifact_blobs (path, sha256, mime_type, size, width, height,"
-                " created, last_put) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)"
-                " ON CONFLICT (path) DO UPDATE SET last_put = excluded.last_put",
-                ref.path, ref.sha256, ref.mime_type, ref.size, ref.width, ref.height, ref.now,
-            )  # fmt: skip
-            await conn.execute(
-                "INSERT INTO artifact_refs (path, owner, job_id, file_name, seed, provider,"
-                " created) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-                " ON CONFLICT (path, owner, job_id) DO UPDATE SET file_name = excluded.file_name,"
-                " seed = excluded.seed, provider = excluded.provider, created = excluded.created",
-                ref.path, ref.owner, ref.job_id, ref.file_name, ref.seed, ref.provider, ref.now,
-            )  # fmt: skip
-            found = await self._lookup(conn, ref.path, ref.owner, ref.job_id)
-        assert found is not None
-        return found
-
-    async def _lookup(
-        self, conn: Any, path: str, owner: str | None, job_id: str | None
+    async def lookup(
+        self, path: str, owner: str | None, job_id: str | None = None
     ) -> IndexedRef | None:
-        row = await conn.fetchrow(
+        row = await (await self._connect()).fetchrow(
             f"{_SELECT_REF} FROM artifact_blobs b JOIN artifact_refs r ON r.path = b.path"
             " WHERE b.path = $1 AND ($2::text IS NULL OR r.owner = $2)"
             " AND ($3::text IS NULL OR r.job_id = $3) ORDER BY r.created DESC LIMIT 1",
@@ -370,49 +371,35 @@ class PostgresArtifactIndex:
         )
         return None if row is None else _ref_of(row)
 
-    async def lookup(
-        self, path: str, owner: str | None, job_id: str | None = None
-    ) -> IndexedRef | None:
-        return await self._lookup(await self._connect(), path, owner, job_id)
-
-    @contextlib.asynccontextmanager
-    async def hold(self, sha256: str) -> AsyncIterator[None]:
-        # A session advisory lock on a connection kept for the with block. Lock connections
-        # come from their own pool: a holder also queries, and nesting two acquires from one
-        # pool would deadlock once every connection is held by a waiting holder.
-        await self._connect()
-        assert self._locks is not None
-        async with self._locks.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", _BLOB_LOCK, sha256)
-            try:
-                yield
-            finally:
-                await conn.execute(
-                    "SELECT pg_advisory_unlock($1, hashtext($2))", _BLOB_LOCK, sha256
-                )
-
     async def blobs(self) -> list[StoredBlob]:
         rows = await (await self._connect()).fetch(
             "SELECT path, sha256, size, last_put FROM artifact_blobs ORDER BY last_put, path"
         )
         return [StoredBlob(f"artifacts/{r[0]}", r[1], r[2], r[3]) for r in rows]
 
-    async def forget(self, path: str, last_put: float) -> bool:
-        found = await (await self._connect()).fetchval(
-            "DELETE FROM artifact_blobs WHERE path = $1 AND last_put = $2 RETURNING path",
-            path,
-            last_put,
-        )
-        return found is not None
+    async def forget(self, path: str, sha256: str, last_put: float, drop: Drop) -> bool:
+        # The deleted row stays locked until the bytes are gone: a register of the same
+        # bytes (an insert meeting the row's key) waits for this commit, then inserts anew
+        # and its caller writes the bytes again. Should the drop fail, nothing is deleted.
+        async with (await self._connect()).acquire() as conn, conn.transaction():
+            found = await conn.fetchval(
+                "DELETE FROM artifact_blobs WHERE path = $1 AND last_put = $2 RETURNING path",
+                path,
+                last_put,
+            )
+            if found is None:
+                return False
+            # Bounded: the row lock stalls every register of these bytes, on any process.
+            # Past the bound the delete rolls back (the row stays) and the next sweep retries.
+            async with asyncio.timeout(_DROP_S):
+                await drop()
+        return True
 
     async def close(self) -> None:
         async with self._opening:
             if self._pool_ is not None:
                 await self._pool_.close()
                 self._pool_ = None
-            if self._locks is not None:
-                await self._locks.close()
-                self._locks = None
 
 
 def open_artifact_index(database_url: str, schema: str, folder: Path) -> ArtifactIndex:

@@ -9,6 +9,13 @@ by default, or tables in the PostgreSQL job database.
 Identical bytes are stored once, whoever stores them and whenever: a later ``put`` of the same
 content reuses the existing file and name and only adds a reference (owner, job, file name,
 seed, provider). A name is visible to an owner only if that owner has a reference to it.
+
+A put registers first (one statement, which names the key) and writes the bytes after; a
+retention delete removes the row and then the bytes before any register of the same bytes can
+return (see :mod:`aiserver.artifacts.index`), and a sweep never deletes a blob registered less
+than ``fresh_s`` ago (longer than any put takes from its register to the end of its write), so
+a put never ends with its bytes deleted under it, or written after its row was deleted, on one
+process or several.
 """
 
 from __future__ import annotations
@@ -17,7 +24,6 @@ import asyncio
 import hashlib
 import logging
 import re
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -30,7 +36,6 @@ from aiserver.artifacts.index import (
     SqliteArtifactIndex,
     StoredBlob,
 )
-from aiserver.artifacts.locks import KeyedLock
 from aiserver.blobs import BlobStore, LocalBlobStore
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 from aiserver.jobs.model import ArtifactRef
@@ -38,6 +43,7 @@ from aiserver.jobs.model import ArtifactRef
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "EXTENSIONS",
+    "SWEEP_FRESH_S",
     "ArtifactStore",
     "DeleteListener",
     "PutListener",
@@ -70,6 +76,9 @@ _REL_PATH = re.compile(
     + r")"
 )
 _HASH_IN_THREAD = 1024 * 1024  # hashing below this is quicker than a thread hop
+SWEEP_FRESH_S = 60.0
+"""A sweep's default: blobs registered less than this long ago are kept (far longer than a
+put takes from its register to the end of its write)."""
 
 DeleteListener = Callable[[str, str], None]
 """Called (in a worker thread) with ``(name, sha256)`` after an artifact is deleted."""
@@ -113,7 +122,6 @@ class ArtifactStore:
             self.index, SqliteArtifactIndex
         )
         """The embedded layout (a folder and SQLite): a put's writes share one thread hop."""
-        self._locks = KeyedLock()  # per sha256: put and sweep never interleave on one file
         self._listeners: list[DeleteListener] = []
         self._put_listeners: list[PutListener] = []
 
@@ -195,29 +203,37 @@ class ArtifactStore:
         else:
             sha256 = hashlib.sha256(data).hexdigest()
         now = self._clock()
-        async with self._locks.hold(sha256), self.index.hold(sha256):
-            # An earlier put of the same bytes fixed the name (and date) for good.
-            rel = await self.index.path_of_hash(sha256) or f"{now:%Y/%m/%d}/{sha256}.{ext}"
-            new = NewRef(
-                path=rel,
-                sha256=sha256,
-                mime_type=_MIME_TYPES[rel.rsplit(".", 1)[1]],
-                size=len(data),
-                width=width,
-                height=height,
-                now=now.timestamp(),
-                owner=owner,
-                job_id=job_id,
-                file_name=file_name,
-                seed=seed,
-                provider=provider,
-            )
-            row = await self._local_put(rel, data, new) if self._local else None
-            if row is None:
-                await self.blobs.put(rel, data)
-                row = await self.index.register(new)
-            if row.path != rel:  # another process named these bytes first
-                await self.blobs.delete(rel)
+        new = NewRef(
+            # Unless these bytes are known already. (strftime would cost 10x these fields.)
+            path=f"{now.year:04d}/{now.month:02d}/{now.day:02d}/{sha256}.{ext}",
+            sha256=sha256,
+            mime_type=mime_type,
+            size=len(data),
+            width=width,
+            height=height,
+            now=now.timestamp(),
+            owner=owner,
+            job_id=job_id,
+            file_name=file_name,
+            seed=seed,
+            provider=provider,
+        )
+        blobs, index = self.blobs, self.index
+        if self._local:
+            assert isinstance(blobs, LocalBlobStore) and isinstance(index, SqliteArtifactIndex)
+            row = await index.register_and_write(new, lambda key: blobs.put_now(key, data))
+        else:
+            row = await index.register(new)
+            # After the row: a retention delete of these bytes finished before the register
+            # returned, and none starts before the row is fresh_s old, so this write stays.
+            # Write-once: known bytes cost a look, new ones are written without (on S3 a
+            # HEAD fewer).
+            try:
+                await blobs.put(row.path, data, fresh=row.new_blob)
+            except BaseException:
+                if row.new_blob:  # a row this put made, whose bytes never came: take it back
+                    await self._forget_unwritten(row.path, row.sha256, new.now)
+                raise
         ref = self._ref(row)
         for listener in self._put_listeners:
             try:
@@ -225,22 +241,6 @@ class ArtifactStore:
             except Exception:
                 logger.exception("put listener failed for %s", ref.name)
         return ref
-
-    async def _local_put(self, rel: str, data: bytes, new: NewRef) -> IndexedRef | None:
-        """The folder's write and the SQLite index's commit in one thread hop (each waits on
-        the disk; a hop costs about 0.1 ms of CPU). None when the index refused the row (the
-        same bytes under another key): :meth:`put`'s general path sorts that out."""
-        blobs, index = self.blobs, self.index
-        assert isinstance(blobs, LocalBlobStore) and isinstance(index, SqliteArtifactIndex)
-
-        def write_and_register() -> IndexedRef | None:
-            blobs.put_now(rel, data)
-            try:
-                return index.register_now(new)
-            except sqlite3.IntegrityError:
-                return None
-
-        return await asyncio.to_thread(write_and_register)
 
     async def get(self, name: str, owner: str | None) -> ArtifactRef:
         """Metadata of ``name`` as ``owner`` sees it (``None``: admin, any reference)."""
@@ -321,12 +321,17 @@ class ArtifactStore:
         max_age_s: float | None,
         max_total_bytes: int | None,
         protect: Callable[[str], bool],
+        *,
+        fresh_s: float = SWEEP_FRESH_S,
     ) -> list[str]:
         """Delete artifacts, least recently stored first; return the deleted names.
 
         First everything older than ``max_age_s``, then more until the total size is at most
         ``max_total_bytes``. Names for which ``protect(name)`` is true (still referenced,
-        e.g. by a job that is not finished) are kept even if the budget stays exceeded.
+        e.g. by a job that is not finished) are kept even if the budget stays exceeded, and
+        so are blobs stored less than ``fresh_s`` ago: a put writes its bytes after its row
+        (a delete in between would leave bytes no row lists), and with several coordinators
+        an output another one just stored is in no job record until that job's next save.
         """
         blobs = await self.index.blobs()
         now = self._clock().timestamp()
@@ -337,25 +342,33 @@ class ArtifactStore:
             too_big = max_total_bytes is not None and total > max_total_bytes
             if not (too_old or too_big):
                 break  # oldest first: the rest are newer, and the total only shrinks
-            if protect(blob.name):
+            if protect(blob.name) or now - blob.last_put < fresh_s:
                 continue
             victims.append(blob)
             total -= blob.size
         deleted: list[str] = []
         for blob in victims:
-            async with self._locks.hold(blob.sha256), self.index.hold(blob.sha256):
-                if await self._delete(blob):
-                    deleted.append(blob.name)
+            if await self._delete(blob):
+                deleted.append(blob.name)
         if deleted:
             logger.info("retention deleted %d artifacts", len(deleted))
         return deleted
 
+    async def _forget_unwritten(self, path: str, sha256: str, last_put: float) -> None:
+        async def nothing() -> None:
+            return None
+
+        try:  # best effort, even when cancelled: a row left here is swept as a missing blob
+            await asyncio.shield(self.index.forget(path, sha256, last_put, nothing))
+        except Exception:
+            logger.exception("could not take back the row of unwritten blob %s", path)
+
     async def _delete(self, blob: StoredBlob) -> bool:
         rel = self.relative_path(blob.name)
-        if not await self.index.forget(rel, blob.last_put):
+        if not await self.index.forget(
+            rel, blob.sha256, blob.last_put, lambda: self.blobs.delete(rel)
+        ):
             return False  # stored again meanwhile: it is new again
-
-        await self.blobs.delete(rel)
 
         def tell() -> None:
             for listener in self._listeners:

@@ -19,8 +19,12 @@ DEFAULT_CHUNK_SIZE = 256 * 1024
 
 
 class BlobStore(Protocol):
-    async def put(self, key: str, data: bytes) -> None:
-        """Store ``data`` under ``key``; nothing is written when the key exists already."""
+    async def put(self, key: str, data: bytes, *, fresh: bool = False) -> None:
+        """Store ``data`` under ``key``; nothing is written when the key exists already.
+
+        ``fresh``: the caller has just indexed these bytes as new, so the key most likely
+        holds nothing: a backend whose look costs a request writes without looking (a blob
+        there already holds the same bytes, and is replaced by them)."""
         ...
 
     async def size(self, key: str) -> int | None:

@@ -35,7 +35,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -58,9 +58,23 @@ from aiserver.gateway.errors import (
 from aiserver.gateway.fields import FieldError, FieldErrors, apply_fields, field_key, parse_bool
 from aiserver.gateway.routes import Upload, message_class, upload_of
 from aiserver.gateway.streams import event_field, first_message, stream_response, wants_sse
-from aiserver.gateway.uploads import chunk_factory, media_type, send_multipart, write
+from aiserver.gateway.uploads import (
+    FormFields,
+    chunk_factory,
+    media_type,
+    send_multipart,
+    write,
+)
 
-__all__ = ["Compat", "CompatTask", "compat_field_name", "compat_tasks"]
+__all__ = [
+    "BuildParams",
+    "Compat",
+    "CompatTask",
+    "TaskParams",
+    "compat_field_name",
+    "compat_tasks",
+    "require_multipart",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +242,15 @@ def _unsatisfiable(size: int) -> GatewayError:
     )
 
 
-class _Params:
+def require_multipart(request: web.BaseRequest, what: str) -> None:
+    """415 unless the body is a multipart form; ``what``: the route's sentence about it."""
+    if media_type(request) != "multipart/form-data":
+        raise GatewayError(
+            415, "UNSUPPORTED_MEDIA_TYPE", f"{what}, not {request.content_type or 'no body'}"
+        )
+
+
+class TaskParams:
     """Builds a task's params message from form fields; remembers ``Sync``."""
 
     def __init__(self, task: CompatTask, request: web.BaseRequest) -> None:
@@ -276,6 +298,10 @@ class _Params:
         return msg
 
 
+BuildParams = Callable[[TaskParams, FormFields], Message]
+"""(the task's params builder, the form's fields) -> the params message."""
+
+
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status,
@@ -292,6 +318,8 @@ class Compat:
         self.tasks = compat_tasks(files)
         self.workflow = workflow_task(files)
         """RunWorkflow, served per workflow by ``gateway.workflows``; None without the service."""
+        self._draining: set[asyncio.Task[None]] = set()
+        """Answered jobs' streams being read to their end (strong references to the tasks)."""
 
     # --- /api/{name} ----------------------------------------------------------------------
 
@@ -313,26 +341,27 @@ class Compat:
             )
         if request.method != "POST":
             raise _not_allowed("POST")
+        require_multipart(request, f"{task.name} takes multipart/form-data with an image file")
         return await self.run_task(request, task)
 
-    async def run_task(self, request: web.Request, task: CompatTask) -> web.StreamResponse:
-        if media_type(request) != "multipart/form-data":
-            raise GatewayError(
-                415,
-                "UNSUPPORTED_MEDIA_TYPE",
-                f"{task.name} takes multipart/form-data with an image file, "
-                f"not {request.content_type or 'no body'}",
-            )
+    async def run_task(
+        self, request: web.Request, task: CompatTask, build: BuildParams | None = None
+    ) -> web.StreamResponse:
+        """The upload call of ``task`` from a multipart form (the caller has checked the
+        media type), answered as AI Server answers. ``build`` makes the params message from
+        the form's fields (a workflow's typed parameters); by default the fields are the
+        params message's own (:class:`TaskParams`)."""
         backend = self.backend
         method = task.method
         multicallable = backend.callable(method)
         request_cls = message_class(method.input_type)
         params_name = task.upload.params_field.name
         metadata = backend.metadata(request)
-        params = _Params(task, request)
+        params = TaskParams(task, request)
+        make = build or TaskParams.build
 
         async def open_call(items: list[tuple[str, str]]) -> Any:
-            msg = params.build(items)
+            msg = make(params, items)
             timeout = backend.settings.sync_timeout_s if params.sync else None
             call = multicallable(metadata=metadata, timeout=timeout)
             await write(call, request_cls(**{params_name: msg}))
@@ -346,13 +375,28 @@ class Compat:
                 limits=backend.limits,
                 initial=list(request.query.items()),
             )
+        answered = False
         try:
-            if task.generative:
-                return await self._generation(request, task, call, sync=params.sync)
-            return await self._image(request, call)
+            if not task.generative:
+                return await self._image(request, call)
+            response = await self._generation(request, task, call, sync=params.sync)
+            self._drain_later(call)
+            answered = True
+            return response
         finally:
-            if not call.done():
+            if not answered and not call.done():
                 call.cancel()
+
+    def _drain_later(self, call: Any) -> None:
+        """Read the rest of an answered job's stream in a task of its own. The answer needs
+        nothing after ``finished`` (``accepted`` when queued); the call's status comes one
+        gRPC read later, which neither this caller nor its connection's next request need
+        wait for. The call is read to its end rather than cancelled (a cancel is the job's
+        caller leaving); a stopping gateway cancels it with the watch streams."""
+        self.backend.long_lived.add(call)
+        task = asyncio.get_running_loop().create_task(_drain(call))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
 
     async def _generation(
         self, request: web.Request, task: CompatTask, call: Any, *, sync: bool
@@ -367,22 +411,20 @@ class Compat:
         job_id = event.job.removeprefix("jobs/")
         text = accepted.task in _TEXT_TASKS
         if not sync:
-            await _drain(call)
             state = "Queued"
             if accepted.existing:
                 job = await self._get_job(request, event.job)
                 state = JOB_STATES.get(job.state, "Unknown")
             route = "GetTextGenerationStatus" if text else "GetArtifactGenerationStatus"
             base = self.backend.base_url(request)
-            return _json(
-                {
-                    "jobId": job_id,
-                    "refId": accepted.ref_id,
-                    "jobState": state,
-                    "status": state,
-                    "statusUrl": f"{base}/api/{route}?jobId={quote(job_id, safe='')}",
-                }
-            )
+            queued = {
+                "jobId": job_id,
+                "refId": accepted.ref_id,
+                "jobState": state,
+                "status": state,
+                "statusUrl": f"{base}/api/{route}?jobId={quote(job_id, safe='')}",
+            }
+            return _json(queued)
         while True:
             try:
                 msg = await call.read()
@@ -393,7 +435,6 @@ class Compat:
             if msg.event.WhichOneof("kind") == "finished":
                 job = msg.event.finished.job
                 break
-        await _drain(call)
         body = self.job_json(request, job, outputs=True, texts=True)
         status = 200
         if job.HasField("error") and job.error.code != 0:
@@ -674,13 +715,17 @@ async def _head(
 
 async def _drain(call: Any) -> None:
     """Read a stream to its end (it ends right after ``accepted``/``finished``), so that the
-    call completes instead of being cancelled; its errors no longer matter."""
+    call completes instead of being cancelled; its errors no longer matter. A stream that
+    does not end within 5 s is cancelled."""
     try:
         async with asyncio.timeout(5):
             while await call.read() is not grpc.aio.EOF:
                 pass
     except (grpc.aio.AioRpcError, TimeoutError):
         pass
+    finally:
+        if not call.done():
+            call.cancel()
 
 
 def _not_allowed(allow: str) -> GatewayError:

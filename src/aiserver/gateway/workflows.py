@@ -17,20 +17,20 @@ import copy
 import logging
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from aiohttp import web
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 from imagetasks.v1 import workflow_service_pb2 as wpb
 
 from aiserver.gateway.backend import Backend
-from aiserver.gateway.compat import Compat, _Params, compat_field_name
+from aiserver.gateway.compat import Compat, TaskParams, compat_field_name, require_multipart
 from aiserver.gateway.errors import GatewayError, from_rpc_error
 from aiserver.gateway.fields import field_key
 from aiserver.gateway.openapi import job_option_schemas
-from aiserver.gateway.routes import message_class
-from aiserver.gateway.uploads import chunk_factory, media_type, send_multipart, write
+from aiserver.gateway.uploads import FormFields
 
 __all__ = ["WorkflowRoutes", "workflow_paths"]
 
@@ -56,26 +56,15 @@ class WorkflowRoutes:
 
     async def run(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["workflow"]
-        if media_type(request) != "multipart/form-data":
-            raise GatewayError(
-                415,
-                "UNSUPPORTED_MEDIA_TYPE",
-                f"workflow {name} takes multipart/form-data, not "
-                f"{request.content_type or 'no body'}",
-            )
+        require_multipart(request, f"workflow {name} takes multipart/form-data")
         described = await self._unary(
             request, _GET, wpb.GetWorkflowRequest(name=f"workflows/{name}")
         )
         declared = {field_key(p.name): p for p in described.workflow.parameters}
-        backend = self._backend
         task = self._compat.workflow
         assert task is not None, "routed only when the contract has WorkflowService"
-        method = task.method
-        request_cls = message_class(method.input_type)
-        metadata = backend.metadata(request)
-        options = _Params(task, request)
 
-        async def open_call(items: list[tuple[str, str]]) -> Any:
+        def build(options: TaskParams, items: FormFields) -> Message:
             passed: list[tuple[str, str]] = []
             parameters = struct_pb2.Struct()
             for field, text in items:
@@ -90,24 +79,10 @@ class WorkflowRoutes:
             msg: Any = options.build(passed)
             msg.workflow = name
             msg.parameters.CopyFrom(parameters)
-            timeout = backend.settings.sync_timeout_s if options.sync else None
-            call = backend.callable(method)(metadata=metadata, timeout=timeout)
-            await write(call, request_cls(params=msg))
-            return call
+            return cast(Message, msg)
 
-        with backend.uploads.slot(request):  # the per-client upload cap, as for the tasks
-            call = await send_multipart(
-                request,
-                open_call=open_call,
-                chunk_message=chunk_factory(task.upload, request_cls),
-                limits=backend.limits,
-                initial=list(request.query.items()),
-            )
-        try:
-            return await self._compat._generation(request, task, call, sync=options.sync)
-        finally:
-            if not call.done():
-                call.cancel()
+        # The task routes' upload, cap, cancel and answer: only the params differ.
+        return await self._compat.run_task(request, task, build)
 
     async def openapi(self, request: web.Request, document: dict[str, Any]) -> dict[str, Any]:
         """``document`` plus one operation per workflow (as the server lists them now)."""

@@ -3,8 +3,10 @@
 Oldest first; a job goes to the provider :func:`~aiserver.jobs.scheduler.pick_provider`
 chooses while it has room (``max_running_per_provider``, its own ``load()``), fails at once
 when no provider will ever take it, and fails with QUEUE_TIMEOUT when none took it in time.
-Queued jobs hear their position change. The attempts themselves are
-:mod:`aiserver.jobs.driver`'s.
+Queued jobs hear their position change: at once when they enter the queue or move back,
+at most every ``position_interval_s`` when they move up (every start moves each job behind
+it; announcing each move was an event per waiting job per start). The attempts themselves
+are :mod:`aiserver.jobs.driver`'s.
 
 On a shared store (:class:`Shared`) this queue is this process's part of one queue: positions
 are places among every coordinator's queued jobs (:mod:`.shared_positions`), and a pass that
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,6 +91,20 @@ class Dispatcher:
             else None
         )
         self._next_steal = 0.0
+        self._announced: dict[str, float] = {}
+        """When each queued job's place was last told (its Accepted event included)."""
+        self._moved = False
+        """The queue changed since positions were last published."""
+        self._publish_due = math.inf
+        """When the earliest move held back by ``position_interval_s`` is due."""
+        self._examined: dict[str, frozenset[tuple[str, int]]] = {}
+        """Queued jobs a pass found no provider for (and asked for a refusal and a waiting
+        reason) since ``_examined_until``, with the providers that had room then (and their
+        capacities). A later pass skips such a job while no other provider has room and none
+        changed its capacity (agents online): with a deep queue each pass costs the new jobs,
+        not the whole queue (a ComfyUI pool's ``can_run`` checks every agent, a fallback's
+        asks its primaries too), and what no provider will ever take still fails at once."""
+        self._examined_until = 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="job-dispatcher")
@@ -108,6 +125,8 @@ class Dispatcher:
         if job_id in self.queue:
             return
         self.queue.push(job_id, since)
+        self._announced[job_id] = time.monotonic()  # a new job's Accepted tells its place
+        self._moved = True
         if self._positions is not None:
             self._positions.entered(job_id, self.queue)
 
@@ -115,6 +134,9 @@ class Dispatcher:
         """Take a job out of the queue (started, ended, moved); whether it was queued."""
         if not self.queue.remove(job_id):
             return False
+        self._announced.pop(job_id, None)
+        self._examined.pop(job_id, None)
+        self._moved = True
         if self._positions is not None:
             self._positions.left(job_id)
         return True
@@ -134,20 +156,27 @@ class Dispatcher:
 
     def has_room(self) -> bool:
         """Whether some provider could take one more job now (of some task)."""
-        capacity = self._settings.max_running_per_provider
+        return bool(self._with_room())
+
+    def _with_room(self) -> frozenset[tuple[str, int]]:
+        """The providers that could take one more job now (of some task), by name, each with
+        its capacity (which an agent coming online or going away changes)."""
+        bound = self._settings.running_bound
+        found = []
         for provider in self._providers:
             try:
                 load = max(provider.load(), self.running[provider.name])
-                if min(capacity, provider.capacity()) - load > 0:
-                    return True
+                capacity = provider.capacity()
+                if min(bound, capacity) - load > 0:
+                    found.append((provider.name, capacity))
             except Exception:
                 logger.exception("provider %s failed to report its state", provider.name)
-        return False
+        return frozenset(found)
 
     def can_start(self, task: TaskKind, spec: TaskSpec) -> bool:
         """Whether a provider would take this job now (for a job offered by another
         coordinator: take only what runs here at once)."""
-        capacity = self._settings.max_running_per_provider
+        capacity = self._settings.running_bound
         return pick_provider(self._providers, task, spec, self.running, capacity) is not None
 
     async def _loop(self) -> None:
@@ -158,6 +187,8 @@ class Dispatcher:
                 self._dispatch()
                 if self._shared is not None:
                     await self._shared_pass(self._shared)
+                if self._publish_due <= time.monotonic():
+                    self.publish_positions()
             except Exception:
                 logger.exception("scheduler pass failed")
             timeout = self._next_pass_in()
@@ -176,6 +207,7 @@ class Dispatcher:
         if positions is not None and positions.due():
             for job_id in await positions.refresh(self.queue):
                 await shared.check(job_id)
+            self._moved = True  # places ranked anew
             self.publish_positions()
         now = time.monotonic()
         if not self.queue and now >= self._next_steal and self.has_room():
@@ -193,8 +225,10 @@ class Dispatcher:
             if self._shared is not None and self.has_room():
                 return max(self._next_steal - time.monotonic(), 0.0)
             return None
-        until_deadline = max(deadline - time.monotonic(), 0.0)
-        wait = min(self._settings.recheck_interval_s, until_deadline)
+        now = time.monotonic()
+        until_deadline = max(deadline - now, 0.0)
+        wait = min(self._settings.recheck_interval_s, until_deadline, self._publish_due - now)
+        wait = max(wait, 0.0)
         ranking = self._positions.next_due_in() if self._positions is not None else None
         return wait if ranking is None else min(wait, ranking)
 
@@ -214,13 +248,19 @@ class Dispatcher:
             )
 
     def _dispatch(self) -> None:
-        capacity = self._settings.max_running_per_provider
+        capacity = self._settings.running_bound
         dispatched = False
+        now = time.monotonic()
+        if now >= self._examined_until:  # reasons and refusals can change with the agents
+            self._examined.clear()
+            self._examined_until = now + self._settings.recheck_interval_s
+        room = self._with_room()
         for job_id in self.queue:
-            if all(self.running[p.name] >= capacity for p in self._providers):
-                break
+            tried = self._examined.get(job_id)
+            if tried is not None and room <= tried:
+                continue  # no provider has room that had none when this job was looked at
             active = self._active[job_id]
-            if active.not_before > time.monotonic():
+            if active.not_before > now:
                 continue
             provider = pick_provider(
                 self._providers, active.job.task, active.job.spec, self.running, capacity
@@ -234,23 +274,43 @@ class Dispatcher:
                 else:
                     why = waiting_reason(self._providers, active.job.task, active.job.spec)
                     self._set_waiting(active, why)
+                self._examined[job_id] = room
                 continue
             self.dequeue(job_id)
             self._launch(active, provider)
             dispatched = True
+            room = self._with_room()
         if dispatched:
             self.publish_positions()
 
     def publish_positions(self) -> None:
+        """Tell queued jobs' watchers their new places: a job that entered the queue or moved
+        back at once, one that moved up once its last announcement is ``position_interval_s``
+        old (the loop wakes then for the ones held back)."""
+        now = time.monotonic()
+        if not self._moved and now < self._publish_due:
+            return  # nothing moved, nothing held back is due: no pass over the queue
+        self._moved = False
+        interval = self._settings.position_interval_s
+        due = math.inf
         for job_id in self.queue:
             position = self.position(job_id)
             active = self._active[job_id]
-            if active.last_position != position:
-                active.last_position = position
-                waiting = active.job.waiting
-                self._emit_event(
-                    active, Progress(Stage.QUEUED, queue_position=position, waiting=waiting)
-                )
+            last = active.last_position
+            if last == position:
+                continue
+            if 0 < position < last:
+                at = self._announced.get(job_id, -math.inf) + interval
+                if now < at:
+                    due = min(due, at)
+                    continue
+            active.last_position = position
+            self._announced[job_id] = now
+            waiting = active.job.waiting
+            self._emit_event(
+                active, Progress(Stage.QUEUED, queue_position=position, waiting=waiting)
+            )
+        self._publish_due = due
 
     def _set_waiting(self, active: ActiveJob, why: str) -> None:
         """Tell watchers (events, GetJob) why a queued job is not taken, when that changes."""
@@ -259,4 +319,5 @@ class Dispatcher:
         active.job.waiting = why
         position = self.position(active.job.id)
         active.last_position = position
+        self._announced[active.job.id] = time.monotonic()
         self._emit_event(active, Progress(Stage.QUEUED, queue_position=position, waiting=why))

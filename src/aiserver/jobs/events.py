@@ -6,6 +6,12 @@ every retry, output and text, and finished if it ended - then the live events, a
 ends after Finished. A replayed event keeps its original sequence, so a subscriber always sees
 increasing numbers, and a gap means only that superseded Progress events were skipped.
 
+Progress is rate-limited per subscriber (one per interval, counted from Accepted too); the
+newest waits in one slot and goes out when due or just before any other event, so a progress
+a newer one supersedes within the interval is never sent. A replay that ends with the latest
+progress puts it in that slot: a job's creating call, which subscribes just after its job was
+picked, hears RUNNING and not also PENDING when the job starts at once (one message fewer).
+
 Memory is bounded. Each subscriber holds at most one undelivered Progress (a newer one replaces
 it) and a bounded queue of other events; a job's own memory is its "marks" (the sequence and
 time of each replayable event), dropped a grace period after the job ends. After that - or
@@ -180,7 +186,13 @@ class _Subscriber:
         return len(self._queue) + (self._pending is not None)
 
     def preload(self, events: Sequence[JobEvent]) -> None:
-        self._replay.extend(events)
+        replay = list(events)
+        if replay and isinstance(replay[-1].kind, Progress):
+            # The latest progress, with nothing after it: sent when the rate limit allows,
+            # unless a newer one supersedes it first (a creating call subscribes just after
+            # the job was picked, and it usually starts running within the interval).
+            self._pending = replay.pop()
+        self._replay.extend(replay)
 
     def push(self, event: JobEvent) -> None:
         if isinstance(event.kind, Progress):
@@ -211,9 +223,13 @@ class _Subscriber:
             self._queue = deque(e for i, e in enumerate(self._queue) if i not in drop)
 
     def _deliver(self, event: JobEvent) -> JobEvent:
-        if isinstance(event.kind, Progress):
+        kind = event.kind
+        # The rate limit's window also opens with Accepted: a progress that a newer one
+        # supersedes within the job's first interval (a provider picked, then running at
+        # once) is not worth a message of its own.
+        if isinstance(kind, (Progress, Accepted)):
             self._last_progress = self._clock()
-        elif isinstance(event.kind, Finished):
+        elif isinstance(kind, Finished):
             self.done = True
         return event
 
@@ -231,12 +247,15 @@ class _Subscriber:
                 if wait <= 0:
                     event, self._pending = self._pending, None
                     return self._deliver(event)
-                # Rate limited: sleep until due, or until a new event flushes the slot.
+                # Rate limited: sleep until due, or until a new event flushes the slot. A
+                # plain timer that sets the waker: asyncio.timeout adds a context manager and,
+                # when it expires, cancels this task to wake it (an exception through every
+                # frame of the stream's handler).
+                timer = asyncio.get_running_loop().call_later(wait, self._waker.set)
                 try:
-                    async with asyncio.timeout(wait):
-                        await self._waker.wait()
-                except TimeoutError:
-                    pass
+                    await self._waker.wait()
+                finally:
+                    timer.cancel()
                 continue
             if self.detached:
                 raise StopAsyncIteration

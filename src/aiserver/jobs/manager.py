@@ -93,7 +93,8 @@ __all__ = ["SEQUENCE_BLOCK", "JobManager", "TerminalHook"]
 
 logger = logging.getLogger(__name__)
 
-TerminalHook = Callable[[Job], Awaitable[None]]
+TerminalHook = Callable[[Job], Awaitable[None] | None]
+"""A plain function runs at once (no task of its own per job); a coroutine function in a task."""
 Deliveries = Callable[[Job], Sequence[tuple[str, bytes]]]
 """The webhook deliveries (url, body) stored with a job's final state, in one transaction."""
 JobStream = Subscription | StoreWatch | Handover
@@ -366,16 +367,14 @@ class JobManager:
             ref_id=ref_id,
             tag=tag,
             reply_to=reply_to,
+            counted=local_limit,
         )
-        # Counted until stored: concurrent submissions cannot all slip under the limit.
-        self._creating[owner] = self._creating.get(owner, 0) + 1
-        try:
-            # Shielded: once stored, the job must also be queued, even if the caller goes away.
-            return await asyncio.shield(self._spawn(create, log_errors=False))
-        finally:
-            self._creating[owner] -= 1
-            if not self._creating[owner]:
-                del self._creating[owner]
+        if local_limit:
+            # Counted until it is in _active (where active_count sees it): concurrent
+            # submissions cannot all slip under the limit, nor is one counted twice.
+            self._creating[owner] = self._creating.get(owner, 0) + 1
+        # Shielded: once stored, the job must also be queued, even if the caller goes away.
+        return await asyncio.shield(self._spawn(create, log_errors=False))
 
     def _too_many_jobs(self, limit: int) -> ServiceError:
         return ServiceError(
@@ -563,6 +562,38 @@ class JobManager:
     # --- submit and replay ----------------------------------------------------------------
 
     async def _create(
+        self,
+        *,
+        owner: str,
+        task: TaskKind,
+        spec: TaskSpec,
+        inputs: Sequence[InputRef],
+        ref_id: str,
+        tag: str,
+        reply_to: str,
+        counted: bool = False,
+    ) -> tuple[Job, bool]:
+        try:
+            return await self._create_job(
+                owner=owner,
+                task=task,
+                spec=spec,
+                inputs=inputs,
+                ref_id=ref_id,
+                tag=tag,
+                reply_to=reply_to,
+            )
+        finally:
+            # In the step that put the job in _active (no await between): never counted
+            # twice, never missing from both.
+            if counted:
+                left = self._creating[owner] - 1
+                if left:
+                    self._creating[owner] = left
+                else:
+                    del self._creating[owner]
+
+    async def _create_job(
         self,
         *,
         owner: str,
@@ -908,7 +939,7 @@ class JobManager:
         self._dispatch.publish_positions()
         self._dispatch.wake()
         for hook in self._hooks:  # ... then the hooks
-            self._spawn(self._run_hook(hook, final))
+            self._run_hook(hook, final)
 
     async def _store_end(
         self, active: ActiveJob, final: Job, deliveries: Sequence[tuple[str, bytes]]
@@ -944,9 +975,18 @@ class JobManager:
         await self._log.write(final.id, write, final=True)
         return True
 
-    async def _run_hook(self, hook: TerminalHook, job: Job) -> None:
+    def _run_hook(self, hook: TerminalHook, job: Job) -> None:
         try:
-            await hook(job)
+            pending = hook(job)
+        except Exception:
+            logger.exception("terminal hook %r failed for job %s", hook, job.id)
+            return
+        if pending is not None:
+            self._spawn(self._await_hook(hook, pending, job))
+
+    async def _await_hook(self, hook: TerminalHook, pending: Awaitable[None], job: Job) -> None:
+        try:
+            await pending
         except Exception:
             logger.exception("terminal hook %r failed for job %s", hook, job.id)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -51,8 +52,11 @@ class SchedulerSettings:
     cancel_timeout_s: float = 30.0
     """How long a cancelled provider run may take to unwind before the job is marked
     CANCELLED regardless."""
-    max_running_per_provider: int = 16
-    """Jobs handed to one provider at once (its ``load()`` counts too)."""
+    max_running_per_provider: int = 0
+    """Jobs handed to one provider at once at most, besides what its ``capacity()`` says (its
+    ``load()`` counts too); 0: no bound but the provider's own. A ComfyUI pool's capacity is
+    its online agents' slots (``max_concurrent_jobs + queue_ahead`` each): a fixed bound here
+    left slots of a large pool idle while jobs waited in this queue."""
     recheck_interval_s: float = 2.0
     """With jobs waiting, how often the queue is re-examined for providers that came online
     (everything else wakes the scheduler at once: submit, job end, cancel)."""
@@ -76,6 +80,12 @@ class SchedulerSettings:
     steal_after_s: float = 2.0
     """On a shared store: a queued job another live coordinator holds, not started for this
     long, may be taken by an idle one (free slots, nothing queued; docs/scale-out.md)."""
+    position_interval_s: float = 1.0
+    """A queued job's watchers hear it move up the queue at most this often (the move
+    announced when due is exact, and GetJob's place always is): each start of a job moves
+    every job behind it, so announcing each move cost an event per waiting job per start.
+    Entering the queue, moving back and a new waiting reason are told at once; 0: every
+    move at once."""
     rank_interval_s: float = 0.25
     """On a shared store: how often at most the queued jobs held here are ranked among every
     coordinator's (their queue positions)."""
@@ -83,8 +93,8 @@ class SchedulerSettings:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        if self.max_running_per_provider < 1:
-            raise ValueError("max_running_per_provider must be at least 1")
+        if self.max_running_per_provider < 0:
+            raise ValueError("max_running_per_provider must be 0 (no bound) or more")
         if self.subscriber_buffer < 1:
             raise ValueError("subscriber_buffer must be at least 1")
         for name in (
@@ -96,6 +106,13 @@ class SchedulerSettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.position_interval_s < 0:
+            raise ValueError("position_interval_s must be 0 (every move) or more")
+
+    @property
+    def running_bound(self) -> int:
+        """``max_running_per_provider`` with 0 (no bound) as a number no provider reaches."""
+        return self.max_running_per_provider or sys.maxsize
 
     @property
     def progress_interval_s(self) -> float:
@@ -168,15 +185,16 @@ def pick_provider(
     best_load = 0
     for provider in providers:
         try:
-            if not provider.can_run(task, spec):
-                continue
             # load() may lag behind jobs just handed over; our own count covers that.
             load = max(provider.load(), running.get(provider.name, 0))
-            room = min(capacity, provider.capacity()) - load
+            if min(capacity, provider.capacity()) - load <= 0:
+                continue  # asked first: can_run may check every agent (and a fallback's primaries)
+            if not provider.can_run(task, spec):
+                continue
         except Exception:
             logger.exception("provider %s failed to report its state", provider.name)
             continue
-        if room > 0 and (best is None or load < best_load):
+        if best is None or load < best_load:
             best, best_load = provider, load
     return best
 

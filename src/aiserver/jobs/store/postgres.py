@@ -28,6 +28,18 @@ from aiserver.jobs.model import Job, WebhookDelivery
 from aiserver.jobs.paging import page_size as _page_size
 from aiserver.jobs.store import migrations, rows
 from aiserver.jobs.store.announce import AnnouncementHub, Listener
+from aiserver.jobs.store.group_commit import GroupCommit
+from aiserver.jobs.store.group_sql import (
+    GROUP_SLOT_CLAIM_SQL,
+    GROUP_SLOT_RELEASE_SQL,
+    PendingCreate,
+    PendingSave,
+    PendingSlotClaim,
+    group_create_args,
+    group_create_sql,
+    group_save_args,
+    group_save_sql,
+)
 from aiserver.jobs.store.protocol import (
     ActiveLimitReached,
     Announcement,
@@ -76,12 +88,25 @@ class PostgresJobStore:
         self._url = url
         self._schema = schema
         self._channel = f"aiserver_{schema}"[:63]
+        # The LISTEN connections of this schema's coordinators carry this name, so each can
+        # see whether any other listens (pg_stat_activity) before announcing events.
+        self._listen_name = f"aiserver-listen:{schema}"[:63]
+        self._others_listen = True  # until counted: announce
+        self._others_counted = -1e9  # when the last count came back
+        self._others_count: asyncio.Task[None] | None = None
         self._hub = AnnouncementHub()
         self._listener: asyncpg.Connection | None = None
         self._listener_lock = asyncio.Lock()
         self._reconnect: asyncio.Future[None] | None = None
         self._closed = False
         self._slot_rows: set[tuple[str, int]] = set()  # (agent, capacity) known to have rows
+        # Writes of several jobs that meet go in one statement (group_commit.py).
+        self._saves = GroupCommit(self._save_one, self._save_group, lambda s: s.job_id)
+        self._creates = GroupCommit(self._create_one, self._create_group, lambda c: c.key)
+        self._slot_claims = GroupCommit(self._claim_slot_one, self._claim_slot_group, id)
+        self._slot_releases = GroupCommit(
+            self._release_slot_one, self._release_slot_group, lambda c: (c.agent, c.slot)
+        )
 
     @classmethod
     async def open(cls, url: str, *, schema: str = "public", pool_size: int = 8) -> Self:
@@ -114,6 +139,38 @@ class PostgresJobStore:
         self._check()
         return await self._pool.fetchval(sql, *args)
 
+    def _others_listening(self) -> bool:
+        """Whether another coordinator listens on this schema (counted at most once a
+        second, in the background): events are announced only then. Each notification
+        costs every listening backend a transaction and this process a wake-up (measured:
+        0.5 ms of coordinator CPU and 0.8 transactions per job alone, bench/README.md);
+        alone, a coordinator's watchers read its jobs from memory. A coordinator that
+        starts listening is seen within a second (a count older than 2 s is not trusted);
+        its watchers re-read the table every 2 s while idle anyway, so an announcement
+        missed meanwhile costs latency, never an event. Cancels are always announced."""
+        now = time.monotonic()
+        if self._others_count is None and now - self._others_counted >= 1.0:
+            self._others_count = asyncio.get_running_loop().create_task(self._count_others())
+        # A count older than that (this store was idle) is not trusted: announce.
+        return self._others_listen or now - self._others_counted > 2.0
+
+    async def _count_others(self) -> None:
+        try:
+            named = await self._fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = $1",
+                self._listen_name,
+            )
+            mine = int(self._listener is not None and not self._listener.is_closed())
+            # Our own LISTEN not seen by name (a proxy that drops application_name): nobody
+            # can be counted, so announce.
+            self._others_listen = named > mine or (mine == 1 and named == 0)
+        except Exception:
+            self._others_listen = True
+        finally:
+            self._others_counted = time.monotonic()
+            self._others_count = None
+
     def _notice(self, announcement: Announcement) -> str:
         return json.dumps([announcement.kind, announcement.job_id, announcement.sequence])
 
@@ -130,24 +187,37 @@ class PostgresJobStore:
     ) -> tuple[JobRecord, bool]:
         self._check()
         row = rows.row_of(record)
-        shas = sorted({i.sha256 for i in record.job.inputs})
-        now = _now_us()
-        lease = (holder, now + _us(lease_s)) if holder is not None else (None, None)
-        args = [*(row[c] for c in rows.COLUMNS), *lease, shas]
-        if max_active > 0:
-            args.append(max_active)
-        sql = _create_sql(max_active > 0, bool(events))
-        if events:
-            args += [
-                *_event_arrays(events, now),
-                self._channel,
-                self._event_notice(row["id"], events),
-            ]
-        if max_active <= 0:
+        announce = bool(events) and self._others_listening()
+        events_notice = self._event_notice(row["id"], events) if announce else None
+        item = PendingCreate(
+            record,
+            row,
+            sorted({i.sha256 for i in record.job.inputs}),
+            holder,
+            _now_us() + _us(lease_s) if holder is not None else None,
+            max(max_active, 0),
+            events,
+            events_notice,
+        )
+        made = await self._creates.write(item)
+        return made if made is not None else await self._create_one(item)
+
+    async def _create_one(self, item: PendingCreate) -> tuple[JobRecord, bool]:
+        self._check()
+        row = item.row
+        args = [*(row[c] for c in rows.COLUMNS), item.holder, item.expires_us, list(item.shas)]
+        if item.max_active > 0:
+            args.append(item.max_active)
+        sql = _create_sql(item.max_active > 0, bool(item.events), item.notice is not None)
+        if item.events:
+            args += _event_arrays(item.events, _now_us())
+        if item.notice is not None:
+            args += [self._channel, item.notice]
+        if item.max_active <= 0:
             # One statement: the insert, its input references and events (announced), and
             # nothing when (owner, ref_id) exists.
             if await self._fetchval(sql, *args) is not None:
-                return record, False
+                return item.record, False
         else:
             async with self._pool.acquire() as conn, conn.transaction():
                 # Creates of one owner take turns (until commit): the count in the insert,
@@ -156,7 +226,7 @@ class PostgresJobStore:
                     "SELECT pg_advisory_xact_lock($1, hashtext($2))", _OWNER_LOCK, row["owner"]
                 )
                 if await conn.fetchval(sql, *args) is not None:
-                    return record, False
+                    return item.record, False
                 found = await conn.fetchrow(_EXISTING_SQL, row["owner"], row["ref_id"])
                 if found is not None:  # a retry of a job it has is no new work
                     return rows.record_of(found), True
@@ -165,6 +235,29 @@ class PostgresJobStore:
         again = await self._fetchrow(_EXISTING_SQL, row["owner"], row["ref_id"])
         assert again is not None
         return rows.record_of(again), True
+
+    async def _create_group(
+        self, group: Sequence[PendingCreate]
+    ) -> list[tuple[JobRecord, bool] | None]:
+        """Several creates in one statement; ``None`` for each that did not go in (a lone
+        create answers it: an existing ``ref_id`` or the limit)."""
+        self._check()
+        args = group_create_args(group, _now_us(), self._channel)
+        owners = sorted({c.row["owner"] for c in group if c.max_active > 0})
+        if not owners:
+            found = await self._pool.fetch(group_create_sql(), *args)
+        else:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # Every owner's lock, in one order (by key: a group takes several).
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, k) FROM (SELECT DISTINCT hashtext(o) AS k"
+                    " FROM unnest($2::text[]) AS o ORDER BY k) AS keys",
+                    _OWNER_LOCK,
+                    owners,
+                )
+                found = await conn.fetch(group_create_sql(), *args)
+        made = {r[0] for r in found}
+        return [(c.record, False) if c.row["id"] in made else None for c in group]
 
     async def save(
         self,
@@ -178,24 +271,44 @@ class PostgresJobStore:
         announce: bool = True,
     ) -> None:
         self._check()
-        row = rows.mutable_row_of(record)
+        announce = announce and bool(events) and self._others_listening()
+        notice = self._event_notice(record.job.id, events) if announce else None
+        item = PendingSave(
+            rows.mutable_row_of(record),
+            holder,
+            events,
+            release,
+            prune,
+            outbox,
+            notice,
+        )
+        if not await self._saves.write(item):
+            await self._not_saved(item.job_id, holder)
+
+    async def _save_one(self, item: PendingSave) -> bool:
+        """One save as one statement (one round trip, one transaction): the update, fenced
+        by the lease, and whatever goes with it only when the update found its row."""
+        self._check()
+        row = item.row
         now = _now_us()
-        args: list[Any] = [row["id"], holder, *(row[c] for c in rows.MUTABLE)]
-        sql = _save_sql(bool(events), release, bool(prune), bool(outbox), announce)
-        if events:
-            args += [
-                *_event_arrays(events, now),
-                self._channel,
-                self._event_notice(row["id"], events),
-            ]
-        if prune:
-            args.append(prune)
-        if outbox:
-            args += [[url for url, _ in outbox], [body for _, body in outbox], now]
-        # One statement (one round trip, one transaction): the update, fenced by the lease,
-        # and whatever goes with it only when the update found its row.
-        if await self._fetchval(sql, *args) is None:
-            await self._not_saved(row["id"], holder)
+        args: list[Any] = [row["id"], item.holder, *(row[c] for c in rows.MUTABLE)]
+        sql = _save_sql(
+            bool(item.events), item.release, bool(item.prune), bool(item.outbox), bool(item.notice)
+        )
+        if item.events:
+            args += [*_event_arrays(item.events, now), self._channel, item.notice or ""]
+        if item.prune:
+            args.append(item.prune)
+        if item.outbox:
+            args += [[url for url, _ in item.outbox], [body for _, body in item.outbox], now]
+        return await self._fetchval(sql, *args) is not None
+
+    async def _save_group(self, group: Sequence[PendingSave]) -> list[bool]:
+        """Several saves as one statement (``group_commit.py``): whether each was saved."""
+        self._check()
+        args = group_save_args(group, _now_us(), self._channel)
+        saved = {r[0] for r in await self._pool.fetch(group_save_sql(), *args)}
+        return [s.job_id in saved for s in group]
 
     def _event_notice(self, job_id: str, events: Sequence[NewEvent]) -> str:
         # One announcement for the batch: watchers read the table from their own last.
@@ -215,7 +328,9 @@ class PostgresJobStore:
         changed = 0
         async with self._pool.acquire() as conn, conn.transaction():
             found = await conn.fetch(
-                "SELECT id, outputs FROM jobs WHERE outputs LIKE ANY($1::text[]) FOR UPDATE",
+                # In id order, as group saves and renew_all lock rows: no deadlock with them.
+                "SELECT id, outputs FROM jobs WHERE outputs LIKE ANY($1::text[])"
+                " ORDER BY id FOR UPDATE",
                 patterns,
             )
             for row in found:
@@ -440,8 +555,11 @@ class PostgresJobStore:
         if not job_ids:
             return set()
         now = _now_us()
+        # Rows locked in id order, as a group save locks them: no deadlock between the two.
         found = await self._fetch(
-            "UPDATE jobs SET lease_expires_us = $1 WHERE id = ANY($2::text[])"
+            "WITH locked AS MATERIALIZED (SELECT id FROM jobs WHERE id = ANY($2::text[])"
+            " ORDER BY id FOR UPDATE)"
+            " UPDATE jobs SET lease_expires_us = $1 WHERE id IN (SELECT id FROM locked)"
             " AND lease_holder = $3 AND lease_expires_us >= $4 RETURNING id",
             now + _us(lease_s),
             list(job_ids),
@@ -517,7 +635,7 @@ class PostgresJobStore:
             *_event_arrays(events, _now_us()),
             self._channel,
             self._event_notice(job_id, events),
-            announce,
+            announce and self._others_listening(),
         )
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
@@ -546,7 +664,9 @@ class PostgresJobStore:
         async with self._listener_lock:
             if self._listener is not None and not self._listener.is_closed():
                 return
-            conn = await asyncpg.connect(self._url)
+            conn = await asyncpg.connect(
+                self._url, server_settings={"application_name": self._listen_name}
+            )
             await conn.add_listener(self._channel, self._on_notify)
             conn.add_termination_listener(self._on_listener_lost)
             self._listener = conn
@@ -594,26 +714,63 @@ class PostgresJobStore:
         self, agent: str, capacity: int, holder: str, lease_s: float
     ) -> SlotClaim | None:
         self._check()
+        item = PendingSlotClaim(agent, capacity, holder, lease_s)
+        found = await self._slot_claims.write(item)
+        if found is None and (agent, capacity) not in self._slot_rows:
+            found = await self._claim_slot_one(item)  # makes the agent's rows first
+        return found
+
+    async def _claim_slot_one(self, item: PendingSlotClaim) -> SlotClaim | None:
+        self._check()
         now = _now_us()
-        expires = now + _us(lease_s)
-        args = (agent, capacity, now, holder, expires)
+        expires = now + _us(item.lease_s)
+        args = (item.agent, item.capacity, now, item.holder, expires)
         # Rows for every slot exist once (made by this process's first miss, remembered);
         # then taking one is a single SKIP LOCKED statement.
         found = await self._fetchval(_CLAIM_SLOT_SQL, *args)
-        if found is None and (agent, capacity) not in self._slot_rows:
+        if found is None and (item.agent, item.capacity) not in self._slot_rows:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(
                     "INSERT INTO agent_slots (agent, slot, holder, expires_us)"
                     " SELECT $1, s, NULL, 0 FROM generate_series(0, $2 - 1) s"
                     " ON CONFLICT DO NOTHING",
-                    agent,
-                    capacity,
+                    item.agent,
+                    item.capacity,
                 )
                 found = await conn.fetchval(_CLAIM_SLOT_SQL, *args)
-            self._slot_rows.add((agent, capacity))
+            self._slot_rows.add((item.agent, item.capacity))
         if found is None:
             return None
-        return SlotClaim(agent, int(found), holder, codec.from_micros(expires))
+        return SlotClaim(item.agent, int(found), item.holder, codec.from_micros(expires))
+
+    async def _claim_slot_group(self, group: Sequence[PendingSlotClaim]) -> list[SlotClaim | None]:
+        """Several claims in one statement; a claim the group could not serve gets ``None``
+        (the agent is full, or its rows are not made yet: ``claim_slot`` sees to that)."""
+        self._check()
+        capacities = {c.agent: c.capacity for c in group}
+        if len({(c.holder, c.lease_s) for c in group}) > 1 or any(
+            capacities[c.agent] != c.capacity for c in group
+        ):  # one process has one holder; an agent's capacity changed between two claims
+            return [await self._claim_slot_one(c) for c in group]
+        now = _now_us()
+        expires = now + _us(group[0].lease_s)
+        found = await self._pool.fetch(
+            GROUP_SLOT_CLAIM_SQL,
+            [c.agent for c in group],
+            [c.capacity for c in group],
+            now,
+            group[0].holder,
+            expires,
+        )
+        taken: dict[str, list[int]] = {}
+        for r in sorted(found, key=lambda r: (r[0], r[1])):
+            taken.setdefault(r[0], []).append(int(r[1]))
+        at = codec.from_micros(expires)
+        results: list[SlotClaim | None] = []
+        for c in group:
+            slots = taken.get(c.agent)
+            results.append(SlotClaim(c.agent, slots.pop(0), c.holder, at) if slots else None)
+        return results
 
     async def renew_slot(self, claim: SlotClaim, lease_s: float) -> SlotClaim | None:
         now = _now_us()
@@ -632,12 +789,28 @@ class PostgresJobStore:
         return SlotClaim(claim.agent, claim.slot, claim.holder, codec.from_micros(expires))
 
     async def release_slot(self, claim: SlotClaim) -> None:
+        self._check()
+        await self._slot_releases.write(claim)
+
+    async def _release_slot_one(self, claim: SlotClaim) -> None:
         await self._fetchval(
             "UPDATE agent_slots SET holder = NULL WHERE agent = $1 AND slot = $2 AND holder = $3",
             claim.agent,
             claim.slot,
             claim.holder,
         )
+
+    async def _release_slot_group(self, group: Sequence[SlotClaim]) -> list[None]:
+        self._check()
+        # Each row is changed only by its own holder's release: no two groups wait on
+        # each other's rows, and claims skip locked rows.
+        await self._pool.execute(
+            GROUP_SLOT_RELEASE_SQL,
+            [c.agent for c in group],
+            [c.slot for c in group],
+            [c.holder for c in group],
+        )
+        return [None] * len(group)
 
     async def lead(self, role: str, holder: str, lease_s: float) -> bool:
         now = _now_us()
@@ -701,6 +874,8 @@ class PostgresJobStore:
             return
         self._closed = True
         self._hub.close()
+        if self._others_count is not None:
+            self._others_count.cancel()
         if self._reconnect is not None:
             self._reconnect.cancel()
         if self._listener is not None:
@@ -720,12 +895,13 @@ _EXISTING_SQL = f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = $1 AND re
 
 
 @functools.cache
-def _create_sql(limited: bool, events: bool) -> str:
+def _create_sql(limited: bool, events: bool, announce: bool) -> str:
     """The insert of a job with its input references and, when new, what goes with it, as
     one statement. Parameters: the columns, the lease (holder, expiry), the input hashes,
     then for each part present: the active limit (``limited``: inserted only while the owner
     has fewer unfinished jobs; run under the owner's lock), the events (sequences, kinds,
-    payloads, time, channel, notice). Returns the id only when it inserted."""
+    payloads, time), the announcement (``announce``: channel, notice). Returns the id only
+    when it inserted."""
     n = len(rows.COLUMNS) + 3
     values = ", ".join(f"${i}" for i in range(1, n))  # the columns and the lease
     source = f"VALUES ({values})"
@@ -750,7 +926,11 @@ def _create_sql(limited: bool, events: bool) -> str:
         f" SELECT made.id, e.sequence, e.kind, e.payload, ${n + 4} FROM made,"
         f" unnest(${n + 1}::bigint[], ${n + 2}::text[], ${n + 3}::text[])"
         " AS e(sequence, kind, payload) ON CONFLICT DO NOTHING)"
-        f" SELECT id, pg_notify(${n + 5}, ${n + 6}) FROM made"
+        + (
+            f" SELECT id, pg_notify(${n + 5}, ${n + 6}) FROM made"
+            if announce
+            else " SELECT id FROM made"
+        )
     )
 
 

@@ -3,9 +3,9 @@
 ComfyUI sends a prompt's messages to the ``client_id`` it was queued with, so one socket (one
 ``clientId``) serves every prompt this process queues on the agent: a run
 :meth:`~AgentChannel.subscribe`\\ s to its prompt id before queueing and reads its own messages
-from its :class:`Subscription`. ``status`` frames (the queue changed) go to every subscriber;
-frames naming no prompt are dropped (the channel asks for preview metadata, so binary frames
-name theirs).
+from its :class:`Subscription`. ``status`` frames (the queue changed) go to every subscriber
+whose prompt has not started; frames naming no prompt are dropped (the channel asks for
+preview metadata, so binary frames name theirs).
 
 When the socket drops, every subscriber reads :class:`SocketLost` once; each then calls
 :meth:`Subscription.reopen` (the first one reconnects, with backoff; the others find it open)
@@ -20,6 +20,7 @@ only this process; other clients' prompts are not counted).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -46,7 +47,11 @@ _ENDS = (msg.ExecutionSuccess, msg.ExecutionError, msg.ExecutionInterrupted)
 
 
 class Subscription:
-    """One prompt's messages from its agent's shared websocket."""
+    """One prompt's messages from its agent's shared websocket.
+
+    Its own small queue rather than an ``asyncio.Queue`` plus ``asyncio.timeout`` per wait:
+    a job reads about ten frames, and those two were a good part of the CPU per frame.
+    """
 
     def __init__(self, channel: AgentChannel, prompt_id: str) -> None:
         self._channel = channel
@@ -55,28 +60,40 @@ class Subscription:
         """When its prompt was queued, among this channel's (None: not by this channel)."""
         self.ended = False
         """The prompt's end was seen (it no longer holds a queue position)."""
-        self._queue: asyncio.Queue[msg.Message | _Lost] = asyncio.Queue()
+        self.wants_status = True
+        """Queue changes (``status`` frames) are delivered: until the run says its prompt
+        started (:meth:`started`), when its place in the queue no longer matters."""
+        self._items: collections.deque[msg.Message | _Lost] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def client_id(self) -> str:
         return self._channel.client_id
 
-    async def recv(self) -> msg.Message:
-        """The next message for this prompt (or a broadcast); :class:`SocketLost` once per drop."""
-        item = await self._queue.get()
-        if isinstance(item, _Lost):
-            raise SocketLost(f"websocket to {self._channel.name} dropped")
-        return item
+    async def recv(self, deadline: float | None = None) -> msg.Message:
+        """The next message for this prompt (or a broadcast); :class:`SocketLost` once per drop;
+        ``TimeoutError`` once the loop's time reaches ``deadline``."""
+        while not self._items:
+            loop = asyncio.get_running_loop()
+            if deadline is not None:
+                if loop.time() >= deadline:
+                    raise TimeoutError
+                self._arm(loop, deadline)
+            waiter = self._waiter = loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return self._take()
 
     def recv_nowait(self) -> msg.Message | None:
         """The next message if one is waiting, else None (:class:`SocketLost` as recv)."""
-        try:
-            item = self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-        if isinstance(item, _Lost):
-            raise SocketLost(f"websocket to {self._channel.name} dropped")
-        return item
+        return self._take() if self._items else None
+
+    def started(self) -> None:
+        """Its prompt runs: ``status`` frames are no longer of interest."""
+        self.wants_status = False
 
     async def reopen(self, budget_s: float, backoff_s: float, backoff_max_s: float) -> None:
         """After :class:`SocketLost`: until the shared socket is back (or the budget is spent)."""
@@ -91,12 +108,42 @@ class Subscription:
         return self._channel.ahead_of(self)
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._channel.unsubscribe(self)
+
+    def _take(self) -> msg.Message:
+        item = self._items.popleft()
+        if isinstance(item, _Lost):
+            raise SocketLost(f"websocket to {self._channel.name} dropped")
+        return item
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        # One timer kept across waits: a run's deadline mostly moves later (it follows the
+        # last message heard), so a timer set for an earlier one fires early at worst, and the
+        # wait is armed again. A new timer only when none is set, or it is too late.
+        timer = self._timer
+        if timer is not None and timer.when() <= deadline:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timer = loop.call_at(deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _put(self, item: msg.Message | _Lost) -> None:
         if isinstance(item, _ENDS) or (isinstance(item, msg.Executing) and item.node is None):
             self.ended = True
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        self._wake()
 
 
 class AgentChannel:
@@ -216,7 +263,8 @@ class AgentChannel:
                         sub._put(message)
                 elif isinstance(message, msg.Status):
                     for sub in list(subs.values()):
-                        sub._put(message)
+                        if sub.wants_status:
+                            sub._put(message)
                 elif isinstance(message, msg.FeatureFlags):
                     self._flags = dict(message.flags)
                     self._flags_seen.set()

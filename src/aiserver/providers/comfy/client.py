@@ -1,8 +1,8 @@
 """HTTP and websocket access to one ComfyUI agent: the transport, nothing of a run.
 
-HTTP goes through aiohttp: measured against httpx on the stand-in (the same upload + GET, 8
-concurrent), aiohttp took about a third of the CPU per request, and the service pays that on
-every job.
+HTTP goes through :mod:`~aiserver.providers.comfy.agent_http`, a kept-alive HTTP/1.1 exchange
+of its own: every job makes two requests, and aiohttp's client took about three times its CPU
+per request (httpx, measured earlier, three times aiohttp's).
 
 Upload, queue, history and ``/api/jobs``, view, interrupt, queue delete, ``object_info``, and
 opening the websocket (its frames are read with :func:`~aiserver.providers.comfy.messages.decode`).
@@ -14,7 +14,7 @@ Agent trouble (refused, 5xx, auth, timeouts, not JSON) is a
 
 from __future__ import annotations
 
-import io
+import itertools
 import json
 import logging
 import uuid
@@ -23,19 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
+from aiserver.providers.comfy.agent_http import AgentHttp, ConnectFailed, HttpError
 from aiserver.providers.comfy.agent_socket import AgentSocket, SocketLost
 from aiserver.providers.comfy.channel import AgentChannel
 from aiserver.providers.comfy.errors import agent_unavailable
 from aiserver.providers.comfy.input_names import InputNames
 from aiserver.providers.comfy.messages import Message, decode_event
 from aiserver.providers.failures import Cause, ProviderUnavailable
-
-_INLINE_BODY = 1 << 20
-"""Upload bodies up to this size are sent as bytes (aiohttp's own limit for that)."""
 
 __all__ = ["AgentSocket", "ComfyClient", "RemoteJob", "Reply", "SocketLost", "UploadedFile"]
 # AgentSocket and SocketLost live in agent_socket.py; they are re-exported here for callers of
@@ -89,15 +86,15 @@ class Reply:
 
 
 def _upload_form(
-    data: bytes, file_name: str, mime_type: str, *, overwrite: bool
+    data: bytes, file_name: str, mime_type: str, boundary: str, *, overwrite: bool
 ) -> tuple[bytes, str]:
     """The ``multipart/form-data`` body of an upload, and its content type.
 
     Written out rather than through ``aiohttp.FormData``: measured on the stand-in (300 uploads
     of a 64 px PNG), 0.96-1.18 ms of CPU per upload, client and stand-in together, against
-    1.5-2.0 ms with FormData, and every job uploads.
+    1.5-2.0 ms with FormData, and every job uploads. ``boundary`` must not occur in ``data``:
+    a random part no caller can know, and a count (:meth:`ComfyClient.upload_image`).
     """
-    boundary = uuid.uuid4().hex
     # Quotes and line breaks cannot end the header early (browsers escape them the same way).
     quoted = file_name.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
     fields = {"type": "input", **({"overwrite": "true"} if overwrite else {})}
@@ -130,9 +127,12 @@ class ComfyClient:
         self.url = url.rstrip("/")
         self._connect_s = connect_s
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._timeout = aiohttp.ClientTimeout(total=request_s, connect=connect_s)
-        self._http: aiohttp.ClientSession | None = None  # made on first use, inside the loop
+        self._http = AgentHttp(
+            self.url, headers=self._headers, connect_s=connect_s, request_s=request_s
+        )
         self._closed = False
+        self._boundary = uuid.uuid4().hex  # multipart boundaries: this and a count
+        self._uploads = itertools.count()
         self._jobs_api: bool | None = None  # /api/jobs exists (newer servers); None: unknown
         self.channel = AgentChannel(name, self.open_websocket, uuid.uuid4().hex)
         """The websocket shared by every run this process starts on the agent."""
@@ -164,8 +164,7 @@ class ComfyClient:
         await self.channel.aclose()
         for channel, _ in list(self._adopted.values()):
             await channel.aclose()
-        if self._http is not None:
-            await self._http.close()
+        await self._http.close()
 
     # ---- plain API ------------------------------------------------------------------------
 
@@ -179,13 +178,9 @@ class ComfyClient:
         self, data: bytes, file_name: str, mime_type: str, *, overwrite: bool = False
     ) -> UploadedFile:
         """``POST /upload/image``; without ``overwrite`` a clash with other bytes is renamed."""
-        form, content_type = _upload_form(data, file_name, mime_type, overwrite=overwrite)
-        # aiohttp sends bytes past 1 MiB with a ResourceWarning (one write of the whole body);
-        # a file object is sent in chunks.
-        payload: bytes | io.BytesIO = form if len(form) <= _INLINE_BODY else io.BytesIO(form)
-        response = await self._request(
-            "POST", "/upload/image", data=payload, headers={"Content-Type": content_type}
-        )
+        boundary = f"{self._boundary}{next(self._uploads):x}"
+        form, content_type = _upload_form(data, file_name, mime_type, boundary, overwrite=overwrite)
+        response = await self._request("POST", "/upload/image", form, content_type)
         if response.status_code != 200:
             raise self.unavailable(
                 f"upload of {file_name} answered {response.status_code}", cause=Cause.PROTOCOL
@@ -199,7 +194,7 @@ class ComfyClient:
 
     async def post_prompt(self, body: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
         """``POST /prompt``: ``(True, answer)`` when queued, ``(False, error body)`` on a 400."""
-        response = await self._request("POST", "/prompt", json=body)
+        response = await self._post_json("/prompt", body)
         if response.status_code == 400:
             try:
                 error = response.json()
@@ -216,13 +211,11 @@ class ComfyClient:
 
     async def delete_pending(self, prompt_ids: Iterable[str]) -> None:
         """``POST /queue {delete}``: removes prompts that have not started (no-op otherwise)."""
-        await self._request("POST", "/queue", json={"delete": list(prompt_ids)})
+        await self._post_json("/queue", {"delete": list(prompt_ids)})
 
     async def interrupt(self, prompt_id: str | None) -> None:
         """``POST /interrupt``; with a prompt id it stops only that prompt, if it is running."""
-        await self._request(
-            "POST", "/interrupt", json={"prompt_id": prompt_id} if prompt_id else {}
-        )
+        await self._post_json("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
 
     async def withdraw(self, prompt_id: str, *, started: bool = False) -> None:
         """Take a prompt off the agent: delete it while it waits in the queue, interrupt it if
@@ -236,7 +229,7 @@ class ComfyClient:
     async def view(self, filename: str, subfolder: str, kind: str) -> tuple[bytes, str]:
         """An output file's bytes and content type."""
         response = await self._request(
-            "GET", "/view", params={"filename": filename, "subfolder": subfolder, "type": kind}
+            "GET", "/view", query={"filename": filename, "subfolder": subfolder, "type": kind}
         )
         if response.status_code != 200:
             raise self.unavailable(
@@ -266,7 +259,7 @@ class ComfyClient:
                 self._jobs_api = True
                 return _job_from_api(self._json(response, "/api/jobs"))
             if response.status_code == 404 and self._jobs_api is None:
-                probe = await self._request("GET", "/api/jobs", params={"limit": 1})
+                probe = await self._request("GET", "/api/jobs", query={"limit": 1})
                 self._jobs_api = probe.status_code == 200
             if self._jobs_api:
                 return RemoteJob("unknown")
@@ -315,27 +308,34 @@ class ComfyClient:
             )
         return response
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> Reply:
+    async def _post_json(self, path: str, body: Any) -> Reply:
+        return await self._request("POST", path, json.dumps(body).encode(), "application/json")
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        content_type: str = "",
+        *,
+        query: Mapping[str, str | int] | None = None,
+    ) -> Reply:
         if self._closed:
             raise self.unavailable(
                 f"{method} {path}: the client is closed", cause=Cause.CLIENT_CLOSED
             )
-        if self._http is None:
-            self._http = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
         try:
-            async with self._http.request(method, self.url + path, **kwargs) as answer:
-                response = Reply(
-                    answer.status, await answer.read(), answer.headers.get("content-type", "")
-                )
+            answer = await self._http.request(
+                method, path, body=body, content_type=content_type, query=query
+            )
         except TimeoutError as exc:
             raise self.unavailable(f"{method} {path} timed out", cause=Cause.TIMEOUT) from exc
-        except aiohttp.ClientError as exc:
-            what = (
-                "connection failed" if isinstance(exc, aiohttp.ClientConnectionError) else "failed"
-            )
+        except HttpError as exc:
+            what = "connection failed" if isinstance(exc, ConnectFailed) else "failed"
             raise self.unavailable(
-                f"{method} {path} {what}: {type(exc).__name__}: {exc}", cause=Cause.CONNECTION
+                f"{method} {path} {what}: {exc}", cause=Cause.CONNECTION
             ) from exc
+        response = Reply(answer.status, answer.body, answer.headers.get("content-type", ""))
         if response.status_code >= 500:
             raise self.unavailable(
                 f"{method} {path} answered {response.status_code}: {response.text[:200]}",
@@ -365,6 +365,10 @@ class ComfyClient:
                 # drops the socket for every run on it, so the limit is an output's size.
                 max_size=256 * 1024 * 1024,
                 close_timeout=1,
+                # No permessage-deflate: the frames are small JSON and already-compressed
+                # images, and inflating each one cost the service CPU per frame (and the agent
+                # the deflate of every output image it sends).
+                compression=None,
             )
         except (OSError, TimeoutError, WebSocketException) as exc:
             raise self.unavailable(

@@ -39,6 +39,7 @@ from aiserver.providers.comfy.slots import AgentSlots, LocalSlots, SlotToken
 from aiserver.providers.comfy.socket_outputs import SAVE_OVER_SOCKET
 from aiserver.providers.comfy.workflows import (
     AgentCapabilities,
+    ModelNeed,
     Workflow,
     WorkflowCatalog,
     WorkflowCheck,
@@ -468,14 +469,21 @@ class ComfyPool:
     ) -> tuple[list[_Agent], dict[str, str]]:
         """Online agents that can run ``spec``, and why each other agent cannot."""
         capable, reasons = [], {}
+        needs: tuple[ModelNeed, ...] | None = None  # the same for every agent: found once
         for name, agent in self._agents.items():
+            caps = agent.caps
             if name in exclude:
                 reasons[name] = "already tried"
-            elif agent.state is not AgentState.ONLINE or agent.caps is None:
+                continue
+            if agent.state is not AgentState.ONLINE or caps is None:
                 reasons[name] = agent.state.value.lower() + (
                     f" ({agent.last_error})" if agent.last_error else ""
                 )
-            elif why := workflow.can_serve(agent.caps, spec):
+                continue
+            if needs is None:
+                needs = workflow.models_for(spec)
+            why = workflow.unmet(caps, needs)
+            if why:
                 reasons[name] = why
             else:
                 capable.append(agent)

@@ -40,6 +40,7 @@ import hashlib
 import io
 import logging
 import mimetypes
+import os
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
@@ -226,7 +227,7 @@ class Run:
     def _track(self, built: BuiltPrompt) -> None:
         self.built = built
         self.tracker = NodeTracker(built)
-        self.images = SocketImages(frozenset(built.socket_outputs))
+        self.images = SocketImages(built.socket_outputs)
 
     def _checkpoint(self) -> dict[str, str]:
         assert self.built is not None
@@ -273,7 +274,7 @@ class Run:
         self.queued_at = self.started_at = 0.0
         self.outputs = {}
         frames_named = await channel.frames_name_prompt(min(self.t.connect_s, 2.0))
-        senders = frozenset(self.built.socket_outputs)
+        senders = self.built.socket_outputs
         logger.info(
             "prompt %s on %s ended without its images reaching us: queued again as %s",
             previous,
@@ -400,19 +401,13 @@ class Run:
             self.queued_at = self.loop.time()
         last_ours = last_heard = self.loop.time()
         while not self.finished:
-            now = self.loop.time()
             if self.started:
                 deadline = min(self.started_at + t.execution_s, last_ours + t.idle_s)
             else:
                 deadline = self.queued_at + t.queue_wait_s
             assert self.sub is not None
             try:
-                # Frames come in bursts: one already waiting needs no timer.
-                message = self.sub.recv_nowait()
-                if message is None:
-                    wait = max(0.0, min(deadline, last_heard + t.poll_s) - now)
-                    async with asyncio.timeout(wait):
-                        message = await self.sub.recv()
+                message = await self.sub.recv(min(deadline, last_heard + t.poll_s))
             except TimeoutError:
                 now = self.loop.time()
                 if now >= deadline:
@@ -533,6 +528,8 @@ class Run:
         if not self.started:
             self.started = True
             self.started_at = self.loop.time()
+            if self.sub is not None:
+                self.sub.started()
 
     async def _on_end(self) -> None:
         if self.success and self._have_outputs():
@@ -680,8 +677,9 @@ _INLINE_READ = 256 * 1024
 
 
 async def _read_input(item: WorkInput) -> bytes:
-    if item.path.stat().st_size <= _INLINE_READ:
-        return item.path.read_bytes()
+    with item.path.open("rb", buffering=0) as file:  # its size from the open file: no stat
+        if os.fstat(file.fileno()).st_size <= _INLINE_READ:
+            return file.readall()
     return await asyncio.to_thread(item.path.read_bytes)
 
 

@@ -39,7 +39,7 @@ _FILE_SAVERS = frozenset({"SaveImage"})
 def over_socket(built: BuiltPrompt, prompt_id: str) -> BuiltPrompt:
     """``built`` with each file-saving image output sent over the websocket instead."""
     graph = built.graph
-    socket: dict[str, str] = {}
+    socket: set[str] = set()
     for output in built.outputs:
         node = graph.get(output.node)
         if output.kind != "images" or not isinstance(node, dict):
@@ -52,10 +52,10 @@ def over_socket(built: BuiltPrompt, prompt_id: str) -> BuiltPrompt:
             "class_type": SAVE_OVER_SOCKET,
             "inputs": {**inputs, RUN_INPUT: prompt_id},
         }
-        socket[output.node] = output.node
+        socket.add(output.node)
     if not socket:
         return built
-    return dataclasses.replace(built, socket_outputs=socket)
+    return dataclasses.replace(built, socket_outputs=frozenset(socket))
 
 
 def again(

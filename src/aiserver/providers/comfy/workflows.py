@@ -22,7 +22,7 @@ import logging
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +178,8 @@ class BuiltPrompt:
     outputs: tuple[OutputBinding, ...]
     nodes_to_run: frozenset[str]
     """The output nodes and everything they depend on: what ComfyUI will execute."""
-    socket_outputs: Mapping[str, str] = field(default_factory=dict)
-    """``SaveImageWebsocket`` node -> the bound output it also sends (:mod:`.socket_outputs`)."""
+    socket_outputs: frozenset[str] = frozenset()
+    """The bound outputs sent over the websocket instead (:mod:`.socket_outputs`)."""
 
     def class_type(self, node: str) -> str:
         entry = self.graph.get(node)
@@ -418,10 +418,15 @@ class Workflow:
 
     def can_serve(self, caps: AgentCapabilities, spec: TaskSpec) -> str:
         """Why ``caps`` cannot run ``spec`` (empty string: it can)."""
-        missing_nodes = sorted(self.nodes - caps.nodes)
-        if missing_nodes:
-            return "missing node types: " + ", ".join(missing_nodes)
-        missing = [m for m in self.models_for(spec) if not caps.has_model(m)]
+        return self.unmet(caps, self.models_for(spec))
+
+    def unmet(self, caps: AgentCapabilities, needs: Iterable[ModelNeed]) -> str:
+        """Why ``caps`` cannot run a spec that needs ``needs`` (:meth:`models_for`); empty
+        string: it can. Placement asks it of every agent for one spec, whose needs are found
+        once."""
+        if not self.nodes <= caps.nodes:
+            return "missing node types: " + ", ".join(sorted(self.nodes - caps.nodes))
+        missing = [m for m in needs if not caps.has_model(m)]
         if missing:
             return "missing models: " + ", ".join(f"{m.folder}/{m.name}" for m in missing)
         return ""
@@ -521,9 +526,16 @@ def _is_unset(spec: TaskSpec, name: str, value: Any) -> bool:
     if isinstance(spec, WorkflowSpec):
         return False
     if value == "":
-        default = next(f.default for f in dataclasses.fields(spec) if f.name == name)
-        return default == ""
+        empty = _EMPTY_DEFAULTS.get(type(spec))
+        if empty is None:
+            empty = frozenset(f.name for f in dataclasses.fields(spec) if f.default == "")
+            _EMPTY_DEFAULTS[type(spec)] = empty
+        return name in empty
     return False
+
+
+_EMPTY_DEFAULTS: dict[type, frozenset[str]] = {}
+"""The fields of each spec type whose own default is ``""``: asked per param per placement."""
 
 
 def _copy_nodes(graph: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,122 @@
+"""The bench's callers in a process of their own, so that their CPU is read apart from the
+bench's and the service's (``/proc``, like every other process of a run).
+
+    python -m bench.callers
+
+Reads one JSON command a line on stdin and answers each with one JSON line:
+
+- ``{"service": "127.0.0.1:PORT"}``: gRPC ImageUpscale (SYNC, references) through the service;
+- ``{"direct": [URL, ...]}``: :mod:`bench.comfy_direct` against these agents, round-robin;
+- ``{"run": "service" | "direct", "concurrency": N, "jobs": K}``: ``K`` jobs from ``N``
+  callers (each a different tiny PNG, made before the clock starts):
+  ``{"latencies": [...], "done": {key: t}, "failed": [...], "jobs_per_s": x}`` (``t`` and
+  latencies from ``perf_counter``, CLOCK_MONOTONIC: one clock for every process);
+- ``quit`` (or end of input): stops.
+
+:class:`Callers` is the parent's handle; :func:`Callers.cpu_seconds` reads the process's CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench import ROOT
+from bench.client_loop import Inputs, JobFn, _direct_job, _segment, _service_job, _wait_ready
+from bench.comfy_direct import DirectComfy
+from bench.common import cpu_seconds
+
+
+async def main() -> None:
+    inputs = Inputs()
+    paths: dict[str, JobFn] = {}
+    channels: list[grpc.aio.Channel] = []
+    clients: list[DirectComfy] = []
+    try:
+        while True:
+            line = (await asyncio.to_thread(sys.stdin.readline)).strip()
+            if line in ("", "quit"):
+                break
+            command = json.loads(line)
+            if "service" in command:
+                channel = grpc.aio.insecure_channel(command["service"])
+                channels.append(channel)
+                await _wait_ready(channel)
+                paths["service"] = _service_job(channel)
+                await _segment(paths["service"], 4, inputs.take(8))  # warm-up
+                answer: dict[str, Any] = {"ok": True}
+            elif "direct" in command:
+                clients = [DirectComfy(url) for url in command["direct"]]
+                paths["direct"] = _direct_job(clients)
+                await _segment(paths["direct"], 4, inputs.take(8))
+                answer = {"ok": True}
+            else:
+                pngs = inputs.take(int(command["jobs"]))
+                answer = await _segment(paths[command["run"]], int(command["concurrency"]), pngs)
+            print(json.dumps(answer), flush=True)
+    finally:
+        for channel in channels:
+            await channel.close()
+        for client in clients:
+            await client.aclose()
+
+
+class Callers:
+    """The parent's handle on a :mod:`bench.callers` subprocess."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.pid = 0
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> Callers:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "bench.callers"),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self.log.open("wb"),
+            cwd=str(ROOT),
+            limit=64 * 1024 * 1024,
+        )
+        self.pid = self._proc.pid
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.write(b"quit\n")
+            proc.stdin.close()
+        try:
+            async with asyncio.timeout(20):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    async def ask(self, command: dict[str, Any]) -> dict[str, Any]:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(command).encode() + b"\n")
+        await proc.stdin.drain()
+        line = await proc.stdout.readline()
+        if not line:
+            await proc.wait()
+            tail = self.log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the callers' process stopped:\n{tail}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

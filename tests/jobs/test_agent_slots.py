@@ -1,0 +1,124 @@
+"""Agent slots shared through the job store (``jobs/agent_slots.py``), on every backend: a
+slot given back stays this process's for a moment (the next run here takes it without a
+statement), and no agent ever has more runs than its capacity across processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from aiserver.jobs.agent_slots import SharedAgentSlots
+from aiserver.jobs.store import JobStore
+from tests.storage.backends import JobStoreBackend
+
+KEEP = 0.2
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStoreBackend]:
+    found = JobStoreBackend(request.param, tmp_path)
+    try:
+        yield found
+    finally:
+        await found.close()
+
+
+def _slots(store: JobStore, holder: str) -> SharedAgentSlots:
+    slots = SharedAgentSlots(store, holder, 30)
+    slots.keep_s = KEEP
+    return slots
+
+
+async def _holders(backend: JobStoreBackend, agent: str) -> list[object]:
+    held = await backend.sql(
+        "SELECT string_agg(coalesce(holder, '-'), ',' ORDER BY slot) FROM agent_slots"
+        f" WHERE agent = '{agent}'"
+        if backend.kind == "postgres"
+        else "SELECT group_concat(coalesce(holder, '-'), ',') FROM"
+        f" (SELECT holder FROM agent_slots WHERE agent = '{agent}' ORDER BY slot)"
+    )
+    return str(held).split(",")
+
+
+async def _eventually(backend: JobStoreBackend, agent: str, expected: list[str]) -> None:
+    for _ in range(100):
+        if await _holders(backend, agent) == expected:
+            return
+        await asyncio.sleep(0.05)
+    assert await _holders(backend, agent) == expected
+
+
+async def test_a_slot_given_back_is_reused_here_then_released(backend: JobStoreBackend) -> None:
+    a, b = await backend.open(), await backend.open()
+    here, there = _slots(a, "A"), _slots(b, "B")
+    here.keep_s = 1.5  # longer than the checks below take on a loaded machine
+    token = await here.take("gpu", 1)
+    assert token is not None
+    await here.give_back(token)
+    assert await _holders(backend, "gpu") == ["A"]  # still leased here ...
+    assert await there.take("gpu", 1) is None  # ... so nobody else runs on it
+    again = await here.take("gpu", 1)
+    assert again is token  # taken again without a claim
+    await here.give_back(again)
+    await asyncio.sleep(here.keep_s)
+    await _eventually(backend, "gpu", ["-"])  # nobody here wanted it: released
+    assert await there.take("gpu", 1) is not None
+    assert await here.take("gpu", 1) is None
+
+
+async def test_an_idle_slot_beyond_a_shrunk_capacity_is_released_not_reused(
+    backend: JobStoreBackend,
+) -> None:
+    store = await backend.open()
+    slots = _slots(store, "A")
+    slots.keep_s = 60.0
+    first, second = await slots.take("gpu", 2), await slots.take("gpu", 2)
+    assert first is not None and second is not None
+    await slots.give_back(second)  # slot 1
+    assert await slots.take("gpu", 1) is None  # capacity now 1: slot 0 runs, slot 1 goes
+    await _eventually(backend, "gpu", ["A", "-"])
+
+
+async def test_stop_releases_the_idle_slots(backend: JobStoreBackend) -> None:
+    store = await backend.open()
+    slots = _slots(store, "A")
+    slots.keep_s = 60.0
+    slots.start()
+    token = await slots.take("gpu", 2)
+    assert token is not None
+    await slots.give_back(token)
+    await slots.stop()
+    assert set(await _holders(backend, "gpu")) == {"-"}
+
+
+async def test_runs_across_processes_never_exceed_an_agents_capacity(
+    backend: JobStoreBackend,
+) -> None:
+    a, b = await backend.open(), await backend.open()
+    processes = [_slots(a, "A"), _slots(b, "B")]
+    running = 0
+    most = 0
+    runs = 0
+
+    async def runner(slots: SharedAgentSlots) -> None:
+        nonlocal running, most, runs
+        while runs < 40:
+            token = await slots.take("gpu", 2)
+            if token is None:
+                await asyncio.sleep(0.01)
+                continue
+            running += 1
+            most = max(most, running)
+            runs += 1
+            await asyncio.sleep(0.005)
+            running -= 1
+            await slots.give_back(token)
+
+    await asyncio.wait_for(asyncio.gather(*(runner(s) for s in processes * 3)), 30)
+    assert most == 2
+    for slots in processes:
+        await slots.stop()
+    assert set(await _holders(backend, "gpu")) == {"-"}
