@@ -1,6 +1,6 @@
-"""Coordinators as real processes while their PostgreSQL goes away for a few seconds (a
-restart as the coordinators see it: every connection dropped, new ones refused), through a
-relay the test cuts (tests/support/tcp_cut.py)."""
+"""Coordinators as real processes while their PostgreSQL or their S3 bucket goes away for a
+few seconds (a restart as the coordinators see it: every connection dropped, new ones
+refused), through a relay the test cuts (tests/support/tcp_cut.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from grpc_status import rpc_status
 from imagetasks.v1 import job_pb2
 
 from tests.scaleout.cluster import LEASE_S, Cluster, get_job, list_all, submit, watch_to_the_end
-from tests.storage.backends import PG_URL
+from tests.storage.backends import PG_URL, S3Server
 from tests.support.tcp_cut import TcpCut
 
 SUCCEEDED = job_pb2.Job.STATE_SUCCEEDED
@@ -107,3 +107,36 @@ async def test_a_database_outage_loses_no_job_and_answers_unavailable(
             # completed twice (its taker repeats it when the frames went to the dropped run).
             # Both coordinators work again: each accepts and finishes a new job.
             assert {got.events[-1].finished.job.state for got in after} == {SUCCEEDED}
+
+
+async def test_the_bucket_away_for_seconds_loses_no_job(tmp_path: Path) -> None:
+    s3 = S3Server()
+    moto = urlsplit(s3.endpoint)
+    async with TcpCut(moto.hostname or "127.0.0.1", moto.port or 80) as relay:
+        cluster = Cluster(
+            tmp_path,
+            coordinators=2,
+            agents=2,
+            max_jobs=2,
+            step_delay_s=0.1,
+            env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}"},
+            s3=s3,  # the services reach it through the relay only
+        )
+        async with cluster as c:
+            targets = [s.target for s in c.servers]
+            names = [await submit(targets[i % 2], i, steps=20) for i in range(8)]
+            watchers = [asyncio.create_task(watch_to_the_end(targets, n)) for n in names]
+            async with asyncio.timeout(30):  # inputs fetched, prompts on the agents
+                while sum((await c.standins.stats())["posted"].values()) < 4:
+                    await asyncio.sleep(0.05)
+            relay.cut()  # outputs' puts and inputs' fetches meet a dead endpoint
+            await asyncio.sleep(LEASE_S - 1)
+            relay.restore()
+            results = await asyncio.gather(*watchers)
+            jobs = {j.name: j for j in await list_all(targets[0])}
+            assert sorted(jobs) == sorted(names)
+            told = {n: r.events[-1].finished.job.state for n, r in zip(names, results, strict=True)}
+            assert told == {n: j.state for n, j in jobs.items()}
+            assert {j.state for j in jobs.values()} == {SUCCEEDED}, {
+                n: str(j.error)[:200] for n, j in jobs.items() if j.state != SUCCEEDED
+            }

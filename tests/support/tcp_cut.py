@@ -22,6 +22,8 @@ class TcpCut:
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
         self.is_cut = False
+        self.refused = 0
+        """Connections closed at once while cut (the outage was met, not slept through)."""
 
     async def __aenter__(self) -> TcpCut:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
@@ -48,6 +50,7 @@ class TcpCut:
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.is_cut:
+            self.refused += 1
             writer.transport.abort()
             return
         try:
