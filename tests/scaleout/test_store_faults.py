@@ -94,16 +94,13 @@ async def test_a_database_outage_loses_no_job_and_answers_unavailable(
             more = [await submit(t, 100 + i, steps=2) for i, t in enumerate(targets)]
             after = await asyncio.gather(*(watch_to_the_end(targets, n) for n in more))
             if past_lease:
-                # Known limit (reported, docs/scale-out.md): a job taken over from a live
-                # coordinator re-attaches under that coordinator's websocket client id, which
-                # silences the live one's socket on that agent: its prompts lose their frames,
-                # are submitted again and may end FAILED UNAVAILABLE (retryable), never
-                # unfinished and never told otherwise than stored.
-                failed = {j.error.code for j in jobs.values() if j.state != SUCCEEDED}
-                assert failed <= {14}, failed
+                # The taker re-attached under the live coordinator's websocket client id, which
+                # silenced the live one's socket on that agent (ComfyUI keeps one socket per
+                # id): the live one notices and re-opens it, so its jobs still succeed.
                 assert all(got.kinds[-1] == "finished" for got in after)
-                return
-            assert {j.state for j in jobs.values()} == {SUCCEEDED}
+            assert {j.state for j in jobs.values()} == {SUCCEEDED}, {
+                n: str(j.error)[:200] for n, j in jobs.items() if j.state != SUCCEEDED
+            }
             # Not asserted, reported: a run dropped mid-run for the outage can see its prompt
             # completed twice (its taker repeats it when the frames went to the dropped run).
             # Both coordinators work again: each accepts and finishes a new job.

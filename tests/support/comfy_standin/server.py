@@ -348,10 +348,9 @@ class ComfyStandIn:
                 self._send_to(peer, "feature_flags", _FEATURES)
 
     def _ws_close(self, peer: WsPeer) -> None:
-        # ComfyUI pops the sid unconditionally; popping only our own entry keeps a quick
-        # reconnect from being unregistered by the old socket's late cleanup.
-        if self._peers.get(peer.sid) is peer:
-            del self._peers[peer.sid]
+        # As ComfyUI (server.py websocket_handler's finally): the sid is popped whichever
+        # socket holds it now, so closing a replaced socket unregisters its successor.
+        self._peers.pop(peer.sid, None)
 
     def _send_to(self, peer: WsPeer, event: str, data: Any) -> None:
         if peer.writer.is_closing():

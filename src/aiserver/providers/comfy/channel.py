@@ -12,6 +12,12 @@ When the socket drops, every subscriber reads :class:`SocketLost` once; each the
 and reads its prompt's state back over HTTP. A run re-attaching to a prompt queued under
 another ``client_id`` (an earlier process) opens a channel of its own with that id.
 
+ComfyUI keeps one socket per client id: a second socket under ours (another coordinator that
+took over our prompts) takes our messages, and its close unregisters the id; our socket stays
+open but silent. A run that learns over HTTP what the socket should have told it calls
+:meth:`Subscription.reopen_silent`: the socket is closed and every run recovers as from a drop
+(the reopen registers the id with ComfyUI again).
+
 Queue positions come from the channel too, without a ``GET /queue`` per job: the prompts this
 channel queued that are ahead of a prompt and have not ended (exact when the agent serves
 only this process; other clients' prompts are not counted).
@@ -99,6 +105,15 @@ class Subscription:
         """After :class:`SocketLost`: until the shared socket is back (or the budget is spent)."""
         await self._channel.reopen(budget_s, backoff_s, backoff_max_s)
 
+    def socket_generation(self) -> int:
+        """Which socket the channel has open now (counts opens): for :meth:`reopen_silent`."""
+        return self._channel.generation
+
+    async def reopen_silent(self, generation: int) -> bool:
+        """The socket ``generation`` missed this prompt's messages: re-open it (see the module);
+        False when it is no longer the open one (another run re-opened it, or it dropped)."""
+        return await self._channel.reopen_silent(generation)
+
     def queuing(self) -> None:
         """Its prompt is being queued now (call before ``POST /prompt``): its place in line."""
         self.order = self._channel.next_place()
@@ -161,6 +176,8 @@ class AgentChannel:
         self._closed = False
         self._flags: dict[str, object] = {}
         self._flags_seen = asyncio.Event()
+        self.generation = 0
+        """Sockets opened so far: names the open one."""
 
     async def subscribe(self, prompt_id: str) -> Subscription:
         """Route ``prompt_id``'s frames to a new subscription, opening the socket if needed.
@@ -218,6 +235,28 @@ class AgentChannel:
             await asyncio.sleep(delay)
             delay = min(delay * 2, backoff_max_s)
 
+    async def reopen_silent(self, generation: int) -> bool:
+        async with self._lock:  # no socket opens until the silent one is closed
+            socket, reader = self._socket, self._reader
+            if socket is None or reader is None or generation != self.generation:
+                return False
+            logger.warning(
+                "websocket to %s (client %s) no longer receives its prompts' messages: "
+                "re-opening it",
+                self.name,
+                self.client_id[:8],
+            )
+            self._socket = self._reader = None
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            # Closed before the new one opens: ComfyUI's cleanup of the old socket pops the
+            # client id, which would unregister a newer socket.
+            await socket.close()
+            for sub in list(self._subs.values()):
+                sub._put(_LOST)  # each run reopens and reads its prompt's state back
+            return True
+
     async def aclose(self) -> None:
         """Stop reading and close the socket (without waiting on the agent)."""
         self._closed = True
@@ -248,6 +287,7 @@ class AgentChannel:
             with contextlib.suppress(SocketLost):
                 await socket.send_json("feature_flags", {"supports_preview_metadata": True})
             self._socket = socket
+            self.generation += 1
             self._reader = asyncio.create_task(
                 self._read(socket), name=f"comfy-ws-{self.name}-{self.client_id[:8]}"
             )

@@ -89,6 +89,10 @@ _MAX_REPEATS = 2
 """Times a prompt whose frames were missed is queued again before the attempt fails (retryable):
 each needs a drop or a restart of its own."""
 
+_MAX_SILENT_REOPENS = 3
+"""Times one run re-opens a socket that missed its prompt's messages: two coordinators under
+one client id (a take-over) silence each other's socket in turn; each run stops at this."""
+
 
 class Run:
     """The state of one run of one job on one agent.
@@ -137,6 +141,7 @@ class Run:
         self.input_slot: int | None = None  # held from the first upload to the run's end
         self.inputs_ours = False  # the graph loads inputs this run uploaded (and still holds)
         self.repeats = 0
+        self.silent_reopens = 0
         self.sub: Subscription | None = None
         self.own_channel: AgentChannel | None = None  # re-attached under an earlier client id
         self.attached = False
@@ -412,7 +417,7 @@ class Run:
                 now = self.loop.time()
                 if now >= deadline:
                     raise self._timeout_error(now, last_ours) from None
-                await self._absorb(await self.c.remote_job(self.prompt_id))
+                await self._poll()
                 last_heard = now
                 continue
             except SocketLost:
@@ -425,6 +430,23 @@ class Run:
             last_heard = self.loop.time()
             if await self._on_message(message):
                 last_ours = last_heard
+
+    async def _poll(self) -> None:
+        """The socket was quiet for ``poll_s``: read the prompt's state over HTTP. A prompt
+        that started or ended unheard means ComfyUI sends our client id's messages elsewhere
+        (another socket under it took them): the socket is re-opened before anything else,
+        so that what follows (a repeat for missed frames included) is heard again."""
+        assert self.sub is not None
+        generation = self.sub.socket_generation()
+        state = await self.c.remote_job(self.prompt_id)
+        unheard = state.state == "done" or (state.state == "running" and not self.started)
+        if (
+            unheard
+            and self.silent_reopens < _MAX_SILENT_REOPENS
+            and await self.sub.reopen_silent(generation)
+        ):
+            self.silent_reopens += 1
+        await self._absorb(state)
 
     def _timeout_error(self, now: float, last_ours: float) -> ProviderUnavailable:
         t = self.t
