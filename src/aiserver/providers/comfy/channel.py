@@ -247,14 +247,16 @@ class AgentChannel:
                 self.client_id[:8],
             )
             self._socket = self._reader = None
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-            # Closed before the new one opens: ComfyUI's cleanup of the old socket pops the
-            # client id, which would unregister a newer socket.
-            await socket.close()
-            for sub in list(self._subs.values()):
-                sub._put(_LOST)  # each run reopens and reads its prompt's state back
+            try:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+                # Closed before the new one opens: ComfyUI's cleanup of the old socket pops
+                # the client id, which would unregister a newer socket.
+                await socket.close()
+            finally:
+                for sub in list(self._subs.values()):
+                    sub._put(_LOST)  # each run reopens and reads its prompt's state back
             return True
 
     async def aclose(self) -> None:

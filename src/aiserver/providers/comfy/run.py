@@ -439,7 +439,11 @@ class Run:
         assert self.sub is not None
         generation = self.sub.socket_generation()
         state = await self.c.remote_job(self.prompt_id)
-        unheard = state.state == "done" or (state.state == "running" and not self.started)
+        unheard = (state.state == "running" and not self.started) or (
+            # An ended prompt is repeated on this process's own socket: an adopted one is
+            # not re-opened for it (that would only take the id back from its owner).
+            state.state == "done" and self.client_id == self.c.channel.client_id
+        )
         if (
             unheard
             and self.silent_reopens < _MAX_SILENT_REOPENS
