@@ -11,7 +11,8 @@ from ``/proc``, and their p50 (segments in turn: read the CPU, latency moves wit
   ``bench.orchestration`` call it), ``aio-minimal`` / ``aio-no-bdp`` (the same with the
   channel options ``grpc.minimal_stack`` / ``grpc.http2.bdp_probe=0``), ``aio-poll`` (with
   ``GRPC_POLL_STRATEGY=poll``), ``aio-async`` (RESPONSE_MODE_ASYNC: the upload and
-  ``accepted`` only, four reads fewer than SYNC's six), ``sync-threads``
+  ``accepted`` only, four reads fewer than SYNC's six), ``aio-result`` (RESPONSE_MODE_RESULT:
+  ``finished`` alone, what ``aiserver gateway`` asks for ``Sync=true``), ``sync-threads``
   (the sync client, one thread per caller), ``sync-to-thread`` (the sync client called from
   an event loop through ``asyncio.to_thread``, as a gateway would), ``grpclib`` (pure-Python
   HTTP/2 on the event loop; ``BENCH_GRPCLIB_PATH``: a folder it is installed in).
@@ -62,6 +63,7 @@ CLIENTS = (
     "aio-uvloop",
     "aio-poll",
     "aio-async",
+    "aio-result",
 )
 SERVERS = (
     "http-echo",
@@ -115,7 +117,8 @@ def _finished_job(responses: Any) -> Any:
 
 
 def _aio_caller(target: str, options: list[tuple[str, Any]], mode: int = 1) -> Any:
-    """``mode``: RESPONSE_MODE_SYNC (1) or ASYNC (2: the stream is accepted, then its end)."""
+    """``mode``: RESPONSE_MODE_SYNC (1), ASYNC (2: the stream is accepted, then its end) or
+    RESULT (3: finished, then the end)."""
     import grpc
     from imagetasks.v1 import generation_service_pb2_grpc
 
@@ -217,6 +220,8 @@ def _run_client(variant: str, target: str, jobs: int) -> dict[str, Any]:
             call = _grpclib_caller(target)
         elif variant == "aio-async":
             call = _aio_caller(target, [], mode=2)
+        elif variant == "aio-result":
+            call = _aio_caller(target, [], mode=3)
         else:
             call = _aio_caller(target, _OPTIONS[variant])
 

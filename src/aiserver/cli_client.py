@@ -141,11 +141,17 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ref-id", default="", help="your reference; idempotent per key")
     group.add_argument("--tag", default="", help="a label to filter jobs by")
     group.add_argument("--reply-to", default="", help="URL that receives the final job (POST)")
-    group.add_argument(
+    waiting = group.add_mutually_exclusive_group()
+    waiting.add_argument(
         "--no-wait",
         dest="wait",
         action="store_false",
         help="return once the job is accepted; follow it with 'aiserver jobs watch'",
+    )
+    waiting.add_argument(
+        "--result-only",
+        action="store_true",
+        help="wait, but receive only the outputs and the final job (no progress line)",
     )
     group.add_argument(
         "-o",
@@ -446,6 +452,7 @@ async def _run_job(args: argparse.Namespace, stream: JobStream, *, texts_to_stdo
         out.document({"job": accepted.job, "accepted": message_dict(accepted.raw.accepted)})
         return EXIT_OK
     job = finished.final
+    texts = texts or [t.text for t in job.text_outputs]  # --result-only: no text events
     if texts_to_stdout:
         for text in texts:
             out.result(text)

@@ -110,6 +110,25 @@ async def test_upscale_progress_lines_and_output(gen: GenServer, work: Path) -> 
         assert im.size == (128, 96)
 
 
+async def test_result_only_hears_no_progress_and_prints_texts(gen: GenServer, work: Path) -> None:
+    line = "upscale photo.png -o big.png --result-only"
+    code, out, err = await run(line, cwd=work, server=gen.target)
+    assert code == 0, err
+    assert out == "big.png\n"
+    lines = err.splitlines()
+    assert lines[0].startswith("output 0: artifacts/"), lines  # no accepted, no progress
+    assert lines[-1].startswith("finished: SUCCEEDED")
+    with Image.open(work / "big.png") as im:
+        assert im.size == (128, 96)
+    # The caption comes from the final job (no text_output event in this mode).
+    code, out, err = await run("caption photo.png -q --result-only", cwd=work, server=gen.target)
+    assert (code, err) == (0, "") and out.strip()
+    code, _, err = await run(
+        "upscale photo.png --no-wait --result-only", cwd=work, server=gen.target
+    )
+    assert code == 2 and "not allowed with argument" in err
+
+
 async def test_img2img_batch_into_a_directory_with_json(gen: GenServer, work: Path) -> None:
     line = (
         "img2img photo.png --prompt 'a lighthouse' --steps 2 --batch-size 2 --seed 5 "

@@ -178,6 +178,25 @@ async def test_upscale_events_in_order_and_bytes(gen_client: AsyncClient) -> Non
     assert size_of(data) == (128, 96)
 
 
+async def test_result_only_streams_the_outputs_and_the_final_job(
+    gen_client: AsyncClient,
+) -> None:
+    stream = gen_client.upscale(PNG, result_only=True)
+    events = [event async for event in stream]
+    assert [type(e) for e in events if not isinstance(e, OutputData)] == [OutputReady, Finished]
+    assert stream.job_name == events[-1].final.name  # known from the first event
+    data = b"".join(e.data for e in events if isinstance(e, OutputData))
+    assert size_of(data) == (128, 96)
+    result = await gen_client.image_to_text(PNG, result_only=True, ref_id="cap-1").run()
+    assert result.succeeded and result.texts and result.texts[0].strip()
+    assert result.job.ref_id == "cap-1" and not result.existing
+    refs = await gen_client.upscale(PNG, result_only=True, references_only=True).run()
+    (output,) = refs.outputs
+    assert output.data is None and output.artifact.name == refs.job.outputs[0].name
+    with pytest.raises(ValueError, match="result_only"):
+        gen_client.upscale(PNG, wait=False, result_only=True)
+
+
 async def test_run_collects_outputs_texts_and_the_final_job(gen_client: AsyncClient) -> None:
     result = await gen_client.image_to_image(
         PNG, prompt="a lighthouse at dawn", steps=2, batch_size=2, seed=7, tag="t1"

@@ -351,8 +351,18 @@ class Generation(generation_service_pb2_grpc.GenerationServiceServicer):
         events = self.state.events[_job_id(job.name)]
         if params.options.mode == common_pb2.RESPONSE_MODE_ASYNC:
             return events[:1]
+        result_only = params.options.mode == common_pb2.RESPONSE_MODE_RESULT
         out = []
         for event in events:
+            kind = event.WhichOneof("kind")
+            if result_only and kind not in ("output", "finished"):
+                continue
+            if (
+                result_only
+                and kind == "output"
+                and params.options.delivery == common_pb2.OUTPUT_DELIVERY_REFERENCES
+            ):
+                continue
             out.append(event)
             if (
                 event.WhichOneof("kind") == "output"

@@ -46,11 +46,12 @@ async def test_seed_image_to_image_sync_then_download(
     assert body["outputs"][0]["fileName"] == "out_0.png"
     assert body["results"][0] == {**body["outputs"][0], "provider": "comfyui:fake"}
     assert body["textOutputs"] == []
-    # What the backend got: the params, the file, references-only delivery, a SYNC call.
+    # What the backend got: the params, the file, references-only delivery, a call that
+    # streams only the finished job (RESULT: the answer needs nothing else).
     got = fake.state.uploads[-1]
     assert got.params.positive_prompt == "A beautiful sunset over the ocean"
     assert got.params.negative_prompt == "A pixelated, low-quality image"
-    assert got.params.options.mode == common_pb2.RESPONSE_MODE_SYNC
+    assert got.params.options.mode == common_pb2.RESPONSE_MODE_RESULT
     assert got.params.options.delivery == common_pb2.OUTPUT_DELIVERY_REFERENCES
     assert got.files["image"] == png((250, 120, 30), (64, 48))
     assert got.file_names["image"] == "sunset.jpg"

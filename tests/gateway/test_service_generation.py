@@ -244,3 +244,50 @@ async def test_a_workflow_runs_through_the_task_routes_upload(
     assert wrong.json()["responseStatus"]["message"] == (
         "workflow outpaint takes multipart/form-data, not application/json"
     )
+
+
+async def test_sync_answers_are_the_final_jobs_json(stack: tuple[Gateway, Any]) -> None:
+    """``Sync=true`` runs a RESPONSE_MODE_RESULT call (``finished`` alone) and answers what
+    it answered from the SYNC stream: the final job's JSON, which the status route also
+    renders (without ``textOutputs``), with the job's error as HTTP status and
+    ``responseStatus`` - for a job that succeeds, fails and is cancelled."""
+    gateway, comfy = stack
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
+
+        async def sync(form: dict[str, str]) -> tuple[httpx.Response, dict[str, Any]]:
+            res = await http.post(
+                "/api/ImageToImage",
+                data={"PositivePrompt": "a sea", "Steps": "1", "Sync": "true", **form},
+                files={"image": ("i.png", PNG, "image/png")},
+            )
+            status = await http.get(
+                "/api/GetArtifactGenerationStatus", params={"jobId": res.json()["jobId"]}
+            )
+            assert status.status_code == 200, status.text
+            return res, status.json()
+
+        res, status = await sync({"RefId": "ok-1", "BatchSize": "2"})
+        assert res.status_code == 200, res.text
+        assert res.json() == {**status, "textOutputs": []}
+        assert set(status) == {"jobId", "refId", "jobState", "status", "outputs", "results"}
+        assert status["jobState"] == "Completed" and len(status["outputs"]) == 2
+
+        res, status = await sync({"Model": "no_such_model.safetensors"})
+        assert res.status_code in (400, 412), res.text
+        assert res.json() == {**status, "textOutputs": []}
+        assert status["jobState"] == "Failed"
+        assert "no_such_model.safetensors" in status["responseStatus"]["message"]
+
+        comfy.hang_at("7")  # the KSampler of the ImageToImage workflow
+        waiting = asyncio.create_task(sync({"RefId": "cancel-1"}))
+        async with asyncio.timeout(20):
+            while comfy.running_prompt is None:
+                await asyncio.sleep(0.02)
+        found = await http.get("/api/GetArtifactGenerationStatus", params={"refId": "cancel-1"})
+        cancelled = await http.post(f"/v1/jobs/{found.json()['jobId']}:cancel", json={})
+        assert cancelled.status_code == 200, cancelled.text
+        res, status = await waiting
+        assert res.json() == {**status, "textOutputs": []}
+        assert status["jobState"] == "Cancelled"
+        assert res.status_code == 499
+        assert status["responseStatus"]["errorCode"] == "JOB_CANCELLED"

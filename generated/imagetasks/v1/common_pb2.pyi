@@ -32,6 +32,17 @@ class _ResponseModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Response
     """Answer with the `accepted` event only, then close the stream; follow the job with
     JobService.WatchJob or GetJob (AI Server's `Queue...` calls).
     """
+    RESPONSE_MODE_RESULT: _ResponseMode.ValueType  # 3
+    """Wait for the result as SYNC does, but stream only what the result needs: with
+    OUTPUT_DELIVERY_BYTES each `output` event and its `output_chunk`s, then `finished`; with
+    OUTPUT_DELIVERY_REFERENCES only `finished` (its `job` lists the outputs and the text
+    outputs). No `accepted`, `progress`, `retrying` or `text_output` events: every event
+    names the job in `job`, and whether `ref_id` matched an existing job is not told. A job
+    that fails or is cancelled ends the stream with `finished` and an OK status, and
+    cancelling the call cancels the job, both as in SYNC. A caller that loses the stream
+    before `finished` finds its job by `ref_id` (JobService.ListJobs) or, once an event has
+    arrived, by name (JobService.GetJob).
+    """
 
 class ResponseMode(_ResponseMode, metaclass=_ResponseModeEnumTypeWrapper):
     """How a generative call answers."""
@@ -43,6 +54,17 @@ RESPONSE_MODE_SYNC: ResponseMode.ValueType  # 1
 RESPONSE_MODE_ASYNC: ResponseMode.ValueType  # 2
 """Answer with the `accepted` event only, then close the stream; follow the job with
 JobService.WatchJob or GetJob (AI Server's `Queue...` calls).
+"""
+RESPONSE_MODE_RESULT: ResponseMode.ValueType  # 3
+"""Wait for the result as SYNC does, but stream only what the result needs: with
+OUTPUT_DELIVERY_BYTES each `output` event and its `output_chunk`s, then `finished`; with
+OUTPUT_DELIVERY_REFERENCES only `finished` (its `job` lists the outputs and the text
+outputs). No `accepted`, `progress`, `retrying` or `text_output` events: every event
+names the job in `job`, and whether `ref_id` matched an existing job is not told. A job
+that fails or is cancelled ends the stream with `finished` and an OK status, and
+cancelling the call cancels the job, both as in SYNC. A caller that loses the stream
+before `finished` finds its job by `ref_id` (JobService.ListJobs) or, once an event has
+arrived, by name (JobService.GetJob).
 """
 Global___ResponseMode: _TypeAlias = ResponseMode  # noqa: Y015
 
@@ -60,7 +82,7 @@ class _OutputDeliveryEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Output
     """Only `output` events (artifact name and URL); read bytes with ArtifactService.ReadArtifact."""
 
 class OutputDelivery(_OutputDelivery, metaclass=_OutputDeliveryEnumTypeWrapper):
-    """How the bytes of generated outputs reach a SYNC caller."""
+    """How the bytes of generated outputs reach a SYNC or RESULT caller."""
 
 OUTPUT_DELIVERY_UNSPECIFIED: OutputDelivery.ValueType  # 0
 """Same as OUTPUT_DELIVERY_BYTES."""
@@ -160,7 +182,9 @@ class JobOptions(_message.Message):
     the operator allows private targets. How deliveries went: `Job.webhook`.
     """
     mode: Global___ResponseMode.ValueType
-    """Wait for the result (SYNC, default) or return once the job is accepted (ASYNC)."""
+    """Wait for the result (SYNC, default; RESULT: the result only) or return once the job is
+    accepted (ASYNC).
+    """
     delivery: Global___OutputDelivery.ValueType
     """Stream output bytes (default) or references only."""
     output_format: Global___ImageFormat.ValueType

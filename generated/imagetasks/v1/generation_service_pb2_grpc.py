@@ -49,10 +49,11 @@ class GenerationServiceStub:
 
     The response stream starts with `accepted` (job name, queue position), then `progress`
     events as the job moves, an `output` (plus its `output_chunk`s) or `text_output` per result
-    and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`. A job that
-    fails still ends the stream with `finished` (the error is in `finished.job.error`) and an OK
-    status; the call itself fails only when no job was made. Cancelling the call (or its
-    deadline passing) cancels a SYNC job.
+    and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`; with
+    RESPONSE_MODE_RESULT it carries only the outputs (with BYTES delivery) and `finished`. A job
+    that fails still ends the stream with `finished` (the error is in `finished.job.error`) and
+    an OK status; the call itself fails only when no job was made. Cancelling the call (or its
+    deadline passing) cancels a SYNC or RESULT job.
     """
 
     def __init__(self, channel):
@@ -107,10 +108,11 @@ class GenerationServiceServicer:
 
     The response stream starts with `accepted` (job name, queue position), then `progress`
     events as the job moves, an `output` (plus its `output_chunk`s) or `text_output` per result
-    and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`. A job that
-    fails still ends the stream with `finished` (the error is in `finished.job.error`) and an OK
-    status; the call itself fails only when no job was made. Cancelling the call (or its
-    deadline passing) cancels a SYNC job.
+    and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`; with
+    RESPONSE_MODE_RESULT it carries only the outputs (with BYTES delivery) and `finished`. A job
+    that fails still ends the stream with `finished` (the error is in `finished.job.error`) and
+    an OK status; the call itself fails only when no job was made. Cancelling the call (or its
+    deadline passing) cancels a SYNC or RESULT job.
     """
 
     def ImageToImage(self, request_iterator, context):
@@ -199,10 +201,11 @@ class GenerationService:
 
     The response stream starts with `accepted` (job name, queue position), then `progress`
     events as the job moves, an `output` (plus its `output_chunk`s) or `text_output` per result
-    and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`. A job that
-    fails still ends the stream with `finished` (the error is in `finished.job.error`) and an OK
-    status; the call itself fails only when no job was made. Cancelling the call (or its
-    deadline passing) cancels a SYNC job.
+    and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`; with
+    RESPONSE_MODE_RESULT it carries only the outputs (with BYTES delivery) and `finished`. A job
+    that fails still ends the stream with `finished` (the error is in `finished.job.error`) and
+    an OK status; the call itself fails only when no job was made. Cancelling the call (or its
+    deadline passing) cancels a SYNC or RESULT job.
     """
 
     @staticmethod

@@ -50,10 +50,11 @@ class GenerationServiceStub:
 
     The response stream starts with `accepted` (job name, queue position), then `progress`
     events as the job moves, an `output` (plus its `output_chunk`s) or `text_output` per result
-    and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`. A job that
-    fails still ends the stream with `finished` (the error is in `finished.job.error`) and an OK
-    status; the call itself fails only when no job was made. Cancelling the call (or its
-    deadline passing) cancels a SYNC job.
+    and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`; with
+    RESPONSE_MODE_RESULT it carries only the outputs (with BYTES delivery) and `finished`. A job
+    that fails still ends the stream with `finished` (the error is in `finished.job.error`) and
+    an OK status; the call itself fails only when no job was made. Cancelling the call (or its
+    deadline passing) cancels a SYNC or RESULT job.
     """
 
     @_typing.overload
@@ -99,10 +100,11 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
 
     The response stream starts with `accepted` (job name, queue position), then `progress`
     events as the job moves, an `output` (plus its `output_chunk`s) or `text_output` per result
-    and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`. A job that
-    fails still ends the stream with `finished` (the error is in `finished.job.error`) and an OK
-    status; the call itself fails only when no job was made. Cancelling the call (or its
-    deadline passing) cancels a SYNC job.
+    and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`; with
+    RESPONSE_MODE_RESULT it carries only the outputs (with BYTES delivery) and `finished`. A job
+    that fails still ends the stream with `finished` (the error is in `finished.job.error`) and
+    an OK status; the call itself fails only when no job was made. Cancelling the call (or its
+    deadline passing) cancels a SYNC or RESULT job.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -144,10 +146,11 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
 
     The response stream starts with `accepted` (job name, queue position), then `progress`
     events as the job moves, an `output` (plus its `output_chunk`s) or `text_output` per result
-    and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`. A job that
-    fails still ends the stream with `finished` (the error is in `finished.job.error`) and an OK
-    status; the call itself fails only when no job was made. Cancelling the call (or its
-    deadline passing) cancels a SYNC job.
+    and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`; with
+    RESPONSE_MODE_RESULT it carries only the outputs (with BYTES delivery) and `finished`. A job
+    that fails still ends the stream with `finished` (the error is in `finished.job.error`) and
+    an OK status; the call itself fails only when no job was made. Cancelling the call (or its
+    deadline passing) cancels a SYNC or RESULT job.
     """
 
     @_abc_1.abstractmethod

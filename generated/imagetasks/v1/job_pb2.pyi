@@ -370,14 +370,15 @@ class JobEvent(_message.Message):
     job: _builtins.str
     """`jobs/{job}`."""
     sequence: _builtins.int
-    """Position of the event in the job's history, from 1, without gaps. `output_chunk` events
-    carry the sequence of the `output` event they belong to.
+    """Position of the event in the job's history, from 1, without gaps (a stream may skip a
+    superseded `progress`; a RESPONSE_MODE_RESULT call sees only the numbers of its events).
+    `output_chunk` events carry the sequence of the `output` event they belong to.
     """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def accepted(self) -> Global___JobAccepted:
-        """First event of every job stream."""
+        """First event of every job stream (not sent to a RESPONSE_MODE_RESULT call)."""
 
     @_builtins.property
     def progress(self) -> Global___JobProgress:

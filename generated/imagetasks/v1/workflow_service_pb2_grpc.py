@@ -97,8 +97,8 @@ class WorkflowServiceServicer:
     def RunWorkflow(self, request_iterator, context):
         """Run a workflow. The upload ordering contract of GenerationService applies: the first
         message carries `params` (the workflow's name and its parameters), the next ones file
-        chunks of the workflow's named inputs; the answer is the same JobEvent stream (SYNC or
-        ASYNC as `params.options.mode` says).
+        chunks of the workflow's named inputs; the answer is the same JobEvent stream (SYNC,
+        ASYNC or RESULT as `params.options.mode` says).
 
         Errors: an unknown workflow is NOT_FOUND (WORKFLOW_NOT_FOUND); a broken one
         FAILED_PRECONDITION (WORKFLOW_BROKEN); unknown parameter names, wrong types, values out of

@@ -53,8 +53,8 @@ class WorkflowServiceStub:
     RunWorkflow: _grpc.StreamStreamMultiCallable[_workflow_service_pb2.RunWorkflowRequest, _workflow_service_pb2.RunWorkflowResponse]
     """Run a workflow. The upload ordering contract of GenerationService applies: the first
     message carries `params` (the workflow's name and its parameters), the next ones file
-    chunks of the workflow's named inputs; the answer is the same JobEvent stream (SYNC or
-    ASYNC as `params.options.mode` says).
+    chunks of the workflow's named inputs; the answer is the same JobEvent stream (SYNC,
+    ASYNC or RESULT as `params.options.mode` says).
 
     Errors: an unknown workflow is NOT_FOUND (WORKFLOW_NOT_FOUND); a broken one
     FAILED_PRECONDITION (WORKFLOW_BROKEN); unknown parameter names, wrong types, values out of
@@ -91,8 +91,8 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     RunWorkflow: _aio.StreamStreamMultiCallable[_workflow_service_pb2.RunWorkflowRequest, _workflow_service_pb2.RunWorkflowResponse]  # type: ignore[assignment]
     """Run a workflow. The upload ordering contract of GenerationService applies: the first
     message carries `params` (the workflow's name and its parameters), the next ones file
-    chunks of the workflow's named inputs; the answer is the same JobEvent stream (SYNC or
-    ASYNC as `params.options.mode` says).
+    chunks of the workflow's named inputs; the answer is the same JobEvent stream (SYNC,
+    ASYNC or RESULT as `params.options.mode` says).
 
     Errors: an unknown workflow is NOT_FOUND (WORKFLOW_NOT_FOUND); a broken one
     FAILED_PRECONDITION (WORKFLOW_BROKEN); unknown parameter names, wrong types, values out of
@@ -144,8 +144,8 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_workflow_service_pb2.RunWorkflowResponse], _abc.AsyncIterator[_workflow_service_pb2.RunWorkflowResponse]]:
         """Run a workflow. The upload ordering contract of GenerationService applies: the first
         message carries `params` (the workflow's name and its parameters), the next ones file
-        chunks of the workflow's named inputs; the answer is the same JobEvent stream (SYNC or
-        ASYNC as `params.options.mode` says).
+        chunks of the workflow's named inputs; the answer is the same JobEvent stream (SYNC,
+        ASYNC or RESULT as `params.options.mode` says).
 
         Errors: an unknown workflow is NOT_FOUND (WORKFLOW_NOT_FOUND); a broken one
         FAILED_PRECONDITION (WORKFLOW_BROKEN); unknown parameter names, wrong types, values out of

@@ -29,7 +29,7 @@ from aiserver.imaging import (
     verify,
 )
 from aiserver.jobs.manager import JobManager
-from aiserver.jobs.model import Accepted, InputRef, OutputStored
+from aiserver.jobs.model import Accepted, Finished, InputRef, OutputStored
 from aiserver.logs import job_id_var
 from aiserver.spool import InputSpool
 from aiserver.tasks import TaskKind, TaskSpec
@@ -158,13 +158,20 @@ class JobCalls:
                 {f.sha256 for f in committed} - {i.sha256 for i in job.inputs}
             )
         job_id_var.set(job.id)
-        sync = options.mode != common_pb2.RESPONSE_MODE_ASYNC
+        mode = options.mode
+        sync = mode != common_pb2.RESPONSE_MODE_ASYNC
         send_bytes = options.delivery != common_pb2.OUTPUT_DELIVERY_REFERENCES
+        # RESULT: only what the result needs (each message costs both ends a gRPC write or
+        # read); a skipped event is never converted.
+        result_kinds = _RESULT_BYTES if send_bytes else _RESULT_REFERENCES
+        result_only = mode == common_pb2.RESPONSE_MODE_RESULT
         link = self.link
         events = self.manager.subscribe(job.id)
         try:
             async for event in events:
                 kind = event.kind
+                if result_only and not isinstance(kind, result_kinds):
+                    continue
                 response = carrier()
                 msg = event_to_proto(event, link=link, into=response.event)
                 if isinstance(kind, Accepted):
@@ -228,6 +235,10 @@ class JobCalls:
         except Exception:
             logger.exception("cancelling job %s after the caller left", job_id)
 
+
+_RESULT_BYTES = (OutputStored, Finished)
+_RESULT_REFERENCES = (Finished,)
+"""The events a RESPONSE_MODE_RESULT call gets (the finished job lists outputs and texts)."""
 
 _VERIFY_HERE_BYTES = 256 * 1024
 _VERIFY_HERE_PIXELS = 128 * 128

@@ -107,8 +107,9 @@ class JobStream:
     :class:`Result`. The call starts when iteration starts; a stream can be consumed once.
 
     Events are :class:`Accepted`, :class:`Progress`, :class:`OutputReady`, :class:`OutputData`,
-    :class:`TextOutput`, :class:`Retrying` and :class:`Finished`. Leaving the iteration early
-    cancels the call, and with it a job that was waited for (``wait=True``).
+    :class:`TextOutput`, :class:`Retrying` and :class:`Finished`; with ``result_only`` only
+    :class:`OutputReady`, :class:`OutputData` and :class:`Finished`. Leaving the iteration
+    early cancels the call, and with it a job that was waited for (``wait=True``).
     """
 
     def __init__(self, client: AsyncClient, request: GenerativeRequest) -> None:
@@ -117,7 +118,7 @@ class JobStream:
         """The request the stream runs."""
         self._consumed = False
         self.job_name = ""
-        """The job's name, ``jobs/{id}``, once the ``accepted`` event has arrived."""
+        """The job's name, ``jobs/{id}``, once the first event has arrived."""
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._events()
@@ -137,7 +138,7 @@ class JobStream:
                     event = event_from_proto(response.event)
                     if event is None:
                         continue
-                    if isinstance(event, Accepted):
+                    if not self.job_name:  # ``accepted``, or the first of ``result_only``
                         self.job_name = event.job
                     yield event
 
@@ -145,7 +146,8 @@ class JobStream:
         """Consume the stream and collect its outputs (bytes in memory), texts and final job.
 
         With ``wait=False`` the job is fetched once it is accepted. A job that failed is
-        still a :class:`Result` (see ``result.error`` and ``result.raise_for_state()``).
+        still a :class:`Result` (see ``result.error`` and ``result.raise_for_state()``). With
+        ``result_only`` no ``accepted`` comes, so ``result.existing`` is False.
         """
         outputs: dict[int, Output] = {}
         buffers: dict[int, bytearray] = {}
@@ -168,6 +170,8 @@ class JobStream:
                 outputs[index].data = bytes(data)
         if finished is not None:
             job = finished.final
+            if not outputs:  # ``result_only`` with references: no ``output`` events
+                outputs = {i: Output(i, artifact) for i, artifact in enumerate(job.outputs)}
         elif accepted is not None:
             job = await self._client.get_job(accepted.job)
         else:

@@ -161,20 +161,33 @@ class _Upload(abc.ABC):
 class JobOptions(_Upload):
     """What every generative call takes: ``ref_id`` (idempotent per API key), ``tag``,
     ``reply_to`` (a URL that receives the final job), ``wait`` (False: the stream ends once
-    the job is accepted) and the call's ``timeout``."""
+    the job is accepted), ``result_only`` (wait, but stream only the outputs and the final
+    job: no accepted, progress or text events, which saves both ends work per event) and the
+    call's ``timeout``."""
 
     ref_id: str = ""
     tag: str = ""
     reply_to: str = ""
     wait: bool = True
+    result_only: bool = False
     timeout: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.result_only and not self.wait:
+            raise ValueError("result_only waits for the result: it cannot go with wait=False")
+
     def _job_options(self, references_only: bool = False) -> common_pb2.JobOptions:
+        if self.result_only:
+            mode = common_pb2.RESPONSE_MODE_RESULT
+        elif self.wait:
+            mode = common_pb2.RESPONSE_MODE_SYNC
+        else:
+            mode = common_pb2.RESPONSE_MODE_ASYNC
         return common_pb2.JobOptions(
             ref_id=self.ref_id,
             tag=self.tag,
             reply_to=self.reply_to,
-            mode=common_pb2.RESPONSE_MODE_SYNC if self.wait else common_pb2.RESPONSE_MODE_ASYNC,
+            mode=mode,
             delivery=(
                 common_pb2.OUTPUT_DELIVERY_REFERENCES
                 if references_only

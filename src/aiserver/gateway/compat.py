@@ -5,9 +5,10 @@
   (their responses are ``info`` then ``chunk``s). Generative tasks also get
   ``/api/Queue{Task}``. Multipart only: every task takes an image.
 
-  - Generative, ``Sync=true``: the call runs with RESPONSE_MODE_SYNC and
-    OUTPUT_DELIVERY_REFERENCES (the bytes are fetched from ``/artifacts/...`` by the client,
-    not streamed twice) and answers ``{jobId, refId, jobState, status, outputs: [{fileName,
+  - Generative, ``Sync=true``: the call runs with RESPONSE_MODE_RESULT and
+    OUTPUT_DELIVERY_REFERENCES, a stream of ``finished`` alone (the answer is made of the
+    final job; the bytes are fetched from ``/artifacts/...`` by the client, not streamed
+    twice) and answers ``{jobId, refId, jobState, status, outputs: [{fileName,
     url}], textOutputs: [{text}], results: [{fileName, url, provider}]}`` with absolute URLs.
     A job that failed answers the HTTP status of its error with ``responseStatus``.
   - Generative, otherwise (or ``Queue...``): RESPONSE_MODE_ASYNC, answering at once with
@@ -292,7 +293,11 @@ class TaskParams:
             if self._reply_to and not options.reply_to:
                 options.reply_to = self._reply_to
             sync = self.sync and not task.queued
-            options.mode = common_pb2.RESPONSE_MODE_SYNC if sync else common_pb2.RESPONSE_MODE_ASYNC
+            # RESULT, not SYNC: the answer is the final job's, and each event the call does
+            # not stream saves the gateway a gRPC read (about 0.1 ms) and the server a write.
+            options.mode = (
+                common_pb2.RESPONSE_MODE_RESULT if sync else common_pb2.RESPONSE_MODE_ASYNC
+            )
             options.delivery = common_pb2.OUTPUT_DELIVERY_REFERENCES
             self.sync = sync
         return msg
@@ -401,40 +406,41 @@ class Compat:
     async def _generation(
         self, request: web.Request, task: CompatTask, call: Any, *, sync: bool
     ) -> web.StreamResponse:
-        first = await first_message(call, field_name=compat_field_name)
-        if first is None:
+        msg = await first_message(call, field_name=compat_field_name)
+        if msg is None:
             raise _bad_upstream("the generation stream was empty")
-        event = first.event
+        if sync:  # RESPONSE_MODE_RESULT: `finished` is all the stream carries
+            while msg.event.WhichOneof("kind") != "finished":
+                try:
+                    msg = await call.read()
+                except grpc.aio.AioRpcError as err:
+                    raise from_rpc_error(err, field_name=compat_field_name) from None
+                if msg is grpc.aio.EOF:
+                    raise _bad_upstream("the generation stream ended before the job did")
+            return self._finished(request, msg.event.finished.job)
+        event = msg.event
         if event.WhichOneof("kind") != "accepted":
             raise _bad_upstream("the generation stream did not start with accepted")
         accepted = event.accepted
         job_id = event.job.removeprefix("jobs/")
         text = accepted.task in _TEXT_TASKS
-        if not sync:
-            state = "Queued"
-            if accepted.existing:
-                job = await self._get_job(request, event.job)
-                state = JOB_STATES.get(job.state, "Unknown")
-            route = "GetTextGenerationStatus" if text else "GetArtifactGenerationStatus"
-            base = self.backend.base_url(request)
-            queued = {
-                "jobId": job_id,
-                "refId": accepted.ref_id,
-                "jobState": state,
-                "status": state,
-                "statusUrl": f"{base}/api/{route}?jobId={quote(job_id, safe='')}",
-            }
-            return _json(queued)
-        while True:
-            try:
-                msg = await call.read()
-            except grpc.aio.AioRpcError as err:
-                raise from_rpc_error(err, field_name=compat_field_name) from None
-            if msg is grpc.aio.EOF:
-                raise _bad_upstream("the generation stream ended before the job did")
-            if msg.event.WhichOneof("kind") == "finished":
-                job = msg.event.finished.job
-                break
+        state = "Queued"
+        if accepted.existing:
+            job = await self._get_job(request, event.job)
+            state = JOB_STATES.get(job.state, "Unknown")
+        route = "GetTextGenerationStatus" if text else "GetArtifactGenerationStatus"
+        base = self.backend.base_url(request)
+        queued = {
+            "jobId": job_id,
+            "refId": accepted.ref_id,
+            "jobState": state,
+            "status": state,
+            "statusUrl": f"{base}/api/{route}?jobId={quote(job_id, safe='')}",
+        }
+        return _json(queued)
+
+    def _finished(self, request: web.Request, job: Any) -> web.Response:
+        """A waited-for job's answer: its JSON, with the HTTP status of its error if any."""
         body = self.job_json(request, job, outputs=True, texts=True)
         status = 200
         if job.HasField("error") and job.error.code != 0:
