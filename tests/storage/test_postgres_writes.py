@@ -1,6 +1,7 @@
 """What a job's writes cost PostgreSQL: saves that keep a job unfinished are HOT updates
-(no index entry written), and the hot statements read rows by index on a table that grew
-after their plans were cached (migration 5, ``PLANNER_SETTINGS``)."""
+(no index entry written), storing an event does not lock its job's row (no foreign key
+check), and the hot statements read rows by index on a table that grew after their plans
+were cached (migration 5, ``PLANNER_SETTINGS``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import asyncpg
 
 from aiserver.jobs.model import JobState
-from aiserver.jobs.store import JobRecord
+from aiserver.jobs.store import JobRecord, NewEvent
 from aiserver.jobs.store.postgres import PostgresJobStore
 from tests.storage.backends import PG_URL, JobStoreBackend
 from tests.storage.test_job_store import make_job
@@ -77,5 +78,26 @@ async def test_hot_statements_use_indexes_on_a_table_never_analyzed(tmp_path: Pa
         # The quota reads the owner's unfinished jobs only, not the owner's history.
         assert "jobs_unfinished_by_owner" in counted, counted
         assert "Seq Scan" not in locked, locked
+    finally:
+        await backend.close()
+
+
+async def test_storing_events_does_not_lock_the_job_row(tmp_path: Path) -> None:
+    backend = JobStoreBackend("postgres", tmp_path)
+    try:
+        store = await backend.open()
+        job = make_job(1)
+        await store.create(JobRecord(job), holder="h", lease_s=30.0)
+        other = await asyncpg.connect(PG_URL, server_settings={"search_path": backend.schema})
+        try:
+            async with other.transaction():
+                # Another transaction holds the row (a foreign key check would wait for it).
+                await other.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", job.id)
+                await asyncio.wait_for(
+                    store.append_events(job.id, [NewEvent(2, "progress", {"p": 0.5})]), 5.0
+                )
+        finally:
+            await other.close()
+        assert [e.sequence for e in await store.events(job.id)] == [2]
     finally:
         await backend.close()
