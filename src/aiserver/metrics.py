@@ -90,6 +90,11 @@ class Metrics:
             registry=r,
         )
         self._live: _LiveState | None = None
+        # Children by label values, found once: ``labels()`` validates and joins the values
+        # and takes the metric's lock on every call (three per job).
+        self._finished_of: dict[tuple[str, str], Counter] = {}
+        self._wait_of: dict[str, Histogram] = {}
+        self._duration_of: dict[tuple[str, str], Histogram] = {}
 
     def watch(self, manager: JobManager, providers: Sequence[Provider]) -> None:
         """Expose the live state of ``manager`` and ``providers`` (once)."""
@@ -100,15 +105,23 @@ class Metrics:
     def job_finished(self, job: Job) -> None:
         """A job manager terminal hook (a plain function: run at once, no task per job)."""
         task = job.task.value
-        self.jobs_finished.labels(task, job.state.value).inc()
-        if job.started is not None:
-            self.job_wait.labels(task).observe(
-                max((job.started - job.created).total_seconds(), 0.0)
-            )
-            if job.ended is not None:
-                self.job_duration.labels(task, job.provider or "-").observe(
-                    max((job.ended - job.started).total_seconds(), 0.0)
-                )
+        key = (task, job.state.value)
+        finished = self._finished_of.get(key)
+        if finished is None:
+            finished = self._finished_of[key] = self.jobs_finished.labels(*key)
+        finished.inc()
+        if job.started is None:
+            return
+        wait = self._wait_of.get(task)
+        if wait is None:
+            wait = self._wait_of[task] = self.job_wait.labels(task)
+        wait.observe(max((job.started - job.created).total_seconds(), 0.0))
+        if job.ended is not None:
+            key = (task, job.provider or "-")
+            duration = self._duration_of.get(key)
+            if duration is None:
+                duration = self._duration_of[key] = self.job_duration.labels(*key)
+            duration.observe(max((job.ended - job.started).total_seconds(), 0.0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -180,11 +180,18 @@ class _Writer:
             return SpooledFile(self.field, self.file_name, self.path, "", self._size, data)
         if self._thread is None:
             self._on_disk = True
-            with self.path.open("wb") as fh:
+            # A raw descriptor: a Python file object around one or two writes cost about a
+            # quarter of creating, writing and closing the file (job inputs, on the loop).
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            try:
                 for data in self._held:
                     if self._hash is not None:
                         self._hash.update(data)
-                    fh.write(data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
             self._held = []
         else:
             assert self._ended is not None

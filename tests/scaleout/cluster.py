@@ -40,6 +40,7 @@ class Cluster:
         queue_ahead: int = 1,
         step_delay_s: float = 0.0,
         env: dict[str, str] | None = None,
+        s3: S3Server | None = None,
     ) -> None:
         self.root = root
         self.count = coordinators
@@ -48,7 +49,8 @@ class Cluster:
         self.max_jobs = max_jobs
         self.extra_env = env or {}
         self.queue_ahead = queue_ahead
-        self.s3: S3Server | None = None
+        self.s3: S3Server | None = s3
+        """Given: the tests reach it through a relay of their own (``env``); stopped at exit."""
         self.bucket = ""
         self.servers: list[ServerProcess] = []
 
@@ -81,7 +83,7 @@ class Cluster:
         }
 
     async def __aenter__(self) -> Cluster:
-        self.s3 = S3Server()
+        self.s3 = self.s3 or S3Server()
         self.bucket = self.s3.new_bucket()
         await self.standins.__aenter__()
         for i in range(self.count):

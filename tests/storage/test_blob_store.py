@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -195,3 +196,24 @@ async def test_a_local_read_abandoned_mid_file_closes_its_descriptor(tmp_path: P
         await reader.aclose()  # type: ignore[attr-defined]  # an async generator
     await asyncio.sleep(0.05)  # a read still in a thread closes the descriptor when done
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_local_put_makes_again_a_folder_removed_since_its_last_put(tmp_path: Path) -> None:
+    """The folder of a day is made once and remembered; removed meanwhile (by hand, or a
+    cleanup), the next put of that day makes it again instead of failing."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    store.put_now("2026/12/07/a.png", b"first")
+    shutil.rmtree(tmp_path / "blobs" / "2026")
+    store.put_now("2026/12/07/b.png", b"second")
+    assert (tmp_path / "blobs" / "2026/12/07/b.png").read_bytes() == b"second"
+    assert list((tmp_path / "blobs" / ".tmp").iterdir()) == []
+
+
+def test_local_put_that_fails_leaves_no_temp_file(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    (tmp_path / "blobs" / "2026").write_bytes(b"a file where the folder goes")
+    with pytest.raises(OSError):
+        store.put_now("2026/12/07/a.png", b"bytes")
+    assert list((tmp_path / "blobs" / ".tmp").iterdir()) == []
+    store.put_now("2027/01/01/a.png", b"ok")  # the store goes on
+    assert (tmp_path / "blobs" / "2027/01/01/a.png").read_bytes() == b"ok"

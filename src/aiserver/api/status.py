@@ -19,6 +19,7 @@ from aiserver.api.calls import current_call
 from aiserver.api.validation import check_request
 from aiserver.errors import DOMAIN, ErrorKind, ServiceError
 from aiserver.logs import request_id_var
+from aiserver.outage import backend_outage
 
 __all__ = ["abort", "request_id_of", "rpc", "to_status_proto"]
 
@@ -79,9 +80,13 @@ def _pack(msg: Any) -> any_pb2.Any:
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
     """End the call with ``exc`` as a rich status (an unexpected exception: INTERNAL)."""
+    outage = None if isinstance(exc, ServiceError) else backend_outage(exc)
     if isinstance(exc, ServiceError):
         err = exc
         logger.info("rpc failed: %s", err)
+    elif outage is not None:
+        err = outage
+        logger.warning("rpc failed: %s (%s: %s)", err, type(exc).__name__, exc)
     else:
         logger.exception("unexpected error", exc_info=exc)
         err = ServiceError(ErrorKind.INTERNAL, "INTERNAL", "internal error; see the server log")

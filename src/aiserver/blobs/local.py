@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import io
+import itertools
 import logging
 import os
 import threading
@@ -111,6 +112,10 @@ class LocalBlobStore:
         self._dir_syncs = _DirSyncs()
         self._tmp = root / ".tmp"
         self._tmp.mkdir(exist_ok=True)
+        # Temp names: unique per store object (the counter) and per process (the random part).
+        self._tmp_prefix = f"{self._tmp}/{uuid.uuid4().hex}-"
+        self._tmp_count = itertools.count()
+        self._folders: set[str] = set()  # made already (a retention delete leaves folders)
         for stale in self._tmp.iterdir():
             stale.unlink(missing_ok=True)
 
@@ -132,16 +137,33 @@ class LocalBlobStore:
         path = self._path(key)
         if path.is_file():
             return
-        tmp = self._tmp / f"{uuid.uuid4().hex}.part"
+        # A raw descriptor, a folder made once per day and no unlink after a rename: the
+        # Python file object, mkdir's FileExistsError and a failing unlink were about
+        # 30 us of a put's 110 us of CPU besides its syncs.
+        tmp = f"{self._tmp_prefix}{next(self._tmp_count)}.part"
         try:
-            with tmp.open("xb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            folder = os.path.dirname(path)
+            if folder not in self._folders:
+                os.makedirs(folder, exist_ok=True)
+                self._folders.add(folder)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:  # the folder was removed since it was made
+                self._folders.discard(folder)
+                os.makedirs(folder, exist_ok=True)
+                os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
         # The rename is durable only once the directory entry is on disk.
         self._dir_syncs.sync(path.parent)
 

@@ -37,6 +37,7 @@ from aiserver.jobs.outputs import ArtifactWriter
 from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import LeaseLost
 from aiserver.logs import job_id_var
+from aiserver.outage import backend_outage
 from aiserver.providers.base import Provider, WorkInput, WorkItem
 from aiserver.spool import InputSpool
 
@@ -64,7 +65,10 @@ class AttemptDriver:
         emit: Emit,
         finish: Finish,
         forget: Callable[[ActiveJob], None],
+        leased: bool = False,
     ) -> None:
+        """``leased``: jobs are held under leases on a shared store (a taker can resume one
+        this process drops)."""
         self._spool = spool
         self._artifacts = artifacts
         self._settings = settings
@@ -74,6 +78,7 @@ class AttemptDriver:
         self._emit = emit
         self._finish = finish
         self._forget = forget
+        self._leased = leased
         self.controllers: set[asyncio.Task[None]] = set()
 
     def launch(self, active: ActiveJob, provider: Provider, *, new_attempt: bool) -> None:
@@ -221,6 +226,12 @@ class AttemptDriver:
                     await self._requeue_unreached(active, retryable, counted=counted)
             elif isinstance(failure, ServiceError):
                 await self._finish(active, JobState.FAILED, failure)
+            elif self._leased and failure is not None and backend_outage(failure) is not None:
+                # The job database or blob store went away, not the agent: the prompt may
+                # still run there. Drop the job; its lease lapses and a taker (this process
+                # too) re-attaches from the checkpoint once the store is back.
+                logger.warning("job %s: store unreachable mid-run (%s); dropped", job.id, failure)
+                self._forget(active)
             else:
                 logger.error("job %s: provider %s failed", job.id, job.provider, exc_info=failure)
                 await self._finish(active, JobState.FAILED, internal_error())

@@ -82,6 +82,7 @@ from aiserver.jobs.store import (
 from aiserver.jobs.store_feed import StoreFeed
 from aiserver.jobs.store_watch import Handover, StoreWatch
 from aiserver.logs import job_id_var
+from aiserver.outage import backend_outage
 from aiserver.providers.base import (
     Provider,
 )
@@ -154,6 +155,7 @@ class JobManager:
             emit=self._emit,
             finish=self._finish,
             forget=self._forget,
+            leased=holder is not None,
         )
         self._tasks: set[asyncio.Task[Any]] = set()  # finishes, hooks, background writes
         self._leases = (
@@ -911,7 +913,15 @@ class JobManager:
             active.finishing = False
             self._forget(active)  # the holder now decides how it ends
             return
-        except Exception:
+        except Exception as exc:
+            if self._leases is not None and backend_outage(exc) is not None:
+                # The database is away: announcing an end it does not know would tell
+                # watchers one outcome and leave the job to a taker that may reach another.
+                # Drop it instead; its lease lapses and a taker resumes it from its checkpoint.
+                logger.warning("job %s: could not store its end (%s); left to a taker", job.id, exc)
+                active.finishing = False
+                self._forget(active)
+                return
             logger.exception("job %s: could not store its end", job.id)
         if self._hub.is_open(job.id):  # (not after stop() closed the streams)
             event = self._hub.emit(job.id, Finished(final))  # ... then the event ...

@@ -1,0 +1,75 @@
+"""Failures that mean a shared backend (the PostgreSQL job store, the S3 blob store) cannot be
+reached right now, told apart from bugs: a call that meets one answers UNAVAILABLE with a
+retry hint (the client retries, maybe on another coordinator), not INTERNAL.
+
+The drivers are looked up in ``sys.modules`` only: the embedded default never loads them,
+and an exception of a driver that is not loaded cannot be one of its errors.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+
+from aiserver.errors import ErrorKind, ServiceError
+
+__all__ = ["RETRY_AFTER_S", "backend_outage"]
+
+RETRY_AFTER_S = 1.0
+"""The retry hint: a restarting database or store is usually back within seconds."""
+
+_NETWORK_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ETIMEDOUT,
+        errno.EPIPE,
+    }
+)
+
+
+def backend_outage(exc: BaseException) -> ServiceError | None:
+    """UNAVAILABLE ``STORE_UNAVAILABLE`` when ``exc`` (or what it was raised from) is a lost
+    or refused connection to the job database or the blob store; else None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _is_outage(current):
+            return ServiceError(
+                ErrorKind.UNAVAILABLE,
+                "STORE_UNAVAILABLE",
+                "the job database or artifact store cannot be reached; retry shortly",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, ConnectionError):
+        return True
+    if type(exc) is OSError:
+        # asyncio's connect to a host with several addresses raises a bare OSError
+        # ("Multiple exceptions: ..."), without an errno.
+        return exc.errno in _NETWORK_ERRNOS or str(exc).startswith("Multiple exceptions")
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is not None and isinstance(
+        exc,
+        (
+            asyncpg.PostgresConnectionError,  # class 08: the connection is gone or refused
+            asyncpg.exceptions.OperatorInterventionError,  # 57: shutting down, starting up
+            asyncpg.exceptions.ConnectionDoesNotExistError,
+        ),
+    ):
+        return True
+    if asyncpg is not None and isinstance(exc, asyncpg.InterfaceError):
+        # The pool's "connection is closed" / "pool is closing" while a server restarts.
+        return "closed" in str(exc) or "closing" in str(exc)
+    botocore = sys.modules.get("botocore.exceptions")
+    return botocore is not None and isinstance(
+        exc, (botocore.ConnectionError, botocore.HTTPClientError)
+    )

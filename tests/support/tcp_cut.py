@@ -1,0 +1,76 @@
+"""A TCP relay the tests can cut: a database or object store "restarted" or unreachable
+for a few seconds, for the processes that reach it through the relay only (the machine's
+PostgreSQL is shared with other test runs and must not be restarted)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+__all__ = ["TcpCut"]
+
+
+class TcpCut:
+    """Relays 127.0.0.1:``port`` to ``host:target_port``. :meth:`cut` drops every relayed
+    connection and closes each new one at once (what clients see while a server restarts);
+    :meth:`restore` relays again."""
+
+    def __init__(self, host: str, target_port: int) -> None:
+        self._host = host
+        self._target_port = target_port
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+        self.is_cut = False
+        self.refused = 0
+        """Connections closed at once while cut (the outage was met, not slept through)."""
+
+    async def __aenter__(self) -> TcpCut:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._drop_all()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        self.is_cut = True
+        self._drop_all()
+
+    def restore(self) -> None:
+        self.is_cut = False
+
+    def _drop_all(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()  # a reset, as from a server that went away
+        self._writers.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.is_cut:
+            self.refused += 1
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self._host, self._target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.transport.abort()

@@ -1,0 +1,54 @@
+"""Which failures answer UNAVAILABLE STORE_UNAVAILABLE (a backend away), not INTERNAL."""
+
+from __future__ import annotations
+
+import socket
+
+import asyncpg
+import boto3
+import pytest
+from botocore.config import Config
+
+from aiserver.errors import ErrorKind
+from aiserver.outage import backend_outage
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_refused_database_connection_is_an_outage() -> None:
+    with pytest.raises(Exception) as refused:
+        await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{_closed_port()}/test")
+    error = backend_outage(refused.value)
+    assert error is not None and error.kind is ErrorKind.UNAVAILABLE
+    assert error.reason == "STORE_UNAVAILABLE" and error.retry_after_s
+
+
+def test_an_unreachable_s3_endpoint_is_an_outage() -> None:
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{_closed_port()}",
+        region_name="us-east-1",
+        aws_access_key_id="k",
+        aws_secret_access_key="s",
+        config=Config(retries={"max_attempts": 1}),
+    )
+    with pytest.raises(Exception) as refused:
+        client.head_object(Bucket="b", Key="k")
+    assert backend_outage(refused.value) is not None
+
+
+def test_a_wrapped_outage_is_found_and_bugs_are_not_outages() -> None:
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError as reset:
+            raise RuntimeError("while storing") from reset
+    except RuntimeError as wrapped:
+        assert backend_outage(wrapped) is not None
+    assert backend_outage(ValueError("bad")) is None
+    assert backend_outage(FileNotFoundError(2, "gone")) is None
+    assert backend_outage(TimeoutError()) is None
