@@ -201,7 +201,7 @@ def group_create_sql() -> str:
         f"WITH v AS MATERIALIZED (SELECT *, row_number() OVER () AS ord FROM {source}"
         f" AS v({names})),"
         " ok AS (SELECT * FROM v WHERE v.max_active <= 0 OR (SELECT count(*) FROM jobs j"
-        f" WHERE j.owner = v.owner AND j.state IN {rows.UNFINISHED_SQL})"
+        " WHERE j.owner = v.owner AND j.unfinished)"
         " + (SELECT count(*) FROM v w WHERE w.owner = v.owner AND w.ord < v.ord)"
         " < v.max_active),"
         # In (owner, ref_id) order: two groups racing on the same ref_ids wait in one order.

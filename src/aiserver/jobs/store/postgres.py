@@ -59,6 +59,12 @@ __all__ = ["PostgresJobStore", "keep_session", "migrate"]
 
 logger = logging.getLogger(__name__)
 
+PLANNER_SETTINGS = {"enable_seqscan": "off"}
+"""Every statement of the job store finds its rows by an index, but PostgreSQL plans on
+estimates: a prepared statement's generic plan, cached while a table was small (new, or
+never analyzed: autovacuum off), kept scanning the whole table as it grew (a group save read
+every job row; bench/README.md, "PostgreSQL's CPU per job"). Off, a sequential scan is only
+the last resort (a statement no index serves still runs)."""
 _OWNER_LOCK = 0x6169  # first key of per-owner create locks (pg_advisory_xact_lock(int, int))
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -118,7 +124,7 @@ class PostgresJobStore:
             url,
             min_size=1,
             max_size=pool_size,
-            server_settings={"search_path": schema},
+            server_settings={"search_path": schema, **PLANNER_SETTINGS},
             reset=keep_session,
         )
         return cls(pool, url, schema)
@@ -393,22 +399,21 @@ class PostgresJobStore:
 
     async def unfinished(self) -> list[JobRecord]:
         found = await self._fetch(
-            f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE state IN {rows.UNFINISHED_SQL}"
-            " ORDER BY created_us, id"
+            f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE unfinished ORDER BY created_us, id"
         )
         return [rows.record_of(r) for r in found]
 
     # --- queue, quotas, references ----------------------------------------------------------
 
     async def count_active(self, owner: str | None = None) -> int:
-        sql = f"SELECT count(*) FROM jobs WHERE state IN {rows.UNFINISHED_SQL}"
+        sql = "SELECT count(*) FROM jobs WHERE unfinished"
         if owner is None:
             return int(await self._fetchval(sql))
         return int(await self._fetchval(sql + " AND owner = $1", owner))
 
     async def queue_position(self, job_id: str) -> int:
         found = await self._fetchval(
-            "SELECT (SELECT count(*) FROM jobs q WHERE q.state = 'QUEUED'"
+            "SELECT (SELECT count(*) FROM jobs q WHERE q.unfinished AND q.state = 'QUEUED'"
             " AND (q.created_us, q.id) < (j.created_us, j.id)) + 1"
             " FROM jobs j WHERE j.id = $1 AND j.state = 'QUEUED'",
             job_id,
@@ -421,15 +426,13 @@ class PostgresJobStore:
             return set()
         found = await self._fetch(
             "SELECT DISTINCT i.sha256 FROM job_inputs i JOIN jobs j ON j.id = i.job_id"
-            f" WHERE i.sha256 = ANY($1::text[]) AND j.state IN {rows.UNFINISHED_SQL}",
+            " WHERE i.sha256 = ANY($1::text[]) AND j.unfinished",
             wanted,
         )
         return {r[0] for r in found}
 
     async def artifacts_in_use(self) -> set[str]:
-        found = await self._fetch(
-            f"SELECT outputs FROM jobs WHERE state IN {rows.UNFINISHED_SQL} AND outputs != '[]'"
-        )
+        found = await self._fetch("SELECT outputs FROM jobs WHERE unfinished AND outputs != '[]'")
         return {name for r in found for name in rows.output_names(r[0])}
 
     # --- one queue across processes: positions, work stealing -------------------------------
@@ -442,7 +445,7 @@ class PostgresJobStore:
         found = await self._fetch(
             "WITH q AS (SELECT id, lease_holder,"
             " row_number() OVER (ORDER BY created_us, id) AS pos"
-            " FROM jobs WHERE state = 'QUEUED')"
+            " FROM jobs WHERE unfinished AND state = 'QUEUED')"
             " SELECT id, pos FROM q WHERE lease_holder = $1 OR id = ANY($2::text[])"
             " UNION ALL SELECT NULL, count(*) FROM q",
             holder,
@@ -457,7 +460,8 @@ class PostgresJobStore:
     ) -> list[tuple[JobRecord, str]]:
         now = _now_us()
         found = await self._fetch(
-            f"SELECT {rows.SELECT_COLUMNS}, lease_holder FROM jobs WHERE state = 'QUEUED'"
+            f"SELECT {rows.SELECT_COLUMNS}, lease_holder FROM jobs WHERE unfinished"
+            " AND state = 'QUEUED'"
             " AND lease_holder <> $1 AND lease_expires_us >= $2 AND updated_us < $3"
             " AND cancel_requested_us IS NULL AND task = ANY($4::text[])"
             " ORDER BY created_us, id LIMIT $5",
@@ -521,7 +525,7 @@ class PostgresJobStore:
         # outer UPDATE returns the previous holder (a takeover when there was one).
         found = await self._fetchrow(
             "WITH next AS ("
-            f" SELECT id, lease_holder FROM jobs WHERE state IN {rows.UNFINISHED_SQL}"
+            " SELECT id, lease_holder FROM jobs WHERE unfinished"
             " AND (lease_holder IS NULL OR lease_expires_us < $1)"
             " AND (cardinality($4::text[]) = 0 OR task = ANY($4::text[]))"
             " AND ($5::text IS NULL OR id = $5)"
@@ -910,7 +914,7 @@ def _create_sql(limited: bool, events: bool, announce: bool) -> str:
         source = (
             f"SELECT {values} WHERE (SELECT count(*) FROM jobs"
             f" WHERE owner = ${rows.COLUMNS.index('owner') + 1}"
-            f" AND state IN {rows.UNFINISHED_SQL}) < ${n}"
+            f" AND unfinished) < ${n}"
         )
     sql = (
         f"WITH made AS (INSERT INTO jobs ({rows.SELECT_COLUMNS}, lease_holder,"

@@ -1,0 +1,103 @@
+"""What a job's writes cost PostgreSQL: saves that keep a job unfinished are HOT updates
+(no index entry written), storing an event does not lock its job's row (no foreign key
+check), and the hot statements read rows by index on a table that grew after their plans
+were cached (migration 5, ``PLANNER_SETTINGS``)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+
+from aiserver.jobs.model import JobState
+from aiserver.jobs.store import JobRecord, NewEvent
+from aiserver.jobs.store.postgres import PostgresJobStore
+from tests.storage.backends import PG_URL, JobStoreBackend
+from tests.storage.test_job_store import make_job
+
+
+async def _update_counts(backend: JobStoreBackend) -> tuple[int, int]:
+    """(updates, HOT updates) of ``jobs``, once the store's backends reported them."""
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        for _ in range(100):
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            found = await conn.fetchrow(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+                " WHERE schemaname = $1 AND relname = 'jobs'",
+                backend.schema,
+            )
+            if found is not None and found[0] >= 3:
+                return int(found[0]), int(found[1])
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    raise AssertionError("the store's updates were never reported")
+
+
+async def test_saves_that_keep_a_job_unfinished_write_no_index(tmp_path: Path) -> None:
+    backend = JobStoreBackend("postgres", tmp_path)
+    try:
+        store = await backend.open()
+        job = make_job(1)
+        await store.create(JobRecord(job), holder="h", lease_s=30.0)
+        job.state = JobState.RUNNING  # QUEUED -> RUNNING: `state` changes, `unfinished` not
+        await store.save(JobRecord(job), holder="h")
+        job.resume = {"agent": "a", "prompt_id": "p"}
+        await store.save(JobRecord(job), holder="h")
+        job.progress = 0.5
+        await store.save(JobRecord(job), holder="h")
+        await store.close()  # its backends exit and report their counts
+        assert await _update_counts(backend) == (3, 3)
+    finally:
+        await backend.close()
+
+
+async def test_hot_statements_use_indexes_on_a_table_never_analyzed(tmp_path: Path) -> None:
+    backend = JobStoreBackend("postgres", tmp_path)
+    try:
+        store = await backend.open()
+        assert isinstance(store, PostgresJobStore)
+        for n in range(400):  # one owner's history, all finished: nothing counts for the quota
+            await store.create(JobRecord(make_job(n, state=JobState.SUCCEEDED)))
+        async with store._pool.acquire() as conn:
+            counted = "\n".join(
+                r[0]
+                for r in await conn.fetch(
+                    "EXPLAIN SELECT count(*) FROM jobs WHERE owner = 'alice' AND unfinished"
+                )
+            )
+            locked = "\n".join(
+                r[0]
+                for r in await conn.fetch(
+                    "EXPLAIN SELECT id FROM jobs WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+                    ["a", "b"],
+                )
+            )
+        # The quota reads the owner's unfinished jobs only, not the owner's history.
+        assert "jobs_unfinished_by_owner" in counted, counted
+        assert "Seq Scan" not in locked, locked
+    finally:
+        await backend.close()
+
+
+async def test_storing_events_does_not_lock_the_job_row(tmp_path: Path) -> None:
+    backend = JobStoreBackend("postgres", tmp_path)
+    try:
+        store = await backend.open()
+        job = make_job(1)
+        await store.create(JobRecord(job), holder="h", lease_s=30.0)
+        other = await asyncpg.connect(PG_URL, server_settings={"search_path": backend.schema})
+        try:
+            async with other.transaction():
+                # Another transaction holds the row (a foreign key check would wait for it).
+                await other.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", job.id)
+                await asyncio.wait_for(
+                    store.append_events(job.id, [NewEvent(2, "progress", {"p": 0.5})]), 5.0
+                )
+        finally:
+            await other.close()
+        assert [e.sequence for e in await store.events(job.id)] == [2]
+    finally:
+        await backend.close()
