@@ -52,3 +52,16 @@ def test_a_wrapped_outage_is_found_and_bugs_are_not_outages() -> None:
     assert backend_outage(ValueError("bad")) is None
     assert backend_outage(FileNotFoundError(2, "gone")) is None
     assert backend_outage(TimeoutError()) is None
+
+
+def test_a_bug_while_handling_a_lost_connection_is_not_an_outage() -> None:
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError:
+            raise KeyError("a bug in the handler") from None
+    except KeyError as bug:
+        assert backend_outage(bug) is None
+    assert backend_outage(asyncpg.exceptions.ProtocolViolationError("bad bind")) is None
+    assert backend_outage(asyncpg.exceptions.QueryCanceledError("statement timeout")) is None
+    assert backend_outage(socket.gaierror(-2, "Name or service not known")) is not None

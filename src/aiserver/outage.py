@@ -9,6 +9,7 @@ and an exception of a driver that is not loaded cannot be one of its errors.
 from __future__ import annotations
 
 import errno
+import socket
 import sys
 
 from aiserver.errors import ErrorKind, ServiceError
@@ -45,18 +46,32 @@ def backend_outage(exc: BaseException) -> ServiceError | None:
                 "the job database or artifact store cannot be reached; retry shortly",
                 retry_after_s=RETRY_AFTER_S,
             )
-        current = current.__cause__ or current.__context__
+        # What it was raised from; what it was raised while handling only if not
+        # suppressed (a bug in an ``except`` clause for a lost connection is still a bug).
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
     return None
 
 
 def _is_outage(exc: BaseException) -> bool:
-    if isinstance(exc, ConnectionError):
+    if isinstance(exc, ConnectionError | socket.gaierror):  # gaierror: the host's name
         return True
     if type(exc) is OSError:
         # asyncio's connect to a host with several addresses raises a bare OSError
         # ("Multiple exceptions: ..."), without an errno.
         return exc.errno in _NETWORK_ERRNOS or str(exc).startswith("Multiple exceptions")
     asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is not None and isinstance(
+        exc,
+        (
+            # Subclasses of the classes below that a bug (a malformed message) or a
+            # statement timeout raise: not the server being away.
+            asyncpg.exceptions.ProtocolViolationError,
+            asyncpg.exceptions.QueryCanceledError,
+        ),
+    ):
+        return False
     if asyncpg is not None and isinstance(
         exc,
         (

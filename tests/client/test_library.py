@@ -27,6 +27,7 @@ from aiserver.client import (
     Progress,
     Stage,
     TextOutput,
+    requests,
 )
 from tests.client.support import INJECTED_FAILURE, GenServer
 from tests.support.images import encode, quadrant_image
@@ -349,3 +350,12 @@ async def test_text_output_events(gen_client: AsyncClient) -> None:
     events = [e async for e in gen_client.image_to_text(PNG, prompt="caption")]
     (text,) = [e for e in events if isinstance(e, TextOutput)]
     assert text.text.strip() and text.index == 0
+
+
+def test_result_only_cannot_go_with_wait_false_on_any_request() -> None:
+    for make in (
+        lambda: requests.ImageUpscale(PNG, result_only=True, wait=False),
+        lambda: requests.ImageWithMask(PNG, PNG, prompt="x", result_only=True, wait=False),
+    ):
+        with pytest.raises(ValueError, match="result_only"):
+            make()

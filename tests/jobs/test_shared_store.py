@@ -369,3 +369,17 @@ async def test_no_adoption_pass_takes_a_job_between_its_create_and_its_creators_
     store.create = create  # type: ignore[method-assign]
     assert adopted == [None]  # leased to its creator in the create itself
     assert a.queue_position(job.id) or job.id in a._active
+
+
+async def test_a_cancel_on_the_holder_is_stored_before_the_job_ends(pair: Pair) -> None:
+    # Should the holder fail to store the end and drop the job, its taker must still cancel
+    # it: the request is in the database before the holder answers CANCELLED.
+    runner = ScriptedProvider("p1", gated)
+    a = await pair.manager(runner)
+    job = await submit(a, pair.env)
+    run = await runner.next_run()
+    store = await pair.store()
+    assert not await store.cancel_requested(job.id)
+    cancelled = await within(a.cancel(job.id, "alice"))
+    assert cancelled.state is JobState.CANCELLED and run.cancelled
+    assert await store.cancel_requested(job.id)

@@ -41,7 +41,8 @@ class _ResponseModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Response
     that fails or is cancelled ends the stream with `finished` and an OK status, and
     cancelling the call cancels the job, both as in SYNC. A caller that loses the stream
     before `finished` finds its job by `ref_id` (JobService.ListJobs) or, once an event has
-    arrived, by name (JobService.GetJob).
+    arrived, by name (JobService.GetJob). The stream is silent while the job waits and runs:
+    behind a proxy that cuts streams idle for a while, use SYNC (progress keeps it busy).
     """
 
 class ResponseMode(_ResponseMode, metaclass=_ResponseModeEnumTypeWrapper):
@@ -64,7 +65,8 @@ names the job in `job`, and whether `ref_id` matched an existing job is not told
 that fails or is cancelled ends the stream with `finished` and an OK status, and
 cancelling the call cancels the job, both as in SYNC. A caller that loses the stream
 before `finished` finds its job by `ref_id` (JobService.ListJobs) or, once an event has
-arrived, by name (JobService.GetJob).
+arrived, by name (JobService.GetJob). The stream is silent while the job waits and runs:
+behind a proxy that cuts streams idle for a while, use SYNC (progress keeps it busy).
 """
 Global___ResponseMode: _TypeAlias = ResponseMode  # noqa: Y015
 

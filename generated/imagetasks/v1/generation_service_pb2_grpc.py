@@ -52,8 +52,10 @@ class GenerationServiceStub:
     and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`; with
     RESPONSE_MODE_RESULT it carries only the outputs (with BYTES delivery) and `finished`. A job
     that fails still ends the stream with `finished` (the error is in `finished.job.error`) and
-    an OK status; the call itself fails only when no job was made. Cancelling the call (or its
-    deadline passing) cancels a SYNC or RESULT job.
+    an OK status; the call itself fails only when no job was made, or when the job database
+    cannot be reached mid-call (UNAVAILABLE, reason STORE_UNAVAILABLE: the job may exist; look
+    it up by `ref_id` before sending it again). Cancelling the call (or its deadline passing)
+    cancels a SYNC or RESULT job.
     """
 
     def __init__(self, channel):
@@ -111,8 +113,10 @@ class GenerationServiceServicer:
     and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`; with
     RESPONSE_MODE_RESULT it carries only the outputs (with BYTES delivery) and `finished`. A job
     that fails still ends the stream with `finished` (the error is in `finished.job.error`) and
-    an OK status; the call itself fails only when no job was made. Cancelling the call (or its
-    deadline passing) cancels a SYNC or RESULT job.
+    an OK status; the call itself fails only when no job was made, or when the job database
+    cannot be reached mid-call (UNAVAILABLE, reason STORE_UNAVAILABLE: the job may exist; look
+    it up by `ref_id` before sending it again). Cancelling the call (or its deadline passing)
+    cancels a SYNC or RESULT job.
     """
 
     def ImageToImage(self, request_iterator, context):
@@ -204,8 +208,10 @@ class GenerationService:
     and ends with `finished`. With RESPONSE_MODE_ASYNC it ends after `accepted`; with
     RESPONSE_MODE_RESULT it carries only the outputs (with BYTES delivery) and `finished`. A job
     that fails still ends the stream with `finished` (the error is in `finished.job.error`) and
-    an OK status; the call itself fails only when no job was made. Cancelling the call (or its
-    deadline passing) cancels a SYNC or RESULT job.
+    an OK status; the call itself fails only when no job was made, or when the job database
+    cannot be reached mid-call (UNAVAILABLE, reason STORE_UNAVAILABLE: the job may exist; look
+    it up by `ref_id` before sending it again). Cancelling the call (or its deadline passing)
+    cancels a SYNC or RESULT job.
     """
 
     @staticmethod

@@ -260,6 +260,7 @@ class ImageWithMask(_Sampling):
     MESSAGE = generation_service_pb2.ImageWithMaskRequest
 
     def __post_init__(self) -> None:
+        JobOptions.__post_init__(self)
         if self.mask_channel not in _MASK_CHANNELS:
             raise ValueError(f"mask_channel must be one of {', '.join(_MASK_CHANNELS)}")
 

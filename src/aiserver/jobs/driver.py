@@ -292,7 +292,9 @@ class AttemptDriver:
         for ref in job.inputs:
             try:  # from the shared store when another process received the upload
                 path = await self._spool.local_path(ref.sha256)
-            except Exception:
+            except Exception as exc:
+                if backend_outage(exc) is not None:
+                    raise  # the bucket away for now: not a missing input
                 raise input_missing(ref) from None
             inputs[ref.field] = WorkInput(
                 ref.field, path, ref.file_name, ref.sha256, ref.mime_type, ref.width, ref.height

@@ -464,6 +464,11 @@ class JobManager:
                 return await self.get(job_id, owner)
         if owner is not None and active.job.owner != owner:
             raise job_not_found(job_id)
+        if self._leases is not None and not active.finishing:
+            # Stored first: should this process fail to store the end (the database away)
+            # and drop the job, its taker still reads the request and cancels it. An
+            # unreachable database fails this call (UNAVAILABLE) before anything is told.
+            await self._store.request_cancel(job_id)
         if not active.finishing:
             await self._cancel_here(active)
         try:
