@@ -359,7 +359,7 @@ class JobManager:
                 if found:
                     return self._fresh(found[0]), True
             raise self._too_many_jobs(limit)
-        create = self._create(
+        job = self._new_job(
             owner=owner,
             task=task,
             spec=spec,
@@ -367,8 +367,8 @@ class JobManager:
             ref_id=ref_id,
             tag=tag,
             reply_to=reply_to,
-            counted=local_limit,
         )
+        create = self._create(job, counted=local_limit)
         if local_limit:
             # Counted until it is in _active (where active_count sees it): concurrent
             # submissions cannot all slip under the limit, nor is one counted twice.
@@ -566,7 +566,7 @@ class JobManager:
 
     # --- submit and replay ----------------------------------------------------------------
 
-    async def _create(
+    def _new_job(
         self,
         *,
         owner: str,
@@ -576,42 +576,10 @@ class JobManager:
         ref_id: str,
         tag: str,
         reply_to: str,
-        counted: bool = False,
-    ) -> tuple[Job, bool]:
-        try:
-            return await self._create_job(
-                owner=owner,
-                task=task,
-                spec=spec,
-                inputs=inputs,
-                ref_id=ref_id,
-                tag=tag,
-                reply_to=reply_to,
-            )
-        finally:
-            # In the step that put the job in _active (no await between): never counted
-            # twice, never missing from both.
-            if counted:
-                left = self._creating[owner] - 1
-                if left:
-                    self._creating[owner] = left
-                else:
-                    del self._creating[owner]
-
-    async def _create_job(
-        self,
-        *,
-        owner: str,
-        task: TaskKind,
-        spec: TaskSpec,
-        inputs: Sequence[InputRef],
-        ref_id: str,
-        tag: str,
-        reply_to: str,
-    ) -> tuple[Job, bool]:
+    ) -> Job:
         now = _now()
         job_id = new_job_id(now)
-        job = Job(
+        return Job(
             id=job_id,
             task=task,
             spec=spec,
@@ -624,19 +592,31 @@ class JobManager:
             reply_to=reply_to,
             inputs=builtins.list(inputs),
         )
-        if self._leases is not None:
-            return await self._create_shared(job)
-        stored, existing = await self._store.create(JobRecord(job, SEQUENCE_BLOCK))
-        if existing:
-            return self._fresh(stored.job), True
-        active = ActiveJob(stored)
-        self._active[job_id] = active
-        self._dispatch.enqueue(active, time.monotonic())
-        active.last_position = self._dispatch.position(job_id)
-        self._hub.open_new(job)
-        self._hub.emit(job_id, Accepted(task, job.ref_id, active.last_position))
-        self._dispatch.wake()
-        return snapshot(job), False
+
+    async def _create(self, job: Job, *, counted: bool = False) -> tuple[Job, bool]:
+        try:
+            if self._leases is not None:
+                return await self._create_shared(job)
+            stored, existing = await self._store.create(JobRecord(job, SEQUENCE_BLOCK))
+            if existing:
+                return self._fresh(stored.job), True
+            active = ActiveJob(stored)
+            self._active[job.id] = active
+            self._dispatch.enqueue(active, time.monotonic())
+            active.last_position = self._dispatch.position(job.id)
+            self._hub.open_new(job)
+            self._hub.emit(job.id, Accepted(job.task, job.ref_id, active.last_position))
+            self._dispatch.wake()
+            return snapshot(job), False
+        finally:
+            # In the step that put the job in _active (no await between): never counted
+            # twice, never missing from both.
+            if counted:
+                left = self._creating[job.owner] - 1
+                if left:
+                    self._creating[job.owner] = left
+                else:
+                    del self._creating[job.owner]
 
     async def _create_shared(self, job: Job) -> tuple[Job, bool]:
         """Create the job leased to this process, with its Accepted event: it is queued here."""
