@@ -29,7 +29,7 @@ import grpc
 from bench import ROOT
 from bench.client_loop import Inputs, JobFn, _direct_job, _segment, _service_job, _wait_ready
 from bench.comfy_direct import DirectComfy
-from bench.common import cpu_seconds
+from bench.common import cpu_seconds, quit_child
 
 
 async def main() -> None:
@@ -88,18 +88,7 @@ class Callers:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.write(b"quit\n")
-            proc.stdin.close()
-        try:
-            async with asyncio.timeout(20):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await quit_child(self._proc, 20)
 
     async def ask(self, command: dict[str, Any]) -> dict[str, Any]:
         proc = self._proc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 import os
@@ -251,3 +252,19 @@ def reset_peak_rss(pid: int) -> bool:
         return True
     except OSError:
         return False
+
+
+async def quit_child(proc: asyncio.subprocess.Process | None, within_s: float = 20.0) -> None:
+    """End a bench child that reads commands on stdin: ``quit``, then a kill past
+    ``within_s``."""
+    if proc is None:
+        return
+    if proc.stdin is not None and not proc.stdin.is_closing():
+        proc.stdin.write(b"quit\n")
+        proc.stdin.close()
+    try:
+        async with asyncio.timeout(within_s):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()

@@ -31,6 +31,7 @@ from typing import Any
 from PIL import Image
 
 from bench import ROOT
+from bench.common import quit_child
 from bench.standin_proc import StandIns
 
 AGENTS = 4
@@ -128,18 +129,7 @@ class _Pool:
         return dict(json.loads(line))
 
     async def __aexit__(self, *exc: object) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.write(b"quit\n")
-            proc.stdin.close()
-        try:
-            async with asyncio.timeout(20):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await quit_child(self._proc, 20)
 
 
 async def _compare(other: Path, rounds: int, jobs: int, concurrency: int, module: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import ROOT
-from bench.common import ensure_comfy_provider
+from bench.common import ensure_comfy_provider, quit_child
 
 
 async def main() -> None:
@@ -96,17 +96,7 @@ class ServiceProcess:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        proc = self._proc
-        if proc is not None:
-            if proc.stdin is not None and not proc.stdin.is_closing():
-                proc.stdin.write(b"quit\n")
-                proc.stdin.close()
-            try:
-                async with asyncio.timeout(20):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await quit_child(self._proc, 20)
         if self._log_fh is not None:
             self._log_fh.close()
 

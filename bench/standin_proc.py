@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import ROOT
+from bench.common import quit_child
 from tests.support.comfy_standin import ComfyStandIn, QueueItem, Received
 from tests.support.prompt_marks import job_label, repeated
 
@@ -221,18 +222,7 @@ class StandIns:
         await self._ask("reset")
 
     async def __aexit__(self, *exc: object) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.write(b"quit\n")
-            proc.stdin.close()
-        try:
-            async with asyncio.timeout(10):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await quit_child(self._proc, 10)
 
 
 if __name__ == "__main__":
