@@ -48,7 +48,7 @@ from bench import ROOT
 from bench.common import cpu_seconds, free_port, ms, percentile, spread
 from bench.gateway_path import _Gateway, _http_job
 from bench.orchestration import Inputs, _segment, _wait_ready
-from bench.service_proc import ServiceProcess
+from bench.service_proc import ServiceProcess, service_env
 from bench.standin_proc import StandIns
 
 AGENTS = 4
@@ -384,18 +384,7 @@ async def _run(jobs: int, rounds: int, variants: tuple[str, ...]) -> dict[str, A
     p50s: dict[str, list[float]] = {v: [] for v in variants}
     try:
         async with StandIns(AGENTS, tmp / "comfy") as agents:
-            env = {
-                "AISERVER_GRPC_HOST": "127.0.0.1",
-                "AISERVER_GRPC_PORT": "0",
-                "AISERVER_HTTP_ENABLED": "false",
-                "AISERVER_DATA_DIR": str(tmp / "service"),
-                "AISERVER_AGENTS": json.dumps(
-                    [
-                        {"url": url, "name": f"agent{i}", "max_concurrent_jobs": 64}
-                        for i, url in enumerate(agents.urls)
-                    ]
-                ),
-            }
+            env = service_env(tmp / "service", agents.urls)
             async with (
                 ServiceProcess(env, tmp / "service.log") as service,
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,

@@ -41,7 +41,7 @@ import grpc
 from bench import ROOT
 from bench.common import LoadWatch, cpu_seconds, free_port, ms, percentile, row, spread
 from bench.orchestration import Inputs, JobFailed, JobFn, _segment, _service_job, _wait_ready
-from bench.service_proc import ServiceProcess
+from bench.service_proc import ServiceProcess, service_env
 from bench.standin_proc import StandIns
 
 NAME = "gateway_path"
@@ -152,19 +152,7 @@ async def _mode(
     reps = 1 if quick else 5
     mixed, totals = _jobs(quick)
     per_level: dict[int, dict[str, list[float]]] = {n: {k: [] for k in FIGURES} for n in LEVELS}
-    env = {
-        "AISERVER_GRPC_HOST": "127.0.0.1",
-        "AISERVER_GRPC_PORT": "0",
-        "AISERVER_HTTP_ENABLED": "true" if mode == "embedded" else "false",
-        "AISERVER_HTTP_PORT": "0",
-        "AISERVER_DATA_DIR": str(tmp / f"service-{mode}"),
-        "AISERVER_AGENTS": json.dumps(
-            [
-                {"url": url, "name": f"agent{i}", "max_concurrent_jobs": 64}
-                for i, url in enumerate(agents.urls)
-            ]
-        ),
-    }
+    env = service_env(tmp / f"service-{mode}", agents.urls, http=mode == "embedded")
     async with ServiceProcess(env, tmp / f"service-{mode}.log") as service:
         gateway: _Gateway | None = None
         if mode == "separate":
@@ -322,19 +310,7 @@ async def _profile(label: str, jobs: int, concurrency: int, path: str, mode: str
     collapsed = tmp / "profile.txt"
     try:
         async with StandIns(AGENTS, tmp / "comfy") as agents:
-            env = {
-                "AISERVER_GRPC_HOST": "127.0.0.1",
-                "AISERVER_GRPC_PORT": "0",
-                "AISERVER_HTTP_ENABLED": "true" if mode == "embedded" else "false",
-                "AISERVER_HTTP_PORT": "0",
-                "AISERVER_DATA_DIR": str(tmp / "service"),
-                "AISERVER_AGENTS": json.dumps(
-                    [
-                        {"url": url, "name": f"agent{i}", "max_concurrent_jobs": 64}
-                        for i, url in enumerate(agents.urls)
-                    ]
-                ),
-            }
+            env = service_env(tmp / "service", agents.urls, http=mode == "embedded")
             async with (
                 ServiceProcess(env, tmp / "service.log") as service,
                 contextlib.AsyncExitStack() as stack,

@@ -50,7 +50,7 @@ from bench.client_loop import (
 )
 from bench.comfy_direct import DirectComfy
 from bench.common import LoadWatch, cpu_seconds, ms, percentile, row, spread
-from bench.service_proc import ServiceProcess
+from bench.service_proc import ServiceProcess, service_env
 from bench.standin_proc import StandIns
 
 NAME = "orchestration"
@@ -109,18 +109,7 @@ async def _run(quick: bool) -> dict[str, Any]:
     http_per_job: dict[str, dict[str, list[float]]] = {"service": {}, "direct": {}}
     try:
         async with StandIns(AGENTS, tmp / "comfy") as agents:
-            env = {
-                "AISERVER_GRPC_HOST": "127.0.0.1",
-                "AISERVER_GRPC_PORT": "0",
-                "AISERVER_HTTP_ENABLED": "false",
-                "AISERVER_DATA_DIR": str(tmp / "service"),
-                "AISERVER_AGENTS": json.dumps(
-                    [
-                        {"url": url, "name": f"agent{i}", "max_concurrent_jobs": 64}
-                        for i, url in enumerate(agents.urls)
-                    ]
-                ),
-            }
+            env = service_env(tmp / "service", agents.urls)
             async with ServiceProcess(env, tmp / "service.log") as service:
                 wiring = service.info["provider_wiring"]
                 clients = [DirectComfy(url) for url in agents.urls]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import grpc
 
 from bench.common import RESULTS, cpu_seconds
 from bench.orchestration import Inputs, _segment, _service_job, _wait_ready
-from bench.service_proc import ServiceProcess
+from bench.service_proc import ServiceProcess, service_env
 from bench.standin_proc import StandIns
 
 AGENTS = 4
@@ -108,18 +107,7 @@ async def _profile(
     collapsed = tmp / "profile.txt"
     try:
         async with StandIns(AGENTS, tmp / "comfy", module=module) as agents:
-            env = {
-                "AISERVER_GRPC_HOST": "127.0.0.1",
-                "AISERVER_GRPC_PORT": "0",
-                "AISERVER_HTTP_ENABLED": "false",
-                "AISERVER_DATA_DIR": str(tmp / "service"),
-                "AISERVER_AGENTS": json.dumps(
-                    [
-                        {"url": url, "name": f"agent{i}", "max_concurrent_jobs": 64}
-                        for i, url in enumerate(agents.urls)
-                    ]
-                ),
-            }
+            env = service_env(tmp / "service", agents.urls)
             if postgres:  # the job store on the scale-out bench's database, a schema of its own
                 from bench import scaleout
 

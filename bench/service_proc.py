@@ -51,6 +51,30 @@ async def main() -> None:
         await service.stop(grace_s=1)
 
 
+def service_env(
+    data_dir: Path, agent_urls: list[str], *, http: bool = False, **extra: str
+) -> dict[str, str]:
+    """The environment of a bench service: gRPC on a free loopback port, its data in
+    ``data_dir``, the agents at ``agent_urls`` (64 jobs each), the HTTP shim on a free port
+    when ``http``; ``extra`` adds ``AISERVER_*`` variables."""
+    env = {
+        "AISERVER_GRPC_HOST": "127.0.0.1",
+        "AISERVER_GRPC_PORT": "0",
+        "AISERVER_HTTP_ENABLED": "true" if http else "false",
+        "AISERVER_DATA_DIR": str(data_dir),
+        "AISERVER_AGENTS": json.dumps(
+            [
+                {"url": url, "name": f"agent{i}", "max_concurrent_jobs": 64}
+                for i, url in enumerate(agent_urls)
+            ]
+        ),
+        **extra,
+    }
+    if http:
+        env["AISERVER_HTTP_PORT"] = "0"
+    return env
+
+
 class ServiceProcess:
     """The parent's handle on a :mod:`bench.service_proc` subprocess, of the source tree
     ``root`` (this one by default; its ``src`` first on the path, e.g. an exported ``main``
