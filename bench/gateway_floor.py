@@ -423,7 +423,16 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="callers")
-    parser.add_argument("--variants", default=",".join(CLIENTS + SERVERS))
+
+    # By default the variants that need no extra install (grpclib and uvloop come from the
+    # folders BENCH_GRPCLIB_PATH / BENCH_UVLOOP_PATH name, when they are set).
+    def usable(variant: str) -> bool:
+        if variant == "grpclib":
+            return bool(os.environ.get("BENCH_GRPCLIB_PATH"))
+        return not variant.endswith("uvloop") or bool(os.environ.get("BENCH_UVLOOP_PATH"))
+
+    usable_variants = [v for v in CLIENTS + SERVERS if usable(v)]
+    parser.add_argument("--variants", default=",".join(usable_variants))
     parser.add_argument(
         "--other", type=Path, help="variant gateway-other: aiserver gateway from this tree"
     )
