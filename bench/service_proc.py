@@ -130,6 +130,10 @@ if __name__ == "__main__":
         from bench.sql_census import install
 
         install(Path(census))
+    if hops := os.environ.get("BENCH_HOP_CENSUS"):  # thread hops, commits, fsyncs per job
+        from bench.hop_census import install as install_hops
+
+        install_hops(Path(hops))
     if profile := os.environ.get("BENCH_PROFILE"):  # a cProfile dump of the server, for analysis
         import cProfile
 

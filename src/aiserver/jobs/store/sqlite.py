@@ -1,15 +1,17 @@
 """:class:`JobStore` on one SQLite file: the embedded default, for one process.
 
-The store owns one connection and a dedicated thread. Scans and listings are handed to that
-thread, so the event loop never waits on them. The short statements of the job path (a
-create, a save, a lease, an event: one row by key) run on the loop itself when the thread is
-idle: a commit in WAL mode with ``synchronous=NORMAL`` does not wait for the disk (~0.1 ms),
-and the hop to the thread and back cost more CPU than the statement. The one slow part of a
-commit, the WAL checkpoint, is taken off it (``wal_autocheckpoint=0``) and run in the thread
-every ``CHECKPOINT_EVERY`` writes. Calls run one at a time in the order they were issued
-(inline only when nothing is queued for the thread), which the manager relies on. Claims and
-slot takes run in ``BEGIN IMMEDIATE`` transactions: the write lock makes them exclusive, as
-``SKIP LOCKED`` does on PostgreSQL.
+The store owns two connections and a dedicated thread. The writes (a create, a save, a lease,
+an event, a claim: short statements by key) run on the event loop: a commit in WAL mode with
+``synchronous=NORMAL`` does not wait for the disk (~0.1 ms), and the hop to the thread and
+back cost more CPU than the statement. The one slow part of a commit, the WAL checkpoint, is
+taken off it (``wal_autocheckpoint=0``) and run in the thread every ``CHECKPOINT_EVERY``
+writes, on the second connection, as are scans and listings: so the event loop never waits
+on them, and the writes need not wait for them either (WAL readers and checkpoints do not
+block the writer). A long write (``forget_outputs``) runs in the thread on the writing
+connection; writes issued while one is queued there follow it, so writes run one at a time
+in the order they were issued, which the manager relies on. A scan sees every write issued
+before it (perhaps later ones too). Claims and slot takes run in ``BEGIN IMMEDIATE``
+transactions: the write lock makes them exclusive, as ``SKIP LOCKED`` does on PostgreSQL.
 Announcements go through an in-process hub: SQLite is one process's database.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -50,6 +53,8 @@ __all__ = ["SqliteJobStore"]
 
 _T = TypeVar("_T")
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_EVERY = 200
 """Calls between two WAL checkpoints (a job is about five: the WAL stays near a few MB)."""
 
@@ -80,13 +85,18 @@ def _enter_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
 class SqliteJobStore:
     """:class:`JobStore` on one SQLite file (WAL). Create with :meth:`open`."""
 
-    def __init__(self, executor: ThreadPoolExecutor, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self, executor: ThreadPoolExecutor, conn: sqlite3.Connection, reader: sqlite3.Connection
+    ) -> None:
         self._executor = executor
         self._conn = conn
+        """Every write: on the loop, or in the thread after a queued thread write."""
+        self._reader = reader
+        """Scans and checkpoints, in the thread only."""
         self._closed = False
         self._hub = AnnouncementHub()
-        # Calls handed to the thread and calls it finished: equal when it is idle. Each is
-        # written by one thread only (the loop's, the store thread's).
+        # Writes handed to the thread and writes it finished: equal when none is queued there.
+        # Each is written by one thread only (the loop's, the store thread's).
         self._submitted = 0
         self._finished = 0
         self._writes = 0
@@ -98,43 +108,52 @@ class SqliteJobStore:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstore")
 
         def connect() -> sqlite3.Connection:
-            path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
                 path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
             try:
                 conn.row_factory = sqlite3.Row
-                _enter_wal(conn, busy_timeout_s)
+                conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
                 # NORMAL in WAL mode: a power cut may lose the last commits, never corrupt.
                 conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
                 conn.execute("PRAGMA wal_autocheckpoint=0")  # see _after_write
-                conn.execute("PRAGMA foreign_keys=ON")
-                _migrate(conn)
             except BaseException:
                 conn.close()
                 raise
             return conn
 
+        def open_both() -> tuple[sqlite3.Connection, sqlite3.Connection]:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = connect()
+            try:
+                _enter_wal(conn, busy_timeout_s)
+                conn.execute("PRAGMA foreign_keys=ON")
+                _migrate(conn)
+                reader = connect()
+                reader.execute("PRAGMA query_only=ON")
+            except BaseException:
+                conn.close()
+                raise
+            return conn, reader
+
         try:
-            conn = await asyncio.get_running_loop().run_in_executor(executor, connect)
+            conn, reader = await asyncio.get_running_loop().run_in_executor(executor, open_both)
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(executor, conn)
+        return cls(executor, conn, reader)
 
     async def _call(self, fn: Callable[[], _T], *, inline: bool = False) -> _T:
-        """Run ``fn`` with the connection: on the loop when ``inline`` (a short statement)
-        and the thread has nothing queued, else in the thread after what is queued."""
+        """Run the write ``fn`` with the writing connection: on the loop when ``inline`` (a
+        short statement) and no write is queued for the thread, else in the thread after
+        what is queued there."""
         if self._closed:
             raise ServiceError(ErrorKind.UNAVAILABLE, "STORE_CLOSED", "the job store is closed")
         if inline and self._submitted == self._finished:
             result = fn()
             self._after_write()
             return result
-        return await self._in_thread(fn)
 
-    async def _in_thread(self, fn: Callable[[], _T]) -> _T:
         def run() -> _T:
             try:
                 return fn()
@@ -147,16 +166,25 @@ class SqliteJobStore:
         finally:
             self._after_write()
 
+    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run the scan ``fn`` in the thread on the reading connection: writes issued
+        meanwhile go on, on the loop."""
+        if self._closed:
+            raise ServiceError(ErrorKind.UNAVAILABLE, "STORE_CLOSED", "the job store is closed")
+        reader = self._reader
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, reader)
+
     def _after_write(self) -> None:
         self._writes += 1
         if self._writes % CHECKPOINT_EVERY == 0 and not self._closed:
-            # PASSIVE: never waits for readers; what it cannot copy now goes next time.
-            checkpoint = self._in_thread(
-                lambda: self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            # PASSIVE: never waits for readers or the writer; what it cannot copy now goes
+            # next time. Submitted now, so that a close issued later runs after it.
+            checkpoint = asyncio.get_running_loop().run_in_executor(
+                self._executor, _checkpoint, self._reader
             )
-            task = asyncio.ensure_future(checkpoint)
-            self._checkpoints.add(task)
-            task.add_done_callback(self._checkpoints.discard)
+            self._checkpoints.add(checkpoint)
+            checkpoint.add_done_callback(_checkpointed)
+            checkpoint.add_done_callback(self._checkpoints.discard)
 
     # --- records ----------------------------------------------------------------------------
 
@@ -341,76 +369,76 @@ class SqliteJobStore:
         )
         args.append(size + 1)
 
-        def select() -> tuple[list[Job], str]:
-            found = self._conn.execute(sql, args).fetchall()
+        def select(conn: sqlite3.Connection) -> tuple[list[Job], str]:
+            found = conn.execute(sql, args).fetchall()
             jobs = [rows.record_of(r).job for r in found[:size]]
             if len(found) <= size:
                 return jobs, ""
             last = found[size - 1]
             return jobs, rows.encode_token(last["created_us"], last["id"], digest)
 
-        return await self._call(select)
+        return await self._read(select)
 
     async def unfinished(self) -> list[JobRecord]:
-        def select() -> list[JobRecord]:
-            found = self._conn.execute(
+        def select(conn: sqlite3.Connection) -> list[JobRecord]:
+            found = conn.execute(
                 f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE state IN {rows.UNFINISHED_SQL}"
                 " ORDER BY created_us, id"
             ).fetchall()
             return [rows.record_of(r) for r in found]
 
-        return await self._call(select)
+        return await self._read(select)
 
     # --- queue, quotas, references ----------------------------------------------------------
 
     async def count_active(self, owner: str | None = None) -> int:
-        def count() -> int:
+        def count(conn: sqlite3.Connection) -> int:
             sql = f"SELECT count(*) FROM jobs WHERE state IN {rows.UNFINISHED_SQL}"
             if owner is None:
-                return int(self._conn.execute(sql).fetchone()[0])
-            return int(self._conn.execute(sql + " AND owner = ?", (owner,)).fetchone()[0])
+                return int(conn.execute(sql).fetchone()[0])
+            return int(conn.execute(sql + " AND owner = ?", (owner,)).fetchone()[0])
 
-        return await self._call(count)
+        return await self._read(count)
 
     async def queue_position(self, job_id: str) -> int:
-        def position() -> int:
-            row = self._conn.execute(
+        def position(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
                 "SELECT created_us, id FROM jobs WHERE id = ? AND state = 'QUEUED'", (job_id,)
             ).fetchone()
             if row is None:
                 return 0
-            ahead = self._conn.execute(
+            ahead = conn.execute(
                 "SELECT count(*) FROM jobs WHERE state = 'QUEUED' AND (created_us, id) < (?, ?)",
                 (row[0], row[1]),
             ).fetchone()[0]
             return int(ahead) + 1
 
-        return await self._call(position)
+        return await self._read(position)
 
     async def inputs_in_use(self, sha256s: Collection[str]) -> set[str]:
         wanted = sorted(set(sha256s))
         if not wanted:
             return set()
 
-        def select() -> set[str]:
+        def select(conn: sqlite3.Connection) -> set[str]:
             marks = ", ".join("?" * len(wanted))
-            found = self._conn.execute(
+            found = conn.execute(
                 "SELECT DISTINCT i.sha256 FROM job_inputs i JOIN jobs j ON j.id = i.job_id"
                 f" WHERE i.sha256 IN ({marks}) AND j.state IN {rows.UNFINISHED_SQL}",
                 wanted,
             ).fetchall()
             return {r[0] for r in found}
 
-        return await self._call(select)
+        return await self._read(select)
 
     async def artifacts_in_use(self) -> set[str]:
-        def select() -> set[str]:
-            found = self._conn.execute(
+        def select(conn: sqlite3.Connection) -> set[str]:
+            found = conn.execute(
                 f"SELECT outputs FROM jobs WHERE state IN {rows.UNFINISHED_SQL} AND outputs != '[]'"
             ).fetchall()
             return {name for r in found for name in rows.output_names(r[0])}
 
-        return await self._call(select)
+        return await self._read(select)
 
     # --- one queue across processes: positions, work stealing -------------------------------
 
@@ -419,9 +447,9 @@ class SqliteJobStore:
     ) -> QueueRanks:
         wanted = sorted(set(job_ids))
 
-        def rank() -> QueueRanks:
+        def rank(conn: sqlite3.Connection) -> QueueRanks:
             marks = ", ".join("?" * len(wanted))
-            found = self._conn.execute(
+            found = conn.execute(
                 "WITH q AS (SELECT id, lease_holder,"
                 " row_number() OVER (ORDER BY created_us, id) AS pos"
                 " FROM jobs WHERE state = 'QUEUED')"
@@ -433,16 +461,16 @@ class SqliteJobStore:
             queued = next(int(r[1]) for r in found if r[0] is None)
             return QueueRanks(positions, queued)
 
-        return await self._call(rank)
+        return await self._read(rank)
 
     async def stealable(
         self, holder: str, *, waited_s: float, tasks: Collection[TaskKind], limit: int
     ) -> list[tuple[JobRecord, str]]:
         kinds = sorted(t.value for t in tasks)
 
-        def select() -> list[tuple[JobRecord, str]]:
+        def select(conn: sqlite3.Connection) -> list[tuple[JobRecord, str]]:
             now = _now_us()
-            found = self._conn.execute(
+            found = conn.execute(
                 f"SELECT {rows.SELECT_COLUMNS}, lease_holder FROM jobs WHERE state = 'QUEUED'"
                 " AND lease_holder <> ? AND lease_expires_us >= ? AND updated_us < ?"
                 " AND cancel_requested_us IS NULL"
@@ -452,7 +480,7 @@ class SqliteJobStore:
             ).fetchall()
             return [(rows.record_of(r), r["lease_holder"]) for r in found]
 
-        return await self._call(select)
+        return await self._read(select)
 
     async def steal(
         self, job_id: str, holder: str, lease_s: float, *, from_holder: str
@@ -468,25 +496,25 @@ class SqliteJobStore:
                 return None
             return Lease(job_id, holder, codec.from_micros(expires), False)
 
-        return await self._call(take)
+        return await self._call(take, inline=True)
 
     async def records(self, job_ids: Collection[str]) -> list[JobRecord]:
         wanted = sorted(set(job_ids))
 
-        def select() -> list[JobRecord]:
+        def select(conn: sqlite3.Connection) -> list[JobRecord]:
             marks = ", ".join("?" * len(wanted))
-            found = self._conn.execute(
+            found = conn.execute(
                 f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE id IN ({marks})", wanted
             ).fetchall()
             return [rows.record_of(r) for r in found]
 
-        return await self._call(select) if wanted else []
+        return await self._read(select) if wanted else []
 
     async def events_after(self, after: Mapping[str, int]) -> list[StoredEvent]:
-        def select() -> list[StoredEvent]:
+        def select(conn: sqlite3.Connection) -> list[StoredEvent]:
             found: list[StoredEvent] = []
             for job_id in sorted(after):  # one thread hop for them all
-                stored = self._conn.execute(
+                stored = conn.execute(
                     "SELECT sequence, kind, payload, created_us FROM job_events"
                     " WHERE job_id = ? AND sequence > ? ORDER BY sequence",
                     (job_id, after[job_id]),
@@ -497,7 +525,7 @@ class SqliteJobStore:
                 )
             return found
 
-        return await self._call(select)
+        return await self._read(select)
 
     # --- leases -----------------------------------------------------------------------------
 
@@ -568,7 +596,7 @@ class SqliteJobStore:
             ).fetchall()
             return {r[0] for r in found}
 
-        return await self._call(extend)
+        return await self._call(extend, inline=True)
 
     async def release(self, job_id: str, holder: str) -> bool:
         def drop() -> bool:
@@ -639,8 +667,8 @@ class SqliteJobStore:
             self._announce(job_id, events)
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
-        def select() -> list[StoredEvent]:
-            found = self._conn.execute(
+        def select(conn: sqlite3.Connection) -> list[StoredEvent]:
+            found = conn.execute(
                 "SELECT sequence, kind, payload, created_us FROM job_events"
                 " WHERE job_id = ? AND sequence > ? ORDER BY sequence",
                 (job_id, after),
@@ -650,7 +678,7 @@ class SqliteJobStore:
                 for r in found
             ]
 
-        return await self._call(select)
+        return await self._read(select)
 
     async def prune_events(self, job_id: str, kind: str) -> int:
         return await self._call(lambda: _prune(self._conn, job_id, kind), inline=True)
@@ -765,7 +793,7 @@ class SqliteJobStore:
                 )
             return [OutboxItem(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in found]
 
-        return await self._call(take)
+        return await self._call(take, inline=True)
 
     async def outbox_done(self, item_id: int) -> None:
         def drop() -> None:
@@ -789,7 +817,12 @@ class SqliteJobStore:
         if self._closed:
             return
         self._closed = True  # calls from now on are refused; those queued run first
-        await self._in_thread(self._conn.close)
+
+        def close_both() -> None:
+            self._reader.close()
+            self._conn.close()
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, close_both)
         self._hub.close()
         self._executor.shutdown(wait=False)
 
@@ -806,6 +839,15 @@ _INSERT_EVENT_SQL = (
     " VALUES (?, ?, ?, ?, ?)"
 )
 """Idempotent: a write that failed after storing its events may send them again."""
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+def _checkpointed(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and (error := done.exception()) is not None:
+        logger.warning("WAL checkpoint of the job database failed: %s", error)
 
 
 def _event_rows(job_id: str, events: Sequence[NewEvent]) -> list[tuple[Any, ...]]:

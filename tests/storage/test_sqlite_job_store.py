@@ -1,0 +1,90 @@
+"""The SQLite job store's thread: writes on the loop, scans and checkpoints in the thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from aiserver.jobs.model import ArtifactRef, JobState
+from aiserver.jobs.store import JobQuery, JobRecord, SqliteJobStore
+from tests.storage.test_job_store import T0, make_job
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteJobStore]:
+    opened = await SqliteJobStore.open(tmp_path / "jobs.sqlite3")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def _hold_thread(store: SqliteJobStore) -> threading.Event:
+    """Keep the store's thread busy until the returned event is set (as a long scan or a
+    checkpoint on a large WAL would)."""
+    gate = threading.Event()
+    store._executor.submit(gate.wait, 10)  # the store's one thread
+    return gate
+
+
+def _output(sha: str) -> ArtifactRef:
+    name = f"2025/05/01/{sha}.png"
+    return ArtifactRef(
+        f"artifacts/{name}", f"/artifacts/{name}", "out.png", "image/png",
+        8, 8, 100, sha, None, "comfy", T0, "",
+    )  # fmt: skip
+
+
+async def test_writes_do_not_wait_for_a_scan_in_the_thread(store: SqliteJobStore) -> None:
+    first = JobRecord(make_job(1))
+    await store.create(first)
+    gate = _hold_thread(store)
+    try:
+        listing = asyncio.create_task(store.query(JobQuery(), page_size=10, page_token=""))
+        await asyncio.sleep(0)  # the listing is handed to the thread, behind the gate
+        # Neither the create nor the save waits for the listing: they run on the loop.
+        second = JobRecord(make_job(2))
+        made = asyncio.create_task(store.create(second))
+        first.job.state = JobState.RUNNING
+        saved = asyncio.create_task(store.save(first))
+        done, _ = await asyncio.wait({made, saved}, timeout=5)
+        assert done == {made, saved}
+        assert not listing.done()
+    finally:
+        gate.set()
+    jobs, _ = await listing
+    # The listing was issued after the first create: it sees that job, and here also
+    # the writes issued after it (they were on disk before it ran).
+    assert {j.id for j in jobs} == {first.job.id, second.job.id}
+    stored = await store.get(first.job.id)
+    assert stored is not None and stored.job.state is JobState.RUNNING
+
+
+async def test_writes_issued_after_a_write_in_the_thread_follow_it(
+    store: SqliteJobStore,
+) -> None:
+    record = JobRecord(make_job(1))
+    old, new = "a" * 64, "b" * 64
+    record.job.outputs = [_output(old)]
+    await store.create(record)
+    await store.save(record)
+    gate = _hold_thread(store)
+    try:
+        forgetting = asyncio.create_task(store.forget_outputs({old, new}))
+        await asyncio.sleep(0)  # queued in the thread, on the writing connection
+        # Issued after the forget: it must land after it (else the forget would drop
+        # the output this save adds).
+        record.job.outputs = [_output(new)]
+        saved = asyncio.create_task(store.save(record))
+        await asyncio.sleep(0.05)
+        assert not saved.done()  # waits its turn behind the forget
+    finally:
+        gate.set()
+    assert await forgetting == 1
+    await saved
+    stored = await store.get(record.job.id)
+    assert stored is not None and [o.sha256 for o in stored.job.outputs] == [new]
