@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from aiserver.artifacts.index import NewRef
+from aiserver.artifacts.index import NewRef, SqliteArtifactIndex
 from aiserver.artifacts.store import ArtifactStore
 from aiserver.blobs import BlobStore
 from aiserver.errors import ErrorKind, ServiceError
@@ -492,3 +494,54 @@ async def test_a_put_whose_write_fails_takes_back_its_new_row(
     with pytest.raises(OSError):
         await put(a, DATA, job_id="j1")
     assert await a.index.blobs() == []  # no row whose bytes never came
+
+
+async def test_a_put_of_known_bytes_makes_no_thread_hop(
+    local_store: ArtifactStore, clock: Clock
+) -> None:
+    first = await put(local_store, DATA, job_id="j1")
+    clock.advance(1)  # (bytes put again at the very same instant count as new)
+    # Every worker thread of the loop busy (a slow disk, say): a put of bytes the store
+    # already has registers its reference on the loop and is done.
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(max_workers=1)
+    loop.set_default_executor(pool)
+    gate = threading.Event()
+    pool.submit(gate.wait, 10)
+    try:
+        again = asyncio.create_task(put(local_store, DATA, job_id="j2", owner="bob"))
+        new = asyncio.create_task(put(local_store, DATA + b"new", job_id="j3"))
+        done, _ = await asyncio.wait({again, new}, timeout=5)
+        assert done == {again}  # new bytes wait for the thread (their write and syncs)
+    finally:
+        gate.set()
+    assert await again == first
+    assert (await local_store.get(first, "bob")).job_id == "j2"
+    assert await read_all(local_store, await new) == DATA + b"new"
+
+
+async def test_a_put_of_known_bytes_whose_file_is_gone_writes_it(
+    local_store: ArtifactStore,
+) -> None:
+    name = await put(local_store, DATA, job_id="j1")
+    local_store.path_of(name).unlink()
+    assert await put(local_store, DATA, job_id="j2") == name
+    assert await read_all(local_store, name) == DATA
+
+
+async def test_the_sqlite_index_wal_starts_over(tmp_path: Path) -> None:
+    # Commits on the loop never checkpoint (that waits for the disk): the index does it in
+    # a thread every CHECKPOINT_EVERY (200) writes. Each register adds ~31 KB to the WAL:
+    # 1,000 are ~31 MB without checkpoints, 200 about 6 MB.
+    index = SqliteArtifactIndex(tmp_path / "artifacts.sqlite3")
+    try:
+        for n in range(1000):
+            sha = hashlib.sha256(str(n).encode()).hexdigest()
+            await index.register(
+                NewRef(f"2031/05/06/{sha}.png", sha, "image/png", 10, 1, 1, float(n),
+                       "alice", f"j{n}", "out.png", None, "comfy")
+            )  # fmt: skip
+        # (Closing checkpoints it all and deletes the file.)
+        assert (tmp_path / "artifacts.sqlite3-wal").stat().st_size < 10_000_000
+    finally:
+        await index.close()

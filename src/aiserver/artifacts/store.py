@@ -221,7 +221,9 @@ class ArtifactStore:
         blobs, index = self.blobs, self.index
         if self._local:
             assert isinstance(blobs, LocalBlobStore) and isinstance(index, SqliteArtifactIndex)
-            row = await index.register_and_write(new, lambda key: blobs.put_now(key, data))
+            row = await index.register_and_write(
+                new, lambda key: blobs.put_now(key, data), blobs.has_now
+            )
         else:
             row = await index.register(new)
             # After the row: a retention delete of these bytes finished before the register

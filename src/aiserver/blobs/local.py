@@ -132,6 +132,13 @@ class LocalBlobStore:
             raise FileNotFoundError(key)
         return path
 
+    def has_now(self, key: str) -> bool:
+        """Whether ``key``'s file is there (a few ``lstat`` calls: cheaper than a hop)."""
+        try:
+            return os.path.isfile(self._path(key))
+        except FileNotFoundError:  # leaves the store: a put raises it again
+            return False
+
     def put_now(self, key: str, data: bytes) -> None:
         """:meth:`put` in the calling thread (a worker's: it waits for the disk)."""
         path = self._path(key)

@@ -1,16 +1,17 @@
 """:class:`JobStore` on one SQLite file: the embedded default, for one process.
 
 The store owns two connections and a dedicated thread. The writes (a create, a save, a lease,
-an event, a claim: short statements by key) run on the event loop: a commit in WAL mode with
+an event, a claim: short statements by key) run on the event loop, one at a time in the order
+they were issued (which the manager relies on): a commit in WAL mode with
 ``synchronous=NORMAL`` does not wait for the disk (~0.1 ms), and the hop to the thread and
 back cost more CPU than the statement. The one slow part of a commit, the WAL checkpoint, is
 taken off it (``wal_autocheckpoint=0``) and run in the thread every ``CHECKPOINT_EVERY``
-writes, on the second connection, as are scans and listings: so the event loop never waits
-on them, and the writes need not wait for them either (WAL readers and checkpoints do not
-block the writer). A long write (``forget_outputs``) runs in the thread on the writing
-connection; writes issued while one is queued there follow it, so writes run one at a time
-in the order they were issued, which the manager relies on. A scan sees every write issued
-before it (perhaps later ones too). Claims and slot takes run in ``BEGIN IMMEDIATE``
+writes, in the writes' turn (no write lands during it, so it copies the whole WAL and the
+next write starts the file over); writes issued meanwhile wait on the loop for their turn,
+not in the thread. So does a long write (``forget_outputs``), which runs in the thread too.
+Scans and listings run in the thread on the second connection: the loop never waits on
+them, nor do the writes (WAL readers do not block the writer); a scan sees every write
+issued before it, perhaps later ones too. Claims and slot takes run in ``BEGIN IMMEDIATE``
 transactions: the write lock makes them exclusive, as ``SKIP LOCKED`` does on PostgreSQL.
 Announcements go through an in-process hub: SQLite is one process's database.
 """
@@ -90,17 +91,15 @@ class SqliteJobStore:
     ) -> None:
         self._executor = executor
         self._conn = conn
-        """Every write: on the loop, or in the thread after a queued thread write."""
+        """Every write, by whoever has the turn: on the loop, or in the thread."""
         self._reader = reader
-        """Scans and checkpoints, in the thread only."""
+        """Scans, in the thread only."""
         self._closed = False
         self._hub = AnnouncementHub()
-        # Writes handed to the thread and writes it finished: equal when none is queued there.
-        # Each is written by one thread only (the loop's, the store thread's).
-        self._submitted = 0
-        self._finished = 0
+        self._turn = asyncio.Lock()
+        """The writes' turn (FIFO): taken at once, without suspending, when free."""
         self._writes = 0
-        self._checkpoints: set[asyncio.Future[Any]] = set()
+        self._checkpoints: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, path: Path, *, busy_timeout_s: float = 5.0) -> Self:
@@ -144,27 +143,17 @@ class SqliteJobStore:
         return cls(executor, conn, reader)
 
     async def _call(self, fn: Callable[[], _T], *, inline: bool = False) -> _T:
-        """Run the write ``fn`` with the writing connection: on the loop when ``inline`` (a
-        short statement) and no write is queued for the thread, else in the thread after
-        what is queued there."""
+        """Run the write ``fn`` with the writing connection in its turn: on the loop when
+        ``inline`` (a short statement), else in the thread."""
         if self._closed:
             raise ServiceError(ErrorKind.UNAVAILABLE, "STORE_CLOSED", "the job store is closed")
-        if inline and self._submitted == self._finished:
-            result = fn()
-            self._after_write()
-            return result
-
-        def run() -> _T:
-            try:
-                return fn()
-            finally:
-                self._finished += 1
-
-        self._submitted += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
-        finally:
-            self._after_write()
+        async with self._turn:
+            if inline:
+                result = fn()
+            else:
+                result = await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        self._after_write()
+        return result
 
     async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run the scan ``fn`` in the thread on the reading connection: writes issued
@@ -177,14 +166,21 @@ class SqliteJobStore:
     def _after_write(self) -> None:
         self._writes += 1
         if self._writes % CHECKPOINT_EVERY == 0 and not self._closed:
-            # PASSIVE: never waits for readers or the writer; what it cannot copy now goes
-            # next time. Submitted now, so that a close issued later runs after it.
-            checkpoint = asyncio.get_running_loop().run_in_executor(
-                self._executor, _checkpoint, self._reader
-            )
-            self._checkpoints.add(checkpoint)
-            checkpoint.add_done_callback(_checkpointed)
-            checkpoint.add_done_callback(self._checkpoints.discard)
+            task = asyncio.create_task(self._checkpoint())
+            self._checkpoints.add(task)
+            task.add_done_callback(self._checkpoints.discard)
+
+    async def _checkpoint(self) -> None:
+        async with self._turn:
+            if self._closed:
+                return
+            try:
+                # PASSIVE: never waits for readers; what it cannot copy now goes next time.
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, _checkpoint, self._conn
+                )
+            except Exception as exc:
+                logger.warning("WAL checkpoint of the job database failed: %s", exc)
 
     # --- records ----------------------------------------------------------------------------
 
@@ -822,7 +818,8 @@ class SqliteJobStore:
             self._reader.close()
             self._conn.close()
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, close_both)
+        async with self._turn:
+            await asyncio.get_running_loop().run_in_executor(self._executor, close_both)
         self._hub.close()
         self._executor.shutdown(wait=False)
 
@@ -843,11 +840,6 @@ _INSERT_EVENT_SQL = (
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-
-
-def _checkpointed(done: asyncio.Future[None]) -> None:
-    if not done.cancelled() and (error := done.exception()) is not None:
-        logger.warning("WAL checkpoint of the job database failed: %s", error)
 
 
 def _event_rows(job_id: str, events: Sequence[NewEvent]) -> list[tuple[Any, ...]]:
