@@ -247,19 +247,15 @@ class SqliteJobStore:
         announce: bool = True,
     ) -> None:
         row = rows.mutable_row_of(record)
-        sets = ", ".join(f"{c} = :{c}" for c in rows.MUTABLE)
-        if release:
-            sets += ", lease_holder = NULL, lease_expires_us = NULL"
-        fence = "" if holder is None else " AND lease_holder = :holder"
-        stored = _event_rows(row["id"], events)
-
-        sql = f"UPDATE jobs SET {sets} WHERE id = :id{fence}"
+        row["holder"] = holder
+        sql = _SAVE_SQL[release, holder is not None]
+        stored = _event_rows(row["id"], events) if events else []
         alone = not (outbox or stored or prune)  # one statement: atomic without BEGIN
 
         def update() -> None:
             conn = self._conn
             with contextlib.nullcontext() if alone else _transaction(conn):
-                cur = conn.execute(sql, {**row, "holder": holder})
+                cur = conn.execute(sql, row)
                 if cur.rowcount != 1:
                     if (
                         holder is not None
@@ -831,6 +827,16 @@ _CREATE_SQL = (
     f" VALUES ({', '.join(f':{c}' for c in rows.COLUMNS)}, :lease_holder, :lease_expires_us)"
     " ON CONFLICT (owner, ref_id) DO NOTHING"
 )
+_SAVE_SQL = {
+    (release, fenced): "UPDATE jobs SET "
+    + ", ".join(f"{c} = :{c}" for c in rows.MUTABLE)
+    + (", lease_holder = NULL, lease_expires_us = NULL" if release else "")
+    + " WHERE id = :id"
+    + (" AND lease_holder = :holder" if fenced else "")
+    for release in (False, True)
+    for fenced in (False, True)
+}
+"""A save's statement: with the lease's release or not, fenced by the holder or not."""
 _INSERT_EVENT_SQL = (
     "INSERT OR IGNORE INTO job_events (job_id, sequence, kind, payload, created_us)"
     " VALUES (?, ?, ?, ?, ?)"
