@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import threading
@@ -94,12 +95,13 @@ class _Writer:
         self._budget = budget
         self._hash = hashlib.sha256() if hashed else None
         self._size = 0
-        self.path = spool.tmp_dir / f"{uuid.uuid4().hex}.part"
+        self.path = spool.tmp_path()
         self._on_disk = False  # the file has been created
         self._held: list[bytes] = []  # before the thread starts
         self._queue: deque[bytes | None] = deque()
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        # Made with the thread (most uploads never start one): only it and write() use them.
+        self._lock: threading.Lock | None = None
+        self._wake: threading.Condition | None = None
         self._pending = 0
         self._room: asyncio.Future[None] | None = None
         self._ended: asyncio.Future[None] | None = None
@@ -117,6 +119,7 @@ class _Writer:
             return
         if self._error is not None:
             raise self._error
+        assert self._lock is not None and self._wake is not None
         with self._lock:
             self._queue.append(data)
             self._pending += len(data)
@@ -129,6 +132,8 @@ class _Writer:
     def _start(self) -> None:
         self._on_disk = True
         fh = self.path.open("wb")
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         loop = asyncio.get_running_loop()
         self._ended = loop.create_future()
         self._queue.extend(self._held)
@@ -140,6 +145,7 @@ class _Writer:
         self._thread.start()
 
     def _run(self, loop: asyncio.AbstractEventLoop, fh: BinaryIO) -> None:
+        assert self._lock is not None and self._wake is not None
         while True:
             with self._lock:
                 while not self._queue:
@@ -169,6 +175,7 @@ class _Writer:
             _resolve(loop, self._ended)
 
     def _stop_thread(self) -> None:
+        assert self._lock is not None and self._wake is not None
         with self._lock:
             self._queue.append(None)
             self._wake.notify()
@@ -234,6 +241,11 @@ class InputSpool:
         self.root = root
         self.tmp_dir = root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # Temp names: unique per spool object (the counter) and per process (the random
+        # part); a uuid4 per upload cost a getrandom call and a UUID object.
+        self._tmp_prefix = f"{uuid.uuid4().hex}-"
+        self._tmp_count = itertools.count()
+        self._folders: set[str] = set()  # {sha[:2]} folders made already
         self._pins: Counter[str] = Counter()
         self._shared = shared
         """Where every coordinator finds inputs; ``None``: this process alone (the folder)."""
@@ -256,6 +268,10 @@ class InputSpool:
         (light tasks): their SHA-256 would cost more CPU than receiving them."""
         return _Writer(self, field, file_name, budget, hashed)
 
+    def tmp_path(self) -> Path:
+        """A new name for a file being uploaded, in ``tmp/``."""
+        return self.tmp_dir / f"{self._tmp_prefix}{next(self._tmp_count)}.part"
+
     def path_for(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
 
@@ -267,8 +283,17 @@ class InputSpool:
             raise ValueError("only a hashed upload can be committed")
         self._pins[spooled.sha256] += 1
         target = self.path_for(spooled.sha256)
-        target.parent.mkdir(exist_ok=True)
-        os.replace(spooled.path, target)  # same content: replacing is harmless
+        folder = spooled.sha256[:2]
+        if folder not in self._folders:
+            target.parent.mkdir(exist_ok=True)
+            self._folders.add(folder)
+        try:
+            os.replace(spooled.path, target)  # same content: replacing is harmless
+        except FileNotFoundError:
+            if not spooled.path.exists():
+                raise
+            target.parent.mkdir(exist_ok=True)  # the folder was removed since it was made
+            os.replace(spooled.path, target)
         spooled.path = target
         return spooled
 
@@ -299,7 +324,7 @@ class InputSpool:
             return path
         if self._shared is None:
             raise FileNotFoundError(sha256)
-        part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        part = self.tmp_path()
         try:
             with part.open("wb") as fh:
                 async for chunk in self._shared.read(self._key(sha256), chunk_size=1 << 20):

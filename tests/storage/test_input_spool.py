@@ -56,3 +56,30 @@ async def test_without_a_shared_store_the_spool_is_the_folder(tmp_path: Path) ->
     assert not await spool.share(sha)
     with pytest.raises(FileNotFoundError):
         await spool.local_path(sha)
+
+
+async def test_inputs_are_committed_again_after_their_folder_went(tmp_path: Path) -> None:
+    # The spool makes each {sha[:2]} folder once; one removed since (by hand, or a cleanup)
+    # is made again.
+    spool = InputSpool(tmp_path / "spool")
+    data = b"first input"
+    sha = await _upload(spool, data)
+    spool.delete_local(sha)
+    spool.path_for(sha).parent.rmdir()
+    assert await _upload(spool, data) == sha
+    assert spool.path_for(sha).read_bytes() == data
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+async def test_uploads_in_flight_have_distinct_temporary_files(tmp_path: Path) -> None:
+    spool = InputSpool(tmp_path / "spool")
+    budget = UploadBudget(1 << 30)
+    writers = [spool.open("image", "in.png", budget) for _ in range(3)]
+    assert len({w.path for w in writers}) == 3
+    for n, writer in enumerate(writers):
+        await writer.write(b"same bytes" if n else b"other bytes")
+    files = [await w.finish() for w in writers]
+    assert [f.path.read_bytes() for f in files] == [b"other bytes", b"same bytes", b"same bytes"]
+    for f in files:
+        spool.unpin(spool.commit(f))
+    assert list(spool.tmp_dir.iterdir()) == []
