@@ -248,10 +248,12 @@ class SqliteArtifactIndex:
         write_now: Callable[[str], None],
         present: Callable[[str], bool],
     ) -> IndexedRef:
-        """:meth:`register`, then ``write_now(path)`` in a worker thread (it waits for the
-        disk) unless the bytes are known and ``present(path)``: so a put of known bytes
-        makes no thread hop, a put of new bytes one. When the connection is busy, the
-        register goes to the thread too, in the same hop."""
+        """:meth:`register`, then ``write_now(path)`` unless the bytes are there already.
+
+        Bytes indexed already whose file is ``present`` are registered on the loop when the
+        connection is free: no thread hop. New bytes are registered and written in one
+        worker thread (the write waits for the disk; a register on the loop beside such
+        threads cost more in GIL hand-offs than it saved)."""
 
         def both() -> IndexedRef:
             with self._lock:
@@ -260,17 +262,19 @@ class SqliteArtifactIndex:
                 write_now(row.path)
             return row
 
-        loop = asyncio.get_running_loop()
         async with self._holds.hold(ref.sha256):
-            if not self._lock.acquire(blocking=False):
-                row = await loop.run_in_executor(None, both)
-            else:
+            row = None
+            if self._lock.acquire(blocking=False):
                 try:
-                    row = self._register(ref)
+                    known = self._conn.execute(
+                        "SELECT path FROM blobs WHERE sha256 = ?", (ref.sha256,)
+                    ).fetchone()
+                    if known is not None and present(known[0]):
+                        row = self._register(ref)
                 finally:
                     self._lock.release()
-                if row.new_blob or not present(row.path):
-                    await loop.run_in_executor(None, write_now, row.path)
+            if row is None or (row.new_blob and not present(row.path)):
+                row = await asyncio.get_running_loop().run_in_executor(None, both)
         self._after_write()
         return row
 
