@@ -437,17 +437,19 @@ class JobManager:
 
         return remove
 
-    def subscribe(self, job_id: str) -> JobStream:
+    def subscribe(self, job_id: str, kinds: tuple[type[EventKind], ...] | None = None) -> JobStream:
         """Replay then live events, ending after Finished (check ownership with get first).
 
+        ``kinds``: the events the caller will use (Finished always); others may be left
+        out, and are when this process runs the job (they never wake the caller).
         A job another process holds (shared store) is watched through the store."""
         if self._leases is None:
-            return self._hub.subscribe(job_id, self._load_replay)
+            return self._hub.subscribe(job_id, self._load_replay, kinds)
         if job_id not in self._active:
             return StoreWatch(self._store, job_id)
         # Should another process take the job over, the stream goes on from the store.
         return Handover(
-            self._hub.subscribe(job_id, self._load_replay),
+            self._hub.subscribe(job_id, self._load_replay, kinds),
             lambda last: StoreWatch(self._store, job_id, after=last),
             lambda: self._phase == "running" and job_id not in self._active,
         )
