@@ -36,6 +36,7 @@ from aiserver.providers.base import (
 
 __all__ = [
     "ActiveJob",
+    "ActiveJobs",
     "AttemptSink",
     "CancelReason",
     "cancelled_error",
@@ -70,6 +71,45 @@ class ActiveJob:
     @property
     def job(self) -> Job:
         return self.record.job
+
+
+class ActiveJobs(dict[str, ActiveJob]):
+    """Unfinished jobs by id, with how many each owner has, kept as jobs come and go: every
+    submit checks the owner's limit, and a count kept here spares a scan of every active job
+    (at a backlog of N jobs, N steps per submit).
+
+    Only item assignment and ``del`` keep the counts: the manager uses nothing else to change
+    it."""
+
+    __slots__ = ("_by_owner",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_owner: dict[str, int] = {}
+
+    def __setitem__(self, job_id: str, active: ActiveJob) -> None:
+        replaced = self.get(job_id)
+        if replaced is not None:
+            self._uncount(replaced.job.owner)
+        super().__setitem__(job_id, active)
+        owner = active.job.owner
+        self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
+
+    def __delitem__(self, job_id: str) -> None:
+        owner = self[job_id].job.owner
+        super().__delitem__(job_id)
+        self._uncount(owner)
+
+    def owned_by(self, owner: str) -> int:
+        """Unfinished jobs of ``owner``."""
+        return self._by_owner.get(owner, 0)
+
+    def _uncount(self, owner: str) -> None:
+        left = self._by_owner[owner] - 1
+        if left:
+            self._by_owner[owner] = left
+        else:
+            del self._by_owner[owner]
 
 
 Save = Callable[[ActiveJob], Awaitable[None]]

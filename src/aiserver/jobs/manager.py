@@ -30,6 +30,7 @@ from typing import Any, Literal
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs.attempt import (
     ActiveJob,
+    ActiveJobs,
     cancelled_error,
     input_missing,
 )
@@ -134,7 +135,7 @@ class JobManager:
         self._providers = builtins.list(providers)
         self._by_name = {p.name: p for p in self._providers}
         self._settings = settings
-        self._active: dict[str, ActiveJob] = {}
+        self._active = ActiveJobs()
         self._hooks: builtins.list[TerminalHook] = []
         self._dispatch = Dispatcher(
             self._providers,
@@ -521,7 +522,7 @@ class JobManager:
         """Unfinished jobs (of ``owner``; None: of everyone)."""
         if owner is None:
             return len(self._active)
-        return sum(1 for a in self._active.values() if a.job.owner == owner)
+        return self._active.owned_by(owner)
 
     def stats(self) -> dict[tuple[TaskKind, JobState], int]:
         """Unfinished jobs by task and state (for metrics)."""

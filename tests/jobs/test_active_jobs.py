@@ -1,0 +1,32 @@
+"""The manager's unfinished jobs, counted per owner as they come and go."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from aiserver.jobs.attempt import ActiveJob, ActiveJobs
+from aiserver.jobs.model import Job, JobState
+from aiserver.jobs.store import JobRecord
+from aiserver.tasks import ImageToImageSpec, TaskKind
+
+NOW = datetime(2025, 5, 1, tzinfo=UTC)
+
+
+def active(job_id: str, owner: str) -> ActiveJob:
+    spec = ImageToImageSpec(positive_prompt="x")
+    job = Job(job_id, TaskKind.IMAGE_TO_IMAGE, spec, JobState.QUEUED, NOW, NOW, owner=owner)
+    return ActiveJob(JobRecord(job, 1))
+
+
+def test_counts_follow_assignment_replacement_and_removal() -> None:
+    jobs = ActiveJobs()
+    jobs["a"] = active("a", "k1")
+    jobs["b"] = active("b", "k1")
+    jobs["c"] = active("c", "k2")
+    assert (jobs.owned_by("k1"), jobs.owned_by("k2"), jobs.owned_by("k3")) == (2, 1, 0)
+    jobs["b"] = active("b", "k2")  # the same id again: counted once, under its new record
+    assert (jobs.owned_by("k1"), jobs.owned_by("k2")) == (1, 2)
+    del jobs["a"]
+    del jobs["b"]
+    assert (jobs.owned_by("k1"), jobs.owned_by("k2"), len(jobs)) == (0, 1, 1)
+    assert jobs._by_owner == {"k2": 1}  # no owner left behind at zero
