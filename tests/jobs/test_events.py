@@ -351,3 +351,17 @@ async def test_a_subscriber_of_some_kinds_gets_only_those_and_finished() -> None
     assert (await within(waiting)).sequence == 6
     finish(hub, job)
     assert [type(k) for k in kinds(await collect(sub))] == [Finished]
+
+
+async def test_a_late_subscriber_hears_a_text_with_its_node() -> None:
+    # The record keeps only the text; a subscriber attaching after the event (a fast job, a
+    # watcher) got it without the node that produced it.
+    hub = EventHub(progress_interval_s=0)
+    job = new_job()
+    hub.open_new(job)
+    hub.emit(job.id, Accepted(job.task, "r", 0))
+    job.texts.append("a caption")
+    hub.emit(job.id, TextProduced(0, "a caption", "7"))
+    finish(hub, job)
+    replayed = await collect(hub.subscribe(job.id, no_history))
+    assert TextProduced(0, "a caption", "7") in kinds(replayed)

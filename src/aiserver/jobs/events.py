@@ -128,8 +128,12 @@ def replay_events(
     retries: Sequence[Retrying],
     progress: Progress | None,
     queue_position: int,
+    texts: Sequence[TextProduced] = (),
 ) -> list[JobEvent]:
-    """What a new subscriber is told first. Events without a mark never happened (yet)."""
+    """What a new subscriber is told first. Events without a mark never happened (yet).
+
+    ``texts``: the text events as emitted, where known (their nodes: the record keeps only
+    the text)."""
     events: list[JobEvent] = []
 
     def add(key: str, kind: EventKind) -> None:
@@ -145,7 +149,7 @@ def replay_events(
     for i, artifact in enumerate(job.outputs):
         add(f"output:{i}", OutputStored(i, artifact))
     for i, text in enumerate(job.texts):
-        add(f"text:{i}", TextProduced(i, text))
+        add(f"text:{i}", texts[i] if i < len(texts) else TextProduced(i, text))
     if job.state.terminal:
         add("finished", Finished(snapshot(job)))
     events.sort(key=lambda e: e.sequence)
@@ -305,7 +309,16 @@ class _Subscriber:
 
 
 class _Channel:
-    __slots__ = ("drop_timer", "job", "marks", "progress", "retries", "sequence", "subscribers")
+    __slots__ = (
+        "drop_timer",
+        "job",
+        "marks",
+        "progress",
+        "retries",
+        "sequence",
+        "subscribers",
+        "texts",
+    )
 
     def __init__(
         self,
@@ -318,6 +331,7 @@ class _Channel:
         self.job = job  # the manager's live record: replays read its current outputs and state
         self.marks = marks
         self.retries = retries
+        self.texts: list[TextProduced] = []  # as emitted here (with their nodes)
         self.progress = progress
         self.sequence = sequence
         # Weak: a subscriber whose iterator was dropped without aclose() goes away by itself.
@@ -397,7 +411,9 @@ class EventHub:
         marks = synthesize_marks(job, last_sequence=last_sequence, retries=retries)
         progress = progress_of(job, self._position(job.id))
         top = max(m.sequence for m in marks.values())
-        self._channels[job.id] = _Channel(job, marks, list(retries), progress, top)
+        channel = _Channel(job, marks, list(retries), progress, top)
+        channel.texts = [TextProduced(i, text) for i, text in enumerate(job.texts)]
+        self._channels[job.id] = channel
 
     def is_open(self, job_id: str) -> bool:
         return job_id in self._channels
@@ -423,6 +439,8 @@ class EventHub:
             key = f"output:{kind.index}"
         elif isinstance(kind, TextProduced):
             key = f"text:{kind.index}"
+            if kind.index == len(channel.texts):
+                channel.texts.append(kind)
         else:
             key = "finished"
             channel.drop_timer = asyncio.get_running_loop().call_later(
@@ -449,6 +467,7 @@ class EventHub:
             retries=channel.retries,
             progress=channel.progress,
             queue_position=self._position(job_id),
+            texts=channel.texts,
         )
 
     def subscribe(
