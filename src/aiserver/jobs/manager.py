@@ -990,9 +990,17 @@ class JobManager:
     ) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure if log_errors else _retrieve)
+        # One done callback, not two: each is a callback of the loop's own (two tasks a job).
+        task.add_done_callback(self._ended_logged if log_errors else self._ended_quiet)
         return task
+
+    def _ended_logged(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        _log_failure(task)
+
+    def _ended_quiet(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        _retrieve(task)
 
 
 def _no_deliveries(job: Job) -> Sequence[tuple[str, bytes]]:
