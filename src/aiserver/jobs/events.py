@@ -24,7 +24,6 @@ import asyncio
 import logging
 import math
 import time
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -165,7 +164,6 @@ class _Subscriber:
     the only events it wants (Finished always; None: all), the others never reach it."""
 
     __slots__ = (
-        "__weakref__",
         "_clock",
         "_interval",
         "_kinds",
@@ -334,8 +332,9 @@ class _Channel:
         self.texts: list[TextProduced] = []  # as emitted here (with their nodes)
         self.progress = progress
         self.sequence = sequence
-        # Weak: a subscriber whose iterator was dropped without aclose() goes away by itself.
-        self.subscribers: weakref.WeakSet[_Subscriber] = weakref.WeakSet()
+        # A plain set (a WeakSet's iteration is Python code, 1.6 µs per emit): a subscription
+        # dropped without aclose() takes its subscriber out itself (Subscription.__del__).
+        self.subscribers: set[_Subscriber] = set()
         self.drop_timer: asyncio.TimerHandle | None = None
 
 
@@ -374,6 +373,11 @@ class Subscription:
     async def aclose(self) -> None:
         self._closed = True
         if self._sub is not None:
+            self._hub._detach(self._job_id, self._sub)
+
+    def __del__(self) -> None:
+        # An iterator dropped without aclose(): its subscriber leaves the job's stream.
+        if self._sub is not None and not self._closed:
             self._hub._detach(self._job_id, self._sub)
 
 
