@@ -80,6 +80,35 @@ async def test_delete(blobs: BlobStore) -> None:
     assert await _read(blobs, KEY) == b"again"
 
 
+def _frame(offset: int, length: int) -> tuple[bytes, bytes]:
+    return f"<{offset}+{length}|".encode(), f"|{offset + length}>".encode()
+
+
+def _unframe(chunks: list[bytes]) -> tuple[bytes, list[int]]:
+    """The bytes inside each chunk's frame (checked against the frame's own words), and the
+    offset of each chunk."""
+    data, offsets = b"", []
+    for chunk in chunks:
+        head, _, rest = chunk.partition(b"|")
+        offset, length = (int(x) for x in head[1:].split(b"+"))
+        assert (head + b"|", rest[length:]) == _frame(offset, length)
+        data += rest[:length]
+        offsets.append(offset)
+    return data, offsets
+
+
+async def test_a_framed_read_puts_each_chunk_in_its_frame(blobs: BlobStore) -> None:
+    data = os.urandom(200_000)
+    await blobs.put(KEY, data)
+    for offset, length in ((0, None), (1234, None), (10, 150_000), (199_990, 100)):
+        chunks = [c async for c in blobs.read(KEY, offset, length, 64 * 1024, frame=_frame)]
+        got, offsets = _unframe(chunks)
+        end = len(data) if length is None else min(len(data), offset + length)
+        assert got == data[offset:end]
+        assert offsets == list(range(offset, end, 64 * 1024))
+        assert all(type(c) is bytes for c in chunks)
+
+
 async def test_local_file_holds_the_bytes(blobs: BlobStore) -> None:
     data = os.urandom(3 * 1024 * 1024 + 7)
     await blobs.put(KEY, data)
@@ -184,6 +213,35 @@ async def test_local_reads_whole_and_ranges_from_cache_or_disk(
         end = len(data) if length is None else offset + length
         assert b"".join(chunks) == data[offset:end]
         assert all(isinstance(c, bytes) and 0 < len(c) <= 1 << 20 for c in chunks)
+
+
+@pytest.mark.parametrize("evicted", [False, True], ids=["page cache", "disk"])
+async def test_a_local_framed_read_from_cache_or_disk(tmp_path: Path, evicted: bool) -> None:
+    """Each chunk is read into its frame on either path (event loop or threads), and a chunk
+    cut short (the file shrank under the reader) gets the frame of what was read."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(3 * 1024 * 1024 + 123)
+    await store.put(KEY, data)
+    path = store.root / KEY
+    if evicted:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    chunks = [c async for c in store.read(KEY, 5, None, 1 << 20, frame=_frame)]
+    got, offsets = _unframe(chunks)
+    assert got == data[5:]
+    assert offsets == [5 + i * (1 << 20) for i in range(4)]
+
+    # Blobs are never rewritten; a file cut short by hand still gives whole frames.
+    reader = store.read(KEY, 0, None, 1 << 20, frame=_frame)
+    first = await anext(reader)
+    os.truncate(path, 1_500_000)
+    rest = [c async for c in reader]
+    got, offsets = _unframe([first, *rest])
+    assert got == data[:1_500_000]
+    assert offsets == [0, 1 << 20]
 
 
 async def test_a_local_read_abandoned_mid_file_closes_its_descriptor(tmp_path: Path) -> None:

@@ -20,7 +20,9 @@ from imagetasks.v1 import (
     transform_service_pb2_grpc,
     workflow_service_pb2_grpc,
 )
+from imagetasks.v1.artifact_service_pb2 import ReadArtifactRequest
 
+from aiserver.client._chunks import READ_ARTIFACT, read_chunk
 from aiserver.client.inputs import CHUNK_SIZE, InputSource, OutputSink
 
 __all__ = [
@@ -48,6 +50,8 @@ class Stubs:
     jobs: job_service_pb2_grpc.JobServiceAsyncStub
     artifacts: artifact_service_pb2_grpc.ArtifactServiceAsyncStub
     workflows: workflow_service_pb2_grpc.WorkflowServiceAsyncStub
+    read_artifact: Any
+    """ReadArtifact answering :class:`~aiserver.client._chunks.ArtifactChunk` views."""
 
 
 def open_channel(
@@ -68,6 +72,11 @@ def stubs_on(channel: grpc.aio.Channel) -> Stubs:
         job_service_pb2_grpc.JobServiceStub(channel),
         artifact_service_pb2_grpc.ArtifactServiceStub(channel),
         workflow_service_pb2_grpc.WorkflowServiceStub(channel),
+        channel.unary_stream(
+            READ_ARTIFACT,
+            request_serializer=ReadArtifactRequest.SerializeToString,
+            response_deserializer=read_chunk,
+        ),
     )
 
 
@@ -109,7 +118,7 @@ async def source_chunks(source: InputSource) -> AsyncIterator[bytes]:
         yield data
 
 
-async def sink_write(sink: OutputSink, data: bytes) -> None:
+async def sink_write(sink: OutputSink, data: bytes | memoryview) -> None:
     await asyncio.to_thread(sink.write, data)
 
 

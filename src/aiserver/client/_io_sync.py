@@ -20,7 +20,9 @@ from imagetasks.v1 import (
     transform_service_pb2_grpc,
     workflow_service_pb2_grpc,
 )
+from imagetasks.v1.artifact_service_pb2 import ReadArtifactRequest
 
+from aiserver.client._chunks import READ_ARTIFACT, read_chunk
 from aiserver.client.inputs import CHUNK_SIZE, InputSource, OutputSink
 
 __all__ = [
@@ -48,6 +50,8 @@ class Stubs:
     jobs: job_service_pb2_grpc.JobServiceStub
     artifacts: artifact_service_pb2_grpc.ArtifactServiceStub
     workflows: workflow_service_pb2_grpc.WorkflowServiceStub
+    read_artifact: Any
+    """ReadArtifact answering :class:`~aiserver.client._chunks.ArtifactChunk` views."""
 
 
 def open_channel(
@@ -66,6 +70,11 @@ def stubs_on(channel: grpc.Channel) -> Stubs:
         job_service_pb2_grpc.JobServiceStub(channel),
         artifact_service_pb2_grpc.ArtifactServiceStub(channel),
         workflow_service_pb2_grpc.WorkflowServiceStub(channel),
+        channel.unary_stream(
+            READ_ARTIFACT,
+            request_serializer=ReadArtifactRequest.SerializeToString,
+            response_deserializer=read_chunk,
+        ),
     )
 
 
@@ -89,7 +98,7 @@ def source_chunks(source: InputSource) -> Iterator[bytes]:
     return source.chunks(CHUNK_SIZE)
 
 
-def sink_write(sink: OutputSink, data: bytes) -> None:
+def sink_write(sink: OutputSink, data: bytes | memoryview) -> None:
     sink.write(data)
 
 

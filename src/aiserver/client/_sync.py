@@ -11,6 +11,7 @@ client's, or 300 s, so no call blocks forever.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, closing
 from typing import Any
@@ -361,26 +362,31 @@ class Client:
 
     def stream_artifact(
         self, name: str, *, offset: int = 0, limit: int = 0, timeout: float | None = None
-    ) -> Iterator[bytes]:
-        """An artifact's bytes in chunks, from ``offset``, at most ``limit`` (0: all)."""
+    ) -> Iterator[memoryview]:
+        """An artifact's bytes in chunks, from ``offset``, at most ``limit`` (0: all).
+
+        Each chunk is a read-only ``memoryview`` of the message it came in (no copy): write
+        it, hash it or join it as bytes; ``bytes(chunk)`` makes a copy that stands alone."""
         request = artifact_service_pb2.ReadArtifactRequest(
             name=artifact_name(name), read_offset=offset, read_limit=limit
         )
-        call = self._stubs().artifacts.ReadArtifact(
+        call = self._stubs().read_artifact(
             request, metadata=self._metadata, timeout=self._deadline(timeout)
         )
         with guarded(call):
-            for response in call:
-                yield response.data
+            for chunk in call:
+                yield chunk.data
 
     def read_artifact(
         self, name: str, *, offset: int = 0, limit: int = 0, timeout: float | None = None
     ) -> bytes:
         """An artifact's bytes (in memory), from ``offset``, at most ``limit`` (0: all)."""
-        buffer = bytearray()
+        # A BytesIO grows its own bytes object in place (realloc) and hands that object out:
+        # one copy of each chunk, where a bytearray then bytes() copies everything twice.
+        buffer = io.BytesIO()
         for data in self.stream_artifact(name, offset=offset, limit=limit, timeout=timeout):
-            buffer += data
-        return bytes(buffer)
+            buffer.write(data)
+        return buffer.getvalue()
 
     def save_artifact(self, name: str, out: Destination, *, timeout: float | None = None) -> int:
         """Writes an artifact to ``out`` as it arrives; returns the number of bytes."""

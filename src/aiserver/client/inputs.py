@@ -32,9 +32,9 @@ class Readable(Protocol):
 
 @runtime_checkable
 class Writable(Protocol):
-    """A binary file object open for writing."""
+    """A binary file object open for writing (it is given bytes and memoryviews)."""
 
-    def write(self, data: bytes, /) -> int: ...
+    def write(self, data: bytes | memoryview, /) -> int: ...
 
 
 Input: TypeAlias = str | os.PathLike[str] | bytes | bytearray | memoryview | Readable
@@ -118,7 +118,7 @@ class OutputSink:
     def path(self) -> Path | None:
         return self._path
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self._file is None:
             assert self._part is not None
             self._part.parent.mkdir(parents=True, exist_ok=True)
