@@ -96,11 +96,8 @@ async def _requests(
     for source in sources:
         first = True
         async for data in source_chunks(source):
-            chunk = common_pb2.FileChunk(
-                field=source.field, data=data, file_name=source.file_name if first else ""
-            )
+            yield request.chunk_message(source.field, data, source.file_name if first else "")
             first = False
-            yield request.chunk_message(chunk)
 
 
 class JobStream:
@@ -130,9 +127,7 @@ class JobStream:
         self._consumed = True
         client = self._client
         with ExitStack() as inputs:
-            call, requests = client._open_upload(
-                getattr(client._stubs(), self.request.SERVICE), self.request, inputs
-            )
+            call, requests = client._open_upload(self.request, inputs)
             with guarded(call):
                 await send_requests(call, requests)
                 async for response in call:
@@ -264,15 +259,14 @@ class AsyncClient:
             return await method(request, metadata=self._metadata, timeout=self._deadline(timeout))
 
     def _open_upload(
-        self, service: Any, request: GenerativeRequest | TransformRequest, inputs: ExitStack
+        self, request: GenerativeRequest | TransformRequest, inputs: ExitStack
     ) -> tuple[Any, AsyncIterator[Any]]:
-        """The call of ``request`` on ``service``, and the request stream to feed it. The
-        inputs are opened at once (a missing file fails before any call) and closed by
-        ``inputs``."""
+        """The call of ``request``, and the request stream to feed it. The inputs are opened
+        at once (a missing file fails before any call) and closed by ``inputs``."""
         sources = [inputs.enter_context(closing(InputSource(f, v))) for f, v in request.inputs()]
         requests = _requests(request, sources)
         call = open_stream(
-            getattr(service, request.RPC),
+            self._stubs().uploads[request.RPC],
             requests,
             metadata=self._metadata,
             timeout=self._deadline(request.timeout),
@@ -316,7 +310,7 @@ class AsyncClient:
     async def transform(self, request: TransformRequest) -> ImageResult:
         """A light call (TransformService): the image, or its info once written to ``out``."""
         with ExitStack() as inputs:
-            call, requests = self._open_upload(self._stubs().transform, request, inputs)
+            call, requests = self._open_upload(request, inputs)
             info, data = await self._info_then_chunks(call, request.out, requests)
         return ImageResult(ImageInfo.from_proto(info), data)
 

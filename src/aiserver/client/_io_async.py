@@ -23,6 +23,7 @@ from imagetasks.v1 import (
 from imagetasks.v1.artifact_service_pb2 import ReadArtifactRequest
 
 from aiserver.client._chunks import READ_ARTIFACT, read_chunk
+from aiserver.client._uploads import UPLOADS, serialize
 from aiserver.client.inputs import CHUNK_SIZE, InputSource, OutputSink
 
 __all__ = [
@@ -52,6 +53,8 @@ class Stubs:
     workflows: workflow_service_pb2_grpc.WorkflowServiceAsyncStub
     read_artifact: Any
     """ReadArtifact answering :class:`~aiserver.client._chunks.ArtifactChunk` views."""
+    uploads: dict[str, Any]
+    """Each upload method by name, sending chunk messages in wire form as they are."""
 
 
 def open_channel(
@@ -77,6 +80,12 @@ def stubs_on(channel: grpc.aio.Channel) -> Stubs:
             request_serializer=ReadArtifactRequest.SerializeToString,
             response_deserializer=read_chunk,
         ),
+        {
+            name: channel.stream_stream(
+                path, request_serializer=serialize, response_deserializer=response.FromString
+            )
+            for name, (path, response) in UPLOADS.items()
+        },
     )
 
 
@@ -111,7 +120,7 @@ async def send_requests(call: Any, requests: AsyncIterator[Any]) -> None:
         await call.done_writing()
 
 
-async def source_chunks(source: InputSource) -> AsyncIterator[bytes]:
+async def source_chunks(source: InputSource) -> AsyncIterator[bytes | memoryview]:
     """``source``'s chunks, each read in a worker thread."""
     chunks = source.chunks(CHUNK_SIZE)
     while (data := await asyncio.to_thread(next, chunks, None)) is not None:

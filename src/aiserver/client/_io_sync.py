@@ -23,6 +23,7 @@ from imagetasks.v1 import (
 from imagetasks.v1.artifact_service_pb2 import ReadArtifactRequest
 
 from aiserver.client._chunks import READ_ARTIFACT, read_chunk
+from aiserver.client._uploads import UPLOADS, serialize
 from aiserver.client.inputs import CHUNK_SIZE, InputSource, OutputSink
 
 __all__ = [
@@ -52,6 +53,8 @@ class Stubs:
     workflows: workflow_service_pb2_grpc.WorkflowServiceStub
     read_artifact: Any
     """ReadArtifact answering :class:`~aiserver.client._chunks.ArtifactChunk` views."""
+    uploads: dict[str, Any]
+    """Each upload method by name, sending chunk messages in wire form as they are."""
 
 
 def open_channel(
@@ -75,6 +78,12 @@ def stubs_on(channel: grpc.Channel) -> Stubs:
             request_serializer=ReadArtifactRequest.SerializeToString,
             response_deserializer=read_chunk,
         ),
+        {
+            name: channel.stream_stream(
+                path, request_serializer=serialize, response_deserializer=response.FromString
+            )
+            for name, (path, response) in UPLOADS.items()
+        },
     )
 
 
@@ -94,7 +103,7 @@ def send_requests(call: Any, requests: Iterator[Any]) -> None:
     """Nothing to do: :func:`open_stream` handed ``requests`` to grpc."""
 
 
-def source_chunks(source: InputSource) -> Iterator[bytes]:
+def source_chunks(source: InputSource) -> Iterator[bytes | memoryview]:
     return source.chunks(CHUNK_SIZE)
 
 

@@ -85,11 +85,8 @@ def _requests(
     for source in sources:
         first = True
         for data in source_chunks(source):
-            chunk = common_pb2.FileChunk(
-                field=source.field, data=data, file_name=source.file_name if first else ""
-            )
+            yield request.chunk_message(source.field, data, source.file_name if first else "")
             first = False
-            yield request.chunk_message(chunk)
 
 
 class SyncJobStream:
@@ -119,9 +116,7 @@ class SyncJobStream:
         self._consumed = True
         client = self._client
         with ExitStack() as inputs:
-            call, requests = client._open_upload(
-                getattr(client._stubs(), self.request.SERVICE), self.request, inputs
-            )
+            call, requests = client._open_upload(self.request, inputs)
             with guarded(call):
                 send_requests(call, requests)
                 for response in call:
@@ -253,15 +248,14 @@ class Client:
             return method(request, metadata=self._metadata, timeout=self._deadline(timeout))
 
     def _open_upload(
-        self, service: Any, request: GenerativeRequest | TransformRequest, inputs: ExitStack
+        self, request: GenerativeRequest | TransformRequest, inputs: ExitStack
     ) -> tuple[Any, Iterator[Any]]:
-        """The call of ``request`` on ``service``, and the request stream to feed it. The
-        inputs are opened at once (a missing file fails before any call) and closed by
-        ``inputs``."""
+        """The call of ``request``, and the request stream to feed it. The inputs are opened
+        at once (a missing file fails before any call) and closed by ``inputs``."""
         sources = [inputs.enter_context(closing(InputSource(f, v))) for f, v in request.inputs()]
         requests = _requests(request, sources)
         call = open_stream(
-            getattr(service, request.RPC),
+            self._stubs().uploads[request.RPC],
             requests,
             metadata=self._metadata,
             timeout=self._deadline(request.timeout),
@@ -305,7 +299,7 @@ class Client:
     def transform(self, request: TransformRequest) -> ImageResult:
         """A light call (TransformService): the image, or its info once written to ``out``."""
         with ExitStack() as inputs:
-            call, requests = self._open_upload(self._stubs().transform, request, inputs)
+            call, requests = self._open_upload(request, inputs)
             info, data = self._info_then_chunks(call, request.out, requests)
         return ImageResult(ImageInfo.from_proto(info), data)
 
