@@ -151,6 +151,23 @@ async def test_local_keys_never_leave_the_root(tmp_path: object) -> None:
     assert await store.size("2031/05/x.png") is None
 
 
+async def test_local_symlinks_and_dot_dot_are_refused_at_any_level(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    outside = tmp_path / "outside"
+    (outside / "06").mkdir(parents=True)
+    (outside / "06" / "x.png").write_bytes(b"secret")
+    await store.put("2031/05/07/y.png", b"mine")
+    (store.root / "2031" / "05" / "06").symlink_to(outside / "06")  # the last folder
+    (store.root / "2031" / "05" / "07" / "z.png").symlink_to(outside / "06" / "x.png")  # file
+    for key in ("2031/05/06/x.png", "2031/05/07/z.png", "2031/05/07/../06/x.png", "../x.png"):
+        with pytest.raises(FileNotFoundError):
+            await _read(store, key)
+        assert await store.size(key) is None
+    assert await _read(store, "2031/05/07/y.png") == b"mine"
+    assert await _read(store, "2031/05/07/./y.png") == b"mine"  # as Path reads it
+    assert await store.size("2031/05/07/y.png/more") is None  # a file is no folder
+
+
 def test_concurrent_puts_share_directory_syncs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,6 +10,7 @@ import io
 import itertools
 import logging
 import os
+import stat
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -142,7 +143,7 @@ class LocalBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self._real_root = root.resolve(strict=True)
+        self._root_name = os.fspath(root.resolve(strict=True))
         self._dir_syncs = _DirSyncs()
         self._tmp = root / ".tmp"
         self._tmp.mkdir(exist_ok=True)
@@ -154,17 +155,33 @@ class LocalBlobStore:
             stale.unlink(missing_ok=True)
 
     def _path(self, key: str) -> Path:
-        """The file of ``key``, never outside ``root``: a key whose real location differs
-        from its lexical one (a symlink anywhere below ``root``) does not exist."""
-        path = self.root / key
-        try:
-            real = path.resolve(strict=False)
-        except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop
-            raise FileNotFoundError(key) from exc
-        if real != self._real_root / key:
-            logger.warning("blob %s leaves the store through a symlink", key)
+        """The file of ``key``, never outside ``root``: a key with ``..``, or a symlink
+        anywhere below ``root`` (the file itself included), does not exist."""
+        return self._look(key)[0]
+
+    def _look(self, key: str) -> tuple[Path, os.stat_result | None]:
+        """:meth:`_path`, and the file's ``lstat`` (``None``: no such file yet). One
+        ``lstat`` per component of the key, on the event loop like every read's metadata
+        (the kernel's cache answers for a recent blob; the old ``Path.resolve`` walked the
+        root's own path too, in Python: 0.18 ms, twice per artifact read)."""
+        parts = [part for part in key.split("/") if part and part != "."]
+        if not parts or ".." in parts:
             raise FileNotFoundError(key)
-        return path
+        current = self._root_name
+        found = None
+        for part in parts:
+            current = f"{current}/{part}"
+            try:
+                found = os.lstat(current)
+            except FileNotFoundError:
+                found = None
+                break  # nothing exists below (a put makes the folders)
+            except OSError as exc:  # NotADirectoryError, ELOOP, EACCES...
+                raise FileNotFoundError(key) from exc
+            if stat.S_ISLNK(found.st_mode):
+                logger.warning("blob %s leaves the store through a symlink", key)
+                raise FileNotFoundError(key)
+        return self.root.joinpath(*parts), found
 
     def put_now(self, key: str, data: bytes) -> None:
         """:meth:`put` in the calling thread (a worker's: it waits for the disk)."""
@@ -206,10 +223,10 @@ class LocalBlobStore:
 
     async def size(self, key: str) -> int | None:
         try:
-            path = self._path(key)
-            return (await asyncio.to_thread(os.stat, path, follow_symlinks=False)).st_size
+            found = self._look(key)[1]  # its lstat: no thread hop, no second stat
         except FileNotFoundError:
             return None
+        return found.st_size if found is not None and stat.S_ISREG(found.st_mode) else None
 
     async def read(
         self,
@@ -221,9 +238,10 @@ class LocalBlobStore:
         frame: Frame | None = None,
     ) -> AsyncIterator[bytes]:
         path = self._path(key)
-        # O_NOFOLLOW: a symlink planted after the check above is still refused.
+        # O_NOFOLLOW: a symlink planted after the check above is still refused. Opened here:
+        # the check has just looked the file up, so the open finds it in the kernel's cache.
         try:
-            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
             raise FileNotFoundError(key) from exc
         loop = asyncio.get_running_loop()
