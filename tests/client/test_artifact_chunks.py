@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tracemalloc
 from typing import Any
 
 import grpc
@@ -128,6 +129,22 @@ async def test_stream_read_and_save_through_both_clients(
 
     whole, streamed, reason = await asyncio.to_thread(blocking)
     assert (whole, streamed, reason) == (data, data[1 : 2 * CHUNK + 1], "ARTIFACT_NOT_FOUND")
+
+
+async def test_read_artifact_holds_the_bytes_once(service: Service, client: AsyncClient) -> None:
+    """Chunks go into one growing bytes object that is handed out: no second copy of the
+    whole (a bytearray, then bytes() of it, held twice the artifact at the end)."""
+    data = os.urandom(64 * CHUNK)
+    name = await _put(service, data)
+    assert await client.read_artifact(name) == data  # warm: channel, stubs, first-call costs
+    tracemalloc.start()
+    try:
+        whole = await client.read_artifact(name)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert whole == data
+    assert peak < len(data) * 1.5
 
 
 async def test_any_grpc_client_still_reads_the_messages(

@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -259,6 +260,24 @@ async def test_a_local_framed_read_from_cache_or_disk(tmp_path: Path, evicted: b
     got, offsets = _unframe([first, *rest])
     assert got == data[:1_500_000]
     assert offsets == [0, 1 << 20]
+
+
+@pytest.mark.parametrize("chunk_size", [1 << 20, 40_000], ids=["1 MiB", "inline"])
+async def test_a_local_framed_chunk_is_one_buffer(tmp_path: Path, chunk_size: int) -> None:
+    """The read lands in the framed object itself: no second buffer of the chunk's size
+    (a zero-filled one read into, then joined into the frame, was two)."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    await store.put(KEY, os.urandom(chunk_size * 3 if chunk_size > 1 << 16 else chunk_size))
+    reader = store.read(KEY, 0, None, chunk_size, frame=_frame)
+    tracemalloc.start()
+    try:
+        chunk = await anext(reader)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await reader.aclose()  # type: ignore[attr-defined]  # an async generator
+    assert len(chunk) == chunk_size + sum(len(part) for part in _frame(0, chunk_size))
+    assert chunk_size <= peak < chunk_size * 1.5
 
 
 async def test_a_local_read_abandoned_mid_file_closes_its_descriptor(tmp_path: Path) -> None:
