@@ -135,7 +135,7 @@ class SyncJobStream:
         ``result_only`` no ``accepted`` comes, so ``result.existing`` is False.
         """
         outputs: dict[int, Output] = {}
-        buffers: dict[int, bytearray] = {}
+        buffers: dict[int, io.BytesIO] = {}  # one copy of each chunk (see read_artifact)
         texts: list[str] = []
         accepted: Accepted | None = None
         finished: Finished | None = None
@@ -145,14 +145,14 @@ class SyncJobStream:
             elif isinstance(event, OutputReady):
                 outputs[event.index] = Output(event.index, event.artifact)
             elif isinstance(event, OutputData):
-                buffers.setdefault(event.index, bytearray()).extend(event.data)
+                buffers.setdefault(event.index, io.BytesIO()).write(event.data)
             elif isinstance(event, TextOutput):
                 texts.append(event.text)
             elif isinstance(event, Finished):
                 finished = event
         for index, data in buffers.items():
             if index in outputs:
-                outputs[index].data = bytes(data)
+                outputs[index].data = data.getvalue()
         if finished is not None:
             job = finished.final
             if not outputs:  # ``result_only`` with references: no ``output`` events
@@ -268,7 +268,7 @@ class Client:
         """A light call's answer: one ``info`` message, then the bytes (into ``out``)."""
         sink = OutputSink(out) if out is not None else None
         info: Any = None
-        buffer = bytearray()
+        buffer = io.BytesIO()  # one copy of each chunk (see read_artifact)
         try:
             with guarded(call):
                 if requests is not None:
@@ -279,7 +279,7 @@ class Client:
                     elif sink is not None:
                         sink_write(sink, response.chunk)
                     else:
-                        buffer += response.chunk
+                        buffer.write(response.chunk)
             if info is None:
                 raise ClientError(grpc.StatusCode.UNKNOWN, "the response carried no info message")
             if sink is not None:
@@ -288,7 +288,7 @@ class Client:
             if sink is not None:
                 sink.abort()
             raise
-        return info, None if sink is not None else bytes(buffer)
+        return info, None if sink is not None else buffer.getvalue()
 
     # ---- calls that take a request object ---------------------------------------------------
 
