@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
+
+import pytest
 
 from aiserver.jobs.attempt import ActiveJob, ActiveJobs
 from aiserver.jobs.model import Job, JobState
@@ -30,3 +33,24 @@ def test_counts_follow_assignment_replacement_and_removal() -> None:
     del jobs["b"]
     assert (jobs.owned_by("k1"), jobs.owned_by("k2"), len(jobs)) == (0, 1, 1)
     assert jobs._by_owner == {"k2": 1}  # no owner left behind at zero
+
+
+def test_pop_counts_and_bypassing_methods_are_refused() -> None:
+    jobs = ActiveJobs()
+    jobs["a"] = active("a", "k1")
+    jobs["b"] = active("b", "k1")
+    assert jobs.pop("a").job.id == "a"
+    assert jobs.pop("a", None) is None
+    with pytest.raises(KeyError):
+        jobs.pop("a")
+    assert jobs.owned_by("k1") == 1
+    bypasses: list[Callable[[], object]] = [
+        lambda: jobs.update({"c": active("c", "k1")}),
+        lambda: jobs.setdefault("c", active("c", "k1")),
+        jobs.popitem,
+        jobs.clear,
+    ]
+    for bypass in bypasses:
+        with pytest.raises(TypeError):
+            bypass()
+    assert (len(jobs), jobs.owned_by("k1")) == (1, 1)

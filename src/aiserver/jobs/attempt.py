@@ -11,7 +11,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, NoReturn
 
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
 from aiserver.jobs.model import (
@@ -78,8 +78,9 @@ class ActiveJobs(dict[str, ActiveJob]):
     submit checks the owner's limit, and a count kept here spares a scan of every active job
     (at a backlog of N jobs, N steps per submit).
 
-    Only item assignment and ``del`` keep the counts: the manager uses nothing else to change
-    it."""
+    Every way of changing a dict keeps the counts: item assignment, ``del`` and ``pop``;
+    the others (``update``, ``setdefault``, ``popitem``, ``clear``) are refused rather than
+    left to bypass them."""
 
     __slots__ = ("_by_owner",)
 
@@ -99,6 +100,22 @@ class ActiveJobs(dict[str, ActiveJob]):
         owner = self[job_id].job.owner
         super().__delitem__(job_id)
         self._uncount(owner)
+
+    _missing = object()
+
+    def pop(self, job_id: str, default: Any = _missing) -> Any:
+        if job_id not in self:
+            if default is ActiveJobs._missing:
+                raise KeyError(job_id)
+            return default
+        active = self[job_id]
+        del self[job_id]
+        return active
+
+    def _refused(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("ActiveJobs keeps per-owner counts: use item assignment, del or pop")
+
+    update = setdefault = popitem = clear = _refused
 
     def owned_by(self, owner: str) -> int:
         """Unfinished jobs of ``owner``."""
