@@ -169,6 +169,20 @@ async def test_local_symlinks_and_dot_dot_are_refused_at_any_level(tmp_path: Pat
     assert await store.size("2031/05/07/y.png/more") is None  # a file is no folder
 
 
+async def test_a_local_blob_that_is_no_regular_file_is_missing_without_blocking(
+    tmp_path: Path,
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    await store.put("2031/05/07/y.png", b"mine")
+    fifo = store.root / "2031" / "05" / "07" / "fifo.png"
+    os.mkfifo(fifo)  # no writer: a blocking open would wait for ever, on the event loop
+    (store.root / "2031" / "05" / "07" / "dir.png").mkdir()
+    for key in ("2031/05/07/fifo.png", "2031/05/07/dir.png"):
+        with pytest.raises(FileNotFoundError):
+            await asyncio.wait_for(_read(store, key), 5)
+        assert await store.size(key) is None
+
+
 def test_concurrent_puts_share_directory_syncs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

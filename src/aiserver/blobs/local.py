@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import io
 import itertools
@@ -37,9 +36,11 @@ def _bytes_maker() -> Callable[[int], bytes]:
     ``PyBytes_FromStringAndSize(NULL, n)`` leaves them unset; ``bytes(n)`` writes zeros over
     every byte first (measured: 10-17% more CPU per 1 MiB read from the page cache)."""
     try:
+        import ctypes  # optional: a build without it reads into bytes(n)
+
         kind = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)
         unset = kind(("PyBytes_FromStringAndSize", ctypes.pythonapi))
-    except (AttributeError, OSError):  # not CPython
+    except (ImportError, AttributeError, OSError):  # not CPython, or no ctypes
         return bytes
     return lambda n: unset(None, n)
 
@@ -181,7 +182,7 @@ class LocalBlobStore:
             if stat.S_ISLNK(found.st_mode):
                 logger.warning("blob %s leaves the store through a symlink", key)
                 raise FileNotFoundError(key)
-        return self.root.joinpath(*parts), found
+        return Path(self._root_name, *parts), found  # the very path that was checked
 
     def put_now(self, key: str, data: bytes) -> None:
         """:meth:`put` in the calling thread (a worker's: it waits for the disk)."""
@@ -241,13 +242,18 @@ class LocalBlobStore:
         # O_NOFOLLOW: a symlink planted after the check above is still refused. Opened here:
         # the check has just looked the file up, so the open finds it in the kernel's cache.
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            # O_NONBLOCK: no effect on a regular file, and no hang of the loop on a FIFO
+            # planted in its place (refused just below).
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
             raise FileNotFoundError(key) from exc
         loop = asyncio.get_running_loop()
         ahead: asyncio.Future[tuple[bytes, int]] | None = None
         try:
-            size = os.fstat(fd).st_size
+            found = os.fstat(fd)
+            if not stat.S_ISREG(found.st_mode):
+                raise FileNotFoundError(key)
+            size = found.st_size
             remaining = max(0, size - offset) if length is None else min(length, size - offset)
             # Small reads are done here (cheaper than a thread hop), and so are bytes in the
             # page cache until a chunk has had to come from the disk; from then on, reads run
@@ -257,9 +263,11 @@ class LocalBlobStore:
                 wanted = min(chunk_size, remaining)
                 from_disk = ahead is not None
                 read = None
-                if inline:
-                    read = _read(fd, wanted, offset, frame)
+                if inline and not _NOWAIT:
+                    read = _read(fd, wanted, offset, frame)  # cannot tell: a small read here
                 elif not from_disk:
+                    # Only what the page cache holds is read on the loop; a small blob that
+                    # must come from the disk is read in a thread like a large one.
                     read = _read_at(fd, wanted, offset, frame, _NOWAIT) if _NOWAIT else None
                 if read is None:
                     if ahead is None:
