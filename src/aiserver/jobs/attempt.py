@@ -26,7 +26,7 @@ from aiserver.jobs.model import (
 )
 from aiserver.jobs.output_encoding import encode_output
 from aiserver.jobs.outputs import ArtifactWriter
-from aiserver.jobs.store import JobRecord
+from aiserver.jobs.store import JobRecord, LeaseLost
 from aiserver.providers.base import (
     GeneratedImage,
     GeneratedText,
@@ -88,8 +88,10 @@ class AttemptSink:
         save: Save,
         emit: Emit,
         resumed: bool,
+        lease_firm: Callable[[str], bool] | None = None,
     ) -> None:
         self._active = active
+        self._lease_firm = lease_firm
         self._provider = provider
         self._artifacts = artifacts
         self._save = save
@@ -164,6 +166,13 @@ class AttemptSink:
         job.resume = dict(state)
         job.agent = state.get("agent", job.agent)
         await self._save(self._active)  # stored before the provider goes on
+        if self._lease_firm is not None and not self._lease_firm(job.id):
+            # The provider queues its work next. The fenced save above proves that no other
+            # process had taken the job yet, not that none will before the work is queued:
+            # with its renewals failing, this lease may lapse now, and a taker that looks
+            # for the checkpoint's prompt before it is queued here would queue it too. So a
+            # run whose lease is not firm stops here; its taker queues the prompt, once.
+            raise LeaseLost(job.id)
 
 
 def cancelled_error() -> ServiceError:

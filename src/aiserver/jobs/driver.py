@@ -66,9 +66,11 @@ class AttemptDriver:
         finish: Finish,
         forget: Callable[[ActiveJob], None],
         leased: bool = False,
+        lease_firm: Callable[[str], bool] | None = None,
     ) -> None:
         """``leased``: jobs are held under leases on a shared store (a taker can resume one
-        this process drops)."""
+        this process drops); ``lease_firm(job_id)``: whether that lease still has time to
+        run (checked after each checkpoint, see :class:`AttemptSink`)."""
         self._spool = spool
         self._artifacts = artifacts
         self._settings = settings
@@ -79,6 +81,7 @@ class AttemptDriver:
         self._finish = finish
         self._forget = forget
         self._leased = leased
+        self._lease_firm = lease_firm
         self.controllers: set[asyncio.Task[None]] = set()
 
     def launch(self, active: ActiveJob, provider: Provider, *, new_attempt: bool) -> None:
@@ -129,6 +132,7 @@ class AttemptDriver:
                 save=self._save,
                 emit=self._emit,
                 resumed=not new_attempt,
+                lease_firm=self._lease_firm,
             )
             active.sink = sink
             # A cancel that came while the inputs were fetched found no run task to cancel.

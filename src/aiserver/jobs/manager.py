@@ -156,6 +156,7 @@ class JobManager:
             finish=self._finish,
             forget=self._forget,
             leased=holder is not None,
+            lease_firm=self._lease_firm if holder is not None else None,
         )
         self._tasks: set[asyncio.Task[Any]] = set()  # finishes, hooks, background writes
         self._leases = (
@@ -443,12 +444,13 @@ class JobManager:
         A job another process holds (shared store) is watched through the store."""
         if self._leases is None:
             return self._hub.subscribe(job_id, self._load_replay)
+        outage_s = self._settings.watch_outage_s
         if job_id not in self._active:
-            return StoreWatch(self._store, job_id)
+            return StoreWatch(self._store, job_id, outage_s=outage_s)
         # Should another process take the job over, the stream goes on from the store.
         return Handover(
             self._hub.subscribe(job_id, self._load_replay),
-            lambda last: StoreWatch(self._store, job_id, after=last),
+            lambda last: StoreWatch(self._store, job_id, after=last, outage_s=outage_s),
             lambda: self._phase == "running" and job_id not in self._active,
         )
 
@@ -502,7 +504,14 @@ class JobManager:
             async with (
                 asyncio.timeout(self._settings.cancel_timeout_s),
                 # Closed on the way out: its announcement listener must not outlive it.
-                contextlib.aclosing(StoreWatch(self._store, job_id, idle_recheck_s=0.5)) as watch,
+                contextlib.aclosing(
+                    StoreWatch(
+                        self._store,
+                        job_id,
+                        idle_recheck_s=0.5,
+                        outage_s=self._settings.watch_outage_s,
+                    )
+                ) as watch,
             ):
                 async for event in watch:
                     if isinstance(event.kind, Finished):
@@ -625,6 +634,7 @@ class JobManager:
         accepted = Accepted(job.task, job.ref_id, self._dispatch.next_position())
         kind, payload = encode_event(accepted)
         # One transaction: the job, its accepted event (sequence 1) and this process's lease.
+        asked = time.monotonic()
         try:
             stored, existing = await self._store.create(
                 JobRecord(job, SEQUENCE_BLOCK),
@@ -637,7 +647,7 @@ class JobManager:
             raise self._too_many_jobs(limit) from None
         if existing:
             return self._fresh(stored.job), True
-        self._leases.hold(job.id)
+        self._leases.hold(job.id, since=asked)
         if self._phase != "running":  # stopping meanwhile: another process will run it
             await self._leases.release(job.id)
             return snapshot(job), False
@@ -738,12 +748,13 @@ class JobManager:
             job = record.job
             if job.id in self._active or not self._dispatch.can_start(job.task, job.spec):
                 continue
+            asked = time.monotonic()
             lease = await self._store.steal(
                 job.id, holder, self._leases.lease_s, from_holder=previous
             )
             if lease is None:
                 continue  # started, cancelled or taken meanwhile
-            self._leases.hold(job.id)
+            self._leases.hold(job.id, since=asked)
             return await self._take_on(lease, f"stolen from {previous}") is not None
         return False
 
@@ -766,6 +777,9 @@ class JobManager:
                         await self._cancel_here(active)
             except Exception:
                 logger.exception("handling a cancel announcement failed")
+
+    def _lease_firm(self, job_id: str) -> bool:
+        return self._leases is not None and self._leases.firm(job_id)
 
     def _lease_lost(self, job_id: str) -> None:
         active = self._active.get(job_id)
