@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from imagetasks.v1 import job_pb2
 
@@ -20,6 +21,8 @@ from tests.scaleout.cluster import LEASE_S, Cluster, get_job, list_all, submit, 
 from tests.storage.backends import PG_URL, S3Server
 from tests.support.tcp_cut import TcpCut
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SUCCEEDED = job_pb2.Job.STATE_SUCCEEDED
 ENDED = {SUCCEEDED, job_pb2.Job.STATE_FAILED}
 
@@ -33,10 +36,24 @@ def _reason(error: grpc.aio.AioRpcError) -> str:
     return ""
 
 
-@pytest.mark.parametrize("past_lease", [False, True], ids=["within-lease", "past-lease"])
+async def _health(target: str) -> int:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        return int(reply.status)
+
+
+@pytest.mark.parametrize(
+    ("fault", "past_lease"),
+    [("cut", False), ("cut", True), ("blackhole", False)],
+    ids=["within-lease", "past-lease", "blackholed"],
+)
 async def test_a_database_outage_loses_no_job_and_answers_unavailable(
-    tmp_path: Path, past_lease: bool
+    tmp_path: Path, fault: str, past_lease: bool
 ) -> None:
+    """``cut``: a restart (connections reset, new ones refused). ``blackhole``: packets
+    dropped (nothing answers, nothing is refused): only the coordinators' own bounds
+    (``AISERVER_DATABASE_TIMEOUT_S``) end their waits."""
     db = urlsplit(PG_URL)
     async with TcpCut(db.hostname or "127.0.0.1", db.port or 5432) as relay:
         url = PG_URL.replace(f"{db.hostname}:{db.port}", f"127.0.0.1:{relay.port}")
@@ -46,7 +63,7 @@ async def test_a_database_outage_loses_no_job_and_answers_unavailable(
             agents=2,
             max_jobs=2,
             step_delay_s=0.1,
-            env={"AISERVER_DATABASE_URL": url},
+            env={"AISERVER_DATABASE_URL": url, "AISERVER_DATABASE_TIMEOUT_S": "1"},
         ) as c:
             targets = [s.target for s in c.servers]
             names = [await submit(targets[i % 2], i, steps=20) for i in range(12)]
@@ -58,12 +75,13 @@ async def test_a_database_outage_loses_no_job_and_answers_unavailable(
                 while sum((await c.standins.stats())["posted"].values()) < 4:
                     await asyncio.sleep(0.05)
 
-            relay.cut()
+            getattr(relay, fault)()
             # A restart as production sees it (lease 30 s) is within the lease; past it, every
             # held job's lease lapses while its holder lives.
             outage_s = LEASE_S + 1.5 if past_lease else LEASE_S - 1
             ends = time.monotonic() + outage_s
             answers: list[tuple[grpc.StatusCode, str, float]] = []
+            health: set[int] = set()
             while time.monotonic() < ends - 1:
                 for target in targets:
                     began = time.monotonic()
@@ -71,9 +89,15 @@ async def test_a_database_outage_loses_no_job_and_answers_unavailable(
                         await get_job(target, names[0])
                     except grpc.aio.AioRpcError as error:
                         answers.append((error.code(), _reason(error), time.monotonic() - began))
+                    health.add(await _health(target))
                 await asyncio.sleep(0.5)
             await asyncio.sleep(max(0.0, ends - time.monotonic()))
             relay.restore()
+            # Out of rotation while the database is away, back once it answers.
+            assert NOT_SERVING in health, health
+            async with asyncio.timeout(20):
+                while {await _health(t) for t in targets} != {SERVING}:
+                    await asyncio.sleep(0.2)
 
             # Meanwhile: a clear, quick UNAVAILABLE, never INTERNAL nor a held caller.
             assert answers, "every call succeeded while the database was unreachable"
