@@ -8,6 +8,7 @@ whose lease is no longer firm does not queue work a taker would queue again."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,14 +17,17 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from aiserver.blobs.s3 import S3BlobStore
 from aiserver.jobs.event_codec import FINISHED
 from aiserver.jobs.manager import JobManager
-from aiserver.jobs.model import Accepted, Finished, JobEvent, JobState
+from aiserver.jobs.model import Accepted, Finished, InputRef, JobEvent, JobState
 from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import JobStore, new_holder_id
 from aiserver.jobs.store.postgres import PostgresJobStore
 from aiserver.jobs.store_watch import StoreWatch
 from aiserver.outage import backend_outage
+from aiserver.spool import InputSpool
+from aiserver.tasks import ImageToImageSpec, TaskKind
 from tests.jobs.helpers import (
     FAST,
     Env,
@@ -31,11 +35,12 @@ from tests.jobs.helpers import (
     ScriptedProvider,
     final_job,
     gated,
+    png,
     produce_image,
     submit,
     within,
 )
-from tests.storage.backends import PG_URL, JobStoreBackend
+from tests.storage.backends import PG_URL, S3_CREDENTIALS, JobStoreBackend, S3Server
 from tests.support.tcp_cut import TcpCut
 
 LEASE_S = 1.5
@@ -53,7 +58,12 @@ class Coordinators:
         self.stores: list[JobStore] = []
 
     async def manager(
-        self, provider: ScriptedProvider, *, relayed: bool = False, **settings: Any
+        self,
+        provider: ScriptedProvider,
+        *,
+        relayed: bool = False,
+        spool: InputSpool | None = None,
+        **settings: Any,
     ) -> JobManager:
         if relayed:
             db = urlsplit(PG_URL)
@@ -66,7 +76,7 @@ class Coordinators:
             store = await self.backend.open()
         manager = JobManager(
             store,
-            self.env.spool,
+            spool or self.env.spool,
             self.env.artifacts,
             [provider],
             SchedulerSettings(**{**FAST, **settings}),
@@ -223,6 +233,65 @@ async def test_a_run_whose_lease_is_not_firm_queues_nothing_a_taker_queues_again
     post_now.set()  # the holder's queueing, late
     await within(run.done.wait())
     assert agent == {"prompt-1": 1}, agent  # queued once, by one of them
+
+
+async def test_an_input_fetch_that_meets_the_bucket_away_fails_no_job(
+    pair: Coordinators, tmp_path: Path
+) -> None:
+    """The coordinator that runs a job fetches its input from the bucket (another one
+    received the upload) while the bucket does not answer: the job waits for the bucket
+    (dropped, then taken again), it does not fail (it failed INTERNAL)."""
+    s3 = S3Server()
+    bucket = s3.new_bucket()
+    moto = urlsplit(s3.endpoint)
+    try:
+        async with TcpCut(moto.hostname or "127.0.0.1", moto.port or 80) as bucket_relay:
+
+            def blobs(endpoint: str) -> S3BlobStore:
+                return S3BlobStore(
+                    f"s3://{bucket}/t",
+                    endpoint_url=endpoint,
+                    region="us-east-1",
+                    access_key=S3_CREDENTIALS["aws_access_key_id"],
+                    secret_key=S3_CREDENTIALS["aws_secret_access_key"],
+                )
+
+            receiver = InputSpool(tmp_path / "spool-a", shared=blobs(s3.endpoint))
+            fetcher = InputSpool(
+                tmp_path / "spool-b", shared=blobs(f"http://127.0.0.1:{bucket_relay.port}")
+            )
+            fast = {"steal_after_s": 0.2}
+            offline = ScriptedProvider("p1", online=False)  # accepts, cannot start it
+            a = await pair.manager(offline, spool=receiver, **fast)
+            runner = ScriptedProvider("p1")
+            bucket_relay.cut()
+            await pair.manager(runner, spool=fetcher, **fast)  # steals the job, then fetches
+            data = png(3)
+            sha = hashlib.sha256(data).hexdigest()
+            receiver.path_for(sha).parent.mkdir(parents=True, exist_ok=True)
+            receiver.path_for(sha).write_bytes(data)
+            job, _ = await within(
+                a.submit(
+                    owner="alice",
+                    task=TaskKind.IMAGE_TO_IMAGE,
+                    spec=ImageToImageSpec(positive_prompt="a cat"),
+                    inputs=[InputRef("image", "in.png", sha, len(data), "image/png", 8, 8)],
+                    ref_id="",
+                    tag="",
+                    reply_to="",
+                )
+            )
+            async with asyncio.timeout(20):  # the fetch met the bucket away
+                while not bucket_relay.refused:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)
+            assert (await a.get(job.id, None)).state in (JobState.QUEUED, JobState.RUNNING)
+            bucket_relay.restore()
+            final = await within(final_job(a.subscribe(job.id), 20), 20)
+            assert final.state is JobState.SUCCEEDED, final.error
+            assert runner.runs  # run where the input was fetched, once the bucket answered
+    finally:
+        await asyncio.to_thread(s3.stop)
 
 
 def _ended(run: Run) -> asyncio.Future[Any]:

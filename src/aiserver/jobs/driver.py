@@ -155,9 +155,19 @@ class AttemptDriver:
             self._forget(active)
         except ServiceError as error:  # e.g. an input vanished from the spool
             await self._finish(active, JobState.FAILED, error)
-        except Exception:
-            logger.exception("job %s: attempt failed unexpectedly", job.id)
-            await self._finish(active, JobState.FAILED, internal_error())
+        except Exception as exc:
+            outage = backend_outage(exc)
+            if outage is not None and self._leased:
+                # The job database or the bucket (an input's fetch) away before the run:
+                # as mid-run (see _conclude), dropped with its checkpoint; its lease lapses
+                # and a taker (this process too) runs it once the store is back.
+                logger.warning("job %s: store unreachable (%s); dropped", job.id, exc)
+                self._forget(active)
+            elif outage is not None:  # alone on its store: nobody else would run it
+                await self._finish(active, JobState.FAILED, outage)
+            else:
+                logger.exception("job %s: attempt failed unexpectedly", job.id)
+                await self._finish(active, JobState.FAILED, internal_error())
         finally:
             self._dispatcher.running[provider.name] -= 1
             if active.sink is not None:
