@@ -294,6 +294,34 @@ async def test_an_input_fetch_that_meets_the_bucket_away_fails_no_job(
         await asyncio.to_thread(s3.stop)
 
 
+async def test_watch_jobs_elsewhere_sees_the_end_of_a_job_that_moved_during_an_outage(
+    pair: Coordinators,
+) -> None:
+    """The WatchJobs feed on b (jobs held by a) loses the database while a's job ends: once
+    it answers again, the feed reads what it missed (its reads and announcements failed)."""
+    runner = ScriptedProvider("p1", gated)
+    a = await pair.manager(runner)
+    b = await pair.manager(_serves_nothing(), relayed=True)
+    seen: list[JobEvent] = []
+    remove = b.tap(lambda event, job: seen.append(event))
+    job = await submit(a, pair.env)
+    run = await runner.next_run()
+    async with asyncio.timeout(10):  # the feed follows the job
+        while not seen:
+            await asyncio.sleep(0.05)
+    pair.relay.cut()
+    run.release.set()
+    await within(final_job(a.subscribe(job.id)), 10)
+    await asyncio.sleep(1.0)  # the feed's reads fail meanwhile
+    pair.relay.restore()
+    async with asyncio.timeout(15):
+        while not any(isinstance(e.kind, Finished) for e in seen):
+            await asyncio.sleep(0.05)
+    remove()
+    sequences = [e.sequence for e in seen]
+    assert sequences == sorted(set(sequences))
+
+
 def _ended(run: Run) -> asyncio.Future[Any]:
     return asyncio.ensure_future(run.done.wait())
 
