@@ -15,6 +15,7 @@ from typing import Literal
 
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
 from aiserver.jobs.model import (
+    ArtifactRef,
     EventKind,
     InputRef,
     Job,
@@ -74,6 +75,8 @@ class ActiveJob:
 
 Save = Callable[[ActiveJob], Awaitable[None]]
 Emit = Callable[[ActiveJob, EventKind], JobEvent | None]
+RideOut = Callable[[ActiveJob, Callable[[], Awaitable[ArtifactRef]]], Awaitable[ArtifactRef]]
+"""Stores an output, again while the store is away and the job's lease has time left."""
 
 
 class AttemptSink:
@@ -89,9 +92,11 @@ class AttemptSink:
         emit: Emit,
         resumed: bool,
         lease_firm: Callable[[str], bool] | None = None,
+        ride_out: RideOut | None = None,
     ) -> None:
         self._active = active
         self._lease_firm = lease_firm
+        self._ride_out = ride_out
         self._provider = provider
         self._artifacts = artifacts
         self._save = save
@@ -132,17 +137,21 @@ class AttemptSink:
             # its bytes may differ (a re-run for missed frames encodes the image again), its
             # output slot (node and index, or ComfyUI's file name) does not.
             return
-        artifact = await self._artifacts.put(
-            image.data,
-            file_name=image.file_name,
-            mime_type=image.mime_type,
-            width=image.width,
-            height=image.height,
-            seed=image.seed,
-            provider=self._provider,
-            job_id=job.id,
-            owner=job.owner,
-        )
+
+        def put() -> Awaitable[ArtifactRef]:
+            return self._artifacts.put(
+                image.data,
+                file_name=image.file_name,
+                mime_type=image.mime_type,
+                width=image.width,
+                height=image.height,
+                seed=image.seed,
+                provider=self._provider,
+                job_id=job.id,
+                owner=job.owner,
+            )
+
+        artifact = await (put() if self._ride_out is None else self._ride_out(self._active, put))
         # Outputs are append-only per job and deduplicated by content: a re-attached run
         # delivers again what was stored before the restart.
         if not self._live() or any(o.sha256 == artifact.sha256 for o in job.outputs):

@@ -24,6 +24,7 @@ from aiserver.jobs.attempt import (
     ActiveJob,
     AttemptSink,
     Emit,
+    RideOut,
     Save,
     cancelled_error,
     input_missing,
@@ -67,6 +68,7 @@ class AttemptDriver:
         forget: Callable[[ActiveJob], None],
         leased: bool = False,
         lease_firm: Callable[[str], bool] | None = None,
+        ride_out: RideOut | None = None,
     ) -> None:
         """``leased``: jobs are held under leases on a shared store (a taker can resume one
         this process drops); ``lease_firm(job_id)``: whether that lease still has time to
@@ -82,6 +84,7 @@ class AttemptDriver:
         self._forget = forget
         self._leased = leased
         self._lease_firm = lease_firm
+        self._ride_out = ride_out
         self.controllers: set[asyncio.Task[None]] = set()
 
     def launch(self, active: ActiveJob, provider: Provider, *, new_attempt: bool) -> None:
@@ -133,6 +136,7 @@ class AttemptDriver:
                 emit=self._emit,
                 resumed=not new_attempt,
                 lease_firm=self._lease_firm,
+                ride_out=self._ride_out,
             )
             active.sink = sink
             # A cancel that came while the inputs were fetched found no run task to cancel.

@@ -71,13 +71,17 @@ class LeaseKeeper:
         self._held.add(job_id)
         self._granted[job_id] = since
 
+    def time_left(self, job_id: str) -> float:
+        """Seconds until this process's lease on the job lapses unless renewed (0: not held)."""
+        granted = self._granted.get(job_id)
+        if job_id not in self._held or granted is None:
+            return 0.0
+        return max(0.0, granted + self.lease_s - time.monotonic())
+
     def firm(self, job_id: str) -> bool:
         """Whether this process holds the job with at least a third of a lease to run (its
         renewals have not been failing): long enough to finish an act a taker would repeat."""
-        granted = self._granted.get(job_id)
-        if job_id not in self._held or granted is None:
-            return False
-        return time.monotonic() - granted <= self.lease_s - self.renew_every_s
+        return self.time_left(job_id) >= self.renew_every_s
 
     def drop(self, job_id: str) -> None:
         """No longer renew this job (it ended, or was lost)."""
@@ -106,16 +110,21 @@ class LeaseKeeper:
             self._task = None
 
     async def _renew_loop(self) -> None:
+        failed = False
         while True:
-            await asyncio.sleep(self.renew_every_s)
+            # After a failure (the store away), soon again: the leases are running out.
+            await asyncio.sleep(min(self.renew_every_s, 0.5) if failed else self.renew_every_s)
             held = list(self._held)
             asked = time.monotonic()
             try:
                 # One statement for every held job: the cost does not grow with the queue.
                 renewed = await self._store.renew_all(held, self.holder, self.lease_s)
-            except Exception:
-                logger.warning("could not renew %d leases", len(held), exc_info=True)
+            except Exception as exc:
+                if not failed:
+                    logger.warning("could not renew %d leases: %s", len(held), exc)
+                failed = True
                 continue
+            failed = False
             for job_id in held:
                 if job_id in renewed:
                     if job_id in self._held:

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs.attempt import (
@@ -93,6 +93,7 @@ __all__ = ["SEQUENCE_BLOCK", "JobManager", "TerminalHook"]
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 TerminalHook = Callable[[Job], Awaitable[None] | None]
 """A plain function runs at once (no task of its own per job); a coroutine function in a task."""
 Deliveries = Callable[[Job], Sequence[tuple[str, bytes]]]
@@ -157,6 +158,7 @@ class JobManager:
             forget=self._forget,
             leased=holder is not None,
             lease_firm=self._lease_firm if holder is not None else None,
+            ride_out=self._ride_out if holder is not None else None,
         )
         self._tasks: set[asyncio.Task[Any]] = set()  # finishes, hooks, background writes
         self._leases = (
@@ -841,13 +843,36 @@ class JobManager:
             return
         holder = self._holder
         record = active.record
+        log = self._log
         # With the events emitted since the last write, in its transaction.
-        await self._log.write(
-            active.job.id,
-            lambda events, announce: self._store.save(
-                record, holder=holder, events=events, announce=announce
+        await self._ride_out(
+            active,
+            lambda: log.write(
+                active.job.id,
+                lambda events, announce: self._store.save(
+                    record, holder=holder, events=events, announce=announce
+                ),
             ),
         )
+
+    async def _ride_out(self, active: ActiveJob, write: Callable[[], Awaitable[_T]]) -> _T:
+        """``write()``, tried again while the store is away (an outage) and this process's
+        lease on the job has time left: a short outage (a database restart) then costs the
+        job a pause, not a drop (a taker would re-run or repeat its prompt). Past the lease,
+        or once the job is no longer held here, the outage is raised (the caller drops it)."""
+        delay = 0.1
+        while True:
+            try:
+                return await write()
+            except Exception as exc:
+                if self._leases is None or backend_outage(exc) is None:
+                    raise
+                left = self._leases.time_left(active.job.id)
+                if self._active.get(active.job.id) is not active or left <= delay:
+                    raise
+                logger.info("job %s: store unreachable; writing again (%s)", active.job.id, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     @property
     def _holder(self) -> str | None:
@@ -971,7 +996,8 @@ class JobManager:
                 prune=PROGRESS,
             )
 
-        await self._log.write(final.id, write, final=True)
+        log = self._log
+        await self._ride_out(active, lambda: log.write(final.id, write, final=True))
         return True
 
     def _run_hook(self, hook: TerminalHook, job: Job) -> None:
