@@ -35,6 +35,10 @@ def _missing(exc: ClientError) -> bool:
     return str(exc.response.get("Error", {}).get("Code", "")) in _MISSING
 
 
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 30.0
+
+
 class S3BlobStore:
     """``s3://{bucket}/{prefix}``: the blob of ``key`` is the object ``{prefix}/{key}``."""
 
@@ -60,7 +64,15 @@ class S3BlobStore:
                 region_name=region or os.environ.get("AWS_REGION") or "us-east-1",
                 aws_access_key_id=access_key,
                 aws_secret_access_key=secret_key,
-                config=Config(max_pool_connections=max_connections, retries={"mode": "standard"}),
+                config=Config(
+                    max_pool_connections=max_connections,
+                    retries={"mode": "standard"},
+                    # botocore waits 60 s for each by default (3 attempts: minutes) on an
+                    # endpoint that drops packets; these bound a call to about 2 minutes
+                    # at worst (a read is one socket read, not the whole object).
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    read_timeout=READ_TIMEOUT_S,
+                ),
             )
 
     def _key(self, key: str) -> str:
