@@ -377,16 +377,21 @@ class PostgresArtifactIndex:
     """The index in the job database (tables from the job store's migrations). Connects on
     first use, so a service can build it before its event loop runs."""
 
-    def __init__(self, url: str, *, schema: str = "public", pool_size: int = 4) -> None:
+    def __init__(
+        self, url: str, *, schema: str = "public", pool_size: int = 4, timeout_s: float = 5.0
+    ) -> None:
         self._url = url
         self._schema = schema
         self._pool_size = pool_size
+        self._timeout_s = timeout_s
         self._pool_: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
 
     @classmethod
-    async def open(cls, url: str, *, schema: str = "public", pool_size: int = 4) -> Self:
-        index = cls(url, schema=schema, pool_size=pool_size)
+    async def open(
+        cls, url: str, *, schema: str = "public", pool_size: int = 4, timeout_s: float = 5.0
+    ) -> Self:
+        index = cls(url, schema=schema, pool_size=pool_size, timeout_s=timeout_s)
         await index._connect()
         return index
 
@@ -397,15 +402,24 @@ class PostgresArtifactIndex:
             if self._pool_ is None:
                 import asyncpg
 
-                from aiserver.jobs.store.postgres import keep_session, migrate
+                from aiserver.jobs.store.postgres import (
+                    bounded_pool_options,
+                    keep_session,
+                    migrate,
+                )
 
-                await migrate(self._url, self._schema)
+                await migrate(self._url, self._schema, connect_timeout_s=self._timeout_s)
                 self._pool_ = await asyncpg.create_pool(
                     self._url,
                     min_size=1,
                     max_size=self._pool_size,
-                    server_settings={"search_path": self._schema},
                     reset=keep_session,  # no session state: no advisory locks, no LISTEN
+                    # A delete holds its transaction open while the bytes go (_DROP_S).
+                    **bounded_pool_options(
+                        self._timeout_s,
+                        {"search_path": self._schema},
+                        idle_in_transaction_s=_DROP_S + self._timeout_s,
+                    ),
                 )
             return self._pool_
 
@@ -462,9 +476,11 @@ class PostgresArtifactIndex:
                 self._pool_ = None
 
 
-def open_artifact_index(database_url: str, schema: str, folder: Path) -> ArtifactIndex:
-    """In the PostgreSQL job database when ``database_url`` names one, else SQLite in
-    ``folder`` (the embedded default)."""
+def open_artifact_index(
+    database_url: str, schema: str, folder: Path, *, timeout_s: float = 5.0
+) -> ArtifactIndex:
+    """In the PostgreSQL job database when ``database_url`` names one (``timeout_s`` bounds
+    each statement and connect there), else SQLite in ``folder`` (the embedded default)."""
     if database_url.startswith(("postgresql://", "postgres://")):
-        return PostgresArtifactIndex(database_url, schema=schema or "public")
+        return PostgresArtifactIndex(database_url, schema=schema or "public", timeout_s=timeout_s)
     return SqliteArtifactIndex(folder / "artifacts.sqlite3")

@@ -20,6 +20,7 @@ from aiserver.jobs.event_codec import FINISHED, decode_event
 from aiserver.jobs.events import JobTap, snapshot
 from aiserver.jobs.model import EventKind, Finished, JobEvent
 from aiserver.jobs.store import AnnouncementStream, JobStore
+from aiserver.outage import backend_outage
 
 __all__ = ["StoreFeed"]
 
@@ -71,10 +72,8 @@ class StoreFeed:
             self._task = None
 
     async def _run(self) -> None:
-        try:
-            listener = await self._store.announcements()
-        except Exception:  # the store is closing: the taps get what is held here only
-            logger.warning("cannot follow other coordinators' jobs", exc_info=True)
+        listener = await self._listen()
+        if listener is None:
             return
         moved: set[str] = set()  # jobs announced since the last read
         collect = asyncio.create_task(self._collect(listener, moved))
@@ -87,6 +86,8 @@ class StoreFeed:
                     try:
                         await self._read(batch)
                     except Exception:
+                        # Read again next time (the store away): their rows are still there.
+                        moved.update(batch)
                         logger.warning(
                             "reading other coordinators' job changes failed", exc_info=True
                         )
@@ -95,10 +96,30 @@ class StoreFeed:
             await asyncio.gather(collect, return_exceptions=True)
             await listener.aclose()
 
+    async def _listen(self) -> AnnouncementStream | None:
+        """The store's announcements; while the store is away, asked again with backoff
+        (giving up would leave every WatchJobs stream here blind to other coordinators'
+        jobs for good). None once the store is closed."""
+        delay = 0.25
+        while True:
+            try:
+                return await self._store.announcements()
+            except Exception as exc:
+                if backend_outage(exc) is None:  # the store is closing
+                    logger.warning("cannot follow other coordinators' jobs", exc_info=True)
+                    return None
+                logger.warning("cannot follow other coordinators' jobs yet: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
     async def _collect(self, listener: AnnouncementStream, moved: set[str]) -> None:
         async for announcement in listener:
             if announcement.kind == "event" and not self._held_here(announcement.job_id):
                 moved.add(announcement.job_id)
+            elif announcement.kind == "resync":
+                # Announcements were lost (the LISTEN connection was re-opened): the jobs
+                # followed so far may have moved meanwhile.
+                moved.update(j for j in self._last if not self._held_here(j))
 
     async def _read(self, batch: set[str]) -> None:
         # A job seen for the first time is read whole (one announcement may stand for

@@ -69,6 +69,31 @@ _OWNER_LOCK = 0x6169  # first key of per-owner create locks (pg_advisory_xact_lo
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
+DEFAULT_TIMEOUT_S = 5.0
+
+
+def bounded_pool_options(
+    timeout_s: float, server_settings: Mapping[str, str], *, idle_in_transaction_s: float = 0.0
+) -> dict[str, Any]:
+    """``asyncpg.create_pool`` options that bound every wait on the server: a database that
+    drops packets (a partition, a host gone without a reset) never answers, and without a
+    bound a statement or a connect would wait for the kernel's TCP timeouts (minutes to
+    hours). A statement past ``timeout_s`` raises ``TimeoutError`` (an outage for
+    :mod:`aiserver.outage`); asyncpg then cancels it within ``timeout_s`` more, or closes
+    the connection. The server gets a bound too: a session left idle inside a transaction
+    (its client cut off mid-transaction, its locks held) is ended after
+    ``idle_in_transaction_s`` (at least ``2 * timeout_s`` and 10 s)."""
+    idle_s = max(idle_in_transaction_s, 2 * timeout_s, 10.0)
+    return {
+        "timeout": timeout_s,  # each new connection
+        "command_timeout": timeout_s,
+        "server_settings": {
+            **server_settings,
+            "idle_in_transaction_session_timeout": str(int(idle_s * 1000)),
+        },
+    }
+
+
 def _now_us() -> int:
     return time.time_ns() // 1000
 
@@ -89,10 +114,13 @@ async def keep_session(conn: asyncpg.Connection) -> None:
 class PostgresJobStore:
     """:class:`JobStore` on a PostgreSQL database. Create with :meth:`open`."""
 
-    def __init__(self, pool: asyncpg.Pool, url: str, schema: str) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, url: str, schema: str, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
         self._pool = pool
         self._url = url
         self._schema = schema
+        self._timeout_s = timeout_s
         self._channel = f"aiserver_{schema}"[:63]
         # The LISTEN connections of this schema's coordinators carry this name, so each can
         # see whether any other listens (pg_stat_activity) before announcing events.
@@ -103,6 +131,7 @@ class PostgresJobStore:
         self._hub = AnnouncementHub()
         self._listener: asyncpg.Connection | None = None
         self._listener_lock = asyncio.Lock()
+        self._listener_check: asyncio.Task[None] | None = None
         self._reconnect: asyncio.Future[None] | None = None
         self._closed = False
         self._slot_rows: set[tuple[str, int]] = set()  # (agent, capacity) known to have rows
@@ -115,19 +144,27 @@ class PostgresJobStore:
         )
 
     @classmethod
-    async def open(cls, url: str, *, schema: str = "public", pool_size: int = 8) -> Self:
-        """Connect to ``url``, create ``schema`` if missing, and migrate it."""
+    async def open(
+        cls,
+        url: str,
+        *,
+        schema: str = "public",
+        pool_size: int = 8,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> Self:
+        """Connect to ``url``, create ``schema`` if missing, and migrate it. ``timeout_s``
+        bounds each statement and each new connection (:func:`bounded_pool_options`)."""
         if _SCHEMA_NAME.fullmatch(schema) is None:
             raise ValueError(f"schema {schema!r}: lower-case letters, digits and _ only")
-        await migrate(url, schema)
+        await migrate(url, schema, connect_timeout_s=timeout_s)
         pool = await asyncpg.create_pool(
             url,
             min_size=1,
             max_size=pool_size,
-            server_settings={"search_path": schema, **PLANNER_SETTINGS},
             reset=keep_session,
+            **bounded_pool_options(timeout_s, {"search_path": schema, **PLANNER_SETTINGS}),
         )
-        return cls(pool, url, schema)
+        return cls(pool, url, schema, timeout_s)
 
     def _check(self) -> None:
         if self._closed:
@@ -669,11 +706,40 @@ class PostgresJobStore:
             if self._listener is not None and not self._listener.is_closed():
                 return
             conn = await asyncpg.connect(
-                self._url, server_settings={"application_name": self._listen_name}
+                self._url,
+                server_settings={"application_name": self._listen_name},
+                timeout=self._timeout_s,
+                command_timeout=self._timeout_s,
             )
-            await conn.add_listener(self._channel, self._on_notify)
+            try:
+                await conn.add_listener(self._channel, self._on_notify)
+            except BaseException:
+                conn.terminate()
+                raise
             conn.add_termination_listener(self._on_listener_lost)
             self._listener = conn
+            if self._listener_check is not None:
+                self._listener_check.cancel()
+            self._listener_check = asyncio.get_running_loop().create_task(
+                self._check_listener(conn), name="listen-check"
+            )
+
+    async def _check_listener(self, conn: asyncpg.Connection) -> None:
+        """A LISTEN connection only reads: if the database stops answering (packets dropped,
+        no reset), nothing tells it, and announcements stop for good (cancels from other
+        coordinators never reach the jobs here). So it is asked something every
+        ``2 * timeout_s``; no answer within ``timeout_s`` closes it, and it is opened again
+        (then ``resync``: every watcher re-reads the table)."""
+        while not conn.is_closed():
+            await asyncio.sleep(2 * self._timeout_s)
+            try:
+                await conn.fetchval("SELECT 1", timeout=self._timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("LISTEN connection not answering (%s); reopening it", exc)
+                conn.terminate()  # its termination listener reopens it
+                return
 
     def _on_listener_lost(self, _conn: object) -> None:
         # Notifications sent while no LISTEN runs are gone: reconnect, then tell every
@@ -686,7 +752,7 @@ class PostgresJobStore:
         while not self._closed:
             try:
                 await self._ensure_listener()
-            except (OSError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # whatever it is, giving up would end announcements
                 logger.warning("LISTEN connection lost; retrying in %.1f s: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -701,6 +767,11 @@ class PostgresJobStore:
             logger.warning("ignoring a malformed announcement %r", payload)
             return
         self._hub.publish(Announcement(kind, job_id, sequence))
+
+    async def ping(self) -> None:
+        """One round trip on the pool, within ``timeout_s`` (a free connection included)."""
+        async with asyncio.timeout(self._timeout_s):
+            await self._fetchval("SELECT 1")
 
     async def announcements(self) -> Listener:
         self._check()
@@ -882,6 +953,8 @@ class PostgresJobStore:
             self._others_count.cancel()
         if self._reconnect is not None:
             self._reconnect.cancel()
+        if self._listener_check is not None:
+            self._listener_check.cancel()
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close()
@@ -992,11 +1065,12 @@ def _save_sql(events: bool, release: bool, prune: bool, outbox: bool, announce: 
     return sql + f" SELECT id{notify} FROM saved"
 
 
-async def migrate(url: str, schema: str) -> None:
-    """Create ``schema`` if needed and bring its tables to the newest version."""
+async def migrate(url: str, schema: str, *, connect_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Create ``schema`` if needed and bring its tables to the newest version. Only the
+    connect is bounded: a migration may wait for another process's (under its lock)."""
     if _SCHEMA_NAME.fullmatch(schema) is None:
         raise ValueError(f"schema {schema!r}: lower-case letters, digits and _ only")
-    conn = await asyncpg.connect(url)
+    conn = await asyncpg.connect(url, timeout=connect_timeout_s)
     try:
         await _migrate(conn, schema)
     finally:

@@ -370,6 +370,11 @@ class JobStore(Protocol):
         job finished); returns how many went."""
         ...
 
+    async def ping(self) -> None:
+        """Returns once the store answered (bounded); raises when it cannot be reached.
+        Health checks follow it."""
+        ...
+
     async def announcements(self) -> AnnouncementStream:
         """Everything announced once this returns, by this process or any other, until the
         store or the stream is closed.
