@@ -185,11 +185,12 @@ class LocalBlobStore:
         return Path(self._root_name, *parts), found  # the very path that was checked
 
     def has_now(self, key: str) -> bool:
-        """Whether ``key``'s file is there (a few ``lstat`` calls: cheaper than a hop)."""
+        """Whether ``key``'s file is there (an ``lstat`` per component: cheaper than a hop)."""
         try:
-            return os.path.isfile(self._path(key))
+            found = self._look(key)[1]
         except FileNotFoundError:  # leaves the store: a put raises it again
             return False
+        return found is not None and stat.S_ISREG(found.st_mode)
 
     def put_now(self, key: str, data: bytes) -> None:
         """:meth:`put` in the calling thread (a worker's: it waits for the disk)."""
