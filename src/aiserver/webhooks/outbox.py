@@ -12,11 +12,11 @@ deduplicate by ``webhook-id``). A restart loses nothing: the rows are in the dat
 from __future__ import annotations
 
 import asyncio
-import math
-import time
 import contextlib
 import json
 import logging
+import math
+import time
 
 from aiserver.jobs.model import Job
 from aiserver.jobs.store import JobStore, OutboxItem
