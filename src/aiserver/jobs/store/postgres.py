@@ -1007,12 +1007,11 @@ def _event_arrays(events: Sequence[NewEvent], now_us: int) -> list[Any]:
 def _save_sql(events: bool, release: bool, prune: bool, outbox: bool, announce: bool) -> str:
     """The fenced update of a job and what goes with it, as one statement. Parameters: $1 id,
     $2 holder (NULL: unfenced), the mutable columns, then for each part present in order:
-    events (sequences, kinds, payloads, time, channel, notice), the pruned kind, the outbox
-    (urls, bodies, time). A part runs only when the update found its row (``FROM saved``).
-    With ``announce`` (events only) the channel, the notice and whether every job's events are
-    followed come after the events: the notice is sent only then or when the job is watched
-    from another process (every listening backend spends a transaction on each notification
-    it receives)."""
+    events (sequences, kinds, payloads, time), with ``announce`` (events only) the channel,
+    the notice and whether every job's events are followed, the pruned kind, the outbox (urls,
+    bodies, time). A part runs only when the update found its row (``FROM saved``). The
+    notice goes only when every job's events are followed or the row says ``watched`` (every
+    listening backend spends a transaction on each notification it receives)."""
     n = 2 + len(rows.MUTABLE)
     sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(rows.MUTABLE, start=3))
     if release:
