@@ -21,7 +21,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from aiserver.blobs.protocol import DEFAULT_CHUNK_SIZE
+from aiserver.blobs.protocol import DEFAULT_CHUNK_SIZE, Frame, framed
 
 __all__ = ["S3BlobStore"]
 
@@ -92,6 +92,8 @@ class S3BlobStore:
         offset: int = 0,
         length: int | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        *,
+        frame: Frame | None = None,
     ) -> AsyncIterator[bytes]:
         if length == 0:
             if await self.size(key) is None:
@@ -111,7 +113,8 @@ class S3BlobStore:
         body = got["Body"]
         try:
             while chunk := await asyncio.to_thread(body.read, chunk_size):
-                yield chunk
+                yield framed(chunk, offset, frame)
+                offset += len(chunk)
         finally:
             body.close()
 
