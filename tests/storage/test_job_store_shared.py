@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -656,6 +658,17 @@ class _Outside:
         return before
 
 
+async def _counted(store: JobStore, write: Callable[[], Awaitable[None]]) -> None:
+    """A write that starts the PostgreSQL store's count of followers (at most once a second),
+    then until that count is back: the store's next writes go by it."""
+    await asyncio.sleep(1.05)  # the last count is at least a second old
+    asked = time.monotonic()
+    await write()
+    async with asyncio.timeout(5):
+        while store._others_counted < asked:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.01)
+
+
 async def test_events_are_announced_only_to_a_watcher_or_a_follower_of_every_job(
     backend: JobStoreBackend,
 ) -> None:
@@ -679,8 +692,7 @@ async def test_events_are_announced_only_to_a_watcher_or_a_follower_of_every_job
         return [NewEvent(next(sequence), "output", {})]
 
     async with _Outside(a, backend.schema, marker.id) as outside:
-        await a.save(records[0], holder="A", events=event())  # (starts the count)
-        await asyncio.sleep(0.3)
+        await _counted(a, lambda: a.save(records[0], holder="A", events=event()))
         await outside.since_mark()
         await a.save(records[0], holder="A", events=event())
         await a.append_events(jobs[0].id, event())
@@ -706,9 +718,7 @@ async def test_events_are_announced_only_to_a_watcher_or_a_follower_of_every_job
 
         following = await b.announcements(every_job=True)
         try:
-            await asyncio.sleep(1.1)
-            await a.save(records[1], holder="A", events=event())  # (starts the count)
-            await asyncio.sleep(0.3)
+            await _counted(a, lambda: a.save(records[1], holder="A", events=event()))
             await outside.since_mark()
             await a.save(records[1], holder="A", events=event())
             await a.append_events(jobs[2].id, event())
@@ -718,9 +728,8 @@ async def test_events_are_announced_only_to_a_watcher_or_a_follower_of_every_job
             assert [h.job_id for h in heard] == [jobs[1].id, jobs[2].id, new.id]
         finally:
             await following.aclose()
-        await asyncio.sleep(1.1)  # the follower is gone: counted again at the next write
-        await a.save(records[1], holder="A", events=event())
-        await asyncio.sleep(0.3)
+        # The follower is gone: counted again at the next write.
+        await _counted(a, lambda: a.save(records[1], holder="A", events=event()))
         await outside.since_mark()
         await a.save(records[1], holder="A", events=event())
         assert await outside.since_mark() == []
@@ -747,8 +756,9 @@ async def test_a_write_waits_for_a_watchers_mark_and_announces(backend: JobStore
     b = await asyncpg.connect(PG_URL, server_settings={"search_path": backend.schema})
     try:
         async with _Outside(a, backend.schema, marker.id) as outside:
-            await a.save(record, holder="A", events=[NewEvent(2, "output", {})])
-            await asyncio.sleep(0.3)  # counted: nobody follows every job
+            await _counted(
+                a, lambda: a.save(record, holder="A", events=[NewEvent(2, "output", {})])
+            )
             await outside.since_mark()
             writes = (
                 lambda: a.append_events(job.id, [NewEvent(3, "output", {})]),
