@@ -11,7 +11,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, NoReturn
 
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
 from aiserver.jobs.model import (
@@ -36,6 +36,7 @@ from aiserver.providers.base import (
 
 __all__ = [
     "ActiveJob",
+    "ActiveJobs",
     "AttemptSink",
     "CancelReason",
     "cancelled_error",
@@ -70,6 +71,62 @@ class ActiveJob:
     @property
     def job(self) -> Job:
         return self.record.job
+
+
+class ActiveJobs(dict[str, ActiveJob]):
+    """Unfinished jobs by id, with how many each owner has, kept as jobs come and go: every
+    submit checks the owner's limit, and a count kept here spares a scan of every active job
+    (at a backlog of N jobs, N steps per submit).
+
+    Every way of changing a dict keeps the counts: item assignment, ``del`` and ``pop``;
+    the others (``update``, ``setdefault``, ``popitem``, ``clear``) are refused rather than
+    left to bypass them."""
+
+    __slots__ = ("_by_owner",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_owner: dict[str, int] = {}
+
+    def __setitem__(self, job_id: str, active: ActiveJob) -> None:
+        replaced = self.get(job_id)
+        if replaced is not None:
+            self._uncount(replaced.job.owner)
+        super().__setitem__(job_id, active)
+        owner = active.job.owner
+        self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
+
+    def __delitem__(self, job_id: str) -> None:
+        owner = self[job_id].job.owner
+        super().__delitem__(job_id)
+        self._uncount(owner)
+
+    _missing = object()
+
+    def pop(self, job_id: str, default: Any = _missing) -> Any:
+        if job_id not in self:
+            if default is ActiveJobs._missing:
+                raise KeyError(job_id)
+            return default
+        active = self[job_id]
+        del self[job_id]
+        return active
+
+    def _refused(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("ActiveJobs keeps per-owner counts: use item assignment, del or pop")
+
+    update = setdefault = popitem = clear = _refused
+
+    def owned_by(self, owner: str) -> int:
+        """Unfinished jobs of ``owner``."""
+        return self._by_owner.get(owner, 0)
+
+    def _uncount(self, owner: str) -> None:
+        left = self._by_owner[owner] - 1
+        if left:
+            self._by_owner[owner] = left
+        else:
+            del self._by_owner[owner]
 
 
 Save = Callable[[ActiveJob], Awaitable[None]]

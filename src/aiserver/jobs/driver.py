@@ -138,13 +138,11 @@ class AttemptDriver:
                 await self._cancel_unstarted(active, new_attempt)
                 return
             run = asyncio.create_task(provider.run(work, sink), name=f"run-{job.id}")
-            run.add_done_callback(_retrieve)
             active.run_task = run
-            done, _ = await asyncio.wait({run}, timeout=self._settings.run_timeout_s)
-            timed_out = not done
+            timed_out = not await _ended_within(run, self._settings.run_timeout_s)
             if timed_out:
                 run.cancel()
-                await asyncio.wait({run}, timeout=self._settings.cancel_timeout_s)
+                await _ended_within(run, self._settings.cancel_timeout_s)
             sink.closed = True
             await self._conclude(active, run, timed_out, counted=new_attempt)
         except LeaseLost:
@@ -302,6 +300,26 @@ class AttemptDriver:
         return inputs
 
 
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # marks it retrieved: the awaiting side reports it
+async def _ended_within(run: asyncio.Task[Any], timeout_s: float) -> bool:
+    """Whether ``run`` ended within ``timeout_s``. Its exception is marked retrieved when it
+    ends (the driver reports it), by the same done callback that wakes this wait:
+    ``asyncio.wait`` added one of its own, a loop callback more per job."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[bool] = loop.create_future()
+
+    def ended(task: asyncio.Task[Any]) -> None:
+        if not task.cancelled():
+            task.exception()
+        if not waiter.done():
+            waiter.set_result(True)
+
+    def expired() -> None:
+        if not waiter.done():
+            waiter.set_result(False)
+
+    run.add_done_callback(ended)
+    timer = loop.call_later(timeout_s, expired)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()

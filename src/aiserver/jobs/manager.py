@@ -30,6 +30,7 @@ from typing import Any, Literal
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs.attempt import (
     ActiveJob,
+    ActiveJobs,
     cancelled_error,
     input_missing,
 )
@@ -134,7 +135,7 @@ class JobManager:
         self._providers = builtins.list(providers)
         self._by_name = {p.name: p for p in self._providers}
         self._settings = settings
-        self._active: dict[str, ActiveJob] = {}
+        self._active = ActiveJobs()
         self._hooks: builtins.list[TerminalHook] = []
         self._dispatch = Dispatcher(
             self._providers,
@@ -437,17 +438,19 @@ class JobManager:
 
         return remove
 
-    def subscribe(self, job_id: str) -> JobStream:
+    def subscribe(self, job_id: str, kinds: tuple[type[EventKind], ...] | None = None) -> JobStream:
         """Replay then live events, ending after Finished (check ownership with get first).
 
+        ``kinds``: the events the caller will use (Finished always); others may be left
+        out, and are when this process runs the job (they never wake the caller).
         A job another process holds (shared store) is watched through the store."""
         if self._leases is None:
-            return self._hub.subscribe(job_id, self._load_replay)
+            return self._hub.subscribe(job_id, self._load_replay, kinds)
         if job_id not in self._active:
             return StoreWatch(self._store, job_id)
         # Should another process take the job over, the stream goes on from the store.
         return Handover(
-            self._hub.subscribe(job_id, self._load_replay),
+            self._hub.subscribe(job_id, self._load_replay, kinds),
             lambda last: StoreWatch(self._store, job_id, after=last),
             lambda: self._phase == "running" and job_id not in self._active,
         )
@@ -519,7 +522,7 @@ class JobManager:
         """Unfinished jobs (of ``owner``; None: of everyone)."""
         if owner is None:
             return len(self._active)
-        return sum(1 for a in self._active.values() if a.job.owner == owner)
+        return self._active.owned_by(owner)
 
     def stats(self) -> dict[tuple[TaskKind, JobState], int]:
         """Unfinished jobs by task and state (for metrics)."""
@@ -606,7 +609,7 @@ class JobManager:
             active.last_position = self._dispatch.position(job.id)
             self._hub.open_new(job)
             self._hub.emit(job.id, Accepted(job.task, job.ref_id, active.last_position))
-            self._dispatch.wake()
+            self._dispatch.submitted()
             return snapshot(job), False
         finally:
             # In the step that put the job in _active (no await between): never counted
@@ -987,9 +990,17 @@ class JobManager:
     ) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure if log_errors else _retrieve)
+        # One done callback, not two: each is a callback of the loop's own (two tasks a job).
+        task.add_done_callback(self._ended_logged if log_errors else self._ended_quiet)
         return task
+
+    def _ended_logged(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        _log_failure(task)
+
+    def _ended_quiet(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        _retrieve(task)
 
 
 def _no_deliveries(job: Job) -> Sequence[tuple[str, bytes]]:
