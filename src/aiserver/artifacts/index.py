@@ -18,12 +18,13 @@ import contextlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, Self, TypeVar
 
 from aiserver.artifacts.locks import KeyedLock
+from aiserver.jobs.store.group_commit import GroupCommit
 
 if TYPE_CHECKING:
     import asyncpg
@@ -371,6 +372,25 @@ _PG_REGISTER = (
     f" SELECT path, $8, $9, $10, $11, $12, $7 FROM b{_REF_UPSERT} {_REF_RETURNING})"
     f" SELECT {_REF_COLUMNS}, b.inserted FROM b, r"
 )
+# Several registers (of different bytes) as one statement, as the job store groups its
+# writes (jobs/store/group_commit.py): one round trip and one commit for the puts that meet.
+# Blob rows are inserted in hash order: two groups meeting on the same bytes wait in one order.
+_PG_REGISTER_GROUP = (
+    "WITH v AS MATERIALIZED (SELECT * FROM unnest($1::text[], $2::text[], $3::text[],"
+    " $4::bigint[], $5::integer[], $6::integer[], $7::double precision[], $8::text[],"
+    " $9::text[], $10::text[], $11::bigint[], $12::text[]) AS v(path, sha256, mime_type,"
+    " size, width, height, now, owner, job_id, file_name, seed, provider)),"
+    " b AS (INSERT INTO artifact_blobs (path, sha256, mime_type, size, width, height,"
+    " created, last_put) SELECT path, sha256, mime_type, size, width, height, now, now"
+    " FROM v ORDER BY sha256"
+    f" ON CONFLICT (sha256) DO UPDATE SET last_put = excluded.last_put {_BLOB_RETURNING},"
+    " xmax = 0 AS inserted),"
+    " r AS (INSERT INTO artifact_refs (path, owner, job_id, file_name, seed, provider, created)"
+    " SELECT b.path, v.owner, v.job_id, v.file_name, v.seed, v.provider, v.now"
+    f" FROM b JOIN v ON v.sha256 = b.sha256{_REF_UPSERT}"
+    " RETURNING path, owner, job_id, file_name, seed, provider, created)"
+    f" SELECT {_REF_COLUMNS}, b.inserted FROM b JOIN r ON r.path = b.path"
+)
 
 
 class PostgresArtifactIndex:
@@ -386,6 +406,8 @@ class PostgresArtifactIndex:
         self._timeout_s = timeout_s
         self._pool_: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
+        # Registers of different bytes that meet go in one statement.
+        self._registers = GroupCommit(self._register_one, self._register_group, _sha256)
 
     @classmethod
     async def open(
@@ -424,6 +446,9 @@ class PostgresArtifactIndex:
             return self._pool_
 
     async def register(self, ref: NewRef) -> IndexedRef:
+        return await self._registers.write(ref)
+
+    async def _register_one(self, ref: NewRef) -> IndexedRef:
         row = await (await self._connect()).fetchrow(
             _PG_REGISTER,
             ref.path, ref.sha256, ref.mime_type, ref.size, ref.width, ref.height, ref.now,
@@ -431,6 +456,15 @@ class PostgresArtifactIndex:
         )  # fmt: skip
         assert row is not None  # both inserts return their row (DO UPDATE has no WHERE)
         return _ref_of(row, row[12])
+
+    async def _register_group(self, group: Sequence[NewRef]) -> list[IndexedRef]:
+        rows = await (await self._connect()).fetch(
+            _PG_REGISTER_GROUP,
+            *([getattr(ref, name) for ref in group] for name in _NEW_REF_FIELDS),
+        )
+        by_sha = {row[1]: row for row in rows}
+        # Both inserts return every row: a missing one fails the group (each goes alone).
+        return [_ref_of(by_sha[ref.sha256], by_sha[ref.sha256][12]) for ref in group]
 
     async def lookup(
         self, path: str, owner: str | None, job_id: str | None = None
@@ -474,6 +508,17 @@ class PostgresArtifactIndex:
             if self._pool_ is not None:
                 await self._pool_.close()
                 self._pool_ = None
+
+
+_NEW_REF_FIELDS = (
+    "path", "sha256", "mime_type", "size", "width", "height", "now",
+    "owner", "job_id", "file_name", "seed", "provider",
+)  # fmt: skip
+"""The arrays of :data:`_PG_REGISTER_GROUP`, in order."""
+
+
+def _sha256(ref: NewRef) -> str:
+    return ref.sha256
 
 
 def open_artifact_index(

@@ -7,6 +7,11 @@ statements, however many jobs moved (:meth:`~aiserver.jobs.store.JobStore.events
 :meth:`~aiserver.jobs.store.JobStore.records`), then hands each event with its job to the taps.
 Nothing runs while no tap is registered. A list view tolerates what this costs in freshness:
 stored progress is already coalesced (0.5 s), and the taps throttle it again.
+
+The others announce every job's events only while some coordinator follows them all
+(``announcements(every_job=True)``, which they notice within a second or two): until then
+their writes may go unannounced, so once that time is past the feed reads, once, every job
+that may have written meanwhile (unfinished when it opened, or created since).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from aiserver.jobs.event_codec import FINISHED, decode_event
 from aiserver.jobs.events import JobTap, snapshot
 from aiserver.jobs.model import EventKind, Finished, JobEvent
-from aiserver.jobs.store import AnnouncementStream, JobStore
+from aiserver.jobs.store import AnnouncementStream, JobQuery, JobStore
 from aiserver.outage import backend_outage
 
 __all__ = ["StoreFeed"]
@@ -27,6 +32,9 @@ __all__ = ["StoreFeed"]
 logger = logging.getLogger(__name__)
 
 _CLOCK_SKEW = timedelta(seconds=1)
+_NOTICED_S = 2.5
+"""By then every other coordinator announces every job's events (it counts the followers at
+most once a second and trusts no count older than 2 s)."""
 
 
 class StoreFeed:
@@ -77,9 +85,23 @@ class StoreFeed:
             return
         moved: set[str] = set()  # jobs announced since the last read
         collect = asyncio.create_task(self._collect(listener, moved))
+        loop = asyncio.get_running_loop()
+        noticed_at = loop.time() + _NOTICED_S
+        try:
+            unnoticed: set[str] | None = {r.job.id for r in await self._store.unfinished()}
+        except Exception:
+            logger.warning("reading the unfinished jobs failed", exc_info=True)
+            unnoticed = set()
         try:
             while True:
                 await asyncio.sleep(self._interval)
+                if unnoticed is not None and loop.time() >= noticed_at:
+                    try:
+                        unnoticed |= await self._created_since()
+                    except Exception:
+                        logger.warning("reading the new jobs failed", exc_info=True)
+                    moved |= {j for j in unnoticed if not self._held_here(j)}
+                    unnoticed = None
                 if moved:
                     batch = set(moved)
                     moved.clear()
@@ -103,7 +125,7 @@ class StoreFeed:
         delay = 0.25
         while True:
             try:
-                return await self._store.announcements()
+                return await self._store.announcements(every_job=True)
             except Exception as exc:
                 if backend_outage(exc) is None:  # the store is closing
                     logger.warning("cannot follow other coordinators' jobs", exc_info=True)
@@ -111,6 +133,16 @@ class StoreFeed:
                 logger.warning("cannot follow other coordinators' jobs yet: %s", exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _created_since(self) -> set[str]:
+        """The jobs created since the first tap (newest first, a page at a time)."""
+        found: set[str] = set()
+        token = ""
+        while True:
+            jobs, token = await self._store.query(JobQuery(), page_size=100, page_token=token)
+            found.update(j.id for j in jobs if j.created >= self._since)
+            if not token or not jobs or jobs[-1].created < self._since:
+                return found
 
     async def _collect(self, listener: AnnouncementStream, moved: set[str]) -> None:
         async for announcement in listener:

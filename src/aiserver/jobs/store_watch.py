@@ -122,7 +122,7 @@ class StoreWatch:
     async def _start(self) -> None:
         # Listening before the first read: nothing committed afterwards can be missed.
         if self._listener is None:
-            self._listener = await self._store.announcements()
+            self._listener = await self._store.announcements(watch=self._job_id)
         if await self._store.get(self._job_id) is None:
             await self.aclose()
             raise job_not_found(self._job_id)

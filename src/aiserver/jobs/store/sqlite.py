@@ -678,8 +678,8 @@ class SqliteJobStore:
     async def ping(self) -> None:
         return None  # a file of this process: there while the process is
 
-    async def announcements(self) -> Listener:
-        return self._hub.listen()
+    async def announcements(self, *, watch: str | None = None, every_job: bool = False) -> Listener:
+        return self._hub.listen()  # in process: every announcement is heard
 
     # --- agent slots and leadership ---------------------------------------------------------
 
