@@ -10,8 +10,9 @@ each printed as one JSON object:
 
 - ``upscale``: a 64 px ImageUpscale through the client library: its event kinds, progress
   stages and nodes, the output's size (128 px).
-- ``cancel``: a 1024 px upscale (tiles: seconds on a CPU) cancelled once a tile is reported;
-  the job's end state, the time from the cancel to ``finished``, and ComfyUI's queue after.
+- ``cancel``: a 1024 px upscale (9 tiles: seconds each on a CPU) cancelled once a tile is
+  reported; the job's end state, the time from the cancel to ``finished``, and how long
+  ComfyUI took to stop (it checks for an interrupt between tiles).
 - ``files``: ``--jobs`` upscales from 16 callers; files in ComfyUI's ``input/`` and
   ``output/`` before and after, and how often ComfyUI had a prompt waiting behind the running
   one (``GET /queue`` sampled every 50 ms: queue-ahead at work).
@@ -119,17 +120,19 @@ async def _cancel(client: AsyncClient, http: aiohttp.ClientSession, url: str) ->
             final = event.final
     ended = time.perf_counter()
     queue: dict[str, Any] = {}
-    for _ in range(50):  # the interrupt takes effect at ComfyUI's next check
+    while time.perf_counter() - ended < 180:  # the interrupt takes effect at the next tile
         async with http.get(f"{url}/queue") as answer:
             queue = await answer.json()
         if not queue["queue_running"] and not queue["queue_pending"]:
             break
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.1)
+    idle = time.perf_counter()
     return {
         "state": STATE(final.state) if final is not None else None,
         "tile_steps_seen": steps,
         "cancel_to_finished_ms": round((ended - cancelled_at) * 1000) if cancelled_at else None,
         "comfy_queue_after": {k: len(v) for k, v in queue.items()},
+        "comfy_idle_after_cancel_s": round(idle - cancelled_at, 1) if cancelled_at else None,
     }
 
 
