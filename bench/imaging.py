@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ async def _grpc_call(method: Any, messages: list[Any]) -> int:
 async def _alternate(
     reps: int,
     sides: dict[str, Callable[[], Awaitable[Any]]],
-    untimed: dict[str, Callable[[], None]] | None = None,
+    untimed: dict[str, Callable[[], Awaitable[None]]] | None = None,
 ) -> dict[str, list[float]]:
     """Time each side ``reps`` times, alternating; ``untimed[side]`` runs before each call
     of that side, off the clock (setting up a cold request)."""
@@ -99,12 +100,12 @@ async def _alternate(
     prepare = untimed or {}
     for name, fn in sides.items():  # warm-up
         if name in prepare:
-            prepare[name]()
+            await prepare[name]()
         await fn()
     for rep in range(reps):
         for name in names if rep % 2 == 0 else names[::-1]:
             if name in prepare:
-                prepare[name]()
+                await prepare[name]()
             start = time.perf_counter()
             await sides[name]()
             out[name].append(time.perf_counter() - start)
@@ -232,7 +233,8 @@ async def _variants(
     cache = Path(service.variants.cache_root)
     http_url = f"http://127.0.0.1:{service.http_port}/variants/width=256/{rel}"
 
-    def empty_cache() -> None:
+    async def empty_cache() -> None:
+        await service.variants.flush()  # the last render's cache files are written after it
         shutil.rmtree(cache / ref.sha256[:2], ignore_errors=True)
         service.variants.memory.drop_source(ref.sha256)  # cold: no copy in memory either
 
@@ -246,22 +248,40 @@ async def _variants(
         async def service_cold() -> None:  # the cache is emptied before, off the clock
             await get(http_url)
 
+        stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
+        request = artifact_service_pb2.GetVariantRequest(name=ref.name, spec="width=256")
+
+        async def grpc_cold() -> None:
+            async for _ in stub.GetVariant(request):
+                pass
+
         from aiserver.imaging import parse_format, resize
 
         webp = parse_format("webp", "format")
 
-        async def in_process() -> None:  # the same render, called directly in this process
-            resize(
+        def render() -> bytes:
+            return resize(
                 source,
                 width=256,
                 output_format=webp,
                 quality=80,
                 limits=service.limits,
                 fast_encode=True,  # as the variant cache renders
-            )
+            ).data
+
+        async def in_process() -> None:  # the same render, called directly in this process
+            render()
+
+        # The floor of any HTTP service rendering off its event loop: a bare aiohttp route
+        # running the same render in a thread, through the same httpx client.
+        floor_pool = ThreadPoolExecutor(1, thread_name_prefix="bench-floor")
+
+        async def floor_render() -> bytes:
+            return await asyncio.get_running_loop().run_in_executor(floor_pool, render)
 
         sides: dict[str, Callable[[], Awaitable[Any]]] = {
             "service": service_cold,
+            "grpc": grpc_cold,
             "in_process": in_process,
         }
         thumbor_cm: Thumbor | None = None
@@ -288,8 +308,17 @@ async def _variants(
 
                 sides["thumbor"] = thumbor_cold
         try:
-            t = await _alternate(reps, sides, untimed={"service": empty_cache})
+            async with _bare_render_route(floor_render) as floor_url:
+
+                async def floor() -> None:
+                    await get(floor_url)
+
+                sides["floor"] = floor
+                t = await _alternate(
+                    reps, sides, untimed={"service": empty_cache, "grpc": empty_cache}
+                )
         finally:
+            floor_pool.shutdown()
             if thumbor_cm is not None:
                 await thumbor_cm.__aexit__(None, None, None)
         cold: dict[str, Any] = {"service_ms": spread([ms(x) for x in t["service"]], 1)}
@@ -301,6 +330,14 @@ async def _variants(
         cold["in_process_ms"] = spread([ms(x) for x in t["in_process"]], 1)
         cold["vs_in_process"] = spread(
             [p / s for s, p in zip(t["service"], t["in_process"], strict=True)], 3
+        )
+        cold["grpc_ms"] = spread([ms(x) for x in t["grpc"]], 1)
+        cold["grpc_vs_in_process"] = spread(
+            [p / s for s, p in zip(t["grpc"], t["in_process"], strict=True)], 3
+        )
+        cold["floor_ms"] = spread([ms(x) for x in t["floor"]], 1)
+        cold["floor_vs_in_process"] = spread(
+            [p / s for s, p in zip(t["floor"], t["in_process"], strict=True)], 3
         )
         cold["bytes"] = sizes
         figures["variant_cold"] = cold
@@ -324,16 +361,26 @@ async def _variants(
                 cold["vs_in_process"],
                 "x",
                 target=round(1 / 1.1, 2),
-                baseline=f"service {cold['service_ms']['median']:.0f} ms,"
-                f" in-process {cold['in_process_ms']['median']:.0f} ms",
+                baseline=f"service {cold['service_ms']['median']:.1f} ms,"
+                f" in-process {cold['in_process_ms']['median']:.1f} ms;"
+                f" floor {cold['floor_vs_in_process']['median']:.3f}x"
+                f" ({cold['floor_ms']['median']:.1f} ms: a bare aiohttp route rendering in a"
+                " thread, same client)",
                 note="within 1.1x of the same render called directly",
+            )
+        )
+        rows.append(
+            row(
+                "imaging: cold variant width=256 webp, in-process vs gRPC GetVariant",
+                cold["grpc_vs_in_process"],
+                "x",
+                baseline=f"gRPC {cold['grpc_ms']['median']:.1f} ms,"
+                f" in-process {cold['in_process_ms']['median']:.1f} ms",
             )
         )
 
         # warm: cached variant, HTTP and gRPC
         await get(http_url)
-        stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
-        request = artifact_service_pb2.GetVariantRequest(name=ref.name, spec="width=256")
 
         async def grpc_variant() -> None:
             async for _ in stub.GetVariant(request):
@@ -395,6 +442,27 @@ async def _variants(
                 )
             )
         figures["variant_computations"] = service.variants.computations
+
+
+@contextlib.asynccontextmanager
+async def _bare_render_route(render: Callable[[], Awaitable[bytes]]) -> AsyncIterator[str]:
+    """A bare aiohttp route answering ``await render()``, nothing else."""
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=await render(), content_type="image/webp")
+
+    app = web.Application()
+    app.router.add_get("/v", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/v"
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager

@@ -56,6 +56,7 @@ async def test_a_warm_variant_is_served_from_memory_without_its_file(
 ) -> None:
     spec = parse_spec("width=100")
     first = await cache.get(source, spec, "alice")
+    await cache.flush()
     assert first.data is not None and first.data == first.path.read_bytes()
     first.path.unlink()  # a hit must not need the file
     again = await cache.get(source, spec, "alice")
@@ -90,11 +91,13 @@ async def test_a_torn_cache_file_is_rendered_again(
     spec = parse_spec("width=100")
     first = VariantCache(store, tmp_path / "variants")
     good = await first.get(source, spec, "alice")
+    await first.flush()
     assert good.data is not None
     torn = bytes(len(good.data))  # same size, other bytes: what a power loss can leave
     good.path.write_bytes(torn)
     restarted = VariantCache(store, tmp_path / "variants")
     again = await restarted.get(source, spec, "alice")
+    await restarted.flush()
     assert restarted.computations == 1
     assert again.data == good.data and again.path.read_bytes() == good.data
 

@@ -52,6 +52,7 @@ async def test_variant_sizes(
 ) -> None:
     variant = await cache.get(source, parse_spec(spec), "alice")
     assert (variant.width, variant.height) == size
+    await cache.flush()  # the files are written once the variant is handed over
     with Image.open(variant.path) as img:
         assert img.size == size
         assert img.format == "WEBP"
@@ -61,6 +62,7 @@ async def test_variant_sizes(
 
 async def test_formats_and_url(cache: VariantCache, source: str) -> None:
     variant = await cache.get(source, parse_spec("width=64,format=jpeg,quality=70"), "alice")
+    await cache.flush()
     with Image.open(variant.path) as img:
         assert img.format == "JPEG"
     assert variant.mime_type == "image/jpeg"
@@ -73,6 +75,7 @@ async def test_formats_and_url(cache: VariantCache, source: str) -> None:
 
 async def test_second_request_does_no_image_work(cache: VariantCache, source: str) -> None:
     first = await cache.get(source, parse_spec("width=100"), "alice")
+    await cache.flush()
     mtime = first.path.stat().st_mtime_ns
     second = await cache.get(source, parse_spec("width=100,fit=cover,quality=80"), "alice")
     assert cache.computations == 1
@@ -109,6 +112,7 @@ async def test_etag_is_the_content_hash_and_stable(
 ) -> None:
     spec = parse_spec("width=90")
     variant = await cache.get(source, spec, "alice")
+    await cache.flush()
     assert variant.etag == hashlib.sha256(variant.path.read_bytes()).hexdigest()
     again = VariantCache(store, tmp_path / "variants")  # a restart: served from disk
     assert (await again.get(source, spec, "alice")).etag == variant.etag
@@ -135,6 +139,7 @@ async def test_retention_removes_variants(
     store: ArtifactStore, cache: VariantCache, source: str
 ) -> None:
     variant = await cache.get(source, parse_spec("width=30"), "alice")
+    await cache.flush()
     assert variant.path.exists()
     assert await store.sweep(None, 0, protect=lambda _: False, fresh_s=0) == [source]
     assert not variant.path.exists()

@@ -5,7 +5,9 @@ Cache layout: ``{cache_root}/{sha[:2]}/{sha}/{canonical spec}.{ext}`` plus a ``.
 sidecar (size, dimensions, ETag) written after the image. Everything of one source lives in
 one folder, which goes when the source is deleted. The files are not fsynced: the cache can
 always be rebuilt, and a file read back from disk is checked against its sidecar's ETag (a
-torn write after a power loss is rendered again, never served).
+torn write after a power loss is rendered again, never served). A variant held in memory is
+answered before its files are written (by the same worker, right after): a request waits for
+the render only, and a cache that cannot be written costs a warning, not the answer.
 
 Small variants (up to :data:`MEMORY_ITEM_BYTES`) are also kept in a least-recently-used map
 bounded by bytes, keyed by source SHA-256 and canonical spec, so a warm request reads no file.
@@ -24,7 +26,7 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypedDict
@@ -52,6 +54,9 @@ MEMORY_BYTES = 64 * 1024 * 1024
 """Default bound of the in-memory variants."""
 MEMORY_ITEM_BYTES = 1024 * 1024
 """Larger variants are served from their file only."""
+_VERIFIED_FILES = 4096
+"""Large cache files known to hold their sidecar's bytes, remembered by identity."""
+_HASH_BLOCK = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,23 @@ class _Meta(TypedDict):
     height: int
     size: int
     etag: str
+
+
+_Publish = Callable[[_Meta, bytes], None]
+"""Hands a rendered variant to its waiters (called in the render's worker thread)."""
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -162,7 +184,10 @@ class VariantCache:
         self._pool = pool
         self._slots = asyncio.Semaphore(max_concurrency)
         self._url_prefix = url_prefix.rstrip("/")
-        self._inflight: dict[str, asyncio.Task[Variant]] = {}
+        # Per variant being made: the render (done once its files are written, or failed)
+        # and what its waiters await (set as soon as the bytes are there).
+        self._inflight: dict[str, tuple[asyncio.Task[None], asyncio.Future[Variant]]] = {}
+        self._verified: dict[Path, tuple[int, int, int]] = {}
         self.computations = 0
         self.memory = MemoryLru(memory_bytes)
         self._prerenders: set[asyncio.Task[None]] = set()
@@ -213,13 +238,14 @@ class VariantCache:
                 self.memory.put(ref.sha256, hit)
                 return hit
         key = f"{ref.sha256}/{spec.canonical}"
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.create_task(self._compute(ref, spec, output, image))
-            self._inflight[key] = task
-            task.add_done_callback(lambda t: self._settled(key, t))
+        inflight = self._inflight.get(key)
+        if inflight is None:
+            ready: asyncio.Future[Variant] = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._compute(ref, spec, output, image, ready))
+            inflight = self._inflight[key] = (task, ready)
+            task.add_done_callback(lambda t: self._settled(key, t, ready))
         # Shielded: one caller giving up does not cancel the others' (or the cache's) work.
-        made = await asyncio.shield(task)
+        made = await asyncio.shield(inflight[1])
         self.memory.put(ref.sha256, made)
         return self._as_seen(made, ref)
 
@@ -231,11 +257,30 @@ class VariantCache:
         url = f"{self._url_prefix}/{variant.spec}/{rel}"
         return replace(variant, source=ref.name, url=url)
 
-    def _settled(self, key: str, task: asyncio.Task[Variant]) -> None:
-        if self._inflight.get(key) is task:
+    def _settled(self, key: str, task: asyncio.Task[None], ready: asyncio.Future[Variant]) -> None:
+        found = self._inflight.get(key)
+        if found is not None and found[0] is task:
             del self._inflight[key]
-        if not task.cancelled():
-            task.exception()  # retrieved here, so an unawaited failure is not logged twice
+        failure = None if task.cancelled() else task.exception()  # retrieved: logged once
+        if not ready.done():  # failed (or cancelled) before its bytes were handed over
+            if failure is None:
+                ready.cancel()
+            else:
+                ready.set_exception(failure)
+        if not ready.cancelled():
+            ready.exception()  # the waiters raise it; nobody left waiting is no error
+
+    def _publish(
+        self,
+        ready: asyncio.Future[Variant],
+        ref: ArtifactRef,
+        spec: VariantSpec,
+        image: Path,
+        meta: _Meta,
+        data: bytes,
+    ) -> None:
+        if not ready.done():
+            ready.set_result(self._variant(ref, spec, image, meta, data))
 
     def _output_format(self, spec: VariantSpec) -> formats.OutputFormat:
         if spec.format not in {f.name for f in formats.available_formats()}:
@@ -283,9 +328,16 @@ class VariantCache:
                 size=int(raw["size"]),
                 etag=str(raw["etag"]),
             )
-            if image.stat().st_size != meta["size"]:
+            identity = _identity(image)
+            if identity[1] != meta["size"]:
                 return None  # sidecar of another render: make it again
             if meta["size"] > self.memory.max_item_bytes:
+                # Served from the file on every request: hashed once per process (a torn
+                # file is the leftover of a power loss, so of an earlier process).
+                if self._verified.get(image) != identity:
+                    if _file_sha256(image) != meta["etag"]:
+                        return None
+                    self._remember(image, identity)
                 return self._variant(ref, spec, image, meta)
             data = image.read_bytes()
             if hashlib.sha256(data).hexdigest() != meta["etag"]:
@@ -294,35 +346,56 @@ class VariantCache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def _remember(self, image: Path, identity: tuple[int, int, int]) -> None:
+        if len(self._verified) >= _VERIFIED_FILES:
+            self._verified.clear()  # bounded; a file is hashed again on its next hit
+        self._verified[image] = identity
+
     async def _compute(
-        self, ref: ArtifactRef, spec: VariantSpec, output: formats.OutputFormat, image: Path
-    ) -> Variant:
+        self,
+        ref: ArtifactRef,
+        spec: VariantSpec,
+        output: formats.OutputFormat,
+        image: Path,
+        ready: asyncio.Future[Variant],
+    ) -> None:
         async with self._slots:
             # A request that missed the cache just before the last render finished lands here:
             # memory has that render, without a thread hop to the disk. (A variant too large
             # for memory is rendered again in that race: the same bytes, only work lost.)
             hit = self.memory.get(ref.sha256, spec.canonical)
             if hit is not None:
-                return hit
+                ready.set_result(hit)
+                return
             self.computations += 1
+            loop = asyncio.get_running_loop()
+
+            def publish(meta: _Meta, data: bytes) -> None:
+                loop.call_soon_threadsafe(self._publish, ready, ref, spec, image, meta, data)
+
             try:
                 async with self._store.source_file(ref.name) as source:
                     if self._pool is not None:
-                        meta, data = await self._pool.run(self._render, source, spec, output, image)
+                        await self._pool.run(self._render, source, spec, output, image, publish)
                     else:
-                        meta, data = await asyncio.to_thread(
-                            self._render, source, spec, output, image
-                        )
+                        await asyncio.to_thread(self._render, source, spec, output, image, publish)
             except ServiceError as exc:
                 if exc.kind is ErrorKind.NOT_FOUND:  # deleted by retention meanwhile
                     raise artifact_not_found(ref.name) from exc
                 raise
         logger.debug("variant %s of %s rendered", spec.canonical, ref.name)
-        return self._variant(ref, spec, image, meta, data)
 
     def _render(
-        self, source: Path, spec: VariantSpec, output: formats.OutputFormat, image: Path
-    ) -> tuple[_Meta, bytes]:
+        self,
+        source: Path,
+        spec: VariantSpec,
+        output: formats.OutputFormat,
+        image: Path,
+        publish: _Publish,
+    ) -> None:
+        """Render, hand the bytes over, write the cache files. A variant held in memory is
+        handed over before its files are written (its waiters are answered from memory); a
+        larger one after, since it is streamed from its file."""
         encoded = transforms.resize(
             source,
             width=spec.width,
@@ -334,26 +407,51 @@ class VariantCache:
             image_field="name",
             fast_encode=True,  # a copy for display, rendered while its caller waits
         )
+        data = encoded.data
         meta = _Meta(
             mime_type=output.mime_type,
             width=encoded.width,
             height=encoded.height,
-            size=len(encoded.data),
-            etag=hashlib.sha256(encoded.data).hexdigest(),
+            size=len(data),
+            etag=hashlib.sha256(data).hexdigest(),
         )
-        image.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(image, encoded.data)
-        _write_atomic(image.with_suffix(".json"), json.dumps(meta).encode())
+        if not source.exists():  # retention deleted it while we rendered
+            raise _source_deleted()
+        held = len(data) <= self.memory.max_item_bytes
+        if held:
+            publish(meta, data)
+        try:
+            image.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(image, data)
+            _write_atomic(image.with_suffix(".json"), json.dumps(meta).encode())
+            if not held:
+                self._remember(image, _identity(image))
+        except OSError as exc:
+            if not source.exists():  # its folder went with it
+                raise _source_deleted() from exc
+            if not held:
+                raise
+            logger.warning("variant %s not cached on disk: %s", image, exc)
+            return
         if not source.exists():
-            # Retention deleted the source (and this folder) while we rendered: no orphans.
+            # Retention deleted the source (and this folder) while we wrote: no orphans.
             image.unlink(missing_ok=True)
             image.with_suffix(".json").unlink(missing_ok=True)
-            raise ServiceError(ErrorKind.NOT_FOUND, "ARTIFACT_NOT_FOUND", "source deleted")
-        return meta, encoded.data
+            raise _source_deleted()
+        if not held:
+            publish(meta, data)
+
+    async def flush(self) -> None:
+        """Wait until the renders in progress have written (or given up on) their files."""
+        await asyncio.gather(*(task for task, _ in self._inflight.values()), return_exceptions=True)
 
     async def close(self) -> None:
         """Wait for renders in progress (threads cannot be interrupted)."""
         for task in list(self._prerenders):
             task.cancel()
         await asyncio.gather(*self._prerenders, return_exceptions=True)
-        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        await self.flush()
+
+
+def _source_deleted() -> ServiceError:
+    return ServiceError(ErrorKind.NOT_FOUND, "ARTIFACT_NOT_FOUND", "source deleted")
