@@ -408,7 +408,7 @@ class ComfyPool:
         s = self._settings
         loop = asyncio.get_running_loop()
         # The catalogue is big (590 KB from a plain ComfyUI 0.8, megabytes with custom nodes;
-        # ~140 ms of the agent's CPU and ~100 ms of ours to build and parse): re-read only
+        # ~140 ms of the agent's CPU to build, tens of ms of ours to parse): re-read only
         # when it may have changed, else every catalogue_interval_s; /system_stats says alive.
         fresh = agent.state is AgentState.ONLINE and agent.caps is not None
         info: dict[str, Any] | None = None
