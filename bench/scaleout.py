@@ -20,9 +20,12 @@ SQLite, with the database's own CPU and transactions per job.
   spends one on every notification it receives); the stand-ins' and the callers' CPU per job
   (the rest of the machine's work, for the cost-based view of scaling).
 
-``python -m bench.scaleout LABEL [--jobs N]`` instead runs one coordinator on PostgreSQL
-under :mod:`bench.sql_census` and writes the statements it sent per job, by statement, to
-``bench/results/sql-census-LABEL.json``.
+``python -m bench.scaleout LABEL [--jobs N] [--coordinators 1,2,3] [--base DIR] [--rounds R]``
+instead runs the coordinators on PostgreSQL under :mod:`bench.sql_census` and writes, per
+configuration, the statements they sent and the notifications they received per job, by
+statement, with the figures above (PostgreSQL's CPU split into the ``LISTEN`` backends' and
+the others'), to ``bench/results/sql-census-LABEL.json``. ``--base DIR`` runs another source
+tree's coordinators (an exported ``main``) in the same rounds, alternating with this one's.
 """
 
 from __future__ import annotations
@@ -35,12 +38,15 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
 
+from bench import ROOT
 from bench.common import cpu_seconds, ms, row, spread
 from bench.orchestration import Inputs, _segment, _service_job, _wait_ready
 from bench.service_proc import ServiceProcess
@@ -108,13 +114,14 @@ async def _ensure_database() -> None:
 
 
 async def _config(
-    root: Path,
+    data: Path,
     agents: StandIns,
     kind: str,
     count: int,
     inputs: Inputs,
     per_process: int,
     census: Path | None = None,
+    root: Path = ROOT,
 ) -> dict[str, float]:
     schema = f"b_{uuid.uuid4().hex[:12]}"
     agent_list = [
@@ -129,15 +136,15 @@ async def _config(
             "AISERVER_GRPC_HOST": "127.0.0.1",
             "AISERVER_GRPC_PORT": "0",
             "AISERVER_HTTP_ENABLED": "false",
-            "AISERVER_DATA_DIR": str(root / f"c{i}"),
+            "AISERVER_DATA_DIR": str(data / f"c{i}"),
             "AISERVER_AGENTS": json.dumps(agent_list),
         }
         if kind == "postgres":
             env |= {"AISERVER_DATABASE_URL": BENCH_URL, "AISERVER_DATABASE_SCHEMA": schema}
         if census is not None:
             env["BENCH_SQL_CENSUS"] = str(census / f"c{i}.json")
-        services.append(ServiceProcess(env, root.with_name(f"{root.name}-c{i}.log")))
-    await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+        services.append(ServiceProcess(env, data.with_name(f"{data.name}-c{i}.log"), root))
+    await asyncio.to_thread(data.mkdir, parents=True, exist_ok=True)
     try:
         for service in services:
             try:
@@ -181,7 +188,9 @@ async def _config(
         # Backends report their counters when idle (up to 10 s later) or when they exit:
         # the coordinators' backends have exited now (shutdown statements are counted too).
         await asyncio.sleep(0.5)
-        after |= {k: v for k, v in (await _database_counters()).items() if k != "cpu"}
+        after |= {
+            k: v for k, v in (await _database_counters()).items() if k not in ("cpu", "listen")
+        }
     if kind == "postgres":
         await _drop_schema(schema)
     done = sum(len(r["latencies"]) for r in results)
@@ -196,6 +205,7 @@ async def _config(
     }
     if before is not None and after is not None:
         figures["postgres_cpu_ms_per_job"] = ms(after["cpu"] - before["cpu"]) / done
+        figures["postgres_listen_cpu_ms_per_job"] = ms(after["listen"] - before["listen"]) / done
         figures["postgres_xacts_per_job"] = (after["xacts"] - before["xacts"]) / done
         figures["postgres_rows_written_per_job"] = (after["written"] - before["written"]) / done
     return figures
@@ -219,7 +229,7 @@ async def _database_counters() -> dict[str, float]:
     conn = await asyncpg.connect(ADMIN_URL)
     try:
         pids = await conn.fetch(
-            "SELECT pid FROM pg_stat_activity"
+            "SELECT pid, application_name LIKE 'aiserver-listen%' FROM pg_stat_activity"
             " WHERE datname = $1 AND backend_type = 'client backend'",
             DATABASE,
         )
@@ -232,12 +242,19 @@ async def _database_counters() -> dict[str, float]:
         )
     finally:
         await conn.close()
-    cpu = 0.0
+    cpu = listen = 0.0
     for record in pids:
         with contextlib.suppress(OSError):  # a backend that ended meanwhile
-            cpu += cpu_seconds(int(record["pid"]))
+            used = cpu_seconds(int(record[0]))
+            cpu += used
+            listen += used if record[1] else 0.0  # the LISTEN connections' backends
     assert stats is not None
-    return {"cpu": cpu, "xacts": float(stats["xacts"]), "written": float(stats["written"])}
+    return {
+        "cpu": cpu,
+        "listen": listen,
+        "xacts": float(stats["xacts"]),
+        "written": float(stats["written"]),
+    }
 
 
 async def _drop_schema(schema: str) -> None:
@@ -324,31 +341,67 @@ WARM_UP_JOBS = 4
 """Jobs each coordinator runs before the measured segment (``_config``'s warm-up)."""
 
 
-async def _census(jobs: int, out: Path) -> None:
-    """Statements per job on PostgreSQL by statement, one coordinator (``bench.sql_census``):
-    the whole life of the process over its jobs, so start-up and timers count too."""
+async def _census(
+    jobs: int, out: Path, counts: Sequence[int], base: Path | None, rounds: int
+) -> None:
+    """Statements sent and notifications received per job on PostgreSQL, by statement, for
+    each number of coordinators (``bench.sql_census``): the whole life of the processes over
+    their jobs, so start-up and timers count too. With ``base``, that tree's coordinators run
+    in the same rounds, before this tree's."""
     await _ensure_database()
     inputs = Inputs()
+    trees = ([("base", base)] if base is not None else []) + [("this", ROOT)]
+    runs: dict[str, list[dict[str, Any]]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="bench-census-"))
     try:
         async with StandIns(AGENTS, tmp / "comfy") as agents:
-            figures = await _config(tmp / "run", agents, "postgres", 1, inputs, jobs, tmp)
-            counts = json.loads((tmp / "c0.json").read_text())
+            for rep in range(rounds):
+                for count in counts:
+                    for name, root in trees:
+                        where = tmp / f"{name}-{count}-{rep}"
+                        await asyncio.to_thread(where.mkdir)
+                        figures = await _config(
+                            where / "run", agents, "postgres", count, inputs, jobs, where, root
+                        )
+                        await agents.reset()
+                        sent: Counter[str] = Counter()
+                        for i in range(count):
+                            sent.update(json.loads((where / f"c{i}.json").read_text()))
+                        runs.setdefault(f"{name} x{count}", []).append(
+                            _census_run(figures, sent, count * (jobs + WARM_UP_JOBS))
+                        )
+                        print(name, count, json.dumps(runs[f"{name} x{count}"][-1]["figures"]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    total = jobs + WARM_UP_JOBS
-    per_job = {sql: round(n / total, 2) for sql, n in counts.items()}
-    report = {
-        "jobs": total,
-        "statements_per_job": round(sum(counts.values()) / total, 2),
-        "figures": figures,
-        "by_statement": per_job,
-    }
+    report = {"jobs_per_coordinator": jobs + WARM_UP_JOBS, "runs": runs}
     await asyncio.to_thread(out.write_text, json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k != "by_statement"}, indent=1))
-    for sql, n in per_job.items():
-        if n >= 0.05:
-            print(f"{n:6.2f}  {sql}")
+    for key, found in runs.items():
+        print(f"\n== {key} (last run)")
+        for sql, n in found[-1]["by_statement"].items():
+            if n >= 0.05:
+                print(f"{n:6.2f}  {sql}")
+    print()
+    for key, found in runs.items():
+        fig = [r["figures"] for r in found]
+        print(
+            f"{key}: statements/job {[r['statements_per_job'] for r in found]},"
+            f" notifications received/job {[r['notifications_per_job'] for r in found]},"
+            " xacts/job "
+            f"{[round(f['postgres_xacts_per_job'], 2) for f in fig]},"
+            f" PG CPU ms/job {[round(f['postgres_cpu_ms_per_job'], 2) for f in fig]}"
+            f" (LISTEN {[round(f['postgres_listen_cpu_ms_per_job'], 2) for f in fig]}),"
+            f" coordinator CPU ms/job {[round(f['coordinator_cpu_ms_per_job'], 2) for f in fig]}"
+        )
+
+
+def _census_run(figures: dict[str, float], sent: Counter[str], total: int) -> dict[str, Any]:
+    heard = sent.pop("NOTIFY received", 0)
+    return {
+        "figures": figures,
+        "statements_per_job": round(sum(sent.values()) / total, 2),
+        "notifications_per_job": round(heard / total, 2),
+        "by_statement": {sql: round(n / total, 2) for sql, n in sent.most_common()},
+    }
 
 
 if __name__ == "__main__":
@@ -356,7 +409,11 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="statements per job on PostgreSQL")
     parser.add_argument("label")
-    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--jobs", type=int, default=300, help="per coordinator")
+    parser.add_argument("--coordinators", default="1", help="e.g. 1,2,3")
+    parser.add_argument("--base", type=Path, help="another source tree, run alternately")
+    parser.add_argument("--rounds", type=int, default=1)
     options = parser.parse_args()
     target = Path(__file__).parent / "results" / f"sql-census-{options.label}.json"
-    asyncio.run(_census(options.jobs, target))
+    coordinators = [int(c) for c in options.coordinators.split(",")]
+    asyncio.run(_census(options.jobs, target, coordinators, options.base, options.rounds))

@@ -3,8 +3,10 @@
 ``BENCH_SQL_CENSUS=FILE`` makes :mod:`bench.service_proc` install this before the service
 starts: every asyncpg connection the process opens (job store, artifact index, ``LISTEN``)
 gets a query logger, and at exit ``FILE`` holds ``{statement: count}`` (statements shortened
-to their first 90 characters, ``BEGIN``/``COMMIT`` included). pg_stat_statements would say the
-same, but it needs ``shared_preload_libraries`` on a server other work shares.
+to their first 90 characters, ``BEGIN``/``COMMIT`` included), and the notifications its
+``LISTEN`` connection received under ``"NOTIFY received"`` (each cost that connection's backend
+a transaction, unless several arrived together). pg_stat_statements would say the same, but it
+needs ``shared_preload_libraries`` on a server other work shares.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ def install(path: Path) -> None:
 
     def watch(conn: Any) -> None:
         conn.add_query_logger(log)
+
+    add_listener = asyncpg.Connection.add_listener
+
+    async def counted_listener(self: Any, channel: str, callback: Any) -> None:
+        def heard(*args: Any) -> None:
+            counts["NOTIFY received"] += 1
+            callback(*args)
+
+        await add_listener(self, channel, heard)
+
+    asyncpg.Connection.add_listener = counted_listener  # type: ignore[method-assign]
 
     create_pool = asyncpg.create_pool
     connect = asyncpg.connect

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import asyncpg
@@ -65,3 +66,39 @@ def test_a_bug_while_handling_a_lost_connection_is_not_an_outage() -> None:
     assert backend_outage(asyncpg.exceptions.ProtocolViolationError("bad bind")) is None
     assert backend_outage(asyncpg.exceptions.QueryCanceledError("statement timeout")) is None
     assert backend_outage(socket.gaierror(-2, "Name or service not known")) is not None
+
+
+async def test_a_database_that_drops_packets_is_an_outage_within_the_bound() -> None:
+    """Black-holed (no answer, no reset): the store's statement and connect bounds end the
+    wait, and what they raise is an outage; a timeout of our own is not."""
+    from aiserver.jobs.store.postgres import bounded_pool_options
+    from tests.storage.backends import PG_URL
+    from tests.support.tcp_cut import TcpCut
+
+    port = int(PG_URL.rsplit(":", 1)[1].split("/")[0])
+    async with TcpCut("127.0.0.1", port) as relay:
+        url = PG_URL.replace(f":{port}/", f":{relay.port}/")
+        pool = await asyncpg.create_pool(
+            url, min_size=1, max_size=1, **bounded_pool_options(0.5, {})
+        )
+        try:
+            assert await pool.fetchval("SELECT 1") == 1
+            relay.blackhole()
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            with pytest.raises(Exception) as dropped:
+                await pool.fetchval("SELECT 1")  # the statement's bound, then its cancel's
+            assert loop.time() - began < 3
+            assert backend_outage(dropped.value) is not None
+            with pytest.raises(Exception) as unanswered:
+                await asyncpg.connect(url, timeout=0.5)  # accepted, never answered
+            assert backend_outage(unanswered.value) is not None
+            assert relay.swallowed >= 1
+            relay.restore()
+            assert await pool.fetchval("SELECT 2") == 2  # a new connection
+        finally:
+            pool.terminate()
+    with pytest.raises(TimeoutError) as ours:
+        async with asyncio.timeout(0.01):
+            await asyncio.sleep(1)
+    assert backend_outage(ours.value) is None

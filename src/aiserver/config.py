@@ -51,6 +51,16 @@ class Settings:
     job_steal_after_s: float = 2.0
     """On PostgreSQL: a queued job another live coordinator has not started for this long may
     be taken by an idle one (free slots, nothing queued); see docs/scale-out.md."""
+    database_timeout_s: float = 5.0
+    """On PostgreSQL: the longest one statement, or one new connection, may take before the
+    call fails UNAVAILABLE ``STORE_UNAVAILABLE`` (a database that drops packets never
+    answers; without a bound the call would hang). Also how long a session may stay idle
+    inside a transaction before the server ends it (what a client cut off mid-transaction
+    leaves holding locks)."""
+    watch_outage_s: float = 30.0
+    """On PostgreSQL: how long a watcher of a job held by another coordinator (WatchJob, a
+    SYNC call whose job moved) keeps waiting for an unreachable database before its stream
+    ends UNAVAILABLE; within it, the stream goes on where it stopped, nothing lost or doubled."""
     blob_url: str = ""
     """``s3://bucket/prefix``: artifact bytes live there (endpoint and credentials from the
     usual ``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``,
@@ -246,6 +256,10 @@ def _check_storage_urls(settings: Settings) -> None:
         raise ValueError("setting job_steal_after_s: must not be negative")
     if settings.job_lease_s < 1.0:
         raise ValueError("setting job_lease_s: at least 1 second")
+    if settings.database_timeout_s <= 0:
+        raise ValueError("setting database_timeout_s: must be positive")
+    if settings.watch_outage_s < 0:
+        raise ValueError("setting watch_outage_s: must not be negative")
     if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", settings.database_schema):
         raise ValueError("setting database_schema: lower-case letters, digits and _ only")
 

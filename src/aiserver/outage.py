@@ -57,6 +57,10 @@ def backend_outage(exc: BaseException) -> ServiceError | None:
 def _is_outage(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionError | socket.gaierror):  # gaierror: the host's name
         return True
+    if isinstance(exc, TimeoutError) and _raised_in(exc, "asyncpg"):
+        # The store's bound on a statement or a connect (``database_timeout_s``): a database
+        # that drops packets never answers nor refuses. Our own timeouts are not outages.
+        return True
     if type(exc) is OSError:
         # asyncio's connect to a host with several addresses raises a bare OSError
         # ("Multiple exceptions: ..."), without an errno.
@@ -88,3 +92,14 @@ def _is_outage(exc: BaseException) -> bool:
     return botocore is not None and isinstance(
         exc, (botocore.ConnectionError, botocore.HTTPClientError)
     )
+
+
+def _raised_in(exc: BaseException, package: str) -> bool:
+    """Whether ``exc`` came up through ``package``'s code (its traceback)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if isinstance(module, str) and (module == package or module.startswith(package + ".")):
+            return True
+        tb = tb.tb_next
+    return False

@@ -111,7 +111,10 @@ class Service:
             data / "artifacts",
             blobs=blobs,
             index=open_artifact_index(
-                settings.database_url, settings.database_schema, data / "artifacts"
+                settings.database_url,
+                settings.database_schema,
+                data / "artifacts",
+                timeout_s=settings.database_timeout_s,
             ),
         )
         self.variants = VariantCache(self.artifacts, data / "variants", self.limits, pool=self.pool)
@@ -146,6 +149,7 @@ class Service:
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._store_reachable = True
         self._shim_token = secrets.token_urlsafe(24)
         """Known to the guard and the in-process HTTP shim only (see Guard)."""
 
@@ -159,7 +163,10 @@ class Service:
             await provider.start()
         try:
             self.job_store = store = await open_job_store(
-                s.database_url, s.database_schema, s.data_dir / "jobs.db"
+                s.database_url,
+                s.database_schema,
+                s.data_dir / "jobs.db",
+                timeout_s=s.database_timeout_s,
             )
         except StoreUnavailable as exc:
             raise StartupError(str(exc)) from exc
@@ -182,6 +189,7 @@ class Service:
                 run_timeout_s=s.run_timeout_s,
                 max_active_per_owner=s.max_active_jobs_per_key,
                 steal_after_s=s.job_steal_after_s,
+                watch_outage_s=s.watch_outage_s,
             ),
             holder=holder,
             lease_s=s.job_lease_s,
@@ -389,13 +397,36 @@ class Service:
 
     async def _update_generation_health(self) -> None:
         assert self.manager is not None
-        able = any(self.manager.can_serve(task) for task in BUILT_IN_TASKS)
+        able = self._store_reachable and any(
+            self.manager.can_serve(task) for task in BUILT_IN_TASKS
+        )
         await self.health.set(_GENERATION, SERVING if able else NOT_SERVING)
+
+    async def _update_store_health(self) -> None:
+        """The whole server, and every service that needs the job store, are NOT_SERVING
+        while the store does not answer (a balancer sends their calls elsewhere, or holds
+        them); SERVING again at its first answer. Transforms need no store."""
+        assert self.job_store is not None
+        try:
+            await self.job_store.ping()  # bounded by database_timeout_s
+            reachable = True
+        except Exception as exc:
+            reachable = False
+            if self._store_reachable:
+                logger.warning("the job store does not answer: NOT_SERVING (%s)", exc)
+        if reachable and not self._store_reachable:
+            logger.info("the job store answers again: SERVING")
+        self._store_reachable = reachable
+        state = SERVING if reachable else NOT_SERVING
+        await self.health.set("", state)
+        for name in (_JOBS, _ARTIFACTS, _WORKFLOWS):
+            await self.health.set(name, state)
 
     async def _health_loop(self) -> None:
         # Agents come and go; the generative service's health follows whether any can serve.
         while True:
             await asyncio.sleep(HEALTH_POLL_S)
+            await self._update_store_health()
             await self._update_generation_health()
 
     async def wait(self) -> None:

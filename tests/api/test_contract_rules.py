@@ -196,3 +196,21 @@ def test_rules_are_compiled_once() -> None:
     per_call_us = (time.perf_counter() - start) / n * 1e6
     print(f"check_request(ImageToImageParams): {per_call_us:.1f} us per call")
     assert per_call_us < 2000  # compiling per call would cost milliseconds
+
+
+def test_a_small_valid_message_is_checked_once_and_an_invalid_one_every_time() -> None:
+    from aiserver.api import validation
+
+    params = tasks_pb2.ImageUpscaleParams(
+        seed=7, options=common_pb2.JobOptions(mode=common_pb2.RESPONSE_MODE_SYNC)
+    )
+    key = (params.DESCRIPTOR.full_name, params.SerializeToString(deterministic=True))
+    validation._VALID.pop(key, None)
+    assert violations_of(params) == []
+    assert key in validation._VALID  # the next equal message is looked up, not walked
+    assert violations_of(tasks_pb2.ImageUpscaleParams.FromString(key[1])) == []
+
+    bad = tasks_pb2.ImageUpscaleParams(options=common_pb2.JobOptions(tag="x" * 500))
+    for _ in range(2):
+        assert [p for p, _r, _t in violations_of(bad)] == ["options.tag"]
+    assert not any(k[1] == bad.SerializeToString(deterministic=True) for k in validation._VALID)

@@ -310,6 +310,32 @@ async def test_register_says_whether_the_bytes_are_new(store: ArtifactStore, clo
     assert found is not None and not found.new_blob  # reads never say so
 
 
+async def test_registers_that_meet_answer_each_its_own(store: ArtifactStore, clock: Clock) -> None:
+    # On PostgreSQL registers of different bytes that meet go in one statement (group
+    # commit): each still gets its own answer - the key its bytes belong under (known
+    # bytes keep their first), whether they are new, its reference.
+    first = await put(store, DATA, owner="alice", job_id="j0")
+    clock.advance(86400)
+    blobs = [DATA] + [os.urandom(64) for _ in range(11)]
+    shas = [hashlib.sha256(b).hexdigest() for b in blobs]
+    now = clock().timestamp()
+    refs = await asyncio.gather(
+        *(store.index.register(NewRef(f"2031/05/07/{sha}.png", sha, "image/png", 64, 1, 1, now,
+                                      f"owner{i}", f"j{i}", f"{i}.png", i, "comfy"))
+          for i, sha in enumerate(shas))
+    )  # fmt: skip
+    if hasattr(store.index, "_registers"):  # PostgreSQL
+        assert store.index._registers.grouped > 1
+    assert refs[0].path == store.relative_path(first) and not refs[0].new_blob
+    assert [(r.sha256, r.owner, r.job_id, r.seed) for r in refs] == [
+        (sha, f"owner{i}", f"j{i}", i) for i, sha in enumerate(shas)
+    ]
+    assert all(r.new_blob and r.path == f"2031/05/07/{r.sha256}.png" for r in refs[1:])
+    for r in refs:
+        found = await store.index.lookup(r.path, r.owner, r.job_id)
+        assert found is not None and found.sha256 == r.sha256
+
+
 async def test_two_coordinators_put_the_same_bytes_at_once(coordinators: Coordinators) -> None:
     # Clocks a day apart, so each would name new bytes differently: one blob row, the bytes
     # under the one key, every reference on it.

@@ -310,3 +310,58 @@ async def test_a_replayed_latest_progress_arrives_when_nothing_newer_comes() -> 
     await within(anext(sub))
     got = await within(anext(sub))
     assert (got.sequence, got.kind) == (2, Progress(Stage.PENDING, provider="p"))
+
+
+async def test_a_progress_not_due_yet_does_not_wake_the_reader() -> None:
+    # Each wake of a rate-limited reader was a task step and a new timer, for nothing: the
+    # slot's progress could not go out before the interval ended anyway.
+    hub = EventHub(progress_interval_s=0.05)
+    job = new_job()
+    hub.open_new(job)
+    hub.emit(job.id, Accepted(job.task, "r", 0))
+    sub = hub.subscribe(job.id, no_history)
+    await within(anext(sub))  # Accepted opens the interval
+    reader = asyncio.create_task(anext(sub))
+    await asyncio.sleep(0)  # waiting for the next event
+    assert sub._sub is not None
+    waker = sub._sub._waker
+    for step in range(5):
+        hub.emit(job.id, progress(step / 10))
+        assert not waker.is_set()
+    got = await within(reader)
+    assert (got.sequence, got.kind) == (6, progress(0.4))  # the latest, once due
+
+
+async def test_a_subscriber_of_some_kinds_gets_only_those_and_finished() -> None:
+    hub = EventHub(progress_interval_s=0)
+    job = new_job()
+    hub.open_new(job)
+    hub.emit(job.id, Accepted(job.task, "r", 0))
+    hub.emit(job.id, progress(0.1))
+    add_output(hub, job, 0)
+    sub = hub.subscribe(job.id, no_history, (OutputStored,))
+    replayed = await within(anext(sub))
+    assert isinstance(replayed.kind, OutputStored) and replayed.sequence == 3
+    waiting = asyncio.create_task(anext(sub))
+    await asyncio.sleep(0)
+    hub.emit(job.id, progress(0.5))
+    hub.emit(job.id, TextProduced(0, "t"))
+    assert sub.buffered == 0  # nothing for this reader: not even woken
+    add_output(hub, job, 1)
+    assert (await within(waiting)).sequence == 6
+    finish(hub, job)
+    assert [type(k) for k in kinds(await collect(sub))] == [Finished]
+
+
+async def test_a_late_subscriber_hears_a_text_with_its_node() -> None:
+    # The record keeps only the text; a subscriber attaching after the event (a fast job, a
+    # watcher) got it without the node that produced it.
+    hub = EventHub(progress_interval_s=0)
+    job = new_job()
+    hub.open_new(job)
+    hub.emit(job.id, Accepted(job.task, "r", 0))
+    job.texts.append("a caption")
+    hub.emit(job.id, TextProduced(0, "a caption", "7"))
+    finish(hub, job)
+    replayed = await collect(hub.subscribe(job.id, no_history))
+    assert TextProduced(0, "a caption", "7") in kinds(replayed)

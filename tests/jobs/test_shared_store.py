@@ -323,6 +323,29 @@ async def test_a_tap_sees_the_jobs_every_coordinator_holds(pair: Pair) -> None:
     assert sequences == sorted(set(sequences))
 
 
+async def test_a_tap_catches_up_with_what_others_wrote_before_they_noticed_it(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Coordinators announce every job's events only once they count a follower of every
+    job (within a second or two): what a job wrote meanwhile, unannounced, reaches a tap
+    opened then by the feed's one catch-up read. Here A never notices the tap."""
+    if pair.backend.kind != "postgres":
+        return  # SQLite announces in process
+    runner = ScriptedProvider("p1", gated)
+    a = await pair.manager(runner)
+    b = await pair.manager(_serves_nothing())
+    monkeypatch.setattr(a._store, "_others_follow_all", lambda: False)
+    seen: list[tuple[JobEvent, JobState]] = []
+    remove = b.tap(lambda event, job: seen.append((event, job.state)))
+    job = await submit(a, pair.env)
+    run = await runner.next_run()
+    run.release.set()
+    await _until(lambda: any(isinstance(e.kind, Finished) for e, _ in seen))
+    remove()
+    assert {e.job_id for e, _ in seen} == {job.id}
+    assert seen[-1][1] is JobState.SUCCEEDED
+
+
 async def _position(events: Any, position: int) -> None:
     """Until the stream says the job is at ``position``."""
     async with asyncio.timeout(5):

@@ -5,6 +5,7 @@ refused), through a relay the test cuts (tests/support/tcp_cut.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from imagetasks.v1 import job_pb2
 
@@ -20,6 +22,9 @@ from tests.scaleout.cluster import LEASE_S, Cluster, get_job, list_all, submit, 
 from tests.storage.backends import PG_URL, S3Server
 from tests.support.tcp_cut import TcpCut
 
+LONG_LEASE_S = 8.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SUCCEEDED = job_pb2.Job.STATE_SUCCEEDED
 ENDED = {SUCCEEDED, job_pb2.Job.STATE_FAILED}
 
@@ -33,10 +38,32 @@ def _reason(error: grpc.aio.AioRpcError) -> str:
     return ""
 
 
-@pytest.mark.parametrize("past_lease", [False, True], ids=["within-lease", "past-lease"])
+async def _health(target: str) -> int:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        return int(reply.status)
+
+
+async def _probe_health(targets: list[str], into: set[tuple[str, int]]) -> None:
+    while True:
+        for target in targets:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                into.add((target, await _health(target)))
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("fault", "past_lease"),
+    [("cut", False), ("cut", True), ("blackhole", True)],
+    ids=["within-lease", "past-lease", "blackholed-past-lease"],
+)
 async def test_a_database_outage_loses_no_job_and_answers_unavailable(
-    tmp_path: Path, past_lease: bool
+    tmp_path: Path, fault: str, past_lease: bool
 ) -> None:
+    """``cut``: a restart (connections reset, new ones refused). ``blackhole``: packets
+    dropped (nothing answers, nothing is refused): only the coordinators' own bounds
+    (``AISERVER_DATABASE_TIMEOUT_S``) end their waits."""
     db = urlsplit(PG_URL)
     async with TcpCut(db.hostname or "127.0.0.1", db.port or 5432) as relay:
         url = PG_URL.replace(f"{db.hostname}:{db.port}", f"127.0.0.1:{relay.port}")
@@ -46,7 +73,13 @@ async def test_a_database_outage_loses_no_job_and_answers_unavailable(
             agents=2,
             max_jobs=2,
             step_delay_s=0.1,
-            env={"AISERVER_DATABASE_URL": url},
+            env={
+                "AISERVER_DATABASE_URL": url,
+                "AISERVER_DATABASE_TIMEOUT_S": "1",
+                # Within the lease: a restart as production sees it (a few seconds of a
+                # 30 s lease), scaled down.
+                "AISERVER_JOB_LEASE_S": str(LEASE_S if past_lease else LONG_LEASE_S),
+            },
         ) as c:
             targets = [s.target for s in c.servers]
             names = [await submit(targets[i % 2], i, steps=20) for i in range(12)]
@@ -58,22 +91,40 @@ async def test_a_database_outage_loses_no_job_and_answers_unavailable(
                 while sum((await c.standins.stats())["posted"].values()) < 4:
                     await asyncio.sleep(0.05)
 
-            relay.cut()
+            getattr(relay, fault)()
             # A restart as production sees it (lease 30 s) is within the lease; past it, every
             # held job's lease lapses while its holder lives.
-            outage_s = LEASE_S + 1.5 if past_lease else LEASE_S - 1
+            outage_s = LEASE_S + 1.5 if past_lease else LONG_LEASE_S / 2
             ends = time.monotonic() + outage_s
             answers: list[tuple[grpc.StatusCode, str, float]] = []
+            health: set[tuple[str, int]] = set()
+            probing = asyncio.create_task(_probe_health(targets, health))
+            calls = 0
             while time.monotonic() < ends - 1:
                 for target in targets:
+                    # Read one job, list, submit one: each touches the store.
+                    kind = calls % 3
+                    calls += 1
                     began = time.monotonic()
                     try:
-                        await get_job(target, names[0])
+                        if kind == 0:
+                            await get_job(target, names[0])
+                        elif kind == 1:
+                            await list_all(target)
+                        else:
+                            await submit(target, 1000 + calls)
                     except grpc.aio.AioRpcError as error:
                         answers.append((error.code(), _reason(error), time.monotonic() - began))
                 await asyncio.sleep(0.5)
             await asyncio.sleep(max(0.0, ends - time.monotonic()))
+            probing.cancel()
             relay.restore()
+            if past_lease:  # (the health loop's period and bound need more than 2 s)
+                # Out of rotation while the database is away, back once it answers.
+                assert {(t, NOT_SERVING) for t in targets} <= health, health
+            async with asyncio.timeout(20):
+                while {await _health(t) for t in targets} != {SERVING}:
+                    await asyncio.sleep(0.2)
 
             # Meanwhile: a clear, quick UNAVAILABLE, never INTERNAL nor a held caller.
             assert answers, "every call succeeded while the database was unreachable"
@@ -101,8 +152,14 @@ async def test_a_database_outage_loses_no_job_and_answers_unavailable(
             assert {j.state for j in jobs.values()} == {SUCCEEDED}, {
                 n: str(j.error)[:200] for n, j in jobs.items() if j.state != SUCCEEDED
             }
-            # Not asserted, reported: a run dropped mid-run for the outage can see its prompt
-            # completed twice (its taker repeats it when the frames went to the dropped run).
+            # Within the lease, each job's prompt was queued once: its holder waited for the
+            # database to store what the prompt gave (it was dropped, and its taker queued
+            # the prompt again when the images had gone to the dropped run). Past the lease
+            # that is still so (known limit, reported, not asserted).
+            posted = (await c.standins.stats())["posted"]
+            twice = {label: n for label, n in posted.items() if n > 1}
+            if not past_lease:
+                assert not twice, twice
             # Both coordinators work again: each accepts and finishes a new job.
             assert {got.events[-1].finished.job.state for got in after} == {SUCCEEDED}
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -80,6 +81,35 @@ async def test_delete(blobs: BlobStore) -> None:
     assert await _read(blobs, KEY) == b"again"
 
 
+def _frame(offset: int, length: int) -> tuple[bytes, bytes]:
+    return f"<{offset}+{length}|".encode(), f"|{offset + length}>".encode()
+
+
+def _unframe(chunks: list[bytes]) -> tuple[bytes, list[int]]:
+    """The bytes inside each chunk's frame (checked against the frame's own words), and the
+    offset of each chunk."""
+    data, offsets = b"", []
+    for chunk in chunks:
+        head, _, rest = chunk.partition(b"|")
+        offset, length = (int(x) for x in head[1:].split(b"+"))
+        assert (head + b"|", rest[length:]) == _frame(offset, length)
+        data += rest[:length]
+        offsets.append(offset)
+    return data, offsets
+
+
+async def test_a_framed_read_puts_each_chunk_in_its_frame(blobs: BlobStore) -> None:
+    data = os.urandom(200_000)
+    await blobs.put(KEY, data)
+    for offset, length in ((0, None), (1234, None), (10, 150_000), (199_990, 100)):
+        chunks = [c async for c in blobs.read(KEY, offset, length, 64 * 1024, frame=_frame)]
+        got, offsets = _unframe(chunks)
+        end = len(data) if length is None else min(len(data), offset + length)
+        assert got == data[offset:end]
+        assert offsets == list(range(offset, end, 64 * 1024))
+        assert all(type(c) is bytes for c in chunks)
+
+
 async def test_local_file_holds_the_bytes(blobs: BlobStore) -> None:
     data = os.urandom(3 * 1024 * 1024 + 7)
     await blobs.put(KEY, data)
@@ -120,6 +150,37 @@ async def test_local_keys_never_leave_the_root(tmp_path: object) -> None:
     with pytest.raises(FileNotFoundError):
         await _read(store, "2031/05/x.png")
     assert await store.size("2031/05/x.png") is None
+
+
+async def test_local_symlinks_and_dot_dot_are_refused_at_any_level(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    outside = tmp_path / "outside"
+    (outside / "06").mkdir(parents=True)
+    (outside / "06" / "x.png").write_bytes(b"secret")
+    await store.put("2031/05/07/y.png", b"mine")
+    (store.root / "2031" / "05" / "06").symlink_to(outside / "06")  # the last folder
+    (store.root / "2031" / "05" / "07" / "z.png").symlink_to(outside / "06" / "x.png")  # file
+    for key in ("2031/05/06/x.png", "2031/05/07/z.png", "2031/05/07/../06/x.png", "../x.png"):
+        with pytest.raises(FileNotFoundError):
+            await _read(store, key)
+        assert await store.size(key) is None
+    assert await _read(store, "2031/05/07/y.png") == b"mine"
+    assert await _read(store, "2031/05/07/./y.png") == b"mine"  # as Path reads it
+    assert await store.size("2031/05/07/y.png/more") is None  # a file is no folder
+
+
+async def test_a_local_blob_that_is_no_regular_file_is_missing_without_blocking(
+    tmp_path: Path,
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    await store.put("2031/05/07/y.png", b"mine")
+    fifo = store.root / "2031" / "05" / "07" / "fifo.png"
+    os.mkfifo(fifo)  # no writer: a blocking open would wait for ever, on the event loop
+    (store.root / "2031" / "05" / "07" / "dir.png").mkdir()
+    for key in ("2031/05/07/fifo.png", "2031/05/07/dir.png"):
+        with pytest.raises(FileNotFoundError):
+            await asyncio.wait_for(_read(store, key), 5)
+        assert await store.size(key) is None
 
 
 def test_concurrent_puts_share_directory_syncs(
@@ -184,6 +245,53 @@ async def test_local_reads_whole_and_ranges_from_cache_or_disk(
         end = len(data) if length is None else offset + length
         assert b"".join(chunks) == data[offset:end]
         assert all(isinstance(c, bytes) and 0 < len(c) <= 1 << 20 for c in chunks)
+
+
+@pytest.mark.parametrize("evicted", [False, True], ids=["page cache", "disk"])
+async def test_a_local_framed_read_from_cache_or_disk(tmp_path: Path, evicted: bool) -> None:
+    """Each chunk is read into its frame on either path (event loop or threads), and a chunk
+    cut short (the file shrank under the reader) gets the frame of what was read."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(3 * 1024 * 1024 + 123)
+    await store.put(KEY, data)
+    path = store.root / KEY
+    if evicted:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    chunks = [c async for c in store.read(KEY, 5, None, 1 << 20, frame=_frame)]
+    got, offsets = _unframe(chunks)
+    assert got == data[5:]
+    assert offsets == [5 + i * (1 << 20) for i in range(4)]
+
+    # Blobs are never rewritten; a file cut short by hand still gives whole frames.
+    reader = store.read(KEY, 0, None, 1 << 20, frame=_frame)
+    first = await anext(reader)
+    os.truncate(path, 1_500_000)
+    rest = [c async for c in reader]
+    got, offsets = _unframe([first, *rest])
+    assert got == data[:1_500_000]
+    assert offsets == [0, 1 << 20]
+
+
+@pytest.mark.parametrize("chunk_size", [1 << 20, 40_000], ids=["1 MiB", "inline"])
+async def test_a_local_framed_chunk_is_one_buffer(tmp_path: Path, chunk_size: int) -> None:
+    """The read lands in the framed object itself: no second buffer of the chunk's size
+    (a zero-filled one read into, then joined into the frame, was two)."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    await store.put(KEY, os.urandom(chunk_size * 3 if chunk_size > 1 << 16 else chunk_size))
+    reader = store.read(KEY, 0, None, chunk_size, frame=_frame)
+    tracemalloc.start()
+    try:
+        chunk = await anext(reader)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await reader.aclose()  # type: ignore[attr-defined]  # an async generator
+    assert len(chunk) == chunk_size + sum(len(part) for part in _frame(0, chunk_size))
+    assert chunk_size <= peak < chunk_size * 1.5
 
 
 async def test_a_local_read_abandoned_mid_file_closes_its_descriptor(tmp_path: Path) -> None:

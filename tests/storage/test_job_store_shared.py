@@ -6,7 +6,10 @@ single-process default, they still must agree through the file)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -613,64 +616,173 @@ async def test_concurrent_slot_claims_and_releases_never_over_admit(
     assert await b.renew_slot(other, 30) is not None
 
 
-async def test_events_are_announced_only_while_another_coordinator_listens(
+class _Outside:
+    """A connection listening on the store's channel, not counted as a coordinator: what is
+    sent. ``since_mark`` asks for a cancel of ``marker`` (always announced) and returns what
+    was heard before it: notifications arrive in commit order, so nothing sent before the
+    mark comes after it."""
+
+    def __init__(self, store: JobStore, schema: str, marker: str) -> None:
+        self._store = store
+        self._schema = schema
+        self._marker = marker
+        self._heard: list[Announcement] = []
+        self._conn: object = None
+
+    async def __aenter__(self) -> _Outside:
+        import asyncpg
+
+        from tests.storage.backends import PG_URL
+
+        conn = await asyncpg.connect(PG_URL)
+        self._conn = conn
+
+        def heard(*args: object) -> None:
+            kind, job_id, sequence = json.loads(str(args[3]))
+            self._heard.append(Announcement(kind, job_id, sequence))
+
+        await conn.add_listener(f"aiserver_{self._schema}", heard)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._conn.close()  # type: ignore[attr-defined]
+
+    async def since_mark(self) -> list[Announcement]:
+        assert await self._store.request_cancel(self._marker)
+        mark = Announcement("cancel", self._marker)
+        async with asyncio.timeout(5):
+            while mark not in self._heard:
+                await asyncio.sleep(0.01)
+        at = self._heard.index(mark)
+        before, self._heard = self._heard[:at], self._heard[at + 1 :]
+        return before
+
+
+async def _counted(store: JobStore, write: Callable[[], Awaitable[None]]) -> None:
+    """A write that starts the PostgreSQL store's count of followers (at most once a second),
+    then until that count is back: the store's next writes go by it."""
+    await asyncio.sleep(1.05)  # the last count is at least a second old
+    asked = time.monotonic()
+    await write()
+    async with asyncio.timeout(5):
+        while store._others_counted < asked:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.01)
+
+
+async def test_events_are_announced_only_to_a_watcher_or_a_follower_of_every_job(
     backend: JobStoreBackend,
 ) -> None:
-    """A coordinator alone announces no events (its watchers read memory; each
-    notification costs every listening backend a transaction); one that starts listening
-    is seen within a second. Cancels are announced always. An outside connection, not
-    counted as a coordinator, hears what is sent."""
+    """Each notification costs every listening backend a transaction, and every coordinator
+    listens (cancels): a job's events are announced only once a watcher elsewhere marked the
+    job (``watch``), on every kind of write, or while another coordinator follows every job
+    (``every_job``, counted within a second). Cancels always."""
     if backend.kind != "postgres":
         return  # SQLite announces in process: nothing is sent anywhere
+    a, b = await _two(backend)
+    marker = make_job(0)
+    jobs = [make_job(i) for i in (1, 2, 3)]
+    records = [JobRecord(j) for j in jobs]
+    for record in [JobRecord(marker), *records]:
+        await a.create(record, holder="A", lease_s=30)
+    own = await a.announcements()  # every coordinator listens (cancels)
+    others = await b.announcements()
+    sequence = iter(range(2, 100))
+
+    def event() -> list[NewEvent]:
+        return [NewEvent(next(sequence), "output", {})]
+
+    async with _Outside(a, backend.schema, marker.id) as outside:
+        await _counted(a, lambda: a.save(records[0], holder="A", events=event()))
+        await outside.since_mark()
+        await a.save(records[0], holder="A", events=event())
+        await a.append_events(jobs[0].id, event())
+        await a.create(JobRecord(make_job(9)), events=[NewEvent(1, "accepted", {})])
+        assert await outside.since_mark() == []  # nobody follows them: stored, not sent
+        assert len(await b.events(jobs[0].id)) == 3
+
+        watching = await b.announcements(watch=jobs[0].id)
+        try:
+            await a.save(records[0], holder="A", events=event())
+            await a.append_events(jobs[0].id, event())
+            await a.append_events(jobs[1].id, event())
+            # Saves that meet go in one statement: the watched job's is announced alone.
+            await asyncio.gather(
+                *(a.save(r, holder="A", events=event()) for r in (records[2], *records[:2]))
+            )
+            assert _grouped(a) > 0
+            heard = await outside.since_mark()
+            assert {h.job_id for h in heard} == {jobs[0].id} and len(heard) == 3
+            assert (await anext(watching)).job_id == jobs[0].id
+        finally:
+            await watching.aclose()
+
+        following = await b.announcements(every_job=True)
+        try:
+            await _counted(a, lambda: a.save(records[1], holder="A", events=event()))
+            await outside.since_mark()
+            await a.save(records[1], holder="A", events=event())
+            await a.append_events(jobs[2].id, event())
+            new = make_job(10)
+            await a.create(JobRecord(new), events=[NewEvent(1, "accepted", {})])
+            heard = await outside.since_mark()
+            assert [h.job_id for h in heard] == [jobs[1].id, jobs[2].id, new.id]
+        finally:
+            await following.aclose()
+        # The follower is gone: counted again at the next write.
+        await _counted(a, lambda: a.save(records[1], holder="A", events=event()))
+        await outside.since_mark()
+        await a.save(records[1], holder="A", events=event())
+        assert await outside.since_mark() == []
+    await own.aclose()
+    await others.aclose()
+
+
+async def test_a_write_waits_for_a_watchers_mark_and_announces(backend: JobStoreBackend) -> None:
+    """A watcher marks the job, then reads its stored events: a write racing the mark either
+    commits first (the watcher reads its rows) or sees the mark (announced). Here the mark's
+    transaction is held open: a save and an event append wait for it, and announce."""
+    if backend.kind != "postgres":
+        return
     import asyncpg
 
     from tests.storage.backends import PG_URL
 
     a = await backend.open()
-    own = await a.announcements()  # every coordinator listens (cancels, watchers)
-    outside = await asyncpg.connect(PG_URL)
-    heard: list[str] = []
-    await outside.add_listener(f"aiserver_{backend.schema}", lambda *args: heard.append(args[3]))
-    job = make_job(1)
+    marker, job = make_job(0), make_job(1)
     record = JobRecord(job)
-
-    async def write(sequence: int) -> None:
-        await a.save(record, holder="A", events=[NewEvent(sequence, "output", {})])
-
+    for r in (JobRecord(marker), record):
+        await a.create(r, holder="A", lease_s=30)
+    own = await a.announcements()
+    b = await asyncpg.connect(PG_URL, server_settings={"search_path": backend.schema})
     try:
-        await a.create(record, holder="A", lease_s=30, events=[NewEvent(1, "accepted", {})])
-        await asyncio.sleep(0.3)  # not counted yet at the create: announced; counted since
-        assert len(heard) == 1
-        await write(2)
-        await asyncio.sleep(0.3)
-        assert len(heard) == 1  # alone: not announced ...
-        assert [e.sequence for e in await a.events(job.id)] == [1, 2]  # ... but stored
-        assert await a.request_cancel(job.id)
-        await asyncio.sleep(0.3)
-        assert len(heard) == 2 and '"cancel"' in heard[1]
-        await asyncio.sleep(2.2)  # idle: the count is too old to trust
-        await write(3)
-        await asyncio.sleep(0.3)
-        assert len(heard) == 3  # announced (and counted again: still alone)
-        await write(4)
-        await asyncio.sleep(0.3)
-        assert len(heard) == 3
-
-        b = await backend.open()
-        other = await b.announcements()  # another coordinator listens now
-        try:
-            await asyncio.sleep(1.1)
-            await write(5)  # (starts the count)
-            await asyncio.sleep(0.3)
-            await write(6)
-            seen = await asyncio.wait_for(anext(other), 5)
-            while seen != Announcement("event", job.id, 6):
-                seen = await asyncio.wait_for(anext(other), 5)
-        finally:
-            await other.aclose()
+        async with _Outside(a, backend.schema, marker.id) as outside:
+            await _counted(
+                a, lambda: a.save(record, holder="A", events=[NewEvent(2, "output", {})])
+            )
+            await outside.since_mark()
+            writes = (
+                lambda: a.append_events(job.id, [NewEvent(3, "output", {})]),
+                lambda: a.save(record, holder="A", events=[NewEvent(4, "output", {})]),
+            )
+            for write in writes:
+                await b.execute("UPDATE jobs SET watched = false WHERE id = $1", job.id)
+                mark = b.transaction()
+                await mark.start()
+                await b.execute("UPDATE jobs SET watched = true WHERE id = $1", job.id)
+                pending = asyncio.ensure_future(write())
+                async with asyncio.timeout(5):  # until the write waits for the mark's lock
+                    while not await backend.sql(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        f" WHERE {b.get_server_pid()} = ANY(pg_blocking_pids(pid))"
+                    ):
+                        await asyncio.sleep(0.01)
+                await mark.commit()
+                await pending
+                heard = await outside.since_mark()
+                assert [h.job_id for h in heard] == [job.id]
     finally:
+        await b.close()
         await own.aclose()
-        await outside.close()
 
 
 async def test_concurrent_slot_claims_with_a_changed_capacity_stay_below_their_own(

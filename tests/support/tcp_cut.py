@@ -1,6 +1,6 @@
-"""A TCP relay the tests can cut: a database or object store "restarted" or unreachable
-for a few seconds, for the processes that reach it through the relay only (the machine's
-PostgreSQL is shared with other test runs and must not be restarted)."""
+"""A TCP relay the tests can cut or black-hole: a database or object store "restarted" or
+unreachable for a few seconds, for the processes that reach it through the relay only (the
+machine's PostgreSQL is shared with other test runs and must not be restarted)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ __all__ = ["TcpCut"]
 class TcpCut:
     """Relays 127.0.0.1:``port`` to ``host:target_port``. :meth:`cut` drops every relayed
     connection and closes each new one at once (what clients see while a server restarts);
-    :meth:`restore` relays again."""
+    :meth:`blackhole` drops every byte both ways, on the relayed connections and on new ones,
+    which are accepted and never answered (a partition, or a host gone without a reset:
+    only a client's own timeouts end its wait); :meth:`restore` relays new connections
+    again. A connection black-holed stays so (its bytes were lost: its stream is broken),
+    and its server side stays open, as a server that never heard of the partition keeps
+    it (with whatever the session holds)."""
 
     def __init__(self, host: str, target_port: int) -> None:
         self._host = host
@@ -22,6 +27,10 @@ class TcpCut:
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
         self.is_cut = False
+        self.is_blackholed = False
+        self._blackholed: set[asyncio.StreamWriter] = set()  # whose bytes are dropped
+        self.swallowed = 0
+        """Connections accepted while black-holed (the outage was met, not slept through)."""
         self.refused = 0
         """Connections closed at once while cut (the outage was met, not slept through)."""
 
@@ -40,18 +49,36 @@ class TcpCut:
         self.is_cut = True
         self._drop_all()
 
+    def blackhole(self) -> None:
+        self.is_blackholed = True
+        self._blackholed.update(self._writers)
+
     def restore(self) -> None:
         self.is_cut = False
+        self.is_blackholed = False
 
     def _drop_all(self) -> None:
-        for writer in list(self._writers):
+        for writer in list(self._writers | self._blackholed):
             writer.transport.abort()  # a reset, as from a server that went away
         self._writers.clear()
+        self._blackholed.clear()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.is_cut:
             self.refused += 1
             writer.transport.abort()
+            return
+        if self.is_blackholed:
+            self.swallowed += 1
+            self._writers.add(writer)
+            try:
+                while await reader.read(65536):
+                    pass  # never answered, never closed by us
+            except OSError:
+                pass
+            finally:
+                self._writers.discard(writer)
+                writer.transport.abort()  # the client gave up on it
             return
         try:
             up_reader, up_writer = await asyncio.open_connection(self._host, self._target_port)
@@ -66,11 +93,14 @@ class TcpCut:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if writer in self._blackholed:
+                    continue  # dropped: neither side hears from the other again
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
             self._writers.discard(writer)
-            with contextlib.suppress(OSError, RuntimeError):
-                writer.transport.abort()
+            if writer not in self._blackholed:  # a partition does not close the other side
+                with contextlib.suppress(OSError, RuntimeError):
+                    writer.transport.abort()

@@ -77,6 +77,27 @@ async def test_only_the_leader_delivers(backend: JobStoreBackend, sender: Webhoo
         )
 
 
+async def test_the_leader_renews_its_lease_every_third_of_it_not_at_every_pass(
+    backend: JobStoreBackend, sender: WebhookSender
+) -> None:
+    store = await backend.open()
+    leader = WebhookOutbox(store, sender, new_holder_id(), lease_s=0.6)
+    other = WebhookOutbox(store, sender, new_holder_id(), lease_s=0.6)
+    expiry = "SELECT expires_us FROM leaders WHERE role = 'webhook-outbox'"
+    assert await leader.run_once() == 0
+    first = await backend.sql(expiry)
+    assert await leader.run_once() == 0
+    assert await backend.sql(expiry) == first  # a pass within a third of the lease
+    await asyncio.sleep(0.25)
+    assert await leader.run_once() == 0
+    renewed = await backend.sql(expiry)
+    assert isinstance(renewed, int) and isinstance(first, int) and renewed > first
+    assert not await other._leads()  # still held: the other follows
+    await asyncio.sleep(0.7)  # lapsed: the other takes over, the first sees it at its renewal
+    assert await other._leads()
+    assert not await leader._leads()
+
+
 async def test_a_final_refusal_is_kept_and_not_retried(
     backend: JobStoreBackend, sender: WebhookSender
 ) -> None:

@@ -12,7 +12,7 @@ from imagetasks.v1 import artifact_service_pb2_grpc, common_pb2
 from aiserver.api.calls import current_principal, scope
 from aiserver.api.convert import artifact_to_proto, format_from_proto, format_to_proto
 from aiserver.api.status import rpc
-from aiserver.api.wire import Encoded, bytes_message
+from aiserver.api.wire import Encoded, bytes_frame, bytes_message
 from aiserver.artifacts import (
     ArtifactStore,
     Fit,
@@ -33,6 +33,9 @@ _CACHED_INFOS = 4096
 """GetVariant info messages kept in wire form (a few hundred bytes each)."""
 _CACHED_SPECS = 1024
 """Resolved variant spec strings kept (the policy is fixed for the server's life)."""
+
+_READ_FRAME = bytes_frame(1, 2)
+"""ReadArtifactResponse: data = 1, offset = 2 (the chunk's place in the artifact)."""
 
 _FITS = {
     apb.VARIANT_FIT_UNSPECIFIED: Fit.CONTAIN,
@@ -98,17 +101,16 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         self, request: apb.ReadArtifactRequest, context: Any
     ) -> AsyncIterator[Encoded]:
         scope = self._scope(context, request, lambda: [self._artifact_url(request.name)])
-        offset = request.read_offset
-        async for data in self._store.read(
+        # Each message is read from the blob in wire form: the read is its only copy.
+        async for message in self._store.read(
             request.name,
             scope,
             request.read_offset,
             request.read_limit,
             chunk_size=self._chunk,
+            frame=_READ_FRAME,
         ):
-            # data = 1, offset = 2, in wire form (aiserver.api.wire)
-            yield bytes_message(1, data, int_field=2, value=offset)
-            offset += len(data)
+            yield Encoded(message)
 
     @rpc
     async def GetVariant(  # type: ignore[override]  # chunks in wire form

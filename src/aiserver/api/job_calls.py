@@ -166,7 +166,7 @@ class JobCalls:
         result_kinds = _RESULT_BYTES if send_bytes else _RESULT_REFERENCES
         result_only = mode == common_pb2.RESPONSE_MODE_RESULT
         link = self.link
-        events = self.manager.subscribe(job.id)
+        events = self.manager.subscribe(job.id, result_kinds if result_only else None)
         try:
             async for event in events:
                 kind = event.kind

@@ -75,14 +75,31 @@ _RULE_FIELDS: Mapping[str, str] = {
 }
 
 
+_VALID: dict[tuple[str, bytes], None] = {}
+"""Small messages found valid, by type and deterministic encoding: a job's params are mostly
+the same few messages, and protovalidate walks every rule of the type each time (6.7 µs for
+ImageUpscaleParams here, against 0.7 µs to encode and look up). No rule of the contract reads
+the clock, so the encoding alone decides. Emptied when full."""
+_VALID_MAX = 4096
+_VALID_MAX_BYTES = 256
+
+
 def violations_of(message: Message) -> list[tuple[str, str, str]]:
     """(field path, rule id, description) of each rule ``message`` breaks; empty when valid."""
+    data = message.SerializeToString(deterministic=True)
+    key = (message.DESCRIPTOR.full_name, data) if len(data) <= _VALID_MAX_BYTES else None
+    if key is not None and key in _VALID:
+        return []
     found = []
     for v in _VALIDATOR.collect_violations(message):
         proto = v.proto
         elements = proto.field.elements if proto.field is not None else []
         path = ".".join(e.field_name for e in elements)
         found.append((path or _RULE_FIELDS.get(proto.rule_id, ""), proto.rule_id, proto.message))
+    if not found and key is not None:
+        if len(_VALID) >= _VALID_MAX:
+            _VALID.clear()
+        _VALID[key] = None
     return found
 
 

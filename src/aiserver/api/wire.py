@@ -5,6 +5,10 @@ then out of it when serialized); written straight in wire form it costs one, and
 Every handler's response serializer goes through :func:`passing_encoded` (the guard rebuilds
 every handler), which hands an :class:`Encoded` to grpc as it is.
 
+ReadArtifact goes further (:func:`bytes_frame`): the blob store reads each chunk from the
+file straight into the message, between the field header and the offset field, so the read
+is the only copy.
+
 An upload's chunk messages are read the same way (:func:`chunk_parsing`): a message that is
 only a ``chunk`` is sliced out of the bytes grpc received, its ``data`` a view of them, where
 upb would copy the data into the message and ``chunk.data`` copy it out again (two copies of
@@ -24,6 +28,7 @@ __all__ = [
     "ChunkRequest",
     "Encoded",
     "RawFileChunk",
+    "bytes_frame",
     "bytes_message",
     "chunk_parsing",
     "parse_chunk",
@@ -61,6 +66,20 @@ def bytes_message(
     if int_field and value > 0:
         parts += [_varint(int_field << 3 | _VARINT), _varint(value)]
     return Encoded(b"".join(parts))
+
+
+def bytes_frame(field: int, int_field: int) -> Callable[[int, int], tuple[bytes, bytes]]:
+    """A frame (:data:`aiserver.blobs.protocol.Frame`) making each chunk read at ``offset``
+    the message :func:`bytes_message` writes for ``(field, data, int_field, offset)``: the
+    same bytes, in protobuf's own field order."""
+    data_key = _varint(field << 3 | _LEN)
+    int_key = _varint(int_field << 3 | _VARINT)
+
+    def frame(offset: int, length: int) -> tuple[bytes, bytes]:
+        head = data_key + _varint(length) if length else b""
+        return head, int_key + _varint(offset) if offset > 0 else b""
+
+    return frame
 
 
 def passing_encoded(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:

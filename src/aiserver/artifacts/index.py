@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, Self, TypeVar
 
 from aiserver.artifacts.locks import KeyedLock
+from aiserver.jobs.store.group_commit import GroupCommit
 
 if TYPE_CHECKING:
     import asyncpg
@@ -311,22 +312,48 @@ _PG_REGISTER = (
     f" SELECT path, $8, $9, $10, $11, $12, $7 FROM b{_REF_UPSERT} {_REF_RETURNING})"
     f" SELECT {_REF_COLUMNS}, b.inserted FROM b, r"
 )
+# Several registers (of different bytes) as one statement, as the job store groups its
+# writes (jobs/store/group_commit.py): one round trip and one commit for the puts that meet.
+# Blob rows are inserted in hash order: two groups meeting on the same bytes wait in one order.
+_PG_REGISTER_GROUP = (
+    "WITH v AS MATERIALIZED (SELECT * FROM unnest($1::text[], $2::text[], $3::text[],"
+    " $4::bigint[], $5::integer[], $6::integer[], $7::double precision[], $8::text[],"
+    " $9::text[], $10::text[], $11::bigint[], $12::text[]) AS v(path, sha256, mime_type,"
+    " size, width, height, now, owner, job_id, file_name, seed, provider)),"
+    " b AS (INSERT INTO artifact_blobs (path, sha256, mime_type, size, width, height,"
+    " created, last_put) SELECT path, sha256, mime_type, size, width, height, now, now"
+    " FROM v ORDER BY sha256"
+    f" ON CONFLICT (sha256) DO UPDATE SET last_put = excluded.last_put {_BLOB_RETURNING},"
+    " xmax = 0 AS inserted),"
+    " r AS (INSERT INTO artifact_refs (path, owner, job_id, file_name, seed, provider, created)"
+    " SELECT b.path, v.owner, v.job_id, v.file_name, v.seed, v.provider, v.now"
+    f" FROM b JOIN v ON v.sha256 = b.sha256{_REF_UPSERT}"
+    " RETURNING path, owner, job_id, file_name, seed, provider, created)"
+    f" SELECT {_REF_COLUMNS}, b.inserted FROM b JOIN r ON r.path = b.path"
+)
 
 
 class PostgresArtifactIndex:
     """The index in the job database (tables from the job store's migrations). Connects on
     first use, so a service can build it before its event loop runs."""
 
-    def __init__(self, url: str, *, schema: str = "public", pool_size: int = 4) -> None:
+    def __init__(
+        self, url: str, *, schema: str = "public", pool_size: int = 4, timeout_s: float = 5.0
+    ) -> None:
         self._url = url
         self._schema = schema
         self._pool_size = pool_size
+        self._timeout_s = timeout_s
         self._pool_: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
+        # Registers of different bytes that meet go in one statement.
+        self._registers = GroupCommit(self._register_one, self._register_group, _sha256)
 
     @classmethod
-    async def open(cls, url: str, *, schema: str = "public", pool_size: int = 4) -> Self:
-        index = cls(url, schema=schema, pool_size=pool_size)
+    async def open(
+        cls, url: str, *, schema: str = "public", pool_size: int = 4, timeout_s: float = 5.0
+    ) -> Self:
+        index = cls(url, schema=schema, pool_size=pool_size, timeout_s=timeout_s)
         await index._connect()
         return index
 
@@ -337,19 +364,31 @@ class PostgresArtifactIndex:
             if self._pool_ is None:
                 import asyncpg
 
-                from aiserver.jobs.store.postgres import keep_session, migrate
+                from aiserver.jobs.store.postgres import (
+                    bounded_pool_options,
+                    keep_session,
+                    migrate,
+                )
 
-                await migrate(self._url, self._schema)
+                await migrate(self._url, self._schema, connect_timeout_s=self._timeout_s)
                 self._pool_ = await asyncpg.create_pool(
                     self._url,
                     min_size=1,
                     max_size=self._pool_size,
-                    server_settings={"search_path": self._schema},
                     reset=keep_session,  # no session state: no advisory locks, no LISTEN
+                    # A delete holds its transaction open while the bytes go (_DROP_S).
+                    **bounded_pool_options(
+                        self._timeout_s,
+                        {"search_path": self._schema},
+                        idle_in_transaction_s=_DROP_S + self._timeout_s,
+                    ),
                 )
             return self._pool_
 
     async def register(self, ref: NewRef) -> IndexedRef:
+        return await self._registers.write(ref)
+
+    async def _register_one(self, ref: NewRef) -> IndexedRef:
         row = await (await self._connect()).fetchrow(
             _PG_REGISTER,
             ref.path, ref.sha256, ref.mime_type, ref.size, ref.width, ref.height, ref.now,
@@ -357,6 +396,15 @@ class PostgresArtifactIndex:
         )  # fmt: skip
         assert row is not None  # both inserts return their row (DO UPDATE has no WHERE)
         return _ref_of(row, row[12])
+
+    async def _register_group(self, group: Sequence[NewRef]) -> list[IndexedRef]:
+        rows = await (await self._connect()).fetch(
+            _PG_REGISTER_GROUP,
+            *([getattr(ref, name) for ref in group] for name in _NEW_REF_FIELDS),
+        )
+        by_sha = {row[1]: row for row in rows}
+        # Both inserts return every row: a missing one fails the group (each goes alone).
+        return [_ref_of(by_sha[ref.sha256], by_sha[ref.sha256][12]) for ref in group]
 
     async def lookup(
         self, path: str, owner: str | None, job_id: str | None = None
@@ -402,9 +450,22 @@ class PostgresArtifactIndex:
                 self._pool_ = None
 
 
-def open_artifact_index(database_url: str, schema: str, folder: Path) -> ArtifactIndex:
-    """In the PostgreSQL job database when ``database_url`` names one, else SQLite in
-    ``folder`` (the embedded default)."""
+_NEW_REF_FIELDS = (
+    "path", "sha256", "mime_type", "size", "width", "height", "now",
+    "owner", "job_id", "file_name", "seed", "provider",
+)  # fmt: skip
+"""The arrays of :data:`_PG_REGISTER_GROUP`, in order."""
+
+
+def _sha256(ref: NewRef) -> str:
+    return ref.sha256
+
+
+def open_artifact_index(
+    database_url: str, schema: str, folder: Path, *, timeout_s: float = 5.0
+) -> ArtifactIndex:
+    """In the PostgreSQL job database when ``database_url`` names one (``timeout_s`` bounds
+    each statement and connect there), else SQLite in ``folder`` (the embedded default)."""
     if database_url.startswith(("postgresql://", "postgres://")):
-        return PostgresArtifactIndex(database_url, schema=schema or "public")
+        return PostgresArtifactIndex(database_url, schema=schema or "public", timeout_s=timeout_s)
     return SqliteArtifactIndex(folder / "artifacts.sqlite3")

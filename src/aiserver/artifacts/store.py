@@ -37,6 +37,7 @@ from aiserver.artifacts.index import (
     StoredBlob,
 )
 from aiserver.blobs import BlobStore, LocalBlobStore
+from aiserver.blobs.protocol import Frame
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 from aiserver.jobs.model import ArtifactRef
 
@@ -257,8 +258,11 @@ class ArtifactStore:
         offset: int = 0,
         limit: int = 0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        *,
+        frame: Frame | None = None,
     ) -> AsyncIterator[bytes]:
-        """The bytes of ``name`` from ``offset``, at most ``limit`` (0: to the end), in chunks.
+        """The bytes of ``name`` from ``offset``, at most ``limit`` (0: to the end), in chunks,
+        each inside its ``frame`` if one is given (:data:`aiserver.blobs.protocol.Frame`).
 
         Errors are raised before the first chunk. ``offset`` equal to the size yields nothing.
         """
@@ -286,7 +290,7 @@ class ArtifactStore:
         length = size - offset if limit == 0 else min(limit, size - offset)
         if length == 0:
             return
-        chunks = self.blobs.read(rel, offset, length, chunk_size)
+        chunks = self.blobs.read(rel, offset, length, chunk_size, frame=frame)
         try:
             first = await anext(chunks)
         except FileNotFoundError as exc:  # deleted between the size and the read

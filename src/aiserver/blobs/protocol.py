@@ -8,14 +8,28 @@ an object visible only when its upload completes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "BlobStore"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "BlobStore", "Frame", "framed"]
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
+
+Frame: TypeAlias = Callable[[int, int], tuple[bytes, bytes]]
+"""What a reader wants around each chunk: ``frame(offset, length)`` gives the ``(head,
+tail)`` of the chunk of ``length`` bytes at ``offset``, and the chunk comes as head + bytes +
+tail in one object. A local read lands in that object directly (a message in wire form costs
+no copy beyond the read); a backend that cannot do that joins the parts (:func:`framed`)."""
+
+
+def framed(data: bytes, offset: int, frame: Frame | None) -> bytes:
+    """``data`` (read at ``offset``) inside its frame: one copy, none without a frame."""
+    if frame is None:
+        return data
+    head, tail = frame(offset, len(data))
+    return b"".join((head, data, tail))
 
 
 class BlobStore(Protocol):
@@ -32,9 +46,16 @@ class BlobStore(Protocol):
         ...
 
     def read(
-        self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = ...
+        self,
+        key: str,
+        offset: int = 0,
+        length: int | None = None,
+        chunk_size: int = ...,
+        *,
+        frame: Frame | None = None,
     ) -> AsyncIterator[bytes]:
-        """``length`` bytes (``None``: to the end) from ``offset``, in chunks; raises
+        """``length`` bytes (``None``: to the end) from ``offset``, in chunks of at most
+        ``chunk_size`` bytes, each inside its ``frame`` if one is given; raises
         :class:`FileNotFoundError` before the first chunk when the blob does not exist."""
         ...
 

@@ -21,7 +21,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from aiserver.blobs.protocol import DEFAULT_CHUNK_SIZE
+from aiserver.blobs.protocol import DEFAULT_CHUNK_SIZE, Frame, framed
 
 __all__ = ["S3BlobStore"]
 
@@ -33,6 +33,10 @@ _SESSION_LOCK = threading.Lock()
 
 def _missing(exc: ClientError) -> bool:
     return str(exc.response.get("Error", {}).get("Code", "")) in _MISSING
+
+
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 30.0
 
 
 class S3BlobStore:
@@ -60,7 +64,15 @@ class S3BlobStore:
                 region_name=region or os.environ.get("AWS_REGION") or "us-east-1",
                 aws_access_key_id=access_key,
                 aws_secret_access_key=secret_key,
-                config=Config(max_pool_connections=max_connections, retries={"mode": "standard"}),
+                config=Config(
+                    max_pool_connections=max_connections,
+                    retries={"mode": "standard"},
+                    # botocore waits 60 s for each by default (3 attempts: minutes) on an
+                    # endpoint that drops packets; these bound a call to about 2 minutes
+                    # at worst (a read is one socket read, not the whole object).
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    read_timeout=READ_TIMEOUT_S,
+                ),
             )
 
     def _key(self, key: str) -> str:
@@ -92,6 +104,8 @@ class S3BlobStore:
         offset: int = 0,
         length: int | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        *,
+        frame: Frame | None = None,
     ) -> AsyncIterator[bytes]:
         if length == 0:
             if await self.size(key) is None:
@@ -111,7 +125,8 @@ class S3BlobStore:
         body = got["Body"]
         try:
             while chunk := await asyncio.to_thread(body.read, chunk_size):
-                yield chunk
+                yield framed(chunk, offset, frame)
+                offset += len(chunk)
         finally:
             body.close()
 

@@ -22,6 +22,7 @@ line here (then ``make client-sync``).
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import ExitStack, closing
 from typing import Any
@@ -95,11 +96,8 @@ async def _requests(
     for source in sources:
         first = True
         async for data in source_chunks(source):
-            chunk = common_pb2.FileChunk(
-                field=source.field, data=data, file_name=source.file_name if first else ""
-            )
+            yield request.chunk_message(source.field, data, source.file_name if first else "")
             first = False
-            yield request.chunk_message(chunk)
 
 
 class JobStream:
@@ -129,9 +127,7 @@ class JobStream:
         self._consumed = True
         client = self._client
         with ExitStack() as inputs:
-            call, requests = client._open_upload(
-                getattr(client._stubs(), self.request.SERVICE), self.request, inputs
-            )
+            call, requests = client._open_upload(self.request, inputs)
             with guarded(call):
                 await send_requests(call, requests)
                 async for response in call:
@@ -150,7 +146,7 @@ class JobStream:
         ``result_only`` no ``accepted`` comes, so ``result.existing`` is False.
         """
         outputs: dict[int, Output] = {}
-        buffers: dict[int, bytearray] = {}
+        buffers: dict[int, io.BytesIO] = {}  # one copy of each chunk (see read_artifact)
         texts: list[str] = []
         accepted: Accepted | None = None
         finished: Finished | None = None
@@ -160,14 +156,14 @@ class JobStream:
             elif isinstance(event, OutputReady):
                 outputs[event.index] = Output(event.index, event.artifact)
             elif isinstance(event, OutputData):
-                buffers.setdefault(event.index, bytearray()).extend(event.data)
+                buffers.setdefault(event.index, io.BytesIO()).write(event.data)
             elif isinstance(event, TextOutput):
                 texts.append(event.text)
             elif isinstance(event, Finished):
                 finished = event
         for index, data in buffers.items():
             if index in outputs:
-                outputs[index].data = bytes(data)
+                outputs[index].data = data.getvalue()
         if finished is not None:
             job = finished.final
             if not outputs:  # ``result_only`` with references: no ``output`` events
@@ -263,15 +259,14 @@ class AsyncClient:
             return await method(request, metadata=self._metadata, timeout=self._deadline(timeout))
 
     def _open_upload(
-        self, service: Any, request: GenerativeRequest | TransformRequest, inputs: ExitStack
+        self, request: GenerativeRequest | TransformRequest, inputs: ExitStack
     ) -> tuple[Any, AsyncIterator[Any]]:
-        """The call of ``request`` on ``service``, and the request stream to feed it. The
-        inputs are opened at once (a missing file fails before any call) and closed by
-        ``inputs``."""
+        """The call of ``request``, and the request stream to feed it. The inputs are opened
+        at once (a missing file fails before any call) and closed by ``inputs``."""
         sources = [inputs.enter_context(closing(InputSource(f, v))) for f, v in request.inputs()]
         requests = _requests(request, sources)
         call = open_stream(
-            getattr(service, request.RPC),
+            self._stubs().uploads[request.RPC],
             requests,
             metadata=self._metadata,
             timeout=self._deadline(request.timeout),
@@ -284,7 +279,7 @@ class AsyncClient:
         """A light call's answer: one ``info`` message, then the bytes (into ``out``)."""
         sink = OutputSink(out) if out is not None else None
         info: Any = None
-        buffer = bytearray()
+        buffer = io.BytesIO()  # one copy of each chunk (see read_artifact)
         try:
             with guarded(call):
                 if requests is not None:
@@ -295,7 +290,7 @@ class AsyncClient:
                     elif sink is not None:
                         await sink_write(sink, response.chunk)
                     else:
-                        buffer += response.chunk
+                        buffer.write(response.chunk)
             if info is None:
                 raise ClientError(grpc.StatusCode.UNKNOWN, "the response carried no info message")
             if sink is not None:
@@ -304,7 +299,7 @@ class AsyncClient:
             if sink is not None:
                 sink.abort()
             raise
-        return info, None if sink is not None else bytes(buffer)
+        return info, None if sink is not None else buffer.getvalue()
 
     # ---- calls that take a request object ---------------------------------------------------
 
@@ -315,7 +310,7 @@ class AsyncClient:
     async def transform(self, request: TransformRequest) -> ImageResult:
         """A light call (TransformService): the image, or its info once written to ``out``."""
         with ExitStack() as inputs:
-            call, requests = self._open_upload(self._stubs().transform, request, inputs)
+            call, requests = self._open_upload(request, inputs)
             info, data = await self._info_then_chunks(call, request.out, requests)
         return ImageResult(ImageInfo.from_proto(info), data)
 
@@ -372,26 +367,31 @@ class AsyncClient:
 
     async def stream_artifact(
         self, name: str, *, offset: int = 0, limit: int = 0, timeout: float | None = None
-    ) -> AsyncIterator[bytes]:
-        """An artifact's bytes in chunks, from ``offset``, at most ``limit`` (0: all)."""
+    ) -> AsyncIterator[memoryview]:
+        """An artifact's bytes in chunks, from ``offset``, at most ``limit`` (0: all).
+
+        Each chunk is a read-only ``memoryview`` of the message it came in (no copy): write
+        it, hash it or join it as bytes; ``bytes(chunk)`` makes a copy that stands alone."""
         request = artifact_service_pb2.ReadArtifactRequest(
             name=artifact_name(name), read_offset=offset, read_limit=limit
         )
-        call = self._stubs().artifacts.ReadArtifact(
+        call = self._stubs().read_artifact(
             request, metadata=self._metadata, timeout=self._deadline(timeout)
         )
         with guarded(call):
-            async for response in call:
-                yield response.data
+            async for chunk in call:
+                yield chunk.data
 
     async def read_artifact(
         self, name: str, *, offset: int = 0, limit: int = 0, timeout: float | None = None
     ) -> bytes:
         """An artifact's bytes (in memory), from ``offset``, at most ``limit`` (0: all)."""
-        buffer = bytearray()
+        # A BytesIO grows its own bytes object in place (realloc) and hands that object out:
+        # one copy of each chunk, where a bytearray then bytes() copies everything twice.
+        buffer = io.BytesIO()
         async for data in self.stream_artifact(name, offset=offset, limit=limit, timeout=timeout):
-            buffer += data
-        return bytes(buffer)
+            buffer.write(data)
+        return buffer.getvalue()
 
     async def save_artifact(
         self, name: str, out: Destination, *, timeout: float | None = None

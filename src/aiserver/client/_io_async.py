@@ -20,7 +20,10 @@ from imagetasks.v1 import (
     transform_service_pb2_grpc,
     workflow_service_pb2_grpc,
 )
+from imagetasks.v1.artifact_service_pb2 import ReadArtifactRequest
 
+from aiserver.client._chunks import READ_ARTIFACT, read_chunk
+from aiserver.client._uploads import UPLOADS, serialize
 from aiserver.client.inputs import CHUNK_SIZE, InputSource, OutputSink
 
 __all__ = [
@@ -48,6 +51,10 @@ class Stubs:
     jobs: job_service_pb2_grpc.JobServiceAsyncStub
     artifacts: artifact_service_pb2_grpc.ArtifactServiceAsyncStub
     workflows: workflow_service_pb2_grpc.WorkflowServiceAsyncStub
+    read_artifact: Any
+    """ReadArtifact answering :class:`~aiserver.client._chunks.ArtifactChunk` views."""
+    uploads: dict[str, Any]
+    """Each upload method by name, sending chunk messages in wire form as they are."""
 
 
 def open_channel(
@@ -68,6 +75,17 @@ def stubs_on(channel: grpc.aio.Channel) -> Stubs:
         job_service_pb2_grpc.JobServiceStub(channel),
         artifact_service_pb2_grpc.ArtifactServiceStub(channel),
         workflow_service_pb2_grpc.WorkflowServiceStub(channel),
+        channel.unary_stream(
+            READ_ARTIFACT,
+            request_serializer=ReadArtifactRequest.SerializeToString,
+            response_deserializer=read_chunk,
+        ),
+        {
+            name: channel.stream_stream(
+                path, request_serializer=serialize, response_deserializer=response.FromString
+            )
+            for name, (path, response) in UPLOADS.items()
+        },
     )
 
 
@@ -102,14 +120,14 @@ async def send_requests(call: Any, requests: AsyncIterator[Any]) -> None:
         await call.done_writing()
 
 
-async def source_chunks(source: InputSource) -> AsyncIterator[bytes]:
+async def source_chunks(source: InputSource) -> AsyncIterator[bytes | memoryview]:
     """``source``'s chunks, each read in a worker thread."""
     chunks = source.chunks(CHUNK_SIZE)
     while (data := await asyncio.to_thread(next, chunks, None)) is not None:
         yield data
 
 
-async def sink_write(sink: OutputSink, data: bytes) -> None:
+async def sink_write(sink: OutputSink, data: bytes | memoryview) -> None:
     await asyncio.to_thread(sink.write, data)
 
 

@@ -20,7 +20,10 @@ from imagetasks.v1 import (
     transform_service_pb2_grpc,
     workflow_service_pb2_grpc,
 )
+from imagetasks.v1.artifact_service_pb2 import ReadArtifactRequest
 
+from aiserver.client._chunks import READ_ARTIFACT, read_chunk
+from aiserver.client._uploads import UPLOADS, serialize
 from aiserver.client.inputs import CHUNK_SIZE, InputSource, OutputSink
 
 __all__ = [
@@ -48,6 +51,10 @@ class Stubs:
     jobs: job_service_pb2_grpc.JobServiceStub
     artifacts: artifact_service_pb2_grpc.ArtifactServiceStub
     workflows: workflow_service_pb2_grpc.WorkflowServiceStub
+    read_artifact: Any
+    """ReadArtifact answering :class:`~aiserver.client._chunks.ArtifactChunk` views."""
+    uploads: dict[str, Any]
+    """Each upload method by name, sending chunk messages in wire form as they are."""
 
 
 def open_channel(
@@ -66,6 +73,17 @@ def stubs_on(channel: grpc.Channel) -> Stubs:
         job_service_pb2_grpc.JobServiceStub(channel),
         artifact_service_pb2_grpc.ArtifactServiceStub(channel),
         workflow_service_pb2_grpc.WorkflowServiceStub(channel),
+        channel.unary_stream(
+            READ_ARTIFACT,
+            request_serializer=ReadArtifactRequest.SerializeToString,
+            response_deserializer=read_chunk,
+        ),
+        {
+            name: channel.stream_stream(
+                path, request_serializer=serialize, response_deserializer=response.FromString
+            )
+            for name, (path, response) in UPLOADS.items()
+        },
     )
 
 
@@ -85,11 +103,11 @@ def send_requests(call: Any, requests: Iterator[Any]) -> None:
     """Nothing to do: :func:`open_stream` handed ``requests`` to grpc."""
 
 
-def source_chunks(source: InputSource) -> Iterator[bytes]:
+def source_chunks(source: InputSource) -> Iterator[bytes | memoryview]:
     return source.chunks(CHUNK_SIZE)
 
 
-def sink_write(sink: OutputSink, data: bytes) -> None:
+def sink_write(sink: OutputSink, data: bytes | memoryview) -> None:
     sink.write(data)
 
 

@@ -11,6 +11,7 @@ client's, or 300 s, so no call blocks forever.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, closing
 from typing import Any
@@ -84,11 +85,8 @@ def _requests(
     for source in sources:
         first = True
         for data in source_chunks(source):
-            chunk = common_pb2.FileChunk(
-                field=source.field, data=data, file_name=source.file_name if first else ""
-            )
+            yield request.chunk_message(source.field, data, source.file_name if first else "")
             first = False
-            yield request.chunk_message(chunk)
 
 
 class SyncJobStream:
@@ -118,9 +116,7 @@ class SyncJobStream:
         self._consumed = True
         client = self._client
         with ExitStack() as inputs:
-            call, requests = client._open_upload(
-                getattr(client._stubs(), self.request.SERVICE), self.request, inputs
-            )
+            call, requests = client._open_upload(self.request, inputs)
             with guarded(call):
                 send_requests(call, requests)
                 for response in call:
@@ -139,7 +135,7 @@ class SyncJobStream:
         ``result_only`` no ``accepted`` comes, so ``result.existing`` is False.
         """
         outputs: dict[int, Output] = {}
-        buffers: dict[int, bytearray] = {}
+        buffers: dict[int, io.BytesIO] = {}  # one copy of each chunk (see read_artifact)
         texts: list[str] = []
         accepted: Accepted | None = None
         finished: Finished | None = None
@@ -149,14 +145,14 @@ class SyncJobStream:
             elif isinstance(event, OutputReady):
                 outputs[event.index] = Output(event.index, event.artifact)
             elif isinstance(event, OutputData):
-                buffers.setdefault(event.index, bytearray()).extend(event.data)
+                buffers.setdefault(event.index, io.BytesIO()).write(event.data)
             elif isinstance(event, TextOutput):
                 texts.append(event.text)
             elif isinstance(event, Finished):
                 finished = event
         for index, data in buffers.items():
             if index in outputs:
-                outputs[index].data = bytes(data)
+                outputs[index].data = data.getvalue()
         if finished is not None:
             job = finished.final
             if not outputs:  # ``result_only`` with references: no ``output`` events
@@ -252,15 +248,14 @@ class Client:
             return method(request, metadata=self._metadata, timeout=self._deadline(timeout))
 
     def _open_upload(
-        self, service: Any, request: GenerativeRequest | TransformRequest, inputs: ExitStack
+        self, request: GenerativeRequest | TransformRequest, inputs: ExitStack
     ) -> tuple[Any, Iterator[Any]]:
-        """The call of ``request`` on ``service``, and the request stream to feed it. The
-        inputs are opened at once (a missing file fails before any call) and closed by
-        ``inputs``."""
+        """The call of ``request``, and the request stream to feed it. The inputs are opened
+        at once (a missing file fails before any call) and closed by ``inputs``."""
         sources = [inputs.enter_context(closing(InputSource(f, v))) for f, v in request.inputs()]
         requests = _requests(request, sources)
         call = open_stream(
-            getattr(service, request.RPC),
+            self._stubs().uploads[request.RPC],
             requests,
             metadata=self._metadata,
             timeout=self._deadline(request.timeout),
@@ -273,7 +268,7 @@ class Client:
         """A light call's answer: one ``info`` message, then the bytes (into ``out``)."""
         sink = OutputSink(out) if out is not None else None
         info: Any = None
-        buffer = bytearray()
+        buffer = io.BytesIO()  # one copy of each chunk (see read_artifact)
         try:
             with guarded(call):
                 if requests is not None:
@@ -284,7 +279,7 @@ class Client:
                     elif sink is not None:
                         sink_write(sink, response.chunk)
                     else:
-                        buffer += response.chunk
+                        buffer.write(response.chunk)
             if info is None:
                 raise ClientError(grpc.StatusCode.UNKNOWN, "the response carried no info message")
             if sink is not None:
@@ -293,7 +288,7 @@ class Client:
             if sink is not None:
                 sink.abort()
             raise
-        return info, None if sink is not None else bytes(buffer)
+        return info, None if sink is not None else buffer.getvalue()
 
     # ---- calls that take a request object ---------------------------------------------------
 
@@ -304,7 +299,7 @@ class Client:
     def transform(self, request: TransformRequest) -> ImageResult:
         """A light call (TransformService): the image, or its info once written to ``out``."""
         with ExitStack() as inputs:
-            call, requests = self._open_upload(self._stubs().transform, request, inputs)
+            call, requests = self._open_upload(request, inputs)
             info, data = self._info_then_chunks(call, request.out, requests)
         return ImageResult(ImageInfo.from_proto(info), data)
 
@@ -361,26 +356,31 @@ class Client:
 
     def stream_artifact(
         self, name: str, *, offset: int = 0, limit: int = 0, timeout: float | None = None
-    ) -> Iterator[bytes]:
-        """An artifact's bytes in chunks, from ``offset``, at most ``limit`` (0: all)."""
+    ) -> Iterator[memoryview]:
+        """An artifact's bytes in chunks, from ``offset``, at most ``limit`` (0: all).
+
+        Each chunk is a read-only ``memoryview`` of the message it came in (no copy): write
+        it, hash it or join it as bytes; ``bytes(chunk)`` makes a copy that stands alone."""
         request = artifact_service_pb2.ReadArtifactRequest(
             name=artifact_name(name), read_offset=offset, read_limit=limit
         )
-        call = self._stubs().artifacts.ReadArtifact(
+        call = self._stubs().read_artifact(
             request, metadata=self._metadata, timeout=self._deadline(timeout)
         )
         with guarded(call):
-            for response in call:
-                yield response.data
+            for chunk in call:
+                yield chunk.data
 
     def read_artifact(
         self, name: str, *, offset: int = 0, limit: int = 0, timeout: float | None = None
     ) -> bytes:
         """An artifact's bytes (in memory), from ``offset``, at most ``limit`` (0: all)."""
-        buffer = bytearray()
+        # A BytesIO grows its own bytes object in place (realloc) and hands that object out:
+        # one copy of each chunk, where a bytearray then bytes() copies everything twice.
+        buffer = io.BytesIO()
         for data in self.stream_artifact(name, offset=offset, limit=limit, timeout=timeout):
-            buffer += data
-        return bytes(buffer)
+            buffer.write(data)
+        return buffer.getvalue()
 
     def save_artifact(self, name: str, out: Destination, *, timeout: float | None = None) -> int:
         """Writes an artifact to ``out`` as it arrives; returns the number of bytes."""

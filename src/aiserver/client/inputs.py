@@ -32,9 +32,9 @@ class Readable(Protocol):
 
 @runtime_checkable
 class Writable(Protocol):
-    """A binary file object open for writing."""
+    """A binary file object open for writing (it is given bytes and memoryviews)."""
 
-    def write(self, data: bytes, /) -> int: ...
+    def write(self, data: bytes | memoryview, /) -> int: ...
 
 
 Input: TypeAlias = str | os.PathLike[str] | bytes | bytearray | memoryview | Readable
@@ -69,12 +69,13 @@ class InputSource:
             raise TypeError(f"{field}: expected a path, bytes or a binary file, not {value!r}")
         self.file_name = file_name if file_name is not None else name
 
-    def chunks(self, size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """The file's bytes in pieces of at most ``size``; one empty piece for an empty file."""
+    def chunks(self, size: int = CHUNK_SIZE) -> Iterator[bytes | memoryview]:
+        """The file's bytes in pieces of at most ``size``; one empty piece for an empty file.
+        Bytes in memory come as views of them (the message that carries a piece copies it)."""
         if self._data is not None:
             view = self._data
             for start in range(0, max(len(view), 1), size):
-                yield bytes(view[start : start + size])
+                yield view[start : start + size]
             return
         assert self._file is not None
         first = True
@@ -118,7 +119,7 @@ class OutputSink:
     def path(self) -> Path | None:
         return self._path
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self._file is None:
             assert self._part is not None
             self._part.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from imagetasks.v1 import (
     workflow_service_pb2,
 )
 
+from aiserver.client._uploads import chunk_message
 from aiserver.client.inputs import Destination, Input
 from aiserver.client.types import image_format
 
@@ -132,9 +133,8 @@ class _Upload(abc.ABC):
 
     __slots__ = ()
     RPC: ClassVar[str]
-    """The method that runs the request, on GenerationService or TransformService."""
-    SERVICE: ClassVar[str] = "generation"
-    """The stub that has ``RPC`` (a field of the client's stubs)."""
+    """The method that runs the request (on GenerationService, TransformService or
+    WorkflowService)."""
     MESSAGE: ClassVar[Callable[..., Any]]
     """The RPC's request message type."""
     image: Input
@@ -150,8 +150,9 @@ class _Upload(abc.ABC):
     def first_message(self) -> Any:
         return self.MESSAGE(params=self.params())
 
-    def chunk_message(self, chunk: common_pb2.FileChunk) -> Any:
-        return self.MESSAGE(chunk=chunk)
+    def chunk_message(self, field: str, data: bytes | memoryview, file_name: str = "") -> bytes:
+        """A message carrying one chunk of input ``field``, in wire form."""
+        return chunk_message(self.MESSAGE, field, data, file_name)
 
 
 # ---- generative calls (GenerationService): a job, streamed as events ------------------------
@@ -327,7 +328,6 @@ class RunWorkflow(JobOptions):
     references_only: bool = False
 
     RPC: ClassVar[str] = "RunWorkflow"
-    SERVICE: ClassVar[str] = "workflows"
     MESSAGE = workflow_service_pb2.RunWorkflowRequest
 
     def params(self) -> workflow_service_pb2.RunWorkflowParams:

@@ -11,10 +11,11 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, NoReturn
 
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
 from aiserver.jobs.model import (
+    ArtifactRef,
     EventKind,
     InputRef,
     Job,
@@ -26,7 +27,7 @@ from aiserver.jobs.model import (
 )
 from aiserver.jobs.output_encoding import encode_output
 from aiserver.jobs.outputs import ArtifactWriter
-from aiserver.jobs.store import JobRecord
+from aiserver.jobs.store import JobRecord, LeaseLost
 from aiserver.providers.base import (
     GeneratedImage,
     GeneratedText,
@@ -36,6 +37,7 @@ from aiserver.providers.base import (
 
 __all__ = [
     "ActiveJob",
+    "ActiveJobs",
     "AttemptSink",
     "CancelReason",
     "cancelled_error",
@@ -72,8 +74,66 @@ class ActiveJob:
         return self.record.job
 
 
+class ActiveJobs(dict[str, ActiveJob]):
+    """Unfinished jobs by id, with how many each owner has, kept as jobs come and go: every
+    submit checks the owner's limit, and a count kept here spares a scan of every active job
+    (at a backlog of N jobs, N steps per submit).
+
+    Every way of changing a dict keeps the counts: item assignment, ``del`` and ``pop``;
+    the others (``update``, ``setdefault``, ``popitem``, ``clear``) are refused rather than
+    left to bypass them."""
+
+    __slots__ = ("_by_owner",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_owner: dict[str, int] = {}
+
+    def __setitem__(self, job_id: str, active: ActiveJob) -> None:
+        replaced = self.get(job_id)
+        if replaced is not None:
+            self._uncount(replaced.job.owner)
+        super().__setitem__(job_id, active)
+        owner = active.job.owner
+        self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
+
+    def __delitem__(self, job_id: str) -> None:
+        owner = self[job_id].job.owner
+        super().__delitem__(job_id)
+        self._uncount(owner)
+
+    _missing = object()
+
+    def pop(self, job_id: str, default: Any = _missing) -> Any:
+        if job_id not in self:
+            if default is ActiveJobs._missing:
+                raise KeyError(job_id)
+            return default
+        active = self[job_id]
+        del self[job_id]
+        return active
+
+    def _refused(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("ActiveJobs keeps per-owner counts: use item assignment, del or pop")
+
+    update = setdefault = popitem = clear = _refused
+
+    def owned_by(self, owner: str) -> int:
+        """Unfinished jobs of ``owner``."""
+        return self._by_owner.get(owner, 0)
+
+    def _uncount(self, owner: str) -> None:
+        left = self._by_owner[owner] - 1
+        if left:
+            self._by_owner[owner] = left
+        else:
+            del self._by_owner[owner]
+
+
 Save = Callable[[ActiveJob], Awaitable[None]]
 Emit = Callable[[ActiveJob, EventKind], JobEvent | None]
+RideOut = Callable[[ActiveJob, Callable[[], Awaitable[ArtifactRef]]], Awaitable[ArtifactRef]]
+"""Stores an output, again while the store is away and the job's lease has time left."""
 
 
 class AttemptSink:
@@ -88,8 +148,12 @@ class AttemptSink:
         save: Save,
         emit: Emit,
         resumed: bool,
+        lease_firm: Callable[[str], bool] | None = None,
+        ride_out: RideOut | None = None,
     ) -> None:
         self._active = active
+        self._lease_firm = lease_firm
+        self._ride_out = ride_out
         self._provider = provider
         self._artifacts = artifacts
         self._save = save
@@ -130,17 +194,21 @@ class AttemptSink:
             # its bytes may differ (a re-run for missed frames encodes the image again), its
             # output slot (node and index, or ComfyUI's file name) does not.
             return
-        artifact = await self._artifacts.put(
-            image.data,
-            file_name=image.file_name,
-            mime_type=image.mime_type,
-            width=image.width,
-            height=image.height,
-            seed=image.seed,
-            provider=self._provider,
-            job_id=job.id,
-            owner=job.owner,
-        )
+
+        def put() -> Awaitable[ArtifactRef]:
+            return self._artifacts.put(
+                image.data,
+                file_name=image.file_name,
+                mime_type=image.mime_type,
+                width=image.width,
+                height=image.height,
+                seed=image.seed,
+                provider=self._provider,
+                job_id=job.id,
+                owner=job.owner,
+            )
+
+        artifact = await (put() if self._ride_out is None else self._ride_out(self._active, put))
         # Outputs are append-only per job and deduplicated by content: a re-attached run
         # delivers again what was stored before the restart.
         if not self._live() or any(o.sha256 == artifact.sha256 for o in job.outputs):
@@ -164,6 +232,13 @@ class AttemptSink:
         job.resume = dict(state)
         job.agent = state.get("agent", job.agent)
         await self._save(self._active)  # stored before the provider goes on
+        if self._lease_firm is not None and not self._lease_firm(job.id):
+            # The provider queues its work next. The fenced save above proves that no other
+            # process had taken the job yet, not that none will before the work is queued:
+            # with its renewals failing, this lease may lapse now, and a taker that looks
+            # for the checkpoint's prompt before it is queued here would queue it too. So a
+            # run whose lease is not firm stops here; its taker queues the prompt, once.
+            raise LeaseLost(job.id)
 
 
 def cancelled_error() -> ServiceError:

@@ -105,6 +105,8 @@ class Dispatcher:
         not the whole queue (a ComfyUI pool's ``can_run`` checks every agent, a fallback's
         asks its primaries too), and what no provider will ever take still fails at once."""
         self._examined_until = 0.0
+        self.passes = 0
+        """Passes of the loop so far (for tests and metrics)."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="job-dispatcher")
@@ -116,7 +118,22 @@ class Dispatcher:
             self._task = None
 
     def wake(self) -> None:
-        self._wake.set()
+        """A pass soon (a job queued or ended, a cancel). None while nothing is queued here:
+        it would find nothing to do (each end of a job woke the loop's task for that); on a
+        shared store a pass may also steal work, so it always runs."""
+        if self.queue or self._shared is not None:
+            self._wake.set()
+
+    def submitted(self) -> None:
+        """A job was just queued. With nothing ahead of it (no backlog: the usual case) it
+        is dispatched now, in this step, rather than by the loop's task woken for it; else,
+        or when no provider took it, a pass soon."""
+        if self._shared is None and self._task is not None and len(self.queue) == 1:
+            try:
+                self._dispatch()
+            except Exception:
+                logger.exception("scheduler pass failed")
+        self.wake()
 
     def enqueue(self, active: ActiveJob, since: float) -> None:
         """Queue a job; its queue timeout counts from ``since`` (``time.monotonic()``)."""
@@ -182,6 +199,7 @@ class Dispatcher:
     async def _loop(self) -> None:
         while True:
             self._wake.clear()
+            self.passes += 1
             try:
                 self._expire_queued()
                 self._dispatch()

@@ -24,6 +24,7 @@ from aiserver.jobs.attempt import (
     ActiveJob,
     AttemptSink,
     Emit,
+    RideOut,
     Save,
     cancelled_error,
     input_missing,
@@ -66,9 +67,12 @@ class AttemptDriver:
         finish: Finish,
         forget: Callable[[ActiveJob], None],
         leased: bool = False,
+        lease_firm: Callable[[str], bool] | None = None,
+        ride_out: RideOut | None = None,
     ) -> None:
         """``leased``: jobs are held under leases on a shared store (a taker can resume one
-        this process drops)."""
+        this process drops); ``lease_firm(job_id)``: whether that lease still has time to
+        run (checked after each checkpoint, see :class:`AttemptSink`)."""
         self._spool = spool
         self._artifacts = artifacts
         self._settings = settings
@@ -79,6 +83,8 @@ class AttemptDriver:
         self._finish = finish
         self._forget = forget
         self._leased = leased
+        self._lease_firm = lease_firm
+        self._ride_out = ride_out
         self.controllers: set[asyncio.Task[None]] = set()
 
     def launch(self, active: ActiveJob, provider: Provider, *, new_attempt: bool) -> None:
@@ -129,6 +135,8 @@ class AttemptDriver:
                 save=self._save,
                 emit=self._emit,
                 resumed=not new_attempt,
+                lease_firm=self._lease_firm,
+                ride_out=self._ride_out,
             )
             active.sink = sink
             # A cancel that came while the inputs were fetched found no run task to cancel.
@@ -138,22 +146,30 @@ class AttemptDriver:
                 await self._cancel_unstarted(active, new_attempt)
                 return
             run = asyncio.create_task(provider.run(work, sink), name=f"run-{job.id}")
-            run.add_done_callback(_retrieve)
             active.run_task = run
-            done, _ = await asyncio.wait({run}, timeout=self._settings.run_timeout_s)
-            timed_out = not done
+            timed_out = not await _ended_within(run, self._settings.run_timeout_s)
             if timed_out:
                 run.cancel()
-                await asyncio.wait({run}, timeout=self._settings.cancel_timeout_s)
+                await _ended_within(run, self._settings.cancel_timeout_s)
             sink.closed = True
             await self._conclude(active, run, timed_out, counted=new_attempt)
         except LeaseLost:
             self._forget(active)
         except ServiceError as error:  # e.g. an input vanished from the spool
             await self._finish(active, JobState.FAILED, error)
-        except Exception:
-            logger.exception("job %s: attempt failed unexpectedly", job.id)
-            await self._finish(active, JobState.FAILED, internal_error())
+        except Exception as exc:
+            outage = backend_outage(exc)
+            if outage is not None and self._leased:
+                # The job database or the bucket (an input's fetch) away before the run:
+                # as mid-run (see _conclude), dropped with its checkpoint; its lease lapses
+                # and a taker (this process too) runs it once the store is back.
+                logger.warning("job %s: store unreachable (%s); dropped", job.id, exc)
+                self._forget(active)
+            elif outage is not None:  # alone on its store: nobody else would run it
+                await self._finish(active, JobState.FAILED, outage)
+            else:
+                logger.exception("job %s: attempt failed unexpectedly", job.id)
+                await self._finish(active, JobState.FAILED, internal_error())
         finally:
             self._dispatcher.running[provider.name] -= 1
             if active.sink is not None:
@@ -302,6 +318,26 @@ class AttemptDriver:
         return inputs
 
 
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # marks it retrieved: the awaiting side reports it
+async def _ended_within(run: asyncio.Task[Any], timeout_s: float) -> bool:
+    """Whether ``run`` ended within ``timeout_s``. Its exception is marked retrieved when it
+    ends (the driver reports it), by the same done callback that wakes this wait:
+    ``asyncio.wait`` added one of its own, a loop callback more per job."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[bool] = loop.create_future()
+
+    def ended(task: asyncio.Task[Any]) -> None:
+        if not task.cancelled():
+            task.exception()
+        if not waiter.done():
+            waiter.set_result(True)
+
+    def expired() -> None:
+        if not waiter.done():
+            waiter.set_result(False)
+
+    run.add_done_callback(ended)
+    timer = loop.call_later(timeout_s, expired)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()

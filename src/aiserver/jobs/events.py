@@ -24,7 +24,6 @@ import asyncio
 import logging
 import math
 import time
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -128,8 +127,12 @@ def replay_events(
     retries: Sequence[Retrying],
     progress: Progress | None,
     queue_position: int,
+    texts: Sequence[TextProduced] = (),
 ) -> list[JobEvent]:
-    """What a new subscriber is told first. Events without a mark never happened (yet)."""
+    """What a new subscriber is told first. Events without a mark never happened (yet).
+
+    ``texts``: the text events as emitted, where known (their nodes: the record keeps only
+    the text)."""
     events: list[JobEvent] = []
 
     def add(key: str, kind: EventKind) -> None:
@@ -145,7 +148,7 @@ def replay_events(
     for i, artifact in enumerate(job.outputs):
         add(f"output:{i}", OutputStored(i, artifact))
     for i, text in enumerate(job.texts):
-        add(f"text:{i}", TextProduced(i, text))
+        add(f"text:{i}", texts[i] if i < len(texts) else TextProduced(i, text))
     if job.state.terminal:
         add("finished", Finished(snapshot(job)))
     events.sort(key=lambda e: e.sequence)
@@ -153,30 +156,46 @@ def replay_events(
 
 
 class _Subscriber:
-    """One subscriber's buffer: replay, a bounded queue, and one coalesced Progress slot."""
+    """One subscriber's buffer: replay, a bounded queue, and one coalesced Progress slot.
+
+    Its reader is woken only for what it can deliver: an event, or the slot's progress once
+    the rate limit allows (a timer); a progress that replaces one already waiting, or that
+    is not due yet, does not wake it (each wake is a task step and a new timer). ``kinds``:
+    the only events it wants (Finished always; None: all), the others never reach it."""
 
     __slots__ = (
-        "__weakref__",
         "_clock",
         "_interval",
+        "_kinds",
         "_last_progress",
         "_limit",
+        "_loop",
         "_pending",
         "_queue",
         "_replay",
+        "_timer",
         "_waker",
         "detached",
         "done",
     )
 
-    def __init__(self, limit: int, interval: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        limit: int,
+        interval: float,
+        clock: Callable[[], float],
+        kinds: tuple[type[EventKind], ...] | None = None,
+    ) -> None:
         self._limit = limit
         self._interval = interval
         self._clock = clock
+        self._kinds = None if kinds is None else (*kinds, Finished)
         self._replay: deque[JobEvent] = deque()
         self._queue: deque[JobEvent] = deque()
         self._pending: JobEvent | None = None  # newest undelivered Progress
         self._last_progress = -math.inf
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None  # wakes the reader when _pending is due
         self._waker = asyncio.Event()
         self.detached = False  # no more live events will come
         self.done = False  # Finished was delivered
@@ -186,7 +205,8 @@ class _Subscriber:
         return len(self._queue) + (self._pending is not None)
 
     def preload(self, events: Sequence[JobEvent]) -> None:
-        replay = list(events)
+        kinds = self._kinds
+        replay = list(events) if kinds is None else [e for e in events if isinstance(e.kind, kinds)]
         if replay and isinstance(replay[-1].kind, Progress):
             # The latest progress, with nothing after it: sent when the rate limit allows,
             # unless a newer one supersedes it first (a creating call subscribes just after
@@ -195,20 +215,45 @@ class _Subscriber:
         self._replay.extend(replay)
 
     def push(self, event: JobEvent) -> None:
-        if isinstance(event.kind, Progress):
+        kind = event.kind
+        if self._kinds is not None and not isinstance(kind, self._kinds):
+            return
+        if isinstance(kind, Progress):
             self._pending = event  # supersedes any undelivered one
+            if self._timer is None:  # else the reader is woken when the slot is due anyway
+                wait = self._last_progress + self._interval - self._clock()
+                if wait > 0:
+                    self._timer = self._loop.call_later(wait, self._due)
+                    return
+            else:
+                return
         else:
             if self._pending is not None:
                 # The latest progress goes before any other event, whatever the rate limit.
                 self._queue.append(self._pending)
                 self._pending = None
+                self._stop_timer()
             self._queue.append(event)
             self._trim()
         self._waker.set()
 
+    def _due(self) -> None:
+        self._timer = None
+        self._waker.set()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def detach(self) -> None:
         self.detached = True
         self._waker.set()
+
+    def close(self) -> None:
+        """The reader is gone: no timer is left to wake it."""
+        self.detach()
+        self._stop_timer()
 
     def _trim(self) -> None:
         if len(self._queue) <= self._limit:
@@ -245,17 +290,16 @@ class _Subscriber:
             if self._pending is not None:
                 wait = self._last_progress + self._interval - self._clock()
                 if wait <= 0:
+                    self._stop_timer()
                     event, self._pending = self._pending, None
                     return self._deliver(event)
                 # Rate limited: sleep until due, or until a new event flushes the slot. A
-                # plain timer that sets the waker: asyncio.timeout adds a context manager and,
-                # when it expires, cancels this task to wake it (an exception through every
-                # frame of the stream's handler).
-                timer = asyncio.get_running_loop().call_later(wait, self._waker.set)
-                try:
-                    await self._waker.wait()
-                finally:
-                    timer.cancel()
+                # plain timer that sets the waker (kept across wakes: pushes set it too):
+                # asyncio.timeout adds a context manager and, when it expires, cancels this
+                # task to wake it (an exception through every frame of the stream's handler).
+                if self._timer is None:
+                    self._timer = self._loop.call_later(wait, self._due)
+                await self._waker.wait()
                 continue
             if self.detached:
                 raise StopAsyncIteration
@@ -263,7 +307,16 @@ class _Subscriber:
 
 
 class _Channel:
-    __slots__ = ("drop_timer", "job", "marks", "progress", "retries", "sequence", "subscribers")
+    __slots__ = (
+        "drop_timer",
+        "job",
+        "marks",
+        "progress",
+        "retries",
+        "sequence",
+        "subscribers",
+        "texts",
+    )
 
     def __init__(
         self,
@@ -276,20 +329,29 @@ class _Channel:
         self.job = job  # the manager's live record: replays read its current outputs and state
         self.marks = marks
         self.retries = retries
+        self.texts: list[TextProduced] = []  # as emitted here (with their nodes)
         self.progress = progress
         self.sequence = sequence
-        # Weak: a subscriber whose iterator was dropped without aclose() goes away by itself.
-        self.subscribers: weakref.WeakSet[_Subscriber] = weakref.WeakSet()
+        # A plain set (a WeakSet's iteration is Python code, 1.6 µs per emit): a subscription
+        # dropped without aclose() takes its subscriber out itself (Subscription.__del__).
+        self.subscribers: set[_Subscriber] = set()
         self.drop_timer: asyncio.TimerHandle | None = None
 
 
 class Subscription:
     """Async iterator of one job's events: replay, then live, ending after Finished."""
 
-    def __init__(self, hub: EventHub, job_id: str, load: ReplayLoader) -> None:
+    def __init__(
+        self,
+        hub: EventHub,
+        job_id: str,
+        load: ReplayLoader,
+        kinds: tuple[type[EventKind], ...] | None = None,
+    ) -> None:
         self._hub = hub
         self._job_id = job_id
         self._load = load
+        self._kinds = kinds
         self._sub: _Subscriber | None = None
         self._closed = False
 
@@ -300,7 +362,7 @@ class Subscription:
         if self._sub is None:
             if self._closed:
                 raise StopAsyncIteration
-            self._sub = await self._hub._attach(self._job_id, self._load)
+            self._sub = await self._hub._attach(self._job_id, self._load, self._kinds)
         return await self._sub.next()
 
     @property
@@ -311,6 +373,11 @@ class Subscription:
     async def aclose(self) -> None:
         self._closed = True
         if self._sub is not None:
+            self._hub._detach(self._job_id, self._sub)
+
+    def __del__(self) -> None:
+        # An iterator dropped without aclose(): its subscriber leaves the job's stream.
+        if self._sub is not None and not self._closed:
             self._hub._detach(self._job_id, self._sub)
 
 
@@ -348,7 +415,9 @@ class EventHub:
         marks = synthesize_marks(job, last_sequence=last_sequence, retries=retries)
         progress = progress_of(job, self._position(job.id))
         top = max(m.sequence for m in marks.values())
-        self._channels[job.id] = _Channel(job, marks, list(retries), progress, top)
+        channel = _Channel(job, marks, list(retries), progress, top)
+        channel.texts = [TextProduced(i, text) for i, text in enumerate(job.texts)]
+        self._channels[job.id] = channel
 
     def is_open(self, job_id: str) -> bool:
         return job_id in self._channels
@@ -374,6 +443,8 @@ class EventHub:
             key = f"output:{kind.index}"
         elif isinstance(kind, TextProduced):
             key = f"text:{kind.index}"
+            if kind.index == len(channel.texts):
+                channel.texts.append(kind)
         else:
             key = "finished"
             channel.drop_timer = asyncio.get_running_loop().call_later(
@@ -400,10 +471,17 @@ class EventHub:
             retries=channel.retries,
             progress=channel.progress,
             queue_position=self._position(job_id),
+            texts=channel.texts,
         )
 
-    def subscribe(self, job_id: str, load: ReplayLoader) -> Subscription:
-        return Subscription(self, job_id, load)
+    def subscribe(
+        self,
+        job_id: str,
+        load: ReplayLoader,
+        kinds: tuple[type[EventKind], ...] | None = None,
+    ) -> Subscription:
+        """``kinds``: only these events (and Finished) reach the subscriber; None: all."""
+        return Subscription(self, job_id, load, kinds)
 
     def end_stream(self, job_id: str) -> None:
         """End one job's stream without Finished (another process runs the job now): its
@@ -424,8 +502,10 @@ class EventHub:
                 subscriber.detach()
         self._channels.clear()
 
-    async def _attach(self, job_id: str, load: ReplayLoader) -> _Subscriber:
-        subscriber = _Subscriber(self._buffer_size, self._interval, self._clock)
+    async def _attach(
+        self, job_id: str, load: ReplayLoader, kinds: tuple[type[EventKind], ...] | None
+    ) -> _Subscriber:
+        subscriber = _Subscriber(self._buffer_size, self._interval, self._clock, kinds)
         if job_id not in self._channels:
             events = await load(job_id)
             if job_id not in self._channels:  # still none after the await: history only
@@ -440,7 +520,7 @@ class EventHub:
         return subscriber
 
     def _detach(self, job_id: str, subscriber: _Subscriber) -> None:
-        subscriber.detach()
+        subscriber.close()
         channel = self._channels.get(job_id)
         if channel is not None:
             channel.subscribers.discard(subscriber)

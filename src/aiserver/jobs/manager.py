@@ -25,11 +25,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs.attempt import (
     ActiveJob,
+    ActiveJobs,
     cancelled_error,
     input_missing,
 )
@@ -93,6 +94,7 @@ __all__ = ["SEQUENCE_BLOCK", "JobManager", "TerminalHook"]
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 TerminalHook = Callable[[Job], Awaitable[None] | None]
 """A plain function runs at once (no task of its own per job); a coroutine function in a task."""
 Deliveries = Callable[[Job], Sequence[tuple[str, bytes]]]
@@ -134,7 +136,7 @@ class JobManager:
         self._providers = builtins.list(providers)
         self._by_name = {p.name: p for p in self._providers}
         self._settings = settings
-        self._active: dict[str, ActiveJob] = {}
+        self._active = ActiveJobs()
         self._hooks: builtins.list[TerminalHook] = []
         self._dispatch = Dispatcher(
             self._providers,
@@ -156,6 +158,8 @@ class JobManager:
             finish=self._finish,
             forget=self._forget,
             leased=holder is not None,
+            lease_firm=self._lease_firm if holder is not None else None,
+            ride_out=self._ride_out if holder is not None else None,
         )
         self._tasks: set[asyncio.Task[Any]] = set()  # finishes, hooks, background writes
         self._leases = (
@@ -437,18 +441,21 @@ class JobManager:
 
         return remove
 
-    def subscribe(self, job_id: str) -> JobStream:
+    def subscribe(self, job_id: str, kinds: tuple[type[EventKind], ...] | None = None) -> JobStream:
         """Replay then live events, ending after Finished (check ownership with get first).
 
+        ``kinds``: the events the caller will use (Finished always); others may be left
+        out, and are when this process runs the job (they never wake the caller).
         A job another process holds (shared store) is watched through the store."""
         if self._leases is None:
-            return self._hub.subscribe(job_id, self._load_replay)
+            return self._hub.subscribe(job_id, self._load_replay, kinds)
+        outage_s = self._settings.watch_outage_s
         if job_id not in self._active:
-            return StoreWatch(self._store, job_id)
+            return StoreWatch(self._store, job_id, outage_s=outage_s)
         # Should another process take the job over, the stream goes on from the store.
         return Handover(
-            self._hub.subscribe(job_id, self._load_replay),
-            lambda last: StoreWatch(self._store, job_id, after=last),
+            self._hub.subscribe(job_id, self._load_replay, kinds),
+            lambda last: StoreWatch(self._store, job_id, after=last, outage_s=outage_s),
             lambda: self._phase == "running" and job_id not in self._active,
         )
 
@@ -502,7 +509,14 @@ class JobManager:
             async with (
                 asyncio.timeout(self._settings.cancel_timeout_s),
                 # Closed on the way out: its announcement listener must not outlive it.
-                contextlib.aclosing(StoreWatch(self._store, job_id, idle_recheck_s=0.5)) as watch,
+                contextlib.aclosing(
+                    StoreWatch(
+                        self._store,
+                        job_id,
+                        idle_recheck_s=0.5,
+                        outage_s=self._settings.watch_outage_s,
+                    )
+                ) as watch,
             ):
                 async for event in watch:
                     if isinstance(event.kind, Finished):
@@ -519,7 +533,7 @@ class JobManager:
         """Unfinished jobs (of ``owner``; None: of everyone)."""
         if owner is None:
             return len(self._active)
-        return sum(1 for a in self._active.values() if a.job.owner == owner)
+        return self._active.owned_by(owner)
 
     def stats(self) -> dict[tuple[TaskKind, JobState], int]:
         """Unfinished jobs by task and state (for metrics)."""
@@ -606,7 +620,7 @@ class JobManager:
             active.last_position = self._dispatch.position(job.id)
             self._hub.open_new(job)
             self._hub.emit(job.id, Accepted(job.task, job.ref_id, active.last_position))
-            self._dispatch.wake()
+            self._dispatch.submitted()
             return snapshot(job), False
         finally:
             # In the step that put the job in _active (no await between): never counted
@@ -625,6 +639,7 @@ class JobManager:
         accepted = Accepted(job.task, job.ref_id, self._dispatch.next_position())
         kind, payload = encode_event(accepted)
         # One transaction: the job, its accepted event (sequence 1) and this process's lease.
+        asked = time.monotonic()
         try:
             stored, existing = await self._store.create(
                 JobRecord(job, SEQUENCE_BLOCK),
@@ -637,7 +652,7 @@ class JobManager:
             raise self._too_many_jobs(limit) from None
         if existing:
             return self._fresh(stored.job), True
-        self._leases.hold(job.id)
+        self._leases.hold(job.id, since=asked)
         if self._phase != "running":  # stopping meanwhile: another process will run it
             await self._leases.release(job.id)
             return snapshot(job), False
@@ -738,12 +753,13 @@ class JobManager:
             job = record.job
             if job.id in self._active or not self._dispatch.can_start(job.task, job.spec):
                 continue
+            asked = time.monotonic()
             lease = await self._store.steal(
                 job.id, holder, self._leases.lease_s, from_holder=previous
             )
             if lease is None:
                 continue  # started, cancelled or taken meanwhile
-            self._leases.hold(job.id)
+            self._leases.hold(job.id, since=asked)
             return await self._take_on(lease, f"stolen from {previous}") is not None
         return False
 
@@ -766,6 +782,9 @@ class JobManager:
                         await self._cancel_here(active)
             except Exception:
                 logger.exception("handling a cancel announcement failed")
+
+    def _lease_firm(self, job_id: str) -> bool:
+        return self._leases is not None and self._leases.firm(job_id)
 
     def _lease_lost(self, job_id: str) -> None:
         active = self._active.get(job_id)
@@ -827,13 +846,36 @@ class JobManager:
             return
         holder = self._holder
         record = active.record
+        log = self._log
         # With the events emitted since the last write, in its transaction.
-        await self._log.write(
-            active.job.id,
-            lambda events, announce: self._store.save(
-                record, holder=holder, events=events, announce=announce
+        await self._ride_out(
+            active,
+            lambda: log.write(
+                active.job.id,
+                lambda events, announce: self._store.save(
+                    record, holder=holder, events=events, announce=announce
+                ),
             ),
         )
+
+    async def _ride_out(self, active: ActiveJob, write: Callable[[], Awaitable[_T]]) -> _T:
+        """``write()``, tried again while the store is away (an outage) and this process's
+        lease on the job has time left: a short outage (a database restart) then costs the
+        job a pause, not a drop (a taker would re-run or repeat its prompt). Past the lease,
+        or once the job is no longer held here, the outage is raised (the caller drops it)."""
+        delay = 0.1
+        while True:
+            try:
+                return await write()
+            except Exception as exc:
+                if self._leases is None or backend_outage(exc) is None:
+                    raise
+                left = self._leases.time_left(active.job.id)
+                if self._active.get(active.job.id) is not active or left <= delay:
+                    raise
+                logger.info("job %s: store unreachable; writing again (%s)", active.job.id, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     @property
     def _holder(self) -> str | None:
@@ -957,7 +999,8 @@ class JobManager:
                 prune=PROGRESS,
             )
 
-        await self._log.write(final.id, write, final=True)
+        log = self._log
+        await self._ride_out(active, lambda: log.write(final.id, write, final=True))
         return True
 
     def _run_hook(self, hook: TerminalHook, job: Job) -> None:
@@ -987,9 +1030,17 @@ class JobManager:
     ) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure if log_errors else _retrieve)
+        # One done callback, not two: each is a callback of the loop's own (two tasks a job).
+        task.add_done_callback(self._ended_logged if log_errors else self._ended_quiet)
         return task
+
+    def _ended_logged(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        _log_failure(task)
+
+    def _ended_quiet(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        _retrieve(task)
 
 
 def _no_deliveries(job: Job) -> Sequence[tuple[str, bytes]]:

@@ -80,6 +80,10 @@ class SchedulerSettings:
     steal_after_s: float = 2.0
     """On a shared store: a queued job another live coordinator holds, not started for this
     long, may be taken by an idle one (free slots, nothing queued; docs/scale-out.md)."""
+    watch_outage_s: float = 30.0
+    """On a shared store: how long a watcher following a job through the store (held by
+    another coordinator) rides out an unreachable store before its stream fails UNAVAILABLE
+    (:class:`~aiserver.jobs.store_watch.StoreWatch`)."""
     position_interval_s: float = 1.0
     """A queued job's watchers hear it move up the queue at most this often (the move
     announced when due is exact, and GetJob's place always is): each start of a job moves

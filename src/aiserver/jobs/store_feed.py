@@ -7,6 +7,11 @@ statements, however many jobs moved (:meth:`~aiserver.jobs.store.JobStore.events
 :meth:`~aiserver.jobs.store.JobStore.records`), then hands each event with its job to the taps.
 Nothing runs while no tap is registered. A list view tolerates what this costs in freshness:
 stored progress is already coalesced (0.5 s), and the taps throttle it again.
+
+The others announce every job's events only while some coordinator follows them all
+(``announcements(every_job=True)``, which they notice within a second or two): until then
+their writes may go unannounced, so once that time is past the feed reads, once, every job
+that may have written meanwhile (unfinished when it opened, or created since).
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ from datetime import UTC, datetime, timedelta
 from aiserver.jobs.event_codec import FINISHED, decode_event
 from aiserver.jobs.events import JobTap, snapshot
 from aiserver.jobs.model import EventKind, Finished, JobEvent
-from aiserver.jobs.store import AnnouncementStream, JobStore
+from aiserver.jobs.store import AnnouncementStream, JobQuery, JobStore
+from aiserver.outage import backend_outage
 
 __all__ = ["StoreFeed"]
 
 logger = logging.getLogger(__name__)
 
 _CLOCK_SKEW = timedelta(seconds=1)
+_NOTICED_S = 2.5
+"""By then every other coordinator announces every job's events (it counts the followers at
+most once a second and trusts no count older than 2 s)."""
 
 
 class StoreFeed:
@@ -71,22 +80,36 @@ class StoreFeed:
             self._task = None
 
     async def _run(self) -> None:
-        try:
-            listener = await self._store.announcements()
-        except Exception:  # the store is closing: the taps get what is held here only
-            logger.warning("cannot follow other coordinators' jobs", exc_info=True)
+        listener = await self._listen()
+        if listener is None:
             return
         moved: set[str] = set()  # jobs announced since the last read
         collect = asyncio.create_task(self._collect(listener, moved))
+        loop = asyncio.get_running_loop()
+        noticed_at = loop.time() + _NOTICED_S
+        try:
+            unnoticed: set[str] | None = {r.job.id for r in await self._store.unfinished()}
+        except Exception:
+            logger.warning("reading the unfinished jobs failed", exc_info=True)
+            unnoticed = set()
         try:
             while True:
                 await asyncio.sleep(self._interval)
+                if unnoticed is not None and loop.time() >= noticed_at:
+                    try:
+                        unnoticed |= await self._created_since()
+                    except Exception:
+                        logger.warning("reading the new jobs failed", exc_info=True)
+                    moved |= {j for j in unnoticed if not self._held_here(j)}
+                    unnoticed = None
                 if moved:
                     batch = set(moved)
                     moved.clear()
                     try:
                         await self._read(batch)
                     except Exception:
+                        # Read again next time (the store away): their rows are still there.
+                        moved.update(batch)
                         logger.warning(
                             "reading other coordinators' job changes failed", exc_info=True
                         )
@@ -95,10 +118,40 @@ class StoreFeed:
             await asyncio.gather(collect, return_exceptions=True)
             await listener.aclose()
 
+    async def _listen(self) -> AnnouncementStream | None:
+        """The store's announcements; while the store is away, asked again with backoff
+        (giving up would leave every WatchJobs stream here blind to other coordinators'
+        jobs for good). None once the store is closed."""
+        delay = 0.25
+        while True:
+            try:
+                return await self._store.announcements(every_job=True)
+            except Exception as exc:
+                if backend_outage(exc) is None:  # the store is closing
+                    logger.warning("cannot follow other coordinators' jobs", exc_info=True)
+                    return None
+                logger.warning("cannot follow other coordinators' jobs yet: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _created_since(self) -> set[str]:
+        """The jobs created since the first tap (newest first, a page at a time)."""
+        found: set[str] = set()
+        token = ""
+        while True:
+            jobs, token = await self._store.query(JobQuery(), page_size=100, page_token=token)
+            found.update(j.id for j in jobs if j.created >= self._since)
+            if not token or not jobs or jobs[-1].created < self._since:
+                return found
+
     async def _collect(self, listener: AnnouncementStream, moved: set[str]) -> None:
         async for announcement in listener:
             if announcement.kind == "event" and not self._held_here(announcement.job_id):
                 moved.add(announcement.job_id)
+            elif announcement.kind == "resync":
+                # Announcements were lost (the LISTEN connection was re-opened): the jobs
+                # followed so far may have moved meanwhile.
+                moved.update(j for j in self._last if not self._held_here(j))
 
     async def _read(self, batch: set[str]) -> None:
         # A job seen for the first time is read whole (one announcement may stand for

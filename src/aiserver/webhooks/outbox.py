@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import time
 
 from aiserver.jobs.model import Job
 from aiserver.jobs.store import JobStore, OutboxItem
@@ -49,6 +51,7 @@ class WebhookOutbox:
         self._batch = batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._renew_at = -math.inf  # (monotonic) while leading: when the lease is renewed
 
     def deliveries(self, job: Job) -> list[tuple[str, bytes]]:
         """What to store with ``job``'s final state: its ReplyTo POST, if it has one."""
@@ -71,11 +74,24 @@ class WebhookOutbox:
 
     async def run_once(self) -> int:
         """Deliver what is due, if this process leads; how many rows were tried."""
-        if not await self._store.lead(ROLE, self._holder, self._lease_s):
+        if not await self._leads():
             return 0
         items = await self._store.outbox_claim(self._holder, self._lease_s, self._batch)
         await asyncio.gather(*(self._deliver(item) for item in items))
         return len(items)
+
+    async def _leads(self) -> bool:
+        """Whether this process leads: the lease is renewed every third of it, not at every
+        poll (a write per coordinator per second; followers still ask at every poll, so one
+        takes over within a poll of the lease's lapse)."""
+        now = time.monotonic()
+        if now < self._renew_at:
+            return True
+        if await self._store.lead(ROLE, self._holder, self._lease_s):
+            self._renew_at = now + self._lease_s / 3
+            return True
+        self._renew_at = -math.inf
+        return False
 
     async def _loop(self) -> None:
         while True:

@@ -57,8 +57,11 @@ class StoreUnavailable(Exception):
     names it without its password."""
 
 
-async def open_job_store(database_url: str, schema: str, sqlite_path: Path) -> JobStore:
-    """PostgreSQL when ``database_url`` is ``postgresql://...``, else SQLite at ``sqlite_path``."""
+async def open_job_store(
+    database_url: str, schema: str, sqlite_path: Path, *, timeout_s: float = 5.0
+) -> JobStore:
+    """PostgreSQL when ``database_url`` is ``postgresql://...``, else SQLite at ``sqlite_path``.
+    ``timeout_s``: PostgreSQL's bound on each statement and connect."""
     if not database_url:
         return await SqliteJobStore.open(sqlite_path)
     if not database_url.startswith(("postgresql://", "postgres://")):
@@ -69,7 +72,9 @@ async def open_job_store(database_url: str, schema: str, sqlite_path: Path) -> J
     from aiserver.jobs.store.postgres import PostgresJobStore
 
     try:
-        return await PostgresJobStore.open(database_url, schema=schema or "public")
+        return await PostgresJobStore.open(
+            database_url, schema=schema or "public", timeout_s=timeout_s
+        )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise StoreUnavailable(
             f"cannot open the job database {_redacted(database_url)}: {exc}"

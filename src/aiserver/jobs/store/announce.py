@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Self
 
 from aiserver.jobs.store.protocol import Announcement
@@ -14,11 +15,12 @@ _QUEUE_LIMIT = 10_000  # a listener that falls this far behind loses hints, neve
 
 class Listener:
     """Iterates announcements; registered at creation, so nothing published after is missed.
-    Call :meth:`aclose` (or iterate to the end) to unregister."""
+    Call :meth:`aclose` (or iterate to the end) to unregister; ``on_close`` runs then, once."""
 
-    def __init__(self, hub: AnnouncementHub) -> None:
+    def __init__(self, hub: AnnouncementHub, on_close: Callable[[], None] | None = None) -> None:
         self._hub = hub
         self._queue: asyncio.Queue[Announcement | None] = asyncio.Queue()
+        self._on_close = on_close
         hub._queues.add(self._queue)
 
     def __aiter__(self) -> Self:
@@ -33,6 +35,9 @@ class Listener:
 
     async def aclose(self) -> None:
         self._hub._queues.discard(self._queue)
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
 
 class AnnouncementHub:
@@ -48,5 +53,5 @@ class AnnouncementHub:
         for queue in self._queues:
             queue.put_nowait(None)
 
-    def listen(self) -> Listener:
-        return Listener(self)
+    def listen(self, on_close: Callable[[], None] | None = None) -> Listener:
+        return Listener(self, on_close)

@@ -63,7 +63,8 @@ class PendingSave:
     prune: str
     outbox: Sequence[tuple[str, bytes]]
     notice: str | None
-    """The announcement sent when saved (``None``: none)."""
+    """The announcement sent when saved, if the job is watched from another process or every
+    job's events are followed (``None``: none)."""
 
     @property
     def job_id(self) -> str:
@@ -123,8 +124,10 @@ def group_save_sql() -> str:
     """Several fenced saves as one statement. Parameters: per save $1 ids, $2 holders (NULL:
     unfenced), $3 releases, $4 pruned kinds (NULL: none), $5 notices (NULL: not announced),
     then each mutable column; then the events (4 arrays), the time, the outbox (job ids,
-    urls, bodies) and the channel. Returns the ids saved: only rows still held by the holder
-    their save names change, and only their events, prunes and outbox rows go in.
+    urls, bodies), the channel and whether every job's events are followed (else a notice
+    goes only for a job watched from another process). Returns the ids saved: only rows
+    still held by the holder their save names change, and only their events, prunes and
+    outbox rows go in.
 
     Rows are locked in id order first: two statements locking several rows each in
     different orders could deadlock (``renew_all`` locks in id order too)."""
@@ -135,7 +138,7 @@ def group_save_sql() -> str:
         ("text", "text", "boolean", "text", "text", *(_TYPES[c] for c in rows.MUTABLE)),
     )
     sets = ", ".join(f"{c} = v.{c}" for c in rows.MUTABLE)
-    now, outbox, channel = n + 5, n + 6, n + 9
+    now, outbox, channel, everyone = n + 5, n + 6, n + 9, n + 10
     return (
         f"WITH v AS MATERIALIZED (SELECT * FROM {source} AS v({names})),"
         " locked AS MATERIALIZED (SELECT id FROM jobs WHERE id = ANY($1::text[])"
@@ -145,7 +148,7 @@ def group_save_sql() -> str:
         " lease_expires_us = CASE WHEN v.release THEN NULL ELSE j.lease_expires_us END"
         " FROM v WHERE j.id = v.id AND j.id IN (SELECT id FROM locked)"
         " AND (v.holder IS NULL OR j.lease_holder = v.holder)"
-        " RETURNING j.id, v.prune, v.notice),"
+        " RETURNING j.id, v.prune, v.notice, j.watched),"
         + _events_cte(n + 1, now, "saved")
         # The statement's snapshot: rows stored by ``stored`` above are not seen (kept).
         + ", pruned AS (DELETE FROM job_events d USING saved s WHERE s.prune IS NOT NULL"
@@ -155,12 +158,14 @@ def group_save_sql() -> str:
         f" SELECT o.job_id, o.url, o.body, ${now}, ${now} FROM unnest(${outbox}::text[],"
         f" ${outbox + 1}::text[], ${outbox + 2}::bytea[]) AS o(job_id, url, body)"
         " WHERE o.job_id IN (SELECT id FROM saved))"
-        f" SELECT id, CASE WHEN notice IS NOT NULL THEN pg_notify(${channel}, notice) END"
-        " FROM saved"
+        " SELECT id, CASE WHEN notice IS NOT NULL AND (watched OR"
+        f" ${everyone}::boolean) THEN pg_notify(${channel}, notice) END FROM saved"
     )
 
 
-def group_save_args(group: Sequence[PendingSave], now_us: int, channel: str) -> list[Any]:
+def group_save_args(
+    group: Sequence[PendingSave], now_us: int, channel: str, everyone: bool
+) -> list[Any]:
     """The parameters of :func:`group_save_sql` for ``group``."""
     outbox = [(s.job_id, url, body) for s in group for url, body in s.outbox]
     return [
@@ -176,6 +181,7 @@ def group_save_args(group: Sequence[PendingSave], now_us: int, channel: str) -> 
         [o[1] for o in outbox],
         [o[2] for o in outbox],
         channel,
+        everyone,
     ]
 
 

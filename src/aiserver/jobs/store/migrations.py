@@ -225,6 +225,14 @@ POSTGRES: tuple[str, ...] = (
     ALTER TABLE job_events DROP CONSTRAINT job_events_job_id_fkey;
     ALTER TABLE job_inputs DROP CONSTRAINT job_inputs_job_id_fkey;
     """,
+    # 6: a job whose events a watcher on another process follows: its writes announce them
+    # (NOTIFY costs every listening coordinator's backend a transaction, so the others' are
+    # not announced). Set once by the watcher, before it reads the stored events; a write
+    # that updates or share-locks the row sees it (docs/scale-out.md, "Events"). No index:
+    # saves that leave it alone stay HOT.
+    """
+    ALTER TABLE jobs ADD COLUMN watched BOOLEAN NOT NULL DEFAULT false;
+    """,
 )
 
 

@@ -69,6 +69,31 @@ _OWNER_LOCK = 0x6169  # first key of per-owner create locks (pg_advisory_xact_lo
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
+DEFAULT_TIMEOUT_S = 5.0
+
+
+def bounded_pool_options(
+    timeout_s: float, server_settings: Mapping[str, str], *, idle_in_transaction_s: float = 0.0
+) -> dict[str, Any]:
+    """``asyncpg.create_pool`` options that bound every wait on the server: a database that
+    drops packets (a partition, a host gone without a reset) never answers, and without a
+    bound a statement or a connect would wait for the kernel's TCP timeouts (minutes to
+    hours). A statement past ``timeout_s`` raises ``TimeoutError`` (an outage for
+    :mod:`aiserver.outage`); asyncpg then cancels it within ``timeout_s`` more, or closes
+    the connection. The server gets a bound too: a session left idle inside a transaction
+    (its client cut off mid-transaction, its locks held) is ended after
+    ``idle_in_transaction_s`` (at least ``2 * timeout_s`` and 10 s)."""
+    idle_s = max(idle_in_transaction_s, 2 * timeout_s, 10.0)
+    return {
+        "timeout": timeout_s,  # each new connection
+        "command_timeout": timeout_s,
+        "server_settings": {
+            **server_settings,
+            "idle_in_transaction_session_timeout": str(int(idle_s * 1000)),
+        },
+    }
+
+
 def _now_us() -> int:
     return time.time_ns() // 1000
 
@@ -89,20 +114,29 @@ async def keep_session(conn: asyncpg.Connection) -> None:
 class PostgresJobStore:
     """:class:`JobStore` on a PostgreSQL database. Create with :meth:`open`."""
 
-    def __init__(self, pool: asyncpg.Pool, url: str, schema: str) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, url: str, schema: str, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
         self._pool = pool
         self._url = url
         self._schema = schema
+        self._timeout_s = timeout_s
         self._channel = f"aiserver_{schema}"[:63]
-        # The LISTEN connections of this schema's coordinators carry this name, so each can
-        # see whether any other listens (pg_stat_activity) before announcing events.
+        # The LISTEN connections of this schema's coordinators carry one of these names: the
+        # second while the coordinator follows every job's events (``every_job``), so each
+        # can see whether another does (pg_stat_activity) before announcing events.
         self._listen_name = f"aiserver-listen:{schema}"[:63]
-        self._others_listen = True  # until counted: announce
+        self._feed_name = f"aiserver-feed:{schema}"[:63]
+        self._feeds = 0  # this process's open every_job streams
+        self._named_feed = False  # the LISTEN connection's name is the feed one
+        self._renaming: asyncio.Task[None] | None = None
+        self._others_follow = True  # until counted: announce
         self._others_counted = -1e9  # when the last count came back
         self._others_count: asyncio.Task[None] | None = None
         self._hub = AnnouncementHub()
         self._listener: asyncpg.Connection | None = None
         self._listener_lock = asyncio.Lock()
+        self._listener_check: asyncio.Task[None] | None = None
         self._reconnect: asyncio.Future[None] | None = None
         self._closed = False
         self._slot_rows: set[tuple[str, int]] = set()  # (agent, capacity) known to have rows
@@ -115,19 +149,27 @@ class PostgresJobStore:
         )
 
     @classmethod
-    async def open(cls, url: str, *, schema: str = "public", pool_size: int = 8) -> Self:
-        """Connect to ``url``, create ``schema`` if missing, and migrate it."""
+    async def open(
+        cls,
+        url: str,
+        *,
+        schema: str = "public",
+        pool_size: int = 8,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> Self:
+        """Connect to ``url``, create ``schema`` if missing, and migrate it. ``timeout_s``
+        bounds each statement and each new connection (:func:`bounded_pool_options`)."""
         if _SCHEMA_NAME.fullmatch(schema) is None:
             raise ValueError(f"schema {schema!r}: lower-case letters, digits and _ only")
-        await migrate(url, schema)
+        await migrate(url, schema, connect_timeout_s=timeout_s)
         pool = await asyncpg.create_pool(
             url,
             min_size=1,
             max_size=pool_size,
-            server_settings={"search_path": schema, **PLANNER_SETTINGS},
             reset=keep_session,
+            **bounded_pool_options(timeout_s, {"search_path": schema, **PLANNER_SETTINGS}),
         )
-        return cls(pool, url, schema)
+        return cls(pool, url, schema, timeout_s)
 
     def _check(self) -> None:
         if self._closed:
@@ -145,34 +187,39 @@ class PostgresJobStore:
         self._check()
         return await self._pool.fetchval(sql, *args)
 
-    def _others_listening(self) -> bool:
-        """Whether another coordinator listens on this schema (counted at most once a
-        second, in the background): events are announced only then. Each notification
-        costs every listening backend a transaction and this process a wake-up (measured:
-        0.5 ms of coordinator CPU and 0.8 transactions per job alone, bench/README.md);
-        alone, a coordinator's watchers read its jobs from memory. A coordinator that
-        starts listening is seen within a second (a count older than 2 s is not trusted);
-        its watchers re-read the table every 2 s while idle anyway, so an announcement
-        missed meanwhile costs latency, never an event. Cancels are always announced."""
+    def _others_follow_all(self) -> bool:
+        """Whether another coordinator follows every job's events (a WatchJobs stream:
+        counted at most once a second, in the background): every event write is announced
+        only then; otherwise only the writes of jobs a watcher elsewhere follows (``watched``
+        on the row). Each notification costs every listening backend a transaction (and
+        all of them listen: cancels) and its process a wake-up, so announcing every job's
+        events made a job's cost grow with the coordinators (bench/README.md). A stream
+        that opens is seen within a second (a count older than 2 s is not trusted); an
+        announcement missed meanwhile costs its list latency, never an event. Cancels are
+        always announced."""
         now = time.monotonic()
         if self._others_count is None and now - self._others_counted >= 1.0:
             self._others_count = asyncio.get_running_loop().create_task(self._count_others())
         # A count older than that (this store was idle) is not trusted: announce.
-        return self._others_listen or now - self._others_counted > 2.0
+        return self._others_follow or now - self._others_counted > 2.0
 
     async def _count_others(self) -> None:
         try:
-            named = await self._fetchval(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND application_name = $1",
+            found = await self._fetchrow(
+                "SELECT count(*) FILTER (WHERE application_name = $2), count(*)"
+                " FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name IN ($1, $2)",
                 self._listen_name,
+                self._feed_name,
             )
-            mine = int(self._listener is not None and not self._listener.is_closed())
+            assert found is not None
+            feeds, named = int(found[0]), int(found[1])
+            mine = self._listener is not None and not self._listener.is_closed()
             # Our own LISTEN not seen by name (a proxy that drops application_name): nobody
             # can be counted, so announce.
-            self._others_listen = named > mine or (mine == 1 and named == 0)
+            self._others_follow = feeds > int(mine and self._named_feed) or (mine and not named)
         except Exception:
-            self._others_listen = True
+            self._others_follow = True
         finally:
             self._others_counted = time.monotonic()
             self._others_count = None
@@ -193,7 +240,8 @@ class PostgresJobStore:
     ) -> tuple[JobRecord, bool]:
         self._check()
         row = rows.row_of(record)
-        announce = bool(events) and self._others_listening()
+        # A new job has no watcher elsewhere yet: only a follower of every job wants it.
+        announce = bool(events) and self._others_follow_all()
         events_notice = self._event_notice(row["id"], events) if announce else None
         item = PendingCreate(
             record,
@@ -277,8 +325,8 @@ class PostgresJobStore:
         announce: bool = True,
     ) -> None:
         self._check()
-        announce = announce and bool(events) and self._others_listening()
-        notice = self._event_notice(record.job.id, events) if announce else None
+        # Sent by the statement if the job is watched elsewhere or every job is followed.
+        notice = self._event_notice(record.job.id, events) if announce and events else None
         item = PendingSave(
             rows.mutable_row_of(record),
             holder,
@@ -302,7 +350,9 @@ class PostgresJobStore:
             bool(item.events), item.release, bool(item.prune), bool(item.outbox), bool(item.notice)
         )
         if item.events:
-            args += [*_event_arrays(item.events, now), self._channel, item.notice or ""]
+            args += _event_arrays(item.events, now)
+        if item.notice is not None:
+            args += [self._channel, item.notice, self._others_follow_all()]
         if item.prune:
             args.append(item.prune)
         if item.outbox:
@@ -312,7 +362,7 @@ class PostgresJobStore:
     async def _save_group(self, group: Sequence[PendingSave]) -> list[bool]:
         """Several saves as one statement (``group_commit.py``): whether each was saved."""
         self._check()
-        args = group_save_args(group, _now_us(), self._channel)
+        args = group_save_args(group, _now_us(), self._channel, self._others_follow_all())
         saved = {r[0] for r in await self._pool.fetch(group_save_sql(), *args)}
         return [s.job_id in saved for s in group]
 
@@ -626,12 +676,15 @@ class PostgresJobStore:
         if not events:
             return
         self._check()
+        # The row's share lock orders this write with a watcher's marking (an update): this
+        # commits first, so the watcher reads the rows, or it sees ``watched``.
         sql = (
             "WITH stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
             " SELECT $1, e.sequence, e.kind, e.payload, $5"
             " FROM unnest($2::bigint[], $3::text[], $4::text[]) AS e(sequence, kind, payload)"
             " ON CONFLICT DO NOTHING RETURNING 1)"
             " SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored) AND $8"
+            " AND ($9 OR (SELECT watched FROM jobs WHERE id = $1 FOR SHARE))"
         )
         await self._pool.execute(
             sql,
@@ -639,7 +692,8 @@ class PostgresJobStore:
             *_event_arrays(events, _now_us()),
             self._channel,
             self._event_notice(job_id, events),
-            announce and self._others_listening(),
+            announce,
+            self._others_follow_all(),
         )
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
@@ -668,12 +722,45 @@ class PostgresJobStore:
         async with self._listener_lock:
             if self._listener is not None and not self._listener.is_closed():
                 return
+            feed = self._feeds > 0
             conn = await asyncpg.connect(
-                self._url, server_settings={"application_name": self._listen_name}
+                self._url,
+                server_settings={
+                    "application_name": self._feed_name if feed else self._listen_name
+                },
+                timeout=self._timeout_s,
+                command_timeout=self._timeout_s,
             )
-            await conn.add_listener(self._channel, self._on_notify)
+            try:
+                await conn.add_listener(self._channel, self._on_notify)
+            except BaseException:
+                conn.terminate()
+                raise
             conn.add_termination_listener(self._on_listener_lost)
             self._listener = conn
+            self._named_feed = feed
+            if self._listener_check is not None:
+                self._listener_check.cancel()
+            self._listener_check = asyncio.get_running_loop().create_task(
+                self._check_listener(conn), name="listen-check"
+            )
+
+    async def _check_listener(self, conn: asyncpg.Connection) -> None:
+        """A LISTEN connection only reads: if the database stops answering (packets dropped,
+        no reset), nothing tells it, and announcements stop for good (cancels from other
+        coordinators never reach the jobs here). So it is asked something every
+        ``2 * timeout_s``; no answer within ``timeout_s`` closes it, and it is opened again
+        (then ``resync``: every watcher re-reads the table)."""
+        while not conn.is_closed():
+            await asyncio.sleep(2 * self._timeout_s)
+            try:
+                await conn.fetchval("SELECT 1", timeout=self._timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("LISTEN connection not answering (%s); reopening it", exc)
+                conn.terminate()  # its termination listener reopens it
+                return
 
     def _on_listener_lost(self, _conn: object) -> None:
         # Notifications sent while no LISTEN runs are gone: reconnect, then tell every
@@ -686,7 +773,7 @@ class PostgresJobStore:
         while not self._closed:
             try:
                 await self._ensure_listener()
-            except (OSError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # whatever it is, giving up would end announcements
                 logger.warning("LISTEN connection lost; retrying in %.1f s: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -702,15 +789,52 @@ class PostgresJobStore:
             return
         self._hub.publish(Announcement(kind, job_id, sequence))
 
-    async def announcements(self) -> Listener:
+    async def ping(self) -> None:
+        """One round trip on the pool, within ``timeout_s`` (a free connection included)."""
+        async with asyncio.timeout(self._timeout_s):
+            await self._fetchval("SELECT 1")
+
+    async def announcements(self, *, watch: str | None = None, every_job: bool = False) -> Listener:
         self._check()
-        listener = self._hub.listen()  # registered before LISTEN: nothing in between is lost
+        # Registered before LISTEN: nothing in between is lost.
+        listener = self._hub.listen(self._feed_closed if every_job else None)
+        if every_job:
+            self._feeds += 1
         try:
             await self._ensure_listener()
+            if every_job:
+                await self._name_listener()
+            if watch is not None:
+                # Once committed, every write of the job that commits later sees the mark (a
+                # save updates the row, an event append share-locks it: both wait for this
+                # update) and announces; the watcher reads the table after this returns.
+                await self._fetchval(
+                    "UPDATE jobs SET watched = true WHERE id = $1 AND NOT watched", watch
+                )
         except BaseException:
             await listener.aclose()
             raise
         return listener
+
+    def _feed_closed(self) -> None:
+        self._feeds -= 1
+        if self._feeds == 0 and not self._closed and self._renaming is None:
+            self._renaming = asyncio.get_running_loop().create_task(self._name_listener())
+
+    async def _name_listener(self) -> None:
+        """The LISTEN connection's name says whether this process follows every job."""
+        try:
+            async with self._listener_lock:
+                feed = self._feeds > 0
+                conn = self._listener
+                if conn is None or conn.is_closed() or feed == self._named_feed:
+                    return
+                name = self._feed_name if feed else self._listen_name
+                await conn.execute(f"SET application_name = '{name}'")
+                self._named_feed = feed
+        finally:
+            if asyncio.current_task() is self._renaming:
+                self._renaming = None
 
     # --- agent slots and leadership ---------------------------------------------------------
 
@@ -878,10 +1002,13 @@ class PostgresJobStore:
             return
         self._closed = True
         self._hub.close()
-        if self._others_count is not None:
-            self._others_count.cancel()
+        for task in (self._others_count, self._renaming):
+            if task is not None:
+                task.cancel()
         if self._reconnect is not None:
             self._reconnect.cancel()
+        if self._listener_check is not None:
+            self._listener_check.cancel()
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close()
@@ -952,17 +1079,18 @@ def _event_arrays(events: Sequence[NewEvent], now_us: int) -> list[Any]:
 def _save_sql(events: bool, release: bool, prune: bool, outbox: bool, announce: bool) -> str:
     """The fenced update of a job and what goes with it, as one statement. Parameters: $1 id,
     $2 holder (NULL: unfenced), the mutable columns, then for each part present in order:
-    events (sequences, kinds, payloads, time, channel, notice), the pruned kind, the outbox
-    (urls, bodies, time). A part runs only when the update found its row (``FROM saved``).
-    Without ``announce`` the channel and notice are passed but not sent: every listening
-    backend spends a transaction on each notification it receives."""
+    events (sequences, kinds, payloads, time), with ``announce`` (events only) the channel,
+    the notice and whether every job's events are followed, the pruned kind, the outbox (urls,
+    bodies, time). A part runs only when the update found its row (``FROM saved``). The
+    notice goes only when every job's events are followed or the row says ``watched`` (every
+    listening backend spends a transaction on each notification it receives)."""
     n = 2 + len(rows.MUTABLE)
     sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(rows.MUTABLE, start=3))
     if release:
         sets += ", lease_holder = NULL, lease_expires_us = NULL"
     sql = (
         f"WITH saved AS (UPDATE jobs SET {sets}"
-        " WHERE id = $1 AND ($2::text IS NULL OR lease_holder = $2) RETURNING id)"
+        " WHERE id = $1 AND ($2::text IS NULL OR lease_holder = $2) RETURNING id, watched)"
     )
     notify = ""
     if events:
@@ -972,8 +1100,10 @@ def _save_sql(events: bool, release: bool, prune: bool, outbox: bool, announce: 
             f" unnest(${n + 1}::bigint[], ${n + 2}::text[], ${n + 3}::text[])"
             " AS e(sequence, kind, payload) ON CONFLICT DO NOTHING)"
         )
-        notify = f", pg_notify(${n + 5}, ${n + 6})" if announce else f", ${n + 5}, ${n + 6}"
-        n += 6
+        n += 4
+        if announce:
+            notify = f", CASE WHEN watched OR ${n + 3} THEN pg_notify(${n + 1}, ${n + 2}) END"
+            n += 3
     if prune:
         # The statement's snapshot: rows stored by ``stored`` above are not seen (kept).
         sql += (
@@ -992,11 +1122,12 @@ def _save_sql(events: bool, release: bool, prune: bool, outbox: bool, announce: 
     return sql + f" SELECT id{notify} FROM saved"
 
 
-async def migrate(url: str, schema: str) -> None:
-    """Create ``schema`` if needed and bring its tables to the newest version."""
+async def migrate(url: str, schema: str, *, connect_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Create ``schema`` if needed and bring its tables to the newest version. Only the
+    connect is bounded: a migration may wait for another process's (under its lock)."""
     if _SCHEMA_NAME.fullmatch(schema) is None:
         raise ValueError(f"schema {schema!r}: lower-case letters, digits and _ only")
-    conn = await asyncpg.connect(url)
+    conn = await asyncpg.connect(url, timeout=connect_timeout_s)
     try:
         await _migrate(conn, schema)
     finally:

@@ -370,12 +370,23 @@ class JobStore(Protocol):
         job finished); returns how many went."""
         ...
 
-    async def announcements(self) -> AnnouncementStream:
+    async def ping(self) -> None:
+        """Returns once the store answered (bounded); raises when it cannot be reached.
+        Health checks follow it."""
+        ...
+
+    async def announcements(
+        self, *, watch: str | None = None, every_job: bool = False
+    ) -> AnnouncementStream:
         """Everything announced once this returns, by this process or any other, until the
         store or the stream is closed.
 
-        Announcements are hints: a consumer re-reads the table, so a lost or duplicate one
-        costs latency, never correctness."""
+        Cancels are always announced; a job's events only to those who asked (a shared store:
+        each notification costs every listening process): ``watch`` the job the caller will
+        read from the table (its writes committed after this returns announce their events),
+        ``every_job`` while this stream is open (other processes see it within a second or
+        two). Announcements are hints: a consumer re-reads the table, so a lost or duplicate
+        one costs latency, never correctness."""
         ...
 
     # --- agent slots and leadership ---------------------------------------------------------

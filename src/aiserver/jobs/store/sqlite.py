@@ -655,8 +655,11 @@ class SqliteJobStore:
     async def prune_events(self, job_id: str, kind: str) -> int:
         return await self._call(lambda: _prune(self._conn, job_id, kind), inline=True)
 
-    async def announcements(self) -> Listener:
-        return self._hub.listen()
+    async def ping(self) -> None:
+        return None  # a file of this process: there while the process is
+
+    async def announcements(self, *, watch: str | None = None, every_job: bool = False) -> Listener:
+        return self._hub.listen()  # in process: every announcement is heard
 
     # --- agent slots and leadership ---------------------------------------------------------
 

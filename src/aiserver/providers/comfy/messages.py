@@ -12,10 +12,11 @@ prompts' messages before it matches on the type.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from aiserver.providers.comfy import wire_json
 
 __all__ = [
     "Executed",
@@ -176,7 +177,7 @@ def decode(frame: str | bytes) -> Message:
     if isinstance(frame, bytes):
         return _decode_binary(frame)
     try:
-        body = json.loads(frame)
+        body = wire_json.loads(frame)
     except ValueError:
         return Unknown("", frame)
     if not isinstance(body, dict):
@@ -245,7 +246,7 @@ def _decode_binary(frame: bytes) -> Message:
         return Preview(frame[8:], _IMAGE_TYPES[word])
     if event == 4 and 8 + word <= len(frame):
         try:
-            meta = json.loads(frame[8 : 8 + word])
+            meta = wire_json.loads(frame[8 : 8 + word])
         except ValueError:
             meta = None
         if isinstance(meta, dict):

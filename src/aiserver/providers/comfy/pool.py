@@ -513,7 +513,11 @@ class ComfyPool:
         ):
             # Its prompt is already on that agent: follow it there, slot or not.
             resumed.running += 1
-            slot = await self._slots.take(resumed.config.name, resumed.config.slots)
+            try:
+                slot = await self._slots.take(resumed.config.name, resumed.config.slots)
+            except BaseException:  # the job store away: no run, so not counted either
+                resumed.running -= 1
+                raise
             return resumed, slot
         async with self._changed:
             while True:

@@ -1,0 +1,167 @@
+"""ReadArtifact of two source trees, each in its own process, alternated: process CPU per read
+against bare grpcio in the same process.
+
+    python -m bench.transport_compare OTHER_TREE [--pairs 3] [--rounds 15] [--mib 64]
+
+Each run starts one tree's own service (``bench.common.running_service``) and a bare grpcio
+server sending the same bytes from memory in the same process, then reads a stored artifact
+of ``--mib`` MiB in 1 MiB chunks through the tree's ``AsyncClient.stream_artifact``, through
+the generated stub (protobuf's parse), and whole with ``read_artifact``, each alternating with
+the bare read, ``--rounds`` times. It prints CPU ms per read (``time.process_time``: every
+thread, client and servers) and the median per-round ratio bare / service. The parent runs
+this tree and ``OTHER_TREE`` (e.g. ``git archive main | tar -x -C /tmp/main``) alternately,
+``--pairs`` times: on a shared machine the ratio within a run is what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+HERE = Path(__file__).resolve()
+
+
+async def _child(mib: int, rounds: int) -> dict[str, Any]:
+    # Imported here: the child's PYTHONPATH picks the tree under test.
+    import grpc
+    from imagetasks.v1 import artifact_service_pb2 as apb
+    from imagetasks.v1 import artifact_service_pb2_grpc
+
+    import aiserver
+    from aiserver.client import AsyncClient
+    from bench.common import running_service
+
+    data = os.urandom(mib * MIB)
+    chunks = [data[i : i + MIB] for i in range(0, len(data), MIB)]
+
+    async def bare_read(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    tmp = Path(tempfile.mkdtemp(prefix="transport-compare-"))
+    try:
+        async with running_service(tmp / "service", chunk_bytes=MIB, http_enabled=False) as svc:
+            ref = await svc.artifacts.put(
+                data,
+                file_name="a.bmp",
+                mime_type="image/bmp",  # the store keeps any bytes under an image type
+                width=1,
+                height=1,
+                seed=None,
+                provider="bench",
+                job_id="bench",
+                owner="",
+            )
+            limit = svc.settings.max_message_bytes
+            options = [
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ]
+            bare = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
+            bare.add_generic_rpc_handlers(
+                (
+                    grpc.method_handlers_generic_handler(
+                        "bench.Bytes", {"Read": grpc.unary_stream_rpc_method_handler(bare_read)}
+                    ),
+                )
+            )
+            port = bare.add_insecure_port("127.0.0.1:0")
+            await bare.start()
+            async with (
+                grpc.aio.insecure_channel(f"127.0.0.1:{svc.grpc_port}", options=options) as sch,
+                grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as bch,
+            ):
+                client = AsyncClient(channel=sch)
+                stub = artifact_service_pb2_grpc.ArtifactServiceStub(sch)
+                read_bare = bch.unary_stream("/bench.Bytes/Read")
+
+                async def bare_call() -> int:
+                    return sum([len(c) async for c in read_bare(b"")])
+
+                async def client_call() -> int:
+                    return sum([len(c) async for c in client.stream_artifact(ref.name)])
+
+                async def stub_call() -> int:
+                    request = apb.ReadArtifactRequest(name=ref.name)
+                    return sum([len(m.data) async for m in stub.ReadArtifact(request)])
+
+                async def whole_call() -> int:
+                    return len(await client.read_artifact(ref.name))
+
+                steps: dict[str, Callable[[], Awaitable[int]]] = {
+                    "bare": bare_call,
+                    "client": client_call,
+                    "stub": stub_call,
+                    "read_artifact": whole_call,
+                }
+                cpu: dict[str, list[float]] = {key: [] for key in steps}
+                for step in steps.values():  # warm-up, and every path reads every byte
+                    if await step() != len(data):
+                        raise RuntimeError("a read lost bytes")
+                for n in range(rounds):
+                    for key in list(steps) if n % 2 == 0 else list(steps)[::-1]:
+                        start = time.process_time()
+                        await steps[key]()
+                        cpu[key].append((time.process_time() - start) * 1000)
+            await bare.stop(0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "tree": os.path.dirname(os.path.dirname(os.path.dirname(aiserver.__file__))),
+        "load": [round(x, 1) for x in os.getloadavg()],
+        "cpu_ms": {k: round(statistics.median(v), 1) for k, v in cpu.items()},
+        "ratio": {
+            k: round(statistics.median([b / s for b, s in zip(cpu["bare"], v, strict=True)]), 3)
+            for k, v in cpu.items()
+            if k != "bare"
+        },
+    }
+
+
+def _run(tree: Path, mib: int, rounds: int) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
+    out = subprocess.run(
+        [sys.executable, str(HERE), "--child", "--mib", str(mib), "--rounds", str(rounds)],
+        env=env,
+        cwd=tree,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("other", nargs="?", type=Path, help="the other source tree")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(asyncio.run(_child(args.mib, args.rounds))))
+        return
+    if args.other is None:
+        parser.error("give the other source tree")
+    this = HERE.parents[1]
+    for _ in range(args.pairs):
+        for tree in (args.other.resolve(), this):
+            print(json.dumps(_run(tree, args.mib, args.rounds)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

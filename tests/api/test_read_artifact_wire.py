@@ -1,0 +1,95 @@
+"""ReadArtifact in wire form: each message is read from the blob into its frame, and is the
+message protobuf itself writes for that chunk (any gRPC client reads it as before)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grpc
+import pytest
+from imagetasks.v1 import artifact_service_pb2 as apb
+
+from aiserver.api.wire import bytes_frame
+from aiserver.server import Service
+from tests.support.grpc_helpers import rich_status
+
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {"chunk_bytes": CHUNK}
+
+
+@pytest.mark.parametrize(
+    "offset", [0, 1, 127, 128, 16_383, 16_384, 2**21, 2**35, 2**63 - 1], ids=str
+)
+@pytest.mark.parametrize("length", [1, 127, 128, 300, 70_000, 2**21 + 5], ids=str)
+def test_the_frame_makes_protobufs_own_message(offset: int, length: int) -> None:
+    data = os.urandom(length)
+    head, tail = bytes_frame(1, 2)(offset, length)
+    want = apb.ReadArtifactResponse(data=data, offset=offset).SerializeToString()
+    assert head + data + tail == want
+
+
+async def _put(service: Service, data: bytes) -> str:
+    ref = await service.artifacts.put(
+        data,
+        file_name="a.png",  # the store takes any bytes under an image type
+        mime_type="image/png",
+        width=0,
+        height=0,
+        seed=None,
+        provider="test",
+        job_id="j1",
+        owner="",
+    )
+    return ref.name
+
+
+async def test_each_message_is_the_one_protobuf_writes(
+    service: Service, channel: grpc.aio.Channel
+) -> None:
+    # Raw messages (no deserializer): the bytes the network carries.
+    read = channel.unary_stream(
+        "/imagetasks.v1.ArtifactService/ReadArtifact",
+        request_serializer=apb.ReadArtifactRequest.SerializeToString,
+    )
+    for size in (10, 5 * CHUNK + 17):  # read inline / from the page cache on the event loop
+        data = os.urandom(size)
+        name = await _put(service, data)
+        for offset, limit in ((0, 0), (1, 0), (3, 5), (CHUNK - 1, 2 * CHUNK), (size - 1, 9)):
+            if offset >= size:
+                continue
+            request = apb.ReadArtifactRequest(name=name, read_offset=offset, read_limit=limit)
+            got = [m async for m in read(request)]
+            end = size if limit == 0 else min(size, offset + limit)
+            want = [
+                apb.ReadArtifactResponse(data=data[at : min(end, at + CHUNK)], offset=at)
+                for at in range(offset, end, CHUNK)
+            ]
+            assert got == [m.SerializeToString() for m in want]
+        assert [m async for m in read(apb.ReadArtifactRequest(name=name, read_offset=size))] == []
+
+
+async def test_errors_are_unchanged(service: Service, channel: grpc.aio.Channel) -> None:
+    read = channel.unary_stream(
+        "/imagetasks.v1.ArtifactService/ReadArtifact",
+        request_serializer=apb.ReadArtifactRequest.SerializeToString,
+        response_deserializer=apb.ReadArtifactResponse.FromString,
+    )
+    name = await _put(service, b"0123456789")
+    missing = name[:-5] + "0" + name[-4:] if name[-5] != "0" else name[:-5] + "1" + name[-4:]
+    for request, code, reason in (
+        (apb.ReadArtifactRequest(name=missing), grpc.StatusCode.NOT_FOUND, "ARTIFACT_NOT_FOUND"),
+        (
+            apb.ReadArtifactRequest(name=name, read_offset=11),
+            grpc.StatusCode.INVALID_ARGUMENT,  # as ErrorKind has it (the store's comment)
+            "READ_OFFSET_OUT_OF_RANGE",
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            _ = [m async for m in read(request)]
+        assert caught.value.code() == code
+        assert rich_status(caught.value)[1]["ErrorInfo"].reason == reason
