@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import grpc
 from imagetasks.v1 import common_pb2, generation_service_pb2_grpc, job_pb2, tasks_pb2
 from imagetasks.v1 import generation_service_pb2 as gpb
@@ -115,6 +117,26 @@ def _direct_job(clients: list[DirectComfy], side: int = INPUT_SIDE) -> JobFn:
         if not result.outputs:
             raise JobFailed("no output")
         return result.prompt_id, result.done_at
+
+    return job
+
+
+def _http_job(session: aiohttp.ClientSession, base: str) -> JobFn:
+    url = f"{base}/api/ImageUpscale"
+
+    async def job(_index: int, png: bytes) -> tuple[str, float]:
+        form = aiohttp.FormData()
+        form.add_field("Sync", "true")
+        form.add_field("image", png, filename="input.png", content_type="image/png")
+        async with session.post(url, data=form) as response:
+            body = await response.read()
+        done_at = time.perf_counter()
+        answer = json.loads(body)
+        if response.status != 200 or answer.get("jobState") != "Completed":
+            raise JobFailed(f"HTTP {response.status}: {answer.get('responseStatus')}")
+        if not answer.get("outputs"):
+            raise JobFailed("no output")
+        return str(answer["jobId"]), done_at
 
     return job
 

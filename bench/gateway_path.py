@@ -39,6 +39,7 @@ import aiohttp
 import grpc
 
 from bench import ROOT
+from bench.client_loop import _http_job
 from bench.common import LoadWatch, cpu_seconds, free_port, ms, percentile, row, spread
 from bench.orchestration import Inputs, JobFailed, JobFn, _segment, _service_job, _wait_ready
 from bench.service_proc import ServiceProcess, service_env
@@ -48,26 +49,6 @@ NAME = "gateway_path"
 AGENTS = 4
 LEVELS = (1, 16)
 MODES = ("embedded", "separate")
-
-
-def _http_job(session: aiohttp.ClientSession, base: str) -> JobFn:
-    url = f"{base}/api/ImageUpscale"
-
-    async def job(_index: int, png: bytes) -> tuple[str, float]:
-        form = aiohttp.FormData()
-        form.add_field("Sync", "true")
-        form.add_field("image", png, filename="input.png", content_type="image/png")
-        async with session.post(url, data=form) as response:
-            body = await response.read()
-        done_at = time.perf_counter()
-        answer = json.loads(body)
-        if response.status != 200 or answer.get("jobState") != "Completed":
-            raise JobFailed(f"HTTP {response.status}: {answer.get('responseStatus')}")
-        if not answer.get("outputs"):
-            raise JobFailed("no output")
-        return str(answer["jobId"]), done_at
-
-    return job
 
 
 class _Gateway:

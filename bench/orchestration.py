@@ -34,7 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import grpc
 
 from bench.callers import Callers
@@ -44,12 +46,13 @@ from bench.client_loop import (
     JobFailed,
     JobFn,
     _direct_job,
+    _http_job,
     _segment,
     _service_job,
     _wait_ready,
 )
 from bench.comfy_direct import DirectComfy
-from bench.common import LoadWatch, cpu_seconds, ms, percentile, row, spread
+from bench.common import LoadWatch, cpu_seconds, listening_pid, ms, percentile, row, spread
 from bench.service_proc import ServiceProcess, service_env
 from bench.standin_proc import StandIns
 
@@ -263,52 +266,75 @@ async def _light_agents(
 
 REAL_SIDE = 64
 """The issue's real-ComfyUI comparison: a 2x upscale of a 64 px image."""
+REAL_PATHS = ("grpc", "http", "direct")
 
 
 async def _real_comfy(quick: bool, tmp: Path) -> dict[str, list[float]] | None:
-    """The same upscale on a real ComfyUI (``BENCH_COMFY_URL``), service over gRPC against
-    the direct client, interleaved: added p50 with one caller, jobs/s with 16. None when no
-    ComfyUI is configured. The agent runs one prompt at a time with one queued ahead (the
-    setting that keeps it busy); the direct client's 16 callers queue on ComfyUI itself."""
+    """The same upscale on a real ComfyUI (``BENCH_COMFY_URL``) through the service over gRPC,
+    through its HTTP shim (embedded, ``POST /api/ImageUpscale`` with ``Sync=true``) and with
+    the direct client, interleaved (the order turns every round): p50 with one caller; jobs/s,
+    p50, the service's CPU per job and ComfyUI's CPU per second of wall time with 16. None
+    when no ComfyUI is configured. The agent runs one prompt at a time with one queued ahead
+    (the setting that keeps it busy); the direct client's 16 callers queue on ComfyUI itself.
+    ComfyUI's CPU is read from ``/proc`` when it listens on this machine (``BENCH_COMFY_PID``
+    names it otherwise)."""
     url = os.environ.get("BENCH_COMFY_URL", "").rstrip("/")
     if not url:
         return None
+    port = urlsplit(url).port or 80
+    comfy_pid = int(os.environ.get("BENCH_COMFY_PID") or 0) or listening_pid(port)
     inputs = Inputs(REAL_SIDE)
     reps = 2 if quick else 5
     per = {1: 4 if quick else 20, 16: 16 if quick else 64}
-    got: dict[str, list[float]] = {
-        "service_p50_1": [],
-        "direct_p50_1": [],
-        "added_p50_1": [],
-        "service_jobs_per_s_16": [],
-        "direct_jobs_per_s_16": [],
-    }
+    got: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        got.setdefault(key, []).append(value)
+
     agent = {"url": url, "name": "real", "max_concurrent_jobs": 1, "queue_ahead": 1}
-    env = {
-        "AISERVER_GRPC_HOST": "127.0.0.1",
-        "AISERVER_GRPC_PORT": "0",
-        "AISERVER_HTTP_ENABLED": "false",
-        "AISERVER_DATA_DIR": str(tmp / "service-real"),
-        "AISERVER_AGENTS": json.dumps([agent]),
-        "AISERVER_LOCAL_UPSCALE": "off",
-    }
-    async with ServiceProcess(env, tmp / "service-real.log") as service:
+    env = service_env(tmp / "service-real", [], http=True, AISERVER_LOCAL_UPSCALE="off")
+    env["AISERVER_AGENTS"] = json.dumps([agent])
+    async with (
+        ServiceProcess(env, tmp / "service-real.log") as service,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+        grpc.aio.insecure_channel(service.target) as channel,
+    ):
         client = DirectComfy(url)
-        async with grpc.aio.insecure_channel(service.target) as channel:
-            await _wait_ready(channel)
-            paths = {"service": _service_job(channel), "direct": _direct_job([client], REAL_SIDE)}
-            for fn in paths.values():
-                await _segment(fn, 1, inputs.take(3))  # models loaded, caches warm
-            for rep in range(reps):
-                order = ["service", "direct"] if rep % 2 == 0 else ["direct", "service"]
-                one = {p: await _segment(paths[p], 1, inputs.take(per[1])) for p in order}
-                p50 = {p: ms(percentile(r["latencies"], 50)) for p, r in one.items()}
-                got["service_p50_1"].append(p50["service"])
-                got["direct_p50_1"].append(p50["direct"])
-                got["added_p50_1"].append(p50["service"] - p50["direct"])
-                for p in order:
-                    result = await _segment(paths[p], 16, inputs.take(per[16]))
-                    got[f"{p}_jobs_per_s_16"].append(result["jobs_per_s"])
+        await _wait_ready(channel)
+        paths = {
+            "grpc": _service_job(channel),
+            "http": _http_job(session, f"http://127.0.0.1:{service.info['http_port']}"),
+            "direct": _direct_job([client], REAL_SIDE),
+        }
+        for fn in paths.values():
+            await _segment(fn, 1, inputs.take(3))  # models loaded, caches warm
+        for rep in range(reps):
+            order = REAL_PATHS[rep % 3 :] + REAL_PATHS[: rep % 3]
+            p50 = {}
+            for p in order:
+                result = await _segment(paths[p], 1, inputs.take(per[1]))
+                p50[p] = ms(percentile(result["latencies"], 50))
+                add(f"{p}_p50_1", p50[p])
+            for p in ("grpc", "http"):
+                add(f"added_p50_1_{p}", p50[p] - p50["direct"])
+            for p in order:
+                cpu_service = cpu_seconds(service.pid)
+                cpu_comfy = cpu_seconds(comfy_pid) if comfy_pid else 0.0
+                start = time.perf_counter()
+                result = await _segment(paths[p], 16, inputs.take(per[16]))
+                wall = time.perf_counter() - start
+                done = len(result["latencies"])
+                add(f"{p}_jobs_per_s_16", result["jobs_per_s"])
+                add(f"{p}_p50_16", ms(percentile(result["latencies"], 50)))
+                if p != "direct":
+                    add(
+                        f"service_cpu_ms_per_job_{p}_16",
+                        ms(cpu_seconds(service.pid) - cpu_service) / done,
+                    )
+                if comfy_pid:  # cores' worth of CPU ComfyUI used while the segment ran
+                    add(f"comfy_busy_{p}_16", (cpu_seconds(comfy_pid) - cpu_comfy) / wall)
+                if result["failed"]:
+                    add(f"failed_{p}", len(result["failed"]))
         await client.aclose()
     return got
 
@@ -469,29 +495,56 @@ def _real_rows(real: dict[str, Any] | None) -> list[dict[str, Any]]:
     if real is None:
         return [
             row("real ComfyUI: added p50 @1, 64 px upscale (gRPC)", None, "ms", note=skip),
+            row("real ComfyUI: added p50 @1, 64 px upscale (HTTP)", None, "ms", note=skip),
             row("real ComfyUI: jobs/s @16 / direct client", None, "x", note=skip),
         ]
-    service, direct = real["service_jobs_per_s_16"]["runs"], real["direct_jobs_per_s_16"]["runs"]
-    ratio = [s / d for s, d in zip(service, direct, strict=True) if d]
-    return [
-        row(
-            "real ComfyUI: added p50 @1, 64 px upscale (gRPC)",
-            real["added_p50_1"],
-            "ms",
-            target=3.0,
-            better="lower",
-            baseline=f"direct {real['direct_p50_1']['median']:.1f} ms,"
-            f" service {real['service_p50_1']['median']:.1f} ms",
-        ),
-        row(
-            "real ComfyUI: jobs/s @16 / direct client",
-            spread(ratio, 3) if ratio else None,
-            "x",
-            target=1.0,
-            baseline=f"service {real['service_jobs_per_s_16']['median']:.1f} jobs/s,"
-            f" direct {real['direct_jobs_per_s_16']['median']:.1f}",
-        ),
-    ]
+
+    def med(key: str) -> float:
+        return float(real[key]["median"]) if key in real else float("nan")
+
+    def busy(path: str) -> str:
+        return f"{med(f'comfy_busy_{path}_16') * 20:.0f}"
+
+    rows = []
+    for p, name in (("grpc", "gRPC"), ("http", "HTTP")):
+        rows.append(
+            row(
+                f"real ComfyUI: added p50 @1, 64 px upscale ({name})",
+                real[f"added_p50_1_{p}"],
+                "ms",
+                target=3.0,
+                better="lower",
+                baseline=f"direct {med('direct_p50_1'):.1f} ms, service {med(f'{p}_p50_1'):.1f}",
+            )
+        )
+    for p, name in (("grpc", ""), ("http", " (HTTP)")):
+        pairs = zip(
+            real[f"{p}_jobs_per_s_16"]["runs"], real["direct_jobs_per_s_16"]["runs"], strict=True
+        )
+        ratio = [s / d for s, d in pairs if d]
+        rows.append(
+            row(
+                f"real ComfyUI: jobs/s @16 / direct client{name}",
+                spread(ratio, 3) if ratio else None,
+                "x",
+                target=1.0,
+                baseline=f"service {med(f'{p}_jobs_per_s_16'):.1f} jobs/s, direct"
+                f" {med('direct_jobs_per_s_16'):.1f}; p50 {med(f'{p}_p50_16'):.0f} ms, direct"
+                f" {med('direct_p50_16'):.0f}",
+                note=f"ComfyUI CPU s per 20 s: service {busy(p)}, direct {busy('direct')}"
+                if "comfy_busy_direct_16" in real
+                else "",
+            )
+        )
+        rows.append(
+            row(
+                f"real ComfyUI: service CPU per job @16 ({'gRPC' if p == 'grpc' else 'HTTP'})",
+                real[f"service_cpu_ms_per_job_{p}_16"],
+                "ms",
+                better="lower",
+            )
+        )
+    return rows
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -501,7 +554,26 @@ def run(quick: bool) -> dict[str, Any]:
     return result
 
 
+def run_real(quick: bool) -> dict[str, Any]:
+    """Only the real-ComfyUI part (``--real``): the rows a ComfyUI is needed for."""
+    watch = LoadWatch()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-orch-real-"))
+    try:
+        real = asyncio.run(_real_comfy(quick, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    figures = {"real_comfyui": {k: spread(v, 2) for k, v in (real or {}).items() if v}}
+    return {
+        "name": f"{NAME}_real",
+        "about": _real_comfy.__doc__,
+        "figures": figures,
+        "rows": _real_rows(figures["real_comfyui"] if real is not None else None),
+        "load": watch.done(),
+    }
+
+
 if __name__ == "__main__":
     import sys
 
-    print(json.dumps(run("--quick" in sys.argv), indent=2))
+    quick = "--quick" in sys.argv
+    print(json.dumps(run_real(quick) if "--real" in sys.argv else run(quick), indent=2))

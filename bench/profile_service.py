@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import shutil
 import subprocess
 import sys
@@ -27,7 +29,14 @@ from pathlib import Path
 import grpc
 
 from bench.common import RESULTS, cpu_seconds
-from bench.orchestration import Inputs, _segment, _service_job, _wait_ready
+from bench.orchestration import (
+    INPUT_SIDE,
+    REAL_SIDE,
+    Inputs,
+    _segment,
+    _service_job,
+    _wait_ready,
+)
 from bench.service_proc import ServiceProcess, service_env
 from bench.standin_proc import StandIns
 
@@ -102,12 +111,21 @@ async def _profile(
     native: bool,
     raw: Path | None,
     postgres: bool = False,
+    comfy_url: str = "",
 ) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     collapsed = tmp / "profile.txt"
     try:
-        async with StandIns(AGENTS, tmp / "comfy", module=module) as agents:
-            env = service_env(tmp / "service", agents.urls)
+        async with contextlib.AsyncExitStack() as stack:
+            agents = None
+            if comfy_url:  # a real ComfyUI: one agent, one prompt running and one queued ahead
+                env = service_env(tmp / "service", [], AISERVER_LOCAL_UPSCALE="off")
+                env["AISERVER_AGENTS"] = json.dumps([{"url": comfy_url, "name": "real"}])
+            else:
+                agents = await stack.enter_async_context(
+                    StandIns(AGENTS, tmp / "comfy", module=module)
+                )
+                env = service_env(tmp / "service", agents.urls)
             if postgres:  # the job store on the scale-out bench's database, a schema of its own
                 from bench import scaleout
 
@@ -118,12 +136,13 @@ async def _profile(
                     "AISERVER_DATABASE_SCHEMA": schema,
                 }
             async with ServiceProcess(env, tmp / "service.log") as service:
-                inputs = Inputs()
+                inputs = Inputs(REAL_SIDE if comfy_url else INPUT_SIDE)
                 async with grpc.aio.insecure_channel(service.target) as channel:
                     await _wait_ready(channel)
                     job = _service_job(channel)
                     await _segment(job, 4, inputs.take(16))  # warm-up
-                    await agents.dump()
+                    if agents is not None:
+                        await agents.dump()
                     pngs = inputs.take(jobs)
                     spy = await asyncio.create_subprocess_exec(
                         _py_spy(),
@@ -143,7 +162,7 @@ async def _profile(
                     spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
                     async with asyncio.timeout(30):
                         await spy.wait()
-                    _, requests = await agents.dump()
+                    requests = (await agents.dump())[1] if agents is not None else {}
         if postgres:
             await scaleout._drop_schema(schema)
         done = len(got["latencies"])
@@ -151,9 +170,10 @@ async def _profile(
             shutil.copyfile(collapsed, raw)
         busy, own, total, areas = _top(collapsed)
         per_job = cpu * 1000 / max(done, 1)
+        where = f"a real ComfyUI at {comfy_url}" if comfy_url else f"{AGENTS} agents ({module})"
         lines = [
             f"profile {label}: {done} jobs ({len(got['failed'])} failed), {concurrency} callers,"
-            f" {AGENTS} agents ({module}), gRPC ImageUpscale SYNC + references,"
+            f" {where}, gRPC ImageUpscale SYNC + references,"
             f" {'PostgreSQL' if postgres else 'SQLite'}",
             f"service CPU per job: {cpu * 1000 / max(done, 1):.2f} ms"
             f" ({cpu:.2f} s CPU over {wall:.1f} s wall, {done / wall:.1f} jobs/s)",
@@ -192,6 +212,9 @@ def main() -> None:
     parser.add_argument("--native", action="store_true", help="C frames too (py-spy --native)")
     parser.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks in this file")
     parser.add_argument("--postgres", action="store_true", help="the job store on PostgreSQL")
+    parser.add_argument(
+        "--comfy-url", default="", help="a real ComfyUI instead of the stand-ins (64 px inputs)"
+    )
     args = parser.parse_args()
     text = asyncio.run(
         _profile(
@@ -202,6 +225,7 @@ def main() -> None:
             args.native,
             args.raw,
             args.postgres,
+            comfy_url=args.comfy_url.rstrip("/"),
         )
     )
     RESULTS.mkdir(parents=True, exist_ok=True)

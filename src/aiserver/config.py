@@ -94,6 +94,10 @@ class Settings:
     agent_probe_interval_s: float = 10.0
     """How often an online ComfyUI agent is probed; offline ones back off from 1 s up to this
     (never longer: an agent that is back is noticed within it)."""
+    agent_catalogue_interval_s: float = 60.0
+    """How often an online agent's node catalogue (``/object_info``: its nodes and model files)
+    is read again; probes in between ask only ``/system_stats``. Read at once when an agent
+    comes back, changes version, drops its websocket or lacks what a job asked for."""
     agent_outputs_over_websocket: bool = True
     """Take output images from the websocket (``SaveImageWebsocket``) on agents that have it:
     nothing is left in the agent's ``output/`` and no ``/view`` follows each job."""

@@ -30,6 +30,7 @@ from aiserver.tasks import (
 )
 from tests.comfy.conftest import Spawn, StandInFactory
 from tests.comfy.helpers import FAST, RecordingSink, png, work_item, write_input
+from tests.support.comfy_standin import ComfyStandIn
 
 SETTINGS = PoolSettings(
     probe_interval_s=0.2, backoff_initial_s=0.05, backoff_max_s=0.2, timeouts=FAST
@@ -433,3 +434,58 @@ def test_agent_settings_are_validated_and_named() -> None:
         AgentConfig(url="ftp://h:1")
     with pytest.raises(ValueError):
         AgentConfig(url="http://h:1", max_concurrent_jobs=0)
+
+
+def _gets(standin: ComfyStandIn, route: str) -> int:
+    return sum(1 for method, path, _ in standin.received.requests if path.endswith(route))
+
+
+async def test_probes_read_the_catalogue_only_when_due_or_after_a_restart(
+    make_standin: StandInFactory, pools: list[ComfyPool], catalog: WorkflowCatalog
+) -> None:
+    standin = await make_standin()
+    pool = await started(
+        pools,
+        catalog,
+        AgentConfig(standin.url, name="a"),
+        probe_interval_s=0.02,
+        catalogue_interval_s=60,
+    )
+    async with asyncio.timeout(5):
+        while _gets(standin, "/system_stats") < 6:
+            await asyncio.sleep(0.02)
+    assert _gets(standin, "/object_info") == 1  # the start's; liveness probes skip it
+    standin.set_models("upscale_models", ["other_x2.pth"])
+    await asyncio.sleep(0.1)
+    assert not pool.can_run(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec(model="other_x2.pth"))
+    await standin.kill()  # a restart: the agent comes back online with its catalogue re-read
+    async with asyncio.timeout(5):
+        while pool.snapshot()[0].state is AgentState.ONLINE:
+            await asyncio.sleep(0.02)
+    await standin.restart()
+    async with asyncio.timeout(5):
+        while pool.snapshot()[0].state is not AgentState.ONLINE:
+            await asyncio.sleep(0.02)
+    assert _gets(standin, "/object_info") == 2
+    assert pool.can_run(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec(model="other_x2.pth"))
+    standin.set_models("upscale_models", ["third_x2.pth"])
+    await pool.probe("a")  # an operator's probe reads it too
+    assert pool.can_run(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec(model="third_x2.pth"))
+
+
+async def test_the_catalogue_is_read_again_once_its_interval_has_passed(
+    make_standin: StandInFactory, pools: list[ComfyPool], catalog: WorkflowCatalog
+) -> None:
+    standin = await make_standin()
+    pool = await started(
+        pools,
+        catalog,
+        AgentConfig(standin.url, name="a"),
+        probe_interval_s=0.02,
+        catalogue_interval_s=0.3,
+    )
+    standin.set_models("upscale_models", ["other_x2.pth"])
+    async with asyncio.timeout(5):
+        while not pool.can_run(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec(model="other_x2.pth")):
+            await asyncio.sleep(0.02)
+    assert _gets(standin, "/object_info") >= 2

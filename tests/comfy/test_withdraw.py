@@ -35,7 +35,10 @@ async def test_a_left_prompt_is_interrupted_if_running_and_deleted_if_pending(
         spawn(dying.run(upscale(inputs_dir, job_id=f"01JWITHDRAW00000000000000{i}"), sink))
         for i, sink in enumerate(sinks)
     ]
-    await standin.wait_for(lambda: len(standin.pending_prompts) == 1)
+    # Both queued, and both checkpoints in hand (a prompt is queued before its run hears back).
+    await standin.wait_for(
+        lambda: len(standin.pending_prompts) == 1 and all(s.checkpoints for s in sinks)
+    )
     for run in runs:  # the process goes away, its prompts stay on the agent
         run.cancel(SHUTDOWN)
         with pytest.raises(asyncio.CancelledError):

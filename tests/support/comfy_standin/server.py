@@ -47,6 +47,8 @@ _FEATURES = {
     "max_upload_size": 104857600,
     "extension": {"manager": {"supports_v4": True}},
 }
+_Frame = tuple[bytes, str, Image.Image]
+"""A binary frame: its legacy bytes (types 1/2), its MIME type, the image (for type 4)."""
 _GUARDED = True  # sent only when the prompt has a client_id (execution.py add_message)
 
 
@@ -1005,27 +1007,35 @@ class ComfyStandIn:
                 await asyncio.sleep(self._step_delay)
             if self._interrupt:  # the progress hook checks (README: ~1 s on CPU)
                 raise Interrupted
+            frame = self._preview_frame(preview) if preview is not None and previews else None
+            step(value, maximum, frame)
+            while self._hold_at.get(node) == value and not self._interrupt:
+                await asyncio.sleep(0.005)
+
+        def step(value: int, maximum: int, frame: _Frame | None) -> None:
+            # ComfyUI's progress hook, in its order (comfy_execution/progress.py, main.py;
+            # recordings saveimagewebsocket_metadata and _legacy): progress_state, the frame
+            # for clients that asked for preview metadata (type 4), progress, then the frame
+            # for the others (types 1/2).
             progress_state(node, "running", value, maximum)
+            if frame is not None:
+                self._send_binary(client, frame, pid, node, metadata=True)
             self._send(
                 "progress",
                 {"value": value, "max": maximum, "prompt_id": pid, "node": node},
                 client,
                 guarded=False,
             )
-            if preview is not None and previews:
-                self._send_preview(client, pid, node, preview)
-            while self._hold_at.get(node) == value and not self._interrupt:
-                await asyncio.sleep(0.005)
+            if frame is not None:
+                self._send_binary(client, frame, pid, node, metadata=False)
 
         async def send_image(image: Image.Image, value: int, maximum: int) -> None:
-            # The frame and its progress, in the order the recordings show: with preview
-            # metadata the frame comes first (saveimagewebsocket_metadata), without it after
-            # the progress (saveimagewebsocket_legacy).
-            frame = _image_frame(image, "PNG")
-            self._send_binary(client, frame, pid, node, "image/png", image, metadata=True)
             # Sending a frame is no sampler step: no step delay (it costs ComfyUI a PNG encode).
-            await report(value, maximum, None, work=False)
-            self._send_binary(client, frame, pid, node, "image/png", image, metadata=False)
+            if self._interrupt:
+                raise Interrupted
+            step(value, maximum, (_image_frame(image, "PNG"), "image/png", image))
+            while self._hold_at.get(node) == value and not self._interrupt:
+                await asyncio.sleep(0.005)
 
         handler = NODES.get(class_type)
         if handler is None:
@@ -1041,24 +1051,24 @@ class ComfyStandIn:
         )
         return await handler(ctx, inputs)
 
-    def _send_preview(self, client: str | None, pid: str, node: str, image: Image.Image) -> None:
+    @staticmethod
+    def _preview_frame(image: Image.Image) -> _Frame:
         small = image.copy()
         small.thumbnail((64, 64))
-        self._send_binary(client, _image_frame(small, "JPEG"), pid, node, "image/jpeg", small)
+        return _image_frame(small, "JPEG"), "image/jpeg", small
 
     def _send_binary(
         self,
         client: str | None,
-        legacy: bytes,
+        frame: _Frame,
         pid: str,
         node: str,
-        mime: str,
-        image: Image.Image,
         *,
         metadata: bool | None = None,
     ) -> None:
         """To the client (or everyone); ``metadata`` True/False: only to the peers that did /
         did not ask for preview metadata."""
+        legacy, mime, image = frame
         targets = (
             list(self._peers.values())
             if client is None

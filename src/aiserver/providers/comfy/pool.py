@@ -100,6 +100,8 @@ class _Agent:
         self.version = ""
         self.backoff = 0.0
         self.next_probe = 0.0
+        self.catalogue_due = 0.0
+        """Loop time from which the next probe reads ``/object_info`` again (0: at once)."""
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.runs: set[asyncio.Task[Any]] = set()
@@ -347,6 +349,7 @@ class ComfyPool:
         """Probe one agent now and return its state."""
         agent = self._agents[name]
         if agent.state is not AgentState.DISABLED:
+            agent.catalogue_due = 0.0
             await self._probe(agent)
         return next(s for s in self.snapshot() if s.name == name)
 
@@ -404,9 +407,17 @@ class ComfyPool:
     async def _probe(self, agent: _Agent) -> bool:
         s = self._settings
         loop = asyncio.get_running_loop()
+        # The catalogue is big (590 KB from a plain ComfyUI 0.8, megabytes with custom nodes;
+        # ~140 ms of the agent's CPU to build, tens of ms of ours to parse): re-read only
+        # when it may have changed, else every catalogue_interval_s; /system_stats says alive.
+        fresh = agent.state is AgentState.ONLINE and agent.caps is not None
+        info: dict[str, Any] | None = None
         try:
             stats = await agent.client.system_stats()
-            info = await agent.client.object_info()
+            system = stats.get("system")
+            version = str(system.get("comfyui_version", "")) if isinstance(system, dict) else ""
+            if not fresh or loop.time() >= agent.catalogue_due or version != agent.version:
+                info = await agent.client.object_info()
         except ServiceError as exc:
             # Backing off spares a dead agent, but never past the probe interval: an agent that
             # is back must be noticed as soon as an online one would be re-checked.
@@ -415,11 +426,11 @@ class ComfyPool:
             agent.next_probe = loop.time() + agent.backoff
             await self._set_offline(agent, exc.message, reschedule=False)
             return False
-        caps = AgentCapabilities.from_object_info(info)
-        agent.caps = caps
-        agent.checks = self._workflows.check(caps)
-        system = stats.get("system")
-        agent.version = str(system.get("comfyui_version", "")) if isinstance(system, dict) else ""
+        if info is not None:
+            agent.caps = AgentCapabilities.from_object_info(info)
+            agent.checks = self._workflows.check(agent.caps)
+            agent.catalogue_due = loop.time() + s.catalogue_interval_s
+        agent.version = version
         agent.last_seen = datetime.now(UTC)
         agent.backoff = 0.0
         agent.next_probe = loop.time() + s.probe_interval_s
@@ -456,6 +467,7 @@ class ComfyPool:
 
     def _probe_soon(self, agent: _Agent) -> None:
         agent.next_probe = 0.0
+        agent.catalogue_due = 0.0  # a lost socket (a restart?) or an outdated catalogue
         agent.wake.set()
 
     async def _notify(self) -> None:

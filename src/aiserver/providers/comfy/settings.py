@@ -86,7 +86,12 @@ class PoolSettings:
     """How the pool watches its agents and bounds their runs."""
 
     probe_interval_s: float = 30.0
-    """Re-probe an online agent this often (picks up new models)."""
+    """Re-probe an online agent this often (``/system_stats``: is it there)."""
+    catalogue_interval_s: float = 60.0
+    """Re-read an online agent's ``/object_info`` (new models, nodes) this often; at once when
+    it comes back online, reports another version, drops its websocket or lacks what a run
+    asked for. That catalogue costs the agent ~140 ms of CPU per read (a plain ComfyUI 0.8,
+    590 KB; more with custom nodes) and the service tens of ms to parse."""
     backoff_initial_s: float = 1.0
     """First wait before re-probing an offline agent; doubles up to ``backoff_max_s``."""
     backoff_max_s: float = 60.0
