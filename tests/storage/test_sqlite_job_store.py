@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from aiserver.jobs.model import ArtifactRef, JobState
 from aiserver.jobs.store import JobQuery, JobRecord, SqliteJobStore
+from aiserver.jobs.store.sqlite import _transaction
 from tests.storage.test_job_store import T0, make_job
 
 
@@ -107,3 +109,56 @@ async def test_the_wal_starts_over_under_steady_writes(
     await asyncio.gather(*(writer(i) for i in range(16)))
     wal = tmp_path / "jobs.sqlite3-wal"
     assert wal.stat().st_size < 12_000_000
+
+
+async def test_a_cancelled_write_in_the_thread_keeps_the_turn_until_the_thread_is_done(
+    store: SqliteJobStore,
+) -> None:
+    # A caller that stops waiting for a write in the thread (cancelled at shutdown, say)
+    # must not let the next write run on the loop inside that thread's open transaction.
+    record = JobRecord(make_job(1))
+    await store.create(record)
+    entered, gate = threading.Event(), threading.Event()
+    conn = store._conn
+
+    def long_write() -> None:
+        with _transaction(conn):
+            conn.execute("UPDATE jobs SET tag = 'slow' WHERE id = ?", (record.job.id,))
+            entered.set()
+            gate.wait(10)
+
+    writing = asyncio.create_task(store._call(long_write))
+    try:
+        assert await asyncio.to_thread(entered.wait, 5)
+        writing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writing
+        record.job.state = JobState.RUNNING
+        saved = asyncio.create_task(store.save(record))
+        await asyncio.sleep(0.05)
+        assert not saved.done()  # its turn comes when the thread has committed
+    finally:
+        gate.set()
+    await asyncio.wait_for(saved, 5)
+    stored = await store.get(record.job.id)
+    assert stored is not None and stored.job.state is JobState.RUNNING
+
+
+async def test_a_scan_sees_the_writes_issued_before_it_that_waited_for_their_turn(
+    store: SqliteJobStore,
+) -> None:
+    gate = _hold_thread(store)
+    try:
+        forgetting = asyncio.create_task(store.forget_outputs({"a" * 64}))  # holds the turn
+        await asyncio.sleep(0)
+        second = JobRecord(make_job(2))
+        made = asyncio.create_task(store.create(second))  # waits for its turn on the loop
+        await asyncio.sleep(0)
+        listing = asyncio.create_task(store.query(JobQuery(), page_size=10, page_token=""))
+        await asyncio.sleep(0.05)
+    finally:
+        gate.set()
+    await forgetting
+    await made
+    jobs, _ = await listing
+    assert second.job.id in {j.id for j in jobs}

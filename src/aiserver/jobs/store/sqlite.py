@@ -147,19 +147,41 @@ class SqliteJobStore:
         ``inline`` (a short statement), else in the thread."""
         if self._closed:
             raise ServiceError(ErrorKind.UNAVAILABLE, "STORE_CLOSED", "the job store is closed")
-        async with self._turn:
-            if inline:
+        if inline:
+            async with self._turn:
                 result = fn()
-            else:
-                result = await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        else:
+            result = await self._in_thread_in_turn(fn)
         self._after_write()
         return result
 
+    async def _in_thread_in_turn(self, fn: Callable[[], _T]) -> _T:
+        """``fn`` in the thread, in the writes' turn, which is given back when the thread is
+        done with the connection: a caller cancelled meanwhile stops waiting, but no write
+        may run on the loop inside the thread's open transaction."""
+        await self._turn.acquire()
+        loop = asyncio.get_running_loop()
+        try:
+            running = self._executor.submit(fn)
+        except BaseException:
+            self._turn.release()
+            raise
+
+        def give_back(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(self._turn.release)
+
+        running.add_done_callback(give_back)
+        return await asyncio.wrap_future(running)
+
     async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run the scan ``fn`` in the thread on the reading connection: writes issued
-        meanwhile go on, on the loop."""
+        """Run the scan ``fn`` in the thread on the reading connection, once the writes
+        issued before it are done (it sees them; writes issued after go on, on the loop)."""
         if self._closed:
             raise ServiceError(ErrorKind.UNAVAILABLE, "STORE_CLOSED", "the job store is closed")
+        if self._turn.locked():  # writes wait for their turn: this scan comes after them
+            async with self._turn:
+                pass
         reader = self._reader
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, reader)
 
@@ -171,16 +193,19 @@ class SqliteJobStore:
             task.add_done_callback(self._checkpoints.discard)
 
     async def _checkpoint(self) -> None:
-        async with self._turn:
-            if self._closed:
-                return
-            try:
-                # PASSIVE: never waits for readers; what it cannot copy now goes next time.
-                await asyncio.get_running_loop().run_in_executor(
-                    self._executor, _checkpoint, self._conn
-                )
-            except Exception as exc:
-                logger.warning("WAL checkpoint of the job database failed: %s", exc)
+        if self._closed:
+            return
+        conn = self._conn
+
+        def checkpoint() -> None:
+            if not self._closed:  # closed while it waited for its turn
+                _checkpoint(conn)
+
+        try:
+            # PASSIVE: never waits for readers; what it cannot copy now goes next time.
+            await self._in_thread_in_turn(checkpoint)
+        except Exception as exc:
+            logger.warning("WAL checkpoint of the job database failed: %s", exc)
 
     # --- records ----------------------------------------------------------------------------
 
@@ -817,8 +842,7 @@ class SqliteJobStore:
             self._reader.close()
             self._conn.close()
 
-        async with self._turn:
-            await asyncio.get_running_loop().run_in_executor(self._executor, close_both)
+        await self._in_thread_in_turn(close_both)
         self._hub.close()
         self._executor.shutdown(wait=False)
 
