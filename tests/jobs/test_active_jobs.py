@@ -49,6 +49,7 @@ def test_pop_counts_and_bypassing_methods_are_refused() -> None:
         lambda: jobs.setdefault("c", active("c", "k1")),
         jobs.popitem,
         jobs.clear,
+        lambda: jobs.__ior__({"c": active("c", "k1")}),
     ]
     for bypass in bypasses:
         with pytest.raises(TypeError):

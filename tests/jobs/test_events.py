@@ -223,6 +223,16 @@ async def test_dropped_subscription_detaches_itself() -> None:
     assert len(hub._channels[job.id].subscribers) == 1
     del sub
     gc.collect()
+    await asyncio.sleep(0)  # handed to the loop (the collector may run in any thread)
+    assert len(hub._channels[job.id].subscribers) == 0
+
+    # Dropped in another thread (as the cyclic collector may): still left on the loop.
+    other = hub.subscribe(job.id, no_history)
+    await within(anext(other))
+    holder = [other]
+    del other
+    await asyncio.to_thread(holder.clear)
+    await asyncio.sleep(0)
     assert len(hub._channels[job.id].subscribers) == 0
 
     closed = hub.subscribe(job.id, no_history)

@@ -86,8 +86,9 @@ _VALID_MAX_BYTES = 256
 
 def violations_of(message: Message) -> list[tuple[str, str, str]]:
     """(field path, rule id, description) of each rule ``message`` breaks; empty when valid."""
-    data = message.SerializeToString(deterministic=True)
-    key = (message.DESCRIPTOR.full_name, data) if len(data) <= _VALID_MAX_BYTES else None
+    key = None
+    if message.ByteSize() <= _VALID_MAX_BYTES:  # larger ones are not worth encoding
+        key = (message.DESCRIPTOR.full_name, message.SerializeToString(deterministic=True))
     if key is not None and key in _VALID:
         return []
     found = []

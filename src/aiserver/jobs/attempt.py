@@ -116,7 +116,7 @@ class ActiveJobs(dict[str, ActiveJob]):
     def _refused(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError("ActiveJobs keeps per-owner counts: use item assignment, del or pop")
 
-    update = setdefault = popitem = clear = _refused
+    update = setdefault = popitem = clear = __ior__ = _refused
 
     def owned_by(self, owner: str) -> int:
         """Unfinished jobs of ``owner``."""

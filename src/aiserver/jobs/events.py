@@ -21,6 +21,7 @@ after a restart - the same :func:`replay_events` rebuilds the replay from the st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -353,6 +354,7 @@ class Subscription:
         self._load = load
         self._kinds = kinds
         self._sub: _Subscriber | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one it attached on
         self._closed = False
 
     def __aiter__(self) -> Subscription:
@@ -362,6 +364,7 @@ class Subscription:
         if self._sub is None:
             if self._closed:
                 raise StopAsyncIteration
+            self._loop = asyncio.get_running_loop()
             self._sub = await self._hub._attach(self._job_id, self._load, self._kinds)
         return await self._sub.next()
 
@@ -376,9 +379,11 @@ class Subscription:
             self._hub._detach(self._job_id, self._sub)
 
     def __del__(self) -> None:
-        # An iterator dropped without aclose(): its subscriber leaves the job's stream.
-        if self._sub is not None and not self._closed:
-            self._hub._detach(self._job_id, self._sub)
+        # An iterator dropped without aclose(): its subscriber leaves the job's stream, on
+        # the hub's loop (the cyclic collector may run this in any thread).
+        if self._sub is not None and self._loop is not None and not self._closed:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to leave
+                self._loop.call_soon_threadsafe(self._hub._detach, self._job_id, self._sub)
 
 
 class EventHub:

@@ -620,8 +620,9 @@ class JobManager:
             active.last_position = self._dispatch.position(job.id)
             self._hub.open_new(job)
             self._hub.emit(job.id, Accepted(job.task, job.ref_id, active.last_position))
+            made = snapshot(job)  # as accepted (QUEUED): the dispatch below may start it
             self._dispatch.submitted()
-            return snapshot(job), False
+            return made, False
         finally:
             # In the step that put the job in _active (no await between): never counted
             # twice, never missing from both.
