@@ -448,11 +448,17 @@ class PostgresArtifactIndex:
     async def register(self, ref: NewRef) -> IndexedRef:
         return await self._registers.write(ref)
 
+    def _register_timeout(self) -> float:
+        # A register of bytes being deleted waits for that delete's commit, up to _DROP_S:
+        # a wait on a row lock, not an outage.
+        return _DROP_S + self._timeout_s
+
     async def _register_one(self, ref: NewRef) -> IndexedRef:
         row = await (await self._connect()).fetchrow(
             _PG_REGISTER,
             ref.path, ref.sha256, ref.mime_type, ref.size, ref.width, ref.height, ref.now,
             ref.owner, ref.job_id, ref.file_name, ref.seed, ref.provider,
+            timeout=self._register_timeout(),
         )  # fmt: skip
         assert row is not None  # both inserts return their row (DO UPDATE has no WHERE)
         return _ref_of(row, row[12])
@@ -461,6 +467,7 @@ class PostgresArtifactIndex:
         rows = await (await self._connect()).fetch(
             _PG_REGISTER_GROUP,
             *([getattr(ref, name) for ref in group] for name in _NEW_REF_FIELDS),
+            timeout=self._register_timeout(),
         )
         by_sha = {row[1]: row for row in rows}
         # Both inserts return every row: a missing one fails the group (each goes alone).
@@ -480,8 +487,11 @@ class PostgresArtifactIndex:
         return None if row is None else _ref_of(row)
 
     async def blobs(self) -> list[StoredBlob]:
+        from aiserver.jobs.store.postgres import SWEEP_STATEMENT_S
+
         rows = await (await self._connect()).fetch(
-            "SELECT path, sha256, size, last_put FROM artifact_blobs ORDER BY last_put, path"
+            "SELECT path, sha256, size, last_put FROM artifact_blobs ORDER BY last_put, path",
+            timeout=SWEEP_STATEMENT_S,  # the whole table: slow when large, not an outage
         )
         return [StoredBlob(f"artifacts/{r[0]}", r[1], r[2], r[3]) for r in rows]
 

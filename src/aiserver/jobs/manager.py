@@ -863,15 +863,21 @@ class JobManager:
         """``write()``, tried again while the store is away (an outage) and this process's
         lease on the job has time left: a short outage (a database restart) then costs the
         job a pause, not a drop (a taker would re-run or repeat its prompt). Past the lease,
-        or once the job is no longer held here, the outage is raised (the caller drops it)."""
+        or once the job is no longer held here, the outage is raised (the caller drops it).
+        The bound is the lease left at the first failure: renewals that still get through
+        (a failure only some writes see, the bucket's) do not stretch it for ever."""
         delay = 0.1
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
         while True:
             try:
                 return await write()
             except Exception as exc:
                 if self._leases is None or backend_outage(exc) is None:
                     raise
-                left = self._leases.time_left(active.job.id)
+                if deadline is None:
+                    deadline = loop.time() + self._leases.time_left(active.job.id)
+                left = deadline - loop.time()
                 if self._active.get(active.job.id) is not active or left <= delay:
                     raise
                 logger.info("job %s: store unreachable; writing again (%s)", active.job.id, exc)

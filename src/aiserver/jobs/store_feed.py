@@ -54,6 +54,9 @@ class StoreFeed:
         self._task: asyncio.Task[None] | None = None
         self._last: dict[str, int] = {}  # per job: the last sequence handed to the taps
         self._since = datetime.now(UTC)
+        # Announcements were lost (LISTEN re-opened): jobs never seen here may have come
+        # and gone meanwhile, so the table is read again as at the start.
+        self._catch_up = False
 
     def tap(self, callback: JobTap) -> Callable[[], None]:
         """Call ``callback`` with each event of a job held elsewhere, from now on; returns
@@ -102,6 +105,16 @@ class StoreFeed:
                         logger.warning("reading the new jobs failed", exc_info=True)
                     moved |= {j for j in unnoticed if not self._held_here(j)}
                     unnoticed = None
+                if self._catch_up:
+                    self._catch_up = False
+                    try:
+                        found = {r.job.id for r in await self._store.unfinished()}
+                        found |= await self._created_since()
+                    except Exception:
+                        self._catch_up = True  # next pass
+                        logger.warning("reading the jobs after a resync failed", exc_info=True)
+                    else:
+                        moved |= {j for j in found if not self._held_here(j)}
                 if moved:
                     batch = set(moved)
                     moved.clear()
@@ -152,6 +165,7 @@ class StoreFeed:
                 # Announcements were lost (the LISTEN connection was re-opened): the jobs
                 # followed so far may have moved meanwhile.
                 moved.update(j for j in self._last if not self._held_here(j))
+                self._catch_up = True
 
     async def _read(self, batch: set[str]) -> None:
         # A job seen for the first time is read whole (one announcement may stand for

@@ -70,6 +70,11 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 DEFAULT_TIMEOUT_S = 5.0
+SWEEP_STATEMENT_S = 600.0
+"""The bound of retention's statements, which scan whole tables: not a statement's
+``timeout_s`` (a sweep over a large table is slow, not a sign of an outage)."""
+_FORGET_BATCH = 8
+"""Hashes per ``forget_outputs`` statement (each one a scan of ``jobs``)."""
 
 
 def bounded_pool_options(
@@ -204,6 +209,7 @@ class PostgresJobStore:
         return self._others_follow or now - self._others_counted > 2.0
 
     async def _count_others(self) -> None:
+        started = time.monotonic()  # the count is as old as its snapshot, not its answer
         try:
             found = await self._fetchrow(
                 "SELECT count(*) FILTER (WHERE application_name = $2), count(*)"
@@ -221,7 +227,7 @@ class PostgresJobStore:
         except Exception:
             self._others_follow = True
         finally:
-            self._others_counted = time.monotonic()
+            self._others_counted = started
             self._others_count = None
 
     def _notice(self, announcement: Announcement) -> str:
@@ -382,20 +388,25 @@ class PostgresJobStore:
         self._check()
         patterns = [f"%{sha}%" for sha in sorted(gone)]
         changed = 0
-        async with self._pool.acquire() as conn, conn.transaction():
-            found = await conn.fetch(
-                # In id order, as group saves and renew_all lock rows: no deadlock with them.
-                "SELECT id, outputs FROM jobs WHERE outputs LIKE ANY($1::text[])"
-                " ORDER BY id FOR UPDATE",
-                patterns,
-            )
-            for row in found:
-                kept = rows.without_outputs(row["outputs"], gone)
-                if kept is not None:
-                    await conn.execute(
-                        "UPDATE jobs SET outputs = $1 WHERE id = $2", kept, row["id"]
-                    )
-                    changed += 1
+        # A scan of the whole table per batch (no index serves LIKE on the outputs): in
+        # batches, each its own transaction, under the sweep's bound, not a statement's
+        # (measured: 10 hashes 1.5 s, 100 hashes 16 s over 200k jobs).
+        for start in range(0, len(patterns), _FORGET_BATCH):
+            async with self._pool.acquire() as conn, conn.transaction():
+                found = await conn.fetch(
+                    # In id order, as group saves and renew_all lock rows: no deadlock.
+                    "SELECT id, outputs FROM jobs WHERE outputs LIKE ANY($1::text[])"
+                    " ORDER BY id FOR UPDATE",
+                    patterns[start : start + _FORGET_BATCH],
+                    timeout=SWEEP_STATEMENT_S,
+                )
+                for row in found:
+                    kept = rows.without_outputs(row["outputs"], gone)
+                    if kept is not None:
+                        await conn.execute(
+                            "UPDATE jobs SET outputs = $1 WHERE id = $2", kept, row["id"]
+                        )
+                        changed += 1
         return changed
 
     async def record_webhook(self, job_id: str, delivery: WebhookDelivery) -> None:
@@ -754,7 +765,12 @@ class PostgresJobStore:
         while not conn.is_closed():
             await asyncio.sleep(2 * self._timeout_s)
             try:
-                await conn.fetchval("SELECT 1", timeout=self._timeout_s)
+                # Under the lock: the connection runs one operation at a time (a rename
+                # for a feed may be under way).
+                async with self._listener_lock:
+                    if conn.is_closed():
+                        return
+                    await conn.fetchval("SELECT 1", timeout=self._timeout_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
