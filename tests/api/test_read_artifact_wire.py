@@ -12,6 +12,7 @@ from imagetasks.v1 import artifact_service_pb2 as apb
 
 from aiserver.api.wire import bytes_frame
 from aiserver.server import Service
+from tests.support.artifacts import put_bytes
 from tests.support.grpc_helpers import rich_status
 
 CHUNK = 64 * 1024
@@ -33,21 +34,6 @@ def test_the_frame_makes_protobufs_own_message(offset: int, length: int) -> None
     assert head + data + tail == want
 
 
-async def _put(service: Service, data: bytes) -> str:
-    ref = await service.artifacts.put(
-        data,
-        file_name="a.png",  # the store takes any bytes under an image type
-        mime_type="image/png",
-        width=0,
-        height=0,
-        seed=None,
-        provider="test",
-        job_id="j1",
-        owner="",
-    )
-    return ref.name
-
-
 async def test_each_message_is_the_one_protobuf_writes(
     service: Service, channel: grpc.aio.Channel
 ) -> None:
@@ -58,7 +44,7 @@ async def test_each_message_is_the_one_protobuf_writes(
     )
     for size in (10, 5 * CHUNK + 17):  # read inline / from the page cache on the event loop
         data = os.urandom(size)
-        name = await _put(service, data)
+        name = await put_bytes(service, data)
         for offset, limit in ((0, 0), (1, 0), (3, 5), (CHUNK - 1, 2 * CHUNK), (size - 1, 9)):
             if offset >= size:
                 continue
@@ -79,7 +65,7 @@ async def test_errors_are_unchanged(service: Service, channel: grpc.aio.Channel)
         request_serializer=apb.ReadArtifactRequest.SerializeToString,
         response_deserializer=apb.ReadArtifactResponse.FromString,
     )
-    name = await _put(service, b"0123456789")
+    name = await put_bytes(service, b"0123456789")
     missing = name[:-5] + "0" + name[-4:] if name[-5] != "0" else name[:-5] + "1" + name[-4:]
     for request, code, reason in (
         (apb.ReadArtifactRequest(name=missing), grpc.StatusCode.NOT_FOUND, "ARTIFACT_NOT_FOUND"),

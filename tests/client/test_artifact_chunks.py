@@ -16,6 +16,7 @@ from imagetasks.v1 import artifact_service_pb2 as apb
 from aiserver.client import AsyncClient, Client, ClientError
 from aiserver.client._chunks import read_chunk
 from aiserver.server import Service
+from tests.support.artifacts import put_bytes
 
 CHUNK = 64 * 1024
 
@@ -83,26 +84,11 @@ def test_a_broken_message_fails_as_protobuf_fails(wire: bytes) -> None:
         read_chunk(wire)
 
 
-async def _put(service: Service, data: bytes) -> str:
-    ref = await service.artifacts.put(
-        data,
-        file_name="a.png",  # the store takes any bytes under an image type
-        mime_type="image/png",
-        width=0,
-        height=0,
-        seed=None,
-        provider="test",
-        job_id="j1",
-        owner="",
-    )
-    return ref.name
-
-
 async def test_stream_read_and_save_through_both_clients(
     service: Service, client: AsyncClient, tmp_path: Any
 ) -> None:
     data = os.urandom(3 * CHUNK + 5)
-    name = await _put(service, data)
+    name = await put_bytes(service, data)
     chunks = [c async for c in client.stream_artifact(name, offset=3)]
     assert [type(c) for c in chunks] == [memoryview] * 4
     assert b"".join(chunks) == data[3:]
@@ -135,7 +121,7 @@ async def test_read_artifact_holds_the_bytes_once(service: Service, client: Asyn
     """Chunks go into one growing bytes object that is handed out: no second copy of the
     whole (a bytearray, then bytes() of it, held twice the artifact at the end)."""
     data = os.urandom(64 * CHUNK)
-    name = await _put(service, data)
+    name = await put_bytes(service, data)
     assert await client.read_artifact(name) == data  # warm: channel, stubs, first-call costs
     tracemalloc.start()
     try:
@@ -151,7 +137,7 @@ async def test_any_grpc_client_still_reads_the_messages(
     service: Service, channel: grpc.aio.Channel
 ) -> None:
     data = os.urandom(2 * CHUNK + 1)
-    name = await _put(service, data)
+    name = await put_bytes(service, data)
     stub = channel.unary_stream(
         "/imagetasks.v1.ArtifactService/ReadArtifact",
         request_serializer=apb.ReadArtifactRequest.SerializeToString,
