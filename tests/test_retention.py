@@ -12,6 +12,7 @@ from imagetasks.v1 import artifact_service_pb2_grpc, job_service_pb2_grpc, tasks
 from imagetasks.v1 import job_service_pb2 as jpb
 
 from aiserver.retention import Retention, RetentionPolicy
+from tests.support.artifacts import put_ref
 from tests.support.generation import comfy_service, generate
 from tests.support.images import encode, quadrant_image
 
@@ -55,16 +56,13 @@ async def test_sweep_deletes_artifacts_and_the_job_references(tmp_path: Path) ->
 async def test_outputs_of_unfinished_jobs_are_protected(tmp_path: Path) -> None:
     async with comfy_service(tmp_path) as (service, _):
         assert service.manager is not None and service.job_store is not None
-        ref = await service.artifacts.put(
+        ref = await put_ref(
+            service,
             b"\x89PNG fake but stored",
-            file_name="x.png",
-            mime_type="image/png",
+            job_id="01JOB",
             width=1,
             height=1,
-            seed=None,
-            provider="test",
-            job_id="01JOB",
-            owner="",
+            file_name="x.png",
         )
         in_use = {ref.name}
         service.manager.artifacts_in_use = lambda: in_use  # type: ignore[method-assign]
@@ -88,16 +86,13 @@ async def test_the_service_sweep_keeps_a_fresh_output_whatever_the_cap(tmp_path:
     ) as (service, _):
         assert service.retention is not None and service.manager is not None
         assert service.retention.policy.fresh_s == 80.0
-        ref = await service.artifacts.put(
+        ref = await put_ref(
+            service,
             b"\x89PNG an output whose job is not saved yet",
-            file_name="x.png",
-            mime_type="image/png",
+            job_id="01OTHER",
             width=1,
             height=1,
-            seed=None,
-            provider="test",
-            job_id="01OTHER",
-            owner="",
+            file_name="x.png",
         )
         assert await service.retention.sweep() == []
         stale = Retention(

@@ -17,6 +17,7 @@ from aiserver.api.wire import Encoded
 from aiserver.artifacts import ArtifactStore, Variant, VariantCache, VariantPolicy
 from aiserver.artifacts.links import UrlSigner
 from aiserver.server import Service
+from tests.support.artifacts import put_ref
 from tests.support.images import encode
 
 
@@ -96,17 +97,7 @@ async def test_warm_and_cold_infos_read_alike_per_spec(
     service: Service, channel: grpc.aio.Channel
 ) -> None:
     png = encode(Image.new("RGB", (40, 30), (200, 30, 30)), "PNG")
-    ref = await service.artifacts.put(
-        png,
-        file_name="a.png",
-        mime_type="image/png",
-        width=40,
-        height=30,
-        seed=None,
-        provider="test",
-        job_id="j1",
-        owner="",
-    )
+    ref = await put_ref(service, png, width=40, height=30)
     stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
     for spec, canonical, fmt, mime in (
         ("width=8", "width=8,format=webp", common_pb2.IMAGE_FORMAT_WEBP, "image/webp"),
