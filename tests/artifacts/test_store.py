@@ -633,3 +633,15 @@ async def test_a_deleted_artifact_is_not_found_after_warm_reads(
     with pytest.raises(ServiceError) as exc:
         await local_store.get(name, "alice")
     assert exc.value.kind is ErrorKind.NOT_FOUND
+
+
+async def test_a_repeated_read_of_an_artifact_makes_no_new_ref(
+    local_store: ArtifactStore, clock: Clock
+) -> None:
+    name = await put(local_store, DATA, job_id="j1")
+    first = await local_store.get(name, "alice")
+    assert await local_store.get(name, "alice") is first  # the index's row was the same
+    clock.advance(1)
+    await put(local_store, DATA, job_id="j2")  # a newer reference: a new row, a new ref
+    assert (await local_store.get(name, "alice")).job_id == "j2"
+    assert (await local_store.get(name, None)).job_id == "j2"
