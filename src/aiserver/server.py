@@ -54,6 +54,7 @@ from aiserver.providers.comfy.workflows import AgentCapabilities, WorkflowCatalo
 from aiserver.retention import Retention, RetentionPolicy
 from aiserver.security import Security
 from aiserver.spool import InputSpool
+from aiserver.spool_memory import SpoolMemory
 from aiserver.tasks import BUILT_IN_TASKS
 from aiserver.webhooks import DeliveryOutcome, WebhookSender, webhook_record
 from aiserver.webhooks.outbox import WebhookOutbox
@@ -102,7 +103,11 @@ class Service:
         blobs = open_blob_store(settings.blob_url, data / "artifacts")
         # Inputs go to the blob store only when it is shared (S3): the folder is this
         # process's own, and the spool already is one.
-        self.spool = InputSpool(data / "spool", shared=blobs if settings.blob_url else None)
+        self.spool = InputSpool(
+            data / "spool",
+            shared=blobs if settings.blob_url else None,
+            memory=SpoolMemory(settings.spool_memory_mb * 1024 * 1024),
+        )
         self.pool = BlockingPool(settings.image_threads)
         keep_image_blocks(settings.image_block_cache_mib)
         self.limits = ImageLimits(max_pixels=settings.max_pixels)
