@@ -7,12 +7,15 @@ when the budget has no room, or the upload passes its share, it spills to its sp
 while free, because fresh memory is what costs: holding the received messages themselves
 (64 MiB of new pages per 64 MiB upload) and joining them cost more CPU than writing the file
 (bench/README.md, helper "bytes"), while a copy into warm blocks costs about a quarter of the
-write.
+write. Blocks are anonymous maps, so those not kept go back to the system at once (freed
+heap memory would stay in the process after a burst).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import mmap
 import threading
 from typing import IO, TYPE_CHECKING, cast
 
@@ -34,10 +37,10 @@ class SpoolMemory:
         """The most one upload may hold: a few large uploads cannot take all of it (the
         default, a quarter of 256 MiB, is the default request limit of 64 MiB)."""
         self.used = 0
-        self._free: list[bytearray] = []
+        self._free: list[mmap.mmap] = []
         self._lock = threading.Lock()  # given back from any thread that drops an upload
 
-    def take(self, count: int) -> list[bytearray] | None:
+    def take(self, count: int) -> list[mmap.mmap] | None:
         """``count`` blocks, or None when the budget has no room for them."""
         with self._lock:
             if self.used + count * BLOCK_BYTES > self.limit:
@@ -45,13 +48,16 @@ class SpoolMemory:
             self.used += count * BLOCK_BYTES
             reused = self._free[len(self._free) - count :] if count <= len(self._free) else []
             del self._free[len(self._free) - len(reused) :]
-        return reused + [bytearray(BLOCK_BYTES) for _ in range(count - len(reused))]
+        return reused + [mmap.mmap(-1, BLOCK_BYTES) for _ in range(count - len(reused))]
 
-    def give(self, blocks: list[bytearray]) -> None:
+    def give(self, blocks: list[mmap.mmap]) -> None:
         with self._lock:
             self.used -= len(blocks) * BLOCK_BYTES
             keep = max(0, self.share // BLOCK_BYTES - len(self._free))
             self._free.extend(blocks[:keep])
+        for block in blocks[keep:]:
+            with contextlib.suppress(BufferError):  # a view still out: unmapped when it goes
+                block.close()
 
     @property
     def kept(self) -> int:
@@ -67,7 +73,7 @@ class HeldBytes:
 
     def __init__(self, memory: SpoolMemory) -> None:
         self._memory = memory
-        self._blocks: list[bytearray] = []
+        self._blocks: list[mmap.mmap] = []
         self.size = 0
 
     def add(self, data: ReadableBuffer) -> bool:
@@ -121,7 +127,7 @@ class _Reader(io.RawIOBase):
     """A file over blocks: ``read`` returns ``bytes`` sliced out of them (one copy, as
     ``BytesIO`` does)."""
 
-    def __init__(self, blocks: list[bytearray], size: int) -> None:
+    def __init__(self, blocks: list[mmap.mmap], size: int) -> None:
         super().__init__()
         self._blocks = blocks
         self._size = size
