@@ -2,8 +2,10 @@
 
 Bytes go to a temporary file while a SHA-256 is computed; a finished file is either moved into
 the content-addressed spool (job inputs, read later by providers) or deleted after use (light
-tasks). The byte budget is shared by all files of one request and is enforced per chunk, so an
-oversize upload is refused as soon as it passes the limit, not after it has been stored.
+tasks). A light task's input is instead held in memory while the process's budget allows
+(``aiserver.spool_memory``), and spills to its file past it. The byte budget is shared by
+all files of one request and is enforced per chunk, so an oversize upload is refused as soon
+as it passes the limit, not after it has been stored.
 
 With a shared blob store (several coordinators, docs/scale-out.md) a job's inputs are also
 put there (``inputs/{sha[:2]}/{sha}``) before the job is stored, so whichever process runs the
