@@ -117,7 +117,10 @@ class HeldBytes:
         return cast(IO[bytes], _Reader(self._blocks, self.size))
 
     def release(self) -> None:
-        blocks, self._blocks = self._blocks, []
+        # Emptied in place: a reader still open (an image worker whose call was cancelled
+        # keeps running) fails its next read instead of reading blocks reused meanwhile.
+        blocks = self._blocks[:]
+        self._blocks.clear()
         self.size = 0
         if blocks:
             self._memory.give(blocks)
@@ -157,6 +160,8 @@ class _Reader(io.RawIOBase):
         return pos
 
     def read(self, size: int | None = -1) -> bytes:
+        if len(self._blocks) * BLOCK_BYTES < self._size:
+            raise ValueError("the held bytes were released")
         start = self._pos
         end = self._size if size is None or size < 0 else min(self._size, start + size)
         if end <= start:

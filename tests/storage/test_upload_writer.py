@@ -147,8 +147,11 @@ async def test_a_large_upload_used_once_is_held_in_memory_within_the_budget(
         fh.seek(BLOCK_BYTES - 3)
         assert fh.read(10) == data[BLOCK_BYTES - 3 : BLOCK_BYTES + 7]  # across two blocks
         assert fh.seek(-4, 2) == len(data) - 4 and fh.read() == data[-4:] and fh.read(1) == b""
+    reader = done.held.open()
     writer.discard()  # read_upload discards every writer when a later file fails
     assert spool.memory.used == 0
+    with pytest.raises(ValueError):  # its blocks may serve another upload now
+        reader.read(1)
     Upload(None, {"image": done}).discard()
     assert spool.memory.used == 0 and spool.memory.kept == 8 << 20  # kept for reuse
 
