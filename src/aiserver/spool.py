@@ -82,12 +82,11 @@ _MAX_PENDING = 8 * 1024 * 1024
 
 class _Writer:
     """One file being uploaded. A file used once is held in memory within the spool's
-    :class:`SpoolMemory` and spills to disk past it. Otherwise, past :data:`_INLINE_BYTES`,
-    a thread of its own hashes and
-    writes the chunks (hashlib and file writes release the GIL), fed through a queue bounded
-    by :data:`_MAX_PENDING` bytes, so the event loop only hands chunks over: no thread hop per
-    chunk, no copy. The thread wakes the loop only when the reader waits for room or for the
-    end.
+    :class:`SpoolMemory` and spills to disk past it. Otherwise, past :data:`_INLINE_BYTES`, a
+    thread of its own hashes and writes the chunks (hashlib and file writes release the GIL),
+    fed through a queue bounded by :data:`_MAX_PENDING` bytes, so the event loop only hands
+    chunks over: no thread hop per chunk, no copy. The thread wakes the loop only when the
+    reader waits for room or for the end.
 
     The file is created only when bytes go to disk. An upload used once (not hashed: a
     crop's or conversion's input) held in memory never does: it is handed over as bytes.
