@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,6 @@ from aiserver.tasks import ImageToImageSpec, TaskKind
 from tests.comfy.conftest import Spawn, StandInFactory
 from tests.comfy.helpers import DirectAgent, RecordingSink, png, work_item, write_input
 from tests.support.comfy_standin import ComfyStandIn
-
-RECORDINGS = Path(__file__).parents[1] / "support" / "comfy_standin" / "recordings"
 
 
 def jobs(inputs_dir: Path, count: int) -> list[WorkItem]:
@@ -189,45 +186,3 @@ async def test_a_subscription_hears_the_queue_until_its_prompt_starts_and_waits_
     assert 0.05 <= loop.time() - asked < 1.0
     waiting.close()
     running.close()
-
-
-async def test_progress_state_wakes_a_run_only_when_a_node_finished() -> None:
-    """ComfyUI's ``progress_state`` repeats every node's state on each change, beside the
-    legacy frames that say the same; a real agent's frames come one at a time, each a wake-up
-    of the run. Only those that finish a node the run did not know finished reach it; every
-    other frame of the recorded prompt does, in order."""
-    trace = json.loads((RECORDINGS / "ws_trace_upscale_model.json").read_text())
-    recorded = trace["prompt_id"]
-    frames = [
-        json.dumps({"type": m["type"], "data": m["data"]}).replace(recorded, "prompt-a")
-        for m in trace["ws_messages"]
-    ]
-
-    async def handler(ws: ServerConnection) -> None:
-        await ws.recv()  # our feature flags: the socket is subscribed by now
-        for frame in frames:
-            await ws.send(frame)
-        await ws.wait_closed()
-
-    async with serve(handler, "127.0.0.1", 0) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        agent = ComfyClient("replay", f"http://127.0.0.1:{port}")
-        sub = await agent.channel.subscribe("prompt-a")
-        got: list[msg.Message] = []
-        loop = asyncio.get_running_loop()
-        while not (got and isinstance(got[-1], msg.Executing) and got[-1].node is None):
-            got.append(await sub.recv(loop.time() + 5))
-        sub.close()
-        await agent.aclose()
-    sent = [msg.decode(f) for f in frames if msg.decode(f).prompt_id == "prompt-a"]
-    states = [m for m in got if isinstance(m, msg.ProgressState)]
-    assert [m.finished for m in states] == [
-        ("1",),
-        ("1", "2"),
-        ("1", "2", "3"),
-        ("1", "2", "3", "4"),
-    ]
-    assert len([m for m in sent if isinstance(m, msg.ProgressState)]) == 9
-    assert [m for m in got if not isinstance(m, msg.ProgressState | msg.Status)] == [
-        m for m in sent if not isinstance(m, msg.ProgressState)
-    ]

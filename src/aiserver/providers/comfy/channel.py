@@ -70,8 +70,6 @@ class Subscription:
         """Queue changes (``status`` frames) are delivered: until the run says its prompt
         started (:meth:`started`), when its place in the queue no longer matters."""
         self._items: collections.deque[msg.Message | _Lost] = collections.deque()
-        self._finished: set[str] = set()
-        """Nodes a delivered ``progress_state`` said were finished."""
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -157,15 +155,6 @@ class Subscription:
             waiter.set_result(None)
 
     def _put(self, item: msg.Message | _Lost) -> None:
-        if isinstance(item, msg.ProgressState):
-            # ComfyUI sends every node's state on each change, ~2 per node and one per step
-            # beside the legacy frames (``executing``, ``progress``) that say the same; the
-            # run takes only newly finished nodes from it. The others would each wake the run
-            # for nothing: frames of a real agent come one at a time, a wake-up each.
-            finished = item.finished
-            if self._finished.issuperset(finished):
-                return
-            self._finished.update(finished)
         if isinstance(item, _ENDS) or (isinstance(item, msg.Executing) and item.node is None):
             self.ended = True
         self._items.append(item)
