@@ -135,6 +135,7 @@ async def _round(
         await asyncio.gather(*(caller(warm) for _ in range(concurrency)))
         todo = iter(range(jobs))
         before = await scaleout._settled_counters() if kind == "postgres" else None
+        tables = await scaleout._table_writes(schema) if kind == "postgres" else {}
         cpu = time.process_time()
         await asyncio.gather(*(caller(todo) for _ in range(concurrency)))
         cpu = time.process_time() - cpu
@@ -149,6 +150,10 @@ async def _round(
         after |= {k: v for k, v in (await scaleout._database_counters()).items() if k != "cpu"}
         figures["postgres_cpu_ms_per_job"] = (after["cpu"] - before["cpu"]) * 1000 / jobs
         figures["postgres_xacts_per_job"] = (after["xacts"] - before["xacts"]) / jobs
+        figures["postgres_rows_written_per_job"] = (after["written"] - before["written"]) / jobs
+        # Which rows (inserted, updated, HOT-updated, deleted per table): --tables.
+        moved = scaleout.per_job(await scaleout._table_writes(schema), tables, jobs)
+        figures |= {f"rows {k}": v for k, v in moved.items()}
         await scaleout._drop_schema(schema)
     return figures
 

@@ -257,6 +257,32 @@ async def _database_counters() -> dict[str, float]:
     }
 
 
+async def _table_writes(schema: str) -> dict[str, float]:
+    """Rows inserted, updated (of which HOT) and deleted per table of ``schema`` so far."""
+    conn = await asyncpg.connect(BENCH_URL)
+    try:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        records = await conn.fetch(
+            "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del"
+            " FROM pg_stat_user_tables WHERE schemaname = $1",
+            schema,
+        )
+    finally:
+        await conn.close()
+    got: dict[str, float] = {}
+    for r in records:
+        for what in ("ins", "upd", "hot_upd", "del"):
+            if r[f"n_tup_{what}"]:
+                got[f"{r['relname']}.{what}"] = float(r[f"n_tup_{what}"])
+    return got
+
+
+def per_job(after: dict[str, float], before: dict[str, float], jobs: int) -> dict[str, float]:
+    """``after - before`` per job, the keys that moved."""
+    moved = {k: (v - before.get(k, 0.0)) / jobs for k, v in after.items()}
+    return {k: round(v, 3) for k, v in sorted(moved.items()) if v}
+
+
 async def _drop_schema(schema: str) -> None:
     conn = await asyncpg.connect(BENCH_URL)
     try:

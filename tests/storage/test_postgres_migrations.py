@@ -1,0 +1,87 @@
+"""PostgreSQL migrations never wait forever behind another session's lock: a step altering a
+table an open transaction holds gives up after ``lock_timeout_s`` (applying nothing) with an
+error saying so, and so does waiting for another process's migration lock."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from aiserver.jobs.store import migrations
+from aiserver.jobs.store import postgres as pg
+from tests.storage.backends import PG_URL
+
+LATEST = len(migrations.POSTGRES)
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    yield name
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+    finally:
+        await conn.close()
+
+
+async def _version(schema: str) -> int:
+    conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        return int(await conn.fetchval("SELECT max(version) FROM schema_migrations"))
+    finally:
+        await conn.close()
+
+
+async def test_a_step_blocked_by_an_open_transaction_gives_up_and_applies_nothing(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A database one version behind, as a server of the previous release left it ...
+    with monkeypatch.context() as m:
+        m.setattr(migrations, "POSTGRES", migrations.POSTGRES[:-1])
+        await pg.migrate(PG_URL, schema)
+    assert await _version(schema) == LATEST - 1
+    # ... which still has a write transaction open on every table (any step that alters or
+    # indexes one needs a lock that conflicts with a writer's).
+    other = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        tables = await other.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
+        open_transaction = other.transaction()
+        await open_transaction.start()
+        names = ", ".join(t[0] for t in tables)
+        await other.execute(f"LOCK TABLE {names} IN ROW EXCLUSIVE MODE")
+        started = time.monotonic()
+        with pytest.raises(pg.MigrationLockTimeout) as caught:
+            # (without the bound the step waits for as long as that transaction stays open)
+            await asyncio.wait_for(pg.migrate(PG_URL, schema, lock_timeout_s=0.3), 20.0)
+        assert time.monotonic() - started < 10.0
+        message = str(caught.value)
+        assert f"migration to version {LATEST} waited more than 0.3 s" in message
+        assert "lock_timeout" in message and "nothing of the step was applied" in message
+        assert await _version(schema) == LATEST - 1
+        await open_transaction.rollback()
+    finally:
+        await other.close()
+    await pg.migrate(PG_URL, schema, lock_timeout_s=0.3)  # the session gone: it goes through
+    assert await _version(schema) == LATEST
+
+
+async def test_another_sessions_migration_lock_is_waited_for_within_a_bound(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pg, "MIGRATION_WAIT_S", 0.3)
+    other = await asyncpg.connect(PG_URL)
+    try:
+        await other.execute("SELECT pg_advisory_lock($1)", migrations.MIGRATION_LOCK)
+        with pytest.raises(pg.MigrationLockTimeout, match="held the migration lock"):
+            await asyncio.wait_for(pg.migrate(PG_URL, schema), 20.0)
+        await other.execute("SELECT pg_advisory_unlock($1)", migrations.MIGRATION_LOCK)
+    finally:
+        await other.close()
+    await pg.migrate(PG_URL, schema)
+    assert await _version(schema) == LATEST
