@@ -8,11 +8,12 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 
-from aiserver.jobs.store import migrations
+from aiserver.jobs.store import StoreUnavailable, migrations, open_job_store
 from aiserver.jobs.store import postgres as pg
 from tests.storage.backends import PG_URL
 
@@ -38,6 +39,13 @@ async def _version(schema: str) -> int:
         await conn.close()
 
 
+async def _write_lock_every_table(conn: asyncpg.Connection, schema: str) -> None:
+    """What a writer's open transaction holds on every table of ``schema`` (any step that
+    alters or indexes one needs a lock that conflicts with it)."""
+    tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
+    await conn.execute(f"LOCK TABLE {', '.join(t[0] for t in tables)} IN ROW EXCLUSIVE MODE")
+
+
 async def test_a_step_blocked_by_an_open_transaction_gives_up_and_applies_nothing(
     schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -46,15 +54,12 @@ async def test_a_step_blocked_by_an_open_transaction_gives_up_and_applies_nothin
         m.setattr(migrations, "POSTGRES", migrations.POSTGRES[:-1])
         await pg.migrate(PG_URL, schema)
     assert await _version(schema) == LATEST - 1
-    # ... which still has a write transaction open on every table (any step that alters or
-    # indexes one needs a lock that conflicts with a writer's).
+    # ... which still has a write transaction open on every table.
     other = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
     try:
-        tables = await other.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
         open_transaction = other.transaction()
         await open_transaction.start()
-        names = ", ".join(t[0] for t in tables)
-        await other.execute(f"LOCK TABLE {names} IN ROW EXCLUSIVE MODE")
+        await _write_lock_every_table(other, schema)
         started = time.monotonic()
         with pytest.raises(pg.MigrationLockTimeout) as caught:
             # (without the bound the step waits for as long as that transaction stays open)
@@ -85,3 +90,23 @@ async def test_another_sessions_migration_lock_is_waited_for_within_a_bound(
         await other.close()
     await pg.migrate(PG_URL, schema)
     assert await _version(schema) == LATEST
+
+
+async def test_a_server_starting_behind_a_lock_is_told_why(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What `aiserver serve` reports (StoreUnavailable -> "cannot start: ..."), not a traceback.
+    with monkeypatch.context() as m:
+        m.setattr(migrations, "POSTGRES", migrations.POSTGRES[:-1])
+        await pg.migrate(PG_URL, schema)
+    other = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        async with other.transaction():
+            await _write_lock_every_table(other, schema)
+            with pytest.raises(StoreUnavailable, match="cannot open the job database") as caught:
+                await asyncio.wait_for(
+                    open_job_store(PG_URL, schema, Path("unused.sqlite3"), timeout_s=0.3), 20.0
+                )
+            assert f"migration to version {LATEST} waited more than 0.3 s" in str(caught.value)
+    finally:
+        await other.close()
