@@ -384,7 +384,7 @@ async def test_no_adoption_pass_takes_a_job_between_its_create_and_its_creators_
 
     async def create_then_adopt(*args: Any, **kwargs: Any) -> Any:
         found = await create(*args, **kwargs)
-        adopted.append(await b._adopt())  # b's adoption pass right after the commit
+        adopted.append(await b._takeover.adopt())  # type: ignore[union-attr]  # b's adoption pass right after the commit
         return found
 
     store.create = create_then_adopt  # type: ignore[method-assign]

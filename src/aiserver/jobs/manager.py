@@ -8,9 +8,10 @@ is written before any event about the change goes out, so that after a crash, ev
 On the embedded store (no ``holder``) this process owns every unfinished job. On a shared
 store (``holder`` given: several coordinators on one PostgreSQL, docs/scale-out.md) it owns
 only the jobs it holds a lease on (:mod:`.leases`): those it accepted and those it adopted
-from a process that died or stopped; every write of a held job is fenced by that lease, its
+from a process that died or stopped; every write of a held job is fenced by that lease (:mod:`.job_writes`), its
 events are also stored (:mod:`.event_log`) for watchers elsewhere (:mod:`.store_watch`), and a
-cancel reaches the holder through the store's announcements.
+cancel reaches the holder through the store's announcements (:mod:`.takeover`, with adoption
+and stealing).
 
 Everything here runs on one event loop; no locks are needed, but a coroutine may be suspended
 at every ``await``, so each step re-checks whether the job was cancelled or finished meanwhile.
@@ -20,12 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs.attempt import (
@@ -36,7 +36,7 @@ from aiserver.jobs.attempt import (
 )
 from aiserver.jobs.dispatch import Dispatcher, Shared
 from aiserver.jobs.driver import AttemptDriver
-from aiserver.jobs.event_codec import PROGRESS, encode_event
+from aiserver.jobs.event_codec import encode_event
 from aiserver.jobs.event_log import EventLog
 from aiserver.jobs.events import (
     EventHub,
@@ -50,6 +50,7 @@ from aiserver.jobs.events import (
 )
 from aiserver.jobs.ids import new_job_id
 from aiserver.jobs.input_lifetime import InputLifetime
+from aiserver.jobs.job_writes import SEQUENCE_BLOCK, JobWrites
 from aiserver.jobs.leases import LeaseKeeper
 from aiserver.jobs.model import (
     Accepted,
@@ -75,13 +76,12 @@ from aiserver.jobs.store import (
     JobQuery,
     JobRecord,
     JobStore,
-    Lease,
     LeaseLost,
     NewEvent,
-    QueueRanks,
 )
 from aiserver.jobs.store_feed import StoreFeed
 from aiserver.jobs.store_watch import Handover, StoreWatch
+from aiserver.jobs.takeover import Takeover
 from aiserver.logs import job_id_var
 from aiserver.outage import backend_outage
 from aiserver.providers.base import (
@@ -94,20 +94,11 @@ __all__ = ["SEQUENCE_BLOCK", "JobManager", "TerminalHook"]
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
 TerminalHook = Callable[[Job], Awaitable[None] | None]
 """A plain function runs at once (no task of its own per job); a coroutine function in a task."""
 Deliveries = Callable[[Job], Sequence[tuple[str, bytes]]]
 """The webhook deliveries (url, body) stored with a job's final state, in one transaction."""
 JobStream = Subscription | StoreWatch | Handover
-ADOPT_BATCH = 100
-"""Jobs adopted in one pass at most (the next pass, a third of a lease later, takes more)."""
-STEAL_LOOKAHEAD = 8
-"""Jobs offered to an idle process at once: it takes the oldest one it can start."""
-
-SEQUENCE_BLOCK = 256
-"""Event sequences reserved in the store per write. Progress events are not stored one by one;
-after a crash, numbering resumes past the reservation, so no number is ever used twice."""
 
 
 def _now() -> datetime:
@@ -138,6 +129,34 @@ class JobManager:
         self._settings = settings
         self._active = ActiveJobs()
         self._hooks: builtins.list[TerminalHook] = []
+        self._leases = (
+            LeaseKeeper(store, holder, lease_s, self._lease_lost) if holder is not None else None
+        )
+        self._takeover = (
+            Takeover(
+                store,
+                self._leases,
+                self._active,
+                self._providers,
+                settings,
+                _Host(self),
+            )
+            if self._leases is not None
+            else None
+        )
+        self._log = (
+            EventLog(store, progress_interval_s=settings.progress_interval_s)
+            if holder is not None
+            else None
+        )
+        self._hub = EventHub(
+            buffer_size=settings.subscriber_buffer,
+            progress_interval_s=settings.progress_interval_s,
+            retain_s=settings.history_retain_s,
+            queue_position=self.queue_position,
+        )
+        self._writes = JobWrites(store, self._hub, self._active, self._leases, self._log)
+        takeover = self._takeover
         self._dispatch = Dispatcher(
             self._providers,
             settings,
@@ -145,7 +164,11 @@ class JobManager:
             launch=self._launch_new,
             finish=self._finish,
             emit=self._emit,
-            shared=Shared(self._rank, self._check_held, self._steal) if holder else None,
+            shared=(
+                Shared(takeover.rank, takeover.check_held, takeover.steal)
+                if takeover is not None
+                else None
+            ),
         )
         self._driver = AttemptDriver(
             spool,
@@ -153,23 +176,15 @@ class JobManager:
             settings,
             self._dispatch,
             self._by_name,
-            save=self._save,
+            save=self._writes.save,
             emit=self._emit,
             finish=self._finish,
             forget=self._forget,
             leased=holder is not None,
             lease_firm=self._lease_firm if holder is not None else None,
-            ride_out=self._ride_out if holder is not None else None,
+            ride_out=self._writes.ride_out if holder is not None else None,
         )
         self._tasks: set[asyncio.Task[Any]] = set()  # finishes, hooks, background writes
-        self._leases = (
-            LeaseKeeper(store, holder, lease_s, self._lease_lost) if holder is not None else None
-        )
-        self._log = (
-            EventLog(store, progress_interval_s=settings.progress_interval_s)
-            if holder is not None
-            else None
-        )
         self._inputs = InputLifetime(
             spool,
             store,
@@ -183,12 +198,6 @@ class JobManager:
         self._deliveries: Deliveries = _no_deliveries
         self._delivery_stored: Callable[[], None] = _nothing
         self._shared_tasks: builtins.list[asyncio.Task[None]] = []  # adopt, cancel listener
-        self._hub = EventHub(
-            buffer_size=settings.subscriber_buffer,
-            progress_interval_s=settings.progress_interval_s,
-            retain_s=settings.history_retain_s,
-            queue_position=self.queue_position,
-        )
         self._phase: Literal["new", "running", "stopping", "stopped"] = "new"
         self._quiescing = False
         self._creating: dict[str, int] = {}  # by owner: submissions between check and store
@@ -199,13 +208,15 @@ class JobManager:
         """Rebuild the queue from the store, hand RUNNING jobs back, start dispatching."""
         if self._phase != "new":
             raise RuntimeError("JobManager.start() may be called once")
-        if self._leases is not None:
+        if self._leases is not None and self._takeover is not None:
             self._phase = "running"
             self._listener = await self._store.announcements()
             self._leases.start()
             self._shared_tasks = [
-                asyncio.create_task(self._adopt_loop(), name="job-adoption"),
-                asyncio.create_task(self._hear_cancels(self._listener), name="job-cancels"),
+                asyncio.create_task(self._takeover.adopt_loop(), name="job-adoption"),
+                asyncio.create_task(
+                    self._takeover.hear_cancels(self._listener), name="job-cancels"
+                ),
             ]
             self._dispatch.start()
             logger.info("job manager started as %s (shared store)", self._leases.holder)
@@ -464,9 +475,9 @@ class JobManager:
         active = self._active.get(job_id)
         if active is None:
             job = await self.get(job_id, owner)
-            if self._leases is None or job.state.terminal:
+            if self._takeover is None or job.state.terminal:
                 return job
-            active = await self._cancel_elsewhere(job_id)
+            active = await self._takeover.cancel_elsewhere(job_id)
             if active is None:
                 return await self.get(job_id, owner)
         if owner is not None and active.job.owner != owner:
@@ -494,36 +505,6 @@ class JobManager:
             active.cancel_reason = "user"
             if active.run_task is not None:
                 active.run_task.cancel()
-
-    async def _cancel_elsewhere(self, job_id: str) -> ActiveJob | None:
-        """Cancel a job this process does not hold: store the request (its holder hears the
-        announcement, an adopter reads it), take the job if nobody holds it, else wait for
-        the holder to end it. Returns the job when it was taken here."""
-        assert self._leases is not None
-        if not await self._store.request_cancel(job_id):
-            return None  # it ended meanwhile
-        adopted = await self._adopt(job_id)
-        if adopted is not None:
-            return adopted
-        try:
-            async with (
-                asyncio.timeout(self._settings.cancel_timeout_s),
-                # Closed on the way out: its announcement listener must not outlive it.
-                contextlib.aclosing(
-                    StoreWatch(
-                        self._store,
-                        job_id,
-                        idle_recheck_s=0.5,
-                        outage_s=self._settings.watch_outage_s,
-                    )
-                ) as watch,
-            ):
-                async for event in watch:
-                    if isinstance(event.kind, Finished):
-                        break
-        except TimeoutError:
-            logger.warning("job %s: its holder has not ended it yet; the request stays", job_id)
-        return None
 
     def artifacts_in_use(self) -> set[str]:
         """Names of outputs of jobs that have not ended (retention must keep them)."""
@@ -666,123 +647,7 @@ class JobManager:
         self._dispatch.wake()
         return snapshot(job), False
 
-    # --- shared store: adoption, cancels from elsewhere, lost leases ----------------------
-
-    async def _adopt_loop(self) -> None:
-        assert self._leases is not None
-        while True:
-            try:
-                for _ in range(ADOPT_BATCH):
-                    if self._phase != "running" or await self._adopt() is None:
-                        break
-            except Exception:
-                logger.exception("adoption pass failed")
-            await asyncio.sleep(self._leases.renew_every_s)
-
-    async def _adopt(self, job_id: str | None = None) -> ActiveJob | None:
-        """Lease one job nobody holds (that one, or the oldest this process can serve) and
-        take it on: queued, resumed from its checkpoint, retried, or cancelled as requested."""
-        assert self._leases is not None
-        if job_id is None:
-            tasks = [t for t in TaskKind if could_serve(self._providers, t)]
-            if not tasks:
-                return None
-            lease = await self._leases.adopt(tasks)
-        else:
-            lease = await self._leases.take(job_id)
-        if lease is None:
-            return None
-        return await self._take_on(lease, "taken over" if lease.takeover else "free")
-
-    async def _take_on(self, lease: Lease, how: str) -> ActiveJob | None:
-        """Run a job whose lease this process just got: queued, resumed from its checkpoint,
-        retried, or cancelled as requested."""
-        assert self._leases is not None
-        held = self._active.get(lease.job_id)
-        if held is not None:  # its lease had lapsed unnoticed; this process still runs it
-            return held
-        record = await self._store.get(lease.job_id)
-        if record is None or record.job.state.terminal:
-            await self._leases.release(lease.job_id)
-            return None
-        logger.info("job %s: adopted (%s)", lease.job_id, how)
-        # Its last holder may have stored events past its stored reservation (they are
-        # appended apart from the record): number after them, never reuse one.
-        later = await self._store.events(lease.job_id, after=record.last_sequence)
-        if later:
-            record.last_sequence = later[-1].sequence
-        cancel = await self._store.cancel_requested(lease.job_id)
-        if cancel:
-            # Its prompt may still be on an agent, left by a holder that died: withdraw it.
-            await self._driver.withdraw(record.job)
-            record.job.state = JobState.QUEUED  # ended below, without running again
-        await self._recover([record])
-        active = self._active.get(lease.job_id)
-        if active is not None and cancel and not active.finishing:
-            await self._cancel_here(active)
-        return active
-
-    async def _rank(self) -> QueueRanks:
-        assert self._leases is not None
-        return await self._store.queue_ranks(holder=self._leases.holder)
-
-    async def _check_held(self, job_id: str) -> None:
-        """A job queued here that the store's ranking no longer shows held here: forget it
-        if this process lost its lease (another coordinator stole it)."""
-        assert self._leases is not None
-        if job_id not in self._active:
-            return
-        if await self._store.renew(job_id, self._leases.holder, self._leases.lease_s) is None:
-            self._lease_lost(job_id)
-
-    async def _steal(self) -> bool:
-        """Idle here (room, nothing queued): take over the oldest job that another live
-        coordinator holds but has not started for ``steal_after_s`` and that a provider here
-        starts now. The store's compare-and-set decides: the old holder's dispatch is fenced
-        off (``LeaseLost``), so the job still runs once."""
-        assert self._leases is not None
-        if not self.accepting:
-            return False
-        tasks = [t for t in TaskKind if could_serve(self._providers, t)]
-        if not tasks:
-            return False
-        holder = self._leases.holder
-        offered = await self._store.stealable(
-            holder, waited_s=self._settings.steal_after_s, tasks=tasks, limit=STEAL_LOOKAHEAD
-        )
-        for record, previous in offered:
-            job = record.job
-            if job.id in self._active or not self._dispatch.can_start(job.task, job.spec):
-                continue
-            asked = time.monotonic()
-            lease = await self._store.steal(
-                job.id, holder, self._leases.lease_s, from_holder=previous
-            )
-            if lease is None:
-                continue  # started, cancelled or taken meanwhile
-            self._leases.hold(job.id, since=asked)
-            return await self._take_on(lease, f"stolen from {previous}") is not None
-        return False
-
-    async def _hear_cancels(self, listener: AnnouncementStream) -> None:
-        """A cancel requested on another process reaches the job here, if held here."""
-        async for announcement in listener:
-            try:
-                if announcement.kind == "cancel":
-                    targets = [announcement.job_id]
-                elif announcement.kind == "resync":  # requests may have been missed
-                    targets = builtins.list(self._active)
-                else:
-                    continue
-                for job_id in targets:
-                    active = self._active.get(job_id)
-                    if active is None or active.finishing or active.cancel_reason == "user":
-                        continue
-                    if announcement.kind == "cancel" or await self._store.cancel_requested(job_id):
-                        logger.info("job %s: cancel requested elsewhere", job_id)
-                        await self._cancel_here(active)
-            except Exception:
-                logger.exception("handling a cancel announcement failed")
+    # --- shared store: lost leases -------------------------------------------------------
 
     def _lease_firm(self, job_id: str) -> bool:
         return self._leases is not None and self._leases.firm(job_id)
@@ -836,62 +701,6 @@ class JobManager:
 
     # --- store, events, the end -----------------------------------------------------------
 
-    async def _save(self, active: ActiveJob) -> None:
-        """Store the record, reserving sequences for the events that follow the write."""
-        active.job.updated = _now()
-        active.record.last_sequence = max(
-            active.record.last_sequence, self._last_sequence(active) + SEQUENCE_BLOCK
-        )
-        if self._log is None:
-            await self._store.save(active.record)
-            return
-        holder = self._holder
-        record = active.record
-        log = self._log
-        # With the events emitted since the last write, in its transaction.
-        await self._ride_out(
-            active,
-            lambda: log.write(
-                active.job.id,
-                lambda events, announce: self._store.save(
-                    record, holder=holder, events=events, announce=announce
-                ),
-            ),
-        )
-
-    async def _ride_out(self, active: ActiveJob, write: Callable[[], Awaitable[_T]]) -> _T:
-        """``write()``, tried again while the store is away (an outage) and this process's
-        lease on the job has time left: a short outage (a database restart) then costs the
-        job a pause, not a drop (a taker would re-run or repeat its prompt). Past the lease,
-        or once the job is no longer held here, the outage is raised (the caller drops it).
-        The bound is the lease left at the first failure: renewals that still get through
-        (a failure only some writes see, the bucket's) do not stretch it for ever."""
-        delay = 0.1
-        loop = asyncio.get_running_loop()
-        deadline: float | None = None
-        while True:
-            try:
-                return await write()
-            except Exception as exc:
-                if self._leases is None or backend_outage(exc) is None:
-                    raise
-                if deadline is None:
-                    deadline = loop.time() + self._leases.time_left(active.job.id)
-                left = deadline - loop.time()
-                if self._active.get(active.job.id) is not active or left <= delay:
-                    raise
-                logger.info("job %s: store unreachable; writing again (%s)", active.job.id, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-    @property
-    def _holder(self) -> str | None:
-        """Fences every write of a held job on a shared store (``LeaseLost`` once lost)."""
-        return self._leases.holder if self._leases is not None else None
-
-    def _last_sequence(self, active: ActiveJob) -> int:
-        return self._hub.last_sequence(active.job.id, default=active.record.last_sequence)
-
     def _emit(self, active: ActiveJob, kind: EventKind) -> JobEvent | None:
         job_id = active.job.id
         if active.finishing or not self._hub.is_open(job_id):
@@ -908,7 +717,7 @@ class JobManager:
 
     async def _save_reservation(self, active: ActiveJob) -> None:
         try:
-            await self._save(active)
+            await self._writes.save(active)
         except LeaseLost:
             self._forget(active)
 
@@ -934,13 +743,13 @@ class JobManager:
         job.ended = job.updated = _now()
         if state is JobState.SUCCEEDED:
             job.progress = 1.0
-        active.record.last_sequence = self._last_sequence(active) + 1
+        active.record.last_sequence = self._writes.last_sequence(active) + 1
         deliveries = self._deliveries(job)
         final = snapshot(job)
         ended_in_store = False  # with its Finished event and the lease's release
         try:
             # First the store, with the webhook in the same transaction ...
-            ended_in_store = await self._store_end(active, final, deliveries)
+            ended_in_store = await self._writes.store_end(active, final, deliveries)
             if deliveries:
                 self._delivery_stored()
         except LeaseLost:
@@ -974,41 +783,6 @@ class JobManager:
         self._dispatch.wake()
         for hook in self._hooks:  # ... then the hooks
             self._run_hook(hook, final)
-
-    async def _store_end(
-        self, active: ActiveJob, final: Job, deliveries: Sequence[tuple[str, bytes]]
-    ) -> bool:
-        """The final write; on a shared store in one statement with the events not yet
-        stored, the Finished event (the sequence the hub gives it next), the lease's release
-        and the prune of superseded progress rows. Returns whether those went with it."""
-        record = active.record
-        holder = self._holder
-        if self._log is None:
-            await self._store.save(record, holder=holder, outbox=deliveries)
-            return False
-        if not self._hub.is_open(final.id):  # stopped: no Finished goes out
-            await self._log.write(
-                final.id,
-                lambda events, announce: self._store.save(
-                    record, holder=holder, outbox=deliveries, events=events, announce=announce
-                ),
-            )
-            return False
-        finished = NewEvent(record.last_sequence, *encode_event(Finished(final)))
-
-        async def write(events: Sequence[NewEvent], _announce: bool) -> None:
-            await self._store.save(
-                record,
-                holder=holder,
-                outbox=deliveries,
-                events=[*events, finished],
-                release=True,
-                prune=PROGRESS,
-            )
-
-        log = self._log
-        await self._ride_out(active, lambda: log.write(final.id, write, final=True))
-        return True
 
     def _run_hook(self, hook: TerminalHook, job: Job) -> None:
         try:
@@ -1048,6 +822,36 @@ class JobManager:
     def _ended_quiet(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         _retrieve(task)
+
+
+class _Host:
+    """The manager as the hand-overs see it (:class:`.takeover.TakeoverHost`)."""
+
+    def __init__(self, manager: JobManager) -> None:
+        self._manager = manager
+
+    @property
+    def running(self) -> bool:
+        return self._manager._phase == "running"
+
+    @property
+    def accepting(self) -> bool:
+        return self._manager.accepting
+
+    def can_start(self, task: TaskKind, spec: TaskSpec) -> bool:
+        return self._manager._dispatch.can_start(task, spec)
+
+    async def recover(self, records: Sequence[JobRecord]) -> None:
+        await self._manager._recover(records)
+
+    async def cancel_here(self, active: ActiveJob) -> None:
+        await self._manager._cancel_here(active)
+
+    def lease_lost(self, job_id: str) -> None:
+        self._manager._lease_lost(job_id)
+
+    async def withdraw(self, job: Job) -> None:
+        await self._manager._driver.withdraw(job)
 
 
 def _no_deliveries(job: Job) -> Sequence[tuple[str, bytes]]:
