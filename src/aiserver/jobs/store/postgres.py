@@ -1228,11 +1228,11 @@ async def _migration_step(
         for statement in migrations.statements(migrations.POSTGRES[version]):
             await conn.execute(statement)
     except asyncpg.LockNotAvailableError:
-        first_line = " ".join(statement.split())[:80]
+        shown = " ".join(statement.split())[:80]
         raise MigrationLockTimeout(
             f"job database schema {schema}: migration to version {version + 1} waited more"
             f" than {lock_timeout_s:g} s (lock_timeout, AISERVER_DATABASE_TIMEOUT_S) for a"
-            f" lock another session holds, at {first_line!r}; nothing of the step was"
+            f" lock another session holds, at {shown!r}; nothing of the step was"
             " applied. End that session's transaction (pg_stat_activity, pg_locks) and start"
             " again"
         ) from None
