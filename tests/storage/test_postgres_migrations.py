@@ -110,3 +110,29 @@ async def test_a_server_starting_behind_a_lock_is_told_why(
             assert f"migration to version {LATEST} waited more than 0.3 s" in str(caught.value)
     finally:
         await other.close()
+
+
+async def test_aiserver_serve_behind_a_lock_exits_with_one_line(
+    schema: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tests.test_startup_errors import serve
+
+    with monkeypatch.context() as m:
+        m.setattr(migrations, "POSTGRES", migrations.POSTGRES[:-1])
+        await pg.migrate(PG_URL, schema)
+    other = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        async with other.transaction():
+            await _write_lock_every_table(other, schema)
+            rc, err = await serve(
+                tmp_path,
+                AISERVER_DATABASE_URL=PG_URL,
+                AISERVER_DATABASE_SCHEMA=schema,
+                AISERVER_DATABASE_TIMEOUT_S="0.5",
+            )
+    finally:
+        await other.close()
+    assert rc == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("aiserver: cannot start: cannot open the job database"), err
+    assert f"migration to version {LATEST} waited more than 0.5 s" in last, err
