@@ -450,7 +450,12 @@ class PostgresArtifactIndex:
                     migrate,
                 )
 
-                await migrate(self._url, self._schema, connect_timeout_s=self._timeout_s)
+                await migrate(
+                    self._url,
+                    self._schema,
+                    connect_timeout_s=self._timeout_s,
+                    lock_timeout_s=self._timeout_s,
+                )
                 self._pool_ = await asyncpg.create_pool(
                     self._url,
                     min_size=1,
