@@ -6,6 +6,7 @@ import asyncio
 import logging
 import secrets
 import signal
+import sqlite3
 from collections.abc import Sequence
 
 import grpc
@@ -114,16 +115,18 @@ class Service:
         keep_image_blocks(settings.image_block_cache_mib)
         self.limits = ImageLimits(max_pixels=settings.max_pixels)
         self.health = health.aio.HealthServicer()
-        self.artifacts = ArtifactStore(
-            data / "artifacts",
-            blobs=blobs,
-            index=open_artifact_index(
+        try:
+            index = open_artifact_index(
                 settings.database_url,
                 settings.database_schema,
                 data / "artifacts",
                 timeout_s=settings.database_timeout_s,
-            ),
-        )
+            )
+        except (OSError, sqlite3.Error) as exc:  # the embedded index: unreadable, not SQLite
+            raise StartupError(
+                f"cannot open the artifact index in {data / 'artifacts'}: {exc}"
+            ) from exc
+        self.artifacts = ArtifactStore(data / "artifacts", blobs=blobs, index=index)
         self.variants = VariantCache(self.artifacts, data / "variants", self.limits, pool=self.pool)
         self.variant_policy = VariantPolicy(
             settings.variant_presets,

@@ -220,7 +220,7 @@ async def test_schema_version_and_newer_database_refused(backend: JobStoreBacken
     steps = migrations.SQLITE if backend.kind == "sqlite" else migrations.POSTGRES
     assert await backend.sql("SELECT max(version) FROM schema_migrations") == len(steps)
     await backend.sql("INSERT INTO schema_migrations (version, applied_us) VALUES (99, 0)")
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(migrations.SchemaTooNew, match="newer"):
         await backend.open()
 
 

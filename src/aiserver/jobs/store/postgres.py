@@ -1219,10 +1219,7 @@ async def _migration_step(
         statement = "SELECT coalesce(max(version), 0) FROM schema_migrations"
         version = int(await conn.fetchval(statement))
         if version > len(migrations.POSTGRES):
-            raise RuntimeError(
-                f"job database schema version {version} is newer than this server "
-                f"({len(migrations.POSTGRES)}); refusing to use it"
-            )
+            raise migrations.SchemaTooNew(version, len(migrations.POSTGRES))
         if version == len(migrations.POSTGRES):
             return None
         for statement in migrations.statements(migrations.POSTGRES[version]):

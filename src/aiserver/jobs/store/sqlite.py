@@ -905,10 +905,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
                 "SELECT coalesce(max(version), 0) FROM schema_migrations"
             ).fetchone()[0]
             if version > len(migrations.SQLITE):
-                raise RuntimeError(
-                    f"job database schema version {version} is newer than this server "
-                    f"({len(migrations.SQLITE)}); refusing to use it"
-                )
+                raise migrations.SchemaTooNew(version, len(migrations.SQLITE))
             if version == len(migrations.SQLITE):
                 return
             for statement in migrations.statements(migrations.SQLITE[version]):
