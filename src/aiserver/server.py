@@ -39,6 +39,7 @@ from aiserver.artifacts.index import open_artifact_index
 from aiserver.artifacts.store import SWEEP_FRESH_S
 from aiserver.blobs import open_blob_store
 from aiserver.config import Settings
+from aiserver.data_lock import DataFolderInUse, DataFolderLock
 from aiserver.gateway import Gateway, GatewaySettings
 from aiserver.imaging import ImageLimits
 from aiserver.imaging.block_cache import keep_image_blocks
@@ -100,6 +101,7 @@ class Service:
         self.grpc_port = 0
         data = settings.data_dir
         data.mkdir(parents=True, exist_ok=True)
+        self._data_lock = DataFolderLock(data)
         blobs = open_blob_store(settings.blob_url, data / "artifacts")
         # Inputs go to the blob store only when it is shared (S3): the folder is this
         # process's own, and the spool already is one.
@@ -163,6 +165,10 @@ class Service:
 
     async def start(self) -> int:
         s = self.settings
+        try:
+            self._data_lock.acquire()  # before anything in the folder is touched
+        except DataFolderInUse as exc:
+            raise StartupError(str(exc)) from None
         self.spool.sweep_tmp()
         for provider in self.providers:
             await provider.start()
@@ -346,6 +352,7 @@ class Service:
     async def stop(self, grace_s: float | None = None) -> None:
         """Health goes NOT_SERVING first, then in-flight calls get ``grace_s`` to finish."""
         if self._server is None:
+            self._data_lock.release()  # a start that failed early
             return
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         if self._health_task is not None:
@@ -378,6 +385,7 @@ class Service:
         if self.metrics_server is not None:
             await self.metrics_server.stop()
             self.metrics_server = None
+        self._data_lock.release()
         logger.info("stopped")
 
     def _workflows_changed(self, catalog: WorkflowCatalog) -> None:

@@ -11,7 +11,7 @@ from aiserver.jobs.ids import new_job_id
 from aiserver.jobs.model import ArtifactRef, InputRef, Job, JobState, Retrying, WebhookDelivery
 from aiserver.jobs.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from aiserver.jobs.store import JobQuery, JobRecord, migrations
-from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, TaskKind
+from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, ImageUpscaleSpec, TaskKind
 from tests.storage.backends import JobStoreBackend
 
 T0 = datetime(2025, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -122,6 +122,23 @@ async def test_record_round_trips_every_field(backend: JobStoreBackend) -> None:
     assert loaded.retries == [Retrying(2, "agent down", "gpu-1")]
     assert loaded.last_sequence == 300
     assert await store.get("missing") is None
+
+
+async def test_spec_json_orjson_refuses_round_trips(backend: JobStoreBackend) -> None:
+    # Rows are written by orjson; what it refuses (an integer beyond 64 bits, a non-string
+    # key in a workflow document) is written by the stdlib and reads back the same.
+    store = await backend.open()
+    job = make_job(1)
+    documents = {"graph": {"1": {"seed": 2**70, "name": "ünïcode", "ratio": 0.1}}}
+    job.task, job.spec = TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec(workflow_documents=documents)
+    job.texts = ["ünïcode"]
+    await store.create(JobRecord(job, 100))
+    job.resume = {"agent": "gpu-1"}
+    await store.save(JobRecord(job, 100))
+    loaded = await store.get(job.id)
+    assert loaded is not None
+    assert loaded.job.spec == job.spec and loaded.job.texts == ["ünïcode"]
+    assert loaded.job.resume == {"agent": "gpu-1"}
 
 
 async def test_owner_and_ref_id_are_unique_together(backend: JobStoreBackend) -> None:

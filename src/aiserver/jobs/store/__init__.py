@@ -69,13 +69,13 @@ async def open_job_store(
     # Imported here: the embedded default never loads the driver.
     import asyncpg
 
-    from aiserver.jobs.store.postgres import PostgresJobStore
+    from aiserver.jobs.store.postgres import MigrationLockTimeout, PostgresJobStore
 
     try:
         return await PostgresJobStore.open(
             database_url, schema=schema or "public", timeout_s=timeout_s
         )
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, MigrationLockTimeout) as exc:
         raise StoreUnavailable(
             f"cannot open the job database {_redacted(database_url)}: {exc}"
         ) from exc
