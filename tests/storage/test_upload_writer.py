@@ -261,10 +261,11 @@ async def test_a_discarded_spill_keeps_its_blocks_until_the_thread_is_past_them(
         writer.discard()
         await asyncio.sleep(0.1)
         assert spool.memory.used == 3 << 20  # still being written: not for another upload
-        while writer._thread.is_alive():  # the reader catches up
-            with contextlib.suppress(BlockingIOError):
-                os.read(pipe, 1 << 20)
-            await asyncio.sleep(0.001)
+        async with asyncio.timeout(30):
+            while writer._thread.is_alive():  # the reader catches up
+                with contextlib.suppress(BlockingIOError):
+                    os.read(pipe, 1 << 20)
+                await asyncio.sleep(0.001)
     finally:
         os.close(pipe)
     assert spool.memory.used == 0
