@@ -550,6 +550,9 @@ async def test_a_submission_right_after_anothers_create_counts_it_once(env: Env)
     late: list[asyncio.Task[object]] = []
 
     async def create_then_submit(*args: object, **kwargs: object) -> object:
+        # Suspended first (as a create that waits for the writes' turn): the create goes on
+        # in a task of its own, so its caller wakes a step after the job is in _active.
+        await asyncio.sleep(0)
         result = await create(*args, **kwargs)  # type: ignore[arg-type]
         if not late:  # the next submission starts while this one's caller is still waiting
             asyncio.get_running_loop().call_soon(
@@ -559,8 +562,7 @@ async def test_a_submission_right_after_anothers_create_counts_it_once(env: Env)
 
     store.create = create_then_submit  # type: ignore[method-assign]
     await submit(manager, env)  # the second of three allowed
-    while not late:  # (a create that did not suspend left no window: the same count holds)
-        await asyncio.sleep(0)
+    assert len(late) == 1  # it began before this caller woke: inside the window
     third = await within(late[0])  # the third: 2 unfinished before it, room for one more
     assert third.state is JobState.QUEUED
 
