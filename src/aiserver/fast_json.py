@@ -7,9 +7,13 @@ what goes to and from a ComfyUI agent.
 
 Read the same as the stdlib reads: ``NaN``/``Infinity`` (which orjson refuses, Python's
 ``json`` writes them) and integers beyond 64 bits (which orjson reads as a float, silently
-rounded: a seed of ``2**70 + 1`` would come back as another seed) go to ``json.loads``. Any
-run of 19 digits sends the document there, a cheap and safe superset of "an integer that may
-not fit" (the largest 64-bit one has 19 or 20 digits).
+rounded: ``2**70 + 1`` would come back as another number) go to ``json.loads``. orjson reads
+every integer in ``[-2**63, 2**64)`` exactly, so a document goes there when it holds a run of
+20 characters of digits and ``-`` (a superset of "an integer that may not fit": 20 digits, or
+``-`` and 19); a seed (``0 .. 2**63 - 1``, 19 digits for nine in ten random ones) stays on
+orjson. Found with ``bytes.translate`` and a substring search (~1 ns a character, a fraction
+of orjson's parse): a regular expression (``[0-9]{19}``) took 5-10 ns a character, as much as the
+parse it guards.
 
 Written as the stdlib writes, or failing as it fails: what orjson refuses (an integer beyond
 64 bits, a non-string key) and what it would write where the stdlib raises (a ``datetime``, a
@@ -21,30 +25,27 @@ the same: no spaces, non-ASCII as UTF-8 rather than ``\\u`` escapes, and a non-f
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
 
 __all__ = ["dumps", "dumps_text", "loads"]
 
-_LONG_NUMBER_TEXT = re.compile(r"[0-9]{19}")
-_LONG_NUMBER_BYTES = re.compile(rb"[0-9]{19}")
 _PASS_THROUGH = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+_NUMBER_CHARS = bytes(0x30 if c in b"0123456789-" else 0x20 for c in range(256))
+"""Digits and ``-`` to ``0``, everything else to a space (a ``bytes.translate`` table)."""
+_LONG_RUN = b"0" * 20
 
 
-def loads(data: str | bytes | bytearray | memoryview) -> Any:
+def loads(data: str | bytes) -> Any:
     """A JSON document, as ``json.loads`` reads it; ``ValueError`` when it is not one."""
-    if isinstance(data, str):
-        if _LONG_NUMBER_TEXT.search(data) is not None:
-            return json.loads(data)
-    elif _LONG_NUMBER_BYTES.search(data) is not None:
-        return json.loads(bytes(data))
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if _LONG_RUN in raw.translate(_NUMBER_CHARS):  # may hold an integer beyond 64 bits
+        return json.loads(data)
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        # What orjson refuses (NaN...), or the stdlib's own error.
-        return json.loads(data if isinstance(data, str) else bytes(data))
+        return json.loads(data)  # what orjson refuses (NaN...), or the stdlib's own error
 
 
 def dumps(value: Any) -> bytes:

@@ -46,7 +46,7 @@ def test_writes_the_same_document() -> None:
     assert json.loads(fast_json.dumps(body)) == body
 
 
-_BEYOND_64_BITS = [2**70 + 1, -(2**63) - 1, 2**64, 10**30 + 7]
+_BEYOND_64_BITS = [2**70 + 1, -(2**63) - 1, 2**64, -(2**64), 10**30 + 7]
 
 
 @pytest.mark.parametrize("big", _BEYOND_64_BITS)
@@ -69,8 +69,18 @@ def test_a_rows_column_keeps_integers_beyond_64_bits(big: int) -> None:
 
 
 def test_64_bit_integers_and_long_digit_runs_read_as_before() -> None:
-    doc = {"a": 2**63 - 1, "b": -(2**63), "c": 2**64 - 1, "d": 0.1234567890123456789, "e": "1" * 40}
-    assert fast_json.loads(json.dumps(doc)) == json.loads(json.dumps(doc))
+    # orjson reads every integer in [-2**63, 2**64) exactly (a seed: 0 .. 2**63 - 1).
+    doc = {
+        "a": 2**63 - 1,
+        "b": -(2**63),
+        "c": 2**64 - 1,
+        "d": 0.12345678901234567890123,
+        "e": "1" * 40,
+        "f": -(10**18),
+    }
+    for text in (json.dumps(doc), json.dumps(doc).encode()):
+        read = fast_json.loads(text)
+        assert read == doc and [type(v) for v in read.values()] == [type(v) for v in doc.values()]
 
 
 def test_what_the_stdlib_cannot_write_fails_as_before() -> None:
