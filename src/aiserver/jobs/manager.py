@@ -8,10 +8,10 @@ is written before any event about the change goes out, so that after a crash, ev
 On the embedded store (no ``holder``) this process owns every unfinished job. On a shared
 store (``holder`` given: several coordinators on one PostgreSQL, docs/scale-out.md) it owns
 only the jobs it holds a lease on (:mod:`.leases`): those it accepted and those it adopted
-from a process that died or stopped; every write of a held job is fenced by that lease (:mod:`.job_writes`), its
-events are also stored (:mod:`.event_log`) for watchers elsewhere (:mod:`.store_watch`), and a
-cancel reaches the holder through the store's announcements (:mod:`.takeover`, with adoption
-and stealing).
+from a process that died or stopped; every write of a held job is fenced by that lease
+(:mod:`.job_writes`), its events are also stored (:mod:`.event_log`) for watchers elsewhere
+(:mod:`.store_watch`), and a cancel reaches the holder through the store's announcements
+(:mod:`.takeover`, with adoption and stealing).
 
 Everything here runs on one event loop; no locks are needed, but a coroutine may be suspended
 at every ``await``, so each step re-checks whether the job was cancelled or finished meanwhile.
