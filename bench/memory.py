@@ -3,8 +3,10 @@
 
 - Each round starts a fresh server (no heap kept from the round before). Idle: RSS after
   start-up and one small call, settled.
-- Uploads: 64 concurrent 8 MiB uploads (``ConvertImage`` without ``output_format``: the whole
-  upload is read and spooled, then MISSING_FORMAT; no image work), 1 MiB chunks. Peak RSS is
+- Uploads: 64 concurrent 8 MiB uploads (``ConvertImage`` to PNG of bytes that are no image:
+  the whole upload is read and spooled or held in memory, then IMAGE_UNREADABLE; no image
+  work), 1 MiB chunks. (Until 2026-12-07 the params had no ``output_format``: refused on
+  arrival, the uploads were drained, never spooled.) Peak RSS is
   the kernel's high-water mark ``VmHWM``, reset (``/proc/<pid>/clear_refs``) just before the
   burst; RSS is also sampled every 10 ms as a cross-check.
 - Idle streaming callers: ``N`` ConvertImage uploads that send params and one chunk (64 KiB in
@@ -61,12 +63,15 @@ IDLE_CHUNKS = (64 * 1024, MIB)  # what each idle upload has sent, by round
 class ServerProcess:
     """``python -m aiserver serve`` with ``env`` on a free port."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, root: Path = ROOT) -> None:
         self.port = free_port()
+        self.root = root
+        """The source tree served (another one: its ``src`` first on the path)."""
+        paths = [str(root / "src")] if root != ROOT else []
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("AISERVER_")},
             "PYTHONPATH": os.pathsep.join(
-                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+                p for p in (*paths, str(root), os.environ.get("PYTHONPATH", "")) if p
             ),
             "AISERVER_GRPC_HOST": "127.0.0.1",
             "AISERVER_GRPC_PORT": str(self.port),
@@ -95,7 +100,7 @@ class ServerProcess:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=self.log.open("wb"),
             env=self.env,
-            cwd=str(ROOT),
+            cwd=str(self.root),
         )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -151,7 +156,9 @@ async def _burst(pid: int, channel: grpc.aio.Channel, count: int, size: int) -> 
     stub = transform_service_pb2_grpc.TransformServiceStub(channel)
     data = os.urandom(size)
     messages = [
-        transform_service_pb2.ConvertImageRequest(params=tasks_pb2.ConvertImageParams())
+        transform_service_pb2.ConvertImageRequest(
+            params=tasks_pb2.ConvertImageParams(output_format=common_pb2.IMAGE_FORMAT_PNG)
+        )
     ] + [
         transform_service_pb2.ConvertImageRequest(
             chunk=common_pb2.FileChunk(field="image", data=data[i : i + CHUNK], file_name="u.bin")

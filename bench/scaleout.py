@@ -334,6 +334,23 @@ def _rows(figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 note="2 cores shared with callers, stand-ins and PostgreSQL: capped here",
             )
         )
+        # What the cores of this machine cannot show, from cost: were each coordinator on a
+        # core of its own (and the database elsewhere), 2 would do 2 x (CPU per job at 1 /
+        # CPU per job at 2) the jobs/s of one; below 2 by what a second coordinator adds to
+        # each job (lease contention, lone statements, cross-process watching).
+        by_cost = (
+            2
+            * pg1["coordinator_cpu_ms_per_job"]["median"]
+            / pg2["coordinator_cpu_ms_per_job"]["median"]
+        )
+        rows.append(
+            row(
+                "scaleout: 2 coordinators over 1, from CPU per job (a core each)",
+                spread([by_cost], 2),
+                "x",
+                note="projection from cost, not a measured rate",
+            )
+        )
     return rows
 
 

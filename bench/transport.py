@@ -12,11 +12,11 @@
   (``os.pread``, the page cache) as it sends it.
 - Upload: ``TransformService.ConvertImage`` (to PNG) with the same file in 1 MiB chunks, on a
   service whose ``max_pixels`` is below the file's pixels. The server reads the whole stream
-  (spooled to disk, as every upload is), then the header check answers RESOURCE_EXHAUSTED
-  ``IMAGE_TOO_MANY_PIXELS``: the upload path without any image work. (Params are checked on
-  arrival, so a missing ``output_format`` would measure a drain, not an upload.) Timed from
-  the first message to the status. Against a bare client-streaming method that receives the
-  same chunks and answers their byte count.
+  (held in memory within ``AISERVER_SPOOL_MEMORY_MB``, else spooled to disk), then the
+  header check answers RESOURCE_EXHAUSTED ``IMAGE_TOO_MANY_PIXELS``: the upload path without
+  any image work. (Params are checked on arrival, so a missing ``output_format`` would
+  measure a drain, not an upload.) Timed from the first message to the status. Against a
+  bare client-streaming method that receives the same chunks and answers their byte count.
 
 Both servers run in this process on loopback, with the same message size limits, and the
 client is the same grpc.aio channel code; the two sides alternate within every round. The
@@ -253,7 +253,7 @@ async def _run(quick: bool) -> dict[str, Any]:
             max_upload_bytes=size * 2,
             chunk_bytes=CHUNK,
             http_enabled=False,
-            max_pixels=pixels // 2,  # refused by the header check once spooled
+            max_pixels=pixels // 2,  # refused by the header check once received
         ) as service:
             ref = await service.artifacts.put(
                 data,
@@ -347,7 +347,8 @@ async def _run(quick: bool) -> dict[str, Any]:
             target=0.8,
             baseline=f"service {figures['service_upload']['median']:.0f} MB/s,"
             f" bare {figures['bare_upload']['median']:.0f} MB/s",
-            note="ConvertImage: read + spool, then IMAGE_TOO_MANY_PIXELS (no image work); in"
+            note="ConvertImage: read + held or spooled, then IMAGE_TOO_MANY_PIXELS (no image"
+            " work); in"
             f" process CPU {figures['upload_cpu_ratio']['median']:.3f}x",
         ),
     ]

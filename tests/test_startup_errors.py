@@ -104,6 +104,7 @@ async def test_an_unreachable_job_database_is_one_line_without_its_password(
         ("BLOB_URL", "gs://bucket/x"),
         ("BLOB_URL", "s3:///no-bucket"),
         ("DATABASE_SCHEMA", "Robert'); DROP"),
+        ("SPOOL_MEMORY_MB", "-1"),
     ],
 )
 async def test_bad_storage_urls_are_bad_configuration(

@@ -84,6 +84,10 @@ class Settings:
     image_block_cache_mib: int = 128
     """Decoded-image memory kept for reuse between images (Pillow's 16 MiB blocks): a fresh
     48 MB buffer per 12 MP image costs about a third of a crop in page faults; 0: none."""
+    spool_memory_mb: int = 256
+    """Memory (MiB, the whole process) for crop and conversion inputs held while they are
+    used, instead of written to a spool file; one upload holds at most a quarter of it, the
+    rest spill to disk. 0: every upload is written to a file."""
     shutdown_grace_s: float = 10.0
     """How long in-flight calls may take to finish after SIGTERM."""
     log_level: str = "INFO"
@@ -270,6 +274,8 @@ def _check_storage_urls(settings: Settings) -> None:
         )
     if settings.watch_outage_s < 0:
         raise ValueError("setting watch_outage_s: must not be negative")
+    if settings.spool_memory_mb < 0:
+        raise ValueError("setting spool_memory_mb: must not be negative")
     if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", settings.database_schema):
         raise ValueError("setting database_schema: lower-case letters, digits and _ only")
 

@@ -2,8 +2,10 @@
 
 Bytes go to a temporary file while a SHA-256 is computed; a finished file is either moved into
 the content-addressed spool (job inputs, read later by providers) or deleted after use (light
-tasks). The byte budget is shared by all files of one request and is enforced per chunk, so an
-oversize upload is refused as soon as it passes the limit, not after it has been stored.
+tasks). A light task's input is instead held in memory while the process's budget allows
+(``aiserver.spool_memory``), and spills to its file past it. The byte budget is shared by
+all files of one request and is enforced per chunk, so an oversize upload is refused as soon
+as it passes the limit, not after it has been stored.
 
 With a shared blob store (several coordinators, docs/scale-out.md) a job's inputs are also
 put there (``inputs/{sha[:2]}/{sha}``) before the job is stored, so whichever process runs the
@@ -27,6 +29,7 @@ from typing import BinaryIO
 
 from aiserver.blobs import BlobStore
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError
+from aiserver.spool_memory import HeldBytes, SpoolMemory
 
 __all__ = ["InputSpool", "SpooledFile", "UploadBudget"]
 
@@ -62,30 +65,33 @@ class SpooledFile:
     path: Path
     sha256: str
     size: int
-    data: bytes | None = None
-    """The bytes of a small upload used once (not hashed): held in memory, nothing is
-    written at ``path``."""
+    held: HeldBytes | None = None
+    """An upload used once (not hashed) held in memory (:class:`SpoolMemory`): nothing is
+    written at ``path``; ``held.release()`` gives the memory back."""
 
 
 _INLINE_BYTES = 2 * 1024 * 1024
 """Uploads up to this size (most images) are hashed and written on the event loop at the end,
 at most about 2 ms there: cheaper than starting a thread and waking it per chunk, which on a
 busy machine waits for a core each time."""
+_DEFAULT_MEMORY = 256 * 1024 * 1024
+"""``AISERVER_SPOOL_MEMORY_MB``'s default."""
 _MAX_PENDING = 8 * 1024 * 1024
 """Bytes handed to the writer thread and not yet written before the reader waits."""
 
 
 class _Writer:
-    """One file being uploaded. Past :data:`_INLINE_BYTES` a thread of its own hashes and
-    writes the chunks (hashlib and file writes release the GIL), fed through a queue bounded
-    by :data:`_MAX_PENDING` bytes, so the event loop only hands chunks over: no thread hop per
-    chunk, no copy. The thread wakes the loop only when the reader waits for room or for the
-    end.
+    """One file being uploaded. A file used once is held in memory within the spool's
+    :class:`SpoolMemory` and spills to disk past it. Otherwise, past :data:`_INLINE_BYTES`, a
+    thread of its own hashes and writes the chunks (hashlib and file writes release the GIL),
+    fed through a queue bounded by :data:`_MAX_PENDING` bytes, so the event loop only hands
+    chunks over: no thread hop per chunk, no copy. The thread wakes the loop only when the
+    reader waits for room or for the end.
 
-    The file is created only when bytes go to disk. A small upload used once (not hashed: a
-    crop's or conversion's input) never does: it is handed over in memory. Creating, writing
-    and deleting its file cost 0.5-1 ms of the event loop per call on a busy disk (measured
-    on a 1.2 MB JPEG), as much as receiving it."""
+    The file is created only when bytes go to disk. An upload used once (not hashed: a
+    crop's or conversion's input) held in memory never does: it is handed over as bytes.
+    Creating, writing and deleting its file cost 0.5-1 ms of the event loop per call on a
+    busy disk (measured on a 1.2 MB JPEG), as much as receiving it."""
 
     def __init__(
         self, spool: InputSpool, field: str, file_name: str, budget: UploadBudget, hashed: bool
@@ -94,11 +100,14 @@ class _Writer:
         self.file_name = file_name
         self._budget = budget
         self._hash = hashlib.sha256() if hashed else None
+        # Held in memory while it fits (used once only); None: the inline rule (hashed).
+        self._memory = None if hashed else HeldBytes(spool.memory)
+        self._share = spool.memory.share
         self._size = 0
         self.path = spool.tmp_path()
         self._on_disk = False  # the file has been created
-        self._held: list[bytes] = []  # before the thread starts
-        self._queue: deque[bytes | None] = deque()
+        self._held: list[bytes | memoryview] = []  # before the thread starts
+        self._queue: deque[bytes | memoryview | None] = deque()
         # Made with the thread (most uploads never start one): only it and write() use them.
         self._lock: threading.Lock | None = None
         self._wake: threading.Condition | None = None
@@ -113,8 +122,15 @@ class _Writer:
         self._budget.take(self.field, len(data))
         self._size += len(data)
         if self._thread is None:
-            self._held.append(data)
-            if self._size > _INLINE_BYTES:
+            memory = self._memory
+            if memory is None:
+                self._held.append(data)
+                if self._size > _INLINE_BYTES:
+                    self._start()
+            elif self._size > self._share or not memory.add(data):
+                # Spills: what is held is written first (its blocks given back once the
+                # thread has ended), then the rest.
+                self._held = [*memory.views(), data]
                 self._start()
             return
         if self._error is not None:
@@ -181,10 +197,8 @@ class _Writer:
             self._wake.notify()
 
     async def finish(self) -> SpooledFile:
-        if self._thread is None and self._hash is None:  # small, used once: kept in memory
-            data = b"".join(self._held)
-            self._held = []
-            return SpooledFile(self.field, self.file_name, self.path, "", self._size, data)
+        if self._memory is not None and self._thread is None:  # used once, within the budget
+            return SpooledFile(self.field, self.file_name, self.path, "", self._size, self._memory)
         if self._thread is None:
             self._on_disk = True
             # A raw descriptor: a Python file object around one or two writes cost about a
@@ -204,6 +218,8 @@ class _Writer:
             assert self._ended is not None
             self._stop_thread()
             await asyncio.shield(self._ended)  # the file is closed only once it has ended
+            if self._memory is not None:
+                self._memory.release()  # what was held before the spill is written
             if self._error is not None:
                 raise self._error
         digest = self._hash.hexdigest() if self._hash is not None else ""
@@ -213,6 +229,8 @@ class _Writer:
         """Drop the file, finished or not (the thread, if any, stops without writing more)."""
         self._aborted = True
         self._held = []
+        if self._memory is not None:
+            self._memory.release()
         if self._thread is not None and self._ended is not None and not self._ended.done():
             self._stop_thread()
         if self._on_disk:
@@ -237,8 +255,12 @@ def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> N
 class InputSpool:
     """A folder of uploads: ``tmp/`` for files being written, ``{sha[:2]}/{sha}`` for inputs."""
 
-    def __init__(self, root: Path, shared: BlobStore | None = None) -> None:
+    def __init__(
+        self, root: Path, shared: BlobStore | None = None, memory: SpoolMemory | None = None
+    ) -> None:
         self.root = root
+        self.memory = memory or SpoolMemory(_DEFAULT_MEMORY)
+        """Uploads used once are held here while it has room (one budget per process)."""
         self.tmp_dir = root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         # Temp names: unique per spool object (the counter) and per process (the random

@@ -293,6 +293,7 @@ async def test_bad_quality(stub: Any) -> None:
     assert fields == ["params.quality"]
 
 
+@pytest.mark.parametrize("settings_overrides", [{"spool_memory_mb": 0}])  # written to disk
 async def test_a_client_abort_mid_upload_leaves_no_spool_file(stub: Any, tmp_path: Any) -> None:
     spool_tmp = tmp_path / "data" / "spool" / "tmp"
     call = stub.CropImage()
@@ -314,3 +315,81 @@ async def test_a_client_abort_mid_upload_leaves_no_spool_file(stub: Any, tmp_pat
             break
         await asyncio.sleep(0.01)
     assert list(spool_tmp.iterdir()) == []
+
+
+# --- uploads held in memory (AISERVER_SPOOL_MEMORY_MB): what is held is given back ---------
+
+
+async def _held(service: Any, n: int) -> None:
+    for _ in range(500):
+        if service.spool.memory.used == n:
+            return
+        await asyncio.sleep(0.01)
+    assert service.spool.memory.used == n
+
+
+async def test_an_input_within_the_memory_budget_never_touches_the_disk(
+    service: Any, stub: Any, tmp_path: Any
+) -> None:
+    spool_tmp = tmp_path / "data" / "spool" / "tmp"
+    noise = Image.frombytes("RGB", (1400, 1400), os.urandom(1400 * 1400 * 3))
+    source = encode(noise, "BMP")  # 5.6 MB: written to a file before the budget
+    call = stub.CropImage()
+    await call.write(tpb.CropImageRequest(params=CROP_OK))
+    for start in range(0, 3 << 20, 1 << 20):
+        await call.write(
+            tpb.CropImageRequest(
+                chunk=common_pb2.FileChunk(field="image", data=source[start : start + (1 << 20)])
+            )
+        )
+    await _held(service, 3 << 20)
+    assert list(spool_tmp.iterdir()) == []
+    for start in range(3 << 20, len(source), 1 << 20):
+        await call.write(
+            tpb.CropImageRequest(
+                chunk=common_pb2.FileChunk(field="image", data=source[start : start + (1 << 20)])
+            )
+        )
+    await call.done_writing()
+    messages = [m async for m in call]
+    out = Image.open(io.BytesIO(b"".join(m.chunk for m in messages[1:])))
+    assert out.tobytes() == noise.crop((0, 0, 8, 8)).tobytes()
+    assert list(spool_tmp.iterdir()) == []
+    await _held(service, 0)
+
+
+async def test_a_cancelled_upload_gives_its_memory_back(service: Any, stub: Any) -> None:
+    call = stub.ConvertImage()
+    params = tasks_pb2.ConvertImageParams(output_format=common_pb2.IMAGE_FORMAT_PNG)
+    await call.write(tpb.ConvertImageRequest(params=params))
+    for _ in range(3):
+        await call.write(
+            tpb.ConvertImageRequest(
+                chunk=common_pb2.FileChunk(field="image", data=os.urandom(1 << 20))
+            )
+        )
+    await _held(service, 3 << 20)
+    call.cancel()  # a client that goes away mid-upload
+    await _held(service, 0)
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_upload_bytes": 3 << 20}])
+async def test_a_failed_upload_gives_its_memory_back(service: Any, stub: Any) -> None:
+    noise = os.urandom(2 << 20)  # not an image: refused after the upload, in the pool
+    code, reason, _ = await _expect(
+        stub.ConvertImage,
+        upload_messages(
+            tpb.ConvertImageRequest,
+            tasks_pb2.ConvertImageParams(output_format=common_pb2.IMAGE_FORMAT_PNG),
+            {"image": noise},
+            chunk=1 << 20,
+        ),
+    )
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "IMAGE_UNREADABLE")
+    await _held(service, 0)
+    code, reason, _ = await _expect(  # past the request's limit while held
+        stub.CropImage,
+        upload_messages(tpb.CropImageRequest, CROP_OK, {"image": os.urandom(4 << 20)}),
+    )
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "UPLOAD_TOO_LARGE")
+    await _held(service, 0)

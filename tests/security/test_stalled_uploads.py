@@ -19,7 +19,12 @@ from tests.support.grpc_helpers import rich_status
 
 @pytest.fixture
 def settings_overrides() -> dict[str, Any]:
-    return {"upload_idle_timeout_s": 0.5, "upload_timeout_s": 2.5, "http_header_timeout_s": 0.5}
+    return {
+        "upload_idle_timeout_s": 0.5,
+        "upload_timeout_s": 2.5,
+        "http_header_timeout_s": 0.5,
+        "spool_memory_mb": 8,  # an upload holds up to 2 MiB in memory, then spills
+    }
 
 
 def _params() -> Any:
@@ -53,7 +58,7 @@ async def test_a_stalled_upload_ends_and_its_spool_file_is_gone(
         await call.write(_chunk(b"\x89PNG\r\n\x1a\n" + b"\x00" * 5000))
         await asyncio.sleep(0.2)
         assert not list(service.spool.tmp_dir.iterdir())
-    if sent == "partial chunk":  # past the in-memory size: spooled as it arrives
+    if sent == "partial chunk":  # past its share of the memory: spooled as it arrives
         await call.write(_chunk(b"\x89PNG\r\n\x1a\n" + b"\x00" * (3 << 20)))
         await asyncio.sleep(0.2)
         assert list(service.spool.tmp_dir.iterdir()), "the chunk should be spooled meanwhile"
@@ -63,6 +68,7 @@ async def test_a_stalled_upload_ends_and_its_spool_file_is_gone(
     assert rich_status(err)[1]["ErrorInfo"].reason == "UPLOAD_STALLED"
     assert asyncio.get_running_loop().time() - started < 5
     assert not list(service.spool.tmp_dir.iterdir())
+    assert service.spool.memory.used == 0
 
 
 async def test_a_trickling_upload_hits_the_total_deadline(

@@ -12,6 +12,7 @@ import pytest
 
 from aiserver.errors import ServiceError
 from aiserver.spool import InputSpool, UploadBudget
+from aiserver.spool_memory import BLOCK_BYTES, SpoolMemory
 
 
 async def test_a_large_upload_is_written_and_hashed_whole(tmp_path: Path) -> None:
@@ -119,20 +120,100 @@ async def test_a_small_upload_used_once_never_touches_the_disk(tmp_path: Path) -
     await writer.write(memoryview(data)[1 << 20 :])
     assert list(spool.tmp_dir.iterdir()) == []
     done = await writer.finish()
-    assert done.data == data and done.size == len(data) and done.sha256 == ""
+    assert done.held is not None and done.held.tobytes() == data
+    assert done.size == len(data) and done.sha256 == ""
     assert list(spool.tmp_dir.iterdir()) == [] and not done.path.exists()
     Upload(None, {"image": done}).discard()
     writer.discard()  # harmless
+    assert spool.memory.used == 0
 
 
-async def test_a_large_upload_used_once_is_spooled(tmp_path: Path) -> None:
-    spool = InputSpool(tmp_path)
+async def test_a_large_upload_used_once_is_held_in_memory_within_the_budget(
+    tmp_path: Path,
+) -> None:
+    from aiserver.api.uploads import Upload
+
+    spool = InputSpool(tmp_path, memory=SpoolMemory(32 << 20))  # one upload: up to 8 MiB
     writer = spool.open("image", "a.bmp", UploadBudget(1 << 30), hashed=False)
-    data = os.urandom(3 << 20)
+    data = os.urandom(8 << 20)
     for start in range(0, len(data), 1 << 20):
         await writer.write(data[start : start + (1 << 20)])
     done = await writer.finish()
-    assert done.data is None and done.path.read_bytes() == data
+    assert done.held is not None and done.held.tobytes() == data and writer._thread is None
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert spool.memory.used == len(data)
+    with done.held.open() as fh:  # what the image pool reads
+        assert fh.read(5) == data[:5]
+        fh.seek(BLOCK_BYTES - 3)
+        assert fh.read(10) == data[BLOCK_BYTES - 3 : BLOCK_BYTES + 7]  # across two blocks
+        assert fh.seek(-4, 2) == len(data) - 4 and fh.read() == data[-4:] and fh.read(1) == b""
+    reader = done.held.open()
+    writer.discard()  # read_upload discards every writer when a later file fails
+    assert spool.memory.used == 0
+    with pytest.raises(ValueError):  # its blocks may serve another upload now
+        reader.read(1)
+    Upload(None, {"image": done}).discard()
+    assert spool.memory.used == 0 and spool.memory.kept == 8 << 20  # kept for reuse
+
+
+async def test_an_upload_used_once_past_its_share_spills_what_it_held_then_the_rest(
+    tmp_path: Path,
+) -> None:
+    spool = InputSpool(tmp_path, memory=SpoolMemory(32 << 20, share=3 << 20))
+    writer = spool.open("image", "a.bmp", UploadBudget(1 << 30), hashed=False)
+    data = os.urandom((12 << 20) + 3)
+    for start in range(0, len(data), 1 << 20):
+        await writer.write(data[start : start + (1 << 20)])
+        assert spool.memory.used <= 3 << 20
+    done = await writer.finish()
+    assert done.held is None and done.path.read_bytes() == data
+    assert spool.memory.used == 0
+
+
+async def test_an_upload_used_once_spills_when_the_process_budget_runs_out(
+    tmp_path: Path,
+) -> None:
+    from aiserver.api.uploads import Upload
+
+    spool = InputSpool(tmp_path, memory=SpoolMemory(8 << 20, share=8 << 20))
+    first = spool.open("image", "a.bmp", UploadBudget(1 << 30), hashed=False)
+    second = spool.open("image", "b.bmp", UploadBudget(1 << 30), hashed=False)
+    a, b = os.urandom(6 << 20), os.urandom(5 << 20)
+    for start in range(0, 6 << 20, 1 << 20):
+        await first.write(a[start : start + (1 << 20)])
+    for start in range(0, 5 << 20, 1 << 20):  # holds 2 MiB, then the budget is out
+        await second.write(b[start : start + (1 << 20)])
+    held, spilled = await first.finish(), await second.finish()
+    assert held.held is not None and held.held.tobytes() == a
+    assert spilled.held is None and spilled.path.read_bytes() == b
+    assert spool.memory.used == len(a)  # the spilled one's share is back once written
+    Upload(None, {"image": held}).discard()
+    Upload(None, {"image": spilled}).discard()
+    assert spool.memory.used == 0
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+async def test_with_no_memory_budget_every_upload_is_written(tmp_path: Path) -> None:
+    spool = InputSpool(tmp_path, memory=SpoolMemory(0))
+    writer = spool.open("image", "a.jpg", UploadBudget(1 << 30), hashed=False)
+    await writer.write(b"abc")
+    done = await writer.finish()
+    assert done.held is None and done.path.read_bytes() == b"abc"
+
+
+@pytest.mark.parametrize("spill", [False, True])
+async def test_an_upload_used_once_abandoned_mid_stream_gives_its_memory_back(
+    tmp_path: Path, spill: bool
+) -> None:
+    spool = InputSpool(tmp_path, memory=SpoolMemory(64 << 20, share=(2 if spill else 16) << 20))
+    writer = spool.open("image", "a.bmp", UploadBudget(1 << 30), hashed=False)
+    for _ in range(4):
+        await writer.write(os.urandom(1 << 20))
+    assert (writer._thread is not None) == spill
+    assert spool.memory.used == (2 if spill else 4) << 20
+    writer.discard()  # what read_upload does on a cancel, a disconnect or an error
+    assert spool.memory.used == 0
+    assert list(spool.tmp_dir.iterdir()) == []
 
 
 async def test_a_finished_small_upload_is_deleted_by_discard(tmp_path: Path) -> None:
@@ -141,6 +222,6 @@ async def test_a_finished_small_upload_is_deleted_by_discard(tmp_path: Path) -> 
     writer = spool.open("image", "small.png", UploadBudget(1 << 20))
     await writer.write(b"abc")
     done = await writer.finish()
-    assert done.path.exists() and done.data is None
+    assert done.path.exists() and done.held is None
     writer.discard()
     assert list(spool.tmp_dir.iterdir()) == []

@@ -13,7 +13,7 @@ from aiserver.api.convert import format_from_proto, format_to_proto
 from aiserver.api.status import rpc
 from aiserver.api.uploads import read_upload
 from aiserver.api.wire import Encoded, bytes_message
-from aiserver.imaging import EncodedImage, ImageLimits, convert, crop
+from aiserver.imaging import EncodedImage, ImageLimits, ImageSource, convert, crop
 from aiserver.spool import InputSpool, UploadBudget
 from aiserver.workers import BlockingPool
 
@@ -46,7 +46,7 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
         request_iterator: AsyncIterator[transform_service_pb2.CropImageRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[transform_service_pb2.CropImageResponse | Encoded]:
-        def work(path: Path | bytes, p: tasks_pb2.CropImageParams) -> EncodedImage:
+        def work(path: ImageSource, p: tasks_pb2.CropImageParams) -> EncodedImage:
             return crop(
                 path,
                 x=p.x,
@@ -68,7 +68,7 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
         request_iterator: AsyncIterator[transform_service_pb2.ConvertImageRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[transform_service_pb2.ConvertImageResponse | Encoded]:
-        def work(path: Path | bytes, p: tasks_pb2.ConvertImageParams) -> EncodedImage:
+        def work(path: ImageSource, p: tasks_pb2.ConvertImageParams) -> EncodedImage:
             target = format_from_proto(p.output_format, "params.output_format")
             assert target is not None  # the contract requires it (checked on arrival)
             return convert(path, output_format=target, quality=_quality(p), limits=self._limits)
@@ -80,7 +80,7 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
     async def _transform(
         self,
         requests: AsyncIterator[Any],
-        work: Callable[[Path | bytes, Any], EncodedImage],
+        work: Callable[[ImageSource, Any], EncodedImage],
         response: type[_R],
         suffix: str,
     ) -> AsyncIterator[_R | Encoded]:
@@ -94,12 +94,11 @@ class TransformServicer(transform_service_pb2_grpc.TransformServiceServicer):
         )
         image = upload.files["image"]
         file_name = image.file_name
-        source = image.data if image.data is not None else image.path  # small: in memory
+        source: ImageSource = image.path if image.held is None else image.held  # in memory
         try:
             result = await self._pool.run(work, source, upload.params)
         finally:
-            upload.discard()
-            image.data = None  # the input is not held while a slow caller reads the result
+            upload.discard()  # the input is not held while a slow caller reads the result
             del source
         for msg in self._reply(response, result, file_name, suffix):
             yield msg

@@ -32,7 +32,9 @@ class Upload:
 
     def discard(self) -> None:
         for f in self.files.values():
-            if f.data is None:  # else held in memory: no file
+            if f.held is not None:  # held in memory: no file
+                f.held.release()
+            else:
                 _remove(f.path, f.size)
 
 

@@ -159,26 +159,32 @@ class Backend:
         self.uploads = ClientUploads(settings.max_uploads_per_client)
         """Uploads being read, per client address (the per-client cap)."""
         self._pool = pool or descriptor_pool.Default()
-        self._callables: dict[str, Any] = {}
+        self._callables: dict[object, Any] = {}
         self.long_lived: weakref.WeakSet[Any] = weakref.WeakSet()
         """Open watch streams: cancelled first when the gateway stops."""
 
     def method(self, full_name: str) -> descriptor.MethodDescriptor:
         return self._pool.FindMethodByName(full_name)
 
-    def callable(self, method: descriptor.MethodDescriptor) -> Any:
-        """The grpc.aio multi-callable for ``method`` (built once)."""
-        found = self._callables.get(method.full_name)
+    def callable(
+        self,
+        method: descriptor.MethodDescriptor,
+        deserializer: Callable[[bytes], Any] | None = None,
+    ) -> Any:
+        """The grpc.aio multi-callable for ``method`` (built once); ``deserializer`` reads
+        the answers instead of the response class's ``FromString`` (a wire-form reader)."""
+        key = method.full_name if deserializer is None else (method.full_name, deserializer)
+        found = self._callables.get(key)
         if found is not None:
             return found
         path = f"/{method.containing_service.full_name}/{method.name}"
         req_cls = message_class(method.input_type)
-        resp_cls = message_class(method.output_type)
+        read = deserializer or message_class(method.output_type).FromString
         if self.local is not None and method.server_streaming:
             local = self.local.stream_stream if method.client_streaming else self.local.unary_stream
-            made = local(path, req_cls.SerializeToString, resp_cls.FromString)
+            made = local(path, req_cls.SerializeToString, read)
             if made is not None:
-                self._callables[method.full_name] = made
+                self._callables[key] = made
                 return made
         factory = {
             (False, False): self.channel.unary_unary,
@@ -189,9 +195,9 @@ class Backend:
         made = factory(
             path,
             request_serializer=req_cls.SerializeToString,
-            response_deserializer=resp_cls.FromString,
+            response_deserializer=read,
         )
-        self._callables[method.full_name] = made
+        self._callables[key] = made
         return made
 
     def metadata(self, request: web.BaseRequest) -> tuple[tuple[str, str], ...]:

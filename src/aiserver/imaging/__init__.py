@@ -11,7 +11,9 @@ from aiserver.imaging.formats import (
 )
 from aiserver.imaging.limits import DEFAULT_LIMITS, ImageLimits
 from aiserver.imaging.safe_open import (
+    HeldImage,
     ImageInfo,
+    ImageSource,
     check_frame_size,
     exif_orientation,
     open_image,
@@ -34,8 +36,10 @@ __all__ = [
     "DEFAULT_QUALITY",
     "FITS",
     "EncodedImage",
+    "HeldImage",
     "ImageInfo",
     "ImageLimits",
+    "ImageSource",
     "OutputFormat",
     "apply_jpeg_draft",
     "available_formats",

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol, TypeAlias
 
 from PIL import ExifTags, Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
@@ -36,13 +36,29 @@ from aiserver.imaging.formats import OutputFormat, available_formats, format_for
 from aiserver.imaging.limits import ImageLimits
 
 __all__ = [
+    "HeldImage",
     "ImageInfo",
+    "ImageSource",
     "check_frame_size",
     "exif_orientation",
     "open_image",
     "open_image_with_info",
     "probe",
 ]
+
+
+class HeldImage(Protocol):
+    """An image's bytes held in memory in pieces, read as a file
+    (``aiserver.spool_memory.HeldBytes``: an upload that was never written to disk)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def open(self, mode: str = "rb") -> IO[bytes]: ...
+
+
+ImageSource: TypeAlias = "Path | bytes | HeldImage"
+"""What an image is read from: a file, its bytes, or bytes held in pieces."""
 
 # Pillow ids whose frames form an animation; MPO/TIFF extra frames are other pictures.
 _ANIMATED_SOURCES = frozenset({"GIF", "PNG", "WEBP", "AVIF"})
@@ -278,11 +294,15 @@ def check_frame_size(size: tuple[int, int], limits: ImageLimits, field: str) -> 
 # --- opening ----------------------------------------------------------------------------
 
 
-def _open_file(path: Path | bytes, field: str) -> IO[bytes]:
+def _open_file(path: ImageSource, field: str) -> IO[bytes]:
     if isinstance(path, bytes):  # an upload held in memory
         if not path:
             raise field_error(ErrorKind.INVALID_ARGUMENT, field, "EMPTY_IMAGE", "image is empty")
         return io.BytesIO(path)
+    if not isinstance(path, Path):  # held in memory in pieces
+        if not path.size:
+            raise field_error(ErrorKind.INVALID_ARGUMENT, field, "EMPTY_IMAGE", "image is empty")
+        return path.open("rb")
     try:
         fp = path.open("rb")
     except FileNotFoundError as exc:
@@ -383,7 +403,7 @@ def _inspect(im: ImageFile.ImageFile, limits: ImageLimits, field: str) -> ImageI
 
 @contextmanager
 def open_image_with_info(
-    path: Path | bytes, limits: ImageLimits, field: str = "image"
+    path: ImageSource, limits: ImageLimits, field: str = "image"
 ) -> Iterator[tuple[ImageFile.ImageFile, ImageInfo]]:
     """Open ``path`` (a file, or the image's bytes) and yield the lazily-decoded image with
     its checked header info.

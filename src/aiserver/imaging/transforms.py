@@ -40,7 +40,12 @@ from aiserver.imaging._errors import field_error, fields_error
 from aiserver.imaging._pixels import for_target, icc_fits, icc_of, working_mode
 from aiserver.imaging.formats import OutputFormat
 from aiserver.imaging.limits import DEFAULT_LIMITS, ImageLimits
-from aiserver.imaging.safe_open import ImageInfo, check_frame_size, open_image_with_info
+from aiserver.imaging.safe_open import (
+    ImageInfo,
+    ImageSource,
+    check_frame_size,
+    open_image_with_info,
+)
 
 __all__ = [
     "DEFAULT_QUALITY",
@@ -104,7 +109,7 @@ class _Plan:
 
 
 def crop(
-    path: Path | bytes,
+    path: ImageSource,
     *,
     x: int,
     y: int,
@@ -166,7 +171,7 @@ def crop(
 
 
 def convert(
-    path: Path | bytes,
+    path: ImageSource,
     *,
     output_format: OutputFormat,
     quality: int | None = None,
@@ -442,7 +447,7 @@ def _decode_animation(
 
 
 def _transform(
-    path: Path | bytes,
+    path: ImageSource,
     *,
     planner: Callable[[ImageInfo], _Plan],
     output_format: OutputFormat | None,
