@@ -9,14 +9,18 @@ counts (``BENCH_HOP_CENSUS``, installed by :mod:`bench.service_proc`): each
 by the innermost ``aiserver`` frame that asked; each SQLite write transaction per database
 file (``BEGIN`` ... ``COMMIT``, or one write statement in autocommit), its statements, WAL
 checkpoints; ``os.fsync``/``os.fdatasync`` called from Python. ``strace -c`` attached for the
-measured segment counts every ``fsync``/``fdatasync`` system call of the process, SQLite's
-own included. Counts are reset after the warm-up (``SIGUSR1``) and written on ``SIGUSR2``.
+measured segment counts every ``fsync``/``fdatasync`` system call of the process (SQLite's
+own included), and with them every other system call of the process (per job); each loop
+callback run (``Handle._run``: a task's step or wake-up, by its coroutine, or the function)
+is counted too. ``--tree`` runs another source tree's service (an exported ``main`` with
+this file copied in). Counts are reset after the warm-up (``SIGUSR1``) and written on ``SIGUSR2``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import re
@@ -114,13 +118,36 @@ def install(out: Path) -> None:
         with _LOCK:
             out.write_text(json.dumps({k: dict(v) for k, v in _COUNTS.items()}))
 
+    run = asyncio.events.Handle._run
+
+    def counted_run(self: asyncio.Handle) -> None:
+        _count("callbacks", _callback_name(self._callback))  # type: ignore[attr-defined]
+        run(self)
+
+    asyncio.events.Handle._run = counted_run  # type: ignore[method-assign]
+
     signal.signal(signal.SIGUSR1, reset)
     signal.signal(signal.SIGUSR2, dump)
 
 
-async def _census(jobs: int, concurrency: int, module: str) -> str:
+def _callback_name(callback: Any) -> str:
+    """A loop callback: a task's step or wake-up by the task's coroutine, else the function."""
+    if isinstance(callback, functools.partial):
+        return f"partial({_callback_name(callback.func)})"
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, asyncio.Task):
+        coro: Any = owner.get_coro()
+        name = getattr(coro, "__qualname__", type(coro).__name__)
+        return f"task {name}"
+    module = getattr(callback, "__module__", None) or type(owner).__module__
+    name = getattr(callback, "__qualname__", None) or type(callback).__name__
+    return f"{module}.{name}"
+
+
+async def _census(jobs: int, concurrency: int, module: str, tree: Path | None) -> str:
     import grpc
 
+    from bench import ROOT
     from bench.orchestration import Inputs, _segment, _service_job, _wait_ready
     from bench.service_proc import ServiceProcess, service_env
     from bench.standin_proc import StandIns
@@ -130,7 +157,8 @@ async def _census(jobs: int, concurrency: int, module: str) -> str:
     try:
         async with StandIns(4, tmp / "comfy", module=module) as agents:
             env = service_env(tmp / "service", agents.urls, BENCH_HOP_CENSUS=str(out))
-            async with ServiceProcess(env, tmp / "service.log") as service:
+            root = tree or ROOT
+            async with ServiceProcess(env, tmp / "service.log", root) as service:
                 inputs = Inputs()
                 async with grpc.aio.insecure_channel(service.target) as channel:
                     await _wait_ready(channel)
@@ -138,7 +166,7 @@ async def _census(jobs: int, concurrency: int, module: str) -> str:
                     await _segment(job, 4, inputs.take(16))  # warm-up
                     pngs = inputs.take(jobs)
                     strace = await asyncio.create_subprocess_exec(
-                        "strace", "-f", "-c", "-e", "trace=fsync,fdatasync",
+                        "strace", "-f", "-c",
                         "-p", str(service.pid), "-o", str(tmp / "strace.txt"),
                         stdout=asyncio.subprocess.DEVNULL,
                         stderr=asyncio.subprocess.DEVNULL,
@@ -162,14 +190,15 @@ async def _census(jobs: int, concurrency: int, module: str) -> str:
         f"hop census: {done} jobs ({len(got['failed'])} failed), {concurrency} callers,"
         f" 4 agents ({module}), gRPC ImageUpscale SYNC + references, SQLite; per job:"
     ]
-    for table in ("hops", "threads", "transactions", "statements", "checkpoints", "fsyncs"):
+    tables = ("hops", "threads", "transactions", "statements", "checkpoints", "fsyncs")
+    for table in (*tables, "callbacks"):
         entries = counts.get(table, {})
         total = sum(entries.values())
         lines.append(f"{table}: {total / max(done, 1):.2f}")
         for key, n in sorted(entries.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {n / max(done, 1):6.2f}  {key}")
-    lines.append("fsync system calls (strace -c, SQLite's included):")
-    for name, n in syscalls.items():
+    lines.append(f"system calls (strace -c -f): {sum(syscalls.values()) / max(done, 1):.1f}")
+    for name, n in sorted(syscalls.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {n / max(done, 1):6.2f}  {name}")
     return "\n".join(lines)
 
@@ -178,7 +207,7 @@ def _strace_counts(path: Path) -> dict[str, int]:
     found: dict[str, int] = {}
     for line in path.read_text().splitlines():
         parts = line.split()
-        if len(parts) >= 5 and parts[-1] in ("fsync", "fdatasync") and parts[3].isdigit():
+        if len(parts) >= 5 and parts[3].isdigit() and parts[-1] != "total":
             found[parts[-1]] = int(parts[3])
     return found
 
@@ -188,8 +217,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--agents", default="bench.fast_agent")
+    parser.add_argument(
+        "--tree", type=Path, help="another source tree's service (its bench/hop_census.py counts)"
+    )
     args = parser.parse_args()
-    print(asyncio.run(_census(args.jobs, args.concurrency, args.agents)))
+    print(asyncio.run(_census(args.jobs, args.concurrency, args.agents, args.tree)))
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ async def _round(
                     break
 
     try:
-        warm = iter(range(2 * concurrency))
+        warmed = range(2 * concurrency)
+        warm = iter(warmed)
         await asyncio.gather(*(caller(warm) for _ in range(concurrency)))
         todo = iter(range(jobs))
         before = await scaleout._settled_counters() if kind == "postgres" else None
@@ -149,6 +150,11 @@ async def _round(
         after |= {k: v for k, v in (await scaleout._database_counters()).items() if k != "cpu"}
         figures["postgres_cpu_ms_per_job"] = (after["cpu"] - before["cpu"]) * 1000 / jobs
         figures["postgres_xacts_per_job"] = (after["xacts"] - before["xacts"]) / jobs
+        figures["postgres_rows_written_per_job"] = (after["written"] - before["written"]) / jobs
+        # Which rows (inserted, updated, HOT-updated, deleted per table), counted from the
+        # schema's start (a table's counts reach the statistics late): warm-up included.
+        moved = scaleout.per_job(await scaleout._table_writes(schema), {}, jobs + len(warmed))
+        figures |= {f"rows {k}": v for k, v in moved.items()}
         await scaleout._drop_schema(schema)
     return figures
 

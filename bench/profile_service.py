@@ -1,6 +1,7 @@
 """Where the service spends its CPU on the ComfyUI job path: py-spy on the service process.
 
     python -m bench.profile_service LABEL [--jobs 400] [--concurrency 16] [--agents MODULE]
+        [--step-delay S] [--comfy-url URL]
 
 The same setup as :mod:`bench.orchestration` (instant stand-ins in their own process, the
 service in its own with persistence on, gRPC ImageUpscale SYNC with references), but only the
@@ -8,7 +9,9 @@ service path, sampled by ``py-spy record`` for the whole measured segment. Write
 ``bench/results/profile-LABEL.txt``: the service's CPU milliseconds per job (process CPU time
 from ``/proc`` over jobs: robust to other load on the machine, unlike latency), the HTTP
 requests the agents received per job, and the profile's top functions by own and by total
-samples (idle samples, the event loop waiting in ``select``, left out).
+samples (idle samples, the event loop waiting in ``select``, left out). ``--step-delay``
+paces the stand-ins (seconds per node step: a job's frames then arrive one at a time, as from
+a real agent); ``--comfy-url`` profiles against a real ComfyUI instead.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ async def _profile(
     raw: Path | None,
     postgres: bool = False,
     comfy_url: str = "",
+    step_delay_s: float = 0.0,
 ) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     collapsed = tmp / "profile.txt"
@@ -123,7 +127,7 @@ async def _profile(
                 env["AISERVER_AGENTS"] = json.dumps([{"url": comfy_url, "name": "real"}])
             else:
                 agents = await stack.enter_async_context(
-                    StandIns(AGENTS, tmp / "comfy", module=module)
+                    StandIns(AGENTS, tmp / "comfy", module=module, step_delay_s=step_delay_s)
                 )
                 env = service_env(tmp / "service", agents.urls)
             if postgres:  # the job store on the scale-out bench's database, a schema of its own
@@ -171,6 +175,8 @@ async def _profile(
         busy, own, total, areas = _top(collapsed)
         per_job = cpu * 1000 / max(done, 1)
         where = f"a real ComfyUI at {comfy_url}" if comfy_url else f"{AGENTS} agents ({module})"
+        if step_delay_s and not comfy_url:
+            where += f" paced {step_delay_s:g} s per step"
         lines = [
             f"profile {label}: {done} jobs ({len(got['failed'])} failed), {concurrency} callers,"
             f" {where}, gRPC ImageUpscale SYNC + references,"
@@ -215,6 +221,7 @@ def main() -> None:
     parser.add_argument(
         "--comfy-url", default="", help="a real ComfyUI instead of the stand-ins (64 px inputs)"
     )
+    parser.add_argument("--step-delay", type=float, default=0.0, help="stand-in s per step")
     args = parser.parse_args()
     text = asyncio.run(
         _profile(
@@ -226,6 +233,7 @@ def main() -> None:
             args.raw,
             args.postgres,
             comfy_url=args.comfy_url.rstrip("/"),
+            step_delay_s=args.step_delay,
         )
     )
     RESULTS.mkdir(parents=True, exist_ok=True)

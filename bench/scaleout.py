@@ -165,7 +165,7 @@ async def _config(
                 await _wait_ready(channel)
             jobs = [_service_job(c) for c in channels]
             for job in jobs:  # warm-up: connections, caches, first imports
-                await _segment(job, 2, inputs.take(4))
+                await _segment(job, 2, inputs.take(WARM_UP_JOBS))
             before = await _settled_counters() if kind == "postgres" else None
             cpu = [cpu_seconds(s.pid) for s in services]
             others = (cpu_seconds(agents.pid), time.process_time())
@@ -191,9 +191,13 @@ async def _config(
         after |= {
             k: v for k, v in (await _database_counters()).items() if k not in ("cpu", "listen")
         }
-    if kind == "postgres":
-        await _drop_schema(schema)
     done = sum(len(r["latencies"]) for r in results)
+    tables: dict[str, float] = {}
+    if kind == "postgres":
+        # Counted from the schema's start (a table's counts reach the statistics late):
+        # the warm-up's jobs included.
+        tables = per_job(await _table_writes(schema), {}, done + WARM_UP_JOBS * count)
+        await _drop_schema(schema)
     figures = {
         "jobs_per_s": done / wall,
         "coordinator_cpu_ms_per_job": ms(used) / done,
@@ -208,6 +212,7 @@ async def _config(
         figures["postgres_listen_cpu_ms_per_job"] = ms(after["listen"] - before["listen"]) / done
         figures["postgres_xacts_per_job"] = (after["xacts"] - before["xacts"]) / done
         figures["postgres_rows_written_per_job"] = (after["written"] - before["written"]) / done
+        figures |= {f"rows {k}": v for k, v in tables.items()}
     return figures
 
 
@@ -255,6 +260,32 @@ async def _database_counters() -> dict[str, float]:
         "xacts": float(stats["xacts"]),
         "written": float(stats["written"]),
     }
+
+
+async def _table_writes(schema: str) -> dict[str, float]:
+    """Rows inserted, updated (of which HOT) and deleted per table of ``schema`` so far."""
+    conn = await asyncpg.connect(BENCH_URL)
+    try:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        records = await conn.fetch(
+            "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del"
+            " FROM pg_stat_user_tables WHERE schemaname = $1",
+            schema,
+        )
+    finally:
+        await conn.close()
+    got: dict[str, float] = {}
+    for r in records:
+        for what in ("ins", "upd", "hot_upd", "del"):
+            if r[f"n_tup_{what}"]:
+                got[f"{r['relname']}.{what}"] = float(r[f"n_tup_{what}"])
+    return got
+
+
+def per_job(after: dict[str, float], before: dict[str, float], jobs: int) -> dict[str, float]:
+    """``after - before`` per job, the keys that moved."""
+    moved = {k: (v - before.get(k, 0.0)) / jobs for k, v in after.items()}
+    return {k: round(v, 3) for k, v in sorted(moved.items()) if v}
 
 
 async def _drop_schema(schema: str) -> None:

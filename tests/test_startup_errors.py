@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,38 @@ async def test_an_unreachable_job_database_is_one_line_without_its_password(
     last = [line for line in err.splitlines() if line.strip()][-1]
     assert last.startswith("aiserver: cannot start: cannot open the job database"), err
     assert f"postgresql://u:***@127.0.0.1:{port}/db" in last, err
+
+
+async def test_a_job_database_from_a_newer_release_is_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with sqlite3.connect(data / "jobs.db") as db:
+        db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_us INT)")
+        db.execute("INSERT INTO schema_migrations VALUES (999, 0)")
+    rc, err = await serve(tmp_path)
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("aiserver: cannot start: cannot open the job database"), err
+    assert "schema version 999 is newer than this server" in last, err
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [("jobs.db", "the job database"), ("artifacts/artifacts.sqlite3", "the artifact index")],
+)
+async def test_a_database_file_that_is_not_one_is_one_line(
+    tmp_path: Path, name: str, what: str
+) -> None:
+    path = tmp_path / "data" / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"this is not a database, " * 200)
+    rc, err = await serve(tmp_path)
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith(f"aiserver: cannot start: cannot open {what}"), err
+    assert "not a database" in last, err
 
 
 @pytest.mark.parametrize(

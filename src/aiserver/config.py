@@ -192,7 +192,8 @@ class Settings:
     upload_idle_timeout_s: float = 30.0
     """An upload (a gRPC client stream, or an HTTP request body) that sends nothing for this
     long ends: DEADLINE_EXCEEDED ``UPLOAD_STALLED`` / HTTP 408, its spooled bytes deleted.
-    0: no limit."""
+    The HTTP shim also closes an artifact or variant download whose client takes nothing for
+    this long (it would hold a streaming call and an open blob). 0: no limit."""
     upload_timeout_s: float = 600.0
     """Longest an upload may take from its first message (or the request's headers) to its
     last: DEADLINE_EXCEEDED ``UPLOAD_TOO_SLOW`` / HTTP 408. 0: no limit."""

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import secrets
 import signal
+import sqlite3
 from collections.abc import Sequence
 
 import grpc
@@ -39,6 +40,7 @@ from aiserver.artifacts.index import open_artifact_index
 from aiserver.artifacts.store import SWEEP_FRESH_S
 from aiserver.blobs import open_blob_store
 from aiserver.config import Settings
+from aiserver.data_lock import DataFolderInUse, DataFolderLock
 from aiserver.gateway import Gateway, GatewaySettings
 from aiserver.imaging import ImageLimits
 from aiserver.imaging.block_cache import keep_image_blocks
@@ -100,6 +102,7 @@ class Service:
         self.grpc_port = 0
         data = settings.data_dir
         data.mkdir(parents=True, exist_ok=True)
+        self._data_lock = DataFolderLock(data)
         blobs = open_blob_store(settings.blob_url, data / "artifacts")
         # Inputs go to the blob store only when it is shared (S3): the folder is this
         # process's own, and the spool already is one.
@@ -112,16 +115,18 @@ class Service:
         keep_image_blocks(settings.image_block_cache_mib)
         self.limits = ImageLimits(max_pixels=settings.max_pixels)
         self.health = health.aio.HealthServicer()
-        self.artifacts = ArtifactStore(
-            data / "artifacts",
-            blobs=blobs,
-            index=open_artifact_index(
+        try:
+            index = open_artifact_index(
                 settings.database_url,
                 settings.database_schema,
                 data / "artifacts",
                 timeout_s=settings.database_timeout_s,
-            ),
-        )
+            )
+        except (OSError, sqlite3.Error) as exc:  # the embedded index: unreadable, not SQLite
+            raise StartupError(
+                f"cannot open the artifact index in {data / 'artifacts'}: {exc}"
+            ) from exc
+        self.artifacts = ArtifactStore(data / "artifacts", blobs=blobs, index=index)
         self.variants = VariantCache(self.artifacts, data / "variants", self.limits, pool=self.pool)
         self.variant_policy = VariantPolicy(
             settings.variant_presets,
@@ -163,6 +168,10 @@ class Service:
 
     async def start(self) -> int:
         s = self.settings
+        try:
+            self._data_lock.acquire()  # before anything in the folder is touched
+        except DataFolderInUse as exc:
+            raise StartupError(str(exc)) from None
         self.spool.sweep_tmp()
         for provider in self.providers:
             await provider.start()
@@ -346,6 +355,7 @@ class Service:
     async def stop(self, grace_s: float | None = None) -> None:
         """Health goes NOT_SERVING first, then in-flight calls get ``grace_s`` to finish."""
         if self._server is None:
+            self._data_lock.release()  # a start that failed early
             return
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         if self._health_task is not None:
@@ -378,6 +388,7 @@ class Service:
         if self.metrics_server is not None:
             await self.metrics_server.stop()
             self.metrics_server = None
+        self._data_lock.release()
         logger.info("stopped")
 
     def _workflows_changed(self, catalog: WorkflowCatalog) -> None:

@@ -100,8 +100,11 @@ class _Writer:
         self.file_name = file_name
         self._budget = budget
         self._hash = hashlib.sha256() if hashed else None
-        # Held in memory while it fits (used once only); None: the inline rule (hashed).
+        # Held in memory while it fits (used once only); None: the inline rule (hashed, or
+        # spilled).
         self._memory = None if hashed else HeldBytes(spool.memory)
+        self._spilled: HeldBytes | None = None  # what was held, until the thread has written it
+        self._spilled_parts = 0  # its parts at the head of the thread's queue
         self._share = spool.memory.share
         self._size = 0
         self.path = spool.tmp_path()
@@ -128,10 +131,7 @@ class _Writer:
                 if self._size > _INLINE_BYTES:
                     self._start()
             elif self._size > self._share or not memory.add(data):
-                # Spills: what is held is written first (its blocks given back once the
-                # thread has ended), then the rest.
-                self._held = [*memory.views(), data]
-                self._start()
+                self._spill(memory, data)
             return
         if self._error is not None:
             raise self._error
@@ -144,6 +144,21 @@ class _Writer:
                 return
             room = self._room = asyncio.get_running_loop().create_future()
         await room
+
+    def _spill(self, memory: HeldBytes, data: bytes) -> None:
+        """Past its share or the budget: to the file, what is held first. Within
+        :data:`_INLINE_BYTES` as a hashed upload is (a copy, no thread: the budget full or 0
+        must not cost a thread per small upload); past it through the thread, which gives the
+        held blocks back as soon as it has written them, not when the upload ends."""
+        self._memory = None
+        if self._size <= _INLINE_BYTES:
+            self._held = [memory.tobytes(), data] if memory.size else [data]
+            memory.release()
+            return
+        views = memory.views()
+        self._held = [*views, data]
+        self._spilled, self._spilled_parts = memory, len(views)
+        self._start()
 
     def _start(self) -> None:
         self._on_disk = True
@@ -162,6 +177,9 @@ class _Writer:
 
     def _run(self, loop: asyncio.AbstractEventLoop, fh: BinaryIO) -> None:
         assert self._lock is not None and self._wake is not None
+        spilled, parts = self._spilled, self._spilled_parts
+        if spilled is not None and not parts:
+            spilled.release()
         while True:
             with self._lock:
                 while not self._queue:
@@ -183,6 +201,12 @@ class _Writer:
                     self._room = None
             if room is not None:
                 _resolve(loop, room)
+            if spilled is not None:
+                parts -= 1
+                if not parts:  # written (or skipped): nothing reads the blocks any more
+                    del data
+                    spilled.release()  # thread-safe; once
+                    spilled = None
         try:
             fh.close()
         except OSError as exc:
@@ -218,8 +242,6 @@ class _Writer:
             assert self._ended is not None
             self._stop_thread()
             await asyncio.shield(self._ended)  # the file is closed only once it has ended
-            if self._memory is not None:
-                self._memory.release()  # what was held before the spill is written
             if self._error is not None:
                 raise self._error
         digest = self._hash.hexdigest() if self._hash is not None else ""
@@ -231,8 +253,11 @@ class _Writer:
         self._held = []
         if self._memory is not None:
             self._memory.release()
-        if self._thread is not None and self._ended is not None and not self._ended.done():
-            self._stop_thread()
+        if self._thread is None:
+            if self._spilled is not None:  # the thread never started: nothing reads them
+                self._spilled.release()
+        elif self._ended is not None and not self._ended.done():
+            self._stop_thread()  # it gives the spilled blocks back once past them
         if self._on_disk:
             self.path.unlink(missing_ok=True)
 

@@ -46,9 +46,18 @@ class SpoolMemory:
             if self.used + count * BLOCK_BYTES > self.limit:
                 return None
             self.used += count * BLOCK_BYTES
-            reused = self._free[len(self._free) - count :] if count <= len(self._free) else []
-            del self._free[len(self._free) - len(reused) :]
-        return reused + [mmap.mmap(-1, BLOCK_BYTES) for _ in range(count - len(reused))]
+            reused = min(count, len(self._free))
+            blocks = self._free[len(self._free) - reused :]
+            del self._free[len(self._free) - reused :]
+        try:
+            while len(blocks) < count:
+                blocks.append(mmap.mmap(-1, BLOCK_BYTES))
+        except BaseException:  # no memory for a map: the budget and the blocks come back
+            with self._lock:
+                self.used -= (count - len(blocks)) * BLOCK_BYTES
+            self.give(blocks)
+            raise
+        return blocks
 
     def give(self, blocks: list[mmap.mmap]) -> None:
         with self._lock:
@@ -67,13 +76,20 @@ class SpoolMemory:
 
 class HeldBytes:
     """One upload's bytes in blocks of a :class:`SpoolMemory`; :meth:`open` reads them as a
-    file (the image pool), :meth:`release` gives the blocks back (once; idempotent)."""
+    file (the image pool), :meth:`release` gives the blocks back (once; idempotent; from any
+    thread).
 
-    __slots__ = ("_blocks", "_memory", "size")
+    Blocks go back only once no reader is open: an image worker whose call was cancelled
+    keeps running after the loop released the upload, and must not read blocks that another
+    upload reuses meanwhile (``used`` counts them until then)."""
+
+    __slots__ = ("_blocks", "_memory", "_readers", "_released", "size")
 
     def __init__(self, memory: SpoolMemory) -> None:
         self._memory = memory
         self._blocks: list[mmap.mmap] = []
+        self._readers = 0  # open readers (under the memory's lock)
+        self._released = False
         self.size = 0
 
     def add(self, data: ReadableBuffer) -> bool:
@@ -110,31 +126,64 @@ class HeldBytes:
     def tobytes(self) -> bytes:
         return b"".join(self.views())
 
+    @property
+    def released(self) -> bool:
+        return self._released
+
     def open(self, mode: str = "rb") -> IO[bytes]:
-        """A read-only, seekable file over the bytes (``mode`` as ``Path.open``'s)."""
+        """A read-only, seekable file over the bytes (``mode`` as ``Path.open``'s); the
+        blocks stay this upload's until it is closed."""
         if mode != "rb":
             raise ValueError("held bytes are read only")
-        return cast(IO[bytes], _Reader(self._blocks, self.size))
+        with self._memory._lock:
+            if self._released:
+                raise ValueError("the held bytes were released")
+            self._readers += 1
+        return cast(IO[bytes], _Reader(self, self._blocks[:], self.size))
 
     def release(self) -> None:
-        # Emptied in place: a reader still open (an image worker whose call was cancelled
-        # keeps running) fails its next read instead of reading blocks reused meanwhile.
-        blocks = self._blocks[:]
-        self._blocks.clear()
-        self.size = 0
+        with self._memory._lock:
+            if self._released:
+                return
+            self._released = True
+            blocks = self._drop_if_unread()
         if blocks:
             self._memory.give(blocks)
+
+    def _reader_closed(self) -> None:
+        with self._memory._lock:
+            self._readers -= 1
+            blocks = self._drop_if_unread()
+        if blocks:
+            self._memory.give(blocks)
+
+    def _drop_if_unread(self) -> list[mmap.mmap]:
+        """The blocks to give back, once released and unread (under the memory's lock)."""
+        if not self._released or self._readers:
+            return []
+        blocks, self._blocks = self._blocks, []
+        self.size = 0
+        return blocks
 
 
 class _Reader(io.RawIOBase):
     """A file over blocks: ``read`` returns ``bytes`` sliced out of them (one copy, as
-    ``BytesIO`` does)."""
+    ``BytesIO`` does). Reads fail once the upload is released (a cancelled call's worker
+    stops early); the blocks are the upload's until :meth:`close`."""
 
-    def __init__(self, blocks: list[mmap.mmap], size: int) -> None:
+    def __init__(self, held: HeldBytes, blocks: list[mmap.mmap], size: int) -> None:
         super().__init__()
+        self._held: HeldBytes | None = held
         self._blocks = blocks
         self._size = size
         self._pos = 0
+
+    def close(self) -> None:
+        held, self._held = self._held, None
+        self._blocks = []
+        super().close()
+        if held is not None:
+            held._reader_closed()
 
     def readable(self) -> bool:
         return True
@@ -160,7 +209,10 @@ class _Reader(io.RawIOBase):
         return pos
 
     def read(self, size: int | None = -1) -> bytes:
-        if len(self._blocks) * BLOCK_BYTES < self._size:
+        held = self._held
+        if held is None:
+            raise ValueError("I/O operation on closed file")
+        if held.released:
             raise ValueError("the held bytes were released")
         start = self._pos
         end = self._size if size is None or size < 0 else min(self._size, start + size)

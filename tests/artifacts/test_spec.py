@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from aiserver.artifacts.spec import Fit, VariantPolicy, VariantSpec, build_spec, parse_spec
@@ -37,6 +39,13 @@ def test_equal_specs_compare_and_hash_equal() -> None:
     b = parse_spec("height=50,width=100,fit=contain,format=jpg,quality=80")
     assert a == b and hash(a) == hash(b)
     assert a == VariantSpec(100, 50, Fit.CONTAIN, "jpg", 80)
+
+
+def test_the_canonical_form_is_made_once_and_follows_a_replace() -> None:
+    # Read on every variant request (the cache's key, the URL): made with the spec.
+    spec = parse_spec("width=100,format=png")
+    assert spec.canonical is spec.canonical
+    assert dataclasses.replace(spec, width=7).canonical == "width=7,format=png"
 
 
 @pytest.mark.parametrize(

@@ -5,14 +5,19 @@ and the socket closed at once; nothing is left in the spool."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
+import os
+import socket
 from typing import Any
 
 import httpx
 import pytest
 
 from aiserver.gateway import Gateway
+from aiserver.server import Service
+from tests.support.artifacts import put_ref
 from tests.support.images import encode, quadrant_image
 
 HEAD_S = 0.6
@@ -204,3 +209,45 @@ async def test_a_body_that_is_not_the_gzip_it_claims_is_400(
             )
             assert res.status_code == 400, (path, res.text)
             assert set(res.json()["responseStatus"]) >= {"errorCode", "message", "errors"}
+
+
+@pytest.mark.parametrize("shim", ["gateway", "in-process"])
+async def test_a_download_its_client_stopped_reading_is_closed_and_its_call_ended(
+    service: Service, gateway: Gateway, shim: str
+) -> None:
+    # A large artifact and a client with a small receive buffer that reads the head and then
+    # nothing: the server ends the call (its streaming slot, its open blob) within the idle
+    # timeout, and closes the connection.
+    assert service.gateway is not None and service.gateway.backend is not None
+    guard = service.gateway.backend.local.interceptor  # the service's own: both shims count
+    data = os.urandom(16 << 20)
+    ref = await put_ref(service, data)
+    port = gateway.port if shim == "gateway" else service.http_port
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, f"GET /{ref.name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        async with asyncio.timeout(10):
+            while guard.active_streams == 0:
+                await asyncio.sleep(0.01)
+        stalled = loop.time()
+        async with asyncio.timeout(10):  # without the timeout: forever
+            while guard.active_streams:
+                await asyncio.sleep(0.01)
+        assert loop.time() - stalled < IDLE_S + 4.0
+        received = len(head)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 10):
+                received += len(chunk)
+        assert received < len(data)  # closed before the end
+    finally:
+        sock.close()
+    res = await _exchange(
+        gateway, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", within=10
+    )
+    assert res[0].startswith(b"HTTP/1.1 200")

@@ -28,6 +28,7 @@ from aiserver.jobs.model import (
 from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import JobStore, new_holder_id
 from aiserver.jobs.store_watch import StoreWatch
+from aiserver.providers.base import ProviderProgress
 from tests.jobs.helpers import (
     FAST,
     Env,
@@ -35,6 +36,7 @@ from tests.jobs.helpers import (
     collect,
     final_job,
     gated,
+    produce_image,
     submit,
     within,
 )
@@ -406,3 +408,36 @@ async def test_a_cancel_on_the_holder_is_stored_before_the_job_ends(pair: Pair) 
     cancelled = await within(a.cancel(job.id, "alice"))
     assert cancelled.state is JobState.CANCELLED and run.cancelled
     assert await store.cancel_requested(job.id)
+
+
+async def test_a_progress_a_later_write_supersedes_is_never_stored(pair: Pair) -> None:
+    """Progress waits for its timer (0.5 s) even when a save comes first: a job that ends
+    before then stores none (no row inserted, then pruned at its end); one that runs longer
+    stores it by the timer, and keeps its last one."""
+    if pair.backend.kind == "sqlite":
+        pytest.skip("events are stored only on a shared store")
+
+    async def slow(run: Any) -> None:
+        await run.sink.progress(ProviderProgress(Stage.RUNNING, 0.25, step=1, max_steps=4))
+        await asyncio.sleep(1.0)  # the progress timer fires meanwhile
+        await produce_image(run)
+
+    quick = ScriptedProvider("p1")  # progress, then its output at once
+    a = await pair.manager(quick)
+    job = await submit(a, pair.env)
+    assert (await within(final_job(a.subscribe(job.id)))).state is JobState.SUCCEEDED
+    assert await _stored_kinds(pair, job.id) == ["accepted", "output", "finished"]
+    quick.behaviour = slow
+    job = await submit(a, pair.env)
+    assert (await within(final_job(a.subscribe(job.id)))).state is JobState.SUCCEEDED
+    kinds = await _stored_kinds(pair, job.id)
+    assert kinds[0] == "accepted" and kinds[-2:] == ["output", "finished"]
+    assert kinds.count("progress") == 1, kinds
+
+
+async def _stored_kinds(pair: Pair, job_id: str) -> list[str]:
+    found = await pair.backend.sql(
+        f"SELECT string_agg(kind, ',' ORDER BY sequence) FROM job_events WHERE job_id = '{job_id}'"
+    )
+    assert isinstance(found, str)
+    return found.split(",")

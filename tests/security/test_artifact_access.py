@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import grpc
@@ -15,6 +16,7 @@ from imagetasks.v1 import artifact_service_pb2_grpc
 from PIL import Image
 
 from aiserver.artifacts.links import UrlSigner
+from aiserver.client._chunks import read_chunk
 from aiserver.errors import ServiceError
 from aiserver.jobs.model import ArtifactRef, Job, JobState
 from aiserver.tasks import ImageUpscaleSpec, TaskKind
@@ -376,3 +378,72 @@ async def test_grpc_names_with_traversal_are_invalid(tmp_path: Path) -> None:
                     )
                 ]
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, spec
+
+
+async def _refusal(call: Any) -> tuple[grpc.StatusCode, str]:
+    """How a ReadArtifact call failed: its code and ErrorInfo reason."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    return caught.value.code(), rich_status(caught.value)[1]["ErrorInfo"].reason
+
+
+async def test_the_shims_in_process_read_artifact_refuses_on_its_own(tmp_path: Path) -> None:
+    # The shim asks GetArtifact (over the channel) first, which refuses before ReadArtifact
+    # is ever called; here ReadArtifact is called in process directly, as the shim does,
+    # and must refuse by itself exactly as over gRPC.
+    async with (
+        keyed_service(tmp_path, **SIGNED) as (service, _),
+        channel_to(service) as ch,
+    ):
+        got = await upscale(ch, "alice")
+        artifact = got.final.outputs[0]
+        q = _query(artifact.url)
+        assert service.gateway is not None and service.gateway.backend is not None
+        backend = service.gateway.backend
+        read = backend.callable(
+            backend.method("imagetasks.v1.ArtifactService.ReadArtifact"), read_chunk
+        )
+        assert not isinstance(read, grpc.aio.UnaryStreamMultiCallable)  # in process
+        over_grpc = artifact_service_pb2_grpc.ArtifactServiceStub(ch).ReadArtifact
+        bad = ("A" if q["signature"][0] != "A" else "B") + q["signature"][1:]
+        cases: list[tuple[apb.ReadArtifactRequest, Any, grpc.StatusCode, str]] = [
+            (
+                apb.ReadArtifactRequest(name=artifact.name),
+                bearer("bob"),  # another key's artifact does not exist for it
+                grpc.StatusCode.NOT_FOUND,
+                "ARTIFACT_NOT_FOUND",
+            ),
+            (
+                apb.ReadArtifactRequest(
+                    name=artifact.name, expires=int(q["expires"]), signature=bad
+                ),
+                (),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "SIGNATURE_INVALID",
+            ),
+            (
+                apb.ReadArtifactRequest(name=artifact.name),
+                (),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "API_KEY_MISSING",
+            ),
+        ]
+        for request, metadata, code, reason in cases:
+            assert await _refusal(read(request, metadata=metadata)) == (code, reason)
+            assert await _refusal(over_grpc(request, metadata=metadata)) == (code, reason)
+        # The owner's key and a good signature read the bytes, in process too.
+        for request, metadata in (
+            (apb.ReadArtifactRequest(name=artifact.name), bearer("alice")),
+            (
+                apb.ReadArtifactRequest(
+                    name=artifact.name, expires=int(q["expires"]), signature=q["signature"]
+                ),
+                (),
+            ),
+        ):
+            call = read(request, metadata=metadata)
+            parts = []
+            while (msg := await call.read()) is not grpc.aio.EOF:
+                parts.append(bytes(msg.data))
+            assert b"".join(parts) == got.output_bytes(0)

@@ -162,3 +162,52 @@ async def test_a_scan_sees_the_writes_issued_before_it_that_waited_for_their_tur
     await made
     jobs, _ = await listing
     assert second.job.id in {j.id for j in jobs}
+
+
+async def test_writes_queued_behind_the_thread_run_when_it_gives_the_turn_back(
+    store: SqliteJobStore,
+) -> None:
+    # Handed on one waiter per loop iteration (an asyncio.Lock), the queued writes kept every
+    # write after them waiting too: at 16 callers most writes waited a wake-up for their turn.
+    gate = _hold_thread(store)
+    try:
+        forgetting = asyncio.create_task(store.forget_outputs({"a" * 64}))  # holds the turn
+        await asyncio.sleep(0)
+        queued = [asyncio.create_task(store.create(JobRecord(make_job(n)))) for n in range(2, 8)]
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in queued)
+    finally:
+        gate.set()
+    await queued[0]
+    # The thread gave the turn back and the queued writes ran with it: a write now runs in
+    # its caller's step, not behind the others' wake-ups.
+    late = store.create(JobRecord(make_job(9)))
+    with pytest.raises(StopIteration):
+        late.send(None)
+    assert all(not made[1] for made in await asyncio.gather(*queued))
+    await forgetting
+    jobs, _ = await store.query(JobQuery(), page_size=10, page_token="")
+    assert len(jobs) == 7
+
+
+async def test_a_write_cancelled_while_it_waits_for_its_turn_never_runs(
+    store: SqliteJobStore,
+) -> None:
+    gate = _hold_thread(store)
+    try:
+        forgetting = asyncio.create_task(store.forget_outputs({"a" * 64}))
+        await asyncio.sleep(0)
+        dropped = asyncio.create_task(store.create(JobRecord(make_job(2))))
+        third = make_job(3)
+        kept = asyncio.create_task(store.create(JobRecord(third)))
+        await asyncio.sleep(0.05)
+        dropped.cancel()
+        await asyncio.sleep(0)
+    finally:
+        gate.set()
+    await forgetting
+    await kept
+    with pytest.raises(asyncio.CancelledError):
+        await dropped
+    jobs, _ = await store.query(JobQuery(), page_size=10, page_token="")
+    assert [j.id for j in jobs] == [third.id]

@@ -116,15 +116,17 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
     async def GetVariant(  # type: ignore[override]  # chunks in wire form
         self, request: apb.GetVariantRequest, context: Any
     ) -> AsyncIterator[apb.GetVariantResponse | Encoded]:
-        self._check_key(request)  # who is asking, before any parsing
+        signed = self._check_key(request)  # who is asking, before any parsing
         spec = self._spec(request)
-        scope = self._scope(
-            context,
-            request,
+        owner: str | None = None  # a valid signature opens the resource it signs
+        if signed:
+            assert self._signer is not None
             # The variant's own URL, or its source's: a link to an artifact opens its variants.
-            lambda: [self._variants.url_for(request.name, spec), self._artifact_url(request.name)],
-        )
-        variant = await self._variants.get(request.name, spec, scope)
+            paths = [self._variants.url_for(request.name, spec), self._artifact_url(request.name)]
+            self._signer.verify(paths, request.expires, request.signature)
+        else:
+            owner = scope()
+        variant = await self._variants.get(request.name, spec, owner)
         yield self._info(variant, spec.format)
         if variant.data is not None:  # held in memory: no file, no thread
             for start in range(0, len(variant.data), self._chunk):

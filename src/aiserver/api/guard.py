@@ -145,6 +145,9 @@ class Guard(grpc.aio.ServerInterceptor):
         self.active_streams = 0
         self._wrapped: dict[str, tuple[Any, Any]] = {}
         """Per method: grpc's handler and this guard's wrapping of it, made once."""
+        self._rpc_counts: dict[tuple[str, str], Any] = {}
+        """Per method and status code: the counter's child (``labels()`` costs a lookup with
+        checks per call)."""
 
     async def intercept_service(
         self,
@@ -402,7 +405,12 @@ class _Call:
         )
         if guard.metrics is None:
             return
-        guard.metrics.rpcs.labels(info.method, code).inc()
+        counter = guard._rpc_counts.get((info.method, code))
+        if counter is None:  # methods x codes: bounded
+            counter = guard._rpc_counts[info.method, code] = guard.metrics.rpcs.labels(
+                info.method, code
+            )
+        counter.inc()
         if info.reason:
             guard.metrics.rejected.labels(info.reason).inc()
 

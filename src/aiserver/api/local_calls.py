@@ -1,15 +1,17 @@
 """Streaming calls made by the in-process HTTP shim without the network.
 
-A warm variant is a few kB held in memory, and a job's upload and events not much more; over
-loopback gRPC most of their cost is the two HTTP/2 stacks (for a SYNC ImageUpscale, about as
-much CPU as the HTTP request itself). :class:`LocalCalls` runs the very same handler, wrapped by
-the very same interceptor (API key, rate limit, stream count, upload caps and timeouts, request
-id, metrics) as a network call, with requests and responses through the same (de)serializers,
-and hands the shim an object that reads like a ``grpc.aio`` call: messages, ``grpc.aio.EOF``,
-and failures as :class:`grpc.aio.AioRpcError` with the rich status in its trailing metadata.
-The access rules are therefore the service's own, not a second implementation. Only the
-methods recorded with :meth:`LocalCalls.recorder` are served this way (server-streaming ones,
-and client-and-server-streaming ones: the uploads); every other call goes over the channel.
+Over loopback gRPC most of the cost of the shim's streams is the two HTTP/2 stacks: for a warm
+variant or a SYNC ImageUpscale about as much CPU as the HTTP request itself, and an artifact's
+bytes (ReadArtifact: up to the largest output, many MiB; one message per read, so a slow HTTP
+client holds one chunk) would cross both. :class:`LocalCalls` runs the very same handler,
+wrapped by the very same interceptor (API key, rate limit, stream count, upload caps and
+timeouts, request id, metrics) as a network call, with requests and responses through the same
+(de)serializers, and hands the shim an object that reads like a ``grpc.aio`` call: messages,
+``grpc.aio.EOF``, and failures as :class:`grpc.aio.AioRpcError` with the rich status in its
+trailing metadata. The access rules are therefore the service's own, not a second
+implementation. Only the methods recorded with :meth:`LocalCalls.recorder` are served this way
+(server-streaming ones, and client-and-server-streaming ones: the uploads); every other call
+goes over the channel.
 """
 
 from __future__ import annotations

@@ -180,6 +180,8 @@ CREATE TABLE IF NOT EXISTS refs (
 
 CHECKPOINT_EVERY = 200
 """SQLite index writes between two WAL checkpoints (run in a thread, off the commits)."""
+LOOKUPS_KEPT = 4096
+"""References found by :meth:`SqliteArtifactIndex.lookup` kept until the next write."""
 
 
 class SqliteArtifactIndex:
@@ -193,7 +195,13 @@ class SqliteArtifactIndex:
     than the statement. The one part of a commit that waits for the disk, the WAL
     checkpoint, is taken off it (``wal_autocheckpoint=0``) and run in a thread every
     :data:`CHECKPOINT_EVERY` writes, holding the connection: no write lands during it, so
-    it copies the whole WAL and the next write starts the file over."""
+    it copies the whole WAL and the next write starts the file over.
+
+    References found are kept until the next write (every warm variant and artifact read
+    begins with a lookup; the statement cost more than the rest of a warm variant's
+    handler). The file changes only through this object, and each write empties them
+    first, holding the connection's lock: a lookup answered from them is one that could
+    have run just before that write."""
 
     def __init__(self, path: Path) -> None:
         self._holds = KeyedLock()
@@ -206,6 +214,7 @@ class SqliteArtifactIndex:
         self._conn.executescript(_SQLITE_SCHEMA)
         self._writes = 0
         self._closed = False
+        self._found: dict[tuple[str, str | None, str | None], IndexedRef] = {}
 
     async def _db(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         # Commits can wait on the disk; one connection, used by one thread at a time.
@@ -235,7 +244,13 @@ class SqliteArtifactIndex:
             sql += " AND r.job_id = ?"
             args.append(job_id)
         row = self._conn.execute(sql + " ORDER BY r.created DESC LIMIT 1", args).fetchone()
-        return None if row is None else _ref_of(row)
+        if row is None:
+            return None  # not kept: a put may come
+        found = _ref_of(row)
+        if len(self._found) >= LOOKUPS_KEPT:
+            self._found.clear()  # bounded; refilled by the next lookups
+        self._found[(path, owner, job_id)] = found  # under the lock, as writes empty it
+        return found
 
     async def register(self, ref: NewRef) -> IndexedRef:
         async with self._holds.hold(ref.sha256):
@@ -291,6 +306,7 @@ class SqliteArtifactIndex:
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _register(self, ref: NewRef) -> IndexedRef:
+        self._found.clear()  # before the change: see the class docstring
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -321,6 +337,9 @@ class SqliteArtifactIndex:
         self, path: str, owner: str | None, job_id: str | None = None
     ) -> IndexedRef | None:
         # Every artifact and variant read asks this first (the hop was most of a warm variant).
+        found = self._found.get((path, owner, job_id))
+        if found is not None:
+            return found
         return await self._read(self._lookup, path, owner, job_id)
 
     async def blobs(self) -> list[StoredBlob]:
@@ -334,6 +353,7 @@ class SqliteArtifactIndex:
 
     async def forget(self, path: str, sha256: str, last_put: float, drop: Drop) -> bool:
         def delete() -> bool:
+            self._found.clear()  # before the change: see the class docstring
             cur = self._conn.execute(
                 "DELETE FROM blobs WHERE path = ? AND last_put = ?", (path, last_put)
             )
@@ -430,7 +450,12 @@ class PostgresArtifactIndex:
                     migrate,
                 )
 
-                await migrate(self._url, self._schema, connect_timeout_s=self._timeout_s)
+                await migrate(
+                    self._url,
+                    self._schema,
+                    connect_timeout_s=self._timeout_s,
+                    lock_timeout_s=self._timeout_s,
+                )
                 self._pool_ = await asyncpg.create_pool(
                     self._url,
                     min_size=1,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiserver.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 
@@ -76,9 +76,13 @@ class VariantSpec:
     format: str = DEFAULT_FORMAT
     """Canonical format name: webp, jpg, png or avif."""
     quality: int = DEFAULT_QUALITY
+    canonical: str = field(init=False, repr=False, compare=False)
+    """The spec as a string (the cache's key and the URL's): made once, read per request."""
 
-    @property
-    def canonical(self) -> str:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "canonical", self._canonical())
+
+    def _canonical(self) -> str:
         parts = []
         if self.width is not None:
             parts.append(f"width={self.width}")

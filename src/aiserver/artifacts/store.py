@@ -77,6 +77,8 @@ _REL_PATH = re.compile(
     + r")"
 )
 _HASH_IN_THREAD = 1024 * 1024  # hashing below this is quicker than a thread hop
+_REFS_MADE = 4096
+"""ArtifactRefs kept per (path, owner) looked up (see ArtifactStore._made)."""
 SWEEP_FRESH_S = 60.0
 """A sweep's default: blobs registered less than this long ago are kept (far longer than a
 put takes from its register to the end of its write)."""
@@ -122,6 +124,9 @@ class ArtifactStore:
         self._local = isinstance(self.blobs, LocalBlobStore) and isinstance(
             self.index, SqliteArtifactIndex
         )
+        self._made: dict[tuple[str, str | None], tuple[IndexedRef, ArtifactRef]] = {}
+        """The last ArtifactRef made per lookup, with the row it was made of: an index that
+        answers a repeated lookup with the same row (SQLite's) costs no new one."""
         """The embedded layout (a folder and SQLite): a put's writes share one thread hop."""
         self._listeners: list[DeleteListener] = []
         self._put_listeners: list[PutListener] = []
@@ -251,7 +256,14 @@ class ArtifactStore:
         row = await self.index.lookup(rel, owner)
         if row is None:
             raise artifact_not_found(name)
-        return self._ref(row)
+        made = self._made.get((rel, owner))
+        if made is not None and made[0] is row:
+            return made[1]
+        ref = self._ref(row)
+        if len(self._made) >= _REFS_MADE:
+            self._made.clear()  # bounded; refilled by the next reads
+        self._made[rel, owner] = (row, ref)
+        return ref
 
     async def read(
         self,

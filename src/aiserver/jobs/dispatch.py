@@ -41,7 +41,7 @@ __all__ = ["Dispatcher", "Finish", "Launch", "Shared"]
 
 logger = logging.getLogger(__name__)
 
-Finish = Callable[[ActiveJob, JobState, ServiceError | None], "asyncio.Task[None]"]
+Finish = Callable[[ActiveJob, JobState, ServiceError | None], "asyncio.Future[None]"]
 Launch = Callable[[ActiveJob, Provider], None]
 
 

@@ -9,7 +9,9 @@ Events do not get a transaction of their own when a write of their job comes any
 in the job's buffer and go into the next ``save`` (the same statement on PostgreSQL). A buffer
 nobody saves is flushed on a timer: ``event_delay_s`` after a replayable event (accepted,
 output, text, retry), and at most one progress row per ``progress_interval_s`` otherwise.
-Consecutive progress events are coalesced to the latest. A write that fails puts its events
+Consecutive progress events are coalesced to the latest, and a progress event waits for its
+timer even when a save comes first (a later progress or the end supersedes it until then: a
+short job stores none, rather than rows pruned at its end). A write that fails puts its events
 back (the stores insert events idempotently), so a later write or the timer stores them.
 
 A write with events is announced (NOTIFY) when it holds one other than progress, or when the
@@ -106,7 +108,16 @@ class EventLog:
             log.pending = []
             if final:
                 taken = [e for e in taken if not isinstance(e.kind, Progress)]
-            if log.timer is not None:
+            elif log.timer is not None and log.timer.when() > asyncio.get_running_loop().time():
+                # Progress after the last other event waits for its timer: a later progress
+                # or the final write supersedes it first, so a short job stores none (it
+                # was a row inserted and pruned at the end, and the rows are what a write
+                # costs). Only a suffix waits: stored rows keep the sequence order.
+                cut = len(taken)
+                while cut > 0 and isinstance(taken[cut - 1].kind, Progress):
+                    cut -= 1
+                taken, log.pending = taken[:cut], taken[cut:]
+            if log.timer is not None and not log.pending:
                 log.timer.cancel()
                 log.timer = None
             now = time.monotonic()

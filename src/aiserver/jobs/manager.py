@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from aiserver.errors import ErrorKind, ServiceError, invalid_argument
 from aiserver.jobs.attempt import (
@@ -36,6 +37,7 @@ from aiserver.jobs.attempt import (
 )
 from aiserver.jobs.dispatch import Dispatcher, Shared
 from aiserver.jobs.driver import AttemptDriver
+from aiserver.jobs.eager import start_eagerly
 from aiserver.jobs.event_codec import encode_event
 from aiserver.jobs.event_log import EventLog
 from aiserver.jobs.events import (
@@ -93,6 +95,7 @@ from aiserver.tasks import TaskKind, TaskSpec
 __all__ = ["SEQUENCE_BLOCK", "JobManager", "TerminalHook"]
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 TerminalHook = Callable[[Job], Awaitable[None] | None]
 """A plain function runs at once (no task of its own per job); a coroutine function in a task."""
@@ -178,7 +181,7 @@ class JobManager:
             self._by_name,
             save=self._writes.save,
             emit=self._emit,
-            finish=self._finish,
+            finish=self._finish_from_driver,
             forget=self._forget,
             leased=holder is not None,
             lease_firm=self._lease_firm if holder is not None else None,
@@ -389,7 +392,7 @@ class JobManager:
             # submissions cannot all slip under the limit, nor is one counted twice.
             self._creating[owner] = self._creating.get(owner, 0) + 1
         # Shielded: once stored, the job must also be queued, even if the caller goes away.
-        return await asyncio.shield(self._spawn(create, log_errors=False))
+        return await asyncio.shield(self._start(create, log_errors=False))
 
     def _too_many_jobs(self, limit: int) -> ServiceError:
         return ServiceError(
@@ -727,6 +730,13 @@ class JobManager:
         """End the job in its own task, so that a cancelled caller cannot leave it half-done."""
         return self._spawn(self._finish_now(active, state, error))
 
+    def _finish_from_driver(
+        self, active: ActiveJob, state: JobState, error: ServiceError | None
+    ) -> asyncio.Future[None]:
+        """:meth:`_finish` begun in the job's controller step (it awaits the end): a task
+        only if the end suspends."""
+        return self._start(self._finish_now(active, state, error))
+
     async def _finish_now(
         self, active: ActiveJob, state: JobState, error: ServiceError | None
     ) -> None:
@@ -806,10 +816,33 @@ class JobManager:
     def _inputs_needed(self) -> set[str]:
         return {ref.sha256 for a in self._active.values() for ref in a.job.inputs}
 
+    def _start(
+        self, coro: Coroutine[Any, Any, _T], *, log_errors: bool = True
+    ) -> asyncio.Future[_T]:
+        """:meth:`_spawn`, but begun at once and a task only if it suspends (a done future
+        otherwise). The embedded store only: a shared store's writes bind timeouts to the
+        current task (see :mod:`.eager`)."""
+        if self._leases is not None:
+            return self._spawn(coro, log_errors=log_errors)
+
+        def spawn(
+            rest: Coroutine[Any, Any, _T], context: contextvars.Context
+        ) -> asyncio.Future[_T]:
+            return self._spawn(rest, log_errors=log_errors, context=context)
+
+        started = start_eagerly(coro, spawn)
+        if started.done() and log_errors:
+            _log_failure(started)
+        return started
+
     def _spawn(
-        self, coro: Coroutine[Any, Any, Any], *, log_errors: bool = True
+        self,
+        coro: Coroutine[Any, Any, Any],
+        *,
+        log_errors: bool = True,
+        context: contextvars.Context | None = None,
     ) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro)
+        task = asyncio.create_task(coro, context=context)
         self._tasks.add(task)
         # One done callback, not two: each is a callback of the loop's own (two tasks a job).
         task.add_done_callback(self._ended_logged if log_errors else self._ended_quiet)
@@ -862,12 +895,12 @@ def _nothing() -> None:
     return None
 
 
-def _retrieve(task: asyncio.Task[Any]) -> None:
+def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # marks it retrieved: the awaiting side reports it
 
 
-def _log_failure(task: asyncio.Task[Any]) -> None:
+def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and (error := task.exception()) is not None:
         logger.error("background job task failed", exc_info=error)
 

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from aiserver.jobs.store.migrations import SchemaTooNew
 from aiserver.jobs.store.protocol import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -63,19 +65,28 @@ async def open_job_store(
     """PostgreSQL when ``database_url`` is ``postgresql://...``, else SQLite at ``sqlite_path``.
     ``timeout_s``: PostgreSQL's bound on each statement and connect."""
     if not database_url:
-        return await SqliteJobStore.open(sqlite_path)
+        try:
+            return await SqliteJobStore.open(sqlite_path)
+        except (OSError, sqlite3.Error, SchemaTooNew) as exc:
+            raise StoreUnavailable(f"cannot open the job database {sqlite_path}: {exc}") from exc
     if not database_url.startswith(("postgresql://", "postgres://")):
         raise ValueError("AISERVER_DATABASE_URL must start with postgresql:// (or be unset)")
     # Imported here: the embedded default never loads the driver.
     import asyncpg
 
-    from aiserver.jobs.store.postgres import PostgresJobStore
+    from aiserver.jobs.store.postgres import MigrationLockTimeout, PostgresJobStore
 
     try:
         return await PostgresJobStore.open(
             database_url, schema=schema or "public", timeout_s=timeout_s
         )
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (
+        OSError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        MigrationLockTimeout,
+        SchemaTooNew,
+    ) as exc:
         raise StoreUnavailable(
             f"cannot open the job database {_redacted(database_url)}: {exc}"
         ) from exc

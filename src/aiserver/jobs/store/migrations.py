@@ -9,9 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["MIGRATION_LOCK", "POSTGRES", "SQLITE", "statements"]
+__all__ = ["MIGRATION_LOCK", "POSTGRES", "SQLITE", "SchemaTooNew", "statements"]
 
 MIGRATION_LOCK = 0x61697372_76720001  # pg_advisory_xact_lock key: "aisrvr" + 1
+
+
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer release; this one refuses to use it."""
+
+    def __init__(self, found: int, known: int) -> None:
+        super().__init__(
+            f"job database schema version {found} is newer than this server ({known});"
+            " refusing to use it (run the release that migrated it, or a newer one)"
+        )
+
 
 SQLITE: tuple[str, ...] = (
     # 1: the jobs table (databases from before the version table have PRAGMA user_version 1)

@@ -55,7 +55,7 @@ from aiserver.jobs.store.protocol import (
 )
 from aiserver.tasks import TaskKind
 
-__all__ = ["PostgresJobStore", "keep_session", "migrate"]
+__all__ = ["MigrationLockTimeout", "PostgresJobStore", "keep_session", "migrate"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +163,11 @@ class PostgresJobStore:
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> Self:
         """Connect to ``url``, create ``schema`` if missing, and migrate it. ``timeout_s``
-        bounds each statement and each new connection (:func:`bounded_pool_options`)."""
+        bounds each statement, each new connection (:func:`bounded_pool_options`) and each
+        lock the migration waits for (:func:`migrate`)."""
         if _SCHEMA_NAME.fullmatch(schema) is None:
             raise ValueError(f"schema {schema!r}: lower-case letters, digits and _ only")
-        await migrate(url, schema, connect_timeout_s=timeout_s)
+        await migrate(url, schema, connect_timeout_s=timeout_s, lock_timeout_s=timeout_s)
         pool = await asyncpg.create_pool(
             url,
             min_size=1,
@@ -1138,42 +1139,98 @@ def _save_sql(events: bool, release: bool, prune: bool, outbox: bool, announce: 
     return sql + f" SELECT id{notify} FROM saved"
 
 
-async def migrate(url: str, schema: str, *, connect_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Create ``schema`` if needed and bring its tables to the newest version. Only the
-    connect is bounded: a migration may wait for another process's (under its lock)."""
+MIGRATION_WAIT_S = 600.0
+"""How long a process waits for another one's migration (under the migration lock) to end:
+a step rewriting a large table is slow, not a sign of an outage."""
+
+
+class MigrationLockTimeout(RuntimeError):
+    """A migration gave up waiting for a lock (nothing of its step was applied)."""
+
+
+async def migrate(
+    url: str,
+    schema: str,
+    *,
+    connect_timeout_s: float = DEFAULT_TIMEOUT_S,
+    lock_timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Create ``schema`` if needed and bring its tables to the newest version. The connect
+    is bounded, and so is each lock a step waits for (``lock_timeout_s``: a step altering a
+    table another session holds would otherwise wait forever, and meanwhile every other
+    session's statement on that table queues behind it); another process's migration is
+    waited for up to :data:`MIGRATION_WAIT_S`. Either wait running out raises
+    :class:`MigrationLockTimeout` with what was waited for."""
     if _SCHEMA_NAME.fullmatch(schema) is None:
         raise ValueError(f"schema {schema!r}: lower-case letters, digits and _ only")
     conn = await asyncpg.connect(url, timeout=connect_timeout_s)
     try:
-        await _migrate(conn, schema)
+        await _migrate(conn, schema, lock_timeout_s)
     finally:
         await conn.close()
 
 
-async def _migrate(conn: asyncpg.Connection, schema: str) -> None:
+def _lock_timeout(seconds: float) -> str:
+    # SET takes no parameters; a whole number of milliseconds, at least 1 (0 = forever).
+    return f"SET LOCAL lock_timeout = {max(1, round(seconds * 1000))}"
+
+
+async def _migrate(conn: asyncpg.Connection, schema: str, lock_timeout_s: float) -> None:
     """Apply pending steps, each in a transaction under the migration advisory lock."""
     while True:
         async with conn.transaction():
+            await conn.execute(_lock_timeout(MIGRATION_WAIT_S))
             # Held to commit: a second process starting now waits, then sees the new version.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", migrations.MIGRATION_LOCK)
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-            await conn.execute(f"SET search_path = {schema}")
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations"
-                " (version INTEGER PRIMARY KEY, applied_us BIGINT NOT NULL)"
-            )
-            version = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
-            if version > len(migrations.POSTGRES):
-                raise RuntimeError(
-                    f"job database schema version {version} is newer than this server "
-                    f"({len(migrations.POSTGRES)}); refusing to use it"
-                )
-            if version == len(migrations.POSTGRES):
+            try:
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", migrations.MIGRATION_LOCK)
+            except asyncpg.LockNotAvailableError:
+                raise MigrationLockTimeout(
+                    f"job database schema {schema}: another session has held the migration"
+                    f" lock for more than {MIGRATION_WAIT_S:g} s (lock_timeout); is a"
+                    " migration stuck? (pg_locks: advisory lock"
+                    f" {migrations.MIGRATION_LOCK})"
+                ) from None
+            await conn.execute(_lock_timeout(lock_timeout_s))
+            version = await _migration_step(conn, schema, lock_timeout_s)
+            if version is None:
                 return
-            for statement in migrations.statements(migrations.POSTGRES[version]):
-                await conn.execute(statement)
             await conn.execute(
                 "INSERT INTO schema_migrations (version, applied_us) VALUES ($1, $2)",
-                version + 1,
+                version,
                 _now_us(),
             )
+
+
+async def _migration_step(
+    conn: asyncpg.Connection, schema: str, lock_timeout_s: float
+) -> int | None:
+    """Apply the next pending step (in the caller's transaction): its version, or None when
+    the schema is up to date."""
+    statement = f"CREATE SCHEMA IF NOT EXISTS {schema}"
+    version = 0
+    try:
+        await conn.execute(statement)
+        await conn.execute(f"SET search_path = {schema}")
+        statement = (
+            "CREATE TABLE IF NOT EXISTS schema_migrations"
+            " (version INTEGER PRIMARY KEY, applied_us BIGINT NOT NULL)"
+        )
+        await conn.execute(statement)
+        statement = "SELECT coalesce(max(version), 0) FROM schema_migrations"
+        version = int(await conn.fetchval(statement))
+        if version > len(migrations.POSTGRES):
+            raise migrations.SchemaTooNew(version, len(migrations.POSTGRES))
+        if version == len(migrations.POSTGRES):
+            return None
+        for statement in migrations.statements(migrations.POSTGRES[version]):
+            await conn.execute(statement)
+    except asyncpg.LockNotAvailableError:
+        shown = " ".join(statement.split())[:80]
+        raise MigrationLockTimeout(
+            f"job database schema {schema}: migration to version {version + 1} waited more"
+            f" than {lock_timeout_s:g} s (lock_timeout, AISERVER_DATABASE_TIMEOUT_S) for a"
+            f" lock another session holds, at {shown!r}; nothing of the step was"
+            " applied. End that session's transaction (pg_stat_activity, pg_locks) and start"
+            " again"
+        ) from None
+    return version + 1

@@ -8,7 +8,8 @@ back cost more CPU than the statement. The one slow part of a commit, the WAL ch
 taken off it (``wal_autocheckpoint=0``) and run in the thread every ``CHECKPOINT_EVERY``
 writes, in the writes' turn (no write lands during it, so it copies the whole WAL and the
 next write starts the file over); writes issued meanwhile wait on the loop for their turn,
-not in the thread. So does a long write (``forget_outputs``), which runs in the thread too.
+not in the thread, and run together when it is given back (:mod:`.write_turn`). So does a
+long write (``forget_outputs``), which runs in the thread too.
 Scans and listings run in the thread on the second connection: the loop never waits on
 them, nor do the writes (WAL readers do not block the writer); a scan sees every write
 issued before it, perhaps later ones too. Claims and slot takes run in ``BEGIN IMMEDIATE``
@@ -48,6 +49,7 @@ from aiserver.jobs.store.protocol import (
     SlotClaim,
     StoredEvent,
 )
+from aiserver.jobs.store.write_turn import WriteTurn
 from aiserver.tasks import TaskKind
 
 __all__ = ["SqliteJobStore"]
@@ -96,8 +98,8 @@ class SqliteJobStore:
         """Scans, in the thread only."""
         self._closed = False
         self._hub = AnnouncementHub()
-        self._turn = asyncio.Lock()
-        """The writes' turn (FIFO): taken at once, without suspending, when free."""
+        self._turn = WriteTurn(executor)
+        """The writes' turn (FIFO): taken at once, in the caller's step, when free."""
         self._writes = 0
         self._checkpoints: set[asyncio.Task[None]] = set()
 
@@ -148,40 +150,18 @@ class SqliteJobStore:
         if self._closed:
             raise ServiceError(ErrorKind.UNAVAILABLE, "STORE_CLOSED", "the job store is closed")
         if inline:
-            async with self._turn:
-                result = fn()
+            result = await self._turn.inline(fn)
         else:
-            result = await self._in_thread_in_turn(fn)
+            result = await self._turn.in_thread(fn)
         self._after_write()
         return result
-
-    async def _in_thread_in_turn(self, fn: Callable[[], _T]) -> _T:
-        """``fn`` in the thread, in the writes' turn, which is given back when the thread is
-        done with the connection: a caller cancelled meanwhile stops waiting, but no write
-        may run on the loop inside the thread's open transaction."""
-        await self._turn.acquire()
-        loop = asyncio.get_running_loop()
-        try:
-            running = self._executor.submit(fn)
-        except BaseException:
-            self._turn.release()
-            raise
-
-        def give_back(_: object) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(self._turn.release)
-
-        running.add_done_callback(give_back)
-        return await asyncio.wrap_future(running)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run the scan ``fn`` in the thread on the reading connection, once the writes
         issued before it are done (it sees them; writes issued after go on, on the loop)."""
         if self._closed:
             raise ServiceError(ErrorKind.UNAVAILABLE, "STORE_CLOSED", "the job store is closed")
-        if self._turn.locked():  # writes wait for their turn: this scan comes after them
-            async with self._turn:
-                pass
+        await self._turn.after_queued()  # writes wait for their turn: this scan comes after them
         reader = self._reader
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, reader)
 
@@ -203,7 +183,7 @@ class SqliteJobStore:
 
         try:
             # PASSIVE: never waits for readers; what it cannot copy now goes next time.
-            await self._in_thread_in_turn(checkpoint)
+            await self._turn.in_thread(checkpoint)
         except Exception as exc:
             logger.warning("WAL checkpoint of the job database failed: %s", exc)
 
@@ -842,7 +822,7 @@ class SqliteJobStore:
             self._reader.close()
             self._conn.close()
 
-        await self._in_thread_in_turn(close_both)
+        await self._turn.in_thread(close_both)
         self._hub.close()
         self._executor.shutdown(wait=False)
 
@@ -925,10 +905,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
                 "SELECT coalesce(max(version), 0) FROM schema_migrations"
             ).fetchone()[0]
             if version > len(migrations.SQLITE):
-                raise RuntimeError(
-                    f"job database schema version {version} is newer than this server "
-                    f"({len(migrations.SQLITE)}); refusing to use it"
-                )
+                raise migrations.SchemaTooNew(version, len(migrations.SQLITE))
             if version == len(migrations.SQLITE):
                 return
             for statement in migrations.statements(migrations.SQLITE[version]):
