@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -555,11 +556,21 @@ async def test_a_put_of_known_bytes_whose_file_is_gone_writes_it(
     assert await read_all(local_store, name) == DATA
 
 
-async def test_the_sqlite_index_wal_starts_over(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lagging", [False, True])
+async def test_the_sqlite_index_wal_starts_over(tmp_path: Path, lagging: bool) -> None:
     # Commits on the loop never checkpoint (that waits for the disk): the index does it in
     # a thread every CHECKPOINT_EVERY (200) writes. Each register adds ~31 KB to the WAL:
-    # 1,000 are ~31 MB without checkpoints, 200 about 6 MB.
+    # 1,000 are ~31 MB without checkpoints, 200 about 6 MB. ``lagging``: the checkpoint's
+    # thread starts late (a busy machine): the WAL must not grow meanwhile.
     index = SqliteArtifactIndex(tmp_path / "artifacts.sqlite3")
+    if lagging:
+        checkpoint = index._checkpoint
+
+        def late_checkpoint() -> None:
+            time.sleep(0.2)
+            checkpoint()
+
+        index._checkpoint = late_checkpoint  # type: ignore[method-assign]
     try:
         for n in range(1000):
             sha = hashlib.sha256(str(n).encode()).hexdigest()

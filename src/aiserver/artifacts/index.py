@@ -255,7 +255,7 @@ class SqliteArtifactIndex:
     async def register(self, ref: NewRef) -> IndexedRef:
         async with self._holds.hold(ref.sha256):
             row = await self._read(self._register, ref)
-        self._after_write()
+        await self._after_write()
         return row
 
     async def register_and_write(
@@ -291,14 +291,21 @@ class SqliteArtifactIndex:
                     self._lock.release()
             if row is None or (row.new_blob and not present(row.path)):
                 row = await asyncio.get_running_loop().run_in_executor(None, both)
-        self._after_write()
+        await self._after_write()
         return row
 
-    def _after_write(self) -> None:
+    async def _after_write(self) -> None:
+        """Every CHECKPOINT_EVERY writes, the write that makes it due waits for a checkpoint
+        in a thread (the loop does not): the WAL then starts over within about that many
+        writes, however busy the machine (a checkpoint left to run whenever its thread got
+        the GIL let the WAL grow with the writes made meanwhile)."""
         self._writes += 1
-        if self._writes % CHECKPOINT_EVERY == 0:
-            done = asyncio.get_running_loop().run_in_executor(None, self._checkpoint)
-            done.add_done_callback(_checkpointed)
+        if self._writes % CHECKPOINT_EVERY:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._checkpoint)
+        except Exception as exc:  # the write itself is done; the next due one tries again
+            logger.warning("WAL checkpoint of the artifact index failed: %s", exc)
 
     def _checkpoint(self) -> None:
         with self._lock:  # writes meanwhile wait (a register on the loop goes to a thread)
@@ -362,7 +369,7 @@ class SqliteArtifactIndex:
         async with self._holds.hold(sha256):  # a register of these bytes waits for the drop
             if not await self._db(delete):
                 return False
-            self._after_write()
+            await self._after_write()
             await drop()
         return True
 
@@ -373,11 +380,6 @@ class SqliteArtifactIndex:
                 self._conn.close()
 
         await asyncio.to_thread(close)
-
-
-def _checkpointed(done: asyncio.Future[None]) -> None:
-    if not done.cancelled() and (error := done.exception()) is not None:
-        logger.warning("WAL checkpoint of the artifact index failed: %s", error)
 
 
 # One statement, one round trip: the blob row (inserted, or the known bytes' row with its
