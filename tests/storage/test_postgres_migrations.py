@@ -1,6 +1,7 @@
 """PostgreSQL migrations never wait forever behind another session's lock: a step altering a
-table an open transaction holds gives up after ``lock_timeout_s`` (applying nothing) with an
-error saying so, and so does waiting for another process's migration lock."""
+table an open transaction holds retries short attempts (each rolled back whole, so the tables
+it already altered are not held for long) and gives up after its budget (applying nothing)
+with an error saying so, and so does waiting for another process's migration lock."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ async def test_a_step_blocked_by_an_open_transaction_gives_up_and_applies_nothin
             await asyncio.wait_for(pg.migrate(PG_URL, schema, lock_timeout_s=0.3), 20.0)
         assert time.monotonic() - started < 10.0
         message = str(caught.value)
-        assert f"migration to version {LATEST} waited more than 0.3 s" in message
+        assert f"migration to version {LATEST} waited more than 1.8 s" in message
         assert "lock_timeout" in message and "nothing of the step was applied" in message
         assert await _version(schema) == LATEST - 1
         await open_transaction.rollback()
@@ -107,7 +108,7 @@ async def test_a_server_starting_behind_a_lock_is_told_why(
                 await asyncio.wait_for(
                     open_job_store(PG_URL, schema, Path("unused.sqlite3"), timeout_s=0.3), 20.0
                 )
-            assert f"migration to version {LATEST} waited more than 0.3 s" in str(caught.value)
+            assert f"migration to version {LATEST} waited more than 1.8 s" in str(caught.value)
     finally:
         await other.close()
 
@@ -135,4 +136,108 @@ async def test_aiserver_serve_behind_a_lock_exits_with_one_line(
     assert rc == 2 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("aiserver: cannot start: cannot open the job database"), err
-    assert f"migration to version {LATEST} waited more than 0.5 s" in last, err
+    assert f"migration to version {LATEST} waited more than 3 s" in last, err
+
+
+async def _at_version_4(schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database before step 5, which alters ``jobs`` (ACCESS EXCLUSIVE) before it alters
+    ``job_events``."""
+    with monkeypatch.context() as m:
+        m.setattr(migrations, "POSTGRES", migrations.POSTGRES[:4])
+        await pg.migrate(PG_URL, schema)
+    assert await _version(schema) == 4
+
+
+async def _has_column(schema: str, table: str, column: str) -> bool:
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        found = await conn.fetchval(
+            "SELECT count(*) FROM information_schema.columns"
+            " WHERE table_schema = $1 AND table_name = $2 AND column_name = $3",
+            schema, table, column,
+        )  # fmt: skip
+        return bool(found)
+    finally:
+        await conn.close()
+
+
+async def test_a_step_blocked_half_way_applies_nothing(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _at_version_4(schema, monkeypatch)
+    other = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        async with other.transaction():
+            await other.execute("LOCK TABLE job_events IN ROW EXCLUSIVE MODE")
+            with pytest.raises(pg.MigrationLockTimeout, match="migration to version 5"):
+                await asyncio.wait_for(pg.migrate(PG_URL, schema, lock_timeout_s=0.2), 20.0)
+    finally:
+        await other.close()
+    # step 5 altered jobs before it met job_events: rolled back whole
+    assert await _version(schema) == 4
+    assert not await _has_column(schema, "jobs", "unfinished")
+
+
+async def test_a_reader_of_an_altered_table_waits_one_short_attempt_at_most(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Step 5 holds jobs (ACCESS EXCLUSIVE) while it waits for job_events: a coordinator's
+    # statement on jobs queues behind it, for one attempt (timeout_s / 4 here), not the
+    # whole wait.
+    await _at_version_4(schema, monkeypatch)
+    timeout_s = 2.0
+    other = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    reader = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        async with other.transaction():
+            await other.execute("LOCK TABLE job_events IN ROW EXCLUSIVE MODE")
+            migration = asyncio.create_task(pg.migrate(PG_URL, schema, lock_timeout_s=timeout_s))
+            waits = []
+            deadline = time.monotonic() + 4.0
+            while time.monotonic() < deadline and not migration.done():
+                started = time.monotonic()
+                await reader.fetchval("SELECT count(*) FROM jobs")
+                waits.append(time.monotonic() - started)
+                await asyncio.sleep(0.05)
+            assert max(waits) < timeout_s / 2, waits  # one attempt is timeout_s / 4 = 0.5 s
+            assert len(waits) >= 3 and not migration.done()
+        await asyncio.wait_for(migration, 20.0)  # the lock gone: a retry goes through
+    finally:
+        await other.close()
+        await reader.close()
+    assert await _version(schema) == LATEST
+
+
+async def test_a_lock_released_mid_way_lets_a_retry_go_through(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _at_version_4(schema, monkeypatch)
+    other = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("LOCK TABLE job_events IN ROW EXCLUSIVE MODE")
+        migration = asyncio.create_task(pg.migrate(PG_URL, schema, lock_timeout_s=0.4))
+        await asyncio.sleep(0.8)  # two attempts of 0.1 s have given up by now
+        assert not migration.done()
+        await transaction.rollback()
+        await asyncio.wait_for(migration, 20.0)
+    finally:
+        await other.close()
+    assert await _version(schema) == LATEST
+    assert await _has_column(schema, "jobs", "unfinished")
+
+
+async def test_a_lock_on_the_version_table_is_named_as_such(schema: str) -> None:
+    await pg.migrate(PG_URL, schema)
+    other = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        async with other.transaction():
+            await other.execute("LOCK TABLE schema_migrations IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(pg.MigrationLockTimeout) as caught:
+                await asyncio.wait_for(pg.migrate(PG_URL, schema, lock_timeout_s=0.2), 20.0)
+    finally:
+        await other.close()
+    message = str(caught.value)
+    assert "migration to version" not in message, message
+    assert f"schema {schema}: reading the schema version waited" in message, message
