@@ -241,3 +241,66 @@ async def test_a_lock_on_the_version_table_is_named_as_such(schema: str) -> None
     message = str(caught.value)
     assert "migration to version" not in message, message
     assert f"schema {schema}: reading the schema version waited" in message, message
+
+
+async def _lock_version_table(conn: asyncpg.Connection) -> None:
+    await conn.execute("LOCK TABLE schema_migrations IN ACCESS EXCLUSIVE MODE")
+
+
+async def test_the_artifact_index_is_opened_at_server_start(schema: str, tmp_path: Path) -> None:
+    # Its migration ran in Service.start: a request after that does not run one (which would
+    # wait behind this lock, then fail).
+    from aiserver.server import Service
+    from tests.conftest import make_settings
+
+    service = Service(
+        make_settings(tmp_path, database_url=PG_URL, database_schema=schema, database_timeout_s=0.3)
+    )
+    await service.start()
+    other = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        async with other.transaction():
+            await _lock_version_table(other)
+            found = await asyncio.wait_for(service.artifacts.index.lookup("a.png", None), 20.0)
+            assert found is None
+    finally:
+        await other.close()
+        await service.stop(grace_s=1)
+
+
+async def test_an_artifact_index_that_cannot_migrate_is_a_start_up_error(schema: str) -> None:
+    from aiserver.artifacts.index import PostgresArtifactIndex
+
+    await pg.migrate(PG_URL, schema)
+    index = PostgresArtifactIndex(PG_URL, schema=schema, timeout_s=0.2)
+    other = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        async with other.transaction():
+            await _lock_version_table(other)
+            with pytest.raises(StoreUnavailable) as caught:
+                await asyncio.wait_for(index.start(), 20.0)
+    finally:
+        await other.close()
+        await index.close()
+    message = str(caught.value)
+    assert message.startswith("cannot open the artifact index in the job database"), message
+    assert "reading the schema version waited more than 1.2 s" in message, message
+
+
+async def test_a_migration_lock_timeout_met_in_a_call_is_an_outage(schema: str) -> None:
+    # (the lazy migration of an index that was not started: UNAVAILABLE, not INTERNAL)
+    from aiserver.errors import ErrorKind
+    from aiserver.outage import backend_outage
+
+    await pg.migrate(PG_URL, schema)
+    other = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        async with other.transaction():
+            await _lock_version_table(other)
+            with pytest.raises(pg.MigrationLockTimeout) as caught:
+                await asyncio.wait_for(pg.migrate(PG_URL, schema, lock_timeout_s=0.1), 20.0)
+    finally:
+        await other.close()
+    error = backend_outage(caught.value)
+    assert error is not None and error.kind is ErrorKind.UNAVAILABLE, caught.value
+    assert error.reason == "STORE_UNAVAILABLE" and error.retry_after_s

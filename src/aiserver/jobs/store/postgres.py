@@ -54,6 +54,7 @@ from aiserver.jobs.store.protocol import (
     SlotClaim,
     StoredEvent,
 )
+from aiserver.outage import BackendBusy
 from aiserver.tasks import TaskKind
 
 __all__ = ["MigrationLockTimeout", "PostgresJobStore", "keep_session", "migrate"]
@@ -1156,8 +1157,9 @@ many database timeouts (AISERVER_DATABASE_TIMEOUT_S) in all: a lock held for a w
 long transaction) delays the start, one held longer is reported."""
 
 
-class MigrationLockTimeout(RuntimeError):
-    """A migration gave up waiting for a lock (nothing of its step was applied)."""
+class MigrationLockTimeout(BackendBusy):
+    """A migration gave up waiting for a lock (nothing of its step was applied): at start-up
+    the process does not start; met in a call it answers UNAVAILABLE."""
 
 
 class _LockBusy(Exception):
