@@ -685,17 +685,26 @@ class PostgresJobStore:
         )
 
     async def append_events(
-        self, job_id: str, events: Sequence[NewEvent], *, announce: bool = True
+        self,
+        job_id: str,
+        events: Sequence[NewEvent],
+        *,
+        announce: bool = True,
+        holder: str | None = None,
     ) -> None:
         if not events:
             return
         self._check()
         # The row's share lock orders this write with a watcher's marking (an update): this
-        # commits first, so the watcher reads the rows, or it sees ``watched``.
+        # commits first, so the watcher reads the rows, or it sees ``watched``. The holder
+        # fence reads the row without locking it (a row lock writes the row, per event): a
+        # steal committing during this very statement is not seen, as with any snapshot.
         sql = (
             "WITH stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
             " SELECT $1, e.sequence, e.kind, e.payload, $5"
             " FROM unnest($2::bigint[], $3::text[], $4::text[]) AS e(sequence, kind, payload)"
+            " WHERE $10::text IS NULL"
+            " OR EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND lease_holder = $10)"
             " ON CONFLICT DO NOTHING RETURNING 1)"
             " SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored) AND $8"
             " AND ($9 OR (SELECT watched FROM jobs WHERE id = $1 FOR SHARE))"
@@ -708,6 +717,7 @@ class PostgresJobStore:
             self._event_notice(job_id, events),
             announce,
             self._others_follow_all(),
+            holder,
         )
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
