@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.storage.backends import PG_URL
+
 
 async def serve(tmp_path: Path, **env: str) -> tuple[int, str]:
     full_env = {
@@ -146,3 +148,22 @@ async def test_bad_storage_urls_are_bad_configuration(
     assert "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("aiserver: bad configuration:"), err
     assert name.lower() in err, err
+
+
+@pytest.mark.parametrize(("lease_s", "timeout_s"), [("30", "11"), ("3", "5")])
+async def test_a_database_bound_that_may_outlast_the_lease_is_bad_configuration(
+    tmp_path: Path, lease_s: str, timeout_s: str
+) -> None:
+    """A statement allowed to wait longer than a renewal has left lets a lease lapse (and
+    the job be taken over) with no outage at all: refused at start, naming both settings."""
+    rc, err = await serve(
+        tmp_path,
+        AISERVER_DATABASE_URL=PG_URL,
+        AISERVER_JOB_LEASE_S=lease_s,
+        AISERVER_DATABASE_TIMEOUT_S=timeout_s,
+    )
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("aiserver: bad configuration:"), err
+    assert "job_lease_s" in last and "database_timeout_s" in last, last

@@ -263,6 +263,16 @@ def _check_storage_urls(settings: Settings) -> None:
         raise ValueError("setting job_lease_s: at least 1 second")
     if settings.database_timeout_s <= 0:
         raise ValueError("setting database_timeout_s: must be positive")
+    if settings.database_url and settings.database_timeout_s * 3 > settings.job_lease_s:
+        # A renewal starts a third into the lease; one that waits out the bound must land
+        # with a third left (what a run needs to queue a prompt), else a slow statement
+        # alone, no outage, lets the lease lapse and another process take the job.
+        raise ValueError(
+            f"settings job_lease_s ({settings.job_lease_s:g} s) and database_timeout_s"
+            f" ({settings.database_timeout_s:g} s): a statement may outlast what a lease has"
+            " left at its renewal; job_lease_s must be at least 3x database_timeout_s"
+            " (6x recommended)"
+        )
     if settings.watch_outage_s < 0:
         raise ValueError("setting watch_outage_s: must not be negative")
     if settings.spool_memory_mb < 0:

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from aiserver.tasks import ImageToImageSpec, TaskKind
 from tests.comfy.helpers import FAST, RecordingSink, png, work_item, write_input
 from tests.jobs.helpers import Env, collect, submit
 from tests.support.comfy_standin import ComfyStandIn
+from tests.support.tcp_cut import TcpCut
 
 KSAMPLER = "7"  # in workflows/image_to_image.json
 NOTICE_S = 2.5
@@ -207,3 +209,42 @@ async def test_a_vanished_prompt_runs_again_on_the_same_agent(cluster: Cluster) 
     final, events = await ends(manager, job, 30)
     assert final.state is JobState.SUCCEEDED and final.agent == "agent-0", final.error
     assert final.attempts == 2 and len(retries(events)) == 1
+
+
+@pytest.mark.parametrize("when", ["mid-run", "before-prompt"])
+async def test_an_agent_that_stops_answering_without_a_reset_loses_its_job_to_another(
+    cluster: Cluster, when: str
+) -> None:
+    """A partition: the agent's host accepts nothing back, refuses nothing (its packets are
+    dropped: tests/support/tcp_cut.py ``blackhole``), its websocket falls silent mid-run or
+    its ``POST /prompt`` is never answered. No reset ever comes, so only the provider's own
+    bounds can end the wait: the job must move to the other agent within them, not hang."""
+    silent = await cluster.agent()
+    other = await cluster.agent()
+    url = urlsplit(silent.url)
+    async with TcpCut(url.hostname or "127.0.0.1", url.port or 80) as relay:
+        relayed = f"{url.scheme}://127.0.0.1:{relay.port}"
+        configs = [AgentConfig(relayed, name="agent-0"), AgentConfig(other.url, name="agent-1")]
+        settings = dataclasses.replace(
+            POOL, timeouts=dataclasses.replace(TIMEOUTS, request_s=3.0, idle_s=4.0)
+        )
+        pool = ComfyPool(configs, WorkflowCatalog.load(), settings=settings)
+        cluster.pools.append(pool)
+        await pool.start()
+        manager = await cluster.env.manager(pool, max_attempts=2)  # type: ignore[arg-type]
+        if when == "before-prompt":
+            relay.blackhole()  # the probe notices, or the upload or post waits out request_s
+        job = await submit(manager, cluster.env, spec=SPEC)
+        if when == "mid-run":
+            await running_on(silent)
+            relay.blackhole()
+        began = time.monotonic()
+        final, events = await ends(manager, job, 40)
+        took = time.monotonic() - began
+        assert final.state is JobState.SUCCEEDED, final.error
+        assert final.agent == "agent-1", final.agent
+        assert took < 30, took  # the bounds (request_s, idle_s, the probe), not for ever
+        if when == "mid-run":  # it ran there first, and moved once
+            assert len(silent.received.prompts) == 1 and len(retries(events)) == 1
+        else:  # it never ran there
+            assert not silent.received.prompts

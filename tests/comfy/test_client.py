@@ -613,3 +613,49 @@ async def test_refused_credentials_lose_the_agent(
         await client.aclose()
     assert caught.value.metadata["status"] == "401"
     assert_cause(caught.value, Cause.AUTH, lost=True, retryable=True)
+
+
+@pytest.mark.parametrize("route", ["/prompt", "/upload/image"])
+async def test_a_malformed_answer_is_the_agents_fault_not_a_crash(
+    standin: ComfyStandIn,
+    client: DirectAgent,
+    catalog: WorkflowCatalog,
+    inputs_dir: Path,
+    route: str,
+) -> None:
+    """200 with a body that is not the JSON the route answers (a proxy's page, a truncated
+    answer): a clear, retryable failure of this agent, not a parse error escaping as a bug."""
+    standin.fail_http(route, status=200)
+    with pytest.raises(ProviderUnavailable) as caught:
+        await run(client, catalog, img2img(inputs_dir))
+    assert caught.value.metadata["cause"] == "protocol"
+    assert route in str(caught.value) and "JSON" in str(caught.value)
+    err = caught.value
+    assert isinstance(err, ProviderFailure) and err.retryable and err.agent == "agent-a"
+
+
+@pytest.mark.parametrize("frame", ["garbage", "truncated"])
+async def test_a_bad_websocket_frame_mid_run_is_survived(
+    standin: ComfyStandIn, catalog: WorkflowCatalog, inputs_dir: Path, frame: str
+) -> None:
+    """Mid-run, the socket carries a binary frame of no known shape (skipped), or a frame cut
+    short by a connection that then dies (a drop: the run re-opens the socket and follows
+    its prompt). Either way the run completes, its prompt queued once."""
+    standin.hang_at("7")
+    client = DirectAgent("agent-a", standin.url, timeouts=FAST)
+    try:
+        running = asyncio.ensure_future(run(client, catalog, img2img(inputs_dir)))
+        async with asyncio.timeout(10):
+            while standin.running_prompt is None:
+                await asyncio.sleep(0.01)
+        if frame == "garbage":
+            standin.send_binary_frames(b"\x00\x00\x00\x09" + bytes(range(256)))
+        else:
+            standin.cut_websockets_mid_frame()
+        await asyncio.sleep(0.2)
+        standin.release("7")
+        sink = await asyncio.wait_for(running, 20)
+    finally:
+        await client.aclose()
+    assert sink.image_sizes() == [(64, 48)]
+    assert len(standin.received.prompts) == 1

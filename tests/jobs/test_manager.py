@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import pytest
 
@@ -19,6 +20,7 @@ from aiserver.jobs.model import (
 )
 from aiserver.jobs.scheduler import SHUTDOWN
 from aiserver.jobs.store import JobQuery
+from aiserver.jobs.store.sqlite import SqliteJobStore
 from aiserver.providers.base import Cause, ProviderFailure, ProviderUnavailable
 from aiserver.tasks import ImageToImageSpec, ImageToTextSpec, TaskKind
 from tests.jobs.helpers import (
@@ -548,6 +550,9 @@ async def test_a_submission_right_after_anothers_create_counts_it_once(env: Env)
     late: list[asyncio.Task[object]] = []
 
     async def create_then_submit(*args: object, **kwargs: object) -> object:
+        # Suspended first (as a create that waits for the writes' turn): the create goes on
+        # in a task of its own, so its caller wakes a step after the job is in _active.
+        await asyncio.sleep(0)
         result = await create(*args, **kwargs)  # type: ignore[arg-type]
         if not late:  # the next submission starts while this one's caller is still waiting
             asyncio.get_running_loop().call_soon(
@@ -557,7 +562,55 @@ async def test_a_submission_right_after_anothers_create_counts_it_once(env: Env)
 
     store.create = create_then_submit  # type: ignore[method-assign]
     await submit(manager, env)  # the second of three allowed
-    while not late:  # (a create that did not suspend left no window: the same count holds)
-        await asyncio.sleep(0)
+    assert len(late) == 1  # it began before this caller woke: inside the window
     third = await within(late[0])  # the third: 2 unfinished before it, room for one more
     assert third.state is JobState.QUEUED
+
+
+async def test_a_controller_cancelled_while_its_end_waits_to_be_written_still_ends_the_job(
+    env: Env,
+) -> None:
+    # stop() cancels controllers that outlive the grace; one cancelled while the job's end
+    # waits for the writes' turn must not cut that end half-way: stored, Finished sent, the
+    # job out of the active set and its done set.
+    produced = asyncio.Event()
+
+    async def image_then_gate(run: Run) -> None:
+        await produce_image(run)
+        produced.set()
+        await run.release.wait()
+
+    provider = ScriptedProvider(behaviour=image_then_gate)
+    manager = await env.manager(provider)
+    store = manager._store
+    if not isinstance(store, SqliteJobStore):
+        pytest.skip("the embedded store's writes' turn")
+    job = await submit(manager, env)
+    events = manager.subscribe(job.id)
+    run = await provider.next_run()
+    await within(produced.wait())
+    active = manager._active[job.id]
+    turn = store._turn
+    gate = threading.Event()
+    held = asyncio.ensure_future(turn.in_thread(lambda: gate.wait(10)))  # a long write
+    try:
+        await asyncio.sleep(0)
+        assert turn.busy()
+        run.release.set()
+        for _ in range(1000):  # the run ends; the controller begins the job's end
+            if active.finishing:
+                break
+            await asyncio.sleep(0)
+        assert active.finishing and job.id in manager._active  # its write queued
+        assert active.controller is not None
+        active.controller.cancel()
+        await asyncio.sleep(0)
+    finally:
+        gate.set()
+    await within(held)
+    final = await final_job(events)
+    assert final.state is JobState.SUCCEEDED
+    await within(active.done.wait())
+    assert job.id not in manager._active
+    stored = await store.get(job.id)
+    assert stored is not None and stored.job.state is JobState.SUCCEEDED

@@ -70,6 +70,7 @@ class Cluster:
             "AISERVER_DATABASE_SCHEMA": self.schema,
             "AISERVER_BLOB_URL": f"s3://{self.bucket}/artifacts",
             "AISERVER_JOB_LEASE_S": str(LEASE_S),
+            "AISERVER_DATABASE_TIMEOUT_S": str(LEASE_S / 3),  # the most a lease this short allows
             "AISERVER_AGENTS": json.dumps(agents),
             "AISERVER_AGENT_PROBE_INTERVAL_S": "1",
             # The per-key limit counts across every coordinator (the database's count): the

@@ -4,6 +4,8 @@ with a retry delay), and limits waiting cannot fix (413 without ``Retry-After``)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from typing import Any
 
 import grpc
@@ -16,6 +18,7 @@ from aiserver.server import Service
 from tests.security.hostile import gif_many_frames
 from tests.support.grpc_helpers import rich_status
 from tests.support.images import encode, quadrant_image
+from tests.support.tcp_cut import TcpCut
 
 PNG = encode(quadrant_image(16, 12), "PNG")
 
@@ -121,3 +124,51 @@ async def test_limits_waiting_cannot_fix_are_413_without_retry_after(service: Se
     assert res.status_code == 413, res.text
     assert res.json()["responseStatus"]["errorCode"] == "IMAGE_TOO_MANY_FRAMES"
     assert "retry-after" not in res.headers
+
+
+async def _convert(stub: Any) -> str:
+    chunk = tpb.ConvertImageRequest(chunk=common_pb2.FileChunk(field="image", data=PNG))
+    replies = [r async for r in stub.ConvertImage(iter([_params(), chunk]), timeout=30)]
+    return str(replies[0].WhichOneof("payload"))
+
+
+def _held(service: Service) -> int:
+    """Upload bytes the spool holds: in memory, or in files being written."""
+    on_disk = 0
+    for part in service.spool.tmp_dir.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            on_disk += part.stat().st_size
+    return service.spool.memory.used + on_disk
+
+
+async def test_a_client_cut_off_mid_upload_frees_its_places_and_spool_files(
+    service: Service, channel: grpc.aio.Channel
+) -> None:
+    """The client's connection dies mid-upload (a reset, no cancel of its calls: through a
+    relay that is cut): the memory its uploads held (or their spool files) is given back, and
+    its places under ``max_uploads_per_client``, or that address could upload nothing again."""
+    async with TcpCut("127.0.0.1", service.grpc_port) as relay:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{relay.port}") as doomed:
+            stub = transform_service_pb2_grpc.TransformServiceStub(doomed)
+            calls = [stub.ConvertImage(timeout=60) for _ in range(2)]  # the address's two
+            for call in calls:
+                await call.write(_params())
+                for _ in range(3):
+                    data = os.urandom(1 << 20)
+                    await call.write(
+                        tpb.ConvertImageRequest(
+                            chunk=common_pb2.FileChunk(field="image", data=data)
+                        )
+                    )
+            async with asyncio.timeout(10):  # both received, mid-upload
+                while _held(service) < 2 * (2 << 20):
+                    await asyncio.sleep(0.02)
+            relay.cut()
+            async with asyncio.timeout(10):
+                while _held(service):
+                    await asyncio.sleep(0.02)
+            for call in calls:
+                call.cancel()
+    stub = transform_service_pb2_grpc.TransformServiceStub(channel)
+    done = await asyncio.gather(_convert(stub), _convert(stub))
+    assert done == ["info", "info"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from aiserver.jobs.model import ArtifactRef, JobState
 from aiserver.jobs.store import JobQuery, JobRecord, SqliteJobStore
 from aiserver.jobs.store.sqlite import _transaction
+from aiserver.jobs.store.write_turn import WriteTurn
 from tests.storage.test_job_store import T0, make_job
 
 
@@ -211,3 +214,46 @@ async def test_a_write_cancelled_while_it_waits_for_its_turn_never_runs(
         await dropped
     jobs, _ = await store.query(JobQuery(), page_size=10, page_token="")
     assert [j.id for j in jobs] == [third.id]
+
+
+_caller: contextvars.ContextVar[str] = contextvars.ContextVar("_caller", default="nobody")
+
+
+class _Abandon(BaseException):
+    """Not an ``Exception`` (as ``CancelledError`` or ``GeneratorExit`` are not)."""
+
+
+async def test_queued_writes_run_in_their_callers_context_and_their_errors_are_theirs() -> None:
+    # The thread gives the turn back in a callback of its own: the queued writes run in their
+    # callers' contexts, and one that raises a BaseException does not stall the rest.
+    with ThreadPoolExecutor(1) as executor:
+        turn = WriteTurn(executor)
+        gate = threading.Event()
+        seen: list[str] = []
+
+        async def write(name: str, fail: bool = False) -> None:
+            _caller.set(name)  # e.g. the job id the log lines name
+
+            def run() -> None:
+                seen.append(_caller.get())
+                if fail:
+                    raise _Abandon(name)
+
+            await turn.inline(run)
+
+        holding = asyncio.create_task(turn.in_thread(lambda: gate.wait(10)))
+        await asyncio.sleep(0)
+        try:
+            first = asyncio.create_task(write("first"))
+            failing = asyncio.create_task(write("failing", fail=True))
+            last = asyncio.create_task(write("last"))
+            await asyncio.sleep(0)
+            assert turn.busy() and not seen
+        finally:
+            gate.set()
+        await asyncio.wait_for(holding, 5)
+        await asyncio.wait_for(first, 5)
+        with pytest.raises(_Abandon):
+            await asyncio.wait_for(failing, 5)
+        await asyncio.wait_for(last, 5)  # the queue went on past it
+        assert seen == ["first", "failing", "last"] and not turn.busy()

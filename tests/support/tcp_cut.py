@@ -16,9 +16,11 @@ class TcpCut:
     :meth:`blackhole` drops every byte both ways, on the relayed connections and on new ones,
     which are accepted and never answered (a partition, or a host gone without a reset:
     only a client's own timeouts end its wait); :meth:`restore` relays new connections
-    again. A connection black-holed stays so (its bytes were lost: its stream is broken),
-    and its server side stays open, as a server that never heard of the partition keeps
-    it (with whatever the session holds)."""
+    again. :meth:`lose_reply_to` lets a request through and loses its answer: the server
+    did the work (committed), the client hears a reset instead of the reply. A connection
+    black-holed stays so (its bytes were lost: its stream is broken), and its server side
+    stays open, as a server that never heard of the partition keeps it (with whatever the
+    session holds)."""
 
     def __init__(self, host: str, target_port: int) -> None:
         self._host = host
@@ -33,6 +35,10 @@ class TcpCut:
         """Connections accepted while black-holed (the outage was met, not slept through)."""
         self.refused = 0
         """Connections closed at once while cut (the outage was met, not slept through)."""
+        self._doom_marker: bytes | None = None
+        self._doomed: set[asyncio.StreamWriter] = set()  # client sides whose reply is lost
+        self.lost_replies = 0
+        """Replies dropped by :meth:`lose_reply_to` (the fault happened)."""
 
     async def __aenter__(self) -> TcpCut:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
@@ -52,6 +58,11 @@ class TcpCut:
     def blackhole(self) -> None:
         self.is_blackholed = True
         self._blackholed.update(self._writers)
+
+    def lose_reply_to(self, marker: bytes) -> None:
+        """The next request (a chunk the client sends) holding ``marker`` reaches the server;
+        the server's reply to it is dropped and the connection reset, once."""
+        self._doom_marker = marker
 
     def restore(self) -> None:
         self.is_cut = False
@@ -87,14 +98,33 @@ class TcpCut:
             return
         self._writers.update((writer, up_writer))
         await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+            self._pipe(reader, up_writer, client=writer),
+            self._pipe(up_reader, writer),
+            return_exceptions=True,
         )
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        client: asyncio.StreamWriter | None = None,
+    ) -> None:
+        """``client``: set on the client-to-server pipe (the side a lost reply resets)."""
         try:
             while data := await reader.read(65536):
                 if writer in self._blackholed:
                     continue  # dropped: neither side hears from the other again
+                if writer in self._doomed:
+                    # The reply to the marked request: lost, and the connection with it.
+                    self._doomed.discard(writer)
+                    self.lost_replies += 1
+                    writer.transport.abort()
+                    break
+                marker = self._doom_marker
+                if client is not None and marker is not None and marker in data:
+                    self._doom_marker = None
+                    self._doomed.add(client)
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):

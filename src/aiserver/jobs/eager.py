@@ -58,12 +58,15 @@ class _Rest(Coroutine[Any, Any, _T]):
     """The rest of a coroutine suspended at its first step, as a task drives a coroutine: its
     first ``send`` hands the task what the coroutine yielded (the future it waits on, or
     ``None`` for a bare yield); every later ``send`` or ``throw`` (a wake-up, a cancellation,
-    one that came before the task's first step included) goes to the coroutine."""
+    one that came before the task's first step included) goes to the coroutine. Named as the
+    coroutine (a task's repr, its name in a task factory)."""
 
     def __init__(self, coro: Coroutine[Any, Any, _T], waiting: Any) -> None:
         self._coro = coro
         self._waiting = waiting
         self._first = True
+        self.__name__ = getattr(coro, "__name__", type(coro).__name__)
+        self.__qualname__ = getattr(coro, "__qualname__", self.__name__)
 
     def send(self, value: Any) -> Any:
         if self._first:
@@ -75,13 +78,36 @@ class _Rest(Coroutine[Any, Any, _T]):
         return self.send(None)
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        self._first = False
+        if self._first:
+            # Cancelled before the task's first step: the task never learnt what the
+            # coroutine waits on, so cancel that as the task would have (else a queued
+            # write still runs for a caller that was told it was cancelled).
+            self._first = False
+            waiting = self._waiting
+            if isinstance(waiting, asyncio.Future):
+                waiting.cancel()
         if val is None and tb is None:
             return self._coro.throw(typ)
         return self._coro.throw(typ, val, tb)
 
     def close(self) -> None:
         self._coro.close()
+
+    @property
+    def cr_frame(self) -> Any:
+        return getattr(self._coro, "cr_frame", None)
+
+    @property
+    def cr_code(self) -> Any:
+        return getattr(self._coro, "cr_code", None)
+
+    @property
+    def cr_await(self) -> Any:
+        return getattr(self._coro, "cr_await", None)
+
+    @property
+    def cr_running(self) -> bool:
+        return bool(getattr(self._coro, "cr_running", False))
 
     def __await__(self) -> Generator[Any, Any, _T]:
         raise TypeError("a task's coroutine only")  # handed to a task, never awaited

@@ -21,7 +21,7 @@ from aiserver.jobs.event_log import EventLog
 from aiserver.jobs.events import EventHub
 from aiserver.jobs.leases import LeaseKeeper
 from aiserver.jobs.model import Finished, Job
-from aiserver.jobs.store import JobStore, NewEvent
+from aiserver.jobs.store import JobRecord, JobStore, LeaseLost, NewEvent
 from aiserver.outage import backend_outage
 
 __all__ = ["SEQUENCE_BLOCK", "JobWrites"]
@@ -143,5 +143,30 @@ class JobWrites:
             )
 
         log = self._log
-        await self.ride_out(active, lambda: log.write(final.id, write, final=True))
+
+        async def end() -> None:
+            try:
+                await log.write(final.id, write, final=True)
+            except LeaseLost:
+                # Fenced off: another process holds the job, or this very write committed
+                # before (its answer lost to an outage) and released the lease. Only the
+                # latter leaves the row ended as this one ends it.
+                if not await self._stored_end_is(record):
+                    raise
+                log.forget(final.id)
+                logger.info("job %s: its end was stored by a write whose answer was lost", final.id)
+
+        await self.ride_out(active, end)
         return True
+
+    async def _stored_end_is(self, record: JobRecord) -> bool:
+        """Whether the stored row already ends the job as ``record`` does: the same final
+        state, end time (this process's clock, to the microsecond: a taker's end differs)
+        and Finished sequence."""
+        stored = await self._store.get(record.job.id)
+        return (
+            stored is not None
+            and stored.job.state is record.job.state
+            and stored.job.ended == record.job.ended
+            and stored.last_sequence == record.last_sequence
+        )

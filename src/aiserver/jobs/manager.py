@@ -734,8 +734,12 @@ class JobManager:
         self, active: ActiveJob, state: JobState, error: ServiceError | None
     ) -> asyncio.Future[None]:
         """:meth:`_finish` begun in the job's controller step (it awaits the end): a task
-        only if the end suspends."""
-        return self._start(self._finish_now(active, state, error))
+        only if the end suspends, and then shielded: a controller cancelled while it awaits
+        (stop() cancels those that outlive the grace) would otherwise cancel the end half-way
+        (stored but no Finished sent, the job left in the active set, ``done`` never set)."""
+        return asyncio.shield(
+            self._start(self._finish_now(active, state, error))
+        )  # (a done one as is)
 
     async def _finish_now(
         self, active: ActiveJob, state: JobState, error: ServiceError | None

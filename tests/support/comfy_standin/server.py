@@ -248,6 +248,18 @@ class ComfyStandIn:
         for peer in list(self._peers.values()):
             peer.abort()
 
+    def send_binary_frames(self, payload: bytes) -> None:
+        """Send every websocket a binary frame carrying ``payload`` now."""
+        for peer in list(self._peers.values()):
+            peer.send_binary(payload)
+
+    def cut_websockets_mid_frame(self) -> None:
+        """Every websocket gets the head of a 1000-byte binary frame and 10 bytes of it, then
+        its connection dies (a truncated frame)."""
+        for peer in list(self._peers.values()):
+            peer.writer.write(b"\x82\x7e\x03\xe8" + b"x" * 10)
+            peer.abort()
+
     def drop_websockets_at(self, node: str, *, outage_s: float = 0.0) -> None:
         """Cut every websocket once, just before ``node`` starts; the job keeps running."""
         self._drop_at[node] = outage_s

@@ -7,8 +7,7 @@ import binascii
 import json
 from typing import Any, Protocol
 
-import orjson
-
+from aiserver import fast_json
 from aiserver.errors import invalid_argument
 from aiserver.jobs import codec
 from aiserver.jobs.model import Job, JobState
@@ -69,24 +68,13 @@ class Row(Protocol):
 
 
 def dumps(value: Any) -> str:
-    """``value`` as compact JSON. orjson: a row's spec (with its workflow documents) and
-    outputs took the stdlib 20-60 µs per job (py-spy: 2-3% of the service's CPU), orjson a
-    tenth. What orjson refuses (an integer beyond 64 bits, a non-string key) goes through the
-    stdlib as before. Written differently, read back the same: non-ASCII as UTF-8 rather than
-    ``\\u`` escapes; a non-finite float as ``null`` (parameters are checked finite; only a
-    workflow file's own ``NaN`` could reach here, and the agent gets ``null`` for it anyway)."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:  # orjson.JSONEncodeError
-        return json.dumps(value, separators=(",", ":"))
+    """``value`` as compact JSON (see :mod:`aiserver.fast_json`: read back as written)."""
+    return fast_json.dumps_text(value)
 
 
 def loads(text: str | bytes) -> Any:
-    """A column's JSON; rows written by the stdlib may hold ``NaN``, which orjson refuses."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
+    """A column's JSON, as the stdlib reads it (rows it wrote may hold ``NaN``)."""
+    return fast_json.loads(text)
 
 
 def row_of(record: JobRecord) -> dict[str, Any]:

@@ -146,7 +146,8 @@ class SqliteJobStore:
 
     async def _call(self, fn: Callable[[], _T], *, inline: bool = False) -> _T:
         """Run the write ``fn`` with the writing connection in its turn: on the loop when
-        ``inline`` (a short statement), else in the thread."""
+        ``inline`` (a short statement), else in the thread. A caller cancelled while its
+        write waits for the turn may find it written (see :mod:`.write_turn`)."""
         if self._closed:
             raise ServiceError(ErrorKind.UNAVAILABLE, "STORE_CLOSED", "the job store is closed")
         if inline:

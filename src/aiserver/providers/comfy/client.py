@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
-from aiserver.providers.comfy import wire_json
+from aiserver import fast_json
 from aiserver.providers.comfy.agent_http import AgentHttp, ConnectFailed, HttpError
 from aiserver.providers.comfy.agent_socket import AgentSocket, SocketLost
 from aiserver.providers.comfy.channel import AgentChannel
@@ -82,7 +82,7 @@ class Reply:
 
     def json(self) -> Any:
         """The body as JSON; ValueError when it is not."""
-        return wire_json.loads(self.content)
+        return fast_json.loads(self.content)
 
 
 def _upload_form(
@@ -309,7 +309,7 @@ class ComfyClient:
         return response
 
     async def _post_json(self, path: str, body: Any) -> Reply:
-        return await self._request("POST", path, wire_json.dumps(body), "application/json")
+        return await self._request("POST", path, fast_json.dumps(body), "application/json")
 
     async def _request(
         self,

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiserver.providers.comfy import wire_json
+from aiserver import fast_json
 
 __all__ = [
     "Executed",
@@ -177,7 +177,7 @@ def decode(frame: str | bytes) -> Message:
     if isinstance(frame, bytes):
         return _decode_binary(frame)
     try:
-        body = wire_json.loads(frame)
+        body = fast_json.loads(frame)
     except ValueError:
         return Unknown("", frame)
     if not isinstance(body, dict):
@@ -246,7 +246,7 @@ def _decode_binary(frame: bytes) -> Message:
         return Preview(frame[8:], _IMAGE_TYPES[word])
     if event == 4 and 8 + word <= len(frame):
         try:
-            meta = wire_json.loads(frame[8 : 8 + word])
+            meta = fast_json.loads(frame[8 : 8 + word])
         except ValueError:
             meta = None
         if isinstance(meta, dict):
