@@ -1,6 +1,7 @@
 """Slow, stalled and lying HTTP clients, over raw sockets: unfinished heads are closed, stalled
 bodies answer 408 and close, a ``Content-Length`` that lies is answered, a huge one is refused
-and the socket closed at once; nothing is left in the spool."""
+and the socket closed at once; nothing is left in the spool. An answer of any kind whose client
+stops reading is closed and its call ended; a slow client that keeps reading is not."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def settings_overrides() -> dict[str, Any]:
         "upload_idle_timeout_s": IDLE_S,
         "upload_timeout_s": 3.0,
         "http_header_timeout_s": HEAD_S,
+        # More messages than a stream relay queues (16), so that a stalled one waits on them.
+        "chunk_bytes": 64 << 10,
     }
 
 
@@ -251,3 +254,158 @@ async def test_a_download_its_client_stopped_reading_is_closed_and_its_call_ende
         gateway, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", within=10
     )
     assert res[0].startswith(b"HTTP/1.1 200")
+
+
+# --- answers whose client stops reading: one watch for every route class ------------------
+
+
+async def _stalled_client(port: int, request: bytes) -> tuple[socket.socket, bytes]:
+    """A client with a small receive buffer that sends ``request``, reads the first bytes of
+    the answer and then nothing."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, request)
+        head = await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, head
+
+
+async def _read_to_close(sock: socket.socket) -> int:
+    """Bytes read, past the idle bound, until the server closes (or resets) the connection:
+    fewer than the answer's when it was closed for taking nothing."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(IDLE_S + 2.0)
+    received = 0
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 10):
+            received += len(chunk)
+    return received
+
+
+async def _assert_streams_end(guard: Any) -> None:
+    """The answer's gRPC call (a streaming slot) ends within the idle bound."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(10):
+        while guard.active_streams == 0:
+            await asyncio.sleep(0.01)
+    stalled = loop.time()
+    async with asyncio.timeout(10):  # without the watch: forever
+        while guard.active_streams:
+            await asyncio.sleep(0.01)
+    assert loop.time() - stalled < IDLE_S + 4.0
+
+
+def _port(service: Service, gateway: Gateway, shim: str) -> int:
+    return gateway.port if shim == "gateway" else service.http_port
+
+
+def _guard(service: Service) -> Any:
+    assert service.gateway is not None and service.gateway.backend is not None
+    return service.gateway.backend.local.interceptor  # the service's own: both shims count
+
+
+@pytest.mark.parametrize("accept", ["application/x-ndjson", "text/event-stream"])
+@pytest.mark.parametrize("shim", ["gateway", "in-process"])
+async def test_a_json_stream_its_client_stopped_reading_is_closed_and_its_call_ended(
+    service: Service, gateway: Gateway, shim: str, accept: str
+) -> None:
+    # ``stream_response``: the NDJSON and SSE relay of every server stream (job events too).
+    data = os.urandom(24 << 20)  # more than the relay's queue and the gRPC window hold
+    ref = await put_ref(service, data)
+    request = f"GET /v1/{ref.name}:read HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n"
+    sock, head = await _stalled_client(_port(service, gateway, shim), request.encode())
+    try:
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        await _assert_streams_end(_guard(service))
+        assert len(head) + await _read_to_close(sock) < len(data)  # base64: 4/3 of it
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("shim", ["gateway", "in-process"])
+async def test_a_transformed_image_its_client_stopped_reading_is_closed_and_its_call_ended(
+    service: Service, gateway: Gateway, shim: str
+) -> None:
+    # The AI Server shape (``/api/ConvertImage``): the result image's bytes, written raw.
+    from PIL import Image
+
+    noise = Image.frombytes("RGB", (1600, 1600), os.urandom(1600 * 1600 * 3))
+    jpeg = encode(noise, "JPEG")  # small to send; ~7.7 MB as BMP
+    body = (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="OutputFormat"\r\n\r\nbmp\r\n'
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + jpeg
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    port = _port(service, gateway, shim)
+    sock, head = await _stalled_client(port, _head("/api/ConvertImage", len(body)) + body)
+    try:
+        assert head.startswith(b"HTTP/1.1 200"), head[:300]
+        assert len(head) + await _read_to_close(sock) < 1600 * 1600 * 3
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("shim", ["gateway", "in-process"])
+async def test_a_whole_json_answer_its_client_stopped_reading_is_closed(
+    service: Service, gateway: Gateway, shim: str
+) -> None:
+    # JSON answers aiohttp writes after the handler (here the OpenAPI document, as a large
+    # listing would be): with nothing watching, ``drain`` waits as long as the socket is
+    # open. Pipelined copies make more than what the kernel's buffers take.
+    port = _port(service, gateway, shim)
+    whole = await _exchange_port(port, b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+    body = len(whole.partition(b"\r\n\r\n")[2])
+    copies = (4 << 20) // body
+    request = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * copies
+    sock, first = await _stalled_client(port, request)
+    try:  # without the watch the server waits forever, then sends it all
+        assert len(first) + await _read_to_close(sock) < body * copies
+    finally:
+        sock.close()
+
+
+async def _exchange_port(port: int, request: bytes) -> bytes:
+    """One answer read whole (``Connection: close``)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+        return await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        writer.close()
+
+
+async def test_a_slow_client_that_keeps_reading_gets_the_whole_stream(
+    service: Service, gateway: Gateway
+) -> None:
+    # Each read comes within the idle bound, though the whole takes many times it.
+    data = os.urandom(1 << 20)
+    ref = await put_ref(service, data)
+    request = f"GET /v1/{ref.name}:read HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", gateway.port))
+        await loop.sock_sendall(sock, (request + "Connection: close\r\n\r\n").encode())
+        started, parts = loop.time(), []
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 10):
+            parts.append(chunk)
+            await asyncio.sleep(IDLE_S * 0.6)
+        took = loop.time() - started
+    finally:
+        sock.close()
+    raw = b"".join(parts)
+    assert raw.endswith(b"\r\n0\r\n\r\n")  # the chunked body's end: nothing cut
+    assert b"event: error" not in raw
+    assert took > 3 * IDLE_S

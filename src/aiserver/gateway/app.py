@@ -37,6 +37,7 @@ from aiserver.gateway.routes import (
     load_routes,
     message_class,
 )
+from aiserver.gateway.send_watch import slow_reader_middleware
 from aiserver.gateway.streams import NDJSON, event_field, stream_response, wants_sse
 from aiserver.gateway.uploads import (
     chunk_factory,
@@ -359,7 +360,11 @@ def build_app(
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
         return _json_response({"status": name}, 200 if serving else 503)
 
-    app = web.Application(middlewares=[_errors], client_max_size=backend.settings.max_message_bytes)
+    # Outermost: it also writes the whole (JSON) bodies the inner ones return.
+    watch = slow_reader_middleware(backend.settings.body_idle_timeout_s)
+    app = web.Application(
+        middlewares=[watch, _errors], client_max_size=backend.settings.max_message_bytes
+    )
     app[BACKEND] = backend
     app[ROUTES] = table
     app[TASKS] = compat.tasks

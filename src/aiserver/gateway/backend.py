@@ -61,8 +61,8 @@ class GatewaySettings:
     shutdown_grace_s: float = 5.0
     """How long in-flight requests may take to finish when the gateway stops."""
     body_idle_timeout_s: float = 30.0
-    """A request body that sends nothing for this long ends with 408; an artifact or variant
-    download whose client takes nothing for this long is closed; 0: no limit."""
+    """A request body that sends nothing for this long ends with 408; an answer (download,
+    stream, JSON) whose client takes nothing for this long is closed; 0: no limit."""
     body_timeout_s: float = 600.0
     """A request body still arriving after this long ends with 408; 0: no limit."""
     header_timeout_s: float = 15.0

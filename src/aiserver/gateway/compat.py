@@ -659,40 +659,30 @@ class Compat:
         read_first: bool,
     ) -> web.StreamResponse:
         """Stream the bytes in ``field`` of each message. With ``read_first`` the headers go
-        only once the first message (or the call's error) is in. A client that takes nothing
-        for ``body_idle_timeout_s`` loses its connection (the call, a streaming slot, and its
-        open blob end with it)."""
-        watch: _SendWatch | None = None
+        only once the first message (or the call's error) is in. A client that stops reading
+        loses its connection (``send_watch``); the call ends with the handler."""
         try:
             first = await first_message(call) if read_first else None
             response = web.StreamResponse(status=status, headers=headers)
             response.content_length = length
             await response.prepare(request)
-            watch = _SendWatch.start(request, self.backend.settings.body_idle_timeout_s)
             try:
                 if first is not None:
-                    await _send(response, watch, getattr(first, field))
+                    await response.write(getattr(first, field))
                 while True:
                     msg = await call.read()
                     if msg is grpc.aio.EOF:
                         break
                     data = getattr(msg, field)
                     if data:
-                        await _send(response, watch, data)
+                        await response.write(data)
             except grpc.aio.AioRpcError as err:
                 logger.warning("byte stream failed after its headers: %s", err.details())
                 response.force_close()
                 return response
-            except ConnectionResetError:
-                if watch is None or not watch.fired:
-                    raise
-                logger.info("closed a download its client stopped reading: %s", request.path)
-                return response
             await response.write_eof()
             return response
         finally:
-            if watch is not None:
-                watch.stop()
             if not call.done():
                 call.cancel()
 
@@ -709,58 +699,6 @@ class Compat:
             sse=wants_sse(request, default=True),
             keepalive_s=backend.settings.keepalive_s,
         )
-
-
-async def _send(response: web.StreamResponse, watch: _SendWatch | None, data: bytes) -> None:
-    if watch is not None:
-        watch.sent += len(data)
-    await response.write(data)
-
-
-class _SendWatch:
-    """Drops a response's connection when its client has taken nothing for ``idle_s`` while
-    bytes wait for it: a client that stops reading would otherwise hold the response's call
-    (a streaming slot, an open blob) for as long as it keeps the socket open. A timer every
-    quarter of ``idle_s``, not one per write; a slow client that keeps reading is left
-    alone."""
-
-    __slots__ = ("_handle", "_idle_s", "_since", "_taken", "_transport", "fired", "sent")
-
-    def __init__(self, transport: asyncio.Transport, idle_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._transport = transport
-        self._idle_s = idle_s
-        self.sent = 0
-        """Bytes handed to the response (the transport holds what the socket did not take)."""
-        self._taken = -transport.get_write_buffer_size()  # the head may still wait
-        self._since = loop.time()  # when the client last took something
-        self.fired = False
-        self._handle = loop.call_later(idle_s / 4, self._check)
-
-    @classmethod
-    def start(cls, request: web.Request, idle_s: float) -> _SendWatch | None:
-        transport = request.transport
-        if idle_s <= 0 or not isinstance(transport, asyncio.Transport):
-            return None
-        return cls(transport, idle_s)
-
-    def _check(self) -> None:
-        transport = self._transport
-        if transport.is_closing():
-            return
-        loop = asyncio.get_running_loop()
-        waiting = transport.get_write_buffer_size()
-        taken = self.sent - waiting
-        if taken != self._taken or not waiting:  # progress, or nothing to take
-            self._taken, self._since = taken, loop.time()
-        elif loop.time() - self._since >= self._idle_s:
-            self.fired = True
-            transport.abort()  # close() would wait for the client to read what is queued
-            return
-        self._handle = loop.call_later(self._idle_s / 4, self._check)
-
-    def stop(self) -> None:
-        self._handle.cancel()
 
 
 async def _read_all(call: Any, field: str, length: int) -> bytes:
