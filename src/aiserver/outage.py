@@ -14,10 +14,16 @@ import sys
 
 from aiserver.errors import ErrorKind, ServiceError
 
-__all__ = ["RETRY_AFTER_S", "backend_outage"]
+__all__ = ["RETRY_AFTER_S", "BackendBusy", "backend_outage"]
 
 RETRY_AFTER_S = 1.0
 """The retry hint: a restarting database or store is usually back within seconds."""
+
+
+class BackendBusy(RuntimeError):
+    """A backend answered but could not serve in time (a migration behind another session's
+    lock): for a call that meets it, the same as the backend being away."""
+
 
 _NETWORK_ERRNOS = frozenset(
     {
@@ -55,7 +61,9 @@ def backend_outage(exc: BaseException) -> ServiceError | None:
 
 
 def _is_outage(exc: BaseException) -> bool:
-    if isinstance(exc, ConnectionError | socket.gaierror):  # gaierror: the host's name
+    if isinstance(
+        exc, BackendBusy | ConnectionError | socket.gaierror
+    ):  # gaierror: the host's name
         return True
     if isinstance(exc, TimeoutError) and _raised_in(exc, "asyncpg"):
         # The store's bound on a statement or a connect (``database_timeout_s``): a database

@@ -182,6 +182,8 @@ class Service:
                 s.data_dir / "jobs.db",
                 timeout_s=s.database_timeout_s,
             )
+            # In the job database too: opened (migrated) here, not in the first request.
+            await self.artifacts.index.start()
         except StoreUnavailable as exc:
             raise StartupError(str(exc)) from exc
         # PostgreSQL: several coordinators share the jobs and the agents; this process holds

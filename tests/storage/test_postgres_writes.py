@@ -101,3 +101,32 @@ async def test_storing_events_does_not_lock_the_job_row(tmp_path: Path) -> None:
         assert [e.sequence for e in await store.events(job.id)] == [2]
     finally:
         await backend.close()
+
+
+async def test_a_former_holders_late_progress_is_not_stored(tmp_path: Path) -> None:
+    # A held progress leaves on its timer (append_events), after any save: after a steal it
+    # must not land in the new holder's event sequence.
+    from datetime import UTC, datetime
+
+    from aiserver.jobs.event_log import EventLog
+    from aiserver.jobs.model import JobEvent, Progress
+    from aiserver.stages import Stage
+
+    backend = JobStoreBackend("postgres", tmp_path)
+    try:
+        a, b = await backend.open(), await backend.open()
+        job = make_job(1)
+        await a.create(JobRecord(job), holder="A", lease_s=30.0)
+        log = EventLog(a, progress_interval_s=0.05, event_delay_s=0.05, holder="A")
+        log.record(JobEvent(job.id, 2, datetime.now(UTC), Progress(Stage.QUEUED, 0.1)))
+        await log.drain(5.0)  # still A's: stored
+        assert [e.sequence for e in await b.events(job.id)] == [2]
+        assert await b.steal(job.id, "B", 30, from_holder="A") is not None
+        log.record(JobEvent(job.id, 3, datetime.now(UTC), Progress(Stage.QUEUED, 0.2)))
+        await log.drain(5.0)  # B's now: A's late progress is dropped
+        assert [e.sequence for e in await b.events(job.id)] == [2]
+        # the new holder's own events go in
+        await b.append_events(job.id, [NewEvent(3, "progress", {})], holder="B")
+        assert [e.sequence for e in await b.events(job.id)] == [2, 3]
+    finally:
+        await backend.close()

@@ -119,3 +119,23 @@ async def test_a_started_or_cancelled_job_is_not_stolen(backend: JobStoreBackend
     assert await store.steal(started.id, "B", 30, from_holder="A") is None
     assert await store.steal(cancelled.id, "B", 30, from_holder="A") is None
     assert await store.steal(cancelled.id, "B", 30, from_holder="X") is None
+
+
+async def test_events_with_a_holder_are_stored_only_while_it_holds_the_job(
+    backend: JobStoreBackend,
+) -> None:
+    from aiserver.jobs.store import NewEvent
+
+    store = await backend.open()
+    job = make_job(1)
+    await store.create(JobRecord(job), holder="A", lease_s=30.0)
+    await store.append_events(job.id, [NewEvent(2, "progress", {})], holder="A")
+    assert await store.steal(job.id, "B", 30, from_holder="A") is not None
+    await store.append_events(job.id, [NewEvent(3, "progress", {})], holder="A")  # stale
+    await store.append_events(job.id, [NewEvent(3, "output", {})], holder="B")
+    await store.append_events(job.id, [NewEvent(4, "progress", {})])  # no holder: no fence
+    assert [(e.sequence, e.kind) for e in await store.events(job.id)] == [
+        (2, "progress"),
+        (3, "output"),
+        (4, "progress"),
+    ]

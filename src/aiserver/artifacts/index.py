@@ -129,6 +129,11 @@ class ArtifactIndex(Protocol):
         again), SQLite has dropped it already (the bytes stay unindexed, as before)."""
         ...
 
+    async def start(self) -> None:
+        """Connect (and, in PostgreSQL, migrate) now, at server start, rather than in the
+        first request: :class:`~aiserver.jobs.store.StoreUnavailable` when it cannot."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -373,6 +378,9 @@ class SqliteArtifactIndex:
             await drop()
         return True
 
+    async def start(self) -> None:
+        pass  # opened in the constructor (a bad file is a start-up error there)
+
     async def close(self) -> None:
         def close() -> None:
             with self._lock, contextlib.suppress(sqlite3.Error):
@@ -416,8 +424,9 @@ _PG_REGISTER_GROUP = (
 
 
 class PostgresArtifactIndex:
-    """The index in the job database (tables from the job store's migrations). Connects on
-    first use, so a service can build it before its event loop runs."""
+    """The index in the job database (tables from the job store's migrations). Connects in
+    :meth:`start` (the service's start, so a request never waits for a migration), or on
+    first use when not started; a service can build it before its event loop runs."""
 
     def __init__(
         self, url: str, *, schema: str = "public", pool_size: int = 4, timeout_s: float = 5.0
@@ -471,6 +480,27 @@ class PostgresArtifactIndex:
                     ),
                 )
             return self._pool_
+
+    async def start(self) -> None:
+        import asyncpg
+
+        from aiserver.jobs.store import StoreUnavailable, redacted
+        from aiserver.jobs.store.migrations import SchemaTooNew
+        from aiserver.jobs.store.postgres import MigrationLockTimeout
+
+        try:
+            await self._connect()
+        except (
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            MigrationLockTimeout,
+            SchemaTooNew,
+        ) as exc:
+            raise StoreUnavailable(
+                f"cannot open the artifact index in the job database {redacted(self._url)}"
+                f" (schema {self._schema}): {exc}"
+            ) from exc
 
     async def register(self, ref: NewRef) -> IndexedRef:
         return await self._registers.write(ref)

@@ -69,8 +69,12 @@ class EventLog:
         progress_interval_s: float = 0.5,
         event_delay_s: float = 0.5,
         announce_every_s: float = 1.0,
+        holder: str | None = None,
     ) -> None:
         self._store = store
+        # The events a timer flushes are stored only while this process holds the job (a
+        # save is fenced the same way): after a steal the old holder's late progress goes.
+        self._holder = holder
         self._interval = progress_interval_s
         self._delay = event_delay_s
         self._announce_every_s = announce_every_s
@@ -177,7 +181,9 @@ class EventLog:
             try:
                 await self.write(
                     job_id,
-                    lambda events, announce: store.append_events(job_id, events, announce=announce),
+                    lambda events, announce: store.append_events(
+                        job_id, events, announce=announce, holder=self._holder
+                    ),
                 )
             except Exception:
                 logger.warning("could not store events of job %s", job_id, exc_info=True)

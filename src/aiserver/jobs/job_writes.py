@@ -121,11 +121,13 @@ class JobWrites:
             await self._store.save(record, holder=holder, outbox=deliveries)
             return False
         if not self._hub.is_open(final.id):  # stopped: no Finished goes out
+            # Still the job's last write: a held progress (and its timer) goes with the log.
             await self._log.write(
                 final.id,
                 lambda events, announce: self._store.save(
                     record, holder=holder, outbox=deliveries, events=events, announce=announce
                 ),
+                final=True,
             )
             return False
         finished = NewEvent(record.last_sequence, *encode_event(Finished(final)))

@@ -148,7 +148,7 @@ class JobManager:
             else None
         )
         self._log = (
-            EventLog(store, progress_interval_s=settings.progress_interval_s)
+            EventLog(store, progress_interval_s=settings.progress_interval_s, holder=holder)
             if holder is not None
             else None
         )

@@ -51,6 +51,7 @@ __all__ = [
     "StoredEvent",
     "new_holder_id",
     "open_job_store",
+    "redacted",
 ]
 
 
@@ -88,11 +89,12 @@ async def open_job_store(
         SchemaTooNew,
     ) as exc:
         raise StoreUnavailable(
-            f"cannot open the job database {_redacted(database_url)}: {exc}"
+            f"cannot open the job database {redacted(database_url)}: {exc}"
         ) from exc
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
+    """``url`` without its password (for messages and logs)."""
     parts = urlsplit(url)
     if parts.password is None:
         return url

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import logging
+import random
 import re
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -53,6 +54,7 @@ from aiserver.jobs.store.protocol import (
     SlotClaim,
     StoredEvent,
 )
+from aiserver.outage import BackendBusy
 from aiserver.tasks import TaskKind
 
 __all__ = ["MigrationLockTimeout", "PostgresJobStore", "keep_session", "migrate"]
@@ -163,8 +165,8 @@ class PostgresJobStore:
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> Self:
         """Connect to ``url``, create ``schema`` if missing, and migrate it. ``timeout_s``
-        bounds each statement, each new connection (:func:`bounded_pool_options`) and each
-        lock the migration waits for (:func:`migrate`)."""
+        bounds each statement and each new connection (:func:`bounded_pool_options`), and sets
+        the migration's lock waits (:func:`migrate`)."""
         if _SCHEMA_NAME.fullmatch(schema) is None:
             raise ValueError(f"schema {schema!r}: lower-case letters, digits and _ only")
         await migrate(url, schema, connect_timeout_s=timeout_s, lock_timeout_s=timeout_s)
@@ -683,17 +685,26 @@ class PostgresJobStore:
         )
 
     async def append_events(
-        self, job_id: str, events: Sequence[NewEvent], *, announce: bool = True
+        self,
+        job_id: str,
+        events: Sequence[NewEvent],
+        *,
+        announce: bool = True,
+        holder: str | None = None,
     ) -> None:
         if not events:
             return
         self._check()
         # The row's share lock orders this write with a watcher's marking (an update): this
-        # commits first, so the watcher reads the rows, or it sees ``watched``.
+        # commits first, so the watcher reads the rows, or it sees ``watched``. The holder
+        # fence reads the row without locking it (a row lock writes the row, per event): a
+        # steal committing during this very statement is not seen, as with any snapshot.
         sql = (
             "WITH stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
             " SELECT $1, e.sequence, e.kind, e.payload, $5"
             " FROM unnest($2::bigint[], $3::text[], $4::text[]) AS e(sequence, kind, payload)"
+            " WHERE $10::text IS NULL"
+            " OR EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND lease_holder = $10)"
             " ON CONFLICT DO NOTHING RETURNING 1)"
             " SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored) AND $8"
             " AND ($9 OR (SELECT watched FROM jobs WHERE id = $1 FOR SHARE))"
@@ -706,6 +717,7 @@ class PostgresJobStore:
             self._event_notice(job_id, events),
             announce,
             self._others_follow_all(),
+            holder,
         )
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
@@ -1143,9 +1155,30 @@ MIGRATION_WAIT_S = 600.0
 """How long a process waits for another one's migration (under the migration lock) to end:
 a step rewriting a large table is slow, not a sign of an outage."""
 
+MIGRATION_ATTEMPT_S = 1.0
+"""The longest one attempt of a step waits for a table lock (less when the database timeout
+is short: a quarter of it). Meanwhile the step holds the locks its earlier statements took
+(ACCESS EXCLUSIVE for an ALTER), and every other session's statement on those tables queues
+behind it: short attempts keep that queueing short for the coordinators already running."""
 
-class MigrationLockTimeout(RuntimeError):
-    """A migration gave up waiting for a lock (nothing of its step was applied)."""
+MIGRATION_BUDGET_TIMEOUTS = 6
+"""A step retries its attempts (rolled back whole, with backoff and jitter) for up to this
+many database timeouts (AISERVER_DATABASE_TIMEOUT_S) in all: a lock held for a while (a
+long transaction) delays the start, one held longer is reported."""
+
+
+class MigrationLockTimeout(BackendBusy):
+    """A migration gave up waiting for a lock (nothing of its step was applied): at start-up
+    the process does not start; met in a call it answers UNAVAILABLE."""
+
+
+class _LockBusy(Exception):
+    """One attempt of a step met a lock held past its lock_timeout (and rolled back)."""
+
+    def __init__(self, what: str, statement: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.statement = statement
 
 
 async def migrate(
@@ -1156,16 +1189,19 @@ async def migrate(
     lock_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Create ``schema`` if needed and bring its tables to the newest version. The connect
-    is bounded, and so is each lock a step waits for (``lock_timeout_s``: a step altering a
-    table another session holds would otherwise wait forever, and meanwhile every other
-    session's statement on that table queues behind it); another process's migration is
-    waited for up to :data:`MIGRATION_WAIT_S`. Either wait running out raises
+    is bounded, and so are the table locks a step waits for: attempts of at most
+    :data:`MIGRATION_ATTEMPT_S` (a quarter of ``lock_timeout_s`` when shorter), retried for
+    up to :data:`MIGRATION_BUDGET_TIMEOUTS` x ``lock_timeout_s`` (a step altering a table
+    another session holds would otherwise wait forever, and meanwhile every other session's
+    statement on the tables it already altered queues behind it); another process's
+    migration is waited for up to :data:`MIGRATION_WAIT_S`. Either wait running out raises
     :class:`MigrationLockTimeout` with what was waited for."""
     if _SCHEMA_NAME.fullmatch(schema) is None:
         raise ValueError(f"schema {schema!r}: lower-case letters, digits and _ only")
     conn = await asyncpg.connect(url, timeout=connect_timeout_s)
     try:
-        await _migrate(conn, schema, lock_timeout_s)
+        while await _migrate_step(conn, schema, lock_timeout_s):
+            pass
     finally:
         await conn.close()
 
@@ -1175,39 +1211,66 @@ def _lock_timeout(seconds: float) -> str:
     return f"SET LOCAL lock_timeout = {max(1, round(seconds * 1000))}"
 
 
-async def _migrate(conn: asyncpg.Connection, schema: str, lock_timeout_s: float) -> None:
-    """Apply pending steps, each in a transaction under the migration advisory lock."""
+async def _migrate_step(conn: asyncpg.Connection, schema: str, timeout_s: float) -> bool:
+    """Apply the next pending step, retrying its attempts while a table lock is busy: True
+    when one was applied, False when the schema is up to date."""
+    attempt_s = min(MIGRATION_ATTEMPT_S, timeout_s / 4)
+    budget_s = MIGRATION_BUDGET_TIMEOUTS * timeout_s
+    deadline = time.monotonic() + budget_s
+    pause_s = attempt_s / 4
+    attempts = 0
     while True:
-        async with conn.transaction():
-            await conn.execute(_lock_timeout(MIGRATION_WAIT_S))
-            # Held to commit: a second process starting now waits, then sees the new version.
-            try:
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", migrations.MIGRATION_LOCK)
-            except asyncpg.LockNotAvailableError:
+        attempts += 1
+        wait_s = max(0.001, min(attempt_s, deadline - time.monotonic()))
+        try:
+            return await _attempt_step(conn, schema, wait_s)
+        except _LockBusy as busy:
+            if time.monotonic() + pause_s / 2 >= deadline:
+                shown = " ".join(busy.statement.split())[:80]
                 raise MigrationLockTimeout(
-                    f"job database schema {schema}: another session has held the migration"
-                    f" lock for more than {MIGRATION_WAIT_S:g} s (lock_timeout); is a"
-                    " migration stuck? (pg_locks: advisory lock"
-                    f" {migrations.MIGRATION_LOCK})"
+                    f"job database schema {schema}: {busy.what} waited more than"
+                    f" {budget_s:g} s ({MIGRATION_BUDGET_TIMEOUTS} x AISERVER_DATABASE_TIMEOUT_S;"
+                    f" {attempts} attempts, lock_timeout {attempt_s:g} s) for a lock another"
+                    f" session holds, at {shown!r}; nothing of the step was applied. End that"
+                    " session's transaction (pg_stat_activity, pg_locks) and start again"
                 ) from None
-            await conn.execute(_lock_timeout(lock_timeout_s))
-            version = await _migration_step(conn, schema, lock_timeout_s)
-            if version is None:
-                return
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, applied_us) VALUES ($1, $2)",
-                version,
-                _now_us(),
-            )
+        # Jitter: processes starting at once do not retry in step with each other.
+        await asyncio.sleep(random.uniform(pause_s / 2, pause_s))
+        pause_s = min(2 * pause_s, attempt_s)
 
 
-async def _migration_step(
-    conn: asyncpg.Connection, schema: str, lock_timeout_s: float
-) -> int | None:
+async def _attempt_step(conn: asyncpg.Connection, schema: str, lock_wait_s: float) -> bool:
+    """One attempt of the next step, in a transaction under the migration advisory lock."""
+    async with conn.transaction():
+        await conn.execute(_lock_timeout(MIGRATION_WAIT_S))
+        # Held to commit: a second process starting now waits, then sees the new version.
+        try:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", migrations.MIGRATION_LOCK)
+        except asyncpg.LockNotAvailableError:
+            raise MigrationLockTimeout(
+                f"job database schema {schema}: another session has held the migration"
+                f" lock for more than {MIGRATION_WAIT_S:g} s (lock_timeout); is a"
+                " migration stuck? (pg_locks: advisory lock"
+                f" {migrations.MIGRATION_LOCK})"
+            ) from None
+        await conn.execute(_lock_timeout(lock_wait_s))
+        version = await _migration_step(conn, schema)
+        if version is None:
+            return False
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, applied_us) VALUES ($1, $2)",
+            version,
+            _now_us(),
+        )
+        return True
+
+
+async def _migration_step(conn: asyncpg.Connection, schema: str) -> int | None:
     """Apply the next pending step (in the caller's transaction): its version, or None when
-    the schema is up to date."""
+    the schema is up to date. A lock wait running out raises :class:`_LockBusy` (the
+    transaction is then rolled back whole)."""
+    what = f"creating schema {schema} and its schema_migrations table"
     statement = f"CREATE SCHEMA IF NOT EXISTS {schema}"
-    version = 0
     try:
         await conn.execute(statement)
         await conn.execute(f"SET search_path = {schema}")
@@ -1216,21 +1279,16 @@ async def _migration_step(
             " (version INTEGER PRIMARY KEY, applied_us BIGINT NOT NULL)"
         )
         await conn.execute(statement)
+        what = "reading the schema version"
         statement = "SELECT coalesce(max(version), 0) FROM schema_migrations"
         version = int(await conn.fetchval(statement))
         if version > len(migrations.POSTGRES):
             raise migrations.SchemaTooNew(version, len(migrations.POSTGRES))
         if version == len(migrations.POSTGRES):
             return None
+        what = f"migration to version {version + 1}"
         for statement in migrations.statements(migrations.POSTGRES[version]):
             await conn.execute(statement)
     except asyncpg.LockNotAvailableError:
-        shown = " ".join(statement.split())[:80]
-        raise MigrationLockTimeout(
-            f"job database schema {schema}: migration to version {version + 1} waited more"
-            f" than {lock_timeout_s:g} s (lock_timeout, AISERVER_DATABASE_TIMEOUT_S) for a"
-            f" lock another session holds, at {shown!r}; nothing of the step was"
-            " applied. End that session's transaction (pg_stat_activity, pg_locks) and start"
-            " again"
-        ) from None
+        raise _LockBusy(what, statement) from None
     return version + 1

@@ -355,10 +355,18 @@ class JobStore(Protocol):
         ...
 
     async def append_events(
-        self, job_id: str, events: Sequence[NewEvent], *, announce: bool = True
+        self,
+        job_id: str,
+        events: Sequence[NewEvent],
+        *,
+        announce: bool = True,
+        holder: str | None = None,
     ) -> None:
         """:meth:`append_event` of several events of one job, in one transaction; not
-        announced when not ``announce`` (watchers find them at the next announcement)."""
+        announced when not ``announce`` (watchers find them at the next announcement).
+        ``holder``: stored only while that process holds the job's lease, else dropped (a
+        former holder's late progress after a steal: the job's events are its new
+        holder's to write)."""
         ...
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:

@@ -650,18 +650,30 @@ class SqliteJobStore:
         self._hub.publish(Announcement("event", job_id, sequence))
 
     async def append_events(
-        self, job_id: str, events: Sequence[NewEvent], *, announce: bool = True
+        self,
+        job_id: str,
+        events: Sequence[NewEvent],
+        *,
+        announce: bool = True,
+        holder: str | None = None,
     ) -> None:
         if not events:
             return
         stored = _event_rows(job_id, events)
 
-        def insert() -> None:
+        def insert() -> bool:
             with _transaction(self._conn):
+                if (
+                    holder is not None
+                    and not self._conn.execute(
+                        "SELECT 1 FROM jobs WHERE id = ? AND lease_holder = ?", (job_id, holder)
+                    ).fetchone()
+                ):
+                    return False  # no longer that process's job (the protocol's fence)
                 self._conn.executemany(_INSERT_EVENT_SQL, stored)
+                return True
 
-        await self._call(insert, inline=True)
-        if announce:
+        if await self._call(insert, inline=True) and announce:
             self._announce(job_id, events)
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
