@@ -8,12 +8,12 @@ what goes to and from a ComfyUI agent.
 Read the same as the stdlib reads: ``NaN``/``Infinity`` (which orjson refuses, Python's
 ``json`` writes them) and integers beyond 64 bits (which orjson reads as a float, silently
 rounded: ``2**70 + 1`` would come back as another number) go to ``json.loads``. orjson reads
-every integer in ``[-2**63, 2**64)`` exactly, so a document goes there when it holds a run of
-20 characters of digits and ``-`` (a superset of "an integer that may not fit": 20 digits, or
-``-`` and 19); a seed (``0 .. 2**63 - 1``, 19 digits for nine in ten random ones) stays on
-orjson. Found with ``bytes.translate`` and a substring search (~1 ns a character, a fraction
-of orjson's parse): a regular expression (``[0-9]{19}``) took 5-10 ns a character, as much as the
-parse it guards.
+every integer in ``[-2**63, 2**64)`` exactly, so a document goes there when it holds 20
+digits in a row, or ``-`` and 19 (a superset of "an integer that may not fit"; a dash rule or
+an all-zero UUID in a prompt's text is neither); a seed (``0 .. 2**63 - 1``, 19 digits for
+nine in ten random ones) stays on orjson. Found with ``bytes.translate`` and two substring
+searches (~1 ns a character, a fraction of orjson's parse): a regular expression
+(``[0-9]{19}``) took 5-10 ns a character, as much as the parse it guards.
 
 Written as the stdlib writes, or failing as it fails: what orjson refuses (an integer beyond
 64 bits, a non-string key) and what it would write where the stdlib raises (a ``datetime``, a
@@ -32,15 +32,17 @@ import orjson
 __all__ = ["dumps", "dumps_text", "loads"]
 
 _PASS_THROUGH = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
-_NUMBER_CHARS = bytes(0x30 if c in b"0123456789-" else 0x20 for c in range(256))
-"""Digits and ``-`` to ``0``, everything else to a space (a ``bytes.translate`` table)."""
+_NUMBER_CHARS = bytes(0x30 if c in b"0123456789" else c if c == 0x2D else 0x20 for c in range(256))
+"""Digits to ``0``, ``-`` kept, everything else to a space (a ``bytes.translate`` table)."""
 _LONG_RUN = b"0" * 20
+_LONG_NEGATIVE = b"-" + b"0" * 19
 
 
 def loads(data: str | bytes) -> Any:
     """A JSON document, as ``json.loads`` reads it; ``ValueError`` when it is not one."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    if _LONG_RUN in raw.translate(_NUMBER_CHARS):  # may hold an integer beyond 64 bits
+    shape = raw.translate(_NUMBER_CHARS)
+    if _LONG_RUN in shape or _LONG_NEGATIVE in shape:  # may hold an integer beyond 64 bits
         return json.loads(data)
     try:
         return orjson.loads(data)

@@ -99,3 +99,18 @@ def test_what_the_stdlib_cannot_write_fails_as_before() -> None:
             fast_json.dumps(value)
         with pytest.raises(TypeError):
             rows.dumps(value)
+
+
+@pytest.mark.parametrize(
+    "text", ["-" * 40, "00000000-0000-0000-0000-000000000000", "1-2-3-4-5-6-7-8-9-0-1-2"]
+)
+def test_dash_runs_in_text_stay_on_orjson(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only 20 digits in a row, or "-" and 19, may be an integer orjson misreads: a markdown
+    # rule or a zero UUID in a prompt is neither, and must not cost the stdlib's parse.
+    document = json.dumps({"text": text, "seed": 2**63 - 1, "n": -12345})
+
+    def stdlib(*_: object, **__: object) -> None:
+        raise AssertionError("went to the stdlib")
+
+    monkeypatch.setattr(fast_json.json, "loads", stdlib)
+    assert fast_json.loads(document) == {"text": text, "seed": 2**63 - 1, "n": -12345}

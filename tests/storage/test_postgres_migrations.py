@@ -228,6 +228,59 @@ async def test_a_lock_released_mid_way_lets_a_retry_go_through(
     assert await _has_column(schema, "jobs", "unfinished")
 
 
+async def test_a_deadlock_with_a_running_coordinator_is_tried_again(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rolling upgrade: a coordinator of the release before holds job_events (an event
+    # insert) and then reads jobs, which step 5 has altered while it waits for job_events.
+    # PostgreSQL breaks the cycle by failing one side (here the step, whose wait began first
+    # and whose deadlock check runs first): the step is rolled back and tried again.
+    await _at_version_4(schema, monkeypatch)
+    monkeypatch.setattr(pg, "MIGRATION_ATTEMPT_S", 5.0)  # past deadlock_timeout (1 s)
+    other = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        async with other.transaction():
+            await other.execute("SET LOCAL deadlock_timeout = '30s'")
+            await other.execute("LOCK TABLE job_events IN ROW EXCLUSIVE MODE")
+            migration = asyncio.create_task(pg.migrate(PG_URL, schema, lock_timeout_s=30.0))
+            await asyncio.sleep(0.5)  # step 5 has altered jobs and waits for job_events
+            assert not migration.done()
+            await asyncio.wait_for(other.fetchval("SELECT count(*) FROM jobs"), 10.0)
+        await asyncio.wait_for(migration, 20.0)
+    finally:
+        await other.close()
+    assert await _version(schema) == LATEST
+
+
+async def test_time_queued_behind_another_migration_is_not_the_steps_budget(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process migrates for 1.5 s (the advisory lock), longer than this step's whole
+    # budget (6 x 0.2 s); then a table lock is still busy for 0.3 s: the step retries.
+    await _at_version_4(schema, monkeypatch)
+    migrating = await asyncpg.connect(PG_URL)
+    writer = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        writing = writer.transaction()
+        await writing.start()
+        await writer.execute("LOCK TABLE job_events IN ROW EXCLUSIVE MODE")
+        other_migration = migrating.transaction()
+        await other_migration.start()
+        await migrating.execute("SELECT pg_advisory_xact_lock($1)", migrations.MIGRATION_LOCK)
+        migration = asyncio.create_task(pg.migrate(PG_URL, schema, lock_timeout_s=0.2))
+        await asyncio.sleep(1.5)
+        assert not migration.done()
+        await other_migration.commit()  # the advisory lock goes with it
+        await asyncio.sleep(0.3)  # the step's attempts meet the busy table meanwhile
+        assert not migration.done()
+        await writing.rollback()
+        await asyncio.wait_for(migration, 20.0)
+    finally:
+        await migrating.close()
+        await writer.close()
+    assert await _version(schema) == LATEST
+
+
 async def test_a_lock_on_the_version_table_is_named_as_such(schema: str) -> None:
     await pg.migrate(PG_URL, schema)
     other = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})

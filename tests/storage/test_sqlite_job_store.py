@@ -257,3 +257,23 @@ async def test_queued_writes_run_in_their_callers_context_and_their_errors_are_t
             await asyncio.wait_for(failing, 5)
         await asyncio.wait_for(last, 5)  # the queue went on past it
         assert seen == ["first", "failing", "last"] and not turn.busy()
+
+
+async def test_a_thread_write_whose_executor_dropped_it_gives_the_turn_on() -> None:
+    # An executor shut down with cancel_futures cancels a write before its thread ran it:
+    # its caller is cancelled and the writes queued behind it still run.
+    executor = ThreadPoolExecutor(1)
+    turn = WriteTurn(executor)
+    gate = threading.Event()
+    busy = executor.submit(gate.wait, 10)  # the executor's only thread is busy
+    dropped = asyncio.create_task(turn.in_thread(lambda: "never"))
+    await asyncio.sleep(0)
+    behind = asyncio.create_task(turn.inline(lambda: "ran"))
+    await asyncio.sleep(0)
+    executor.shutdown(wait=False, cancel_futures=True)
+    gate.set()
+    busy.result(5)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(dropped, 5)
+    assert await asyncio.wait_for(behind, 5) == "ran"
+    assert not turn.busy()

@@ -780,10 +780,12 @@ class JobManager:
                 self._forget(active)
                 return
             logger.exception("job %s: could not store its end", job.id)
+            if self._log is not None:
+                # Its lease is released below, and events of a job not held are not stored:
+                # a taker resumes the job from its stored row and tells the watchers there.
+                self._log.forget(job.id)
         if self._hub.is_open(job.id):  # (not after stop() closed the streams)
-            event = self._hub.emit(job.id, Finished(final))  # ... then the event ...
-            if self._log is not None and not ended_in_store:
-                self._log.record(event)
+            self._hub.emit(job.id, Finished(final))  # ... then the event ...
         del self._active[job.id]
         active.done.set()
         logger.info("job %s %s (%s)", job.id, state.value, error or "ok")

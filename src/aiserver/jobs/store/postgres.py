@@ -1162,9 +1162,10 @@ is short: a quarter of it). Meanwhile the step holds the locks its earlier state
 behind it: short attempts keep that queueing short for the coordinators already running."""
 
 MIGRATION_BUDGET_TIMEOUTS = 6
-"""A step retries its attempts (rolled back whole, with backoff and jitter) for up to this
-many database timeouts (AISERVER_DATABASE_TIMEOUT_S) in all: a lock held for a while (a
-long transaction) delays the start, one held longer is reported."""
+"""Each step retries its attempts (rolled back whole, with backoff and jitter) for up to
+this many database timeouts (AISERVER_DATABASE_TIMEOUT_S) of waiting for table locks: a lock
+held for a while (a long transaction) delays the start, one held longer is reported. Time
+spent queued behind another process's migration (the advisory lock) does not count."""
 
 
 class MigrationLockTimeout(BackendBusy):
@@ -1173,12 +1174,14 @@ class MigrationLockTimeout(BackendBusy):
 
 
 class _LockBusy(Exception):
-    """One attempt of a step met a lock held past its lock_timeout (and rolled back)."""
+    """One attempt of a step met a lock held past its lock_timeout, or a deadlock (and
+    rolled back); ``queued_s``: how long it first waited behind another migration."""
 
     def __init__(self, what: str, statement: str) -> None:
         super().__init__(what)
         self.what = what
         self.statement = statement
+        self.queued_s = 0.0
 
 
 async def migrate(
@@ -1225,6 +1228,7 @@ async def _migrate_step(conn: asyncpg.Connection, schema: str, timeout_s: float)
         try:
             return await _attempt_step(conn, schema, wait_s)
         except _LockBusy as busy:
+            deadline += busy.queued_s  # behind another migration: not this step's waiting
             if time.monotonic() + pause_s / 2 >= deadline:
                 shown = " ".join(busy.statement.split())[:80]
                 raise MigrationLockTimeout(
@@ -1244,6 +1248,7 @@ async def _attempt_step(conn: asyncpg.Connection, schema: str, lock_wait_s: floa
     async with conn.transaction():
         await conn.execute(_lock_timeout(MIGRATION_WAIT_S))
         # Held to commit: a second process starting now waits, then sees the new version.
+        asked = time.monotonic()
         try:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", migrations.MIGRATION_LOCK)
         except asyncpg.LockNotAvailableError:
@@ -1253,8 +1258,13 @@ async def _attempt_step(conn: asyncpg.Connection, schema: str, lock_wait_s: floa
                 " migration stuck? (pg_locks: advisory lock"
                 f" {migrations.MIGRATION_LOCK})"
             ) from None
+        queued_s = time.monotonic() - asked
         await conn.execute(_lock_timeout(lock_wait_s))
-        version = await _migration_step(conn, schema)
+        try:
+            version = await _migration_step(conn, schema)
+        except _LockBusy as busy:
+            busy.queued_s = queued_s
+            raise
         if version is None:
             return False
         await conn.execute(
@@ -1289,6 +1299,8 @@ async def _migration_step(conn: asyncpg.Connection, schema: str) -> int | None:
         what = f"migration to version {version + 1}"
         for statement in migrations.statements(migrations.POSTGRES[version]):
             await conn.execute(statement)
-    except asyncpg.LockNotAvailableError:
+    except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
+        # A deadlock: a running coordinator of the release before took the step's tables in
+        # the other order (a rolling upgrade); PostgreSQL chose this side: try again.
         raise _LockBusy(what, statement) from None
     return version + 1

@@ -94,7 +94,9 @@ class WriteTurn:
         self, running: concurrent.futures.Future[Any], waiter: asyncio.Future[Any]
     ) -> None:
         self._held = False
-        if not waiter.done():
+        if running.cancelled():  # (an executor shut down with cancel_futures)
+            waiter.cancel()
+        elif not waiter.done():
             if (exc := running.exception()) is not None:
                 waiter.set_exception(exc)
             else:
