@@ -6,12 +6,22 @@ keeps its socket open without reading. Every answer is watched the same way - st
 bodies (a listing), which aiohttp would write after the handler returned, unwatched - so a
 client that stops reading cannot hold the answer's gRPC call (a streaming slot, a job watch,
 an open blob) and its buffers forever. A slow client that keeps taking bytes is left alone.
+
+"Taken" means acknowledged by the client's TCP stack: the kernel's send queue (unsent and
+unacknowledged bytes, ``TIOCOUTQ``) counts as still waiting, like the transport's buffer.
+Counted at the transport alone, a client reading slowly but steadily looked stalled for as
+long as the kernel's buffers (several MB, auto-sized) absorbed what it had not read yet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import socket
+import struct
+import termios
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -29,6 +39,7 @@ class SendWatch:
     included: what the transport got); taken = handed over - still in the transport."""
 
     __slots__ = (
+        "_fd",
         "_handle",
         "_idle_s",
         "_path",
@@ -47,8 +58,11 @@ class SendWatch:
         self._transport = transport
         self._writer = writer
         self._idle_s = idle_s
+        sock = transport.get_extra_info("socket")
+        tcp = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+        self._fd: int = sock.fileno() if tcp else -1
         # The transport may still hold the end of the previous answer on this connection.
-        self._taken = writer.output_size - transport.get_write_buffer_size()
+        self._taken = writer.output_size - self._waiting()
         self._since = loop.time()  # when the client last took something
         self.fired = False
         self._handle = loop.call_later(idle_s / 4, self._check)
@@ -60,12 +74,22 @@ class SendWatch:
             return None
         return cls(transport, request.writer, idle_s, request.path)
 
+    def _waiting(self) -> int:
+        """Bytes handed over that the client has not acknowledged: the transport's buffer and
+        the kernel's send queue."""
+        waiting = self._transport.get_write_buffer_size()
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):  # (closed meanwhile: the transport's alone)
+                queued = fcntl.ioctl(self._fd, termios.TIOCOUTQ, b"\0\0\0\0")
+                waiting += struct.unpack("i", queued)[0]
+        return waiting
+
     def _check(self) -> None:
         transport = self._transport
         if transport.is_closing():
             return
         loop = asyncio.get_running_loop()
-        waiting = transport.get_write_buffer_size()
+        waiting = self._waiting()
         taken = self._writer.output_size - waiting
         if taken != self._taken or not waiting:  # progress, or nothing to take
             self._taken, self._since = taken, loop.time()
@@ -83,7 +107,8 @@ class SendWatch:
 
 
 def slow_reader_middleware(idle_s: float) -> Middleware:
-    """The outermost middleware: every answer, streamed or whole, under one ``SendWatch``."""
+    """The outermost middleware: every answer, streamed or whole, under one ``SendWatch``
+    (but a redirect raised as an exception, which aiohttp writes itself: a few bytes)."""
 
     @web.middleware
     async def close_slow_readers(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -95,10 +120,13 @@ def slow_reader_middleware(idle_s: float) -> Middleware:
             if not response.prepared:
                 # A whole body (JSON, an error): written here, under the watch; aiohttp's own
                 # prepare and write_eof after the handler are then no-ops.
-                await response.prepare(request)
-                await response.write_eof()
+                try:
+                    await response.prepare(request)
+                    await response.write_eof()
+                except ConnectionError:  # the client left: aiohttp's own finish fails quietly
+                    return response
             return response
-        except ConnectionResetError:
+        except ConnectionError:
             if not watch.fired:
                 raise
             # Nothing more can be sent: aiohttp's write of this fails quietly (a lost client),
