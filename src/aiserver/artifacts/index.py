@@ -482,21 +482,12 @@ class PostgresArtifactIndex:
             return self._pool_
 
     async def start(self) -> None:
-        import asyncpg
-
         from aiserver.jobs.store import StoreUnavailable, redacted
-        from aiserver.jobs.store.migrations import SchemaTooNew
-        from aiserver.jobs.store.postgres import MigrationLockTimeout
+        from aiserver.jobs.store.postgres import OPEN_FAILURES
 
         try:
             await self._connect()
-        except (
-            OSError,
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-            MigrationLockTimeout,
-            SchemaTooNew,
-        ) as exc:
+        except OPEN_FAILURES as exc:
             raise StoreUnavailable(
                 f"cannot open the artifact index in the job database {redacted(self._url)}"
                 f" (schema {self._schema}): {exc}"

@@ -73,21 +73,13 @@ async def open_job_store(
     if not database_url.startswith(("postgresql://", "postgres://")):
         raise ValueError("AISERVER_DATABASE_URL must start with postgresql:// (or be unset)")
     # Imported here: the embedded default never loads the driver.
-    import asyncpg
-
-    from aiserver.jobs.store.postgres import MigrationLockTimeout, PostgresJobStore
+    from aiserver.jobs.store.postgres import OPEN_FAILURES, PostgresJobStore
 
     try:
         return await PostgresJobStore.open(
             database_url, schema=schema or "public", timeout_s=timeout_s
         )
-    except (
-        OSError,
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-        MigrationLockTimeout,
-        SchemaTooNew,
-    ) as exc:
+    except OPEN_FAILURES as exc:
         raise StoreUnavailable(
             f"cannot open the job database {redacted(database_url)}: {exc}"
         ) from exc

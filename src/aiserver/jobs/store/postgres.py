@@ -1173,6 +1173,17 @@ class MigrationLockTimeout(BackendBusy):
     the process does not start; met in a call it answers UNAVAILABLE."""
 
 
+OPEN_FAILURES = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    MigrationLockTimeout,
+    migrations.SchemaTooNew,
+)
+"""What opening a PostgreSQL store (connect, migrate) raises when the database cannot be
+used: the caller reports it as StoreUnavailable (one line at start-up)."""
+
+
 class _LockBusy(Exception):
     """One attempt of a step met a lock held past its lock_timeout, or a deadlock (and
     rolled back); ``queued_s``: how long it first waited behind another migration."""
