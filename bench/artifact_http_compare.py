@@ -20,8 +20,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -153,17 +151,9 @@ async def _child(mib: int, rounds: int) -> dict[str, Any]:
 
 
 def _run(tree: Path, mib: int, rounds: int) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
-    out = subprocess.run(
-        [sys.executable, str(HERE), "--child", "--mib", str(mib), "--rounds", str(rounds)],
-        env=env,
-        cwd=tree,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    return result
+    from bench.common import run_in_tree  # the parent's own (a child imports its tree's)
+
+    return run_in_tree(str(HERE), tree, "--child", "--mib", str(mib), "--rounds", str(rounds))
 
 
 def main() -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import math
 import os
 import platform
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -291,3 +294,18 @@ async def quit_child(proc: asyncio.subprocess.Process | None, within_s: float = 
     except TimeoutError:
         proc.kill()
         await proc.wait()
+
+
+def run_in_tree(script: str, tree: Path, *args: str) -> dict[str, Any]:
+    """``script`` (a bench file) run as a child against ``tree``'s own ``aiserver`` and
+    ``bench`` (the A/B scripts' other source tree); the JSON of its last line of output."""
+    env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
+    out = subprocess.run(
+        [sys.executable, script, *args],
+        cwd=tree,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))

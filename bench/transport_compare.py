@@ -26,8 +26,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -248,18 +246,12 @@ def _ratios(bare: list[float], service: list[float]) -> list[float]:
 
 
 def _run(tree: Path, mib: int, rounds: int, upload: bool) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
+    from bench.common import run_in_tree  # the parent's own (a child imports its tree's)
+
     what = ["--upload"] if upload else []
-    out = subprocess.run(
-        [sys.executable, str(HERE), "--child", "--mib", str(mib), "--rounds", str(rounds), *what],
-        env=env,
-        cwd=tree,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    return result
+    return run_in_tree(
+        str(HERE), tree, "--child", "--mib", str(mib), "--rounds", str(rounds), *what
+    )
 
 
 def main() -> None:

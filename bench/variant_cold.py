@@ -21,8 +21,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -168,16 +166,10 @@ async def _worker(rounds: int) -> dict[str, Any]:
 
 
 def _run_tree(tree: Path, rounds: int) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
-    done = subprocess.run(  # this file, run against the tree's own aiserver and bench.common
-        [sys.executable, __file__, "--worker", "--rounds", str(rounds)],
-        cwd=tree,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    from bench.common import run_in_tree  # the parent's own (a child imports its tree's)
+
+    # This file, run against the tree's own aiserver and bench.common.
+    return run_in_tree(__file__, tree, "--worker", "--rounds", str(rounds))
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ import json
 import os
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -130,16 +129,10 @@ async def _worker(calls: int, rounds: int, profile: str | None) -> dict[str, Any
 
 
 def _run_tree(tree: Path, calls: int, rounds: int) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
-    done = subprocess.run(  # this file, run against the tree's own aiserver and bench.common
-        [sys.executable, __file__, "--worker", "--calls", str(calls), "--rounds", str(rounds)],
-        cwd=tree,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    from bench.common import run_in_tree  # the parent's own (a child imports its tree's)
+
+    # This file, run against the tree's own aiserver and bench.common.
+    return run_in_tree(__file__, tree, "--worker", "--calls", str(calls), "--rounds", str(rounds))
 
 
 def main() -> None:
