@@ -8,35 +8,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from aiserver.jobs.event_codec import FINISHED
 from aiserver.jobs.model import Finished, Job, JobEvent, JobState
+from tests.jobs import test_store_outage as outage
 from tests.jobs.helpers import ScriptedProvider, gated, submit, within
 from tests.jobs.test_store_outage import Coordinators
-from tests.support.tcp_cut import TcpCut
 
-
-@pytest.fixture
-async def relay() -> AsyncIterator[TcpCut]:
-    from urllib.parse import urlsplit
-
-    from tests.storage.backends import PG_URL
-
-    db = urlsplit(PG_URL)
-    async with TcpCut(db.hostname or "127.0.0.1", db.port or 5432) as found:
-        yield found
-
-
-@pytest.fixture
-async def pair(tmp_path: Path, relay: TcpCut) -> AsyncIterator[Coordinators]:
-    found = Coordinators(tmp_path, relay)
-    try:
-        yield found
-    finally:
-        await found.close()
+# The same two coordinators behind a link to the database that a test can cut.
+relay = outage.relay
+pair = outage.pair
 
 
 async def _all(events: AsyncIterator[JobEvent]) -> list[JobEvent]:
