@@ -27,6 +27,7 @@ from imagetasks.v1 import (
 from imagetasks.v1 import job_service_pb2 as jpb
 from PIL import Image
 
+from aiserver.api.stalls import MAX_SPARED
 from aiserver.server import Service
 from tests.support.generation import REQUEST_TYPES, comfy_service, generate
 from tests.support.grpc_helpers import send_all, upload_messages
@@ -224,3 +225,34 @@ async def test_a_sync_job_cut_for_a_stalled_reader_mid_run_runs_on(tmp_path: Pat
         comfy[0].release("7")
         job = await _finished_job(service, channel, name)
         assert job.state == job_pb2.Job.STATE_SUCCEEDED
+
+
+async def test_a_connection_with_a_live_stream_is_spared_a_bounded_number_of_times(
+    tmp_path: Path,
+) -> None:
+    """A proxy's connection carries many clients' streams: one stalled stream does not shut
+    it while another is open; MAX_SPARED of them do (their core streams stay until then)."""
+    async with _service(tmp_path) as service:
+        job = await _job_of_size(service)
+        target = f"127.0.0.1:{service.grpc_port}"
+        async with grpc.aio.insecure_channel(target, options=SMALL_WINDOW) as shared:
+            live = job_service_pb2_grpc.JobServiceStub(shared).WatchJobs(jpb.WatchJobsRequest())
+            artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(shared)
+            request = artifact_service_pb2.ReadArtifactRequest(name=job.outputs[0].name)
+            stalled = []
+            for _ in range(MAX_SPARED):
+                call = artifacts.ReadArtifact(request)
+                await call.read()
+                stalled.append(call)
+            async with asyncio.timeout(ENDS_WITHIN_S):
+                while _stalled(service) < MAX_SPARED or _streams(service) != 1:
+                    await asyncio.sleep(0.05)
+            # Their handlers are gone; the connection, the live watch and the streams stay.
+            assert not live.done()
+            assert not any(call.done() for call in stalled)
+            one_more = artifacts.ReadArtifact(request)
+            await one_more.read()
+            for call in (one_more, live, *stalled):
+                async with asyncio.timeout(ENDS_WITHIN_S):
+                    assert await call.code() == grpc.StatusCode.UNAVAILABLE
+            assert _stalled(service) == MAX_SPARED + 1

@@ -10,9 +10,12 @@ idle time ends the call in two steps:
 1. the handler task is cancelled: the slot, the watch and the handler's memory go at once;
 2. the connection carrying it is shut down (its socket, found by the call's peer address), so
    the core ends the call and frees the unsent message; the client sees UNAVAILABLE and its
-   channel reconnects. A connection that also carries a stream still making progress (a
-   proxy multiplexing many clients) is left open: its stalled stream then ends with the
-   connection or the client's deadline, its server-side handler already gone.
+   channel reconnects. A connection that also carries another open stream (a proxy
+   multiplexing many clients) is left open: its stalled stream then ends with the
+   connection or the client's deadline, its server-side handler already gone; but only
+   :data:`MAX_SPARED` times: the core's part of each such stream (the unsent message, up to
+   a chunk) stays, so a client that keeps one stream open to shelter stalled ones loses its
+   connection all the same.
 
 The watch is one sweep timer for all streams, not a timer per message: a message costs two
 stores of the clock.
@@ -26,14 +29,19 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Collection
 from typing import Protocol
 
-__all__ = ["StallWatch", "Writer", "shut_connection"]
+__all__ = ["MAX_SPARED", "StallWatch", "Writer", "shut_connection"]
 
 logger = logging.getLogger(__name__)
 
 _FD_DIR = "/proc/self/fd"
+MAX_SPARED = 16
+"""Stalled streams ended on one connection without shutting it, before it is shut anyway."""
+_SPARED_PEERS = 4096
+"""Connections whose spared streams are counted (then the counts start over)."""
 
 
 class Writer(Protocol):
@@ -58,6 +66,8 @@ class StallWatch:
         self._shut = shut
         self._writers: set[Writer] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._spared: dict[str, int] = {}
+        """Per connection (peer): its stalled streams ended while it was left open."""
 
     def add(self, writer: Writer) -> None:
         self._writers.add(writer)
@@ -81,15 +91,24 @@ class StallWatch:
                 writer.stalled()
             except Exception:  # one writer's failure must not leave the others running
                 logger.exception("ending a stalled stream")
-        for peer in {w.peer for w in stalled}:
-            if any(w.peer == peer for w in self._writers):
+        for peer, count in Counter(w.peer for w in stalled).items():
+            if any(w.peer == peer for w in self._writers) and self._spare(peer, count):
                 continue  # the connection still carries a live stream
+            self._spared.pop(peer, None)
             try:
                 self._shut(peer)
             except OSError:
                 logger.warning("could not shut the connection of stalled stream %s", peer)
         if self._writers:
             self._timer = asyncio.get_running_loop().call_later(self.idle_s / 4, self._sweep)
+
+    def _spare(self, peer: str, count: int) -> bool:
+        """Whether ``peer``'s connection may stay open after ``count`` more stalled streams."""
+        if len(self._spared) >= _SPARED_PEERS and peer not in self._spared:
+            self._spared.clear()
+        spared = self._spared.get(peer, 0) + count
+        self._spared[peer] = spared
+        return spared <= MAX_SPARED
 
     def close(self) -> None:
         if self._timer is not None:
