@@ -12,10 +12,11 @@ idle time ends the call in two steps:
    the core ends the call and frees the unsent message; the client sees UNAVAILABLE and its
    channel reconnects. A connection that also carries another open stream (a proxy
    multiplexing many clients) is left open: its stalled stream then ends with the
-   connection or the client's deadline, its server-side handler already gone; but only
-   :data:`MAX_SPARED` times: the core's part of each such stream (the unsent message, up to
-   a chunk) stays, so a client that keeps one stream open to shelter stalled ones loses its
-   connection all the same.
+   connection or the client's deadline, its server-side handler already gone (a proxy
+   cancels it when its own client goes); but only :data:`MAX_SPARED` times within
+   :data:`SPARE_WINDOW` idle times: the core's part of each such stream (the unsent message,
+   up to a chunk) stays, so a client that keeps one stream open to shelter stalled ones loses
+   its connection all the same.
 
 The watch is one sweep timer for all streams, not a timer per message: a message costs two
 stores of the clock.
@@ -39,7 +40,10 @@ logger = logging.getLogger(__name__)
 
 _FD_DIR = "/proc/self/fd"
 MAX_SPARED = 16
-"""Stalled streams ended on one connection without shutting it, before it is shut anyway."""
+"""Stalled streams ended on one connection without shutting it, within :data:`SPARE_WINDOW`
+idle times, before it is shut anyway."""
+SPARE_WINDOW = 10
+"""Idle times after a connection's first spared stream over which its spares are counted."""
 _SPARED_PEERS = 4096
 """Connections whose spared streams are counted (then the counts start over)."""
 
@@ -66,8 +70,9 @@ class StallWatch:
         self._shut = shut
         self._writers: set[Writer] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._spared: dict[str, int] = {}
-        """Per connection (peer): its stalled streams ended while it was left open."""
+        self._spared: dict[str, tuple[float, int]] = {}
+        """Per connection (peer): when its first counted stalled stream was ended while it
+        was left open, and how many since."""
 
     def add(self, writer: Writer) -> None:
         self._writers.add(writer)
@@ -106,8 +111,12 @@ class StallWatch:
         """Whether ``peer``'s connection may stay open after ``count`` more stalled streams."""
         if len(self._spared) >= _SPARED_PEERS and peer not in self._spared:
             self._spared.clear()
-        spared = self._spared.get(peer, 0) + count
-        self._spared[peer] = spared
+        now = time.monotonic()
+        since, spared = self._spared.get(peer, (now, 0))
+        if now - since > SPARE_WINDOW * self.idle_s:
+            since, spared = now, 0
+        spared += count
+        self._spared[peer] = (since, spared)
         return spared <= MAX_SPARED
 
     def close(self) -> None:
