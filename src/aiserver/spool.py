@@ -236,8 +236,10 @@ class _Writer:
         if self._thread is None:
             self._on_disk = True
             if len(self._held) == 1 and self._size <= KEEP_CONTENT_BYTES:
+                # The API's chunks are views into the request message (api/wire.py): a copy of
+                # at most 256 KiB, cheaper than opening the file and reading it back.
                 first = self._held[0]
-                content = first if isinstance(first, bytes) else None
+                content = first if isinstance(first, bytes) else bytes(first)
             # A raw descriptor: a Python file object around one or two writes cost about a
             # quarter of creating, writing and closing the file (job inputs, on the loop).
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)

@@ -28,6 +28,9 @@ async def test_a_small_upload_keeps_its_bytes_and_a_larger_one_does_not(tmp_path
     png = encode(quadrant_image(32, 32), "PNG")
     small = await _spooled(spool, png)
     assert small.content == png and small.path.read_bytes() == png
+    # The API's chunks are views into the request message: kept as bytes of their own.
+    viewed = await _spooled(spool, memoryview(b"--" + png)[2:])  # type: ignore[arg-type]
+    assert type(viewed.content) is bytes and viewed.content == png
     two = await _spooled(spool, png[:10], png[10:])  # joined it would be a copy: not kept
     assert two.content is None and two.path.read_bytes() == png
     big = await _spooled(spool, b"x" * (KEEP_CONTENT_BYTES + 1))
