@@ -91,8 +91,8 @@ async def main() -> None:
     finally:
         for channel in channels:
             await channel.close()
-        for client in clients:
-            await client.aclose()
+        for direct_client in clients:
+            await direct_client.aclose()
         for lean_client in lean:
             await lean_client.aclose()
 

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import PIL
 from PIL import Image, ImageDraw, ImageFilter
 
 from bench import ROOT
@@ -113,7 +114,7 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "grpcio": grpc.__version__,
-        "pillow": Image.__version__,
+        "pillow": PIL.__version__,
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
