@@ -9,8 +9,9 @@ asked for ``supports_preview_metadata``), so no ``/history`` or ``/view`` per jo
 hand-written script's way (a websocket per job, four requests); this is the same exchange as the
 service's, done as cheaply as this machine's Python measured: the HTTP requests through
 ``aiserver.providers.comfy.agent_http`` (42-44 µs of CPU a request against aiohttp's client's
-130-141), the upload's multipart body joined by hand, the prompt and frames in orjson, the
-socket read by aiohttp's C frame reader and handed to the job's future in the reader's step.
+130-141: bench/README.md, the provider's section), the upload's multipart body joined by
+hand, the prompt and frames in orjson, the socket read by aiohttp's C frame reader and
+handed to the job's future in the reader's step.
 No persistence, retries, progress or placement: what a process pays for the protocol alone.
 """
 
