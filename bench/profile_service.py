@@ -183,12 +183,12 @@ async def _profile(
         busy, own, total, areas = _top(collapsed)
         per_job = cpu * 1000 / max(done, 1)
         where = f"a real ComfyUI at {comfy_url}" if comfy_url else f"{AGENTS} agents ({module})"
-        where += ", RESULT calls" if result_only else ", SYNC calls"
+        mode = "RESULT" if result_only else "SYNC"
         if step_delay_s and not comfy_url:
             where += f" paced {step_delay_s:g} s per step"
         lines = [
             f"profile {label}: {done} jobs ({len(got['failed'])} failed), {concurrency} callers,"
-            f" {where}, gRPC ImageUpscale SYNC + references,"
+            f" {where}, gRPC ImageUpscale {mode} + references,"
             f" {'PostgreSQL' if postgres else 'SQLite'}",
             f"service CPU per job: {cpu * 1000 / max(done, 1):.2f} ms"
             f" ({cpu:.2f} s CPU over {wall:.1f} s wall, {done / wall:.1f} jobs/s)",
