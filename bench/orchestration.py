@@ -325,7 +325,8 @@ async def _real_comfy(quick: bool, tmp: Path) -> dict[str, list[float]] | None:
     """The same upscale on a real ComfyUI (``BENCH_COMFY_URL``) through the service over gRPC
     (SYNC, and RESULT: the finished job alone), through its HTTP shim (embedded, ``POST
     /api/ImageUpscale`` with ``Sync=true``) and with the direct client, interleaved (the
-    order turns every round): p50 with one caller; jobs/s, p50, the service's CPU per job
+    order turns every round): p50 with one caller (each segment after one untimed job of
+    its own path); jobs/s, p50, the service's CPU per job
     and ComfyUI's CPU per second of wall time with 16. None when no ComfyUI is configured.
     The agent runs one prompt at a time with one queued ahead (the setting that keeps it
     busy); the direct client's 16 callers queue on ComfyUI itself.
@@ -367,6 +368,10 @@ async def _real_comfy(quick: bool, tmp: Path) -> dict[str, list[float]] | None:
             order = REAL_PATHS[turn:] + REAL_PATHS[:turn]
             p50 = {}
             for p in order:
+                # One untimed job first: the order only rotates, so gRPC SYNC always came
+                # right after the direct client, and whatever a switch of path costs (the
+                # service idle meanwhile) fell on its first timed job alone.
+                await _segment(paths[p], 1, inputs.take(1))
                 result = await _segment(paths[p], 1, inputs.take(per[1]))
                 p50[p] = ms(percentile(result["latencies"], 50))
                 add(f"{p}_p50_1", p50[p])
