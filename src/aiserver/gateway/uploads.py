@@ -81,9 +81,11 @@ class UploadLimits:
     idle_timeout_s: float = 30.0
     total_timeout_s: float = 600.0
 
-    def deadline(self) -> BodyDeadline:
-        """The read deadlines of one request body (408 when one passes)."""
-        return BodyDeadline(self.idle_timeout_s, self.total_timeout_s)
+    def deadline(self, request: web.BaseRequest | None = None) -> BodyDeadline:
+        """The read deadlines of one request body (408 when one passes); ``request``: the
+        request whose body is read (reads of a body already in whole take no timer)."""
+        body = request.content if request is not None else None
+        return BodyDeadline(self.idle_timeout_s, self.total_timeout_s, body)
 
 
 UPLOADS_RETRY_S = 5
@@ -215,7 +217,7 @@ async def send_multipart(
     except (AssertionError, ValueError, KeyError) as exc:
         raise malformed(f"not a multipart body: {exc}") from None
     fields: FormFields = list(initial)
-    deadline = limits.deadline()
+    deadline = limits.deadline(request)
     files_seen: set[str] = set()
     form_bytes = 0
     file_bytes = 0
@@ -427,7 +429,7 @@ async def send_ndjson(
     buffer = bytearray()
     total = 0
     ok = False
-    deadline = limits.deadline()
+    deadline = limits.deadline(request)
     try:
         while data := await deadline.read(request.content.readany()):
             total += len(data)
