@@ -7,8 +7,12 @@ Reads one JSON command a line on stdin and answers each with one JSON line:
 
 - ``{"service": "127.0.0.1:PORT"}``: gRPC ImageUpscale (SYNC, references) through the service;
 - ``{"direct": [URL, ...]}``: :mod:`bench.comfy_direct` against these agents, round-robin;
-- ``{"run": "service" | "direct", "concurrency": N, "jobs": K}``: ``K`` jobs from ``N``
-  callers (each a different tiny PNG, made before the clock starts):
+- ``{"lean": [URL, ...]}``: :mod:`bench.comfy_lean` (the service's own exchange with the
+  agents, done as cheaply as measured) against these agents, round-robin;
+- ``{"floor": "127.0.0.1:PORT"}``: the bare gRPC server of :mod:`bench.grpc_floor`, one job's
+  messages per call;
+- ``{"run": PATH, "concurrency": N, "jobs": K}`` (``PATH`` one of the above): ``K`` jobs
+  from ``N`` callers (each a different tiny PNG, made before the clock starts):
   ``{"latencies": [...], "done": {key: t}, "failed": [...], "jobs_per_s": x}`` (``t`` and
   latencies from ``perf_counter``, CLOCK_MONOTONIC: one clock for every process);
 - ``quit`` (or end of input): stops.
@@ -27,9 +31,20 @@ from typing import Any
 import grpc
 
 from bench import ROOT
-from bench.client_loop import Inputs, JobFn, _direct_job, _segment, _service_job, _wait_ready
+from bench.client_loop import (
+    INPUT_SIDE,
+    Inputs,
+    JobFailed,
+    JobFn,
+    _direct_job,
+    _segment,
+    _service_job,
+    _wait_ready,
+)
 from bench.comfy_direct import DirectComfy
+from bench.comfy_lean import LeanComfy
 from bench.common import cpu_seconds, quit_child
+from bench.grpc_floor import floor_job
 
 
 async def main() -> None:
@@ -37,6 +52,7 @@ async def main() -> None:
     paths: dict[str, JobFn] = {}
     channels: list[grpc.aio.Channel] = []
     clients: list[DirectComfy] = []
+    lean: list[LeanComfy] = []
     try:
         while True:
             line = (await asyncio.to_thread(sys.stdin.readline)).strip()
@@ -55,6 +71,19 @@ async def main() -> None:
                 paths["direct"] = _direct_job(clients)
                 await _segment(paths["direct"], 4, inputs.take(8))
                 answer = {"ok": True}
+            elif "lean" in command:
+                lean = [LeanComfy(url) for url in command["lean"]]
+                for client in lean:
+                    await client.start()
+                paths["lean"] = _lean_job(lean)
+                await _segment(paths["lean"], 4, inputs.take(8))
+                answer = {"ok": True}
+            elif "floor" in command:
+                channel = grpc.aio.insecure_channel(command["floor"])
+                channels.append(channel)
+                paths["floor"] = floor_job(channel)
+                await _segment(paths["floor"], 4, inputs.take(8))
+                answer = {"ok": True}
             else:
                 pngs = inputs.take(int(command["jobs"]))
                 answer = await _segment(paths[command["run"]], int(command["concurrency"]), pngs)
@@ -64,6 +93,18 @@ async def main() -> None:
             await channel.close()
         for client in clients:
             await client.aclose()
+        for lean_client in lean:
+            await lean_client.aclose()
+
+
+def _lean_job(clients: list[LeanComfy]) -> JobFn:
+    async def job(index: int, png: bytes) -> tuple[str, float]:
+        result = await clients[index % len(clients)].upscale(png, INPUT_SIDE, INPUT_SIDE)
+        if not result.outputs:
+            raise JobFailed("no output")
+        return result.prompt_id, result.done_at
+
+    return job
 
 
 class Callers:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,8 +30,9 @@ import grpc
 from imagetasks.v1 import common_pb2, tasks_pb2
 from imagetasks.v1 import generation_service_pb2 as gpb
 
-from bench.client_loop import Inputs
-from bench.common import cpu_seconds
+from bench import ROOT
+from bench.client_loop import Inputs, JobFn
+from bench.common import cpu_seconds, quit_child
 
 # Response sizes near the service's (references, not bytes, in the output and finished events).
 _RESPONSES = (b"a" * 80, b"p" * 90, b"o" * 400, b"f" * 900)
@@ -71,6 +74,53 @@ def _requests() -> list[bytes]:
         gpb.ImageUpscaleRequest(params=params).SerializeToString(),
         gpb.ImageUpscaleRequest(chunk=chunk).SerializeToString(),
     ]
+
+
+def floor_job(channel: grpc.aio.Channel, method: str = "Job4") -> JobFn:
+    """A :data:`bench.client_loop.JobFn` doing one floor call with the job's PNG in its chunk
+    (the same request bytes the service's callers send), for :func:`client_loop._segment`."""
+    stream = channel.stream_stream(f"/bench.Floor/{method}")
+    params = _requests()[0]
+    keys = itertools.count()
+
+    async def job(_index: int, png: bytes) -> tuple[str, float]:
+        chunk = common_pb2.FileChunk(field="image", data=png, file_name="input.png")
+        call = stream()
+        await call.write(params)
+        await call.write(gpb.ImageUpscaleRequest(chunk=chunk).SerializeToString())
+        await call.done_writing()
+        async for _response in call:
+            pass
+        return str(next(keys)), time.perf_counter()
+
+    return job
+
+
+class FloorServer:
+    """The bare server in its own process (``--serve``): ``target`` and ``pid`` once entered."""
+
+    def __init__(self) -> None:
+        self.target = ""
+        self.pid = 0
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> FloorServer:
+        self._proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "bench.grpc_floor", "--serve"),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=str(ROOT),
+        )
+        assert self._proc.stdout is not None
+        info = json.loads(await self._proc.stdout.readline())
+        self.target, self.pid = f"127.0.0.1:{info['port']}", int(info["pid"])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await quit_child(self._proc, 20)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
 
 
 async def _segment(channel: grpc.aio.Channel, method: str, calls: int, concurrency: int) -> None:

@@ -53,6 +53,7 @@ from bench.client_loop import (
 )
 from bench.comfy_direct import DirectComfy
 from bench.common import LoadWatch, cpu_seconds, listening_pid, ms, percentile, row, spread
+from bench.grpc_floor import FloorServer, floor_job
 from bench.service_proc import ServiceProcess, service_env
 from bench.standin_proc import StandIns
 
@@ -98,6 +99,7 @@ FIGURES = (
     "standin_cpu_ms_per_job_direct",
     "caller_cpu_ms_per_job_service",
     "caller_cpu_ms_per_job_direct",
+    "floor_p50",
 )
 
 
@@ -113,12 +115,18 @@ async def _run(quick: bool) -> dict[str, Any]:
     try:
         async with StandIns(AGENTS, tmp / "comfy") as agents:
             env = service_env(tmp / "service", agents.urls)
-            async with ServiceProcess(env, tmp / "service.log") as service:
+            async with (
+                ServiceProcess(env, tmp / "service.log") as service,
+                FloorServer() as floor,
+                grpc.aio.insecure_channel(floor.target) as floor_channel,
+            ):
                 wiring = service.info["provider_wiring"]
                 clients = [DirectComfy(url) for url in agents.urls]
                 async with grpc.aio.insecure_channel(service.target) as channel:
                     await _wait_ready(channel)
                     paths = {"service": _service_job(channel), "direct": _direct_job(clients)}
+                    bare = floor_job(floor_channel)
+                    await _segment(bare, 4, inputs.take(8))
                     for fn in paths.values():  # warm-up: connections, caches, first imports
                         await _segment(fn, 4, inputs.take(8))
                     await agents.dump()
@@ -146,6 +154,11 @@ async def _run(quick: bool) -> dict[str, Any]:
                                     http_per_job[path].setdefault(route, []).append(per_job)
                                 await agents.reset()
                             unmatched += _record(per_level[n], got, totals[n])
+                            if n == 1:  # the gRPC hop's floor: a bare round trip, same messages
+                                hop = await _segment(bare, 1, inputs.take(totals[n]))
+                                per_level[n]["floor_p50"].append(
+                                    ms(percentile(hop["latencies"], 50))
+                                )
                 for c in clients:
                     await c.aclose()
         light = await _light_agents(quick, tmp, failures)
@@ -192,6 +205,11 @@ async def _run(quick: bool) -> dict[str, Any]:
 
 
 LIGHT_LEVELS = (16, 64)
+LIGHT_PATHS = ("service", "direct", "lean", "floor")
+"""The light-agents segments: the service; :mod:`bench.comfy_direct` (the hand-written
+script); :mod:`bench.comfy_lean` (the service's own exchange with the agents, nothing else);
+the bare grpc aio server of :mod:`bench.grpc_floor` (the service's gRPC messages, nothing
+else). The last two are the floor of the service's CPU per job."""
 
 
 async def _light_agents(
@@ -204,10 +222,18 @@ async def _light_agents(
     what each process spends per job is read from ``/proc`` alike: the service, the agents and
     the callers (the gRPC client for the service, :mod:`bench.comfy_direct` for the direct
     path) share the machine's cores, and the throughput row is only the service's when the
-    other two are small."""
+    other two are small.
+
+    The floor, in the same rounds: the least a Python process pays for this job's protocol
+    work, i.e. the bare gRPC server's CPU per call (:mod:`bench.grpc_floor`: the same request
+    bytes, 4 response messages and the status) plus the lean client's process CPU per job
+    (:mod:`bench.comfy_lean`: the same 2 requests and websocket frames the service exchanges
+    with the agents). ``service_over_floor_N`` is each round's service CPU per job over that
+    round's floor."""
     total = {16: 32, 64: 64} if quick else {16: 320, 64: 640}
     reps = 1 if quick else 5
     got: dict[str, list[float]] = {}
+    cores = os.cpu_count() or 1
     async with StandIns(AGENTS, tmp / "fast", module="bench.fast_agent") as agents:
         env = {
             "AISERVER_GRPC_HOST": "127.0.0.1",
@@ -223,21 +249,24 @@ async def _light_agents(
         }
         async with (
             ServiceProcess(env, tmp / "service-fast.log") as service,
+            FloorServer() as floor,
             Callers(tmp / "callers-fast.log") as callers,
         ):
             await callers.ask({"service": service.target})  # connects and warms up
             await callers.ask({"direct": agents.urls})
+            await callers.ask({"lean": agents.urls})
+            await callers.ask({"floor": floor.target})
             await agents.dump()
             await agents.reset()
             for rep in range(reps):
-                order = ["service", "direct"] if rep % 2 == 0 else ["direct", "service"]
+                k = rep % len(LIGHT_PATHS)
+                order = LIGHT_PATHS[k:] + LIGHT_PATHS[:k]
                 for n in LIGHT_LEVELS:
+                    spent_by: dict[str, dict[str, float]] = {}
                     for path in order:
-                        before = {
-                            "service": cpu_seconds(service.pid),
-                            "agents": cpu_seconds(agents.pid),
-                            "callers": callers.cpu_seconds(),
-                        }
+                        pids = {"service": service.pid, "agents": agents.pid, "floor": floor.pid}
+                        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                        before["callers"] = callers.cpu_seconds()
                         result = await callers.ask(
                             {"run": path, "concurrency": n, "jobs": total[n]}
                         )
@@ -245,23 +274,40 @@ async def _light_agents(
                         for reason in result["failed"]:
                             bucket = failures.setdefault(f"light {path} @{n}", {})
                             bucket[reason] = bucket.get(reason, 0) + 1
-                        spent = {
-                            "service": cpu_seconds(service.pid) - before["service"],
-                            "agents": cpu_seconds(agents.pid) - before["agents"],
-                            "callers": callers.cpu_seconds() - before["callers"],
-                        }
-                        figures = {
-                            f"{path}_jobs_per_s_{n}": result["jobs_per_s"],
-                            f"agents_cpu_ms_per_job_{path}_{n}": ms(spent["agents"]) / done,
-                            f"callers_cpu_ms_per_job_{path}_{n}": ms(spent["callers"]) / done,
-                        }
+                        after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                        after["callers"] = callers.cpu_seconds()
+                        spent = {name: ms(after[name] - before[name]) / done for name in after}
+                        spent_by[path] = spent
+                        figures = {f"{path}_jobs_per_s_{n}": result["jobs_per_s"]}
+                        if path == "floor":
+                            figures[f"floor_grpc_cpu_ms_per_job_{n}"] = spent["floor"]
+                        else:
+                            figures[f"agents_cpu_ms_per_job_{path}_{n}"] = spent["agents"]
+                            figures[f"callers_cpu_ms_per_job_{path}_{n}"] = spent["callers"]
                         if path == "service":
-                            figures[f"service_cpu_ms_per_job_{n}"] = ms(spent["service"]) / done
+                            figures[f"service_cpu_ms_per_job_{n}"] = spent["service"]
                         for key, value in figures.items():
                             got.setdefault(key, []).append(value)
                         await agents.dump()
                         await agents.reset()
+                    for key, value in _floor_figures(spent_by, n, cores).items():
+                        got.setdefault(key, []).append(value)
     return got
+
+
+def _floor_figures(spent: dict[str, dict[str, float]], n: int, cores: int) -> dict[str, float]:
+    """One round's floor (ms of CPU per job), the service over it, and the jobs/s ``cores``
+    could run given the CPU per job of every process of the service path (the service, its
+    gRPC callers, the agents), with the service as measured and at its floor."""
+    floor = spent["floor"]["floor"] + spent["lean"]["callers"]
+    service = spent["service"]
+    rest = service["callers"] + service["agents"]
+    return {
+        f"floor_cpu_ms_per_job_{n}": floor,
+        f"service_over_floor_{n}": service["service"] / floor,
+        f"cpu_bound_jobs_per_s_{n}": cores * 1000 / (service["service"] + rest),
+        f"cpu_bound_at_floor_jobs_per_s_{n}": cores * 1000 / (floor + rest),
+    }
 
 
 REAL_SIDE = 64
@@ -370,6 +416,9 @@ def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for n in LEVELS:
         f = figures[str(n)]
+        hop = ""
+        if n == 1:
+            hop = f"; floor (a bare gRPC round trip) {f['floor_p50']['median']:.2f} ms"
         rows.append(
             row(
                 f"orchestration: added p50 latency @{n}",
@@ -378,10 +427,21 @@ def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
                 target=3.0 if n == 1 else None,
                 better="lower",
                 baseline=f"direct {f['direct_p50']['median']:.1f} ms,"
-                f" service {f['service_p50']['median']:.1f} ms",
+                f" service {f['service_p50']['median']:.1f} ms{hop}",
                 note=saturated if n > AGENTS else "",
             )
         )
+        if n == 1:
+            rows.append(
+                row(
+                    "orchestration: floor of the added p50 @1 (bare gRPC round trip)",
+                    f["floor_p50"],
+                    "ms",
+                    better="lower",
+                    baseline="bench.grpc_floor's server: the same request bytes, 4 response"
+                    " messages and the status, no work; same rounds as the row above",
+                )
+            )
         if n > 1:  # the issue's target at load: within 1.25x of the direct client's own p50
             pairs = zip(f["service_p50"]["runs"], f["direct_p50"]["runs"], strict=True)
             rows.append(
@@ -433,6 +493,7 @@ def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             f" caller {top['caller_cpu_ms_per_job_service']['median']:.1f}, the stand-ins"
             f" {top['standin_cpu_ms_per_job_direct']['median']:.1f}; HTTP requests to agents"
             f" per job: service {calls.get('service', 0):.1f}, direct {calls.get('direct', 0):.1f}",
+            note=_floor_note(figures["light_agents"]),
         )
     )
     for n in LEVELS:
@@ -454,8 +515,17 @@ def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _floor_note(light: dict[str, Any]) -> str:
+    """The light-agents floor, beside the stand-ins' CPU row (whose agents send more frames)."""
+    key = f"floor_cpu_ms_per_job_{LIGHT_LEVELS[-1]}"
+    if key not in light:
+        return ""
+    return f"floor with light agents @{LIGHT_LEVELS[-1]}: {light[key]['median']:.2f} ms (below)"
+
+
 def _light_rows(light: dict[str, Any]) -> list[dict[str, Any]]:
-    """The throughput row at the top level, and each level's CPU per job by process."""
+    """The throughput row at the top level, each level's CPU per job by process, and the
+    floors beside them (:func:`_floor_figures`)."""
 
     def med(key: str) -> float:
         return float(light[key]["median"]) if key in light else float("nan")
@@ -468,9 +538,21 @@ def _light_rows(light: dict[str, Any]) -> list[dict[str, Any]]:
             "jobs/s",
             target=300.0,
             baseline=f"direct client {med(f'direct_jobs_per_s_{top}'):.0f} jobs/s against"
-            f" the same {AGENTS} bench.fast_agent agents",
+            f" the same {AGENTS} bench.fast_agent agents; the CPU per job of service + callers"
+            f" + agents allows {med(f'cpu_bound_jobs_per_s_{top}'):.0f} on {os.cpu_count()}"
+            f" cores, {med(f'cpu_bound_at_floor_jobs_per_s_{top}'):.0f} with the service at"
+            " its floor",
             note="2 cores shared by the service, the agents and the callers (own process)",
-        )
+        ),
+        row(
+            f"orchestration: jobs/s @{top} the CPU per job allows, light agents",
+            light.get(f"cpu_bound_jobs_per_s_{top}"),
+            "jobs/s",
+            baseline=f"{os.cpu_count()} cores / (service + gRPC callers + agents) CPU per job,"
+            f" each round; with the service at its floor"
+            f" {med(f'cpu_bound_at_floor_jobs_per_s_{top}'):.0f}; the lean client (the floor's"
+            f" agent side) ran {med(f'lean_jobs_per_s_{top}'):.0f} jobs/s",
+        ),
     ]
     for n in LIGHT_LEVELS:
         rows.append(
@@ -485,6 +567,20 @@ def _light_rows(light: dict[str, Any]) -> list[dict[str, Any]]:
                 f" {med(f'agents_cpu_ms_per_job_service_{n}'):.2f}; direct client"
                 f" {med(f'callers_cpu_ms_per_job_direct_{n}'):.2f}, agents"
                 f" {med(f'agents_cpu_ms_per_job_direct_{n}'):.2f}",
+                note=f"floor {med(f'floor_cpu_ms_per_job_{n}'):.2f} ms:"
+                f" x{med(f'service_over_floor_{n}'):.2f}",
+            )
+        )
+        rows.append(
+            row(
+                f"orchestration: service CPU per job @{n} / floor, light agents",
+                light.get(f"service_over_floor_{n}"),
+                "x",
+                better="lower",
+                baseline=f"floor {med(f'floor_cpu_ms_per_job_{n}'):.2f} ms = bare gRPC server"
+                f" {med(f'floor_grpc_cpu_ms_per_job_{n}'):.2f} + lean client"
+                f" {med(f'callers_cpu_ms_per_job_lean_{n}'):.2f} (the service's 2 requests and"
+                " frames per job, nothing else); each round's ratio",
             )
         )
     return rows

@@ -68,6 +68,15 @@ class SpooledFile:
     held: HeldBytes | None = None
     """An upload used once (not hashed) held in memory (:class:`SpoolMemory`): nothing is
     written at ``path``; ``held.release()`` gives the memory back."""
+    content: bytes | None = None
+    """A small file written whole on the event loop from one chunk (at most
+    :data:`KEEP_CONTENT_BYTES`): its bytes, which were at hand anyway, so that the request's
+    checks read them instead of opening the file again. The request drops them once checked."""
+
+
+KEEP_CONTENT_BYTES = 256 * 1024
+"""The largest file whose bytes :attr:`SpooledFile.content` keeps (the inputs the API checks
+on the event loop; larger ones are checked in the image pool, from the file)."""
 
 
 _INLINE_BYTES = 2 * 1024 * 1024
@@ -223,8 +232,14 @@ class _Writer:
     async def finish(self) -> SpooledFile:
         if self._memory is not None and self._thread is None:  # used once, within the budget
             return SpooledFile(self.field, self.file_name, self.path, "", self._size, self._memory)
+        content = None
         if self._thread is None:
             self._on_disk = True
+            if len(self._held) == 1 and self._size <= KEEP_CONTENT_BYTES:
+                # The API's chunks are views into the request message (api/wire.py): a copy of
+                # at most 256 KiB, cheaper than opening the file and reading it back.
+                first = self._held[0]
+                content = first if isinstance(first, bytes) else bytes(first)
             # A raw descriptor: a Python file object around one or two writes cost about a
             # quarter of creating, writing and closing the file (job inputs, on the loop).
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
@@ -245,7 +260,9 @@ class _Writer:
             if self._error is not None:
                 raise self._error
         digest = self._hash.hexdigest() if self._hash is not None else ""
-        return SpooledFile(self.field, self.file_name, self.path, digest, self._size)
+        return SpooledFile(
+            self.field, self.file_name, self.path, digest, self._size, content=content
+        )
 
     def discard(self) -> None:
         """Drop the file, finished or not (the thread, if any, stops without writing more)."""

@@ -31,7 +31,7 @@ from aiserver.imaging import (
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Accepted, Finished, InputRef, OutputStored
 from aiserver.logs import job_id_var
-from aiserver.spool import InputSpool
+from aiserver.spool import KEEP_CONTENT_BYTES, InputSpool
 from aiserver.tasks import TaskKind, TaskSpec
 from aiserver.webhooks import RefusedTarget, TargetGuard, validate_reply_to
 from aiserver.workers import BlockingPool
@@ -90,7 +90,10 @@ class JobCalls:
         refs = []
         for name, spooled in upload.files.items():
             if spooled.size <= _VERIFY_HERE_BYTES:
-                info = await self._verify_small_file(spooled.path, name)
+                # The bytes the spool just wrote, when it kept them: no second open and read.
+                source = spooled.content if spooled.content is not None else spooled.path
+                spooled.content = None  # not held while the job runs
+                info = await self._verify_small_file(source, name)
             else:
                 info = await self.pool.run(verify, spooled.path, self.limits.image, name)
             refs.append(
@@ -106,7 +109,7 @@ class JobCalls:
             )
         return refs
 
-    async def _verify_small_file(self, path: Path, field: str) -> ImageInfo:
+    async def _verify_small_file(self, path: Path | bytes, field: str) -> ImageInfo:
         """:func:`~aiserver.imaging.verify`'s checks for a file of at most
         :data:`_VERIFY_HERE_BYTES`: its header read once, here; the decode here too when the
         header says at most :data:`_VERIFY_HERE_PIXELS`, else in the image pool."""
@@ -240,7 +243,7 @@ _RESULT_BYTES = (OutputStored, Finished)
 _RESULT_REFERENCES = (Finished,)
 """The events a RESPONSE_MODE_RESULT call gets (the finished job lists outputs and texts)."""
 
-_VERIFY_HERE_BYTES = 256 * 1024
+_VERIFY_HERE_BYTES = KEEP_CONTENT_BYTES  # the spool keeps the bytes of these
 _VERIFY_HERE_PIXELS = 128 * 128
 """Inputs this small are decoded on the event loop (about 0.2-0.5 ms for a PNG here): the
 hop to the image pool and back costs about 0.1 ms of CPU by itself, as much as the decode."""

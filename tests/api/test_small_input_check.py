@@ -1,0 +1,70 @@
+"""A small job input is checked from the bytes the spool just wrote, not read back from disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from aiserver.api.job_calls import JobCalls, SubmitLimits
+from aiserver.api.uploads import Upload
+from aiserver.errors import ServiceError
+from aiserver.imaging import ImageLimits
+from aiserver.spool import KEEP_CONTENT_BYTES, InputSpool, UploadBudget
+from aiserver.workers import BlockingPool
+from tests.support.images import encode, quadrant_image
+
+
+async def _spooled(spool: InputSpool, *chunks: bytes) -> Any:
+    writer = spool.open("image", "in.png", UploadBudget(1 << 30))
+    for chunk in chunks:
+        await writer.write(chunk)
+    return await writer.finish()
+
+
+async def test_a_small_upload_keeps_its_bytes_and_a_larger_one_does_not(tmp_path: Path) -> None:
+    spool = InputSpool(tmp_path)
+    png = encode(quadrant_image(32, 32), "PNG")
+    small = await _spooled(spool, png)
+    assert small.content == png and small.path.read_bytes() == png
+    # The API's chunks are views into the request message: kept as bytes of their own.
+    viewed = await _spooled(spool, memoryview(b"--" + png)[2:])  # type: ignore[arg-type]
+    assert type(viewed.content) is bytes and viewed.content == png
+    two = await _spooled(spool, png[:10], png[10:])  # joined it would be a copy: not kept
+    assert two.content is None and two.path.read_bytes() == png
+    big = await _spooled(spool, b"x" * (KEEP_CONTENT_BYTES + 1))
+    assert big.content is None
+    assert spool.commit(small).content == png  # the commit keeps the record as it is
+
+
+def _calls(spool: InputSpool, pool: BlockingPool) -> JobCalls:
+    limits = SubmitLimits(
+        max_upload_bytes=1 << 30,
+        max_prompt_chars=1000,
+        max_batch_size=1,
+        chunk_bytes=1 << 20,
+        image=ImageLimits(),
+    )
+    # Only the input checks run here: the job manager and artifact store are not reached.
+    unused = cast(Any, None)
+    return JobCalls(manager=unused, artifacts=unused, spool=spool, pool=pool, limits=limits)
+
+
+async def test_the_check_reads_the_kept_bytes_then_lets_go_of_them(tmp_path: Path) -> None:
+    spool = InputSpool(tmp_path)
+    pool = BlockingPool(1)
+    try:
+        png = encode(quadrant_image(40, 24), "PNG")
+        spooled = await _spooled(spool, png)
+        spooled.path.unlink()  # only the kept bytes can be checked now
+        (ref,) = await _calls(spool, pool).inputs(Upload(None, {"image": spooled}))
+        assert (ref.width, ref.height, ref.mime_type) == (40, 24, "image/png")
+        assert spooled.content is None  # not held for the rest of the call
+
+        damaged = await _spooled(spool, png[: len(png) // 2])
+        with pytest.raises(ServiceError) as caught:
+            await _calls(spool, pool).inputs(Upload(None, {"image": damaged}))
+        assert caught.value.kind.name == "INVALID_ARGUMENT"
+    finally:
+        pool.close()
