@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import pytest
 from imagetasks.v1 import artifact_service_pb2
 
 from aiserver.api.local_calls import LocalCalls
@@ -105,10 +106,8 @@ async def test_a_cancelled_reader_cancels_the_waiting_handler(service: Service) 
     await asyncio.sleep(0.01)
     assert local.interceptor.active_streams == 1
     task.cancel()
-    try:
+    with pytest.raises(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass
     assert ended == ["cancelled", "closed"]
     assert call.done() and await call.read() is grpc.aio.EOF
     assert local.interceptor.active_streams == 0
@@ -136,10 +135,8 @@ async def test_cancel_from_another_task_ends_a_read_in_progress(service: Service
     await asyncio.sleep(0.01)
     assert call.cancel() is True
     assert call.cancel() is False  # once
-    try:
+    with pytest.raises(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass
     assert outcome == ["read cancelled"]
     assert ended == ["cancelled", "closed"]
     assert local.interceptor.active_streams == 0

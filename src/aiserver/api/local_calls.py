@@ -127,6 +127,7 @@ class _LocalStreamCall:
         self._deserialize = deserialize
         self._run_in = contextvars.Context()
         self._done = False
+        self._loop = asyncio.get_running_loop()
         self._reader: asyncio.Task[Any] | None = None
 
     async def _next(self) -> Any:
@@ -140,7 +141,7 @@ class _LocalStreamCall:
     async def read(self) -> Any:
         if self._done:
             return grpc.aio.EOF
-        self._reader = asyncio.current_task()
+        self._reader = asyncio.current_task(self._loop)  # (no loop: a lookup and a getpid)
         try:
             msg = await _InContext(self._next(), self._run_in)
         except StopAsyncIteration:
@@ -180,7 +181,7 @@ class _LocalStreamCall:
         # Closing runs the handlers' finally blocks (the interceptor's stream count).
         if self._responses is None:
             return  # never started: nothing to close
-        closing = asyncio.get_running_loop().create_task(self._close(), context=self._run_in)
+        closing = self._loop.create_task(self._close(), context=self._run_in)
         _background.add(closing)
         closing.add_done_callback(_background.discard)
 
