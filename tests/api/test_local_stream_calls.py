@@ -91,7 +91,7 @@ async def test_a_warm_variant_is_read_without_a_task(service: Service) -> None:
 
 async def test_a_cancelled_reader_cancels_the_waiting_handler(service: Service) -> None:
     local = _local(service)
-    started, ended = asyncio.Event(), []
+    started, ended = asyncio.Event(), list[str]()
     local.add(_WAIT, _waiting_handler(started, ended))
     made = local.unary_stream(_WAIT, bytes, bytes)
     assert made is not None
@@ -115,7 +115,7 @@ async def test_a_cancelled_reader_cancels_the_waiting_handler(service: Service) 
 
 async def test_cancel_from_another_task_ends_a_read_in_progress(service: Service) -> None:
     local = _local(service)
-    started, ended = asyncio.Event(), []
+    started, ended = asyncio.Event(), list[str]()
     local.add(_WAIT, _waiting_handler(started, ended))
     made = local.unary_stream(_WAIT, bytes, bytes)
     assert made is not None
@@ -144,7 +144,7 @@ async def test_cancel_from_another_task_ends_a_read_in_progress(service: Service
 
 async def test_a_call_cancelled_between_reads_closes_its_handler(service: Service) -> None:
     local = _local(service)
-    started, ended = asyncio.Event(), []
+    started, ended = asyncio.Event(), list[str]()
     local.add(_WAIT, _waiting_handler(started, ended))
     made = local.unary_stream(_WAIT, bytes, bytes)
     assert made is not None
@@ -157,3 +157,21 @@ async def test_a_call_cancelled_between_reads_closes_its_handler(service: Servic
             await asyncio.sleep(0.01)
     assert ended == ["closed"]
     assert await call.read() is grpc.aio.EOF
+
+
+async def test_a_read_closed_while_it_waits_ends_the_handler(service: Service) -> None:
+    """A reader destroyed while pending (its coroutine closed, not cancelled) still ends the
+    handler at once: its cleanup runs and its stream slot is given back."""
+    local = _local(service)
+    started, ended = asyncio.Event(), list[str]()
+    local.add(_WAIT, _waiting_handler(started, ended))
+    made = local.unary_stream(_WAIT, bytes, bytes)
+    assert made is not None
+    call = made(b"", metadata=())
+    assert await call.read() == b"first"
+    reading = call.read()
+    reading.send(None)  # runs the handler to its wait, as a task's first step would
+    assert started.is_set() and local.interceptor.active_streams == 1
+    reading.close()
+    assert ended == ["cancelled", "closed"]
+    assert local.interceptor.active_streams == 0

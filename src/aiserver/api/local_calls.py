@@ -101,6 +101,13 @@ class _InContext:
                 return stop.value
             try:
                 yield waiting
+            except GeneratorExit:
+                # The awaiting coroutine is closed (a task destroyed while pending): the
+                # handler is cancelled, so that its cleanup runs now (its stream slot).
+                with contextlib.suppress(BaseException):
+                    run(coro.throw, asyncio.CancelledError())
+                run(coro.close)
+                raise
             except BaseException as exc:  # the task's cancellation: the handler's now
                 step, value = coro.throw, exc
             else:
