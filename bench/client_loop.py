@@ -78,12 +78,15 @@ async def _segment(job: JobFn, concurrency: int, inputs: list[bytes]) -> dict[st
     }
 
 
-def _service_job(channel: grpc.aio.Channel) -> JobFn:
+def _service_job(
+    channel: grpc.aio.Channel,
+    mode: common_pb2.ResponseMode.ValueType = common_pb2.RESPONSE_MODE_SYNC,
+) -> JobFn:
+    """ImageUpscale over gRPC with references: SYNC (every event) by default; RESPONSE_MODE_RESULT
+    streams ``finished`` alone (what the HTTP shim's ``Sync=true`` asks for)."""
     stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
     params = tasks_pb2.ImageUpscaleParams(
-        options=common_pb2.JobOptions(
-            mode=common_pb2.RESPONSE_MODE_SYNC, delivery=common_pb2.OUTPUT_DELIVERY_REFERENCES
-        )
+        options=common_pb2.JobOptions(mode=mode, delivery=common_pb2.OUTPUT_DELIVERY_REFERENCES)
     )
     first = gpb.ImageUpscaleRequest(params=params)
 

@@ -6,7 +6,11 @@ variants (cold and cached) against thumbor.
   against ``aiserver.imaging.crop`` / ``convert`` called directly on the same file, in this
   process: the same Pillow work through the same code, so the ratio is what the call around it
   costs. Crop keeps the centre 2000x1500 (JPEG out); convert to WebP and to PNG (default
-  qualities).
+  qualities). A crop gets three times the rounds (it is ~50 ms and the call around it a tenth
+  of that). Beside them, the floor of any gRPC service doing this work: a bare grpcio method
+  that reads the same request messages and answers the service's own reply messages
+  (serialized ahead of time), through the same client code, its time added to the in-process
+  work of the same round; and the process CPU of each side.
 - Variants: the JPEG stored with ``service.artifacts.put``; ``width=256`` (WebP, quality 80)
   through the HTTP route ``/variants/width=256/...`` with the cache (disk and memory) emptied
   before each request, off the clock ("cold"), against thumbor's
@@ -76,26 +80,60 @@ def _requests(kind: str, params: Any, data: bytes) -> list[Any]:
     return out
 
 
-async def _grpc_call(method: Any, messages: list[Any]) -> int:
+async def _grpc_call(method: Any, messages: list[Any], replies: list[Any] | None = None) -> int:
     call = method()
     for m in messages:
         await call.write(m)
     await call.done_writing()
     size = 0
     async for msg in call:
+        if replies is not None:
+            replies.append(msg)
         if msg.WhichOneof("payload") == "chunk":
             size += len(msg.chunk)
     return size
+
+
+@contextlib.asynccontextmanager
+async def _bare_transform(replies: list[bytes]) -> AsyncIterator[grpc.aio.Channel]:
+    """A bare grpcio stream-stream method: reads every request message, then answers
+    ``replies`` (the service's own reply messages, serialized ahead of time); no work."""
+
+    async def answer(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            pass
+        for r in replies:
+            yield r
+
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 * CHUNK)]
+    )
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "bench.Transform", {"Call": grpc.stream_stream_rpc_method_handler(answer)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield channel
+    finally:
+        await channel.close()
+        await server.stop(0)
 
 
 async def _alternate(
     reps: int,
     sides: dict[str, Callable[[], Awaitable[Any]]],
     untimed: dict[str, Callable[[], Awaitable[None]]] | None = None,
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Time each side ``reps`` times, alternating; ``untimed[side]`` runs before each call
-    of that side, off the clock (setting up a cold request)."""
+    of that side, off the clock (setting up a cold request). Wall and process CPU seconds."""
     out: dict[str, list[float]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
     names = list(sides)
     prepare = untimed or {}
     for name, fn in sides.items():  # warm-up
@@ -106,10 +144,12 @@ async def _alternate(
         for name in names if rep % 2 == 0 else names[::-1]:
             if name in prepare:
                 await prepare[name]()
+            cpu_start = time.process_time()
             start = time.perf_counter()
             await sides[name]()
             out[name].append(time.perf_counter() - start)
-    return out
+            cpu[name].append(time.process_time() - cpu_start)
+    return out, cpu
 
 
 async def _run(quick: bool) -> dict[str, Any]:
@@ -154,19 +194,52 @@ async def _run(quick: bool) -> dict[str, Any]:
                     lambda target=target: convert(source, output_format=target, limits=limits),
                 )
             for op, (method, messages, local) in ops.items():
+                replies: list[Any] = []
+                await _grpc_call(method, messages, replies)
+                async with _bare_transform([r.SerializeToString() for r in replies]) as bare_ch:
+                    bare_method = bare_ch.stream_stream(
+                        "/bench.Transform/Call",
+                        request_serializer=type(messages[0]).SerializeToString,
+                        response_deserializer=type(replies[0]).FromString,
+                    )
 
-                async def over_grpc(method: Any = method, messages: list[Any] = messages) -> None:
-                    await _grpc_call(method, messages)
+                    async def over_grpc(
+                        method: Any = method, messages: list[Any] = messages
+                    ) -> None:
+                        await _grpc_call(method, messages)
 
-                async def in_process(local: Callable[[], Any] = local) -> None:
-                    local()
+                    async def in_process(local: Callable[[], Any] = local) -> None:
+                        local()
 
-                t = await _alternate(reps, {"grpc": over_grpc, "in_process": in_process})
+                    async def bare(
+                        method: Any = bare_method, messages: list[Any] = messages
+                    ) -> None:
+                        await _grpc_call(method, messages)
+
+                    # A crop is ~50 ms: many rounds are cheap and its ratio needs them (the
+                    # call around it is a tenth of it); a conversion is seconds.
+                    t, cpu = await _alternate(
+                        reps * 3 if op == "crop" else reps,
+                        {"grpc": over_grpc, "in_process": in_process, "bare": bare},
+                    )
                 ratios = [p / g for g, p in zip(t["grpc"], t["in_process"], strict=True)]
+                # The floor: the same work in-process plus a bare grpcio method moving the
+                # same messages in and out (no work), timed in the same round.
+                floor = [p / (p + b) for p, b in zip(t["in_process"], t["bare"], strict=True)]
                 figures[op] = {
                     "grpc_ms": spread([ms(x) for x in t["grpc"]], 1),
                     "in_process_ms": spread([ms(x) for x in t["in_process"]], 1),
+                    "bare_transport_ms": spread([ms(x) for x in t["bare"]], 2),
                     "ratio": spread(ratios, 3),
+                    "floor_ratio": spread(floor, 3),
+                    "cpu_ms": {k: spread([ms(x) for x in v], 1) for k, v in cpu.items()},
+                    "cpu_ratio": spread(
+                        [p / g for g, p in zip(cpu["grpc"], cpu["in_process"], strict=True)], 3
+                    ),
+                    "floor_cpu_ratio": spread(
+                        [p / (p + b) for p, b in zip(cpu["in_process"], cpu["bare"], strict=True)],
+                        3,
+                    ),
                 }
                 f = figures[op]
                 rows.append(
@@ -177,6 +250,12 @@ async def _run(quick: bool) -> dict[str, Any]:
                         target=0.9,
                         baseline=f"gRPC {f['grpc_ms']['median']:.0f} ms,"
                         f" in-process {f['in_process_ms']['median']:.0f} ms",
+                        note=f"{len(t['grpc'])} rounds; in process CPU"
+                        f" {f['cpu_ratio']['median']:.3f}x; floor (in-process + a bare grpcio"
+                        " method moving the same messages,"
+                        f" {f['bare_transport_ms']['median']:.1f} ms)"
+                        f" {f['floor_ratio']['median']:.3f}x, in CPU"
+                        f" {f['floor_cpu_ratio']['median']:.3f}x",
                     )
                 )
             await _variants(
@@ -314,7 +393,7 @@ async def _variants(
                     await get(floor_url)
 
                 sides["floor"] = floor
-                t = await _alternate(
+                t, _ = await _alternate(
                     reps, sides, untimed={"service": empty_cache, "grpc": empty_cache}
                 )
         finally:

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import grpc
+from imagetasks.v1 import common_pb2
 
 from bench.callers import Callers
 from bench.client_loop import (
@@ -312,16 +313,23 @@ def _floor_figures(spent: dict[str, dict[str, float]], n: int, cores: int) -> di
 
 REAL_SIDE = 64
 """The issue's real-ComfyUI comparison: a 2x upscale of a 64 px image."""
-REAL_PATHS = ("grpc", "http", "direct")
+REAL_PATHS = ("grpc", "grpc_result", "http", "direct")
+REAL_NAMES = {"grpc": "gRPC", "grpc_result": "gRPC RESULT", "http": "HTTP"}
+"""The service's paths in the real rows: gRPC SYNC (every event: accepted, queue and progress
+updates, the output, finished), gRPC RESULT (``finished`` alone) and the embedded HTTP shim
+(``Sync=true``, which asks the service for RESULT in-process). gRPC RESULT is the like-for-like
+comparison with the shim and with the direct client, which waits for the output only."""
 
 
 async def _real_comfy(quick: bool, tmp: Path) -> dict[str, list[float]] | None:
-    """The same upscale on a real ComfyUI (``BENCH_COMFY_URL``) through the service over gRPC,
-    through its HTTP shim (embedded, ``POST /api/ImageUpscale`` with ``Sync=true``) and with
-    the direct client, interleaved (the order turns every round): p50 with one caller; jobs/s,
-    p50, the service's CPU per job and ComfyUI's CPU per second of wall time with 16. None
-    when no ComfyUI is configured. The agent runs one prompt at a time with one queued ahead
-    (the setting that keeps it busy); the direct client's 16 callers queue on ComfyUI itself.
+    """The same upscale on a real ComfyUI (``BENCH_COMFY_URL``) through the service over gRPC
+    (SYNC, and RESULT: the finished job alone), through its HTTP shim (embedded, ``POST
+    /api/ImageUpscale`` with ``Sync=true``) and with the direct client, interleaved (the
+    order turns every round): p50 with one caller (each segment after one untimed job of
+    its own path); jobs/s, p50, the service's CPU per job
+    and ComfyUI's CPU per second of wall time with 16. None when no ComfyUI is configured.
+    The agent runs one prompt at a time with one queued ahead (the setting that keeps it
+    busy); the direct client's 16 callers queue on ComfyUI itself.
     ComfyUI's CPU is read from ``/proc`` when it listens on this machine (``BENCH_COMFY_PID``
     names it otherwise)."""
     url = os.environ.get("BENCH_COMFY_URL", "").rstrip("/")
@@ -349,19 +357,25 @@ async def _real_comfy(quick: bool, tmp: Path) -> dict[str, list[float]] | None:
         await _wait_ready(channel)
         paths = {
             "grpc": _service_job(channel),
+            "grpc_result": _service_job(channel, common_pb2.RESPONSE_MODE_RESULT),
             "http": _http_job(session, f"http://127.0.0.1:{service.info['http_port']}"),
             "direct": _direct_job([client], REAL_SIDE),
         }
         for fn in paths.values():
             await _segment(fn, 1, inputs.take(3))  # models loaded, caches warm
         for rep in range(reps):
-            order = REAL_PATHS[rep % 3 :] + REAL_PATHS[: rep % 3]
+            turn = rep % len(REAL_PATHS)
+            order = REAL_PATHS[turn:] + REAL_PATHS[:turn]
             p50 = {}
             for p in order:
+                # One untimed job first: the order only rotates, so gRPC SYNC always came
+                # right after the direct client, and whatever a switch of path costs (the
+                # service idle meanwhile) fell on its first timed job alone.
+                await _segment(paths[p], 1, inputs.take(1))
                 result = await _segment(paths[p], 1, inputs.take(per[1]))
                 p50[p] = ms(percentile(result["latencies"], 50))
                 add(f"{p}_p50_1", p50[p])
-            for p in ("grpc", "http"):
+            for p in REAL_NAMES:
                 add(f"added_p50_1_{p}", p50[p] - p50["direct"])
             for p in order:
                 cpu_service = cpu_seconds(service.pid)
@@ -590,8 +604,9 @@ def _real_rows(real: dict[str, Any] | None) -> list[dict[str, Any]]:
     skip = "set BENCH_COMFY_URL to a ComfyUI with RealESRGAN_x2.pth to measure"
     if real is None:
         return [
-            row("real ComfyUI: added p50 @1, 64 px upscale (gRPC)", None, "ms", note=skip),
-            row("real ComfyUI: added p50 @1, 64 px upscale (HTTP)", None, "ms", note=skip),
+            row(f"real ComfyUI: added p50 @1, 64 px upscale ({name})", None, "ms", note=skip)
+            for name in REAL_NAMES.values()
+        ] + [
             row("real ComfyUI: jobs/s @16 / direct client", None, "x", note=skip),
         ]
 
@@ -602,7 +617,9 @@ def _real_rows(real: dict[str, Any] | None) -> list[dict[str, Any]]:
         return f"{med(f'comfy_busy_{path}_16') * 20:.0f}"
 
     rows = []
-    for p, name in (("grpc", "gRPC"), ("http", "HTTP")):
+    for p, name in REAL_NAMES.items():
+        if f"added_p50_1_{p}" not in real:  # an older result, without the RESULT path
+            continue
         rows.append(
             row(
                 f"real ComfyUI: added p50 @1, 64 px upscale ({name})",
@@ -613,14 +630,16 @@ def _real_rows(real: dict[str, Any] | None) -> list[dict[str, Any]]:
                 baseline=f"direct {med('direct_p50_1'):.1f} ms, service {med(f'{p}_p50_1'):.1f}",
             )
         )
-    for p, name in (("grpc", ""), ("http", " (HTTP)")):
+    for p, name in REAL_NAMES.items():
+        if f"{p}_jobs_per_s_16" not in real:
+            continue
         pairs = zip(
             real[f"{p}_jobs_per_s_16"]["runs"], real["direct_jobs_per_s_16"]["runs"], strict=True
         )
         ratio = [s / d for s, d in pairs if d]
         rows.append(
             row(
-                f"real ComfyUI: jobs/s @16 / direct client{name}",
+                f"real ComfyUI: jobs/s @16 / direct client{'' if p == 'grpc' else f' ({name})'}",
                 spread(ratio, 3) if ratio else None,
                 "x",
                 target=1.0,
@@ -634,7 +653,7 @@ def _real_rows(real: dict[str, Any] | None) -> list[dict[str, Any]]:
         )
         rows.append(
             row(
-                f"real ComfyUI: service CPU per job @16 ({'gRPC' if p == 'grpc' else 'HTTP'})",
+                f"real ComfyUI: service CPU per job @16 ({name})",
                 real[f"service_cpu_ms_per_job_{p}_16"],
                 "ms",
                 better="lower",

@@ -193,7 +193,9 @@ class Settings:
     """An upload (a gRPC client stream, or an HTTP request body) that sends nothing for this
     long ends: DEADLINE_EXCEEDED ``UPLOAD_STALLED`` / HTTP 408, its spooled bytes deleted.
     The HTTP shim also closes an artifact or variant download whose client takes nothing for
-    this long (it would hold a streaming call and an open blob). 0: no limit."""
+    this long (it would hold a streaming call and an open blob), and a gRPC server stream
+    whose client leaves one message untaken this long ends (:mod:`aiserver.api.stalls`).
+    0: no limit."""
     upload_timeout_s: float = 600.0
     """Longest an upload may take from its first message (or the request's headers) to its
     last: DEADLINE_EXCEEDED ``UPLOAD_TOO_SLOW`` / HTTP 408. 0: no limit."""

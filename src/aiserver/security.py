@@ -103,6 +103,7 @@ class Security:
             upload_total_s=self.upload_total_s,
             max_uploads_per_peer=self.max_uploads_per_peer,
             shim_token=shim_token,
+            stream_idle_s=self.upload_idle_s,
         )
 
     def metrics_handler(

@@ -30,6 +30,7 @@ from imagetasks.v1 import (
 from aiserver.api.agents import AgentServicer
 from aiserver.api.artifacts import ArtifactServicer
 from aiserver.api.generation import GenerationServicer
+from aiserver.api.guard import Guard
 from aiserver.api.job_calls import JobCalls, SubmitLimits
 from aiserver.api.jobs import JobServicer
 from aiserver.api.local_calls import LocalCalls
@@ -158,6 +159,7 @@ class Service:
         self.gateway: Gateway | None = None
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
+        self._guard: Guard | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._store_reachable = True
         self._shim_token = secrets.token_urlsafe(24)
@@ -241,7 +243,7 @@ class Service:
         ]
         if s.max_concurrent_streams > 0:
             options.append(("grpc.max_concurrent_streams", s.max_concurrent_streams))
-        guard = self.security.guard(self.metrics, shim_token=self._shim_token)
+        guard = self._guard = self.security.guard(self.metrics, shim_token=self._shim_token)
         server = grpc.aio.server(interceptors=[guard], options=options)
         link = self.security.link
         transform_service_pb2_grpc.add_TransformServiceServicer_to_server(
@@ -316,6 +318,7 @@ class Service:
                 f"cannot listen for gRPC on {s.grpc_host}:{s.grpc_port}"
                 " (the port is in use or the address is not this machine's)"
             )
+        guard.local_ports.add(self.grpc_port)  # where a stalled stream's connection is
         await server.start()
         await self.health.set("", SERVING)
         for name in self._services():
@@ -370,6 +373,8 @@ class Service:
             self.gateway = None
         await self._server.stop(grace)
         self._server = None
+        if self._guard is not None and self._guard.stalls is not None:
+            self._guard.stalls.close()
         await self.workflow_watcher.close()
         if self.retention is not None:
             await self.retention.stop()

@@ -1,8 +1,9 @@
 """A gRPC client that stops reading its response stream (a SYNC call delivering BYTES,
 megabytes: more than any flow-control window). The job must not depend on the caller's
 reading: it ends and is stored while the server's write waits. The stream itself is bounded by
-the caller's deadline: past it the server's handler ends and gives its stream slot back (the
-server sets no bound of its own on a stalled write: README, "Limits")."""
+the caller's deadline when that comes first: past it the server's handler ends and gives its
+stream slot back (the server's own bound, ``upload_idle_timeout_s``, 30 s by default, is longer
+here; it is tested in test_stalled_streams.py)."""
 
 from __future__ import annotations
 

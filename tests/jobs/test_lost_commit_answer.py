@@ -74,3 +74,36 @@ async def test_a_write_committed_without_its_answer_ends_the_job_here_exactly_on
     async with asyncio.timeout(5):  # its input freed (no unfinished job needs it)
         while spooled.exists():
             await asyncio.sleep(0.05)
+
+
+async def test_a_final_write_committed_without_its_answer_outlasting_the_lease_ends_here(
+    pair: Coordinators,
+) -> None:
+    """The final write commits (the end, its Finished, the lease released), its answer is lost
+    and the database stays away longer than the lease: no taker will come for a job the store
+    has ended, so this process must not drop it as left to one: once the store answers, the
+    job ends here as stored (the local caller's Finished, the terminal hooks)."""
+    runner = ScriptedProvider("p1", gated)
+    a = await pair.manager(runner, relayed=True)
+    ended: list[Job] = []
+    a.add_terminal_hook(ended.append)
+    job = await submit(a, pair.env)
+    run = await runner.next_run()
+    here = asyncio.ensure_future(_all(a.subscribe(job.id)))
+    await asyncio.sleep(0.3)
+    pair.relay.lose_reply_to(b"SUCCEEDED")
+    run.release.set()
+    async with asyncio.timeout(15):
+        while pair.relay.lost_replies == 0:
+            await asyncio.sleep(0.002)
+    pair.relay.cut()  # before the writer's next try (0.1 s later)
+    await asyncio.sleep(outage.LEASE_S * 2)  # the lease left at the failure runs out
+    assert not here.done()
+    pair.relay.restore()
+    events = await within(here, 15)
+    finished = [e for e in events if isinstance(e.kind, Finished)]
+    assert len(finished) == 1 and events[-1] is finished[0], [e.kind for e in events]
+    assert finished[0].kind.job.state is JobState.SUCCEEDED
+    assert [j.state for j in ended] == [JobState.SUCCEEDED]
+    assert len(runner.runs) == 1
+    assert job.id not in a._active

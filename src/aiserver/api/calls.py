@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from aiserver.auth import OPEN, Principal
 
 __all__ = [
+    "STREAM_STALLED",
     "CallInfo",
     "current_call",
     "current_principal",
@@ -22,6 +23,11 @@ __all__ = [
     "owner",
     "scope",
 ]
+
+
+STREAM_STALLED = "STREAM_STALLED"
+"""The reason of a server stream ended because its client took no message for the idle time
+(:mod:`aiserver.api.stalls`): the caller stopped reading, it did not leave."""
 
 
 @dataclass(slots=True)
@@ -38,6 +44,11 @@ class CallInfo:
 
     def failed(self, code: str, reason: str) -> None:
         self.code, self.reason = code, reason
+
+    @property
+    def stalled(self) -> bool:
+        """Ended by the server because its client stopped reading."""
+        return self.reason == STREAM_STALLED
 
 
 current_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar(

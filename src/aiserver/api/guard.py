@@ -25,7 +25,9 @@ Every request message goes through :func:`aiserver.api.malformed.tolerant`: one 
 cannot parse ends the call with INVALID_ARGUMENT ``MALFORMED_MESSAGE``, never INTERNAL. A
 client stream that sends nothing for ``upload_idle_s``, or is still sending after
 ``upload_total_s``, ends with DEADLINE_EXCEEDED ``UPLOAD_STALLED`` / ``UPLOAD_TOO_SLOW``
-(the servicer's upload reader then deletes what it spooled).
+(the servicer's upload reader then deletes what it spooled). A server stream whose client
+takes no message for ``stream_idle_s`` ends (:mod:`aiserver.api.stalls`); the in-process HTTP
+shim's streams are left to the shim's own watch over its clients.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from typing import Any, NoReturn
 
 import grpc
 
-from aiserver.api.calls import CallInfo, current_call
+from aiserver.api.calls import STREAM_STALLED, CallInfo, current_call
 from aiserver.api.malformed import Malformed, tolerant, tolerant_handler
+from aiserver.api.stalls import StallWatch, shut_connection
 from aiserver.api.status import abort, request_id_of
 from aiserver.api.wire import chunk_parsing, passing_encoded
 from aiserver.auth import ANONYMOUS, KeyRing, bearer_token, invalid_key, missing_key
@@ -131,8 +134,17 @@ class Guard(grpc.aio.ServerInterceptor):
         upload_total_s: float = 0.0,
         max_uploads_per_peer: int = 0,
         shim_token: str = "",
+        stream_idle_s: float = 0.0,
     ) -> None:
         self.keys = keys
+        self.local_ports: set[int] = set()
+        """The ports the server listens on (set once bound): a stalled stream's connection
+        is one of them."""
+        self.stalls = (
+            StallWatch(stream_idle_s, lambda peer: shut_connection(peer, self.local_ports))
+            if stream_idle_s > 0
+            else None
+        )
         self.shim_token = shim_token
         self.upload_idle_s = upload_idle_s
         self.upload_total_s = upload_total_s
@@ -261,9 +273,14 @@ class Guard(grpc.aio.ServerInterceptor):
                 request = call.requests(request) if request_stream else await call.one(request)
                 result = inner(request, context)
                 if inspect.isasyncgen(result):
+                    call.watch_writes()
                     try:
+                        # A yield returns when grpc has written the message: the time in
+                        # between is the client's (the watch ends the call past the idle time).
                         async for response in result:
+                            call.writing_since = time.monotonic()
                             yield response
+                            call.writing_since = None
                     finally:
                         await result.aclose()  # promptly, if this stream is closed early
                 else:  # a handler that writes with context.write()
@@ -288,8 +305,12 @@ class _Call:
         "_reader",
         "_started",
         "_streaming",
+        "_task",
+        "_watch",
         "context",
         "info",
+        "peer",
+        "writing_since",
     )
 
     def __init__(
@@ -301,12 +322,16 @@ class _Call:
         self._counted = False
         self._peer_counted = ""
         self._reader: _Requests | None = None
+        self._watch: StallWatch | None = None
+        self._task: asyncio.Task[Any] | None = None
         self._started = time.monotonic()
+        self.writing_since: float | None = None
         self.context = context
         rid = request_id_of(context)
         request_id_var.set(rid)
         context.set_trailing_metadata((("x-request-id", rid),))
-        self.info = CallInfo(method=method, request_id=rid, peer=context.peer() or "")
+        self.peer: str = context.peer() or ""
+        self.info = CallInfo(method=method, request_id=rid, peer=self.peer)
         current_call.set(self.info)
 
     async def admit(self, requests: AsyncIterator[Any] | None) -> None:
@@ -355,6 +380,31 @@ class _Call:
             else:
                 guard.uploads_by_peer.pop(host, None)
 
+    def watch_writes(self) -> None:
+        """Let the guard's stall watch see this server stream's writes (not the shim's)."""
+        watch = self._guard.stalls
+        if watch is None or self._from_shim():
+            return
+        self._task = asyncio.current_task()
+        if self._task is not None:
+            self._watch = watch
+            watch.add(self)
+
+    def stalled(self) -> None:
+        """The client took no message for the idle time: the handler task goes (grpc then
+        drops this stream's generator, which closes the servicer's)."""
+        self._watch = None
+        info = self.info
+        info.failed("DEADLINE_EXCEEDED", STREAM_STALLED)
+        logger.warning(
+            "rpc %s from %s: the client took no message for %g s; ending the stream",
+            info.method,
+            self.peer,
+            self._guard.stalls.idle_s if self._guard.stalls is not None else 0.0,
+        )
+        if self._task is not None:
+            self._task.cancel()
+
     def _from_shim(self) -> bool:
         token = self._guard.shim_token
         given = _metadata(self.context, SHIM_TOKEN_HEADER)
@@ -384,6 +434,9 @@ class _Call:
         guard, info = self._guard, self.info
         if self._reader is not None:
             self._reader.stop()  # a handler that stopped reading early leaves no timer
+        if self._watch is not None:
+            self._watch.discard(self)
+            self._watch = None
         if self._counted:
             self._counted = False
             guard.active_streams -= 1

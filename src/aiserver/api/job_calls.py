@@ -170,6 +170,7 @@ class JobCalls:
         result_only = mode == common_pb2.RESPONSE_MODE_RESULT
         link = self.link
         events = self.manager.subscribe(job.id, result_kinds if result_only else None)
+        call = calls.current_call.get()  # here: the generator may be closed from elsewhere
         try:
             async for event in events:
                 kind = event.kind
@@ -194,7 +195,9 @@ class JobCalls:
             # finished before exit or resumed at the next start. grpc cancels the handler
             # while it awaits (CancelledError) or closes this generator while it is suspended
             # at a yield, its event being written (GeneratorExit): both are the caller leaving.
-            if sync and self.manager.accepting:
+            # A caller that stopped reading did not leave: its job runs on, to be read later.
+            stalled = call is not None and call.stalled
+            if sync and self.manager.accepting and not stalled:
                 await asyncio.shield(self._cancel_quietly(job.id))
             raise
         finally:

@@ -84,13 +84,19 @@ class JobWrites:
             ),
         )
 
-    async def ride_out(self, active: ActiveJob, write: Callable[[], Awaitable[_T]]) -> _T:
+    async def ride_out(
+        self, active: ActiveJob, write: Callable[[], Awaitable[_T]], *, past_lease: bool = False
+    ) -> _T:
         """``write()``, tried again while the store is away (an outage) and this process's
         lease on the job has time left: a short outage (a database restart) then costs the
         job a pause, not a drop (a taker would re-run or repeat its prompt). Past the lease,
         or once the job is no longer held here, the outage is raised (the caller drops it).
         The bound is the lease left at the first failure: renewals that still get through
-        (a failure only some writes see, the bucket's) do not stretch it for ever."""
+        (a failure only some writes see, the bucket's) do not stretch it for ever.
+
+        ``past_lease``: tried until the store answers (or the job is no longer held here,
+        as at stop), for a write whose fence settles it: the final one, which may have
+        committed with its answer lost; only the store can tell (``store_end``)."""
         delay = 0.1
         loop = asyncio.get_running_loop()
         deadline: float | None = None
@@ -100,10 +106,11 @@ class JobWrites:
             except Exception as exc:
                 if self._leases is None or backend_outage(exc) is None:
                     raise
+                if self._active.get(active.job.id) is not active:
+                    raise
                 if deadline is None:
                     deadline = loop.time() + self._leases.time_left(active.job.id)
-                left = deadline - loop.time()
-                if self._active.get(active.job.id) is not active or left <= delay:
+                if not past_lease and deadline - loop.time() <= delay:
                     raise
                 logger.info("job %s: store unreachable; writing again (%s)", active.job.id, exc)
             await asyncio.sleep(delay)
@@ -156,7 +163,10 @@ class JobWrites:
                 log.forget(final.id)
                 logger.info("job %s: its end was stored by a write whose answer was lost", final.id)
 
-        await self.ride_out(active, end)
+        # Past the lease too: a write that committed (its answer lost) released the lease, so
+        # no taker comes, and dropping the job here would lose its Finished and local hooks;
+        # one that did not commit is fenced off once a taker holds the job (LeaseLost).
+        await self.ride_out(active, end, past_lease=True)
         return True
 
     async def _stored_end_is(self, record: JobRecord) -> bool:
