@@ -171,6 +171,9 @@ def compat_field_name(path: str) -> str:
 
 
 def content_disposition(kind: str, file_name: str) -> str:
+    plain_already = file_name.isascii() and file_name.isprintable()
+    if plain_already and '"' not in file_name and "\\" not in file_name:
+        return f'{kind}; filename="{file_name or "file"}"'  # the usual name: no per-char walk
     plain = "".join(c for c in file_name if c.isascii() and c.isprintable() and c not in '"\\')
     value = f'{kind}; filename="{plain or "file"}"'
     if plain != file_name:
