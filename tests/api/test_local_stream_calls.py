@@ -6,6 +6,7 @@ task, and its stream slot is given back; its context variables never reach the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,8 @@ import pytest
 from imagetasks.v1 import artifact_service_pb2
 
 from aiserver.api.local_calls import LocalCalls
+from aiserver.gateway import streams
+from aiserver.gateway.errors import GatewayError
 from aiserver.logs import request_id_var
 from aiserver.server import Service
 from tests.support.artifacts import put_ref
@@ -175,3 +178,159 @@ async def test_a_read_closed_while_it_waits_ends_the_handler(service: Service) -
     reading.close()
     assert ended == ["cancelled", "closed"]
     assert local.interceptor.active_streams == 0
+
+
+def _handler(fn: Any) -> Any:
+    return grpc.unary_stream_rpc_method_handler(
+        fn, request_deserializer=bytes, response_serializer=bytes
+    )
+
+
+async def _slots_freed(local: LocalCalls) -> None:
+    async with asyncio.timeout(10):  # given back in the background
+        while local.interceptor.active_streams:
+            await asyncio.sleep(0.01)
+
+
+async def test_a_read_closed_while_it_waits_finishes_a_cleanup_that_awaits(
+    service: Service,
+) -> None:
+    """The handler's cleanup waits: it is finished by a task of its own (closing only what
+    it awaited would leave its generator running, its stream slot held, for good)."""
+    local = _local(service)
+    started, ended = asyncio.Event(), list[str]()
+
+    async def slow_cleanup(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        try:
+            yield b"first"
+            started.set()
+            await asyncio.Event().wait()
+        finally:
+            ended.append("cleaning")
+            await asyncio.sleep(0.01)
+            ended.append("cleaned")
+
+    local.add("/test.Local/SlowCleanup", _handler(slow_cleanup))
+    made = local.unary_stream("/test.Local/SlowCleanup", bytes, bytes)
+    assert made is not None
+    call = made(b"", metadata=())
+    assert await call.read() == b"first"
+    reading = call.read()
+    reading.send(None)
+    assert started.is_set() and local.interceptor.active_streams == 1
+    reading.close()
+    assert call.done()
+    await _slots_freed(local)
+    assert ended == ["cleaning", "cleaned"]
+    assert await call.read() is grpc.aio.EOF
+    assert call.cancel() is False
+
+
+async def test_a_read_closed_while_it_waits_closes_a_handler_that_goes_on(
+    service: Service,
+) -> None:
+    local = _local(service)
+    started, ended = asyncio.Event(), list[str]()
+
+    async def goes_on(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        try:
+            yield b"first"
+            started.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+            yield b"after"
+            await asyncio.Event().wait()
+        finally:
+            ended.append("closed")
+
+    local.add("/test.Local/GoesOn", _handler(goes_on))
+    made = local.unary_stream("/test.Local/GoesOn", bytes, bytes)
+    assert made is not None
+    call = made(b"", metadata=())
+    assert await call.read() == b"first"
+    reading = call.read()
+    reading.send(None)
+    reading.close()
+    await _slots_freed(local)
+    assert ended == ["closed"]
+    assert await call.read() is grpc.aio.EOF
+
+
+async def test_cancel_during_a_read_ends_it_even_if_the_handler_goes_on(
+    service: Service,
+) -> None:
+    """The handler swallows the cancellation and yields again: the read raises
+    CancelledError all the same (cancel() said True), and the handler is closed."""
+    local = _local(service)
+    started, ended = asyncio.Event(), list[str]()
+
+    async def swallows(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        try:
+            yield b"first"
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                ended.append("swallowed")
+            yield b"after-cancel"
+            await asyncio.Event().wait()
+        finally:
+            ended.append("closed")
+
+    local.add("/test.Local/Swallows", _handler(swallows))
+    made = local.unary_stream("/test.Local/Swallows", bytes, bytes)
+    assert made is not None
+    call = made(b"", metadata=())
+    outcome: list[Any] = []
+
+    async def reader() -> None:
+        assert await call.read() == b"first"
+        try:
+            outcome.append(await call.read())
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            outcome.append(("cancelled", task.cancelling()))
+
+    task = asyncio.create_task(reader())
+    await asyncio.wait_for(started.wait(), 10)
+    assert call.cancel() is True
+    await task
+    assert outcome == [("cancelled", 0)]  # the call's cancel, not the task's
+    await _slots_freed(local)
+    assert ended == ["swallowed", "closed"]
+    assert await call.read() is grpc.aio.EOF
+
+
+async def test_the_pump_tells_a_cancelled_call_from_its_own_stop(service: Service) -> None:
+    """The gateway cancels long-lived calls when it stops: the pump, whose task runs the
+    handler, says so in band (GATEWAY_STOPPING), as over the network; a pump that is
+    itself stopped still just ends."""
+    local = _local(service)
+    started, ended = asyncio.Event(), list[str]()
+    local.add(_WAIT, _waiting_handler(started, ended))
+    made = local.unary_stream(_WAIT, bytes, bytes)
+    assert made is not None
+
+    call = made(b"", metadata=())
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    pump = asyncio.create_task(streams._pump(call, queue))
+    assert await asyncio.wait_for(queue.get(), 10) == b"first"
+    await asyncio.wait_for(started.wait(), 10)
+    assert call.cancel() is True
+    await pump  # ends, not cancelled
+    stopping = queue.get_nowait()
+    assert isinstance(stopping, GatewayError) and stopping.error_code == "GATEWAY_STOPPING"
+    await _slots_freed(local)
+
+    started.clear()
+    call = made(b"", metadata=())
+    queue = asyncio.Queue()
+    pump = asyncio.create_task(streams._pump(call, queue))
+    assert await asyncio.wait_for(queue.get(), 10) == b"first"
+    await asyncio.wait_for(started.wait(), 10)
+    pump.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pump
+    assert queue.empty()
+    await _slots_freed(local)

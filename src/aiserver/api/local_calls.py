@@ -79,21 +79,35 @@ class _Context:
 
 class _InContext:
     """Awaits ``coro`` with each of its steps run in ``context``, in the awaiting task: what a
-    task of its own would give (the handler's context variables stay in ``context``),
+    task of its own would give for context variables (the handler's stay in ``context``),
     without a task and its two turns of the event loop per step. The futures ``coro`` waits
-    for are the awaiting task's to wait for; a cancellation of that task is thrown into
-    ``coro``, as it would be into its own task's."""
+    for are the awaiting task's to wait for, and a cancellation of that task is thrown into
+    ``coro``. The awaiting task is ``coro``'s ``asyncio.current_task()``: code in ``coro``
+    that binds to it across a suspension (``asyncio.timeout`` spanning an ``await`` of the
+    awaiting task, a saved task it cancels later) binds to the awaiting task.
 
-    __slots__ = ("_context", "_coro")
+    If the awaiting coroutine is closed while pending (a task destroyed), ``coro`` is
+    cancelled there and then; if its cleanup has to wait, ``orphaned`` gets the rest of it,
+    an awaitable that finishes it, to await elsewhere (closing ``coro`` instead would close
+    only what it awaits, never the async generator that awaits in it)."""
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context) -> None:
+    __slots__ = ("_context", "_coro", "_orphaned")
+
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        context: contextvars.Context,
+        orphaned: Callable[[_Rest | None], None],
+    ) -> None:
         self._coro = coro
         self._context = context
+        self._orphaned = orphaned
 
     def __await__(self) -> Generator[Any, None, Any]:
+        return self._steps(self._coro.send, None)
+
+    def _steps(self, step: Callable[[Any], Any], value: Any) -> Generator[Any, None, Any]:
         run, coro = self._context.run, self._coro
-        step: Callable[[Any], Any] = coro.send
-        value: Any = None
         while True:
             try:
                 waiting = run(step, value)
@@ -102,16 +116,52 @@ class _InContext:
             try:
                 yield waiting
             except GeneratorExit:
-                # The awaiting coroutine is closed (a task destroyed while pending): the
-                # handler is cancelled, so that its cleanup runs now (its stream slot).
-                with contextlib.suppress(BaseException):
-                    run(coro.throw, asyncio.CancelledError())
-                run(coro.close)
+                self._orphan()
                 raise
             except BaseException as exc:  # the task's cancellation: the handler's now
                 step, value = coro.throw, exc
             else:
                 step, value = coro.send, None
+
+    def _resumed(self, waiting: Any) -> Generator[Any, None, Any]:
+        try:
+            yield waiting
+        except GeneratorExit:
+            self._orphan()
+            raise
+        except BaseException as exc:
+            return (yield from self._steps(self._coro.throw, exc))
+        return (yield from self._steps(self._coro.send, None))
+
+    def _orphan(self) -> None:
+        rest = None
+        try:
+            waiting = self._context.run(self._coro.throw, asyncio.CancelledError())
+        except BaseException:  # it ended, whichever way: nothing left to run
+            pass
+        else:
+            rest = _Rest(self, waiting)
+        self._orphaned(rest)
+
+    def close(self) -> None:
+        self._context.run(self._coro.close)
+
+
+class _Rest:
+    """What is left of an :class:`_InContext` whose awaiting coroutine was closed: awaiting
+    this runs it on from the future it waits for."""
+
+    __slots__ = ("_of", "_waiting")
+
+    def __init__(self, of: _InContext, waiting: Any) -> None:
+        self._of = of
+        self._waiting = waiting
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._of._resumed(self._waiting)
+
+    def close(self) -> None:
+        self._of.close()
 
 
 class _LocalStreamCall:
@@ -119,7 +169,15 @@ class _LocalStreamCall:
 
     The handler's steps run in the reading task (:class:`_InContext`), in the call's own
     context, so the interceptor's context variables (the current call, request id) stay out
-    of the shim's request handler. A warm variant is then three reads and no task."""
+    of the shim's request handler. A warm variant is then three reads and no task.
+
+    Because the reading task runs the handler, a handler served this way must not bind to
+    ``asyncio.current_task()`` across a ``yield`` (an ``asyncio.timeout`` around a yield
+    would cancel the shim's HTTP handler): the guard's stall watch, the one such binding,
+    leaves the shim's calls out. A cancellation of the reading task during a read cancels
+    the handler where it waits; ``cancel()`` during a read does so too, and then takes its
+    cancellation back from the reading task, so that the read raises ``CancelledError``
+    with the task not being cancelled, as grpc's read of a call cancelled under it."""
 
     def __init__(
         self,
@@ -136,6 +194,7 @@ class _LocalStreamCall:
         self._done = False
         self._loop = asyncio.get_running_loop()
         self._reader: asyncio.Task[Any] | None = None
+        self._cancelled_reader = False  # cancel() cancelled the read in progress
 
     async def _next(self) -> Any:
         if self._responses is None:
@@ -148,28 +207,45 @@ class _LocalStreamCall:
     async def read(self) -> Any:
         if self._done:
             return grpc.aio.EOF
-        self._reader = asyncio.current_task(self._loop)  # (no loop: a lookup and a getpid)
+        reader = self._reader = asyncio.current_task(self._loop)  # (no loop: a lookup, a getpid)
         try:
-            msg = await _InContext(self._next(), self._run_in)
+            msg = await _InContext(self._next(), self._run_in, self._orphaned)
         except StopAsyncIteration:
-            self._done = True
+            self._end(reader)
             return grpc.aio.EOF
         except grpc.aio.AbortError:
-            self._done = True
+            self._end(reader)
             assert self._context.error is not None
             raise self._context.error from None
         except asyncio.CancelledError:
-            self._done = True
-            self._close_later()  # (the handler saw the cancellation: usually a no-op)
+            self._end(reader)
+            self._close_later()  # (a no-op: the generator ended with it or never began)
             raise
         except Exception as exc:  # what grpc would answer an unhandled error with
-            self._done = True
+            self._end(reader)
             raise _status(
                 grpc.StatusCode.UNKNOWN, self._context, f"Unexpected {type(exc).__name__}"
             ) from None
+        except GeneratorExit:  # closed while pending: the handler ended or was handed on
+            self._done = True
+            raise
         finally:
             self._reader = None
+        if self._cancelled_reader:  # the handler went on after cancel()
+            self._end(reader)
         return self._deserialize(self._serialize(msg))
+
+    def _end(self, reader: asyncio.Task[Any] | None) -> None:
+        self._done = True
+        if self._cancelled_reader:
+            # cancel() during the read: its cancellation of this task is taken back (the
+            # task itself is not being cancelled), and the read raises CancelledError
+            # whatever the handler did with it, as grpc's read of a cancelled call.
+            self._cancelled_reader = False
+            if reader is not None:
+                reader.uncancel()
+            self._close_later()  # (a handler that went on to its next message)
+            raise asyncio.CancelledError
 
     def cancel(self) -> bool:
         if self._done:
@@ -178,19 +254,48 @@ class _LocalStreamCall:
         reader = self._reader
         if reader is not None:
             # Cancelled by another task during a read: the handler is cancelled where it
-            # waits, and the read raises CancelledError, as grpc's does.
+            # waits (in the reading task), and the read raises CancelledError.
+            self._cancelled_reader = True
             reader.cancel()
         else:
             self._close_later()
         return True
 
+    def _ended(self) -> bool:
+        """The handler's generator never started or has finished: nothing to close."""
+        responses = self._responses
+        return responses is None or getattr(responses, "ag_frame", True) is None
+
+    def _orphaned(self, rest: _Rest | None) -> None:
+        # A read closed while pending: the handler was cancelled; ``rest`` is its cleanup
+        # that still waits, finished here by a task of its own.
+        self._done = True
+        if rest is None:
+            self._close_later()
+            return
+        if not self._spawn(self._finish(rest), contextvars.Context()):
+            rest.close()
+
+    async def _finish(self, rest: _Rest) -> None:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await rest
+        self._close_later()
+
     def _close_later(self) -> None:
         # Closing runs the handlers' finally blocks (the interceptor's stream count).
-        if self._responses is None:
-            return  # never started: nothing to close
-        closing = self._loop.create_task(self._close(), context=self._run_in)
-        _background.add(closing)
-        closing.add_done_callback(_background.discard)
+        if self._ended():
+            return
+        self._spawn(self._close(), self._run_in)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], context: contextvars.Context) -> bool:
+        try:
+            task = self._loop.create_task(coro, context=context)
+        except RuntimeError:  # the loop is closed (a reader collected late): nothing can wait
+            coro.close()
+            return False
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+        return True
 
     async def _close(self) -> None:
         aclose = getattr(self._responses, "aclose", None)
