@@ -87,20 +87,20 @@ class StallWatch:
         self._writers: set[Writer] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._shutting: set[asyncio.Task[None]] = set()
-        self.serving: Counter[str] = Counter()
+        self.serving: dict[str, int] = {}
         """Per peer: its calls being served (opened, not finished nor stalled)."""
         self._spared: deque[tuple[float, str]] = deque()
         """Spared stalled streams, oldest first: when, and their connection (peer)."""
 
     def opened(self, peer: str) -> None:
-        self.serving[peer] += 1
+        serving = self.serving
+        serving[peer] = serving.get(peer, 0) + 1
 
     def closed(self, peer: str) -> None:
-        left = self.serving[peer] - 1
+        serving = self.serving
+        left = serving.pop(peer, 1) - 1
         if left > 0:
-            self.serving[peer] = left
-        else:
-            del self.serving[peer]
+            serving[peer] = left
 
     def add(self, writer: Writer) -> None:
         self._writers.add(writer)
