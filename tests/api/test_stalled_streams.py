@@ -32,6 +32,8 @@ from imagetasks.v1 import (
 from imagetasks.v1 import job_service_pb2 as jpb
 from PIL import Image
 
+from aiserver.config import load_settings
+from aiserver.security import Security
 from aiserver.server import Service
 from tests.support.generation import REQUEST_TYPES, comfy_service, generate
 from tests.support.grpc_helpers import send_all, upload_messages
@@ -401,3 +403,15 @@ async def test_past_the_spared_bound_the_connection_holding_most_is_shut(
                 r.levelno == logging.WARNING and "shutting the connection of" in r.getMessage()
                 for r in caplog.records
             )
+
+
+def test_the_stream_idle_time_is_the_upload_idle_time_unless_set() -> None:
+    def idle(**env: str) -> float:
+        settings = load_settings({f"AISERVER_{k.upper()}": v for k, v in env.items()})
+        return Security.from_settings(settings).stream_idle_s
+
+    assert idle(upload_idle_timeout_s="7") == 7.0
+    assert idle(upload_idle_timeout_s="7", stream_idle_timeout_s="3") == 3.0
+    assert idle(upload_idle_timeout_s="7", stream_idle_timeout_s="0") == 0.0
+    off = Security.from_settings(load_settings({"AISERVER_STREAM_IDLE_TIMEOUT_S": "0"}))
+    assert off.guard(None).stalls is None
