@@ -11,13 +11,16 @@ Reads one JSON command a line on stdin and answers each with one JSON line:
   agents, done as cheaply as measured) against these agents, round-robin;
 - ``{"floor": "127.0.0.1:PORT"}``: the bare gRPC server of :mod:`bench.grpc_floor`, one job's
   messages per call;
-- ``{"run": PATH, "concurrency": N, "jobs": K}`` (``PATH`` one of the above): ``K`` jobs
-  from ``N`` callers (each a different tiny PNG, made before the clock starts):
-  ``{"latencies": [...], "done": {key: t}, "failed": [...], "jobs_per_s": x}`` (``t`` and
-  latencies from ``perf_counter``, CLOCK_MONOTONIC: one clock for every process);
+- ``{"inputs": K}``: makes the next segment's ``K`` inputs (each a different tiny PNG, 0.2 ms
+  of CPU apiece: asked for before the parent reads any process's CPU, so not counted);
+- ``{"run": PATH, "concurrency": N}`` (``PATH`` one of the above; optional ``"rate"``: jobs/s,
+  open loop, see :func:`bench.client_loop._segment`): one job per input from ``N`` callers:
+  ``{"latencies": [...], "done": {key: t}, "failed": [...], "jobs_per_s": x, "cpu_s": c}``
+  (``t`` and latencies from ``perf_counter``, CLOCK_MONOTONIC: one clock for every process;
+  ``c`` this process's CPU over the segment alone, ``time.process_time``);
 - ``quit`` (or end of input): stops.
 
-:class:`Callers` is the parent's handle; :func:`Callers.cpu_seconds` reads the process's CPU.
+:class:`Callers` is the parent's handle.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +47,7 @@ from bench.client_loop import (
 )
 from bench.comfy_direct import DirectComfy
 from bench.comfy_lean import LeanComfy
-from bench.common import cpu_seconds, quit_child
+from bench.common import quit_child
 from bench.grpc_floor import floor_job
 
 
@@ -53,6 +57,7 @@ async def main() -> None:
     channels: list[grpc.aio.Channel] = []
     clients: list[DirectComfy] = []
     lean: list[LeanComfy] = []
+    pngs: list[bytes] = []
     try:
         while True:
             line = (await asyncio.to_thread(sys.stdin.readline)).strip()
@@ -84,15 +89,21 @@ async def main() -> None:
                 paths["floor"] = floor_job(channel)
                 await _segment(paths["floor"], 4, inputs.take(8))
                 answer = {"ok": True}
+            elif "inputs" in command:  # made before the parent reads any process's CPU
+                pngs = inputs.take(int(command["inputs"]))
+                answer = {"ok": True}
             else:
-                pngs = inputs.take(int(command["jobs"]))
-                answer = await _segment(paths[command["run"]], int(command["concurrency"]), pngs)
+                run = paths[command["run"]]
+                cpu = time.process_time()
+                answer = await _segment(run, int(command["concurrency"]), pngs, command.get("rate"))
+                answer["cpu_s"] = time.process_time() - cpu
+                pngs = []
             print(json.dumps(answer), flush=True)
     finally:
         for channel in channels:
             await channel.close()
-        for client in clients:
-            await client.aclose()
+        for direct_client in clients:
+            await direct_client.aclose()
         for lean_client in lean:
             await lean_client.aclose()
 
@@ -143,9 +154,6 @@ class Callers:
             raise RuntimeError(f"the callers' process stopped:\n{tail}")
         answer: dict[str, Any] = json.loads(line)
         return answer
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
 
 
 if __name__ == "__main__":

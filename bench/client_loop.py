@@ -47,22 +47,34 @@ class Inputs:
         return out
 
 
-async def _segment(job: JobFn, concurrency: int, inputs: list[bytes]) -> dict[str, Any]:
-    """One job per input from ``concurrency`` callers: latencies, completion times by key."""
+async def _segment(
+    job: JobFn, concurrency: int, inputs: list[bytes], rate: float | None = None
+) -> dict[str, Any]:
+    """One job per input from ``concurrency`` callers: latencies, completion times by key.
+
+    ``rate`` (jobs/s): job ``i`` starts no sooner than ``i / rate`` s after the segment's
+    start (open loop, at most ``concurrency`` in flight), so that a process's CPU per job is
+    read at a given rate (it falls as the rate rises: more work per wake-up and per syscall);
+    None: closed loop, each caller's jobs back to back."""
     latencies: list[float] = []
     done: dict[str, float] = {}
     failed: list[str] = []
-    queue = iter(inputs)
+    queue = iter(enumerate(inputs))
+    start = 0.0
 
     async def caller(index: int) -> None:
-        for png in queue:
-            start = time.perf_counter()
+        for i, png in queue:
+            if rate:
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            began = time.perf_counter()
             try:
                 key, finished_at = await job(index, png)
             except JobFailed as exc:
                 failed.append(str(exc))
                 continue
-            latencies.append(finished_at - start)
+            latencies.append(finished_at - began)
             done[key] = finished_at
 
     start = time.perf_counter()
@@ -78,12 +90,15 @@ async def _segment(job: JobFn, concurrency: int, inputs: list[bytes]) -> dict[st
     }
 
 
-def _service_job(channel: grpc.aio.Channel) -> JobFn:
+def _service_job(
+    channel: grpc.aio.Channel,
+    mode: common_pb2.ResponseMode.ValueType = common_pb2.RESPONSE_MODE_SYNC,
+) -> JobFn:
+    """ImageUpscale over gRPC with references: SYNC (every event) by default; RESPONSE_MODE_RESULT
+    streams ``finished`` alone (what the HTTP shim's ``Sync=true`` asks for)."""
     stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
     params = tasks_pb2.ImageUpscaleParams(
-        options=common_pb2.JobOptions(
-            mode=common_pb2.RESPONSE_MODE_SYNC, delivery=common_pb2.OUTPUT_DELIVERY_REFERENCES
-        )
+        options=common_pb2.JobOptions(mode=mode, delivery=common_pb2.OUTPUT_DELIVERY_REFERENCES)
     )
     first = gpb.ImageUpscaleRequest(params=params)
 

@@ -9,8 +9,9 @@ asked for ``supports_preview_metadata``), so no ``/history`` or ``/view`` per jo
 hand-written script's way (a websocket per job, four requests); this is the same exchange as the
 service's, done as cheaply as this machine's Python measured: the HTTP requests through
 ``aiserver.providers.comfy.agent_http`` (42-44 µs of CPU a request against aiohttp's client's
-130-141), the upload's multipart body joined by hand, the prompt and frames in orjson, the
-socket read by aiohttp's C frame reader and handed to the job's future in the reader's step.
+130-141: bench/README.md, the provider's section), the upload's multipart body joined by
+hand, the prompt and frames in orjson, the socket read by aiohttp's C frame reader and
+handed to the job's future in the reader's step.
 No persistence, retries, progress or placement: what a process pays for the protocol alone.
 """
 
@@ -28,8 +29,10 @@ import aiohttp
 import orjson
 
 from aiserver.providers.comfy.agent_http import AgentHttp
+from bench.client_loop import JobFailed
 from bench.comfy_direct import UPSCALE_GRAPH, DirectResult
 
+JOB_TIMEOUT_S = 120.0  # as the bench's gRPC callers' deadline: a lost end fails the job
 _META = 4  # binary frame: [u32 4][u32 len][JSON naming prompt_id][image]
 
 
@@ -85,7 +88,7 @@ class LeanComfy:
                     continue
                 size = int.from_bytes(data[4:8], "big")
                 meta = orjson.loads(data[8 : 8 + size])
-                job = jobs.get(meta.get("prompt_id"))
+                job = jobs.get(str(meta.get("prompt_id")))
                 if job is not None:
                     job.outputs.append(data[8 + size :])
                 continue
@@ -93,17 +96,19 @@ class LeanComfy:
                 break
             message = orjson.loads(frame.data)
             body = message.get("data") or {}
-            job = jobs.get(body.get("prompt_id"))
-            if job is None:
+            job = jobs.get(str(body.get("prompt_id")))
+            # ComfyUI still sends ``executing`` null after ``execution_error``: a job's first
+            # end decides it (a second set_result would raise and end this reader).
+            if job is None or job.done.done():
                 continue
             kind = message.get("type")
             if kind == "executing" and body.get("node") is None:
                 job.done.set_result(None)
             elif kind == "execution_error":
-                job.done.set_exception(RuntimeError(body.get("exception_message")))
+                job.done.set_exception(JobFailed(f"agent: {body.get('exception_message')}"))
         for job in jobs.values():  # the socket ended: every job in flight fails
             if not job.done.done():
-                job.done.set_exception(RuntimeError("the agent's websocket ended"))
+                job.done.set_exception(JobFailed("the agent's websocket ended"))
 
     def upscale_graph(self, image_name: str, width: int, height: int, prompt_id: str) -> Any:
         graph = copy.copy(self.graph)  # only nodes 1, 4 and 5 change: new dicts for those
@@ -135,7 +140,7 @@ class LeanComfy:
             content_type=f"multipart/form-data; boundary={boundary}",
         )
         if up.status != 200:
-            raise RuntimeError(f"upload: HTTP {up.status}")
+            raise JobFailed(f"upload: HTTP {up.status}")
         name = orjson.loads(up.body)["name"]
         job = _Job(asyncio.get_running_loop().create_future())
         self.jobs[prompt_id] = job
@@ -149,8 +154,12 @@ class LeanComfy:
                 "POST", "/prompt", body=orjson.dumps(body), content_type="application/json"
             )
             if queued.status != 200:
-                raise RuntimeError(f"prompt: HTTP {queued.status}")
-            await job.done
+                raise JobFailed(f"prompt: HTTP {queued.status}")
+            try:
+                async with asyncio.timeout(JOB_TIMEOUT_S):
+                    await job.done
+            except TimeoutError:
+                raise JobFailed(f"no end of the prompt within {JOB_TIMEOUT_S:.0f} s") from None
         finally:
             del self.jobs[prompt_id]
         done_at = time.perf_counter()

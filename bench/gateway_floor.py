@@ -20,18 +20,29 @@ from ``/proc``, and their p50 (segments in turn: read the CPU, latency moves wit
   ``http-echo`` (a bare aiohttp handler that reads the body and answers a fixed job JSON: the
   HTTP side alone), ``http-bare-aio`` and ``http-bare-sync`` (a bare handler: the body read
   whole, the image cut out by the boundary, the call made with that client, the job JSON
-  built), ``gateway`` (``aiserver gateway``), ``gateway-other`` (the same from the source
-  tree ``--other``, e.g. ``git archive main | tar -x -C /tmp/main``).
+  built), ``http-bare-result`` (the same bare handler and grpc.aio call with
+  RESPONSE_MODE_RESULT, as the gateway's ``Sync=true`` asks, answered at ``finished`` with
+  the call held until its status: the gateway's floor), ``gateway`` (``aiserver
+  gateway``), ``gateway-other`` (the same from the source tree ``--other``, e.g. ``git
+  archive main | tar -x -C /tmp/main``).
 - ``...-uvloop``: that variant on uvloop's event loop (``BENCH_UVLOOP_PATH``: a folder it is
   installed in; neither it nor grpclib is a dependency).
 
 Variants run in turn, the order rotating by round; figures are medians of the rounds [min..max].
+
+``--interleave`` (HTTP servers only, e.g. ``--variants http-bare-result,gateway,gateway-other
+--other /tmp/main``): the servers run side by side and every segment's jobs take them in
+turn (job k the k-th server, the start rotating by round), so that each sees the same load
+from the rest of a shared machine; each process's CPU per job over the same segment, and
+each variant's CPU over the first one's per round (paired ratios).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import itertools
 import json
 import os
 import resource
@@ -39,6 +50,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +81,7 @@ SERVERS = (
     "http-echo",
     "http-bare-aio",
     "http-bare-sync",
+    "http-bare-result",
     "gateway",
     "http-bare-aio-uvloop",
     "gateway-uvloop",
@@ -116,14 +129,19 @@ def _finished_job(responses: Any) -> Any:
     return job
 
 
-def _aio_caller(target: str, options: list[tuple[str, Any]], mode: int = 1) -> Any:
+def _aio_caller(
+    target: str, options: list[tuple[str, Any]], mode: int = 1, *, to_status: bool = True
+) -> Any:
     """``mode``: RESPONSE_MODE_SYNC (1), ASYNC (2: the stream is accepted, then its end) or
-    RESULT (3: finished, then the end)."""
+    RESULT (3: finished, then the end). Without ``to_status`` (RESULT only) the job is
+    returned at ``finished`` and the call is held, unread, until grpc has its status (as
+    ``aiserver gateway`` does): one read fewer."""
     import grpc
     from imagetasks.v1 import generation_service_pb2_grpc
 
     channel = grpc.aio.insecure_channel(target, options=options)
     stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+    held: set[Any] = set()
 
     async def call(png: bytes) -> Any:
         first, chunk = _messages(png, mode)
@@ -131,6 +149,10 @@ def _aio_caller(target: str, options: list[tuple[str, Any]], mode: int = 1) -> A
         await stream.write(first)
         await stream.write(chunk)
         await stream.done_writing()
+        if not to_status:
+            held.add(stream)
+            stream.add_done_callback(held.discard)
+            return _finished_job([await stream.read()])
         responses = []
         while (msg := await stream.read()) is not grpc.aio.EOF:
             responses.append(msg)
@@ -294,6 +316,8 @@ def _serve(variant: str, target: str, port: int) -> None:
         nonlocal call
         if variant == "http-bare-aio":
             call = _aio_caller(target, [])
+        elif variant == "http-bare-result":
+            call = _aio_caller(target, [], mode=3, to_status=False)
         app = web.Application()
         app.router.add_post("/api/ImageUpscale", handle)
         runner = web.AppRunner(app, access_log=None)
@@ -331,10 +355,18 @@ async def _client_variant(variant: str, target: str, jobs: int) -> tuple[float, 
 async def _server_variant(
     variant: str, target: str, session: aiohttp.ClientSession, pngs: list[bytes], log: Path
 ) -> tuple[float, float]:
+    async with _server(variant, target, log) as (pid, base):
+        return await _load(pid, base, session, pngs)
+
+
+@contextlib.asynccontextmanager
+async def _server(variant: str, target: str, log: Path) -> AsyncIterator[tuple[int, str]]:
+    """An HTTP server variant in its own process: its pid and base URL."""
     if variant in ("gateway", "gateway-other"):  # as bench.gateway_path starts it
         root = _OTHER if variant == "gateway-other" else None
         async with _Gateway(target, log, root) as gateway:
-            return await _load(gateway.pid, gateway.url, session, pngs)
+            yield gateway.pid, gateway.url
+        return
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -344,7 +376,6 @@ async def _server_variant(
         env=_env(),
     )
     try:
-        base = f"http://127.0.0.1:{port}"
         async with asyncio.timeout(60):
             while True:
                 try:
@@ -354,10 +385,81 @@ async def _server_variant(
                     continue
                 writer.close()
                 break
-        return await _load(proc.pid, base, session, pngs)
+        yield proc.pid, f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         await proc.wait()
+
+
+def _in_turn(calls: list[Any], latencies: list[list[float]], first: int) -> Any:
+    """A job function whose jobs take ``calls`` in turn from ``first``; latencies by call."""
+    turn = itertools.count(first)
+
+    async def job(index: int, png: bytes) -> tuple[str, float]:
+        which = next(turn) % len(calls)
+        start = time.perf_counter()
+        key, done_at = await calls[which](index, png)
+        latencies[which].append(done_at - start)
+        return key, done_at
+
+    return job
+
+
+async def _interleaved(jobs: int, rounds: int, variants: tuple[str, ...]) -> dict[str, Any]:
+    """``--interleave`` (see the module doc)."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gw-floor-"))
+    inputs = Inputs()
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    p50s: dict[str, list[float]] = {v: [] for v in variants}
+    ratios: dict[str, list[float]] = {v: [] for v in variants}
+    try:
+        async with (
+            StandIns(AGENTS, tmp / "comfy") as agents,
+            ServiceProcess(service_env(tmp / "service", agents.urls), tmp / "service.log") as svc,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            import grpc
+
+            async with grpc.aio.insecure_channel(svc.target) as channel:
+                await _wait_ready(channel)
+            servers = [
+                await stack.enter_async_context(_server(v, svc.target, tmp / f"{v}.log"))
+                for v in variants
+            ]
+            calls = [_http_job(session, base) for _, base in servers]
+            for r in range(-1, rounds):  # round -1: the warm-up
+                latencies: list[list[float]] = [[] for _ in variants]
+                job = _in_turn(calls, latencies, r)
+                before = [cpu_seconds(pid) for pid, _ in servers]
+                n = 8 * len(variants) if r < 0 else jobs * len(variants)
+                await _segment(job, CONCURRENCY, inputs.take(n))
+                after = [cpu_seconds(pid) for pid, _ in servers]
+                await agents.reset()
+                if r < 0:
+                    continue
+                per = [
+                    (a - b) * 1000 / max(len(lat), 1)
+                    for a, b, lat in zip(after, before, latencies, strict=True)
+                ]
+                for v, value, lat in zip(variants, per, latencies, strict=True):
+                    cpu[v].append(value)
+                    p50s[v].append(ms(percentile(lat, 50)))
+                    ratios[v].append(value / per[0])
+                print(
+                    f"round {r + 1} "
+                    + "  ".join(
+                        f"{v} {value:.2f} ms CPU/job p50 {p50s[v][-1]:.1f}"
+                        for v, value in zip(variants, per, strict=True)
+                    ),
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        v: {"cpu": spread(cpu[v], 2), "p50": spread(p50s[v], 2), "ratio": spread(ratios[v], 3)}
+        for v in variants
+    }
 
 
 async def _load(
@@ -436,6 +538,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--other", type=Path, help="variant gateway-other: aiserver gateway from this tree"
     )
+    parser.add_argument(
+        "--interleave", action="store_true", help="HTTP servers side by side, jobs in turn"
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
@@ -450,11 +555,20 @@ if __name__ == "__main__":
         raise SystemExit(0)
     _OTHER = args.other
     chosen = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    result = asyncio.run(_run(args.jobs, args.rounds, chosen))
+    if args.interleave:
+        result = asyncio.run(_interleaved(args.jobs, args.rounds, chosen))
+    else:
+        result = asyncio.run(_run(args.jobs, args.rounds, chosen))
     print()
     for variant, figures in result.items():
         c, p = figures["cpu"], figures["p50"]
+        ratio = figures.get("ratio")
         print(
             f"{variant:20s} CPU {c['median']:6.2f} [{c['min']:.2f}..{c['max']:.2f}] ms/job"
             f"   p50 {p['median']:6.2f} [{p['min']:.2f}..{p['max']:.2f}] ms"
+            + (
+                f"   / {chosen[0]} {ratio['median']:.3f} [{ratio['min']:.3f}..{ratio['max']:.3f}]"
+                if ratio
+                else ""
+            )
         )

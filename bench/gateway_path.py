@@ -20,6 +20,12 @@ Figures: p50 of each path and the added p50; the shim's CPU per job: the service
 CPU per HTTP job minus per gRPC job (embedded: it can be negative, the in-process calls skip
 the gRPC server's HTTP/2 work), plus the gateway process's CPU per job (separate), all from
 ``/proc``.
+
+Separate mode also measures the gateway's floor in the same rounds, as a third path: a bare
+aiohttp handler that cuts the image out of the body and makes the same grpc.aio call
+(RESPONSE_MODE_RESULT, answered at ``finished``) in a process of its own
+(``bench.gateway_floor``'s ``http-bare-result``): its added p50 and CPU per job, figured as
+the gateway's, are printed beside the gateway's rows.
 """
 
 from __future__ import annotations
@@ -84,6 +90,10 @@ class _Gateway:
             cwd=str(ROOT),
             env={**os.environ, "PYTHONPATH": path},
         )
+        await self._wait_listening()
+        return self
+
+    async def _wait_listening(self) -> None:
         async with asyncio.timeout(60):
             while True:
                 try:
@@ -92,7 +102,7 @@ class _Gateway:
                     await asyncio.sleep(0.1)
                     continue
                 writer.close()
-                return self
+                return
 
     async def __aexit__(self, *exc: object) -> None:
         if self._proc is not None and self._proc.returncode is None:
@@ -105,6 +115,25 @@ class _Gateway:
                 await self._proc.wait()
         if self._log_fh is not None:
             self._log_fh.close()
+
+
+class _Floor(_Gateway):
+    """The separate gateway's floor (see the module doc) in its own process."""
+
+    async def __aenter__(self) -> _Floor:
+        self._log_fh = self.log.open("wb")
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "bench.gateway_floor", "--serve", "http-bare-result"),
+            *("--target", self.target, "--port", str(self.port)),
+            stdout=self._log_fh,
+            stderr=self._log_fh,
+            cwd=str(ROOT),
+            env={**os.environ, "PYTHONPATH": path},
+        )
+        await self._wait_listening()
+        return self
 
 
 def _jobs(quick: bool) -> tuple[dict[int, int], dict[int, int]]:
@@ -124,7 +153,11 @@ FIGURES = (
     "service_cpu_ms_per_job_http",
     "gateway_cpu_ms_per_job",
     "shim_cpu_ms_per_job",
+    "floor_p50",
+    "floor_added_p50",
+    "floor_cpu_ms_per_job",
 )
+"""``floor_*``: separate mode only (the bare handler's path, figured as the gateway's)."""
 
 
 async def _mode(
@@ -134,60 +167,71 @@ async def _mode(
     mixed, totals = _jobs(quick)
     per_level: dict[int, dict[str, list[float]]] = {n: {k: [] for k in FIGURES} for n in LEVELS}
     env = service_env(tmp / f"service-{mode}", agents.urls, http=mode == "embedded")
-    async with ServiceProcess(env, tmp / f"service-{mode}.log") as service:
-        gateway: _Gateway | None = None
+    async with (
+        ServiceProcess(env, tmp / f"service-{mode}.log") as service,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        # The HTTP front processes measured beside the service, by path.
+        fronts: dict[str, _Gateway] = {}
         if mode == "separate":
-            gateway = await _Gateway(service.target, tmp / "gateway.log").__aenter__()
-            base = gateway.url
+            fronts["http"] = await stack.enter_async_context(
+                _Gateway(service.target, tmp / "gateway.log")
+            )
+            fronts["floor"] = await stack.enter_async_context(
+                _Floor(service.target, tmp / "floor.log")
+            )
+            base = fronts["http"].url
         else:
             base = f"http://127.0.0.1:{service.info['http_port']}"
-        try:
-            connector = aiohttp.TCPConnector(limit=0)
-            async with (
-                grpc.aio.insecure_channel(service.target) as channel,
-                aiohttp.ClientSession(connector=connector) as session,
-            ):
-                await _wait_ready(channel)
-                paths = {"grpc": _service_job(channel), "http": _http_job(session, base)}
-                for fn in paths.values():  # warm-up: connections, caches, first imports
-                    await _segment(fn, 4, inputs.take(4 if quick else 16))
-                await agents.reset()
-                for rep in range(reps):
-                    for n in LEVELS:
-                        latencies = await _mixed(paths, n, inputs.take(mixed[n]))
+        connector = aiohttp.TCPConnector(limit=0)
+        async with (
+            grpc.aio.insecure_channel(service.target) as channel,
+            aiohttp.ClientSession(connector=connector) as session,
+        ):
+            await _wait_ready(channel)
+            paths = {"grpc": _service_job(channel), "http": _http_job(session, base)}
+            if "floor" in fronts:
+                paths["floor"] = _http_job(session, fronts["floor"].url)
+            for fn in paths.values():  # warm-up: connections, caches, first imports
+                await _segment(fn, 4, inputs.take(4 if quick else 16))
+            await agents.reset()
+            for rep in range(reps):
+                for n in LEVELS:
+                    # As many jobs per path as with two paths.
+                    jobs = mixed[n] * len(paths) // 2
+                    latencies = await _mixed(paths, n, inputs.take(jobs))
+                    await agents.dump()
+                    await agents.reset()
+                    order = list(paths)[rep % len(paths) :] + list(paths)[: rep % len(paths)]
+                    got: dict[str, dict[str, Any]] = {}
+                    for path in order:
+                        front = fronts.get(path)
+                        cpu_service = cpu_seconds(service.pid)
+                        cpu_front = cpu_seconds(front.pid) if front else 0.0
+                        got[path] = await _segment(paths[path], n, inputs.take(totals[n]))
+                        done = len(got[path]["latencies"])
+                        got[path]["service_cpu"] = ms(cpu_seconds(service.pid) - cpu_service)
+                        got[path]["gateway_cpu"] = (
+                            ms(cpu_seconds(front.pid) - cpu_front) if front else 0.0
+                        )
+                        got[path]["done"] = done
                         await agents.dump()
                         await agents.reset()
-                        order = ["grpc", "http"] if rep % 2 == 0 else ["http", "grpc"]
-                        got: dict[str, dict[str, Any]] = {}
-                        for path in order:
-                            cpu_service = cpu_seconds(service.pid)
-                            cpu_gateway = cpu_seconds(gateway.pid) if gateway else 0.0
-                            got[path] = await _segment(paths[path], n, inputs.take(totals[n]))
-                            done = len(got[path]["latencies"])
-                            got[path]["service_cpu"] = ms(cpu_seconds(service.pid) - cpu_service)
-                            got[path]["gateway_cpu"] = (
-                                ms(cpu_seconds(gateway.pid) - cpu_gateway) if gateway else 0.0
-                            )
-                            got[path]["done"] = done
-                            await agents.dump()
-                            await agents.reset()
-                        _record(per_level[n], got, latencies)
-        finally:
-            if gateway is not None:
-                await gateway.__aexit__(None, None, None)
+                    _record(per_level[n], got, latencies)
     return per_level
 
 
 async def _mixed(
     paths: dict[str, JobFn], concurrency: int, inputs: list[bytes]
 ) -> dict[str, list[float]]:
-    """Latencies by path, the jobs alternating between the paths (see the module doc)."""
-    latencies: dict[str, list[float]] = {"grpc": [], "http": []}
+    """Latencies by path, the jobs taking the paths in turn (see the module doc)."""
+    names = list(paths)
+    latencies: dict[str, list[float]] = {name: [] for name in names}
     queue = iter(enumerate(inputs))
 
     async def caller(index: int) -> None:
         for k, png in queue:
-            path = "http" if k % 2 else "grpc"
+            path = names[k % len(names)]
             start = time.perf_counter()
             try:
                 _, done_at = await paths[path](index, png)
@@ -196,7 +240,7 @@ async def _mixed(
             latencies[path].append(done_at - start)
 
     await asyncio.gather(*(caller(i) for i in range(concurrency)))
-    if not latencies["grpc"] or not latencies["http"]:
+    if not all(latencies.values()):
         raise RuntimeError("every job of a path failed")
     return latencies
 
@@ -209,7 +253,8 @@ def _record(
     grpc_run, http_run = got["grpc"], got["http"]
     for path, values in latencies.items():
         figures[f"{path}_p50"].append(ms(percentile(values, 50)))
-        figures[f"{path}_p99"].append(ms(percentile(values, 99)))
+        if f"{path}_p99" in figures:
+            figures[f"{path}_p99"].append(ms(percentile(values, 99)))
     figures["added_p50"].append(figures["http_p50"][-1] - figures["grpc_p50"][-1])
     grpc_cpu = grpc_run["service_cpu"] / grpc_run["done"]
     http_service_cpu = http_run["service_cpu"] / http_run["done"]
@@ -218,6 +263,12 @@ def _record(
     figures["service_cpu_ms_per_job_http"].append(http_service_cpu)
     figures["gateway_cpu_ms_per_job"].append(gateway_cpu)
     figures["shim_cpu_ms_per_job"].append(http_service_cpu + gateway_cpu - grpc_cpu)
+    if "floor" in got:
+        floor = got["floor"]
+        figures["floor_added_p50"].append(figures["floor_p50"][-1] - figures["grpc_p50"][-1])
+        figures["floor_cpu_ms_per_job"].append(
+            (floor["service_cpu"] + floor["gateway_cpu"]) / floor["done"] - grpc_cpu
+        )
 
 
 async def _run(quick: bool, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
@@ -257,6 +308,10 @@ def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
     for mode, levels in figures.items():
         for n in LEVELS:
             f = levels[str(n)]
+            floor_p50 = floor_cpu = ""
+            if "floor_added_p50" in f:  # separate: the bare handler's, same rounds
+                floor_p50 = f"floor (bare handler) {_spread_text(f['floor_added_p50'])} ms; "
+                floor_cpu = f"floor (bare handler) {_spread_text(f['floor_cpu_ms_per_job'])} ms; "
             rows.append(
                 row(
                     f"HTTP shim ({mode}) added p50 over gRPC @{n}",
@@ -264,7 +319,7 @@ def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
                     "ms",
                     target=1.0,
                     better="lower",
-                    baseline=f"gRPC p50 {f['grpc_p50']['median']:.2f} ms",
+                    baseline=f"{floor_p50}gRPC p50 {f['grpc_p50']['median']:.2f} ms",
                 )
             )
             rows.append(
@@ -274,11 +329,15 @@ def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
                     "ms",
                     target=1.0,
                     better="lower",
-                    baseline=f"service CPU per gRPC job"
+                    baseline=f"{floor_cpu}service CPU per gRPC job"
                     f" {f['service_cpu_ms_per_job_grpc']['median']:.2f} ms",
                 )
             )
     return rows
+
+
+def _spread_text(figure: dict[str, float]) -> str:
+    return f"{figure['median']:.2f} [{figure['min']:.2f}..{figure['max']:.2f}]"
 
 
 async def _profile(label: str, jobs: int, concurrency: int, path: str, mode: str) -> str:

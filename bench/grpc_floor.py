@@ -79,7 +79,9 @@ def _requests() -> list[bytes]:
 def floor_job(channel: grpc.aio.Channel, method: str = "Job4") -> JobFn:
     """A :data:`bench.client_loop.JobFn` doing one floor call with the job's PNG in its chunk
     (the same request bytes the service's callers send), for :func:`client_loop._segment`."""
-    stream = channel.stream_stream(f"/bench.Floor/{method}")
+    stream: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+        f"/bench.Floor/{method}"
+    )
     params = _requests()[0]
     keys = itertools.count()
 
@@ -124,7 +126,9 @@ class FloorServer:
 
 
 async def _segment(channel: grpc.aio.Channel, method: str, calls: int, concurrency: int) -> None:
-    stream = channel.stream_stream(f"/bench.Floor/{method}")
+    stream: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+        f"/bench.Floor/{method}"
+    )
     requests = _requests()
     left = iter(range(calls))
 

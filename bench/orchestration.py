@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import grpc
+from imagetasks.v1 import common_pb2
 
 from bench.callers import Callers
 from bench.client_loop import (
@@ -136,10 +137,10 @@ async def _run(quick: bool) -> dict[str, Any]:
                             order = ["service", "direct"] if rep % 2 == 0 else ["direct", "service"]
                             got: dict[str, dict[str, Any]] = {}
                             for path in order:
+                                pngs = inputs.take(totals[n])  # before any CPU is read
                                 cpu_service = cpu_seconds(service.pid)
                                 cpu_agents = cpu_seconds(agents.pid)
                                 cpu_caller = time.process_time()
-                                pngs = inputs.take(totals[n])
                                 got[path] = await _segment(paths[path], n, pngs)
                                 got[path]["caller_cpu"] = time.process_time() - cpu_caller
                                 got[path]["service_cpu"] = cpu_seconds(service.pid) - cpu_service
@@ -205,11 +206,16 @@ async def _run(quick: bool) -> dict[str, Any]:
 
 
 LIGHT_LEVELS = (16, 64)
-LIGHT_PATHS = ("service", "direct", "lean", "floor")
+LIGHT_PATHS = ("service", "direct", "lean", "floor", "lean_max", "floor_max")
 """The light-agents segments: the service; :mod:`bench.comfy_direct` (the hand-written
 script); :mod:`bench.comfy_lean` (the service's own exchange with the agents, nothing else);
 the bare grpc aio server of :mod:`bench.grpc_floor` (the service's gRPC messages, nothing
-else). The last two are the floor of the service's CPU per job."""
+else). Those two are the floor of the service's CPU per job; ``_max``: the same closed loop,
+at their own (several times higher) rate, to show how much CPU per job depends on it."""
+PACED = ("lean", "floor")
+"""Run at the jobs/s the service ran in the same round and level: a process's CPU per job
+falls as its rate rises (more work per wake-up and per syscall), so a floor measured at its
+own rate is not the service's (the ``_max`` segments beside them)."""
 
 
 async def _light_agents(
@@ -229,7 +235,10 @@ async def _light_agents(
     bytes, 4 response messages and the status) plus the lean client's process CPU per job
     (:mod:`bench.comfy_lean`: the same 2 requests and websocket frames the service exchanges
     with the agents). ``service_over_floor_N`` is each round's service CPU per job over that
-    round's floor."""
+    round's floor. The service runs first in every round, closed loop; the floor's two
+    segments then run open loop at the service's jobs/s of that round (:data:`PACED`), the
+    direct client closed loop (its jobs/s is a row). Every job's PNG is made before any CPU
+    is read, and the callers' CPU is their own reading around the segment alone."""
     total = {16: 32, 64: 64} if quick else {16: 320, 64: 640}
     reps = 1 if quick else 5
     got: dict[str, list[float]] = {}
@@ -259,28 +268,36 @@ async def _light_agents(
             await agents.dump()
             await agents.reset()
             for rep in range(reps):
-                k = rep % len(LIGHT_PATHS)
-                order = LIGHT_PATHS[k:] + LIGHT_PATHS[:k]
+                k = rep % (len(LIGHT_PATHS) - 1)
+                others = LIGHT_PATHS[1:]
+                order = ("service", *others[k:], *others[:k])  # the service first: its rate
                 for n in LIGHT_LEVELS:
                     spent_by: dict[str, dict[str, float]] = {}
+                    service_rate = 0.0
                     for path in order:
+                        command: dict[str, Any] = {
+                            "run": path.removesuffix("_max"),
+                            "concurrency": n,
+                        }
+                        if path in PACED:  # at the service's rate of this round and level
+                            command["rate"] = service_rate
+                        await callers.ask({"inputs": total[n]})  # the PNGs: not counted
                         pids = {"service": service.pid, "agents": agents.pid, "floor": floor.pid}
                         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-                        before["callers"] = callers.cpu_seconds()
-                        result = await callers.ask(
-                            {"run": path, "concurrency": n, "jobs": total[n]}
-                        )
+                        result = await callers.ask(command)
+                        after = {name: cpu_seconds(pid) for name, pid in pids.items()}
                         done = len(result["latencies"])
                         for reason in result["failed"]:
                             bucket = failures.setdefault(f"light {path} @{n}", {})
                             bucket[reason] = bucket.get(reason, 0) + 1
-                        after = {name: cpu_seconds(pid) for name, pid in pids.items()}
-                        after["callers"] = callers.cpu_seconds()
                         spent = {name: ms(after[name] - before[name]) / done for name in after}
+                        spent["callers"] = ms(result["cpu_s"]) / done  # the segment alone
                         spent_by[path] = spent
+                        if path == "service":
+                            service_rate = result["jobs_per_s"]
                         figures = {f"{path}_jobs_per_s_{n}": result["jobs_per_s"]}
-                        if path == "floor":
-                            figures[f"floor_grpc_cpu_ms_per_job_{n}"] = spent["floor"]
+                        if path.startswith("floor"):
+                            figures[f"{path}_grpc_cpu_ms_per_job_{n}"] = spent["floor"]
                         else:
                             figures[f"agents_cpu_ms_per_job_{path}_{n}"] = spent["agents"]
                             figures[f"callers_cpu_ms_per_job_{path}_{n}"] = spent["callers"]
@@ -302,7 +319,9 @@ def _floor_figures(spent: dict[str, dict[str, float]], n: int, cores: int) -> di
     floor = spent["floor"]["floor"] + spent["lean"]["callers"]
     service = spent["service"]
     rest = service["callers"] + service["agents"]
+    at_max = spent["floor_max"]["floor"] + spent["lean_max"]["callers"]
     return {
+        f"floor_max_cpu_ms_per_job_{n}": at_max,
         f"floor_cpu_ms_per_job_{n}": floor,
         f"service_over_floor_{n}": service["service"] / floor,
         f"cpu_bound_jobs_per_s_{n}": cores * 1000 / (service["service"] + rest),
@@ -312,16 +331,23 @@ def _floor_figures(spent: dict[str, dict[str, float]], n: int, cores: int) -> di
 
 REAL_SIDE = 64
 """The issue's real-ComfyUI comparison: a 2x upscale of a 64 px image."""
-REAL_PATHS = ("grpc", "http", "direct")
+REAL_PATHS = ("grpc", "grpc_result", "http", "direct")
+REAL_NAMES = {"grpc": "gRPC", "grpc_result": "gRPC RESULT", "http": "HTTP"}
+"""The service's paths in the real rows: gRPC SYNC (every event: accepted, queue and progress
+updates, the output, finished), gRPC RESULT (``finished`` alone) and the embedded HTTP shim
+(``Sync=true``, which asks the service for RESULT in-process). gRPC RESULT is the like-for-like
+comparison with the shim and with the direct client, which waits for the output only."""
 
 
 async def _real_comfy(quick: bool, tmp: Path) -> dict[str, list[float]] | None:
-    """The same upscale on a real ComfyUI (``BENCH_COMFY_URL``) through the service over gRPC,
-    through its HTTP shim (embedded, ``POST /api/ImageUpscale`` with ``Sync=true``) and with
-    the direct client, interleaved (the order turns every round): p50 with one caller; jobs/s,
-    p50, the service's CPU per job and ComfyUI's CPU per second of wall time with 16. None
-    when no ComfyUI is configured. The agent runs one prompt at a time with one queued ahead
-    (the setting that keeps it busy); the direct client's 16 callers queue on ComfyUI itself.
+    """The same upscale on a real ComfyUI (``BENCH_COMFY_URL``) through the service over gRPC
+    (SYNC, and RESULT: the finished job alone), through its HTTP shim (embedded, ``POST
+    /api/ImageUpscale`` with ``Sync=true``) and with the direct client, interleaved (the
+    order turns every round): p50 with one caller (each segment after one untimed job of
+    its own path); jobs/s, p50, the service's CPU per job
+    and ComfyUI's CPU per second of wall time with 16. None when no ComfyUI is configured.
+    The agent runs one prompt at a time with one queued ahead (the setting that keeps it
+    busy); the direct client's 16 callers queue on ComfyUI itself.
     ComfyUI's CPU is read from ``/proc`` when it listens on this machine (``BENCH_COMFY_PID``
     names it otherwise)."""
     url = os.environ.get("BENCH_COMFY_URL", "").rstrip("/")
@@ -349,19 +375,25 @@ async def _real_comfy(quick: bool, tmp: Path) -> dict[str, list[float]] | None:
         await _wait_ready(channel)
         paths = {
             "grpc": _service_job(channel),
+            "grpc_result": _service_job(channel, common_pb2.RESPONSE_MODE_RESULT),
             "http": _http_job(session, f"http://127.0.0.1:{service.info['http_port']}"),
             "direct": _direct_job([client], REAL_SIDE),
         }
         for fn in paths.values():
             await _segment(fn, 1, inputs.take(3))  # models loaded, caches warm
         for rep in range(reps):
-            order = REAL_PATHS[rep % 3 :] + REAL_PATHS[: rep % 3]
+            turn = rep % len(REAL_PATHS)
+            order = REAL_PATHS[turn:] + REAL_PATHS[:turn]
             p50 = {}
             for p in order:
+                # One untimed job first: the order only rotates, so gRPC SYNC always came
+                # right after the direct client, and whatever a switch of path costs (the
+                # service idle meanwhile) fell on its first timed job alone.
+                await _segment(paths[p], 1, inputs.take(1))
                 result = await _segment(paths[p], 1, inputs.take(per[1]))
                 p50[p] = ms(percentile(result["latencies"], 50))
                 add(f"{p}_p50_1", p50[p])
-            for p in ("grpc", "http"):
+            for p in REAL_NAMES:
                 add(f"added_p50_1_{p}", p50[p] - p50["direct"])
             for p in order:
                 cpu_service = cpu_seconds(service.pid)
@@ -550,8 +582,9 @@ def _light_rows(light: dict[str, Any]) -> list[dict[str, Any]]:
             "jobs/s",
             baseline=f"{os.cpu_count()} cores / (service + gRPC callers + agents) CPU per job,"
             f" each round; with the service at its floor"
-            f" {med(f'cpu_bound_at_floor_jobs_per_s_{top}'):.0f}; the lean client (the floor's"
-            f" agent side) ran {med(f'lean_jobs_per_s_{top}'):.0f} jobs/s",
+            f" {med(f'cpu_bound_at_floor_jobs_per_s_{top}'):.0f} (the floor measured at the"
+            f" service's rate: lean client {med(f'lean_jobs_per_s_{top}'):.0f} jobs/s, bare"
+            f" gRPC server {med(f'floor_jobs_per_s_{top}'):.0f})",
         ),
     ]
     for n in LIGHT_LEVELS:
@@ -564,11 +597,27 @@ def _light_rows(light: dict[str, Any]) -> list[dict[str, Any]]:
                 baseline=f"service {med(f'service_jobs_per_s_{n}'):.0f} jobs/s, direct"
                 f" {med(f'direct_jobs_per_s_{n}'):.0f}; the bench's own CPU per job: gRPC"
                 f" callers {med(f'callers_cpu_ms_per_job_service_{n}'):.2f} ms, agents"
-                f" {med(f'agents_cpu_ms_per_job_service_{n}'):.2f}; direct client"
-                f" {med(f'callers_cpu_ms_per_job_direct_{n}'):.2f}, agents"
+                f" {med(f'agents_cpu_ms_per_job_service_{n}'):.2f} (serving the lean client"
+                f" at the same rate {med(f'agents_cpu_ms_per_job_lean_{n}'):.2f}); direct"
+                f" client (closed loop) {med(f'callers_cpu_ms_per_job_direct_{n}'):.2f}, agents"
                 f" {med(f'agents_cpu_ms_per_job_direct_{n}'):.2f}",
                 note=f"floor {med(f'floor_cpu_ms_per_job_{n}'):.2f} ms:"
                 f" x{med(f'service_over_floor_{n}'):.2f}",
+            )
+        )
+        rows.append(
+            row(
+                f"orchestration: floor CPU per job @{n} at its own rate, light agents",
+                light.get(f"floor_max_cpu_ms_per_job_{n}"),
+                "ms",
+                better="lower",
+                baseline=f"closed loop: bare gRPC server"
+                f" {med(f'floor_max_grpc_cpu_ms_per_job_{n}'):.2f} ms at"
+                f" {med(f'floor_max_jobs_per_s_{n}'):.0f} jobs/s + lean client"
+                f" {med(f'callers_cpu_ms_per_job_lean_max_{n}'):.2f} at"
+                f" {med(f'lean_max_jobs_per_s_{n}'):.0f} (agents"
+                f" {med(f'agents_cpu_ms_per_job_lean_max_{n}'):.2f}); at the service's rate"
+                f" {med(f'floor_cpu_ms_per_job_{n}'):.2f}: not the service's floor",
             )
         )
         rows.append(
@@ -580,7 +629,10 @@ def _light_rows(light: dict[str, Any]) -> list[dict[str, Any]]:
                 baseline=f"floor {med(f'floor_cpu_ms_per_job_{n}'):.2f} ms = bare gRPC server"
                 f" {med(f'floor_grpc_cpu_ms_per_job_{n}'):.2f} + lean client"
                 f" {med(f'callers_cpu_ms_per_job_lean_{n}'):.2f} (the service's 2 requests and"
-                " frames per job, nothing else); each round's ratio",
+                f" frames per job, nothing else), both paced at the service's"
+                f" {med(f'service_jobs_per_s_{n}'):.0f} jobs/s (ran"
+                f" {med(f'floor_jobs_per_s_{n}'):.0f} and {med(f'lean_jobs_per_s_{n}'):.0f});"
+                " each round's ratio",
             )
         )
     return rows
@@ -590,8 +642,9 @@ def _real_rows(real: dict[str, Any] | None) -> list[dict[str, Any]]:
     skip = "set BENCH_COMFY_URL to a ComfyUI with RealESRGAN_x2.pth to measure"
     if real is None:
         return [
-            row("real ComfyUI: added p50 @1, 64 px upscale (gRPC)", None, "ms", note=skip),
-            row("real ComfyUI: added p50 @1, 64 px upscale (HTTP)", None, "ms", note=skip),
+            row(f"real ComfyUI: added p50 @1, 64 px upscale ({name})", None, "ms", note=skip)
+            for name in REAL_NAMES.values()
+        ] + [
             row("real ComfyUI: jobs/s @16 / direct client", None, "x", note=skip),
         ]
 
@@ -602,7 +655,9 @@ def _real_rows(real: dict[str, Any] | None) -> list[dict[str, Any]]:
         return f"{med(f'comfy_busy_{path}_16') * 20:.0f}"
 
     rows = []
-    for p, name in (("grpc", "gRPC"), ("http", "HTTP")):
+    for p, name in REAL_NAMES.items():
+        if f"added_p50_1_{p}" not in real:  # an older result, without the RESULT path
+            continue
         rows.append(
             row(
                 f"real ComfyUI: added p50 @1, 64 px upscale ({name})",
@@ -613,14 +668,16 @@ def _real_rows(real: dict[str, Any] | None) -> list[dict[str, Any]]:
                 baseline=f"direct {med('direct_p50_1'):.1f} ms, service {med(f'{p}_p50_1'):.1f}",
             )
         )
-    for p, name in (("grpc", ""), ("http", " (HTTP)")):
+    for p, name in REAL_NAMES.items():
+        if f"{p}_jobs_per_s_16" not in real:
+            continue
         pairs = zip(
             real[f"{p}_jobs_per_s_16"]["runs"], real["direct_jobs_per_s_16"]["runs"], strict=True
         )
         ratio = [s / d for s, d in pairs if d]
         rows.append(
             row(
-                f"real ComfyUI: jobs/s @16 / direct client{name}",
+                f"real ComfyUI: jobs/s @16 / direct client{'' if p == 'grpc' else f' ({name})'}",
                 spread(ratio, 3) if ratio else None,
                 "x",
                 target=1.0,
@@ -634,7 +691,7 @@ def _real_rows(real: dict[str, Any] | None) -> list[dict[str, Any]]:
         )
         rows.append(
             row(
-                f"real ComfyUI: service CPU per job @16 ({'gRPC' if p == 'grpc' else 'HTTP'})",
+                f"real ComfyUI: service CPU per job @16 ({name})",
                 real[f"service_cpu_ms_per_job_{p}_16"],
                 "ms",
                 better="lower",
@@ -668,8 +725,33 @@ def run_real(quick: bool) -> dict[str, Any]:
     }
 
 
+def run_light(quick: bool) -> dict[str, Any]:
+    """Only the light-agents part (``--light``): jobs/s, CPU per job and the floors."""
+    watch = LoadWatch()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-orch-light-"))
+    failures: dict[str, dict[str, int]] = {}
+    try:
+        light = asyncio.run(_light_agents(quick, tmp, failures))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    figures = {k: spread(v, 2) for k, v in light.items() if v}
+    return {
+        "name": f"{NAME}_light",
+        "about": _light_agents.__doc__,
+        "failed_jobs": failures,
+        "figures": {"light_agents": figures},
+        "rows": _light_rows(figures),
+        "load": watch.done(),
+    }
+
+
 if __name__ == "__main__":
     import sys
 
     quick = "--quick" in sys.argv
-    print(json.dumps(run_real(quick) if "--real" in sys.argv else run(quick), indent=2))
+    if "--real" in sys.argv:
+        print(json.dumps(run_real(quick), indent=2))
+    elif "--light" in sys.argv:
+        print(json.dumps(run_light(quick), indent=2))
+    else:
+        print(json.dumps(run(quick), indent=2))

@@ -1,10 +1,11 @@
 """Where the service spends its CPU on the ComfyUI job path: py-spy on the service process.
 
     python -m bench.profile_service LABEL [--jobs 400] [--concurrency 16] [--agents MODULE]
-        [--step-delay S] [--comfy-url URL]
+        [--step-delay S] [--comfy-url URL] [--result]
 
 The same setup as :mod:`bench.orchestration` (instant stand-ins in their own process, the
-service in its own with persistence on, gRPC ImageUpscale SYNC with references), but only the
+service in its own with persistence on, gRPC ImageUpscale SYNC with references; ``--result``:
+RESPONSE_MODE_RESULT, as the HTTP shim asks), but only the
 service path, sampled by ``py-spy record`` for the whole measured segment. Writes
 ``bench/results/profile-LABEL.txt``: the service's CPU milliseconds per job (process CPU time
 from ``/proc`` over jobs: robust to other load on the machine, unlike latency), the HTTP
@@ -30,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+from imagetasks.v1 import common_pb2
 
 from bench.common import RESULTS, cpu_seconds
 from bench.orchestration import (
@@ -116,6 +118,7 @@ async def _profile(
     postgres: bool = False,
     comfy_url: str = "",
     step_delay_s: float = 0.0,
+    result_only: bool = False,
 ) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     collapsed = tmp / "profile.txt"
@@ -143,7 +146,12 @@ async def _profile(
                 inputs = Inputs(REAL_SIDE if comfy_url else INPUT_SIDE)
                 async with grpc.aio.insecure_channel(service.target) as channel:
                     await _wait_ready(channel)
-                    job = _service_job(channel)
+                    job = _service_job(
+                        channel,
+                        common_pb2.RESPONSE_MODE_RESULT
+                        if result_only
+                        else common_pb2.RESPONSE_MODE_SYNC,
+                    )
                     await _segment(job, 4, inputs.take(16))  # warm-up
                     if agents is not None:
                         await agents.dump()
@@ -175,11 +183,12 @@ async def _profile(
         busy, own, total, areas = _top(collapsed)
         per_job = cpu * 1000 / max(done, 1)
         where = f"a real ComfyUI at {comfy_url}" if comfy_url else f"{AGENTS} agents ({module})"
+        mode = "RESULT" if result_only else "SYNC"
         if step_delay_s and not comfy_url:
             where += f" paced {step_delay_s:g} s per step"
         lines = [
             f"profile {label}: {done} jobs ({len(got['failed'])} failed), {concurrency} callers,"
-            f" {where}, gRPC ImageUpscale SYNC + references,"
+            f" {where}, gRPC ImageUpscale {mode} + references,"
             f" {'PostgreSQL' if postgres else 'SQLite'}",
             f"service CPU per job: {cpu * 1000 / max(done, 1):.2f} ms"
             f" ({cpu:.2f} s CPU over {wall:.1f} s wall, {done / wall:.1f} jobs/s)",
@@ -222,6 +231,9 @@ def main() -> None:
         "--comfy-url", default="", help="a real ComfyUI instead of the stand-ins (64 px inputs)"
     )
     parser.add_argument("--step-delay", type=float, default=0.0, help="stand-in s per step")
+    parser.add_argument(
+        "--result", action="store_true", help="RESPONSE_MODE_RESULT calls (finished alone)"
+    )
     args = parser.parse_args()
     text = asyncio.run(
         _profile(
@@ -234,6 +246,7 @@ def main() -> None:
             args.postgres,
             comfy_url=args.comfy_url.rstrip("/"),
             step_delay_s=args.step_delay,
+            result_only=args.result,
         )
     )
     RESULTS.mkdir(parents=True, exist_ok=True)

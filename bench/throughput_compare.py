@@ -67,20 +67,15 @@ async def _compare(other: Path, rounds: int, levels: list[int], jobs: int, agent
                     for n in levels:
                         for name in order:
                             pid = services[name].pid
-                            before = (
-                                cpu_seconds(pid),
-                                callers[name].cpu_seconds(),
-                                cpu_seconds(agents.pid),
-                            )
-                            result = await callers[name].ask(
-                                {"run": "service", "concurrency": n, "jobs": jobs}
-                            )
+                            await callers[name].ask({"inputs": jobs})  # PNGs: not counted
+                            before = (cpu_seconds(pid), cpu_seconds(agents.pid))
+                            result = await callers[name].ask({"run": "service", "concurrency": n})
                             done = max(len(result["latencies"]), 1)
                             figures = (
                                 result["jobs_per_s"],
                                 ms(cpu_seconds(pid) - before[0]) / done,
-                                ms(callers[name].cpu_seconds() - before[1]) / done,
-                                ms(cpu_seconds(agents.pid) - before[2]) / done,
+                                ms(result["cpu_s"]) / done,
+                                ms(cpu_seconds(agents.pid) - before[1]) / done,
                             )
                             for key, value in zip(FIGURES, figures, strict=True):
                                 got.setdefault((name, n, key), []).append(value)

@@ -69,7 +69,7 @@ class SpooledFile:
     """An upload used once (not hashed) held in memory (:class:`SpoolMemory`): nothing is
     written at ``path``; ``held.release()`` gives the memory back."""
     content: bytes | None = None
-    """A small file written whole on the event loop from one chunk (at most
+    """A small job input (hashed) written whole on the event loop from one chunk (at most
     :data:`KEEP_CONTENT_BYTES`): its bytes, which were at hand anyway, so that the request's
     checks read them instead of opening the file again. The request drops them once checked."""
 
@@ -235,7 +235,10 @@ class _Writer:
         content = None
         if self._thread is None:
             self._on_disk = True
-            if len(self._held) == 1 and self._size <= KEEP_CONTENT_BYTES:
+            hashed = self._hash is not None
+            if hashed and len(self._held) == 1 and self._size <= KEEP_CONTENT_BYTES:
+                # Only job inputs (hashed) are checked from these bytes, and they let go of
+                # them; an unhashed upload that spilled (budget full) would hold them unused.
                 # The API's chunks are views into the request message (api/wire.py): a copy of
                 # at most 256 KiB, cheaper than opening the file and reading it back.
                 first = self._held[0]

@@ -12,6 +12,7 @@ from aiserver.api.uploads import Upload
 from aiserver.errors import ServiceError
 from aiserver.imaging import ImageLimits
 from aiserver.spool import KEEP_CONTENT_BYTES, InputSpool, UploadBudget
+from aiserver.spool_memory import SpoolMemory
 from aiserver.workers import BlockingPool
 from tests.support.images import encode, quadrant_image
 
@@ -36,6 +37,18 @@ async def test_a_small_upload_keeps_its_bytes_and_a_larger_one_does_not(tmp_path
     big = await _spooled(spool, b"x" * (KEEP_CONTENT_BYTES + 1))
     assert big.content is None
     assert spool.commit(small).content == png  # the commit keeps the record as it is
+
+
+async def test_a_spilled_light_upload_keeps_no_bytes(tmp_path: Path) -> None:
+    # A light task's input (not hashed) spills to its file when the memory budget is full; no
+    # check reads kept bytes for it (api/transform.py), so none are held for its whole call.
+    spool = InputSpool(tmp_path, memory=SpoolMemory(0))
+    png = encode(quadrant_image(32, 32), "PNG")
+    writer = spool.open("image", "in.png", UploadBudget(1 << 30), hashed=False)
+    await writer.write(png)
+    spilled = await writer.finish()
+    assert spilled.held is None and spilled.path.read_bytes() == png  # it did spill
+    assert spilled.content is None
 
 
 def _calls(spool: InputSpool, pool: BlockingPool) -> JobCalls:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from imagetasks.v1 import common_pb2
@@ -264,6 +265,27 @@ async def test_the_answer_goes_before_the_stream_ends_which_is_still_read(
         while len(fake.state.generation_streams) < 2:
             await asyncio.sleep(0.05)
     assert fake.state.generation_streams == ["completed", "completed"]
+
+
+@pytest.mark.parametrize("sync", ["true", "false"])
+async def test_an_answered_stream_ends_with_its_own_status(
+    fake: FakeBackend, fake_gateway: Gateway, fake_http: httpx.AsyncClient, sync: str
+) -> None:
+    """The gateway stops reading after ``finished`` (``accepted``): the call still gets the
+    server's OK, not the cancel that a stream left open past the drain's bound would get."""
+    fake.state.linger_s = 0.5
+    res = await fake_http.post(
+        "/api/ImageUpscale",
+        data={"Sync": sync},
+        files={"image": ("a.png", png((1, 2, 3)), "image/png")},
+    )
+    assert res.status_code == 200, res.text
+    assert fake_gateway.backend is not None
+    calls = list(fake_gateway.backend.long_lived)
+    assert len(calls) == 1
+    async with asyncio.timeout(20):
+        assert await calls[0].code() == grpc.StatusCode.OK
+    assert fake.state.generation_streams == ["completed"]
 
 
 async def test_a_stopping_gateway_cancels_the_streams_it_still_reads(

@@ -21,13 +21,11 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, Self, TypeVar
+from typing import Any, ParamSpec, Protocol, Self, TypeVar
 
 from aiserver.artifacts.locks import KeyedLock
 from aiserver.jobs.store.group_commit import GroupCommit
-
-if TYPE_CHECKING:
-    import asyncpg
+from aiserver.jobs.store.pg_shelf import ConnectionShelf
 
 __all__ = [
     "ArtifactIndex",
@@ -435,7 +433,7 @@ class PostgresArtifactIndex:
         self._schema = schema
         self._pool_size = pool_size
         self._timeout_s = timeout_s
-        self._pool_: asyncpg.Pool | None = None
+        self._pool_: ConnectionShelf | None = None
         self._opening = asyncio.Lock()
         # Registers of different bytes that meet go in one statement.
         self._registers = GroupCommit(self._register_one, self._register_group, _sha256)
@@ -448,7 +446,7 @@ class PostgresArtifactIndex:
         await index._connect()
         return index
 
-    async def _connect(self) -> asyncpg.Pool:
+    async def _connect(self) -> ConnectionShelf:
         if self._pool_ is not None:
             return self._pool_
         async with self._opening:
@@ -467,7 +465,7 @@ class PostgresArtifactIndex:
                     connect_timeout_s=self._timeout_s,
                     lock_timeout_s=self._timeout_s,
                 )
-                self._pool_ = await asyncpg.create_pool(
+                pool = await asyncpg.create_pool(
                     self._url,
                     min_size=1,
                     max_size=self._pool_size,
@@ -479,6 +477,8 @@ class PostgresArtifactIndex:
                         idle_in_transaction_s=_DROP_S + self._timeout_s,
                     ),
                 )
+                # Statements borrow connections from the shelf, not the pool (pg_shelf.py).
+                self._pool_ = ConnectionShelf(pool)
             return self._pool_
 
     async def start(self) -> None:
@@ -506,7 +506,7 @@ class PostgresArtifactIndex:
             _PG_REGISTER,
             ref.path, ref.sha256, ref.mime_type, ref.size, ref.width, ref.height, ref.now,
             ref.owner, ref.job_id, ref.file_name, ref.seed, ref.provider,
-            timeout=self._register_timeout(),
+            timeout_s=self._register_timeout(),
         )  # fmt: skip
         assert row is not None  # both inserts return their row (DO UPDATE has no WHERE)
         return _ref_of(row, row[12])
@@ -515,7 +515,7 @@ class PostgresArtifactIndex:
         rows = await (await self._connect()).fetch(
             _PG_REGISTER_GROUP,
             *([getattr(ref, name) for ref in group] for name in _NEW_REF_FIELDS),
-            timeout=self._register_timeout(),
+            timeout_s=self._register_timeout(),
         )
         by_sha = {row[1]: row for row in rows}
         # Both inserts return every row: a missing one fails the group (each goes alone).
@@ -539,7 +539,7 @@ class PostgresArtifactIndex:
 
         rows = await (await self._connect()).fetch(
             "SELECT path, sha256, size, last_put FROM artifact_blobs ORDER BY last_put, path",
-            timeout=SWEEP_STATEMENT_S,  # the whole table: slow when large, not an outage
+            timeout_s=SWEEP_STATEMENT_S,  # the whole table: slow when large, not an outage
         )
         return [StoredBlob(f"artifacts/{r[0]}", r[1], r[2], r[3]) for r in rows]
 

@@ -242,7 +242,7 @@ class _V1:
         route = match.route
         msg: Message = message_class(route.method.input_type)()
         if route.body:
-            raw = await self.backend.limits.deadline().read(request.read())
+            raw = await self.backend.limits.deadline(request).read(request.read())
             if raw.strip():
                 ctype = request.content_type
                 if ctype not in _JSON_TYPES and not ctype.endswith("+json"):

@@ -41,6 +41,7 @@ from aiserver.jobs.store.group_sql import (
     group_save_args,
     group_save_sql,
 )
+from aiserver.jobs.store.pg_shelf import ConnectionShelf
 from aiserver.jobs.store.protocol import (
     ActiveLimitReached,
     Announcement,
@@ -124,7 +125,8 @@ class PostgresJobStore:
     def __init__(
         self, pool: asyncpg.Pool, url: str, schema: str, timeout_s: float = DEFAULT_TIMEOUT_S
     ) -> None:
-        self._pool = pool
+        # Statements borrow connections from the shelf, not the pool (pg_shelf.py).
+        self._pool = ConnectionShelf(pool)
         self._url = url
         self._schema = schema
         self._timeout_s = timeout_s
