@@ -8,8 +8,9 @@ channel with a small HTTP/2 window, that read one 1 MiB chunk and then nothing, 
 deadline, twice over (two waves, the first's clients kept). It prints the process RSS (MiB:
 server and clients) and the streaming calls in progress before the readers start, and for
 each wave while it is stalled (after 1 s) and after 3x the idle time, with how many of its
-calls had ended by then. On a tree without the stall watch the streams, and the memory behind
-them, stay until the clients go: the second wave adds as much again.
+calls had ended by then and with which status codes. On a tree without the stall watch the
+streams, and the memory behind them, stay until the clients go: the second wave adds as much
+again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +84,13 @@ async def _child(streams: int, idle_s: float) -> dict[str, Any]:
                 await asyncio.sleep(1.0)
                 stalled = {"rss_mib": _rss_mib(), "streams": active()}
                 await asyncio.sleep(3 * idle_s)
+                ended = [c for c in wave if c.done()]
+                codes = Counter([(await c.code()).name for c in ended])
                 after = {
                     "rss_mib": _rss_mib(),
                     "streams": active(),
-                    "client_calls_ended": sum(c.done() for c in wave),
+                    "client_calls_ended": len(ended),
+                    "client_codes": dict(codes),  # what the clients saw
                 }
                 waves.append({"stalled": stalled, "after_3x_idle": after})
                 channels += wave_channels

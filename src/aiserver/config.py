@@ -193,9 +193,17 @@ class Settings:
     """An upload (a gRPC client stream, or an HTTP request body) that sends nothing for this
     long ends: DEADLINE_EXCEEDED ``UPLOAD_STALLED`` / HTTP 408, its spooled bytes deleted.
     The HTTP shim also closes an artifact or variant download whose client takes nothing for
-    this long (it would hold a streaming call and an open blob), and a gRPC server stream
-    whose client leaves one message untaken this long ends (:mod:`aiserver.api.stalls`).
+    this long (it would hold a streaming call and an open blob). 0: no limit."""
+    stream_idle_timeout_s: float | None = None
+    """A gRPC server stream whose client leaves one message untaken this long ends
+    (:mod:`aiserver.api.stalls`): its handler goes and its connection is shut (UNAVAILABLE),
+    unless that connection still serves other calls. None: ``upload_idle_timeout_s``;
     0: no limit."""
+    stream_max_spared: int = 256
+    """Stalled gRPC server streams left open (handler gone, one unsent message of up to
+    ``chunk_bytes`` kept by gRPC's core) because their connection still serves other calls
+    (a proxy's), counted process-wide over ten stream idle times; past it, the connection
+    holding the most is shut, its other calls with it (logged at WARNING)."""
     upload_timeout_s: float = 600.0
     """Longest an upload may take from its first message (or the request's headers) to its
     last: DEADLINE_EXCEEDED ``UPLOAD_TOO_SLOW`` / HTTP 408. 0: no limit."""
@@ -277,6 +285,8 @@ def _check_storage_urls(settings: Settings) -> None:
         )
     if settings.watch_outage_s < 0:
         raise ValueError("setting watch_outage_s: must not be negative")
+    if settings.stream_max_spared < 0:
+        raise ValueError("setting stream_max_spared: must not be negative")
     if settings.spool_memory_mb < 0:
         raise ValueError("setting spool_memory_mb: must not be negative")
     if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", settings.database_schema):

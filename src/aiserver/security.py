@@ -11,6 +11,7 @@ from aiohttp import web
 from imagetasks.v1 import artifact_service_pb2
 
 from aiserver.api.guard import Guard
+from aiserver.api.stalls import MAX_SPARED
 from aiserver.artifacts.links import UrlSigner
 from aiserver.auth import ConfigError, KeyRing, exposure_problem
 from aiserver.config import Settings
@@ -39,6 +40,8 @@ class Security:
     upload_idle_s: float = 0.0
     upload_total_s: float = 0.0
     max_uploads_per_peer: int = 0
+    stream_idle_s: float = 0.0
+    stream_max_spared: int = MAX_SPARED
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Security:
@@ -85,6 +88,10 @@ class Security:
             upload_idle_s=settings.upload_idle_timeout_s,
             upload_total_s=settings.upload_timeout_s,
             max_uploads_per_peer=settings.max_uploads_per_client,
+            stream_idle_s=settings.upload_idle_timeout_s
+            if settings.stream_idle_timeout_s is None
+            else settings.stream_idle_timeout_s,
+            stream_max_spared=settings.stream_max_spared,
         )
 
     def link(self, url: str) -> str:
@@ -103,7 +110,8 @@ class Security:
             upload_total_s=self.upload_total_s,
             max_uploads_per_peer=self.max_uploads_per_peer,
             shim_token=shim_token,
-            stream_idle_s=self.upload_idle_s,
+            stream_idle_s=self.stream_idle_s,
+            stream_max_spared=self.stream_max_spared,
         )
 
     def metrics_handler(

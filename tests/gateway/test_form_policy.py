@@ -14,7 +14,7 @@ from aiserver.gateway import Gateway
 from aiserver.gateway.app import ROUTES, TASKS
 from aiserver.gateway.fields import is_map, is_repeated
 from aiserver.gateway.routes import Route
-from tests.gateway.fake_backend import png
+from tests.gateway.fake_backend import FakeBackend, png
 
 FD = descriptor.FieldDescriptor
 INTEGERS = {
@@ -183,3 +183,27 @@ async def test_every_query_parameter_follows_the_policy(
             assert _errors(res) == [(f.name, "DUPLICATE_FIELD")], (path, f.name, res.text)
             duplicated += 1
     assert numeric >= 9 and duplicated >= 5
+
+
+async def test_a_form_carries_at_most_max_files_files(
+    fake: FakeBackend, fake_http: httpx.AsyncClient
+) -> None:
+    """Each file part sent before any text field holds a spooled file (a descriptor) until
+    the body ends: one past the limit (8) is refused before it is read or spooled."""
+    eight = [(f"f{i}", "a.png") for i in range(7)] + [("image", "a.png")]
+    for fields in ([("Tag", "x")], []):  # streamed, spooled
+        res = await _form(fake_http, "/api/ImageUpscale", fields, tuple(eight))
+        assert res.status_code == 200, res.text
+        assert len(fake.state.uploads[-1].files) == 8
+        for files in ([*eight, ("f9", "b.png")], [(f"e{i}", "") for i in range(3000)]):
+            uploads = len(fake.state.uploads)
+            res = await _form(fake_http, "/api/ImageUpscale", fields, tuple(files))
+            assert res.status_code == 413, res.text
+            body = res.json()["responseStatus"]
+            assert body["errorCode"] == "TOO_MANY_FILES", res.text
+            assert [(e["fieldName"], e["errorCode"]) for e in body["errors"]] == [
+                (files[8][0], "TOO_MANY_FILES")
+            ]
+            if not fields:  # spooled: refused before the call opens (a streamed call's
+                # cancel races the server's read of the half-sent stream)
+                assert len(fake.state.uploads) == uploads

@@ -7,6 +7,7 @@ webhook in the outbox, its inputs freed, nothing left held."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -77,12 +78,14 @@ async def test_a_write_committed_without_its_answer_ends_the_job_here_exactly_on
 
 
 async def test_a_final_write_committed_without_its_answer_outlasting_the_lease_ends_here(
-    pair: Coordinators,
+    pair: Coordinators, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The final write commits (the end, its Finished, the lease released), its answer is lost
     and the database stays away longer than the lease: no taker will come for a job the store
     has ended, so this process must not drop it as left to one: once the store answers, the
-    job ends here as stored (the local caller's Finished, the terminal hooks)."""
+    job ends here as stored (the local caller's Finished, the terminal hooks). The outage is
+    logged once for the job, and its end once, not at every try."""
+    caplog.set_level(logging.INFO, logger="aiserver.jobs.job_writes")
     runner = ScriptedProvider("p1", gated)
     a = await pair.manager(runner, relayed=True)
     ended: list[Job] = []
@@ -107,3 +110,6 @@ async def test_a_final_write_committed_without_its_answer_outlasting_the_lease_e
     assert [j.state for j in ended] == [JobState.SUCCEEDED]
     assert len(runner.runs) == 1
     assert job.id not in a._active
+    said = [r.getMessage() for r in caplog.records if job.id in r.getMessage()]
+    assert sum("store unreachable" in m for m in said) == 1, said
+    assert sum("store reachable again" in m for m in said) == 1, said

@@ -45,7 +45,7 @@ import grpc
 
 from aiserver.api.calls import STREAM_STALLED, CallInfo, current_call
 from aiserver.api.malformed import Malformed, tolerant, tolerant_handler
-from aiserver.api.stalls import StallWatch, shut_connection
+from aiserver.api.stalls import MAX_SPARED, StallWatch, shut_connections
 from aiserver.api.status import abort, request_id_of
 from aiserver.api.wire import chunk_parsing, passing_encoded
 from aiserver.auth import ANONYMOUS, KeyRing, bearer_token, invalid_key, missing_key
@@ -135,13 +135,18 @@ class Guard(grpc.aio.ServerInterceptor):
         max_uploads_per_peer: int = 0,
         shim_token: str = "",
         stream_idle_s: float = 0.0,
+        stream_max_spared: int = MAX_SPARED,
     ) -> None:
         self.keys = keys
         self.local_ports: set[int] = set()
         """The ports the server listens on (set once bound): a stalled stream's connection
         is one of them."""
         self.stalls = (
-            StallWatch(stream_idle_s, lambda peer: shut_connection(peer, self.local_ports))
+            StallWatch(
+                stream_idle_s,
+                lambda peers: shut_connections(peers, frozenset(self.local_ports)),
+                max_spared=stream_max_spared,
+            )
             if stream_idle_s > 0
             else None
         )
@@ -303,6 +308,7 @@ class _Call:
         "_keyless",
         "_peer_counted",
         "_reader",
+        "_serving",
         "_started",
         "_streaming",
         "_task",
@@ -333,6 +339,9 @@ class _Call:
         self.peer: str = context.peer() or ""
         self.info = CallInfo(method=method, request_id=rid, peer=self.peer)
         current_call.set(self.info)
+        self._serving = guard.stalls  # its connection serves this call (the stall watch asks)
+        if self._serving is not None:
+            self._serving.opened(self.peer)
 
     async def admit(self, requests: AsyncIterator[Any] | None) -> None:
         """Let the call in, or end it with the reason (``requests``: of a client stream)."""
@@ -390,20 +399,32 @@ class _Call:
             self._watch = watch
             watch.add(self)
 
-    def stalled(self) -> None:
+    def stalled(self, shut: bool) -> None:
         """The client took no message for the idle time: the handler task goes (grpc then
-        drops this stream's generator, which closes the servicer's)."""
+        drops this stream's generator, which closes the servicer's). ``shut``: its connection
+        is being shut (the client sees UNAVAILABLE); else the stream is left open in the core
+        (the connection serves other calls) until the client cancels it, its deadline passes
+        or the connection ends: recorded as CANCELLED, the server's side of it."""
         self._watch = None
+        self._not_serving()
         info = self.info
-        info.failed("DEADLINE_EXCEEDED", STREAM_STALLED)
+        info.failed("UNAVAILABLE" if shut else "CANCELLED", STREAM_STALLED)
         logger.warning(
-            "rpc %s from %s: the client took no message for %g s; ending the stream",
+            "rpc %s from %s: the client took no message for %g s; ending the stream (%s)",
             info.method,
             self.peer,
             self._guard.stalls.idle_s if self._guard.stalls is not None else 0.0,
+            "shutting its connection: UNAVAILABLE"
+            if shut
+            else "its connection serves other calls: left to the client's cancel or deadline",
         )
         if self._task is not None:
             self._task.cancel()
+
+    def _not_serving(self) -> None:
+        if self._serving is not None:
+            self._serving.closed(self.peer)
+            self._serving = None
 
     def _from_shim(self) -> bool:
         token = self._guard.shim_token
@@ -437,6 +458,7 @@ class _Call:
         if self._watch is not None:
             self._watch.discard(self)
             self._watch = None
+        self._not_serving()
         if self._counted:
             self._counted = False
             guard.active_streams -= 1

@@ -45,6 +45,9 @@ class GatewaySettings:
     max_form_bytes: int = 1024 * 1024
     """Most bytes of all text fields of a form together."""
     max_fields: int = 256
+    max_files: int = 8
+    """Most file parts of a form (AI Server's tasks take two at most: image and mask); one
+    more is 413 ``TOO_MANY_FILES``."""
     chunk_bytes: int = 1024 * 1024
     """Size of the FileChunk messages sent upstream."""
     max_message_bytes: int = 4 * 1024 * 1024 + 64 * 1024
@@ -101,6 +104,7 @@ class GatewaySettings:
             max_field_bytes=self.max_field_bytes,
             max_form_bytes=self.max_form_bytes,
             max_fields=self.max_fields,
+            max_files=self.max_files,
             chunk_bytes=self.chunk_bytes,
             max_message_bytes=self.max_message_bytes,
             spool_dir=self.spool_dir,

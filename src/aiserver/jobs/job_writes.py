@@ -94,25 +94,38 @@ class JobWrites:
         The bound is the lease left at the first failure: renewals that still get through
         (a failure only some writes see, the bucket's) do not stretch it for ever.
 
-        ``past_lease``: tried until the store answers (or the job is no longer held here,
-        as at stop), for a write whose fence settles it: the final one, which may have
-        committed with its answer lost; only the store can tell (``store_end``)."""
+        ``past_lease``: for a write whose fence settles it: the final one, which may have
+        committed with its answer lost; only the store can tell (``store_end``). It is tried
+        until the store answers (a success, or an error other than an outage) or ``stop()``
+        cancels the task: the job stays held here while it ends, so no other bound applies.
+
+        An outage is logged once per write (and its end once), not at every try."""
         delay = 0.1
         loop = asyncio.get_running_loop()
         deadline: float | None = None
         while True:
             try:
-                return await write()
+                result = await write()
             except Exception as exc:
                 if self._leases is None or backend_outage(exc) is None:
                     raise
                 if self._active.get(active.job.id) is not active:
                     raise
+                first = deadline is None
                 if deadline is None:
                     deadline = loop.time() + self._leases.time_left(active.job.id)
                 if not past_lease and deadline - loop.time() <= delay:
                     raise
-                logger.info("job %s: store unreachable; writing again (%s)", active.job.id, exc)
+                if first:
+                    logger.info(
+                        "job %s: store unreachable; writing again (%s)",
+                        active.job.id,
+                        exc,
+                    )
+            else:
+                if deadline is not None:
+                    logger.info("job %s: store reachable again; written", active.job.id)
+                return result
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
