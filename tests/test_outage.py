@@ -68,6 +68,20 @@ def test_a_bug_while_handling_a_lost_connection_is_not_an_outage() -> None:
     assert backend_outage(socket.gaierror(-2, "Name or service not known")) is not None
 
 
+def test_asyncpg_errors_of_a_connection_the_server_ended_are_outages() -> None:
+    """A statement on a connection the server just ended, or on a proxy the pool took back
+    as its connection closed: the server going away, not a bug."""
+    ended = asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 12; another operation (2) is in progress"
+    )
+    assert backend_outage(ended) is not None
+    released = asyncpg.InterfaceError(
+        "cannot call Connection.fetchval(): connection has been released back to the pool"
+    )
+    assert backend_outage(released) is not None
+    assert backend_outage(asyncpg.exceptions.InternalClientError("something else")) is None
+
+
 async def test_a_database_that_drops_packets_is_an_outage_within_the_bound() -> None:
     """Black-holed (no answer, no reset): the store's statement and connect bounds end the
     wait, and what they raise is an outage; a timeout of our own is not."""

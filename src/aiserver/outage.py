@@ -93,9 +93,16 @@ def _is_outage(exc: BaseException) -> bool:
         ),
     ):
         return True
+    if asyncpg is not None and isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # A statement on a connection the server just ended (a restart, an admin): asyncpg's
+        # protocol meets the connection mid-teardown, "cannot switch to state 12; another
+        # operation (2) is in progress".
+        return str(exc).startswith("cannot switch to state")
     if asyncpg is not None and isinstance(exc, asyncpg.InterfaceError):
-        # The pool's "connection is closed" / "pool is closing" while a server restarts.
-        return "closed" in str(exc) or "closing" in str(exc)
+        # The pool's "connection is closed" / "pool is closing" while a server restarts, and
+        # a proxy the pool took back when its connection closed ("released back to the pool").
+        text = str(exc)
+        return "closed" in text or "closing" in text or "released back to the pool" in text
     botocore = sys.modules.get("botocore.exceptions")
     return botocore is not None and isinstance(
         exc, (botocore.ConnectionError, botocore.HTTPClientError)
