@@ -45,9 +45,21 @@ def _waiting_handler(started: asyncio.Event, ended: list[str]) -> Any:
         finally:
             ended.append("closed")
 
+    return _handler(wait)
+
+
+def _handler(fn: Any) -> Any:
     return grpc.unary_stream_rpc_method_handler(
-        wait, request_deserializer=bytes, response_serializer=bytes
+        fn, request_deserializer=bytes, response_serializer=bytes
     )
+
+
+def _opener(local: LocalCalls, method: str, handler: Any) -> Any:
+    """``handler`` served locally as ``method``: a function opening a call of it."""
+    local.add(method, handler)
+    made = local.unary_stream(method, bytes, bytes)
+    assert made is not None
+    return lambda: made(b"", metadata=())
 
 
 async def test_a_warm_variant_is_read_without_a_task(service: Service) -> None:
@@ -95,10 +107,7 @@ async def test_a_warm_variant_is_read_without_a_task(service: Service) -> None:
 async def test_a_cancelled_reader_cancels_the_waiting_handler(service: Service) -> None:
     local = _local(service)
     started, ended = asyncio.Event(), list[str]()
-    local.add(_WAIT, _waiting_handler(started, ended))
-    made = local.unary_stream(_WAIT, bytes, bytes)
-    assert made is not None
-    call = made(b"", metadata=())
+    call = _opener(local, _WAIT, _waiting_handler(started, ended))()
 
     async def reader() -> None:
         assert await call.read() == b"first"
@@ -119,10 +128,7 @@ async def test_a_cancelled_reader_cancels_the_waiting_handler(service: Service) 
 async def test_cancel_from_another_task_ends_a_read_in_progress(service: Service) -> None:
     local = _local(service)
     started, ended = asyncio.Event(), list[str]()
-    local.add(_WAIT, _waiting_handler(started, ended))
-    made = local.unary_stream(_WAIT, bytes, bytes)
-    assert made is not None
-    call = made(b"", metadata=())
+    call = _opener(local, _WAIT, _waiting_handler(started, ended))()
     outcome: list[str] = []
 
     async def reader() -> None:
@@ -148,10 +154,7 @@ async def test_cancel_from_another_task_ends_a_read_in_progress(service: Service
 async def test_a_call_cancelled_between_reads_closes_its_handler(service: Service) -> None:
     local = _local(service)
     started, ended = asyncio.Event(), list[str]()
-    local.add(_WAIT, _waiting_handler(started, ended))
-    made = local.unary_stream(_WAIT, bytes, bytes)
-    assert made is not None
-    call = made(b"", metadata=())
+    call = _opener(local, _WAIT, _waiting_handler(started, ended))()
     assert await call.read() == b"first"
     assert local.interceptor.active_streams == 1
     assert call.cancel() is True
@@ -167,10 +170,7 @@ async def test_a_read_closed_while_it_waits_ends_the_handler(service: Service) -
     handler at once: its cleanup runs and its stream slot is given back."""
     local = _local(service)
     started, ended = asyncio.Event(), list[str]()
-    local.add(_WAIT, _waiting_handler(started, ended))
-    made = local.unary_stream(_WAIT, bytes, bytes)
-    assert made is not None
-    call = made(b"", metadata=())
+    call = _opener(local, _WAIT, _waiting_handler(started, ended))()
     assert await call.read() == b"first"
     reading = call.read()
     reading.send(None)  # runs the handler to its wait, as a task's first step would
@@ -178,12 +178,6 @@ async def test_a_read_closed_while_it_waits_ends_the_handler(service: Service) -
     reading.close()
     assert ended == ["cancelled", "closed"]
     assert local.interceptor.active_streams == 0
-
-
-def _handler(fn: Any) -> Any:
-    return grpc.unary_stream_rpc_method_handler(
-        fn, request_deserializer=bytes, response_serializer=bytes
-    )
 
 
 async def _slots_freed(local: LocalCalls) -> None:
@@ -210,10 +204,7 @@ async def test_a_read_closed_while_it_waits_finishes_a_cleanup_that_awaits(
             await asyncio.sleep(0.01)
             ended.append("cleaned")
 
-    local.add("/test.Local/SlowCleanup", _handler(slow_cleanup))
-    made = local.unary_stream("/test.Local/SlowCleanup", bytes, bytes)
-    assert made is not None
-    call = made(b"", metadata=())
+    call = _opener(local, "/test.Local/SlowCleanup", _handler(slow_cleanup))()
     assert await call.read() == b"first"
     reading = call.read()
     reading.send(None)
@@ -243,10 +234,7 @@ async def test_a_read_closed_while_it_waits_closes_a_handler_that_goes_on(
         finally:
             ended.append("closed")
 
-    local.add("/test.Local/GoesOn", _handler(goes_on))
-    made = local.unary_stream("/test.Local/GoesOn", bytes, bytes)
-    assert made is not None
-    call = made(b"", metadata=())
+    call = _opener(local, "/test.Local/GoesOn", _handler(goes_on))()
     assert await call.read() == b"first"
     reading = call.read()
     reading.send(None)
@@ -277,10 +265,7 @@ async def test_cancel_during_a_read_ends_it_even_if_the_handler_goes_on(
         finally:
             ended.append("closed")
 
-    local.add("/test.Local/Swallows", _handler(swallows))
-    made = local.unary_stream("/test.Local/Swallows", bytes, bytes)
-    assert made is not None
-    call = made(b"", metadata=())
+    call = _opener(local, "/test.Local/Swallows", _handler(swallows))()
     outcome: list[Any] = []
 
     async def reader() -> None:
@@ -308,11 +293,8 @@ async def test_the_pump_tells_a_cancelled_call_from_its_own_stop(service: Servic
     itself stopped still just ends."""
     local = _local(service)
     started, ended = asyncio.Event(), list[str]()
-    local.add(_WAIT, _waiting_handler(started, ended))
-    made = local.unary_stream(_WAIT, bytes, bytes)
-    assert made is not None
-
-    call = made(b"", metadata=())
+    open_call = _opener(local, _WAIT, _waiting_handler(started, ended))
+    call = open_call()
     queue: asyncio.Queue[Any] = asyncio.Queue()
     pump = asyncio.create_task(streams._pump(call, queue))
     assert await asyncio.wait_for(queue.get(), 10) == b"first"
@@ -324,7 +306,7 @@ async def test_the_pump_tells_a_cancelled_call_from_its_own_stop(service: Servic
     await _slots_freed(local)
 
     started.clear()
-    call = made(b"", metadata=())
+    call = open_call()
     queue = asyncio.Queue()
     pump = asyncio.create_task(streams._pump(call, queue))
     assert await asyncio.wait_for(queue.get(), 10) == b"first"
