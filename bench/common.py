@@ -320,3 +320,14 @@ def run_in_tree(script: str, tree: Path, *args: str) -> dict[str, Any]:
         text=True,
     ).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+async def drop_schema(url: str, schema: str) -> None:
+    """Drops a bench run's throwaway PostgreSQL schema (and everything in it)."""
+    import asyncpg  # only the PostgreSQL benches need it
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()

@@ -18,10 +18,9 @@ import statistics
 import time
 import uuid
 
-import asyncpg
-
 from aiserver.jobs.store import JobRecord
 from aiserver.jobs.store.postgres import PostgresJobStore
+from bench.common import drop_schema
 from tests.storage.test_job_store import make_job
 
 URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -51,11 +50,7 @@ async def _main(rounds: int, statements: int) -> None:
             )
     finally:
         await store.close()
-        conn = await asyncpg.connect(URL)
-        try:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        finally:
-            await conn.close()
+        await drop_schema(URL, schema)
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ import asyncpg
 import grpc
 
 from bench import ROOT
-from bench.common import cpu_seconds, ms, row, spread
+from bench.common import cpu_seconds, drop_schema, ms, row, spread
 from bench.orchestration import Inputs, _segment, _service_job, _wait_ready
 from bench.service_proc import ServiceProcess
 from bench.standin_proc import StandIns
@@ -197,7 +197,7 @@ async def _config(
         # Counted from the schema's start (a table's counts reach the statistics late):
         # the warm-up's jobs included.
         tables = per_job(await _table_writes(schema), {}, done + WARM_UP_JOBS * count)
-        await _drop_schema(schema)
+        await drop_schema(BENCH_URL, schema)
     figures = {
         "jobs_per_s": done / wall,
         "coordinator_cpu_ms_per_job": ms(used) / done,
@@ -286,14 +286,6 @@ def per_job(after: dict[str, float], before: dict[str, float], jobs: int) -> dic
     """``after - before`` per job, the keys that moved."""
     moved = {k: (v - before.get(k, 0.0)) / jobs for k, v in after.items()}
     return {k: round(v, 3) for k, v in sorted(moved.items()) if v}
-
-
-async def _drop_schema(schema: str) -> None:
-    conn = await asyncpg.connect(BENCH_URL)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    finally:
-        await conn.close()
 
 
 def _rows(figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

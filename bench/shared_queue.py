@@ -23,14 +23,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
-
 from aiserver.jobs.ids import new_job_id
 from aiserver.jobs.model import Job, JobState
 from aiserver.jobs.store import JobRecord
 from aiserver.jobs.store.postgres import PostgresJobStore
 from aiserver.tasks import ImageToImageSpec, TaskKind
-from bench.common import cpu_seconds
+from bench.common import cpu_seconds, drop_schema
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -98,11 +96,7 @@ async def run(url: str, queued: int, rounds: int) -> dict[str, tuple[float, floa
         }
     finally:
         await store.close()
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        finally:
-            await conn.close()
+        await drop_schema(url, schema)
 
 
 def main() -> None:
