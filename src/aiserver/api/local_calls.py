@@ -104,11 +104,12 @@ class _InContext:
         self._context = context
         self._orphaned = orphaned
 
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self._steps(self._coro.send, None)
-
-    def _steps(self, step: Callable[[Any], Any], value: Any) -> Generator[Any, None, Any]:
+    def _steps(
+        self, step: Callable[[Any], Any] | None = None, value: Any = None
+    ) -> Generator[Any, None, Any]:
         run, coro = self._context.run, self._coro
+        if step is None:
+            step = coro.send
         while True:
             try:
                 waiting = run(step, value)
@@ -123,6 +124,9 @@ class _InContext:
                 step, value = coro.throw, exc
             else:
                 step, value = coro.send, None
+
+    # A generator function itself: ``await`` gets the steps without a call in between.
+    __await__ = _steps
 
     def _resumed(self, waiting: Any) -> Generator[Any, None, Any]:
         try:
