@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
 import time
@@ -226,4 +227,8 @@ class StandIns:
 
 
 if __name__ == "__main__":
+    if timeline := os.environ.get("BENCH_TIMELINE"):  # a job's steps, for bench.job_timeline
+        from bench.job_timeline import install_standin
+
+        install_standin(Path(timeline))
     asyncio.run(main())
