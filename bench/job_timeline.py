@@ -126,6 +126,23 @@ def install_service(out: Path) -> None:
         return real_emit(self, job_id, kind)
 
     events.EventHub.emit = traced_emit  # type: ignore[method-assign]
+    from aiserver.artifacts import index
+    from aiserver.blobs import local
+
+    def _sync_around(owner: Any, name: str, before: str, after: str) -> None:
+        real = getattr(owner, name)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            stamp(before)
+            result = real(*args, **kwargs)
+            stamp(after)
+            return result
+
+        setattr(owner, name, wrapped)
+
+    # In the put's worker thread: its register (the thread's first step), then the file.
+    _sync_around(index.SqliteArtifactIndex, "_register", "s.register", "s.registered")
+    _sync_around(local.LocalBlobStore, "put_now", "s.write", "s.written")
     real_fsync = os.fsync
 
     def traced_fsync(fd: Any) -> None:  # the put's file and folder (SQLite syncs in C)
@@ -257,6 +274,10 @@ SPANS = (
     ("s.agent_upload", "s.ws.ExecutionSuccess", "the agent's part (upload to execution_success)"),
     ("s.ws.ExecutionSuccess", "s.put", "execution_success to the output's put"),
     ("s.put", "s.put_done", "the output's put (register, write, fsyncs)"),
+    ("s.put", "s.register", "of which the hop to the put's thread"),
+    ("s.register", "s.registered", "of which the register (artifact index)"),
+    ("s.write", "s.written", "of which the file (write, fsync, rename, folder fsync)"),
+    ("s.written", "s.put_done", "of which the hop back to the loop"),
     ("s.put_done", "c.finished", "put done to the caller's finished"),
     ("s.ws.ExecutionSuccess", "c.finished", "execution_success to the caller's finished"),
     ("c.start", "c.finished", "the job"),
