@@ -348,43 +348,56 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.standin_proc import StandIns
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-timeline-"))
-    trees = {"this": ROOT}
+    # Each variant: its service's tree and its stand-ins' tree, in processes of its own.
+    variants = {"this": (ROOT, ROOT)}
     if args.tree:
-        trees["base"] = Path(args.tree)  # absolute (main() resolves it)
-    files = {"agents": tmp / "agents.json"}
+        variants["base"] = (Path(args.tree), ROOT)  # absolute (main() resolves it)
+    if args.agents_tree:
+        variants["base-agents"] = (ROOT, Path(args.agents_tree))
     out: dict[str, Any] = {"rounds": []}
     inputs = Inputs()
+    opened: list[Any] = []
     try:
-        os.environ["BENCH_TIMELINE"] = str(files["agents"])
-        async with StandIns(4, tmp / "comfy") as agents:
-            services = {}
-            for label, root in trees.items():
-                files[label] = tmp / f"service-{label}.json"
-                env = service_env(tmp / f"data-{label}", agents.urls)
-                env["BENCH_TIMELINE"] = str(files[label])
-                services[label] = ServiceProcess(env, tmp / f"service-{label}.log", root)
-            for s in services.values():
-                await s.__aenter__()
-            try:
-                from bench.comfy_direct import DirectComfy
+        services: dict[str, Any] = {}
+        agents: dict[str, Any] = {}
+        files: dict[str, dict[str, Path]] = {}
+        for label, (service_root, agents_root) in variants.items():
+            files[label] = {"agents": tmp / f"agents-{label}.json"}
+            os.environ["BENCH_TIMELINE"] = str(files[label]["agents"])
+            agents[label] = StandIns(4, tmp / f"comfy-{label}", source=agents_root)
+            await agents[label].__aenter__()
+            opened.append(agents[label])
+            files[label]["service"] = tmp / f"service-{label}.json"
+            env = service_env(tmp / f"data-{label}", agents[label].urls)
+            env["BENCH_TIMELINE"] = str(files[label]["service"])
+            services[label] = ServiceProcess(env, tmp / f"service-{label}.log", service_root)
+            await services[label].__aenter__()
+            opened.append(services[label])
+        from bench.comfy_direct import DirectComfy
 
-                direct = [DirectComfy(url) for url in agents.urls]
-                paths = [*services, "direct"] if args.direct else list(services)
-                for rnd in range(args.rounds):
-                    order = paths if rnd % 2 == 0 else list(reversed(paths))
-                    for label in order:
-                        result = await _segment(
-                            label, services.get(label), direct, agents, inputs, args.jobs, files
-                        )
-                        result["round"] = rnd
-                        out["rounds"].append(result)
-                        _print(result)
-                for c in direct:
-                    await c.aclose()
-            finally:
-                for s in services.values():
-                    await s.__aexit__(None, None, None)
+        direct = [DirectComfy(url) for url in agents["this"].urls]
+        paths = [*variants, "direct"] if args.direct else list(variants)
+        for rnd in range(args.rounds):
+            order = paths if rnd % 2 == 0 else list(reversed(paths))
+            for label in order:
+                key = "this" if label == "direct" else label
+                result = await _segment(
+                    label,
+                    services.get(label),
+                    direct,
+                    agents[key],
+                    inputs,
+                    args.jobs,
+                    files[key],
+                )
+                result["round"] = rnd
+                out["rounds"].append(result)
+                _print(result)
+        for c in direct:
+            await c.aclose()
     finally:
+        for handle in reversed(opened):
+            await handle.__aexit__(None, None, None)
         os.environ.pop("BENCH_TIMELINE", None)
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -402,6 +415,7 @@ async def _segment(
     import grpc
 
     from bench.client_loop import INPUT_SIDE, _wait_ready
+    from bench.common import cpu_seconds
 
     async def direct_job(png: bytes) -> None:
         stamp("c.start")
@@ -423,11 +437,13 @@ async def _segment(
         _STAMPS.clear()
         pids = {"agents": agents.pid}
         if service is not None:
-            pids[label] = service.pid
+            pids["service"] = service.pid
         for pid in pids.values():
             os.kill(pid, signal.SIGUSR1)
+        cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
         for png in pngs:
             await job(png)
+        cpu = {name: (cpu_seconds(pid) - cpu[name]) * 1000 / jobs for name, pid in pids.items()}
         stamp("c.start")  # closes the last job's window
         stamps = list(_STAMPS)
         for name, pid in pids.items():
@@ -451,6 +467,7 @@ async def _segment(
         "latency_p90": _pct(latencies, 90),
         "steps": _table(windows),
         "spans": _spans(windows),
+        "cpu_ms_per_job": {name: round(v, 3) for name, v in cpu.items()},
         "load": os.getloadavg()[0],
     }
 
@@ -459,7 +476,8 @@ def _print(result: dict[str, Any]) -> None:
     print(
         f"\n{result['tree']} round {result['round']}: {result['jobs']} jobs, finished p50"
         f" {result['latency_p50']:.2f} ms p90 {result['latency_p90']:.2f} (load"
-        f" {result['load']:.1f})"
+        f" {result['load']:.1f}); CPU ms per job: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in result["cpu_ms_per_job"].items())
     )
     print(f"{'step':32} {'n':>4} {'at p50':>8} {'at p90':>8} {'gap p50':>8} {'gap p90':>8}")
     for span in result["spans"]:
@@ -477,11 +495,16 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tree", default="", help="another source tree's service, alternating")
+    parser.add_argument(
+        "--agents-tree", default="", help="another tree's stand-ins (this service), alternating"
+    )
     parser.add_argument("--direct", action="store_true", help="the direct client's too")
     parser.add_argument("--out", default="", help="write the figures here (JSON)")
     args = parser.parse_args()
     if args.tree:
         args.tree = str(Path(args.tree).resolve())
+    if args.agents_tree:
+        args.agents_tree = str(Path(args.agents_tree).resolve())
     result = asyncio.run(_run(args))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -164,8 +164,11 @@ class StandIns:
         hang: str = "",
         module: str = "bench.standin_proc",
         step_delay_s: float = 0.0,
+        source: Path = ROOT,
     ) -> None:
         self.count = count
+        self.source = source
+        """The source tree the stand-ins run from (another's: an A/B of the stand-ins)."""
         self.root = root
         self.hang = hang
         self.module = module
@@ -185,7 +188,7 @@ class StandIns:
             *cmd,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            cwd=str(ROOT),
+            cwd=str(self.source),
             limit=64 * 1024 * 1024,
         )
         self.urls = (await self._ask(None))["urls"]
