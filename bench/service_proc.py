@@ -134,6 +134,10 @@ if __name__ == "__main__":
         from bench.hop_census import install as install_hops
 
         install_hops(Path(hops))
+    if samples := os.environ.get("BENCH_CPU_SAMPLES"):  # CPU-time stacks, bench.cpu_sampler
+        from bench.cpu_sampler import install as install_sampler
+
+        install_sampler(Path(samples))
     if profile := os.environ.get("BENCH_PROFILE"):  # a cProfile dump of the server, for analysis
         import cProfile
 
