@@ -24,6 +24,7 @@ from bench.common import ensure_comfy_provider, quit_child
 
 
 async def main() -> None:
+    from aiserver import heap
     from aiserver.config import load_settings
     from aiserver.logs import configure_logging
     from aiserver.server import Service
@@ -33,6 +34,7 @@ async def main() -> None:
     service = Service(settings)
     wiring = ensure_comfy_provider(service)
     await service.start()
+    heap.settle()  # as aiserver serve does after start-up
     print(
         json.dumps(
             {
