@@ -117,6 +117,8 @@ async def test_a_former_holders_late_progress_is_not_stored(tmp_path: Path) -> N
         a, b = await backend.open(), await backend.open()
         job = make_job(1)
         await a.create(JobRecord(job), holder="A", lease_s=30.0)
+        # Watched from B: progress rows are stored for it (for nobody they would not be).
+        watching = await b.announcements(watch=job.id)
         log = EventLog(a, progress_interval_s=0.05, event_delay_s=0.05, holder="A")
         log.record(JobEvent(job.id, 2, datetime.now(UTC), Progress(Stage.QUEUED, 0.1)))
         await log.drain(5.0)  # still A's: stored
@@ -128,5 +130,64 @@ async def test_a_former_holders_late_progress_is_not_stored(tmp_path: Path) -> N
         # the new holder's own events go in
         await b.append_events(job.id, [NewEvent(3, "progress", {})], holder="B")
         assert [e.sequence for e in await b.events(job.id)] == [2, 3]
+        await watching.aclose()
+    finally:
+        await backend.close()
+
+
+async def _row_version(store: PostgresJobStore, job_id: str) -> tuple[str, str]:
+    """The job row's ``xmin`` and ``xmax``: a row lock or an update changes one of them."""
+    async with store._pool.acquire() as conn:
+        found = await conn.fetchrow("SELECT xmin::text, xmax::text FROM jobs WHERE id = $1", job_id)
+    assert found is not None
+    return found[0], found[1]
+
+
+async def test_progress_alone_for_nobody_writes_nothing(tmp_path: Path) -> None:
+    # A timer's flush of progress alone (the event log's) stores rows only for a reader
+    # elsewhere; for nobody it writes nothing at all, so its commit waits for no flush.
+    from aiserver.jobs.event_codec import PROGRESS
+
+    backend = JobStoreBackend("postgres", tmp_path)
+    try:
+        store, other = await backend.open(), await backend.open()
+        assert isinstance(store, PostgresJobStore)
+        job = make_job(1)
+        await store.create(JobRecord(job), holder="A", lease_s=30.0)
+        # The store counts who follows every job (nobody here) once its LISTEN is open.
+        own = await store.announcements()
+        await store._count_others()
+        assert not store._others_follow_all()
+        before = await _row_version(store, job.id)
+        await store.append_events(
+            job.id, [NewEvent(2, PROGRESS, {"p": 0.1})], holder="A", progress_kind=PROGRESS
+        )
+        assert await store.events(job.id) == []
+        assert await _row_version(store, job.id) == before  # not even locked
+        # Another event kind in the batch: all go in (the progress row too), as always.
+        await store.append_events(
+            job.id,
+            [NewEvent(3, PROGRESS, {"p": 0.2}), NewEvent(4, "output", {"index": 0})],
+            holder="A",
+            progress_kind=PROGRESS,
+        )
+        assert [e.sequence for e in await store.events(job.id)] == [3, 4]
+        # Watched from another process: stored, and announced to it.
+        watching = await other.announcements(watch=job.id)
+        try:
+            await store.append_events(
+                job.id, [NewEvent(5, PROGRESS, {"p": 0.3})], holder="A", progress_kind=PROGRESS
+            )
+            assert [e.sequence for e in await store.events(job.id)] == [3, 4, 5]
+            heard = await asyncio.wait_for(anext(aiter(watching)), 5.0)
+            assert (heard.kind, heard.job_id) == ("event", job.id)
+        finally:
+            await watching.aclose()
+        # Without ``progress_kind`` (a caller that wants every row): stored as before.
+        second = make_job(2)
+        await store.create(JobRecord(second), holder="A", lease_s=30.0)
+        await store.append_events(second.id, [NewEvent(2, PROGRESS, {})], holder="A")
+        assert [e.sequence for e in await store.events(second.id)] == [2]
+        await own.aclose()
     finally:
         await backend.close()

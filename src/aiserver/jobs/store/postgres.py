@@ -693,32 +693,40 @@ class PostgresJobStore:
         *,
         announce: bool = True,
         holder: str | None = None,
+        progress_kind: str | None = None,
     ) -> None:
         if not events:
             return
         self._check()
+        everyone = self._others_follow_all()
+        if progress_kind is not None and all(e.kind == progress_kind for e in events):
+            # Progress alone, for a reader elsewhere only: for nobody it inserts nothing and
+            # locks nothing, a read-only transaction (its commit waits for no WAL flush).
+            # Not locked, a mark committing during the statement is not seen: that watcher
+            # gets the job's next progress (coalesced anyway), never misses another event.
+            await self._pool.execute(
+                _APPEND_PROGRESS_SQL,
+                job_id,
+                *_event_arrays(events, _now_us()),
+                self._channel,
+                self._event_notice(job_id, events),
+                announce,
+                everyone,
+                holder,
+            )
+            return
         # The row's share lock orders this write with a watcher's marking (an update): this
         # commits first, so the watcher reads the rows, or it sees ``watched``. The holder
         # fence reads the row without locking it (a row lock writes the row, per event): a
         # steal committing during this very statement is not seen, as with any snapshot.
-        sql = (
-            "WITH stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
-            " SELECT $1, e.sequence, e.kind, e.payload, $5"
-            " FROM unnest($2::bigint[], $3::text[], $4::text[]) AS e(sequence, kind, payload)"
-            " WHERE $10::text IS NULL"
-            " OR EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND lease_holder = $10)"
-            " ON CONFLICT DO NOTHING RETURNING 1)"
-            " SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored) AND $8"
-            " AND ($9 OR (SELECT watched FROM jobs WHERE id = $1 FOR SHARE))"
-        )
         await self._pool.execute(
-            sql,
+            _APPEND_EVENTS_SQL,
             job_id,
             *_event_arrays(events, _now_us()),
             self._channel,
             self._event_notice(job_id, events),
             announce,
-            self._others_follow_all(),
+            everyone,
             holder,
         )
 
@@ -1094,6 +1102,33 @@ def _create_sql(limited: bool, events: bool, announce: bool) -> str:
             else " SELECT id FROM made"
         )
     )
+
+
+_APPEND_EVENTS_SQL = (
+    "WITH stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
+    " SELECT $1, e.sequence, e.kind, e.payload, $5"
+    " FROM unnest($2::bigint[], $3::text[], $4::text[]) AS e(sequence, kind, payload)"
+    " WHERE $10::text IS NULL"
+    " OR EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND lease_holder = $10)"
+    " ON CONFLICT DO NOTHING RETURNING 1)"
+    " SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored) AND $8"
+    " AND ($9 OR (SELECT watched FROM jobs WHERE id = $1 FOR SHARE))"
+)
+"""``append_events``: the events, fenced by the holder, announced if the row is watched."""
+
+_APPEND_PROGRESS_SQL = (
+    "WITH stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
+    " SELECT $1, e.sequence, e.kind, e.payload, $5"
+    " FROM unnest($2::bigint[], $3::text[], $4::text[]) AS e(sequence, kind, payload)"
+    " WHERE ($10::text IS NULL"
+    " OR EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND lease_holder = $10))"
+    " AND ($9 OR EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND watched))"
+    " ON CONFLICT DO NOTHING RETURNING 1)"
+    # Stored only if watched or every job is followed: announced then (when asked).
+    " SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored) AND $8"
+)
+"""``append_events`` of progress alone with ``progress_kind``: stored (and announced) only
+for a reader elsewhere, nothing locked."""
 
 
 def _event_arrays(events: Sequence[NewEvent], now_us: int) -> list[Any]:
