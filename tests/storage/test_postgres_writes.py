@@ -145,13 +145,23 @@ async def _row_version(store: PostgresJobStore, job_id: str) -> tuple[str, str]:
 
 async def test_progress_alone_for_nobody_writes_nothing(tmp_path: Path) -> None:
     # A timer's flush of progress alone (the event log's) stores rows only for a reader
-    # elsewhere; for nobody it writes nothing at all, so its commit waits for no flush.
+    # elsewhere; for nobody it writes nothing at all (its commit waits for no flush), and the
+    # job's next ones are not even sent until the finding is ``recheck_s`` old.
     from aiserver.jobs.event_codec import PROGRESS
 
     backend = JobStoreBackend("postgres", tmp_path)
     try:
         store, other = await backend.open(), await backend.open()
         assert isinstance(store, PostgresJobStore)
+        store._unwatched.recheck_s = 0.3
+        sent: list[str] = []
+        fetchval = store._fetchval
+
+        async def counted(sql: str, *args: object) -> object:
+            sent.append(sql)
+            return await fetchval(sql, *args)
+
+        store._fetchval = counted  # type: ignore[method-assign]
         job = make_job(1)
         await store.create(JobRecord(job), holder="A", lease_s=30.0)
         # The store counts who follows every job (nobody here) once its LISTEN is open.
@@ -159,28 +169,36 @@ async def test_progress_alone_for_nobody_writes_nothing(tmp_path: Path) -> None:
         await store._count_others()
         assert not store._others_follow_all()
         before = await _row_version(store, job.id)
-        await store.append_events(
-            job.id, [NewEvent(2, PROGRESS, {"p": 0.1})], holder="A", progress_kind=PROGRESS
-        )
+
+        async def progress(sequence: int) -> None:
+            await store.append_events(
+                job.id, [NewEvent(sequence, PROGRESS, {})], holder="A", progress_kind=PROGRESS
+            )
+
+        await progress(2)
         assert await store.events(job.id) == []
         assert await _row_version(store, job.id) == before  # not even locked
+        asked = len(sent)
+        await progress(3)  # found unwatched a moment ago: not sent
+        assert len(sent) == asked
         # Another event kind in the batch: all go in (the progress row too), as always.
         await store.append_events(
             job.id,
-            [NewEvent(3, PROGRESS, {"p": 0.2}), NewEvent(4, "output", {"index": 0})],
+            [NewEvent(4, PROGRESS, {"p": 0.2}), NewEvent(5, "output", {"index": 0})],
             holder="A",
             progress_kind=PROGRESS,
         )
-        assert [e.sequence for e in await store.events(job.id)] == [3, 4]
-        # Watched from another process: stored, and announced to it.
+        assert [e.sequence for e in await store.events(job.id)] == [4, 5]
+        # Watched from another process: stored once the finding is old, and announced to it.
         watching = await other.announcements(watch=job.id)
         try:
-            await store.append_events(
-                job.id, [NewEvent(5, PROGRESS, {"p": 0.3})], holder="A", progress_kind=PROGRESS
-            )
-            assert [e.sequence for e in await store.events(job.id)] == [3, 4, 5]
+            await asyncio.sleep(0.4)
+            await progress(6)
+            assert [e.sequence for e in await store.events(job.id)] == [4, 5, 6]
             heard = await asyncio.wait_for(anext(aiter(watching)), 5.0)
             assert (heard.kind, heard.job_id) == ("event", job.id)
+            await progress(7)  # watched: asked (and stored) every time
+            assert [e.sequence for e in await store.events(job.id)] == [4, 5, 6, 7]
         finally:
             await watching.aclose()
         # Without ``progress_kind`` (a caller that wants every row): stored as before.

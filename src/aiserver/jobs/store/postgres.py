@@ -55,6 +55,7 @@ from aiserver.jobs.store.protocol import (
     SlotClaim,
     StoredEvent,
 )
+from aiserver.jobs.store.unwatched import UnwatchedJobs
 from aiserver.outage import BackendBusy
 from aiserver.tasks import TaskKind
 
@@ -149,6 +150,7 @@ class PostgresJobStore:
         self._reconnect: asyncio.Future[None] | None = None
         self._closed = False
         self._slot_rows: set[tuple[str, int]] = set()  # (agent, capacity) known to have rows
+        self._unwatched = UnwatchedJobs()  # progress alone not sent for them (unwatched.py)
         # Writes of several jobs that meet go in one statement (group_commit.py).
         self._saves = GroupCommit(self._save_one, self._save_group, lambda s: s.job_id)
         self._creates = GroupCommit(self._create_one, self._create_group, lambda c: c.key)
@@ -700,20 +702,7 @@ class PostgresJobStore:
         self._check()
         everyone = self._others_follow_all()
         if progress_kind is not None and all(e.kind == progress_kind for e in events):
-            # Progress alone, for a reader elsewhere only: for nobody it inserts nothing and
-            # locks nothing, a read-only transaction (its commit waits for no WAL flush).
-            # Not locked, a mark committing during the statement is not seen: that watcher
-            # gets the job's next progress (coalesced anyway), never misses another event.
-            await self._pool.execute(
-                _APPEND_PROGRESS_SQL,
-                job_id,
-                *_event_arrays(events, _now_us()),
-                self._channel,
-                self._event_notice(job_id, events),
-                announce,
-                everyone,
-                holder,
-            )
+            await self._append_progress(job_id, events, announce, everyone, holder)
             return
         # The row's share lock orders this write with a watcher's marking (an update): this
         # commits first, so the watcher reads the rows, or it sees ``watched``. The holder
@@ -729,6 +718,35 @@ class PostgresJobStore:
             everyone,
             holder,
         )
+
+    async def _append_progress(
+        self,
+        job_id: str,
+        events: Sequence[NewEvent],
+        announce: bool,
+        everyone: bool,
+        holder: str | None,
+    ) -> None:
+        """Progress alone, for a reader elsewhere only (``append_events(progress_kind=)``).
+        For nobody the statement inserts nothing and locks nothing (a read-only transaction:
+        its commit waits for no WAL flush), and the job's next ones are not sent at all for
+        a while (``unwatched.py``). Not locked, a mark committing during the statement is not
+        seen: that watcher gets a later progress (coalesced anyway), never misses another
+        event kind."""
+        now = time.monotonic()
+        if not everyone and self._unwatched.quiet(job_id, now):
+            return
+        watched = await self._fetchval(
+            _APPEND_PROGRESS_SQL,
+            job_id,
+            *_event_arrays(events, _now_us()),
+            self._channel,
+            self._event_notice(job_id, events),
+            announce,
+            everyone,
+            holder,
+        )
+        self._unwatched.found(job_id, everyone or bool(watched), now)
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
         found = await self._fetch(
@@ -844,6 +862,7 @@ class PostgresJobStore:
             if every_job:
                 await self._name_listener()
             if watch is not None:
+                self._unwatched.forget(watch)
                 # Once committed, every write of the job that commits later sees the mark (a
                 # save updates the row, an event append share-locks it: both wait for this
                 # update) and announces; the watcher reads the table after this returns.
@@ -1123,12 +1142,14 @@ _APPEND_PROGRESS_SQL = (
     " WHERE ($10::text IS NULL"
     " OR EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND lease_holder = $10))"
     " AND ($9 OR EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND watched))"
-    " ON CONFLICT DO NOTHING RETURNING 1)"
+    " ON CONFLICT DO NOTHING RETURNING 1),"
     # Stored only if watched or every job is followed: announced then (when asked).
-    " SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored) AND $8"
+    " sent AS (SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored) AND $8)"
+    " SELECT coalesce((SELECT watched FROM jobs WHERE id = $1), false)"
+    " FROM (SELECT count(*) FROM sent) AS s"
 )
 """``append_events`` of progress alone with ``progress_kind``: stored (and announced) only
-for a reader elsewhere, nothing locked."""
+for a reader elsewhere, nothing locked. Returns the job's ``watched`` mark."""
 
 
 def _event_arrays(events: Sequence[NewEvent], now_us: int) -> list[Any]:
