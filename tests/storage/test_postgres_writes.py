@@ -93,8 +93,12 @@ async def test_storing_events_does_not_lock_the_job_row(tmp_path: Path) -> None:
             async with other.transaction():
                 # Another transaction holds the row (a foreign key check would wait for it).
                 await other.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", job.id)
+                # Not announced: an announced append share-locks the row to see `watched`.
                 await asyncio.wait_for(
-                    store.append_events(job.id, [NewEvent(2, "progress", {"p": 0.5})]), 5.0
+                    store.append_events(
+                        job.id, [NewEvent(2, "progress", {"p": 0.5})], announce=False
+                    ),
+                    5.0,
                 )
         finally:
             await other.close()
@@ -162,12 +166,12 @@ async def test_progress_alone_for_nobody_writes_nothing(tmp_path: Path) -> None:
             return await fetchval(sql, *args)
 
         store._fetchval = counted  # type: ignore[method-assign]
-        job = make_job(1)
-        await store.create(JobRecord(job), holder="A", lease_s=30.0)
         # The store counts who follows every job (nobody here) once its LISTEN is open.
         own = await store.announcements()
         await store._count_others()
         assert not store._others_follow_all()
+        job = make_job(1)
+        await store.create(JobRecord(job), holder="A", lease_s=30.0)
         before = await _row_version(store, job.id)
 
         async def progress(sequence: int) -> None:
@@ -175,12 +179,16 @@ async def test_progress_alone_for_nobody_writes_nothing(tmp_path: Path) -> None:
                 job.id, [NewEvent(sequence, PROGRESS, {})], holder="A", progress_kind=PROGRESS
             )
 
-        await progress(2)
+        asked = len(sent)
+        await progress(2)  # a job just created is watched by nobody: not sent
+        assert len(sent) == asked
+        await asyncio.sleep(0.4)
+        await progress(3)  # asked again, found unwatched: nothing written
+        assert len(sent) == asked + 1
         assert await store.events(job.id) == []
         assert await _row_version(store, job.id) == before  # not even locked
-        asked = len(sent)
         await progress(3)  # found unwatched a moment ago: not sent
-        assert len(sent) == asked
+        assert len(sent) == asked + 1
         # Another event kind in the batch: all go in (the progress row too), as always.
         await store.append_events(
             job.id,

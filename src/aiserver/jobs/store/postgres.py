@@ -267,7 +267,11 @@ class PostgresJobStore:
             events_notice,
         )
         made = await self._creates.write(item)
-        return made if made is not None else await self._create_one(item)
+        created = made if made is not None else await self._create_one(item)
+        if not created[1] and not self._others_follow_all():
+            # Nobody elsewhere watches a job just made: its progress alone waits (unwatched.py).
+            self._unwatched.found(record.job.id, False, time.monotonic())
+        return created
 
     async def _create_one(self, item: PendingCreate) -> tuple[JobRecord, bool]:
         self._check()
