@@ -1,7 +1,7 @@
 """Where the service spends its CPU on the ComfyUI job path: py-spy on the service process.
 
     python -m bench.profile_service LABEL [--jobs 400] [--concurrency 16] [--agents MODULE]
-        [--step-delay S] [--comfy-url URL] [--result]
+        [--step-delay S] [--comfy-url URL] [--result] [--cpu] [--native] [--raw FILE]
 
 The same setup as :mod:`bench.orchestration` (instant stand-ins in their own process, the
 service in its own with persistence on, gRPC ImageUpscale SYNC with references; ``--result``:
@@ -12,7 +12,9 @@ from ``/proc`` over jobs: robust to other load on the machine, unlike latency), 
 requests the agents received per job, and the profile's top functions by own and by total
 samples (idle samples, the event loop waiting in ``select``, left out). ``--step-delay``
 paces the stand-ins (seconds per node step: a job's frames then arrive one at a time, as from
-a real agent); ``--comfy-url`` profiles against a real ComfyUI instead.
+a real agent); ``--comfy-url`` profiles against a real ComfyUI instead. ``--cpu`` samples the
+service's CPU time instead of py-spy's wall time (:mod:`bench.cpu_sampler`, read its notes)
+and adds the garbage collector's share of the segment's CPU.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +33,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import grpc
 from imagetasks.v1 import common_pb2
@@ -84,9 +89,10 @@ def _area(frames: list[str]) -> str:
 
 
 def _top(
-    collapsed: Path,
+    collapsed: Path, idle: tuple[str, ...] = _IDLE
 ) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]:
-    """Busy samples; the top functions by own and by total samples; samples by area."""
+    """Busy samples; the top functions by own and by total samples; samples by area.
+    ``idle``: leaf frames left out (none for CPU-time samples: each one is CPU spent)."""
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
     areas: Counter[str] = Counter()
@@ -96,7 +102,7 @@ def _top(
         if not stack or not count_text.isdigit():
             continue
         frames = stack.split(";")
-        if any(marker in frames[-1] for marker in _IDLE):
+        if any(marker in frames[-1] for marker in idle):
             continue  # the loop waiting for I/O
         count = int(count_text)
         busy += count
@@ -119,9 +125,11 @@ async def _profile(
     comfy_url: str = "",
     step_delay_s: float = 0.0,
     result_only: bool = False,
+    cpu_samples: bool = False,
 ) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     collapsed = tmp / "profile.txt"
+    gc_share = ""
     try:
         async with contextlib.AsyncExitStack() as stack:
             agents = None
@@ -133,6 +141,8 @@ async def _profile(
                     StandIns(AGENTS, tmp / "comfy", module=module, step_delay_s=step_delay_s)
                 )
                 env = service_env(tmp / "service", agents.urls)
+            if cpu_samples:
+                env["BENCH_CPU_SAMPLES"] = str(collapsed)
             if postgres:  # the job store on the scale-out bench's database, a schema of its own
                 from bench import scaleout
 
@@ -156,32 +166,48 @@ async def _profile(
                     if agents is not None:
                         await agents.dump()
                     pngs = inputs.take(jobs)
-                    spy = await asyncio.create_subprocess_exec(
-                        _py_spy(),
-                        *("record", "--pid", str(service.pid), "--format", "raw", "--gil"),
-                        *("--rate", "200", "--output", str(collapsed)),
-                        # py-spy unwinds C frames only while the process is paused.
-                        *(("--native",) if native else ("--nonblocking",)),
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                    await asyncio.sleep(1.0)  # py-spy attaches
+                    spy = None
+                    if cpu_samples:  # bench.cpu_sampler in the service: SIGUSR1 starts it
+                        os.kill(service.pid, signal.SIGUSR1)
+                    else:
+                        spy = await asyncio.create_subprocess_exec(
+                            _py_spy(),
+                            *("record", "--pid", str(service.pid), "--format", "raw", "--gil"),
+                            *("--rate", "200", "--output", str(collapsed)),
+                            # py-spy unwinds C frames only while the process is paused.
+                            *(("--native",) if native else ("--nonblocking",)),
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        )
+                        await asyncio.sleep(1.0)  # py-spy attaches
                     cpu = cpu_seconds(service.pid)
                     started = time.perf_counter()
                     got = await _segment(job, concurrency, pngs)
                     wall = time.perf_counter() - started
                     cpu = cpu_seconds(service.pid) - cpu
-                    spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
-                    async with asyncio.timeout(30):
-                        await spy.wait()
+                    if spy is None:
+                        os.kill(service.pid, signal.SIGUSR2)  # stops it, writes the stacks
+                        found = await asyncio.to_thread(_written, Path(f"{collapsed}.gc"))
+                        gc_share = _gc_line(json.loads(found), cpu)
+                    else:
+                        spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+                        async with asyncio.timeout(30):
+                            await spy.wait()
                     requests = (await agents.dump())[1] if agents is not None else {}
         if postgres:
             await drop_schema(scaleout.BENCH_URL, schema)
         done = len(got["latencies"])
         if raw is not None:
             shutil.copyfile(collapsed, raw)
-        busy, own, total, areas = _top(collapsed)
+        busy, own, total, areas = _top(collapsed, () if cpu_samples else _IDLE)
         per_job = cpu * 1000 / max(done, 1)
+        sampled = (
+            "CPU-time samples (bench.cpu_sampler: one per tick of the process's CPU, the main"
+            " thread's stack; samples in select: other threads' CPU or the poll's)"
+            if cpu_samples
+            else "py-spy samples while busy (200 Hz, the thread holding the GIL only,"
+            " idle loop excluded)"
+        )
         where = f"a real ComfyUI at {comfy_url}" if comfy_url else f"{AGENTS} agents ({module})"
         mode = "RESULT" if result_only else "SYNC"
         if step_delay_s and not comfy_url:
@@ -194,8 +220,8 @@ async def _profile(
             f" ({cpu:.2f} s CPU over {wall:.1f} s wall, {done / wall:.1f} jobs/s)",
             "agent requests per job: "
             + ", ".join(f"{route} {n / max(done, 1):.2f}" for route, n in sorted(requests.items())),
-            f"py-spy samples while busy: {busy}"
-            " (200 Hz, the thread holding the GIL only, idle loop excluded)",
+            f"{sampled}: {busy}",
+            *([gc_share] if gc_share else []),
             "",
             "by area (innermost service frame; % of busy, and ms of CPU per job at that share):",
             *(
@@ -214,6 +240,26 @@ async def _profile(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _written(path: Path, timeout_s: float = 30.0) -> str:
+    """The text of ``path`` once the service has written it (the sampler's stop)."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the service wrote no {path}")
+        time.sleep(0.05)
+    return path.read_text()
+
+
+def _gc_line(found: dict[str, Any], cpu_s: float) -> str:
+    seconds = float(found["seconds"])
+    per_gen = "/".join(str(n) for n in found["collections"])
+    share = 100 * seconds / cpu_s if cpu_s else 0.0
+    return (
+        f"garbage collector: {seconds * 1000:.0f} ms of the main thread's CPU, {share:.1f}% of"
+        f" the service's; collections by generation {per_gen}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("label")
@@ -225,6 +271,9 @@ def main() -> None:
         help="bench.standin_proc (the stand-ins) or bench.fast_agent (lighter)",
     )
     parser.add_argument("--native", action="store_true", help="C frames too (py-spy --native)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="sample CPU time in the service, not py-spy's wall"
+    )
     parser.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks in this file")
     parser.add_argument("--postgres", action="store_true", help="the job store on PostgreSQL")
     parser.add_argument(
@@ -247,6 +296,7 @@ def main() -> None:
             comfy_url=args.comfy_url.rstrip("/"),
             step_delay_s=args.step_delay,
             result_only=args.result,
+            cpu_samples=args.cpu,
         )
     )
     RESULTS.mkdir(parents=True, exist_ok=True)

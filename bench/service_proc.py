@@ -24,6 +24,7 @@ from bench.common import ensure_comfy_provider, quit_child
 
 
 async def main() -> None:
+    from aiserver import heap
     from aiserver.config import load_settings
     from aiserver.logs import configure_logging
     from aiserver.server import Service
@@ -33,6 +34,7 @@ async def main() -> None:
     service = Service(settings)
     wiring = ensure_comfy_provider(service)
     await service.start()
+    heap.settle()  # as aiserver serve does after start-up
     print(
         json.dumps(
             {
@@ -134,6 +136,10 @@ if __name__ == "__main__":
         from bench.hop_census import install as install_hops
 
         install_hops(Path(hops))
+    if samples := os.environ.get("BENCH_CPU_SAMPLES"):  # CPU-time stacks, bench.cpu_sampler
+        from bench.cpu_sampler import install as install_sampler
+
+        install_sampler(Path(samples))
     if profile := os.environ.get("BENCH_PROFILE"):  # a cProfile dump of the server, for analysis
         import cProfile
 
