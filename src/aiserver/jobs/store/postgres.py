@@ -268,9 +268,13 @@ class PostgresJobStore:
         )
         made = await self._creates.write(item)
         created = made if made is not None else await self._create_one(item)
-        if not created[1] and not self._others_follow_all():
+        now = time.monotonic()
+        # Read as _others_follow_all reads it, without starting a count: counts stay paced
+        # by the event writes.
+        everyone = self._others_follow or now - self._others_counted > 2.0
+        if not created[1] and not everyone:
             # Nobody elsewhere watches a job just made: its progress alone waits (unwatched.py).
-            self._unwatched.found(record.job.id, False, time.monotonic())
+            self._unwatched.found(record.job.id, False, now)
         return created
 
     async def _create_one(self, item: PendingCreate) -> tuple[JobRecord, bool]:
