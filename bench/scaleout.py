@@ -125,8 +125,13 @@ async def _config(
     per_process: int,
     census: Path | None = None,
     root: Path = ROOT,
+    separate: bool = False,
 ) -> dict[str, float]:
+    """One configuration's figures. ``separate``: each coordinator on a schema of its own
+    (nothing shared: the control for what sharing one store costs, at the same load and the
+    same contention for the cores)."""
     schema = f"b_{uuid.uuid4().hex[:12]}"
+    schemas = [f"{schema}_{i}" if separate else schema for i in range(count)]
     agent_list = [
         {"url": url, "name": f"agent{i}", "max_concurrent_jobs": 64}
         for i, url in enumerate(agents.urls)
@@ -143,7 +148,7 @@ async def _config(
             "AISERVER_AGENTS": json.dumps(agent_list),
         }
         if kind == "postgres":
-            env |= {"AISERVER_DATABASE_URL": BENCH_URL, "AISERVER_DATABASE_SCHEMA": schema}
+            env |= {"AISERVER_DATABASE_URL": BENCH_URL, "AISERVER_DATABASE_SCHEMA": schemas[i]}
         if census is not None:
             env["BENCH_SQL_CENSUS"] = str(census / f"c{i}.json")
         services.append(ServiceProcess(env, data.with_name(f"{data.name}-c{i}.log"), root))
@@ -199,8 +204,11 @@ async def _config(
     if kind == "postgres":
         # Counted from the schema's start (a table's counts reach the statistics late):
         # the warm-up's jobs included.
-        tables = per_job(await _table_writes(schema), {}, done + WARM_UP_JOBS * count)
-        await drop_schema(BENCH_URL, schema)
+        written: Counter[str] = Counter()
+        for name in sorted(set(schemas)):
+            written.update(await _table_writes(name))
+            await drop_schema(BENCH_URL, name)
+        tables = per_job(dict(written), {}, done + WARM_UP_JOBS * count)
     figures = {
         "jobs_per_s": done / wall,
         "coordinator_cpu_ms_per_job": ms(used) / done,
@@ -385,12 +393,19 @@ WARM_UP_JOBS = 4
 
 
 async def _census(
-    jobs: int, out: Path, counts: Sequence[int], base: Path | None, rounds: int
+    jobs: int,
+    out: Path,
+    counts: Sequence[int],
+    base: Path | None,
+    rounds: int,
+    separate: bool = False,
 ) -> None:
     """Statements sent and notifications received per job on PostgreSQL, by statement, for
     each number of coordinators (``bench.sql_census``): the whole life of the processes over
     their jobs, so start-up and timers count too. With ``base``, that tree's coordinators run
-    in the same rounds, before this tree's."""
+    in the same rounds, before this tree's. ``separate``: each configuration of several
+    coordinators runs once more with each coordinator on a schema of its own (key ``xN
+    apart``), the control that tells what sharing adds from what the shared cores add."""
     await _ensure_database()
     inputs = Inputs()
     trees = ([("base", base)] if base is not None else []) + [("this", ROOT)]
@@ -400,20 +415,31 @@ async def _census(
         async with StandIns(AGENTS, tmp / "comfy") as agents:
             for rep in range(rounds):
                 for count in counts:
+                    apart = (False, True) if separate and count > 1 else (False,)
                     for name, root in trees:
-                        where = tmp / f"{name}-{count}-{rep}"
-                        await asyncio.to_thread(where.mkdir)
-                        figures = await _config(
-                            where / "run", agents, "postgres", count, inputs, jobs, where, root
-                        )
-                        await agents.reset()
-                        sent: Counter[str] = Counter()
-                        for i in range(count):
-                            sent.update(json.loads((where / f"c{i}.json").read_text()))
-                        runs.setdefault(f"{name} x{count}", []).append(
-                            _census_run(figures, sent, count * (jobs + WARM_UP_JOBS))
-                        )
-                        print(name, count, json.dumps(runs[f"{name} x{count}"][-1]["figures"]))
+                        for alone in apart:
+                            key = f"{name} x{count}" + (" apart" if alone else "")
+                            where = tmp / f"{key.replace(' ', '-')}-{rep}"
+                            await asyncio.to_thread(where.mkdir)
+                            figures = await _config(
+                                where / "run",
+                                agents,
+                                "postgres",
+                                count,
+                                inputs,
+                                jobs,
+                                where,
+                                root,
+                                separate=alone,
+                            )
+                            await agents.reset()
+                            sent: Counter[str] = Counter()
+                            for i in range(count):
+                                sent.update(json.loads((where / f"c{i}.json").read_text()))
+                            runs.setdefault(key, []).append(
+                                _census_run(figures, sent, count * (jobs + WARM_UP_JOBS))
+                            )
+                            print(key, json.dumps(runs[key][-1]["figures"]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {"jobs_per_coordinator": jobs + WARM_UP_JOBS, "runs": runs}
@@ -456,7 +482,14 @@ if __name__ == "__main__":
     parser.add_argument("--coordinators", default="1", help="e.g. 1,2,3")
     parser.add_argument("--base", type=Path, help="another source tree, run alternately")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--apart",
+        action="store_true",
+        help="also run each configuration of several coordinators on a schema each (control)",
+    )
     options = parser.parse_args()
     target = Path(__file__).parent / "results" / f"sql-census-{options.label}.json"
     coordinators = [int(c) for c in options.coordinators.split(",")]
-    asyncio.run(_census(options.jobs, target, coordinators, options.base, options.rounds))
+    asyncio.run(
+        _census(options.jobs, target, coordinators, options.base, options.rounds, options.apart)
+    )

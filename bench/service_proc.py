@@ -136,6 +136,10 @@ if __name__ == "__main__":
         from bench.hop_census import install as install_hops
 
         install_hops(Path(hops))
+    if timeline := os.environ.get("BENCH_TIMELINE"):  # a job's steps, for bench.job_timeline
+        from bench.job_timeline import install_service
+
+        install_service(Path(timeline))
     if samples := os.environ.get("BENCH_CPU_SAMPLES"):  # CPU-time stacks, bench.cpu_sampler
         from bench.cpu_sampler import install as install_sampler
 

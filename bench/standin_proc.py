@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
 import time
@@ -163,8 +164,11 @@ class StandIns:
         hang: str = "",
         module: str = "bench.standin_proc",
         step_delay_s: float = 0.0,
+        source: Path = ROOT,
     ) -> None:
         self.count = count
+        self.source = source
+        """The source tree the stand-ins run from (another's: an A/B of the stand-ins)."""
         self.root = root
         self.hang = hang
         self.module = module
@@ -184,7 +188,7 @@ class StandIns:
             *cmd,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            cwd=str(ROOT),
+            cwd=str(self.source),
             limit=64 * 1024 * 1024,
         )
         self.urls = (await self._ask(None))["urls"]
@@ -226,4 +230,8 @@ class StandIns:
 
 
 if __name__ == "__main__":
+    if timeline := os.environ.get("BENCH_TIMELINE"):  # a job's steps, for bench.job_timeline
+        from bench.job_timeline import install_standin
+
+        install_standin(Path(timeline))
     asyncio.run(main())

@@ -316,3 +316,28 @@ async def test_the_pump_tells_a_cancelled_call_from_its_own_stop(service: Servic
         await pump
     assert queue.empty()
     await _slots_freed(local)
+
+
+async def test_the_guard_counts_a_local_stream(service: Service) -> None:
+    """The guard's counts (streams in progress, bytes sent, calls by code) move as they did
+    through prometheus_client's ``inc`` (the guard adds to the children's values directly)."""
+    local = _local(service)
+    registry = service.metrics.registry
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    started, ended = asyncio.Event(), list[str]()
+    call = _opener(local, _WAIT, _waiting_handler(started, ended))()
+    sent = sample("aiserver_sent_bytes_total", method="Local/Wait")
+    assert await call.read() == b"first"
+    assert sample("aiserver_active_streams") == 1
+    assert sample("aiserver_sent_bytes_total", method="Local/Wait") == sent + len(b"first")
+    reader = asyncio.ensure_future(call.read())
+    await started.wait()
+    reader.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reader
+    assert ended == ["cancelled", "closed"]
+    assert sample("aiserver_active_streams") == 0
+    assert sample("aiserver_rpcs_total", method="Local/Wait", code="CANCELLED") == 1

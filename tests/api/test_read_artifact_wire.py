@@ -34,6 +34,16 @@ def test_the_frame_makes_protobufs_own_message(offset: int, length: int) -> None
     assert head + data + tail == want
 
 
+def test_frames_are_kept_and_stay_protobufs_own() -> None:
+    frame = bytes_frame(1, 2)
+    data = b"x" * 300
+    for offset in range(0, 3000 * 300, 300):  # past what is kept: some are made again
+        head, tail = frame(offset, len(data))
+        message = apb.ReadArtifactResponse(data=data, offset=offset)
+        assert head + data + tail == message.SerializeToString()
+    assert frame(5 << 20, 1 << 20) is frame(5 << 20, 1 << 20)  # made once, not per chunk
+
+
 async def test_each_message_is_the_one_protobuf_writes(
     service: Service, channel: grpc.aio.Channel
 ) -> None:

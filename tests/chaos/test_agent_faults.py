@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -248,3 +249,36 @@ async def test_an_agent_that_stops_answering_without_a_reset_loses_its_job_to_an
             assert len(silent.received.prompts) == 1 and len(retries(events)) == 1
         else:  # it never ran there
             assert not silent.received.prompts
+
+
+async def test_a_withdraw_the_silent_agent_never_answers_is_logged_with_its_reason(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hung agent (a real ComfyUI SIGSTOPped does this: its TCP stays open, nothing comes
+    back) leaves the abandoned run's delete/interrupt unanswered until ``cancel_s``; the
+    warning must say so, not end in an empty reason (asyncio's TimeoutError has no text)."""
+    silent = await cluster.agent()
+    other = await cluster.agent()
+    url = urlsplit(silent.url)
+    async with TcpCut(url.hostname or "127.0.0.1", url.port or 80) as relay:
+        relayed = f"{url.scheme}://127.0.0.1:{relay.port}"
+        configs = [AgentConfig(relayed, name="agent-0"), AgentConfig(other.url, name="agent-1")]
+        settings = dataclasses.replace(
+            POOL, timeouts=dataclasses.replace(TIMEOUTS, request_s=3.0, idle_s=4.0)
+        )
+        pool = ComfyPool(configs, WorkflowCatalog.load(), settings=settings)
+        cluster.pools.append(pool)
+        await pool.start()
+        manager = await cluster.env.manager(pool, max_attempts=2)  # type: ignore[arg-type]
+        job = await submit(manager, cluster.env, spec=SPEC)
+        await running_on(silent)
+        with caplog.at_level(logging.WARNING, logger="aiserver.providers.comfy.run"):
+            relay.blackhole()
+            final, _ = await ends(manager, job, 40)
+        assert final.state is JobState.SUCCEEDED and final.agent == "agent-1", final.error
+        withdrawals = [r.getMessage() for r in caplog.records if "withdraw" in r.getMessage()]
+        assert withdrawals, "the run on the silent agent was not withdrawn"
+        assert all(not m.endswith(": ") for m in withdrawals), withdrawals
+        assert any(f"no answer within {TIMEOUTS.cancel_s:g} s" in m for m in withdrawals), (
+            withdrawals
+        )

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from aiserver.errors import ErrorKind, ServiceError
+from aiserver.jobs.agent_slots import SharedAgentSlots
+from aiserver.jobs.store.sqlite import SqliteJobStore
 from aiserver.providers.base import (
     SHUTDOWN,
     Cause,
@@ -489,3 +491,35 @@ async def test_the_catalogue_is_read_again_once_its_interval_has_passed(
         while not pool.can_run(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec(model="other_x2.pth")):
             await asyncio.sleep(0.02)
     assert _gets(standin, "/object_info") >= 2
+
+
+async def test_equally_loaded_agents_the_one_with_a_slot_kept_here_is_picked(
+    make_standin: StandInFactory,
+    pools: list[ComfyPool],
+    catalog: WorkflowCatalog,
+    inputs_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Shared slots: among agents with as few runs, the one whose slot this process still
+    holds from an ended run gets the next run (no claim now, no release later); the least
+    loaded and the higher priority still come first."""
+    a = await make_standin()
+    b = await make_standin()
+    pool = await started(pools, catalog, AgentConfig(a.url, name="a"), AgentConfig(b.url, name="b"))
+    store = await SqliteJobStore.open(tmp_path / "jobs.db")
+    slots = SharedAgentSlots(store, "A", 30)
+    slots.keep_s = 60.0
+    pool.share_slots(slots)
+    try:
+        assert pool.pick(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec()) == "a"  # by name
+        await run(pool, upscale(inputs_dir, job_id="JOB0"), exclude=frozenset({"a"}))
+        assert len(b.received.prompts) == 1  # ran on b: b's slot is kept here now
+        assert slots.kept("b") and not slots.kept("a")
+        assert pool.pick(TaskKind.IMAGE_UPSCALE, ImageUpscaleSpec()) == "b"
+        await run(pool, upscale(inputs_dir, job_id="JOB1"))
+        assert len(b.received.prompts) == 2 and not a.received.prompts
+        claimed = await store.claim_slot("b", 2, "B", 30)  # another process's run on b
+        assert claimed is not None
+        await slots.stop()
+    finally:
+        await store.close()

@@ -94,6 +94,40 @@ async def test_variant(fake: FakeBackend, fake_http: httpx.AsyncClient) -> None:
     assert bad.json()["responseStatus"]["errors"][0]["fieldName"] == "spec"
 
 
+async def test_variant_query_and_conditions(
+    fake: FakeBackend, fake_http: httpx.AsyncClient
+) -> None:
+    """What the variant route reads from the query (download, a signed URL's expiry) and
+    the headers it answers to, each way (the route reads the query only when there is one)."""
+    url, _, _ = _artifact(fake)
+    path = f"/variants/width=8/{url.removeprefix('/artifacts/')}"
+    plain = await fake_http.get(path)
+    assert plain.status_code == 200
+    assert plain.headers["content-disposition"].startswith("inline; filename=")
+    assert plain.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert plain.headers["x-request-id"]
+    download = await fake_http.get(path, params={"download": "yes"})
+    assert download.headers["content-disposition"].startswith("attachment; filename=")
+    assert download.content == plain.content
+    other = await fake_http.get(path, params={"download": "no", "x": "1"})
+    assert other.headers["content-disposition"].startswith("inline; filename=")
+    bad = await fake_http.get(path, params={"expires": "soon", "signature": "x"})
+    assert bad.status_code == 400
+    assert bad.json()["responseStatus"]["errors"][0]["fieldName"] == "expires"
+    etag = plain.headers["etag"]
+    for header in ("", f'W/"x", {etag}', "*"):
+        res = await fake_http.get(path, headers={"If-None-Match": header})
+        assert res.status_code == (304 if header else 200), header
+    keyed = await fake_http.get(path, headers={"Authorization": "Bearer k"})
+    assert keyed.headers["cache-control"] == "private, max-age=31536000, immutable"
+    head = await fake_http.head(path)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(plain.content))
+    missing = await fake_http.get("/variants/width=8/2025/01/02/nothing.png")
+    assert missing.status_code == 404
+    assert missing.json()["responseStatus"]["errorCode"] == "ARTIFACT_NOT_FOUND"
+
+
 async def test_v1_read_artifact_is_ndjson(fake: FakeBackend, fake_http: httpx.AsyncClient) -> None:
     url, data, _ = _artifact(fake)
     res = await fake_http.get(f"/v1{url}:read", params={"readOffset": "3", "readLimit": "60"})

@@ -122,3 +122,38 @@ async def test_runs_across_processes_never_exceed_an_agents_capacity(
     for slots in processes:
         await slots.stop()
     assert set(await _holders(backend, "gpu")) == {"-"}
+
+
+async def test_renewal_keeps_held_slots_in_one_statement_and_forgets_a_lost_one(
+    backend: JobStoreBackend,
+) -> None:
+    """The renewal timer renews every slot held here, running or kept idle, in one store
+    call; a slot whose lease was lost (lapsed, taken by another process) is forgotten, so
+    it is never handed to a run here again."""
+    store = await backend.open()
+    slots = _slots(store, "A")
+    slots.keep_s = 60.0
+    running, idle, lost = [await slots.take("gpu", 3) for _ in range(3)]
+    assert running is not None and idle is not None and lost is not None
+    await slots.give_back(idle)
+    calls: list[int] = []
+    renew_slots = store.renew_slots
+
+    async def counted(claims, lease_s):  # type: ignore[no-untyped-def]
+        calls.append(len(claims))
+        return await renew_slots(claims, lease_s)
+
+    store.renew_slots = counted  # type: ignore[method-assign]
+    lost_slot = lost.claim.slot  # type: ignore[attr-defined]
+    await backend.sql(
+        f"UPDATE agent_slots SET holder = 'B' WHERE agent = 'gpu' AND slot = {lost_slot}"
+    )
+    await slots.renew()
+    assert calls == [3]
+    assert await slots.take("gpu", 3) is idle  # still held: reused without a claim
+    await slots.give_back(lost)  # its run ends: the slot is B's, not kept here
+    await slots.renew()
+    assert calls == [3, 2]
+    holders = await _holders(backend, "gpu")
+    assert holders[lost_slot] == "B"
+    assert holders.count("A") == 2

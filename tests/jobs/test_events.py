@@ -375,3 +375,28 @@ async def test_a_late_subscriber_hears_a_text_with_its_node() -> None:
     finish(hub, job)
     replayed = await collect(hub.subscribe(job.id, no_history))
     assert TextProduced(0, "a caption", "7") in kinds(replayed)
+
+
+async def test_flush_progress_hands_over_the_held_progress_at_once() -> None:
+    # Held by the rate limit (an interval far longer than the test), then flushed: it goes
+    # out now, and still before the output that follows.
+    hub = EventHub(progress_interval_s=30)
+    job = new_job()
+    hub.open_new(job)
+    hub.emit(job.id, Accepted(job.task, "r", 0))
+    sub = hub.subscribe(job.id, no_history)
+    await within(anext(sub))  # Accepted opens the interval
+    reader = asyncio.create_task(anext(sub))
+    hub.emit(job.id, progress(0.5))
+    hub.emit(job.id, progress(0.9))
+    await asyncio.sleep(0.01)
+    assert not reader.done()  # held
+    hub.flush_progress(job.id)
+    got = await within(reader, 1.0)
+    assert got.kind == progress(0.9)
+    hub.flush_progress(job.id)  # nothing held: nothing sent
+    add_output(hub, job, 0)
+    finish(hub, job)
+    rest = await collect(sub)
+    assert [type(k) for k in kinds(rest)] == [OutputStored, Finished]
+    hub.flush_progress("no such job")  # a job without a stream: nothing to do

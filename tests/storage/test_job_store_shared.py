@@ -220,6 +220,33 @@ async def test_agent_slots_are_shared_by_every_process(backend: JobStoreBackend)
     assert await a.claim_slot("gpu-1", 3, "A", 30) is not None  # capacity grew
 
 
+async def test_renew_slots_renews_what_is_still_held_in_one_call(
+    backend: JobStoreBackend,
+) -> None:
+    """A holder's renewal timer renews all its slots at once: each claim still held gets the
+    new lease; one that lapsed and was taken by another process, or was released, is lost
+    (``None``) and stays the other's."""
+    a, b = await _two(backend)
+    kept = await a.claim_slot("gpu-1", 3, "A", 30)
+    lapsing = await a.claim_slot("gpu-1", 3, "A", SHORT)
+    released = await a.claim_slot("gpu-2", 1, "A", 30)
+    assert kept is not None and lapsing is not None and released is not None
+    await a.release_slot(released)
+    await asyncio.sleep(SHORT * 1.5)  # A's short lease lapsed ...
+    taken = await b.claim_slot("gpu-1", 2, "B", 30)  # ... and B took that slot
+    assert taken is not None and taken.slot == lapsing.slot
+    assert await a.renew_slots([], 30) == []
+    renewed = await a.renew_slots([kept, lapsing, released], 60)
+    assert renewed[1] is None and renewed[2] is None
+    assert renewed[0] is not None
+    assert (renewed[0].agent, renewed[0].slot, renewed[0].holder) == ("gpu-1", kept.slot, "A")
+    assert renewed[0].expires > kept.expires
+    # B's slot is still B's; A's renewed one still A's; the released one free.
+    assert await b.renew_slot(taken, 30) is not None
+    assert await a.renew_slot(renewed[0], 30) is not None
+    assert await b.claim_slot("gpu-2", 1, "B", 30) is not None
+
+
 async def test_one_leader_per_role_until_its_lease_lapses(backend: JobStoreBackend) -> None:
     a, b = await _two(backend)
     assert await a.lead("retention", "A", SHORT)

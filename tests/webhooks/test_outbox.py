@@ -98,6 +98,33 @@ async def test_the_leader_renews_its_lease_every_third_of_it_not_at_every_pass(
     assert not await leader._leads()
 
 
+async def test_a_follower_asks_for_the_lead_once_per_third_of_a_lease(
+    backend: JobStoreBackend, sender: WebhookSender
+) -> None:
+    """A follower's passes (every poll, every wake) do not each ask the store: it asks again a
+    third of a lease after it was refused, and takes over once the leader's lease lapsed."""
+    store = await backend.open()
+    leader = WebhookOutbox(store, sender, new_holder_id(), lease_s=0.9)
+    other = WebhookOutbox(store, sender, new_holder_id(), lease_s=0.9)
+    assert await leader._leads()
+    asked: list[str] = []
+    lead = store.lead
+
+    async def counted(role: str, holder: str, lease_s: float) -> bool:
+        asked.append(holder)
+        return await lead(role, holder, lease_s)
+
+    store.lead = counted  # type: ignore[method-assign]
+    for _ in range(5):
+        assert await other.run_once() == 0
+    assert len(asked) == 1  # refused once; the other passes asked nothing
+    await asyncio.sleep(0.35)  # a third of the lease later: it asks again
+    assert not await other._leads()
+    assert len(asked) == 2
+    await asyncio.sleep(1.0)  # the leader stopped renewing: its lease lapsed
+    assert await other._leads()
+
+
 async def test_a_final_refusal_is_kept_and_not_retried(
     backend: JobStoreBackend, sender: WebhookSender
 ) -> None:

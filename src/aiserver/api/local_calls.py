@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 from collections import deque
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -103,11 +104,12 @@ class _InContext:
         self._context = context
         self._orphaned = orphaned
 
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self._steps(self._coro.send, None)
-
-    def _steps(self, step: Callable[[Any], Any], value: Any) -> Generator[Any, None, Any]:
+    def _steps(
+        self, step: Callable[[Any], Any] | None = None, value: Any = None
+    ) -> Generator[Any, None, Any]:
         run, coro = self._context.run, self._coro
+        if step is None:
+            step = coro.send
         while True:
             try:
                 waiting = run(step, value)
@@ -122,6 +124,9 @@ class _InContext:
                 step, value = coro.throw, exc
             else:
                 step, value = coro.send, None
+
+    # A generator function itself: ``await`` gets the steps without a call in between.
+    __await__ = _steps
 
     def _resumed(self, waiting: Any) -> Generator[Any, None, Any]:
         try:
@@ -181,12 +186,12 @@ class _LocalStreamCall:
 
     def __init__(
         self,
-        start: Callable[[], Awaitable[tuple[AsyncIterator[Any], Callable[[Any], bytes]]]],
+        start: Callable[[], Awaitable[tuple[AsyncGenerator[Any, None], Callable[[Any], bytes]]]],
         context: _Context,
         deserialize: Callable[[bytes], Any],
     ) -> None:
         self._start = start
-        self._responses: AsyncIterator[Any] | None = None
+        self._responses: AsyncGenerator[Any, None] | None = None
         self._serialize: Callable[[Any], bytes] = bytes
         self._context = context
         self._deserialize = deserialize
@@ -196,10 +201,9 @@ class _LocalStreamCall:
         self._reader: asyncio.Task[Any] | None = None
         self._cancelled_reader = False  # cancel() cancelled the read in progress
 
-    async def _next(self) -> Any:
-        if self._responses is None:
-            self._responses, self._serialize = await self._start()
-        return await anext(self._responses)
+    async def _first(self) -> Any:
+        self._responses, self._serialize = await self._start()
+        return await self._responses.asend(None)
 
     def done(self) -> bool:
         return self._done
@@ -208,8 +212,11 @@ class _LocalStreamCall:
         if self._done:
             return grpc.aio.EOF
         reader = self._reader = asyncio.current_task(self._loop)  # (no loop: a lookup, a getpid)
+        responses = self._responses
+        # After the first read, the generator's own awaitable is stepped (no coroutine around).
+        step = self._first() if responses is None else responses.asend(None)
         try:
-            msg = await _InContext(self._next(), self._run_in, self._orphaned)
+            msg = await _InContext(step, self._run_in, self._orphaned)
         except StopAsyncIteration:
             self._end(reader)
             return grpc.aio.EOF
@@ -530,7 +537,7 @@ class _MultiCallable(_Method):
         raw = self._request_serializer(request)
         details = _Details(self._path, context.invocation_metadata())
 
-        async def start() -> tuple[AsyncIterator[Any], Callable[[Any], bytes]]:
+        async def start() -> tuple[AsyncGenerator[Any, None], Callable[[Any], bytes]]:
             wrapped = await self._calls.wrap(self._handler, details)
             parsed = wrapped.request_deserializer(raw)
             return wrapped.unary_stream(parsed, context), wrapped.response_serializer

@@ -68,13 +68,24 @@ def bytes_message(
     return Encoded(b"".join(parts))
 
 
+_FRAMES_KEPT = 1024
+"""Frames kept per :func:`bytes_frame` (about 200 bytes each with the cache's own entry).
+Reads start at offset 0 (or a client's ``read_offset``) and step by the chunk size, so every
+artifact read in whole chunks asks for the same (offset, length) pairs: 1024 cover the
+first GiB of 1 MiB chunks."""
+
+
 def bytes_frame(field: int, int_field: int) -> Callable[[int, int], tuple[bytes, bytes]]:
     """A frame (:data:`aiserver.blobs.protocol.Frame`) making each chunk read at ``offset``
     the message :func:`bytes_message` writes for ``(field, data, int_field, offset)``: the
-    same bytes, in protobuf's own field order."""
+    same bytes, in protobuf's own field order.
+
+    Frames are kept (an LRU in C, about 0.1 us per hit): built in Python, the two varints
+    cost about 4.5 us per chunk (0.3 ms per 64 MiB ReadArtifact)."""
     data_key = _varint(field << 3 | _LEN)
     int_key = _varint(int_field << 3 | _VARINT)
 
+    @functools.lru_cache(maxsize=_FRAMES_KEPT)
     def frame(offset: int, length: int) -> tuple[bytes, bytes]:
         head = data_key + _varint(length) if length else b""
         return head, int_key + _varint(offset) if offset > 0 else b""

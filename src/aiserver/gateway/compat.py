@@ -103,6 +103,7 @@ _WATCH_JOB = "imagetasks.v1.JobService.WatchJob"
 _GET_ARTIFACT = "imagetasks.v1.ArtifactService.GetArtifact"
 _READ_ARTIFACT = "imagetasks.v1.ArtifactService.ReadArtifact"
 _GET_VARIANT = "imagetasks.v1.ArtifactService.GetVariant"
+_EOF = grpc.aio.EOF
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +333,7 @@ class Compat:
         self.workflow = workflow_task(files)
         """RunWorkflow, served per workflow by ``gateway.workflows``; None without the service."""
         self._draining: set[Any] = set()
+        self._get_variant: tuple[Callable[..., Any], Callable[..., Any]] | None = None
         """Answered jobs' streams left to end: their calls, or the tasks reading them to
         their end (strong references: a grpc.aio call collected early is cancelled)."""
 
@@ -638,38 +640,57 @@ class Compat:
         )
 
     async def variant(self, request: web.Request) -> web.StreamResponse:
-        name = "artifacts/" + request.match_info["path"]
-        backend = self.backend
-        method = backend.method(_GET_VARIANT)
-        signed = signed_access(request)
-        req = message_class(method.input_type)(name=name, spec=request.match_info["spec"], **signed)
-        call = backend.callable(method)(req, metadata=backend.metadata(request))
+        # The warm variant's path (issue 15): each step here runs on every cached answer,
+        # so it does only what the answer needs. The call's errors are the ``_errors``
+        # middleware's to turn into HTTP (``from_rpc_error``, as ``first_message`` would).
+        make, start = self._get_variant or self._variant_callable()
+        query = request.query if request.query_string else None
+        signed = signed_access(request) if query is not None else {}
+        match = request.match_info
+        req = make(name="artifacts/" + match["path"], spec=match["spec"], **signed)
+        call = start(req, metadata=self.backend.metadata(request))
         try:
-            first = await first_message(call)
-            if first is None or first.WhichOneof("payload") != "info":
+            first = await call.read()
+            if first is _EOF or first.WhichOneof("payload") != "info":
                 raise _bad_upstream("the variant stream did not start with info")
             info = first.info
             etag = f'"{info.etag}"'
             headers = {"ETag": etag, "Cache-Control": cache_control(request, signed)}
-            if etag_matches(request.headers.get("If-None-Match", ""), etag):
+            if_none_match = request.headers.get("If-None-Match")
+            if if_none_match and etag_matches(if_none_match, etag):
                 return web.Response(status=304, headers=headers)
-            download = (request.query.get("download") or "").lower() in ("true", "1", "yes")
-            headers["Content-Type"] = info.image.mime_type or "application/octet-stream"
+            image = info.image
+            download = query is not None and _download(query)
+            headers["Content-Type"] = image.mime_type or "application/octet-stream"
             headers["Content-Disposition"] = content_disposition(
-                "attachment" if download else "inline", info.image.file_name or "variant"
+                "attachment" if download else "inline", image.file_name or "variant"
             )
+            size = image.size_bytes
             if request.method == "HEAD":
-                return await _head(request, 200, headers, info.image.size_bytes)
-            if info.image.size_bytes <= _WHOLE_VARIANT_BYTES:
+                return await _head(request, 200, headers, size)
+            if size <= _WHOLE_VARIANT_BYTES:
                 # Read whole, sent with its headers in one write (a warm variant: one chunk).
-                body = await _read_all(call, "chunk", info.image.size_bytes)
+                parts = []
+                while (msg := await call.read()) is not _EOF:
+                    parts.append(msg.chunk)
+                body = b"".join(parts)
+                if len(body) != size:
+                    raise _bad_upstream(f"the stream carried {len(body)} bytes, not {size}")
                 return web.Response(status=200, headers=headers, body=body)
             return await self._relay_bytes(
-                request, call, 200, headers, info.image.size_bytes, "chunk", read_first=False
+                request, call, 200, headers, size, "chunk", read_first=False
             )
         finally:
             if not call.done():
                 call.cancel()
+
+    def _variant_callable(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """GetVariant's request class and multi-callable, looked up once (the contract's
+        descriptors do not change while the gateway runs)."""
+        method = self.backend.method(_GET_VARIANT)
+        found = (message_class(method.input_type), self.backend.callable(method))
+        self._get_variant = found
+        return found
 
     async def _relay_bytes(
         self,
@@ -725,16 +746,9 @@ class Compat:
         )
 
 
-async def _read_all(call: Any, field: str, length: int) -> bytes:
-    """The bytes in ``field`` of every message to the end of the stream (``length`` of
-    them, as announced); a failed call raises GatewayError."""
-    parts: list[bytes] = []
-    while (msg := await first_message(call)) is not None:
-        parts.append(getattr(msg, field))
-    body = b"".join(parts)
-    if len(body) != length:
-        raise _bad_upstream(f"the stream carried {len(body)} bytes, not {length}")
-    return body
+def _download(query: Any) -> bool:
+    """``?download=true`` (or 1, yes): the answer as an attachment."""
+    return (query.get("download") or "").lower() in ("true", "1", "yes")
 
 
 async def _head(

@@ -69,6 +69,9 @@ class SharedAgentSlots:
         self._held.add(held)
         return held
 
+    def kept(self, agent: str) -> bool:
+        return bool(self._idle.get(agent))
+
     async def give_back(self, token: SlotToken) -> None:
         assert isinstance(token, _Held)
         if token not in self._held or self._stopped:
@@ -133,17 +136,28 @@ class SharedAgentSlots:
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(self._lease_s / 3)
-            for held in list(self._held):
-                try:
-                    renewed = await self._store.renew_slot(held.claim, self._lease_s)
-                except Exception:
-                    logger.warning("could not renew a slot", exc_info=True)
-                    continue
-                if renewed is None:
-                    logger.warning("agent %s: slot lease lost", held.claim.agent)
-                    self._held.discard(held)  # (a run on it ends as it would have)
-                    if held.idle_until is not None:
-                        with contextlib.suppress(KeyError, ValueError):
-                            self._idle[held.claim.agent].remove(held)
-                else:
-                    held.claim = renewed
+            await self.renew()
+
+    async def renew(self) -> None:
+        """Renew every slot held here in one statement (one round trip per third of a lease
+        however many slots this process holds; a statement per slot was the renewals' cost,
+        which grew with the slots each coordinator holds). A slot whose lease was lost is
+        forgotten: the run on it ends as it would have; a failed statement is retried at the
+        next turn, within the lease."""
+        held = list(self._held)
+        if not held:
+            return
+        try:
+            renewed = await self._store.renew_slots([h.claim for h in held], self._lease_s)
+        except Exception:
+            logger.warning("could not renew %d agent slots", len(held), exc_info=True)
+            return
+        for token, claim in zip(held, renewed, strict=True):
+            if claim is not None:
+                token.claim = claim
+            elif token in self._held:  # (not given back meanwhile)
+                logger.warning("agent %s: slot lease lost", token.claim.agent)
+                self._held.discard(token)
+                if token.idle_until is not None:
+                    with contextlib.suppress(KeyError, ValueError):
+                        self._idle[token.claim.agent].remove(token)

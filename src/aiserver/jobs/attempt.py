@@ -150,8 +150,10 @@ class AttemptSink:
         resumed: bool,
         lease_firm: Callable[[str], bool] | None = None,
         ride_out: RideOut | None = None,
+        flush_progress: Callable[[ActiveJob], None] | None = None,
     ) -> None:
         self._active = active
+        self._flush_progress = flush_progress
         self._lease_firm = lease_firm
         self._ride_out = ride_out
         self._provider = provider
@@ -188,6 +190,10 @@ class AttemptSink:
         if not self._live():
             return
         job = self._active.job
+        if self._flush_progress is not None:
+            # The store waits for the disk (fsyncs): the progress held back until the output
+            # event goes to the callers meanwhile, not after it (EventHub.flush_progress).
+            self._flush_progress(self._active)
         image = await encode_output(image, job.spec)
         if self._resumed and any(o.file_name == image.file_name for o in job.outputs):
             # A re-attached run delivers again what an earlier holder stored before it died;

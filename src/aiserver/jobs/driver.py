@@ -69,6 +69,7 @@ class AttemptDriver:
         leased: bool = False,
         lease_firm: Callable[[str], bool] | None = None,
         ride_out: RideOut | None = None,
+        flush_progress: Callable[[ActiveJob], None] | None = None,
     ) -> None:
         """``leased``: jobs are held under leases on a shared store (a taker can resume one
         this process drops); ``lease_firm(job_id)``: whether that lease still has time to
@@ -85,6 +86,7 @@ class AttemptDriver:
         self._leased = leased
         self._lease_firm = lease_firm
         self._ride_out = ride_out
+        self._flush_progress = flush_progress
         self.controllers: set[asyncio.Task[None]] = set()
 
     def launch(self, active: ActiveJob, provider: Provider, *, new_attempt: bool) -> None:
@@ -137,6 +139,7 @@ class AttemptDriver:
                 resumed=not new_attempt,
                 lease_firm=self._lease_firm,
                 ride_out=self._ride_out,
+                flush_progress=self._flush_progress,
             )
             active.sink = sink
             # A cancel that came while the inputs were fetched found no run task to cancel.

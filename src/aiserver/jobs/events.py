@@ -238,6 +238,17 @@ class _Subscriber:
             self._trim()
         self._waker.set()
 
+    def flush(self) -> None:
+        """The held progress goes out now, not when its slot is due (see
+        :meth:`EventHub.flush_progress`)."""
+        if self._pending is None:
+            return
+        self._queue.append(self._pending)
+        self._pending = None
+        self._stop_timer()
+        self._trim()
+        self._waker.set()
+
     def _due(self) -> None:
         self._timer = None
         self._waker.set()
@@ -464,6 +475,20 @@ class EventHub:
             except Exception:  # a watcher's bug must not stop the job's own events
                 logger.exception("job %s: an event tap failed", job_id)
         return event
+
+    def flush_progress(self, job_id: str) -> None:
+        """Hand every subscriber of the job the progress its rate limit holds back, now.
+
+        For a job about to store an output: that progress would go out right before the
+        OutputStored event anyway (no event passes a held progress), i.e. after the output's
+        durable write; sent now, its message is written to the caller while that write waits
+        for the disk, and the job's tail (output, finished) no longer waits behind it. A job
+        shorter than the rate limit's interval holds every progress until then."""
+        channel = self._channels.get(job_id)
+        if channel is None:
+            return
+        for subscriber in channel.subscribers:
+            subscriber.flush()
 
     def replay(self, job_id: str) -> list[JobEvent] | None:
         """The replay a subscriber attaching now would get (``None``: no live stream)."""

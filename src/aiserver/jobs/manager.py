@@ -186,6 +186,7 @@ class JobManager:
             leased=holder is not None,
             lease_firm=self._lease_firm if holder is not None else None,
             ride_out=self._writes.ride_out if holder is not None else None,
+            flush_progress=self._flush_progress,
         )
         self._tasks: set[asyncio.Task[Any]] = set()  # finishes, hooks, background writes
         self._inputs = InputLifetime(
@@ -717,6 +718,9 @@ class JobManager:
         if self._log is not None:
             self._log.record(event)
         return event
+
+    def _flush_progress(self, active: ActiveJob) -> None:
+        self._hub.flush_progress(active.job.id)
 
     async def _save_reservation(self, active: ActiveJob) -> None:
         try:

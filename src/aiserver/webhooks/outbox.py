@@ -52,6 +52,7 @@ class WebhookOutbox:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._renew_at = -math.inf  # (monotonic) while leading: when the lease is renewed
+        self._follow_until = -math.inf  # (monotonic) while following: when to ask again
 
     def deliveries(self, job: Job) -> list[tuple[str, bytes]]:
         """What to store with ``job``'s final state: its ReplyTo POST, if it has one."""
@@ -82,15 +83,21 @@ class WebhookOutbox:
 
     async def _leads(self) -> bool:
         """Whether this process leads: the lease is renewed every third of it, not at every
-        poll (a write per coordinator per second; followers still ask at every poll, so one
-        takes over within a poll of the lease's lapse)."""
+        poll (a write per coordinator per second). A follower asks again a third of a lease
+        after it was refused, not at every poll or wake: the leader renews that often, so
+        asking sooner only finds it again (each ask is a write that every other coordinator
+        paid once a second); one takes over at most a third of a lease after the leader's
+        lease lapsed (leaders are never released: a lapse is a leader gone)."""
         now = time.monotonic()
         if now < self._renew_at:
             return True
+        if now < self._follow_until:
+            return False
         if await self._store.lead(ROLE, self._holder, self._lease_s):
             self._renew_at = now + self._lease_s / 3
             return True
         self._renew_at = -math.inf
+        self._follow_until = now + self._lease_s / 3
         return False
 
     async def _loop(self) -> None:

@@ -14,6 +14,7 @@ from aiserver.jobs.store.protocol import JobRecord, NewEvent
 __all__ = [
     "GROUP_SLOT_CLAIM_SQL",
     "GROUP_SLOT_RELEASE_SQL",
+    "GROUP_SLOT_RENEW_SQL",
     "PendingCreate",
     "PendingSave",
     "PendingSlotClaim",
@@ -262,8 +263,28 @@ GROUP_SLOT_CLAIM_SQL = (
 """Several slot claims of one holder as one statement: the (agent, slot) pairs taken."""
 
 GROUP_SLOT_RELEASE_SQL = (
-    "UPDATE agent_slots a SET holder = NULL"
-    " FROM unnest($1::text[], $2::integer[], $3::text[]) AS v(agent, slot, holder)"
-    " WHERE a.agent = v.agent AND a.slot = v.slot AND a.holder = v.holder"
+    # Rows locked in (agent, slot) order, as a renewal locks them: the two multi-row
+    # statements of one holder never wait on each other in a cycle.
+    "WITH locked AS MATERIALIZED (SELECT a.agent, a.slot FROM agent_slots a"
+    " JOIN unnest($1::text[], $2::integer[], $3::text[]) AS v(agent, slot, holder)"
+    " ON a.agent = v.agent AND a.slot = v.slot AND a.holder = v.holder"
+    " ORDER BY a.agent, a.slot FOR UPDATE OF a)"
+    " UPDATE agent_slots a SET holder = NULL FROM locked"
+    " WHERE a.agent = locked.agent AND a.slot = locked.slot"
 )
 """Several slot releases as one statement (each row only by its own holder)."""
+
+GROUP_SLOT_RENEW_SQL = (
+    # One holder's renewal timer: every slot it holds in one statement, rows locked in
+    # (agent, slot) order (as a group release locks them). A row whose lease lapsed (and
+    # may be another's now) or was released is not renewed: that claim is lost.
+    "WITH v AS (SELECT * FROM unnest($2::text[], $3::integer[], $4::text[])"
+    " AS v(agent, slot, holder)),"
+    " locked AS MATERIALIZED (SELECT a.agent, a.slot FROM agent_slots a"
+    " JOIN v ON a.agent = v.agent AND a.slot = v.slot AND a.holder = v.holder"
+    " WHERE a.expires_us >= $5 ORDER BY a.agent, a.slot FOR UPDATE OF a)"
+    " UPDATE agent_slots a SET expires_us = $1 FROM locked"
+    " WHERE a.agent = locked.agent AND a.slot = locked.slot"
+    " RETURNING a.agent, a.slot, a.holder"
+)
+"""Every slot one process holds, renewed in one statement: the (agent, slot, holder) kept."""

@@ -33,6 +33,7 @@ from aiserver.jobs.store.group_commit import GroupCommit
 from aiserver.jobs.store.group_sql import (
     GROUP_SLOT_CLAIM_SQL,
     GROUP_SLOT_RELEASE_SQL,
+    GROUP_SLOT_RENEW_SQL,
     PendingCreate,
     PendingSave,
     PendingSlotClaim,
@@ -981,6 +982,31 @@ class PostgresJobStore:
         if found is None:
             return None
         return SlotClaim(claim.agent, claim.slot, claim.holder, codec.from_micros(expires))
+
+    async def renew_slots(
+        self, claims: Sequence[SlotClaim], lease_s: float
+    ) -> list[SlotClaim | None]:
+        self._check()
+        if not claims:
+            return []
+        now = _now_us()
+        expires = now + _us(lease_s)
+        found = await self._fetch(
+            GROUP_SLOT_RENEW_SQL,
+            expires,
+            [c.agent for c in claims],
+            [c.slot for c in claims],
+            [c.holder for c in claims],
+            now,
+        )
+        kept = {(r[0], int(r[1]), r[2]) for r in found}
+        at = codec.from_micros(expires)
+        return [
+            SlotClaim(c.agent, c.slot, c.holder, at)
+            if (c.agent, c.slot, c.holder) in kept
+            else None
+            for c in claims
+        ]
 
     async def release_slot(self, claim: SlotClaim) -> None:
         self._check()

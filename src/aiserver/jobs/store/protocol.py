@@ -415,6 +415,14 @@ class JobStore(Protocol):
 
     async def renew_slot(self, claim: SlotClaim, lease_s: float) -> SlotClaim | None: ...
 
+    async def renew_slots(
+        self, claims: Sequence[SlotClaim], lease_s: float
+    ) -> list[SlotClaim | None]:
+        """Renew every claim of one holder in one statement (its renewal timer: one round
+        trip however many slots it holds); per claim the renewed one, or ``None`` when its
+        lease was lost (lapsed and taken, or released)."""
+        ...
+
     async def release_slot(self, claim: SlotClaim) -> None: ...
 
     async def lead(self, role: str, holder: str, lease_s: float) -> bool:

@@ -752,6 +752,31 @@ class SqliteJobStore:
 
         return await self._call(extend, inline=True)
 
+    async def renew_slots(
+        self, claims: Sequence[SlotClaim], lease_s: float
+    ) -> list[SlotClaim | None]:
+        def extend() -> list[SlotClaim | None]:
+            now = _now_us()
+            expires = now + _us(lease_s)
+            at = codec.from_micros(expires)
+            renewed: list[SlotClaim | None] = []
+            with _transaction(self._conn):
+                for claim in claims:
+                    cur = self._conn.execute(
+                        "UPDATE agent_slots SET expires_us = ? WHERE agent = ? AND slot = ?"
+                        " AND holder = ? AND expires_us >= ?",
+                        (expires, claim.agent, claim.slot, claim.holder, now),
+                    )
+                    ok = cur.rowcount == 1
+                    renewed.append(
+                        SlotClaim(claim.agent, claim.slot, claim.holder, at) if ok else None
+                    )
+            return renewed
+
+        if not claims:
+            return []
+        return await self._call(extend, inline=True)
+
     async def release_slot(self, claim: SlotClaim) -> None:
         def drop() -> None:
             self._conn.execute(

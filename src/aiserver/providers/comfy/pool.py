@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -293,7 +293,7 @@ class ComfyPool:
         if not capable and exclude:  # as in run(): an agent that already tried, as a last resort
             capable = self._capable(workflow, spec, frozenset())[0]
         free = [a for a in capable if a.running < a.config.slots]
-        return _best(free).config.name if free else None
+        return _best(free, self._slots.kept).config.name if free else None
 
     def snapshot(self) -> tuple[AgentSnapshot, ...]:
         extra = self._workflows.model_inputs()
@@ -535,7 +535,7 @@ class ComfyPool:
                 free = [a for a in capable if a.running < a.config.slots]
                 busy_elsewhere = bool(free)
                 while free:
-                    agent = _best(free)
+                    agent = _best(free, self._slots.kept)
                     slot = await self._slots.take(agent.config.name, agent.config.slots)
                     if slot is not None:
                         agent.running += 1
@@ -584,9 +584,14 @@ class ComfyPool:
         )
 
 
-def _best(agents: list[_Agent]) -> _Agent:
-    # Fewest running jobs; then higher priority; then name, for a stable choice.
-    return min(agents, key=lambda a: (a.running, -a.config.priority, a.config.name))
+def _best(agents: list[_Agent], kept: Callable[[str], bool]) -> _Agent:
+    # Fewest running jobs; then higher priority; then one whose slot this process still
+    # holds from a run that ended (shared slots: taking it costs no claim now and no release
+    # later, and the balance between agents is the same); then name, for a stable choice.
+    return min(
+        agents,
+        key=lambda a: (a.running, -a.config.priority, not kept(a.config.name), a.config.name),
+    )
 
 
 if TYPE_CHECKING:

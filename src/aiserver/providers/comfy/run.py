@@ -689,12 +689,14 @@ class Run:
             async with asyncio.timeout(self.t.cancel_s):
                 await self.c.withdraw(self.prompt_id, started=self.started)
         except (ServiceError, TimeoutError) as exc:
+            # asyncio's TimeoutError has no text: say what it means (a hung agent's).
+            reason = str(exc) or f"no answer within {self.t.cancel_s:g} s"
             logger.warning(
                 "could not withdraw prompt %s (%s) from %s: %s",
                 self.prompt_id,
                 why,
                 self.c.name,
-                exc,
+                reason,
             )
 
 

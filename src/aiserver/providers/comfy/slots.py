@@ -27,6 +27,12 @@ class AgentSlots(Protocol):
 
     async def give_back(self, token: SlotToken) -> None: ...
 
+    def kept(self, agent: str) -> bool:
+        """Whether a slot of ``agent`` given back here is still held here, unused: the next
+        :meth:`take` there costs nothing (the pool prefers such an agent among the equally
+        loaded ones)."""
+        ...
+
 
 class LocalSlots:
     """This process is the only one using its agents."""
@@ -38,6 +44,9 @@ class LocalSlots:
 
     async def give_back(self, token: SlotToken) -> None:
         return None
+
+    def kept(self, agent: str) -> bool:
+        return False
 
 
 class _Local:
