@@ -286,9 +286,12 @@ async def test_a_withdraw_the_silent_agent_never_answers_is_logged_with_its_reas
 
 
 # A hung agent (SIGSTOP: TCP open, nothing answers). The request bound is long here, as the
-# default (60 s) is for uploads and downloads: the probe must not wait it out.
+# default (60 s) is for uploads and downloads: the probe must not wait it out; nor must a run
+# the agent's going offline ended wait out cancel_s for its withdrawal.
 HUNG_POOL = dataclasses.replace(
-    POOL, probe_timeout_s=1.0, timeouts=dataclasses.replace(TIMEOUTS, request_s=20.0)
+    POOL,
+    probe_timeout_s=1.0,
+    timeouts=dataclasses.replace(TIMEOUTS, request_s=20.0, cancel_s=6.0),
 )
 HUNG_SLACK_S = 2.0
 
@@ -346,8 +349,10 @@ async def test_a_lost_websocket_then_a_failed_probe_ends_the_agents_runs(
     """The run's websocket drops and the agent then hangs (new connections accepted, never
     answered: the fault trial's ComfyUI, whose socket the keepalive ping dropped). The drop
     asks for a probe at once; it fails within ``probe_timeout_s`` and the agent goes offline,
-    which ends its run for a retry elsewhere, instead of waiting out the websocket's reconnect
-    budget (30 s) or ``request_s``. The periodic probe is far off: the drop's probe did it."""
+    which ends its run for a retry elsewhere at once, instead of waiting out the websocket's
+    reconnect budget (30 s), ``request_s``, or ``cancel_s`` for the withdrawal the hung agent
+    never answers (that goes on in the background). The periodic probe is far off: the drop's
+    probe did it."""
     silent = await cluster.agent(step_delay_s=0.5)
     other = await cluster.agent()
     url = urlsplit(silent.url)
@@ -368,7 +373,7 @@ async def test_a_lost_websocket_then_a_failed_probe_ends_the_agents_runs(
         took = await offline_within(pool, "agent-0", settings.probe_timeout_s + HUNG_SLACK_S)
         assert took <= settings.probe_timeout_s + HUNG_SLACK_S, took
         assert relay.swallowed >= 1  # the probe (and reconnects) met the hang
-        async with asyncio.timeout(TIMEOUTS.cancel_s + HUNG_SLACK_S):  # the withdraw's bound
+        async with asyncio.timeout(HUNG_SLACK_S):  # not the withdrawal's cancel_s
             async for event in events:
                 if isinstance(event.kind, Retrying):
                     break

@@ -35,7 +35,7 @@ from aiserver.errors import ErrorKind, ServiceError
 from aiserver.providers.base import Provider, RunSink, WorkItem
 from aiserver.providers.comfy.background import Background
 from aiserver.providers.comfy.client import ComfyClient
-from aiserver.providers.comfy.run import Run
+from aiserver.providers.comfy.run import AGENT_OFFLINE, Run
 from aiserver.providers.comfy.settings import AgentSettings, PoolSettings
 from aiserver.providers.comfy.slots import AgentSlots, LocalSlots, SlotToken
 from aiserver.providers.comfy.socket_outputs import SAVE_OVER_SOCKET
@@ -461,7 +461,7 @@ class ComfyPool:
         for task in agent.runs - agent.evicted:
             if task is not current:
                 agent.evicted.add(task)
-                task.cancel()
+                task.cancel(AGENT_OFFLINE)  # withdraw its prompt in the background
         if reschedule:
             # Start the backoff over: the next probe comes soon, then further apart.
             agent.backoff = self._settings.backoff_initial_s
