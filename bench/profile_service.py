@@ -38,7 +38,7 @@ from typing import Any
 import grpc
 from imagetasks.v1 import common_pb2
 
-from bench.common import RESULTS, cpu_seconds
+from bench.common import RESULTS, cpu_seconds, drop_schema
 from bench.orchestration import (
     INPUT_SIDE,
     REAL_SIDE,
@@ -195,7 +195,7 @@ async def _profile(
                             await spy.wait()
                     requests = (await agents.dump())[1] if agents is not None else {}
         if postgres:
-            await scaleout._drop_schema(schema)
+            await drop_schema(scaleout.BENCH_URL, schema)
         done = len(got["latencies"])
         if raw is not None:
             shutil.copyfile(collapsed, raw)
