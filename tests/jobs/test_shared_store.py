@@ -451,3 +451,51 @@ async def test_a_progress_a_later_write_supersedes_is_never_stored(pair: Pair) -
 
 async def _stored_kinds(manager: JobManager, job_id: str) -> list[str]:
     return [event.kind for event in await manager._store.events(job_id)]
+
+
+async def _first_progress(watch: AsyncIterator[JobEvent], seconds: float) -> Progress:
+    """The first progress a watcher reads within ``seconds`` (fails if none comes)."""
+    async with asyncio.timeout(seconds):
+        async for event in watch:
+            if isinstance(event.kind, Progress):
+                return event.kind
+    raise AssertionError("the watch ended without a progress")
+
+
+# A progress not stored for nobody is kept and sent again after the store's 2 s (unwatched.py)
+# plus the event log's 0.5 s: the watcher elsewhere gets it within that (and some slack for a
+# loaded machine), even when the job never emits another.
+_KEPT_PROGRESS_S = 2.5 + 1.5
+
+
+async def test_a_queued_jobs_waiting_reason_reaches_a_late_watcher_elsewhere(pair: Pair) -> None:
+    """A queued job emits one progress (QUEUED, why it waits): on PostgreSQL nobody watched
+    it then, so it was not stored; a watcher on another process attaching later still gets
+    it (regression: it saw only Accepted)."""
+    a = await pair.manager(ScriptedProvider("p1", gated, online=False))  # waits for it
+    b = await pair.manager(_serves_nothing())
+    job = await submit(a, pair.env)
+    await asyncio.sleep(3.0)  # past the progress timer and a recheck: nobody watched then
+    watch = b.subscribe(job.id)
+    assert isinstance(watch, StoreWatch)
+    progress = await _first_progress(watch, _KEPT_PROGRESS_S)
+    assert progress.stage is Stage.QUEUED and progress.waiting, progress
+
+
+async def test_a_sparse_progress_reaches_a_late_watcher_elsewhere(pair: Pair) -> None:
+    """One progress, then a long node without steps: a watcher on another process attaching
+    during the silence gets that progress (regression: it saw none until the output)."""
+
+    async def sparse(run: Any) -> None:
+        await run.sink.progress(ProviderProgress(Stage.RUNNING, 0.25, step=1, max_steps=4))
+        await asyncio.sleep(6.0)  # a long node with no step progress (VAE decode, upscale)
+        await produce_image(run)
+
+    a = await pair.manager(ScriptedProvider("p1", sparse))
+    b = await pair.manager(_serves_nothing())
+    job = await submit(a, pair.env)
+    await asyncio.sleep(3.0)
+    watch = b.subscribe(job.id)
+    progress = await _first_progress(watch, _KEPT_PROGRESS_S)
+    assert progress.stage is Stage.RUNNING and progress.fraction == 0.25, progress
+    assert (await final_job(watch, 15.0)).state is JobState.SUCCEEDED

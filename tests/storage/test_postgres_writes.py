@@ -174,20 +174,24 @@ async def test_progress_alone_for_nobody_writes_nothing(tmp_path: Path) -> None:
         await store.create(JobRecord(job), holder="A", lease_s=30.0)
         before = await _row_version(store, job.id)
 
-        async def progress(sequence: int) -> None:
-            await store.append_events(
+        async def progress(sequence: int) -> float | None:
+            return await store.append_events(
                 job.id, [NewEvent(sequence, PROGRESS, {})], holder="A", progress_kind=PROGRESS
             )
 
         asked = len(sent)
-        await progress(2)  # a job just created is watched by nobody: not sent
+        # A job just created is watched by nobody: not sent; the caller is told when to
+        # send it again (it keeps the progress: a watcher may come).
+        again = await progress(2)
+        assert again is not None and 0.0 < again <= 0.3
         assert len(sent) == asked
         await asyncio.sleep(0.4)
-        await progress(3)  # asked again, found unwatched: nothing written
+        assert await progress(3) == 0.3  # asked again, found unwatched: nothing written
         assert len(sent) == asked + 1
         assert await store.events(job.id) == []
         assert await _row_version(store, job.id) == before  # not even locked
-        await progress(3)  # found unwatched a moment ago: not sent
+        again = await progress(3)  # found unwatched a moment ago: not sent
+        assert again is not None and 0.0 < again <= 0.3
         assert len(sent) == asked + 1
         # Another event kind in the batch: all go in (the progress row too), as always.
         await store.append_events(
@@ -201,7 +205,7 @@ async def test_progress_alone_for_nobody_writes_nothing(tmp_path: Path) -> None:
         watching = await other.announcements(watch=job.id)
         try:
             await asyncio.sleep(0.4)
-            await progress(6)
+            assert await progress(6) is None  # stored
             assert [e.sequence for e in await store.events(job.id)] == [4, 5, 6]
             heard = await asyncio.wait_for(anext(aiter(watching)), 5.0)
             assert (heard.kind, heard.job_id) == ("event", job.id)

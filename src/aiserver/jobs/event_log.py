@@ -13,6 +13,10 @@ Consecutive progress events are coalesced to the latest, and a progress event wa
 timer even when a save comes first (a later progress or the end supersedes it until then: a
 short job stores none, rather than rows pruned at its end). A write that fails puts its events
 back (the stores insert events idempotently), so a later write or the timer stores them.
+A timer's flush of progress alone that the store did not send (nobody elsewhere reads the
+job: ``append_events(progress_kind=)``) keeps that progress too, unless a newer one came
+meanwhile, and flushes it again when the store says: a watcher marking the job later gets
+the job's current progress even if the job never emits another.
 
 A write with events is announced (NOTIFY) when it holds one other than progress, or when the
 job's last announcement is ``announce_every_s`` old: watchers elsewhere read every row after
@@ -80,6 +84,7 @@ class EventLog:
         self._announce_every_s = announce_every_s
         self._jobs: dict[str, _JobLog] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._draining = False
 
     def record(self, event: JobEvent) -> None:
         """Buffer ``event`` for the job's next write (or the timer)."""
@@ -95,12 +100,20 @@ class EventLog:
         else:
             self._arm(event.job_id, log, self._delay)
 
-    async def write(self, job_id: str, write: Write[_T], *, final: bool = False) -> _T:
+    async def write(
+        self,
+        job_id: str,
+        write: Write[_T],
+        *,
+        final: bool = False,
+        unstored: Callable[[_T], float | None] | None = None,
+    ) -> _T:
         """Run ``write`` with the job's buffered events once its previous write ended.
 
         ``final``: the job's last write (its Finished goes with it): buffered progress is
         dropped (the finished job's superseded progress is pruned anyway) and the job's
-        buffer with it."""
+        buffer with it. ``unstored``: given the write's result, None if it stored its events,
+        else the seconds after which to write the latest progress of them again."""
         log = self._jobs.setdefault(job_id, _JobLog())
         previous = log.tail
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -130,7 +143,6 @@ class EventLog:
             announce = final or any(not isinstance(e.kind, Progress) for e in taken)
             if taken and (announce or now - log.last_announced_at >= self._announce_every_s):
                 announce = True
-                log.last_announced_at = now
             try:
                 result = await write([stored_event(e) for e in taken], announce)
             except BaseException:
@@ -138,6 +150,12 @@ class EventLog:
                     log.pending[:0] = taken  # stored later (inserts are idempotent)
                     self._arm(job_id, log, self._delay)
                 raise
+            again = unstored(result) if unstored is not None and taken else None
+            if again is not None:
+                self._keep(job_id, log, taken, again)
+            elif taken and announce:
+                # Only a write that went out counts: one the store skipped announced nothing.
+                log.last_announced_at = now
             if final:
                 self.forget(job_id)
             return result
@@ -153,7 +171,22 @@ class EventLog:
             log.timer.cancel()
             log.timer = None
 
+    def _keep(self, job_id: str, log: _JobLog, taken: list[JobEvent], after_s: float) -> None:
+        """The store did not send the progress of ``taken`` (nobody elsewhere reads the job
+        now): the latest goes back to the buffer for a flush in ``after_s``. Dropped, a
+        watcher elsewhere, which reads stored rows only, would never see the job's stage if
+        the job emits no other progress (a queued job's waiting reason)."""
+        if self._draining or self._jobs.get(job_id) is not log:
+            return  # shutting down, or no longer this process's job
+        progress = [e for e in taken if isinstance(e.kind, Progress)]
+        if not progress or any(isinstance(e.kind, Progress) for e in log.pending):
+            return  # a newer progress replaces it
+        # Everything buffered meanwhile is newer: the kept one goes first (sequence order).
+        log.pending.insert(0, progress[-1])
+        self._arm(job_id, log, after_s)
+
     async def drain(self, timeout_s: float) -> None:
+        self._draining = True
         for job_id, log in list(self._jobs.items()):
             if log.timer is not None:
                 log.timer.cancel()
@@ -190,6 +223,7 @@ class EventLog:
                         # progress alone for nobody then costs no commit.
                         progress_kind=PROGRESS,
                     ),
+                    unstored=lambda again: again,
                 )
             except Exception:
                 logger.warning("could not store events of job %s", job_id, exc_info=True)

@@ -347,6 +347,8 @@ class PostgresJobStore:
         announce: bool = True,
     ) -> None:
         self._check()
+        if record.job.state.terminal:
+            self._unwatched.forget(record.job.id)  # ended: no progress of it comes any more
         # Sent by the statement if the job is watched elsewhere or every job is followed.
         notice = self._event_notice(record.job.id, events) if announce and events else None
         item = PendingSave(
@@ -705,14 +707,13 @@ class PostgresJobStore:
         announce: bool = True,
         holder: str | None = None,
         progress_kind: str | None = None,
-    ) -> None:
+    ) -> float | None:
         if not events:
-            return
+            return None
         self._check()
         everyone = self._others_follow_all()
         if progress_kind is not None and all(e.kind == progress_kind for e in events):
-            await self._append_progress(job_id, events, announce, everyone, holder)
-            return
+            return await self._append_progress(job_id, events, announce, everyone, holder)
         # The row's share lock orders this write with a watcher's marking (an update): this
         # commits first, so the watcher reads the rows, or it sees ``watched``. The holder
         # fence reads the row without locking it (a row lock writes the row, per event): a
@@ -727,6 +728,7 @@ class PostgresJobStore:
             everyone,
             holder,
         )
+        return None
 
     async def _append_progress(
         self,
@@ -735,16 +737,18 @@ class PostgresJobStore:
         announce: bool,
         everyone: bool,
         holder: str | None,
-    ) -> None:
+    ) -> float | None:
         """Progress alone, for a reader elsewhere only (``append_events(progress_kind=)``).
         For nobody the statement inserts nothing and locks nothing (a read-only transaction:
         its commit waits for no WAL flush), and the job's next ones are not sent at all for
         a while (``unwatched.py``). Not locked, a mark committing during the statement is not
         seen: that watcher gets a later progress (coalesced anyway), never misses another
-        event kind."""
+        event kind. Returns the seconds after which to send a progress not stored again (the
+        caller keeps the latest: dropped, a watcher elsewhere would never see it), else None."""
         now = time.monotonic()
-        if not everyone and self._unwatched.quiet(job_id, now):
-            return
+        left = 0.0 if everyone else self._unwatched.quiet(job_id, now)
+        if left > 0.0:
+            return left
         watched = await self._fetchval(
             _APPEND_PROGRESS_SQL,
             job_id,
@@ -755,7 +759,11 @@ class PostgresJobStore:
             everyone,
             holder,
         )
-        self._unwatched.found(job_id, everyone or bool(watched), now)
+        if everyone or watched:
+            self._unwatched.found(job_id, True, now)
+            return None
+        self._unwatched.found(job_id, False, now)
+        return self._unwatched.recheck_s
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
         found = await self._fetch(

@@ -5,9 +5,15 @@ the job ``watched``; a WatchJobs feed elsewhere is counted apart). A timer's flu
 alone for a job nobody elsewhere reads stores nothing, but as a statement it still cost the
 database about what the insert did (the statement, not its row or its commit, is most of the
 cost). So once such a flush found the job unwatched, the job's next flushes of progress alone
-are not sent for :data:`RECHECK_S`; then one asks again. A watcher that marks the job
-meanwhile gets its first progress up to that much later (it re-reads every 2 s anyway);
-every other event kind is sent and stored whoever watches.
+are not sent for :data:`RECHECK_S`; then one asks again.
+
+A progress not stored is not lost: the store says when to ask again (``append_events``
+returns the seconds left), and the event log keeps the job's latest progress and sends it
+then, unless a newer one replaced it. So a watcher that marks the job gets the job's current
+progress at most :data:`RECHECK_S` plus the event log's 0.5 s later, even when the job emits
+no other (a queued job's single waiting reason, a long node without steps), at one read-only
+statement per :data:`RECHECK_S` per running unwatched job. Every other event kind is sent and
+stored whoever watches.
 """
 
 from __future__ import annotations
@@ -29,15 +35,15 @@ class UnwatchedJobs:
         self._limit = limit
         self._until: dict[str, float] = {}
 
-    def quiet(self, job_id: str, now: float) -> bool:
-        """Whether ``job_id`` was found unwatched less than ``recheck_s`` before ``now``."""
+    def quiet(self, job_id: str, now: float) -> float:
+        """How long ``job_id`` is still taken as unwatched after ``now`` (0.0: ask again)."""
         until = self._until.get(job_id)
         if until is None:
-            return False
+            return 0.0
         if until > now:
-            return True
+            return until - now
         del self._until[job_id]
-        return False
+        return 0.0
 
     def found(self, job_id: str, watched: bool, now: float) -> None:
         """What a statement just read of the job's ``watched`` mark."""
@@ -51,5 +57,6 @@ class UnwatchedJobs:
         self._until[job_id] = now + self.recheck_s
 
     def forget(self, job_id: str) -> None:
-        """The job is marked watched here (this process watches it through the store)."""
+        """The job is marked watched here (this process watches it through the store), or
+        it ended (its finding would only take room until the oldest are dropped)."""
         self._until.pop(job_id, None)
