@@ -32,7 +32,7 @@ def _slots(store: JobStore, holder: str) -> SharedAgentSlots:
     return slots
 
 
-async def _holders(backend: JobStoreBackend, agent: str) -> list[object]:
+async def _holders(backend: JobStoreBackend, agent: str) -> list[str]:
     held = await backend.sql(
         "SELECT string_agg(coalesce(holder, '-'), ',' ORDER BY slot) FROM agent_slots"
         f" WHERE agent = '{agent}'"
