@@ -31,6 +31,7 @@ from PIL import Image
 from aiserver.artifacts.index import ArtifactIndex, PostgresArtifactIndex
 from aiserver.artifacts.store import ArtifactStore
 from bench import scaleout
+from bench.common import drop_schema
 
 DATABASE = "bench_artifact_put"
 
@@ -83,7 +84,7 @@ async def _round(kind: str, root: Path, pngs: list[bytes], concurrency: int) -> 
         after |= {k: v for k, v in (await scaleout._database_counters()).items() if k != "cpu"}
         figures["postgres_cpu_us_per_put"] = (after["cpu"] - before["cpu"]) * 1e6 / len(pngs)
         figures["postgres_xacts_per_put"] = (after["xacts"] - before["xacts"]) / len(pngs)
-        await scaleout._drop_schema(schema)
+        await drop_schema(scaleout.BENCH_URL, schema)
     return figures
 
 

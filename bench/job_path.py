@@ -1,16 +1,18 @@
 """The job store's share of a job: the job manager in-process on SQLite or PostgreSQL.
 
     python -m bench.job_path [--jobs 400] [--concurrency 16] [--rounds 3] [--pg-artifacts]
+                             [--run-s 0]
 
 No gRPC and no ComfyUI: an instant provider reports progress, a checkpoint and one small
 image, so what is measured is the manager's path through the store (create, the running
 save, the checkpoint, the output, the end, the events, the lease) plus the artifact store's
-local put. Figures per backend, median of rounds (backends alternate within a round): process
-CPU ms per job (``time.process_time``: this process does all the client work) and, on
-PostgreSQL, the backends' CPU and transactions per job (as ``bench.scaleout`` counts them).
-The manager on PostgreSQL runs with a holder (leases, stored events), as a coordinator does;
-``--pg-artifacts`` puts its artifact index in the job schema too, as a coordinator has it
-(the bytes stay in a local folder).
+local put (``--run-s``: each run reports progress every 0.1 s for that long before its
+image, as a sampler does). Figures per backend, median of rounds (backends alternate within
+a round): process CPU ms per job (``time.process_time``: this process does all the client
+work) and, on PostgreSQL, the backends' CPU and transactions per job (as ``bench.scaleout``
+counts them). The manager on PostgreSQL runs with a holder (leases, stored events), as a
+coordinator does; ``--pg-artifacts`` puts its artifact index in the job schema too, as a
+coordinator has it (the bytes stay in a local folder).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -42,6 +45,7 @@ from aiserver.providers.base import GeneratedImage, ProviderProgress, RunSink, W
 from aiserver.spool import InputSpool
 from aiserver.tasks import ImageToImageSpec, TaskKind, TaskSpec
 from bench import scaleout
+from bench.common import drop_schema
 
 
 def _png(seed: int) -> bytes:
@@ -51,9 +55,13 @@ def _png(seed: int) -> bytes:
 
 
 class InstantProvider:
-    """Progress, a checkpoint and one image per run, at once."""
+    """Progress, a checkpoint and one image per run, at once; or, with ``run_s``, progress
+    every 0.1 s for that long before the image (a sampler's steps)."""
 
     name = "instant"
+
+    def __init__(self, run_s: float = 0.0) -> None:
+        self.run_s = run_s
 
     def supports(self, task: TaskKind) -> bool:
         return True
@@ -83,12 +91,23 @@ class InstantProvider:
         await sink.progress(ProviderProgress(Stage.RUNNING, 0.0))
         await sink.checkpoint({"agent": "a", "prompt_id": work.job_id})
         await sink.progress(ProviderProgress(Stage.RUNNING, 0.5, step=1, max_steps=2))
+        steps = round(self.run_s / 0.1)
+        for step in range(steps):
+            await asyncio.sleep(0.1)
+            await sink.progress(
+                ProviderProgress(Stage.RUNNING, (step + 1) / steps, step=step + 1, max_steps=steps)
+            )
         seed = int(hashlib.sha256(work.job_id.encode()).hexdigest()[:6], 16)
         await sink.image(GeneratedImage(_png(seed), "out.png", "image/png", 8, 8, seed=seed))
 
 
 async def _round(
-    kind: str, root: Path, jobs: int, concurrency: int, pg_artifacts: bool = False
+    kind: str,
+    root: Path,
+    jobs: int,
+    concurrency: int,
+    pg_artifacts: bool = False,
+    run_s: float = 0.0,
 ) -> dict[str, float]:
     spool = InputSpool(root / "spool")
     data = _png(1)
@@ -111,7 +130,7 @@ async def _round(
     artifacts = ArtifactStore(root / "artifacts", index=index)
     # As the service runs it (per-key limit 100); inputs outlive the run.
     settings = SchedulerSettings(spool_grace_s=3600.0, max_active_per_owner=100)
-    manager = JobManager(store, spool, artifacts, [InstantProvider()], settings, holder=holder)
+    manager = JobManager(store, spool, artifacts, [InstantProvider(run_s)], settings, holder=holder)
     await manager.start()
     spec = ImageToImageSpec(positive_prompt="a cat " * 20, seed=1)
 
@@ -155,14 +174,17 @@ async def _round(
         # schema's start (a table's counts reach the statistics late): warm-up included.
         moved = scaleout.per_job(await scaleout._table_writes(schema), {}, jobs + len(warmed))
         figures |= {f"rows {k}": v for k, v in moved.items()}
-        await scaleout._drop_schema(schema)
+        await drop_schema(scaleout.BENCH_URL, schema)
     return figures
 
 
-DATABASE = "bench_job_path"
+DATABASE = os.environ.get("BENCH_JOB_PATH_DATABASE", "bench_job_path")
+"""Of this script's own (two runs at once on one server need two)."""
 
 
-async def _main(jobs: int, concurrency: int, rounds: int, pg_artifacts: bool) -> dict[str, Any]:
+async def _main(
+    jobs: int, concurrency: int, rounds: int, pg_artifacts: bool, run_s: float = 0.0
+) -> dict[str, Any]:
     # scaleout's database helpers, on a database of this script's own: its counters (and
     # backends' CPU) must see no other run.
     scaleout.DATABASE = DATABASE
@@ -173,7 +195,7 @@ async def _main(jobs: int, concurrency: int, rounds: int, pg_artifacts: bool) ->
         for kind in ("sqlite", "postgres") if n % 2 == 0 else ("postgres", "sqlite"):
             root = Path(tempfile.mkdtemp(prefix="bench-job-path-"))
             try:
-                figures = await _round(kind, root, jobs, concurrency, pg_artifacts)
+                figures = await _round(kind, root, jobs, concurrency, pg_artifacts, run_s)
             finally:
                 shutil.rmtree(root, ignore_errors=True)
             for name, value in figures.items():
@@ -194,12 +216,17 @@ def main() -> None:
     parser.add_argument(
         "--pg-artifacts", action="store_true", help="the artifact index in PostgreSQL too"
     )
+    parser.add_argument(
+        "--run-s", type=float, default=0.0, help="each run's length (progress every 0.1 s)"
+    )
     args = parser.parse_args()
     if args.census is not None:
         from bench.sql_census import install
 
         install(args.census)
-    figures = asyncio.run(_main(args.jobs, args.concurrency, args.rounds, args.pg_artifacts))
+    figures = asyncio.run(
+        _main(args.jobs, args.concurrency, args.rounds, args.pg_artifacts, args.run_s)
+    )
     print(json.dumps(figures, indent=1))
 
 

@@ -363,8 +363,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         files: dict[str, dict[str, Path]] = {}
         for label, (service_root, agents_root) in variants.items():
             files[label] = {"agents": tmp / f"agents-{label}.json"}
-            os.environ["BENCH_TIMELINE"] = str(files[label]["agents"])
-            agents[label] = StandIns(4, tmp / f"comfy-{label}", source=agents_root)
+            timeline = {"BENCH_TIMELINE": str(files[label]["agents"])}
+            agents[label] = StandIns(4, tmp / f"comfy-{label}", source=agents_root, env=timeline)
             await agents[label].__aenter__()
             opened.append(agents[label])
             files[label]["service"] = tmp / f"service-{label}.json"
@@ -398,7 +398,6 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for handle in reversed(opened):
             await handle.__aexit__(None, None, None)
-        os.environ.pop("BENCH_TIMELINE", None)
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 

@@ -38,7 +38,7 @@ from typing import Any
 import grpc
 from imagetasks.v1 import common_pb2
 
-from bench.common import RESULTS, cpu_seconds
+from bench.common import RESULTS, cpu_seconds, drop_schema
 from bench.orchestration import (
     INPUT_SIDE,
     REAL_SIDE,
@@ -195,15 +195,15 @@ async def _profile(
                             await spy.wait()
                     requests = (await agents.dump())[1] if agents is not None else {}
         if postgres:
-            await scaleout._drop_schema(schema)
+            await drop_schema(scaleout.BENCH_URL, schema)
         done = len(got["latencies"])
         if raw is not None:
             shutil.copyfile(collapsed, raw)
         busy, own, total, areas = _top(collapsed, () if cpu_samples else _IDLE)
         per_job = cpu * 1000 / max(done, 1)
         sampled = (
-            "CPU-time samples (bench.cpu_sampler: one per tick of the process's CPU, the main"
-            " thread's stack; samples in select: other threads' CPU or the poll's)"
+            "CPU-time samples (bench.cpu_sampler: ms of the process's CPU, on the main thread's"
+            " stack at each tick; samples in select: other threads' CPU or the poll's)"
             if cpu_samples
             else "py-spy samples while busy (200 Hz, the thread holding the GIL only,"
             " idle loop excluded)"
@@ -241,7 +241,8 @@ async def _profile(
 
 
 def _written(path: Path, timeout_s: float = 30.0) -> str:
-    """The text of ``path`` once the service has written it (the sampler's stop)."""
+    """The text of ``path`` once the service has written it (the sampler's stop renames each
+    file into place whole, ``.gc`` last: once it exists, the stacks are there too)."""
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         if time.monotonic() > deadline:

@@ -32,6 +32,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +166,12 @@ class StandIns:
         module: str = "bench.standin_proc",
         step_delay_s: float = 0.0,
         source: Path = ROOT,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.count = count
+        self.env = dict(env or {})
+        """Set in the stand-ins' environment over this process's (``BENCH_TIMELINE``): for
+        them only, not for other children of this process."""
         self.source = source
         """The source tree the stand-ins run from (another's: an A/B of the stand-ins)."""
         self.root = root
@@ -189,6 +194,7 @@ class StandIns:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             cwd=str(self.source),
+            env={**os.environ, **self.env} if self.env else None,
             limit=64 * 1024 * 1024,
         )
         self.urls = (await self._ask(None))["urls"]

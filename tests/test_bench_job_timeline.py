@@ -4,13 +4,25 @@ stamps fall in its own call window, and the spans the bench notes read are there
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+
+import pytest
 
 from bench.job_timeline import _run
 
 
-async def test_a_short_timeline_has_every_process_s_steps() -> None:
+async def test_a_short_timeline_has_every_process_s_steps(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The stand-ins get their timeline file through their own environment: this process's
+    # (and so any other child's) is left as it was.
+    mine = str(tmp_path / "not-the-bench-s.json")
+    monkeypatch.setenv("BENCH_TIMELINE", mine)
     args = argparse.Namespace(jobs=4, rounds=1, tree="", agents_tree="", direct=True)
     result = await _run(args)
+    assert os.environ["BENCH_TIMELINE"] == mine
+    assert not Path(mine).exists()
     service, direct = result["rounds"]
     assert (service["tree"], direct["tree"]) == ("this", "direct")
     assert service["jobs"] == direct["jobs"] == 4

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from aiserver.jobs.event_codec import encode_event
+from aiserver.jobs.event_codec import PROGRESS, encode_event
 from aiserver.jobs.model import JobEvent, Progress
 from aiserver.jobs.store import JobStore, NewEvent
 
@@ -182,7 +182,13 @@ class EventLog:
                 await self.write(
                     job_id,
                     lambda events, announce: store.append_events(
-                        job_id, events, announce=announce, holder=self._holder
+                        job_id,
+                        events,
+                        announce=announce,
+                        holder=self._holder,
+                        # Progress rows only for a reader elsewhere; a timer's flush of
+                        # progress alone for nobody then costs no commit.
+                        progress_kind=PROGRESS,
                     ),
                 )
             except Exception:

@@ -7,10 +7,14 @@ ends after Finished. A replayed event keeps its original sequence, so a subscrib
 increasing numbers, and a gap means only that superseded Progress events were skipped.
 
 Progress is rate-limited per subscriber (one per interval, counted from Accepted too); the
-newest waits in one slot and goes out when due or just before any other event, so a progress
-a newer one supersedes within the interval is never sent. A replay that ends with the latest
-progress puts it in that slot: a job's creating call, which subscribes just after its job was
-picked, hears RUNNING and not also PENDING when the job starts at once (one message fewer).
+newest waits in one slot, where a newer one replaces it unsent, and goes out when due or just
+before any other event. It also goes out when the job begins storing an output
+(:meth:`EventHub.flush_progress`: it reaches the caller while the store waits for the disk),
+even if that store is then skipped (a re-attached run's output an earlier holder stored), so
+a subscriber may get up to one progress per output more than one per interval. A replay that
+ends with the latest progress puts it in that slot: a job's creating call, which subscribes
+just after its job was picked, hears RUNNING and not also PENDING when the job starts at once
+(one message fewer).
 
 Memory is bounded. Each subscriber holds at most one undelivered Progress (a newer one replaces
 it) and a bounded queue of other events; a job's own memory is its "marks" (the sequence and

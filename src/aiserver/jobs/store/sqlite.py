@@ -656,7 +656,9 @@ class SqliteJobStore:
         *,
         announce: bool = True,
         holder: str | None = None,
+        progress_kind: str | None = None,
     ) -> None:
+        del progress_kind  # no watcher marks here: every event is stored
         if not events:
             return
         stored = _event_rows(job_id, events)
