@@ -10,6 +10,10 @@ slot nobody here wanted for that long is released in the database. Under steady 
 slots of a busy coordinator thus cost no claim and no release per job (two transactions of
 the ~10 a job cost PostgreSQL); a slot is still used by one run at a time, and held only by
 its lease, so no agent takes more than its capacity whoever holds its slots.
+
+A kept slot is trusted only while its lease will not lapse before the next renewal (once
+lapsed, another process may hold the row), and this process holds at most one token per
+row: a claim that gets a row back replaces the lapsed token that had it.
 """
 
 from __future__ import annotations
@@ -223,7 +227,7 @@ class SharedAgentSlots:
             await self.renew()
 
     async def renew(self) -> None:
-        """Renew every slot held here in one statement (one round trip per third of a lease
+        """Renew every slot held here in one store call (one round trip per third of a lease
         however many slots this process holds; a statement per slot was the renewals' cost,
         which grew with the slots each coordinator holds). A slot whose lease was lost is
         forgotten: the run on it ends as it would have; a failed statement is retried at the
