@@ -138,6 +138,7 @@ async def test_a_database_file_that_is_not_one_is_one_line(
         ("BLOB_URL", "s3:///no-bucket"),
         ("DATABASE_SCHEMA", "Robert'); DROP"),
         ("SPOOL_MEMORY_MB", "-1"),
+        ("AGENT_PROBE_TIMEOUT_S", "0"),
     ],
 )
 async def test_bad_storage_urls_are_bad_configuration(

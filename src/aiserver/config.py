@@ -98,6 +98,10 @@ class Settings:
     agent_probe_interval_s: float = 10.0
     """How often an online ComfyUI agent is probed; offline ones back off from 1 s up to this
     (never longer: an agent that is back is noticed within it)."""
+    agent_probe_timeout_s: float = 10.0
+    """How long a probe waits for an agent's ``/system_stats`` before marking it offline (its
+    running jobs move elsewhere, new ones go elsewhere). Shorter than the request timeout of
+    uploads and downloads: a hung agent keeps its TCP open and answers nothing."""
     agent_catalogue_interval_s: float = 60.0
     """How often an online agent's node catalogue (``/object_info``: its nodes and model files)
     is read again; probes in between ask only ``/system_stats``. Read at once when an agent
@@ -287,6 +291,8 @@ def _check_storage_urls(settings: Settings) -> None:
         raise ValueError("setting watch_outage_s: must not be negative")
     if settings.stream_max_spared < 0:
         raise ValueError("setting stream_max_spared: must not be negative")
+    if settings.agent_probe_timeout_s <= 0:
+        raise ValueError("setting agent_probe_timeout_s: must be positive")
     if settings.spool_memory_mb < 0:
         raise ValueError("setting spool_memory_mb: must not be negative")
     if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", settings.database_schema):

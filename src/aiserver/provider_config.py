@@ -40,6 +40,7 @@ def build_providers(
             catalog = WorkflowCatalog.load(user_dir=settings.workflows_dir)
         pool_settings = PoolSettings(
             probe_interval_s=settings.agent_probe_interval_s,
+            probe_timeout_s=settings.agent_probe_timeout_s,
             catalogue_interval_s=settings.agent_catalogue_interval_s,
             outputs_over_websocket=settings.agent_outputs_over_websocket,
             reuse_input_names=settings.agent_reuse_input_names,

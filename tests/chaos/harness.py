@@ -99,6 +99,12 @@ class Agent:
             await proc.wait()
         self._proc = None
 
+    def freeze(self) -> None:
+        """SIGSTOP: the agent hangs (its sockets stay open, the kernel still accepts new
+        connections, nothing answers), as a wedged or stopped ComfyUI. :meth:`kill` ends it."""
+        assert self._proc is not None and self._proc.returncode is None
+        self._proc.send_signal(signal.SIGSTOP)
+
     async def stop(self) -> None:
         proc = self._proc
         if proc is not None and proc.returncode is None:

@@ -21,6 +21,7 @@ from aiserver.providers.comfy.pool import AgentConfig, AgentState, ComfyPool, Po
 from aiserver.providers.comfy.workflows import WorkflowCatalog
 from aiserver.providers.failures import Cause, ProviderUnavailable
 from aiserver.tasks import ImageToImageSpec, TaskKind
+from tests.chaos.harness import Agent, read_logs
 from tests.comfy.helpers import FAST, RecordingSink, png, work_item, write_input
 from tests.jobs.helpers import Env, collect, submit
 from tests.support.comfy_standin import ComfyStandIn
@@ -282,3 +283,100 @@ async def test_a_withdraw_the_silent_agent_never_answers_is_logged_with_its_reas
         assert any(f"no answer within {TIMEOUTS.cancel_s:g} s" in m for m in withdrawals), (
             withdrawals
         )
+
+
+# A hung agent (SIGSTOP: TCP open, nothing answers). The request bound is long here, as the
+# default (60 s) is for uploads and downloads: the probe must not wait it out; nor must a run
+# the agent's going offline ended wait out cancel_s for its withdrawal.
+HUNG_POOL = dataclasses.replace(
+    POOL,
+    probe_timeout_s=1.0,
+    timeouts=dataclasses.replace(TIMEOUTS, request_s=20.0, cancel_s=6.0),
+)
+HUNG_SLACK_S = 2.0
+
+
+async def offline_within(pool: ComfyPool, name: str, within_s: float) -> float:
+    """Seconds until ``name`` is offline; fails (at once, not after request_s) past within_s."""
+    began = time.monotonic()
+    async with asyncio.timeout(within_s):
+        while {s.name: s.state for s in pool.snapshot()}[name] is not AgentState.OFFLINE:
+            await asyncio.sleep(0.02)
+    return time.monotonic() - began
+
+
+async def test_a_stopped_agent_goes_offline_within_the_probe_bound_and_its_job_moves(
+    cluster: Cluster,
+) -> None:
+    """A real process SIGSTOPped mid-run (what the fault trial did to a real ComfyUI): its
+    websocket stays open and silent, the kernel still accepts connections. The periodic probe
+    must mark it offline within the probe interval plus ``probe_timeout_s``, not
+    ``request_s``; that ends its run, which is retried on the other agent and succeeds, and
+    new jobs go there."""
+    log = cluster.root / "hung.log"
+    hung = Agent("agent-0", cluster.root / "hung", log, step_delay_s=0.5)  # 10 steps: 5 s
+    await hung.start()
+    try:
+        other = await cluster.agent()
+        configs = [AgentConfig(hung.url, name="agent-0"), AgentConfig(other.url, name="agent-1")]
+        pool = ComfyPool(configs, WorkflowCatalog.load(), settings=HUNG_POOL)
+        cluster.pools.append(pool)
+        await pool.start()
+        manager = await cluster.env.manager(pool, max_attempts=2)  # type: ignore[arg-type]
+        job = await submit(manager, cluster.env, spec=SPEC)  # agent-0 first, by name
+        async with asyncio.timeout(10):
+            while not any(e.event == "start" for e in read_logs([log])):
+                await asyncio.sleep(0.02)
+        hung.freeze()
+        bound = HUNG_POOL.probe_interval_s + HUNG_POOL.probe_timeout_s + HUNG_SLACK_S
+        took = await offline_within(pool, "agent-0", bound)
+        assert took <= bound, took
+        final, events = await ends(manager, job, 15)
+        assert final.state is JobState.SUCCEEDED, final.error
+        assert final.agent == "agent-1" and final.attempts == 2 and len(retries(events)) == 1
+        assert len(other.received.prompts) == 1
+        later = await submit(manager, cluster.env, spec=SPEC)
+        done, _ = await ends(manager, later, 15)
+        assert done.state is JobState.SUCCEEDED and done.agent == "agent-1", done.error
+        assert [e.event for e in read_logs([log])] == ["start"]  # nothing more reached it
+    finally:
+        await hung.kill()
+
+
+async def test_a_lost_websocket_then_a_failed_probe_ends_the_agents_runs(
+    cluster: Cluster,
+) -> None:
+    """The run's websocket drops and the agent then hangs (new connections accepted, never
+    answered: the fault trial's ComfyUI, whose socket the keepalive ping dropped). The drop
+    asks for a probe at once; it fails within ``probe_timeout_s`` and the agent goes offline,
+    which ends its run for a retry elsewhere at once, instead of waiting out the websocket's
+    reconnect budget (30 s), ``request_s``, or ``cancel_s`` for the withdrawal the hung agent
+    never answers (that goes on in the background). The periodic probe is far off: the drop's
+    probe did it."""
+    silent = await cluster.agent(step_delay_s=0.5)
+    other = await cluster.agent()
+    url = urlsplit(silent.url)
+    async with TcpCut(url.hostname or "127.0.0.1", url.port or 80) as relay:
+        relayed = f"{url.scheme}://127.0.0.1:{relay.port}"
+        configs = [AgentConfig(relayed, name="agent-0"), AgentConfig(other.url, name="agent-1")]
+        settings = dataclasses.replace(HUNG_POOL, probe_interval_s=30.0)
+        pool = ComfyPool(configs, WorkflowCatalog.load(), settings=settings)
+        cluster.pools.append(pool)
+        await pool.start()
+        manager = await cluster.env.manager(pool, max_attempts=2)  # type: ignore[arg-type]
+        job = await submit(manager, cluster.env, spec=SPEC)
+        events = aiter(manager.subscribe(job.id))
+        await running_on(silent)
+        relay.cut()  # the websocket (and idle HTTP connections) reset ...
+        relay.restore()
+        relay.blackhole()  # ... and every new connection hangs
+        took = await offline_within(pool, "agent-0", settings.probe_timeout_s + HUNG_SLACK_S)
+        assert took <= settings.probe_timeout_s + HUNG_SLACK_S, took
+        assert relay.swallowed >= 1  # the probe (and reconnects) met the hang
+        async with asyncio.timeout(HUNG_SLACK_S):  # not the withdrawal's cancel_s
+            async for event in events:
+                if isinstance(event.kind, Retrying):
+                    break
+        final, _ = await ends(manager, job, 15)
+        assert final.state is JobState.SUCCEEDED and final.agent == "agent-1", final.error
+        assert len(silent.received.prompts) == 1 and len(other.received.prompts) == 1

@@ -10,9 +10,12 @@ from typing import Any
 
 import pytest
 
+from aiserver.config import load_settings
 from aiserver.errors import ErrorKind, ServiceError
+from aiserver.imaging import ImageLimits
 from aiserver.jobs.agent_slots import SharedAgentSlots
 from aiserver.jobs.store.sqlite import SqliteJobStore
+from aiserver.provider_config import build_providers, comfy_pools
 from aiserver.providers.base import (
     SHUTDOWN,
     Cause,
@@ -573,3 +576,45 @@ async def test_a_kept_slot_never_outweighs_load_or_priority(
     finally:
         await slots.stop()
         await store.close()
+
+
+async def test_a_probe_waits_probe_timeout_s_not_the_request_bound(
+    pools: list[ComfyPool], catalog: WorkflowCatalog
+) -> None:
+    """An agent that accepts connections and answers nothing (hung) is offline after
+    ``probe_timeout_s``; the request bound (uploads, downloads, the catalogue) is far longer."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+
+    hung = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = hung.sockets[0].getsockname()[1]
+    slow = dataclasses.replace(FAST, request_s=30.0)
+    try:
+        began = asyncio.get_running_loop().time()
+        pool = await started(
+            pools,
+            catalog,
+            AgentConfig(f"http://127.0.0.1:{port}", name="hung"),
+            probe_timeout_s=0.3,
+            timeouts=slow,
+        )
+        took = asyncio.get_running_loop().time() - began
+        (snap,) = pool.snapshot()
+        assert snap.state is AgentState.OFFLINE and "/system_stats timed out" in snap.last_error
+        assert took < 2.0, took
+    finally:
+        for writer in held:
+            writer.close()
+        hung.close()
+        await hung.wait_closed()
+
+
+def test_the_probe_timeout_is_a_setting_of_its_own() -> None:
+    env = {"AISERVER_AGENTS": "http://127.0.0.1:9", "AISERVER_AGENT_PROBE_TIMEOUT_S": "2.5"}
+    (pool,) = comfy_pools(build_providers(load_settings(env), ImageLimits()))
+    assert pool._settings.probe_timeout_s == 2.5
+    assert load_settings({}).agent_probe_timeout_s == PoolSettings().probe_timeout_s == 10.0
+    with pytest.raises(ValueError, match="probe_timeout_s"):
+        PoolSettings(probe_timeout_s=0)

@@ -289,9 +289,10 @@ class AgentHttp:
         body: bytes = b"",
         content_type: str = "",
         query: Mapping[str, str | int] | None = None,
+        timeout_s: float | None = None,
     ) -> Answer:
-        """One exchange, connecting included, bounded by the request timeout
-        (``TimeoutError``)."""
+        """One exchange, connecting included, bounded by ``timeout_s`` or else the request
+        timeout (``TimeoutError``)."""
         target = quote(self._base + path, safe="/:@!$&'()*+,;=%~")
         if query:
             target += "?" + urlencode(query, quote_via=quote)
@@ -301,7 +302,8 @@ class AgentHttp:
         if content_type:
             head += f"Content-Type: {content_type}\r\n"
         data = (head + "\r\n").encode("latin-1")
-        deadline = asyncio.get_running_loop().time() + self._request_s
+        bound = self._request_s if timeout_s is None else timeout_s
+        deadline = asyncio.get_running_loop().time() + bound
         conn, reused = await self._connection(deadline)
         try:
             answer = await conn.exchange(data, body, deadline)

@@ -168,8 +168,10 @@ class ComfyClient:
 
     # ---- plain API ------------------------------------------------------------------------
 
-    async def system_stats(self) -> dict[str, Any]:
-        return self._json(await self._get_ok("/system_stats"), "/system_stats")
+    async def system_stats(self, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """``GET /system_stats``: is the agent there. ``timeout_s`` bounds it instead of the
+        request timeout (a liveness probe must not wait as long as an upload may take)."""
+        return self._json(await self._get_ok("/system_stats", timeout_s), "/system_stats")
 
     async def object_info(self) -> dict[str, Any]:
         return self._json(await self._get_ok("/object_info"), "/object_info")
@@ -300,8 +302,8 @@ class ComfyClient:
             raise self.unavailable(f"{what} answered {type(body).__name__}", cause=Cause.PROTOCOL)
         return body
 
-    async def _get_ok(self, path: str) -> Reply:
-        response = await self._request("GET", path)
+    async def _get_ok(self, path: str, timeout_s: float | None = None) -> Reply:
+        response = await self._request("GET", path, timeout_s=timeout_s)
         if response.status_code != 200:
             raise self.unavailable(
                 f"GET {path} answered {response.status_code}", cause=Cause.PROTOCOL
@@ -319,6 +321,7 @@ class ComfyClient:
         content_type: str = "",
         *,
         query: Mapping[str, str | int] | None = None,
+        timeout_s: float | None = None,
     ) -> Reply:
         if self._closed:
             raise self.unavailable(
@@ -326,7 +329,7 @@ class ComfyClient:
             )
         try:
             answer = await self._http.request(
-                method, path, body=body, content_type=content_type, query=query
+                method, path, body=body, content_type=content_type, query=query, timeout_s=timeout_s
             )
         except TimeoutError as exc:
             raise self.unavailable(f"{method} {path} timed out", cause=Cause.TIMEOUT) from exc

@@ -2,7 +2,9 @@
 
 Each agent is probed (``/system_stats``, then ``/object_info``) when the pool starts, then every
 ``probe_interval_s`` while online and with exponential backoff (at most ``probe_interval_s``)
-while offline, and at once when a run's websocket drops. A successful probe
+while offline, and at once when a run's websocket drops; ``/system_stats`` gets
+``probe_timeout_s`` to answer, so a hung agent goes offline within the probe interval plus
+that, not the long request bound of uploads and downloads. A successful probe
 discovers the agent's node types and model files (both ``/object_info`` combo shapes) and checks
 every workflow against them; an agent is chosen for a task only if it has the task's nodes and
 the model the spec asks for, and the reason it lacks them is kept for operators.
@@ -33,7 +35,7 @@ from aiserver.errors import ErrorKind, ServiceError
 from aiserver.providers.base import Provider, RunSink, WorkItem
 from aiserver.providers.comfy.background import Background
 from aiserver.providers.comfy.client import ComfyClient
-from aiserver.providers.comfy.run import Run
+from aiserver.providers.comfy.run import AGENT_OFFLINE, Run
 from aiserver.providers.comfy.settings import AgentSettings, PoolSettings
 from aiserver.providers.comfy.slots import AgentSlots, LocalSlots, SlotToken
 from aiserver.providers.comfy.socket_outputs import SAVE_OVER_SOCKET
@@ -413,7 +415,9 @@ class ComfyPool:
         fresh = agent.state is AgentState.ONLINE and agent.caps is not None
         info: dict[str, Any] | None = None
         try:
-            stats = await agent.client.system_stats()
+            # Its own short bound: a hung agent must go offline (ending its runs, taking no
+            # new ones) within probe_timeout_s of the probe, not request_s.
+            stats = await agent.client.system_stats(timeout_s=s.probe_timeout_s)
             system = stats.get("system")
             version = str(system.get("comfyui_version", "")) if isinstance(system, dict) else ""
             if not fresh or loop.time() >= agent.catalogue_due or version != agent.version:
@@ -457,7 +461,7 @@ class ComfyPool:
         for task in agent.runs - agent.evicted:
             if task is not current:
                 agent.evicted.add(task)
-                task.cancel()
+                task.cancel(AGENT_OFFLINE)  # withdraw its prompt in the background
         if reschedule:
             # Start the backoff over: the next probe comes soon, then further apart.
             agent.backoff = self._settings.backoff_initial_s

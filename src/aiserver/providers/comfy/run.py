@@ -27,7 +27,9 @@ A dropped websocket is reopened with backoff (once for every run on it) and each
 read back over HTTP. Queue positions are counted by the channel, not asked per job. When a
 run is abandoned (cancelled, timed out, the agent lost), its prompt is deleted if pending and
 interrupted if running; a cancellation whose message is ``SHUTDOWN`` detaches instead, leaving
-the prompt to be re-attached after the restart. Failures are typed
+the prompt to be re-attached after the restart, and one whose message is :data:`AGENT_OFFLINE`
+(the pool found the agent unresponsive) leaves the withdrawal to the background instead of
+waiting up to ``cancel_s`` for an agent that may be hung. Failures are typed
 (:class:`~aiserver.providers.failures.ProviderFailure` and its cause).
 """
 
@@ -81,9 +83,12 @@ from aiserver.providers.comfy.workflows import BuiltPrompt, Workflow
 from aiserver.providers.failures import Cause, ProviderUnavailable
 from aiserver.stages import Stage
 
-__all__ = ["Run"]
+__all__ = ["AGENT_OFFLINE", "Run"]
 
 logger = logging.getLogger(__name__)
+
+AGENT_OFFLINE = "aiserver:agent-offline"
+"""Message of the ``CancelledError`` the pool ends a run with when its agent went offline."""
 
 _MAX_REPEATS = 2
 """Times a prompt whose frames were missed is queued again before the attempt fails (retryable):
@@ -172,6 +177,11 @@ class Run:
             if cancel.args and cancel.args[0] == SHUTDOWN:
                 # The server is stopping: leave the prompt running; the checkpoint re-attaches.
                 logger.info("detaching from prompt %s on %s", self.prompt_id, self.c.name)
+            elif cancel.args and cancel.args[0] == AGENT_OFFLINE:
+                # The agent did not answer its probe: a withdrawal may wait out cancel_s, and
+                # the job's retry elsewhere (and its slot) must not wait with it.
+                if self.queued and not self.finished:
+                    self.spawn(self._abandon("agent offline"))
             elif self.queued and not self.finished:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(self.spawn(self._abandon("cancelled")))

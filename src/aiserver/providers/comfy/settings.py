@@ -87,6 +87,13 @@ class PoolSettings:
 
     probe_interval_s: float = 30.0
     """Re-probe an online agent this often (``/system_stats``: is it there)."""
+    probe_timeout_s: float = 10.0
+    """Longest wait for ``/system_stats`` before the agent counts as offline. Not
+    ``timeouts.request_s`` (60 s, sized for large uploads and downloads): a hung agent (a
+    ComfyUI stopped or wedged: its TCP open, nothing answers) would stay online that long,
+    taking new jobs and keeping its running ones. ComfyUI answers it from its event loop,
+    not the thread running a prompt, within milliseconds even mid-run. The catalogue
+    (``/object_info``, megabytes) keeps ``request_s``."""
     catalogue_interval_s: float = 60.0
     """Re-read an online agent's ``/object_info`` (new models, nodes) this often; at once when
     it comes back online, reports another version, drops its websocket or lacks what a run
@@ -104,3 +111,7 @@ class PoolSettings:
     """Upload inputs under names the next job overwrites once this one has ended, so the
     agent's ``input/`` holds only the jobs in flight (:mod:`.input_names`). The service turns
     it on (``agent_reuse_input_names``); off, every job leaves its inputs behind."""
+
+    def __post_init__(self) -> None:
+        if self.probe_timeout_s <= 0:
+            raise ValueError(f"probe_timeout_s must be positive, got {self.probe_timeout_s}")
