@@ -523,8 +523,58 @@ async def test_equally_loaded_agents_the_one_with_a_slot_kept_here_is_picked(
         assert len(b.received.prompts) == 2 and not a.received.prompts
         claimed = await store.claim_slot("b", 2, "B", 30)  # another process's run on b
         assert claimed is not None
-        await slots.stop()
     finally:
+        await slots.stop()
+        await store.close()
+
+
+async def test_a_kept_slot_never_outweighs_load_or_priority(
+    make_standin: StandInFactory,
+    pools: list[ComfyPool],
+    catalog: WorkflowCatalog,
+    inputs_dir: Path,
+    tmp_path: Path,
+    spawn: Spawn,
+) -> None:
+    """A slot kept here only breaks a tie: a less loaded agent, or one of higher priority,
+    is picked over the agent whose slot this process still holds."""
+    a = await make_standin()
+    b = await make_standin()
+    low = await make_standin()
+    b.hang_at("3")
+    pool = await started(
+        pools,
+        catalog,
+        AgentConfig(a.url, name="a"),
+        AgentConfig(b.url, name="b", max_concurrent_jobs=2),
+        AgentConfig(low.url, name="low", priority=-1),
+    )
+    store = await SqliteJobStore.open(tmp_path / "jobs.db")
+    slots = SharedAgentSlots(store, "A", 30)
+    slots.keep_s = 60.0
+    pool.share_slots(slots)
+    try:
+        task = spawn(
+            pool.run(
+                upscale(inputs_dir, job_id="JOB0"), RecordingSink(), exclude=frozenset({"a", "low"})
+            )
+        )
+        await b.wait_for(lambda: b.running_prompt is not None)  # b runs one job
+        for agent in ("b", "low"):  # and a slot of each is kept here, unused
+            token = await slots.take(agent, 2)
+            assert token is not None
+            await slots.give_back(token)
+        assert slots.kept("b") and slots.kept("low") and not slots.kept("a")
+        spec = ImageUpscaleSpec()
+        # b: one run more than a, equal priority; low: as loaded as a, lower priority.
+        assert pool.pick(TaskKind.IMAGE_UPSCALE, spec, frozenset({"low"})) == "a"
+        assert pool.pick(TaskKind.IMAGE_UPSCALE, spec, frozenset({"b"})) == "a"
+        assert pool.pick(TaskKind.IMAGE_UPSCALE, spec, frozenset({"a"})) == "low"
+        b.release("3")
+        async with asyncio.timeout(10):
+            await task
+    finally:
+        await slots.stop()
         await store.close()
 
 

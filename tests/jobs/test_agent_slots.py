@@ -5,13 +5,13 @@ statement), and no agent ever has more runs than its capacity across processes."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from aiserver.jobs.agent_slots import SharedAgentSlots
-from aiserver.jobs.store import JobStore
+from aiserver.jobs.store import JobStore, SlotClaim
 from tests.storage.backends import JobStoreBackend
 
 KEEP = 0.2
@@ -32,7 +32,7 @@ def _slots(store: JobStore, holder: str) -> SharedAgentSlots:
     return slots
 
 
-async def _holders(backend: JobStoreBackend, agent: str) -> list[object]:
+async def _holders(backend: JobStoreBackend, agent: str) -> list[str]:
     held = await backend.sql(
         "SELECT string_agg(coalesce(holder, '-'), ',' ORDER BY slot) FROM agent_slots"
         f" WHERE agent = '{agent}'"
@@ -157,3 +157,110 @@ async def test_renewal_keeps_held_slots_in_one_statement_and_forgets_a_lost_one(
     holders = await _holders(backend, "gpu")
     assert holders[lost_slot] == "B"
     assert holders.count("A") == 2
+
+
+async def test_an_idle_slot_lost_to_another_process_is_not_kept(backend: JobStoreBackend) -> None:
+    """A slot kept idle here whose row another process took (its lease lapsed) is forgotten
+    at the next renewal: the pool no longer prefers its agent, and no run here is given it."""
+    store = await backend.open()
+    slots = _slots(store, "A")
+    slots.keep_s = 60.0
+    token = await slots.take("gpu", 1)
+    assert token is not None
+    await slots.give_back(token)
+    assert slots.kept("gpu")
+    await backend.sql("UPDATE agent_slots SET holder = 'B' WHERE agent = 'gpu'")
+    await slots.renew()
+    assert not slots.kept("gpu")
+    assert await slots.take("gpu", 1) is None  # B's: not handed to a run here
+    assert await _holders(backend, "gpu") == ["B"]
+
+
+def _fail_renewals(store: JobStore) -> Callable[[], None]:
+    real = store.renew_slots
+
+    async def down(claims: Sequence[SlotClaim], lease_s: float) -> list[SlotClaim | None]:
+        raise ConnectionError("the store is away")
+
+    store.renew_slots = down  # type: ignore[method-assign]
+
+    def restore() -> None:
+        store.renew_slots = real  # type: ignore[method-assign]
+
+    return restore
+
+
+async def test_a_kept_slot_whose_lease_lapsed_is_not_trusted(backend: JobStoreBackend) -> None:
+    """Renewals failed for a lease: the kept slot lapsed and another process took the row.
+    This process must neither prefer the agent nor hand that slot to a run (two runs on a
+    one-slot agent): it claims afresh, and finds the agent full."""
+    a, b = await backend.open(), await backend.open()
+    here = SharedAgentSlots(a, "A", 0.3)
+    here.keep_s = 60.0
+    there = _slots(b, "B")
+    token = await here.take("gpu", 1)
+    assert token is not None
+    await here.give_back(token)
+    _fail_renewals(a)
+    await here.renew()  # fails: logged, nothing forgotten
+    await asyncio.sleep(0.45)  # the lease lapsed
+    assert not here.kept("gpu")
+    assert await there.take("gpu", 1) is not None
+    assert await here.take("gpu", 1) is None
+    assert await _holders(backend, "gpu") == ["B"]
+
+
+async def test_a_lapsed_slot_claimed_again_here_is_held_once(backend: JobStoreBackend) -> None:
+    """A running slot lapsed (renewals failed) and this process's next claim got the same
+    row: the lapsed token is forgotten, so its run's end does not free the row the new run
+    holds, and another process cannot take it."""
+    a, b = await backend.open(), await backend.open()
+    here = SharedAgentSlots(a, "A", 0.3)
+    here.keep_s = 0.05
+    there = _slots(b, "B")
+    first = await here.take("gpu", 2)
+    assert first is not None
+    restore = _fail_renewals(a)
+    await asyncio.sleep(0.45)  # the first's lease lapsed, its run goes on
+    restore()
+    second = await here.take("gpu", 2)
+    assert second is not None
+    assert second.claim.slot == first.claim.slot  # type: ignore[attr-defined]
+    await here.renew()
+    await here.give_back(first)  # the first run ends
+    await asyncio.sleep(0.2)  # (past keep_s: a kept slot would be released by now)
+    assert (await _holders(backend, "gpu"))[first.claim.slot] == "A"  # type: ignore[attr-defined]
+    other = await there.take("gpu", 2)
+    assert other is not None and other.claim.slot != first.claim.slot  # type: ignore[attr-defined]
+
+
+async def test_a_take_cancelled_during_its_claim_keeps_the_slot(backend: JobStoreBackend) -> None:
+    """A caller cancelled while its claim is on its way: the slot the claim took is kept here
+    as given back (the next run takes it, or it is released), not held for a lease by
+    nobody."""
+    store = await backend.open()
+    slots = _slots(store, "A")
+    assert await slots.take("gpu", 8) is not None
+    claim_slot = store.claim_slot
+
+    async def slow(agent: str, capacity: int, holder: str, lease_s: float) -> SlotClaim | None:
+        await asyncio.sleep(0.1)  # on its way when the callers are cancelled
+        return await claim_slot(agent, capacity, holder, lease_s)
+
+    store.claim_slot = slow  # type: ignore[method-assign]
+    takes = [asyncio.create_task(slots.take("gpu", 8)) for _ in range(6)]
+    await asyncio.sleep(0.02)
+    for task in takes:
+        task.cancel()
+    done = await asyncio.gather(*takes, return_exceptions=True)
+    assert all(isinstance(d, asyncio.CancelledError) for d in done)
+    await asyncio.sleep(0.15)  # the claims landed: kept here, as slots given back
+    assert slots.kept("gpu")
+    assert (await _holders(backend, "gpu")).count("A") == 7
+    store.claim_slot = claim_slot  # type: ignore[method-assign]
+    for _ in range(100):  # nobody here wanted them: released after keep_s
+        if (await _holders(backend, "gpu")).count("A") == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert (await _holders(backend, "gpu")).count("A") == 1
+    assert not slots.kept("gpu")

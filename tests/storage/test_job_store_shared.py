@@ -211,10 +211,10 @@ async def test_agent_slots_are_shared_by_every_process(backend: JobStoreBackend)
     await a.release_slot(held[0])
     retaken = await b.claim_slot("gpu-1", 2, "B", SHORT)
     assert retaken is not None and retaken.slot == held[0].slot
-    assert await b.renew_slot(retaken, SHORT) is not None
+    assert (await b.renew_slots([retaken], SHORT))[0] is not None
     assert await a.claim_slot("gpu-1", 2, "A", 30) is None
     await asyncio.sleep(SHORT * 1.5)  # B died: its slot frees itself
-    assert await b.renew_slot(retaken, 30) is None
+    assert await b.renew_slots([retaken], 30) == [None]
     freed = await a.claim_slot("gpu-1", 2, "A", 30)
     assert freed is not None and freed.slot == retaken.slot
     assert await a.claim_slot("gpu-1", 3, "A", 30) is not None  # capacity grew
@@ -242,9 +242,39 @@ async def test_renew_slots_renews_what_is_still_held_in_one_call(
     assert (renewed[0].agent, renewed[0].slot, renewed[0].holder) == ("gpu-1", kept.slot, "A")
     assert renewed[0].expires > kept.expires
     # B's slot is still B's; A's renewed one still A's; the released one free.
-    assert await b.renew_slot(taken, 30) is not None
-    assert await a.renew_slot(renewed[0], 30) is not None
+    assert (await b.renew_slots([taken], 30))[0] is not None
+    assert (await a.renew_slots([renewed[0]], 30))[0] is not None
     assert await b.claim_slot("gpu-2", 1, "B", 30) is not None
+
+
+async def test_renew_slots_loses_a_lapsed_slot_nobody_took(backend: JobStoreBackend) -> None:
+    """A lease that lapsed is lost even while its row is still the holder's (nobody took it
+    yet): the renewal cannot tell that nobody saw it free, so the holder stops using it;
+    anyone may claim it from then on. A closed store refuses the call, even for no claim."""
+    a, b = await _two(backend)
+    lapsing = await a.claim_slot("gpu-1", 1, "A", SHORT)
+    assert lapsing is not None
+    await asyncio.sleep(SHORT * 1.5)
+    assert await a.renew_slots([lapsing], 30) == [None]
+    taken = await b.claim_slot("gpu-1", 1, "B", 30)
+    assert taken is not None and taken.slot == lapsing.slot
+    await a.close()
+    with pytest.raises(ServiceError) as err:
+        await a.renew_slots([], 30)
+    assert err.value.reason == "STORE_CLOSED"
+
+
+async def test_a_leader_that_resigns_is_followed_at_once(backend: JobStoreBackend) -> None:
+    """``resign`` gives the role up only for its holder: another holder's resign, or one of
+    another role, changes nothing."""
+    a, b = await _two(backend)
+    assert await a.lead("outbox", "A", 30)
+    await b.resign("outbox", "B")  # not B's
+    await b.resign("retention", "A")  # not led
+    assert not await b.lead("outbox", "B", 30)
+    await a.resign("outbox", "A")
+    assert await b.lead("outbox", "B", 30)
+    assert not await a.lead("outbox", "A", 30)
 
 
 async def test_one_leader_per_role_until_its_lease_lapses(backend: JobStoreBackend) -> None:
@@ -640,7 +670,7 @@ async def test_concurrent_slot_claims_and_releases_never_over_admit(
     await asyncio.gather(*(a.release_slot(c) for c in held))
     again = await asyncio.gather(*(a.claim_slot("gpu-1", 3, "A", 30) for _ in range(3)))
     assert sorted(c.slot for c in again if c is not None) == [1, 2]  # B keeps slot 0
-    assert await b.renew_slot(other, 30) is not None
+    assert (await b.renew_slots([other], 30))[0] is not None
 
 
 class _Outside:

@@ -104,8 +104,10 @@ async def test_a_follower_asks_for_the_lead_once_per_third_of_a_lease(
     """A follower's passes (every poll, every wake) do not each ask the store: it asks again a
     third of a lease after it was refused, and takes over once the leader's lease lapsed."""
     store = await backend.open()
-    leader = WebhookOutbox(store, sender, new_holder_id(), lease_s=0.9)
-    other = WebhookOutbox(store, sender, new_holder_id(), lease_s=0.9)
+    # The second ask (a third of a lease after the first) must come before the leader's
+    # lease lapses: a lease of 1.5 s leaves ~0.95 s of scheduling slack for it.
+    leader = WebhookOutbox(store, sender, new_holder_id(), lease_s=1.5)
+    other = WebhookOutbox(store, sender, new_holder_id(), lease_s=1.5)
     assert await leader._leads()
     asked: list[str] = []
     lead = store.lead
@@ -118,11 +120,38 @@ async def test_a_follower_asks_for_the_lead_once_per_third_of_a_lease(
     for _ in range(5):
         assert await other.run_once() == 0
     assert len(asked) == 1  # refused once; the other passes asked nothing
-    await asyncio.sleep(0.35)  # a third of the lease later: it asks again
+    await asyncio.sleep(0.55)  # a third of the lease later: it asks again
     assert not await other._leads()
     assert len(asked) == 2
-    await asyncio.sleep(1.0)  # the leader stopped renewing: its lease lapsed
+    await asyncio.sleep(1.5)  # the leader stopped renewing: its lease lapsed
     assert await other._leads()
+
+
+async def test_a_leader_gives_up_the_lead_when_it_stops(
+    backend: JobStoreBackend, sender: WebhookSender, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A clean stop (a rolling restart) hands the lead over at the successor's first ask,
+    not a lease later; a follower's stop leaves the leader alone; a store that cannot be
+    reached at stop does not hold the stop up (the lease lapses by itself)."""
+    store = await backend.open()
+    leader = WebhookOutbox(store, sender, new_holder_id(), lease_s=30)
+    follower = WebhookOutbox(store, sender, new_holder_id(), lease_s=30)
+    assert await leader._leads()
+    assert not await follower._leads()
+    await follower.stop()
+    successor = WebhookOutbox(store, sender, new_holder_id(), lease_s=30)
+    assert not await successor._leads()  # the follower's stop gave nothing up
+    await leader.stop()
+    late = WebhookOutbox(store, sender, new_holder_id(), lease_s=30)
+    assert await late._leads()  # at once, not 30 s later
+
+    async def away(role: str, holder: str) -> None:
+        raise ConnectionError("the store is away")
+
+    store.resign = away  # type: ignore[method-assign]
+    async with asyncio.timeout(5):
+        await late.stop()
+    assert "could not give up the webhook outbox lead" in caplog.text
 
 
 async def test_a_final_refusal_is_kept_and_not_retried(

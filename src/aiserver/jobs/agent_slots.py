@@ -10,6 +10,10 @@ slot nobody here wanted for that long is released in the database. Under steady 
 slots of a busy coordinator thus cost no claim and no release per job (two transactions of
 the ~10 a job cost PostgreSQL); a slot is still used by one run at a time, and held only by
 its lease, so no agent takes more than its capacity whoever holds its slots.
+
+A kept slot is trusted only while its lease will not lapse before the next renewal (once
+lapsed, another process may hold the row), and this process holds at most one token per
+row: a claim that gets a row back replaces the lapsed token that had it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from aiserver.jobs.store import JobStore, SlotClaim
 from aiserver.providers.comfy.slots import SlotToken
@@ -33,6 +38,10 @@ class _Held:
     idle_until: float | None = None
     """Set while no run uses it: released after this (``loop.time()``) unless taken again."""
 
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.claim.agent, self.claim.slot
+
 
 class SharedAgentSlots:
     """:class:`~aiserver.providers.comfy.slots.AgentSlots` on a shared job store."""
@@ -47,38 +56,108 @@ class SharedAgentSlots:
         self._store = store
         self._holder = holder
         self._lease_s = lease_s
-        self._held: set[_Held] = set()
+        # A kept slot is trusted only while its lease has more than this left: the renewal
+        # timer comes every third of a lease, so a healthy one always has two thirds left;
+        # less means renewals failed, and once it lapses another process may hold the row.
+        self._margin = timedelta(seconds=lease_s / 3)
+        self._held: dict[tuple[str, int], _Held] = {}
+        """By (agent, slot): one token per row (the newest claim of it)."""
         self._idle: dict[str, list[_Held]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self._releases: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
 
+    def _holds(self, token: _Held) -> bool:
+        return self._held.get(token.key) is token
+
+    def _lapsing(self, held: _Held) -> bool:
+        """Whether ``held``'s lease may lapse before the renewal timer reaches it (or has)."""
+        return held.claim.expires <= datetime.now(UTC) + self._margin
+
+    def _forget(self, held: _Held) -> None:
+        """Drop ``held`` without releasing its row: its lease lapsed (or is about to), so
+        the row may be another's, or this process's again under a newer claim."""
+        if self._holds(held):
+            del self._held[held.key]
+        if held.idle_until is not None:
+            held.idle_until = None
+            idle = self._idle.get(held.claim.agent)
+            if idle is not None:
+                with contextlib.suppress(ValueError):
+                    idle.remove(held)
+                if not idle:
+                    del self._idle[held.claim.agent]
+
     async def take(self, agent: str, capacity: int) -> SlotToken | None:
         idle = self._idle.get(agent, [])
         while idle:
             held = idle.pop()
             held.idle_until = None
-            if held.claim.slot < capacity and held in self._held:
+            if not self._holds(held):
+                continue
+            if self._lapsing(held):
+                logger.warning("agent %s: a kept slot's lease lapsed; claiming afresh", agent)
+                self._forget(held)
+            elif held.claim.slot < capacity:
                 return held  # still ours (its lease renewed): no statement
-            self._release(held)  # capacity shrank below it
-        claim = await self._store.claim_slot(agent, capacity, self._holder, self._lease_s)
-        if claim is None:
-            return None
+            else:
+                self._release(held)  # capacity shrank below it
+        if agent in self._idle and not idle:
+            del self._idle[agent]
+        # Shielded: a caller cancelled while the claim is on its way (a group claim, a
+        # round trip) must not lose a row it took; it lands as a kept slot (see _landed).
+        claiming = asyncio.ensure_future(
+            self._store.claim_slot(agent, capacity, self._holder, self._lease_s)
+        )
+        try:
+            claim = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            claiming.add_done_callback(self._landed)
+            raise
+        return None if claim is None else self._hold(claim)
+
+    def _hold(self, claim: SlotClaim) -> _Held:
         held = _Held(claim)
-        self._held.add(held)
+        before = self._held.get(held.key)
+        if before is not None:
+            # This process claimed that row again: the earlier claim's lease lapsed (its
+            # renewals failed) and the row came free. That token is lost: renewing or
+            # releasing it would act on this claim's row.
+            logger.warning("agent %s: slot %d lapsed and was claimed again", *held.key)
+            self._forget(before)
+        self._held[held.key] = held
         return held
 
+    def _landed(self, claiming: asyncio.Future[SlotClaim | None]) -> None:
+        """A claim whose caller was cancelled finished: keep what it took, as given back."""
+        if claiming.cancelled():
+            return
+        if claiming.exception() is not None:
+            logger.warning("an abandoned slot claim failed", exc_info=claiming.exception())
+            return
+        claim = claiming.result()
+        if claim is None:
+            return
+        held = self._hold(claim)
+        if self._stopped:
+            self._release(held)
+        else:
+            self._keep_idle(held)
+
     def kept(self, agent: str) -> bool:
-        return bool(self._idle.get(agent))
+        return any(self._holds(h) and not self._lapsing(h) for h in self._idle.get(agent, ()))
 
     async def give_back(self, token: SlotToken) -> None:
         assert isinstance(token, _Held)
-        if token not in self._held or self._stopped:
+        if not self._holds(token) or self._stopped:
             return  # its lease was lost meanwhile, or lapses (the store closes)
+        self._keep_idle(token)
+
+    def _keep_idle(self, held: _Held) -> None:
         loop = asyncio.get_running_loop()
-        token.idle_until = loop.time() + self.keep_s
-        self._idle.setdefault(token.claim.agent, []).append(token)
+        held.idle_until = loop.time() + self.keep_s
+        self._idle.setdefault(held.claim.agent, []).append(held)
         if self._sweep is None:
             self._sweep = loop.call_later(self.keep_s, self._release_idle)
 
@@ -92,6 +171,7 @@ class SharedAgentSlots:
                 assert held.idle_until is not None
                 if held.idle_until <= now:
                     idle.remove(held)
+                    held.idle_until = None
                     self._release(held)
                 else:
                     due = held.idle_until
@@ -102,7 +182,14 @@ class SharedAgentSlots:
             self._sweep = asyncio.get_running_loop().call_at(soonest, self._release_idle)
 
     def _release(self, held: _Held) -> None:
-        self._held.discard(held)
+        if not self._holds(held):
+            return  # lost or superseded: its row is not this token's to free
+        if self._lapsing(held):
+            # Releasing is fenced by holder only: once lapsed, the row may be this
+            # process's again under a newer claim. It comes free by itself.
+            self._forget(held)
+            return
+        del self._held[held.key]
         task = asyncio.get_running_loop().create_task(self._give_back_now(held.claim))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
@@ -122,10 +209,11 @@ class SharedAgentSlots:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        for idle in self._idle.values():
-            for held in idle:
-                self._release(held)
+        idle = [held for kept in self._idle.values() for held in kept]
         self._idle.clear()
+        for held in idle:
+            held.idle_until = None
+            self._release(held)
         if self._releases:
             await asyncio.wait(list(self._releases), timeout=5.0)
         if self._task is not None:
@@ -139,12 +227,12 @@ class SharedAgentSlots:
             await self.renew()
 
     async def renew(self) -> None:
-        """Renew every slot held here in one statement (one round trip per third of a lease
+        """Renew every slot held here in one store call (one round trip per third of a lease
         however many slots this process holds; a statement per slot was the renewals' cost,
         which grew with the slots each coordinator holds). A slot whose lease was lost is
         forgotten: the run on it ends as it would have; a failed statement is retried at the
         next turn, within the lease."""
-        held = list(self._held)
+        held = list(self._held.values())
         if not held:
             return
         try:
@@ -153,11 +241,10 @@ class SharedAgentSlots:
             logger.warning("could not renew %d agent slots", len(held), exc_info=True)
             return
         for token, claim in zip(held, renewed, strict=True):
+            if not self._holds(token):
+                continue  # released, or claimed again, meanwhile
             if claim is not None:
                 token.claim = claim
-            elif token in self._held:  # (not given back meanwhile)
+            else:
                 logger.warning("agent %s: slot lease lost", token.claim.agent)
-                self._held.discard(token)
-                if token.idle_until is not None:
-                    with contextlib.suppress(KeyError, ValueError):
-                        self._idle[token.claim.agent].remove(token)
+                self._forget(token)

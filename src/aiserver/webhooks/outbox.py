@@ -33,6 +33,9 @@ ROLE = "webhook-outbox"
 class WebhookOutbox:
     """Builds a finished job's deliveries and runs the outbox while this process leads."""
 
+    resign_timeout_s = 2.0
+    """At stop, how long giving up the lead may take (shutdown goes on without it)."""
+
     def __init__(
         self,
         store: JobStore,
@@ -68,10 +71,20 @@ class WebhookOutbox:
         self._task = asyncio.create_task(self._loop(), name="webhook-outbox")
 
     async def stop(self) -> None:
+        """Stop running; a leader gives up the lead (a restart's successor, asking a third
+        of a lease apart, takes it at its next ask rather than once the lease lapsed)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._renew_at == -math.inf:
+            return  # never led, or refused since: nothing to give up
+        self._renew_at = -math.inf
+        try:
+            async with asyncio.timeout(self.resign_timeout_s):
+                await self._store.resign(ROLE, self._holder)
+        except Exception:  # (TimeoutError too) the lease lapses by itself
+            logger.warning("could not give up the webhook outbox lead", exc_info=True)
 
     async def run_once(self) -> int:
         """Deliver what is due, if this process leads; how many rows were tried."""
@@ -87,7 +100,7 @@ class WebhookOutbox:
         after it was refused, not at every poll or wake: the leader renews that often, so
         asking sooner only finds it again (each ask is a write that every other coordinator
         paid once a second); one takes over at most a third of a lease after the leader's
-        lease lapsed (leaders are never released: a lapse is a leader gone)."""
+        lease lapsed, or after it gave the lead up at :meth:`stop`."""
         now = time.monotonic()
         if now < self._renew_at:
             return True

@@ -975,22 +975,6 @@ class PostgresJobStore:
             results.append(SlotClaim(c.agent, slots.pop(0), c.holder, at) if slots else None)
         return results
 
-    async def renew_slot(self, claim: SlotClaim, lease_s: float) -> SlotClaim | None:
-        now = _now_us()
-        expires = now + _us(lease_s)
-        found = await self._fetchval(
-            "UPDATE agent_slots SET expires_us = $1 WHERE agent = $2 AND slot = $3"
-            " AND holder = $4 AND expires_us >= $5 RETURNING slot",
-            expires,
-            claim.agent,
-            claim.slot,
-            claim.holder,
-            now,
-        )
-        if found is None:
-            return None
-        return SlotClaim(claim.agent, claim.slot, claim.holder, codec.from_micros(expires))
-
     async def renew_slots(
         self, claims: Sequence[SlotClaim], lease_s: float
     ) -> list[SlotClaim | None]:
@@ -1053,6 +1037,12 @@ class PostgresJobStore:
             now,
         )
         return found is not None
+
+    async def resign(self, role: str, holder: str) -> None:
+        self._check()
+        await self._pool.execute(
+            "UPDATE leaders SET expires_us = 0 WHERE role = $1 AND holder = $2", role, holder
+        )
 
     # --- webhook outbox ---------------------------------------------------------------------
 

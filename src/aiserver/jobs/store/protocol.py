@@ -415,20 +415,24 @@ class JobStore(Protocol):
         process); ``None`` when all are held."""
         ...
 
-    async def renew_slot(self, claim: SlotClaim, lease_s: float) -> SlotClaim | None: ...
-
     async def renew_slots(
         self, claims: Sequence[SlotClaim], lease_s: float
     ) -> list[SlotClaim | None]:
-        """Renew every claim of one holder in one statement (its renewal timer: one round
-        trip however many slots it holds); per claim the renewed one, or ``None`` when its
-        lease was lost (lapsed and taken, or released)."""
+        """Renew every claim of one holder at once (its renewal timer: one round trip however
+        many slots it holds; one statement on PostgreSQL, one UPDATE per claim in one
+        transaction on SQLite); per claim the renewed one, or ``None`` when its lease was
+        lost (lapsed, whether or not taken since, or released)."""
         ...
 
     async def release_slot(self, claim: SlotClaim) -> None: ...
 
     async def lead(self, role: str, holder: str, lease_s: float) -> bool:
         """Become or stay the one runner of ``role`` (retention, outbox) for ``lease_s``."""
+        ...
+
+    async def resign(self, role: str, holder: str) -> None:
+        """Give up ``role`` if ``holder`` leads it (a clean stop): another process takes
+        the lead at its next ask instead of when the lease lapses."""
         ...
 
     # --- webhook outbox ---------------------------------------------------------------------

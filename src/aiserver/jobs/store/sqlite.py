@@ -738,21 +738,6 @@ class SqliteJobStore:
 
         return await self._call(take, inline=True)
 
-    async def renew_slot(self, claim: SlotClaim, lease_s: float) -> SlotClaim | None:
-        def extend() -> SlotClaim | None:
-            now = _now_us()
-            expires = now + _us(lease_s)
-            cur = self._conn.execute(
-                "UPDATE agent_slots SET expires_us = ? WHERE agent = ? AND slot = ?"
-                " AND holder = ? AND expires_us >= ?",
-                (expires, claim.agent, claim.slot, claim.holder, now),
-            )
-            if cur.rowcount != 1:
-                return None
-            return SlotClaim(claim.agent, claim.slot, claim.holder, codec.from_micros(expires))
-
-        return await self._call(extend, inline=True)
-
     async def renew_slots(
         self, claims: Sequence[SlotClaim], lease_s: float
     ) -> list[SlotClaim | None]:
@@ -775,6 +760,8 @@ class SqliteJobStore:
             return renewed
 
         if not claims:
+            if self._closed:  # as every call on a closed store (and as on PostgreSQL)
+                raise ServiceError(ErrorKind.UNAVAILABLE, "STORE_CLOSED", "the job store is closed")
             return []
         return await self._call(extend, inline=True)
 
@@ -800,6 +787,14 @@ class SqliteJobStore:
             return cur.rowcount == 1
 
         return await self._call(take, inline=True)
+
+    async def resign(self, role: str, holder: str) -> None:
+        def drop() -> None:
+            self._conn.execute(
+                "UPDATE leaders SET expires_us = 0 WHERE role = ? AND holder = ?", (role, holder)
+            )
+
+        await self._call(drop, inline=True)
 
     # --- webhook outbox ---------------------------------------------------------------------
 
