@@ -15,8 +15,9 @@ short job stores none, rather than rows pruned at its end). A write that fails p
 back (the stores insert events idempotently), so a later write or the timer stores them.
 A timer's flush of progress alone that the store did not send (nobody elsewhere reads the
 job: ``append_events(progress_kind=)``) keeps that progress too, unless a newer one came
-meanwhile, and flushes it again when the store says: a watcher marking the job later gets
-the job's current progress even if the job never emits another.
+meanwhile, and flushes it again when the store says, then stored whoever reads: a watcher
+marking the job later gets the job's current progress even if the job never emits another,
+and a job waiting with one progress costs one check and one row.
 
 A write with events is announced (NOTIFY) when it holds one other than progress, or when the
 job's last announcement is ``announce_every_s`` old: watchers elsewhere read every row after
@@ -60,6 +61,10 @@ class _JobLog:
     last_progress_at: float = -1e9
     last_announced_at: float = -1e9
     timer: asyncio.TimerHandle | None = None
+    kept: bool = False
+    """A progress the store skipped (nobody elsewhere reads the job) is buffered again: its
+    next timer flush stores it whoever reads, so a job waiting with one progress costs one
+    check and one row, not a check every quiet period for as long as it waits."""
 
 
 class EventLog:
@@ -183,6 +188,7 @@ class EventLog:
             return  # a newer progress replaces it
         # Everything buffered meanwhile is newer: the kept one goes first (sequence order).
         log.pending.insert(0, progress[-1])
+        log.kept = True
         self._arm(job_id, log, after_s)
 
     async def drain(self, timeout_s: float) -> None:
@@ -209,6 +215,10 @@ class EventLog:
             return
         log.timer = None
         store = self._store
+        # Progress rows only for a reader elsewhere (a timer's flush of progress alone for
+        # nobody then costs no commit), except for a progress already skipped once.
+        kind = None if log.kept else PROGRESS
+        log.kept = False
 
         async def append() -> None:
             try:
@@ -219,9 +229,7 @@ class EventLog:
                         events,
                         announce=announce,
                         holder=self._holder,
-                        # Progress rows only for a reader elsewhere; a timer's flush of
-                        # progress alone for nobody then costs no commit.
-                        progress_kind=PROGRESS,
+                        progress_kind=kind,
                     ),
                     unstored=lambda again: again,
                 )

@@ -9,11 +9,11 @@ are not sent for :data:`RECHECK_S`; then one asks again.
 
 A progress not stored is not lost: the store says when to ask again (``append_events``
 returns the seconds left), and the event log keeps the job's latest progress and sends it
-then, unless a newer one replaced it. So a watcher that marks the job gets the job's current
-progress at most :data:`RECHECK_S` plus the event log's 0.5 s later, even when the job emits
-no other (a queued job's single waiting reason, a long node without steps), at one read-only
-statement per :data:`RECHECK_S` per running unwatched job. Every other event kind is sent and
-stored whoever watches.
+then, unless a newer one replaced it, and stores it that time whoever reads. So a watcher
+that marks the job gets the job's current progress at most :data:`RECHECK_S` plus the event
+log's 0.5 s later, even when the job emits no other (a queued job's single waiting reason, a
+long node without steps); a job waiting with one progress costs one check and one row. Every
+other event kind is sent and stored whoever watches.
 """
 
 from __future__ import annotations
