@@ -225,15 +225,7 @@ async def test_an_agent_that_stops_answering_without_a_reset_loses_its_job_to_an
     other = await cluster.agent()
     url = urlsplit(silent.url)
     async with TcpCut(url.hostname or "127.0.0.1", url.port or 80) as relay:
-        relayed = f"{url.scheme}://127.0.0.1:{relay.port}"
-        configs = [AgentConfig(relayed, name="agent-0"), AgentConfig(other.url, name="agent-1")]
-        settings = dataclasses.replace(
-            POOL, timeouts=dataclasses.replace(TIMEOUTS, request_s=3.0, idle_s=4.0)
-        )
-        pool = ComfyPool(configs, WorkflowCatalog.load(), settings=settings)
-        cluster.pools.append(pool)
-        await pool.start()
-        manager = await cluster.env.manager(pool, max_attempts=2)  # type: ignore[arg-type]
+        manager = await _relayed_pair(cluster, relay, url.scheme, other.url)
         if when == "before-prompt":
             relay.blackhole()  # the probe notices, or the upload or post waits out request_s
         job = await submit(manager, cluster.env, spec=SPEC)
@@ -262,15 +254,7 @@ async def test_a_withdraw_the_silent_agent_never_answers_is_logged_with_its_reas
     other = await cluster.agent()
     url = urlsplit(silent.url)
     async with TcpCut(url.hostname or "127.0.0.1", url.port or 80) as relay:
-        relayed = f"{url.scheme}://127.0.0.1:{relay.port}"
-        configs = [AgentConfig(relayed, name="agent-0"), AgentConfig(other.url, name="agent-1")]
-        settings = dataclasses.replace(
-            POOL, timeouts=dataclasses.replace(TIMEOUTS, request_s=3.0, idle_s=4.0)
-        )
-        pool = ComfyPool(configs, WorkflowCatalog.load(), settings=settings)
-        cluster.pools.append(pool)
-        await pool.start()
-        manager = await cluster.env.manager(pool, max_attempts=2)  # type: ignore[arg-type]
+        manager = await _relayed_pair(cluster, relay, url.scheme, other.url)
         job = await submit(manager, cluster.env, spec=SPEC)
         await running_on(silent)
         with caplog.at_level(logging.WARNING, logger="aiserver.providers.comfy.run"):
@@ -380,3 +364,17 @@ async def test_a_lost_websocket_then_a_failed_probe_ends_the_agents_runs(
         final, _ = await ends(manager, job, 15)
         assert final.state is JobState.SUCCEEDED and final.agent == "agent-1", final.error
         assert len(silent.received.prompts) == 1 and len(other.received.prompts) == 1
+
+
+async def _relayed_pair(cluster: Cluster, relay: TcpCut, scheme: str, other_url: str) -> JobManager:
+    """A manager over two agents, the first reached through ``relay`` (request_s 3 s, idle_s
+    4 s: a silent agent is given up within seconds)."""
+    relayed = f"{scheme}://127.0.0.1:{relay.port}"
+    configs = [AgentConfig(relayed, name="agent-0"), AgentConfig(other_url, name="agent-1")]
+    settings = dataclasses.replace(
+        POOL, timeouts=dataclasses.replace(TIMEOUTS, request_s=3.0, idle_s=4.0)
+    )
+    pool = ComfyPool(configs, WorkflowCatalog.load(), settings=settings)
+    cluster.pools.append(pool)
+    await pool.start()
+    return await cluster.env.manager(pool, max_attempts=2)  # type: ignore[arg-type]
