@@ -27,7 +27,6 @@ from aiserver.jobs.model import (
 )
 from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import JobStore, new_holder_id
-from aiserver.jobs.store.postgres import PostgresJobStore
 from aiserver.jobs.store_watch import StoreWatch
 from aiserver.providers.base import ProviderProgress
 from tests.jobs.helpers import (
@@ -414,8 +413,7 @@ async def test_a_cancel_on_the_holder_is_stored_before_the_job_ends(pair: Pair) 
 async def test_a_progress_a_later_write_supersedes_is_never_stored(pair: Pair) -> None:
     """Progress waits for its timer (0.5 s) even when a save comes first: a job that ends
     before then stores none (no row inserted, then pruned at its end); one that runs longer
-    stores it by the timer, and keeps its last one, when a reader elsewhere may want it (on
-    PostgreSQL: watched from another process; SQLite cannot tell, so always)."""
+    stores it by the timer, and keeps its last one."""
 
     async def slow(run: Any) -> None:
         await run.sink.progress(ProviderProgress(Stage.RUNNING, 0.25, step=1, max_steps=4))
@@ -424,84 +422,16 @@ async def test_a_progress_a_later_write_supersedes_is_never_stored(pair: Pair) -
 
     quick = ScriptedProvider("p1")  # progress, then its output at once
     a = await pair.manager(quick)
-    recheck_s = 0.0
-    if isinstance(a._store, PostgresJobStore):
-        # A job found (or made) unwatched sends no progress alone for a while (2 s): less
-        # here, so that a watcher marking the job below gets the progress of its 1 s run.
-        recheck_s = a._store._unwatched.recheck_s
-        a._store._unwatched.recheck_s = 0.2
     job = await submit(a, pair.env)
     assert (await within(final_job(a.subscribe(job.id)))).state is JobState.SUCCEEDED
     assert await _stored_kinds(a, job.id) == ["accepted", "output", "finished"]
     quick.behaviour = slow
-    # Watched from another process: its rows are read there.
-    job = await submit(a, pair.env)
-    watching = await (await pair.store()).announcements(watch=job.id)
-    try:
-        assert (await within(final_job(a.subscribe(job.id)))).state is JobState.SUCCEEDED
-    finally:
-        await watching.aclose()
-    kinds = await _stored_kinds(a, job.id)
-    assert kinds[0] == "accepted" and kinds[-2:] == ["output", "finished"]
-    assert kinds.count("progress") == 1, kinds
-    # Nobody elsewhere: on PostgreSQL the timer's flush of progress alone writes nothing (a
-    # progress skipped once is stored at its next flush, after the quiet period: after this
-    # 1 s job's end with the default period).
-    if isinstance(a._store, PostgresJobStore):
-        a._store._unwatched.recheck_s = recheck_s
     job = await submit(a, pair.env)
     assert (await within(final_job(a.subscribe(job.id)))).state is JobState.SUCCEEDED
     kinds = await _stored_kinds(a, job.id)
-    assert kinds.count("progress") == (1 if pair.backend.kind == "sqlite" else 0), kinds
+    assert kinds[0] == "accepted" and kinds[-2:] == ["output", "finished"]
+    assert kinds.count("progress") == 1, kinds
 
 
 async def _stored_kinds(manager: JobManager, job_id: str) -> list[str]:
     return [event.kind for event in await manager._store.events(job_id)]
-
-
-async def _first_progress(watch: AsyncIterator[JobEvent], seconds: float) -> Progress:
-    """The first progress a watcher reads within ``seconds`` (fails if none comes)."""
-    async with asyncio.timeout(seconds):
-        async for event in watch:
-            if isinstance(event.kind, Progress):
-                return event.kind
-    raise AssertionError("the watch ended without a progress")
-
-
-# A progress not stored for nobody is kept and sent again after the store's 2 s (unwatched.py)
-# plus the event log's 0.5 s: the watcher elsewhere gets it within that (and some slack for a
-# loaded machine), even when the job never emits another.
-_KEPT_PROGRESS_S = 2.5 + 1.5
-
-
-async def test_a_queued_jobs_waiting_reason_reaches_a_late_watcher_elsewhere(pair: Pair) -> None:
-    """A queued job emits one progress (QUEUED, why it waits): on PostgreSQL nobody watched
-    it then, so it was not stored; a watcher on another process attaching later still gets
-    it (regression: it saw only Accepted)."""
-    a = await pair.manager(ScriptedProvider("p1", gated, online=False))  # waits for it
-    b = await pair.manager(_serves_nothing())
-    job = await submit(a, pair.env)
-    await asyncio.sleep(3.0)  # past the progress timer and a recheck: nobody watched then
-    watch = b.subscribe(job.id)
-    assert isinstance(watch, StoreWatch)
-    progress = await _first_progress(watch, _KEPT_PROGRESS_S)
-    assert progress.stage is Stage.QUEUED and progress.waiting, progress
-
-
-async def test_a_sparse_progress_reaches_a_late_watcher_elsewhere(pair: Pair) -> None:
-    """One progress, then a long node without steps: a watcher on another process attaching
-    during the silence gets that progress (regression: it saw none until the output)."""
-
-    async def sparse(run: Any) -> None:
-        await run.sink.progress(ProviderProgress(Stage.RUNNING, 0.25, step=1, max_steps=4))
-        await asyncio.sleep(6.0)  # a long node with no step progress (VAE decode, upscale)
-        await produce_image(run)
-
-    a = await pair.manager(ScriptedProvider("p1", sparse))
-    b = await pair.manager(_serves_nothing())
-    job = await submit(a, pair.env)
-    await asyncio.sleep(3.0)
-    watch = b.subscribe(job.id)
-    progress = await _first_progress(watch, _KEPT_PROGRESS_S)
-    assert progress.stage is Stage.RUNNING and progress.fraction == 0.25, progress
-    assert (await final_job(watch, 15.0)).state is JobState.SUCCEEDED

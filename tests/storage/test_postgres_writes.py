@@ -93,12 +93,8 @@ async def test_storing_events_does_not_lock_the_job_row(tmp_path: Path) -> None:
             async with other.transaction():
                 # Another transaction holds the row (a foreign key check would wait for it).
                 await other.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", job.id)
-                # Not announced: an announced append share-locks the row to see `watched`.
                 await asyncio.wait_for(
-                    store.append_events(
-                        job.id, [NewEvent(2, "progress", {"p": 0.5})], announce=False
-                    ),
-                    5.0,
+                    store.append_events(job.id, [NewEvent(2, "progress", {"p": 0.5})]), 5.0
                 )
         finally:
             await other.close()
@@ -121,8 +117,6 @@ async def test_a_former_holders_late_progress_is_not_stored(tmp_path: Path) -> N
         a, b = await backend.open(), await backend.open()
         job = make_job(1)
         await a.create(JobRecord(job), holder="A", lease_s=30.0)
-        # Watched from B: progress rows are stored for it (for nobody they would not be).
-        watching = await b.announcements(watch=job.id)
         log = EventLog(a, progress_interval_s=0.05, event_delay_s=0.05, holder="A")
         log.record(JobEvent(job.id, 2, datetime.now(UTC), Progress(Stage.QUEUED, 0.1)))
         await log.drain(5.0)  # still A's: stored
@@ -134,90 +128,5 @@ async def test_a_former_holders_late_progress_is_not_stored(tmp_path: Path) -> N
         # the new holder's own events go in
         await b.append_events(job.id, [NewEvent(3, "progress", {})], holder="B")
         assert [e.sequence for e in await b.events(job.id)] == [2, 3]
-        await watching.aclose()
-    finally:
-        await backend.close()
-
-
-async def _row_version(store: PostgresJobStore, job_id: str) -> tuple[str, str]:
-    """The job row's ``xmin`` and ``xmax``: a row lock or an update changes one of them."""
-    async with store._pool.acquire() as conn:
-        found = await conn.fetchrow("SELECT xmin::text, xmax::text FROM jobs WHERE id = $1", job_id)
-    assert found is not None
-    return found[0], found[1]
-
-
-async def test_progress_alone_for_nobody_writes_nothing(tmp_path: Path) -> None:
-    # A timer's flush of progress alone (the event log's) stores rows only for a reader
-    # elsewhere; for nobody it writes nothing at all (its commit waits for no flush), and the
-    # job's next ones are not even sent until the finding is ``recheck_s`` old.
-    from aiserver.jobs.event_codec import PROGRESS
-
-    backend = JobStoreBackend("postgres", tmp_path)
-    try:
-        store, other = await backend.open(), await backend.open()
-        assert isinstance(store, PostgresJobStore)
-        store._unwatched.recheck_s = 0.3
-        sent: list[str] = []
-        fetchval = store._fetchval
-
-        async def counted(sql: str, *args: object) -> object:
-            sent.append(sql)
-            return await fetchval(sql, *args)
-
-        store._fetchval = counted  # type: ignore[method-assign]
-        # The store counts who follows every job (nobody here) once its LISTEN is open.
-        own = await store.announcements()
-        await store._count_others()
-        assert not store._others_follow_all()
-        job = make_job(1)
-        await store.create(JobRecord(job), holder="A", lease_s=30.0)
-        before = await _row_version(store, job.id)
-
-        async def progress(sequence: int) -> float | None:
-            return await store.append_events(
-                job.id, [NewEvent(sequence, PROGRESS, {})], holder="A", progress_kind=PROGRESS
-            )
-
-        asked = len(sent)
-        # A job just created is watched by nobody: not sent; the caller is told when to
-        # send it again (it keeps the progress: a watcher may come).
-        again = await progress(2)
-        assert again is not None and 0.0 < again <= 0.3
-        assert len(sent) == asked
-        await asyncio.sleep(0.4)
-        assert await progress(3) == 0.3  # asked again, found unwatched: nothing written
-        assert len(sent) == asked + 1
-        assert await store.events(job.id) == []
-        assert await _row_version(store, job.id) == before  # not even locked
-        again = await progress(3)  # found unwatched a moment ago: not sent
-        assert again is not None and 0.0 < again <= 0.3
-        assert len(sent) == asked + 1
-        # Another event kind in the batch: all go in (the progress row too), as always.
-        await store.append_events(
-            job.id,
-            [NewEvent(4, PROGRESS, {"p": 0.2}), NewEvent(5, "output", {"index": 0})],
-            holder="A",
-            progress_kind=PROGRESS,
-        )
-        assert [e.sequence for e in await store.events(job.id)] == [4, 5]
-        # Watched from another process: stored once the finding is old, and announced to it.
-        watching = await other.announcements(watch=job.id)
-        try:
-            await asyncio.sleep(0.4)
-            assert await progress(6) is None  # stored
-            assert [e.sequence for e in await store.events(job.id)] == [4, 5, 6]
-            heard = await asyncio.wait_for(anext(aiter(watching)), 5.0)
-            assert (heard.kind, heard.job_id) == ("event", job.id)
-            await progress(7)  # watched: asked (and stored) every time
-            assert [e.sequence for e in await store.events(job.id)] == [4, 5, 6, 7]
-        finally:
-            await watching.aclose()
-        # Without ``progress_kind`` (a caller that wants every row): stored as before.
-        second = make_job(2)
-        await store.create(JobRecord(second), holder="A", lease_s=30.0)
-        await store.append_events(second.id, [NewEvent(2, PROGRESS, {})], holder="A")
-        assert [e.sequence for e in await store.events(second.id)] == [2]
-        await own.aclose()
     finally:
         await backend.close()

@@ -13,11 +13,6 @@ Consecutive progress events are coalesced to the latest, and a progress event wa
 timer even when a save comes first (a later progress or the end supersedes it until then: a
 short job stores none, rather than rows pruned at its end). A write that fails puts its events
 back (the stores insert events idempotently), so a later write or the timer stores them.
-A timer's flush of progress alone that the store did not send (nobody elsewhere reads the
-job: ``append_events(progress_kind=)``) keeps that progress too, unless a newer one came
-meanwhile, and flushes it again when the store says, then stored whoever reads: a watcher
-marking the job later gets the job's current progress even if the job never emits another,
-and a job waiting with one progress costs one check and one row.
 
 A write with events is announced (NOTIFY) when it holds one other than progress, or when the
 job's last announcement is ``announce_every_s`` old: watchers elsewhere read every row after
@@ -35,7 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from aiserver.jobs.event_codec import PROGRESS, encode_event
+from aiserver.jobs.event_codec import encode_event
 from aiserver.jobs.model import JobEvent, Progress
 from aiserver.jobs.store import JobStore, NewEvent
 
@@ -61,10 +56,6 @@ class _JobLog:
     last_progress_at: float = -1e9
     last_announced_at: float = -1e9
     timer: asyncio.TimerHandle | None = None
-    kept: bool = False
-    """A progress the store skipped (nobody elsewhere reads the job) is buffered again: its
-    next timer flush stores it whoever reads, so a job waiting with one progress costs one
-    check and one row, not a check every quiet period for as long as it waits."""
 
 
 class EventLog:
@@ -89,7 +80,6 @@ class EventLog:
         self._announce_every_s = announce_every_s
         self._jobs: dict[str, _JobLog] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._draining = False
 
     def record(self, event: JobEvent) -> None:
         """Buffer ``event`` for the job's next write (or the timer)."""
@@ -105,20 +95,12 @@ class EventLog:
         else:
             self._arm(event.job_id, log, self._delay)
 
-    async def write(
-        self,
-        job_id: str,
-        write: Write[_T],
-        *,
-        final: bool = False,
-        unstored: Callable[[_T], float | None] | None = None,
-    ) -> _T:
+    async def write(self, job_id: str, write: Write[_T], *, final: bool = False) -> _T:
         """Run ``write`` with the job's buffered events once its previous write ended.
 
         ``final``: the job's last write (its Finished goes with it): buffered progress is
         dropped (the finished job's superseded progress is pruned anyway) and the job's
-        buffer with it. ``unstored``: given the write's result, None if it stored its events,
-        else the seconds after which to write the latest progress of them again."""
+        buffer with it."""
         log = self._jobs.setdefault(job_id, _JobLog())
         previous = log.tail
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -148,6 +130,7 @@ class EventLog:
             announce = final or any(not isinstance(e.kind, Progress) for e in taken)
             if taken and (announce or now - log.last_announced_at >= self._announce_every_s):
                 announce = True
+                log.last_announced_at = now
             try:
                 result = await write([stored_event(e) for e in taken], announce)
             except BaseException:
@@ -155,12 +138,6 @@ class EventLog:
                     log.pending[:0] = taken  # stored later (inserts are idempotent)
                     self._arm(job_id, log, self._delay)
                 raise
-            again = unstored(result) if unstored is not None and taken else None
-            if again is not None:
-                self._keep(job_id, log, taken, again)
-            elif taken and announce:
-                # Only a write that went out counts: one the store skipped announced nothing.
-                log.last_announced_at = now
             if final:
                 self.forget(job_id)
             return result
@@ -176,23 +153,7 @@ class EventLog:
             log.timer.cancel()
             log.timer = None
 
-    def _keep(self, job_id: str, log: _JobLog, taken: list[JobEvent], after_s: float) -> None:
-        """The store did not send the progress of ``taken`` (nobody elsewhere reads the job
-        now): the latest goes back to the buffer for a flush in ``after_s``. Dropped, a
-        watcher elsewhere, which reads stored rows only, would never see the job's stage if
-        the job emits no other progress (a queued job's waiting reason)."""
-        if self._draining or self._jobs.get(job_id) is not log:
-            return  # shutting down, or no longer this process's job
-        progress = [e for e in taken if isinstance(e.kind, Progress)]
-        if not progress or any(isinstance(e.kind, Progress) for e in log.pending):
-            return  # a newer progress replaces it
-        # Everything buffered meanwhile is newer: the kept one goes first (sequence order).
-        log.pending.insert(0, progress[-1])
-        log.kept = True
-        self._arm(job_id, log, after_s)
-
     async def drain(self, timeout_s: float) -> None:
-        self._draining = True
         for job_id, log in list(self._jobs.items()):
             if log.timer is not None:
                 log.timer.cancel()
@@ -215,23 +176,14 @@ class EventLog:
             return
         log.timer = None
         store = self._store
-        # Progress rows only for a reader elsewhere (a timer's flush of progress alone for
-        # nobody then costs no commit), except for a progress already skipped once.
-        kind = None if log.kept else PROGRESS
-        log.kept = False
 
         async def append() -> None:
             try:
                 await self.write(
                     job_id,
                     lambda events, announce: store.append_events(
-                        job_id,
-                        events,
-                        announce=announce,
-                        holder=self._holder,
-                        progress_kind=kind,
+                        job_id, events, announce=announce, holder=self._holder
                     ),
-                    unstored=lambda again: again,
                 )
             except Exception:
                 logger.warning("could not store events of job %s", job_id, exc_info=True)

@@ -56,7 +56,6 @@ from aiserver.jobs.store.protocol import (
     SlotClaim,
     StoredEvent,
 )
-from aiserver.jobs.store.unwatched import UnwatchedJobs
 from aiserver.outage import BackendBusy
 from aiserver.tasks import TaskKind
 
@@ -151,7 +150,6 @@ class PostgresJobStore:
         self._reconnect: asyncio.Future[None] | None = None
         self._closed = False
         self._slot_rows: set[tuple[str, int]] = set()  # (agent, capacity) known to have rows
-        self._unwatched = UnwatchedJobs()  # progress alone not sent for them (unwatched.py)
         # Writes of several jobs that meet go in one statement (group_commit.py).
         self._saves = GroupCommit(self._save_one, self._save_group, lambda s: s.job_id)
         self._creates = GroupCommit(self._create_one, self._create_group, lambda c: c.key)
@@ -268,15 +266,7 @@ class PostgresJobStore:
             events_notice,
         )
         made = await self._creates.write(item)
-        created = made if made is not None else await self._create_one(item)
-        now = time.monotonic()
-        # Read as _others_follow_all reads it, without starting a count: counts stay paced
-        # by the event writes.
-        everyone = self._others_follow or now - self._others_counted > 2.0
-        if not created[1] and not everyone:
-            # Nobody elsewhere watches a job just made: its progress alone waits (unwatched.py).
-            self._unwatched.found(record.job.id, False, now)
-        return created
+        return made if made is not None else await self._create_one(item)
 
     async def _create_one(self, item: PendingCreate) -> tuple[JobRecord, bool]:
         self._check()
@@ -347,8 +337,6 @@ class PostgresJobStore:
         announce: bool = True,
     ) -> None:
         self._check()
-        if record.job.state.terminal:
-            self._unwatched.forget(record.job.id)  # ended: no progress of it comes any more
         # Sent by the statement if the job is watched elsewhere or every job is followed.
         notice = self._event_notice(record.job.id, events) if announce and events else None
         item = PendingSave(
@@ -706,64 +694,34 @@ class PostgresJobStore:
         *,
         announce: bool = True,
         holder: str | None = None,
-        progress_kind: str | None = None,
-    ) -> float | None:
+    ) -> None:
         if not events:
-            return None
+            return
         self._check()
-        everyone = self._others_follow_all()
-        if progress_kind is not None and all(e.kind == progress_kind for e in events):
-            return await self._append_progress(job_id, events, announce, everyone, holder)
         # The row's share lock orders this write with a watcher's marking (an update): this
         # commits first, so the watcher reads the rows, or it sees ``watched``. The holder
         # fence reads the row without locking it (a row lock writes the row, per event): a
         # steal committing during this very statement is not seen, as with any snapshot.
+        sql = (
+            "WITH stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
+            " SELECT $1, e.sequence, e.kind, e.payload, $5"
+            " FROM unnest($2::bigint[], $3::text[], $4::text[]) AS e(sequence, kind, payload)"
+            " WHERE $10::text IS NULL"
+            " OR EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND lease_holder = $10)"
+            " ON CONFLICT DO NOTHING RETURNING 1)"
+            " SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored) AND $8"
+            " AND ($9 OR (SELECT watched FROM jobs WHERE id = $1 FOR SHARE))"
+        )
         await self._pool.execute(
-            _APPEND_EVENTS_SQL,
+            sql,
             job_id,
             *_event_arrays(events, _now_us()),
             self._channel,
             self._event_notice(job_id, events),
             announce,
-            everyone,
+            self._others_follow_all(),
             holder,
         )
-        return None
-
-    async def _append_progress(
-        self,
-        job_id: str,
-        events: Sequence[NewEvent],
-        announce: bool,
-        everyone: bool,
-        holder: str | None,
-    ) -> float | None:
-        """Progress alone, for a reader elsewhere only (``append_events(progress_kind=)``).
-        For nobody the statement inserts nothing and locks nothing (a read-only transaction:
-        its commit waits for no WAL flush), and the job's next ones are not sent at all for
-        a while (``unwatched.py``). Not locked, a mark committing during the statement is not
-        seen: that watcher gets a later progress (coalesced anyway), never misses another
-        event kind. Returns the seconds after which to send a progress not stored again (the
-        caller keeps the latest: dropped, a watcher elsewhere would never see it), else None."""
-        now = time.monotonic()
-        left = 0.0 if everyone else self._unwatched.quiet(job_id, now)
-        if left > 0.0:
-            return left
-        watched = await self._fetchval(
-            _APPEND_PROGRESS_SQL,
-            job_id,
-            *_event_arrays(events, _now_us()),
-            self._channel,
-            self._event_notice(job_id, events),
-            announce,
-            everyone,
-            holder,
-        )
-        if everyone or watched:
-            self._unwatched.found(job_id, True, now)
-            return None
-        self._unwatched.found(job_id, False, now)
-        return self._unwatched.recheck_s
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
         found = await self._fetch(
@@ -879,7 +837,6 @@ class PostgresJobStore:
             if every_job:
                 await self._name_listener()
             if watch is not None:
-                self._unwatched.forget(watch)
                 # Once committed, every write of the job that commits later sees the mark (a
                 # save updates the row, an event append share-locks it: both wait for this
                 # update) and announces; the watcher reads the table after this returns.
@@ -1153,35 +1110,6 @@ def _create_sql(limited: bool, events: bool, announce: bool) -> str:
             else " SELECT id FROM made"
         )
     )
-
-
-_APPEND_EVENTS_SQL = (
-    "WITH stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
-    " SELECT $1, e.sequence, e.kind, e.payload, $5"
-    " FROM unnest($2::bigint[], $3::text[], $4::text[]) AS e(sequence, kind, payload)"
-    " WHERE $10::text IS NULL"
-    " OR EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND lease_holder = $10)"
-    " ON CONFLICT DO NOTHING RETURNING 1)"
-    " SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored) AND $8"
-    " AND ($9 OR (SELECT watched FROM jobs WHERE id = $1 FOR SHARE))"
-)
-"""``append_events``: the events, fenced by the holder, announced if the row is watched."""
-
-_APPEND_PROGRESS_SQL = (
-    "WITH stored AS (INSERT INTO job_events (job_id, sequence, kind, payload, created_us)"
-    " SELECT $1, e.sequence, e.kind, e.payload, $5"
-    " FROM unnest($2::bigint[], $3::text[], $4::text[]) AS e(sequence, kind, payload)"
-    " WHERE ($10::text IS NULL"
-    " OR EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND lease_holder = $10))"
-    " AND ($9 OR EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND watched))"
-    " ON CONFLICT DO NOTHING RETURNING 1),"
-    # Stored only if watched or every job is followed: announced then (when asked).
-    " sent AS (SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM stored) AND $8)"
-    " SELECT coalesce((SELECT watched FROM jobs WHERE id = $1), false)"
-    " FROM (SELECT count(*) FROM sent) AS s"
-)
-"""``append_events`` of progress alone with ``progress_kind``: stored (and announced) only
-for a reader elsewhere, nothing locked. Returns the job's ``watched`` mark."""
 
 
 def _event_arrays(events: Sequence[NewEvent], now_us: int) -> list[Any]:

@@ -361,21 +361,12 @@ class JobStore(Protocol):
         *,
         announce: bool = True,
         holder: str | None = None,
-        progress_kind: str | None = None,
-    ) -> float | None:
+    ) -> None:
         """:meth:`append_event` of several events of one job, in one transaction; not
         announced when not ``announce`` (watchers find them at the next announcement).
         ``holder``: stored only while that process holds the job's lease, else dropped (a
         former holder's late progress after a steal: the job's events are its new
-        holder's to write).
-
-        ``progress_kind``: events of that kind are stored only for a reader elsewhere: while
-        the job is marked watched from another process or every job's events are followed
-        (see :meth:`announcements`); otherwise a batch of nothing else writes nothing (no
-        commit to wait for) and returns the seconds after which the caller is to send the
-        job's latest progress again (it may be the only one the job ever emits: a watcher
-        marking the job later must still get it). None: written (or fenced off). A store that
-        does not mark watchers (SQLite: one process) stores them."""
+        holder's to write)."""
         ...
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:

@@ -656,11 +656,9 @@ class SqliteJobStore:
         *,
         announce: bool = True,
         holder: str | None = None,
-        progress_kind: str | None = None,
-    ) -> float | None:
-        del progress_kind  # no watcher marks here: every event is stored
+    ) -> None:
         if not events:
-            return None
+            return
         stored = _event_rows(job_id, events)
 
         def insert() -> bool:
@@ -677,7 +675,6 @@ class SqliteJobStore:
 
         if await self._call(insert, inline=True) and announce:
             self._announce(job_id, events)
-        return None
 
     async def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
         def select(conn: sqlite3.Connection) -> list[StoredEvent]:
