@@ -9,6 +9,7 @@ import pytest
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.jobs.events import (
     EventHub,
+    Subscription,
     progress_of,
     replay_events,
     snapshot,
@@ -325,12 +326,7 @@ async def test_a_replayed_latest_progress_arrives_when_nothing_newer_comes() -> 
 async def test_a_progress_not_due_yet_does_not_wake_the_reader() -> None:
     # Each wake of a rate-limited reader was a task step and a new timer, for nothing: the
     # slot's progress could not go out before the interval ended anyway.
-    hub = EventHub(progress_interval_s=0.05)
-    job = new_job()
-    hub.open_new(job)
-    hub.emit(job.id, Accepted(job.task, "r", 0))
-    sub = hub.subscribe(job.id, no_history)
-    await within(anext(sub))  # Accepted opens the interval
+    hub, job, sub = await _past_accepted(0.05)
     reader = asyncio.create_task(anext(sub))
     await asyncio.sleep(0)  # waiting for the next event
     assert sub._sub is not None
@@ -380,12 +376,7 @@ async def test_a_late_subscriber_hears_a_text_with_its_node() -> None:
 async def test_flush_progress_hands_over_the_held_progress_at_once() -> None:
     # Held by the rate limit (an interval far longer than the test), then flushed: it goes
     # out now, and still before the output that follows.
-    hub = EventHub(progress_interval_s=30)
-    job = new_job()
-    hub.open_new(job)
-    hub.emit(job.id, Accepted(job.task, "r", 0))
-    sub = hub.subscribe(job.id, no_history)
-    await within(anext(sub))  # Accepted opens the interval
+    hub, job, sub = await _past_accepted(30)
     reader = asyncio.create_task(anext(sub))
     hub.emit(job.id, progress(0.5))
     hub.emit(job.id, progress(0.9))
@@ -400,3 +391,15 @@ async def test_flush_progress_hands_over_the_held_progress_at_once() -> None:
     rest = await collect(sub)
     assert [type(k) for k in kinds(rest)] == [OutputStored, Finished]
     hub.flush_progress("no such job")  # a job without a stream: nothing to do
+
+
+async def _past_accepted(interval_s: float) -> tuple[EventHub, Job, Subscription]:
+    """A hub rate-limiting progress to one per ``interval_s`` and a subscriber that has read
+    the job's Accepted (which opens the interval)."""
+    hub = EventHub(progress_interval_s=interval_s)
+    job = new_job()
+    hub.open_new(job)
+    hub.emit(job.id, Accepted(job.task, "r", 0))
+    sub = hub.subscribe(job.id, no_history)
+    await within(anext(sub))
+    return hub, job, sub
