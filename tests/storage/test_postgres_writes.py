@@ -1,7 +1,8 @@
 """What a job's writes cost PostgreSQL: saves that keep a job unfinished are HOT updates
 (no index entry written), storing an event does not lock its job's row (no foreign key
 check), and the hot statements read rows by index on a table that grew after their plans
-were cached (migration 5, ``PLANNER_SETTINGS``)."""
+were cached (migration 5, ``PLANNER_SETTINGS``), planned once per connection
+(``GENERIC_PLANS``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import asyncpg
 
+from aiserver.artifacts.index import NewRef, PostgresArtifactIndex
 from aiserver.jobs.model import JobState
 from aiserver.jobs.store import JobRecord, NewEvent
+from aiserver.jobs.store.pg_shelf import ConnectionShelf
 from aiserver.jobs.store.postgres import PostgresJobStore
 from tests.storage.backends import PG_URL, JobStoreBackend
 from tests.storage.test_job_store import make_job
@@ -128,5 +131,52 @@ async def test_a_former_holders_late_progress_is_not_stored(tmp_path: Path) -> N
         # the new holder's own events go in
         await b.append_events(job.id, [NewEvent(3, "progress", {})], holder="B")
         assert [e.sequence for e in await b.events(job.id)] == [2, 3]
+    finally:
+        await backend.close()
+
+
+async def _plans(shelf: ConnectionShelf) -> dict[str, tuple[int, int]]:
+    """(generic, custom) plans of each statement prepared on the shelf's next connection
+    (calls one after another take the one last given back)."""
+    async with shelf.acquire() as conn:
+        found = await conn.fetch(
+            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+        )
+    return {r[0]: (int(r[1]), int(r[2])) for r in found}
+
+
+async def test_statements_are_planned_once_per_connection(tmp_path: Path) -> None:
+    # By default a prepared statement is planned with its values at each of its first 5
+    # runs (and at every run while that looks cheaper): a fifth of the backends' CPU per job.
+    backend = JobStoreBackend("postgres", tmp_path)
+    try:
+        store = await backend.open()
+        assert isinstance(store, PostgresJobStore)
+        job = make_job(1)
+        await store.create(JobRecord(job), holder="h", lease_s=30.0)
+        for n in range(8):
+            job.progress = n / 10
+            await store.save(JobRecord(job), holder="h")
+            assert await store.get(job.id) is not None
+        plans = await _plans(store._pool)
+        get = next(p for sql, p in plans.items() if sql.endswith("FROM jobs WHERE id = $1"))
+        assert get == (8, 0), plans
+        assert all(custom == 0 for _, custom in plans.values()), plans
+
+        index = await PostgresArtifactIndex.open(PG_URL, schema=backend.schema)
+        try:
+            sha = "ab" * 32
+            ref = NewRef(
+                f"ab/{sha}.png", sha, "image/png", 10, 1, 1, 1.0, "alice", job.id, "a.png",
+                None, "test",
+            )  # fmt: skip
+            await index.register(ref)
+            for _ in range(8):
+                assert await index.lookup(ref.path, "alice") is not None
+            plans = await _plans(await index._connect())
+            assert any(generic >= 8 for generic, _ in plans.values()), plans
+            assert all(custom == 0 for _, custom in plans.values()), plans
+        finally:
+            await index.close()
     finally:
         await backend.close()

@@ -59,11 +59,20 @@ from aiserver.jobs.store.protocol import (
 from aiserver.outage import BackendBusy
 from aiserver.tasks import TaskKind
 
-__all__ = ["MigrationLockTimeout", "PostgresJobStore", "keep_session", "migrate"]
+__all__ = ["GENERIC_PLANS", "MigrationLockTimeout", "PostgresJobStore", "keep_session", "migrate"]
 
 logger = logging.getLogger(__name__)
 
-PLANNER_SETTINGS = {"enable_seqscan": "off"}
+GENERIC_PLANS = {"plan_cache_mode": "force_generic_plan"}
+"""Each prepared statement is planned once per connection, not at each run: by default
+PostgreSQL plans a statement's first 5 runs with their values and then keeps planning it per
+run whenever that plan looks cheaper than the generic one, which the group statements' CTEs
+(counts per owner, ``unnest`` of arrays) nearly always do. That planning was a fifth of the
+backends' CPU per job, steady state included (bench/README.md, "pgcost2"). The store's
+statements find rows by key or by the index their filter names, so the value-blind plan is
+the plan they want."""
+
+PLANNER_SETTINGS = {"enable_seqscan": "off", **GENERIC_PLANS}
 """Every statement of the job store finds its rows by an index, but PostgreSQL plans on
 estimates: a prepared statement's generic plan, cached while a table was small (new, or
 never analyzed: autovacuum off), kept scanning the whole table as it grew (a group save read
