@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import pytest
 
 from aiserver.artifacts.index import NewRef, PostgresArtifactIndex
 from aiserver.jobs.model import JobState
@@ -178,5 +180,59 @@ async def test_statements_are_planned_once_per_connection(tmp_path: Path) -> Non
             assert all(custom == 0 for _, custom in plans.values()), plans
         finally:
             await index.close()
+    finally:
+        await backend.close()
+
+
+async def test_a_group_save_carries_only_the_parts_its_saves_have(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each data-modifying part of a statement costs the backend its set-up even when it
+    # writes nothing: a group without events, prunes or outbox rows sends none of them.
+    backend = JobStoreBackend("postgres", tmp_path)
+    try:
+        store = await backend.open()
+        assert isinstance(store, PostgresJobStore)
+        jobs = [make_job(n) for n in range(10)]
+        for job in jobs:
+            await store.create(JobRecord(job), holder="h", lease_s=30.0)
+        await store.append_events(
+            jobs[6].id, [NewEvent(2, "progress", {}), NewEvent(3, "progress", {})], holder="h"
+        )
+        groups: list[str] = []
+        fetch = store._pool.fetch
+
+        async def recorded(sql: str, *args: object, timeout_s: float | None = None) -> object:
+            if sql.startswith("WITH v AS MATERIALIZED (SELECT * FROM unnest($1::text[]"):
+                groups.append(sql)
+            return await fetch(sql, *args, timeout_s=timeout_s)
+
+        monkeypatch.setattr(store._pool, "fetch", recorded)
+
+        def save(n: int, **parts: object) -> Any:
+            jobs[n].progress = 0.5
+            return store.save(JobRecord(jobs[n]), holder="h", **parts)  # type: ignore[arg-type]
+
+        await asyncio.gather(*(save(n) for n in range(5)))  # the first alone, then a group
+        assert groups, "no group formed"
+        assert not any(p in sql for sql in groups for p in ("stored", "pruned", "queued"))
+        groups.clear()
+        done = [("https://example.test/h", b"done")]
+        await asyncio.gather(
+            save(7),
+            save(5, outbox=done),
+            save(6, events=[NewEvent(4, "finished", {})], prune="progress"),
+            save(8, events=[NewEvent(2, "output", {})]),
+            save(9, events=[NewEvent(2, "output", {})], outbox=done),
+        )
+        assert groups, "no group formed"
+        for job in jobs:
+            found = await store.get(job.id)
+            assert found is not None and found.job.progress == 0.5
+        queued = await store.outbox_claim("h", 30, 10)
+        assert sorted(item.job_id for item in queued) == sorted([jobs[5].id, jobs[9].id])
+        assert [e.sequence for e in await store.events(jobs[6].id)] == [3, 4]
+        assert [e.kind for e in await store.events(jobs[8].id)] == ["output"]
+        assert [e.kind for e in await store.events(jobs[9].id)] == ["output"]
     finally:
         await backend.close()

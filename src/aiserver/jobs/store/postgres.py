@@ -40,6 +40,7 @@ from aiserver.jobs.store.group_sql import (
     group_create_args,
     group_create_sql,
     group_save_args,
+    group_save_parts,
     group_save_sql,
 )
 from aiserver.jobs.store.pg_shelf import ConnectionShelf
@@ -384,7 +385,8 @@ class PostgresJobStore:
         """Several saves as one statement (``group_commit.py``): whether each was saved."""
         self._check()
         args = group_save_args(group, _now_us(), self._channel, self._others_follow_all())
-        saved = {r[0] for r in await self._pool.fetch(group_save_sql(), *args)}
+        sql = group_save_sql(*group_save_parts(group))
+        saved = {r[0] for r in await self._pool.fetch(sql, *args)}
         return [s.job_id in saved for s in group]
 
     def _event_notice(self, job_id: str, events: Sequence[NewEvent]) -> str:
