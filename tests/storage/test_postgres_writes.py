@@ -175,7 +175,10 @@ async def test_statements_are_planned_once_per_connection(tmp_path: Path) -> Non
             await index.register(ref)
             for _ in range(8):
                 assert await index.lookup(ref.path, "alice") is not None
-            plans = await _plans(await index._connect())
+            shelf = await index._connect()
+            plans = await _plans(shelf)
+            async with shelf.acquire() as conn:  # its tables grow under cached plans too
+                assert await conn.fetchval("SHOW enable_seqscan") == "off"
             assert any(generic >= 8 for generic, _ in plans.values()), plans
             assert all(custom == 0 for _, custom in plans.values()), plans
         finally:

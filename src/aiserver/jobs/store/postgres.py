@@ -60,7 +60,13 @@ from aiserver.jobs.store.protocol import (
 from aiserver.outage import BackendBusy
 from aiserver.tasks import TaskKind
 
-__all__ = ["GENERIC_PLANS", "MigrationLockTimeout", "PostgresJobStore", "keep_session", "migrate"]
+__all__ = [
+    "PLANNER_SETTINGS",
+    "MigrationLockTimeout",
+    "PostgresJobStore",
+    "keep_session",
+    "migrate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +84,8 @@ PLANNER_SETTINGS = {"enable_seqscan": "off", **GENERIC_PLANS}
 estimates: a prepared statement's generic plan, cached while a table was small (new, or
 never analyzed: autovacuum off), kept scanning the whole table as it grew (a group save read
 every job row; bench/README.md, "PostgreSQL's CPU per job"). Off, a sequential scan is only
-the last resort (a statement no index serves still runs)."""
+the last resort (a statement no index serves still runs). The artifact index's pool plans
+the same way (its tables grow under cached plans too)."""
 _OWNER_LOCK = 0x6169  # first key of per-owner create locks (pg_advisory_xact_lock(int, int))
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
