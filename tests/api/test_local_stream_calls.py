@@ -441,6 +441,19 @@ async def test_cancel_from_another_task_ends_read_rest(service: Service) -> None
     await _slots_freed(local)
 
 
+async def test_a_read_rest_closed_while_it_waits_ends_the_handler(service: Service) -> None:
+    local = _local(service)
+    started, ended = asyncio.Event(), list[str]()
+    call = _opener(local, _WAIT, _waiting_handler(started, ended))()
+    reading = call.read_rest()
+    reading.send(None)  # the first message taken, the handler at its wait
+    assert started.is_set() and local.interceptor.active_streams == 1
+    reading.close()
+    assert ended == ["cancelled", "closed"]
+    assert call.done() and await call.read() is grpc.aio.EOF
+    assert local.interceptor.active_streams == 0
+
+
 async def test_the_shim_reads_a_warm_variant_in_two_steps(
     service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
