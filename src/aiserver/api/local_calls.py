@@ -174,7 +174,7 @@ class _LocalStreamCall:
 
     The handler's steps run in the reading task (:class:`_InContext`), in the call's own
     context, so the interceptor's context variables (the current call, request id) stay out
-    of the shim's request handler. A warm variant is then three reads and no task.
+    of the shim's request handler. A warm variant is then a read and a ``read_rest``, no task.
 
     Because the reading task runs the handler, a handler served this way must not bind to
     ``asyncio.current_task()`` across a ``yield`` (an ``asyncio.timeout`` around a yield
