@@ -155,6 +155,10 @@ class SharedAgentSlots:
     def kept(self, agent: str) -> bool:
         return any(self._holds(h) and not self._lapsing(h) for h in self._idle.get(agent, ()))
 
+    def firm(self, token: SlotToken) -> bool:
+        assert isinstance(token, _Held)
+        return self._holds(token) and not self._lapsing(token)
+
     async def give_back(self, token: SlotToken) -> None:
         assert isinstance(token, _Held)
         if not self._holds(token) or self._stopped:
@@ -229,25 +233,29 @@ class SharedAgentSlots:
             self._task = None
 
     async def _renew_loop(self) -> None:
+        renewed = True
         while True:
-            await asyncio.sleep(self._lease_s / 3)
-            await self.renew()
+            # After a failure, soon again (as job leases): the leases are running out, and a
+            # run on a slot that is not firm queues no prompt (``SlotFencedSink``).
+            every = self._lease_s / 3
+            await asyncio.sleep(every if renewed else min(every, 0.5))
+            renewed = await self.renew()
 
-    async def renew(self) -> None:
+    async def renew(self) -> bool:
         """Renew every slot held here in one store call (one round trip per third of a lease
         however many slots this process holds; a statement per slot was the renewals' cost,
         which grew with the slots each coordinator holds). A slot whose lease was lost is
         forgotten: the run on it ends as it would have; a failed statement is retried at the
-        next turn, within the lease."""
+        next turn, within the lease. False when the statement failed."""
         held = list(self._held.values())
         if not held:
-            return
+            return True
         asked = asyncio.get_running_loop().time()
         try:
             renewed = await self._store.renew_slots([h.claim for h in held], self._lease_s)
         except Exception:
             logger.warning("could not renew %d agent slots", len(held), exc_info=True)
-            return
+            return False
         for token, claim in zip(held, renewed, strict=True):
             if not self._holds(token):
                 continue  # released, or claimed again, meanwhile
@@ -257,3 +265,4 @@ class SharedAgentSlots:
             else:
                 logger.warning("agent %s: slot lease lost", token.claim.agent)
                 self._forget(token)
+        return True

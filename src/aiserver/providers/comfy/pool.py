@@ -37,7 +37,7 @@ from aiserver.providers.comfy.background import Background
 from aiserver.providers.comfy.client import ComfyClient
 from aiserver.providers.comfy.run import AGENT_OFFLINE, Run
 from aiserver.providers.comfy.settings import AgentSettings, PoolSettings
-from aiserver.providers.comfy.slots import AgentSlots, LocalSlots, SlotToken
+from aiserver.providers.comfy.slots import AgentSlots, LocalSlots, SlotFencedSink, SlotToken
 from aiserver.providers.comfy.socket_outputs import SAVE_OVER_SOCKET
 from aiserver.providers.comfy.workflows import (
     AgentCapabilities,
@@ -213,6 +213,8 @@ class ComfyPool:
         agent, slot = await self._acquire(work, workflow, exclude)
         name = agent.config.name
         logger.debug("job %s (%s) runs on agent %s", work.job_id, work.task.value, name)
+        if slot is not None:
+            sink = SlotFencedSink(sink, lambda: self._slots.firm(slot), name)
         run = Run(
             agent.client,
             work,
