@@ -252,10 +252,29 @@ class ComfyPool:
             if task is not None:
                 agent.runs.discard(task)
                 agent.evicted.discard(task)
-            agent.running -= 1
-            if slot is not None:
-                await self._slots.give_back(slot)
-            await self._notify()
+            left = run.withdrawing
+            if left is None or left.done():
+                await self._vacate(agent, slot)
+            else:
+                # Evicted (the agent went offline): its prompt stays on the agent until the
+                # withdrawal lands (or gives up after cancel_s). Its place there - the count
+                # and the shared slot - is held till then, so an agent back meanwhile gets no
+                # more than its capacity, from here or from another coordinator. The job's
+                # retry elsewhere does not wait for it.
+                self._background.spawn(self._vacate_after(left, agent, slot))
+
+    async def _vacate(self, agent: _Agent, slot: SlotToken | None) -> None:
+        """A run's place on ``agent`` is free again."""
+        agent.running -= 1
+        if slot is not None:
+            await self._slots.give_back(slot)
+        await self._notify()
+
+    async def _vacate_after(
+        self, withdrawal: asyncio.Task[None], agent: _Agent, slot: SlotToken | None
+    ) -> None:
+        await asyncio.wait([withdrawal])
+        await self._vacate(agent, slot)
 
     async def withdraw(self, resume: Mapping[str, str]) -> None:
         """Delete the checkpoint's prompt from its agent's queue, or interrupt it if it runs
