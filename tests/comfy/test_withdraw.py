@@ -111,7 +111,8 @@ async def test_a_late_withdraw_of_an_evicted_run_spares_the_jobs_next_prompt(
         with pytest.raises(ProviderUnavailable):
             async with asyncio.timeout(5):
                 await evicted
-        assert pool.snapshot()[0].running_jobs == 1  # its prompt is there till withdrawn
+        assert pool.load() == 0  # the job's retry elsewhere does not wait ...
+        assert agent.busy == 1  # ... but its prompt holds its place till withdrawn
         async with asyncio.timeout(5):
             while agent.state is not AgentState.ONLINE:  # back: the next probe finds it
                 await asyncio.sleep(0.02)
@@ -123,7 +124,7 @@ async def test_a_late_withdraw_of_an_evicted_run_spares_the_jobs_next_prompt(
         # The evicted run's place is held while its prompt may be on the agent: the retry
         # took another (given back at once, the retry would reuse it: two prompts, one slot).
         assert await _holders(backend) == ["A", "A", "-"]
-        assert pool.snapshot()[0].running_jobs == 2
+        assert agent.busy == 2
         answered.set()  # the withdrawal lands now, after the agent came back
         standin.release("3")
         async with asyncio.timeout(10):
@@ -131,7 +132,7 @@ async def test_a_late_withdraw_of_an_evicted_run_spares_the_jobs_next_prompt(
         assert retry.images  # the retry ran to its end
         assert new not in standin.received.deletes
         assert [i.get("prompt_id") for i in standin.received.interrupts] == [old]
-        assert pool.snapshot()[0].running_jobs == 0  # the withdrawal ended: place freed
+        assert agent.busy == 0  # the withdrawal ended: its place is free
         assert slots.kept("a") and await _holders(backend) == ["A", "A", "-"]
     finally:
         answered.set()
