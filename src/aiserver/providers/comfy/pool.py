@@ -90,11 +90,6 @@ class AgentSnapshot:
 
 
 class _Agent:
-    @property
-    def busy(self) -> int:
-        """Places taken on the agent: runs, and prompts being withdrawn."""
-        return self.running + self.leaving
-
     def __init__(self, config: AgentConfig, client: ComfyClient) -> None:
         self.config = config
         self.client = client
@@ -118,6 +113,11 @@ class _Agent:
         """The tasks running an attempt here (the provider's ``run`` calls)."""
         self.evicted: set[asyncio.Task[Any]] = set()
         """Those of ``runs`` cancelled because the agent went offline."""
+
+    @property
+    def busy(self) -> int:
+        """Places taken on the agent: runs, and prompts being withdrawn."""
+        return self.running + self.leaving
 
 
 class ComfyPool:
