@@ -61,10 +61,10 @@ LEVELS = (1, 16, 64)
 
 __all__ = [  # the client side lives in bench.client_loop; other scripts import it from here
     "INPUT_SIDE",
+    "REAL_SIDE",
     "Inputs",
     "JobFailed",
     "JobFn",
-    "REAL_SIDE",
     "_direct_job",
     "_segment",
     "_service_job",
