@@ -79,8 +79,8 @@ class SpooledFile:
 KEEP_CONTENT_BYTES = 256 * 1024
 """The largest job input kept in :attr:`SpooledFile.content` and not written at ``finish``:
 the API checks it on the event loop (larger ones in the image pool, from the file), then
-stores it with its job (a row, no file: creating, writing and renaming a file cost more) or
-has it written by :meth:`InputSpool.commit`."""
+stores the smallest with their job (a row, no file: api/job_calls.py) and has the others
+written by :meth:`InputSpool.commit`."""
 
 
 _INLINE_BYTES = 2 * 1024 * 1024

@@ -3,11 +3,13 @@ is written to a file only when the job store does not keep it with its job."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+from PIL import Image
 
 from aiserver.api.job_calls import JobCalls, SubmitLimits
 from aiserver.api.uploads import Upload
@@ -84,6 +86,14 @@ async def test_the_check_reads_the_kept_bytes_then_lets_go_of_them(tmp_path: Pat
             Upload(None, {"image": spooled})
         )
         assert ref.stored  # kept with its job: no file ever
+        noise = Image.frombytes("RGB", (160, 160), os.urandom(160 * 160 * 3))
+        larger = encode(noise, "PNG")
+        assert 64 * 1024 < len(larger) <= KEEP_CONTENT_BYTES
+        spooled = await _spooled(spool, larger)  # checked from its bytes, but a file it gets
+        (ref,) = await _calls(spool, pool, holds_inputs=True).inputs(
+            Upload(None, {"image": spooled})
+        )
+        assert not ref.stored and spooled.content == larger
 
         damaged = await _spooled(spool, png[: len(png) // 2])
         with pytest.raises(ServiceError) as caught:
