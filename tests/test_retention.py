@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -11,7 +13,10 @@ from imagetasks.v1 import artifact_service_pb2 as apb
 from imagetasks.v1 import artifact_service_pb2_grpc, job_service_pb2_grpc, tasks_pb2
 from imagetasks.v1 import job_service_pb2 as jpb
 
-from aiserver.retention import Retention, RetentionPolicy
+from aiserver.artifacts import ArtifactStore
+from aiserver.jobs.manager import JobManager
+from aiserver.retention import ROLE, Retention, RetentionPolicy
+from tests.storage.backends import JobStoreBackend
 from tests.support.artifacts import put_ref
 from tests.support.generation import comfy_service, generate
 from tests.support.images import encode, quadrant_image
@@ -102,3 +107,35 @@ async def test_the_service_sweep_keeps_a_fresh_output_whatever_the_cap(tmp_path:
             service.manager,
         )
         assert await stale.sweep() == [ref.name]
+
+
+class _NothingToSweep:
+    """The artifact store and manager as the leader sees them with nothing stored: the
+    test is about who leads, not what is swept."""
+
+    def artifacts_in_use(self) -> set[str]:
+        return set()
+
+    async def sweep(self, *args: object, **kwargs: object) -> list[str]:
+        return []
+
+
+async def test_a_stopped_leader_gives_up_the_lead(tmp_path: Path) -> None:
+    """Two coordinators on one PostgreSQL store: the retention leader that stops resigns,
+    so the other takes the lead at its next ask, not once the lease (30 s or more) lapsed."""
+    backend = JobStoreBackend("postgres", tmp_path)
+    try:
+        a, b = await backend.open(), await backend.open()
+        nothing = _NothingToSweep()
+        policy = RetentionPolicy(max_age_s=3600, max_total_bytes=None, interval_s=0.05)
+        leader = Retention(policy, cast(ArtifactStore, nothing), a, cast(JobManager, nothing))
+        leader.start()
+        for _ in range(100):
+            if await backend.sql("SELECT holder FROM leaders WHERE role = 'retention'"):
+                break
+            await asyncio.sleep(0.02)
+        assert not await b.lead(ROLE, "B", leader.lease_s)  # led by the running one
+        await leader.stop()
+        assert await b.lead(ROLE, "B", leader.lease_s)
+    finally:
+        await backend.close()

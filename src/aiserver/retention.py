@@ -1,6 +1,8 @@
 """Artifact retention: delete old or excess outputs without leaving references behind.
 
-With several coordinators on one database, only the elected leader sweeps."""
+With several coordinators on one database, only the elected leader sweeps; it gives the lead
+up when it stops, so another coordinator sweeps from its next turn on, not once the lease
+lapsed (up to ``lease_s`` later)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from aiserver.artifacts.store import SWEEP_FRESH_S
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.store import JobStore, new_holder_id
 
-__all__ = ["Retention", "RetentionPolicy"]
+__all__ = ["ROLE", "Retention", "RetentionPolicy"]
 
 logger = logging.getLogger(__name__)
+
+ROLE = "retention"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,9 @@ class Retention:
     Outputs of unfinished jobs are never swept. Variants of a swept artifact go with it.
     """
 
+    resign_timeout_s = 2.0
+    """At stop, how long giving up the lead may take (shutdown goes on without it)."""
+
     def __init__(
         self,
         policy: RetentionPolicy,
@@ -54,6 +61,7 @@ class Retention:
         self._manager = manager
         self._task: asyncio.Task[None] | None = None
         self._holder = new_holder_id()
+        self._led = False  # the last ask for the lead won it
 
     async def sweep(self) -> list[str]:
         # The database knows every process's unfinished jobs; this process's memory also
@@ -76,17 +84,33 @@ class Retention:
         if self.policy.active:
             self._task = asyncio.create_task(self._loop(), name="retention")
 
+    @property
+    def lease_s(self) -> float:
+        """The leader's lease: it outlives two intervals."""
+        return max(30.0, self.policy.interval_s * 2.5)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if not self._led:
+            return
+        self._led = False
+        try:
+            async with asyncio.timeout(self.resign_timeout_s):
+                await self._jobs.resign(ROLE, self._holder)
+        except Exception:  # (TimeoutError too) the lease lapses by itself
+            logger.warning("could not give up the retention lead", exc_info=True)
 
     async def _loop(self) -> None:
-        # One coordinator sweeps at a time: the leader lease outlives two intervals.
-        lease_s = max(30.0, self.policy.interval_s * 2.5)
+        # One coordinator sweeps at a time.
         while True:
             try:
-                if await self._jobs.lead("retention", self._holder, lease_s):
+                # Set before the ask's answer: a stop during it resigns (harmless if refused).
+                self._led = True
+                self._led = await self._jobs.lead(ROLE, self._holder, self.lease_s)
+                if self._led:
                     await self.sweep()
             except Exception:
                 logger.exception(

@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from imagetasks.v1 import artifact_service_pb2
 
+from aiserver.api import local_calls
 from aiserver.api.local_calls import LocalCalls
 from aiserver.gateway import streams
 from aiserver.gateway.errors import GatewayError
@@ -341,3 +343,218 @@ async def test_the_guard_counts_a_local_stream(service: Service) -> None:
     assert ended == ["cancelled", "closed"]
     assert sample("aiserver_active_streams") == 0
     assert sample("aiserver_rpcs_total", method="Local/Wait", code="CANCELLED") == 1
+
+
+def _variant_call(service: Service, name: str) -> Any:
+    made = _local(service).unary_stream(
+        "/imagetasks.v1.ArtifactService/GetVariant",
+        artifact_service_pb2.GetVariantRequest.SerializeToString,
+        artifact_service_pb2.GetVariantResponse.FromString,
+    )
+    assert made is not None
+    request = artifact_service_pb2.GetVariantRequest(name=name, spec="width=16")
+    return made(request, metadata=())
+
+
+async def test_read_rest_returns_what_the_reads_would(service: Service) -> None:
+    """``read_rest``: the messages left up to EOF, after a first read or from the start, the
+    call done and its stream slot given back."""
+    ref = await put_ref(service, encode(quadrant_image(64, 48), "PNG"), width=64, height=48)
+    one = _variant_call(service, ref.name)
+    read = []
+    while (msg := await one.read()) is not grpc.aio.EOF:
+        read.append(msg)
+    assert [m.WhichOneof("payload") for m in read] == ["info", "chunk"]
+
+    after_first = _variant_call(service, ref.name)
+    assert await after_first.read() == read[0]
+    assert await after_first.read_rest() == read[1:]
+    assert after_first.done() and await after_first.read() is grpc.aio.EOF
+    assert await after_first.read_rest() == []
+    whole = _variant_call(service, ref.name)
+    assert await whole.read_rest() == read
+    assert whole.done()
+    assert _local(service).interceptor.active_streams == 0
+
+
+async def test_read_rest_raises_as_a_read(service: Service) -> None:
+    """An abort and an unhandled error end ``read_rest`` with the status a read gets."""
+    local = _local(service)
+
+    async def aborts(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        yield b"first"
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not now")
+
+    async def fails(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        yield b"first"
+        raise KeyError("inner")
+
+    for method, handler, code in (
+        ("/test.Local/Aborts", aborts, grpc.StatusCode.FAILED_PRECONDITION),
+        ("/test.Local/Fails", fails, grpc.StatusCode.UNKNOWN),
+    ):
+        call = _opener(local, method, _handler(handler))()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read_rest()
+        assert err.value.code() == code
+        assert call.done()
+    assert local.interceptor.active_streams == 0
+
+
+async def test_read_rest_of_an_empty_stream_is_empty(service: Service) -> None:
+    """As a read returns EOF at once, ``read_rest`` from the start returns no message."""
+    local = _local(service)
+
+    async def empty(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        return
+        yield b""
+
+    opener = _opener(local, "/test.Local/Empty", _handler(empty))
+    assert await opener().read() is grpc.aio.EOF
+    assert await opener().read_rest() == []
+    assert local.interceptor.active_streams == 0
+
+
+async def test_read_rest_counts_the_bytes_sent_before_a_failure(service: Service) -> None:
+    """What a failing handler yielded before it failed is counted as sent, as by reads."""
+    local = _local(service)
+    registry = service.metrics.registry
+    labels = {"method": "Local/FailsLate"}
+
+    def sent() -> float:
+        return registry.get_sample_value("aiserver_sent_bytes_total", labels) or 0.0
+
+    async def fails(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        yield b"first"
+        yield b"second"
+        raise KeyError("inner")
+
+    opener = _opener(local, "/test.Local/FailsLate", _handler(fails))
+    counts = []
+    for how in ("read", "read_rest"):
+        call, before = opener(), sent()
+        with pytest.raises(grpc.aio.AioRpcError):
+            if how == "read":
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            else:
+                await call.read_rest()
+        counts.append(sent() - before)
+    assert counts[0] > 0 and counts[1] == counts[0]
+
+
+async def test_read_rest_stops_at_cancel_when_the_handler_goes_on(service: Service) -> None:
+    """A handler that swallows the cancellation is not run on to its end: ``read_rest``
+    stops at its next message, as a read does."""
+    local = _local(service)
+    steps: list[int] = []
+    started = asyncio.Event()
+
+    async def stubborn(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        yield b"first"
+        started.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        for i in range(20):
+            await asyncio.sleep(0.01)
+            steps.append(i)
+            yield b"x"
+
+    call = _opener(local, "/test.Local/Stubborn", _handler(stubborn))()
+    assert await call.read() == b"first"
+    task = asyncio.create_task(call.read_rest())
+    await asyncio.wait_for(started.wait(), 10)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(steps) <= 1
+    await _slots_freed(local)
+
+
+async def test_a_cancelled_read_rest_cancels_the_waiting_handler(service: Service) -> None:
+    local = _local(service)
+    started, ended = asyncio.Event(), list[str]()
+    call = _opener(local, _WAIT, _waiting_handler(started, ended))()
+    task = asyncio.create_task(call.read_rest())
+    await asyncio.wait_for(started.wait(), 10)
+    assert local.interceptor.active_streams == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ended == ["cancelled", "closed"]
+    assert call.done() and await call.read() is grpc.aio.EOF
+    assert local.interceptor.active_streams == 0
+
+
+async def test_cancel_from_another_task_ends_read_rest(service: Service) -> None:
+    """As a read: the handler is cancelled where it waits and ``read_rest`` raises
+    CancelledError, the reading task itself not being cancelled."""
+    local = _local(service)
+    started, ended = asyncio.Event(), list[str]()
+    call = _opener(local, _WAIT, _waiting_handler(started, ended))()
+    outcome: list[Any] = []
+
+    async def reader() -> None:
+        try:
+            outcome.append(await call.read_rest())
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            outcome.append(("cancelled", task.cancelling()))
+
+    task = asyncio.create_task(reader())
+    await asyncio.wait_for(started.wait(), 10)
+    assert call.cancel() is True
+    await task
+    assert outcome == [("cancelled", 0)]
+    assert ended == ["cancelled", "closed"]
+    await _slots_freed(local)
+
+
+async def test_a_read_rest_closed_while_it_waits_ends_the_handler(service: Service) -> None:
+    local = _local(service)
+    started, ended = asyncio.Event(), list[str]()
+    call = _opener(local, _WAIT, _waiting_handler(started, ended))()
+    reading = call.read_rest()
+    reading.send(None)  # the first message taken, the handler at its wait
+    assert started.is_set() and local.interceptor.active_streams == 1
+    reading.close()
+    assert ended == ["cancelled", "closed"]
+    assert call.done() and await call.read() is grpc.aio.EOF
+    assert local.interceptor.active_streams == 0
+
+
+async def test_the_shim_reads_a_warm_variant_in_two_steps(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over HTTP a warm variant is its info and then the rest in one step of the handler
+    (three, one per read, before ``read_rest``): the same answer."""
+    ref = await put_ref(service, encode(quadrant_image(64, 48), "PNG"), width=64, height=48)
+    path = ref.name.removeprefix("artifacts/")
+    steps: list[int] = []
+
+    class Counted(local_calls._InContext):
+        __slots__ = ()
+
+        def __init__(self, *args: Any) -> None:
+            steps.append(1)
+            super().__init__(*args)
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.http_port}") as http:
+        cold = await http.get(f"/variants/width=16/{path}")
+        assert cold.status_code == 200, cold.text
+        monkeypatch.setattr(local_calls, "_InContext", Counted)
+        warm = await http.get(f"/variants/width=16/{path}")
+        assert warm.status_code == 200 and warm.content == cold.content
+        assert warm.headers["etag"] == cold.headers["etag"]
+        assert len(steps) == 2
+        steps.clear()
+        head = await http.head(f"/variants/width=16/{path}")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == str(len(cold.content))
+        same = await http.get(
+            f"/variants/width=16/{path}", headers={"If-None-Match": cold.headers["etag"]}
+        )
+        assert same.status_code == 304
+        assert len(steps) == 2  # the info alone, each
+    await _slots_freed(_local(service))

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from imagetasks.v1 import artifact_service_pb2 as apb
 
-from aiserver.api.wire import bytes_frame
+from aiserver.api.wire import bytes_frame, bytes_message
 from aiserver.server import Service
 from tests.support.artifacts import put_bytes
 from tests.support.grpc_helpers import rich_status
@@ -32,6 +32,27 @@ def test_the_frame_makes_protobufs_own_message(offset: int, length: int) -> None
     head, tail = bytes_frame(1, 2)(offset, length)
     want = apb.ReadArtifactResponse(data=data, offset=offset).SerializeToString()
     assert head + data + tail == want
+
+
+@pytest.mark.parametrize("length", [1, 127, 128, 3092, 16_384, 2**21 + 5], ids=str)
+def test_bytes_messages_are_protobufs_own(length: int) -> None:
+    """A chunk alone (a variant's, a transform's) and a chunk with its offset, from bytes or
+    a view, again and again (the field's head is kept per length)."""
+    data = os.urandom(length)
+    for _ in range(2):
+        for given in (data, memoryview(data)):
+            chunk = bytes_message(2, given).data
+            assert chunk == apb.GetVariantResponse(chunk=data).SerializeToString()
+            assert apb.GetVariantResponse.FromString(chunk).chunk == data
+            for offset in (0, 1, 300, 2**40):
+                read = bytes_message(1, given, int_field=2, value=offset).data
+                assert (
+                    read == apb.ReadArtifactResponse(data=data, offset=offset).SerializeToString()
+                )
+    assert bytes_message(2, b"").data == b""  # (an empty chunk: no field, as before)
+    assert bytes_message(1, b"", int_field=2, value=5).data == (
+        apb.ReadArtifactResponse(offset=5).SerializeToString()
+    )
 
 
 def test_frames_are_kept_and_stay_protobufs_own() -> None:

@@ -14,6 +14,7 @@ from aiserver.config import load_settings
 from aiserver.errors import ErrorKind, ServiceError
 from aiserver.imaging import ImageLimits
 from aiserver.jobs.agent_slots import SharedAgentSlots
+from aiserver.jobs.store import SlotClaim
 from aiserver.jobs.store.sqlite import SqliteJobStore
 from aiserver.provider_config import build_providers, comfy_pools
 from aiserver.providers.base import (
@@ -35,6 +36,7 @@ from aiserver.tasks import (
 )
 from tests.comfy.conftest import Spawn, StandInFactory
 from tests.comfy.helpers import FAST, RecordingSink, png, work_item, write_input
+from tests.storage.backends import JobStoreBackend
 from tests.support.comfy_standin import ComfyStandIn
 
 SETTINGS = PoolSettings(
@@ -618,3 +620,40 @@ def test_the_probe_timeout_is_a_setting_of_its_own() -> None:
     assert load_settings({}).agent_probe_timeout_s == PoolSettings().probe_timeout_s == 10.0
     with pytest.raises(ValueError, match="probe_timeout_s"):
         PoolSettings(probe_timeout_s=0)
+
+
+async def test_no_prompt_is_queued_on_a_slot_whose_lease_is_not_firm(
+    make_standin: StandInFactory,
+    pools: list[ComfyPool],
+    catalog: WorkflowCatalog,
+    inputs_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Shared slots on PostgreSQL: a run whose slot lease may lapse before its prompt is on
+    the agent (the claim took most of the lease; renewals failing) queues no prompt there:
+    another coordinator may hold that slot by then. It fails before reaching the agent, so
+    the job goes back to the queue and claims a slot afresh."""
+    a = await make_standin()
+    pool = await started(pools, catalog, AgentConfig(a.url, name="a", max_concurrent_jobs=1))
+    backend = JobStoreBackend("postgres", tmp_path)
+    store = await backend.open()
+    slots = SharedAgentSlots(store, "A", 0.6)
+    pool.share_slots(slots)
+    claim_slot = store.claim_slot
+
+    async def slow(agent: str, capacity: int, holder: str, lease_s: float) -> SlotClaim | None:
+        await asyncio.sleep(0.45)  # the store answers late: little of the lease is left
+        return await claim_slot(agent, capacity, holder, lease_s)
+
+    store.claim_slot = slow  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ProviderUnavailable) as err:
+            await run(pool, upscale(inputs_dir))
+        assert not err.value.cause.reached_agent
+        assert not a.received.prompts
+        store.claim_slot = claim_slot  # type: ignore[method-assign]
+        sink = await run(pool, upscale(inputs_dir))  # a firm slot: it runs
+        assert len(a.received.prompts) == 1 and sink.checkpoints
+    finally:
+        await slots.stop()
+        await backend.close()

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from aiserver.providers.base import SHUTDOWN
-from aiserver.providers.comfy.pool import AgentConfig, ComfyPool
+from aiserver.jobs.agent_slots import SharedAgentSlots
+from aiserver.providers.base import SHUTDOWN, ProviderUnavailable
+from aiserver.providers.comfy.pool import AgentConfig, AgentState, ComfyPool
 from aiserver.providers.comfy.workflows import WorkflowCatalog
 from tests.comfy.conftest import Spawn, StandInFactory
 from tests.comfy.helpers import RecordingSink
 from tests.comfy.test_pool import pools, started, upscale
+from tests.storage.backends import JobStoreBackend
 
 __all__ = ["pools"]  # the fixture, shared with test_pool
 
@@ -66,3 +68,80 @@ async def test_withdrawing_what_is_gone_is_no_error(
     await taker.withdraw({"agent": "unknown", "prompt_id": "x"})  # not an agent of this pool
     await taker.withdraw({})
     assert standin.received.interrupts == []
+
+
+async def test_a_late_withdraw_of_an_evicted_run_spares_the_jobs_next_prompt(
+    make_standin: StandInFactory,
+    pools: list[ComfyPool],
+    catalog: WorkflowCatalog,
+    inputs_dir: Path,
+    spawn: Spawn,
+    tmp_path: Path,
+) -> None:
+    """An agent that went offline under a run comes back before the run's background
+    withdrawal lands, and the job's retry is queued there: the withdrawal names the evicted
+    run's prompt, so it takes only that one off (deleted if pending, interrupted only if it
+    is the one running). The retry (a new prompt id: a retry starts from no checkpoint) runs
+    to its end. The evicted run's place on the agent (the pool's count, its shared slot) is
+    held until its withdrawal ended: the prompt is on the agent till then."""
+    standin = await make_standin()
+    standin.hang_at("3")
+    pool = await started(pools, catalog, AgentConfig(standin.url, name="a", max_concurrent_jobs=2))
+    backend = JobStoreBackend("postgres", tmp_path)
+    store = await backend.open()
+    slots = SharedAgentSlots(store, "A", 30)
+    slots.keep_s = 60.0
+    pool.share_slots(slots)
+    agent = pool._agents["a"]
+    real_withdraw = agent.client.withdraw
+    answered = asyncio.Event()  # the hung agent answers the withdrawal once back
+
+    async def late(prompt_id: str, *, started: bool = False) -> None:
+        await answered.wait()
+        await real_withdraw(prompt_id, started=started)
+
+    agent.client.withdraw = late  # type: ignore[method-assign]
+    job_id = "01JWITHDRAWLATE00000000000"
+    try:
+        first = RecordingSink()
+        evicted = spawn(pool.run(upscale(inputs_dir, job_id=job_id), first))
+        await standin.wait_for(lambda: standin.running_prompt is not None and first.checkpoints)
+        old = first.checkpoints[-1]["prompt_id"]
+        await pool._set_offline(agent, "no answer to its probe")
+        with pytest.raises(ProviderUnavailable):
+            async with asyncio.timeout(5):
+                await evicted
+        assert pool.load() == 0  # the job's retry elsewhere does not wait ...
+        assert agent.busy == 1  # ... but its prompt holds its place till withdrawn
+        async with asyncio.timeout(5):
+            while agent.state is not AgentState.ONLINE:  # back: the next probe finds it
+                await asyncio.sleep(0.02)
+        retry = RecordingSink()
+        again = spawn(pool.run(upscale(inputs_dir, job_id=job_id), retry))
+        await standin.wait_for(lambda: len(standin.received.prompts) == 2 and retry.checkpoints)
+        new = retry.checkpoints[-1]["prompt_id"]
+        assert new != old and standin.pending_prompts == [new]
+        # The evicted run's place is held while its prompt may be on the agent: the retry
+        # took another (given back at once, the retry would reuse it: two prompts, one slot).
+        assert await _holders(backend) == ["A", "A", "-"]
+        assert agent.busy == 2
+        answered.set()  # the withdrawal lands now, after the agent came back
+        standin.release("3")
+        async with asyncio.timeout(10):
+            await again
+        assert retry.images  # the retry ran to its end
+        assert new not in standin.received.deletes
+        assert [i.get("prompt_id") for i in standin.received.interrupts] == [old]
+        assert agent.busy == 0  # the withdrawal ended: its place is free
+        assert slots.kept("a") and await _holders(backend) == ["A", "A", "-"]
+    finally:
+        answered.set()
+        await slots.stop()
+        await backend.close()
+
+
+async def _holders(backend: JobStoreBackend) -> list[str]:
+    held = await backend.sql(
+        "SELECT string_agg(coalesce(holder, '-'), ',' ORDER BY slot) FROM agent_slots"
+    )
+    return str(held).split(",")

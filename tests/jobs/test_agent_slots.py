@@ -264,3 +264,51 @@ async def test_a_take_cancelled_during_its_claim_keeps_the_slot(backend: JobStor
         await asyncio.sleep(0.05)
     assert (await _holders(backend, "gpu")).count("A") == 1
     assert not slots.kept("gpu")
+
+
+async def test_a_failed_renewal_is_tried_again_soon(
+    backend: JobStoreBackend,
+) -> None:
+    """Renewals failing: the timer tries again within half a second, not a third of a lease
+    later (the lease is running out)."""
+    store = await backend.open()
+    slots = SharedAgentSlots(store, "A", 6.0)  # renewed every 2 s
+    token = await slots.take("gpu", 1)
+    assert token is not None and slots.firm(token)
+    calls: list[float] = []
+    renew_slots = store.renew_slots
+
+    async def flaky(claims: Sequence[SlotClaim], lease_s: float) -> list[SlotClaim | None]:
+        calls.append(asyncio.get_running_loop().time())
+        if len(calls) == 1:
+            raise ConnectionError("the store is away")
+        return await renew_slots(claims, lease_s)
+
+    store.renew_slots = flaky  # type: ignore[method-assign]
+    started = asyncio.get_running_loop().time()
+    slots.start()
+    try:
+        await asyncio.sleep(3.2)
+        assert len(calls) == 2  # at 2 s (failed), then 0.5 s later, not at 4 s
+        assert calls[1] - calls[0] < 1.0
+        assert slots.firm(token)
+        assert calls[0] - started > 1.5
+    finally:
+        await slots.stop()
+
+
+async def test_a_slot_whose_renewals_fail_stops_being_firm_a_third_of_a_lease_early(
+    backend: JobStoreBackend,
+) -> None:
+    store = await backend.open()
+    slots = SharedAgentSlots(store, "A", 0.6)
+    token = await slots.take("gpu", 1)
+    assert token is not None
+    restore = _fail_renewals(store)
+    await slots.renew()  # fails
+    assert slots.firm(token)
+    await asyncio.sleep(0.45)  # 0.15 s left: another renewal might not come in time
+    assert not slots.firm(token)
+    restore()
+    await slots.renew()
+    assert slots.firm(token)  # renewed: firm again

@@ -280,14 +280,17 @@ class Guard(grpc.aio.ServerInterceptor):
                 request = call.requests(request) if request_stream else await call.one(request)
                 result = inner(request, context)
                 if inspect.isasyncgen(result):
-                    call.watch_writes()
                     try:
-                        # A yield returns when grpc has written the message: the time in
-                        # between is the client's (the watch ends the call past the idle time).
-                        async for response in result:
-                            call.writing_since = time.monotonic()
-                            yield response
-                            call.writing_since = None
+                        if call.watch_writes():
+                            # A yield returns when grpc has written the message: the time in
+                            # between is the client's (the watch ends it past the idle time).
+                            async for response in result:
+                                call.writing_since = time.monotonic()
+                                yield response
+                                call.writing_since = None
+                        else:  # nobody reads the times (the shim's, or no watch)
+                            async for response in result:
+                                yield response
                     finally:
                         await result.aclose()  # promptly, if this stream is closed early
                 else:  # a handler that writes with context.write()
@@ -391,15 +394,18 @@ class _Call:
             else:
                 guard.uploads_by_peer.pop(host, None)
 
-    def watch_writes(self) -> None:
-        """Let the guard's stall watch see this server stream's writes (not the shim's)."""
+    def watch_writes(self) -> bool:
+        """Let the guard's stall watch see this server stream's writes (not the shim's);
+        whether it does."""
         watch = self._guard.stalls
         if watch is None or self._from_shim():
-            return
+            return False
         self._task = asyncio.current_task()
-        if self._task is not None:
-            self._watch = watch
-            watch.add(self)
+        if self._task is None:
+            return False
+        self._watch = watch
+        watch.add(self)
+        return True
 
     def stalled(self, shut: bool) -> None:
         """The client took no message for the idle time: the handler task goes (grpc then
@@ -473,13 +479,14 @@ class _Call:
                 code = "CANCELLED"
             elif not isinstance(failure, grpc.aio.AbortError):
                 code = "UNKNOWN"
-        logger.debug(
-            "rpc %s %s in %.3f s (key %s)",
-            info.method,
-            code,
-            time.monotonic() - self._started,
-            info.principal.id or "-",
-        )
+        if logger.isEnabledFor(logging.DEBUG):  # (the clock read and the call: per RPC)
+            logger.debug(
+                "rpc %s %s in %.3f s (key %s)",
+                info.method,
+                code,
+                time.monotonic() - self._started,
+                info.principal.id or "-",
+            )
         if guard.metrics is None:
             return
         count = guard._rpc_counts.get((info.method, code))

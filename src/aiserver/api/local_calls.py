@@ -31,7 +31,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import grpc
 
@@ -174,7 +174,7 @@ class _LocalStreamCall:
 
     The handler's steps run in the reading task (:class:`_InContext`), in the call's own
     context, so the interceptor's context variables (the current call, request id) stay out
-    of the shim's request handler. A warm variant is then three reads and no task.
+    of the shim's request handler. A warm variant is then a read and a ``read_rest``, no task.
 
     Because the reading task runs the handler, a handler served this way must not bind to
     ``asyncio.current_task()`` across a ``yield`` (an ``asyncio.timeout`` around a yield
@@ -220,27 +220,69 @@ class _LocalStreamCall:
         except StopAsyncIteration:
             self._end(reader)
             return grpc.aio.EOF
-        except grpc.aio.AbortError:
-            self._end(reader)
-            assert self._context.error is not None
-            raise self._context.error from None
-        except asyncio.CancelledError:
-            self._end(reader)
-            self._close_later()  # (a no-op: the generator ended with it or never began)
-            raise
-        except Exception as exc:  # what grpc would answer an unhandled error with
-            self._end(reader)
-            raise _status(
-                grpc.StatusCode.UNKNOWN, self._context, f"Unexpected {type(exc).__name__}"
-            ) from None
         except GeneratorExit:  # closed while pending: the handler ended or was handed on
             self._done = True
             raise
+        except BaseException as exc:
+            self._failed(exc, reader)
         finally:
             self._reader = None
         if self._cancelled_reader:  # the handler went on after cancel()
             self._end(reader)
         return self._deserialize(self._serialize(msg))
+
+    async def read_rest(self) -> list[Any]:
+        """Every message left, as ``read`` would return them up to ``EOF``, with the handler
+        run to its end in one step of the reading task instead of one per message (a whole
+        small answer: a warm variant's chunk and its end in one). Raises as ``read``."""
+        if self._done:
+            return []
+        reader = self._reader = asyncio.current_task(self._loop)
+        try:
+            msgs = await _InContext(self._rest(), self._run_in, self._orphaned)
+        except GeneratorExit:
+            self._done = True
+            raise
+        except BaseException as exc:
+            self._failed(exc, reader)
+        finally:
+            self._reader = None
+        self._end(reader)  # (raises CancelledError after a cancel() the handler outlived)
+        deserialize = self._deserialize
+        return [deserialize(wire) for wire in msgs]
+
+    async def _rest(self) -> list[bytes]:
+        # Each message is serialized as it comes (the guard counts sent bytes then), so a
+        # handler that fails or is cancelled part way has its earlier messages counted, as
+        # by reads; a cancel() ends the loop at the next message, as it ends a read.
+        msgs: list[bytes] = []
+        try:
+            if self._responses is None:
+                first = await self._first()  # (sets the serializer)
+                msgs.append(self._serialize(first))
+            assert self._responses is not None
+            step, serialize = self._responses.asend, self._serialize
+            while not self._cancelled_reader:
+                msgs.append(serialize(await step(None)))
+        except StopAsyncIteration:
+            pass
+        return msgs
+
+    def _failed(self, exc: BaseException, reader: asyncio.Task[Any] | None) -> NoReturn:
+        """Raise what a read of a grpc call that failed with ``exc`` raises."""
+        if isinstance(exc, (Exception, asyncio.CancelledError)):
+            self._end(reader)
+        if isinstance(exc, grpc.aio.AbortError):
+            assert self._context.error is not None
+            raise self._context.error from None
+        if isinstance(exc, asyncio.CancelledError):
+            self._close_later()  # (a no-op: the generator ended with it or never began)
+            raise exc
+        if isinstance(exc, Exception):  # what grpc would answer an unhandled error with
+            raise _status(
+                grpc.StatusCode.UNKNOWN, self._context, f"Unexpected {type(exc).__name__}"
+            ) from None
+        raise exc
 
     def _end(self, reader: asyncio.Task[Any] | None) -> None:
         self._done = True

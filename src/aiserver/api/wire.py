@@ -55,16 +55,26 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+@functools.lru_cache(maxsize=1024)
+def _bytes_head(field: int, length: int) -> bytes:
+    """A bytes field's key and length. Kept (an LRU in C): a hit costs about 0.1 us against
+    about 1.5 us for the two varints in Python; a warm variant or a transform's whole chunks
+    ask for the same lengths again."""
+    return _varint(field << 3 | _LEN) + _varint(length)
+
+
 def bytes_message(
     field: int, data: bytes | memoryview, *, int_field: int = 0, value: int = 0
 ) -> Encoded:
     """A message with ``data`` in bytes field ``field`` and, if ``int_field``, ``value`` (an
     int64 >= 0) in that field; the encoding protobuf itself writes (zero values omitted)."""
+    size = len(data)
+    if not int_field or value <= 0:  # a chunk alone: one join, the head kept
+        return Encoded(_bytes_head(field, size) + data if size else b"")
     parts: list[bytes | memoryview] = []
-    if len(data):
-        parts += [_varint(field << 3 | _LEN), _varint(len(data)), data]
-    if int_field and value > 0:
-        parts += [_varint(int_field << 3 | _VARINT), _varint(value)]
+    if size:
+        parts += [_bytes_head(field, size), data]
+    parts += [_varint(int_field << 3 | _VARINT), _varint(value)]
     return Encoded(b"".join(parts))
 
 

@@ -670,9 +670,13 @@ class Compat:
                 return await _head(request, 200, headers, size)
             if size <= _WHOLE_VARIANT_BYTES:
                 # Read whole, sent with its headers in one write (a warm variant: one chunk).
-                parts = []
-                while (msg := await call.read()) is not _EOF:
-                    parts.append(msg.chunk)
+                rest = getattr(call, "read_rest", None)  # the in-process call's: one step
+                if rest is not None:
+                    parts = [msg.chunk for msg in await rest()]
+                else:
+                    parts = []
+                    while (msg := await call.read()) is not _EOF:
+                        parts.append(msg.chunk)
                 body = b"".join(parts)
                 if len(body) != size:
                     raise _bad_upstream(f"the stream carried {len(body)} bytes, not {size}")

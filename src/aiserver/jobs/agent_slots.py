@@ -13,7 +13,11 @@ its lease, so no agent takes more than its capacity whoever holds its slots.
 
 A kept slot is trusted only while its lease will not lapse before the next renewal (once
 lapsed, another process may hold the row), and this process holds at most one token per
-row: a claim that gets a row back replaces the lapsed token that had it.
+row: a claim that gets a row back replaces the lapsed token that had it. Whether it lapses
+is judged by this process's monotonic clock from when the claim or renewal was sent (the
+database sets the lease from its own clock, later): never by comparing the stored expiry
+with this process's wall clock, which may be off the database's (docs/scale-out.md,
+"Clocks").
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
 from aiserver.jobs.store import JobStore, SlotClaim
 from aiserver.providers.comfy.slots import SlotToken
@@ -35,6 +38,9 @@ logger = logging.getLogger(__name__)
 @dataclass(eq=False, slots=True)
 class _Held:
     claim: SlotClaim
+    deadline: float
+    """(``loop.time()``) The lease lapses no sooner: when the claim or its last renewal was
+    sent, plus the lease."""
     idle_until: float | None = None
     """Set while no run uses it: released after this (``loop.time()``) unless taken again."""
 
@@ -59,7 +65,7 @@ class SharedAgentSlots:
         # A kept slot is trusted only while its lease has more than this left: the renewal
         # timer comes every third of a lease, so a healthy one always has two thirds left;
         # less means renewals failed, and once it lapses another process may hold the row.
-        self._margin = timedelta(seconds=lease_s / 3)
+        self._margin = lease_s / 3
         self._held: dict[tuple[str, int], _Held] = {}
         """By (agent, slot): one token per row (the newest claim of it)."""
         self._idle: dict[str, list[_Held]] = {}
@@ -73,7 +79,7 @@ class SharedAgentSlots:
 
     def _lapsing(self, held: _Held) -> bool:
         """Whether ``held``'s lease may lapse before the renewal timer reaches it (or has)."""
-        return held.claim.expires <= datetime.now(UTC) + self._margin
+        return held.deadline <= asyncio.get_running_loop().time() + self._margin
 
     def _forget(self, held: _Held) -> None:
         """Drop ``held`` without releasing its row: its lease lapsed (or is about to), so
@@ -107,18 +113,19 @@ class SharedAgentSlots:
             del self._idle[agent]
         # Shielded: a caller cancelled while the claim is on its way (a group claim, a
         # round trip) must not lose a row it took; it lands as a kept slot (see _landed).
+        asked = asyncio.get_running_loop().time()
         claiming = asyncio.ensure_future(
             self._store.claim_slot(agent, capacity, self._holder, self._lease_s)
         )
         try:
             claim = await asyncio.shield(claiming)
         except asyncio.CancelledError:
-            claiming.add_done_callback(self._landed)
+            claiming.add_done_callback(lambda done: self._landed(done, asked))
             raise
-        return None if claim is None else self._hold(claim)
+        return None if claim is None else self._hold(claim, asked)
 
-    def _hold(self, claim: SlotClaim) -> _Held:
-        held = _Held(claim)
+    def _hold(self, claim: SlotClaim, asked: float) -> _Held:
+        held = _Held(claim, asked + self._lease_s)
         before = self._held.get(held.key)
         if before is not None:
             # This process claimed that row again: the earlier claim's lease lapsed (its
@@ -129,7 +136,7 @@ class SharedAgentSlots:
         self._held[held.key] = held
         return held
 
-    def _landed(self, claiming: asyncio.Future[SlotClaim | None]) -> None:
+    def _landed(self, claiming: asyncio.Future[SlotClaim | None], asked: float) -> None:
         """A claim whose caller was cancelled finished: keep what it took, as given back."""
         if claiming.cancelled():
             return
@@ -139,7 +146,7 @@ class SharedAgentSlots:
         claim = claiming.result()
         if claim is None:
             return
-        held = self._hold(claim)
+        held = self._hold(claim, asked)
         if self._stopped:
             self._release(held)
         else:
@@ -147,6 +154,10 @@ class SharedAgentSlots:
 
     def kept(self, agent: str) -> bool:
         return any(self._holds(h) and not self._lapsing(h) for h in self._idle.get(agent, ()))
+
+    def firm(self, token: SlotToken) -> bool:
+        assert isinstance(token, _Held)
+        return self._holds(token) and not self._lapsing(token)
 
     async def give_back(self, token: SlotToken) -> None:
         assert isinstance(token, _Held)
@@ -222,29 +233,36 @@ class SharedAgentSlots:
             self._task = None
 
     async def _renew_loop(self) -> None:
+        renewed = True
         while True:
-            await asyncio.sleep(self._lease_s / 3)
-            await self.renew()
+            # After a failure, soon again (as job leases): the leases are running out, and a
+            # run on a slot that is not firm queues no prompt (``SlotFencedSink``).
+            every = self._lease_s / 3
+            await asyncio.sleep(every if renewed else min(every, 0.5))
+            renewed = await self.renew()
 
-    async def renew(self) -> None:
+    async def renew(self) -> bool:
         """Renew every slot held here in one store call (one round trip per third of a lease
         however many slots this process holds; a statement per slot was the renewals' cost,
         which grew with the slots each coordinator holds). A slot whose lease was lost is
         forgotten: the run on it ends as it would have; a failed statement is retried at the
-        next turn, within the lease."""
+        next turn, within the lease. False when the statement failed."""
         held = list(self._held.values())
         if not held:
-            return
+            return True
+        asked = asyncio.get_running_loop().time()
         try:
             renewed = await self._store.renew_slots([h.claim for h in held], self._lease_s)
         except Exception:
             logger.warning("could not renew %d agent slots", len(held), exc_info=True)
-            return
+            return False
         for token, claim in zip(held, renewed, strict=True):
             if not self._holds(token):
                 continue  # released, or claimed again, meanwhile
             if claim is not None:
                 token.claim = claim
+                token.deadline = asked + self._lease_s
             else:
                 logger.warning("agent %s: slot lease lost", token.claim.agent)
                 self._forget(token)
+        return True

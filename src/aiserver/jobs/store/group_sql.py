@@ -12,6 +12,7 @@ from aiserver.jobs.store import rows
 from aiserver.jobs.store.protocol import JobRecord, NewEvent
 
 __all__ = [
+    "DB_NOW_US",
     "GROUP_SLOT_CLAIM_SQL",
     "GROUP_SLOT_RELEASE_SQL",
     "GROUP_SLOT_RENEW_SQL",
@@ -23,6 +24,12 @@ __all__ = [
     "group_save_args",
     "group_save_sql",
 ]
+
+DB_NOW_US = "(extract(epoch FROM statement_timestamp()) * 1000000)::bigint"
+"""The database's time (microseconds) in a statement: every lease - jobs, agent slots,
+leaders, outbox rows - is set and judged by this one clock, so a coordinator whose own clock
+is off neither takes a lease still running nor writes one that lapses early
+(docs/scale-out.md, "Clocks")."""
 
 _TYPES = {
     "id": "text",
@@ -80,7 +87,8 @@ class PendingCreate:
     row: dict[str, Any]
     shas: Sequence[str]
     holder: str | None
-    expires_us: int | None
+    lease_us: int | None
+    """The lease's length: it runs from the database's time of the insert."""
     max_active: int
     events: Sequence[NewEvent]
     notice: str | None
@@ -204,6 +212,7 @@ def group_create_sql() -> str:
     n = len(columns)
     inputs, events, now, channel = n + 1, n + 3, n + 7, n + 8
     insert = ", ".join((*rows.COLUMNS, "lease_holder", "lease_expires_us"))
+    select = ", ".join((*rows.COLUMNS, "lease_holder", f"lease_expires_us + {DB_NOW_US}"))
     return (
         f"WITH v AS MATERIALIZED (SELECT *, row_number() OVER () AS ord FROM {source}"
         f" AS v({names})),"
@@ -212,7 +221,7 @@ def group_create_sql() -> str:
         " + (SELECT count(*) FROM v w WHERE w.owner = v.owner AND w.ord < v.ord)"
         " < v.max_active),"
         # In (owner, ref_id) order: two groups racing on the same ref_ids wait in one order.
-        f" made AS (INSERT INTO jobs ({insert}) SELECT {insert} FROM ok ORDER BY owner, ref_id"
+        f" made AS (INSERT INTO jobs ({insert}) SELECT {select} FROM ok ORDER BY owner, ref_id"
         " ON CONFLICT (owner, ref_id) DO NOTHING RETURNING id),"
         " inputs AS (INSERT INTO job_inputs (job_id, sha256) SELECT i.job_id, i.sha256"
         f" FROM unnest(${inputs}::text[], ${inputs + 1}::text[]) AS i(job_id, sha256)"
@@ -229,7 +238,7 @@ def group_create_args(group: Sequence[PendingCreate], now_us: int, channel: str)
     return [
         *([c.row[col] for c in group] for col in rows.COLUMNS),
         [c.holder for c in group],
-        [c.expires_us for c in group],
+        [c.lease_us for c in group],
         [c.max_active for c in group],
         [c.notice for c in group],
         [i[0] for i in inputs],
@@ -255,12 +264,14 @@ GROUP_SLOT_CLAIM_SQL = (
     "WITH want AS (SELECT agent, capacity, count(*) AS n"
     " FROM unnest($1::text[], $2::integer[]) AS w(agent, capacity) GROUP BY agent, capacity),"
     " free AS (SELECT s.agent, s.slot FROM want, LATERAL (SELECT agent, slot FROM agent_slots"
-    " WHERE agent = want.agent AND slot < want.capacity AND (holder IS NULL OR expires_us < $3)"
+    " WHERE agent = want.agent AND slot < want.capacity"
+    f" AND (holder IS NULL OR expires_us < {DB_NOW_US})"
     " ORDER BY slot LIMIT want.n FOR UPDATE SKIP LOCKED) AS s)"
-    " UPDATE agent_slots a SET holder = $4, expires_us = $5 FROM free"
-    " WHERE a.agent = free.agent AND a.slot = free.slot RETURNING a.agent, a.slot"
+    f" UPDATE agent_slots a SET holder = $3, expires_us = {DB_NOW_US} + $4 FROM free"
+    " WHERE a.agent = free.agent AND a.slot = free.slot RETURNING a.agent, a.slot, a.expires_us"
 )
-"""Several slot claims of one holder as one statement: the (agent, slot) pairs taken."""
+"""Several slot claims of one holder (``$3``, lease ``$4`` µs) as one statement: the (agent,
+slot, expiry) taken."""
 
 GROUP_SLOT_RELEASE_SQL = (
     # Rows locked in (agent, slot) order, as a renewal locks them: the two multi-row
@@ -282,9 +293,10 @@ GROUP_SLOT_RENEW_SQL = (
     " AS v(agent, slot, holder)),"
     " locked AS MATERIALIZED (SELECT a.agent, a.slot FROM agent_slots a"
     " JOIN v ON a.agent = v.agent AND a.slot = v.slot AND a.holder = v.holder"
-    " WHERE a.expires_us >= $5 ORDER BY a.agent, a.slot FOR UPDATE OF a)"
-    " UPDATE agent_slots a SET expires_us = $1 FROM locked"
+    f" WHERE a.expires_us >= {DB_NOW_US} ORDER BY a.agent, a.slot FOR UPDATE OF a)"
+    f" UPDATE agent_slots a SET expires_us = {DB_NOW_US} + $1 FROM locked"
     " WHERE a.agent = locked.agent AND a.slot = locked.slot"
-    " RETURNING a.agent, a.slot, a.holder"
+    " RETURNING a.agent, a.slot, a.holder, a.expires_us"
 )
-"""Every slot one process holds, renewed in one statement: the (agent, slot, holder) kept."""
+"""Every slot one process holds, renewed for ``$1`` µs in one statement: the (agent, slot,
+holder, expiry) kept."""

@@ -31,6 +31,7 @@ from aiserver.jobs.store import migrations, rows
 from aiserver.jobs.store.announce import AnnouncementHub, Listener
 from aiserver.jobs.store.group_commit import GroupCommit
 from aiserver.jobs.store.group_sql import (
+    DB_NOW_US,
     GROUP_SLOT_CLAIM_SQL,
     GROUP_SLOT_RELEASE_SQL,
     GROUP_SLOT_RENEW_SQL,
@@ -249,8 +250,11 @@ class PostgresJobStore:
         holder: str | None = None,
         lease_s: float = 0.0,
         events: Sequence[NewEvent] = (),
+        input_bytes: Mapping[str, bytes] | None = None,
     ) -> tuple[JobRecord, bool]:
         self._check()
+        if any(i.stored for i in record.job.inputs):
+            raise ValueError("this store keeps no input bytes (holds_inputs is False)")
         row = rows.row_of(record)
         # A new job has no watcher elsewhere yet: only a follower of every job wants it.
         announce = bool(events) and self._others_follow_all()
@@ -260,7 +264,7 @@ class PostgresJobStore:
             row,
             sorted({i.sha256 for i in record.job.inputs}),
             holder,
-            _now_us() + _us(lease_s) if holder is not None else None,
+            _us(lease_s) if holder is not None else None,
             max(max_active, 0),
             events,
             events_notice,
@@ -268,10 +272,19 @@ class PostgresJobStore:
         made = await self._creates.write(item)
         return made if made is not None else await self._create_one(item)
 
+    @property
+    def holds_inputs(self) -> bool:
+        # Inputs stay in the spool and the shared blob store: every coordinator reads them
+        # there (bytea rows in the creates' grouped statement are left for later).
+        return False
+
+    async def input_bytes(self, job_id: str, sha256: str) -> bytes | None:
+        return None
+
     async def _create_one(self, item: PendingCreate) -> tuple[JobRecord, bool]:
         self._check()
         row = item.row
-        args = [*(row[c] for c in rows.COLUMNS), item.holder, item.expires_us, list(item.shas)]
+        args = [*(row[c] for c in rows.COLUMNS), item.holder, item.lease_us, list(item.shas)]
         if item.max_active > 0:
             args.append(item.max_active)
         sql = _create_sql(item.max_active > 0, bool(item.events), item.notice is not None)
@@ -525,16 +538,16 @@ class PostgresJobStore:
     async def stealable(
         self, holder: str, *, waited_s: float, tasks: Collection[TaskKind], limit: int
     ) -> list[tuple[JobRecord, str]]:
-        now = _now_us()
+        # How long a job waited is judged by the writers' clocks (a skew shifts when a
+        # job is stolen); whether its holder lives, by the database's (the lease).
         found = await self._fetch(
             f"SELECT {rows.SELECT_COLUMNS}, lease_holder FROM jobs WHERE unfinished"
             " AND state = 'QUEUED'"
-            " AND lease_holder <> $1 AND lease_expires_us >= $2 AND updated_us < $3"
-            " AND cancel_requested_us IS NULL AND task = ANY($4::text[])"
-            " ORDER BY created_us, id LIMIT $5",
+            f" AND lease_holder <> $1 AND lease_expires_us >= {DB_NOW_US} AND updated_us < $2"
+            " AND cancel_requested_us IS NULL AND task = ANY($3::text[])"
+            " ORDER BY created_us, id LIMIT $4",
             holder,
-            now,
-            now - _us(waited_s),
+            _now_us() - _us(waited_s),
             sorted(t.value for t in tasks),
             limit,
         )
@@ -543,17 +556,16 @@ class PostgresJobStore:
     async def steal(
         self, job_id: str, holder: str, lease_s: float, *, from_holder: str
     ) -> Lease | None:
-        expires = _now_us() + _us(lease_s)
         found = await self._fetchval(
-            "UPDATE jobs SET lease_holder = $1, lease_expires_us = $2 WHERE id = $3"
+            f"UPDATE jobs SET lease_holder = $1, lease_expires_us = {DB_NOW_US} + $2 WHERE id = $3"
             " AND state = 'QUEUED' AND lease_holder = $4 AND cancel_requested_us IS NULL"
-            " RETURNING id",
+            " RETURNING lease_expires_us",
             holder,
-            expires,
+            _us(lease_s),
             job_id,
             from_holder,
         )
-        return None if found is None else Lease(job_id, holder, codec.from_micros(expires), False)
+        return None if found is None else Lease(job_id, holder, codec.from_micros(found), False)
 
     async def records(self, job_ids: Collection[str]) -> list[JobRecord]:
         found = await self._fetch(
@@ -585,57 +597,53 @@ class PostgresJobStore:
         tasks: Collection[TaskKind] = (),
         job_id: str | None = None,
     ) -> Lease | None:
-        now = _now_us()
-        expires = now + _us(lease_s)
         kinds = sorted(t.value for t in tasks)
         # The inner SELECT locks one claimable row, skipping rows other claimers hold; the
         # outer UPDATE returns the previous holder (a takeover when there was one).
         found = await self._fetchrow(
             "WITH next AS ("
             " SELECT id, lease_holder FROM jobs WHERE unfinished"
-            " AND (lease_holder IS NULL OR lease_expires_us < $1)"
-            " AND (cardinality($4::text[]) = 0 OR task = ANY($4::text[]))"
-            " AND ($5::text IS NULL OR id = $5)"
+            f" AND (lease_holder IS NULL OR lease_expires_us < {DB_NOW_US})"
+            " AND (cardinality($3::text[]) = 0 OR task = ANY($3::text[]))"
+            " AND ($4::text IS NULL OR id = $4)"
             " ORDER BY created_us, id LIMIT 1 FOR UPDATE SKIP LOCKED)"
-            " UPDATE jobs SET lease_holder = $2, lease_expires_us = $3 FROM next"
-            " WHERE jobs.id = next.id RETURNING jobs.id, next.lease_holder AS previous",
-            now,
+            f" UPDATE jobs SET lease_holder = $1, lease_expires_us = {DB_NOW_US} + $2 FROM next"
+            " WHERE jobs.id = next.id"
+            " RETURNING jobs.id, next.lease_holder AS previous, jobs.lease_expires_us",
             holder,
-            expires,
+            _us(lease_s),
             kinds,
             job_id,
         )
         if found is None:
             return None
-        return Lease(found["id"], holder, codec.from_micros(expires), found["previous"] is not None)
+        expires = codec.from_micros(found["lease_expires_us"])
+        return Lease(found["id"], holder, expires, found["previous"] is not None)
 
     async def renew(self, job_id: str, holder: str, lease_s: float) -> Lease | None:
-        now = _now_us()
-        expires = now + _us(lease_s)
         found = await self._fetchval(
-            "UPDATE jobs SET lease_expires_us = $1 WHERE id = $2 AND lease_holder = $3"
-            " AND lease_expires_us >= $4 RETURNING id",
-            expires,
+            f"UPDATE jobs SET lease_expires_us = {DB_NOW_US} + $1 WHERE id = $2"
+            f" AND lease_holder = $3 AND lease_expires_us >= {DB_NOW_US}"
+            " RETURNING lease_expires_us",
+            _us(lease_s),
             job_id,
             holder,
-            now,
         )
-        return None if found is None else Lease(job_id, holder, codec.from_micros(expires), False)
+        return None if found is None else Lease(job_id, holder, codec.from_micros(found), False)
 
     async def renew_all(self, job_ids: Collection[str], holder: str, lease_s: float) -> set[str]:
         if not job_ids:
             return set()
-        now = _now_us()
         # Rows locked in id order, as a group save locks them: no deadlock between the two.
         found = await self._fetch(
             "WITH locked AS MATERIALIZED (SELECT id FROM jobs WHERE id = ANY($2::text[])"
             " ORDER BY id FOR UPDATE)"
-            " UPDATE jobs SET lease_expires_us = $1 WHERE id IN (SELECT id FROM locked)"
-            " AND lease_holder = $3 AND lease_expires_us >= $4 RETURNING id",
-            now + _us(lease_s),
+            f" UPDATE jobs SET lease_expires_us = {DB_NOW_US} + $1"
+            " WHERE id IN (SELECT id FROM locked)"
+            f" AND lease_holder = $3 AND lease_expires_us >= {DB_NOW_US} RETURNING id",
+            _us(lease_s),
             list(job_ids),
             holder,
-            now,
         )
         return {r[0] for r in found}
 
@@ -882,12 +890,10 @@ class PostgresJobStore:
 
     async def _claim_slot_one(self, item: PendingSlotClaim) -> SlotClaim | None:
         self._check()
-        now = _now_us()
-        expires = now + _us(item.lease_s)
-        args = (item.agent, item.capacity, now, item.holder, expires)
+        args = (item.agent, item.capacity, item.holder, _us(item.lease_s))
         # Rows for every slot exist once (made by this process's first miss, remembered);
         # then taking one is a single SKIP LOCKED statement.
-        found = await self._fetchval(_CLAIM_SLOT_SQL, *args)
+        found = await self._fetchrow(_CLAIM_SLOT_SQL, *args)
         if found is None and (item.agent, item.capacity) not in self._slot_rows:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(
@@ -897,11 +903,11 @@ class PostgresJobStore:
                     item.agent,
                     item.capacity,
                 )
-                found = await conn.fetchval(_CLAIM_SLOT_SQL, *args)
+                found = await conn.fetchrow(_CLAIM_SLOT_SQL, *args)
             self._slot_rows.add((item.agent, item.capacity))
         if found is None:
             return None
-        return SlotClaim(item.agent, int(found), item.holder, codec.from_micros(expires))
+        return SlotClaim(item.agent, int(found[0]), item.holder, codec.from_micros(found[1]))
 
     async def _claim_slot_group(self, group: Sequence[PendingSlotClaim]) -> list[SlotClaim | None]:
         """Several claims in one statement; a claim the group could not serve gets ``None``
@@ -912,24 +918,24 @@ class PostgresJobStore:
             capacities[c.agent] != c.capacity for c in group
         ):  # one process has one holder; an agent's capacity changed between two claims
             return [await self._claim_slot_one(c) for c in group]
-        now = _now_us()
-        expires = now + _us(group[0].lease_s)
         found = await self._pool.fetch(
             GROUP_SLOT_CLAIM_SQL,
             [c.agent for c in group],
             [c.capacity for c in group],
-            now,
             group[0].holder,
-            expires,
+            _us(group[0].lease_s),
         )
-        taken: dict[str, list[int]] = {}
+        taken: dict[str, list[tuple[int, int]]] = {}
         for r in sorted(found, key=lambda r: (r[0], r[1])):
-            taken.setdefault(r[0], []).append(int(r[1]))
-        at = codec.from_micros(expires)
+            taken.setdefault(r[0], []).append((int(r[1]), int(r[2])))
         results: list[SlotClaim | None] = []
         for c in group:
             slots = taken.get(c.agent)
-            results.append(SlotClaim(c.agent, slots.pop(0), c.holder, at) if slots else None)
+            if not slots:
+                results.append(None)
+                continue
+            slot, expires = slots.pop(0)
+            results.append(SlotClaim(c.agent, slot, c.holder, codec.from_micros(expires)))
         return results
 
     async def renew_slots(
@@ -938,24 +944,23 @@ class PostgresJobStore:
         self._check()
         if not claims:
             return []
-        now = _now_us()
-        expires = now + _us(lease_s)
         found = await self._fetch(
             GROUP_SLOT_RENEW_SQL,
-            expires,
+            _us(lease_s),
             [c.agent for c in claims],
             [c.slot for c in claims],
             [c.holder for c in claims],
-            now,
         )
-        kept = {(r[0], int(r[1]), r[2]) for r in found}
-        at = codec.from_micros(expires)
-        return [
-            SlotClaim(c.agent, c.slot, c.holder, at)
-            if (c.agent, c.slot, c.holder) in kept
-            else None
-            for c in claims
-        ]
+        kept = {(r[0], int(r[1]), r[2]): int(r[3]) for r in found}
+        renewed: list[SlotClaim | None] = []
+        for c in claims:
+            expires = kept.get((c.agent, c.slot, c.holder))
+            renewed.append(
+                None
+                if expires is None
+                else SlotClaim(c.agent, c.slot, c.holder, codec.from_micros(expires))
+            )
+        return renewed
 
     async def release_slot(self, claim: SlotClaim) -> None:
         self._check()
@@ -982,16 +987,15 @@ class PostgresJobStore:
         return [None] * len(group)
 
     async def lead(self, role: str, holder: str, lease_s: float) -> bool:
-        now = _now_us()
         found = await self._fetchval(
-            "INSERT INTO leaders (role, holder, expires_us) VALUES ($1, $2, $3)"
+            f"INSERT INTO leaders (role, holder, expires_us) VALUES ($1, $2, {DB_NOW_US} + $3)"
             " ON CONFLICT (role) DO UPDATE SET holder = excluded.holder,"
             " expires_us = excluded.expires_us"
-            " WHERE leaders.holder = excluded.holder OR leaders.expires_us < $4 RETURNING role",
+            " WHERE leaders.holder = excluded.holder"
+            f" OR leaders.expires_us < {DB_NOW_US} RETURNING role",
             role,
             holder,
-            now + _us(lease_s),
-            now,
+            _us(lease_s),
         )
         return found is not None
 
@@ -1016,17 +1020,19 @@ class PostgresJobStore:
         return int(found)
 
     async def outbox_claim(self, holder: str, lease_s: float, limit: int) -> list[OutboxItem]:
-        now = _now_us()
+        # When a row is due is the writers' clocks' (a skew shifts a retry); whether
+        # another runner's lease on it still runs, the database's.
         found = await self._fetch(
             "WITH due AS (SELECT id FROM webhook_outbox WHERE due_us IS NOT NULL"
-            " AND due_us <= $1 AND (lease_holder IS NULL OR lease_expires_us < $1)"
+            f" AND due_us <= $1 AND (lease_holder IS NULL OR lease_expires_us < {DB_NOW_US})"
             " ORDER BY due_us, id LIMIT $2 FOR UPDATE SKIP LOCKED)"
-            " UPDATE webhook_outbox o SET lease_holder = $3, lease_expires_us = $4 FROM due"
-            " WHERE o.id = due.id RETURNING o.id, o.job_id, o.url, o.body, o.attempts, o.due_us",
-            now,
+            f" UPDATE webhook_outbox o SET lease_holder = $3, lease_expires_us = {DB_NOW_US} + $4"
+            " FROM due WHERE o.id = due.id"
+            " RETURNING o.id, o.job_id, o.url, o.body, o.attempts, o.due_us",
+            _now_us(),
             limit,
             holder,
-            now + _us(lease_s),
+            _us(lease_s),
         )
         ordered = sorted(found, key=lambda r: (r["due_us"], r["id"]))
         return [OutboxItem(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in ordered]
@@ -1064,10 +1070,10 @@ class PostgresJobStore:
 
 _CLAIM_SLOT_SQL = (
     "WITH free AS (SELECT slot FROM agent_slots WHERE agent = $1 AND slot < $2"
-    " AND (holder IS NULL OR expires_us < $3) ORDER BY slot LIMIT 1"
+    f" AND (holder IS NULL OR expires_us < {DB_NOW_US}) ORDER BY slot LIMIT 1"
     " FOR UPDATE SKIP LOCKED)"
-    " UPDATE agent_slots a SET holder = $4, expires_us = $5 FROM free"
-    " WHERE a.agent = $1 AND a.slot = free.slot RETURNING a.slot"
+    f" UPDATE agent_slots a SET holder = $3, expires_us = {DB_NOW_US} + $4 FROM free"
+    " WHERE a.agent = $1 AND a.slot = free.slot RETURNING a.slot, a.expires_us"
 )
 _EXISTING_SQL = f"SELECT {rows.SELECT_COLUMNS} FROM jobs WHERE owner = $1 AND ref_id = $2"
 
@@ -1081,7 +1087,8 @@ def _create_sql(limited: bool, events: bool, announce: bool) -> str:
     payloads, time), the announcement (``announce``: channel, notice). Returns the id only
     when it inserted."""
     n = len(rows.COLUMNS) + 3
-    values = ", ".join(f"${i}" for i in range(1, n))  # the columns and the lease
+    # The columns, the holder, and the lease's end: its length from the database's time.
+    values = ", ".join(f"${i}" for i in range(1, n - 1)) + f", ${n - 1}::bigint + {DB_NOW_US}"
     source = f"VALUES ({values})"
     if limited:
         n += 1

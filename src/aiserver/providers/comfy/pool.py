@@ -37,7 +37,7 @@ from aiserver.providers.comfy.background import Background
 from aiserver.providers.comfy.client import ComfyClient
 from aiserver.providers.comfy.run import AGENT_OFFLINE, Run
 from aiserver.providers.comfy.settings import AgentSettings, PoolSettings
-from aiserver.providers.comfy.slots import AgentSlots, LocalSlots, SlotToken
+from aiserver.providers.comfy.slots import AgentSlots, LocalSlots, SlotFencedSink, SlotToken
 from aiserver.providers.comfy.socket_outputs import SAVE_OVER_SOCKET
 from aiserver.providers.comfy.workflows import (
     AgentCapabilities,
@@ -97,6 +97,9 @@ class _Agent:
         self.caps: AgentCapabilities | None = None
         self.checks: dict[TaskKind, WorkflowCheck] = {}
         self.running = 0
+        self.leaving = 0
+        """Places held by evicted runs' prompts until their withdrawal ends (see ``run``):
+        not this pool's load, but no new run takes them."""
         self.last_error = ""
         self.last_seen: datetime | None = None
         self.version = ""
@@ -110,6 +113,11 @@ class _Agent:
         """The tasks running an attempt here (the provider's ``run`` calls)."""
         self.evicted: set[asyncio.Task[Any]] = set()
         """Those of ``runs`` cancelled because the agent went offline."""
+
+    @property
+    def busy(self) -> int:
+        """Places taken on the agent: runs, and prompts being withdrawn."""
+        return self.running + self.leaving
 
 
 class ComfyPool:
@@ -213,6 +221,8 @@ class ComfyPool:
         agent, slot = await self._acquire(work, workflow, exclude)
         name = agent.config.name
         logger.debug("job %s (%s) runs on agent %s", work.job_id, work.task.value, name)
+        if slot is not None:
+            sink = SlotFencedSink(sink, lambda: self._slots.firm(slot), name)
         run = Run(
             agent.client,
             work,
@@ -251,9 +261,29 @@ class ComfyPool:
                 agent.runs.discard(task)
                 agent.evicted.discard(task)
             agent.running -= 1
-            if slot is not None:
-                await self._slots.give_back(slot)
-            await self._notify()
+            left = run.withdrawing
+            if left is None or left.done():
+                if slot is not None:
+                    await self._slots.give_back(slot)
+                await self._notify()
+            else:
+                # Evicted (the agent went offline): its prompt stays on the agent until the
+                # withdrawal lands (or gives up after cancel_s). Its place there - and its
+                # shared slot - is held till then, so an agent back meanwhile gets no more
+                # than its capacity, from here or from another coordinator. Not this pool's
+                # load: the job's retry elsewhere does not wait for it.
+                agent.leaving += 1
+                await self._notify()
+                self._background.spawn(self._vacate_after(left, agent, slot))
+
+    async def _vacate_after(
+        self, withdrawal: asyncio.Task[None], agent: _Agent, slot: SlotToken | None
+    ) -> None:
+        await asyncio.wait([withdrawal])
+        agent.leaving -= 1
+        if slot is not None:
+            await self._slots.give_back(slot)
+        await self._notify()
 
     async def withdraw(self, resume: Mapping[str, str]) -> None:
         """Delete the checkpoint's prompt from its agent's queue, or interrupt it if it runs
@@ -294,7 +324,7 @@ class ComfyPool:
         capable = self._capable(workflow, spec, exclude)[0]
         if not capable and exclude:  # as in run(): an agent that already tried, as a last resort
             capable = self._capable(workflow, spec, frozenset())[0]
-        free = [a for a in capable if a.running < a.config.slots]
+        free = [a for a in capable if a.busy < a.config.slots]
         return _best(free, self._slots.kept).config.name if free else None
 
     def snapshot(self) -> tuple[AgentSnapshot, ...]:
@@ -536,7 +566,7 @@ class ComfyPool:
                     capable = self._capable(workflow, work.spec, frozenset())[0]
                 if not capable:
                     raise self._none_capable(workflow, work.spec, reasons, exclude)
-                free = [a for a in capable if a.running < a.config.slots]
+                free = [a for a in capable if a.busy < a.config.slots]
                 busy_elsewhere = bool(free)
                 while free:
                     agent = _best(free, self._slots.kept)
@@ -594,7 +624,7 @@ def _best(agents: list[_Agent], kept: Callable[[str], bool]) -> _Agent:
     # later, and the balance between agents is the same); then name, for a stable choice.
     return min(
         agents,
-        key=lambda a: (a.running, -a.config.priority, not kept(a.config.name), a.config.name),
+        key=lambda a: (a.busy, -a.config.priority, not kept(a.config.name), a.config.name),
     )
 
 

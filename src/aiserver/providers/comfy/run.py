@@ -163,6 +163,9 @@ class Run:
         self.position_checked = 0.0
         self.last_sent: ProviderProgress | None = None
         self.best = 0.0
+        self.withdrawing: asyncio.Task[None] | None = None
+        """The withdrawal of the prompt left on an agent that went offline, while it runs
+        in the background (the pool holds the run's place on the agent until it ends)."""
 
     # -- top level --
 
@@ -181,7 +184,7 @@ class Run:
                 # The agent did not answer its probe: a withdrawal may wait out cancel_s, and
                 # the job's retry elsewhere (and its slot) must not wait with it.
                 if self.queued and not self.finished:
-                    self.spawn(self._abandon("agent offline"))
+                    self.withdrawing = self.spawn(self._abandon("agent offline"))
             elif self.queued and not self.finished:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(self.spawn(self._abandon("cancelled")))
@@ -715,6 +718,8 @@ _INLINE_READ = 256 * 1024
 
 
 async def _read_input(item: WorkInput) -> bytes:
+    if item.data is not None:
+        return item.data
     with item.path.open("rb", buffering=0) as file:  # its size from the open file: no stat
         if os.fstat(file.fileno()).st_size <= _INLINE_READ:
             return file.readall()

@@ -8,9 +8,18 @@ than an agent's ``max_concurrent_jobs`` on it (docs/scale-out.md, "Agent slots")
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
-__all__ = ["AgentSlots", "LocalSlots", "SlotToken"]
+from aiserver.providers.base import (
+    GeneratedImage,
+    GeneratedText,
+    ProviderProgress,
+    RunSink,
+)
+from aiserver.providers.failures import Cause, ProviderUnavailable
+
+__all__ = ["AgentSlots", "LocalSlots", "SlotFencedSink", "SlotToken"]
 
 
 class SlotToken(Protocol):
@@ -33,6 +42,11 @@ class AgentSlots(Protocol):
         loaded ones)."""
         ...
 
+    def firm(self, token: SlotToken) -> bool:
+        """Whether ``token`` is still held with a third of its lease or more to run: long
+        enough to put a prompt on its agent before another process could take the slot."""
+        ...
+
 
 class LocalSlots:
     """This process is the only one using its agents."""
@@ -47,6 +61,44 @@ class LocalSlots:
 
     def kept(self, agent: str) -> bool:
         return False
+
+    def firm(self, token: SlotToken) -> bool:
+        return True
+
+
+class SlotFencedSink:
+    """A run's sink that puts no prompt on an agent while the run's slot is not firm.
+
+    A run checkpoints right before each prompt it queues (``run.py``). With the slot's
+    renewals failing (or its claim answered late), the lease may lapse before the prompt is
+    on the agent, and another coordinator may have claimed the slot by then: two prompts
+    on a one-slot agent. As a job lease that is not firm stops a run before its prompt
+    (``AttemptSink.checkpoint``), this fails the attempt before it reached the agent (the
+    job goes back to the queue and claims a slot afresh); a prompt already queued runs on."""
+
+    def __init__(self, sink: RunSink, firm: Callable[[], bool], agent: str) -> None:
+        self._sink = sink
+        self._firm = firm
+        self._agent = agent
+
+    async def progress(self, update: ProviderProgress) -> None:
+        await self._sink.progress(update)
+
+    async def image(self, image: GeneratedImage) -> None:
+        await self._sink.image(image)
+
+    async def text(self, text: GeneratedText) -> None:
+        await self._sink.text(text)
+
+    async def checkpoint(self, state: Mapping[str, str]) -> None:
+        if not self._firm():
+            raise ProviderUnavailable(
+                f"agent {self._agent}: its slot's lease may lapse before the prompt is queued"
+                " (renewals failing or late): not queued there",
+                cause=Cause.NO_AGENT,
+                agent=self._agent,
+            )
+        await self._sink.checkpoint(state)
 
 
 class _Local:
