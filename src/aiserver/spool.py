@@ -367,7 +367,11 @@ class InputSpool:
             raise ValueError("only a hashed upload can be committed")
         if not spooled.written:  # a small input not stored with its job: its file now
             assert spooled.content is not None
-            _write_file(spooled.path, [spooled.content])
+            try:
+                _write_file(spooled.path, [spooled.content])
+            except BaseException:  # (the disk) no part file left behind for a sweep
+                spooled.path.unlink(missing_ok=True)
+                raise
             spooled.written = True
         self._pins[spooled.sha256] += 1
         target = self.path_for(spooled.sha256)

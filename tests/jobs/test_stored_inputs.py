@@ -30,6 +30,15 @@ async def test_every_attempt_gets_the_stored_bytes_and_no_file_is_made(
     provider = ScriptedProvider()
     manager = await env.manager(provider)
     manager._held_inputs.budget = budget  # 0: nothing held, each attempt reads the store
+    driver, reads = manager._driver, []
+    read = driver._stored_input
+    assert read is not None
+
+    async def counted(job_id: str, sha256: str) -> bytes | None:
+        reads.append(sha256)
+        return await read(job_id, sha256)
+
+    driver._stored_input = counted
     data = png(7)
     ref = _stored(data)
     job, _ = await within(
@@ -52,6 +61,7 @@ async def test_every_attempt_gets_the_stored_bytes_and_no_file_is_made(
     assert given.data == data and given.sha256 == ref.sha256
     assert not given.path.exists()  # the spool has no file for it
     assert manager._held_inputs.used == 0  # given back at the end
+    assert len(reads) == (0 if budget else 1)  # held bytes spare the store a read
     assert await env.stores[0].input_bytes(job.id, ref.sha256) is None  # gone with the end
 
 

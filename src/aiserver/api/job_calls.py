@@ -180,6 +180,9 @@ class JobCalls:
                 self.spool.unpin(spooled)
             self.manager.discard_inputs({f.sha256 for f in committed})
             raise
+        # The manager holds its own copy within its budget (or the attempt reads the store):
+        # this frame lives as long as the stream, so it must not keep the bytes too.
+        input_bytes.clear()
         for spooled in committed:
             self.spool.unpin(spooled)
         if existing:  # the ref id named an earlier job: these bytes belong to no job

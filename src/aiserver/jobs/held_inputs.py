@@ -1,6 +1,6 @@
 """The bytes of jobs' stored inputs (``InputRef.stored``) kept in memory from the create to
 the job's end, within one budget per process: a job then hands them to its provider with
-no read of the store. Past the budget (a deep queue of jobs with inputs near the 256 KiB
+no read of the store. Past the budget (a deep queue of jobs with inputs near the 64 KiB
 limit) a job keeps none and its attempt reads them from the store.
 """
 
