@@ -176,7 +176,7 @@ async def test_a_large_upload_used_once_is_held_in_memory_within_the_budget(
     reader.close()
     assert spool.memory.used == 0
     Upload(None, {"image": done}).discard()
-    assert spool.memory.used == 0 and spool.memory.kept == 8 << 20  # kept for reuse
+    assert spool.memory.used == 0 and spool.memory.kept == 0  # kept as received: no blocks
 
 
 async def test_an_upload_used_once_past_its_share_spills_what_it_held_then_the_rest(
@@ -262,7 +262,7 @@ async def test_a_spilled_upload_gives_its_blocks_back_once_written_not_at_its_en
     assert done.held is None and done.path.read_bytes() == data
     assert spool.memory.used == 0
     writer.discard()
-    assert spool.memory.used == 0 and spool.memory.kept == 3 << 20  # given back once
+    assert spool.memory.used == 0  # given back once (kept as received: no blocks)
 
 
 async def test_a_discarded_spill_keeps_its_blocks_until_the_thread_is_past_them(
@@ -302,7 +302,7 @@ async def test_a_small_upload_with_no_room_is_joined_in_memory_without_a_thread(
     writer = spool.open("image", "a.jpg", UploadBudget(1 << 30), hashed=False)
     first, second = os.urandom(held or 100), os.urandom(300 << 10)
     await writer.write(first)
-    assert spool.memory.used == (2 * BLOCK_BYTES if held else 0)
+    assert spool.memory.used == held  # kept as received
     await writer.write(second)  # no room for it: spills
     assert writer._thread is None and list(spool.tmp_dir.iterdir()) == []
     assert spool.memory.used == 0  # what it held is copied out
