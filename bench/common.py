@@ -182,10 +182,14 @@ def ensure_comfy_provider(service: Any) -> str:
 @asynccontextmanager
 async def running_service(data_dir: Path, **overrides: Any) -> AsyncIterator[Any]:
     """A :class:`aiserver.server.Service` on loopback, in this process."""
+    from aiserver import heap
     from aiserver.server import Service
 
     service = Service(make_settings(data_dir, **overrides))
     service.provider_wiring = ensure_comfy_provider(service)  # type: ignore[attr-defined]
+    # The process as `aiserver serve` sets it (process-wide, idempotent): uploads held in
+    # memory are kept as received, which costs fresh pages per upload without it.
+    heap.keep_freed_memory(service.spool.memory.share)
     await service.start()
     try:
         yield service

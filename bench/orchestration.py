@@ -34,11 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import aiohttp
 import grpc
-from imagetasks.v1 import common_pb2
 
 from bench.callers import Callers
 from bench.client_loop import (
@@ -47,14 +44,14 @@ from bench.client_loop import (
     JobFailed,
     JobFn,
     _direct_job,
-    _http_job,
     _segment,
     _service_job,
     _wait_ready,
 )
 from bench.comfy_direct import DirectComfy
-from bench.common import LoadWatch, cpu_seconds, listening_pid, ms, percentile, row, spread
+from bench.common import LoadWatch, cpu_seconds, ms, percentile, row, spread
 from bench.grpc_floor import FloorServer, floor_job
+from bench.orchestration_real import REAL_SIDE, _real_comfy, real_figures, real_rows
 from bench.service_proc import ServiceProcess, service_env
 from bench.standin_proc import StandIns
 
@@ -64,6 +61,7 @@ LEVELS = (1, 16, 64)
 
 __all__ = [  # the client side lives in bench.client_loop; other scripts import it from here
     "INPUT_SIDE",
+    "REAL_SIDE",
     "Inputs",
     "JobFailed",
     "JobFn",
@@ -182,7 +180,7 @@ async def _run(quick: bool) -> dict[str, Any]:
     # Requests the agents received per job, all levels together (the median over segments).
     figures["light_agents"] = {k: spread(v, 2) for k, v in light.items() if v}
     if real is not None:
-        figures["real_comfyui"] = {k: spread(v, 2) for k, v in real.items() if v}
+        figures["real_comfyui"] = real_figures(real)
     figures["agent_requests_per_job"] = {
         path: {route: round(statistics.median(v), 2) for route, v in sorted(routes.items())}
         for path, routes in http_per_job.items()
@@ -338,94 +336,6 @@ def _floor_figures(spent: dict[str, dict[str, float]], n: int, cores: int) -> di
     }
 
 
-REAL_SIDE = 64
-"""The issue's real-ComfyUI comparison: a 2x upscale of a 64 px image."""
-REAL_PATHS = ("grpc", "grpc_result", "http", "direct")
-REAL_NAMES = {"grpc": "gRPC", "grpc_result": "gRPC RESULT", "http": "HTTP"}
-"""The service's paths in the real rows: gRPC SYNC (every event: accepted, queue and progress
-updates, the output, finished), gRPC RESULT (``finished`` alone) and the embedded HTTP shim
-(``Sync=true``, which asks the service for RESULT in-process). gRPC RESULT is the like-for-like
-comparison with the shim and with the direct client, which waits for the output only."""
-
-
-async def _real_comfy(quick: bool, tmp: Path) -> dict[str, list[float]] | None:
-    """The same upscale on a real ComfyUI (``BENCH_COMFY_URL``) through the service over gRPC
-    (SYNC, and RESULT: the finished job alone), through its HTTP shim (embedded, ``POST
-    /api/ImageUpscale`` with ``Sync=true``) and with the direct client, interleaved (the
-    order turns every round): p50 with one caller (each segment after one untimed job of
-    its own path); jobs/s, p50, the service's CPU per job
-    and ComfyUI's CPU per second of wall time with 16. None when no ComfyUI is configured.
-    The agent runs one prompt at a time with one queued ahead (the setting that keeps it
-    busy); the direct client's 16 callers queue on ComfyUI itself.
-    ComfyUI's CPU is read from ``/proc`` when it listens on this machine (``BENCH_COMFY_PID``
-    names it otherwise)."""
-    url = os.environ.get("BENCH_COMFY_URL", "").rstrip("/")
-    if not url:
-        return None
-    port = urlsplit(url).port or 80
-    comfy_pid = int(os.environ.get("BENCH_COMFY_PID") or 0) or listening_pid(port)
-    inputs = Inputs(REAL_SIDE)
-    reps = 2 if quick else 5
-    per = {1: 4 if quick else 20, 16: 16 if quick else 64}
-    got: dict[str, list[float]] = {}
-
-    def add(key: str, value: float) -> None:
-        got.setdefault(key, []).append(value)
-
-    agent = {"url": url, "name": "real", "max_concurrent_jobs": 1, "queue_ahead": 1}
-    env = service_env(tmp / "service-real", [], http=True, AISERVER_LOCAL_UPSCALE="off")
-    env["AISERVER_AGENTS"] = json.dumps([agent])
-    async with (
-        ServiceProcess(env, tmp / "service-real.log") as service,
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
-        grpc.aio.insecure_channel(service.target) as channel,
-    ):
-        client = DirectComfy(url)
-        await _wait_ready(channel)
-        paths = {
-            "grpc": _service_job(channel),
-            "grpc_result": _service_job(channel, common_pb2.RESPONSE_MODE_RESULT),
-            "http": _http_job(session, f"http://127.0.0.1:{service.info['http_port']}"),
-            "direct": _direct_job([client], REAL_SIDE),
-        }
-        for fn in paths.values():
-            await _segment(fn, 1, inputs.take(3))  # models loaded, caches warm
-        for rep in range(reps):
-            turn = rep % len(REAL_PATHS)
-            order = REAL_PATHS[turn:] + REAL_PATHS[:turn]
-            p50 = {}
-            for p in order:
-                # One untimed job first: the order only rotates, so gRPC SYNC always came
-                # right after the direct client, and whatever a switch of path costs (the
-                # service idle meanwhile) fell on its first timed job alone.
-                await _segment(paths[p], 1, inputs.take(1))
-                result = await _segment(paths[p], 1, inputs.take(per[1]))
-                p50[p] = ms(percentile(result["latencies"], 50))
-                add(f"{p}_p50_1", p50[p])
-            for p in REAL_NAMES:
-                add(f"added_p50_1_{p}", p50[p] - p50["direct"])
-            for p in order:
-                cpu_service = cpu_seconds(service.pid)
-                cpu_comfy = cpu_seconds(comfy_pid) if comfy_pid else 0.0
-                start = time.perf_counter()
-                result = await _segment(paths[p], 16, inputs.take(per[16]))
-                wall = time.perf_counter() - start
-                done = len(result["latencies"])
-                add(f"{p}_jobs_per_s_16", result["jobs_per_s"])
-                add(f"{p}_p50_16", ms(percentile(result["latencies"], 50)))
-                if p != "direct":
-                    add(
-                        f"service_cpu_ms_per_job_{p}_16",
-                        ms(cpu_seconds(service.pid) - cpu_service) / done,
-                    )
-                if comfy_pid:  # cores' worth of CPU ComfyUI used while the segment ran
-                    add(f"comfy_busy_{p}_16", (cpu_seconds(comfy_pid) - cpu_comfy) / wall)
-                if result["failed"]:
-                    add(f"failed_{p}", len(result["failed"]))
-        await client.aclose()
-    return got
-
-
 def _record(f: dict[str, list[float]], got: dict[str, dict[str, Any]], total: int) -> int:
     """Add one round of one level to ``f``; returns the finished events left unmatched."""
     s, d = got["service"], got["direct"]
@@ -567,7 +477,7 @@ def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             " the same stand-ins",
         )
     )
-    rows += _real_rows(figures.get("real_comfyui"))
+    rows += real_rows(figures.get("real_comfyui"))
     rows += _light_rows(figures["light_agents"])
     cpu = top["service_cpu_ms_per_job"]
     calls = {
@@ -699,68 +609,6 @@ def _light_rows(light: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _real_rows(real: dict[str, Any] | None) -> list[dict[str, Any]]:
-    skip = "set BENCH_COMFY_URL to a ComfyUI with RealESRGAN_x2.pth to measure"
-    if real is None:
-        return [
-            row(f"real ComfyUI: added p50 @1, 64 px upscale ({name})", None, "ms", note=skip)
-            for name in REAL_NAMES.values()
-        ] + [
-            row("real ComfyUI: jobs/s @16 / direct client", None, "x", note=skip),
-        ]
-
-    def med(key: str) -> float:
-        return float(real[key]["median"]) if key in real else float("nan")
-
-    def busy(path: str) -> str:
-        return f"{med(f'comfy_busy_{path}_16') * 20:.0f}"
-
-    rows = []
-    for p, name in REAL_NAMES.items():
-        if f"added_p50_1_{p}" not in real:  # an older result, without the RESULT path
-            continue
-        rows.append(
-            row(
-                f"real ComfyUI: added p50 @1, 64 px upscale ({name})",
-                real[f"added_p50_1_{p}"],
-                "ms",
-                target=3.0,
-                better="lower",
-                baseline=f"direct {med('direct_p50_1'):.1f} ms, service {med(f'{p}_p50_1'):.1f}",
-            )
-        )
-    for p, name in REAL_NAMES.items():
-        if f"{p}_jobs_per_s_16" not in real:
-            continue
-        pairs = zip(
-            real[f"{p}_jobs_per_s_16"]["runs"], real["direct_jobs_per_s_16"]["runs"], strict=True
-        )
-        ratio = [s / d for s, d in pairs if d]
-        rows.append(
-            row(
-                f"real ComfyUI: jobs/s @16 / direct client{'' if p == 'grpc' else f' ({name})'}",
-                spread(ratio, 3) if ratio else None,
-                "x",
-                target=1.0,
-                baseline=f"service {med(f'{p}_jobs_per_s_16'):.1f} jobs/s, direct"
-                f" {med('direct_jobs_per_s_16'):.1f}; p50 {med(f'{p}_p50_16'):.0f} ms, direct"
-                f" {med('direct_p50_16'):.0f}",
-                note=f"ComfyUI CPU s per 20 s: service {busy(p)}, direct {busy('direct')}"
-                if "comfy_busy_direct_16" in real
-                else "",
-            )
-        )
-        rows.append(
-            row(
-                f"real ComfyUI: service CPU per job @16 ({name})",
-                real[f"service_cpu_ms_per_job_{p}_16"],
-                "ms",
-                better="lower",
-            )
-        )
-    return rows
-
-
 def run(quick: bool) -> dict[str, Any]:
     watch = LoadWatch()
     result = asyncio.run(_run(quick))
@@ -776,12 +624,12 @@ def run_real(quick: bool) -> dict[str, Any]:
         real = asyncio.run(_real_comfy(quick, tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    figures = {"real_comfyui": {k: spread(v, 2) for k, v in (real or {}).items() if v}}
+    figures = {"real_comfyui": real_figures(real or {})}
     return {
         "name": f"{NAME}_real",
         "about": _real_comfy.__doc__,
         "figures": figures,
-        "rows": _real_rows(figures["real_comfyui"] if real is not None else None),
+        "rows": real_rows(figures["real_comfyui"] if real is not None else None),
         "load": watch.done(),
     }
 

@@ -12,7 +12,9 @@
   (``os.pread``, the page cache) as it sends it.
 - Upload: ``TransformService.ConvertImage`` (to PNG) with the same file in 1 MiB chunks, on a
   service whose ``max_pixels`` is below the file's pixels. The server reads the whole stream
-  (held in memory within ``AISERVER_SPOOL_MEMORY_MB``, else spooled to disk), then the
+  (held in memory within ``AISERVER_SPOOL_MEMORY_MB``, the received messages kept as they
+  are, with glibc's freed memory kept as ``aiserver serve`` sets it:
+  ``bench.common.running_service``; else spooled to disk), then the
   header check answers RESOURCE_EXHAUSTED ``IMAGE_TOO_MANY_PIXELS``: the upload path without
   any image work. (Params are checked on arrival, so a missing ``output_format`` would
   measure a drain, not an upload.) Timed from the first message to the status. Against a

@@ -6,7 +6,9 @@ on it, one waits in its queue and one in the service's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import sqlite3
 from pathlib import Path
 
 import grpc
@@ -80,3 +82,40 @@ async def test_jobs_survive_sigkill_and_the_running_one_is_reattached(tmp_path: 
         assert len(prompts) == 5
         assert not list((tmp_path / "comfy" / "temp").iterdir())
         assert not list((tmp_path / "comfy" / "output").iterdir())
+
+
+async def test_a_small_input_goes_with_its_job_and_survives_sigkill(tmp_path: Path) -> None:
+    # The embedded store keeps a small input in the job's own create: no spool file, and an
+    # ASYNC job accepted before a crash still runs after the restart, from the stored bytes.
+    data = tmp_path / "data"
+    png = encode(quadrant_image(24, 24), "PNG")
+    down = {"AISERVER_AGENTS": "http://127.0.0.1:9", "AISERVER_AGENT_PROBE_INTERVAL_S": "0.5"}
+    async with server_process(data, down) as server:
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            params = tasks_pb2.ImageToImageParams(
+                positive_prompt="kept",
+                steps=1,
+                options=common_pb2.JobOptions(mode=common_pb2.RESPONSE_MODE_ASYNC, ref_id="small"),
+            )
+            got = await generate(ch, "ImageToImage", params, {"image": png})
+            assert got.kinds == ["accepted"]
+        server.proc.send_signal(signal.SIGKILL)
+        await server.proc.wait()
+    spooled = [p for p in (data / "spool").rglob("*") if p.is_file()]
+    assert spooled == []  # no file for it, not even a partial one
+    with contextlib.closing(sqlite3.connect(data / "jobs.db")) as db:
+        assert db.execute("SELECT data FROM job_input_bytes").fetchall() == [(png,)]
+
+    async with ComfyStandIn(tmp_path / "comfy") as comfy:
+        env = {"AISERVER_AGENTS": comfy.url, "AISERVER_AGENT_PROBE_INTERVAL_S": "0.5"}
+        async with server_process(data, env) as server:
+            async with asyncio.timeout(60):
+                while True:
+                    (job,) = await list_jobs(server.target)
+                    if job.state == job_pb2.Job.STATE_SUCCEEDED:
+                        break
+                    assert job.state != job_pb2.Job.STATE_FAILED, job
+                    await asyncio.sleep(0.1)
+        assert [u.data for u in comfy.received.uploads] == [png]  # the bytes it was given
+    with contextlib.closing(sqlite3.connect(data / "jobs.db")) as db:
+        assert db.execute("SELECT count(*) FROM job_input_bytes").fetchone() == (0,)  # ended

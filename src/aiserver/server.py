@@ -473,6 +473,8 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     frozen = heap.settle()  # the start-up heap out of the collector's full passes
     logger.info("start-up heap: %d objects frozen for the garbage collector", frozen)
+    if heap.keep_freed_memory(service.spool.memory.share):  # uploads kept as received
+        logger.info("malloc keeps up to %d MiB freed", service.spool.memory.share >> 20)
     await stop.wait()
     logger.info("signal received; shutting down (grace %.1fs)", settings.shutdown_grace_s)
     await service.stop()

@@ -69,14 +69,18 @@ class SpooledFile:
     """An upload used once (not hashed) held in memory (:class:`SpoolMemory`): nothing is
     written at ``path``; ``held.release()`` gives the memory back."""
     content: bytes | None = None
-    """A small job input (hashed) written whole on the event loop from one chunk (at most
-    :data:`KEEP_CONTENT_BYTES`): its bytes, which were at hand anyway, so that the request's
-    checks read them instead of opening the file again. The request drops them once checked."""
+    """A small job input (hashed, at most :data:`KEEP_CONTENT_BYTES`): its bytes, which the
+    request's checks read, and which either go with the job into the job store
+    (``InputRef.stored``) or are written to ``path`` by :meth:`InputSpool.commit`."""
+    written: bool = True
+    """Whether the bytes are in the file at ``path``; ``False``: in ``content`` only."""
 
 
 KEEP_CONTENT_BYTES = 256 * 1024
-"""The largest file whose bytes :attr:`SpooledFile.content` keeps (the inputs the API checks
-on the event loop; larger ones are checked in the image pool, from the file)."""
+"""The largest job input kept in :attr:`SpooledFile.content` and not written at ``finish``:
+the API checks it on the event loop (larger ones in the image pool, from the file), then
+stores the smallest with their job (a row, no file: api/job_calls.py) and has the others
+written by :meth:`InputSpool.commit`."""
 
 
 _INLINE_BYTES = 2 * 1024 * 1024
@@ -232,29 +236,26 @@ class _Writer:
     async def finish(self) -> SpooledFile:
         if self._memory is not None and self._thread is None:  # used once, within the budget
             return SpooledFile(self.field, self.file_name, self.path, "", self._size, self._memory)
-        content = None
         if self._thread is None:
-            self._on_disk = True
-            hashed = self._hash is not None
-            if hashed and len(self._held) == 1 and self._size <= KEEP_CONTENT_BYTES:
-                # Only job inputs (hashed) are checked from these bytes, and they let go of
-                # them; an unhashed upload that spilled (budget full) would hold them unused.
-                # The API's chunks are views into the request message (api/wire.py): a copy of
-                # at most 256 KiB, cheaper than opening the file and reading it back.
-                first = self._held[0]
+            if self._hash is not None and self._size <= KEEP_CONTENT_BYTES:
+                # A small job input: no file yet (maybe never, see KEEP_CONTENT_BYTES); only
+                # job inputs (hashed) are checked from these bytes. The API's chunks are views
+                # into the request message (api/wire.py): a copy of at most 256 KiB.
+                held, self._held = self._held, []
+                first = held[0] if len(held) == 1 else b"".join(held)
                 content = first if isinstance(first, bytes) else bytes(first)
-            # A raw descriptor: a Python file object around one or two writes cost about a
-            # quarter of creating, writing and closing the file (job inputs, on the loop).
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-            try:
-                for data in self._held:
-                    if self._hash is not None:
-                        self._hash.update(data)
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
+                self._hash.update(content)
+                return SpooledFile(
+                    self.field,
+                    self.file_name,
+                    self.path,
+                    self._hash.hexdigest(),
+                    self._size,
+                    content=content,
+                    written=False,
+                )
+            self._on_disk = True
+            _write_file(self.path, self._held, self._hash)
             self._held = []
         else:
             assert self._ended is not None
@@ -263,9 +264,7 @@ class _Writer:
             if self._error is not None:
                 raise self._error
         digest = self._hash.hexdigest() if self._hash is not None else ""
-        return SpooledFile(
-            self.field, self.file_name, self.path, digest, self._size, content=content
-        )
+        return SpooledFile(self.field, self.file_name, self.path, digest, self._size)
 
     def discard(self) -> None:
         """Drop the file, finished or not (the thread, if any, stops without writing more)."""
@@ -280,6 +279,24 @@ class _Writer:
             self._stop_thread()  # it gives the spilled blocks back once past them
         if self._on_disk:
             self.path.unlink(missing_ok=True)
+
+
+def _write_file(
+    path: Path, chunks: list[bytes | memoryview], digest: hashlib._Hash | None = None
+) -> None:
+    """Create ``path`` with ``chunks`` (hashed into ``digest`` on the way). A raw descriptor:
+    a Python file object around one or two writes cost about a quarter of creating, writing
+    and closing the file (job inputs, on the loop)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        for data in chunks:
+            if digest is not None:
+                digest.update(data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _is_file(path: Path) -> bool:
@@ -348,6 +365,14 @@ class InputSpool:
         does not delete it."""
         if not spooled.sha256:
             raise ValueError("only a hashed upload can be committed")
+        if not spooled.written:  # a small input not stored with its job: its file now
+            assert spooled.content is not None
+            try:
+                _write_file(spooled.path, [spooled.content])
+            except BaseException:  # (the disk) no part file left behind for a sweep
+                spooled.path.unlink(missing_ok=True)
+                raise
+            spooled.written = True
         self._pins[spooled.sha256] += 1
         target = self.path_for(spooled.sha256)
         folder = spooled.sha256[:2]

@@ -1,20 +1,25 @@
 """Uploads used once (crop and conversion inputs) held in memory instead of a spool file.
 
 One :class:`SpoolMemory` per process bounds what all of them hold together
-(``AISERVER_SPOOL_MEMORY_MB``). An upload is copied into the memory's blocks as it arrives;
-when the budget has no room, or the upload passes its share, it spills to its spool file
-(``aiserver.spool``). Blocks are reused across uploads, up to ``share`` bytes of them kept
-while free, because fresh memory is what costs: holding the received messages themselves
-(64 MiB of new pages per 64 MiB upload) and joining them cost more CPU than writing the file
-(bench/README.md, helper "bytes"), while a copy into warm blocks costs about a quarter of the
-write. Blocks are anonymous maps, so those not kept go back to the system at once (freed
-heap memory would stay in the process after a burst).
+(``AISERVER_SPOOL_MEMORY_MB``); when the budget has no room, or an upload passes its share,
+it spills to its spool file (``aiserver.spool``). A chunk of :data:`KEEP_BYTES` or more that
+grpc received as ``bytes`` is kept as it is (a view of the message: no copy); smaller chunks
+are copied into the memory's blocks, so that a stream of tiny chunks cannot hold more in
+objects than the budget counts. Keeping received bytes costs fresh pages per upload with
+glibc's default malloc settings (64 MiB of page faults per 64 MiB upload, more CPU than
+writing the file: bench/README.md, helper "bytes"); ``aiserver serve`` therefore keeps freed
+heap memory up to about a share (:func:`aiserver.heap.keep_freed_memory`), and the copy it
+saves is about 7 ms per 64 MiB (helper "upload3"). Blocks are reused across uploads, up to
+``share`` bytes of them kept while free; they are anonymous maps, so those not kept go back
+to the system at once.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import io
+import itertools
 import mmap
 import threading
 from typing import IO, TYPE_CHECKING, cast
@@ -22,10 +27,13 @@ from typing import IO, TYPE_CHECKING, cast
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-__all__ = ["BLOCK_BYTES", "HeldBytes", "SpoolMemory"]
+__all__ = ["BLOCK_BYTES", "KEEP_BYTES", "HeldBytes", "SpoolMemory"]
 
 BLOCK_BYTES = 256 * 1024
 """Memory is taken in blocks of this size (a small image holds one)."""
+KEEP_BYTES = 64 * 1024
+"""Chunks from this size are kept as received: a view's own object (~200 bytes) is then
+under 0.3% of what it holds."""
 
 
 class SpoolMemory:
@@ -59,6 +67,18 @@ class SpoolMemory:
             raise
         return blocks
 
+    def charge(self, n: int) -> bool:
+        """Count ``n`` bytes kept as received; False when the budget has no room for them."""
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def refund(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
     def give(self, blocks: list[mmap.mmap]) -> None:
         with self._lock:
             self.used -= len(blocks) * BLOCK_BYTES
@@ -75,19 +95,31 @@ class SpoolMemory:
 
 
 class HeldBytes:
-    """One upload's bytes in blocks of a :class:`SpoolMemory`; :meth:`open` reads them as a
-    file (the image pool), :meth:`release` gives the blocks back (once; idempotent; from any
-    thread).
+    """One upload's bytes: received chunks kept as they are, small ones copied into blocks of
+    a :class:`SpoolMemory`; :meth:`open` reads them as a file (the image pool),
+    :meth:`release` gives the memory back (once; idempotent; from any thread).
 
     Blocks go back only once no reader is open: an image worker whose call was cancelled
     keeps running after the loop released the upload, and must not read blocks that another
     upload reuses meanwhile (``used`` counts them until then)."""
 
-    __slots__ = ("_blocks", "_memory", "_readers", "_released", "size")
+    __slots__ = (
+        "_blocks",
+        "_charged",
+        "_memory",
+        "_parts",
+        "_readers",
+        "_released",
+        "_room",
+        "size",
+    )
 
     def __init__(self, memory: SpoolMemory) -> None:
         self._memory = memory
-        self._blocks: list[mmap.mmap] = []
+        self._parts: list[memoryview] = []  # the bytes, in order
+        self._blocks: list[mmap.mmap] = []  # taken from the memory
+        self._room = 0  # bytes free in the last block while it is the last part
+        self._charged = 0  # bytes kept as received, counted in the memory's budget
         self._readers = 0  # open readers (under the memory's lock)
         self._released = False
         self.size = 0
@@ -96,35 +128,51 @@ class HeldBytes:
         """Append ``data``; False (nothing added) when the budget has no room for it."""
         view = memoryview(data).cast("B")
         n = len(view)
-        need = -(-(self.size + n) // BLOCK_BYTES) - len(self._blocks)
+        if n >= KEEP_BYTES and isinstance(view.obj, bytes):
+            # Immutable: a view of it stays valid. It keeps its whole object alive, which
+            # is what the budget counts (a message may carry more than its chunk).
+            whole = len(view.obj)
+            if whole <= 2 * n:
+                if not self._memory.charge(whole):
+                    return False
+                self._charged += whole
+                self._parts.append(view)
+                self._room = 0  # a small chunk after it starts a block: the parts stay in order
+                self.size += n
+                return True
+        need = -(-(n - self._room) // BLOCK_BYTES) if n > self._room else 0
+        more: list[mmap.mmap] = []
         if need > 0:
-            more = self._memory.take(need)
-            if more is None:
+            taken = self._memory.take(need)
+            if taken is None:
                 return False
+            more = taken
+        done = 0
+        if self._room:  # the last part is a block with room: fill it
+            block = self._blocks[-1]
+            fill = BLOCK_BYTES - self._room
+            step = min(n, self._room)
+            memoryview(block)[fill : fill + step] = view[:step]
+            self._parts[-1] = memoryview(block)[: fill + step]
+            self._room -= step
+            done = step
+        if more:
+            for block in more:
+                step = min(n - done, BLOCK_BYTES)
+                memoryview(block)[:step] = view[done : done + step]
+                self._parts.append(memoryview(block)[:step])
+                done += step
             self._blocks += more
-        pos, done = self.size, 0
-        while done < n:
-            index, offset = divmod(pos, BLOCK_BYTES)
-            step = min(n - done, BLOCK_BYTES - offset)
-            memoryview(self._blocks[index])[offset : offset + step] = view[done : done + step]
-            pos += step
-            done += step
-        self.size = pos
+            self._room = BLOCK_BYTES - step
+        self.size += n
         return True
 
     def views(self) -> list[memoryview]:
-        """The bytes, in order, as views of the blocks (valid until :meth:`release`)."""
-        out = []
-        left = self.size
-        for block in self._blocks:
-            if left <= 0:
-                break
-            out.append(memoryview(block)[: min(left, BLOCK_BYTES)])
-            left -= BLOCK_BYTES
-        return out
+        """The bytes, in order (valid until :meth:`release`)."""
+        return self._parts[:]
 
     def tobytes(self) -> bytes:
-        return b"".join(self.views())
+        return b"".join(self._parts)
 
     @property
     def released(self) -> bool:
@@ -132,55 +180,65 @@ class HeldBytes:
 
     def open(self, mode: str = "rb") -> IO[bytes]:
         """A read-only, seekable file over the bytes (``mode`` as ``Path.open``'s); the
-        blocks stay this upload's until it is closed."""
+        memory stays this upload's until it is closed."""
         if mode != "rb":
             raise ValueError("held bytes are read only")
         with self._memory._lock:
             if self._released:
                 raise ValueError("the held bytes were released")
             self._readers += 1
-        return cast(IO[bytes], _Reader(self, self._blocks[:], self.size))
+        return cast(IO[bytes], _Reader(self, self._parts[:], self.size))
 
     def release(self) -> None:
         with self._memory._lock:
             if self._released:
                 return
             self._released = True
-            blocks = self._drop_if_unread()
-        if blocks:
-            self._memory.give(blocks)
+            dropped = self._drop_if_unread()
+        self._give(dropped)
 
     def _reader_closed(self) -> None:
         with self._memory._lock:
             self._readers -= 1
-            blocks = self._drop_if_unread()
+            dropped = self._drop_if_unread()
+        self._give(dropped)
+
+    def _drop_if_unread(self) -> tuple[list[mmap.mmap], int] | None:
+        """The blocks and the bytes to give back, once released and unread (under the
+        memory's lock)."""
+        if not self._released or self._readers:
+            return None
+        dropped = self._blocks, self._charged
+        self._blocks, self._parts, self._charged, self._room = [], [], 0, 0
+        self.size = 0
+        return dropped
+
+    def _give(self, dropped: tuple[list[mmap.mmap], int] | None) -> None:
+        if dropped is None:
+            return
+        blocks, charged = dropped
+        if charged:
+            self._memory.refund(charged)
         if blocks:
             self._memory.give(blocks)
 
-    def _drop_if_unread(self) -> list[mmap.mmap]:
-        """The blocks to give back, once released and unread (under the memory's lock)."""
-        if not self._released or self._readers:
-            return []
-        blocks, self._blocks = self._blocks, []
-        self.size = 0
-        return blocks
-
 
 class _Reader(io.RawIOBase):
-    """A file over blocks: ``read`` returns ``bytes`` sliced out of them (one copy, as
+    """A file over the parts: ``read`` returns ``bytes`` sliced out of them (one copy, as
     ``BytesIO`` does). Reads fail once the upload is released (a cancelled call's worker
-    stops early); the blocks are the upload's until :meth:`close`."""
+    stops early); the memory is the upload's until :meth:`close`."""
 
-    def __init__(self, held: HeldBytes, blocks: list[mmap.mmap], size: int) -> None:
+    def __init__(self, held: HeldBytes, parts: list[memoryview], size: int) -> None:
         super().__init__()
         self._held: HeldBytes | None = held
-        self._blocks = blocks
+        self._parts = parts
+        self._ends = list(itertools.accumulate(len(p) for p in parts))
         self._size = size
         self._pos = 0
 
     def close(self) -> None:
         held, self._held = self._held, None
-        self._blocks = []
+        self._parts = []
         super().close()
         if held is not None:
             held._reader_closed()
@@ -218,18 +276,20 @@ class _Reader(io.RawIOBase):
         end = self._size if size is None or size < 0 else min(self._size, start + size)
         if end <= start:
             return b""
-        index, offset = divmod(start, BLOCK_BYTES)
-        if offset + end - start <= BLOCK_BYTES:  # within one block: the common case
-            out = bytes(memoryview(self._blocks[index])[offset : offset + end - start])
+        index = bisect.bisect_right(self._ends, start)
+        part = self._parts[index]
+        offset = start - self._ends[index] + len(part)
+        if offset + end - start <= len(part):  # within one part: the common case
+            out = bytes(part[offset : offset + end - start])
         else:
-            parts = []
-            pos = start
-            while pos < end:
-                index, offset = divmod(pos, BLOCK_BYTES)
-                step = min(end - pos, BLOCK_BYTES - offset)
-                parts.append(memoryview(self._blocks[index])[offset : offset + step])
-                pos += step
-            out = b"".join(parts)
+            pieces = [part[offset:]]
+            got = len(part) - offset
+            while got < end - start:
+                index += 1
+                piece = self._parts[index][: end - start - got]
+                pieces.append(piece)
+                got += len(piece)
+            out = b"".join(pieces)
         self._pos = end
         return out
 

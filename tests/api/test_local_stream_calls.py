@@ -401,6 +401,76 @@ async def test_read_rest_raises_as_a_read(service: Service) -> None:
     assert local.interceptor.active_streams == 0
 
 
+async def test_read_rest_of_an_empty_stream_is_empty(service: Service) -> None:
+    """As a read returns EOF at once, ``read_rest`` from the start returns no message."""
+    local = _local(service)
+
+    async def empty(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        return
+        yield b""
+
+    opener = _opener(local, "/test.Local/Empty", _handler(empty))
+    assert await opener().read() is grpc.aio.EOF
+    assert await opener().read_rest() == []
+    assert local.interceptor.active_streams == 0
+
+
+async def test_read_rest_counts_the_bytes_sent_before_a_failure(service: Service) -> None:
+    """What a failing handler yielded before it failed is counted as sent, as by reads."""
+    local = _local(service)
+    registry = service.metrics.registry
+    labels = {"method": "Local/FailsLate"}
+
+    def sent() -> float:
+        return registry.get_sample_value("aiserver_sent_bytes_total", labels) or 0.0
+
+    async def fails(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        yield b"first"
+        yield b"second"
+        raise KeyError("inner")
+
+    opener = _opener(local, "/test.Local/FailsLate", _handler(fails))
+    counts = []
+    for how in ("read", "read_rest"):
+        call, before = opener(), sent()
+        with pytest.raises(grpc.aio.AioRpcError):
+            if how == "read":
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            else:
+                await call.read_rest()
+        counts.append(sent() - before)
+    assert counts[0] > 0 and counts[1] == counts[0]
+
+
+async def test_read_rest_stops_at_cancel_when_the_handler_goes_on(service: Service) -> None:
+    """A handler that swallows the cancellation is not run on to its end: ``read_rest``
+    stops at its next message, as a read does."""
+    local = _local(service)
+    steps: list[int] = []
+    started = asyncio.Event()
+
+    async def stubborn(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        yield b"first"
+        started.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        for i in range(20):
+            await asyncio.sleep(0.01)
+            steps.append(i)
+            yield b"x"
+
+    call = _opener(local, "/test.Local/Stubborn", _handler(stubborn))()
+    assert await call.read() == b"first"
+    task = asyncio.create_task(call.read_rest())
+    await asyncio.wait_for(started.wait(), 10)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(steps) <= 1
+    await _slots_freed(local)
+
+
 async def test_a_cancelled_read_rest_cancels_the_waiting_handler(service: Service) -> None:
     local = _local(service)
     started, ended = asyncio.Event(), list[str]()

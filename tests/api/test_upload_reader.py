@@ -92,4 +92,5 @@ async def test_wire_chunks_past_the_limit_are_refused_as_they_arrive(tmp_path: P
 
     err = await _refused(spool, watched(), limit=3 * MIB)
     assert err.reason == "UPLOAD_TOO_LARGE"
-    assert max(held) == 3 * MIB  # never more than the limit, though 8 MiB were sent
+    # Never more than the limit, though 8 MiB were sent (the messages kept whole).
+    assert 3 * MIB <= max(held) < 3 * MIB + 1024

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from aiserver.jobs.agent_slots import SharedAgentSlots
+from aiserver.jobs.store import SlotClaim
 from aiserver.providers.base import SHUTDOWN, ProviderUnavailable
 from aiserver.providers.comfy.pool import AgentConfig, AgentState, ComfyPool
 from aiserver.providers.comfy.workflows import WorkflowCatalog
@@ -134,6 +135,76 @@ async def test_a_late_withdraw_of_an_evicted_run_spares_the_jobs_next_prompt(
         assert [i.get("prompt_id") for i in standin.received.interrupts] == [old]
         assert agent.busy == 0  # the withdrawal ended: its place is free
         assert slots.kept("a") and await _holders(backend) == ["A", "A", "-"]
+    finally:
+        answered.set()
+        await slots.stop()
+        await backend.close()
+
+
+async def test_an_evicted_run_cancelled_in_its_finally_still_gives_its_place_back(
+    make_standin: StandInFactory,
+    pools: list[ComfyPool],
+    catalog: WorkflowCatalog,
+    inputs_dir: Path,
+    spawn: Spawn,
+    tmp_path: Path,
+) -> None:
+    """An evicted run's finally holds the agent's place (``leaving``, its shared slot) until
+    its withdrawal ends, then waits on the pool's condition to announce it: another run
+    holds that condition across a slow shared-slot claim, and the evicted run is cancelled
+    meanwhile (its job cancelled). The place still comes back when the withdrawal ends: the
+    agent's capacity does not shrink for good, nor is its slot held and renewed forever."""
+    sa, sb = await make_standin(), await make_standin()
+    sa.hang_at("3")
+    pool = await started(
+        pools,
+        catalog,
+        AgentConfig(sa.url, name="a", max_concurrent_jobs=1),
+        AgentConfig(sb.url, name="b", max_concurrent_jobs=1),
+    )
+    backend = JobStoreBackend("postgres", tmp_path)
+    store = await backend.open()
+    slots = SharedAgentSlots(store, "A", 30)
+    slots.keep_s = 60.0
+    pool.share_slots(slots)
+    agent = pool._agents["a"]
+    real_withdraw = agent.client.withdraw
+    answered = asyncio.Event()
+
+    async def late(prompt_id: str, *, started: bool = False) -> None:
+        await answered.wait()
+        await real_withdraw(prompt_id, started=started)
+
+    agent.client.withdraw = late  # type: ignore[method-assign]
+    try:
+        first = RecordingSink()
+        work = upscale(inputs_dir, job_id="01JLEAK0000000000000000001")
+        evicted = spawn(pool.run(work, first, exclude=frozenset({"b"})))
+        await sa.wait_for(lambda: sa.running_prompt is not None and first.checkpoints)
+        claim_slot = store.claim_slot
+
+        async def slow(agent: str, capacity: int, holder: str, lease_s: float) -> SlotClaim | None:
+            await asyncio.sleep(0.5)  # a slow round trip, under the pool's condition
+            return await claim_slot(agent, capacity, holder, lease_s)
+
+        store.claim_slot = slow  # type: ignore[method-assign]
+        work = upscale(inputs_dir, job_id="01JLEAK0000000000000000002")
+        other = spawn(pool.run(work, RecordingSink(), exclude=frozenset({"a"})))
+        await asyncio.sleep(0.1)  # `other` holds the condition while its claim is out
+        offline = spawn(pool._set_offline(agent, "no answer to its probe"))
+        await asyncio.sleep(0.1)  # the evicted run's finally now waits for the condition
+        assert not evicted.done() and agent.leaving == 1
+        evicted.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await evicted
+        await offline
+        answered.set()  # the withdrawal ends
+        async with asyncio.timeout(10):
+            await other
+            while agent.leaving:
+                await asyncio.sleep(0.02)
+        assert agent.busy == 0
+        assert slots.kept("a")  # its slot given back (kept here for the next run)
     finally:
         answered.set()
         await slots.stop()

@@ -5,13 +5,16 @@ statement), and no agent ever has more runs than its capacity across processes."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from aiserver.jobs.agent_slots import SharedAgentSlots
 from aiserver.jobs.store import JobStore, SlotClaim
+from aiserver.providers.base import Cause, ProviderUnavailable
+from aiserver.providers.comfy.slots import SlotFencedSink
 from tests.storage.backends import JobStoreBackend
 
 KEEP = 0.2
@@ -312,3 +315,81 @@ async def test_a_slot_whose_renewals_fail_stops_being_firm_a_third_of_a_lease_ea
     restore()
     await slots.renew()
     assert slots.firm(token)  # renewed: firm again
+
+
+async def test_an_outage_of_renewals_is_logged_at_its_start_and_its_end(
+    backend: JobStoreBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Renewals fail every half second while the store is away: one warning (no traceback)
+    when they start failing, one when they succeed again, none for each turn between."""
+    store = await backend.open()
+    slots = SharedAgentSlots(store, "A", 30)
+    assert await slots.take("gpu", 1) is not None
+    restore = _fail_renewals(store)
+    caplog.set_level(logging.WARNING, logger="aiserver.jobs.agent_slots")
+    for _ in range(5):
+        assert not await slots.renew()
+    restore()
+    assert await slots.renew()
+    assert await slots.renew()
+    logged = [(r.getMessage(), r.exc_info) for r in caplog.records]
+    assert len(logged) == 2, logged
+    assert "could not renew 1 agent slots" in logged[0][0] and "the store is away" in logged[0][0]
+    assert logged[0][1] is None
+    assert "renewed again after 5 failed renewals" in logged[1][0]
+    await slots.stop()
+
+
+class _SlowSave:
+    """The job's checkpoint save on a slow database (up to its timeout)."""
+
+    def __init__(self, delay_s: float = 0.5) -> None:
+        self.delay_s = delay_s
+        self.saved: list[Mapping[str, str]] = []
+
+    async def checkpoint(self, state: Mapping[str, str]) -> None:
+        await asyncio.sleep(self.delay_s)
+        self.saved.append(state)
+
+
+async def test_a_slot_that_lapses_during_the_checkpoint_save_queues_no_prompt(
+    backend: JobStoreBackend,
+) -> None:
+    """The slot is judged after the checkpoint's save, right before the prompt goes: firm
+    when the save began, lapsed (and taken by another coordinator) when it ended."""
+    store_a, store_b = await backend.open(), await backend.open()
+    here, there = SharedAgentSlots(store_a, "A", 0.6), SharedAgentSlots(store_b, "B", 30)
+    token = await here.take("gpu", 1)
+    assert token is not None
+    _fail_renewals(store_a)
+    await asyncio.sleep(0.15)
+    assert here.firm(token)  # 0.45 s left of 0.6: firm, but not for the save's 0.5 s
+    save = _SlowSave()
+    sink = SlotFencedSink(save, lambda: here.firm(token), "gpu")  # type: ignore[arg-type]
+    with pytest.raises(ProviderUnavailable) as caught:
+        await sink.checkpoint({"prompt_id": "p"})
+    assert caught.value.cause is Cause.NO_AGENT and not caught.value.reached_agent
+    assert save.saved  # the checkpoint was stored; its prompt is not queued
+    assert not here.firm(token)
+    assert await there.take("gpu", 1) is not None  # the slot another coordinator now holds
+
+
+async def test_a_later_prompt_of_an_attempt_fenced_by_its_slot_reached_the_agent(
+    backend: JobStoreBackend,
+) -> None:
+    """A repeat prompt (frames lost) stopped by the fence: the attempt's first prompt ran on
+    the agent, so the failure says it reached the agent (the job is retried, its attempt
+    counted, not re-queued as unreached under its first queueing's deadline)."""
+    store = await backend.open()
+    slots = SharedAgentSlots(store, "A", 0.6)
+    token = await slots.take("gpu", 1)
+    assert token is not None
+    _fail_renewals(store)
+    sink = SlotFencedSink(_SlowSave(0.0), lambda: slots.firm(token), "gpu")  # type: ignore[arg-type]
+    await sink.checkpoint({"prompt_id": "p1"})  # the first prompt goes
+    await asyncio.sleep(0.45)  # it runs; the lease nears its end meanwhile (renewals failing)
+    with pytest.raises(ProviderUnavailable) as caught:
+        await sink.checkpoint({"prompt_id": "p2"})
+    assert caught.value.cause is Cause.SLOT_LAPSED
+    assert caught.value.reached_agent and caught.value.retryable
+    assert not caught.value.agent_lost  # the agent is fine: not taken offline

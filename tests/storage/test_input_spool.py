@@ -79,7 +79,8 @@ async def test_uploads_in_flight_have_distinct_temporary_files(tmp_path: Path) -
     for n, writer in enumerate(writers):
         await writer.write(b"same bytes" if n else b"other bytes")
     files = [await w.finish() for w in writers]
-    assert [f.path.read_bytes() for f in files] == [b"other bytes", b"same bytes", b"same bytes"]
-    for f in files:
+    assert [f.content for f in files] == [b"other bytes", b"same bytes", b"same bytes"]
+    for f in files:  # small: each written by its commit, from its own temporary file
         spool.unpin(spool.commit(f))
+    assert [f.path.read_bytes() for f in files] == [b"other bytes", b"same bytes", b"same bytes"]
     assert list(spool.tmp_dir.iterdir()) == []

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from aiserver.errors import ServiceError
-from aiserver.spool import InputSpool, UploadBudget
+from aiserver.spool import KEEP_CONTENT_BYTES, InputSpool, UploadBudget
 from aiserver.spool_memory import BLOCK_BYTES, SpoolMemory
 
 
@@ -31,15 +31,34 @@ async def test_a_large_upload_is_written_and_hashed_whole(tmp_path: Path) -> Non
     assert list(spool.tmp_dir.iterdir()) == []
 
 
-async def test_a_small_upload_needs_no_thread(tmp_path: Path) -> None:
+async def test_a_midsize_upload_needs_no_thread(tmp_path: Path) -> None:
+    spool = InputSpool(tmp_path)
+    writer = spool.open("image", "mid.png", UploadBudget(1 << 22))
+    data = os.urandom(KEEP_CONTENT_BYTES + 1)  # past what is kept as bytes, within inline
+    await writer.write(data[:100])
+    await writer.write(data[100:])
+    done = await writer.finish()
+    assert writer._thread is None
+    assert done.written and done.content is None and done.path.read_bytes() == data
+    assert done.sha256 == hashlib.sha256(data).hexdigest()
+
+
+async def test_a_small_job_input_is_kept_as_bytes_and_written_only_when_committed(
+    tmp_path: Path,
+) -> None:
+    # The job store may keep it with the job (no file at all); else commit writes its file.
     spool = InputSpool(tmp_path)
     writer = spool.open("image", "small.png", UploadBudget(1 << 20))
     await writer.write(b"abc")
     await writer.write(b"def")
     done = await writer.finish()
-    assert writer._thread is None
-    assert done.path.read_bytes() == b"abcdef"
+    assert writer._thread is None and not done.written and done.content == b"abcdef"
     assert done.sha256 == hashlib.sha256(b"abcdef").hexdigest()
+    assert list(spool.tmp_dir.iterdir()) == []  # no file created
+    committed = spool.commit(done)
+    assert committed.written and committed.path == spool.path_for(done.sha256)
+    assert committed.path.read_bytes() == b"abcdef"
+    assert list(spool.tmp_dir.iterdir()) == []
 
 
 async def test_an_unhashed_upload_cannot_be_committed(tmp_path: Path) -> None:
@@ -157,7 +176,7 @@ async def test_a_large_upload_used_once_is_held_in_memory_within_the_budget(
     reader.close()
     assert spool.memory.used == 0
     Upload(None, {"image": done}).discard()
-    assert spool.memory.used == 0 and spool.memory.kept == 8 << 20  # kept for reuse
+    assert spool.memory.used == 0 and spool.memory.kept == 0  # kept as received: no blocks
 
 
 async def test_an_upload_used_once_past_its_share_spills_what_it_held_then_the_rest(
@@ -243,7 +262,7 @@ async def test_a_spilled_upload_gives_its_blocks_back_once_written_not_at_its_en
     assert done.held is None and done.path.read_bytes() == data
     assert spool.memory.used == 0
     writer.discard()
-    assert spool.memory.used == 0 and spool.memory.kept == 3 << 20  # given back once
+    assert spool.memory.used == 0  # given back once (kept as received: no blocks)
 
 
 async def test_a_discarded_spill_keeps_its_blocks_until_the_thread_is_past_them(
@@ -283,7 +302,7 @@ async def test_a_small_upload_with_no_room_is_joined_in_memory_without_a_thread(
     writer = spool.open("image", "a.jpg", UploadBudget(1 << 30), hashed=False)
     first, second = os.urandom(held or 100), os.urandom(300 << 10)
     await writer.write(first)
-    assert spool.memory.used == (2 * BLOCK_BYTES if held else 0)
+    assert spool.memory.used == held  # kept as received
     await writer.write(second)  # no room for it: spills
     assert writer._thread is None and list(spool.tmp_dir.iterdir()) == []
     assert spool.memory.used == 0  # what it held is copied out
@@ -295,8 +314,8 @@ async def test_a_small_upload_with_no_room_is_joined_in_memory_without_a_thread(
 async def test_a_finished_small_upload_is_deleted_by_discard(tmp_path: Path) -> None:
     # read_upload discards every writer when a later file fails: one already written too.
     spool = InputSpool(tmp_path)
-    writer = spool.open("image", "small.png", UploadBudget(1 << 20))
-    await writer.write(b"abc")
+    writer = spool.open("image", "small.png", UploadBudget(1 << 22))
+    await writer.write(bytes(KEEP_CONTENT_BYTES + 1))
     done = await writer.finish()
     assert done.path.exists() and done.held is None
     writer.discard()

@@ -31,7 +31,7 @@ from aiserver.imaging import (
 from aiserver.jobs.manager import JobManager
 from aiserver.jobs.model import Accepted, Finished, InputRef, OutputStored
 from aiserver.logs import job_id_var
-from aiserver.spool import KEEP_CONTENT_BYTES, InputSpool
+from aiserver.spool import KEEP_CONTENT_BYTES, InputSpool, SpooledFile
 from aiserver.tasks import TaskKind, TaskSpec
 from aiserver.webhooks import RefusedTarget, TargetGuard, validate_reply_to
 from aiserver.workers import BlockingPool
@@ -86,13 +86,19 @@ class JobCalls:
 
     async def inputs(self, upload: Upload) -> list[InputRef]:
         """Each input checked (decoded once: a damaged file is the caller's error, not a
-        failed job); nothing is committed to the spool yet."""
+        failed job); nothing is committed to the spool yet. A small one (its bytes in
+        ``content``, at most :data:`_STORED_INPUT_BYTES`) is marked ``stored`` when the job
+        store keeps inputs with their job."""
         refs = []
+        keep = self.manager.holds_inputs
         for name, spooled in upload.files.items():
+            stored = False
             if spooled.size <= _VERIFY_HERE_BYTES:
-                # The bytes the spool just wrote, when it kept them: no second open and read.
+                # The bytes the spool kept: no second open and read.
                 source = spooled.content if spooled.content is not None else spooled.path
-                spooled.content = None  # not held while the job runs
+                stored = (
+                    keep and spooled.content is not None and spooled.size <= _STORED_INPUT_BYTES
+                )
                 info = await self._verify_small_file(source, name)
             else:
                 info = await self.pool.run(verify, spooled.path, self.limits.image, name)
@@ -105,6 +111,7 @@ class JobCalls:
                     mime_type=info.mime_type,
                     width=info.width,
                     height=info.height,
+                    stored=stored,
                 )
             )
         return refs
@@ -138,7 +145,25 @@ class JobCalls:
         except BaseException:
             upload.discard()
             raise
-        committed = [self.spool.commit(f) for f in upload.files.values()]
+        stored = {ref.field for ref in inputs if ref.stored}
+        input_bytes = {}
+        committed: list[SpooledFile] = []
+        try:
+            for name, spooled in upload.files.items():
+                if name in stored:
+                    assert spooled.content is not None
+                    input_bytes[spooled.sha256] = spooled.content
+                else:
+                    committed.append(self.spool.commit(spooled))
+                spooled.content = None  # not held while the job runs (the manager may)
+        except BaseException:  # a file not written (the disk): no job, nothing kept
+            for spooled in committed:
+                self.spool.unpin(spooled)
+            self.manager.discard_inputs({f.sha256 for f in committed})
+            done = {id(f) for f in committed}  # their paths are the spool's now
+            rest = {n: f for n, f in upload.files.items() if id(f) not in done}
+            Upload(upload.params, rest).discard()
+            raise
         try:
             job, existing = await self.manager.submit(
                 owner=calls.owner(),
@@ -148,12 +173,16 @@ class JobCalls:
                 ref_id=options.ref_id,
                 tag=options.tag,
                 reply_to=options.reply_to,
+                input_bytes=input_bytes,
             )
         except BaseException:
             for spooled in committed:
                 self.spool.unpin(spooled)
             self.manager.discard_inputs({f.sha256 for f in committed})
             raise
+        # The manager holds its own copy within its budget (or the attempt reads the store):
+        # this frame lives as long as the stream, so it must not keep the bytes too.
+        input_bytes.clear()
         for spooled in committed:
             self.spool.unpin(spooled)
         if existing:  # the ref id named an earlier job: these bytes belong to no job
@@ -247,6 +276,11 @@ _RESULT_REFERENCES = (Finished,)
 """The events a RESPONSE_MODE_RESULT call gets (the finished job lists outputs and texts)."""
 
 _VERIFY_HERE_BYTES = KEEP_CONTENT_BYTES  # the spool keeps the bytes of these
+_STORED_INPUT_BYTES = 64 * 1024
+"""The largest input kept with its job where the store keeps inputs (``InputRef.stored``).
+Measured per job (bench.stored_input_cpu, process CPU, a data folder on a healthy disk):
+1.3 KB 179 us as a file, 118 us as a row; 64 KiB 346 / 297; 128 KiB 429 / 453; 200 KB
+427 / 599 (a row's bytes go through the WAL, its checkpoint, and the free list at the end)."""
 _VERIFY_HERE_PIXELS = 128 * 128
 """Inputs this small are decoded on the event loop (about 0.2-0.5 ms for a PNG here): the
 hop to the image pool and back costs about 0.1 ms of CPU by itself, as much as the decode."""

@@ -248,20 +248,25 @@ class _LocalStreamCall:
         finally:
             self._reader = None
         self._end(reader)  # (raises CancelledError after a cancel() the handler outlived)
-        serialize, deserialize = self._serialize, self._deserialize
-        return [deserialize(serialize(msg)) for msg in msgs]
+        deserialize = self._deserialize
+        return [deserialize(wire) for wire in msgs]
 
-    async def _rest(self) -> list[Any]:
-        msgs = []
-        if self._responses is None:
-            msgs.append(await self._first())
-        assert self._responses is not None
-        step = self._responses.asend
+    async def _rest(self) -> list[bytes]:
+        # Each message is serialized as it comes (the guard counts sent bytes then), so a
+        # handler that fails or is cancelled part way has its earlier messages counted, as
+        # by reads; a cancel() ends the loop at the next message, as it ends a read.
+        msgs: list[bytes] = []
         try:
-            while True:
-                msgs.append(await step(None))
+            if self._responses is None:
+                first = await self._first()  # (sets the serializer)
+                msgs.append(self._serialize(first))
+            assert self._responses is not None
+            step, serialize = self._responses.asend, self._serialize
+            while not self._cancelled_reader:
+                msgs.append(serialize(await step(None)))
         except StopAsyncIteration:
-            return msgs
+            pass
+        return msgs
 
     def _failed(self, exc: BaseException, reader: asyncio.Task[Any] | None) -> NoReturn:
         """Raise what a read of a grpc call that failed with ``exc`` raises."""

@@ -34,6 +34,8 @@ class Upload:
         for f in self.files.values():
             if f.held is not None:  # held in memory: no file
                 f.held.release()
+            elif not f.written:  # a small input's bytes alone: no file either
+                f.content = None
             else:
                 _remove(f.path, f.size)
 

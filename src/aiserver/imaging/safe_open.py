@@ -436,7 +436,7 @@ def open_image_with_info(
 
 @contextmanager
 def open_image(
-    path: Path, limits: ImageLimits, field: str = "image"
+    path: ImageSource, limits: ImageLimits, field: str = "image"
 ) -> Iterator[ImageFile.ImageFile]:
     """Like :func:`open_image_with_info`, yielding only the image."""
     with open_image_with_info(path, limits, field) as (im, _info):

@@ -73,6 +73,8 @@ class SharedAgentSlots:
         self._releases: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._failing_since: float | None = None  # (``loop.time()``) renewals failing since
+        self._failures = 0
 
     def _holds(self, token: _Held) -> bool:
         return self._held.get(token.key) is token
@@ -253,9 +255,22 @@ class SharedAgentSlots:
         asked = asyncio.get_running_loop().time()
         try:
             renewed = await self._store.renew_slots([h.claim for h in held], self._lease_s)
-        except Exception:
-            logger.warning("could not renew %d agent slots", len(held), exc_info=True)
+        except Exception as exc:
+            # Retried every 0.5 s while the store is away: its first failure is logged (as
+            # LeaseKeeper's), and its end, not each turn.
+            if self._failing_since is None:
+                self._failing_since = asked
+                self._failures = 0
+                logger.warning("could not renew %d agent slots: %r", len(held), exc)
+            self._failures += 1
             return False
+        if self._failing_since is not None:
+            logger.warning(
+                "agent slots renewed again after %d failed renewals (%.1f s)",
+                self._failures,
+                asked - self._failing_since,
+            )
+            self._failing_since = None
         for token, claim in zip(held, renewed, strict=True):
             if not self._holds(token):
                 continue  # released, or claimed again, meanwhile

@@ -68,6 +68,9 @@ class ActiveJob:
     not_before: float = 0.0
     """Not dispatched before this (monotonic): set after an attempt that found no agent, so a
     provider that keeps saying no is not asked in a loop."""
+    input_bytes: dict[str, bytes] | None = None
+    """The bytes of its stored inputs by SHA-256, while held in memory (:mod:`.held_inputs`):
+    ``None``, its attempts read them from the store."""
 
     @property
     def job(self) -> Job:

@@ -69,18 +69,22 @@ def decode_error(data: Mapping[str, Any] | None) -> ServiceError | None:
 
 
 def encode_inputs(inputs: Sequence[InputRef]) -> list[dict[str, Any]]:
-    return [
-        {
-            "field": i.field,
-            "file_name": i.file_name,
-            "sha256": i.sha256,
-            "size_bytes": i.size_bytes,
-            "mime_type": i.mime_type,
-            "width": i.width,
-            "height": i.height,
-        }
-        for i in inputs
-    ]
+    return [_encode_input(i) for i in inputs]
+
+
+def _encode_input(i: InputRef) -> dict[str, Any]:
+    encoded = {
+        "field": i.field,
+        "file_name": i.file_name,
+        "sha256": i.sha256,
+        "size_bytes": i.size_bytes,
+        "mime_type": i.mime_type,
+        "width": i.width,
+        "height": i.height,
+    }
+    if i.stored:  # only then: rows written before the flag existed read the same
+        encoded["stored"] = True
+    return encoded
 
 
 def decode_inputs(data: Sequence[Mapping[str, Any]]) -> list[InputRef]:
@@ -93,6 +97,7 @@ def decode_inputs(data: Sequence[Mapping[str, Any]]) -> list[InputRef]:
             mime_type=d["mime_type"],
             width=d["width"],
             height=d["height"],
+            stored=d.get("stored", False),
         )
         for d in data
     ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,7 +33,7 @@ from aiserver.jobs.attempt import (
     with_first_cause,
 )
 from aiserver.jobs.dispatch import Dispatcher, Finish
-from aiserver.jobs.model import Job, JobState, Progress, Retrying, Stage
+from aiserver.jobs.model import InputRef, Job, JobState, Progress, Retrying, Stage
 from aiserver.jobs.outputs import ArtifactWriter
 from aiserver.jobs.scheduler import SchedulerSettings
 from aiserver.jobs.store import LeaseLost
@@ -70,11 +70,14 @@ class AttemptDriver:
         lease_firm: Callable[[str], bool] | None = None,
         ride_out: RideOut | None = None,
         flush_progress: Callable[[ActiveJob], None] | None = None,
+        stored_input: Callable[[str, str], Awaitable[bytes | None]] | None = None,
     ) -> None:
         """``leased``: jobs are held under leases on a shared store (a taker can resume one
         this process drops); ``lease_firm(job_id)``: whether that lease still has time to
         run (checked after each checkpoint, see :class:`AttemptSink`)."""
         self._spool = spool
+        self._stored_input = stored_input
+        """A stored input's bytes (job id, SHA-256) from the job store."""
         self._artifacts = artifacts
         self._settings = settings
         self._dispatcher = dispatcher
@@ -125,7 +128,7 @@ class AttemptDriver:
                 job_id=job.id,
                 task=job.task,
                 spec=job.spec,
-                inputs=await self._work_inputs(job),
+                inputs=await self._work_inputs(active),
                 attempt=job.attempts,
                 resume=dict(job.resume),
                 exclude=frozenset(r.agent for r in active.record.retries if r.agent),
@@ -306,9 +309,13 @@ class AttemptDriver:
         self._dispatcher.publish_positions()
         self._dispatcher.wake()
 
-    async def _work_inputs(self, job: Job) -> dict[str, WorkInput]:
+    async def _work_inputs(self, active: ActiveJob) -> dict[str, WorkInput]:
+        job = active.job
         inputs: dict[str, WorkInput] = {}
         for ref in job.inputs:
+            if ref.stored:
+                inputs[ref.field] = await self._stored_work_input(active, ref)
+                continue
             try:  # from the shared store when another process received the upload
                 path = await self._spool.local_path(ref.sha256)
             except Exception as exc:
@@ -319,6 +326,28 @@ class AttemptDriver:
                 ref.field, path, ref.file_name, ref.sha256, ref.mime_type, ref.width, ref.height
             )
         return inputs
+
+    async def _stored_input_bytes(self, active: ActiveJob, ref: InputRef) -> bytes:
+        held = active.input_bytes
+        data = held.get(ref.sha256) if held is not None else None
+        if data is None and self._stored_input is not None:  # not held: a restart, a budget
+            data = await self._stored_input(active.job.id, ref.sha256)
+        if data is None:
+            raise input_missing(ref)
+        return data
+
+    async def _stored_work_input(self, active: ActiveJob, ref: InputRef) -> WorkInput:
+        data = await self._stored_input_bytes(active, ref)
+        return WorkInput(
+            ref.field,
+            self._spool.path_for(ref.sha256),  # no file there: ``data`` is the input
+            ref.file_name,
+            ref.sha256,
+            ref.mime_type,
+            ref.width,
+            ref.height,
+            data=data,
+        )
 
 
 async def _ended_within(run: asyncio.Task[Any], timeout_s: float) -> bool:

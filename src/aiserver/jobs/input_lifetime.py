@@ -52,7 +52,9 @@ class InputLifetime:
     def job_ended(self, job: Job) -> None:
         """Delete this job's inputs that no unfinished job needs, after the grace period: a
         request may have just committed the same content and be about to submit it."""
-        shas = {ref.sha256 for ref in job.inputs}
+        shas = {ref.sha256 for ref in job.inputs if not ref.stored}  # stored: the job's own
+        if not shas:
+            return
         if self._grace_s <= 0:
             self.discard(shas)
             return

@@ -24,7 +24,7 @@ import builtins
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
@@ -50,6 +50,7 @@ from aiserver.jobs.events import (
     snapshot,
     synthesize_marks,
 )
+from aiserver.jobs.held_inputs import HeldInputs
 from aiserver.jobs.ids import new_job_id
 from aiserver.jobs.input_lifetime import InputLifetime
 from aiserver.jobs.job_writes import SEQUENCE_BLOCK, JobWrites
@@ -187,7 +188,9 @@ class JobManager:
             lease_firm=self._lease_firm if holder is not None else None,
             ride_out=self._writes.ride_out if holder is not None else None,
             flush_progress=self._flush_progress,
+            stored_input=store.input_bytes,
         )
+        self._held_inputs = HeldInputs()
         self._tasks: set[asyncio.Task[Any]] = set()  # finishes, hooks, background writes
         self._inputs = InputLifetime(
             spool,
@@ -312,6 +315,11 @@ class JobManager:
         """Whether new jobs are taken (false once quiescing or stopping)."""
         return self._phase == "running" and not self._quiescing
 
+    @property
+    def holds_inputs(self) -> bool:
+        """Whether small inputs go with their job into the store (``InputRef.stored``)."""
+        return self._store.holds_inputs
+
     def use_outbox(self, deliveries: Deliveries, stored: Callable[[], None]) -> None:
         """Store ``deliveries(job)`` with each final state (the durable webhook outbox);
         ``stored`` is called after such a write."""
@@ -335,8 +343,11 @@ class JobManager:
         ref_id: str,
         tag: str,
         reply_to: str,
+        input_bytes: Mapping[str, bytes] | None = None,
     ) -> tuple[Job, bool]:
-        """Queue a job; ``(job, True)`` when ``owner`` already has one with this ``ref_id``."""
+        """Queue a job; ``(job, True)`` when ``owner`` already has one with this ``ref_id``.
+        ``input_bytes``: the bytes of its ``stored`` inputs by SHA-256 (:attr:`holds_inputs`),
+        stored with the job in its create."""
         if not self.accepting:
             raise ServiceError(
                 ErrorKind.UNAVAILABLE,
@@ -351,6 +362,8 @@ class JobManager:
             if name not in given:
                 raise invalid_argument(name, "INPUT_REQUIRED", f"{task.value} needs {name!r}")
         for ref in inputs:
+            if ref.stored:  # goes with the job itself
+                continue
             if not await self._spool.share(ref.sha256):  # before the job is stored
                 raise input_missing(ref)
         if not could_serve(self._providers, task):
@@ -387,7 +400,7 @@ class JobManager:
             tag=tag,
             reply_to=reply_to,
         )
-        create = self._create(job, counted=local_limit)
+        create = self._create(job, counted=local_limit, input_bytes=input_bytes)
         if local_limit:
             # Counted until it is in _active (where active_count sees it): concurrent
             # submissions cannot all slip under the limit, nor is one counted twice.
@@ -592,14 +605,20 @@ class JobManager:
             inputs=builtins.list(inputs),
         )
 
-    async def _create(self, job: Job, *, counted: bool = False) -> tuple[Job, bool]:
+    async def _create(
+        self, job: Job, *, counted: bool = False, input_bytes: Mapping[str, bytes] | None = None
+    ) -> tuple[Job, bool]:
         try:
             if self._leases is not None:
-                return await self._create_shared(job)
-            stored, existing = await self._store.create(JobRecord(job, SEQUENCE_BLOCK))
+                return await self._create_shared(job, input_bytes)
+            stored, existing = await self._store.create(
+                JobRecord(job, SEQUENCE_BLOCK), input_bytes=input_bytes
+            )
             if existing:
                 return self._fresh(stored.job), True
             active = ActiveJob(stored)
+            if input_bytes:
+                self._held_inputs.hold(active, input_bytes)
             self._active[job.id] = active
             self._dispatch.enqueue(active, time.monotonic())
             active.last_position = self._dispatch.position(job.id)
@@ -618,7 +637,9 @@ class JobManager:
                 else:
                     del self._creating[job.owner]
 
-    async def _create_shared(self, job: Job) -> tuple[Job, bool]:
+    async def _create_shared(
+        self, job: Job, input_bytes: Mapping[str, bytes] | None
+    ) -> tuple[Job, bool]:
         """Create the job leased to this process, with its Accepted event: it is queued here."""
         assert self._leases is not None
         limit = self._settings.max_active_per_owner
@@ -633,6 +654,7 @@ class JobManager:
                 holder=self._leases.holder,
                 lease_s=self._leases.lease_s,
                 events=[NewEvent(1, kind, payload)],
+                input_bytes=input_bytes,
             )
         except ActiveLimitReached:
             raise self._too_many_jobs(limit) from None
@@ -677,6 +699,7 @@ class JobManager:
         if self._log is not None:
             self._log.forget(job_id)
         del self._active[job_id]
+        self._held_inputs.release(active)
         self._hub.end_stream(job_id)
         active.done.set()
         self._dispatch.wake()
@@ -791,6 +814,7 @@ class JobManager:
         if self._hub.is_open(job.id):  # (not after stop() closed the streams)
             self._hub.emit(job.id, Finished(final))  # ... then the event ...
         del self._active[job.id]
+        self._held_inputs.release(active)
         active.done.set()
         logger.info("job %s %s (%s)", job.id, state.value, error or "ok")
         if self._leases is not None:

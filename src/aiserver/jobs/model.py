@@ -47,7 +47,8 @@ class JobState(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class InputRef:
-    """An uploaded input, spooled content-addressed."""
+    """An uploaded input, spooled content-addressed - or, ``stored``, kept by the job store
+    with the job itself (a small input on the embedded store: no file of its own)."""
 
     field: str
     file_name: str
@@ -56,6 +57,7 @@ class InputRef:
     mime_type: str
     width: int
     height: int
+    stored: bool = False
 
 
 @dataclass(frozen=True, slots=True)

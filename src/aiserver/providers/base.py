@@ -35,7 +35,8 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class WorkInput:
-    """An input file ready on local disk."""
+    """An input file ready on local disk, or its bytes in ``data`` (then nothing is at
+    ``path``: a small input the job store kept with the job)."""
 
     field: str
     path: Path
@@ -44,6 +45,7 @@ class WorkInput:
     mime_type: str
     width: int
     height: int
+    data: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

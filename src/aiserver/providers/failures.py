@@ -63,6 +63,9 @@ class Cause(enum.Enum):
     PROMPT_LOST = "prompt_lost"
     """The agent no longer knows our prompt (it restarted, or someone cleared its queue): it
     answers, so it is not lost; the job runs again, there or elsewhere."""
+    SLOT_LAPSED = "slot_lapsed"
+    """The run's shared slot on the agent was no longer firm (renewals failing) before a
+    further prompt of an attempt that already ran one there: not queued; the job retries."""
     # The job itself failed on the agent: retrying elsewhere would fail the same way.
     PROMPT_REJECTED = "prompt_rejected"
     """The agent refused the workflow as invalid."""

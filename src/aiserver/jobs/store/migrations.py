@@ -108,6 +108,21 @@ SQLITE: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN webhook TEXT;
     """,
+    # 4: small inputs kept with their job (InputRef.stored): written in the create's
+    # transaction, so the job and its input become durable in one commit, with no spool file
+    # (its create, write and rename cost more than the row). They go when the job ends, in
+    # the statement that ends it (the trigger), or with the job.
+    """
+    CREATE TABLE job_input_bytes (
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        sha256 TEXT NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (job_id, sha256)
+    ) STRICT;
+    CREATE TRIGGER job_input_bytes_at_end AFTER UPDATE OF state ON jobs
+        WHEN NEW.state NOT IN ('QUEUED', 'RUNNING')
+        BEGIN DELETE FROM job_input_bytes WHERE job_id = NEW.id; END;
+    """,
 )
 
 POSTGRES: tuple[str, ...] = (
@@ -248,6 +263,21 @@ POSTGRES: tuple[str, ...] = (
 
 
 def statements(script: str) -> Sequence[str]:
-    """The statements of one step (ours: ``;`` ends each, never inside a literal)."""
+    """The statements of one step (ours: ``;`` ends each, never inside a literal; a
+    trigger's body, ``BEGIN ... END``, keeps its own ``;``)."""
     lines = [line.split("--", 1)[0] for line in script.splitlines()]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    found: list[str] = []
+    body: list[str] = []  # a trigger's pieces until its END
+    for piece in (s.strip() for s in "\n".join(lines).split(";")):
+        if body:
+            body.append(piece)
+            if piece.upper() == "END":
+                found.append("; ".join(body))
+                body = []
+        elif piece.upper().startswith("CREATE TRIGGER"):
+            body = [piece]
+        elif piece:
+            found.append(piece)
+    if body:
+        raise ValueError(f"a trigger without its END: {body[0]!r}")
+    return found

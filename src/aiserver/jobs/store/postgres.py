@@ -267,8 +267,11 @@ class PostgresJobStore:
         holder: str | None = None,
         lease_s: float = 0.0,
         events: Sequence[NewEvent] = (),
+        input_bytes: Mapping[str, bytes] | None = None,
     ) -> tuple[JobRecord, bool]:
         self._check()
+        if any(i.stored for i in record.job.inputs):
+            raise ValueError("this store keeps no input bytes (holds_inputs is False)")
         row = rows.row_of(record)
         # A new job has no watcher elsewhere yet: only a follower of every job wants it.
         announce = bool(events) and self._others_follow_all()
@@ -285,6 +288,15 @@ class PostgresJobStore:
         )
         made = await self._creates.write(item)
         return made if made is not None else await self._create_one(item)
+
+    @property
+    def holds_inputs(self) -> bool:
+        # Inputs stay in the spool and the shared blob store: every coordinator reads them
+        # there (bytea rows in the creates' grouped statement are left for later).
+        return False
+
+    async def input_bytes(self, job_id: str, sha256: str) -> bytes | None:
+        return None
 
     async def _create_one(self, item: PendingCreate) -> tuple[JobRecord, bool]:
         self._check()

@@ -196,6 +196,7 @@ class JobStore(Protocol):
         holder: str | None = None,
         lease_s: float = 0.0,
         events: Sequence[NewEvent] = (),
+        input_bytes: Mapping[str, bytes] | None = None,
     ) -> tuple[JobRecord, bool]:
         """Insert ``record``; if its (owner, ref_id) exists, return that one and ``True``.
 
@@ -204,7 +205,18 @@ class JobStore(Protocol):
         :class:`ActiveLimitReached` when the owner has that many unfinished jobs (counted in
         the same transaction, serialized per owner, so racing processes cannot overshoot).
         A new job is stored with ``events`` (announced) and, with ``holder``, already leased
-        to it for ``lease_s``, all in the one transaction; an existing one is left as it is."""
+        to it for ``lease_s``, all in the one transaction; an existing one is left as it is.
+        ``input_bytes`` (by SHA-256; only where :attr:`holds_inputs`): the bytes of its
+        ``stored`` inputs, in the same transaction; kept until the job ends."""
+        ...
+
+    @property
+    def holds_inputs(self) -> bool:
+        """Whether :meth:`create` keeps small inputs' bytes with their job (no spool file)."""
+        ...
+
+    async def input_bytes(self, job_id: str, sha256: str) -> bytes | None:
+        """A ``stored`` input of an unfinished job (``None``: not kept)."""
         ...
 
     async def save(

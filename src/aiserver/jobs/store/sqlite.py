@@ -198,9 +198,16 @@ class SqliteJobStore:
         holder: str | None = None,
         lease_s: float = 0.0,
         events: Sequence[NewEvent] = (),
+        input_bytes: Mapping[str, bytes] | None = None,
     ) -> tuple[JobRecord, bool]:
         row = rows.row_of(record)
-        shas = {i.sha256 for i in record.job.inputs}
+        # A stored input has no spool file, so no reference for the spool's deletions.
+        shas = {i.sha256 for i in record.job.inputs if not i.stored}
+        kept = [
+            (row["id"], i.sha256, _input_bytes(input_bytes, i.sha256))
+            for i in record.job.inputs
+            if i.stored
+        ]
         stored = _event_rows(row["id"], events)
 
         lease = {
@@ -231,6 +238,12 @@ class SqliteJobStore:
                     conn.executemany(
                         "INSERT OR IGNORE INTO job_inputs (job_id, sha256) VALUES (?, ?)",
                         [(row["id"], sha) for sha in shas],
+                    )
+                if kept:
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO job_input_bytes (job_id, sha256, data)"
+                        " VALUES (?, ?, ?)",
+                        kept,
                     )
                 if stored:
                     conn.executemany(_INSERT_EVENT_SQL, stored)
@@ -286,6 +299,20 @@ class SqliteJobStore:
         await self._call(update, inline=True)
         if announce:
             self._announce(row["id"], events)
+
+    @property
+    def holds_inputs(self) -> bool:
+        return True
+
+    async def input_bytes(self, job_id: str, sha256: str) -> bytes | None:
+        def select() -> bytes | None:
+            found = self._conn.execute(
+                "SELECT data FROM job_input_bytes WHERE job_id = ? AND sha256 = ?",
+                (job_id, sha256),
+            ).fetchone()
+            return None if found is None else bytes(found[0])
+
+        return await self._call(select, inline=True)
 
     def _announce(self, job_id: str, events: Sequence[NewEvent]) -> None:
         if events:
@@ -914,6 +941,13 @@ class _transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def _input_bytes(given: Mapping[str, bytes] | None, sha256: str) -> bytes:
+    data = None if given is None else given.get(sha256)
+    if data is None:  # a stored input must be durable with its job, or the job is not made
+        raise ValueError(f"the bytes of stored input {sha256} are missing")
+    return data
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

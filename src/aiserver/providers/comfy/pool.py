@@ -272,9 +272,12 @@ class ComfyPool:
                 # shared slot - is held till then, so an agent back meanwhile gets no more
                 # than its capacity, from here or from another coordinator. Not this pool's
                 # load: the job's retry elsewhere does not wait for it.
+                # Spawned before any await: this task may be cancelled at the next one
+                # (_notify waits for the condition, which _acquire may hold across a slow
+                # shared-slot claim), and the counter and the slot must still come back.
                 agent.leaving += 1
-                await self._notify()
                 self._background.spawn(self._vacate_after(left, agent, slot))
+                await self._notify()
 
     async def _vacate_after(
         self, withdrawal: asyncio.Task[None], agent: _Agent, slot: SlotToken | None

@@ -718,6 +718,8 @@ _INLINE_READ = 256 * 1024
 
 
 async def _read_input(item: WorkInput) -> bytes:
+    if item.data is not None:
+        return item.data
     with item.path.open("rb", buffering=0) as file:  # its size from the open file: no stat
         if os.fstat(file.fileno()).st_size <= _INLINE_READ:
             return file.readall()

@@ -73,13 +73,16 @@ class SlotFencedSink:
     renewals failing (or its claim answered late), the lease may lapse before the prompt is
     on the agent, and another coordinator may have claimed the slot by then: two prompts
     on a one-slot agent. As a job lease that is not firm stops a run before its prompt
-    (``AttemptSink.checkpoint``), this fails the attempt before it reached the agent (the
-    job goes back to the queue and claims a slot afresh); a prompt already queued runs on."""
+    (``AttemptSink.checkpoint``), this fails the attempt before the prompt reaches the agent
+    (the job goes back to the queue and claims a slot afresh); a prompt already queued runs
+    on. The slot is judged after the checkpoint is saved, right before the prompt goes: the
+    save may take up to the database timeout, long enough for the lease to lapse."""
 
     def __init__(self, sink: RunSink, firm: Callable[[], bool], agent: str) -> None:
         self._sink = sink
         self._firm = firm
         self._agent = agent
+        self._queued = False  # a checkpoint passed: its prompt went to the agent
 
     async def progress(self, update: ProviderProgress) -> None:
         await self._sink.progress(update)
@@ -91,14 +94,18 @@ class SlotFencedSink:
         await self._sink.text(text)
 
     async def checkpoint(self, state: Mapping[str, str]) -> None:
+        await self._sink.checkpoint(state)
         if not self._firm():
+            # A later prompt of the attempt (a repeat for lost frames): its first ran on the
+            # agent, so the attempt reached it and counts: retried now, not re-queued as
+            # unreached under its first queueing's deadline (a long run may have passed it).
             raise ProviderUnavailable(
                 f"agent {self._agent}: its slot's lease may lapse before the prompt is queued"
                 " (renewals failing or late): not queued there",
-                cause=Cause.NO_AGENT,
+                cause=Cause.SLOT_LAPSED if self._queued else Cause.NO_AGENT,
                 agent=self._agent,
             )
-        await self._sink.checkpoint(state)
+        self._queued = True
 
 
 class _Local:

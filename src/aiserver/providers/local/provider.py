@@ -179,12 +179,13 @@ class LocalUpscaleProvider:
         self._jobs += 1
         try:
             async with self._slots:
-                await self._upscale(work, model, image.path, image.file_name, sink)
+                source = image.path if image.data is None else image.data
+                await self._upscale(work, model, source, image.file_name, sink)
         finally:
             self._jobs -= 1
 
     async def _upscale(
-        self, work: WorkItem, model: ModelInfo, path: Path, file_name: str, sink: RunSink
+        self, work: WorkItem, model: ModelInfo, path: Path | bytes, file_name: str, sink: RunSink
     ) -> None:
         settings = self._settings
         overlap = self.overlap_for(model)

@@ -144,8 +144,9 @@ def _output_too_large(field_name: str, width: int, height: int, limit: int) -> S
     )
 
 
-def decode(path: Path, limits: ImageLimits, field_name: str, max_pixels: int) -> Source:
-    """Open an untrusted image file safely and bring it to a :class:`Source`."""
+def decode(path: Path | bytes, limits: ImageLimits, field_name: str, max_pixels: int) -> Source:
+    """Open an untrusted image (a file, or its bytes) safely and bring it to a
+    :class:`Source`."""
     with open_image(path, limits, field_name) as im:
         width, height = im.size
         if width * height > max_pixels:
