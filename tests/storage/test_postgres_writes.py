@@ -1,17 +1,22 @@
 """What a job's writes cost PostgreSQL: saves that keep a job unfinished are HOT updates
 (no index entry written), storing an event does not lock its job's row (no foreign key
 check), and the hot statements read rows by index on a table that grew after their plans
-were cached (migration 5, ``PLANNER_SETTINGS``)."""
+were cached (migration 5, ``PLANNER_SETTINGS``), planned once per connection
+(``GENERIC_PLANS``)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import pytest
 
+from aiserver.artifacts.index import NewRef, PostgresArtifactIndex
 from aiserver.jobs.model import JobState
 from aiserver.jobs.store import JobRecord, NewEvent
+from aiserver.jobs.store.pg_shelf import ConnectionShelf
 from aiserver.jobs.store.postgres import PostgresJobStore
 from tests.storage.backends import PG_URL, JobStoreBackend
 from tests.storage.test_job_store import make_job
@@ -128,5 +133,109 @@ async def test_a_former_holders_late_progress_is_not_stored(tmp_path: Path) -> N
         # the new holder's own events go in
         await b.append_events(job.id, [NewEvent(3, "progress", {})], holder="B")
         assert [e.sequence for e in await b.events(job.id)] == [2, 3]
+    finally:
+        await backend.close()
+
+
+async def _plans(shelf: ConnectionShelf) -> dict[str, tuple[int, int]]:
+    """(generic, custom) plans of each statement prepared on the shelf's next connection
+    (calls one after another take the one last given back)."""
+    async with shelf.acquire() as conn:
+        found = await conn.fetch(
+            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+        )
+    return {r[0]: (int(r[1]), int(r[2])) for r in found}
+
+
+async def test_statements_are_planned_once_per_connection(tmp_path: Path) -> None:
+    # By default a prepared statement is planned with its values at each of its first 5
+    # runs (and at every run while that looks cheaper): a fifth of the backends' CPU per job.
+    backend = JobStoreBackend("postgres", tmp_path)
+    try:
+        store = await backend.open()
+        assert isinstance(store, PostgresJobStore)
+        job = make_job(1)
+        await store.create(JobRecord(job), holder="h", lease_s=30.0)
+        for n in range(8):
+            job.progress = n / 10
+            await store.save(JobRecord(job), holder="h")
+            assert await store.get(job.id) is not None
+        plans = await _plans(store._pool)
+        get = next(p for sql, p in plans.items() if sql.endswith("FROM jobs WHERE id = $1"))
+        assert get == (8, 0), plans
+        assert all(custom == 0 for _, custom in plans.values()), plans
+
+        index = await PostgresArtifactIndex.open(PG_URL, schema=backend.schema)
+        try:
+            sha = "ab" * 32
+            ref = NewRef(
+                f"ab/{sha}.png", sha, "image/png", 10, 1, 1, 1.0, "alice", job.id, "a.png",
+                None, "test",
+            )  # fmt: skip
+            await index.register(ref)
+            for _ in range(8):
+                assert await index.lookup(ref.path, "alice") is not None
+            shelf = await index._connect()
+            plans = await _plans(shelf)
+            async with shelf.acquire() as conn:  # its tables grow under cached plans too
+                assert await conn.fetchval("SHOW enable_seqscan") == "off"
+            assert any(generic >= 8 for generic, _ in plans.values()), plans
+            assert all(custom == 0 for _, custom in plans.values()), plans
+        finally:
+            await index.close()
+    finally:
+        await backend.close()
+
+
+async def test_a_group_save_carries_only_the_parts_its_saves_have(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each data-modifying part of a statement costs the backend its set-up even when it
+    # writes nothing: a group without events, prunes or outbox rows sends none of them.
+    backend = JobStoreBackend("postgres", tmp_path)
+    try:
+        store = await backend.open()
+        assert isinstance(store, PostgresJobStore)
+        jobs = [make_job(n) for n in range(10)]
+        for job in jobs:
+            await store.create(JobRecord(job), holder="h", lease_s=30.0)
+        await store.append_events(
+            jobs[6].id, [NewEvent(2, "progress", {}), NewEvent(3, "progress", {})], holder="h"
+        )
+        groups: list[str] = []
+        fetch = store._pool.fetch
+
+        async def recorded(sql: str, *args: object, timeout_s: float | None = None) -> object:
+            if sql.startswith("WITH v AS MATERIALIZED (SELECT * FROM unnest($1::text[]"):
+                groups.append(sql)
+            return await fetch(sql, *args, timeout_s=timeout_s)
+
+        monkeypatch.setattr(store._pool, "fetch", recorded)
+
+        def save(n: int, **parts: object) -> Any:
+            jobs[n].progress = 0.5
+            return store.save(JobRecord(jobs[n]), holder="h", **parts)  # type: ignore[arg-type]
+
+        await asyncio.gather(*(save(n) for n in range(5)))  # the first alone, then a group
+        assert groups, "no group formed"
+        assert not any(p in sql for sql in groups for p in ("stored", "pruned", "queued"))
+        groups.clear()
+        done = [("https://example.test/h", b"done")]
+        await asyncio.gather(
+            save(7),
+            save(5, outbox=done),
+            save(6, events=[NewEvent(4, "finished", {})], prune="progress"),
+            save(8, events=[NewEvent(2, "output", {})]),
+            save(9, events=[NewEvent(2, "output", {})], outbox=done),
+        )
+        assert groups, "no group formed"
+        for job in jobs:
+            found = await store.get(job.id)
+            assert found is not None and found.job.progress == 0.5
+        queued = await store.outbox_claim("h", 30, 10)
+        assert sorted(item.job_id for item in queued) == sorted([jobs[5].id, jobs[9].id])
+        assert [e.sequence for e in await store.events(jobs[6].id)] == [3, 4]
+        assert [e.kind for e in await store.events(jobs[8].id)] == ["output"]
+        assert [e.kind for e in await store.events(jobs[9].id)] == ["output"]
     finally:
         await backend.close()

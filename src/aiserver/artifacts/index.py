@@ -454,6 +454,7 @@ class PostgresArtifactIndex:
                 import asyncpg
 
                 from aiserver.jobs.store.postgres import (
+                    PLANNER_SETTINGS,
                     bounded_pool_options,
                     keep_session,
                     migrate,
@@ -473,7 +474,7 @@ class PostgresArtifactIndex:
                     # A delete holds its transaction open while the bytes go (_DROP_S).
                     **bounded_pool_options(
                         self._timeout_s,
-                        {"search_path": self._schema},
+                        {"search_path": self._schema, **PLANNER_SETTINGS},
                         idle_in_transaction_s=_DROP_S + self._timeout_s,
                     ),
                 )

@@ -22,6 +22,7 @@ __all__ = [
     "group_create_args",
     "group_create_sql",
     "group_save_args",
+    "group_save_parts",
     "group_save_sql",
 ]
 
@@ -128,12 +129,25 @@ def _event_args(items: Sequence[tuple[str, Sequence[NewEvent]]]) -> list[Any]:
     ]
 
 
+def group_save_parts(group: Sequence[PendingSave]) -> tuple[bool, bool, bool]:
+    """Which optional parts :func:`group_save_sql` needs for ``group``: events, prunes,
+    outbox rows. A part no save of the group has is left out of the statement: each part is a
+    data-modifying CTE, which PostgreSQL sets up, runs and finishes even when it has nothing
+    to write (most groups carry no prune and no outbox row)."""
+    return (
+        any(s.events for s in group),
+        any(s.prune for s in group),
+        any(s.outbox for s in group),
+    )
+
+
 @functools.cache
-def group_save_sql() -> str:
+def group_save_sql(events: bool, prune: bool, outbox: bool) -> str:
     """Several fenced saves as one statement. Parameters: per save $1 ids, $2 holders (NULL:
     unfenced), $3 releases, $4 pruned kinds (NULL: none), $5 notices (NULL: not announced),
-    then each mutable column; then the events (4 arrays), the time, the outbox (job ids,
-    urls, bodies), the channel and whether every job's events are followed (else a notice
+    then each mutable column; then for each part present (:func:`group_save_parts`): the
+    events (4 arrays), the time (with events or outbox), the outbox (job ids, urls, bodies),
+    and with events the channel and whether every job's events are followed (else a notice
     goes only for a job watched from another process). Returns the ids saved: only rows
     still held by the holder their save names change, and only their events, prunes and
     outbox rows go in.
@@ -147,8 +161,7 @@ def group_save_sql() -> str:
         ("text", "text", "boolean", "text", "text", *(_TYPES[c] for c in rows.MUTABLE)),
     )
     sets = ", ".join(f"{c} = v.{c}" for c in rows.MUTABLE)
-    now, outbox, channel, everyone = n + 5, n + 6, n + 9, n + 10
-    return (
+    sql = (
         f"WITH v AS MATERIALIZED (SELECT * FROM {source} AS v({names})),"
         " locked AS MATERIALIZED (SELECT id FROM jobs WHERE id = ANY($1::text[])"
         " ORDER BY id FOR UPDATE),"
@@ -157,41 +170,59 @@ def group_save_sql() -> str:
         " lease_expires_us = CASE WHEN v.release THEN NULL ELSE j.lease_expires_us END"
         " FROM v WHERE j.id = v.id AND j.id IN (SELECT id FROM locked)"
         " AND (v.holder IS NULL OR j.lease_holder = v.holder)"
-        " RETURNING j.id, v.prune, v.notice, j.watched),"
-        + _events_cte(n + 1, now, "saved")
+        " RETURNING j.id, v.prune, v.notice, j.watched)"
+    )
+    first_event, now = n + 1, (n + 5 if events else n + 1)
+    n = now if events or outbox else n
+    if events:
+        sql += "," + _events_cte(first_event, now, "saved")
+    if prune:
         # The statement's snapshot: rows stored by ``stored`` above are not seen (kept).
-        + ", pruned AS (DELETE FROM job_events d USING saved s WHERE s.prune IS NOT NULL"
-        " AND d.job_id = s.id AND d.kind = s.prune AND d.sequence < (SELECT max(m.sequence)"
-        " FROM job_events m WHERE m.job_id = s.id AND m.kind = s.prune)),"
-        " queued AS (INSERT INTO webhook_outbox (job_id, url, body, due_us, created_us)"
-        f" SELECT o.job_id, o.url, o.body, ${now}, ${now} FROM unnest(${outbox}::text[],"
-        f" ${outbox + 1}::text[], ${outbox + 2}::bytea[]) AS o(job_id, url, body)"
-        " WHERE o.job_id IN (SELECT id FROM saved))"
+        sql += (
+            ", pruned AS (DELETE FROM job_events d USING saved s WHERE s.prune IS NOT NULL"
+            " AND d.job_id = s.id AND d.kind = s.prune AND d.sequence < (SELECT max(m.sequence)"
+            " FROM job_events m WHERE m.job_id = s.id AND m.kind = s.prune))"
+        )
+    if outbox:
+        sql += (
+            ", queued AS (INSERT INTO webhook_outbox (job_id, url, body, due_us, created_us)"
+            f" SELECT o.job_id, o.url, o.body, ${now}, ${now} FROM unnest(${n + 1}::text[],"
+            f" ${n + 2}::text[], ${n + 3}::bytea[]) AS o(job_id, url, body)"
+            " WHERE o.job_id IN (SELECT id FROM saved))"
+        )
+        n += 3
+    if not events:  # no event: no notice
+        return sql + " SELECT id FROM saved"
+    return sql + (
         " SELECT id, CASE WHEN notice IS NOT NULL AND (watched OR"
-        f" ${everyone}::boolean) THEN pg_notify(${channel}, notice) END FROM saved"
+        f" ${n + 2}::boolean) THEN pg_notify(${n + 1}, notice) END FROM saved"
     )
 
 
 def group_save_args(
     group: Sequence[PendingSave], now_us: int, channel: str, everyone: bool
 ) -> list[Any]:
-    """The parameters of :func:`group_save_sql` for ``group``."""
-    outbox = [(s.job_id, url, body) for s in group for url, body in s.outbox]
-    return [
+    """The parameters of :func:`group_save_sql` for ``group`` (its parts as
+    :func:`group_save_parts` says)."""
+    events, _, outbox = group_save_parts(group)
+    args: list[Any] = [
         [s.job_id for s in group],
         [s.holder for s in group],
         [s.release for s in group],
         [s.prune or None for s in group],
         [s.notice for s in group],
         *([s.row[c] for s in group] for c in rows.MUTABLE),
-        *_event_args([(s.job_id, s.events) for s in group]),
-        now_us,
-        [o[0] for o in outbox],
-        [o[1] for o in outbox],
-        [o[2] for o in outbox],
-        channel,
-        everyone,
     ]
+    if events:
+        args += _event_args([(s.job_id, s.events) for s in group])
+    if events or outbox:
+        args.append(now_us)
+    if outbox:
+        queued = [(s.job_id, url, body) for s in group for url, body in s.outbox]
+        args += [[o[0] for o in queued], [o[1] for o in queued], [o[2] for o in queued]]
+    if events:
+        args += [channel, everyone]
+    return args
 
 
 @functools.cache

@@ -41,6 +41,7 @@ from aiserver.jobs.store.group_sql import (
     group_create_args,
     group_create_sql,
     group_save_args,
+    group_save_parts,
     group_save_sql,
 )
 from aiserver.jobs.store.pg_shelf import ConnectionShelf
@@ -60,16 +61,32 @@ from aiserver.jobs.store.protocol import (
 from aiserver.outage import BackendBusy
 from aiserver.tasks import TaskKind
 
-__all__ = ["MigrationLockTimeout", "PostgresJobStore", "keep_session", "migrate"]
+__all__ = [
+    "PLANNER_SETTINGS",
+    "MigrationLockTimeout",
+    "PostgresJobStore",
+    "keep_session",
+    "migrate",
+]
 
 logger = logging.getLogger(__name__)
 
-PLANNER_SETTINGS = {"enable_seqscan": "off"}
+GENERIC_PLANS = {"plan_cache_mode": "force_generic_plan"}
+"""Each prepared statement is planned once per connection, not at each run: by default
+PostgreSQL plans a statement's first 5 runs with their values and then keeps planning it per
+run whenever that plan looks cheaper than the generic one, which the group statements' CTEs
+(counts per owner, ``unnest`` of arrays) nearly always do. That planning was a fifth of the
+backends' CPU per job, steady state included (bench/README.md, "pgcost2"). The store's
+statements find rows by key or by the index their filter names, so the value-blind plan is
+the plan they want."""
+
+PLANNER_SETTINGS = {"enable_seqscan": "off", **GENERIC_PLANS}
 """Every statement of the job store finds its rows by an index, but PostgreSQL plans on
 estimates: a prepared statement's generic plan, cached while a table was small (new, or
 never analyzed: autovacuum off), kept scanning the whole table as it grew (a group save read
 every job row; bench/README.md, "PostgreSQL's CPU per job"). Off, a sequential scan is only
-the last resort (a statement no index serves still runs)."""
+the last resort (a statement no index serves still runs). The artifact index's pool plans
+the same way (its tables grow under cached plans too)."""
 _OWNER_LOCK = 0x6169  # first key of per-owner create locks (pg_advisory_xact_lock(int, int))
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -388,7 +405,8 @@ class PostgresJobStore:
         """Several saves as one statement (``group_commit.py``): whether each was saved."""
         self._check()
         args = group_save_args(group, _now_us(), self._channel, self._others_follow_all())
-        saved = {r[0] for r in await self._pool.fetch(group_save_sql(), *args)}
+        sql = group_save_sql(*group_save_parts(group))
+        saved = {r[0] for r in await self._pool.fetch(sql, *args)}
         return [s.job_id in saved for s in group]
 
     def _event_notice(self, job_id: str, events: Sequence[NewEvent]) -> str:
