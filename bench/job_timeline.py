@@ -376,7 +376,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         for label, (service_root, agents_root) in variants.items():
             files[label] = {"agents": tmp / f"agents-{label}.json"}
             timeline = {"BENCH_TIMELINE": str(files[label]["agents"])}
-            if args.real:
+            if getattr(args, "real", ""):  # callers building a Namespace may omit it
                 agents[label] = RealAgent(args.real)
             else:
                 agents[label] = StandIns(
