@@ -239,3 +239,43 @@ async def test_a_group_save_carries_only_the_parts_its_saves_have(
         assert [e.kind for e in await store.events(jobs[9].id)] == ["output"]
     finally:
         await backend.close()
+
+
+async def test_claiming_a_named_job_reads_it_by_its_key_under_a_generic_plan(
+    tmp_path: Path,
+) -> None:
+    # A generic plan cannot drop an "$n IS NULL OR id = $n" branch: the named claim (a
+    # takeover, a resume) walked every queued job in created order before finding its own.
+    backend = JobStoreBackend("postgres", tmp_path)
+    try:
+        store = await backend.open()
+        assert isinstance(store, PostgresJobStore)
+        jobs = [make_job(n) for n in range(300)]  # a queue deep enough to walk
+        for job in jobs:
+            await store.create(JobRecord(job))
+        sent: list[str] = []
+        fetchrow = store._fetchrow
+
+        async def recorded(sql: str, *args: Any) -> Any:
+            sent.append(sql)
+            return await fetchrow(sql, *args)
+
+        store._fetchrow = recorded  # type: ignore[method-assign]
+        last = jobs[-1].id
+        lease = await store.claim("h", 30.0, job_id=last)
+        assert lease is not None and lease.job_id == last
+        (sql,) = [s for s in sent if "FOR UPDATE SKIP LOCKED" in s]
+        async with store._pool.acquire() as conn, conn.transaction():
+            assert await conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+            await conn.execute(f"PREPARE named_claim AS {sql}")
+            plan = "\n".join(
+                r[0]
+                for r in await conn.fetch(
+                    f"EXPLAIN EXECUTE named_claim('h2', 1, '{{}}'::text[], '{last}')"
+                )
+            )
+            await conn.execute("DEALLOCATE named_claim")
+        scan = plan.split("CTE next")[1].split("Nested Loop")[0]
+        assert "jobs_pkey" in scan, plan
+    finally:
+        await backend.close()

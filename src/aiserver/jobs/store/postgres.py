@@ -617,13 +617,16 @@ class PostgresJobStore:
     ) -> Lease | None:
         kinds = sorted(t.value for t in tasks)
         # The inner SELECT locks one claimable row, skipping rows other claimers hold; the
-        # outer UPDATE returns the previous holder (a takeover when there was one).
+        # outer UPDATE returns the previous holder (a takeover when there was one). A named
+        # job is its own statement: a generic plan (GENERIC_PLANS) of "$4 IS NULL OR id = $4"
+        # could not use the key and would walk the whole queue in created order.
+        named = job_id is not None
         found = await self._fetchrow(
             "WITH next AS ("
-            " SELECT id, lease_holder FROM jobs WHERE unfinished"
-            f" AND (lease_holder IS NULL OR lease_expires_us < {DB_NOW_US})"
+            " SELECT id, lease_holder FROM jobs WHERE "
+            + ("id = $4 AND unfinished" if named else "unfinished")
+            + f" AND (lease_holder IS NULL OR lease_expires_us < {DB_NOW_US})"
             " AND (cardinality($3::text[]) = 0 OR task = ANY($3::text[]))"
-            " AND ($4::text IS NULL OR id = $4)"
             " ORDER BY created_us, id LIMIT 1 FOR UPDATE SKIP LOCKED)"
             f" UPDATE jobs SET lease_holder = $1, lease_expires_us = {DB_NOW_US} + $2 FROM next"
             " WHERE jobs.id = next.id"
@@ -631,7 +634,7 @@ class PostgresJobStore:
             holder,
             _us(lease_s),
             kinds,
-            job_id,
+            *((job_id,) if named else ()),
         )
         if found is None:
             return None
