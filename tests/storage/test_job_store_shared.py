@@ -518,7 +518,9 @@ async def test_unannounced_events_are_stored_and_found_at_the_next_announcement(
     job = make_job(1)
     record = JobRecord(job)
     await a.create(record, holder="A", lease_s=30)
-    heard = await watcher.announcements()
+    # Watching the job: its events are announced whether or not another process follows
+    # every job (unwatched, announcing stops once the store counts no such follower).
+    heard = await watcher.announcements(watch=job.id)
     try:
         await a.save(record, holder="A", events=[NewEvent(2, "progress", {})], announce=False)
         await a.append_events(job.id, [NewEvent(3, "progress", {})], announce=False)
