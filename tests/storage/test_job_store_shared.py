@@ -31,7 +31,8 @@ from aiserver.tasks import ImageToTextSpec, TaskKind
 from tests.storage.backends import JobStoreBackend
 from tests.storage.test_job_store import make_job
 
-SHORT = 0.2  # seconds: a lease that the tests let expire
+SHORT = 0.8  # seconds: a lease the tests let expire, yet that holds through the checks
+# made while it is held (0.2 s lapsed by accident when a loaded machine stalled them)
 
 
 async def _two(backend: JobStoreBackend) -> tuple[JobStore, JobStore]:
