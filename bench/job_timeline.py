@@ -342,6 +342,18 @@ def _pct(values: list[float], p: float) -> float:
     return round(ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))], 3)
 
 
+class RealAgent:
+    """A real ComfyUI (``--real URL``): its CPU is counted, it stamps nothing, no signals."""
+
+    def __init__(self, url: str) -> None:
+        self.urls = [url]
+        port = url.rsplit(":", 1)[1].strip("/")
+        self.pid = int(Path(f"/work/comfy/comfy-{port}.pid").read_text())
+
+    async def reset(self) -> None:
+        return None
+
+
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.client_loop import Inputs
     from bench.service_proc import ServiceProcess, service_env
@@ -364,9 +376,14 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         for label, (service_root, agents_root) in variants.items():
             files[label] = {"agents": tmp / f"agents-{label}.json"}
             timeline = {"BENCH_TIMELINE": str(files[label]["agents"])}
-            agents[label] = StandIns(4, tmp / f"comfy-{label}", source=agents_root, env=timeline)
-            await agents[label].__aenter__()
-            opened.append(agents[label])
+            if getattr(args, "real", ""):  # callers building a Namespace may omit it
+                agents[label] = RealAgent(args.real)
+            else:
+                agents[label] = StandIns(
+                    4, tmp / f"comfy-{label}", source=agents_root, env=timeline
+                )
+                await agents[label].__aenter__()
+                opened.append(agents[label])
             files[label]["service"] = tmp / f"service-{label}.json"
             env = service_env(tmp / f"data-{label}", agents[label].urls)
             env["BENCH_TIMELINE"] = str(files[label]["service"])
@@ -437,15 +454,17 @@ async def _segment(
         pids = {"agents": agents.pid}
         if service is not None:
             pids["service"] = service.pid
-        for pid in pids.values():
-            os.kill(pid, signal.SIGUSR1)
+        stamped = [n for n in pids if n == "service" or not isinstance(agents, RealAgent)]
+        for name in stamped:
+            os.kill(pids[name], signal.SIGUSR1)
         cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
         for png in pngs:
             await job(png)
         cpu = {name: (cpu_seconds(pid) - cpu[name]) * 1000 / jobs for name, pid in pids.items()}
         stamp("c.start")  # closes the last job's window
         stamps = list(_STAMPS)
-        for name, pid in pids.items():
+        for name in stamped:
+            pid = pids[name]
             files[name].unlink(missing_ok=True)
             os.kill(pid, signal.SIGUSR2)
             for _ in range(200):
@@ -497,6 +516,7 @@ def main() -> None:
     parser.add_argument(
         "--agents-tree", default="", help="another tree's stand-ins (this service), alternating"
     )
+    parser.add_argument("--real", default="", help="a real ComfyUI's URL instead of stand-ins")
     parser.add_argument("--direct", action="store_true", help="the direct client's too")
     parser.add_argument("--out", default="", help="write the figures here (JSON)")
     args = parser.parse_args()
