@@ -218,23 +218,32 @@ async def test_a_lapsed_slot_claimed_again_here_is_held_once(backend: JobStoreBa
     row: the lapsed token is forgotten, so its run's end does not free the row the new run
     holds, and another process cannot take it."""
     a, b = await backend.open(), await backend.open()
-    here = SharedAgentSlots(a, "A", 0.3)
+    # Long leases: only the lapse below is meant (a loaded machine must not lapse the second
+    # claim before B asks); the lapse is the database's expiry, set by hand.
+    here = SharedAgentSlots(a, "A", 30)
     here.keep_s = 0.05
     there = _slots(b, "B")
     first = await here.take("gpu", 2)
     assert first is not None
-    restore = _fail_renewals(a)
-    await asyncio.sleep(0.45)  # the first's lease lapsed, its run goes on
-    restore()
+    slot = first.claim.slot  # type: ignore[attr-defined]
+    await _lapse(backend, "gpu", slot)  # the first's lease lapsed, its run goes on
     second = await here.take("gpu", 2)
     assert second is not None
-    assert second.claim.slot == first.claim.slot  # type: ignore[attr-defined]
+    assert second.claim.slot == slot  # type: ignore[attr-defined]
     await here.renew()
     await here.give_back(first)  # the first run ends
-    await asyncio.sleep(0.2)  # (past keep_s: a kept slot would be released by now)
-    assert (await _holders(backend, "gpu"))[first.claim.slot] == "A"  # type: ignore[attr-defined]
+    await asyncio.sleep(here.keep_s * 4)  # past keep_s: a kept slot's release is sent ...
+    await here.stop()  # ... and done (stop also releases what is kept idle here)
+    assert (await _holders(backend, "gpu"))[slot] == "A"
     other = await there.take("gpu", 2)
-    assert other is not None and other.claim.slot != first.claim.slot  # type: ignore[attr-defined]
+    assert other is not None and other.claim.slot != slot  # type: ignore[attr-defined]
+
+
+async def _lapse(backend: JobStoreBackend, agent: str, slot: int) -> None:
+    """The database's lease of a slot ran out (as when its renewals failed for a lease)."""
+    await backend.sql(
+        f"UPDATE agent_slots SET expires_us = 0 WHERE agent = '{agent}' AND slot = {slot}"
+    )
 
 
 async def test_a_take_cancelled_during_its_claim_keeps_the_slot(backend: JobStoreBackend) -> None:
@@ -243,28 +252,36 @@ async def test_a_take_cancelled_during_its_claim_keeps_the_slot(backend: JobStor
     nobody."""
     store = await backend.open()
     slots = _slots(store, "A")
+    slots.keep_s = 60.0  # kept until stop (a loaded machine must not release them early)
     assert await slots.take("gpu", 8) is not None
     claim_slot = store.claim_slot
+    on_way: list[None] = []
+    go = asyncio.Event()
+    landed: list[SlotClaim | None] = []
 
     async def slow(agent: str, capacity: int, holder: str, lease_s: float) -> SlotClaim | None:
-        await asyncio.sleep(0.1)  # on its way when the callers are cancelled
-        return await claim_slot(agent, capacity, holder, lease_s)
+        on_way.append(None)
+        await go.wait()  # on its way when the callers are cancelled
+        landed.append(await claim_slot(agent, capacity, holder, lease_s))
+        return landed[-1]
 
     store.claim_slot = slow  # type: ignore[method-assign]
     takes = [asyncio.create_task(slots.take("gpu", 8)) for _ in range(6)]
-    await asyncio.sleep(0.02)
+    while len(on_way) < 6:
+        await asyncio.sleep(0.005)
     for task in takes:
         task.cancel()
     done = await asyncio.gather(*takes, return_exceptions=True)
     assert all(isinstance(d, asyncio.CancelledError) for d in done)
-    await asyncio.sleep(0.15)  # the claims landed: kept here, as slots given back
-    assert slots.kept("gpu")
-    assert (await _holders(backend, "gpu")).count("A") == 7
+    go.set()
+    while len(landed) < 6:  # the claims landed ...
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0)  # ... and their done callbacks ran
+    assert all(c is not None for c in landed)
     store.claim_slot = claim_slot  # type: ignore[method-assign]
-    for _ in range(100):  # nobody here wanted them: released after keep_s
-        if (await _holders(backend, "gpu")).count("A") == 1:
-            break
-        await asyncio.sleep(0.05)
+    assert slots.kept("gpu")  # kept here, as slots given back
+    assert (await _holders(backend, "gpu")).count("A") == 7
+    await slots.stop()  # nobody here wanted them: released (the running one lapses)
     assert (await _holders(backend, "gpu")).count("A") == 1
     assert not slots.kept("gpu")
 
@@ -304,13 +321,15 @@ async def test_a_slot_whose_renewals_fail_stops_being_firm_a_third_of_a_lease_ea
     backend: JobStoreBackend,
 ) -> None:
     store = await backend.open()
-    slots = SharedAgentSlots(store, "A", 0.6)
+    # 1.5 s: firm is checked right after a claim or renewal, with a second to spare on a
+    # loaded machine; the third of a lease is then waited out on purpose.
+    slots = SharedAgentSlots(store, "A", 1.5)
     token = await slots.take("gpu", 1)
     assert token is not None
     restore = _fail_renewals(store)
     await slots.renew()  # fails
     assert slots.firm(token)
-    await asyncio.sleep(0.45)  # 0.15 s left: another renewal might not come in time
+    await asyncio.sleep(1.05)  # < 0.45 s left: another renewal might not come in time
     assert not slots.firm(token)
     restore()
     await slots.renew()
@@ -358,13 +377,12 @@ async def test_a_slot_that_lapses_during_the_checkpoint_save_queues_no_prompt(
     """The slot is judged after the checkpoint's save, right before the prompt goes: firm
     when the save began, lapsed (and taken by another coordinator) when it ended."""
     store_a, store_b = await backend.open(), await backend.open()
-    here, there = SharedAgentSlots(store_a, "A", 0.6), SharedAgentSlots(store_b, "B", 30)
+    here, there = SharedAgentSlots(store_a, "A", 1.5), SharedAgentSlots(store_b, "B", 30)
     token = await here.take("gpu", 1)
     assert token is not None
     _fail_renewals(store_a)
-    await asyncio.sleep(0.15)
-    assert here.firm(token)  # 0.45 s left of 0.6: firm, but not for the save's 0.5 s
-    save = _SlowSave()
+    assert here.firm(token)  # up to 1.5 s left: firm (a second to spare), not for the save
+    save = _SlowSave(1.55)  # outlasts the lease: lapsed in the database too when it ends
     sink = SlotFencedSink(save, lambda: here.firm(token), "gpu")  # type: ignore[arg-type]
     with pytest.raises(ProviderUnavailable) as caught:
         await sink.checkpoint({"prompt_id": "p"})
@@ -381,13 +399,13 @@ async def test_a_later_prompt_of_an_attempt_fenced_by_its_slot_reached_the_agent
     the agent, so the failure says it reached the agent (the job is retried, its attempt
     counted, not re-queued as unreached under its first queueing's deadline)."""
     store = await backend.open()
-    slots = SharedAgentSlots(store, "A", 0.6)
+    slots = SharedAgentSlots(store, "A", 1.5)  # firm at the first prompt, a second to spare
     token = await slots.take("gpu", 1)
     assert token is not None
     _fail_renewals(store)
     sink = SlotFencedSink(_SlowSave(0.0), lambda: slots.firm(token), "gpu")  # type: ignore[arg-type]
     await sink.checkpoint({"prompt_id": "p1"})  # the first prompt goes
-    await asyncio.sleep(0.45)  # it runs; the lease nears its end meanwhile (renewals failing)
+    await asyncio.sleep(1.05)  # it runs; the lease nears its end meanwhile (renewals failing)
     with pytest.raises(ProviderUnavailable) as caught:
         await sink.checkpoint({"prompt_id": "p2"})
     assert caught.value.cause is Cause.SLOT_LAPSED

@@ -31,7 +31,8 @@ from aiserver.tasks import ImageToTextSpec, TaskKind
 from tests.storage.backends import JobStoreBackend
 from tests.storage.test_job_store import make_job
 
-SHORT = 0.2  # seconds: a lease that the tests let expire
+SHORT = 0.8  # seconds: a lease the tests let expire, yet that holds through the checks
+# made while it is held (0.2 s lapsed by accident when a loaded machine stalled them)
 
 
 async def _two(backend: JobStoreBackend) -> tuple[JobStore, JobStore]:
@@ -518,7 +519,9 @@ async def test_unannounced_events_are_stored_and_found_at_the_next_announcement(
     job = make_job(1)
     record = JobRecord(job)
     await a.create(record, holder="A", lease_s=30)
-    heard = await watcher.announcements()
+    # Watching the job: its events are announced whether or not another process follows
+    # every job (unwatched, announcing stops once the store counts no such follower).
+    heard = await watcher.announcements(watch=job.id)
     try:
         await a.save(record, holder="A", events=[NewEvent(2, "progress", {})], announce=False)
         await a.append_events(job.id, [NewEvent(3, "progress", {})], announce=False)
