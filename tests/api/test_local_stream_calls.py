@@ -50,6 +50,14 @@ def _waiting_handler(started: asyncio.Event, ended: list[str]) -> Any:
     return _handler(wait)
 
 
+def _cancelled_here() -> tuple[str, int]:
+    """In a reader that caught CancelledError: the cancellations its own task still has (0:
+    the call was cancelled, not the reading task)."""
+    task = asyncio.current_task()
+    assert task is not None
+    return ("cancelled", task.cancelling())
+
+
 def _handler(fn: Any) -> Any:
     return grpc.unary_stream_rpc_method_handler(
         fn, request_deserializer=bytes, response_serializer=bytes
@@ -275,9 +283,7 @@ async def test_cancel_during_a_read_ends_it_even_if_the_handler_goes_on(
         try:
             outcome.append(await call.read())
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            assert task is not None
-            outcome.append(("cancelled", task.cancelling()))
+            outcome.append(_cancelled_here())
 
     task = asyncio.create_task(reader())
     await asyncio.wait_for(started.wait(), 10)
@@ -498,9 +504,7 @@ async def test_cancel_from_another_task_ends_read_rest(service: Service) -> None
         try:
             outcome.append(await call.read_rest())
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            assert task is not None
-            outcome.append(("cancelled", task.cancelling()))
+            outcome.append(_cancelled_here())
 
     task = asyncio.create_task(reader())
     await asyncio.wait_for(started.wait(), 10)

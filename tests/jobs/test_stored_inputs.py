@@ -9,7 +9,8 @@ import sqlite3
 
 import pytest
 
-from aiserver.jobs.model import InputRef, JobState
+from aiserver.jobs.manager import JobManager
+from aiserver.jobs.model import InputRef, Job, JobState
 from aiserver.tasks import ImageToImageSpec, TaskKind
 from tests.jobs.helpers import SHARED_BACKENDS, Env, ScriptedProvider, env, final_job, png, within
 
@@ -21,6 +22,22 @@ pytestmark = pytest.mark.skipif(SHARED_BACKENDS, reason="the embedded store keep
 def _stored(data: bytes) -> InputRef:
     sha = hashlib.sha256(data).hexdigest()
     return InputRef("image", "in.png", sha, len(data), "image/png", 8, 8, stored=True)
+
+
+async def _submit(manager: JobManager, ref: InputRef, data: bytes) -> Job:
+    job, _ = await within(
+        manager.submit(
+            owner="alice",
+            task=TaskKind.IMAGE_TO_IMAGE,
+            spec=ImageToImageSpec(positive_prompt="a cat"),
+            inputs=[ref],
+            ref_id="",
+            tag="",
+            reply_to="",
+            input_bytes={ref.sha256: data},
+        )
+    )
+    return job
 
 
 @pytest.mark.parametrize("budget", [1 << 20, 0], ids=["held", "over-budget"])
@@ -41,18 +58,7 @@ async def test_every_attempt_gets_the_stored_bytes_and_no_file_is_made(
     driver._stored_input = counted
     data = png(7)
     ref = _stored(data)
-    job, _ = await within(
-        manager.submit(
-            owner="alice",
-            task=TaskKind.IMAGE_TO_IMAGE,
-            spec=ImageToImageSpec(positive_prompt="a cat"),
-            inputs=[ref],
-            ref_id="",
-            tag="",
-            reply_to="",
-            input_bytes={ref.sha256: data},
-        )
-    )
+    job = await _submit(manager, ref, data)
     events = manager.subscribe(job.id)
     ended = await final_job(events)
     assert ended.state is JobState.SUCCEEDED
@@ -73,18 +79,7 @@ async def test_a_stored_input_missing_from_the_store_fails_the_job_as_a_missing_
     manager._held_inputs.budget = 0  # not held: the attempt must read the store
     data = png(8)
     ref = _stored(data)
-    job, _ = await within(
-        manager.submit(
-            owner="alice",
-            task=TaskKind.IMAGE_TO_IMAGE,
-            spec=ImageToImageSpec(positive_prompt="a cat"),
-            inputs=[ref],
-            ref_id="",
-            tag="",
-            reply_to="",
-            input_bytes={ref.sha256: data},
-        )
-    )
+    job = await _submit(manager, ref, data)
     with contextlib.closing(sqlite3.connect(env.db_path)) as db:
         db.execute("DELETE FROM job_input_bytes")
         db.commit()
